@@ -1,0 +1,45 @@
+# foedus: `make help` lists the targets. Everything runs inside .venv, made by `make install`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PROTO_SRC := protos/base.proto protos/aggregator.proto
+PROTOC = $(PY) -m grpc_tools.protoc -I. --plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc
+PLAN ?= plans/local.yaml
+
+.DEFAULT_GOAL := help
+.PHONY: help install test protos protos-check lint clean
+
+help: ## List the targets with one line each
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## Create .venv and install foedus with its dev extra
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+test: install protos-check ## Install if needed, check generated code, run the whole test suite
+	$(PY) -m pytest
+
+protos: install ## Regenerate protos/*_pb2*.py(i) from the .proto files
+	$(PROTOC) --python_out=. --pyi_out=. --grpc_python_out=. --mypy_grpc_out=. $(PROTO_SRC)
+
+protos-check: install ## Fail if the checked-in generated code is stale
+	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && \
+	$(PROTOC) --python_out=$$tmp --pyi_out=$$tmp --grpc_python_out=$$tmp --mypy_grpc_out=$$tmp $(PROTO_SRC) && \
+	for f in $$(cd $$tmp && find protos -type f); do \
+	  cmp -s $$tmp/$$f $$f || { echo "protos-check: $$f is stale; run 'make protos'"; exit 1; }; \
+	done && echo "protos-check: generated code is up to date"
+
+lint: install ## Run ruff and mypy (strict) on our code
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+clean: ## Remove .venv, build output and caches
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,134 @@
+"""numpy arrays <-> `NamedTensor`, validated before anything is trusted.
+
+Two encodings share the message:
+
+* OpenFL's lossless encoding, used for every float32 array: `data_bytes` holds the array as
+  little-endian float32 in C order, `transformer_metadata[0].int_list` holds the shape (empty for
+  a scalar), `lossless` is true and the tags include ``compressed``. OpenFL 1.9 peers read it.
+* foedus's exact-dtype encoding, for every other dtype: the same layout in the array's own
+  little-endian dtype, marked by the extension field `foedus_dtype` (numpy's dtype string, such as
+  ``<f8`` or ``<i8``). An empty `foedus_dtype` means OpenFL's float32 encoding. OpenFL would cast
+  such arrays to float32 silently; foedus never casts unless the caller asks (`as_float32`).
+
+Decoding never unpickles and never allocates from a claimed size: the shape's element count times
+the item size must equal the byte count, and that count must be within the caller's limit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import numpy.typing as npt
+
+from protos import base_pb2
+
+COMPRESSED_TAG = "compressed"
+LOSSY_TAG = "lossy_compressed"
+MAX_DIMENSIONS = 32
+
+# Little-endian dtype strings we put on the wire; anything else is refused when decoding.
+EXACT_DTYPES = frozenset(
+    np.dtype(name).newbyteorder("<").str
+    for name in (
+        "bool",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+    )
+)
+_FLOAT32 = np.dtype("<f4")
+
+
+class TensorFormatError(ValueError):
+    """A tensor's bytes, shape or dtype cannot be trusted; the message says which and why."""
+
+
+class TensorTooLargeError(TensorFormatError):
+    """A tensor claims more bytes than the receiver accepts."""
+
+
+def encode_tensor(
+    name: str,
+    array: npt.ArrayLike,
+    *,
+    round_number: int = 0,
+    tags: Iterable[str] = (),
+    report: bool = False,
+    as_float32: bool = False,
+) -> base_pb2.NamedTensor:
+    """Encode `array` exactly (float32 the OpenFL way); `as_float32` asks for a cast for OpenFL."""
+    values = np.asarray(array)
+    dtype = _FLOAT32 if as_float32 else values.dtype.newbyteorder("<")
+    if values.dtype.kind not in "biuf" or dtype.str not in EXACT_DTYPES:
+        raise TensorFormatError(f"tensor {name!r}: dtype {values.dtype} cannot be sent")
+    data = np.asarray(values, dtype=dtype, order="C")  # keeps 0-d arrays 0-d
+    return base_pb2.NamedTensor(
+        name=name,
+        round_number=round_number,
+        lossless=True,
+        report=report,
+        tags=sorted({*tags, COMPRESSED_TAG}),
+        transformer_metadata=[base_pb2.MetadataProto(int_list=data.shape)],
+        data_bytes=data.tobytes(),
+        foedus_dtype="" if dtype == _FLOAT32 else dtype.str,
+    )
+
+
+def decode_tensor(tensor: base_pb2.NamedTensor, *, max_bytes: int) -> npt.NDArray[np.generic]:
+    """Decode a tensor after checking its dtype, shape and byte count; a read-only array over its bytes."""
+    name = tensor.name
+    if LOSSY_TAG in tensor.tags:
+        raise TensorFormatError(f"tensor {name!r}: lossy-compressed tensors are not supported")
+    dtype = _dtype_of(tensor)
+    shape = _shape_of(tensor)
+    expected = math.prod(shape) * dtype.itemsize
+    if expected > max_bytes:
+        raise TensorTooLargeError(
+            f"tensor {name!r}: shape {shape} of {dtype} is {expected} bytes, over the limit of "
+            f"{max_bytes} bytes"
+        )
+    actual = len(tensor.data_bytes)
+    if actual != expected:
+        raise TensorFormatError(
+            f"tensor {name!r}: shape {shape} of {dtype} needs {expected} bytes, got {actual}"
+        )
+    try:
+        return np.frombuffer(tensor.data_bytes, dtype=dtype).reshape(shape)
+    except ValueError as error:  # an empty shape whose other dimensions overflow numpy's size
+        raise TensorFormatError(f"tensor {name!r}: shape {shape} is unusable: {error}") from None
+
+
+def _dtype_of(tensor: base_pb2.NamedTensor) -> np.dtype[np.generic]:
+    """The tensor's dtype: its `foedus_dtype` if marked, else OpenFL's float32."""
+    if not tensor.foedus_dtype:
+        return _FLOAT32
+    if tensor.foedus_dtype not in EXACT_DTYPES:
+        raise TensorFormatError(
+            f"tensor {tensor.name!r}: unknown dtype {tensor.foedus_dtype!r}; expected one of "
+            f"{', '.join(sorted(EXACT_DTYPES))}"
+        )
+    return np.dtype(tensor.foedus_dtype)
+
+
+def _shape_of(tensor: base_pb2.NamedTensor) -> tuple[int, ...]:
+    """The shape in the first transformer metadata entry, checked for sense."""
+    if not tensor.transformer_metadata:
+        raise TensorFormatError(f"tensor {tensor.name!r}: no transformer metadata, so no shape")
+    shape = tuple(tensor.transformer_metadata[0].int_list)
+    if len(shape) > MAX_DIMENSIONS:
+        raise TensorFormatError(
+            f"tensor {tensor.name!r}: {len(shape)} dimensions, more than {MAX_DIMENSIONS}"
+        )
+    if any(dim < 0 for dim in shape):
+        raise TensorFormatError(f"tensor {tensor.name!r}: negative dimension in shape {shape}")
+    return shape

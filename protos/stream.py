@@ -1,0 +1,77 @@
+"""Cutting a serialized message into `DataStream` chunks and joining them back, within a cap.
+
+`SendLocalTaskResults` is a client stream: OpenFL serializes one whole `TaskResults`, cuts the
+bytes into chunks of at most 2 MiB and sends each as `DataStream(size=len(chunk), npbytes=chunk)`.
+The joiner stops reading as soon as the total passes the receiver's cap, so a hostile sender
+cannot make it buffer more than that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from google.protobuf.message import DecodeError
+
+from protos import aggregator_pb2, base_pb2
+
+CHUNK_BYTES = 2 * 1024 * 1024
+
+
+class StreamError(ValueError):
+    """A `DataStream` cannot be joined into the message it should carry."""
+
+
+class StreamTooLargeError(StreamError):
+    """A stream carries more bytes than the receiver accepts."""
+
+
+def chunk_bytes(payload: bytes, chunk_size: int = CHUNK_BYTES) -> Iterator[base_pb2.DataStream]:
+    """Cut `payload` into `DataStream` chunks of at most `chunk_size` bytes, as OpenFL does."""
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    view = memoryview(payload)
+    for start in range(0, len(view), chunk_size):
+        piece = view[start : start + chunk_size]
+        yield base_pb2.DataStream(size=len(piece), npbytes=piece.tobytes())
+
+
+def join_chunks(chunks: Iterable[base_pb2.DataStream], *, max_bytes: int) -> bytes:
+    """Join a stream's chunks, checking each chunk's declared size and the running total."""
+    pieces: list[bytes] = []
+    total = 0
+    for index, chunk in enumerate(chunks):
+        if chunk.size != len(chunk.npbytes):
+            raise StreamError(
+                f"chunk {index} declares {chunk.size} bytes but carries {len(chunk.npbytes)}"
+            )
+        total += len(chunk.npbytes)
+        if total > max_bytes:
+            raise StreamTooLargeError(
+                f"stream passed the limit of {max_bytes} bytes at chunk {index}"
+            )
+        pieces.append(chunk.npbytes)
+    if total == 0:
+        raise StreamError("empty stream: no bytes were sent")
+    return b"".join(pieces)
+
+
+def task_results_to_chunks(
+    results: aggregator_pb2.TaskResults, chunk_size: int = CHUNK_BYTES
+) -> Iterator[base_pb2.DataStream]:
+    """Serialize `results` and cut it into chunks for `SendLocalTaskResults`."""
+    return chunk_bytes(results.SerializeToString(), chunk_size)
+
+
+def task_results_from_chunks(
+    chunks: Iterable[base_pb2.DataStream], *, max_bytes: int
+) -> aggregator_pb2.TaskResults:
+    """Join a `SendLocalTaskResults` stream and parse the one `TaskResults` it carries."""
+    payload = join_chunks(chunks, max_bytes=max_bytes)
+    results = aggregator_pb2.TaskResults()
+    try:
+        results.ParseFromString(payload)
+    except DecodeError as error:
+        raise StreamError(
+            f"the stream's {len(payload)} bytes are not a TaskResults: {error}"
+        ) from error
+    return results

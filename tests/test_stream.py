@@ -1,0 +1,219 @@
+"""Cutting a serialized TaskResults into DataStream chunks and joining it back within a cap."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from protos import aggregator_pb2, base_pb2
+from protos.codec import decode_tensor, encode_tensor
+from protos.stream import (
+    CHUNK_BYTES,
+    StreamError,
+    StreamTooLargeError,
+    chunk_bytes,
+    join_chunks,
+    task_results_from_chunks,
+    task_results_to_chunks,
+)
+
+MIB = 1024 * 1024
+
+
+def _payload(size: int) -> bytes:
+    """`size` deterministic, non-repeating-looking bytes."""
+    return np.random.default_rng(size).bytes(size)
+
+
+def _task_results(*, tensor_elements: int = 1000) -> aggregator_pb2.TaskResults:
+    """A TaskResults like a collaborator's `train` result, with a float32 and a float64 tensor."""
+    return aggregator_pb2.TaskResults(
+        header=aggregator_pb2.MessageHeader(
+            sender="alice", receiver="aggregator", federation_uuid="fed-1"
+        ),
+        round_number=3,
+        task_name="train",
+        data_size=640,
+        tensors=[
+            encode_tensor(
+                "dense.weight",
+                np.arange(tensor_elements, dtype=np.float32),
+                round_number=3,
+                tags=["trained"],
+            ),
+            encode_tensor("dense.bias", np.linspace(-1, 1, 7), round_number=3, tags=["trained"]),
+        ],
+    )
+
+
+class _CountingStream:
+    """An iterator over chunks that counts how many the consumer pulled."""
+
+    def __init__(self, chunks: list[base_pb2.DataStream]) -> None:
+        self.chunks = chunks
+        self.pulled = 0
+
+    def __iter__(self) -> Iterator[base_pb2.DataStream]:
+        for chunk in self.chunks:
+            self.pulled += 1
+            yield chunk
+
+
+def test_default_chunk_size_is_2_mib() -> None:
+    """OpenFL's chunk size: 2 MiB."""
+    assert CHUNK_BYTES == 2 * MIB
+
+
+def test_five_mib_payload_cuts_into_2_2_1_mib() -> None:
+    """A 5 MiB payload becomes three chunks of 2, 2 and 1 MiB, each declaring its own size."""
+    payload = _payload(5 * MIB)
+    chunks = list(chunk_bytes(payload))
+    assert [len(chunk.npbytes) for chunk in chunks] == [2 * MIB, 2 * MIB, MIB]
+    assert all(chunk.size == len(chunk.npbytes) for chunk in chunks)
+    assert b"".join(chunk.npbytes for chunk in chunks) == payload
+
+
+@pytest.mark.parametrize(
+    ("length", "chunk_size", "sizes"),
+    [
+        (10, 3, [3, 3, 3, 1]),
+        (9, 3, [3, 3, 3]),
+        (1, 5, [1]),
+        (5, 5, [5]),
+        (6, 5, [5, 1]),
+        (4, 1, [1, 1, 1, 1]),
+        (0, 5, []),
+    ],
+)
+def test_custom_chunk_size(length: int, chunk_size: int, sizes: list[int]) -> None:
+    """A custom chunk size cuts at that size, the last chunk holding the rest."""
+    payload = _payload(length)
+    chunks = list(chunk_bytes(payload, chunk_size))
+    assert [chunk.size for chunk in chunks] == sizes
+    assert [len(chunk.npbytes) for chunk in chunks] == sizes
+    assert b"".join(chunk.npbytes for chunk in chunks) == payload
+
+
+@pytest.mark.parametrize("chunk_size", [0, -1])
+def test_chunk_size_must_be_positive(chunk_size: int) -> None:
+    """A chunk size of zero or less is a ValueError, not an endless or empty stream."""
+    with pytest.raises(ValueError, match="chunk_size must be positive"):
+        list(chunk_bytes(b"abc", chunk_size))
+
+
+@pytest.mark.parametrize(("length", "chunk_size"), [(1, 1), (100, 7), (5 * MIB + 3, CHUNK_BYTES)])
+def test_join_reassembles_exactly(length: int, chunk_size: int) -> None:
+    """Joining the chunks gives back the payload byte for byte, even at exactly the cap."""
+    payload = _payload(length)
+    assert join_chunks(chunk_bytes(payload, chunk_size), max_bytes=length) == payload
+
+
+def test_thousand_tiny_chunks_join() -> None:
+    """A stream of 1,000 one-byte chunks joins into the 1,000-byte payload."""
+    payload = _payload(1000)
+    stream = _CountingStream(list(chunk_bytes(payload, 1)))
+    assert join_chunks(stream, max_bytes=1000) == payload
+    assert stream.pulled == 1000
+
+
+@pytest.mark.parametrize("chunk_size", [CHUNK_BYTES, 1000, 17])
+def test_task_results_round_trip(chunk_size: int) -> None:
+    """A TaskResults with tensors survives chunking and joining, tensors included."""
+    results = _task_results()
+    chunks = list(task_results_to_chunks(results, chunk_size))
+    assert all(len(chunk.npbytes) <= chunk_size for chunk in chunks)
+    joined = task_results_from_chunks(chunks, max_bytes=results.ByteSize())
+    assert joined == results
+    weight = decode_tensor(joined.tensors[0], max_bytes=MIB)
+    np.testing.assert_array_equal(weight, np.arange(1000, dtype=np.float32))
+
+
+def test_task_results_over_a_thousand_chunks() -> None:
+    """A TaskResults sent as more than 1,000 small chunks parses back."""
+    results = _task_results(tensor_elements=300)
+    chunks = list(task_results_to_chunks(results, 1))
+    assert len(chunks) > 1000
+    assert task_results_from_chunks(chunks, max_bytes=len(chunks)) == results
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        pytest.param([], id="no-chunks"),
+        pytest.param([base_pb2.DataStream(size=0, npbytes=b"")], id="one-empty-chunk"),
+        pytest.param([base_pb2.DataStream()] * 3, id="three-empty-chunks"),
+    ],
+)
+def test_empty_stream_is_an_error(chunks: list[base_pb2.DataStream]) -> None:
+    """A stream that carries no bytes is a StreamError, for both joiners."""
+    with pytest.raises(StreamError, match="empty stream") as caught:
+        join_chunks(chunks, max_bytes=MIB)
+    assert caught.type is StreamError
+    with pytest.raises(StreamError, match="empty stream"):
+        task_results_from_chunks(chunks, max_bytes=MIB)
+
+
+@pytest.mark.parametrize(
+    ("chunks", "message"),
+    [
+        pytest.param(
+            [base_pb2.DataStream(size=4, npbytes=b"abc")],
+            "chunk 0 declares 4 bytes but carries 3",
+            id="declares-more",
+        ),
+        pytest.param(
+            [base_pb2.DataStream(size=2, npbytes=b"abc")],
+            "chunk 0 declares 2 bytes but carries 3",
+            id="declares-less",
+        ),
+        pytest.param(
+            [base_pb2.DataStream(size=3, npbytes=b"abc"), base_pb2.DataStream(npbytes=b"de")],
+            "chunk 1 declares 0 bytes but carries 2",
+            id="second-chunk-size-missing",
+        ),
+    ],
+)
+def test_chunk_size_mismatch_is_an_error(chunks: list[base_pb2.DataStream], message: str) -> None:
+    """A chunk whose `size` differs from its byte count is a StreamError naming the chunk."""
+    with pytest.raises(StreamError, match=message) as caught:
+        join_chunks(chunks, max_bytes=MIB)
+    assert caught.type is StreamError
+
+
+@pytest.mark.parametrize(
+    ("max_bytes", "passing_chunk"), [(9, 0), (10, 1), (25, 2), (29, 2), (30, 3), (99, 9)]
+)
+def test_cap_stops_reading_at_the_chunk_that_passes_it(max_bytes: int, passing_chunk: int) -> None:
+    """Over `max_bytes` is StreamTooLargeError, raised without pulling another chunk."""
+    stream = _CountingStream(list(chunk_bytes(_payload(100), 10)))
+    with pytest.raises(
+        StreamTooLargeError, match=f"limit of {max_bytes} bytes at chunk {passing_chunk}$"
+    ):
+        join_chunks(stream, max_bytes=max_bytes)
+    assert stream.pulled == passing_chunk + 1
+
+
+def test_cap_applies_to_task_results() -> None:
+    """A TaskResults stream larger than `max_bytes` is StreamTooLargeError before it is parsed."""
+    results = _task_results()
+    with pytest.raises(StreamTooLargeError):
+        task_results_from_chunks(
+            task_results_to_chunks(results, 100), max_bytes=results.ByteSize() - 1
+        )
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param(b"\xff\xff\xff\xff", id="truncated-varint"),
+        pytest.param(b"\x0a\x05ab", id="header-length-past-end"),
+        pytest.param(b"\x1a\x02\xc3\x28", id="task-name-not-utf8"),
+    ],
+)
+def test_bytes_that_are_not_task_results(payload: bytes) -> None:
+    """Bytes that do not parse as a TaskResults are a StreamError, not a DecodeError."""
+    with pytest.raises(StreamError, match="are not a TaskResults") as caught:
+        task_results_from_chunks(chunk_bytes(payload, 2), max_bytes=MIB)
+    assert caught.type is StreamError
