@@ -1,0 +1,293 @@
+"""The ``pki`` command: make a CA, request and sign participant certificates, set up a local federation."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from pki.errors import PemFileError, PkiError
+from pki.files import parse_certificates, parse_csr, read_pem_file
+from pki.layout import CertsLayout
+from pki.local import (
+    DEFAULT_CA_DAYS,
+    DEFAULT_LEAF_DAYS,
+    certify_file,
+    request_files,
+    setup_local_federation,
+    write_ca,
+)
+from pki.requests import Role, fingerprint
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+
+
+class _UsageError(Exception):
+    """Bad command-line input, reported in one line like every other error."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _days(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of days >= 1, got {text!r}")
+    return value
+
+
+def _cmd_ca(args: argparse.Namespace) -> int:
+    layout = CertsLayout(args.dir)
+    write_ca(layout, days=args.days, force=args.force)
+    print(f"root CA:    {layout.root_ca_cert}")
+    print(f"signing CA: {layout.signing_ca_cert}")
+    print(f"CA bundle:  {layout.ca_bundle}  (give this file to every participant)")
+    return EXIT_OK
+
+
+def _cmd_request(args: argparse.Namespace) -> int:
+    role = Role(args.role)
+    if role is Role.AGGREGATOR:
+        name, dns, ips = args.host, args.dns, args.ip
+    else:
+        name, dns, ips = args.name, [], []
+    paths, csr = request_files(
+        CertsLayout(args.dir), role, name, dns_names=dns, ip_addresses=ips, force=args.force
+    )
+    print(f"private key: {paths.key}  (mode 0600; never send it anywhere)")
+    print(f"request:     {paths.csr}  (send this to the federation's signer)")
+    print(f"SHA-256 fingerprint of the request: {fingerprint(csr)}")
+    print("Tell the signer this fingerprint by another channel (phone, chat) so they can check it.")
+    return EXIT_OK
+
+
+def _cmd_certify(args: argparse.Namespace) -> int:
+    out, _cert, csr_fingerprint = certify_file(
+        CertsLayout(args.dir),
+        Role(args.role),
+        args.name,
+        days=args.days,
+        csr_path=args.csr,
+        out=args.out,
+        expected_fingerprint=args.fingerprint,
+    )
+    print(f"certificate: {out}")
+    print(f"SHA-256 fingerprint of the request: {csr_fingerprint}")
+    if args.fingerprint is None:
+        print(
+            "Check that it matches the fingerprint the requester reported (or pass --fingerprint)."
+        )
+    else:
+        print("It matches the fingerprint given with --fingerprint.")
+    return EXIT_OK
+
+
+def _cmd_setup(args: argparse.Namespace) -> int:
+    # Imported here: plans imports pki.layout, so a module-level import would be a cycle.
+    from plans import PlanError, load_plan  # noqa: PLC0415
+
+    try:
+        plan = load_plan(args.plan)
+    except PlanError as exc:
+        raise _UsageError("; ".join(str(exc).splitlines())) from None
+    layout = plan.tls.certs
+    if layout is None:
+        raise _UsageError(f"{args.plan}: plan is insecure (tls.insecure: true); nothing to set up")
+    result = setup_local_federation(
+        layout,
+        aggregator_host=plan.aggregator.host,
+        dns_names=plan.aggregator.san_dns,
+        ip_addresses=plan.aggregator.san_ips,
+        collaborators=plan.collaborators,
+        days=args.days,
+        force=args.force,
+    )
+    print(f"certificates in {layout.root}")
+    for label, items in (
+        ("created", result.created),
+        ("renewed", result.renewed),
+        ("kept", result.kept),
+    ):
+        if items:
+            print(f"  {label}: {', '.join(items)}")
+    return EXIT_OK
+
+
+def _cmd_fingerprint(args: argparse.Namespace) -> int:
+    path: Path = args.file
+    data = read_pem_file(path, "certificate or certificate signing request")
+    if b"-----BEGIN CERTIFICATE REQUEST-----" in data:
+        print(fingerprint(parse_csr(data, path)))
+    elif b"-----BEGIN CERTIFICATE-----" in data:
+        print(fingerprint(parse_certificates(data, path)[0]))
+    else:
+        raise PemFileError(f"{path}: not a PEM certificate or certificate signing request")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, separate from main so its help can be tested and documented."""
+    parser = _Parser(
+        prog="pki",
+        description="Certificates for a foedus federation: a CA, participants' keys and requests, "
+        "and the signed certificates they use for mutual TLS.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(
+        subparsers: argparse._SubParsersAction[_Parser],
+        name: str,
+        summary: str,
+        handler: Callable[[argparse.Namespace], int],
+    ) -> _Parser:
+        sub = subparsers.add_parser(name, help=summary, description=summary)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    ca = command(
+        commands, "ca", "Make the federation's root CA, signing CA and CA bundle in DIR.", _cmd_ca
+    )
+    ca.add_argument("--dir", type=Path, required=True, help="the federation's certificate folder")
+    ca.add_argument(
+        "--days", type=_days, default=DEFAULT_CA_DAYS, help=f"validity (default {DEFAULT_CA_DAYS})"
+    )
+    ca.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing CA (every participant then needs a new certificate)",
+    )
+
+    request = commands.add_parser(
+        "request",
+        help="Make a participant's private key and certificate signing request.",
+        description="Make a participant's private key (mode 0600) and certificate signing request, "
+        "and print the request's fingerprint to tell the signer.",
+    )
+    roles = request.add_subparsers(dest="role", required=True, metavar="ROLE")
+    aggregator = command(
+        roles, "aggregator", "Key and request for the aggregator (TLS server).", _cmd_request
+    )
+    aggregator.add_argument(
+        "--host", required=True, help="host name collaborators dial (the certificate's CN)"
+    )
+    aggregator.add_argument(
+        "--dns",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another DNS name for the certificate (repeatable)",
+    )
+    aggregator.add_argument(
+        "--ip",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="an IP address for the certificate (repeatable)",
+    )
+    collaborator = command(
+        roles, "collaborator", "Key and request for a collaborator (TLS client).", _cmd_request
+    )
+    collaborator.add_argument(
+        "--name", required=True, help="the collaborator's name, as in the plan"
+    )
+    for sub in (aggregator, collaborator):
+        sub.add_argument(
+            "--dir", type=Path, required=True, help="the certificate folder to write into"
+        )
+        sub.add_argument("--force", action="store_true", help="replace an existing private key")
+
+    certify = command(
+        commands,
+        "certify",
+        "Sign a participant's request with the signing CA in DIR, after checking it.",
+        _cmd_certify,
+    )
+    certify.add_argument(
+        "--dir", type=Path, required=True, help="the federation's certificate folder (with the CA)"
+    )
+    certify.add_argument(
+        "--role",
+        required=True,
+        choices=[role.value for role in Role],
+        help="what the certificate is for",
+    )
+    certify.add_argument(
+        "--name", required=True, help="the host (aggregator) or collaborator name being certified"
+    )
+    certify.add_argument(
+        "--csr", type=Path, help="the request file (default: the participant's in DIR)"
+    )
+    certify.add_argument(
+        "--out",
+        type=Path,
+        help="where to write the certificate (default: the participant's in DIR)",
+    )
+    certify.add_argument(
+        "--days",
+        type=_days,
+        default=DEFAULT_LEAF_DAYS,
+        help=f"validity (default {DEFAULT_LEAF_DAYS})",
+    )
+    certify.add_argument(
+        "--fingerprint",
+        metavar="HEX",
+        help="the request's SHA-256 fingerprint as the requester reported it; refuse on mismatch",
+    )
+
+    setup = command(
+        commands,
+        "setup",
+        "Make a whole local federation's CA and certificates from a plan (idempotent).",
+        _cmd_setup,
+    )
+    setup.add_argument("--plan", type=Path, required=True, help="the federation plan (YAML)")
+    setup.add_argument(
+        "--days",
+        type=_days,
+        default=DEFAULT_LEAF_DAYS,
+        help=f"participant validity (default {DEFAULT_LEAF_DAYS})",
+    )
+    setup.add_argument(
+        "--force", action="store_true", help="make everything new: CA, keys and certificates"
+    )
+
+    show = command(
+        commands,
+        "fingerprint",
+        "Print the SHA-256 fingerprint of a request or certificate.",
+        _cmd_fingerprint,
+    )
+    show.add_argument(
+        "file", type=Path, metavar="FILE", help="a PEM certificate signing request or certificate"
+    )
+    return parser
+
+
+def _fail(message: str, code: int) -> int:
+    one_line = "; ".join(line.strip() for line in message.splitlines() if line.strip())
+    print(f"pki: error: {one_line}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the pki command line; returns the exit code (0 ok, 2 bad input, 1 unexpected failure)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        handler: Callable[[argparse.Namespace], int] = args.handler
+        return handler(args)
+    except (_UsageError, PkiError) as exc:
+        return _fail(str(exc), EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_FAILURE)
+    except Exception as exc:
+        return _fail(f"unexpected failure: {type(exc).__name__}: {exc}", EXIT_FAILURE)

@@ -1,0 +1,107 @@
+"""Task runners: the plug-in interface a plan names, and how a name becomes a class.
+
+The plan's `runner.name` is either a built-in name (`digits`) or `package.module:Class` of the
+user's own code. Both sides resolve it the same way: the aggregator for the seeded initial model,
+each collaborator to train and validate. The import is explicit (`importlib`), and the class must
+implement `TaskRunner`; nothing is evaluated from the plan.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from plans.schema import RunnerSettings
+
+Array = npt.NDArray[np.generic]
+Model = Mapping[str, Array]
+
+BUILTIN_RUNNERS: Mapping[str, str] = {
+    "digits": "collaborator.digits:DigitsRunner",
+}
+
+
+class RunnerError(Exception):
+    """A runner cannot be found, imported or set up; the message names `runner.*` and the fix."""
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What `train` gives back: the locally trained model, its metrics and its sample count."""
+
+    model: dict[str, Array]
+    metrics: dict[str, float]
+    data_size: int
+
+
+@dataclass(frozen=True)
+class Validation:
+    """What `validate` gives back: metrics (such as `accuracy`) and the samples they cover."""
+
+    metrics: dict[str, float]
+    data_size: int
+
+
+@runtime_checkable
+class TaskRunner(Protocol):
+    """The work a collaborator does on its own data; built once per collaborator process."""
+
+    @classmethod
+    def initial_model(cls, settings: RunnerSettings) -> dict[str, Array]:
+        """The model of round 0, the same on every party for the same settings (seeded)."""
+        ...
+
+    def train(self, model: Model) -> TrainOutcome:
+        """Train `model` on this collaborator's data and return the result."""
+        ...
+
+    def validate(self, model: Model) -> Validation:
+        """Measure `model` on this collaborator's held-out data."""
+        ...
+
+
+class RunnerFactory(Protocol):
+    """A runner class: `initial_model` plus a constructor for one collaborator's shard."""
+
+    def __call__(
+        self, settings: RunnerSettings, *, collaborator: str, collaborators: tuple[str, ...]
+    ) -> TaskRunner:
+        """Build the runner of `collaborator`, one of `collaborators` (data is sharded by index)."""
+        ...
+
+    def initial_model(self, settings: RunnerSettings) -> dict[str, Array]:
+        """The seeded model of round 0."""
+        ...
+
+
+def load_runner(settings: RunnerSettings) -> RunnerFactory:
+    """Import the runner class the plan names, checking it has the `TaskRunner` methods."""
+    target = BUILTIN_RUNNERS.get(settings.name, settings.name)
+    module_name, _, class_name = target.partition(":")
+    if not class_name:
+        raise RunnerError(
+            f"runner.name: {settings.name!r} is neither a built-in runner "
+            f"({', '.join(BUILTIN_RUNNERS)}) nor 'package.module:Class'"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise RunnerError(f"runner.name: cannot import {module_name!r}: {error}") from None
+    runner = getattr(module, class_name, None)
+    missing = [
+        method
+        for method in ("initial_model", "train", "validate")
+        if not callable(getattr(runner, method, None))
+    ]
+    if not isinstance(runner, type) or missing:
+        raise RunnerError(
+            f"runner.name: {target!r} is not a task runner class"
+            + (f" (it lacks {', '.join(missing)})" if missing else "")
+        )
+    factory: RunnerFactory = runner  # type: ignore[assignment]
+    return factory

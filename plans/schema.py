@@ -1,0 +1,136 @@
+"""The federation plan: frozen, typed settings that both the aggregator and collaborators read.
+
+A plan is loaded once (`plans.load_plan`) and then only read. Every field has a key path in the
+YAML file, written beside it, so a person can find what an error message names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from pki.layout import CertsLayout
+
+MIB = 1024 * 1024
+
+# The tasks of a round, named as OpenFL names them; `train` is the one that changes the model.
+AGGREGATED_MODEL_VALIDATION = "aggregated_model_validation"
+TRAIN = "train"
+LOCALLY_TUNED_MODEL_VALIDATION = "locally_tuned_model_validation"
+KNOWN_TASKS = (AGGREGATED_MODEL_VALIDATION, TRAIN, LOCALLY_TUNED_MODEL_VALIDATION)
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    """`federation`: who this federation is and how long it runs."""
+
+    name: str  # federation.name
+    uuid: str  # federation.uuid, sent in every message header
+    aggregator_id: str  # federation.aggregator_id (default: "aggregator_" + uuid, as OpenFL)
+    rounds: int  # federation.rounds
+
+
+@dataclass(frozen=True)
+class AggregatorSettings:
+    """`aggregator`: where the aggregator is reached and where it listens."""
+
+    host: str  # aggregator.host: the name collaborators dial, and the CN of its certificate
+    port: int  # aggregator.port (0 = any free port, for tests)
+    listen_address: str  # aggregator.listen_address: 0.0.0.0, [::], 127.0.0.1, ...
+    san_dns: tuple[str, ...]  # aggregator.san_dns: DNS names in its certificate
+    san_ips: tuple[str, ...]  # aggregator.san_ips: IP addresses in its certificate
+    grace_seconds: float  # aggregator.grace_seconds: in-flight calls get this long on stop
+    output_dir: Path  # aggregator.output_dir: last and best model, metrics (relative to the plan)
+    initial_model: Path | None  # aggregator.initial_model: a model file; None = the runner's
+    long_poll_seconds: float  # aggregator.long_poll_seconds: GetTasks waits this long for work
+    quit_grace_seconds: float  # aggregator.quit_grace_seconds: wait for quit to reach everyone
+
+
+class StragglerPolicy(Enum):
+    """When a round closes without every collaborator."""
+
+    WAIT_FOR_ALL = "wait_for_all"  # only when every collaborator has reported
+    CUTOFF = "cutoff"  # after cutoff_seconds, once at least min_reports have reported
+    PERCENTAGE = "percentage"  # once `percentage` of the collaborators have reported
+
+
+@dataclass(frozen=True)
+class StragglerSettings:
+    """`straggler`: how long a round waits for slow or dead collaborators."""
+
+    policy: StragglerPolicy = StragglerPolicy.WAIT_FOR_ALL  # straggler.policy
+    cutoff_seconds: float = 60.0  # straggler.cutoff_seconds (policy cutoff)
+    min_reports: int = 1  # straggler.min_reports (policies cutoff and percentage)
+    percentage: float = 1.0  # straggler.percentage, 0-1 (policy percentage)
+
+
+@dataclass(frozen=True)
+class BestModelSettings:
+    """`best_model`: the aggregated metric that decides which round's model is the best."""
+
+    task: str = AGGREGATED_MODEL_VALIDATION  # best_model.task
+    metric: str = "accuracy"  # best_model.metric
+    maximize: bool = True  # best_model.mode: max or min
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    """`runner`: the task runner plug-in and its own settings, which the runner checks."""
+
+    name: str  # runner.name: a built-in name ("digits") or "package.module:Class"
+    seed: int  # runner.seed: the same on every party, so the initial model is the same
+    settings: Mapping[str, object]  # runner.settings: passed to the runner as they are
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    """`tls`: the certificate folder (see `pki.layout`), or an explicit insecure switch."""
+
+    certs: CertsLayout | None  # tls.certs_dir, relative to the plan file; None when insecure
+    insecure: bool  # tls.insecure: plaintext, only for experiments on one machine
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the federation talks over mutual TLS."""
+        return self.certs is not None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """`limits`: sizes the aggregator accepts, applied as gRPC options on both sides."""
+
+    max_message_bytes: int = 128 * MIB  # limits.max_message_bytes: one gRPC message
+    max_upload_bytes: int = 1024 * MIB  # limits.max_upload_bytes: one SendLocalTaskResults stream
+    max_tensor_bytes: int = 1024 * MIB  # limits.max_tensor_bytes: one decoded tensor
+
+
+@dataclass(frozen=True)
+class ConnectionSettings:
+    """`connection`: how a collaborator's client calls the aggregator and retries."""
+
+    deadline_seconds: float = 60.0  # connection.deadline_seconds: per call
+    max_retries: int | None = 10  # connection.max_retries: null = unbounded
+    max_wait_seconds: float | None = 300.0  # connection.max_wait_seconds: null = unbounded
+    backoff_initial_seconds: float = 0.5  # connection.backoff_initial_seconds
+    backoff_max_seconds: float = 30.0  # connection.backoff_max_seconds
+    atomic_connections: bool = False  # connection.atomic_connections: a channel per call
+    resend_on_reconnect: bool = True  # connection.resend_on_reconnect
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A whole federation plan; `path` is the file it came from."""
+
+    path: Path
+    federation: FederationSettings
+    aggregator: AggregatorSettings
+    tls: TLSSettings
+    collaborators: tuple[str, ...]  # collaborators: the authorised collaborator names
+    tasks: tuple[str, ...]  # tasks: the tasks of every round, in order
+    runner: RunnerSettings
+    straggler: StragglerSettings = field(default_factory=StragglerSettings)
+    best_model: BestModelSettings | None = None  # None: the plan names no metric, no best model
+    limits: Limits = field(default_factory=Limits)
+    connection: ConnectionSettings = field(default_factory=ConnectionSettings)

@@ -1,0 +1,300 @@
+"""The plan loader: the example plan loads, and every problem is reported at once by its key path."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from plans import Plan, PlanError, load_plan, parse_plan
+
+REPO = Path(__file__).resolve().parent.parent
+LOCAL_PLAN = REPO / "plans" / "local.yaml"
+PLAN_PATH = Path("/plans/test.yaml")
+DELETE = object()
+
+
+# The problem every error case also carries, to show that problems are collected, not first-only.
+OTHER_PROBLEM = ("limits.max_tensor_bytes", 0, "limits.max_tensor_bytes: expected an integer 1-")
+
+
+def _document() -> dict[str, Any]:
+    """A valid plan document: `plans/local.yaml` as `yaml.safe_load` gives it."""
+    document: dict[str, Any] = yaml.safe_load(LOCAL_PLAN.read_text(encoding="utf-8"))
+    return document
+
+
+def _with(document: dict[str, Any], *changes: tuple[str, Any]) -> dict[str, Any]:
+    """A copy of `document` with each dotted key set to a value, or removed for DELETE."""
+    result = copy.deepcopy(document)
+    for dotted, value in changes:
+        *parents, last = dotted.split(".")
+        node = result
+        for key in parents:
+            node = node.setdefault(key, {})
+        if value is DELETE:
+            del node[last]
+        else:
+            node[last] = value
+    return result
+
+
+def _problems(data: object) -> list[str]:
+    """The problems `parse_plan` reports for `data`, without the file prefix."""
+    with pytest.raises(PlanError) as caught:
+        parse_plan(data, PLAN_PATH)
+    prefix = f"{PLAN_PATH}: "
+    assert all(line.startswith(prefix) for line in caught.value.problems)
+    assert str(caught.value) == "\n".join(caught.value.problems)
+    return [line.removeprefix(prefix) for line in caught.value.problems]
+
+
+def _write(path: Path, document: object) -> Path:
+    """Write `document` as YAML to `path`, making its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(document), encoding="utf-8")
+    return path
+
+
+# --- the example plan -----------------------------------------------------------------------------
+
+
+def test_local_plan_loads_with_the_values_in_the_file() -> None:
+    """`plans/local.yaml` loads, and every value it sets is the value in the plan."""
+    raw = _document()
+    plan = load_plan(LOCAL_PLAN)
+    assert plan.path == LOCAL_PLAN
+    for section in ("federation", "aggregator", "limits", "connection"):
+        for key, value in raw[section].items():
+            actual = getattr(getattr(plan, section), key)
+            if isinstance(actual, Path):  # paths in a plan are relative to the plan file
+                expected: object = (LOCAL_PLAN.parent / value).resolve()
+            else:
+                expected = tuple(value) if isinstance(value, list) else value
+            assert actual == expected, f"{section}.{key}"
+    assert plan.collaborators == tuple(raw["collaborators"])
+    assert plan.tasks == tuple(raw["tasks"])
+    assert plan.tls.insecure is False
+    assert plan.tls.enabled
+    assert plan.tls.certs is not None
+    assert plan.tls.certs.root == (LOCAL_PLAN.parent / raw["tls"]["certs_dir"]).resolve()
+
+
+def test_local_plan_spot_values() -> None:
+    """A few of local.yaml's values and the defaults it relies on, spelled out."""
+    plan = load_plan(LOCAL_PLAN)
+    assert plan.federation.aggregator_id == "aggregator"
+    assert plan.federation.rounds == 10
+    assert (plan.aggregator.host, plan.aggregator.port) == ("localhost", 50051)
+    assert plan.aggregator.san_ips == ("127.0.0.1", "::1")
+    assert plan.aggregator.grace_seconds == 5.0
+    assert plan.collaborators == ("alice", "bob", "carol")
+    assert plan.limits.max_tensor_bytes == 1024 * 1024 * 1024
+    assert plan.connection.max_retries == 10
+
+
+def test_aggregator_id_defaults_to_openfl_form() -> None:
+    """Without `federation.aggregator_id` the id is OpenFL's `aggregator_<uuid>`."""
+    plan = parse_plan(_with(_document(), ("federation.aggregator_id", DELETE)), PLAN_PATH)
+    assert isinstance(plan, Plan)
+    assert plan.federation.aggregator_id == f"aggregator_{plan.federation.uuid}"
+
+
+# --- one test per kind of problem -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        pytest.param([("extra", 1)], "extra: unknown key", id="unknown-top-level-key"),
+        pytest.param(
+            [("aggregator.prot", 50051)], "aggregator.prot: unknown key", id="unknown-nested-key"
+        ),
+        pytest.param(
+            [("aggregator.port", "80a")],
+            "aggregator.port: expected an integer 0-65535, got '80a'",
+            id="wrong-type",
+        ),
+        pytest.param(
+            [("federation.uuid", DELETE)],
+            "federation.uuid: required, but missing",
+            id="missing-required",
+        ),
+        pytest.param(
+            [("aggregator.port", 70000)],
+            "aggregator.port: expected an integer 0-65535, got 70000",
+            id="bad-port",
+        ),
+        pytest.param(
+            [("aggregator.san_ips", ["127.0.0.1", "300.1.2.3"])],
+            "aggregator.san_ips: expected a list of IP addresses",
+            id="bad-ip",
+        ),
+        pytest.param(
+            [("collaborators", ["alice", "bob", "alice"])],
+            "collaborators: listed more than once: alice",
+            id="duplicate-collaborators",
+        ),
+        pytest.param(
+            [("collaborators", [])],
+            "collaborators: at least one collaborator is needed",
+            id="no-collaborators",
+        ),
+        pytest.param(
+            [("tls.insecure", True)],
+            "tls: give either certs_dir or insecure: true, not both",
+            id="tls-both",
+        ),
+        pytest.param(
+            [("tls.certs_dir", DELETE)],
+            "tls.certs_dir: required unless tls.insecure is true",
+            id="tls-neither",
+        ),
+        pytest.param(
+            [("federation.rounds", True)],
+            "federation.rounds: expected an integer 1-1000000, got True",
+            id="boolean-is-not-an-integer",
+        ),
+        pytest.param(
+            [("connection.atomic_connections", "yes")],
+            "connection.atomic_connections: expected true or false, got 'yes'",
+            id="string-is-not-a-boolean",
+        ),
+        pytest.param(
+            [("aggregator", ["localhost"])],
+            "aggregator: expected a mapping, got list",
+            id="section-not-a-mapping",
+        ),
+        pytest.param(
+            [("collaborators", DELETE)],
+            "collaborators: required, but missing",
+            id="missing-collaborators",
+        ),
+        pytest.param(
+            [("collaborators", "alice")],
+            "collaborators: expected a list of names",
+            id="collaborators-not-a-list",
+        ),
+        pytest.param(
+            [("tls.certs_dir", "")],
+            "tls.certs_dir: expected a non-empty string, got ''",
+            id="empty-certs-dir",
+        ),
+    ],
+)
+def test_problem_is_reported_by_key_path(changes: list[tuple[str, Any]], expected: str) -> None:
+    """Each kind of problem names its key path, and is reported together with the others."""
+    other_key, other_value, other_expected = OTHER_PROBLEM
+    problems = _problems(_with(_document(), *changes, (other_key, other_value)))
+    assert any(line.startswith(expected) for line in problems), problems
+    assert any(line.startswith(other_expected) for line in problems), problems
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    """Several problems in several sections come back as one PlanError, one line each."""
+    document = _with(
+        _document(),
+        ("federation.uuid", DELETE),
+        ("aggregator.port", "80a"),
+        ("aggregator.prot", 1),
+        ("tls.insecure", True),
+        ("collaborators", ["alice", "alice"]),
+        ("connection.max_retries", -1),
+        ("extra", {}),
+    )
+    assert sorted(_problems(document)) == sorted(
+        [
+            "federation.uuid: required, but missing",
+            "aggregator.port: expected an integer 0-65535, got '80a'",
+            "aggregator.prot: unknown key",
+            "tls: give either certs_dir or insecure: true, not both",
+            "collaborators: listed more than once: alice",
+            "connection.max_retries: expected an integer 0-1000000, got -1",
+            "extra: unknown key",
+        ]
+    )
+
+
+@pytest.mark.parametrize("data", [["federation"], "federation", 42])
+def test_top_level_not_a_mapping(data: object) -> None:
+    """A document that is not a mapping is a PlanError saying so, with the missing keys."""
+    problems = _problems(data)
+    assert problems[0] == f"plan: expected a mapping, got {type(data).__name__}"
+    assert "federation.uuid: required, but missing" in problems
+    assert "collaborators: required, but missing" in problems
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    """A YAML syntax error is a PlanError naming the file and the line."""
+    path = tmp_path / "broken.yaml"
+    path.write_text("federation:\n  name: x\naggregator: host: y\n", encoding="utf-8")
+    with pytest.raises(PlanError) as caught:
+        load_plan(path)
+    assert caught.value.problems == [
+        f"{path}: line 3: not valid YAML: mapping values are not allowed here"
+    ]
+
+
+def test_missing_file_names_the_path(tmp_path: Path) -> None:
+    """A plan file that does not exist is a PlanError naming the path, never an empty plan."""
+    path = tmp_path / "nowhere" / "plan.yaml"
+    with pytest.raises(PlanError, match="file not found") as caught:
+        load_plan(path)
+    assert caught.value.path == path
+    assert str(path) in str(caught.value)
+
+
+def test_directory_is_not_a_plan(tmp_path: Path) -> None:
+    """A folder given as the plan is a PlanError, not an OSError."""
+    with pytest.raises(PlanError, match="cannot read"):
+        load_plan(tmp_path)
+
+
+@pytest.mark.parametrize("key", ["max_retries", "max_wait_seconds"])
+def test_null_means_unbounded(tmp_path: Path, key: str) -> None:
+    """`null` for a connection bound, written as YAML, loads as None (no bound)."""
+    path = _write(tmp_path / "plan.yaml", _with(_document(), (f"connection.{key}", None)))
+    assert "null" in path.read_text(encoding="utf-8")
+    assert getattr(load_plan(path).connection, key) is None
+
+
+def test_certs_dir_is_relative_to_the_plan_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tls.certs_dir` resolves against the plan file's folder, whatever the working folder."""
+    plan_dir = tmp_path / "federation" / "plans"
+    _write(plan_dir / "plan.yaml", _with(_document(), ("tls.certs_dir", "../certs")))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for given in (plan_dir / "plan.yaml", Path("../federation/plans/plan.yaml")):
+        certs = load_plan(given).tls.certs
+        assert certs is not None
+        assert certs.root == (tmp_path / "federation" / "certs").resolve()
+
+
+def test_absolute_certs_dir_is_kept(tmp_path: Path) -> None:
+    """An absolute `tls.certs_dir` is used as it is."""
+    certs_dir = tmp_path / "absolute" / "certs"
+    path = _write(tmp_path / "plan.yaml", _with(_document(), ("tls.certs_dir", str(certs_dir))))
+    certs = load_plan(path).tls.certs
+    assert certs is not None
+    assert certs.root == certs_dir.resolve()
+
+
+def test_insecure_plan_has_no_certs() -> None:
+    """`tls.insecure: true` without `certs_dir` is accepted and turns TLS off explicitly."""
+    plan = parse_plan(_with(_document(), ("tls", {"insecure": True})), PLAN_PATH)
+    assert plan.tls.insecure is True
+    assert plan.tls.certs is None
+    assert not plan.tls.enabled
+
+
+def test_plan_is_frozen() -> None:
+    """A loaded plan cannot be changed."""
+    plan = parse_plan(_document(), PLAN_PATH)
+    with pytest.raises(AttributeError):
+        plan.aggregator.port = 1  # type: ignore[misc]
