@@ -1,0 +1,140 @@
+"""The `openfl.aggregator.Aggregator` service: authenticate, decode, delegate, encode.
+
+Nothing here decides anything about the federation; `Federation` does. Every RPC runs under
+`refusals_as_status`, so a refusal reaches the caller as its status code and message.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+
+import grpc
+
+from aggregator.federation import Federation, ResultTensor, TaskResult
+from aggregator.identity import Gatekeeper, Header
+from aggregator.status import refusals_as_status
+from plans import Limits
+from protos import aggregator_pb2, aggregator_pb2_grpc, base_pb2
+from protos.codec import decode_tensor, encode_tensor
+from protos.stream import task_results_from_chunks
+
+logger = logging.getLogger(__name__)
+
+MODEL_TAGS = ("aggregated", "model")
+
+
+class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
+    """Serves one federation to its collaborators."""
+
+    def __init__(self, federation: Federation, gatekeeper: Gatekeeper, limits: Limits) -> None:
+        self.federation = federation
+        self.gatekeeper = gatekeeper
+        self.limits = limits
+
+    @refusals_as_status
+    def Ping(  # noqa: N802 - the name is the RPC's
+        self, request: aggregator_pb2.PingRequest, context: grpc.ServicerContext
+    ) -> aggregator_pb2.PingResponse:
+        """Answer a collaborator that checks it can reach and authenticate to the aggregator."""
+        caller = self._authenticate(context, request.header)
+        return aggregator_pb2.PingResponse(header=self._reply_header(caller))
+
+    @refusals_as_status
+    def GetTasks(  # noqa: N802
+        self, request: aggregator_pb2.GetTasksRequest, context: grpc.ServicerContext
+    ) -> aggregator_pb2.GetTasksResponse:
+        """Tell a collaborator its tasks of the round in progress, to wait, or to quit."""
+        caller = self._authenticate(context, request.header)
+        assignment = self.federation.assignment(caller)
+        return aggregator_pb2.GetTasksResponse(
+            header=self._reply_header(caller),
+            round_number=assignment.round_number,
+            tasks=[
+                aggregator_pb2.Task(name=task, function_name=task, task_type=task)
+                for task in assignment.tasks
+            ],
+            sleep_time=assignment.sleep_seconds,
+            quit=assignment.quit,
+        )
+
+    @refusals_as_status
+    def GetAggregatedTensor(  # noqa: N802
+        self, request: aggregator_pb2.GetAggregatedTensorRequest, context: grpc.ServicerContext
+    ) -> aggregator_pb2.GetAggregatedTensorResponse:
+        """Send one tensor of the global model of the round in progress."""
+        caller = self._authenticate(context, request.header)
+        array = self.federation.global_tensor(request.tensor_name, request.round_number)
+        tensor = encode_tensor(
+            request.tensor_name, array, round_number=request.round_number, tags=MODEL_TAGS
+        )
+        return aggregator_pb2.GetAggregatedTensorResponse(
+            header=self._reply_header(caller),
+            round_number=request.round_number,
+            tensor=tensor,
+        )
+
+    @refusals_as_status
+    def SendLocalTaskResults(  # noqa: N802
+        self, request_iterator: Iterator[base_pb2.DataStream], context: grpc.ServicerContext
+    ) -> aggregator_pb2.SendLocalTaskResultsResponse:
+        """Join a streamed `TaskResults`, check it, and hand it to the federation."""
+        # Who is calling is known from the certificate before a byte of the stream is read.
+        peer = self.gatekeeper.identify(_peer_common_names(context))
+        message = task_results_from_chunks(request_iterator, max_bytes=self.limits.max_upload_bytes)
+        caller = self.gatekeeper.check_header(peer, _header(message.header))
+        result = TaskResult(
+            collaborator=caller,
+            round_number=message.round_number,
+            task_name=message.task_name,
+            data_size=message.data_size,
+            tensors=tuple(
+                ResultTensor(
+                    name=tensor.name,
+                    tags=frozenset(tensor.tags),
+                    array=decode_tensor(tensor, max_bytes=self.limits.max_tensor_bytes),
+                )
+                for tensor in message.tensors
+            ),
+        )
+        if not self.federation.submit(result):
+            logger.info(
+                "%s resent %s of round %d; answered OK, counted once",
+                caller,
+                result.task_name,
+                result.round_number,
+            )
+        return aggregator_pb2.SendLocalTaskResultsResponse(header=self._reply_header(caller))
+
+    def InteropRelay(  # noqa: N802
+        self, request: aggregator_pb2.InteropMessage, context: grpc.ServicerContext
+    ) -> aggregator_pb2.InteropMessage:
+        """OpenFL's Flower relay; foedus does not relay, and says so instead of UNKNOWN."""
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "InteropRelay is not supported by foedus")
+
+    def _authenticate(
+        self, context: grpc.ServicerContext, header: aggregator_pb2.MessageHeader
+    ) -> str:
+        peer = self.gatekeeper.identify(_peer_common_names(context))
+        return self.gatekeeper.check_header(peer, _header(header))
+
+    def _reply_header(self, caller: str) -> aggregator_pb2.MessageHeader:
+        return aggregator_pb2.MessageHeader(
+            sender=self.gatekeeper.aggregator_id,
+            receiver=caller,
+            federation_uuid=self.gatekeeper.federation_uuid,
+        )
+
+
+def _header(header: aggregator_pb2.MessageHeader) -> Header:
+    return Header(
+        sender=header.sender, receiver=header.receiver, federation_uuid=header.federation_uuid
+    )
+
+
+def _peer_common_names(context: grpc.ServicerContext) -> list[str]:
+    """The common names of the TLS peer's certificate (empty without client certificate)."""
+    values: Iterable[bytes] | bytes = context.auth_context().get("x509_common_name") or []
+    if isinstance(values, bytes):
+        values = [values]
+    return [value.decode("utf-8", errors="replace") for value in values]

@@ -1,0 +1,75 @@
+"""The one table from refusals to gRPC status codes, and the guard every RPC runs under.
+
+Refusals raised anywhere below the servicer (identity, federation logic, codec, stream joiner)
+reach the caller as their status with their message; anything else is a bug, logged with its
+traceback and answered `INTERNAL`, never `UNKNOWN`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Mapping
+from typing import NoReturn, TypeVar
+
+import grpc
+
+from aggregator.errors import (
+    AuthenticationError,
+    AuthorizationError,
+    InvalidRequestError,
+    LimitExceededError,
+    PreconditionError,
+)
+from protos.codec import TensorFormatError, TensorTooLargeError
+from protos.stream import StreamError, StreamTooLargeError
+
+logger = logging.getLogger(__name__)
+S = TypeVar("S")
+R = TypeVar("R")
+T = TypeVar("T")
+
+# Most specific first: the first class an error is an instance of decides its status.
+STATUS_CODES: Mapping[type[Exception], grpc.StatusCode] = {
+    AuthenticationError: grpc.StatusCode.UNAUTHENTICATED,
+    AuthorizationError: grpc.StatusCode.PERMISSION_DENIED,
+    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    PreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
+    LimitExceededError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    TensorTooLargeError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    TensorFormatError: grpc.StatusCode.INVALID_ARGUMENT,
+    StreamTooLargeError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    StreamError: grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+
+def status_of(error: Exception) -> grpc.StatusCode:
+    """The status a refusal is answered with (`INTERNAL` for anything that is not a refusal)."""
+    for kind, code in STATUS_CODES.items():
+        if isinstance(error, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def refusals_as_status(
+    method: Callable[[S, R, grpc.ServicerContext], T],
+) -> Callable[[S, R, grpc.ServicerContext], T]:
+    """Wrap an RPC method: a refusal is answered with its status and message, a bug with INTERNAL."""
+
+    @functools.wraps(method)
+    def guarded(servicer: S, request: R, context: grpc.ServicerContext) -> T:
+        try:
+            return method(servicer, request, context)
+        except Exception as error:
+            _abort(context, method.__name__, error)
+
+    return guarded
+
+
+def _abort(context: grpc.ServicerContext, method: str, error: Exception) -> NoReturn:
+    code = status_of(error)
+    if code is grpc.StatusCode.INTERNAL:
+        logger.exception("%s failed unexpectedly", method)
+        context.abort(code, f"internal error in {method}; the aggregator's log has the details")
+    logger.info("%s refused (%s): %s", method, code.name, error)
+    context.abort(code, str(error))
