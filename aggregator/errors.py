@@ -30,3 +30,11 @@ class LimitExceededError(AggregatorError):
 
 class ServerError(Exception):
     """The aggregator cannot serve at all (port in use, unusable address); not a refusal."""
+
+
+class StorageError(Exception):
+    """The aggregator cannot write or read its output (models, metrics); the message names the file."""
+
+
+class ModelFileError(StorageError):
+    """A model file is missing, unreadable or not a valid model; the message says which and why."""

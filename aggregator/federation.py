@@ -3,21 +3,54 @@
 The servicer hands decoded requests to a `Federation` and encodes what it answers; nothing here
 knows about gRPC or protobuf, so tests drive it directly. Every check runs before anything is
 stored, and a resend of an accepted result is recognised and counted once.
+
+Rounds are counted from 0, as OpenFL counts them. Each training round runs the plan's tasks; it
+closes when the plan's straggler policy says so (see `close_round_if_due`, which the runtime calls
+after every submission and on a short timer):
+
+* ``wait_for_all``: when every collaborator has reported;
+* ``cutoff``: when every collaborator has reported, or once ``cutoff_seconds`` have passed since
+  the round's tasks were first handed out and at least ``min_reports`` have reported (it keeps
+  waiting past the cut-off until they have);
+* ``percentage``: once at least ``ceil(percentage * N)`` and at least ``min_reports`` have reported.
+
+A collaborator has *reported* when it has finished every task of the round; only reporters'
+results count. On close, the reporters' ``train`` results are averaged by data size
+(`aggregator.fedavg`) into the next global model, and each task's metrics into weighted means.
+Results for a closed round are refused (FAILED_PRECONDITION), except a resend of one accepted in
+the round just closed, which is answered OK and counted once (its first answer may have been lost
+while the round closed).
+
+Final validation round: after the last training round (``rounds``), if the plan's tasks include
+``aggregated_model_validation``, one more round numbered ``rounds`` runs that task alone, so the
+accuracy of the final global model is measured. Then the federation is finished and every
+`assignment` answers quit. Without that task the federation finishes after the last training round.
 """
 
 from __future__ import annotations
 
+import math
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 from aggregator.errors import InvalidRequestError, PreconditionError
+from aggregator.fedavg import Contribution, federated_average, weighted_metrics
+from plans.schema import (
+    AGGREGATED_MODEL_VALIDATION,
+    TRAIN,
+    Plan,
+    StragglerPolicy,
+    StragglerSettings,
+)
 
 Array = npt.NDArray[np.generic]
 METRIC_TAG = "metric"
+DELTA_TAG = "delta"
 MAX_DATA_SIZE = 2**31 - 1
 
 
@@ -51,8 +84,28 @@ class TaskResult:
     tensors: tuple[ResultTensor, ...]
 
 
+@dataclass(frozen=True)
+class RoundSummary:
+    """What one closed round did: who reported, the aggregated metrics, the models before and after."""
+
+    round_number: int
+    final_validation: bool  # the extra round that only validates the final model
+    reporters: tuple[str, ...]  # collaborators whose results counted, sorted
+    missing: tuple[str, ...]  # collaborators that had not finished when the round closed
+    metrics: Mapping[str, Mapping[str, float]]  # task -> metric -> weighted mean
+    round_model: Mapping[str, Array]  # the global model the collaborators worked on this round
+    model: Mapping[str, Array]  # the global model after this round (the same if nobody trained)
+    trained: bool  # whether any `train` result was averaged into `model`
+    seconds: float  # from the first hand-out of the round's tasks to its close
+    finished: bool  # whether this was the federation's last round
+
+
 class Federation:
-    """Round bookkeeping behind the aggregator's RPCs; thread-safe with short critical sections."""
+    """Round bookkeeping behind the aggregator's RPCs; thread-safe with short critical sections.
+
+    `clock` times the straggler cut-off (tests inject one that moves when told); long polls wait
+    in real time. Aggregation runs outside the lock, while the closing round refuses results.
+    """
 
     def __init__(
         self,
@@ -62,66 +115,168 @@ class Federation:
         rounds: int,
         model: Mapping[str, Array],
         poll_seconds: int = 1,
+        straggler: StragglerSettings | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.collaborators = tuple(collaborators)
         self.tasks = tuple(tasks)
         self.rounds = rounds
         self.poll_seconds = poll_seconds
-        self._model = {name: np.asarray(array) for name, array in model.items()}
+        self.straggler = straggler or StragglerSettings()
+        self.final_validation = AGGREGATED_MODEL_VALIDATION in self.tasks
+        self.total_rounds = rounds + (1 if self.final_validation else 0)
+        self._clock = clock
+        self._model: Mapping[str, Array] = {
+            name: np.asarray(array) for name, array in model.items()
+        }
         self._round = 0
         self._results: dict[tuple[str, str], TaskResult] = {}  # (collaborator, task) this round
+        self._previous: frozenset[tuple[str, str]] = frozenset()  # accepted in the round before
+        self._opened_at = clock()
+        self._started_at: float | None = None  # when the round's tasks were first handed out
+        self._closing = False
+        self._told_quit: set[str] = set()
         self._lock = threading.Lock()
+        self._round_changed = threading.Condition(self._lock)
+        self._submitted = threading.Event()
+
+    @classmethod
+    def from_plan(
+        cls,
+        plan: Plan,
+        model: Mapping[str, Array],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> Federation:
+        """The federation a plan describes, starting from `model`."""
+        return cls(
+            collaborators=plan.collaborators,
+            tasks=plan.tasks,
+            rounds=plan.federation.rounds,
+            model=model,
+            straggler=plan.straggler,
+            clock=clock,
+        )
 
     @property
     def round_number(self) -> int:
-        """The round in progress (counted from 0, as OpenFL does); equals `rounds` when done."""
+        """The round in progress (counted from 0, as OpenFL does); `total_rounds` when done."""
         return self._round
 
     @property
     def finished(self) -> bool:
-        """Whether every round has been run."""
-        return self._round >= self.rounds
+        """Whether every round, the final validation round included, has closed."""
+        return self._round >= self.total_rounds
+
+    def tasks_of_round(self, round_number: int) -> tuple[str, ...]:
+        """The tasks every collaborator runs in `round_number`."""
+        if round_number >= self.rounds:
+            return (AGGREGATED_MODEL_VALIDATION,)
+        return self.tasks
+
+    # -- handing out work -------------------------------------------------------------------------
 
     def assignment(self, collaborator: str) -> Assignment:
         """The tasks `collaborator` still owes this round; wait if none; quit when all rounds ran."""
         with self._lock:
-            if self.finished:
-                return Assignment(self._round, (), 0, quit=True)
-            owed = tuple(t for t in self.tasks if (collaborator, t) not in self._results)
-            sleep = 0 if owed else self.poll_seconds
-            return Assignment(self._round, owed, sleep, quit=False)
+            return self._assignment(collaborator)
+
+    def wait_for_assignment(
+        self, collaborator: str, timeout: float, *, cancel: threading.Event | None = None
+    ) -> Assignment:
+        """Like `assignment`, but wait up to `timeout` s for tasks or quit (a long poll).
+
+        Setting `cancel` and then calling `wake_waiters` ends the wait at once.
+        """
+        deadline = time.monotonic() + timeout
+        with self._round_changed:
+            while True:
+                answer = self._assignment(collaborator)
+                remaining = deadline - time.monotonic()
+                cancelled = cancel is not None and cancel.is_set()
+                if answer.tasks or answer.quit or remaining <= 0 or cancelled:
+                    return answer
+                self._round_changed.wait(remaining)
+
+    def wake_waiters(self) -> None:
+        """Make every `wait_for_assignment` look again now (to see that it was cancelled)."""
+        with self._round_changed:
+            self._round_changed.notify_all()
+
+    def _assignment(self, collaborator: str) -> Assignment:
+        if self.finished:
+            self._told_quit.add(collaborator)
+            return Assignment(self._round, (), 0, quit=True)
+        if self._closing:
+            return Assignment(self._round, (), self.poll_seconds, quit=False)
+        owed = tuple(
+            task
+            for task in self.tasks_of_round(self._round)
+            if (collaborator, task) not in self._results
+        )
+        if not owed:
+            return Assignment(self._round, (), self.poll_seconds, quit=False)
+        if self._started_at is None:
+            self._started_at = self._clock()
+        return Assignment(self._round, owed, 0, quit=False)
+
+    def told_to_quit(self) -> tuple[str, ...]:
+        """The collaborators that have been told to quit, sorted."""
+        with self._lock:
+            return tuple(sorted(self._told_quit))
+
+    def everyone_told_to_quit(self) -> bool:
+        """Whether every collaborator of the plan has been told to quit."""
+        with self._lock:
+            return self._told_quit.issuperset(self.collaborators)
+
+    # -- the global model -------------------------------------------------------------------------
 
     def global_tensor(self, name: str, round_number: int) -> Array:
         """The global model's tensor `name` for the round in progress."""
-        array = self._model.get(name)
-        if array is None:
-            raise InvalidRequestError(f"tensor {name!r} is not in the global model")
-        self._check_round(round_number)
-        return array
+        with self._lock:
+            array = self._model.get(name)
+            if array is None:
+                raise InvalidRequestError(f"tensor {name!r} is not in the global model")
+            self._check_round(round_number)
+            return array
 
     def model(self) -> Mapping[str, Array]:
         """The global model of the round in progress."""
-        return dict(self._model)
+        with self._lock:
+            return dict(self._model)
+
+    # -- results ----------------------------------------------------------------------------------
 
     def submit(self, result: TaskResult) -> bool:
         """Accept a task's results; False when it is a resend of one already accepted."""
-        self._check_round(result.round_number)  # the cheap refusal first; checked again below
+        with self._lock:  # the cheap refusals first; checked again below
+            if self._is_resend(result):
+                return False
+            self._check_round(result.round_number)
         if result.task_name not in self.tasks:
             raise InvalidRequestError(
                 f"task {result.task_name!r} is not a task of this federation "
                 f"({', '.join(self.tasks)})"
             )
+        round_tasks = self.tasks_of_round(result.round_number)
+        if result.task_name not in round_tasks:
+            raise PreconditionError(
+                f"task {result.task_name!r} is not a task of round {result.round_number} "
+                f"(the final validation round runs {', '.join(round_tasks)} only)"
+            )
         if not 0 < result.data_size <= MAX_DATA_SIZE:
             raise InvalidRequestError(
                 f"data_size must be a positive number of samples, got {result.data_size}"
             )
-        self._check_tensors(result.tensors)
+        self._check_tensors(result.task_name, result.tensors)
         key = (result.collaborator, result.task_name)
         with self._lock:
-            self._check_round(result.round_number)
-            if key in self._results:
+            if self._is_resend(result):
                 return False
+            self._check_round(result.round_number)
             self._results[key] = result
+        self._submitted.set()
         return True
 
     def results(self) -> tuple[TaskResult, ...]:
@@ -129,23 +284,50 @@ class Federation:
         with self._lock:
             return tuple(self._results[key] for key in sorted(self._results))
 
+    def wait_for_submission(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for a result accepted since the last call; for one caller only."""
+        arrived = self._submitted.wait(timeout)
+        self._submitted.clear()
+        return arrived
+
+    def _is_resend(self, result: TaskResult) -> bool:
+        key = (result.collaborator, result.task_name)
+        if result.round_number == self._round:
+            return key in self._results
+        return result.round_number == self._round - 1 and key in self._previous
+
     def _check_round(self, round_number: int) -> None:
+        if round_number < 0:
+            raise InvalidRequestError(f"round_number must be 0 or more, got {round_number}")
+        closed = round_number < self._round or (round_number == self._round and self._closing)
+        if closed:
+            after = self._round if round_number < self._round else self._round + 1
+            where = (
+                "the federation has finished"
+                if after >= self.total_rounds
+                else f"the federation is in round {after}"
+            )
+            raise PreconditionError(f"round {round_number} is closed; {where}")
         if self.finished:
-            raise PreconditionError(f"the federation has finished all {self.rounds} rounds")
+            raise PreconditionError(
+                f"round {round_number}: the federation has finished all its rounds"
+            )
         if round_number != self._round:
             raise PreconditionError(
                 f"round {round_number} is not the round in progress ({self._round})"
             )
 
-    def _check_tensors(self, tensors: Sequence[ResultTensor]) -> None:
+    def _check_tensors(self, task: str, tensors: Sequence[ResultTensor]) -> None:
         names = [tensor.name for tensor in tensors]
         if len(set(names)) != len(names):
             raise InvalidRequestError("results name the same tensor more than once")
+        model_tensors: set[str] = set()
         for tensor in tensors:
             if METRIC_TAG in tensor.tags:
-                if tensor.array.size != 1:
+                if tensor.array.size != 1 or tensor.array.dtype.kind not in "biuf":
                     raise InvalidRequestError(
-                        f"metric {tensor.name!r} must be a scalar, got shape {tensor.array.shape}"
+                        f"metric {tensor.name!r} must be a numeric scalar, got "
+                        f"{tensor.array.dtype}{list(tensor.array.shape)}"
                     )
                 continue
             reference = self._model.get(tensor.name)
@@ -158,3 +340,123 @@ class Federation:
                     f"tensor {tensor.name!r} is {tensor.array.dtype}{list(tensor.array.shape)}, "
                     f"the global model's is {reference.dtype}{list(reference.shape)}"
                 )
+            if DELTA_TAG in tensor.tags:
+                raise InvalidRequestError(
+                    f"tensor {tensor.name!r} is a delta update; foedus averages whole weights "
+                    "(turn delta updates off in the collaborator)"
+                )
+            model_tensors.add(tensor.name)
+        if task == TRAIN:
+            missing = sorted(set(self._model) - model_tensors)
+            if missing:
+                shown = ", ".join(map(repr, missing[:5])) + (" ..." if len(missing) > 5 else "")
+                raise InvalidRequestError(
+                    f"train results lack {len(missing)} tensor(s) of the global model: {shown}"
+                )
+
+    # -- closing rounds ---------------------------------------------------------------------------
+
+    def close_round_if_due(self) -> RoundSummary | None:
+        """Close the round if the straggler policy says so: aggregate, move on, wake the waiters."""
+        with self._lock:
+            if self.finished or self._closing:
+                return None
+            round_number = self._round
+            round_tasks = self.tasks_of_round(round_number)
+            reporters = tuple(
+                name
+                for name in sorted(self.collaborators)
+                if all((name, task) in self._results for task in round_tasks)
+            )
+            if not self._due(len(reporters)):
+                return None
+            self._closing = True  # results for this round are refused from now on
+            counted = {key: result for key, result in self._results.items() if key[0] in reporters}
+            round_model = self._model
+            started = self._opened_at if self._started_at is None else self._started_at
+        try:
+            model, trained = _average_models(counted, round_model)
+            metrics = _average_metrics(counted, round_tasks)
+        except BaseException:
+            with self._lock:
+                self._closing = False
+            raise
+        now = self._clock()
+        with self._round_changed:
+            self._model = model
+            self._previous = frozenset(self._results)
+            self._results = {}
+            self._round += 1
+            self._opened_at = now
+            self._started_at = None
+            self._closing = False
+            finished = self.finished
+            self._round_changed.notify_all()
+        return RoundSummary(
+            round_number=round_number,
+            final_validation=round_number >= self.rounds,
+            reporters=reporters,
+            missing=tuple(sorted(set(self.collaborators) - set(reporters))),
+            metrics=metrics,
+            round_model=round_model,
+            model=model,
+            trained=trained,
+            seconds=max(0.0, now - started),
+            finished=finished,
+        )
+
+    def _due(self, reported: int) -> bool:
+        """Whether the straggler policy closes the round now that `reported` have reported."""
+        if reported >= len(self.collaborators):
+            return True
+        policy = self.straggler
+        if policy.policy is StragglerPolicy.CUTOFF:
+            if self._started_at is None or reported < policy.min_reports:
+                return False
+            return self._clock() - self._started_at >= policy.cutoff_seconds
+        if policy.policy is StragglerPolicy.PERCENTAGE:
+            # Rounded first, so 0.3 * 10 counts as 3 and not as 3.0000000000000004 -> 4.
+            needed = math.ceil(round(policy.percentage * len(self.collaborators), 9))
+            return reported >= max(needed, policy.min_reports)
+        return False
+
+
+def _average_models(
+    results: Mapping[tuple[str, str], TaskResult], model: Mapping[str, Array]
+) -> tuple[Mapping[str, Array], bool]:
+    """The data-size weighted mean of the `train` results' model tensors; `model` if none."""
+    contributions = {
+        collaborator: Contribution(
+            weight=result.data_size,
+            tensors={t.name: t.array for t in result.tensors if METRIC_TAG not in t.tags},
+        )
+        for (collaborator, task), result in results.items()
+        if task == TRAIN
+    }
+    if not contributions:
+        return model, False
+    return federated_average(contributions, model), True
+
+
+def _average_metrics(
+    results: Mapping[tuple[str, str], TaskResult], tasks: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """Per task, each metric's mean weighted by data size (tasks without metrics left out)."""
+    averaged: dict[str, dict[str, float]] = {}
+    for task in tasks:
+        contributions = {
+            collaborator: (
+                result.data_size,
+                {
+                    t.name: float(np.asarray(t.array, dtype=np.float64).reshape(-1)[0])
+                    for t in result.tensors
+                    if METRIC_TAG in t.tags
+                },
+            )
+            for (collaborator, name), result in results.items()
+            if name == task
+        }
+        metrics = weighted_metrics(contributions)
+        if metrics:
+            averaged[task] = metrics
+    return averaged

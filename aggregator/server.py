@@ -27,7 +27,9 @@ DEFAULT_WORKERS = 32
 class AggregatorGRPCServer:
     """Serves `federation` on the plan's address, over mutual TLS unless the plan says insecure."""
 
-    def __init__(self, plan: Plan, federation: Federation, *, workers: int = DEFAULT_WORKERS) -> None:
+    def __init__(
+        self, plan: Plan, federation: Federation, *, workers: int = DEFAULT_WORKERS
+    ) -> None:
         self.plan = plan
         self.gatekeeper = Gatekeeper(
             aggregator_id=plan.federation.aggregator_id,
@@ -35,7 +37,14 @@ class AggregatorGRPCServer:
             collaborators=frozenset(plan.collaborators),
             tls=plan.tls.enabled,
         )
-        self.servicer = AggregatorServicer(federation, self.gatekeeper, plan.limits)
+        self.servicer = AggregatorServicer(
+            federation,
+            self.gatekeeper,
+            plan.limits,
+            long_poll_seconds=plan.aggregator.long_poll_seconds,
+            # Long polls hold a worker thread each; half the workers stay free for uploads.
+            max_long_polls=workers // 2,
+        )
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aggregator-rpc"),
             options=server_options(plan.limits.max_message_bytes),
@@ -73,13 +82,16 @@ class AggregatorGRPCServer:
         if self.port == 0:
             raise ServerError(f"cannot listen on {self.address}: the address is in use or invalid")
         self._server.start()
-        logger.info("aggregator serving federation %s on port %d", self.plan.federation.uuid, self.port)
+        logger.info(
+            "aggregator serving federation %s on port %d", self.plan.federation.uuid, self.port
+        )
         return self.port
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls; in-flight calls get `grace` seconds (the plan's by default)."""
         if grace is None:
             grace = self.plan.aggregator.grace_seconds
+        self.servicer.stop_long_polls()  # waiting GetTasks calls answer now, not after the grace
         self._server.stop(grace).wait()
 
     def wait(self, timeout: float | None = None) -> bool:

@@ -2,16 +2,22 @@
 
 Nothing here decides anything about the federation; `Federation` does. Every RPC runs under
 `refusals_as_status`, so a refusal reaches the caller as its status code and message.
+
+`GetTasks` is a long poll: a collaborator with nothing to do waits (up to `long_poll_seconds`, and
+within its call's deadline) until the round closes, so it starts the next round within
+milliseconds instead of after a fixed sleep. Each waiting call holds a server thread, so at most
+`max_long_polls` wait at once; past that the answer comes at once with the usual short sleep.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable, Iterator
 
 import grpc
 
-from aggregator.federation import Federation, ResultTensor, TaskResult
+from aggregator.federation import Assignment, Federation, ResultTensor, TaskResult
 from aggregator.identity import Gatekeeper, Header
 from aggregator.status import refusals_as_status
 from plans import Limits
@@ -22,15 +28,34 @@ from protos.stream import task_results_from_chunks
 logger = logging.getLogger(__name__)
 
 MODEL_TAGS = ("aggregated", "model")
+# A long poll ends this long before the caller's deadline, so its answer still arrives in time.
+DEADLINE_MARGIN_SECONDS = 0.5
 
 
 class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
     """Serves one federation to its collaborators."""
 
-    def __init__(self, federation: Federation, gatekeeper: Gatekeeper, limits: Limits) -> None:
+    def __init__(
+        self,
+        federation: Federation,
+        gatekeeper: Gatekeeper,
+        limits: Limits,
+        *,
+        long_poll_seconds: float = 0.0,
+        max_long_polls: int = 0,
+    ) -> None:
         self.federation = federation
         self.gatekeeper = gatekeeper
         self.limits = limits
+        self.long_poll_seconds = long_poll_seconds
+        self._long_polls = threading.BoundedSemaphore(max(1, max_long_polls))
+        self._long_polling = max_long_polls > 0 and long_poll_seconds > 0
+        self._stopping = threading.Event()
+
+    def stop_long_polls(self) -> None:
+        """Answer waiting and future `GetTasks` calls at once (the server is stopping)."""
+        self._stopping.set()
+        self.federation.wake_waiters()
 
     @refusals_as_status
     def Ping(  # noqa: N802 - the name is the RPC's
@@ -46,7 +71,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
     ) -> aggregator_pb2.GetTasksResponse:
         """Tell a collaborator its tasks of the round in progress, to wait, or to quit."""
         caller = self._authenticate(context, request.header)
-        assignment = self.federation.assignment(caller)
+        assignment = self._assignment(caller, context)
         return aggregator_pb2.GetTasksResponse(
             header=self._reply_header(caller),
             round_number=assignment.round_number,
@@ -111,6 +136,24 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
     ) -> aggregator_pb2.InteropMessage:
         """OpenFL's Flower relay; foedus does not relay, and says so instead of UNKNOWN."""
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "InteropRelay is not supported by foedus")
+
+    def _assignment(self, caller: str, context: grpc.ServicerContext) -> Assignment:
+        """Wait for work if allowed (a free long-poll slot, time before the deadline); else answer now."""
+        wait = self.long_poll_seconds
+        remaining = context.time_remaining()
+        if remaining is not None:
+            wait = min(wait, remaining - DEADLINE_MARGIN_SECONDS)
+        if (
+            not self._long_polling
+            or self._stopping.is_set()
+            or wait <= 0
+            or not self._long_polls.acquire(blocking=False)
+        ):
+            return self.federation.assignment(caller)
+        try:
+            return self.federation.wait_for_assignment(caller, wait, cancel=self._stopping)
+        finally:
+            self._long_polls.release()
 
     def _authenticate(
         self, context: grpc.ServicerContext, header: aggregator_pb2.MessageHeader

@@ -1,0 +1,219 @@
+"""The ``aggregator`` command: ``aggregator start --plan PLAN`` runs one federation to its end.
+
+Exit codes: 0 when the federation finished, or was stopped by SIGINT/SIGTERM (the server stops
+accepting calls and gives those in flight `aggregator.grace_seconds`); 1 when it could not run
+(port in use, output not writable, a runner that crashed); 2 for bad input (the plan, its TLS
+files, its runner or initial model), reported one line per problem, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import NoReturn
+
+import numpy as np
+
+from aggregator.errors import ModelFileError, ServerError, StorageError
+from aggregator.federation import Array
+from aggregator.runtime import serve
+from aggregator.storage import OutputFolder, read_model
+from pki.errors import KeyFileError, PkiError
+from pki.files import check_private_key_mode
+from plans import Plan, PlanError, load_plan
+from plans.runners import RunnerError, load_runner
+from protos.codec import EXACT_DTYPES
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+logger = logging.getLogger(__name__)
+
+
+class _UsageError(Exception):
+    """Bad command-line input, reported in one line like every other error."""
+
+
+class _BadInputError(Exception):
+    """Input that cannot be used; each line of the message is printed as it is."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, separate from main so its help can be tested and documented."""
+    parser = _Parser(
+        prog="aggregator",
+        description="The foedus aggregator: serves a federation's rounds to its collaborators "
+        "over mutual TLS and averages their training.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    summary = "Serve the federation a plan describes until every round has run."
+    start = commands.add_parser("start", help=summary, description=summary)
+    start.add_argument("--plan", type=Path, required=True, help="the federation plan (YAML)")
+    start.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default="info",
+        help="how much to log on stderr (default: info)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the aggregator command line; returns the exit code (0 ok, 1 failure, 2 bad input)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as error:
+        return _fail(str(error), EXIT_BAD_INPUT)
+    except SystemExit as exit_:  # --help
+        return exit_.code if isinstance(exit_.code, int) else EXIT_OK
+    with _logging(args.log_level):
+        try:
+            return _start(args.plan)
+        except _BadInputError as error:
+            for line in str(error).splitlines():
+                print(line, file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except (ServerError, StorageError) as error:
+            return _fail(str(error), EXIT_FAILURE)
+        except KeyboardInterrupt:
+            return _fail("interrupted", EXIT_FAILURE)
+        except Exception as error:
+            logger.debug("unexpected failure", exc_info=True)
+            return _fail(f"unexpected failure: {type(error).__name__}: {error}", EXIT_FAILURE)
+
+
+def _start(plan_path: Path) -> int:
+    try:
+        plan = load_plan(plan_path)
+    except PlanError as error:
+        raise _BadInputError("\n".join(error.problems)) from None
+    _check_tls_files(plan)
+    model = _initial_model(plan)
+    try:
+        output = OutputFolder(plan.aggregator.output_dir)
+    except StorageError as error:
+        raise _BadInputError(f"{plan.path}: aggregator.output_dir: {error}") from None
+    stop = threading.Event()
+    with _stopped_by_signals(stop):
+        try:
+            outcome = serve(plan, model, output, stop, out=sys.stdout)
+        except PkiError as error:  # read by the server when it starts, before anything is served
+            raise _BadInputError(f"{plan.path}: tls.certs_dir: {error}") from None
+    logger.info("aggregator exits after %d closed rounds", outcome.rounds_closed)
+    return EXIT_OK
+
+
+def _check_tls_files(plan: Plan) -> None:
+    """Every TLS file the aggregator needs is there and readable, its key private."""
+    certs = plan.tls.certs
+    if certs is None:
+        return
+    for what, path in (
+        ("CA bundle", certs.ca_bundle),
+        ("aggregator certificate", certs.aggregator_cert),
+        ("aggregator private key", certs.aggregator_key),
+    ):
+        if not path.is_file():
+            raise _BadInputError(
+                f"{plan.path}: tls.certs_dir: {what} not found: {path} "
+                f"(run 'pki setup --plan {plan.path}')"
+            )
+        if not os.access(path, os.R_OK):
+            raise _BadInputError(
+                f"{plan.path}: tls.certs_dir: {what} not readable: {path} "
+                "(check the file's owner and permissions)"
+            )
+    try:
+        check_private_key_mode(certs.aggregator_key)
+    except KeyFileError as error:
+        raise _BadInputError(str(error)) from None
+
+
+def _initial_model(plan: Plan) -> dict[str, Array]:
+    """The model of round 0: the plan's `aggregator.initial_model` file, else the runner's."""
+    if plan.aggregator.initial_model is not None:
+        try:
+            return read_model(plan.aggregator.initial_model, plan.limits.max_tensor_bytes)
+        except ModelFileError as error:
+            raise _BadInputError(f"{plan.path}: aggregator.initial_model: {error}") from None
+    try:
+        runner = load_runner(plan.runner)
+        model = runner.initial_model(plan.runner)
+    except RunnerError as error:
+        raise _BadInputError(f"{plan.path}: {error}") from None
+    problem = _model_problem(model)
+    if problem:
+        raise _BadInputError(
+            f"{plan.path}: runner.name: {plan.runner.name!r} gave an unusable initial model: "
+            f"{problem}"
+        )
+    return {name: np.asarray(array) for name, array in model.items()}
+
+
+def _model_problem(model: object) -> str | None:
+    """What makes `model` unusable as a global model, or None."""
+    if not isinstance(model, Mapping) or not model:
+        return "expected a non-empty mapping of names to numpy arrays"
+    for name, array in model.items():
+        if not isinstance(name, str) or not name:
+            return f"tensor name {name!r} is not a non-empty string"
+        dtype = np.asarray(array).dtype
+        if dtype.kind not in "biuf" or dtype.newbyteorder("<").str not in EXACT_DTYPES:
+            return f"tensor {name!r} has dtype {dtype}, which cannot be sent"
+    return None
+
+
+@contextmanager
+def _stopped_by_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGINT and SIGTERM set `stop` while inside (main thread only; elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(number: int, frame: FrameType | None) -> None:
+        logger.warning("%s received: stopping", signal.Signals(number).name)
+        stop.set()
+
+    previous = {number: signal.signal(number, handle) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+@contextmanager
+def _logging(level: str) -> Iterator[None]:
+    """Log to stderr at `level` while inside, without disturbing handlers installed by others."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    previous = root.level
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous)
+
+
+def _fail(message: str, code: int) -> int:
+    one_line = "; ".join(line.strip() for line in message.splitlines() if line.strip())
+    print(f"aggregator: error: {one_line}", file=sys.stderr)
+    return code

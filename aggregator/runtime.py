@@ -1,0 +1,257 @@
+"""The aggregator at work: serve the federation, close its rounds, save models and metrics, report.
+
+`Runtime.run` is the loop around a `Federation`: after every accepted result (and on a short
+timer, for the straggler cut-off) it asks the federation to close the round; each closed round
+saves `last_model.pbuf`, `best_model.pbuf` when the plan's best-model metric improved, a line of
+`metrics.jsonl`, and prints ONE line for a person. When the federation has finished it prints the
+final global model's accuracy, then ends once every collaborator has been told to quit, or
+`aggregator.quit_grace_seconds` later (a collaborator that died must not keep it alive).
+`serve` puts the gRPC server around that loop.
+
+Console lines number rounds from 1 ("round 3/10" is the third of ten); `metrics.jsonl` and the
+wire count from 0, as OpenFL does. An accuracy measured by `aggregated_model_validation` in a
+round is that of the global model the round started from, that is after one round less of
+training; the best model is therefore labelled by the training rounds it had.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TextIO
+
+from aggregator.federation import Array, Federation, RoundSummary
+from aggregator.server import DEFAULT_WORKERS, AggregatorGRPCServer
+from aggregator.storage import OutputFolder
+from plans import Plan
+from plans.schema import AGGREGATED_MODEL_VALIDATION, TRAIN
+
+logger = logging.getLogger(__name__)
+
+TICK_SECONDS = 0.1
+ACCURACY_NAMES = ("accuracy", "acc")
+
+
+@dataclass(frozen=True)
+class Best:
+    """The best value of the plan's best-model metric so far, and the model's training rounds."""
+
+    value: float
+    training_rounds: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ended."""
+
+    finished: bool  # every round ran (False: stopped by a signal before that)
+    rounds_closed: int
+    final_accuracy: float | None  # the final global model's, when measured
+    best: Best | None
+    not_told_to_quit: tuple[str, ...]  # collaborators that never came for their quit
+
+
+class Runtime:
+    """Drives one federation's rounds and writes its output; `run` until finished or stopped."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        federation: Federation,
+        output: OutputFolder,
+        *,
+        out: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        tick: float = TICK_SECONDS,
+    ) -> None:
+        self.plan = plan
+        self.federation = federation
+        self.output = output
+        self.out = out
+        self.clock = clock
+        self.tick = tick
+        self.best: Best | None = None
+        self.final_accuracy: float | None = None
+        self.rounds_closed = 0
+        self.saved_last = False
+        self._run = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+    def run(self, stop: threading.Event) -> Outcome:
+        """Close rounds as they become due until the federation ends, or `stop` is set."""
+        finished_at: float | None = None
+        waiting: tuple[str, ...] = ()
+        while not stop.is_set():
+            self.federation.wait_for_submission(self.tick)
+            summary = self.federation.close_round_if_due()
+            if summary is not None:
+                self.record(summary)
+            if not self.federation.finished:
+                continue
+            if finished_at is None:
+                finished_at = self.clock()
+                self.say(self.final_line())
+            if self.federation.everyone_told_to_quit():
+                break
+            if self.clock() - finished_at >= self.plan.aggregator.quit_grace_seconds:
+                told = set(self.federation.told_to_quit())
+                waiting = tuple(c for c in self.federation.collaborators if c not in told)
+                logger.warning(
+                    "stopping without telling %s to quit: not heard from in %g s "
+                    "(aggregator.quit_grace_seconds)",
+                    ", ".join(waiting),
+                    self.plan.aggregator.quit_grace_seconds,
+                )
+                break
+        if not self.federation.finished:
+            where = f"during {self._round_label(self.federation.round_number)}"
+            saved = f"; the last model is in {self.output.last_model}" if self.saved_last else ""
+            self.say(f"stopped {where}{saved}")
+        return Outcome(
+            finished=self.federation.finished,
+            rounds_closed=self.rounds_closed,
+            final_accuracy=self.final_accuracy,
+            best=self.best,
+            not_told_to_quit=waiting,
+        )
+
+    def record(self, summary: RoundSummary) -> None:
+        """Save what a closed round produced and print its line."""
+        self.rounds_closed += 1
+        if summary.trained:
+            self.output.save_last(summary.model, summary.round_number + 1)
+            self.saved_last = True
+        self._track_best(summary)
+        if summary.final_validation:
+            self.final_accuracy = _accuracy(summary.metrics.get(AGGREGATED_MODEL_VALIDATION, {}))
+        self.output.append_metrics(
+            {
+                "federation": self.plan.federation.uuid,
+                "run": self._run,
+                "round": summary.round_number,
+                "final_validation": summary.final_validation,
+                "reporters": list(summary.reporters),
+                "missing": list(summary.missing),
+                "metrics": {task: dict(values) for task, values in summary.metrics.items()},
+                "seconds": round(summary.seconds, 3),
+            }
+        )
+        self.say(self.round_line(summary))
+
+    def round_line(self, summary: RoundSummary) -> str:
+        """One line a person can read: round, who reported, loss and accuracy, duration."""
+        parts = [self._round_label(summary.round_number)]
+        reported = ",".join(summary.reporters) or "nobody"
+        if summary.missing:
+            reported += f" (missing {','.join(summary.missing)})"
+        parts.append(f"reported {reported}")
+        train = summary.metrics.get(TRAIN, {})
+        losses = sorted(name for name in train if "loss" in name.lower())
+        if losses:
+            parts.append(f"train loss {train[losses[0]]:.4f}")
+        accuracy = _accuracy(summary.metrics.get(AGGREGATED_MODEL_VALIDATION, {}))
+        if accuracy is not None:
+            parts.append(f"accuracy {accuracy:.4f}")
+        parts.append(f"{summary.seconds:.2f} s")
+        return "  ".join(parts)
+
+    def final_line(self) -> str:
+        """The line that ends a finished federation, with the final global model's accuracy."""
+        rounds = self.federation.rounds
+        if not self.federation.final_validation:
+            accuracy = (
+                f"final global model accuracy not measured (the plan has no "
+                f"{AGGREGATED_MODEL_VALIDATION} task)"
+            )
+        elif self.final_accuracy is None:
+            accuracy = (
+                f"final global model accuracy not reported ({AGGREGATED_MODEL_VALIDATION} gave "
+                "no 'accuracy' metric)"
+            )
+        else:
+            accuracy = f"final global model accuracy {self.final_accuracy:.4f}"
+        best = ""
+        settings = self.plan.best_model
+        if self.best is not None and settings is not None:
+            label = "" if settings.metric in ACCURACY_NAMES else f"{settings.metric} "
+            best = (
+                f" (best {label}{self.best.value:.4f} after {self.best.training_rounds} "
+                f"round{'s' if self.best.training_rounds != 1 else ''})"
+            )
+        return (
+            f"federation finished: {rounds} round{'s' if rounds != 1 else ''}, {accuracy}{best}, "
+            f"model saved to {self.output.last_model}"
+        )
+
+    def say(self, line: str) -> None:
+        """Print a line for the person running the aggregator (log it when there is no console)."""
+        if self.out is None:
+            logger.info("%s", line)
+        else:
+            print(line, file=self.out, flush=True)
+
+    def _track_best(self, summary: RoundSummary) -> None:
+        settings = self.plan.best_model
+        if settings is None:
+            return
+        value = summary.metrics.get(settings.task, {}).get(settings.metric)
+        if value is None or not math.isfinite(value):
+            return
+        if self.best is not None and not (
+            value > self.best.value if settings.maximize else value < self.best.value
+        ):
+            return
+        # aggregated_model_validation measured the model the round started from; the other
+        # tasks measured local models, of which the round's aggregate is the global counterpart.
+        validated_before = settings.task == AGGREGATED_MODEL_VALIDATION
+        model: Mapping[str, Array] = summary.round_model if validated_before else summary.model
+        rounds = min(summary.round_number + (0 if validated_before else 1), self.federation.rounds)
+        self.output.save_best(model, rounds)
+        self.best = Best(value=value, training_rounds=rounds)
+
+    def _round_label(self, round_number: int) -> str:
+        if round_number >= self.federation.rounds:
+            return "final validation"
+        return f"round {round_number + 1}/{self.federation.rounds}"
+
+
+def serve(
+    plan: Plan,
+    model: Mapping[str, Array],
+    output: OutputFolder,
+    stop: threading.Event,
+    *,
+    out: TextIO | None = None,
+    workers: int = DEFAULT_WORKERS,
+) -> Outcome:
+    """Serve `plan`'s federation from `model` until it ends or `stop` is set, then stop the server.
+
+    Lines for a person go to `out` (the console), or to the log when it is None.
+    """
+    federation = Federation.from_plan(plan, model)
+    server = AggregatorGRPCServer(plan, federation, workers=workers)
+    port = server.start()  # ServerError, PkiError: nothing was served
+    runtime = Runtime(plan, federation, output, out=out)
+    try:
+        final = " + final validation" if federation.final_validation else ""
+        host = plan.aggregator.listen_address
+        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        runtime.say(
+            f"serving federation {plan.federation.name} on {host}:{port}: "
+            f"{len(plan.collaborators)} collaborators, {plan.federation.rounds} rounds{final}; "
+            f"output in {output.root}"
+        )
+        return runtime.run(stop)
+    finally:
+        server.stop()
+
+
+def _accuracy(metrics: Mapping[str, float]) -> float | None:
+    for name in ACCURACY_NAMES:
+        if name in metrics:
+            return metrics[name]
+    return None

@@ -1,0 +1,344 @@
+"""The aggregator command line: bad input as one line per problem, a whole federation in-process, SIGTERM in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import yaml
+
+from aggregator.cli import main
+from aggregator.storage import read_model
+from pki.layout import CertsLayout
+from plans.runners import TrainOutcome, Validation
+from plans.schema import RunnerSettings
+from protos import aggregator_pb2, aggregator_pb2_grpc
+from protos.codec import decode_tensor, encode_tensor
+from protos.stream import task_results_to_chunks
+
+from servers import AGGREGATOR_ID, COLLABORATORS, FEDERATION_UUID, plan_document
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+RUNNER = "test_aggregator_cli:TinyRunner"
+
+
+class TinyRunner:
+    """A task runner small enough for CLI tests: a model of three zeros (plus the seed)."""
+
+    @classmethod
+    def initial_model(cls, settings: RunnerSettings) -> dict[str, Any]:
+        """Three float32 values equal to the seed."""
+        return {"w": np.full(3, settings.seed, dtype=np.float32)}
+
+    def __init__(self, settings: RunnerSettings, *, collaborator: str, collaborators: Any) -> None:
+        self.settings = settings
+
+    def train(self, model: Any) -> TrainOutcome:
+        """Add one to every weight."""
+        return TrainOutcome({"w": model["w"] + 1}, {"loss": 1.0}, 10)
+
+    def validate(self, model: Any) -> Validation:
+        """An 'accuracy' of a tenth of the first weight."""
+        return Validation({"accuracy": float(model["w"][0]) / 10}, 10)
+
+
+def write_plan(tmp_path: Path, certs: CertsLayout | None, **sections: Any) -> Path:
+    """A plan file in tmp_path for the tiny runner, output in tmp_path/out, port 0 unless told."""
+    document = plan_document(
+        certs,
+        runner={"name": RUNNER, "seed": 0},
+        aggregator={
+            "output_dir": str(tmp_path / "out"),
+            "long_poll_seconds": 2,
+            "quit_grace_seconds": 5,
+        },
+        best_model={"task": "aggregated_model_validation", "metric": "accuracy", "mode": "max"},
+    )
+    for key, value in sections.items():
+        base = document.get(key)
+        document[key] = {**base, **value} if isinstance(base, dict) else value
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(document), encoding="utf-8")
+    return path
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """`main(argv)` and what it printed."""
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out, err
+
+
+def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--help` on the command and on `start` prints usage and exits 0."""
+    assert run(capsys, "--help")[0] == 0
+    code, out, _ = run(capsys, "start", "--help")
+    assert code == 0 and "--plan" in out and "--log-level" in out
+
+
+def test_missing_command_or_plan_is_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
+    """No command, or `start` without --plan, exits 2 with one line."""
+    code, _, err = run(capsys, "start")
+    assert code == 2 and "--plan" in err and len(err.splitlines()) == 1
+
+
+def test_broken_plan_lists_every_problem_by_key(
+    tmp_path: Path, certs: CertsLayout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An unknown key and a bad port each get a line naming the key path; exit 2, no traceback."""
+    plan = write_plan(tmp_path, certs, aggregator={"port": "80a", "colour": "blue"})
+    code, _, err = run(capsys, "start", "--plan", str(plan))
+    assert code == 2
+    lines = err.splitlines()
+    assert any(line.startswith(f"{plan}: aggregator.port: expected an integer") for line in lines)
+    assert any(line == f"{plan}: aggregator.colour: unknown key" for line in lines), err
+
+
+def test_missing_certificates_name_tls_certs_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A certificate folder without the aggregator's files exits 2 with one line and the fix."""
+    empty = CertsLayout(tmp_path / "no-certs")
+    empty.root.mkdir()
+    plan = write_plan(tmp_path, empty)
+    code, _, err = run(capsys, "start", "--plan", str(plan))
+    assert code == 2
+    assert err.splitlines() == [
+        f"{plan}: tls.certs_dir: CA bundle not found: {empty.ca_bundle} "
+        f"(run 'pki setup --plan {plan}')"
+    ]
+
+
+def test_exposed_private_key_is_refused_with_the_fix(
+    tmp_path: Path, certs: CertsLayout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An aggregator key readable by others exits 2 with one line naming the file and chmod 600."""
+    copy = CertsLayout(tmp_path / "certs")
+    shutil.copytree(certs.root, copy.root)
+    copy.aggregator_key.chmod(0o644)
+    code, _, err = run(capsys, "start", "--plan", str(write_plan(tmp_path, copy)))
+    assert code == 2
+    (line,) = err.splitlines()
+    assert str(copy.aggregator_key) in line and "chmod 600" in line
+
+
+def test_runner_that_cannot_load_is_bad_input(
+    tmp_path: Path, certs: CertsLayout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A runner module that does not exist exits 2 with `PLAN: runner.name: ...`."""
+    plan = write_plan(tmp_path, certs, runner={"name": "no_such_module:Runner"})
+    code, _, err = run(capsys, "start", "--plan", str(plan))
+    assert code == 2
+    (line,) = err.splitlines()
+    assert line.startswith(f"{plan}: runner.name: cannot import 'no_such_module'")
+
+
+def test_port_in_use_is_a_runtime_failure(
+    tmp_path: Path, certs: CertsLayout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """When the port is taken the aggregator exits 1 saying it cannot listen."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        plan = write_plan(tmp_path, certs, aggregator={"port": port})
+        code, _, err = run(capsys, "start", "--plan", str(plan))
+    assert code == 1
+    assert "cannot listen on 127.0.0.1" in err
+
+
+class Console:
+    """Stands in for stdout: keeps the lines and says when the aggregator is serving, on which port."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.port: queue.Queue[int] = queue.Queue()
+
+    def write(self, text: str) -> int:
+        """Keep `text`; note the port once the serving line is written."""
+        self.text += text
+        found = re.search(r"serving federation .* on 127\.0\.0\.1:(\d+)", text)
+        if found:
+            self.port.put(int(found.group(1)))
+        return len(text)
+
+    def flush(self) -> None:
+        """Nothing is buffered."""
+
+
+def collaborate(name: str, port: int, certs: CertsLayout, errors: list[BaseException]) -> None:
+    """A minimal collaborator over raw stubs: tasks, global model, TinyRunner, results, until quit."""
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=certs.ca_bundle.read_bytes(),
+        private_key=certs.collaborator_key(name).read_bytes(),
+        certificate_chain=certs.collaborator_cert(name).read_bytes(),
+    )
+    header = aggregator_pb2.MessageHeader(
+        sender=name, receiver=AGGREGATOR_ID, federation_uuid=FEDERATION_UUID
+    )
+    runner = TinyRunner(RunnerSettings(RUNNER, 0, {}), collaborator=name, collaborators=())
+    try:
+        with grpc.secure_channel(f"localhost:{port}", credentials) as channel:
+            stub = aggregator_pb2_grpc.AggregatorStub(channel)
+            for _ in range(50):
+                reply = stub.GetTasks(aggregator_pb2.GetTasksRequest(header=header), timeout=10)
+                if reply.quit:
+                    return
+                if not reply.tasks:
+                    time.sleep(reply.sleep_time)
+                    continue
+                round_number = reply.round_number
+                request = aggregator_pb2.GetAggregatedTensorRequest(
+                    header=header, tensor_name="w", round_number=round_number
+                )
+                tensor = stub.GetAggregatedTensor(request, timeout=10).tensor
+                model = {"w": decode_tensor(tensor, max_bytes=1024)}
+                for task in reply.tasks:
+                    if task.name == "train":
+                        outcome = runner.train(model)
+                        arrays = {**outcome.model, **outcome.metrics}
+                        size = outcome.data_size
+                    else:
+                        validation = runner.validate(model)
+                        arrays, size = dict(validation.metrics), validation.data_size
+                    tensors = [
+                        encode_tensor(
+                            key,
+                            np.float32(value) if key != "w" else value,
+                            tags=() if key == "w" else ("metric",),
+                        )
+                        for key, value in arrays.items()
+                    ]
+                    results = aggregator_pb2.TaskResults(
+                        header=header,
+                        round_number=round_number,
+                        task_name=task.name,
+                        data_size=size,
+                        tensors=tensors,
+                    )
+                    stub.SendLocalTaskResults(task_results_to_chunks(results), timeout=10)
+        raise AssertionError(f"{name} was never told to quit")
+    except BaseException as error:
+        errors.append(error)
+
+
+@pytest.fixture
+def watchdog() -> Iterator[None]:
+    """Interrupts a test that would hang: SIGINT to this process after 30 s, if still inside."""
+    inside = threading.Lock()
+    inside.acquire()
+
+    def fire() -> None:
+        if inside.locked():
+            signal.raise_signal(signal.SIGINT)
+
+    timer = threading.Timer(30, fire)
+    timer.start()
+    try:
+        yield
+    finally:
+        inside.release()
+        timer.cancel()
+
+
+@pytest.mark.usefixtures("watchdog")
+def test_federation_runs_to_the_end(
+    tmp_path: Path, certs: CertsLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three collaborators run two rounds and the final validation; the aggregator prints, saves and exits 0."""
+    console = Console()
+    monkeypatch.setattr(sys, "stdout", console)
+    plan = write_plan(tmp_path, certs, federation={"rounds": 2})
+    errors: list[BaseException] = []
+
+    def start_collaborators() -> None:
+        port = console.port.get(timeout=20)
+        for name in COLLABORATORS:
+            threading.Thread(target=collaborate, args=(name, port, certs, errors)).start()
+
+    starter = threading.Thread(target=start_collaborators)
+    starter.start()
+    started = time.monotonic()
+    code = main(["start", "--plan", str(plan), "--log-level", "warning"])
+    elapsed = time.monotonic() - started
+    starter.join(5)
+    assert errors == []
+    assert code == 0
+    lines = console.text.splitlines()
+    assert lines[1].startswith(
+        "round 1/2  reported alice,bob,carol  train loss 1.0000  accuracy 0.0000"
+    )
+    assert lines[2].startswith(
+        "round 2/2  reported alice,bob,carol  train loss 1.0000  accuracy 0.1000"
+    )
+    assert lines[3].startswith("final validation  reported alice,bob,carol  accuracy 0.2000")
+    assert lines[4] == (
+        "federation finished: 2 rounds, final global model accuracy 0.2000 "
+        f"(best 0.2000 after 2 rounds), model saved to {tmp_path / 'out' / 'last_model.pbuf'}"
+    )
+    # Long polls start each next round at once; with 1 s sleeps instead, three rounds take >= 3 s.
+    assert elapsed < 3
+    for name in ("last_model.pbuf", "best_model.pbuf"):
+        model = read_model(tmp_path / "out" / name, 1024)
+        assert model["w"].tolist() == [2.0, 2.0, 2.0], name
+    rows = (tmp_path / "out" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(rows) == 3
+
+
+def test_sigterm_stops_a_serving_aggregator_with_exit_zero(
+    tmp_path: Path, certs: CertsLayout
+) -> None:
+    """`python -m aggregator start` serves, and on SIGTERM stops within a few seconds with exit 0."""
+    plan = write_plan(tmp_path, certs)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
+    with subprocess.Popen(
+        [sys.executable, "-m", "aggregator", "start", "--plan", str(plan)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
+        lines: queue.Queue[str] = queue.Queue()
+
+        def read() -> None:
+            assert process.stdout is not None
+            for line in process.stdout:
+                lines.put(line)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            deadline = time.monotonic() + 20
+            while "serving federation" not in lines.get(
+                timeout=max(0.01, deadline - time.monotonic())
+            ):
+                pass
+            process.send_signal(signal.SIGTERM)
+            code = process.wait(timeout=10)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        assert process.stderr is not None
+        err = process.stderr.read()
+        reader.join(5)
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert "SIGTERM received" in err
+    assert "stopped during round 1/2" in "".join(lines.queue)

@@ -1,0 +1,308 @@
+"""The round state machine without sockets: straggler policies, late results, final validation, long polls."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from aggregator.errors import InvalidRequestError, PreconditionError
+from aggregator.federation import Array, Federation, ResultTensor, TaskResult
+from aggregator.identity import Gatekeeper
+from aggregator.servicer import AggregatorServicer
+from plans.schema import Limits, StragglerPolicy, StragglerSettings
+from protos import aggregator_pb2
+
+COLLABORATORS = ("alice", "bob", "carol")
+AMV = "aggregated_model_validation"
+
+
+class Clock:
+    """A clock that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def model() -> dict[str, Array]:
+    """A two-tensor model."""
+    return {"w": np.zeros((2, 2), dtype=np.float32), "b": np.zeros(2, dtype=np.float64)}
+
+
+def federation(
+    *,
+    tasks: Sequence[str] = ("train",),
+    rounds: int = 3,
+    straggler: StragglerSettings | None = None,
+    clock: Clock | None = None,
+) -> Federation:
+    """A federation of alice, bob and carol around `model()`."""
+    return Federation(
+        collaborators=COLLABORATORS,
+        tasks=tasks,
+        rounds=rounds,
+        model=model(),
+        straggler=straggler,
+        clock=clock or Clock(),
+    )
+
+
+def result(
+    collaborator: str,
+    round_number: int,
+    task: str = "train",
+    *,
+    value: float = 1.0,
+    data_size: int = 10,
+    metrics: dict[str, float] | None = None,
+) -> TaskResult:
+    """Results of `task`: for train every model tensor filled with `value`; plus metrics."""
+    tensors: list[ResultTensor] = []
+    if task == "train":
+        tensors = [
+            ResultTensor(name, frozenset({"trained"}), np.full_like(array, value))
+            for name, array in model().items()
+        ]
+    for name, number in (metrics or {}).items():
+        tensors.append(ResultTensor(name, frozenset({"metric"}), np.array(number, np.float32)))
+    return TaskResult(collaborator, round_number, task, data_size, tuple(tensors))
+
+
+def report(fed: Federation, collaborator: str, **fields: object) -> None:
+    """Fetch `collaborator`'s assignment and submit results for each of its tasks."""
+    assignment = fed.assignment(collaborator)
+    for task in assignment.tasks:
+        assert fed.submit(result(collaborator, assignment.round_number, task, **fields))  # type: ignore[arg-type]
+
+
+def test_round_advances_when_everyone_reported() -> None:
+    """With wait_for_all the round closes once all three reported, and the model is their mean."""
+    fed = federation()
+    for name, value in (("alice", 1.0), ("bob", 2.0)):
+        report(fed, name, value=value)
+    assert fed.close_round_if_due() is None
+    report(fed, "carol", value=6.0, data_size=20)
+    summary = fed.close_round_if_due()
+    assert summary is not None
+    assert (summary.round_number, summary.reporters, summary.missing) == (0, COLLABORATORS, ())
+    assert fed.round_number == 1
+    assert fed.assignment("alice").tasks == ("train",)
+    # (1*10 + 2*10 + 6*20) / 40 = 3.75, in each tensor's own dtype.
+    assert fed.model()["w"].dtype == np.float32
+    assert fed.model()["w"].tolist() == [[3.75, 3.75], [3.75, 3.75]]
+    assert fed.model()["b"].tolist() == [3.75, 3.75]
+
+
+def test_cutoff_closes_without_a_dead_collaborator() -> None:
+    """Past the cut-off the round closes with those who reported; carol is left out."""
+    clock = Clock()
+    fed = federation(
+        straggler=StragglerSettings(StragglerPolicy.CUTOFF, cutoff_seconds=30, min_reports=1),
+        clock=clock,
+    )
+    report(fed, "alice", value=2.0)
+    fed.assignment("carol")  # carol takes her task and is never heard of again
+    clock.now += 29
+    assert fed.close_round_if_due() is None
+    clock.now += 2
+    report(fed, "bob", value=4.0)  # after the cut-off, before the close: accepted
+    summary = fed.close_round_if_due()
+    assert summary is not None
+    assert (summary.reporters, summary.missing) == (("alice", "bob"), ("carol",))
+    assert summary.seconds == pytest.approx(31)
+    assert fed.model()["b"].tolist() == [3.0, 3.0]
+
+
+def test_cutoff_waits_for_min_reports() -> None:
+    """Past the cut-off, the round still waits until min_reports collaborators have reported."""
+    clock = Clock()
+    fed = federation(
+        straggler=StragglerSettings(StragglerPolicy.CUTOFF, cutoff_seconds=5, min_reports=2),
+        clock=clock,
+    )
+    report(fed, "alice")
+    clock.now += 600
+    assert fed.close_round_if_due() is None
+    report(fed, "bob")
+    summary = fed.close_round_if_due()
+    assert summary is not None and summary.reporters == ("alice", "bob")
+
+
+def test_percentage_closes_at_its_share() -> None:
+    """With percentage 0.5 of three, the round closes at the second report (ceil 1.5 = 2)."""
+    fed = federation(straggler=StragglerSettings(StragglerPolicy.PERCENTAGE, percentage=0.5))
+    report(fed, "bob")
+    assert fed.close_round_if_due() is None
+    report(fed, "carol")
+    summary = fed.close_round_if_due()
+    assert summary is not None and summary.reporters == ("bob", "carol")
+
+
+def test_late_result_for_a_closed_round_is_refused() -> None:
+    """A result for a round that closed is refused with FAILED_PRECONDITION naming both rounds."""
+    fed = federation(straggler=StragglerSettings(StragglerPolicy.PERCENTAGE, percentage=0.6))
+    report(fed, "alice")
+    report(fed, "bob")
+    assert fed.close_round_if_due() is not None
+    before = fed.model()
+    with pytest.raises(PreconditionError, match="round 0 is closed; the federation is in round 1"):
+        fed.submit(result("carol", 0, value=1e6))
+    assert fed.results() == ()
+    assert fed.model()["w"].tobytes() == before["w"].tobytes()
+
+
+def test_duplicate_is_counted_once_even_after_the_close() -> None:
+    """A resend of an accepted result answers False and counts once, also once its round closed."""
+    fed = federation()
+    first = result("alice", 0, value=1.0)
+    assert fed.submit(first) is True
+    assert fed.submit(result("alice", 0, value=99.0)) is False
+    assert [r.tensors for r in fed.results()] == [first.tensors]
+    report(fed, "bob", value=1.0)
+    report(fed, "carol", value=1.0)
+    summary = fed.close_round_if_due()
+    assert summary is not None and fed.model()["w"].tolist() == [[1.0, 1.0], [1.0, 1.0]]
+    # Its first answer was lost while the round closed: the resend is answered OK, not counted.
+    assert fed.submit(first) is False
+    assert fed.results() == ()
+
+
+def test_train_results_must_carry_every_model_tensor() -> None:
+    """`train` results without a tensor of the model are refused and nothing is stored."""
+    fed = federation()
+    partial = result("alice", 0)
+    partial = TaskResult("alice", 0, "train", 10, partial.tensors[:1])
+    with pytest.raises(InvalidRequestError, match="lack 1 tensor"):
+        fed.submit(partial)
+    assert fed.results() == ()
+
+
+def test_final_validation_round_then_quit() -> None:
+    """After the last training round one round validates the final model; then everyone is told to quit."""
+    fed = federation(tasks=(AMV, "train"), rounds=1)
+    for name in COLLABORATORS:
+        report(fed, name, value=2.0, metrics={"accuracy": 0.5, "loss": 1.0})
+    training = fed.close_round_if_due()
+    assert training is not None and not training.final_validation and not training.finished
+    assert training.metrics == {
+        AMV: {"accuracy": 0.5, "loss": 1.0},
+        "train": {"accuracy": 0.5, "loss": 1.0},
+    }
+    assert fed.assignment("alice").tasks == (AMV,)
+    with pytest.raises(PreconditionError, match="final validation round"):
+        fed.submit(result("alice", 1, "train"))
+    for name, accuracy, size in (("alice", 0.9, 1), ("bob", 0.8, 1), ("carol", 0.5, 2)):
+        fed.submit(result(name, 1, AMV, metrics={"accuracy": accuracy}, data_size=size))
+    final = fed.close_round_if_due()
+    assert final is not None and final.final_validation and final.finished
+    assert final.metrics[AMV]["accuracy"] == pytest.approx(0.675)
+    assert final.round_model["w"].tolist() == [[2.0, 2.0], [2.0, 2.0]]
+    assert fed.finished
+    assert not fed.everyone_told_to_quit()
+    for name in COLLABORATORS:
+        assert fed.assignment(name).quit
+    assert fed.everyone_told_to_quit()
+    assert fed.submit(result("alice", 1, AMV)) is False  # a resend: answered OK
+    with pytest.raises(PreconditionError, match="round 2: the federation has finished"):
+        fed.submit(result("alice", 2, AMV))
+
+
+def test_long_poll_wakes_when_the_round_closes() -> None:
+    """A collaborator waiting for work learns of the next round within milliseconds of the close."""
+    fed = federation()
+    report(fed, "alice")
+    answers: list[tuple[int, tuple[str, ...], float]] = []
+
+    def wait() -> None:
+        answer = fed.wait_for_assignment("alice", timeout=10)
+        answers.append((answer.round_number, answer.tasks, time.monotonic()))
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.05)
+    assert not answers  # still waiting: alice has nothing to do in round 0
+    report(fed, "bob")
+    report(fed, "carol")
+    assert fed.close_round_if_due() is not None
+    closed = time.monotonic()
+    waiter.join(5)
+    assert not waiter.is_alive()
+    ((round_number, tasks, woke),) = answers
+    assert (round_number, tasks) == (1, ("train",))
+    assert woke - closed < 0.5
+
+
+def test_long_poll_times_out_when_nothing_happens() -> None:
+    """Without a close the long poll returns after its timeout, telling the collaborator to wait."""
+    fed = federation()
+    report(fed, "alice")
+    started = time.monotonic()
+    answer = fed.wait_for_assignment("alice", timeout=0.2)
+    elapsed = time.monotonic() - started
+    assert (answer.tasks, answer.quit, answer.sleep_seconds) == ((), False, 1)
+    assert 0.15 <= elapsed < 2
+
+
+class FakeContext:
+    """Just enough of a gRPC servicer context for GetTasks: a peer name and a deadline."""
+
+    def __init__(self, name: str, remaining: float | None = 30.0) -> None:
+        self.name = name
+        self.remaining = remaining
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        """The TLS peer's common name, as gRPC gives it."""
+        return {"x509_common_name": [self.name.encode()]}
+
+    def time_remaining(self) -> float | None:
+        """Seconds left before the caller's deadline."""
+        return self.remaining
+
+
+def get_tasks(servicer: AggregatorServicer, context: FakeContext) -> tuple[float, int]:
+    """Call GetTasks as `context`'s collaborator; how long it took and the sleep it was told."""
+    header = aggregator_pb2.MessageHeader(
+        sender=context.name, receiver="aggregator", federation_uuid="fed"
+    )
+    started = time.monotonic()
+    reply = servicer.GetTasks(aggregator_pb2.GetTasksRequest(header=header), context)  # type: ignore[arg-type]
+    return time.monotonic() - started, reply.sleep_time
+
+
+def test_long_polls_are_capped_and_kept_within_the_deadline() -> None:
+    """Past the cap of waiting GetTasks calls, or near the caller's deadline, the answer comes at once."""
+    fed = federation()
+    for name in COLLABORATORS:
+        report(fed, name)  # everyone is done; nobody closes the round, so GetTasks would wait
+    servicer = AggregatorServicer(
+        fed,
+        Gatekeeper("aggregator", "fed", frozenset(COLLABORATORS)),
+        Limits(),
+        long_poll_seconds=5,
+        max_long_polls=1,
+    )
+    waiting = threading.Thread(target=get_tasks, args=(servicer, FakeContext("alice")))
+    waiting.start()
+    time.sleep(0.05)
+    elapsed, sleep = get_tasks(servicer, FakeContext("bob"))  # the one slot is alice's
+    assert elapsed < 0.5 and sleep == 1
+    servicer.stop_long_polls()  # alice's wait ends now, not after 5 s
+    waiting.join(1)
+    assert not waiting.is_alive()
+    servicer = AggregatorServicer(
+        fed,
+        Gatekeeper("aggregator", "fed", frozenset(COLLABORATORS)),
+        Limits(),
+        long_poll_seconds=5,
+        max_long_polls=1,
+    )
+    elapsed, sleep = get_tasks(servicer, FakeContext("carol", remaining=0.4))
+    assert elapsed < 0.3 and sleep == 1
+    elapsed, sleep = get_tasks(servicer, FakeContext("carol", remaining=0.8))
+    assert 0.2 < elapsed < 0.6 and sleep == 1

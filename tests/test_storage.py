@@ -1,0 +1,112 @@
+"""The output folder: exact, deterministic, atomic model files; checked reads; metrics lines."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aggregator.errors import ModelFileError
+from aggregator.storage import OutputFolder, read_model, write_model
+from protos import base_pb2
+from protos.codec import encode_tensor
+
+from servers import small_model
+
+LIMIT = 2**20
+
+
+def test_model_round_trips_exactly(tmp_path: Path) -> None:
+    """Every tensor comes back from the file with its dtype, shape and bytes."""
+    model = {**small_model(), "half": np.array([1.5, -0.25], dtype=np.float16)}
+    path = tmp_path / "model.pbuf"
+    write_model(path, model, round_number=4)
+    loaded = read_model(path, LIMIT)
+    assert sorted(loaded) == sorted(model)
+    for name, array in model.items():
+        assert loaded[name].dtype == array.dtype, name
+        assert loaded[name].shape == array.shape, name
+        assert loaded[name].tobytes() == array.tobytes(), name
+
+
+def test_file_is_an_openfl_model_proto_in_name_order(tmp_path: Path) -> None:
+    """The file parses as a ModelProto whose tensors are sorted by name and tagged `model`."""
+    path = tmp_path / "model.pbuf"
+    write_model(path, small_model(), round_number=2)
+    proto = base_pb2.ModelProto.FromString(path.read_bytes())
+    names = [tensor.name for tensor in proto.tensors]
+    assert names == sorted(small_model())
+    assert all("model" in tensor.tags and tensor.round_number == 2 for tensor in proto.tensors)
+
+
+def test_same_model_gives_the_same_bytes(tmp_path: Path) -> None:
+    """Writing the same model twice, its tensors in another order, gives byte-identical files."""
+    model = small_model()
+    write_model(tmp_path / "a.pbuf", model)
+    write_model(tmp_path / "b.pbuf", dict(reversed(list(model.items()))))
+    assert (tmp_path / "a.pbuf").read_bytes() == (tmp_path / "b.pbuf").read_bytes()
+
+
+def test_atomic_write_replaces_and_leaves_no_temporary_files(tmp_path: Path) -> None:
+    """Overwriting a model leaves only the new file in the folder."""
+    path = tmp_path / "last_model.pbuf"
+    write_model(path, small_model())
+    changed = {**small_model(), "steps": np.array(8, dtype=np.int64)}
+    write_model(path, changed)
+    assert [entry.name for entry in tmp_path.iterdir()] == ["last_model.pbuf"]
+    assert read_model(path, LIMIT)["steps"] == 8
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (lambda good: good[: len(good) // 2], "model.pbuf"),
+        (lambda good: b"\xff" * 64, "model.pbuf"),
+        (lambda good: b"", "no tensors"),
+        (
+            lambda good: base_pb2.ModelProto(
+                tensors=[encode_tensor("a", np.zeros(2)), encode_tensor("a", np.zeros(2))]
+            ).SerializeToString(),
+            "more than once",
+        ),
+        (
+            lambda good: base_pb2.ModelProto(
+                tensors=[encode_tensor("big", np.zeros(LIMIT, dtype=np.float32))]
+            ).SerializeToString(),
+            "over the limit",
+        ),
+    ],
+    ids=["truncated", "garbage", "empty", "duplicate-name", "over-limit"],
+)
+def test_corrupt_model_file_raises_model_file_error(
+    tmp_path: Path, make: object, words: str
+) -> None:
+    """A model file that is cut short, garbage, empty, ambiguous or too large raises ModelFileError."""
+    path = tmp_path / "model.pbuf"
+    write_model(path, small_model())
+    path.write_bytes(make(path.read_bytes()))  # type: ignore[operator]
+    with pytest.raises(ModelFileError, match=words) as raised:
+        read_model(path, LIMIT)
+    assert str(path) in str(raised.value)
+
+
+def test_missing_model_file_is_named(tmp_path: Path) -> None:
+    """Reading a model that is not there names the file."""
+    with pytest.raises(ModelFileError, match="not found"):
+        read_model(tmp_path / "nope.pbuf", LIMIT)
+
+
+def test_metrics_are_appended_one_json_line_per_round(tmp_path: Path) -> None:
+    """Each round appends one strict-JSON line; a NaN metric is written as null."""
+    output = OutputFolder(tmp_path / "out" / "nested")
+    output.append_metrics({"round": 0, "metrics": {"train": {"loss": 0.5}}, "seconds": 1.25})
+    output.append_metrics({"round": 1, "metrics": {"train": {"loss": math.nan}}, "seconds": 0.5})
+    lines = output.metrics.read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [row["round"] for row in rows] == [0, 1]
+    assert rows[0]["metrics"] == {"train": {"loss": 0.5}}
+    assert rows[1]["metrics"] == {"train": {"loss": None}}
+    assert "NaN" not in lines[1]
