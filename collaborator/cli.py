@@ -1,0 +1,219 @@
+"""The ``collaborator`` command: check the plan, the certificates and the runner, then do the work."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import NoReturn
+
+from collaborator.client import AggregatorGRPCClient
+from collaborator.errors import (
+    AggregatorUnavailableError,
+    ClientConfigurationError,
+    ClientError,
+)
+from collaborator.loop import run_collaborator
+from pki.errors import PkiError
+from pki.files import check_private_key_mode
+from plans import Plan, PlanError, load_plan
+from plans.runners import RunnerError, TaskRunner, load_runner
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+EXIT_SIGINT = 128 + signal.SIGINT  # 130, as a shell reports a process ended by Ctrl-C
+EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+EPILOG = f"""\
+exit status:
+  {EXIT_OK}    the aggregator said the federation is finished
+  {EXIT_FAILURE}    the aggregator stayed unreachable, refused a request, or the work failed
+  {EXIT_BAD_INPUT}    bad command line, plan, certificates or runner settings (nothing was sent)
+  {EXIT_SIGINT}  interrupted (SIGINT, Ctrl-C)
+  {EXIT_SIGTERM}  terminated (SIGTERM)
+A task interrupted by a signal is not sent; started again, the collaborator asks the
+aggregator which tasks of the round it still owes.
+"""
+
+
+class _UsageError(Exception):
+    """Bad command-line input or a start-up check that failed; one line, exit 2."""
+
+
+class _TerminatedError(BaseException):
+    """SIGTERM arrived; a BaseException, like KeyboardInterrupt, so no `except Exception` stops it."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, separate from main so its help can be tested and documented."""
+    parser = _Parser(
+        prog="collaborator",
+        description="A foedus collaborator: trains and validates the federation's model on this "
+        "party's data, as the aggregator asks, over mutual TLS.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    start = commands.add_parser(
+        "start",
+        help="Work for the aggregator until the federation is finished.",
+        description="Check the plan, this collaborator's certificate and key and the task "
+        "runner, then ask the aggregator for tasks, run them and send the results until it says "
+        "the federation is finished.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    start.add_argument(
+        "-n", "--name", required=True, help="this collaborator's name, as listed in the plan"
+    )
+    start.add_argument("--plan", type=Path, required=True, help="the federation plan (YAML)")
+    start.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="info", help="what to log (default: info)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the collaborator command line; returns the exit status (see `--help`)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as error:
+        return _fail(str(error), EXIT_BAD_INPUT)
+    except SystemExit as exit_:  # --help and --version print and "exit"; main returns instead
+        return exit_.code if isinstance(exit_.code, int) else EXIT_OK
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    with _sigterm_raises():
+        try:
+            return _start(args.name, args.plan)
+        except PlanError as error:
+            for problem in error.problems:
+                _fail(problem, EXIT_BAD_INPUT)
+            return EXIT_BAD_INPUT
+        except _UsageError as error:
+            return _fail(str(error), EXIT_BAD_INPUT)
+        except ClientConfigurationError as error:
+            return _fail(str(error), EXIT_BAD_INPUT)
+        except AggregatorUnavailableError as error:
+            return _fail(str(error), EXIT_FAILURE)
+        except (ClientError, RunnerError) as error:
+            # RequestRejectedError reads "the aggregator refused RPC with STATUS: details".
+            return _fail(str(error), EXIT_FAILURE)
+        except KeyboardInterrupt:
+            return _fail(
+                "interrupted (SIGINT); a task in progress, if any, was not sent", EXIT_SIGINT
+            )
+        except _TerminatedError:
+            return _fail(
+                "terminated (SIGTERM); a task in progress, if any, was not sent", EXIT_SIGTERM
+            )
+        except Exception as error:
+            logger.debug("unexpected failure", exc_info=True)
+            return _fail(
+                f"unexpected failure: {type(error).__name__}: {error} "
+                f"(--log-level debug shows the traceback)",
+                EXIT_FAILURE,
+            )
+
+
+def _start(name: str, plan_path: Path) -> int:
+    """Every start-up check, then the loop; checks raise `_UsageError` with one line."""
+    plan = load_plan(plan_path)  # PlanError: main prints one line per problem
+    if name not in plan.collaborators:
+        raise _UsageError(
+            f"{plan_path}: collaborators: {name!r} is not listed "
+            f"(listed: {', '.join(plan.collaborators)})"
+        )
+    _check_tls_files(plan, name)
+    runner = _make_runner(plan, name)
+    with AggregatorGRPCClient.from_plan(plan, name) as client:
+        logger.info(
+            "collaborator %s of federation %s: working for the aggregator at %s",
+            name,
+            plan.federation.uuid,
+            client.target,
+        )
+        run_collaborator(client, runner, plan.runner)  # returns when the aggregator says quit
+    return EXIT_OK
+
+
+def _check_tls_files(plan: Plan, name: str) -> None:
+    """The CA bundle, certificate and key exist, and the key is private, or say how to fix it."""
+    certs = plan.tls.certs
+    if certs is None:
+        logger.warning(
+            "INSECURE: talking to the aggregator without TLS, as %s says (tls.insecure: true)",
+            plan.path,
+        )
+        return
+    try:
+        files = (
+            ("CA bundle", certs.ca_bundle),
+            (f"certificate of {name!r}", certs.collaborator_cert(name)),
+            (f"private key of {name!r}", certs.collaborator_key(name)),
+        )
+    except PkiError as error:
+        raise _UsageError(f"{plan.path}: tls.certs_dir: {error}") from None
+    for what, path in files:
+        if not path.is_file():
+            raise _UsageError(
+                f"{plan.path}: tls.certs_dir: {what} not found: {path} "
+                f"(run 'pki setup --plan {plan.path}')"
+            )
+    try:
+        check_private_key_mode(certs.collaborator_key(name))
+    except PkiError as error:
+        raise _UsageError(str(error)) from None
+
+
+def _make_runner(plan: Plan, name: str) -> TaskRunner:
+    """This collaborator's task runner, as the plan names it."""
+    try:
+        factory = load_runner(plan.runner)
+        return factory(plan.runner, collaborator=name, collaborators=plan.collaborators)
+    except RunnerError as error:
+        raise _UsageError(f"{plan.path}: {error}") from None
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While inside, SIGTERM raises `_TerminatedError` in the main thread (as SIGINT raises KeyboardInterrupt)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def terminate(signum: int, frame: FrameType | None) -> None:
+        raise _TerminatedError
+
+    previous: Callable[[int, FrameType | None], object] | int | None = signal.signal(
+        signal.SIGTERM, terminate
+    )
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: a handler set outside Python, which cannot be restored
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _fail(message: str, code: int) -> int:
+    one_line = "; ".join(line.strip() for line in message.splitlines() if line.strip())
+    print(f"collaborator: error: {one_line}", file=sys.stderr)
+    return code

@@ -1,0 +1,200 @@
+"""The collaborator loop: ask for tasks, run them with the task runner, send the results.
+
+Plain Python over `AggregatorGRPCClient`; no protobuf here. The loop fetches the global model once
+per round (the tensor names come from the runner's own `initial_model`, as an OpenFL collaborator
+knows them from its runner) and reuses it for every task of that round. Client errors propagate
+to the caller, with one exception: a result or tensor refused with FAILED_PRECONDITION means the
+round closed without us (a straggler policy) or the federation finished, so the loop asks for
+tasks again instead of giving up; a second refusal for the same round is raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from collaborator.client import AggregatorGRPCClient, NamedArray
+from collaborator.errors import ClientError, RequestRejectedError
+from plans.runners import Array, TaskRunner
+from plans.schema import (
+    AGGREGATED_MODEL_VALIDATION,
+    LOCALLY_TUNED_MODEL_VALIDATION,
+    TRAIN,
+    RunnerSettings,
+)
+
+logger = logging.getLogger(__name__)
+
+# Tags as OpenFL puts them on each kind of result tensor.
+TRAINED_TAGS = ("trained",)
+TRAIN_METRIC_TAGS = ("metric",)
+AGGREGATED_VALIDATION_TAGS = ("metric", "validate_agg")
+LOCAL_VALIDATION_TAGS = ("metric", "validate_local")
+
+
+class CollaboratorError(ClientError):
+    """The loop cannot go on: a task it does not know, or a runner whose output does not fit."""
+
+
+@dataclass
+class CollaboratorReport:
+    """What one run of the loop did, and why it ended."""
+
+    quit: bool = False  # True: the aggregator said quit; False: stopped after max_idle_polls
+    tasks_run: int = 0  # tasks whose results the aggregator accepted
+    rounds: list[int] = field(default_factory=list)  # rounds in which this collaborator worked
+    missed_rounds: list[int] = field(default_factory=list)  # rounds that closed without us
+
+
+@dataclass
+class _Round:
+    """The global model of one round, and the model this collaborator trained in it."""
+
+    number: int
+    global_model: dict[str, Array]
+    trained_model: dict[str, Array] | None = None
+
+
+def run_collaborator(
+    client: AggregatorGRPCClient,
+    runner: TaskRunner,
+    settings: RunnerSettings,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    max_idle_polls: int | None = None,
+) -> CollaboratorReport:
+    """Work for the aggregator until it says quit, or until `max_idle_polls` idle answers in a row.
+
+    `settings` are the plan's runner settings, from which the runner's `initial_model` gives the
+    names of the global model's tensors.
+    """
+    if max_idle_polls is not None and max_idle_polls < 1:
+        raise ValueError(f"max_idle_polls must be >= 1 or None, got {max_idle_polls}")
+    names = tuple(runner.initial_model(settings))
+    report = CollaboratorReport()
+    current: _Round | None = None
+    idle = 0
+    while True:
+        tasks = client.get_tasks()
+        if tasks.quit:
+            logger.info(
+                "the federation is finished; this collaborator ran %d tasks in %d rounds",
+                report.tasks_run,
+                len(report.rounds),
+            )
+            report.quit = True
+            return report
+        if not tasks.tasks:
+            idle += 1
+            if max_idle_polls is not None and idle >= max_idle_polls:
+                logger.info("stopping after %d answers in a row without a task", idle)
+                return report
+            logger.debug(
+                "no task in round %d; asking again in %d s", tasks.round_number, tasks.sleep_seconds
+            )
+            sleep(tasks.sleep_seconds)
+            continue
+        idle = 0
+        if tasks.round_number in report.missed_rounds:
+            # The aggregator refused this round as closed, yet offers its tasks again: a loop.
+            raise CollaboratorError(
+                f"the aggregator offers tasks of round {tasks.round_number} after refusing "
+                f"that round's results as not in progress"
+            )
+        if current is None or current.number != tasks.round_number:
+            report.rounds.append(tasks.round_number)
+            current = None  # the last round's models are not needed any more
+        try:
+            if current is None:
+                model = _fetch_model(client, names, tasks.round_number)
+                current = _Round(tasks.round_number, model)
+            for task in tasks.tasks:
+                _run_task(client, runner, current, task)
+                report.tasks_run += 1
+        except RequestRejectedError as error:
+            if error.code != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            # The round closed without us (a straggler policy) or the federation finished:
+            # what the aggregator wants now is the answer to the next GetTasks.
+            report.missed_rounds.append(tasks.round_number)
+            current = None
+            logger.warning(
+                "round %d closed before this collaborator finished it (%s); asking for tasks again",
+                tasks.round_number,
+                error.details,
+            )
+
+
+def _fetch_model(
+    client: AggregatorGRPCClient, names: Sequence[str], round_number: int
+) -> dict[str, Array]:
+    """The global model of `round_number`, one tensor at a time."""
+    model = {name: client.get_aggregated_tensor(name, round_number) for name in names}
+    logger.debug("fetched the global model of round %d (%d tensors)", round_number, len(model))
+    return model
+
+
+def _run_task(client: AggregatorGRPCClient, runner: TaskRunner, current: _Round, task: str) -> None:
+    """Run one task on the round's model and send its results."""
+    round_number = current.number
+    if task == AGGREGATED_MODEL_VALIDATION:
+        validation = runner.validate(current.global_model)
+        tensors = _metrics(validation.metrics, AGGREGATED_VALIDATION_TAGS)
+        data_size, metrics = validation.data_size, validation.metrics
+    elif task == TRAIN:
+        outcome = runner.train(current.global_model)
+        _check_trained(outcome.model, current.global_model)
+        current.trained_model = outcome.model
+        tensors = [
+            *(NamedArray(name, array, tags=TRAINED_TAGS) for name, array in outcome.model.items()),
+            *_metrics(outcome.metrics, TRAIN_METRIC_TAGS),
+        ]
+        data_size, metrics = outcome.data_size, outcome.metrics
+    elif task == LOCALLY_TUNED_MODEL_VALIDATION:
+        # Without a train task this round (a restart after sending it), the global model stands in.
+        model = current.trained_model if current.trained_model is not None else current.global_model
+        validation = runner.validate(model)
+        tensors = _metrics(validation.metrics, LOCAL_VALIDATION_TAGS)
+        data_size, metrics = validation.data_size, validation.metrics
+    else:
+        raise CollaboratorError(
+            f"the aggregator asked for task {task!r} of round {round_number}; this collaborator "
+            f"knows {AGGREGATED_MODEL_VALIDATION}, {TRAIN} and {LOCALLY_TUNED_MODEL_VALIDATION}"
+        )
+    client.send_local_task_results(round_number, task, data_size, tensors)
+    logger.info(
+        "round %d: %s on %d samples: %s",
+        round_number,
+        task,
+        data_size,
+        " ".join(f"{name}={value:.4f}" for name, value in metrics.items()),
+    )
+
+
+def _metrics(metrics: Mapping[str, float], tags: tuple[str, ...]) -> list[NamedArray]:
+    """Metrics as scalar float32 tensors (what OpenFL peers expect), flagged for the report."""
+    return [
+        NamedArray(name, np.float32(value), tags=tags, report=True)
+        for name, value in metrics.items()
+    ]
+
+
+def _check_trained(trained: Mapping[str, Array], global_model: Mapping[str, Array]) -> None:
+    """Refuse a trained model whose tensors differ from the global model's in names, shapes or dtypes."""
+    if set(trained) != set(global_model):
+        raise CollaboratorError(
+            f"the runner's trained model has tensors {', '.join(sorted(trained))}; the global "
+            f"model has {', '.join(sorted(global_model))}"
+        )
+    for name, array in trained.items():
+        reference = global_model[name]
+        if array.shape != reference.shape or array.dtype != reference.dtype:
+            raise CollaboratorError(
+                f"the runner's trained {name!r} is {array.dtype}{list(array.shape)}, the global "
+                f"model's is {reference.dtype}{list(reference.shape)}"
+            )

@@ -1,0 +1,306 @@
+"""The collaborator command line: start-up checks in one line and exit 2, runtime exits 0, 1 and 143."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from aggregator.federation import Federation
+from collaborator.cli import main
+from collaborator.digits import DigitsRunner
+from pki.layout import CertsLayout
+from plans import Plan
+
+from servers import make_federation, make_plan, plan_document, running_aggregator
+
+REPO = Path(__file__).resolve().parent.parent
+PREFIX = "collaborator: error: "
+
+
+def write_plan(folder: Path, certs: CertsLayout | None, **sections: Any) -> Path:
+    """A test plan (see `servers.plan_document`) written as YAML into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan_document(certs, **sections)), encoding="utf-8")
+    return path
+
+
+def error_lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    """What the command printed to stderr, line by line (and that it printed nothing to stdout)."""
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    return captured.err.splitlines()
+
+
+def copy_certs(certs: CertsLayout, folder: Path) -> CertsLayout:
+    """A copy of the test federation's certificate folder that a test may damage."""
+    shutil.copytree(certs.root, folder)
+    return CertsLayout(folder)
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (bound, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+@contextmanager
+def closing_rounds(federation: Federation) -> Iterator[None]:
+    """Close the federation's rounds as they become due, as the aggregator's runtime does."""
+    stop = threading.Event()
+
+    def close() -> None:
+        while not stop.is_set() and not federation.finished:
+            federation.wait_for_submission(0.05)
+            federation.close_round_if_due()
+
+    thread = threading.Thread(target=close, name="close-rounds", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def test_help_at_each_level_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--help` and `start --help` print usage with the exit statuses and return 0."""
+    assert main(["--help"]) == 0
+    top = capsys.readouterr().out
+    assert "start" in top and "exit status" in top
+    assert main(["start", "--help"]) == 0
+    start = capsys.readouterr().out
+    for text in ("--name", "--plan", "--log-level", "130", "143", "SIGTERM"):
+        assert text in start, text
+
+
+def test_python_m_collaborator_help() -> None:
+    """`python -m collaborator --help` runs the command line and exits 0."""
+    done = subprocess.run(
+        [sys.executable, "-m", "collaborator", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: collaborator")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["start", "--plan", "plan.yaml"], "the following arguments are required: -n/--name"),
+        (["stop"], "invalid choice: 'stop'"),
+        (["start", "-n", "alice", "--plan", "p", "--log-level", "loud"], "invalid choice: 'loud'"),
+    ],
+)
+def test_bad_command_line_is_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    """A bad command line is refused in one stderr line that points at --help."""
+    assert main(argv) == 2
+    (line,) = error_lines(capsys)
+    assert line.startswith(PREFIX) and message in line and "--help" in line
+
+
+def test_name_not_in_plan(
+    certs: CertsLayout, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A name the plan does not list is refused with the plan's list, exit 2."""
+    plan = write_plan(tmp_path, certs)
+    assert main(["start", "-n", "mallory", "--plan", str(plan)]) == 2
+    assert error_lines(capsys) == [
+        f"{PREFIX}{plan}: collaborators: 'mallory' is not listed (listed: alice, bob, carol)"
+    ]
+
+
+def test_broken_plan_prints_each_problem(
+    certs: CertsLayout, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A plan with two problems gives one line per problem, each naming its key, exit 2."""
+    plan = write_plan(tmp_path, certs, federation={"rounds": 0}, aggregator={"prot": 1})
+    assert main(["start", "-n", "alice", "--plan", str(plan)]) == 2
+    lines = error_lines(capsys)
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"{PREFIX}{plan}: federation.rounds: expected an integer")
+    assert lines[1] == f"{PREFIX}{plan}: aggregator.prot: unknown key"
+
+
+def test_missing_plan_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A plan file that does not exist is one line, exit 2."""
+    missing = tmp_path / "nowhere.yaml"
+    assert main(["start", "-n", "alice", "--plan", str(missing)]) == 2
+    assert error_lines(capsys) == [f"{PREFIX}{missing}: file not found"]
+
+
+@pytest.mark.parametrize(
+    ("remove", "what"),
+    [
+        ("cert_chain.crt", "CA bundle"),
+        ("collaborators/alice.crt", "certificate of 'alice'"),
+        ("collaborators/alice.key", "private key of 'alice'"),
+    ],
+)
+def test_missing_tls_file_says_how_to_make_it(
+    certs: CertsLayout,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    remove: str,
+    what: str,
+) -> None:
+    """A missing CA bundle, certificate or key is named with its path and the pki command, exit 2."""
+    layout = copy_certs(certs, tmp_path / "certs")
+    (layout.root / remove).unlink()
+    plan = write_plan(tmp_path, layout)
+    assert main(["start", "-n", "alice", "--plan", str(plan)]) == 2
+    assert error_lines(capsys) == [
+        f"{PREFIX}{plan}: tls.certs_dir: {what} not found: {layout.root / remove} "
+        f"(run 'pki setup --plan {plan}')"
+    ]
+
+
+def test_key_readable_by_others_is_refused(
+    certs: CertsLayout, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A private key with mode 0644 is refused with the chmod that fixes it, exit 2."""
+    layout = copy_certs(certs, tmp_path / "certs")
+    key = layout.collaborator_key("alice")
+    key.chmod(0o644)
+    plan = write_plan(tmp_path, layout)
+    assert main(["start", "-n", "alice", "--plan", str(plan)]) == 2
+    (line,) = error_lines(capsys)
+    assert line.startswith(f"{PREFIX}{key}: private key is accessible by group or others")
+    assert line.endswith(f"chmod 600 {key}")
+
+
+def test_bad_runner_settings(
+    certs: CertsLayout, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Runner settings the digits runner refuses are one line naming runner.settings.<key>, exit 2."""
+    plan = write_plan(tmp_path, certs, runner={"settings": {"epochs": 0, "split": "iid"}})
+    assert main(["start", "-n", "alice", "--plan", str(plan)]) == 2
+    assert error_lines(capsys) == [
+        f"{PREFIX}{plan}: runner.settings.epochs: expected an integer >= 1, got 0"
+    ]
+
+
+def test_unknown_runner(
+    certs: CertsLayout, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A runner that cannot be imported is one line naming runner.name, exit 2."""
+    plan = write_plan(tmp_path, certs, runner={"name": "nosuchpackage.module:Runner"})
+    assert main(["start", "-n", "alice", "--plan", str(plan)]) == 2
+    (line,) = error_lines(capsys)
+    assert line.startswith(f"{PREFIX}{plan}: runner.name: cannot import 'nosuchpackage.module'")
+
+
+def test_unreachable_aggregator_exits_1(
+    certs: CertsLayout, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An aggregator nobody listens for, once the retries are spent, is one line and exit 1."""
+    plan = write_plan(
+        tmp_path,
+        certs,
+        aggregator={"host": "127.0.0.1", "port": free_port()},
+        connection={"max_retries": 1, "backoff_initial_seconds": 0, "backoff_max_seconds": 0},
+    )
+    assert main(["start", "-n", "alice", "--plan", str(plan)]) == 1
+    (line,) = error_lines(capsys)
+    assert line.startswith(f"{PREFIX}aggregator at 127.0.0.1:")
+    assert "GetTasks failed on 2 attempts" in line and "UNAVAILABLE" in line
+
+
+def test_refusal_exits_1_with_its_status(
+    certs: CertsLayout, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An aggregator that does not list alice refuses her: one line with the status, exit 1."""
+    server_plan = make_plan(certs, collaborators=["bob", "carol"])
+    with running_aggregator(server_plan) as server:
+        plan = write_plan(tmp_path, certs, aggregator={"host": "127.0.0.1", "port": server.port})
+        assert main(["start", "-n", "alice", "--plan", str(plan)]) == 1
+    (line,) = error_lines(capsys)
+    assert line.startswith(f"{PREFIX}the aggregator refused GetTasks with PERMISSION_DENIED: ")
+    assert "'alice' is not an authorised collaborator" in line
+
+
+def one_collaborator_plan(certs: CertsLayout) -> Plan:
+    """Alice alone, one training round (and the final validation round after it)."""
+    return make_plan(
+        certs,
+        federation={"rounds": 1},
+        collaborators=["alice"],
+        aggregator={"long_poll_seconds": 0.5},
+    )
+
+
+def test_a_whole_federation_exits_0(
+    certs: CertsLayout, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Alice alone runs one round and the final validation, is told to quit, and exits 0 silently."""
+    server_plan = one_collaborator_plan(certs)
+    federation = make_federation(server_plan, DigitsRunner.initial_model(server_plan.runner))
+    with running_aggregator(server_plan, federation) as server, closing_rounds(federation):
+        plan = write_plan(
+            tmp_path,
+            certs,
+            federation={"rounds": 1},
+            collaborators=["alice"],
+            aggregator={"host": "127.0.0.1", "port": server.port},
+        )
+        assert main(["start", "-n", "alice", "--plan", str(plan)]) == 0
+    assert error_lines(capsys) == []
+    assert federation.finished
+    assert federation.told_to_quit() == ("alice",)
+
+
+def test_sigterm_exits_143_with_one_line(certs: CertsLayout, tmp_path: Path) -> None:
+    """SIGTERM while waiting for the aggregator ends the process with 143 and one line, no traceback."""
+    plan = write_plan(
+        tmp_path,
+        certs,
+        aggregator={"host": "127.0.0.1", "port": free_port()},
+        connection={"max_retries": None, "max_wait_seconds": None, "backoff_max_seconds": 0.2},
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "collaborator", "start", "-n", "alice", "--plan", str(plan)],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert process.stderr is not None
+        lines = []
+        # The first retry warning shows it is in the loop, past every start-up check.
+        for line in process.stderr:
+            lines.append(line)
+            if "retry 1 of unbounded" in line:
+                break
+        else:
+            pytest.fail(f"no retry warning: {''.join(lines)}")
+        process.send_signal(signal.SIGTERM)
+        _, rest = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+    assert process.returncode == 143, rest
+    errors = [line for line in rest.splitlines() if line.startswith(PREFIX)]
+    assert errors == [f"{PREFIX}terminated (SIGTERM); a task in progress, if any, was not sent"]
+    assert "Traceback" not in rest
