@@ -9,7 +9,7 @@ PROTOC = $(PY) -m grpc_tools.protoc -I. --plugin=protoc-gen-mypy_grpc=$(VENV)/bi
 PLAN ?= plans/local.yaml
 
 .DEFAULT_GOAL := help
-.PHONY: help install test protos protos-check lint clean
+.PHONY: help install demo test protos protos-check lint clean
 
 help: ## List the targets with one line each
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -21,6 +21,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
+
+demo: install ## Run a real federation on localhost: an aggregator and 3 collaborators over mTLS
+	$(VENV)/bin/pki setup --plan $(PLAN)
+	@set -u; rm -rf build/local/output; mkdir -p build/local; \
+	names=$$($(PY) -c 'import sys; from plans import load_plan; print(*load_plan(sys.argv[1]).collaborators)' $(PLAN)); \
+	$(VENV)/bin/aggregator start --plan $(PLAN) --log-level warning & agg=$$!; \
+	pids=""; for name in $$names; do \
+	  $(VENV)/bin/collaborator start -n $$name --plan $(PLAN) --log-level warning 2>build/local/$$name.log & pids="$$pids $$!"; \
+	done; \
+	trap 'kill $$agg $$pids 2>/dev/null' INT TERM EXIT; \
+	status=0; wait $$agg || status=$$?; \
+	for pid in $$pids; do wait $$pid || status=$$?; done; \
+	trap - INT TERM EXIT; \
+	if [ $$status -ne 0 ]; then echo "demo: a process failed (exit $$status); logs in build/local/"; fi; \
+	exit $$status
 
 test: install protos-check ## Install if needed, check generated code, run the whole test suite
 	$(PY) -m pytest
