@@ -298,3 +298,62 @@ def test_plan_is_frozen() -> None:
     plan = parse_plan(_document(), PLAN_PATH)
     with pytest.raises(AttributeError):
         plan.aggregator.port = 1  # type: ignore[misc]
+
+
+# --- the sections of a federation run --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ([("tasks", ["train", "mine_bitcoin"])], "tasks: unknown task 'mine_bitcoin'"),
+        ([("tasks", ["aggregated_model_validation"])], "tasks: must include 'train'"),
+        ([("runner.name", "os.system('rm')")], "runner.name: expected a name matching"),
+        ([("runner", DELETE)], "runner.name: required, but missing"),
+        ([("runner.settings", [1, 2])], "runner.settings: expected a mapping"),
+        ([("straggler.policy", "sometimes")], "straggler.policy: expected one of wait_for_all"),
+        ([("straggler.min_reports", 4)], "straggler.min_reports: 4 is more than the 3"),
+        ([("straggler.percentage", 1.5)], "straggler.percentage: expected a number"),
+        ([("best_model.mode", "biggest")], "best_model.mode: expected one of max, min"),
+        (
+            [("tasks", ["train"]), ("best_model.task", "aggregated_model_validation")],
+            "best_model.task: 'aggregated_model_validation' is not in tasks",
+        ),
+        (
+            [("aggregator.initial_model", "no-such-model.pbuf")],
+            "aggregator.initial_model: file not found",
+        ),
+    ],
+    ids=[
+        "unknown-task",
+        "no-train-task",
+        "runner-name-is-code",
+        "no-runner",
+        "runner-settings-not-a-mapping",
+        "unknown-straggler-policy",
+        "min-reports-over-collaborators",
+        "percentage-over-one",
+        "unknown-best-mode",
+        "best-task-not-run",
+        "missing-initial-model",
+    ],
+)
+def test_run_section_problem_names_its_key(changes: list[tuple[str, Any]], expected: str) -> None:
+    """Problems in tasks, runner, straggler, best_model and initial_model name their key path."""
+    problems = _problems(_with(_document(), *changes))
+    assert any(line.startswith(expected) for line in problems), problems
+
+
+def test_local_plan_run_sections() -> None:
+    """The demo plan's runner, straggler and best-model sections load as written."""
+    plan = load_plan(LOCAL_PLAN)
+    assert plan.runner.name == "digits"
+    assert plan.runner.settings["split"] == "iid"
+    assert plan.straggler.policy.value == "wait_for_all"
+    assert plan.best_model is not None
+    assert (plan.best_model.task, plan.best_model.metric, plan.best_model.maximize) == (
+        "aggregated_model_validation",
+        "accuracy",
+        True,
+    )
+    assert plan.aggregator.output_dir == (LOCAL_PLAN.parent / "../build/local/output").resolve()
