@@ -370,6 +370,16 @@ def _limits(section: _Section) -> Limits:
         max_tensor_bytes=section.integer(
             "max_tensor_bytes", defaults.max_tensor_bytes, low=1, high=2**40
         ),
+        max_data_size=section.integer(
+            "max_data_size", defaults.max_data_size, low=1, high=2**31 - 1
+        ),
+        allow_non_finite=section.flag("allow_non_finite", defaults.allow_non_finite),
+        upload_seconds=section.number(
+            "upload_seconds", defaults.upload_seconds, low=0.1, high=86400
+        ),
+        max_calls_per_collaborator=section.integer(
+            "max_calls_per_collaborator", defaults.max_calls_per_collaborator, low=1, high=10_000
+        ),
     )
     section.finish()
     return limits

@@ -104,6 +104,10 @@ class Limits:
     max_message_bytes: int = 128 * MIB  # limits.max_message_bytes: one gRPC message
     max_upload_bytes: int = 1024 * MIB  # limits.max_upload_bytes: one SendLocalTaskResults stream
     max_tensor_bytes: int = 1024 * MIB  # limits.max_tensor_bytes: one decoded tensor
+    max_data_size: int = 1_000_000_000  # limits.max_data_size: samples a result may claim
+    allow_non_finite: bool = False  # limits.allow_non_finite: accept NaN/Inf in updates
+    upload_seconds: float = 600.0  # limits.upload_seconds: one upload stream must end by then
+    max_calls_per_collaborator: int = 8  # limits.max_calls_per_collaborator: at once
 
 
 @dataclass(frozen=True)
