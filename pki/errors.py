@@ -23,3 +23,7 @@ class PemFileError(PkiError):
 
 class KeyFileError(PemFileError):
     """A private key file is missing, unreadable, exposed to other users or would be overwritten."""
+
+
+class CertificateValidityError(PkiError):
+    """A certificate of our own is expired or not yet valid: peers would refuse it in the handshake."""

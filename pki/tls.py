@@ -12,7 +12,8 @@ from typing import cast
 import grpc
 from cryptography import x509
 
-from pki.errors import KeyFileError, PkiError
+from pki.ca import CLOCK_SKEW, utc_now
+from pki.errors import CertificateValidityError, KeyFileError, PkiError
 from pki.files import check_private_key_mode, parse_certificates, parse_private_key, read_pem_file
 from pki.keys import key_matches_certificate
 from pki.requests import common_name_of
@@ -37,7 +38,23 @@ def load_identity(cert: Path, key: Path) -> tuple[bytes, bytes]:
     leaf = parse_certificates(cert_pem, cert)[0]
     if not key_matches_certificate(private_key, leaf):
         raise KeyFileError(f"{key}: private key does not match the certificate in {cert}")
+    _check_validity_period(leaf, cert)
     return cert_pem, key_pem
+
+
+def _check_validity_period(leaf: x509.Certificate, path: Path) -> None:
+    """Refuse our own certificate outside its dates: a peer would only say "handshake failed"."""
+    now = utc_now()
+    if leaf.not_valid_after_utc < now:
+        raise CertificateValidityError(
+            f"{path}: certificate expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; "
+            "have it renewed (pki certify)"
+        )
+    if leaf.not_valid_before_utc > now + CLOCK_SKEW:
+        raise CertificateValidityError(
+            f"{path}: certificate is not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} "
+            "UTC; check this machine's clock or the certificate"
+        )
 
 
 def load_ca_bundle(ca_bundle: Path) -> bytes:

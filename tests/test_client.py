@@ -526,12 +526,29 @@ def test_client_refuses_aggregator_with_another_name(
     assert federation.results() == ()
 
 
-@pytest.mark.parametrize("who", ["foreign_alice", "expired_alice", "future_alice"])
-def test_aggregator_refuses_unverifiable_client(
-    plan: Plan, request: pytest.FixtureRequest, who: str
+@pytest.mark.parametrize(
+    ("who", "words"),
+    [("expired_alice", "certificate expired on"), ("future_alice", "not valid before")],
+)
+def test_client_refuses_its_own_certificate_outside_its_dates(
+    plan: Plan, request: pytest.FixtureRequest, who: str, words: str
 ) -> None:
-    """A client certificate our CA does not vouch for now is refused in the handshake."""
+    """An expired or not-yet-valid certificate of our own fails at once, naming the file, not after retries."""
     identity: Identity = request.getfixturevalue(who)
+    sleeps = Sleeps()
+    with running_aggregator(plan) as server:
+        client = client_for(
+            plan, server.port, certificate=identity.cert, private_key=identity.key, sleep=sleeps
+        )
+        with pytest.raises(ClientConfigurationError, match=words) as raised:
+            client.ping()
+    assert str(identity.cert) in str(raised.value)
+    assert sleeps.delays == []
+
+
+def test_aggregator_refuses_client_of_another_ca(plan: Plan, foreign_alice: Identity) -> None:
+    """A client certificate from another CA is refused in the handshake."""
+    identity = foreign_alice
     federation = make_federation(plan)
     sleeps = Sleeps()
     with running_aggregator(plan, federation) as server:
@@ -575,12 +592,12 @@ def test_reconnect_reads_rotated_client_certificate(
 
 
 def test_retry_reconnects_with_renewed_certificate(
-    plan: Plan, certs: CertsLayout, expired_alice: Identity, tmp_path: Path
+    plan: Plan, certs: CertsLayout, foreign_alice: Identity, tmp_path: Path
 ) -> None:
-    """A retry opens a new channel from the files, so a certificate renewed meanwhile gets through."""
+    """A retry opens a new channel from the files, so a certificate replaced meanwhile gets through."""
     cert, key = tmp_path / "alice.crt", tmp_path / "alice.key"
-    shutil.copy2(expired_alice.cert, cert)
-    shutil.copy2(expired_alice.key, key)
+    shutil.copy2(foreign_alice.cert, cert)
+    shutil.copy2(foreign_alice.key, key)
 
     def renew() -> None:
         shutil.copy2(certs.collaborator_cert("alice"), cert)
@@ -591,7 +608,7 @@ def test_retry_reconnects_with_renewed_certificate(
         client = client_for(plan, server.port, certificate=cert, private_key=key, sleep=sleeps)
         with client:
             client.ping()
-    assert len(sleeps.delays) == 1  # the expired certificate failed once, the renewed one passed
+    assert len(sleeps.delays) == 1  # the foreign certificate failed once, our CA's one passed
 
 
 def test_insecure_plan_pings_without_tls() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from pki.errors import KeyFileError, PemFileError, PkiError
+from pki.errors import CertificateValidityError, KeyFileError, PemFileError, PkiError
 from pki.files import read_certificate
 from pki.layout import CertsLayout
 from pki.tls import (
@@ -232,3 +232,16 @@ def test_mutual_tls_handshake_and_rotation_without_restart(
 
         _replace(served, _aggregator(certs))
         assert _call(port, alice) == b"alice"
+
+
+@pytest.mark.parametrize(
+    ("who", "words"), [("expired_alice", "expired on"), ("future_alice", "not valid before")]
+)
+def test_own_certificate_outside_its_dates_is_refused(
+    request: pytest.FixtureRequest, certs: CertsLayout, who: str, words: str
+) -> None:
+    """Loading an expired or not-yet-valid certificate of our own fails, naming the file."""
+    identity: Identity = request.getfixturevalue(who)
+    with pytest.raises(CertificateValidityError, match=words) as raised:
+        channel_credentials(certs.ca_bundle, identity.cert, identity.key)
+    assert str(raised.value).startswith(f"{identity.cert}:")
