@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,19 +65,35 @@ class FederationProcesses:
     folder: Path
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
-    def start(self, name: str, *extra: str) -> subprocess.Popen[bytes]:
-        """Start the aggregator (name "aggregator") or collaborator `name` as a new process."""
+    def start(
+        self,
+        name: str,
+        *extra: str,
+        plan: Path | None = None,
+        prefix: Sequence[str] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Start the aggregator (name "aggregator") or collaborator `name` as a new process.
+
+        `plan` replaces the federation's plan for this process only; `prefix` runs the command
+        under another one that execs it (e.g. `ip netns exec NAME`); `env` adds to (or
+        overrides) the environment of the new process.
+        """
+        plan_path = str(self.plan if plan is None else plan)
         if name == "aggregator":
-            command = ["aggregator", "start", "--plan", str(self.plan), *extra]
+            command = ["aggregator", "start", "--plan", plan_path, *extra]
         else:
-            command = ["collaborator", "start", "-n", name, "--plan", str(self.plan), *extra]
-        environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            command = ["collaborator", "start", "-n", name, "--plan", plan_path, *extra]
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         with (
             (self.folder / f"{name}.out").open("ab") as out,
             (self.folder / f"{name}.log").open("ab") as log,
         ):
             process = subprocess.Popen(
-                [sys.executable, "-m", *command], stdout=out, stderr=log, env=environment
+                [*(prefix or ()), sys.executable, "-m", *command],
+                stdout=out,
+                stderr=log,
+                env=environment,
             )
         self.processes[name] = process
         return process
