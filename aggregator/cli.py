@@ -1,9 +1,15 @@
 """The ``aggregator`` command: ``aggregator start --plan PLAN`` runs one federation to its end.
 
+The aggregator keeps its state in ``aggregator.output_dir`` (see `aggregator.state`): started
+again with the same plan after a crash or a stop, it resumes where it stopped. That folder
+belongs to one federation uuid; ``--reset`` wipes its state and outputs and starts over.
+
 Exit codes: 0 when the federation finished, or was stopped by SIGINT/SIGTERM (the server stops
 accepting calls and gives those in flight `aggregator.grace_seconds`); 1 when it could not run
-(port in use, output not writable, a runner that crashed); 2 for bad input (the plan, its TLS
-files, its runner or initial model), reported one line per problem, never as a traceback.
+(port in use, output not writable or used by another aggregator, a runner that crashed); 2 for
+bad input (the plan, its TLS files, its runner or initial model, an output folder of another
+federation, a malformed ``FOEDUS_FAILPOINTS``), reported one line per problem, never as a
+traceback.
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ from typing import NoReturn
 
 import numpy as np
 
+from aggregator import failpoints
 from aggregator.errors import ModelFileError, ServerError, StorageError
 from aggregator.federation import Array
 from aggregator.runtime import serve
+from aggregator.state import DurableState, ForeignStateError
 from aggregator.storage import OutputFolder, read_model
 from pki.errors import KeyFileError, PkiError
 from pki.files import check_private_key_mode
@@ -62,8 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     summary = "Serve the federation a plan describes until every round has run."
-    start = commands.add_parser("start", help=summary, description=summary)
+    start = commands.add_parser(
+        "start",
+        help=summary,
+        description=f"{summary} Every accepted result and closed round is saved in "
+        "aggregator.output_dir/state/ before it is acknowledged, so starting again with the "
+        "same plan after a crash or a stop resumes where it stopped.",
+    )
     start.add_argument("--plan", type=Path, required=True, help="the federation plan (YAML)")
+    start.add_argument(
+        "--reset",
+        action="store_true",
+        help="delete the saved state and outputs in aggregator.output_dir (state/, "
+        "last_model.pbuf, best_model.pbuf, metrics.jsonl) and start the federation over from "
+        "its first round; without it, a folder of another federation is refused",
+    )
     start.add_argument(
         "--log-level",
         choices=LOG_LEVELS,
@@ -83,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit_.code if isinstance(exit_.code, int) else EXIT_OK
     with _logging(args.log_level):
         try:
-            return _start(args.plan)
+            return _start(args.plan, reset=args.reset)
         except _BadInputError as error:
             for line in str(error).splitlines():
                 print(line, file=sys.stderr)
@@ -97,21 +118,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail(f"unexpected failure: {type(error).__name__}: {error}", EXIT_FAILURE)
 
 
-def _start(plan_path: Path) -> int:
+def _start(plan_path: Path, *, reset: bool) -> int:
     try:
         plan = load_plan(plan_path)
     except PlanError as error:
         raise _BadInputError("\n".join(error.problems)) from None
+    try:
+        failpoints.configure()
+    except failpoints.FailpointError as error:
+        raise _BadInputError(str(error)) from None
     _check_tls_files(plan)
-    model = _initial_model(plan)
     try:
         output = OutputFolder(plan.aggregator.output_dir)
     except StorageError as error:
         raise _BadInputError(f"{plan.path}: aggregator.output_dir: {error}") from None
+    try:
+        state = DurableState.open(
+            output.root,
+            plan.federation.uuid,
+            lambda: _initial_model(plan),  # only for a new state
+            max_tensor_bytes=plan.limits.max_tensor_bytes,
+            reset=reset,
+        )
+    except ForeignStateError as error:
+        raise _BadInputError(
+            f"{plan.path}: aggregator.output_dir: {error}; to start over run 'aggregator start "
+            f"--plan {plan.path} --reset', or set aggregator.output_dir to a new folder"
+        ) from None
     stop = threading.Event()
-    with _stopped_by_signals(stop):
+    with state, _stopped_by_signals(stop):
         try:
-            outcome = serve(plan, model, output, stop, out=sys.stdout)
+            outcome = serve(plan, None, output, stop, out=sys.stdout, state=state)
         except PkiError as error:  # read by the server when it starts, before anything is served
             raise _BadInputError(f"{plan.path}: tls.certs_dir: {error}") from None
     logger.info("aggregator exits after %d closed rounds", outcome.rounds_closed)

@@ -19,12 +19,22 @@ results count. On close, the reporters' ``train`` results are averaged by data s
 (`aggregator.fedavg`) into the next global model, and each task's metrics into weighted means.
 Results for a closed round are refused (FAILED_PRECONDITION), except a resend of one accepted in
 the round just closed, which is answered OK and counted once (its first answer may have been lost
-while the round closed).
+while the round closed). The plan's best-model metric is tracked here too (`Best`).
 
 Final validation round: after the last training round (``rounds``), if the plan's tasks include
 ``aggregated_model_validation``, one more round numbered ``rounds`` runs that task alone, so the
 accuracy of the final global model is measured. Then the federation is finished and every
 `assignment` answers quit. Without that task the federation finishes after the last training round.
+
+Where results live: a `ResultStore`. `MemoryStore` (the default) keeps them in memory;
+`aggregator.state.DurableState` writes them to disk so that a restarted aggregator resumes
+(`Progress` is what it recovers). The order of an accept is: every check in memory, then
+`stage` (the tensors are written where they survive), then, under the lock and after checking
+the round again, `record` (the commit point), then OK. The federation keeps only an index of
+accepted results (`Accepted`); tensors are read back from the store, in collaborator order, when
+the round is aggregated. A round's close is made durable in two steps: `decide_close` fixes who
+reported (so a round killed while aggregating is recomputed from the very same results), then
+`commit_round` moves to the next round with its model, the round's record and the best score.
 """
 
 from __future__ import annotations
@@ -33,16 +43,20 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from aggregator.errors import InvalidRequestError, PreconditionError
+from aggregator.errors import InvalidRequestError, PreconditionError, StorageError
+from aggregator.failpoints import failpoint
 from aggregator.fedavg import Contribution, federated_average, weighted_metrics
 from plans.schema import (
     AGGREGATED_MODEL_VALIDATION,
     TRAIN,
+    BestModelSettings,
+    Limits,
     Plan,
     StragglerPolicy,
     StragglerSettings,
@@ -52,6 +66,7 @@ Array = npt.NDArray[np.generic]
 METRIC_TAG = "metric"
 DELTA_TAG = "delta"
 MAX_DATA_SIZE = 2**31 - 1
+Key = tuple[str, str]  # (collaborator, task) of one result in a round
 
 
 @dataclass(frozen=True)
@@ -85,6 +100,43 @@ class TaskResult:
 
 
 @dataclass(frozen=True)
+class Accepted:
+    """The index entry of an accepted result; its tensors stay with the store (`handle`)."""
+
+    collaborator: str
+    round_number: int
+    task_name: str
+    data_size: int
+    handle: object  # the store's own reference: a file for DurableState, the result in memory
+
+    @property
+    def key(self) -> Key:
+        """(collaborator, task): what identifies the result within its round."""
+        return (self.collaborator, self.task_name)
+
+
+@dataclass(frozen=True)
+class Best:
+    """The best value of the plan's best-model metric so far, and the model's training rounds."""
+
+    value: float
+    training_rounds: int
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """What a closed round did, as kept for good: the source of its `metrics.jsonl` row."""
+
+    round_number: int
+    final_validation: bool  # the extra round that only validates the final model
+    reporters: tuple[str, ...]  # collaborators whose results counted, sorted
+    missing: tuple[str, ...]  # collaborators that had not finished when the round closed
+    metrics: Mapping[str, Mapping[str, float]]  # task -> metric -> weighted mean
+    seconds: float  # from the first hand-out of the round's tasks to its close
+    trained: bool  # whether any `train` result was averaged into the model
+
+
+@dataclass(frozen=True)
 class RoundSummary:
     """What one closed round did: who reported, the aggregated metrics, the models before and after."""
 
@@ -98,6 +150,97 @@ class RoundSummary:
     trained: bool  # whether any `train` result was averaged into `model`
     seconds: float  # from the first hand-out of the round's tasks to its close
     finished: bool  # whether this was the federation's last round
+    best: Best | None = None  # the best so far, this round included (None: no best-model metric)
+    best_model: Mapping[str, Array] | None = None  # the new best model, when this round improved
+
+    @property
+    def record(self) -> RoundRecord:
+        """The part of the summary that is kept for good."""
+        return RoundRecord(
+            round_number=self.round_number,
+            final_validation=self.final_validation,
+            reporters=self.reporters,
+            missing=self.missing,
+            metrics=self.metrics,
+            seconds=self.seconds,
+            trained=self.trained,
+        )
+
+
+@dataclass(frozen=True)
+class RoundCommit:
+    """What closing a round changes, for the store to make durable in one step."""
+
+    record: RoundRecord
+    model: Mapping[str, Array] | None  # the next round's global model; None: unchanged
+    best: Best | None  # the new best, when this round improved it
+    best_is_round_model: bool  # the new best model is the round's (validated) model, not `model`
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a federation stands: the round in progress and what it has; what a store recovers."""
+
+    round_number: int
+    model: Mapping[str, Array]  # the global model of `round_number`
+    accepted: tuple[Accepted, ...] = ()  # results accepted in `round_number`
+    previous: frozenset[Key] = frozenset()  # results accepted in the round before
+    closing: tuple[str, ...] | None = None  # reporters of a close decided, not yet committed
+    best: Best | None = None
+
+
+class ResultStore(Protocol):
+    """Where accepted results and closed rounds are kept; see the module docstring for the order."""
+
+    def stage(self, result: TaskResult) -> Accepted:
+        """Keep `result`'s tensors where they survive; not accepted until `record`."""
+
+    def record(self, accepted: Accepted) -> None:
+        """Accept a staged result for good: the commit point of an accept."""
+
+    def discard(self, accepted: Accepted) -> None:
+        """Forget a staged result that was not recorded."""
+
+    def load(self, accepted: Accepted) -> TaskResult:
+        """The result with its tensors, as it was staged."""
+
+    def decide_close(self, round_number: int, reporters: Sequence[str]) -> None:
+        """Fix who reported in a round that is being closed."""
+
+    def commit_round(self, commit: RoundCommit) -> None:
+        """Close the round for good: next round, its model, the record, the best."""
+
+
+@dataclass
+class MemoryStore:
+    """Keeps results in memory only: nothing survives the process (tests, embedding)."""
+
+    closed: list[RoundRecord] = field(default_factory=list)
+
+    def stage(self, result: TaskResult) -> Accepted:
+        """The index entry, holding the result itself."""
+        return Accepted(
+            result.collaborator, result.round_number, result.task_name, result.data_size, result
+        )
+
+    def record(self, accepted: Accepted) -> None:
+        """Nothing to make durable."""
+
+    def discard(self, accepted: Accepted) -> None:
+        """Nothing to remove."""
+
+    def load(self, accepted: Accepted) -> TaskResult:
+        """The result that was staged."""
+        if not isinstance(accepted.handle, TaskResult):
+            raise TypeError(f"not a result staged in memory: {accepted!r}")
+        return accepted.handle
+
+    def decide_close(self, round_number: int, reporters: Sequence[str]) -> None:
+        """Nothing to make durable."""
+
+    def commit_round(self, commit: RoundCommit) -> None:
+        """Keep the round's record."""
+        self.closed.append(commit.record)
 
 
 class Federation:
@@ -105,6 +248,7 @@ class Federation:
 
     `clock` times the straggler cut-off (tests inject one that moves when told); long polls wait
     in real time. Aggregation runs outside the lock, while the closing round refuses results.
+    With `progress`, the federation resumes from there instead of round 0 of `model`.
     """
 
     def __init__(
@@ -117,21 +261,33 @@ class Federation:
         poll_seconds: int = 1,
         straggler: StragglerSettings | None = None,
         clock: Callable[[], float] = time.monotonic,
+        best_model: BestModelSettings | None = None,
+        limits: Limits | None = None,
+        store: ResultStore | None = None,
+        progress: Progress | None = None,
     ) -> None:
         self.collaborators = tuple(collaborators)
         self.tasks = tuple(tasks)
         self.rounds = rounds
         self.poll_seconds = poll_seconds
         self.straggler = straggler or StragglerSettings()
+        self.best_model = best_model
+        self.limits = limits or Limits()
+        self.store: ResultStore = store if store is not None else MemoryStore()
         self.final_validation = AGGREGATED_MODEL_VALIDATION in self.tasks
         self.total_rounds = rounds + (1 if self.final_validation else 0)
         self._clock = clock
+        start = progress or Progress(round_number=0, model=model)
         self._model: Mapping[str, Array] = {
-            name: np.asarray(array) for name, array in model.items()
+            name: np.asarray(array) for name, array in start.model.items()
         }
-        self._round = 0
-        self._results: dict[tuple[str, str], TaskResult] = {}  # (collaborator, task) this round
-        self._previous: frozenset[tuple[str, str]] = frozenset()  # accepted in the round before
+        self._round = start.round_number
+        # (collaborator, task) -> accepted this round
+        self._results: dict[Key, Accepted] = {item.key: item for item in start.accepted}
+        self._previous: frozenset[Key] = start.previous  # accepted in the round before
+        self._decided: tuple[str, ...] | None = start.closing  # reporters of a decided close
+        self._best = start.best
+        self._pending: dict[Key, threading.Event] = {}  # results being staged right now
         self._opened_at = clock()
         self._started_at: float | None = None  # when the round's tasks were first handed out
         self._closing = False
@@ -147,8 +303,10 @@ class Federation:
         model: Mapping[str, Array],
         *,
         clock: Callable[[], float] = time.monotonic,
+        store: ResultStore | None = None,
+        progress: Progress | None = None,
     ) -> Federation:
-        """The federation a plan describes, starting from `model`."""
+        """The federation a plan describes, starting from `model` (or resuming at `progress`)."""
         return cls(
             collaborators=plan.collaborators,
             tasks=plan.tasks,
@@ -156,6 +314,10 @@ class Federation:
             model=model,
             straggler=plan.straggler,
             clock=clock,
+            best_model=plan.best_model,
+            limits=plan.limits,
+            store=store,
+            progress=progress,
         )
 
     @property
@@ -167,6 +329,11 @@ class Federation:
     def finished(self) -> bool:
         """Whether every round, the final validation round included, has closed."""
         return self._round >= self.total_rounds
+
+    @property
+    def best(self) -> Best | None:
+        """The best value of the plan's best-model metric so far (None: none yet, or no metric)."""
+        return self._best
 
     def tasks_of_round(self, round_number: int) -> tuple[str, ...]:
         """The tasks every collaborator runs in `round_number`."""
@@ -207,7 +374,7 @@ class Federation:
         if self.finished:
             self._told_quit.add(collaborator)
             return Assignment(self._round, (), 0, quit=True)
-        if self._closing:
+        if self._refusing:
             return Assignment(self._round, (), self.poll_seconds, quit=False)
         owed = tuple(
             task
@@ -249,38 +416,46 @@ class Federation:
     # -- results ----------------------------------------------------------------------------------
 
     def submit(self, result: TaskResult) -> bool:
-        """Accept a task's results; False when it is a resend of one already accepted."""
+        """Accept a task's results; False when it is a resend of one already accepted.
+
+        Refusals and resends are decided before anything is written; an accepted result is in
+        the store for good (`ResultStore.record`) before this returns True.
+        """
         with self._lock:  # the cheap refusals first; checked again below
             if self._is_resend(result):
                 return False
             self._check_round(result.round_number)
-        if result.task_name not in self.tasks:
-            raise InvalidRequestError(
-                f"task {result.task_name!r} is not a task of this federation "
-                f"({', '.join(self.tasks)})"
-            )
-        round_tasks = self.tasks_of_round(result.round_number)
-        if result.task_name not in round_tasks:
-            raise PreconditionError(
-                f"task {result.task_name!r} is not a task of round {result.round_number} "
-                f"(the final validation round runs {', '.join(round_tasks)} only)"
-            )
-        if not 0 < result.data_size <= MAX_DATA_SIZE:
-            raise InvalidRequestError(
-                f"data_size must be a positive number of samples, got {result.data_size}"
-            )
-        self._check_tensors(result.task_name, result.tensors)
+        self._check_result(result)
         key = (result.collaborator, result.task_name)
-        with self._lock:
-            if self._is_resend(result):
-                return False
-            self._check_round(result.round_number)
-            self._results[key] = result
+        if not self._reserve(result):
+            return False
+        try:
+            try:
+                accepted = self.store.stage(result)
+            except StorageError:
+                with self._lock:  # a round that closed meanwhile is the better answer
+                    self._check_round(result.round_number)
+                raise
+            try:
+                with self._lock:
+                    self._check_round(result.round_number)  # it may have closed while staging
+                    self.store.record(accepted)
+                    self._results[key] = accepted
+            except BaseException:
+                self.store.discard(accepted)
+                raise
+        finally:
+            with self._lock:
+                self._pending.pop(key).set()
         self._submitted.set()
         return True
 
     def results(self) -> tuple[TaskResult, ...]:
         """The results accepted this round, in a fixed order (collaborator, then task)."""
+        return tuple(self.store.load(item) for item in self.accepted())
+
+    def accepted(self) -> tuple[Accepted, ...]:
+        """The index of the results accepted this round, in order (collaborator, then task)."""
         with self._lock:
             return tuple(self._results[key] for key in sorted(self._results))
 
@@ -289,6 +464,29 @@ class Federation:
         arrived = self._submitted.wait(timeout)
         self._submitted.clear()
         return arrived
+
+    def _reserve(self, result: TaskResult) -> bool:
+        """Claim the right to store `result`; False if it turns out to be a resend meanwhile.
+
+        A second upload of the same result while the first is being stored waits for it, and
+        is then a resend (answered OK) or, if the first failed, stored in its place.
+        """
+        key = (result.collaborator, result.task_name)
+        while True:
+            with self._lock:
+                if self._is_resend(result):
+                    return False
+                self._check_round(result.round_number)
+                pending = self._pending.get(key)
+                if pending is None:
+                    self._pending[key] = threading.Event()
+                    return True
+            pending.wait()
+
+    @property
+    def _refusing(self) -> bool:
+        """Whether the round in progress is closing, so refuses results (call under the lock)."""
+        return self._closing or self._decided is not None
 
     def _is_resend(self, result: TaskResult) -> bool:
         key = (result.collaborator, result.task_name)
@@ -299,7 +497,7 @@ class Federation:
     def _check_round(self, round_number: int) -> None:
         if round_number < 0:
             raise InvalidRequestError(f"round_number must be 0 or more, got {round_number}")
-        closed = round_number < self._round or (round_number == self._round and self._closing)
+        closed = round_number < self._round or (round_number == self._round and self._refusing)
         if closed:
             after = self._round if round_number < self._round else self._round + 1
             where = (
@@ -316,6 +514,37 @@ class Federation:
             raise PreconditionError(
                 f"round {round_number} is not the round in progress ({self._round})"
             )
+
+    def _check_result(self, result: TaskResult) -> None:
+        """Every check of a result that does not depend on the round's progress."""
+        if result.task_name not in self.tasks:
+            raise InvalidRequestError(
+                f"task {result.task_name!r} is not a task of this federation "
+                f"({', '.join(self.tasks)})"
+            )
+        round_tasks = self.tasks_of_round(result.round_number)
+        if result.task_name not in round_tasks:
+            raise PreconditionError(
+                f"task {result.task_name!r} is not a task of round {result.round_number} "
+                f"(the final validation round runs {', '.join(round_tasks)} only)"
+            )
+        if not 0 < result.data_size <= MAX_DATA_SIZE:
+            raise InvalidRequestError(
+                f"data_size must be a positive number of samples, got {result.data_size}"
+            )
+        if result.data_size > self.limits.max_data_size:
+            raise InvalidRequestError(
+                f"data_size {result.data_size} is over the plan's limit of "
+                f"{self.limits.max_data_size} samples (limits.max_data_size)"
+            )
+        self._check_tensors(result.task_name, result.tensors)
+        if not self.limits.allow_non_finite:
+            for tensor in result.tensors:
+                if tensor.array.dtype.kind == "f" and not np.isfinite(tensor.array).all():
+                    raise InvalidRequestError(
+                        f"tensor {tensor.name!r} holds NaN or infinite values "
+                        "(the plan's limits.allow_non_finite is false)"
+                    )
 
     def _check_tensors(self, task: str, tensors: Sequence[ResultTensor]) -> None:
         names = [tensor.name for tensor in tensors]
@@ -357,53 +586,77 @@ class Federation:
     # -- closing rounds ---------------------------------------------------------------------------
 
     def close_round_if_due(self) -> RoundSummary | None:
-        """Close the round if the straggler policy says so: aggregate, move on, wake the waiters."""
+        """Close the round if the straggler policy says so: aggregate, move on, wake the waiters.
+
+        A close decided before a restart (`Progress.closing`) is due at once, with the same
+        reporters. The round is committed to the store before anyone sees the next round.
+        """
         with self._lock:
             if self.finished or self._closing:
                 return None
             round_number = self._round
             round_tasks = self.tasks_of_round(round_number)
-            reporters = tuple(
-                name
-                for name in sorted(self.collaborators)
-                if all((name, task) in self._results for task in round_tasks)
-            )
-            if not self._due(len(reporters)):
-                return None
+            decided = self._decided
+            if decided is None:
+                reporters = tuple(
+                    name
+                    for name in sorted(self.collaborators)
+                    if all((name, task) in self._results for task in round_tasks)
+                )
+                if not self._due(len(reporters)):
+                    return None
+            else:
+                reporters = decided
             self._closing = True  # results for this round are refused from now on
-            counted = {key: result for key, result in self._results.items() if key[0] in reporters}
+            counted = [self._results[key] for key in sorted(self._results) if key[0] in reporters]
             round_model = self._model
             started = self._opened_at if self._started_at is None else self._started_at
         try:
-            model, trained = _average_models(counted, round_model)
-            metrics = _average_metrics(counted, round_tasks)
+            if decided is None:
+                self.store.decide_close(round_number, reporters)
+                with self._lock:
+                    self._decided = reporters
+            model, trained, metrics = self._aggregate(counted, round_model, round_tasks)
+            best, best_model = self._improved_best(round_number, metrics, round_model, model)
+            now = self._clock()
+            summary = RoundSummary(
+                round_number=round_number,
+                final_validation=round_number >= self.rounds,
+                reporters=reporters,
+                missing=tuple(sorted(set(self.collaborators) - set(reporters))),
+                metrics=metrics,
+                round_model=round_model,
+                model=model,
+                trained=trained,
+                seconds=max(0.0, now - started),
+                finished=round_number + 1 >= self.total_rounds,
+                best=best or self._best,
+                best_model=best_model,
+            )
+            self.store.commit_round(
+                RoundCommit(
+                    record=summary.record,
+                    model=model if trained else None,
+                    best=best,
+                    best_is_round_model=best_model is not None and best_model is round_model,
+                )
+            )
         except BaseException:
             with self._lock:
                 self._closing = False
             raise
-        now = self._clock()
         with self._round_changed:
             self._model = model
             self._previous = frozenset(self._results)
             self._results = {}
             self._round += 1
+            self._decided = None
+            self._best = summary.best
             self._opened_at = now
             self._started_at = None
             self._closing = False
-            finished = self.finished
             self._round_changed.notify_all()
-        return RoundSummary(
-            round_number=round_number,
-            final_validation=round_number >= self.rounds,
-            reporters=reporters,
-            missing=tuple(sorted(set(self.collaborators) - set(reporters))),
-            metrics=metrics,
-            round_model=round_model,
-            model=model,
-            trained=trained,
-            seconds=max(0.0, now - started),
-            finished=finished,
-        )
+        return summary
 
     def _due(self, reported: int) -> bool:
         """Whether the straggler policy closes the round now that `reported` have reported."""
@@ -420,43 +673,63 @@ class Federation:
             return reported >= max(needed, policy.min_reports)
         return False
 
+    def _aggregate(
+        self, counted: Sequence[Accepted], model: Mapping[str, Array], tasks: Sequence[str]
+    ) -> tuple[Mapping[str, Array], bool, dict[str, dict[str, float]]]:
+        """The next global model, whether any `train` result made it, and the metrics' means.
 
-def _average_models(
-    results: Mapping[tuple[str, str], TaskResult], model: Mapping[str, Array]
-) -> tuple[Mapping[str, Array], bool]:
-    """The data-size weighted mean of the `train` results' model tensors; `model` if none."""
-    contributions = {
-        collaborator: Contribution(
-            weight=result.data_size,
-            tensors={t.name: t.array for t in result.tensors if METRIC_TAG not in t.tags},
-        )
-        for (collaborator, task), result in results.items()
-        if task == TRAIN
-    }
-    if not contributions:
-        return model, False
-    return federated_average(contributions, model), True
-
-
-def _average_metrics(
-    results: Mapping[tuple[str, str], TaskResult], tasks: Sequence[str]
-) -> dict[str, dict[str, float]]:
-    """Per task, each metric's mean weighted by data size (tasks without metrics left out)."""
-    averaged: dict[str, dict[str, float]] = {}
-    for task in tasks:
-        contributions = {
-            collaborator: (
+        Results are read from the store one by one, in (collaborator, task) order; only the
+        train results' model tensors are held until they are averaged.
+        """
+        contributions: dict[str, Contribution] = {}
+        reported: dict[str, dict[str, tuple[int, dict[str, float]]]] = {}
+        for accepted in counted:
+            result = self.store.load(accepted)
+            metrics = {
+                t.name: float(np.asarray(t.array, dtype=np.float64).reshape(-1)[0])
+                for t in result.tensors
+                if METRIC_TAG in t.tags
+            }
+            reported.setdefault(result.task_name, {})[result.collaborator] = (
                 result.data_size,
-                {
-                    t.name: float(np.asarray(t.array, dtype=np.float64).reshape(-1)[0])
-                    for t in result.tensors
-                    if METRIC_TAG in t.tags
-                },
+                metrics,
             )
-            for (collaborator, name), result in results.items()
-            if name == task
-        }
-        metrics = weighted_metrics(contributions)
-        if metrics:
-            averaged[task] = metrics
-    return averaged
+            if result.task_name == TRAIN:
+                contributions[result.collaborator] = Contribution(
+                    weight=result.data_size,
+                    tensors={t.name: t.array for t in result.tensors if METRIC_TAG not in t.tags},
+                )
+        failpoint("while_aggregating")
+        averaged: dict[str, dict[str, float]] = {}
+        for task in tasks:
+            means = weighted_metrics(reported.get(task, {}))
+            if means:
+                averaged[task] = means
+        if not contributions:
+            return model, False, averaged
+        return federated_average(contributions, model), True, averaged
+
+    def _improved_best(
+        self,
+        round_number: int,
+        metrics: Mapping[str, Mapping[str, float]],
+        round_model: Mapping[str, Array],
+        model: Mapping[str, Array],
+    ) -> tuple[Best | None, Mapping[str, Array] | None]:
+        """The new best and its model, when this round improved the plan's best-model metric."""
+        settings = self.best_model
+        if settings is None:
+            return None, None
+        value = metrics.get(settings.task, {}).get(settings.metric)
+        if value is None or not math.isfinite(value):
+            return None, None
+        best = self._best
+        if best is not None and not (
+            value > best.value if settings.maximize else value < best.value
+        ):
+            return None, None
+        # aggregated_model_validation measured the model the round started from; the other
+        # tasks measured local models, of which the round's aggregate is the global counterpart.
+        validated_before = settings.task == AGGREGATED_MODEL_VALIDATION
+        rounds = min(round_number + (0 if validated_before else 1), self.rounds)
+        return Best(value, rounds), round_model if validated_before else model

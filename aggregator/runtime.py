@@ -8,6 +8,12 @@ final global model's accuracy, then ends once every collaborator has been told t
 `aggregator.quit_grace_seconds` later (a collaborator that died must not keep it alive).
 `serve` puts the gRPC server around that loop.
 
+With a durable state (`aggregator.state`), the federation resumes after a restart where it
+stopped; before serving, `Runtime.restore` makes the outputs match the state again: it removes
+temporary files a crash left, writes `last_model.pbuf` and `best_model.pbuf` again if they are
+not the state's, and appends the rows of `metrics.jsonl` that a crash lost (never a second row
+for a round). The ``run`` of a row is the aggregator run that wrote it.
+
 Console lines number rounds from 1 ("round 3/10" is the third of ten); `metrics.jsonl` and the
 wire count from 0, as OpenFL does. An accuracy measured by `aggregated_model_validation` in a
 round is that of the global model the round started from, that is after one round less of
@@ -18,15 +24,15 @@ from __future__ import annotations
 
 import datetime
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TextIO
 
-from aggregator.federation import Array, Federation, RoundSummary
+from aggregator.federation import Array, Best, Federation, RoundRecord, RoundSummary
 from aggregator.server import DEFAULT_WORKERS, AggregatorGRPCServer
+from aggregator.state import DurableState
 from aggregator.storage import OutputFolder
 from plans import Plan
 from plans.schema import AGGREGATED_MODEL_VALIDATION, TRAIN
@@ -37,12 +43,7 @@ TICK_SECONDS = 0.1
 ACCURACY_NAMES = ("accuracy", "acc")
 
 
-@dataclass(frozen=True)
-class Best:
-    """The best value of the plan's best-model metric so far, and the model's training rounds."""
-
-    value: float
-    training_rounds: int
+__all__ = ["Best", "Outcome", "Runtime", "serve"]
 
 
 @dataclass(frozen=True)
@@ -75,11 +76,58 @@ class Runtime:
         self.out = out
         self.clock = clock
         self.tick = tick
-        self.best: Best | None = None
         self.final_accuracy: float | None = None
         self.rounds_closed = 0
         self.saved_last = False
         self._run = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+    @property
+    def best(self) -> Best | None:
+        """The best value of the plan's best-model metric so far."""
+        return self.federation.best
+
+    def restore(self, state: DurableState) -> None:
+        """After a restart, make the output folder match `state`: models, metrics rows."""
+        recovered = state.recovered
+        self.output.remove_temporaries()
+        rounds = recovered.last_model_rounds
+        if rounds is not None:
+            self.saved_last = True
+            if self.output.restore_model(self.output.last_model, recovered.progress.model, rounds):
+                logger.info("wrote %s again from the saved state", self.output.last_model)
+        best = recovered.progress.best
+        best_model = state.best_model()
+        if (
+            best is not None
+            and best_model is not None
+            and self.output.restore_model(self.output.best_model, best_model, best.training_rounds)
+        ):
+            logger.info("wrote %s again from the saved state", self.output.best_model)
+        uuid = self.plan.federation.uuid
+        written = {
+            row.get("round") for row in self.output.read_metrics() if row.get("federation") == uuid
+        }
+        for record in recovered.records:
+            if record.round_number not in written:
+                self.output.append_metrics(self.metrics_row(record))
+            if record.final_validation:
+                self.final_accuracy = _accuracy(record.metrics.get(AGGREGATED_MODEL_VALIDATION, {}))
+
+    def resume_line(self, state: DurableState) -> str | None:
+        """What a restart resumed, for a person; None when the state was new."""
+        recovered = state.recovered
+        if recovered.fresh:
+            return None
+        progress = recovered.progress
+        if self.federation.finished:
+            where = "the federation had finished; telling the collaborators to quit"
+        else:
+            kept = len(progress.accepted)
+            where = (
+                f"resuming {self._round_label(progress.round_number)} with {kept} "
+                f"result{'' if kept == 1 else 's'} kept"
+            )
+        return f"saved state in {state.root}: {where}"
 
     def run(self, stop: threading.Event) -> Outcome:
         """Close rounds as they become due until the federation ends, or `stop` is set."""
@@ -120,27 +168,30 @@ class Runtime:
         )
 
     def record(self, summary: RoundSummary) -> None:
-        """Save what a closed round produced and print its line."""
+        """Save what a closed (and committed) round produced and print its line."""
         self.rounds_closed += 1
         if summary.trained:
             self.output.save_last(summary.model, summary.round_number + 1)
             self.saved_last = True
-        self._track_best(summary)
+        if summary.best_model is not None and summary.best is not None:
+            self.output.save_best(summary.best_model, summary.best.training_rounds)
         if summary.final_validation:
             self.final_accuracy = _accuracy(summary.metrics.get(AGGREGATED_MODEL_VALIDATION, {}))
-        self.output.append_metrics(
-            {
-                "federation": self.plan.federation.uuid,
-                "run": self._run,
-                "round": summary.round_number,
-                "final_validation": summary.final_validation,
-                "reporters": list(summary.reporters),
-                "missing": list(summary.missing),
-                "metrics": {task: dict(values) for task, values in summary.metrics.items()},
-                "seconds": round(summary.seconds, 3),
-            }
-        )
+        self.output.append_metrics(self.metrics_row(summary.record))
         self.say(self.round_line(summary))
+
+    def metrics_row(self, record: RoundRecord) -> dict[str, object]:
+        """The `metrics.jsonl` row of a closed round."""
+        return {
+            "federation": self.plan.federation.uuid,
+            "run": self._run,
+            "round": record.round_number,
+            "final_validation": record.final_validation,
+            "reporters": list(record.reporters),
+            "missing": list(record.missing),
+            "metrics": {task: dict(values) for task, values in record.metrics.items()},
+            "seconds": round(record.seconds, 3),
+        }
 
     def round_line(self, summary: RoundSummary) -> str:
         """One line a person can read: round, who reported, loss and accuracy, duration."""
@@ -194,25 +245,6 @@ class Runtime:
         else:
             print(line, file=self.out, flush=True)
 
-    def _track_best(self, summary: RoundSummary) -> None:
-        settings = self.plan.best_model
-        if settings is None:
-            return
-        value = summary.metrics.get(settings.task, {}).get(settings.metric)
-        if value is None or not math.isfinite(value):
-            return
-        if self.best is not None and not (
-            value > self.best.value if settings.maximize else value < self.best.value
-        ):
-            return
-        # aggregated_model_validation measured the model the round started from; the other
-        # tasks measured local models, of which the round's aggregate is the global counterpart.
-        validated_before = settings.task == AGGREGATED_MODEL_VALIDATION
-        model: Mapping[str, Array] = summary.round_model if validated_before else summary.model
-        rounds = min(summary.round_number + (0 if validated_before else 1), self.federation.rounds)
-        self.output.save_best(model, rounds)
-        self.best = Best(value=value, training_rounds=rounds)
-
     def _round_label(self, round_number: int) -> str:
         if round_number >= self.federation.rounds:
             return "final validation"
@@ -221,21 +253,33 @@ class Runtime:
 
 def serve(
     plan: Plan,
-    model: Mapping[str, Array],
+    model: Mapping[str, Array] | None,
     output: OutputFolder,
     stop: threading.Event,
     *,
     out: TextIO | None = None,
     workers: int = DEFAULT_WORKERS,
+    state: DurableState | None = None,
 ) -> Outcome:
-    """Serve `plan`'s federation from `model` until it ends or `stop` is set, then stop the server.
+    """Serve `plan`'s federation until it ends or `stop` is set, then stop the server.
 
+    With `state`, the federation resumes where the state stands (`model` is not used) and every
+    accepted result and closed round is durable; without it, it starts from `model` and keeps
+    everything in memory.
     Lines for a person go to `out` (the console), or to the log when it is None.
     """
-    federation = Federation.from_plan(plan, model)
+    if state is None:
+        if model is None:
+            raise ValueError("serve needs a model or a state to start from")
+        federation = Federation.from_plan(plan, model)
+    else:
+        progress = state.recovered.progress
+        federation = Federation.from_plan(plan, progress.model, store=state, progress=progress)
+    runtime = Runtime(plan, federation, output, out=out)
+    if state is not None:
+        runtime.restore(state)
     server = AggregatorGRPCServer(plan, federation, workers=workers)
     port = server.start()  # ServerError, PkiError: nothing was served
-    runtime = Runtime(plan, federation, output, out=out)
     try:
         final = " + final validation" if federation.final_validation else ""
         host = plan.aggregator.listen_address
@@ -245,6 +289,9 @@ def serve(
             f"{len(plan.collaborators)} collaborators, {plan.federation.rounds} rounds{final}; "
             f"output in {output.root}"
         )
+        resumed = None if state is None else runtime.resume_line(state)
+        if resumed is not None:
+            runtime.say(resumed)
         return runtime.run(stop)
     finally:
         server.stop()

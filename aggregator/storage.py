@@ -6,15 +6,22 @@ file or the new one, never half of one. A model file is a serialized `ModelProto
 encoded with `protos.codec.encode_tensor` in sorted name order: the same model always gives the
 same bytes, nothing is pickled, and OpenFL (which saves its models as `.pbuf` ModelProtos too)
 reads float32 models. `read_model` validates every tensor as the servicer validates uploads.
+The same format, with each tensor's own tags, holds the task results `aggregator.state` keeps.
+
+The user-facing outputs (`last_model.pbuf`, `best_model.pbuf`, `metrics.jsonl`) are written after
+a round is committed to the state, so a crash can leave them one round behind, a temporary file
+beside them, or a last line of `metrics.jsonl` cut short; `OutputFolder.remove_temporaries` and
+`read_metrics` clean that up, and the runtime writes what is missing again from the state.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +29,7 @@ import numpy.typing as npt
 from google.protobuf.message import DecodeError
 
 from aggregator.errors import ModelFileError, StorageError
+from aggregator.failpoints import failpoint
 from protos import base_pb2
 from protos.codec import TensorFormatError, decode_tensor, encode_tensor
 
@@ -30,35 +38,62 @@ MODEL_TAG = "model"
 LAST_MODEL = "last_model.pbuf"
 BEST_MODEL = "best_model.pbuf"
 METRICS = "metrics.jsonl"
+TEMPORARY_SUFFIX = ".tmp"
+
+logger = logging.getLogger(__name__)
+NamedArray = tuple[str, Array, frozenset[str]]  # a tensor's name, values and tags
 
 
 def model_bytes(model: Mapping[str, Array], *, round_number: int = 0) -> bytes:
     """The serialized `ModelProto` of `model`: deterministic bytes for the same tensors and round."""
+    return tensors_bytes(
+        ((name, array, frozenset((MODEL_TAG,))) for name, array in model.items()),
+        round_number=round_number,
+    )
+
+
+def tensors_bytes(tensors: Iterable[NamedArray], *, round_number: int = 0) -> bytes:
+    """Tagged tensors as a serialized `ModelProto`, in name order: deterministic bytes."""
     try:
         proto = base_pb2.ModelProto(
             tensors=[
-                encode_tensor(name, model[name], round_number=round_number, tags=(MODEL_TAG,))
-                for name in sorted(model)
+                encode_tensor(name, array, round_number=round_number, tags=sorted(tags))
+                for name, array, tags in sorted(tensors, key=lambda tensor: tensor[0])
             ]
         )
     except TensorFormatError as error:
-        raise StorageError(f"cannot save the model: {error}") from None
+        raise StorageError(f"cannot save the tensors: {error}") from None
     return proto.SerializeToString(deterministic=True)
 
 
-def write_model(path: Path, model: Mapping[str, Array], *, round_number: int = 0) -> None:
+def write_model(
+    path: Path,
+    model: Mapping[str, Array],
+    *,
+    round_number: int = 0,
+    before_rename: Callable[[], None] | None = None,
+) -> None:
     """Write `model` to `path` as a `ModelProto` file, atomically."""
-    write_atomic(path, model_bytes(model, round_number=round_number))
+    write_atomic(path, model_bytes(model, round_number=round_number), before_rename=before_rename)
 
 
 def read_model(path: Path, max_tensor_bytes: int) -> dict[str, Array]:
     """Read and check a `ModelProto` file; `ModelFileError` names the file and what is wrong."""
+    return {name: array for name, array, _ in read_tensors(path, read_file(path), max_tensor_bytes)}
+
+
+def read_file(path: Path) -> bytes:
+    """The bytes of a model or results file; `ModelFileError` when it is missing or unreadable."""
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except FileNotFoundError:
         raise ModelFileError(f"{path}: model file not found") from None
     except OSError as error:
         raise ModelFileError(f"{path}: cannot read model file: {error.strerror or error}") from None
+
+
+def read_tensors(path: Path, data: bytes, max_tensor_bytes: int) -> list[NamedArray]:
+    """The checked tensors of a `ModelProto` file's bytes (`path` names it in errors)."""
     proto = base_pb2.ModelProto()
     try:
         proto.ParseFromString(data)
@@ -66,24 +101,34 @@ def read_model(path: Path, max_tensor_bytes: int) -> dict[str, Array]:
         raise ModelFileError(f"{path}: not a ModelProto file: {error}") from None
     if not proto.tensors:
         raise ModelFileError(f"{path}: not a model file: it holds no tensors")
-    model: dict[str, Array] = {}
+    tensors: list[NamedArray] = []
+    seen: set[str] = set()
     for tensor in proto.tensors:
         if not tensor.name:
             raise ModelFileError(f"{path}: a tensor has no name")
-        if tensor.name in model:
+        if tensor.name in seen:
             raise ModelFileError(f"{path}: tensor {tensor.name!r} appears more than once")
+        seen.add(tensor.name)
         try:
-            model[tensor.name] = decode_tensor(tensor, max_bytes=max_tensor_bytes)
+            array = decode_tensor(tensor, max_bytes=max_tensor_bytes)
         except TensorFormatError as error:
             raise ModelFileError(f"{path}: {error}") from None
-    return model
+        tensors.append((tensor.name, array, frozenset(tensor.tags)))
+    return tensors
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that a crash leaves the old file or the new one, whole."""
+def write_atomic(
+    path: Path, data: bytes, *, before_rename: Callable[[], None] | None = None
+) -> None:
+    """Replace `path` with `data` so that a crash leaves the old file or the new one, whole.
+
+    `before_rename` runs once the new bytes are durable in the temporary file (a failpoint).
+    """
     folder = path.parent
     try:
-        descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+        descriptor, temporary = tempfile.mkstemp(
+            dir=folder, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX
+        )
     except OSError as error:
         raise StorageError(f"{path}: cannot write: {error.strerror or error}") from None
     try:
@@ -91,14 +136,22 @@ def write_atomic(path: Path, data: bytes) -> None:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(temporary, path)
-        _fsync_folder(folder)
+        fsync_folder(folder)
     except OSError as error:
         Path(temporary).unlink(missing_ok=True)
         raise StorageError(f"{path}: cannot write: {error.strerror or error}") from None
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def is_temporary(path: Path, of: str | None = None) -> bool:
+    """Whether `path` is a temporary file `write_atomic` left behind (for the file named `of`)."""
+    prefix = "." if of is None else f".{of}."
+    return path.name.startswith(prefix) and path.name.endswith(TEMPORARY_SUFFIX)
 
 
 def append_json_line(path: Path, row: Mapping[str, object]) -> None:
@@ -111,7 +164,7 @@ def append_json_line(path: Path, row: Mapping[str, object]) -> None:
             file.flush()
             os.fsync(file.fileno())
         if created:
-            _fsync_folder(path.parent)
+            fsync_folder(path.parent)
     except OSError as error:
         raise StorageError(f"{path}: cannot append: {error.strerror or error}") from None
 
@@ -148,18 +201,77 @@ class OutputFolder:
 
     def save_last(self, model: Mapping[str, Array], round_number: int) -> None:
         """Replace `last_model.pbuf`."""
-        write_model(self.last_model, model, round_number=round_number)
+        write_model(
+            self.last_model,
+            model,
+            round_number=round_number,
+            before_rename=lambda: failpoint("while_saving"),
+        )
 
     def save_best(self, model: Mapping[str, Array], round_number: int) -> None:
         """Replace `best_model.pbuf`."""
-        write_model(self.best_model, model, round_number=round_number)
+        write_model(
+            self.best_model,
+            model,
+            round_number=round_number,
+            before_rename=lambda: failpoint("while_saving"),
+        )
+
+    def restore_model(self, path: Path, model: Mapping[str, Array], round_number: int) -> bool:
+        """Make `path` hold `model` (after a restart); True if it had to be written again."""
+        data = model_bytes(model, round_number=round_number)
+        try:
+            if path.read_bytes() == data:
+                return False
+        except OSError:
+            pass
+        write_atomic(path, data)
+        return True
 
     def append_metrics(self, row: Mapping[str, object]) -> None:
         """Append one round's row to `metrics.jsonl`."""
         append_json_line(self.metrics, row)
 
+    def read_metrics(self) -> list[dict[str, object]]:
+        """The rows of `metrics.jsonl`; a last line cut short by a crash is removed first."""
+        try:
+            data = self.metrics.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as error:
+            raise StorageError(f"{self.metrics}: cannot read: {error.strerror or error}") from None
+        if data and not data.endswith(b"\n"):
+            whole = data.rfind(b"\n") + 1
+            logger.warning("%s: removing a last line cut short by a crash", self.metrics)
+            try:
+                with self.metrics.open("r+b") as file:
+                    file.truncate(whole)
+                    file.flush()
+                    os.fsync(file.fileno())
+            except OSError as error:
+                raise StorageError(
+                    f"{self.metrics}: cannot repair: {error.strerror or error}"
+                ) from None
+            data = data[:whole]
+        rows: list[dict[str, object]] = []
+        for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                logger.warning("%s: line %d is not JSON; left as it is", self.metrics, number)
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+        return rows
 
-def _fsync_folder(folder: Path) -> None:
+    def remove_temporaries(self) -> None:
+        """Remove temporary files of the models that a crash left in the folder."""
+        for path in self.root.iterdir():
+            if is_temporary(path, LAST_MODEL) or is_temporary(path, BEST_MODEL):
+                path.unlink(missing_ok=True)
+
+
+def fsync_folder(folder: Path) -> None:
     """Make a rename or a new file in `folder` durable."""
     descriptor = os.open(folder, os.O_RDONLY)
     try:

@@ -1,7 +1,8 @@
-"""The aggregator command line: bad input as one line per problem, a whole federation in-process, SIGTERM in a subprocess."""
+"""The aggregator command line: bad input as one line per problem, a whole federation in-process, restart and reset, SIGTERM in a subprocess."""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -22,6 +23,7 @@ import pytest
 import yaml
 
 from aggregator.cli import main
+from aggregator.state import DurableState
 from aggregator.storage import read_model
 from pki.layout import CertsLayout
 from plans.runners import TrainOutcome, Validation
@@ -90,6 +92,7 @@ def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
     assert run(capsys, "--help")[0] == 0
     code, out, _ = run(capsys, "start", "--help")
     assert code == 0 and "--plan" in out and "--log-level" in out
+    assert "--reset" in out and "resumes where it stopped" in " ".join(out.split())
 
 
 def test_missing_command_or_plan_is_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
@@ -257,14 +260,12 @@ def watchdog() -> Iterator[None]:
         timer.cancel()
 
 
-@pytest.mark.usefixtures("watchdog")
-def test_federation_runs_to_the_end(
-    tmp_path: Path, certs: CertsLayout, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Three collaborators run two rounds and the final validation; the aggregator prints, saves and exits 0."""
+def serve_in_process(
+    plan: Path, certs: CertsLayout, monkeypatch: pytest.MonkeyPatch, *extra: str
+) -> tuple[int, Console, float]:
+    """`main start` on `plan` with three raw-stub collaborators; exit code, console, seconds."""
     console = Console()
     monkeypatch.setattr(sys, "stdout", console)
-    plan = write_plan(tmp_path, certs, federation={"rounds": 2})
     errors: list[BaseException] = []
 
     def start_collaborators() -> None:
@@ -275,10 +276,20 @@ def test_federation_runs_to_the_end(
     starter = threading.Thread(target=start_collaborators)
     starter.start()
     started = time.monotonic()
-    code = main(["start", "--plan", str(plan), "--log-level", "warning"])
+    code = main(["start", "--plan", str(plan), "--log-level", "warning", *extra])
     elapsed = time.monotonic() - started
     starter.join(5)
     assert errors == []
+    return code, console, elapsed
+
+
+@pytest.mark.usefixtures("watchdog")
+def test_federation_runs_to_the_end(
+    tmp_path: Path, certs: CertsLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three collaborators run two rounds and the final validation; the aggregator prints, saves and exits 0."""
+    plan = write_plan(tmp_path, certs, federation={"rounds": 2})
+    code, console, elapsed = serve_in_process(plan, certs, monkeypatch)
     assert code == 0
     lines = console.text.splitlines()
     assert lines[1].startswith(
@@ -299,6 +310,82 @@ def test_federation_runs_to_the_end(
         assert model["w"].tolist() == [2.0, 2.0, 2.0], name
     rows = (tmp_path / "out" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(rows) == 3
+
+
+@pytest.mark.usefixtures("watchdog")
+def test_a_finished_federation_started_again_only_says_quit(
+    tmp_path: Path, certs: CertsLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Started again after the end, the aggregator resumes finished: collaborators are told to quit, nothing is run or written twice."""
+    plan = write_plan(tmp_path, certs, federation={"rounds": 1})
+    assert serve_in_process(plan, certs, monkeypatch)[0] == 0
+    output = tmp_path / "out"
+    saved = {name: (output / name).read_bytes() for name in ("last_model.pbuf", "best_model.pbuf")}
+    code, console, _ = serve_in_process(plan, certs, monkeypatch)
+    assert code == 0
+    lines = console.text.splitlines()
+    assert lines[1] == (
+        f"saved state in {output / 'state'}: the federation had finished; telling the "
+        "collaborators to quit"
+    )
+    assert lines[2].startswith("federation finished: 1 round, final global model accuracy 0.1000")
+    assert not any(line.startswith("round") for line in lines), lines
+    assert {name: (output / name).read_bytes() for name in saved} == saved
+    rows = (output / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(row)["round"] for row in rows] == [0, 1]
+
+
+def test_output_folder_of_another_federation_is_refused(
+    tmp_path: Path, certs: CertsLayout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder holding another federation's state exits 2 with one line naming it and both ways out."""
+    plan = write_plan(tmp_path, certs)
+    other = {"w": np.zeros(3, dtype=np.float32)}
+    DurableState.open(tmp_path / "out", "another-uuid", lambda: other, max_tensor_bytes=64).close()
+    code, _, err = run(capsys, "start", "--plan", str(plan))
+    assert code == 2
+    (line,) = err.splitlines()
+    assert line.startswith(f"{plan}: aggregator.output_dir: {tmp_path / 'out'}: ")
+    assert "'another-uuid'" in line and repr(FEDERATION_UUID) in line
+    assert f"'aggregator start --plan {plan} --reset'" in line and "a new folder" in line
+
+
+def test_reset_wipes_the_folder_and_starts_over(
+    tmp_path: Path, certs: CertsLayout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--reset` removes another run's state and outputs, then the plan's federation starts from round 1."""
+    other = {"w": np.full(3, 5.0, dtype=np.float32)}
+    DurableState.open(tmp_path / "out", "another-uuid", lambda: other, max_tensor_bytes=64).close()
+    (tmp_path / "out" / "metrics.jsonl").write_text('{"round": 7}\n', encoding="utf-8")
+    with socket.socket() as taken:  # the port is taken, so it stops right after the reset
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        plan = write_plan(tmp_path, certs, aggregator={"port": taken.getsockname()[1]})
+        code, _, err = run(capsys, "start", "--plan", str(plan), "--reset")
+    assert code == 1 and "cannot listen" in err
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+    state = DurableState.open(tmp_path / "out", FEDERATION_UUID, lambda: other, max_tensor_bytes=64)
+    with state:
+        assert state.recovered.progress.round_number == 0
+        # The plan's runner's initial model (the seed, 0), not the other federation's.
+        assert state.recovered.progress.model["w"].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_malformed_failpoints_are_bad_input(
+    tmp_path: Path,
+    certs: CertsLayout,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A FOEDUS_FAILPOINTS naming an unknown point exits 2 with one line before anything starts."""
+    monkeypatch.setenv("FOEDUS_FAILPOINTS", "while_sleeping:1")
+    code, _, err = run(capsys, "start", "--plan", str(write_plan(tmp_path, certs)))
+    assert code == 2
+    assert err.splitlines() == [
+        "FOEDUS_FAILPOINTS: unknown failpoint 'while_sleeping' (known: after_accept, "
+        "while_aggregating, before_round_commit, while_saving)"
+    ]
+    assert not (tmp_path / "out").exists()
 
 
 def test_sigterm_stops_a_serving_aggregator_with_exit_zero(

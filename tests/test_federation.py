@@ -1,4 +1,4 @@
-"""The round state machine without sockets: straggler policies, late results, final validation, long polls."""
+"""The round state machine without sockets: straggler policies, late results, final validation, long polls, best model, racing writes."""
 
 from __future__ import annotations
 
@@ -9,11 +9,19 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from aggregator.errors import InvalidRequestError, PreconditionError
-from aggregator.federation import Array, Federation, ResultTensor, TaskResult
+from aggregator.errors import InvalidRequestError, PreconditionError, StorageError
+from aggregator.federation import (
+    Accepted,
+    Array,
+    Best,
+    Federation,
+    MemoryStore,
+    ResultTensor,
+    TaskResult,
+)
 from aggregator.identity import Gatekeeper
 from aggregator.servicer import AggregatorServicer
-from plans.schema import Limits, StragglerPolicy, StragglerSettings
+from plans.schema import BestModelSettings, Limits, StragglerPolicy, StragglerSettings
 from protos import aggregator_pb2
 
 COLLABORATORS = ("alice", "bob", "carol")
@@ -306,3 +314,120 @@ def test_long_polls_are_capped_and_kept_within_the_deadline() -> None:
     assert elapsed < 0.3 and sleep == 1
     elapsed, sleep = get_tasks(servicer, FakeContext("carol", remaining=0.8))
     assert 0.2 < elapsed < 0.6 and sleep == 1
+
+
+def test_best_model_is_tracked_with_its_training_rounds() -> None:
+    """The federation keeps the best aggregated accuracy; the validated model is the round's, labelled by its training rounds."""
+    fed = federation(tasks=(AMV, "train"), rounds=2)
+    fed.best_model = BestModelSettings()
+    for round_number, accuracy in ((0, 0.25), (1, 0.125), (2, 0.5)):
+        for name in COLLABORATORS:
+            report(fed, name, value=round_number + 1.0, metrics={"accuracy": accuracy})
+        summary = fed.close_round_if_due()
+        assert summary is not None and summary.round_number == round_number
+        if round_number == 1:  # worse than round 0's: no new best model
+            assert summary.best == Best(0.25, 0) and summary.best_model is None
+    assert summary.best == Best(0.5, 2) and fed.best == Best(0.5, 2)
+    assert summary.best_model is summary.round_model  # validated before this round's training
+    assert summary.best_model["w"].tolist() == [[2.0, 2.0], [2.0, 2.0]]
+
+
+class SlowStore(MemoryStore):
+    """A memory store whose writes take a while, wait for a gate, or fail, as disks sometimes do."""
+
+    def __init__(self, *, delay: float = 0.0, fail: bool = False) -> None:
+        super().__init__()
+        self.delay = delay
+        self.fail = fail
+        self.gate = threading.Event()
+        self.gate.set()
+        self.staging = threading.Event()
+        self.staged = 0
+        self.discarded: list[Accepted] = []
+
+    def stage(self, result: TaskResult) -> Accepted:
+        """Stage after `delay` seconds and once the gate is open, or fail."""
+        self.staged += 1
+        self.staging.set()
+        time.sleep(self.delay)
+        self.gate.wait(5)
+        if self.fail:
+            raise StorageError("disk full")
+        return super().stage(result)
+
+    def discard(self, accepted: Accepted) -> None:
+        """Note what was discarded."""
+        self.discarded.append(accepted)
+
+
+def test_the_same_result_uploaded_twice_at_once_is_stored_once() -> None:
+    """Two uploads of one result racing each other: one is stored, the other waits and is answered as a resend."""
+    store = SlowStore(delay=0.2)
+    fed = Federation(
+        collaborators=COLLABORATORS, tasks=("train",), rounds=1, model=model(), store=store
+    )
+    answers: list[bool] = []
+    uploads = [
+        threading.Thread(target=lambda: answers.append(fed.submit(result("alice", 0))))
+        for _ in range(2)
+    ]
+    for upload in uploads:
+        upload.start()
+    for upload in uploads:
+        upload.join(5)
+    assert sorted(answers) == [False, True]
+    assert store.staged == 1 and len(fed.accepted()) == 1
+
+
+def test_a_failed_write_accepts_nothing() -> None:
+    """When the store cannot write, the result is not accepted and is still owed."""
+    fed = Federation(
+        collaborators=COLLABORATORS,
+        tasks=("train",),
+        rounds=1,
+        model=model(),
+        store=SlowStore(fail=True),
+    )
+    with pytest.raises(StorageError, match="disk full"):
+        fed.submit(result("alice", 0))
+    assert fed.accepted() == ()
+    assert fed.assignment("alice").tasks == ("train",)
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["written", "write-failed"])
+def test_a_result_whose_round_closed_while_it_was_written_is_refused(fail: bool) -> None:
+    """A result still being written when its round closes is refused as closed, and what was written is discarded."""
+    store = SlowStore()
+    fed = Federation(
+        collaborators=COLLABORATORS,
+        tasks=("train",),
+        rounds=2,
+        model=model(),
+        straggler=StragglerSettings(StragglerPolicy.PERCENTAGE, percentage=0.6),
+        store=store,
+    )
+    report(fed, "alice")
+    report(fed, "bob")  # two of three: due, but not closed yet
+    store.gate.clear()
+    store.staging.clear()
+    store.fail = fail
+    refusals: list[BaseException] = []
+
+    def late() -> None:
+        try:
+            fed.submit(result("carol", 0))
+        except BaseException as error:
+            refusals.append(error)
+
+    carol = threading.Thread(target=late)
+    carol.start()
+    assert store.staging.wait(5)
+    summary = fed.close_round_if_due()
+    assert summary is not None and summary.reporters == ("alice", "bob")
+    store.gate.set()
+    carol.join(5)
+    (refusal,) = refusals
+    assert isinstance(refusal, PreconditionError)
+    assert "round 0 is closed" in str(refusal)
+    assert len(store.discarded) == (0 if fail else 1)
+    assert fed.accepted() == ()

@@ -1,4 +1,4 @@
-"""The output folder: exact, deterministic, atomic model files; checked reads; metrics lines."""
+"""The output folder: exact, deterministic, atomic model files; checked reads; metrics lines; crash leftovers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 
 from aggregator.errors import ModelFileError
-from aggregator.storage import OutputFolder, read_model, write_model
+from aggregator.storage import (
+    OutputFolder,
+    model_bytes,
+    read_model,
+    read_tensors,
+    tensors_bytes,
+    write_atomic,
+    write_model,
+)
 from protos import base_pb2
 from protos.codec import encode_tensor
 
@@ -110,3 +118,60 @@ def test_metrics_are_appended_one_json_line_per_round(tmp_path: Path) -> None:
     assert rows[0]["metrics"] == {"train": {"loss": 0.5}}
     assert rows[1]["metrics"] == {"train": {"loss": None}}
     assert "NaN" not in lines[1]
+
+
+def test_a_crash_before_the_rename_leaves_the_old_file_and_a_temporary_one(tmp_path: Path) -> None:
+    """Interrupted between writing and renaming, the old model stays whole; the temporary file is recognised and removed."""
+    output = OutputFolder(tmp_path)
+    output.save_last(small_model(), 1)
+    before = output.last_model.read_bytes()
+
+    class Crash(BaseException):
+        pass
+
+    def crash() -> None:
+        raise Crash
+
+    with pytest.raises(Crash):
+        write_atomic(output.last_model, b"new bytes", before_rename=crash)
+    assert output.last_model.read_bytes() == before
+    # A real crash leaves the temporary file behind; `remove_temporaries` clears it.
+    (tmp_path / ".last_model.pbuf.x1y2.tmp").write_bytes(b"new")
+    (tmp_path / ".notes.txt.tmp").write_bytes(b"not ours")
+    output.remove_temporaries()
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".notes.txt.tmp", "last_model.pbuf"]
+
+
+def test_restore_model_writes_only_what_differs(tmp_path: Path) -> None:
+    """`restore_model` leaves a file with the right bytes alone and replaces one with other bytes."""
+    output = OutputFolder(tmp_path)
+    assert output.restore_model(output.best_model, small_model(), 2) is True
+    assert output.restore_model(output.best_model, small_model(), 2) is False
+    assert output.restore_model(output.best_model, small_model(), 3) is True
+    assert output.best_model.read_bytes() == model_bytes(small_model(), round_number=3)
+
+
+def test_a_metrics_line_cut_short_is_removed(tmp_path: Path) -> None:
+    """`read_metrics` drops a last line a crash cut short, so the next row starts on its own line."""
+    output = OutputFolder(tmp_path)
+    output.append_metrics({"round": 0})
+    with output.metrics.open("a", encoding="utf-8") as file:
+        file.write('{"round": 1, "metr')
+    assert output.read_metrics() == [{"round": 0}]
+    output.append_metrics({"round": 1})
+    assert [row["round"] for row in output.read_metrics()] == [0, 1]
+    assert output.metrics.read_text(encoding="utf-8") == '{"round": 0}\n{"round": 1}\n'
+
+
+def test_tagged_tensors_round_trip_with_their_tags(tmp_path: Path) -> None:
+    """A results file keeps each tensor's values, dtype and tags, and its bytes do not depend on order."""
+    tensors = [
+        ("w", np.arange(4, dtype=np.float64), frozenset({"trained"})),
+        ("accuracy", np.array(0.5, dtype=np.float32), frozenset({"metric"})),
+    ]
+    data = tensors_bytes(tensors, round_number=3)
+    assert tensors_bytes(reversed(tensors), round_number=3) == data
+    loaded = {name: (array, tags) for name, array, tags in read_tensors(tmp_path, data, LIMIT)}
+    for name, array, tags in tensors:
+        assert loaded[name][0].tobytes() == array.tobytes() and loaded[name][0].dtype == array.dtype
+        assert tags <= loaded[name][1]

@@ -1,0 +1,441 @@
+"""The aggregator's durable state without processes: accepts, closes, restarts, refusals, tidiness."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from aggregator import failpoints
+from aggregator.errors import InvalidRequestError, PreconditionError, StorageError
+from aggregator.federation import Array, Federation, ResultTensor, TaskResult
+from aggregator.runtime import Runtime
+from aggregator.state import DurableState, ForeignStateError
+from aggregator.storage import OutputFolder, model_bytes
+from plans.schema import BestModelSettings, Limits, StragglerPolicy, StragglerSettings
+
+from servers import make_plan
+
+UUID = "durable-0001"
+TWO_OF_THREE = StragglerSettings(StragglerPolicy.PERCENTAGE, percentage=0.6)
+COLLABORATORS = ("alice", "bob", "carol")
+AMV = "aggregated_model_validation"
+TASKS = (AMV, "train")
+
+
+def initial_model() -> dict[str, Array]:
+    """A two-tensor model of two dtypes."""
+    return {"w": np.zeros((2, 2), dtype=np.float32), "b": np.zeros(2, dtype=np.float64)}
+
+
+def open_state(folder: Path, uuid: str = UUID, **options: Any) -> DurableState:
+    """The state in `folder`, created around `initial_model()` if new."""
+    return DurableState.open(folder, uuid, initial_model, max_tensor_bytes=2**20, **options)
+
+
+def federation_of(state: DurableState, **options: Any) -> Federation:
+    """A federation of alice, bob and carol resuming where `state` stands."""
+    settings: dict[str, Any] = {
+        "collaborators": COLLABORATORS,
+        "tasks": TASKS,
+        "rounds": 3,
+        "model": initial_model(),
+        "best_model": BestModelSettings(),
+        "store": state,
+        "progress": state.recovered.progress,
+        **options,
+    }
+    return Federation(**settings)
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Iterator[DurableState]:
+    """A new state in tmp_path/out, closed after the test."""
+    opened = open_state(tmp_path / "out")
+    yield opened
+    opened.close()
+
+
+def result(
+    collaborator: str,
+    round_number: int,
+    task: str = "train",
+    *,
+    value: float = 1.0,
+    data_size: int = 10,
+    accuracy: float = 0.5,
+) -> TaskResult:
+    """Train results (every tensor `value`, a loss) or validation results (an accuracy)."""
+    if task == "train":
+        tensors = [
+            ResultTensor(name, frozenset({"trained"}), np.full_like(array, value))
+            for name, array in initial_model().items()
+        ]
+        tensors.append(ResultTensor("loss", frozenset({"metric"}), np.array(1.0, np.float32)))
+    else:
+        tensors = [ResultTensor("accuracy", frozenset({"metric"}), np.array(accuracy, np.float32))]
+    return TaskResult(collaborator, round_number, task, data_size, tuple(tensors))
+
+
+def report(fed: Federation, collaborator: str, round_number: int, value: float = 1.0) -> None:
+    """Submit every task of `round_number` for `collaborator` (an accuracy of value / 10)."""
+    for task in fed.tasks_of_round(round_number):
+        sent = result(collaborator, round_number, task, value=value, accuracy=value / 10)
+        assert fed.submit(sent)
+
+
+def files(folder: Path) -> dict[str, int]:
+    """Every file under `folder` but SQLite's, with its modification time in ns."""
+    return {
+        str(path.relative_to(folder)): path.stat().st_mtime_ns
+        for path in folder.rglob("*")
+        if path.is_file() and "state.sqlite" not in path.name
+    }
+
+
+def test_accepted_results_survive_a_restart(tmp_path: Path) -> None:
+    """Results accepted before a restart are there after it, tensors byte for byte, not owed again."""
+    first = open_state(tmp_path / "out")
+    assert first.recovered.fresh
+    fed = federation_of(first)
+    sent = result("alice", 0, value=2.5)
+    assert fed.submit(sent)
+    assert fed.submit(result("alice", 0, AMV))
+    first.close()
+
+    again = open_state(tmp_path / "out")
+    try:
+        assert not again.recovered.fresh
+        fed = federation_of(again)
+        assert fed.round_number == 0
+        assert [(a.collaborator, a.task_name) for a in fed.accepted()] == [
+            ("alice", AMV),
+            ("alice", "train"),
+        ]
+        stored = {r.task_name: r for r in fed.results()}["train"]
+        assert stored.data_size == sent.data_size
+        by_name = {t.name: t for t in stored.tensors}
+        for tensor in sent.tensors:
+            assert by_name[tensor.name].array.tobytes() == tensor.array.tobytes()
+            assert by_name[tensor.name].array.dtype == tensor.array.dtype
+            assert tensor.tags <= by_name[tensor.name].tags
+        assert fed.assignment("alice").tasks == ()  # nothing owed: she is done with round 0
+        assert fed.assignment("bob").tasks == TASKS
+    finally:
+        again.close()
+
+
+def test_acknowledged_result_resent_after_a_restart_counts_once(tmp_path: Path) -> None:
+    """A result acknowledged before the crash and sent again after it is answered OK, not stored twice."""
+    first = open_state(tmp_path / "out")
+    assert federation_of(first).submit(result("alice", 0, value=1.0))
+    first.close()
+    again = open_state(tmp_path / "out")
+    try:
+        fed = federation_of(again)
+        before = files(tmp_path / "out")
+        assert fed.submit(result("alice", 0, value=99.0)) is False
+        assert files(tmp_path / "out") == before
+        assert len(fed.accepted()) == 1
+        assert fed.results()[0].tensors[0].array.flat[0] != 99.0
+    finally:
+        again.close()
+
+
+def test_result_in_flight_at_the_crash_is_stored_once_when_resent(tmp_path: Path) -> None:
+    """A result whose file was written but whose row was not committed is gone after a restart; its resend is stored once."""
+    first = open_state(tmp_path / "out")
+    staged = first.stage(result("bob", 0))  # the crash comes before `record`
+    stray = tmp_path / "out" / "state" / staged.handle.name  # type: ignore[attr-defined]
+    assert stray.exists()
+    first.close()
+    again = open_state(tmp_path / "out")
+    try:
+        assert not stray.exists()
+        fed = federation_of(again)
+        assert fed.accepted() == ()
+        assert fed.submit(result("bob", 0)) is True
+        assert fed.submit(result("bob", 0)) is False
+        assert len(fed.accepted()) == 1
+    finally:
+        again.close()
+
+
+def test_another_federation_uuid_is_refused(tmp_path: Path) -> None:
+    """A folder holding another federation's state is refused with both uuids and the folder named."""
+    open_state(tmp_path / "out").close()
+    with pytest.raises(ForeignStateError) as refused:
+        open_state(tmp_path / "out", uuid="someone-else")
+    message = str(refused.value)
+    assert str(tmp_path / "out") in message
+    assert UUID in message and "someone-else" in message
+    # The refusal changed nothing: the right uuid still opens it.
+    open_state(tmp_path / "out").close()
+
+
+def test_outputs_without_state_are_refused(tmp_path: Path) -> None:
+    """A folder with a metrics.jsonl but no state (another run's outputs) is refused, not mixed in."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text('{"round": 0}\n', encoding="utf-8")
+    with pytest.raises(ForeignStateError, match=r"metrics\.jsonl of an earlier run"):
+        open_state(folder)
+    assert not (folder / "state").exists()
+
+
+def test_reset_starts_over(tmp_path: Path) -> None:
+    """`reset` removes the state and the outputs, keeps other files, and opens a new state at round 0."""
+    folder = tmp_path / "out"
+    first = open_state(folder)
+    fed = federation_of(first)
+    for name in COLLABORATORS:
+        report(fed, name, 0)
+    assert fed.close_round_if_due() is not None
+    first.close()
+    for name in ("last_model.pbuf", "best_model.pbuf", "metrics.jsonl", "notes.txt"):
+        (folder / name).write_bytes(b"x")
+    again = open_state(folder, uuid="another-federation", reset=True)
+    try:
+        assert again.recovered.fresh and again.recovered.progress.round_number == 0
+        assert sorted(path.name for path in folder.iterdir()) == ["notes.txt", "state"]
+    finally:
+        again.close()
+
+
+def test_one_aggregator_per_folder(state: DurableState) -> None:
+    """While a state is open, opening the same folder again is refused."""
+    with pytest.raises(StorageError, match="another aggregator"):
+        open_state(state.folder)
+
+
+def test_old_round_files_are_removed_after_each_commit(state: DurableState) -> None:
+    """After each close only the new round's model (and the best model) are on disk; no result files."""
+    fed = federation_of(state)
+    assert state.disk_files() == ["models/round-0.pbuf"]
+    for round_number, value in ((0, 1.0), (1, 2.0), (2, 3.0)):
+        for name in COLLABORATORS:
+            report(fed, name, round_number, value=value)
+        results = [
+            name for name in state.disk_files() if name.startswith(f"rounds/{round_number}/")
+        ]
+        assert len(results) == len(TASKS) * len(COLLABORATORS)
+        summary = fed.close_round_if_due()
+        assert summary is not None and summary.round_number == round_number
+        models = [name for name in state.disk_files() if name.startswith("models/")]
+        assert state.disk_files() == models, "result files left behind"
+        assert f"models/round-{round_number + 1}.pbuf" in models
+        assert len(models) <= 2  # the current model and the best one
+    assert fed.model()["w"].tolist() == [[3.0, 3.0], [3.0, 3.0]]
+
+
+def test_duplicate_wrong_and_closed_rounds_write_nothing(state: DurableState) -> None:
+    """A duplicate is answered OK and results for a wrong or closed round refused, all before any write."""
+    fed = federation_of(state, straggler=TWO_OF_THREE)
+    folder = state.folder
+    assert fed.submit(result("alice", 0)) is True
+    before = files(folder)
+    assert fed.submit(result("alice", 0, value=5.0)) is False
+    with pytest.raises(PreconditionError, match="not the round in progress"):
+        fed.submit(result("bob", 1))
+    assert files(folder) == before
+    assert fed.submit(result("alice", 0, AMV))  # alice and bob (2 of 3) close round 0
+    report(fed, "bob", 0)
+    assert fed.close_round_if_due() is not None
+    before = files(folder)
+    with pytest.raises(PreconditionError, match="round 0 is closed"):
+        fed.submit(result("carol", 0))
+    assert fed.submit(result("alice", 0)) is False  # a resend into the closed round: OK, once
+    assert files(folder) == before
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_non_finite_values_are_refused_unless_the_plan_allows_them(
+    state: DurableState, bad: float
+) -> None:
+    """NaN or infinity in any tensor is refused naming it, and nothing is written; allowed by limits.allow_non_finite."""
+    fed = federation_of(state)
+    poisoned = result("alice", 0)
+    tensors = list(poisoned.tensors)
+    tensors[0] = ResultTensor(tensors[0].name, tensors[0].tags, np.full((2, 2), bad, np.float32))
+    poisoned = TaskResult("alice", 0, "train", 10, tuple(tensors))
+    before = files(state.folder)
+    with pytest.raises(InvalidRequestError, match=r"tensor 'w' holds NaN or infinite"):
+        fed.submit(poisoned)
+    metric = TaskResult(
+        "bob", 0, AMV, 10, (ResultTensor("accuracy", frozenset({"metric"}), np.float32(bad)),)
+    )
+    with pytest.raises(InvalidRequestError, match=r"'accuracy'.*allow_non_finite"):
+        fed.submit(metric)
+    assert files(state.folder) == before
+    lenient = Federation(
+        collaborators=COLLABORATORS,
+        tasks=TASKS,
+        rounds=3,
+        model=initial_model(),
+        limits=Limits(allow_non_finite=True),
+    )
+    assert lenient.submit(poisoned) and lenient.submit(metric)
+
+
+def test_data_size_over_the_plan_limit_is_refused(state: DurableState) -> None:
+    """A data_size above limits.max_data_size is refused naming the limit; at the limit it is accepted."""
+    fed = federation_of(state, limits=Limits(max_data_size=1000))
+    with pytest.raises(InvalidRequestError, match=r"data_size 1001 .*limits\.max_data_size"):
+        fed.submit(result("alice", 0, data_size=1001))
+    assert state.disk_files() == ["models/round-0.pbuf"]
+    assert fed.submit(result("alice", 0, data_size=1000))
+
+
+class Crash(BaseException):
+    """Stands in for SIGKILL at a failpoint, in-process."""
+
+
+def crash_at(monkeypatch: pytest.MonkeyPatch, point: str) -> None:
+    """Make failpoint `point` raise `Crash` in the aggregator's modules."""
+
+    def fire(name: str) -> None:
+        if name == point:
+            raise Crash(name)
+
+    for module in ("aggregator.state", "aggregator.federation", "aggregator.storage"):
+        monkeypatch.setattr(f"{module}.failpoint", fire)
+
+
+def start_round_zero(folder: Path) -> tuple[DurableState, Federation]:
+    """A new state in `folder` whose round 0 alice and bob reported (due to close: 2 of 3)."""
+    state = open_state(folder)
+    fed = federation_of(state, straggler=TWO_OF_THREE)
+    for name, value in (("alice", 1.0), ("bob", 4.5)):
+        report(fed, name, 0, value=value)
+    return state, fed
+
+
+@pytest.mark.parametrize("point", ["while_aggregating", "before_round_commit"])
+def test_a_close_cut_short_is_redone_with_the_same_reporters_and_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, point: str
+) -> None:
+    """A crash while aggregating or before the commit: after a restart the round closes at once, same reporters, same bytes."""
+    state, fed = start_round_zero(tmp_path / "reference")
+    summary = fed.close_round_if_due()
+    assert summary is not None
+    reference = model_bytes(summary.model)
+    state.close()
+
+    state, fed = start_round_zero(tmp_path / "out")
+    with monkeypatch.context() as patch:
+        crash_at(patch, point)
+        with pytest.raises(Crash):
+            fed.close_round_if_due()
+    state.close()
+
+    state = open_state(tmp_path / "out")
+    try:
+        assert state.recovered.progress.closing == ("alice", "bob")
+        # Every collaborator may report now (wait_for_all), but the decided close stands.
+        fed = federation_of(state)
+        assert fed.assignment("carol").tasks == ()  # the round is closing: nothing handed out
+        with pytest.raises(PreconditionError, match="round 0 is closed"):
+            fed.submit(result("carol", 0))
+        summary = fed.close_round_if_due()
+        assert summary is not None
+        assert (summary.reporters, summary.missing) == (("alice", "bob"), ("carol",))
+        assert model_bytes(summary.model) == reference
+        assert fed.round_number == 1
+        assert [name for name in state.disk_files() if name.startswith("rounds/")] == []
+    finally:
+        state.close()
+
+
+def test_a_corrupt_result_file_is_dropped_and_asked_for_again(tmp_path: Path) -> None:
+    """A result file that no longer matches its SHA-256 is dropped at restart, and its task is owed again."""
+    first = open_state(tmp_path / "out")
+    fed = federation_of(first)
+    assert fed.submit(result("carol", 0, value=3.0))
+    (path,) = (tmp_path / "out" / "state" / "rounds" / "0").iterdir()
+    first.close()
+    path.write_bytes(path.read_bytes()[:-3] + b"xyz")
+    again = open_state(tmp_path / "out")
+    try:
+        assert again.recovered.dropped == ("rounds/0/carol-train.pbuf",)
+        fed = federation_of(again)
+        assert fed.accepted() == ()
+        assert fed.assignment("carol").tasks == TASKS
+    finally:
+        again.close()
+
+
+def runtime_for(state: DurableState, folder: Path) -> Runtime:
+    """A runtime writing to `folder` for the federation in `state`, with a plan of uuid UUID."""
+    plan = make_plan(None, federation={"uuid": UUID, "rounds": 3})
+    fed = federation_of(state)
+    return Runtime(plan, fed, OutputFolder(folder))
+
+
+def metrics_rounds(folder: Path) -> list[int]:
+    """The round of each row of metrics.jsonl."""
+    lines = (folder / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["round"] for line in lines]
+
+
+def test_restore_rewrites_outputs_a_crash_left_behind(tmp_path: Path) -> None:
+    """After a crash while saving, a restart rewrites last/best model and adds the lost metrics row, never a duplicate."""
+    folder = tmp_path / "out"
+    state = open_state(folder)
+    runtime = runtime_for(state, folder)
+    for round_number, value in ((0, 1.0), (1, 2.0)):
+        for name in COLLABORATORS:
+            report(runtime.federation, name, round_number, value=value)
+        summary = runtime.federation.close_round_if_due()
+        assert summary is not None
+        if round_number == 0:
+            runtime.record(summary)
+    state.close()
+    # Round 1 was committed, then the crash: its outputs were never written, and round 0's
+    # metrics row was cut short on a retry, beside a half-written temporary model.
+    last = (folder / "last_model.pbuf").read_bytes()
+    with (folder / "metrics.jsonl").open("a", encoding="utf-8") as metrics:
+        metrics.write('{"federation": "durable-0001", "rou')
+    (folder / ".last_model.pbuf.abc.tmp").write_bytes(b"half")
+
+    state = open_state(folder)
+    try:
+        runtime = runtime_for(state, folder)
+        runtime.restore(state)
+        assert metrics_rounds(folder) == [0, 1]
+        assert not (folder / ".last_model.pbuf.abc.tmp").exists()
+        model = state.recovered.progress.model
+        assert (folder / "last_model.pbuf").read_bytes() == model_bytes(model, round_number=2)
+        assert (folder / "last_model.pbuf").read_bytes() != last
+        # Round 1's validation (of the model after one round) was the best: 0.1 -> 0.2.
+        best = state.recovered.progress.best
+        assert best is not None and best.training_rounds == 1
+        best_model = state.best_model()
+        assert best_model is not None
+        assert (folder / "best_model.pbuf").read_bytes() == model_bytes(best_model, round_number=1)
+        runtime.restore(state)  # a second restart adds nothing
+        assert metrics_rounds(folder) == [0, 1]
+    finally:
+        state.close()
+
+
+def test_failpoints_parse_and_refuse_unknown_names() -> None:
+    """FOEDUS_FAILPOINTS arms named points with counts; unknown names and bad counts are refused; unset arms none."""
+    assert failpoints.parse("after_accept:3, while_saving:1") == {
+        "after_accept": 3,
+        "while_saving": 1,
+    }
+    with pytest.raises(failpoints.FailpointError, match="unknown failpoint 'after_acept'"):
+        failpoints.parse("after_acept:3")
+    with pytest.raises(failpoints.FailpointError, match="count of 1 or more"):
+        failpoints.parse("while_saving:0")
+    environment: Mapping[str, str] = {
+        k: v for k, v in os.environ.items() if k != "FOEDUS_FAILPOINTS"
+    }
+    assert failpoints.configure(environment) == {}
+    failpoints.failpoint("after_accept")  # unarmed: nothing happens
