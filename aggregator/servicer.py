@@ -7,6 +7,15 @@ Nothing here decides anything about the federation; `Federation` does. Every RPC
 within its call's deadline) until the round closes, so it starts the next round within
 milliseconds instead of after a fixed sleep. Each waiting call holds a server thread, so at most
 `max_long_polls` wait at once; past that the answer comes at once with the usual short sleep.
+
+Every RPC counts against its caller's `limits.max_calls_per_collaborator` (`aggregator.admission`)
+from the moment the certificate names the caller, and an upload must end within
+`limits.upload_seconds`. Nothing of a refused, cut-off or cancelled upload is stored: the
+federation sees a result only once the whole stream has been read, parsed and decoded.
+
+Uploads have no limit on the number of chunks: OpenFL sends 2 MiB chunks, and many tiny ones cost
+the sender as much as us; memory is bounded by `limits.max_upload_bytes` (see
+`protos.stream.join_chunks`), time by `limits.upload_seconds`.
 """
 
 from __future__ import annotations
@@ -14,10 +23,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, closing, contextmanager, nullcontext
 
 import grpc
 
-from aggregator.federation import Assignment, Federation, ResultTensor, TaskResult
+from aggregator.admission import Admission, chunks_within
+from aggregator.errors import InvalidRequestError
+from aggregator.federation import DELTA_TAG, Assignment, Federation, ResultTensor, TaskResult
 from aggregator.identity import Gatekeeper, Header
 from aggregator.status import refusals_as_status
 from plans import Limits
@@ -47,6 +59,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
         self.federation = federation
         self.gatekeeper = gatekeeper
         self.limits = limits
+        self.admission = Admission(limits.max_calls_per_collaborator)
         self.long_poll_seconds = long_poll_seconds
         self._long_polls = threading.BoundedSemaphore(max(1, max_long_polls))
         self._long_polling = max_long_polls > 0 and long_poll_seconds > 0
@@ -62,16 +75,16 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
         self, request: aggregator_pb2.PingRequest, context: grpc.ServicerContext
     ) -> aggregator_pb2.PingResponse:
         """Answer a collaborator that checks it can reach and authenticate to the aggregator."""
-        caller = self._authenticate(context, request.header)
-        return aggregator_pb2.PingResponse(header=self._reply_header(caller))
+        with self._authenticated(context, request.header) as caller:
+            return aggregator_pb2.PingResponse(header=self._reply_header(caller))
 
     @refusals_as_status
     def GetTasks(  # noqa: N802
         self, request: aggregator_pb2.GetTasksRequest, context: grpc.ServicerContext
     ) -> aggregator_pb2.GetTasksResponse:
         """Tell a collaborator its tasks of the round in progress, to wait, or to quit."""
-        caller = self._authenticate(context, request.header)
-        assignment = self._assignment(caller, context)
+        with self._authenticated(context, request.header) as caller:
+            assignment = self._assignment(caller, context)
         return aggregator_pb2.GetTasksResponse(
             header=self._reply_header(caller),
             round_number=assignment.round_number,
@@ -88,26 +101,43 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
         self, request: aggregator_pb2.GetAggregatedTensorRequest, context: grpc.ServicerContext
     ) -> aggregator_pb2.GetAggregatedTensorResponse:
         """Send one tensor of the global model of the round in progress."""
-        caller = self._authenticate(context, request.header)
-        array = self.federation.global_tensor(request.tensor_name, request.round_number)
-        tensor = encode_tensor(
-            request.tensor_name, array, round_number=request.round_number, tags=MODEL_TAGS
-        )
-        return aggregator_pb2.GetAggregatedTensorResponse(
-            header=self._reply_header(caller),
-            round_number=request.round_number,
-            tensor=tensor,
-        )
+        with self._authenticated(context, request.header) as caller:
+            # OpenFL's use_delta_updates asks for a delta and would add a whole model to its own.
+            if DELTA_TAG in request.tags:
+                raise InvalidRequestError(
+                    f"tensor {request.tensor_name!r}: foedus sends whole models, not deltas "
+                    "(set use_delta_updates: false in the collaborator)"
+                )
+            array = self.federation.global_tensor(request.tensor_name, request.round_number)
+            tensor = encode_tensor(
+                request.tensor_name, array, round_number=request.round_number, tags=MODEL_TAGS
+            )
+            return aggregator_pb2.GetAggregatedTensorResponse(
+                header=self._reply_header(caller),
+                round_number=request.round_number,
+                tensor=tensor,
+            )
 
     @refusals_as_status
     def SendLocalTaskResults(  # noqa: N802
         self, request_iterator: Iterator[base_pb2.DataStream], context: grpc.ServicerContext
     ) -> aggregator_pb2.SendLocalTaskResultsResponse:
         """Join a streamed `TaskResults`, check it, and hand it to the federation."""
-        # Who is calling is known from the certificate before a byte of the stream is read.
+        # Who is calling is known from the certificate before a byte of the stream is read, so
+        # the call counts against its limit from the start; an insecure server only learns the
+        # caller from the header, and counts it from then on.
         peer = self.gatekeeper.identify(_peer_common_names(context))
-        message = task_results_from_chunks(request_iterator, max_bytes=self.limits.max_upload_bytes)
-        caller = self.gatekeeper.check_header(peer, _header(message.header))
+        upload = chunks_within(request_iterator, self.limits.upload_seconds)
+        with self._slot(peer), closing(upload):  # closed: its reader stops even if we stop early
+            message = task_results_from_chunks(upload, max_bytes=self.limits.max_upload_bytes)
+            caller = self.gatekeeper.check_header(peer, _header(message.header))
+            with self._slot(caller if peer is None else None):
+                return self._submit(caller, message)
+
+    def _submit(
+        self, caller: str, message: aggregator_pb2.TaskResults
+    ) -> aggregator_pb2.SendLocalTaskResultsResponse:
+        """Decode an uploaded `TaskResults` and hand it to the federation."""
         result = TaskResult(
             collaborator=caller,
             round_number=message.round_number,
@@ -155,11 +185,20 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
         finally:
             self._long_polls.release()
 
-    def _authenticate(
+    @contextmanager
+    def _authenticated(
         self, context: grpc.ServicerContext, header: aggregator_pb2.MessageHeader
-    ) -> str:
+    ) -> Iterator[str]:
+        """The caller a request speaks for, holding one of its call slots while inside."""
         peer = self.gatekeeper.identify(_peer_common_names(context))
-        return self.gatekeeper.check_header(peer, _header(header))
+        with self._slot(peer):
+            caller = self.gatekeeper.check_header(peer, _header(header))
+            with self._slot(caller if peer is None else None):
+                yield caller
+
+    def _slot(self, name: str | None) -> AbstractContextManager[None]:
+        """One of `name`'s call slots (see `Admission`); nothing to hold for None."""
+        return nullcontext() if name is None else self.admission.admit(name)
 
     def _reply_header(self, caller: str) -> aggregator_pb2.MessageHeader:
         return aggregator_pb2.MessageHeader(

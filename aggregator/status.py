@@ -2,7 +2,11 @@
 
 Refusals raised anywhere below the servicer (identity, federation logic, codec, stream joiner)
 reach the caller as their status with their message; anything else is a bug, logged with its
-traceback and answered `INTERNAL`, never `UNKNOWN`.
+traceback and answered `INTERNAL`, never `UNKNOWN`. One exception to that: when a call ends
+while its stream is still being read (the caller cancelled, its deadline passed, or gRPC refused
+a message over `limits.max_message_bytes` and answered RESOURCE_EXHAUSTED itself), gRPC's request
+iterator raises. That is no bug of ours: it is logged without a traceback, and nothing more is
+answered, since the call is already over.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ from typing import NoReturn, TypeVar
 
 import grpc
 
+from aggregator.admission import UploadTimeoutError
 from aggregator.errors import (
     AuthenticationError,
     AuthorizationError,
     InvalidRequestError,
     LimitExceededError,
     PreconditionError,
+    StorageError,
 )
 from protos.codec import TensorFormatError, TensorTooLargeError
 from protos.stream import StreamError, StreamTooLargeError
@@ -36,10 +42,13 @@ STATUS_CODES: Mapping[type[Exception], grpc.StatusCode] = {
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
     PreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
     LimitExceededError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    UploadTimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED,
     TensorTooLargeError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     TensorFormatError: grpc.StatusCode.INVALID_ARGUMENT,
     StreamTooLargeError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     StreamError: grpc.StatusCode.INVALID_ARGUMENT,
+    # Nothing was acknowledged, so the caller may safely retry (its client retries UNAVAILABLE).
+    StorageError: grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -67,9 +76,19 @@ def refusals_as_status(
 
 
 def _abort(context: grpc.ServicerContext, method: str, error: Exception) -> NoReturn:
+    if isinstance(error, grpc.RpcError) and not context.is_active():
+        logger.info(
+            "%s: the call ended before its stream did (cancelled, past its deadline, or a "
+            "message over limits.max_message_bytes)",
+            method,
+        )
+        context.abort(grpc.StatusCode.CANCELLED, "the call ended before its stream did")
     code = status_of(error)
     if code is grpc.StatusCode.INTERNAL:
         logger.exception("%s failed unexpectedly", method)
         context.abort(code, f"internal error in {method}; the aggregator's log has the details")
+    if isinstance(error, StorageError):  # the detail names the aggregator's files: log it only
+        logger.error("%s: cannot store: %s", method, error)
+        context.abort(code, f"the aggregator cannot store data right now; {method} may be retried")
     logger.info("%s refused (%s): %s", method, code.name, error)
     context.abort(code, str(error))

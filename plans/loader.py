@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import reprlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -193,6 +194,10 @@ def load_plan(path: str | Path) -> Plan:
         raise PlanError(
             plan_path, [f"{line}not valid YAML: {getattr(error, 'problem', error)}"]
         ) from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise PlanError(plan_path, ["not valid YAML: nested too deeply"]) from None
+    except ValueError as error:  # a scalar PyYAML cannot build: 2020-13-45, !!int x, 5000 digits
+        raise PlanError(plan_path, [f"not valid YAML: {error}"]) from None
     return parse_plan(data, plan_path)
 
 
@@ -254,7 +259,7 @@ def _aggregator(section: _Section, base: Path) -> AggregatorSettings:
         san_dns=section.names("san_dns", ()),
         san_ips=_ip_addresses(section, "san_ips"),
         grace_seconds=section.number("grace_seconds", 5.0, low=0, high=3600),
-        output_dir=(base / section.text("output_dir", "output")).resolve(),
+        output_dir=_resolved(section, "output_dir", section.text("output_dir", "output"), base),
         initial_model=_optional_file(section, "initial_model", base),
         long_poll_seconds=section.number("long_poll_seconds", 5.0, low=0, high=300),
         quit_grace_seconds=section.number("quit_grace_seconds", 30.0, low=0, high=86400),
@@ -269,10 +274,29 @@ def _optional_file(section: _Section, key: str, base: Path) -> Path | None:
         section.seen.add(key)
         return None
     text = section.text(key, "")
-    path = (base / text).resolve()
-    if text and not path.is_file():
+    if not text:
+        return None
+    problems = len(section.problems)
+    path = _resolved(section, key, text, base)
+    if len(section.problems) > problems:
+        return None
+    try:
+        found = path.is_file()
+    except OSError as error:  # a name too long for the file system
+        section.problems.append(f"{section._key(key)}: not a usable path: {error.strerror}")
+        return None
+    if not found:
         section.problems.append(f"{section._key(key)}: file not found: {path}")
-    return path if text else None
+    return path
+
+
+def _resolved(section: _Section, key: str, text: str, base: Path) -> Path:
+    """`text` as a path relative to the plan, resolved; one the system cannot use is a problem."""
+    try:
+        return (base / text).resolve()
+    except (OSError, ValueError) as error:  # a NUL character in it
+        section.problems.append(f"{section._key(key)}: not a usable path: {error}")
+        return base  # never used: the problem makes the whole plan fail
 
 
 def _tasks(root: _Section) -> tuple[str, ...]:
@@ -353,7 +377,9 @@ def _tls(section: _Section, base: Path) -> TLSSettings:
         section.problems.append("tls: give either certs_dir or insecure: true, not both")
     if not insecure and not certs_dir and "certs_dir" not in section.data:
         section.problems.append("tls.certs_dir: required unless tls.insecure is true")
-    certs = None if insecure or not certs_dir else CertsLayout((base / certs_dir).resolve())
+    certs = None
+    if not insecure and certs_dir:
+        certs = CertsLayout(_resolved(section, "certs_dir", certs_dir, base))
     return TLSSettings(certs=certs, insecure=insecure)
 
 
@@ -414,6 +440,13 @@ def _kind(value: object) -> str:
     return "nothing" if value is None else type(value).__name__
 
 
+# Bounded, so a value built from YAML aliases (a "billion laughs") is not printed whole.
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 6
+
+
 def _shown(value: object) -> str:
-    text = repr(value)
+    text = _REPR.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."

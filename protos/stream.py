@@ -3,7 +3,8 @@
 `SendLocalTaskResults` is a client stream: OpenFL serializes one whole `TaskResults`, cuts the
 bytes into chunks of at most 2 MiB and sends each as `DataStream(size=len(chunk), npbytes=chunk)`.
 The joiner stops reading as soon as the total passes the receiver's cap, so a hostile sender
-cannot make it buffer more than that.
+cannot make it buffer more than that; it appends into one buffer, so many tiny chunks cost no
+more memory than a few large ones.
 """
 
 from __future__ import annotations
@@ -37,22 +38,22 @@ def chunk_bytes(payload: bytes, chunk_size: int = CHUNK_BYTES) -> Iterator[base_
 
 def join_chunks(chunks: Iterable[base_pb2.DataStream], *, max_bytes: int) -> bytes:
     """Join a stream's chunks, checking each chunk's declared size and the running total."""
-    pieces: list[bytes] = []
-    total = 0
+    # One growing buffer, not a list of pieces: a list of a million 1-byte chunks would hold
+    # tens of megabytes of object headers for one megabyte of payload.
+    joined = bytearray()
     for index, chunk in enumerate(chunks):
         if chunk.size != len(chunk.npbytes):
             raise StreamError(
                 f"chunk {index} declares {chunk.size} bytes but carries {len(chunk.npbytes)}"
             )
-        total += len(chunk.npbytes)
-        if total > max_bytes:
+        if len(joined) + len(chunk.npbytes) > max_bytes:
             raise StreamTooLargeError(
                 f"stream passed the limit of {max_bytes} bytes at chunk {index}"
             )
-        pieces.append(chunk.npbytes)
-    if total == 0:
+        joined += chunk.npbytes
+    if not joined:
         raise StreamError("empty stream: no bytes were sent")
-    return b"".join(pieces)
+    return bytes(joined)
 
 
 def task_results_to_chunks(

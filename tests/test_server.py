@@ -1,11 +1,14 @@
-"""The aggregator server over real mutual TLS: every refusal answers its exact status, honest callers go on."""
+"""The aggregator server over real mutual TLS: honest callers, resends, certificate rotation, the status table.
+
+Each kind of hostile input, with its exact status, is a row of `test_hostile_input.py`, which
+uses the raw `Caller` defined here.
+"""
 
 from __future__ import annotations
 
 import shutil
 import socket
 import ssl
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +18,23 @@ import numpy as np
 import pytest
 from cryptography import x509
 
+from aggregator.admission import UploadTimeoutError
+from aggregator.errors import (
+    AuthenticationError,
+    AuthorizationError,
+    InvalidRequestError,
+    LimitExceededError,
+    ModelFileError,
+    PreconditionError,
+)
 from aggregator.federation import Federation
 from aggregator.server import AggregatorGRPCServer
+from aggregator.status import STATUS_CODES, status_of
 from pki.layout import CertsLayout
 from pki.local import setup_local_federation
 from protos import aggregator_pb2, aggregator_pb2_grpc, base_pb2
-from protos.codec import decode_tensor, encode_tensor
-from protos.stream import chunk_bytes, task_results_to_chunks
+from protos.codec import TensorFormatError, TensorTooLargeError, decode_tensor, encode_tensor
+from protos.stream import StreamError, StreamTooLargeError, task_results_to_chunks
 
 from conftest import Identity
 from servers import (
@@ -32,8 +45,6 @@ from servers import (
     running_aggregator,
     small_model,
 )
-
-UPLOAD_CAP = 1024 * 1024
 
 
 @dataclass
@@ -88,8 +99,8 @@ def connect(
 
 @pytest.fixture(scope="module")
 def federation_and_server(certs: CertsLayout) -> Iterator[tuple[Federation, AggregatorGRPCServer]]:
-    """One live aggregator for the module, with a small upload cap to test it."""
-    plan = make_plan(certs, limits={"max_upload_bytes": UPLOAD_CAP})
+    """One live aggregator for the module."""
+    plan = make_plan(certs)
     federation = make_federation(plan)
     with running_aggregator(plan, federation) as server:
         yield federation, server
@@ -112,18 +123,6 @@ def alice(server: AggregatorGRPCServer, certs: CertsLayout) -> Iterator[Caller]:
     )
     yield caller
     caller.channel.close()
-
-
-def assert_status(call: object, code: grpc.StatusCode, *words: str) -> str:
-    """Run `call`, expect an RpcError with `code` whose details contain every word; return details."""
-    with pytest.raises(grpc.RpcError) as raised:
-        call()  # type: ignore[operator]
-    error = raised.value
-    assert error.code() == code, error.details()
-    details = error.details() or ""
-    for word in words:
-        assert word in details, details
-    return details
 
 
 def test_honest_collaborator_pings_and_gets_tasks(alice: Caller) -> None:
@@ -152,164 +151,6 @@ def test_global_tensors_arrive_exactly(alice: Caller, name: str) -> None:
     expected = small_model()[name]
     assert array.dtype == expected.dtype
     np.testing.assert_array_equal(array, expected)
-
-
-def _ping(caller: Caller, **header: str) -> object:
-    return lambda: caller.stub.Ping(
-        aggregator_pb2.PingRequest(header=caller.header(**header)), timeout=10
-    )
-
-
-def test_stranger_with_our_ca_is_denied(
-    server: AggregatorGRPCServer, certs: CertsLayout, stranger: Identity
-) -> None:
-    """A valid certificate of someone not in the plan gets PERMISSION_DENIED naming the name."""
-    caller = connect(server, certs, stranger, "mallory")
-    assert_status(
-        _ping(caller), grpc.StatusCode.PERMISSION_DENIED, "'mallory'", "not an authorised"
-    )
-
-
-@pytest.mark.parametrize(
-    ("header", "words"),
-    [
-        ({"sender": "bob"}, ("header.sender 'bob'", "'alice'")),
-        ({"federation_uuid": "another-federation"}, ("federation_uuid", "another-federation")),
-        ({"receiver": "aggregator_other"}, ("header.receiver", "aggregator_other")),
-    ],
-    ids=["cn-differs-from-sender", "wrong-federation", "wrong-receiver"],
-)
-def test_header_that_disagrees_is_denied(
-    alice: Caller, header: dict[str, str], words: tuple[str, ...]
-) -> None:
-    """A header that disagrees with the certificate or this federation gets PERMISSION_DENIED, at once."""
-    started = time.monotonic()
-    assert_status(_ping(alice, **header), grpc.StatusCode.PERMISSION_DENIED, *words)
-    assert time.monotonic() - started < 2  # no OpenFL-style random sleep before answering
-
-
-@pytest.mark.parametrize(
-    "who", ["no-certificate", "foreign_alice", "expired_alice", "future_alice"]
-)
-def test_unverifiable_client_is_refused_at_handshake(
-    server: AggregatorGRPCServer, certs: CertsLayout, request: pytest.FixtureRequest, who: str
-) -> None:
-    """Without a certificate our CA vouches for now, the TLS handshake fails: the client sees UNAVAILABLE."""
-    identity = None if who == "no-certificate" else request.getfixturevalue(who)
-    caller = connect(server, certs, identity, "alice")
-    # require_client_auth rejects these before any RPC exists, so no status of ours can be sent.
-    assert_status(_ping(caller), grpc.StatusCode.UNAVAILABLE)
-
-
-@pytest.mark.parametrize(
-    ("make_chunks", "code", "words"),
-    [
-        (
-            lambda c: chunk_bytes(b"\xff\xff\xff\xff"),
-            grpc.StatusCode.INVALID_ARGUMENT,
-            ("not a TaskResults",),
-        ),
-        (lambda c: iter(()), grpc.StatusCode.INVALID_ARGUMENT, ("empty stream",)),
-        (
-            lambda c: iter([base_pb2.DataStream(size=10, npbytes=b"abc")]),
-            grpc.StatusCode.INVALID_ARGUMENT,
-            ("declares 10 bytes",),
-        ),
-        (
-            lambda c: chunk_bytes(b"\0" * (UPLOAD_CAP + 1), 64 * 1024),
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            ("limit of",),
-        ),
-        (
-            lambda c: task_results_to_chunks(
-                c.results(
-                    tensors=[
-                        base_pb2.NamedTensor(
-                            name="dense/bias",
-                            transformer_metadata=[base_pb2.MetadataProto(int_list=[4])],
-                            data_bytes=b"\0" * 15,
-                        )
-                    ]
-                )
-            ),
-            grpc.StatusCode.INVALID_ARGUMENT,
-            ("needs 16 bytes, got 15",),
-        ),
-        (
-            lambda c: task_results_to_chunks(c.results(task_name="mine_bitcoin")),
-            grpc.StatusCode.INVALID_ARGUMENT,
-            ("'mine_bitcoin'",),
-        ),
-        (
-            lambda c: task_results_to_chunks(c.results(round_number=5)),
-            grpc.StatusCode.FAILED_PRECONDITION,
-            ("round 5",),
-        ),
-        (
-            lambda c: task_results_to_chunks(c.results(data_size=0)),
-            grpc.StatusCode.INVALID_ARGUMENT,
-            ("data_size",),
-        ),
-        (
-            lambda c: task_results_to_chunks(
-                c.results(tensors=[encode_tensor("backdoor", np.zeros(3, np.float32))])
-            ),
-            grpc.StatusCode.INVALID_ARGUMENT,
-            ("'backdoor'",),
-        ),
-        (
-            lambda c: task_results_to_chunks(
-                c.results(tensors=[encode_tensor("dense/bias", np.zeros(5, np.float32))])
-            ),
-            grpc.StatusCode.INVALID_ARGUMENT,
-            ("'dense/bias'", "float32[5]", "float32[4]"),
-        ),
-        (
-            lambda c: task_results_to_chunks(c.results(header=c.header(sender="bob"))),
-            grpc.StatusCode.PERMISSION_DENIED,
-            ("header.sender 'bob'",),
-        ),
-    ],
-    ids=[
-        "not-a-protobuf",
-        "empty-stream",
-        "chunk-size-lies",
-        "over-upload-cap",
-        "bytes-do-not-match-shape",
-        "unknown-task",
-        "wrong-round",
-        "data-size-zero",
-        "tensor-not-in-model",
-        "shape-differs-from-model",
-        "sender-differs-from-cn",
-    ],
-)
-def test_bad_results_are_refused_and_nothing_is_stored(
-    federation_and_server: tuple[Federation, AggregatorGRPCServer],
-    alice: Caller,
-    make_chunks: object,
-    code: grpc.StatusCode,
-    words: tuple[str, ...],
-) -> None:
-    """Each bad upload answers its exact status and message; the federation stores nothing of it."""
-    federation = federation_and_server[0]
-    before = federation.results()
-    assert_status(lambda: alice.send(make_chunks(alice)), code, *words)  # type: ignore[operator]
-    assert federation.results() == before
-    # The aggregator keeps serving honest callers.
-    alice.stub.Ping(aggregator_pb2.PingRequest(header=alice.header()), timeout=10)
-
-
-def test_unknown_tensor_request_is_invalid(alice: Caller) -> None:
-    """Asking for a tensor the model does not have is INVALID_ARGUMENT naming it."""
-    request = aggregator_pb2.GetAggregatedTensorRequest(
-        header=alice.header(), tensor_name="nope", round_number=0
-    )
-    assert_status(
-        lambda: alice.stub.GetAggregatedTensor(request, timeout=10),
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "'nope'",
-    )
 
 
 def test_result_is_accepted_once_and_resend_is_answered_ok(certs: CertsLayout) -> None:
@@ -380,3 +221,34 @@ def test_rotated_server_certificate_is_served_without_restart(
         )
         caller.stub.Ping(aggregator_pb2.PingRequest(header=caller.header()), timeout=10)
         caller.channel.close()
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (AuthenticationError("x"), grpc.StatusCode.UNAUTHENTICATED),
+        (AuthorizationError("x"), grpc.StatusCode.PERMISSION_DENIED),
+        (InvalidRequestError("x"), grpc.StatusCode.INVALID_ARGUMENT),
+        (PreconditionError("x"), grpc.StatusCode.FAILED_PRECONDITION),
+        (LimitExceededError("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (UploadTimeoutError("x"), grpc.StatusCode.DEADLINE_EXCEEDED),
+        (TensorTooLargeError("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (TensorFormatError("x"), grpc.StatusCode.INVALID_ARGUMENT),
+        (StreamTooLargeError("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (StreamError("x"), grpc.StatusCode.INVALID_ARGUMENT),
+        (ModelFileError("x"), grpc.StatusCode.UNAVAILABLE),
+        (ValueError("a bug"), grpc.StatusCode.INTERNAL),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, Exception) else value.name,
+)
+def test_each_refusal_has_its_status(error: Exception, code: grpc.StatusCode) -> None:
+    """The status table answers each named refusal with its code, and anything else INTERNAL."""
+    assert status_of(error) is code
+
+
+def test_status_table_lists_subclasses_before_their_bases() -> None:
+    """A subclass listed after its base would never be reached: the base would answer for it."""
+    kinds = list(STATUS_CODES)
+    for index, kind in enumerate(kinds):
+        for later in kinds[index + 1 :]:
+            assert not issubclass(later, kind), f"{later.__name__} is shadowed by {kind.__name__}"
