@@ -55,6 +55,26 @@ lint: install ## Run ruff and mypy (strict) on our code
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-clean: ## Remove .venv, build output and caches
-	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
+clean: ## Remove the virtualenvs, build output and caches
+	rm -rf $(VENV) $(OPENFL_VENV) build .pytest_cache .mypy_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# OpenFL 1.9 interoperability. OpenFL cannot share a Python process with foedus (same protobuf
+# message names) and pins an older grpcio/protobuf/numpy, so it gets its own virtualenv.
+OPENFL_VENV := .venv-openfl
+OPENFL_REQUIREMENTS := tests/interop/requirements-openfl.txt
+OPENFL_STAMP := $(OPENFL_VENV)/.installed-stamp
+.PHONY: interop-env interop
+
+interop-env: $(OPENFL_STAMP) ## Create .venv-openfl with OpenFL 1.9 from PyPI (for make interop)
+
+$(OPENFL_STAMP): $(OPENFL_REQUIREMENTS)
+	@start=$$(date +%s); set -e; \
+	test -x $(OPENFL_VENV)/bin/python || $(PYTHON) -m venv $(OPENFL_VENV); \
+	$(OPENFL_VENV)/bin/python -m pip install --quiet --upgrade pip; \
+	$(OPENFL_VENV)/bin/python -m pip install --quiet -r $(OPENFL_REQUIREMENTS); \
+	touch $@; \
+	echo "interop-env: OpenFL 1.9 installed in $(OPENFL_VENV) in $$(( $$(date +%s) - start )) s"
+
+interop: install interop-env ## Run the OpenFL 1.9 interop tests: its client, collaborators, aggregator
+	FOEDUS_OPENFL_VENV=$(OPENFL_VENV) $(PY) -m pytest tests/interop
