@@ -35,7 +35,7 @@ from aggregator.status import refusals_as_status
 from plans import Limits
 from protos import aggregator_pb2, aggregator_pb2_grpc, base_pb2
 from protos.codec import decode_tensor, encode_tensor
-from protos.stream import task_results_from_chunks
+from protos.stream import declared_upload_bytes, task_results_from_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -127,9 +127,11 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
         # the call counts against its limit from the start; an insecure server only learns the
         # caller from the header, and counts it from then on.
         peer = self.gatekeeper.identify(_peer_common_names(context))
+        limit = self.limits.max_upload_bytes
+        declared = declared_upload_bytes(context.invocation_metadata(), max_bytes=limit)
         upload = chunks_within(request_iterator, self.limits.upload_seconds)
         with self._slot(peer), closing(upload):  # closed: its reader stops even if we stop early
-            message = task_results_from_chunks(upload, max_bytes=self.limits.max_upload_bytes)
+            message = task_results_from_chunks(upload, max_bytes=limit, expected_bytes=declared)
             caller = self.gatekeeper.check_header(peer, _header(message.header))
             with self._slot(caller if peer is None else None):
                 return self._submit(caller, message)

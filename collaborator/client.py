@@ -42,7 +42,7 @@ from protos import aggregator_pb2
 from protos.aggregator_pb2_grpc import AggregatorStub
 from protos.channel import client_options
 from protos.codec import TensorFormatError, decode_tensor, encode_tensor
-from protos.stream import chunk_bytes
+from protos.stream import UPLOAD_BYTES_METADATA, chunk_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -336,9 +336,13 @@ class AggregatorGRPCClient:
         # Serialized once: every attempt streams these bytes, through a fresh chunk iterator.
         payload = results.SerializeToString()
         del results
+        # The aggregator refuses a stream that ends short of this (a cut the transport hid).
+        declared_size = ((UPLOAD_BYTES_METADATA, str(len(payload))),)
         response = self._call(
             "SendLocalTaskResults",
-            lambda stub, timeout: stub.SendLocalTaskResults(chunk_bytes(payload), timeout=timeout),
+            lambda stub, timeout: stub.SendLocalTaskResults(
+                chunk_bytes(payload), timeout=timeout, metadata=declared_size
+            ),
             resend=self.resend_data_on_reconnection,
         )
         self.validate_response(response.header)

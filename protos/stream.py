@@ -16,6 +16,8 @@ from google.protobuf.message import DecodeError
 from protos import aggregator_pb2, base_pb2
 
 CHUNK_BYTES = 2 * 1024 * 1024
+# foedus clients declare their upload's size in this call metadata key (OpenFL's don't).
+UPLOAD_BYTES_METADATA = "foedus-upload-bytes"
 
 
 class StreamError(ValueError):
@@ -63,11 +65,39 @@ def task_results_to_chunks(
     return chunk_bytes(results.SerializeToString(), chunk_size)
 
 
+def declared_upload_bytes(
+    metadata: Iterable[tuple[str, str | bytes]], *, max_bytes: int
+) -> int | None:
+    """The size a foedus client declared for its upload (None from OpenFL clients, which don't)."""
+    values = [value for key, value in metadata if key == UPLOAD_BYTES_METADATA]
+    if not values:
+        return None
+    text = values[-1].decode() if isinstance(values[-1], bytes) else values[-1]
+    if not text.isdigit():
+        raise StreamError(f"metadata {UPLOAD_BYTES_METADATA} must be a byte count, got {text!r}")
+    declared = int(text)
+    if declared > max_bytes:
+        raise StreamTooLargeError(
+            f"the upload declares {declared} bytes, over the limit of {max_bytes} bytes"
+        )
+    return declared
+
+
 def task_results_from_chunks(
-    chunks: Iterable[base_pb2.DataStream], *, max_bytes: int
+    chunks: Iterable[base_pb2.DataStream], *, max_bytes: int, expected_bytes: int | None = None
 ) -> aggregator_pb2.TaskResults:
-    """Join a `SendLocalTaskResults` stream and parse the one `TaskResults` it carries."""
+    """Join a `SendLocalTaskResults` stream and parse the one `TaskResults` it carries.
+
+    gRPC sometimes ends the request stream of a cancelled or timed-out call as if it had simply
+    ended; with `expected_bytes` (declared by the sender), such a cut upload is refused instead of
+    a prefix of it being parsed as a whole.
+    """
     payload = join_chunks(chunks, max_bytes=max_bytes)
+    if expected_bytes is not None and len(payload) != expected_bytes:
+        raise StreamError(
+            f"upload cut short: {len(payload)} of the {expected_bytes} declared bytes arrived; "
+            "nothing of it was kept"
+        )
     results = aggregator_pb2.TaskResults()
     try:
         results.ParseFromString(payload)

@@ -34,7 +34,12 @@ from pki.layout import CertsLayout
 from pki.local import setup_local_federation
 from protos import aggregator_pb2, aggregator_pb2_grpc, base_pb2
 from protos.codec import TensorFormatError, TensorTooLargeError, decode_tensor, encode_tensor
-from protos.stream import StreamError, StreamTooLargeError, task_results_to_chunks
+from protos.stream import (
+    UPLOAD_BYTES_METADATA,
+    StreamError,
+    StreamTooLargeError,
+    task_results_to_chunks,
+)
 
 from conftest import Identity
 from servers import (
@@ -252,3 +257,52 @@ def test_status_table_lists_subclasses_before_their_bases() -> None:
     for index, kind in enumerate(kinds):
         for later in kinds[index + 1 :]:
             assert not issubclass(later, kind), f"{later.__name__} is shadowed by {kind.__name__}"
+
+
+@pytest.mark.parametrize(
+    ("declared", "code", "words"),
+    [
+        ("{size_plus_one}", grpc.StatusCode.INVALID_ARGUMENT, "upload cut short"),
+        ("lots", grpc.StatusCode.INVALID_ARGUMENT, "must be a byte count"),
+        (str(2**40), grpc.StatusCode.RESOURCE_EXHAUSTED, "declares 1099511627776 bytes"),
+    ],
+    ids=["stream-shorter-than-declared", "declared-size-not-a-number", "declared-over-cap"],
+)
+def test_declared_upload_size_is_enforced(
+    federation_and_server: tuple[Federation, AggregatorGRPCServer],
+    alice: Caller,
+    declared: str,
+    code: grpc.StatusCode,
+    words: str,
+) -> None:
+    """A stream that ends short of the size its sender declared is refused, and nothing is stored."""
+    federation = federation_and_server[0]
+    before = federation.results()
+    payload = alice.results().SerializeToString()
+    value = declared.format(size_plus_one=len(payload) + 1)
+    with pytest.raises(grpc.RpcError) as raised:
+        alice.stub.SendLocalTaskResults(
+            task_results_to_chunks(alice.results()),
+            timeout=10,
+            metadata=((UPLOAD_BYTES_METADATA, value),),
+        )
+    assert raised.value.code() == code, raised.value.details()
+    assert words in (raised.value.details() or "")
+    assert federation.results() == before
+
+
+def test_declared_upload_size_that_matches_is_accepted(certs: CertsLayout) -> None:
+    """An upload whose declared size matches what arrived is stored as usual."""
+    plan = make_plan(certs)
+    federation = make_federation(plan)
+    with running_aggregator(plan, federation) as server:
+        bob = Identity(certs.collaborator_cert("bob"), certs.collaborator_key("bob"))
+        caller = connect(server, certs, bob, "bob")
+        message = caller.results()
+        caller.stub.SendLocalTaskResults(
+            task_results_to_chunks(message),
+            timeout=10,
+            metadata=((UPLOAD_BYTES_METADATA, str(len(message.SerializeToString()))),),
+        )
+        caller.channel.close()
+    assert [result.collaborator for result in federation.results()] == ["bob"]
