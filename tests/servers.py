@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -89,3 +90,22 @@ def running_aggregator(
         yield server
     finally:
         server.stop(0)
+
+
+@contextmanager
+def closing_rounds(federation: Federation) -> Iterator[None]:
+    """Close the federation's rounds as they become due, as the aggregator's runtime does."""
+    stop = threading.Event()
+
+    def close() -> None:
+        while not stop.is_set() and not federation.finished:
+            federation.wait_for_submission(0.05)
+            federation.close_round_if_due()
+
+    thread = threading.Thread(target=close, name="close-rounds", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)

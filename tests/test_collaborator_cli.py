@@ -5,25 +5,27 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from aggregator.federation import Federation
 from collaborator.cli import main
 from collaborator.digits import DigitsRunner
 from pki.layout import CertsLayout
 from plans import Plan
 
-from servers import make_federation, make_plan, plan_document, running_aggregator
+from processes import free_port
+from servers import (
+    closing_rounds,
+    make_federation,
+    make_plan,
+    plan_document,
+    running_aggregator,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 PREFIX = "collaborator: error: "
@@ -48,33 +50,6 @@ def copy_certs(certs: CertsLayout, folder: Path) -> CertsLayout:
     """A copy of the test federation's certificate folder that a test may damage."""
     shutil.copytree(certs.root, folder)
     return CertsLayout(folder)
-
-
-def free_port() -> int:
-    """A port nothing listens on right now (bound, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
-@contextmanager
-def closing_rounds(federation: Federation) -> Iterator[None]:
-    """Close the federation's rounds as they become due, as the aggregator's runtime does."""
-    stop = threading.Event()
-
-    def close() -> None:
-        while not stop.is_set() and not federation.finished:
-            federation.wait_for_submission(0.05)
-            federation.close_round_if_due()
-
-    thread = threading.Thread(target=close, name="close-rounds", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=5)
 
 
 def test_help_at_each_level_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:

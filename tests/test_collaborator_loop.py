@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import grpc
 import numpy as np
@@ -20,7 +18,7 @@ from pki.layout import CertsLayout
 from plans import Plan
 from plans.runners import Array
 
-from servers import TASKS, make_federation, make_plan, running_aggregator
+from servers import TASKS, closing_rounds, make_federation, make_plan, running_aggregator
 
 
 class Sleeps:
@@ -113,25 +111,6 @@ def test_alice_sends_her_three_tasks_of_round_zero(certs: CertsLayout) -> None:
     # Validated on the model alice trained this round, not on the global one.
     assert_metrics(local, {"metric", "validate_local"}, check.validate(outcome.model).metrics)
     assert check.validate(outcome.model).metrics != check.validate(initial).metrics
-
-
-@contextmanager
-def closing_rounds(federation: Federation) -> Iterator[None]:
-    """Close the federation's rounds as they become due, as the aggregator's runtime does."""
-    stop = threading.Event()
-
-    def close() -> None:
-        while not stop.is_set() and not federation.finished:
-            federation.wait_for_submission(0.05)
-            federation.close_round_if_due()
-
-    thread = threading.Thread(target=close, name="close-rounds", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=5)
 
 
 def test_the_loop_ends_when_the_aggregator_says_quit(certs: CertsLayout) -> None:
