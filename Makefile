@@ -55,6 +55,10 @@ lint: install ## Run ruff and mypy (strict) on our code
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+.PHONY: bench
+bench: install ## Measure foedus against raw gRPC over mTLS: a table and build/bench.json (BENCH_ARGS=--profile)
+	$(PY) tests/benchmark/bench.py --output build/bench.json $(BENCH_ARGS)
+
 clean: ## Remove the virtualenvs, build output and caches
 	rm -rf $(VENV) $(OPENFL_VENV) build .pytest_cache .mypy_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,721 @@
+"""`make bench`: foedus's transport against plain gRPC over mutual TLS, on this machine, in one run.
+
+A benchmark, not a test: it prints figures and writes them to a JSON file, and exits 0 whether or
+not the targets are met (non-zero only when something crashed). Every figure is measured in the
+same run, with mutual TLS and certificates from our own `pki` (made in a temporary folder, their
+time reported apart). MB means MiB (2**20 bytes) throughout. Throughputs are the best of
+`repeats` samples, each after an untimed warm-up of the same operation.
+
+Phases, in order:
+
+1. raw: a plain grpcio server (`raw_grpc.py`, its own process, no foedus code) with the same
+   TLS files; a client stream of `payload_mb` in 2 MiB messages (`raw_grpc_tls_mb_s`, the limit
+   to compare with), a server stream and one unary message per tensor of the same size; then
+   `round_collaborators` threads each downloading and uploading `round_model_mb` at once
+   (`raw_round_seconds`).
+2. transfer: `aggregator start` as a process, a model of `payload_mb` from the no-op runner;
+   one `AggregatorGRPCClient` fetches every tensor (`download_mb_s`) and sends a train result
+   of the same size (`upload_mb_s`; each sample by another collaborator, so each is a first
+   upload, stored durably as the aggregator does).
+3. probe (not with --quick): one tensor of `payload_mb` under the plan's default limits: can it
+   be downloaded, and uploaded, at all?
+4. round: `round_collaborators` threads in this process, each its own client and certificate
+   running the real collaborator loop with the no-op runner, one round of `train` on a
+   `round_model_mb` model: `round_seconds` from the first download to the aggregator's
+   "round 1/1" line (printed once the new model is averaged, committed and saved), the
+   aggregator's peak RSS (`VmHWM`) then. A collaborator's next `GetTasks` after its upload is
+   held until that is read (it would be a long poll on the server, costing no CPU).
+5. scale: `scale_collaborators` threads and a `scale_model_kb` model, the loop unheld, so the
+   polling of those that have uploaded is part of the load.
+
+`--profile` adds a cProfile of one client download and one upload, the aggregator under
+cProfile (`profiled_aggregator.py`) for one transfer and for the round, and a timing of each
+step foedus puts around the bytes (the very functions the client and the servicer call, in
+their order, in one process), to show where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import google.protobuf
+import grpc
+import numpy as np
+
+from collaborator.errors import ClientError, RequestRejectedError
+from pki.layout import CertsLayout
+from pki.local import setup_local_federation
+from plans import load_plan
+
+# isort: split
+# The benchmark's own modules, beside this file.
+import noop_runner
+import raw_grpc
+from harness import (
+    KIB,
+    MIB,
+    REPO,
+    BenchmarkError,
+    Run,
+    collaborator_names,
+    limits_for,
+    make_client,
+    peak_rss_mb,
+    rate,
+    samples,
+    say,
+    start_aggregator,
+    start_raw_server,
+    tensor_byte_sizes,
+    tensors_for,
+    timed,
+    train_result,
+    write_plan,
+)
+from profiling import (
+    print_profile,
+    profile_client,
+    profile_round,
+    profile_transfer,
+    stage_breakdown,
+)
+from rounds import measure_round
+
+# --quick: the test suite's smoke run, a few seconds; options given on the line still win.
+QUICK = {
+    "payload_mb": 8.0,
+    "tensor_mb": 2.0,
+    "round_collaborators": 3,
+    "round_model_mb": 4.0,
+    "scale_collaborators": 20,
+    "round_timeout": 60.0,
+    "probe": False,
+}
+
+
+# The figures the issue asks for; a run that could not measure one says so in its notes.
+REQUIRED_KEYS = (
+    "raw_grpc_tls_mb_s",
+    "upload_mb_s",
+    "download_mb_s",
+    "upload_ratio",
+    "download_ratio",
+    "round_seconds",
+    "raw_round_seconds",
+    "aggregator_peak_rss_mb",
+    "rss_over_model",
+    "scale_collaborators",
+    "scale_round_seconds",
+    "scale_errors",
+)
+
+
+# -- options -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; `--quick` changes the defaults of the options not given."""
+    parser = argparse.ArgumentParser(
+        prog="bench.py",
+        description="Benchmark foedus's transport against plain gRPC over mutual TLS on this "
+        "machine; prints a table and writes JSON. Exit 0 even when targets are missed.",
+    )
+    add = parser.add_argument
+    add("--output", type=Path, default=REPO / "build" / "bench.json", help="JSON file to write")
+    add("--quick", action="store_true", help="small sizes for a smoke run (well under 40 s)")
+    add("--payload-mb", type=float, default=256.0, help="upload/download size (default 256)")
+    add("--tensor-mb", type=float, default=64.0, help="largest tensor of that model (default 64)")
+    add("--repeats", type=int, default=3, help="samples per throughput figure; best is kept")
+    add("--round-collaborators", type=int, default=8, help="collaborators of the round (8)")
+    add("--round-model-mb", type=float, default=100.0, help="model size of the round (100)")
+    add("--round-tensors", type=int, default=4, help="tensors of the round's model (4)")
+    add("--scale-collaborators", type=int, default=500, help="collaborators of the scale round")
+    add("--scale-model-kb", type=float, default=10.0, help="model size of the scale round (10)")
+    add("--round-timeout", type=float, default=600.0, help="give up on a round after this")
+    add(
+        "--probe",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="try one tensor of payload-mb under the default limits (off with --quick)",
+    )
+    add("--profile", action="store_true", help="cProfile the client and time each foedus step")
+    add("--keep", action="store_true", help="keep the temporary folder (certificates, logs)")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the command line, with the quick defaults when `--quick` is given."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
+    problems = [
+        f"--{name.replace('_', '-')} must be positive"
+        for name in (
+            "payload_mb",
+            "tensor_mb",
+            "repeats",
+            "round_collaborators",
+            "round_model_mb",
+            "round_tensors",
+            "scale_collaborators",
+            "scale_model_kb",
+            "round_timeout",
+        )
+        if not getattr(args, name) > 0
+    ]
+    if problems:
+        parser.error("; ".join(problems))
+    return args
+
+
+# -- phase 1: raw gRPC ---------------------------------------------------------------------------
+
+
+def measure_raw(run: Run, names: Sequence[str]) -> None:
+    """Raw gRPC over mutual TLS: stream up, stream down, unary down, and the round's traffic."""
+    args = run.args
+    certs = run.certs
+    server, port = start_raw_server(certs, run.work / "raw")
+    target = f"localhost:{port}"
+    with server:
+        client = raw_grpc.RawClient(
+            target,
+            certs.ca_bundle,
+            certs.collaborator_cert(names[0]),
+            certs.collaborator_key(names[0]),
+        )
+        try:
+            run.results.update(raw_throughput(client, args))
+        finally:
+            client.close()
+        say(
+            f"raw gRPC/TLS: up {run.results['raw_grpc_tls_mb_s']:.0f} MB/s, down (stream) "
+            f"{run.results['raw_grpc_tls_download_mb_s']:.0f} MB/s, down (unary, one message "
+            f"per tensor) {run.results['raw_grpc_tls_unary_download_mb_s']:.0f} MB/s"
+        )
+        run.results["raw_round_seconds"] = raw_round(
+            run, target, names[: args.round_collaborators], int(args.round_model_mb * MIB)
+        )
+        say(
+            f"raw gRPC/TLS round: {args.round_collaborators} x {args.round_model_mb:g} MB down "
+            f"and up in {run.results['raw_round_seconds']:.2f} s"
+        )
+
+
+def raw_throughput(client: raw_grpc.RawClient, args: argparse.Namespace) -> dict[str, Any]:
+    """Best-of-`repeats` MB/s of `payload_mb` up (client stream), down (server stream), and down
+    as one unary message per tensor of the foedus model of that size."""
+    size = int(args.payload_mb * MIB)
+    tensor_sizes = tensor_byte_sizes(size, tensors_for(args.payload_mb, args.tensor_mb))
+    payload = raw_grpc.pattern(size)
+
+    def download_unary(_: int) -> None:
+        for part in tensor_sizes:
+            _expect(client.download_unary(part), part)
+
+    client.upload(b"x")  # the TLS handshake, outside every timing
+    # One untimed run of each first: the server builds its buffer, the flow-control windows grow.
+    client.upload(payload)
+    client.download(size)
+    download_unary(0)
+    up = samples(args.repeats, lambda _: _expect(client.upload(payload), size))
+    down = samples(args.repeats, lambda _: _expect(client.download(size), size))
+    unary = samples(args.repeats, download_unary)
+    return {
+        "raw_grpc_tls_mb_s": rate(args.payload_mb, up),
+        "raw_grpc_tls_download_mb_s": rate(args.payload_mb, down),
+        "raw_grpc_tls_unary_download_mb_s": rate(args.payload_mb, unary),
+        "raw_upload_seconds": up,
+        "raw_download_seconds": down,
+        "raw_unary_download_seconds": unary,
+    }
+
+
+def _expect(got: int, wanted: int) -> None:
+    if got != wanted:
+        raise BenchmarkError(f"raw gRPC moved {got} bytes, expected {wanted}")
+
+
+def raw_round(run: Run, target: str, names: Sequence[str], size: int) -> float:
+    """Wall time of `names` clients each downloading then uploading `size` bytes at once."""
+    certs = run.certs
+    clients = [
+        raw_grpc.RawClient(
+            target, certs.ca_bundle, certs.collaborator_cert(name), certs.collaborator_key(name)
+        )
+        for name in names
+    ]
+    payload = raw_grpc.pattern(size)
+    go = threading.Event()
+    errors: list[str] = []
+
+    def work(client: raw_grpc.RawClient) -> None:
+        try:
+            go.wait()
+            _expect(client.download(size), size)
+            _expect(client.upload(payload), size)
+        except Exception as error:  # counted, reported below
+            errors.append(repr(error))
+
+    try:
+        for client in clients:
+            client.upload(b"x")  # handshakes first, outside the timing
+        threads = [threading.Thread(target=work, args=(client,)) for client in clients]
+        for thread in threads:
+            thread.start()
+        started = time.perf_counter()
+        go.set()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - started
+    finally:
+        for client in clients:
+            client.close()
+    if errors:
+        raise BenchmarkError(f"raw round failed: {errors[0]}")
+    return elapsed
+
+
+# -- phase 2: foedus upload and download ---------------------------------------------------------
+
+
+def measure_transfer(run: Run, names: Sequence[str]) -> None:
+    """foedus's client against `aggregator start`: fetch the whole model, send a result of its size."""
+    args = run.args
+    tensors = tensors_for(args.payload_mb, args.tensor_mb)
+    size = int(args.payload_mb * MIB)
+    largest = max(tensor_byte_sizes(size, tensors))
+    # The timed uploads, an untimed warm-up upload, one for --profile, and one collaborator
+    # that never uploads, so the round never closes while measuring.
+    members = names[: args.repeats + 3]
+    plan_path = write_plan(
+        run,
+        "transfer",
+        members,
+        model_mb=args.payload_mb,
+        tensors=tensors,
+        limits=limits_for(largest, size),
+    )
+    plan = load_plan(plan_path)
+    model = noop_runner.NoopRunner.initial_model(plan.runner)
+    megabytes = noop_runner.model_bytes(model) / MIB
+    result = train_result(model)
+    aggregator, port = start_aggregator(plan_path)
+    with aggregator:
+        clients = [make_client(plan, name, port) for name in members]
+        try:
+            for client in clients:
+                client.ping()  # TLS handshakes outside the timings
+
+            def download(_: int) -> None:
+                for name in model:
+                    clients[0].get_aggregated_tensor(name, 0)
+
+            fetched = {name: clients[0].get_aggregated_tensor(name, 0) for name in model}
+            if any(not np.array_equal(fetched[name], model[name]) for name in model):
+                raise BenchmarkError("the downloaded model differs from the aggregator's")
+            del fetched
+            down = samples(args.repeats, download)
+            clients[args.repeats].send_local_task_results(0, "train", 1, result)  # warm-up
+            up = samples(
+                args.repeats,
+                lambda index: clients[index].send_local_task_results(0, "train", 1, result),
+            )
+            if args.profile:
+                profile = profile_client(clients[0], clients[args.repeats + 1], model)
+                run.results.setdefault("profile", {}).update(profile)
+        finally:
+            for client in clients:
+                client.disconnect()
+        run.results["transfer_aggregator_peak_rss_mb"] = peak_rss_mb(aggregator.pid)
+    run.results.update(
+        download_mb_s=rate(megabytes, down),
+        upload_mb_s=rate(megabytes, up),
+        download_seconds=down,
+        upload_seconds=up,
+        transfer_tensors=tensors,
+        transfer_limits=limits_for(largest, size),
+    )
+    raw = run.results["raw_grpc_tls_mb_s"]
+    run.results["download_ratio"] = run.results["download_mb_s"] / raw
+    run.results["upload_ratio"] = run.results["upload_mb_s"] / raw
+    # How much of the download's gap is gRPC's own cost of large unary messages:
+    run.results["download_ratio_vs_raw_unary"] = (
+        run.results["download_mb_s"] / run.results["raw_grpc_tls_unary_download_mb_s"]
+    )
+    say(
+        f"foedus: down {run.results['download_mb_s']:.0f} MB/s, up "
+        f"{run.results['upload_mb_s']:.0f} MB/s ({tensors} tensors of <= {largest / MIB:g} MB)"
+    )
+
+
+# -- phase 3: what the limits allow --------------------------------------------------------------
+
+
+def probe_single_tensor(run: Run, names: Sequence[str]) -> None:
+    """One tensor of `payload_mb` under the default limits: can it travel at all, each way?"""
+    args = run.args
+    members = names[:2]
+    plan_path = write_plan(run, "probe", members, model_mb=args.payload_mb, tensors=1)
+    plan = load_plan(plan_path)
+    model = noop_runner.NoopRunner.initial_model(plan.runner)
+    aggregator, port = start_aggregator(plan_path)
+    limit = plan.limits.max_message_bytes
+    with aggregator:
+        client = make_client(plan, members[0], port)
+        try:
+            client.ping()
+            name = next(iter(model))
+            try:
+                seconds = timed(lambda: client.get_aggregated_tensor(name, 0))
+                run.results["single_tensor_download_ok"] = 1
+                run.results["single_tensor_download_seconds"] = seconds
+            except ClientError as error:
+                run.results["single_tensor_download_ok"] = 0
+                run.results["single_tensor_download_error"] = str(error)
+                run.note(
+                    f"one {args.payload_mb:g} MB tensor cannot be downloaded under the default "
+                    f"limits.max_message_bytes ({limit / MIB:g} MB): GetAggregatedTensor is one "
+                    f"unary message per tensor ({_short(error)}); limits.max_message_bytes can "
+                    "go up to 2**31-1, so no tensor over 2 GiB can be downloaded at all"
+                )
+            try:
+                seconds = timed(
+                    lambda: client.send_local_task_results(0, "train", 1, train_result(model))
+                )
+                run.results["single_tensor_upload_ok"] = 1
+                run.results["single_tensor_upload_seconds"] = seconds
+            except ClientError as error:
+                run.results["single_tensor_upload_ok"] = 0
+                run.results["single_tensor_upload_error"] = str(error)
+                run.note(f"one {args.payload_mb:g} MB tensor cannot be uploaded: {_short(error)}")
+        finally:
+            client.disconnect()
+
+
+def _short(error: BaseException) -> str:
+    text = str(error)
+    if isinstance(error, RequestRejectedError):
+        text = f"{error.code.name}: {error.details}"
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+# -- phases 4 and 5: whole rounds ----------------------------------------------------------------
+
+
+def cpu_figures(prefix: str, seconds: tuple[float, float] | None) -> dict[str, float | None]:
+    """`PREFIX_cpu_seconds` (user + system) and `PREFIX_sys_seconds` of a (user, system) pair."""
+    if seconds is None:
+        return {f"{prefix}_cpu_seconds": None, f"{prefix}_sys_seconds": None}
+    return {f"{prefix}_cpu_seconds": sum(seconds), f"{prefix}_sys_seconds": seconds[1]}
+
+
+def measure_round_phase(run: Run, names: Sequence[str]) -> None:
+    """The 8-collaborator round of a 100 MB model, and the aggregator's memory in it."""
+    args = run.args
+    outcome = measure_round(
+        run,
+        "round",
+        names[: args.round_collaborators],
+        model_mb=args.round_model_mb,
+        tensors=args.round_tensors,
+    )
+    rss = outcome.peak_rss_mb
+    run.results.update(
+        round_seconds=outcome.round_seconds,
+        round_wall_seconds=outcome.wall_seconds,
+        round_aggregator_reported_seconds=outcome.aggregator_seconds,
+        round_connect_seconds=outcome.connect_seconds,
+        round_download_seconds_max=outcome.download_seconds_max,
+        round_upload_seconds_max=outcome.upload_seconds_max,
+        round_close_after_last_upload_seconds=outcome.close_after_last_upload_seconds,
+        **cpu_figures("round_aggregator", outcome.aggregator_cpu_seconds),
+        **cpu_figures("round_client", outcome.client_cpu_seconds),
+        round_aggregator_rss_until_last_upload_mb=outcome.rss_until_last_upload_mb,
+        round_aggregator_rss_after_last_upload_mb=outcome.rss_after_last_upload_mb,
+        round_errors=len(outcome.errors),
+        round_client_warnings=outcome.warnings,
+        round_aggregator_exit=outcome.aggregator_exit,
+        aggregator_peak_rss_mb=rss,
+        rss_over_model=None if rss is None else rss / args.round_model_mb,
+    )
+    if outcome.errors:
+        run.results["round_first_error"] = outcome.errors[0]
+    if outcome.round_seconds is not None and rss is not None:
+        say(
+            f"foedus round: {outcome.collaborators} x {args.round_model_mb:g} MB in "
+            f"{outcome.round_seconds:.2f} s; aggregator peak RSS {rss:.0f} MB"
+        )
+    else:
+        say(f"foedus round: did not close; {len(outcome.errors)} errors")
+
+
+def measure_scale_phase(run: Run, names: Sequence[str]) -> None:
+    """One round with many collaborators and a small model, on one aggregator."""
+    args = run.args
+    outcome = measure_round(
+        run,
+        "scale",
+        names[: args.scale_collaborators],
+        model_mb=args.scale_model_kb / KIB,
+        tensors=2,
+        hold=False,  # the real loop's polling after an upload is part of the load
+    )
+    run.results.update(
+        scale_collaborators=outcome.collaborators,
+        scale_round_seconds=outcome.wall_seconds,
+        scale_connect_seconds=outcome.connect_seconds,
+        scale_errors=len(outcome.errors),
+        scale_client_warnings=outcome.warnings,
+        scale_get_tasks_calls=outcome.get_tasks_calls,
+        scale_aggregator_peak_rss_mb=outcome.peak_rss_mb,
+        scale_aggregator_reported_seconds=outcome.aggregator_seconds,
+        **cpu_figures("scale_aggregator", outcome.aggregator_cpu_seconds),
+        **cpu_figures("scale_client", outcome.client_cpu_seconds),
+        scale_download_seconds_max=outcome.download_seconds_max,
+        scale_upload_seconds_max=outcome.upload_seconds_max,
+        scale_aggregator_exit=outcome.aggregator_exit,
+    )
+    if outcome.errors:
+        run.results["scale_first_error"] = outcome.errors[0]
+    if outcome.first_warning:
+        run.results["scale_first_warning"] = outcome.first_warning
+    closed = "did not close" if outcome.wall_seconds is None else f"{outcome.wall_seconds:.2f} s"
+    say(
+        f"foedus scale: {outcome.collaborators} collaborator threads: {closed}, "
+        f"{len(outcome.errors)} errors, {outcome.warnings} client warnings (retries)"
+    )
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """A target of the issue, for the table."""
+
+    key: str
+    text: str
+    met: Callable[[Mapping[str, Any]], bool]
+
+
+TARGETS = (
+    Target("upload_ratio", ">= 0.7", lambda r: r["upload_ratio"] >= 0.7),
+    Target("download_ratio", ">= 0.7", lambda r: r["download_ratio"] >= 0.7),
+    Target(
+        "round_seconds",
+        "<= 1.5 x raw_round_seconds",
+        lambda r: r["round_seconds"] <= 1.5 * r["raw_round_seconds"],
+    ),
+    Target("rss_over_model", "<= 3", lambda r: r["rss_over_model"] <= 3),
+    Target(
+        "scale_errors",
+        "0 (with 500 collaborators)",
+        lambda r: (
+            r["scale_errors"] == 0
+            and r["scale_collaborators"] >= 500
+            and r["scale_round_seconds"] is not None
+        ),
+    ),
+)
+
+
+TABLE_KEYS = (
+    "raw_grpc_tls_mb_s",
+    "raw_grpc_tls_download_mb_s",
+    "raw_grpc_tls_unary_download_mb_s",
+    "upload_mb_s",
+    "download_mb_s",
+    "upload_ratio",
+    "download_ratio",
+    "download_ratio_vs_raw_unary",
+    "raw_round_seconds",
+    "round_seconds",
+    "round_download_seconds_max",
+    "round_upload_seconds_max",
+    "round_close_after_last_upload_seconds",
+    "round_aggregator_cpu_seconds",
+    "round_aggregator_sys_seconds",
+    "round_client_cpu_seconds",
+    "round_client_sys_seconds",
+    "aggregator_peak_rss_mb",
+    "round_aggregator_rss_until_last_upload_mb",
+    "round_aggregator_rss_after_last_upload_mb",
+    "rss_over_model",
+    "scale_collaborators",
+    "scale_connect_seconds",
+    "scale_round_seconds",
+    "scale_errors",
+    "scale_client_warnings",
+    "scale_get_tasks_calls",
+    "scale_aggregator_cpu_seconds",
+    "scale_aggregator_peak_rss_mb",
+    "cert_setup_seconds",
+)
+
+
+def judge(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each target: its text and whether this run met it (False when not measured)."""
+    verdicts = {}
+    for target in TARGETS:
+        try:
+            met = bool(target.met(results))
+        except (KeyError, TypeError):
+            met = False
+        verdicts[target.key] = {"target": target.text, "met": met}
+    return verdicts
+
+
+def table(results: Mapping[str, Any], verdicts: Mapping[str, Mapping[str, Any]]) -> str:
+    """The figures as a text table: key, value, target, met?"""
+    rows = [("key", "value", "target", "met?")]
+    for key in TABLE_KEYS:
+        if key not in results:
+            continue
+        value = results[key]
+        shown = "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+        verdict = verdicts.get(key)
+        rows.append(
+            (
+                key,
+                shown,
+                "" if verdict is None else verdict["target"],
+                "" if verdict is None else ("yes" if verdict["met"] else "NO"),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def versions() -> dict[str, str]:
+    """What ran this benchmark."""
+    return {
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "protobuf": google.protobuf.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "cpus": str(os.cpu_count()),
+    }
+
+
+def benchmark(run: Run) -> None:
+    """Every phase, in order, into `run.results`."""
+    args = run.args
+    count = max(args.repeats + 2, args.round_collaborators, args.scale_collaborators, 2)
+    names = collaborator_names(count)
+    say(f"making a CA and certificates for 1 aggregator and {count} collaborators")
+    started = time.perf_counter()
+    setup_local_federation(
+        run.certs,
+        aggregator_host="localhost",
+        dns_names=("localhost",),
+        ip_addresses=("127.0.0.1",),
+        collaborators=names,
+    )
+    run.results["cert_setup_seconds"] = time.perf_counter() - started
+    run.results["cert_count"] = count + 1
+    say(f"certificates made in {run.results['cert_setup_seconds']:.1f} s (not in any timing)")
+    measure_raw(run, names)
+    measure_transfer(run, names)
+    if args.probe:
+        probe_single_tensor(run, names)
+    measure_round_phase(run, names)
+    measure_scale_phase(run, names)
+    if args.profile:
+        profile = run.results.setdefault("profile", {})
+        say("one download and one upload again, the aggregator under cProfile")
+        profile["aggregator_transfer"] = profile_transfer(run, names)
+        say("the round again, its aggregator under cProfile")
+        profile["aggregator_round"] = profile_round(run, names)
+        say("timing each step foedus adds around the bytes")
+        profile["steps"] = stage_breakdown(run)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; 0 when it ran (targets met or not), 1 when something crashed."""
+    args = parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="foedus-bench-"))
+    run = Run(args=args, work=work, certs=CertsLayout(work / "certs"))
+    started = datetime.datetime.now(datetime.UTC)
+    run.results.update(
+        payload_mb=args.payload_mb,
+        tensor_mb=args.tensor_mb,
+        repeats=args.repeats,
+        round_collaborators=args.round_collaborators,
+        round_model_mb=args.round_model_mb,
+        round_tensors=args.round_tensors,
+        scale_model_kb=args.scale_model_kb,
+        quick=args.quick,
+        mb_unit="MiB (2**20 bytes)",
+        started_utc=started.isoformat(timespec="seconds"),
+        **versions(),
+    )
+    status = 0
+    try:
+        benchmark(run)
+    except Exception:
+        status = 1
+        run.results["crash"] = traceback.format_exc()
+        print(traceback.format_exc(), file=sys.stderr)
+    finally:
+        if args.keep:
+            say(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    finished = datetime.datetime.now(datetime.UTC)
+    run.results["finished_utc"] = finished.isoformat(timespec="seconds")
+    run.results["total_seconds"] = (finished - started).total_seconds()
+    unmeasured = [key for key in REQUIRED_KEYS if not _is_number(run.results.get(key))]
+    if unmeasured:
+        run.note(f"not measured in this run: {', '.join(unmeasured)}")
+    verdicts = judge(run.results)
+    run.results["targets"] = verdicts
+    run.results["notes"] = run.notes
+    write_json(args.output, run.results)
+    print(table(run.results, verdicts))
+    profile = run.results.get("profile")
+    if isinstance(profile, dict):
+        print_profile(profile)
+    for text in run.notes:
+        print(f"note: {text}")
+    print(f"written: {args.output}")
+    return status
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def write_json(path: Path, results: Mapping[str, Any]) -> None:
+    """The results as strict JSON (no NaN), written whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    temporary.replace(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""Whole rounds, measured: collaborator threads running the real loop around one aggregator."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from collaborator.client import AggregatorGRPCClient, NamedArray, Tasks
+from collaborator.loop import run_collaborator
+from plans import Plan, load_plan
+
+# isort: split
+# The benchmark's own modules, beside this file.
+import noop_runner
+from harness import (
+    MIB,
+    BenchmarkError,
+    MemorySampler,
+    Process,
+    Run,
+    cpu_seconds,
+    limits_for,
+    own_cpu_seconds,
+    peak_rss_mb,
+    start_aggregator,
+    tensor_byte_sizes,
+    write_plan,
+)
+
+
+class TimedClient(AggregatorGRPCClient):
+    """The real client, noting when it downloads and uploads and counting its `get_tasks`.
+
+    With a `gate`, `get_tasks` after the upload waits for it, so the aggregator cannot finish
+    (and exit) before its memory is read.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.marks: dict[str, float] = {}
+        self.get_tasks_calls = 0
+        self.gate: threading.Event | None = None
+        self.gate_timeout = 600.0
+
+    def get_tasks(self) -> Tasks:
+        """As the client's, but held at the gate (if any) once this collaborator has uploaded."""
+        if self.gate is not None and "upload_end" in self.marks:
+            self.gate.wait(self.gate_timeout)
+        self.get_tasks_calls += 1
+        return super().get_tasks()
+
+    def get_aggregated_tensor(self, name: str, round_number: int, **kwargs: Any) -> Any:
+        """As the client's, noting the first start and the last end."""
+        self.marks.setdefault("download_start", time.perf_counter())
+        try:
+            return super().get_aggregated_tensor(name, round_number, **kwargs)
+        finally:
+            self.marks["download_end"] = time.perf_counter()
+
+    def send_local_task_results(
+        self, round_number: int, task_name: str, data_size: int, tensors: Sequence[NamedArray]
+    ) -> None:
+        """As the client's, noting its start and end."""
+        self.marks["upload_start"] = time.perf_counter()
+        super().send_local_task_results(round_number, task_name, data_size, tensors)
+        self.marks["upload_end"] = time.perf_counter()
+
+
+class WarningCounter(logging.Handler):
+    """Counts the client's and loop's warnings (retries, missed rounds) without printing them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+        self.first: str | None = None
+        self._lock2 = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self._lock2:
+            self.count += 1
+            if self.first is None:
+                self.first = record.getMessage()
+
+
+@contextmanager
+def counting_warnings() -> Iterator[WarningCounter]:
+    """Count warnings of `collaborator.*` while inside."""
+    counter = WarningCounter()
+    logger = logging.getLogger("collaborator")
+    previous = logger.propagate
+    logger.addHandler(counter)
+    logger.propagate = False
+    try:
+        yield counter
+    finally:
+        logger.removeHandler(counter)
+        logger.propagate = previous
+
+
+@dataclass
+class RoundOutcome:
+    """What one measured round gave; times in seconds, None when the round did not close."""
+
+    collaborators: int
+    connect_seconds: float | None  # every client's TLS handshake and Ping, before the round
+    round_seconds: float | None  # first download to the aggregator's round line
+    wall_seconds: float | None  # all collaborators released to the round line
+    aggregator_seconds: float | None  # the round's duration as the aggregator printed it
+    aggregator_cpu_seconds: tuple[float, float] | None  # (user, system), release to the line
+    client_cpu_seconds: tuple[float, float] | None  # this process's (all collaborators'), the same
+    peak_rss_mb: float | None
+    rss_until_last_upload_mb: float | None  # sampled peak while results arrive
+    rss_after_last_upload_mb: float | None  # sampled peak while the round closes
+    errors: list[str]
+    get_tasks_calls: int  # by every collaborator, quits included
+    warnings: int
+    first_warning: str | None
+    download_seconds_max: float | None  # the slowest collaborator's whole-model download
+    upload_seconds_max: float | None  # the slowest collaborator's upload
+    close_after_last_upload_seconds: float | None  # last upload answered to the round line
+    aggregator_exit: int | None
+
+
+def measure_round(
+    run: Run,
+    phase: str,
+    names: Sequence[str],
+    *,
+    model_mb: float,
+    tensors: int,
+    hold: bool = True,
+    profile_to: Path | None = None,
+) -> RoundOutcome:
+    """One round of `train` with a collaborator thread per name, each running the real loop.
+
+    With `hold`, each collaborator's next `GetTasks` after its upload waits until the round's
+    figures are read (see `TimedClient`); without, the loop runs as it would in production.
+    """
+    size = int(model_mb * MIB)
+    largest = max(tensor_byte_sizes(size, tensors))
+    plan_path = write_plan(
+        run, phase, names, model_mb=model_mb, tensors=tensors, limits=limits_for(largest, size)
+    )
+    plan = load_plan(plan_path)
+    noop_runner.NoopRunner.initial_model(plan.runner)  # built once here, not in every thread
+    aggregator, port = start_aggregator(plan_path, profile_to=profile_to)
+    with aggregator:
+        return MeasuredRound(plan, port, run.args.round_timeout, hold=hold).run(aggregator)
+
+
+def _minus(end: tuple[float, float], start: tuple[float, float]) -> tuple[float, float]:
+    return end[0] - start[0], end[1] - start[1]
+
+
+class MeasuredRound:
+    """Collaborator threads (each its own `TimedClient`) around one aggregator's round."""
+
+    def __init__(self, plan: Plan, port: int, timeout: float, *, hold: bool) -> None:
+        self.plan = plan
+        self.timeout = timeout
+        self.gate = threading.Event()  # opened once the round's figures are read
+        self.go = threading.Event()  # every collaborator has connected: start the round
+        self.ready = threading.Semaphore(0)
+        self.errors: list[str] = []
+        self.clients: list[TimedClient] = []
+        for name in plan.collaborators:
+            client = TimedClient.from_plan(plan, name, aggregator_port=port)
+            client.gate = self.gate if hold else None
+            client.gate_timeout = timeout
+            self.clients.append(client)
+        self.outcome = RoundOutcome(
+            collaborators=len(self.clients),
+            connect_seconds=None,
+            round_seconds=None,
+            wall_seconds=None,
+            aggregator_seconds=None,
+            aggregator_cpu_seconds=None,
+            client_cpu_seconds=None,
+            peak_rss_mb=None,
+            rss_until_last_upload_mb=None,
+            rss_after_last_upload_mb=None,
+            errors=self.errors,
+            get_tasks_calls=0,
+            warnings=0,
+            first_warning=None,
+            download_seconds_max=None,
+            upload_seconds_max=None,
+            close_after_last_upload_seconds=None,
+            aggregator_exit=None,
+        )
+
+    def collaborator(self, client: TimedClient) -> None:
+        """One collaborator thread: connect, wait for the start, run the real loop to quit."""
+        try:
+            try:
+                client.ping()  # the TLS handshake, before the round is timed
+            finally:
+                self.ready.release()
+            self.go.wait()
+            runner = noop_runner.NoopRunner(
+                self.plan.runner,
+                collaborator=client.collaborator_name,
+                collaborators=self.plan.collaborators,
+            )
+            report = run_collaborator(client, runner, self.plan.runner)
+            if not report.quit:
+                self.errors.append(f"{client.collaborator_name}: stopped without quit")
+        except Exception as error:  # counted: the round's errors
+            self.errors.append(f"{client.collaborator_name}: {error!r}")
+        finally:
+            client.disconnect()
+
+    def run(self, aggregator: Process) -> RoundOutcome:
+        """Connect everyone, start the round, read the figures when it closes, let all quit."""
+        threads = [
+            threading.Thread(target=self.collaborator, args=(c,), name=c.collaborator_name)
+            for c in self.clients
+        ]
+        with counting_warnings() as warnings:
+            try:
+                started = time.perf_counter()
+                for thread in threads:
+                    thread.start()
+                for _ in threads:
+                    if not self.ready.acquire(timeout=self.timeout):
+                        raise BenchmarkError("the collaborators did not connect in time")
+                self.outcome.connect_seconds = time.perf_counter() - started
+                self.observe(aggregator)
+            finally:
+                self.gate.set()
+                self.go.set()
+                for thread in threads:
+                    thread.join(timeout=60)
+            self.outcome.aggregator_exit = aggregator.wait(60)
+        self.outcome.warnings, self.outcome.first_warning = warnings.count, warnings.first
+        self.outcome.get_tasks_calls = sum(client.get_tasks_calls for client in self.clients)
+        self.outcome.download_seconds_max = self.longest("download_start", "download_end")
+        self.outcome.upload_seconds_max = self.longest("upload_start", "upload_end")
+        return self.outcome
+
+    def observe(self, aggregator: Process) -> None:
+        """Start the round and wait for the aggregator's round line; read time, CPU, memory."""
+        outcome = self.outcome
+        aggregator_cpu = cpu_seconds(aggregator.pid)
+        client_cpu = own_cpu_seconds()
+        with MemorySampler(aggregator.pid) as memory:
+            released = time.perf_counter()
+            self.go.set()
+            try:
+                closed_at, match = aggregator.wait_line(
+                    r"^round 1/1 .*?(\d+\.\d+) s$", self.timeout
+                )
+            except BenchmarkError as error:
+                self.errors.append(f"the round did not close: {str(error).splitlines()[0]}")
+                return
+            # Held, nobody can quit yet; else the process may be ending: then the sampled peak.
+            outcome.peak_rss_mb = peak_rss_mb(aggregator.pid) or memory.peak()
+            aggregator_cpu_end = cpu_seconds(aggregator.pid)
+        if aggregator_cpu is not None and aggregator_cpu_end is not None:
+            outcome.aggregator_cpu_seconds = _minus(aggregator_cpu_end, aggregator_cpu)
+        outcome.client_cpu_seconds = _minus(own_cpu_seconds(), client_cpu)
+        starts = self.marks("download_start")
+        outcome.round_seconds = closed_at - min(starts, default=released)
+        outcome.wall_seconds = closed_at - released
+        outcome.aggregator_seconds = float(match.group(1))
+        uploaded = self.marks("upload_end")
+        if uploaded:
+            last_upload = max(uploaded)
+            outcome.close_after_last_upload_seconds = closed_at - last_upload
+            outcome.rss_until_last_upload_mb = memory.peak(end=last_upload)
+            outcome.rss_after_last_upload_mb = memory.peak(start=last_upload)
+
+    def marks(self, mark: str) -> list[float]:
+        """The times every client noted `mark`."""
+        return [client.marks[mark] for client in self.clients if mark in client.marks]
+
+    def longest(self, start: str, end: str) -> float | None:
+        """The longest time from `start` to `end` among the clients."""
+        return max(
+            (c.marks[end] - c.marks[start] for c in self.clients if end in c.marks),
+            default=None,
+        )
