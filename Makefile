@@ -32,7 +32,8 @@ demo: install ## Run a real federation on localhost: an aggregator and 3 collabo
 	done; \
 	trap 'kill $$agg $$pids 2>/dev/null' INT TERM EXIT; \
 	status=0; wait $$agg || status=$$?; \
-	for pid in $$pids; do wait $$pid || status=$$?; done; \
+	if [ $$status -ne 0 ]; then kill $$pids 2>/dev/null; fi; \
+	for pid in $$pids; do wait $$pid || { code=$$?; [ $$status -ne 0 ] || status=$$code; }; done; \
 	trap - INT TERM EXIT; \
 	if [ $$status -ne 0 ]; then echo "demo: a process failed (exit $$status); logs in build/local/"; fi; \
 	exit $$status
