@@ -17,6 +17,7 @@ import numpy.typing as npt
 
 Array = npt.NDArray[np.generic]
 _INT64_LIMIT = 2**63
+_SLICE = 2**20  # elements of a float tensor updated at a time
 
 
 @dataclass(frozen=True)
@@ -31,32 +32,116 @@ def federated_average(
     contributions: Mapping[str, Contribution], reference: Mapping[str, Array]
 ) -> dict[str, Array]:
     """The weighted mean of every tensor of `reference` over `contributions` (keyed by collaborator)."""
-    ordered = [contributions[name] for name in sorted(contributions)]
-    if not ordered:
+    if not contributions:
         raise ValueError("nothing to average: no contributions")
-    if any(part.weight <= 0 for part in ordered):
+    if any(part.weight <= 0 for part in contributions.values()):
         raise ValueError("every contribution needs a positive weight")
-    total = sum(part.weight for part in ordered)
-    averaged: dict[str, Array] = {}
-    for name in sorted(reference):
-        like = np.asarray(reference[name])
-        arrays = [np.asarray(part.tensors[name]) for part in ordered if name in part.tensors]
-        if len(arrays) != len(ordered):
-            raise ValueError(f"tensor {name!r} is missing from some contributions")
-        for array in arrays:
+    average = RunningAverage(reference, sum(part.weight for part in contributions.values()))
+    for name in sorted(contributions):
+        average.add(name, contributions[name].weight, contributions[name].tensors)
+    return average.result()
+
+
+class RunningAverage:
+    """`federated_average` one contribution at a time, in memory of the order of one model.
+
+    Add the contributions in sorted collaborator order (as `federated_average` sums them) with
+    `total` the sum of all their weights; each can be dropped once added, and the result is
+    bit-identical to `federated_average` of them all.
+    """
+
+    def __init__(self, reference: Mapping[str, Array], total: int) -> None:
+        """Average the tensors of `reference` over contributions whose weights sum to `total`."""
+        if total <= 0:
+            raise ValueError("every contribution needs a positive weight")
+        self._reference = {name: np.asarray(reference[name]) for name in sorted(reference)}
+        for name, like in self._reference.items():
+            if like.dtype.kind not in "biuf":
+                raise ValueError(f"tensor {name!r}: cannot average dtype {like.dtype}")
+        self._total = total
+        self._added = 0  # weight added so far
+        self._last: str | None = None  # the collaborator added last
+        self._first: dict[str, Array] = {}  # the first contribution's tensors (float path)
+        self._sums: dict[str, npt.NDArray[np.float64]] = {}  # float64 running means
+        self._numerators: dict[str, npt.NDArray[np.int64]] = {}  # exact sums of integer tensors
+        self._largest: dict[str, int] = {}  # the largest magnitude of each integer tensor
+
+    def add(self, collaborator: str, weight: int, tensors: Mapping[str, Array]) -> None:
+        """Fold one collaborator's tensors into the average (after the ones before it by name)."""
+        if weight <= 0:
+            raise ValueError("every contribution needs a positive weight")
+        if self._last is not None and collaborator <= self._last:
+            raise ValueError(f"contribution of {collaborator!r} added out of order")
+        if self._added + weight > self._total:
+            raise ValueError("the contributions weigh more than the total given")
+        arrays: dict[str, Array] = {}
+        for name, like in self._reference.items():
+            if name not in tensors:
+                raise ValueError(f"tensor {name!r} is missing from some contributions")
+            array = np.asarray(tensors[name])
             if array.shape != like.shape or array.dtype != like.dtype:
                 raise ValueError(
                     f"tensor {name!r} is {array.dtype}{list(array.shape)}, "
                     f"the reference is {like.dtype}{list(like.shape)}"
                 )
-        weights = [part.weight for part in ordered]
-        if like.dtype.kind == "f":
-            averaged[name] = _float_mean(arrays, weights, total, like.dtype)
-        elif like.dtype.kind in "biu":
-            averaged[name] = _integer_mean(arrays, weights, total, like.dtype)
-        else:
-            raise ValueError(f"tensor {name!r}: cannot average dtype {like.dtype}")
-    return averaged
+            arrays[name] = array
+        first = self._last is None
+        for name, array in arrays.items():
+            if self._reference[name].dtype.kind in "biu":
+                self._add_integer(name, array, weight, first)
+            self._add_float(name, array, weight, first)
+        self._last = collaborator
+        self._added += weight
+
+    def result(self) -> dict[str, Array]:
+        """The average of everything added; the running sums are released."""
+        if self._last is None:
+            raise ValueError("nothing to average: no contributions")
+        if self._added != self._total:
+            raise ValueError("the contributions weigh less than the total given")
+        averaged: dict[str, Array] = {}
+        for name, like in self._reference.items():
+            mean = self._sums.pop(name)
+            self._first.pop(name, None)
+            if like.dtype.kind == "f":
+                averaged[name] = mean.astype(like.dtype)
+                continue
+            numerator = self._numerators.pop(name)
+            if self._largest[name] * self._total >= _INT64_LIMIT:
+                # Too large for exact int64 sums; float64 is exact below 2**53 and close above.
+                averaged[name] = np.rint(mean).astype(like.dtype)
+            else:
+                averaged[name] = _round_half_even(numerator, self._total, like.dtype)
+        return averaged
+
+    def _add_float(self, name: str, array: Array, weight: int, first: bool) -> None:
+        # The mean as the first array plus the weighted differences from it: the same value as
+        # sum(w * x) / total, but copies of one model give that model back bit for bit.
+        if first:
+            self._sums[name] = array.astype(np.float64, order="C")
+            # float16/32/64 convert to float64 exactly, so the first is kept as it came.
+            exact = array.dtype.kind == "f" and array.dtype.itemsize <= 8
+            self._first[name] = array if exact else self._sums[name].copy()
+            return
+        # Element by element the same operations, a slice at a time: the float64 temporary
+        # stays small instead of twice the tensor's size.
+        share = weight / self._total
+        sums = self._sums[name].reshape(-1)  # a view: the sums are C-contiguous
+        values, first_values = array.reshape(-1), self._first[name].reshape(-1)
+        for start in range(0, sums.size, _SLICE):
+            stop = start + _SLICE
+            difference = values[start:stop].astype(np.float64)
+            np.subtract(difference, first_values[start:stop], out=difference)
+            np.multiply(difference, share, out=difference)
+            sums[start:stop] += difference
+
+    def _add_integer(self, name: str, array: Array, weight: int, first: bool) -> None:
+        if first:
+            self._numerators[name] = np.zeros(array.shape, dtype=np.int64)
+            self._largest[name] = 0
+        self._largest[name] = max(self._largest[name], _magnitude(array))
+        if self._largest[name] * self._total < _INT64_LIMIT:
+            self._numerators[name] += np.int64(weight) * array.astype(np.int64)
 
 
 def weighted_metrics(
@@ -73,29 +158,9 @@ def weighted_metrics(
     return {metric: sums[metric] / weights[metric] for metric in sorted(sums) if weights[metric]}
 
 
-def _float_mean(
-    arrays: list[Array], weights: list[int], total: int, dtype: np.dtype[np.generic]
+def _round_half_even(
+    numerator: npt.NDArray[np.int64], total: int, dtype: np.dtype[np.generic]
 ) -> Array:
-    # The mean as the first array plus the weighted differences from it: the same value as
-    # sum(w * x) / total, but copies of one model give that model back bit for bit.
-    first = arrays[0].astype(np.float64)
-    accumulator = first.copy()
-    for array, weight in zip(arrays[1:], weights[1:], strict=True):
-        accumulator += (weight / total) * (array.astype(np.float64) - first)
-    return accumulator.astype(dtype)
-
-
-def _integer_mean(
-    arrays: list[Array], weights: list[int], total: int, dtype: np.dtype[np.generic]
-) -> Array:
-    largest = max((_magnitude(array) for array in arrays), default=0)
-    if largest * total >= _INT64_LIMIT:
-        # Too large for exact int64 sums; float64 is exact below 2**53 and close above.
-        mean = _float_mean(arrays, weights, total, np.dtype(np.float64))
-        return np.rint(mean).astype(dtype)
-    numerator = np.zeros(arrays[0].shape, dtype=np.int64)
-    for array, weight in zip(arrays, weights, strict=True):
-        numerator += np.int64(weight) * array.astype(np.int64)
     quotient, remainder = np.divmod(numerator, np.int64(total))  # floor division, remainder >= 0
     twice = 2 * remainder
     round_up = (twice > total) | ((twice == total) & (quotient % 2 == 1))

@@ -51,7 +51,7 @@ import numpy.typing as npt
 
 from aggregator.errors import InvalidRequestError, PreconditionError, StorageError
 from aggregator.failpoints import failpoint
-from aggregator.fedavg import Contribution, federated_average, weighted_metrics
+from aggregator.fedavg import RunningAverage, weighted_metrics
 from plans.schema import (
     AGGREGATED_MODEL_VALIDATION,
     TRAIN,
@@ -678,10 +678,16 @@ class Federation:
     ) -> tuple[Mapping[str, Array], bool, dict[str, dict[str, float]]]:
         """The next global model, whether any `train` result made it, and the metrics' means.
 
-        Results are read from the store one by one, in (collaborator, task) order; only the
-        train results' model tensors are held until they are averaged.
+        Results are read from the store one at a time, in (collaborator, task) order, so in
+        collaborator order for `train`: each is folded into a running average and dropped, and
+        memory stays of the order of one model whatever the number of collaborators.
         """
-        contributions: dict[str, Contribution] = {}
+        trained = [accepted for accepted in counted if accepted.task_name == TRAIN]
+        average = (
+            RunningAverage(model, sum(accepted.data_size for accepted in trained))
+            if trained
+            else None
+        )
         reported: dict[str, dict[str, tuple[int, dict[str, float]]]] = {}
         for accepted in counted:
             result = self.store.load(accepted)
@@ -694,20 +700,22 @@ class Federation:
                 result.data_size,
                 metrics,
             )
-            if result.task_name == TRAIN:
-                contributions[result.collaborator] = Contribution(
-                    weight=result.data_size,
-                    tensors={t.name: t.array for t in result.tensors if METRIC_TAG not in t.tags},
+            if average is not None and result.task_name == TRAIN:
+                average.add(
+                    result.collaborator,
+                    result.data_size,
+                    {t.name: t.array for t in result.tensors if METRIC_TAG not in t.tags},
                 )
+            del result  # before the next one is read
         failpoint("while_aggregating")
         averaged: dict[str, dict[str, float]] = {}
         for task in tasks:
             means = weighted_metrics(reported.get(task, {}))
             if means:
                 averaged[task] = means
-        if not contributions:
+        if average is None:
             return model, False, averaged
-        return federated_average(contributions, model), True, averaged
+        return average.result(), True, averaged
 
     def _improved_best(
         self,

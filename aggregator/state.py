@@ -75,11 +75,10 @@ from aggregator.storage import (
     METRICS,
     fsync_folder,
     is_temporary,
-    model_bytes,
     read_file,
     read_tensors,
-    tensors_bytes,
-    write_atomic,
+    write_model,
+    write_tensors,
 )
 
 logger = logging.getLogger(__name__)
@@ -261,19 +260,19 @@ class DurableState:
     def stage(self, result: TaskResult) -> Accepted:
         """Write the result's tensors to their file, atomically; not accepted until `record`."""
         name = f"{ROUNDS}/{result.round_number}/{result.collaborator}-{result.task_name}.pbuf"
-        data = tensors_bytes(
+        path = self.root / name
+        _make_folder(path.parent)
+        sha256 = write_tensors(
+            path,
             ((tensor.name, tensor.array, tensor.tags) for tensor in result.tensors),
             round_number=result.round_number,
         )
-        path = self.root / name
-        _make_folder(path.parent)
-        write_atomic(path, data)
         return Accepted(
             result.collaborator,
             result.round_number,
             result.task_name,
             result.data_size,
-            StoredFile(name, hashlib.sha256(data).hexdigest()),
+            StoredFile(name, sha256),
         )
 
     def record(self, accepted: Accepted) -> None:
@@ -464,11 +463,9 @@ class DurableState:
 
     def _write_model(self, round_number: int, model: Mapping[str, Array]) -> StoredFile:
         name = f"{MODELS}/round-{round_number}.pbuf"
-        data = model_bytes(model, round_number=round_number)
         path = self.root / name
         _make_folder(path.parent)
-        write_atomic(path, data)
-        return StoredFile(name, hashlib.sha256(data).hexdigest())
+        return StoredFile(name, write_model(path, model, round_number=round_number))
 
     def _read(self, stored: StoredFile) -> list[tuple[str, Array, frozenset[str]]]:
         """The tensors of a state file, after checking its SHA-256."""

@@ -16,6 +16,7 @@ beside them, or a last line of `metrics.jsonl` cut short; `OutputFolder.remove_t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -72,9 +74,88 @@ def write_model(
     *,
     round_number: int = 0,
     before_rename: Callable[[], None] | None = None,
-) -> None:
-    """Write `model` to `path` as a `ModelProto` file, atomically."""
-    write_atomic(path, model_bytes(model, round_number=round_number), before_rename=before_rename)
+) -> str:
+    """Write `model` to `path` as a `ModelProto` file, atomically; the SHA-256 of its bytes."""
+    return write_tensors(
+        path,
+        ((name, array, frozenset((MODEL_TAG,))) for name, array in model.items()),
+        round_number=round_number,
+        before_rename=before_rename,
+    )
+
+
+def write_tensors(
+    path: Path,
+    tensors: Iterable[NamedArray],
+    *,
+    round_number: int = 0,
+    before_rename: Callable[[], None] | None = None,
+) -> str:
+    """Write the bytes `tensors_bytes` gives to `path`, atomically; the SHA-256 of those bytes.
+
+    Each tensor's values go from its array to the file as they are, never through a serialized
+    copy of the whole model: memory stays at the arrays the caller holds.
+    """
+    digest = hashlib.sha256()
+
+    def write(file: BinaryIO) -> None:
+        for name, array, tags in sorted(tensors, key=lambda tensor: tensor[0]):
+            for part in _tensor_parts(name, array, tags, round_number):
+                file.write(part)
+                digest.update(part)
+
+    _write_atomic_with(path, write, before_rename=before_rename)
+    return digest.hexdigest()
+
+
+def _tensor_parts(
+    name: str, array: Array, tags: frozenset[str], round_number: int
+) -> list[bytes | memoryview]:
+    """One tensor as the bytes of a `ModelProto.tensors` field, its values left in the array.
+
+    The same bytes as `encode_tensor` then `SerializeToString(deterministic=True)`: the fields
+    in number order, `data_bytes` (7) written from the array's buffer between those before it
+    and `foedus_dtype` (1000).
+    """
+    values = np.asarray(array)
+    try:
+        # The header is encoded from an empty array of the same dtype, so the codec decides
+        # what can be stored and how the dtype is named; only the shape is put back.
+        header = encode_tensor(
+            name, np.empty(0, dtype=values.dtype), round_number=round_number, tags=sorted(tags)
+        )
+    except TensorFormatError as error:
+        raise StorageError(f"cannot save the tensors: {error}") from None
+    data = np.asarray(values, dtype=values.dtype.newbyteorder("<"), order="C")
+    del header.transformer_metadata[0].int_list[:]
+    header.transformer_metadata[0].int_list.extend(data.shape)
+    trailer = base_pb2.NamedTensor(foedus_dtype=header.foedus_dtype)
+    header.ClearField("foedus_dtype")
+    head = header.SerializeToString(deterministic=True)
+    tail = trailer.SerializeToString(deterministic=True)
+    body = data.reshape(-1).view(np.uint8).data  # a memoryview: no copy
+    field = _DATA_BYTES_TAG + _varint(len(body)) if body else b""  # proto3 omits b""
+    size = len(head) + len(field) + len(body) + len(tail)
+    parts: list[bytes | memoryview] = [_TENSORS_TAG + _varint(size) + head + field]
+    if body:
+        parts.append(body)
+    if tail:
+        parts.append(tail)
+    return parts
+
+
+_TENSORS_TAG = bytes([1 << 3 | 2])  # ModelProto.tensors, length-delimited
+_DATA_BYTES_TAG = bytes([7 << 3 | 2])  # NamedTensor.data_bytes, length-delimited
+
+
+def _varint(value: int) -> bytes:
+    """`value` as a protobuf base-128 varint."""
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def read_model(path: Path, max_tensor_bytes: int) -> dict[str, Array]:
@@ -124,6 +205,16 @@ def write_atomic(
 
     `before_rename` runs once the new bytes are durable in the temporary file (a failpoint).
     """
+    _write_atomic_with(path, lambda file: file.write(data), before_rename=before_rename)
+
+
+def _write_atomic_with(
+    path: Path,
+    write: Callable[[BinaryIO], object],
+    *,
+    before_rename: Callable[[], None] | None = None,
+) -> None:
+    """Replace `path` with what `write` writes to a temporary file; see `write_atomic`."""
     folder = path.parent
     try:
         descriptor, temporary = tempfile.mkstemp(
@@ -133,7 +224,7 @@ def write_atomic(
         raise StorageError(f"{path}: cannot write: {error.strerror or error}") from None
     try:
         with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         if before_rename is not None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
+import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -439,3 +441,14 @@ def test_failpoints_parse_and_refuse_unknown_names() -> None:
     }
     assert failpoints.configure(environment) == {}
     failpoints.failpoint("after_accept")  # unarmed: nothing happens
+
+
+def test_staged_results_keep_no_reference_to_their_arrays(state: DurableState) -> None:
+    """Once a result is on disk, neither the store nor the federation holds its arrays."""
+    fed = federation_of(state)
+    sent = result("alice", 0)
+    watched = [weakref.ref(tensor.array) for tensor in sent.tensors]
+    assert fed.submit(sent)
+    del sent
+    gc.collect()
+    assert all(ref() is None for ref in watched)

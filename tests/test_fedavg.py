@@ -7,7 +7,8 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
-from aggregator.fedavg import Contribution, federated_average, weighted_metrics
+from aggregator import fedavg
+from aggregator.fedavg import Contribution, RunningAverage, federated_average, weighted_metrics
 from aggregator.federation import Array, Federation, ResultTensor, TaskResult
 
 MODEL: dict[str, Array] = {
@@ -135,3 +136,58 @@ def test_metrics_are_means_weighted_by_data_size() -> None:
         }
     )
     assert metrics == {"accuracy": pytest.approx(0.8), "loss": 2.0}
+
+
+def batch_mean(parts: list[tuple[int, Array]], dtype: np.dtype[np.generic]) -> Array:
+    """The formula `federated_average` used when it held every contribution at once."""
+    total = sum(weight for weight, _ in parts)
+    if dtype.kind in "biu":
+        largest = max(max(abs(int(a.max())), abs(int(a.min()))) for _, a in parts)
+        if largest * total < 2**63:
+            numerator = sum(np.int64(w) * a.astype(np.int64) for w, a in parts)
+            quotient, remainder = np.divmod(numerator, np.int64(total))
+            twice = 2 * remainder
+            up = (twice > total) | ((twice == total) & (quotient % 2 == 1))
+            return (quotient + up.astype(np.int64)).astype(dtype)
+    first = parts[0][1].astype(np.float64)
+    accumulator = first.copy()
+    for weight, array in parts[1:]:
+        accumulator += (weight / total) * (array.astype(np.float64) - first)
+    if dtype.kind in "biu":
+        return np.rint(accumulator).astype(dtype)
+    return accumulator.astype(dtype)
+
+
+@pytest.mark.parametrize(
+    "dtype", [np.float16, np.float32, np.float64, np.int32, np.int64, np.uint8, np.bool_]
+)
+@pytest.mark.parametrize("slice_size", [10, 2**20])
+def test_running_average_is_bit_identical_to_the_batch_formula(
+    dtype: type[np.generic], slice_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One contribution at a time, a slice at a time, gives the bytes the all-at-once formula gave."""
+    monkeypatch.setattr(fedavg, "_SLICE", slice_size)
+    rng = np.random.default_rng(11)
+    weights = {"dave": 5, "alice": 17, "carol": 101, "bob": 3}
+    scales = {"alice": 1.0, "bob": 1e-3, "carol": 1e3, "dave": 7.0}
+    arrays: dict[str, Array] = {}
+    for name in weights:
+        values = rng.normal(scale=scales[name], size=(33, 7))
+        arrays[name] = (values > 0 if dtype is np.bool_ else values).astype(dtype)
+    arrays["bob"] = np.asfortranarray(arrays["bob"])  # a layout of its own
+    if dtype is np.int64:
+        arrays["carol"][0, 0] = 2**62  # forces the float64 fallback
+    contributions = {name: Contribution(weights[name], {"t": arrays[name]}) for name in weights}
+    averaged = federated_average(contributions, {"t": arrays["alice"]})
+    ordered = [(weights[name], arrays[name]) for name in sorted(weights)]
+    expected = batch_mean(ordered, np.dtype(dtype))
+    assert averaged["t"].dtype == expected.dtype
+    assert averaged["t"].tobytes() == expected.tobytes()
+
+
+def test_running_average_refuses_contributions_out_of_order() -> None:
+    """Contributions must come in collaborator order, or the sums would depend on arrival."""
+    average = RunningAverage({"t": np.zeros(2)}, 3)
+    average.add("bob", 1, {"t": np.ones(2)})
+    with pytest.raises(ValueError, match="out of order"):
+        average.add("alice", 2, {"t": np.ones(2)})

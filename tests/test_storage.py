@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.errors import ModelFileError
+from aggregator.errors import ModelFileError, StorageError
 from aggregator.storage import (
     OutputFolder,
     model_bytes,
@@ -18,6 +19,7 @@ from aggregator.storage import (
     tensors_bytes,
     write_atomic,
     write_model,
+    write_tensors,
 )
 from protos import base_pb2
 from protos.codec import encode_tensor
@@ -175,3 +177,31 @@ def test_tagged_tensors_round_trip_with_their_tags(tmp_path: Path) -> None:
     for name, array, tags in tensors:
         assert loaded[name][0].tobytes() == array.tobytes() and loaded[name][0].dtype == array.dtype
         assert tags <= loaded[name][1]
+
+
+def test_streamed_files_hold_the_serialized_bytes(tmp_path: Path) -> None:
+    """`write_tensors` writes exactly the bytes of `tensors_bytes` and returns their SHA-256."""
+    rng = np.random.default_rng(3)
+    tensors = [
+        ("f32", rng.random((3, 4), dtype=np.float32), frozenset({"model"})),
+        ("big-endian", np.arange(60, dtype=">i8").reshape(6, 10)[:, ::2], frozenset({"a", "b"})),
+        ("scalar", np.array(3.5), frozenset()),
+        ("empty", np.zeros((0, 5), dtype=np.int32), frozenset({"metric"})),
+        ("flags", np.array([True, False]), frozenset()),
+        ("half", rng.random(70000).astype(np.float16), frozenset({"model"})),
+        ("fortran", np.asfortranarray(rng.random((50, 70))), frozenset()),
+    ]
+    for round_number in (0, 300):
+        path = tmp_path / f"{round_number}.pbuf"
+        sha256 = write_tensors(path, reversed(tensors), round_number=round_number)
+        data = tensors_bytes(tensors, round_number=round_number)
+        assert path.read_bytes() == data
+        assert sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_a_tensor_that_cannot_be_saved_leaves_no_file(tmp_path: Path) -> None:
+    """A dtype the codec cannot store is a `StorageError`, and no temporary file stays behind."""
+    tensors = [("text", np.array(["a"]), frozenset())]
+    with pytest.raises(StorageError, match="cannot save"):
+        write_tensors(tmp_path / "m.pbuf", tensors)
+    assert list(tmp_path.iterdir()) == []
