@@ -29,7 +29,14 @@ import grpc
 
 from aggregator.admission import Admission, chunks_within
 from aggregator.errors import InvalidRequestError
-from aggregator.federation import DELTA_TAG, Assignment, Federation, ResultTensor, TaskResult
+from aggregator.federation import (
+    DELTA_TAG,
+    Array,
+    Assignment,
+    Federation,
+    ResultTensor,
+    TaskResult,
+)
 from aggregator.identity import Gatekeeper, Header
 from aggregator.status import refusals_as_status
 from plans import Limits
@@ -64,6 +71,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
         self._long_polls = threading.BoundedSemaphore(max(1, max_long_polls))
         self._long_polling = max_long_polls > 0 and long_poll_seconds > 0
         self._stopping = threading.Event()
+        self._encoded = EncodedModel()
 
     def stop_long_polls(self) -> None:
         """Answer waiting and future `GetTasks` calls at once (the server is stopping)."""
@@ -109,14 +117,14 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
                     "(set use_delta_updates: false in the collaborator)"
                 )
             array = self.federation.global_tensor(request.tensor_name, request.round_number)
-            tensor = encode_tensor(
-                request.tensor_name, array, round_number=request.round_number, tags=MODEL_TAGS
+            response = aggregator_pb2.GetAggregatedTensorResponse(
+                header=self._reply_header(caller), round_number=request.round_number
             )
-            return aggregator_pb2.GetAggregatedTensorResponse(
-                header=self._reply_header(caller),
-                round_number=request.round_number,
-                tensor=tensor,
+            # CopyFrom, not `tensor=` in the constructor: the latter is about 3 times slower.
+            response.tensor.CopyFrom(
+                self._encoded.get(request.round_number, request.tensor_name, array)
             )
+            return response
 
     @refusals_as_status
     def SendLocalTaskResults(  # noqa: N802
@@ -134,26 +142,16 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
             message = task_results_from_chunks(upload, max_bytes=limit, expected_bytes=declared)
             caller = self.gatekeeper.check_header(peer, _header(message.header))
             with self._slot(caller if peer is None else None):
-                return self._submit(caller, message)
+                result = _task_result(caller, message, self.limits.max_tensor_bytes)
+                # The decoded arrays own copies of their bytes; the parsed upload, as large as
+                # they are, need not stay alive while the federation stores them.
+                del message
+                return self._submit(caller, result)
 
     def _submit(
-        self, caller: str, message: aggregator_pb2.TaskResults
+        self, caller: str, result: TaskResult
     ) -> aggregator_pb2.SendLocalTaskResultsResponse:
-        """Decode an uploaded `TaskResults` and hand it to the federation."""
-        result = TaskResult(
-            collaborator=caller,
-            round_number=message.round_number,
-            task_name=message.task_name,
-            data_size=message.data_size,
-            tensors=tuple(
-                ResultTensor(
-                    name=tensor.name,
-                    tags=frozenset(tensor.tags),
-                    array=decode_tensor(tensor, max_bytes=self.limits.max_tensor_bytes),
-                )
-                for tensor in message.tensors
-            ),
-        )
+        """Hand a decoded upload to the federation."""
         if not self.federation.submit(result):
             logger.info(
                 "%s resent %s of round %d; answered OK, counted once",
@@ -208,6 +206,72 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
             receiver=caller,
             federation_uuid=self.gatekeeper.federation_uuid,
         )
+
+
+class EncodedModel:
+    """The global model of one round, each tensor encoded once for all the collaborators' requests.
+
+    Keyed by (round, tensor name), emptied when a request for a newer round arrives, so it holds
+    at most one round's model. An entry is used only for the very array it was encoded from: a
+    federation that hands out a different array for the same round and name gets it re-encoded.
+    Requests for a tensor being encoded wait for that encoding instead of making their own (all
+    collaborators ask for the same tensors as a round starts); other tensors do not wait.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._round: int | None = None
+        self._entries: dict[str, _Encoding] = {}
+
+    def get(self, round_number: int, name: str, array: Array) -> base_pb2.NamedTensor:
+        """`array`, the global tensor `name` of `round_number`, encoded (the same message each time).
+
+        The message is shared: callers copy it and never change it.
+        """
+        with self._lock:
+            if self._round is None or round_number > self._round:
+                self._round = round_number
+                self._entries = {}
+            entry = self._entries.get(name) if round_number == self._round else None
+            if entry is None or entry.array is not array:
+                entry = _Encoding(array)
+                if round_number == self._round:  # a late request for an older round is not kept
+                    self._entries[name] = entry
+        with entry.lock:
+            if entry.tensor is None:
+                entry.tensor = encode_tensor(
+                    name, array, round_number=round_number, tags=MODEL_TAGS
+                )
+            return entry.tensor
+
+
+class _Encoding:
+    """One tensor's encoding, made by the first request for it under `lock`."""
+
+    def __init__(self, array: Array) -> None:
+        self.array = array
+        self.lock = threading.Lock()
+        self.tensor: base_pb2.NamedTensor | None = None
+
+
+def _task_result(
+    caller: str, message: aggregator_pb2.TaskResults, max_tensor_bytes: int
+) -> TaskResult:
+    """Decode an uploaded `TaskResults`, every tensor checked before it is trusted."""
+    return TaskResult(
+        collaborator=caller,
+        round_number=message.round_number,
+        task_name=message.task_name,
+        data_size=message.data_size,
+        tensors=tuple(
+            ResultTensor(
+                name=tensor.name,
+                tags=frozenset(tensor.tags),
+                array=decode_tensor(tensor, max_bytes=max_tensor_bytes),
+            )
+            for tensor in message.tensors
+        ),
+    )
 
 
 def _header(header: aggregator_pb2.MessageHeader) -> Header:

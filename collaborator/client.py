@@ -41,7 +41,7 @@ from plans import Plan
 from protos import aggregator_pb2
 from protos.aggregator_pb2_grpc import AggregatorStub
 from protos.channel import client_options
-from protos.codec import TensorFormatError, decode_tensor, encode_tensor
+from protos.codec import TensorFormatError, decode_tensor, encode_tensor_into
 from protos.stream import UPLOAD_BYTES_METADATA, chunk_bytes
 
 logger = logging.getLogger(__name__)
@@ -322,17 +322,17 @@ class AggregatorGRPCClient:
             round_number=round_number,
             task_name=task_name,
             data_size=data_size,
-            tensors=[
-                encode_tensor(
-                    tensor.name,
-                    tensor.array,
-                    round_number=round_number,
-                    tags=tensor.tags,
-                    report=tensor.report,
-                )
-                for tensor in tensors
-            ],
         )
+        for tensor in tensors:
+            # Encoded in place: a NamedTensor built apart would be copied again into `results`.
+            encode_tensor_into(
+                results.tensors.add(),
+                tensor.name,
+                tensor.array,
+                round_number=round_number,
+                tags=tensor.tags,
+                report=tensor.report,
+            )
         # Serialized once: every attempt streams these bytes, through a fresh chunk iterator.
         payload = results.SerializeToString()
         del results

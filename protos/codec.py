@@ -67,21 +67,48 @@ def encode_tensor(
     as_float32: bool = False,
 ) -> base_pb2.NamedTensor:
     """Encode `array` exactly (float32 the OpenFL way); `as_float32` asks for a cast for OpenFL."""
+    tensor = base_pb2.NamedTensor()
+    encode_tensor_into(
+        tensor,
+        name,
+        array,
+        round_number=round_number,
+        tags=tags,
+        report=report,
+        as_float32=as_float32,
+    )
+    return tensor
+
+
+def encode_tensor_into(
+    tensor: base_pb2.NamedTensor,
+    name: str,
+    array: npt.ArrayLike,
+    *,
+    round_number: int = 0,
+    tags: Iterable[str] = (),
+    report: bool = False,
+    as_float32: bool = False,
+) -> None:
+    """Encode `array` into the empty `tensor`, such as a new element of a repeated field.
+
+    Filling the message in place costs one copy of the array's bytes less than building a
+    `NamedTensor` and putting it into its parent (which copies it again).
+    """
     values = np.asarray(array)
     dtype = _FLOAT32 if as_float32 else values.dtype.newbyteorder("<")
     if values.dtype.kind not in "biuf" or dtype.str not in EXACT_DTYPES:
         raise TensorFormatError(f"tensor {name!r}: dtype {values.dtype} cannot be sent")
     data = np.asarray(values, dtype=dtype, order="C")  # keeps 0-d arrays 0-d
-    return base_pb2.NamedTensor(
-        name=name,
-        round_number=round_number,
-        lossless=True,
-        report=report,
-        tags=sorted({*tags, COMPRESSED_TAG}),
-        transformer_metadata=[base_pb2.MetadataProto(int_list=data.shape)],
-        data_bytes=data.tobytes(),
-        foedus_dtype="" if dtype == _FLOAT32 else dtype.str,
-    )
+    tensor.name = name
+    tensor.round_number = round_number
+    tensor.lossless = True
+    tensor.report = report
+    tensor.tags.extend(sorted({*tags, COMPRESSED_TAG}))
+    tensor.transformer_metadata.add().int_list.extend(data.shape)
+    # protobuf takes only `bytes`, so one copy out of the array is the floor.
+    tensor.data_bytes = data.tobytes()
+    tensor.foedus_dtype = "" if dtype == _FLOAT32 else dtype.str
 
 
 def decode_tensor(tensor: base_pb2.NamedTensor, *, max_bytes: int) -> npt.NDArray[np.generic]:
@@ -97,13 +124,14 @@ def decode_tensor(tensor: base_pb2.NamedTensor, *, max_bytes: int) -> npt.NDArra
             f"tensor {name!r}: shape {shape} of {dtype} is {expected} bytes, over the limit of "
             f"{max_bytes} bytes"
         )
-    actual = len(tensor.data_bytes)
+    data = tensor.data_bytes  # read once: every read of a bytes field is a fresh copy
+    actual = len(data)
     if actual != expected:
         raise TensorFormatError(
             f"tensor {name!r}: shape {shape} of {dtype} needs {expected} bytes, got {actual}"
         )
     try:
-        return np.frombuffer(tensor.data_bytes, dtype=dtype).reshape(shape)
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
     except ValueError as error:  # an empty shape whose other dimensions overflow numpy's size
         raise TensorFormatError(f"tensor {name!r}: shape {shape} is unusable: {error}") from None
 

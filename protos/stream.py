@@ -38,24 +38,25 @@ def chunk_bytes(payload: bytes, chunk_size: int = CHUNK_BYTES) -> Iterator[base_
         yield base_pb2.DataStream(size=len(piece), npbytes=piece.tobytes())
 
 
-def join_chunks(chunks: Iterable[base_pb2.DataStream], *, max_bytes: int) -> bytes:
+def join_chunks(chunks: Iterable[base_pb2.DataStream], *, max_bytes: int) -> bytearray:
     """Join a stream's chunks, checking each chunk's declared size and the running total."""
     # One growing buffer, not a list of pieces: a list of a million 1-byte chunks would hold
-    # tens of megabytes of object headers for one megabyte of payload.
+    # tens of megabytes of object headers for one megabyte of payload. Growing it costs no more
+    # than filling one allocated up front from the sender's declared size (measured), and a
+    # sender that declares much and sends little cannot make us hold what it declared.
     joined = bytearray()
     for index, chunk in enumerate(chunks):
-        if chunk.size != len(chunk.npbytes):
-            raise StreamError(
-                f"chunk {index} declares {chunk.size} bytes but carries {len(chunk.npbytes)}"
-            )
-        if len(joined) + len(chunk.npbytes) > max_bytes:
+        data = chunk.npbytes  # read once: every read of a bytes field is a fresh copy
+        if chunk.size != len(data):
+            raise StreamError(f"chunk {index} declares {chunk.size} bytes but carries {len(data)}")
+        if len(joined) + len(data) > max_bytes:
             raise StreamTooLargeError(
                 f"stream passed the limit of {max_bytes} bytes at chunk {index}"
             )
-        joined += chunk.npbytes
+        joined += data
     if not joined:
         raise StreamError("empty stream: no bytes were sent")
-    return bytes(joined)
+    return joined  # not copied into `bytes`: ParseFromString takes any bytes-like object
 
 
 def task_results_to_chunks(
@@ -100,7 +101,9 @@ def task_results_from_chunks(
         )
     results = aggregator_pb2.TaskResults()
     try:
-        results.ParseFromString(payload)
+        # The stubs say bytes; every protobuf runtime parses any bytes-like object, and a
+        # `bytes(payload)` here would copy the whole upload once more.
+        results.ParseFromString(payload)  # type: ignore[arg-type]
     except DecodeError as error:
         raise StreamError(
             f"the stream's {len(payload)} bytes are not a TaskResults: {error}"

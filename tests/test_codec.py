@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from protos import base_pb2
+from protos import aggregator_pb2, base_pb2
 from protos.codec import (
     COMPRESSED_TAG,
     EXACT_DTYPES,
@@ -20,6 +20,7 @@ from protos.codec import (
     TensorTooLargeError,
     decode_tensor,
     encode_tensor,
+    encode_tensor_into,
 )
 
 MAX_BYTES = 1 << 20
@@ -234,6 +235,26 @@ def test_decoded_array_is_read_only_view() -> None:
     assert not decoded.flags.owndata
     with pytest.raises(ValueError, match="read-only"):
         decoded[0, 0] = 1.0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int64", ">f8"])
+def test_encode_into_a_repeated_field_is_encode(dtype: str) -> None:
+    """A tensor encoded in place into a parent's repeated field has the very bytes of encode_tensor."""
+    array = _sample(dtype)
+    results = aggregator_pb2.TaskResults()
+    encode_tensor_into(
+        results.tensors.add(), "t", array, round_number=3, tags=["b", "a"], report=True
+    )
+    expected = encode_tensor("t", array, round_number=3, tags=["b", "a"], report=True)
+    assert results.tensors[0].SerializeToString() == expected.SerializeToString()
+
+
+def test_encode_into_refuses_before_writing() -> None:
+    """An unsendable array leaves the target message untouched."""
+    target = base_pb2.NamedTensor()
+    with pytest.raises(TensorFormatError, match="cannot be sent"):
+        encode_tensor_into(target, "bad", np.array(["a"]))
+    assert target.ByteSize() == 0
 
 
 # --- what encode refuses --------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import socket
 import ssl
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 from cryptography import x509
 
+from aggregator import servicer
 from aggregator.admission import UploadTimeoutError
 from aggregator.errors import (
     AuthenticationError,
@@ -27,8 +29,9 @@ from aggregator.errors import (
     ModelFileError,
     PreconditionError,
 )
-from aggregator.federation import Federation
+from aggregator.federation import Array, Federation
 from aggregator.server import AggregatorGRPCServer
+from aggregator.servicer import MODEL_TAGS, EncodedModel
 from aggregator.status import STATUS_CODES, status_of
 from pki.layout import CertsLayout
 from pki.local import setup_local_federation
@@ -156,6 +159,96 @@ def test_global_tensors_arrive_exactly(alice: Caller, name: str) -> None:
     expected = small_model()[name]
     assert array.dtype == expected.dtype
     np.testing.assert_array_equal(array, expected)
+
+
+@pytest.fixture
+def encodes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """The (tensor name, round) of every tensor the servicer encodes from now on."""
+    calls: list[tuple[str, int]] = []
+
+    def counting(
+        name: str, array: Array, *, round_number: int, tags: tuple[str, ...]
+    ) -> base_pb2.NamedTensor:
+        calls.append((name, round_number))
+        return encode_tensor(name, array, round_number=round_number, tags=tags)
+
+    monkeypatch.setattr(servicer, "encode_tensor", counting)
+    return calls
+
+
+def test_global_tensor_is_encoded_once_for_all_requests(
+    certs: CertsLayout, encodes: list[tuple[str, int]]
+) -> None:
+    """Every request for a global tensor of the round gets the same encoding, made once."""
+    plan = make_plan(certs)
+    federation = make_federation(plan)
+    with running_aggregator(plan, federation) as server:
+        callers = [
+            connect(
+                server, certs, Identity(certs.collaborator_cert(n), certs.collaborator_key(n)), n
+            )
+            for n in ("alice", "bob")
+        ]
+        for caller in callers * 2:
+            for name in sorted(small_model()):
+                request = aggregator_pb2.GetAggregatedTensorRequest(
+                    header=caller.header(), tensor_name=name, round_number=0
+                )
+                reply = caller.stub.GetAggregatedTensor(request, timeout=10)
+                assert (reply.header.receiver, reply.round_number) == (caller.name, 0)
+                assert reply.tensor == encode_tensor(
+                    name, small_model()[name], round_number=0, tags=MODEL_TAGS
+                )
+        for caller in callers:
+            caller.channel.close()
+    assert sorted(encodes) == [(name, 0) for name in sorted(small_model())]
+
+
+def test_encoded_model_keeps_one_round(encodes: list[tuple[str, int]]) -> None:
+    """A request for a newer round empties the cache; a late one for an older round does not."""
+    cache = EncodedModel()
+    weight, bias = np.ones(3, np.float32), np.zeros(2, np.float32)
+    first = cache.get(0, "weight", weight)
+    assert cache.get(0, "weight", weight) is first
+    cache.get(0, "bias", bias)
+    newer = cache.get(1, "weight", weight)
+    assert newer.round_number == 1
+    late = cache.get(0, "weight", weight)
+    assert late.round_number == 0
+    assert cache.get(1, "weight", weight) is newer
+    cache.get(1, "bias", bias)
+    assert encodes == [("weight", 0), ("bias", 0), ("weight", 1), ("weight", 0), ("bias", 1)]
+
+
+def test_encoded_model_encodes_a_different_array_again(encodes: list[tuple[str, int]]) -> None:
+    """An entry serves only the array it was made from, never a stale encoding."""
+    cache = EncodedModel()
+    cache.get(0, "weight", np.ones(3, np.float32))
+    replaced = cache.get(0, "weight", np.full(3, 2, np.float32))
+    np.testing.assert_array_equal(decode_tensor(replaced, max_bytes=12), np.full(3, 2, np.float32))
+    assert len(encodes) == 2
+
+
+def test_encoded_model_is_shared_by_threads(encodes: list[tuple[str, int]]) -> None:
+    """Concurrent first requests for a tensor wait for one encoding and all get it."""
+    cache = EncodedModel()
+    array = np.arange(1000, dtype=np.float32)
+    start = threading.Barrier(8)
+    got: list[base_pb2.NamedTensor] = []
+
+    def request() -> None:
+        start.wait()
+        got.append(cache.get(4, "weight", array))
+
+    threads = [threading.Thread(target=request) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(got) == 8
+    assert all(tensor is got[0] for tensor in got)
+    np.testing.assert_array_equal(decode_tensor(got[0], max_bytes=4000), array)
+    assert encodes == [("weight", 4)]
 
 
 def test_result_is_accepted_once_and_resend_is_answered_ok(certs: CertsLayout) -> None:
