@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
@@ -34,8 +33,8 @@ from aggregator.federation import Array
 from aggregator.runtime import serve
 from aggregator.state import DurableState, ForeignStateError
 from aggregator.storage import OutputFolder, read_model
-from pki.errors import KeyFileError, PkiError
-from pki.files import check_private_key_mode
+from pki.errors import KeyFileError, MissingTLSFileError, PkiError
+from pki.tls import check_tls_files
 from plans import Plan, PlanError, load_plan
 from plans.runners import RunnerError, load_runner
 from protos.codec import EXACT_DTYPES
@@ -160,23 +159,16 @@ def _check_tls_files(plan: Plan) -> None:
     certs = plan.tls.certs
     if certs is None:
         return
-    for what, path in (
+    files = (
         ("CA bundle", certs.ca_bundle),
         ("aggregator certificate", certs.aggregator_cert),
         ("aggregator private key", certs.aggregator_key),
-    ):
-        if not path.is_file():
-            raise _BadInputError(
-                f"{plan.path}: tls.certs_dir: {what} not found: {path} "
-                f"(run 'pki setup --plan {plan.path}')"
-            )
-        if not os.access(path, os.R_OK):
-            raise _BadInputError(
-                f"{plan.path}: tls.certs_dir: {what} not readable: {path} "
-                "(check the file's owner and permissions)"
-            )
+    )
     try:
-        check_private_key_mode(certs.aggregator_key)
+        check_tls_files(files, certs.aggregator_key)
+    except MissingTLSFileError as error:
+        hint = f" (run 'pki setup --plan {plan.path}')" if error.absent else ""
+        raise _BadInputError(f"{plan.path}: tls.certs_dir: {error}{hint}") from None
     except KeyFileError as error:
         raise _BadInputError(str(error)) from None
 

@@ -20,8 +20,8 @@ from collaborator.errors import (
     ClientError,
 )
 from collaborator.loop import run_collaborator
-from pki.errors import PkiError
-from pki.files import check_private_key_mode
+from pki.errors import MissingTLSFileError, PkiError
+from pki.tls import check_tls_files
 from plans import Plan, PlanError, load_plan
 from plans.runners import RunnerError, TaskRunner, load_runner
 
@@ -172,14 +172,11 @@ def _check_tls_files(plan: Plan, name: str) -> None:
         )
     except PkiError as error:
         raise _UsageError(f"{plan.path}: tls.certs_dir: {error}") from None
-    for what, path in files:
-        if not path.is_file():
-            raise _UsageError(
-                f"{plan.path}: tls.certs_dir: {what} not found: {path} "
-                f"(run 'pki setup --plan {plan.path}')"
-            )
     try:
-        check_private_key_mode(certs.collaborator_key(name))
+        check_tls_files(files, certs.collaborator_key(name))
+    except MissingTLSFileError as error:
+        hint = f" (run 'pki setup --plan {plan.path}')" if error.absent else ""
+        raise _UsageError(f"{plan.path}: tls.certs_dir: {error}{hint}") from None
     except PkiError as error:
         raise _UsageError(str(error)) from None
 

@@ -27,3 +27,11 @@ class KeyFileError(PemFileError):
 
 class CertificateValidityError(PkiError):
     """A certificate of our own is expired or not yet valid: peers would refuse it in the handshake."""
+
+
+class MissingTLSFileError(PemFileError):
+    """A file the TLS credentials need is absent (`absent`) or cannot be read."""
+
+    def __init__(self, message: str, *, absent: bool) -> None:
+        super().__init__(message)
+        self.absent = absent

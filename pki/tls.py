@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -13,7 +13,7 @@ import grpc
 from cryptography import x509
 
 from pki.ca import CLOCK_SKEW, utc_now
-from pki.errors import CertificateValidityError, KeyFileError, PkiError
+from pki.errors import CertificateValidityError, KeyFileError, MissingTLSFileError, PkiError
 from pki.files import check_private_key_mode, parse_certificates, parse_private_key, read_pem_file
 from pki.keys import key_matches_certificate
 from pki.requests import common_name_of
@@ -55,6 +55,22 @@ def _check_validity_period(leaf: x509.Certificate, path: Path) -> None:
             f"{path}: certificate is not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} "
             "UTC; check this machine's clock or the certificate"
         )
+
+
+def check_tls_files(files: Sequence[tuple[str, Path]], key: Path) -> None:
+    """Each named file is there and readable, and `key` is private: checked before serving or dialing.
+
+    Raises `MissingTLSFileError` (its `absent` says which) or `KeyFileError` for an exposed key.
+    """
+    for what, path in files:
+        if not path.is_file():
+            raise MissingTLSFileError(f"{what} not found: {path}", absent=True)
+        if not os.access(path, os.R_OK):
+            raise MissingTLSFileError(
+                f"{what} not readable: {path} (check the file's owner and permissions)",
+                absent=False,
+            )
+    check_private_key_mode(key)
 
 
 def load_ca_bundle(ca_bundle: Path) -> bytes:

@@ -12,12 +12,19 @@ from pathlib import Path
 import grpc
 import pytest
 
-from pki.errors import CertificateValidityError, KeyFileError, PemFileError, PkiError
+from pki.errors import (
+    CertificateValidityError,
+    KeyFileError,
+    MissingTLSFileError,
+    PemFileError,
+    PkiError,
+)
 from pki.files import read_certificate
 from pki.layout import CertsLayout
 from pki.tls import (
     ServerCertificateFetcher,
     channel_credentials,
+    check_tls_files,
     common_name,
     server_credentials,
 )
@@ -245,3 +252,21 @@ def test_own_certificate_outside_its_dates_is_refused(
     with pytest.raises(CertificateValidityError, match=words) as raised:
         channel_credentials(certs.ca_bundle, identity.cert, identity.key)
     assert str(raised.value).startswith(f"{identity.cert}:")
+
+
+def test_check_tls_files_names_the_missing_file_and_the_exposed_key(
+    certs: CertsLayout, tmp_path: Path
+) -> None:
+    """A missing file is reported by its role and path; a key readable by others by the fix."""
+    files = (("CA bundle", certs.ca_bundle), ("certificate", tmp_path / "absent.crt"))
+    with pytest.raises(
+        MissingTLSFileError, match=r"certificate not found: .*absent\.crt"
+    ) as raised:
+        check_tls_files(files, certs.collaborator_key("alice"))
+    assert raised.value.absent
+    exposed = tmp_path / "exposed.key"
+    shutil.copy2(certs.collaborator_key("alice"), exposed)
+    exposed.chmod(0o644)
+    with pytest.raises(KeyFileError, match="chmod 600"):
+        check_tls_files((("CA bundle", certs.ca_bundle),), exposed)
+    check_tls_files((("CA bundle", certs.ca_bundle),), certs.collaborator_key("alice"))
