@@ -408,6 +408,21 @@ class Federation:
             self._check_round(round_number)
             return array
 
+    def global_tensors(self, names: Sequence[str], round_number: int) -> list[tuple[str, Array]]:
+        """The global model's tensors `names` (all, in name order, when empty) for the round in progress.
+
+        All from the same model: a round that closes meanwhile cannot mix two rounds' tensors.
+        """
+        if len(set(names)) != len(names):
+            raise InvalidRequestError("the request names a tensor more than once")
+        with self._lock:
+            missing = [name for name in names if name not in self._model]
+            if missing:
+                shown = ", ".join(map(repr, missing[:5])) + (" ..." if len(missing) > 5 else "")
+                raise InvalidRequestError(f"not in the global model: {shown}")
+            self._check_round(round_number)
+            return [(name, self._model[name]) for name in (names or sorted(self._model))]
+
     def model(self) -> Mapping[str, Array]:
         """The global model of the round in progress."""
         with self._lock:

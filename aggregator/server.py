@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from concurrent import futures
 from types import TracebackType
+from typing import Any
 
 import grpc
 
@@ -14,7 +15,7 @@ from aggregator.identity import Gatekeeper
 from aggregator.servicer import AggregatorServicer
 from pki.tls import server_credentials
 from plans import Plan
-from protos import aggregator_pb2_grpc
+from protos import aggregator_pb2, base_pb2
 from protos.channel import server_options
 
 logger = logging.getLogger(__name__)
@@ -22,6 +23,62 @@ logger = logging.getLogger(__name__)
 # Calls are short except uploads and downloads, which spend their time in I/O and numpy
 # (both release the GIL), so more threads than cores keep many collaborators moving.
 DEFAULT_WORKERS = 32
+
+
+SERVICE = "openfl.aggregator.Aggregator"
+
+
+def add_servicer(servicer: AggregatorServicer, server: grpc.Server) -> None:
+    """Serve `servicer`'s RPCs on `server`, as the generated `add_AggregatorServicer_to_server` does."""
+    handlers = method_handlers(servicer)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
+def method_handlers(
+    servicer: AggregatorServicer,
+) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+    """The handler of each RPC, as the generated code makes them but for one difference.
+
+    `GetAggregatedModel` answers with chunks serialized once per round
+    (`aggregator.servicer.EncodedModel`), so its responses are bytes passed through as they are.
+    """
+    return {
+        "Ping": grpc.unary_unary_rpc_method_handler(
+            servicer.Ping,
+            request_deserializer=aggregator_pb2.PingRequest.FromString,
+            response_serializer=aggregator_pb2.PingResponse.SerializeToString,
+        ),
+        "GetTasks": grpc.unary_unary_rpc_method_handler(
+            servicer.GetTasks,
+            request_deserializer=aggregator_pb2.GetTasksRequest.FromString,
+            response_serializer=aggregator_pb2.GetTasksResponse.SerializeToString,
+        ),
+        "GetAggregatedTensor": grpc.unary_unary_rpc_method_handler(
+            servicer.GetAggregatedTensor,
+            request_deserializer=aggregator_pb2.GetAggregatedTensorRequest.FromString,
+            response_serializer=aggregator_pb2.GetAggregatedTensorResponse.SerializeToString,
+        ),
+        "SendLocalTaskResults": grpc.stream_unary_rpc_method_handler(
+            servicer.SendLocalTaskResults,
+            request_deserializer=base_pb2.DataStream.FromString,
+            response_serializer=aggregator_pb2.SendLocalTaskResultsResponse.SerializeToString,
+        ),
+        "InteropRelay": grpc.unary_unary_rpc_method_handler(
+            servicer.InteropRelay,
+            request_deserializer=aggregator_pb2.InteropMessage.FromString,
+            response_serializer=aggregator_pb2.InteropMessage.SerializeToString,
+        ),
+        "GetAggregatedModel": grpc.unary_stream_rpc_method_handler(
+            servicer.GetAggregatedModel,
+            request_deserializer=aggregator_pb2.GetAggregatedModelRequest.FromString,
+            response_serializer=_already_serialized,
+        ),
+    }
+
+
+def _already_serialized(message: bytes) -> bytes:
+    return message
 
 
 class AggregatorGRPCServer:
@@ -49,7 +106,7 @@ class AggregatorGRPCServer:
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aggregator-rpc"),
             options=server_options(plan.limits.max_message_bytes),
         )
-        aggregator_pb2_grpc.add_AggregatorServicer_to_server(self.servicer, self._server)
+        add_servicer(self.servicer, self._server)
         self.port = 0
 
     @property

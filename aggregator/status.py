@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import NoReturn, TypeVar
 
 import grpc
@@ -69,6 +69,21 @@ def refusals_as_status(
     def guarded(servicer: S, request: R, context: grpc.ServicerContext) -> T:
         try:
             return method(servicer, request, context)
+        except Exception as error:
+            _abort(context, method.__name__, error)
+
+    return guarded
+
+
+def stream_refusals_as_status(
+    method: Callable[[S, R, grpc.ServicerContext], Iterator[T]],
+) -> Callable[[S, R, grpc.ServicerContext], Iterator[T]]:
+    """`refusals_as_status` for an RPC that answers with a stream: a refusal ends the stream."""
+
+    @functools.wraps(method)
+    def guarded(servicer: S, request: R, context: grpc.ServicerContext) -> Iterator[T]:
+        try:
+            yield from method(servicer, request, context)
         except Exception as error:
             _abort(context, method.__name__, error)
 

@@ -33,7 +33,14 @@ from google.protobuf.message import DecodeError
 from aggregator.errors import ModelFileError, StorageError
 from aggregator.failpoints import failpoint
 from protos import base_pb2
-from protos.codec import TensorFormatError, decode_tensor, encode_tensor
+from protos.codec import (
+    TensorFormatError,
+    decode_tensor,
+    encode_tensor,
+    encode_tensor_meta_into,
+    tensor_bytes,
+)
+from protos.stream import field_prefix
 
 Array = npt.NDArray[np.generic]
 MODEL_TAG = "model"
@@ -117,26 +124,21 @@ def _tensor_parts(
     in number order, `data_bytes` (7) written from the array's buffer between those before it
     and `foedus_dtype` (1000).
     """
-    values = np.asarray(array)
+    header = base_pb2.NamedTensor()
     try:
-        # The header is encoded from an empty array of the same dtype, so the codec decides
-        # what can be stored and how the dtype is named; only the shape is put back.
-        header = encode_tensor(
-            name, np.empty(0, dtype=values.dtype), round_number=round_number, tags=sorted(tags)
+        data = encode_tensor_meta_into(
+            header, name, array, round_number=round_number, tags=sorted(tags)
         )
     except TensorFormatError as error:
         raise StorageError(f"cannot save the tensors: {error}") from None
-    data = np.asarray(values, dtype=values.dtype.newbyteorder("<"), order="C")
-    del header.transformer_metadata[0].int_list[:]
-    header.transformer_metadata[0].int_list.extend(data.shape)
     trailer = base_pb2.NamedTensor(foedus_dtype=header.foedus_dtype)
     header.ClearField("foedus_dtype")
     head = header.SerializeToString(deterministic=True)
     tail = trailer.SerializeToString(deterministic=True)
-    body = data.reshape(-1).view(np.uint8).data  # a memoryview: no copy
-    field = _DATA_BYTES_TAG + _varint(len(body)) if body else b""  # proto3 omits b""
+    body = tensor_bytes(data)  # no copy
+    field = field_prefix(_DATA_BYTES_FIELD, len(body)) if body else b""  # proto3 omits b""
     size = len(head) + len(field) + len(body) + len(tail)
-    parts: list[bytes | memoryview] = [_TENSORS_TAG + _varint(size) + head + field]
+    parts: list[bytes | memoryview] = [field_prefix(_TENSORS_FIELD, size) + head + field]
     if body:
         parts.append(body)
     if tail:
@@ -144,18 +146,8 @@ def _tensor_parts(
     return parts
 
 
-_TENSORS_TAG = bytes([1 << 3 | 2])  # ModelProto.tensors, length-delimited
-_DATA_BYTES_TAG = bytes([7 << 3 | 2])  # NamedTensor.data_bytes, length-delimited
-
-
-def _varint(value: int) -> bytes:
-    """`value` as a protobuf base-128 varint."""
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+_TENSORS_FIELD = base_pb2.ModelProto.TENSORS_FIELD_NUMBER
+_DATA_BYTES_FIELD = base_pb2.NamedTensor.DATA_BYTES_FIELD_NUMBER
 
 
 def read_model(path: Path, max_tensor_bytes: int) -> dict[str, Array]:

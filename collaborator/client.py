@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from random import random as uniform_random
@@ -41,7 +41,13 @@ from plans import Plan
 from protos import aggregator_pb2
 from protos.aggregator_pb2_grpc import AggregatorStub
 from protos.channel import client_options
-from protos.codec import TensorFormatError, decode_tensor, encode_tensor_into
+from protos.codec import (
+    TensorFormatError,
+    decode_tensor,
+    empty_tensor,
+    encode_tensor_into,
+    tensor_bytes,
+)
 from protos.stream import UPLOAD_BYTES_METADATA, chunk_bytes
 
 logger = logging.getLogger(__name__)
@@ -49,6 +55,7 @@ logger = logging.getLogger(__name__)
 R = TypeVar("R")
 MIB = 1024 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 128 * MIB
+DEFAULT_MAX_TENSOR_BYTES = 1024 * MIB
 MAX_PORT = 65535
 # Only these say nothing about the request: the aggregator was not reached or did not answer in time.
 RETRYABLE: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
@@ -99,6 +106,7 @@ class ClientOverrides(TypedDict, total=False):
     backoff_initial: float
     backoff_max: float
     max_message_bytes: int
+    max_tensor_bytes: int
     sleep: Callable[[float], None]
     random: Callable[[], float]
 
@@ -126,6 +134,7 @@ class AggregatorGRPCClient:
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
         sleep: Callable[[float], None] = time.sleep,
         random: Callable[[], float] = uniform_random,
     ) -> None:
@@ -147,6 +156,7 @@ class AggregatorGRPCClient:
             backoff_initial=backoff_initial,
             backoff_max=backoff_max,
             max_message_bytes=max_message_bytes,
+            max_tensor_bytes=max_tensor_bytes,
         )
         if problems:
             raise ClientConfigurationError(
@@ -169,9 +179,12 @@ class AggregatorGRPCClient:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.max_message_bytes = max_message_bytes
+        self.max_tensor_bytes = max_tensor_bytes
         self._sleep = sleep
         self._random = random
         self._channel: grpc.Channel | None = None
+        # Whether the aggregator streams models (foedus's GetAggregatedModel); None: not yet known.
+        self._streams_models: bool | None = None
 
     @classmethod
     def from_plan(
@@ -204,6 +217,7 @@ class AggregatorGRPCClient:
             "backoff_initial": connection.backoff_initial_seconds,
             "backoff_max": connection.backoff_max_seconds,
             "max_message_bytes": plan.limits.max_message_bytes,
+            "max_tensor_bytes": plan.limits.max_tensor_bytes,
         }
         settings.update(overrides)
         # `settings` holds every argument from the plan, so the required ones are all there.
@@ -308,6 +322,100 @@ class AggregatorGRPCClient:
             return decode_tensor(response.tensor, max_bytes=self.max_message_bytes)
         except TensorFormatError as error:
             raise ResponseValidationError(f"the aggregator sent a bad tensor: {error}") from None
+
+    def get_aggregated_model(
+        self, names: Sequence[str], round_number: int
+    ) -> dict[str, npt.NDArray[np.generic]]:
+        """Fetch tensors of the global model (all of them when `names` is empty), read-only.
+
+        One streamed call (foedus's `GetAggregatedModel`), so no tensor is bound by the size of a
+        message; from an aggregator without it (OpenFL's), one `GetAggregatedTensor` per name.
+        """
+        if self._streams_models is not False:
+            try:
+                model = self._streamed_model(names, round_number)
+            except RequestRejectedError as error:
+                if error.code is not grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                logger.info("the aggregator does not stream models; fetching tensor by tensor")
+                self._streams_models = False
+            else:
+                self._streams_models = True
+                return model
+        if not names:
+            raise ClientConfigurationError(
+                "this aggregator (not foedus) serves tensors only by name: name the tensors"
+            )
+        return {name: self.get_aggregated_tensor(name, round_number) for name in names}
+
+    def _streamed_model(
+        self, names: Sequence[str], round_number: int
+    ) -> dict[str, npt.NDArray[np.generic]]:
+        request = aggregator_pb2.GetAggregatedModelRequest(
+            header=self._header(), round_number=round_number, tensor_names=list(names)
+        )
+        return self._call(
+            "GetAggregatedModel",
+            lambda stub, timeout: self._assemble_model(
+                stub.GetAggregatedModel(request, timeout=timeout), names, round_number
+            ),
+        )
+
+    def _assemble_model(
+        self,
+        chunks: Iterable[aggregator_pb2.ModelChunk],
+        names: Sequence[str],
+        round_number: int,
+    ) -> dict[str, npt.NDArray[np.generic]]:
+        """The tensors a `GetAggregatedModel` stream carries, each checked before it is filled."""
+        model: dict[str, npt.NDArray[np.generic]] = {}
+        wanted = set(names)
+        current: _Filling | None = None
+        for index, chunk in enumerate(chunks):
+            if index == 0:
+                self.validate_response(chunk.header)
+                continue
+            if chunk.HasField("tensor"):
+                if current is not None:
+                    model[current.name] = current.done()
+                current = self._start_tensor(chunk, wanted, model, round_number)
+            data = chunk.data  # read once: every read of a bytes field is a fresh copy
+            if data:
+                if current is None:
+                    raise ResponseValidationError("the aggregator sent tensor data before a tensor")
+                current.fill(data)
+        if current is not None:
+            model[current.name] = current.done()
+        missing = sorted(wanted - set(model))
+        if missing:
+            raise ResponseValidationError(
+                f"the aggregator's model stream lacks {', '.join(map(repr, missing))}"
+            )
+        return model
+
+    def _start_tensor(
+        self,
+        chunk: aggregator_pb2.ModelChunk,
+        wanted: set[str],
+        model: Mapping[str, npt.NDArray[np.generic]],
+        round_number: int,
+    ) -> _Filling:
+        meta = chunk.tensor
+        name = meta.name
+        if (wanted and name not in wanted) or name in model:
+            raise ResponseValidationError(
+                f"the aggregator sent tensor {name!r}, which was not asked for or came twice"
+            )
+        if meta.round_number != round_number:
+            raise ResponseValidationError(
+                f"asked the aggregator for {name!r} of round {round_number}, got round "
+                f"{meta.round_number}"
+            )
+        try:
+            array = empty_tensor(meta, chunk.data_size, max_bytes=self.max_tensor_bytes)
+        except TensorFormatError as error:
+            raise ResponseValidationError(f"the aggregator sent a bad tensor: {error}") from None
+        return _Filling(name, array)
 
     def send_local_task_results(
         self, round_number: int, task_name: str, data_size: int, tensors: Sequence[NamedArray]
@@ -460,6 +568,34 @@ class AggregatorGRPCClient:
             self.connect()
 
 
+class _Filling:
+    """A streamed tensor being filled with its data as the chunks arrive."""
+
+    def __init__(self, name: str, array: npt.NDArray[np.generic]) -> None:
+        self.name = name
+        self.array = array
+        self._bytes = tensor_bytes(array)
+        self._filled = 0
+
+    def fill(self, data: bytes) -> None:
+        end = self._filled + len(data)
+        if end > len(self._bytes):
+            raise ResponseValidationError(
+                f"the aggregator sent more data for {self.name!r} than its {len(self._bytes)} bytes"
+            )
+        self._bytes[self._filled : end] = data
+        self._filled = end
+
+    def done(self) -> npt.NDArray[np.generic]:
+        if self._filled != len(self._bytes):
+            raise ResponseValidationError(
+                f"the aggregator sent {self._filled} of the {len(self._bytes)} bytes of "
+                f"{self.name!r}"
+            )
+        self.array.flags.writeable = False  # as the unary path's arrays over their bytes
+        return self.array
+
+
 def _status_of(error: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
     """The status code and details of a failed call (every RpcError raised by a call is a Call)."""
     if isinstance(error, grpc.Call):
@@ -483,6 +619,7 @@ def _configuration_problems(
     backoff_initial: float,
     backoff_max: float,
     max_message_bytes: int,
+    max_tensor_bytes: int,
 ) -> list[str]:
     """Every problem with the constructor's arguments, each naming its argument."""
     problems: list[str] = []
@@ -518,4 +655,6 @@ def _configuration_problems(
         )
     if not max_message_bytes > 0:
         problems.append(f"max_message_bytes must be > 0, got {max_message_bytes}")
+    if not max_tensor_bytes > 0:
+        problems.append(f"max_tensor_bytes must be > 0, got {max_tensor_bytes}")
     return problems

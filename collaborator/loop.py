@@ -133,8 +133,8 @@ def run_collaborator(
 def _fetch_model(
     client: AggregatorGRPCClient, names: Sequence[str], round_number: int
 ) -> dict[str, Array]:
-    """The global model of `round_number`, one tensor at a time."""
-    model = {name: client.get_aggregated_tensor(name, round_number) for name in names}
+    """The global model of `round_number`: the tensors `names` the runner's model has."""
+    model = client.get_aggregated_model(names, round_number)
     logger.debug("fetched the global model of round %d (%d tensors)", round_number, len(model))
     return model
 

@@ -60,6 +60,11 @@ class AggregatorStub:
                 request_serializer=protos_dot_aggregator__pb2.InteropMessage.SerializeToString,
                 response_deserializer=protos_dot_aggregator__pb2.InteropMessage.FromString,
                 _registered_method=True)
+        self.GetAggregatedModel = channel.unary_stream(
+                '/openfl.aggregator.Aggregator/GetAggregatedModel',
+                request_serializer=protos_dot_aggregator__pb2.GetAggregatedModelRequest.SerializeToString,
+                response_deserializer=protos_dot_aggregator__pb2.ModelChunk.FromString,
+                _registered_method=True)
 
 
 class AggregatorServicer:
@@ -95,6 +100,15 @@ class AggregatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAggregatedModel(self, request, context):
+        """foedus extension: tensors of the global model (all of them when none are named) in one call,
+        as a stream of chunks, so no tensor is bound by the size of one message. OpenFL peers neither
+        call nor serve it; foedus collaborators fall back to GetAggregatedTensor on UNIMPLEMENTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -122,6 +136,11 @@ def add_AggregatorServicer_to_server(servicer, server):
                     servicer.InteropRelay,
                     request_deserializer=protos_dot_aggregator__pb2.InteropMessage.FromString,
                     response_serializer=protos_dot_aggregator__pb2.InteropMessage.SerializeToString,
+            ),
+            'GetAggregatedModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetAggregatedModel,
+                    request_deserializer=protos_dot_aggregator__pb2.GetAggregatedModelRequest.FromString,
+                    response_serializer=protos_dot_aggregator__pb2.ModelChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -259,6 +278,33 @@ class Aggregator:
             '/openfl.aggregator.Aggregator/InteropRelay',
             protos_dot_aggregator__pb2.InteropMessage.SerializeToString,
             protos_dot_aggregator__pb2.InteropMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAggregatedModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/openfl.aggregator.Aggregator/GetAggregatedModel',
+            protos_dot_aggregator__pb2.GetAggregatedModelRequest.SerializeToString,
+            protos_dot_aggregator__pb2.ModelChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,11 @@ class AggregatorStub:
     GetAggregatedTensor: _grpc.UnaryUnaryMultiCallable[_aggregator_pb2.GetAggregatedTensorRequest, _aggregator_pb2.GetAggregatedTensorResponse]
     SendLocalTaskResults: _grpc.StreamUnaryMultiCallable[_base_pb2.DataStream, _aggregator_pb2.SendLocalTaskResultsResponse]
     InteropRelay: _grpc.UnaryUnaryMultiCallable[_aggregator_pb2.InteropMessage, _aggregator_pb2.InteropMessage]
+    GetAggregatedModel: _grpc.UnaryStreamMultiCallable[_aggregator_pb2.GetAggregatedModelRequest, _aggregator_pb2.ModelChunk]
+    """foedus extension: tensors of the global model (all of them when none are named) in one call,
+    as a stream of chunks, so no tensor is bound by the size of one message. OpenFL peers neither
+    call nor serve it; foedus collaborators fall back to GetAggregatedTensor on UNIMPLEMENTED.
+    """
 
 @_typing.type_check_only
 class AggregatorAsyncStub(AggregatorStub):
@@ -49,6 +54,11 @@ class AggregatorAsyncStub(AggregatorStub):
     GetAggregatedTensor: _aio.UnaryUnaryMultiCallable[_aggregator_pb2.GetAggregatedTensorRequest, _aggregator_pb2.GetAggregatedTensorResponse]  # type: ignore[assignment]
     SendLocalTaskResults: _aio.StreamUnaryMultiCallable[_base_pb2.DataStream, _aggregator_pb2.SendLocalTaskResultsResponse]  # type: ignore[assignment]
     InteropRelay: _aio.UnaryUnaryMultiCallable[_aggregator_pb2.InteropMessage, _aggregator_pb2.InteropMessage]  # type: ignore[assignment]
+    GetAggregatedModel: _aio.UnaryStreamMultiCallable[_aggregator_pb2.GetAggregatedModelRequest, _aggregator_pb2.ModelChunk]  # type: ignore[assignment]
+    """foedus extension: tensors of the global model (all of them when none are named) in one call,
+    as a stream of chunks, so no tensor is bound by the size of one message. OpenFL peers neither
+    call nor serve it; foedus collaborators fall back to GetAggregatedTensor on UNIMPLEMENTED.
+    """
 
 class AggregatorServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -85,5 +95,16 @@ class AggregatorServicer(metaclass=_abc_1.ABCMeta):
         request: _aggregator_pb2.InteropMessage,
         context: _ServicerContext,
     ) -> _typing.Union[_aggregator_pb2.InteropMessage, _abc.Awaitable[_aggregator_pb2.InteropMessage]]: ...
+
+    @_abc_1.abstractmethod
+    def GetAggregatedModel(
+        self,
+        request: _aggregator_pb2.GetAggregatedModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_aggregator_pb2.ModelChunk], _abc.AsyncIterator[_aggregator_pb2.ModelChunk]]:
+        """foedus extension: tensors of the global model (all of them when none are named) in one call,
+        as a stream of chunks, so no tensor is bound by the size of one message. OpenFL peers neither
+        call nor serve it; foedus collaborators fall back to GetAggregatedTensor on UNIMPLEMENTED.
+        """
 
 def add_AggregatorServicer_to_server(servicer: AggregatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

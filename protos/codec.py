@@ -95,6 +95,34 @@ def encode_tensor_into(
     Filling the message in place costs one copy of the array's bytes less than building a
     `NamedTensor` and putting it into its parent (which copies it again).
     """
+    data = encode_tensor_meta_into(
+        tensor,
+        name,
+        array,
+        round_number=round_number,
+        tags=tags,
+        report=report,
+        as_float32=as_float32,
+    )
+    # protobuf takes only `bytes`, so one copy out of the array is the floor.
+    tensor.data_bytes = data.tobytes()
+
+
+def encode_tensor_meta_into(
+    tensor: base_pb2.NamedTensor,
+    name: str,
+    array: npt.ArrayLike,
+    *,
+    round_number: int = 0,
+    tags: Iterable[str] = (),
+    report: bool = False,
+    as_float32: bool = False,
+) -> npt.NDArray[np.generic]:
+    """Every field of `array`'s encoding but `data_bytes`; returns the array those bytes are.
+
+    The returned array is little-endian and C-ordered (the input itself when it already is), so
+    `tensor_bytes` of it is `data_bytes` without a copy: streams and files send it as it is.
+    """
     values = np.asarray(array)
     dtype = _FLOAT32 if as_float32 else values.dtype.newbyteorder("<")
     if values.dtype.kind not in "biuf" or dtype.str not in EXACT_DTYPES:
@@ -106,13 +134,19 @@ def encode_tensor_into(
     tensor.report = report
     tensor.tags.extend(sorted({*tags, COMPRESSED_TAG}))
     tensor.transformer_metadata.add().int_list.extend(data.shape)
-    # protobuf takes only `bytes`, so one copy out of the array is the floor.
-    tensor.data_bytes = data.tobytes()
     tensor.foedus_dtype = "" if dtype == _FLOAT32 else dtype.str
+    return data
 
 
-def decode_tensor(tensor: base_pb2.NamedTensor, *, max_bytes: int) -> npt.NDArray[np.generic]:
-    """Decode a tensor after checking its dtype, shape and byte count; a read-only array over its bytes."""
+def tensor_bytes(data: npt.NDArray[np.generic]) -> memoryview:
+    """The bytes of a C-ordered array as a flat memoryview, without a copy."""
+    return data.reshape(-1).view(np.uint8).data
+
+
+def tensor_layout(
+    tensor: base_pb2.NamedTensor, *, max_bytes: int
+) -> tuple[np.dtype[np.generic], tuple[int, ...], int]:
+    """The checked dtype, shape and byte count a tensor's metadata claims (not its data)."""
     name = tensor.name
     if LOSSY_TAG in tensor.tags:
         raise TensorFormatError(f"tensor {name!r}: lossy-compressed tensors are not supported")
@@ -124,16 +158,42 @@ def decode_tensor(tensor: base_pb2.NamedTensor, *, max_bytes: int) -> npt.NDArra
             f"tensor {name!r}: shape {shape} of {dtype} is {expected} bytes, over the limit of "
             f"{max_bytes} bytes"
         )
+    return dtype, shape, expected
+
+
+def empty_tensor(
+    tensor: base_pb2.NamedTensor, size: int, *, max_bytes: int
+) -> npt.NDArray[np.generic]:
+    """A new array for a tensor whose `size` data bytes arrive apart (streamed), checked first."""
+    dtype, shape, expected = tensor_layout(tensor, max_bytes=max_bytes)
+    if size != expected:
+        raise TensorFormatError(
+            f"tensor {tensor.name!r}: shape {shape} of {dtype} needs {expected} bytes, "
+            f"{size} are announced"
+        )
+    try:
+        return np.empty(shape, dtype=dtype)
+    except ValueError as error:  # an empty shape whose other dimensions overflow numpy's size
+        raise TensorFormatError(
+            f"tensor {tensor.name!r}: shape {shape} is unusable: {error}"
+        ) from None
+
+
+def decode_tensor(tensor: base_pb2.NamedTensor, *, max_bytes: int) -> npt.NDArray[np.generic]:
+    """Decode a tensor after checking its dtype, shape and byte count; a read-only array over its bytes."""
+    dtype, shape, expected = tensor_layout(tensor, max_bytes=max_bytes)
     data = tensor.data_bytes  # read once: every read of a bytes field is a fresh copy
     actual = len(data)
     if actual != expected:
         raise TensorFormatError(
-            f"tensor {name!r}: shape {shape} of {dtype} needs {expected} bytes, got {actual}"
+            f"tensor {tensor.name!r}: shape {shape} of {dtype} needs {expected} bytes, got {actual}"
         )
     try:
         return np.frombuffer(data, dtype=dtype).reshape(shape)
     except ValueError as error:  # an empty shape whose other dimensions overflow numpy's size
-        raise TensorFormatError(f"tensor {name!r}: shape {shape} is unusable: {error}") from None
+        raise TensorFormatError(
+            f"tensor {tensor.name!r}: shape {shape} is unusable: {error}"
+        ) from None
 
 
 def _dtype_of(tensor: base_pb2.NamedTensor) -> np.dtype[np.generic]:

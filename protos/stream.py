@@ -18,6 +18,7 @@ from protos import aggregator_pb2, base_pb2
 CHUNK_BYTES = 2 * 1024 * 1024
 # foedus clients declare their upload's size in this call metadata key (OpenFL's don't).
 UPLOAD_BYTES_METADATA = "foedus-upload-bytes"
+_LENGTH_DELIMITED = 2  # the wire type of bytes, strings and messages
 
 
 class StreamError(ValueError):
@@ -26,6 +27,28 @@ class StreamError(ValueError):
 
 class StreamTooLargeError(StreamError):
     """A stream carries more bytes than the receiver accepts."""
+
+
+def field_prefix(field_number: int, length: int) -> bytes:
+    """The key and length that start a length-delimited field of `length` bytes.
+
+    With it a message is written around bytes that stay where they are (an array's buffer, a
+    cached chunk): the same bytes protobuf would serialize, without copying the payload into a
+    message first.
+    """
+    return varint(field_number << 3 | _LENGTH_DELIMITED) + varint(length)
+
+
+def varint(value: int) -> bytes:
+    """`value` (not negative) as a protobuf base-128 varint."""
+    if value < 0:
+        raise ValueError(f"varints here are not negative, got {value}")
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def chunk_bytes(payload: bytes, chunk_size: int = CHUNK_BYTES) -> Iterator[base_pb2.DataStream]:

@@ -136,15 +136,15 @@ def test_the_loop_ends_when_the_aggregator_says_quit(certs: CertsLayout) -> None
 
 
 def test_the_model_is_fetched_once_per_round(certs: CertsLayout) -> None:
-    """Three tasks of one round fetch each global tensor once, at the round the aggregator names."""
+    """Three tasks of one round fetch the model once, at the round the aggregator names."""
     plan = digits_plan(certs)
 
-    fetched: list[tuple[str, int]] = []
+    fetched: list[tuple[tuple[str, ...], int]] = []
 
     class CountingClient(AggregatorGRPCClient):
-        def get_aggregated_tensor(self, name: str, round_number: int, **kwargs: object) -> Array:
-            fetched.append((name, round_number))
-            return super().get_aggregated_tensor(name, round_number)
+        def get_aggregated_model(self, names: Sequence[str], round_number: int) -> dict[str, Array]:
+            fetched.append((tuple(sorted(names)), round_number))
+            return super().get_aggregated_model(names, round_number)
 
     with running_aggregator(plan, digits_federation(plan)) as server:
         client = CountingClient.from_plan(
@@ -155,7 +155,7 @@ def test_the_model_is_fetched_once_per_round(certs: CertsLayout) -> None:
                 client, runner_for(plan, "bob"), plan.runner, sleep=Sleeps(), max_idle_polls=1
             )
     assert report.tasks_run == 3
-    assert sorted(fetched) == sorted((name, 0) for name in SHAPES)
+    assert fetched == [(tuple(sorted(SHAPES)), 0)]
 
 
 def test_an_unknown_task_is_an_error_naming_it(certs: CertsLayout) -> None:
@@ -259,8 +259,8 @@ class ScriptedAggregator:
     def get_tasks(self) -> Tasks:
         return self.answers.pop(0)
 
-    def get_aggregated_tensor(self, name: str, round_number: int) -> Array:
-        return self.model[name]
+    def get_aggregated_model(self, names: Sequence[str], round_number: int) -> dict[str, Array]:
+        return {name: self.model[name] for name in names}
 
     def send_local_task_results(
         self, round_number: int, task_name: str, data_size: int, tensors: Sequence[NamedArray]

@@ -183,6 +183,11 @@ RPCS: dict[str, tuple[str, str, bool]] = {
 }
 
 FIRST_EXTENSION_NUMBER = 1000
+# foedus's own RPC and messages in the OpenFL service: an OpenFL peer neither calls nor serves them.
+EXTENSION_RPCS: dict[str, tuple[str, str]] = {
+    "GetAggregatedModel": (f"{AGG}GetAggregatedModelRequest", f"{AGG}ModelChunk"),
+}
+EXTENSION_MESSAGES = {f"{AGG}GetAggregatedModelRequest", f"{AGG}ModelChunk"}
 _TYPE_NAMES = {
     getattr(FieldDescriptor, name): name.removeprefix("TYPE_").lower()
     for name in dir(FieldDescriptor)
@@ -250,9 +255,10 @@ def test_only_named_tensor_has_extensions() -> None:
 
 
 def test_aggregator_file_has_only_reference_messages() -> None:
-    """aggregator.proto defines the reference's messages and nothing OpenFL would not know."""
+    """aggregator.proto defines the reference's messages, and foedus's extension messages apart."""
     ours = {f"{AGG}{name}" for name in aggregator_pb2.DESCRIPTOR.message_types_by_name}
-    assert ours == {name for name in WIRE if name.startswith(AGG)}
+    assert not EXTENSION_MESSAGES & set(WIRE)
+    assert ours == {name for name in WIRE if name.startswith(AGG)} | EXTENSION_MESSAGES
     assert set(base_pb2.DESCRIPTOR.message_types_by_name) == {
         name for name in WIRE if "." not in name
     }
@@ -262,7 +268,17 @@ def test_service_full_name() -> None:
     """The service is `openfl.aggregator.Aggregator`, the name in every method path."""
     service = aggregator_pb2.DESCRIPTOR.services_by_name["Aggregator"]
     assert service.full_name == "openfl.aggregator.Aggregator"
-    assert [method.name for method in service.methods] == list(RPCS)
+    assert [method.name for method in service.methods] == list(RPCS) + list(EXTENSION_RPCS)
+
+
+@pytest.mark.parametrize("method", EXTENSION_RPCS)
+def test_extension_rpc_signature(method: str) -> None:
+    """foedus's streamed model download: a unary request answered by a stream of chunks."""
+    request, response = EXTENSION_RPCS[method]
+    found = aggregator_pb2.DESCRIPTOR.services_by_name["Aggregator"].methods_by_name[method]
+    assert method not in RPCS
+    assert (found.input_type.full_name, found.output_type.full_name) == (request, response)
+    assert (found.client_streaming, found.server_streaming) == (False, True)
 
 
 @pytest.mark.parametrize("method", RPCS)
@@ -302,4 +318,4 @@ def test_stub_method_paths() -> None:
             "stream_unary" if client_streaming else "unary_unary"
         )
         for method, (_, _, client_streaming) in RPCS.items()
-    }
+    } | {f"/openfl.aggregator.Aggregator/{method}": "unary_stream" for method in EXTENSION_RPCS}

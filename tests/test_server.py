@@ -208,23 +208,23 @@ def test_encoded_model_keeps_one_round(encodes: list[tuple[str, int]]) -> None:
     """A request for a newer round empties the cache; a late one for an older round does not."""
     cache = EncodedModel()
     weight, bias = np.ones(3, np.float32), np.zeros(2, np.float32)
-    first = cache.get(0, "weight", weight)
-    assert cache.get(0, "weight", weight) is first
-    cache.get(0, "bias", bias)
-    newer = cache.get(1, "weight", weight)
+    first = cache.tensor(0, "weight", weight)
+    assert cache.tensor(0, "weight", weight) is first
+    cache.tensor(0, "bias", bias)
+    newer = cache.tensor(1, "weight", weight)
     assert newer.round_number == 1
-    late = cache.get(0, "weight", weight)
+    late = cache.tensor(0, "weight", weight)
     assert late.round_number == 0
-    assert cache.get(1, "weight", weight) is newer
-    cache.get(1, "bias", bias)
+    assert cache.tensor(1, "weight", weight) is newer
+    cache.tensor(1, "bias", bias)
     assert encodes == [("weight", 0), ("bias", 0), ("weight", 1), ("weight", 0), ("bias", 1)]
 
 
 def test_encoded_model_encodes_a_different_array_again(encodes: list[tuple[str, int]]) -> None:
     """An entry serves only the array it was made from, never a stale encoding."""
     cache = EncodedModel()
-    cache.get(0, "weight", np.ones(3, np.float32))
-    replaced = cache.get(0, "weight", np.full(3, 2, np.float32))
+    cache.tensor(0, "weight", np.ones(3, np.float32))
+    replaced = cache.tensor(0, "weight", np.full(3, 2, np.float32))
     np.testing.assert_array_equal(decode_tensor(replaced, max_bytes=12), np.full(3, 2, np.float32))
     assert len(encodes) == 2
 
@@ -238,7 +238,7 @@ def test_encoded_model_is_shared_by_threads(encodes: list[tuple[str, int]]) -> N
 
     def request() -> None:
         start.wait()
-        got.append(cache.get(4, "weight", array))
+        got.append(cache.tensor(4, "weight", array))
 
     threads = [threading.Thread(target=request) for _ in range(8)]
     for thread in threads:
