@@ -5,19 +5,27 @@ are keyed by collaborator and always summed in sorted-name order, so the same in
 bit-identical model, and copies of one model average to that model exactly. Floats accumulate in
 float64 and are cast back to the model's dtype; integer (and boolean) tensors are averaged exactly
 and rounded half to even. Shapes and dtypes follow the reference model.
+
+`average_sources` reads each contribution a slice at a time (from a file, say) and averages it
+slice by slice, so its memory is the averaged model plus a few slices, whatever the number of
+contributions; `federated_average` is the same over arrays in memory, and gives the same bits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 Array = npt.NDArray[np.generic]
 _INT64_LIMIT = 2**63
-_SLICE = 2**20  # elements of a float tensor updated at a time
+# Elements averaged at a time: 1 MB of float32 read, and float64 temporaries of 2 MB each that
+# stay in cache while every contribution's slice is folded in (faster than larger slices).
+SLICE_ELEMENTS = 2**18
+_SLICE = SLICE_ELEMENTS  # the slice of the in-memory paths below (tests shrink it)
 
 
 @dataclass(frozen=True)
@@ -36,10 +44,69 @@ def federated_average(
         raise ValueError("nothing to average: no contributions")
     if any(part.weight <= 0 for part in contributions.values()):
         raise ValueError("every contribution needs a positive weight")
-    average = RunningAverage(reference, sum(part.weight for part in contributions.values()))
-    for name in sorted(contributions):
-        average.add(name, contributions[name].weight, contributions[name].tensors)
-    return average.result()
+    references = _averageable(reference)
+    sources = {
+        collaborator: (part.weight, ArraySource(_matching(references, part.tensors)))
+        for collaborator, part in sorted(contributions.items())
+    }
+    return average_sources(references, sources, slice_elements=_SLICE)
+
+
+class TensorSource(Protocol):
+    """One contribution's tensors, readable a slice at a time (a file on disk, or arrays in memory)."""
+
+    def read(self, name: str, start: int, stop: int) -> Array:
+        """Elements [start, stop) of tensor `name` flattened in C order, in the tensor's own dtype.
+
+        The array may be reused by the next read (callers use it before reading again).
+        """
+        ...
+
+
+class ArraySource:
+    """A TensorSource over arrays in memory."""
+
+    def __init__(self, tensors: Mapping[str, Array]) -> None:
+        """Read slices of `tensors` in place; they are never changed."""
+        self._tensors = tensors
+
+    def read(self, name: str, start: int, stop: int) -> Array:
+        """Elements [start, stop) of `name` in C order: a view when it is C-contiguous."""
+        array = np.asarray(self._tensors[name])
+        if array.flags.c_contiguous:
+            return array.reshape(-1)[start:stop]
+        # reshape(-1) would copy the whole tensor at every read; flat copies only the slice.
+        values: Array = array.flat[start:stop]
+        return values
+
+
+def average_sources(
+    reference: Mapping[str, Array],
+    contributions: Mapping[str, tuple[int, TensorSource]],
+    *,
+    slice_elements: int = SLICE_ELEMENTS,
+) -> dict[str, Array]:
+    """The weighted mean of every tensor of `reference` over `contributions`, read a slice at a time.
+
+    `contributions` maps each collaborator to its weight (its data size) and its source. The
+    result is bit-identical to `federated_average` of the same tensors: for each slice, the
+    contributions are folded in sorted collaborator order with the same float64 operations, and
+    each element sees them in the order `federated_average` gives it. Memory is the result plus
+    a few float64 slices: no source is asked for more than `slice_elements` elements at a time.
+    Each source must hold every tensor of `reference` with its shape and dtype; that is the
+    caller's business, only the length of each slice read is checked.
+    """
+    if not contributions:
+        raise ValueError("nothing to average: no contributions")
+    if any(weight <= 0 for weight, _ in contributions.values()):
+        raise ValueError("every contribution needs a positive weight")
+    if slice_elements <= 0:
+        raise ValueError("slice_elements must be positive")
+    references = _averageable(reference)
+    length = min(slice_elements, max((like.size for like in references.values()), default=0))
+    integers = any(like.dtype.kind in "biu" for like in references.values())
+    average = _SliceAverage(contributions, length, integers)
+    return {name: average.tensor(name, like, slice_elements) for name, like in references.items()}
 
 
 class RunningAverage:
@@ -54,10 +121,7 @@ class RunningAverage:
         """Average the tensors of `reference` over contributions whose weights sum to `total`."""
         if total <= 0:
             raise ValueError("every contribution needs a positive weight")
-        self._reference = {name: np.asarray(reference[name]) for name in sorted(reference)}
-        for name, like in self._reference.items():
-            if like.dtype.kind not in "biuf":
-                raise ValueError(f"tensor {name!r}: cannot average dtype {like.dtype}")
+        self._reference = _averageable(reference)
         self._total = total
         self._added = 0  # weight added so far
         self._last: str | None = None  # the collaborator added last
@@ -74,17 +138,7 @@ class RunningAverage:
             raise ValueError(f"contribution of {collaborator!r} added out of order")
         if self._added + weight > self._total:
             raise ValueError("the contributions weigh more than the total given")
-        arrays: dict[str, Array] = {}
-        for name, like in self._reference.items():
-            if name not in tensors:
-                raise ValueError(f"tensor {name!r} is missing from some contributions")
-            array = np.asarray(tensors[name])
-            if array.shape != like.shape or array.dtype != like.dtype:
-                raise ValueError(
-                    f"tensor {name!r} is {array.dtype}{list(array.shape)}, "
-                    f"the reference is {like.dtype}{list(like.shape)}"
-                )
-            arrays[name] = array
+        arrays = _matching(self._reference, tensors)
         first = self._last is None
         for name, array in arrays.items():
             if self._reference[name].dtype.kind in "biu":
@@ -128,12 +182,16 @@ class RunningAverage:
         share = weight / self._total
         sums = self._sums[name].reshape(-1)  # a view: the sums are C-contiguous
         values, first_values = array.reshape(-1), self._first[name].reshape(-1)
+        difference = np.empty(min(_SLICE, sums.size), dtype=np.float64)
         for start in range(0, sums.size, _SLICE):
-            stop = start + _SLICE
-            difference = values[start:stop].astype(np.float64)
-            np.subtract(difference, first_values[start:stop], out=difference)
-            np.multiply(difference, share, out=difference)
-            sums[start:stop] += difference
+            stop = min(start + _SLICE, sums.size)
+            _add_difference(
+                sums[start:stop],
+                values[start:stop],
+                first_values[start:stop],
+                share,
+                difference[: stop - start],
+            )
 
     def _add_integer(self, name: str, array: Array, weight: int, first: bool) -> None:
         if first:
@@ -156,6 +214,130 @@ def weighted_metrics(
             sums[metric] = sums.get(metric, 0.0) + weight * float(metrics[metric])
             weights[metric] = weights.get(metric, 0) + weight
     return {metric: sums[metric] / weights[metric] for metric in sorted(sums) if weights[metric]}
+
+
+class _SliceAverage:
+    """`average_sources` at work: the contributions in order, and buffers one slice long."""
+
+    def __init__(
+        self, contributions: Mapping[str, tuple[int, TensorSource]], length: int, integers: bool
+    ) -> None:
+        """Average over `contributions` in slices of up to `length` elements."""
+        self._parts = [(name, *contributions[name]) for name in sorted(contributions)]
+        self._total = sum(weight for _, weight, _ in self._parts)
+        # Allocated once, reused for every slice of every tensor.
+        self._first = np.empty(length, dtype=np.float64)  # the first contribution's slice
+        self._mean = np.empty(length, dtype=np.float64)
+        self._difference = np.empty(length, dtype=np.float64)
+        self._numerator = np.empty(length if integers else 0, dtype=np.int64)
+        self._term = np.empty(length if integers else 0, dtype=np.int64)
+
+    def tensor(self, name: str, like: Array, step: int) -> Array:
+        """Tensor `name` averaged `step` elements at a time into an array shaped and typed like `like`."""
+        averaged = np.empty(like.shape, dtype=like.dtype)
+        flat = averaged.reshape(-1)  # a view: the array was just made C-contiguous
+        exact = False
+        if like.dtype.kind in "biu":
+            # As in RunningAverage: exact int64 sums unless a value of some contribution is too
+            # large for them, which is known only once every slice of every contribution is seen.
+            largest = max(
+                (
+                    _magnitude(self._read(part, name, start, stop))
+                    for start, stop in _slices(flat.size, step)
+                    for part in self._parts
+                ),
+                default=0,
+            )
+            exact = largest * self._total < _INT64_LIMIT
+        for start, stop in _slices(flat.size, step):
+            if exact:
+                self._exact_mean(name, start, stop, flat[start:stop])
+            else:
+                self._float_mean(name, start, stop, flat[start:stop])
+        return averaged
+
+    def _float_mean(self, name: str, start: int, stop: int, out: Array) -> None:
+        """`out` = the mean of elements [start, stop) in float64, as `RunningAverage` computes it."""
+        size = stop - start
+        first, mean = self._first[:size], self._mean[:size]
+        head, *rest = self._parts
+        np.copyto(first, self._read(head, name, start, stop), casting="unsafe")
+        np.copyto(mean, first)
+        for part in rest:
+            values = self._read(part, name, start, stop)
+            _add_difference(mean, values, first, part[1] / self._total, self._difference[:size])
+        if out.dtype.kind in "biu":  # integers too large for exact sums: rounded float64 means
+            np.rint(mean, out=mean)
+        np.copyto(out, mean, casting="unsafe")
+
+    def _exact_mean(self, name: str, start: int, stop: int, out: Array) -> None:
+        """`out` = the integer mean of elements [start, stop), from exact int64 sums."""
+        size = stop - start
+        numerator, term = self._numerator[:size], self._term[:size]
+        numerator.fill(0)
+        for part in self._parts:
+            np.copyto(term, self._read(part, name, start, stop), casting="unsafe")
+            np.multiply(term, np.int64(part[1]), out=term)
+            np.add(numerator, term, out=numerator)
+        np.copyto(out, _round_half_even(numerator, self._total, out.dtype))
+
+    @staticmethod
+    def _read(part: tuple[str, int, TensorSource], name: str, start: int, stop: int) -> Array:
+        """Elements [start, stop) of tensor `name` from one collaborator, checked for length."""
+        collaborator, _, source = part
+        values = source.read(name, start, stop)
+        if values.shape != (stop - start,):
+            # A wrong length would be broadcast silently or fail deep in numpy: say whose it is.
+            raise ValueError(
+                f"tensor {name!r} of {collaborator!r}: reading [{start}, {stop}) gave shape "
+                f"{list(values.shape)}"
+            )
+        return values
+
+
+def _slices(size: int, step: int) -> Iterator[tuple[int, int]]:
+    """The bounds [start, stop) of `size` elements taken `step` at a time."""
+    for start in range(0, size, step):
+        yield start, min(start + step, size)
+
+
+def _add_difference(
+    mean: Array, values: Array, first: Array, share: float, difference: Array
+) -> None:
+    """mean += share * (values - first) in float64, element by element: the step of every path.
+
+    `difference` is a float64 buffer as long as the others. Sharing it is what makes
+    `RunningAverage` and `average_sources` do the very same float operations.
+    """
+    np.copyto(difference, values, casting="unsafe")
+    np.subtract(difference, first, out=difference)
+    np.multiply(difference, share, out=difference)
+    np.add(mean, difference, out=mean)
+
+
+def _averageable(reference: Mapping[str, Array]) -> dict[str, Array]:
+    """The reference's tensors as arrays in name order, refused if one cannot be averaged."""
+    references = {name: np.asarray(reference[name]) for name in sorted(reference)}
+    for name, like in references.items():
+        if like.dtype.kind not in "biuf":
+            raise ValueError(f"tensor {name!r}: cannot average dtype {like.dtype}")
+    return references
+
+
+def _matching(references: Mapping[str, Array], tensors: Mapping[str, Array]) -> dict[str, Array]:
+    """One contribution's tensors as arrays, each checked for the reference's shape and dtype."""
+    arrays: dict[str, Array] = {}
+    for name, like in references.items():
+        if name not in tensors:
+            raise ValueError(f"tensor {name!r} is missing from some contributions")
+        array = np.asarray(tensors[name])
+        if array.shape != like.shape or array.dtype != like.dtype:
+            raise ValueError(
+                f"tensor {name!r} is {array.dtype}{list(array.shape)}, "
+                f"the reference is {like.dtype}{list(like.shape)}"
+            )
+        arrays[name] = array
+    return arrays
 
 
 def _round_half_even(

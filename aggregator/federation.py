@@ -44,6 +44,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -86,6 +87,23 @@ class ResultTensor:
     name: str
     tags: frozenset[str]
     array: Array
+    # Whether every value is finite, when whoever read the values found out on the way
+    # (`aggregator.upload` does, as the bytes arrive); None: the federation checks the array.
+    finite: bool | None = None
+
+
+@dataclass(frozen=True)
+class UploadFile:
+    """The file an upload was written to as it arrived: the serialized `TaskResults` as sent.
+
+    A result that comes with one has its tensors mapped from that file, so a store keeps the
+    file itself (`aggregator.state.DurableState` moves it into place) instead of writing the
+    tensors again.
+    """
+
+    path: Path
+    size: int
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -97,6 +115,7 @@ class TaskResult:
     task_name: str
     data_size: int
     tensors: tuple[ResultTensor, ...]
+    upload: UploadFile | None = None  # where the tensors' bytes are, if they came as a stream
 
 
 @dataclass(frozen=True)
@@ -192,6 +211,9 @@ class Progress:
 class ResultStore(Protocol):
     """Where accepted results and closed rounds are kept; see the module docstring for the order."""
 
+    # Where uploads are written as they arrive, so that keeping one is a rename (None: anywhere).
+    upload_folder: Path | None
+
     def stage(self, result: TaskResult) -> Accepted:
         """Keep `result`'s tensors where they survive; not accepted until `record`."""
 
@@ -216,6 +238,7 @@ class MemoryStore:
     """Keeps results in memory only: nothing survives the process (tests, embedding)."""
 
     closed: list[RoundRecord] = field(default_factory=list)
+    upload_folder: Path | None = None
 
     def stage(self, result: TaskResult) -> Accepted:
         """The index entry, holding the result itself."""
@@ -530,19 +553,37 @@ class Federation:
                 f"round {round_number} is not the round in progress ({self._round})"
             )
 
-    def _check_result(self, result: TaskResult) -> None:
-        """Every check of a result that does not depend on the round's progress."""
-        if result.task_name not in self.tasks:
+    def check_arriving(self, collaborator: str, round_number: int, task_name: str) -> None:
+        """Refuse a result now, before its tensors arrive, if it would be refused whatever they hold.
+
+        A resend of an accepted result passes (it is answered OK once it has arrived).
+        """
+        with self._lock:
+            if not self._is_resend(TaskResult(collaborator, round_number, task_name, 1, ())):
+                self._check_round(round_number)
+        self._check_task(round_number, task_name)
+
+    def model_dtype(self, name: str) -> np.dtype[np.generic] | None:
+        """The dtype of the global model's tensor `name` (None: no such tensor)."""
+        with self._lock:
+            array = self._model.get(name)
+        return None if array is None else array.dtype
+
+    def _check_task(self, round_number: int, task_name: str) -> None:
+        if task_name not in self.tasks:
             raise InvalidRequestError(
-                f"task {result.task_name!r} is not a task of this federation "
-                f"({', '.join(self.tasks)})"
+                f"task {task_name!r} is not a task of this federation ({', '.join(self.tasks)})"
             )
-        round_tasks = self.tasks_of_round(result.round_number)
-        if result.task_name not in round_tasks:
+        round_tasks = self.tasks_of_round(round_number)
+        if task_name not in round_tasks:
             raise PreconditionError(
-                f"task {result.task_name!r} is not a task of round {result.round_number} "
+                f"task {task_name!r} is not a task of round {round_number} "
                 f"(the final validation round runs {', '.join(round_tasks)} only)"
             )
+
+    def _check_result(self, result: TaskResult) -> None:
+        """Every check of a result that does not depend on the round's progress."""
+        self._check_task(result.round_number, result.task_name)
         if not 0 < result.data_size <= MAX_DATA_SIZE:
             raise InvalidRequestError(
                 f"data_size must be a positive number of samples, got {result.data_size}"
@@ -555,7 +596,10 @@ class Federation:
         self._check_tensors(result.task_name, result.tensors)
         if not self.limits.allow_non_finite:
             for tensor in result.tensors:
-                if tensor.array.dtype.kind == "f" and not np.isfinite(tensor.array).all():
+                finite = tensor.finite
+                if finite is None and tensor.array.dtype.kind == "f":
+                    finite = bool(np.isfinite(tensor.array).all())
+                if finite is False:
                     raise InvalidRequestError(
                         f"tensor {tensor.name!r} holds NaN or infinite values "
                         "(the plan's limits.allow_non_finite is false)"

@@ -101,6 +101,7 @@ class AggregatorGRPCServer:
             long_poll_seconds=plan.aggregator.long_poll_seconds,
             # Long polls hold a worker thread each; half the workers stay free for uploads.
             max_long_polls=workers // 2,
+            upload_folder=federation.store.upload_folder,
         )
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aggregator-rpc"),

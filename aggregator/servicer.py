@@ -11,43 +11,36 @@ milliseconds instead of after a fixed sleep. Each waiting call holds a server th
 Every RPC counts against its caller's `limits.max_calls_per_collaborator` (`aggregator.admission`)
 from the moment the certificate names the caller, and an upload must end within
 `limits.upload_seconds`. Nothing of a refused, cut-off or cancelled upload is stored: the
-federation sees a result only once the whole stream has been read, parsed and decoded.
+federation sees a result only once the whole stream has been read and checked.
 
-Uploads have no limit on the number of chunks: OpenFL sends 2 MiB chunks, and many tiny ones cost
-the sender as much as us; memory is bounded by `limits.max_upload_bytes` (see
-`protos.stream.join_chunks`), time by `limits.upload_seconds`.
+Uploads go to disk as they arrive (`aggregator.upload`), never whole into memory, so many large
+uploads at once cost memory of the order of their chunks. They have no limit on the number of
+chunks: OpenFL sends 2 MiB chunks, and many tiny ones cost the sender as much as us; their size
+is bounded by `limits.max_upload_bytes`, their time by `limits.upload_seconds`.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 from collections.abc import Iterable, Iterator
-from contextlib import AbstractContextManager, closing, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, closing, contextmanager, nullcontext
+from pathlib import Path
 
 import grpc
 
 from aggregator.admission import Admission, chunks_within
 from aggregator.errors import InvalidRequestError
-from aggregator.federation import (
-    DELTA_TAG,
-    Array,
-    Assignment,
-    Federation,
-    ResultTensor,
-    TaskResult,
-)
+from aggregator.federation import DELTA_TAG, Array, Assignment, Federation, TaskResult
 from aggregator.identity import Gatekeeper, Header
 from aggregator.status import refusals_as_status, stream_refusals_as_status
+from aggregator.upload import receive_upload
 from plans import Limits
 from protos import aggregator_pb2, aggregator_pb2_grpc, base_pb2
-from protos.codec import decode_tensor, encode_tensor, encode_tensor_meta_into, tensor_bytes
-from protos.stream import (
-    CHUNK_BYTES,
-    declared_upload_bytes,
-    field_prefix,
-    task_results_from_chunks,
-)
+from protos.codec import encode_tensor, encode_tensor_meta_into, tensor_bytes
+from protos.results_reader import Head
+from protos.stream import CHUNK_BYTES, chunk_payloads, declared_upload_bytes, field_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +62,12 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
         *,
         long_poll_seconds: float = 0.0,
         max_long_polls: int = 0,
+        upload_folder: Path | None = None,
     ) -> None:
         self.federation = federation
+        # Uploads are written here as they arrive: the store's folder, so that keeping one is
+        # a rename; a store in memory keeps none, and the system's temporary folder serves.
+        self.upload_folder = upload_folder or Path(tempfile.gettempdir())
         self.gatekeeper = gatekeeper
         self.limits = limits
         self.admission = Admission(limits.max_calls_per_collaborator)
@@ -157,7 +154,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
     def SendLocalTaskResults(  # noqa: N802
         self, request_iterator: Iterator[base_pb2.DataStream], context: grpc.ServicerContext
     ) -> aggregator_pb2.SendLocalTaskResultsResponse:
-        """Join a streamed `TaskResults`, check it, and hand it to the federation."""
+        """Receive a streamed `TaskResults` to disk as it arrives, check it, hand it to the federation."""
         # Who is calling is known from the certificate before a byte of the stream is read, so
         # the call counts against its limit from the start; an insecure server only learns the
         # caller from the header, and counts it from then on.
@@ -165,15 +162,39 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
         limit = self.limits.max_upload_bytes
         declared = declared_upload_bytes(context.invocation_metadata(), max_bytes=limit)
         upload = chunks_within(request_iterator, self.limits.upload_seconds)
-        with self._slot(peer), closing(upload):  # closed: its reader stops even if we stop early
-            message = task_results_from_chunks(upload, max_bytes=limit, expected_bytes=declared)
-            caller = self.gatekeeper.check_header(peer, _header(message.header))
-            with self._slot(caller if peer is None else None):
-                result = _task_result(caller, message, self.limits.max_tensor_bytes)
-                # The decoded arrays own copies of their bytes; the parsed upload, as large as
-                # they are, need not stay alive while the federation stores them.
-                del message
-                return self._submit(caller, result)
+        with ExitStack() as held, closing(upload):  # closed: its reader stops if we stop early
+            held.enter_context(self._slot(peer))
+            callers: list[str] = []
+
+            def on_head(head: Head) -> None:
+                """Refuse a stranger, or a result for a closed round, before its tensors arrive."""
+                caller = self.gatekeeper.check_header(peer, _header(head.header))
+                held.enter_context(self._slot(caller if peer is None else None))
+                self.federation.check_arriving(caller, head.round_number, head.task_name)
+                callers.append(caller)
+
+            received = receive_upload(
+                chunk_payloads(upload, max_bytes=limit),
+                self.upload_folder,
+                on_head=on_head,
+                model_dtype=self.federation.model_dtype,
+                max_tensor_bytes=self.limits.max_tensor_bytes,
+                expected_bytes=declared,
+            )
+            try:
+                head = received.head
+                result = TaskResult(
+                    collaborator=callers[0],
+                    round_number=head.round_number,
+                    task_name=head.task_name,
+                    data_size=head.data_size,
+                    tensors=received.tensors,
+                    upload=received.file,
+                )
+                return self._submit(callers[0], result)
+            finally:
+                # Moved into the store if accepted; refused, or a resend: not kept.
+                received.file.path.unlink(missing_ok=True)
 
     def _submit(
         self, caller: str, result: TaskResult
@@ -320,26 +341,6 @@ def model_chunks(
 
 
 _CHUNK_DATA_FIELD = aggregator_pb2.ModelChunk.DATA_FIELD_NUMBER
-
-
-def _task_result(
-    caller: str, message: aggregator_pb2.TaskResults, max_tensor_bytes: int
-) -> TaskResult:
-    """Decode an uploaded `TaskResults`, every tensor checked before it is trusted."""
-    return TaskResult(
-        collaborator=caller,
-        round_number=message.round_number,
-        task_name=message.task_name,
-        data_size=message.data_size,
-        tensors=tuple(
-            ResultTensor(
-                name=tensor.name,
-                tags=frozenset(tensor.tags),
-                array=decode_tensor(tensor, max_bytes=max_tensor_bytes),
-            )
-            for tensor in message.tensors
-        ),
-    )
 
 
 def _header(header: aggregator_pb2.MessageHeader) -> Header:

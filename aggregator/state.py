@@ -4,11 +4,15 @@ Everything lives in ``OUTPUT_DIR/state/``, beside the user-facing outputs::
 
     state/state.sqlite                        bookkeeping (SQLite, WAL, synchronous=FULL)
     state/models/round-<n>.pbuf               global models: the current round's, and the best
-    state/rounds/<round>/<collaborator>-<task>.pbuf    the current round's accepted results
+    state/rounds/<round>/<collaborator>-<task>.upload  the current round's accepted results
+    state/uploads/                            uploads being received, not yet accepted
 
-Tensor files are `ModelProto` files (`aggregator.storage`) written atomically: a temporary file,
-fsynced, renamed, the folder fsynced. A file is never changed once written, and the database names
-it with its SHA-256, checked whenever it is read back. The database holds:
+An accepted result is kept as it was streamed (`aggregator.upload`): the serialized `TaskResults`
+written as it arrived, fsynced, renamed into place, the folder fsynced, so accepting it writes
+no byte twice. Results handed over in memory (`.pbuf`) and models are `ModelProto` files
+(`aggregator.storage`) written atomically the same way. A file is never changed once written, and
+the database names it with its SHA-256 (of an upload: hashed as it arrived), checked when the
+state is recovered and whenever a `ModelProto` file is read back. The database holds:
 
 * ``federation`` (one row): the federation's uuid, the round in progress, the file of its global
   model, the reporters of a close decided but not committed (``closing``), the training rounds of
@@ -18,9 +22,10 @@ it with its SHA-256, checked whenever it is read back. The database holds:
 * ``closed_rounds``: one row per closed round, its `RoundRecord` as JSON, from which the rows of
   ``metrics.jsonl`` are written again if a crash lost them.
 
-Order of writes. An accept (`stage`, then `record`): the federation has checked everything in
-memory, then the tensor file is written, then its row is committed, then the aggregator answers
-OK; a result refused or recognised as a resend writes nothing. A round close: `decide_close`
+Order of writes. An accept (`stage`, then `record`): the federation has checked everything
+(the upload's bytes on their way to its file), then the file is made durable in its place, then
+its row is committed, then the aggregator answers
+OK; of a result refused or recognised as a resend nothing is kept (its upload file is removed). A round close: `decide_close`
 commits who reported; the aggregate is computed from their files, read in collaborator order;
 the new global model's file is written; then ONE transaction moves to the next round, names the
 model file, keeps the round's record, updates the best and forgets older results; only then are
@@ -32,9 +37,9 @@ Recovery (`DurableState.open` on an existing state): the uuid must be the plan's
 (`ForeignStateError` otherwise; ``--reset`` or another folder start over); temporary and
 unreferenced files (a crash between a file and its row, or before a deletion) are removed; the
 current round's model and results are checked against their SHA-256 (a result that fails is
-dropped with a warning, so its collaborator is asked for it again); a close that was decided is
-redone with the same reporters, so a round killed while aggregating gives the same model. The
-straggler cut-off starts again from the first hand-out after the restart.
+dropped with a warning, so its collaborator is asked for it again), and uploads a crash cut
+short are removed; a close that was decided is redone with the same reporters, so a round killed
+while aggregating gives the same model. The straggler cut-off starts again from the first hand-out after the restart.
 
 The state belongs to one federation uuid; other changes to the plan are not detected. One
 aggregator at a time: the output folder is locked (``flock``) while the state is open.
@@ -80,6 +85,7 @@ from aggregator.storage import (
     write_model,
     write_tensors,
 )
+from aggregator.upload import read_upload
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +93,9 @@ STATE_DIR = "state"
 DATABASE = "state.sqlite"
 MODELS = "models"
 ROUNDS = "rounds"
+UPLOADS = "uploads"  # uploads being received (`aggregator.upload`), not yet accepted
+UPLOAD_SUFFIX = ".upload"  # an accepted result kept as it was sent: a serialized TaskResults
+_HASH_BLOCK = 1024 * 1024
 SCHEMA_VERSION = 1
 OUTPUTS = (LAST_MODEL, BEST_MODEL, METRICS)
 
@@ -157,6 +166,7 @@ class DurableState:
         """Use `open`; this only keeps what it prepared."""
         self.folder = folder
         self.root = folder / STATE_DIR
+        self.upload_folder: Path | None = self.root / UPLOADS
         self.max_tensor_bytes = max_tensor_bytes
         self._db = connection
         self._folder_lock = lock
@@ -258,15 +268,25 @@ class DurableState:
     # -- ResultStore ---------------------------------------------------------------------------
 
     def stage(self, result: TaskResult) -> Accepted:
-        """Write the result's tensors to their file, atomically; not accepted until `record`."""
-        name = f"{ROUNDS}/{result.round_number}/{result.collaborator}-{result.task_name}.pbuf"
+        """Make the result's file durable in its place; not accepted until `record`.
+
+        A streamed upload's file is kept as it is (made durable, then renamed into place);
+        a result in memory has its tensors written to a `ModelProto` file.
+        """
+        stem = f"{ROUNDS}/{result.round_number}/{result.collaborator}-{result.task_name}"
+        upload = result.upload
+        name = stem + (".pbuf" if upload is None else UPLOAD_SUFFIX)
         path = self.root / name
         _make_folder(path.parent)
-        sha256 = write_tensors(
-            path,
-            ((tensor.name, tensor.array, tensor.tags) for tensor in result.tensors),
-            round_number=result.round_number,
-        )
+        if upload is None:
+            sha256 = write_tensors(
+                path,
+                ((tensor.name, tensor.array, tensor.tags) for tensor in result.tensors),
+                round_number=result.round_number,
+            )
+        else:
+            _keep(upload.path, path)
+            sha256 = upload.sha256
         return Accepted(
             result.collaborator,
             result.round_number,
@@ -298,15 +318,26 @@ class DurableState:
         (self.root / _stored(accepted).name).unlink(missing_ok=True)
 
     def load(self, accepted: Accepted) -> TaskResult:
-        """The result read back from its file, after checking the file's SHA-256."""
+        """The result read back from its file.
+
+        A kept upload's tensors are mapped from its file, checked against its SHA-256 when the
+        state was recovered (this process wrote the others, hashing them as they arrived);
+        a `ModelProto` result file is read whole and checked now.
+        """
         stored = _stored(accepted)
-        tensors = self._read(stored)
+        path = self.root / stored.name
+        if stored.name.endswith(UPLOAD_SUFFIX):
+            _, tensors = read_upload(path, max_tensor_bytes=self.max_tensor_bytes)
+        else:
+            tensors = tuple(
+                ResultTensor(name, tags, array) for name, array, tags in self._read(stored)
+            )
         return TaskResult(
             collaborator=accepted.collaborator,
             round_number=accepted.round_number,
             task_name=accepted.task_name,
             data_size=accepted.data_size,
-            tensors=tuple(ResultTensor(name, tags, array) for name, array, tags in tensors),
+            tensors=tensors,
         )
 
     def decide_close(self, round_number: int, reporters: Sequence[str]) -> None:
@@ -441,7 +472,7 @@ class DurableState:
         for collaborator, task, data_size, name, sha256 in rows:
             stored = StoredFile(name, sha256)
             try:
-                self._verify(stored)
+                _check_sha256(self.root / name, sha256)
             except StorageError as error:
                 logger.warning(
                     "dropping %s's %s result of round %d, which will be asked for again: %s",
@@ -498,6 +529,8 @@ class DurableState:
                     for path in folder.iterdir():
                         if f"{ROUNDS}/{folder.name}/{path.name}" not in keep:
                             path.unlink(missing_ok=True)
+        if keep is not None:  # uploads cut by the crash, never accepted: they are asked for again
+            shutil.rmtree(self.root / UPLOADS, ignore_errors=True)
         models = self.root / MODELS
         kept = {self._model.name} | ({self._best_file.name} if self._best_file else set())
         if models.is_dir():
@@ -588,6 +621,30 @@ def record_from_json(text: object) -> RoundRecord:
         seconds=float(data["seconds"]),
         trained=bool(data["trained"]),
     )
+
+
+def _keep(temporary: Path, path: Path) -> None:
+    """Make the file `temporary` durable as `path` (same file system): fsync, rename, fsync folder."""
+    try:
+        with temporary.open("rb") as file:
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+        fsync_folder(path.parent)
+    except OSError as error:
+        raise StorageError(f"{path}: cannot keep the upload: {error.strerror or error}") from None
+
+
+def _check_sha256(path: Path, sha256: str) -> None:
+    """`ModelFileError` unless the file at `path` has that SHA-256; read a block at a time."""
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as file:
+            while block := file.read(_HASH_BLOCK):
+                digest.update(block)
+    except OSError as error:
+        raise ModelFileError(f"{path}: cannot read: {error.strerror or error}") from None
+    if digest.hexdigest() != sha256:
+        raise ModelFileError(f"{path}: the file does not match its SHA-256 in {DATABASE}")
 
 
 def _stored(accepted: Accepted) -> StoredFile:

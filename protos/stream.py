@@ -61,6 +61,21 @@ def chunk_bytes(payload: bytes, chunk_size: int = CHUNK_BYTES) -> Iterator[base_
         yield base_pb2.DataStream(size=len(piece), npbytes=piece.tobytes())
 
 
+def chunk_payloads(chunks: Iterable[base_pb2.DataStream], *, max_bytes: int) -> Iterator[bytes]:
+    """The bytes of a stream's chunks, checking each chunk's declared size and the running total."""
+    total = 0
+    for index, chunk in enumerate(chunks):
+        data = chunk.npbytes  # read once: every read of a bytes field is a fresh copy
+        if chunk.size != len(data):
+            raise StreamError(f"chunk {index} declares {chunk.size} bytes but carries {len(data)}")
+        total += len(data)
+        if total > max_bytes:
+            raise StreamTooLargeError(
+                f"stream passed the limit of {max_bytes} bytes at chunk {index}"
+            )
+        yield data
+
+
 def join_chunks(chunks: Iterable[base_pb2.DataStream], *, max_bytes: int) -> bytearray:
     """Join a stream's chunks, checking each chunk's declared size and the running total."""
     # One growing buffer, not a list of pieces: a list of a million 1-byte chunks would hold
@@ -68,14 +83,7 @@ def join_chunks(chunks: Iterable[base_pb2.DataStream], *, max_bytes: int) -> byt
     # than filling one allocated up front from the sender's declared size (measured), and a
     # sender that declares much and sends little cannot make us hold what it declared.
     joined = bytearray()
-    for index, chunk in enumerate(chunks):
-        data = chunk.npbytes  # read once: every read of a bytes field is a fresh copy
-        if chunk.size != len(data):
-            raise StreamError(f"chunk {index} declares {chunk.size} bytes but carries {len(data)}")
-        if len(joined) + len(data) > max_bytes:
-            raise StreamTooLargeError(
-                f"stream passed the limit of {max_bytes} bytes at chunk {index}"
-            )
+    for data in chunk_payloads(chunks, max_bytes=max_bytes):
         joined += data
     if not joined:
         raise StreamError("empty stream: no bytes were sent")

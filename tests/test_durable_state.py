@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -20,7 +21,10 @@ from aggregator.federation import Array, Federation, ResultTensor, TaskResult
 from aggregator.runtime import Runtime
 from aggregator.state import DurableState, ForeignStateError
 from aggregator.storage import OutputFolder, model_bytes
+from aggregator.upload import receive_upload
 from plans.schema import BestModelSettings, Limits, StragglerPolicy, StragglerSettings
+from protos import aggregator_pb2
+from protos.codec import encode_tensor
 
 from servers import make_plan
 
@@ -452,3 +456,55 @@ def test_staged_results_keep_no_reference_to_their_arrays(state: DurableState) -
     del sent
     gc.collect()
     assert all(ref() is None for ref in watched)
+
+
+def streamed(fed: Federation, state: DurableState, sent: TaskResult) -> TaskResult:
+    """`sent` as the servicer hands it over: received into the state's upload folder as a stream."""
+    results = aggregator_pb2.TaskResults(
+        round_number=sent.round_number, task_name=sent.task_name, data_size=sent.data_size
+    )
+    for tensor in sent.tensors:
+        results.tensors.append(encode_tensor(tensor.name, tensor.array, tags=tensor.tags))
+    data = results.SerializeToString()
+    assert state.upload_folder is not None
+    received = receive_upload(
+        (data[start : start + 100] for start in range(0, len(data), 100)),
+        state.upload_folder,
+        on_head=lambda head: None,
+        model_dtype=fed.model_dtype,
+        max_tensor_bytes=2**20,
+    )
+    return dataclasses.replace(sent, tensors=received.tensors, upload=received.file)
+
+
+def test_a_streamed_upload_is_kept_as_it_arrived(tmp_path: Path) -> None:
+    """The upload's own file becomes the result's (renamed, not written again) and survives a restart."""
+    first = open_state(tmp_path / "out")
+    fed = federation_of(first)
+    sent = streamed(fed, first, result("bob", 0, value=1.5))
+    assert sent.upload is not None
+    spooled = os.stat(sent.upload.path)
+    assert fed.submit(sent)
+    kept = tmp_path / "out" / "state" / "rounds" / "0" / "bob-train.upload"
+    assert os.stat(kept).st_ino == spooled.st_ino
+    assert not sent.upload.path.exists()
+    leftover = tmp_path / "out" / "state" / "uploads" / ".upload-cut-by-a-crash.tmp"
+    leftover.write_bytes(b"half an upload")
+    first.close()
+
+    again = open_state(tmp_path / "out")
+    try:
+        assert not leftover.exists()
+        fed = federation_of(again)
+        (stored,) = fed.results()
+        by_name = {tensor.name: tensor.array for tensor in stored.tensors}
+        np.testing.assert_array_equal(by_name["w"], np.full((2, 2), 1.5, np.float32))
+        assert by_name["b"].dtype == np.float64 and float(by_name["loss"]) == 1.0
+    finally:
+        again.close()
+    kept.write_bytes(kept.read_bytes()[:-1] + b"x")
+    damaged = open_state(tmp_path / "out")
+    try:
+        assert damaged.recovered.dropped == ("rounds/0/bob-train.upload",)
+    finally:
+        damaged.close()

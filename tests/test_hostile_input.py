@@ -298,6 +298,12 @@ def ends_halfway(caller: Caller) -> Iterator[base_pb2.DataStream]:
     return chunk_bytes(payload[: len(payload) // 2], 64)
 
 
+def over_cap(caller: Caller) -> bytes:
+    """Honest-looking results whose one tensor makes the upload pass the plan's cap of CAP bytes."""
+    large = encode_tensor("dense/weight", np.zeros(CAP // 4 + 1, np.float32))
+    return caller.results(tensors=[large]).SerializeToString()
+
+
 def cancelled_halfway(env: Env) -> Outcome:
     """Bob sends half his chunks, then his side cancels while the aggregator is reading."""
     caller = env.caller()
@@ -641,7 +647,7 @@ ROWS = [
         "not-a-protobuf",
         stream(lambda c: chunk_bytes(b"\xff\xff\xff\xff")),
         grpc.StatusCode.INVALID_ARGUMENT,
-        ("the stream's 4 bytes are not a TaskResults",),
+        ("the upload is not a TaskResults", "stream ends inside"),
     ),
     Row(
         "empty-stream",
@@ -659,7 +665,7 @@ ROWS = [
         "stream-ends-halfway",
         stream(ends_halfway),
         grpc.StatusCode.INVALID_ARGUMENT,
-        ("are not a TaskResults",),
+        ("the upload is not a TaskResults", "stream ends inside tensor"),
     ),
     # Bob's own side cancels, so CANCELLED is his client's status; the row checks that the
     # aggregator let go of the call, stored nothing and goes on serving.
@@ -673,7 +679,7 @@ ROWS = [
     ),
     Row(
         "upload-over-cap",
-        stream(lambda c: chunk_bytes(b"\0" * (CAP + 1), 16 * 1024)),
+        stream(lambda c: chunk_bytes(over_cap(c), 16 * 1024)),
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         (f"stream passed the limit of {CAP} bytes at chunk 4",),
         sections={"limits": {"max_upload_bytes": CAP}},

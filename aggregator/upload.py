@@ -1,0 +1,312 @@
+"""One upload of task results, written to disk as it arrives and checked on the way.
+
+An update is as large as the model, and many collaborators upload at once: held in memory, the
+uploads in flight would cost O(collaborators x model). Here each chunk goes to a spool file in
+the state's folder as it arrives (the file is the serialized `TaskResults` as sent, byte for
+byte), while `protos.results_reader.ResultsReader` follows the message's structure:
+
+* the fields before the tensors (header, round, task, data size) are handed to `on_head` as soon
+  as they are read, so a caller that is not who it says, or a result for a closed round, is
+  refused before the bulk of its bytes is written;
+* each model tensor's values are checked for NaN and infinities as they pass (in the dtype of
+  the global model's tensor of that name; a tensor of another dtype is refused later anyway);
+  other tensors (metrics) are small and kept in memory, up to `MAX_SMALL_TENSOR_BYTES`;
+* at the end every tensor's metadata is checked as `protos.codec.decode_tensor` checks it, and
+  the model tensors become read-only arrays mapped from the file: no copy of the data is made.
+
+`read_upload` reads such a file back (the store keeps it as the result's file) the same way.
+Nothing here knows gRPC: the servicer hands in the chunks' bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Final
+
+import numpy as np
+
+from aggregator.errors import InvalidRequestError, StorageError
+from aggregator.federation import Array, ResultTensor, UploadFile
+from protos import base_pb2
+from protos.codec import TensorFormatError, TensorTooLargeError, tensor_layout
+from protos.results_reader import (
+    Event,
+    Head,
+    ResultsFormatError,
+    ResultsReader,
+    TensorData,
+    TensorEnd,
+    TensorStart,
+)
+from protos.stream import StreamError
+
+# A tensor not in the global model (a metric) is kept in memory; metrics are scalars.
+MAX_SMALL_TENSOR_BYTES: Final = 64 * 1024
+SPOOL_PREFIX: Final = ".upload-"
+SPOOL_SUFFIX: Final = ".tmp"
+_READ_BYTES: Final = 2 * 1024 * 1024  # how much of a stored upload is read at a time
+
+
+@dataclass(frozen=True)
+class ReceivedUpload:
+    """An upload that arrived whole and well-formed, its tensors mapped from its file."""
+
+    head: Head
+    tensors: tuple[ResultTensor, ...]
+    file: UploadFile
+
+
+def receive_upload(
+    chunks: Iterable[bytes],
+    folder: Path,
+    *,
+    on_head: Callable[[Head], object],
+    model_dtype: Callable[[str], np.dtype[np.generic] | None],
+    max_tensor_bytes: int,
+    expected_bytes: int | None = None,
+) -> ReceivedUpload:
+    """Write `chunks` to a new file in `folder` as they arrive, checking them on the way.
+
+    The caller removes `ReceivedUpload.file.path` when done with it (unless a store moved it);
+    on any error the file is removed here. Raises `StreamError` for bytes that are not a
+    `TaskResults`, `TensorFormatError` for a tensor that cannot be trusted, whatever `on_head`
+    raises, and `StorageError` when the file cannot be written.
+    """
+    spool = _Spool(folder)
+    try:
+        with spool:
+            tensors = _Tensors(model_dtype, max_tensor_bytes)
+            reader = ResultsReader()
+            head: Head | None = None
+            for chunk in chunks:
+                spool.write(chunk)
+                for event in _read(reader.feed, chunk):
+                    if isinstance(event, Head):
+                        on_head(event)
+                        head = event
+                    else:
+                        tensors.on(event)
+            if reader.offset == 0:
+                raise StreamError("empty stream: no bytes were sent")
+            for event in _read(lambda _: reader.finish(), b""):
+                if isinstance(event, Head):
+                    on_head(event)
+                    head = event
+            if expected_bytes is not None and reader.offset != expected_bytes:
+                raise StreamError(
+                    f"upload cut short: {reader.offset} of the {expected_bytes} declared bytes "
+                    "arrived; nothing of it was kept"
+                )
+        assert head is not None  # finish() gives the head if no tensor did
+        return ReceivedUpload(head, tensors.arrays(spool.path), spool.file())
+    except BaseException:
+        spool.path.unlink(missing_ok=True)
+        raise
+
+
+def read_upload(path: Path, *, max_tensor_bytes: int) -> tuple[Head, tuple[ResultTensor, ...]]:
+    """The head and tensors (mapped from the file) of an upload `receive_upload` wrote."""
+    tensors = _Tensors(lambda name: None, max_tensor_bytes, check_finite=False)
+    reader = ResultsReader()
+    events: list[Event] = []
+    try:
+        with path.open("rb") as file:
+            while block := file.read(_READ_BYTES):
+                events.extend(e for e in reader.feed(block) if not isinstance(e, TensorData))
+        events.extend(reader.finish())
+    except OSError as error:
+        raise StorageError(f"{path}: cannot read: {error.strerror or error}") from None
+    head: Head | None = None
+    for event in events:
+        if isinstance(event, Head):
+            head = event
+        elif isinstance(event, TensorStart | TensorEnd):
+            tensors.on(event, keep_small=False)
+    assert head is not None
+    return head, tensors.arrays(path, read_small=True)
+
+
+def _read(step: Callable[[bytes], list[Event]], chunk: bytes) -> list[Event]:
+    """The reader's events for `chunk`, its format errors told as the upload's."""
+    try:
+        return step(chunk)
+    except ResultsFormatError as error:
+        raise ResultsFormatError(f"the upload is not a TaskResults: {error}") from None
+
+
+class _Spool:
+    """The file an upload goes to: written as it arrives, hashed on the way."""
+
+    def __init__(self, folder: Path) -> None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            descriptor, name = tempfile.mkstemp(
+                dir=folder, prefix=SPOOL_PREFIX, suffix=SPOOL_SUFFIX
+            )
+        except OSError as error:
+            raise StorageError(
+                f"{folder}: cannot store an upload: {error.strerror or error}"
+            ) from None
+        self.path = Path(name)
+        self._file: BinaryIO = os.fdopen(descriptor, "wb")
+        self._digest = hashlib.sha256()
+        self._size = 0
+
+    def write(self, chunk: bytes) -> None:
+        try:
+            self._file.write(chunk)
+        except OSError as error:
+            raise StorageError(f"{self.path}: cannot write: {error.strerror or error}") from None
+        self._digest.update(chunk)
+        self._size += len(chunk)
+
+    def file(self) -> UploadFile:
+        return UploadFile(self.path, self._size, self._digest.hexdigest())
+
+    def __enter__(self) -> _Spool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._file.close()  # flushed, so the bytes can be mapped; durability is the store's
+        except OSError as error:
+            raise StorageError(f"{self.path}: cannot write: {error.strerror or error}") from None
+
+
+@dataclass
+class _Tensor:
+    """One tensor as it is read: where its data lies, and what was learnt of its values."""
+
+    meta: base_pb2.NamedTensor
+    data_offset: int | None = None
+    data_size: int = 0
+    small: bytearray | None = None  # the data of a tensor kept in memory
+    scan: _FiniteScan | None = None  # the finiteness check of a model tensor's values
+
+
+class _Tensors:
+    """The tensors of an upload, followed through the reader's events."""
+
+    def __init__(
+        self,
+        model_dtype: Callable[[str], np.dtype[np.generic] | None],
+        max_tensor_bytes: int,
+        *,
+        check_finite: bool = True,
+    ) -> None:
+        self._model_dtype = model_dtype
+        self._max_tensor_bytes = max_tensor_bytes
+        self._check_finite = check_finite
+        self._done: list[_Tensor] = []
+        self._current: _Tensor | None = None
+
+    def on(self, event: TensorStart | TensorData | TensorEnd, *, keep_small: bool = True) -> None:
+        if isinstance(event, TensorStart):
+            self._current = self._start(event, keep_small)
+        elif isinstance(event, TensorData):
+            current = self._current
+            assert current is not None  # the reader gives TensorStart first
+            if current.small is not None:
+                current.small += event.piece
+            elif current.scan is not None:
+                current.scan.feed(event.piece)
+        else:
+            tensor = self._current or _Tensor(event.meta)
+            tensor.meta = event.meta  # now with the fields after the data (the dtype)
+            self._done.append(tensor)
+            self._current = None
+
+    def _start(self, event: TensorStart, keep_small: bool) -> _Tensor:
+        name = event.meta.name
+        if event.data_size > self._max_tensor_bytes:
+            raise TensorTooLargeError(
+                f"tensor {name!r}: {event.data_size} bytes, over the limit of "
+                f"{self._max_tensor_bytes} bytes"
+            )
+        tensor = _Tensor(event.meta, event.data_offset, event.data_size)
+        dtype = self._model_dtype(name)
+        if dtype is None:
+            if keep_small:
+                if event.data_size > MAX_SMALL_TENSOR_BYTES:
+                    raise InvalidRequestError(
+                        f"tensor {name!r} is not in the global model, and at {event.data_size} "
+                        f"bytes too large to be a metric"
+                    )
+                tensor.small = bytearray()
+        elif self._check_finite and dtype.kind == "f":
+            tensor.scan = _FiniteScan(dtype)
+        return tensor
+
+    def arrays(self, path: Path, *, read_small: bool = False) -> tuple[ResultTensor, ...]:
+        """Every tensor, checked; model tensors mapped read-only from `path`."""
+        return tuple(self._array(tensor, path, read_small) for tensor in self._done)
+
+    def _array(self, tensor: _Tensor, path: Path, read_small: bool) -> ResultTensor:
+        meta = tensor.meta
+        dtype, shape, expected = tensor_layout(meta, max_bytes=self._max_tensor_bytes)
+        if tensor.data_size != expected:
+            raise TensorFormatError(
+                f"tensor {meta.name!r}: shape {shape} of {dtype} needs {expected} bytes, got "
+                f"{tensor.data_size}"
+            )
+        finite = None
+        if tensor.scan is not None and tensor.scan.dtype == dtype:
+            finite = tensor.scan.finite()
+        array: Array
+        if tensor.small is not None:
+            array = np.frombuffer(bytes(tensor.small), dtype=dtype).reshape(shape)
+        elif expected == 0 or tensor.data_offset is None:
+            array = np.empty(shape, dtype=dtype)  # nothing to map (numpy cannot map 0 bytes)
+            array.flags.writeable = False
+        elif read_small and expected <= MAX_SMALL_TENSOR_BYTES:
+            array = np.fromfile(
+                path, dtype=dtype, count=math.prod(shape), offset=tensor.data_offset
+            )
+            array = array.reshape(shape)
+        else:
+            array = np.memmap(path, dtype=dtype, mode="r", offset=tensor.data_offset, shape=shape)
+        return ResultTensor(meta.name, frozenset(meta.tags), array, finite)
+
+
+class _FiniteScan:
+    """Whether a float tensor's values are all finite, learnt from its bytes piece by piece."""
+
+    def __init__(self, dtype: np.dtype[np.generic]) -> None:
+        self.dtype = dtype
+        self._carry = b""  # the start of a value cut by the end of a piece
+        self._finite = True
+
+    def feed(self, piece: memoryview) -> None:
+        if not self._finite:
+            return
+        if self._carry:
+            take = self.dtype.itemsize - len(self._carry)
+            self._carry += piece[:take].tobytes()
+            piece = piece[take:]
+            if len(self._carry) == self.dtype.itemsize:
+                self._finite = _all_finite(np.frombuffer(self._carry, dtype=self.dtype))
+                self._carry = b""
+        whole = len(piece) - len(piece) % self.dtype.itemsize
+        if whole:
+            self._finite = self._finite and _all_finite(
+                np.frombuffer(piece[:whole], dtype=self.dtype)
+            )
+        if whole < len(piece):
+            self._carry = piece[whole:].tobytes()
+
+    def finite(self) -> bool:
+        return self._finite
+
+
+def _all_finite(values: Array) -> bool:
+    """Whether every value is finite: a sum first (NaN and infinities survive a sum), exactly if not."""
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow only means: look closer
+        if math.isfinite(float(np.add.reduce(values))):
+            return True
+    return bool(np.isfinite(values).all())
