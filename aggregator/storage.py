@@ -33,14 +33,7 @@ from google.protobuf.message import DecodeError
 from aggregator.errors import ModelFileError, StorageError
 from aggregator.failpoints import failpoint
 from protos import base_pb2
-from protos.codec import (
-    TensorFormatError,
-    decode_tensor,
-    encode_tensor,
-    encode_tensor_meta_into,
-    tensor_bytes,
-)
-from protos.stream import field_prefix
+from protos.codec import TensorFormatError, decode_tensor, encode_tensor, tensor_field_parts
 
 Array = npt.NDArray[np.generic]
 MODEL_TAG = "model"
@@ -118,36 +111,16 @@ def write_tensors(
 def _tensor_parts(
     name: str, array: Array, tags: frozenset[str], round_number: int
 ) -> list[bytes | memoryview]:
-    """One tensor as the bytes of a `ModelProto.tensors` field, its values left in the array.
-
-    The same bytes as `encode_tensor` then `SerializeToString(deterministic=True)`: the fields
-    in number order, `data_bytes` (7) written from the array's buffer between those before it
-    and `foedus_dtype` (1000).
-    """
-    header = base_pb2.NamedTensor()
+    """One tensor as the bytes of a `ModelProto.tensors` field, its values left in the array."""
     try:
-        data = encode_tensor_meta_into(
-            header, name, array, round_number=round_number, tags=sorted(tags)
+        return tensor_field_parts(
+            _TENSORS_FIELD, name, array, round_number=round_number, tags=sorted(tags)
         )
     except TensorFormatError as error:
         raise StorageError(f"cannot save the tensors: {error}") from None
-    trailer = base_pb2.NamedTensor(foedus_dtype=header.foedus_dtype)
-    header.ClearField("foedus_dtype")
-    head = header.SerializeToString(deterministic=True)
-    tail = trailer.SerializeToString(deterministic=True)
-    body = tensor_bytes(data)  # no copy
-    field = field_prefix(_DATA_BYTES_FIELD, len(body)) if body else b""  # proto3 omits b""
-    size = len(head) + len(field) + len(body) + len(tail)
-    parts: list[bytes | memoryview] = [field_prefix(_TENSORS_FIELD, size) + head + field]
-    if body:
-        parts.append(body)
-    if tail:
-        parts.append(tail)
-    return parts
 
 
 _TENSORS_FIELD = base_pb2.ModelProto.TENSORS_FIELD_NUMBER
-_DATA_BYTES_FIELD = base_pb2.NamedTensor.DATA_BYTES_FIELD_NUMBER
 
 
 def read_model(path: Path, max_tensor_bytes: int) -> dict[str, Array]:

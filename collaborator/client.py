@@ -45,10 +45,10 @@ from protos.codec import (
     TensorFormatError,
     decode_tensor,
     empty_tensor,
-    encode_tensor_into,
     tensor_bytes,
+    tensor_field_parts,
 )
-from protos.stream import UPLOAD_BYTES_METADATA, chunk_bytes
+from protos.stream import UPLOAD_BYTES_METADATA, framed_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -425,31 +425,31 @@ class AggregatorGRPCClient:
         Raises `protos.codec.TensorFormatError` (a ValueError) for an array whose dtype cannot be
         sent; nothing is sent then.
         """
-        results = aggregator_pb2.TaskResults(
+        head = aggregator_pb2.TaskResults(
             header=self._header(),
             round_number=round_number,
             task_name=task_name,
             data_size=data_size,
         )
+        # The serialized TaskResults, written around the arrays' own buffers (no serialized
+        # copy of the update): the head's fields, then each tensor as field `tensors`. Every
+        # attempt streams these very bytes.
+        parts: list[bytes | memoryview] = [head.SerializeToString()]
         for tensor in tensors:
-            # Encoded in place: a NamedTensor built apart would be copied again into `results`.
-            encode_tensor_into(
-                results.tensors.add(),
+            parts += tensor_field_parts(
+                _TENSORS_FIELD,
                 tensor.name,
                 tensor.array,
                 round_number=round_number,
                 tags=tensor.tags,
                 report=tensor.report,
             )
-        # Serialized once: every attempt streams these bytes, through a fresh chunk iterator.
-        payload = results.SerializeToString()
-        del results
         # The aggregator refuses a stream that ends short of this (a cut the transport hid).
-        declared_size = ((UPLOAD_BYTES_METADATA, str(len(payload))),)
+        declared_size = ((UPLOAD_BYTES_METADATA, str(sum(len(part) for part in parts))),)
         response = self._call(
             "SendLocalTaskResults",
-            lambda stub, timeout: stub.SendLocalTaskResults(
-                chunk_bytes(payload), timeout=timeout, metadata=declared_size
+            lambda stub, timeout: stub.send_framed_results(
+                framed_chunks(parts), timeout=timeout, metadata=declared_size
             ),
             resend=self.resend_data_on_reconnection,
         )
@@ -504,7 +504,7 @@ class AggregatorGRPCClient:
     def _call(
         self,
         rpc: str,
-        invoke: Callable[[AggregatorStub, float], R],
+        invoke: Callable[[_Stub, float], R],
         *,
         resend: bool = True,
     ) -> R:
@@ -516,7 +516,7 @@ class AggregatorGRPCClient:
             atomic = self.enable_atomic_connections
             channel = self._open_channel() if atomic else self._kept_channel()
             try:
-                return invoke(AggregatorStub(channel), self.deadline)
+                return invoke(_Stub(channel), self.deadline)
             except grpc.RpcError as error:
                 code, details = _status_of(error)
             finally:
@@ -594,6 +594,30 @@ class _Filling:
             )
         self.array.flags.writeable = False  # as the unary path's arrays over their bytes
         return self.array
+
+
+_TENSORS_FIELD = aggregator_pb2.TaskResults.TENSORS_FIELD_NUMBER
+_SEND_RESULTS = "/openfl.aggregator.Aggregator/SendLocalTaskResults"
+
+
+class _Stub(AggregatorStub):
+    """The generated stub, plus `SendLocalTaskResults` for chunks already serialized.
+
+    The generated method would serialize `DataStream` messages; `framed_chunks` frames the
+    upload's bytes once, around slices of the arrays, and they go through as they are.
+    """
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        super().__init__(channel)  # type: ignore[call-arg]  # the stubs type __new__ only
+        self.send_framed_results = channel.stream_unary(
+            _SEND_RESULTS,
+            request_serializer=_already_serialized,
+            response_deserializer=aggregator_pb2.SendLocalTaskResultsResponse.FromString,
+        )
+
+
+def _already_serialized(message: bytes) -> bytes:
+    return message
 
 
 def _status_of(error: grpc.RpcError) -> tuple[grpc.StatusCode, str]:

@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from protos import base_pb2
+from protos.stream import field_prefix
 
 COMPRESSED_TAG = "compressed"
 LOSSY_TAG = "lossy_compressed"
@@ -141,6 +142,44 @@ def encode_tensor_meta_into(
 def tensor_bytes(data: npt.NDArray[np.generic]) -> memoryview:
     """The bytes of a C-ordered array as a flat memoryview, without a copy."""
     return data.reshape(-1).view(np.uint8).data
+
+
+def tensor_field_parts(
+    field_number: int,
+    name: str,
+    array: npt.ArrayLike,
+    *,
+    round_number: int = 0,
+    tags: Iterable[str] = (),
+    report: bool = False,
+) -> list[bytes | memoryview]:
+    """`array` encoded as field `field_number` of a parent message, its values left in the array.
+
+    The same bytes as `encode_tensor` put into the parent and serialized deterministically
+    (fields in number order: `data_bytes` (7) between those before it and `foedus_dtype`
+    (1000)), but the values are a memoryview of the array, not a copy: files and streams are
+    written from them as they are, and a large tensor costs no serialization.
+    """
+    header = base_pb2.NamedTensor()
+    data = encode_tensor_meta_into(
+        header, name, array, round_number=round_number, tags=tags, report=report
+    )
+    trailer = base_pb2.NamedTensor(foedus_dtype=header.foedus_dtype)
+    header.ClearField("foedus_dtype")
+    head = header.SerializeToString(deterministic=True)
+    tail = trailer.SerializeToString(deterministic=True)
+    body = tensor_bytes(data)
+    field = field_prefix(_DATA_BYTES_FIELD, len(body)) if body else b""  # proto3 omits b""
+    size = len(head) + len(field) + len(body) + len(tail)
+    parts: list[bytes | memoryview] = [field_prefix(field_number, size) + head + field]
+    if body:
+        parts.append(body)
+    if tail:
+        parts.append(tail)
+    return parts
+
+
+_DATA_BYTES_FIELD = base_pb2.NamedTensor.DATA_BYTES_FIELD_NUMBER
 
 
 def tensor_layout(

@@ -21,6 +21,7 @@ from protos.codec import (
     decode_tensor,
     encode_tensor,
     encode_tensor_into,
+    tensor_field_parts,
 )
 
 MAX_BYTES = 1 << 20
@@ -467,3 +468,18 @@ def test_decode_fuzz_gives_an_array_or_a_format_error(seed: int, dims: list[int]
     assert not unexpected, "\n".join(unexpected[:10])
     # Both outcomes must be well exercised, or the fuzz tests nothing.
     assert decoded > FUZZ_CASES // 40 and refused > FUZZ_CASES // 2, (decoded, refused)
+
+
+@pytest.mark.parametrize(
+    "array",
+    [np.arange(12, dtype=np.float32).reshape(3, 4), np.array(7, np.int64), np.zeros(0, np.float64)],
+)
+def test_tensor_field_parts_are_the_serialized_field(array: np.ndarray) -> None:
+    """A tensor framed around its array's buffer is byte for byte what protobuf would serialize."""
+    parts = tensor_field_parts(5, "t", array, round_number=2, tags=["trained"], report=True)
+    expected = aggregator_pb2.TaskResults(
+        tensors=[encode_tensor("t", array, round_number=2, tags=["trained"], report=True)]
+    ).SerializeToString(deterministic=True)
+    assert b"".join(parts) == expected
+    if array.size:
+        assert any(isinstance(part, memoryview) and part.obj is not None for part in parts)

@@ -14,6 +14,7 @@ from protos.stream import (
     StreamError,
     StreamTooLargeError,
     chunk_bytes,
+    framed_chunks,
     join_chunks,
     task_results_from_chunks,
     task_results_to_chunks,
@@ -217,3 +218,13 @@ def test_bytes_that_are_not_task_results(payload: bytes) -> None:
     with pytest.raises(StreamError, match="are not a TaskResults") as caught:
         task_results_from_chunks(chunk_bytes(payload, 2), max_bytes=MIB)
     assert caught.type is StreamError
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 1000, 4096])
+def test_framed_chunks_are_the_chunks_chunk_bytes_serializes(chunk_size: int) -> None:
+    """Framing the parts in place gives the very bytes of DataStream messages, cut the same way."""
+    payload = bytes(range(256)) * 10
+    parts = [payload[:1], memoryview(payload)[1:999], b"", payload[999:]]
+    framed = list(framed_chunks(parts, chunk_size))
+    assert framed == [chunk.SerializeToString() for chunk in chunk_bytes(payload, chunk_size)]
+    assert join_chunks(map(base_pb2.DataStream.FromString, framed), max_bytes=MIB) == payload
