@@ -15,8 +15,9 @@ from aggregator.identity import Gatekeeper
 from aggregator.servicer import AggregatorServicer
 from pki.tls import server_credentials
 from plans import Plan
-from protos import aggregator_pb2, base_pb2
+from protos import aggregator_pb2
 from protos.channel import server_options
+from protos.stream import parse_chunk
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +39,11 @@ def add_servicer(servicer: AggregatorServicer, server: grpc.Server) -> None:
 def method_handlers(
     servicer: AggregatorServicer,
 ) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
-    """The handler of each RPC, as the generated code makes them but for one difference.
+    """The handler of each RPC, as the generated code makes them but for two differences.
 
     `GetAggregatedModel` answers with chunks serialized once per round
-    (`aggregator.servicer.EncodedModel`), so its responses are bytes passed through as they are.
+    (`aggregator.servicer.EncodedModel`), so its responses are bytes passed through as they are;
+    `SendLocalTaskResults` reads its chunks in place (`protos.stream.parse_chunk`).
     """
     return {
         "Ping": grpc.unary_unary_rpc_method_handler(
@@ -61,7 +63,7 @@ def method_handlers(
         ),
         "SendLocalTaskResults": grpc.stream_unary_rpc_method_handler(
             servicer.SendLocalTaskResults,
-            request_deserializer=base_pb2.DataStream.FromString,
+            request_deserializer=parse_chunk,  # reads each chunk's payload in place
             response_serializer=aggregator_pb2.SendLocalTaskResultsResponse.SerializeToString,
         ),
         "InteropRelay": grpc.unary_unary_rpc_method_handler(

@@ -40,7 +40,13 @@ from plans import Limits
 from protos import aggregator_pb2, aggregator_pb2_grpc, base_pb2
 from protos.codec import encode_tensor, encode_tensor_meta_into, tensor_bytes
 from protos.results_reader import Head
-from protos.stream import CHUNK_BYTES, chunk_payloads, declared_upload_bytes, field_prefix
+from protos.stream import (
+    CHUNK_BYTES,
+    Chunk,
+    chunk_payloads,
+    declared_upload_bytes,
+    field_prefix,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +158,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
 
     @refusals_as_status
     def SendLocalTaskResults(  # noqa: N802
-        self, request_iterator: Iterator[base_pb2.DataStream], context: grpc.ServicerContext
+        self, request_iterator: Iterator[Chunk], context: grpc.ServicerContext
     ) -> aggregator_pb2.SendLocalTaskResultsResponse:
         """Receive a streamed `TaskResults` to disk as it arrives, check it, hand it to the federation."""
         # Who is calling is known from the certificate before a byte of the stream is read, so

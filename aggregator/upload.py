@@ -63,7 +63,7 @@ class ReceivedUpload:
 
 
 def receive_upload(
-    chunks: Iterable[bytes],
+    chunks: Iterable[bytes | memoryview],
     folder: Path,
     *,
     on_head: Callable[[Head], object],
@@ -132,7 +132,9 @@ def read_upload(path: Path, *, max_tensor_bytes: int) -> tuple[Head, tuple[Resul
     return head, tensors.arrays(path, read_small=True)
 
 
-def _read(step: Callable[[bytes], list[Event]], chunk: bytes) -> list[Event]:
+def _read(
+    step: Callable[[bytes | memoryview], list[Event]], chunk: bytes | memoryview
+) -> list[Event]:
     """The reader's events for `chunk`, its format errors told as the upload's."""
     try:
         return step(chunk)
@@ -158,7 +160,7 @@ class _Spool:
         self._digest = hashlib.sha256()
         self._size = 0
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | memoryview) -> None:
         try:
             self._file.write(chunk)
         except OSError as error:

@@ -10,6 +10,8 @@ more memory than a few large ones.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 from google.protobuf.message import DecodeError
 
@@ -21,6 +23,7 @@ UPLOAD_BYTES_METADATA = "foedus-upload-bytes"
 _LENGTH_DELIMITED = 2  # the wire type of bytes, strings and messages
 _SIZE_KEY = bytes([base_pb2.DataStream.SIZE_FIELD_NUMBER << 3])  # a varint field's key
 _NPBYTES_FIELD = base_pb2.DataStream.NPBYTES_FIELD_NUMBER
+_NPBYTES_KEY = _NPBYTES_FIELD << 3 | _LENGTH_DELIMITED
 
 
 class StreamError(ValueError):
@@ -94,7 +97,54 @@ def _framed(pieces: list[bytes | memoryview], size: int) -> bytes:
     return b"".join((_SIZE_KEY, varint(size), field_prefix(_NPBYTES_FIELD, size), *pieces))
 
 
-def chunk_payloads(chunks: Iterable[base_pb2.DataStream], *, max_bytes: int) -> Iterator[bytes]:
+class Chunk(Protocol):
+    """What a receiver reads of a `DataStream` chunk: a `DataStream`, or a `FramedChunk`."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def npbytes(self) -> bytes | memoryview: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FramedChunk:
+    """A `DataStream` chunk read in place: `npbytes` is a view of the message's own bytes."""
+
+    size: int
+    npbytes: memoryview
+
+
+def parse_chunk(message: bytes) -> Chunk:
+    """A serialized `DataStream`, read without copying its payload when it is framed as usual.
+
+    Every serializer writes `size` (1) then `npbytes` (2), as `framed_chunks` does; such a
+    message is read in place (protobuf would copy the payload twice: into the message, and out
+    of it on every read of `npbytes`). Anything else is left to protobuf.
+    """
+    view = memoryview(message)
+    if view[:1] == _SIZE_KEY:
+        size, at = _read_varint(view, 1)
+        if at < len(view) and view[at] == _NPBYTES_KEY:
+            length, start = _read_varint(view, at + 1)
+            if start >= 0 and length == len(view) - start:
+                return FramedChunk(size, view[start:])
+    return base_pb2.DataStream.FromString(message)
+
+
+def _read_varint(view: memoryview, at: int) -> tuple[int, int]:
+    """The varint at `at` and where it ends; (0, -1) when it is cut short or too long."""
+    value = shift = 0
+    for index in range(at, min(at + 10, len(view))):
+        byte = view[index]
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, index + 1
+        shift += 7
+    return 0, -1
+
+
+def chunk_payloads(chunks: Iterable[Chunk], *, max_bytes: int) -> Iterator[bytes | memoryview]:
     """The bytes of a stream's chunks, checking each chunk's declared size and the running total."""
     total = 0
     for index, chunk in enumerate(chunks):

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from google.protobuf.message import DecodeError
 
 from protos import aggregator_pb2, base_pb2
 from protos.codec import decode_tensor, encode_tensor
@@ -16,6 +17,7 @@ from protos.stream import (
     chunk_bytes,
     framed_chunks,
     join_chunks,
+    parse_chunk,
     task_results_from_chunks,
     task_results_to_chunks,
 )
@@ -228,3 +230,35 @@ def test_framed_chunks_are_the_chunks_chunk_bytes_serializes(chunk_size: int) ->
     framed = list(framed_chunks(parts, chunk_size))
     assert framed == [chunk.SerializeToString() for chunk in chunk_bytes(payload, chunk_size)]
     assert join_chunks(map(base_pb2.DataStream.FromString, framed), max_bytes=MIB) == payload
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        base_pb2.DataStream(size=5, npbytes=b"hello").SerializeToString(),
+        base_pb2.DataStream(size=3, npbytes=b"hello").SerializeToString(),  # a lying size
+        base_pb2.DataStream(size=300, npbytes=bytes(300)).SerializeToString(),
+        base_pb2.DataStream(npbytes=b"no size").SerializeToString(),
+        base_pb2.DataStream(size=4).SerializeToString(),
+        b"\x12\x02hi\x08\x02",  # fields in the other order
+        b"\x08\x02\x12\x02hi\x12\x01!",  # npbytes twice: the last wins
+        b"\x08\x02\x12\x05hi",  # a length past the end: protobuf's error
+        b"",
+    ],
+)
+def test_parse_chunk_reads_what_protobuf_reads(message: bytes) -> None:
+    """In place when framed as usual, by protobuf otherwise: the same size and payload either way."""
+    try:
+        expected = base_pb2.DataStream.FromString(message)
+    except DecodeError:
+        with pytest.raises(DecodeError):
+            parse_chunk(message)
+        return
+    chunk = parse_chunk(message)
+    assert (chunk.size, bytes(chunk.npbytes)) == (expected.size, expected.npbytes)
+
+
+def test_parse_chunk_does_not_copy_the_payload() -> None:
+    message = base_pb2.DataStream(size=MIB, npbytes=bytes(MIB)).SerializeToString()
+    chunk = parse_chunk(message)
+    assert isinstance(chunk.npbytes, memoryview) and chunk.npbytes.obj is message
