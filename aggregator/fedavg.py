@@ -90,11 +90,16 @@ def average_sources(
 
     `contributions` maps each collaborator to its weight (its data size) and its source. The
     result is bit-identical to `federated_average` of the same tensors: for each slice, the
-    contributions are folded in sorted collaborator order with the same float64 operations, and
-    each element sees them in the order `federated_average` gives it. Memory is the result plus
-    a few float64 slices: no source is asked for more than `slice_elements` elements at a time.
-    Each source must hold every tensor of `reference` with its shape and dtype; that is the
-    caller's business, only the length of each slice read is checked.
+    contributions are folded in sorted collaborator order with the same float64 operations, so
+    each element sees the operations `federated_average` gives it, in the same order. (Where two
+    NaNs meet, numpy's vector loop keeps one and its tail loop the other, so which comes out
+    depends on where slices end; a multiple of 64 elements, as the default, keeps those bits too.)
+
+    Memory is the result plus a few float64 slices: no source is asked for more than
+    `slice_elements` elements at a time. Of `reference` only the names, shapes and dtypes are
+    used (`np.broadcast_to` of a scalar holds no memory). Each source must hold every tensor with
+    the reference's shape and dtype; that is the caller's business, only the length of each
+    slice read is checked.
     """
     if not contributions:
         raise ValueError("nothing to average: no contributions")

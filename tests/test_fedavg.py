@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import tracemalloc
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from aggregator import fedavg
-from aggregator.fedavg import Contribution, RunningAverage, federated_average, weighted_metrics
+from aggregator.fedavg import (
+    ArraySource,
+    Contribution,
+    RunningAverage,
+    TensorSource,
+    average_sources,
+    federated_average,
+    weighted_metrics,
+)
 from aggregator.federation import Array, Federation, ResultTensor, TaskResult
 
 MODEL: dict[str, Array] = {
@@ -22,7 +35,7 @@ MODEL: dict[str, Array] = {
 
 def shifted(model: dict[str, Array], by: float) -> dict[str, Array]:
     """`model` with `by` added to every tensor, dtypes kept."""
-    return {name: (array + by).astype(array.dtype) for name, array in model.items()}
+    return {name: np.add(array, by).astype(array.dtype) for name, array in model.items()}
 
 
 def test_weights_mix_one_quarter_and_three_quarters() -> None:
@@ -105,7 +118,10 @@ def aggregate_in_order(order: list[str]) -> bytes:
     updates = {
         name: (
             size,
-            {k: (v + rng.normal(scale=s, size=v.shape)).astype(v.dtype) for k, v in model.items()},
+            {
+                k: np.add(v, rng.normal(scale=s, size=v.shape)).astype(v.dtype)
+                for k, v in model.items()
+            },
         )
         for name, size, s in (("alice", 17, 1.0), ("bob", 3, 1e-3), ("carol", 101, 1e3))
     }
@@ -148,7 +164,8 @@ def batch_mean(parts: list[tuple[int, Array]], dtype: np.dtype[np.generic]) -> A
             quotient, remainder = np.divmod(numerator, np.int64(total))
             twice = 2 * remainder
             up = (twice > total) | ((twice == total) & (quotient % 2 == 1))
-            return (quotient + up.astype(np.int64)).astype(dtype)
+            mean: Array = (quotient + up.astype(np.int64)).astype(dtype)
+            return mean
     first = parts[0][1].astype(np.float64)
     accumulator = first.copy()
     for weight, array in parts[1:]:
@@ -191,3 +208,316 @@ def test_running_average_refuses_contributions_out_of_order() -> None:
     average.add("bob", 1, {"t": np.ones(2)})
     with pytest.raises(ValueError, match="out of order"):
         average.add("alice", 2, {"t": np.ones(2)})
+
+
+# -- average_sources: the same bits, a slice at a time ----------------------------------------
+
+
+Buffers = dict[np.dtype[np.generic], Array]
+
+
+class ReusingSource:
+    """A TensorSource at its most hostile: every read, from whichever source, overwrites the
+    same buffer (one per dtype, in `buffers`); reads are checked against their promise and logged."""
+
+    def __init__(
+        self,
+        collaborator: str,
+        tensors: Mapping[str, Array],
+        slice_elements: int,
+        log: list[str],
+        buffers: Buffers,
+    ) -> None:
+        """Serve `tensors` to a caller that promised slices of at most `slice_elements`."""
+        self._collaborator, self._source = collaborator, ArraySource(tensors)
+        self._sizes = {name: np.asarray(array).size for name, array in tensors.items()}
+        self._limit, self._log, self._buffers = slice_elements, log, buffers
+
+    def read(self, name: str, start: int, stop: int) -> Array:
+        """A copy of the slice in the buffer the previous read used (scribbled over first)."""
+        assert 0 <= start < stop <= self._sizes[name], (name, start, stop)
+        assert stop - start <= self._limit, (name, start, stop)
+        self._log.append(f"{name}[{start}:{stop}] {self._collaborator}")
+        values = self._source.read(name, start, stop)
+        buffer = self._buffers.setdefault(values.dtype, np.empty(self._limit, values.dtype))
+        buffer.fill(1)  # whatever a caller kept of the previous read is now wrong
+        buffer[: stop - start] = values
+        return buffer[: stop - start]
+
+
+def running_average(
+    parts: Mapping[str, tuple[int, Mapping[str, Array]]], reference: Mapping[str, Array]
+) -> dict[str, Array]:
+    """`RunningAverage` fed `parts` in collaborator order."""
+    average = RunningAverage(reference, sum(weight for weight, _ in parts.values()))
+    for name in sorted(parts):
+        average.add(name, *parts[name])
+    return average.result()
+
+
+def from_sources(
+    parts: Mapping[str, tuple[int, Mapping[str, Array]]],
+    reference: Mapping[str, Array],
+    slice_elements: int,
+    log: list[str] | None = None,
+) -> dict[str, Array]:
+    """`average_sources` of `parts`, read through ReusingSources that share their buffers."""
+    log = [] if log is None else log
+    buffers: Buffers = {}
+    sources: dict[str, tuple[int, TensorSource]] = {
+        name: (weight, ReusingSource(name, tensors, slice_elements, log, buffers))
+        for name, (weight, tensors) in parts.items()
+    }
+    return average_sources(reference, sources, slice_elements=slice_elements)
+
+
+def assert_same_bits(
+    got: Mapping[str, Array], expected: Mapping[str, Array], *, nan_bits: bool = True
+) -> None:
+    """The same tensors with the same dtypes, shapes and bytes (-0.0 included); NaN payloads and
+    signs too, unless not `nan_bits`: then a NaN where a NaN is expected is enough."""
+    assert sorted(got) == sorted(expected)
+    for name, array in expected.items():
+        assert (got[name].dtype, got[name].shape) == (array.dtype, array.shape), name
+        values, wanted = got[name], array
+        if not nan_bits and array.dtype.kind == "f":
+            both = np.isnan(values) & np.isnan(wanted)
+            values, wanted = np.where(both, 0, values), np.where(both, 0, wanted)
+        assert values.tobytes() == wanted.tobytes(), (name, got[name], array)
+
+
+DTYPES = [np.float16, np.float32, np.float64, np.int8, np.int32, np.int64, np.uint8, np.uint64]
+
+
+@st.composite
+def averaging_cases(
+    draw: st.DrawFn,
+) -> tuple[dict[str, tuple[int, dict[str, Array]]], dict[str, Array], int]:
+    """Contributions of one random tensor (any dtype, shape, values, layout), and a slice size."""
+    dtype = np.dtype(draw(st.sampled_from([*DTYPES, np.bool_])))
+    shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=6))
+    names = draw(
+        st.lists(st.text("abcxyz", min_size=1, max_size=3), min_size=1, max_size=5, unique=True)
+    )
+    parts: dict[str, tuple[int, dict[str, Array]]] = {}
+    for name in names:
+        # Huge weights push integers onto the float64 path, as huge values do.
+        weight = draw(st.integers(1, 1000) | st.integers(1, 2**40))
+        array: Array = draw(hnp.arrays(dtype, shape))  # NaN, inf, -0.0, extremes included
+        if array.ndim > 1 and draw(st.booleans()):
+            array = np.asfortranarray(array)
+        parts[name] = (weight, {"t": array})
+    reference: dict[str, Array] = {"t": np.zeros(shape, dtype)}
+    slice_elements = st.integers(1, int(np.prod(shape)) + 3) | st.sampled_from([64, 128, 2**18])
+    return parts, reference, draw(slice_elements)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(averaging_cases())
+def test_sources_give_the_bits_of_the_whole_model_formula(
+    case: tuple[dict[str, tuple[int, dict[str, Array]]], dict[str, Array], int],
+) -> None:
+    """Any dtype, shape, weights and slice size: average_sources gives the bytes of the old paths.
+
+    Where two NaNs meet in one operation numpy's vector loop keeps the first and its scalar tail
+    loop the second, so which NaN comes out depends on where a slice ends (for RunningAverage's
+    own slice too): NaN bits are compared exactly when slices end where the old ones did (a
+    multiple of 64 elements, as the default is), other values always.
+    """
+    parts, reference, slice_elements = case
+    with np.errstate(all="ignore"):  # inf - inf and overflowing casts warn, in every path alike
+        got = from_sources(parts, reference, slice_elements)
+        expected = running_average(parts, reference)
+        contributions = {name: Contribution(w, tensors) for name, (w, tensors) in parts.items()}
+        assert_same_bits(federated_average(contributions, reference), expected)
+        if reference["t"].size:
+            ordered = [(w, tensors["t"]) for _, (w, tensors) in sorted(parts.items())]
+            assert_same_bits({"t": batch_mean(ordered, reference["t"].dtype)}, expected)
+    assert_same_bits(got, expected, nan_bits=slice_elements % 64 == 0)
+
+
+def test_nans_that_meet_keep_the_bits_of_the_old_path() -> None:
+    """NaNs of both signs, infinities and -0.0 meeting element by element: the old bytes exactly."""
+    specials = np.array([np.nan, -np.nan, np.inf, -np.inf, -0.0, 0.0, 1.5], dtype=np.float64)
+    rng = np.random.default_rng(5)
+    parts = {
+        name: (weight, {"t": rng.choice(specials, size=(37, 5)).astype(np.float32)})
+        for name, weight in (("a", 3), ("b", 1), ("c", 8), ("d", 2))
+    }
+    reference = {"t": np.zeros((37, 5), dtype=np.float32)}
+    with np.errstate(invalid="ignore"):
+        expected = running_average(parts, reference)
+        for slice_elements in (64, 128, 2**18):
+            assert_same_bits(from_sources(parts, reference, slice_elements), expected)
+        for slice_elements in (1, 7, 100):  # slices end elsewhere: NaNs, but maybe other ones
+            assert_same_bits(
+                from_sources(parts, reference, slice_elements), expected, nan_bits=False
+            )
+    assert np.signbit(expected["t"][np.isnan(expected["t"])]).any()
+
+
+@pytest.mark.parametrize("slice_elements", [1, 2, 5, 2**18])
+def test_copies_read_from_sources_give_the_model_back(slice_elements: int) -> None:
+    """Copies of one model, with any weights and slices, average to that model bit for bit."""
+    model = {
+        **MODEL,
+        "empty": np.zeros((0, 3), dtype=np.float32),
+        "flags": np.array([True, False, True]),
+        "bytes": np.array([[0, 255], [7, 128]], dtype=np.uint8),
+    }
+    parts = {name: (weight, model) for name, weight in (("a", 7), ("b", 1), ("c", 1000))}
+    assert_same_bits(from_sources(parts, model, slice_elements), model)
+
+
+def test_reads_go_slice_by_slice_in_collaborator_order() -> None:
+    """Each slice is read from every collaborator in name order; integers get a first pass."""
+    tensors: dict[str, Array] = {
+        "w": np.arange(5, dtype=np.float32),
+        "n": np.arange(3, dtype=np.int64),
+    }
+    log: list[str] = []
+    parts = {name: (1, tensors) for name in ("bob", "alice", "carol")}
+    assert_same_bits(from_sources(parts, tensors, 2, log), tensors)
+    slices = {"n": ["0:2", "2:3"], "w": ["0:2", "2:4", "4:5"]}
+    trio = ("alice", "bob", "carol")
+    magnitudes = [f"n[{s}] {who}" for s in slices["n"] for who in trio]
+    assert log == [
+        *magnitudes,
+        *magnitudes,  # then the exact sums, in the same order
+        *(f"w[{s}] {who}" for s in slices["w"] for who in trio),
+    ]
+
+
+def test_integer_fallback_is_decided_over_every_slice_of_every_contribution() -> None:
+    """One value too large for int64 sums, in the last slice of the last contributor, sends the
+    whole tensor onto the float64 path, as RunningAverage decides it."""
+    big = 2**53 + 1  # float64 rounds it to 2**53: which path was taken shows in element 0
+    small = np.array([big, 0, 0, 0, 0], dtype=np.int64)
+    large = small.copy()
+    large[-1] = 2**62  # 2**62 * 3 >= 2**63
+    reference = {"i": np.zeros(5, dtype=np.int64)}
+    exact = {name: (1, {"i": small}) for name in ("a", "b", "c")}
+    fallback = {**exact, "c": (1, {"i": large})}
+    assert from_sources(exact, reference, 2)["i"][0] == big
+    averaged = from_sources(fallback, reference, 2)
+    assert averaged["i"][0] == 2**53
+    assert_same_bits(averaged, running_average(fallback, reference))
+
+
+def test_memory_is_the_result_plus_a_few_slices() -> None:
+    """8 contributions of a 16 MiB float32 tensor: traced peak under 16 MiB + 8 slices of 1 MiB,
+    where RunningAverage's float64 running sum alone takes 32 MiB."""
+    size, slice_elements = 4 * 2**20, 2**18  # 16 MiB of float32, read 1 MiB at a time
+    base = np.linspace(-1, 1, size, dtype=np.float32)
+    parts = {f"c{i}": (10 + i, {"w": base * np.float32(1 + i / 8)}) for i in range(8)}
+    reference = {"w": base}
+    sources: dict[str, tuple[int, TensorSource]] = {
+        name: (weight, ArraySource(tensors)) for name, (weight, tensors) in parts.items()
+    }
+
+    def traced_peak(average: Callable[[], object]) -> int:
+        """The peak of memory traced (numpy's buffers included) while `average` runs."""
+        tracemalloc.start()
+        try:
+            average()
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    peak = traced_peak(lambda: average_sources(reference, sources, slice_elements=slice_elements))
+    old_peak = traced_peak(lambda: running_average(parts, reference))
+    assert peak < 16 * 2**20 + 8 * 2**20, f"{peak / 2**20:.1f} MiB"
+    assert old_peak > 16 * 2**20 + 32 * 2**20, f"{old_peak / 2**20:.1f} MiB"  # the measure works
+    # Read through sources that refuse a slice longer than promised: the same bits.
+    log: list[str] = []
+    averaged = from_sources(parts, reference, slice_elements, log)
+    assert_same_bits(averaged, running_average(parts, reference))
+    assert len(log) == 8 * size // slice_elements  # every read a whole slice, none more
+
+
+class FileSource:
+    """Each tensor in a raw file of its own, read with readinto into one reused buffer."""
+
+    def __init__(
+        self, paths: Mapping[str, Path], dtypes: Mapping[str, np.dtype[np.generic]]
+    ) -> None:
+        """Read tensor `name` from `paths[name]`, stored as `dtypes[name]`."""
+        self._paths, self._dtypes = paths, dtypes
+        self._buffer = bytearray()
+
+    def read(self, name: str, start: int, stop: int) -> Array:
+        """Elements [start, stop) of the file, in the buffer the previous read used."""
+        itemsize = self._dtypes[name].itemsize
+        size = (stop - start) * itemsize
+        if len(self._buffer) < size:
+            self._buffer = bytearray(size)
+        with self._paths[name].open("rb") as file:
+            file.seek(start * itemsize)
+            assert file.readinto(memoryview(self._buffer)[:size]) == size
+        return np.frombuffer(self._buffer, dtype=self._dtypes[name], count=stop - start)
+
+
+def test_updates_on_disk_average_like_updates_in_memory(tmp_path: Path) -> None:
+    """Contributions read from files a slice at a time give the bytes of those in memory."""
+    rng = np.random.default_rng(3)
+    dtypes = {name: array.dtype for name, array in MODEL.items()}
+    parts: dict[str, tuple[int, dict[str, Array]]] = {}
+    sources: dict[str, tuple[int, TensorSource]] = {}
+    for collaborator, weight in (("alice", 17), ("bob", 3), ("carol", 101)):
+        tensors = shifted(MODEL, float(rng.normal(scale=5)))
+        paths = {name: tmp_path / f"{collaborator}.{name}" for name in tensors}
+        for name, array in tensors.items():
+            paths[name].write_bytes(array.tobytes())
+        parts[collaborator] = (weight, tensors)
+        sources[collaborator] = (weight, FileSource(paths, dtypes))
+    contributions = {name: Contribution(w, tensors) for name, (w, tensors) in parts.items()}
+    assert_same_bits(
+        average_sources(MODEL, sources, slice_elements=3), federated_average(contributions, MODEL)
+    )
+
+
+def test_array_source_reads_any_layout_in_c_order() -> None:
+    """Fortran-ordered and strided arrays are read in C order, a slice at a time."""
+    array = np.arange(24, dtype=np.int32).reshape(4, 6)
+    for layout in (array, np.asfortranarray(array), array.T.copy().T, array[:, ::-1][:, ::-1]):
+        source = ArraySource({"t": layout})
+        slices = [source.read("t", start, min(start + 5, 24)) for start in range(0, 24, 5)]
+        assert [int(value) for part in slices for value in part] == list(range(24))
+
+
+@pytest.mark.parametrize(
+    ("reference", "weights", "slice_elements", "message"),
+    [
+        ({"t": np.zeros(2)}, {}, 4, "no contributions"),
+        ({"t": np.zeros(2)}, {"a": 1, "b": 0}, 4, "positive weight"),
+        ({"t": np.zeros(2)}, {"a": -3}, 4, "positive weight"),
+        ({"t": np.zeros(2, dtype=np.complex64)}, {"a": 1}, 4, "cannot average dtype complex64"),
+        ({"t": np.array(["x", "y"])}, {"a": 1}, 4, "'t': cannot average"),
+        ({"t": np.zeros(2)}, {"a": 1}, 0, "slice_elements"),
+    ],
+)
+def test_sources_are_refused_as_federated_average_refuses_them(
+    reference: dict[str, Array], weights: dict[str, int], slice_elements: int, message: str
+) -> None:
+    """No contributions, a weight not above zero, a dtype that has no mean: ValueError, as before."""
+    sources: dict[str, tuple[int, TensorSource]] = {
+        name: (weight, ArraySource(reference)) for name, weight in weights.items()
+    }
+    with pytest.raises(ValueError, match=message):
+        average_sources(reference, sources, slice_elements=slice_elements)
+    if slice_elements > 0:
+        contributions = {name: Contribution(w, reference) for name, w in weights.items()}
+        with pytest.raises(ValueError, match=message):
+            federated_average(contributions, reference)
+
+
+def test_a_source_reading_the_wrong_length_is_named() -> None:
+    """A slice of the wrong length is an error naming the tensor and collaborator, not a broadcast."""
+    reference = {"t": np.zeros(4, dtype=np.float32)}
+    short = ArraySource({"t": np.zeros(3, dtype=np.float32)})
+    sources: dict[str, tuple[int, TensorSource]] = {
+        "alice": (1, ArraySource(reference)),
+        "bob": (1, short),
+    }
+    with pytest.raises(ValueError, match=r"'t' of 'bob': reading \[2, 4\) gave shape \[1\]"):
+        average_sources(reference, sources, slice_elements=2)
