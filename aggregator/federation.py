@@ -52,7 +52,7 @@ import numpy.typing as npt
 
 from aggregator.errors import InvalidRequestError, PreconditionError, StorageError
 from aggregator.failpoints import failpoint
-from aggregator.fedavg import RunningAverage, weighted_metrics
+from aggregator.fedavg import MappedArraySource, average_sources, weighted_metrics
 from plans.schema import (
     AGGREGATED_MODEL_VALIDATION,
     TRAIN,
@@ -737,44 +737,43 @@ class Federation:
     ) -> tuple[Mapping[str, Array], bool, dict[str, dict[str, float]]]:
         """The next global model, whether any `train` result made it, and the metrics' means.
 
-        Results are read from the store one at a time, in (collaborator, task) order, so in
-        collaborator order for `train`: each is folded into a running average and dropped, and
-        memory stays of the order of one model whatever the number of collaborators.
+        The `train` results are averaged a slice at a time from where the store keeps them
+        (`average_sources`, their files read in collaborator order), so memory stays of the
+        order of one model whatever the number of collaborators.
         """
-        trained = [accepted for accepted in counted if accepted.task_name == TRAIN]
-        average = (
-            RunningAverage(model, sum(accepted.data_size for accepted in trained))
-            if trained
-            else None
-        )
         reported: dict[str, dict[str, tuple[int, dict[str, float]]]] = {}
-        for accepted in counted:
-            result = self.store.load(accepted)
-            metrics = {
-                t.name: float(np.asarray(t.array, dtype=np.float64).reshape(-1)[0])
-                for t in result.tensors
-                if METRIC_TAG in t.tags
-            }
-            reported.setdefault(result.task_name, {})[result.collaborator] = (
-                result.data_size,
-                metrics,
-            )
-            if average is not None and result.task_name == TRAIN:
-                average.add(
-                    result.collaborator,
+        contributions: dict[str, tuple[int, MappedArraySource]] = {}
+        try:
+            for accepted in counted:
+                result = self.store.load(accepted)
+                metrics = {
+                    t.name: float(np.asarray(t.array, dtype=np.float64).reshape(-1)[0])
+                    for t in result.tensors
+                    if METRIC_TAG in t.tags
+                }
+                reported.setdefault(result.task_name, {})[result.collaborator] = (
                     result.data_size,
-                    {t.name: t.array for t in result.tensors if METRIC_TAG not in t.tags},
+                    metrics,
                 )
-            del result  # before the next one is read
-        failpoint("while_aggregating")
-        averaged: dict[str, dict[str, float]] = {}
-        for task in tasks:
-            means = weighted_metrics(reported.get(task, {}))
-            if means:
-                averaged[task] = means
-        if average is None:
-            return model, False, averaged
-        return average.result(), True, averaged
+                if result.task_name == TRAIN:
+                    contributions[result.collaborator] = (
+                        result.data_size,
+                        MappedArraySource(
+                            {t.name: t.array for t in result.tensors if METRIC_TAG not in t.tags}
+                        ),
+                    )
+            failpoint("while_aggregating")
+            averaged: dict[str, dict[str, float]] = {}
+            for task in tasks:
+                means = weighted_metrics(reported.get(task, {}))
+                if means:
+                    averaged[task] = means
+            if not contributions:
+                return model, False, averaged
+            return average_sources(model, contributions), True, averaged
+        finally:
+            for _, source in contributions.values():
+                source.close()
 
     def _improved_best(
         self,

@@ -16,6 +16,7 @@ from aggregator import fedavg
 from aggregator.fedavg import (
     ArraySource,
     Contribution,
+    MappedArraySource,
     RunningAverage,
     TensorSource,
     average_sources,
@@ -521,3 +522,41 @@ def test_a_source_reading_the_wrong_length_is_named() -> None:
     }
     with pytest.raises(ValueError, match=r"'t' of 'bob': reading \[2, 4\) gave shape \[1\]"):
         average_sources(reference, sources, slice_elements=2)
+
+
+def _rss_file_mb() -> float:
+    """This process's resident pages mapped from files (RssFile), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+def test_mapped_tensors_are_read_from_their_files_not_their_mappings(tmp_path: Path) -> None:
+    """Slices of a mapped tensor come by pread: the mapping's pages never become resident."""
+    values = np.arange(16 * 2**20, dtype=np.float32)  # 64 MiB
+    path = tmp_path / "upload"
+    path.write_bytes(b"head" + values.tobytes())
+    mapped = np.memmap(path, dtype=np.float32, mode="r", offset=4, shape=values.shape)
+    source = MappedArraySource({"t": mapped, "small": np.arange(5, dtype=np.int64)})
+    before = _rss_file_mb()
+    try:
+        for start in range(0, values.size, 2**18):
+            stop = min(start + 2**18, values.size)
+            assert np.array_equal(source.read("t", start, stop), values[start:stop])
+        assert source.read("small", 1, 4).tolist() == [1, 2, 3]
+    finally:
+        source.close()
+    assert _rss_file_mb() - before < 16
+    assert float(np.asarray(mapped).sum()) > 0  # through the mapping: now its pages are resident
+    assert _rss_file_mb() - before > 48
+
+
+def test_a_mapped_tensor_whose_file_is_gone_is_read_through_its_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "upload"
+    path.write_bytes(np.arange(10, dtype=np.float64).tobytes())
+    mapped = np.memmap(path, dtype=np.float64, mode="r", shape=(10,))
+    path.unlink()
+    source = MappedArraySource({"t": mapped})
+    assert source.read("t", 3, 6).tolist() == [3.0, 4.0, 5.0]
+    source.close()
