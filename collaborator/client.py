@@ -48,7 +48,7 @@ from protos.codec import (
     tensor_bytes,
     tensor_field_parts,
 )
-from protos.stream import UPLOAD_BYTES_METADATA, framed_chunks
+from protos.stream import UPLOAD_BYTES_METADATA, framed_chunks, parse_model_chunk
 
 logger = logging.getLogger(__name__)
 
@@ -357,21 +357,29 @@ class AggregatorGRPCClient:
         return self._call(
             "GetAggregatedModel",
             lambda stub, timeout: self._assemble_model(
-                stub.GetAggregatedModel(request, timeout=timeout), names, round_number
+                stub.get_model_chunks(request, timeout=timeout), names, round_number
             ),
         )
 
     def _assemble_model(
         self,
-        chunks: Iterable[aggregator_pb2.ModelChunk],
+        chunks: Iterable[aggregator_pb2.ModelChunk | memoryview],
         names: Sequence[str],
         round_number: int,
     ) -> dict[str, npt.NDArray[np.generic]]:
-        """The tensors a `GetAggregatedModel` stream carries, each checked before it is filled."""
+        """The tensors a `GetAggregatedModel` stream carries, each checked before it is filled.
+
+        A data chunk may come as a view of its data (`protos.stream.parse_model_chunk`).
+        """
         model: dict[str, npt.NDArray[np.generic]] = {}
         wanted = set(names)
         current: _Filling | None = None
         for index, chunk in enumerate(chunks):
+            if isinstance(chunk, memoryview):
+                if current is None:
+                    raise ResponseValidationError("the aggregator sent tensor data before a tensor")
+                current.fill(chunk)
+                continue
             if index == 0:
                 self.validate_response(chunk.header)
                 continue
@@ -577,7 +585,7 @@ class _Filling:
         self._bytes = tensor_bytes(array)
         self._filled = 0
 
-    def fill(self, data: bytes) -> None:
+    def fill(self, data: bytes | memoryview) -> None:
         end = self._filled + len(data)
         if end > len(self._bytes):
             raise ResponseValidationError(
@@ -598,13 +606,16 @@ class _Filling:
 
 _TENSORS_FIELD = aggregator_pb2.TaskResults.TENSORS_FIELD_NUMBER
 _SEND_RESULTS = "/openfl.aggregator.Aggregator/SendLocalTaskResults"
+_GET_MODEL = "/openfl.aggregator.Aggregator/GetAggregatedModel"
 
 
 class _Stub(AggregatorStub):
-    """The generated stub, plus `SendLocalTaskResults` for chunks already serialized.
+    """The generated stub, plus two methods that spare copies of large payloads.
 
-    The generated method would serialize `DataStream` messages; `framed_chunks` frames the
-    upload's bytes once, around slices of the arrays, and they go through as they are.
+    `send_framed_results` sends `SendLocalTaskResults` chunks already serialized
+    (`framed_chunks` frames the upload once, around slices of the arrays);
+    `get_model_chunks` reads `GetAggregatedModel`'s data chunks in place
+    (`parse_model_chunk`), where protobuf would copy each twice.
     """
 
     def __init__(self, channel: grpc.Channel) -> None:
@@ -613,6 +624,11 @@ class _Stub(AggregatorStub):
             _SEND_RESULTS,
             request_serializer=_already_serialized,
             response_deserializer=aggregator_pb2.SendLocalTaskResultsResponse.FromString,
+        )
+        self.get_model_chunks = channel.unary_stream(
+            _GET_MODEL,
+            request_serializer=aggregator_pb2.GetAggregatedModelRequest.SerializeToString,
+            response_deserializer=parse_model_chunk,
         )
 
 

@@ -24,6 +24,7 @@ _LENGTH_DELIMITED = 2  # the wire type of bytes, strings and messages
 _SIZE_KEY = bytes([base_pb2.DataStream.SIZE_FIELD_NUMBER << 3])  # a varint field's key
 _NPBYTES_FIELD = base_pb2.DataStream.NPBYTES_FIELD_NUMBER
 _NPBYTES_KEY = _NPBYTES_FIELD << 3 | _LENGTH_DELIMITED
+_MODEL_DATA_KEY = bytes([aggregator_pb2.ModelChunk.DATA_FIELD_NUMBER << 3 | _LENGTH_DELIMITED])
 
 
 class StreamError(ValueError):
@@ -130,6 +131,17 @@ def parse_chunk(message: bytes) -> Chunk:
             if start >= 0 and length == len(view) - start:
                 return FramedChunk(size, view[start:])
     return base_pb2.DataStream.FromString(message)
+
+
+def parse_model_chunk(message: bytes) -> aggregator_pb2.ModelChunk | memoryview:
+    """A serialized `ModelChunk`: its data in place (a view) when it carries only data, as foedus
+    frames data chunks; otherwise the parsed message."""
+    view = memoryview(message)
+    if view[:1] == _MODEL_DATA_KEY:
+        length, start = _read_varint(view, 1)
+        if start >= 0 and length == len(view) - start:
+            return view[start:]
+    return aggregator_pb2.ModelChunk.FromString(message)
 
 
 def _read_varint(view: memoryview, at: int) -> tuple[int, int]:

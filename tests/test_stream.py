@@ -18,6 +18,7 @@ from protos.stream import (
     framed_chunks,
     join_chunks,
     parse_chunk,
+    parse_model_chunk,
     task_results_from_chunks,
     task_results_to_chunks,
 )
@@ -262,3 +263,16 @@ def test_parse_chunk_does_not_copy_the_payload() -> None:
     message = base_pb2.DataStream(size=MIB, npbytes=bytes(MIB)).SerializeToString()
     chunk = parse_chunk(message)
     assert isinstance(chunk.npbytes, memoryview) and chunk.npbytes.obj is message
+
+
+def test_parse_model_chunk_reads_data_chunks_in_place() -> None:
+    """A data-only ModelChunk comes as a view of its data; any other as the parsed message."""
+    data = aggregator_pb2.ModelChunk(data=bytes(range(200))).SerializeToString()
+    view = parse_model_chunk(data)
+    assert isinstance(view, memoryview) and view.obj is data and bytes(view) == bytes(range(200))
+    for other in (
+        aggregator_pb2.ModelChunk(data_size=3, data=b"abc"),
+        aggregator_pb2.ModelChunk(header=aggregator_pb2.MessageHeader(sender="a")),
+        aggregator_pb2.ModelChunk(),
+    ):
+        assert parse_model_chunk(other.SerializeToString()) == other

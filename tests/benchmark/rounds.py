@@ -55,11 +55,11 @@ class TimedClient(AggregatorGRPCClient):
         self.get_tasks_calls += 1
         return super().get_tasks()
 
-    def get_aggregated_tensor(self, name: str, round_number: int, **kwargs: Any) -> Any:
+    def get_aggregated_model(self, names: Sequence[str], round_number: int) -> Any:
         """As the client's, noting the first start and the last end."""
         self.marks.setdefault("download_start", time.perf_counter())
         try:
-            return super().get_aggregated_tensor(name, round_number, **kwargs)
+            return super().get_aggregated_model(names, round_number)
         finally:
             self.marks["download_end"] = time.perf_counter()
 
@@ -115,6 +115,7 @@ class RoundOutcome:
     aggregator_cpu_seconds: tuple[float, float] | None  # (user, system), release to the line
     client_cpu_seconds: tuple[float, float] | None  # this process's (all collaborators'), the same
     peak_rss_mb: float | None
+    rss_until_last_download_mb: float | None  # sampled peak while the model is downloaded
     rss_until_last_upload_mb: float | None  # sampled peak while results arrive
     rss_after_last_upload_mb: float | None  # sampled peak while the round closes
     errors: list[str]
@@ -183,6 +184,7 @@ class MeasuredRound:
             aggregator_cpu_seconds=None,
             client_cpu_seconds=None,
             peak_rss_mb=None,
+            rss_until_last_download_mb=None,
             rss_until_last_upload_mb=None,
             rss_after_last_upload_mb=None,
             errors=self.errors,
@@ -275,6 +277,9 @@ class MeasuredRound:
             outcome.close_after_last_upload_seconds = closed_at - last_upload
             outcome.rss_until_last_upload_mb = memory.peak(end=last_upload)
             outcome.rss_after_last_upload_mb = memory.peak(start=last_upload)
+        downloaded = self.marks("download_end")
+        if downloaded:
+            outcome.rss_until_last_download_mb = memory.peak(end=max(downloaded))
 
     def marks(self, mark: str) -> list[float]:
         """The times every client noted `mark`."""
