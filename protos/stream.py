@@ -13,8 +13,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from google.protobuf.message import DecodeError
-
 from protos import aggregator_pb2, base_pb2
 
 CHUNK_BYTES = 2 * 1024 * 1024
@@ -171,20 +169,6 @@ def chunk_payloads(chunks: Iterable[Chunk], *, max_bytes: int) -> Iterator[bytes
         yield data
 
 
-def join_chunks(chunks: Iterable[base_pb2.DataStream], *, max_bytes: int) -> bytearray:
-    """Join a stream's chunks, checking each chunk's declared size and the running total."""
-    # One growing buffer, not a list of pieces: a list of a million 1-byte chunks would hold
-    # tens of megabytes of object headers for one megabyte of payload. Growing it costs no more
-    # than filling one allocated up front from the sender's declared size (measured), and a
-    # sender that declares much and sends little cannot make us hold what it declared.
-    joined = bytearray()
-    for data in chunk_payloads(chunks, max_bytes=max_bytes):
-        joined += data
-    if not joined:
-        raise StreamError("empty stream: no bytes were sent")
-    return joined  # not copied into `bytes`: ParseFromString takes any bytes-like object
-
-
 def task_results_to_chunks(
     results: aggregator_pb2.TaskResults, chunk_size: int = CHUNK_BYTES
 ) -> Iterator[base_pb2.DataStream]:
@@ -208,30 +192,3 @@ def declared_upload_bytes(
             f"the upload declares {declared} bytes, over the limit of {max_bytes} bytes"
         )
     return declared
-
-
-def task_results_from_chunks(
-    chunks: Iterable[base_pb2.DataStream], *, max_bytes: int, expected_bytes: int | None = None
-) -> aggregator_pb2.TaskResults:
-    """Join a `SendLocalTaskResults` stream and parse the one `TaskResults` it carries.
-
-    gRPC sometimes ends the request stream of a cancelled or timed-out call as if it had simply
-    ended; with `expected_bytes` (declared by the sender), such a cut upload is refused instead of
-    a prefix of it being parsed as a whole.
-    """
-    payload = join_chunks(chunks, max_bytes=max_bytes)
-    if expected_bytes is not None and len(payload) != expected_bytes:
-        raise StreamError(
-            f"upload cut short: {len(payload)} of the {expected_bytes} declared bytes arrived; "
-            "nothing of it was kept"
-        )
-    results = aggregator_pb2.TaskResults()
-    try:
-        # The stubs say bytes; every protobuf runtime parses any bytes-like object, and a
-        # `bytes(payload)` here would copy the whole upload once more.
-        results.ParseFromString(payload)  # type: ignore[arg-type]
-    except DecodeError as error:
-        raise StreamError(
-            f"the stream's {len(payload)} bytes are not a TaskResults: {error}"
-        ) from error
-    return results

@@ -3,7 +3,7 @@
 The proxy forwards bytes and never looks inside them: TLS runs end to end through it, so it never
 sees plaintext. Faults are placed by byte counts and time alone. An *upload* is a burst of
 client-to-server bytes with no server-to-client byte in between; a collaborator's requests
-(GetTasks, GetAggregatedTensor, metric results) are a few hundred bytes, a trained model's
+(GetTasks, GetAggregatedModel, metric results) are a few hundred bytes, a trained model's
 upload is kilobytes. A fault armed "at N bytes" fires once, in the first burst that grows past N
 bytes, after forwarding exactly N bytes of it:
 

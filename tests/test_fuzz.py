@@ -1,4 +1,4 @@
-"""Property-based fuzzing of what reads untrusted bytes: the tensor decoder, the stream joiner, the plan loader.
+"""Property-based fuzzing of what reads untrusted bytes: the tensor decoder, the upload path, the plan loader.
 
 Whatever the input, each gives a valid value or one of our named errors (`TensorFormatError`,
 `StreamError`, `PlanError`), never another exception. Examples are bounded so the file runs in
@@ -20,16 +20,12 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from aggregator.errors import InvalidRequestError
+from aggregator.upload import receive_upload
 from plans import Plan, PlanError, load_plan, parse_plan
 from protos import aggregator_pb2, base_pb2
 from protos.codec import EXACT_DTYPES, TensorFormatError, decode_tensor, encode_tensor
-from protos.stream import (
-    StreamError,
-    StreamTooLargeError,
-    chunk_bytes,
-    join_chunks,
-    task_results_from_chunks,
-)
+from protos.stream import StreamError, StreamTooLargeError, chunk_bytes, chunk_payloads
 
 from servers import plan_document, small_model
 
@@ -127,7 +123,7 @@ def test_encode_then_decode_is_exact(array: np.ndarray[Any, Any]) -> None:
     np.testing.assert_array_equal(decoded, array)
 
 
-# -- the DataStream joiner --------------------------------------------------------------------
+# -- the upload path: chunks, then the streaming reader -----------------------------------------
 
 HONEST_CHUNKS = st.binary(max_size=64).map(lambda b: base_pb2.DataStream(size=len(b), npbytes=b))
 ANY_CHUNKS = st.builds(base_pb2.DataStream, size=UINT32, npbytes=st.binary(max_size=64))
@@ -136,25 +132,24 @@ CHUNK_LISTS = st.lists(HONEST_CHUNKS | ANY_CHUNKS, max_size=50)
 
 @FUZZ
 @given(chunks=CHUNK_LISTS, max_bytes=st.integers(0, 4096))
-@example(chunks=[], max_bytes=10)
 @example(chunks=[base_pb2.DataStream(size=0, npbytes=b"")] * 1000, max_bytes=10)
-def test_join_chunks_gives_the_bytes_or_stream_error(
+def test_chunk_payloads_give_the_bytes_or_stream_error(
     chunks: list[base_pb2.DataStream], max_bytes: int
 ) -> None:
-    """Joined bytes are exactly the chunks' bytes, within the cap; else StreamError, for a reason."""
+    """The payloads are exactly the chunks' bytes, within the cap; else StreamError, for a reason."""
     sizes_lie = any(chunk.size != len(chunk.npbytes) for chunk in chunks)
     total = sum(len(chunk.npbytes) for chunk in chunks)
     try:
-        joined = join_chunks(iter(chunks), max_bytes=max_bytes)
+        joined = b"".join(chunk_payloads(iter(chunks), max_bytes=max_bytes))
     except StreamTooLargeError:
         assert total > max_bytes
         return
     except StreamError:
-        assert sizes_lie or total == 0
+        assert sizes_lie
         return
     assert not sizes_lie
     assert joined == b"".join(chunk.npbytes for chunk in chunks)
-    assert 0 < len(joined) <= max_bytes
+    assert len(joined) <= max_bytes
 
 
 def honest_payload() -> bytes:
@@ -189,15 +184,23 @@ def payloads(draw: st.DrawFn) -> bytes:
     return bytes(payload)
 
 
-def decoded_results(chunks: Iterator[base_pb2.DataStream], max_bytes: int) -> None:
-    """What the aggregator does with an upload before the federation: join, parse, decode each tensor."""
+def received_results(chunks: Iterator[base_pb2.DataStream], max_bytes: int, folder: Path) -> None:
+    """What the aggregator does with an upload before the federation (`receive_upload`)."""
+    model = small_model()
     try:
-        message = task_results_from_chunks(chunks, max_bytes=max_bytes)
-    except StreamError:
+        received = receive_upload(
+            chunk_payloads(chunks, max_bytes=max_bytes),
+            folder,
+            on_head=lambda head: None,
+            model_dtype=lambda name: model[name].dtype if name in model else None,
+            max_tensor_bytes=max_bytes,
+        )
+    except (StreamError, TensorFormatError, InvalidRequestError):
+        assert not any(folder.iterdir())  # nothing of a refused upload is kept
         return
-    assert isinstance(message, aggregator_pb2.TaskResults)
-    for tensor in message.tensors:
-        check_decode(tensor, max_bytes)
+    for tensor in received.tensors:
+        assert tensor.array.nbytes <= max_bytes
+    received.file.path.unlink()
 
 
 @FUZZ
@@ -206,17 +209,19 @@ def decoded_results(chunks: Iterator[base_pb2.DataStream], max_bytes: int) -> No
 @example(payload=HONEST[: len(HONEST) // 2], chunk_size=64, max_bytes=4096)
 @example(payload=b"\x7b" * 10000, chunk_size=2048, max_bytes=2**20)  # groups nested 10,000 deep
 def test_uploads_give_results_or_our_errors(
-    payload: bytes, chunk_size: int, max_bytes: int
+    payload: bytes, chunk_size: int, max_bytes: int, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """Any bytes, in any chunking, give a TaskResults whose tensors decode or are refused, or StreamError."""
-    decoded_results(chunk_bytes(payload, chunk_size), max_bytes)
+    """Any bytes, in any chunking, give checked tensors, or one of our refusals and no file."""
+    received_results(chunk_bytes(payload, chunk_size), max_bytes, tmp_path_factory.mktemp("up"))
 
 
 @FUZZ
 @given(chunks=CHUNK_LISTS)
-def test_any_chunk_list_gives_results_or_stream_error(chunks: list[base_pb2.DataStream]) -> None:
-    """Any list of chunks, sizes lying or not, gives a TaskResults or StreamError."""
-    decoded_results(iter(chunks), 4096)
+def test_any_chunk_list_gives_results_or_stream_error(
+    chunks: list[base_pb2.DataStream], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Any list of chunks, sizes lying or not, gives checked tensors or one of our refusals."""
+    received_results(iter(chunks), 4096, tmp_path_factory.mktemp("up"))
 
 
 # -- the plan loader --------------------------------------------------------------------------

@@ -9,18 +9,16 @@ import pytest
 from google.protobuf.message import DecodeError
 
 from protos import aggregator_pb2, base_pb2
-from protos.codec import decode_tensor, encode_tensor
+from protos.codec import encode_tensor
 from protos.stream import (
     CHUNK_BYTES,
     StreamError,
     StreamTooLargeError,
     chunk_bytes,
+    chunk_payloads,
     framed_chunks,
-    join_chunks,
     parse_chunk,
     parse_model_chunk,
-    task_results_from_chunks,
-    task_results_to_chunks,
 )
 
 MIB = 1024 * 1024
@@ -108,55 +106,18 @@ def test_chunk_size_must_be_positive(chunk_size: int) -> None:
 
 
 @pytest.mark.parametrize(("length", "chunk_size"), [(1, 1), (100, 7), (5 * MIB + 3, CHUNK_BYTES)])
-def test_join_reassembles_exactly(length: int, chunk_size: int) -> None:
-    """Joining the chunks gives back the payload byte for byte, even at exactly the cap."""
+def test_payloads_reassemble_exactly(length: int, chunk_size: int) -> None:
+    """The chunks' payloads give back the payload byte for byte, even at exactly the cap."""
     payload = _payload(length)
-    assert join_chunks(chunk_bytes(payload, chunk_size), max_bytes=length) == payload
+    assert b"".join(chunk_payloads(chunk_bytes(payload, chunk_size), max_bytes=length)) == payload
 
 
 def test_thousand_tiny_chunks_join() -> None:
-    """A stream of 1,000 one-byte chunks joins into the 1,000-byte payload."""
+    """A stream of 1,000 one-byte chunks gives the 1,000-byte payload."""
     payload = _payload(1000)
     stream = _CountingStream(list(chunk_bytes(payload, 1)))
-    assert join_chunks(stream, max_bytes=1000) == payload
+    assert b"".join(chunk_payloads(stream, max_bytes=1000)) == payload
     assert stream.pulled == 1000
-
-
-@pytest.mark.parametrize("chunk_size", [CHUNK_BYTES, 1000, 17])
-def test_task_results_round_trip(chunk_size: int) -> None:
-    """A TaskResults with tensors survives chunking and joining, tensors included."""
-    results = _task_results()
-    chunks = list(task_results_to_chunks(results, chunk_size))
-    assert all(len(chunk.npbytes) <= chunk_size for chunk in chunks)
-    joined = task_results_from_chunks(chunks, max_bytes=results.ByteSize())
-    assert joined == results
-    weight = decode_tensor(joined.tensors[0], max_bytes=MIB)
-    np.testing.assert_array_equal(weight, np.arange(1000, dtype=np.float32))
-
-
-def test_task_results_over_a_thousand_chunks() -> None:
-    """A TaskResults sent as more than 1,000 small chunks parses back."""
-    results = _task_results(tensor_elements=300)
-    chunks = list(task_results_to_chunks(results, 1))
-    assert len(chunks) > 1000
-    assert task_results_from_chunks(chunks, max_bytes=len(chunks)) == results
-
-
-@pytest.mark.parametrize(
-    "chunks",
-    [
-        pytest.param([], id="no-chunks"),
-        pytest.param([base_pb2.DataStream(size=0, npbytes=b"")], id="one-empty-chunk"),
-        pytest.param([base_pb2.DataStream()] * 3, id="three-empty-chunks"),
-    ],
-)
-def test_empty_stream_is_an_error(chunks: list[base_pb2.DataStream]) -> None:
-    """A stream that carries no bytes is a StreamError, for both joiners."""
-    with pytest.raises(StreamError, match="empty stream") as caught:
-        join_chunks(chunks, max_bytes=MIB)
-    assert caught.type is StreamError
-    with pytest.raises(StreamError, match="empty stream"):
-        task_results_from_chunks(chunks, max_bytes=MIB)
 
 
 @pytest.mark.parametrize(
@@ -182,7 +143,7 @@ def test_empty_stream_is_an_error(chunks: list[base_pb2.DataStream]) -> None:
 def test_chunk_size_mismatch_is_an_error(chunks: list[base_pb2.DataStream], message: str) -> None:
     """A chunk whose `size` differs from its byte count is a StreamError naming the chunk."""
     with pytest.raises(StreamError, match=message) as caught:
-        join_chunks(chunks, max_bytes=MIB)
+        list(chunk_payloads(chunks, max_bytes=MIB))
     assert caught.type is StreamError
 
 
@@ -195,32 +156,8 @@ def test_cap_stops_reading_at_the_chunk_that_passes_it(max_bytes: int, passing_c
     with pytest.raises(
         StreamTooLargeError, match=f"limit of {max_bytes} bytes at chunk {passing_chunk}$"
     ):
-        join_chunks(stream, max_bytes=max_bytes)
+        list(chunk_payloads(stream, max_bytes=max_bytes))
     assert stream.pulled == passing_chunk + 1
-
-
-def test_cap_applies_to_task_results() -> None:
-    """A TaskResults stream larger than `max_bytes` is StreamTooLargeError before it is parsed."""
-    results = _task_results()
-    with pytest.raises(StreamTooLargeError):
-        task_results_from_chunks(
-            task_results_to_chunks(results, 100), max_bytes=results.ByteSize() - 1
-        )
-
-
-@pytest.mark.parametrize(
-    "payload",
-    [
-        pytest.param(b"\xff\xff\xff\xff", id="truncated-varint"),
-        pytest.param(b"\x0a\x05ab", id="header-length-past-end"),
-        pytest.param(b"\x1a\x02\xc3\x28", id="task-name-not-utf8"),
-    ],
-)
-def test_bytes_that_are_not_task_results(payload: bytes) -> None:
-    """Bytes that do not parse as a TaskResults are a StreamError, not a DecodeError."""
-    with pytest.raises(StreamError, match="are not a TaskResults") as caught:
-        task_results_from_chunks(chunk_bytes(payload, 2), max_bytes=MIB)
-    assert caught.type is StreamError
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 1000, 4096])
@@ -230,7 +167,8 @@ def test_framed_chunks_are_the_chunks_chunk_bytes_serializes(chunk_size: int) ->
     parts = [payload[:1], memoryview(payload)[1:999], b"", payload[999:]]
     framed = list(framed_chunks(parts, chunk_size))
     assert framed == [chunk.SerializeToString() for chunk in chunk_bytes(payload, chunk_size)]
-    assert join_chunks(map(base_pb2.DataStream.FromString, framed), max_bytes=MIB) == payload
+    parsed = map(base_pb2.DataStream.FromString, framed)
+    assert b"".join(chunk_payloads(parsed, max_bytes=MIB)) == payload
 
 
 @pytest.mark.parametrize(

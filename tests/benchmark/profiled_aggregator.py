@@ -2,7 +2,8 @@
 
 Usage: ``python profiled_aggregator.py STATS_FILE start --plan PLAN ...``. `Runtime.run` (the
 main thread once serving: closing rounds, aggregating, saving) is profiled whole, start-up left
-out; each `GetAggregatedTensor` and `SendLocalTaskResults` call is profiled in its worker thread.
+out; each `GetAggregatedModel` (each step of its stream) and `SendLocalTaskResults` call is
+profiled in its worker thread.
 On exit the merged statistics are written to STATS_FILE (`pstats` format). Product code is not
 changed: the methods are wrapped here, before the server registers them.
 """
@@ -11,10 +12,11 @@ from __future__ import annotations
 
 import cProfile
 import functools
+import inspect
 import pstats
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from aggregator import cli
 from aggregator.runtime import Runtime
 from aggregator.servicer import AggregatorServicer
 
-PROFILED_RPCS = ("GetAggregatedTensor", "SendLocalTaskResults")
+PROFILED_RPCS = ("GetAggregatedModel", "SendLocalTaskResults")
 
 
 def main(argv: list[str]) -> int:
@@ -32,11 +34,37 @@ def main(argv: list[str]) -> int:
     lock = threading.Lock()
 
     def profiled(method: Callable[..., Any]) -> Callable[..., Any]:
+        if inspect.isgeneratorfunction(method):
+            return profiled_stream(method)
+
         @functools.wraps(method)
         def wrapper(*args: Any) -> Any:
             profile = cProfile.Profile()
             try:
                 return profile.runcall(method, *args)
+            finally:
+                with lock:
+                    finished.append(profile)
+
+        return wrapper
+
+    def profiled_stream(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+        """A streaming RPC: each step of its iterator is profiled, gRPC's sending between them not."""
+
+        @functools.wraps(method)
+        def wrapper(*args: Any) -> Iterator[Any]:
+            profile = cProfile.Profile()
+            steps = method(*args)
+            try:
+                while True:
+                    profile.enable()
+                    try:
+                        item = next(steps)
+                    except StopIteration:
+                        return
+                    finally:
+                        profile.disable()
+                    yield item
             finally:
                 with lock:
                     finished.append(profile)

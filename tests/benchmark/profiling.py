@@ -3,25 +3,38 @@
 from __future__ import annotations
 
 import cProfile
-import hashlib
 import io
 import pstats
+import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from aggregator.storage import tensors_bytes, write_atomic
+from aggregator.admission import chunks_within
+from aggregator.fedavg import MappedArraySource, average_sources
+from aggregator.federation import METRIC_TAG, Accepted, RoundCommit, RoundRecord, TaskResult
+from aggregator.servicer import EncodedModel
+from aggregator.state import DurableState
+from aggregator.storage import OutputFolder
+from aggregator.upload import receive_upload
 from collaborator.client import AggregatorGRPCClient
 from plans import load_plan
 from plans.runners import Array
 from plans.schema import RunnerSettings
-from protos import aggregator_pb2, base_pb2
-from protos.codec import decode_tensor, encode_tensor
-from protos.stream import chunk_bytes, join_chunks
+from protos import aggregator_pb2
+from protos.codec import tensor_field_parts
+from protos.results_reader import Head
+from protos.stream import (
+    CHUNK_BYTES,
+    chunk_payloads,
+    framed_chunks,
+    parse_chunk,
+    parse_model_chunk,
+)
 
 # isort: split
 # The benchmark's own modules, beside this file.
@@ -32,6 +45,7 @@ from harness import (
     RUNNER,
     BenchmarkError,
     Run,
+    collaborator_names,
     limits_for,
     make_client,
     start_aggregator,
@@ -40,6 +54,7 @@ from harness import (
     train_result,
     write_plan,
 )
+from profiled_aggregator import PROFILED_RPCS
 from rounds import measure_round
 
 
@@ -51,7 +66,7 @@ def profile_client(
     """cProfile of one whole-model download and one upload by the client (this process only)."""
     report: dict[str, Any] = {}
     for label, action in (
-        ("client_download", lambda: [downloader.get_aggregated_tensor(n, 0) for n in model]),
+        ("client_download", lambda: downloader.get_aggregated_model(list(model), 0)),
         (
             "client_upload",
             lambda: uploader.send_local_task_results(0, "train", 1, train_result(model)),
@@ -99,8 +114,7 @@ def profile_transfer(run: Run, names: Sequence[str]) -> dict[str, Any]:
         try:
             client.ping()
             started = time.perf_counter()
-            for name in model:
-                client.get_aggregated_tensor(name, 0)
+            client.get_aggregated_model(list(model), 0)
             client.send_local_task_results(0, "train", 1, train_result(model))
             seconds = time.perf_counter() - started
         finally:
@@ -108,7 +122,8 @@ def profile_transfer(run: Run, names: Sequence[str]) -> dict[str, Any]:
         aggregator.stop()  # SIGTERM: the aggregator stops, the wrapper writes its statistics
     return {
         "seconds_under_profiler": seconds,
-        "what": f"one download and one upload of {args.payload_mb:g} MB",
+        "what": f"one download (GetAggregatedModel) and one upload of {args.payload_mb:g} MB",
+        "rpcs": list(PROFILED_RPCS),
         "top_tottime": top_functions(stats_file),
     }
 
@@ -128,6 +143,7 @@ def profile_round(run: Run, names: Sequence[str]) -> dict[str, Any]:
     return {
         "seconds_under_profiler": outcome.round_seconds,
         "what": f"the round ({args.round_collaborators} x {args.round_model_mb:g} MB)",
+        "rpcs": list(PROFILED_RPCS),
         "top_tottime": top_functions(stats_file),
     }
 
@@ -151,131 +167,222 @@ WAITS = ("acquire' of '_thread.lock", "threading.py", "queue.py")
 PROFILE_ROWS = 15
 
 
+# -- the steps, one by one ------------------------------------------------------------------------
+
+FEDERATION = "bench-steps"
+UNLIMITED = 2**40  # the steps check nothing against the plan's limits
+UPLOAD_SECONDS = 3600.0  # chunks_within's deadline: never reached here
+_TENSORS_FIELD = aggregator_pb2.TaskResults.TENSORS_FIELD_NUMBER
+
+
 class Stopwatch:
-    """Times named steps in order: `with watch.step("upload", "what"): ...`."""
+    """Times named steps in order: `with watch.step("upload", "what", megabytes): ...`."""
 
     def __init__(self) -> None:
-        self.steps: list[tuple[str, str, float]] = []
+        self.steps: list[tuple[str, str, float, float | None]] = []
 
     @contextmanager
-    def step(self, direction: str, label: str) -> Iterator[None]:
-        """Time the body as one step."""
+    def step(self, direction: str, label: str, megabytes: float | None) -> Iterator[None]:
+        """Time the body as one step over `megabytes` of data (None: a step with no payload)."""
         started = time.perf_counter()
         yield
-        self.steps.append((direction, label, time.perf_counter() - started))
+        self.steps.append((direction, label, time.perf_counter() - started, megabytes))
 
 
 def stage_breakdown(run: Run) -> list[dict[str, Any]]:
-    """Time each step foedus puts around the bytes, calling the very functions client and
-    servicer call, in their order, on a model of `payload_mb` (one process, no network)."""
+    """Time each step foedus puts around the bytes, calling the very functions client, servicer,
+    store and federation call, in their order, in one process (no network): an upload and a
+    download of `payload_mb`, then a round close over `round_collaborators` such uploads of
+    `round_model_mb`."""
     args = run.args
-    tensors = tensors_for(args.payload_mb, args.tensor_mb)
-    settings = {"model_mb": args.payload_mb, "tensors": tensors}
-    model = noop_runner.NoopRunner.initial_model(RunnerSettings(RUNNER, 0, settings))
+    model = _noop_model(args.payload_mb, tensors_for(args.payload_mb, args.tensor_mb))
+    round_model = _noop_model(args.round_model_mb, args.round_tensors)
     megabytes = noop_runner.model_bytes(model) / MIB
-    header = aggregator_pb2.MessageHeader(sender="col000", receiver=AGGREGATOR_ID)
+    contributions = args.round_collaborators * noop_runner.model_bytes(round_model) / MIB
+    folder = run.work / "steps"
     watch = Stopwatch()
-    upload_steps(watch, model, header, run.work / "stage-result.pbuf")
-    download_steps(watch, model, header)
-    rows: list[dict[str, Any]] = [
-        {"direction": side, "step": label, "seconds": seconds, "mb_s": megabytes / seconds}
-        for side, label, seconds in watch.steps
-    ]
-    for side in ("upload", "download"):
-        total = sum(row["seconds"] for row in rows if row["direction"] == side)
-        rows.append(
-            {"direction": side, "step": "total", "seconds": total, "mb_s": megabytes / total}
-        )
+    try:
+        with DurableState.open(
+            folder / "upload", FEDERATION, lambda: model, max_tensor_bytes=UNLIMITED
+        ) as state:
+            upload_steps(watch, state, model, "col000")
+        download_steps(watch, model)
+        round_close_steps(watch, round_model, args.round_collaborators, folder / "round")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    rows: list[dict[str, Any]] = []
+    for side, total_mb in (
+        ("upload", megabytes),
+        ("download", megabytes),
+        ("round", contributions),
+    ):
+        steps = [step for step in watch.steps if step[0] == side]
+        rows += [_row(side, label, seconds, mb) for _, label, seconds, mb in steps]
+        rows.append(_row(side, "total", sum(step[2] for step in steps), total_mb))
     return rows
 
 
-UNLIMITED = 2**40
+def _row(side: str, label: str, seconds: float, megabytes: float | None) -> dict[str, Any]:
+    rate = None if megabytes is None else megabytes / seconds
+    return {"direction": side, "step": label, "seconds": seconds, "mb": megabytes, "mb_s": rate}
+
+
+def _noop_model(model_mb: float, tensors: int) -> dict[str, Array]:
+    settings = {"model_mb": model_mb, "tensors": tensors}
+    return noop_runner.NoopRunner.initial_model(RunnerSettings(RUNNER, 0, settings))
 
 
 def upload_steps(
-    watch: Stopwatch,
-    model: Mapping[str, Array],
-    header: aggregator_pb2.MessageHeader,
-    target: Path,
-) -> None:
-    """The upload's steps: `send_local_task_results`, then `SendLocalTaskResults` and `stage`."""
-    up, limit = "upload", UNLIMITED
-    # Each step's input is dropped once used, so memory holds about what the real code holds.
-    with watch.step(up, "client: encode_tensor (tobytes + NamedTensor)"):
-        named = [encode_tensor(n, a, tags=("trained",)) for n, a in model.items()]
-    with watch.step(up, "client: TaskResults(tensors=...) (copies each tensor in)"):
-        results = aggregator_pb2.TaskResults(
-            header=header, task_name="train", data_size=1, tensors=named
-        )
-    named.clear()
-    with watch.step(up, "client: TaskResults.SerializeToString"):
-        payload = results.SerializeToString()
-    results.Clear()
-    with watch.step(up, "client: chunk_bytes (slice + DataStream)"):
-        chunks = list(chunk_bytes(payload))
-    payload = b""
-    with watch.step(up, "client: gRPC serializes each DataStream"):
-        wire = [chunk.SerializeToString() for chunk in chunks]
-    chunks.clear()
-    with watch.step(up, "server: gRPC parses each DataStream"):
-        received = [base_pb2.DataStream.FromString(data) for data in wire]
-    wire.clear()
-    with watch.step(up, "server: join_chunks (bytearray += ..., bytes())"):
-        joined = join_chunks(received, max_bytes=limit)
-    received.clear()
-    with watch.step(up, "server: TaskResults.ParseFromString"):
-        message = aggregator_pb2.TaskResults.FromString(joined)
-    joined = b""
-    with watch.step(up, "server: decode_tensor (reads data_bytes twice)"):
-        arrays = [decode_tensor(tensor, max_bytes=limit) for tensor in message.tensors]
-    with watch.step(up, "server: non-finite check (np.isfinite(a).all())"):
-        for array in arrays:
-            np.isfinite(array).all()
-    with watch.step(up, "server: stage: tensors_bytes (encode again)"):
-        stored = tensors_bytes(
-            (tensor.name, array, frozenset(tensor.tags))
-            for tensor, array in zip(message.tensors, arrays, strict=True)
-        )
-    message.Clear()
-    arrays.clear()
-    with watch.step(up, "server: stage: sha256"):
-        hashlib.sha256(stored).hexdigest()
-    with watch.step(up, "server: stage: write_atomic (write + fsync)"):
-        write_atomic(target, stored)
-    stored = b""
-    target.unlink()
-
-
-def download_steps(
-    watch: Stopwatch, model: Mapping[str, Array], header: aggregator_pb2.MessageHeader
-) -> None:
-    """The download's steps: `GetAggregatedTensor` on each side of the wire."""
-    down, limit = "download", UNLIMITED
-    with watch.step(down, "server: encode_tensor + GetAggregatedTensorResponse"):
-        responses = [
-            aggregator_pb2.GetAggregatedTensorResponse(
-                header=header, tensor=encode_tensor(n, a, tags=("aggregated", "model"))
+    watch: Stopwatch, state: DurableState, model: Mapping[str, Array], collaborator: str
+) -> Accepted:
+    """One upload: `send_local_task_results`, then `SendLocalTaskResults`, `stage` and `record`."""
+    up, mb = "upload", noop_runner.model_bytes(model) / MIB
+    header = aggregator_pb2.MessageHeader(
+        sender=collaborator, receiver=AGGREGATOR_ID, federation_uuid=FEDERATION
+    )
+    tensors = train_result(model)
+    with watch.step(up, "client: TaskResults head + tensor_field_parts (array views)", mb):
+        head = aggregator_pb2.TaskResults(header=header, task_name="train", data_size=1)
+        parts: list[bytes | memoryview] = [head.SerializeToString()]
+        for tensor in tensors:
+            parts += tensor_field_parts(
+                _TENSORS_FIELD, tensor.name, tensor.array, tags=tensor.tags, report=tensor.report
             )
-            for n, a in model.items()
-        ]
-    with watch.step(down, "server: gRPC serializes the response"):
-        wire = [response.SerializeToString() for response in responses]
-    responses.clear()
-    with watch.step(down, "client: gRPC parses the response"):
-        parsed = [aggregator_pb2.GetAggregatedTensorResponse.FromString(data) for data in wire]
+        declared = sum(len(part) for part in parts)
+    with watch.step(up, "client: framed_chunks (serialized DataStream chunks)", mb):
+        wire = list(framed_chunks(parts))
+    parts.clear()
+    with watch.step(up, "server: parse_chunk of each chunk (payload views)", mb):
+        received = [parse_chunk(data) for data in wire]
+    assert state.upload_folder is not None  # a DurableState spools into its own folder
+    # As the servicer: chunks_within (the upload's deadline) and chunk_payloads feed it.
+    label = "server: receive_upload (write + SHA-256, parse, NaN/Inf scan, memmap)"
+    with (
+        watch.step(up, label, mb),
+        closing(chunks_within(iter(received), UPLOAD_SECONDS)) as chunks,
+    ):
+        upload = receive_upload(
+            chunk_payloads(chunks, max_bytes=UNLIMITED),
+            state.upload_folder,
+            on_head=_accept_head,
+            model_dtype=lambda name: model[name].dtype if name in model else None,
+            max_tensor_bytes=UNLIMITED,
+            expected_bytes=declared,
+        )
+    received.clear()
     wire.clear()
-    with watch.step(down, "client: decode_tensor (reads data_bytes twice)"):
-        for response in parsed:
-            decode_tensor(response.tensor, max_bytes=limit)
-    parsed.clear()
+    result = TaskResult(
+        collaborator=collaborator,
+        round_number=upload.head.round_number,
+        task_name=upload.head.task_name,
+        data_size=upload.head.data_size,
+        tensors=upload.tensors,
+        upload=upload.file,
+    )
+    with watch.step(up, "server: DurableState.stage (fsync, rename, fsync folder)", mb):
+        accepted = state.stage(result)
+    with watch.step(up, "server: DurableState.record (SQLite commit)", None):
+        state.record(accepted)
+    return accepted
+
+
+def _accept_head(head: Head) -> None:
+    """The servicer checks the caller and the round here (in memory, not timed apart)."""
+
+
+def download_steps(watch: Stopwatch, model: Mapping[str, Array]) -> None:
+    """One whole-model download: `GetAggregatedModel`, then `get_aggregated_model`."""
+    down, mb = "download", noop_runner.model_bytes(model) / MIB
+    collaborator = "col000"
+    encoded = EncodedModel(chunk_bytes=CHUNK_BYTES)  # the servicer's size under the bench's limits
+    reply = aggregator_pb2.MessageHeader(
+        sender=AGGREGATOR_ID, receiver=collaborator, federation_uuid=FEDERATION
+    )
+    with watch.step(down, "server: EncodedModel.chunks -> model_chunks (once a round)", mb):
+        wire = [aggregator_pb2.ModelChunk(header=reply).SerializeToString()]
+        for name, array in model.items():
+            wire += encoded.chunks(0, name, array)
+    with watch.step(down, "client: parse_model_chunk of each chunk (data views)", mb):
+        parsed = [parse_model_chunk(data) for data in wire]
+    client = AggregatorGRPCClient(  # opens no channel: only its stream assembly is used
+        "localhost",
+        1,
+        aggregator_id=AGGREGATOR_ID,
+        federation_uuid=FEDERATION,
+        collaborator_name=collaborator,
+        tls=False,
+        max_tensor_bytes=UNLIMITED,
+    )
+    with watch.step(down, "client: _assemble_model (empty_tensor, copy chunks in)", mb):
+        fetched = client._assemble_model(parsed, list(model), 0)
+    if any(not np.array_equal(fetched[name], array) for name, array in model.items()):
+        raise BenchmarkError("the model assembled from its chunks differs from the model")
+
+
+def round_close_steps(
+    watch: Stopwatch, model: Mapping[str, Array], collaborators: int, folder: Path
+) -> None:
+    """A round close over `collaborators` uploads of `model`, each received and kept as above
+    (untimed): `decide_close`, the steps of `Federation._aggregate` (`store.load`, then
+    `average_sources`), `commit_round`, then the runtime's `save_last`."""
+    side, mb = "round", noop_runner.model_bytes(model) / MIB
+    names = collaborator_names(collaborators)
+    results = f"{collaborators} x {mb:g} MB"
+    with DurableState.open(
+        folder / "output", FEDERATION, lambda: model, max_tensor_bytes=UNLIMITED
+    ) as state:
+        counted = [upload_steps(Stopwatch(), state, model, name) for name in names]
+        with watch.step(side, "decide_close (SQLite commit)", None):
+            state.decide_close(0, names)
+        with watch.step(
+            side, f"store.load: read_upload of {results} (map tensors)", mb * collaborators
+        ):
+            loaded = [state.load(accepted) for accepted in counted]
+        sources = {
+            result.collaborator: (
+                result.data_size,
+                MappedArraySource(
+                    {t.name: t.array for t in result.tensors if METRIC_TAG not in t.tags}
+                ),
+            )
+            for result in loaded
+        }
+        try:
+            label = f"average_sources of {results} (MappedArraySource: pread)"
+            with watch.step(side, label, mb * collaborators):
+                averaged = average_sources(model, sources)
+        finally:
+            for _, source in sources.values():
+                source.close()
+        loaded.clear()
+        record = RoundRecord(
+            round_number=0,
+            final_validation=False,
+            reporters=tuple(names),
+            missing=(),
+            metrics={},
+            seconds=0.0,
+            trained=True,
+        )
+        commit = RoundCommit(record=record, model=averaged, best=None, best_is_round_model=False)
+        with watch.step(
+            side, "DurableState.commit_round (write_model, SQLite commit, delete results)", mb
+        ):
+            state.commit_round(commit)
+        output = OutputFolder(folder / "output")
+        with watch.step(side, "OutputFolder.save_last (write_model last_model.pbuf)", mb):
+            output.save_last(averaged, 1)
 
 
 def breakdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """The --profile step timings as text."""
+    width = max((len(row["step"]) for row in rows), default=0)
     lines = []
     for row in rows:
-        mb_s = f"{row['mb_s']:8.0f} MB/s"
-        lines.append(f"  {row['direction']:<8} {row['step']:<58} {row['seconds']:7.3f} s  {mb_s}")
+        rate = row.get("mb_s")
+        mb_s = "" if rate is None else f"{rate:8.0f} MB/s"
+        line = f"  {row['direction']:<8} {row['step']:<{width}} {row['seconds']:8.4f} s  {mb_s}"
+        lines.append(line.rstrip())
     return "\n".join(lines)
 
 
@@ -286,16 +393,20 @@ def _seconds(value: float | None) -> str:
 def print_profile(profile: Mapping[str, Any]) -> None:
     """The --profile findings on stdout."""
     if "steps" in profile:
-        print("\nwhere foedus spends time around the bytes (one process, no network):")
+        print(
+            "\nwhere foedus spends time around the bytes (one process, no network; "
+            "MB/s: the MB a step handles over its time):"
+        )
         print(breakdown_table(profile["steps"]))
     for label in ("aggregator_transfer", "aggregator_round"):
         server = profile.get(label)
         if not isinstance(server, dict):
             continue
+        rpcs = " and ".join(server.get("rpcs", PROFILED_RPCS))
         print(
             f"\ncProfile of the aggregator in {server['what']} "
             f"({_seconds(server['seconds_under_profiler'])} under the profiler; main thread and every "
-            "GetAggregatedTensor and SendLocalTaskResults call merged, so concurrent calls add "
+            f"{rpcs} call merged, other RPCs left out, so concurrent calls add "
             "up and GIL waits count; lock and queue waits left out):"
         )
         print(f"  {'tottime':>8} {'cumtime':>8} {'calls':>7}  function")
