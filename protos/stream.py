@@ -1,10 +1,14 @@
-"""Cutting a serialized message into `DataStream` chunks and joining them back, within a cap.
+"""Streams of chunks on the wire: cutting payloads into them, and reading them in place.
 
 `SendLocalTaskResults` is a client stream: OpenFL serializes one whole `TaskResults`, cuts the
-bytes into chunks of at most 2 MiB and sends each as `DataStream(size=len(chunk), npbytes=chunk)`.
-The joiner stops reading as soon as the total passes the receiver's cap, so a hostile sender
-cannot make it buffer more than that; it appends into one buffer, so many tiny chunks cost no
-more memory than a few large ones.
+bytes into chunks of at most 2 MiB and sends each as `DataStream(size=len(chunk), npbytes=chunk)`
+(`chunk_bytes`). foedus frames the same chunks around slices of the arrays instead
+(`framed_chunks`), and the aggregator reads each chunk's payload in place (`parse_chunk`);
+`chunk_payloads` checks each chunk's declared size and stops as soon as the total passes the
+receiver's cap, so a hostile sender cannot make it read more. `GetAggregatedModel`'s data
+chunks are read in place the same way (`parse_model_chunk`). Protobuf copies a large bytes
+field into a message and again out of it on every read; the in-place readers fall back to it
+for anything not framed as usual.
 """
 
 from __future__ import annotations
