@@ -80,12 +80,12 @@ from aggregator.storage import (
     METRICS,
     fsync_folder,
     is_temporary,
-    read_file,
-    read_tensors,
     write_model,
     write_tensors,
 )
-from aggregator.upload import read_upload
+from aggregator.upload import read_tensors_file, read_upload
+from protos.codec import TensorFormatError
+from protos.stream import StreamError
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ STATE_DIR = "state"
 DATABASE = "state.sqlite"
 MODELS = "models"
 ROUNDS = "rounds"
+_MODEL_TENSORS_FIELD = 1  # ModelProto.tensors
 UPLOADS = "uploads"  # uploads being received (`aggregator.upload`), not yet accepted
 UPLOAD_SUFFIX = ".upload"  # an accepted result kept as it was sent: a serialized TaskResults
 _HASH_BLOCK = 1024 * 1024
@@ -234,13 +235,15 @@ class DurableState:
             row = state._query_one("SELECT uuid FROM federation WHERE id = 1")
             fresh = row is None
             if row is None:
-                state._create(federation_uuid, initial_model() if model is None else model)
+                model = initial_model() if model is None else model
+                state._create(federation_uuid, model)
             elif row[0] != federation_uuid:
                 raise ForeignStateError(
                     f"{folder}: holds the saved state of federation {row[0]!r}, not of this "
                     f"plan's federation {federation_uuid!r}"
                 )
-            state.recovered = state._recover(fresh)
+            # A new state's model is the one just written: no need to read it back.
+            state.recovered = state._recover(fresh, model if fresh else None)
         except BaseException:
             connection.close()
             raise
@@ -415,7 +418,7 @@ class DurableState:
             )
         logger.info("new aggregator state in %s for federation %s", self.root, federation_uuid)
 
-    def _recover(self, fresh: bool) -> Recovered:
+    def _recover(self, fresh: bool, model: Mapping[str, Array] | None = None) -> Recovered:
         """Load the committed state, check its files, remove what a crash left behind."""
         row = self._query_one(
             "SELECT round, model_file, model_sha256, closing, last_model_rounds, best_value, "
@@ -432,7 +435,8 @@ class DurableState:
         if best_value is not None and best_file is not None:
             self._best = Best(float(best_value), int(best_rounds))
             self._best_file = StoredFile(best_file, best_sha)
-        model = dict((name, array) for name, array, _ in self._read(self._model))
+        if model is None:
+            model = {name: array for name, array, _ in self._read(self._model)}
         accepted, dropped = self._recover_results(round_number)
         previous = frozenset(
             (collaborator, task)
@@ -499,16 +503,25 @@ class DurableState:
         return StoredFile(name, write_model(path, model, round_number=round_number))
 
     def _read(self, stored: StoredFile) -> list[tuple[str, Array, frozenset[str]]]:
-        """The tensors of a state file, after checking its SHA-256."""
-        return read_tensors(self.root / stored.name, self._verify(stored), self.max_tensor_bytes)
+        """The tensors of a `ModelProto` state file, after checking its SHA-256.
 
-    def _verify(self, stored: StoredFile) -> bytes:
-        """The bytes of a state file, if they match their SHA-256 (`ModelFileError` if not)."""
+        Read a block at a time and mapped from the file: reading a model whole would hold its
+        bytes, their parse and the arrays at once (three times the model).
+        """
         path = self.root / stored.name
-        data = read_file(path)
-        if hashlib.sha256(data).hexdigest() != stored.sha256:
-            raise ModelFileError(f"{path}: the file does not match its SHA-256 in {DATABASE}")
-        return data
+        _check_sha256(path, stored.sha256)
+        try:
+            _, tensors = read_tensors_file(
+                path, max_tensor_bytes=self.max_tensor_bytes, tensors_field=_MODEL_TENSORS_FIELD
+            )
+        except (StreamError, TensorFormatError) as error:
+            raise ModelFileError(f"{path}: not a model file: {error}") from None
+        if not tensors:
+            raise ModelFileError(f"{path}: not a model file: it holds no tensors")
+        names = [tensor.name for tensor in tensors]
+        if "" in names or len(set(names)) != len(names):
+            raise ModelFileError(f"{path}: a tensor has no name, or appears more than once")
+        return [(tensor.name, tensor.array, tensor.tags) for tensor in tensors]
 
     def _tidy(self, round_number: int, keep: set[str] | None) -> None:
         """Delete result files of rounds before `round_number`, unreferenced models, temporaries.

@@ -36,6 +36,7 @@ from aggregator.federation import Array, ResultTensor, UploadFile
 from protos import base_pb2
 from protos.codec import TensorFormatError, TensorTooLargeError, tensor_layout
 from protos.results_reader import (
+    TENSORS_FIELD,
     Event,
     Head,
     ResultsFormatError,
@@ -112,8 +113,16 @@ def receive_upload(
 
 def read_upload(path: Path, *, max_tensor_bytes: int) -> tuple[Head, tuple[ResultTensor, ...]]:
     """The head and tensors (mapped from the file) of an upload `receive_upload` wrote."""
+    return read_tensors_file(path, max_tensor_bytes=max_tensor_bytes)
+
+
+def read_tensors_file(
+    path: Path, *, max_tensor_bytes: int, tensors_field: int = TENSORS_FIELD
+) -> tuple[Head, tuple[ResultTensor, ...]]:
+    """The head and tensors of a file holding a `TaskResults` (or, with `tensors_field=1`, a
+    `ModelProto`), read a block at a time: tensors are mapped from the file, never read whole."""
     tensors = _Tensors(lambda name: None, max_tensor_bytes, check_finite=False)
-    reader = ResultsReader()
+    reader = ResultsReader(tensors_field=tensors_field)
     events: list[Event] = []
     try:
         with path.open("rb") as file:
@@ -271,6 +280,7 @@ class _Tensors:
                 path, dtype=dtype, count=math.prod(shape), offset=tensor.data_offset
             )
             array = array.reshape(shape)
+            array.flags.writeable = False
         else:
             array = np.memmap(path, dtype=dtype, mode="r", offset=tensor.data_offset, shape=shape)
         return ResultTensor(meta.name, frozenset(meta.tags), array, finite)

@@ -94,12 +94,21 @@ class ResultsReader:
     only `TensorEnd`). An empty stream is a valid, empty TaskResults; `offset` tells the caller
     how many bytes arrived.
 
+    With `tensors_field=1` it reads a `ModelProto` (whose only field is its tensors) the same
+    way; its `Head` is then empty.
+
     After a `ResultsFormatError` the reader is spent: every later `feed()` or `finish()` raises
     `ResultsFormatError` again, quoting the first. `feed()` or `finish()` after `finish()` is a
     `ValueError`, a mistake of the caller's.
     """
 
-    def __init__(self, *, max_meta_bytes: int = 1 << 20, max_tensors: int = 1 << 16) -> None:
+    def __init__(
+        self,
+        *,
+        max_meta_bytes: int = 1 << 20,
+        max_tensors: int = 1 << 16,
+        tensors_field: int = TENSORS_FIELD,
+    ) -> None:
         if max_meta_bytes < 0 or max_tensors < 0:
             raise ValueError(
                 f"limits must not be negative, got max_meta_bytes={max_meta_bytes}, "
@@ -107,6 +116,7 @@ class ResultsReader:
             )
         self._max_meta_bytes = max_meta_bytes
         self._max_tensors = max_tensors
+        self._tensors_field = tensors_field
         self._offset = 0  # bytes fed before the chunk being read
         self._state = _KEY
         self._varint = bytearray()  # a key or varint cut by the end of a chunk
@@ -264,7 +274,7 @@ class ResultsReader:
                 "types 0, 1, 2 and 5"
             )
         if self._tensor_end is None:
-            if field == TENSORS_FIELD:
+            if field == self._tensors_field:
                 if wire_type != _LENGTH_DELIMITED:
                     raise ResultsFormatError(
                         f"{self._at_field()}: tensors must have wire type 2 (length-delimited), "

@@ -10,7 +10,14 @@ import pytest
 
 from aggregator.errors import InvalidRequestError, PreconditionError
 from aggregator.federation import Array
-from aggregator.upload import MAX_SMALL_TENSOR_BYTES, ReceivedUpload, read_upload, receive_upload
+from aggregator.storage import write_model
+from aggregator.upload import (
+    MAX_SMALL_TENSOR_BYTES,
+    ReceivedUpload,
+    read_tensors_file,
+    read_upload,
+    receive_upload,
+)
 from protos import aggregator_pb2
 from protos.codec import TensorFormatError, TensorTooLargeError, encode_tensor
 from protos.results_reader import Head
@@ -173,3 +180,18 @@ def test_a_kept_upload_reads_back_as_it_arrived(tmp_path: Path) -> None:
         assert again.tags == first.tags
         np.testing.assert_array_equal(again.array, first.array)
         assert again.array.dtype == first.array.dtype
+
+
+def test_a_model_file_reads_back_mapped(tmp_path: Path) -> None:
+    """A `ModelProto` file (the state's models) reads the same way, its tensors mapped."""
+    path = tmp_path / "model.pbuf"
+    model = {**MODEL, "big": np.arange(MAX_SMALL_TENSOR_BYTES, dtype=np.float32)}
+    write_model(path, model, round_number=4)
+    head, tensors = read_tensors_file(path, max_tensor_bytes=2**20, tensors_field=1)
+    assert head.task_name == "" and [t.name for t in tensors] == sorted(model)
+    for tensor in tensors:
+        np.testing.assert_array_equal(tensor.array, model[tensor.name])
+        assert tensor.array.dtype == model[tensor.name].dtype
+    arrays = {t.name: t.array for t in tensors}
+    assert isinstance(arrays["big"], np.memmap)  # large: mapped; small: read
+    assert not isinstance(arrays["weight"], np.memmap)
