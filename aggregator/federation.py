@@ -460,7 +460,7 @@ class Federation:
         the store for good (`ResultStore.record`) before this returns True.
         """
         with self._lock:  # the cheap refusals first; checked again below
-            if self._is_resend(result):
+            if self._is_resend(result.collaborator, result.round_number, result.task_name):
                 return False
             self._check_round(result.round_number)
         self._check_result(result)
@@ -512,7 +512,7 @@ class Federation:
         key = (result.collaborator, result.task_name)
         while True:
             with self._lock:
-                if self._is_resend(result):
+                if self._is_resend(result.collaborator, result.round_number, result.task_name):
                     return False
                 self._check_round(result.round_number)
                 pending = self._pending.get(key)
@@ -526,11 +526,11 @@ class Federation:
         """Whether the round in progress is closing, so refuses results (call under the lock)."""
         return self._closing or self._decided is not None
 
-    def _is_resend(self, result: TaskResult) -> bool:
-        key = (result.collaborator, result.task_name)
-        if result.round_number == self._round:
+    def _is_resend(self, collaborator: str, round_number: int, task_name: str) -> bool:
+        key = (collaborator, task_name)
+        if round_number == self._round:
             return key in self._results
-        return result.round_number == self._round - 1 and key in self._previous
+        return round_number == self._round - 1 and key in self._previous
 
     def _check_round(self, round_number: int) -> None:
         if round_number < 0:
@@ -559,7 +559,7 @@ class Federation:
         A resend of an accepted result passes (it is answered OK once it has arrived).
         """
         with self._lock:
-            if not self._is_resend(TaskResult(collaborator, round_number, task_name, 1, ())):
+            if not self._is_resend(collaborator, round_number, task_name):
                 self._check_round(round_number)
         self._check_task(round_number, task_name)
 

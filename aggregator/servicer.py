@@ -145,8 +145,9 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
     ) -> Iterator[bytes]:
         """Stream tensors of the global model (all when none are named): foedus's extension.
 
-        Answers with serialized `ModelChunk` messages (see `model_chunk_handler`): each tensor's
-        chunks are encoded once per round and the same bytes go to every collaborator.
+        Answers with serialized `ModelChunk` messages (see `aggregator.server.method_handlers`):
+        each tensor's chunks are encoded once per round and the same bytes go to every
+        collaborator.
         """
         with self._authenticated(context, request.header) as caller:
             round_number = request.round_number

@@ -1,0 +1,17 @@
+"""The allocator setting the aggregator makes at start (`aggregator.allocator`)."""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+
+from aggregator.allocator import return_freed_memory
+
+
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
+)
+def test_glibc_accepts_the_settings() -> None:
+    """On glibc (CI's, this machine's) both settings are taken; elsewhere the call is a no-op."""
+    assert return_freed_memory() is True
