@@ -401,7 +401,7 @@ def probe_single_tensor(run: Run, names: Sequence[str]) -> None:
                 run.results["single_tensor_unary_download_ok"] = 0
                 run.note(
                     f"as one unary message (OpenFL's GetAggregatedTensor), a {args.payload_mb:g} "
-                    f"MB tensor passes limits.max_message_bytes ({limit / MIB:g} MB): "
+                    f"MB tensor is over limits.max_message_bytes ({limit / MIB:g} MB): "
                     f"{_short(error)}; foedus collaborators stream it instead"
                 )
             try:
