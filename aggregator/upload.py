@@ -100,15 +100,16 @@ def receive_upload(
                         tensors.on(event)
             if reader.offset == 0:
                 raise StreamError("empty stream: no bytes were sent")
-            for event in _read(lambda _: reader.finish(), b""):
-                if isinstance(event, Head):
-                    on_head(event)
-                    head = event
+            # Before the reader's own check: a cut the transport hid is best told as one.
             if expected_bytes is not None and reader.offset != expected_bytes:
                 raise StreamError(
                     f"upload cut short: {reader.offset} of the {expected_bytes} declared bytes "
                     "arrived; nothing of it was kept"
                 )
+            for event in _read(lambda _: reader.finish(), b""):
+                if isinstance(event, Head):
+                    on_head(event)
+                    head = event
         assert head is not None  # finish() gives the head if no tensor did
         return ReceivedUpload(head, tensors.arrays(spool.path), spool.file())
     except BaseException:
