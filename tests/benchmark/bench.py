@@ -12,7 +12,10 @@ Phases, in order:
    TLS files; a client stream of `payload_mb` in 2 MiB messages (`raw_grpc_tls_mb_s`, the limit
    to compare with), a server stream and one unary message per tensor of the same size; then
    `round_collaborators` threads each downloading and uploading `round_model_mb` at once
-   (`raw_round_seconds`).
+   (`raw_round_seconds`). Then the disk where the aggregator keeps its state: `payload_mb`
+   written and fsynced (`disk_write_mb_s`), and the time the round's results alone take at
+   that rate (`round_disk_floor_seconds`): accepted results are on disk before the OK, a floor
+   raw gRPC, which stores nothing, does not have.
 2. transfer: `aggregator start` as a process, a model of `payload_mb` from the no-op runner;
    one `AggregatorGRPCClient` fetches the model in one streamed call (`download_mb_s`,
    `GetAggregatedModel`) and sends a train result
@@ -218,6 +221,35 @@ def measure_raw(run: Run, names: Sequence[str]) -> None:
             f"raw gRPC/TLS round: {args.round_collaborators} x {args.round_model_mb:g} MB down "
             f"and up in {run.results['raw_round_seconds']:.2f} s"
         )
+
+
+def measure_disk(run: Run) -> None:
+    """The disk's own limit, where the aggregator keeps its state: write `payload_mb` and fsync.
+
+    An accepted upload is on disk before the aggregator answers, so this is a floor under every
+    upload and round figure that raw gRPC, which stores nothing, does not have.
+    """
+    args = run.args
+    size = int(args.payload_mb * MIB)
+    block = raw_grpc.pattern(min(size, 4 * MIB))
+    path = run.work / "disk-probe"
+    seconds: list[float] = []
+    for _ in range(args.repeats):
+        started = time.perf_counter()
+        with path.open("wb") as file:
+            for start in range(0, size, len(block)):
+                file.write(block[: size - start])
+            file.flush()
+            os.fsync(file.fileno())
+        seconds.append(time.perf_counter() - started)
+        path.unlink()
+    run.results["disk_write_mb_s"] = rate(args.payload_mb, seconds)
+    round_bytes = args.round_collaborators * args.round_model_mb
+    run.results["round_disk_floor_seconds"] = round_bytes / run.results["disk_write_mb_s"]
+    say(
+        f"disk: write + fsync {run.results['disk_write_mb_s']:.0f} MB/s; the round's "
+        f"{round_bytes:g} MB of results alone take {run.results['round_disk_floor_seconds']:.2f} s"
+    )
 
 
 def raw_throughput(client: raw_grpc.RawClient, args: argparse.Namespace) -> dict[str, Any]:
@@ -548,6 +580,8 @@ TARGETS = (
 
 TABLE_KEYS = (
     "raw_grpc_tls_mb_s",
+    "disk_write_mb_s",
+    "round_disk_floor_seconds",
     "raw_grpc_tls_download_mb_s",
     "raw_grpc_tls_unary_download_mb_s",
     "upload_mb_s",
@@ -649,6 +683,7 @@ def benchmark(run: Run) -> None:
     run.results["cert_count"] = count + 1
     say(f"certificates made in {run.results['cert_setup_seconds']:.1f} s (not in any timing)")
     measure_raw(run, names)
+    measure_disk(run)
     measure_transfer(run, names)
     if args.probe:
         probe_single_tensor(run, names)
