@@ -252,3 +252,24 @@ def test_client_bounds_what_it_allocates(certs: CertsLayout) -> None:
     client = client_for(certs, 1, max_tensor_bytes=16)
     with pytest.raises(ResponseValidationError, match="over the limit of 16 bytes"):
         client._assemble_model(iter([header_chunk(), *tensor_chunks("weight", WEIGHT)]), [], 0)
+
+
+def test_strangers_get_no_model(
+    certs: CertsLayout, stranger: Identity, foreign_alice: Identity, alice_of: list[Caller]
+) -> None:
+    """A certificate of our CA not in the plan is refused by name; one of another CA in the handshake."""
+    plan = make_plan(certs)
+    with running_aggregator(plan, make_federation(plan)) as server:
+        for identity, name, code, fragment in (
+            (stranger, "mallory", grpc.StatusCode.PERMISSION_DENIED, "'mallory'"),
+            (foreign_alice, "alice", grpc.StatusCode.UNAVAILABLE, ""),
+        ):
+            caller = connect(server, certs, identity, name)
+            alice_of.append(caller)
+            request = aggregator_pb2.GetAggregatedModelRequest(
+                header=caller.header(), round_number=0
+            )
+            with pytest.raises(grpc.RpcError) as refused:
+                list(caller.stub.GetAggregatedModel(request, timeout=10))
+            assert refused.value.code() is code
+            assert fragment in (refused.value.details() or "")
