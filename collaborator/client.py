@@ -374,6 +374,7 @@ class AggregatorGRPCClient:
         model: dict[str, npt.NDArray[np.generic]] = {}
         wanted = set(names)
         current: _Filling | None = None
+        index = -1
         for index, chunk in enumerate(chunks):
             if isinstance(chunk, memoryview):
                 if current is None:
@@ -392,6 +393,8 @@ class AggregatorGRPCClient:
                 if current is None:
                     raise ResponseValidationError("the aggregator sent tensor data before a tensor")
                 current.fill(data)
+        if index < 0:
+            raise ResponseValidationError("the aggregator's model stream ended before its header")
         if current is not None:
             model[current.name] = current.done()
         missing = sorted(wanted - set(model))

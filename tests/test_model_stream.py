@@ -209,6 +209,7 @@ WEIGHT = np.arange(6, dtype=np.float32)
     ("chunks", "fragment"),
     [
         ([header_chunk(sender="mallory")], "header.sender"),
+        ([], "ended before its header"),
         ([header_chunk(), *tensor_chunks("weight", WEIGHT)[:-1]], "16 of the 24 bytes"),
         (
             [
