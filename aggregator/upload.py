@@ -14,8 +14,10 @@ byte), while `protos.results_reader.ResultsReader` follows the message's structu
 * at the end every tensor's metadata is checked as `protos.codec.decode_tensor` checks it, and
   the model tensors become read-only arrays mapped from the file: no copy of the data is made.
 
-`read_upload` reads such a file back (the store keeps it as the result's file) the same way.
-Nothing here knows gRPC: the servicer hands in the chunks' bytes.
+`read_upload` reads such a file back (the store keeps it as the result's file) the same way, and
+`read_tensors_file` any file of tensors, the state's `ModelProto` models included: a block at a
+time, the tensors mapped, never the whole file in memory. Nothing here knows gRPC: the servicer
+hands in the chunks' bytes.
 """
 
 from __future__ import annotations
