@@ -29,7 +29,9 @@ Phases, in order:
    "round 1/1" line (printed once the new model is averaged, committed and saved), the
    aggregator's peak RSS (`VmHWM`) then. A collaborator's next `GetTasks` after its upload is
    held until that is read (it would be a long poll on the server, costing no CPU).
-5. scale: `scale_collaborators` threads and a `scale_model_kb` model, the loop unheld, so the
+5. steady: the same round as the second of a two-round federation (`steady_round_seconds`,
+   not a target): what the first round pays once, and later rounds do not.
+6. scale: `scale_collaborators` threads and a `scale_model_kb` model, the loop unheld, so the
    polling of those that have uploaded is part of the load.
 
 `--profile` adds a cProfile of one client download and one upload, the aggregator under
@@ -508,6 +510,45 @@ def measure_round_phase(run: Run, names: Sequence[str]) -> None:
         say(f"foedus round: did not close; {len(outcome.errors)} errors")
 
 
+def measure_steady_round_phase(run: Run, names: Sequence[str]) -> None:
+    """The same round as the second of a federation: processes, memory and connections warm.
+
+    Not a target: the first round is (`round_seconds`). Set beside it, it shows what a first
+    round pays once (first touch of memory, connection windows) that later rounds do not.
+    """
+    args = run.args
+    outcome = measure_round(
+        run,
+        "steady",
+        names[: args.round_collaborators],
+        model_mb=args.round_model_mb,
+        tensors=args.round_tensors,
+        rounds=2,
+    )
+    sampled = [
+        mb
+        for mb in (outcome.rss_until_last_upload_mb, outcome.rss_after_last_upload_mb)
+        if mb is not None
+    ]
+    run.results.update(
+        steady_round_seconds=outcome.round_seconds,
+        steady_round_download_seconds_max=outcome.download_seconds_max,
+        steady_round_upload_seconds_max=outcome.upload_seconds_max,
+        steady_round_close_after_last_upload_seconds=outcome.close_after_last_upload_seconds,
+        steady_round_aggregator_rss_mb=max(sampled, default=None),
+        steady_round_errors=len(outcome.errors),
+    )
+    if outcome.errors:
+        run.results["steady_round_first_error"] = outcome.errors[0]
+    if outcome.round_seconds is not None:
+        say(
+            f"foedus round, the second of a federation: {outcome.round_seconds:.2f} s; "
+            f"aggregator RSS in it up to {max(sampled, default=0):.0f} MB"
+        )
+    else:
+        say(f"foedus second round: did not close; {len(outcome.errors)} errors")
+
+
 def measure_scale_phase(run: Run, names: Sequence[str]) -> None:
     """One round with many collaborators and a small model, on one aggregator."""
     args = run.args
@@ -603,6 +644,11 @@ TABLE_KEYS = (
     "round_aggregator_rss_until_last_upload_mb",
     "round_aggregator_rss_after_last_upload_mb",
     "rss_over_model",
+    "steady_round_seconds",
+    "steady_round_download_seconds_max",
+    "steady_round_upload_seconds_max",
+    "steady_round_close_after_last_upload_seconds",
+    "steady_round_aggregator_rss_mb",
     "scale_collaborators",
     "scale_connect_seconds",
     "scale_round_seconds",
@@ -688,6 +734,7 @@ def benchmark(run: Run) -> None:
     if args.probe:
         probe_single_tensor(run, names)
     measure_round_phase(run, names)
+    measure_steady_round_phase(run, names)
     measure_scale_phase(run, names)
     if args.profile:
         profile = run.results.setdefault("profile", {})

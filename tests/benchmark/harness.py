@@ -176,8 +176,9 @@ def write_plan(
     model_mb: float,
     tensors: int,
     limits: Mapping[str, int] | None = None,
+    rounds: int = 1,
 ) -> Path:
-    """A one-round `train` plan for `phase` with the no-op runner, on a port the OS picks."""
+    """A `train` plan of `rounds` rounds for `phase` with the no-op runner, on a port the OS picks."""
     folder = run.work / phase
     folder.mkdir(parents=True, exist_ok=True)
     document = {
@@ -185,7 +186,7 @@ def write_plan(
             "name": f"bench-{phase}",
             "uuid": f"bench-{phase}-{uuid.uuid4().hex[:12]}",
             "aggregator_id": AGGREGATOR_ID,
-            "rounds": 1,
+            "rounds": rounds,
         },
         "aggregator": {
             "host": "localhost",

@@ -43,6 +43,7 @@ class TimedClient(AggregatorGRPCClient):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.measured_round = 0  # marks are noted in this round only
         self.marks: dict[str, float] = {}
         self.get_tasks_calls = 0
         self.gate: threading.Event | None = None
@@ -56,20 +57,26 @@ class TimedClient(AggregatorGRPCClient):
         return super().get_tasks()
 
     def get_aggregated_model(self, names: Sequence[str], round_number: int) -> Any:
-        """As the client's, noting the first start and the last end."""
-        self.marks.setdefault("download_start", time.perf_counter())
+        """As the client's, noting the first start and the last end (in the measured round)."""
+        measured = round_number == self.measured_round
+        if measured:
+            self.marks.setdefault("download_start", time.perf_counter())
         try:
             return super().get_aggregated_model(names, round_number)
         finally:
-            self.marks["download_end"] = time.perf_counter()
+            if measured:
+                self.marks["download_end"] = time.perf_counter()
 
     def send_local_task_results(
         self, round_number: int, task_name: str, data_size: int, tensors: Sequence[NamedArray]
     ) -> None:
-        """As the client's, noting its start and end."""
-        self.marks["upload_start"] = time.perf_counter()
+        """As the client's, noting its start and end (in the measured round)."""
+        measured = round_number == self.measured_round
+        if measured:
+            self.marks["upload_start"] = time.perf_counter()
         super().send_local_task_results(round_number, task_name, data_size, tensors)
-        self.marks["upload_end"] = time.perf_counter()
+        if measured:
+            self.marks["upload_end"] = time.perf_counter()
 
 
 class WarningCounter(logging.Handler):
@@ -137,16 +144,25 @@ def measure_round(
     tensors: int,
     hold: bool = True,
     profile_to: Path | None = None,
+    rounds: int = 1,
 ) -> RoundOutcome:
-    """One round of `train` with a collaborator thread per name, each running the real loop.
+    """The last of `rounds` rounds of `train`, a collaborator thread per name running the real loop.
 
     With `hold`, each collaborator's next `GetTasks` after its upload waits until the round's
     figures are read (see `TimedClient`); without, the loop runs as it would in production.
+    With `rounds` > 1 the rounds before the measured one run untimed: the measured one finds
+    the processes' memory and connections warm, as every round after a federation's first.
     """
     size = int(model_mb * MIB)
     largest = max(tensor_byte_sizes(size, tensors))
     plan_path = write_plan(
-        run, phase, names, model_mb=model_mb, tensors=tensors, limits=limits_for(largest, size)
+        run,
+        phase,
+        names,
+        model_mb=model_mb,
+        tensors=tensors,
+        limits=limits_for(largest, size),
+        rounds=rounds,
     )
     plan = load_plan(plan_path)
     noop_runner.NoopRunner.initial_model(plan.runner)  # built once here, not in every thread
@@ -165,6 +181,7 @@ class MeasuredRound:
     def __init__(self, plan: Plan, port: int, timeout: float, *, hold: bool) -> None:
         self.plan = plan
         self.timeout = timeout
+        self.rounds = plan.federation.rounds  # the last one is measured
         self.gate = threading.Event()  # opened once the round's figures are read
         self.go = threading.Event()  # every collaborator has connected: start the round
         self.ready = threading.Semaphore(0)
@@ -174,6 +191,7 @@ class MeasuredRound:
             client = TimedClient.from_plan(plan, name, aggregator_port=port)
             client.gate = self.gate if hold else None
             client.gate_timeout = timeout
+            client.measured_round = self.rounds - 1
             self.clients.append(client)
         self.outcome = RoundOutcome(
             collaborators=len(self.clients),
@@ -256,7 +274,7 @@ class MeasuredRound:
             self.go.set()
             try:
                 closed_at, match = aggregator.wait_line(
-                    r"^round 1/1 .*?(\d+\.\d+) s$", self.timeout
+                    rf"^round {self.rounds}/{self.rounds} .*?(\d+\.\d+) s$", self.timeout
                 )
             except BenchmarkError as error:
                 self.errors.append(f"the round did not close: {str(error).splitlines()[0]}")
@@ -268,18 +286,19 @@ class MeasuredRound:
             outcome.aggregator_cpu_seconds = _minus(aggregator_cpu_end, aggregator_cpu)
         outcome.client_cpu_seconds = _minus(own_cpu_seconds(), client_cpu)
         starts = self.marks("download_start")
-        outcome.round_seconds = closed_at - min(starts, default=released)
+        first = min(starts, default=released)  # the measured round's first download
+        outcome.round_seconds = closed_at - first
         outcome.wall_seconds = closed_at - released
         outcome.aggregator_seconds = float(match.group(1))
         uploaded = self.marks("upload_end")
         if uploaded:
             last_upload = max(uploaded)
             outcome.close_after_last_upload_seconds = closed_at - last_upload
-            outcome.rss_until_last_upload_mb = memory.peak(end=last_upload)
+            outcome.rss_until_last_upload_mb = memory.peak(start=first, end=last_upload)
             outcome.rss_after_last_upload_mb = memory.peak(start=last_upload)
         downloaded = self.marks("download_end")
         if downloaded:
-            outcome.rss_until_last_download_mb = memory.peak(end=max(downloaded))
+            outcome.rss_until_last_download_mb = memory.peak(start=first, end=max(downloaded))
 
     def marks(self, mark: str) -> list[float]:
         """The times every client noted `mark`."""
