@@ -83,7 +83,7 @@ from aggregator.storage import (
     write_model,
     write_tensors,
 )
-from aggregator.upload import read_tensors_file, read_upload
+from aggregator.upload import read_tensors_file
 from protos.codec import TensorFormatError
 from protos.stream import StreamError
 
@@ -330,7 +330,7 @@ class DurableState:
         stored = _stored(accepted)
         path = self.root / stored.name
         if stored.name.endswith(UPLOAD_SUFFIX):
-            _, tensors = read_upload(path, max_tensor_bytes=self.max_tensor_bytes)
+            _, tensors = read_tensors_file(path, max_tensor_bytes=self.max_tensor_bytes)
         else:
             tensors = tuple(
                 ResultTensor(name, tags, array) for name, array, tags in self._read(stored)

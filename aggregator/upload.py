@@ -14,9 +14,9 @@ byte), while `protos.results_reader.ResultsReader` follows the message's structu
 * at the end every tensor's metadata is checked as `protos.codec.decode_tensor` checks it, and
   the model tensors become read-only arrays mapped from the file: no copy of the data is made.
 
-`read_upload` reads such a file back (the store keeps it as the result's file) the same way, and
-`read_tensors_file` any file of tensors, the state's `ModelProto` models included: a block at a
-time, the tensors mapped, never the whole file in memory. Nothing here knows gRPC: the servicer
+`read_tensors_file` reads such a file back (the store keeps it as the result's file) the same
+way, and the state's `ModelProto` model files too: a block at a time, the tensors mapped, never
+the whole file in memory. Nothing here knows gRPC: the servicer
 hands in the chunks' bytes.
 """
 
@@ -119,34 +119,30 @@ def receive_upload(
         raise
 
 
-def read_upload(path: Path, *, max_tensor_bytes: int) -> tuple[Head, tuple[ResultTensor, ...]]:
-    """The head and tensors (mapped from the file) of an upload `receive_upload` wrote."""
-    return read_tensors_file(path, max_tensor_bytes=max_tensor_bytes)
-
-
 def read_tensors_file(
     path: Path, *, max_tensor_bytes: int, tensors_field: int = TENSORS_FIELD
 ) -> tuple[Head, tuple[ResultTensor, ...]]:
-    """The head and tensors of a file holding a `TaskResults` (or, with `tensors_field=1`, a
-    `ModelProto`), read a block at a time: tensors are mapped from the file, never read whole."""
-    tensors = _Tensors(lambda name: None, max_tensor_bytes, check_finite=False)
+    """The head and tensors of a file holding a `TaskResults` (a kept upload) or, with
+    `tensors_field=1`, a `ModelProto`: read a block at a time, the tensors mapped, never whole."""
+    tensors = _Tensors(None, max_tensor_bytes)
     reader = ResultsReader(tensors_field=tensors_field)
-    events: list[Event] = []
+    heads: list[Head] = []
+
+    def take(events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, Head):
+                heads.append(event)
+            else:
+                tensors.on(event)
+
     try:
         with path.open("rb") as file:
             while block := file.read(_READ_BYTES):
-                events.extend(e for e in reader.feed(block) if not isinstance(e, TensorData))
-        events.extend(reader.finish())
+                take(reader.feed(block))
+        take(reader.finish())
     except OSError as error:
         raise StorageError(f"{path}: cannot read: {error.strerror or error}") from None
-    head: Head | None = None
-    for event in events:
-        if isinstance(event, Head):
-            head = event
-        elif isinstance(event, TensorStart | TensorEnd):
-            tensors.on(event, keep_small=False)
-    assert head is not None
-    return head, tensors.arrays(path, read_small=True)
+    return heads[0], tensors.arrays(path)
 
 
 def _read(
@@ -227,24 +223,25 @@ class _Tensor:
 
 
 class _Tensors:
-    """The tensors of an upload, followed through the reader's events."""
+    """The tensors of an upload, followed through the reader's events.
+
+    With `model_dtype`, tensors arriving now: model tensors are checked for NaN/Inf on the way,
+    others (metrics) kept in memory. Without, tensors of a file read back: only where each lies.
+    """
 
     def __init__(
         self,
-        model_dtype: Callable[[str], np.dtype[np.generic] | None],
+        model_dtype: Callable[[str], np.dtype[np.generic] | None] | None,
         max_tensor_bytes: int,
-        *,
-        check_finite: bool = True,
     ) -> None:
         self._model_dtype = model_dtype
         self._max_tensor_bytes = max_tensor_bytes
-        self._check_finite = check_finite
         self._done: list[_Tensor] = []
         self._current: _Tensor | None = None
 
-    def on(self, event: TensorStart | TensorData | TensorEnd, *, keep_small: bool = True) -> None:
+    def on(self, event: TensorStart | TensorData | TensorEnd) -> None:
         if isinstance(event, TensorStart):
-            self._current = self._start(event, keep_small)
+            self._current = self._start(event)
         elif isinstance(event, TensorData):
             current = self._current
             assert current is not None  # the reader gives TensorStart first
@@ -258,7 +255,7 @@ class _Tensors:
             self._done.append(tensor)
             self._current = None
 
-    def _start(self, event: TensorStart, keep_small: bool) -> _Tensor:
+    def _start(self, event: TensorStart) -> _Tensor:
         name = event.meta.name
         if event.data_size > self._max_tensor_bytes:
             raise TensorTooLargeError(
@@ -266,24 +263,25 @@ class _Tensors:
                 f"{self._max_tensor_bytes} bytes"
             )
         tensor = _Tensor(event.meta, event.data_offset, event.data_size)
+        if self._model_dtype is None:  # a file read back: nothing to check on the way
+            return tensor
         dtype = self._model_dtype(name)
         if dtype is None:
-            if keep_small:
-                if event.data_size > MAX_SMALL_TENSOR_BYTES:
-                    raise InvalidRequestError(
-                        f"tensor {name!r} is not in the global model, and at {event.data_size} "
-                        f"bytes too large to be a metric"
-                    )
-                tensor.small = bytearray()
-        elif self._check_finite and dtype.kind == "f":
+            if event.data_size > MAX_SMALL_TENSOR_BYTES:
+                raise InvalidRequestError(
+                    f"tensor {name!r} is not in the global model, and at {event.data_size} "
+                    f"bytes too large to be a metric"
+                )
+            tensor.small = bytearray()
+        elif dtype.kind == "f":
             tensor.scan = _FiniteScan(dtype)
         return tensor
 
-    def arrays(self, path: Path, *, read_small: bool = False) -> tuple[ResultTensor, ...]:
+    def arrays(self, path: Path) -> tuple[ResultTensor, ...]:
         """Every tensor, checked; model tensors mapped read-only from `path`."""
-        return tuple(self._array(tensor, path, read_small) for tensor in self._done)
+        return tuple(self._array(tensor, path) for tensor in self._done)
 
-    def _array(self, tensor: _Tensor, path: Path, read_small: bool) -> ResultTensor:
+    def _array(self, tensor: _Tensor, path: Path) -> ResultTensor:
         meta = tensor.meta
         dtype, shape, expected = tensor_layout(meta, max_bytes=self._max_tensor_bytes)
         if tensor.data_size != expected:
@@ -300,7 +298,8 @@ class _Tensors:
         elif expected == 0 or tensor.data_offset is None:
             array = np.empty(shape, dtype=dtype)  # nothing to map (numpy cannot map 0 bytes)
             array.flags.writeable = False
-        elif read_small and expected <= MAX_SMALL_TENSOR_BYTES:
+        elif self._model_dtype is None and expected <= MAX_SMALL_TENSOR_BYTES:
+            # A small tensor of a file read back (a metric): read, not mapped.
             array = np.fromfile(
                 path, dtype=dtype, count=math.prod(shape), offset=tensor.data_offset
             )

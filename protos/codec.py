@@ -69,33 +69,6 @@ def encode_tensor(
 ) -> base_pb2.NamedTensor:
     """Encode `array` exactly (float32 the OpenFL way); `as_float32` asks for a cast for OpenFL."""
     tensor = base_pb2.NamedTensor()
-    encode_tensor_into(
-        tensor,
-        name,
-        array,
-        round_number=round_number,
-        tags=tags,
-        report=report,
-        as_float32=as_float32,
-    )
-    return tensor
-
-
-def encode_tensor_into(
-    tensor: base_pb2.NamedTensor,
-    name: str,
-    array: npt.ArrayLike,
-    *,
-    round_number: int = 0,
-    tags: Iterable[str] = (),
-    report: bool = False,
-    as_float32: bool = False,
-) -> None:
-    """Encode `array` into the empty `tensor`, such as a new element of a repeated field.
-
-    Filling the message in place costs one copy of the array's bytes less than building a
-    `NamedTensor` and putting it into its parent (which copies it again).
-    """
     data = encode_tensor_meta_into(
         tensor,
         name,
@@ -107,6 +80,7 @@ def encode_tensor_into(
     )
     # protobuf takes only `bytes`, so one copy out of the array is the floor.
     tensor.data_bytes = data.tobytes()
+    return tensor
 
 
 def encode_tensor_meta_into(

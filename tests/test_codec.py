@@ -20,7 +20,8 @@ from protos.codec import (
     TensorTooLargeError,
     decode_tensor,
     encode_tensor,
-    encode_tensor_into,
+    encode_tensor_meta_into,
+    tensor_bytes,
     tensor_field_parts,
 )
 
@@ -239,22 +240,21 @@ def test_decoded_array_is_read_only_view() -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "int64", ">f8"])
-def test_encode_into_a_repeated_field_is_encode(dtype: str) -> None:
-    """A tensor encoded in place into a parent's repeated field has the very bytes of encode_tensor."""
+def test_metadata_and_bytes_are_encode(dtype: str) -> None:
+    """The metadata and the array's bytes, as streams and files send them, are encode_tensor."""
     array = _sample(dtype)
-    results = aggregator_pb2.TaskResults()
-    encode_tensor_into(
-        results.tensors.add(), "t", array, round_number=3, tags=["b", "a"], report=True
-    )
-    expected = encode_tensor("t", array, round_number=3, tags=["b", "a"], report=True)
-    assert results.tensors[0].SerializeToString() == expected.SerializeToString()
+    tensor = base_pb2.NamedTensor()
+    data = encode_tensor_meta_into(tensor, "t", array, round_number=3, tags=["b", "a"], report=True)
+    assert not tensor.data_bytes
+    tensor.data_bytes = bytes(tensor_bytes(data))
+    assert tensor == encode_tensor("t", array, round_number=3, tags=["b", "a"], report=True)
 
 
-def test_encode_into_refuses_before_writing() -> None:
+def test_metadata_refuses_before_writing() -> None:
     """An unsendable array leaves the target message untouched."""
     target = base_pb2.NamedTensor()
     with pytest.raises(TensorFormatError, match="cannot be sent"):
-        encode_tensor_into(target, "bad", np.array(["a"]))
+        encode_tensor_meta_into(target, "bad", np.array(["a"]))
     assert target.ByteSize() == 0
 
 

@@ -15,7 +15,6 @@ from aggregator.upload import (
     MAX_SMALL_TENSOR_BYTES,
     ReceivedUpload,
     read_tensors_file,
-    read_upload,
     receive_upload,
 )
 from protos import aggregator_pb2
@@ -171,9 +170,9 @@ def test_an_upload_shorter_than_declared_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_kept_upload_reads_back_as_it_arrived(tmp_path: Path) -> None:
-    """`read_upload` gives the same head and tensors from the file alone."""
+    """`read_tensors_file` gives the same head and tensors from the file alone."""
     received = receive(payload(loss=0.25), tmp_path)
-    head, tensors = read_upload(received.file.path, max_tensor_bytes=2**20)
+    head, tensors = read_tensors_file(received.file.path, max_tensor_bytes=2**20)
     assert head == received.head
     assert [t.name for t in tensors] == [t.name for t in received.tensors]
     for again, first in zip(tensors, received.tensors, strict=True):

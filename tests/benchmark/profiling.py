@@ -335,7 +335,7 @@ def round_close_steps(
         with watch.step(side, "decide_close (SQLite commit)", None):
             state.decide_close(0, names)
         with watch.step(
-            side, f"store.load: read_upload of {results} (map tensors)", mb * collaborators
+            side, f"store.load: read_tensors_file of {results} (map tensors)", mb * collaborators
         ):
             loaded = [state.load(accepted) for accepted in counted]
         sources = {
