@@ -26,7 +26,7 @@ _LENGTH_DELIMITED = 2  # the wire type of bytes, strings and messages
 _SIZE_KEY = bytes([base_pb2.DataStream.SIZE_FIELD_NUMBER << 3])  # a varint field's key
 _NPBYTES_FIELD = base_pb2.DataStream.NPBYTES_FIELD_NUMBER
 _NPBYTES_KEY = _NPBYTES_FIELD << 3 | _LENGTH_DELIMITED
-_MODEL_DATA_KEY = bytes([aggregator_pb2.ModelChunk.DATA_FIELD_NUMBER << 3 | _LENGTH_DELIMITED])
+_MODEL_DATA_KEY = aggregator_pb2.ModelChunk.DATA_FIELD_NUMBER << 3 | _LENGTH_DELIMITED
 
 
 class StreamError(ValueError):
@@ -128,22 +128,31 @@ def parse_chunk(message: bytes) -> Chunk:
     view = memoryview(message)
     if view[:1] == _SIZE_KEY:
         size, at = _read_varint(view, 1)
-        if at < len(view) and view[at] == _NPBYTES_KEY:
-            length, start = _read_varint(view, at + 1)
-            if start >= 0 and length == len(view) - start:
-                return FramedChunk(size, view[start:])
+        payload = _last_field(view, at, _NPBYTES_KEY)
+        if payload is not None:
+            return FramedChunk(size, payload)
     return base_pb2.DataStream.FromString(message)
 
 
 def parse_model_chunk(message: bytes) -> aggregator_pb2.ModelChunk | memoryview:
     """A serialized `ModelChunk`: its data in place (a view) when it carries only data, as foedus
     frames data chunks; otherwise the parsed message."""
-    view = memoryview(message)
-    if view[:1] == _MODEL_DATA_KEY:
-        length, start = _read_varint(view, 1)
-        if start >= 0 and length == len(view) - start:
-            return view[start:]
-    return aggregator_pb2.ModelChunk.FromString(message)
+    data = _last_field(memoryview(message), 0, _MODEL_DATA_KEY)
+    return aggregator_pb2.ModelChunk.FromString(message) if data is None else data
+
+
+def _last_field(view: memoryview, at: int, key: int) -> memoryview | None:
+    """The value of the length-delimited field with `key` at `at`, if it runs exactly to the end.
+
+    None for anything else (another field, a length that does not fit, `at` < 0 for a varint
+    before it that did not read): the caller leaves such a message to protobuf.
+    """
+    if not 0 <= at < len(view) or view[at] != key:
+        return None
+    length, start = _read_varint(view, at + 1)
+    if start < 0 or length != len(view) - start:
+        return None
+    return view[start:]
 
 
 def _read_varint(view: memoryview, at: int) -> tuple[int, int]:
