@@ -31,26 +31,24 @@ from pathlib import Path
 import grpc
 
 from aggregator.admission import Admission, chunks_within
+from aggregator.encoded_model import EncodedModel
 from aggregator.errors import InvalidRequestError
-from aggregator.federation import DELTA_TAG, Array, Assignment, Federation, TaskResult
+from aggregator.federation import DELTA_TAG, Assignment, Federation, TaskResult
 from aggregator.identity import Gatekeeper, Header
 from aggregator.status import refusals_as_status, stream_refusals_as_status
 from aggregator.upload import receive_upload
 from plans import Limits
-from protos import aggregator_pb2, aggregator_pb2_grpc, base_pb2
-from protos.codec import encode_tensor, encode_tensor_meta_into, tensor_bytes
+from protos import aggregator_pb2, aggregator_pb2_grpc
 from protos.results_reader import Head
 from protos.stream import (
     CHUNK_BYTES,
     Chunk,
     chunk_payloads,
     declared_upload_bytes,
-    field_prefix,
 )
 
 logger = logging.getLogger(__name__)
 
-MODEL_TAGS = ("aggregated", "model")
 # A data chunk's key and length prefix take at most 11 bytes; the rest is margin.
 CHUNK_FRAMING_BYTES = 64
 # A long poll ends this long before the caller's deadline, so its answer still arrives in time.
@@ -73,6 +71,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
         self.federation = federation
         # Uploads are written here as they arrive: the store's folder, so that keeping one is
         # a rename; a store in memory keeps none, and the system's temporary folder serves.
+        # The streamed model is spooled here too (in files without a name).
         self.upload_folder = upload_folder or Path(tempfile.gettempdir())
         self.gatekeeper = gatekeeper
         self.limits = limits
@@ -83,7 +82,8 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
         self._stopping = threading.Event()
         # A chunk's data and its few bytes of framing fit in one message of the plan's limit.
         self._encoded = EncodedModel(
-            chunk_bytes=min(CHUNK_BYTES, limits.max_message_bytes - CHUNK_FRAMING_BYTES)
+            chunk_bytes=min(CHUNK_BYTES, limits.max_message_bytes - CHUNK_FRAMING_BYTES),
+            folder=self.upload_folder,
         )
 
     def stop_long_polls(self) -> None:
@@ -147,7 +147,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
 
         Answers with serialized `ModelChunk` messages (see `aggregator.server.method_handlers`):
         each tensor's chunks are encoded once per round and the same bytes go to every
-        collaborator.
+        collaborator (`aggregator.encoded_model`).
         """
         with self._authenticated(context, request.header) as caller:
             round_number = request.round_number
@@ -261,93 +261,6 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
             receiver=caller,
             federation_uuid=self.gatekeeper.federation_uuid,
         )
-
-
-class EncodedModel:
-    """The global model of one round, each tensor encoded once for all the collaborators' requests.
-
-    Two encodings, each made on first use: a `NamedTensor` for OpenFL's unary
-    `GetAggregatedTensor`, and serialized `ModelChunk`s for foedus's streamed `GetAggregatedModel`
-    (so a round served to foedus collaborators holds its model once more, not twice).
-    Keyed by (round, tensor name), emptied when a request for a newer round arrives, so it holds
-    at most one round's model. An entry is used only for the very array it was encoded from: a
-    federation that hands out a different array for the same round and name gets it re-encoded.
-    Requests for a tensor being encoded wait for that encoding instead of making their own (all
-    collaborators ask for the same tensors as a round starts); other tensors do not wait.
-    """
-
-    def __init__(self, *, chunk_bytes: int = CHUNK_BYTES) -> None:
-        self.chunk_bytes = chunk_bytes
-        self._lock = threading.Lock()
-        self._round: int | None = None
-        self._entries: dict[str, _Encoding] = {}
-
-    def tensor(self, round_number: int, name: str, array: Array) -> base_pb2.NamedTensor:
-        """`array`, the global tensor `name` of `round_number`, encoded (the same message each time).
-
-        The message is shared: callers copy it and never change it.
-        """
-        entry = self._entry(round_number, name, array)
-        with entry.lock:
-            if entry.tensor is None:
-                entry.tensor = encode_tensor(
-                    name, array, round_number=round_number, tags=MODEL_TAGS
-                )
-            return entry.tensor
-
-    def chunks(self, round_number: int, name: str, array: Array) -> tuple[bytes, ...]:
-        """`array` as the serialized `ModelChunk`s of `GetAggregatedModel` (the same bytes each time)."""
-        entry = self._entry(round_number, name, array)
-        with entry.lock:
-            if entry.chunks is None:
-                entry.chunks = model_chunks(name, array, round_number, self.chunk_bytes)
-            return entry.chunks
-
-    def _entry(self, round_number: int, name: str, array: Array) -> _Encoding:
-        with self._lock:
-            if self._round is None or round_number > self._round:
-                self._round = round_number
-                self._entries = {}
-            entry = self._entries.get(name) if round_number == self._round else None
-            if entry is None or entry.array is not array:
-                entry = _Encoding(array)
-                if round_number == self._round:  # a late request for an older round is not kept
-                    self._entries[name] = entry
-            return entry
-
-
-class _Encoding:
-    """One tensor's encodings, each made by the first request for it under `lock`."""
-
-    def __init__(self, array: Array) -> None:
-        self.array = array
-        self.lock = threading.Lock()
-        self.tensor: base_pb2.NamedTensor | None = None
-        self.chunks: tuple[bytes, ...] | None = None
-
-
-def model_chunks(
-    name: str, array: Array, round_number: int, chunk_size: int = CHUNK_BYTES
-) -> tuple[bytes, ...]:
-    """One tensor as serialized `ModelChunk`s: its metadata and size, then its data in pieces.
-
-    Each data chunk is written as its field's key and length before a slice of the array's
-    buffer, which is what protobuf would serialize, at one copy of the data instead of three.
-    """
-    meta = aggregator_pb2.ModelChunk()
-    data = encode_tensor_meta_into(
-        meta.tensor, name, array, round_number=round_number, tags=MODEL_TAGS
-    )
-    body = tensor_bytes(data)
-    meta.data_size = len(body)
-    pieces = [meta.SerializeToString()]
-    for start in range(0, len(body), chunk_size):
-        piece = body[start : start + chunk_size]
-        pieces.append(b"".join((field_prefix(_CHUNK_DATA_FIELD, len(piece)), piece)))
-    return tuple(pieces)
-
-
-_CHUNK_DATA_FIELD = aggregator_pb2.ModelChunk.DATA_FIELD_NUMBER
 
 
 def _header(header: aggregator_pb2.MessageHeader) -> Header:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
-from aggregator import servicer
+from aggregator import encoded_model
 from aggregator.federation import Array
 from aggregator.server import SERVICE, AggregatorGRPCServer, method_handlers
 from collaborator.client import AggregatorGRPCClient
@@ -91,13 +92,15 @@ def test_chunks_are_framed_and_encoded_once(
 ) -> None:
     """Header first, then per tensor its metadata and data in chunks; one encoding per round."""
     encoded: list[str] = []
-    model_chunks = servicer.model_chunks
+    model_chunks = encoded_model.model_chunks
 
-    def counting(name: str, array: Array, round_number: int, chunk_size: int) -> tuple[bytes, ...]:
+    def counting(
+        name: str, array: Array, round_number: int, chunk_size: int, *, folder: Path | None
+    ) -> encoded_model.SpooledChunks:
         encoded.append(name)
-        return model_chunks(name, array, round_number, chunk_size)
+        return model_chunks(name, array, round_number, chunk_size, folder=folder)
 
-    monkeypatch.setattr(servicer, "model_chunks", counting)
+    monkeypatch.setattr(encoded_model, "model_chunks", counting)
     plan = make_plan(certs, limits={"max_message_bytes": MIB})
     model = large_model()
     with running_aggregator(plan, make_federation(plan, model)) as server:
@@ -119,7 +122,7 @@ def test_chunks_are_framed_and_encoded_once(
             tensor.data_bytes = joined
             np.testing.assert_array_equal(decode_tensor(tensor, max_bytes=8 * MIB), model["large"])
             assert tensor == encode_tensor(
-                "large", model["large"], round_number=0, tags=servicer.MODEL_TAGS
+                "large", model["large"], round_number=0, tags=encoded_model.MODEL_TAGS
             )
     assert sorted(encoded) == ["large", "steps"]
 
@@ -198,7 +201,7 @@ def tensor_chunks(
 ) -> list[aggregator_pb2.ModelChunk]:
     return [
         aggregator_pb2.ModelChunk.FromString(chunk)
-        for chunk in servicer.model_chunks(name, array, round_number, 8)
+        for chunk in encoded_model.model_chunks(name, array, round_number, 8)
     ]
 
 

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 from cryptography import x509
 
-from aggregator import servicer
+from aggregator import encoded_model
 from aggregator.admission import UploadTimeoutError
+from aggregator.encoded_model import MODEL_TAGS, EncodedModel
 from aggregator.errors import (
     AuthenticationError,
     AuthorizationError,
@@ -31,7 +32,6 @@ from aggregator.errors import (
 )
 from aggregator.federation import Array, Federation
 from aggregator.server import AggregatorGRPCServer
-from aggregator.servicer import MODEL_TAGS, EncodedModel
 from aggregator.status import STATUS_CODES, status_of
 from pki.layout import CertsLayout
 from pki.local import setup_local_federation
@@ -172,7 +172,7 @@ def encodes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
         calls.append((name, round_number))
         return encode_tensor(name, array, round_number=round_number, tags=tags)
 
-    monkeypatch.setattr(servicer, "encode_tensor", counting)
+    monkeypatch.setattr(encoded_model, "encode_tensor", counting)
     return calls
 
 

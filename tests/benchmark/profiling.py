@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 
 from aggregator.admission import chunks_within
+from aggregator.encoded_model import EncodedModel
 from aggregator.fedavg import MappedArraySource, average_sources
 from aggregator.federation import METRIC_TAG, Accepted, RoundCommit, RoundRecord, TaskResult
-from aggregator.servicer import EncodedModel
 from aggregator.state import DurableState
 from aggregator.storage import OutputFolder
 from aggregator.upload import receive_upload
@@ -298,10 +298,14 @@ def download_steps(watch: Stopwatch, model: Mapping[str, Array]) -> None:
     reply = aggregator_pb2.MessageHeader(
         sender=AGGREGATOR_ID, receiver=collaborator, federation_uuid=FEDERATION
     )
-    with watch.step(down, "server: EncodedModel.chunks -> model_chunks (once a round)", mb):
+    with watch.step(
+        down, "server: EncodedModel.chunks -> model_chunks, spooled (once a round)", mb
+    ):
+        spooled = [encoded.chunks(0, name, array) for name, array in model.items()]
+    with watch.step(down, "server: the chunks read back from the spool (each request)", mb):
         wire = [aggregator_pb2.ModelChunk(header=reply).SerializeToString()]
-        for name, array in model.items():
-            wire += encoded.chunks(0, name, array)
+        for chunks in spooled:
+            wire += chunks
     with watch.step(down, "client: parse_model_chunk of each chunk (data views)", mb):
         parsed = [parse_model_chunk(data) for data in wire]
     client = AggregatorGRPCClient(  # opens no channel: only its stream assembly is used
