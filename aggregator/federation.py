@@ -229,8 +229,12 @@ class ResultStore(Protocol):
     def decide_close(self, round_number: int, reporters: Sequence[str]) -> None:
         """Fix who reported in a round that is being closed."""
 
-    def commit_round(self, commit: RoundCommit) -> None:
-        """Close the round for good: next round, its model, the record, the best."""
+    def commit_round(self, commit: RoundCommit) -> Mapping[str, Array] | None:
+        """Close the round for good: next round, its model, the record, the best.
+
+        Returns the new model as the store keeps it, for the federation to hold instead (None:
+        hold the arrays of `commit.model`).
+        """
 
 
 @dataclass
@@ -261,9 +265,10 @@ class MemoryStore:
     def decide_close(self, round_number: int, reporters: Sequence[str]) -> None:
         """Nothing to make durable."""
 
-    def commit_round(self, commit: RoundCommit) -> None:
-        """Keep the round's record."""
+    def commit_round(self, commit: RoundCommit) -> Mapping[str, Array] | None:
+        """Keep the round's record; the model stays the arrays given."""
         self.closed.append(commit.record)
+        return None
 
 
 class Federation:
@@ -301,8 +306,9 @@ class Federation:
         self.total_rounds = rounds + (1 if self.final_validation else 0)
         self._clock = clock
         start = progress or Progress(round_number=0, model=model)
+        # asanyarray: a model mapped from its file stays mapped (`np.memmap`), holding no memory.
         self._model: Mapping[str, Array] = {
-            name: np.asarray(array) for name, array in start.model.items()
+            name: np.asanyarray(array) for name, array in start.model.items()
         }
         self._round = start.round_number
         # (collaborator, task) -> accepted this round
@@ -692,7 +698,7 @@ class Federation:
                 best=best or self._best,
                 best_model=best_model,
             )
-            self.store.commit_round(
+            kept = self.store.commit_round(
                 RoundCommit(
                     record=summary.record,
                     model=model if trained else None,
@@ -705,7 +711,7 @@ class Federation:
                 self._closing = False
             raise
         with self._round_changed:
-            self._model = model
+            self._model = model if kept is None else kept
             self._previous = frozenset(self._results)
             self._results = {}
             self._round += 1

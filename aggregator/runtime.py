@@ -138,6 +138,7 @@ class Runtime:
             summary = self.federation.close_round_if_due()
             if summary is not None:
                 self.record(summary)
+                del summary  # or the arrays the model was averaged into live while we wait
             if not self.federation.finished:
                 continue
             if finished_at is None:

@@ -80,12 +80,12 @@ from aggregator.storage import (
     METRICS,
     fsync_folder,
     is_temporary,
+    read_model,
+    read_model_tensors,
     write_model,
     write_tensors,
 )
 from aggregator.upload import read_tensors_file
-from protos.codec import TensorFormatError
-from protos.stream import StreamError
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,6 @@ STATE_DIR = "state"
 DATABASE = "state.sqlite"
 MODELS = "models"
 ROUNDS = "rounds"
-_MODEL_TENSORS_FIELD = 1  # ModelProto.tensors
 UPLOADS = "uploads"  # uploads being received (`aggregator.upload`), not yet accepted
 UPLOAD_SUFFIX = ".upload"  # an accepted result kept as it was sent: a serialized TaskResults
 _HASH_BLOCK = 1024 * 1024
@@ -242,8 +241,10 @@ class DurableState:
                     f"{folder}: holds the saved state of federation {row[0]!r}, not of this "
                     f"plan's federation {federation_uuid!r}"
                 )
-            # A new state's model is the one just written: no need to read it back.
-            state.recovered = state._recover(fresh, model if fresh else None)
+            # Also a new state's model is read back: mapped from its file, it holds no memory
+            # of ours, where the arrays it was made from would hold all of it.
+            del model
+            state.recovered = state._recover(fresh)
         except BaseException:
             connection.close()
             raise
@@ -332,9 +333,7 @@ class DurableState:
         if stored.name.endswith(UPLOAD_SUFFIX):
             _, tensors = read_tensors_file(path, max_tensor_bytes=self.max_tensor_bytes)
         else:
-            tensors = tuple(
-                ResultTensor(name, tags, array) for name, array, tags in self._read(stored)
-            )
+            tensors = self._read(stored)
         return TaskResult(
             collaborator=accepted.collaborator,
             round_number=accepted.round_number,
@@ -351,14 +350,20 @@ class DurableState:
                 (json.dumps(list(reporters)), round_number),
             )
 
-    def commit_round(self, commit: RoundCommit) -> None:
-        """Write the next round's model file, then commit the round in one transaction, then tidy."""
+    def commit_round(self, commit: RoundCommit) -> Mapping[str, Array] | None:
+        """Write the next round's model file, then commit the round in one transaction, then tidy.
+
+        Returns the new model mapped from its file (None when the model did not change), for the
+        federation to hold instead of the arrays it was written from.
+        """
         record = commit.record
         finished_round = record.round_number
         current = self._model
         model = current
+        kept: dict[str, Array] | None = None
         if commit.model is not None:
             model = self._write_model(finished_round + 1, commit.model)
+            kept = read_model(self.root / model.name, self.max_tensor_bytes)  # just written
         best_file, best = self._best_file, self._best
         if commit.best is not None:
             best_file, best = (current if commit.best_is_round_model else model), commit.best
@@ -388,6 +393,7 @@ class DurableState:
         self._model, self._best_file, self._best = model, best_file, best
         self._last_model_rounds = last_rounds
         self._tidy(finished_round + 1, keep=None)
+        return kept
 
     # -- what the runtime needs after a restart --------------------------------------------
 
@@ -395,7 +401,7 @@ class DurableState:
         """The model of the best score so far (None: no best yet)."""
         if self._best_file is None:
             return None
-        return dict((name, array) for name, array, _ in self._read(self._best_file))
+        return {tensor.name: tensor.array for tensor in self._read(self._best_file)}
 
     def disk_files(self) -> list[str]:
         """Every file under ``state/`` but the database's, relative to it, sorted (for tests)."""
@@ -418,7 +424,7 @@ class DurableState:
             )
         logger.info("new aggregator state in %s for federation %s", self.root, federation_uuid)
 
-    def _recover(self, fresh: bool, model: Mapping[str, Array] | None = None) -> Recovered:
+    def _recover(self, fresh: bool) -> Recovered:
         """Load the committed state, check its files, remove what a crash left behind."""
         row = self._query_one(
             "SELECT round, model_file, model_sha256, closing, last_model_rounds, best_value, "
@@ -435,8 +441,7 @@ class DurableState:
         if best_value is not None and best_file is not None:
             self._best = Best(float(best_value), int(best_rounds))
             self._best_file = StoredFile(best_file, best_sha)
-        if model is None:
-            model = {name: array for name, array, _ in self._read(self._model)}
+        model = {tensor.name: tensor.array for tensor in self._read(self._model)}
         accepted, dropped = self._recover_results(round_number)
         previous = frozenset(
             (collaborator, task)
@@ -502,26 +507,11 @@ class DurableState:
         _make_folder(path.parent)
         return StoredFile(name, write_model(path, model, round_number=round_number))
 
-    def _read(self, stored: StoredFile) -> list[tuple[str, Array, frozenset[str]]]:
-        """The tensors of a `ModelProto` state file, after checking its SHA-256.
-
-        Read a block at a time and mapped from the file: reading a model whole would hold its
-        bytes, their parse and the arrays at once (three times the model).
-        """
+    def _read(self, stored: StoredFile) -> tuple[ResultTensor, ...]:
+        """The tensors of a `ModelProto` state file, mapped from it, after checking its SHA-256."""
         path = self.root / stored.name
         _check_sha256(path, stored.sha256)
-        try:
-            _, tensors = read_tensors_file(
-                path, max_tensor_bytes=self.max_tensor_bytes, tensors_field=_MODEL_TENSORS_FIELD
-            )
-        except (StreamError, TensorFormatError) as error:
-            raise ModelFileError(f"{path}: not a model file: {error}") from None
-        if not tensors:
-            raise ModelFileError(f"{path}: not a model file: it holds no tensors")
-        names = [tensor.name for tensor in tensors]
-        if "" in names or len(set(names)) != len(names):
-            raise ModelFileError(f"{path}: a tensor has no name, or appears more than once")
-        return [(tensor.name, tensor.array, tensor.tags) for tensor in tensors]
+        return read_model_tensors(path, self.max_tensor_bytes)
 
     def _tidy(self, round_number: int, keep: set[str] | None) -> None:
         """Delete result files of rounds before `round_number`, unreferenced models, temporaries.

@@ -28,12 +28,14 @@ from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
-from google.protobuf.message import DecodeError
 
 from aggregator.errors import ModelFileError, StorageError
 from aggregator.failpoints import failpoint
+from aggregator.federation import ResultTensor
+from aggregator.upload import read_tensors_file
 from protos import base_pb2
-from protos.codec import TensorFormatError, decode_tensor, encode_tensor, tensor_field_parts
+from protos.codec import TensorFormatError, encode_tensor, tensor_field_parts
+from protos.stream import StreamError
 
 Array = npt.NDArray[np.generic]
 MODEL_TAG = "model"
@@ -125,41 +127,35 @@ _TENSORS_FIELD = base_pb2.ModelProto.TENSORS_FIELD_NUMBER
 
 def read_model(path: Path, max_tensor_bytes: int) -> dict[str, Array]:
     """Read and check a `ModelProto` file; `ModelFileError` names the file and what is wrong."""
-    return {name: array for name, array, _ in read_tensors(path, read_file(path), max_tensor_bytes)}
+    return {tensor.name: tensor.array for tensor in read_model_tensors(path, max_tensor_bytes)}
 
 
-def read_file(path: Path) -> bytes:
-    """The bytes of a model or results file; `ModelFileError` when it is missing or unreadable."""
+def read_model_tensors(path: Path, max_tensor_bytes: int) -> tuple[ResultTensor, ...]:
+    """The checked tensors of a `ModelProto` file, with their tags; `ModelFileError` if bad.
+
+    Read a block at a time, its tensors mapped from the file (small ones read): reading a model
+    whole would hold its bytes, their parse and the arrays at once, three times the model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file not found")
     try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise ModelFileError(f"{path}: model file not found") from None
-    except OSError as error:
-        raise ModelFileError(f"{path}: cannot read model file: {error.strerror or error}") from None
-
-
-def read_tensors(path: Path, data: bytes, max_tensor_bytes: int) -> list[NamedArray]:
-    """The checked tensors of a `ModelProto` file's bytes (`path` names it in errors)."""
-    proto = base_pb2.ModelProto()
-    try:
-        proto.ParseFromString(data)
-    except DecodeError as error:
+        _, tensors = read_tensors_file(
+            path, max_tensor_bytes=max_tensor_bytes, tensors_field=_TENSORS_FIELD
+        )
+    except (StreamError, TensorFormatError) as error:
         raise ModelFileError(f"{path}: not a ModelProto file: {error}") from None
-    if not proto.tensors:
+    except StorageError as error:  # it could not be read
+        raise ModelFileError(str(error)) from None
+    if not tensors:
         raise ModelFileError(f"{path}: not a model file: it holds no tensors")
-    tensors: list[NamedArray] = []
     seen: set[str] = set()
-    for tensor in proto.tensors:
+    for tensor in tensors:
         if not tensor.name:
             raise ModelFileError(f"{path}: a tensor has no name")
         if tensor.name in seen:
             raise ModelFileError(f"{path}: tensor {tensor.name!r} appears more than once")
         seen.add(tensor.name)
-        try:
-            array = decode_tensor(tensor, max_bytes=max_tensor_bytes)
-        except TensorFormatError as error:
-            raise ModelFileError(f"{path}: {error}") from None
-        tensors.append((tensor.name, array, frozenset(tensor.tags)))
     return tensors
 
 

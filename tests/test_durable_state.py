@@ -508,3 +508,32 @@ def test_a_streamed_upload_is_kept_as_it_arrived(tmp_path: Path) -> None:
         assert damaged.recovered.dropped == ("rounds/0/bob-train.upload",)
     finally:
         damaged.close()
+
+
+def test_the_global_model_is_held_mapped_from_its_file(tmp_path: Path) -> None:
+    """From the start and after each close, the model is the state's file mapped, not arrays of ours."""
+    large = {"w": np.arange(100_000, dtype=np.float32), "b": np.zeros(2, np.float64)}
+    state = DurableState.open(tmp_path / "out", UUID, lambda: large, max_tensor_bytes=2**20)
+    try:
+        fed = Federation(
+            collaborators=("alice",),
+            tasks=("train",),
+            rounds=2,
+            model=large,
+            store=state,
+            progress=state.recovered.progress,
+        )
+        [(_, first)] = fed.global_tensors(["w"], 0)
+        assert isinstance(first, np.memmap) and first.filename is not None
+        assert Path(first.filename).parent == state.root / "models"
+        trained = (
+            ResultTensor("w", frozenset(), first + 1),
+            ResultTensor("b", frozenset(), np.ones(2)),
+        )
+        assert fed.submit(TaskResult("alice", 0, "train", 5, trained))
+        assert fed.close_round_if_due() is not None
+        [(_, after)] = fed.global_tensors(["w"], 1)
+        assert isinstance(after, np.memmap) and after.filename not in (None, first.filename)
+        np.testing.assert_array_equal(after, large["w"] + 1)
+    finally:
+        state.close()

@@ -15,7 +15,7 @@ from aggregator.storage import (
     OutputFolder,
     model_bytes,
     read_model,
-    read_tensors,
+    read_model_tensors,
     tensors_bytes,
     write_atomic,
     write_model,
@@ -36,6 +36,12 @@ def test_model_round_trips_exactly(tmp_path: Path) -> None:
     write_model(path, model, round_number=4)
     loaded = read_model(path, LIMIT)
     assert sorted(loaded) == sorted(model)
+    # Read a block at a time: a large tensor is mapped from the file, never held whole.
+    large = {"large": np.arange(LIMIT // 8, dtype=np.float64)}
+    write_model(tmp_path / "large.pbuf", large)
+    mapped = read_model(tmp_path / "large.pbuf", LIMIT)["large"]
+    assert isinstance(mapped, np.memmap)
+    np.testing.assert_array_equal(mapped, large["large"])
     for name, array in model.items():
         assert loaded[name].dtype == array.dtype, name
         assert loaded[name].shape == array.shape, name
@@ -173,10 +179,13 @@ def test_tagged_tensors_round_trip_with_their_tags(tmp_path: Path) -> None:
     ]
     data = tensors_bytes(tensors, round_number=3)
     assert tensors_bytes(reversed(tensors), round_number=3) == data
-    loaded = {name: (array, tags) for name, array, tags in read_tensors(tmp_path, data, LIMIT)}
+    path = tmp_path / "results.pbuf"
+    path.write_bytes(data)
+    loaded = {tensor.name: tensor for tensor in read_model_tensors(path, LIMIT)}
     for name, array, tags in tensors:
-        assert loaded[name][0].tobytes() == array.tobytes() and loaded[name][0].dtype == array.dtype
-        assert tags <= loaded[name][1]
+        assert loaded[name].array.tobytes() == array.tobytes()
+        assert loaded[name].array.dtype == array.dtype
+        assert tags <= loaded[name].tags
 
 
 def test_streamed_files_hold_the_serialized_bytes(tmp_path: Path) -> None:
