@@ -20,10 +20,12 @@ from typing import Any
 import numpy as np
 import yaml
 
+from aggregator.storage import write_model
 from collaborator.client import AggregatorGRPCClient, NamedArray
 from pki.layout import CertsLayout
 from plans import Limits, Plan
 from plans.runners import Array
+from plans.schema import RunnerSettings
 
 # isort: split
 # The benchmark's own modules, beside this file.
@@ -178,9 +180,20 @@ def write_plan(
     limits: Mapping[str, int] | None = None,
     rounds: int = 1,
 ) -> Path:
-    """A `train` plan of `rounds` rounds for `phase` with the no-op runner, on a port the OS picks."""
+    """A `train` plan of `rounds` rounds for `phase` with the no-op runner, on a port the OS picks.
+
+    The aggregator starts from the no-op runner's model written to a file (as OpenFL's aggregator
+    starts from its `init.pbuf`): the runner builds its model once per process and keeps it,
+    which in the aggregator's process would count a model's size of the runner's in the
+    aggregator's memory figures.
+    """
     folder = run.work / phase
     folder.mkdir(parents=True, exist_ok=True)
+    settings = {"model_mb": model_mb, "tensors": tensors}
+    initial_model = folder / "initial_model.pbuf"
+    write_model(
+        initial_model, noop_runner.NoopRunner.initial_model(RunnerSettings(RUNNER, 0, settings))
+    )
     document = {
         "federation": {
             "name": f"bench-{phase}",
@@ -195,6 +208,7 @@ def write_plan(
             "san_dns": ["localhost"],
             "san_ips": ["127.0.0.1"],
             "output_dir": str(folder / "output"),
+            "initial_model": str(initial_model),
             "grace_seconds": 1,
             "long_poll_seconds": 5,
             "quit_grace_seconds": 30,
@@ -205,7 +219,7 @@ def write_plan(
         "runner": {
             "name": RUNNER,
             "seed": 0,
-            "settings": {"model_mb": model_mb, "tensors": tensors},
+            "settings": settings,
         },
         "straggler": {"policy": "wait_for_all"},
         "limits": dict(limits or {}),
