@@ -7,6 +7,11 @@ hundreds of megabytes it no longer used. Two arenas, and trimming freed memory a
 peak in `make bench`'s round from 775 to 521 MB at the same round time (measured with the
 equivalent MALLOC_ARENA_MAX=2 MALLOC_TRIM_THRESHOLD_=0 environment).
 
+Trimming at once gives back only the top of each heap: what a round's uploads freed in the
+middle of one stays with the process. `release_free_memory`, called after each round's close,
+gives that back too: the aggregator's memory in make bench's second round fell from 474 to
+297-365 MB, for 13-26 ms a round.
+
 Only glibc has these settings; elsewhere nothing changes.
 """
 
@@ -39,3 +44,15 @@ def return_freed_memory() -> bool:
     if not done:
         logger.debug("mallopt refused the settings; the allocator keeps its defaults")
     return done
+
+
+def release_free_memory() -> bool:
+    """Give the free memory inside glibc's heaps back to the system; False where that is not glibc."""
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes = (ctypes.c_size_t,)
+    malloc_trim.restype = ctypes.c_int
+    malloc_trim(0)
+    return True

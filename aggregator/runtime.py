@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TextIO
 
+from aggregator.allocator import release_free_memory
 from aggregator.federation import Array, Best, Federation, RoundRecord, RoundSummary
 from aggregator.server import DEFAULT_WORKERS, AggregatorGRPCServer
 from aggregator.state import DurableState
@@ -139,6 +140,7 @@ class Runtime:
             if summary is not None:
                 self.record(summary)
                 del summary  # or the arrays the model was averaged into live while we wait
+                release_free_memory()  # what the round's uploads and close freed
             if not self.federation.finished:
                 continue
             if finished_at is None:
