@@ -28,7 +28,7 @@ from typing import NoReturn
 import numpy as np
 
 from aggregator import failpoints
-from aggregator.allocator import return_freed_memory
+from aggregator.allocator import tune_allocator
 from aggregator.errors import ModelFileError, ServerError, StorageError
 from aggregator.federation import Array
 from aggregator.runtime import serve
@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(error), EXIT_BAD_INPUT)
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else EXIT_OK
-    return_freed_memory()  # before any thread starts (see aggregator.allocator)
+    tune_allocator()  # before any thread starts (see aggregator.allocator)
     with _logging(args.log_level):
         try:
             return _start(args.plan, reset=args.reset)
