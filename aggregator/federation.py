@@ -650,11 +650,15 @@ class Federation:
 
     # -- closing rounds ---------------------------------------------------------------------------
 
-    def close_round_if_due(self) -> RoundSummary | None:
+    def close_round_if_due(
+        self, *, on_close: Callable[[], object] | None = None
+    ) -> RoundSummary | None:
         """Close the round if the straggler policy says so: aggregate, move on, wake the waiters.
 
         A close decided before a restart (`Progress.closing`) is due at once, with the same
         reporters. The round is committed to the store before anyone sees the next round.
+        `on_close` is called once the close is decided, before the results are read (the
+        runtime gives the memory the uploads freed back to the system then).
         """
         with self._lock:
             if self.finished or self._closing:
@@ -681,6 +685,8 @@ class Federation:
                 self.store.decide_close(round_number, reporters)
                 with self._lock:
                     self._decided = reporters
+            if on_close is not None:
+                on_close()
             model, trained, metrics = self._aggregate(counted, round_model, round_tasks)
             best, best_model = self._improved_best(round_number, metrics, round_model, model)
             now = self._clock()

@@ -136,11 +136,13 @@ class Runtime:
         waiting: tuple[str, ...] = ()
         while not stop.is_set():
             self.federation.wait_for_submission(self.tick)
-            summary = self.federation.close_round_if_due()
+            # Freed memory is given back before the close (what the uploads freed) and after it
+            # (what the averaging freed), so neither adds to the other's peak.
+            summary = self.federation.close_round_if_due(on_close=release_free_memory)
             if summary is not None:
                 self.record(summary)
                 del summary  # or the arrays the model was averaged into live while we wait
-                release_free_memory()  # what the round's uploads and close freed
+                release_free_memory()
             if not self.federation.finished:
                 continue
             if finished_at is None:

@@ -92,12 +92,14 @@ def report(fed: Federation, collaborator: str, **fields: object) -> None:
 def test_round_advances_when_everyone_reported() -> None:
     """With wait_for_all the round closes once all three reported, and the model is their mean."""
     fed = federation()
+    closes: list[int] = []  # on_close runs once a close is decided, before the averaging
     for name, value in (("alice", 1.0), ("bob", 2.0)):
         report(fed, name, value=value)
-    assert fed.close_round_if_due() is None
+    assert fed.close_round_if_due(on_close=lambda: closes.append(fed.round_number)) is None
+    assert closes == []
     report(fed, "carol", value=6.0, data_size=20)
-    summary = fed.close_round_if_due()
-    assert summary is not None
+    summary = fed.close_round_if_due(on_close=lambda: closes.append(fed.round_number))
+    assert summary is not None and closes == [0]
     assert (summary.round_number, summary.reporters, summary.missing) == (0, COLLABORATORS, ())
     assert fed.round_number == 1
     assert fed.assignment("alice").tasks == ("train",)
