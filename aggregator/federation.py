@@ -52,7 +52,12 @@ import numpy.typing as npt
 
 from aggregator.errors import InvalidRequestError, PreconditionError, StorageError
 from aggregator.failpoints import failpoint
-from aggregator.fedavg import MappedArraySource, average_sources, weighted_metrics
+from aggregator.fedavg import (
+    AVERAGING_THREADS,
+    MappedArraySource,
+    average_sources,
+    weighted_metrics,
+)
 from plans.schema import (
     AGGREGATED_MODEL_VALIDATION,
     TRAIN,
@@ -782,7 +787,11 @@ class Federation:
                     averaged[task] = means
             if not contributions:
                 return model, False, averaged
-            return average_sources(model, contributions), True, averaged
+            return (
+                average_sources(model, contributions, workers=AVERAGING_THREADS),
+                True,
+                averaged,
+            )
         finally:
             for _, source in contributions.values():
                 source.close()

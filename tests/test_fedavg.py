@@ -328,6 +328,10 @@ def test_sources_give_the_bits_of_the_whole_model_formula(
     parts, reference, slice_elements = case
     with np.errstate(all="ignore"):  # inf - inf and overflowing casts warn, in every path alike
         got = from_sources(parts, reference, slice_elements)
+        in_memory: dict[str, tuple[int, TensorSource]] = {
+            name: (weight, ArraySource(tensors)) for name, (weight, tensors) in parts.items()
+        }
+        threaded = average_sources(reference, in_memory, slice_elements=slice_elements, workers=3)
         expected = running_average(parts, reference)
         contributions = {name: Contribution(w, tensors) for name, (w, tensors) in parts.items()}
         assert_same_bits(federated_average(contributions, reference), expected)
@@ -335,6 +339,7 @@ def test_sources_give_the_bits_of_the_whole_model_formula(
             ordered = [(w, tensors["t"]) for _, (w, tensors) in sorted(parts.items())]
             assert_same_bits({"t": batch_mean(ordered, reference["t"].dtype)}, expected)
     assert_same_bits(got, expected, nan_bits=slice_elements % 64 == 0)
+    assert_same_bits(threaded, expected, nan_bits=slice_elements % 64 == 0)
 
 
 def test_nans_that_meet_keep_the_bits_of_the_old_path() -> None:
@@ -560,3 +565,29 @@ def test_a_mapped_tensor_whose_file_is_gone_is_read_through_its_mapping(tmp_path
     source = MappedArraySource({"t": mapped})
     assert source.read("t", 3, 6).tolist() == [3.0, 4.0, 5.0]
     source.close()
+
+
+def test_threads_reading_mapped_files_give_the_bits_of_one(tmp_path: Path) -> None:
+    """A close's sources (updates mapped from files) read by several threads at once: each
+    thread reads into its own buffer, and the model is the one a single thread makes."""
+    rng = np.random.default_rng(5)
+    reference = {"w": np.zeros(3000, np.float32), "n": np.zeros(7, np.int64)}
+    sources: dict[str, tuple[int, TensorSource]] = {}
+    opened: list[MappedArraySource] = []
+    for index, collaborator in enumerate(("alice", "bob", "carol", "dave")):
+        values = rng.normal(size=3000).astype(np.float32)
+        path = tmp_path / collaborator
+        path.write_bytes(b"xyz" + values.tobytes())  # odd offset, as in an upload
+        mapped = np.memmap(path, dtype=np.float32, mode="r", offset=3, shape=values.shape)
+        source = MappedArraySource({"w": mapped, "n": np.arange(7, dtype=np.int64) * index})
+        opened.append(source)
+        sources[collaborator] = (10 + index, source)
+    try:
+        single = average_sources(reference, sources, slice_elements=64)
+        threaded = average_sources(reference, sources, slice_elements=64, workers=4)
+    finally:
+        for source in opened:
+            source.close()
+    assert_same_bits(threaded, single)
+    with pytest.raises(ValueError, match="workers"):
+        average_sources(reference, sources, workers=0)

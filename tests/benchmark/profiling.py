@@ -16,7 +16,7 @@ import numpy as np
 
 from aggregator.admission import chunks_within
 from aggregator.encoded_model import EncodedModel
-from aggregator.fedavg import MappedArraySource, average_sources
+from aggregator.fedavg import AVERAGING_THREADS, MappedArraySource, average_sources
 from aggregator.federation import METRIC_TAG, Accepted, RoundCommit, RoundRecord, TaskResult
 from aggregator.state import DurableState
 from aggregator.storage import OutputFolder
@@ -352,9 +352,12 @@ def round_close_steps(
             for result in loaded
         }
         try:
-            label = f"average_sources of {results} (MappedArraySource: pread)"
+            label = (
+                f"average_sources of {results} (MappedArraySource: pread, "
+                f"{AVERAGING_THREADS} threads)"
+            )
             with watch.step(side, label, mb * collaborators):
-                averaged = average_sources(model, sources)
+                averaged = average_sources(model, sources, workers=AVERAGING_THREADS)
         finally:
             for _, source in sources.values():
                 source.close()
