@@ -107,7 +107,7 @@ class AggregatorGRPCServer:
         )
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aggregator-rpc"),
-            options=server_options(plan.limits.max_message_bytes),
+            options=server_options(plan.limits.max_message_bytes, plan.limits.stream_window_bytes),
         )
         add_servicer(self.servicer, self._server)
         self.port = 0

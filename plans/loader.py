@@ -406,6 +406,9 @@ def _limits(section: _Section) -> Limits:
         max_calls_per_collaborator=section.integer(
             "max_calls_per_collaborator", defaults.max_calls_per_collaborator, low=1, high=10_000
         ),
+        stream_window_bytes=section.optional_integer(
+            "stream_window_bytes", defaults.stream_window_bytes, low=64 * 1024, high=most
+        ),
     )
     section.finish()
     return limits

@@ -108,6 +108,9 @@ class Limits:
     allow_non_finite: bool = False  # limits.allow_non_finite: accept NaN/Inf in updates
     upload_seconds: float = 600.0  # limits.upload_seconds: one upload stream must end by then
     max_calls_per_collaborator: int = 8  # limits.max_calls_per_collaborator: at once
+    # limits.stream_window_bytes: the HTTP/2 window the aggregator gives each stream; None: gRPC
+    # sizes it from the bandwidth-delay product it measures (see protos.channel.server_options).
+    stream_window_bytes: int | None = None
 
 
 @dataclass(frozen=True)

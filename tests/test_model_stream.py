@@ -18,7 +18,7 @@ import pytest
 from aggregator import encoded_model
 from aggregator.federation import Array
 from aggregator.server import SERVICE, AggregatorGRPCServer, method_handlers
-from collaborator.client import AggregatorGRPCClient
+from collaborator.client import AggregatorGRPCClient, NamedArray
 from collaborator.errors import ResponseValidationError
 from pki.layout import CertsLayout
 from pki.tls import server_credentials
@@ -66,6 +66,27 @@ def client_for(certs: CertsLayout, port: int, **overrides: object) -> Aggregator
     return AggregatorGRPCClient.from_plan(
         plan, "alice", aggregator_address="127.0.0.1", aggregator_port=port, **overrides
     )
+
+
+def test_a_fixed_stream_window_carries_the_model_both_ways(certs: CertsLayout) -> None:
+    """Under `limits.stream_window_bytes` at its least (64 KiB), a 5 MiB tensor, many windows
+    long, arrives whole both ways: downloaded, then sent back as the train result."""
+    plan = make_plan(certs, limits={"stream_window_bytes": 64 * 1024})
+    model = large_model()
+    federation = make_federation(plan, model)
+    with (
+        running_aggregator(plan, federation) as server,
+        AggregatorGRPCClient.from_plan(
+            plan, "alice", aggregator_address="127.0.0.1", aggregator_port=server.port
+        ) as client,
+    ):
+        fetched = client.get_aggregated_model([], 0)
+        np.testing.assert_array_equal(fetched["large"], model["large"])
+        sent = [NamedArray(name, array, tags=("trained",)) for name, array in fetched.items()]
+        client.send_local_task_results(0, "train", 10, sent)
+    (stored,) = federation.results()
+    stored_bytes = {t.name: t.array.tobytes() for t in stored.tensors}
+    assert stored_bytes == {name: array.tobytes() for name, array in model.items()}
 
 
 def test_the_whole_model_arrives_exactly_past_the_message_limit(certs: CertsLayout) -> None:

@@ -183,6 +183,11 @@ def test_aggregator_id_defaults_to_openfl_form() -> None:
             "tls.certs_dir: expected a non-empty string, got ''",
             id="empty-certs-dir",
         ),
+        pytest.param(
+            [("limits.stream_window_bytes", 1000)],
+            "limits.stream_window_bytes: expected an integer 65536-",
+            id="stream-window-too-small",
+        ),
     ],
 )
 def test_problem_is_reported_by_key_path(changes: list[tuple[str, Any]], expected: str) -> None:
@@ -259,6 +264,13 @@ def test_null_means_unbounded(tmp_path: Path, key: str) -> None:
     path = _write(tmp_path / "plan.yaml", _with(_document(), (f"connection.{key}", None)))
     assert "null" in path.read_text(encoding="utf-8")
     assert getattr(load_plan(path).connection, key) is None
+
+
+def test_stream_window_is_grpcs_unless_given(tmp_path: Path) -> None:
+    """`limits.stream_window_bytes`: absent, gRPC sizes the window; a number fixes it."""
+    assert load_plan(_write(tmp_path / "a.yaml", _document())).limits.stream_window_bytes is None
+    fixed = _with(_document(), ("limits.stream_window_bytes", 4 * 1024 * 1024))
+    assert load_plan(_write(tmp_path / "b.yaml", fixed)).limits.stream_window_bytes == 4 * 2**20
 
 
 def test_certs_dir_is_relative_to_the_plan_file(
