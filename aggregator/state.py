@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -78,6 +77,7 @@ from aggregator.storage import (
     BEST_MODEL,
     LAST_MODEL,
     METRICS,
+    file_sha256,
     fsync_folder,
     is_temporary,
     read_model,
@@ -95,7 +95,6 @@ MODELS = "models"
 ROUNDS = "rounds"
 UPLOADS = "uploads"  # uploads being received (`aggregator.upload`), not yet accepted
 UPLOAD_SUFFIX = ".upload"  # an accepted result kept as it was sent: a serialized TaskResults
-_HASH_BLOCK = 1024 * 1024
 SCHEMA_VERSION = 1
 OUTPUTS = (LAST_MODEL, BEST_MODEL, METRICS)
 
@@ -639,14 +638,11 @@ def _keep(temporary: Path, path: Path) -> None:
 
 def _check_sha256(path: Path, sha256: str) -> None:
     """`ModelFileError` unless the file at `path` has that SHA-256; read a block at a time."""
-    digest = hashlib.sha256()
     try:
-        with path.open("rb") as file:
-            while block := file.read(_HASH_BLOCK):
-                digest.update(block)
+        actual = file_sha256(path)
     except OSError as error:
         raise ModelFileError(f"{path}: cannot read: {error.strerror or error}") from None
-    if digest.hexdigest() != sha256:
+    if actual != sha256:
         raise ModelFileError(f"{path}: the file does not match its SHA-256 in {DATABASE}")
 
 

@@ -22,7 +22,7 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -101,13 +101,20 @@ def write_tensors(
     digest = hashlib.sha256()
 
     def write(file: BinaryIO) -> None:
-        for name, array, tags in sorted(tensors, key=lambda tensor: tensor[0]):
-            for part in _tensor_parts(name, array, tags, round_number):
-                file.write(part)
-                digest.update(part)
+        for part in _serialized_parts(tensors, round_number):
+            file.write(part)
+            digest.update(part)
 
     _write_atomic_with(path, write, before_rename=before_rename)
     return digest.hexdigest()
+
+
+def _serialized_parts(
+    tensors: Iterable[NamedArray], round_number: int
+) -> Iterator[bytes | memoryview]:
+    """The bytes of `tensors_bytes`, in pieces: each tensor's values as they lie in its array."""
+    for name, array, tags in sorted(tensors, key=lambda tensor: tensor[0]):
+        yield from _tensor_parts(name, array, tags, round_number)
 
 
 def _tensor_parts(
@@ -123,6 +130,7 @@ def _tensor_parts(
 
 
 _TENSORS_FIELD = base_pb2.ModelProto.TENSORS_FIELD_NUMBER
+_HASH_BLOCK = 1024 * 1024
 
 
 def read_model(path: Path, max_tensor_bytes: int) -> dict[str, Array]:
@@ -200,6 +208,15 @@ def _write_atomic_with(
         raise
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of the file at `path`, read a block at a time (`OSError` if it cannot be)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while block := file.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def is_temporary(path: Path, of: str | None = None) -> bool:
     """Whether `path` is a temporary file `write_atomic` left behind (for the file named `of`)."""
     prefix = "." if of is None else f".{of}."
@@ -270,14 +287,21 @@ class OutputFolder:
         )
 
     def restore_model(self, path: Path, model: Mapping[str, Array], round_number: int) -> bool:
-        """Make `path` hold `model` (after a restart); True if it had to be written again."""
-        data = model_bytes(model, round_number=round_number)
+        """Make `path` hold `model` (after a restart); True if it had to be written again.
+
+        Compared by SHA-256, the file read and the model serialized a piece at a time: holding
+        both whole, as bytes, would take twice the model's size.
+        """
+        wanted = hashlib.sha256()
+        tagged = ((name, array, frozenset((MODEL_TAG,))) for name, array in model.items())
+        for part in _serialized_parts(tagged, round_number):
+            wanted.update(part)
         try:
-            if path.read_bytes() == data:
+            if file_sha256(path) == wanted.hexdigest():
                 return False
-        except OSError:
+        except OSError:  # missing or unreadable: written again
             pass
-        write_atomic(path, data)
+        write_model(path, model, round_number=round_number)
         return True
 
     def append_metrics(self, row: Mapping[str, object]) -> None:
