@@ -16,7 +16,8 @@ Phases, in order:
    written and fsynced (`disk_write_mb_s`), and the time the round's results alone take at
    that rate (`round_disk_floor_seconds`): accepted results are on disk before the OK, a floor
    raw gRPC, which stores nothing, does not have.
-2. transfer: `aggregator start` as a process, a model of `payload_mb` from the no-op runner;
+2. transfer: `aggregator start` as a process, started from a model of `payload_mb` (the no-op
+   runner's, written to a file: `harness.write_plan` says why);
    one `AggregatorGRPCClient` fetches the model in one streamed call (`download_mb_s`,
    `GetAggregatedModel`) and sends a train result
    of the same size (`upload_mb_s`; each sample by another collaborator, so each is a first
