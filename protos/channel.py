@@ -33,8 +33,9 @@ def server_options(
     product it measures (BDP probing), so a collaborator far away still fills its link; with
     `stream_window_bytes` the window is fixed: less memory, and at most that many bytes per round
     trip (4 MiB over 100 ms: 40 MB/s). In make bench's round of 8 concurrent 100 MB uploads
-    on loopback, 4 MiB held the aggregator's peak at 241-274 MB against 286-344 MB by default,
-    at the same round time (three runs each).
+    on loopback the aggregator's peak was 241-274 MB with 4 MiB (three runs), 295-321 MB with
+    8 MiB, 357-438 MB with 16 MiB (two runs each) and 286-429 MB by default, at the same round
+    time.
     """
     window: list[tuple[str, int | str]] = []
     if stream_window_bytes is not None:
