@@ -18,8 +18,8 @@ aggregator CPU 5.3-6.4 s, peak 307-384 MB; with the thresholds above, 4.4-4.6 s,
 358-413 MB.
 
 What is freed in the middle of a heap stays with the process; `release_free_memory`, called
-after each round's close, gives that back too (13-26 ms): after a round the aggregator held
-~330 MB where it had held 60 MB before it, ~75 MB with it.
+before and after each round's close, gives that back too (13-26 ms each): after a round the
+aggregator held ~330 MB where it had held 60 MB before it, ~75 MB with it.
 
 Only glibc has these settings; elsewhere nothing changes.
 """
