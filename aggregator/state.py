@@ -5,14 +5,18 @@ Everything lives in ``OUTPUT_DIR/state/``, beside the user-facing outputs::
     state/state.sqlite                        bookkeeping (SQLite, WAL, synchronous=FULL)
     state/models/round-<n>.pbuf               global models: the current round's, and the best
     state/rounds/<round>/<collaborator>-<task>.upload  the current round's accepted results
-    state/uploads/                            uploads being received, not yet accepted
+    state/uploads/                            uploads being received, not yet accepted, and
+                                              the round's model chunks (`aggregator.encoded_model`,
+                                              a file without a name)
 
 An accepted result is kept as it was streamed (`aggregator.upload`): the serialized `TaskResults`
 written as it arrived, fsynced, renamed into place, the folder fsynced, so accepting it writes
 no byte twice. Results handed over in memory (`.pbuf`) and models are `ModelProto` files
 (`aggregator.storage`) written atomically the same way. A file is never changed once written, and
 the database names it with its SHA-256 (of an upload: hashed as it arrived), checked when the
-state is recovered and whenever a `ModelProto` file is read back. The database holds:
+state is recovered and whenever a `ModelProto` file written earlier is read back. Because no
+file changes, the federation holds the global model as its file mapped (`commit_round` maps the
+one it has just written and returns it). The database holds:
 
 * ``federation`` (one row): the federation's uuid, the round in progress, the file of its global
   model, the reporters of a close decided but not committed (``closing``), the training rounds of
