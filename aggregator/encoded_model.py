@@ -7,7 +7,7 @@ Two encodings of each tensor, each made by the first request that needs it:
   has no name (`SpooledChunks`) and read back for each request. The aggregator then holds none of
   the model's bytes for its downloads (the page cache does, and can drop them under pressure),
   and a tensor mapped from the state's model file goes into the spool by a copy in the kernel
-  (`os.copy_file_range`), so its pages never count in the aggregator's memory either. Reading a
+  (`aggregator.mapped`), so its pages never count in the aggregator's memory either. Reading a
   2 MiB chunk back costs one `pread` per request: what gRPC needs is a `bytes` object per message,
   which a chunk held in memory gave without it, at the price of holding the whole model once more.
 """
@@ -19,23 +19,18 @@ import tempfile
 import threading
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import numpy as np
-
 from aggregator.errors import StorageError
 from aggregator.federation import Array
+from aggregator.mapped import FileRange, copy_range, mapped_file, write_all
 from protos import aggregator_pb2, base_pb2
 from protos.codec import encode_tensor, encode_tensor_meta_into, tensor_bytes
 from protos.stream import CHUNK_BYTES, field_prefix
 
 MODEL_TAGS: Final = ("aggregated", "model")
 _CHUNK_DATA_FIELD: Final = aggregator_pb2.ModelChunk.DATA_FIELD_NUMBER
-_COPY_BYTES: Final = 1024 * 1024  # what is copied at a time where the kernel cannot copy files
-# Linux only: a copy between files that never leaves the kernel.
-_copy_file_range = getattr(os, "copy_file_range", None)
 
 
 class EncodedModel:
@@ -123,21 +118,12 @@ def model_chunks(
     meta.data_size = size
     spool = SpooledChunks(folder)
     spool.append(meta.SerializeToString())
-    mapped = _mapped_range(array, data)
+    mapped = mapped_file(array, data)
     with _Body(data, mapped) as body:
         for start in range(0, size, chunk_bytes):
             piece = min(chunk_bytes, size - start)
             spool.append(field_prefix(_CHUNK_DATA_FIELD, piece), body.part(start, piece))
     return spool
-
-
-@dataclass(frozen=True)
-class FileRange:
-    """`size` bytes of the open file `descriptor` from `offset`."""
-
-    descriptor: int
-    offset: int
-    size: int
 
 
 class SpooledChunks:
@@ -175,10 +161,10 @@ class SpooledChunks:
         try:
             for part in parts:
                 if isinstance(part, FileRange):
-                    _copy_range(part, self._descriptor)
+                    copy_range(part, self._descriptor)
                     self._size += part.size
                 else:
-                    self._size += _write_all(self._descriptor, part)
+                    self._size += write_all(self._descriptor, part)
         except OSError as error:
             raise StorageError(f"cannot spool the model: {error.strerror or error}") from None
         self._messages.append((start, self._size - start))
@@ -224,49 +210,3 @@ class _Body:
     def __exit__(self, *exc: object) -> None:
         if self._descriptor is not None:
             os.close(self._descriptor)
-
-
-def _mapped_range(array: Array, data: Array) -> tuple[str, int] | None:
-    """(file, offset) where `data`'s bytes lie when `array` is them, mapped from a file.
-
-    Reading a mapped tensor's file instead of its mapping keeps its pages out of the process.
-    """
-    if (
-        isinstance(array, np.memmap)
-        and array.filename is not None
-        and array.dtype == data.dtype
-        and array.flags.c_contiguous
-        and data.nbytes
-    ):
-        return str(array.filename), int(array.offset)
-    return None
-
-
-def _write_all(descriptor: int, data: bytes | memoryview) -> int:
-    view = memoryview(data).cast("B")
-    done = 0
-    while done < len(view):
-        done += os.write(descriptor, view[done:])
-    return done
-
-
-def _copy_range(source: FileRange, target: int) -> None:
-    """Append `source` to the file `target`: in the kernel where it can, else through a buffer."""
-    done = 0
-    while _copy_file_range is not None and done < source.size:
-        try:
-            copied = _copy_file_range(
-                source.descriptor, target, source.size - done, source.offset + done
-            )
-        except OSError:  # not between these files (another file system, an old kernel)
-            break
-        if copied == 0:
-            raise OSError(0, "the model file ends before its tensor does")
-        done += copied
-    while done < source.size:
-        block = os.pread(
-            source.descriptor, min(_COPY_BYTES, source.size - done), source.offset + done
-        )
-        if not block:
-            raise OSError(0, "the model file ends before its tensor does")
-        done += _write_all(target, block)

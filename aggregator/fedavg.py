@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -174,6 +174,38 @@ def average_sources(
     the reference's shape and dtype; that is the caller's business, only the length of each
     slice read is checked.
     """
+    references = _averageable(reference)
+    averaged = {name: np.empty(like.shape, dtype=like.dtype) for name, like in references.items()}
+    flat = {name: array.reshape(-1) for name, array in averaged.items()}  # views: C-contiguous
+
+    def keep(name: str, start: int, values: Array) -> None:
+        flat[name][start : start + values.size] = values
+
+    average_sources_into(
+        references, contributions, keep, slice_elements=slice_elements, workers=workers
+    )
+    return averaged
+
+
+# Where `average_sources_into` hands each averaged slice: (tensor name, its first element's
+# index in C order, the values in the tensor's dtype, valid only during the call).
+SliceSink = Callable[[str, int, Array], None]
+
+
+def average_sources_into(
+    reference: Mapping[str, Array],
+    contributions: Mapping[str, tuple[int, TensorSource]],
+    sink: SliceSink,
+    *,
+    slice_elements: int = SLICE_ELEMENTS,
+    workers: int = 1,
+) -> None:
+    """`average_sources`, each averaged slice handed to `sink` instead of kept: where the model
+    is written as it is averaged, memory is a few slices whatever the model's size.
+
+    Tensors come in name order; with `workers` > 1 a float tensor's slices come from that many
+    threads at once, in no particular order (`sink` must take them so).
+    """
     if not contributions:
         raise ValueError("nothing to average: no contributions")
     if any(weight <= 0 for weight, _ in contributions.values()):
@@ -186,39 +218,37 @@ def average_sources(
     length = min(slice_elements, max((like.size for like in references.values()), default=0))
     integers = any(like.dtype.kind in "biu" for like in references.values())
     averages = [_SliceAverage(contributions, length, integers) for _ in range(workers)]
-    if workers == 1:
-        return {
-            name: averages[0].tensor(name, like, slice_elements)
-            for name, like in references.items()
-        }
     with ThreadPoolExecutor(workers, thread_name_prefix="fedavg") as pool:
-        return {
-            name: _shared_out(averages, pool, name, like, slice_elements)
-            for name, like in references.items()
-        }
+        for name, like in references.items():
+            bounds = list(_slices(like.size, slice_elements))
+            if like.dtype.kind in "biu":
+                # Integer tensors need a first pass over every slice: one thread does them.
+                averages[0].integer_slices(name, like.dtype, bounds, sink)
+            elif workers == 1 or len(bounds) <= 1:
+                averages[0].float_slices(name, like.dtype, bounds, sink)
+            else:
+                _shared_out(averages, pool, name, like.dtype, bounds=bounds, sink=sink)
 
 
 def _shared_out(
-    averages: list[_SliceAverage], pool: ThreadPoolExecutor, name: str, like: Array, step: int
-) -> Array:
-    """Tensor `name` averaged with its slices shared out among the threads of `pool`, one
-    `_SliceAverage` (its own buffers) each; integer tensors, which need a first pass over every
-    slice, by the first alone."""
-    if like.dtype.kind in "biu" or like.size <= step:
-        return averages[0].tensor(name, like, step)
-    averaged = np.empty(like.shape, dtype=like.dtype)
-    flat = averaged.reshape(-1)  # a view: the array was just made C-contiguous
-    bounds = list(_slices(flat.size, step))
+    averages: list[_SliceAverage],
+    pool: ThreadPoolExecutor,
+    name: str,
+    dtype: np.dtype[np.generic],
+    *,
+    bounds: list[tuple[int, int]],
+    sink: SliceSink,
+) -> None:
+    """A float tensor's slices shared out among the threads of `pool`: every n-th to each, with
+    its own `_SliceAverage` (its own buffers)."""
     errors = np.geterr()  # numpy's error handling is per thread: the caller's holds in all
 
     def average_every_nth(index: int) -> None:
         with np.errstate(**errors):
-            for start, stop in bounds[index :: len(averages)]:
-                averages[index].float_mean(name, start, stop, flat[start:stop])
+            averages[index].float_slices(name, dtype, bounds[index :: len(averages)], sink)
 
     for done in [pool.submit(average_every_nth, index) for index in range(len(averages))]:
         done.result()  # raises what the thread raised
-    return averaged
 
 
 class RunningAverage:
@@ -343,30 +373,45 @@ class _SliceAverage:
         self._difference = np.empty(length, dtype=np.float64)
         self._numerator = np.empty(length if integers else 0, dtype=np.int64)
         self._term = np.empty(length if integers else 0, dtype=np.int64)
+        self._length = length
+        self._outputs: dict[np.dtype[np.generic], Array] = {}  # slices of the result, per dtype
 
-    def tensor(self, name: str, like: Array, step: int) -> Array:
-        """Tensor `name` averaged `step` elements at a time into an array shaped and typed like `like`."""
-        averaged = np.empty(like.shape, dtype=like.dtype)
-        flat = averaged.reshape(-1)  # a view: the array was just made C-contiguous
-        exact = False
-        if like.dtype.kind in "biu":
-            # As in RunningAverage: exact int64 sums unless a value of some contribution is too
-            # large for them, which is known only once every slice of every contribution is seen.
-            largest = max(
-                (
-                    _magnitude(self._read(part, name, start, stop))
-                    for start, stop in _slices(flat.size, step)
-                    for part in self._parts
-                ),
-                default=0,
-            )
-            exact = largest * self._total < _INT64_LIMIT
-        for start, stop in _slices(flat.size, step):
-            if exact:
-                self._exact_mean(name, start, stop, flat[start:stop])
-            else:
-                self.float_mean(name, start, stop, flat[start:stop])
-        return averaged
+    def float_slices(
+        self, name: str, dtype: np.dtype[np.generic], bounds: list[tuple[int, int]], sink: SliceSink
+    ) -> None:
+        """Each slice of float tensor `name` in `bounds`, averaged and handed to `sink`."""
+        out = self._output(dtype)
+        for start, stop in bounds:
+            self.float_mean(name, start, stop, out[: stop - start])
+            sink(name, start, out[: stop - start])
+
+    def integer_slices(
+        self, name: str, dtype: np.dtype[np.generic], bounds: list[tuple[int, int]], sink: SliceSink
+    ) -> None:
+        """Each slice of integer tensor `name`, averaged and handed to `sink`.
+
+        As in RunningAverage: exact int64 sums unless a value of some contribution is too large
+        for them, which is known only once every slice of every contribution is seen.
+        """
+        largest = max(
+            (
+                _magnitude(self._read(part, name, start, stop))
+                for start, stop in bounds
+                for part in self._parts
+            ),
+            default=0,
+        )
+        mean = self._exact_mean if largest * self._total < _INT64_LIMIT else self.float_mean
+        out = self._output(dtype)
+        for start, stop in bounds:
+            mean(name, start, stop, out[: stop - start])
+            sink(name, start, out[: stop - start])
+
+    def _output(self, dtype: np.dtype[np.generic]) -> Array:
+        """This average's buffer for slices of `dtype`, made once."""
+        if dtype not in self._outputs:
+            self._outputs[dtype] = np.empty(self._length, dtype=dtype)
+        return self._outputs[dtype]
 
     def float_mean(self, name: str, start: int, stop: int, out: Array) -> None:
         """`out` = the mean of elements [start, stop) in float64, as `RunningAverage` computes it."""

@@ -35,14 +35,19 @@ accepted results (`Accepted`); tensors are read back from the store, in collabor
 the round is aggregated. A round's close is made durable in two steps: `decide_close` fixes who
 reported (so a round killed while aggregating is recomputed from the very same results), then
 `commit_round` moves to the next round with its model, the round's record and the best score.
+The new model is handed to it still to be averaged (`AveragedModel`): the store averages it a
+slice at a time into wherever it keeps it and hands it back as kept (`DurableState`: its file,
+mapped), so no copy of the model is made in memory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -55,7 +60,10 @@ from aggregator.failpoints import failpoint
 from aggregator.fedavg import (
     AVERAGING_THREADS,
     MappedArraySource,
+    SliceSink,
+    TensorSource,
     average_sources,
+    average_sources_into,
     weighted_metrics,
 )
 from plans.schema import (
@@ -192,11 +200,29 @@ class RoundSummary:
 
 
 @dataclass(frozen=True)
+class AveragedModel:
+    """The next global model before it is computed: the counted `train` results, averaged a
+    slice at a time into wherever it is kept (`into`), or into arrays (`arrays`)."""
+
+    reference: Mapping[str, Array]  # the round's model: names, shapes and dtypes
+    contributions: Mapping[str, tuple[int, TensorSource]]  # collaborator -> (data size, tensors)
+    workers: int = AVERAGING_THREADS
+
+    def into(self, sink: SliceSink) -> None:
+        """Average, handing each slice to `sink` (`fedavg.average_sources_into`)."""
+        average_sources_into(self.reference, self.contributions, sink, workers=self.workers)
+
+    def arrays(self) -> dict[str, Array]:
+        """Average into arrays in memory (`fedavg.average_sources`)."""
+        return average_sources(self.reference, self.contributions, workers=self.workers)
+
+
+@dataclass(frozen=True)
 class RoundCommit:
     """What closing a round changes, for the store to make durable in one step."""
 
     record: RoundRecord
-    model: Mapping[str, Array] | None  # the next round's global model; None: unchanged
+    model: AveragedModel | None  # the next round's global model; None: unchanged
     best: Best | None  # the new best, when this round improved it
     best_is_round_model: bool  # the new best model is the round's (validated) model, not `model`
 
@@ -237,8 +263,8 @@ class ResultStore(Protocol):
     def commit_round(self, commit: RoundCommit) -> Mapping[str, Array] | None:
         """Close the round for good: next round, its model, the record, the best.
 
-        Returns the new model as the store keeps it, for the federation to hold instead (None:
-        hold the arrays of `commit.model`).
+        Averages `commit.model` where the store keeps it and returns it as kept, for the
+        federation to hold (None when there is no new model).
         """
 
 
@@ -271,9 +297,10 @@ class MemoryStore:
         """Nothing to make durable."""
 
     def commit_round(self, commit: RoundCommit) -> Mapping[str, Array] | None:
-        """Keep the round's record; the model stays the arrays given."""
+        """Keep the round's record; the new model is averaged into arrays."""
+        model = None if commit.model is None else commit.model.arrays()
         self.closed.append(commit.record)
-        return None
+        return model
 
 
 class Federation:
@@ -692,37 +719,42 @@ class Federation:
                     self._decided = reporters
             if on_close is not None:
                 on_close()
-            model, trained, metrics = self._aggregate(counted, round_model, round_tasks)
-            best, best_model = self._improved_best(round_number, metrics, round_model, model)
-            now = self._clock()
-            summary = RoundSummary(
-                round_number=round_number,
-                final_validation=round_number >= self.rounds,
-                reporters=reporters,
-                missing=tuple(sorted(set(self.collaborators) - set(reporters))),
-                metrics=metrics,
-                round_model=round_model,
-                model=model,
-                trained=trained,
-                seconds=max(0.0, now - started),
-                finished=round_number + 1 >= self.total_rounds,
-                best=best or self._best,
-                best_model=best_model,
-            )
-            kept = self.store.commit_round(
-                RoundCommit(
-                    record=summary.record,
-                    model=model if trained else None,
-                    best=best,
-                    best_is_round_model=best_model is not None and best_model is round_model,
+            with self._averaging(counted, round_model, round_tasks) as (averaged, metrics):
+                best, best_is_round_model = self._improved_best(round_number, metrics)
+                now = self._clock()
+                summary = RoundSummary(
+                    round_number=round_number,
+                    final_validation=round_number >= self.rounds,
+                    reporters=reporters,
+                    missing=tuple(sorted(set(self.collaborators) - set(reporters))),
+                    metrics=metrics,
+                    round_model=round_model,
+                    model=round_model,  # until the new one is kept
+                    trained=averaged is not None,
+                    seconds=max(0.0, now - started),
+                    finished=round_number + 1 >= self.total_rounds,
+                    best=best or self._best,
                 )
-            )
+                kept = self.store.commit_round(
+                    RoundCommit(
+                        record=summary.record,
+                        model=averaged,
+                        best=best,
+                        best_is_round_model=best_is_round_model,
+                    )
+                )
         except BaseException:
             with self._lock:
                 self._closing = False
             raise
+        model = round_model if kept is None else kept
+        summary = dataclasses.replace(
+            summary,
+            model=model,
+            best_model=None if best is None else round_model if best_is_round_model else model,
+        )
         with self._round_changed:
-            self._model = model if kept is None else kept
+            self._model = model
             self._previous = frozenset(self._results)
             self._results = {}
             self._round += 1
@@ -749,17 +781,20 @@ class Federation:
             return reported >= max(needed, policy.min_reports)
         return False
 
-    def _aggregate(
+    @contextmanager
+    def _averaging(
         self, counted: Sequence[Accepted], model: Mapping[str, Array], tasks: Sequence[str]
-    ) -> tuple[Mapping[str, Array], bool, dict[str, dict[str, float]]]:
-        """The next global model, whether any `train` result made it, and the metrics' means.
+    ) -> Iterator[tuple[AveragedModel | None, dict[str, dict[str, float]]]]:
+        """The next global model, still to be averaged (None: no `train` result), and the
+        metrics' means; the results' files stay open until the block ends.
 
         The `train` results are averaged a slice at a time from where the store keeps them
-        (`average_sources`, their files read in collaborator order), so memory stays of the
-        order of one model whatever the number of collaborators.
+        (their files read in collaborator order) into where the store keeps the new model, so
+        memory stays a few slices whatever the model's size and the number of collaborators.
         """
         reported: dict[str, dict[str, tuple[int, dict[str, float]]]] = {}
-        contributions: dict[str, tuple[int, MappedArraySource]] = {}
+        contributions: dict[str, tuple[int, TensorSource]] = {}
+        sources: list[MappedArraySource] = []
         try:
             for accepted in counted:
                 result = self.store.load(accepted)
@@ -773,50 +808,40 @@ class Federation:
                     metrics,
                 )
                 if result.task_name == TRAIN:
-                    contributions[result.collaborator] = (
-                        result.data_size,
-                        MappedArraySource(
-                            {t.name: t.array for t in result.tensors if METRIC_TAG not in t.tags}
-                        ),
+                    source = MappedArraySource(
+                        {t.name: t.array for t in result.tensors if METRIC_TAG not in t.tags}
                     )
+                    sources.append(source)
+                    contributions[result.collaborator] = (result.data_size, source)
             failpoint("while_aggregating")
             averaged: dict[str, dict[str, float]] = {}
             for task in tasks:
                 means = weighted_metrics(reported.get(task, {}))
                 if means:
                     averaged[task] = means
-            if not contributions:
-                return model, False, averaged
-            return (
-                average_sources(model, contributions, workers=AVERAGING_THREADS),
-                True,
-                averaged,
-            )
+            yield (AveragedModel(model, contributions) if contributions else None), averaged
         finally:
-            for _, source in contributions.values():
+            for source in sources:
                 source.close()
 
     def _improved_best(
-        self,
-        round_number: int,
-        metrics: Mapping[str, Mapping[str, float]],
-        round_model: Mapping[str, Array],
-        model: Mapping[str, Array],
-    ) -> tuple[Best | None, Mapping[str, Array] | None]:
-        """The new best and its model, when this round improved the plan's best-model metric."""
+        self, round_number: int, metrics: Mapping[str, Mapping[str, float]]
+    ) -> tuple[Best | None, bool]:
+        """The new best, when this round improved the plan's best-model metric, and whether its
+        model is the round's (validated before training) rather than the new one."""
         settings = self.best_model
         if settings is None:
-            return None, None
+            return None, False
         value = metrics.get(settings.task, {}).get(settings.metric)
         if value is None or not math.isfinite(value):
-            return None, None
+            return None, False
         best = self._best
         if best is not None and not (
             value > best.value if settings.maximize else value < best.value
         ):
-            return None, None
+            return None, False
         # aggregated_model_validation measured the model the round started from; the other
         # tasks measured local models, of which the round's aggregate is the global counterpart.
         validated_before = settings.task == AGGREGATED_MODEL_VALIDATION
         rounds = min(round_number + (0 if validated_before else 1), self.rounds)
-        return Best(value, rounds), round_model if validated_before else model
+        return Best(value, rounds), validated_before

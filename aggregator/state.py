@@ -70,6 +70,7 @@ from aggregator.failpoints import failpoint
 from aggregator.federation import (
     Accepted,
     Array,
+    AveragedModel,
     Best,
     Progress,
     ResultTensor,
@@ -87,6 +88,7 @@ from aggregator.storage import (
     read_model,
     read_model_tensors,
     write_model,
+    write_model_slices,
     write_tensors,
 )
 from aggregator.upload import read_tensors_file
@@ -356,8 +358,9 @@ class DurableState:
     def commit_round(self, commit: RoundCommit) -> Mapping[str, Array] | None:
         """Write the next round's model file, then commit the round in one transaction, then tidy.
 
-        Returns the new model mapped from its file (None when the model did not change), for the
-        federation to hold instead of the arrays it was written from.
+        The new model is averaged a slice at a time straight into its file, and returned mapped
+        from it (None when the model did not change) for the federation to hold: no copy of it
+        is ever in memory.
         """
         record = commit.record
         finished_round = record.round_number
@@ -365,7 +368,7 @@ class DurableState:
         model = current
         kept: dict[str, Array] | None = None
         if commit.model is not None:
-            model = self._write_model(finished_round + 1, commit.model)
+            model = self._average_into_file(finished_round + 1, commit.model)
             kept = read_model(self.root / model.name, self.max_tensor_bytes)  # just written
         best_file, best = self._best_file, self._best
         if commit.best is not None:
@@ -509,6 +512,13 @@ class DurableState:
         path = self.root / name
         _make_folder(path.parent)
         return StoredFile(name, write_model(path, model, round_number=round_number))
+
+    def _average_into_file(self, round_number: int, model: AveragedModel) -> StoredFile:
+        name = f"{MODELS}/round-{round_number}.pbuf"
+        path = self.root / name
+        _make_folder(path.parent)
+        sha256 = write_model_slices(path, model.reference, model.into, round_number=round_number)
+        return StoredFile(name, sha256)
 
     def _read(self, stored: StoredFile) -> tuple[ResultTensor, ...]:
         """The tensors of a `ModelProto` state file, mapped from it, after checking its SHA-256."""

@@ -31,10 +31,18 @@ import numpy.typing as npt
 
 from aggregator.errors import ModelFileError, StorageError
 from aggregator.failpoints import failpoint
+from aggregator.fedavg import SliceSink
 from aggregator.federation import ResultTensor
+from aggregator.mapped import FileRange, copy_range, mapped_file
 from aggregator.upload import read_tensors_file
 from protos import base_pb2
-from protos.codec import TensorFormatError, encode_tensor, tensor_field_parts
+from protos.codec import (
+    TensorFormatError,
+    TensorFrame,
+    encode_tensor,
+    tensor_bytes,
+    tensor_field_frame,
+)
 from protos.stream import StreamError
 
 Array = npt.NDArray[np.generic]
@@ -96,17 +104,86 @@ def write_tensors(
     """Write the bytes `tensors_bytes` gives to `path`, atomically; the SHA-256 of those bytes.
 
     Each tensor's values go from its array to the file as they are, never through a serialized
-    copy of the whole model: memory stays at the arrays the caller holds.
+    copy of the whole model: memory stays at the arrays the caller holds. The values of an array
+    mapped from a file are copied from that file in the kernel (`aggregator.mapped`) and hashed
+    from where they were written: read through its mapping they would count in our memory.
     """
     digest = hashlib.sha256()
 
     def write(file: BinaryIO) -> None:
-        for part in _serialized_parts(tensors, round_number):
-            file.write(part)
-            digest.update(part)
+        for name, array, tags in sorted(tensors, key=lambda tensor: tensor[0]):
+            frame = _frame(name, array, tags, round_number)
+            file.write(frame.head)
+            digest.update(frame.head)
+            mapped = mapped_file(array, frame.data)
+            if mapped is None:
+                if frame.data.nbytes:
+                    body = tensor_bytes(frame.data)
+                    file.write(body)
+                    digest.update(body)
+            else:
+                file.flush()
+                _copy_mapped(mapped, frame.data.nbytes, file.fileno(), digest.update)
+            file.write(frame.tail)
+            digest.update(frame.tail)
 
     _write_atomic_with(path, write, before_rename=before_rename)
     return digest.hexdigest()
+
+
+def write_model_slices(
+    path: Path,
+    layout: Mapping[str, Array],
+    fill: Callable[[SliceSink], None],
+    *,
+    round_number: int = 0,
+    before_rename: Callable[[], None] | None = None,
+) -> str:
+    """`write_model` of a model whose values are not in memory; the SHA-256 of the file.
+
+    `layout` gives each tensor's name, shape and dtype (its values are not read); `fill` hands
+    every slice of every tensor, in any order, to the sink it is given, which writes it where it
+    belongs in the file (`fedavg.average_sources_into` is such a fill). The file is the one
+    `write_model` writes of the same values, byte for byte, and is written atomically.
+    """
+    digest = hashlib.sha256()
+
+    def write(file: BinaryIO) -> None:
+        file.flush()
+        descriptor = file.fileno()
+        frames = {
+            name: _frame(name, layout[name], (MODEL_TAG,), round_number) for name in sorted(layout)
+        }
+        offsets: dict[str, int] = {}
+        position = 0
+        for name, frame in frames.items():
+            _pwrite_all(descriptor, frame.head, position)
+            offsets[name] = position + len(frame.head)
+            position = offsets[name] + frame.data.nbytes
+            _pwrite_all(descriptor, frame.tail, position)
+            position += len(frame.tail)
+        os.ftruncate(descriptor, position)  # the last tensor's values may end the file
+
+        def sink(name: str, start: int, values: Array) -> None:
+            data = np.ascontiguousarray(values, dtype=frames[name].data.dtype)
+            _pwrite_all(descriptor, tensor_bytes(data), offsets[name] + start * data.itemsize)
+
+        fill(sink)
+        for block in _blocks(descriptor, 0, position):
+            digest.update(block)
+
+    _write_atomic_with(path, write, before_rename=before_rename)
+    return digest.hexdigest()
+
+
+def _frame(name: str, array: Array, tags: Iterable[str], round_number: int) -> TensorFrame:
+    """One tensor as a `ModelProto.tensors` field around its values."""
+    try:
+        return tensor_field_frame(
+            _TENSORS_FIELD, name, array, round_number=round_number, tags=sorted(tags)
+        )
+    except TensorFormatError as error:
+        raise StorageError(f"cannot save the tensors: {error}") from None
 
 
 def _serialized_parts(
@@ -114,19 +191,44 @@ def _serialized_parts(
 ) -> Iterator[bytes | memoryview]:
     """The bytes of `tensors_bytes`, in pieces: each tensor's values as they lie in its array."""
     for name, array, tags in sorted(tensors, key=lambda tensor: tensor[0]):
-        yield from _tensor_parts(name, array, tags, round_number)
+        frame = _frame(name, array, tags, round_number)
+        yield frame.head
+        if frame.data.nbytes:
+            yield tensor_bytes(frame.data)
+        yield frame.tail
 
 
-def _tensor_parts(
-    name: str, array: Array, tags: frozenset[str], round_number: int
-) -> list[bytes | memoryview]:
-    """One tensor as the bytes of a `ModelProto.tensors` field, its values left in the array."""
+def _copy_mapped(
+    mapped: tuple[str, int], size: int, target: int, hash_block: Callable[[bytes], object]
+) -> None:
+    """Append `size` bytes of the file `mapped` names from its offset to `target`, hashing them
+    as they lie in `target` (just written: in the page cache)."""
+    start = os.lseek(target, 0, os.SEEK_CUR)
+    source = os.open(mapped[0], os.O_RDONLY)
     try:
-        return tensor_field_parts(
-            _TENSORS_FIELD, name, array, round_number=round_number, tags=sorted(tags)
-        )
-    except TensorFormatError as error:
-        raise StorageError(f"cannot save the tensors: {error}") from None
+        copy_range(FileRange(source, mapped[1], size), target)
+    finally:
+        os.close(source)
+    for block in _blocks(target, start, start + size):
+        hash_block(block)
+
+
+def _blocks(descriptor: int, start: int, stop: int) -> Iterator[bytes]:
+    """The bytes [start, stop) of an open file, a block at a time."""
+    position = start
+    while position < stop:
+        block = os.pread(descriptor, min(_HASH_BLOCK, stop - position), position)
+        if not block:
+            raise OSError(0, "the file is shorter than what was written to it")
+        position += len(block)
+        yield block
+
+
+def _pwrite_all(descriptor: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(descriptor, view[done:], offset + done)
 
 
 _TENSORS_FIELD = base_pb2.ModelProto.TENSORS_FIELD_NUMBER

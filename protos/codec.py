@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -118,7 +119,17 @@ def tensor_bytes(data: npt.NDArray[np.generic]) -> memoryview:
     return data.reshape(-1).view(np.uint8).data
 
 
-def tensor_field_parts(
+@dataclass(frozen=True)
+class TensorFrame:
+    """A tensor encoded as a field of a parent message, around its values: `head`, then the
+    bytes of `data` (C order, little-endian: `tensor_bytes`), then `tail`."""
+
+    head: bytes
+    data: npt.NDArray[np.generic]
+    tail: bytes
+
+
+def tensor_field_frame(
     field_number: int,
     name: str,
     array: npt.ArrayLike,
@@ -126,13 +137,15 @@ def tensor_field_parts(
     round_number: int = 0,
     tags: Iterable[str] = (),
     report: bool = False,
-) -> list[bytes | memoryview]:
+) -> TensorFrame:
     """`array` encoded as field `field_number` of a parent message, its values left in the array.
 
     The same bytes as `encode_tensor` put into the parent and serialized deterministically
     (fields in number order: `data_bytes` (7) between those before it and `foedus_dtype`
-    (1000)), but the values are a memoryview of the array, not a copy: files and streams are
-    written from them as they are, and a large tensor costs no serialization.
+    (1000)), but the values are not copied: files and streams are written from them as they
+    are (or, where they are not in memory yet, to where they go), and a large tensor costs no
+    serialization. The values of an array that is already C-ordered and little-endian are not
+    even read.
     """
     header = base_pb2.NamedTensor()
     data = encode_tensor_meta_into(
@@ -142,14 +155,30 @@ def tensor_field_parts(
     header.ClearField("foedus_dtype")
     head = header.SerializeToString(deterministic=True)
     tail = trailer.SerializeToString(deterministic=True)
-    body = tensor_bytes(data)
-    field = field_prefix(_DATA_BYTES_FIELD, len(body)) if body else b""  # proto3 omits b""
-    size = len(head) + len(field) + len(body) + len(tail)
-    parts: list[bytes | memoryview] = [field_prefix(field_number, size) + head + field]
-    if body:
-        parts.append(body)
-    if tail:
-        parts.append(tail)
+    size = data.nbytes
+    field = field_prefix(_DATA_BYTES_FIELD, size) if size else b""  # proto3 omits b""
+    total = len(head) + len(field) + size + len(tail)
+    return TensorFrame(field_prefix(field_number, total) + head + field, data, tail)
+
+
+def tensor_field_parts(
+    field_number: int,
+    name: str,
+    array: npt.ArrayLike,
+    *,
+    round_number: int = 0,
+    tags: Iterable[str] = (),
+    report: bool = False,
+) -> list[bytes | memoryview]:
+    """`tensor_field_frame` as the pieces to write, the values a memoryview of the array."""
+    frame = tensor_field_frame(
+        field_number, name, array, round_number=round_number, tags=tags, report=report
+    )
+    parts: list[bytes | memoryview] = [frame.head]
+    if frame.data.nbytes:
+        parts.append(tensor_bytes(frame.data))
+    if frame.tail:
+        parts.append(frame.tail)
     return parts
 
 

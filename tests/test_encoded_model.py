@@ -14,16 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator import encoded_model
-from aggregator.encoded_model import FileRange, SpooledChunks, model_chunks
+from aggregator import encoded_model, mapped
+from aggregator.encoded_model import SpooledChunks, model_chunks
 from aggregator.errors import StorageError
+from aggregator.mapped import FileRange
 from protos import aggregator_pb2
 from protos.codec import encode_tensor
 
 WEIGHT = np.arange(1000, dtype=np.float32).reshape(10, 100)
 
 
-def mapped(folder: Path, array: np.ndarray, *, offset: int = 13) -> np.memmap:
+def mapped_from(folder: Path, array: np.ndarray, *, offset: int = 13) -> np.memmap:
     """`array` mapped read-only from a file in `folder`, after `offset` bytes of something else."""
     path = folder / "model.bin"
     path.write_bytes(b"x" * offset + array.tobytes() + b"tail")
@@ -41,19 +42,19 @@ def test_a_mapped_tensor_spools_the_same_bytes_as_one_in_memory(
 ) -> None:
     """Copied from its file or written from memory, the chunks are the same bytes."""
     copied: list[int] = []
-    if encoded_model._copy_file_range is not None:  # Linux: the kernel copies the pieces
+    if mapped._copy_file_range is not None:  # Linux: the kernel copies the pieces
 
         def counting(source: int, target: int, count: int, offset: int) -> int:
             copied.append(count)
             return os.copy_file_range(source, target, count, offset)
 
-        monkeypatch.setattr(encoded_model, "_copy_file_range", counting)
+        monkeypatch.setattr(mapped, "_copy_file_range", counting)
     spool = tmp_path / "state" / "uploads"  # made when first needed
     from_memory = list(model_chunks("weight", WEIGHT, 3, 1000, folder=spool))
     assert copied == []
-    from_file = list(model_chunks("weight", mapped(tmp_path, WEIGHT), 3, 1000, folder=spool))
+    from_file = list(model_chunks("weight", mapped_from(tmp_path, WEIGHT), 3, 1000, folder=spool))
     assert from_file == from_memory
-    if encoded_model._copy_file_range is not None:
+    if mapped._copy_file_range is not None:
         assert sum(copied) == WEIGHT.nbytes
     assert len(from_memory) == 1 + 4  # metadata, then 4000 bytes in pieces of 1000
     meta, data = joined(from_memory)
@@ -68,15 +69,17 @@ def test_without_a_copy_in_the_kernel_the_bytes_go_through_a_buffer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Where `os.copy_file_range` is missing (not Linux), the file is read and written instead."""
-    monkeypatch.setattr(encoded_model, "_copy_file_range", None)
-    monkeypatch.setattr(encoded_model, "_COPY_BYTES", 7)  # several blocks per piece
-    _, data = joined(model_chunks("weight", mapped(tmp_path, WEIGHT), 0, 1500, folder=tmp_path))
+    monkeypatch.setattr(mapped, "_copy_file_range", None)
+    monkeypatch.setattr(mapped, "COPY_BYTES", 7)  # several blocks per piece
+    _, data = joined(
+        model_chunks("weight", mapped_from(tmp_path, WEIGHT), 0, 1500, folder=tmp_path)
+    )
     assert data == WEIGHT.tobytes()
 
 
 def test_a_mapped_tensor_whose_file_is_gone_is_read_through_its_mapping(tmp_path: Path) -> None:
     """A round's model file may be tidied away while its mapping lives on: still served."""
-    array = mapped(tmp_path, WEIGHT)
+    array = mapped_from(tmp_path, WEIGHT)
     (tmp_path / "model.bin").unlink()
     _, data = joined(model_chunks("weight", array, 0, 1000, folder=tmp_path))
     assert data == WEIGHT.tobytes()

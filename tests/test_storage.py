@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from aggregator.storage import (
     tensors_bytes,
     write_atomic,
     write_model,
+    write_model_slices,
     write_tensors,
 )
 from protos import base_pb2
@@ -214,3 +216,56 @@ def test_a_tensor_that_cannot_be_saved_leaves_no_file(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="cannot save"):
         write_tensors(tmp_path / "m.pbuf", tensors)
     assert list(tmp_path.iterdir()) == []
+
+
+def _rss_file_mb() -> float:
+    """This process's resident pages mapped from files (RssFile), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_a_mapped_model_is_saved_without_reading_its_mapping(tmp_path: Path) -> None:
+    """Saving a model mapped from its file gives the bytes of the same model in memory, and its
+    pages never become resident in this process (they are copied from file to file)."""
+    model = {**small_model(), "large": np.linspace(-1, 1, 16 * 2**20, dtype=np.float32)}
+    write_model(tmp_path / "state.pbuf", model, round_number=3)
+    mapped = read_model(tmp_path / "state.pbuf", 2**30)
+    assert isinstance(mapped["large"], np.memmap)
+    before = _rss_file_mb()
+    sha = write_model(tmp_path / "last.pbuf", mapped, round_number=3)
+    assert _rss_file_mb() - before < 16  # 64 MiB through the mapping would show
+    data = (tmp_path / "last.pbuf").read_bytes()
+    assert data == (tmp_path / "state.pbuf").read_bytes()
+    assert sha == hashlib.sha256(data).hexdigest()
+    assert float(np.asarray(mapped["large"]).sum()) < 1  # through the mapping: the measure works
+    assert _rss_file_mb() - before > 48
+
+
+def test_a_model_written_a_slice_at_a_time_is_the_model_written_whole(tmp_path: Path) -> None:
+    """`write_model_slices` with the slices in any order writes `write_model`'s bytes and hash."""
+    model = {
+        **small_model(),
+        "half": np.array([1.5, -0.25, 3.0], dtype=np.float16),
+        "empty": np.zeros((0, 3), dtype=np.float32),
+        "w": np.arange(1000, dtype=np.float64).reshape(10, 100) / 7,
+    }
+    expected = write_model(tmp_path / "whole.pbuf", model, round_number=5)
+    rng = np.random.default_rng(1)
+
+    def fill(sink: Callable[[str, int, np.ndarray], None]) -> None:
+        pieces = [
+            (name, start, array.reshape(-1)[start : start + 37].copy())
+            for name, array in model.items()
+            for start in range(0, array.size, 37)
+        ]
+        for index in rng.permutation(len(pieces)):
+            sink(*pieces[index])
+
+    layout = {name: np.broadcast_to(np.zeros((), a.dtype), a.shape) for name, a in model.items()}
+    sha = write_model_slices(tmp_path / "sliced.pbuf", layout, fill, round_number=5)
+    data = (tmp_path / "sliced.pbuf").read_bytes()
+    assert data == (tmp_path / "whole.pbuf").read_bytes()
+    assert sha == expected == hashlib.sha256(data).hexdigest()

@@ -16,8 +16,15 @@ import numpy as np
 
 from aggregator.admission import chunks_within
 from aggregator.encoded_model import EncodedModel
-from aggregator.fedavg import AVERAGING_THREADS, MappedArraySource, average_sources
-from aggregator.federation import METRIC_TAG, Accepted, RoundCommit, RoundRecord, TaskResult
+from aggregator.fedavg import AVERAGING_THREADS, MappedArraySource
+from aggregator.federation import (
+    METRIC_TAG,
+    Accepted,
+    AveragedModel,
+    RoundCommit,
+    RoundRecord,
+    TaskResult,
+)
 from aggregator.state import DurableState
 from aggregator.storage import OutputFolder
 from aggregator.upload import receive_upload
@@ -327,8 +334,8 @@ def round_close_steps(
     watch: Stopwatch, model: Mapping[str, Array], collaborators: int, folder: Path
 ) -> None:
     """A round close over `collaborators` uploads of `model`, each received and kept as above
-    (untimed): `decide_close`, the steps of `Federation._aggregate` (`store.load`, then
-    `average_sources`), `commit_round`, then the runtime's `save_last`."""
+    (untimed): `decide_close`, `store.load` (as `Federation._averaging`), `commit_round`
+    (which averages into the new model's file), then the runtime's `save_last`."""
     side, mb = "round", noop_runner.model_bytes(model) / MIB
     names = collaborator_names(collaborators)
     results = f"{collaborators} x {mb:g} MB"
@@ -351,17 +358,6 @@ def round_close_steps(
             )
             for result in loaded
         }
-        try:
-            label = (
-                f"average_sources of {results} (MappedArraySource: pread, "
-                f"{AVERAGING_THREADS} threads)"
-            )
-            with watch.step(side, label, mb * collaborators):
-                averaged = average_sources(model, sources, workers=AVERAGING_THREADS)
-        finally:
-            for _, source in sources.values():
-                source.close()
-        loaded.clear()
         record = RoundRecord(
             round_number=0,
             final_validation=False,
@@ -371,14 +367,24 @@ def round_close_steps(
             seconds=0.0,
             trained=True,
         )
+        averaged = AveragedModel(state.recovered.progress.model, sources)
         commit = RoundCommit(record=record, model=averaged, best=None, best_is_round_model=False)
-        with watch.step(
-            side, "DurableState.commit_round (write_model, SQLite commit, delete results)", mb
-        ):
-            state.commit_round(commit)
+        label = (
+            f"DurableState.commit_round: average_sources_into of {results} "
+            f"({AVERAGING_THREADS} threads) into the model file, SQLite commit, delete results"
+        )
+        try:
+            with watch.step(side, label, mb * collaborators):
+                kept = state.commit_round(commit)
+        finally:
+            for _, source in sources.values():
+                source.close()
+        loaded.clear()
+        assert kept is not None
         output = OutputFolder(folder / "output")
-        with watch.step(side, "OutputFolder.save_last (write_model last_model.pbuf)", mb):
-            output.save_last(averaged, 1)
+        label = "OutputFolder.save_last (write_model of the mapped model: a copy in the kernel)"
+        with watch.step(side, label, mb):
+            output.save_last(kept, 1)
 
 
 def breakdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
