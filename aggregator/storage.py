@@ -191,11 +191,7 @@ def _serialized_parts(
 ) -> Iterator[bytes | memoryview]:
     """The bytes of `tensors_bytes`, in pieces: each tensor's values as they lie in its array."""
     for name, array, tags in sorted(tensors, key=lambda tensor: tensor[0]):
-        frame = _frame(name, array, tags, round_number)
-        yield frame.head
-        if frame.data.nbytes:
-            yield tensor_bytes(frame.data)
-        yield frame.tail
+        yield from _frame(name, array, tags, round_number).parts()
 
 
 def _copy_mapped(

@@ -46,7 +46,7 @@ from protos.codec import (
     decode_tensor,
     empty_tensor,
     tensor_bytes,
-    tensor_field_parts,
+    tensor_field_frame,
 )
 from protos.stream import UPLOAD_BYTES_METADATA, framed_chunks, parse_model_chunk
 
@@ -447,14 +447,14 @@ class AggregatorGRPCClient:
         # attempt streams these very bytes.
         parts: list[bytes | memoryview] = [head.SerializeToString()]
         for tensor in tensors:
-            parts += tensor_field_parts(
+            parts += tensor_field_frame(
                 _TENSORS_FIELD,
                 tensor.name,
                 tensor.array,
                 round_number=round_number,
                 tags=tensor.tags,
                 report=tensor.report,
-            )
+            ).parts()
         # The aggregator refuses a stream that ends short of this (a cut the transport hid).
         declared_size = ((UPLOAD_BYTES_METADATA, str(sum(len(part) for part in parts))),)
         response = self._call(

@@ -128,6 +128,15 @@ class TensorFrame:
     data: npt.NDArray[np.generic]
     tail: bytes
 
+    def parts(self) -> list[bytes | memoryview]:
+        """The pieces to write, in order, the values a memoryview of `data`."""
+        parts: list[bytes | memoryview] = [self.head]
+        if self.data.nbytes:
+            parts.append(tensor_bytes(self.data))
+        if self.tail:
+            parts.append(self.tail)
+        return parts
+
 
 def tensor_field_frame(
     field_number: int,
@@ -159,27 +168,6 @@ def tensor_field_frame(
     field = field_prefix(_DATA_BYTES_FIELD, size) if size else b""  # proto3 omits b""
     total = len(head) + len(field) + size + len(tail)
     return TensorFrame(field_prefix(field_number, total) + head + field, data, tail)
-
-
-def tensor_field_parts(
-    field_number: int,
-    name: str,
-    array: npt.ArrayLike,
-    *,
-    round_number: int = 0,
-    tags: Iterable[str] = (),
-    report: bool = False,
-) -> list[bytes | memoryview]:
-    """`tensor_field_frame` as the pieces to write, the values a memoryview of the array."""
-    frame = tensor_field_frame(
-        field_number, name, array, round_number=round_number, tags=tags, report=report
-    )
-    parts: list[bytes | memoryview] = [frame.head]
-    if frame.data.nbytes:
-        parts.append(tensor_bytes(frame.data))
-    if frame.tail:
-        parts.append(frame.tail)
-    return parts
 
 
 _DATA_BYTES_FIELD = base_pb2.NamedTensor.DATA_BYTES_FIELD_NUMBER

@@ -22,7 +22,7 @@ from protos.codec import (
     encode_tensor,
     encode_tensor_meta_into,
     tensor_bytes,
-    tensor_field_parts,
+    tensor_field_frame,
 )
 
 MAX_BYTES = 1 << 20
@@ -474,9 +474,10 @@ def test_decode_fuzz_gives_an_array_or_a_format_error(seed: int, dims: list[int]
     "array",
     [np.arange(12, dtype=np.float32).reshape(3, 4), np.array(7, np.int64), np.zeros(0, np.float64)],
 )
-def test_tensor_field_parts_are_the_serialized_field(array: np.ndarray) -> None:
+def test_tensor_field_frame_is_the_serialized_field(array: np.ndarray) -> None:
     """A tensor framed around its array's buffer is byte for byte what protobuf would serialize."""
-    parts = tensor_field_parts(5, "t", array, round_number=2, tags=["trained"], report=True)
+    frame = tensor_field_frame(5, "t", array, round_number=2, tags=["trained"], report=True)
+    parts = frame.parts()
     expected = aggregator_pb2.TaskResults(
         tensors=[encode_tensor("t", array, round_number=2, tags=["trained"], report=True)]
     ).SerializeToString(deterministic=True)

@@ -33,7 +33,7 @@ from plans import load_plan
 from plans.runners import Array
 from plans.schema import RunnerSettings
 from protos import aggregator_pb2
-from protos.codec import tensor_field_parts
+from protos.codec import tensor_field_frame
 from protos.results_reader import Head
 from protos.stream import (
     CHUNK_BYTES,
@@ -248,13 +248,13 @@ def upload_steps(
         sender=collaborator, receiver=AGGREGATOR_ID, federation_uuid=FEDERATION
     )
     tensors = train_result(model)
-    with watch.step(up, "client: TaskResults head + tensor_field_parts (array views)", mb):
+    with watch.step(up, "client: TaskResults head + tensor_field_frame parts (array views)", mb):
         head = aggregator_pb2.TaskResults(header=header, task_name="train", data_size=1)
         parts: list[bytes | memoryview] = [head.SerializeToString()]
         for tensor in tensors:
-            parts += tensor_field_parts(
+            parts += tensor_field_frame(
                 _TENSORS_FIELD, tensor.name, tensor.array, tags=tensor.tags, report=tensor.report
-            )
+            ).parts()
         declared = sum(len(part) for part in parts)
     with watch.step(up, "client: framed_chunks (serialized DataStream chunks)", mb):
         wire = list(framed_chunks(parts))
