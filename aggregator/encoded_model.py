@@ -24,7 +24,7 @@ from typing import Final
 
 from aggregator.errors import StorageError
 from aggregator.federation import Array
-from aggregator.mapped import FileRange, copy_range, mapped_file, write_all
+from aggregator.mapped import FileRange, copy_range, mapped_range, write_all
 from protos import aggregator_pb2, base_pb2
 from protos.codec import encode_tensor, encode_tensor_meta_into, tensor_bytes
 from protos.stream import CHUNK_BYTES, field_prefix
@@ -118,11 +118,16 @@ def model_chunks(
     meta.data_size = size
     spool = SpooledChunks(folder)
     spool.append(meta.SerializeToString())
-    mapped = mapped_file(array, data)
-    with _Body(data, mapped) as body:
+    with mapped_range(array, data) as source:
+        memory = tensor_bytes(data) if source is None and size else memoryview(b"")
         for start in range(0, size, chunk_bytes):
             piece = min(chunk_bytes, size - start)
-            spool.append(field_prefix(_CHUNK_DATA_FIELD, piece), body.part(start, piece))
+            part: memoryview | FileRange = (
+                memory[start : start + piece]
+                if source is None
+                else FileRange(source.descriptor, source.offset + start, piece)
+            )
+            spool.append(field_prefix(_CHUNK_DATA_FIELD, piece), part)
     return spool
 
 
@@ -184,29 +189,3 @@ class SpooledChunks:
             if len(message) != size:
                 raise StorageError("the spooled model is shorter than what was written to it")
             yield message
-
-
-class _Body:
-    """A tensor's bytes as parts for `SpooledChunks.append`: in memory, or a range of its file."""
-
-    def __init__(self, data: Array, mapped: tuple[str, int] | None) -> None:
-        self._memory = tensor_bytes(data) if data.nbytes else memoryview(b"")
-        self._mapped = mapped
-        self._descriptor: int | None = None
-
-    def __enter__(self) -> _Body:
-        if self._mapped is not None:
-            try:
-                self._descriptor = os.open(self._mapped[0], os.O_RDONLY)
-            except OSError:  # gone (a round's file tidied away): read through the mapping
-                self._descriptor = None
-        return self
-
-    def part(self, start: int, size: int) -> memoryview | FileRange:
-        if self._descriptor is None or self._mapped is None:
-            return self._memory[start : start + size]
-        return FileRange(self._descriptor, self._mapped[1] + start, size)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._descriptor is not None:
-            os.close(self._descriptor)

@@ -10,6 +10,8 @@ where the kernel cannot.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Final
 
@@ -30,23 +32,34 @@ class FileRange:
     size: int
 
 
-def mapped_file(
+@contextmanager
+def mapped_range(
     array: npt.NDArray[np.generic], data: npt.NDArray[np.generic]
-) -> tuple[str, int] | None:
-    """(file, offset) where the bytes of `data` lie when `array` is them, mapped from a file.
+) -> Iterator[FileRange | None]:
+    """Where the bytes of `data` lie when `array` is them, mapped from a file: that file open for
+    the block; None when they are not, or the file is gone (read them through the mapping then).
 
     `data` is `array` as it is encoded (`protos.codec.tensor_field_frame`): the same bytes when
     it has the same dtype and `array` is C-ordered.
     """
-    if (
+    if not (
         isinstance(array, np.memmap)
         and array.filename is not None
         and array.dtype == data.dtype
         and array.flags.c_contiguous
         and data.nbytes
     ):
-        return str(array.filename), int(array.offset)
-    return None
+        yield None
+        return
+    try:
+        descriptor = os.open(array.filename, os.O_RDONLY)
+    except OSError:  # gone (a round's file tidied away, say): the mapping still holds it
+        yield None
+        return
+    try:
+        yield FileRange(descriptor, int(array.offset), data.nbytes)
+    finally:
+        os.close(descriptor)
 
 
 def write_all(descriptor: int, data: bytes | memoryview) -> int:

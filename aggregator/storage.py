@@ -33,7 +33,7 @@ from aggregator.errors import ModelFileError, StorageError
 from aggregator.failpoints import failpoint
 from aggregator.fedavg import SliceSink
 from aggregator.federation import ResultTensor
-from aggregator.mapped import FileRange, copy_range, mapped_file
+from aggregator.mapped import FileRange, copy_range, mapped_range
 from aggregator.upload import read_tensors_file
 from protos import base_pb2
 from protos.codec import (
@@ -115,15 +115,14 @@ def write_tensors(
             frame = _frame(name, array, tags, round_number)
             file.write(frame.head)
             digest.update(frame.head)
-            mapped = mapped_file(array, frame.data)
-            if mapped is None:
-                if frame.data.nbytes:
+            with mapped_range(array, frame.data) as source:
+                if source is not None:
+                    file.flush()
+                    _copy_hashed(source, file.fileno(), digest.update)
+                elif frame.data.nbytes:
                     body = tensor_bytes(frame.data)
                     file.write(body)
                     digest.update(body)
-            else:
-                file.flush()
-                _copy_mapped(mapped, frame.data.nbytes, file.fileno(), digest.update)
             file.write(frame.tail)
             digest.update(frame.tail)
 
@@ -194,18 +193,12 @@ def _serialized_parts(
         yield from _frame(name, array, tags, round_number).parts()
 
 
-def _copy_mapped(
-    mapped: tuple[str, int], size: int, target: int, hash_block: Callable[[bytes], object]
-) -> None:
-    """Append `size` bytes of the file `mapped` names from its offset to `target`, hashing them
-    as they lie in `target` (just written: in the page cache)."""
+def _copy_hashed(source: FileRange, target: int, hash_block: Callable[[bytes], object]) -> None:
+    """Append `source` to `target`, hashing the bytes as they lie in `target` (just written:
+    in the page cache, not in our memory)."""
     start = os.lseek(target, 0, os.SEEK_CUR)
-    source = os.open(mapped[0], os.O_RDONLY)
-    try:
-        copy_range(FileRange(source, mapped[1], size), target)
-    finally:
-        os.close(source)
-    for block in _blocks(target, start, start + size):
+    copy_range(source, target)
+    for block in _blocks(target, start, start + source.size):
         hash_block(block)
 
 

@@ -244,6 +244,18 @@ def test_a_mapped_model_is_saved_without_reading_its_mapping(tmp_path: Path) -> 
     assert _rss_file_mb() - before > 48
 
 
+def test_a_mapped_model_whose_file_is_gone_is_saved_from_its_mapping(tmp_path: Path) -> None:
+    """A model file may be tidied away while its mapping lives on: the model still saves whole."""
+    model = {**small_model(), "large": np.arange(100_000, dtype=np.float32)}
+    write_model(tmp_path / "state.pbuf", model, round_number=2)
+    expected = (tmp_path / "state.pbuf").read_bytes()
+    mapped = read_model(tmp_path / "state.pbuf", 2**30)
+    (tmp_path / "state.pbuf").unlink()
+    sha = write_model(tmp_path / "last.pbuf", mapped, round_number=2)
+    assert (tmp_path / "last.pbuf").read_bytes() == expected
+    assert sha == hashlib.sha256(expected).hexdigest()
+
+
 def test_a_model_written_a_slice_at_a_time_is_the_model_written_whole(tmp_path: Path) -> None:
     """`write_model_slices` with the slices in any order writes `write_model`'s bytes and hash."""
     model = {
