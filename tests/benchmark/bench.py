@@ -10,9 +10,13 @@ Phases, in order:
 
 1. raw: a plain grpcio server (`raw_grpc.py`, its own process, no foedus code) with the same
    TLS files; a client stream of `payload_mb` in 2 MiB messages (`raw_grpc_tls_mb_s`, the limit
-   to compare with), a server stream and one unary message per tensor of the same size; then
-   `round_collaborators` threads each downloading and uploading `round_model_mb` at once
-   (`raw_round_seconds`). Then the disk where the aggregator keeps its state: `payload_mb`
+   to compare with), the same stream written to a file and fsynced before the answer
+   (`raw_durable_upload_mb_s`), a server stream and one unary message per tensor of the same
+   size; then `round_collaborators` threads each downloading and uploading `round_model_mb` at
+   once (`raw_round_seconds`), and again with each download kept in new memory and each upload
+   fsynced (`raw_durable_round_seconds`): what the round's bytes alone cost on this machine
+   once they must be kept, as any federation keeps them, before any of foedus's work (the
+   `..._vs_raw_durable` ratios compare with these). Then the disk where the aggregator keeps its state: `payload_mb`
    written and fsynced (`disk_write_mb_s`), and the time the round's results alone take at
    that rate (`round_disk_floor_seconds`): accepted results are on disk before the OK, a floor
    raw gRPC, which stores nothing, does not have.
@@ -217,12 +221,21 @@ def measure_raw(run: Run, names: Sequence[str]) -> None:
             f"{run.results['raw_grpc_tls_download_mb_s']:.0f} MB/s, down (unary, one message "
             f"per tensor) {run.results['raw_grpc_tls_unary_download_mb_s']:.0f} MB/s"
         )
-        run.results["raw_round_seconds"] = raw_round(
-            run, target, names[: args.round_collaborators], int(args.round_model_mb * MIB)
+        say(
+            f"raw gRPC/TLS, up into a file fsynced before the answer: "
+            f"{run.results['raw_durable_upload_mb_s']:.0f} MB/s"
+        )
+        members = names[: args.round_collaborators]
+        size = int(args.round_model_mb * MIB)
+        run.results["raw_round_seconds"] = raw_round(run, target, members, size)
+        run.results["raw_durable_round_seconds"] = raw_round(
+            run, target, members, size, durable=True
         )
         say(
             f"raw gRPC/TLS round: {args.round_collaborators} x {args.round_model_mb:g} MB down "
-            f"and up in {run.results['raw_round_seconds']:.2f} s"
+            f"and up in {run.results['raw_round_seconds']:.2f} s; "
+            f"{run.results['raw_durable_round_seconds']:.2f} s with the downloads kept in memory "
+            "and the uploads fsynced"
         )
 
 
@@ -271,14 +284,18 @@ def raw_throughput(client: raw_grpc.RawClient, args: argparse.Namespace) -> dict
     client.upload(payload)
     client.download(size)
     download_unary(0)
+    client.upload_durable(payload)
     up = samples(args.repeats, lambda _: _expect(client.upload(payload), size))
+    durable = samples(args.repeats, lambda _: _expect(client.upload_durable(payload), size))
     down = samples(args.repeats, lambda _: _expect(client.download(size), size))
     unary = samples(args.repeats, download_unary)
     return {
         "raw_grpc_tls_mb_s": rate(args.payload_mb, up),
+        "raw_durable_upload_mb_s": rate(args.payload_mb, durable),
         "raw_grpc_tls_download_mb_s": rate(args.payload_mb, down),
         "raw_grpc_tls_unary_download_mb_s": rate(args.payload_mb, unary),
         "raw_upload_seconds": up,
+        "raw_durable_upload_seconds": durable,
         "raw_download_seconds": down,
         "raw_unary_download_seconds": unary,
     }
@@ -289,8 +306,14 @@ def _expect(got: int, wanted: int) -> None:
         raise BenchmarkError(f"raw gRPC moved {got} bytes, expected {wanted}")
 
 
-def raw_round(run: Run, target: str, names: Sequence[str], size: int) -> float:
-    """Wall time of `names` clients each downloading then uploading `size` bytes at once."""
+def raw_round(
+    run: Run, target: str, names: Sequence[str], size: int, *, durable: bool = False
+) -> float:
+    """Wall time of `names` clients each downloading then uploading `size` bytes at once.
+
+    `durable`: each keeps its download in new memory, and each upload is fsynced to a file
+    before it is answered: what the round's bytes cost on this machine before any FL work.
+    """
     certs = run.certs
     clients = [
         raw_grpc.RawClient(
@@ -305,8 +328,12 @@ def raw_round(run: Run, target: str, names: Sequence[str], size: int) -> float:
     def work(client: raw_grpc.RawClient) -> None:
         try:
             go.wait()
-            _expect(client.download(size), size)
-            _expect(client.upload(payload), size)
+            if durable:
+                _expect(client.download_into(size), size)
+                _expect(client.upload_durable(payload), size)
+            else:
+                _expect(client.download(size), size)
+                _expect(client.upload(payload), size)
         except Exception as error:  # counted, reported below
             errors.append(repr(error))
 
@@ -391,6 +418,10 @@ def measure_transfer(run: Run, names: Sequence[str]) -> None:
     raw = run.results["raw_grpc_tls_mb_s"]
     run.results["download_ratio"] = run.results["download_mb_s"] / raw
     run.results["upload_ratio"] = run.results["upload_mb_s"] / raw
+    # The upload against the same bytes fsynced by raw gRPC: what foedus adds to durability.
+    run.results["upload_ratio_vs_raw_durable"] = (
+        run.results["upload_mb_s"] / run.results["raw_durable_upload_mb_s"]
+    )
     # How much of the download's gap is gRPC's own cost of large unary messages:
     run.results["download_ratio_vs_raw_unary"] = (
         run.results["download_mb_s"] / run.results["raw_grpc_tls_unary_download_mb_s"]
@@ -497,6 +528,11 @@ def measure_round_phase(run: Run, names: Sequence[str]) -> None:
         round_errors=len(outcome.errors),
         round_client_warnings=outcome.warnings,
         round_aggregator_exit=outcome.aggregator_exit,
+        round_over_raw_durable_round=(
+            None
+            if outcome.round_seconds is None
+            else outcome.round_seconds / run.results["raw_durable_round_seconds"]
+        ),
         aggregator_peak_rss_mb=rss,
         rss_over_model=None if rss is None else rss / args.round_model_mb,
     )
@@ -622,6 +658,7 @@ TARGETS = (
 
 TABLE_KEYS = (
     "raw_grpc_tls_mb_s",
+    "raw_durable_upload_mb_s",
     "disk_write_mb_s",
     "round_disk_floor_seconds",
     "raw_grpc_tls_download_mb_s",
@@ -631,8 +668,11 @@ TABLE_KEYS = (
     "upload_ratio",
     "download_ratio",
     "download_ratio_vs_raw_unary",
+    "upload_ratio_vs_raw_durable",
     "raw_round_seconds",
+    "raw_durable_round_seconds",
     "round_seconds",
+    "round_over_raw_durable_round",
     "round_download_seconds_max",
     "round_upload_seconds_max",
     "round_close_after_last_upload_seconds",

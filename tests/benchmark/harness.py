@@ -371,8 +371,10 @@ def start_aggregator(plan: Path, *, profile_to: Path | None = None) -> tuple[Pro
 
 
 def start_raw_server(certs: CertsLayout, folder: Path) -> tuple[Process, int]:
-    """The raw gRPC server as a process, with the aggregator's certificate; and its port."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """The raw gRPC server as a process, with the aggregator's certificate, its durable uploads
+    in `folder`/spool; and its port."""
+    spool = folder / "spool"
+    spool.mkdir(parents=True, exist_ok=True)
     process = Process(
         [
             sys.executable,
@@ -383,6 +385,8 @@ def start_raw_server(certs: CertsLayout, folder: Path) -> tuple[Process, int]:
             str(certs.aggregator_key),
             "--ca",
             str(certs.ca_bundle),
+            "--spool",
+            str(spool),
         ],
         folder / "raw_server.log",
         env={"PYTHONUNBUFFERED": "1"},
