@@ -10,13 +10,9 @@ Phases, in order:
 
 1. raw: a plain grpcio server (`raw_grpc.py`, its own process, no foedus code) with the same
    TLS files; a client stream of `payload_mb` in 2 MiB messages (`raw_grpc_tls_mb_s`, the limit
-   to compare with), the same stream written to a file and fsynced before the answer
-   (`raw_durable_upload_mb_s`), a server stream and one unary message per tensor of the same
-   size; then `round_collaborators` threads each downloading and uploading `round_model_mb` at
-   once (`raw_round_seconds`), and again with each download kept in new memory and each upload
-   fsynced (`raw_durable_round_seconds`): what the round's bytes alone cost on this machine
-   once they must be kept, as any federation keeps them, before any of foedus's work (the
-   `..._vs_raw_durable` ratios compare with these). Then the disk where the aggregator keeps its state: `payload_mb`
+   to compare with), a server stream and one unary message per tensor of the same size; then
+   `round_collaborators` threads each downloading and uploading `round_model_mb` at once
+   (`raw_round_seconds`). Then the disk where the aggregator keeps its state: `payload_mb`
    written and fsynced (`disk_write_mb_s`), and the time the round's results alone take at
    that rate (`round_disk_floor_seconds`): accepted results are on disk before the OK, a floor
    raw gRPC, which stores nothing, does not have.
@@ -25,14 +21,19 @@ Phases, in order:
    one `AggregatorGRPCClient` fetches the model in one streamed call (`download_mb_s`,
    `GetAggregatedModel`) and sends a train result
    of the same size (`upload_mb_s`; each sample by another collaborator, so each is a first
-   upload, stored durably as the aggregator does).
+   upload, stored durably as the aggregator does). In turns with those uploads, raw gRPC
+   sends the same bytes to a server that writes them to a file and fsyncs it before it
+   answers (`raw_durable_upload_mb_s`): what keeping an upload costs on this machine before
+   any of foedus's work, met in the same state of page cache and memory.
 3. probe (not with --quick): one tensor of `payload_mb` under the plan's default limits: can it
    be downloaded, and uploaded, at all?
 4. round: `round_collaborators` threads in this process, each its own client and certificate
    running the real collaborator loop with the no-op runner, one round of `train` on a
-   `round_model_mb` model: `round_seconds` from the first download to the aggregator's
-   "round 1/1" line (printed once the new model is averaged, committed and saved), the
-   aggregator's peak RSS (`VmHWM`) then. A collaborator's next `GetTasks` after its upload is
+   `round_model_mb` model; just before it, the raw round again with each download kept in new
+   memory and each upload fsynced (`raw_durable_round_seconds`: the round's bytes kept, as any
+   federation must keep them, before any FL work). `round_seconds` from the first download
+   to the aggregator's "round 1/1" line (printed once the new model is averaged, committed
+   and saved), the aggregator's peak RSS (`VmHWM`) then. A collaborator's next `GetTasks` after its upload is
    held until that is read (it would be a long poll on the server, costing no CPU).
 5. steady: the same round as the second of a two-round federation (`steady_round_seconds`,
    not a target): what the first round pays once, and later rounds do not.
@@ -61,6 +62,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -202,16 +204,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def measure_raw(run: Run, names: Sequence[str]) -> None:
     """Raw gRPC over mutual TLS: stream up, stream down, unary down, and the round's traffic."""
     args = run.args
-    certs = run.certs
-    server, port = start_raw_server(certs, run.work / "raw")
-    target = f"localhost:{port}"
+    server, port = start_raw_server(run.certs, run.work / "raw")
     with server:
-        client = raw_grpc.RawClient(
-            target,
-            certs.ca_bundle,
-            certs.collaborator_cert(names[0]),
-            certs.collaborator_key(names[0]),
-        )
+        client = raw_client_of(run, port, names[0])
         try:
             run.results.update(raw_throughput(client, args))
         finally:
@@ -221,21 +216,12 @@ def measure_raw(run: Run, names: Sequence[str]) -> None:
             f"{run.results['raw_grpc_tls_download_mb_s']:.0f} MB/s, down (unary, one message "
             f"per tensor) {run.results['raw_grpc_tls_unary_download_mb_s']:.0f} MB/s"
         )
-        say(
-            f"raw gRPC/TLS, up into a file fsynced before the answer: "
-            f"{run.results['raw_durable_upload_mb_s']:.0f} MB/s"
-        )
-        members = names[: args.round_collaborators]
-        size = int(args.round_model_mb * MIB)
-        run.results["raw_round_seconds"] = raw_round(run, target, members, size)
-        run.results["raw_durable_round_seconds"] = raw_round(
-            run, target, members, size, durable=True
+        run.results["raw_round_seconds"] = raw_round(
+            run, port, names[: args.round_collaborators], int(args.round_model_mb * MIB)
         )
         say(
             f"raw gRPC/TLS round: {args.round_collaborators} x {args.round_model_mb:g} MB down "
-            f"and up in {run.results['raw_round_seconds']:.2f} s; "
-            f"{run.results['raw_durable_round_seconds']:.2f} s with the downloads kept in memory "
-            "and the uploads fsynced"
+            f"and up in {run.results['raw_round_seconds']:.2f} s"
         )
 
 
@@ -284,18 +270,14 @@ def raw_throughput(client: raw_grpc.RawClient, args: argparse.Namespace) -> dict
     client.upload(payload)
     client.download(size)
     download_unary(0)
-    client.upload_durable(payload)
     up = samples(args.repeats, lambda _: _expect(client.upload(payload), size))
-    durable = samples(args.repeats, lambda _: _expect(client.upload_durable(payload), size))
     down = samples(args.repeats, lambda _: _expect(client.download(size), size))
     unary = samples(args.repeats, download_unary)
     return {
         "raw_grpc_tls_mb_s": rate(args.payload_mb, up),
-        "raw_durable_upload_mb_s": rate(args.payload_mb, durable),
         "raw_grpc_tls_download_mb_s": rate(args.payload_mb, down),
         "raw_grpc_tls_unary_download_mb_s": rate(args.payload_mb, unary),
         "raw_upload_seconds": up,
-        "raw_durable_upload_seconds": durable,
         "raw_download_seconds": down,
         "raw_unary_download_seconds": unary,
     }
@@ -307,20 +289,14 @@ def _expect(got: int, wanted: int) -> None:
 
 
 def raw_round(
-    run: Run, target: str, names: Sequence[str], size: int, *, durable: bool = False
+    run: Run, port: int, names: Sequence[str], size: int, *, durable: bool = False
 ) -> float:
     """Wall time of `names` clients each downloading then uploading `size` bytes at once.
 
     `durable`: each keeps its download in new memory, and each upload is fsynced to a file
     before it is answered: what the round's bytes cost on this machine before any FL work.
     """
-    certs = run.certs
-    clients = [
-        raw_grpc.RawClient(
-            target, certs.ca_bundle, certs.collaborator_cert(name), certs.collaborator_key(name)
-        )
-        for name in names
-    ]
+    clients = [raw_client_of(run, port, name) for name in names]
     payload = raw_grpc.pattern(size)
     go = threading.Event()
     errors: list[str] = []
@@ -380,9 +356,12 @@ def measure_transfer(run: Run, names: Sequence[str]) -> None:
     model = noop_runner.NoopRunner.initial_model(plan.runner)
     megabytes = noop_runner.model_bytes(model) / MIB
     result = train_result(model)
+    payload = raw_grpc.pattern(noop_runner.model_bytes(model))
     aggregator, port = start_aggregator(plan_path)
-    with aggregator:
+    raw_server, raw_port = start_raw_server(run.certs, run.work / "transfer-raw")
+    with aggregator, raw_server:
         clients = [make_client(plan, name, port) for name in members]
+        raw_client = raw_client_of(run, raw_port, names[0])
         try:
             for client in clients:
                 client.ping()  # TLS handshakes outside the timings
@@ -396,22 +375,31 @@ def measure_transfer(run: Run, names: Sequence[str]) -> None:
             del fetched
             down = samples(args.repeats, download)
             clients[args.repeats].send_local_task_results(0, "train", 1, result)  # warm-up
-            up = samples(
-                args.repeats,
-                lambda index: clients[index].send_local_task_results(0, "train", 1, result),
-            )
+            raw_client.upload_durable(payload)
+            # Each foedus upload beside one of raw gRPC storing the same bytes durably, in turns,
+            # so that both meet the machine (page cache, memory) in the same state.
+            up: list[float] = []
+            durable: list[float] = []
+            for sender in clients[: args.repeats]:
+                up.append(timed(partial(sender.send_local_task_results, 0, "train", 1, result)))
+                durable.append(
+                    timed(lambda: _expect(raw_client.upload_durable(payload), len(payload)))
+                )
             if args.profile:
                 profile = profile_client(clients[0], clients[args.repeats + 1], model)
                 run.results.setdefault("profile", {}).update(profile)
         finally:
+            raw_client.close()
             for client in clients:
                 client.disconnect()
         run.results["transfer_aggregator_peak_rss_mb"] = peak_rss_mb(aggregator.pid)
     run.results.update(
         download_mb_s=rate(megabytes, down),
         upload_mb_s=rate(megabytes, up),
+        raw_durable_upload_mb_s=rate(megabytes, durable),
         download_seconds=down,
         upload_seconds=up,
+        raw_durable_upload_seconds=durable,
         transfer_tensors=tensors,
         transfer_limits=limits_for(largest, size),
     )
@@ -428,7 +416,20 @@ def measure_transfer(run: Run, names: Sequence[str]) -> None:
     )
     say(
         f"foedus: down {run.results['download_mb_s']:.0f} MB/s, up "
-        f"{run.results['upload_mb_s']:.0f} MB/s ({tensors} tensors of <= {largest / MIB:g} MB)"
+        f"{run.results['upload_mb_s']:.0f} MB/s ({tensors} tensors of <= {largest / MIB:g} MB); "
+        f"raw gRPC up into a file fsynced before the answer, in turns with foedus: "
+        f"{run.results['raw_durable_upload_mb_s']:.0f} MB/s"
+    )
+
+
+def raw_client_of(run: Run, port: int, name: str) -> raw_grpc.RawClient:
+    """A raw gRPC client with collaborator `name`'s certificate, to the raw server's `port`."""
+    certs = run.certs
+    return raw_grpc.RawClient(
+        f"localhost:{port}",
+        certs.ca_bundle,
+        certs.collaborator_cert(name),
+        certs.collaborator_key(name),
     )
 
 
@@ -502,8 +503,23 @@ def cpu_figures(prefix: str, seconds: tuple[float, float] | None) -> dict[str, f
 
 
 def measure_round_phase(run: Run, names: Sequence[str]) -> None:
-    """The 8-collaborator round of a 100 MB model, and the aggregator's memory in it."""
+    """The 8-collaborator round of a 100 MB model, and the aggregator's memory in it; just before
+    it, the same bytes moved by raw gRPC, each download kept in new memory and each upload
+    fsynced (`raw_durable_round_seconds`)."""
     args = run.args
+    server, port = start_raw_server(run.certs, run.work / "round-raw")
+    with server:
+        run.results["raw_durable_round_seconds"] = raw_round(
+            run,
+            port,
+            names[: args.round_collaborators],
+            int(args.round_model_mb * MIB),
+            durable=True,
+        )
+    say(
+        f"raw gRPC/TLS round with the downloads kept in memory and the uploads fsynced: "
+        f"{run.results['raw_durable_round_seconds']:.2f} s"
+    )
     outcome = measure_round(
         run,
         "round",
