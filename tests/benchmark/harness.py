@@ -88,6 +88,11 @@ def cpu_seconds(pid: int) -> tuple[float, float] | None:
     return int(fields[11]) / tick, int(fields[12]) / tick  # utime and stime, fields 14 and 15
 
 
+def cpu_spent(end: tuple[float, float], start: tuple[float, float]) -> tuple[float, float]:
+    """The (user, system) CPU seconds between two readings."""
+    return end[0] - start[0], end[1] - start[1]
+
+
 def own_cpu_seconds() -> tuple[float, float]:
     """This process's CPU time so far, (user, system) seconds."""
     times = os.times()

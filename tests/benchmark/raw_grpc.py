@@ -6,8 +6,9 @@ listens:
 
 * ``Upload`` (client stream): counts the bytes of every message and answers the total;
 * ``UploadDurable`` (client stream): writes the messages to a new file in the spool folder
-  (starting the disk's writeback every `WRITEBACK_BYTES`) and fsyncs it before it answers, as any server must that acknowledges only what a crash cannot
-  lose; the files are kept until the server stops, as an aggregator keeps a round's results;
+  (starting the disk's writeback every `WRITEBACK_BYTES`) and fsyncs it before it answers, as
+  any server must that acknowledges only what a crash cannot lose; the files are kept (in the
+  benchmark's temporary folder), as an aggregator keeps a round's results;
 * ``Download`` (server stream): the request is a size (8 bytes, big-endian), the answer that many
   bytes in `CHUNK_BYTES` messages;
 * ``DownloadUnary``: the same bytes in one message.

@@ -25,6 +25,7 @@ from harness import (
     Process,
     Run,
     cpu_seconds,
+    cpu_spent,
     limits_for,
     own_cpu_seconds,
     peak_rss_mb,
@@ -171,10 +172,6 @@ def measure_round(
         return MeasuredRound(plan, port, run.args.round_timeout, hold=hold).run(aggregator)
 
 
-def _minus(end: tuple[float, float], start: tuple[float, float]) -> tuple[float, float]:
-    return end[0] - start[0], end[1] - start[1]
-
-
 class MeasuredRound:
     """Collaborator threads (each its own `TimedClient`) around one aggregator's round."""
 
@@ -283,8 +280,8 @@ class MeasuredRound:
             outcome.peak_rss_mb = peak_rss_mb(aggregator.pid) or memory.peak()
             aggregator_cpu_end = cpu_seconds(aggregator.pid)
         if aggregator_cpu is not None and aggregator_cpu_end is not None:
-            outcome.aggregator_cpu_seconds = _minus(aggregator_cpu_end, aggregator_cpu)
-        outcome.client_cpu_seconds = _minus(own_cpu_seconds(), client_cpu)
+            outcome.aggregator_cpu_seconds = cpu_spent(aggregator_cpu_end, aggregator_cpu)
+        outcome.client_cpu_seconds = cpu_spent(own_cpu_seconds(), client_cpu)
         starts = self.marks("download_start")
         first = min(starts, default=released)  # the measured round's first download
         outcome.round_seconds = closed_at - first
