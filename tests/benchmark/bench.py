@@ -21,10 +21,11 @@ Phases, in order:
    one `AggregatorGRPCClient` fetches the model in one streamed call (`download_mb_s`,
    `GetAggregatedModel`) and sends a train result
    of the same size (`upload_mb_s`; each sample by another collaborator, so each is a first
-   upload, stored durably as the aggregator does). In turns with those uploads, raw gRPC
-   sends the same bytes to a server that writes them to a file and fsyncs it before it
-   answers (`raw_durable_upload_mb_s`): what keeping an upload costs on this machine before
-   any of foedus's work, met in the same state of page cache and memory.
+   upload, stored durably as the aggregator does). In turns with those downloads and uploads,
+   raw gRPC fetches the same bytes into new memory (`raw_kept_download_mb_s`) and sends them
+   to a server that writes them to a file and fsyncs it before it answers
+   (`raw_durable_upload_mb_s`): what keeping the bytes costs on this machine before any of
+   foedus's work, met in the same state of page cache and memory.
 3. probe (not with --quick): one tensor of `payload_mb` under the plan's default limits: can it
    be downloaded, and uploaded, at all?
 4. round: `round_collaborators` threads in this process, each its own client and certificate
@@ -370,14 +371,20 @@ def measure_transfer(run: Run, names: Sequence[str]) -> None:
             for client in clients:
                 client.ping()  # TLS handshakes outside the timings
 
-            def download(_: int) -> None:
-                clients[0].get_aggregated_model(list(model), 0)
-
             fetched = clients[0].get_aggregated_model(list(model), 0)
             if any(not np.array_equal(fetched[name], model[name]) for name in model):
                 raise BenchmarkError("the downloaded model differs from the aggregator's")
             del fetched
-            down = samples(args.repeats, download)
+            raw_client.download_into(len(payload))
+            # Each foedus download beside one of raw gRPC keeping the same bytes in new memory,
+            # in turns (see the uploads below).
+            down: list[float] = []
+            kept: list[float] = []
+            for _ in range(args.repeats):
+                down.append(timed(lambda: clients[0].get_aggregated_model(list(model), 0)))
+                kept.append(
+                    timed(lambda: _expect(raw_client.download_into(len(payload)), len(payload)))
+                )
             clients[args.repeats].send_local_task_results(0, "train", 1, result)  # warm-up
             raw_client.upload_durable(payload)
             # Each foedus upload beside one of raw gRPC storing the same bytes durably, in turns,
@@ -401,9 +408,11 @@ def measure_transfer(run: Run, names: Sequence[str]) -> None:
         download_mb_s=rate(megabytes, down),
         upload_mb_s=rate(megabytes, up),
         raw_durable_upload_mb_s=rate(megabytes, durable),
+        raw_kept_download_mb_s=rate(megabytes, kept),
         download_seconds=down,
         upload_seconds=up,
         raw_durable_upload_seconds=durable,
+        raw_kept_download_seconds=kept,
         transfer_tensors=tensors,
         transfer_limits=limits_for(largest, size),
     )
@@ -414,6 +423,9 @@ def measure_transfer(run: Run, names: Sequence[str]) -> None:
     run.results["upload_ratio_vs_raw_durable"] = (
         run.results["upload_mb_s"] / run.results["raw_durable_upload_mb_s"]
     )
+    run.results["download_ratio_vs_raw_kept"] = (
+        run.results["download_mb_s"] / run.results["raw_kept_download_mb_s"]
+    )
     # How much of the download's gap is gRPC's own cost of large unary messages:
     run.results["download_ratio_vs_raw_unary"] = (
         run.results["download_mb_s"] / run.results["raw_grpc_tls_unary_download_mb_s"]
@@ -421,8 +433,9 @@ def measure_transfer(run: Run, names: Sequence[str]) -> None:
     say(
         f"foedus: down {run.results['download_mb_s']:.0f} MB/s, up "
         f"{run.results['upload_mb_s']:.0f} MB/s ({tensors} tensors of <= {largest / MIB:g} MB); "
-        f"raw gRPC up into a file fsynced before the answer, in turns with foedus: "
-        f"{run.results['raw_durable_upload_mb_s']:.0f} MB/s"
+        f"raw gRPC in turns with foedus, down into new memory "
+        f"{run.results['raw_kept_download_mb_s']:.0f} MB/s, up into a file fsynced before the "
+        f"answer {run.results['raw_durable_upload_mb_s']:.0f} MB/s"
     )
 
 
@@ -695,6 +708,7 @@ TARGETS = (
 TABLE_KEYS = (
     "raw_grpc_tls_mb_s",
     "raw_durable_upload_mb_s",
+    "raw_kept_download_mb_s",
     "disk_write_mb_s",
     "round_disk_floor_seconds",
     "raw_grpc_tls_download_mb_s",
@@ -703,6 +717,7 @@ TABLE_KEYS = (
     "download_mb_s",
     "upload_ratio",
     "download_ratio",
+    "download_ratio_vs_raw_kept",
     "download_ratio_vs_raw_unary",
     "upload_ratio_vs_raw_durable",
     "raw_round_seconds",
