@@ -82,6 +82,16 @@ class RunnerSettings:
     name: str  # runner.name: a built-in name ("digits") or "package.module:Class"
     seed: int  # runner.seed: the same on every party, so the initial model is the same
     settings: Mapping[str, object]  # runner.settings: passed to the runner as they are
+    # The site's own settings file merged over runner.settings (plans.site_settings), if any,
+    # and the keys it set: a runner's error then names the file a bad key came from.
+    site_file: Path | None = None
+    site_keys: frozenset[str] = frozenset()
+
+    def key_path(self, key: str) -> str:
+        """Where `key` of `settings` was set, for an error message: the plan or the site file."""
+        if self.site_file is not None and key in self.site_keys:
+            return f"{self.site_file}: {key}"
+        return f"runner.settings.{key}"
 
 
 @dataclass(frozen=True)
