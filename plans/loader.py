@@ -20,6 +20,7 @@ from pki.layout import CertsLayout
 from plans.schema import (
     KNOWN_TASKS,
     TRAIN,
+    Address,
     AggregatorSettings,
     BestModelSettings,
     ConnectionSettings,
@@ -263,9 +264,61 @@ def _aggregator(section: _Section, base: Path) -> AggregatorSettings:
         initial_model=_optional_file(section, "initial_model", base),
         long_poll_seconds=section.number("long_poll_seconds", 5.0, low=0, high=300),
         quit_grace_seconds=section.number("quit_grace_seconds", 30.0, low=0, high=86400),
+        metrics_address=_listen_address(section, "metrics_address"),
     )
     section.finish()
     return settings
+
+
+# A host name as DNS allows it (letters, digits, '-', dots between labels).
+HOST_PATTERN = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+LOOPBACK = "127.0.0.1"
+
+
+def _listen_address(section: _Section, key: str) -> Address | None:
+    """`host:port`, `[v6]:port`, or a port alone (on loopback); None when absent or null."""
+    if section.data.get(key) is None:
+        section.seen.add(key)
+        return None
+
+    def check(value: object) -> Address | None:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str):
+            return None
+        host, colon, port = value.rpartition(":")
+        if not colon:
+            host, port = LOOPBACK, value
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+            if not _is_ip(host, version=6):
+                return None
+        elif not _is_ip(host, version=4) and not _is_host_name(host):
+            return None
+        if not (port.isascii() and port.isdigit() and 0 <= int(port) <= 65535):
+            return None
+        return Address(host, int(port))
+
+    return section._checked(
+        key,
+        None,
+        check,
+        "host:port, [IPv6]:port, or a port alone (on 127.0.0.1), with a port 0-65535",
+    )
+
+
+def _is_host_name(text: str) -> bool:
+    """A DNS name, not a mistyped address: its last label is not all digits."""
+    return bool(HOST_PATTERN.match(text)) and not text.rsplit(".", 1)[-1].isdigit()
+
+
+def _is_ip(text: str, *, version: int) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == version
+    except ValueError:
+        return False
 
 
 def _optional_file(section: _Section, key: str, base: Path) -> Path | None:

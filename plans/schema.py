@@ -33,6 +33,21 @@ class FederationSettings:
 
 
 @dataclass(frozen=True)
+class Address:
+    """A host and a TCP port to listen on; an IPv6 host without brackets."""
+
+    host: str
+    port: int
+
+    def with_port(self, port: int) -> str:
+        """`host:port` with `port` (the one bound, when the plan said 0), IPv6 in brackets."""
+        return f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
+
+    def __str__(self) -> str:
+        return self.with_port(self.port)
+
+
+@dataclass(frozen=True)
 class AggregatorSettings:
     """`aggregator`: where the aggregator is reached and where it listens."""
 
@@ -46,6 +61,9 @@ class AggregatorSettings:
     initial_model: Path | None  # aggregator.initial_model: a model file; None = the runner's
     long_poll_seconds: float  # aggregator.long_poll_seconds: GetTasks waits this long for work
     quit_grace_seconds: float  # aggregator.quit_grace_seconds: wait for quit to reach everyone
+    # aggregator.metrics_address: where Prometheus metrics are served over HTTP, "host:port" or
+    # a port alone (then 127.0.0.1); None (the default): no metrics server.
+    metrics_address: Address | None = None
 
 
 class StragglerPolicy(Enum):

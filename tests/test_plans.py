@@ -188,6 +188,24 @@ def test_aggregator_id_defaults_to_openfl_form() -> None:
             "limits.stream_window_bytes: expected an integer 65536-",
             id="stream-window-too-small",
         ),
+        *(
+            pytest.param(
+                [("aggregator.metrics_address", value)],
+                "aggregator.metrics_address: expected host:port, [IPv6]:port, or a port alone",
+                id=f"metrics-address-{name}",
+            )
+            for name, value in [
+                ("port-too-large", "127.0.0.1:70000"),
+                ("no-port", "127.0.0.1"),
+                ("empty-host", ":9464"),
+                ("bad-host", "my host:9464"),
+                ("bad-ipv4", "1.2.3.256:9464"),
+                ("ipv6-without-brackets", "::1:9464"),
+                ("ipv4-in-brackets", "[127.0.0.1]:9464"),
+                ("boolean", True),
+                ("list", ["127.0.0.1", 9464]),
+            ]
+        ),
     ],
 )
 def test_problem_is_reported_by_key_path(changes: list[tuple[str, Any]], expected: str) -> None:
@@ -271,6 +289,31 @@ def test_stream_window_is_grpcs_unless_given(tmp_path: Path) -> None:
     assert load_plan(_write(tmp_path / "a.yaml", _document())).limits.stream_window_bytes is None
     fixed = _with(_document(), ("limits.stream_window_bytes", 4 * 1024 * 1024))
     assert load_plan(_write(tmp_path / "b.yaml", fixed)).limits.stream_window_bytes == 4 * 2**20
+
+
+@pytest.mark.parametrize(
+    ("value", "host", "port"),
+    [
+        ("127.0.0.1:9464", "127.0.0.1", 9464),
+        (9464, "127.0.0.1", 9464),  # a port alone: loopback
+        ("9464", "127.0.0.1", 9464),
+        ("[::1]:9464", "::1", 9464),
+        ("metrics.example.org:0", "metrics.example.org", 0),
+        ("0.0.0.0:9464", "0.0.0.0", 9464),
+    ],
+)
+def test_metrics_address_forms(value: object, host: str, port: int) -> None:
+    """`aggregator.metrics_address` as host:port, [IPv6]:port, or a port alone on loopback."""
+    plan = parse_plan(_with(_document(), ("aggregator.metrics_address", value)), PLAN_PATH)
+    address = plan.aggregator.metrics_address
+    assert address is not None and (address.host, address.port) == (host, port)
+
+
+def test_metrics_are_off_by_default() -> None:
+    """Without `aggregator.metrics_address` (or with null) no metrics server runs."""
+    assert parse_plan(_document(), PLAN_PATH).aggregator.metrics_address is None
+    plan = parse_plan(_with(_document(), ("aggregator.metrics_address", None)), PLAN_PATH)
+    assert plan.aggregator.metrics_address is None
 
 
 def test_certs_dir_is_relative_to_the_plan_file(
