@@ -32,6 +32,7 @@ from typing import TextIO
 
 from aggregator.allocator import release_free_memory
 from aggregator.federation import Array, Best, Federation, RoundRecord, RoundSummary
+from aggregator.metrics import Metrics
 from aggregator.server import DEFAULT_WORKERS, AggregatorGRPCServer
 from aggregator.state import DurableState
 from aggregator.storage import OutputFolder
@@ -70,8 +71,10 @@ class Runtime:
         out: TextIO | None = None,
         clock: Callable[[], float] = time.monotonic,
         tick: float = TICK_SECONDS,
+        metrics: Metrics | None = None,
     ) -> None:
         self.plan = plan
+        self.metrics = metrics
         self.federation = federation
         self.output = output
         self.out = out
@@ -175,6 +178,8 @@ class Runtime:
     def record(self, summary: RoundSummary) -> None:
         """Save what a closed (and committed) round produced and print its line."""
         self.rounds_closed += 1
+        if self.metrics is not None:
+            self.metrics.round_closed(summary.seconds)
         if summary.trained:
             self.output.save_last(summary.model, summary.round_number + 1)
             self.saved_last = True
@@ -280,10 +285,10 @@ def serve(
     else:
         progress = state.recovered.progress
         federation = Federation.from_plan(plan, progress.model, store=state, progress=progress)
-    runtime = Runtime(plan, federation, output, out=out)
+    server = AggregatorGRPCServer(plan, federation, workers=workers)
+    runtime = Runtime(plan, federation, output, out=out, metrics=server.metrics)
     if state is not None:
         runtime.restore(state)
-    server = AggregatorGRPCServer(plan, federation, workers=workers)
     port = server.start()  # ServerError, PkiError: nothing was served
     try:
         final = " + final validation" if federation.final_validation else ""
@@ -294,6 +299,9 @@ def serve(
             f"{len(plan.collaborators)} collaborators, {plan.federation.rounds} rounds{final}; "
             f"output in {output.root}"
         )
+        if server.metrics_server is not None:
+            address = server.metrics_server.address.with_port(server.metrics_server.port)
+            runtime.say(f"metrics on http://{address}/metrics")
         resumed = None if state is None else runtime.resume_line(state)
         if resumed is not None:
             runtime.say(resumed)

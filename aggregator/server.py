@@ -1,8 +1,14 @@
-"""AggregatorGRPCServer: the gRPC server around one federation, its credentials, start and stop."""
+"""AggregatorGRPCServer: the gRPC server around one federation, its credentials, start and stop.
+
+Beside the Aggregator service it serves the standard health service on the same port
+(`aggregator.health_service`), and, when the plan gives `aggregator.metrics_address`, Prometheus
+metrics over HTTP there (`aggregator.metrics`); both start and stop with it.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent import futures
 from types import TracebackType
 from typing import Any
@@ -11,7 +17,10 @@ import grpc
 
 from aggregator.errors import ServerError
 from aggregator.federation import Federation
+from aggregator.health import Health, StorageWatch, free_bytes
+from aggregator.health_service import HealthService
 from aggregator.identity import Gatekeeper
+from aggregator.metrics import Metrics, MetricsServer
 from aggregator.servicer import AggregatorServicer
 from pki.tls import server_credentials
 from plans import Plan
@@ -87,9 +96,25 @@ class AggregatorGRPCServer:
     """Serves `federation` on the plan's address, over mutual TLS unless the plan says insecure."""
 
     def __init__(
-        self, plan: Plan, federation: Federation, *, workers: int = DEFAULT_WORKERS
+        self,
+        plan: Plan,
+        federation: Federation,
+        *,
+        workers: int = DEFAULT_WORKERS,
+        collaborators_online: Callable[[], int] | None = None,
     ) -> None:
         self.plan = plan
+        storage = plan.aggregator.output_dir
+        self.health = Health(storage)
+        self.metrics = Metrics(
+            round_number=lambda: federation.round_number,
+            storage_free_bytes=lambda: free_bytes(storage),
+            serving=lambda: self.health.serving,
+            collaborators_online=collaborators_online,
+        )
+        address = plan.aggregator.metrics_address
+        self.metrics_server = None if address is None else MetricsServer(self.metrics, address)
+        self._storage_watch = StorageWatch(self.health)
         self.gatekeeper = Gatekeeper(
             aggregator_id=plan.federation.aggregator_id,
             federation_uuid=plan.federation.uuid,
@@ -104,12 +129,16 @@ class AggregatorGRPCServer:
             # Long polls hold a worker thread each; half the workers stay free for uploads.
             max_long_polls=workers // 2,
             upload_folder=federation.store.upload_folder,
+            metrics=self.metrics,
+            observers=(self.health,),
         )
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aggregator-rpc"),
             options=server_options(plan.limits.max_message_bytes, plan.limits.stream_window_bytes),
         )
         add_servicer(self.servicer, self._server)
+        self.health_service = HealthService(self.health, (SERVICE,))
+        self.health_service.add_to(self._server)
         self.port = 0
 
     @property
@@ -141,7 +170,18 @@ class AggregatorGRPCServer:
             raise ServerError(f"cannot listen on {self.address}: {error}") from None
         if self.port == 0:
             raise ServerError(f"cannot listen on {self.address}: the address is in use or invalid")
+        if self.metrics_server is not None:
+            try:
+                self.metrics_server.start()
+            except OSError as error:
+                self._server.stop(0)
+                raise ServerError(
+                    f"{self.plan.path}: aggregator.metrics_address: cannot serve metrics on "
+                    f"{self.metrics_server.address}: {error.strerror or error}"
+                ) from None
         self._server.start()
+        self.health.started()
+        self._storage_watch.start()
         logger.info(
             "aggregator serving federation %s on port %d", self.plan.federation.uuid, self.port
         )
@@ -151,8 +191,13 @@ class AggregatorGRPCServer:
         """Stop accepting calls; in-flight calls get `grace` seconds (the plan's by default)."""
         if grace is None:
             grace = self.plan.aggregator.grace_seconds
+        self.health.stopping()  # NOT_SERVING to watchers first, for the whole grace
+        self.health_service.shutdown()
         self.servicer.stop_long_polls()  # waiting GetTasks calls answer now, not after the grace
         self._server.stop(grace).wait()
+        self._storage_watch.stop()
+        if self.metrics_server is not None:  # scraped until the end
+            self.metrics_server.stop()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server stops or `timeout` passes; True if it stopped."""

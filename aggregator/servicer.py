@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, closing, contextmanager, nullcontext
 from pathlib import Path
 
@@ -35,7 +35,8 @@ from aggregator.encoded_model import EncodedModel
 from aggregator.errors import InvalidRequestError
 from aggregator.federation import DELTA_TAG, Assignment, Federation, TaskResult
 from aggregator.identity import Gatekeeper, Header
-from aggregator.status import refusals_as_status, stream_refusals_as_status
+from aggregator.metrics import Metrics
+from aggregator.status import RefusalObserver, refusals_as_status, stream_refusals_as_status
 from aggregator.upload import receive_upload
 from plans import Limits
 from protos import aggregator_pb2, aggregator_pb2_grpc
@@ -67,8 +68,16 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
         long_poll_seconds: float = 0.0,
         max_long_polls: int = 0,
         upload_folder: Path | None = None,
+        metrics: Metrics | None = None,
+        observers: Sequence[RefusalObserver] = (),
     ) -> None:
         self.federation = federation
+        # Counts accepted results and the bytes moved; told of refusals with the `observers`.
+        self.metrics = metrics
+        self.observers: tuple[RefusalObserver, ...] = (
+            *observers,
+            *(() if metrics is None else (metrics,)),
+        )
         # Uploads are written here as they arrive: the store's folder, so that keeping one is
         # a rename; a store in memory keeps none, and the system's temporary folder serves.
         # The streamed model is spooled here too (in files without a name).
@@ -137,6 +146,8 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
             response.tensor.CopyFrom(
                 self._encoded.tensor(request.round_number, request.tensor_name, array)
             )
+            if self.metrics is not None:
+                self.metrics.downloaded(array.nbytes)
             return response
 
     @stream_refusals_as_status
@@ -154,8 +165,15 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
             tensors = self.federation.global_tensors(list(request.tensor_names), round_number)
             header = aggregator_pb2.ModelChunk(header=self._reply_header(caller))
             yield header.SerializeToString()
-            for name, array in tensors:
-                yield from self._encoded.chunks(round_number, name, array)
+            sent = 0  # counted once per stream, not per chunk (see aggregator.metrics)
+            try:
+                for name, array in tensors:
+                    for chunk in self._encoded.chunks(round_number, name, array):
+                        yield chunk
+                        sent += len(chunk)
+            finally:
+                if self.metrics is not None:
+                    self.metrics.downloaded(sent)
 
     @refusals_as_status
     def SendLocalTaskResults(  # noqa: N802
@@ -169,7 +187,11 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
         limit = self.limits.max_upload_bytes
         declared = declared_upload_bytes(context.invocation_metadata(), max_bytes=limit)
         upload = chunks_within(request_iterator, self.limits.upload_seconds)
+        payloads = _Counted(chunk_payloads(upload, max_bytes=limit))
+        metrics = self.metrics
         with ExitStack() as held, closing(upload):  # closed: its reader stops if we stop early
+            if metrics is not None:  # what was read, whatever becomes of it
+                held.callback(lambda: metrics.uploaded(payloads.size))
             held.enter_context(self._slot(peer))
             callers: list[str] = []
 
@@ -181,7 +203,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
                 callers.append(caller)
 
             received = receive_upload(
-                chunk_payloads(upload, max_bytes=limit),
+                payloads,
                 self.upload_folder,
                 on_head=on_head,
                 model_dtype=self.federation.model_dtype,
@@ -214,6 +236,8 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
                 result.task_name,
                 result.round_number,
             )
+        elif self.metrics is not None:
+            self.metrics.result_accepted()
         return aggregator_pb2.SendLocalTaskResultsResponse(header=self._reply_header(caller))
 
     def InteropRelay(  # noqa: N802
@@ -261,6 +285,19 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
             receiver=caller,
             federation_uuid=self.gatekeeper.federation_uuid,
         )
+
+
+class _Counted:
+    """An upload's payloads, passed through as they are, their bytes added up on the way."""
+
+    def __init__(self, payloads: Iterator[bytes | memoryview]) -> None:
+        self._payloads = payloads
+        self.size = 0
+
+    def __iter__(self) -> Iterator[bytes | memoryview]:
+        for payload in self._payloads:
+            self.size += len(payload)
+            yield payload
 
 
 def _header(header: aggregator_pb2.MessageHeader) -> Header:

@@ -2,7 +2,8 @@
 
 Refusals raised anywhere below the servicer (identity, federation logic, codec, stream joiner)
 reach the caller as their status with their message; anything else is a bug, logged with its
-traceback and answered `INTERNAL`, never `UNKNOWN`. One exception to that: when a call ends
+traceback and answered `INTERNAL`, never `UNKNOWN`. Every refusal is also told to the servicer's `observers` (metrics count it by RPC and status,
+health learns from it that something could not be stored). One exception to that: when a call ends
 while its stream is still being read (the caller cancelled, its deadline passed, or gRPC refused
 a message over `limits.max_message_bytes` and answered RESOURCE_EXHAUSTED itself), gRPC's request
 iterator raises. That is no bug of ours: it is logged without a traceback, and nothing more is
@@ -13,8 +14,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterator, Mapping
-from typing import NoReturn, TypeVar
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import NoReturn, Protocol, TypeVar
 
 import grpc
 
@@ -31,7 +32,24 @@ from protos.codec import TensorFormatError, TensorTooLargeError
 from protos.stream import StreamError, StreamTooLargeError
 
 logger = logging.getLogger(__name__)
-S = TypeVar("S")
+
+
+class RefusalObserver(Protocol):
+    """Told of every call answered with an error status (`code` is the status's name)."""
+
+    def refused(self, rpc: str, code: str, error: Exception) -> None:
+        """Take note; must be quick and must not raise."""
+
+
+class Observed(Protocol):
+    """A servicer whose refusals are observed."""
+
+    @property
+    def observers(self) -> Sequence[RefusalObserver]:
+        """Who is told of each refusal."""
+
+
+S = TypeVar("S", bound=Observed)
 R = TypeVar("R")
 T = TypeVar("T")
 
@@ -70,7 +88,7 @@ def refusals_as_status(
         try:
             return method(servicer, request, context)
         except Exception as error:
-            _abort(context, method.__name__, error)
+            _abort(context, method.__name__, error, servicer.observers)
 
     return guarded
 
@@ -85,20 +103,28 @@ def stream_refusals_as_status(
         try:
             yield from method(servicer, request, context)
         except Exception as error:
-            _abort(context, method.__name__, error)
+            _abort(context, method.__name__, error, servicer.observers)
 
     return guarded
 
 
-def _abort(context: grpc.ServicerContext, method: str, error: Exception) -> NoReturn:
-    if isinstance(error, grpc.RpcError) and not context.is_active():
+def _abort(
+    context: grpc.ServicerContext,
+    method: str,
+    error: Exception,
+    observers: Sequence[RefusalObserver],
+) -> NoReturn:
+    ended = isinstance(error, grpc.RpcError) and not context.is_active()
+    code = grpc.StatusCode.CANCELLED if ended else status_of(error)
+    for observer in observers:
+        observer.refused(method, code.name, error)
+    if ended:
         logger.info(
             "%s: the call ended before its stream did (cancelled, past its deadline, or a "
             "message over limits.max_message_bytes)",
             method,
         )
-        context.abort(grpc.StatusCode.CANCELLED, "the call ended before its stream did")
-    code = status_of(error)
+        context.abort(code, "the call ended before its stream did")
     if code is grpc.StatusCode.INTERNAL:
         logger.exception("%s failed unexpectedly", method)
         context.abort(code, f"internal error in {method}; the aggregator's log has the details")

@@ -1,0 +1,148 @@
+"""Prometheus metrics of one aggregator, in a registry of its own, served over HTTP when asked.
+
+`Metrics` is told what happens (a round closed, a result accepted, a call refused, bytes moved)
+and reads the rest when scraped (the round in progress, collaborators online, free storage,
+health), so nothing is kept twice. Counters are per process, as Prometheus expects: they start
+at 0 when the aggregator starts; `foedus_round` says where the federation stands.
+
+The hot paths stay cheap: bytes are counted once per transfer (an upload, a model stream, a
+tensor), never per chunk. `MetricsServer` is prometheus-client's HTTP server on the plan's
+`aggregator.metrics_address`, its own thread, started and stopped with the aggregator; it
+serves only this registry (never the process-wide default one).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from plans.schema import Address
+
+logger = logging.getLogger(__name__)
+
+# Round durations: from a second to a day.
+ROUND_BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 3 * 3600, 86400)
+
+
+class Metrics:
+    """The aggregator's instruments; the callables are read at each scrape."""
+
+    def __init__(
+        self,
+        *,
+        round_number: Callable[[], int],
+        storage_free_bytes: Callable[[], float],
+        serving: Callable[[], bool],
+        collaborators_online: Callable[[], int] | None = None,
+    ) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        Gauge(
+            "foedus_round", "The round in progress, counted from 0", registry=registry
+        ).set_function(round_number)
+        self.rounds = Counter(
+            "foedus_rounds", "Rounds closed by this aggregator process", registry=registry
+        )
+        self.round_seconds = Histogram(
+            "foedus_round_seconds",
+            "Duration of each closed round, from the first hand-out of its tasks to its close",
+            buckets=ROUND_BUCKETS,
+            registry=registry,
+        )
+        if collaborators_online is not None:  # exported only with a source of the count
+            Gauge(
+                "foedus_collaborators_online",
+                "Collaborators heard from recently enough to count as online",
+                registry=registry,
+            ).set_function(collaborators_online)
+        self.results_accepted = Counter(
+            "foedus_results_accepted",
+            "Task results accepted (resends of an accepted result not counted)",
+            registry=registry,
+        )
+        self.refusals = Counter(
+            "foedus_rpc_refusals",
+            "Calls answered with an error status, by RPC and status code",
+            ("rpc", "code"),
+            registry=registry,
+        )
+        self.upload_bytes = Counter(
+            "foedus_upload_bytes",
+            "Bytes of task-result streams read (SendLocalTaskResults), refused ones included",
+            registry=registry,
+        )
+        self.download_bytes = Counter(
+            "foedus_download_bytes",
+            "Bytes of the global model sent (GetAggregatedModel chunks, GetAggregatedTensor data)",
+            registry=registry,
+        )
+        Gauge(
+            "foedus_storage_free_bytes",
+            "Bytes free for the aggregator in the file system of aggregator.output_dir",
+            registry=registry,
+        ).set_function(storage_free_bytes)
+        Gauge(
+            "foedus_serving",
+            "1 while the health service answers SERVING, else 0",
+            registry=registry,
+        ).set_function(lambda: 1.0 if serving() else 0.0)
+
+    def round_closed(self, seconds: float) -> None:
+        """A round closed after `seconds`."""
+        self.rounds.inc()
+        self.round_seconds.observe(seconds)
+
+    def result_accepted(self) -> None:
+        """A task result was accepted (not a resend)."""
+        self.results_accepted.inc()
+
+    def refused(self, rpc: str, code: str, error: Exception) -> None:
+        """A call of `rpc` was answered with status `code`."""
+        self.refusals.labels(rpc=rpc, code=code).inc()
+
+    def uploaded(self, size: int) -> None:
+        """An upload stream's `size` bytes were read."""
+        if size:
+            self.upload_bytes.inc(size)
+
+    def downloaded(self, size: int) -> None:
+        """`size` bytes of the global model were sent."""
+        if size:
+            self.download_bytes.inc(size)
+
+
+class MetricsServer:
+    """prometheus-client's HTTP server for `metrics`' registry on `address`, in its own thread."""
+
+    def __init__(self, metrics: Metrics, address: Address) -> None:
+        self.metrics = metrics
+        self.address = address
+        self.port = 0
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> int:
+        """Listen and serve; returns the port (the chosen one when the address says 0).
+
+        `OSError` when the address cannot be bound (in use, not this machine's).
+        """
+        self._server, self._thread = start_http_server(
+            self.address.port, addr=self.address.host, registry=self.metrics.registry
+        )
+        self.port = int(self._server.server_address[1])
+        logger.info("metrics on http://%s/metrics", self.address.with_port(self.port))
+        return self.port
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join()
+        self._server = self._thread = None
