@@ -8,6 +8,11 @@ final global model's accuracy, then ends once every collaborator has been told t
 `aggregator.quit_grace_seconds` later (a collaborator that died must not keep it alive).
 `serve` puts the gRPC server around that loop.
 
+A close that cannot be stored (a full disk) does not end the aggregator: nothing of it was
+committed, the health turns NOT_SERVING (`aggregator.health`), and the close is tried again once
+the health's storage check finds that writing works. Saving the outputs of a committed round
+(`last_model.pbuf`, `metrics.jsonl`) that fails still ends it: a restart writes them again.
+
 With a durable state (`aggregator.state`), the federation resumes after a restart where it
 stopped; before serving, `Runtime.restore` makes the outputs match the state again: it removes
 temporary files a crash left, writes `last_model.pbuf` and `best_model.pbuf` again if they are
@@ -31,7 +36,9 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from aggregator.allocator import release_free_memory
+from aggregator.errors import StorageError
 from aggregator.federation import Array, Best, Federation, RoundRecord, RoundSummary
+from aggregator.health import Health
 from aggregator.metrics import Metrics
 from aggregator.server import DEFAULT_WORKERS, AggregatorGRPCServer
 from aggregator.state import DurableState
@@ -72,9 +79,11 @@ class Runtime:
         clock: Callable[[], float] = time.monotonic,
         tick: float = TICK_SECONDS,
         metrics: Metrics | None = None,
+        health: Health | None = None,
     ) -> None:
         self.plan = plan
         self.metrics = metrics
+        self.health = health
         self.federation = federation
         self.output = output
         self.out = out
@@ -139,9 +148,7 @@ class Runtime:
         waiting: tuple[str, ...] = ()
         while not stop.is_set():
             self.federation.wait_for_submission(self.tick)
-            # Freed memory is given back before the close (what the uploads freed) and after it
-            # (what the averaging freed), so neither adds to the other's peak.
-            summary = self.federation.close_round_if_due(on_close=release_free_memory)
+            summary = self._close_round()
             if summary is not None:
                 self.record(summary)
                 del summary  # or the arrays the model was averaged into live while we wait
@@ -174,6 +181,23 @@ class Runtime:
             best=self.best,
             not_told_to_quit=waiting,
         )
+
+    def _close_round(self) -> RoundSummary | None:
+        """The round's close if it is due, unless storage is known to fail (then not tried)."""
+        health = self.health
+        if health is not None and health.storage_problem is not None:
+            return None  # tried again once the health's check finds storage working
+        try:
+            # Freed memory is given back before the close (what the uploads freed) and after it
+            # (what the averaging freed), so neither adds to the other's peak.
+            return self.federation.close_round_if_due(on_close=release_free_memory)
+        except StorageError as error:
+            if health is None:
+                raise
+            health.storage_failed(
+                f"closing {self._round_label(self.federation.round_number)}: {error}"
+            )
+            return None
 
     def record(self, summary: RoundSummary) -> None:
         """Save what a closed (and committed) round produced and print its line."""
@@ -286,7 +310,9 @@ def serve(
         progress = state.recovered.progress
         federation = Federation.from_plan(plan, progress.model, store=state, progress=progress)
     server = AggregatorGRPCServer(plan, federation, workers=workers)
-    runtime = Runtime(plan, federation, output, out=out, metrics=server.metrics)
+    runtime = Runtime(
+        plan, federation, output, out=out, metrics=server.metrics, health=server.health
+    )
     if state is not None:
         runtime.restore(state)
     port = server.start()  # ServerError, PkiError: nothing was served

@@ -6,7 +6,7 @@ The full-disk test with real processes on a small file system is in `test_operat
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import grpc
@@ -15,9 +15,18 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aggregator.errors import InvalidRequestError, StorageError
-from aggregator.federation import Federation, MemoryStore
+from aggregator.federation import (
+    Array,
+    Federation,
+    MemoryStore,
+    ResultTensor,
+    RoundCommit,
+    TaskResult,
+)
 from aggregator.health import Health, free_bytes, probe_storage
+from aggregator.runtime import Outcome, Runtime
 from aggregator.server import SERVICE, AggregatorGRPCServer
+from aggregator.storage import OutputFolder
 from pki.layout import CertsLayout
 from pki.local import load_signing_ca
 from pki.requests import Role
@@ -86,6 +95,76 @@ def test_free_bytes_of_a_folder(tmp_path: Path) -> None:
     """The free bytes of a real folder are a positive count; an absent one gives NaN, not an error."""
     assert free_bytes(tmp_path) > 0
     assert np.isnan(free_bytes(tmp_path / "absent"))
+
+
+class FullDiskStore(MemoryStore):
+    """Keeps results in memory; closing a round fails with StorageError while `full` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.full = True
+        self.closes = 0
+
+    def commit_round(self, commit: RoundCommit) -> Mapping[str, Array] | None:
+        """Fail as a full disk would while `full`; else keep the round."""
+        self.closes += 1
+        if self.full:
+            raise StorageError("state/models/round-1.pbuf: cannot write: No space left on device")
+        return super().commit_round(commit)
+
+
+def test_a_close_that_cannot_be_stored_waits_for_storage(tmp_path: Path) -> None:
+    """A round's close that cannot be stored turns the health off instead of ending the
+    aggregator; it is not tried again until storage works, then the federation finishes."""
+    plan = make_plan(None, federation={"rounds": 1}, aggregator={"quit_grace_seconds": 0})
+    store = FullDiskStore()
+    federation = Federation(
+        collaborators=plan.collaborators,
+        tasks=("train",),
+        rounds=1,
+        model=small_model(),
+        store=store,
+    )
+    health = Health(tmp_path, probe_bytes=4096)
+    health.started()
+    runtime = Runtime(plan, federation, OutputFolder(tmp_path / "out"), health=health)
+    stop = threading.Event()
+    outcomes: list[Outcome] = []
+    thread = threading.Thread(target=lambda: outcomes.append(runtime.run(stop)))
+    thread.start()
+    try:
+        for name in plan.collaborators:
+            federation.submit(_train_result(name))
+        assert _wait(lambda: not health.serving)
+        assert health.storage_problem is not None and "No space left" in health.storage_problem
+        stop.wait(1.0)  # the runtime ticks 10 times a second meanwhile
+        assert store.closes == 1
+        assert federation.round_number == 0 and thread.is_alive()
+        store.full = False
+        assert health.recheck()
+        thread.join(timeout=WAIT_SECONDS)
+    finally:
+        stop.set()
+        thread.join(timeout=WAIT_SECONDS)
+    assert outcomes and outcomes[0].finished and outcomes[0].rounds_closed == 1
+    assert store.closes == 2
+
+
+def _train_result(name: str) -> TaskResult:
+    tensors = tuple(
+        ResultTensor(tensor, frozenset(), array + 1) for tensor, array in small_model().items()
+    )
+    return TaskResult(name, 0, "train", 10, tensors)
+
+
+def _wait(condition: Callable[[], bool]) -> bool:
+    """Poll `condition` until true; False after WAIT_SECONDS (about 0.05 s apart)."""
+    pause = threading.Event()
+    for _ in range(WAIT_SECONDS * 20):
+        if condition():
+            return True
+        pause.wait(0.05)
+    return False
 
 
 # --- on the wire, over mutual TLS ---------------------------------------------------------------
