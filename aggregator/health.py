@@ -8,8 +8,10 @@ while its storage works. Storage is judged by what happens, not guessed at:
   read-only) marks storage failed at once; every RPC's refusal passes through `refused`, so a
   failed upload, a failed spool of the model for a download, or a failed accept all count;
 * while storage is failed, `recheck` (called every `RECHECK_SECONDS` by `StorageWatch`'s thread)
-  writes, syncs and removes a probe file of `PROBE_BYTES` in the storage folder; when that works
-  (space returned, the disk is back), storage is working again.
+  writes, syncs and removes a probe file of `PROBE_BYTES` in the storage folder (the folder
+  uploads are written to, made if it is missing, as an upload would; a restart empties it, so a
+  crash leaves no probe behind); when that works (space returned, the disk is back), storage is
+  working again.
 
 Nothing is probed while storage works: a working aggregator does no extra I/O for its health.
 Every transition is logged, once.
@@ -35,6 +37,7 @@ logger = logging.getLogger(__name__)
 RECHECK_SECONDS: Final = 1.0
 PROBE_BYTES: Final = 1024 * 1024
 PROBE_PREFIX: Final = ".health-probe-"
+STOP_SECONDS: Final = 5.0  # how long a stop waits for a probe in progress (the thread is a daemon)
 
 Listener = Callable[[bool], object]
 
@@ -149,6 +152,7 @@ def probe_storage(folder: Path, size: int) -> str | None:
     """Write, sync and remove a file of `size` bytes in `folder`; what went wrong, or None."""
     path: str | None = None
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         descriptor, path = tempfile.mkstemp(dir=folder, prefix=PROBE_PREFIX)
         try:
             block = bytes(min(size, 64 * 1024))
@@ -190,10 +194,10 @@ class StorageWatch:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop watching and wait for the thread (a probe in progress ends first)."""
+        """Stop watching; a probe in progress gets `STOP_SECONDS` (a hung disk must not hang us)."""
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join()
+            self._thread.join(STOP_SECONDS)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -8,8 +8,10 @@ metrics over HTTP there (`aggregator.metrics`); both start and stop with it.
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Callable
 from concurrent import futures
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -104,11 +106,14 @@ class AggregatorGRPCServer:
         collaborators_online: Callable[[], int] | None = None,
     ) -> None:
         self.plan = plan
-        storage = plan.aggregator.output_dir
-        self.health = Health(storage)
+        # Uploads are stored here (a store in memory keeps none: the system's temporary folder
+        # serves); the health probes this folder, where a crash's leftovers are removed.
+        uploads = federation.store.upload_folder or Path(tempfile.gettempdir())
+        self.health = Health(uploads)
+        output = plan.aggregator.output_dir
         self.metrics = Metrics(
             round_number=lambda: federation.round_number,
-            storage_free_bytes=lambda: free_bytes(storage),
+            storage_free_bytes=lambda: free_bytes(output),
             serving=lambda: self.health.serving,
             collaborators_online=collaborators_online,
         )
@@ -128,7 +133,7 @@ class AggregatorGRPCServer:
             long_poll_seconds=plan.aggregator.long_poll_seconds,
             # Long polls hold a worker thread each; half the workers stay free for uploads.
             max_long_polls=workers // 2,
-            upload_folder=federation.store.upload_folder,
+            upload_folder=uploads,
             metrics=self.metrics,
             observers=(self.health,),
         )

@@ -87,8 +87,11 @@ def test_probe_storage_names_the_folder(tmp_path: Path) -> None:
     """A probe that cannot write says where and why; one that can leaves nothing behind."""
     assert probe_storage(tmp_path, 100_000) is None
     assert list(tmp_path.iterdir()) == []
-    problem = probe_storage(tmp_path / "absent", 10)
-    assert problem is not None and str(tmp_path / "absent") in problem
+    assert probe_storage(tmp_path / "made" / "here", 10) is None  # made, as an upload would
+    assert list((tmp_path / "made" / "here").iterdir()) == []
+    (tmp_path / "file").write_bytes(b"")
+    problem = probe_storage(tmp_path / "file" / "sub", 10)
+    assert problem is not None and str(tmp_path / "file" / "sub") in problem
 
 
 def test_free_bytes_of_a_folder(tmp_path: Path) -> None:
