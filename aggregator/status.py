@@ -2,12 +2,15 @@
 
 Refusals raised anywhere below the servicer (identity, federation logic, codec, stream joiner)
 reach the caller as their status with their message; anything else is a bug, logged with its
-traceback and answered `INTERNAL`, never `UNKNOWN`. Every refusal is also told to the servicer's `observers` (metrics count it by RPC and status,
-health learns from it that something could not be stored). One exception to that: when a call ends
+traceback and answered `INTERNAL`, never `UNKNOWN`. One exception to that: when a call ends
 while its stream is still being read (the caller cancelled, its deadline passed, or gRPC refused
 a message over `limits.max_message_bytes` and answered RESOURCE_EXHAUSTED itself), gRPC's request
 iterator raises. That is no bug of ours: it is logged without a traceback, and nothing more is
 answered, since the call is already over.
+
+Every refusal is also told to the servicer's `observers`, with the status it is answered with
+(CANCELLED for a call that ended): metrics count it by RPC and status, the health learns from
+it that something could not be stored.
 """
 
 from __future__ import annotations
