@@ -49,6 +49,7 @@ class Health:
         self.storage_folder = storage_folder
         self.probe_bytes = probe_bytes
         self._lock = threading.Lock()
+        self._publishing = threading.Lock()  # listeners hear one change at a time, in order
         self._running = False
         self._stopping = False
         self._storage_problem: str | None = None
@@ -68,10 +69,11 @@ class Health:
 
     def listen(self, listener: Listener) -> None:
         """Call `listener(serving)` now and after every change."""
-        with self._lock:
-            self._listeners.append(listener)
-            serving = self._serving()
-        listener(serving)
+        with self._publishing:
+            with self._lock:
+                self._listeners.append(listener)
+                serving = self._serving()
+            listener(serving)
 
     def started(self) -> None:
         """The server accepts calls."""
@@ -98,14 +100,15 @@ class Health:
 
     def storage_failed(self, problem: str) -> None:
         """Something could not be stored: not serving until `recheck` finds storage working."""
-        with self._lock:
-            if self._storage_problem is not None:
-                return
+        first = [False]
 
         def fail() -> None:
-            self._storage_problem = problem
+            if self._storage_problem is None:
+                self._storage_problem = problem
+                first[0] = True
 
-        if self._change(fail):
+        self._change(fail)
+        if first[0]:
             logger.error(
                 "health: NOT_SERVING: cannot store (%s); checking %s every %g s until it can",
                 problem,
@@ -137,15 +140,21 @@ class Health:
         return self._running and not self._stopping and self._storage_problem is None
 
     def _change(self, change: Callable[[], object]) -> bool:
-        """Apply `change`; tell the listeners when `serving` changed (True then)."""
+        """Apply `change`; when `serving` changed, tell the listeners and return True."""
         with self._lock:
             before = self._serving()
             change()
-            after = self._serving()
-            listeners = tuple(self._listeners) if before != after else ()
-        for listener in listeners:
-            listener(after)
-        return before != after
+            changed = self._serving() != before
+        if changed:
+            # Each telling reads the state anew, one at a time: however two changes from two
+            # threads interleave, the last thing the listeners hear is how things are.
+            with self._publishing:
+                with self._lock:
+                    serving = self._serving()
+                    listeners = tuple(self._listeners)
+                for listener in listeners:
+                    listener(serving)
+        return changed
 
 
 def probe_storage(folder: Path, size: int) -> str | None:
