@@ -26,8 +26,15 @@ EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 
 
+SKIP_FINGERPRINT_CHECK = "--skip-fingerprint-check"
+
+
 class _UsageError(Exception):
     """Bad command-line input, reported in one line like every other error."""
+
+
+class _NotConfirmedError(Exception):
+    """The person at the terminal did not confirm the request's fingerprint; nothing is signed."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,16 +86,57 @@ def _cmd_certify(args: argparse.Namespace) -> int:
         csr_path=args.csr,
         out=args.out,
         expected_fingerprint=args.fingerprint,
+        confirm=_fingerprint_check(args),
     )
     print(f"certificate: {out}")
     print(f"SHA-256 fingerprint of the request: {csr_fingerprint}")
-    if args.fingerprint is None:
+    if args.fingerprint is not None:
+        print("It matches the fingerprint given with --fingerprint.")
+    elif args.skip_fingerprint_check:
         print(
-            "Check that it matches the fingerprint the requester reported (or pass --fingerprint)."
+            f"NOT CHECKED against the requester's fingerprint ({SKIP_FINGERPRINT_CHECK}): compare "
+            "it now, and do not hand out the certificate if it differs."
         )
     else:
-        print("It matches the fingerprint given with --fingerprint.")
+        print("You confirmed it matches the fingerprint the requester reported.")
     return EXIT_OK
+
+
+def _fingerprint_check(args: argparse.Namespace) -> Callable[[str], None] | None:
+    """How `certify` binds the request to its requester when no --fingerprint is given.
+
+    The fingerprint told out of band is the only thing that shows a request came from the person
+    it names, so without it a person must compare it on a terminal, or say loudly they will not.
+    """
+    if args.fingerprint is not None or args.skip_fingerprint_check:
+        return None
+    if not sys.stdin.isatty():
+
+        def refuse(csr_fingerprint: str) -> None:
+            raise _UsageError(
+                f"not signed: the request's SHA-256 fingerprint is {csr_fingerprint} and there is "
+                f"no terminal to ask whether it is the one the requester reported; pass "
+                f"--fingerprint HEX (as the requester reported it), run on a terminal to compare "
+                f"it, or pass {SKIP_FINGERPRINT_CHECK} to sign it unchecked"
+            )
+
+        return refuse
+    return _ask_on_terminal
+
+
+def _ask_on_terminal(csr_fingerprint: str) -> None:
+    """Show the fingerprint and ask; anything but yes (the default) refuses."""
+    print(f"SHA-256 fingerprint of the request: {csr_fingerprint}", file=sys.stderr)
+    print(
+        "Is it the fingerprint the requester told you by another channel (phone, in person)? "
+        "Sign the request? [y/N] ",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
+    answer = sys.stdin.readline()
+    if answer.strip().lower() not in ("y", "yes"):
+        raise _NotConfirmedError("not signed: the request's fingerprint was not confirmed")
 
 
 def _cmd_setup(args: argparse.Namespace) -> int:
@@ -240,7 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
     certify.add_argument(
         "--fingerprint",
         metavar="HEX",
-        help="the request's SHA-256 fingerprint as the requester reported it; refuse on mismatch",
+        help="the request's SHA-256 fingerprint as the requester reported it; refuse on mismatch "
+        "(without it, certify shows the fingerprint and asks on a terminal, default no, and "
+        "refuses when there is no terminal)",
+    )
+    certify.add_argument(
+        SKIP_FINGERPRINT_CHECK,
+        action="store_true",
+        help="sign WITHOUT comparing the request's fingerprint with the requester's: anyone who "
+        "could put a request in place of theirs gets a certificate in their name",
     )
 
     setup = command(
@@ -287,6 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except (_UsageError, PkiError) as exc:
         return _fail(str(exc), EXIT_BAD_INPUT)
+    except _NotConfirmedError as exc:
+        print(file=sys.stderr)  # end the prompt's line
+        return _fail(str(exc), EXIT_FAILURE)
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_FAILURE)
     except Exception as exc:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,8 +133,13 @@ def certify_file(
     csr_path: Path | None = None,
     out: Path | None = None,
     expected_fingerprint: str | None = None,
+    confirm: Callable[[str], None] | None = None,
 ) -> tuple[Path, x509.Certificate, str]:
-    """Sign a CSR file with layout's signing CA; return the certificate's path, it, and the CSR fingerprint."""
+    """Sign a CSR file with layout's signing CA; return the certificate's path, it, and the CSR fingerprint.
+
+    `confirm`, if given, is shown the request's fingerprint after every other check passed and
+    before the certificate is written; it raises to refuse (a person comparing it out of band).
+    """
     paths = leaf_paths(layout, role, name)
     csr_path = csr_path if csr_path is not None else paths.csr
     out = out if out is not None else paths.cert
@@ -152,6 +157,8 @@ def certify_file(
         )
     except PkiError as exc:
         raise type(exc)(f"{csr_path}: {exc}") from None
+    if confirm is not None:
+        confirm(fingerprint(csr))
     write_certificate(out, cert)
     return out, cert, fingerprint(csr)
 

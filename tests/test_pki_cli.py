@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import pty
+import select
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,7 @@ from pki.layout import CertsLayout
 from pki.requests import fingerprint
 
 REPO = Path(__file__).resolve().parent.parent
+TERMINAL_SECONDS = 60
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -124,6 +128,7 @@ def test_request_and_certify_aggregator_to_out(
         "agg.example.org",
         "--out",
         str(out_path),
+        "--skip-fingerprint-check",
     )
     assert (code, err) == (0, "")
     assert str(out_path) in out
@@ -163,6 +168,111 @@ def test_certify_refuses_a_request_for_another_name(
     )
     assert code == 2
     _assert_one_error_line(err, csr, "'alice' does not match")
+
+
+def _certify_argv(layout: CertsLayout, name: str, *extra: str) -> list[str]:
+    return ["certify", "--dir", str(layout.root), "--role", "collaborator", "--name", name, *extra]
+
+
+def test_certify_without_fingerprint_and_terminal_refuses_with_the_remedy(
+    ca_dir: CertsLayout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --fingerprint and without a terminal to ask on, certify exits 2 saying what to pass."""
+    _run(capsys, "request", "collaborator", "--name", "dave", "--dir", str(ca_dir.root))
+    printed = fingerprint(read_csr(ca_dir.collaborator_csr("dave")))
+    code, out, err = _run(capsys, *_certify_argv(ca_dir, "dave"))
+    assert (code, out) == (2, "")
+    _assert_one_error_line(
+        err, "not signed", printed, "no terminal", "--fingerprint HEX", "--skip-fingerprint-check"
+    )
+    assert not ca_dir.collaborator_cert("dave").exists()
+
+
+def test_skip_fingerprint_check_signs_and_says_so(
+    ca_dir: CertsLayout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--skip-fingerprint-check signs without a terminal and says loudly that nothing was compared."""
+    _run(capsys, "request", "collaborator", "--name", "dave", "--dir", str(ca_dir.root))
+    code, out, err = _run(capsys, *_certify_argv(ca_dir, "dave", "--skip-fingerprint-check"))
+    assert (code, err) == (0, "")
+    assert "NOT CHECKED against the requester's fingerprint" in out
+    assert ca_dir.collaborator_cert("dave").is_file()
+
+
+def _certify_on_a_terminal(argv: list[str], answer: bytes) -> tuple[int, str, str]:
+    """Run `python -m pki` with a pseudo-terminal as stdin and stderr, answering its question.
+
+    Returns the exit code, stdout, and what the terminal showed (the question and the answer's echo).
+    """
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pki", *argv],
+        cwd=REPO,
+        stdin=terminal,
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    shown = b""
+    deadline = time.monotonic() + TERMINAL_SECONDS
+    try:
+        answered = False
+        while True:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"no end on the terminal: {shown!r}"
+            ready, _, _ = select.select([controller], [], [], min(remaining, 1.0))
+            if not ready:
+                if process.poll() is not None and answered:
+                    break
+                continue
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # EIO: the process closed its side of the terminal
+                break
+            if not chunk:
+                break
+            shown += chunk
+            if not answered and b"[y/N]" in shown:
+                os.write(controller, answer)
+                answered = True
+        out, _ = process.communicate(timeout=TERMINAL_SECONDS)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+        os.close(controller)
+    assert answered, shown
+    return process.returncode, out.decode(), shown.decode(errors="replace")
+
+
+@pytest.mark.parametrize(("answer", "signed"), [(b"y\n", True), (b"\n", False), (b"no\n", False)])
+def test_certify_on_a_terminal_shows_the_fingerprint_and_asks(
+    ca_dir: CertsLayout, capsys: pytest.CaptureFixture[str], answer: bytes, signed: bool
+) -> None:
+    """On a terminal, certify shows the request's fingerprint and signs only on yes (default no)."""
+    _run(capsys, "request", "collaborator", "--name", "erin", "--dir", str(ca_dir.root))
+    printed = fingerprint(read_csr(ca_dir.collaborator_csr("erin")))
+    code, out, shown = _certify_on_a_terminal(_certify_argv(ca_dir, "erin"), answer)
+    assert f"SHA-256 fingerprint of the request: {printed}" in shown
+    assert "Traceback" not in shown
+    if signed:
+        assert code == 0, shown
+        assert "You confirmed it matches" in out
+        assert ca_dir.collaborator_cert("erin").is_file()
+    else:
+        assert (code, out) == (1, ""), shown
+        assert "pki: error: not signed: the request's fingerprint was not confirmed" in shown
+        assert not ca_dir.collaborator_cert("erin").exists()
+
+
+def test_setup_signs_its_own_requests_without_asking(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`pki setup` makes and signs its own requests: no terminal, no --fingerprint, exit 0."""
+    plan = _plan(tmp_path, "{certs_dir: certs}")
+    code, _, err = _run(capsys, "setup", "--plan", str(plan))
+    assert (code, err) == (0, "")
+    assert CertsLayout(tmp_path / "certs").collaborator_cert("alice").is_file()
 
 
 def test_request_refuses_to_replace_a_key(
