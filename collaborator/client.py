@@ -35,6 +35,12 @@ from collaborator.errors import (
     RequestRejectedError,
     ResponseValidationError,
 )
+from collaborator.server_identity import (
+    ClientFiles,
+    ExpectedAggregator,
+    ProbeFailedError,
+    check_aggregator,
+)
 from pki.errors import PkiError
 from pki.tls import channel_credentials
 from plans import Plan
@@ -94,6 +100,8 @@ class ClientOverrides(TypedDict, total=False):
     aggregator_port: int
     aggregator_id: str
     federation_uuid: str
+    aggregator_common_name: str | None
+    aggregator_fingerprint: str | None
     tls: bool
     root_certificate: Path | None
     certificate: Path | None
@@ -122,6 +130,8 @@ class AggregatorGRPCClient:
         aggregator_id: str,
         federation_uuid: str,
         collaborator_name: str,
+        aggregator_common_name: str | None = None,
+        aggregator_fingerprint: str | None = None,
         tls: bool = True,
         root_certificate: Path | None = None,
         certificate: Path | None = None,
@@ -167,6 +177,10 @@ class AggregatorGRPCClient:
         self.aggregator_id = aggregator_id
         self.federation_uuid = federation_uuid
         self.collaborator_name = collaborator_name
+        # Who the aggregator must be (collaborator.server_identity); by default the host dialled.
+        self.expected = ExpectedAggregator(
+            aggregator_common_name or aggregator_address, aggregator_fingerprint
+        )
         self.tls = tls
         self.root_certificate = root_certificate
         self.certificate = certificate
@@ -185,6 +199,8 @@ class AggregatorGRPCClient:
         self._channel: grpc.Channel | None = None
         # Whether the aggregator streams models (foedus's GetAggregatedModel); None: not yet known.
         self._streams_models: bool | None = None
+        # Whether the server's certificate was seen since the last connection failure.
+        self._identity_checked = False
 
     @classmethod
     def from_plan(
@@ -205,6 +221,8 @@ class AggregatorGRPCClient:
             "aggregator_port": plan.aggregator.port,
             "aggregator_id": plan.federation.aggregator_id,
             "federation_uuid": plan.federation.uuid,
+            "aggregator_common_name": plan.aggregator.common_name,
+            "aggregator_fingerprint": plan.aggregator.fingerprint,
             "tls": certs is not None,
             "root_certificate": None if certs is None else certs.ca_bundle,
             "certificate": cert,
@@ -244,7 +262,8 @@ class AggregatorGRPCClient:
             self._kept_channel()
 
     def disconnect(self) -> None:
-        """Close the channel; the next call opens a new one."""
+        """Close the channel; the next call opens a new one, after checking who is there again."""
+        self._identity_checked = False
         channel, self._channel = self._channel, None
         if channel is not None:
             channel.close()
@@ -500,11 +519,36 @@ class AggregatorGRPCClient:
             ) from None
 
     def _open_channel(self) -> grpc.Channel:
-        """A new channel to the aggregator; the one place channels are made."""
+        """A new channel to the aggregator; the one place channels are made.
+
+        gRPC checks the server's certificate against the name bound to the expected common name
+        (`collaborator.server_identity`), in the handshake of the session that carries the RPCs.
+        """
         options = client_options(self.max_message_bytes)
         if not self.tls:
             return grpc.insecure_channel(self.target, options=options)
+        options.append(("grpc.ssl_target_name_override", self.expected.server_name))
         return grpc.secure_channel(self.target, self._credentials(), options=options)
+
+    def _check_identity(self) -> None:
+        """Look at the server's certificate on a handshake of our own, once per connection.
+
+        Raises `AggregatorIdentityError` for a server that is not our aggregator and
+        `ProbeFailedError` when no handshake completed.
+        """
+        if not self.tls or self._identity_checked:
+            return
+        if self.root_certificate is None:
+            raise ClientConfigurationError("TLS needs root_certificate (the CA bundle)")
+        files = ClientFiles(self.root_certificate, self.certificate, self.private_key)
+        check_aggregator(
+            self.aggregator_address,
+            self.aggregator_port,
+            self.expected,
+            files,
+            timeout=self.deadline,
+        )
+        self._identity_checked = True
 
     def _kept_channel(self) -> grpc.Channel:
         """The channel kept between calls, opened if there is none."""
@@ -527,7 +571,10 @@ class AggregatorGRPCClient:
             atomic = self.enable_atomic_connections
             channel = self._open_channel() if atomic else self._kept_channel()
             try:
+                self._check_identity()  # AggregatorIdentityError: a stranger, never retried
                 return invoke(_Stub(channel), self.deadline)
+            except ProbeFailedError as error:
+                code, details = grpc.StatusCode.UNAVAILABLE, str(error)
             except grpc.RpcError as error:
                 code, details = _status_of(error)
             finally:

@@ -48,3 +48,7 @@ class RequestRejectedError(ClientError):
 
 class ResponseValidationError(ClientError):
     """A response did not come from our aggregator for us, or carries data that cannot be trusted."""
+
+
+class AggregatorIdentityError(ClientError):
+    """The server is not this federation's aggregator (name, CA, binding or pinned fingerprint)."""

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from pki.binding import canonical_common_name
 from pki.errors import PemFileError, PkiError
 from pki.files import parse_certificates, parse_csr, read_pem_file
 from pki.layout import CertsLayout
@@ -150,11 +152,19 @@ def _cmd_setup(args: argparse.Namespace) -> int:
     layout = plan.tls.certs
     if layout is None:
         raise _UsageError(f"{args.plan}: plan is insecure (tls.insecure: true); nothing to set up")
+    aggregator = plan.aggregator
+    dns_names, ip_addresses = list(aggregator.san_dns), list(aggregator.san_ips)
+    # The certificate names the common name collaborators expect; the host they dial is a SAN.
+    if canonical_common_name(aggregator.host) != canonical_common_name(aggregator.common_name):
+        try:
+            ip_addresses.append(str(ipaddress.ip_address(aggregator.host)))
+        except ValueError:
+            dns_names.append(aggregator.host)
     result = setup_local_federation(
         layout,
-        aggregator_host=plan.aggregator.host,
-        dns_names=plan.aggregator.san_dns,
-        ip_addresses=plan.aggregator.san_ips,
+        aggregator_host=aggregator.common_name,
+        dns_names=dns_names,
+        ip_addresses=ip_addresses,
         collaborators=plan.collaborators,
         days=args.days,
         force=args.force,

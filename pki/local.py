@@ -24,6 +24,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from pki.binding import has_binding
 from pki.ca import check_days, create_root_ca, create_signing_ca, utc_now
 from pki.errors import KeyFileError, PkiError
 from pki.files import (
@@ -42,10 +43,9 @@ from pki.requests import (
     build_csr,
     create_key_and_csr,
     fingerprint,
-    subject_alt_names,
     validate_name,
 )
-from pki.signing import certify
+from pki.signing import certified_alt_names, certify
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +256,8 @@ def _stale_reason(
     except x509.ExtensionNotFound:
         return "certificate lacks SAN or extended key usage"
     if set(cert_sans) != set(sans):
+        if role is Role.AGGREGATOR and not has_binding(cert, name):
+            return "certificate lacks the name bound to its common name, which collaborators check"
         return "certificate's alternative names differ from the requested ones"
     if list(eku) != [_EKU[role]]:
         return "certificate has the wrong extended key usage"
@@ -285,7 +287,7 @@ def setup_local_federation(
     ]
     # Check every name before touching the disk, so a typo leaves no half-made federation.
     expected_sans = [
-        subject_alt_names(role, name, dns, ips) for role, name, dns, ips in participants
+        certified_alt_names(role, name, dns, ips) for role, name, dns, ips in participants
     ]
 
     log = _Log()

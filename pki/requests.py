@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from pki.binding import RESERVED_DOMAIN, is_reserved
 from pki.errors import CertificateRequestError, FingerprintError
 from pki.keys import PrivateKey, generate_private_key, signature_hash
 
@@ -37,7 +38,16 @@ def validate_collaborator_name(name: str) -> str:
             f"collaborator name {name!r}: use 1-64 letters, digits, '.', '-' or '_', "
             "starting and ending with a letter or digit"
         )
+    _refuse_reserved(name)
     return name
+
+
+def _refuse_reserved(name: str) -> None:
+    """Names under foedus.invalid are written by the signer alone (see `pki.binding`)."""
+    if is_reserved(name):
+        raise CertificateRequestError(
+            f"name {name!r}: {RESERVED_DOMAIN} is reserved for the names the signer derives"
+        )
 
 
 def parse_ip(text: str) -> IPAddress:
@@ -69,6 +79,7 @@ def validate_dns_name(name: str) -> str:
             f"DNS name {name!r}: expected a host name like 'agg.example.org' "
             "(letters, digits and '-' in dot-separated labels)"
         )
+    _refuse_reserved(name)
     return name
 
 
@@ -76,6 +87,8 @@ def validate_host(host: str) -> str:
     """Return host if it is a DNS host name or an IP address, as the aggregator's name must be."""
     if isinstance(host, str) and _is_ip(host):
         return host
+    if isinstance(host, str) and is_reserved(host):
+        _refuse_reserved(host)
     try:
         return validate_dns_name(host)
     except CertificateRequestError:

@@ -6,11 +6,13 @@ import datetime
 import hmac
 import ipaddress
 import logging
+from collections.abc import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from pki.binding import binding_name
 from pki.ca import CLOCK_SKEW, authority_key_identifier, check_days, utc_now
 from pki.errors import FingerprintError, PkiError, SigningError
 from pki.keys import PrivateKey, key_matches_certificate, public_key_problem, signature_hash
@@ -70,6 +72,17 @@ def _usages(usage: x509.KeyUsage) -> set[str]:
     return names
 
 
+def certified_alt_names(
+    role: Role, name: str, dns_names: Sequence[str] = (), ip_addresses: Sequence[str] = ()
+) -> list[x509.GeneralName]:
+    """The alternative names the signer writes: the checked request's, plus (aggregator) the name
+    bound to the common name (`pki.binding`), which no request can ask for."""
+    sans = subject_alt_names(role, name, dns_names, ip_addresses)
+    if role is Role.AGGREGATOR:
+        sans.append(x509.DNSName(binding_name(name)))
+    return sans
+
+
 def _checked_sans(
     csr: x509.CertificateSigningRequest, role: Role, name: str
 ) -> list[x509.GeneralName]:
@@ -100,7 +113,7 @@ def _checked_sans(
             raise SigningError(
                 f"CSR for aggregator {name!r} asks for alternative name {entry!r}; only DNS names and IP addresses"
             )
-    return subject_alt_names(role, name, dns, ips)
+    return certified_alt_names(role, name, dns, ips)
 
 
 def _check_requested_extensions(

@@ -16,7 +16,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from pki.errors import PkiError
 from pki.layout import CertsLayout
+from pki.requests import normalise_fingerprint, validate_host
 from plans.schema import (
     KNOWN_TASKS,
     TRAIN,
@@ -253,8 +255,9 @@ def _federation(section: _Section) -> FederationSettings:
 
 
 def _aggregator(section: _Section, base: Path) -> AggregatorSettings:
+    host = section.text("host")
     settings = AggregatorSettings(
-        host=section.text("host"),
+        host=host,
         port=section.integer("port", low=0, high=65535),
         listen_address=section.text("listen_address", "0.0.0.0"),
         san_dns=section.names("san_dns", ()),
@@ -265,6 +268,8 @@ def _aggregator(section: _Section, base: Path) -> AggregatorSettings:
         long_poll_seconds=section.number("long_poll_seconds", 5.0, low=0, high=300),
         quit_grace_seconds=section.number("quit_grace_seconds", 30.0, low=0, high=86400),
         metrics_address=_listen_address(section, "metrics_address"),
+        common_name=_common_name(section, host),
+        fingerprint=_fingerprint(section),
     )
     section.finish()
     return settings
@@ -319,6 +324,33 @@ def _is_ip(text: str, *, version: int) -> bool:
         return ipaddress.ip_address(text).version == version
     except ValueError:
         return False
+
+
+def _common_name(section: _Section, host: str) -> str:
+    """The aggregator certificate's common name: a host name or IP address, as pki certifies."""
+    name = section.text("common_name", host if isinstance(host, str) else "")
+    if "common_name" not in section.data:
+        return name  # the host: a name pki would not certify is reported when dialled
+    try:
+        validate_host(name)
+    except PkiError as error:
+        section.problems.append(f"{section._key('common_name')}: {error}")
+    return name
+
+
+def _fingerprint(section: _Section) -> str | None:
+    """A pinned SHA-256 certificate fingerprint, normalised (64 hex digits; colons allowed)."""
+    if section.data.get("fingerprint") is None:
+        section.seen.add("fingerprint")
+        return None
+    text = section.text("fingerprint", "")
+    if not text:
+        return None
+    try:
+        return normalise_fingerprint(text)
+    except PkiError as error:
+        section.problems.append(f"{section._key('fingerprint')}: {error}")
+        return None
 
 
 def _optional_file(section: _Section, key: str, base: Path) -> Path | None:

@@ -64,6 +64,12 @@ class AggregatorSettings:
     # aggregator.metrics_address: where Prometheus metrics are served over HTTP, "host:port" or
     # a port alone (then 127.0.0.1); None (the default): no metrics server.
     metrics_address: Address | None = None
+    # aggregator.common_name: the CN its certificate must have, checked by collaborators in the
+    # TLS session (pki.binding); default: aggregator.host
+    common_name: str = ""
+    # aggregator.fingerprint: SHA-256 of its certificate (64 hex digits, lower-case), pinned by
+    # collaborators on a handshake of their own before each connection; None: not pinned
+    fingerprint: str | None = None
 
 
 class StragglerPolicy(Enum):

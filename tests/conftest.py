@@ -56,9 +56,10 @@ def issue_identity(
     days: int = 30,
     valid_from: datetime.datetime | None = None,
     dns_names: Sequence[str] = (),
+    ip_addresses: Sequence[str] = (),
 ) -> Identity:
     """Make a key and a certificate through the real request -> certify path and write them to folder."""
-    key, csr = create_key_and_csr(role, name, dns_names=dns_names)
+    key, csr = create_key_and_csr(role, name, dns_names=dns_names, ip_addresses=ip_addresses)
     cert = certify(
         csr,
         role=role,

@@ -506,26 +506,6 @@ def test_retries_stop_within_max_wait_time(plan: Plan) -> None:
     assert elapsed < 1.0 + 0.5  # the last attempt's own time is the only slack
 
 
-def test_client_refuses_aggregator_with_another_name(
-    certs: CertsLayout, misnamed_aggregator: Identity, tmp_path: Path
-) -> None:
-    """A server whose certificate is for elsewhere.example, though from our CA, fails the handshake."""
-    folder = CertsLayout(tmp_path / "certs")
-    shutil.copytree(certs.root, folder.root)  # copy2 keeps the keys' 0600
-    shutil.copy2(misnamed_aggregator.cert, folder.aggregator_cert)
-    shutil.copy2(misnamed_aggregator.key, folder.aggregator_key)
-    plan = make_plan(folder)
-    federation = make_federation(plan)
-    with running_aggregator(plan, federation) as server:
-        client = client_for(plan, server.port, max_retries=1)
-        with pytest.raises(AggregatorUnavailableError) as raised:
-            client.send_local_task_results(0, "train", 5, trained(small_model()))
-    assert raised.value.code == grpc.StatusCode.UNAVAILABLE
-    assert "Hostname Verification" in raised.value.details  # not some other handshake failure
-    assert raised.value.attempts == 2
-    assert federation.results() == ()
-
-
 @pytest.mark.parametrize(
     ("who", "words"),
     [("expired_alice", "certificate expired on"), ("future_alice", "not valid before")],

@@ -192,7 +192,7 @@ def test_unreachable_aggregator_exits_1(
     plan = write_plan(
         tmp_path,
         certs,
-        aggregator={"host": "127.0.0.1", "port": free_port()},
+        aggregator={"host": "127.0.0.1", "common_name": "localhost", "port": free_port()},
         connection={"max_retries": 1, "backoff_initial_seconds": 0, "backoff_max_seconds": 0},
     )
     assert main(["start", "-n", "alice", "--plan", str(plan)]) == 1
@@ -207,7 +207,11 @@ def test_refusal_exits_1_with_its_status(
     """An aggregator that does not list alice refuses her: one line with the status, exit 1."""
     server_plan = make_plan(certs, collaborators=["bob", "carol"])
     with running_aggregator(server_plan) as server:
-        plan = write_plan(tmp_path, certs, aggregator={"host": "127.0.0.1", "port": server.port})
+        plan = write_plan(
+            tmp_path,
+            certs,
+            aggregator={"host": "127.0.0.1", "common_name": "localhost", "port": server.port},
+        )
         assert main(["start", "-n", "alice", "--plan", str(plan)]) == 1
     (line,) = error_lines(capsys)
     assert line.startswith(f"{PREFIX}the aggregator refused GetTasks with PERMISSION_DENIED: ")
@@ -236,7 +240,7 @@ def test_a_whole_federation_exits_0(
             certs,
             federation={"rounds": 1},
             collaborators=["alice"],
-            aggregator={"host": "127.0.0.1", "port": server.port},
+            aggregator={"host": "127.0.0.1", "common_name": "localhost", "port": server.port},
         )
         assert main(["start", "-n", "alice", "--plan", str(plan)]) == 0
     assert error_lines(capsys) == []
@@ -249,7 +253,7 @@ def test_sigterm_exits_143_with_one_line(certs: CertsLayout, tmp_path: Path) -> 
     plan = write_plan(
         tmp_path,
         certs,
-        aggregator={"host": "127.0.0.1", "port": free_port()},
+        aggregator={"host": "127.0.0.1", "common_name": "localhost", "port": free_port()},
         connection={"max_retries": None, "max_wait_seconds": None, "backoff_max_seconds": 0.2},
     )
     process = subprocess.Popen(

@@ -283,6 +283,7 @@ def test_a_link_cut_mid_round_and_a_throttle_give_the_same_model(
         ROUNDS,
         aggregator={
             "host": address,
+            "common_name": "agg.test",
             "listen_address": address,
             "san_dns": ["agg.test"],
             "san_ips": [address],

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
+from pki.binding import binding_name
 from pki.ca import create_root_ca, create_signing_ca, utc_now
 from pki.errors import (
     CertificateRequestError,
@@ -152,12 +153,13 @@ def _check_leaf_common(cert: x509.Certificate, certs: CertsLayout) -> None:
 
 
 def test_aggregator_certificate_extensions(certs: CertsLayout) -> None:
-    """The aggregator certificate is a serverAuth leaf whose SAN holds its host name and IP addresses."""
+    """The aggregator certificate is a serverAuth leaf whose SAN holds its host name, IP addresses
+    and the name bound to its common name."""
     cert = read_certificate(certs.aggregator_cert)
     _check_leaf_common(cert, certs)
     assert list(_ext(cert, x509.ExtendedKeyUsage).value) == [ExtendedKeyUsageOID.SERVER_AUTH]
     san = _ext(cert, x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert san.get_values_for_type(x509.DNSName) == ["localhost", binding_name("localhost")]
     assert san.get_values_for_type(x509.IPAddress) == [
         ipaddress.ip_address("127.0.0.1"),
         ipaddress.ip_address("::1"),
@@ -352,7 +354,11 @@ def test_certify_takes_aggregator_sans_from_csr_and_adds_its_name(certs: CertsLa
     csr = _custom_csr("agg.internal", requested)
     cert = _certify(certs, csr, "agg.internal", Role.AGGREGATOR)
     san = _ext(cert, x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["agg.internal", "agg.example.org"]
+    assert san.get_values_for_type(x509.DNSName) == [
+        "agg.internal",
+        "agg.example.org",
+        binding_name("agg.internal"),
+    ]
     assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.5")]
 
 
@@ -362,15 +368,40 @@ def test_certify_takes_aggregator_sans_from_csr_and_adds_its_name(certs: CertsLa
         x509.RFC822Name("agg@example.org"),
         x509.UniformResourceIdentifier("https://x"),
         x509.DNSName("bad_name"),
+        x509.DNSName("*.cn.foedus.invalid"),
+        x509.DNSName(binding_name("localhost")),
+        x509.DNSName(binding_name("elsewhere.example").upper()),
+        x509.DNSName("foedus.invalid"),
     ],
 )
 def test_certify_refuses_aggregator_csr_with_unacceptable_san(
     certs: CertsLayout, entry: x509.GeneralName
 ) -> None:
-    """An aggregator CSR with an e-mail, URI or malformed DNS SAN is refused."""
+    """An aggregator CSR with an e-mail, URI, malformed DNS SAN or a name the signer alone
+    derives (foedus.invalid) is refused: the name binding is never copied from a request."""
     csr = _custom_csr("localhost", x509.SubjectAlternativeName([entry]))
     with pytest.raises(PkiError):
         _certify(certs, csr, "localhost", Role.AGGREGATOR)
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_no_certificate_is_named_in_the_reserved_namespace(certs: CertsLayout, role: Role) -> None:
+    """A common name under foedus.invalid is refused for either role, so no certificate can be
+    named in the binding's namespace (a binding itself, 70 characters, is too long for a CN)."""
+    name = "x.cn.foedus.invalid"
+    with pytest.raises(CertificateRequestError, match="reserved"):
+        create_key_and_csr(role, name)
+    with pytest.raises(CertificateRequestError, match="reserved"):
+        _certify(certs, _custom_csr(name), name, role)
+
+
+def test_binding_names_are_canonical_and_distinct() -> None:
+    """Case and IPv6 spelling do not change the binding; different common names differ."""
+    assert binding_name("Agg.Example.org") == binding_name("agg.example.org")
+    assert binding_name("::1") == binding_name("0:0:0:0:0:0:0:1")
+    names = {binding_name(n) for n in ("localhost", "127.0.0.1", "::1", "agg.example.org")}
+    assert len(names) == 4
+    assert all(len(name.split(".")[0]) == 52 for name in names)
 
 
 def test_certify_sets_validity_and_caps_it_at_the_signing_ca(certs: CertsLayout) -> None:
@@ -605,7 +636,11 @@ def test_setup_recertifies_a_stale_certificate_with_the_same_key(tmp_path: Path)
     assert layout.collaborator_key("alice").read_bytes() == alice_key
     assert layout.aggregator_key.read_bytes() == aggregator_key
     san = _ext(read_certificate(layout.aggregator_cert), x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["localhost", "agg.example"]
+    assert san.get_values_for_type(x509.DNSName) == [
+        "localhost",
+        "agg.example",
+        binding_name("localhost"),
+    ]
 
 
 def test_setup_force_makes_everything_new(tmp_path: Path) -> None:

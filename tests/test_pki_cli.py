@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from pki.binding import binding_name
 from pki.cli import main
 from pki.files import read_certificate, read_csr
 from pki.layout import CertsLayout
@@ -135,7 +136,12 @@ def test_request_and_certify_aggregator_to_out(
     sans = read_certificate(out_path).extensions.get_extension_for_class(
         x509.SubjectAlternativeName
     )
-    assert [str(v.value) for v in sans.value] == ["agg.example.org", "agg", "10.0.0.5"]
+    assert [str(v.value) for v in sans.value] == [
+        "agg.example.org",
+        "agg",
+        "10.0.0.5",
+        binding_name("agg.example.org"),
+    ]
     assert not ca_dir.aggregator_cert.exists()
 
 

@@ -103,6 +103,30 @@ def test_aggregator_id_defaults_to_openfl_form() -> None:
     assert plan.federation.aggregator_id == f"aggregator_{plan.federation.uuid}"
 
 
+def test_aggregator_common_name_defaults_to_the_host() -> None:
+    """Without `aggregator.common_name` the certificate must name `aggregator.host`; no pin."""
+    plan = parse_plan(_with(_document(), ("aggregator.host", "10.0.0.5")), PLAN_PATH)
+    assert (plan.aggregator.common_name, plan.aggregator.fingerprint) == ("10.0.0.5", None)
+
+
+def test_aggregator_common_name_and_fingerprint_as_given() -> None:
+    """`common_name` is kept as given; a fingerprint with colons and capitals is normalised."""
+    pin = ":".join(["AB"] * 32)
+    plan = parse_plan(
+        _with(
+            _document(),
+            ("aggregator.host", "10.0.0.5"),
+            ("aggregator.common_name", "agg.example.org"),
+            ("aggregator.fingerprint", pin),
+        ),
+        PLAN_PATH,
+    )
+    assert plan.aggregator.common_name == "agg.example.org"
+    assert plan.aggregator.fingerprint == "ab" * 32
+    unpinned = parse_plan(_with(_document(), ("aggregator.fingerprint", None)), PLAN_PATH)
+    assert unpinned.aggregator.fingerprint is None
+
+
 # --- one test per kind of problem -----------------------------------------------------------------
 
 
@@ -182,6 +206,26 @@ def test_aggregator_id_defaults_to_openfl_form() -> None:
             [("tls.certs_dir", "")],
             "tls.certs_dir: expected a non-empty string, got ''",
             id="empty-certs-dir",
+        ),
+        pytest.param(
+            [("aggregator.common_name", "agg_1")],
+            "aggregator.common_name: aggregator host 'agg_1': expected a DNS host name",
+            id="bad-common-name",
+        ),
+        pytest.param(
+            [("aggregator.common_name", "x.cn.foedus.invalid")],
+            "aggregator.common_name: name 'x.cn.foedus.invalid': foedus.invalid is reserved",
+            id="reserved-common-name",
+        ),
+        pytest.param(
+            [("aggregator.fingerprint", "ab" * 31)],
+            "aggregator.fingerprint: fingerprint 'abab",
+            id="short-fingerprint",
+        ),
+        pytest.param(
+            [("aggregator.fingerprint", 12)],
+            "aggregator.fingerprint: expected a non-empty string, got 12",
+            id="fingerprint-not-a-string",
         ),
         pytest.param(
             [("limits.stream_window_bytes", 1000)],
