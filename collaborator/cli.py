@@ -13,6 +13,7 @@ from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
+from collaborator.answers import PlannedWork
 from collaborator.client import AggregatorGRPCClient
 from collaborator.errors import (
     AggregatorUnavailableError,
@@ -151,7 +152,9 @@ def _start(name: str, plan_path: Path) -> int:
             plan.federation.uuid,
             client.target,
         )
-        run_collaborator(client, runner, plan.runner)  # returns when the aggregator says quit
+        planned = PlannedWork(rounds=plan.federation.rounds, tasks=plan.tasks)
+        # Returns when the aggregator says quit.
+        run_collaborator(client, runner, plan.runner, planned=planned)
     return EXIT_OK
 
 

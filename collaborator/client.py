@@ -49,6 +49,7 @@ from protos.aggregator_pb2_grpc import AggregatorStub
 from protos.channel import client_options
 from protos.codec import (
     TensorFormatError,
+    all_finite,
     decode_tensor,
     empty_tensor,
     tensor_bytes,
@@ -115,6 +116,7 @@ class ClientOverrides(TypedDict, total=False):
     backoff_max: float
     max_message_bytes: int
     max_tensor_bytes: int
+    allow_non_finite: bool
     sleep: Callable[[float], None]
     random: Callable[[], float]
 
@@ -145,6 +147,7 @@ class AggregatorGRPCClient:
         backoff_max: float = 30.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+        allow_non_finite: bool = False,
         sleep: Callable[[float], None] = time.sleep,
         random: Callable[[], float] = uniform_random,
     ) -> None:
@@ -194,6 +197,8 @@ class AggregatorGRPCClient:
         self.backoff_max = backoff_max
         self.max_message_bytes = max_message_bytes
         self.max_tensor_bytes = max_tensor_bytes
+        # NaN/Inf in the global model are refused unless the plan allows them, as in uploads.
+        self.allow_non_finite = allow_non_finite
         self._sleep = sleep
         self._random = random
         self._channel: grpc.Channel | None = None
@@ -236,6 +241,7 @@ class AggregatorGRPCClient:
             "backoff_max": connection.backoff_max_seconds,
             "max_message_bytes": plan.limits.max_message_bytes,
             "max_tensor_bytes": plan.limits.max_tensor_bytes,
+            "allow_non_finite": plan.limits.allow_non_finite,
         }
         settings.update(overrides)
         # `settings` holds every argument from the plan, so the required ones are all there.
@@ -338,9 +344,19 @@ class AggregatorGRPCClient:
                 f"asked the aggregator for tensor {name!r}, got {response.tensor.name!r}"
             )
         try:
-            return decode_tensor(response.tensor, max_bytes=self.max_message_bytes)
+            array = decode_tensor(response.tensor, max_bytes=self.max_message_bytes)
         except TensorFormatError as error:
             raise ResponseValidationError(f"the aggregator sent a bad tensor: {error}") from None
+        self._check_finite(name, array)
+        return array
+
+    def _check_finite(self, name: str, array: npt.NDArray[np.generic]) -> None:
+        """Refuse a global tensor holding NaN or infinities, unless the plan allows them."""
+        if not self.allow_non_finite and not all_finite(array):
+            raise ResponseValidationError(
+                f"the aggregator's global tensor {name!r} holds NaN or infinite values (the "
+                f"plan's limits.allow_non_finite is false); nothing was trained on it"
+            )
 
     def get_aggregated_model(
         self, names: Sequence[str], round_number: int
@@ -405,7 +421,7 @@ class AggregatorGRPCClient:
                 continue
             if chunk.HasField("tensor"):
                 if current is not None:
-                    model[current.name] = current.done()
+                    model[current.name] = self._finite(current)
                 current = self._start_tensor(chunk, wanted, model, round_number)
             data = chunk.data  # read once: every read of a bytes field is a fresh copy
             if data:
@@ -415,13 +431,18 @@ class AggregatorGRPCClient:
         if index < 0:
             raise ResponseValidationError("the aggregator's model stream ended before its header")
         if current is not None:
-            model[current.name] = current.done()
+            model[current.name] = self._finite(current)
         missing = sorted(wanted - set(model))
         if missing:
             raise ResponseValidationError(
                 f"the aggregator's model stream lacks {', '.join(map(repr, missing))}"
             )
         return model
+
+    def _finite(self, filled: _Filling) -> npt.NDArray[np.generic]:
+        array = filled.done()
+        self._check_finite(filled.name, array)
+        return array
 
     def _start_tensor(
         self,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
+from collaborator.answers import AnswerChecker, PlannedWork
 from collaborator.client import AggregatorGRPCClient, NamedArray
 from collaborator.errors import ClientError, RequestRejectedError
 from plans.runners import Array, TaskRunner
@@ -67,20 +68,25 @@ def run_collaborator(
     *,
     sleep: Callable[[float], None] = time.sleep,
     max_idle_polls: int | None = None,
+    planned: PlannedWork | None = None,
 ) -> CollaboratorReport:
     """Work for the aggregator until it says quit, or until `max_idle_polls` idle answers in a row.
 
     `settings` are the plan's runner settings, from which the runner's `initial_model` gives the
-    names of the global model's tensors.
+    names, shapes and dtypes of the global model's tensors; `planned` (the plan's rounds and
+    tasks) bounds what the aggregator may ask for (`collaborator.answers`).
     """
     if max_idle_polls is not None and max_idle_polls < 1:
         raise ValueError(f"max_idle_polls must be >= 1 or None, got {max_idle_polls}")
-    names = tuple(runner.initial_model(settings))
+    reference = runner.initial_model(settings)
+    names = tuple(reference)
+    answers = AnswerChecker(planned)
     report = CollaboratorReport()
     current: _Round | None = None
     idle = 0
     while True:
         tasks = client.get_tasks()
+        answers.check(tasks)
         if tasks.quit:
             logger.info(
                 "the federation is finished; this collaborator ran %d tasks in %d rounds",
@@ -94,10 +100,9 @@ def run_collaborator(
             if max_idle_polls is not None and idle >= max_idle_polls:
                 logger.info("stopping after %d answers in a row without a task", idle)
                 return report
-            logger.debug(
-                "no task in round %d; asking again in %d s", tasks.round_number, tasks.sleep_seconds
-            )
-            sleep(tasks.sleep_seconds)
+            wait = answers.wait_seconds(tasks)
+            logger.debug("no task in round %d; asking again in %g s", tasks.round_number, wait)
+            sleep(wait)
             continue
         idle = 0
         if tasks.round_number in report.missed_rounds:
@@ -112,6 +117,7 @@ def run_collaborator(
         try:
             if current is None:
                 model = _fetch_model(client, names, tasks.round_number)
+                _check_global(model, reference)
                 current = _Round(tasks.round_number, model)
             for task in tasks.tasks:
                 _run_task(client, runner, current, task)
@@ -197,4 +203,15 @@ def _check_trained(trained: Mapping[str, Array], global_model: Mapping[str, Arra
             raise CollaboratorError(
                 f"the runner's trained {name!r} is {array.dtype}{list(array.shape)}, the global "
                 f"model's is {reference.dtype}{list(reference.shape)}"
+            )
+
+
+def _check_global(global_model: Mapping[str, Array], reference: Mapping[str, Array]) -> None:
+    """Refuse a global model whose tensors differ from the runner's own model in shape or dtype."""
+    for name, array in reference.items():
+        got = global_model[name]  # the client fetched exactly these names
+        if got.shape != array.shape or got.dtype != array.dtype:
+            raise CollaboratorError(
+                f"the aggregator's global {name!r} is {got.dtype}{list(got.shape)}; this "
+                f"collaborator's runner has {array.dtype}{list(array.shape)}"
             )

@@ -250,3 +250,16 @@ def _shape_of(tensor: base_pb2.NamedTensor) -> tuple[int, ...]:
     if any(dim < 0 for dim in shape):
         raise TensorFormatError(f"tensor {tensor.name!r}: negative dimension in shape {shape}")
     return shape
+
+
+def all_finite(array: npt.NDArray[np.generic]) -> bool:
+    """Whether no value is NaN or infinite (integers and bools always are finite).
+
+    A sum first, since NaN and infinities survive it; element by element only if it is not.
+    """
+    if array.dtype.kind not in "fc":
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow only means: look closer
+        if math.isfinite(abs(complex(np.add.reduce(array, axis=None)))):
+            return True
+    return bool(np.isfinite(array).all())

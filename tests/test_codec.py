@@ -18,6 +18,7 @@ from protos.codec import (
     MAX_DIMENSIONS,
     TensorFormatError,
     TensorTooLargeError,
+    all_finite,
     decode_tensor,
     encode_tensor,
     encode_tensor_meta_into,
@@ -484,3 +485,22 @@ def test_tensor_field_frame_is_the_serialized_field(array: np.ndarray) -> None:
     assert b"".join(parts) == expected
     if array.size:
         assert any(isinstance(part, memoryview) and part.obj is not None for part in parts)
+
+
+@pytest.mark.parametrize(
+    ("array", "finite"),
+    [
+        (np.array([1.0, 2.0], dtype=np.float32), True),
+        (np.array([1.0, np.nan], dtype=np.float32), False),
+        (np.array([[np.inf]], dtype=np.float64), False),
+        (np.array([-np.inf, 1.0], dtype=np.float16), False),
+        (np.full(4, 60000.0, dtype=np.float16), True),  # the sum overflows; every value is finite
+        (np.array([1 + 2j, complex(0, np.nan)], dtype=np.complex64), False),
+        (np.array([2**62, 2**62], dtype=np.int64), True),
+        (np.array([True, False]), True),
+        (np.array(np.nan, dtype=np.float32), False),
+    ],
+)
+def test_all_finite_finds_nan_and_infinities_only(array: np.ndarray, finite: bool) -> None:
+    """NaN and infinities anywhere are found; an overflowing sum of finite values is not one."""
+    assert all_finite(array) is finite
