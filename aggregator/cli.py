@@ -34,7 +34,9 @@ from aggregator.federation import Array
 from aggregator.runtime import serve
 from aggregator.state import DurableState, ForeignStateError
 from aggregator.storage import OutputFolder, read_model
+from pki.binding import binding_problem
 from pki.errors import KeyFileError, MissingTLSFileError, PkiError
+from pki.files import read_certificate
 from pki.tls import check_tls_files
 from plans import Plan, PlanError, load_plan
 from plans.runners import RunnerError, load_runner
@@ -173,6 +175,23 @@ def _check_tls_files(plan: Plan) -> None:
         raise _BadInputError(f"{plan.path}: tls.certs_dir: {error}{hint}") from None
     except KeyFileError as error:
         raise _BadInputError(str(error)) from None
+    _warn_if_collaborators_refuse(plan, certs.aggregator_cert)
+
+
+def _warn_if_collaborators_refuse(plan: Plan, path: Path) -> None:
+    """Say at start when foedus collaborators will refuse this certificate (OpenFL's do not check)."""
+    try:
+        problem = binding_problem(read_certificate(path), plan.aggregator.common_name)
+    except PkiError:
+        return  # the server reads it again when it starts, and says what is wrong
+    if problem is not None:
+        logger.warning(
+            "%s: %s (aggregator.common_name), so foedus collaborators will refuse this "
+            "aggregator; reissue it with 'pki setup --plan %s' or 'pki certify --role aggregator'",
+            path,
+            problem,
+            plan.path,
+        )
 
 
 def _initial_model(plan: Plan) -> dict[str, Array]:

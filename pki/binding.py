@@ -58,3 +58,14 @@ def has_binding(certificate: x509.Certificate, common_name: str) -> bool:
         return False
     wanted = binding_name(common_name)
     return any(name.lower() == wanted for name in names.get_values_for_type(x509.DNSName))
+
+
+def binding_problem(certificate: x509.Certificate, common_name: str) -> str | None:
+    """Why foedus collaborators expecting `common_name` would refuse this certificate, or None."""
+    names = certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    presented = [str(attribute.value) for attribute in names]
+    if [canonical_common_name(name) for name in presented] != [canonical_common_name(common_name)]:
+        return f"the certificate names {', '.join(map(repr, presented)) or 'nobody'}, collaborators expect {common_name!r}"
+    if not has_binding(certificate, common_name):
+        return f"the certificate lacks the name binding collaborators check (DNS:{binding_name(common_name)})"
+    return None

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 import shutil
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -22,10 +24,11 @@ import yaml
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from aggregator.cli import main as aggregator_main
 from collaborator.cli import main
 from collaborator.client import AggregatorGRPCClient
 from collaborator.errors import AggregatorIdentityError, RequestRejectedError
-from pki.binding import binding_name
+from pki.binding import binding_name, binding_problem
 from pki.ca import authority_key_identifier, create_root_ca, create_signing_ca, utc_now
 from pki.files import read_certificate, write_certificate, write_private_key
 from pki.keys import generate_private_key, signature_hash
@@ -319,3 +322,44 @@ def test_setup_reissues_a_certificate_without_the_binding(
         .value.get_values_for_type(x509.DNSName)
     )
     assert binding_name("localhost") in names
+
+
+def test_binding_problem_names_what_collaborators_would_refuse(
+    certs: CertsLayout, rogue_aggregator: Identity, unbound_aggregator: Identity
+) -> None:
+    """The aggregator's certificate passes; another name or a missing binding is said."""
+    assert binding_problem(read_certificate(certs.aggregator_cert), "localhost") is None
+    assert binding_problem(read_certificate(certs.aggregator_cert), "LOCALHOST") is None
+    rogue = binding_problem(read_certificate(rogue_aggregator.cert), "localhost")
+    assert rogue == "the certificate names 'rogue.example', collaborators expect 'localhost'"
+    unbound = binding_problem(read_certificate(unbound_aggregator.cert), "localhost")
+    assert unbound is not None and "lacks the name binding" in unbound
+
+
+def test_aggregator_start_warns_of_a_certificate_collaborators_refuse(
+    certs: CertsLayout,
+    unbound_aggregator: Identity,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`aggregator start` with a certificate made before the binding says at start to reissue it
+    (it still serves: OpenFL collaborators do not check the binding); here its port is taken."""
+    layout = CertsLayout(tmp_path / "certs")
+    shutil.copytree(certs.root, layout.root)
+    shutil.copy2(unbound_aggregator.cert, layout.aggregator_cert)
+    shutil.copy2(unbound_aggregator.key, layout.aggregator_key)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        document = plan_document(
+            layout,
+            aggregator={"port": taken.getsockname()[1], "output_dir": str(tmp_path / "out")},
+        )
+        plan = tmp_path / "plan.yaml"
+        plan.write_text(yaml.safe_dump(document), encoding="utf-8")
+        with caplog.at_level(logging.WARNING, logger="aggregator.cli"):
+            assert aggregator_main(["start", "--plan", str(plan)]) == 1
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "aggregator.cli"]
+    assert str(layout.aggregator_cert) in warning
+    assert "lacks the name binding" in warning
+    assert f"reissue it with 'pki setup --plan {plan}'" in warning
