@@ -38,7 +38,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 EPILOG = f"""\
 exit status:
   {EXIT_OK}    the aggregator said the federation is finished
-  {EXIT_FAILURE}    the aggregator stayed unreachable, refused a request, or the work failed
+  {EXIT_FAILURE}    the aggregator stayed unreachable, refused a request, is not the one the plan
+       names (aggregator.common_name, aggregator.fingerprint), sent a value no honest
+       aggregator sends, or the work failed
   {EXIT_BAD_INPUT}    bad command line, plan, certificates or runner settings (nothing was sent)
   {EXIT_SIGINT}  interrupted (SIGINT, Ctrl-C)
   {EXIT_SIGTERM}  terminated (SIGTERM)

@@ -5,7 +5,9 @@ status codes and channels stay in this module. Every RPC goes through `_call`, t
 decides what is retried: only UNAVAILABLE and DEADLINE_EXCEEDED, which say nothing about the
 request itself, after a reconnect (new channel, TLS files read again) and a capped exponential
 backoff with full jitter. Every other status is a refusal a retry cannot change and is raised at
-once as `RequestRejectedError`.
+once as `RequestRejectedError`. Before a connection's first call the server's certificate is
+looked at (`collaborator.server_identity`): a look that cannot complete counts as UNAVAILABLE; a
+server that is not our aggregator raises `AggregatorIdentityError`, never retried.
 
 Resending a task's results is safe because the aggregator answers OK to a duplicate (same round,
 task and collaborator) and counts it once.
