@@ -44,6 +44,7 @@ from collaborator.server_identity import (
     check_aggregator,
 )
 from pki.errors import PkiError
+from pki.requests import normalise_fingerprint
 from pki.tls import channel_credentials
 from plans import Plan
 from protos import aggregator_pb2
@@ -173,6 +174,12 @@ class AggregatorGRPCClient:
             max_message_bytes=max_message_bytes,
             max_tensor_bytes=max_tensor_bytes,
         )
+        pin = None
+        if aggregator_fingerprint is not None:
+            try:
+                pin = normalise_fingerprint(aggregator_fingerprint)
+            except PkiError as error:
+                problems.append(f"aggregator_fingerprint: {error}")
         if problems:
             raise ClientConfigurationError(
                 f"cannot configure the client for {collaborator_name!r}: {'; '.join(problems)}"
@@ -183,9 +190,7 @@ class AggregatorGRPCClient:
         self.federation_uuid = federation_uuid
         self.collaborator_name = collaborator_name
         # Who the aggregator must be (collaborator.server_identity); by default the host dialled.
-        self.expected = ExpectedAggregator(
-            aggregator_common_name or aggregator_address, aggregator_fingerprint
-        )
+        self.expected = ExpectedAggregator(aggregator_common_name or aggregator_address, pin)
         self.tls = tls
         self.root_certificate = root_certificate
         self.certificate = certificate

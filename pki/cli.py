@@ -345,7 +345,7 @@ def _fail(message: str, code: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the pki command line; returns the exit code (0 ok, 2 bad input, 1 unexpected failure)."""
+    """Run the pki command line; returns the exit code (0 ok, 2 bad input, 1 not confirmed or failed)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -27,7 +27,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from aggregator.cli import main as aggregator_main
 from collaborator.cli import main
 from collaborator.client import AggregatorGRPCClient
-from collaborator.errors import AggregatorIdentityError, RequestRejectedError
+from collaborator.errors import (
+    AggregatorIdentityError,
+    ClientConfigurationError,
+    RequestRejectedError,
+)
 from pki.binding import binding_name, binding_problem
 from pki.ca import authority_key_identifier, create_root_ca, create_signing_ca, utc_now
 from pki.files import read_certificate, write_certificate, write_private_key
@@ -363,3 +367,13 @@ def test_aggregator_start_warns_of_a_certificate_collaborators_refuse(
     assert str(layout.aggregator_cert) in warning
     assert "lacks the name binding" in warning
     assert f"reissue it with 'pki setup --plan {plan}'" in warning
+
+
+def test_a_client_normalises_its_pin_and_refuses_a_malformed_one(certs: CertsLayout) -> None:
+    """A pin given to the client directly is read as the plan reads it, or refused by name."""
+    plan = make_plan(certs, aggregator={"port": 50051})
+    pin = fingerprint(read_certificate(certs.aggregator_cert))
+    client = AggregatorGRPCClient.from_plan(plan, "alice", aggregator_fingerprint=pin.upper())
+    assert client.expected.fingerprint == pin
+    with pytest.raises(ClientConfigurationError, match="aggregator_fingerprint: fingerprint 'xyz'"):
+        AggregatorGRPCClient.from_plan(plan, "alice", aggregator_fingerprint="xyz")
