@@ -25,6 +25,7 @@ from pki.errors import MissingTLSFileError, PkiError
 from pki.tls import check_tls_files
 from plans import Plan, PlanError, load_plan
 from plans.runners import RunnerError, TaskRunner, load_runner
+from plans.site_settings import SiteSettingsError, plan_with_site_settings
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     start.add_argument("--plan", type=Path, required=True, help="the federation plan (YAML)")
     start.add_argument(
+        "--site-settings",
+        type=Path,
+        metavar="FILE",
+        help="this site's own runner settings (YAML mapping: data path, batch size, device, ...), "
+        "each replacing the plan's runner.settings key of the same name",
+    )
+    start.add_argument(
         "--log-level", choices=LOG_LEVELS, default="info", help="what to log (default: info)"
     )
     return parser
@@ -106,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     with _sigterm_raises():
         try:
-            return _start(args.name, args.plan)
+            return _start(args.name, args.plan, args.site_settings)
         except PlanError as error:
             for problem in error.problems:
                 _fail(problem, EXIT_BAD_INPUT)
@@ -137,9 +145,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
 
 
-def _start(name: str, plan_path: Path) -> int:
+def _start(name: str, plan_path: Path, site_settings: Path | None) -> int:
     """Every start-up check, then the loop; checks raise `_UsageError` with one line."""
     plan = load_plan(plan_path)  # PlanError: main prints one line per problem
+    if site_settings is not None:
+        try:
+            plan = plan_with_site_settings(plan, site_settings)
+        except SiteSettingsError as error:
+            raise _UsageError(str(error)) from None
     if name not in plan.collaborators:
         raise _UsageError(
             f"{plan_path}: collaborators: {name!r} is not listed "
@@ -192,7 +205,11 @@ def _make_runner(plan: Plan, name: str) -> TaskRunner:
         factory = load_runner(plan.runner)
         return factory(plan.runner, collaborator=name, collaborators=plan.collaborators)
     except RunnerError as error:
-        raise _UsageError(f"{plan.path}: {error}") from None
+        # A key of the site's file is named with that file (RunnerSettings.key_path), not the plan.
+        message, site = str(error), plan.runner.site_file
+        if site is None or not message.startswith(f"{site}: "):
+            message = f"{plan.path}: {message}"
+        raise _UsageError(message) from None
 
 
 @contextmanager

@@ -59,8 +59,13 @@ class DigitsSettings:
     skew: float = 0.8  # runner.settings.skew: label_skew only; 0 = shuffled, 1 = sorted by label
 
     @classmethod
-    def parse(cls, raw: Mapping[str, object]) -> DigitsSettings:
-        """Check `runner.settings`; raise `RunnerError` naming every bad or unknown key at once."""
+    def parse(
+        cls, raw: Mapping[str, object], key_path: Callable[[str], str] = "runner.settings.{}".format
+    ) -> DigitsSettings:
+        """Check `runner.settings`; raise `RunnerError` naming every bad or unknown key at once.
+
+        `key_path` says where a key was set (`RunnerSettings.key_path`: the plan or a site file).
+        """
         problems: list[str] = []
         defaults = cls()
 
@@ -69,7 +74,7 @@ class DigitsSettings:
                 return default
             value = check(raw[key])
             if value is None:
-                problems.append(f"runner.settings.{key}: expected {want}, got {raw[key]!r}")
+                problems.append(f"{key_path(key)}: expected {want}, got {raw[key]!r}")
                 return default
             return value
 
@@ -92,10 +97,10 @@ class DigitsSettings:
             skew=read("skew", defaults.skew, _number(lambda v: 0 <= v <= 1), "a number 0-1"),
         )
         if "skew" in raw and raw.get("split", defaults.split) != "label_skew":
-            problems.append("runner.settings.skew: only used with split: label_skew")
+            problems.append(f"{key_path('skew')}: only used with split: label_skew")
         known = [field.name for field in fields(cls)]
         problems.extend(
-            f"runner.settings.{key}: unknown key (known: {', '.join(known)})"
+            f"{key_path(key)}: unknown key (known: {', '.join(known)})"
             for key in raw
             if key not in known
         )
@@ -135,7 +140,12 @@ class Shard:
 
 
 def make_shards(
-    labels: npt.NDArray[np.integer], settings: DigitsSettings, *, seed: int, count: int
+    labels: npt.NDArray[np.integer],
+    settings: DigitsSettings,
+    *,
+    seed: int,
+    count: int,
+    key_path: Callable[[str], str] = "runner.settings.{}".format,
 ) -> list[Shard]:
     """Every collaborator's shard, in plan order: disjoint, covering the train and test splits."""
     rng = np.random.default_rng((seed, _SPLIT_STREAM))
@@ -145,7 +155,7 @@ def make_shards(
     for what, rows in (("test", test), ("train", train)):
         if len(rows) < count:
             raise RunnerError(
-                f"runner.settings.test_fraction: {settings.test_fraction:g} leaves {len(rows)} "
+                f"{key_path('test_fraction')}: {settings.test_fraction:g} leaves {len(rows)} "
                 f"{what} samples for {count} collaborators; each needs at least one"
             )
     if settings.split == "label_skew":
@@ -182,12 +192,18 @@ class DigitsRunner:
             raise RunnerError(
                 f"collaborator {collaborator!r} is not one of {', '.join(collaborators)}"
             )
-        self.settings = DigitsSettings.parse(settings.settings)
+        self.settings = DigitsSettings.parse(settings.settings, settings.key_path)
         self.seed = settings.seed
         self.collaborator = collaborator
         self.index = collaborators.index(collaborator)
         features, labels = load_data()
-        shards = make_shards(labels, self.settings, seed=self.seed, count=len(collaborators))
+        shards = make_shards(
+            labels,
+            self.settings,
+            seed=self.seed,
+            count=len(collaborators),
+            key_path=settings.key_path,
+        )
         self.shard = shards[self.index]
         self._train_x, self._train_y = features[self.shard.train], labels[self.shard.train]
         self._test_x, self._test_y = features[self.shard.test], labels[self.shard.test]

@@ -175,6 +175,89 @@ def test_bad_runner_settings(
     ]
 
 
+def write_site(folder: Path, text: str) -> Path:
+    """A site settings file holding `text`."""
+    path = folder / "site.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("- data\n", "expected a mapping of runner settings, got list"),
+        ("batch_size: [1\n", "not valid YAML (line 2)"),
+        ("7: x\n", "7: setting names must be non-empty text"),
+    ],
+)
+def test_bad_site_settings_file_is_one_line_naming_it(
+    certs: CertsLayout,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    text: str,
+    problem: str,
+) -> None:
+    """A site settings file that is not a mapping of names is one line naming the file, exit 2."""
+    plan = write_plan(tmp_path, certs)
+    site = write_site(tmp_path, text)
+    args = ["start", "-n", "alice", "--plan", str(plan), "--site-settings", str(site)]
+    assert main(args) == 2
+    assert error_lines(capsys) == [f"{PREFIX}{site}: {problem}"]
+
+
+def test_missing_site_settings_file_is_named(
+    certs: CertsLayout, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A site settings file that does not exist is refused, never read as no settings."""
+    plan = write_plan(tmp_path, certs)
+    site = tmp_path / "absent.yaml"
+    assert main(["start", "-n", "alice", "--plan", str(plan), "--site-settings", str(site)]) == 2
+    assert error_lines(capsys) == [
+        f"{PREFIX}{site}: cannot read site settings: No such file or directory"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (
+            "data_dir: /srv/digits\n",
+            "data_dir: unknown key (known: split, test_fraction, epochs, batch_size, "
+            "learning_rate, skew)",
+        ),
+        ("batch_size: 0\n", "batch_size: expected an integer >= 1, got 0"),
+        ("test_fraction: 0.0001\n", "test_fraction: 0.0001 leaves 0 test samples"),
+    ],
+)
+def test_bad_site_settings_key_is_one_line_naming_file_and_key(
+    certs: CertsLayout,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    text: str,
+    problem: str,
+) -> None:
+    """A key of the site's file the runner refuses is named with that file, not the plan; exit 2."""
+    plan = write_plan(tmp_path, certs)
+    site = write_site(tmp_path, text)
+    args = ["start", "-n", "alice", "--plan", str(plan), "--site-settings", str(site)]
+    assert main(args) == 2
+    (line,) = error_lines(capsys)
+    assert line.startswith(f"{PREFIX}{site}: {problem}")
+
+
+def test_plan_keys_stay_named_with_the_plan_beside_a_site_file(
+    certs: CertsLayout, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With a site file, a bad key the plan set is still named as the plan's runner.settings key."""
+    plan = write_plan(tmp_path, certs, runner={"settings": {"epochs": 0}})
+    site = write_site(tmp_path, "batch_size: 8\n")
+    args = ["start", "-n", "alice", "--plan", str(plan), "--site-settings", str(site)]
+    assert main(args) == 2
+    assert error_lines(capsys) == [
+        f"{PREFIX}{plan}: runner.settings.epochs: expected an integer >= 1, got 0"
+    ]
+
+
 def test_unknown_runner(
     certs: CertsLayout, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -246,6 +329,28 @@ def test_a_whole_federation_exits_0(
     assert error_lines(capsys) == []
     assert federation.finished
     assert federation.told_to_quit() == ("alice",)
+
+
+def test_site_settings_replace_the_plans_for_a_whole_federation(
+    certs: CertsLayout, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A site file's key replaces the plan's: a plan whose epochs alone would be refused runs."""
+    server_plan = one_collaborator_plan(certs)
+    federation = make_federation(server_plan, DigitsRunner.initial_model(server_plan.runner))
+    with running_aggregator(server_plan, federation) as server, closing_rounds(federation):
+        plan = write_plan(
+            tmp_path,
+            certs,
+            federation={"rounds": 1},
+            collaborators=["alice"],
+            aggregator={"host": "127.0.0.1", "port": server.port},
+            runner={"settings": {"epochs": 0}},
+        )
+        site = write_site(tmp_path, "epochs: 2\nbatch_size: 16\n")
+        args = ["start", "-n", "alice", "--plan", str(plan), "--site-settings", str(site)]
+        assert main(args) == 0
+    assert error_lines(capsys) == []
+    assert federation.finished
 
 
 def test_sigterm_exits_143_with_one_line(certs: CertsLayout, tmp_path: Path) -> None:
