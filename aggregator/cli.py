@@ -40,7 +40,7 @@ from pki.files import read_certificate
 from pki.tls import check_tls_files
 from plans import Plan, PlanError, load_plan
 from plans.runners import RunnerError, load_runner
-from protos.codec import EXACT_DTYPES
+from protos.dtypes import wire_dtype
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -223,7 +223,7 @@ def _model_problem(model: object) -> str | None:
         if not isinstance(name, str) or not name:
             return f"tensor name {name!r} is not a non-empty string"
         dtype = np.asarray(array).dtype
-        if dtype.kind not in "biuf" or dtype.newbyteorder("<").str not in EXACT_DTYPES:
+        if wire_dtype(dtype) is None:
             return f"tensor {name!r} has dtype {dtype}, which cannot be sent"
     return None
 

@@ -2,9 +2,9 @@
 
 The result depends only on the contributions, never on the order they arrived in: contributions
 are keyed by collaborator and always summed in sorted-name order, so the same inputs give a
-bit-identical model, and copies of one model average to that model exactly. Floats accumulate in
-float64 and are cast back to the model's dtype; integer (and boolean) tensors are averaged exactly
-and rounded half to even. Shapes and dtypes follow the reference model.
+bit-identical model, and copies of one model average to that model exactly. Floats (bfloat16
+too) accumulate in float64 and are cast back to the model's dtype, rounded to nearest even; integer
+(and boolean) tensors are averaged exactly and rounded half to even. Shapes and dtypes follow the reference model.
 
 `average_sources` reads each contribution a slice at a time (from a file, say) and averages it
 slice by slice, so its memory is the averaged model plus a few slices, whatever the number of
@@ -26,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from aggregator.errors import StorageError
+from protos.dtypes import is_bfloat16
 
 Array = npt.NDArray[np.generic]
 _INT64_LIMIT = 2**63
@@ -299,7 +300,7 @@ class RunningAverage:
         for name, like in self._reference.items():
             mean = self._sums.pop(name)
             self._first.pop(name, None)
-            if like.dtype.kind == "f":
+            if _kind(like.dtype) == "f":
                 averaged[name] = mean.astype(like.dtype)
                 continue
             numerator = self._numerators.pop(name)
@@ -476,9 +477,14 @@ def _averageable(reference: Mapping[str, Array]) -> dict[str, Array]:
     """The reference's tensors as arrays in name order, refused if one cannot be averaged."""
     references = {name: np.asarray(reference[name]) for name in sorted(reference)}
     for name, like in references.items():
-        if like.dtype.kind not in "biuf":
+        if _kind(like.dtype) not in "biuf":
             raise ValueError(f"tensor {name!r}: cannot average dtype {like.dtype}")
     return references
+
+
+def _kind(dtype: np.dtype[np.generic]) -> str:
+    """numpy's kind of `dtype`, but "f" for bfloat16 (to numpy an opaque "V"): it averages as a float."""
+    return "f" if is_bfloat16(dtype) else dtype.kind
 
 
 def _matching(references: Mapping[str, Array], tensors: Mapping[str, Array]) -> dict[str, Array]:

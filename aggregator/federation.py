@@ -75,6 +75,7 @@ from plans.schema import (
     StragglerPolicy,
     StragglerSettings,
 )
+from protos.dtypes import is_float, wire_dtype
 
 Array = npt.NDArray[np.generic]
 METRIC_TAG = "metric"
@@ -635,7 +636,7 @@ class Federation:
         if not self.limits.allow_non_finite:
             for tensor in result.tensors:
                 finite = tensor.finite
-                if finite is None and tensor.array.dtype.kind == "f":
+                if finite is None and is_float(tensor.array.dtype):
                     finite = bool(np.isfinite(tensor.array).all())
                 if finite is False:
                     raise InvalidRequestError(
@@ -650,7 +651,7 @@ class Federation:
         model_tensors: set[str] = set()
         for tensor in tensors:
             if METRIC_TAG in tensor.tags:
-                if tensor.array.size != 1 or tensor.array.dtype.kind not in "biuf":
+                if tensor.array.size != 1 or wire_dtype(tensor.array.dtype) is None:
                     raise InvalidRequestError(
                         f"metric {tensor.name!r} must be a numeric scalar, got "
                         f"{tensor.array.dtype}{list(tensor.array.shape)}"

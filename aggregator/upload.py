@@ -37,6 +37,7 @@ from aggregator.errors import InvalidRequestError, StorageError
 from aggregator.federation import Array, ResultTensor, UploadFile
 from protos import base_pb2
 from protos.codec import TensorFormatError, TensorTooLargeError, tensor_layout
+from protos.dtypes import is_float
 from protos.results_reader import (
     TENSORS_FIELD,
     Event,
@@ -273,7 +274,7 @@ class _Tensors:
                     f"bytes too large to be a metric"
                 )
             tensor.small = bytearray()
-        elif dtype.kind == "f":
+        elif is_float(dtype):
             tensor.scan = _FiniteScan(dtype)
         return tensor
 

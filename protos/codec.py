@@ -9,6 +9,8 @@ Two encodings share the message:
   little-endian dtype, marked by the extension field `foedus_dtype` (numpy's dtype string, such as
   ``<f8`` or ``<i8``). An empty `foedus_dtype` means OpenFL's float32 encoding. OpenFL would cast
   such arrays to float32 silently; foedus never casts unless the caller asks (`as_float32`).
+  bfloat16, which numpy only knows through `ml_dtypes` (its dtype string ``<V2`` says nothing),
+  travels as its 2-byte values under the name ``bfloat16`` and decodes to `ml_dtypes.bfloat16`.
 
 Decoding never unpickles and never allocates from a claimed size: the shape's element count times
 the item size must equal the byte count, and that count must be within the caller's limit.
@@ -24,31 +26,12 @@ import numpy as np
 import numpy.typing as npt
 
 from protos import base_pb2
+from protos.dtypes import BFLOAT16, EXACT_DTYPES, FLOAT32, bfloat16_dtype, wire_dtype
 from protos.stream import field_prefix
 
 COMPRESSED_TAG = "compressed"
 LOSSY_TAG = "lossy_compressed"
 MAX_DIMENSIONS = 32
-
-# Little-endian dtype strings we put on the wire; anything else is refused when decoding.
-EXACT_DTYPES = frozenset(
-    np.dtype(name).newbyteorder("<").str
-    for name in (
-        "bool",
-        "int8",
-        "int16",
-        "int32",
-        "int64",
-        "uint8",
-        "uint16",
-        "uint32",
-        "uint64",
-        "float16",
-        "float32",
-        "float64",
-    )
-)
-_FLOAT32 = np.dtype("<f4")
 
 
 class TensorFormatError(ValueError):
@@ -100,9 +83,13 @@ def encode_tensor_meta_into(
     `tensor_bytes` of it is `data_bytes` without a copy: streams and files send it as it is.
     """
     values = np.asarray(array)
-    dtype = _FLOAT32 if as_float32 else values.dtype.newbyteorder("<")
-    if values.dtype.kind not in "biuf" or dtype.str not in EXACT_DTYPES:
+    wire_name = wire_dtype(values.dtype)
+    if wire_name is None:
         raise TensorFormatError(f"tensor {name!r}: dtype {values.dtype} cannot be sent")
+    if as_float32:
+        dtype, wire_name = FLOAT32, ""
+    else:  # bfloat16 has no byte order to numpy: its values are in the machine's (little-endian)
+        dtype = values.dtype if wire_name == BFLOAT16 else values.dtype.newbyteorder("<")
     data = np.asarray(values, dtype=dtype, order="C")  # keeps 0-d arrays 0-d
     tensor.name = name
     tensor.round_number = round_number
@@ -110,7 +97,7 @@ def encode_tensor_meta_into(
     tensor.report = report
     tensor.tags.extend(sorted({*tags, COMPRESSED_TAG}))
     tensor.transformer_metadata.add().int_list.extend(data.shape)
-    tensor.foedus_dtype = "" if dtype == _FLOAT32 else dtype.str
+    tensor.foedus_dtype = wire_name
     return data
 
 
@@ -229,11 +216,13 @@ def decode_tensor(tensor: base_pb2.NamedTensor, *, max_bytes: int) -> npt.NDArra
 def _dtype_of(tensor: base_pb2.NamedTensor) -> np.dtype[np.generic]:
     """The tensor's dtype: its `foedus_dtype` if marked, else OpenFL's float32."""
     if not tensor.foedus_dtype:
-        return _FLOAT32
+        return FLOAT32
+    if tensor.foedus_dtype == BFLOAT16:
+        return bfloat16_dtype()
     if tensor.foedus_dtype not in EXACT_DTYPES:
         raise TensorFormatError(
             f"tensor {tensor.name!r}: unknown dtype {tensor.foedus_dtype!r}; expected one of "
-            f"{', '.join(sorted(EXACT_DTYPES))}"
+            f"{', '.join(sorted({*EXACT_DTYPES, BFLOAT16}))}"
         )
     return np.dtype(tensor.foedus_dtype)
 
