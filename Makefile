@@ -61,7 +61,7 @@ bench: install ## Measure foedus against raw gRPC over mTLS: a table and build/b
 	$(PY) tests/benchmark/bench.py --output build/bench.json $(BENCH_ARGS)
 
 clean: ## Remove the virtualenvs, build output and caches
-	rm -rf $(VENV) $(OPENFL_VENV) build .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(OPENFL_VENV) $(TORCH_VENV) build .pytest_cache .mypy_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # OpenFL 1.9 interoperability. OpenFL cannot share a Python process with foedus (same protobuf
@@ -83,3 +83,41 @@ $(OPENFL_STAMP): $(OPENFL_REQUIREMENTS)
 
 interop: install interop-env ## Run the OpenFL 1.9 interop tests: its client, collaborators, aggregator
 	FOEDUS_OPENFL_VENV=$(OPENFL_VENV) $(PY) -m pytest tests/interop
+
+# PyTorch: the torch runner (torch_runner/) and its example. PyTorch from the package index
+# brings CUDA libraries of several GB, so it gets its own virtualenv and `make test` never needs it.
+TORCH_VENV := .venv-torch
+TORCH_REQUIREMENTS := tests/torch_runner/requirements-torch.txt
+TORCH_STAMP := $(TORCH_VENV)/.installed-stamp
+TORCH_PLAN ?= plans/torch_digits.yaml
+.PHONY: torch-env test-torch demo-torch
+
+torch-env: $(TORCH_STAMP) ## Create .venv-torch with foedus[torch] and PyTorch (for test-torch, demo-torch)
+
+$(TORCH_STAMP): pyproject.toml $(TORCH_REQUIREMENTS)
+	@start=$$(date +%s); set -e; \
+	test -x $(TORCH_VENV)/bin/python || $(PYTHON) -m venv $(TORCH_VENV); \
+	$(TORCH_VENV)/bin/python -m pip install --quiet --upgrade pip; \
+	$(TORCH_VENV)/bin/python -m pip install --quiet -r $(TORCH_REQUIREMENTS) -e '.[dev,torch]'; \
+	touch $@; \
+	echo "torch-env: PyTorch installed in $(TORCH_VENV) in $$(( $$(date +%s) - start )) s"
+
+test-torch: torch-env ## Check the torch runner (mypy strict) and run its tests, a federation included
+	$(TORCH_VENV)/bin/mypy --strict torch_runner
+	$(TORCH_VENV)/bin/python -m pytest tests/torch_runner
+
+demo-torch: torch-env ## The PyTorch example: a CNN on the digits images, 3 collaborators over mTLS
+	$(TORCH_VENV)/bin/pki setup --plan $(TORCH_PLAN)
+	@set -u; rm -rf build/torch/output; mkdir -p build/torch; \
+	names=$$($(TORCH_VENV)/bin/python -c 'import sys; from plans import load_plan; print(*load_plan(sys.argv[1]).collaborators)' $(TORCH_PLAN)); \
+	$(TORCH_VENV)/bin/aggregator start --plan $(TORCH_PLAN) --log-level warning & agg=$$!; \
+	pids=""; for name in $$names; do \
+	  $(TORCH_VENV)/bin/collaborator start -n $$name --plan $(TORCH_PLAN) --log-level warning 2>build/torch/$$name.log & pids="$$pids $$!"; \
+	done; \
+	trap 'kill $$agg $$pids 2>/dev/null' INT TERM EXIT; \
+	status=0; wait $$agg || status=$$?; \
+	if [ $$status -ne 0 ]; then kill $$pids 2>/dev/null; fi; \
+	for pid in $$pids; do wait $$pid || { code=$$?; [ $$status -ne 0 ] || status=$$code; }; done; \
+	trap - INT TERM EXIT; \
+	if [ $$status -ne 0 ]; then echo "demo-torch: a process failed (exit $$status); logs in build/torch/"; fi; \
+	exit $$status

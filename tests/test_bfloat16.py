@@ -11,8 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mixed_dtypes_runner import NAME as MIXED_RUNNER
-from mixed_dtypes_runner import MixedDtypesRunner
 
 from aggregator.fedavg import (
     ArraySource,
@@ -29,6 +27,8 @@ from protos import aggregator_pb2, base_pb2
 from protos.codec import TensorFormatError, decode_tensor, encode_tensor, tensor_field_frame
 from protos.dtypes import BFLOAT16, bfloat16_dtype, is_float, wire_dtype
 
+from mixed_dtypes_runner import NAME as MIXED_RUNNER
+from mixed_dtypes_runner import MixedDtypesRunner
 from processes import COLLABORATORS, FederationProcesses, write_plan
 
 BF16 = bfloat16_dtype()

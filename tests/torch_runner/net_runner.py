@@ -1,0 +1,77 @@
+"""Small PyTorch runners for the tests: every state dict dtype, buffers, and models that differ.
+
+`NetRunner`'s module holds float32 weights, a bfloat16 parameter and BatchNorm's buffers (float32
+statistics, an int64 counter); the federation tests run it in real processes (this folder on
+PYTHONPATH).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from plans.schema import RunnerSettings
+from torch_runner import LoopOutcome, TorchRunner
+
+
+class Net(nn.Module):
+    """A linear layer after BatchNorm (buffers: float32 statistics, an int64 counter), a bfloat16 scale."""
+
+    def __init__(self, features: int = 6, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(features)
+        self.fc = nn.Linear(features, 3).to(dtype)
+        self.scale = nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of feature rows."""
+        logits: torch.Tensor = self.fc(self.bn(x).to(self.fc.weight.dtype)).float()
+        return logits * self.scale.float()
+
+
+class NetRunner(TorchRunner):
+    """A runner whose loops feed fixed random rows: enough to move weights and statistics."""
+
+    features: ClassVar[int] = 6
+    dtype: ClassVar[torch.dtype] = torch.float32
+
+    @classmethod
+    def build_module(cls, settings: RunnerSettings) -> nn.Module:
+        return Net(cls.features, cls.dtype)
+
+    def setup(self) -> None:
+        torch.set_num_threads(1)  # the same reductions in every process: the replay's bits
+        generator = torch.Generator().manual_seed(self.index)
+        self.x = torch.randn(32, self.features, generator=generator)
+        self.y = torch.randint(0, 3, (32,), generator=generator)
+
+    def fit(self, module: nn.Module) -> LoopOutcome:
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+        module.train()
+        for batch in torch.randperm(32, generator=self.generator()).split(8):  # type: ignore[no-untyped-call]
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(module(self.x[batch]), self.y[batch])
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+        return LoopOutcome({"loss": float(loss.detach())}, 32)
+
+    def evaluate(self, module: nn.Module) -> LoopOutcome:
+        module.eval()
+        accuracy = float((module(self.x).argmax(1) == self.y).float().mean())
+        return LoopOutcome({"accuracy": accuracy}, 32)
+
+
+class LocalStatisticsRunner(NetRunner):
+    """FedBN: BatchNorm's statistics stay at each site."""
+
+    keep_local = ("bn.running_mean", "bn.running_var", "bn.num_batches_tracked")
+
+
+class WiderRunner(NetRunner):
+    features = 8
+
+
+class HalfRunner(NetRunner):
+    dtype = torch.float16

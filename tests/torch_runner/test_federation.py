@@ -1,0 +1,131 @@
+"""PyTorch federations of real processes over mutual TLS: the CNN example, every dtype, a misfit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from aggregator.fedavg import Contribution, federated_average
+from pki.layout import CertsLayout
+from plans.runners import Array, load_runner
+from plans.schema import RunnerSettings
+from protos import base_pb2
+from protos.codec import decode_tensor
+from protos.dtypes import bfloat16_dtype
+
+from processes import COLLABORATORS, REPO, FederationProcesses, final_accuracy, write_plan
+
+HERE = Path(__file__).resolve().parent
+EXAMPLE_PLAN = REPO / "plans" / "torch_digits.yaml"
+ENVIRONMENT = {"PYTHONPATH": str(HERE)}  # net_runner, for the processes
+
+
+def run(
+    folder: Path, certs: CertsLayout, rounds: int, runner: dict[str, object]
+) -> FederationProcesses:
+    """An aggregator and three collaborators of `runner` run to the end; exit codes checked."""
+    plan = write_plan(folder, certs, rounds, runner=runner)
+    federation = FederationProcesses(plan, folder)
+    try:
+        federation.start("aggregator", env=ENVIRONMENT)
+        for name in COLLABORATORS:
+            federation.start(name, env=ENVIRONMENT)
+        codes = federation.wait_all()
+    finally:
+        federation.stop_all()
+    logs = {name: (folder / f"{name}.log").read_text() for name in COLLABORATORS}
+    assert set(codes.values()) == {0}, (codes, federation.output(), logs)
+    return federation
+
+
+def replay(runner: dict[str, object], rounds: int) -> dict[str, Array]:
+    """The federation's final model computed here in one process: each round's FedAvg of the
+    collaborators' training, as the aggregator computes it."""
+    settings = RunnerSettings(
+        name=str(runner["name"]),
+        seed=int(runner["seed"]),  # type: ignore[call-overload]
+        settings=dict(runner.get("settings") or {}),  # type: ignore[call-overload]
+    )
+    factory = load_runner(settings)
+    runners = {
+        name: factory(settings, collaborator=name, collaborators=COLLABORATORS)
+        for name in COLLABORATORS
+    }
+    model = factory.initial_model(settings)
+    for _ in range(rounds):
+        outcomes = {name: runners[name].train(model) for name in COLLABORATORS}
+        model = federated_average(
+            {name: Contribution(o.data_size, o.model) for name, o in outcomes.items()}, model
+        )
+    return model
+
+
+def read_model(path: Path) -> dict[str, Array]:
+    """The tensors of a `ModelProto` file, decoded exactly."""
+    proto = base_pb2.ModelProto.FromString(path.read_bytes())
+    return {tensor.name: decode_tensor(tensor, max_bytes=2**26) for tensor in proto.tensors}
+
+
+def assert_same_model(got: dict[str, Array], expected: dict[str, Array]) -> None:
+    """Same names, dtypes, shapes and bytes."""
+    assert sorted(got) == sorted(expected)
+    for name, array in expected.items():
+        assert (got[name].dtype, got[name].shape) == (array.dtype, array.shape), name
+        assert got[name].tobytes() == array.tobytes(), name
+
+
+@pytest.mark.slow
+def test_the_cnn_example_learns_the_digits_over_mtls(certs: CertsLayout, tmp_path: Path) -> None:
+    """plans/torch_digits.yaml's runner, 5 rounds: accuracy >= 0.95 and the model bit for bit."""
+    runner = yaml.safe_load(EXAMPLE_PLAN.read_text(encoding="utf-8"))["runner"]
+    rounds = yaml.safe_load(EXAMPLE_PLAN.read_text(encoding="utf-8"))["federation"]["rounds"]
+    federation = run(tmp_path, certs, rounds, runner)
+    assert final_accuracy(federation.output()) >= 0.95, federation.output()
+    final = read_model(tmp_path / "output" / "last_model.pbuf")
+    assert final["bn1.num_batches_tracked"].dtype == np.int64  # a buffer, averaged as an integer
+    assert_same_model(final, replay(runner, rounds))
+
+
+@pytest.mark.slow
+def test_every_state_dict_dtype_through_a_federation(certs: CertsLayout, tmp_path: Path) -> None:
+    """bfloat16, float32 and int64 state from PyTorch through a real aggregator, bit for bit."""
+    runner: dict[str, object] = {"name": "net_runner:NetRunner", "seed": 2, "settings": {}}
+    run(tmp_path, certs, 2, runner)
+    final = read_model(tmp_path / "output" / "last_model.pbuf")
+    assert final["scale"].dtype == bfloat16_dtype()
+    assert final["bn.num_batches_tracked"] == 8  # 4 batches a round, the same at every site
+    assert_same_model(final, replay(runner, 2))
+
+
+@pytest.mark.slow
+def test_a_collaborator_whose_module_differs_is_refused_before_training(
+    certs: CertsLayout, tmp_path: Path
+) -> None:
+    """A site whose module does not fit the global model exits 1 with one line naming the
+    differences, before its first task's result is sent."""
+    plan = write_plan(tmp_path, certs, 1, runner={"name": "net_runner:NetRunner", "settings": {}})
+    document = yaml.safe_load(plan.read_text(encoding="utf-8"))
+    document["runner"]["name"] = "net_runner:WiderRunner"
+    wider = tmp_path / "wider.yaml"
+    wider.write_text(yaml.safe_dump(document), encoding="utf-8")
+    federation = FederationProcesses(plan, tmp_path)
+    try:
+        federation.start("aggregator", env=ENVIRONMENT)
+        federation.start("alice", plan=wider, env=ENVIRONMENT)
+        assert federation.wait("alice", timeout=60) == 1
+    finally:
+        federation.stop_all()
+    lines = (tmp_path / "alice.log").read_text(encoding="utf-8").splitlines()
+    errors = [line for line in lines if line.startswith("collaborator: error:")]
+    assert errors == [
+        "collaborator: error: the global model does not fit this site's module (5 differences): "
+        "'bn.bias' is float32[6], the module's is float32[8]; "
+        "'bn.running_mean' is float32[6], the module's is float32[8]; "
+        "'bn.running_var' is float32[6], the module's is float32[8]; "
+        "'bn.weight' is float32[6], the module's is float32[8]; "
+        "'fc.weight' is float32[3, 6], the module's is float32[3, 8]"
+    ], lines
+    assert "Traceback" not in "\n".join(lines)

@@ -1,0 +1,192 @@
+"""A PyTorch state dict as named arrays and back, bit for bit, every dtype; fitting it is checked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from plans.runners import RunnerError, load_runner
+from plans.schema import RunnerSettings
+from plans.site_settings import merge_site_settings
+from protos import base_pb2
+from protos.codec import decode_tensor, encode_tensor
+from protos.dtypes import bfloat16_dtype
+from torch_runner import (
+    ModelMismatchError,
+    array_to_tensor,
+    tensor_to_array,
+)
+from torch_runner.digits import DigitsCNNRunner
+
+from net_runner import HalfRunner, LocalStatisticsRunner, Net, NetRunner, WiderRunner
+
+MAX_BYTES = 2**24
+NAMES = ("alice", "bob", "carol")
+
+
+def every_bit_pattern(dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of `dtype` holding every bit pattern of a 16-bit type, or random bits of wider ones."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    if dtype == torch.bool:
+        return torch.tensor([True, False, True])
+    rng = np.random.default_rng(5)
+    size = torch.empty(0, dtype=dtype).element_size()
+    raw = rng.integers(0, 256, size=4096 * size, dtype=np.uint8)
+    return torch.from_numpy(raw).view(dtype).reshape(64, -1)
+
+
+def same_bits(left: torch.Tensor, right: torch.Tensor) -> bool:
+    """Whether two tensors have the same dtype, shape and bytes (NaNs compared by their bits)."""
+    if left.dtype != right.dtype or left.shape != right.shape:
+        return False
+    as_bytes = [t.contiguous().view(-1).view(torch.uint8) for t in (left, right)]
+    return bool(torch.equal(*as_bytes))
+
+
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_state_dict_dtypes_round_trip_bit_for_bit_through_the_codec(dtype: torch.dtype) -> None:
+    """Every bit pattern of each state dict dtype survives array, wire bytes and back to torch."""
+    tensor = every_bit_pattern(dtype)
+    array = tensor_to_array("t", tensor)
+    assert same_bits(array_to_tensor(array), tensor)
+    sent = encode_tensor("t", array).SerializeToString()
+    received = decode_tensor(base_pb2.NamedTensor.FromString(sent), max_bytes=MAX_BYTES)
+    assert received.dtype == array.dtype and received.tobytes() == array.tobytes()
+    assert same_bits(array_to_tensor(received), tensor)  # a read-only array is copied, not refused
+
+
+def test_float32_goes_as_openfl_reads_it_and_bfloat16_by_name() -> None:
+    """float32 weights keep OpenFL's encoding; bfloat16 is named, as ml_dtypes' numpy dtype."""
+    assert encode_tensor("w", tensor_to_array("w", torch.ones(3))).foedus_dtype == ""
+    array = tensor_to_array("w", torch.ones(3, dtype=torch.bfloat16))
+    assert array.dtype == bfloat16_dtype()
+    assert encode_tensor("w", array).foedus_dtype == "bfloat16"
+
+
+def test_arrays_are_copies_not_views_of_the_module() -> None:
+    """Changing an array handed out (or the tensor made from one) leaves the other side alone."""
+    weight = torch.zeros(4)
+    array = tensor_to_array("w", weight)
+    array[0] = 5
+    assert float(weight[0]) == 0
+    back = array_to_tensor(array)
+    back[1] = 7
+    assert float(array[1]) == 0
+
+
+def test_complex_tensors_are_refused_by_name() -> None:
+    """A dtype foedus cannot send is named with its tensor, not failed on deep in numpy."""
+    with pytest.raises(
+        RunnerError, match=r"state dict tensor 'z': dtype torch\.complex64 cannot be sent"
+    ):
+        tensor_to_array("z", torch.zeros(2, dtype=torch.complex64))
+
+
+SETTINGS = RunnerSettings(name="net_runner:NetRunner", seed=4, settings={})
+
+
+def test_a_model_with_buffers_travels_whole_and_comes_back_as_sent() -> None:
+    """Parameters and buffers (BatchNorm's int64 counter too) are the global model, bit for bit."""
+    model = NetRunner.initial_model(SETTINGS)
+    assert model["bn.num_batches_tracked"].dtype == np.int64
+    assert model["scale"].dtype == bfloat16_dtype() and model["fc.weight"].dtype == np.float32
+    assert sorted(model) == sorted(Net().state_dict())
+    assert NetRunner.initial_model(SETTINGS)["fc.weight"].tobytes() == model["fc.weight"].tobytes()
+    runner = NetRunner(SETTINGS, collaborator="bob", collaborators=NAMES)
+    outcome = runner.train(model)
+    trained = outcome.model
+    assert trained["bn.num_batches_tracked"] == 4  # 4 batches: the buffer moved and is sent
+    assert trained["fc.weight"].tobytes() != model["fc.weight"].tobytes()
+    other = NetRunner(SETTINGS, collaborator="alice", collaborators=NAMES)
+    other.load(trained)  # the trained model, as it would come back averaged, loads bit for bit
+    for name, tensor in other.module.state_dict().items():
+        assert tensor_to_array(name, tensor).tobytes() == trained[name].tobytes(), name
+
+
+def test_buffers_kept_local_are_neither_sent_nor_overwritten() -> None:
+    """keep_local tensors are not in the global model and keep each site's own values."""
+    model = LocalStatisticsRunner.initial_model(SETTINGS)
+    assert not any(name.startswith("bn.running") or "num_batches" in name for name in model)
+    assert "bn.weight" in model and "bn.bias" in model  # BatchNorm's affine weights are shared
+    runner = LocalStatisticsRunner(SETTINGS, collaborator="alice", collaborators=NAMES)
+    outcome = runner.train(model)
+    assert sorted(outcome.model) == sorted(model)
+    statistics = runner.module.state_dict()["bn.running_mean"].clone()
+    runner.validate(model)  # the global model loads; the site's statistics stay
+    assert torch.equal(runner.module.state_dict()["bn.running_mean"], statistics)
+    assert int(runner.module.state_dict()["bn.num_batches_tracked"]) == 4
+
+
+def test_a_mismatched_model_is_refused_before_training_naming_every_difference() -> None:
+    """Names, shapes and dtypes that differ are listed in one line; nothing is trained or copied."""
+    runner = NetRunner(SETTINGS, collaborator="alice", collaborators=NAMES)
+    before = {name: tensor.clone() for name, tensor in runner.module.state_dict().items()}
+    wider = WiderRunner.initial_model(SETTINGS)
+    with pytest.raises(ModelMismatchError) as refused:
+        runner.train(wider)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith("the global model does not fit this site's module (")
+    assert "'fc.weight' is float32[3, 8], the module's is float32[3, 6]" in message
+    assert "'bn.running_mean' is float32[8], the module's is float32[6]" in message
+    half = HalfRunner.initial_model(SETTINGS)
+    with pytest.raises(
+        ModelMismatchError, match=r"'fc.weight' is float16\[3, 6\], the module's is float32\[3, 6\]"
+    ):
+        runner.validate(half)
+    renamed = {("head." + name if name.startswith("fc.") else name): a for name, a in half.items()}
+    with pytest.raises(ModelMismatchError) as refused:
+        runner.train(renamed)
+    assert "'fc.bias' is missing" in str(refused.value)
+    assert "'head.fc.bias' is not in this module" in str(refused.value)
+    local = LocalStatisticsRunner(SETTINGS, collaborator="alice", collaborators=NAMES)
+    with pytest.raises(
+        ModelMismatchError,
+        match=r"'bn.running_mean' is not in this module \(it keeps that tensor local\)",
+    ):
+        local.validate(NetRunner.initial_model(SETTINGS))
+    assert runner.trainings == 0
+    for name, tensor in runner.module.state_dict().items():
+        assert same_bits(tensor, before[name]), name
+
+
+def test_the_example_names_a_bad_site_key_with_its_file(tmp_path: Path) -> None:
+    """The CNN example refuses a site file's bad device or unknown key, naming file and key."""
+    settings = load_runner(
+        RunnerSettings(name="torch_runner.digits:DigitsCNNRunner", seed=0, settings={})
+    )
+    assert settings is DigitsCNNRunner
+    site = tmp_path / "site.yaml"
+    base = RunnerSettings(
+        name="torch_runner.digits:DigitsCNNRunner", seed=0, settings={"epochs": 1}
+    )
+    for bad, message in (
+        (
+            {"device": "abacus"},
+            f"{site}: device: expected a PyTorch device such as cpu or cuda, got 'abacus'",
+        ),
+        ({"data": "/srv"}, f"{site}: data: unknown key"),
+        ({"batch_size": -1}, f"{site}: batch_size: expected an integer >= 1, got -1"),
+    ):
+        merged = merge_site_settings(base, bad, source=site)
+        with pytest.raises(RunnerError) as refused:
+            DigitsCNNRunner(merged, collaborator="alice", collaborators=NAMES)
+        assert str(refused.value).startswith(message)

@@ -1,0 +1,119 @@
+"""`TorchRunner`: a task runner around a `torch.nn.Module`; a subclass writes only its loops.
+
+A subclass gives `build_module` (the architecture), `fit` (its training loop over this site's
+data) and `evaluate` (its evaluation loop), and loads its data in `setup`. The base class does
+the rest of the `plans.runners.TaskRunner` contract: the seeded initial model, the global model
+copied into the module (checked first: names, shapes and dtypes), the trained state dict handed
+back as named arrays, bit for bit, and buffers kept at the site when asked (`keep_local`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from plans.runners import Array, Model, TrainOutcome, Validation
+from plans.schema import RunnerSettings
+from torch_runner.state import load_arrays, module_arrays
+
+
+@dataclass(frozen=True)
+class LoopOutcome:
+    """What `fit` and `evaluate` return: metrics (such as `loss`, `accuracy`) and the samples seen."""
+
+    metrics: dict[str, float]
+    data_size: int
+
+
+class TorchRunner:
+    """The base class of PyTorch task runners; see the module docstring for what to override."""
+
+    # fnmatch patterns of state dict names kept at each site, never sent nor averaged: FedBN,
+    # say, keeps BatchNorm's statistics local with ("*.running_mean", "*.running_var",
+    # "*.num_batches_tracked"). The same on every party: the global model is what is not local.
+    keep_local: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self, settings: RunnerSettings, *, collaborator: str, collaborators: tuple[str, ...]
+    ) -> None:
+        """Build this site's module (the same seeded one as every party's) and load its data."""
+        self.settings = settings
+        self.collaborator = collaborator
+        self.collaborators = collaborators
+        self.index = collaborators.index(collaborator)
+        self.trainings = 0  # `train` calls so far: a seed for this call's shuffling
+        self.device = torch.device("cpu")  # `setup` may choose another (a site's own setting)
+        self.setup()  # before the module: a bad setting is refused before anything is built
+        self.module = type(self).seeded_module(settings).to(self.device)
+
+    # --- what a subclass writes ------------------------------------------------------------
+
+    @classmethod
+    def build_module(cls, settings: RunnerSettings) -> torch.nn.Module:
+        """The model's architecture, freshly initialised (the base class seeds PyTorch first)."""
+        raise NotImplementedError(f"{cls.__name__} must define build_module")
+
+    def setup(self) -> None:
+        """Check `self.settings.settings` and load this site's data (`self.index` of the plan's collaborators)."""
+
+    def fit(self, module: torch.nn.Module) -> LoopOutcome:
+        """Train `module` in place on this site's training data."""
+        raise NotImplementedError(f"{type(self).__name__} must define fit")
+
+    def evaluate(self, module: torch.nn.Module) -> LoopOutcome:
+        """Measure `module` on this site's held-out data (no training)."""
+        raise NotImplementedError(f"{type(self).__name__} must define evaluate")
+
+    # --- the TaskRunner contract -------------------------------------------------------------
+
+    @classmethod
+    def seeded_module(cls, settings: RunnerSettings) -> torch.nn.Module:
+        """`build_module` under `runner.seed`: the same weights on every party, the global RNG untouched."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(settings.seed)
+            return cls.build_module(settings)
+
+    @classmethod
+    def shared(cls, name: str) -> bool:
+        """Whether state dict tensor `name` is part of the global model (not kept local)."""
+        return not any(fnmatch.fnmatchcase(name, pattern) for pattern in cls.keep_local)
+
+    @classmethod
+    def initial_model(cls, settings: RunnerSettings) -> dict[str, Array]:
+        """The seeded module's shared state dict as named arrays (what the aggregator starts from)."""
+        return module_arrays(cls.seeded_module(settings), cls.shared)
+
+    def generator(self) -> torch.Generator:
+        """A generator for this `train` call's shuffling, from (seed, site, call): runs repeat."""
+        entropy = (self.settings.seed, self.index, self.trainings)
+        (seed,) = np.random.SeedSequence(entropy).generate_state(1, np.uint64)
+        generator = torch.Generator()
+        generator.manual_seed(int(seed))
+        return generator
+
+    def train(self, model: Model) -> TrainOutcome:
+        """Copy `model` into the module, run `fit`, hand back the shared state dict."""
+        self.load(model)
+        self.trainings += 1
+        outcome = self.fit(self.module)
+        return TrainOutcome(
+            model=module_arrays(self.module, self.shared),
+            metrics=outcome.metrics,
+            data_size=outcome.data_size,
+        )
+
+    def validate(self, model: Model) -> Validation:
+        """Copy `model` into the module, run `evaluate`."""
+        self.load(model)
+        with torch.no_grad():
+            outcome = self.evaluate(self.module)
+        return Validation(metrics=outcome.metrics, data_size=outcome.data_size)
+
+    def load(self, model: Mapping[str, Array]) -> None:
+        """The global model into the module, after checking it fits (`ModelMismatchError`)."""
+        load_arrays(self.module, model, self.shared)
