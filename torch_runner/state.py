@@ -36,6 +36,9 @@ SENDABLE = frozenset(
 )
 
 
+SHOWN = 6  # differences named in a ModelMismatchError's one line; the rest are counted
+
+
 class ModelMismatchError(RunnerError):
     """The global model does not fit this site's module: names, shapes or dtypes differ."""
 
@@ -91,11 +94,12 @@ def load_arrays(
     hold nothing else; otherwise `ModelMismatchError` names each difference (nothing is copied).
     Tensors kept local (not shared) are left as they are.
     """
-    state = {name: tensor for name, tensor in module.state_dict().items() if shared(name)}
-    problems = [f"{name!r} is missing" for name in sorted(set(state) - set(model))]
+    everything = module.state_dict()
+    state = {name: tensor for name, tensor in everything.items() if shared(name)}
+    problems = [f"{name!r} is missing from it" for name in sorted(set(state) - set(model))]
     problems += [
         f"{name!r} is not in this module"
-        + (" (it keeps that tensor local)" if name in module.state_dict() else "")
+        + (" (it keeps that tensor local)" if name in everything else "")
         for name in sorted(set(model) - set(state))
     ]
     for name in sorted(set(state) & set(model)):
@@ -107,8 +111,8 @@ def load_arrays(
                 f"{describe(tensor.dtype, tuple(tensor.shape))}"
             )
     if problems:
-        shown = "; ".join(problems[:6]) + (
-            f"; and {len(problems) - 6} more" if len(problems) > 6 else ""
+        shown = "; ".join(problems[:SHOWN]) + (
+            f"; and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
         )
         raise ModelMismatchError(
             f"the global model does not fit this site's module ({len(problems)} "

@@ -155,7 +155,7 @@ def test_a_mismatched_model_is_refused_before_training_naming_every_difference()
     renamed = {("head." + name if name.startswith("fc.") else name): a for name, a in half.items()}
     with pytest.raises(ModelMismatchError) as refused:
         runner.train(renamed)
-    assert "'fc.bias' is missing" in str(refused.value)
+    assert "'fc.bias' is missing from it" in str(refused.value)
     assert "'head.fc.bias' is not in this module" in str(refused.value)
     local = LocalStatisticsRunner(SETTINGS, collaborator="alice", collaborators=NAMES)
     with pytest.raises(
@@ -163,6 +163,11 @@ def test_a_mismatched_model_is_refused_before_training_naming_every_difference()
         match=r"'bn.running_mean' is not in this module \(it keeps that tensor local\)",
     ):
         local.validate(NetRunner.initial_model(SETTINGS))
+    strangers = {f"x{index}": np.zeros(1, np.float32) for index in range(10)}
+    with pytest.raises(ModelMismatchError) as refused:
+        runner.validate(strangers)
+    assert "(18 differences)" in str(refused.value)  # 8 missing, 10 not in the module
+    assert str(refused.value).endswith("; and 12 more")
     assert runner.trainings == 0
     for name, tensor in runner.module.state_dict().items():
         assert same_bits(tensor, before[name]), name
