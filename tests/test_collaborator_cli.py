@@ -343,7 +343,7 @@ def test_site_settings_replace_the_plans_for_a_whole_federation(
             certs,
             federation={"rounds": 1},
             collaborators=["alice"],
-            aggregator={"host": "127.0.0.1", "port": server.port},
+            aggregator={"host": "127.0.0.1", "common_name": "localhost", "port": server.port},
             runner={"settings": {"epochs": 0}},
         )
         site = write_site(tmp_path, "epochs: 2\nbatch_size: 16\n")
