@@ -4,12 +4,13 @@ The aggregator keeps its state in ``aggregator.output_dir`` (see `aggregator.sta
 again with the same plan after a crash or a stop, it resumes where it stopped. That folder
 belongs to one federation uuid; ``--reset`` wipes its state and outputs and starts over.
 
-Exit codes: 0 when the federation finished, or was stopped by SIGINT/SIGTERM (the server stops
-accepting calls and gives those in flight `aggregator.grace_seconds`); 1 when it could not run
-(port in use, output not writable or used by another aggregator, a runner that crashed); 2 for
-bad input (the plan, its TLS files, its runner or initial model, an output folder of another
-federation, a malformed ``FOEDUS_FAILPOINTS``), reported one line per problem, never as a
-traceback.
+Exit codes (`EPILOG`): 0 when the federation finished; 128 + the signal's number when SIGINT or
+SIGTERM stopped it before that (the server stops accepting calls and gives those in flight
+`aggregator.grace_seconds`; started again, it resumes), as a shell reports a process a signal
+ended, so a supervisor tells "finished" from "stopped"; 1 when it could not run (port in use,
+output not writable or used by another aggregator, a runner that crashed); 2 for bad input (the
+plan, its TLS files, its runner or initial model, an output folder of another federation, a
+malformed ``FOEDUS_FAILPOINTS``), reported one line per problem, never as a traceback.
 """
 
 from __future__ import annotations
@@ -45,9 +46,22 @@ from protos.dtypes import wire_dtype
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
+EXIT_SIGINT = 128 + signal.SIGINT  # 130, as a shell reports a process ended by Ctrl-C
+EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 logger = logging.getLogger(__name__)
+
+
+EPILOG = f"""\
+exit status:
+  {EXIT_OK}    the federation finished (every round ran)
+  {EXIT_FAILURE}    the aggregator could not run (port in use, output folder unusable, ...)
+  {EXIT_BAD_INPUT}    bad command line, plan, certificates, runner, model or output folder
+  {EXIT_SIGINT}  stopped by SIGINT (Ctrl-C) before the federation finished
+  {EXIT_SIGTERM}  stopped by SIGTERM before the federation finished
+A stopped aggregator started again with the same plan resumes where it stopped.
+"""
 
 
 class _UsageError(Exception):
@@ -69,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="aggregator",
         description="The foedus aggregator: serves a federation's rounds to its collaborators "
         "over mutual TLS and averages their training.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     summary = "Serve the federation a plan describes until every round has run."
@@ -78,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=f"{summary} Every accepted result and closed round is saved in "
         "aggregator.output_dir/state/ before it is acknowledged, so starting again with the "
         "same plan after a crash or a stop resumes where it stopped.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     start.add_argument("--plan", type=Path, required=True, help="the federation plan (YAML)")
     start.add_argument(
@@ -97,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the aggregator command line; returns the exit code (0 ok, 1 failure, 2 bad input)."""
+    """Run the aggregator command line; returns the exit code (see `EPILOG`)."""
     try:
         args = build_parser().parse_args(argv)
     except _UsageError as error:
@@ -115,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ServerError, StorageError) as error:
             return _fail(str(error), EXIT_FAILURE)
         except KeyboardInterrupt:
-            return _fail("interrupted", EXIT_FAILURE)
+            return _fail("interrupted (SIGINT) before the federation finished", EXIT_SIGINT)
         except Exception as error:
             logger.debug("unexpected failure", exc_info=True)
             return _fail(f"unexpected failure: {type(error).__name__}: {error}", EXIT_FAILURE)
@@ -149,13 +167,15 @@ def _start(plan_path: Path, *, reset: bool) -> int:
             f"--plan {plan.path} --reset', or set aggregator.output_dir to a new folder"
         ) from None
     stop = threading.Event()
-    with state, _stopped_by_signals(stop):
+    with state, _stopped_by_signals(stop) as received:
         try:
             outcome = serve(plan, None, output, stop, out=sys.stdout, state=state)
         except PkiError as error:  # read by the server when it starts, before anything is served
             raise _BadInputError(f"{plan.path}: tls.certs_dir: {error}") from None
     logger.info("aggregator exits after %d closed rounds", outcome.rounds_closed)
-    return EXIT_OK
+    if outcome.finished or not received:
+        return EXIT_OK
+    return 128 + received[0]
 
 
 def _check_tls_files(plan: Plan) -> None:
@@ -229,19 +249,24 @@ def _model_problem(model: object) -> str | None:
 
 
 @contextmanager
-def _stopped_by_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGINT and SIGTERM set `stop` while inside (main thread only; elsewhere nothing changes)."""
+def _stopped_by_signals(stop: threading.Event) -> Iterator[list[int]]:
+    """SIGINT and SIGTERM set `stop` while inside (main thread only; elsewhere nothing changes).
+
+    Yields the list the numbers of the signals received are appended to, first one first.
+    """
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
 
     def handle(number: int, frame: FrameType | None) -> None:
         logger.warning("%s received: stopping", signal.Signals(number).name)
+        received.append(number)
         stop.set()
 
     previous = {number: signal.signal(number, handle) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield received
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)

@@ -93,6 +93,8 @@ def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "start", "--help")
     assert code == 0 and "--plan" in out and "--log-level" in out
     assert "--reset" in out and "resumes where it stopped" in " ".join(out.split())
+    for text in ("exit status", "finished", "130", "143", "SIGTERM"):
+        assert text in out, text
 
 
 def test_missing_command_or_plan_is_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
@@ -388,10 +390,12 @@ def test_malformed_failpoints_are_bad_input(
     assert not (tmp_path / "out").exists()
 
 
-def test_sigterm_stops_a_serving_aggregator_with_exit_zero(
-    tmp_path: Path, certs: CertsLayout
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_a_serving_aggregator_with_128_plus_its_number(
+    tmp_path: Path, certs: CertsLayout, number: signal.Signals
 ) -> None:
-    """`python -m aggregator start` serves, and on SIGTERM stops within a few seconds with exit 0."""
+    """`python -m aggregator start` serves, and on a signal stops within a few seconds with
+    128 + its number: not 0, which says the federation finished."""
     plan = write_plan(tmp_path, certs)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
     with subprocess.Popen(
@@ -417,7 +421,7 @@ def test_sigterm_stops_a_serving_aggregator_with_exit_zero(
                 timeout=max(0.01, deadline - time.monotonic())
             ):
                 pass
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(number)
             code = process.wait(timeout=10)
         finally:
             if process.poll() is None:
@@ -425,7 +429,7 @@ def test_sigterm_stops_a_serving_aggregator_with_exit_zero(
         assert process.stderr is not None
         err = process.stderr.read()
         reader.join(5)
-    assert code == 0, err
+    assert code == 128 + number, err
     assert "Traceback" not in err
-    assert "SIGTERM received" in err
+    assert f"{number.name} received" in err
     assert "stopped during round 1/2" in "".join(lines.queue)
