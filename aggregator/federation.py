@@ -14,6 +14,13 @@ after every submission and on a short timer):
   waiting past the cut-off until they have);
 * ``percentage``: once at least ``ceil(percentage * N)`` and at least ``min_reports`` have reported.
 
+With ``straggler.offline_after_seconds`` set, under any policy a round also closes as soon as
+every collaborator still online has reported and at least ``min_reports`` have
+(`aggregator.liveness` says who is online), so a dead site costs seconds, not the whole cut-off.
+One that calls again before the round closes is online again, and the round waits for it again;
+one that comes back after the close takes part from the next round (its results for the closed
+round are refused, as any straggler's).
+
 A collaborator has *reported* when it has finished every task of the round; only reporters'
 results count. On close, the reporters' ``train`` results are averaged by data size
 (`aggregator.fedavg`) into the next global model, and each task's metrics into weighted means.
@@ -66,6 +73,7 @@ from aggregator.fedavg import (
     average_sources_into,
     weighted_metrics,
 )
+from aggregator.liveness import Liveness, reporting_threshold
 from plans.schema import (
     AGGREGATED_MODEL_VALIDATION,
     TRAIN,
@@ -307,9 +315,11 @@ class MemoryStore:
 class Federation:
     """Round bookkeeping behind the aggregator's RPCs; thread-safe with short critical sections.
 
-    `clock` times the straggler cut-off (tests inject one that moves when told); long polls wait
-    in real time. Aggregation runs outside the lock, while the closing round refuses results.
-    With `progress`, the federation resumes from there instead of round 0 of `model`.
+    `clock` times the straggler cut-off and the collaborators' silences (tests inject one that
+    moves when told); long polls wait in real time. Aggregation runs outside the lock, while the
+    closing round refuses results. With `progress`, the federation resumes from there instead of
+    round 0 of `model`. `liveness` judges who is online (by default from `straggler`, or from
+    a silence of `reporting_threshold` when the plan sets no `offline_after_seconds`).
     """
 
     def __init__(
@@ -326,6 +336,8 @@ class Federation:
         limits: Limits | None = None,
         store: ResultStore | None = None,
         progress: Progress | None = None,
+        liveness: Liveness | None = None,
+        heartbeat_seconds: float = 10.0,
     ) -> None:
         self.collaborators = tuple(collaborators)
         self.tasks = tuple(tasks)
@@ -338,6 +350,12 @@ class Federation:
         self.final_validation = AGGREGATED_MODEL_VALIDATION in self.tasks
         self.total_rounds = rounds + (1 if self.final_validation else 0)
         self._clock = clock
+        offline_after = self.straggler.offline_after_seconds
+        self.liveness = liveness or Liveness(
+            self.collaborators,
+            offline_after or reporting_threshold(heartbeat_seconds),
+            clock=clock,
+        )
         start = progress or Progress(round_number=0, model=model)
         # asanyarray: a model mapped from its file stays mapped (`np.memmap`), holding no memory.
         self._model: Mapping[str, Array] = {
@@ -380,6 +398,7 @@ class Federation:
             limits=plan.limits,
             store=store,
             progress=progress,
+            heartbeat_seconds=plan.connection.heartbeat_seconds,
         )
 
     @property
@@ -396,6 +415,10 @@ class Federation:
     def best(self) -> Best | None:
         """The best value of the plan's best-model metric so far (None: none yet, or no metric)."""
         return self._best
+
+    def online_count(self) -> int:
+        """How many collaborators are online now (see `aggregator.liveness`)."""
+        return self.liveness.online_count()
 
     def tasks_of_round(self, round_number: int) -> tuple[str, ...]:
         """The tasks every collaborator runs in `round_number`."""
@@ -705,7 +728,7 @@ class Federation:
                     for name in sorted(self.collaborators)
                     if all((name, task) in self._results for task in round_tasks)
                 )
-                if not self._due(len(reporters)):
+                if not self._due(reporters):
                     return None
             else:
                 reporters = decided
@@ -767,11 +790,18 @@ class Federation:
             self._round_changed.notify_all()
         return summary
 
-    def _due(self, reported: int) -> bool:
-        """Whether the straggler policy closes the round now that `reported` have reported."""
+    def _due(self, reporters: Sequence[str]) -> bool:
+        """Whether the straggler policy closes the round now that `reporters` have reported."""
+        reported = len(reporters)
         if reported >= len(self.collaborators):
             return True
         policy = self.straggler
+        if (
+            policy.offline_after_seconds is not None
+            and reported >= policy.min_reports
+            and self.liveness.awaited() <= set(reporters)
+        ):
+            return True
         if policy.policy is StragglerPolicy.CUTOFF:
             if self._started_at is None or reported < policy.min_reports:
                 return False

@@ -87,6 +87,11 @@ def method_handlers(
             request_deserializer=aggregator_pb2.GetAggregatedModelRequest.FromString,
             response_serializer=_already_serialized,
         ),
+        "Heartbeat": grpc.unary_unary_rpc_method_handler(
+            servicer.Heartbeat,
+            request_deserializer=aggregator_pb2.HeartbeatRequest.FromString,
+            response_serializer=aggregator_pb2.HeartbeatResponse.SerializeToString,
+        ),
     }
 
 

@@ -109,6 +109,17 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
             return aggregator_pb2.PingResponse(header=self._reply_header(caller))
 
     @refusals_as_status
+    def Heartbeat(  # noqa: N802
+        self, request: aggregator_pb2.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> aggregator_pb2.HeartbeatResponse:
+        """Note that a collaborator busy with a task is alive: foedus's extension.
+
+        The identity check marks it seen (`_authenticated`), as for every RPC; nothing else.
+        """
+        with self._authenticated(context, request.header) as caller:
+            return aggregator_pb2.HeartbeatResponse(header=self._reply_header(caller))
+
+    @refusals_as_status
     def GetTasks(  # noqa: N802
         self, request: aggregator_pb2.GetTasksRequest, context: grpc.ServicerContext
     ) -> aggregator_pb2.GetTasksResponse:
@@ -199,6 +210,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
                 """Refuse a stranger, or a result for a closed round, before its tensors arrive."""
                 caller = self.gatekeeper.check_header(peer, _header(head.header))
                 held.enter_context(self._slot(caller if peer is None else None))
+                held.enter_context(self.federation.liveness.calling(caller))
                 self.federation.check_arriving(caller, head.round_number, head.task_name)
                 callers.append(caller)
 
@@ -268,11 +280,17 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
     def _authenticated(
         self, context: grpc.ServicerContext, header: aggregator_pb2.MessageHeader
     ) -> Iterator[str]:
-        """The caller a request speaks for, holding one of its call slots while inside."""
+        """The caller a request speaks for, holding one of its call slots while inside.
+
+        Inside, the caller counts as alive (`aggregator.liveness`): a call in progress.
+        """
         peer = self.gatekeeper.identify(_peer_common_names(context))
         with self._slot(peer):
             caller = self.gatekeeper.check_header(peer, _header(header))
-            with self._slot(caller if peer is None else None):
+            with (
+                self._slot(caller if peer is None else None),
+                self.federation.liveness.calling(caller),
+            ):
                 yield caller
 
     def _slot(self, name: str | None) -> AbstractContextManager[None]:

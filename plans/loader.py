@@ -224,6 +224,13 @@ def parse_plan(data: object, plan_path: Path) -> Plan:
     )
     limits = _limits(root.section("limits"))
     connection = _connection(root.section("connection"))
+    offline_after = straggler.offline_after_seconds
+    if offline_after is not None and offline_after < 2 * connection.heartbeat_seconds:
+        problems.append(
+            f"straggler.offline_after_seconds: {offline_after:g} is less than twice "
+            f"connection.heartbeat_seconds ({connection.heartbeat_seconds:g}), so one late "
+            "heartbeat would make a busy collaborator offline"
+        )
     root.finish()
     if problems:
         raise PlanError(plan_path, problems)
@@ -419,6 +426,9 @@ def _straggler(section: _Section, collaborators: int) -> StragglerSettings:
         ),
         min_reports=section.integer("min_reports", defaults.min_reports, low=1, high=1_000_000),
         percentage=section.number("percentage", defaults.percentage, low=0.0001, high=1),
+        offline_after_seconds=section.optional_number(
+            "offline_after_seconds", defaults.offline_after_seconds, low=0.5, high=86400 * 7
+        ),
     )
     if collaborators and settings.min_reports > collaborators:
         section.problems.append(
@@ -519,6 +529,9 @@ def _connection(section: _Section) -> ConnectionSettings:
         ),
         atomic_connections=section.flag("atomic_connections", defaults.atomic_connections),
         resend_on_reconnect=section.flag("resend_on_reconnect", defaults.resend_on_reconnect),
+        heartbeat_seconds=section.number(
+            "heartbeat_seconds", defaults.heartbeat_seconds, low=0.1, high=3600
+        ),
     )
     section.finish()
     return settings

@@ -88,6 +88,9 @@ class StragglerSettings:
     cutoff_seconds: float = 60.0  # straggler.cutoff_seconds (policy cutoff)
     min_reports: int = 1  # straggler.min_reports (policies cutoff and percentage)
     percentage: float = 1.0  # straggler.percentage, 0-1 (policy percentage)
+    # straggler.offline_after_seconds: a collaborator silent this long is offline, and a round
+    # closes once every collaborator still online has reported (any policy); None: off.
+    offline_after_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,9 @@ class ConnectionSettings:
     backoff_max_seconds: float = 30.0  # connection.backoff_max_seconds
     atomic_connections: bool = False  # connection.atomic_connections: a channel per call
     resend_on_reconnect: bool = True  # connection.resend_on_reconnect
+    # connection.heartbeat_seconds: while a task runs, a foedus collaborator tells the
+    # aggregator it is alive this often (see straggler.offline_after_seconds).
+    heartbeat_seconds: float = 10.0
 
 
 @dataclass(frozen=True)

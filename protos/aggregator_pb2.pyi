@@ -147,3 +147,15 @@ class ModelChunk(_message.Message):
     data_size: int
     data: bytes
     def __init__(self, header: _Optional[_Union[MessageHeader, _Mapping]] = ..., tensor: _Optional[_Union[_base_pb2.NamedTensor, _Mapping]] = ..., data_size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("header",)
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    header: MessageHeader
+    def __init__(self, header: _Optional[_Union[MessageHeader, _Mapping]] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("header",)
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    header: MessageHeader
+    def __init__(self, header: _Optional[_Union[MessageHeader, _Mapping]] = ...) -> None: ...

@@ -65,6 +65,11 @@ class AggregatorStub:
                 request_serializer=protos_dot_aggregator__pb2.GetAggregatedModelRequest.SerializeToString,
                 response_deserializer=protos_dot_aggregator__pb2.ModelChunk.FromString,
                 _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/openfl.aggregator.Aggregator/Heartbeat',
+                request_serializer=protos_dot_aggregator__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=protos_dot_aggregator__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
 
 
 class AggregatorServicer:
@@ -109,6 +114,15 @@ class AggregatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Heartbeat(self, request, context):
+        """foedus extension: a collaborator busy with a task says it is alive, so a long task does not
+        look like a death (straggler.offline_after_seconds). OpenFL peers neither call nor serve it;
+        foedus collaborators stop sending it on UNIMPLEMENTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +155,11 @@ def add_AggregatorServicer_to_server(servicer, server):
                     servicer.GetAggregatedModel,
                     request_deserializer=protos_dot_aggregator__pb2.GetAggregatedModelRequest.FromString,
                     response_serializer=protos_dot_aggregator__pb2.ModelChunk.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=protos_dot_aggregator__pb2.HeartbeatRequest.FromString,
+                    response_serializer=protos_dot_aggregator__pb2.HeartbeatResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -305,6 +324,33 @@ class Aggregator:
             '/openfl.aggregator.Aggregator/GetAggregatedModel',
             protos_dot_aggregator__pb2.GetAggregatedModelRequest.SerializeToString,
             protos_dot_aggregator__pb2.ModelChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/openfl.aggregator.Aggregator/Heartbeat',
+            protos_dot_aggregator__pb2.HeartbeatRequest.SerializeToString,
+            protos_dot_aggregator__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,

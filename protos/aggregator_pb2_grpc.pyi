@@ -45,6 +45,11 @@ class AggregatorStub:
     as a stream of chunks, so no tensor is bound by the size of one message. OpenFL peers neither
     call nor serve it; foedus collaborators fall back to GetAggregatedTensor on UNIMPLEMENTED.
     """
+    Heartbeat: _grpc.UnaryUnaryMultiCallable[_aggregator_pb2.HeartbeatRequest, _aggregator_pb2.HeartbeatResponse]
+    """foedus extension: a collaborator busy with a task says it is alive, so a long task does not
+    look like a death (straggler.offline_after_seconds). OpenFL peers neither call nor serve it;
+    foedus collaborators stop sending it on UNIMPLEMENTED.
+    """
 
 @_typing.type_check_only
 class AggregatorAsyncStub(AggregatorStub):
@@ -58,6 +63,11 @@ class AggregatorAsyncStub(AggregatorStub):
     """foedus extension: tensors of the global model (all of them when none are named) in one call,
     as a stream of chunks, so no tensor is bound by the size of one message. OpenFL peers neither
     call nor serve it; foedus collaborators fall back to GetAggregatedTensor on UNIMPLEMENTED.
+    """
+    Heartbeat: _aio.UnaryUnaryMultiCallable[_aggregator_pb2.HeartbeatRequest, _aggregator_pb2.HeartbeatResponse]  # type: ignore[assignment]
+    """foedus extension: a collaborator busy with a task says it is alive, so a long task does not
+    look like a death (straggler.offline_after_seconds). OpenFL peers neither call nor serve it;
+    foedus collaborators stop sending it on UNIMPLEMENTED.
     """
 
 class AggregatorServicer(metaclass=_abc_1.ABCMeta):
@@ -105,6 +115,17 @@ class AggregatorServicer(metaclass=_abc_1.ABCMeta):
         """foedus extension: tensors of the global model (all of them when none are named) in one call,
         as a stream of chunks, so no tensor is bound by the size of one message. OpenFL peers neither
         call nor serve it; foedus collaborators fall back to GetAggregatedTensor on UNIMPLEMENTED.
+        """
+
+    @_abc_1.abstractmethod
+    def Heartbeat(
+        self,
+        request: _aggregator_pb2.HeartbeatRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_aggregator_pb2.HeartbeatResponse, _abc.Awaitable[_aggregator_pb2.HeartbeatResponse]]:
+        """foedus extension: a collaborator busy with a task says it is alive, so a long task does not
+        look like a death (straggler.offline_after_seconds). OpenFL peers neither call nor serve it;
+        foedus collaborators stop sending it on UNIMPLEMENTED.
         """
 
 def add_AggregatorServicer_to_server(servicer: AggregatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

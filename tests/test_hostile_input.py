@@ -261,6 +261,22 @@ def ping_as(identity: str | None) -> Attack:
     return attack
 
 
+def heartbeat(who: str = "bob", identity: str = "own", **header: str) -> Attack:
+    """A heartbeat as `who`, with header fields changed; a refused one marks nobody alive, an
+    accepted one its sender."""
+
+    def attack(env: Env) -> Outcome:
+        caller = env.caller(who, identity)
+        request = aggregator_pb2.HeartbeatRequest(header=caller.header(**header))
+        result = outcome(lambda: caller.stub.Heartbeat(request, timeout=10))
+        snapshot = env.federation.liveness.snapshot()
+        alive = [seen.name for seen in snapshot if seen.last_seen is not None]
+        assert alive == ([who] if result.code is OK else []), snapshot
+        return result
+
+    return attack
+
+
 def download(name: str, round_number: int = 0) -> Attack:
     """Ask for a tensor of the global model as bob."""
 
@@ -470,6 +486,32 @@ ROWS = [
         ("header.receiver 'aggregator_other'",),
         max_seconds=5,
     ),
+    # Heartbeats pass the same identity check as every RPC.
+    Row(
+        "heartbeat-from-stranger",
+        heartbeat("mallory", "stranger"),
+        grpc.StatusCode.PERMISSION_DENIED,
+        ("'mallory'", "not an authorised collaborator"),
+    ),
+    Row(
+        "heartbeat-for-another-federation",
+        heartbeat(federation_uuid="another-federation"),
+        grpc.StatusCode.PERMISSION_DENIED,
+        ("header.federation_uuid 'another-federation'",),
+    ),
+    Row(
+        "heartbeat-with-wrong-sender",
+        heartbeat(sender="alice"),
+        grpc.StatusCode.PERMISSION_DENIED,
+        ("header.sender 'alice'", "common name 'bob'"),
+    ),
+    Row(
+        "heartbeat-to-wrong-receiver",
+        heartbeat(receiver="aggregator_other"),
+        grpc.StatusCode.PERMISSION_DENIED,
+        ("header.receiver 'aggregator_other'",),
+    ),
+    Row("heartbeat-honest", heartbeat(), OK),
     # What is asked for.
     Row(
         "unknown-task",

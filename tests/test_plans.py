@@ -250,6 +250,27 @@ def test_aggregator_common_name_and_fingerprint_as_given() -> None:
                 ("list", ["127.0.0.1", 9464]),
             ]
         ),
+        pytest.param(
+            [("straggler.offline_after_seconds", 0)],
+            "straggler.offline_after_seconds: expected a number 0.5-",
+            id="offline-after-too-small",
+        ),
+        pytest.param(
+            [("straggler.offline_after_seconds", "3s")],
+            "straggler.offline_after_seconds: expected a number 0.5-604800, got '3s'",
+            id="offline-after-not-a-number",
+        ),
+        pytest.param(
+            [("connection.heartbeat_seconds", 0)],
+            "connection.heartbeat_seconds: expected a number 0.1-3600, got 0",
+            id="heartbeat-too-small",
+        ),
+        pytest.param(
+            [("straggler.offline_after_seconds", 15)],  # heartbeat_seconds is 10 by default
+            "straggler.offline_after_seconds: 15 is less than twice "
+            "connection.heartbeat_seconds (10)",
+            id="offline-after-below-two-heartbeats",
+        ),
     ],
 )
 def test_problem_is_reported_by_key_path(changes: list[tuple[str, Any]], expected: str) -> None:
@@ -326,6 +347,22 @@ def test_null_means_unbounded(tmp_path: Path, key: str) -> None:
     path = _write(tmp_path / "plan.yaml", _with(_document(), (f"connection.{key}", None)))
     assert "null" in path.read_text(encoding="utf-8")
     assert getattr(load_plan(path).connection, key) is None
+
+
+def test_offline_after_is_off_unless_given(tmp_path: Path) -> None:
+    """`straggler.offline_after_seconds`: absent or null, nobody is ever offline; heartbeats 10 s."""
+    plan = load_plan(_write(tmp_path / "a.yaml", _document()))
+    assert plan.straggler.offline_after_seconds is None
+    assert plan.connection.heartbeat_seconds == 10
+    null = _with(_document(), ("straggler.offline_after_seconds", None))
+    assert load_plan(_write(tmp_path / "b.yaml", null)).straggler.offline_after_seconds is None
+    given = _with(
+        _document(),
+        ("straggler.offline_after_seconds", 3),
+        ("connection.heartbeat_seconds", 1.5),
+    )
+    plan = load_plan(_write(tmp_path / "c.yaml", given))
+    assert plan.straggler.offline_after_seconds == 3 and plan.connection.heartbeat_seconds == 1.5
 
 
 def test_stream_window_is_grpcs_unless_given(tmp_path: Path) -> None:
