@@ -169,7 +169,13 @@ def _start(name: str, plan_path: Path, site_settings: Path | None) -> int:
         )
         planned = PlannedWork(rounds=plan.federation.rounds, tasks=plan.tasks)
         # Returns when the aggregator says quit.
-        run_collaborator(client, runner, plan.runner, planned=planned)
+        run_collaborator(
+            client,
+            runner,
+            plan.runner,
+            planned=planned,
+            heartbeat_seconds=plan.connection.heartbeat_seconds,
+        )
     return EXIT_OK
 
 

@@ -13,12 +13,14 @@ Resending a task's results is safe because the aggregator answers OK to a duplic
 task and collaborator) and counts it once.
 
 One client serves one collaborator loop; it is not meant to be shared between threads, since a
-reconnect by one thread would close the channel under another's call.
+reconnect by one thread would close the channel under another's call. `heartbeat` is the
+exception: it is sent from a thread of its own, on a channel of its own.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -213,6 +215,9 @@ class AggregatorGRPCClient:
         self._streams_models: bool | None = None
         # Whether the server's certificate was seen since the last connection failure.
         self._identity_checked = False
+        # Heartbeats come from another thread (`collaborator.heartbeat`), on a channel of their own.
+        self._heartbeat_lock = threading.Lock()
+        self._heartbeat_channel: grpc.Channel | None = None
 
     @classmethod
     def from_plan(
@@ -275,11 +280,12 @@ class AggregatorGRPCClient:
             self._kept_channel()
 
     def disconnect(self) -> None:
-        """Close the channel; the next call opens a new one, after checking who is there again."""
+        """Close the channels; the next call opens a new one, after checking who is there again."""
         self._identity_checked = False
         channel, self._channel = self._channel, None
         if channel is not None:
             channel.close()
+        self._drop_heartbeat_channel()
 
     def reconnect(self) -> None:
         """Replace the channel with a new one, reading the TLS files again (rotated certificates)."""
@@ -303,6 +309,42 @@ class AggregatorGRPCClient:
         request = aggregator_pb2.PingRequest(header=self._header())
         response = self._call("Ping", lambda stub, timeout: stub.Ping(request, timeout=timeout))
         self.validate_response(response.header)
+
+    def heartbeat(self) -> bool:
+        """Tell the aggregator this collaborator is alive; False if it does not take heartbeats.
+
+        Safe from another thread than the loop's: on a channel of its own (made as every channel,
+        bound to the aggregator's name), one attempt, never retried (the next heartbeat comes
+        soon); sent only while the loop's calls have found the server to be our aggregator
+        (`_check_identity`) on the current connection. Any failure but UNIMPLEMENTED is logged
+        and answered True, since the loop's own calls report a lost aggregator.
+        """
+        if self.tls and not self._identity_checked:
+            return True  # only to a server the loop's calls found to be our aggregator
+        request = aggregator_pb2.HeartbeatRequest(header=self._header())
+        try:
+            with self._heartbeat_lock:
+                if self._heartbeat_channel is None:
+                    self._heartbeat_channel = self._open_channel()
+                channel = self._heartbeat_channel
+            response = AggregatorStub(channel).Heartbeat(request, timeout=self.deadline)
+            self.validate_response(response.header)
+        except grpc.RpcError as error:
+            code, details = _status_of(error)
+            if code is grpc.StatusCode.UNIMPLEMENTED:
+                return False
+            logger.debug("heartbeat failed with %s (%s)", code.name, details)
+            self._drop_heartbeat_channel()
+        except (ClientConfigurationError, ResponseValidationError) as error:
+            logger.warning("heartbeat failed: %s", error)
+            self._drop_heartbeat_channel()
+        return True
+
+    def _drop_heartbeat_channel(self) -> None:
+        with self._heartbeat_lock:
+            channel, self._heartbeat_channel = self._heartbeat_channel, None
+        if channel is not None:
+            channel.close()
 
     def get_tasks(self) -> Tasks:
         """Ask which tasks to run in the round in progress, or how long to wait, or whether to quit."""

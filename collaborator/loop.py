@@ -21,6 +21,7 @@ import numpy as np
 from collaborator.answers import AnswerChecker, PlannedWork
 from collaborator.client import AggregatorGRPCClient, NamedArray
 from collaborator.errors import ClientError, RequestRejectedError
+from collaborator.heartbeat import Heartbeat
 from plans.runners import Array, TaskRunner
 from plans.schema import (
     AGGREGATED_MODEL_VALIDATION,
@@ -69,18 +70,22 @@ def run_collaborator(
     sleep: Callable[[float], None] = time.sleep,
     max_idle_polls: int | None = None,
     planned: PlannedWork | None = None,
+    heartbeat_seconds: float | None = None,
 ) -> CollaboratorReport:
     """Work for the aggregator until it says quit, or until `max_idle_polls` idle answers in a row.
 
     `settings` are the plan's runner settings, from which the runner's `initial_model` gives the
     names, shapes and dtypes of the global model's tensors; `planned` (the plan's rounds and
-    tasks) bounds what the aggregator may ask for (`collaborator.answers`).
+    tasks) bounds what the aggregator may ask for (`collaborator.answers`). While a task runs, a
+    heartbeat goes to the aggregator every `heartbeat_seconds` (None: none;
+    `collaborator.heartbeat`).
     """
     if max_idle_polls is not None and max_idle_polls < 1:
         raise ValueError(f"max_idle_polls must be >= 1 or None, got {max_idle_polls}")
     reference = runner.initial_model(settings)
     names = tuple(reference)
     answers = AnswerChecker(planned)
+    beat = Heartbeat(client.heartbeat, heartbeat_seconds)
     report = CollaboratorReport()
     current: _Round | None = None
     idle = 0
@@ -120,7 +125,7 @@ def run_collaborator(
                 _check_global(model, reference)
                 current = _Round(tasks.round_number, model)
             for task in tasks.tasks:
-                _run_task(client, runner, current, task)
+                _run_task(client, runner, current, task, beat)
                 report.tasks_run += 1
         except RequestRejectedError as error:
             if error.code != grpc.StatusCode.FAILED_PRECONDITION:
@@ -145,15 +150,19 @@ def _fetch_model(
     return model
 
 
-def _run_task(client: AggregatorGRPCClient, runner: TaskRunner, current: _Round, task: str) -> None:
-    """Run one task on the round's model and send its results."""
+def _run_task(
+    client: AggregatorGRPCClient, runner: TaskRunner, current: _Round, task: str, beat: Heartbeat
+) -> None:
+    """Run one task on the round's model, with heartbeats while it runs, and send its results."""
     round_number = current.number
     if task == AGGREGATED_MODEL_VALIDATION:
-        validation = runner.validate(current.global_model)
+        with beat.during():
+            validation = runner.validate(current.global_model)
         tensors = _metrics(validation.metrics, AGGREGATED_VALIDATION_TAGS)
         data_size, metrics = validation.data_size, validation.metrics
     elif task == TRAIN:
-        outcome = runner.train(current.global_model)
+        with beat.during():
+            outcome = runner.train(current.global_model)
         _check_trained(outcome.model, current.global_model)
         current.trained_model = outcome.model
         tensors = [
@@ -164,7 +173,8 @@ def _run_task(client: AggregatorGRPCClient, runner: TaskRunner, current: _Round,
     elif task == LOCALLY_TUNED_MODEL_VALIDATION:
         # Without a train task this round (a restart after sending it), the global model stands in.
         model = current.trained_model if current.trained_model is not None else current.global_model
-        validation = runner.validate(model)
+        with beat.during():
+            validation = runner.validate(model)
         tensors = _metrics(validation.metrics, LOCAL_VALIDATION_TAGS)
         data_size, metrics = validation.data_size, validation.metrics
     else:

@@ -256,6 +256,10 @@ class ScriptedAggregator:
         self.closed = closed  # rounds whose results are refused as not in progress
         self.sent: list[tuple[int, str]] = []
 
+    def heartbeat(self) -> bool:
+        """Taken, as a foedus aggregator takes it."""
+        return True
+
     def get_tasks(self) -> Tasks:
         return self.answers.pop(0)
 
