@@ -3,6 +3,8 @@
 The aggregator keeps its state in ``aggregator.output_dir`` (see `aggregator.state`): started
 again with the same plan after a crash or a stop, it resumes where it stopped. That folder
 belongs to one federation uuid; ``--reset`` wipes its state and outputs and starts over.
+``aggregator status --plan PLAN`` reads that state (`aggregator.inspection`), while the
+aggregator runs or after it stopped.
 
 Exit codes (`EPILOG`): 0 when the federation finished; 128 + the signal's number when SIGINT or
 SIGTERM stopped it before that (the server stops accepting calls and gives those in flight
@@ -16,6 +18,7 @@ malformed ``FOEDUS_FAILPOINTS``), reported one line per problem, never as a trac
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -32,6 +35,7 @@ from aggregator import failpoints
 from aggregator.allocator import tune_allocator
 from aggregator.errors import ModelFileError, ServerError, StorageError
 from aggregator.federation import Array
+from aggregator.inspection import NotAStateError, read_status
 from aggregator.runtime import serve
 from aggregator.state import DurableState, ForeignStateError
 from aggregator.storage import OutputFolder, read_model
@@ -61,6 +65,13 @@ exit status:
   {EXIT_SIGINT}  stopped by SIGINT (Ctrl-C) before the federation finished
   {EXIT_SIGTERM}  stopped by SIGTERM before the federation finished
 A stopped aggregator started again with the same plan resumes where it stopped.
+"""
+
+STATUS_EPILOG = f"""\
+exit status:
+  {EXIT_OK}    the status was printed
+  {EXIT_FAILURE}    the state could not be read now
+  {EXIT_BAD_INPUT}    bad command line or plan, or no state of this plan's federation there
 """
 
 
@@ -111,6 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="info",
         help="how much to log on stderr (default: info)",
     )
+    summary = "Print where the federation stands, from its saved state."
+    status = commands.add_parser(
+        "status",
+        help=summary,
+        description=f"{summary} Reads aggregator.output_dir/state/ read-only, without any "
+        "RPC, while the aggregator runs or after it stopped: the round, who reported, who is "
+        "online or offline and since when, the last closed round's metrics, and whether the "
+        "federation finished.",
+        epilog=STATUS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    status.add_argument("--plan", type=Path, required=True, help="the federation plan (YAML)")
+    status.add_argument("--json", action="store_true", help="print one JSON object, for scripts")
     return parser
 
 
@@ -122,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(error), EXIT_BAD_INPUT)
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else EXIT_OK
+    if args.command == "status":
+        return _status(args.plan, as_json=args.json)
     tune_allocator()  # before any thread starts (see aggregator.allocator)
     with _logging(args.log_level):
         try:
@@ -176,6 +202,27 @@ def _start(plan_path: Path, *, reset: bool) -> int:
     if outcome.finished or not received:
         return EXIT_OK
     return 128 + received[0]
+
+
+def _status(plan_path: Path, *, as_json: bool) -> int:
+    """Print the federation's status from its state; no RPC, nothing written."""
+    try:
+        plan = load_plan(plan_path)
+    except PlanError as error:
+        for problem in error.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        status = read_status(plan)
+    except NotAStateError as error:
+        return _fail(str(error), EXIT_BAD_INPUT)
+    except StorageError as error:
+        return _fail(str(error), EXIT_FAILURE)
+    if as_json:
+        print(json.dumps(status.to_json(), indent=2, sort_keys=True))
+    else:
+        print("\n".join(status.lines()))
+    return EXIT_OK
 
 
 def _check_tls_files(plan: Plan) -> None:

@@ -6,7 +6,9 @@ saves `last_model.pbuf`, `best_model.pbuf` when the plan's best-model metric imp
 `metrics.jsonl`, and prints ONE line for a person. When the federation has finished it prints the
 final global model's accuracy, then ends once every collaborator has been told to quit, or
 `aggregator.quit_grace_seconds` later (a collaborator that died must not keep it alive).
-`serve` puts the gRPC server around that loop.
+`serve` puts the gRPC server around that loop. The loop also watches who is online
+(`aggregator.liveness`): transitions go to the log, and, with a durable state, to the state for
+``aggregator status`` (on a transition, at most once a second; otherwise every few seconds).
 
 A close that cannot be stored (a full disk) does not end the aggregator: nothing of it was
 committed, the health turns NOT_SERVING (`aggregator.health`), and the close is tried again once
@@ -80,10 +82,12 @@ class Runtime:
         tick: float = TICK_SECONDS,
         metrics: Metrics | None = None,
         health: Health | None = None,
+        state: DurableState | None = None,
     ) -> None:
         self.plan = plan
         self.metrics = metrics
         self.health = health
+        self.state = state
         self.federation = federation
         self.output = output
         self.out = out
@@ -148,6 +152,7 @@ class Runtime:
         waiting: tuple[str, ...] = ()
         while not stop.is_set():
             self.federation.wait_for_submission(self.tick)
+            self.watch_presence()
             summary = self._close_round()
             if summary is not None:
                 self.record(summary)
@@ -170,6 +175,7 @@ class Runtime:
                     self.plan.aggregator.quit_grace_seconds,
                 )
                 break
+        self.watch_presence(final=True)
         if not self.federation.finished:
             where = f"during {self._round_label(self.federation.round_number)}"
             saved = f"; the last model is in {self.output.last_model}" if self.saved_last else ""
@@ -198,6 +204,19 @@ class Runtime:
                 f"closing {self._round_label(self.federation.round_number)}: {error}"
             )
             return None
+
+    def watch_presence(self, *, final: bool = False) -> None:
+        """Log who went offline or came back; save presence when due (`final`: now)."""
+        liveness = self.federation.liveness
+        snapshot = liveness.poll()
+        if final:
+            snapshot = liveness.snapshot()
+        if snapshot is None or self.state is None:
+            return
+        try:
+            self.state.save_presence(snapshot)
+        except StorageError as error:  # only status reads it: the federation goes on
+            logger.warning("cannot save who is online: %s", error)
 
     def record(self, summary: RoundSummary) -> None:
         """Save what a closed (and committed) round produced and print its line."""
@@ -311,7 +330,13 @@ def serve(
         federation = Federation.from_plan(plan, progress.model, store=state, progress=progress)
     server = AggregatorGRPCServer(plan, federation, workers=workers)
     runtime = Runtime(
-        plan, federation, output, out=out, metrics=server.metrics, health=server.health
+        plan,
+        federation,
+        output,
+        out=out,
+        metrics=server.metrics,
+        health=server.health,
+        state=state,
     )
     if state is not None:
         runtime.restore(state)

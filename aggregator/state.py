@@ -24,7 +24,13 @@ one it has just written and returns it). The database holds:
 * ``results``: one row per accepted result (round, collaborator, task, data_size, file, sha256),
   kept for the current round and the one before (to answer a late resend OK, counted once);
 * ``closed_rounds``: one row per closed round, its `RoundRecord` as JSON, from which the rows of
-  ``metrics.jsonl`` are written again if a crash lost them.
+  ``metrics.jsonl`` are written again if a crash lost them;
+* ``presence``: who is online or offline and since when (`aggregator.liveness`), for
+  ``aggregator status`` only: written by the runtime on a transition and at a bounded rate
+  (`save_presence`), never per call, and never read back by the aggregator.
+
+The schema has a version (``PRAGMA user_version``): version 1 (before ``presence``) is migrated
+to 2 when opened; a newer version is refused.
 
 Order of writes. An accept (`stage`, then `record`): the federation has checked everything
 (the upload's bytes on their way to its file), then the file is made durable in its place, then
@@ -59,6 +65,7 @@ import os
 import shutil
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +85,7 @@ from aggregator.federation import (
     RoundRecord,
     TaskResult,
 )
+from aggregator.liveness import Seen
 from aggregator.storage import (
     BEST_MODEL,
     LAST_MODEL,
@@ -101,7 +109,7 @@ MODELS = "models"
 ROUNDS = "rounds"
 UPLOADS = "uploads"  # uploads being received (`aggregator.upload`), not yet accepted
 UPLOAD_SUFFIX = ".upload"  # an accepted result kept as it was sent: a serialized TaskResults
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 OUTPUTS = (LAST_MODEL, BEST_MODEL, METRICS)
 
 _SCHEMA = """
@@ -132,6 +140,18 @@ CREATE TABLE IF NOT EXISTS closed_rounds (
     record TEXT NOT NULL
 );
 """
+# Version 2: who is online, for `aggregator status` (times are Unix seconds).
+_PRESENCE = """
+CREATE TABLE IF NOT EXISTS presence (
+    collaborator TEXT PRIMARY KEY,
+    presence TEXT NOT NULL,
+    since REAL NOT NULL,
+    last_seen REAL,
+    saved REAL NOT NULL
+);
+"""
+# What each version's state gets to become the next one's.
+_MIGRATIONS = {1: _PRESENCE}
 
 
 class ForeignStateError(StorageError):
@@ -400,6 +420,20 @@ class DurableState:
         self._last_model_rounds = last_rounds
         self._tidy(finished_round + 1, keep=None)
         return kept
+
+    def save_presence(self, snapshot: Sequence[Seen], *, saved: float | None = None) -> None:
+        """Keep who is online and since when, replacing what was kept (for `aggregator status`)."""
+        now = time.time() if saved is None else saved
+        with self._transaction() as db:
+            db.execute("DELETE FROM presence")
+            db.executemany(
+                "INSERT INTO presence (collaborator, presence, since, last_seen, saved) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [
+                    (seen.name, seen.presence.value, seen.since, seen.last_seen, now)
+                    for seen in snapshot
+                ],
+            )
 
     # -- what the runtime needs after a restart --------------------------------------------
 
@@ -682,15 +716,23 @@ def _connect(database: Path) -> sqlite3.Connection:
             raise StorageError(f"{database}: cannot use write-ahead logging (got {mode})")
         connection.execute("PRAGMA synchronous=FULL")
         version = connection.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
+        if not 0 <= version <= SCHEMA_VERSION:
             raise StorageError(
                 f"{database}: state of schema version {version}; this aggregator reads "
-                f"version {SCHEMA_VERSION}"
+                f"versions up to {SCHEMA_VERSION}"
             )
         if version == 0:
             connection.executescript(
-                f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                f"BEGIN IMMEDIATE; {_SCHEMA} {_PRESENCE} "
+                f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
             )
+        while 0 < version < SCHEMA_VERSION:
+            connection.executescript(
+                f"BEGIN IMMEDIATE; {_MIGRATIONS[version]} "
+                f"PRAGMA user_version = {version + 1}; COMMIT;"
+            )
+            logger.info("%s: state migrated from schema version %d", database, version)
+            version += 1
         if not existed:
             fsync_folder(database.parent)
     except sqlite3.Error as error:

@@ -1,0 +1,333 @@
+"""``aggregator status``: where a federation stands, read from its durable state, no RPC.
+
+It reads ``aggregator.output_dir/state/state.sqlite`` (`aggregator.state`) read-only, in one
+read transaction, so it sees one consistent moment and works whether the aggregator runs or not:
+
+* running (it holds the folder's lock): the database is opened read-only; in WAL mode a reader
+  never blocks the writer and writes nothing;
+* stopped: the folder's lock is taken shared for the few milliseconds of the read, so no
+  aggregator starts meanwhile, and the database is opened as immutable, so no file is created
+  (a ``-wal`` or ``-shm`` file made by another user would stop the aggregator later). An
+  aggregator started in those milliseconds says the folder is in use; started again, it runs.
+
+Presence (who is online) is what the running aggregator saved last (`aggregator.liveness`: on
+a transition, at most once a second; otherwise every few seconds); of a stopped one, what it
+saw when it stopped. Times are UTC.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from aggregator.errors import StorageError
+from aggregator.federation import RoundRecord
+from aggregator.liveness import Presence, reporting_threshold
+from aggregator.state import DATABASE, SCHEMA_VERSION, STATE_DIR, record_from_json
+from plans import Plan
+from plans.schema import AGGREGATED_MODEL_VALIDATION
+
+
+class NotAStateError(Exception):
+    """The folder holds no foedus state of this plan's federation; the message says what is there."""
+
+
+@dataclass(frozen=True)
+class CollaboratorStatus:
+    """One collaborator: its presence as last saved, and its results in the round in progress."""
+
+    name: str
+    presence: str  # a `Presence` value, or "unknown" (nothing saved yet)
+    since: float | None  # Unix seconds
+    last_seen: float | None
+    results: tuple[str, ...]  # tasks of the round in progress it has sent
+
+
+@dataclass(frozen=True)
+class FederationStatus:
+    """Where a federation stands, as its state says."""
+
+    name: str
+    uuid: str
+    state: Path
+    running: bool
+    round_number: int  # the round in progress (counted from 0); `total_rounds` when finished
+    rounds: int  # training rounds
+    total_rounds: int  # with the final validation round, if any
+    round_tasks: tuple[str, ...]
+    closing: bool  # the round's close is decided, being aggregated
+    collaborators: tuple[CollaboratorStatus, ...]
+    offline_after_seconds: float
+    presence_saved: float | None
+    last_round: RoundRecord | None
+
+    @property
+    def finished(self) -> bool:
+        """Whether every round, the final validation round included, has closed."""
+        return self.round_number >= self.total_rounds
+
+    @property
+    def reported(self) -> tuple[str, ...]:
+        """Collaborators that finished every task of the round in progress."""
+        return tuple(c.name for c in self.collaborators if set(self.round_tasks) <= set(c.results))
+
+    def round_label(self, round_number: int) -> str:
+        """ "round 3/10" (counted from 1, as the aggregator prints it), or "final validation"."""
+        if round_number >= self.rounds:
+            return "final validation"
+        return f"round {round_number + 1}/{self.rounds}"
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything, for scripts: rounds counted from 0 as in metrics.jsonl, times ISO 8601."""
+        last = self.last_round
+        return {
+            "federation": self.name,
+            "uuid": self.uuid,
+            "state": str(self.state),
+            "aggregator_running": self.running,
+            "finished": self.finished,
+            "round": self.round_number,
+            "rounds": self.rounds,
+            "total_rounds": self.total_rounds,
+            "round_tasks": list(self.round_tasks),
+            "closing": self.closing,
+            "reported": list(self.reported),
+            "offline_after_seconds": self.offline_after_seconds,
+            "presence_saved": _iso(self.presence_saved),
+            "collaborators": [
+                {
+                    "name": c.name,
+                    "presence": c.presence,
+                    "since": _iso(c.since),
+                    "last_seen": _iso(c.last_seen),
+                    "results": list(c.results),
+                }
+                for c in self.collaborators
+            ],
+            "last_round": None
+            if last is None
+            else {
+                "round": last.round_number,
+                "final_validation": last.final_validation,
+                "reporters": list(last.reporters),
+                "missing": list(last.missing),
+                "metrics": {task: dict(values) for task, values in last.metrics.items()},
+                "seconds": last.seconds,
+            },
+        }
+
+    def lines(self, now: float | None = None) -> list[str]:
+        """What a person reads."""
+        now = time.time() if now is None else now
+        where = (
+            f"finished ({self.rounds} round{'s' if self.rounds != 1 else ''})"
+            if self.finished
+            else f"{self.round_label(self.round_number)} in progress"
+            + (" (closing)" if self.closing else "")
+        )
+        running = "aggregator running" if self.running else "aggregator not running"
+        lines = [f"federation {self.name} ({self.uuid}): {where}; {running}"]
+        lines.append(f"  state: {self.state}")
+        if not self.finished:
+            reported = ", ".join(self.reported) or "nobody"
+            lines.append(f"  reported this round: {reported}")
+            partial = [
+                f"{c.name} ({', '.join(c.results)})"
+                for c in self.collaborators
+                if c.results and c.name not in self.reported
+            ]
+            if partial:
+                lines.append(f"  results in, not all: {', '.join(partial)}")
+        saved = (
+            "nothing saved yet"
+            if self.presence_saved is None
+            else f"as saved {_when(self.presence_saved, now)}"
+        )
+        if not self.running and self.presence_saved is not None:
+            saved += ", when the aggregator last ran"
+        lines.append(
+            f"  collaborators (offline after {self.offline_after_seconds:g} s of silence; {saved}):"
+        )
+        width = max(len(c.name) for c in self.collaborators)
+        for c in self.collaborators:
+            text = f"    {c.name:<{width}}  {c.presence}"
+            if c.since is not None:
+                text += f" since {_when(c.since, now)}"
+            if c.last_seen is not None and c.presence != Presence.ONLINE.value:
+                text += f", last seen {_when(c.last_seen, now)}"
+            lines.append(text)
+        last = self.last_round
+        if last is None:
+            lines.append("  no round closed yet")
+        else:
+            reporters = ",".join(last.reporters) or "nobody"
+            missing = f" (missing {','.join(last.missing)})" if last.missing else ""
+            lines.append(
+                f"  last closed: {self.round_label(last.round_number)}, reported "
+                f"{reporters}{missing}, {last.seconds:.2f} s"
+            )
+            for task, values in last.metrics.items():
+                shown = ", ".join(f"{name} {value:.4f}" for name, value in values.items())
+                lines.append(f"    {task}: {shown}")
+        return lines
+
+
+def read_status(plan: Plan) -> FederationStatus:
+    """The status of `plan`'s federation from its state; `NotAStateError`, `StorageError`."""
+    folder = plan.aggregator.output_dir
+    root = folder / STATE_DIR
+    database = root / DATABASE
+    if not database.is_file():
+        raise NotAStateError(
+            f"{root}: no aggregator state there (aggregator.output_dir of {plan.path}; "
+            f"'aggregator start --plan {plan.path}' makes it)"
+        )
+    with _probe(folder) as running:
+        rows = _read(database, running)
+    federation, results, presence, record = rows
+    if federation is None:
+        raise NotAStateError(f"{database}: not a foedus aggregator state (no federation row)")
+    uuid, round_number, closing = federation
+    if uuid != plan.federation.uuid:
+        raise NotAStateError(
+            f"{database}: the state of federation {uuid!r}, not of this plan's "
+            f"{plan.federation.uuid!r}"
+        )
+    rounds = plan.federation.rounds
+    total = rounds + (1 if AGGREGATED_MODEL_VALIDATION in plan.tasks else 0)
+    round_tasks = (AGGREGATED_MODEL_VALIDATION,) if round_number >= rounds else plan.tasks
+    sent: dict[str, list[str]] = {}
+    for collaborator, task in results:
+        sent.setdefault(collaborator, []).append(task)
+    saved = {row[0]: row for row in presence}
+    names = list(plan.collaborators) + sorted(set(saved) - set(plan.collaborators))
+    collaborators = tuple(
+        CollaboratorStatus(
+            name=name,
+            presence=saved[name][1] if name in saved else "unknown",
+            since=saved[name][2] if name in saved else None,
+            last_seen=saved[name][3] if name in saved else None,
+            results=tuple(sorted(sent.get(name, ()))),
+        )
+        for name in names
+    )
+    offline_after = plan.straggler.offline_after_seconds
+    return FederationStatus(
+        name=plan.federation.name,
+        uuid=uuid,
+        state=root,
+        running=running,
+        round_number=round_number,
+        rounds=rounds,
+        total_rounds=total,
+        round_tasks=round_tasks,
+        closing=closing is not None,
+        collaborators=collaborators,
+        offline_after_seconds=offline_after
+        or reporting_threshold(plan.connection.heartbeat_seconds),
+        presence_saved=max((row[4] for row in presence), default=None),
+        last_round=None if record is None else record_from_json(record),
+    )
+
+
+_Rows = tuple[
+    tuple[str, int, str | None] | None,
+    Sequence[tuple[str, str]],
+    Sequence[tuple[str, str, float, float | None, float]],
+    str | None,
+]
+
+
+def _read(database: Path, running: bool) -> _Rows:
+    """Every row status needs, in one read transaction."""
+    mode = "mode=ro" if running else "mode=ro&immutable=1"
+    try:
+        connection = sqlite3.connect(
+            f"file:{quote(str(database))}?{mode}", uri=True, timeout=5, isolation_level=None
+        )
+    except sqlite3.Error as error:
+        raise StorageError(f"{database}: cannot open: {error}") from None
+    try:
+        connection.execute("PRAGMA query_only = ON")
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        if not 1 <= version <= SCHEMA_VERSION:
+            raise NotAStateError(
+                f"{database}: not a foedus aggregator state this version reads "
+                f"(schema version {version})"
+            )
+        connection.execute("BEGIN")
+        federation = connection.execute(
+            "SELECT uuid, round, closing FROM federation WHERE id = 1"
+        ).fetchone()
+        results = []
+        if federation is not None:
+            results = connection.execute(
+                "SELECT collaborator, task FROM results WHERE round = ? ORDER BY collaborator, task",
+                (federation[1],),
+            ).fetchall()
+        presence = (
+            connection.execute(
+                "SELECT collaborator, presence, since, last_seen, saved FROM presence"
+            ).fetchall()
+            if version >= 2  # version 1 (an aggregator before presence) saved none
+            else []
+        )
+        row = connection.execute(
+            "SELECT record FROM closed_rounds ORDER BY round DESC LIMIT 1"
+        ).fetchone()
+        connection.execute("COMMIT")
+    except sqlite3.DatabaseError as error:
+        if isinstance(error, sqlite3.OperationalError) and "locked" in str(error):
+            raise StorageError(f"{database}: cannot read now: {error}") from None
+        raise NotAStateError(f"{database}: not a foedus aggregator state ({error})") from None
+    finally:
+        connection.close()
+    return federation, results, presence, None if row is None else row[0]
+
+
+@contextlib.contextmanager
+def _probe(folder: Path) -> Iterator[bool]:
+    """Whether an aggregator runs on `folder` (holds its lock); if not, keep it from starting
+    while inside."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError as error:
+        raise StorageError(f"{folder}: cannot open: {error.strerror or error}") from None
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield True
+        else:
+            yield False
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def _iso(moment: float | None) -> str | None:
+    if moment is None:
+        return None
+    return datetime.datetime.fromtimestamp(moment, datetime.UTC).isoformat(timespec="seconds")
+
+
+def _when(moment: float, now: float) -> str:
+    stamp = datetime.datetime.fromtimestamp(moment, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    ago = max(0.0, now - moment)
+    return f"{stamp} UTC ({_duration(ago)} ago)"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
