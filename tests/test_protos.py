@@ -183,11 +183,18 @@ RPCS: dict[str, tuple[str, str, bool]] = {
 }
 
 FIRST_EXTENSION_NUMBER = 1000
-# foedus's own RPC and messages in the OpenFL service: an OpenFL peer neither calls nor serves them.
-EXTENSION_RPCS: dict[str, tuple[str, str]] = {
-    "GetAggregatedModel": (f"{AGG}GetAggregatedModelRequest", f"{AGG}ModelChunk"),
+# foedus's own RPCs and messages in the OpenFL service: an OpenFL peer neither calls nor serves
+# them. Each RPC: (request, response, whether the response is a stream).
+EXTENSION_RPCS: dict[str, tuple[str, str, bool]] = {
+    "GetAggregatedModel": (f"{AGG}GetAggregatedModelRequest", f"{AGG}ModelChunk", True),
+    "Heartbeat": (f"{AGG}HeartbeatRequest", f"{AGG}HeartbeatResponse", False),
 }
-EXTENSION_MESSAGES = {f"{AGG}GetAggregatedModelRequest", f"{AGG}ModelChunk"}
+EXTENSION_MESSAGES = {
+    f"{AGG}GetAggregatedModelRequest",
+    f"{AGG}ModelChunk",
+    f"{AGG}HeartbeatRequest",
+    f"{AGG}HeartbeatResponse",
+}
 _TYPE_NAMES = {
     getattr(FieldDescriptor, name): name.removeprefix("TYPE_").lower()
     for name in dir(FieldDescriptor)
@@ -273,12 +280,13 @@ def test_service_full_name() -> None:
 
 @pytest.mark.parametrize("method", EXTENSION_RPCS)
 def test_extension_rpc_signature(method: str) -> None:
-    """foedus's streamed model download: a unary request answered by a stream of chunks."""
-    request, response = EXTENSION_RPCS[method]
+    """foedus's RPCs: a unary request, answered by a stream of chunks (the model download) or
+    one message (the heartbeat)."""
+    request, response, streamed = EXTENSION_RPCS[method]
     found = aggregator_pb2.DESCRIPTOR.services_by_name["Aggregator"].methods_by_name[method]
     assert method not in RPCS
     assert (found.input_type.full_name, found.output_type.full_name) == (request, response)
-    assert (found.client_streaming, found.server_streaming) == (False, True)
+    assert (found.client_streaming, found.server_streaming) == (False, streamed)
 
 
 @pytest.mark.parametrize("method", RPCS)
@@ -318,4 +326,7 @@ def test_stub_method_paths() -> None:
             "stream_unary" if client_streaming else "unary_unary"
         )
         for method, (_, _, client_streaming) in RPCS.items()
-    } | {f"/openfl.aggregator.Aggregator/{method}": "unary_stream" for method in EXTENSION_RPCS}
+    } | {
+        f"/openfl.aggregator.Aggregator/{method}": "unary_stream" if streamed else "unary_unary"
+        for method, (_, _, streamed) in EXTENSION_RPCS.items()
+    }
