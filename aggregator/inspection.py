@@ -7,8 +7,10 @@ read transaction, so it sees one consistent moment and works whether the aggrega
   never blocks the writer and writes nothing;
 * stopped: the folder's lock is taken shared for the few milliseconds of the read, so no
   aggregator starts meanwhile, and the database is opened as immutable, so no file is created
-  (a ``-wal`` or ``-shm`` file made by another user would stop the aggregator later). An
-  aggregator started in those milliseconds says the folder is in use; started again, it runs.
+  (a ``-wal`` or ``-shm`` file made by another user would stop the aggregator later); but when
+  a ``-wal`` file is there (an aggregator killed before it could fold it in), read-only, so
+  its last commits are read too. An aggregator started in those milliseconds says the folder
+  is in use; started again, it runs.
 
 Presence (who is online) is what the running aggregator saved last (`aggregator.liveness`: on
 a transition, at most once a second; otherwise every few seconds); of a stopped one, what it
@@ -249,7 +251,8 @@ _Rows = tuple[
 
 def _read(database: Path, running: bool) -> _Rows:
     """Every row status needs, in one read transaction."""
-    mode = "mode=ro" if running else "mode=ro&immutable=1"
+    wal = database.with_name(database.name + "-wal")
+    mode = "mode=ro" if running or wal.exists() else "mode=ro&immutable=1"
     try:
         connection = sqlite3.connect(
             f"file:{quote(str(database))}?{mode}", uri=True, timeout=5, isolation_level=None

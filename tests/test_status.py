@@ -4,7 +4,10 @@ presence saved by the aggregator; a folder that is not a foedus state is one lin
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from plans import load_plan
 from test_aggregator_cli import serve_in_process, watchdog, write_plan
 
 __all__ = ["watchdog"]  # the fixture, used by name
+TESTS = Path(__file__).resolve().parent
 
 
 def status(capsys: pytest.CaptureFixture[str], plan: Path, *extra: str) -> tuple[int, str, str]:
@@ -140,6 +144,51 @@ def test_status_reads_a_running_aggregators_state_without_disturbing_it(
         seen = read_status(plan)
         assert seen.reported == ("alice",)
         assert seen.collaborators[1].presence == "online"
+
+
+def test_status_reads_the_last_commits_of_a_killed_aggregator(
+    tmp_path: Path, certs: CertsLayout
+) -> None:
+    """An aggregator killed before folding its write-ahead log in: status still reads what it
+    committed last (alice's result, her presence)."""
+    plan_path = write_plan(tmp_path, certs)
+    plan = load_plan(plan_path)
+    script = f"""
+import os
+import numpy as np
+from aggregator.federation import Federation
+from aggregator.liveness import Liveness
+from aggregator.state import DurableState
+from plans import load_plan
+from test_status import tiny_result
+
+plan = load_plan({str(plan_path)!r})
+state = DurableState.open(
+    plan.aggregator.output_dir, plan.federation.uuid, lambda: {{"w": np.zeros(3, np.float32)}},
+    max_tensor_bytes=2**20,
+)
+progress = state.recovered.progress
+federation = Federation.from_plan(plan, progress.model, store=state, progress=progress)
+liveness = Liveness(plan.collaborators, 60)
+liveness.seen("alice")
+state.save_presence(liveness.snapshot())
+assert federation.submit(tiny_result("alice"))
+os._exit(0)  # as kill -9: nothing closed, the log not folded in
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)])},
+    )
+    assert done.returncode == 0, done.stderr
+    assert (plan.aggregator.output_dir / STATE_DIR / f"{DATABASE}-wal").exists()
+    seen = read_status(plan)
+    assert not seen.running
+    alice = seen.collaborators[0]
+    assert (alice.presence, alice.results) == ("online", ("train",))
 
 
 def test_no_state_folder_is_one_line_exit_2(
