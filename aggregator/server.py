@@ -120,7 +120,7 @@ class AggregatorGRPCServer:
             round_number=lambda: federation.round_number,
             storage_free_bytes=lambda: free_bytes(output),
             serving=lambda: self.health.serving,
-            collaborators_online=collaborators_online,
+            collaborators_online=collaborators_online or federation.online_count,
         )
         address = plan.aggregator.metrics_address
         self.metrics_server = None if address is None else MetricsServer(self.metrics, address)

@@ -101,6 +101,18 @@ def test_metrics_served_with_the_aggregator_and_refusals_counted(
         )
         assert got[("foedus_serving", ())] == 1
         assert got[("foedus_storage_free_bytes", ())] > 0
+        assert got[("foedus_collaborators_online", ())] == 0  # a refused call counts for nobody
+        alice = connect(
+            server,
+            certs,
+            Identity(certs.collaborator_cert("alice"), certs.collaborator_key("alice")),
+            "alice",
+        )
+        with alice.channel:
+            alice.stub.Ping(aggregator_pb2.PingRequest(header=alice.header()), timeout=10)
+        with urllib.request.urlopen(url, timeout=10) as response:
+            got = samples(response.read().decode())
+        assert got[("foedus_collaborators_online", ())] == 1  # the federation's liveness
     finally:
         server.stop(0)
     with pytest.raises(OSError):
