@@ -22,6 +22,7 @@ import json
 import logging
 import signal
 import sys
+import textwrap
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -53,12 +54,13 @@ EXIT_BAD_INPUT = 2
 EXIT_SIGINT = 128 + signal.SIGINT  # 130, as a shell reports a process ended by Ctrl-C
 EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
 LOG_LEVELS = ("debug", "info", "warning", "error")
+HELP_WIDTH = 78
 
 logger = logging.getLogger(__name__)
 
 
 EPILOG = f"""\
-exit status:
+exit status of start (status: see 'aggregator status --help'):
   {EXIT_OK}    the federation finished (every round ran)
   {EXIT_FAILURE}    the aggregator could not run (port in use, output folder unusable, ...)
   {EXIT_BAD_INPUT}    bad command line, plan, certificates, runner, model or output folder
@@ -92,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser, separate from main so its help can be tested and documented."""
     parser = _Parser(
         prog="aggregator",
-        description="The foedus aggregator: serves a federation's rounds to its collaborators "
-        "over mutual TLS and averages their training.",
+        description=_wrapped(
+            "The foedus aggregator: serves a federation's rounds to its collaborators "
+            "over mutual TLS and averages their training."
+        ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -102,9 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     start = commands.add_parser(
         "start",
         help=summary,
-        description=f"{summary} Every accepted result and closed round is saved in "
-        "aggregator.output_dir/state/ before it is acknowledged, so starting again with the "
-        "same plan after a crash or a stop resumes where it stopped.",
+        description=_wrapped(
+            f"{summary} Every accepted result and closed round is saved in "
+            "aggregator.output_dir/state/ before it is acknowledged, so starting again with the "
+            "same plan after a crash or a stop resumes where it stopped."
+        ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -126,16 +132,24 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser(
         "status",
         help=summary,
-        description=f"{summary} Reads aggregator.output_dir/state/ read-only, without any "
-        "RPC, while the aggregator runs or after it stopped: the round, who reported, who is "
-        "online or offline and since when, the last closed round's metrics, and whether the "
-        "federation finished.",
+        description=_wrapped(
+            f"{summary} Reads aggregator.output_dir/state/ read-only, without any "
+            "RPC, while the aggregator runs or after it stopped: the round, who reported, who is "
+            "online or offline and since when, the last closed round's metrics, and whether the "
+            "federation finished."
+        ),
         epilog=STATUS_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     status.add_argument("--plan", type=Path, required=True, help="the federation plan (YAML)")
     status.add_argument("--json", action="store_true", help="print one JSON object, for scripts")
     return parser
+
+
+def _wrapped(text: str) -> str:
+    """`text` wrapped for a terminal: the help keeps the epilogs' tables as written, so it
+    does not wrap the descriptions itself."""
+    return textwrap.fill(text, width=HELP_WIDTH)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -308,3 +308,13 @@ def test_a_newer_schema_is_refused_by_the_aggregator(tmp_path: Path) -> None:
         StorageError, match="schema version 3; this aggregator reads versions up to 2"
     ):
         DurableState.open(tmp_path, "f", lambda: model, max_tensor_bytes=64)
+
+
+def test_status_help_names_its_options_and_exit_statuses(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`status --help` exits 0 and says what it reads and what its exit statuses mean."""
+    assert main(["status", "--help"]) == 0
+    out = capsys.readouterr().out
+    for text in ("--plan", "--json", "without any RPC", "exit status", "no state of this plan"):
+        assert text in out, text
