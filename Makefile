@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-PROTO_SRC := protos/base.proto protos/aggregator.proto
+PROTO_SRC := protos/base.proto protos/aggregator.proto protos/director.proto
 PROTOC = $(PY) -m grpc_tools.protoc -I. --plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc
 PLAN ?= plans/local.yaml
 
