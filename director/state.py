@@ -1,0 +1,600 @@
+"""The director's whole durable state, in one SQLite file (WAL, synchronous=FULL) in its folder.
+
+One class, `DirectorState`, holds the experiments and their lifecycle, the envoy registry and the
+sites' reports; the service only calls it. Every write is one transaction that is on disk when
+the method returns, so what the director acknowledged survives kill -9. The lifecycle's allowed
+moves are the one table `TRANSITIONS`; any other move raises `IllegalTransitionError`.
+
+An envoy is online when its last heartbeat is at most twice `health_check_seconds` old, computed
+from the clock every time it is read: no stored flag goes stale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from director.errors import IllegalTransitionError, NotFoundError, StorageError
+
+DATABASE = "director.sqlite"
+LOCK = "director.lock"
+SCHEMA_VERSION = 1
+
+
+class ExperimentState(Enum):
+    """Where an experiment is in its lifecycle (see protos/director.proto, ExperimentState)."""
+
+    SUBMITTED = "submitted"
+    APPROVED = "approved"  # accepted and queued for a running place
+    REJECTED = "rejected"
+    WAITING = "waiting"  # has its place and its aggregator; its sites are starting
+    RUNNING = "running"  # every site started its collaborator
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        """Whether the experiment has ended: nothing moves it any more."""
+        return not TRANSITIONS[self]
+
+
+_S = ExperimentState
+# The lifecycle, whole: from each state, the states it may move to.
+TRANSITIONS: Mapping[ExperimentState, frozenset[ExperimentState]] = MappingProxyType(
+    {
+        _S.SUBMITTED: frozenset({_S.APPROVED, _S.REJECTED, _S.CANCELLED}),
+        _S.APPROVED: frozenset({_S.WAITING, _S.FAILED, _S.CANCELLED}),
+        _S.WAITING: frozenset({_S.RUNNING, _S.FAILED, _S.CANCELLED}),
+        _S.RUNNING: frozenset({_S.COMPLETED, _S.FAILED, _S.CANCELLED}),
+        _S.REJECTED: frozenset(),
+        _S.COMPLETED: frozenset(),
+        _S.FAILED: frozenset(),
+        _S.CANCELLED: frozenset(),
+    }
+)
+ACTIVE = frozenset({_S.WAITING, _S.RUNNING})  # holding one of max_running_experiments places
+
+
+class CollaboratorState(Enum):
+    """One site's collaborator for one experiment, as its envoy reports it."""
+
+    APPROVAL_PENDING = "approval_pending"
+    SITE_APPROVED = "site_approved"
+    SITE_REJECTED = "site_rejected"
+    REFUSED = "refused"
+    STARTED = "started"
+    RUNNING = "running"
+    EXITED = "exited"
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What a site says it holds; informative only."""
+
+    description: str = ""
+    train_samples: int = 0
+    valid_samples: int = 0
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Envoy:
+    """A registered envoy; `online` was computed from the clock when it was read."""
+
+    name: str
+    shard: ShardInfo
+    version: str
+    registered_at: float
+    last_seen: float
+    online: bool
+
+
+@dataclass(frozen=True)
+class SiteReport:
+    """The last report of one site's collaborator for one experiment."""
+
+    site: str
+    state: CollaboratorState
+    exit_code: int
+    reason: str
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One experiment as stored; `plan_yaml` is the plan as submitted, before the director's fields."""
+
+    experiment_id: str
+    sequence: int  # submission order
+    name: str
+    owner: str
+    state: ExperimentState
+    reason: str
+    plan_yaml: str
+    sites: tuple[str, ...]
+    rounds: int
+    has_initial_model: bool
+    submitted_at: float
+    started_at: float  # 0: not yet (set on entering waiting)
+    ended_at: float  # 0: not yet (set on entering a final state)
+    port: int | None  # the aggregator's port, from entering waiting until the end
+    aggregator_pid: int | None  # the running aggregator's process, as last recorded
+
+
+_EXPERIMENT_COLUMNS = (
+    "id, sequence, name, owner, state, reason, plan_yaml, sites, rounds, has_initial_model, "
+    "submitted_at, started_at, ended_at, port, aggregator_pid"
+)
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS experiments (
+    sequence INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    plan_yaml TEXT NOT NULL,
+    sites TEXT NOT NULL,
+    rounds INTEGER NOT NULL,
+    has_initial_model INTEGER NOT NULL,
+    submitted_at REAL NOT NULL,
+    started_at REAL NOT NULL DEFAULT 0,
+    ended_at REAL NOT NULL DEFAULT 0,
+    port INTEGER,
+    aggregator_pid INTEGER
+);
+CREATE TABLE IF NOT EXISTS envoys (
+    name TEXT PRIMARY KEY,
+    shard TEXT NOT NULL,
+    version TEXT NOT NULL,
+    registered_at REAL NOT NULL,
+    last_seen REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS site_reports (
+    experiment_id TEXT NOT NULL,
+    site TEXT NOT NULL,
+    state TEXT NOT NULL,
+    exit_code INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (experiment_id, site)
+);
+"""
+
+
+class DirectorState:
+    """The director's experiments, envoys and site reports; open with `open`, one per folder."""
+
+    def __init__(
+        self,
+        folder: Path,
+        connection: sqlite3.Connection,
+        lock: int,
+        *,
+        health_check_seconds: float,
+        clock: Callable[[], float],
+    ) -> None:
+        """Use `open`; this only keeps what it prepared."""
+        self.folder = folder
+        self.health_check_seconds = health_check_seconds
+        self._clock = clock
+        self._db = connection
+        self._folder_lock = lock
+        self._lock = threading.Lock()
+
+    # -- opening and closing ------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        folder: Path,
+        *,
+        health_check_seconds: float,
+        clock: Callable[[], float] = time.time,
+    ) -> DirectorState:
+        """Open (or create) the state in `folder`; `StorageError` if unusable or in use."""
+        folder = Path(folder)
+        database = folder / DATABASE
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            lock = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as error:
+            raise StorageError(
+                f"{folder}: cannot use as the director's state folder: {error.strerror}"
+            ) from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(lock)
+            raise StorageError(f"{folder}: another director is using this state folder") from None
+        try:
+            connection = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=FULL")
+            connection.executescript(_SCHEMA)
+            row = connection.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            if row is None:
+                connection.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
+                )
+            elif row[0] != str(SCHEMA_VERSION):
+                raise StorageError(
+                    f"{database}: state version {row[0]}, this director reads {SCHEMA_VERSION}"
+                )
+        except sqlite3.Error as error:
+            os.close(lock)
+            raise StorageError(f"{database}: {error}") from None
+        except StorageError:
+            os.close(lock)
+            raise
+        return cls(
+            folder,
+            connection,
+            lock,
+            health_check_seconds=health_check_seconds,
+            clock=clock,
+        )
+
+    def close(self) -> None:
+        """Close the database and let another director open the folder."""
+        with self._lock:
+            self._db.close()
+            os.close(self._folder_lock)
+
+    # -- experiments --------------------------------------------------------------------------
+
+    def add_experiment(
+        self,
+        *,
+        owner: str,
+        name: str,
+        plan_yaml: str,
+        sites: Sequence[str],
+        rounds: int,
+        has_initial_model: bool,
+        experiment_id: str | None = None,
+    ) -> Experiment:
+        """Store a new experiment as submitted; its id (a new UUID unless given) is its federation's."""
+        experiment_id = experiment_id or str(uuid.uuid4())
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO experiments (id, name, owner, state, plan_yaml, sites, rounds, "
+                "has_initial_model, submitted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    experiment_id,
+                    name,
+                    owner,
+                    ExperimentState.SUBMITTED.value,
+                    plan_yaml,
+                    json.dumps(list(sites)),
+                    rounds,
+                    int(has_initial_model),
+                    self._clock(),
+                ),
+            )
+        return self.experiment(experiment_id)
+
+    def experiment(self, experiment_id: str) -> Experiment:
+        """The experiment with this id; `NotFoundError` if there is none."""
+        row = self._query_one(
+            f"SELECT {_EXPERIMENT_COLUMNS} FROM experiments WHERE id = ?", (experiment_id,)
+        )
+        if row is None:
+            raise NotFoundError(f"no experiment {experiment_id!r}")
+        return _experiment(row)
+
+    def experiments(self, owner: str | None = None) -> list[Experiment]:
+        """Every experiment (of `owner`, if given), in submission order."""
+        if owner is None:
+            rows = self._query_all(
+                f"SELECT {_EXPERIMENT_COLUMNS} FROM experiments ORDER BY sequence"
+            )
+        else:
+            rows = self._query_all(
+                f"SELECT {_EXPERIMENT_COLUMNS} FROM experiments WHERE owner = ? ORDER BY sequence",
+                (owner,),
+            )
+        return [_experiment(row) for row in rows]
+
+    def transition(self, experiment_id: str, to: ExperimentState, reason: str = "") -> Experiment:
+        """Move an experiment to `to`, if `TRANSITIONS` allows it; `IllegalTransitionError` if not.
+
+        Entering waiting stamps `started_at`; entering a final state stamps `ended_at` and frees
+        the port. Use `begin` to enter waiting: it also chooses the aggregator's port.
+        """
+        with self._transaction() as db:
+            current = self._current_state(db, experiment_id)
+            _check_move(experiment_id, current, to)
+            now = self._clock()
+            if to.final:
+                db.execute(
+                    "UPDATE experiments SET state = ?, reason = ?, ended_at = ?, port = NULL, "
+                    "aggregator_pid = NULL WHERE id = ?",
+                    (to.value, reason, now, experiment_id),
+                )
+            else:
+                db.execute(
+                    "UPDATE experiments SET state = ?, reason = ? WHERE id = ?",
+                    (to.value, reason, experiment_id),
+                )
+        return self.experiment(experiment_id)
+
+    def begin(self, experiment_id: str, ports: range) -> Experiment:
+        """Move an approved experiment to waiting, with the lowest port of `ports` no other holds.
+
+        `IllegalTransitionError` if it is not approved, or if every port of the range is taken.
+        """
+        with self._transaction() as db:
+            current = self._current_state(db, experiment_id)
+            _check_move(experiment_id, current, ExperimentState.WAITING)
+            taken = {
+                row[0] for row in db.execute("SELECT port FROM experiments WHERE port IS NOT NULL")
+            }
+            free = next((port for port in ports if port not in taken), None)
+            if free is None:
+                raise IllegalTransitionError(
+                    f"experiment {experiment_id!r} cannot start: every aggregator port "
+                    f"{ports.start}-{ports.stop - 1} is in use"
+                )
+            db.execute(
+                "UPDATE experiments SET state = ?, started_at = ?, port = ? WHERE id = ?",
+                (ExperimentState.WAITING.value, self._clock(), free, experiment_id),
+            )
+        return self.experiment(experiment_id)
+
+    def set_aggregator(self, experiment_id: str, pid: int | None) -> None:
+        """Record the process running the experiment's aggregator (None: none runs)."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE experiments SET aggregator_pid = ? WHERE id = ?", (pid, experiment_id)
+            )
+            if cursor.rowcount == 0:
+                raise NotFoundError(f"no experiment {experiment_id!r}")
+
+    def queue(self) -> list[Experiment]:
+        """The approved experiments waiting for a running place, in submission order."""
+        rows = self._query_all(
+            f"SELECT {_EXPERIMENT_COLUMNS} FROM experiments WHERE state = ? ORDER BY sequence",
+            (ExperimentState.APPROVED.value,),
+        )
+        return [_experiment(row) for row in rows]
+
+    def active(self) -> list[Experiment]:
+        """The experiments holding a running place (waiting or running), in submission order."""
+        rows = self._query_all(
+            f"SELECT {_EXPERIMENT_COLUMNS} FROM experiments WHERE state IN (?, ?) ORDER BY sequence",
+            tuple(state.value for state in (ExperimentState.WAITING, ExperimentState.RUNNING)),
+        )
+        return [_experiment(row) for row in rows]
+
+    def startable(self, max_running: int) -> list[Experiment]:
+        """The queued experiments that may take a place now, first submitted first."""
+        places = max(0, max_running - len(self.active()))
+        return self.queue()[:places]
+
+    def queue_position(self, experiment_id: str) -> int:
+        """Where an approved experiment stands in the queue, from 1; 0 when it is not queued."""
+        for position, queued in enumerate(self.queue(), start=1):
+            if queued.experiment_id == experiment_id:
+                return position
+        return 0
+
+    def remove(self, experiment_id: str) -> None:
+        """Forget an experiment that has ended, and its sites' reports."""
+        with self._transaction() as db:
+            current = self._current_state(db, experiment_id)
+            if not current.final:
+                raise IllegalTransitionError(
+                    f"experiment {experiment_id!r} is {current.value}; only an experiment that "
+                    "has ended can be removed (cancel it first)"
+                )
+            db.execute("DELETE FROM site_reports WHERE experiment_id = ?", (experiment_id,))
+            db.execute("DELETE FROM experiments WHERE id = ?", (experiment_id,))
+
+    # -- envoys -------------------------------------------------------------------------------
+
+    def register(self, name: str, shard: ShardInfo, version: str) -> Envoy:
+        """Register (or register again) an envoy with its shard info; it counts as a heartbeat."""
+        now = self._clock()
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO envoys (name, shard, version, registered_at, last_seen) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET shard = excluded.shard, "
+                "version = excluded.version, registered_at = excluded.registered_at, "
+                "last_seen = excluded.last_seen",
+                (name, _shard_json(shard), version, now, now),
+            )
+        return Envoy(name, shard, version, now, now, online=True)
+
+    def heartbeat(self, name: str) -> bool:
+        """Note a heartbeat; False when the envoy is not registered (it must register again)."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE envoys SET last_seen = ? WHERE name = ?", (self._clock(), name)
+            )
+            return cursor.rowcount == 1
+
+    def envoy(self, name: str) -> Envoy | None:
+        """The registered envoy of this name, or None."""
+        row = self._query_one(
+            "SELECT name, shard, version, registered_at, last_seen FROM envoys WHERE name = ?",
+            (name,),
+        )
+        return None if row is None else self._envoy(row)
+
+    def envoys(self) -> list[Envoy]:
+        """Every registered envoy, by name."""
+        rows = self._query_all(
+            "SELECT name, shard, version, registered_at, last_seen FROM envoys ORDER BY name"
+        )
+        return [self._envoy(row) for row in rows]
+
+    def is_online(self, last_seen: float) -> bool:
+        """Whether an envoy last seen then is online now: a heartbeat within two periods."""
+        return self._clock() - last_seen <= 2 * self.health_check_seconds
+
+    # -- sites' reports -----------------------------------------------------------------------
+
+    def report(
+        self,
+        experiment_id: str,
+        site: str,
+        state: CollaboratorState,
+        *,
+        exit_code: int = 0,
+        reason: str = "",
+    ) -> SiteReport:
+        """Keep a site's report on its collaborator (the last one wins; the same twice is one)."""
+        with self._transaction() as db:
+            self._current_state(db, experiment_id)
+            db.execute(
+                "INSERT INTO site_reports (experiment_id, site, state, exit_code, reason, "
+                "updated_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (experiment_id, site) DO "
+                "UPDATE SET state = excluded.state, exit_code = excluded.exit_code, "
+                "reason = excluded.reason, updated_at = excluded.updated_at",
+                (experiment_id, site, state.value, exit_code, reason, self._clock()),
+            )
+        return SiteReport(site, state, exit_code, reason, self._clock())
+
+    def reports(self, experiment_id: str) -> dict[str, SiteReport]:
+        """The last report of each site that reported on this experiment, by site."""
+        rows = self._query_all(
+            "SELECT site, state, exit_code, reason, updated_at FROM site_reports "
+            "WHERE experiment_id = ? ORDER BY site",
+            (experiment_id,),
+        )
+        return {
+            row[0]: SiteReport(row[0], CollaboratorState(row[1]), row[2], row[3], row[4])
+            for row in rows
+        }
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _envoy(self, row: tuple[Any, ...]) -> Envoy:
+        name, shard, version, registered_at, last_seen = row
+        return Envoy(
+            name=name,
+            shard=_shard_from_json(shard),
+            version=version,
+            registered_at=registered_at,
+            last_seen=last_seen,
+            online=self.is_online(last_seen),
+        )
+
+    @staticmethod
+    def _current_state(db: sqlite3.Connection, experiment_id: str) -> ExperimentState:
+        row = db.execute("SELECT state FROM experiments WHERE id = ?", (experiment_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no experiment {experiment_id!r}")
+        return ExperimentState(row[0])
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, committed (and synced) on leaving; `StorageError` on failure."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as error:
+                raise StorageError(f"{self.folder / DATABASE}: {error}") from None
+
+    def _query_one(self, sql: str, parameters: Sequence[object] = ()) -> tuple[Any, ...] | None:
+        rows = self._query_all(sql, parameters)
+        return rows[0] if rows else None
+
+    def _query_all(self, sql: str, parameters: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                return list(self._db.execute(sql, parameters))
+            except sqlite3.Error as error:
+                raise StorageError(f"{self.folder / DATABASE}: {error}") from None
+
+
+def _check_move(experiment_id: str, current: ExperimentState, to: ExperimentState) -> None:
+    if to not in TRANSITIONS[current]:
+        if current.final:
+            detail = "it has ended"
+        else:
+            allowed = ", ".join(sorted(state.value for state in TRANSITIONS[current]))
+            detail = f"from {current.value} it can become {allowed}"
+        raise IllegalTransitionError(
+            f"experiment {experiment_id!r} is {current.value} and cannot become {to.value}: {detail}"
+        )
+
+
+def _experiment(row: tuple[Any, ...]) -> Experiment:
+    (
+        experiment_id,
+        sequence,
+        name,
+        owner,
+        state,
+        reason,
+        plan_yaml,
+        sites,
+        rounds,
+        has_initial_model,
+        submitted_at,
+        started_at,
+        ended_at,
+        port,
+        aggregator_pid,
+    ) = row
+    return Experiment(
+        experiment_id=experiment_id,
+        sequence=sequence,
+        name=name,
+        owner=owner,
+        state=ExperimentState(state),
+        reason=reason,
+        plan_yaml=plan_yaml,
+        sites=tuple(json.loads(sites)),
+        rounds=rounds,
+        has_initial_model=bool(has_initial_model),
+        submitted_at=submitted_at,
+        started_at=started_at,
+        ended_at=ended_at,
+        port=port,
+        aggregator_pid=aggregator_pid,
+    )
+
+
+def _shard_json(shard: ShardInfo) -> str:
+    return json.dumps(
+        {
+            "description": shard.description,
+            "train_samples": shard.train_samples,
+            "valid_samples": shard.valid_samples,
+            "labels": dict(shard.labels),
+        },
+        sort_keys=True,
+    )
+
+
+def _shard_from_json(text: str) -> ShardInfo:
+    data = json.loads(text)
+    return ShardInfo(
+        description=data["description"],
+        train_samples=data["train_samples"],
+        valid_samples=data["valid_samples"],
+        labels=MappingProxyType(dict(data["labels"])),
+    )

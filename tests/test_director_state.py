@@ -1,0 +1,334 @@
+"""The director's durable state: its lifecycle table, queue, envoy registry, and kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from director.errors import IllegalTransitionError, NotFoundError, StorageError
+from director.state import (
+    TRANSITIONS,
+    CollaboratorState,
+    DirectorState,
+    ExperimentState,
+    ShardInfo,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+S = ExperimentState
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    """A hand-moved clock."""
+    return Clock()
+
+
+@pytest.fixture
+def state(tmp_path: Path, clock: Clock) -> Iterator[DirectorState]:
+    """A fresh state in its own folder, heartbeats every 10 s."""
+    opened = DirectorState.open(tmp_path / "state", health_check_seconds=10, clock=clock)
+    yield opened
+    opened.close()
+
+
+def add(state: DirectorState, owner: str = "ada", sites: tuple[str, ...] = ("alice", "bob")) -> str:
+    """A new submitted experiment's id."""
+    return state.add_experiment(
+        owner=owner,
+        name="digits",
+        plan_yaml="federation: {}\n",
+        sites=sites,
+        rounds=3,
+        has_initial_model=False,
+    ).experiment_id
+
+
+def move_to(state: DirectorState, experiment_id: str, target: ExperimentState) -> None:
+    """Walk an experiment from submitted to `target` along the lifecycle."""
+    path = {
+        S.SUBMITTED: [],
+        S.APPROVED: [S.APPROVED],
+        S.REJECTED: [S.REJECTED],
+        S.WAITING: [S.APPROVED, S.WAITING],
+        S.RUNNING: [S.APPROVED, S.WAITING, S.RUNNING],
+        S.COMPLETED: [S.APPROVED, S.WAITING, S.RUNNING, S.COMPLETED],
+        S.FAILED: [S.APPROVED, S.WAITING, S.FAILED],
+        S.CANCELLED: [S.CANCELLED],
+    }[target]
+    for step in path:
+        if step is S.WAITING:
+            state.begin(experiment_id, range(9000, 9010))
+        else:
+            state.transition(experiment_id, step)
+
+
+def test_the_lifecycle_walks_from_submitted_to_completed(
+    state: DirectorState, clock: Clock
+) -> None:
+    """Each step is stored; waiting stamps the start and takes a port, the end frees it."""
+    experiment_id = add(state)
+    assert state.experiment(experiment_id).state is S.SUBMITTED
+    state.transition(experiment_id, S.APPROVED)
+    clock.now += 5
+    waiting = state.begin(experiment_id, range(9000, 9010))
+    assert (waiting.state, waiting.port, waiting.started_at) == (S.WAITING, 9000, clock.now)
+    state.transition(experiment_id, S.RUNNING)
+    clock.now += 5
+    done = state.transition(experiment_id, S.COMPLETED)
+    assert (done.state, done.port, done.ended_at) == (S.COMPLETED, None, clock.now)
+
+
+def test_failed_keeps_its_reason(state: DirectorState) -> None:
+    """A failure says why, and the reason is stored with it."""
+    experiment_id = add(state)
+    move_to(state, experiment_id, S.RUNNING)
+    state.transition(experiment_id, S.FAILED, "site bob offline for more than 60 s")
+    failed = state.experiment(experiment_id)
+    assert (failed.state, failed.reason) == (S.FAILED, "site bob offline for more than 60 s")
+
+
+ILLEGAL = [
+    (current, target)
+    for current in S
+    for target in S
+    if target not in TRANSITIONS[current] and target is not S.SUBMITTED
+]
+
+
+@pytest.mark.parametrize(("current", "target"), ILLEGAL, ids=lambda s: s.value)
+def test_every_move_the_table_does_not_allow_is_refused(
+    state: DirectorState, current: ExperimentState, target: ExperimentState
+) -> None:
+    """Each pair outside TRANSITIONS raises IllegalTransitionError and changes nothing."""
+    experiment_id = add(state)
+    move_to(state, experiment_id, current)
+    with pytest.raises(IllegalTransitionError, match=f"is {current.value} and cannot become"):
+        if target is S.WAITING:
+            state.begin(experiment_id, range(9000, 9010))
+        else:
+            state.transition(experiment_id, target)
+    assert state.experiment(experiment_id).state is current
+
+
+def test_the_table_has_every_state_and_final_states_lead_nowhere() -> None:
+    """Every state is in the table; exactly the four ends are final."""
+    assert set(TRANSITIONS) == set(S)
+    assert {s for s in S if s.final} == {S.REJECTED, S.COMPLETED, S.FAILED, S.CANCELLED}
+
+
+def test_unknown_experiment_is_not_found(state: DirectorState) -> None:
+    """Reading, moving or reporting on an unknown id raises NotFoundError."""
+    with pytest.raises(NotFoundError, match="no experiment 'nope'"):
+        state.experiment("nope")
+    with pytest.raises(NotFoundError):
+        state.transition("nope", S.APPROVED)
+    with pytest.raises(NotFoundError):
+        state.report("nope", "alice", CollaboratorState.STARTED)
+    with pytest.raises(NotFoundError):
+        state.set_aggregator("nope", 12)
+
+
+def test_ports_are_the_lowest_free_ones_and_a_full_range_is_refused(state: DirectorState) -> None:
+    """Active experiments hold distinct ports; a freed port is used again; none left: refused."""
+    first, second, third = add(state), add(state), add(state)
+    for experiment_id in (first, second, third):
+        state.transition(experiment_id, S.APPROVED)
+    assert state.begin(first, range(9000, 9002)).port == 9000
+    assert state.begin(second, range(9000, 9002)).port == 9001
+    with pytest.raises(IllegalTransitionError, match="every aggregator port 9000-9001 is in use"):
+        state.begin(third, range(9000, 9002))
+    assert state.experiment(third).state is S.APPROVED
+    state.transition(first, S.CANCELLED)
+    assert state.begin(third, range(9000, 9002)).port == 9000
+
+
+def test_the_queue_keeps_submission_order_within_max_running(state: DirectorState) -> None:
+    """Approved experiments start first-submitted first, up to the places left."""
+    ids = [add(state) for _ in range(4)]
+    for experiment_id in reversed(ids):  # approval order must not matter
+        state.transition(experiment_id, S.APPROVED)
+    assert [e.experiment_id for e in state.startable(2)] == ids[:2]
+    assert state.queue_position(ids[2]) == 3
+    state.begin(ids[0], range(9000, 9010))
+    assert [e.experiment_id for e in state.startable(2)] == ids[1:2]
+    state.begin(ids[1], range(9000, 9010))
+    assert state.startable(2) == []
+    assert state.queue_position(ids[0]) == 0
+    assert state.queue_position(ids[2]) == 1
+    state.transition(ids[0], S.FAILED, "aggregator exited with 1")
+    assert [e.experiment_id for e in state.startable(2)] == ids[2:3]
+
+
+def test_experiments_are_listed_by_owner_in_submission_order(state: DirectorState) -> None:
+    """A user's list holds only theirs; the whole list holds all, oldest first."""
+    mine = [add(state, "ada"), add(state, "ada")]
+    theirs = add(state, "bob")
+    assert [e.experiment_id for e in state.experiments("ada")] == mine
+    assert [e.experiment_id for e in state.experiments()] == [*mine, theirs]
+
+
+def test_only_an_ended_experiment_is_removed(state: DirectorState) -> None:
+    """Remove refuses a live experiment and forgets an ended one with its reports."""
+    experiment_id = add(state)
+    move_to(state, experiment_id, S.RUNNING)
+    state.report(experiment_id, "alice", CollaboratorState.RUNNING)
+    with pytest.raises(IllegalTransitionError, match="only an experiment that has ended"):
+        state.remove(experiment_id)
+    state.transition(experiment_id, S.CANCELLED)
+    state.remove(experiment_id)
+    with pytest.raises(NotFoundError):
+        state.experiment(experiment_id)
+    assert state.reports(experiment_id) == {}
+
+
+def test_online_is_recomputed_from_the_clock(state: DirectorState, clock: Clock) -> None:
+    """Online within two health periods of the last heartbeat, offline after, online again on one."""
+    shard = ShardInfo("digits, first third", 500, 100, {"country": "de"})
+    envoy = state.register("alice", shard, "0.1.0")
+    assert envoy.online and envoy.shard == shard
+    clock.now += 20
+    assert state.envoys()[0].online
+    clock.now += 0.5
+    assert not state.envoys()[0].online
+    assert state.heartbeat("alice")
+    found = state.envoy("alice")
+    assert found is not None and found.online and found.last_seen == clock.now
+
+
+def test_an_unknown_envoy_is_told_to_register(state: DirectorState) -> None:
+    """A heartbeat from a name never registered answers False and stores nothing."""
+    assert not state.heartbeat("mallory")
+    assert state.envoy("mallory") is None and state.envoys() == []
+
+
+def test_registering_again_replaces_the_shard(state: DirectorState) -> None:
+    """A second registration keeps one envoy with the new shard info."""
+    state.register("alice", ShardInfo("old"), "0.1.0")
+    state.register("alice", ShardInfo("new", 10), "0.2.0")
+    [envoy] = state.envoys()
+    assert (envoy.shard.description, envoy.shard.train_samples, envoy.version) == (
+        "new",
+        10,
+        "0.2.0",
+    )
+
+
+def test_site_reports_keep_the_last_and_repeat_harmlessly(state: DirectorState) -> None:
+    """The same report twice is one; a later report replaces the earlier."""
+    experiment_id = add(state)
+    state.report(experiment_id, "alice", CollaboratorState.STARTED)
+    state.report(experiment_id, "alice", CollaboratorState.STARTED)
+    state.report(experiment_id, "bob", CollaboratorState.REFUSED, reason="runner not allowed")
+    state.report(experiment_id, "alice", CollaboratorState.EXITED, exit_code=1)
+    reports = state.reports(experiment_id)
+    assert sorted(reports) == ["alice", "bob"]
+    assert (reports["alice"].state, reports["alice"].exit_code) == (CollaboratorState.EXITED, 1)
+    assert reports["bob"].reason == "runner not allowed"
+
+
+def test_everything_survives_a_reopen(tmp_path: Path, clock: Clock) -> None:
+    """Closed and opened again, the state holds the same experiments, envoys and reports."""
+    folder = tmp_path / "state"
+    state = DirectorState.open(folder, health_check_seconds=10, clock=clock)
+    experiment_id = add(state)
+    move_to(state, experiment_id, S.WAITING)
+    state.set_aggregator(experiment_id, 4242)
+    state.register("alice", ShardInfo("a"), "0.1.0")
+    state.report(experiment_id, "alice", CollaboratorState.STARTED)
+    before = state.experiment(experiment_id)
+    state.close()
+    again = DirectorState.open(folder, health_check_seconds=10, clock=clock)
+    try:
+        assert again.experiment(experiment_id) == before
+        assert before.aggregator_pid == 4242 and before.port == 9000
+        assert [e.name for e in again.envoys()] == ["alice"]
+        assert again.reports(experiment_id)["alice"].state is CollaboratorState.STARTED
+    finally:
+        again.close()
+
+
+def test_a_second_director_on_the_same_folder_is_refused(state: DirectorState) -> None:
+    """The folder is locked while a state has it open."""
+    with pytest.raises(StorageError, match="another director is using this state folder"):
+        DirectorState.open(state.folder, health_check_seconds=10)
+
+
+def test_an_unusable_folder_is_a_storage_error(tmp_path: Path) -> None:
+    """A state folder under a file cannot be made: StorageError naming it."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x", encoding="utf-8")
+    with pytest.raises(StorageError, match="cannot use as the director's state folder"):
+        DirectorState.open(blocker / "state", health_check_seconds=10)
+
+
+WRITER = """
+import sys
+from pathlib import Path
+from director.state import DirectorState, ExperimentState, ShardInfo
+state = DirectorState.open(Path(sys.argv[1]), health_check_seconds=10)
+n = 0
+while True:
+    experiment = state.add_experiment(owner="ada", name=f"e{n}", plan_yaml="x: 1\\n" * 200,
+                                      sites=["alice"], rounds=1, has_initial_model=False)
+    state.transition(experiment.experiment_id, ExperimentState.APPROVED)
+    state.register(f"site{n % 7}", ShardInfo("s", n), "v")
+    print(experiment.experiment_id, flush=True)
+    n += 1
+"""
+
+
+def test_kill_9_mid_write_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    """A writer killed with SIGKILL mid-stream: the state reopens intact with every acknowledged write."""
+    folder = tmp_path / "state"
+    process = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(folder)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        start_new_session=True,
+    )
+    assert process.stdout is not None
+    acknowledged: list[str] = []
+    deadline = time.monotonic() + 60
+    try:
+        while len(acknowledged) < 40 and time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            acknowledged.append(line.strip())
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+        process.stdout.close()
+    assert len(acknowledged) >= 40, "the writer did not get going"
+    with sqlite3.connect(folder / "director.sqlite") as check:
+        assert check.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    state = DirectorState.open(folder, health_check_seconds=10)
+    try:
+        stored = {e.experiment_id: e for e in state.experiments()}
+        for experiment_id in acknowledged:
+            assert stored[experiment_id].state is S.APPROVED
+        # Writes after the last line read are there too, whole: each a submitted or approved one.
+        assert {e.state for e in stored.values()} <= {S.SUBMITTED, S.APPROVED}
+        assert len(state.envoys()) == 7
+    finally:
+        state.close()
