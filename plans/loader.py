@@ -183,12 +183,22 @@ class _Section:
 def load_plan(path: str | Path) -> Plan:
     """Read and check the plan at `path`; raise `PlanError` listing every problem."""
     plan_path = Path(path)
+    return parse_plan(read_yaml(plan_path), plan_path)
+
+
+def read_yaml(plan_path: Path) -> object:
+    """The YAML document in a file (with `yaml.safe_load`); `PlanError` naming the file if not."""
     try:
         text = plan_path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise PlanError(plan_path, ["file not found"]) from None
     except (OSError, UnicodeDecodeError) as error:
         raise PlanError(plan_path, [f"cannot read: {error}"]) from None
+    return yaml_document(text, plan_path)
+
+
+def yaml_document(text: str, plan_path: Path) -> object:
+    """The YAML document in `text` (from `plan_path`, named in errors); `PlanError` if not YAML."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
@@ -201,7 +211,7 @@ def load_plan(path: str | Path) -> Plan:
         raise PlanError(plan_path, ["not valid YAML: nested too deeply"]) from None
     except ValueError as error:  # a scalar PyYAML cannot build: 2020-13-45, !!int x, 5000 digits
         raise PlanError(plan_path, [f"not valid YAML: {error}"]) from None
-    return parse_plan(data, plan_path)
+    return data
 
 
 def parse_plan(data: object, plan_path: Path) -> Plan:
@@ -535,6 +545,10 @@ def _connection(section: _Section) -> ConnectionSettings:
     )
     section.finish()
     return settings
+
+
+# Public for other YAML files read the same way (director.yaml): one reader, one kind of message.
+Section = _Section
 
 
 def _kind(value: object) -> str:

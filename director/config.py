@@ -1,0 +1,217 @@
+"""director.yaml: who may do what, where the director listens and keeps its state, its limits.
+
+Read as strictly as a plan (with `plans.loader`'s reader): unknown keys are errors, and every
+problem is one line `FILE: key.path: what is wrong`, all reported at once. Paths are relative to
+the file. An example, every key shown with its default (the four without one are required):
+
+    listen: {address: 0.0.0.0, port: 50050}
+    host: localhost              # required: the name envoys and people dial, and aggregators'
+    certs_dir: certs             # required: a `pki` folder; the director serves with its
+                                 #   aggregator certificate (CN = host), as its aggregators do
+    state_dir: state             # required: SQLite state, experiments' plans, models and logs
+    aggregator: {listen_address: 0.0.0.0, ports: [50100, 50199]}
+    envoys: [alice, bob, carol]  # required: site names (certificate CNs) allowed to register
+    users: []                    # certificate CNs of people who submit experiments
+    admins: []                   # people who see and act on every experiment, and review
+    review: auto                 # or manual: an admin approves each experiment
+    health_check_seconds: 10     # envoys heartbeat this often; offline after twice as long
+    max_running_experiments: 2   # the others wait in submission order
+    limits: {max_plan_bytes: 1048576, max_model_bytes: 4294967296, chunk_bytes: 1048576}
+    liveness: {min_sites: null, mandatory_sites: [], offline_grace_seconds: 300}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pki.layout import CertsLayout
+from plans.loader import PlanError, Section, read_yaml
+
+MIB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """director.yaml cannot be used; `problems` holds one line per problem, each naming its key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass(frozen=True)
+class Limits:
+    """`limits`: the sizes the director accepts from people."""
+
+    max_plan_bytes: int = MIB  # limits.max_plan_bytes: one submitted plan's YAML text
+    max_model_bytes: int = 4096 * MIB  # limits.max_model_bytes: one submitted initial model
+    chunk_bytes: int = MIB  # limits.chunk_bytes: the pieces models and logs are streamed in
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """`liveness`: when an experiment fails because its sites are away (the director's default)."""
+
+    min_sites: int | None = None  # liveness.min_sites: None = every site of the experiment
+    mandatory_sites: tuple[str, ...] = ()  # liveness.mandatory_sites
+    offline_grace_seconds: float = 300.0  # liveness.offline_grace_seconds
+
+
+@dataclass(frozen=True)
+class DirectorConfig:
+    """A whole director.yaml; `path` is the file it came from."""
+
+    path: Path
+    listen_address: str  # listen.address
+    port: int  # listen.port (0: any free port, for tests)
+    host: str  # host: the name envoys, people and collaborators dial
+    certs: CertsLayout  # certs_dir
+    state_dir: Path  # state_dir
+    aggregator_listen_address: str  # aggregator.listen_address
+    aggregator_ports: range  # aggregator.ports: [first, last], both included
+    envoys: tuple[str, ...]  # envoys
+    users: tuple[str, ...]  # users
+    admins: tuple[str, ...]  # admins
+    manual_review: bool  # review: manual
+    health_check_seconds: float  # health_check_seconds
+    max_running_experiments: int  # max_running_experiments
+    limits: Limits
+    liveness: Liveness
+
+
+def load_config(path: str | Path) -> DirectorConfig:
+    """Read and check director.yaml at `path`; raise `ConfigError` listing every problem."""
+    config_path = Path(path)
+    try:
+        data = read_yaml(config_path)
+    except PlanError as error:
+        raise ConfigError(error.problems) from None
+    return parse_config(data, config_path)
+
+
+def parse_config(data: object, config_path: Path) -> DirectorConfig:
+    """Check an already-parsed director.yaml; paths in it are relative to `config_path`."""
+    problems: list[str] = []
+    root = Section(data, "", problems)
+    base = config_path.resolve().parent
+    listen = root.section("listen")
+    listen_address = listen.text("address", "0.0.0.0")
+    port = listen.integer("port", 50050, low=0, high=65535)
+    listen.finish()
+    host = root.text("host")
+    certs_dir = root.text("certs_dir")
+    state_dir = root.text("state_dir")
+    aggregator = root.section("aggregator")
+    aggregator_listen = aggregator.text("listen_address", "0.0.0.0")
+    ports = _port_range(aggregator)
+    aggregator.finish()
+    envoys = root.names("envoys")
+    users = root.names("users", ())
+    admins = root.names("admins", ())
+    manual = root.choice("review", "auto", ("auto", "manual")) == "manual"
+    health = root.number("health_check_seconds", 10.0, low=0.05, high=86400)
+    most = root.integer("max_running_experiments", 2, low=1, high=10_000)
+    limits = _limits(root.section("limits"))
+    liveness = _liveness(root.section("liveness"))
+    root.finish()
+    _cross_check(
+        problems,
+        port=port,
+        ports=ports,
+        envoys=envoys,
+        users=users,
+        admins=admins,
+        liveness=liveness,
+    )
+    if problems:
+        raise ConfigError([f"{config_path}: {problem}" for problem in problems])
+    return DirectorConfig(
+        path=config_path,
+        listen_address=listen_address,
+        port=port,
+        host=host,
+        certs=CertsLayout((base / certs_dir).resolve()),
+        state_dir=(base / state_dir).resolve(),
+        aggregator_listen_address=aggregator_listen,
+        aggregator_ports=ports,
+        envoys=envoys,
+        users=users,
+        admins=admins,
+        manual_review=manual,
+        health_check_seconds=health,
+        max_running_experiments=most,
+        limits=limits,
+        liveness=liveness,
+    )
+
+
+def _port_range(section: Section) -> range:
+    def check(value: object) -> range | None:
+        if not isinstance(value, list) or len(value) != 2:
+            return None
+        first, last = value
+        numbers = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        if not numbers or not 1 <= first <= last <= 65535:
+            return None
+        return range(first, last + 1)
+
+    return section._checked(
+        "ports", range(50100, 50200), check, "[first, last]: two ports 1-65535, first <= last"
+    )
+
+
+def _limits(section: Section) -> Limits:
+    defaults = Limits()
+    limits = Limits(
+        max_plan_bytes=section.integer(
+            "max_plan_bytes", defaults.max_plan_bytes, low=1024, high=64 * MIB
+        ),
+        max_model_bytes=section.integer(
+            "max_model_bytes", defaults.max_model_bytes, low=1024, high=2**40
+        ),
+        chunk_bytes=section.integer("chunk_bytes", defaults.chunk_bytes, low=1024, high=64 * MIB),
+    )
+    section.finish()
+    return limits
+
+
+def _liveness(section: Section) -> Liveness:
+    defaults = Liveness()
+    liveness = Liveness(
+        min_sites=section.optional_integer("min_sites", defaults.min_sites, low=1, high=100_000),
+        mandatory_sites=section.names("mandatory_sites", ()),
+        offline_grace_seconds=section.number(
+            "offline_grace_seconds", defaults.offline_grace_seconds, low=0, high=30 * 86400
+        ),
+    )
+    section.finish()
+    return liveness
+
+
+def _cross_check(
+    problems: list[str],
+    *,
+    port: int,
+    ports: range,
+    envoys: tuple[str, ...],
+    users: tuple[str, ...],
+    admins: tuple[str, ...],
+    liveness: Liveness,
+) -> None:
+    """What no single key shows: overlapping roles, ports, mandatory sites that cannot register."""
+    if not all(isinstance(names, tuple) for names in (envoys, users, admins)):
+        return  # already reported
+    people = set(users) | set(admins)
+    both = sorted(set(envoys) & people)
+    if both:
+        problems.append(
+            f"envoys: {', '.join(both)} also listed as users or admins; a certificate name has "
+            "one role"
+        )
+    if port in ports:
+        problems.append(
+            f"listen.port: {port} is in aggregator.ports {ports.start}-{ports.stop - 1}"
+        )
+    unknown = sorted(set(liveness.mandatory_sites) - set(envoys))
+    if unknown:
+        problems.append(f"liveness.mandatory_sites: {', '.join(unknown)} not in envoys")

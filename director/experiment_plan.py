@@ -1,0 +1,187 @@
+"""A submitted plan, checked; and the plan the director writes for the experiment's aggregator.
+
+A person submits a foedus plan (the same schema as `aggregator start` reads) without the fields
+the director owns: who the federation is (`federation.uuid`, `federation.aggregator_id`), where
+its aggregator runs (`aggregator.host`, `port`, `listen_address`, `san_dns`, `san_ips`), where its
+files go (`aggregator.output_dir`, `aggregator.initial_model`) and its certificates (`tls`). A plan
+setting any of them is refused, naming each; so is one naming sites not registered. The rest is
+checked by `plans.parse_plan` itself, so the director accepts exactly what an aggregator would.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from director.config import DirectorConfig
+from director.errors import InvalidRequestError, LimitExceededError, StorageError
+from plans.loader import PlanError, load_plan, parse_plan, yaml_document
+from plans.schema import Plan
+
+SUBMITTED = Path("submitted plan")  # how errors name the plan a person sent
+PLAN_FILE = "plan.yaml"
+# (section, key) the director sets; key None: the whole section.
+OWNED: tuple[tuple[str, str | None], ...] = (
+    ("federation", "uuid"),
+    ("federation", "aggregator_id"),
+    ("aggregator", "host"),
+    ("aggregator", "port"),
+    ("aggregator", "listen_address"),
+    ("aggregator", "san_dns"),
+    ("aggregator", "san_ips"),
+    ("aggregator", "output_dir"),
+    ("aggregator", "initial_model"),
+    ("tls", None),
+)
+_PLACEHOLDERS: Mapping[str, Mapping[str, object]] = {
+    "federation": {"uuid": "submitted"},
+    "aggregator": {"host": "localhost", "port": 0},
+    "tls": {"insecure": True},
+}
+
+
+@dataclass(frozen=True)
+class SubmittedPlan:
+    """A submitted plan that passed every check, and what the director reads from it."""
+
+    text: str
+    name: str  # federation.name
+    sites: tuple[str, ...]  # collaborators
+    rounds: int  # federation.rounds
+
+
+def check_submitted(text: str, *, registered: Collection[str], max_bytes: int) -> SubmittedPlan:
+    """Check a submitted plan's YAML text; `InvalidRequestError` naming every bad field."""
+    size = len(text.encode("utf-8"))
+    if size > max_bytes:
+        raise LimitExceededError(
+            f"the plan is {size} bytes; this director accepts plans of at most {max_bytes} bytes "
+            "(director.yaml limits.max_plan_bytes)"
+        )
+    try:
+        document = yaml_document(text, SUBMITTED)
+    except PlanError as error:
+        raise InvalidRequestError("; ".join(error.problems)) from None
+    if not isinstance(document, Mapping):
+        raise InvalidRequestError(f"{SUBMITTED}: expected a mapping of plan sections")
+    owned = [
+        f"{SUBMITTED}: {section}{'.' + key if key else ''}: set by the director; remove it"
+        for section, key in OWNED
+        if _is_set(document, section, key)
+    ]
+    if owned:
+        raise InvalidRequestError("; ".join(owned))
+    try:
+        plan = parse_plan(_with_placeholders(document), SUBMITTED)
+    except PlanError as error:
+        raise InvalidRequestError("; ".join(error.problems)) from None
+    unknown = [site for site in plan.collaborators if site not in registered]
+    if unknown:
+        raise InvalidRequestError(
+            f"{SUBMITTED}: collaborators: not registered with this director: "
+            f"{', '.join(unknown)} (`experiment envoys` lists the registered sites)"
+        )
+    return SubmittedPlan(
+        text=text,
+        name=plan.federation.name,
+        sites=plan.collaborators,
+        rounds=plan.federation.rounds,
+    )
+
+
+def director_document(
+    text: str,
+    *,
+    experiment_id: str,
+    port: int,
+    config: DirectorConfig,
+    folder: Path,
+    initial_model: Path | None,
+) -> dict[str, Any]:
+    """The submitted plan with the director's fields set, as a YAML document."""
+    document = yaml.safe_load(text)
+    if not isinstance(document, dict):
+        raise InvalidRequestError(f"{SUBMITTED}: expected a mapping of plan sections")
+    document = copy.deepcopy(document)
+    federation = dict(document.get("federation") or {})
+    federation.update(uuid=experiment_id, aggregator_id=f"aggregator_{experiment_id}")
+    aggregator = dict(document.get("aggregator") or {})
+    aggregator.update(
+        host=config.host,
+        port=port,
+        listen_address=config.aggregator_listen_address,
+        output_dir=str(folder / "output"),
+    )
+    if initial_model is not None:
+        aggregator["initial_model"] = str(initial_model)
+    document.update(
+        federation=federation, aggregator=aggregator, tls={"certs_dir": str(config.certs.root)}
+    )
+    return document
+
+
+def write_director_plan(
+    text: str,
+    *,
+    experiment_id: str,
+    port: int,
+    config: DirectorConfig,
+    folder: Path,
+    initial_model: Path | None,
+) -> tuple[Path, Plan]:
+    """Write the experiment's aggregator plan into `folder` (durably) and load it back, checked."""
+    document = director_document(
+        text,
+        experiment_id=experiment_id,
+        port=port,
+        config=config,
+        folder=folder,
+        initial_model=initial_model,
+    )
+    path = folder / PLAN_FILE
+    temporary = folder / f".{PLAN_FILE}.tmp"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with temporary.open("w", encoding="utf-8") as file:
+            yaml.safe_dump(document, file, sort_keys=False)
+            file.flush()
+            os.fsync(file.fileno())
+        temporary.replace(path)
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    except OSError as error:
+        raise StorageError(f"{path}: cannot write: {error.strerror or error}") from None
+    try:
+        return path, load_plan(path)
+    except PlanError as error:  # the submitted part passed these checks: a fault of the director's
+        raise StorageError("; ".join(error.problems)) from None
+
+
+def _is_set(document: Mapping[Any, Any], section: str, key: str | None) -> bool:
+    if section not in document:
+        return False
+    if key is None:
+        return True
+    part = document[section]
+    return isinstance(part, Mapping) and key in part
+
+
+def _with_placeholders(document: Mapping[Any, Any]) -> dict[Any, Any]:
+    """The document with harmless values in the director's fields, for `parse_plan` to check."""
+    filled = dict(document)
+    for section, values in _PLACEHOLDERS.items():
+        part = filled.get(section)
+        if section == "tls" or part is None:
+            filled[section] = dict(values)
+        elif isinstance(part, Mapping):
+            filled[section] = {**part, **values}
+    return filled
