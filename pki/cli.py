@@ -16,6 +16,7 @@ from pki.layout import CertsLayout
 from pki.local import (
     DEFAULT_CA_DAYS,
     DEFAULT_LEAF_DAYS,
+    SetupResult,
     certify_file,
     request_files,
     setup_local_federation,
@@ -142,6 +143,8 @@ def _ask_on_terminal(csr_fingerprint: str) -> None:
 
 
 def _cmd_setup(args: argparse.Namespace) -> int:
+    if args.director is not None:
+        return _setup_director(args)
     # Imported here: plans imports pki.layout, so a module-level import would be a cycle.
     from plans import PlanError, load_plan  # noqa: PLC0415
 
@@ -169,6 +172,35 @@ def _cmd_setup(args: argparse.Namespace) -> int:
         days=args.days,
         force=args.force,
     )
+    _print_setup(layout, result)
+    return EXIT_OK
+
+
+def _setup_director(args: argparse.Namespace) -> int:
+    """Every certificate a local director needs: its host's, its envoys' (their collaborators
+    use the same), and its users' and admins'."""
+    # Imported here, as plans is above: director.config imports pki.layout.
+    from director.config import ConfigError, load_config  # noqa: PLC0415
+
+    try:
+        config = load_config(args.director)
+    except ConfigError as exc:
+        raise _UsageError("; ".join(exc.problems)) from None
+    result = setup_local_federation(
+        config.certs,
+        aggregator_host=config.host,
+        dns_names=(),
+        ip_addresses=(),
+        collaborators=config.envoys,
+        users=tuple(dict.fromkeys((*config.users, *config.admins))),
+        days=args.days,
+        force=args.force,
+    )
+    _print_setup(config.certs, result)
+    return EXIT_OK
+
+
+def _print_setup(layout: CertsLayout, result: SetupResult) -> None:
     print(f"certificates in {layout.root}")
     for label, items in (
         ("created", result.created),
@@ -177,7 +209,6 @@ def _cmd_setup(args: argparse.Namespace) -> int:
     ):
         if items:
             print(f"  {label}: {', '.join(items)}")
-    return EXIT_OK
 
 
 def _cmd_fingerprint(args: argparse.Namespace) -> int:
@@ -257,7 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     collaborator.add_argument(
         "--name", required=True, help="the collaborator's name, as in the plan"
     )
-    for sub in (aggregator, collaborator):
+    user = command(
+        roles, "user", "Key and request for a person using a director (TLS client).", _cmd_request
+    )
+    user.add_argument(
+        "--name", required=True, help="the person's name, as in director.yaml's users or admins"
+    )
+    for sub in (aggregator, collaborator, user):
         sub.add_argument(
             "--dir", type=Path, required=True, help="the certificate folder to write into"
         )
@@ -279,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="what the certificate is for",
     )
     certify.add_argument(
-        "--name", required=True, help="the host (aggregator) or collaborator name being certified"
+        "--name",
+        required=True,
+        help="the host (aggregator), collaborator or user name being certified",
     )
     certify.add_argument(
         "--csr", type=Path, help="the request file (default: the participant's in DIR)"
@@ -312,10 +351,18 @@ def build_parser() -> argparse.ArgumentParser:
     setup = command(
         commands,
         "setup",
-        "Make a whole local federation's CA and certificates from a plan (idempotent).",
+        "Make a whole local federation's CA and certificates from a plan or a director.yaml "
+        "(idempotent).",
         _cmd_setup,
     )
-    setup.add_argument("--plan", type=Path, required=True, help="the federation plan (YAML)")
+    source = setup.add_mutually_exclusive_group(required=True)
+    source.add_argument("--plan", type=Path, help="the federation plan (YAML)")
+    source.add_argument(
+        "--director",
+        type=Path,
+        metavar="CONFIG",
+        help="a director.yaml: its host's certificate, its envoys' and its users' and admins'",
+    )
     setup.add_argument(
         "--days",
         type=_days,

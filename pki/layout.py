@@ -94,3 +94,20 @@ class CertsLayout:
     def collaborator_csr(self, name: str) -> Path:
         """Certificate signing request of the collaborator called name."""
         return self.collaborators_dir / f"{_path_component(name)}.csr"
+
+    @property
+    def users_dir(self) -> Path:
+        """Folder holding the keys, requests and certificates of people using a director."""
+        return self.root / "users"
+
+    def user_cert(self, name: str) -> Path:
+        """Certificate of the user called name."""
+        return self.users_dir / f"{_path_component(name)}.crt"
+
+    def user_key(self, name: str) -> Path:
+        """Private key of the user called name."""
+        return self.users_dir / f"{_path_component(name)}.key"
+
+    def user_csr(self, name: str) -> Path:
+        """Certificate signing request of the user called name."""
+        return self.users_dir / f"{_path_component(name)}.csr"

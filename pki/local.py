@@ -55,6 +55,7 @@ DEFAULT_LEAF_DAYS = 365
 _EKU = {
     Role.AGGREGATOR: ExtendedKeyUsageOID.SERVER_AUTH,
     Role.COLLABORATOR: ExtendedKeyUsageOID.CLIENT_AUTH,
+    Role.USER: ExtendedKeyUsageOID.CLIENT_AUTH,
 }
 
 
@@ -68,10 +69,12 @@ class LeafPaths:
 
 
 def leaf_paths(layout: CertsLayout, role: Role, name: str) -> LeafPaths:
-    """Where a participant's files live: the aggregator has one slot, collaborators one per name."""
+    """Where a participant's files live: the aggregator has one slot, the others one per name."""
     validate_name(role, name)  # first, so a bad name is reported as a name, not as a file name
     if role is Role.AGGREGATOR:
         return LeafPaths(layout.aggregator_cert, layout.aggregator_key, layout.aggregator_csr)
+    if role is Role.USER:
+        return LeafPaths(layout.user_cert(name), layout.user_key(name), layout.user_csr(name))
     return LeafPaths(
         layout.collaborator_cert(name), layout.collaborator_key(name), layout.collaborator_csr(name)
     )
@@ -271,19 +274,22 @@ def setup_local_federation(
     dns_names: Sequence[str],
     ip_addresses: Sequence[str],
     collaborators: Sequence[str],
+    users: Sequence[str] = (),
     days: int = DEFAULT_LEAF_DAYS,
     force: bool = False,
 ) -> SetupResult:
     """Make (or bring up to date) a whole federation's CA and certificates in one folder, for local runs."""
     check_days(days)
-    if isinstance(collaborators, str):
-        raise PkiError("collaborators must be a sequence of names, not a string")
-    duplicates = sorted({name for name in collaborators if list(collaborators).count(name) > 1})
-    if duplicates:
-        raise PkiError(f"collaborators: duplicate names {duplicates}")
+    for what, names in (("collaborators", collaborators), ("users", users)):
+        if isinstance(names, str):
+            raise PkiError(f"{what} must be a sequence of names, not a string")
+        duplicates = sorted({name for name in names if list(names).count(name) > 1})
+        if duplicates:
+            raise PkiError(f"{what}: duplicate names {duplicates}")
     participants: list[tuple[Role, str, Sequence[str], Sequence[str]]] = [
         (Role.AGGREGATOR, aggregator_host, dns_names, ip_addresses),
         *((Role.COLLABORATOR, name, (), ()) for name in collaborators),
+        *((Role.USER, name, (), ()) for name in users),
     ]
     # Check every name before touching the disk, so a typo leaves no half-made federation.
     expected_sans = [

@@ -25,10 +25,11 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class Role(enum.Enum):
-    """What a certificate is for: the aggregator serves, collaborators connect as clients."""
+    """What a certificate is for: the aggregator serves, collaborators and people are clients."""
 
     AGGREGATOR = "aggregator"
     COLLABORATOR = "collaborator"
+    USER = "user"  # a person using a director (`experiment` command); named as collaborators are
 
 
 def validate_collaborator_name(name: str) -> str:
@@ -111,10 +112,10 @@ def subject_alt_names(
         raise CertificateRequestError(
             "dns_names and ip_addresses must be sequences of strings, not a string"
         )
-    if role is Role.COLLABORATOR:
+    if role is not Role.AGGREGATOR:
         if dns_names or ip_addresses:
             raise CertificateRequestError(
-                f"collaborator {common_name!r}: extra DNS names or IP addresses apply only to the aggregator"
+                f"{role.value} {common_name!r}: extra DNS names or IP addresses apply only to the aggregator"
             )
         return [x509.DNSName(common_name)]
     dns: list[str] = []

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 _EKU = {
     Role.AGGREGATOR: ExtendedKeyUsageOID.SERVER_AUTH,
     Role.COLLABORATOR: ExtendedKeyUsageOID.CLIENT_AUTH,
+    Role.USER: ExtendedKeyUsageOID.CLIENT_AUTH,
 }
 _EKU_NAMES = {
     ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
@@ -91,13 +92,13 @@ def _checked_sans(
         requested = list(csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
     except x509.ExtensionNotFound:
         requested = []
-    if role is Role.COLLABORATOR:
+    if role is not Role.AGGREGATOR:
         allowed = subject_alt_names(role, name)
         if requested and requested != allowed:
             shown = ", ".join(str(entry.value) for entry in requested)
             raise SigningError(
-                f"CSR for collaborator {name!r} asks for alternative names [{shown}]; "
-                f"a collaborator certificate names only DNS:{name}"
+                f"CSR for {role.value} {name!r} asks for alternative names [{shown}]; "
+                f"a {role.value} certificate names only DNS:{name}"
             )
         return allowed
     dns: list[str] = []

@@ -336,6 +336,76 @@ def test_setup_from_a_plan_twice(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "kept: CA, aggregator localhost, collaborator alice, collaborator bob" in out
 
 
+def test_request_and_certify_a_user(
+    ca_dir: CertsLayout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A person's certificate: users/NAME.crt, clientAuth only, its SAN exactly DNS:NAME."""
+    code, out, err = _run(capsys, "request", "user", "--name", "ada", "--dir", str(ca_dir.root))
+    assert (code, err) == (0, "")
+    assert _mode(ca_dir.user_key("ada")) == 0o600
+    code, _out, err = _run(
+        capsys,
+        "certify",
+        "--dir",
+        str(ca_dir.root),
+        "--role",
+        "user",
+        "--name",
+        "ada",
+        "--fingerprint",
+        _fingerprint_in(out),
+    )
+    assert (code, err) == (0, "")
+    cert = read_certificate(ca_dir.user_cert("ada"))
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert list(san) == [x509.DNSName("ada")]
+
+
+def test_a_user_request_is_not_certified_as_another_role(
+    ca_dir: CertsLayout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Certifying a user's request under a collaborator's files finds no request: exit 2."""
+    assert _run(capsys, "request", "user", "--name", "ada", "--dir", str(ca_dir.root))[0] == 0
+    code, _out, err = _run(
+        capsys, "certify", "--dir", str(ca_dir.root), "--role", "collaborator", "--name", "ada"
+    )
+    assert code == 2
+    _assert_one_error_line(err, str(ca_dir.collaborator_csr("ada")))
+
+
+def test_setup_from_a_director_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`pki setup --director` certifies the host, every envoy, and users and admins once each."""
+    config = tmp_path / "director.yaml"
+    config.write_text(
+        "host: localhost\ncerts_dir: certs\nstate_dir: state\nenvoys: [alice, bob]\n"
+        "users: [ada, root]\nadmins: [root]\n",
+        encoding="utf-8",
+    )
+    code, out, err = _run(capsys, "setup", "--director", str(config))
+    assert (code, err) == (0, "")
+    assert (
+        "created: CA, aggregator localhost, collaborator alice, collaborator bob, user ada, "
+        "user root"
+    ) in out
+    layout = CertsLayout(tmp_path / "certs")
+    assert layout.user_cert("root").is_file() and layout.collaborator_cert("bob").is_file()
+    code, out, err = _run(capsys, "setup", "--director", str(config))
+    assert (code, "created" in out) == (0, False)
+
+
+def test_setup_from_a_bad_director_config_names_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A director.yaml with a typo: exit 2, one line naming the file and the key."""
+    config = tmp_path / "director.yaml"
+    config.write_text("host: localhost\ncerts_dir: c\nstate_dir: s\nenvoy: [a]\n", "utf-8")
+    code, _out, err = _run(capsys, "setup", "--director", str(config))
+    assert code == 2
+    _assert_one_error_line(err, f"{config}: envoy: unknown key", "envoys: required")
+
+
 @pytest.mark.parametrize(
     "command",
     [
@@ -344,6 +414,7 @@ def test_setup_from_a_plan_twice(tmp_path: Path, capsys: pytest.CaptureFixture[s
         ["request"],
         ["request", "aggregator"],
         ["request", "collaborator"],
+        ["request", "user"],
         ["certify"],
         ["setup"],
         ["fingerprint"],
