@@ -71,14 +71,20 @@ def test_a_new_launcher_adopts_a_running_aggregator(tmp_path: Path) -> None:
         )
     )
     pid = first.start("e1", tmp_path / "plan.yaml", tmp_path)
-    second = LocalLauncher()
-    assert not second.adopt("e1", tmp_path, os.getpid())  # not ours: a reused pid is refused
-    assert second.adopt("e1", tmp_path, pid)
-    assert second.poll("e1", tmp_path) is None
-    (tmp_path / "go").touch()
-    assert wait_for_end(second, tmp_path) == Ended(0)
-    assert wait_for_end(first, tmp_path) == Ended(0)  # the real parent reaps it: no zombie
-    assert not second.adopt("e1", tmp_path, pid)
+    try:
+        second = LocalLauncher()
+        assert not second.adopt("e1", tmp_path, os.getpid())  # not ours: a reused pid is refused
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not second.adopt("e1", tmp_path, pid):  # once the new process runs its command
+            assert time.monotonic() < deadline, "the started process was never recognised"
+            time.sleep(0.05)
+        assert second.poll("e1", tmp_path) is None
+        (tmp_path / "go").touch()
+        assert wait_for_end(second, tmp_path) == Ended(0)
+        assert not second.adopt("e1", tmp_path, pid)
+    finally:
+        (tmp_path / "go").touch()
+        assert wait_for_end(first, tmp_path) == Ended(0)  # the real parent reaps it: no zombie
 
 
 def test_a_parent_killed_without_a_status_reads_as_lost(tmp_path: Path) -> None:

@@ -1,0 +1,115 @@
+"""DirectorServer: the director's gRPC server, its credentials, its supervisor thread, start and stop."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+from types import TracebackType
+
+import grpc
+
+from director.config import DirectorConfig
+from director.launcher import Launcher, LocalLauncher
+from director.service import DirectorService
+from director.servicer import DirectorServicer
+from director.state import DirectorState
+from pki.tls import server_credentials
+from protos import director_pb2_grpc
+from protos.channel import server_options
+
+logger = logging.getLogger(__name__)
+
+# Followed streams (watch, metrics, logs) hold a thread each for as long as they follow.
+WORKERS = 64
+MESSAGE_BYTES_SLACK = 64 * 1024  # a chunk's message: the chunk plus its few other fields
+
+
+class ServerError(Exception):
+    """The director cannot serve at all (port in use, unusable address); not a refusal."""
+
+
+class DirectorServer:
+    """Serves a director.yaml's director over mutual TLS, its supervisor running beside it."""
+
+    def __init__(
+        self,
+        config: DirectorConfig,
+        *,
+        launcher: Launcher | None = None,
+        supervise_seconds: float = 0.25,
+    ) -> None:
+        """Open the state (`StorageError` if unusable or in use) and prepare the server."""
+        self.config = config
+        self.state = DirectorState.open(
+            config.state_dir, health_check_seconds=config.health_check_seconds
+        )
+        self.service = DirectorService(config, self.state, launcher or LocalLauncher())
+        self.stopping = threading.Event()
+        limit = max(config.limits.max_plan_bytes, config.limits.chunk_bytes) + MESSAGE_BYTES_SLACK
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="director-rpc"),
+            options=server_options(limit),
+        )
+        director_pb2_grpc.add_DirectorServicer_to_server(
+            DirectorServicer(self.service, self.stopping), self._server
+        )
+        self._supervise_seconds = supervise_seconds
+        self._supervisor: threading.Thread | None = None
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        """The host:port this server listens on, IPv6 addresses in brackets."""
+        host = self.config.listen_address
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"{host}:{self.config.port}"
+
+    def start(self) -> int:
+        """Find running experiments again, bind and serve, start supervising; the port."""
+        self.service.recover()
+        certs = self.config.certs
+        credentials = server_credentials(
+            certs.aggregator_cert, certs.aggregator_key, certs.ca_bundle
+        )
+        try:
+            self.port = self._server.add_secure_port(self.address, credentials)
+        except RuntimeError as error:
+            raise ServerError(f"cannot listen on {self.address}: {error}") from None
+        if self.port == 0:
+            raise ServerError(f"cannot listen on {self.address}: the address is in use or invalid")
+        self._server.start()
+        self._supervisor = threading.Thread(
+            target=self.service.run,
+            args=(self.stopping, self._supervise_seconds),
+            name="director-supervisor",
+            daemon=True,
+        )
+        self._supervisor.start()
+        logger.info("director serving on port %d (state in %s)", self.port, self.config.state_dir)
+        return self.port
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop serving and supervising; running aggregators go on, to be adopted at next start."""
+        self.stopping.set()
+        self._server.stop(grace).wait()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=60)
+        self.state.close()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server stops or `timeout` passes; True if it stopped."""
+        return self._server.wait_for_termination(timeout)
+
+    def __enter__(self) -> DirectorServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop(0)

@@ -1,0 +1,465 @@
+"""DirectorServicer: the wire side of the director, thin: identify, convert, delegate, convert back.
+
+Every RPC runs under `_unary` or `_streaming`: the caller is identified from its certificate there
+(the one place, `director.identity.Roster.identify`), and any refusal becomes its status
+(`director.status`). The logic is `director.service.DirectorService`'s.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
+
+import grpc
+
+from director.errors import InvalidRequestError, NotFoundError
+from director.identity import Caller
+from director.service import (
+    CollaboratorReport,
+    DirectorService,
+    ExperimentView,
+    ModelUpload,
+)
+from director.state import CollaboratorState, ExperimentState, ShardInfo
+from director.status import abort
+from protos import director_pb2, director_pb2_grpc
+
+R = TypeVar("R")
+T = TypeVar("T")
+POLL_SECONDS = 0.25  # how often a followed stream looks for what is new
+
+_COLLABORATOR_STATES = {
+    director_pb2.COLLABORATOR_APPROVAL_PENDING: CollaboratorState.APPROVAL_PENDING,
+    director_pb2.COLLABORATOR_SITE_APPROVED: CollaboratorState.SITE_APPROVED,
+    director_pb2.COLLABORATOR_SITE_REJECTED: CollaboratorState.SITE_REJECTED,
+    director_pb2.COLLABORATOR_REFUSED: CollaboratorState.REFUSED,
+    director_pb2.COLLABORATOR_STARTED: CollaboratorState.STARTED,
+    director_pb2.COLLABORATOR_RUNNING: CollaboratorState.RUNNING,
+    director_pb2.COLLABORATOR_EXITED: CollaboratorState.EXITED,
+}
+_COLLABORATOR_TO_WIRE = {state: wire for wire, state in _COLLABORATOR_STATES.items()}
+_EXPERIMENT_TO_WIRE = {
+    ExperimentState.SUBMITTED: director_pb2.EXPERIMENT_SUBMITTED,
+    ExperimentState.APPROVED: director_pb2.EXPERIMENT_APPROVED,
+    ExperimentState.REJECTED: director_pb2.EXPERIMENT_REJECTED,
+    ExperimentState.WAITING: director_pb2.EXPERIMENT_WAITING,
+    ExperimentState.RUNNING: director_pb2.EXPERIMENT_RUNNING,
+    ExperimentState.COMPLETED: director_pb2.EXPERIMENT_COMPLETED,
+    ExperimentState.FAILED: director_pb2.EXPERIMENT_FAILED,
+    ExperimentState.CANCELLED: director_pb2.EXPERIMENT_CANCELLED,
+}
+_MODEL_KINDS = {director_pb2.MODEL_KIND_BEST: "best", director_pb2.MODEL_KIND_LAST: "last"}
+
+
+def _unary(
+    method: Callable[[DirectorServicer, Caller, R, grpc.ServicerContext], T],
+) -> Callable[[DirectorServicer, R, grpc.ServicerContext], T]:
+    """An RPC: its caller identified first, a refusal answered with its status."""
+
+    @functools.wraps(method)
+    def guarded(servicer: DirectorServicer, request: R, context: grpc.ServicerContext) -> T:
+        try:
+            return method(servicer, servicer.identify(context), request, context)
+        except Exception as error:
+            abort(context, method.__name__, error)
+
+    return guarded
+
+
+def _streaming(
+    method: Callable[[DirectorServicer, Caller, R, grpc.ServicerContext], Iterator[T]],
+) -> Callable[[DirectorServicer, R, grpc.ServicerContext], Iterator[T]]:
+    """`_unary` for an RPC that answers with a stream: a refusal ends the stream with its status."""
+
+    @functools.wraps(method)
+    def guarded(
+        servicer: DirectorServicer, request: R, context: grpc.ServicerContext
+    ) -> Iterator[T]:
+        try:
+            yield from method(servicer, servicer.identify(context), request, context)
+        except Exception as error:
+            abort(context, method.__name__, error)
+
+    return guarded
+
+
+class DirectorServicer(director_pb2_grpc.DirectorServicer):
+    """The Director service of protos/director.proto over a `DirectorService`."""
+
+    def __init__(self, service: DirectorService, stopping: threading.Event) -> None:
+        """Serve `service`; followed streams end when `stopping` is set."""
+        self.service = service
+        self.stopping = stopping
+
+    def identify(self, context: grpc.ServicerContext) -> Caller:
+        """The caller: its verified certificate's common name, given its role by director.yaml."""
+        values: Iterable[bytes] | bytes = context.auth_context().get("x509_common_name") or []
+        if isinstance(values, bytes):
+            values = [values]
+        names = [value.decode("utf-8", "replace") for value in values]
+        return self.service.roster.identify(names)
+
+    # -- envoys -------------------------------------------------------------------------------
+
+    @_unary
+    def RegisterEnvoy(  # noqa: N802 - the name is the RPC's
+        self,
+        caller: Caller,
+        request: director_pb2.RegisterEnvoyRequest,
+        context: grpc.ServicerContext,
+    ) -> director_pb2.RegisterEnvoyResponse:
+        """An envoy registers its shard."""
+        shard = ShardInfo(
+            description=request.shard.description,
+            train_samples=request.shard.train_samples,
+            valid_samples=request.shard.valid_samples,
+            labels=dict(request.shard.labels),
+        )
+        period = self.service.register_envoy(caller, shard, request.version)
+        return director_pb2.RegisterEnvoyResponse(health_check_seconds=period)
+
+    @_unary
+    def EnvoyHeartbeat(  # noqa: N802
+        self,
+        caller: Caller,
+        request: director_pb2.EnvoyHeartbeatRequest,
+        context: grpc.ServicerContext,
+    ) -> director_pb2.EnvoyHeartbeatResponse:
+        """An envoy is alive; answer its work."""
+        reports = [_report(report) for report in request.collaborators]
+        work = self.service.heartbeat(caller, reports)
+        period = self.service.config.health_check_seconds
+        if work is None:
+            return director_pb2.EnvoyHeartbeatResponse(
+                register_again=True, health_check_seconds=period
+            )
+        return director_pb2.EnvoyHeartbeatResponse(
+            health_check_seconds=period,
+            start=[
+                director_pb2.ExperimentToStart(
+                    experiment_id=order.experiment_id,
+                    name=order.name,
+                    owner=order.owner,
+                    plan_yaml=order.plan_yaml,
+                    collaborator_name=order.collaborator_name,
+                )
+                for order in work.start
+            ],
+            stop=list(work.stop),
+            log_requests=[
+                director_pb2.LogRequestToEnvoy(
+                    request_id=order.request_id,
+                    experiment_id=order.experiment_id,
+                    offset=order.offset,
+                    max_bytes=order.max_bytes,
+                )
+                for order in work.logs
+            ],
+        )
+
+    @_unary
+    def ReportCollaborator(  # noqa: N802
+        self,
+        caller: Caller,
+        request: director_pb2.CollaboratorReport,
+        context: grpc.ServicerContext,
+    ) -> director_pb2.ReportCollaboratorResponse:
+        """An envoy reports one collaborator's state."""
+        self.service.report(caller, _report(request))
+        return director_pb2.ReportCollaboratorResponse()
+
+    @_unary
+    def UploadLog(  # noqa: N802
+        self,
+        caller: Caller,
+        request: Iterator[director_pb2.LogUpload],
+        context: grpc.ServicerContext,
+    ) -> director_pb2.UploadLogResponse:
+        """An envoy sends a log the director asked for."""
+        first = next(request, None)
+        if first is None or not first.request_id:
+            raise InvalidRequestError("request_id: required in the first message")
+
+        def pieces() -> Iterator[bytes]:
+            yield first.data
+            for message in request:
+                yield message.data
+
+        self.service.upload_log(caller, first.request_id, first.found, pieces())
+        return director_pb2.UploadLogResponse()
+
+    # -- people -------------------------------------------------------------------------------
+
+    @_unary
+    def SubmitExperiment(  # noqa: N802
+        self,
+        caller: Caller,
+        request: Iterator[director_pb2.SubmitChunk],
+        context: grpc.ServicerContext,
+    ) -> director_pb2.Experiment:
+        """A person submits a plan and maybe an initial model."""
+        first = next(request, None)
+        if first is None or not first.plan_yaml:
+            raise InvalidRequestError("plan_yaml: required in the first message")
+
+        def pieces() -> Iterator[bytes]:
+            yield first.initial_model_data
+            for message in request:
+                if message.plan_yaml or message.has_initial_model or message.name:
+                    raise InvalidRequestError(
+                        "plan_yaml, name, has_initial_model: only in the first message"
+                    )
+                yield message.initial_model_data
+
+        model = ModelUpload(first.initial_model_size, pieces()) if first.has_initial_model else None
+        if model is None and (first.initial_model_size or first.initial_model_data):
+            raise InvalidRequestError("initial_model_data: sent without has_initial_model")
+        view = self.service.submit(caller, first.plan_yaml, first.name, model)
+        return experiment_to_wire(view)
+
+    @_unary
+    def ListExperiments(  # noqa: N802
+        self,
+        caller: Caller,
+        request: director_pb2.ListExperimentsRequest,
+        context: grpc.ServicerContext,
+    ) -> director_pb2.ListExperimentsResponse:
+        """The caller's experiments."""
+        views = self.service.experiments(caller)
+        return director_pb2.ListExperimentsResponse(
+            experiments=[experiment_to_wire(view) for view in views]
+        )
+
+    @_unary
+    def GetExperiment(  # noqa: N802
+        self,
+        caller: Caller,
+        request: director_pb2.ExperimentRequest,
+        context: grpc.ServicerContext,
+    ) -> director_pb2.Experiment:
+        """One experiment."""
+        return experiment_to_wire(self.service.experiment(caller, _id(request.experiment_id)))
+
+    @_streaming
+    def WatchExperiment(  # noqa: N802
+        self,
+        caller: Caller,
+        request: director_pb2.ExperimentRequest,
+        context: grpc.ServicerContext,
+    ) -> Iterator[director_pb2.Experiment]:
+        """The experiment now and at every change, until it ends."""
+        experiment_id = _id(request.experiment_id)
+        last = None
+        while True:
+            view = self.service.experiment(caller, experiment_id)
+            message = experiment_to_wire(view)
+            if message != last:
+                yield message
+                last = message
+            if view.experiment.state.final or not self._wait(context):
+                return
+
+    @_streaming
+    def GetMetricStream(  # noqa: N802
+        self,
+        caller: Caller,
+        request: director_pb2.MetricStreamRequest,
+        context: grpc.ServicerContext,
+    ) -> Iterator[director_pb2.MetricRow]:
+        """Metric rows as written; with follow, until the experiment ends."""
+        experiment_id = _id(request.experiment_id)
+        index = request.from_row
+        while True:
+            # The state first: rows written before it ended are all there when it reads final.
+            final = self.service.experiment(caller, experiment_id).experiment.state.final
+            for row in self.service.metric_rows(caller, experiment_id, index):
+                yield director_pb2.MetricRow(index=index, json=row)
+                index += 1
+            if not request.follow or final or not self._wait(context):
+                return
+
+    @_streaming
+    def GetLogs(  # noqa: N802
+        self,
+        caller: Caller,
+        request: director_pb2.LogRequestFromUser,
+        context: grpc.ServicerContext,
+    ) -> Iterator[director_pb2.LogChunk]:
+        """The aggregator's log, or a site's through its envoy; with follow, until the end."""
+        experiment_id = _id(request.experiment_id)
+        offset = request.offset
+        timeout = max(5.0, 3 * self.service.config.health_check_seconds)
+        while True:
+            final = self.service.experiment(caller, experiment_id).experiment.state.final
+            while True:
+                if request.site:
+                    data = self.service.site_log(
+                        caller, experiment_id, request.site, offset, timeout=timeout
+                    )
+                else:
+                    data = self.service.aggregator_log(caller, experiment_id, offset)
+                if not data:
+                    break
+                yield director_pb2.LogChunk(offset=offset, data=data)
+                offset += len(data)
+            if not request.follow or final or not self._wait(context):
+                return
+
+    @_streaming
+    def DownloadModel(  # noqa: N802
+        self,
+        caller: Caller,
+        request: director_pb2.DownloadModelRequest,
+        context: grpc.ServicerContext,
+    ) -> Iterator[director_pb2.ModelFileChunk]:
+        """The best or last model file, in chunks."""
+        kind = _MODEL_KINDS.get(request.kind)
+        if kind is None:
+            raise InvalidRequestError("kind: MODEL_KIND_BEST or MODEL_KIND_LAST")
+        path = self.service.model_path(caller, _id(request.experiment_id), kind)
+        chunk = self.service.config.limits.chunk_bytes
+        try:
+            file = path.open("rb")
+        except FileNotFoundError:
+            raise NotFoundError(f"the {kind} model is gone (the experiment was removed)") from None
+        with file:
+            size = path.stat().st_size
+            yield director_pb2.ModelFileChunk(total_size=size, data=file.read(chunk))
+            while data := file.read(chunk):
+                yield director_pb2.ModelFileChunk(data=data)
+
+    @_unary
+    def CancelExperiment(  # noqa: N802
+        self,
+        caller: Caller,
+        request: director_pb2.ExperimentRequest,
+        context: grpc.ServicerContext,
+    ) -> director_pb2.Experiment:
+        """Stop an experiment."""
+        return experiment_to_wire(self.service.cancel(caller, _id(request.experiment_id)))
+
+    @_unary
+    def RemoveExperiment(  # noqa: N802
+        self,
+        caller: Caller,
+        request: director_pb2.ExperimentRequest,
+        context: grpc.ServicerContext,
+    ) -> director_pb2.RemoveExperimentResponse:
+        """Forget an ended experiment and its files."""
+        self.service.remove(caller, _id(request.experiment_id))
+        return director_pb2.RemoveExperimentResponse()
+
+    @_unary
+    def ApproveExperiment(  # noqa: N802
+        self,
+        caller: Caller,
+        request: director_pb2.ReviewRequest,
+        context: grpc.ServicerContext,
+    ) -> director_pb2.Experiment:
+        """An admin lets a submitted experiment run."""
+        view = self.service.review(
+            caller, _id(request.experiment_id), approve=True, reason=request.reason
+        )
+        return experiment_to_wire(view)
+
+    @_unary
+    def RejectExperiment(  # noqa: N802
+        self,
+        caller: Caller,
+        request: director_pb2.ReviewRequest,
+        context: grpc.ServicerContext,
+    ) -> director_pb2.Experiment:
+        """An admin refuses a submitted experiment."""
+        view = self.service.review(
+            caller, _id(request.experiment_id), approve=False, reason=request.reason
+        )
+        return experiment_to_wire(view)
+
+    @_unary
+    def ListEnvoys(  # noqa: N802
+        self,
+        caller: Caller,
+        request: director_pb2.ListEnvoysRequest,
+        context: grpc.ServicerContext,
+    ) -> director_pb2.ListEnvoysResponse:
+        """The registered envoys."""
+        return director_pb2.ListEnvoysResponse(
+            health_check_seconds=self.service.config.health_check_seconds,
+            envoys=[
+                director_pb2.EnvoyInfo(
+                    name=envoy.name,
+                    shard=director_pb2.ShardInfo(
+                        description=envoy.shard.description,
+                        train_samples=envoy.shard.train_samples,
+                        valid_samples=envoy.shard.valid_samples,
+                        labels=dict(envoy.shard.labels),
+                    ),
+                    online=envoy.online,
+                    registered_at=envoy.registered_at,
+                    last_seen=envoy.last_seen,
+                    version=envoy.version,
+                    experiments=list(experiments),
+                )
+                for envoy, experiments in self.service.envoys(caller)
+            ],
+        )
+
+    def _wait(self, context: grpc.ServicerContext) -> bool:
+        """Pause a followed stream; False when the call or the server is ending."""
+        time.sleep(POLL_SECONDS)
+        return context.is_active() and not self.stopping.is_set()
+
+
+def experiment_to_wire(view: ExperimentView) -> director_pb2.Experiment:
+    """An experiment as the wire's message."""
+    experiment = view.experiment
+    return director_pb2.Experiment(
+        experiment_id=experiment.experiment_id,
+        name=experiment.name,
+        owner=experiment.owner,
+        state=_EXPERIMENT_TO_WIRE[experiment.state],
+        reason=experiment.reason,
+        submitted_at=experiment.submitted_at,
+        started_at=experiment.started_at,
+        ended_at=experiment.ended_at,
+        sites=[
+            director_pb2.SiteStatus(
+                site=site.site,
+                state=(
+                    _COLLABORATOR_TO_WIRE[site.state]
+                    if site.state
+                    else director_pb2.COLLABORATOR_STATE_UNSPECIFIED
+                ),
+                exit_code=site.exit_code,
+                reason=site.reason,
+                online=site.online,
+            )
+            for site in view.sites
+        ],
+        rounds=experiment.rounds,
+        rounds_completed=view.rounds_completed,
+        queue_position=view.queue_position,
+        has_best_model=view.has_best_model,
+        has_last_model=view.has_last_model,
+    )
+
+
+def _report(message: director_pb2.CollaboratorReport) -> CollaboratorReport:
+    state = _COLLABORATOR_STATES.get(message.state)
+    if state is None:
+        raise InvalidRequestError(f"state: {message.state} is not a collaborator state")
+    return CollaboratorReport(
+        experiment_id=_id(message.experiment_id),
+        state=state,
+        exit_code=message.exit_code,
+        reason=message.reason[:2000],
+    )
+
+
+def _id(experiment_id: str) -> str:
+    if not experiment_id:
+        raise InvalidRequestError("experiment_id: required")
+    return experiment_id

@@ -1,0 +1,549 @@
+"""The director over real gRPC and real certificates: its lifecycle, and its hostile-input table."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+
+from director.launcher import Ended
+from pki.layout import CertsLayout
+from protos import director_pb2 as pb
+from protos import director_pb2_grpc
+
+from conftest import Identity
+from directors import (
+    ADMIN,
+    ENVOYS,
+    OUTSIDER,
+    STRANGER,
+    Director,
+    RecordingLauncher,
+    make_director_certs,
+    running_director,
+    stub_at,
+    submitted_plan,
+)
+
+WAIT_SECONDS = 30
+TIMEOUT = 20  # every call's deadline
+
+
+@pytest.fixture(scope="module")
+def director_certs(tmp_path_factory: pytest.TempPathFactory) -> CertsLayout:
+    """Certificates of a director on localhost, its envoys, people, a stranger and an outsider."""
+    return make_director_certs(tmp_path_factory.mktemp("director-certs"))
+
+
+@pytest.fixture
+def launcher() -> RecordingLauncher:
+    """A launcher that starts nothing."""
+    return RecordingLauncher()
+
+
+@pytest.fixture
+def director(
+    tmp_path: Path, director_certs: CertsLayout, launcher: RecordingLauncher
+) -> Iterator[Director]:
+    """A director with manual review, its three envoys registered."""
+    with running_director(tmp_path, director_certs, launcher=launcher, review="manual") as running:
+        for name in ENVOYS:
+            running.stub(name, role="envoy").RegisterEnvoy(
+                pb.RegisterEnvoyRequest(shard=pb.ShardInfo(description=f"{name}'s digits")),
+                timeout=TIMEOUT,
+            )
+        yield running
+
+
+def submit(stub: director_pb2_grpc.DirectorStub, plan: object, **first: Any) -> pb.Experiment:
+    """Submit a plan (a document, or text as it is) with optional first-message fields."""
+    text = plan if isinstance(plan, str) else yaml.safe_dump(plan)
+    return stub.SubmitExperiment(iter([pb.SubmitChunk(plan_yaml=text, **first)]), timeout=TIMEOUT)
+
+
+def eventually(check: Callable[[], bool], what: str) -> None:
+    """Wait for `check`, bounded."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def state_of(director: Director, experiment_id: str) -> int:
+    """The experiment's state, as an admin reads it."""
+    return (
+        director.stub(ADMIN)
+        .GetExperiment(pb.ExperimentRequest(experiment_id=experiment_id), timeout=TIMEOUT)
+        .state
+    )
+
+
+def test_an_experiment_runs_its_whole_lifecycle(
+    director: Director, launcher: RecordingLauncher
+) -> None:
+    """Submit, approve, start, sites start, the aggregator ends well: completed, model downloadable."""
+    ada, root = director.stub("ada"), director.stub(ADMIN)
+    submitted = submit(ada, submitted_plan(), name="digits run")
+    assert (submitted.state, submitted.owner, submitted.name) == (
+        pb.EXPERIMENT_SUBMITTED,
+        "ada",
+        "digits run",
+    )
+    assert [site.site for site in submitted.sites] == list(ENVOYS)
+    experiment_id = submitted.experiment_id
+    request = pb.ReviewRequest(experiment_id=experiment_id, reason="looks fine")
+    assert root.ApproveExperiment(request, timeout=TIMEOUT).reason == "approved by root: looks fine"
+    eventually(lambda: state_of(director, experiment_id) == pb.EXPERIMENT_WAITING, "waiting")
+    [(started_id, plan_path)] = launcher.started
+    assert started_id == experiment_id
+    plan = yaml.safe_load(plan_path.read_text(encoding="utf-8"))
+    assert plan["federation"]["uuid"] == experiment_id and plan["aggregator"]["port"] == 60100
+
+    alice = director.stub("alice", role="envoy")
+    work = alice.EnvoyHeartbeat(pb.EnvoyHeartbeatRequest(), timeout=TIMEOUT)
+    [order] = work.start
+    assert (order.experiment_id, order.collaborator_name, order.owner) == (
+        experiment_id,
+        "alice",
+        "ada",
+    )
+    assert yaml.safe_load(order.plan_yaml) == plan
+    for name in ENVOYS:
+        director.stub(name, role="envoy").ReportCollaborator(
+            pb.CollaboratorReport(experiment_id=experiment_id, state=pb.COLLABORATOR_STARTED),
+            timeout=TIMEOUT,
+        )
+    eventually(lambda: state_of(director, experiment_id) == pb.EXPERIMENT_RUNNING, "running")
+    listed = pb.CollaboratorReport(experiment_id=experiment_id, state=pb.COLLABORATOR_RUNNING)
+    again = alice.EnvoyHeartbeat(pb.EnvoyHeartbeatRequest(collaborators=[listed]), timeout=TIMEOUT)
+    assert list(again.start) == [] and list(again.stop) == []
+
+    output = director.server.service.folder(experiment_id) / "output"
+    output.mkdir()
+    rows = [f'{{"round": {n}, "accuracy": 0.{n}}}' for n in range(10)]
+    (output / "metrics.jsonl").write_text("".join(row + "\n" for row in rows), encoding="utf-8")
+    model = bytes(range(256)) * 40  # 10240 bytes: three chunks of 4096 at most
+    (output / "best_model.pbuf").write_bytes(model)
+    launcher.ends[experiment_id] = Ended(0)
+    eventually(lambda: state_of(director, experiment_id) == pb.EXPERIMENT_COMPLETED, "completed")
+
+    finished = ada.GetExperiment(pb.ExperimentRequest(experiment_id=experiment_id), timeout=TIMEOUT)
+    assert (finished.rounds, finished.rounds_completed, finished.has_best_model) == (10, 10, True)
+    assert not finished.has_last_model
+    chunks = list(
+        ada.DownloadModel(
+            pb.DownloadModelRequest(experiment_id=experiment_id, kind=pb.MODEL_KIND_BEST),
+            timeout=TIMEOUT,
+        )
+    )
+    assert chunks[0].total_size == len(model) and len(chunks) == 3
+    assert b"".join(chunk.data for chunk in chunks) == model
+    metrics = ada.GetMetricStream(
+        pb.MetricStreamRequest(experiment_id=experiment_id, from_row=8, follow=True),
+        timeout=TIMEOUT,
+    )
+    assert [(row.index, row.json) for row in metrics] == [(8, rows[8]), (9, rows[9])]
+    watched = list(
+        ada.WatchExperiment(pb.ExperimentRequest(experiment_id=experiment_id), timeout=TIMEOUT)
+    )
+    assert [message.state for message in watched] == [pb.EXPERIMENT_COMPLETED]
+    ended = alice.EnvoyHeartbeat(pb.EnvoyHeartbeatRequest(collaborators=[listed]), timeout=TIMEOUT)
+    assert list(ended.stop) == [experiment_id]
+    ada.RemoveExperiment(pb.ExperimentRequest(experiment_id=experiment_id), timeout=TIMEOUT)
+    assert not director.server.service.folder(experiment_id).exists()
+
+
+def test_the_queue_runs_at_most_max_running_in_submission_order(
+    director: Director, launcher: RecordingLauncher
+) -> None:
+    """Three approved experiments, two places: the third waits, then starts when one ends."""
+    ada, root = director.stub("ada"), director.stub(ADMIN)
+    ids = [submit(ada, submitted_plan()).experiment_id for _ in range(3)]
+    for experiment_id in ids:  # the supervisor runs meanwhile: each may start as it is approved
+        root.ApproveExperiment(pb.ReviewRequest(experiment_id=experiment_id), timeout=TIMEOUT)
+    eventually(lambda: len(launcher.started) == 2, "two starts")
+    assert [started for started, _ in launcher.started] == ids[:2]
+    third = ada.GetExperiment(pb.ExperimentRequest(experiment_id=ids[2]), timeout=TIMEOUT)
+    assert (third.state, third.queue_position) == (pb.EXPERIMENT_APPROVED, 1)
+    ada.CancelExperiment(pb.ExperimentRequest(experiment_id=ids[0]), timeout=TIMEOUT)
+    assert launcher.stopped == [ids[0]]
+    eventually(lambda: len(launcher.started) == 3, "the third start")
+    assert launcher.started[2][0] == ids[2]
+
+
+def test_a_refusing_site_fails_the_experiment_with_its_reason(
+    director: Director, launcher: RecordingLauncher
+) -> None:
+    """A site reporting 'runner not allowed' fails the experiment, naming it; the aggregator stops."""
+    ada, root = director.stub("ada"), director.stub(ADMIN)
+    experiment_id = submit(ada, submitted_plan()).experiment_id
+    root.ApproveExperiment(pb.ReviewRequest(experiment_id=experiment_id), timeout=TIMEOUT)
+    eventually(lambda: len(launcher.started) == 1, "the start")
+    director.stub("bob", role="envoy").ReportCollaborator(
+        pb.CollaboratorReport(
+            experiment_id=experiment_id,
+            state=pb.COLLABORATOR_REFUSED,
+            reason="runner 'digits' is not in this site's runners",
+        ),
+        timeout=TIMEOUT,
+    )
+    eventually(lambda: state_of(director, experiment_id) == pb.EXPERIMENT_FAILED, "failed")
+    failed = ada.GetExperiment(pb.ExperimentRequest(experiment_id=experiment_id), timeout=TIMEOUT)
+    assert failed.reason == "site bob refused: runner 'digits' is not in this site's runners"
+    assert launcher.stopped == [experiment_id]
+
+
+def test_an_aggregator_failing_fails_the_experiment_and_a_killed_one_starts_again(
+    director: Director, launcher: RecordingLauncher
+) -> None:
+    """Exit code 1: failed with the code; killed by a signal: started again, same experiment."""
+    ada, root = director.stub("ada"), director.stub(ADMIN)
+    first, second = (submit(ada, submitted_plan()).experiment_id for _ in range(2))
+    for experiment_id in (first, second):
+        root.ApproveExperiment(pb.ReviewRequest(experiment_id=experiment_id), timeout=TIMEOUT)
+    eventually(lambda: len(launcher.started) == 2, "two starts")
+    launcher.ends[first] = Ended(1)
+    launcher.ends[second] = Ended(-9)
+    eventually(lambda: state_of(director, first) == pb.EXPERIMENT_FAILED, "failed")
+    failed = ada.GetExperiment(pb.ExperimentRequest(experiment_id=first), timeout=TIMEOUT)
+    assert failed.reason.startswith("the aggregator exited with code 1")
+    eventually(lambda: len(launcher.started) == 3, "the restart")
+    assert launcher.started[2][0] == second
+    assert state_of(director, second) == pb.EXPERIMENT_WAITING
+
+
+def test_an_envoy_the_director_does_not_know_is_told_to_register(director: Director) -> None:
+    """A heartbeat from an allowed but unregistered name answers register_again, and no work."""
+    with running_director(
+        director.config_path.parent / "other", director.certs, review="manual"
+    ) as fresh:
+        answer = fresh.stub("alice", role="envoy").EnvoyHeartbeat(
+            pb.EnvoyHeartbeatRequest(), timeout=TIMEOUT
+        )
+        assert answer.register_again and answer.health_check_seconds == 1
+        assert list(answer.start) == []
+
+
+def test_envoys_are_listed_online_with_their_shards(director: Director) -> None:
+    """ListEnvoys shows each registered envoy, online, with its shard description."""
+    answer = director.stub("bea").ListEnvoys(pb.ListEnvoysRequest(), timeout=TIMEOUT)
+    assert [(e.name, e.online, e.shard.description) for e in answer.envoys] == [
+        (name, True, f"{name}'s digits") for name in ENVOYS
+    ]
+
+
+def test_a_user_sees_only_their_experiments_an_admin_all(director: Director) -> None:
+    """ListExperiments: ada sees hers, bea hers, root both."""
+    mine = submit(director.stub("ada"), submitted_plan()).experiment_id
+    theirs = submit(director.stub("bea"), submitted_plan()).experiment_id
+
+    def listed(name: str) -> list[str]:
+        answer = director.stub(name).ListExperiments(pb.ListExperimentsRequest(), timeout=TIMEOUT)
+        return [e.experiment_id for e in answer.experiments]
+
+    assert (listed("ada"), listed("bea"), listed(ADMIN)) == ([mine], [theirs], [mine, theirs])
+
+
+def test_an_initial_model_is_received_in_chunks(director: Director) -> None:
+    """A model sent in pieces is stored whole, and the plan the director writes names it."""
+    model = b"\x0a\x00" * 3000
+    pieces = [model[i : i + 1000] for i in range(0, len(model), 1000)]
+    first = pb.SubmitChunk(
+        plan_yaml=yaml.safe_dump(submitted_plan()),
+        has_initial_model=True,
+        initial_model_size=len(model),
+        initial_model_data=pieces[0],
+    )
+    rest = [pb.SubmitChunk(initial_model_data=piece) for piece in pieces[1:]]
+    answer = director.stub("ada").SubmitExperiment(iter([first, *rest]), timeout=TIMEOUT)
+    folder = director.server.service.folder(answer.experiment_id)
+    assert (folder / "initial_model.pbuf").read_bytes() == model
+
+
+# --- the hostile table ----------------------------------------------------------------------
+
+Call = Callable[[Director], object]
+
+
+def _as(name: str, role: str = "user") -> Callable[[Director], director_pb2_grpc.DirectorStub]:
+    return lambda d: d.stub(name, role=role)
+
+
+def _ada_experiment(director: Director) -> str:
+    return submit(director.stub("ada"), submitted_plan()).experiment_id
+
+
+def _rejected(director: Director) -> str:
+    experiment_id = _ada_experiment(director)
+    director.stub(ADMIN).RejectExperiment(
+        pb.ReviewRequest(experiment_id=experiment_id), timeout=TIMEOUT
+    )
+    return experiment_id
+
+
+def _model_stream(size: int, sent: int) -> Iterator[pb.SubmitChunk]:
+    yield pb.SubmitChunk(
+        plan_yaml=yaml.safe_dump(submitted_plan()), has_initial_model=True, initial_model_size=size
+    )
+    for _ in range(sent // 1000):
+        yield pb.SubmitChunk(initial_model_data=b"\0" * 1000)
+
+
+HOSTILE: list[tuple[str, Call, grpc.StatusCode, str]] = [
+    (
+        "a site certificate not in envoys",
+        lambda d: _as(STRANGER, "envoy")(d).RegisterEnvoy(
+            pb.RegisterEnvoyRequest(), timeout=TIMEOUT
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "'mallory' is not in this director's envoys, users or admins",
+    ),
+    (
+        "a user certificate not in users",
+        lambda d: _as(OUTSIDER)(d).ListExperiments(pb.ListExperimentsRequest(), timeout=TIMEOUT),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "'eve' is not in this director's envoys, users or admins",
+    ),
+    (
+        "a user calling an envoy's RPC",
+        lambda d: _as("ada")(d).RegisterEnvoy(pb.RegisterEnvoyRequest(), timeout=TIMEOUT),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "RegisterEnvoy is for envoys; certificate 'ada' is one of this director's users",
+    ),
+    (
+        "an envoy calling a user's RPC",
+        lambda d: _as("alice", "envoy")(d).ListExperiments(
+            pb.ListExperimentsRequest(), timeout=TIMEOUT
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "ListExperiments is for users or admins",
+    ),
+    (
+        "a plan that does not parse",
+        lambda d: submit(d.stub("ada"), "federation: [\n"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "submitted plan: line",
+    ),
+    (
+        "a plan naming an unknown site",
+        lambda d: submit(d.stub("ada"), submitted_plan(collaborators=["alice", "zed"])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "collaborators: not registered with this director: zed",
+    ),
+    (
+        "a plan setting a field the director owns",
+        lambda d: submit(d.stub("ada"), submitted_plan(aggregator={"port": 443})),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "submitted plan: aggregator.port: set by the director; remove it",
+    ),
+    (
+        "a plan with a bad value",
+        lambda d: submit(d.stub("ada"), submitted_plan(federation={"rounds": -1})),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "federation.rounds: expected an integer",
+    ),
+    (
+        "an empty submission",
+        lambda d: d.stub("ada").SubmitExperiment(iter([]), timeout=TIMEOUT),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "plan_yaml: required in the first message",
+    ),
+    (
+        "an oversized plan",
+        lambda d: submit(d.stub("ada"), "#" * 16385),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "limits.max_plan_bytes",
+    ),
+    (
+        "an oversized model, declared",
+        lambda d: d.stub("ada").SubmitExperiment(_model_stream(65537, 0), timeout=TIMEOUT),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "limits.max_model_bytes",
+    ),
+    (
+        "a model larger than declared",
+        lambda d: d.stub("ada").SubmitExperiment(_model_stream(1000, 3000), timeout=TIMEOUT),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "initial_model_size says 1000 bytes, but more arrived",
+    ),
+    (
+        "a model shorter than declared",
+        lambda d: d.stub("ada").SubmitExperiment(_model_stream(5000, 3000), timeout=TIMEOUT),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "initial_model_size says 5000 bytes, but 3000 arrived",
+    ),
+    (
+        "an unknown experiment id",
+        lambda d: d.stub("ada").GetExperiment(
+            pb.ExperimentRequest(experiment_id="nope"), timeout=TIMEOUT
+        ),
+        grpc.StatusCode.NOT_FOUND,
+        "no experiment 'nope'",
+    ),
+    (
+        "no experiment id",
+        lambda d: d.stub("ada").CancelExperiment(pb.ExperimentRequest(), timeout=TIMEOUT),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "experiment_id: required",
+    ),
+    (
+        "a user acting on another's experiment",
+        lambda d: d.stub("bea").CancelExperiment(
+            pb.ExperimentRequest(experiment_id=_ada_experiment(d)), timeout=TIMEOUT
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "belongs to another user",
+    ),
+    (
+        "a user reading another's metrics",
+        lambda d: list(
+            d.stub("bea").GetMetricStream(
+                pb.MetricStreamRequest(experiment_id=_ada_experiment(d)), timeout=TIMEOUT
+            )
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "belongs to another user",
+    ),
+    (
+        "a download before any model exists",
+        lambda d: list(
+            d.stub("ada").DownloadModel(
+                pb.DownloadModelRequest(experiment_id=_ada_experiment(d), kind=pb.MODEL_KIND_BEST),
+                timeout=TIMEOUT,
+            )
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "has no best model yet",
+    ),
+    (
+        "a download of no kind of model",
+        lambda d: list(
+            d.stub("ada").DownloadModel(
+                pb.DownloadModelRequest(experiment_id=_ada_experiment(d)), timeout=TIMEOUT
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "kind: MODEL_KIND_BEST or MODEL_KIND_LAST",
+    ),
+    (
+        "a cancel of an ended experiment",
+        lambda d: d.stub("ada").CancelExperiment(
+            pb.ExperimentRequest(experiment_id=_rejected(d)), timeout=TIMEOUT
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "has already ended (rejected)",
+    ),
+    (
+        "a remove of a live experiment",
+        lambda d: d.stub("ada").RemoveExperiment(
+            pb.ExperimentRequest(experiment_id=_ada_experiment(d)), timeout=TIMEOUT
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "only an experiment that has ended can be removed",
+    ),
+    (
+        "an approval by a user",
+        lambda d: d.stub("ada").ApproveExperiment(
+            pb.ReviewRequest(experiment_id=_ada_experiment(d)), timeout=TIMEOUT
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "ApproveExperiment is for admins",
+    ),
+    (
+        "an approval of a rejected experiment",
+        lambda d: d.stub(ADMIN).ApproveExperiment(
+            pb.ReviewRequest(experiment_id=_rejected(d)), timeout=TIMEOUT
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "is rejected and cannot become approved: it has ended",
+    ),
+    (
+        "a report on an experiment not naming the site",
+        lambda d: _as("alice", "envoy")(d).ReportCollaborator(
+            pb.CollaboratorReport(
+                experiment_id=submit(
+                    d.stub("ada"), submitted_plan(collaborators=["bob", "carol"])
+                ).experiment_id,
+                state=pb.COLLABORATOR_STARTED,
+            ),
+            timeout=TIMEOUT,
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "site 'alice' is not one of experiment",
+    ),
+    (
+        "a report without a state",
+        lambda d: _as("alice", "envoy")(d).ReportCollaborator(
+            pb.CollaboratorReport(experiment_id=_ada_experiment(d)), timeout=TIMEOUT
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "state: 0 is not a collaborator state",
+    ),
+    (
+        "a log upload nobody asked for",
+        lambda d: _as("alice", "envoy")(d).UploadLog(
+            iter([pb.LogUpload(request_id="forged", found=True, data=b"x")]), timeout=TIMEOUT
+        ),
+        grpc.StatusCode.NOT_FOUND,
+        "no log request 'forged' is waiting for 'alice'",
+    ),
+    (
+        "a site's log from an offline envoy",
+        lambda d: list(
+            d.stub("ada").GetLogs(
+                pb.LogRequestFromUser(experiment_id=_offline_site_experiment(d), site="alice"),
+                timeout=TIMEOUT,
+            )
+        ),
+        grpc.StatusCode.UNAVAILABLE,
+        "the envoy of site 'alice' is offline",
+    ),
+]
+
+
+def _offline_site_experiment(director: Director) -> str:
+    experiment_id = _ada_experiment(director)
+    eventually(  # health_check_seconds is 1: offline 2 s after the fixture registered it
+        lambda: not director.server.state.envoy("alice").online,  # type: ignore[union-attr]
+        "alice offline",
+    )
+    return experiment_id
+
+
+@pytest.mark.parametrize(
+    ("case", "call", "code", "message"), HOSTILE, ids=[case[0] for case in HOSTILE]
+)
+def test_hostile_input_gets_its_exact_status(
+    director: Director, case: str, call: Call, code: grpc.StatusCode, message: str
+) -> None:
+    """Each hostile call is refused with its exact status and a message naming the field; the director goes on."""
+    with pytest.raises(grpc.RpcError) as raised:
+        call(director)
+    error: Any = raised.value
+    assert error.code() == code, (case, error.details())
+    assert message in error.details(), error.details()
+    answer = director.stub("ada").ListExperiments(pb.ListExperimentsRequest(), timeout=TIMEOUT)
+    assert answer is not None
+
+
+def test_a_certificate_from_another_ca_cannot_connect(
+    director: Director, foreign_alice: Identity
+) -> None:
+    """A client certificate from a foreign CA fails the handshake: UNAVAILABLE, nothing served."""
+    stub = stub_at(director.port, director.certs.ca_bundle, foreign_alice.cert, foreign_alice.key)
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.RegisterEnvoy(pb.RegisterEnvoyRequest(), timeout=5)
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+
+
+def test_no_client_certificate_cannot_connect(director: Director) -> None:
+    """Without a client certificate the handshake fails: the director requires one."""
+    stub = stub_at(director.port, director.certs.ca_bundle, None, None)
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.ListExperiments(pb.ListExperimentsRequest(), timeout=5)
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]

@@ -1,0 +1,155 @@
+"""The director's service without a socket: the liveness rule and recovery after a restart."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from director.config import load_config
+from director.identity import Caller, Role
+from director.launcher import Ended
+from director.service import CollaboratorReport, DirectorService
+from director.state import CollaboratorState, DirectorState, ExperimentState, ShardInfo
+from pki.layout import CertsLayout
+
+from directors import ENVOYS, RecordingLauncher, submitted_plan, write_config
+
+ADA = Caller("ada", Role.USER)
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Harness:
+    """A service over a real state folder, a hand-moved clock and a recording launcher."""
+
+    def __init__(self, folder: Path, **config: Any) -> None:
+        self.folder = folder
+        self.clock = Clock()
+        self.launcher = RecordingLauncher()
+        self.config = load_config(write_config(folder, CertsLayout(folder / "certs"), **config))
+        self.state = DirectorState.open(
+            self.config.state_dir, health_check_seconds=1, clock=self.clock
+        )
+        self.service = DirectorService(self.config, self.state, self.launcher, clock=self.clock)
+
+    def heartbeat_all(self, *names: str) -> None:
+        for name in names:
+            self.service.heartbeat(Caller(name, Role.ENVOY), [])
+
+    def running_experiment(self) -> str:
+        """An experiment on all three sites, started and running."""
+        for name in ENVOYS:
+            self.service.register_envoy(Caller(name, Role.ENVOY), ShardInfo(), "v")
+        view = self.service.submit(ADA, yaml.safe_dump(submitted_plan()), "", None)
+        experiment_id = view.experiment.experiment_id
+        self.service.supervise()
+        for name in ENVOYS:
+            self.service.report(
+                Caller(name, Role.ENVOY),
+                CollaboratorReport(experiment_id, CollaboratorState.STARTED),
+            )
+        self.service.supervise()
+        assert self.state.experiment(experiment_id).state is ExperimentState.RUNNING
+        return experiment_id
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    """Health period 1 s (offline after 2 s), grace 10 s."""
+    made = Harness(tmp_path, liveness={"offline_grace_seconds": 10})
+    yield made
+    made.state.close()
+
+
+def test_a_site_back_within_the_grace_period_goes_on(harness: Harness) -> None:
+    """bob silent for 2 + 9.5 s, then back: the experiment keeps running."""
+    experiment_id = harness.running_experiment()
+    for _ in range(23):
+        harness.clock.now += 0.5
+        harness.heartbeat_all("alice", "carol")
+        harness.service.supervise()
+    harness.heartbeat_all("bob")
+    harness.service.supervise()
+    assert harness.state.experiment(experiment_id).state is ExperimentState.RUNNING
+
+
+def test_a_site_gone_past_the_grace_period_fails_the_experiment(harness: Harness) -> None:
+    """bob silent for more than 2 + 10 s: failed, the reason names bob; the aggregator stops."""
+    experiment_id = harness.running_experiment()
+    for _ in range(25):
+        harness.clock.now += 0.5
+        harness.heartbeat_all("alice", "carol")
+        harness.service.supervise()
+    failed = harness.state.experiment(experiment_id)
+    assert failed.state is ExperimentState.FAILED
+    assert failed.reason == ("sites offline for more than 10 s: bob; 2 of 3 left, 3 needed")
+    assert harness.launcher.stopped == [experiment_id]
+
+
+def test_min_sites_lets_it_go_on_without_one_but_not_a_mandatory_one(tmp_path: Path) -> None:
+    """min_sites 2: bob may go; carol is mandatory: her absence fails it, named as mandatory."""
+    harness = Harness(
+        tmp_path,
+        liveness={"min_sites": 2, "mandatory_sites": ["carol"], "offline_grace_seconds": 1},
+    )
+    try:
+        experiment_id = harness.running_experiment()
+        for _ in range(10):
+            harness.clock.now += 0.5
+            harness.heartbeat_all("alice", "carol")
+            harness.service.supervise()
+        assert harness.state.experiment(experiment_id).state is ExperimentState.RUNNING
+        for _ in range(10):
+            harness.clock.now += 0.5
+            harness.heartbeat_all("alice")
+            harness.service.supervise()
+        failed = harness.state.experiment(experiment_id)
+        assert failed.state is ExperimentState.FAILED
+        assert failed.reason.startswith(
+            "sites offline for more than 1 s: bob, carol (mandatory: carol)"
+        )
+    finally:
+        harness.state.close()
+
+
+def test_an_aggregator_stopped_before_its_last_round_is_started_again(harness: Harness) -> None:
+    """Exit 0 with rounds left (it was stopped by a signal) is not completion: it starts again."""
+    experiment_id = harness.running_experiment()
+    harness.launcher.ends[experiment_id] = Ended(0)
+    harness.service.supervise()
+    assert harness.state.experiment(experiment_id).state is ExperimentState.RUNNING
+    assert [started for started, _ in harness.launcher.started] == [experiment_id] * 2
+
+
+def test_restart_starts_again_an_aggregator_that_did_not_survive(tmp_path: Path) -> None:
+    """A new service over the same state: the running experiment's aggregator is started again."""
+    first = Harness(tmp_path)
+    experiment_id = first.running_experiment()
+    first.state.close()
+    second = Harness(tmp_path)
+    try:
+        second.service.recover()
+        assert [started for started, _ in second.launcher.started] == [experiment_id]
+        assert second.state.experiment(experiment_id).state is ExperimentState.RUNNING
+    finally:
+        second.state.close()
+
+
+def test_restart_removes_folders_of_experiments_it_does_not_know(harness: Harness) -> None:
+    """A folder left by a submission that was never stored is removed at recovery."""
+    stray = harness.config.state_dir / "experiments" / "stray"
+    stray.mkdir(parents=True)
+    harness.service.recover()
+    assert not stray.exists()
