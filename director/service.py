@@ -21,6 +21,7 @@ aggregator's `output/` (models, metrics.jsonl, its own durable state).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -418,7 +419,7 @@ class DirectorService:
         return ExperimentView(
             experiment=experiment,
             sites=tuple(sites),
-            rounds_completed=len(self._metric_lines(experiment.experiment_id)),
+            rounds_completed=self._rounds_completed(experiment.experiment_id),
             queue_position=self.state.queue_position(experiment.experiment_id),
             has_best_model=(output / MODELS["best"]).is_file(),
             has_last_model=(output / MODELS["last"]).is_file(),
@@ -523,7 +524,7 @@ class DirectorService:
         experiment_id = experiment.experiment_id
         self.state.set_aggregator(experiment_id, None)
         # `aggregator start` also exits 0 when stopped by a signal: done only when every round is.
-        finished = len(self._metric_lines(experiment_id)) >= experiment.rounds
+        finished = self._rounds_completed(experiment_id) >= experiment.rounds
         if ended.code == 0 and finished:
             if experiment.state is ExperimentState.WAITING:
                 self.state.transition(experiment_id, ExperimentState.RUNNING)
@@ -636,6 +637,18 @@ class DirectorService:
             raise StorageError(f"{path}: cannot read: {error}") from None
         # Only whole lines: the aggregator may be writing the last one.
         return text.split("\n")[:-1]
+
+    def _rounds_completed(self, experiment_id: str) -> int:
+        """Training rounds in metrics.jsonl (the final validation's row is not one)."""
+        count = 0
+        for line in self._metric_lines(experiment_id):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and not row.get("final_validation"):
+                count += 1
+        return count
 
     def _receive_model(self, path: Path, model: ModelUpload) -> None:
         """Write a submitted model as its pieces arrive, within the size declared and allowed."""

@@ -125,7 +125,7 @@ def test_an_experiment_runs_its_whole_lifecycle(
 
     output = director.server.service.folder(experiment_id) / "output"
     output.mkdir()
-    rows = [f'{{"round": {n}, "accuracy": 0.{n}}}' for n in range(10)]
+    rows = [f'{{"round": {n}, "final_validation": false}}' for n in range(10)]
     (output / "metrics.jsonl").write_text("".join(row + "\n" for row in rows), encoding="utf-8")
     model = bytes(range(256)) * 40  # 10240 bytes: three chunks of 4096 at most
     (output / "best_model.pbuf").write_bytes(model)
