@@ -1,0 +1,489 @@
+"""The ``experiment`` command: submit experiments to a director, follow them, fetch their models.
+
+Tables for people by default, ``--json`` for scripts (one JSON document, or one per line for
+streams). Exit codes: 0 ok; 1 the director could not be reached or failed, or (``wait``) the
+experiment failed, was rejected or cancelled; 2 bad input, the director's refusals included (a bad
+plan, an unknown id, another's experiment), one line naming what is wrong, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from experiment.config import ENVIRONMENT, ClientConfig, ClientConfigError, load_client_config
+from pki.errors import PkiError
+from pki.tls import channel_credentials
+from protos import director_pb2 as pb
+from protos import director_pb2_grpc
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+CHUNK_BYTES = 1024 * 1024
+DEADLINE_SECONDS = 60.0
+MESSAGE_BYTES = 64 * 1024 * 1024
+# The director's refusals of the request itself: bad input, exit 2. Anything else: exit 1.
+REFUSALS = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+STATES = {
+    pb.EXPERIMENT_SUBMITTED: "submitted",
+    pb.EXPERIMENT_APPROVED: "approved",
+    pb.EXPERIMENT_REJECTED: "rejected",
+    pb.EXPERIMENT_WAITING: "waiting",
+    pb.EXPERIMENT_RUNNING: "running",
+    pb.EXPERIMENT_COMPLETED: "completed",
+    pb.EXPERIMENT_FAILED: "failed",
+    pb.EXPERIMENT_CANCELLED: "cancelled",
+}
+FINAL = {
+    pb.EXPERIMENT_REJECTED,
+    pb.EXPERIMENT_COMPLETED,
+    pb.EXPERIMENT_FAILED,
+    pb.EXPERIMENT_CANCELLED,
+}
+SITE_STATES = {
+    pb.COLLABORATOR_STATE_UNSPECIFIED: "-",
+    pb.COLLABORATOR_APPROVAL_PENDING: "approval pending",
+    pb.COLLABORATOR_SITE_APPROVED: "approved",
+    pb.COLLABORATOR_SITE_REJECTED: "rejected",
+    pb.COLLABORATOR_REFUSED: "refused",
+    pb.COLLABORATOR_STARTED: "started",
+    pb.COLLABORATOR_RUNNING: "running",
+    pb.COLLABORATOR_EXITED: "exited",
+}
+
+
+class _UsageError(Exception):
+    """Bad command-line input or config, reported in one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, separate from main so its help can be tested and documented."""
+    parser = _Parser(
+        prog="experiment",
+        description="Submit experiments (foedus plans) to a director, follow them, and fetch "
+        "their models.",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get(ENVIRONMENT),
+        help=f"which director and which certificate (default: ${ENVIRONMENT})",
+    )
+    parser.add_argument("--json", action="store_true", help="JSON for scripts instead of tables")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str, *, with_id: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=summary, description=summary)
+        if with_id:
+            sub.add_argument("id", help="the experiment's id")
+        return sub
+
+    submit = command(
+        "submit", "Submit a plan (and an initial model) as a new experiment.", with_id=False
+    )
+    submit.add_argument("plan", type=Path, help="the plan (YAML), without the director's fields")
+    submit.add_argument("--initial-model", type=Path, help="a model file (OpenFL ModelProto)")
+    submit.add_argument("--name", default="", help="a name for it (default: federation.name)")
+    command("list", "Your experiments (an admin's: all).", with_id=False)
+    command("status", "One experiment, with its sites.")
+    command("wait", "Wait for the experiment's end; exit 0 if completed, else 1.")
+    metrics = command("metrics", "The experiment's metric rows, one per round.")
+    metrics.add_argument("--follow", action="store_true", help="go on until the experiment ends")
+    logs = command("logs", "The aggregator's log, or a site's collaborator log.")
+    logs.add_argument("--site", default="", help="a site's log instead of the aggregator's")
+    logs.add_argument("--follow", action="store_true", help="go on until the experiment ends")
+    download = command("download", "Save the experiment's best or last model to a file.")
+    download.add_argument("--model", choices=("best", "last"), required=True)
+    download.add_argument("-o", "--output", type=Path, required=True, help="the file to write")
+    command("cancel", "Stop an experiment that has not ended.")
+    command("remove", "Forget an experiment that has ended, and its files at the director.")
+    for name, summary in (
+        ("approve", "Let a submitted experiment run (admins)."),
+        ("reject", "Refuse a submitted experiment (admins)."),
+    ):
+        review = command(name, summary)
+        review.add_argument("--reason", default="", help="kept with the decision")
+    command("envoys", "The registered sites: online or not, last seen, shard.", with_id=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Run the experiment command line; returns the exit code (0 ok, 1 failure, 2 bad input)."""
+    out = out or sys.stdout
+    try:
+        args = build_parser().parse_args(argv)
+        if args.config is None:
+            raise _UsageError(f"no config: give --config FILE or set {ENVIRONMENT}")
+        try:
+            config = load_client_config(args.config)
+        except ClientConfigError as error:
+            raise _UsageError("; ".join(error.problems)) from None
+        stub = _stub(config)
+        handler: Callable[[director_pb2_grpc.DirectorStub, argparse.Namespace, TextIO], int]
+        handler = HANDLERS[args.command]
+        return handler(stub, args, out)
+    except SystemExit as exit_:  # --help
+        return exit_.code if isinstance(exit_.code, int) else EXIT_OK
+    except (_UsageError, PkiError) as error:
+        return _fail(str(error), EXIT_BAD_INPUT)
+    except grpc.RpcError as error:
+        code: grpc.StatusCode = error.code()
+        details: str = error.details() or ""
+        exit_code = EXIT_BAD_INPUT if code in REFUSALS else EXIT_FAILURE
+        return _fail(f"{code.name}: {details}", exit_code)
+    except OSError as error:
+        return _fail(
+            f"{getattr(error, 'filename', '') or ''}: {error.strerror or error}", EXIT_FAILURE
+        )
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_FAILURE)
+
+
+def _stub(config: ClientConfig) -> director_pb2_grpc.DirectorStub:
+    credentials = channel_credentials(
+        config.certs.ca_bundle,
+        config.certs.user_cert(config.name),
+        config.certs.user_key(config.name),
+    )
+    channel = grpc.secure_channel(
+        config.target,
+        credentials,
+        options=[
+            ("grpc.max_send_message_length", MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MESSAGE_BYTES),
+        ],
+    )
+    return director_pb2_grpc.DirectorStub(channel)
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def _submit(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out: TextIO) -> int:
+    try:
+        plan = args.plan.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise _UsageError(f"{args.plan}: cannot read: {error}") from None
+    model: Path | None = args.initial_model
+    if model is not None and not model.is_file():
+        raise _UsageError(f"{model}: --initial-model: file not found")
+
+    def chunks() -> Iterator[pb.SubmitChunk]:
+        if model is None:
+            yield pb.SubmitChunk(plan_yaml=plan, name=args.name)
+            return
+        yield pb.SubmitChunk(
+            plan_yaml=plan,
+            name=args.name,
+            has_initial_model=True,
+            initial_model_size=model.stat().st_size,
+        )
+        with model.open("rb") as file:
+            while data := file.read(CHUNK_BYTES):
+                yield pb.SubmitChunk(initial_model_data=data)
+
+    experiment = stub.SubmitExperiment(chunks())
+    if args.json:
+        _print_json(out, experiment)
+    else:
+        print(
+            f"{experiment.experiment_id}  {STATES[experiment.state]}  "
+            f"(experiment status {experiment.experiment_id})",
+            file=out,
+        )
+    return EXIT_OK
+
+
+def _list(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out: TextIO) -> int:
+    answer = stub.ListExperiments(pb.ListExperimentsRequest(), timeout=DEADLINE_SECONDS)
+    if args.json:
+        print(json.dumps([_as_dict(e) for e in answer.experiments], indent=2), file=out)
+        return EXIT_OK
+    _table(
+        out,
+        ("ID", "NAME", "OWNER", "STATE", "ROUNDS", "SUBMITTED"),
+        [
+            (
+                e.experiment_id,
+                e.name,
+                e.owner,
+                STATES[e.state] + (f" ({e.queue_position} in queue)" if e.queue_position else ""),
+                f"{e.rounds_completed}/{e.rounds}",
+                _when(e.submitted_at),
+            )
+            for e in answer.experiments
+        ],
+    )
+    return EXIT_OK
+
+
+def _status(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out: TextIO) -> int:
+    e = stub.GetExperiment(pb.ExperimentRequest(experiment_id=args.id), timeout=DEADLINE_SECONDS)
+    if args.json:
+        _print_json(out, e)
+        return EXIT_OK
+    for label, value in (
+        ("id", e.experiment_id),
+        ("name", e.name),
+        ("owner", e.owner),
+        ("state", STATES[e.state] + (f": {e.reason}" if e.reason else "")),
+        ("rounds", f"{e.rounds_completed} of {e.rounds}"),
+        ("submitted", _when(e.submitted_at)),
+        ("started", _when(e.started_at)),
+        ("ended", _when(e.ended_at)),
+        (
+            "models",
+            ", ".join(
+                k for k, has in (("best", e.has_best_model), ("last", e.has_last_model)) if has
+            )
+            or "none yet",
+        ),
+    ):
+        print(f"{label + ':':11}{value}", file=out)
+    _table(
+        out,
+        ("SITE", "ONLINE", "COLLABORATOR", "DETAIL"),
+        [
+            (
+                s.site,
+                "yes" if s.online else "no",
+                SITE_STATES[s.state]
+                + (f" ({s.exit_code})" if s.state == pb.COLLABORATOR_EXITED else ""),
+                s.reason,
+            )
+            for s in e.sites
+        ],
+    )
+    return EXIT_OK
+
+
+def _wait(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out: TextIO) -> int:
+    last: pb.Experiment | None = None
+    for last in stub.WatchExperiment(pb.ExperimentRequest(experiment_id=args.id)):
+        if args.json:
+            _print_json(out, last, compact=True)
+        elif out.isatty() or last.state in FINAL:
+            started = sum(
+                1
+                for s in last.sites
+                if s.state
+                in {pb.COLLABORATOR_STARTED, pb.COLLABORATOR_RUNNING, pb.COLLABORATOR_EXITED}
+            )
+            print(
+                f"{STATES[last.state]}: round {last.rounds_completed} of {last.rounds}, "
+                f"sites started {started}/{len(last.sites)}"
+                + (f"; {last.reason}" if last.reason else ""),
+                file=out,
+                flush=True,
+            )
+    return EXIT_OK if last is not None and last.state == pb.EXPERIMENT_COMPLETED else EXIT_FAILURE
+
+
+def _metrics(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out: TextIO) -> int:
+    request = pb.MetricStreamRequest(experiment_id=args.id, follow=args.follow)
+    for row in stub.GetMetricStream(request):
+        if args.json:
+            print(row.json, file=out, flush=True)
+            continue
+        print(_metric_line(row.json), file=out, flush=True)
+    return EXIT_OK
+
+
+def _metric_line(text: str) -> str:
+    """A metrics.jsonl row for a person: its round and each task's metrics."""
+    try:
+        row: Any = json.loads(text)
+        label = "final" if row.get("final_validation") else f"round {int(row['round']) + 1}"
+        parts = [label]
+        for task, values in sorted(row.get("metrics", {}).items()):
+            shown = " ".join(
+                f"{name} {value:.4f}"
+                for name, value in sorted(values.items())
+                if isinstance(value, int | float)
+            )
+            parts.append(f"{task}: {shown}")
+        return "  ".join(parts)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return text
+
+
+def _logs(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out: TextIO) -> int:
+    request = pb.LogRequestFromUser(experiment_id=args.id, site=args.site, follow=args.follow)
+    for chunk in stub.GetLogs(request):
+        out.write(chunk.data.decode("utf-8", "replace"))
+        out.flush()
+    return EXIT_OK
+
+
+def _download(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out: TextIO) -> int:
+    kind = pb.MODEL_KIND_BEST if args.model == "best" else pb.MODEL_KIND_LAST
+    target: Path = args.output
+    partial = target.with_name(f".{target.name}.part")
+    size = None
+    written = 0
+    try:
+        with partial.open("wb") as file:
+            for chunk in stub.DownloadModel(
+                pb.DownloadModelRequest(experiment_id=args.id, kind=kind)
+            ):
+                if size is None:
+                    size = chunk.total_size
+                file.write(chunk.data)
+                written += len(chunk.data)
+        if size is None or written != size:
+            return _fail(
+                f"the download ended after {written} of {size} bytes; try again", EXIT_FAILURE
+            )
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "experiment_id": args.id,
+                    "model": args.model,
+                    "path": str(target),
+                    "bytes": written,
+                }
+            ),
+            file=out,
+        )
+    else:
+        print(f"{args.model} model of {args.id}: {target} ({written} bytes)", file=out)
+    return EXIT_OK
+
+
+def _cancel(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out: TextIO) -> int:
+    e = stub.CancelExperiment(pb.ExperimentRequest(experiment_id=args.id), timeout=DEADLINE_SECONDS)
+    return _print_state(out, args, e)
+
+
+def _remove(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out: TextIO) -> int:
+    stub.RemoveExperiment(pb.ExperimentRequest(experiment_id=args.id), timeout=DEADLINE_SECONDS)
+    print(json.dumps({"removed": args.id}) if args.json else f"{args.id} removed", file=out)
+    return EXIT_OK
+
+
+def _approve(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out: TextIO) -> int:
+    request = pb.ReviewRequest(experiment_id=args.id, reason=args.reason)
+    return _print_state(out, args, stub.ApproveExperiment(request, timeout=DEADLINE_SECONDS))
+
+
+def _reject(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out: TextIO) -> int:
+    request = pb.ReviewRequest(experiment_id=args.id, reason=args.reason)
+    return _print_state(out, args, stub.RejectExperiment(request, timeout=DEADLINE_SECONDS))
+
+
+def _envoys(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out: TextIO) -> int:
+    answer = stub.ListEnvoys(pb.ListEnvoysRequest(), timeout=DEADLINE_SECONDS)
+    if args.json:
+        _print_json(out, answer)
+        return EXIT_OK
+    _table(
+        out,
+        ("SITE", "ONLINE", "LAST SEEN", "SAMPLES", "EXPERIMENTS", "SHARD"),
+        [
+            (
+                v.name,
+                "yes" if v.online else "no",
+                _when(v.last_seen),
+                f"{v.shard.train_samples}/{v.shard.valid_samples}",
+                str(len(v.experiments)),
+                v.shard.description,
+            )
+            for v in answer.envoys
+        ],
+    )
+    return EXIT_OK
+
+
+HANDLERS: dict[str, Callable[[director_pb2_grpc.DirectorStub, argparse.Namespace, TextIO], int]] = {
+    "submit": _submit,
+    "list": _list,
+    "status": _status,
+    "wait": _wait,
+    "metrics": _metrics,
+    "logs": _logs,
+    "download": _download,
+    "cancel": _cancel,
+    "remove": _remove,
+    "approve": _approve,
+    "reject": _reject,
+    "envoys": _envoys,
+}
+
+
+# -- output ------------------------------------------------------------------------------------
+
+
+def _print_state(out: TextIO, args: argparse.Namespace, e: pb.Experiment) -> int:
+    if args.json:
+        _print_json(out, e)
+    else:
+        print(
+            f"{e.experiment_id}  {STATES[e.state]}" + (f": {e.reason}" if e.reason else ""),
+            file=out,
+        )
+    return EXIT_OK
+
+
+def _as_dict(message: Any) -> dict[str, Any]:
+    result: dict[str, Any] = MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return result
+
+
+def _print_json(out: TextIO, message: Any, *, compact: bool = False) -> None:
+    print(json.dumps(_as_dict(message), indent=None if compact else 2), file=out, flush=True)
+
+
+def _table(out: TextIO, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [
+        max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=False)
+    ]
+    for row in (headers, *rows):
+        print(
+            "  ".join(
+                str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)
+            ).rstrip(),
+            file=out,
+        )
+
+
+def _when(seconds: float) -> str:
+    if not seconds:
+        return "-"
+    moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _fail(message: str, code: int) -> int:
+    one_line = "; ".join(line.strip() for line in message.splitlines() if line.strip())
+    print(f"experiment: error: {one_line}", file=sys.stderr)
+    return code

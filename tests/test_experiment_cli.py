@@ -1,0 +1,250 @@
+"""The experiment command against a real director over mTLS: tables, --json, exit codes."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from director.launcher import Ended
+from experiment.cli import main
+from pki.layout import CertsLayout
+from protos import director_pb2 as pb
+
+from directors import (
+    ADMIN,
+    ENVOYS,
+    Director,
+    RecordingLauncher,
+    make_director_certs,
+    running_director,
+    submitted_plan,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+WAIT_SECONDS = 30
+
+
+@pytest.fixture(scope="module")
+def director_certs(tmp_path_factory: pytest.TempPathFactory) -> CertsLayout:
+    """Certificates of a director on localhost, its envoys and people."""
+    return make_director_certs(tmp_path_factory.mktemp("director-certs"))
+
+
+@pytest.fixture
+def launcher() -> RecordingLauncher:
+    """A launcher that starts nothing."""
+    return RecordingLauncher()
+
+
+@pytest.fixture
+def director(
+    tmp_path: Path, director_certs: CertsLayout, launcher: RecordingLauncher
+) -> Iterator[Director]:
+    """A director with automatic review, its envoys registered."""
+    with running_director(tmp_path / "director", director_certs, launcher=launcher) as running:
+        for name in ENVOYS:
+            running.stub(name, role="envoy").RegisterEnvoy(
+                pb.RegisterEnvoyRequest(
+                    shard=pb.ShardInfo(description=f"{name}'s digits", train_samples=500)
+                ),
+                timeout=20,
+            )
+        yield running
+
+
+def client_config(folder: Path, director: Director, name: str) -> Path:
+    """The experiment command's config for `name`."""
+    path = folder / f"{name}.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "director": f"localhost:{director.port}",
+                "certs_dir": str(director.certs.root),
+                "name": name,
+            }
+        ),
+        encoding="utf-8",
+    )
+    return path
+
+
+def run(config: Path, *argv: str) -> tuple[int, str]:
+    """main(argv) in-process; its exit code and what it printed."""
+    out = io.StringIO()
+    code = main(["--config", str(config), *argv], out=out)
+    return code, out.getvalue()
+
+
+def write_plan(folder: Path, **sections: object) -> Path:
+    """A submittable plan file."""
+    path = folder / "plan.yaml"
+    path.write_text(yaml.safe_dump(submitted_plan(**sections)), encoding="utf-8")  # type: ignore[arg-type]
+    return path
+
+
+def test_submit_list_status_and_a_run_to_its_model(
+    tmp_path: Path, director: Director, launcher: RecordingLauncher
+) -> None:
+    """Submit, see it listed and its sites, follow it to completed, then metrics and download."""
+    ada = client_config(tmp_path, director, "ada")
+    code, out = run(ada, "submit", str(write_plan(tmp_path)), "--name", "digits")
+    assert code == 0, out
+    experiment_id = out.split()[0]
+    code, out = run(ada, "list")
+    assert code == 0 and experiment_id in out and "digits" in out and "ada" in out
+    assert out.splitlines()[0].split() == ["ID", "NAME", "OWNER", "STATE", "ROUNDS", "SUBMITTED"]
+    code, out = run(ada, "--json", "status", experiment_id)
+    assert code == 0 and json.loads(out)["experiment_id"] == experiment_id
+
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not launcher.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    for name in ENVOYS:
+        director.stub(name, role="envoy").ReportCollaborator(
+            pb.CollaboratorReport(experiment_id=experiment_id, state=pb.COLLABORATOR_STARTED),
+            timeout=20,
+        )
+    output = director.server.service.folder(experiment_id) / "output"
+    output.mkdir()
+    rows = [
+        {"round": n, "final_validation": False, "metrics": {"train": {"loss": 1.0 / (n + 1)}}}
+        for n in range(10)
+    ]
+    (output / "metrics.jsonl").write_text(
+        "".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8"
+    )
+    (output / "last_model.pbuf").write_bytes(b"model bytes" * 1000)
+    launcher.ends[experiment_id] = Ended(0)
+
+    code, out = run(ada, "wait", experiment_id)
+    assert code == 0, out
+    assert out.splitlines()[-1] == "completed: round 10 of 10, sites started 3/3"
+    code, out = run(ada, "status", experiment_id)
+    assert "completed" in out and "models:    last" in out
+    assert [line.split()[:3] for line in out.splitlines()[-3:]] == [
+        [name, "yes", "started"] for name in ENVOYS
+    ]
+    code, out = run(ada, "metrics", experiment_id)
+    assert out.splitlines()[0] == "round 1  train: loss 1.0000"
+    assert len(out.splitlines()) == 10
+    code, out = run(ada, "--json", "metrics", experiment_id)
+    assert [json.loads(line) for line in out.splitlines()] == rows
+    target = tmp_path / "model.pbuf"
+    code, out = run(ada, "download", experiment_id, "--model", "last", "-o", str(target))
+    assert code == 0 and target.read_bytes() == b"model bytes" * 1000
+    code, out = run(ada, "download", experiment_id, "--model", "best", "-o", str(target))
+    assert code == 2 and target.read_bytes() == b"model bytes" * 1000  # a failed download keeps it
+    assert not list(tmp_path.glob(".*.part"))
+    code, out = run(ada, "remove", experiment_id)
+    assert (code, out) == (0, f"{experiment_id} removed\n")
+
+
+def test_refusals_exit_2_with_one_line(
+    tmp_path: Path, director: Director, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An unknown id, a plan setting the director's field, another's experiment: exit 2, one line."""
+    ada, bea = client_config(tmp_path, director, "ada"), client_config(tmp_path, director, "bea")
+    assert run(ada, "status", "nope")[0] == 2
+    assert capsys.readouterr().err == "experiment: error: NOT_FOUND: no experiment 'nope'\n"
+    assert run(ada, "submit", str(write_plan(tmp_path, aggregator={"port": 1})))[0] == 2
+    err = capsys.readouterr().err
+    assert err.startswith("experiment: error: INVALID_ARGUMENT: submitted plan: aggregator.port")
+    experiment_id = run(ada, "submit", str(write_plan(tmp_path)))[1].split()[0]
+    assert run(bea, "cancel", experiment_id)[0] == 2
+    assert "belongs to another user" in capsys.readouterr().err
+    assert run(ada, "approve", experiment_id)[0] == 2
+    assert "ApproveExperiment is for admins" in capsys.readouterr().err
+
+
+def test_admins_review_and_cancel(tmp_path: Path, director: Director) -> None:
+    """An admin rejects with a reason; cancelling it after is refused; list shows it rejected."""
+    ada, root = client_config(tmp_path, director, "ada"), client_config(tmp_path, director, ADMIN)
+    experiment_id = run(ada, "submit", str(write_plan(tmp_path)))[1].split()[0]
+    code, out = run(ada, "cancel", experiment_id)
+    assert (code, out) == (0, f"{experiment_id}  cancelled: cancelled by ada\n")
+    second = run(ada, "submit", str(write_plan(tmp_path)))[1].split()[0]
+    code, out = run(root, "--json", "cancel", second)
+    assert code == 0 and json.loads(out)["state"] == "EXPERIMENT_CANCELLED"
+    assert run(root, "reject", second, "--reason", "late")[0] == 2
+
+
+def test_envoys_are_a_table(tmp_path: Path, director: Director) -> None:
+    """Each site with online, samples and its shard's description."""
+    code, out = run(client_config(tmp_path, director, "bea"), "envoys")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split()[:2] == ["SITE", "ONLINE"]
+    assert [line.split()[:2] for line in lines[1:]] == [[name, "yes"] for name in ENVOYS]
+    assert "alice's digits" in lines[1] and "500/0" in lines[1]
+
+
+def test_config_from_the_environment_and_config_errors(
+    tmp_path: Path,
+    director: Director,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """FOEDUS_EXPERIMENT_CONFIG is the default; no config, or a bad key, is exit 2 naming it."""
+    assert main(["list"], out=io.StringIO()) == 2
+    assert "give --config FILE or set FOEDUS_EXPERIMENT_CONFIG" in capsys.readouterr().err
+    monkeypatch.setenv("FOEDUS_EXPERIMENT_CONFIG", str(client_config(tmp_path, director, "ada")))
+    assert main(["list"], out=io.StringIO()) == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("director: localhost\ncerts_dir: c\nname: ada\ncolour: red\n", "utf-8")
+    assert main(["--config", str(bad), "list"], out=io.StringIO()) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"{bad}: director: expected a name matching" in err and f"{bad}: colour: unknown key" in err
+    )
+
+
+def test_an_unreachable_director_exits_1(
+    tmp_path: Path, director_certs: CertsLayout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nobody listening: UNAVAILABLE, exit 1, one line."""
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {"director": "localhost:1", "certs_dir": str(director_certs.root), "name": "ada"}
+        ),
+        encoding="utf-8",
+    )
+    assert main(["--config", str(config), "list"], out=io.StringIO()) == 1
+    assert capsys.readouterr().err.startswith("experiment: error: UNAVAILABLE: ")
+
+
+def test_python_m_experiment_help() -> None:
+    """The module runs as a command; --help exits 0 and lists every subcommand."""
+    result = subprocess.run(
+        [sys.executable, "-m", "experiment", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0
+    for command in (
+        "submit",
+        "list",
+        "status",
+        "wait",
+        "metrics",
+        "logs",
+        "download",
+        "cancel",
+        "remove",
+        "approve",
+        "reject",
+        "envoys",
+    ):
+        assert command in result.stdout
