@@ -44,7 +44,9 @@ class DirectorServer:
         self.state = DirectorState.open(
             config.state_dir, health_check_seconds=config.health_check_seconds
         )
-        self.service = DirectorService(config, self.state, launcher or LocalLauncher())
+        self.service = DirectorService(
+            config, self.state, LocalLauncher() if launcher is None else launcher
+        )
         self.stopping = threading.Event()
         limit = max(config.limits.max_plan_bytes, config.limits.chunk_bytes) + MESSAGE_BYTES_SLACK
         self._server = grpc.server(

@@ -205,6 +205,8 @@ class DirectorService:
                 self._keep_report(caller.name, report)
         start = []
         for experiment in self.state.active():
+            if experiment.aggregator_pid is None:
+                continue  # its plan is being written and its aggregator started: next time
             if caller.name in experiment.sites and experiment.experiment_id not in listed:
                 if caller.name in self.state.reports(experiment.experiment_id):
                     continue  # it reported on it before: starting is the envoy's to repeat

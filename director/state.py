@@ -314,7 +314,9 @@ class DirectorState:
         """Move an experiment to `to`, if `TRANSITIONS` allows it; `IllegalTransitionError` if not.
 
         Entering waiting stamps `started_at`; entering a final state stamps `ended_at` and frees
-        the port. Use `begin` to enter waiting: it also chooses the aggregator's port.
+        the port (the aggregator's pid stays until `set_aggregator` clears it: after a crash,
+        recovery stops an aggregator its experiment outlived). Use `begin` to enter waiting: it
+        also chooses the aggregator's port.
         """
         with self._transaction() as db:
             current = self._current_state(db, experiment_id)
@@ -322,8 +324,8 @@ class DirectorState:
             now = self._clock()
             if to.final:
                 db.execute(
-                    "UPDATE experiments SET state = ?, reason = ?, ended_at = ?, port = NULL, "
-                    "aggregator_pid = NULL WHERE id = ?",
+                    "UPDATE experiments SET state = ?, reason = ?, ended_at = ?, port = NULL "
+                    "WHERE id = ?",
                     (to.value, reason, now, experiment_id),
                 )
             else:

@@ -99,6 +99,10 @@ def test_an_experiment_runs_its_whole_lifecycle(
     request = pb.ReviewRequest(experiment_id=experiment_id, reason="looks fine")
     assert root.ApproveExperiment(request, timeout=TIMEOUT).reason == "approved by root: looks fine"
     eventually(lambda: state_of(director, experiment_id) == pb.EXPERIMENT_WAITING, "waiting")
+    eventually(
+        lambda: director.server.state.experiment(experiment_id).aggregator_pid is not None,
+        "the aggregator's start recorded",
+    )
     [(started_id, plan_path)] = launcher.started
     assert started_id == experiment_id
     plan = yaml.safe_load(plan_path.read_text(encoding="utf-8"))

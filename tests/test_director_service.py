@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +16,7 @@ import yaml
 
 from director.config import load_config
 from director.identity import Caller, Role
-from director.launcher import Ended
+from director.launcher import Ended, LocalLauncher
 from director.service import CollaboratorReport, DirectorService
 from director.state import CollaboratorState, DirectorState, ExperimentState, ShardInfo
 from pki.layout import CertsLayout
@@ -34,10 +39,10 @@ class Clock:
 class Harness:
     """A service over a real state folder, a hand-moved clock and a recording launcher."""
 
-    def __init__(self, folder: Path, **config: Any) -> None:
+    def __init__(self, folder: Path, launcher: Any = None, **config: Any) -> None:
         self.folder = folder
         self.clock = Clock()
-        self.launcher = RecordingLauncher()
+        self.launcher = RecordingLauncher() if launcher is None else launcher
         self.config = load_config(write_config(folder, CertsLayout(folder / "certs"), **config))
         self.state = DirectorState.open(
             self.config.state_dir, health_check_seconds=1, clock=self.clock
@@ -153,3 +158,28 @@ def test_restart_removes_folders_of_experiments_it_does_not_know(harness: Harnes
     stray.mkdir(parents=True)
     harness.service.recover()
     assert not stray.exists()
+
+
+def test_restart_stops_an_aggregator_its_cancelled_experiment_outlived(tmp_path: Path) -> None:
+    """Killed between storing 'cancelled' and stopping the aggregator: recovery stops it."""
+    sleeper = LocalLauncher((sys.executable, "-c", "import time; time.sleep(600)"))
+    first = Harness(tmp_path, launcher=sleeper)
+    experiment_id = first.running_experiment()
+    pid = first.state.experiment(experiment_id).aggregator_pid
+    assert pid is not None
+    first.state.transition(experiment_id, ExperimentState.CANCELLED, "cancelled by ada")
+    first.state.close()  # the director "dies" here, its aggregator still running
+    second = Harness(tmp_path, launcher=LocalLauncher())
+    try:
+        deadline = time.monotonic() + 60
+        while not second.launcher.adopt(experiment_id, second.service.folder(experiment_id), pid):
+            assert time.monotonic() < deadline, "the aggregator never ran its command"
+            time.sleep(0.05)
+        second.service.recover()
+        assert second.state.experiment(experiment_id).aggregator_pid is None
+        assert sleeper.poll(experiment_id, first.service.folder(experiment_id)) is not None
+    finally:
+        second.state.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        sleeper.stop(experiment_id, first.service.folder(experiment_id), grace_seconds=1)
