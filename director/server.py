@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 # Followed streams (watch, metrics, logs) hold a thread each for as long as they follow.
 WORKERS = 64
 MESSAGE_BYTES_SLACK = 64 * 1024  # a chunk's message: the chunk plus its few other fields
+CLIENT_CHUNK_BYTES = 1024 * 1024  # the largest piece a client may send (protos/director.proto)
 
 
 class ServerError(Exception):
@@ -48,7 +49,10 @@ class DirectorServer:
             config, self.state, LocalLauncher() if launcher is None else launcher
         )
         self.stopping = threading.Event()
-        limit = max(config.limits.max_plan_bytes, config.limits.chunk_bytes) + MESSAGE_BYTES_SLACK
+        limit = (
+            max(config.limits.max_plan_bytes, config.limits.chunk_bytes, CLIENT_CHUNK_BYTES)
+            + MESSAGE_BYTES_SLACK
+        )
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="director-rpc"),
             options=server_options(limit),

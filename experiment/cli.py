@@ -29,7 +29,7 @@ from protos import director_pb2_grpc
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
-CHUNK_BYTES = 1024 * 1024
+CHUNK_BYTES = 256 * 1024  # a model's pieces, within the director's 1 MiB a message
 DEADLINE_SECONDS = 60.0
 MESSAGE_BYTES = 64 * 1024 * 1024
 # The director's refusals of the request itself: bad input, exit 2. Anything else: exit 1.

@@ -148,6 +148,23 @@ def test_submit_list_status_and_a_run_to_its_model(
     assert (code, out) == (0, f"{experiment_id} removed\n")
 
 
+def test_an_initial_model_goes_in_pieces_within_the_limit(
+    tmp_path: Path, director: Director, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--initial-model: a model under the director's limit is stored whole; one over it, exit 2."""
+    ada = client_config(tmp_path, director, "ada")
+    model = tmp_path / "model.pbuf"
+    model.write_bytes(bytes(range(256)) * 250)  # 64000 bytes, the limit being 65536
+    code, out = run(ada, "submit", str(write_plan(tmp_path)), "--initial-model", str(model))
+    assert code == 0, capsys.readouterr().err
+    folder = director.server.service.folder(out.split()[0])
+    assert (folder / "initial_model.pbuf").read_bytes() == model.read_bytes()
+    model.write_bytes(b"\0" * 65537)
+    code, out = run(ada, "submit", str(write_plan(tmp_path)), "--initial-model", str(model))
+    assert code == 2
+    assert "RESOURCE_EXHAUSTED: the initial model is 65537 bytes" in capsys.readouterr().err
+
+
 def test_refusals_exit_2_with_one_line(
     tmp_path: Path, director: Director, capsys: pytest.CaptureFixture[str]
 ) -> None:
