@@ -2,7 +2,8 @@
 
 A person submits a foedus plan (the same schema as `aggregator start` reads) without the fields
 the director owns: who the federation is (`federation.uuid`, `federation.aggregator_id`), where
-its aggregator runs (`aggregator.host`, `port`, `listen_address`, `san_dns`, `san_ips`), where its
+its aggregator runs (`aggregator.host`, `port`, `listen_address`, `san_dns`, `san_ips`,
+`metrics_address`: director-run aggregators serve no metrics endpoint of their own), where its
 files go (`aggregator.output_dir`, `aggregator.initial_model`) and its certificates (`tls`). A plan
 setting any of them is refused, naming each; so is one naming sites not registered. The rest is
 checked by `plans.parse_plan` itself, so the director accepts exactly what an aggregator would.
@@ -37,6 +38,7 @@ OWNED: tuple[tuple[str, str | None], ...] = (
     ("aggregator", "san_ips"),
     ("aggregator", "output_dir"),
     ("aggregator", "initial_model"),
+    ("aggregator", "metrics_address"),  # another port on the director's host: not the submitter's
     ("tls", None),
 )
 _PLACEHOLDERS: Mapping[str, Mapping[str, object]] = {

@@ -94,7 +94,8 @@ class DirectorStub:
     Submit a plan and, optionally, an initial model: the first message holds `plan_yaml` (and the
     name, and the model's total size if any), every further message a piece of the model. The
     director sets the fields it owns (federation.uuid, federation.aggregator_id, aggregator.port,
-    aggregator.host, tls, aggregator.output_dir, aggregator.initial_model) and refuses a plan that
+    aggregator.host, tls, aggregator.output_dir, aggregator.initial_model; a plan may not set
+    aggregator.listen_address, san_dns, san_ips or metrics_address either) and refuses a plan that
     sets them or names sites that are not registered. Answers once everything is stored durably.
     """
     ListExperiments: _grpc.UnaryUnaryMultiCallable[_director_pb2.ListExperimentsRequest, _director_pb2.ListExperimentsResponse]
@@ -154,7 +155,8 @@ class DirectorAsyncStub(DirectorStub):
     Submit a plan and, optionally, an initial model: the first message holds `plan_yaml` (and the
     name, and the model's total size if any), every further message a piece of the model. The
     director sets the fields it owns (federation.uuid, federation.aggregator_id, aggregator.port,
-    aggregator.host, tls, aggregator.output_dir, aggregator.initial_model) and refuses a plan that
+    aggregator.host, tls, aggregator.output_dir, aggregator.initial_model; a plan may not set
+    aggregator.listen_address, san_dns, san_ips or metrics_address either) and refuses a plan that
     sets them or names sites that are not registered. Answers once everything is stored durably.
     """
     ListExperiments: _aio.UnaryUnaryMultiCallable[_director_pb2.ListExperimentsRequest, _director_pb2.ListExperimentsResponse]  # type: ignore[assignment]
@@ -241,7 +243,8 @@ class DirectorServicer(metaclass=_abc_1.ABCMeta):
         Submit a plan and, optionally, an initial model: the first message holds `plan_yaml` (and the
         name, and the model's total size if any), every further message a piece of the model. The
         director sets the fields it owns (federation.uuid, federation.aggregator_id, aggregator.port,
-        aggregator.host, tls, aggregator.output_dir, aggregator.initial_model) and refuses a plan that
+        aggregator.host, tls, aggregator.output_dir, aggregator.initial_model; a plan may not set
+        aggregator.listen_address, san_dns, san_ips or metrics_address either) and refuses a plan that
         sets them or names sites that are not registered. Answers once everything is stored durably.
         """
 
