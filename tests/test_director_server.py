@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -267,6 +268,57 @@ def test_an_initial_model_is_received_in_chunks(director: Director) -> None:
     answer = director.stub("ada").SubmitExperiment(iter([first, *rest]), timeout=TIMEOUT)
     folder = director.server.service.folder(answer.experiment_id)
     assert (folder / "initial_model.pbuf").read_bytes() == model
+
+
+def test_a_sites_log_comes_through_its_envoy(director: Director) -> None:
+    """GetLogs for a site: the envoy finds the request in its heartbeat, uploads, the person reads it."""
+    experiment_id = submit(director.stub("ada"), submitted_plan()).experiment_id
+    request = pb.LogRequestFromUser(experiment_id=experiment_id, site="alice", offset=5)
+    chunks: list[pb.LogChunk] = []
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            chunks.extend(director.stub("ada").GetLogs(request, timeout=TIMEOUT))
+        except BaseException as error:
+            errors.append(error)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    alice = director.stub("alice", role="envoy")
+    orders: list[pb.LogRequestToEnvoy] = []
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not orders:
+        assert time.monotonic() < deadline, "no log request reached the envoy"
+        orders = list(
+            alice.EnvoyHeartbeat(pb.EnvoyHeartbeatRequest(), timeout=TIMEOUT).log_requests
+        )
+        time.sleep(0.05)
+    [order] = orders
+    assert (order.experiment_id, order.offset, order.max_bytes) == (experiment_id, 5, 4096)
+    log = b"0123456789 collaborator alice: round 1 done\n"
+    alice.UploadLog(
+        iter(
+            [
+                pb.LogUpload(request_id=order.request_id, found=True, log_size=len(log)),
+                pb.LogUpload(data=log[order.offset :]),
+            ]
+        ),
+        timeout=TIMEOUT,
+    )
+    # The reader asks again from the new offset; the envoy has nothing more: an empty upload.
+    deadline = time.monotonic() + WAIT_SECONDS
+    while reader.is_alive():
+        assert time.monotonic() < deadline, "the reader did not finish"
+        for more in alice.EnvoyHeartbeat(pb.EnvoyHeartbeatRequest(), timeout=TIMEOUT).log_requests:
+            assert more.offset == len(log)
+            alice.UploadLog(
+                iter([pb.LogUpload(request_id=more.request_id, found=True)]), timeout=TIMEOUT
+            )
+        time.sleep(0.05)
+    reader.join()
+    assert errors == []
+    assert [(chunk.offset, chunk.data) for chunk in chunks] == [(5, log[5:])]
 
 
 # --- the hostile table ----------------------------------------------------------------------

@@ -183,3 +183,29 @@ def test_restart_stops_an_aggregator_its_cancelled_experiment_outlived(tmp_path:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
         sleeper.stop(experiment_id, first.service.folder(experiment_id), grace_seconds=1)
+
+
+def test_a_gone_site_fails_only_the_experiments_it_is_in(harness: Harness) -> None:
+    """bob never returns: his experiment fails naming him; carol's, beside it, goes on."""
+    for name in ENVOYS:
+        harness.service.register_envoy(Caller(name, Role.ENVOY), ShardInfo(), "v")
+    ids = []
+    for sites in (["alice", "bob"], ["carol"]):
+        plan = yaml.safe_dump(submitted_plan(collaborators=sites))
+        ids.append(harness.service.submit(ADA, plan, "", None).experiment.experiment_id)
+        harness.service.supervise()
+        for name in sites:
+            harness.service.report(
+                Caller(name, Role.ENVOY), CollaboratorReport(ids[-1], CollaboratorState.STARTED)
+            )
+    for _ in range(30):
+        harness.clock.now += 0.5
+        harness.heartbeat_all("alice", "carol")
+        harness.service.supervise()
+    first, second = (harness.state.experiment(i) for i in ids)
+    assert (first.state, first.reason) == (
+        ExperimentState.FAILED,
+        "sites offline for more than 10 s: bob; 1 of 2 left, 2 needed",
+    )
+    assert second.state is ExperimentState.RUNNING
+    assert harness.launcher.stopped == [ids[0]]
