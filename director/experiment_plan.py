@@ -3,7 +3,8 @@
 A person submits a foedus plan (the same schema as `aggregator start` reads) without the fields
 the director owns: who the federation is (`federation.uuid`, `federation.aggregator_id`), where
 its aggregator runs (`aggregator.host`, `port`, `listen_address`, `san_dns`, `san_ips`,
-`metrics_address`: director-run aggregators serve no metrics endpoint of their own), where its
+`metrics_address`: director-run aggregators serve no metrics endpoint of their own), who it is
+(`aggregator.common_name`, `fingerprint`: its certificate is the director's), where its
 files go (`aggregator.output_dir`, `aggregator.initial_model`) and its certificates (`tls`). A plan
 setting any of them is refused, naming each; so is one naming sites not registered. The rest is
 checked by `plans.parse_plan` itself, so the director accepts exactly what an aggregator would.
@@ -39,6 +40,8 @@ OWNED: tuple[tuple[str, str | None], ...] = (
     ("aggregator", "output_dir"),
     ("aggregator", "initial_model"),
     ("aggregator", "metrics_address"),  # another port on the director's host: not the submitter's
+    ("aggregator", "common_name"),  # who the aggregator is: the director's certificate says
+    ("aggregator", "fingerprint"),
     ("tls", None),
 )
 _PLACEHOLDERS: Mapping[str, Mapping[str, object]] = {

@@ -162,8 +162,9 @@ class DirectorServicer:
         name, and the model's total size if any), every further message a piece of the model. The
         director sets the fields it owns (federation.uuid, federation.aggregator_id, aggregator.port,
         aggregator.host, tls, aggregator.output_dir, aggregator.initial_model; a plan may not set
-        aggregator.listen_address, san_dns, san_ips or metrics_address either) and refuses a plan that
-        sets them or names sites that are not registered. Answers once everything is stored durably.
+        aggregator.listen_address, san_dns, san_ips, metrics_address, common_name or fingerprint
+        either) and refuses a plan that sets them or names sites that are not registered. Answers
+        once everything is stored durably.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -95,8 +95,9 @@ class DirectorStub:
     name, and the model's total size if any), every further message a piece of the model. The
     director sets the fields it owns (federation.uuid, federation.aggregator_id, aggregator.port,
     aggregator.host, tls, aggregator.output_dir, aggregator.initial_model; a plan may not set
-    aggregator.listen_address, san_dns, san_ips or metrics_address either) and refuses a plan that
-    sets them or names sites that are not registered. Answers once everything is stored durably.
+    aggregator.listen_address, san_dns, san_ips, metrics_address, common_name or fingerprint
+    either) and refuses a plan that sets them or names sites that are not registered. Answers
+    once everything is stored durably.
     """
     ListExperiments: _grpc.UnaryUnaryMultiCallable[_director_pb2.ListExperimentsRequest, _director_pb2.ListExperimentsResponse]
     """The caller's experiments (an admin's: all of them), in submission order."""
@@ -156,8 +157,9 @@ class DirectorAsyncStub(DirectorStub):
     name, and the model's total size if any), every further message a piece of the model. The
     director sets the fields it owns (federation.uuid, federation.aggregator_id, aggregator.port,
     aggregator.host, tls, aggregator.output_dir, aggregator.initial_model; a plan may not set
-    aggregator.listen_address, san_dns, san_ips or metrics_address either) and refuses a plan that
-    sets them or names sites that are not registered. Answers once everything is stored durably.
+    aggregator.listen_address, san_dns, san_ips, metrics_address, common_name or fingerprint
+    either) and refuses a plan that sets them or names sites that are not registered. Answers
+    once everything is stored durably.
     """
     ListExperiments: _aio.UnaryUnaryMultiCallable[_director_pb2.ListExperimentsRequest, _director_pb2.ListExperimentsResponse]  # type: ignore[assignment]
     """The caller's experiments (an admin's: all of them), in submission order."""
@@ -244,8 +246,9 @@ class DirectorServicer(metaclass=_abc_1.ABCMeta):
         name, and the model's total size if any), every further message a piece of the model. The
         director sets the fields it owns (federation.uuid, federation.aggregator_id, aggregator.port,
         aggregator.host, tls, aggregator.output_dir, aggregator.initial_model; a plan may not set
-        aggregator.listen_address, san_dns, san_ips or metrics_address either) and refuses a plan that
-        sets them or names sites that are not registered. Answers once everything is stored durably.
+        aggregator.listen_address, san_dns, san_ips, metrics_address, common_name or fingerprint
+        either) and refuses a plan that sets them or names sites that are not registered. Answers
+        once everything is stored durably.
         """
 
     @_abc_1.abstractmethod
