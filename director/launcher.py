@@ -6,6 +6,10 @@ again. `LocalLauncher` runs `aggregator start --plan PLAN` on this host through 
 (its own session; output appended to the experiment's `aggregator.log`; the exit code recorded
 in `exit_status` even while no director runs). An orchestrator (Kubernetes Jobs, say) can take
 over behind the same four methods when one host is not enough.
+
+`ChildProcesses` is the part that is not about aggregators: any command as a child in its own
+session, its log kept, its exit status durable, found again after a restart. Envoys run their
+collaborators with it too.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -29,17 +34,17 @@ STATUS_FILE = "exit_status"
 
 @dataclass(frozen=True)
 class Ended:
-    """How an aggregator ended: its exit code, or None when it vanished without recording one."""
+    """How a child ended: its exit code (-N for signal N), or None when it vanished without one."""
 
     code: int | None
 
-    def describe(self) -> str:
-        """The end in words, for a failure's reason."""
+    def describe(self, what: str = "the aggregator") -> str:
+        """The end in words, for a failure's reason; `what` names the process."""
         if self.code is None:
-            return "the aggregator stopped without recording an exit status"
+            return f"{what} stopped without recording an exit status"
         if self.code < 0:
-            return f"the aggregator was ended by signal {-self.code}"
-        return f"the aggregator exited with code {self.code}"
+            return f"{what} was ended by signal {-self.code}"
+        return f"{what} exited with code {self.code}"
 
 
 class Launcher(Protocol):
@@ -62,20 +67,25 @@ class Launcher(Protocol):
         ...
 
 
-class LocalLauncher:
-    """Aggregators as child processes of this host, each in its own session."""
+class ChildProcesses:
+    """Commands as child processes of this host, each in its own session, under `director.child`.
 
-    def __init__(self, command: tuple[str, ...] | None = None) -> None:
-        """`command` runs an aggregator (default: this Python's `-m aggregator start`)."""
-        self.command = command or (sys.executable, "-m", "aggregator")
+    Each child has a key (an experiment id) and a folder: its output is appended to `log_name`
+    there and its exit code recorded in `exit_status`, even while this process is not running.
+    """
+
+    def __init__(self, log_name: str, what: str) -> None:
+        """`log_name`: the log file in each folder; `what` names the children in the log."""
+        self.log_name = log_name
+        self.what = what
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._adopted: dict[str, int] = {}
 
-    def start(self, experiment_id: str, plan: Path, folder: Path) -> int:
-        """Start `aggregator start --plan PLAN` under `director.child`; its pid."""
+    def start(self, key: str, command: Sequence[str], folder: Path) -> int:
+        """Start `command` under `director.child`, in `folder`; its pid."""
         status = folder / STATUS_FILE
         status.unlink(missing_ok=True)  # a status from an earlier run would read as this one's
-        with (folder / LOG_FILE).open("ab") as log:
+        with (folder / self.log_name).open("ab") as log:
             child = subprocess.Popen(
                 [
                     sys.executable,
@@ -84,10 +94,7 @@ class LocalLauncher:
                     "--status",
                     str(status),
                     "--",
-                    *self.command,
-                    "start",
-                    "--plan",
-                    str(plan),
+                    *command,
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -95,36 +102,36 @@ class LocalLauncher:
                 start_new_session=True,
                 cwd=folder,
             )
-        self._children[experiment_id] = child
-        logger.info("experiment %s: aggregator started (pid %d)", experiment_id, child.pid)
+        self._children[key] = child
+        logger.info("%s: %s started (pid %d)", key, self.what, child.pid)
         return child.pid
 
-    def adopt(self, experiment_id: str, folder: Path, pid: int) -> bool:
-        """Whether `pid` is still this experiment's `director.child` (pids are reused)."""
+    def adopt(self, key: str, folder: Path, pid: int) -> bool:
+        """Whether `pid` is still this folder's `director.child` (pids are reused)."""
         if not _is_ours(pid, folder / STATUS_FILE):
             return False
-        self._adopted[experiment_id] = pid
-        logger.info("experiment %s: aggregator adopted again (pid %d)", experiment_id, pid)
+        self._adopted[key] = pid
+        logger.info("%s: %s adopted again (pid %d)", key, self.what, pid)
         return True
 
-    def poll(self, experiment_id: str, folder: Path) -> Ended | None:
+    def poll(self, key: str, folder: Path) -> Ended | None:
         """None while it runs; else its recorded exit code (None if it recorded none)."""
-        child = self._children.get(experiment_id)
+        child = self._children.get(key)
         if child is not None:
             if child.poll() is None:
                 return None
-            del self._children[experiment_id]
+            del self._children[key]
         else:
-            pid = self._adopted.get(experiment_id)
+            pid = self._adopted.get(key)
             if pid is not None and _is_ours(pid, folder / STATUS_FILE):
                 return None
-            self._adopted.pop(experiment_id, None)
+            self._adopted.pop(key, None)
         return Ended(_read_status(folder / STATUS_FILE))
 
-    def stop(self, experiment_id: str, folder: Path, *, grace_seconds: float = 10.0) -> None:
-        """SIGTERM to its parent (passed on to the aggregator); SIGKILL to the session after the grace."""
-        child = self._children.get(experiment_id)
-        pid = child.pid if child is not None else self._adopted.get(experiment_id)
+    def stop(self, key: str, folder: Path, *, grace_seconds: float = 10.0) -> None:
+        """SIGTERM to its parent (passed on to the command); SIGKILL to the session after the grace."""
+        child = self._children.get(key)
+        pid = child.pid if child is not None else self._adopted.get(key)
         if pid is None:
             return
         status = folder / STATUS_FILE
@@ -137,13 +144,40 @@ class LocalLauncher:
                 break
             time.sleep(0.05)
         else:
-            logger.warning("experiment %s: aggregator still running; killing it", experiment_id)
+            logger.warning("%s: %s still running; killing it", key, self.what)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
             if child is not None:
                 child.wait(timeout=30)
-        self._children.pop(experiment_id, None)
-        self._adopted.pop(experiment_id, None)
+        self._children.pop(key, None)
+        self._adopted.pop(key, None)
+
+
+class LocalLauncher:
+    """Aggregators as child processes of this host, each in its own session."""
+
+    def __init__(self, command: tuple[str, ...] | None = None) -> None:
+        """`command` runs an aggregator (default: this Python's `-m aggregator start`)."""
+        self.command = command or (sys.executable, "-m", "aggregator")
+        self._processes = ChildProcesses(LOG_FILE, "aggregator")
+
+    def start(self, experiment_id: str, plan: Path, folder: Path) -> int:
+        """Start `aggregator start --plan PLAN` under `director.child`; its pid."""
+        return self._processes.start(
+            experiment_id, (*self.command, "start", "--plan", str(plan)), folder
+        )
+
+    def adopt(self, experiment_id: str, folder: Path, pid: int) -> bool:
+        """Whether `pid` is still this experiment's `director.child` (pids are reused)."""
+        return self._processes.adopt(experiment_id, folder, pid)
+
+    def poll(self, experiment_id: str, folder: Path) -> Ended | None:
+        """None while it runs; else its recorded exit code (None if it recorded none)."""
+        return self._processes.poll(experiment_id, folder)
+
+    def stop(self, experiment_id: str, folder: Path, *, grace_seconds: float = 10.0) -> None:
+        """SIGTERM to its parent (passed on to the aggregator); SIGKILL to the session after the grace."""
+        self._processes.stop(experiment_id, folder, grace_seconds=grace_seconds)
 
 
 def _is_ours(pid: int, status: Path) -> bool:
