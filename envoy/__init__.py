@@ -1,0 +1,1 @@
+"""The envoy: the long-lived agent of one site, running its collaborators for a director."""

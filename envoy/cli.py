@@ -1,0 +1,236 @@
+"""The ``envoy`` command: run a site's envoy, and let the site's operator review experiments."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import NoReturn
+
+from envoy.client import DirectorClient
+from envoy.config import ConfigError, EnvoyConfig, load_config
+from envoy.errors import EnvoyError, IllegalTransitionError
+from envoy.runtime import EnvoyLoop
+from envoy.site import Site
+from envoy.state import DATABASE, CollaboratorState, EnvoyState
+from pki.errors import MissingTLSFileError, PkiError
+from pki.tls import check_tls_files
+from plans.loader import NAME_PATTERN
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+EPILOG = f"""\
+exit status:
+  {EXIT_OK}  stopped (SIGTERM or SIGINT), or the review was recorded
+  {EXIT_FAILURE}  the state folder cannot be used, or the experiment cannot be reviewed now
+  {EXIT_BAD_INPUT}  bad command line, envoy.yaml or certificates (nothing was started)
+The envoy never exits because the director is away: it retries with a capped backoff. Stopping
+it leaves its collaborators running; started again with the same command, it finds them.
+"""
+
+
+class _UsageError(Exception):
+    """Bad command-line input or a start-up check that failed; one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, separate from main so its help can be tested and documented."""
+    parser = _Parser(
+        prog="envoy",
+        description="A foedus envoy: the long-lived agent of one site. It registers with a "
+        "director over mutual TLS, heartbeats, and runs `collaborator start` for each experiment "
+        "naming this site, within what the site agreed to in envoy.yaml.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    start = commands.add_parser(
+        "start",
+        help="Run the envoy until stopped.",
+        description="Check envoy.yaml and this site's certificate, find the collaborators of "
+        "an earlier run again, then work for the director until SIGTERM or SIGINT.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    start.add_argument(
+        "-n",
+        "--name",
+        required=True,
+        help="this site's name: its certificate's common name, its collaborators' name",
+    )
+    _config_argument(start)
+    start.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="info", help="what to log (default: info)"
+    )
+    for verb, what in (("approve", "Let"), ("reject", "Refuse")):
+        review = commands.add_parser(
+            verb,
+            help=f"{what} an experiment waiting for this site's review (review: manual).",
+            description=f"{what} an experiment waiting for this site's review; the running "
+            "envoy picks the decision up from its state folder and tells the director.",
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        review.add_argument("experiment_id", metavar="ID", help="the experiment's id")
+        _config_argument(review)
+        review.add_argument("--reason", default="", help="kept with the decision, sent on")
+    listing = commands.add_parser(
+        "list",
+        help="This envoy's experiments and their collaborators' states.",
+        description="This envoy's experiments, in the order received, with their states.",
+    )
+    _config_argument(listing)
+    return parser
+
+
+def _config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, required=True, help="the envoy's envoy.yaml")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the envoy command line; returns the exit status (see `--help`)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as error:
+        return _fail(str(error), EXIT_BAD_INPUT)
+    except SystemExit as exit_:  # --help prints and "exits"; main returns instead
+        return exit_.code if isinstance(exit_.code, int) else EXIT_OK
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        for problem in error.problems:
+            _fail(problem, EXIT_BAD_INPUT)
+        return EXIT_BAD_INPUT
+    try:
+        if args.command == "start":
+            logging.basicConfig(
+                level=args.log_level.upper(),
+                format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                stream=sys.stderr,
+            )
+            return _start(args.name, config)
+        if args.command == "list":
+            return _list(config)
+        return _review(config, args.experiment_id, args.command == "approve", args.reason)
+    except _UsageError as error:
+        return _fail(str(error), EXIT_BAD_INPUT)
+    except EnvoyError as error:
+        return _fail(str(error), EXIT_FAILURE)
+
+
+def _start(name: str, config: EnvoyConfig) -> int:
+    if not NAME_PATTERN.match(name):
+        raise _UsageError(f"-n {name!r}: expected a name matching {NAME_PATTERN.pattern}")
+    _check_identity(name, config)
+    state = EnvoyState.open(config.state_dir, exclusive=True)
+    stop = threading.Event()
+
+    def stop_on(signum: int, _frame: FrameType | None) -> None:
+        logger.info("signal %d: stopping; the collaborators keep running", signum)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, stop_on)
+    try:
+        with DirectorClient(name, config) as client:
+            logger.info(
+                "envoy %s: director %s, state in %s, runners %s, review %s",
+                name,
+                config.director_target,
+                config.state_dir,
+                ", ".join(config.runners),
+                "manual" if config.manual_review else "auto",
+            )
+            site = Site(name, config, state)
+            EnvoyLoop(
+                site, client, shard=config.shard, connection=config.connection, stop=stop
+            ).run()
+    finally:
+        state.close()
+    return EXIT_OK
+
+
+def _check_identity(name: str, config: EnvoyConfig) -> None:
+    """The CA bundle, this site's certificate and key are there, private and valid."""
+    certs = config.certs
+    try:
+        files = (
+            ("CA bundle", certs.ca_bundle),
+            (f"certificate of {name!r}", certs.collaborator_cert(name)),
+            (f"private key of {name!r}", certs.collaborator_key(name)),
+        )
+        check_tls_files(files, certs.collaborator_key(name))
+        DirectorClient(name, config).check_identity()
+    except MissingTLSFileError as error:
+        hint = " (make it with pki request collaborator / pki certify)" if error.absent else ""
+        raise _UsageError(f"{config.path}: certs_dir: {error}{hint}") from None
+    except PkiError as error:
+        raise _UsageError(f"{config.path}: certs_dir: {error}") from None
+
+
+def _existing_state(config: EnvoyConfig) -> EnvoyState:
+    if not (config.state_dir / DATABASE).is_file():
+        raise EnvoyError(
+            f"{config.path}: state_dir: no envoy state in {config.state_dir} (has the envoy run?)"
+        )
+    return EnvoyState.open(config.state_dir, exclusive=False)
+
+
+def _review(config: EnvoyConfig, experiment_id: str, approve: bool, reason: str) -> int:
+    state = _existing_state(config)
+    to = CollaboratorState.SITE_APPROVED if approve else CollaboratorState.SITE_REJECTED
+    verb = "approve" if approve else "reject"
+    try:
+        experiment = state.experiment(experiment_id)
+        try:
+            state.transition(
+                experiment_id, to, reason=reason or f"the site operator chose to {verb} it"
+            )
+        except IllegalTransitionError:
+            raise EnvoyError(
+                f"experiment {experiment_id} is {experiment.state.value.replace('_', ' ')}: only "
+                "one waiting for approval can be approved or rejected"
+            ) from None
+    finally:
+        state.close()
+    print(
+        f"experiment {experiment_id} ({experiment.name!r} by {experiment.owner}): "
+        f"{'approved; the envoy starts its collaborator' if approve else 'rejected'}"
+    )
+    return EXIT_OK
+
+
+def _list(config: EnvoyConfig) -> int:
+    state = _existing_state(config)
+    try:
+        experiments = state.experiments()
+    finally:
+        state.close()
+    print(f"{'EXPERIMENT':<38} {'NAME':<20} {'OWNER':<12} {'STATE':<17} DETAIL")
+    for e in experiments:
+        detail = f"exit {e.exit_code}" if e.state is CollaboratorState.EXITED else ""
+        detail = "; ".join(part for part in (detail, e.reason, "done" if e.done else "") if part)
+        print(f"{e.experiment_id:<38} {e.name:<20} {e.owner:<12} {e.state.value:<17} {detail}")
+    return EXIT_OK
+
+
+def _fail(message: str, code: int) -> int:
+    one_line = "; ".join(line.strip() for line in message.splitlines() if line.strip())
+    print(f"envoy: error: {one_line}", file=sys.stderr)
+    return code

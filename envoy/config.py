@@ -1,0 +1,198 @@
+"""envoy.yaml: which director, which certificates, what this site holds and agrees to run.
+
+Read as strictly as a plan (with `plans.loader`'s reader): unknown keys are errors, and every
+problem is one line `FILE: key.path: what is wrong`, all reported at once. Paths are relative to
+the file. An example, every key shown with its default (the four without one are required):
+
+    director: {host: director.example.org, port: 50050}   # required: where the director listens
+    certs_dir: certs         # required: a `pki` folder with this site's collaborator certificate
+                             #   (collaborators/NAME.crt, .key) and cert_chain.crt
+    state_dir: state         # required: the envoy's SQLite state, plans and collaborators' logs
+    runners: [digits]        # required: runners this site agrees to run (built-in names or
+                             #   package.module:Class installed here); any other is refused
+    runner_settings: {}      # this site's runner settings (where its data lives), merged over
+                             #   each plan's runner.settings (plans.site_settings)
+    review: auto             # or manual: the site operator runs `envoy approve ID` first
+    shard: {description: "", train_samples: 0, valid_samples: 0, labels: {}}
+    connection: {deadline_seconds: 30, backoff_initial_seconds: 1, backoff_max_seconds: 60}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+from pki.layout import CertsLayout
+from plans.loader import RUNNER_PATTERN, PlanError, Section, read_yaml
+
+
+class ConfigError(ValueError):
+    """envoy.yaml cannot be used; `problems` holds one line per problem, each naming its key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass(frozen=True)
+class Shard:
+    """`shard`: what this site holds, as its operator describes it (informative only)."""
+
+    description: str = ""  # shard.description
+    train_samples: int = 0  # shard.train_samples
+    valid_samples: int = 0  # shard.valid_samples
+    labels: Mapping[str, str] = field(default_factory=dict)  # shard.labels: text to text
+
+
+@dataclass(frozen=True)
+class Connection:
+    """`connection`: how the envoy calls the director and waits while it is away."""
+
+    deadline_seconds: float = 30.0  # connection.deadline_seconds: per call
+    backoff_initial_seconds: float = 1.0  # connection.backoff_initial_seconds
+    backoff_max_seconds: float = 60.0  # connection.backoff_max_seconds: the cap
+
+
+@dataclass(frozen=True)
+class EnvoyConfig:
+    """A whole envoy.yaml; `path` is the file it came from."""
+
+    path: Path
+    director_host: str  # director.host: the name in the director's certificate
+    director_port: int  # director.port
+    certs: CertsLayout  # certs_dir
+    state_dir: Path  # state_dir
+    runners: tuple[str, ...]  # runners
+    runner_settings: Mapping[str, object]  # runner_settings
+    manual_review: bool  # review: manual
+    shard: Shard
+    connection: Connection
+
+    @property
+    def director_target(self) -> str:
+        """host:port for gRPC."""
+        host = f"[{self.director_host}]" if ":" in self.director_host else self.director_host
+        return f"{host}:{self.director_port}"
+
+
+def load_config(path: str | Path) -> EnvoyConfig:
+    """Read and check envoy.yaml at `path`; raise `ConfigError` listing every problem."""
+    config_path = Path(path)
+    try:
+        data = read_yaml(config_path)
+    except PlanError as error:
+        raise ConfigError(error.problems) from None
+    return parse_config(data, config_path)
+
+
+def parse_config(data: object, config_path: Path) -> EnvoyConfig:
+    """Check an already-parsed envoy.yaml; paths in it are relative to `config_path`."""
+    problems: list[str] = []
+    root = Section(data, "", problems)
+    base = config_path.resolve().parent
+    director = root.section("director")
+    host = director.text("host")
+    port = director.integer("port", low=1, high=65535)
+    director.finish()
+    certs_dir = root.text("certs_dir")
+    state_dir = root.text("state_dir")
+    runners = _runners(root)
+    settings = _runner_settings(root)
+    manual = root.choice("review", "auto", ("auto", "manual")) == "manual"
+    shard = _shard(root.section("shard"))
+    connection = _connection(root.section("connection"))
+    root.finish()
+    if problems:
+        raise ConfigError([f"{config_path}: {problem}" for problem in problems])
+    return EnvoyConfig(
+        path=config_path,
+        director_host=host,
+        director_port=port,
+        certs=CertsLayout((base / certs_dir).resolve()),
+        state_dir=(base / state_dir).resolve(),
+        runners=runners,
+        runner_settings=settings,
+        manual_review=manual,
+        shard=shard,
+        connection=connection,
+    )
+
+
+def _runners(section: Section) -> tuple[str, ...]:
+    def check(value: object) -> tuple[str, ...] | None:
+        if not isinstance(value, list) or not value:
+            return None
+        if not all(isinstance(item, str) and RUNNER_PATTERN.match(item) for item in value):
+            return None
+        return tuple(value)
+
+    return section._checked(
+        "runners", (), check, "a non-empty list of runner names (built-in or package.module:Class)"
+    )
+
+
+def _runner_settings(section: Section) -> Mapping[str, object]:
+    def check(value: object) -> Mapping[str, object] | None:
+        if value is None:
+            return MappingProxyType({})
+        if not isinstance(value, Mapping):
+            return None
+        if not all(isinstance(key, str) and key for key in value):
+            return None
+        return MappingProxyType(dict(value))
+
+    empty: Mapping[str, object] = MappingProxyType({})
+    return section._checked(
+        "runner_settings", empty, check, "a mapping of runner setting names to values"
+    )
+
+
+def _labels(section: Section) -> Mapping[str, str]:
+    def check(value: object) -> Mapping[str, str] | None:
+        if not isinstance(value, Mapping):
+            return None
+        pairs = value.items()
+        if not all(isinstance(k, str) and k and isinstance(v, str) for k, v in pairs):
+            return None
+        return MappingProxyType(dict(value))
+
+    empty: Mapping[str, str] = MappingProxyType({})
+    return section._checked("labels", empty, check, "a mapping of text to text")
+
+
+def _shard(section: Section) -> Shard:
+    shard = Shard(
+        description=section._checked(
+            "description", "", lambda v: v if isinstance(v, str) else None, "text"
+        ),
+        train_samples=section.integer("train_samples", 0, low=0, high=2**63 - 1),
+        valid_samples=section.integer("valid_samples", 0, low=0, high=2**63 - 1),
+        labels=_labels(section),
+    )
+    section.finish()
+    return shard
+
+
+def _connection(section: Section) -> Connection:
+    defaults = Connection()
+    initial = section.number(
+        "backoff_initial_seconds", defaults.backoff_initial_seconds, low=0.01, high=3600
+    )
+    connection = Connection(
+        deadline_seconds=section.number(
+            "deadline_seconds", defaults.deadline_seconds, low=0.1, high=3600
+        ),
+        backoff_initial_seconds=initial,
+        backoff_max_seconds=section.number(
+            "backoff_max_seconds", defaults.backoff_max_seconds, low=0.01, high=86400
+        ),
+    )
+    if connection.backoff_max_seconds < connection.backoff_initial_seconds:
+        section.problems.append(
+            f"{section._key('backoff_max_seconds')}: must be at least backoff_initial_seconds "
+            f"({connection.backoff_initial_seconds:g})"
+        )
+    section.finish()
+    return connection

@@ -1,0 +1,30 @@
+"""The few ways the envoy's work fails; plain Python, the CLI maps them to exit codes."""
+
+
+class EnvoyError(Exception):
+    """Base of the envoy's errors; the message names what to fix."""
+
+
+class StateError(EnvoyError):
+    """The envoy cannot read or write its state folder; the message names the file."""
+
+
+class UnknownExperimentError(EnvoyError):
+    """No experiment of that id in this envoy's state."""
+
+
+class IllegalTransitionError(EnvoyError):
+    """A collaborator was asked to move between two states its lifecycle does not connect."""
+
+
+class DirectorUnavailableError(EnvoyError):
+    """The director did not answer (away, unreachable, too slow): try again after a backoff."""
+
+
+class DirectorRefusedError(EnvoyError):
+    """The director answered with a refusal a retry cannot change; `code` is the gRPC status name."""
+
+    def __init__(self, rpc: str, code: str, details: str) -> None:
+        self.rpc = rpc
+        self.code = code
+        super().__init__(f"the director refused {rpc} with {code}: {details}")

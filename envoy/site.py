@@ -1,0 +1,288 @@
+"""What an envoy does at its site, in plain Python: start, watch, restart and stop collaborators.
+
+`Site` turns the director's work (experiments to start and to stop, logs to send) into actions
+on the envoy's durable state (`envoy.state`) and its collaborators, child processes in their own
+sessions (`director.launcher.ChildProcesses`): `collaborator start -n NAME --plan PLAN`, the plan
+written by `envoy.site_plan`. It never touches the network; `envoy.runtime` carries its reports
+to the director and the director's work to it. Every step is written to the state before it is
+acted on or reported, so an envoy started again after kill -9 goes on where it was (`recover`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from director.launcher import ChildProcesses, Ended
+from envoy.config import EnvoyConfig
+from envoy.errors import EnvoyError
+from envoy.site_plan import EXPERIMENT_ID, RefusedPlanError, site_document, write_site_plan
+from envoy.state import CollaboratorState, EnvoyState, Experiment
+
+logger = logging.getLogger(__name__)
+
+EXPERIMENTS = "experiments"
+LOG_FILE = "collaborator.log"
+MAX_RESTARTS = 3  # a collaborator that died this many times is left ended
+MAX_LOG_BYTES = 4 * 1024 * 1024  # the most of a log sent for one request
+EXIT_BAD_INPUT = 2  # `collaborator start`'s: a bad plan or settings; starting again cannot help
+NO_STATUS = -1  # the exit code reported for a collaborator that vanished without recording one
+_S = CollaboratorState
+_ALIVE = frozenset({_S.STARTED, _S.RUNNING})
+
+
+@dataclass(frozen=True)
+class StartOrder:
+    """Run a collaborator for an experiment (director.proto's ExperimentToStart)."""
+
+    experiment_id: str
+    name: str
+    owner: str
+    plan_yaml: str
+    collaborator_name: str
+
+
+@dataclass(frozen=True)
+class LogOrder:
+    """Send part of a collaborator's log (director.proto's LogRequestToEnvoy)."""
+
+    request_id: str
+    experiment_id: str
+    offset: int
+    max_bytes: int
+
+
+@dataclass(frozen=True)
+class Work:
+    """A heartbeat's answer: experiments to start and to stop, logs to send."""
+
+    start: tuple[StartOrder, ...] = ()
+    stop: tuple[str, ...] = ()
+    logs: tuple[LogOrder, ...] = ()
+
+
+@dataclass(frozen=True)
+class Report:
+    """One collaborator's state for the director; `version` is the state's, for acknowledging."""
+
+    experiment_id: str
+    state: CollaboratorState
+    exit_code: int = 0
+    reason: str = ""
+    version: int = 0
+
+
+@dataclass(frozen=True)
+class LogPiece:
+    """A piece of a log: `found` false when this envoy has no such log."""
+
+    found: bool
+    size: int = 0
+    data: bytes = b""
+
+
+class Site:
+    """One site's collaborators, run for the director; see the module's docstring."""
+
+    def __init__(
+        self,
+        name: str,
+        config: EnvoyConfig,
+        state: EnvoyState,
+        *,
+        collaborator_command: Sequence[str] = (sys.executable, "-m", "collaborator"),
+        stop_grace_seconds: float = 10.0,
+    ) -> None:
+        """`name` is this site's (its certificate's CN); `collaborator_command` runs a collaborator."""
+        self.name = name
+        self.config = config
+        self.state = state
+        self.collaborator_command = tuple(collaborator_command)
+        self.stop_grace_seconds = stop_grace_seconds
+        self.children = ChildProcesses(LOG_FILE, "collaborator")
+        self._root = config.state_dir / EXPERIMENTS
+
+    def folder(self, experiment_id: str) -> Path:
+        """Where an experiment's plan, log and exit status are."""
+        return self._root / experiment_id
+
+    # -- after a restart -----------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Find running collaborators again; every state is reported again."""
+        self.state.forget_reports()
+        for experiment in self.state.experiments(listed_only=True):
+            if experiment.state not in _ALIVE or experiment.pid is None:
+                continue
+            folder = self.folder(experiment.experiment_id)
+            adopted = self.children.adopt(experiment.experiment_id, folder, experiment.pid)
+            if adopted and experiment.state is _S.STARTED:
+                self.state.transition(experiment.experiment_id, _S.RUNNING, pid=experiment.pid)
+        # Those that ended meanwhile are found by the next `tick` (their recorded status).
+
+    # -- the director's work -------------------------------------------------------------------
+
+    def receive(self, work: Work) -> None:
+        """Act on a heartbeat's starts and stops (logs are read with `read_log`)."""
+        for order in work.start:
+            self._start(order)
+        for experiment_id in work.stop:
+            experiment = self.state.find(experiment_id)
+            if experiment is not None and not experiment.done:
+                self.state.set_stopping(experiment_id)
+        self.tick()
+
+    def tick(self) -> None:
+        """Launch approved collaborators, note ended ones (restarting the dead), finish stops."""
+        for experiment in self.state.experiments(listed_only=True):
+            try:
+                self._check(experiment)
+            except EnvoyError as error:
+                logger.error("experiment %s: %s", experiment.experiment_id, error)
+
+    def reports(self) -> list[Report]:
+        """Every listed experiment's current state, for a heartbeat."""
+        return [_report(e) for e in self.state.experiments(listed_only=True)]
+
+    def unreported(self) -> list[Report]:
+        """States the director has not acknowledged yet (done experiments' last ones included)."""
+        return [_report(e) for e in self.state.experiments() if e.version > e.reported]
+
+    def acknowledged(self, report: Report) -> None:
+        """The director has `report`."""
+        self.state.set_reported(report.experiment_id, report.version)
+
+    def read_log(self, order: LogOrder) -> LogPiece:
+        """Part of the log of one of this envoy's experiments; not found for any other."""
+        experiment = self.state.find(order.experiment_id)
+        if experiment is None:
+            return LogPiece(found=False)
+        path = self.folder(experiment.experiment_id) / LOG_FILE
+        most = min(order.max_bytes or MAX_LOG_BYTES, MAX_LOG_BYTES)
+        try:
+            with path.open("rb") as file:
+                size = file.seek(0, 2)
+                file.seek(min(order.offset, size))
+                return LogPiece(found=True, size=size, data=file.read(most))
+        except FileNotFoundError:
+            return LogPiece(found=False)
+        except OSError as error:
+            logger.warning("cannot read %s: %s", path, error.strerror)
+            return LogPiece(found=False)
+
+    # -- one experiment ------------------------------------------------------------------------
+
+    def _start(self, order: StartOrder) -> None:
+        """Keep a new experiment (a start already acted on is nothing new)."""
+        if not EXPERIMENT_ID.match(order.experiment_id):
+            logger.warning("ignored a start for a malformed experiment id %r", order.experiment_id)
+            return
+        if self.state.find(order.experiment_id) is not None:
+            return
+        state, reason = _S.SITE_APPROVED, "review: auto"
+        if order.collaborator_name != self.name:
+            state = _S.REFUSED
+            reason = f"this envoy is site {self.name!r}, not {order.collaborator_name!r}"
+        else:
+            folder = self.folder(order.experiment_id)
+            try:  # refused at once, before a site operator is asked to review it
+                site_document(order.plan_yaml, self.name, self.config, folder)
+            except RefusedPlanError as error:
+                state, reason = _S.REFUSED, str(error)
+            else:
+                if self.config.manual_review:
+                    state = _S.APPROVAL_PENDING
+                    reason = f"waiting for the site operator: envoy approve {order.experiment_id}"
+        self.state.add(
+            experiment_id=order.experiment_id,
+            name=order.name,
+            owner=order.owner,
+            site=order.collaborator_name,
+            plan_yaml=order.plan_yaml,
+            state=state,
+            reason=reason,
+        )
+        logger.info(
+            "experiment %s (%r by %s): %s", order.experiment_id, order.name, order.owner, reason
+        )
+
+    def _check(self, experiment: Experiment) -> None:
+        experiment_id = experiment.experiment_id
+        folder = self.folder(experiment_id)
+        if experiment.stopping:
+            if experiment.state in _ALIVE:
+                self.children.stop(experiment_id, folder, grace_seconds=self.stop_grace_seconds)
+                self._ended(experiment, self.children.poll(experiment_id, folder), restart=False)
+            self.state.set_done(experiment_id)
+            logger.info("experiment %s: stopped, as the director said", experiment_id)
+            return
+        if experiment.state is _S.SITE_APPROVED:
+            self._launch(experiment)
+        elif experiment.state in _ALIVE:
+            ended = self.children.poll(experiment_id, folder)
+            if ended is not None:
+                self._ended(experiment, ended, restart=True)
+
+    def _launch(self, experiment: Experiment, *, restarted: bool = False) -> None:
+        experiment_id = experiment.experiment_id
+        folder = self.folder(experiment_id)
+        try:
+            document = site_document(experiment.plan_yaml, experiment.site, self.config, folder)
+        except RefusedPlanError as error:
+            logger.warning("experiment %s refused: %s", experiment_id, error)
+            self.state.transition(experiment_id, _S.REFUSED, reason=str(error))
+            return
+        plan = write_site_plan(document, folder)
+        pid = self.children.start(
+            experiment_id,
+            (*self.collaborator_command, "start", "-n", experiment.site, "--plan", str(plan)),
+            folder,
+        )
+        self.state.transition(experiment_id, _S.STARTED, pid=pid, restarted=restarted)
+
+    def _ended(self, experiment: Experiment, ended: Ended | None, *, restart: bool) -> None:
+        experiment_id = experiment.experiment_id
+        code = NO_STATUS if ended is None or ended.code is None else ended.code
+        reason = ""
+        if code != 0:
+            described = (ended or Ended(None)).describe("the collaborator")
+            last = _last_line(self.folder(experiment_id) / LOG_FILE)
+            reason = f"{described}; its log ends: {last}" if last else described
+        self.state.transition(experiment_id, _S.EXITED, exit_code=code, reason=reason)
+        logger.info("experiment %s: collaborator ended (%s)", experiment_id, reason or "code 0")
+        died = code not in (0, EXIT_BAD_INPUT)
+        if restart and died and experiment.restarts < MAX_RESTARTS:
+            logger.warning(
+                "experiment %s: starting the collaborator again (%d of %d); it asks the "
+                "aggregator what it still owes",
+                experiment_id,
+                experiment.restarts + 1,
+                MAX_RESTARTS,
+            )
+            self._launch(self.state.experiment(experiment_id), restarted=True)
+
+
+def _report(experiment: Experiment) -> Report:
+    return Report(
+        experiment_id=experiment.experiment_id,
+        state=experiment.state,
+        exit_code=experiment.exit_code,
+        reason=experiment.reason,
+        version=experiment.version,
+    )
+
+
+def _last_line(path: Path, tail: int = 4096) -> str:
+    """The last non-empty line of a log, for a failure's reason."""
+    try:
+        with path.open("rb") as file:
+            size = file.seek(0, 2)
+            file.seek(max(0, size - tail))
+            text = file.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""

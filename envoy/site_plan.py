@@ -1,0 +1,91 @@
+"""The director's plan made this site's: checked against what the site agreed to, then written.
+
+The plan is YAML text (never code): the envoy reads it with `yaml.safe_load`, refuses a runner
+not in its `runners`, points `tls` at its own certificate folder, drops the aggregator's files
+(paths on the director's host), merges its own runner settings over `runner.settings` with
+`plans.site_settings.merge_site_settings`, and checks the result as `collaborator start` will.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from envoy.config import EnvoyConfig
+from envoy.errors import StateError
+from plans.loader import PlanError, parse_plan, yaml_document
+from plans.site_settings import merge_site_settings
+
+PLAN_FILE = "plan.yaml"
+RECEIVED = Path("the director's plan")  # how refusals name the plan the director sent
+# An experiment id becomes a folder name: no separators, no leading dot.
+EXPERIMENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Aggregator files on the director's host: a collaborator never reads them, and must not fail
+# because they are not here.
+_AGGREGATOR_FILES = ("initial_model", "output_dir")
+
+
+class RefusedPlanError(ValueError):
+    """This site will not run the plan; the message is the reason reported to the director."""
+
+
+def site_document(plan_yaml: str, site: str, config: EnvoyConfig, folder: Path) -> dict[str, Any]:
+    """The plan for this site's collaborator, checked; `RefusedPlanError` with the reason if not."""
+    try:
+        document = yaml_document(plan_yaml, RECEIVED)
+    except PlanError as error:
+        raise RefusedPlanError("; ".join(error.problems)) from None
+    if not isinstance(document, dict):
+        raise RefusedPlanError(f"{RECEIVED}: expected a mapping of plan sections")
+    runner = document.get("runner")
+    name = runner.get("name") if isinstance(runner, Mapping) else None
+    if name not in config.runners:
+        raise RefusedPlanError(
+            f"runner {name!r} is not one this site agreed to run ({config.path}: runners: "
+            f"{', '.join(config.runners)})"
+        )
+    document = dict(document)
+    document["tls"] = {"certs_dir": str(config.certs.root)}
+    aggregator = document.get("aggregator")
+    if isinstance(aggregator, Mapping):
+        document["aggregator"] = {
+            key: value for key, value in aggregator.items() if key not in _AGGREGATOR_FILES
+        }
+    try:
+        plan = parse_plan(document, folder / PLAN_FILE)
+    except PlanError as error:
+        raise RefusedPlanError("; ".join(error.problems)) from None
+    if site not in plan.collaborators:
+        raise RefusedPlanError(
+            f"{RECEIVED}: collaborators: this site {site!r} is not listed "
+            f"(listed: {', '.join(plan.collaborators)})"
+        )
+    merged = merge_site_settings(plan.runner, config.runner_settings, source=config.path)
+    document["runner"] = {**document["runner"], "settings": dict(merged.settings)}
+    return document
+
+
+def write_site_plan(document: Mapping[str, Any], folder: Path) -> Path:
+    """Write the site's plan into `folder` durably and atomically; its path."""
+    path = folder / PLAN_FILE
+    temporary = folder / f".{PLAN_FILE}.tmp"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with temporary.open("w", encoding="utf-8") as file:
+            yaml.safe_dump(dict(document), file, sort_keys=False)
+            file.flush()
+            os.fsync(file.fileno())
+        temporary.replace(path)
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    except (OSError, yaml.YAMLError) as error:
+        raise StateError(f"{path}: cannot write: {error}") from None
+    return path

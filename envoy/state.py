@@ -1,0 +1,325 @@
+"""The envoy's durable state: its experiments and their collaborators, in one SQLite file (WAL).
+
+SQLite rather than one file per experiment written atomically: the site operator's `envoy
+approve ID` writes the same state while the envoy runs, and SQLite's transactions make the two
+writers safe without a protocol of our own. Every write is one transaction on disk
+(`synchronous=FULL`) when the method returns, so kill -9 of the envoy loses nothing.
+
+Each experiment's collaborator moves through the states of `CollaboratorState` (the same as
+director.proto's); the allowed moves are the one table `TRANSITIONS`. `version` counts the
+changes and `reported` the last version the director acknowledged, so a change made while the
+director was away, or by `envoy approve`, is reported when it can be.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from envoy.errors import IllegalTransitionError, StateError, UnknownExperimentError
+
+DATABASE = "envoy.sqlite"
+LOCK = "envoy.lock"
+SCHEMA_VERSION = 1
+
+
+class CollaboratorState(Enum):
+    """One experiment's collaborator at this site (director.proto's CollaboratorState)."""
+
+    APPROVAL_PENDING = "approval_pending"  # review: manual, waiting for `envoy approve`
+    SITE_APPROVED = "site_approved"  # approved (by the operator, or review: auto); starts next
+    SITE_REJECTED = "site_rejected"  # the operator refused it (final)
+    REFUSED = "refused"  # the envoy refused it: runner not allowed, a plan it cannot use (final)
+    STARTED = "started"  # `collaborator start` launched
+    RUNNING = "running"  # found running again after an envoy restart
+    EXITED = "exited"  # ended with `exit_code`
+
+    @property
+    def final(self) -> bool:
+        """Whether nothing moves it any more."""
+        return not TRANSITIONS[self]
+
+
+_C = CollaboratorState
+TRANSITIONS: Mapping[CollaboratorState, frozenset[CollaboratorState]] = MappingProxyType(
+    {
+        _C.APPROVAL_PENDING: frozenset({_C.SITE_APPROVED, _C.SITE_REJECTED}),
+        _C.SITE_APPROVED: frozenset({_C.STARTED, _C.REFUSED}),
+        _C.STARTED: frozenset({_C.RUNNING, _C.EXITED}),
+        _C.RUNNING: frozenset({_C.EXITED}),
+        _C.EXITED: frozenset({_C.STARTED}),  # started again: it died while its experiment ran
+        _C.SITE_REJECTED: frozenset(),
+        _C.REFUSED: frozenset(),
+    }
+)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One experiment this envoy was asked to run a collaborator for."""
+
+    experiment_id: str
+    name: str
+    owner: str
+    site: str  # the collaborator's name in the plan (this site's)
+    plan_yaml: str  # the director's plan, as received
+    state: CollaboratorState
+    exit_code: int
+    reason: str
+    pid: int | None  # the collaborator's `director.child` parent, while it runs
+    restarts: int  # times started again after dying
+    stopping: bool  # the director said stop
+    done: bool  # stopped and no longer listed in heartbeats
+    received_at: float
+    version: int  # changes so far
+    reported: int  # the last version the director acknowledged
+
+
+_COLUMNS = (
+    "id, name, owner, site, plan_yaml, state, exit_code, reason, pid, restarts, stopping, done, "
+    "received_at, version, reported"
+)
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS experiments (
+    sequence INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    site TEXT NOT NULL,
+    plan_yaml TEXT NOT NULL,
+    state TEXT NOT NULL,
+    exit_code INTEGER NOT NULL DEFAULT 0,
+    reason TEXT NOT NULL DEFAULT '',
+    pid INTEGER,
+    restarts INTEGER NOT NULL DEFAULT 0,
+    stopping INTEGER NOT NULL DEFAULT 0,
+    done INTEGER NOT NULL DEFAULT 0,
+    received_at REAL NOT NULL,
+    version INTEGER NOT NULL DEFAULT 1,
+    reported INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+class EnvoyState:
+    """The envoy's experiments; open with `open`. The running envoy holds the folder's lock."""
+
+    def __init__(
+        self,
+        folder: Path,
+        connection: sqlite3.Connection,
+        lock: int | None,
+        clock: Callable[[], float],
+    ) -> None:
+        """Use `open`; this only keeps what it prepared."""
+        self.folder = folder
+        self._db = connection
+        self._folder_lock = lock
+        self._clock = clock
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(
+        cls, folder: Path, *, exclusive: bool, clock: Callable[[], float] = time.time
+    ) -> EnvoyState:
+        """Open (or create) the state in `folder`; `exclusive`: as the one running envoy."""
+        folder = Path(folder)
+        database = folder / DATABASE
+        lock: int | None = None
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if exclusive:
+                lock = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as error:
+            raise StateError(
+                f"{folder}: cannot use as the envoy's state folder: {error.strerror}"
+            ) from None
+        if lock is not None:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(lock)
+                raise StateError(f"{folder}: another envoy is using this state folder") from None
+        try:
+            connection = sqlite3.connect(
+                database, isolation_level=None, check_same_thread=False, timeout=30
+            )
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=FULL")
+            connection.executescript(_SCHEMA)
+            row = connection.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            if row is None:
+                connection.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+            elif row[0] != str(SCHEMA_VERSION):
+                raise StateError(
+                    f"{database}: state version {row[0]}, this envoy reads {SCHEMA_VERSION}"
+                )
+        except sqlite3.Error as error:
+            if lock is not None:
+                os.close(lock)
+            raise StateError(f"{database}: {error}") from None
+        except StateError:
+            if lock is not None:
+                os.close(lock)
+            raise
+        return cls(folder, connection, lock, clock)
+
+    def close(self) -> None:
+        """Close the database and let another envoy open the folder."""
+        with self._lock:
+            self._db.close()
+            if self._folder_lock is not None:
+                os.close(self._folder_lock)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def experiment(self, experiment_id: str) -> Experiment:
+        """The experiment with this id; `UnknownExperimentError` if there is none."""
+        rows = self._query(f"SELECT {_COLUMNS} FROM experiments WHERE id = ?", (experiment_id,))
+        if not rows:
+            raise UnknownExperimentError(f"no experiment {experiment_id!r} at this envoy")
+        return _experiment(rows[0])
+
+    def find(self, experiment_id: str) -> Experiment | None:
+        """The experiment with this id, or None."""
+        rows = self._query(f"SELECT {_COLUMNS} FROM experiments WHERE id = ?", (experiment_id,))
+        return _experiment(rows[0]) if rows else None
+
+    def experiments(self, *, listed_only: bool = False) -> list[Experiment]:
+        """Every experiment in the order received; `listed_only`: those not done."""
+        where = " WHERE done = 0" if listed_only else ""
+        rows = self._query(f"SELECT {_COLUMNS} FROM experiments{where} ORDER BY sequence")
+        return [_experiment(row) for row in rows]
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def add(
+        self,
+        *,
+        experiment_id: str,
+        name: str,
+        owner: str,
+        site: str,
+        plan_yaml: str,
+        state: CollaboratorState,
+        reason: str = "",
+    ) -> Experiment:
+        """Keep a new experiment in its first state; one already known is left as it is."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO experiments (id, name, owner, site, plan_yaml, state, "
+                "reason, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (experiment_id, name, owner, site, plan_yaml, state.value, reason, self._clock()),
+            )
+        return self.experiment(experiment_id)
+
+    def transition(
+        self,
+        experiment_id: str,
+        to: CollaboratorState,
+        *,
+        reason: str = "",
+        exit_code: int = 0,
+        pid: int | None = None,
+        restarted: bool = False,
+    ) -> Experiment:
+        """Move to `to` if `TRANSITIONS` allows it (`IllegalTransitionError` if not); a new version."""
+        with self._transaction() as db:
+            row = db.execute("SELECT state FROM experiments WHERE id = ?", (experiment_id,))
+            found = row.fetchone()
+            if found is None:
+                raise UnknownExperimentError(f"no experiment {experiment_id!r} at this envoy")
+            current = CollaboratorState(found[0])
+            if to not in TRANSITIONS[current]:
+                raise IllegalTransitionError(
+                    f"experiment {experiment_id}: its collaborator is {current.value}, it cannot "
+                    f"become {to.value}"
+                )
+            db.execute(
+                "UPDATE experiments SET state = ?, reason = ?, exit_code = ?, pid = ?, "
+                "restarts = restarts + ?, version = version + 1 WHERE id = ?",
+                (to.value, reason, exit_code, pid, int(restarted), experiment_id),
+            )
+        return self.experiment(experiment_id)
+
+    def set_stopping(self, experiment_id: str) -> None:
+        """The director said stop: the collaborator is stopped (if it runs) and then done."""
+        self._execute("UPDATE experiments SET stopping = 1 WHERE id = ?", (experiment_id,))
+
+    def set_done(self, experiment_id: str) -> None:
+        """Stopped: no longer listed in heartbeats (its log is kept)."""
+        self._execute("UPDATE experiments SET done = 1, pid = NULL WHERE id = ?", (experiment_id,))
+
+    def set_reported(self, experiment_id: str, version: int) -> None:
+        """The director acknowledged `version` of this experiment's state."""
+        self._execute(
+            "UPDATE experiments SET reported = max(reported, ?) WHERE id = ?",
+            (version, experiment_id),
+        )
+
+    def forget_reports(self) -> None:
+        """Report every state again (after a restart, or when the director lost track)."""
+        self._execute("UPDATE experiments SET reported = 0")
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as error:
+                raise StateError(f"{self.folder / DATABASE}: {error}") from None
+
+    def _execute(self, sql: str, parameters: tuple[Any, ...] = ()) -> None:
+        with self._transaction() as db:
+            db.execute(sql, parameters)
+
+    def _query(self, sql: str, parameters: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, parameters).fetchall()
+            except sqlite3.Error as error:
+                raise StateError(f"{self.folder / DATABASE}: {error}") from None
+
+
+def _experiment(row: tuple[Any, ...]) -> Experiment:
+    (eid, name, owner, site, plan, state, code, reason, pid, restarts, stopping, done) = row[:12]
+    received, version, reported = row[12:]
+    return Experiment(
+        experiment_id=eid,
+        name=name,
+        owner=owner,
+        site=site,
+        plan_yaml=plan,
+        state=CollaboratorState(state),
+        exit_code=code,
+        reason=reason,
+        pid=pid,
+        restarts=restarts,
+        stopping=bool(stopping),
+        done=bool(done),
+        received_at=received,
+        version=version,
+        reported=reported,
+    )
