@@ -121,7 +121,7 @@ class EnvoyLoop:
             self.health_seconds = self.client.register(self.shard, foedus_version())
             self.registered = True
             self._next_heartbeat = 0.0
-            self.site.state.forget_reports()  # a director that lost track hears everything again
+            self.site.state.report_all_again()  # a director that lost track hears it all again
             logger.info(
                 "registered with the director at %s; heartbeat every %g s",
                 self.client.target,

@@ -66,13 +66,13 @@ class Work:
 
 @dataclass(frozen=True)
 class Report:
-    """One collaborator's state for the director; `version` is the state's, for acknowledging."""
+    """One collaborator's state for the director; `sequence` is its place in the outbox (0: none)."""
 
     experiment_id: str
     state: CollaboratorState
     exit_code: int = 0
     reason: str = ""
-    version: int = 0
+    sequence: int = 0
 
 
 @dataclass(frozen=True)
@@ -112,8 +112,7 @@ class Site:
     # -- after a restart -----------------------------------------------------------------------
 
     def recover(self) -> None:
-        """Find running collaborators again; every state is reported again."""
-        self.state.forget_reports()
+        """Find running collaborators again (every state is reported again on registering)."""
         for experiment in self.state.experiments(listed_only=True):
             if experiment.state not in _ALIVE or experiment.pid is None:
                 continue
@@ -148,12 +147,15 @@ class Site:
         return [_report(e) for e in self.state.experiments(listed_only=True)]
 
     def unreported(self) -> list[Report]:
-        """States the director has not acknowledged yet (done experiments' last ones included)."""
-        return [_report(e) for e in self.state.experiments() if e.version > e.reported]
+        """Every state change the director has not acknowledged yet, in order."""
+        return [
+            Report(r.experiment_id, r.state, r.exit_code, r.reason, r.sequence)
+            for r in self.state.outgoing()
+        ]
 
     def acknowledged(self, report: Report) -> None:
         """The director has `report`."""
-        self.state.set_reported(report.experiment_id, report.version)
+        self.state.acknowledge(report.sequence)
 
     def read_log(self, order: LogOrder) -> LogPiece:
         """Part of the log of one of this envoy's experiments; not found for any other."""
@@ -271,7 +273,6 @@ def _report(experiment: Experiment) -> Report:
         state=experiment.state,
         exit_code=experiment.exit_code,
         reason=experiment.reason,
-        version=experiment.version,
     )
 
 

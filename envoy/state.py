@@ -6,9 +6,10 @@ writers safe without a protocol of our own. Every write is one transaction on di
 (`synchronous=FULL`) when the method returns, so kill -9 of the envoy loses nothing.
 
 Each experiment's collaborator moves through the states of `CollaboratorState` (the same as
-director.proto's); the allowed moves are the one table `TRANSITIONS`. `version` counts the
-changes and `reported` the last version the director acknowledged, so a change made while the
-director was away, or by `envoy approve`, is reported when it can be.
+director.proto's); the allowed moves are the one table `TRANSITIONS`. Every change also goes,
+in the same transaction, to an outbox of reports, sent in order and deleted once the director
+has them: a change made while the director was away, or by `envoy approve`, is reported when it
+can be, and none is skipped.
 """
 
 from __future__ import annotations
@@ -81,13 +82,22 @@ class Experiment:
     stopping: bool  # the director said stop
     done: bool  # stopped and no longer listed in heartbeats
     received_at: float
-    version: int  # changes so far
-    reported: int  # the last version the director acknowledged
+
+
+@dataclass(frozen=True)
+class OutgoingReport:
+    """A state change not yet acknowledged by the director; `sequence` orders them."""
+
+    sequence: int
+    experiment_id: str
+    state: CollaboratorState
+    exit_code: int
+    reason: str
 
 
 _COLUMNS = (
     "id, name, owner, site, plan_yaml, state, exit_code, reason, pid, restarts, stopping, done, "
-    "received_at, version, reported"
+    "received_at"
 )
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -105,9 +115,14 @@ CREATE TABLE IF NOT EXISTS experiments (
     restarts INTEGER NOT NULL DEFAULT 0,
     stopping INTEGER NOT NULL DEFAULT 0,
     done INTEGER NOT NULL DEFAULT 0,
-    received_at REAL NOT NULL,
-    version INTEGER NOT NULL DEFAULT 1,
-    reported INTEGER NOT NULL DEFAULT 0
+    received_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    sequence INTEGER PRIMARY KEY AUTOINCREMENT,
+    experiment_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    exit_code INTEGER NOT NULL,
+    reason TEXT NOT NULL
 );
 """
 
@@ -220,11 +235,13 @@ class EnvoyState:
     ) -> Experiment:
         """Keep a new experiment in its first state; one already known is left as it is."""
         with self._transaction() as db:
-            db.execute(
+            added = db.execute(
                 "INSERT OR IGNORE INTO experiments (id, name, owner, site, plan_yaml, state, "
                 "reason, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (experiment_id, name, owner, site, plan_yaml, state.value, reason, self._clock()),
             )
+            if added.rowcount:
+                _outgoing(db, experiment_id, state, 0, reason)
         return self.experiment(experiment_id)
 
     def transition(
@@ -237,7 +254,7 @@ class EnvoyState:
         pid: int | None = None,
         restarted: bool = False,
     ) -> Experiment:
-        """Move to `to` if `TRANSITIONS` allows it (`IllegalTransitionError` if not); a new version."""
+        """Move to `to` if `TRANSITIONS` allows it (`IllegalTransitionError` if not); reported next."""
         with self._transaction() as db:
             row = db.execute("SELECT state FROM experiments WHERE id = ?", (experiment_id,))
             found = row.fetchone()
@@ -251,9 +268,10 @@ class EnvoyState:
                 )
             db.execute(
                 "UPDATE experiments SET state = ?, reason = ?, exit_code = ?, pid = ?, "
-                "restarts = restarts + ?, version = version + 1 WHERE id = ?",
+                "restarts = restarts + ? WHERE id = ?",
                 (to.value, reason, exit_code, pid, int(restarted), experiment_id),
             )
+            _outgoing(db, experiment_id, to, exit_code, reason)
         return self.experiment(experiment_id)
 
     def set_stopping(self, experiment_id: str) -> None:
@@ -264,16 +282,29 @@ class EnvoyState:
         """Stopped: no longer listed in heartbeats (its log is kept)."""
         self._execute("UPDATE experiments SET done = 1, pid = NULL WHERE id = ?", (experiment_id,))
 
-    def set_reported(self, experiment_id: str, version: int) -> None:
-        """The director acknowledged `version` of this experiment's state."""
-        self._execute(
-            "UPDATE experiments SET reported = max(reported, ?) WHERE id = ?",
-            (version, experiment_id),
+    def outgoing(self) -> list[OutgoingReport]:
+        """The changes the director has not acknowledged, in order."""
+        rows = self._query(
+            "SELECT sequence, experiment_id, state, exit_code, reason FROM outbox ORDER BY sequence"
         )
+        return [
+            OutgoingReport(seq, eid, CollaboratorState(state), code, reason)
+            for seq, eid, state, code, reason in rows
+        ]
 
-    def forget_reports(self) -> None:
-        """Report every state again (after a restart, or when the director lost track)."""
-        self._execute("UPDATE experiments SET reported = 0")
+    def acknowledge(self, sequence: int) -> None:
+        """The director has the report `sequence`."""
+        self._execute("DELETE FROM outbox WHERE sequence = ?", (sequence,))
+
+    def report_all_again(self) -> None:
+        """Queue every listed experiment's current state (after a restart, a new registration)."""
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT id, state, exit_code, reason FROM experiments WHERE done = 0 "
+                "ORDER BY sequence"
+            ).fetchall()
+            for eid, state, code, reason in rows:
+                _outgoing(db, eid, CollaboratorState(state), code, reason)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -305,7 +336,7 @@ class EnvoyState:
 
 def _experiment(row: tuple[Any, ...]) -> Experiment:
     (eid, name, owner, site, plan, state, code, reason, pid, restarts, stopping, done) = row[:12]
-    received, version, reported = row[12:]
+    received = row[12]
     return Experiment(
         experiment_id=eid,
         name=name,
@@ -320,6 +351,13 @@ def _experiment(row: tuple[Any, ...]) -> Experiment:
         stopping=bool(stopping),
         done=bool(done),
         received_at=received,
-        version=version,
-        reported=reported,
+    )
+
+
+def _outgoing(
+    db: sqlite3.Connection, experiment_id: str, state: CollaboratorState, code: int, reason: str
+) -> None:
+    db.execute(
+        "INSERT INTO outbox (experiment_id, state, exit_code, reason) VALUES (?, ?, ?, ?)",
+        (experiment_id, state.value, code, reason),
     )

@@ -134,7 +134,12 @@ def test_state_lifecycle_is_one_table_and_survives_reopening(tmp_path: Path) -> 
     state.close()
     again = EnvoyState.open(tmp_path, exclusive=True)
     experiment = again.experiment("e1")
-    assert (experiment.state, experiment.pid, experiment.version) == (S.STARTED, 1234, 3)
+    assert (experiment.state, experiment.pid) == (S.STARTED, 1234)
+    # Every change waits in the outbox, in order, until acknowledged.
+    outgoing = again.outgoing()
+    assert [r.state for r in outgoing] == [S.APPROVAL_PENDING, S.SITE_APPROVED, S.STARTED]
+    again.acknowledge(outgoing[0].sequence)
+    assert [r.state for r in again.outgoing()] == [S.SITE_APPROVED, S.STARTED]
     again.close()
     assert all(state.final == (not moves) for state, moves in TRANSITIONS.items())
     assert {S.SITE_REJECTED, S.REFUSED} == {state for state in S if state.final}
