@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,14 +95,21 @@ class Site:
         state: EnvoyState,
         *,
         collaborator_command: Sequence[str] = (sys.executable, "-m", "collaborator"),
+        stop_patience_seconds: float = 10.0,
         stop_grace_seconds: float = 10.0,
     ) -> None:
-        """`name` is this site's (its certificate's CN); `collaborator_command` runs a collaborator."""
+        """`name` is this site's (its certificate's CN); `collaborator_command` runs a collaborator.
+
+        Told to stop, a collaborator gets `stop_patience_seconds` to end by itself, then SIGTERM
+        and `stop_grace_seconds` more before SIGKILL.
+        """
         self.name = name
         self.config = config
         self.state = state
         self.collaborator_command = tuple(collaborator_command)
+        self.stop_patience_seconds = stop_patience_seconds
         self.stop_grace_seconds = stop_grace_seconds
+        self._stop_asked: dict[str, float] = {}
         self.children = ChildProcesses(LOG_FILE, "collaborator")
         self._root = config.state_dir / EXPERIMENTS
 
@@ -216,8 +224,17 @@ class Site:
         folder = self.folder(experiment_id)
         if experiment.stopping:
             if experiment.state in _ALIVE:
-                self.children.stop(experiment_id, folder, grace_seconds=self.stop_grace_seconds)
-                self._ended(experiment, self.children.poll(experiment_id, folder), restart=False)
+                ended = self.children.poll(experiment_id, folder)
+                if ended is None:
+                    # A collaborator that has finished takes a few seconds to exit: let it,
+                    # so it is reported as it ended, not as stopped by us.
+                    asked = self._stop_asked.setdefault(experiment_id, time.monotonic())
+                    if time.monotonic() - asked < self.stop_patience_seconds:
+                        return
+                    self.children.stop(experiment_id, folder, grace_seconds=self.stop_grace_seconds)
+                    ended = self.children.poll(experiment_id, folder)
+                self._ended(experiment, ended, restart=False)
+            self._stop_asked.pop(experiment_id, None)
             self.state.set_done(experiment_id)
             logger.info("experiment %s: stopped, as the director said", experiment_id)
             return

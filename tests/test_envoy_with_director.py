@@ -1,0 +1,197 @@
+"""Real envoy processes with the real director: its gRPC server, its aggregators as processes.
+
+Three sites' envoys register with a director (`director.server.DirectorServer`, launching real
+`aggregator start` processes), a person submits the digits plan, and the envoys run the
+collaborators to completion; a site's log comes through the director from its envoy; a site
+that did not agree to the plan's runner fails the experiment with its reason. Every wait is
+bounded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+import pytest
+import yaml
+
+from director.launcher import LocalLauncher
+from pki.layout import CertsLayout
+from protos import director_pb2 as pb
+from protos import director_pb2_grpc
+
+from directors import ENVOYS, make_director_certs, running_director, submitted_plan
+from envoys import EnvoyProcess, stop_collaborators, write_envoy_config
+from processes import free_port
+
+RUN_SECONDS = 300
+FINAL = {pb.EXPERIMENT_COMPLETED, pb.EXPERIMENT_FAILED, pb.EXPERIMENT_CANCELLED}
+T = TypeVar("T")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def director_certs(tmp_path_factory: pytest.TempPathFactory) -> CertsLayout:
+    """Certificates of a director on localhost, its envoys and people."""
+    return make_director_certs(tmp_path_factory.mktemp("director-certs"))
+
+
+def start_envoys(
+    folder: Path, certs: CertsLayout, port: int, runners: dict[str, list[str]] | None = None
+) -> list[EnvoyProcess]:
+    """One envoy process per site, each with its own folder and envoy.yaml."""
+    envoys = []
+    for name in ENVOYS:
+        config = write_envoy_config(
+            folder / name,
+            certs,
+            port,
+            runners=(runners or {}).get(name, ["digits"]),
+            shard={"description": f"{name}'s digits"},
+        )
+        envoy = EnvoyProcess(name, config, folder / name / "envoy.log")
+        envoy.start()
+        envoys.append(envoy)
+    return envoys
+
+
+def stop_envoys(envoys: list[EnvoyProcess], folder: Path) -> None:
+    """Stop the envoys and whatever collaborators they left."""
+    for envoy in envoys:
+        if envoy.alive():
+            envoy.terminate()
+        stop_collaborators(folder / envoy.name / "state")
+
+
+def wait_until(what: str, check: Callable[[], T | None], timeout: float = RUN_SECONDS) -> T:
+    """Poll `check()` until it gives a value (an RPC failing meanwhile counts as not yet)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+        except grpc.RpcError:
+            value = None
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def submit(stub: director_pb2_grpc.DirectorStub, **sections: dict[str, object]) -> str:
+    """Submit plans/local.yaml (the director's fields left out) for 3 rounds; its id."""
+    plan = submitted_plan(
+        federation={"rounds": 3},
+        aggregator={"quit_grace_seconds": 10},
+        connection={"backoff_initial_seconds": 0.2, "backoff_max_seconds": 1},
+        **sections,
+    )
+    chunk = pb.SubmitChunk(plan_yaml=yaml.safe_dump(plan), name="digits")
+    return stub.SubmitExperiment(iter([chunk]), timeout=60).experiment_id
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Iterator[Path]:
+    """The test's folder."""
+    yield tmp_path
+
+
+def test_three_envoys_run_an_experiment_to_completion(
+    folder: Path, director_certs: CertsLayout
+) -> None:
+    """Submitted by a person, run by three envoys: completed, each site EXITED 0, logs served."""
+    with running_director(
+        folder / "director",
+        director_certs,
+        launcher=LocalLauncher(),
+        aggregator={"listen_address": "127.0.0.1", "ports": [free_port()] * 2},
+        health_check_seconds=0.5,
+    ) as director:
+        envoys = start_envoys(folder / "sites", director_certs, director.port)
+        try:
+            ada = director.stub("ada")
+
+            def online() -> list[pb.EnvoyInfo] | None:
+                envoys = ada.ListEnvoys(pb.ListEnvoysRequest(), timeout=20).envoys
+                return list(envoys) if len(envoys) == 3 and all(e.online for e in envoys) else None
+
+            listed = wait_until("three envoys online", online)
+            assert sorted(e.name for e in listed) == sorted(ENVOYS)
+            assert {e.shard.description for e in listed} == {f"{name}'s digits" for name in ENVOYS}
+            experiment_id = submit(ada)
+            request = pb.ExperimentRequest(experiment_id=experiment_id)
+
+            def ended() -> pb.Experiment | None:
+                experiment = ada.GetExperiment(request, timeout=20)
+                return experiment if experiment.state in FINAL else None
+
+            final = wait_until("the experiment to end", ended)
+            assert final.state == pb.EXPERIMENT_COMPLETED, final
+
+            def all_exited() -> list[pb.SiteStatus] | None:
+                sites = list(ada.GetExperiment(request, timeout=20).sites)
+                done = all(s.state == pb.COLLABORATOR_EXITED and s.exit_code == 0 for s in sites)
+                return sites if done else None
+
+            try:
+                sites = wait_until("every site's EXITED 0", all_exited, timeout=60)
+            except AssertionError:
+                raise AssertionError(
+                    f"{ada.GetExperiment(request, timeout=20).sites}\n"
+                    + "\n".join(envoy.text()[-3000:] for envoy in envoys)
+                ) from None
+            assert sorted(site.site for site in sites) == sorted(ENVOYS)
+            chunks = list(
+                ada.GetLogs(
+                    pb.LogRequestFromUser(experiment_id=experiment_id, site="bob"), timeout=60
+                )
+            )
+            log = b"".join(chunk.data for chunk in chunks)
+            assert b"collaborator bob of federation" in log
+            assert (
+                log
+                == (folder / "sites" / "bob" / "state" / "experiments" / experiment_id)
+                .joinpath("collaborator.log")
+                .read_bytes()
+            )
+            assert all(envoy.alive() for envoy in envoys)
+        finally:
+            stop_envoys(envoys, folder / "sites")
+
+
+def test_a_site_that_refuses_the_runner_fails_the_experiment(
+    folder: Path, director_certs: CertsLayout
+) -> None:
+    """bob's envoy agrees to another runner only: the experiment fails, naming bob and why."""
+    with running_director(
+        folder / "director",
+        director_certs,
+        launcher=LocalLauncher(),
+        aggregator={"listen_address": "127.0.0.1", "ports": [free_port()] * 2},
+        health_check_seconds=0.5,
+    ) as director:
+        envoys = start_envoys(
+            folder / "sites", director_certs, director.port, {"bob": ["my_site.models:Net"]}
+        )
+        try:
+            ada = director.stub("ada")
+            wait_until(
+                "three envoys registered",
+                lambda: len(ada.ListEnvoys(pb.ListEnvoysRequest(), timeout=20).envoys) == 3 or None,
+            )
+            experiment_id = submit(ada)
+            request = pb.ExperimentRequest(experiment_id=experiment_id)
+
+            def failed() -> pb.Experiment | None:
+                experiment = ada.GetExperiment(request, timeout=20)
+                return experiment if experiment.state in FINAL else None
+
+            final = wait_until("the experiment to fail", failed, timeout=120)
+            assert final.state == pb.EXPERIMENT_FAILED, final
+            reason = final.reason
+            assert "site bob refused" in reason, reason
+            assert "runner 'digits' is not one this site agreed to run" in reason, reason
+        finally:
+            stop_envoys(envoys, folder / "sites")
