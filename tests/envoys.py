@@ -128,9 +128,10 @@ class _Servicer(director_pb2_grpc.DirectorServicer):
 class RecordingDirector:
     """The envoy side of a director on 127.0.0.1:`port`; `start` and `stop` it (again) at will."""
 
-    def __init__(self, certs: CertsLayout, port: int) -> None:
+    def __init__(self, certs: CertsLayout, port: int, *, require_client_auth: bool = True) -> None:
         self.certs = certs
         self.port = port
+        self.require_client_auth = require_client_auth
         self.records = Records()
         self._server: grpc.Server | None = None
 
@@ -141,7 +142,10 @@ class RecordingDirector:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         director_pb2_grpc.add_DirectorServicer_to_server(_Servicer(self.records), server)
         credentials = server_credentials(
-            self.certs.aggregator_cert, self.certs.aggregator_key, self.certs.ca_bundle
+            self.certs.aggregator_cert,
+            self.certs.aggregator_key,
+            self.certs.ca_bundle,
+            require_client_auth=self.require_client_auth,
         )
         bound = server.add_secure_port(f"127.0.0.1:{self.port}", credentials)
         assert bound == self.port, f"could not bind 127.0.0.1:{self.port}"

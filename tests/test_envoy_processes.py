@@ -17,6 +17,7 @@ import pytest
 
 from envoy.cli import main as envoy_main
 from pki.layout import CertsLayout
+from pki.local import setup_local_federation
 from protos import director_pb2 as pb
 
 from envoys import (
@@ -305,3 +306,33 @@ def test_envoy_and_collaborator_killed_the_collaborator_is_started_again(
     rounds = [line for line in stdout.splitlines() if "reported" in line]
     assert len(rounds) == ROUNDS + 1, stdout
     assert all("reported alice,bob,carol " in line for line in rounds), stdout
+
+
+def test_a_director_from_another_ca_is_never_trusted(
+    certs: CertsLayout, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A server whose certificate chains to another CA: the envoy ends the handshake, sends nothing.
+
+    The impostor asks for no client certificate, so only the envoy's own check can stop it.
+    """
+    other = CertsLayout(tmp_path_factory.mktemp("other-ca"))
+    setup_local_federation(
+        other,
+        aggregator_host="localhost",
+        dns_names=("localhost",),
+        ip_addresses=("127.0.0.1",),
+        collaborators=("alice",),
+    )
+    port = free_port()
+    impostor = RecordingDirector(other, port, require_client_auth=False)
+    impostor.start()
+    envoy = EnvoyProcess("alice", write_envoy_config(tmp_path, certs, port), tmp_path / "envoy.log")
+    envoy.start()
+    try:
+        wait_for_log(envoy, r"director call failed: RegisterEnvoy .*UNAVAILABLE", count=3)
+        assert envoy.alive()
+    finally:
+        envoy.terminate()
+        impostor.stop()
+    records = impostor.records
+    assert (records.registrations, records.heartbeats, records.reports) == ([], [], [])
