@@ -114,6 +114,17 @@ class ChildProcesses:
         logger.info("%s: %s adopted again (pid %d)", key, self.what, pid)
         return True
 
+    def adopt_any(self, key: str, folder: Path) -> int | None:
+        """Adopt this folder's `director.child` if one runs, whatever its pid; that pid or None.
+
+        For a crash between starting a child and recording its pid: starting another would run
+        the command twice.
+        """
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and self.adopt(key, folder, int(entry.name)):
+                return int(entry.name)
+        return None
+
     def poll(self, key: str, folder: Path) -> Ended | None:
         """None while it runs; else its recorded exit code (None if it recorded none)."""
         child = self._children.get(key)

@@ -255,11 +255,14 @@ class Site:
             self.state.transition(experiment_id, _S.REFUSED, reason=str(error))
             return
         plan = write_site_plan(document, folder)
-        pid = self.children.start(
-            experiment_id,
-            (*self.collaborator_command, "start", "-n", experiment.site, "--plan", str(plan)),
-            folder,
-        )
+        # Killed after starting it but before recording it, the envoy finds it here.
+        pid = None if restarted else self.children.adopt_any(experiment_id, folder)
+        if pid is None:
+            pid = self.children.start(
+                experiment_id,
+                (*self.collaborator_command, "start", "-n", experiment.site, "--plan", str(plan)),
+                folder,
+            )
         self.state.transition(experiment_id, _S.STARTED, pid=pid, restarted=restarted)
 
     def _ended(self, experiment: Experiment, ended: Ended | None, *, restart: bool) -> None:

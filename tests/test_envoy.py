@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -353,3 +357,37 @@ def test_unused_helpers_import(tmp_path: Path, certs: CertsLayout) -> None:
     config = load_config(config_file(tmp_path, certs))
     plan = write_plan(tmp_path / "plan", certs, 1)
     site_document(plan.read_text(encoding="utf-8"), "alice", config, tmp_path)
+
+
+def test_a_collaborator_started_but_not_recorded_is_adopted_not_started_twice(
+    tmp_path: Path, certs: CertsLayout
+) -> None:
+    """Killed between starting a collaborator and recording it, the envoy finds it by its folder."""
+    config = load_config(config_file(tmp_path, certs))
+    state = EnvoyState.open(config.state_dir, exclusive=True)
+    sleeper = (sys.executable, "-c", "import time; time.sleep(120)")
+    first = Site("alice", config, state, collaborator_command=sleeper)
+    state.add(
+        experiment_id="e1",
+        name="n",
+        owner="dora",
+        site="alice",
+        plan_yaml=director_plan(tmp_path, certs),
+        state=S.SITE_APPROVED,
+    )
+    folder = first.folder("e1")
+    folder.mkdir(parents=True)
+    pid = first.children.start("e1", (*sleeper, "start"), folder)  # the envoy "dies" here
+    try:
+        second = Site("alice", config, state, collaborator_command=sleeper)
+        second.tick()
+        experiment = state.experiment("e1")
+        assert (experiment.state, experiment.pid) == (S.STARTED, pid)
+        assert second.children.poll("e1", folder) is None
+    finally:
+        os.killpg(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while first.children.poll("e1", folder) is None:  # reaped: no zombie left
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        state.close()
