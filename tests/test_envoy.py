@@ -352,7 +352,7 @@ def test_help_is_true(capsys: pytest.CaptureFixture[str]) -> None:
         assert word in out
 
 
-def test_unused_helpers_import(tmp_path: Path, certs: CertsLayout) -> None:
+def test_a_plain_plan_is_accepted_as_it_is(tmp_path: Path, certs: CertsLayout) -> None:
     """write_plan makes a plan the envoy accepts as it is (no tls of the director's to drop)."""
     config = load_config(config_file(tmp_path, certs))
     plan = write_plan(tmp_path / "plan", certs, 1)

@@ -195,3 +195,23 @@ def test_a_site_that_refuses_the_runner_fails_the_experiment(
             assert "runner 'digits' is not one this site agreed to run" in reason, reason
         finally:
             stop_envoys(envoys, folder / "sites")
+
+
+def test_a_site_the_director_does_not_allow_keeps_trying_and_is_told_why(
+    folder: Path, director_certs: CertsLayout
+) -> None:
+    """mallory's certificate is from the CA but not in director.yaml's envoys: refused, logged, alive."""
+    with running_director(folder / "director", director_certs) as director:
+        config = write_envoy_config(folder / "mallory", director_certs, director.port)
+        envoy = EnvoyProcess("mallory", config, folder / "mallory" / "envoy.log")
+        envoy.start()
+        try:
+            deadline = time.monotonic() + RUN_SECONDS
+            while envoy.text().count("refused RegisterEnvoy with PERMISSION_DENIED") < 2:
+                assert envoy.alive(), envoy.text()
+                assert time.monotonic() < deadline, envoy.text()
+                time.sleep(0.1)
+            ada = director.stub("ada")
+            assert list(ada.ListEnvoys(pb.ListEnvoysRequest(), timeout=20).envoys) == []
+        finally:
+            stop_envoys([envoy], folder)
