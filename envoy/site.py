@@ -19,7 +19,7 @@ from pathlib import Path
 
 from director.launcher import ChildProcesses, Ended
 from envoy.config import EnvoyConfig
-from envoy.errors import EnvoyError
+from envoy.errors import EnvoyError, StateError
 from envoy.site_plan import EXPERIMENT_ID, RefusedPlanError, site_document, write_site_plan
 from envoy.state import CollaboratorState, EnvoyState, Experiment
 
@@ -258,11 +258,11 @@ class Site:
         # Killed after starting it but before recording it, the envoy finds it here.
         pid = None if restarted else self.children.adopt_any(experiment_id, folder)
         if pid is None:
-            pid = self.children.start(
-                experiment_id,
-                (*self.collaborator_command, "start", "-n", experiment.site, "--plan", str(plan)),
-                folder,
-            )
+            command = (*self.collaborator_command, "start", "-n", experiment.site, "--plan")
+            try:
+                pid = self.children.start(experiment_id, (*command, str(plan)), folder)
+            except OSError as error:  # tried again at the next tick
+                raise StateError(f"{folder}: cannot start the collaborator: {error}") from None
         self.state.transition(experiment_id, _S.STARTED, pid=pid, restarted=restarted)
 
     def _ended(self, experiment: Experiment, ended: Ended | None, *, restart: bool) -> None:
