@@ -26,6 +26,7 @@ from typing import NoReturn
 from director.config import ConfigError, DirectorConfig, load_config
 from director.errors import StorageError
 from director.server import DirectorServer, ServerError
+from director.tokens import TokenStore
 from pki.errors import KeyFileError, MissingTLSFileError, PkiError
 from pki.tls import check_tls_files
 
@@ -74,6 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
         default="info",
         help="how much to log on stderr (default: info)",
     )
+    summary = "Issue a person's dashboard token (replacing their old one), or revoke it."
+    token = commands.add_parser(
+        "dashboard-token",
+        help=summary,
+        description=f"{summary} The token is printed once and kept only as a SHA-256 digest in "
+        "state_dir; the person pastes it on the dashboard's login page. NAME must be one of "
+        "director.yaml's users or admins. Works while the director runs.",
+    )
+    token.add_argument(
+        "--config", type=Path, required=True, help="the director's configuration (director.yaml)"
+    )
+    token.add_argument("name", metavar="NAME", help="the person (their certificate's name)")
+    token.add_argument(
+        "--revoke", action="store_true", help="remove NAME's token instead of issuing one"
+    )
     return parser
 
 
@@ -85,6 +101,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(error), EXIT_BAD_INPUT)
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else EXIT_OK
+    if args.command == "dashboard-token":
+        try:
+            return _dashboard_token(args.config, args.name, revoke=args.revoke)
+        except _BadInputError as error:
+            return _fail(str(error), EXIT_BAD_INPUT)
+        except StorageError as error:
+            return _fail(str(error), EXIT_FAILURE)
     with _logging(args.log_level):
         try:
             return _start(args.config)
@@ -116,9 +139,38 @@ def _start(config_path: Path) -> int:
             except PkiError as error:
                 raise _BadInputError(f"{config.path}: certs_dir: {error}") from None
             print(f"director: serving on {config.listen_address}:{port}", flush=True)
+            if server.dashboard is not None:
+                # The certificate's name: the one a browser can check.
+                url = f"https://{config.host}:{server.dashboard.port}/"
+                print(f"director: dashboard on {url}", flush=True)
+            if server.metrics is not None:
+                print(
+                    "director: metrics on "
+                    f"http://{server.metrics.address.with_port(server.metrics.port)}/metrics",
+                    flush=True,
+                )
             stop.wait()
     finally:
         server.stop()
+    return EXIT_OK
+
+
+def _dashboard_token(config_path: Path, name: str, *, revoke: bool) -> int:
+    try:
+        config = load_config(config_path)
+    except ConfigError as error:
+        raise _BadInputError("\n".join(error.problems)) from None
+    if name not in config.users and name not in config.admins:
+        raise _BadInputError(
+            f"{config.path}: users, admins: {name!r} is in neither; a dashboard token is for a "
+            "person the director knows"
+        )
+    tokens = TokenStore(config.state_dir)
+    if revoke:
+        found = tokens.revoke(name)
+        print(f"director: {name}'s dashboard token " + ("revoked" if found else "was not issued"))
+        return EXIT_OK
+    print(tokens.issue(name))
     return EXIT_OK
 
 

@@ -18,6 +18,10 @@ the file. An example, every key shown with its default (the four without one are
     max_running_experiments: 2   # the others wait in submission order
     limits: {max_plan_bytes: 1048576, max_model_bytes: 4294967296, chunk_bytes: 1048576}
     liveness: {min_sites: null, mandatory_sites: [], offline_grace_seconds: 300}
+    dashboard: {address: null}   # the web dashboard over HTTPS: "host:port" or a port alone
+                                 #   (on 127.0.0.1); null: off (see director.dashboard)
+    metrics_address: null        # Prometheus metrics over HTTP, "host:port" or a port alone
+                                 #   (on 127.0.0.1); null: off (see director.metrics)
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pki.layout import CertsLayout
-from plans.loader import PlanError, Section, read_yaml
+from plans.loader import PlanError, Section, read_listen_address, read_yaml
+from plans.schema import Address
 
 MIB = 1024 * 1024
 
@@ -77,6 +82,8 @@ class DirectorConfig:
     max_running_experiments: int  # max_running_experiments
     limits: Limits
     liveness: Liveness
+    dashboard_address: Address | None = None  # dashboard.address: None = no dashboard
+    metrics_address: Address | None = None  # metrics_address: None = no metrics endpoint
 
 
 def load_config(path: str | Path) -> DirectorConfig:
@@ -113,6 +120,10 @@ def parse_config(data: object, config_path: Path) -> DirectorConfig:
     most = root.integer("max_running_experiments", 2, low=1, high=10_000)
     limits = _limits(root.section("limits"))
     liveness = _liveness(root.section("liveness"))
+    dashboard = root.section("dashboard")
+    dashboard_address = read_listen_address(dashboard, "address")
+    dashboard.finish()
+    metrics_address = read_listen_address(root, "metrics_address")
     root.finish()
     _cross_check(
         problems,
@@ -142,6 +153,8 @@ def parse_config(data: object, config_path: Path) -> DirectorConfig:
         max_running_experiments=most,
         limits=limits,
         liveness=liveness,
+        dashboard_address=dashboard_address,
+        metrics_address=metrics_address,
     )
 
 

@@ -10,10 +10,14 @@ from types import TracebackType
 import grpc
 
 from director.config import DirectorConfig
+from director.dashboard import create_app
 from director.launcher import Launcher, LocalLauncher
+from director.metrics import DirectorMetrics
 from director.service import DirectorService
 from director.servicer import DirectorServicer
 from director.state import DirectorState
+from director.tokens import TokenStore
+from director.web_server import WebServer, WebServerError
 from pki.tls import server_credentials
 from protos import director_pb2_grpc
 from protos.channel import server_options
@@ -60,6 +64,13 @@ class DirectorServer:
         director_pb2_grpc.add_DirectorServicer_to_server(
             DirectorServicer(self.service, self.stopping), self._server
         )
+        self.dashboard: WebServer | None = None
+        if config.dashboard_address is not None:
+            app = create_app(self.service, TokenStore(config.state_dir))
+            self.dashboard = WebServer(app, config.dashboard_address, config.certs)
+        self.metrics: DirectorMetrics | None = None
+        if config.metrics_address is not None:
+            self.metrics = DirectorMetrics(self.state, config.metrics_address)
         self._supervise_seconds = supervise_seconds
         self._supervisor: threading.Thread | None = None
         self.port = 0
@@ -86,6 +97,7 @@ class DirectorServer:
         if self.port == 0:
             raise ServerError(f"cannot listen on {self.address}: the address is in use or invalid")
         self._server.start()
+        self._start_web()
         self._supervisor = threading.Thread(
             target=self.service.run,
             args=(self.stopping, self._supervise_seconds),
@@ -96,9 +108,30 @@ class DirectorServer:
         logger.info("director serving on port %d (state in %s)", self.port, self.config.state_dir)
         return self.port
 
+    def _start_web(self) -> None:
+        """The dashboard and the metrics endpoint, when director.yaml asks for them."""
+        for key, web in (("dashboard.address", self.dashboard), ("metrics_address", self.metrics)):
+            if web is None:
+                continue
+            try:
+                web.start()
+            except (OSError, WebServerError) as error:
+                self._server.stop(0)
+                for other in (self.dashboard, self.metrics):
+                    if other is not None:
+                        other.stop()
+                detail = error.strerror if isinstance(error, OSError) else None
+                raise ServerError(
+                    f"{self.config.path}: {key}: cannot serve on "
+                    f"{web.address.with_port(web.address.port)}: {detail or error}"
+                ) from None
+
     def stop(self, grace: float = 5.0) -> None:
         """Stop serving and supervising; running aggregators go on, to be adopted at next start."""
         self.stopping.set()
+        for web in (self.dashboard, self.metrics):
+            if web is not None:
+                web.stop()
         self._server.stop(grace).wait()
         if self._supervisor is not None:
             self._supervisor.join(timeout=60)

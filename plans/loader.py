@@ -549,6 +549,7 @@ def _connection(section: _Section) -> ConnectionSettings:
 
 # Public for other YAML files read the same way (director.yaml): one reader, one kind of message.
 Section = _Section
+read_listen_address = _listen_address
 
 
 def _kind(value: object) -> str:

@@ -1,0 +1,327 @@
+"""The director's web dashboard: a JSON API and three static pages that poll it, over HTTPS.
+
+Authentication: a person's dashboard token (see `director.tokens`), sent as the `foedus_session`
+cookie a browser gets from logging in (HttpOnly, Secure, SameSite=Strict), or as
+`Authorization: Bearer <token>` by scripts. The token names a person, and director.yaml's roster
+gives the role, exactly as a certificate's common name does on the gRPC side: users see their
+own experiments, admins all, envoys nothing. Everything is read through `DirectorService`, so the
+dashboard applies the gRPC side's rules and never a copy of them. The pages carry no data: they
+are served only to a logged-in person, and their script reads the API every few seconds.
+
+Errors are `{"error": "..."}` with the status of the one table `HTTP_STATUS`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from director.errors import (
+    AuthenticationError,
+    AuthorizationError,
+    DirectorError,
+    InvalidRequestError,
+    LimitExceededError,
+    NotFoundError,
+    PreconditionError,
+    StorageError,
+    UnavailableError,
+)
+from director.identity import PEOPLE, Caller
+from director.launcher import LOG_FILE
+from director.service import DirectorService, ExperimentView
+from director.state import Envoy
+from director.tokens import TokenStore
+
+logger = logging.getLogger(__name__)
+
+WEB = Path(__file__).resolve().parent / "web"
+COOKIE = "foedus_session"
+LOG_TAIL_LINES = 40
+LOG_TAIL_BYTES = 32 * 1024
+MAX_TOKEN_CHARS = 256
+# Most specific first, as director.status's table for gRPC.
+HTTP_STATUS: Mapping[type[Exception], int] = {
+    AuthenticationError: 401,
+    AuthorizationError: 403,
+    InvalidRequestError: 400,
+    NotFoundError: 404,
+    PreconditionError: 409,
+    LimitExceededError: 413,
+    UnavailableError: 503,
+    StorageError: 503,
+}
+GLOBAL_TASK = "aggregated_model_validation"
+# The metrics.jsonl tasks, as a person reads them on a chart.
+TASK_LABELS = {
+    GLOBAL_TASK: "global model",
+    "train": "sites' training (mean)",
+    "locally_tuned_model_validation": "sites' tuned models (mean)",
+}
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+def http_status(error: Exception) -> int:
+    """The HTTP status a refusal is answered with (500 for anything that is not one)."""
+    for kind, code in HTTP_STATUS.items():
+        if isinstance(error, kind):
+            return code
+    return 500
+
+
+def create_app(
+    service: DirectorService, tokens: TokenStore, *, clock: Callable[[], float] = time.time
+) -> FastAPI:
+    """The dashboard's application over `service`, people identified by `tokens`."""
+    app = FastAPI(title="foedus director dashboard", docs_url=None, redoc_url=None)
+    app.mount("/static", StaticFiles(directory=WEB / "static"), name="static")
+    app.middleware("http")(_security_headers)
+    app.add_exception_handler(DirectorError, _refused)
+    app.add_exception_handler(StorageError, _refused)
+    routes = _Routes(service, tokens, clock)
+    app.get("/login", include_in_schema=False)(_login_page)
+    app.post("/api/session")(routes.log_in)
+    app.delete("/api/session")(_log_out)
+    app.get("/api/me")(routes.me)
+    app.get("/api/experiments")(routes.experiments)
+    app.get("/api/experiments/{experiment_id}")(routes.experiment)
+    app.get("/api/envoys")(routes.envoys)
+    app.get("/", include_in_schema=False)(routes.index)
+    app.get("/experiments/{experiment_id}", include_in_schema=False)(routes.experiment_page)
+    return app
+
+
+class _Routes:
+    """The endpoints that need the director: each identifies its caller first."""
+
+    def __init__(
+        self, service: DirectorService, tokens: TokenStore, clock: Callable[[], float]
+    ) -> None:
+        self.service = service
+        self.tokens = tokens
+        self.clock = clock
+
+    def person(self, token: str) -> Caller:
+        """The person a token was issued to, if director.yaml still names them user or admin."""
+        name = self.tokens.name_of(token) if len(token) <= MAX_TOKEN_CHARS else None
+        if name is None:
+            raise AuthenticationError("unknown or revoked dashboard token; ask for a new one")
+        caller = self.service.roster.identify([name])
+        caller.require("the dashboard", *PEOPLE)
+        return caller
+
+    def identify(self, request: Request) -> Caller:
+        """The caller, from the Authorization header or else the session cookie."""
+        header = request.headers.get("authorization", "")
+        if header:
+            scheme, _, value = header.partition(" ")
+            if scheme.lower() != "bearer" or not value.strip():
+                raise AuthenticationError("the Authorization header must be 'Bearer <token>'")
+            return self.person(value.strip())
+        token = request.cookies.get(COOKIE, "")
+        if not token:
+            raise AuthenticationError(
+                "log in first: the dashboard needs a token from 'director dashboard-token'"
+            )
+        return self.person(token)
+
+    async def log_in(self, request: Request) -> Response:
+        """Exchange a token for the session cookie."""
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            raise InvalidRequestError('the body must be JSON: {"token": "..."}') from None
+        token = body.get("token") if isinstance(body, dict) else None
+        if not isinstance(token, str) or not token.strip():
+            raise InvalidRequestError('the body must be JSON: {"token": "..."}')
+        token = token.strip()
+        caller = self.person(token)
+        response = JSONResponse(_person(caller))
+        response.set_cookie(COOKIE, token, httponly=True, secure=True, samesite="strict", path="/")
+        logger.info("dashboard: %s logged in", caller.name)
+        return response
+
+    def me(self, request: Request) -> dict[str, Any]:
+        """Who is logged in."""
+        return _person(self.identify(request))
+
+    def experiments(self, request: Request) -> dict[str, Any]:
+        """The caller's experiments (an admin's: all), newest first."""
+        caller = self.identify(request)
+        now = self.clock()
+        views = self.service.experiments(caller)
+        return {"experiments": [_summary(view, now) for view in reversed(views)]}
+
+    def experiment(self, request: Request, experiment_id: str) -> dict[str, Any]:
+        """One experiment: its summary, sites, metric series and the end of its log."""
+        caller = self.identify(request)
+        view = self.service.experiment(caller, experiment_id)
+        rows = self.service.metric_rows(caller, experiment_id, 0)
+        return {
+            **_summary(view, self.clock()),
+            "charts": metric_series(rows),
+            "log_tail": _log_tail(self.service.folder(experiment_id) / LOG_FILE),
+        }
+
+    def envoys(self, request: Request) -> dict[str, Any]:
+        """Every registered envoy: shard, last heartbeat, online, active experiments."""
+        caller = self.identify(request)
+        now = self.clock()
+        return {"envoys": [_envoy(e, ids, now) for e, ids in self.service.envoys(caller)]}
+
+    def index(self, request: Request) -> Response:
+        """The experiments and envoys page, for a logged-in person."""
+        self.identify(request)
+        return FileResponse(WEB / "index.html")
+
+    def experiment_page(self, request: Request, experiment_id: str) -> Response:
+        """One experiment's page, for a logged-in person (its script asks for the data)."""
+        self.identify(request)
+        return FileResponse(WEB / "experiment.html")
+
+
+async def _security_headers(
+    request: Request, call_next: Callable[[Request], Awaitable[Response]]
+) -> Response:
+    response = await call_next(request)
+    for key, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(key, value)
+    return response
+
+
+async def _refused(request: Request, error: Exception) -> Response:
+    """A refusal as `{"error": ...}` with its status; a page asked for without a login: /login."""
+    code = http_status(error)
+    if isinstance(error, StorageError):
+        logger.error("dashboard %s: %s", request.url.path, error)
+        return JSONResponse({"error": "the director cannot read its data now"}, code)
+    if code == 401 and not request.url.path.startswith("/api/"):
+        return RedirectResponse("/login", 303)
+    logger.info("dashboard %s refused (%d): %s", request.url.path, code, error)
+    return JSONResponse({"error": str(error)}, code)
+
+
+def _login_page() -> Response:
+    return FileResponse(WEB / "login.html")
+
+
+def _log_out() -> Response:
+    """Forget the session cookie (the token itself stays valid until revoked)."""
+    response = JSONResponse({"status": "logged out"})
+    response.delete_cookie(COOKIE, httponly=True, secure=True, samesite="strict", path="/")
+    return response
+
+
+def metric_series(rows: list[str]) -> list[dict[str, Any]]:
+    """metrics.jsonl rows as charts: one per metric, a line per task, a point per round."""
+    charts: dict[str, dict[str, list[list[float]]]] = {}
+    for line in rows:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("round"), int):
+            continue
+        tasks = row.get("metrics")
+        if not isinstance(tasks, dict):
+            continue
+        for task, values in tasks.items():
+            if not isinstance(values, dict):
+                continue
+            for metric, value in values.items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    # x: rounds of training behind the model measured. The global model is
+                    # validated as a round begins; the sites' metrics are that round's own.
+                    x = row["round"] + (0 if task == GLOBAL_TASK else 1)
+                    lines = charts.setdefault(str(metric), {})
+                    lines.setdefault(str(task), []).append([x, float(value)])
+    return [
+        {
+            "metric": metric,
+            "lines": [
+                {"task": task, "label": TASK_LABELS.get(task, task), "points": points}
+                for task, points in sorted(lines.items())
+            ],
+        }
+        for metric, lines in sorted(charts.items())
+    ]
+
+
+def _person(caller: Caller) -> dict[str, Any]:
+    return {"name": caller.name, "role": caller.role.value}
+
+
+def _summary(view: ExperimentView, now: float) -> dict[str, Any]:
+    experiment = view.experiment
+    return {
+        "id": experiment.experiment_id,
+        "name": experiment.name,
+        "owner": experiment.owner,
+        "state": experiment.state.value,
+        "reason": experiment.reason,
+        "rounds": experiment.rounds,
+        "rounds_completed": view.rounds_completed,
+        "queue_position": view.queue_position,
+        "submitted_at": experiment.submitted_at,
+        "age_seconds": max(0.0, now - experiment.submitted_at),
+        "started_at": experiment.started_at or None,
+        "ended_at": experiment.ended_at or None,
+        "sites": [
+            {
+                "site": site.site,
+                "state": site.state.value if site.state else None,
+                "online": site.online,
+                "exit_code": site.exit_code,
+                "reason": site.reason,
+            }
+            for site in view.sites
+        ],
+    }
+
+
+def _envoy(envoy: Envoy, experiments: tuple[str, ...], now: float) -> dict[str, Any]:
+    shard = envoy.shard
+    return {
+        "name": envoy.name,
+        "online": envoy.online,
+        "version": envoy.version,
+        "last_seen": envoy.last_seen,
+        "seconds_since_heartbeat": max(0.0, now - envoy.last_seen),
+        "shard": {
+            "description": shard.description,
+            "train_samples": shard.train_samples,
+            "valid_samples": shard.valid_samples,
+            "labels": dict(shard.labels),
+        },
+        "experiments": list(experiments),
+    }
+
+
+def _log_tail(path: Path) -> list[str]:
+    """The last lines of a log (none yet: empty)."""
+    try:
+        with path.open("rb") as file:
+            size = file.seek(0, 2)
+            file.seek(max(0, size - LOG_TAIL_BYTES))
+            data = file.read()
+    except FileNotFoundError:
+        return []
+    except OSError as error:
+        raise StorageError(f"{path}: cannot read: {error.strerror}") from None
+    lines = data.decode("utf-8", "replace").splitlines()
+    if len(data) == LOG_TAIL_BYTES or (len(lines) > 0 and size > LOG_TAIL_BYTES):
+        lines = lines[1:]  # the first may be cut
+    return lines[-LOG_TAIL_LINES:]

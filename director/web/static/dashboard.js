@@ -1,0 +1,201 @@
+// foedus director dashboard: reads the JSON API every POLL_MS and redraws; no build step, no
+// library. Charts are SVG drawn here. Text from the API goes in with textContent, never as HTML.
+"use strict";
+
+const POLL_MS = 2000;
+const COLORS = ["#2f6fdf", "#e07b00", "#2e9d4f", "#9b3fb5"];
+const SVG = "http://www.w3.org/2000/svg";
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs || {})) node.setAttribute(key, value);
+  for (const child of children) node.append(child);
+  return node;
+}
+
+function svg(tag, attrs) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [key, value] of Object.entries(attrs || {})) node.setAttribute(key, String(value));
+  return node;
+}
+
+function age(seconds) {
+  if (seconds < 60) return `${Math.round(seconds)} s`;
+  if (seconds < 3600) return `${Math.round(seconds / 60)} min`;
+  if (seconds < 86400) return `${(seconds / 3600).toFixed(1)} h`;
+  return `${(seconds / 86400).toFixed(1)} d`;
+}
+
+function progress(e) {
+  return `round ${e.rounds_completed} of ${e.rounds}`;
+}
+
+async function api(path, options) {
+  const response = await fetch(path, Object.assign({ credentials: "same-origin" }, options));
+  if (response.status === 401) {
+    window.location.assign("/login");
+    throw new Error("not logged in");
+  }
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.error || `HTTP ${response.status}`);
+  return body;
+}
+
+function stateBadge(state) {
+  return el("span", { class: `state ${state}` }, state);
+}
+
+function bar(e) {
+  const fill = el("span");
+  const share = e.rounds ? Math.min(1, e.rounds_completed / e.rounds) : 0;
+  fill.style.width = `${Math.round(share * 100)}%`;
+  return el("span", { class: "bar" }, fill);
+}
+
+async function header() {
+  const me = await api("/api/me");
+  document.getElementById("who").textContent = `${me.name} (${me.role})`;
+  document.getElementById("log-out").addEventListener("click", async () => {
+    await fetch("/api/session", { method: "DELETE", credentials: "same-origin" });
+    window.location.assign("/login");
+  });
+}
+
+function stamp(error) {
+  document.getElementById("error").textContent = error ? String(error.message || error) : "";
+  if (!error) document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+}
+
+async function drawIndex() {
+  const [{ experiments }, { envoys }] = await Promise.all([api("/api/experiments"), api("/api/envoys")]);
+  const rows = experiments.map((e) =>
+    el("tr", { "data-id": e.id },
+      el("td", {}, el("a", { href: `/experiments/${encodeURIComponent(e.id)}` }, e.name || e.id)),
+      el("td", {}, e.owner),
+      el("td", {}, stateBadge(e.state)),
+      el("td", { class: "progress" }, progress(e), " ", bar(e)),
+      el("td", {}, age(e.age_seconds)),
+      el("td", {}, `${e.sites.filter((s) => s.online).length}/${e.sites.length} online`)));
+  document.querySelector("#experiments tbody").replaceChildren(...rows);
+  document.getElementById("no-experiments").hidden = experiments.length > 0;
+  const sites = envoys.map((v) =>
+    el("tr", {},
+      el("td", {}, v.name),
+      el("td", {}, el("span", { class: v.online ? "dot online" : "dot" }), v.online ? "online" : "offline"),
+      el("td", {}, v.shard.description),
+      el("td", {}, `${v.shard.train_samples} / ${v.shard.valid_samples}`),
+      el("td", {}, `${age(v.seconds_since_heartbeat)} ago`),
+      el("td", {}, v.experiments.length ? v.experiments.join(", ") : "none")));
+  document.querySelector("#envoys tbody").replaceChildren(...sites);
+  document.getElementById("no-envoys").hidden = envoys.length > 0;
+}
+
+function chart(spec) {
+  const width = 440, height = 220, left = 52, right = 12, top = 10, bottom = 30;
+  const points = spec.lines.flatMap((line) => line.points);
+  let [x0, x1] = [Math.min(...points.map((p) => p[0])), Math.max(...points.map((p) => p[0]))];
+  let [y0, y1] = [Math.min(...points.map((p) => p[1])), Math.max(...points.map((p) => p[1]))];
+  if (x0 === x1) x1 = x0 + 1;
+  if (y0 === y1) { y0 -= 0.5; y1 += 0.5; }
+  const pad = (y1 - y0) * 0.08;
+  y0 -= pad; y1 += pad;
+  const sx = (x) => left + ((x - x0) / (x1 - x0)) * (width - left - right);
+  const sy = (y) => top + (1 - (y - y0) / (y1 - y0)) * (height - top - bottom);
+  const root = svg("svg", { width, height, viewBox: `0 0 ${width} ${height}`, role: "img" });
+  for (let i = 0; i <= 4; i++) {
+    const y = y0 + ((y1 - y0) * i) / 4;
+    root.append(svg("line", { class: "grid", x1: left, x2: width - right, y1: sy(y), y2: sy(y) }));
+    const label = svg("text", { x: left - 6, y: sy(y) + 4, "text-anchor": "end" });
+    label.textContent = Math.abs(y) >= 100 ? y.toFixed(0) : y.toPrecision(3);
+    root.append(label);
+  }
+  const step = Math.max(1, Math.ceil((x1 - x0) / 8));
+  for (let x = Math.ceil(x0); x <= x1; x += step) {
+    const label = svg("text", { x: sx(x), y: height - bottom + 16, "text-anchor": "middle" });
+    label.textContent = String(x);
+    root.append(label);
+  }
+  const caption = svg("text", { x: width - right, y: height - 2, "text-anchor": "end" });
+  caption.textContent = "rounds";
+  root.append(caption);
+  root.append(svg("line", { class: "axis", x1: left, x2: left, y1: top, y2: height - bottom }));
+  root.append(svg("line", { class: "axis", x1: left, x2: width - right, y1: height - bottom, y2: height - bottom }));
+  const legend = el("div", { class: "legend" });
+  spec.lines.forEach((line, i) => {
+    const color = COLORS[i % COLORS.length];
+    const path = line.points.map((p) => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" ");
+    root.append(svg("polyline", { points: path, fill: "none", stroke: color, "stroke-width": 2 }));
+    for (const p of line.points) {
+      const dot = svg("circle", { class: "point", cx: sx(p[0]), cy: sy(p[1]), r: 3, fill: color });
+      const tip = svg("title");
+      tip.textContent = `${line.label}, round ${p[0]}: ${p[1]}`;
+      dot.append(tip);
+      root.append(dot);
+    }
+    legend.append(el("span", {}, el("span", { class: `swatch c${i % COLORS.length}` }), line.label));
+  });
+  return el("div", { class: "chart", "data-metric": spec.metric }, el("h4", {}, spec.metric), root, legend);
+}
+
+async function drawExperiment() {
+  const id = decodeURIComponent(window.location.pathname.split("/").pop());
+  const e = await api(`/api/experiments/${encodeURIComponent(id)}`);
+  document.title = `foedus director: ${e.name || e.id}`;
+  document.getElementById("title").textContent = `${e.name || "Experiment"} (${e.id})`;
+  document.getElementById("state").replaceWith(Object.assign(stateBadge(e.state), { id: "state" }));
+  document.getElementById("progress").textContent = progress(e);
+  document.getElementById("bar").replaceWith(Object.assign(bar(e), { id: "bar" }));
+  document.getElementById("age").textContent = `submitted ${age(e.age_seconds)} ago`;
+  document.getElementById("owner").textContent = `by ${e.owner}`;
+  document.getElementById("reason").textContent = e.reason;
+  document.getElementById("sites").replaceChildren(...e.sites.map((s) =>
+    el("li", { "data-site": s.site },
+      el("span", { class: s.online ? "dot online" : "dot" }), s.site,
+      el("span", { class: "hint" }, ` ${s.online ? "online" : "offline"}${s.state ? ", " + s.state : ""}`))));
+  document.getElementById("charts").replaceChildren(...e.charts.map(chart));
+  document.getElementById("no-charts").hidden = e.charts.length > 0;
+  const log = document.getElementById("log");
+  const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+  log.textContent = e.log_tail.join("\n");
+  if (atEnd) log.scrollTop = log.scrollHeight;
+}
+
+function poll(draw) {
+  const tick = async () => {
+    try {
+      await draw();
+      stamp(null);
+    } catch (error) {
+      stamp(error);
+    }
+    window.setTimeout(tick, POLL_MS);
+  };
+  tick();
+}
+
+function login() {
+  document.getElementById("login").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const token = document.getElementById("token").value;
+    const response = await fetch("/api/session", {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ token }),
+    });
+    if (response.ok) {
+      window.location.assign("/");
+    } else {
+      const body = await response.json().catch(() => ({}));
+      document.getElementById("error").textContent = body.error || `HTTP ${response.status}`;
+    }
+  });
+}
+
+const page = document.body.dataset.page;
+if (page === "login") {
+  login();
+} else {
+  header().catch(stamp);
+  poll(page === "experiment" ? drawExperiment : drawIndex);
+}
