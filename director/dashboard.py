@@ -48,6 +48,7 @@ COOKIE = "foedus_session"
 LOG_TAIL_LINES = 40
 LOG_TAIL_BYTES = 32 * 1024
 MAX_TOKEN_CHARS = 256
+MAX_LOGIN_BYTES = 4096  # a login's body: {"token": "..."}, read no further
 # Most specific first, as director.status's table for gRPC.
 HTTP_STATUS: Mapping[type[Exception], int] = {
     AuthenticationError: 401,
@@ -91,6 +92,7 @@ def create_app(
     app.middleware("http")(_security_headers)
     app.add_exception_handler(DirectorError, _refused)
     app.add_exception_handler(StorageError, _refused)
+    app.add_exception_handler(Exception, _failed)
     routes = _Routes(service, tokens, clock)
     app.get("/login", include_in_schema=False)(_login_page)
     app.post("/api/session")(routes.log_in)
@@ -140,8 +142,13 @@ class _Routes:
 
     async def log_in(self, request: Request) -> Response:
         """Exchange a token for the session cookie."""
+        data = b""
+        async for piece in request.stream():
+            data += piece
+            if len(data) > MAX_LOGIN_BYTES:
+                raise LimitExceededError(f"a login is at most {MAX_LOGIN_BYTES} bytes of JSON")
         try:
-            body = json.loads(await request.body())
+            body = json.loads(data)
         except ValueError:
             raise InvalidRequestError('the body must be JSON: {"token": "..."}') from None
         token = body.get("token") if isinstance(body, dict) else None
@@ -212,6 +219,11 @@ async def _refused(request: Request, error: Exception) -> Response:
         return RedirectResponse("/login", 303)
     logger.info("dashboard %s refused (%d): %s", request.url.path, code, error)
     return JSONResponse({"error": str(error)}, code)
+
+
+async def _failed(request: Request, error: Exception) -> Response:
+    """A bug, answered 500 in the API's shape (uvicorn logs its traceback)."""
+    return JSONResponse({"error": "internal error; the director's log has the details"}, 500)
 
 
 def _login_page() -> Response:

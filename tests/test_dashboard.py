@@ -6,6 +6,8 @@ import http.client
 import json
 import socket
 import ssl
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -165,7 +167,12 @@ def test_logging_in_sets_a_secure_cookie_that_opens_the_pages(director: Director
     """POST /api/session: a bad body 400, an unknown token 401, a good one an HttpOnly, Secure,
     SameSite=Strict cookie with which the pages and the API answer."""
     post = {"Content-Type": "application/json"}
-    for body, expected in ((b"not json", 400), (b'{"token": 3}', 400), (b'{"token": "x"}', 401)):
+    for body, expected in (
+        (b"not json", 400),
+        (b'{"token": 3}', 400),
+        (b'{"token": "x"}', 401),
+        (b'{"token": "' + b"x" * 5000 + b'"}', 413),
+    ):
         status, _, answer = request(director, "POST", "/api/session", headers=post, body=body)
         assert status == expected, body
         assert "error" in json.loads(answer)
@@ -199,6 +206,10 @@ def test_an_experiment_shows_progress_charts_sites_and_its_log(director: Directo
     """The running experiment's rounds, one chart per metric from metrics.jsonl, its sites online
     and its log's last lines."""
     experiment_id = submit(director, "ada", federation={"rounds": 5})
+    eventually(
+        lambda: director.server.state.experiment(experiment_id).state.value == "waiting",
+        "the experiment to take its running place",
+    )
     output = director.server.service.folder(experiment_id) / OUTPUT
     output.mkdir(parents=True, exist_ok=True)
     rows = [
@@ -357,3 +368,39 @@ def test_a_dashboard_port_in_use_stops_the_director_naming_the_key(
                 server.start()
         finally:
             server.stop(0)
+
+
+def test_director_start_prints_where_its_dashboard_and_metrics_are(
+    tmp_path: Path, director_certs: CertsLayout
+) -> None:
+    """`director start` as a process: its dashboard's URL (the certificate's name) and metrics
+    address after the serving line; the URL answers a token issued before it started."""
+    config = write_config(
+        tmp_path, director_certs, dashboard={"address": 0}, metrics_address="127.0.0.1:0"
+    )
+    secret = TokenStore(tmp_path / "state").issue(ADMIN)  # before the first start, too
+    process = subprocess.Popen(
+        [sys.executable, "-m", "director", "start", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert process.stdout is not None
+        lines = [process.stdout.readline().strip() for _ in range(3)]
+        assert lines[0].startswith("director: serving on 127.0.0.1:"), lines
+        assert lines[1].startswith("director: dashboard on https://localhost:"), lines
+        assert lines[2].startswith("director: metrics on http://127.0.0.1:"), lines
+        port = int(lines[1].rsplit(":", 1)[1].rstrip("/"))
+        context = ssl.create_default_context(cafile=str(director_certs.ca_bundle))
+        connection = http.client.HTTPSConnection("localhost", port, context=context, timeout=20)
+        connection.request("GET", "/api/me", headers={"Authorization": f"Bearer {secret}"})
+        answer = connection.getresponse()
+        assert (answer.status, json.loads(answer.read())) == (200, {"name": ADMIN, "role": "admin"})
+        connection.close()
+    finally:
+        process.terminate()
+        assert process.wait(timeout=60) == 0
+        assert process.stdout is not None
+        process.stdout.close()
