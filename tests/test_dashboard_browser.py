@@ -1,5 +1,5 @@
 """The dashboard in a real headless Chromium during a real run: a director, its aggregator, and
-collaborators started by stand-in envoys (`collaborator start`), as the director's own tests do.
+three real envoy processes running the sites' collaborators.
 
 Chromium trusts exactly the director's key (its SPKI pin), not any certificate. Debian's
 `chromium` and `chromium-driver` are needed: a machine without them skips with the reason, CI
@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,17 +30,12 @@ from selenium.webdriver.common.by import By
 
 from director.launcher import LocalLauncher
 from director.tokens import TokenStore
+from envoy.state import EnvoyState
 from pki.layout import CertsLayout
 from protos import director_pb2 as pb
 
-from directors import (
-    ENVOYS,
-    Director,
-    StandInEnvoys,
-    make_director_certs,
-    running_director,
-    submitted_plan,
-)
+from directors import ENVOYS, Director, make_director_certs, running_director, submitted_plan
+from envoys import EnvoyProcess, stop_collaborators, write_envoy_config
 
 pytestmark = pytest.mark.slow
 
@@ -131,6 +125,7 @@ def director(tmp_path: Path, director_certs: CertsLayout) -> Iterator[Director]:
         supervise_seconds=0.2,
         aggregator={"listen_address": "127.0.0.1", "ports": free_ports(2)},
         dashboard={"address": "127.0.0.1:0"},
+        health_check_seconds=0.5,
     ) as running:
         try:
             yield running
@@ -142,22 +137,37 @@ def director(tmp_path: Path, director_certs: CertsLayout) -> Iterator[Director]:
 
 
 @contextlib.contextmanager
-def heartbeating(envoys: StandInEnvoys) -> Iterator[None]:
-    """The stand-in envoys heartbeat (and start collaborators) in a thread while inside."""
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(0.3):
-            envoys.step()
-
-    thread = threading.Thread(target=beat, name="stand-in-envoys", daemon=True)
-    thread.start()
+def envoys_running(folder: Path, certs: CertsLayout, port: int) -> Iterator[list[EnvoyProcess]]:
+    """One `envoy start` process per site while inside; they and their collaborators stopped after."""
+    envoys = []
     try:
-        yield
+        for name in ENVOYS:
+            config = write_envoy_config(
+                folder / name, certs, port, shard={"description": f"{name}'s digits"}
+            )
+            envoy = EnvoyProcess(name, config, folder / name / "envoy.log")
+            envoy.start()
+            envoys.append(envoy)
+        yield envoys
     finally:
-        stop.set()
-        thread.join(timeout=60)
-        envoys.stop_all()
+        for envoy in envoys:
+            if envoy.alive():
+                envoy.terminate()
+            stop_collaborators(folder / envoy.name / "state")
+
+
+def collaborator_group(state_dir: Path, experiment_id: str) -> int | None:
+    """The process group of a site's collaborator for an experiment, once its envoy started it."""
+    if not (state_dir / "envoy.sqlite").exists():
+        return None
+    state = EnvoyState.open(state_dir, exclusive=False)
+    try:
+        return next(
+            (e.pid for e in state.experiments() if e.experiment_id == experiment_id and e.pid),
+            None,
+        )
+    finally:
+        state.close()
 
 
 def wait_for(check: Callable[[], Any], what: str) -> Any:
@@ -191,10 +201,6 @@ def test_the_dashboard_follows_a_running_experiment_live(
             browser.execute_script("return document.querySelectorAll('circle.point').length;")
         )
 
-    envoys = StandInEnvoys(
-        {name: director.stub(name, role="envoy") for name in ENVOYS}, tmp_path / "sites"
-    )
-    envoys.register()
     plan = yaml.safe_dump(
         submitted_plan(
             federation={"rounds": ROUNDS},
@@ -202,23 +208,30 @@ def test_the_dashboard_follows_a_running_experiment_live(
             connection={"backoff_initial_seconds": 0.2, "backoff_max_seconds": 1},
         )
     )
-    experiment_id = (
-        director.stub("ada")
-        .SubmitExperiment(iter([pb.SubmitChunk(plan_yaml=plan)]), timeout=60)
-        .experiment_id
-    )
     assert director.server.dashboard is not None
     base = f"https://localhost:{director.server.dashboard.port}"
     secret = TokenStore(director.server.config.state_dir).issue("ada")
-    with heartbeating(envoys):
+    with envoys_running(tmp_path / "sites", director.certs, director.port):
+        wait_for(
+            lambda: sum(e.online for e in director.server.state.envoys()) == len(ENVOYS),
+            "the three envoys online",
+        )
+        experiment_id = (
+            director.stub("ada")
+            .SubmitExperiment(iter([pb.SubmitChunk(plan_yaml=plan)]), timeout=60)
+            .experiment_id
+        )
         # Unauthenticated: the experiment's page is not served, the login page is.
         browser.get(f"{base}/experiments/{experiment_id}")
         wait_for(lambda: browser.current_url == f"{base}/login", "the redirect to /login")
         browser.get(f"{base}/api/experiments")
         assert "log in first" in browser.find_element(By.TAG_NAME, "body").text
         # carol's collaborator held (SIGSTOP) once started: with wait_for_all no round closes.
-        carol = wait_for(lambda: envoys.processes.get(("carol", experiment_id)), "carol's start")
-        carol.send_signal(signal.SIGSTOP)
+        carol = wait_for(
+            lambda: collaborator_group(tmp_path / "sites" / "carol" / "state", experiment_id),
+            "carol's collaborator to start",
+        )
+        os.killpg(carol, signal.SIGSTOP)
         try:
             browser.get(f"{base}/login")
             browser.find_element(By.ID, "token").send_keys(secret)
@@ -234,7 +247,7 @@ def test_the_dashboard_follows_a_running_experiment_live(
             points_before = points()
             assert before.startswith("round ") and before != f"round {ROUNDS} of {ROUNDS}"
         finally:
-            carol.send_signal(signal.SIGCONT)
+            os.killpg(carol, signal.SIGCONT)
 
         def advanced() -> bool:
             progress = text("#progress")
