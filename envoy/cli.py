@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
@@ -14,9 +15,18 @@ from typing import NoReturn
 
 from envoy.client import DirectorClient
 from envoy.config import ConfigError, EnvoyConfig, load_config
-from envoy.errors import EnvoyError, IllegalTransitionError
-from envoy.runtime import EnvoyLoop
-from envoy.site import Site
+from envoy.errors import EnvoyError
+from envoy.progress import ProgressBook
+from envoy.runtime import EnvoyLoop, foedus_version
+from envoy.site import Site, review
+from envoy.site_api import (
+    TOKEN_FILE,
+    SiteApiContext,
+    SiteApiServer,
+    TokenError,
+    create_app,
+    ensure_token,
+)
 from envoy.state import DATABASE, CollaboratorState, EnvoyState
 from pki.errors import MissingTLSFileError, PkiError
 from pki.tls import check_tls_files
@@ -138,6 +148,13 @@ def _start(name: str, config: EnvoyConfig) -> int:
         raise _UsageError(f"-n {name!r}: expected a name matching {NAME_PATTERN.pattern}")
     _check_identity(name, config)
     state = EnvoyState.open(config.state_dir, exclusive=True)
+    token = ""
+    if config.site_api.enabled:
+        try:
+            token = ensure_token(config.state_dir / TOKEN_FILE)
+        except TokenError as error:
+            state.close()
+            raise _UsageError(str(error)) from None
     stop = threading.Event()
 
     def stop_on(signum: int, _frame: FrameType | None) -> None:
@@ -158,12 +175,34 @@ def _start(name: str, config: EnvoyConfig) -> int:
                 "manual" if config.manual_review else "auto",
             )
             site = Site(name, config, state)
-            EnvoyLoop(
+            loop = EnvoyLoop(
                 site, client, shard=config.shard, connection=config.connection, stop=stop
-            ).run()
+            )
+            with contextlib.ExitStack() as services:
+                _serve(site, loop, config, token, services)
+                loop.run()
     finally:
         state.close()
     return EXIT_OK
+
+
+def _serve(
+    site: Site, loop: EnvoyLoop, config: EnvoyConfig, token: str, services: contextlib.ExitStack
+) -> None:
+    """Start the site API if envoy.yaml asks; `services` stops it."""
+    progress = ProgressBook()
+    if config.site_api.enabled:
+        context = SiteApiContext(site, token, foedus_version(), loop.director_state, progress)
+        server = SiteApiServer(create_app(context), config.site_api.host, config.site_api.port)
+        port = server.start()
+        services.callback(server.stop)
+        host = f"[{config.site_api.host}]" if ":" in config.site_api.host else config.site_api.host
+        logger.info(
+            "site API on http://%s:%d/api (docs at /api/docs); its bearer token is in %s",
+            host,
+            port,
+            config.state_dir / TOKEN_FILE,
+        )
 
 
 def _check_identity(name: str, config: EnvoyConfig) -> None:
@@ -194,19 +233,8 @@ def _existing_state(config: EnvoyConfig) -> EnvoyState:
 
 def _review(config: EnvoyConfig, experiment_id: str, approve: bool, reason: str) -> int:
     state = _existing_state(config)
-    to = CollaboratorState.SITE_APPROVED if approve else CollaboratorState.SITE_REJECTED
-    verb = "approve" if approve else "reject"
     try:
-        experiment = state.experiment(experiment_id)
-        try:
-            state.transition(
-                experiment_id, to, reason=reason or f"the site operator chose to {verb} it"
-            )
-        except IllegalTransitionError:
-            raise EnvoyError(
-                f"experiment {experiment_id} is {experiment.state.value.replace('_', ' ')}: only "
-                "one waiting for approval can be approved or rejected"
-            ) from None
+        experiment = review(state, experiment_id, approve=approve, reason=reason)
     finally:
         state.close()
     print(

@@ -15,6 +15,8 @@ the file. An example, every key shown with its default (the four without one are
     review: auto             # or manual: the site operator runs `envoy approve ID` first
     shard: {description: "", train_samples: 0, valid_samples: 0, labels: {}}
     connection: {deadline_seconds: 30, backoff_initial_seconds: 1, backoff_max_seconds: 60}
+    site_api: {enabled: false, host: 127.0.0.1, port: 8780}   # the site's HTTP API (envoy.site_api);
+                             #   its bearer token is STATE_DIR/site_api.token, made if missing
 """
 
 from __future__ import annotations
@@ -56,6 +58,15 @@ class Connection:
 
 
 @dataclass(frozen=True)
+class SiteApi:
+    """`site_api`: the site's HTTP API, off unless the site turns it on."""
+
+    enabled: bool = False  # site_api.enabled
+    host: str = "127.0.0.1"  # site_api.host: the address to bind (loopback only by default)
+    port: int = 8780  # site_api.port
+
+
+@dataclass(frozen=True)
 class EnvoyConfig:
     """A whole envoy.yaml; `path` is the file it came from."""
 
@@ -69,6 +80,7 @@ class EnvoyConfig:
     manual_review: bool  # review: manual
     shard: Shard
     connection: Connection
+    site_api: SiteApi = SiteApi()
 
     @property
     def director_target(self) -> str:
@@ -103,6 +115,7 @@ def parse_config(data: object, config_path: Path) -> EnvoyConfig:
     manual = root.choice("review", "auto", ("auto", "manual")) == "manual"
     shard = _shard(root.section("shard"))
     connection = _connection(root.section("connection"))
+    site_api = _site_api(root.section("site_api"))
     root.finish()
     if problems:
         raise ConfigError([f"{config_path}: {problem}" for problem in problems])
@@ -117,6 +130,7 @@ def parse_config(data: object, config_path: Path) -> EnvoyConfig:
         manual_review=manual,
         shard=shard,
         connection=connection,
+        site_api=site_api,
     )
 
 
@@ -196,3 +210,14 @@ def _connection(section: Section) -> Connection:
         )
     section.finish()
     return connection
+
+
+def _site_api(section: Section) -> SiteApi:
+    defaults = SiteApi()
+    site_api = SiteApi(
+        enabled=section.flag("enabled", defaults.enabled),
+        host=section.text("host", defaults.host),
+        port=section.integer("port", defaults.port, low=1, high=65535),
+    )
+    section.finish()
+    return site_api

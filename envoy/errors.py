@@ -17,6 +17,10 @@ class IllegalTransitionError(EnvoyError):
     """A collaborator was asked to move between two states its lifecycle does not connect."""
 
 
+class FinishedError(EnvoyError):
+    """A collaborator that has already ended was asked to stop."""
+
+
 class DirectorUnavailableError(EnvoyError):
     """The director did not answer (away, unreachable, too slow): try again after a backoff."""
 

@@ -116,6 +116,12 @@ class EnvoyLoop:
         else:
             self.backoff.reset()
 
+    def director_state(self) -> str:
+        """How the director is to this envoy now: connected, unreachable or connecting."""
+        if self.clock() < self._paused_until:
+            return "unreachable"
+        return "connected" if self.registered else "connecting"
+
     def _talk(self) -> None:
         if not self.registered:
             self.health_seconds = self.client.register(self.shard, foedus_version())

@@ -13,15 +13,19 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from director.launcher import ChildProcesses, Ended
 from envoy.config import EnvoyConfig
-from envoy.errors import EnvoyError, StateError
+from envoy.errors import EnvoyError, FinishedError, IllegalTransitionError, StateError
 from envoy.site_plan import EXPERIMENT_ID, RefusedPlanError, site_document, write_site_plan
-from envoy.state import CollaboratorState, EnvoyState, Experiment
+from envoy.state import DIRECTOR, SITE, CollaboratorState, EnvoyState, Experiment
+from plans.loader import PlanError, yaml_document
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +37,8 @@ EXIT_BAD_INPUT = 2  # `collaborator start`'s: a bad plan or settings; starting a
 NO_STATUS = -1  # the exit code reported for a collaborator that vanished without recording one
 _S = CollaboratorState
 _ALIVE = frozenset({_S.STARTED, _S.RUNNING})
+OWN = "site"  # the owner of a collaborator the site started itself
+OWN_PLAN = Path("the plan given to the site's API")  # how refusals name it
 
 
 @dataclass(frozen=True)
@@ -138,7 +144,7 @@ class Site:
             self._start(order)
         for experiment_id in work.stop:
             experiment = self.state.find(experiment_id)
-            if experiment is not None and not experiment.done:
+            if experiment is not None and not experiment.done and experiment.origin == DIRECTOR:
                 self.state.set_stopping(experiment_id)
         self.tick()
 
@@ -152,7 +158,8 @@ class Site:
 
     def reports(self) -> list[Report]:
         """Every listed experiment's current state, for a heartbeat."""
-        return [_report(e) for e in self.state.experiments(listed_only=True)]
+        listed = self.state.experiments(listed_only=True)
+        return [_report(e) for e in listed if e.origin == DIRECTOR]
 
     def unreported(self) -> list[Report]:
         """Every state change the director has not acknowledged yet, in order."""
@@ -182,6 +189,61 @@ class Site:
         except OSError as error:
             logger.warning("cannot read %s: %s", path, error.strerror)
             return LogPiece(found=False)
+
+    # -- the site's own (its API) ---------------------------------------------------------------
+
+    def start_own(
+        self, plan_yaml: str, runner_settings: Mapping[str, object], *, name: str = ""
+    ) -> Experiment:
+        """Keep a collaborator the site starts itself (no director), checked as a director's.
+
+        `runner_settings` replace the plan's `runner.settings` keys; envoy.yaml's
+        `runner_settings` still win over both, as for every plan. `RefusedPlanError` (nothing
+        kept, nothing started) if the site would refuse it; the next `tick` launches it.
+        """
+        try:
+            document = yaml_document(plan_yaml, OWN_PLAN)
+        except PlanError as error:
+            raise RefusedPlanError("; ".join(error.problems)) from None
+        if not isinstance(document, dict):
+            raise RefusedPlanError(f"{OWN_PLAN}: expected a mapping of plan sections")
+        runner = document.get("runner")
+        if runner_settings and isinstance(runner, Mapping):
+            settings = runner.get("settings")
+            merged = {**(settings if isinstance(settings, Mapping) else {}), **runner_settings}
+            document["runner"] = {**runner, "settings": merged}
+        own_id = str(uuid.uuid4())
+        checked = site_document(
+            yaml.safe_dump(document), self.name, self.config, self.folder(own_id)
+        )
+        federation = checked.get("federation")
+        plan_name = federation.get("name") if isinstance(federation, Mapping) else None
+        experiment = self.state.add(
+            experiment_id=own_id,
+            name=name or (plan_name if isinstance(plan_name, str) else "") or "site",
+            owner=OWN,
+            site=self.name,
+            plan_yaml=yaml.safe_dump(document, sort_keys=False),
+            state=_S.SITE_APPROVED,
+            reason="started by the site's API",
+            origin=SITE,
+        )
+        logger.info("collaborator %s: started by the site's API", own_id)
+        return experiment
+
+    def stop_collaborator(self, experiment_id: str) -> Experiment:
+        """Stop one collaborator (any, the director's too) as the director's stop would.
+
+        `UnknownExperimentError` if there is none, `FinishedError` if it has already ended.
+        """
+        experiment = self.state.experiment(experiment_id)
+        if experiment.finished:
+            raise FinishedError(
+                f"collaborator {experiment_id} has already ended ({experiment.state.value})"
+            )
+        self.state.set_stopping(experiment_id)
+        logger.info("collaborator %s: stopping, as the site asked", experiment_id)
+        return self.state.experiment(experiment_id)
 
     # -- one experiment ------------------------------------------------------------------------
 
@@ -307,3 +369,23 @@ def _last_line(path: Path, tail: int = 4096) -> str:
         return ""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1][:300] if lines else ""
+
+
+def review(state: EnvoyState, experiment_id: str, *, approve: bool, reason: str = "") -> Experiment:
+    """The site operator's decision on an experiment waiting for it (review: manual).
+
+    `UnknownExperimentError` if there is none, `IllegalTransitionError` if it is not waiting;
+    the running envoy starts an approved one at its next tick and reports either to the director.
+    """
+    to = CollaboratorState.SITE_APPROVED if approve else CollaboratorState.SITE_REJECTED
+    verb = "approve" if approve else "reject"
+    experiment = state.experiment(experiment_id)
+    try:
+        return state.transition(
+            experiment_id, to, reason=reason or f"the site operator chose to {verb} it"
+        )
+    except IllegalTransitionError:
+        raise IllegalTransitionError(
+            f"experiment {experiment_id} is {experiment.state.value.replace('_', ' ')}: only "
+            "one waiting for approval can be approved or rejected"
+        ) from None

@@ -32,6 +32,8 @@ from envoy.errors import IllegalTransitionError, StateError, UnknownExperimentEr
 DATABASE = "envoy.sqlite"
 LOCK = "envoy.lock"
 SCHEMA_VERSION = 1
+DIRECTOR = "director"  # an experiment the director sent: its changes are reported to it
+SITE = "site"  # a collaborator started at the site (its API): the director never hears of it
 
 
 class CollaboratorState(Enum):
@@ -82,6 +84,12 @@ class Experiment:
     stopping: bool  # the director said stop
     done: bool  # stopped and no longer listed in heartbeats
     received_at: float
+    origin: str = DIRECTOR  # DIRECTOR's experiment, or SITE's: started by the site's API
+
+    @property
+    def finished(self) -> bool:
+        """Whether its collaborator has ended and nothing will start it again."""
+        return self.done or self.state.final or self.state is CollaboratorState.EXITED
 
 
 @dataclass(frozen=True)
@@ -97,7 +105,7 @@ class OutgoingReport:
 
 _COLUMNS = (
     "id, name, owner, site, plan_yaml, state, exit_code, reason, pid, restarts, stopping, done, "
-    "received_at"
+    "received_at, origin"
 )
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -115,7 +123,8 @@ CREATE TABLE IF NOT EXISTS experiments (
     restarts INTEGER NOT NULL DEFAULT 0,
     stopping INTEGER NOT NULL DEFAULT 0,
     done INTEGER NOT NULL DEFAULT 0,
-    received_at REAL NOT NULL
+    received_at REAL NOT NULL,
+    origin TEXT NOT NULL DEFAULT 'director'
 );
 CREATE TABLE IF NOT EXISTS outbox (
     sequence INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -232,13 +241,24 @@ class EnvoyState:
         plan_yaml: str,
         state: CollaboratorState,
         reason: str = "",
+        origin: str = DIRECTOR,
     ) -> Experiment:
         """Keep a new experiment in its first state; one already known is left as it is."""
         with self._transaction() as db:
             added = db.execute(
                 "INSERT OR IGNORE INTO experiments (id, name, owner, site, plan_yaml, state, "
-                "reason, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (experiment_id, name, owner, site, plan_yaml, state.value, reason, self._clock()),
+                "reason, received_at, origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    experiment_id,
+                    name,
+                    owner,
+                    site,
+                    plan_yaml,
+                    state.value,
+                    reason,
+                    self._clock(),
+                    origin,
+                ),
             )
             if added.rowcount:
                 _outgoing(db, experiment_id, state, 0, reason)
@@ -336,7 +356,7 @@ class EnvoyState:
 
 def _experiment(row: tuple[Any, ...]) -> Experiment:
     (eid, name, owner, site, plan, state, code, reason, pid, restarts, stopping, done) = row[:12]
-    received = row[12]
+    received, origin = row[12], row[13]
     return Experiment(
         experiment_id=eid,
         name=name,
@@ -351,13 +371,16 @@ def _experiment(row: tuple[Any, ...]) -> Experiment:
         stopping=bool(stopping),
         done=bool(done),
         received_at=received,
+        origin=origin,
     )
 
 
 def _outgoing(
     db: sqlite3.Connection, experiment_id: str, state: CollaboratorState, code: int, reason: str
 ) -> None:
+    # Only the director's experiments are reported to it; the site's own are the site's.
     db.execute(
-        "INSERT INTO outbox (experiment_id, state, exit_code, reason) VALUES (?, ?, ?, ?)",
-        (experiment_id, state.value, code, reason),
+        "INSERT INTO outbox (experiment_id, state, exit_code, reason) SELECT ?, ?, ?, ? "
+        "WHERE EXISTS (SELECT 1 FROM experiments WHERE id = ? AND origin = ?)",
+        (experiment_id, state.value, code, reason, experiment_id, DIRECTOR),
     )
