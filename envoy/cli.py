@@ -17,6 +17,7 @@ from envoy.client import DirectorClient
 from envoy.config import ConfigError, EnvoyConfig, load_config
 from envoy.errors import EnvoyError
 from envoy.progress import ProgressBook
+from envoy.redis_metrics import RedisReporter
 from envoy.runtime import EnvoyLoop, foedus_version
 from envoy.site import Site, review
 from envoy.site_api import (
@@ -73,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         "start",
         help="Run the envoy until stopped.",
         description="Check envoy.yaml and this site's certificate, find the collaborators of "
-        "an earlier run again, then work for the director until SIGTERM or SIGINT.",
+        "an earlier run again, then work for the director until SIGTERM or SIGINT; with "
+        "envoy.yaml's site_api on, serve the site's HTTP API (token in STATE_DIR/site_api.token); "
+        "with metrics.redis_url, write each collaborator's state to Redis.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -189,8 +192,16 @@ def _start(name: str, config: EnvoyConfig) -> int:
 def _serve(
     site: Site, loop: EnvoyLoop, config: EnvoyConfig, token: str, services: contextlib.ExitStack
 ) -> None:
-    """Start the site API if envoy.yaml asks; `services` stops it."""
+    """Start the site API and the Redis reporter if envoy.yaml asks; `services` stops them."""
     progress = ProgressBook()
+    if config.metrics.redis_url:
+        try:
+            reporter = RedisReporter(site, config.metrics.redis_url, progress)
+        except ValueError as error:
+            raise _UsageError(f"{config.path}: metrics.redis_url: {error}") from None
+        reporter.start()
+        services.callback(reporter.stop)
+        logger.info("metrics to Redis at %s", reporter.redacted_url)
     if config.site_api.enabled:
         context = SiteApiContext(site, token, foedus_version(), loop.director_state, progress)
         server = SiteApiServer(create_app(context), config.site_api.host, config.site_api.port)

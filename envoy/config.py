@@ -17,10 +17,13 @@ the file. An example, every key shown with its default (the four without one are
     connection: {deadline_seconds: 30, backoff_initial_seconds: 1, backoff_max_seconds: 60}
     site_api: {enabled: false, host: 127.0.0.1, port: 8780}   # the site's HTTP API (envoy.site_api);
                              #   its bearer token is STATE_DIR/site_api.token, made if missing
+    metrics: {redis_url: ""} # e.g. redis://localhost:6379/0: each collaborator's state and
+                             #   metrics in Redis (envoy.redis_metrics); "" sends nothing
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +31,8 @@ from types import MappingProxyType
 
 from pki.layout import CertsLayout
 from plans.loader import RUNNER_PATTERN, PlanError, Section, read_yaml
+
+REDIS_URL = re.compile(r"^rediss?://[^\s]+$")
 
 
 class ConfigError(ValueError):
@@ -67,6 +72,13 @@ class SiteApi:
 
 
 @dataclass(frozen=True)
+class Metrics:
+    """`metrics`: where the envoy reports its collaborators' progress."""
+
+    redis_url: str = ""  # metrics.redis_url: redis://[:password@]host:port/db, "" for none
+
+
+@dataclass(frozen=True)
 class EnvoyConfig:
     """A whole envoy.yaml; `path` is the file it came from."""
 
@@ -81,6 +93,7 @@ class EnvoyConfig:
     shard: Shard
     connection: Connection
     site_api: SiteApi = SiteApi()
+    metrics: Metrics = Metrics()
 
     @property
     def director_target(self) -> str:
@@ -116,6 +129,7 @@ def parse_config(data: object, config_path: Path) -> EnvoyConfig:
     shard = _shard(root.section("shard"))
     connection = _connection(root.section("connection"))
     site_api = _site_api(root.section("site_api"))
+    metrics = _metrics(root.section("metrics"))
     root.finish()
     if problems:
         raise ConfigError([f"{config_path}: {problem}" for problem in problems])
@@ -131,6 +145,7 @@ def parse_config(data: object, config_path: Path) -> EnvoyConfig:
         shard=shard,
         connection=connection,
         site_api=site_api,
+        metrics=metrics,
     )
 
 
@@ -221,3 +236,20 @@ def _site_api(section: Section) -> SiteApi:
     )
     section.finish()
     return site_api
+
+
+def _metrics(section: Section) -> Metrics:
+    def check(value: object) -> str | None:
+        if not isinstance(value, str):
+            return None
+        if value and not REDIS_URL.match(value):
+            return None
+        return value
+
+    metrics = Metrics(
+        redis_url=section._checked(
+            "redis_url", "", check, 'a redis:// or rediss:// URL (or "" for none)'
+        )
+    )
+    section.finish()
+    return metrics

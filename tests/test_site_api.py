@@ -9,6 +9,7 @@ killed with SIGKILL mid-federation. Every wait is bounded.
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ import httpx
 import pytest
 import yaml
 
+from envoy.cli import main as envoy_main
 from envoy.config import ConfigError, load_config
 from envoy.progress import ProgressBook
 from envoy.site import Site, StartOrder, Work
@@ -483,11 +485,13 @@ def test_config_site_api_and_metrics(tmp_path: Path, certs: CertsLayout) -> None
         "127.0.0.1",
         8780,
     )
+    assert config.metrics.redis_url == ""
     path = write_envoy_config(
         tmp_path,
         certs,
         free_port(),
         site_api={"enabled": "yes", "port": 0, "hots": "x"},
+        metrics={"redis_url": "http://localhost"},
     )
     with pytest.raises(ConfigError) as raised:
         load_config(path)
@@ -495,4 +499,39 @@ def test_config_site_api_and_metrics(tmp_path: Path, certs: CertsLayout) -> None
         f"{path}: site_api.enabled: expected true or false, got 'yes'",
         f"{path}: site_api.port: expected an integer 1-65535, got 0",
         f"{path}: site_api.hots: unknown key",
+        f'{path}: metrics.redis_url: expected a redis:// or rediss:// URL (or "" for none), '
+        "got 'http://localhost'",
     ]
+
+
+def test_cli_start_refuses_an_unsafe_token_and_a_taken_port(
+    certs: CertsLayout, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A token others can read: exit 2 naming it; the API's port taken: exit 1 naming it."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        config = write_envoy_config(
+            tmp_path, certs, free_port(), site_api={"enabled": True, "port": port}
+        )
+        state_dir = tmp_path / "state"
+        state_dir.mkdir()
+        token = state_dir / TOKEN_FILE
+        token.write_text("a" * 40, encoding="ascii")
+        token.chmod(0o644)
+        assert envoy_main(["start", "-n", "alice", "--config", str(config)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [
+            f"envoy: error: {token}: the site API's token is readable by others (mode 644); "
+            "chmod 600 it"
+        ]
+        token.chmod(0o600)
+        assert envoy_main(["start", "-n", "alice", "--config", str(config)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1] == (
+            f"envoy: error: site_api: cannot listen on 127.0.0.1:{port}: Address already in use"
+        )
+    finally:
+        taken.close()
