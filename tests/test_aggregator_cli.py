@@ -264,8 +264,8 @@ def watchdog() -> Iterator[None]:
 
 def serve_in_process(
     plan: Path, certs: CertsLayout, monkeypatch: pytest.MonkeyPatch, *extra: str
-) -> tuple[int, Console, float]:
-    """`main start` on `plan` with three raw-stub collaborators; exit code, console, seconds."""
+) -> tuple[int, Console]:
+    """`main start` on `plan` with three raw-stub collaborators; its exit code and console."""
     console = Console()
     monkeypatch.setattr(sys, "stdout", console)
     errors: list[BaseException] = []
@@ -277,12 +277,10 @@ def serve_in_process(
 
     starter = threading.Thread(target=start_collaborators)
     starter.start()
-    started = time.monotonic()
     code = main(["start", "--plan", str(plan), "--log-level", "warning", *extra])
-    elapsed = time.monotonic() - started
     starter.join(5)
     assert errors == []
-    return code, console, elapsed
+    return code, console
 
 
 @pytest.mark.usefixtures("watchdog")
@@ -291,7 +289,7 @@ def test_federation_runs_to_the_end(
 ) -> None:
     """Three collaborators run two rounds and the final validation; the aggregator prints, saves and exits 0."""
     plan = write_plan(tmp_path, certs, federation={"rounds": 2})
-    code, console, elapsed = serve_in_process(plan, certs, monkeypatch)
+    code, console = serve_in_process(plan, certs, monkeypatch)
     assert code == 0
     lines = console.text.splitlines()
     assert lines[1].startswith(
@@ -305,8 +303,6 @@ def test_federation_runs_to_the_end(
         "federation finished: 2 rounds, final global model accuracy 0.2000 "
         f"(best 0.2000 after 2 rounds), model saved to {tmp_path / 'out' / 'last_model.pbuf'}"
     )
-    # Long polls start each next round at once; with 1 s sleeps instead, three rounds take >= 3 s.
-    assert elapsed < 3
     for name in ("last_model.pbuf", "best_model.pbuf"):
         model = read_model(tmp_path / "out" / name, 1024)
         assert model["w"].tolist() == [2.0, 2.0, 2.0], name
@@ -323,7 +319,7 @@ def test_a_finished_federation_started_again_only_says_quit(
     assert serve_in_process(plan, certs, monkeypatch)[0] == 0
     output = tmp_path / "out"
     saved = {name: (output / name).read_bytes() for name in ("last_model.pbuf", "best_model.pbuf")}
-    code, console, _ = serve_in_process(plan, certs, monkeypatch)
+    code, console = serve_in_process(plan, certs, monkeypatch)
     assert code == 0
     lines = console.text.splitlines()
     assert lines[1] == (
