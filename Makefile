@@ -9,7 +9,7 @@ PROTOC = $(PY) -m grpc_tools.protoc -I. --plugin=protoc-gen-mypy_grpc=$(VENV)/bi
 PLAN ?= plans/local.yaml
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test protos protos-check lint clean
+.PHONY: help install demo demo-service test protos protos-check lint clean
 
 help: ## List the targets with one line each
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ demo: install ## Run a real federation on localhost: an aggregator and 3 collabo
 	trap - INT TERM EXIT; \
 	if [ $$status -ne 0 ]; then echo "demo: a process failed (exit $$status); logs in build/local/"; fi; \
 	exit $$status
+
+demo-service: install ## foedus as a service: a director, 3 envoys, `experiment submit`, the best model out
+	bash plans/service/demo.sh
 
 test: install protos-check ## Install if needed, check generated code, run the whole test suite
 	$(PY) -m pytest

@@ -305,19 +305,29 @@ def _wait(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out: T
 
 def _metrics(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out: TextIO) -> int:
     request = pb.MetricStreamRequest(experiment_id=args.id, follow=args.follow)
+    rounds = 0
+    if not args.json:
+        experiment = pb.ExperimentRequest(experiment_id=args.id)
+        rounds = stub.GetExperiment(experiment, timeout=DEADLINE_SECONDS).rounds
     for row in stub.GetMetricStream(request):
         if args.json:
             print(row.json, file=out, flush=True)
             continue
-        print(_metric_line(row.json), file=out, flush=True)
+        print(_metric_line(row.json, rounds), file=out, flush=True)
     return EXIT_OK
 
 
-def _metric_line(text: str) -> str:
-    """A metrics.jsonl row for a person: its round and each task's metrics."""
+def _metric_line(text: str, rounds: int) -> str:
+    """A metrics.jsonl row for a person: round r of `rounds`, sites reported, each task's metrics."""
     try:
         row: Any = json.loads(text)
-        label = "final" if row.get("final_validation") else f"round {int(row['round']) + 1}"
+        if row.get("final_validation"):
+            label = "final"
+        else:
+            label = f"round {int(row['round']) + 1}" + (f" of {rounds}" if rounds else "")
+        if isinstance(row.get("reporters"), list) and isinstance(row.get("missing"), list):
+            reported = len(row["reporters"])
+            label += f", sites reported {reported}/{reported + len(row['missing'])}"
         parts = [label]
         for task, values in sorted(row.get("metrics", {}).items()):
             shown = " ".join(

@@ -116,7 +116,13 @@ def test_submit_list_status_and_a_run_to_its_model(
     output = director.server.service.folder(experiment_id) / "output"
     output.mkdir()
     rows = [
-        {"round": n, "final_validation": False, "metrics": {"train": {"loss": 1.0 / (n + 1)}}}
+        {
+            "round": n,
+            "final_validation": False,
+            "reporters": list(ENVOYS[: 2 if n == 1 else 3]),
+            "missing": ["carol"] if n == 1 else [],
+            "metrics": {"train": {"loss": 1.0 / (n + 1)}},
+        }
         for n in range(10)
     ]
     (output / "metrics.jsonl").write_text(
@@ -134,7 +140,10 @@ def test_submit_list_status_and_a_run_to_its_model(
         [name, "yes", "started"] for name in ENVOYS
     ]
     code, out = run(ada, "metrics", experiment_id)
-    assert out.splitlines()[0] == "round 1  train: loss 1.0000"
+    assert out.splitlines()[:2] == [
+        "round 1 of 10, sites reported 3/3  train: loss 1.0000",
+        "round 2 of 10, sites reported 2/3  train: loss 0.5000",
+    ]
     assert len(out.splitlines()) == 10
     code, out = run(ada, "--json", "metrics", experiment_id)
     assert [json.loads(line) for line in out.splitlines()] == rows

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# `make demo-service`: foedus as a service on this machine. Certificates from `pki setup
+# --director`, a director and three envoys on 127.0.0.1, the digits experiment submitted with
+# `experiment submit`, its metrics followed live, the best model downloaded, everything stopped
+# (on success, failure or Ctrl-C), and one last line: the final accuracy and the model's path.
+# Outputs (certificates, state, logs, model) under build/service/; run from the repository root.
+set -euo pipefail
+
+here=plans/service
+out=build/service
+bin=.venv/bin
+root=$(pwd -P)
+export FOEDUS_EXPERIMENT_CONFIG=$here/ada.yaml
+
+pids=()
+leftovers() {
+    # The director's aggregators and the envoys' collaborators run in sessions of their own (they
+    # survive their parent's kill -9); ours are the ones whose command line names our state.
+    local proc command
+    for proc in /proc/[0-9]*; do
+        command=$(tr '\0' ' ' 2>/dev/null <"$proc/cmdline") || continue
+        if [[ $command == *"$root/$out/"* ]]; then echo "${proc#/proc/}"; fi
+    done
+}
+stop_all() {
+    local pid tries
+    trap - INT TERM EXIT
+    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do
+        for tries in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    for pid in $(leftovers); do kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true; done
+    for tries in $(seq 50); do [ -z "$(leftovers)" ] && break; sleep 0.1; done
+    for pid in $(leftovers); do kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true; done
+}
+fail() {
+    echo "demo-service: $*; logs in $out/" >&2
+    exit 1
+}
+trap 'stop_all; exit 130' INT
+trap 'stop_all; exit 143' TERM
+trap stop_all EXIT
+
+[ -z "$(leftovers)" ] || fail "processes of an earlier run still use $out/ (pids: $(leftovers | xargs))"
+rm -rf "$out/director" "$out/envoys" "$out"/*.log "$out/metrics.txt" "$out/best_model.pbuf"
+mkdir -p "$out/envoys"
+
+$bin/pki setup --director $here/director.yaml
+
+$bin/director start --config $here/director.yaml --log-level warning 2>"$out/director.log" &
+pids+=($!)
+for site in alice bob carol; do
+    $bin/envoy start -n $site --config $here/$site.yaml --log-level warning 2>"$out/envoy-$site.log" &
+    pids+=($!)
+done
+
+echo "demo-service: a director on 127.0.0.1:50350 and envoys alice, bob, carol; waiting for them"
+online=0
+deadline=$((SECONDS + 60))
+while [ $SECONDS -lt $deadline ]; do
+    online=$($bin/experiment --json envoys 2>/dev/null |
+        $bin/python -c 'import json, sys; print(sum(e.get("online", False) for e in json.load(sys.stdin).get("envoys", [])))' 2>/dev/null) || online=0
+    [ "$online" = 3 ] && break
+    sleep 0.5
+done
+[ "$online" = 3 ] || fail "the three envoys did not come online within 60 s"
+$bin/experiment envoys
+
+id=$($bin/experiment --json submit $here/digits.yaml --name digits |
+    $bin/python -c 'import json, sys; print(json.load(sys.stdin)["experiment_id"])')
+echo "demo-service: submitted experiment $id; its metrics as each round closes:"
+$bin/experiment metrics "$id" --follow | tee "$out/metrics.txt"
+$bin/experiment wait "$id" >/dev/null || fail "experiment $id did not complete: $($bin/experiment status "$id" | sed -n 4p)"
+
+# (a dashboard screenshot of the finished experiment goes here)
+
+$bin/experiment download "$id" --model best -o "$out/best_model.pbuf"
+accuracy=$($bin/experiment --json metrics "$id" | $bin/python -c '
+import json, sys
+rows = [json.loads(line) for line in sys.stdin if line.strip()]
+print("%.4f" % rows[-1]["metrics"]["aggregated_model_validation"]["accuracy"])')
+stop_all
+[ -z "$(leftovers)" ] || fail "processes still running after the stop: $(leftovers | xargs)"
+echo "demo-service: experiment $id completed: final accuracy $accuracy; best model saved to $out/best_model.pbuf"
