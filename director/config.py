@@ -55,7 +55,7 @@ class Limits:
 
 @dataclass(frozen=True)
 class Liveness:
-    """`liveness`: when an experiment fails because its sites are away (the director's default)."""
+    """`liveness`: when an experiment fails because its sites are away (a plan may set its own)."""
 
     min_sites: int | None = None  # liveness.min_sites: None = every site of the experiment
     mandatory_sites: tuple[str, ...] = ()  # liveness.mandatory_sites
@@ -119,7 +119,7 @@ def parse_config(data: object, config_path: Path) -> DirectorConfig:
     health = root.number("health_check_seconds", 10.0, low=0.05, high=86400)
     most = root.integer("max_running_experiments", 2, low=1, high=10_000)
     limits = _limits(root.section("limits"))
-    liveness = _liveness(root.section("liveness"))
+    liveness = read_liveness(root.section("liveness"))
     dashboard = root.section("dashboard")
     dashboard_address = read_listen_address(dashboard, "address")
     dashboard.finish()
@@ -188,11 +188,11 @@ def _limits(section: Section) -> Limits:
     return limits
 
 
-def _liveness(section: Section) -> Liveness:
-    defaults = Liveness()
+def read_liveness(section: Section, defaults: Liveness = Liveness()) -> Liveness:
+    """A `liveness` section; each key it leaves out keeps its value in `defaults`."""
     liveness = Liveness(
         min_sites=section.optional_integer("min_sites", defaults.min_sites, low=1, high=100_000),
-        mandatory_sites=section.names("mandatory_sites", ()),
+        mandatory_sites=section.names("mandatory_sites", defaults.mandatory_sites),
         offline_grace_seconds=section.number(
             "offline_grace_seconds", defaults.offline_grace_seconds, low=0, high=30 * 86400
         ),

@@ -8,6 +8,14 @@ its aggregator runs (`aggregator.host`, `port`, `listen_address`, `san_dns`, `sa
 files go (`aggregator.output_dir`, `aggregator.initial_model`) and its certificates (`tls`). A plan
 setting any of them is refused, naming each; so is one naming sites not registered. The rest is
 checked by `plans.parse_plan` itself, so the director accepts exactly what an aggregator would.
+
+One section is the director's, not the plan schema's: an optional top-level `liveness`
+(`min_sites`, `mandatory_sites`, `offline_grace_seconds`, as in director.yaml), this
+experiment's own liveness policy, each key it leaves out taken from director.yaml's. It is read
+here (strictly: unknown keys, mandatory sites that are not the plan's collaborators, more
+`min_sites` than collaborators are refused, naming the key) and left out of the plan the
+aggregator gets, so `plans.schema` and `aggregator start` never see it (`aggregator start` refuses
+a plan holding it, as any unknown section).
 """
 
 from __future__ import annotations
@@ -21,13 +29,16 @@ from typing import Any
 
 import yaml
 
-from director.config import DirectorConfig
+from director.config import DirectorConfig, Liveness, read_liveness
 from director.errors import InvalidRequestError, LimitExceededError, StorageError
-from plans.loader import PlanError, load_plan, parse_plan, yaml_document
+from plans.loader import PlanError, Section, load_plan, parse_plan, yaml_document
 from plans.schema import Plan
 
 SUBMITTED = Path("submitted plan")  # how errors name the plan a person sent
 PLAN_FILE = "plan.yaml"
+LIVENESS = (
+    "liveness"  # the submitted plan's section the director reads and the aggregator never gets
+)
 # (section, key) the director sets; key None: the whole section.
 OWNED: tuple[tuple[str, str | None], ...] = (
     ("federation", "uuid"),
@@ -83,9 +94,13 @@ def check_submitted(text: str, *, registered: Collection[str], max_bytes: int) -
     if owned:
         raise InvalidRequestError("; ".join(owned))
     try:
-        plan = parse_plan(_with_placeholders(document), SUBMITTED)
+        plan = parse_plan(_with_placeholders(_without_liveness(document)), SUBMITTED)
     except PlanError as error:
         raise InvalidRequestError("; ".join(error.problems)) from None
+    liveness = _read_plan_liveness(document, Liveness())
+    problems = liveness_problems(document.get(LIVENESS), liveness, plan.collaborators)
+    if problems:
+        raise InvalidRequestError("; ".join(f"{SUBMITTED}: {p}" for p in problems))
     unknown = [site for site in plan.collaborators if site not in registered]
     if unknown:
         raise InvalidRequestError(
@@ -98,6 +113,57 @@ def check_submitted(text: str, *, registered: Collection[str], max_bytes: int) -
         sites=plan.collaborators,
         rounds=plan.federation.rounds,
     )
+
+
+def liveness_problems(
+    section: object, liveness: Liveness | list[str], sites: tuple[str, ...]
+) -> list[str]:
+    """What is wrong with a plan's `liveness` section (`liveness`: it read, or its problems)."""
+    if isinstance(liveness, list):
+        return liveness
+    if not isinstance(section, Mapping):
+        return []
+    problems = []
+    unknown = [site for site in liveness.mandatory_sites if site not in sites]
+    if "mandatory_sites" in section and unknown:
+        problems.append(
+            f"{LIVENESS}.mandatory_sites: {', '.join(unknown)} not among the collaborators"
+        )
+    if (
+        "min_sites" in section
+        and liveness.min_sites is not None
+        and liveness.min_sites > len(sites)
+    ):
+        problems.append(
+            f"{LIVENESS}.min_sites: {liveness.min_sites} is more than the plan's "
+            f"{len(sites)} collaborators"
+        )
+    return problems
+
+
+def plan_liveness(text: str, defaults: Liveness) -> Liveness:
+    """The liveness policy of an accepted plan's text: its `liveness` keys over `defaults`."""
+    try:
+        document = yaml_document(text, SUBMITTED)
+    except PlanError:
+        return defaults  # accepted plans parse; a damaged state row keeps the director's rule
+    if not isinstance(document, Mapping):
+        return defaults
+    liveness = _read_plan_liveness(document, defaults)
+    return defaults if isinstance(liveness, list) else liveness
+
+
+def _read_plan_liveness(document: Mapping[Any, Any], defaults: Liveness) -> Liveness | list[str]:
+    """The plan's `liveness` over `defaults`, or the list of its problems."""
+    problems: list[str] = []
+    liveness = read_liveness(
+        Section({LIVENESS: document.get(LIVENESS)}, "", problems).section(LIVENESS), defaults
+    )
+    return problems or liveness
+
+
+def _without_liveness(document: Mapping[Any, Any]) -> dict[Any, Any]:
+    return {key: value for key, value in document.items() if key != LIVENESS}
 
 
 def director_document(
@@ -113,7 +179,7 @@ def director_document(
     document = yaml.safe_load(text)
     if not isinstance(document, dict):
         raise InvalidRequestError(f"{SUBMITTED}: expected a mapping of plan sections")
-    document = copy.deepcopy(document)
+    document = copy.deepcopy(_without_liveness(document))
     federation = dict(document.get("federation") or {})
     federation.update(uuid=experiment_id, aggregator_id=f"aggregator_{experiment_id}")
     aggregator = dict(document.get("aggregator") or {})

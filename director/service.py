@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from director.config import DirectorConfig
+from director.config import DirectorConfig, Liveness
 from director.errors import (
     AuthorizationError,
     InvalidRequestError,
@@ -42,7 +42,7 @@ from director.errors import (
     StorageError,
     UnavailableError,
 )
-from director.experiment_plan import PLAN_FILE, check_submitted, write_director_plan
+from director.experiment_plan import PLAN_FILE, check_submitted, plan_liveness, write_director_plan
 from director.identity import PEOPLE, Caller, Role, Roster
 from director.launcher import LOG_FILE, Ended, Launcher
 from director.state import (
@@ -171,6 +171,7 @@ class DirectorService:
         self._supervising = threading.Lock()
         self._restarts: dict[str, int] = {}
         self._logs = _LogExchange()
+        self._liveness_policies: dict[str, Liveness] = {}
 
     def folder(self, experiment_id: str) -> Path:
         """Where an experiment's files are."""
@@ -496,9 +497,16 @@ class DirectorService:
             self.state.transition(experiment_id, ExperimentState.RUNNING)
             logger.info("experiment %s running: every site started", experiment_id)
 
+    def _liveness(self, experiment: Experiment) -> Liveness:
+        """The experiment's liveness policy: its plan's `liveness` over director.yaml's (cached)."""
+        key = experiment.experiment_id
+        if key not in self._liveness_policies:
+            self._liveness_policies[key] = plan_liveness(experiment.plan_yaml, self.config.liveness)
+        return self._liveness_policies[key]
+
     def _gone_sites(self, experiment: Experiment) -> str | None:
         """The liveness rule's reason to fail the experiment, or None."""
-        liveness = self.config.liveness
+        liveness = self._liveness(experiment)
         now = self._clock()
         envoys = {envoy.name: envoy for envoy in self.state.envoys()}
         horizon = 2 * self.config.health_check_seconds + liveness.offline_grace_seconds

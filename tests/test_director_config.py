@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 import yaml
 
-from director.config import ConfigError, DirectorConfig, load_config
+from director.config import ConfigError, DirectorConfig, Liveness, load_config
 from director.errors import InvalidRequestError, LimitExceededError
-from director.experiment_plan import OWNED, check_submitted, write_director_plan
+from director.experiment_plan import OWNED, check_submitted, plan_liveness, write_director_plan
+from plans.loader import PlanError, load_plan
 
 REPO = Path(__file__).resolve().parent.parent
 MINIMAL = {"host": "localhost", "certs_dir": "certs", "state_dir": "state", "envoys": ["alice"]}
@@ -167,6 +168,23 @@ HOSTILE: list[tuple[str, str]] = [
     (yaml.safe_dump(submitted(federation={"rounds": 0})), "federation.rounds: expected an integer"),
     (yaml.safe_dump(submitted(colour="red")), "submitted plan: colour: unknown key"),
     (yaml.safe_dump(submitted(runner={"name": "os.system; rm"})), "runner.name: expected a name"),
+    (
+        yaml.safe_dump(submitted(liveness={"grace": 5})),
+        "submitted plan: liveness.grace: unknown key",
+    ),
+    (
+        yaml.safe_dump(submitted(liveness={"offline_grace_seconds": -1})),
+        "liveness.offline_grace_seconds: expected a number",
+    ),
+    (
+        yaml.safe_dump(submitted(liveness={"mandatory_sites": ["dave"]})),
+        "submitted plan: liveness.mandatory_sites: dave not among the collaborators",
+    ),
+    (
+        yaml.safe_dump(submitted(liveness={"min_sites": 4})),
+        "submitted plan: liveness.min_sites: 4 is more than the plan's 3 collaborators",
+    ),
+    (yaml.safe_dump(submitted(liveness=[1])), "liveness: expected a mapping"),
 ]
 
 
@@ -175,6 +193,38 @@ def test_a_bad_submission_names_its_problem(text: str, message: str) -> None:
     """Unparseable, unknown sites, out of range, unknown key: InvalidRequestError naming it."""
     with pytest.raises(InvalidRequestError, match=message):
         check_submitted(text, registered=SITES, max_bytes=1 << 20)
+
+
+def test_a_plans_liveness_is_read_over_the_directors_and_kept_from_the_aggregator(
+    tmp_path: Path,
+) -> None:
+    """The plan's liveness keys replace director.yaml's, the others stay; plan.yaml has none."""
+    text = yaml.safe_dump(
+        submitted(liveness={"min_sites": 2, "offline_grace_seconds": 5}),
+    )
+    check_submitted(text, registered=SITES, max_bytes=1 << 20)
+    defaults = Liveness(min_sites=None, mandatory_sites=("carol",), offline_grace_seconds=300)
+    assert plan_liveness(text, defaults) == Liveness(2, ("carol",), 5)
+    assert plan_liveness(yaml.safe_dump(submitted()), defaults) == defaults
+    config = load_config(write(tmp_path, MINIMAL))
+    path, _ = write_director_plan(
+        text,
+        experiment_id="e1",
+        port=50123,
+        config=config,
+        folder=tmp_path / "e1",
+        initial_model=None,
+    )
+    assert "liveness" not in yaml.safe_load(path.read_text(encoding="utf-8"))
+    with pytest.raises(PlanError, match="liveness: unknown key"):
+        load_plan(text_file(tmp_path / "aggregator-plan.yaml", path, liveness={"min_sites": 2}))
+
+
+def text_file(target: Path, plan: Path, **sections: object) -> Path:
+    """`plan` with `sections` added, written to `target`."""
+    document = {**yaml.safe_load(plan.read_text(encoding="utf-8")), **sections}
+    target.write_text(yaml.safe_dump(document), encoding="utf-8")
+    return target
 
 
 def test_an_oversized_plan_is_refused_before_parsing() -> None:

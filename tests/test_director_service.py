@@ -53,11 +53,11 @@ class Harness:
         for name in names:
             self.service.heartbeat(Caller(name, Role.ENVOY), [])
 
-    def running_experiment(self) -> str:
-        """An experiment on all three sites, started and running."""
+    def running_experiment(self, **sections: Any) -> str:
+        """An experiment on all three sites (its plan with `sections`), started and running."""
         for name in ENVOYS:
             self.service.register_envoy(Caller(name, Role.ENVOY), ShardInfo(), "v")
-        view = self.service.submit(ADA, yaml.safe_dump(submitted_plan()), "", None)
+        view = self.service.submit(ADA, yaml.safe_dump(submitted_plan(**sections)), "", None)
         experiment_id = view.experiment.experiment_id
         self.service.supervise()
         for name in ENVOYS:
@@ -127,6 +127,25 @@ def test_min_sites_lets_it_go_on_without_one_but_not_a_mandatory_one(tmp_path: P
         )
     finally:
         harness.state.close()
+
+
+def test_a_plans_liveness_policy_is_the_experiments_own(harness: Harness) -> None:
+    """Plan: min_sites 2, grace 1 s over the director's 10 s: bob may go, then carol fails it."""
+    experiment_id = harness.running_experiment(
+        liveness={"min_sites": 2, "offline_grace_seconds": 1}
+    )
+    for _ in range(10):
+        harness.clock.now += 0.5
+        harness.heartbeat_all("alice", "carol")
+        harness.service.supervise()
+    assert harness.state.experiment(experiment_id).state is ExperimentState.RUNNING
+    for _ in range(7):
+        harness.clock.now += 0.5
+        harness.heartbeat_all("alice")
+        harness.service.supervise()
+    failed = harness.state.experiment(experiment_id)
+    assert failed.state is ExperimentState.FAILED
+    assert failed.reason == "sites offline for more than 1 s: bob, carol; 1 of 3 left, 2 needed"
 
 
 def test_an_aggregator_stopped_before_its_last_round_is_started_again(harness: Harness) -> None:
