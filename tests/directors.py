@@ -7,9 +7,6 @@ drive the lifecycle tell it when an aggregator "ends". Tests with real aggregato
 
 from __future__ import annotations
 
-import contextlib
-import subprocess
-import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,7 +22,6 @@ from director.server import DirectorServer
 from pki.layout import CertsLayout
 from pki.local import setup_local_federation
 from pki.tls import channel_credentials
-from protos import director_pb2 as pb
 from protos import director_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
@@ -179,96 +175,3 @@ def submitted_plan(**sections: Mapping[str, Any]) -> dict[str, Any]:
         base = document.get(key)
         document[key] = {**base, **value} if isinstance(base, dict) else value
     return document
-
-
-@dataclass
-class StandInEnvoys:
-    """The test standing in for the sites' envoys (the envoy itself comes later): over real gRPC
-    it registers, heartbeats, runs `collaborator start` for each start order, and reports."""
-
-    stubs: Mapping[str, director_pb2_grpc.DirectorStub]
-    folder: Path
-    processes: dict[tuple[str, str], subprocess.Popen[bytes]] = field(default_factory=dict)
-    reported: dict[tuple[str, str], int] = field(default_factory=dict)
-
-    def register(self) -> None:
-        """Each envoy registers."""
-        for name, stub in self.stubs.items():
-            stub.RegisterEnvoy(
-                pb.RegisterEnvoyRequest(shard=pb.ShardInfo(description=name)), timeout=20
-            )
-
-    def step(self) -> None:
-        """One heartbeat each: start what is asked, stop what is asked, report what ended."""
-        for name, stub in self.stubs.items():
-            listed = [
-                pb.CollaboratorReport(experiment_id=experiment_id, state=state)
-                for (site, experiment_id), state in self.reported.items()
-                if site == name
-            ]
-            try:
-                work = stub.EnvoyHeartbeat(
-                    pb.EnvoyHeartbeatRequest(collaborators=listed), timeout=20
-                )
-            except grpc.RpcError:
-                continue  # the director is away (restarting): an envoy just tries again
-            if work.register_again:
-                stub.RegisterEnvoy(pb.RegisterEnvoyRequest(), timeout=20)
-            for order in work.start:
-                self._start(stub, name, order)
-            for experiment_id in work.stop:
-                process = self.processes.get((name, experiment_id))
-                if process is not None and process.poll() is None:
-                    process.terminate()
-                    process.wait(timeout=60)
-                self.reported.pop((name, experiment_id), None)
-            for (site, experiment_id), process in self.processes.items():
-                code = process.poll()
-                if (
-                    site == name
-                    and code is not None
-                    and self.reported.get((site, experiment_id)) != pb.COLLABORATOR_EXITED
-                    and (site, experiment_id) in self.reported
-                ):
-                    self.reported[(site, experiment_id)] = pb.COLLABORATOR_EXITED
-                    with contextlib.suppress(grpc.RpcError):
-                        stub.ReportCollaborator(
-                            pb.CollaboratorReport(
-                                experiment_id=experiment_id,
-                                state=pb.COLLABORATOR_EXITED,
-                                exit_code=code,
-                            ),
-                            timeout=20,
-                        )
-
-    def _start(
-        self, stub: director_pb2_grpc.DirectorStub, name: str, order: pb.ExperimentToStart
-    ) -> None:
-        key = (name, order.experiment_id)
-        if key in self.processes:
-            return
-        folder = self.folder / name / order.experiment_id
-        folder.mkdir(parents=True, exist_ok=True)
-        plan = folder / "plan.yaml"
-        plan.write_text(order.plan_yaml, encoding="utf-8")
-        with (folder / "collaborator.log").open("ab") as log:
-            self.processes[key] = subprocess.Popen(
-                [sys.executable, "-m", "collaborator", "start", "-n", name, "--plan", str(plan)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        self.reported[key] = pb.COLLABORATOR_STARTED
-        with contextlib.suppress(grpc.RpcError):
-            stub.ReportCollaborator(
-                pb.CollaboratorReport(
-                    experiment_id=order.experiment_id, state=pb.COLLABORATOR_STARTED
-                ),
-                timeout=20,
-            )
-
-    def stop_all(self) -> None:
-        """Kill every collaborator still running (after a failed test) and reap it."""
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.kill()
-            process.wait(timeout=60)

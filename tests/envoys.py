@@ -30,6 +30,8 @@ from pki.layout import CertsLayout
 from pki.tls import server_credentials
 from protos import director_pb2, director_pb2_grpc
 
+from directors import ENVOYS
+
 HEALTH_SECONDS = 0.3
 WAIT_SECONDS = 90
 
@@ -330,6 +332,33 @@ def stop_collaborators(state_dir: Path) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
+
+
+def start_envoys(
+    folder: Path, certs: CertsLayout, port: int, runners: dict[str, list[str]] | None = None
+) -> list[EnvoyProcess]:
+    """One envoy process per site, each with its own folder and envoy.yaml."""
+    envoys = []
+    for name in ENVOYS:
+        config = write_envoy_config(
+            folder / name,
+            certs,
+            port,
+            runners=(runners or {}).get(name, ["digits"]),
+            shard={"description": f"{name}'s digits"},
+        )
+        envoy = EnvoyProcess(name, config, folder / name / "envoy.log")
+        envoy.start()
+        envoys.append(envoy)
+    return envoys
+
+
+def stop_envoys(envoys: list[EnvoyProcess], folder: Path) -> None:
+    """Stop the envoys and whatever collaborators they left."""
+    for envoy in envoys:
+        if envoy.alive():
+            envoy.terminate()
+        stop_collaborators(folder / envoy.name / "state")
 
 
 def plan_text(path: Path) -> str:

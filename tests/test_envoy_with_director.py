@@ -24,7 +24,7 @@ from protos import director_pb2 as pb
 from protos import director_pb2_grpc
 
 from directors import ENVOYS, make_director_certs, running_director, submitted_plan
-from envoys import EnvoyProcess, stop_collaborators, write_envoy_config
+from envoys import EnvoyProcess, start_envoys, stop_envoys, write_envoy_config
 from processes import free_port
 
 RUN_SECONDS = 300
@@ -37,33 +37,6 @@ pytestmark = pytest.mark.slow
 def director_certs(tmp_path_factory: pytest.TempPathFactory) -> CertsLayout:
     """Certificates of a director on localhost, its envoys and people."""
     return make_director_certs(tmp_path_factory.mktemp("director-certs"))
-
-
-def start_envoys(
-    folder: Path, certs: CertsLayout, port: int, runners: dict[str, list[str]] | None = None
-) -> list[EnvoyProcess]:
-    """One envoy process per site, each with its own folder and envoy.yaml."""
-    envoys = []
-    for name in ENVOYS:
-        config = write_envoy_config(
-            folder / name,
-            certs,
-            port,
-            runners=(runners or {}).get(name, ["digits"]),
-            shard={"description": f"{name}'s digits"},
-        )
-        envoy = EnvoyProcess(name, config, folder / name / "envoy.log")
-        envoy.start()
-        envoys.append(envoy)
-    return envoys
-
-
-def stop_envoys(envoys: list[EnvoyProcess], folder: Path) -> None:
-    """Stop the envoys and whatever collaborators they left."""
-    for envoy in envoys:
-        if envoy.alive():
-            envoy.terminate()
-        stop_collaborators(folder / envoy.name / "state")
 
 
 def wait_until(what: str, check: Callable[[], T | None], timeout: float = RUN_SECONDS) -> T:
