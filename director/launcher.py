@@ -132,12 +132,16 @@ class ChildProcesses:
             if child.poll() is None:
                 return None
             del self._children[key]
+            pid: int | None = child.pid
         else:
             pid = self._adopted.get(key)
             if pid is not None and _is_ours(pid, folder / STATUS_FILE):
                 return None
             self._adopted.pop(key, None)
-        return Ended(_read_status(folder / STATUS_FILE))
+        code = _read_status(folder / STATUS_FILE)
+        if code is None and pid is not None:
+            _end_session(pid, key, self.what)
+        return Ended(code)
 
     def stop(self, key: str, folder: Path, *, grace_seconds: float = 10.0) -> None:
         """SIGTERM to its parent (passed on to the command); SIGKILL to the session after the grace."""
@@ -189,6 +193,23 @@ class LocalLauncher:
     def stop(self, experiment_id: str, folder: Path, *, grace_seconds: float = 10.0) -> None:
         """SIGTERM to its parent (passed on to the aggregator); SIGKILL to the session after the grace."""
         self._processes.stop(experiment_id, folder, grace_seconds=grace_seconds)
+
+
+def _end_session(pid: int, key: str, what: str) -> None:
+    """The parent vanished without a status (killed): end what is left of its session, so the
+    command it ran (orphaned, still holding its state) is never run twice once started again."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    logger.warning("%s: %s's parent gone without a status: its session killed", key, what)
+    deadline = time.monotonic() + 2  # killed members may linger as zombies: bounded
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
 
 
 def _is_ours(pid: int, status: Path) -> bool:

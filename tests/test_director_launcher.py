@@ -97,6 +97,37 @@ def test_a_parent_killed_without_a_status_reads_as_lost(tmp_path: Path) -> None:
     assert "without recording an exit status" in ended.describe()
 
 
+def test_a_parent_killed_alone_takes_its_orphaned_command_with_it(tmp_path: Path) -> None:
+    """SIGKILL of the parent only: the command, orphaned and still running, is killed when the
+    end is read, so starting it again never runs it twice."""
+    launcher = LocalLauncher(
+        fake_aggregator(
+            "import os, pathlib, time; pathlib.Path('command.pid').write_text(str(os.getpid())); "
+            "time.sleep(600)"
+        )
+    )
+    pid = launcher.start("e1", tmp_path / "plan.yaml", tmp_path)
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not (tmp_path / "command.pid").exists():
+        assert time.monotonic() < deadline, "the command never started"
+        time.sleep(0.05)
+    command = int((tmp_path / "command.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for_end(launcher, tmp_path) == Ended(None)
+    deadline = time.monotonic() + WAIT_SECONDS
+    while runs(command):
+        assert time.monotonic() < deadline, "the orphaned command still runs"
+        time.sleep(0.05)
+
+
+def runs(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text(encoding="utf-8")
+    except OSError:
+        return False
+
+
 def test_a_second_start_forgets_the_last_status(tmp_path: Path) -> None:
     """Started again, an experiment's old exit_status cannot pass for the new run's."""
     (tmp_path / STATUS_FILE).write_text("1\n", encoding="utf-8")
