@@ -319,3 +319,43 @@ def test_an_envoy_that_never_returns_fails_its_experiment_only(
         assert failed.ended_at - killed_at[0] <= 2 * HEALTH_SECONDS + grace + HEALTH_SECONDS + 10
         assert states[beside].state == pb.EXPERIMENT_COMPLETED, states[beside]
         assert states[beside].rounds_completed == ROUNDS
+
+
+def aggregator_pid(state_dir: Path, experiment_id: str) -> int | None:
+    """The pid of the experiment's `aggregator start` process (under its `director.child`)."""
+    plan = str(state_dir / "experiments" / experiment_id / "plan.yaml")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"director.child" not in command and plan.encode() in command:
+            return int(entry.name)
+    return None
+
+
+def test_an_aggregator_killed_is_started_again_and_resumes(
+    tmp_path: Path, director_certs: CertsLayout, undisturbed: bytes
+) -> None:
+    """The experiment's aggregator SIGKILLed mid-run: the director starts it again, it resumes
+    from its own state, and the model is the undisturbed run's."""
+    with running_service(tmp_path, director_certs) as service:
+        experiment_id = service.submit()
+        state_dir = tmp_path / "director" / "state"
+        killed: list[int] = []
+
+        def kill_the_aggregator(states: dict[str, pb.Experiment]) -> None:
+            if not killed and mid_run(states[experiment_id]):
+                pid = aggregator_pid(state_dir, experiment_id)
+                if pid is not None:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+
+        final = service.follow([experiment_id], kill_the_aggregator)[experiment_id]
+        assert killed, "the aggregator was never killed"
+        assert final.state == pb.EXPERIMENT_COMPLETED, final
+        assert service.download(experiment_id) == undisturbed
+        log = (tmp_path / "director" / "director.log").read_text(encoding="utf-8")
+        assert "the aggregator was ended by signal 9; starting it again" in log, log
