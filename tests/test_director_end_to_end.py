@@ -315,8 +315,8 @@ def test_an_envoy_that_never_returns_fails_its_experiment_only(
         assert failed.state == pb.EXPERIMENT_FAILED, failed
         assert failed.reason.startswith("sites offline for more than 2 s: bob;"), failed.reason
         # Offline after two health periods without a heartbeat, then the grace, then one more
-        # health period to notice; 10 s more for a loaded machine.
-        assert failed.ended_at - killed_at[0] <= 2 * HEALTH_SECONDS + grace + HEALTH_SECONDS + 10
+        # health period to notice; 30 s more for a loaded machine (far below the director's 300).
+        assert failed.ended_at - killed_at[0] <= 2 * HEALTH_SECONDS + grace + HEALTH_SECONDS + 30
         assert states[beside].state == pb.EXPERIMENT_COMPLETED, states[beside]
         assert states[beside].rounds_completed == ROUNDS
 
