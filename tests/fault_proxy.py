@@ -12,7 +12,10 @@ bytes, after forwarding exactly N bytes of it:
 * `FaultKind.STALL`: then nothing moves on any connection for `seconds`, after which everything
   held back is delivered, late.
 
-`set_latency` delays every chunk forwarded, in both directions, from the moment it is called.
+`set_latency` makes the proxy a delay line from the moment it is called: every byte, in both
+directions, is forwarded that much later than it arrived, and throughput is unchanged (a chunk
+waits for its own due time on a thread of its own, never holding up the next read). The bytes a
+direction holds are bounded (`DELAY_LINE_BYTES`): past that, reading waits, as a full link would.
 
 Every thread is a daemon; a blocked read is woken by shutting its socket down, every other wait
 is bounded, and `stop` joins the threads within a timeout.
@@ -25,6 +28,7 @@ import socket
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -36,6 +40,9 @@ CHUNK_BYTES = 65536
 ACCEPT_POLL_SECONDS = 0.1
 CONNECT_TIMEOUT_SECONDS = 5.0
 JOIN_TIMEOUT_SECONDS = 5.0
+# What one direction of a connection may hold in its delay line: 320 ms at 200 Mbit/s, so a
+# shaped wide-area link is never throttled by it, and memory stays bounded on loopback.
+DELAY_LINE_BYTES = 8 * 1024 * 1024
 
 
 class FaultKind(Enum):
@@ -76,6 +83,9 @@ class _Connection:
         self.cut = False  # a fault or stop ended it: the pumps must not touch the sockets again
         self._open_pumps = 2
         self._lock = threading.Lock()
+        # The delay line of each direction (True: client to server), made at its first delayed
+        # chunk; from then on every chunk of that direction goes through it, in order.
+        self.lines: dict[bool, _DelayLine] = {}
 
     def end(self, *, reset: bool) -> None:
         """Cut both sides at once: an RST each (`reset`), or a FIN each; wakes both pumps."""
@@ -83,6 +93,9 @@ class _Connection:
             if self.cut:
                 return
             self.cut = True
+            lines = list(self.lines.values())
+        for line in lines:
+            line.close()
         for sock in (self.client, self.server):
             try:
                 if reset:
@@ -96,6 +109,11 @@ class _Connection:
                 pass  # the peer went first
             sock.close()
 
+    def add_line(self, upstream: bool, line: _DelayLine) -> None:
+        """From now on, the direction `upstream` (client to server) goes through `line`."""
+        with self._lock:
+            self.lines[upstream] = line
+
     def pump_finished(self) -> None:
         """One direction is done; after both, close the sockets (a no-op after `end`)."""
         with self._lock:
@@ -108,11 +126,75 @@ class _Connection:
             self.server.close()
 
 
-class FaultProxy:
-    """Forwards 127.0.0.1:`port` to `upstream`, with the faults it is told to inject."""
+class _DelayLine:
+    """One direction of one connection, forwarded `latency` after each chunk arrived.
 
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+    `push` only queues (waiting while the line holds `DELAY_LINE_BYTES`); a thread of its own
+    sends each chunk at its due time, so the reading side keeps the link's pace.
+    """
+
+    def __init__(self, connection: _Connection, target: socket.socket, stop: threading.Event):
+        self.connection = connection
+        self.target = target
+        self._stop = stop
+        self._queue: deque[tuple[float, bytes | None]] = deque()  # None: pass the EOF on
+        self._held = 0
+        self._changed = threading.Condition()
+        self.closed = False
+
+    def push(self, due: float, data: bytes | None) -> None:
+        """Queue `data` (None for the EOF) to leave at `due`; waits while the line is full."""
+        with self._changed:
+            while self._held >= DELAY_LINE_BYTES and not (self.closed or self._stop.is_set()):
+                self._changed.wait(ACCEPT_POLL_SECONDS)
+            self._queue.append((due, data))
+            self._held += 0 if data is None else len(data)
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        """Stop sending; what is still in the line is dropped, as on a cut link."""
+        with self._changed:
+            self.closed = True
+            self._changed.notify_all()
+
+    def run(self) -> None:
+        """Send each chunk at its due time until the EOF passes, the line closes or stop; then
+        this direction is finished (its pump handed that over to the line)."""
+        try:
+            self._send_all()
+        except OSError:
+            # The peer reset its side (or `end` closed the socket): reset the other side.
+            self.connection.end(reset=True)
+        finally:
+            self.connection.pump_finished()
+
+    def _send_all(self) -> None:
+        while True:
+            with self._changed:
+                while not self._queue and not (self.closed or self._stop.is_set()):
+                    self._changed.wait(ACCEPT_POLL_SECONDS)
+                if self.closed or self._stop.is_set():
+                    return
+                due, data = self._queue[0]
+            wait = due - time.monotonic()
+            if wait > 0 and self._stop.wait(wait):
+                return
+            with self._changed:
+                self._queue.popleft()
+                self._held -= 0 if data is None else len(data)
+                self._changed.notify_all()
+            if data is None:
+                self.target.shutdown(socket.SHUT_WR)
+                return
+            self.target.sendall(data)
+
+
+class FaultProxy:
+    """Forwards `listen_host`:`port` to `upstream`, with the faults it is told to inject."""
+
+    def __init__(self, upstream_host: str, upstream_port: int, listen_host: str = "127.0.0.1"):
         self.upstream = (upstream_host, upstream_port)
+        self.listen_host = listen_host
         self._listener: socket.socket | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -127,9 +209,9 @@ class FaultProxy:
     # -- control ----------------------------------------------------------------------------------
 
     def start(self) -> int:
-        """Listen on 127.0.0.1 on a free port and start accepting; returns the port."""
+        """Listen on `listen_host` on a free port and start accepting; returns the port."""
         listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
+        listener.bind((self.listen_host, 0))
         listener.listen(64)
         listener.settimeout(ACCEPT_POLL_SECONDS)
         self._listener = listener
@@ -167,7 +249,7 @@ class FaultProxy:
         self.stop()
 
     def set_latency(self, seconds: float) -> None:
-        """Delay every chunk forwarded from now on by `seconds` (0 turns latency off)."""
+        """Forward every byte arriving from now on `seconds` after it arrived, each way."""
         self._latency = seconds
 
     def arm(self, fault: Fault) -> None:
@@ -232,17 +314,21 @@ class FaultProxy:
             if upstream
             else (connection.server, connection.client)
         )
+        line: _DelayLine | None = None
         try:
             while True:
                 data = source.recv(CHUNK_BYTES)
                 if connection.cut:
                     return
+                arrived = time.monotonic()
+                line = self._line(connection, upstream, target)
                 if not data:  # EOF: pass the half-close on, keep the other direction going
-                    target.shutdown(socket.SHUT_WR)
+                    if line is None:
+                        target.shutdown(socket.SHUT_WR)
+                    else:
+                        line.push(arrived + self._latency, None)
                     return
                 self._hold_while_stalled()
-                if self._latency > 0:
-                    self._stop.wait(self._latency)
                 if upstream:
                     rest = self._forward_upload(connection, data)
                     if rest is None:
@@ -250,13 +336,30 @@ class FaultProxy:
                     data = rest
                 else:
                     connection.burst = 0
-                if data:
+                if not data:
+                    continue
+                if line is None:
                     target.sendall(data)
+                else:
+                    line.push(arrived + self._latency, data)
         except OSError:
             # A peer reset its side (or `end` closed the socket under us): reset the other side.
             connection.end(reset=True)
         finally:
-            connection.pump_finished()
+            if line is None:  # else the line finishes this direction once it has drained
+                connection.pump_finished()
+
+    def _line(
+        self, connection: _Connection, upstream: bool, target: socket.socket
+    ) -> _DelayLine | None:
+        """The delay line of this direction: made (with its thread) once latency is set."""
+        line = connection.lines.get(upstream)
+        if line is None and self._latency > 0:
+            line = _DelayLine(connection, target, self._stop)
+            connection.add_line(upstream, line)
+            direction = "up" if upstream else "down"
+            self._spawn(line.run, f"fault-proxy-{connection.number}-{direction}-line")
+        return line
 
     def _forward_upload(self, connection: _Connection, data: bytes) -> bytes | None:
         """Count `data` into the burst; if the armed fault fires, inject it.

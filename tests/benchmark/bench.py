@@ -41,6 +41,12 @@ Phases, in order:
    not a target): what the first round pays once, and later rounds do not.
 6. scale: `scale_collaborators` threads and a `scale_model_kb` model, the loop unheld, so the
    polling of those that have uploaded is part of the load.
+7. wide area (`wan.py`; needs root, skipped with a note otherwise): 4 sites, each a collaborator
+   process in a network namespace of its own behind a veth link shaped to `wan_rate_mbit` each
+   way, with `wan_rtt_ms` of round trip added by a delay line; `wan_rounds` rounds of a
+   `wan_model_mb` model. `wan_round_seconds` (the first, from the start, nothing connected yet)
+   and `wan_steady_round_seconds` (the later ones) against `wan_floor_seconds`, the time the
+   model takes down and up one site's link at that rate.
 
 `--profile` adds a cProfile of one client download and one upload, the aggregator under
 cProfile (`profiled_aggregator.py`) for one transfer and for the round, and a timing of each
@@ -81,6 +87,7 @@ from plans import load_plan
 # The benchmark's own modules, beside this file.
 import noop_runner
 import raw_grpc
+import wan
 from harness import (
     KIB,
     MIB,
@@ -121,6 +128,8 @@ QUICK = {
     "round_collaborators": 3,
     "round_model_mb": 4.0,
     "scale_collaborators": 20,
+    "wan_model_mb": 4.0,
+    "wan_rounds": 2,
     "round_timeout": 60.0,
     "probe": False,
 }
@@ -164,6 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("--round-tensors", type=int, default=4, help="tensors of the round's model (4)")
     add("--scale-collaborators", type=int, default=500, help="collaborators of the scale round")
     add("--scale-model-kb", type=float, default=10.0, help="model size of the scale round (10)")
+    add(
+        "--wan",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the wide-area round (needs root; skipped with a note otherwise)",
+    )
+    add("--wan-model-mb", type=float, default=50.0, help="model size of the wide-area round (50)")
+    add("--wan-rounds", type=int, default=3, help="rounds of the wide-area federation (3)")
+    add("--wan-rate-mbit", type=float, default=200.0, help="each site's link, each way (200)")
+    add("--wan-rtt-ms", type=float, default=40.0, help="round trip the delay line adds (40)")
     add("--round-timeout", type=float, default=600.0, help="give up on a round after this")
     add(
         "--probe",
@@ -194,6 +213,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "round_tensors",
             "scale_collaborators",
             "scale_model_kb",
+            "wan_model_mb",
+            "wan_rounds",
+            "wan_rate_mbit",
             "round_timeout",
         )
         if not getattr(args, name) > 0
@@ -691,6 +713,8 @@ TARGETS = (
         lambda r: r["round_seconds"] <= 1.5 * r["raw_round_seconds"],
     ),
     Target("rss_over_model", "<= 3", lambda r: r["rss_over_model"] <= 3),
+    Target("wan_ratio", "<= 1.25", lambda r: r["wan_ratio"] <= 1.25),
+    Target("wan_steady_ratio", "<= 1.10", lambda r: r["wan_steady_ratio"] <= 1.10),
     Target(
         "scale_errors",
         "0 (with 500 collaborators)",
@@ -749,6 +773,12 @@ TABLE_KEYS = (
     "scale_get_tasks_calls",
     "scale_aggregator_cpu_seconds",
     "scale_aggregator_peak_rss_mb",
+    "wan_floor_seconds",
+    "wan_round_seconds",
+    "wan_ratio",
+    "wan_steady_round_seconds",
+    "wan_steady_ratio",
+    "wan_wire_over_payload",
     "cert_setup_seconds",
 )
 
@@ -814,7 +844,7 @@ def benchmark(run: Run) -> None:
         run.certs,
         aggregator_host="localhost",
         dns_names=("localhost",),
-        ip_addresses=("127.0.0.1",),
+        ip_addresses=("127.0.0.1", *wan.aggregator_addresses()),
         collaborators=names,
     )
     run.results["cert_setup_seconds"] = time.perf_counter() - started
@@ -828,6 +858,7 @@ def benchmark(run: Run) -> None:
     measure_round_phase(run, names)
     measure_steady_round_phase(run, names)
     measure_scale_phase(run, names)
+    wan.measure_phase(run, names)
     if args.profile:
         profile = run.results.setdefault("profile", {})
         say("one download and one upload again, the aggregator under cProfile")
@@ -852,6 +883,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         round_model_mb=args.round_model_mb,
         round_tensors=args.round_tensors,
         scale_model_kb=args.scale_model_kb,
+        wan_model_mb=args.wan_model_mb,
+        wan_rounds=args.wan_rounds,
+        wan_rate_mbit=args.wan_rate_mbit,
+        wan_rtt_ms=args.wan_rtt_ms,
         quick=args.quick,
         mb_unit="MiB (2**20 bytes)",
         started_utc=started.isoformat(timespec="seconds"),

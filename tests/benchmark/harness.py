@@ -38,6 +38,13 @@ KIB = 1024
 RUNNER = "noop_runner:NoopRunner"  # found through the PYTHONPATH start_aggregator sets
 AGGREGATOR_ID = "aggregator"
 START_TIMEOUT_SECONDS = 60.0
+# A child of the benchmark finds the no-op runner and the benchmark's modules, and prints at once.
+BENCH_ENV = {
+    "PYTHONPATH": os.pathsep.join(
+        part for part in (str(HERE), os.environ.get("PYTHONPATH", "")) if part
+    ),
+    "PYTHONUNBUFFERED": "1",
+}
 
 
 class BenchmarkError(Exception):
@@ -251,13 +258,16 @@ def tensor_byte_sizes(total: int, tensors: int) -> list[int]:
 class Process:
     """A child process whose stdout lines are read as they come, each with its arrival time."""
 
-    def __init__(self, command: Sequence[str], log: Path, *, env: Mapping[str, str]) -> None:
+    def __init__(
+        self, command: Sequence[str], log: Path, *, env: Mapping[str, str], stdin: bool = False
+    ) -> None:
         self.log = log
         self._lines: list[tuple[float, str]] = []
         self._changed = threading.Condition()
         with log.open("wb") as stderr:
             self.process = subprocess.Popen(
                 list(command),
+                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=stderr,
                 env={**os.environ, **env},
@@ -311,6 +321,13 @@ class Process:
             f"{self.stderr_tail()}"
         )
 
+    def send_line(self, line: str) -> None:
+        """Write `line` to its stdin (made with `stdin=True`)."""
+        if self.process.stdin is None:
+            raise BenchmarkError(f"{self.log.stem}: started without a stdin to write to")
+        self.process.stdin.write(f"{line}\n".encode())
+        self.process.stdin.flush()
+
     def stderr_tail(self, lines: int = 20) -> str:
         """The last lines of its stderr log."""
         try:
@@ -347,24 +364,20 @@ class Process:
         self.stop()
 
 
-def start_aggregator(plan: Path, *, profile_to: Path | None = None) -> tuple[Process, int]:
+def start_aggregator(
+    plan: Path, *, profile_to: Path | None = None, prefix: Sequence[str] = ()
+) -> tuple[Process, int]:
     """`aggregator start --plan PLAN` as a process that finds the no-op runner; and its port.
 
-    With `profile_to`, it runs under `profiled_aggregator.py`, which writes its statistics there.
+    With `profile_to`, it runs under `profiled_aggregator.py`, which writes its statistics there;
+    `prefix` runs it under a command that execs it (`ip netns exec NAME`).
     """
-    python_path = os.pathsep.join(
-        part for part in (str(HERE), os.environ.get("PYTHONPATH", "")) if part
-    )
     command = ["start", "--plan", str(plan), "--log-level", "warning"]
     if profile_to is None:
         command = [sys.executable, "-m", "aggregator", *command]
     else:
         command = [sys.executable, str(HERE / "profiled_aggregator.py"), str(profile_to), *command]
-    process = Process(
-        command,
-        plan.parent / "aggregator.log",
-        env={"PYTHONPATH": python_path, "PYTHONUNBUFFERED": "1"},
-    )
+    process = Process([*prefix, *command], plan.parent / "aggregator.log", env=BENCH_ENV)
     try:
         _, match = process.wait_line(
             r"^serving federation .* on \S+:(\d+): ", START_TIMEOUT_SECONDS
