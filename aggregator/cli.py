@@ -36,6 +36,7 @@ from aggregator import failpoints
 from aggregator.allocator import tune_allocator
 from aggregator.errors import ModelFileError, ServerError, StorageError
 from aggregator.federation import Array
+from aggregator.file_limit import files_needed, raise_open_file_limit
 from aggregator.inspection import NotAStateError, read_status
 from aggregator.runtime import serve
 from aggregator.state import DurableState, ForeignStateError
@@ -184,6 +185,7 @@ def _start(plan_path: Path, *, reset: bool) -> int:
         plan = load_plan(plan_path)
     except PlanError as error:
         raise _BadInputError("\n".join(error.problems)) from None
+    raise_open_file_limit(files_needed(len(plan.collaborators)))
     try:
         failpoints.configure()
     except failpoints.FailpointError as error:

@@ -221,7 +221,9 @@ def write_plan(
             "san_ips": ["127.0.0.1"],
             "output_dir": str(folder / "output"),
             "initial_model": str(initial_model),
-            "grace_seconds": 1,
+            # The default, 5 s: with 2,000 collaborator threads in one process on 2 cores, a
+            # quit answer once took more than 1 s to be read (65 of them cut off as CANCELLED).
+            "grace_seconds": 5,
             "long_poll_seconds": 5,
             "quit_grace_seconds": 30,
         },
