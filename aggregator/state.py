@@ -93,7 +93,6 @@ from aggregator.storage import (
     file_sha256,
     fsync_folder,
     is_temporary,
-    read_model,
     read_model_tensors,
     write_model,
     write_model_slices,
@@ -388,8 +387,7 @@ class DurableState:
         model = current
         kept: dict[str, Array] | None = None
         if commit.model is not None:
-            model = self._average_into_file(finished_round + 1, commit.model)
-            kept = read_model(self.root / model.name, self.max_tensor_bytes)  # just written
+            model, kept = self._average_into_file(finished_round + 1, commit.model)
         best_file, best = self._best_file, self._best
         if commit.best is not None:
             best_file, best = (current if commit.best_is_round_model else model), commit.best
@@ -547,12 +545,15 @@ class DurableState:
         _make_folder(path.parent)
         return StoredFile(name, write_model(path, model, round_number=round_number))
 
-    def _average_into_file(self, round_number: int, model: AveragedModel) -> StoredFile:
+    def _average_into_file(
+        self, round_number: int, model: AveragedModel
+    ) -> tuple[StoredFile, dict[str, Array]]:
+        """The new model's file, and its tensors mapped from it (not read back: just written)."""
         name = f"{MODELS}/round-{round_number}.pbuf"
         path = self.root / name
         _make_folder(path.parent)
-        sha256 = write_model_slices(path, model.reference, model.into, round_number=round_number)
-        return StoredFile(name, sha256)
+        written = write_model_slices(path, model.reference, model.into, round_number=round_number)
+        return StoredFile(name, written.sha256), written.mapped()
 
     def _read(self, stored: StoredFile) -> tuple[ResultTensor, ...]:
         """The tensors of a `ModelProto` state file, mapped from it, after checking its SHA-256."""

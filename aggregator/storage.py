@@ -23,6 +23,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -34,7 +35,7 @@ from aggregator.failpoints import failpoint
 from aggregator.fedavg import SliceSink
 from aggregator.federation import ResultTensor
 from aggregator.mapped import FileRange, copy_range, mapped_range
-from aggregator.upload import read_tensors_file
+from aggregator.upload import file_array, read_tensors_file
 from protos import base_pb2
 from protos.codec import (
     TensorFormatError,
@@ -84,13 +85,16 @@ def write_model(
     *,
     round_number: int = 0,
     before_rename: Callable[[], None] | None = None,
+    hashed: bool = True,
 ) -> str:
-    """Write `model` to `path` as a `ModelProto` file, atomically; the SHA-256 of its bytes."""
+    """Write `model` to `path` as a `ModelProto` file, atomically; the SHA-256 of its bytes
+    ("" when not `hashed`)."""
     return write_tensors(
         path,
         ((name, array, frozenset((MODEL_TAG,))) for name, array in model.items()),
         round_number=round_number,
         before_rename=before_rename,
+        hashed=hashed,
     )
 
 
@@ -100,8 +104,10 @@ def write_tensors(
     *,
     round_number: int = 0,
     before_rename: Callable[[], None] | None = None,
+    hashed: bool = True,
 ) -> str:
-    """Write the bytes `tensors_bytes` gives to `path`, atomically; the SHA-256 of those bytes.
+    """Write the bytes `tensors_bytes` gives to `path`, atomically; the SHA-256 of those bytes
+    ("" when not `hashed`: the outputs, which the state never names, need none).
 
     Each tensor's values go from its array to the file as they are, never through a serialized
     copy of the whole model: memory stays at the arrays the caller holds. The values of an array
@@ -109,25 +115,47 @@ def write_tensors(
     from where they were written: read through its mapping they would count in our memory.
     """
     digest = hashlib.sha256()
+    update = digest.update if hashed else None
 
     def write(file: BinaryIO) -> None:
         for name, array, tags in sorted(tensors, key=lambda tensor: tensor[0]):
             frame = _frame(name, array, tags, round_number)
             file.write(frame.head)
-            digest.update(frame.head)
+            if update is not None:
+                update(frame.head)
             with mapped_range(array, frame.data) as source:
                 if source is not None:
                     file.flush()
-                    _copy_hashed(source, file.fileno(), digest.update)
+                    _copy_hashed(source, file.fileno(), update)
                 elif frame.data.nbytes:
                     body = tensor_bytes(frame.data)
                     file.write(body)
-                    digest.update(body)
+                    if update is not None:
+                        update(body)
             file.write(frame.tail)
-            digest.update(frame.tail)
+            if update is not None:
+                update(frame.tail)
 
     _write_atomic_with(path, write, before_rename=before_rename)
-    return digest.hexdigest()
+    return digest.hexdigest() if hashed else ""
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """A model file `write_model_slices` wrote: the SHA-256 of its bytes, and where each
+    tensor's values lie in it."""
+
+    path: Path
+    sha256: str
+    tensors: Mapping[str, tuple[int, np.dtype[np.generic], tuple[int, ...]]]  # offset, dtype, shape
+
+    def mapped(self) -> dict[str, Array]:
+        """Its tensors, read-only on the file as `read_model` gives them, the file neither read
+        nor parsed again: this process has just written it, and knows where everything is."""
+        return {
+            name: file_array(self.path, offset, dtype, shape)
+            for name, (offset, dtype, shape) in self.tensors.items()
+        }
 
 
 def write_model_slices(
@@ -137,8 +165,8 @@ def write_model_slices(
     *,
     round_number: int = 0,
     before_rename: Callable[[], None] | None = None,
-) -> str:
-    """`write_model` of a model whose values are not in memory; the SHA-256 of the file.
+) -> ModelFile:
+    """`write_model` of a model whose values are not in memory; the file written.
 
     `layout` gives each tensor's name, shape and dtype (its values are not read); `fill` hands
     every slice of every tensor, in any order, to the sink it is given, which writes it where it
@@ -146,14 +174,14 @@ def write_model_slices(
     `write_model` writes of the same values, byte for byte, and is written atomically.
     """
     digest = hashlib.sha256()
+    frames = {
+        name: _frame(name, layout[name], (MODEL_TAG,), round_number) for name in sorted(layout)
+    }
+    offsets: dict[str, int] = {}
 
     def write(file: BinaryIO) -> None:
         file.flush()
         descriptor = file.fileno()
-        frames = {
-            name: _frame(name, layout[name], (MODEL_TAG,), round_number) for name in sorted(layout)
-        }
-        offsets: dict[str, int] = {}
         position = 0
         for name, frame in frames.items():
             _pwrite_all(descriptor, frame.head, position)
@@ -172,7 +200,14 @@ def write_model_slices(
             digest.update(block)
 
     _write_atomic_with(path, write, before_rename=before_rename)
-    return digest.hexdigest()
+    return ModelFile(
+        path,
+        digest.hexdigest(),
+        {
+            name: (offsets[name], frame.data.dtype, tuple(frame.data.shape))
+            for name, frame in frames.items()
+        },
+    )
 
 
 def _frame(name: str, array: Array, tags: Iterable[str], round_number: int) -> TensorFrame:
@@ -193,11 +228,15 @@ def _serialized_parts(
         yield from _frame(name, array, tags, round_number).parts()
 
 
-def _copy_hashed(source: FileRange, target: int, hash_block: Callable[[bytes], object]) -> None:
+def _copy_hashed(
+    source: FileRange, target: int, hash_block: Callable[[bytes], object] | None
+) -> None:
     """Append `source` to `target`, hashing the bytes as they lie in `target` (just written:
-    in the page cache, not in our memory)."""
+    in the page cache, not in our memory); only copied when `hash_block` is None."""
     start = os.lseek(target, 0, os.SEEK_CUR)
     copy_range(source, target)
+    if hash_block is None:
+        return
     for block in _blocks(target, start, start + source.size):
         hash_block(block)
 
@@ -366,6 +405,7 @@ class OutputFolder:
             model,
             round_number=round_number,
             before_rename=lambda: failpoint("while_saving"),
+            hashed=False,
         )
 
     def save_best(self, model: Mapping[str, Array], round_number: int) -> None:
@@ -375,6 +415,7 @@ class OutputFolder:
             model,
             round_number=round_number,
             before_rename=lambda: failpoint("while_saving"),
+            hashed=False,
         )
 
     def restore_model(self, path: Path, model: Mapping[str, Array], round_number: int) -> bool:
@@ -392,7 +433,7 @@ class OutputFolder:
                 return False
         except OSError:  # missing or unreadable: written again
             pass
-        write_model(path, model, round_number=round_number)
+        write_model(path, model, round_number=round_number, hashed=False)
         return True
 
     def append_metrics(self, row: Mapping[str, object]) -> None:

@@ -296,19 +296,38 @@ class _Tensors:
         array: Array
         if tensor.small is not None:
             array = np.frombuffer(bytes(tensor.small), dtype=dtype).reshape(shape)
-        elif expected == 0 or tensor.data_offset is None:
-            array = np.empty(shape, dtype=dtype)  # nothing to map (numpy cannot map 0 bytes)
-            array.flags.writeable = False
-        elif self._model_dtype is None and expected <= MAX_SMALL_TENSOR_BYTES:
-            # A small tensor of a file read back (a metric): read, not mapped.
-            array = np.fromfile(
-                path, dtype=dtype, count=math.prod(shape), offset=tensor.data_offset
-            )
-            array = array.reshape(shape)
-            array.flags.writeable = False
+        elif tensor.data_offset is None:
+            array = file_array(path, 0, dtype, shape)  # no values: nothing is read
         else:
-            array = np.memmap(path, dtype=dtype, mode="r", offset=tensor.data_offset, shape=shape)
+            # A small tensor of a file read back (a metric) is read, not mapped.
+            array = file_array(
+                path, tensor.data_offset, dtype, shape, read_small=self._model_dtype is None
+            )
         return ResultTensor(meta.name, frozenset(meta.tags), array, finite)
+
+
+def file_array(
+    path: Path,
+    offset: int,
+    dtype: np.dtype[np.generic],
+    shape: tuple[int, ...],
+    *,
+    read_small: bool = True,
+) -> Array:
+    """The read-only array of `shape` and `dtype` whose values lie at `offset` in the file at
+    `path`: mapped; read instead when it has no values (numpy cannot map 0 bytes) or, with
+    `read_small`, when it is small (a mapping each would cost more than the bytes)."""
+    count = math.prod(shape)
+    size = count * dtype.itemsize
+    array: Array
+    if size == 0:
+        array = np.empty(shape, dtype=dtype)
+    elif read_small and size <= MAX_SMALL_TENSOR_BYTES:
+        array = np.fromfile(path, dtype=dtype, count=count, offset=offset).reshape(shape)
+    else:
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    array.flags.writeable = False
+    return array
 
 
 class _FiniteScan:

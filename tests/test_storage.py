@@ -257,12 +257,14 @@ def test_a_mapped_model_whose_file_is_gone_is_saved_from_its_mapping(tmp_path: P
 
 
 def test_a_model_written_a_slice_at_a_time_is_the_model_written_whole(tmp_path: Path) -> None:
-    """`write_model_slices` with the slices in any order writes `write_model`'s bytes and hash."""
+    """`write_model_slices` with the slices in any order writes `write_model`'s bytes and hash,
+    and hands back its tensors mapped as `read_model` reads them."""
     model = {
         **small_model(),
         "half": np.array([1.5, -0.25, 3.0], dtype=np.float16),
         "empty": np.zeros((0, 3), dtype=np.float32),
         "w": np.arange(1000, dtype=np.float64).reshape(10, 100) / 7,
+        "big": np.arange(40_000, dtype=np.float32).reshape(200, 200) / 3,  # over 64 KiB: mapped
     }
     expected = write_model(tmp_path / "whole.pbuf", model, round_number=5)
     rng = np.random.default_rng(1)
@@ -277,7 +279,26 @@ def test_a_model_written_a_slice_at_a_time_is_the_model_written_whole(tmp_path: 
             sink(*pieces[index])
 
     layout = {name: np.broadcast_to(np.zeros((), a.dtype), a.shape) for name, a in model.items()}
-    sha = write_model_slices(tmp_path / "sliced.pbuf", layout, fill, round_number=5)
+    written = write_model_slices(tmp_path / "sliced.pbuf", layout, fill, round_number=5)
     data = (tmp_path / "sliced.pbuf").read_bytes()
     assert data == (tmp_path / "whole.pbuf").read_bytes()
-    assert sha == expected == hashlib.sha256(data).hexdigest()
+    assert written.sha256 == expected == hashlib.sha256(data).hexdigest()
+    mapped, read = written.mapped(), read_model(tmp_path / "sliced.pbuf", 2**20)
+    assert list(mapped) == sorted(model)
+    for name, array in read.items():
+        assert mapped[name].dtype == array.dtype and mapped[name].shape == array.shape, name
+        assert np.array_equal(mapped[name], array) and not mapped[name].flags.writeable, name
+        assert isinstance(mapped[name], np.memmap) == isinstance(array, np.memmap), name
+    assert isinstance(mapped["big"], np.memmap)
+
+
+def test_outputs_written_without_a_hash_are_the_same_bytes(tmp_path: Path) -> None:
+    """`write_model(hashed=False)` writes the bytes `write_model` writes and returns no digest,
+    from arrays in memory and from arrays mapped from a file (copied in the kernel)."""
+    model = {**small_model(), "big": np.arange(40_000, dtype=np.float32) / 3}
+    write_model(tmp_path / "hashed.pbuf", model, round_number=2)
+    mapped = read_model(tmp_path / "hashed.pbuf", 2**20)
+    assert isinstance(mapped["big"], np.memmap)
+    for name, source in (("plain", model), ("copied", mapped)):
+        assert write_model(tmp_path / f"{name}.pbuf", source, round_number=2, hashed=False) == ""
+        assert (tmp_path / f"{name}.pbuf").read_bytes() == (tmp_path / "hashed.pbuf").read_bytes()
