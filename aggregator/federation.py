@@ -125,7 +125,7 @@ class UploadFile:
 
     path: Path
     size: int
-    sha256: str
+    digest: str  # of its bytes as they arrived (`aggregator.digest`)
 
 
 @dataclass(frozen=True)

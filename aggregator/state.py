@@ -13,15 +13,15 @@ An accepted result is kept as it was streamed (`aggregator.upload`): the seriali
 written as it arrived, fsynced, renamed into place, the folder fsynced, so accepting it writes
 no byte twice. Results handed over in memory (`.pbuf`) and models are `ModelProto` files
 (`aggregator.storage`) written atomically the same way. A file is never changed once written, and
-the database names it with its SHA-256 (of an upload: hashed as it arrived), checked when the
-state is recovered and whenever a `ModelProto` file written earlier is read back. Because no
+the database names it with its digest (`aggregator.digest`; of an upload: hashed as it
+arrived), checked when the state is recovered and whenever a `ModelProto` file written earlier is read back. Because no
 file changes, the federation holds the global model as its file mapped (`commit_round` maps the
 one it has just written and returns it). The database holds:
 
 * ``federation`` (one row): the federation's uuid, the round in progress, the file of its global
   model, the reporters of a close decided but not committed (``closing``), the training rounds of
   ``last_model.pbuf``, and the best score with its training rounds and model file;
-* ``results``: one row per accepted result (round, collaborator, task, data_size, file, sha256),
+* ``results``: one row per accepted result (round, collaborator, task, data_size, file, digest),
   kept for the current round and the one before (to answer a late resend OK, counted once);
 * ``closed_rounds``: one row per closed round, its `RoundRecord` as JSON, from which the rows of
   ``metrics.jsonl`` are written again if a crash lost them;
@@ -30,7 +30,7 @@ one it has just written and returns it). The database holds:
   (`save_presence`), never per call, and never read back by the aggregator.
 
 The schema has a version (``PRAGMA user_version``): version 1 (before ``presence``) is migrated
-to 2 when opened; a newer version is refused.
+to 2 when opened, and version 2 (files named by SHA-256) to 3; a newer version is refused.
 
 Order of writes. An accept (`stage`, then `record`): the federation has checked everything
 (the upload's bytes on their way to its file), then the file is made durable in its place, then
@@ -46,7 +46,7 @@ one round of results plus at most two models.
 Recovery (`DurableState.open` on an existing state): the uuid must be the plan's
 (`ForeignStateError` otherwise; ``--reset`` or another folder start over); temporary and
 unreferenced files (a crash between a file and its row, or before a deletion) are removed; the
-current round's model and results are checked against their SHA-256 (a result that fails is
+current round's model and results are checked against their digests (a result that fails is
 dropped with a warning, so its collaborator is asked for it again), and uploads a crash cut
 short are removed; a close that was decided is redone with the same reporters, so a round killed
 while aggregating gives the same model. The straggler cut-off starts again from the first hand-out after the restart.
@@ -72,6 +72,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from aggregator.digest import file_digest, file_digests
 from aggregator.errors import ModelFileError, StorageError
 from aggregator.failpoints import failpoint
 from aggregator.federation import (
@@ -90,7 +91,6 @@ from aggregator.storage import (
     BEST_MODEL,
     LAST_MODEL,
     METRICS,
-    file_sha256,
     fsync_folder,
     is_temporary,
     read_model_tensors,
@@ -108,7 +108,7 @@ MODELS = "models"
 ROUNDS = "rounds"
 UPLOADS = "uploads"  # uploads being received (`aggregator.upload`), not yet accepted
 UPLOAD_SUFFIX = ".upload"  # an accepted result kept as it was sent: a serialized TaskResults
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 2 added presence; 3 names files by BLAKE3, not SHA-256 (`_migrate_digests`)
 OUTPUTS = (LAST_MODEL, BEST_MODEL, METRICS)
 
 _SCHEMA = """
@@ -117,13 +117,13 @@ CREATE TABLE IF NOT EXISTS federation (
     uuid TEXT NOT NULL,
     round INTEGER NOT NULL,
     model_file TEXT NOT NULL,
-    model_sha256 TEXT NOT NULL,
+    model_digest TEXT NOT NULL,
     closing TEXT,
     last_model_rounds INTEGER,
     best_value REAL,
     best_rounds INTEGER,
     best_file TEXT,
-    best_sha256 TEXT
+    best_digest TEXT
 );
 CREATE TABLE IF NOT EXISTS results (
     round INTEGER NOT NULL,
@@ -131,7 +131,7 @@ CREATE TABLE IF NOT EXISTS results (
     task TEXT NOT NULL,
     data_size INTEGER NOT NULL,
     file TEXT NOT NULL,
-    sha256 TEXT NOT NULL,
+    digest TEXT NOT NULL,
     PRIMARY KEY (round, collaborator, task)
 );
 CREATE TABLE IF NOT EXISTS closed_rounds (
@@ -149,8 +149,9 @@ CREATE TABLE IF NOT EXISTS presence (
     saved REAL NOT NULL
 );
 """
-# What each version's state gets to become the next one's.
+# What each version's state gets to become the next one's; from DIGESTS_FROM, `_migrate_digests`.
 _MIGRATIONS = {1: _PRESENCE}
+DIGESTS_FROM = 2
 
 
 class ForeignStateError(StorageError):
@@ -159,10 +160,10 @@ class ForeignStateError(StorageError):
 
 @dataclass(frozen=True)
 class StoredFile:
-    """A file of the state (relative to ``state/``) and the SHA-256 of its bytes."""
+    """A file of the state (relative to ``state/``) and the digest of its bytes."""
 
     name: str
-    sha256: str
+    digest: str
 
 
 @dataclass(frozen=True)
@@ -307,20 +308,20 @@ class DurableState:
         path = self.root / name
         _make_folder(path.parent)
         if upload is None:
-            sha256 = write_tensors(
+            digest = write_tensors(
                 path,
                 ((tensor.name, tensor.array, tensor.tags) for tensor in result.tensors),
                 round_number=result.round_number,
             )
         else:
             _keep(upload.path, path)
-            sha256 = upload.sha256
+            digest = upload.digest
         return Accepted(
             result.collaborator,
             result.round_number,
             result.task_name,
             result.data_size,
-            StoredFile(name, sha256),
+            StoredFile(name, digest),
         )
 
     def record(self, accepted: Accepted) -> None:
@@ -328,7 +329,7 @@ class DurableState:
         stored = _stored(accepted)
         with self._transaction() as db:
             db.execute(
-                "INSERT INTO results (round, collaborator, task, data_size, file, sha256) "
+                "INSERT INTO results (round, collaborator, task, data_size, file, digest) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 (
                     accepted.round_number,
@@ -336,7 +337,7 @@ class DurableState:
                     accepted.task_name,
                     accepted.data_size,
                     stored.name,
-                    stored.sha256,
+                    stored.digest,
                 ),
             )
         failpoint("after_accept")
@@ -348,7 +349,7 @@ class DurableState:
     def load(self, accepted: Accepted) -> TaskResult:
         """The result read back from its file.
 
-        A kept upload's tensors are mapped from its file, checked against its SHA-256 when the
+        A kept upload's tensors are mapped from its file, checked against its digest when the
         state was recovered (this process wrote the others, hashing them as they arrived);
         a `ModelProto` result file is read whole and checked now.
         """
@@ -395,18 +396,18 @@ class DurableState:
         failpoint("before_round_commit")
         with self._transaction() as db:
             db.execute(
-                "UPDATE federation SET round = ?, model_file = ?, model_sha256 = ?, "
+                "UPDATE federation SET round = ?, model_file = ?, model_digest = ?, "
                 "closing = NULL, last_model_rounds = ?, best_value = ?, best_rounds = ?, "
-                "best_file = ?, best_sha256 = ? WHERE id = 1",
+                "best_file = ?, best_digest = ? WHERE id = 1",
                 (
                     finished_round + 1,
                     model.name,
-                    model.sha256,
+                    model.digest,
                     last_rounds,
                     None if best is None else best.value,
                     None if best is None else best.training_rounds,
                     None if best_file is None else best_file.name,
-                    None if best_file is None else best_file.sha256,
+                    None if best_file is None else best_file.digest,
                 ),
             )
             db.execute(
@@ -456,17 +457,17 @@ class DurableState:
         first = self._write_model(0, model)
         with self._transaction() as db:
             db.execute(
-                "INSERT INTO federation (id, uuid, round, model_file, model_sha256) "
+                "INSERT INTO federation (id, uuid, round, model_file, model_digest) "
                 "VALUES (1, ?, 0, ?, ?)",
-                (federation_uuid, first.name, first.sha256),
+                (federation_uuid, first.name, first.digest),
             )
         logger.info("new aggregator state in %s for federation %s", self.root, federation_uuid)
 
     def _recover(self, fresh: bool) -> Recovered:
         """Load the committed state, check its files, remove what a crash left behind."""
         row = self._query_one(
-            "SELECT round, model_file, model_sha256, closing, last_model_rounds, best_value, "
-            "best_rounds, best_file, best_sha256 FROM federation WHERE id = 1"
+            "SELECT round, model_file, model_digest, closing, last_model_rounds, best_value, "
+            "best_rounds, best_file, best_digest FROM federation WHERE id = 1"
         )
         if row is None:
             raise StorageError(f"{self.root / DATABASE}: the federation row is missing")
@@ -512,14 +513,14 @@ class DurableState:
         accepted: list[Accepted] = []
         dropped: list[str] = []
         rows = self._query_all(
-            "SELECT collaborator, task, data_size, file, sha256 FROM results WHERE round = ? "
+            "SELECT collaborator, task, data_size, file, digest FROM results WHERE round = ? "
             "ORDER BY collaborator, task",
             (round_number,),
         )
-        for collaborator, task, data_size, name, sha256 in rows:
-            stored = StoredFile(name, sha256)
+        for collaborator, task, data_size, name, digest in rows:
+            stored = StoredFile(name, digest)
             try:
-                _check_sha256(self.root / name, sha256)
+                _check_digest(self.root / name, digest)
             except StorageError as error:
                 logger.warning(
                     "dropping %s's %s result of round %d, which will be asked for again: %s",
@@ -553,12 +554,12 @@ class DurableState:
         path = self.root / name
         _make_folder(path.parent)
         written = write_model_slices(path, model.reference, model.into, round_number=round_number)
-        return StoredFile(name, written.sha256), written.mapped()
+        return StoredFile(name, written.digest), written.mapped()
 
     def _read(self, stored: StoredFile) -> tuple[ResultTensor, ...]:
-        """The tensors of a `ModelProto` state file, mapped from it, after checking its SHA-256."""
+        """The tensors of a `ModelProto` state file, mapped from it, after checking its digest."""
         path = self.root / stored.name
-        _check_sha256(path, stored.sha256)
+        _check_digest(path, stored.digest)
         return read_model_tensors(path, self.max_tensor_bytes)
 
     def _tidy(self, round_number: int, keep: set[str] | None) -> None:
@@ -685,14 +686,14 @@ def _keep(temporary: Path, path: Path) -> None:
         raise StorageError(f"{path}: cannot keep the upload: {error.strerror or error}") from None
 
 
-def _check_sha256(path: Path, sha256: str) -> None:
-    """`ModelFileError` unless the file at `path` has that SHA-256; read a block at a time."""
+def _check_digest(path: Path, digest: str) -> None:
+    """`ModelFileError` unless the file at `path` has that digest; read a block at a time."""
     try:
-        actual = file_sha256(path)
+        actual = file_digest(path)
     except OSError as error:
         raise ModelFileError(f"{path}: cannot read: {error.strerror or error}") from None
-    if actual != sha256:
-        raise ModelFileError(f"{path}: the file does not match its SHA-256 in {DATABASE}")
+    if actual != digest:
+        raise ModelFileError(f"{path}: the file does not match its digest in {DATABASE}")
 
 
 def _stored(accepted: Accepted) -> StoredFile:
@@ -728,10 +729,13 @@ def _connect(database: Path) -> sqlite3.Connection:
                 f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
             )
         while 0 < version < SCHEMA_VERSION:
-            connection.executescript(
-                f"BEGIN IMMEDIATE; {_MIGRATIONS[version]} "
-                f"PRAGMA user_version = {version + 1}; COMMIT;"
-            )
+            if version == DIGESTS_FROM:
+                _migrate_digests(connection, database.parent)
+            else:
+                connection.executescript(
+                    f"BEGIN IMMEDIATE; {_MIGRATIONS[version]} "
+                    f"PRAGMA user_version = {version + 1}; COMMIT;"
+                )
             logger.info("%s: state migrated from schema version %d", database, version)
             version += 1
         if not existed:
@@ -743,6 +747,53 @@ def _connect(database: Path) -> sqlite3.Connection:
         connection.close()
         raise
     return connection
+
+
+def _migrate_digests(connection: sqlite3.Connection, root: Path) -> None:
+    """Schema version 2 to 3: the files named by SHA-256 named by their digest, in one transaction.
+
+    Each file is read once, checked against its SHA-256 as its digest is computed. One that does
+    not match, or cannot be read, is given an empty digest, which no file has: recovery then
+    refuses it as it did before (a result is dropped and asked for again, a model stops the
+    aggregator). A crash in the middle leaves version 2 as it was, and the next start migrates.
+    """
+
+    def digest_of(name: str | None, sha256: str | None) -> str | None:
+        if name is None or sha256 is None:
+            return sha256
+        try:
+            old, new = file_digests(root / name)
+        except OSError:
+            return ""
+        return new if old == sha256 else ""
+
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        connection.execute("ALTER TABLE federation RENAME COLUMN model_sha256 TO model_digest")
+        connection.execute("ALTER TABLE federation RENAME COLUMN best_sha256 TO best_digest")
+        connection.execute("ALTER TABLE results RENAME COLUMN sha256 TO digest")
+        for model, model_sha, best, best_sha in list(
+            connection.execute(
+                "SELECT model_file, model_digest, best_file, best_digest FROM federation"
+            )
+        ):
+            connection.execute(
+                "UPDATE federation SET model_digest = ?, best_digest = ? WHERE id = 1",
+                (digest_of(model, model_sha), digest_of(best, best_sha)),
+            )
+        for round_number, collaborator, task, name, sha256 in list(
+            connection.execute("SELECT round, collaborator, task, file, digest FROM results")
+        ):
+            connection.execute(
+                "UPDATE results SET digest = ? WHERE round = ? AND collaborator = ? AND task = ?",
+                (digest_of(name, sha256), round_number, collaborator, task),
+            )
+        connection.execute(f"PRAGMA user_version = {DIGESTS_FROM + 1}")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+    logger.info("%s: the state's files are now named by BLAKE3 digests", root)
 
 
 def _lock_folder(folder: Path) -> int:

@@ -16,7 +16,6 @@ beside them, or a last line of `metrics.jsonl` cut short; `OutputFolder.remove_t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -30,6 +29,7 @@ from typing import BinaryIO
 import numpy as np
 import numpy.typing as npt
 
+from aggregator.digest import file_digest, new_digest
 from aggregator.errors import ModelFileError, StorageError
 from aggregator.failpoints import failpoint
 from aggregator.fedavg import SliceSink
@@ -87,7 +87,7 @@ def write_model(
     before_rename: Callable[[], None] | None = None,
     hashed: bool = True,
 ) -> str:
-    """Write `model` to `path` as a `ModelProto` file, atomically; the SHA-256 of its bytes
+    """Write `model` to `path` as a `ModelProto` file, atomically; the digest of its bytes
     ("" when not `hashed`)."""
     return write_tensors(
         path,
@@ -106,7 +106,7 @@ def write_tensors(
     before_rename: Callable[[], None] | None = None,
     hashed: bool = True,
 ) -> str:
-    """Write the bytes `tensors_bytes` gives to `path`, atomically; the SHA-256 of those bytes
+    """Write the bytes `tensors_bytes` gives to `path`, atomically; the digest of those bytes (`aggregator.digest`)
     ("" when not `hashed`: the outputs, which the state never names, need none).
 
     Each tensor's values go from its array to the file as they are, never through a serialized
@@ -114,7 +114,7 @@ def write_tensors(
     mapped from a file are copied from that file in the kernel (`aggregator.mapped`) and hashed
     from where they were written: read through its mapping they would count in our memory.
     """
-    digest = hashlib.sha256()
+    digest = new_digest()
     update = digest.update if hashed else None
 
     def write(file: BinaryIO) -> None:
@@ -142,11 +142,11 @@ def write_tensors(
 
 @dataclass(frozen=True)
 class ModelFile:
-    """A model file `write_model_slices` wrote: the SHA-256 of its bytes, and where each
+    """A model file `write_model_slices` wrote: the digest of its bytes, and where each
     tensor's values lie in it."""
 
     path: Path
-    sha256: str
+    digest: str
     tensors: Mapping[str, tuple[int, np.dtype[np.generic], tuple[int, ...]]]  # offset, dtype, shape
 
     def mapped(self) -> dict[str, Array]:
@@ -173,7 +173,7 @@ def write_model_slices(
     belongs in the file (`fedavg.average_sources_into` is such a fill). The file is the one
     `write_model` writes of the same values, byte for byte, and is written atomically.
     """
-    digest = hashlib.sha256()
+    digest = new_digest()
     frames = {
         name: _frame(name, layout[name], (MODEL_TAG,), round_number) for name in sorted(layout)
     }
@@ -338,15 +338,6 @@ def _write_atomic_with(
         raise
 
 
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of the file at `path`, read a block at a time (`OSError` if it cannot be)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while block := file.read(_HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def is_temporary(path: Path, of: str | None = None) -> bool:
     """Whether `path` is a temporary file `write_atomic` left behind (for the file named `of`)."""
     prefix = "." if of is None else f".{of}."
@@ -421,15 +412,15 @@ class OutputFolder:
     def restore_model(self, path: Path, model: Mapping[str, Array], round_number: int) -> bool:
         """Make `path` hold `model` (after a restart); True if it had to be written again.
 
-        Compared by SHA-256, the file read and the model serialized a piece at a time: holding
+        Compared by digest (`aggregator.digest`), the file read and the model serialized a piece at a time: holding
         both whole, as bytes, would take twice the model's size.
         """
-        wanted = hashlib.sha256()
+        wanted = new_digest()
         tagged = ((name, array, frozenset((MODEL_TAG,))) for name, array in model.items())
         for part in _serialized_parts(tagged, round_number):
             wanted.update(part)
         try:
-            if file_sha256(path) == wanted.hexdigest():
+            if file_digest(path) == wanted.hexdigest():
                 return False
         except OSError:  # missing or unreadable: written again
             pass

@@ -22,7 +22,6 @@ hands in the chunks' bytes.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import tempfile
@@ -33,6 +32,7 @@ from typing import BinaryIO, Final
 
 import numpy as np
 
+from aggregator.digest import new_digest
 from aggregator.errors import InvalidRequestError, StorageError
 from aggregator.federation import Array, ResultTensor, UploadFile
 from protos import base_pb2
@@ -171,7 +171,7 @@ class _Spool:
             ) from None
         self.path = Path(name)
         self._file: BinaryIO = os.fdopen(descriptor, "wb")
-        self._digest = hashlib.sha256()
+        self._digest = new_digest()
         self._size = 0
         self._flushing = 0  # bytes whose writeback has been started
 

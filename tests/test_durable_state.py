@@ -7,6 +7,7 @@ import gc
 import json
 import math
 import os
+import sqlite3
 import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from aggregator import failpoints
+from aggregator.digest import file_digest
 from aggregator.errors import InvalidRequestError, PreconditionError, StorageError
 from aggregator.federation import Array, Federation, ResultTensor, TaskResult
 from aggregator.runtime import Runtime
@@ -26,6 +28,7 @@ from plans.schema import BestModelSettings, Limits, StragglerPolicy, StragglerSe
 from protos import aggregator_pb2
 from protos.codec import encode_tensor
 
+from old_states import named_by_sha256
 from servers import make_plan
 
 UUID = "durable-0001"
@@ -359,7 +362,7 @@ def test_a_close_cut_short_is_redone_with_the_same_reporters_and_model(
 
 
 def test_a_corrupt_result_file_is_dropped_and_asked_for_again(tmp_path: Path) -> None:
-    """A result file that no longer matches its SHA-256 is dropped at restart, and its task is owed again."""
+    """A result file that no longer matches its digest is dropped at restart, and its task is owed again."""
     first = open_state(tmp_path / "out")
     fed = federation_of(first)
     assert fed.submit(result("carol", 0, value=3.0))
@@ -537,3 +540,77 @@ def test_the_global_model_is_held_mapped_from_its_file(tmp_path: Path) -> None:
         np.testing.assert_array_equal(after, large["w"] + 1)
     finally:
         state.close()
+
+
+def schema_of(folder: Path) -> tuple[int, list[str]]:
+    """The state's schema version and the names of its `results` columns."""
+    connection = sqlite3.connect(folder / "state" / "state.sqlite")
+    try:
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        columns = [row[1] for row in connection.execute("PRAGMA table_info(results)")]
+    finally:
+        connection.close()
+    return version, columns
+
+
+def test_a_state_named_by_sha256_is_migrated_and_resumes(tmp_path: Path) -> None:
+    """A version-2 state (SHA-256) opens as version 3 with each file's BLAKE3, and resumes as it was."""
+    folder = tmp_path / "out"
+    state = open_state(folder)
+    fed = federation_of(state)
+    for name in COLLABORATORS:
+        report(fed, name, 0, value=2.0)
+    assert fed.close_round_if_due() is not None
+    report(fed, "alice", 1, value=3.0)
+    model = {name: np.array(array) for name, array in fed.model().items()}
+    state.close()
+    digests = named_by_sha256(folder / "state")
+    assert schema_of(folder) == (
+        2,
+        ["round", "collaborator", "task", "data_size", "file", "sha256"],
+    )
+
+    again = open_state(folder)
+    try:
+        assert schema_of(folder) == (
+            3,
+            ["round", "collaborator", "task", "data_size", "file", "digest"],
+        )
+        for name, digest in digests.items():
+            if (folder / "state" / name).exists():
+                assert file_digest(folder / "state" / name) == digest, name
+        assert again.recovered.dropped == ()
+        fed = federation_of(again)
+        assert fed.round_number == 1
+        assert [(a.collaborator, a.task_name) for a in fed.accepted()] == [
+            ("alice", AMV),
+            ("alice", "train"),
+        ]
+        assert {name: np.array(array) for name, array in fed.model().items()}.keys() == model.keys()
+        for name, array in fed.model().items():
+            assert np.array_equal(array, model[name]), name
+    finally:
+        again.close()
+    reopened = open_state(folder)  # version 3 now: opened as it is
+    reopened.close()
+
+
+def test_a_file_that_failed_its_sha256_still_fails_after_the_migration(tmp_path: Path) -> None:
+    """A result file that no longer matches its SHA-256 is not blessed by the migration: dropped."""
+    folder = tmp_path / "out"
+    state = open_state(folder)
+    fed = federation_of(state)
+    assert fed.submit(result("carol", 0, value=3.0))
+    assert fed.submit(result("bob", 0, value=1.0))
+    state.close()
+    named_by_sha256(folder / "state")
+    path = folder / "state" / "rounds" / "0" / "carol-train.pbuf"
+    path.write_bytes(path.read_bytes()[:-3] + b"xyz")
+    again = open_state(folder)
+    try:
+        assert again.recovered.dropped == ("rounds/0/carol-train.pbuf",)
+        assert [(a.collaborator, a.task_name) for a in federation_of(again).accepted()] == [
+            ("bob", "train")
+        ]
+    finally:
+        again.close()

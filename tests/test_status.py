@@ -20,10 +20,11 @@ from aggregator.errors import StorageError
 from aggregator.federation import Federation, ResultTensor, TaskResult
 from aggregator.inspection import read_status
 from aggregator.liveness import Liveness
-from aggregator.state import DATABASE, STATE_DIR, DurableState
+from aggregator.state import DATABASE, SCHEMA_VERSION, STATE_DIR, DurableState
 from pki.layout import CertsLayout
 from plans import load_plan
 
+from old_states import named_by_sha256
 from test_aggregator_cli import serve_in_process, watchdog, write_plan
 
 __all__ = ["watchdog"]  # the fixture, used by name
@@ -279,9 +280,7 @@ def test_a_version_1_state_is_read_and_migrated(tmp_path: Path, certs: CertsLayo
     model = {"w": np.zeros(3, np.float32)}
     DurableState.open(folder, plan.federation.uuid, lambda: model, max_tensor_bytes=64).close()
     database = folder / STATE_DIR / DATABASE
-    connection = sqlite3.connect(database)
-    connection.executescript("DROP TABLE presence; PRAGMA user_version = 1;")
-    connection.close()
+    named_by_sha256(folder / STATE_DIR, version=1)  # no presence, files named by SHA-256
 
     old = read_status(plan)
     assert {c.presence for c in old.collaborators} == {"unknown"} and old.presence_saved is None
@@ -292,20 +291,22 @@ def test_a_version_1_state_is_read_and_migrated(tmp_path: Path, certs: CertsLayo
         assert state.recovered.progress.round_number == 0 and not state.recovered.fresh
         state.save_presence(Liveness(plan.collaborators, 60).snapshot())
     connection = sqlite3.connect(database)
-    assert connection.execute("PRAGMA user_version").fetchone() == (2,)
+    assert connection.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     connection.close()
     assert {c.presence for c in read_status(plan).collaborators} == {"not heard from"}
 
 
 def test_a_newer_schema_is_refused_by_the_aggregator(tmp_path: Path) -> None:
-    """A state written by a newer aggregator (schema 3) is not opened, and says why."""
+    """A state written by a newer aggregator (a schema version above ours) is not opened, and says why."""
     model = {"w": np.zeros(3, np.float32)}
     DurableState.open(tmp_path, "f", lambda: model, max_tensor_bytes=64).close()
     connection = sqlite3.connect(tmp_path / STATE_DIR / DATABASE)
-    connection.execute("PRAGMA user_version = 3")
+    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     connection.close()
     with pytest.raises(
-        StorageError, match="schema version 3; this aggregator reads versions up to 2"
+        StorageError,
+        match=f"schema version {SCHEMA_VERSION + 1}; this aggregator reads versions up to "
+        f"{SCHEMA_VERSION}",
     ):
         DurableState.open(tmp_path, "f", lambda: model, max_tensor_bytes=64)
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Callable
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pytest
 
@@ -191,7 +191,7 @@ def test_tagged_tensors_round_trip_with_their_tags(tmp_path: Path) -> None:
 
 
 def test_streamed_files_hold_the_serialized_bytes(tmp_path: Path) -> None:
-    """`write_tensors` writes exactly the bytes of `tensors_bytes` and returns their SHA-256."""
+    """`write_tensors` writes exactly the bytes of `tensors_bytes` and returns their digest."""
     rng = np.random.default_rng(3)
     tensors = [
         ("f32", rng.random((3, 4), dtype=np.float32), frozenset({"model"})),
@@ -204,10 +204,10 @@ def test_streamed_files_hold_the_serialized_bytes(tmp_path: Path) -> None:
     ]
     for round_number in (0, 300):
         path = tmp_path / f"{round_number}.pbuf"
-        sha256 = write_tensors(path, reversed(tensors), round_number=round_number)
+        digest = write_tensors(path, reversed(tensors), round_number=round_number)
         data = tensors_bytes(tensors, round_number=round_number)
         assert path.read_bytes() == data
-        assert sha256 == hashlib.sha256(data).hexdigest()
+        assert digest == blake3.blake3(data).hexdigest()
 
 
 def test_a_tensor_that_cannot_be_saved_leaves_no_file(tmp_path: Path) -> None:
@@ -239,7 +239,7 @@ def test_a_mapped_model_is_saved_without_reading_its_mapping(tmp_path: Path) -> 
     assert _rss_file_mb() - before < 16  # 64 MiB through the mapping would show
     data = (tmp_path / "last.pbuf").read_bytes()
     assert data == (tmp_path / "state.pbuf").read_bytes()
-    assert sha == hashlib.sha256(data).hexdigest()
+    assert sha == blake3.blake3(data).hexdigest()
     assert float(np.asarray(mapped["large"]).sum()) < 1  # through the mapping: the measure works
     assert _rss_file_mb() - before > 48
 
@@ -253,7 +253,7 @@ def test_a_mapped_model_whose_file_is_gone_is_saved_from_its_mapping(tmp_path: P
     (tmp_path / "state.pbuf").unlink()
     sha = write_model(tmp_path / "last.pbuf", mapped, round_number=2)
     assert (tmp_path / "last.pbuf").read_bytes() == expected
-    assert sha == hashlib.sha256(expected).hexdigest()
+    assert sha == blake3.blake3(expected).hexdigest()
 
 
 def test_a_model_written_a_slice_at_a_time_is_the_model_written_whole(tmp_path: Path) -> None:
@@ -282,7 +282,7 @@ def test_a_model_written_a_slice_at_a_time_is_the_model_written_whole(tmp_path: 
     written = write_model_slices(tmp_path / "sliced.pbuf", layout, fill, round_number=5)
     data = (tmp_path / "sliced.pbuf").read_bytes()
     assert data == (tmp_path / "whole.pbuf").read_bytes()
-    assert written.sha256 == expected == hashlib.sha256(data).hexdigest()
+    assert written.digest == expected == blake3.blake3(data).hexdigest()
     mapped, read = written.mapped(), read_model(tmp_path / "sliced.pbuf", 2**20)
     assert list(mapped) == sorted(model)
     for name, array in read.items():

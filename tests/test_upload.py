@@ -73,7 +73,7 @@ def test_the_file_is_the_upload_and_the_tensors_are_mapped_from_it(
     data = payload(accuracy=0.5)
     received = receive(pieces(data, chunk_size), tmp_path, expected_bytes=len(data))
     assert received.file.path.read_bytes() == data
-    assert received.file.size == len(data) and len(received.file.sha256) == 64
+    assert received.file.size == len(data) and len(received.file.digest) == 64
     assert received.head.round_number == 3 and received.head.task_name == "train"
     tensors = {tensor.name: tensor for tensor in received.tensors}
     for name, array in MODEL.items():
