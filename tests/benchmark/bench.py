@@ -48,10 +48,9 @@ Phases, in order:
    and `wan_steady_round_seconds` (the later ones) against `wan_floor_seconds`, the time the
    model takes down and up one site's link at that rate.
 
-`--profile` adds a cProfile of one client download and one upload, the aggregator under
-cProfile (`profiled_aggregator.py`) for one transfer and for the round, and a timing of each
-step foedus puts around the bytes (the very functions the client and the servicer call, in
-their order, in one process), to show where the time goes.
+`--profile` adds a cProfile of one client download and one upload, and the aggregator under
+cProfile (`profiled_aggregator.py`) for one transfer and for the round, to show where the time
+goes.
 """
 
 from __future__ import annotations
@@ -118,7 +117,6 @@ from profiling import (
     profile_client,
     profile_round,
     profile_transfer,
-    stage_breakdown,
 )
 from rounds import measure_round
 
@@ -191,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="try one tensor of payload-mb under the default limits (off with --quick)",
     )
-    add("--profile", action="store_true", help="cProfile the client and time each foedus step")
+    add("--profile", action="store_true", help="cProfile the client and the aggregator")
     add("--keep", action="store_true", help="keep the temporary folder (certificates, logs)")
     return parser
 
@@ -881,8 +879,6 @@ def benchmark(run: Run) -> None:
         profile["aggregator_transfer"] = profile_transfer(run, names)
         say("the round again, its aggregator under cProfile")
         profile["aggregator_round"] = profile_round(run, names)
-        say("timing each step foedus adds around the bytes")
-        profile["steps"] = stage_breakdown(run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
