@@ -721,7 +721,12 @@ TARGETS = (
         "<= 1.5 x raw_round_seconds",
         lambda r: r["round_seconds"] <= 1.5 * r["raw_round_seconds"],
     ),
-    Target("rss_over_model", "<= 3", lambda r: r["rss_over_model"] <= 3),
+    Target(
+        "round_over_raw_durable_round",
+        "<= 1.3",
+        lambda r: r["round_over_raw_durable_round"] <= 1.3,
+    ),
+    Target("rss_over_model", "<= 2.5", lambda r: r["rss_over_model"] <= 2.5),
     Target("wan_ratio", "<= 1.25", lambda r: r["wan_ratio"] <= 1.25),
     Target("wan_steady_ratio", "<= 1.10", lambda r: r["wan_steady_ratio"] <= 1.10),
     Target(
