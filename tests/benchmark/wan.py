@@ -53,6 +53,7 @@ from harness import (
 SITES = 4
 SUBNET = "10.205"  # site k's link is SUBNET.k.0/30: the aggregator's end .1, the site's .2
 COMMAND_TIMEOUT_SECONDS = 10.0
+SITE_CHECK_SECONDS = 1.0  # how often a wait for a round looks whether a site has ended
 # tbf: a burst of 64 KiB (one GSO packet; 2.6 ms at 200 Mbit/s) and a queue of 20 ms at the
 # rate, a router's buffer that adds little to the round trip when TCP keeps it full.
 TBF_BURST = "64kb"
@@ -262,8 +263,8 @@ def measure(run: Run, names: Sequence[str]) -> WanOutcome:
             process.send_line("go")
         closed = [started]
         for number in range(1, args.wan_rounds + 1):
-            at, _ = aggregator.wait_line(rf"^round {number}/{args.wan_rounds} ", args.round_timeout)
-            closed.append(at)
+            pattern = rf"^round {number}/{args.wan_rounds} "
+            closed.append(_wait_round(aggregator, sites, pattern, args.round_timeout))
         marks = [_marks(process, args.round_timeout) for process in sites]
         sent_after = shaped.sent_bytes()
     moved = 2 * model_bytes * len(names) * args.wan_rounds
@@ -283,6 +284,27 @@ def measure(run: Run, names: Sequence[str]) -> WanOutcome:
         ],
         wire_over_payload=wire / moved,
     )
+
+
+def _wait_round(
+    aggregator: Process, sites: Sequence[Process], pattern: str, timeout: float
+) -> float:
+    """When the aggregator printed the round's line; `BenchmarkError` as soon as a site has
+    ended (it cannot close then) or after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            at, _ = aggregator.wait_line(pattern, min(SITE_CHECK_SECONDS, timeout))
+            return at
+        except BenchmarkError:
+            ended = [site for site in sites if site.process.poll() is not None]
+            if ended:
+                raise BenchmarkError(
+                    f"{ended[0].log.stem} ended (exit code {ended[0].process.poll()}) before "
+                    f"the round closed; its stderr:\n{ended[0].stderr_tail()}"
+                ) from None
+            if time.monotonic() >= deadline or aggregator.process.poll() is not None:
+                raise
 
 
 def _marks(site: Process, timeout: float) -> dict[str, dict[str, float]]:
