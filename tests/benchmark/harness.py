@@ -225,7 +225,10 @@ def write_plan(
             # quit answer once took more than 1 s to be read (65 of them cut off as CANCELLED).
             "grace_seconds": 5,
             "long_poll_seconds": 5,
-            "quit_grace_seconds": 30,
+            # Long enough for each of 2,000 collaborator threads, asleep between polls on 2
+            # shared cores, to ask again and be told to quit (with 30 s, one was not and its
+            # call was cut off at the stop); the aggregator stops as soon as all have been.
+            "quit_grace_seconds": 120,
         },
         "tls": {"certs_dir": str(run.certs.root)},
         "collaborators": list(collaborators),

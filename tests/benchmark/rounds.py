@@ -34,6 +34,8 @@ from harness import (
     write_plan,
 )
 
+JOIN_SECONDS = 60.0  # for every collaborator thread to end after the round, all together
+
 
 class TimedClient(AggregatorGRPCClient):
     """The real client, noting when it downloads and uploads and counting its `get_tasks`.
@@ -252,8 +254,10 @@ class MeasuredRound:
             finally:
                 self.gate.set()
                 self.go.set()
+                # One deadline for all: a round that did not close may leave many stuck.
+                deadline = time.monotonic() + JOIN_SECONDS
                 for thread in threads:
-                    thread.join(timeout=60)
+                    thread.join(timeout=max(0.0, deadline - time.monotonic()))
             self.outcome.aggregator_exit = aggregator.wait(60)
         self.outcome.warnings, self.outcome.first_warning = warnings.count, warnings.first
         self.outcome.get_tasks_calls = sum(client.get_tasks_calls for client in self.clients)
