@@ -45,6 +45,7 @@ from director.errors import (
 from director.experiment_plan import PLAN_FILE, check_submitted, plan_liveness, write_director_plan
 from director.identity import PEOPLE, Caller, Role, Roster
 from director.launcher import LOG_FILE, Ended, Launcher
+from director.orders import LogOrder, StartOrder, Work
 from director.state import (
     ACTIVE,
     CollaboratorState,
@@ -77,36 +78,6 @@ class CollaboratorReport:
     state: CollaboratorState
     exit_code: int = 0
     reason: str = ""
-
-
-@dataclass(frozen=True)
-class StartOrder:
-    """Run a collaborator for this experiment (see ExperimentToStart in protos/director.proto)."""
-
-    experiment_id: str
-    name: str
-    owner: str
-    plan_yaml: str
-    collaborator_name: str
-
-
-@dataclass(frozen=True)
-class LogOrder:
-    """Upload part of a collaborator's log (see LogRequestToEnvoy)."""
-
-    request_id: str
-    experiment_id: str
-    offset: int
-    max_bytes: int
-
-
-@dataclass(frozen=True)
-class Work:
-    """A heartbeat's answer: what the envoy is to do now."""
-
-    start: tuple[StartOrder, ...] = ()
-    stop: tuple[str, ...] = ()
-    logs: tuple[LogOrder, ...] = ()
 
 
 @dataclass(frozen=True)

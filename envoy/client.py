@@ -18,9 +18,10 @@ from typing import Final, Self, TypeVar
 
 import grpc
 
+from director.orders import LogOrder, StartOrder, Work
 from envoy.config import EnvoyConfig, Shard
 from envoy.errors import DirectorRefusedError, DirectorUnavailableError
-from envoy.site import LogOrder, LogPiece, Report, StartOrder, Work
+from envoy.site import LogPiece, Report
 from envoy.state import CollaboratorState
 from pki.tls import channel_credentials
 from protos import director_pb2

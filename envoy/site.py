@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from director.launcher import ChildProcesses, Ended
+from director.orders import LogOrder, StartOrder, Work
 from envoy.config import EnvoyConfig
 from envoy.errors import EnvoyError, FinishedError, IllegalTransitionError, StateError
 from envoy.site_plan import EXPERIMENT_ID, RefusedPlanError, site_document, write_site_plan
@@ -39,36 +40,6 @@ _S = CollaboratorState
 _ALIVE = frozenset({_S.STARTED, _S.RUNNING})
 OWN = "site"  # the owner of a collaborator the site started itself
 OWN_PLAN = Path("the plan given to the site's API")  # how refusals name it
-
-
-@dataclass(frozen=True)
-class StartOrder:
-    """Run a collaborator for an experiment (director.proto's ExperimentToStart)."""
-
-    experiment_id: str
-    name: str
-    owner: str
-    plan_yaml: str
-    collaborator_name: str
-
-
-@dataclass(frozen=True)
-class LogOrder:
-    """Send part of a collaborator's log (director.proto's LogRequestToEnvoy)."""
-
-    request_id: str
-    experiment_id: str
-    offset: int
-    max_bytes: int
-
-
-@dataclass(frozen=True)
-class Work:
-    """A heartbeat's answer: experiments to start and to stop, logs to send."""
-
-    start: tuple[StartOrder, ...] = ()
-    stop: tuple[str, ...] = ()
-    logs: tuple[LogOrder, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,13 @@ from typing import Any
 import pytest
 import yaml
 
+from director.orders import LogOrder, StartOrder, Work
 from envoy.cli import main
 from envoy.client import DirectorClient
 from envoy.config import ConfigError, load_config
 from envoy.errors import IllegalTransitionError, StateError, UnknownExperimentError
 from envoy.runtime import Backoff, EnvoyLoop
-from envoy.site import LogOrder, Site, StartOrder, Work
+from envoy.site import Site
 from envoy.site_plan import RefusedPlanError, site_document
 from envoy.state import TRANSITIONS, CollaboratorState, EnvoyState
 from pki.layout import CertsLayout

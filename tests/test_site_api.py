@@ -21,10 +21,11 @@ import httpx
 import pytest
 import yaml
 
+from director.orders import StartOrder, Work
 from envoy.cli import main as envoy_main
 from envoy.config import ConfigError, load_config
 from envoy.progress import ProgressBook
-from envoy.site import Site, StartOrder, Work
+from envoy.site import Site
 from envoy.site_api import (
     TOKEN_FILE,
     SiteApiContext,
