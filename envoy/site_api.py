@@ -147,8 +147,11 @@ def create_app(context: SiteApiContext) -> FastAPI:
         ):
             why = "a wrong bearer token" if header else "no bearer token"
             return _error(401, f"{why}: send 'Authorization: Bearer' with site_api.token's text")
-        length = request.headers.get("content-length", "0")
-        if not length.isdigit() or int(length) > 2 * MAX_PLAN_BYTES:
+        length = request.headers.get("content-length")
+        if length is None and "transfer-encoding" in request.headers:
+            # A chunked body's size is known only once read: refused unread, as an oversized one.
+            return _error(411, "send the body with a Content-Length (not chunked)")
+        if not (length or "0").isdigit() or int(length or "0") > 2 * MAX_PLAN_BYTES:
             return _error(413, f"a request body is at most {2 * MAX_PLAN_BYTES} bytes")
         return await call_next(request)
 

@@ -209,6 +209,12 @@ def test_bad_input_starts_nothing(api: Api, certs: CertsLayout, tmp_path: Path) 
     error_of(not_json, 422)
     huge = api.client.post("/api/collaborators", json={"plan": "#" * (3 * 1024 * 1024)})
     error_of(huge, 413)
+    chunked = api.client.post(
+        "/api/collaborators",
+        content=iter([b'{"plan": "', b"#" * (3 * 1024 * 1024), b'"}']),
+        headers={"Content-Type": "application/json"},
+    )
+    assert "Content-Length" in error_of(chunked, 411)
     assert api.state.experiments() == []
     assert not (api.site.config.state_dir / "experiments").exists()
     assert api.client.get("/api/collaborators").json() == {"collaborators": []}
