@@ -203,12 +203,36 @@ def namespaces_unavailable(reason: str) -> None:
     pytest.skip(message)
 
 
+def remove_stale_namespaces() -> list[str]:
+    """Delete the namespaces of earlier runs whose process is gone (a run killed from outside
+    cannot clean up after itself); the names removed."""
+    listed = subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True, timeout=10, check=False
+    )
+    removed = []
+    for line in listed.stdout.splitlines():
+        found = re.match(r"(foedus-(?:agg|col)-(\d+))\b", line)
+        if found is None or int(found[2]) == os.getpid():
+            continue
+        try:
+            os.kill(int(found[2]), 0)
+        except ProcessLookupError:
+            subprocess.run(
+                ["ip", "netns", "del", found[1]], capture_output=True, timeout=10, check=False
+            )
+            removed.append(found[1])
+        except PermissionError:
+            pass  # alive, another user's
+    return removed
+
+
 @pytest.fixture
 def veth_link() -> Iterator[VethLink]:
     """Namespaces foedus-agg-PID and foedus-col-PID joined by veth; both removed afterwards."""
     link = VethLink(f"foedus-agg-{os.getpid()}", f"foedus-col-{os.getpid()}")
     if shutil.which("ip") is None or shutil.which("tc") is None:
         namespaces_unavailable("the `ip` and `tc` commands (iproute2) are not installed")
+    remove_stale_namespaces()
     made: list[str] = []
     try:
         for ns in (link.aggregator_ns, link.collaborator_ns):
@@ -237,6 +261,32 @@ def veth_link() -> Iterator[VethLink]:
         yield link
     finally:
         for ns in made:  # deleting a namespace deletes the veth end in it, and so the pair
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10, check=False)
+
+
+def test_a_namespace_left_by_a_killed_run_is_removed_and_a_live_one_kept() -> None:
+    """A run killed from outside leaves its namespaces: the next run's sweep deletes those of a
+    process that is gone, never those of one alive."""
+    if shutil.which("ip") is None:
+        namespaces_unavailable("the `ip` command (iproute2) is not installed")
+    gone = subprocess.Popen(["true"])
+    gone.wait(timeout=10)
+    alive = subprocess.Popen(["sleep", "60"])
+    stale, live = f"foedus-col-{gone.pid}", f"foedus-agg-{alive.pid}"
+    try:
+        for ns in (stale, live):
+            result = subprocess.run(
+                ["ip", "netns", "add", ns], capture_output=True, text=True, timeout=10, check=False
+            )
+            if result.returncode != 0:
+                namespaces_unavailable(f"`ip netns add {ns}` failed: {result.stderr.strip()}")
+        assert stale in remove_stale_namespaces()
+        listed = run_command(["ip", "netns", "list"])
+        assert stale not in listed and live in listed, listed
+    finally:
+        alive.kill()
+        alive.wait(timeout=10)
+        for ns in (stale, live):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10, check=False)
 
 
