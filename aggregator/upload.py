@@ -36,7 +36,7 @@ from aggregator.digest import new_digest
 from aggregator.errors import InvalidRequestError, StorageError
 from aggregator.federation import Array, ResultTensor, UploadFile
 from protos import base_pb2
-from protos.codec import TensorFormatError, TensorTooLargeError, tensor_layout
+from protos.codec import TensorFormatError, TensorTooLargeError, all_finite, tensor_layout
 from protos.dtypes import is_float
 from protos.results_reader import (
     TENSORS_FIELD,
@@ -346,11 +346,11 @@ class _FiniteScan:
             self._carry += piece[:take].tobytes()
             piece = piece[take:]
             if len(self._carry) == self.dtype.itemsize:
-                self._finite = _all_finite(np.frombuffer(self._carry, dtype=self.dtype))
+                self._finite = all_finite(np.frombuffer(self._carry, dtype=self.dtype))
                 self._carry = b""
         whole = len(piece) - len(piece) % self.dtype.itemsize
         if whole:
-            self._finite = self._finite and _all_finite(
+            self._finite = self._finite and all_finite(
                 np.frombuffer(piece[:whole], dtype=self.dtype)
             )
         if whole < len(piece):
@@ -358,11 +358,3 @@ class _FiniteScan:
 
     def finite(self) -> bool:
         return self._finite
-
-
-def _all_finite(values: Array) -> bool:
-    """Whether every value is finite: a sum first (NaN and infinities survive a sum), exactly if not."""
-    with np.errstate(over="ignore", invalid="ignore"):  # an overflow only means: look closer
-        if math.isfinite(float(np.add.reduce(values))):
-            return True
-    return bool(np.isfinite(values).all())

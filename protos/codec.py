@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from protos import base_pb2
-from protos.dtypes import BFLOAT16, EXACT_DTYPES, FLOAT32, bfloat16_dtype, wire_dtype
+from protos.dtypes import BFLOAT16, EXACT_DTYPES, FLOAT32, bfloat16_dtype, is_float, wire_dtype
 from protos.stream import field_prefix
 
 COMPRESSED_TAG = "compressed"
@@ -246,7 +246,7 @@ def all_finite(array: npt.NDArray[np.generic]) -> bool:
 
     A sum first, since NaN and infinities survive it; element by element only if it is not.
     """
-    if array.dtype.kind not in "fc":
+    if array.dtype.kind != "c" and not is_float(array.dtype):
         return True
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow only means: look closer
         if math.isfinite(abs(complex(np.add.reduce(array, axis=None)))):

@@ -25,6 +25,7 @@ from protos.codec import (
     tensor_bytes,
     tensor_field_frame,
 )
+from protos.dtypes import bfloat16_dtype
 
 MAX_BYTES = 1 << 20
 
@@ -499,6 +500,9 @@ def test_tensor_field_frame_is_the_serialized_field(array: np.ndarray) -> None:
         (np.array([2**62, 2**62], dtype=np.int64), True),
         (np.array([True, False]), True),
         (np.array(np.nan, dtype=np.float32), False),
+        (np.array([1.0, np.nan], dtype=bfloat16_dtype()), False),
+        (np.array([1.0, -np.inf], dtype=bfloat16_dtype()), False),
+        (np.array([1.0, 2.5], dtype=bfloat16_dtype()), True),
     ],
 )
 def test_all_finite_finds_nan_and_infinities_only(array: np.ndarray, finite: bool) -> None:
