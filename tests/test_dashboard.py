@@ -58,6 +58,9 @@ def director(tmp_path: Path, director_certs: CertsLayout) -> Iterator[Director]:
         dashboard={"address": "127.0.0.1:0"},
         metrics_address="127.0.0.1:0",
         max_running_experiments=1,
+        # The envoys register once and never beat: online for 20 minutes, not 2 s, however slow
+        # the machine is between their registration and a test's look.
+        health_check_seconds=600,
     ) as running:
         for name in ENVOYS:
             running.stub(name, role="envoy").RegisterEnvoy(
