@@ -23,7 +23,8 @@ round are refused, as any straggler's).
 
 A collaborator has *reported* when it has finished every task of the round; only reporters'
 results count. On close, the reporters' ``train`` results are averaged by data size
-(`aggregator.fedavg`) into the next global model, and each task's metrics into weighted means.
+(`aggregator.fedavg`) into the next global model, and each task's metrics into weighted means;
+each reporter's own metrics are kept beside them (`RoundRecord.sites`).
 Results for a closed round are refused (FAILED_PRECONDITION), except a resend of one accepted in
 the round just closed, which is answered OK and counted once (its first answer may have been lost
 while the round closed). The plan's best-model metric is tracked here too (`Best`).
@@ -90,6 +91,8 @@ METRIC_TAG = "metric"
 DELTA_TAG = "delta"
 MAX_DATA_SIZE = 2**31 - 1
 Key = tuple[str, str]  # (collaborator, task) of one result in a round
+# collaborator -> task -> metric -> value: each site's own metrics of a round, as it sent them
+SiteMetrics = Mapping[str, Mapping[str, Mapping[str, float]]]
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,8 @@ class RoundRecord:
     metrics: Mapping[str, Mapping[str, float]]  # task -> metric -> weighted mean
     seconds: float  # from the first hand-out of the round's tasks to its close
     trained: bool  # whether any `train` result was averaged into the model
+    # Each reporter's own metrics, as it sent them; empty for rounds closed before they were kept.
+    sites: SiteMetrics = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -191,6 +196,7 @@ class RoundSummary:
     trained: bool  # whether any `train` result was averaged into `model`
     seconds: float  # from the first hand-out of the round's tasks to its close
     finished: bool  # whether this was the federation's last round
+    sites: SiteMetrics = field(default_factory=dict)  # each reporter's own metrics, sorted
     best: Best | None = None  # the best so far, this round included (None: no best-model metric)
     best_model: Mapping[str, Array] | None = None  # the new best model, when this round improved
 
@@ -205,6 +211,7 @@ class RoundSummary:
             metrics=self.metrics,
             seconds=self.seconds,
             trained=self.trained,
+            sites=self.sites,
         )
 
 
@@ -743,7 +750,7 @@ class Federation:
                     self._decided = reporters
             if on_close is not None:
                 on_close()
-            with self._averaging(counted, round_model, round_tasks) as (averaged, metrics):
+            with self._averaging(counted, round_model, round_tasks) as (averaged, metrics, sites):
                 best, best_is_round_model = self._improved_best(round_number, metrics)
                 now = self._clock()
                 summary = RoundSummary(
@@ -757,6 +764,7 @@ class Federation:
                     trained=averaged is not None,
                     seconds=max(0.0, now - started),
                     finished=round_number + 1 >= self.total_rounds,
+                    sites=sites,
                     best=best or self._best,
                 )
                 kept = self.store.commit_round(
@@ -815,9 +823,9 @@ class Federation:
     @contextmanager
     def _averaging(
         self, counted: Sequence[Accepted], model: Mapping[str, Array], tasks: Sequence[str]
-    ) -> Iterator[tuple[AveragedModel | None, dict[str, dict[str, float]]]]:
-        """The next global model, still to be averaged (None: no `train` result), and the
-        metrics' means; the results' files stay open until the block ends.
+    ) -> Iterator[tuple[AveragedModel | None, dict[str, dict[str, float]], SiteMetrics]]:
+        """The next global model, still to be averaged (None: no `train` result), the metrics'
+        means and each site's own metrics; the results' files stay open until the block ends.
 
         The `train` results are averaged a slice at a time from where the store keeps them
         (their files read in collaborator order) into where the store keeps the new model, so
@@ -850,7 +858,13 @@ class Federation:
                 means = weighted_metrics(reported.get(task, {}))
                 if means:
                     averaged[task] = means
-            yield (AveragedModel(model, contributions) if contributions else None), averaged
+            sites: dict[str, dict[str, dict[str, float]]] = {}
+            for task in sorted(reported):  # sorted throughout: a restart writes the same row
+                for collaborator, (_, values) in sorted(reported[task].items()):
+                    if values:
+                        sites.setdefault(collaborator, {})[task] = dict(sorted(values.items()))
+            new_model = AveragedModel(model, contributions) if contributions else None
+            yield new_model, averaged, dict(sorted(sites.items()))
         finally:
             for source in sources:
                 source.close()

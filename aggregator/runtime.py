@@ -244,6 +244,10 @@ class Runtime:
             "missing": list(record.missing),
             "metrics": {task: dict(values) for task, values in record.metrics.items()},
             "seconds": round(record.seconds, 3),
+            "sites": {
+                site: {task: dict(values) for task, values in tasks.items()}
+                for site, tasks in record.sites.items()
+            },
         }
 
     def round_line(self, summary: RoundSummary) -> str:

@@ -24,7 +24,9 @@ one it has just written and returns it). The database holds:
 * ``results``: one row per accepted result (round, collaborator, task, data_size, file, digest),
   kept for the current round and the one before (to answer a late resend OK, counted once);
 * ``closed_rounds``: one row per closed round, its `RoundRecord` as JSON, from which the rows of
-  ``metrics.jsonl`` are written again if a crash lost them;
+  ``metrics.jsonl`` are written again if a crash lost them; the record's ``sites`` (each
+  reporter's own metrics) is absent from rounds closed by an aggregator before it was kept, and
+  read as empty;
 * ``presence``: who is online or offline and since when (`aggregator.liveness`), for
   ``aggregator status`` only: written by the runtime on a transition and at a bounded rate
   (`save_presence`), never per call, and never read back by the aggregator.
@@ -653,13 +655,17 @@ def record_to_json(record: RoundRecord) -> str:
             "metrics": {task: dict(values) for task, values in record.metrics.items()},
             "seconds": record.seconds,
             "trained": record.trained,
+            "sites": {
+                site: {task: dict(values) for task, values in tasks.items()}
+                for site, tasks in record.sites.items()
+            },
         },
         sort_keys=True,
     )
 
 
 def record_from_json(text: object) -> RoundRecord:
-    """The record `record_to_json` wrote."""
+    """The record `record_to_json` wrote (also before it kept ``sites``)."""
     data = json.loads(str(text))
     return RoundRecord(
         round_number=int(data["round"]),
@@ -672,6 +678,13 @@ def record_from_json(text: object) -> RoundRecord:
         },
         seconds=float(data["seconds"]),
         trained=bool(data["trained"]),
+        sites={
+            site: {
+                task: {name: float(value) for name, value in values.items()}
+                for task, values in tasks.items()
+            }
+            for site, tasks in data.get("sites", {}).items()
+        },
     )
 
 

@@ -433,6 +433,62 @@ def test_restore_rewrites_outputs_a_crash_left_behind(tmp_path: Path) -> None:
         state.close()
 
 
+def test_each_sites_metrics_survive_a_restart_and_older_records_still_load(tmp_path: Path) -> None:
+    """The sites' own metrics of a round committed before a crash come back in its rewritten
+    metrics row; a record kept without them (by an earlier aggregator) loads with none."""
+    folder = tmp_path / "out"
+    state = open_state(folder)
+    runtime = runtime_for(state, folder)
+
+    def sites(round_number: int) -> dict[str, dict[str, dict[str, float]]]:
+        """What each collaborator sent in `round_number` (exact in float32)."""
+        return {
+            name: {AMV: {"accuracy": (index + 1) / 8 + round_number / 4}, "train": {"loss": 1.0}}
+            for index, name in enumerate(COLLABORATORS)
+        }
+
+    for round_number in (0, 1):
+        for name, tasks in sites(round_number).items():
+            accuracy = tasks[AMV]["accuracy"]
+            for task in TASKS:
+                assert runtime.federation.submit(
+                    result(name, round_number, task, accuracy=accuracy)
+                )
+        summary = runtime.federation.close_round_if_due()
+        assert summary is not None and summary.record.sites == sites(round_number)
+        if round_number == 0:
+            runtime.record(summary)  # round 1 is committed, then the crash: no row
+    state.close()
+
+    state = open_state(folder)
+    try:
+        assert [r.sites for r in state.recovered.records] == [sites(0), sites(1)]
+        runtime_for(state, folder).restore(state)
+    finally:
+        state.close()
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["round"], row["sites"]) for row in rows] == [(0, sites(0)), (1, sites(1))]
+    assert rows[1]["metrics"][AMV] == {"accuracy": pytest.approx(0.5)}  # the mean, as before
+
+    # Round 0's record as an aggregator before per-site metrics kept it; its row lost too.
+    database = sqlite3.connect(folder / "state" / "state.sqlite", isolation_level=None)
+    try:
+        (text,) = database.execute("SELECT record FROM closed_rounds WHERE round = 0").fetchone()
+        old = {key: value for key, value in json.loads(text).items() if key != "sites"}
+        database.execute("UPDATE closed_rounds SET record = ? WHERE round = 0", (json.dumps(old),))
+    finally:
+        database.close()
+    (folder / "metrics.jsonl").unlink()
+    state = open_state(folder)
+    try:
+        assert [r.sites for r in state.recovered.records] == [{}, sites(1)]
+        runtime_for(state, folder).restore(state)
+    finally:
+        state.close()
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["round"], row["sites"]) for row in rows] == [(0, {}), (1, sites(1))]
+
+
 def test_failpoints_parse_and_refuse_unknown_names() -> None:
     """FOEDUS_FAILPOINTS arms named points with counts; unknown names and bad counts are refused; unset arms none."""
     assert failpoints.parse("after_accept:3, while_saving:1") == {

@@ -154,6 +154,31 @@ def test_percentage_closes_at_its_share() -> None:
     assert summary is not None and summary.reporters == ("bob", "carol")
 
 
+def test_each_reporters_own_metrics_are_kept_beside_the_means() -> None:
+    """A round's record keeps every reporter's metrics per task as sent, beside the weighted
+    means; a collaborator that had not finished the round is in neither."""
+    fed = federation(
+        tasks=(AMV, "train"),
+        straggler=StragglerSettings(StragglerPolicy.PERCENTAGE, percentage=0.6),
+    )
+    for name, size, loss in (("bob", 30, 0.25), ("alice", 10, 0.75)):
+        for task in (AMV, "train"):
+            metrics = {"loss": loss} if task == "train" else {"accuracy": loss / 2, "loss": loss}
+            assert fed.submit(result(name, 0, task, data_size=size, metrics=metrics))
+    assert fed.submit(result("carol", 0, AMV, metrics={"accuracy": 1.0}))  # train still to do
+    summary = fed.close_round_if_due()
+    assert summary is not None and summary.reporters == ("alice", "bob")
+    assert summary.metrics == {
+        AMV: {"accuracy": 0.1875, "loss": 0.375},  # (0.375 * 10 + 0.125 * 30) / 40
+        "train": {"loss": 0.375},
+    }
+    assert summary.record.sites == {
+        "alice": {AMV: {"accuracy": 0.375, "loss": 0.75}, "train": {"loss": 0.75}},
+        "bob": {AMV: {"accuracy": 0.125, "loss": 0.25}, "train": {"loss": 0.25}},
+    }
+    assert list(summary.record.sites) == ["alice", "bob"]  # sorted, whatever the arrival order
+
+
 def test_late_result_for_a_closed_round_is_refused() -> None:
     """A result for a round that closed is refused with FAILED_PRECONDITION naming both rounds."""
     fed = federation(straggler=StragglerSettings(StragglerPolicy.PERCENTAGE, percentage=0.6))
