@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,12 @@ TASK_LABELS = {
     GLOBAL_TASK: "global model",
     "train": "sites' training (mean)",
     "locally_tuned_model_validation": "sites' tuned models (mean)",
+}
+# A site's line of a task, when a chart shows several tasks.
+SITE_TASK_LABELS = {
+    GLOBAL_TASK: "global model",
+    "train": "training",
+    "locally_tuned_model_validation": "tuned model",
 }
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
@@ -238,8 +244,9 @@ def _log_out() -> Response:
 
 
 def metric_series(rows: list[str]) -> list[dict[str, Any]]:
-    """metrics.jsonl rows as charts: one per metric, a line per task, a point per round."""
-    charts: dict[str, dict[str, list[list[float]]]] = {}
+    """metrics.jsonl rows as charts: one per metric; per task, a line of the weighted mean and a
+    line per site (from the rows' ``sites``); a point per round. Malformed parts are skipped."""
+    charts: dict[str, dict[tuple[str, str | None], list[list[float]]]] = {}
     for line in rows:
         try:
             row = json.loads(line)
@@ -247,29 +254,52 @@ def metric_series(rows: list[str]) -> list[dict[str, Any]]:
             continue
         if not isinstance(row, dict) or not isinstance(row.get("round"), int):
             continue
-        tasks = row.get("metrics")
-        if not isinstance(tasks, dict):
-            continue
-        for task, values in tasks.items():
-            if not isinstance(values, dict):
-                continue
-            for metric, value in values.items():
-                if isinstance(value, int | float) and not isinstance(value, bool):
-                    # x: rounds of training behind the model measured. The global model is
-                    # validated as a round begins; the sites' metrics are that round's own.
-                    x = row["round"] + (0 if task == GLOBAL_TASK else 1)
-                    lines = charts.setdefault(str(metric), {})
-                    lines.setdefault(str(task), []).append([x, float(value)])
+        measured: list[tuple[str | None, object]] = [(None, row.get("metrics"))]
+        sites = row.get("sites")
+        if isinstance(sites, dict):
+            measured += sorted(sites.items())
+        for site, tasks in measured:
+            for task, metric, value in _values(tasks):
+                # x: rounds of training behind the model measured. The global model is
+                # validated as a round begins; the sites' metrics are that round's own.
+                x = row["round"] + (0 if task == GLOBAL_TASK else 1)
+                points = charts.setdefault(metric, {}).setdefault((task, site), [])
+                points.append([x, value])
     return [
         {
             "metric": metric,
             "lines": [
-                {"task": task, "label": TASK_LABELS.get(task, task), "points": points}
-                for task, points in sorted(lines.items())
+                {
+                    "task": task,
+                    "site": site,
+                    "label": _line_label(task, site, len({task for task, _ in lines}) > 1),
+                    "points": lines[(task, site)],
+                }
+                # The means first, then each site's lines.
+                for task, site in sorted(lines, key=lambda key: (key[1] or "", key[0]))
             ],
         }
         for metric, lines in sorted(charts.items())
     ]
+
+
+def _values(tasks: object) -> Iterator[tuple[str, str, float]]:
+    """(task, metric, value) of a row's task -> metric -> number mapping, skipping what is not."""
+    if not isinstance(tasks, dict):
+        return
+    for task, values in tasks.items():
+        if not isinstance(values, dict):
+            continue
+        for metric, value in values.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                yield str(task), str(metric), float(value)
+
+
+def _line_label(task: str, site: str | None, several_tasks: bool) -> str:
+    """A line's name in a chart's legend: the task's mean, or a site (and its task if need be)."""
+    if site is None:
+        return TASK_LABELS.get(task, task)
+    return f"{site}, {SITE_TASK_LABELS.get(task, task)}" if several_tasks else site
 
 
 def _person(caller: Caller) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import yaml
 
 from director import cli
 from director.config import ConfigError, load_config
+from director.dashboard import metric_series
 from director.launcher import LOG_FILE
 from director.server import DirectorServer, ServerError
 from director.service import METRICS, OUTPUT
@@ -206,8 +207,8 @@ def test_a_revoked_token_no_longer_opens_anything(director: Director) -> None:
 
 
 def test_an_experiment_shows_progress_charts_sites_and_its_log(director: Director) -> None:
-    """The running experiment's rounds, one chart per metric from metrics.jsonl, its sites online
-    and its log's last lines."""
+    """The running experiment's rounds, one chart per metric from metrics.jsonl with the mean's
+    line and each site's, its sites online and its log's last lines."""
     experiment_id = submit(director, "ada", federation={"rounds": 5})
     eventually(
         lambda: director.server.state.experiment(experiment_id).state.value == "waiting",
@@ -223,9 +224,17 @@ def test_an_experiment_shows_progress_charts_sites_and_its_log(director: Directo
                 "aggregated_model_validation": {"accuracy": 0.1 * number},
                 "train": {"loss": 1.0 / (number + 1)},
             },
+            "sites": {
+                "bob": {"train": {"loss": 2.0 / (number + 1)}},
+                "alice": {
+                    "aggregated_model_validation": {"accuracy": 0.2 * number},
+                    "train": {"loss": 0.5 / (number + 1)},
+                },
+            },
         }
         for number in range(2)
     ]
+    rows[1]["sites"]["mallory"] = {"train": {"loss": "high", "flag": True}, "x": 3}  # skipped
     (output / METRICS).write_text(
         "".join(json.dumps(row) + "\n" for row in rows) + '{"round": 2, "metr', encoding="utf-8"
     )
@@ -235,25 +244,77 @@ def test_an_experiment_shows_progress_charts_sites_and_its_log(director: Directo
     assert status == 200
     assert (body["state"], body["rounds_completed"], body["rounds"]) == ("waiting", 2, 5)
     assert [(s["site"], s["online"]) for s in body["sites"]] == [(n, True) for n in ENVOYS]
+    amv = "aggregated_model_validation"
     assert body["charts"] == [
         {
             "metric": "accuracy",
             "lines": [
                 {
-                    "task": "aggregated_model_validation",
+                    "task": amv,
+                    "site": None,
                     "label": "global model",
                     "points": [[0, 0.0], [1, 0.1]],
-                }
+                },
+                {"task": amv, "site": "alice", "label": "alice", "points": [[0, 0.0], [1, 0.2]]},
             ],
         },
         {
             "metric": "loss",
             "lines": [
-                {"task": "train", "label": "sites' training (mean)", "points": [[1, 1.0], [2, 0.5]]}
+                {
+                    "task": "train",
+                    "site": None,
+                    "label": "sites' training (mean)",
+                    "points": [[1, 1.0], [2, 0.5]],
+                },
+                {
+                    "task": "train",
+                    "site": "alice",
+                    "label": "alice",
+                    "points": [[1, 0.5], [2, 0.25]],
+                },
+                {"task": "train", "site": "bob", "label": "bob", "points": [[1, 2.0], [2, 1.0]]},
             ],
         },
     ]
     assert body["log_tail"] == [f"line {n}" for n in range(60, 100)]
+
+
+def test_a_chart_of_several_tasks_names_each_sites_task() -> None:
+    """Where one metric comes from several tasks, a site's lines say which task each is; rows
+    without sites (an aggregator before they were kept) give the means alone."""
+    tuned = "locally_tuned_model_validation"
+    rows = [
+        json.dumps({"round": 0, "metrics": {"aggregated_model_validation": {"accuracy": 0.5}}}),
+        json.dumps(
+            {
+                "round": 1,
+                "metrics": {
+                    "aggregated_model_validation": {"accuracy": 0.5},
+                    tuned: {"accuracy": 0.75},
+                },
+                "sites": {
+                    "alice": {
+                        "aggregated_model_validation": {"accuracy": 0.25},
+                        tuned: {"accuracy": 1},
+                    }
+                },
+            }
+        ),
+    ]
+    (chart,) = metric_series(rows)
+    assert [(line["site"], line["task"], line["label"]) for line in chart["lines"]] == [
+        (None, "aggregated_model_validation", "global model"),
+        (None, tuned, "sites' tuned models (mean)"),
+        ("alice", "aggregated_model_validation", "alice, global model"),
+        ("alice", tuned, "alice, tuned model"),
+    ]
+    assert [line["points"] for line in chart["lines"]] == [
+        [[0, 0.5], [1, 0.5]],
+        [[2, 0.75]],
+        [[1, 0.25]],
+        [[2, 1.0]],
+    ]
 
 
 def test_envoys_are_listed_with_their_shards_and_heartbeats(director: Director) -> None:

@@ -186,7 +186,8 @@ def test_the_dashboard_follows_a_running_experiment_live(
     tmp_path: Path, director: Director, browser: Any
 ) -> None:
     """Refused without a login; logged in, the experiment's page shows it running, and its
-    progress and chart advance without a reload while a held-up site is let go."""
+    progress and chart advance without a reload while a held-up site is let go; the chart has a
+    line per site beside the global model's."""
 
     # Read in one script call: the page redraws every 2 s, so elements held across calls go stale.
     def text(selector: str) -> str:
@@ -259,6 +260,15 @@ def test_the_dashboard_follows_a_running_experiment_live(
         sites = text("#sites")
         assert all(f"{name} online" in sites for name in ENVOYS), sites
         assert text('.chart[data-metric="accuracy"] h4') == "accuracy"
+        # Each site has its own line in the chart, named in its legend, beside the global model's.
+        for name in ENVOYS:
+            lines = browser.execute_script(
+                "return document.querySelectorAll(arguments[0]).length;",
+                f'.chart[data-metric="accuracy"] polyline[data-site="{name}"]',
+            )
+            assert lines >= 1, name
+            assert name in text(f'.chart[data-metric="accuracy"] .legend [data-site="{name}"]')
+        assert "global model" in text('.chart[data-metric="accuracy"] .legend [data-site=""]')
         SCREENSHOT.parent.mkdir(exist_ok=True)
         browser.save_screenshot(str(SCREENSHOT))
         wait_for(

@@ -3,7 +3,11 @@
 "use strict";
 
 const POLL_MS = 2000;
-const COLORS = ["#2f6fdf", "#e07b00", "#2e9d4f", "#9b3fb5"];
+// In a chart the colour says whose line it is (the weighted means dark, each site its own colour,
+// the same in every chart) and the dash which task measured it (solid, dashed, dotted).
+const MEAN_COLOR = "#1d2330";
+const SITE_COLORS = ["#2f6fdf", "#e07b00", "#2e9d4f", "#9b3fb5", "#d23f6a", "#1a9aa8", "#8a6d1f", "#6b7a99"];
+const DASHES = ["none", "6 3", "2 3"];
 const SVG = "http://www.w3.org/2000/svg";
 
 function el(tag, attrs, ...children) {
@@ -90,7 +94,19 @@ async function drawIndex() {
   document.getElementById("no-envoys").hidden = envoys.length > 0;
 }
 
-function chart(spec) {
+function lineStyle(line, tasks, sites) {
+  const dash = DASHES[tasks.indexOf(line.task) % DASHES.length];
+  if (line.site === null) return { stroke: MEAN_COLOR, width: 2.5, dash, r: 3 };
+  return { stroke: SITE_COLORS[sites.indexOf(line.site) % SITE_COLORS.length], width: 1.5, dash, r: 2.5 };
+}
+
+function swatch(style) {
+  const root = svg("svg", { class: "swatch", width: 22, height: 8, viewBox: "0 0 22 8" });
+  root.append(svg("line", { x1: 1, x2: 21, y1: 4, y2: 4, stroke: style.stroke, "stroke-width": style.width, "stroke-dasharray": style.dash }));
+  return root;
+}
+
+function chart(spec, sites) {
   const width = 440, height = 220, left = 52, right = 12, top = 10, bottom = 30;
   const points = spec.lines.flatMap((line) => line.points);
   let [x0, x1] = [Math.min(...points.map((p) => p[0])), Math.max(...points.map((p) => p[0]))];
@@ -120,20 +136,27 @@ function chart(spec) {
   root.append(caption);
   root.append(svg("line", { class: "axis", x1: left, x2: left, y1: top, y2: height - bottom }));
   root.append(svg("line", { class: "axis", x1: left, x2: width - right, y1: height - bottom, y2: height - bottom }));
+  const tasks = [...new Set(spec.lines.map((line) => line.task))];
   const legend = el("div", { class: "legend" });
-  spec.lines.forEach((line, i) => {
-    const color = COLORS[i % COLORS.length];
+  // Sites' lines first, so the means are drawn over them.
+  const drawn = [...spec.lines.filter((line) => line.site !== null), ...spec.lines.filter((line) => line.site === null)];
+  for (const line of drawn) {
+    const style = lineStyle(line, tasks, sites);
+    const who = { "data-task": line.task, "data-site": line.site === null ? "" : line.site };
     const path = line.points.map((p) => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" ");
-    root.append(svg("polyline", { points: path, fill: "none", stroke: color, "stroke-width": 2 }));
+    root.append(svg("polyline", Object.assign({ points: path, fill: "none", stroke: style.stroke, "stroke-width": style.width, "stroke-dasharray": style.dash }, who)));
     for (const p of line.points) {
-      const dot = svg("circle", { class: "point", cx: sx(p[0]), cy: sy(p[1]), r: 3, fill: color });
+      const dot = svg("circle", { class: "point", cx: sx(p[0]), cy: sy(p[1]), r: style.r, fill: style.stroke });
       const tip = svg("title");
       tip.textContent = `${line.label}, round ${p[0]}: ${p[1]}`;
       dot.append(tip);
       root.append(dot);
     }
-    legend.append(el("span", {}, el("span", { class: `swatch c${i % COLORS.length}` }), line.label));
-  });
+  }
+  for (const line of spec.lines) {
+    const who = { "data-task": line.task, "data-site": line.site === null ? "" : line.site };
+    legend.append(el("span", who, swatch(lineStyle(line, tasks, sites)), line.label));
+  }
   return el("div", { class: "chart", "data-metric": spec.metric }, el("h4", {}, spec.metric), root, legend);
 }
 
@@ -152,7 +175,9 @@ async function drawExperiment() {
     el("li", { "data-site": s.site },
       el("span", { class: s.online ? "dot online" : "dot" }), s.site,
       el("span", { class: "hint" }, ` ${s.online ? "online" : "offline"}${s.state ? ", " + s.state : ""}`))));
-  document.getElementById("charts").replaceChildren(...e.charts.map(chart));
+  // Every site keeps one colour across the charts.
+  const sites = [...new Set(e.charts.flatMap((c) => c.lines.map((line) => line.site)))].filter((site) => site !== null).sort();
+  document.getElementById("charts").replaceChildren(...e.charts.map((spec) => chart(spec, sites)));
   document.getElementById("no-charts").hidden = e.charts.length > 0;
   const log = document.getElementById("log");
   const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
