@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     command("wait", "Wait for the experiment's end; exit 0 if completed, else 1.")
     metrics = command("metrics", "The experiment's metric rows, one per round.")
     metrics.add_argument("--follow", action="store_true", help="go on until the experiment ends")
+    metrics.add_argument(
+        "--sites", action="store_true", help="each site's own metrics under each round's line"
+    )
     logs = command("logs", "The aggregator's log, or a site's collaborator log.")
     logs.add_argument("--site", default="", help="a site's log instead of the aggregator's")
     logs.add_argument("--follow", action="store_true", help="go on until the experiment ends")
@@ -313,7 +316,10 @@ def _metrics(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out
         if args.json:
             print(row.json, file=out, flush=True)
             continue
-        print(_metric_line(row.json, rounds), file=out, flush=True)
+        lines = [_metric_line(row.json, rounds)]
+        if args.sites:
+            lines += _site_lines(row.json)
+        print("\n".join(lines), file=out, flush=True)
     return EXIT_OK
 
 
@@ -328,17 +334,33 @@ def _metric_line(text: str, rounds: int) -> str:
         if isinstance(row.get("reporters"), list) and isinstance(row.get("missing"), list):
             reported = len(row["reporters"])
             label += f", sites reported {reported}/{reported + len(row['missing'])}"
-        parts = [label]
-        for task, values in sorted(row.get("metrics", {}).items()):
-            shown = " ".join(
-                f"{name} {value:.4f}"
-                for name, value in sorted(values.items())
-                if isinstance(value, int | float)
-            )
-            parts.append(f"{task}: {shown}")
-        return "  ".join(parts)
+        return "  ".join([label, *_task_parts(row.get("metrics", {}))])
     except (ValueError, KeyError, TypeError, AttributeError):
         return text
+
+
+def _site_lines(text: str) -> list[str]:
+    """A row's `sites` for a person: one indented line per site with each task's metrics."""
+    try:
+        sites: Any = json.loads(text).get("sites", {})
+        return [
+            f"  {site}  " + "  ".join(_task_parts(tasks)) for site, tasks in sorted(sites.items())
+        ]
+    except (ValueError, TypeError, AttributeError):
+        return []
+
+
+def _task_parts(tasks: Any) -> list[str]:
+    """`task: metric value ...` for each task of a task -> metric -> value mapping."""
+    parts = []
+    for task, values in sorted(tasks.items()):
+        shown = " ".join(
+            f"{name} {value:.4f}"
+            for name, value in sorted(values.items())
+            if isinstance(value, int | float)
+        )
+        parts.append(f"{task}: {shown}")
+    return parts
 
 
 def _logs(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out: TextIO) -> int:

@@ -122,6 +122,10 @@ def test_submit_list_status_and_a_run_to_its_model(
             "reporters": list(ENVOYS[: 2 if n == 1 else 3]),
             "missing": ["carol"] if n == 1 else [],
             "metrics": {"train": {"loss": 1.0 / (n + 1)}},
+            "sites": {
+                name: {"train": {"loss": (i + 1) / (n + 1)}}
+                for i, name in enumerate(ENVOYS[: 2 if n == 1 else 3])
+            },
         }
         for n in range(10)
     ]
@@ -145,6 +149,16 @@ def test_submit_list_status_and_a_run_to_its_model(
         "round 2 of 10, sites reported 2/3  train: loss 0.5000",
     ]
     assert len(out.splitlines()) == 10
+    code, out = run(ada, "metrics", "--sites", experiment_id)
+    assert out.splitlines()[:7] == [
+        "round 1 of 10, sites reported 3/3  train: loss 1.0000",
+        "  alice  train: loss 1.0000",
+        "  bob  train: loss 2.0000",
+        "  carol  train: loss 3.0000",
+        "round 2 of 10, sites reported 2/3  train: loss 0.5000",
+        "  alice  train: loss 0.5000",
+        "  bob  train: loss 1.0000",
+    ]
     code, out = run(ada, "--json", "metrics", experiment_id)
     assert [json.loads(line) for line in out.splitlines()] == rows
     target = tmp_path / "model.pbuf"
