@@ -48,12 +48,11 @@ def _refuse_constant(name: str) -> float:
     raise ValueError(f"{name} is not JSON")
 
 
-def test_quick_benchmark_writes_every_figure_as_a_number(tmp_path: Path) -> None:
-    """`bench.py --quick --output FILE` exits 0 within 60 s and FILE is strict JSON with every figure a finite number."""
-    output = tmp_path / "bench.json"
+def run_bench(*args: str) -> str:
+    """`bench.py ARGS` to its end within the time allowed, exit 0; its stdout."""
     # A session of its own: on a timeout the benchmark's aggregators go with it, not on running.
     bench = subprocess.Popen(
-        [sys.executable, str(BENCH), "--quick", "--output", str(output)],
+        [sys.executable, str(BENCH), *args],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -67,6 +66,13 @@ def test_quick_benchmark_writes_every_figure_as_a_number(tmp_path: Path) -> None
         stdout, stderr = bench.communicate()
         pytest.fail(f"no end within {TIMEOUT_SECONDS} s:\n{stdout}{stderr}")
     assert bench.returncode == 0, stdout + stderr
+    return stdout
+
+
+def test_quick_benchmark_writes_every_figure_as_a_number(tmp_path: Path) -> None:
+    """`bench.py --quick --output FILE` exits 0 within 60 s and FILE is strict JSON with every figure a finite number."""
+    output = tmp_path / "bench.json"
+    stdout = run_bench("--quick", "--output", str(output))
     results = json.loads(output.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
     wan_measured = "wan_ratio" in results
     if not wan_measured:
@@ -79,3 +85,17 @@ def test_quick_benchmark_writes_every_figure_as_a_number(tmp_path: Path) -> None
     assert results["scale_collaborators"] == 20  # --quick's size, so the run was the quick one
     assert all(isinstance(verdict["met"], bool) for verdict in results["targets"].values())
     assert f"written: {output}" in stdout
+
+
+def test_only_runs_one_part_with_its_figures(tmp_path: Path) -> None:
+    """`--only scale` runs the scale round alone: its figures as numbers, no other part's."""
+    output = tmp_path / "bench-scale.json"
+    run_bench("--quick", "--only", "scale", "--output", str(output))
+    results = json.loads(output.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
+    assert results["only"] == "scale"
+    for key in ("scale_collaborators", "scale_round_seconds", "scale_errors"):
+        assert isinstance(results[key], int | float), f"{key}: {results[key]!r}"
+    assert results["scale_collaborators"] == 20
+    assert "raw_grpc_tls_mb_s" not in results
+    assert "round_seconds" not in results
+    assert results["notes"] == []

@@ -48,6 +48,9 @@ Phases, in order:
    and `wan_steady_round_seconds` (the later ones) against `wan_floor_seconds`, the time the
    model takes down and up one site's link at that rate.
 
+`--only PART` runs one part alone (any but transfer, whose ratios need raw's figures) and writes
+`build/bench-PART.json` unless `--output` says otherwise; a whole run writes every key as before.
+
 `--profile` adds a cProfile of one client download and one upload, and the aggregator under
 cProfile (`profiled_aggregator.py`) for one transfer and for the round, to show where the time
 goes.
@@ -61,12 +64,14 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
 import threading
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -134,6 +139,12 @@ QUICK = {
 }
 
 
+# The parts of a run, in order; `--only` runs one of those that stand alone (transfer's ratios
+# need raw's figures).
+PARTS = ("raw", "disk", "transfer", "probe", "round", "steady", "scale", "wan")
+ALONE = tuple(part for part in PARTS if part != "transfer")
+
+
 # The figures the issue asks for; a run that could not measure one says so in its notes.
 REQUIRED_KEYS = (
     "raw_grpc_tls_mb_s",
@@ -162,7 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
         "machine; prints a table and writes JSON. Exit 0 even when targets are missed.",
     )
     add = parser.add_argument
-    add("--output", type=Path, default=REPO / "build" / "bench.json", help="JSON file to write")
+    add(
+        "--output",
+        type=Path,
+        default=None,
+        help="JSON file to write (build/bench.json; with --only PART, build/bench-PART.json)",
+    )
+    add(
+        "--only",
+        choices=ALONE,
+        default=None,
+        help="run this part alone (its figures, as in a whole run), e.g. --only scale",
+    )
     add("--quick", action="store_true", help="small sizes for a smoke run (well under 40 s)")
     add("--payload-mb", type=float, default=256.0, help="upload/download size (default 256)")
     add("--tensor-mb", type=float, default=64.0, help="largest tensor of that model (default 64)")
@@ -221,6 +243,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ]
     if problems:
         parser.error("; ".join(problems))
+    if args.output is None:
+        name = "bench.json" if args.only is None else f"bench-{args.only}.json"
+        args.output = REPO / "build" / name
     return args
 
 
@@ -692,6 +717,7 @@ def measure_scale_phase(run: Run, names: Sequence[str]) -> None:
     )
     if outcome.errors:
         run.results["scale_first_error"] = outcome.errors[0]
+        run.results["scale_error_kinds"] = error_kinds(outcome.errors)
     if outcome.first_warning:
         run.results["scale_first_warning"] = outcome.first_warning
     closed = "did not close" if outcome.wall_seconds is None else f"{outcome.wall_seconds:.2f} s"
@@ -699,6 +725,11 @@ def measure_scale_phase(run: Run, names: Sequence[str]) -> None:
         f"foedus scale: {outcome.collaborators} collaborator threads: {closed}, "
         f"{len(outcome.errors)} errors, {outcome.warnings} client warnings (retries)"
     )
+
+
+def error_kinds(errors: Sequence[str]) -> dict[str, int]:
+    """How many errors of each kind: their text without the collaborator's name before it."""
+    return dict(Counter(re.sub(r"^col\d+: ", "", error) for error in errors).most_common())
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -854,6 +885,8 @@ def benchmark(run: Run) -> None:
     """Every phase, in order, into `run.results`."""
     args = run.args
     count = max(args.repeats + 2, args.round_collaborators, args.scale_collaborators, 2)
+    if args.only == "scale":
+        count = max(args.scale_collaborators, 2)
     names = collaborator_names(count)
     # Each collaborator thread holds a connection of its own, as the aggregator holds one each.
     raise_open_file_limit(files_needed(count))
@@ -869,15 +902,19 @@ def benchmark(run: Run) -> None:
     run.results["cert_setup_seconds"] = time.perf_counter() - started
     run.results["cert_count"] = count + 1
     say(f"certificates made in {run.results['cert_setup_seconds']:.1f} s (not in any timing)")
-    measure_raw(run, names)
-    measure_disk(run)
-    measure_transfer(run, names)
-    if args.probe:
-        probe_single_tensor(run, names)
-    measure_round_phase(run, names)
-    measure_steady_round_phase(run, names)
-    measure_scale_phase(run, names)
-    wan.measure_phase(run, names)
+    parts: dict[str, Callable[[], None]] = {
+        "raw": partial(measure_raw, run, names),
+        "disk": partial(measure_disk, run),
+        "transfer": partial(measure_transfer, run, names),
+        "probe": partial(probe_single_tensor, run, names),
+        "round": partial(measure_round_phase, run, names),
+        "steady": partial(measure_steady_round_phase, run, names),
+        "scale": partial(measure_scale_phase, run, names),
+        "wan": partial(wan.measure_phase, run, names),
+    }
+    for part in PARTS:
+        if args.only in (None, part) and (part != "probe" or args.probe or args.only == part):
+            parts[part]()
     if args.profile:
         profile = run.results.setdefault("profile", {})
         say("one download and one upload again, the aggregator under cProfile")
@@ -905,6 +942,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         wan_rate_mbit=args.wan_rate_mbit,
         wan_rtt_ms=args.wan_rtt_ms,
         quick=args.quick,
+        only=args.only,
         mb_unit="MiB (2**20 bytes)",
         started_utc=started.isoformat(timespec="seconds"),
         **versions(),
@@ -925,7 +963,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.results["finished_utc"] = finished.isoformat(timespec="seconds")
     run.results["total_seconds"] = (finished - started).total_seconds()
     unmeasured = [key for key in REQUIRED_KEYS if not _is_number(run.results.get(key))]
-    if unmeasured:
+    if unmeasured and args.only is None:
         run.note(f"not measured in this run: {', '.join(unmeasured)}")
     verdicts = judge(run.results)
     run.results["targets"] = verdicts
