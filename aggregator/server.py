@@ -99,6 +99,20 @@ def _already_serialized(message: bytes) -> bytes:
     return message
 
 
+# Beside the collaborators' calls: health checks, and calls refused at once.
+BACKLOG_MARGIN = 256
+
+
+def backlog_calls(plan: Plan) -> int:
+    """The calls gRPC may hold before a worker takes them: all that the collaborators may make.
+
+    Each collaborator may have `limits.max_calls_per_collaborator` calls at once (more are
+    refused by `aggregator.admission`, with a status that says so); gRPC must not cancel any
+    of those before that check sees them.
+    """
+    return len(plan.collaborators) * plan.limits.max_calls_per_collaborator + BACKLOG_MARGIN
+
+
 class AggregatorGRPCServer:
     """Serves `federation` on the plan's address, over mutual TLS unless the plan says insecure."""
 
@@ -144,7 +158,11 @@ class AggregatorGRPCServer:
         )
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aggregator-rpc"),
-            options=server_options(plan.limits.max_message_bytes, plan.limits.stream_window_bytes),
+            options=server_options(
+                plan.limits.max_message_bytes,
+                plan.limits.stream_window_bytes,
+                backlog_calls=backlog_calls(plan),
+            ),
         )
         add_servicer(self.servicer, self._server)
         self.health_service = HealthService(self.health, (SERVICE,))

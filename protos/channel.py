@@ -9,6 +9,15 @@ from __future__ import annotations
 
 KEEPALIVE_TIME_MS = 30_000
 KEEPALIVE_TIMEOUT_MS = 10_000
+# gRPC's own bounds on the calls a server has received but not yet taken: past 1,000 it cancels
+# new ones at random, all past 3,000, and any that waited 30 s, each as a bare CANCELLED the
+# caller cannot tell from its own cancel (make bench's 2,000 collaborators met this: a
+# collaborator's GetTasks cancelled before the aggregator saw it ended its loop, and the round
+# waited for it without end). The aggregator's own limits, per caller and by deadline, do that
+# work with statuses that say what happened; gRPC's only have to stay out of their way.
+GRPC_BACKLOG_CALLS = 1_000
+GRPC_BACKLOG_HARD_LIMIT = 3_000
+BACKLOG_SECONDS = 24 * 3600
 
 
 def client_options(max_message_bytes: int) -> list[tuple[str, int | str]]:
@@ -24,9 +33,16 @@ def client_options(max_message_bytes: int) -> list[tuple[str, int | str]]:
 
 
 def server_options(
-    max_message_bytes: int, stream_window_bytes: int | None = None
+    max_message_bytes: int,
+    stream_window_bytes: int | None = None,
+    *,
+    backlog_calls: int = GRPC_BACKLOG_CALLS,
 ) -> list[tuple[str, int | str]]:
     """Options for the aggregator's server; accepts the clients' keepalive pings.
+
+    Calls received while every worker is busy, or while the server's thread that takes them
+    is slow to run (a loaded machine), wait in gRPC's backlog: up to `backlog_calls` of them
+    (at least gRPC's defaults), for as long as their callers' deadlines allow.
 
     Each stream's HTTP/2 flow-control window bounds how much of an upload can wait in the
     aggregator's memory before it reads it. By default gRPC sizes it from the bandwidth-delay
@@ -53,5 +69,11 @@ def server_options(
         ("grpc.http2.max_ping_strikes", 0),
         # gRPC sets SO_REUSEPORT by default: two aggregators would then share a port silently.
         ("grpc.so_reuseport", 0),
+        ("grpc.server.max_pending_requests", max(GRPC_BACKLOG_CALLS, backlog_calls)),
+        (
+            "grpc.server.max_pending_requests_hard_limit",
+            max(GRPC_BACKLOG_HARD_LIMIT, backlog_calls),
+        ),
+        ("grpc.server_max_unrequested_time_in_server", BACKLOG_SECONDS),
         *window,
     ]
