@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import enum
 import hashlib
 import ipaddress
@@ -182,6 +183,14 @@ def common_name_of(name: x509.Name, what: str) -> str:
 def fingerprint(obj: x509.Certificate | x509.CertificateSigningRequest) -> str:
     """SHA-256 of the DER encoding in lowercase hex, for people to compare out of band."""
     return hashlib.sha256(obj.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def spki_pin(cert: x509.Certificate) -> str:
+    """base64(SHA-256(SubjectPublicKeyInfo)): a key pin, how a browser is told to trust one key only."""
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return base64.b64encode(hashlib.sha256(spki).digest()).decode("ascii")
 
 
 def normalise_fingerprint(text: str) -> str:

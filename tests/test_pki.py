@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import datetime
+import hashlib
 import ipaddress
 import os
 import stat
@@ -35,10 +37,10 @@ from pki.files import (
     write_csr,
     write_private_key,
 )
-from pki.keys import generate_private_key, key_matches_certificate
+from pki.keys import generate_private_key, key_matches_certificate, public_key_der
 from pki.layout import CertsLayout
 from pki.local import SetupResult, load_signing_ca, setup_local_federation
-from pki.requests import Role, create_key_and_csr, fingerprint, normalise_fingerprint
+from pki.requests import Role, create_key_and_csr, fingerprint, normalise_fingerprint, spki_pin
 from pki.signing import certify
 
 from conftest import COLLABORATORS, Identity
@@ -300,6 +302,14 @@ def test_fingerprint_is_sha256_of_der(certs: CertsLayout) -> None:
     cert = read_certificate(certs.aggregator_cert)
     assert fingerprint(cert) == cert.fingerprint(hashes.SHA256()).hex()
     assert normalise_fingerprint(" " + fingerprint(cert).upper() + "\n") == fingerprint(cert)
+
+
+def test_spki_pin_is_the_keys_digest(certs: CertsLayout) -> None:
+    """The pin is base64(SHA-256) of the certified key's SPKI, read here from the private key."""
+    key = read_private_key(certs.aggregator_key)
+    expected = base64.b64encode(hashlib.sha256(public_key_der(key)).digest()).decode()
+    assert spki_pin(read_certificate(certs.aggregator_cert)) == expected
+    assert spki_pin(read_certificate(certs.collaborator_cert("alice"))) != expected
 
 
 def _custom_csr(name: str, *extensions: x509.ExtensionType) -> x509.CertificateSigningRequest:
