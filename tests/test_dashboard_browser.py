@@ -8,30 +8,38 @@ fails instead (`.ci/run` installs them).
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import os
 import shutil
 import signal
 import socket
+import struct
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
 
 from director.launcher import LocalLauncher
 from director.tokens import TokenStore
 from envoy.state import EnvoyState
 from pki.layout import CertsLayout
+from plans.service.screenshot import (
+    CHROMEDRIVER,
+    CHROMIUM,
+    WINDOW,
+    BrowserUnavailableError,
+    chart_points,
+    headless_chromium,
+    log_in,
+    page_text,
+)
+from plans.service.screenshot import main as screenshot_main
 from protos import director_pb2 as pb
 
 from directors import ENVOYS, Director, make_director_certs, running_director, submitted_plan
@@ -39,8 +47,6 @@ from envoys import EnvoyProcess, stop_collaborators, write_envoy_config
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 WAIT_SECONDS = 180
 ROUNDS = 6
 SCREENSHOT = Path(__file__).resolve().parent.parent / "build" / "test-dashboard.png"
@@ -75,38 +81,14 @@ def free_ports(count: int) -> list[int]:
     raise AssertionError("no free neighbouring ports")
 
 
-def spki_pin(certificate: Path) -> str:
-    """base64(SHA-256(SubjectPublicKeyInfo)) of a certificate: what Chromium pins."""
-    cert = x509.load_pem_x509_certificate(certificate.read_bytes())
-    spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
-
-
 @pytest.fixture
-def browser(tmp_path: Path, director_certs: CertsLayout) -> Iterator[Any]:
+def browser(tmp_path: Path, director_certs: CertsLayout) -> Iterator[WebDriver]:
     """Headless Chromium through chromium-driver, trusting only the director's key."""
-    for path in (CHROMIUM, CHROMEDRIVER):
-        if shutil.which(path) is None:
-            browser_unavailable(f"{path} is missing (apt-get install chromium chromium-driver)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in (
-        "--headless=new",
-        "--no-sandbox",  # root in a container has no user namespace for the sandbox
-        "--disable-dev-shm-usage",
-        "--window-size=1280,1000",
-        f"--user-data-dir={tmp_path / 'chromium'}",
-        f"--ignore-certificate-errors-spki-list={spki_pin(director_certs.aggregator_cert)}",
-    ):
-        options.add_argument(argument)
     try:
-        driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-    except Exception as error:  # the browser cannot start here: say why
-        browser_unavailable(f"{type(error).__name__}: {error}".splitlines()[0])
-    try:
-        yield driver
-    finally:
-        driver.quit()
+        with headless_chromium(director_certs.aggregator_cert, tmp_path / "chromium") as driver:
+            yield driver
+    except BrowserUnavailableError as error:
+        browser_unavailable(str(error))
 
 
 @pytest.fixture
@@ -183,24 +165,17 @@ def wait_for(check: Callable[[], Any], what: str) -> Any:
 
 
 def test_the_dashboard_follows_a_running_experiment_live(
-    tmp_path: Path, director: Director, browser: Any
+    tmp_path: Path, director: Director, browser: WebDriver
 ) -> None:
     """Refused without a login; logged in, the experiment's page shows it running, and its
     progress and chart advance without a reload while a held-up site is let go; the chart has a
     line per site beside the global model's."""
 
-    # Read in one script call: the page redraws every 2 s, so elements held across calls go stale.
     def text(selector: str) -> str:
-        found = browser.execute_script(
-            "const e = document.querySelector(arguments[0]); return e ? e.textContent : '';",
-            selector,
-        )
-        return str(found)
+        return page_text(browser, selector)
 
     def points() -> int:
-        return int(
-            browser.execute_script("return document.querySelectorAll('circle.point').length;")
-        )
+        return chart_points(browser)
 
     plan = yaml.safe_dump(
         submitted_plan(
@@ -234,9 +209,7 @@ def test_the_dashboard_follows_a_running_experiment_live(
         )
         os.killpg(carol, signal.SIGSTOP)
         try:
-            browser.get(f"{base}/login")
-            browser.find_element(By.ID, "token").send_keys(secret)
-            browser.find_element(By.ID, "log-in").click()
+            log_in(browser, base, secret)
             row = wait_for(lambda: text(f'tr[data-id="{experiment_id}"]'), "the list's row")
             assert "ada" in row
             browser.execute_script(
@@ -279,3 +252,64 @@ def test_the_dashboard_follows_a_running_experiment_live(
             lambda: text("#progress") == f"round {ROUNDS} of {ROUNDS}",
             "the last round on the page",
         )
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """Width and height of a PNG, after checking its signature, every chunk's CRC and its end."""
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n"), f"{path} is not a PNG"
+    offset, kinds, size = 8, [], (0, 0)
+    while offset < len(data):
+        length, kind = struct.unpack(">I4s", data[offset : offset + 8])
+        body = data[offset + 8 : offset + 8 + length]
+        (crc,) = struct.unpack(">I", data[offset + 8 + length : offset + 12 + length])
+        assert zlib.crc32(kind + body) == crc, f"{path}: chunk {kind!r} fails its CRC"
+        if kind == b"IHDR":
+            size = struct.unpack(">II", body[:8])
+        kinds.append(kind)
+        offset += 12 + length
+    assert kinds[0] == b"IHDR" and kinds[-1] == b"IEND" and b"IDAT" in kinds, kinds
+    return size
+
+
+def test_the_demos_screenshot_script_saves_the_page_of_a_run(
+    tmp_path: Path, director: Director, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """plans/service/screenshot.py, logged in with a token and trusting the director's key, saves
+    a PNG of the viewport's size once a round closed; a wrong token saves nothing (exit 1)."""
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if shutil.which(path) is None:
+            browser_unavailable(f"{path} is missing (apt-get install chromium chromium-driver)")
+    assert director.server.dashboard is not None
+    url = f"https://localhost:{director.server.dashboard.port}/"
+    plan = yaml.safe_dump(submitted_plan(federation={"rounds": 2}))
+    (tmp_path / "token").write_text(TokenStore(director.server.config.state_dir).issue("ada"))
+    (tmp_path / "wrong").write_text("not-a-token")
+    output = tmp_path / "shots" / "dashboard.png"
+
+    def shoot(token_file: Path, experiment_id: str) -> int:
+        argv = ["--url", url, "--token-file", str(token_file), "--experiment", experiment_id]
+        argv += ["--certificate", str(director.certs.aggregator_cert), "-o", str(output)]
+        return screenshot_main([*argv, "--timeout", str(WAIT_SECONDS)])
+
+    with envoys_running(tmp_path / "sites", director.certs, director.port):
+        wait_for(
+            lambda: sum(e.online for e in director.server.state.envoys()) == len(ENVOYS),
+            "the three envoys online",
+        )
+        experiment_id = (
+            director.stub("ada")
+            .SubmitExperiment(iter([pb.SubmitChunk(plan_yaml=plan)]), timeout=60)
+            .experiment_id
+        )
+        assert shoot(tmp_path / "wrong", experiment_id) == 1
+        assert "refused the token" in capsys.readouterr().err
+        assert not output.exists()
+        code = shoot(tmp_path / "token", experiment_id)
+        printed = capsys.readouterr().out
+        if "skipped" in printed:
+            browser_unavailable(printed.strip())
+        assert code == 0, printed
+    assert f"saved to {output}" in printed
+    assert png_size(output) == WINDOW
+    assert not (output.parent / ".dashboard-chromium").exists()
