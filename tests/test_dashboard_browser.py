@@ -276,7 +276,7 @@ def test_the_demos_screenshot_script_saves_the_page_of_a_run(
     tmp_path: Path, director: Director, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """plans/service/screenshot.py, logged in with a token and trusting the director's key, saves
-    a PNG of the viewport's size once a round closed; a wrong token saves nothing (exit 1)."""
+    a PNG of the viewport's size once two rounds closed; a wrong token saves nothing (exit 1)."""
     for path in (CHROMIUM, CHROMEDRIVER):
         if shutil.which(path) is None:
             browser_unavailable(f"{path} is missing (apt-get install chromium chromium-driver)")
@@ -290,7 +290,7 @@ def test_the_demos_screenshot_script_saves_the_page_of_a_run(
     def shoot(token_file: Path, experiment_id: str) -> int:
         argv = ["--url", url, "--token-file", str(token_file), "--experiment", experiment_id]
         argv += ["--certificate", str(director.certs.aggregator_cert), "-o", str(output)]
-        return screenshot_main([*argv, "--timeout", str(WAIT_SECONDS)])
+        return screenshot_main([*argv, "--rounds", "2", "--timeout", str(WAIT_SECONDS)])
 
     with envoys_running(tmp_path / "sites", director.certs, director.port):
         wait_for(
@@ -310,6 +310,6 @@ def test_the_demos_screenshot_script_saves_the_page_of_a_run(
         if "skipped" in printed:
             browser_unavailable(printed.strip())
         assert code == 0, printed
-    assert f"saved to {output}" in printed
+    assert f"round 2 of 2) saved to {output}" in printed
     assert png_size(output) == WINDOW
     assert not (output.parent / ".dashboard-chromium").exists()

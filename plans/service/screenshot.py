@@ -6,10 +6,10 @@ certificate; it logs in with a dashboard token as a person does. The dashboard's
 (tests/test_dashboard_browser.py) starts its Chromium and logs in with the same functions.
 
     python -m plans.service.screenshot --url https://localhost:50359/ --token-file FILE \\
-        --certificate certs/aggregator/aggregator.crt --experiment ID -o dashboard.png
+        --certificate certs/aggregator/aggregator.crt --experiment ID --rounds 2 -o dashboard.png
 
 Exit 0 when the PNG is saved, and also when Debian's `chromium` or `chromium-driver` is missing
-(one line says the screenshot is skipped); 1 when the page did not show a closed round in time;
+(one line says the screenshot is skipped); 1 when the page did not show the closed rounds in time;
 2 on bad arguments.
 """
 
@@ -139,24 +139,39 @@ def log_in(driver: WebDriver, base: str, token: str, seconds: float = WAIT_SECON
         raise PageError(f"the dashboard refused the token: {refused}")
 
 
+def rounds_shown(driver: WebDriver) -> int:
+    """How many closed rounds the experiment page shows: its "round r of R", once charts are drawn."""
+    words = page_text(driver, "#progress").split()
+    closed = words[1] if len(words) == 4 and words[0] == "round" else ""
+    return int(closed) if closed.isdigit() and chart_points(driver) > 0 else 0
+
+
 def screenshot(
-    driver: WebDriver, base: str, experiment_id: str, output: Path, seconds: float = WAIT_SECONDS
+    driver: WebDriver,
+    base: str,
+    experiment_id: str,
+    output: Path,
+    *,
+    rounds: int = 1,
+    seconds: float = WAIT_SECONDS,
 ) -> str:
-    """Save the experiment's page once its charts show a closed round; its progress and state."""
+    """Save the experiment's page once it shows `rounds` closed rounds; its state and progress."""
     driver.get(urljoin(base, f"/experiments/{experiment_id}"))
-    wait_until(lambda: chart_points(driver) > 0, "a closed round on the charts", seconds)
+    wait_until(
+        lambda: rounds_shown(driver) >= rounds, f"{rounds} closed round(s) on the page", seconds
+    )
     output.parent.mkdir(parents=True, exist_ok=True)
     if not driver.save_screenshot(str(output)):
         raise PageError(f"{output}: Chromium did not save the screenshot")
-    return f"{page_text(driver, '#progress')}, {page_text(driver, '#state')}"
+    return f"{page_text(driver, '#state')}, {page_text(driver, '#progress')}"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: where the dashboard is, how to log in and trust it, where the PNG goes."""
     parser = argparse.ArgumentParser(
         prog="python -m plans.service.screenshot",
-        description="Save a PNG of an experiment's dashboard page in headless Chromium, once its "
-        "charts show a closed round. Skipped, with one line and exit 0, where Debian's chromium "
+        description="Save a PNG of an experiment's dashboard page in headless Chromium, once it "
+        "shows --rounds closed rounds. Skipped, with one line and exit 0, where Debian's chromium "
         "or chromium-driver is missing.",
     )
     parser.add_argument("--url", required=True, help="the dashboard, https://HOST:PORT/")
@@ -173,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the director's certificate: Chromium trusts its key and nothing else",
     )
     parser.add_argument("--experiment", required=True, help="the experiment's id")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="closed rounds the page must show before the picture (default: 1)",
+    )
     parser.add_argument("-o", "--output", type=Path, required=True, help="the PNG to write")
     parser.add_argument(
         "--timeout",
@@ -190,6 +211,9 @@ def _exit_on_signal(signum: int, _frame: FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Take the screenshot; returns the exit code (0 saved or skipped, 1 failed, 2 bad input)."""
     args = build_parser().parse_args(argv)
+    if args.rounds < 1:
+        print(f"screenshot: --rounds: {args.rounds} is not a count >= 1", file=sys.stderr)
+        return 2
     if urlsplit(args.url).scheme != "https":
         print(f"screenshot: --url: {args.url!r} is not an https:// URL", file=sys.stderr)
         return 2
@@ -212,7 +236,14 @@ def _take(args: argparse.Namespace, token: str) -> int:
     try:
         with headless_chromium(args.certificate, profile) as driver:
             log_in(driver, args.url, token, args.timeout)
-            shown = screenshot(driver, args.url, args.experiment, args.output, args.timeout)
+            shown = screenshot(
+                driver,
+                args.url,
+                args.experiment,
+                args.output,
+                rounds=args.rounds,
+                seconds=args.timeout,
+            )
     except BrowserUnavailableError as error:
         print(f"screenshot: skipped, headless Chromium unavailable: {error}")
         return 0
@@ -225,7 +256,7 @@ def _take(args: argparse.Namespace, token: str) -> int:
         return 1
     finally:
         shutil.rmtree(profile, ignore_errors=True)
-    print(f"screenshot: the dashboard at {shown} saved to {args.output}")
+    print(f"screenshot: the dashboard ({shown}) saved to {args.output}")
     return 0
 
 
