@@ -29,6 +29,7 @@ from director.launcher import LocalLauncher
 from director.tokens import TokenStore
 from envoy.state import EnvoyState
 from pki.layout import CertsLayout
+from plans.service import screenshot as screenshot_module
 from plans.service.screenshot import (
     CHROMEDRIVER,
     CHROMIUM,
@@ -313,3 +314,19 @@ def test_the_demos_screenshot_script_saves_the_page_of_a_run(
     assert f"round 2 of 2) saved to {output}" in printed
     assert png_size(output) == WINDOW
     assert not (output.parent / ".dashboard-chromium").exists()
+
+
+def test_the_screenshot_script_skips_without_a_browser(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Chromium missing: one line says the screenshot is skipped, exit 0, no PNG (the demo goes on)."""
+    monkeypatch.setattr(screenshot_module, "CHROMIUM", str(tmp_path / "no-chromium"))
+    (tmp_path / "token").write_text("a-token")
+    output = tmp_path / "dashboard.png"
+    argv = ["--url", "https://localhost:1/", "--token-file", str(tmp_path / "token")]
+    argv += ["--certificate", str(tmp_path / "absent.crt"), "--experiment", "x", "-o", str(output)]
+    assert screenshot_main(argv) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 1 and printed[0].startswith("screenshot: skipped, "), printed
+    assert "no-chromium is missing" in printed[0]
+    assert not output.exists()
