@@ -38,7 +38,7 @@ demo: install ## Run a real federation on localhost: an aggregator and 3 collabo
 	if [ $$status -ne 0 ]; then echo "demo: a process failed (exit $$status); logs in build/local/"; fi; \
 	exit $$status
 
-demo-service: install ## foedus as a service: a director, 3 envoys, `experiment submit`, the best model out
+demo-service: install ## foedus as a service: a director, 3 envoys, `experiment submit`, the best model out, a dashboard screenshot
 	bash plans/service/demo.sh
 
 test: install protos-check ## Install if needed, check generated code, run the whole test suite
