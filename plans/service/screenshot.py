@@ -39,7 +39,7 @@ from pki.requests import spki_pin
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-WINDOW = (1280, 900)  # the page's viewport: the PNG's width and height in pixels
+WINDOW = (1280, 960)  # the page's viewport: the PNG's width and height in pixels
 WAIT_SECONDS = 120.0
 POLL_SECONDS = 0.2
 
