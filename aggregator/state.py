@@ -59,20 +59,16 @@ aggregator at a time: the output folder is locked (``flock``) while the state is
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
 import shutil
 import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 from aggregator.digest import file_digest, file_digests
 from aggregator.errors import ModelFileError, StorageError
@@ -101,6 +97,7 @@ from aggregator.storage import (
     write_tensors,
 )
 from aggregator.upload import read_tensors_file
+from durable.sqlite import SqliteStore, hold_lock
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +176,7 @@ class Recovered:
     dropped: tuple[str, ...] = ()  # result files that failed their check and were dropped
 
 
-class DurableState:
+class DurableState(SqliteStore):
     """The durable `ResultStore` of one federation in one output folder; open with `open`."""
 
     def __init__(
@@ -195,9 +192,8 @@ class DurableState:
         self.root = folder / STATE_DIR
         self.upload_folder: Path | None = self.root / UPLOADS
         self.max_tensor_bytes = max_tensor_bytes
-        self._db = connection
+        super().__init__(connection, self.root / DATABASE, StorageError)
         self._folder_lock = lock
-        self._lock = threading.Lock()
         self._model = StoredFile("", "")
         self._best_file: StoredFile | None = None
         self._best: Best | None = None
@@ -592,34 +588,6 @@ class DurableState:
                 if f"{MODELS}/{path.name}" not in kept:
                     path.unlink(missing_ok=True)
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, committed (and synced) on leaving; `StorageError` on failure."""
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
-            except sqlite3.Error as error:
-                raise StorageError(f"{self.root / DATABASE}: {error}") from None
-
-    def _query_one(self, sql: str, parameters: Sequence[object] = ()) -> tuple[Any, ...] | None:
-        rows = self._query_all(sql, parameters)
-        return rows[0] if rows else None
-
-    def _query_all(
-        self, sql: str, parameters: Sequence[object] = ()
-    ) -> list[tuple[Any, ...]]:  # columns as SQLite gives them
-        with self._lock:
-            try:
-                return list(self._db.execute(sql, parameters))
-            except sqlite3.Error as error:
-                raise StorageError(f"{self.root / DATABASE}: {error}") from None
-
 
 def wipe(folder: Path) -> list[str]:
     """Remove the state and outputs of the aggregator in `folder`; the names removed."""
@@ -816,12 +784,9 @@ def _lock_folder(folder: Path) -> int:
         descriptor = os.open(folder, os.O_RDONLY)
     except OSError as error:
         raise StorageError(f"{folder}: cannot open: {error.strerror or error}") from None
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(descriptor)
-        raise StorageError(f"{folder}: another aggregator is using this output folder") from None
-    return descriptor
+    return hold_lock(
+        descriptor, StorageError(f"{folder}: another aggregator is using this output folder")
+    )
 
 
 def _make_folder(path: Path) -> None:

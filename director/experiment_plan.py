@@ -21,7 +21,6 @@ a plan holding it, as any unknown section).
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import yaml
 
 from director.config import DirectorConfig, Liveness, read_liveness
 from director.errors import InvalidRequestError, LimitExceededError, StorageError
+from durable.files import write_yaml
 from plans.loader import PlanError, Section, load_plan, parse_plan, yaml_document
 from plans.schema import Plan
 
@@ -216,19 +216,8 @@ def write_director_plan(
         initial_model=initial_model,
     )
     path = folder / PLAN_FILE
-    temporary = folder / f".{PLAN_FILE}.tmp"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with temporary.open("w", encoding="utf-8") as file:
-            yaml.safe_dump(document, file, sort_keys=False)
-            file.flush()
-            os.fsync(file.fileno())
-        temporary.replace(path)
-        descriptor = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        write_yaml(document, path)
     except OSError as error:
         raise StorageError(f"{path}: cannot write: {error.strerror or error}") from None
     try:

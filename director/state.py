@@ -11,15 +11,12 @@ from the clock every time it is read: no stored flag goes stale.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import sqlite3
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -27,6 +24,7 @@ from types import MappingProxyType
 from typing import Any
 
 from director.errors import IllegalTransitionError, NotFoundError, StorageError
+from durable.sqlite import SqliteStore, connect, lock_state_folder
 
 DATABASE = "director.sqlite"
 LOCK = "director.lock"
@@ -176,7 +174,7 @@ CREATE TABLE IF NOT EXISTS site_reports (
 """
 
 
-class DirectorState:
+class DirectorState(SqliteStore):
     """The director's experiments, envoys and site reports; open with `open`, one per folder."""
 
     def __init__(
@@ -192,9 +190,8 @@ class DirectorState:
         self.folder = folder
         self.health_check_seconds = health_check_seconds
         self._clock = clock
-        self._db = connection
+        super().__init__(connection, folder / DATABASE, StorageError)
         self._folder_lock = lock
-        self._lock = threading.Lock()
 
     # -- opening and closing ------------------------------------------------------------------
 
@@ -208,36 +205,11 @@ class DirectorState:
     ) -> DirectorState:
         """Open (or create) the state in `folder`; `StorageError` if unusable or in use."""
         folder = Path(folder)
-        database = folder / DATABASE
+        lock = lock_state_folder(folder, LOCK, "director", StorageError)
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            lock = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as error:
-            raise StorageError(
-                f"{folder}: cannot use as the director's state folder: {error.strerror}"
-            ) from None
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(lock)
-            raise StorageError(f"{folder}: another director is using this state folder") from None
-        try:
-            connection = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=FULL")
-            connection.executescript(_SCHEMA)
-            row = connection.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-            if row is None:
-                connection.execute(
-                    "INSERT INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
-                )
-            elif row[0] != str(SCHEMA_VERSION):
-                raise StorageError(
-                    f"{database}: state version {row[0]}, this director reads {SCHEMA_VERSION}"
-                )
-        except sqlite3.Error as error:
-            os.close(lock)
-            raise StorageError(f"{database}: {error}") from None
+            connection = connect(
+                folder / DATABASE, _SCHEMA, SCHEMA_VERSION, "director", StorageError
+            )
         except StorageError:
             os.close(lock)
             raise
@@ -503,32 +475,6 @@ class DirectorState:
         if row is None:
             raise NotFoundError(f"no experiment {experiment_id!r}")
         return ExperimentState(row[0])
-
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, committed (and synced) on leaving; `StorageError` on failure."""
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
-            except sqlite3.Error as error:
-                raise StorageError(f"{self.folder / DATABASE}: {error}") from None
-
-    def _query_one(self, sql: str, parameters: Sequence[object] = ()) -> tuple[Any, ...] | None:
-        rows = self._query_all(sql, parameters)
-        return rows[0] if rows else None
-
-    def _query_all(self, sql: str, parameters: Sequence[object] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            try:
-                return list(self._db.execute(sql, parameters))
-            except sqlite3.Error as error:
-                raise StorageError(f"{self.folder / DATABASE}: {error}") from None
 
 
 def _check_move(experiment_id: str, current: ExperimentState, to: ExperimentState) -> None:

@@ -8,7 +8,6 @@ not in its `runners`, points `tls` at its own certificate folder, drops the aggr
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from durable.files import write_yaml
 from envoy.config import EnvoyConfig
 from envoy.errors import StateError
 from plans.loader import PlanError, parse_plan, yaml_document
@@ -73,19 +73,8 @@ def site_document(plan_yaml: str, site: str, config: EnvoyConfig, folder: Path) 
 def write_site_plan(document: Mapping[str, Any], folder: Path) -> Path:
     """Write the site's plan into `folder` durably and atomically; its path."""
     path = folder / PLAN_FILE
-    temporary = folder / f".{PLAN_FILE}.tmp"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with temporary.open("w", encoding="utf-8") as file:
-            yaml.safe_dump(dict(document), file, sort_keys=False)
-            file.flush()
-            os.fsync(file.fileno())
-        temporary.replace(path)
-        descriptor = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        write_yaml(dict(document), path)
     except (OSError, yaml.YAMLError) as error:
         raise StateError(f"{path}: cannot write: {error}") from None
     return path

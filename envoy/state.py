@@ -14,19 +14,17 @@ can be, and none is skipped.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from durable.sqlite import SqliteStore, connect, lock_state_folder, make_state_folder
 from envoy.errors import IllegalTransitionError, StateError, UnknownExperimentError
 
 DATABASE = "envoy.sqlite"
@@ -136,7 +134,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 """
 
 
-class EnvoyState:
+class EnvoyState(SqliteStore):
     """The envoy's experiments; open with `open`. The running envoy holds the folder's lock."""
 
     def __init__(
@@ -148,10 +146,9 @@ class EnvoyState:
     ) -> None:
         """Use `open`; this only keeps what it prepared."""
         self.folder = folder
-        self._db = connection
+        super().__init__(connection, folder / DATABASE, StateError)
         self._folder_lock = lock
         self._clock = clock
-        self._lock = threading.Lock()
 
     @classmethod
     def open(
@@ -159,43 +156,15 @@ class EnvoyState:
     ) -> EnvoyState:
         """Open (or create) the state in `folder`; `exclusive`: as the one running envoy."""
         folder = Path(folder)
-        database = folder / DATABASE
         lock: int | None = None
+        if exclusive:
+            lock = lock_state_folder(folder, LOCK, "envoy", StateError)
+        else:
+            make_state_folder(folder, "envoy", StateError)
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            if exclusive:
-                lock = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as error:
-            raise StateError(
-                f"{folder}: cannot use as the envoy's state folder: {error.strerror}"
-            ) from None
-        if lock is not None:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(lock)
-                raise StateError(f"{folder}: another envoy is using this state folder") from None
-        try:
-            connection = sqlite3.connect(
-                database, isolation_level=None, check_same_thread=False, timeout=30
+            connection = connect(
+                folder / DATABASE, _SCHEMA, SCHEMA_VERSION, "envoy", StateError, timeout=30
             )
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=FULL")
-            connection.executescript(_SCHEMA)
-            row = connection.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-            if row is None:
-                connection.execute(
-                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
-                    (str(SCHEMA_VERSION),),
-                )
-            elif row[0] != str(SCHEMA_VERSION):
-                raise StateError(
-                    f"{database}: state version {row[0]}, this envoy reads {SCHEMA_VERSION}"
-                )
-        except sqlite3.Error as error:
-            if lock is not None:
-                os.close(lock)
-            raise StateError(f"{database}: {error}") from None
         except StateError:
             if lock is not None:
                 os.close(lock)
@@ -213,20 +182,20 @@ class EnvoyState:
 
     def experiment(self, experiment_id: str) -> Experiment:
         """The experiment with this id; `UnknownExperimentError` if there is none."""
-        rows = self._query(f"SELECT {_COLUMNS} FROM experiments WHERE id = ?", (experiment_id,))
+        rows = self._query_all(f"SELECT {_COLUMNS} FROM experiments WHERE id = ?", (experiment_id,))
         if not rows:
             raise UnknownExperimentError(f"no experiment {experiment_id!r} at this envoy")
         return _experiment(rows[0])
 
     def find(self, experiment_id: str) -> Experiment | None:
         """The experiment with this id, or None."""
-        rows = self._query(f"SELECT {_COLUMNS} FROM experiments WHERE id = ?", (experiment_id,))
+        rows = self._query_all(f"SELECT {_COLUMNS} FROM experiments WHERE id = ?", (experiment_id,))
         return _experiment(rows[0]) if rows else None
 
     def experiments(self, *, listed_only: bool = False) -> list[Experiment]:
         """Every experiment in the order received; `listed_only`: those not done."""
         where = " WHERE done = 0" if listed_only else ""
-        rows = self._query(f"SELECT {_COLUMNS} FROM experiments{where} ORDER BY sequence")
+        rows = self._query_all(f"SELECT {_COLUMNS} FROM experiments{where} ORDER BY sequence")
         return [_experiment(row) for row in rows]
 
     # -- writing ------------------------------------------------------------------------------
@@ -304,7 +273,7 @@ class EnvoyState:
 
     def outgoing(self) -> list[OutgoingReport]:
         """The changes the director has not acknowledged, in order."""
-        rows = self._query(
+        rows = self._query_all(
             "SELECT sequence, experiment_id, state, exit_code, reason FROM outbox ORDER BY sequence"
         )
         return [
@@ -328,30 +297,9 @@ class EnvoyState:
 
     # -- helpers ------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
-            except sqlite3.Error as error:
-                raise StateError(f"{self.folder / DATABASE}: {error}") from None
-
     def _execute(self, sql: str, parameters: tuple[Any, ...] = ()) -> None:
         with self._transaction() as db:
             db.execute(sql, parameters)
-
-    def _query(self, sql: str, parameters: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            try:
-                return self._db.execute(sql, parameters).fetchall()
-            except sqlite3.Error as error:
-                raise StateError(f"{self.folder / DATABASE}: {error}") from None
 
 
 def _experiment(row: tuple[Any, ...]) -> Experiment:
