@@ -20,15 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import FrameType
-from typing import NoReturn
 
 import numpy as np
 
@@ -41,6 +37,9 @@ from aggregator.inspection import NotAStateError, read_status
 from aggregator.runtime import serve
 from aggregator.state import DurableState, ForeignStateError
 from aggregator.storage import OutputFolder, read_model
+from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
+from command.process import LOG_LEVELS, logging_to_stderr, stopped_by_signals
+from command.usage import BadInputError, Parser, fail, parse_arguments
 from pki.binding import binding_problem
 from pki.errors import KeyFileError, MissingTLSFileError, PkiError
 from pki.files import read_certificate
@@ -49,12 +48,6 @@ from plans import Plan, PlanError, load_plan
 from plans.runners import RunnerError, load_runner
 from protos.dtypes import wire_dtype
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_BAD_INPUT = 2
-EXIT_SIGINT = 128 + signal.SIGINT  # 130, as a shell reports a process ended by Ctrl-C
-EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
-LOG_LEVELS = ("debug", "info", "warning", "error")
 HELP_WIDTH = 78
 
 logger = logging.getLogger(__name__)
@@ -78,22 +71,9 @@ exit status:
 """
 
 
-class _UsageError(Exception):
-    """Bad command-line input, reported in one line like every other error."""
-
-
-class _BadInputError(Exception):
-    """Input that cannot be used; each line of the message is printed as it is."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise _UsageError(f"{message} (see '{self.prog} --help')")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, separate from main so its help can be tested and documented."""
-    parser = _Parser(
+    parser = Parser(
         prog="aggregator",
         description=_wrapped(
             "The foedus aggregator: serves a federation's rounds to its collaborators "
@@ -155,19 +135,16 @@ def _wrapped(text: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the aggregator command line; returns the exit code (see `EPILOG`)."""
-    try:
-        args = build_parser().parse_args(argv)
-    except _UsageError as error:
-        return _fail(str(error), EXIT_BAD_INPUT)
-    except SystemExit as exit_:  # --help
-        return exit_.code if isinstance(exit_.code, int) else EXIT_OK
+    args = parse_arguments(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     if args.command == "status":
         return _status(args.plan, as_json=args.json)
     tune_allocator()  # before any thread starts (see aggregator.allocator)
-    with _logging(args.log_level):
+    with logging_to_stderr(args.log_level):
         try:
             return _start(args.plan, reset=args.reset)
-        except _BadInputError as error:
+        except BadInputError as error:
             for line in str(error).splitlines():
                 print(line, file=sys.stderr)
             return EXIT_BAD_INPUT
@@ -184,17 +161,17 @@ def _start(plan_path: Path, *, reset: bool) -> int:
     try:
         plan = load_plan(plan_path)
     except PlanError as error:
-        raise _BadInputError("\n".join(error.problems)) from None
+        raise BadInputError("\n".join(error.problems)) from None
     raise_open_file_limit(files_needed(len(plan.collaborators)))
     try:
         failpoints.configure()
     except failpoints.FailpointError as error:
-        raise _BadInputError(str(error)) from None
+        raise BadInputError(str(error)) from None
     _check_tls_files(plan)
     try:
         output = OutputFolder(plan.aggregator.output_dir)
     except StorageError as error:
-        raise _BadInputError(f"{plan.path}: aggregator.output_dir: {error}") from None
+        raise BadInputError(f"{plan.path}: aggregator.output_dir: {error}") from None
     try:
         state = DurableState.open(
             output.root,
@@ -204,16 +181,16 @@ def _start(plan_path: Path, *, reset: bool) -> int:
             reset=reset,
         )
     except ForeignStateError as error:
-        raise _BadInputError(
+        raise BadInputError(
             f"{plan.path}: aggregator.output_dir: {error}; to start over run 'aggregator start "
             f"--plan {plan.path} --reset', or set aggregator.output_dir to a new folder"
         ) from None
     stop = threading.Event()
-    with state, _stopped_by_signals(stop) as received:
+    with state, stopped_by_signals(stop, logger) as received:
         try:
             outcome = serve(plan, None, output, stop, out=sys.stdout, state=state)
         except PkiError as error:  # read by the server when it starts, before anything is served
-            raise _BadInputError(f"{plan.path}: tls.certs_dir: {error}") from None
+            raise BadInputError(f"{plan.path}: tls.certs_dir: {error}") from None
     logger.info("aggregator exits after %d closed rounds", outcome.rounds_closed)
     if outcome.finished or not received:
         return EXIT_OK
@@ -255,9 +232,9 @@ def _check_tls_files(plan: Plan) -> None:
         check_tls_files(files, certs.aggregator_key)
     except MissingTLSFileError as error:
         hint = f" (run 'pki setup --plan {plan.path}')" if error.absent else ""
-        raise _BadInputError(f"{plan.path}: tls.certs_dir: {error}{hint}") from None
+        raise BadInputError(f"{plan.path}: tls.certs_dir: {error}{hint}") from None
     except KeyFileError as error:
-        raise _BadInputError(str(error)) from None
+        raise BadInputError(str(error)) from None
     _warn_if_collaborators_refuse(plan, certs.aggregator_cert)
 
 
@@ -283,15 +260,15 @@ def _initial_model(plan: Plan) -> dict[str, Array]:
         try:
             return read_model(plan.aggregator.initial_model, plan.limits.max_tensor_bytes)
         except ModelFileError as error:
-            raise _BadInputError(f"{plan.path}: aggregator.initial_model: {error}") from None
+            raise BadInputError(f"{plan.path}: aggregator.initial_model: {error}") from None
     try:
         runner = load_runner(plan.runner)
         model = runner.initial_model(plan.runner)
     except RunnerError as error:
-        raise _BadInputError(f"{plan.path}: {error}") from None
+        raise BadInputError(f"{plan.path}: {error}") from None
     problem = _model_problem(model)
     if problem:
-        raise _BadInputError(
+        raise BadInputError(
             f"{plan.path}: runner.name: {plan.runner.name!r} gave an unusable initial model: "
             f"{problem}"
         )
@@ -311,47 +288,5 @@ def _model_problem(model: object) -> str | None:
     return None
 
 
-@contextmanager
-def _stopped_by_signals(stop: threading.Event) -> Iterator[list[int]]:
-    """SIGINT and SIGTERM set `stop` while inside (main thread only; elsewhere nothing changes).
-
-    Yields the list the numbers of the signals received are appended to, first one first.
-    """
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-
-    def handle(number: int, frame: FrameType | None) -> None:
-        logger.warning("%s received: stopping", signal.Signals(number).name)
-        received.append(number)
-        stop.set()
-
-    previous = {number: signal.signal(number, handle) for number in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
-@contextmanager
-def _logging(level: str) -> Iterator[None]:
-    """Log to stderr at `level` while inside, without disturbing handlers installed by others."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    previous = root.level
-    root.addHandler(handler)
-    root.setLevel(level.upper())
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(previous)
-
-
 def _fail(message: str, code: int) -> int:
-    one_line = "; ".join(line.strip() for line in message.splitlines() if line.strip())
-    print(f"aggregator: error: {one_line}", file=sys.stderr)
-    return code
+    return fail("aggregator", message, code)

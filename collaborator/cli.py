@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
 
 from collaborator.answers import PlannedWork
 from collaborator.client import AggregatorGRPCClient
@@ -21,6 +20,9 @@ from collaborator.errors import (
     ClientError,
 )
 from collaborator.loop import run_collaborator
+from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
+from command.process import LOG_FORMAT, LOG_LEVELS
+from command.usage import Parser, UsageError, fail, parse_arguments
 from pki.errors import MissingTLSFileError, PkiError
 from pki.tls import check_tls_files
 from plans import Plan, PlanError, load_plan
@@ -29,12 +31,6 @@ from plans.site_settings import SiteSettingsError, plan_with_site_settings
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_BAD_INPUT = 2
-EXIT_SIGINT = 128 + signal.SIGINT  # 130, as a shell reports a process ended by Ctrl-C
-EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
-LOG_LEVELS = ("debug", "info", "warning", "error")
 
 EPILOG = f"""\
 exit status:
@@ -50,22 +46,13 @@ aggregator which tasks of the round it still owes.
 """
 
 
-class _UsageError(Exception):
-    """Bad command-line input or a start-up check that failed; one line, exit 2."""
-
-
 class _TerminatedError(BaseException):
     """SIGTERM arrived; a BaseException, like KeyboardInterrupt, so no `except Exception` stops it."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise _UsageError(f"{message} (see '{self.prog} --help')")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, separate from main so its help can be tested and documented."""
-    parser = _Parser(
+    parser = Parser(
         prog="collaborator",
         description="A foedus collaborator: trains and validates the federation's model on this "
         "party's data, as the aggregator asks, over mutual TLS.",
@@ -101,15 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the collaborator command line; returns the exit status (see `--help`)."""
-    try:
-        args = build_parser().parse_args(argv)
-    except _UsageError as error:
-        return _fail(str(error), EXIT_BAD_INPUT)
-    except SystemExit as exit_:  # --help and --version print and "exit"; main returns instead
-        return exit_.code if isinstance(exit_.code, int) else EXIT_OK
+    args = parse_arguments(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     logging.basicConfig(
         level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=LOG_FORMAT,
         stream=sys.stderr,
     )
     with _sigterm_raises():
@@ -119,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for problem in error.problems:
                 _fail(problem, EXIT_BAD_INPUT)
             return EXIT_BAD_INPUT
-        except _UsageError as error:
+        except UsageError as error:
             return _fail(str(error), EXIT_BAD_INPUT)
         except ClientConfigurationError as error:
             return _fail(str(error), EXIT_BAD_INPUT)
@@ -146,15 +130,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _start(name: str, plan_path: Path, site_settings: Path | None) -> int:
-    """Every start-up check, then the loop; checks raise `_UsageError` with one line."""
+    """Every start-up check, then the loop; checks raise `UsageError` with one line."""
     plan = load_plan(plan_path)  # PlanError: main prints one line per problem
     if site_settings is not None:
         try:
             plan = plan_with_site_settings(plan, site_settings)
         except SiteSettingsError as error:
-            raise _UsageError(str(error)) from None
+            raise UsageError(str(error)) from None
     if name not in plan.collaborators:
-        raise _UsageError(
+        raise UsageError(
             f"{plan_path}: collaborators: {name!r} is not listed "
             f"(listed: {', '.join(plan.collaborators)})"
         )
@@ -195,14 +179,14 @@ def _check_tls_files(plan: Plan, name: str) -> None:
             (f"private key of {name!r}", certs.collaborator_key(name)),
         )
     except PkiError as error:
-        raise _UsageError(f"{plan.path}: tls.certs_dir: {error}") from None
+        raise UsageError(f"{plan.path}: tls.certs_dir: {error}") from None
     try:
         check_tls_files(files, certs.collaborator_key(name))
     except MissingTLSFileError as error:
         hint = f" (run 'pki setup --plan {plan.path}')" if error.absent else ""
-        raise _UsageError(f"{plan.path}: tls.certs_dir: {error}{hint}") from None
+        raise UsageError(f"{plan.path}: tls.certs_dir: {error}{hint}") from None
     except PkiError as error:
-        raise _UsageError(str(error)) from None
+        raise UsageError(str(error)) from None
 
 
 def _make_runner(plan: Plan, name: str) -> TaskRunner:
@@ -215,7 +199,7 @@ def _make_runner(plan: Plan, name: str) -> TaskRunner:
         message, site = str(error), plan.runner.site_file
         if site is None or not message.startswith(f"{site}: "):
             message = f"{plan.path}: {message}"
-        raise _UsageError(message) from None
+        raise UsageError(message) from None
 
 
 @contextmanager
@@ -239,6 +223,4 @@ def _sigterm_raises() -> Iterator[None]:
 
 
 def _fail(message: str, code: int) -> int:
-    one_line = "; ".join(line.strip() for line in message.splitlines() if line.strip())
-    print(f"collaborator: error: {one_line}", file=sys.stderr)
-    return code
+    return fail("collaborator", message, code)

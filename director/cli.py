@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
-from typing import NoReturn
 
+from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
+from command.process import LOG_LEVELS, logging_to_stderr, stopped_by_signals
+from command.usage import BadInputError, Parser, fail, parse_arguments
 from director.config import ConfigError, DirectorConfig, load_config
 from director.errors import StorageError
 from director.server import DirectorServer, ServerError
@@ -30,30 +29,12 @@ from director.tokens import TokenStore
 from pki.errors import KeyFileError, MissingTLSFileError, PkiError
 from pki.tls import check_tls_files
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_BAD_INPUT = 2
-LOG_LEVELS = ("debug", "info", "warning", "error")
-
 logger = logging.getLogger(__name__)
-
-
-class _UsageError(Exception):
-    """Bad command-line input, reported in one line like every other error."""
-
-
-class _BadInputError(Exception):
-    """Input that cannot be used; each line of the message is printed as it is."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise _UsageError(f"{message} (see '{self.prog} --help')")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, separate from main so its help can be tested and documented."""
-    parser = _Parser(
+    parser = Parser(
         prog="director",
         description="The foedus director: a long-lived service that runs people's experiments "
         "(federations) on the sites whose envoys register with it, over mutual TLS.",
@@ -95,23 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the director command line; returns the exit code (0 ok, 1 failure, 2 bad input)."""
-    try:
-        args = build_parser().parse_args(argv)
-    except _UsageError as error:
-        return _fail(str(error), EXIT_BAD_INPUT)
-    except SystemExit as exit_:  # --help
-        return exit_.code if isinstance(exit_.code, int) else EXIT_OK
+    args = parse_arguments(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     if args.command == "dashboard-token":
         try:
             return _dashboard_token(args.config, args.name, revoke=args.revoke)
-        except _BadInputError as error:
+        except BadInputError as error:
             return _fail(str(error), EXIT_BAD_INPUT)
         except StorageError as error:
             return _fail(str(error), EXIT_FAILURE)
-    with _logging(args.log_level):
+    with logging_to_stderr(args.log_level):
         try:
             return _start(args.config)
-        except _BadInputError as error:
+        except BadInputError as error:
             for line in str(error).splitlines():
                 print(line, file=sys.stderr)
             return EXIT_BAD_INPUT
@@ -128,16 +106,16 @@ def _start(config_path: Path) -> int:
     try:
         config = load_config(config_path)
     except ConfigError as error:
-        raise _BadInputError("\n".join(error.problems)) from None
+        raise BadInputError("\n".join(error.problems)) from None
     _check_tls_files(config)
     server = DirectorServer(config)
     stop = threading.Event()
     try:
-        with _stopped_by_signals(stop):
+        with stopped_by_signals(stop, logger):
             try:
                 port = server.start()
             except PkiError as error:
-                raise _BadInputError(f"{config.path}: certs_dir: {error}") from None
+                raise BadInputError(f"{config.path}: certs_dir: {error}") from None
             print(f"director: serving on {config.listen_address}:{port}", flush=True)
             if server.dashboard is not None:
                 # The certificate's name: the one a browser can check.
@@ -159,9 +137,9 @@ def _dashboard_token(config_path: Path, name: str, *, revoke: bool) -> int:
     try:
         config = load_config(config_path)
     except ConfigError as error:
-        raise _BadInputError("\n".join(error.problems)) from None
+        raise BadInputError("\n".join(error.problems)) from None
     if name not in config.users and name not in config.admins:
-        raise _BadInputError(
+        raise BadInputError(
             f"{config.path}: users, admins: {name!r} is in neither; a dashboard token is for a "
             "person the director knows"
         )
@@ -186,47 +164,10 @@ def _check_tls_files(config: DirectorConfig) -> None:
         check_tls_files(files, certs.aggregator_key)
     except MissingTLSFileError as error:
         hint = f" (run 'pki setup --director {config.path}')" if error.absent else ""
-        raise _BadInputError(f"{config.path}: certs_dir: {error}{hint}") from None
+        raise BadInputError(f"{config.path}: certs_dir: {error}{hint}") from None
     except KeyFileError as error:
-        raise _BadInputError(str(error)) from None
-
-
-@contextmanager
-def _stopped_by_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGINT and SIGTERM set `stop` while inside (main thread only; elsewhere nothing changes)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handle(number: int, frame: FrameType | None) -> None:
-        logger.warning("%s received: stopping", signal.Signals(number).name)
-        stop.set()
-
-    previous = {number: signal.signal(number, handle) for number in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
-@contextmanager
-def _logging(level: str) -> Iterator[None]:
-    """Log to stderr at `level` while inside, without disturbing handlers installed by others."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    previous = root.level
-    root.addHandler(handler)
-    root.setLevel(level.upper())
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(previous)
+        raise BadInputError(str(error)) from None
 
 
 def _fail(message: str, code: int) -> int:
-    one_line = "; ".join(line.strip() for line in message.splitlines() if line.strip())
-    print(f"director: error: {one_line}", file=sys.stderr)
-    return code
+    return fail("director", message, code)

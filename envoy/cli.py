@@ -11,8 +11,10 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
 
+from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
+from command.process import LOG_FORMAT, LOG_LEVELS
+from command.usage import Parser, UsageError, fail, parse_arguments
 from envoy.client import DirectorClient
 from envoy.config import ConfigError, EnvoyConfig, load_config
 from envoy.errors import EnvoyError
@@ -35,10 +37,6 @@ from plans.loader import NAME_PATTERN
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_BAD_INPUT = 2
-LOG_LEVELS = ("debug", "info", "warning", "error")
 
 EPILOG = f"""\
 exit status:
@@ -50,18 +48,9 @@ it leaves its collaborators running; started again with the same command, it fin
 """
 
 
-class _UsageError(Exception):
-    """Bad command-line input or a start-up check that failed; one line, exit 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise _UsageError(f"{message} (see '{self.prog} --help')")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, separate from main so its help can be tested and documented."""
-    parser = _Parser(
+    parser = Parser(
         prog="envoy",
         description="A foedus envoy: the long-lived agent of one site. It registers with a "
         "director over mutual TLS, heartbeats, and runs `collaborator start` for each experiment "
@@ -117,12 +106,9 @@ def _config_argument(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the envoy command line; returns the exit status (see `--help`)."""
-    try:
-        args = build_parser().parse_args(argv)
-    except _UsageError as error:
-        return _fail(str(error), EXIT_BAD_INPUT)
-    except SystemExit as exit_:  # --help prints and "exits"; main returns instead
-        return exit_.code if isinstance(exit_.code, int) else EXIT_OK
+    args = parse_arguments(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     try:
         config = load_config(args.config)
     except ConfigError as error:
@@ -133,14 +119,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "start":
             logging.basicConfig(
                 level=args.log_level.upper(),
-                format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                format=LOG_FORMAT,
                 stream=sys.stderr,
             )
             return _start(args.name, config)
         if args.command == "list":
             return _list(config)
         return _review(config, args.experiment_id, args.command == "approve", args.reason)
-    except _UsageError as error:
+    except UsageError as error:
         return _fail(str(error), EXIT_BAD_INPUT)
     except EnvoyError as error:
         return _fail(str(error), EXIT_FAILURE)
@@ -148,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _start(name: str, config: EnvoyConfig) -> int:
     if not NAME_PATTERN.match(name):
-        raise _UsageError(f"-n {name!r}: expected a name matching {NAME_PATTERN.pattern}")
+        raise UsageError(f"-n {name!r}: expected a name matching {NAME_PATTERN.pattern}")
     _check_identity(name, config)
     state = EnvoyState.open(config.state_dir, exclusive=True)
     token = ""
@@ -157,7 +143,7 @@ def _start(name: str, config: EnvoyConfig) -> int:
             token = ensure_token(config.state_dir / TOKEN_FILE)
         except TokenError as error:
             state.close()
-            raise _UsageError(str(error)) from None
+            raise UsageError(str(error)) from None
     stop = threading.Event()
 
     def stop_on(signum: int, _frame: FrameType | None) -> None:
@@ -198,7 +184,7 @@ def _serve(
         try:
             reporter = RedisReporter(site, config.metrics.redis_url, progress)
         except ValueError as error:
-            raise _UsageError(f"{config.path}: metrics.redis_url: {error}") from None
+            raise UsageError(f"{config.path}: metrics.redis_url: {error}") from None
         reporter.start()
         services.callback(reporter.stop)
         logger.info("metrics to Redis at %s", reporter.redacted_url)
@@ -229,9 +215,9 @@ def _check_identity(name: str, config: EnvoyConfig) -> None:
         DirectorClient(name, config).check_identity()
     except MissingTLSFileError as error:
         hint = " (make it with pki request collaborator / pki certify)" if error.absent else ""
-        raise _UsageError(f"{config.path}: certs_dir: {error}{hint}") from None
+        raise UsageError(f"{config.path}: certs_dir: {error}{hint}") from None
     except PkiError as error:
-        raise _UsageError(f"{config.path}: certs_dir: {error}") from None
+        raise UsageError(f"{config.path}: certs_dir: {error}") from None
 
 
 def _existing_state(config: EnvoyConfig) -> EnvoyState:
@@ -270,6 +256,4 @@ def _list(config: EnvoyConfig) -> int:
 
 
 def _fail(message: str, code: int) -> int:
-    one_line = "; ".join(line.strip() for line in message.splitlines() if line.strip())
-    print(f"envoy: error: {one_line}", file=sys.stderr)
-    return code
+    return fail("envoy", message, code)

@@ -15,20 +15,19 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import Any, TextIO
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
+from command.usage import Parser, UsageError, fail
 from experiment.config import ENVIRONMENT, ClientConfig, ClientConfigError, load_client_config
 from pki.errors import PkiError
 from pki.tls import channel_credentials
 from protos import director_pb2 as pb
 from protos import director_pb2_grpc
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_BAD_INPUT = 2
 CHUNK_BYTES = 256 * 1024  # a model's pieces, within the director's 1 MiB a message
 DEADLINE_SECONDS = 60.0
 MESSAGE_BYTES = 64 * 1024 * 1024
@@ -71,18 +70,9 @@ SITE_STATES = {
 }
 
 
-class _UsageError(Exception):
-    """Bad command-line input or config, reported in one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise _UsageError(f"{message} (see '{self.prog} --help')")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, separate from main so its help can be tested and documented."""
-    parser = _Parser(
+    parser = Parser(
         prog="experiment",
         description="Submit experiments (foedus plans) to a director, follow them, and fetch "
         "their models.",
@@ -140,18 +130,18 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.config is None:
-            raise _UsageError(f"no config: give --config FILE or set {ENVIRONMENT}")
+            raise UsageError(f"no config: give --config FILE or set {ENVIRONMENT}")
         try:
             config = load_client_config(args.config)
         except ClientConfigError as error:
-            raise _UsageError("; ".join(error.problems)) from None
+            raise UsageError("; ".join(error.problems)) from None
         stub = _stub(config)
         handler: Callable[[director_pb2_grpc.DirectorStub, argparse.Namespace, TextIO], int]
         handler = HANDLERS[args.command]
         return handler(stub, args, out)
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else EXIT_OK
-    except (_UsageError, PkiError) as error:
+    except (UsageError, PkiError) as error:
         return _fail(str(error), EXIT_BAD_INPUT)
     except grpc.RpcError as error:
         code: grpc.StatusCode = error.code()
@@ -190,10 +180,10 @@ def _submit(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out:
     try:
         plan = args.plan.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise _UsageError(f"{args.plan}: cannot read: {error}") from None
+        raise UsageError(f"{args.plan}: cannot read: {error}") from None
     model: Path | None = args.initial_model
     if model is not None and not model.is_file():
-        raise _UsageError(f"{model}: --initial-model: file not found")
+        raise UsageError(f"{model}: --initial-model: file not found")
 
     def chunks() -> Iterator[pb.SubmitChunk]:
         if model is None:
@@ -516,6 +506,4 @@ def _when(seconds: float) -> str:
 
 
 def _fail(message: str, code: int) -> int:
-    one_line = "; ".join(line.strip() for line in message.splitlines() if line.strip())
-    print(f"experiment: error: {one_line}", file=sys.stderr)
-    return code
+    return fail("experiment", message, code)

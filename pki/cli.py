@@ -7,8 +7,9 @@ import ipaddress
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
 
+from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
+from command.usage import Parser, UsageError, fail
 from pki.binding import canonical_common_name
 from pki.errors import PemFileError, PkiError
 from pki.files import parse_certificates, parse_csr, read_pem_file
@@ -24,25 +25,11 @@ from pki.local import (
 )
 from pki.requests import Role, fingerprint
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_BAD_INPUT = 2
-
-
 SKIP_FINGERPRINT_CHECK = "--skip-fingerprint-check"
-
-
-class _UsageError(Exception):
-    """Bad command-line input, reported in one line like every other error."""
 
 
 class _NotConfirmedError(Exception):
     """The person at the terminal did not confirm the request's fingerprint; nothing is signed."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise _UsageError(f"{message} (see '{self.prog} --help')")
 
 
 def _days(text: str) -> int:
@@ -116,7 +103,7 @@ def _fingerprint_check(args: argparse.Namespace) -> Callable[[str], None] | None
     if not sys.stdin.isatty():
 
         def refuse(csr_fingerprint: str) -> None:
-            raise _UsageError(
+            raise UsageError(
                 f"not signed: the request's SHA-256 fingerprint is {csr_fingerprint} and there is "
                 f"no terminal to ask whether it is the one the requester reported; pass "
                 f"--fingerprint HEX (as the requester reported it), run on a terminal to compare "
@@ -151,10 +138,10 @@ def _cmd_setup(args: argparse.Namespace) -> int:
     try:
         plan = load_plan(args.plan)
     except PlanError as exc:
-        raise _UsageError("; ".join(str(exc).splitlines())) from None
+        raise UsageError("; ".join(str(exc).splitlines())) from None
     layout = plan.tls.certs
     if layout is None:
-        raise _UsageError(f"{args.plan}: plan is insecure (tls.insecure: true); nothing to set up")
+        raise UsageError(f"{args.plan}: plan is insecure (tls.insecure: true); nothing to set up")
     aggregator = plan.aggregator
     dns_names, ip_addresses = list(aggregator.san_dns), list(aggregator.san_ips)
     # The certificate names the common name collaborators expect; the host they dial is a SAN.
@@ -185,7 +172,7 @@ def _setup_director(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.director)
     except ConfigError as exc:
-        raise _UsageError("; ".join(exc.problems)) from None
+        raise UsageError("; ".join(exc.problems)) from None
     result = setup_local_federation(
         config.certs,
         aggregator_host=config.host,
@@ -225,7 +212,7 @@ def _cmd_fingerprint(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, separate from main so its help can be tested and documented."""
-    parser = _Parser(
+    parser = Parser(
         prog="pki",
         description="Certificates for a foedus federation: a CA, participants' keys and requests, "
         "and the signed certificates they use for mutual TLS.",
@@ -233,11 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(
-        subparsers: argparse._SubParsersAction[_Parser],
+        subparsers: argparse._SubParsersAction[Parser],
         name: str,
         summary: str,
         handler: Callable[[argparse.Namespace], int],
-    ) -> _Parser:
+    ) -> Parser:
         sub = subparsers.add_parser(name, help=summary, description=summary)
         sub.set_defaults(handler=handler)
         return sub
@@ -386,9 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str, code: int) -> int:
-    one_line = "; ".join(line.strip() for line in message.splitlines() if line.strip())
-    print(f"pki: error: {one_line}", file=sys.stderr)
-    return code
+    return fail("pki", message, code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -398,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         handler: Callable[[argparse.Namespace], int] = args.handler
         return handler(args)
-    except (_UsageError, PkiError) as exc:
+    except (UsageError, PkiError) as exc:
         return _fail(str(exc), EXIT_BAD_INPUT)
     except _NotConfirmedError as exc:
         print(file=sys.stderr)  # end the prompt's line

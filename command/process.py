@@ -1,0 +1,55 @@
+"""A long-running command's process: its log on stderr, SIGINT and SIGTERM as a request to stop."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_LEVELS = ("debug", "info", "warning", "error")  # --log-level's choices
+
+
+@contextmanager
+def logging_to_stderr(level: str) -> Iterator[None]:
+    """Log to stderr at `level` while inside, without disturbing handlers installed by others."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    previous = root.level
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous)
+
+
+@contextmanager
+def stopped_by_signals(stop: threading.Event, log: logging.Logger) -> Iterator[list[int]]:
+    """SIGINT and SIGTERM set `stop` while inside (main thread only; elsewhere nothing changes).
+
+    Yields the list the numbers of the signals received are appended to, first one first; each
+    is logged on `log` (the command's logger, so the line names it).
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handle(number: int, frame: FrameType | None) -> None:
+        log.warning("%s received: stopping", signal.Signals(number).name)
+        received.append(number)
+        stop.set()
+
+    previous = {number: signal.signal(number, handle) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
