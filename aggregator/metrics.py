@@ -8,7 +8,8 @@ at 0 when the aggregator starts; `foedus_round` says where the federation stands
 The hot paths stay cheap: bytes are counted once per transfer (an upload, a model stream, a
 tensor), never per chunk. `MetricsServer` is prometheus-client's HTTP server on the plan's
 `aggregator.metrics_address`, its own thread, started and stopped with the aggregator; it
-serves only this registry (never the process-wide default one).
+serves only this registry (never the process-wide default one). Its base, `RegistryServer`, is
+also the director's metrics endpoint (`director.metrics`).
 """
 
 from __future__ import annotations
@@ -115,13 +116,26 @@ class Metrics:
             self.download_bytes.inc(size)
 
 
-class MetricsServer:
-    """prometheus-client's HTTP server for `metrics`' registry on `address`, in its own thread."""
+class RegistryServer:
+    """prometheus-client's HTTP server for one registry on `address`, in its own thread.
 
-    def __init__(self, metrics: Metrics, address: Address) -> None:
-        self.metrics = metrics
+    The aggregator's `MetricsServer` and the director's metrics endpoint are both this: `what`
+    names the metrics in the log line, logged on `log` (the owner's logger).
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        address: Address,
+        what: str = "metrics",
+        log: logging.Logger = logger,
+    ) -> None:
+        """Serve `registry` on `address` once started."""
+        self.registry = registry
         self.address = address
         self.port = 0
+        self._what = what
+        self._log = log
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -131,10 +145,10 @@ class MetricsServer:
         `OSError` when the address cannot be bound (in use, not this machine's).
         """
         self._server, self._thread = start_http_server(
-            self.address.port, addr=self.address.host, registry=self.metrics.registry
+            self.address.port, addr=self.address.host, registry=self.registry
         )
         self.port = int(self._server.server_address[1])
-        logger.info("metrics on http://%s/metrics", self.address.with_port(self.port))
+        self._log.info("%s on http://%s/metrics", self._what, self.address.with_port(self.port))
         return self.port
 
     def stop(self) -> None:
@@ -146,3 +160,11 @@ class MetricsServer:
         if self._thread is not None:
             self._thread.join()
         self._server = self._thread = None
+
+
+class MetricsServer(RegistryServer):
+    """prometheus-client's HTTP server for `metrics`' registry on `address`, in its own thread."""
+
+    def __init__(self, metrics: Metrics, address: Address) -> None:
+        super().__init__(metrics.registry, address)
+        self.metrics = metrics

@@ -8,15 +8,14 @@ director.yaml's `metrics_address` (off by default), never the process-wide defau
 from __future__ import annotations
 
 import logging
-import threading
 from collections import Counter
 from collections.abc import Iterator
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from aggregator.metrics import RegistryServer
 from director.state import DirectorState, ExperimentState
 from plans.schema import Address
 
@@ -65,33 +64,11 @@ class DirectorCollector(Collector):
         )
 
 
-class DirectorMetrics:
+class DirectorMetrics(RegistryServer):
     """The registry with the director's collector, and its HTTP server when started."""
 
     def __init__(self, state: DirectorState, address: Address) -> None:
         """Metrics of `state`, to be served on `address`."""
-        self.registry = CollectorRegistry()
-        self.registry.register(DirectorCollector(state))
-        self.address = address
-        self.port = 0
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> int:
-        """Listen and serve; the port. `OSError` when the address cannot be bound."""
-        self._server, self._thread = start_http_server(
-            self.address.port, addr=self.address.host, registry=self.registry
-        )
-        self.port = int(self._server.server_address[1])
-        logger.info("director metrics on http://%s/metrics", self.address.with_port(self.port))
-        return self.port
-
-    def stop(self) -> None:
-        """Stop serving and close the socket."""
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join()
-        self._server = self._thread = None
+        registry = CollectorRegistry()
+        registry.register(DirectorCollector(state))
+        super().__init__(registry, address, "director metrics", logger)
