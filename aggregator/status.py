@@ -11,6 +11,9 @@ answered, since the call is already over.
 Every refusal is also told to the servicer's `observers`, with the status it is answered with
 (CANCELLED for a call that ended): metrics count it by RPC and status, the health learns from
 it that something could not be stored.
+
+The lookup (`status_in`) and the answer (`answer`) are the director's too (`director.status`),
+with its own table and its name in the messages.
 """
 
 from __future__ import annotations
@@ -75,7 +78,14 @@ STATUS_CODES: Mapping[type[Exception], grpc.StatusCode] = {
 
 def status_of(error: Exception) -> grpc.StatusCode:
     """The status a refusal is answered with (`INTERNAL` for anything that is not a refusal)."""
-    for kind, code in STATUS_CODES.items():
+    return status_in(STATUS_CODES, error)
+
+
+def status_in(
+    codes: Mapping[type[Exception], grpc.StatusCode], error: Exception
+) -> grpc.StatusCode:
+    """The status of the first class in `codes` `error` is an instance of; else `INTERNAL`."""
+    for kind, code in codes.items():
         if isinstance(error, kind):
             return code
     return grpc.StatusCode.INTERNAL
@@ -128,11 +138,29 @@ def _abort(
             method,
         )
         context.abort(code, "the call ended before its stream did")
+    answer(context, method, error, code, service="aggregator", storage=StorageError, log=logger)
+
+
+def answer(
+    context: grpc.ServicerContext,
+    method: str,
+    error: Exception,
+    code: grpc.StatusCode,
+    *,
+    service: str,
+    storage: type[Exception],
+    log: logging.Logger,
+) -> NoReturn:
+    """End the call with `code`; a bug's or a `storage` failure's detail goes to `log` only.
+
+    The aggregator's and the director's servicers answer the same way; `service` names whose
+    log has the details, `log` is that service's logger.
+    """
     if code is grpc.StatusCode.INTERNAL:
-        logger.exception("%s failed unexpectedly", method)
-        context.abort(code, f"internal error in {method}; the aggregator's log has the details")
-    if isinstance(error, StorageError):  # the detail names the aggregator's files: log it only
-        logger.error("%s: cannot store: %s", method, error)
-        context.abort(code, f"the aggregator cannot store data right now; {method} may be retried")
-    logger.info("%s refused (%s): %s", method, code.name, error)
+        log.exception("%s failed unexpectedly", method)
+        context.abort(code, f"internal error in {method}; the {service}'s log has the details")
+    if isinstance(error, storage):  # the detail names the service's files: log it only
+        log.error("%s: cannot store: %s", method, error)
+        context.abort(code, f"the {service} cannot store data right now; {method} may be retried")
+    log.info("%s refused (%s): %s", method, code.name, error)
     context.abort(code, str(error))

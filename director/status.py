@@ -12,6 +12,7 @@ from typing import NoReturn
 
 import grpc
 
+from aggregator.status import answer, status_in
 from director.errors import (
     AuthenticationError,
     AuthorizationError,
@@ -41,10 +42,7 @@ STATUS_CODES: Mapping[type[Exception], grpc.StatusCode] = {
 
 def status_of(error: Exception) -> grpc.StatusCode:
     """The status a refusal is answered with (`INTERNAL` for anything that is not a refusal)."""
-    for kind, code in STATUS_CODES.items():
-        if isinstance(error, kind):
-            return code
-    return grpc.StatusCode.INTERNAL
+    return status_in(STATUS_CODES, error)
 
 
 def abort(context: grpc.ServicerContext, method: str, error: Exception) -> NoReturn:
@@ -52,12 +50,12 @@ def abort(context: grpc.ServicerContext, method: str, error: Exception) -> NoRet
     if isinstance(error, grpc.RpcError) and not context.is_active():
         logger.info("%s: the call ended before its stream did", method)
         context.abort(grpc.StatusCode.CANCELLED, "the call ended before its stream did")
-    code = status_of(error)
-    if code is grpc.StatusCode.INTERNAL:
-        logger.exception("%s failed unexpectedly", method)
-        context.abort(code, f"internal error in {method}; the director's log has the details")
-    if isinstance(error, StorageError):  # the detail names the director's files: log it only
-        logger.error("%s: cannot store: %s", method, error)
-        context.abort(code, f"the director cannot store data right now; {method} may be retried")
-    logger.info("%s refused (%s): %s", method, code.name, error)
-    context.abort(code, str(error))
+    answer(
+        context,
+        method,
+        error,
+        status_of(error),
+        service="director",
+        storage=StorageError,
+        log=logger,
+    )
