@@ -2,18 +2,19 @@
 
 Beside the Aggregator service it serves the standard health service on the same port
 (`aggregator.health_service`), and, when the plan gives `aggregator.metrics_address`, Prometheus
-metrics over HTTP there (`aggregator.metrics`); both start and stop with it.
+metrics over HTTP there (`aggregator.metrics`); both start and stop with it. `Serving`, a gRPC
+server's lifetime in a `with`, is also the director's server's (`director.server`).
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import grpc
 
@@ -113,7 +114,35 @@ def backlog_calls(plan: Plan) -> int:
     return len(plan.collaborators) * plan.limits.max_calls_per_collaborator + BACKLOG_MARGIN
 
 
-class AggregatorGRPCServer:
+class Serving(ABC):
+    """A gRPC server's lifetime: started on entering a `with`, stopped at once on leaving.
+
+    The aggregator's server and the director's are both this; each says how it starts and stops.
+    """
+
+    _server: grpc.Server
+
+    @abstractmethod
+    def start(self) -> int:
+        """Bind and start serving; returns the port."""
+
+    @abstractmethod
+    def stop(self, grace: float) -> None:
+        """Stop serving; in-flight calls get `grace` seconds."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server stops or `timeout` passes; True if it stopped."""
+        return self._server.wait_for_termination(timeout)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop(0)
+
+
+class AggregatorGRPCServer(Serving):
     """Serves `federation` on the plan's address, over mutual TLS unless the plan says insecure."""
 
     def __init__(
@@ -226,19 +255,3 @@ class AggregatorGRPCServer:
         self._storage_watch.stop()
         if self.metrics_server is not None:  # scraped until the end
             self.metrics_server.stop()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until the server stops or `timeout` passes; True if it stopped."""
-        return self._server.wait_for_termination(timeout)
-
-    def __enter__(self) -> AggregatorGRPCServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop(0)

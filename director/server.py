@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent import futures
-from types import TracebackType
 
 import grpc
 
+from aggregator.server import Serving
 from director.config import DirectorConfig
 from director.dashboard import create_app
 from director.launcher import Launcher, LocalLauncher
@@ -34,7 +34,7 @@ class ServerError(Exception):
     """The director cannot serve at all (port in use, unusable address); not a refusal."""
 
 
-class DirectorServer:
+class DirectorServer(Serving):
     """Serves a director.yaml's director over mutual TLS, its supervisor running beside it."""
 
     def __init__(
@@ -136,19 +136,3 @@ class DirectorServer:
         if self._supervisor is not None:
             self._supervisor.join(timeout=60)
         self.state.close()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until the server stops or `timeout` passes; True if it stopped."""
-        return self._server.wait_for_termination(timeout)
-
-    def __enter__(self) -> DirectorServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop(0)
