@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pki.layout import CertsLayout
-from plans.loader import PlanError, Section, read_listen_address, read_yaml
+from plans.loader import Section, read_config, read_listen_address
 from plans.schema import Address
 
 MIB = 1024 * 1024
@@ -88,12 +88,7 @@ class DirectorConfig:
 
 def load_config(path: str | Path) -> DirectorConfig:
     """Read and check director.yaml at `path`; raise `ConfigError` listing every problem."""
-    config_path = Path(path)
-    try:
-        data = read_yaml(config_path)
-    except PlanError as error:
-        raise ConfigError(error.problems) from None
-    return parse_config(data, config_path)
+    return read_config(path, parse_config, ConfigError)
 
 
 def parse_config(data: object, config_path: Path) -> DirectorConfig:

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from pki.layout import CertsLayout
-from plans.loader import RUNNER_PATTERN, PlanError, Section, read_yaml
+from plans.loader import RUNNER_PATTERN, Section, read_config
 
 REDIS_URL = re.compile(r"^rediss?://[^\s]+$")
 
@@ -104,12 +104,7 @@ class EnvoyConfig:
 
 def load_config(path: str | Path) -> EnvoyConfig:
     """Read and check envoy.yaml at `path`; raise `ConfigError` listing every problem."""
-    config_path = Path(path)
-    try:
-        data = read_yaml(config_path)
-    except PlanError as error:
-        raise ConfigError(error.problems) from None
-    return parse_config(data, config_path)
+    return read_config(path, parse_config, ConfigError)
 
 
 def parse_config(data: object, config_path: Path) -> EnvoyConfig:

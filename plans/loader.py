@@ -186,6 +186,23 @@ def load_plan(path: str | Path) -> Plan:
     return parse_plan(read_yaml(plan_path), plan_path)
 
 
+def read_config(
+    path: str | Path,
+    parse: Callable[[object, Path], T],
+    error: Callable[[list[str]], Exception],
+) -> T:
+    """Read a service's YAML config (director.yaml, envoy.yaml) and check it with `parse`.
+
+    Read as strictly as a plan; a file that is not YAML raises `error` with its problems.
+    """
+    config_path = Path(path)
+    try:
+        data = read_yaml(config_path)
+    except PlanError as problem:
+        raise error(problem.problems) from None
+    return parse(data, config_path)
+
+
 def read_yaml(plan_path: Path) -> object:
     """The YAML document in a file (with `yaml.safe_load`); `PlanError` naming the file if not."""
     try:
