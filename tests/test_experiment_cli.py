@@ -49,7 +49,14 @@ def director(
     tmp_path: Path, director_certs: CertsLayout, launcher: RecordingLauncher
 ) -> Iterator[Director]:
     """A director with automatic review, its envoys registered."""
-    with running_director(tmp_path / "director", director_certs, launcher=launcher) as running:
+    with running_director(
+        tmp_path / "director",
+        director_certs,
+        launcher=launcher,
+        # The envoys register once and never beat: online for 20 minutes, not 2 s, however slow
+        # the machine is between their registration and a test's look.
+        health_check_seconds=600,
+    ) as running:
         for name in ENVOYS:
             running.stub(name, role="envoy").RegisterEnvoy(
                 pb.RegisterEnvoyRequest(

@@ -23,6 +23,8 @@ ROUNDS = 10
 CUTOFF_SECONDS = 600
 OFFLINE_AFTER_SECONDS = 3
 TRAIN_PAUSE_SECONDS = 1.0  # each train task lasts this long, so the rounds outlast a restart
+HOLD_ENV = "FOEDUS_TEST_HOLD"  # while the file it names exists, training waits (60 s at most)
+HOLD_SECONDS = 60.0
 KILLED = -signal.SIGKILL
 
 
@@ -48,11 +50,16 @@ def presence(report: dict[str, object], name: str) -> object:
 
 
 class PacedRunner(DigitsRunner):
-    """The digits runner, whose training takes at least TRAIN_PAUSE_SECONDS."""
+    """The digits runner, whose training takes at least TRAIN_PAUSE_SECONDS, and waits while the
+    test holds the federation (the file named by HOLD_ENV exists; heartbeats go on meanwhile)."""
 
     def train(self, model: Model) -> TrainOutcome:
-        """Pause, then train as the digits runner does."""
+        """Pause (longer while held), then train as the digits runner does."""
         time.sleep(TRAIN_PAUSE_SECONDS)
+        hold = Path(os.environ.get(HOLD_ENV, "/nonexistent"))
+        deadline = time.monotonic() + HOLD_SECONDS
+        while hold.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
         return super().train(model)
 
 
@@ -73,7 +80,11 @@ def test_a_killed_collaborator_costs_seconds_and_takes_part_again_once_restarted
         },
         connection={"heartbeat_seconds": 1},
     )
-    environment = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    hold = tmp_path / "hold"
+    environment = {
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        HOLD_ENV: str(hold),
+    }
     federation = FederationProcesses(plan, tmp_path)
     try:
         federation.start("aggregator", env=environment)
@@ -91,7 +102,15 @@ def test_a_killed_collaborator_costs_seconds_and_takes_part_again_once_restarted
             time.sleep(0.2)
         assert report["aggregator_running"] is True and report["finished"] is False
         assert presence(report, "alice") == "online"
+        # alice and carol wait in their training until bob is back, so the federation cannot
+        # finish before he rejoins however slowly he starts on a loaded machine.
+        hold.touch()
         federation.start("bob", env=environment)
+        deadline = time.monotonic() + 120
+        while presence(report := status(plan), "bob") != "online":
+            assert time.monotonic() < deadline, report
+            time.sleep(0.2)
+        hold.unlink()
         codes = federation.wait_all(180)
     finally:
         federation.stop_all()
