@@ -165,6 +165,19 @@ def wait_for(check: Callable[[], Any], what: str) -> Any:
     raise AssertionError(f"gave up waiting for {what}")
 
 
+def submit_once_envoys_online(director: Director, plan: str) -> str:
+    """ada's experiment id, submitted once every envoy is online (so each site takes part)."""
+    wait_for(
+        lambda: sum(e.online for e in director.server.state.envoys()) == len(ENVOYS),
+        "the three envoys online",
+    )
+    return str(
+        director.stub("ada")
+        .SubmitExperiment(iter([pb.SubmitChunk(plan_yaml=plan)]), timeout=60)
+        .experiment_id
+    )
+
+
 def test_the_dashboard_follows_a_running_experiment_live(
     tmp_path: Path, director: Director, browser: WebDriver
 ) -> None:
@@ -189,15 +202,7 @@ def test_the_dashboard_follows_a_running_experiment_live(
     base = f"https://localhost:{director.server.dashboard.port}"
     secret = TokenStore(director.server.config.state_dir).issue("ada")
     with envoys_running(tmp_path / "sites", director.certs, director.port):
-        wait_for(
-            lambda: sum(e.online for e in director.server.state.envoys()) == len(ENVOYS),
-            "the three envoys online",
-        )
-        experiment_id = (
-            director.stub("ada")
-            .SubmitExperiment(iter([pb.SubmitChunk(plan_yaml=plan)]), timeout=60)
-            .experiment_id
-        )
+        experiment_id = submit_once_envoys_online(director, plan)
         # Unauthenticated: the experiment's page is not served, the login page is.
         browser.get(f"{base}/experiments/{experiment_id}")
         wait_for(lambda: browser.current_url == f"{base}/login", "the redirect to /login")
@@ -294,15 +299,7 @@ def test_the_demos_screenshot_script_saves_the_page_of_a_run(
         return screenshot_main([*argv, "--rounds", "2", "--timeout", str(WAIT_SECONDS)])
 
     with envoys_running(tmp_path / "sites", director.certs, director.port):
-        wait_for(
-            lambda: sum(e.online for e in director.server.state.envoys()) == len(ENVOYS),
-            "the three envoys online",
-        )
-        experiment_id = (
-            director.stub("ada")
-            .SubmitExperiment(iter([pb.SubmitChunk(plan_yaml=plan)]), timeout=60)
-            .experiment_id
-        )
+        experiment_id = submit_once_envoys_online(director, plan)
         assert shoot(tmp_path / "wrong", experiment_id) == 1
         assert "refused the token" in capsys.readouterr().err
         assert not output.exists()
