@@ -36,7 +36,7 @@ from director.errors import (
     UnavailableError,
 )
 from director.identity import PEOPLE, Caller
-from director.launcher import LOG_FILE
+from director.launcher import LOG_FILE, log_tail
 from director.service import DirectorService, ExperimentView
 from director.state import Envoy
 from director.tokens import TokenStore
@@ -355,15 +355,6 @@ def _envoy(envoy: Envoy, experiments: tuple[str, ...], now: float) -> dict[str, 
 def _log_tail(path: Path) -> list[str]:
     """The last lines of a log (none yet: empty)."""
     try:
-        with path.open("rb") as file:
-            size = file.seek(0, 2)
-            file.seek(max(0, size - LOG_TAIL_BYTES))
-            data = file.read()
-    except FileNotFoundError:
-        return []
+        return log_tail(path, LOG_TAIL_LINES, LOG_TAIL_BYTES)
     except OSError as error:
         raise StorageError(f"{path}: cannot read: {error.strerror}") from None
-    lines = data.decode("utf-8", "replace").splitlines()
-    if len(data) == LOG_TAIL_BYTES or (len(lines) > 0 and size > LOG_TAIL_BYTES):
-        lines = lines[1:]  # the first may be cut
-    return lines[-LOG_TAIL_LINES:]

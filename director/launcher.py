@@ -67,6 +67,25 @@ class Launcher(Protocol):
         ...
 
 
+def log_tail(path: Path, max_lines: int, max_bytes: int) -> list[str]:
+    """The last lines of a child's log, read from its last `max_bytes` at most (none yet: []).
+
+    When the log is longer than that, the first line read may be cut, and is left out. Other
+    failures to read raise `OSError`, for the caller to report as its own error.
+    """
+    try:
+        with path.open("rb") as file:
+            size = file.seek(0, 2)
+            file.seek(max(0, size - max_bytes))
+            data = file.read()
+    except FileNotFoundError:
+        return []
+    lines = data.decode("utf-8", "replace").splitlines()
+    if size > max_bytes:
+        lines = lines[1:]
+    return lines[-max_lines:]
+
+
 class ChildProcesses:
     """Commands as child processes of this host, each in its own session, under `director.child`.
 

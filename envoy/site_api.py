@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from director.launcher import log_tail
 from envoy.errors import (
     EnvoyError,
     FinishedError,
@@ -281,15 +282,9 @@ def _read_plan(path_text: str) -> str:
 
 def _tail(path: Path, lines: int) -> str:
     try:
-        with path.open("rb") as file:
-            size = file.seek(0, 2)
-            file.seek(max(0, size - _LOG_TAIL_BYTES))
-            text = file.read().decode("utf-8", errors="replace")
-    except FileNotFoundError:
-        return ""
+        kept = log_tail(path, lines, _LOG_TAIL_BYTES)
     except OSError as error:
         raise StateError(f"{path}: cannot read: {error.strerror}") from None
-    kept = text.splitlines()[-lines:]
     return "".join(f"{line}\n" for line in kept)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from director.launcher import LOG_FILE, STATUS_FILE, Ended, LocalLauncher
+from director.launcher import LOG_FILE, STATUS_FILE, Ended, LocalLauncher, log_tail
 
 WAIT_SECONDS = 60
 
@@ -148,3 +148,15 @@ def test_the_child_parent_needs_a_status_and_a_command(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as caught:
         main(argv)
     assert caught.value.code == 2
+
+
+def test_log_tail_keeps_whole_lines_only(tmp_path: Path) -> None:
+    """No log yet: no lines; a log longer than the bytes read loses its cut first line only."""
+    log = tmp_path / LOG_FILE
+    assert log_tail(log, 10, 64) == []
+    log.write_bytes(b"first line\nsecond\nthird\n")
+    assert log_tail(log, 10, 64) == ["first line", "second", "third"]
+    assert log_tail(log, 2, 64) == ["second", "third"]
+    assert log_tail(log, 10, 17) == ["second", "third"]  # "line\n" was read, and left out
+    log.write_bytes(b"x" * 100 + b"\n\xff end\n")
+    assert log_tail(log, 10, 8) == ["\ufffd end"]
