@@ -162,7 +162,7 @@ def _run_task(
         data_size, metrics = validation.data_size, validation.metrics
     elif task == TRAIN:
         with beat.during():
-            outcome = runner.train(current.global_model)
+            outcome = runner.train(current.global_model, round_number)
         _check_trained(outcome.model, current.global_model)
         current.trained_model = outcome.model
         tensors = [

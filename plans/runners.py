@@ -56,8 +56,12 @@ class TaskRunner(Protocol):
         """The model of round 0, the same on every party for the same settings (seeded)."""
         ...
 
-    def train(self, model: Model) -> TrainOutcome:
-        """Train `model` on this collaborator's data and return the result."""
+    def train(self, model: Model, round_number: int) -> TrainOutcome:
+        """Train `model` (the global model of `round_number`) on this collaborator's data.
+
+        Every random choice comes from the plan's seed, this site and `round_number`, never from
+        state of this process: a collaborator restarted mid-federation must train as it would have.
+        """
         ...
 
     def validate(self, model: Model) -> Validation:

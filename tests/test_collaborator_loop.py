@@ -92,7 +92,7 @@ def test_alice_sends_her_three_tasks_of_round_zero(certs: CertsLayout) -> None:
     assert_metrics(agg, {"metric", "validate_agg"}, check.validate(initial).metrics)
 
     train = results["train"]
-    outcome = check.train(initial)
+    outcome = check.train(initial, 0)
     assert train.data_size == outcome.data_size == len(check.shard.train)
     trained = tensors_of(train)
     assert set(trained) == {*SHAPES, "loss"}
@@ -129,7 +129,7 @@ def test_the_loop_ends_when_the_aggregator_says_quit(certs: CertsLayout) -> None
     assert report == CollaboratorReport(quit=True, tasks_run=4, rounds=[0, 1], missed_rounds=[])
     assert federation.finished and federation.told_to_quit() == ("alice",)
     # FedAvg of one collaborator is her trained model, which a fresh runner of hers repeats.
-    trained = runner_for(plan).train(DigitsRunner.initial_model(plan.runner)).model
+    trained = runner_for(plan).train(DigitsRunner.initial_model(plan.runner), 0).model
     final = federation.model()
     for name, array in trained.items():
         np.testing.assert_allclose(final[name], array, rtol=1e-6, err_msg=name)

@@ -55,8 +55,8 @@ def replay(runner: dict[str, object], rounds: int) -> dict[str, Array]:
         for name in COLLABORATORS
     }
     model = factory.initial_model(settings)
-    for _ in range(rounds):
-        outcomes = {name: runners[name].train(model) for name in COLLABORATORS}
+    for round_number in range(rounds):
+        outcomes = {name: runners[name].train(model, round_number) for name in COLLABORATORS}
         model = federated_average(
             {name: Contribution(o.data_size, o.model) for name, o in outcomes.items()}, model
         )
