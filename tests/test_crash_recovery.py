@@ -1,5 +1,9 @@
 """Crashes of real processes: the aggregator killed (-9) at each point of a round, collaborators killed mid-task.
 
+A collaborator killed (-9) and started again by hand also leaves the final model byte for byte
+that of a run without faults: runners draw their randomness from the seed, the site and the
+round, never from the process.
+
 The aggregator dies at a failpoint (``FOEDUS_FAILPOINTS``, see `aggregator.failpoints`) or by an
 outside SIGKILL, is started again with the same plan and no failpoint, and the federation must
 finish with a final model byte for byte that of a run without faults. Collaborators retry while
@@ -9,6 +13,7 @@ the aggregator is away (a patient `connection` section). Every wait is bounded.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 from pathlib import Path
@@ -18,6 +23,8 @@ import pytest
 
 from pki.layout import CertsLayout
 
+from dying_runner import NAME as DYING_RUNNER
+from dying_runner import arm
 from processes import COLLABORATORS, FederationProcesses, run_federation, write_plan
 
 ROUNDS = 3
@@ -25,6 +32,7 @@ ROUNDS = 3
 PATIENT = {"max_retries": 200, "max_wait_seconds": 60}
 KILLED = -signal.SIGKILL
 DEADLINE_SECONDS = 180  # a bound for a loaded machine; a quiet one needs seconds
+TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +187,45 @@ def test_collaborator_killed_for_good_is_left_behind_by_the_cutoff(
     stdout = federation.output()
     assert "final validation  reported bob,carol (missing alice)" in stdout, stdout
     assert "federation finished: 3 rounds" in stdout, stdout
+
+
+def test_collaborator_killed_twice_and_restarted_by_hand_leaves_the_same_model(
+    reference: dict[str, bytes], certs: CertsLayout, tmp_path: Path
+) -> None:
+    """Alice killed -9 after sending round 0's results, then dying mid-train in round 2, each time
+    started again by hand: the final and best models are the fault-free run's, byte for byte.
+
+    Bob and carol start only after the first kill, so round 0 cannot close without alice and
+    she is surely waiting in it; the second death is her runner's own SIGKILL (`dying_runner`),
+    after training round 2 and before sending it. Alice's runner is the digits runner, armed."""
+    plan = write_plan(tmp_path, certs, ROUNDS, connection=PATIENT, runner={"name": DYING_RUNNER})
+    federation = FederationProcesses(plan, tmp_path)
+    environment = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    marker = tmp_path / "alice-died-in-round-2"
+    alice = {**environment, **arm(2, marker)}
+    try:
+        federation.start("aggregator", env=environment)
+        federation.start("alice", env=alice)
+        pattern = r"round 0: locally_tuned_model_validation on"
+        federation.wait_for_log("alice", pattern, DEADLINE_SECONDS)
+        federation.kill("alice")
+        assert federation.wait("alice", 10) == KILLED  # killed while it waited on round 0
+        federation.start("alice", env=alice)
+        for name in ("bob", "carol"):
+            federation.start(name, env=environment)
+        assert federation.wait("alice", DEADLINE_SECONDS) == KILLED
+        assert marker.exists()  # it died by its own hand, mid-task in round 2
+        assert "round 2: train" not in federation.log("alice")
+        federation.start("alice", env=alice)
+        codes = federation.wait_all(DEADLINE_SECONDS)
+    finally:
+        federation.stop_all()
+    assert codes == dict.fromkeys(("aggregator", *COLLABORATORS), 0), federation.output()
+    stdout = federation.output()
+    rounds = [line for line in stdout.splitlines() if "reported" in line]
+    assert len(rounds) == ROUNDS + 1 and all(
+        "reported alice,bob,carol " in line for line in rounds
+    ), stdout
+    output = tmp_path / "output"
+    assert (output / "last_model.pbuf").read_bytes() == reference["last_model.pbuf"]
+    assert (output / "best_model.pbuf").read_bytes() == reference["best_model.pbuf"]
