@@ -1,5 +1,7 @@
 """A digits runner that kills its own process once, in the middle of a train task: a sure moment.
 
+`die_if_armed` is the same death for other runners (the PyTorch one in torch_runner/net_runner).
+
 Crash tests name it as `dying_runner:DyingDigitsRunner` (this folder on PYTHONPATH) and arm it
 in one collaborator's environment with `FOEDUS_TEST_DIE=ROUND:MARKER`: the first train task of
 round ROUND that finds no file MARKER creates it, trains, and sends itself SIGKILL before the
@@ -25,17 +27,23 @@ def arm(round_number: int, marker: Path) -> dict[str, str]:
     return {ENVIRONMENT_VARIABLE: f"{round_number}:{marker}"}
 
 
+def die_if_armed(round_number: int) -> None:
+    """SIGKILL this process if armed for `round_number` and not yet dead once (the marker)."""
+    armed, _, marker = os.environ.get(ENVIRONMENT_VARIABLE, "").partition(":")
+    if not armed or int(armed) != round_number:
+        return
+    try:
+        Path(marker).open("x").close()  # exclusive: one death, whatever restarts follow
+    except FileExistsError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 class DyingDigitsRunner(DigitsRunner):
     """The digits runner; armed, it dies once in the middle of a train task (see the module)."""
 
     def train(self, model: Model, round_number: int) -> TrainOutcome:
         """Train as the digits runner does; armed for this round, die before returning."""
         outcome = super().train(model, round_number)
-        armed, _, marker = os.environ.get(ENVIRONMENT_VARIABLE, "").partition(":")
-        if armed and int(armed) == round_number:
-            try:
-                Path(marker).open("x").close()  # exclusive: one death, whatever restarts follow
-            except FileExistsError:
-                return outcome
-            os.kill(os.getpid(), signal.SIGKILL)
+        die_if_armed(round_number)
         return outcome

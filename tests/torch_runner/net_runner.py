@@ -12,8 +12,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from plans.runners import Model, TrainOutcome
 from plans.schema import RunnerSettings
 from torch_runner import LoopOutcome, TorchRunner
+from torch_runner.digits import DigitsCNNRunner
+
+from dying_runner import die_if_armed
 
 
 class Net(nn.Module):
@@ -91,3 +95,13 @@ class DropoutRunner(NetRunner):
     @classmethod
     def build_module(cls, settings: RunnerSettings) -> nn.Module:
         return DropoutNet(cls.features, cls.dtype)
+
+
+class DyingCNNRunner(DigitsCNNRunner):
+    """The CNN example; armed (`dying_runner`), it dies once in the middle of a train task."""
+
+    def train(self, model: Model, round_number: int) -> TrainOutcome:
+        """Train as the example does; armed for this round, die before returning."""
+        outcome = super().train(model, round_number)
+        die_if_armed(round_number)
+        return outcome

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +18,14 @@ from protos import base_pb2
 from protos.codec import decode_tensor
 from protos.dtypes import bfloat16_dtype
 
+from dying_runner import arm
 from processes import COLLABORATORS, REPO, FederationProcesses, final_accuracy, write_plan
 
 HERE = Path(__file__).resolve().parent
 EXAMPLE_PLAN = REPO / "plans" / "torch_digits.yaml"
-ENVIRONMENT = {"PYTHONPATH": str(HERE)}  # net_runner, for the processes
+# net_runner and the dying_runner it imports, for the processes
+ENVIRONMENT = {"PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+KILLED = -signal.SIGKILL
 
 
 def run(
@@ -86,6 +91,43 @@ def test_the_cnn_example_learns_the_digits_over_mtls(certs: CertsLayout, tmp_pat
     assert final_accuracy(federation.output()) >= 0.95, federation.output()
     final = read_model(tmp_path / "output" / "last_model.pbuf")
     assert final["bn1.num_batches_tracked"].dtype == np.int64  # a buffer, averaged as an integer
+    assert_same_model(final, replay(runner, rounds))
+
+
+@pytest.mark.slow
+def test_a_collaborator_killed_twice_and_started_again_leaves_the_same_model(
+    certs: CertsLayout, tmp_path: Path
+) -> None:
+    """The CNN example, alice killed -9 after sending round 0's results, then dying mid-train in
+    round 2, each time started again by hand: the final model is the replay's, bit for bit.
+
+    Bob and carol start after the first kill, so round 0 cannot close without alice; the second
+    death is her runner's own SIGKILL (`dying_runner`), after training, before sending."""
+    example = yaml.safe_load(EXAMPLE_PLAN.read_text(encoding="utf-8"))["runner"]
+    runner = {**example, "name": "net_runner:DyingCNNRunner"}
+    rounds = 3
+    federation = FederationProcesses(write_plan(tmp_path, certs, rounds, runner=runner), tmp_path)
+    marker = tmp_path / "alice-died-in-round-2"
+    alice = {**ENVIRONMENT, **arm(2, marker)}
+    try:
+        federation.start("aggregator", env=ENVIRONMENT)
+        federation.start("alice", env=alice)
+        federation.wait_for_log("alice", "round 0: locally_tuned_model_validation on", 180)
+        federation.kill("alice")
+        assert federation.wait("alice", 10) == KILLED  # killed while it waited on round 0
+        federation.start("alice", env=alice)
+        for name in ("bob", "carol"):
+            federation.start(name, env=ENVIRONMENT)
+        assert federation.wait("alice", 180) == KILLED
+        assert marker.exists()  # it died by its own hand, mid-task in round 2
+        federation.start("alice", env=alice)
+        codes = federation.wait_all()
+    finally:
+        federation.stop_all()
+    assert set(codes.values()) == {0}, (codes, federation.output(), federation.log("alice"))
+    rows = [line for line in federation.output().splitlines() if "reported" in line]
+    assert len(rows) == rounds + 1 and all("reported alice,bob,carol " in r for r in rows), rows
+    final = read_model(tmp_path / "output" / "last_model.pbuf")
     assert_same_model(final, replay(runner, rounds))
 
 
