@@ -9,6 +9,7 @@ implement `TaskRunner`; nothing is evaluated from the plan.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -97,15 +98,33 @@ def load_runner(settings: RunnerSettings) -> RunnerFactory:
     except ImportError as error:
         raise RunnerError(f"runner.name: cannot import {module_name!r}: {error}") from None
     runner = getattr(module, class_name, None)
-    missing = [
-        method
-        for method in ("initial_model", "train", "validate")
-        if not callable(getattr(runner, method, None))
-    ]
+    methods = {name: getattr(runner, name, None) for name in ("initial_model", "train", "validate")}
+    missing = [name for name, method in methods.items() if not callable(method)]
     if not isinstance(runner, type) or missing:
         raise RunnerError(
             f"runner.name: {target!r} is not a task runner class"
             + (f" (it lacks {', '.join(missing)})" if missing else "")
         )
+    if not _takes(methods["train"], None, {}, 0):  # (self, model, round_number)
+        raise RunnerError(
+            f"runner.name: {target!r}: train must take (model, round_number), the round whose "
+            f"model it trains; draw the round's random choices from the seed, the site and "
+            f"round_number, never from a count kept in the process"
+        )
     factory: RunnerFactory = runner  # type: ignore[assignment]
     return factory
+
+
+def _takes(function: object, *arguments: object) -> bool:
+    """Whether `function` accepts these positional arguments (True when it cannot be told)."""
+    if not callable(function):
+        return False
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return True
+    try:
+        signature.bind(*arguments)
+    except TypeError:
+        return False
+    return True
