@@ -11,8 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from prometheus_client import generate_latest
-from test_durable_state import UUID, federation_of, open_state, schema_of
-from test_durable_state import report as report_round
 
 from aggregator.errors import InvalidRequestError
 from aggregator.federation import Federation
@@ -26,6 +24,8 @@ from plans.schema import StragglerPolicy, StragglerSettings
 
 from old_states import before_departures
 from servers import make_plan
+from test_durable_state import UUID, federation_of, open_state, schema_of
+from test_durable_state import report as report_round
 from test_federation import AMV, Clock, federation, report, result
 
 REASON = "the task runner failed (ValueError)"
