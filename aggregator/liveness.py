@@ -15,7 +15,7 @@ The rule, written once here: a collaborator is
   everyone `offline_after` seconds to come back before judging them);
 * ``not heard from`` before its first call, while that grace lasts;
 * ``left`` once it has told the aggregator it gives up (the foedus `Leave` RPC, with a reason),
-  whatever its calls say, until it rejoins: any later call of its but `Leave` (`rejoin`, which
+  whatever its calls say, until it rejoins: a later call of its (`rejoin`, which
   the servicer calls; `aggregator.federation` makes both durable first).
 
 `awaited` is who a round still waits for (everyone not offline and not left);

@@ -114,9 +114,11 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
     ) -> aggregator_pb2.HeartbeatResponse:
         """Note that a collaborator busy with a task is alive: foedus's extension.
 
-        The identity check marks it seen (`_authenticated`), as for every RPC; nothing else.
+        The identity check marks it seen (`_authenticated`), as for every RPC; nothing else. It
+        does not rejoin a collaborator that has left: one sent just before its `Leave` may
+        arrive after it (a collaborator started again calls `GetTasks` first anyway).
         """
-        with self._authenticated(context, request.header) as caller:
+        with self._authenticated(context, request.header, rejoins=False) as caller:
             return aggregator_pb2.HeartbeatResponse(header=self._reply_header(caller))
 
     @refusals_as_status
@@ -301,7 +303,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
         """The caller a request speaks for, holding one of its call slots while inside.
 
         Inside, the caller counts as alive (`aggregator.liveness`): a call in progress. A caller
-        that had left has rejoined (every RPC but `Leave`: `rejoins`).
+        that had left has rejoined (every RPC but `Leave` and `Heartbeat`: `rejoins`).
         """
         peer = self.gatekeeper.identify(_peer_common_names(context))
         with self._slot(peer):

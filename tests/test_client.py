@@ -646,13 +646,21 @@ def test_ipv6_literal_is_dialled_in_brackets(certs: CertsLayout) -> None:
 
 
 def test_leave_is_answered_once_and_makes_alice_leave(plan: Plan) -> None:
-    """Leave goes with alice's header over her certificate; a second one changes nothing."""
+    """Leave goes with alice's header over her certificate; a second one changes nothing; a
+    heartbeat (perhaps sent before the Leave) does not bring her back, any other call does."""
     federation = make_federation(plan)
     with running_aggregator(plan, federation) as server, client_for(plan, server.port) as client:
         client.leave("the task runner failed (ValueError)")
         client.leave("another reason")
-    [departure] = federation.liveness.departures()
-    assert (departure.name, departure.reason) == ("alice", "the task runner failed (ValueError)")
+        [departure] = federation.liveness.departures()
+        assert (departure.name, departure.reason) == (
+            "alice",
+            "the task runner failed (ValueError)",
+        )
+        assert client.heartbeat()
+        assert federation.liveness.departures() == (departure,)
+        client.ping()
+        assert federation.liveness.departures() == ()
 
 
 def test_leave_gives_up_within_its_own_bound_whatever_the_plan_allows(plan: Plan) -> None:
