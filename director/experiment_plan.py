@@ -131,7 +131,7 @@ def check_submitted(
 
 
 def check_runner(runner: RunnerSettings, *, runners: Collection[str], initial_model: bool) -> None:
-    """A runner director.yaml allows is imported and checks `runner.settings`; any other needs a model.
+    """An allowed runner is imported to check `runner.settings`; any other needs a model.
 
     Importing a module runs its code: the director's host imports only the runners its admin
     listed in director.yaml `runners`. A plan naming another runner brings its initial model, so

@@ -1,11 +1,12 @@
 """`TorchRunner`: a task runner around a `torch.nn.Module`; a subclass writes only its loops.
 
 A subclass gives `build_module` (the architecture), `fit` (its training loop over this site's
-data) and `evaluate` (its evaluation loop), loads its data in `setup` and checks its settings in
-`check_settings` (so the director and the aggregator refuse a typo before anything starts). The base class does
-the rest of the `plans.runners.TaskRunner` contract: the seeded initial model, the global model
-copied into the module (checked first: names, shapes and dtypes), the trained state dict handed
-back as named arrays, bit for bit, and buffers kept at the site when asked (`keep_local`).
+data) and `evaluate` (its evaluation loop), loads its data in `setup`, and checks its settings in
+`check_settings` (so a director and `aggregator start` refuse a typo before anything starts).
+The base class does the rest of the `plans.runners.TaskRunner` contract: the seeded initial
+model, the global model copied into the module (checked first: names, shapes and dtypes), the
+trained state dict handed back as named arrays, bit for bit, and buffers kept at the site when
+asked (`keep_local`).
 """
 
 from __future__ import annotations
