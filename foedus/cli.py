@@ -161,7 +161,7 @@ def _export(path: Path, output: Path, chosen: str | None, *, force: bool, out: T
         # Imported here: only an export to it needs the package (and its Rust extension).
         from safetensors.numpy import save_file  # noqa: PLC0415
 
-        arrays = {name: np.ascontiguousarray(array) for name, array in tensors.items()}
+        arrays = {name: np.asarray(array, order="C") for name, array in tensors.items()}
         replace_file(output, lambda temporary: save_file(arrays, temporary))
     else:
         clashes = sorted(_SAVEZ_PARAMETERS & tensors.keys())
