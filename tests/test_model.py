@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from safetensors.numpy import load_file
 
 from aggregator.storage import read_model
@@ -20,9 +21,11 @@ from durable.files import replace_file
 from foedus import model
 from foedus.cli import main
 from pki.layout import CertsLayout
+from plans.runners import load_runner
+from plans.schema import RunnerSettings
 from protos.dtypes import bfloat16_dtype
 
-from processes import FederationRun, run_federation
+from processes import REPO, FederationRun, final_accuracy, run_federation
 
 
 def mixed() -> dict[str, np.ndarray]:
@@ -47,9 +50,27 @@ def assert_same(loaded: dict[str, np.ndarray], expected: dict[str, np.ndarray]) 
 
 @pytest.fixture(scope="module")
 def federation(certs: CertsLayout, tmp_path_factory: pytest.TempPathFactory) -> FederationRun:
-    """A real short federation of the digits runner: its best model is the one people download."""
-    run = run_federation(tmp_path_factory.mktemp("federation"), certs, 2)
+    """A real short federation of the digits runner, started from a model `model.save` wrote
+    (`aggregator.initial_model`): its best model is the one people download."""
+    folder = tmp_path_factory.mktemp("federation")
+    plan = yaml.safe_load((REPO / "plans" / "local.yaml").read_text(encoding="utf-8"))
+    settings = RunnerSettings(
+        plan["runner"]["name"], plan["runner"]["seed"], plan["runner"]["settings"]
+    )
+    initial = load_runner(settings).initial_model(settings)
+    rng = np.random.default_rng(3)
+    model.save(
+        folder / "initial.pbuf",
+        {
+            name: (rng.normal(size=array.shape) / 100).astype(array.dtype)
+            for name, array in initial.items()
+        },
+    )
+    run = run_federation(
+        folder, certs, 2, aggregator={"initial_model": str(folder / "initial.pbuf")}
+    )
     assert set(run.exit_codes.values()) == {0}, run
+    assert final_accuracy(run.aggregator_stdout) >= 0.8, run.aggregator_stdout
     return run
 
 
