@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -99,6 +100,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return fail(PROGRAM, str(error), EXIT_BAD_INPUT)
     except model.StorageError as error:
         return fail(PROGRAM, str(error), EXIT_FAILURE)
+    except BrokenPipeError:  # `model inspect FILE | head`: the reader has what it wanted
+        if out is sys.stdout:  # nothing more reaches it, not even the flush at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except OSError as error:
         where = f"{error.filename}: " if error.filename else ""
         return fail(PROGRAM, f"{where}{error.strerror or error}", EXIT_FAILURE)

@@ -359,3 +359,20 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def test_inspect_piped_into_head_ends_quietly(tmp_path: Path) -> None:
+    """`model inspect FILE | head -1` of a model of many tensors: exit 0, nothing on stderr."""
+    path = tmp_path / "wide.pbuf"
+    model.save(path, {f"layer{index:05d}.weight": np.zeros(1, np.float32) for index in range(4000)})
+    script = Path(sys.executable).parent / "model"
+    with subprocess.Popen(
+        [str(script), "inspect", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as process:
+        assert process.stdout is not None and process.stderr is not None
+        assert process.stdout.readline().split() == [b"TENSOR", b"DTYPE", b"SHAPE", b"BYTES"]
+        process.stdout.close()  # as head does after its line: the rest meets a closed pipe
+        assert process.wait(timeout=60) == 0
+        assert process.stderr.read() == b""
