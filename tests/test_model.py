@@ -376,3 +376,20 @@ def test_inspect_piped_into_head_ends_quietly(tmp_path: Path) -> None:
         process.stdout.close()  # as head does after its line: the rest meets a closed pipe
         assert process.wait(timeout=60) == 0
         assert process.stderr.read() == b""
+
+
+def test_npz_refuses_a_tensor_named_as_a_savez_parameter(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A tensor named `file` cannot be a keyword of numpy.savez: one line pointing to safetensors,
+    which takes it."""
+    path = tmp_path / "model.pbuf"
+    model.save(path, {"file": np.ones(2, np.float32)})
+    code, _, err = run(capsys, "export", str(path), "-o", str(tmp_path / "m.npz"))
+    assert (code, err) == (
+        2,
+        f"model: error: {path}: tensor 'file': .npz cannot hold a tensor of that name with "
+        "numpy.savez; export to .safetensors instead\n",
+    )
+    assert run(capsys, "export", str(path), "-o", str(tmp_path / "m.safetensors"))[0] == 0
+    assert load_file(str(tmp_path / "m.safetensors"))["file"].tolist() == [1.0, 1.0]
