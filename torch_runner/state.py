@@ -15,7 +15,6 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from foedus.model import load as load_model
 from plans.runners import RunnerError
 from protos.dtypes import bfloat16_dtype, is_bfloat16
 
@@ -75,7 +74,11 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     The tensors own the arrays `foedus.model.load` reads (no second copy, no read-only warning),
     with every dtype as it was sent; `foedus.model.ModelFileError` names a file that is not one.
     """
-    return {name: _sharing_tensor(array) for name, array in load_model(path).items()}
+    # Imported here: foedus.model reads with the aggregator's reader, and a collaborator that
+    # imports this module to train never needs it (nor imports the aggregator).
+    from foedus.model import load  # noqa: PLC0415
+
+    return {name: _sharing_tensor(array) for name, array in load(path).items()}
 
 
 def numpy_dtype(dtype: torch.dtype) -> np.dtype[np.generic]:
