@@ -13,6 +13,7 @@ from pathlib import Path
 from types import FrameType
 
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
+from command.output import quiet_when_stdout_closes
 from command.process import LOG_FORMAT, LOG_LEVELS
 from command.usage import Parser, UsageError, fail, parse_arguments
 from envoy.client import DirectorClient
@@ -104,6 +105,7 @@ def _config_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, required=True, help="the envoy's envoy.yaml")
 
 
+@quiet_when_stdout_closes
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the envoy command line; returns the exit status (see `--help`)."""
     args = parse_arguments(build_parser(), argv)

@@ -21,6 +21,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
+from command.output import quiet_when_stdout_closes, stdout_closed
 from command.usage import Parser, UsageError, fail
 from experiment.config import ENVIRONMENT, ClientConfig, ClientConfigError, load_client_config
 from pki.errors import PkiError
@@ -124,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@quiet_when_stdout_closes
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Run the experiment command line; returns the exit code (0 ok, 1 failure, 2 bad input)."""
     out = out or sys.stdout
@@ -148,6 +150,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         details: str = error.details() or ""
         exit_code = EXIT_BAD_INPUT if code in REFUSALS else EXIT_FAILURE
         return _fail(f"{code.name}: {details}", exit_code)
+    except BrokenPipeError:
+        return stdout_closed()
     except OSError as error:
         return _fail(
             f"{getattr(error, 'filename', '') or ''}: {error.strerror or error}", EXIT_FAILURE
