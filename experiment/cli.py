@@ -22,6 +22,7 @@ from google.protobuf.json_format import MessageToDict
 
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
 from command.output import quiet_when_stdout_closes, stdout_closed
+from command.table import table_lines
 from command.usage import Parser, UsageError, fail
 from experiment.config import ENVIRONMENT, ClientConfig, ClientConfigError, load_client_config
 from pki.errors import PkiError
@@ -490,16 +491,8 @@ def _print_json(out: TextIO, message: Any, *, compact: bool = False) -> None:
 
 
 def _table(out: TextIO, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [
-        max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=False)
-    ]
-    for row in (headers, *rows):
-        print(
-            "  ".join(
-                str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)
-            ).rstrip(),
-            file=out,
-        )
+    for line in table_lines(headers, [[str(cell) for cell in row] for row in rows]):
+        print(line, file=out)
 
 
 def _when(seconds: float) -> str:

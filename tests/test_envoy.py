@@ -345,6 +345,41 @@ def test_cli_review_acts_on_the_durable_state(
     state.close()
 
 
+def test_cli_list_aligns_columns_of_any_width(
+    tmp_path: Path, certs: CertsLayout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Names, owners and states longer than any fixed width still start under their headings."""
+    path = config_file(tmp_path, certs)
+    state = EnvoyState.open(load_config(path).state_dir, exclusive=True)
+    rows = [
+        ("e1", "a", "o", S.APPROVAL_PENDING, ""),
+        ("e2-" + "x" * 60, "a name longer than twenty characters", "an-owner-of-many-letters",
+         S.SITE_REJECTED, "not on weekends"),
+    ]  # fmt: skip
+    for experiment_id, name, owner, collaborator_state, reason in rows:
+        state.add(
+            experiment_id=experiment_id,
+            name=name,
+            owner=owner,
+            site="alice",
+            plan_yaml="",
+            state=S.APPROVAL_PENDING,
+        )
+        if collaborator_state is S.SITE_REJECTED:
+            state.transition(experiment_id, collaborator_state, reason=reason)
+    state.close()
+    assert main(["list", "--config", str(path)]) == 0
+    header, *lines = capsys.readouterr().out.splitlines()
+    starts = [header.index(title) for title in ("NAME", "OWNER", "STATE", "DETAIL")]
+    assert len(lines) == 2
+    for line, (_, name, owner, collaborator_state, reason) in zip(lines, rows, strict=True):
+        cells = (name, owner, collaborator_state.value, reason or None)
+        for start, cell in zip(starts, cells, strict=True):
+            if cell is not None:  # an empty last cell: the line ends before it (no blanks)
+                assert line[start:].startswith(cell + "  ") or line[start:] == cell, (line, cell)
+                assert line[start - 2 : start] == "  ", line
+
+
 def test_help_is_true(capsys: pytest.CaptureFixture[str]) -> None:
     """--help lists the subcommands and the exit statuses."""
     assert main(["--help"]) == 0
