@@ -439,7 +439,7 @@ def _envoys(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out:
                 v.name,
                 "yes" if v.online else "no",
                 _when(v.last_seen),
-                f"{v.shard.train_samples}/{v.shard.valid_samples}",
+                f"{_samples(v.shard.train_samples)}/{_samples(v.shard.valid_samples)}",
                 str(len(v.experiments)),
                 v.shard.description,
             )
@@ -493,6 +493,11 @@ def _print_json(out: TextIO, message: Any, *, compact: bool = False) -> None:
 def _table(out: TextIO, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     for line in table_lines(headers, [[str(cell) for cell in row] for row in rows]):
         print(line, file=out)
+
+
+def _samples(count: int) -> str:
+    """A count the site's envoy.yaml `shard` leaves out travels as 0: "-", not "no data"."""
+    return str(count) if count else "-"
 
 
 def _when(seconds: float) -> str:
