@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -192,6 +193,51 @@ def test_site_plan_that_is_not_yaml_is_refused(tmp_path: Path, certs: CertsLayou
         site_document("!!python/object/apply:os.system ['true']", "alice", config, tmp_path)
     with pytest.raises(RefusedPlanError, match="expected a mapping of plan sections"):
         site_document("[1, 2]", "alice", config, tmp_path)
+
+
+@pytest.mark.parametrize("level", [None, "debug"])
+def test_a_collaborator_gets_the_sites_log_level_and_the_envoys_environment(
+    tmp_path: Path, certs: CertsLayout, monkeypatch: pytest.MonkeyPatch, level: str | None
+) -> None:
+    """`collaborator_log_level` (info by default) is its --log-level; PYTHONPATH reaches it."""
+    keys = {} if level is None else {"collaborator_log_level": level}
+    config = load_config(config_file(tmp_path, certs, **keys))
+    monkeypatch.setenv("PYTHONPATH", "/site/runners")
+    record = tmp_path / "collaborator.json"
+    recorder = (
+        sys.executable,
+        "-c",
+        "import json, os, sys; open(sys.argv[1], 'w').write("
+        "json.dumps([sys.argv[2:], os.environ.get('PYTHONPATH')]))",
+        str(record),
+    )
+    state = EnvoyState.open(config.state_dir, exclusive=True)
+    site = Site("alice", config, state, collaborator_command=recorder)
+    state.add(
+        experiment_id="e1",
+        name="n",
+        owner="dora",
+        site="alice",
+        plan_yaml=director_plan(tmp_path, certs),
+        state=S.SITE_APPROVED,
+    )
+    try:
+        site.tick()
+        deadline = time.monotonic() + 30
+        while site.children.poll("e1", site.folder("e1")) is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        argv, pythonpath = json.loads(record.read_text(encoding="utf-8"))
+        assert argv[:6] == ["start", "-n", "alice", "--log-level", level or "info", "--plan"]
+        assert pythonpath == "/site/runners"
+    finally:
+        state.close()
+
+
+def test_collaborator_log_level_is_one_of_the_levels(tmp_path: Path, certs: CertsLayout) -> None:
+    """Any other value stops the envoy at start with one line naming the key."""
+    with pytest.raises(ConfigError, match="collaborator_log_level: expected one of debug, info"):
+        load_config(config_file(tmp_path, certs, collaborator_log_level="loud"))
 
 
 # -- the site without processes -----------------------------------------------------------------
