@@ -8,6 +8,7 @@ they are, `director.web` and `director.web.static` go into the wheel by their ow
 from __future__ import annotations
 
 import fnmatch
+import re
 import tomllib
 
 from processes import REPO
@@ -42,3 +43,12 @@ def test_the_dashboards_files_are_package_data() -> None:
         package = ".".join(path.parent.relative_to(REPO).parts)
         globs = package_data.get(package, [])
         assert any(fnmatch.fnmatch(path.name, glob) for glob in globs), path
+
+
+def test_no_text_installs_foedus_from_a_package_index() -> None:
+    """foedus is not on an index: README, make help and docstrings install it from the clone."""
+    texts = [REPO / "README.md", REPO / "Makefile", *REPO.glob("*/*.py"), *REPO.glob("docs/*.md")]
+    from_index = re.compile(r"pip install\s+['\"]?foedus\b")
+    found = [str(path) for path in texts if from_index.search(path.read_text(encoding="utf-8"))]
+    assert found == []
+    assert "pip install -e '.[torch]'" in (REPO / "README.md").read_text(encoding="utf-8")
