@@ -105,7 +105,7 @@ TORCH_PLAN ?= plans/torch_digits.yaml
 TORCH_DEMO_PLAN = build/ports/$(notdir $(TORCH_PLAN))
 .PHONY: torch-env test-torch demo-torch
 
-torch-env: $(TORCH_STAMP) ## Create .venv-torch with foedus and its torch extra (PyTorch) (for test-torch, demo-torch)
+torch-env: $(TORCH_STAMP) ## Create .venv-torch with foedus and its torch extra, PyTorch (for test-torch, demo-torch)
 
 $(TORCH_STAMP): pyproject.toml $(TORCH_REQUIREMENTS)
 	@start=$$(date +%s); set -e; \
