@@ -6,6 +6,7 @@ tests/test_readme_runner.py for the numpy runner.
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from sklearn.datasets import load_digits  # type: ignore[import-untyped, unused-
 
 from collaborator.cli import main
 from pki.layout import CertsLayout
+from plans.runners import RunnerError
+from plans.schema import RunnerSettings
 
 from processes import COLLABORATORS, REPO, FederationProcesses, final_accuracy, write_plan
 
@@ -74,14 +77,18 @@ def test_the_readme_torch_runner_names_a_bad_site_key(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Its refusals name the site's file and key, and the collaborator exits 2 before sending."""
+    """Its check refuses a plan's typo as the director runs it; at a site, the line names the
+    site's file and key, and the collaborator exits 2 before sending."""
     monkeypatch.syspath_prepend(str(tmp_path))
+    runner = importlib.import_module("my_torch_runner").MLPRunner
+    with pytest.raises(RunnerError, match=r"^runner\.settings\.epoch: unknown key"):
+        runner.check_settings(RunnerSettings("my_torch_runner:MLPRunner", 0, {"epoch": 5}))
     plan = write_plan(tmp_path / "run", certs, 1, runner=RUNNER)
     site = sites["alice"]
     cases = {
         "batch_size: 0\n": f"{site}: batch_size: expected a number > 0, got 0",
         "device: gpu\n": f"{site}: device: unknown key (known: features, hidden, classes, "
-        "data_path, epochs, batch_size, learning_rate)",
+        "epochs, batch_size, learning_rate, data_path)",
     }
     for text, line in cases.items():
         site.write_text(text, encoding="utf-8")
