@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import stat
 import sys
 from collections.abc import Callable
 from typing import ParamSpec
@@ -21,9 +22,13 @@ P = ParamSpec("P")
 def stdout_closed() -> int:
     """Send what is still buffered for stdout to /dev/null, so the exit is silent; returns 141."""
     try:
+        descriptor = sys.stdout.fileno()
+        mode = os.fstat(descriptor).st_mode
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+            return EXIT_SIGPIPE  # only a pipe or a socket loses its reader (not a test's file)
         devnull = os.open(os.devnull, os.O_WRONLY)
         try:
-            os.dup2(devnull, sys.stdout.fileno())
+            os.dup2(devnull, descriptor)
         finally:
             os.close(devnull)
     except (OSError, ValueError):  # a stdout with no file (a test's), or already closed
