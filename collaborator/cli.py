@@ -122,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         except Exception as error:
             logger.debug("unexpected failure", exc_info=True)
+            # The class alone on a log line of foedus's own, which a site shares by default
+            # (envoy.disclosure); the message, which may hold the site's data, only in the
+            # error line below, which stays at the site unless it shares every line.
+            logger.error("unexpected failure: %s", type(error).__name__)
             return _fail(
                 f"unexpected failure: {type(error).__name__}: {error} "
                 f"(--log-level debug shows the traceback)",

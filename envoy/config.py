@@ -19,6 +19,11 @@ the file. An example, every key shown with its default (the four without one are
                              #   its bearer token is STATE_DIR/site_api.token, made if missing
     metrics: {redis_url: ""} # e.g. redis://localhost:6379/0: each collaborator's state and
                              #   metrics in Redis (envoy.redis_metrics); "" sends nothing
+    share_with_director:     # what of the collaborators' text leaves the site (envoy.disclosure)
+      logs: foedus           #   none | foedus (foedus's own log lines) | all: log lines sent
+      errors: category       #   category | line: a failure's reason names a fixed category, or
+                             #   also quotes the log's last line
+      paths: false           #   true: site paths may leave; false: each becomes <site path>
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from pki.layout import CertsLayout
 from plans.loader import RUNNER_PATTERN, Section, read_config
 
 REDIS_URL = re.compile(r"^rediss?://[^\s]+$")
+SHARED_LOGS = ("none", "foedus", "all")  # share_with_director.logs
+SHARED_ERRORS = ("category", "line")  # share_with_director.errors
 
 
 class ConfigError(ValueError):
@@ -79,6 +86,15 @@ class Metrics:
 
 
 @dataclass(frozen=True)
+class ShareWithDirector:
+    """`share_with_director`: what of its collaborators' text the site lets the director have."""
+
+    logs: str = "foedus"  # share_with_director.logs: one of SHARED_LOGS
+    errors: str = "category"  # share_with_director.errors: one of SHARED_ERRORS
+    paths: bool = False  # share_with_director.paths: site paths may leave as they are
+
+
+@dataclass(frozen=True)
 class EnvoyConfig:
     """A whole envoy.yaml; `path` is the file it came from."""
 
@@ -94,6 +110,7 @@ class EnvoyConfig:
     connection: Connection
     site_api: SiteApi = SiteApi()
     metrics: Metrics = Metrics()
+    share_with_director: ShareWithDirector = ShareWithDirector()
 
     @property
     def director_target(self) -> str:
@@ -125,6 +142,7 @@ def parse_config(data: object, config_path: Path) -> EnvoyConfig:
     connection = _connection(root.section("connection"))
     site_api = _site_api(root.section("site_api"))
     metrics = _metrics(root.section("metrics"))
+    share = _share_with_director(root.section("share_with_director"))
     root.finish()
     if problems:
         raise ConfigError([f"{config_path}: {problem}" for problem in problems])
@@ -141,6 +159,7 @@ def parse_config(data: object, config_path: Path) -> EnvoyConfig:
         connection=connection,
         site_api=site_api,
         metrics=metrics,
+        share_with_director=share,
     )
 
 
@@ -248,3 +267,14 @@ def _metrics(section: Section) -> Metrics:
     )
     section.finish()
     return metrics
+
+
+def _share_with_director(section: Section) -> ShareWithDirector:
+    defaults = ShareWithDirector()
+    share = ShareWithDirector(
+        logs=section.choice("logs", defaults.logs, SHARED_LOGS),
+        errors=section.choice("errors", defaults.errors, SHARED_ERRORS),
+        paths=section.flag("paths", defaults.paths),
+    )
+    section.finish()
+    return share

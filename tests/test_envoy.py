@@ -16,7 +16,7 @@ import yaml
 from director.orders import LogOrder, StartOrder, Work
 from envoy.cli import main
 from envoy.client import DirectorClient
-from envoy.config import ConfigError, load_config
+from envoy.config import ConfigError, ShareWithDirector, load_config
 from envoy.errors import IllegalTransitionError, StateError, UnknownExperimentError
 from envoy.runtime import Backoff, EnvoyLoop
 from envoy.site import Site
@@ -59,6 +59,7 @@ def test_config_reads_every_key(tmp_path: Path, certs: CertsLayout) -> None:
         runner_settings={"epochs": 2},
         review="manual",
         runners=["digits", "my_site.models:Net"],
+        share_with_director={"logs": "none", "errors": "line", "paths": True},
     )
     config = load_config(path)
     assert config.director_host == "localhost"
@@ -70,6 +71,9 @@ def test_config_reads_every_key(tmp_path: Path, certs: CertsLayout) -> None:
     assert config.shard.train_samples == 1200
     assert dict(config.shard.labels) == {"modality": "digits"}
     assert config.connection.backoff_max_seconds == 0.5
+    assert config.share_with_director == ShareWithDirector(logs="none", errors="line", paths=True)
+    defaults = load_config(config_file(tmp_path / "plain", certs)).share_with_director
+    assert defaults == ShareWithDirector(logs="foedus", errors="category", paths=False)
 
 
 def test_config_names_every_problem_with_file_and_key(tmp_path: Path) -> None:
@@ -85,6 +89,7 @@ def test_config_names_every_problem_with_file_and_key(tmp_path: Path) -> None:
                 "shard": {"labels": {"a": 1}, "train_samples": -1},
                 "connection": {"backoff_initial_seconds": 5, "backoff_max_seconds": 1},
                 "runner_setings": {},
+                "share_with_director": {"logs": "some", "errors": 1, "paths": "no", "path": 1},
             }
         ),
         encoding="utf-8",
@@ -104,6 +109,10 @@ def test_config_names_every_problem_with_file_and_key(tmp_path: Path) -> None:
         "shard.train_samples: expected an integer",
         "connection.backoff_max_seconds: must be at least",
         "runner_setings: unknown key",
+        "share_with_director.logs: expected one of none, foedus, all",
+        "share_with_director.errors: expected one of category, line",
+        "share_with_director.paths: expected true or false",
+        "share_with_director.path: unknown key",
     ):
         assert key in text, text
 
