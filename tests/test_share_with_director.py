@@ -105,10 +105,17 @@ def run_leaky(director: Director, site: str, state_dir: Path) -> str:
             found = state.find(experiment_id)
         finally:
             state.close()
-        ended = found is not None and found.state is CollaboratorState.EXITED
-        return (ended and found is not None and found.restarts == RESTARTS) or None
+        if found is None or found.state is not CollaboratorState.EXITED:
+            return None
+        return found.restarts == RESTARTS or None
 
     wait_until(f"{site}'s envoy to give up its collaborator", given_up)
+    state = EnvoyState.open(state_dir, exclusive=False)
+    try:  # the site's own state (its `envoy list`, its API) keeps the whole reason
+        reason = state.experiment(experiment_id).reason
+    finally:
+        state.close()
+    assert reason.startswith(CATEGORY) and RECORD in reason and SITE_FILE in reason, reason
 
     def reported() -> pb.SiteStatus | None:
         request = pb.ExperimentRequest(experiment_id=experiment_id)
