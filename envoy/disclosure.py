@@ -58,13 +58,15 @@ _BY_EXIT_CODE = {
     EXIT_SIGINT: "interrupted (SIGINT)",
     EXIT_SIGTERM: "terminated (SIGTERM)",
 }
-# A path: `/` or `~/` at the start of a word (not inside a URL, a fraction or a relative path),
-# then characters up to a delimiter; a space goes on with it when the next word has a `/` too
-# ("/srv/my data/x.csv"). A quoted one is replaced whole, whatever it holds, up to its quote.
+# A path: `/` or `~/` at the start of a word, or after a colon, or a file URL's (not a URL's
+# `//host`, a fraction or a relative path), then characters up to a delimiter; a space goes on
+# with it when the next word has a `/` too ("/srv/my data/x.csv"). A quoted one is replaced
+# whole, whatever it holds, up to its quote.
 _SEGMENT = r"""[^\s'"`,;:()\[\]{}<>|=]"""
 _PATH = re.compile(
     rf"""(?P<quote>['"`])~?/[^'"`\n]*(?P=quote)"""
-    rf"""|(?<![\w.:/~\\-])~?/{_SEGMENT}+(?: {_SEGMENT}*/{_SEGMENT}*)*"""
+    rf"""|(?:(?<![\w.:/~\\-])|(?<=[^:/]:)(?!//)|(?<=file://))"""
+    rf"""~?/{_SEGMENT}+(?: {_SEGMENT}*/{_SEGMENT}*)*"""
 )
 _READ_BYTES = 1 << 20  # how much of a log is read at once
 _MARK_EVERY = 1 << 16  # bytes of shared text between two remembered places of a log

@@ -71,6 +71,7 @@ def log(tmp_path: Path) -> Path:
         ("from ~/data/file.txt.", f"from {SITE_PATH}"),
         ("[/srv/a] <\t/srv/b>", f"[{SITE_PATH}] <\t{SITE_PATH}>"),
         ("at /srv/a\nand /srv/b", f"at {SITE_PATH}\nand {SITE_PATH}"),
+        ("data_path:/srv/x and file:///srv/y", f"data_path:{SITE_PATH} and file://{SITE_PATH}"),
         # Not paths: URLs, fractions, relative paths, a lone slash, a Windows-less word.
         ("https://example.org/a/b and redis://h:6379/0", None),
         ("3/4 of and/or data/x.csv a / b", None),
