@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -180,6 +181,10 @@ def test_a_site_sharing_the_defaults_keeps_its_runner_output_and_errors(
         assert code == 0, log
         assert "shares only foedus's own log lines" in log.splitlines()[0], log
         assert log.count("ERROR collaborator.cli: unexpected failure: ValueError") == 1 + RESTARTS
+        with ThreadPoolExecutor(1) as pool:  # --follow, by offsets of the shared log, to the end
+            followed = pool.submit(run, config, "logs", alice, "--site", "alice", "--follow")
+            cancel(director, alice)
+            assert followed.result(timeout=120) == (0, log)
     finally:
         cancel(director, alice)
 
