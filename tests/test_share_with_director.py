@@ -177,6 +177,8 @@ def test_a_site_sharing_the_defaults_keeps_its_runner_output_and_errors(
             assert secret not in readable, secret
         code, shown = run(config, "status", alice)
         assert code == 0 and CATEGORY in shown, shown
+        _, body = get_json(director, f"/api/experiments/{alice}", token(director, ADMIN))
+        assert [site["reason"] for site in body["sites"]] == [CATEGORY], body
         code, log = run(config, "logs", alice, "--site", "alice")
         assert code == 0, log
         assert "shares only foedus's own log lines" in log.splitlines()[0], log
@@ -192,6 +194,10 @@ def test_a_site_sharing_the_defaults_keeps_its_runner_output_and_errors(
     try:
         code, shown = run(config, "status", bob)
         assert code == 0 and "Jane Doe" in shown and "<site path>" in shown, shown
+        code, shown = run(config, "--json", "status", bob)
+        assert code == 0 and "Jane Doe" in shown, shown
+        _, body = get_json(director, f"/api/experiments/{bob}", token(director, ADMIN))
+        assert RECORD in body["sites"][0]["reason"], body
         code, log = run(config, "logs", bob, "--site", "bob")
         assert code == 0 and log.count(RECORD) >= 2 * (1 + RESTARTS), log  # print and error
         assert SITE_FILE not in log and "/srv/hospital" not in log, log
