@@ -8,6 +8,7 @@ however it is read, and after a restart (a new reader).
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -229,3 +230,9 @@ def test_offsets_of_the_shared_text_hold_however_it_is_read(
     line = f"{T.format(6)} INFO collaborator.loop: round 1: train on 1200 samples: loss=0.2500\n"
     assert read_all(reader, path, len(whole)) == line.encode()
     assert read_all(SharedLog(share, "alice"), path) == whole + line.encode()
+
+
+def test_foedus_packages_are_pyproject_s() -> None:
+    """The loggers counted as foedus's own are those of every package foedus installs."""
+    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text("utf-8"))
+    assert set(pyproject["tool"]["setuptools"]["packages"]) == disclosure.FOEDUS_PACKAGES
