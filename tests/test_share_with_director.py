@@ -12,6 +12,7 @@ still do not. Every wait is bounded.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -160,12 +161,15 @@ def everything_readable(director: Director, folder: Path, experiment_id: str, si
 
 
 def test_a_site_sharing_the_defaults_keeps_its_runner_output_and_errors(
-    tmp_path: Path, service: tuple[Director, dict[str, EnvoyProcess]]
+    tmp_path: Path,
+    service: tuple[Director, dict[str, EnvoyProcess]],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """alice (defaults): the record is in her collaborator.log and nowhere the director reaches;
     the director still learns how her collaborator ended (a category) and foedus's own lines.
     bob (logs: all, errors: line): the record reaches the director; his site paths do not."""
     director, _ = service
+    caplog.set_level(logging.INFO)  # the director's own log (it runs in this process)
     config = client_config(tmp_path, director, "ada")
     alice_state = tmp_path / "sites" / "alice" / "state"
     alice = run_leaky(director, "alice", alice_state)
@@ -173,7 +177,8 @@ def test_a_site_sharing_the_defaults_keeps_its_runner_output_and_errors(
         own = (alice_state / "experiments" / alice / "collaborator.log").read_bytes()
         assert all(secret in own for secret in SECRETS), own  # the site keeps everything
         assert SITE_FILE.encode() in own
-        readable = everything_readable(director, tmp_path, alice, "alice")
+        readable = everything_readable(director, tmp_path, alice, "alice") + caplog.text.encode()
+        assert f"experiment {alice}" in caplog.text  # the director's log is there
         for secret in (*SECRETS, SITE_FILE.encode(), b"/srv/hospital"):
             assert secret not in readable, secret
         code, shown = run(config, "status", alice)
