@@ -10,9 +10,16 @@ Exit codes (`EPILOG`): 0 when the federation finished; 128 + the signal's number
 SIGTERM stopped it before that (the server stops accepting calls and gives those in flight
 `aggregator.grace_seconds`; started again, it resumes), as a shell reports a process a signal
 ended, so a supervisor tells "finished" from "stopped"; 1 when it could not run (port in use,
-output not writable or used by another aggregator, a runner that crashed); 2 for bad input (the
+output not writable or used by another aggregator, a runner that crashed), or when no round
+could close any more because too many collaborators had left (one line names the round and
+each that left, with its reason); 2 for bad input (the
 plan, its TLS files, its runner or initial model, an output folder of another federation, a
 malformed ``FOEDUS_FAILPOINTS``), reported one line per problem, never as a traceback.
+
+The runner is imported only when the plan has no ``aggregator.initial_model`` (it makes the model
+of round 0), and its own ``check_settings`` then refuses a bad ``runner.settings`` key before
+anything is opened or served, in the line a collaborator would print. With a model file, nothing
+of the runner's is imported: importing a module runs its code.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from pki.errors import KeyFileError, MissingTLSFileError, PkiError
 from pki.files import read_certificate
 from pki.tls import check_tls_files
 from plans import Plan, PlanError, load_plan
-from plans.runners import RunnerError, load_runner
+from plans.runners import RunnerError, RunnerFactory, check_runner_settings, load_runner
 from protos.dtypes import wire_dtype
 
 HELP_WIDTH = 78
@@ -56,7 +63,8 @@ logger = logging.getLogger(__name__)
 EPILOG = f"""\
 exit status of start (status: see 'aggregator status --help'):
   {EXIT_OK}    the federation finished (every round ran)
-  {EXIT_FAILURE}    the aggregator could not run (port in use, output folder unusable, ...)
+  {EXIT_FAILURE}    the aggregator could not run (port in use, output folder unusable, ...),
+       or no round could close any more: too many collaborators had left
   {EXIT_BAD_INPUT}    bad command line, plan, certificates, runner, model or output folder
   {EXIT_SIGINT}  stopped by SIGINT (Ctrl-C) before the federation finished
   {EXIT_SIGTERM}  stopped by SIGTERM before the federation finished
@@ -168,6 +176,7 @@ def _start(plan_path: Path, *, reset: bool) -> int:
     except failpoints.FailpointError as error:
         raise BadInputError(str(error)) from None
     _check_tls_files(plan)
+    runner = _checked_runner(plan)
     try:
         output = OutputFolder(plan.aggregator.output_dir)
     except StorageError as error:
@@ -176,7 +185,7 @@ def _start(plan_path: Path, *, reset: bool) -> int:
         state = DurableState.open(
             output.root,
             plan.federation.uuid,
-            lambda: _initial_model(plan),  # only for a new state
+            lambda: _initial_model(plan, runner),  # only for a new state
             max_tensor_bytes=plan.limits.max_tensor_bytes,
             reset=reset,
         )
@@ -192,6 +201,8 @@ def _start(plan_path: Path, *, reset: bool) -> int:
         except PkiError as error:  # read by the server when it starts, before anything is served
             raise BadInputError(f"{plan.path}: tls.certs_dir: {error}") from None
     logger.info("aggregator exits after %d closed rounds", outcome.rounds_closed)
+    if outcome.stranded is not None:
+        return _fail(outcome.stranded, EXIT_FAILURE)
     if outcome.finished or not received:
         return EXIT_OK
     return 128 + received[0]
@@ -254,15 +265,31 @@ def _warn_if_collaborators_refuse(plan: Plan, path: Path) -> None:
         )
 
 
-def _initial_model(plan: Plan) -> dict[str, Array]:
+def _checked_runner(plan: Plan) -> RunnerFactory | None:
+    """The runner, its check passed on `runner.settings`; None (nothing imported) with a model file.
+
+    The runner is imported only when the plan has no `aggregator.initial_model`, for the model of
+    round 0: a plan bringing its model makes this host run none of the runner's code.
+    """
+    if plan.aggregator.initial_model is not None:
+        return None
+    try:
+        runner = load_runner(plan.runner)
+        check_runner_settings(runner, plan.runner)
+    except RunnerError as error:
+        raise BadInputError(f"{plan.path}: {error}") from None
+    return runner
+
+
+def _initial_model(plan: Plan, runner: RunnerFactory | None) -> dict[str, Array]:
     """The model of round 0: the plan's `aggregator.initial_model` file, else the runner's."""
     if plan.aggregator.initial_model is not None:
         try:
             return read_model(plan.aggregator.initial_model, plan.limits.max_tensor_bytes)
         except ModelFileError as error:
             raise BadInputError(f"{plan.path}: aggregator.initial_model: {error}") from None
+    assert runner is not None  # `_checked_runner` loads it whenever the plan names no file
     try:
-        runner = load_runner(plan.runner)
         model = runner.initial_model(plan.runner)
     except RunnerError as error:
         raise BadInputError(f"{plan.path}: {error}") from None

@@ -16,6 +16,9 @@ here (strictly: unknown keys, mandatory sites that are not the plan's collaborat
 `min_sites` than collaborators are refused, naming the key) and left out of the plan the
 aggregator gets, so `plans.schema` and `aggregator start` never see it (`aggregator start` refuses
 a plan holding it, as any unknown section).
+
+The plan's runner is the last check (`check_runner`): imported, and its settings checked, only if
+director.yaml `runners` allows it; otherwise the experiment must bring its initial model.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from director.config import DirectorConfig, Liveness, read_liveness
 from director.errors import InvalidRequestError, LimitExceededError, StorageError
 from durable.files import write_yaml
 from plans.loader import PlanError, Section, load_plan, parse_plan, yaml_document
-from plans.schema import Plan
+from plans.runners import RunnerError, check_runner_settings, load_runner
+from plans.schema import Plan, RunnerSettings
 
 SUBMITTED = Path("submitted plan")  # how errors name the plan a person sent
 PLAN_FILE = "plan.yaml"
@@ -72,8 +76,18 @@ class SubmittedPlan:
     rounds: int  # federation.rounds
 
 
-def check_submitted(text: str, *, registered: Collection[str], max_bytes: int) -> SubmittedPlan:
-    """Check a submitted plan's YAML text; `InvalidRequestError` naming every bad field."""
+def check_submitted(
+    text: str,
+    *,
+    registered: Collection[str],
+    max_bytes: int,
+    runners: Collection[str],
+    initial_model: bool,
+) -> SubmittedPlan:
+    """Check a submitted plan's YAML text; `InvalidRequestError` naming every bad field.
+
+    Its runner last (an import): see `check_runner`.
+    """
     size = len(text.encode("utf-8"))
     if size > max_bytes:
         raise LimitExceededError(
@@ -107,12 +121,36 @@ def check_submitted(text: str, *, registered: Collection[str], max_bytes: int) -
             f"{SUBMITTED}: collaborators: not registered with this director: "
             f"{', '.join(unknown)} (`experiment envoys` lists the registered sites)"
         )
+    check_runner(plan.runner, runners=runners, initial_model=initial_model)
     return SubmittedPlan(
         text=text,
         name=plan.federation.name,
         sites=plan.collaborators,
         rounds=plan.federation.rounds,
     )
+
+
+def check_runner(runner: RunnerSettings, *, runners: Collection[str], initial_model: bool) -> None:
+    """An allowed runner is imported to check `runner.settings`; any other needs a model.
+
+    Importing a module runs its code: the director's host imports only the runners its admin
+    listed in director.yaml `runners`. A plan naming another runner brings its initial model, so
+    that neither the director nor the aggregator it starts imports anything of it (the sites
+    check its settings, and refuse it unless their own `runners` allow it).
+    """
+    if runner.name in runners:
+        try:
+            check_runner_settings(load_runner(runner), runner)
+        except RunnerError as error:
+            raise InvalidRequestError(f"{SUBMITTED}: {error}") from None
+    elif not initial_model:
+        allowed = ", ".join(runners) or "none"
+        raise InvalidRequestError(
+            f"{SUBMITTED}: runner.name: {runner.name!r} is not a runner this director's host runs "
+            f"(director.yaml runners: {allowed}); submit the experiment with its initial model "
+            "('experiment submit --initial-model FILE'), or ask an admin to add the runner to "
+            "director.yaml runners"
+        )
 
 
 def liveness_problems(

@@ -35,7 +35,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from pki.layout import CertsLayout
-from plans.loader import RUNNER_PATTERN, Section, read_config
+from plans.loader import Section, read_config
 
 REDIS_URL = re.compile(r"^rediss?://[^\s]+$")
 SHARED_LOGS = ("none", "foedus", "all")  # share_with_director.logs
@@ -135,7 +135,7 @@ def parse_config(data: object, config_path: Path) -> EnvoyConfig:
     director.finish()
     certs_dir = root.text("certs_dir")
     state_dir = root.text("state_dir")
-    runners = _runners(root)
+    runners = root.runner_names("runners", ())
     settings = _runner_settings(root)
     manual = root.choice("review", "auto", ("auto", "manual")) == "manual"
     shard = _shard(root.section("shard"))
@@ -160,19 +160,6 @@ def parse_config(data: object, config_path: Path) -> EnvoyConfig:
         site_api=site_api,
         metrics=metrics,
         share_with_director=share,
-    )
-
-
-def _runners(section: Section) -> tuple[str, ...]:
-    def check(value: object) -> tuple[str, ...] | None:
-        if not isinstance(value, list) or not value:
-            return None
-        if not all(isinstance(item, str) and RUNNER_PATTERN.match(item) for item in value):
-            return None
-        return tuple(value)
-
-    return section._checked(
-        "runners", (), check, "a non-empty list of runner names (built-in or package.module:Class)"
     )
 
 

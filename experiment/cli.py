@@ -96,7 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         "submit", "Submit a plan (and an initial model) as a new experiment.", with_id=False
     )
     submit.add_argument("plan", type=Path, help="the plan (YAML), without the director's fields")
-    submit.add_argument("--initial-model", type=Path, help="a model file (OpenFL ModelProto)")
+    submit.add_argument(
+        "--initial-model",
+        type=Path,
+        help="a model file (OpenFL ModelProto) to start from; needed when the plan's runner is "
+        "not in the director's director.yaml runners (its host then imports nothing of it)",
+    )
     submit.add_argument("--name", default="", help="a name for it (default: federation.name)")
     command("list", "Your experiments (an admin's: all).", with_id=False)
     command("status", "One experiment, with its sites.")

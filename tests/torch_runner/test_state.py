@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from plans.runners import RunnerError, load_runner
+from plans.runners import RunnerError, check_runner_settings, load_runner
 from plans.schema import RunnerSettings
 from plans.site_settings import merge_site_settings
 from protos import base_pb2
@@ -195,3 +195,54 @@ def test_the_example_names_a_bad_site_key_with_its_file(tmp_path: Path) -> None:
         with pytest.raises(RunnerError) as refused:
             DigitsCNNRunner(merged, collaborator="alice", collaborators=NAMES)
         assert str(refused.value).startswith(message)
+
+
+def test_the_adapters_check_is_the_line_its_constructor_raises() -> None:
+    """The CNN example's `check_settings` refuses a plan's bad device or unknown key with the very
+    line the constructor raises at a site, before anything is built or loaded."""
+    name = "torch_runner.digits:DigitsCNNRunner"
+    for bad, line in (
+        (
+            {"device": "abacus"},
+            "runner.settings.device: expected a PyTorch device such as cpu or cuda, got 'abacus'",
+        ),
+        (
+            {"epoch": 2},
+            "runner.settings.epoch: unknown key (known: split, test_fraction, epochs, "
+            "batch_size, learning_rate, skew)",
+        ),
+    ):
+        settings = RunnerSettings(name=name, seed=0, settings=bad)
+        with pytest.raises(RunnerError) as checked:
+            check_runner_settings(DigitsCNNRunner, settings)
+        with pytest.raises(RunnerError) as built:
+            DigitsCNNRunner(settings, collaborator="alice", collaborators=NAMES)
+        assert str(checked.value) == str(built.value) == line
+    check_runner_settings(DigitsCNNRunner, RunnerSettings(name=name, seed=0, settings={}))
+
+
+class StrictNetRunner(NetRunner):
+    """`NetRunner` taking no settings at all, and noting whether `setup` ran."""
+
+    set_up = False
+
+    @classmethod
+    def check_settings(cls, settings: RunnerSettings) -> None:
+        """Every key is refused."""
+        for key in settings.settings:
+            raise RunnerError(f"{settings.key_path(key)}: unknown key (this runner takes none)")
+
+    def setup(self) -> None:
+        """Note it ran."""
+        type(self).set_up = True
+        super().setup()
+
+
+def test_a_subclass_check_runs_before_setup_and_the_base_takes_everything() -> None:
+    """`TorchRunner.__init__` runs the subclass's check before `setup`; the base class's own check
+    refuses nothing (a runner that reads no settings)."""
+    settings = RunnerSettings(name="net_runner:StrictNetRunner", seed=0, settings={"lr": 1})
+    with pytest.raises(RunnerError, match=r"^runner\.settings\.lr: unknown key"):
+        StrictNetRunner(settings, collaborator="alice", collaborators=NAMES)
+    assert not StrictNetRunner.set_up
+    check_runner_settings(NetRunner, settings)
