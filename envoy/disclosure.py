@@ -48,10 +48,9 @@ _LOG_LINE = re.compile(
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (?:DEBUG|INFO|WARNING|ERROR|CRITICAL) "
     r"(?P<logger>[A-Za-z_][\w.]*): "
 )
-# collaborator.cli's line for a failure it did not expect: the exception's class, never its text.
-_CATEGORY = re.compile(
-    r"^\S+ \S+ ERROR collaborator\.cli: (?P<category>unexpected failure: [A-Za-z_][\w.]{0,99})$"
-)
+# collaborator.cli's line before it exits 1: a fixed category and the exception's class
+# (collaborator.cli.leave_reason), never the exception's text.
+_CATEGORY = re.compile(r"^\S+ \S+ ERROR collaborator\.cli: failure: (?P<category>.{1,200})$")
 # What `collaborator start`'s exit codes mean (its --help), whatever its last line says.
 _BY_EXIT_CODE = {
     EXIT_BAD_INPUT: "a bad plan, certificates or runner settings",
@@ -86,8 +85,8 @@ def failure_reason(described: str, code: int, log: Path) -> str:
     """Why a collaborator ended with an error, all of it, for the site's state.
 
     "`described`: CATEGORY; its log ends: LAST LINE": the category is one the envoy knows (the
-    exit code's meaning, or collaborator.cli's "unexpected failure: CLASS"); `shared_reason` cuts
-    what follows it.
+    exit code's meaning, or collaborator.cli's "failure: CATEGORY" line, such as "the task runner
+    failed (ValueError)"); `shared_reason` cuts what follows it.
     """
     lines = _tail_lines(log)
     category = _BY_EXIT_CODE.get(code, "")

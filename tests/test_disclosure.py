@@ -40,7 +40,8 @@ Traceback (most recent call last):
   File "/srv/site/my_site/models.py", line 12, in train
     raise ValueError(RECORD)
 ValueError: {RECORD}
-{T.format(5)} ERROR collaborator.cli: unexpected failure: ValueError
+{T.format(4)} INFO collaborator.cli: told the aggregator this collaborator leaves: the task runner failed (ValueError)
+{T.format(5)} ERROR collaborator.cli: failure: the task runner failed (ValueError)
 collaborator: error: unexpected failure: ValueError: {RECORD} (--log-level debug shows the traceback)
 """
 FOEDUS_LINES = [
@@ -90,12 +91,12 @@ def test_a_failure_reason_keeps_everything_at_the_site_and_shares_a_category(log
     """The site's reason quotes the last line; shared by default: the category only."""
     reason = failure_reason("the collaborator exited with code 1", 1, log)
     assert reason == (
-        "the collaborator exited with code 1: unexpected failure: ValueError; its log ends: "
+        "the collaborator exited with code 1: the task runner failed (ValueError); its log ends: "
         f"collaborator: error: unexpected failure: ValueError: {RECORD} (--log-level debug "
         "shows the traceback)"
     )
     assert shared_reason(reason, DEFAULT) == (
-        "the collaborator exited with code 1: unexpected failure: ValueError"
+        "the collaborator exited with code 1: the task runner failed (ValueError)"
     )
     assert shared_reason(reason, ShareWithDirector(errors="line")) == reason
 
@@ -130,7 +131,7 @@ def test_an_old_failure_line_is_not_the_category_of_a_later_end(tmp_path: Path) 
     """Started again after an unexpected failure, then stopped: the category is not the old one."""
     log = tmp_path / "collaborator.log"
     log.write_text(
-        f"{T.format(0)} ERROR collaborator.cli: unexpected failure: KeyError\n"
+        f"{T.format(0)} ERROR collaborator.cli: failure: the task runner failed (KeyError)\n"
         "collaborator: error: unexpected failure: KeyError: 'x'\n"
         f"{T.format(1)} INFO collaborator.cli: collaborator alice: working for the aggregator\n"
         "collaborator: error: the aggregator refused\n",
@@ -167,7 +168,8 @@ def test_foedus_lines_are_told_by_the_log_format_and_logger() -> None:
         False,
         False,
         False,
-        True,  # the class of the failure
+        True,  # the Leave it sent
+        True,  # the category of the failure
         False,  # the collaborator's error line, quoting the message
     ]
     assert not is_foedus_line(f"{T.format(0)} INFO collaboratorx: no")
@@ -182,7 +184,7 @@ def test_logs_foedus_the_default_sends_foedus_lines_without_paths(log: Path) -> 
     expected = "".join(without_paths(line) for line in FOEDUS_LINES)
     assert rest.decode() == expected
     assert b"Jane Doe" not in data and b"12345" not in data and b"/srv" not in data
-    assert b"unexpected failure: ValueError\n" in data
+    assert b"ERROR collaborator.cli: failure: the task runner failed (ValueError)\n" in data
     assert f"reading {SITE_PATH}".encode() in data
 
 

@@ -441,13 +441,13 @@ def test_the_director_gets_logs_and_reasons_as_the_site_shares_them(
                     break
                 shared, offset = shared + piece.data, offset + len(piece.data)
         assert shared == read_all(SharedLog(ShareWithDirector(), "alice"), log)
-        assert b"ERROR collaborator.cli: unexpected failure: ValueError" in shared
+        assert b"ERROR collaborator.cli: failure: the task runner failed (ValueError)" in shared
         assert b"Jane Doe" not in shared and b"/srv" not in shared
 
         reason = failure_reason("the collaborator exited with code 1", 1, log)
         state.transition("e1", S.EXITED, exit_code=1, reason=reason)
         assert state.experiment("e1").reason == reason and "Jane Doe" in reason
-        category = "the collaborator exited with code 1: unexpected failure: ValueError"
+        category = "the collaborator exited with code 1: the task runner failed (ValueError)"
         assert {r.reason for r in first.unreported() if r.experiment_id == "e1"} >= {category}
         assert "Jane Doe" not in repr(first.unreported()) + repr(first.reports())
         assert [r.reason for r in first.reports() if r.experiment_id == "e1"] == [category]

@@ -38,7 +38,7 @@ from processes import free_port
 
 TESTS = Path(__file__).resolve().parent
 SECRETS = (b"Jane Doe", b"1961-02-03", b"MRN 12345")  # bare "12345" may be a pid or a time
-CATEGORY = "the collaborator exited with code 1: unexpected failure: ValueError"
+CATEGORY = "the collaborator exited with code 1: the task runner failed (ValueError)"
 ALIVE = (pb.COLLABORATOR_STARTED, pb.COLLABORATOR_RUNNING)
 pytestmark = pytest.mark.slow
 
@@ -66,6 +66,7 @@ def service(
         aggregator={"listen_address": "127.0.0.1", "ports": [free_port()] * 2},
         dashboard={"address": "127.0.0.1:0"},
         health_check_seconds=0.5,
+        runners=[NAME],  # the director imports it, for the initial model
     ) as director:
         envoys = {}
         for name, share in shares.items():
@@ -189,7 +190,8 @@ def test_a_site_sharing_the_defaults_keeps_its_runner_output_and_errors(
         assert code == 0, log
         assert "shares only foedus's own log lines" in log.splitlines()[0], log
         assert (
-            log.count("ERROR collaborator.cli: unexpected failure: ValueError") == 1 + MAX_RESTARTS
+            log.count("ERROR collaborator.cli: failure: the task runner failed (ValueError)")
+            == 1 + MAX_RESTARTS
         )
         with ThreadPoolExecutor(1) as pool:  # --follow, by offsets of the shared log, to the end
             followed = pool.submit(run, config, "logs", alice, "--site", "alice", "--follow")
