@@ -5,13 +5,20 @@ rest of foedus never imports PyTorch.
 """
 
 from torch_runner.runner import LoopOutcome, TorchRunner
-from torch_runner.state import ModelMismatchError, array_to_tensor, module_arrays, tensor_to_array
+from torch_runner.state import (
+    ModelMismatchError,
+    array_to_tensor,
+    load_state_dict,
+    module_arrays,
+    tensor_to_array,
+)
 
 __all__ = [
     "LoopOutcome",
     "ModelMismatchError",
     "TorchRunner",
     "array_to_tensor",
+    "load_state_dict",
     "module_arrays",
     "tensor_to_array",
 ]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from foedus import model
 from plans.runners import RunnerError, check_runner_settings, load_runner
 from plans.schema import RunnerSettings
 from plans.site_settings import merge_site_settings
@@ -17,6 +18,7 @@ from protos.dtypes import bfloat16_dtype
 from torch_runner import (
     ModelMismatchError,
     array_to_tensor,
+    load_state_dict,
     tensor_to_array,
 )
 from torch_runner.digits import DigitsCNNRunner
@@ -71,6 +73,29 @@ def test_state_dict_dtypes_round_trip_bit_for_bit_through_the_codec(dtype: torch
     received = decode_tensor(base_pb2.NamedTensor.FromString(sent), max_bytes=MAX_BYTES)
     assert received.dtype == array.dtype and received.tobytes() == array.tobytes()
     assert same_bits(array_to_tensor(received), tensor)  # a read-only array is copied, not refused
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_load_state_dict_reads_a_model_file_bit_for_bit(dtype: torch.dtype, tmp_path: Path) -> None:
+    """A model file of each dtype (and a 0-d counter) comes back as tensors of the same bits that
+    own their memory: writable, no read-only warning (warnings are errors here)."""
+    tensor = every_bit_pattern(dtype)
+    path = tmp_path / "model.pbuf"
+    model.save(path, {"t": tensor_to_array("t", tensor), "steps": np.array(9, dtype=np.int64)})
+    state = load_state_dict(path)
+    assert list(state) == ["steps", "t"]
+    assert same_bits(state["t"], tensor)
+    assert state["steps"].shape == () and state["steps"].dtype == torch.int64
+    state["t"].view(-1)[:1] = state["t"].view(-1)[1:2]  # writable, and the file unchanged
+    assert same_bits(load_state_dict(path)["t"], tensor)
+
+
+def test_load_state_dict_names_a_file_that_is_not_a_model(tmp_path: Path) -> None:
+    """A PyTorch checkpoint (or any file not a model) is foedus.model.ModelFileError naming it."""
+    path = tmp_path / "model.pt"
+    torch.save({"w": torch.ones(2)}, path)
+    with pytest.raises(model.ModelFileError, match=f"^{path}: "):
+        load_state_dict(path)
 
 
 def test_float32_goes_as_openfl_reads_it_and_bfloat16_by_name() -> None:
