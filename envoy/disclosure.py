@@ -37,6 +37,7 @@ FOEDUS_PACKAGES = frozenset(
         "durable",
         "envoy",
         "experiment",
+        "foedus",
         "pki",
         "plans",
         "protos",
