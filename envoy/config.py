@@ -19,6 +19,8 @@ the file. An example, every key shown with its default (the four without one are
                              #   its bearer token is STATE_DIR/site_api.token, made if missing
     metrics: {redis_url: ""} # e.g. redis://localhost:6379/0: each collaborator's state and
                              #   metrics in Redis (envoy.redis_metrics); "" sends nothing
+    collaborator_log_level: info   # --log-level of the collaborators it starts: debug, info,
+                             #   warning or error (debug: a failure's traceback in its log)
     share_with_director:     # what of the collaborators' text leaves the site (envoy.disclosure)
       logs: foedus           #   none | foedus (foedus's own log lines) | all: log lines sent
       errors: category       #   category | line: a failure's reason names a fixed category, or
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from command.process import LOG_LEVELS
 from pki.layout import CertsLayout
 from plans.loader import Section, read_config
 
@@ -110,6 +113,7 @@ class EnvoyConfig:
     connection: Connection
     site_api: SiteApi = SiteApi()
     metrics: Metrics = Metrics()
+    collaborator_log_level: str = "info"  # collaborator_log_level: its collaborators' --log-level
     share_with_director: ShareWithDirector = ShareWithDirector()
 
     @property
@@ -142,6 +146,7 @@ def parse_config(data: object, config_path: Path) -> EnvoyConfig:
     connection = _connection(root.section("connection"))
     site_api = _site_api(root.section("site_api"))
     metrics = _metrics(root.section("metrics"))
+    collaborator_log_level = root.choice("collaborator_log_level", "info", LOG_LEVELS)
     share = _share_with_director(root.section("share_with_director"))
     root.finish()
     if problems:
@@ -159,6 +164,7 @@ def parse_config(data: object, config_path: Path) -> EnvoyConfig:
         connection=connection,
         site_api=site_api,
         metrics=metrics,
+        collaborator_log_level=collaborator_log_level,
         share_with_director=share,
     )
 
