@@ -22,6 +22,7 @@ import numpy as np
 
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
 from command.output import quiet_when_stdout_closes, stdout_closed
+from command.table import table_lines
 from command.usage import Parser, UsageError, fail, parse_arguments
 from durable.files import replace_file
 from foedus import model
@@ -140,7 +141,8 @@ def _inspect(path: Path, *, as_json: bool, out: TextIO) -> int:
         [name, _dtype_name(array), _shape(array.shape), str(array.nbytes)]
         for name, array in tensors.items()
     ]
-    _table(out, ["TENSOR", "DTYPE", "SHAPE", "BYTES"], table)
+    for line in table_lines(["TENSOR", "DTYPE", "SHAPE", "BYTES"], table):
+        print(line, file=out)
     print(
         f"total: {len(table)} tensors, {total} bytes of values; the file is {size} bytes", file=out
     )
@@ -206,15 +208,6 @@ def _dtype_name(array: model.Array) -> str:
 
 def _shape(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join(str(dimension) for dimension in shape) + "]"
-
-
-def _table(out: TextIO, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=False)]
-    for row in (headers, *rows):
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip(),
-            file=out,
-        )
 
 
 if __name__ == "__main__":

@@ -7,19 +7,17 @@ tests/test_readme_runner.py for the numpy runner.
 from __future__ import annotations
 
 import importlib
-import re
 from pathlib import Path
 
-import numpy as np
 import pytest
-from sklearn.datasets import load_digits  # type: ignore[import-untyped, unused-ignore]
 
 from collaborator.cli import main
 from pki.layout import CertsLayout
 from plans.runners import RunnerError
 from plans.schema import RunnerSettings
 
-from processes import COLLABORATORS, REPO, FederationProcesses, final_accuracy, write_plan
+from processes import COLLABORATORS, FederationProcesses, final_accuracy, write_plan
+from readme_blocks import site_files
 
 MARKER = "<!-- tests/torch_runner/test_readme_torch_runner.py runs the next block as my_torch_runner.py -->"
 RUNNER = {
@@ -29,27 +27,10 @@ RUNNER = {
 }
 
 
-def readme_runner() -> str:
-    """The Python block right after the marker in README.md."""
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    match = re.search(re.escape(MARKER) + r"\n```python\n(.*?)\n```\n", readme, re.DOTALL)
-    assert match, f"README.md has no python block after {MARKER!r}"
-    return match.group(1) + "\n"
-
-
 @pytest.fixture
 def sites(tmp_path: Path) -> dict[str, Path]:
     """my_torch_runner.py in `tmp_path`, and each collaborator's data and site settings there."""
-    (tmp_path / "my_torch_runner.py").write_text(readme_runner(), encoding="utf-8")
-    digits = load_digits()
-    x, y = np.asarray(digits.data) / 16.0, np.asarray(digits.target)
-    files = {}
-    for index, name in enumerate(COLLABORATORS):
-        data = tmp_path / f"{name}.npz"
-        np.savez(data, x=x[index :: len(COLLABORATORS)], y=y[index :: len(COLLABORATORS)])
-        files[name] = tmp_path / f"{name}-site.yaml"
-        files[name].write_text(f"data_path: {data}\n", encoding="utf-8")
-    return files
+    return site_files(tmp_path, "my_torch_runner", MARKER)
 
 
 def test_the_readme_torch_runner_trains_on_each_sites_own_data(
