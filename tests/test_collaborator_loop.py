@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 
 from aggregator.federation import Federation, TaskResult
+from collaborator.answers import PlannedWork
 from collaborator.client import AggregatorGRPCClient, NamedArray, Tasks
 from collaborator.digits import SHAPES, DigitsRunner
 from collaborator.errors import RequestRejectedError
 from collaborator.loop import CollaboratorError, CollaboratorReport, run_collaborator
 from pki.layout import CertsLayout
 from plans import Plan
-from plans.runners import Array
+from plans.runners import Array, Model, TrainOutcome, Validation
 
 from servers import TASKS, closing_rounds, make_federation, make_plan, running_aggregator
 
@@ -111,6 +112,55 @@ def test_alice_sends_her_three_tasks_of_round_zero(certs: CertsLayout) -> None:
     # Validated on the model alice trained this round, not on the global one.
     assert_metrics(local, {"metric", "validate_local"}, check.validate(outcome.model).metrics)
     assert check.validate(outcome.model).metrics != check.validate(initial).metrics
+
+
+class ProcessEndedError(Exception):
+    """Stands for the end of a collaborator's process (kill -9) in the middle of a task."""
+
+
+class DiesAtLocalValidation(DigitsRunner):
+    """The digits runner, whose process ends as it starts validating its own trained model."""
+
+    def train(self, model: Model, round_number: int) -> TrainOutcome:
+        """Train as the digits runner does, and remember having trained."""
+        self.trained = True
+        return super().train(model, round_number)
+
+    def validate(self, model: Model) -> Validation:
+        """End at the validation after training (locally_tuned_model_validation)."""
+        if getattr(self, "trained", False):
+            raise ProcessEndedError
+        return super().validate(model)
+
+
+def test_a_site_restarted_after_sending_its_training_validates_that_very_model(
+    certs: CertsLayout,
+) -> None:
+    """Alice ends after sending round 0's train result; started again, she is asked only for
+    locally_tuned_model_validation, trains round 0 again and validates the model she sent."""
+    plan = digits_plan(certs)
+    federation = digits_federation(plan)
+    planned = PlannedWork(rounds=plan.federation.rounds, tasks=plan.tasks)
+    initial = DigitsRunner.initial_model(plan.runner)
+    with running_aggregator(plan, federation) as server, client_for(plan, server.port) as client:
+        first = DiesAtLocalValidation(
+            plan.runner, collaborator="alice", collaborators=plan.collaborators
+        )
+        with pytest.raises(ProcessEndedError):
+            run_collaborator(client, first, plan.runner, sleep=Sleeps(), planned=planned)
+        report = run_collaborator(
+            client, runner_for(plan), plan.runner, sleep=Sleeps(), max_idle_polls=2, planned=planned
+        )
+    assert report.tasks_run == 1
+    results = {result.task_name: result for result in federation.results()}
+    assert sorted(results) == sorted(TASKS)
+    check = runner_for(plan)
+    sent = check.train(initial, 0).model
+    assert all(
+        tensors_of(results["train"])[name][1].tobytes() == sent[name].tobytes() for name in SHAPES
+    )
+    local = results["locally_tuned_model_validation"]
+    assert_metrics(local, {"metric", "validate_local"}, check.validate(sent).metrics)
 
 
 def test_the_loop_ends_when_the_aggregator_says_quit(certs: CertsLayout) -> None:
