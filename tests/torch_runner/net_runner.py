@@ -17,7 +17,7 @@ from plans.schema import RunnerSettings
 from torch_runner import LoopOutcome, TorchRunner
 from torch_runner.digits import DigitsCNNRunner
 
-from dying_runner import die_if_armed
+from dying_runner import TRAIN, die_if_armed
 
 
 class Net(nn.Module):
@@ -103,5 +103,5 @@ class DyingCNNRunner(DigitsCNNRunner):
     def train(self, model: Model, round_number: int) -> TrainOutcome:
         """Train as the example does; armed for this round, die before returning."""
         outcome = super().train(model, round_number)
-        die_if_armed(round_number)
+        die_if_armed(round_number, TRAIN)
         return outcome

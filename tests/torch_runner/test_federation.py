@@ -20,7 +20,7 @@ from protos import base_pb2
 from protos.codec import decode_tensor
 from protos.dtypes import bfloat16_dtype
 
-from dying_runner import arm
+from dying_runner import TRAIN, arm
 from processes import COLLABORATORS, REPO, FederationProcesses, final_accuracy, write_plan
 from readme_blocks import run_block
 
@@ -128,7 +128,7 @@ def test_a_collaborator_killed_twice_and_started_again_leaves_the_same_model(
     rounds = 3
     federation = FederationProcesses(write_plan(tmp_path, certs, rounds, runner=runner), tmp_path)
     marker = tmp_path / "alice-died-in-round-2"
-    alice = {**ENVIRONMENT, **arm(2, marker)}
+    alice = {**ENVIRONMENT, **arm((2, TRAIN, marker))}
     try:
         federation.start("aggregator", env=ENVIRONMENT)
         federation.start("alice", env=alice)
