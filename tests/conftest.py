@@ -82,6 +82,13 @@ def issue_identity(
 
 def without_role_mark(cert: x509.Certificate, signing_key: PrivateKey) -> x509.Certificate:
     """`cert` as the signer issued it before it marked roles: the same but for the mark, signed again."""
+    return with_role_marks(cert, signing_key)
+
+
+def with_role_marks(
+    cert: x509.Certificate, signing_key: PrivateKey, *marks: x509.ObjectIdentifier
+) -> x509.Certificate:
+    """`cert` with `marks` in place of its role mark, signed again (no signer of ours does that)."""
     builder = (
         x509.CertificateBuilder()
         .subject_name(cert.subject)
@@ -94,7 +101,9 @@ def without_role_mark(cert: x509.Certificate, signing_key: PrivateKey) -> x509.C
     for extension in cert.extensions:
         value = extension.value
         if isinstance(value, x509.ExtendedKeyUsage):
-            value = x509.ExtendedKeyUsage([oid for oid in value if not is_role_mark(oid)])
+            value = x509.ExtendedKeyUsage(
+                [*(oid for oid in value if not is_role_mark(oid)), *marks]
+            )
         builder = builder.add_extension(value, critical=extension.critical)
     return builder.sign(signing_key, signature_hash(signing_key))
 
