@@ -35,7 +35,7 @@ class Gatekeeper:
     tls: bool = True
 
     def identify(
-        self, peer_common_names: Sequence[str], certificate: PeerCertificate | None = None
+        self, peer_common_names: Sequence[str], certificate: PeerCertificate | None
     ) -> str | None:
         """The authorised collaborator behind a TLS peer, or None when the server runs insecure."""
         if not self.tls:

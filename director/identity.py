@@ -74,7 +74,7 @@ class Roster:
         return cls(frozenset(config.envoys), frozenset(config.users), frozenset(config.admins))
 
     def identify(
-        self, peer_common_names: Sequence[str], certificate: PeerCertificate | None = None
+        self, peer_common_names: Sequence[str], certificate: PeerCertificate | None
     ) -> Caller:
         """The caller behind a verified TLS peer; refused if it has no usable name, no role, or a
         certificate marked for another role (`certificate` None: a dashboard token's person)."""
