@@ -127,7 +127,7 @@ class _Routes:
         name = self.tokens.name_of(token) if len(token) <= MAX_TOKEN_CHARS else None
         if name is None:
             raise AuthenticationError("unknown or revoked dashboard token; ask for a new one")
-        caller = self.service.roster.identify([name])
+        caller = self.service.roster.identify([name], None)  # no certificate: the token's person
         caller.require("the dashboard", *PEOPLE)
         return caller
 

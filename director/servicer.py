@@ -25,6 +25,7 @@ from director.service import (
 )
 from director.state import CollaboratorState, ExperimentState, ShardInfo
 from director.status import abort
+from pki.roles import peer_certificate
 from protos import director_pb2, director_pb2_grpc
 
 R = TypeVar("R")
@@ -95,12 +96,14 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
         self.stopping = stopping
 
     def identify(self, context: grpc.ServicerContext) -> Caller:
-        """The caller: its verified certificate's common name, given its role by director.yaml."""
-        values: Iterable[bytes] | bytes = context.auth_context().get("x509_common_name") or []
+        """The caller: its verified certificate's common name, given its role by director.yaml,
+        and the certificate's role mark."""
+        auth = context.auth_context()
+        values: Iterable[bytes] | bytes = auth.get("x509_common_name") or []
         if isinstance(values, bytes):
             values = [values]
         names = [value.decode("utf-8", "replace") for value in values]
-        return self.service.roster.identify(names)
+        return self.service.roster.identify(names, peer_certificate(auth))
 
     # -- envoys -------------------------------------------------------------------------------
 

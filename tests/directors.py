@@ -30,18 +30,21 @@ STRANGER = "mallory"  # a site certificate from our CA, not in the config's envo
 USERS = ("ada", "bea")
 ADMIN = "root"
 OUTSIDER = "eve"  # a user certificate from our CA, not in the config
+PERSON_NAMED_LIKE_A_SITE = "alice"  # a user certificate (users/alice.crt) with an envoy's name
+SITE_NAMED_LIKE_A_PERSON = "ada"  # a site certificate (collaborators/ada.crt) with a user's name
 
 
 def make_director_certs(root: Path) -> CertsLayout:
-    """Certificates for the host 'localhost', its envoys and a stranger, its people and an outsider."""
+    """Certificates for the host 'localhost', its envoys and a stranger, its people and an outsider,
+    and two of the wrong role: a person's named like a site, a site's named like a person."""
     layout = CertsLayout(root)
     setup_local_federation(
         layout,
         aggregator_host="localhost",
         dns_names=("localhost",),
         ip_addresses=("127.0.0.1",),
-        collaborators=(*ENVOYS, STRANGER),
-        users=(*USERS, ADMIN, OUTSIDER),
+        collaborators=(*ENVOYS, STRANGER, SITE_NAMED_LIKE_A_PERSON),
+        users=(*USERS, ADMIN, OUTSIDER, PERSON_NAMED_LIKE_A_SITE),
     )
     return layout
 

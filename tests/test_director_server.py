@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -20,14 +21,18 @@ import yaml
 from aggregator.storage import model_bytes
 from director.launcher import LOG_FILE, Ended, LocalLauncher
 from pki.layout import CertsLayout
+from pki.local import load_signing_ca
+from pki.requests import Role
 from protos import director_pb2 as pb
 from protos import director_pb2_grpc
 
-from conftest import Identity
+from conftest import Identity, issue_identity
 from directors import (
     ADMIN,
     ENVOYS,
     OUTSIDER,
+    PERSON_NAMED_LIKE_A_SITE,
+    SITE_NAMED_LIKE_A_PERSON,
     STRANGER,
     Director,
     RecordingLauncher,
@@ -391,6 +396,40 @@ HOSTILE: list[tuple[str, Call, grpc.StatusCode, str]] = [
         "ListExperiments is for users or admins",
     ),
     (
+        "a person's certificate named like a site registering",
+        lambda d: _as(PERSON_NAMED_LIKE_A_SITE)(d).RegisterEnvoy(
+            pb.RegisterEnvoyRequest(), timeout=TIMEOUT
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "certificate 'alice' is a user certificate, but director.yaml envoys names 'alice', "
+        "which needs a collaborator certificate: it must be issued for that role (pki certify "
+        "--role collaborator --name alice",
+    ),
+    (
+        "a person's certificate named like a site heartbeating",
+        lambda d: _as(PERSON_NAMED_LIKE_A_SITE)(d).EnvoyHeartbeat(
+            pb.EnvoyHeartbeatRequest(), timeout=TIMEOUT
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "certificate 'alice' is a user certificate, but director.yaml envoys names 'alice'",
+    ),
+    (
+        "a site's certificate named like a person submitting",
+        lambda d: submit(_as(SITE_NAMED_LIKE_A_PERSON, "envoy")(d), submitted_plan()),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "certificate 'ada' is a collaborator certificate, but director.yaml users names 'ada', "
+        "which needs a user certificate: it must be issued for that role (pki certify --role "
+        "user --name ada",
+    ),
+    (
+        "a site's certificate named like a person listing",
+        lambda d: _as(SITE_NAMED_LIKE_A_PERSON, "envoy")(d).ListExperiments(
+            pb.ListExperimentsRequest(), timeout=TIMEOUT
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "certificate 'ada' is a collaborator certificate, but director.yaml users names 'ada'",
+    ),
+    (
         "a plan that does not parse",
         lambda d: submit(d.stub("ada"), "federation: [\n"),
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -695,3 +734,41 @@ def test_no_client_certificate_cannot_connect(director: Director) -> None:
     with pytest.raises(grpc.RpcError) as raised:
         stub.ListExperiments(pb.ListExperimentsRequest(), timeout=5)
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+
+
+def test_certificates_made_before_role_marks_work_with_one_warning_each(
+    director: Director, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unmarked user certificate and an unmarked site certificate still act in the one role
+    director.yaml gives their names, each warned about once, naming the command to reissue it."""
+    signing_key, signing_cert = load_signing_ca(director.certs)
+    identities = {
+        name: issue_identity(
+            tmp_path,
+            role,
+            name,
+            signing_key=signing_key,
+            signing_cert=signing_cert,
+            role_mark=False,
+        )
+        for name, role in (("bea", Role.USER), ("carol", Role.COLLABORATOR))
+    }
+    caplog.set_level(logging.WARNING, logger="pki.roles")
+    bea, carol = (
+        stub_at(
+            director.port, director.certs.ca_bundle, identities[name].cert, identities[name].key
+        )
+        for name in ("bea", "carol")
+    )
+    for _ in range(3):
+        bea.ListExperiments(pb.ListExperimentsRequest(), timeout=TIMEOUT)
+        carol.RegisterEnvoy(pb.RegisterEnvoyRequest(), timeout=TIMEOUT)
+        assert not carol.EnvoyHeartbeat(pb.EnvoyHeartbeatRequest(), timeout=TIMEOUT).register_again
+    assert submit(bea, submitted_plan()).owner == "bea"
+    warnings = sorted(r.getMessage() for r in caplog.records if r.name == "pki.roles")
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("certificate 'bea' has no role mark")
+    assert "as a user certificate because director.yaml users names it so" in warnings[0]
+    assert "reissue it: pki certify --role user --name bea" in warnings[0]
+    assert warnings[1].startswith("certificate 'carol' has no role mark")
+    assert "reissue it: pki certify --role collaborator --name carol" in warnings[1]
