@@ -1,7 +1,9 @@
-"""Load a plan file: `yaml.safe_load`, check every key, report every problem at once.
+"""Load a plan file: safe YAML without aliases, check every key, report every problem at once.
 
 Each problem is one line `FILE: key.path: what is wrong`, so a person can fix them all in one go.
-Unknown keys are errors (a typo must not silently fall back to a default).
+Unknown keys are errors (a typo must not silently fall back to a default). Every YAML file and
+text foedus reads (plans, director.yaml, envoy.yaml, experiment configs, site settings, plans
+sent over the network) goes through `safe_yaml`, which refuses aliases before expanding them.
 """
 
 from __future__ import annotations
@@ -194,7 +196,7 @@ class _Section:
         """Report keys this reader never asked for: they are typos or unsupported settings."""
         for key in self.data:
             if key not in self.seen:
-                self.problems.append(f"{self._key(str(key))}: unknown key")
+                self.problems.append(f"{self._key(_cut(str(key)))}: unknown key")
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -221,7 +223,7 @@ def read_config(
 
 
 def read_yaml(plan_path: Path) -> object:
-    """The YAML document in a file (with `yaml.safe_load`); `PlanError` naming the file if not."""
+    """The YAML document in a file (with `safe_yaml`); `PlanError` naming the file if not."""
     try:
         text = plan_path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -231,20 +233,47 @@ def read_yaml(plan_path: Path) -> object:
     return yaml_document(text, plan_path)
 
 
+ALIASES_REFUSED = "YAML aliases (*name) are not accepted: write the value out"
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` refusing every alias (`*name`, `<<: *name`) before composing it.
+
+    An alias makes a small text a huge value (a "billion laughs"), flat in memory until a
+    message, a dump or a check walks it. Plans and configs have no need of them, so they are
+    refused outright (not counted): nothing is expanded, and the rule is one line to explain.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        """Any node but an alias, composed as `SafeLoader` does."""
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                ALIASES_REFUSED,
+                self.peek_event().start_mark,  # type: ignore[no-untyped-call]
+            )
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str) -> Any:
+    """`yaml.safe_load` refusing aliases: `yaml.YAMLError` (and the errors of `yaml_document`)."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader: no Python objects built
+
+
 def yaml_document(text: str, plan_path: Path) -> object:
     """The YAML document in `text` (from `plan_path`, named in errors); `PlanError` if not YAML."""
     try:
-        data = yaml.safe_load(text)
+        data = safe_yaml(text)
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         line = f"line {where.line + 1}: " if where is not None else ""
-        raise PlanError(
-            plan_path, [f"{line}not valid YAML: {getattr(error, 'problem', error)}"]
-        ) from None
+        problem = getattr(error, "problem", None) or error
+        raise PlanError(plan_path, [f"{line}not valid YAML: {_cut(str(problem), 120)}"]) from None
     except RecursionError:  # PyYAML composes nested collections recursively
         raise PlanError(plan_path, ["not valid YAML: nested too deeply"]) from None
     except ValueError as error:  # a scalar PyYAML cannot build: 2020-13-45, !!int x, 5000 digits
-        raise PlanError(plan_path, [f"not valid YAML: {error}"]) from None
+        raise PlanError(plan_path, [f"not valid YAML: {_cut(str(error), 120)}"]) from None
     return data
 
 
@@ -385,7 +414,7 @@ def _common_name(section: _Section, host: str) -> str:
     try:
         validate_host(name)
     except PkiError as error:
-        section.problems.append(f"{section._key('common_name')}: {error}")
+        section.problems.append(f"{section._key('common_name')}: {_cut(str(error), 200)}")
     return name
 
 
@@ -400,7 +429,7 @@ def _fingerprint(section: _Section) -> str | None:
     try:
         return normalise_fingerprint(text)
     except PkiError as error:
-        section.problems.append(f"{section._key('fingerprint')}: {error}")
+        section.problems.append(f"{section._key('fingerprint')}: {_cut(str(error), 200)}")
         return None
 
 
@@ -422,7 +451,7 @@ def _optional_file(section: _Section, key: str, base: Path) -> Path | None:
         section.problems.append(f"{section._key(key)}: not a usable path: {error.strerror}")
         return None
     if not found:
-        section.problems.append(f"{section._key(key)}: file not found: {path}")
+        section.problems.append(f"{section._key(key)}: file not found: {_cut(str(path), 200)}")
     return path
 
 
@@ -431,7 +460,7 @@ def _resolved(section: _Section, key: str, text: str, base: Path) -> Path:
     try:
         return (base / text).resolve()
     except (OSError, ValueError) as error:  # a NUL character in it
-        section.problems.append(f"{section._key(key)}: not a usable path: {error}")
+        section.problems.append(f"{section._key(key)}: not a usable path: {_cut(str(error))}")
         return base  # never used: the problem makes the whole plan fail
 
 
@@ -598,8 +627,12 @@ _REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozens
 
 
 def _shown(value: object) -> str:
-    text = _REPR.repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return _cut(_REPR.repr(value))
+
+
+def _cut(text: str, limit: int = 60) -> str:
+    """`text`, cut to `limit` characters: a message quotes a value, never all of a big one."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # Public: a runner quoting a bad `runner.settings` value cuts it the same way.

@@ -24,6 +24,7 @@ from envoy.site_plan import RefusedPlanError, site_document
 from envoy.state import TRANSITIONS, CollaboratorState, EnvoyState
 from pki.layout import CertsLayout
 
+from directors import alias_bomb_plan
 from envoys import write_envoy_config
 from processes import free_port, write_plan
 from servers import plan_document
@@ -192,6 +193,19 @@ def test_site_plan_that_is_not_yaml_is_refused(tmp_path: Path, certs: CertsLayou
         site_document("!!python/object/apply:os.system ['true']", "alice", config, tmp_path)
     with pytest.raises(RefusedPlanError, match="expected a mapping of plan sections"):
         site_document("[1, 2]", "alice", config, tmp_path)
+
+
+def test_site_plan_with_an_alias_bomb_in_runner_settings_is_refused(
+    tmp_path: Path, certs: CertsLayout
+) -> None:
+    """Aliases unfolding into 10**9 strings under runner.settings: refused before expansion."""
+    config = load_config(config_file(tmp_path, certs))
+    bomb = alias_bomb_plan(yaml.safe_load(director_plan(tmp_path, certs)))
+    with pytest.raises(RefusedPlanError) as raised:
+        site_document(bomb, "alice", config, tmp_path)
+    assert str(raised.value).endswith(
+        "not valid YAML: YAML aliases (*name) are not accepted: write the value out"
+    )
 
 
 # -- the site without processes -----------------------------------------------------------------
