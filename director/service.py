@@ -317,6 +317,8 @@ class DirectorService:
         path = self.folder(experiment_id) / LOG_FILE
         try:
             with path.open("rb") as file:
+                if offset >= file.seek(0, 2):  # nothing there yet; a seek that far may fail
+                    return b""
                 file.seek(offset)
                 return file.read(self.config.limits.chunk_bytes)
         except FileNotFoundError:

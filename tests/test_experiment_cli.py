@@ -200,8 +200,13 @@ def test_refusals_exit_2_with_one_line(
 ) -> None:
     """An unknown id, a plan setting the director's field, another's experiment: exit 2, one line."""
     ada, bea = client_config(tmp_path, director, "ada"), client_config(tmp_path, director, "bea")
+    unknown = "00000000-0000-4000-8000-000000000000"
+    assert run(ada, "status", unknown)[0] == 2
+    assert capsys.readouterr().err == f"experiment: error: NOT_FOUND: no experiment '{unknown}'\n"
     assert run(ada, "status", "nope")[0] == 2
-    assert capsys.readouterr().err == "experiment: error: NOT_FOUND: no experiment 'nope'\n"
+    assert capsys.readouterr().err.startswith(
+        "experiment: error: INVALID_ARGUMENT: experiment_id: 'nope' is not an id of this director"
+    )
     assert run(ada, "submit", str(write_plan(tmp_path, aggregator={"port": 1})))[0] == 2
     err = capsys.readouterr().err
     assert err.startswith("experiment: error: INVALID_ARGUMENT: submitted plan: aggregator.port")
