@@ -42,6 +42,7 @@ from envoy.errors import (
 from envoy.progress import ProgressBook, describe
 from envoy.site import LOG_FILE, Site, review
 from envoy.site_plan import RefusedPlanError
+from plans.loader import cut, shown, values_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -196,10 +197,14 @@ def create_app(context: SiteApiContext) -> FastAPI:
             raise BadRequestError(
                 "give the plan as exactly one of 'plan' (its text) or 'plan_path'"
             )
-        text = request.plan if request.plan is not None else _read_plan(request.plan_path or "")
-        if len(text.encode("utf-8")) > MAX_PLAN_BYTES:
-            raise BadRequestError(f"the plan is over {MAX_PLAN_BYTES} bytes")
-        experiment = site.start_own(text, request.runner_settings, name=request.name)
+        if request.plan is not None:
+            if len(request.plan.encode("utf-8")) > MAX_PLAN_BYTES:
+                raise BadRequestError(f"the plan is over {MAX_PLAN_BYTES} bytes")
+            experiment = site.start_own(request.plan, request.runner_settings, name=request.name)
+        else:
+            text = _read_plan(request.plan_path or "")
+            with values_hidden():  # its problems name keys, never what the file holds
+                experiment = site.start_own(text, request.runner_settings, name=request.name)
         return {"uuid": experiment.experiment_id}
 
     @app.get("/api/collaborators", summary="Every collaborator this envoy runs or ran.")
@@ -264,20 +269,53 @@ def _error(code: int, message: str) -> JSONResponse:
 
 
 def _read_plan(path_text: str) -> str:
+    """The plan file a request named: a regular file of at most `MAX_PLAN_BYTES`, else 400.
+
+    Opened without blocking (a FIFO or a device would hold a worker forever) and checked on the
+    open descriptor (what is read is what was checked), before a byte is read. A symlink is
+    followed, as any reader of a path would: the token's holder could name its target anyway.
+    """
     path = Path(path_text)
     if not path.is_absolute():
-        raise BadRequestError(f"plan_path {path_text!r}: give an absolute path on this site")
+        raise BadRequestError(f"plan_path {shown(path_text)}: give an absolute path on this site")
+    shown_path = cut(repr(path_text), 300)
     try:
-        with path.open("rb") as file:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except (OSError, ValueError) as error:  # ValueError: a NUL in the path
+        reason = error.strerror if isinstance(error, OSError) else "not a usable path"
+        raise BadRequestError(f"{shown_path}: cannot read the plan: {reason}") from None
+    try:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            raise BadRequestError(
+                f"{shown_path}: not a regular file ({_file_kind(status.st_mode)}); "
+                "plan_path names a plan file"
+            )
+        if status.st_size > MAX_PLAN_BYTES:
+            raise BadRequestError(f"{shown_path}: the plan is over {MAX_PLAN_BYTES} bytes")
+        with os.fdopen(descriptor, "rb", closefd=False) as file:
             data = file.read(MAX_PLAN_BYTES + 1)
     except OSError as error:
-        raise BadRequestError(f"{path}: cannot read the plan: {error.strerror}") from None
-    if len(data) > MAX_PLAN_BYTES:
-        raise BadRequestError(f"{path}: the plan is over {MAX_PLAN_BYTES} bytes")
+        raise BadRequestError(f"{shown_path}: cannot read the plan: {error.strerror}") from None
+    finally:
+        os.close(descriptor)
+    if len(data) > MAX_PLAN_BYTES:  # it grew since fstat
+        raise BadRequestError(f"{shown_path}: the plan is over {MAX_PLAN_BYTES} bytes")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise BadRequestError(f"{path}: the plan is not UTF-8 text") from None
+        raise BadRequestError(f"{shown_path}: the plan is not UTF-8 text") from None
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ]
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
 def _tail(path: Path, lines: int) -> str:
