@@ -370,9 +370,10 @@ class DirectorService:
         return path
 
     def envoys(self, caller: Caller) -> list[tuple[Envoy, tuple[str, ...]]]:
-        """Every registered envoy with the ids of the active experiments naming it."""
+        """Every registered envoy with the ids of the active experiments naming it that the
+        caller may see (a user: their own; an admin: all)."""
         caller.require("ListEnvoys", *PEOPLE)
-        active = self.state.active()
+        active = [e for e in self.state.active() if caller.is_admin or e.owner == caller.name]
         return [
             (envoy, tuple(e.experiment_id for e in active if envoy.name in e.sites))
             for envoy in self.state.envoys()

@@ -8,7 +8,6 @@ Every RPC runs under `_unary` or `_streaming`: the caller is identified from its
 from __future__ import annotations
 
 import functools
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -17,6 +16,7 @@ from typing import TypeVar
 import grpc
 
 from director.errors import InvalidRequestError, NotFoundError
+from director.fields import checked_id, checked_length, checked_offset
 from director.identity import Caller
 from director.service import (
     CollaboratorReport,
@@ -32,9 +32,6 @@ from protos import director_pb2, director_pb2_grpc
 R = TypeVar("R")
 T = TypeVar("T")
 POLL_SECONDS = 0.25  # how often a followed stream looks for what is new
-# Every id the director makes is a UUID (str(uuid.uuid4())): anything else names nothing.
-UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-MAX_OFFSET = 2**63 - 1  # a file offset (off_t) is a signed 64-bit integer
 MAX_NAME = 200  # an experiment's name, as the site API bounds its own
 MAX_REASON = 1000  # a review's reason, as the site API bounds its own
 MAX_DESCRIPTION = 4096  # a shard's description, its labels' keys and values, an envoy's version
@@ -192,7 +189,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
         first = next(request, None)
         if first is None or not first.request_id:
             raise InvalidRequestError("request_id: required in the first message")
-        _uuid("request_id", first.request_id)
+        checked_id("request_id", first.request_id)
 
         def pieces() -> Iterator[bytes]:
             yield first.data
@@ -225,7 +222,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
                     )
                 yield message.initial_model_data
 
-        _at_most("name", first.name, MAX_NAME)
+        checked_length("name", first.name, MAX_NAME)
         model = ModelUpload(first.initial_model_size, pieces()) if first.has_initial_model else None
         if model is None and (first.initial_model_size or first.initial_model_data):
             raise InvalidRequestError("initial_model_data: sent without has_initial_model")
@@ -283,7 +280,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
     ) -> Iterator[director_pb2.MetricRow]:
         """Metric rows as written; with follow, until the experiment ends."""
         experiment_id = _id(request.experiment_id)
-        index = _offset("from_row", request.from_row)
+        index = checked_offset("from_row", request.from_row)
         while True:
             # The state first: rows written before it ended are all there when it reads final.
             final = self.service.experiment(caller, experiment_id).experiment.state.final
@@ -302,7 +299,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
     ) -> Iterator[director_pb2.LogChunk]:
         """The aggregator's log, or a site's through its envoy; with follow, until the end."""
         experiment_id = _id(request.experiment_id)
-        offset = _offset("offset", request.offset)
+        offset = checked_offset("offset", request.offset)
         if request.site and not NAME_PATTERN.match(request.site):
             raise InvalidRequestError(f"site: {shown(request.site)} is not a site's name")
         timeout = max(5.0, 3 * self.service.config.health_check_seconds)
@@ -475,45 +472,19 @@ def _report(message: director_pb2.CollaboratorReport) -> CollaboratorReport:
 
 def _id(experiment_id: str) -> str:
     """The request's experiment id, checked for form before anything looks it up."""
-    return _uuid("experiment_id", experiment_id)
-
-
-def _uuid(field: str, value: str) -> str:
-    """`value`, a UUID as the director makes them; `InvalidRequestError` quoting it cut if not."""
-    if not value:
-        raise InvalidRequestError(f"{field}: required")
-    if not UUID.match(value):
-        raise InvalidRequestError(
-            f"{field}: {shown(value)} is not an id of this director (a UUID, as "
-            "'experiment list' shows them)"
-        )
-    return value
-
-
-def _offset(field: str, value: int) -> int:
-    """A position in a file or a list, at most `MAX_OFFSET`."""
-    if value > MAX_OFFSET:
-        raise InvalidRequestError(f"{field}: {value} is past the largest offset, {MAX_OFFSET}")
-    return value
-
-
-def _at_most(field: str, text: str, limit: int) -> str:
-    """`text`, refused when longer than `limit` characters."""
-    if len(text) > limit:
-        raise InvalidRequestError(f"{field}: {len(text)} characters; at most {limit}")
-    return text
+    return checked_id("experiment_id", experiment_id)
 
 
 def _reason(text: str) -> str:
-    return _at_most("reason", text, MAX_REASON)
+    return checked_length("reason", text, MAX_REASON)
 
 
 def _shard_checked(shard: director_pb2.ShardInfo, version: str) -> None:
     """A registration's free text, bounded: it is kept and shown to every person."""
-    _at_most("shard.description", shard.description, MAX_DESCRIPTION)
-    _at_most("version", version, MAX_DESCRIPTION)
+    checked_length("shard.description", shard.description, MAX_DESCRIPTION)
+    checked_length("version", version, MAX_DESCRIPTION)
     if len(shard.labels) > MAX_LABELS:
         raise InvalidRequestError(f"shard.labels: {len(shard.labels)} labels; at most {MAX_LABELS}")
     for key, value in shard.labels.items():
-        _at_most("shard.labels key", key, MAX_DESCRIPTION)
-        _at_most(f"shard.labels.{shown(key)}", value, MAX_DESCRIPTION)
+        checked_length("shard.labels key", key, MAX_DESCRIPTION)
+        checked_length(f"shard.labels.{shown(key)}", value, MAX_DESCRIPTION)

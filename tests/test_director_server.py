@@ -266,6 +266,24 @@ def test_a_user_sees_only_their_experiments_an_admin_all(director: Director) -> 
     assert (listed("ada"), listed("bea"), listed(ADMIN)) == ([mine], [theirs], [mine, theirs])
 
 
+def test_envoys_list_only_the_experiments_the_caller_may_see(director: Director) -> None:
+    """ListEnvoys: beside each envoy, ada sees her experiment's id, bea hers, root both."""
+    mine = submit(director.stub("ada"), submitted_plan()).experiment_id
+    theirs = submit(director.stub("bea"), submitted_plan()).experiment_id
+    for experiment_id in (mine, theirs):
+        director.stub(ADMIN).ApproveExperiment(
+            pb.ReviewRequest(experiment_id=experiment_id), timeout=TIMEOUT
+        )
+
+    def listed(name: str) -> dict[str, list[str]]:
+        answer = director.stub(name).ListEnvoys(pb.ListEnvoysRequest(), timeout=TIMEOUT)
+        return {envoy.name: list(envoy.experiments) for envoy in answer.envoys}
+
+    eventually(lambda: listed(ADMIN) == dict.fromkeys(ENVOYS, [mine, theirs]), "both running")
+    assert listed("ada") == dict.fromkeys(ENVOYS, [mine])
+    assert listed("bea") == dict.fromkeys(ENVOYS, [theirs])
+
+
 def test_an_initial_model_is_received_in_chunks(director: Director) -> None:
     """A model sent in pieces is stored whole, and the plan the director writes names it."""
     model = b"\x0a\x00" * 3000
