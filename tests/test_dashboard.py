@@ -331,9 +331,11 @@ def test_envoys_list_only_the_experiments_the_caller_may_see(director: Director)
         assert status == 200
         return {envoy["name"]: envoy["experiments"] for envoy in body["envoys"]}
 
-    eventually(lambda: listed(ADMIN) == dict.fromkeys(ENVOYS, [mine]), "ada's experiment running")
-    assert listed("ada") == dict.fromkeys(ENVOYS, [mine])
-    assert listed("bea") == dict.fromkeys(ENVOYS, [])
+    eventually(
+        lambda: listed(ADMIN) == {site: [mine] for site in ENVOYS}, "ada's experiment running"
+    )
+    assert listed("ada") == {site: [mine] for site in ENVOYS}
+    assert listed("bea") == {site: [] for site in ENVOYS}
 
 
 def test_the_schema_needs_a_token_too(director: Director) -> None:

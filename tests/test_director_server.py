@@ -279,9 +279,9 @@ def test_envoys_list_only_the_experiments_the_caller_may_see(director: Director)
         answer = director.stub(name).ListEnvoys(pb.ListEnvoysRequest(), timeout=TIMEOUT)
         return {envoy.name: list(envoy.experiments) for envoy in answer.envoys}
 
-    eventually(lambda: listed(ADMIN) == dict.fromkeys(ENVOYS, [mine, theirs]), "both running")
-    assert listed("ada") == dict.fromkeys(ENVOYS, [mine])
-    assert listed("bea") == dict.fromkeys(ENVOYS, [theirs])
+    eventually(lambda: listed(ADMIN) == {site: [mine, theirs] for site in ENVOYS}, "both running")
+    assert listed("ada") == {site: [mine] for site in ENVOYS}
+    assert listed("bea") == {site: [theirs] for site in ENVOYS}
 
 
 def test_an_initial_model_is_received_in_chunks(director: Director) -> None:

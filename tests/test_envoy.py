@@ -359,6 +359,31 @@ def test_cli_review_acts_on_the_durable_state(
     state.close()
 
 
+def test_cli_list_and_review_print_others_text_without_controls(
+    tmp_path: Path, certs: CertsLayout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A name, an owner and a reason holding escape sequences: `envoy list` and `approve` print
+    them without ESC, the C0/C1 controls or bidi overrides."""
+    escapes = "\x1b]0;owned\x07\x1b[2J\r\x9b\u202e"
+    path = config_file(tmp_path, certs, review="manual")
+    state = EnvoyState.open(load_config(path).state_dir, exclusive=True)
+    state.add(
+        experiment_id="e1",
+        name=f"name{escapes}",
+        owner=f"dora{escapes}",
+        site="alice",
+        plan_yaml="",
+        state=S.APPROVAL_PENDING,
+        reason=f"why{escapes}",
+    )
+    assert main(["approve", "e1", "--config", str(path)]) == 0
+    assert main(["list", "--config", str(path)]) == 0
+    state.close()
+    out = capsys.readouterr().out
+    assert "name]0;owned[2J" in out and "dora]0;owned" in out
+    assert not set("\x1b\x07\r\x9b\u202e") & set(out), repr(out)
+
+
 def test_help_is_true(capsys: pytest.CaptureFixture[str]) -> None:
     """--help lists the subcommands and the exit statuses."""
     assert main(["--help"]) == 0
