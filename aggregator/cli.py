@@ -45,6 +45,7 @@ from aggregator.runtime import serve
 from aggregator.state import DurableState, ForeignStateError
 from aggregator.storage import OutputFolder, read_model
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
+from command.output import quiet_when_stdout_closes
 from command.process import LOG_LEVELS, logging_to_stderr, stopped_by_signals
 from command.usage import BadInputError, Parser, fail, parse_arguments
 from pki.binding import binding_problem
@@ -141,6 +142,7 @@ def _wrapped(text: str) -> str:
     return textwrap.fill(text, width=HELP_WIDTH)
 
 
+@quiet_when_stdout_closes
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the aggregator command line; returns the exit code (see `EPILOG`)."""
     args = parse_arguments(build_parser(), argv)

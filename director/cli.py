@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
+from command.output import quiet_when_stdout_closes
 from command.process import LOG_LEVELS, logging_to_stderr, stopped_by_signals
 from command.usage import BadInputError, Parser, fail, parse_arguments
 from director.config import ConfigError, DirectorConfig, load_config
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@quiet_when_stdout_closes
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the director command line; returns the exit code (0 ok, 1 failure, 2 bad input)."""
     args = parse_arguments(build_parser(), argv)

@@ -19,6 +19,8 @@ the file. An example, every key shown with its default (the four without one are
                              #   its bearer token is STATE_DIR/site_api.token, made if missing
     metrics: {redis_url: ""} # e.g. redis://localhost:6379/0: each collaborator's state and
                              #   metrics in Redis (envoy.redis_metrics); "" sends nothing
+    collaborator_log_level: info   # --log-level of the collaborators it starts: debug, info,
+                             #   warning or error (debug: a failure's traceback in its log)
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from command.process import LOG_LEVELS
 from pki.layout import CertsLayout
 from plans.loader import Section, read_config
 
@@ -94,6 +97,7 @@ class EnvoyConfig:
     connection: Connection
     site_api: SiteApi = SiteApi()
     metrics: Metrics = Metrics()
+    collaborator_log_level: str = "info"  # collaborator_log_level: its collaborators' --log-level
 
     @property
     def director_target(self) -> str:
@@ -125,6 +129,7 @@ def parse_config(data: object, config_path: Path) -> EnvoyConfig:
     connection = _connection(root.section("connection"))
     site_api = _site_api(root.section("site_api"))
     metrics = _metrics(root.section("metrics"))
+    collaborator_log_level = root.choice("collaborator_log_level", "info", LOG_LEVELS)
     root.finish()
     if problems:
         raise ConfigError([f"{config_path}: {problem}" for problem in problems])
@@ -141,6 +146,7 @@ def parse_config(data: object, config_path: Path) -> EnvoyConfig:
         connection=connection,
         site_api=site_api,
         metrics=metrics,
+        collaborator_log_level=collaborator_log_level,
     )
 
 

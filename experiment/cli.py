@@ -21,6 +21,8 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
+from command.output import quiet_when_stdout_closes, stdout_closed
+from command.table import table_lines
 from command.text import printable_stream
 from command.usage import Parser, UsageError, fail
 from experiment.config import ENVIRONMENT, ClientConfig, ClientConfigError, load_client_config
@@ -130,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@quiet_when_stdout_closes
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Run the experiment command line; returns the exit code (0 ok, 1 failure, 2 bad input)."""
     # Names, reasons, descriptions and logs are others' text: printed without terminal controls.
@@ -155,6 +158,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         details: str = error.details() or ""
         exit_code = EXIT_BAD_INPUT if code in REFUSALS else EXIT_FAILURE
         return _fail(f"{code.name}: {details}", exit_code)
+    except BrokenPipeError:
+        return stdout_closed()
     except OSError as error:
         return _fail(
             f"{getattr(error, 'filename', '') or ''}: {error.strerror or error}", EXIT_FAILURE
@@ -441,7 +446,7 @@ def _envoys(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out:
                 v.name,
                 "yes" if v.online else "no",
                 _when(v.last_seen),
-                f"{v.shard.train_samples}/{v.shard.valid_samples}",
+                f"{_samples(v.shard.train_samples)}/{_samples(v.shard.valid_samples)}",
                 str(len(v.experiments)),
                 v.shard.description,
             )
@@ -493,16 +498,13 @@ def _print_json(out: TextIO, message: Any, *, compact: bool = False) -> None:
 
 
 def _table(out: TextIO, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [
-        max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=False)
-    ]
-    for row in (headers, *rows):
-        print(
-            "  ".join(
-                str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)
-            ).rstrip(),
-            file=out,
-        )
+    for line in table_lines(headers, [[str(cell) for cell in row] for row in rows]):
+        print(line, file=out)
+
+
+def _samples(count: int) -> str:
+    """A count the site's envoy.yaml `shard` leaves out travels as 0: "-", not "no data"."""
+    return str(count) if count else "-"
 
 
 def _when(seconds: float) -> str:

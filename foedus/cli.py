@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -22,6 +21,8 @@ from typing import Final, TextIO
 import numpy as np
 
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
+from command.output import quiet_when_stdout_closes, stdout_closed
+from command.table import table_lines
 from command.usage import Parser, UsageError, fail, parse_arguments
 from durable.files import replace_file
 from foedus import model
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@quiet_when_stdout_closes
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Run the model command line; returns the exit code (0 ok, 1 failure, 2 bad input)."""
     args = parse_arguments(build_parser(), argv)
@@ -101,9 +103,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except model.StorageError as error:
         return fail(PROGRAM, str(error), EXIT_FAILURE)
     except BrokenPipeError:  # `model inspect FILE | head`: the reader has what it wanted
-        if out is sys.stdout:  # nothing more reaches it, not even the flush at exit
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
+        return stdout_closed()
     except OSError as error:
         where = f"{error.filename}: " if error.filename else ""
         return fail(PROGRAM, f"{where}{error.strerror or error}", EXIT_FAILURE)
@@ -141,7 +141,8 @@ def _inspect(path: Path, *, as_json: bool, out: TextIO) -> int:
         [name, _dtype_name(array), _shape(array.shape), str(array.nbytes)]
         for name, array in tensors.items()
     ]
-    _table(out, ["TENSOR", "DTYPE", "SHAPE", "BYTES"], table)
+    for line in table_lines(["TENSOR", "DTYPE", "SHAPE", "BYTES"], table):
+        print(line, file=out)
     print(
         f"total: {len(table)} tensors, {total} bytes of values; the file is {size} bytes", file=out
     )
@@ -207,15 +208,6 @@ def _dtype_name(array: model.Array) -> str:
 
 def _shape(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join(str(dimension) for dimension in shape) + "]"
-
-
-def _table(out: TextIO, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=False)]
-    for row in (headers, *rows):
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip(),
-            file=out,
-        )
 
 
 if __name__ == "__main__":

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,8 @@ from pki.layout import CertsLayout
 from plans.runners import load_runner
 from plans.schema import RunnerSettings
 
-from processes import COLLABORATORS, REPO, FederationProcesses, final_accuracy, write_plan
+from processes import COLLABORATORS, FederationProcesses, final_accuracy, write_plan
+from readme_blocks import run_block, site_files
 
 MARKER = "<!-- tests/test_readme_runner.py runs the next block as my_runner.py -->"
 SCORING_MARKER = (
@@ -35,27 +34,10 @@ RUNNER = {
 }
 
 
-def readme_block(marker: str = MARKER) -> str:
-    """The Python block right after `marker` in README.md."""
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    match = re.search(re.escape(marker) + r"\n```python\n(.*?)\n```\n", readme, re.DOTALL)
-    assert match, f"README.md has no python block after {marker!r}"
-    return match.group(1) + "\n"
-
-
 @pytest.fixture
 def sites(tmp_path: Path) -> dict[str, Path]:
     """my_runner.py in `tmp_path`, and each collaborator's data and site settings files there."""
-    (tmp_path / "my_runner.py").write_text(readme_block(), encoding="utf-8")
-    digits = load_digits()
-    x, y = np.asarray(digits.data) / 16.0, np.asarray(digits.target)
-    files = {}
-    for index, name in enumerate(COLLABORATORS):
-        data = tmp_path / f"{name}.npz"
-        np.savez(data, x=x[index :: len(COLLABORATORS)], y=y[index :: len(COLLABORATORS)])
-        files[name] = tmp_path / f"{name}-site.yaml"
-        files[name].write_text(f"data_path: {data}\n", encoding="utf-8")
-    return files
+    return site_files(tmp_path, "my_runner", MARKER)
 
 
 def test_the_readme_runner_trains_on_each_sites_own_data(
@@ -86,18 +68,9 @@ def score_as_printed(best_model: Path, folder: Path) -> float:
     shutil.copy(best_model, folder / "best_model.pbuf")
     digits = load_digits()
     np.savez(folder / "test.npz", x=np.asarray(digits.data) / 16.0, y=np.asarray(digits.target))
-    (folder / "score.py").write_text(readme_block(SCORING_MARKER), encoding="utf-8")
-    done = subprocess.run(
-        [sys.executable, "-W", "error", "score.py"],
-        cwd=folder,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert (done.returncode, done.stderr) == (0, ""), done.stderr
-    match = re.fullmatch(r"accuracy (\d\.\d{4}) on 1797 samples\n", done.stdout)
-    assert match, done.stdout
+    printed = run_block(SCORING_MARKER, folder, timeout=60)
+    match = re.fullmatch(r"accuracy (\d\.\d{4}) on 1797 samples\n", printed)
+    assert match, printed
     return float(match.group(1))
 
 

@@ -1,6 +1,6 @@
 """PyTorch models as foedus task runners: subclass `TorchRunner`, write the training loop.
 
-Imported only by a plan whose runner is a `TorchRunner` (`pip install 'foedus[torch]'`); the
+Imported only by a plan whose runner is a `TorchRunner` (`pip install -e '.[torch]'`); the
 rest of foedus never imports PyTorch.
 """
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ from protos.codec import decode_tensor
 from protos.dtypes import bfloat16_dtype
 
 from processes import COLLABORATORS, REPO, FederationProcesses, final_accuracy, write_plan
+from readme_blocks import run_block
 
 HERE = Path(__file__).resolve().parent
 EXAMPLE_PLAN = REPO / "plans" / "torch_digits.yaml"
@@ -102,24 +101,12 @@ def test_the_cnn_example_learns_the_digits_over_mtls(certs: CertsLayout, tmp_pat
 def score_as_printed(best_model: Path, folder: Path) -> float:
     """The README's PyTorch scoring block run as a script in `folder`, beside a copy of
     `best_model`, warnings as errors (a read-only array would warn); the accuracy it prints."""
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    match = re.search(re.escape(SCORING_MARKER) + r"\n```python\n(.*?)\n```\n", readme, re.DOTALL)
-    assert match, f"README.md has no python block after {SCORING_MARKER!r}"
     folder.mkdir()
     shutil.copy(best_model, folder / "best_model.pbuf")
-    (folder / "score.py").write_text(match.group(1) + "\n", encoding="utf-8")
-    done = subprocess.run(
-        [sys.executable, "-W", "error", "score.py"],
-        cwd=folder,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert (done.returncode, done.stderr) == (0, ""), done.stderr
-    printed = re.fullmatch(r"accuracy (\d\.\d{4}) on 1797 images\n", done.stdout)
-    assert printed, done.stdout
-    return float(printed.group(1))
+    printed = run_block(SCORING_MARKER, folder)
+    match = re.fullmatch(r"accuracy (\d\.\d{4}) on 1797 images\n", printed)
+    assert match, printed
+    return float(match.group(1))
 
 
 @pytest.mark.slow
