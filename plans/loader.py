@@ -173,7 +173,7 @@ class _Section:
         if unique and isinstance(result, tuple) and len(set(result)) != len(result):
             duplicates = sorted({name for name in result if result.count(name) > 1})
             self.problems.append(
-                f"{self._key(key)}: listed more than once: {_shown(', '.join(duplicates))}"
+                f"{self._key(key)}: listed more than once: {_shown_text(', '.join(duplicates), 200)}"
             )
         return result
 
