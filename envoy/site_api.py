@@ -41,7 +41,7 @@ from envoy.errors import (
 )
 from envoy.progress import ProgressBook, describe
 from envoy.site import LOG_FILE, Site, review
-from envoy.site_plan import RefusedPlanError
+from envoy.site_plan import EXPERIMENT_ID, RefusedPlanError
 from plans.loader import cut, shown, values_hidden
 
 logger = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ def create_app(context: SiteApiContext) -> FastAPI:
 
     @app.get("/api/collaborators/{uuid}", summary="One collaborator: state, round, metrics.")
     def one(uuid: str) -> dict[str, Any]:
-        return _describe(uuid)
+        return _describe(_id(uuid))
 
     @app.get(
         "/api/collaborators/{uuid}/log",
@@ -227,14 +227,14 @@ def create_app(context: SiteApiContext) -> FastAPI:
         summary="The last lines of a collaborator's log.",
     )
     def log(uuid: str, tail: int = Query(100, ge=1, le=MAX_TAIL_LINES)) -> str:
-        site.state.experiment(uuid)  # 404 for an unknown one
+        site.state.experiment(_id(uuid))  # 404 for an unknown one
         return _tail(site.folder(uuid) / LOG_FILE, tail)
 
     @app.post(
         "/api/collaborators/{uuid}/stop", status_code=202, summary="Stop a running collaborator."
     )
     def stop(uuid: str) -> dict[str, Any]:
-        experiment = site.stop_collaborator(uuid)
+        experiment = site.stop_collaborator(_id(uuid))
         return {"uuid": uuid, "state": experiment.state.value, "stopping": True}
 
     for verb in ("approve", "reject"):
@@ -257,10 +257,17 @@ class ReviewRequest(BaseModel):
 def _review_endpoint(site: Site, *, approve: bool) -> Callable[..., dict[str, str]]:
     def decide(experiment_id: str, request: ReviewRequest | None = None) -> dict[str, str]:
         reason = request.reason if request is not None else ""
-        experiment = review(site.state, experiment_id, approve=approve, reason=reason)
+        experiment = review(site.state, _id(experiment_id), approve=approve, reason=reason)
         return {"experiment": experiment_id, "state": experiment.state.value}
 
     return decide
+
+
+def _id(experiment_id: str) -> str:
+    """An id of the URL: one of the form the envoy keeps, or 404 quoting it cut (never whole)."""
+    if not EXPERIMENT_ID.match(experiment_id):
+        raise UnknownExperimentError(f"no experiment {shown(experiment_id)} at this envoy")
+    return experiment_id
 
 
 def _error(code: int, message: str) -> JSONResponse:

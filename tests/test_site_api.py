@@ -340,6 +340,8 @@ def test_unknown_uuid_is_404(api: Api) -> None:
         ("POST", "/api/experiments/nope/reject"),
     ):
         assert "'nope'" in error_of(api.client.request(method, path), 404)
+        long = path.replace("nope", "n" * 10_000)
+        assert len(error_of(api.client.request(method, long), 404)) < 200, long[:40]
 
 
 def test_round_metrics_and_log_tail_come_from_the_collaborators_log(
