@@ -29,12 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from director.config import DirectorConfig, Liveness, read_liveness
 from director.errors import InvalidRequestError, LimitExceededError, StorageError
 from durable.files import write_yaml
-from plans.loader import PlanError, Section, load_plan, parse_plan, yaml_document
+from plans.loader import PlanError, Section, load_plan, parse_plan, safe_yaml, yaml_document
 from plans.runners import RunnerError, check_runner_settings, load_runner
 from plans.schema import Plan, RunnerSettings
 
@@ -214,7 +212,7 @@ def director_document(
     initial_model: Path | None,
 ) -> dict[str, Any]:
     """The submitted plan with the director's fields set, as a YAML document."""
-    document = yaml.safe_load(text)
+    document = safe_yaml(text)  # accepted at submit: valid, without aliases
     if not isinstance(document, dict):
         raise InvalidRequestError(f"{SUBMITTED}: expected a mapping of plan sections")
     document = copy.deepcopy(_without_liveness(document))

@@ -317,6 +317,8 @@ class DirectorService:
         path = self.folder(experiment_id) / LOG_FILE
         try:
             with path.open("rb") as file:
+                if offset >= file.seek(0, 2):  # nothing there yet; a seek that far may fail
+                    return b""
                 file.seek(offset)
                 return file.read(self.config.limits.chunk_bytes)
         except FileNotFoundError:
@@ -368,9 +370,10 @@ class DirectorService:
         return path
 
     def envoys(self, caller: Caller) -> list[tuple[Envoy, tuple[str, ...]]]:
-        """Every registered envoy with the ids of the active experiments naming it."""
+        """Every registered envoy with the ids of the active experiments naming it that the
+        caller may see (a user: their own; an admin: all)."""
         caller.require("ListEnvoys", *PEOPLE)
-        active = self.state.active()
+        active = [e for e in self.state.active() if caller.is_admin or e.owner == caller.name]
         return [
             (envoy, tuple(e.experiment_id for e in active if envoy.name in e.sites))
             for envoy in self.state.envoys()

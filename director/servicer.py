@@ -16,6 +16,7 @@ from typing import TypeVar
 import grpc
 
 from director.errors import InvalidRequestError, NotFoundError
+from director.fields import checked_id, checked_length, checked_offset
 from director.identity import Caller
 from director.service import (
     CollaboratorReport,
@@ -26,11 +27,16 @@ from director.service import (
 from director.state import CollaboratorState, ExperimentState, ShardInfo
 from director.status import abort
 from pki.roles import peer_certificate
+from plans.loader import NAME_PATTERN, shown
 from protos import director_pb2, director_pb2_grpc
 
 R = TypeVar("R")
 T = TypeVar("T")
 POLL_SECONDS = 0.25  # how often a followed stream looks for what is new
+MAX_NAME = 200  # an experiment's name, as the site API bounds its own
+MAX_REASON = 1000  # a review's reason, as the site API bounds its own
+MAX_DESCRIPTION = 4096  # a shard's description, its labels' keys and values, an envoy's version
+MAX_LABELS = 256
 
 _COLLABORATOR_STATES = {
     director_pb2.COLLABORATOR_APPROVAL_PENDING: CollaboratorState.APPROVAL_PENDING,
@@ -115,6 +121,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
         context: grpc.ServicerContext,
     ) -> director_pb2.RegisterEnvoyResponse:
         """An envoy registers its shard."""
+        _shard_checked(request.shard, request.version)
         shard = ShardInfo(
             description=request.shard.description,
             train_samples=request.shard.train_samples,
@@ -185,6 +192,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
         first = next(request, None)
         if first is None or not first.request_id:
             raise InvalidRequestError("request_id: required in the first message")
+        checked_id("request_id", first.request_id)
 
         def pieces() -> Iterator[bytes]:
             yield first.data
@@ -217,6 +225,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
                     )
                 yield message.initial_model_data
 
+        checked_length("name", first.name, MAX_NAME)
         model = ModelUpload(first.initial_model_size, pieces()) if first.has_initial_model else None
         if model is None and (first.initial_model_size or first.initial_model_data):
             raise InvalidRequestError("initial_model_data: sent without has_initial_model")
@@ -274,7 +283,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
     ) -> Iterator[director_pb2.MetricRow]:
         """Metric rows as written; with follow, until the experiment ends."""
         experiment_id = _id(request.experiment_id)
-        index = request.from_row
+        index = checked_offset("from_row", request.from_row)
         while True:
             # The state first: rows written before it ended are all there when it reads final.
             final = self.service.experiment(caller, experiment_id).experiment.state.final
@@ -293,7 +302,9 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
     ) -> Iterator[director_pb2.LogChunk]:
         """The aggregator's log, or a site's through its envoy; with follow, until the end."""
         experiment_id = _id(request.experiment_id)
-        offset = request.offset
+        offset = checked_offset("offset", request.offset)
+        if request.site and not NAME_PATTERN.match(request.site):
+            raise InvalidRequestError(f"site: {shown(request.site)} is not a site's name")
         timeout = max(5.0, 3 * self.service.config.health_check_seconds)
         while True:
             final = self.service.experiment(caller, experiment_id).experiment.state.final
@@ -364,7 +375,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
     ) -> director_pb2.Experiment:
         """An admin lets a submitted experiment run."""
         view = self.service.review(
-            caller, _id(request.experiment_id), approve=True, reason=request.reason
+            caller, _id(request.experiment_id), approve=True, reason=_reason(request.reason)
         )
         return experiment_to_wire(view)
 
@@ -377,7 +388,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
     ) -> director_pb2.Experiment:
         """An admin refuses a submitted experiment."""
         view = self.service.review(
-            caller, _id(request.experiment_id), approve=False, reason=request.reason
+            caller, _id(request.experiment_id), approve=False, reason=_reason(request.reason)
         )
         return experiment_to_wire(view)
 
@@ -463,6 +474,20 @@ def _report(message: director_pb2.CollaboratorReport) -> CollaboratorReport:
 
 
 def _id(experiment_id: str) -> str:
-    if not experiment_id:
-        raise InvalidRequestError("experiment_id: required")
-    return experiment_id
+    """The request's experiment id, checked for form before anything looks it up."""
+    return checked_id("experiment_id", experiment_id)
+
+
+def _reason(text: str) -> str:
+    return checked_length("reason", text, MAX_REASON)
+
+
+def _shard_checked(shard: director_pb2.ShardInfo, version: str) -> None:
+    """A registration's free text, bounded: it is kept and shown to every person."""
+    checked_length("shard.description", shard.description, MAX_DESCRIPTION)
+    checked_length("version", version, MAX_DESCRIPTION)
+    if len(shard.labels) > MAX_LABELS:
+        raise InvalidRequestError(f"shard.labels: {len(shard.labels)} labels; at most {MAX_LABELS}")
+    for key, value in shard.labels.items():
+        checked_length("shard.labels key", key, MAX_DESCRIPTION)
+        checked_length(f"shard.labels.{shown(key)}", value, MAX_DESCRIPTION)

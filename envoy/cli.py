@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import logging
 import signal
-import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,8 +13,9 @@ from types import FrameType
 
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
 from command.output import quiet_when_stdout_closes
-from command.process import LOG_FORMAT, LOG_LEVELS
+from command.process import LOG_LEVELS, stderr_log_handler
 from command.table import table_lines
+from command.text import printable
 from command.usage import Parser, UsageError, fail, parse_arguments
 from envoy.client import DirectorClient
 from envoy.config import ConfigError, EnvoyConfig, load_config
@@ -123,11 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     try:
         if args.command == "start":
-            logging.basicConfig(
-                level=args.log_level.upper(),
-                format=LOG_FORMAT,
-                stream=sys.stderr,
-            )
+            logging.basicConfig(level=args.log_level.upper(), handlers=[stderr_log_handler()])
             return _start(args.name, config)
         if args.command == "list":
             return _list(config)
@@ -245,8 +241,9 @@ def _review(config: EnvoyConfig, experiment_id: str, approve: bool, reason: str)
         experiment = review(state, experiment_id, approve=approve, reason=reason)
     finally:
         state.close()
-    print(
-        f"experiment {experiment_id} ({experiment.name!r} by {experiment.owner}): "
+    print(  # the name and owner are the director's: printed without terminal controls
+        f"experiment {experiment_id} ({printable(experiment.name)!r} by "
+        f"{printable(experiment.owner)}): "
         f"{'approved; the envoy starts its collaborator' if approve else 'rejected'}"
     )
     return EXIT_OK

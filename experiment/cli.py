@@ -23,6 +23,7 @@ from google.protobuf.json_format import MessageToDict
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
 from command.output import quiet_when_stdout_closes, stdout_closed
 from command.table import table_lines
+from command.text import printable_stream
 from command.usage import Parser, UsageError, fail
 from experiment.config import ENVIRONMENT, ClientConfig, ClientConfigError, load_client_config
 from pki.errors import PkiError
@@ -134,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
 @quiet_when_stdout_closes
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Run the experiment command line; returns the exit code (0 ok, 1 failure, 2 bad input)."""
-    out = out or sys.stdout
+    # Names, reasons, descriptions and logs are others' text: printed without terminal controls.
+    out = printable_stream(out or sys.stdout)
     try:
         args = build_parser().parse_args(argv)
         if args.config is None:

@@ -160,6 +160,19 @@ def running_director(
         server.stop(0)
 
 
+def alias_bomb_plan(document: Mapping[str, Any]) -> str:
+    """`document` as YAML whose `runner.settings.split` unfolds into 10**9 strings by aliases."""
+    others = {key: value for key, value in document.items() if key != "runner"}
+    levels = "".join(f"    l{n}: &l{n} [{', '.join([f'*l{n - 1}'] * 10)}]\n" for n in range(1, 9))
+    return (
+        yaml.safe_dump(others)
+        + "runner:\n  name: digits\n  seed: 0\n  settings:\n"
+        + "    l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+        + levels
+        + "    split: *l8\n"
+    )
+
+
 def submitted_plan(**sections: Mapping[str, Any]) -> dict[str, Any]:
     """plans/local.yaml without the fields the director owns, sections merged with `sections`."""
     document: dict[str, Any] = yaml.safe_load((REPO / "plans/local.yaml").read_text("utf-8"))

@@ -27,6 +27,7 @@ from envoy.site_plan import RefusedPlanError, site_document
 from envoy.state import SITE, TRANSITIONS, CollaboratorState, EnvoyState
 from pki.layout import CertsLayout
 
+from directors import alias_bomb_plan
 from envoys import read_all, write_envoy_config
 from processes import free_port, write_plan
 from servers import plan_document
@@ -204,6 +205,19 @@ def test_site_plan_that_is_not_yaml_is_refused(tmp_path: Path, certs: CertsLayou
         site_document("!!python/object/apply:os.system ['true']", "alice", config, tmp_path)
     with pytest.raises(RefusedPlanError, match="expected a mapping of plan sections"):
         site_document("[1, 2]", "alice", config, tmp_path)
+
+
+def test_site_plan_with_an_alias_bomb_in_runner_settings_is_refused(
+    tmp_path: Path, certs: CertsLayout
+) -> None:
+    """Aliases unfolding into 10**9 strings under runner.settings: refused before expansion."""
+    config = load_config(config_file(tmp_path, certs))
+    bomb = alias_bomb_plan(yaml.safe_load(director_plan(tmp_path, certs)))
+    with pytest.raises(RefusedPlanError) as raised:
+        site_document(bomb, "alice", config, tmp_path)
+    assert str(raised.value).endswith(
+        "not valid YAML: YAML aliases (*name) are not accepted: write the value out"
+    )
 
 
 @pytest.mark.parametrize("level", [None, "debug"])
@@ -400,6 +414,31 @@ def test_cli_review_acts_on_the_durable_state(
     listing = capsys.readouterr().out
     assert "site_rejected" in listing and "not on weekends" in listing
     state.close()
+
+
+def test_cli_list_and_review_print_others_text_without_controls(
+    tmp_path: Path, certs: CertsLayout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A name, an owner and a reason holding escape sequences: `envoy list` and `approve` print
+    them without ESC, the C0/C1 controls or bidi overrides."""
+    escapes = "\x1b]0;owned\x07\x1b[2J\r\x9b\u202e"
+    path = config_file(tmp_path, certs, review="manual")
+    state = EnvoyState.open(load_config(path).state_dir, exclusive=True)
+    state.add(
+        experiment_id="e1",
+        name=f"name{escapes}",
+        owner=f"dora{escapes}",
+        site="alice",
+        plan_yaml="",
+        state=S.APPROVAL_PENDING,
+        reason=f"why{escapes}",
+    )
+    assert main(["approve", "e1", "--config", str(path)]) == 0
+    assert main(["list", "--config", str(path)]) == 0
+    state.close()
+    out = capsys.readouterr().out
+    assert "name]0;owned[2J" in out and "dora]0;owned" in out
+    assert not set("\x1b\x07\r\x9b\u202e") & set(out), repr(out)
 
 
 def test_cli_list_aligns_columns_of_any_width(

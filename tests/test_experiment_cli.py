@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from command.usage import fail
 from director.launcher import Ended
 from experiment.cli import main
 from pki.layout import CertsLayout
@@ -200,8 +201,13 @@ def test_refusals_exit_2_with_one_line(
 ) -> None:
     """An unknown id, a plan setting the director's field, another's experiment: exit 2, one line."""
     ada, bea = client_config(tmp_path, director, "ada"), client_config(tmp_path, director, "bea")
+    unknown = "00000000-0000-4000-8000-000000000000"
+    assert run(ada, "status", unknown)[0] == 2
+    assert capsys.readouterr().err == f"experiment: error: NOT_FOUND: no experiment '{unknown}'\n"
     assert run(ada, "status", "nope")[0] == 2
-    assert capsys.readouterr().err == "experiment: error: NOT_FOUND: no experiment 'nope'\n"
+    assert capsys.readouterr().err.startswith(
+        "experiment: error: INVALID_ARGUMENT: experiment_id: 'nope' is not an id of this director"
+    )
     assert run(ada, "submit", str(write_plan(tmp_path, aggregator={"port": 1})))[0] == 2
     err = capsys.readouterr().err
     assert err.startswith("experiment: error: INVALID_ARGUMENT: submitted plan: aggregator.port")
@@ -249,6 +255,47 @@ def test_a_closed_stdout_ends_quietly(
     config = client_config(tmp_path, director, "bea")
     assert main(["--config", str(config), "envoys"], out=ClosedPipe()) == 141
     assert capsys.readouterr().err == ""
+
+
+ESCAPES = "\x1b]0;owned\x07\x1b[2J\x1b[31m\r\x9b\u202e"  # title, clear, colour, CR, CSI, RLO
+CONTROLS = set("\x1b\x07\r\x9b\u202e")
+
+
+def test_others_text_reaches_the_terminal_without_controls(
+    tmp_path: Path, director: Director, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Names, descriptions, labels, reasons and logs holding escape sequences: printed without
+    ESC, the C0/C1 controls or bidi overrides, by every command that shows them, stderr too."""
+    director.stub("alice", role="envoy").RegisterEnvoy(
+        pb.RegisterEnvoyRequest(
+            shard=pb.ShardInfo(description=f"digits{ESCAPES}", labels={"k": ESCAPES})
+        ),
+        timeout=20,
+    )
+    ada = client_config(tmp_path, director, "ada")
+    experiment_id = (
+        director.stub("ada")
+        .SubmitExperiment(
+            iter([pb.SubmitChunk(plan_yaml=yaml.safe_dump(submitted_plan()), name=ESCAPES)]),
+            timeout=20,
+        )
+        .experiment_id
+    )
+    log = director.server.service.folder(experiment_id) / "aggregator.log"
+    log.write_text(f"round 1{ESCAPES}\tdone\n", encoding="utf-8")
+    outputs = [
+        run(ada, "list")[1],
+        run(ada, "status", experiment_id)[1],
+        run(ada, "envoys")[1],
+        run(ada, "logs", experiment_id)[1],
+    ]
+    fail("experiment", f"a refusal quoting{ESCAPES}", 2)  # every command's error line
+    outputs.append(capsys.readouterr().err)
+    for output in outputs:
+        assert output and not CONTROLS & set(output), repr(output)
+    assert "]0;owned[2J[31m" in outputs[0] and "digits]0;owned" in outputs[2]
+    assert outputs[3] == "round 1]0;owned[2J[31m\tdone\n"
+    assert outputs[4] == "experiment: error: a refusal quoting]0;owned[2J[31m\n"
 
 
 def test_config_from_the_environment_and_config_errors(
