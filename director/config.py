@@ -143,7 +143,8 @@ def parse_config(data: object, config_path: Path) -> DirectorConfig:
         admins=admins,
         liveness=liveness,
     )
-    if per_user is not None and per_user > most:
+    most_is_bad = any(problem.startswith("max_running_experiments:") for problem in problems)
+    if per_user is not None and per_user > most and not most_is_bad:
         # Refused, not clamped: a limit that can never apply is a mistake the operator should see.
         problems.append(
             f"max_running_per_user: {per_user} is above max_running_experiments {most}; "

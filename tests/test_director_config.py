@@ -146,6 +146,16 @@ def test_required_keys_are_named_when_missing(tmp_path: Path, key: str) -> None:
         load_config(path)
 
 
+def test_a_per_user_limit_is_not_compared_with_a_bad_total(tmp_path: Path) -> None:
+    """max_running_experiments 0 and max_running_per_user 3: one line, the total's."""
+    path = write(tmp_path, {**MINIMAL, "max_running_experiments": 0, "max_running_per_user": 3})
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert raised.value.problems == [
+        f"{path}: max_running_experiments: expected an integer 1-10000, got 0"
+    ]
+
+
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     """Three mistakes, three lines."""
     path = write(tmp_path, {**MINIMAL, "review": 1, "colour": 2, "listen": {"port": "x"}})
