@@ -19,7 +19,11 @@ the file. An example, every key shown with its default (the four without one are
     admins: []                   # people who see and act on every experiment, and review
     review: auto                 # or manual: an admin approves each experiment
     health_check_seconds: 10     # envoys heartbeat this often; offline after twice as long
-    max_running_experiments: 2   # the others wait in submission order
+    max_running_experiments: 2   # experiments running at once; the others wait in the queue
+    max_running_per_user: null   # experiments one owner runs at once; null (or absent): a fair
+                                 #   share, ceil(max_running_experiments / people in users and
+                                 #   admins), at least 1. Never above max_running_experiments
+                                 #   (refused). Queue order: see director.state.queue
     limits: {max_plan_bytes: 1048576, max_model_bytes: 4294967296, chunk_bytes: 1048576}
     liveness: {min_sites: null, mandatory_sites: [], offline_grace_seconds: 300}
     dashboard: {address: null}   # the web dashboard over HTTPS: "host:port" or a port alone
@@ -30,6 +34,7 @@ the file. An example, every key shown with its default (the four without one are
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +91,7 @@ class DirectorConfig:
     manual_review: bool  # review: manual
     health_check_seconds: float  # health_check_seconds
     max_running_experiments: int  # max_running_experiments
+    max_running_per_user: int  # max_running_per_user, the fair share when absent (fair_share)
     limits: Limits
     liveness: Liveness
     dashboard_address: Address | None = None  # dashboard.address: None = no dashboard
@@ -120,6 +126,7 @@ def parse_config(data: object, config_path: Path) -> DirectorConfig:
     manual = root.choice("review", "auto", ("auto", "manual")) == "manual"
     health = root.number("health_check_seconds", 10.0, low=0.05, high=86400)
     most = root.integer("max_running_experiments", 2, low=1, high=10_000)
+    per_user = root.optional_integer("max_running_per_user", None, low=1, high=10_000)
     limits = _limits(root.section("limits"))
     liveness = read_liveness(root.section("liveness"))
     dashboard = root.section("dashboard")
@@ -136,6 +143,14 @@ def parse_config(data: object, config_path: Path) -> DirectorConfig:
         admins=admins,
         liveness=liveness,
     )
+    most_is_bad = any(problem.startswith("max_running_experiments:") for problem in problems)
+    if per_user is not None and per_user > most and not most_is_bad:
+        # Refused, not clamped: a limit that can never apply is a mistake the operator should see.
+        problems.append(
+            f"max_running_per_user: {per_user} is above max_running_experiments {most}; "
+            f"one owner can never run more than all of them (at most {most}, or leave it out "
+            "for the fair share)"
+        )
     if problems:
         raise ConfigError([f"{config_path}: {problem}" for problem in problems])
     return DirectorConfig(
@@ -154,11 +169,22 @@ def parse_config(data: object, config_path: Path) -> DirectorConfig:
         manual_review=manual,
         health_check_seconds=health,
         max_running_experiments=most,
+        max_running_per_user=fair_share(most, users, admins) if per_user is None else per_user,
         limits=limits,
         liveness=liveness,
         dashboard_address=dashboard_address,
         metrics_address=metrics_address,
     )
+
+
+def fair_share(max_running: int, users: tuple[str, ...], admins: tuple[str, ...]) -> int:
+    """The default per-owner limit: the running places shared evenly by the people, rounded up.
+
+    At least 1 and at most `max_running` (ceil of a positive share); with no people listed no one
+    can submit, and it is `max_running`.
+    """
+    people = len(set(users) | set(admins))
+    return math.ceil(max_running / max(1, people))
 
 
 def _port_range(section: Section) -> range:

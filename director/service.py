@@ -2,7 +2,8 @@
 
 `DirectorService` is driven by `director.servicer` (one method per RPC, the caller already
 identified) and by its own `supervise` step, which the server calls on a timer: it starts queued
-experiments up to `max_running_experiments` (each gets a port, a plan written by
+experiments in the queue's order (`DirectorState.queue`), up to `max_running_experiments` and
+at most `max_running_per_user` of one owner (each gets a port, a plan written by
 `director.experiment_plan` and an aggregator from the `Launcher`), moves them along their
 lifecycle as their sites report and their aggregators end, fails them when their sites are gone
 (the liveness rule below), and starts again an aggregator that died without deciding its end.
@@ -437,7 +438,9 @@ class DirectorService:
         with self._supervising:
             for experiment in self.state.active():
                 self._check_active(experiment)
-            for experiment in self.state.startable(self.config.max_running_experiments):
+            for experiment in self.state.startable(
+                self.config.max_running_experiments, self.config.max_running_per_user
+            ):
                 self._launch(experiment)
 
     def run(self, stop: threading.Event, period: float = 0.25) -> None:

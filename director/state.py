@@ -11,11 +11,13 @@ from the clock every time it is read: no stored flag goes stale.
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import sqlite3
 import time
 import uuid
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -340,12 +342,19 @@ class DirectorState(SqliteStore):
                 raise NotFoundError(f"no experiment {experiment_id!r}")
 
     def queue(self) -> list[Experiment]:
-        """The approved experiments waiting for a running place, in submission order."""
+        """The approved experiments waiting for a running place, in the order they get one.
+
+        The queue's order, said here once: the next place goes to the waiting experiment whose
+        owner holds the fewest places, counting the owner's running experiments and those ahead
+        of it in the queue; ties go to the first submitted. So owners take turns by the number
+        they run, and one owner's backlog never stands before another's first experiment.
+        `startable` skips an owner at their limit; positions move as experiments start and end.
+        """
         rows = self._query_all(
             f"SELECT {_EXPERIMENT_COLUMNS} FROM experiments WHERE state = ? ORDER BY sequence",
             (ExperimentState.APPROVED.value,),
         )
-        return [_experiment(row) for row in rows]
+        return _fair_order([_experiment(row) for row in rows], self._places_held())
 
     def active(self) -> list[Experiment]:
         """The experiments holding a running place (waiting or running), in submission order."""
@@ -355,17 +364,38 @@ class DirectorState(SqliteStore):
         )
         return [_experiment(row) for row in rows]
 
-    def startable(self, max_running: int) -> list[Experiment]:
-        """The queued experiments that may take a place now, first submitted first."""
-        places = max(0, max_running - len(self.active()))
-        return self.queue()[:places]
+    def startable(self, max_running: int, per_owner: int) -> list[Experiment]:
+        """The queued experiments that may take a place now, in queue order.
+
+        At most `max_running` hold places in all and `per_owner` of one owner: an owner at their
+        limit is passed over for the next in the queue, and a place no one else can take stays
+        free rather than go past that limit.
+        """
+        held = self._places_held()
+        places = max(0, max_running - sum(held.values()))
+        chosen: list[Experiment] = []
+        for experiment in self.queue():
+            if len(chosen) == places:
+                break
+            if held[experiment.owner] < per_owner:
+                chosen.append(experiment)
+                held[experiment.owner] += 1
+        return chosen
 
     def queue_position(self, experiment_id: str) -> int:
-        """Where an approved experiment stands in the queue, from 1; 0 when it is not queued."""
+        """Where an approved experiment stands in the queue's order, from 1; 0 when not queued."""
         for position, queued in enumerate(self.queue(), start=1):
             if queued.experiment_id == experiment_id:
                 return position
         return 0
+
+    def _places_held(self) -> Counter[str]:
+        """How many running places each owner holds now."""
+        rows = self._query_all(
+            "SELECT owner, COUNT(*) FROM experiments WHERE state IN (?, ?) GROUP BY owner",
+            tuple(state.value for state in (ExperimentState.WAITING, ExperimentState.RUNNING)),
+        )
+        return Counter({owner: count for owner, count in rows})
 
     def remove(self, experiment_id: str) -> None:
         """Forget an experiment that has ended, and its sites' reports."""
@@ -475,6 +505,26 @@ class DirectorState(SqliteStore):
         if row is None:
             raise NotFoundError(f"no experiment {experiment_id!r}")
         return ExperimentState(row[0])
+
+
+def _fair_order(waiting: Sequence[Experiment], held: Mapping[str, int]) -> list[Experiment]:
+    """`waiting` (in submission order) in the queue's order, owners holding `held` places."""
+    backlogs: dict[str, deque[Experiment]] = {}
+    for experiment in waiting:
+        backlogs.setdefault(experiment.owner, deque()).append(experiment)
+    # One entry per owner with a backlog: (places they would hold, their first's sequence).
+    turns = [
+        (held.get(owner, 0), backlog[0].sequence, owner) for owner, backlog in backlogs.items()
+    ]
+    heapq.heapify(turns)
+    order: list[Experiment] = []
+    while turns:
+        count, _, owner = heapq.heappop(turns)
+        backlog = backlogs[owner]
+        order.append(backlog.popleft())
+        if backlog:
+            heapq.heappush(turns, (count + 1, backlog[0].sequence, owner))
+    return order
 
 
 def _check_move(experiment_id: str, current: ExperimentState, to: ExperimentState) -> None:

@@ -66,6 +66,9 @@ def write_config(folder: Path, certs: CertsLayout, **changes: Any) -> Path:
         "limits": {"max_plan_bytes": 16384, "max_model_bytes": 65536, "chunk_bytes": 4096},
     }
     document.update(changes)
+    # Tests run several of one user's experiments at once: every place may be one owner's, unless
+    # a test asks for a limit, or for the fair share (None; 1 of 2 places for three people).
+    document.setdefault("max_running_per_user", document["max_running_experiments"])
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "director.yaml"
     path.write_text(yaml.safe_dump(document), encoding="utf-8")

@@ -33,6 +33,7 @@ def test_a_minimal_config_gets_every_default(tmp_path: Path) -> None:
     assert config.aggregator_ports == range(50100, 50200)
     assert (config.users, config.admins, config.manual_review) == ((), (), False)
     assert (config.health_check_seconds, config.max_running_experiments) == (10.0, 2)
+    assert config.max_running_per_user == 2  # no people listed: the limit never applies
     assert config.liveness.min_sites is None and config.liveness.offline_grace_seconds == 300
     assert config.limits.max_plan_bytes == 1024 * 1024
     assert config.runners == ("digits",)  # the built-in runners only
@@ -50,12 +51,14 @@ def test_every_key_is_read(tmp_path: Path) -> None:
         "review": "manual",
         "health_check_seconds": 0.5,
         "max_running_experiments": 3,
+        "max_running_per_user": 2,
         "limits": {"max_plan_bytes": 4096, "max_model_bytes": 8192, "chunk_bytes": 2048},
         "liveness": {"min_sites": 1, "mandatory_sites": ["bob"], "offline_grace_seconds": 7},
         "runners": ["digits", "my_lab.models:Net"],
     }
     config = load_config(write(tmp_path, document))
     assert config.runners == ("digits", "my_lab.models:Net")
+    assert (config.max_running_experiments, config.max_running_per_user) == (3, 2)
     assert load_config(write(tmp_path, {**MINIMAL, "runners": []})).runners == ()
     assert config.port == 0 and config.aggregator_ports == range(6000, 6010)
     assert config.manual_review and config.admins == ("root",)
@@ -78,6 +81,18 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"review": "sometimes"}, "review: expected one of auto, manual"),
     ({"health_check_seconds": 0}, "health_check_seconds: expected a number"),
     ({"max_running_experiments": 0}, "max_running_experiments: expected an integer 1-10000"),
+    ({"max_running_per_user": 0}, "max_running_per_user: expected an integer 1-10000, got 0"),
+    ({"max_running_per_user": -1}, "max_running_per_user: expected an integer 1-10000, got -1"),
+    (
+        {"max_running_per_user": "two"},
+        "max_running_per_user: expected an integer 1-10000, got 'two'",
+    ),
+    ({"max_running_per_user": True}, "max_running_per_user: expected an integer 1-10000"),
+    (
+        {"max_running_per_user": 3},
+        "max_running_per_user: 3 is above max_running_experiments 2; one owner can never run "
+        "more than all of them (at most 2, or leave it out for the fair share)",
+    ),
     ({"limits": {"max_plan_bytes": 10}}, "limits.max_plan_bytes: expected an integer"),
     ({"liveness": {"min_sites": 0}}, "liveness.min_sites: expected an integer"),
     ({"liveness": {"mandatory_sites": ["zed"]}}, "liveness.mandatory_sites: zed not in envoys"),
@@ -103,12 +118,42 @@ def test_a_bad_key_is_named_with_the_file(
     )
 
 
+@pytest.mark.parametrize(
+    ("most", "users", "admins", "share"),
+    [
+        (2, ["ada", "bea"], ["root"], 1),  # ceil(2 / 3)
+        (5, ["ada"], ["root"], 3),  # ceil(5 / 2)
+        (4, ["ada", "bea"], ["root", "ada"], 2),  # ada counted once: ceil(4 / 3)
+        (1, [f"u{n}" for n in range(20)], [], 1),  # never below 1
+        (3, ["ada"], [], 3),  # one person: every place, never above max_running_experiments
+    ],
+)
+def test_the_default_per_user_limit_is_a_fair_share(
+    tmp_path: Path, most: int, users: list[str], admins: list[str], share: int
+) -> None:
+    """Absent (or null): ceil(max_running_experiments / people in users and admins)."""
+    document = {**MINIMAL, "max_running_experiments": most, "users": users, "admins": admins}
+    assert load_config(write(tmp_path, document)).max_running_per_user == share
+    document["max_running_per_user"] = None
+    assert load_config(write(tmp_path, document)).max_running_per_user == share
+
+
 @pytest.mark.parametrize("key", ["host", "certs_dir", "state_dir", "envoys"])
 def test_required_keys_are_named_when_missing(tmp_path: Path, key: str) -> None:
     """Leaving out a required key says so, by name."""
     path = write(tmp_path, {k: v for k, v in MINIMAL.items() if k != key})
     with pytest.raises(ConfigError, match=f"{key}: required, but missing"):
         load_config(path)
+
+
+def test_a_per_user_limit_is_not_compared_with_a_bad_total(tmp_path: Path) -> None:
+    """max_running_experiments 0 and max_running_per_user 3: one line, the total's."""
+    path = write(tmp_path, {**MINIMAL, "max_running_experiments": 0, "max_running_per_user": 3})
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert raised.value.problems == [
+        f"{path}: max_running_experiments: expected an integer 1-10000, got 0"
+    ]
 
 
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:

@@ -250,3 +250,67 @@ def test_a_gone_site_fails_only_the_experiments_it_is_in(harness: Harness) -> No
     )
     assert second.state is ExperimentState.RUNNING
     assert harness.launcher.stopped == [ids[0]]
+
+
+def owners_running(harness: Harness) -> dict[str, int]:
+    """How many places each owner holds now."""
+    held: dict[str, int] = {}
+    for experiment in harness.state.active():
+        held[experiment.owner] = held.get(experiment.owner, 0) + 1
+    return held
+
+
+def test_a_users_backlog_does_not_hold_every_place(tmp_path: Path) -> None:
+    """Two places, three people (a fair share of 1): ada's five then bea's one; bea's starts as
+    soon as she submits, ahead of ada's backlog; ada never holds two; her next starts when her
+    running one ends, and a place nobody else can take stays free."""
+    harness = Harness(tmp_path, max_running_per_user=None)
+    try:
+        assert harness.config.max_running_per_user == 1
+        for name in ENVOYS:
+            harness.service.register_envoy(Caller(name, Role.ENVOY), ShardInfo(), "v")
+        plan = yaml.safe_dump(submitted_plan())
+        ada = []
+        for _ in range(5):
+            ada.append(harness.service.submit(ADA, plan, "", None).experiment.experiment_id)
+            harness.service.supervise()
+        assert [started for started, _ in harness.launcher.started] == [ada[0]]
+        bea = harness.service.submit(Caller("bea", Role.USER), plan, "", None)
+        assert bea.queue_position == 1  # ahead of ada's four waiting
+        assert [harness.service.experiment(ADA, i).queue_position for i in ada] == [0, 2, 3, 4, 5]
+        harness.service.supervise()
+        assert [s for s, _ in harness.launcher.started] == [ada[0], bea.experiment.experiment_id]
+        assert [harness.service.experiment(ADA, i).queue_position for i in ada] == [0, 1, 2, 3, 4]
+        harness.service.cancel(Caller("bea", Role.USER), bea.experiment.experiment_id)
+        harness.service.supervise()
+        assert owners_running(harness) == {"ada": 1}  # the freed place stays free
+        for step in range(1, 5):
+            harness.service.cancel(ADA, ada[step - 1])
+            harness.service.supervise()
+            assert owners_running(harness) == {"ada": 1}
+            assert harness.launcher.started[-1][0] == ada[step]
+    finally:
+        harness.state.close()
+
+
+def test_an_explicit_per_user_limit_is_kept(tmp_path: Path) -> None:
+    """Four places, max_running_per_user 2: ada's first two and bea's one start, ada's third
+    waits (first in the queue) while a place stays free."""
+    harness = Harness(tmp_path, max_running_experiments=4, max_running_per_user=2)
+    try:
+        for name in ENVOYS:
+            harness.service.register_envoy(Caller(name, Role.ENVOY), ShardInfo(), "v")
+        plan = yaml.safe_dump(submitted_plan())
+        ada = [harness.service.submit(ADA, plan, "", None) for _ in range(3)]
+        bea = harness.service.submit(Caller("bea", Role.USER), plan, "", None)
+        harness.service.supervise()
+        assert [s for s, _ in harness.launcher.started] == [
+            ada[0].experiment.experiment_id,
+            bea.experiment.experiment_id,
+            ada[1].experiment.experiment_id,
+        ]
+        assert owners_running(harness) == {"ada": 2, "bea": 1}
+        third = harness.service.experiment(ADA, ada[2].experiment.experiment_id)
+        assert (third.experiment.state, third.queue_position) == (ExperimentState.APPROVED, 1)
+    finally:
+        harness.state.close()

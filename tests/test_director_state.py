@@ -162,20 +162,72 @@ def test_ports_are_the_lowest_free_ones_and_a_full_range_is_refused(state: Direc
 
 
 def test_the_queue_keeps_submission_order_within_max_running(state: DirectorState) -> None:
-    """Approved experiments start first-submitted first, up to the places left."""
+    """One owner's approved experiments start first-submitted first, up to the places left."""
     ids = [add(state) for _ in range(4)]
     for experiment_id in reversed(ids):  # approval order must not matter
         state.transition(experiment_id, S.APPROVED)
-    assert [e.experiment_id for e in state.startable(2)] == ids[:2]
+    assert [e.experiment_id for e in state.startable(2, 2)] == ids[:2]
     assert state.queue_position(ids[2]) == 3
     state.begin(ids[0], range(9000, 9010))
-    assert [e.experiment_id for e in state.startable(2)] == ids[1:2]
+    assert [e.experiment_id for e in state.startable(2, 2)] == ids[1:2]
     state.begin(ids[1], range(9000, 9010))
-    assert state.startable(2) == []
+    assert state.startable(2, 2) == []
     assert state.queue_position(ids[0]) == 0
     assert state.queue_position(ids[2]) == 1
     state.transition(ids[0], S.FAILED, "aggregator exited with 1")
-    assert [e.experiment_id for e in state.startable(2)] == ids[2:3]
+    assert [e.experiment_id for e in state.startable(2, 2)] == ids[2:3]
+
+
+def approved(state: DirectorState, *owners: str) -> list[str]:
+    """One approved experiment per owner named, submitted in that order; their ids."""
+    ids = [add(state, owner) for owner in owners]
+    for experiment_id in ids:
+        state.transition(experiment_id, S.APPROVED)
+    return ids
+
+
+def test_owners_take_turns_by_the_places_they_would_hold(state: DirectorState) -> None:
+    """ada 3, bea 3, cy 1 in that order: one each first, then again; ada running 2 goes last."""
+    a1, a2, a3, b1, b2, b3, c1 = approved(state, *["ada"] * 3, *["bea"] * 3, "cy")
+    assert [e.experiment_id for e in state.queue()] == [a1, b1, c1, a2, b2, a3, b3]
+    assert [state.queue_position(i) for i in (a1, b1, c1, a2, b2, a3, b3)] == [1, 2, 3, 4, 5, 6, 7]
+    running = approved(state, "ada", "ada")
+    for experiment_id in running:
+        state.begin(experiment_id, range(9000, 9010))
+    # ada holds 2: bea's and cy's first go ahead; at 2 places each, ties by submission.
+    assert [e.experiment_id for e in state.queue()] == [b1, c1, b2, a1, b3, a2, a3]
+    assert state.queue_position(a1) == 4
+
+
+def test_a_backlog_does_not_starve_a_later_owner(state: DirectorState) -> None:
+    """ada's 5 then bea's 1, two places, one each: bea's starts beside ada's first, not after
+    ada's fifth; ada never holds two; a place freed by bea stays free while ada is at her limit."""
+    ada = approved(state, *["ada"] * 5)
+    (bea,) = approved(state, "bea")
+    assert state.queue_position(bea) == 2
+    assert [e.experiment_id for e in state.startable(2, 1)] == [ada[0], bea]
+    state.begin(ada[0], range(9000, 9010))
+    assert state.queue_position(bea) == 1
+    assert [e.experiment_id for e in state.startable(2, 1)] == [bea]
+    state.begin(bea, range(9000, 9010))
+    assert state.startable(2, 1) == []
+    assert [state.queue_position(i) for i in ada] == [0, 1, 2, 3, 4]
+    state.transition(bea, S.CANCELLED)
+    assert state.startable(2, 1) == []  # ada is at her limit: the place stays free
+    state.transition(ada[0], S.FAILED, "aggregator exited with 1")
+    assert [e.experiment_id for e in state.startable(2, 1)] == [ada[1]]
+
+
+def test_an_owner_at_the_limit_is_passed_over_for_the_next(state: DirectorState) -> None:
+    """Four places, two per owner: ada's first two and bea's one start; ada's third waits and the
+    fourth place stays free."""
+    ada = approved(state, *["ada"] * 3)
+    (bea,) = approved(state, "bea")
+    assert [e.experiment_id for e in state.startable(4, 2)] == [ada[0], bea, ada[1]]
+    for experiment_id in (ada[0], ada[1]):
+        state.begin(experiment_id, range(9000, 9010))
+    assert [e.experiment_id for e in state.queue()] == [bea, ada[2]]
+    assert [e.experiment_id for e in state.startable(4, 2)] == [bea]
 
 
 def test_experiments_are_listed_by_owner_in_submission_order(state: DirectorState) -> None:

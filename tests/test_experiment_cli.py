@@ -8,7 +8,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -50,6 +52,15 @@ def director(
     tmp_path: Path, director_certs: CertsLayout, launcher: RecordingLauncher
 ) -> Iterator[Director]:
     """A director with automatic review, its envoys registered."""
+    with registered_director(tmp_path, director_certs, launcher) as running:
+        yield running
+
+
+@contextmanager
+def registered_director(
+    tmp_path: Path, director_certs: CertsLayout, launcher: RecordingLauncher, **changes: Any
+) -> Iterator[Director]:
+    """A director with automatic review (director.yaml changed by `changes`), envoys registered."""
     with running_director(
         tmp_path / "director",
         director_certs,
@@ -57,6 +68,7 @@ def director(
         # The envoys register once and never beat: online for 20 minutes, not 2 s, however slow
         # the machine is between their registration and a test's look.
         health_check_seconds=600,
+        **changes,
     ) as running:
         for name in ENVOYS:
             running.stub(name, role="envoy").RegisterEnvoy(
@@ -216,6 +228,32 @@ def test_refusals_exit_2_with_one_line(
     assert "belongs to another user" in capsys.readouterr().err
     assert run(ada, "approve", experiment_id)[0] == 2
     assert "ApproveExperiment is for admins" in capsys.readouterr().err
+
+
+def test_one_users_backlog_waits_while_anothers_experiment_starts(
+    tmp_path: Path, director_certs: CertsLayout, launcher: RecordingLauncher
+) -> None:
+    """The fair share (1 of 2 places for three people): ada submits five, bea one after them;
+    bea's starts while ada's four wait, and `list` shows ada's in the queue's order."""
+    with registered_director(tmp_path, director_certs, launcher, max_running_per_user=None) as d:
+        ada, bea = client_config(tmp_path, d, "ada"), client_config(tmp_path, d, "bea")
+        plan = str(write_plan(tmp_path))
+        mine = [run(ada, "submit", plan)[1].split()[0] for _ in range(5)]
+        theirs = run(bea, "submit", plan)[1].split()[0]
+        deadline = time.monotonic() + WAIT_SECONDS
+        while len(launcher.started) < 2:
+            assert time.monotonic() < deadline, f"timed out waiting for two starts: {launcher}"
+            time.sleep(0.05)
+        d.server.service.supervise()  # one more step of its own: nothing else may start
+        assert [started for started, _ in launcher.started] == [mine[0], theirs]
+        code, out = run(ada, "list")
+        assert code == 0, out
+        states = {line.split()[0]: line for line in out.splitlines()[1:]}
+        assert "waiting" in states[mine[0]]
+        for position, experiment_id in enumerate(mine[1:], start=1):
+            assert f"approved ({position} in queue)" in states[experiment_id], out
+        code, out = run(bea, "--json", "status", theirs)
+        assert code == 0 and json.loads(out)["state"] == "EXPERIMENT_WAITING", out
 
 
 def test_admins_review_and_cancel(tmp_path: Path, director: Director) -> None:
