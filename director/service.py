@@ -5,13 +5,18 @@ identified) and by its own `supervise` step, which the server calls on a timer: 
 experiments up to `max_running_experiments` (each gets a port, a plan written by
 `director.experiment_plan` and an aggregator from the `Launcher`), moves them along their
 lifecycle as their sites report and their aggregators end, fails them when their sites are gone
-(the liveness rule below), and starts again an aggregator that died without deciding its end.
-Nothing here imports gRPC: tests drive it without a socket.
+(the liveness rule below), and starts again an aggregator that died without deciding its end
+(at most `MAX_RESTARTS` times in a row: the count, kept in the state, starts again once more
+rounds are completed than at the last restart). Nothing here imports gRPC: tests drive it
+without a socket.
 
-Liveness: an experiment fails, naming the sites, when fewer than `min_sites` of its sites (all of
-them by default) or any of `mandatory_sites` have been offline for longer than
-`offline_grace_seconds`; a site is offline once its envoy's last heartbeat is older than two
-health periods, so it is gone `offline_grace_seconds` after that.
+Liveness: a site is lost to an experiment when its envoy has been offline for longer than
+`offline_grace_seconds` (offline once its last heartbeat is older than two health periods), or
+when its envoy reports its collaborator refused, rejected by the site or given up (`LOST`). The
+experiment goes on without its lost sites while at least `min_sites` of its sites (all of them
+by default) are not lost and none of `mandatory_sites` is; otherwise it fails, its reason naming
+each lost site and why. The plan its aggregator gets stops waiting for a silent site by then
+(`director.experiment_plan`).
 
 Each experiment has a folder `<state_dir>/experiments/<id>/`: the plan the director wrote
 (`plan.yaml`), the submitted initial model, the aggregator's log and exit status, and the
@@ -28,7 +33,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +59,7 @@ from director.state import (
     Experiment,
     ExperimentState,
     ShardInfo,
+    SiteReport,
 )
 
 logger = logging.getLogger(__name__)
@@ -63,11 +69,16 @@ INITIAL_MODEL = "initial_model.pbuf"
 OUTPUT = "output"
 METRICS = "metrics.jsonl"
 MODELS = {"best": "best_model.pbuf", "last": "last_model.pbuf"}
-MAX_RESTARTS = 3  # an aggregator killed by a signal (or lost) this many times fails its experiment
+MAX_RESTARTS = 3  # an aggregator killed (or lost) this many times in a row fails its experiment
 STARTED = frozenset(
     {CollaboratorState.STARTED, CollaboratorState.RUNNING, CollaboratorState.EXITED}
 )
-REFUSALS = frozenset({CollaboratorState.REFUSED, CollaboratorState.SITE_REJECTED})
+# A site whose collaborator is in one of these has ended for good: lost to the experiment.
+LOST = {
+    CollaboratorState.REFUSED: "refused",
+    CollaboratorState.SITE_REJECTED: "rejected by its operator",
+    CollaboratorState.GAVE_UP: "gave up",
+}
 
 
 @dataclass(frozen=True)
@@ -140,7 +151,7 @@ class DirectorService:
         self._clock = clock
         self._root = config.state_dir / EXPERIMENTS
         self._supervising = threading.Lock()
-        self._restarts: dict[str, int] = {}
+        self._going_on_without: set[tuple[str, str]] = set()  # (experiment, site) logged once
         self._logs = _LogExchange()
         self._liveness_policies: dict[str, Liveness] = {}
 
@@ -449,24 +460,23 @@ class DirectorService:
             self._aggregator_ended(experiment, ended)
             return
         reports = self.state.reports(experiment_id)
-        refused = sorted(site for site, r in reports.items() if r.state in REFUSALS)
-        if refused:
-            reasons = "; ".join(
-                f"site {site} {reports[site].state.value.replace('_', ' ')}: "
-                f"{reports[site].reason or 'no reason given'}"
-                for site in refused
-            )
-            self._fail(experiment, reasons)
+        lost = self._lost_sites(experiment, reports)
+        failure = self._judge(experiment, lost)
+        if failure is not None:
+            self._fail(experiment, failure)
             return
-        gone = self._gone_sites(experiment)
-        if gone is not None:
-            self._fail(experiment, gone)
-            return
+        for site, why in lost.items():
+            if (experiment_id, site) not in self._going_on_without:
+                self._going_on_without.add((experiment_id, site))
+                logger.warning(
+                    "experiment %s goes on without site %s: %s", experiment_id, site, why
+                )
         if experiment.state is ExperimentState.WAITING and all(
-            site in reports and reports[site].state in STARTED for site in experiment.sites
+            site in lost or (site in reports and reports[site].state in STARTED)
+            for site in experiment.sites
         ):
             self.state.transition(experiment_id, ExperimentState.RUNNING)
-            logger.info("experiment %s running: every site started", experiment_id)
+            logger.info("experiment %s running: every site not lost started", experiment_id)
 
     def _liveness(self, experiment: Experiment) -> Liveness:
         """The experiment's liveness policy: its plan's `liveness` over director.yaml's (cached)."""
@@ -475,30 +485,51 @@ class DirectorService:
             self._liveness_policies[key] = plan_liveness(experiment.plan_yaml, self.config.liveness)
         return self._liveness_policies[key]
 
-    def _gone_sites(self, experiment: Experiment) -> str | None:
-        """The liveness rule's reason to fail the experiment, or None."""
+    def _lost_sites(
+        self, experiment: Experiment, reports: Mapping[str, SiteReport]
+    ) -> dict[str, str]:
+        """The experiment's lost sites, each with why: offline past the grace, or ended for good."""
         liveness = self._liveness(experiment)
         now = self._clock()
         envoys = {envoy.name: envoy for envoy in self.state.envoys()}
         horizon = 2 * self.config.health_check_seconds + liveness.offline_grace_seconds
-        # A site never seen counts from the experiment's start: it had the grace to come.
-        gone = sorted(
-            site
-            for site in experiment.sites
-            if now - max(envoys[site].last_seen if site in envoys else 0, experiment.started_at)
-            > horizon
-        )
-        if not gone:
+        lost: dict[str, str] = {}
+        for site in experiment.sites:
+            report = reports.get(site)
+            if report is not None and report.state in LOST:
+                lost[site] = f"{LOST[report.state]}: {report.reason or 'no reason given'}"
+            # A site never seen counts from the experiment's start: it had the grace to come.
+            elif (
+                now - max(envoys[site].last_seen if site in envoys else 0, experiment.started_at)
+                > horizon
+            ):
+                lost[site] = f"offline for more than {liveness.offline_grace_seconds:g} s"
+        return lost
+
+    def _judge(self, experiment: Experiment, lost: Mapping[str, str]) -> str | None:
+        """The liveness policy on the lost sites: the reason to fail the experiment, or None."""
+        if not lost:
             return None
+        liveness = self._liveness(experiment)
         needed = liveness.min_sites or len(experiment.sites)
-        mandatory = sorted(set(gone) & set(liveness.mandatory_sites))
-        if not mandatory and len(experiment.sites) - len(gone) >= needed:
+        mandatory = sorted(set(lost) & set(liveness.mandatory_sites))
+        left = len(experiment.sites) - len(lost)
+        if not mandatory and left >= needed:
             return None
+        offline = sorted(site for site, why in lost.items() if why.startswith("offline"))
+        parts = (
+            [
+                f"sites offline for more than {liveness.offline_grace_seconds:g} s: "
+                f"{', '.join(offline)}"
+            ]
+            if offline
+            else []
+        )
+        parts += [f"site {site} {why}" for site, why in sorted(lost.items()) if site not in offline]
         return (
-            f"sites offline for more than {liveness.offline_grace_seconds:g} s: {', '.join(gone)}"
+            "; ".join(parts)
             + (f" (mandatory: {', '.join(mandatory)})" if mandatory else "")
-            + f"; {len(experiment.sites) - len(gone)} of {len(experiment.sites)} left, "
-            f"{needed} needed"
+            + f"; {left} of {len(experiment.sites)} left, {needed} needed"
         )
 
     def _aggregator_ended(self, experiment: Experiment, ended: Ended) -> None:
@@ -514,8 +545,9 @@ class DirectorService:
         elif ended.code is not None and ended.code > 0:
             self._fail(experiment, f"{ended.describe()} (its log: experiment logs {experiment_id})")
         else:  # stopped, killed or lost: it resumes from its own state
-            restarts = self._restarts.get(experiment_id, 0) + 1
-            self._restarts[experiment_id] = restarts
+            restarts = self.state.count_restart(
+                experiment_id, self._rounds_completed(experiment_id)
+            )
             if restarts > MAX_RESTARTS:
                 self._fail(experiment, f"{ended.describe()}, {restarts} times in a row")
                 return

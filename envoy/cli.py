@@ -249,7 +249,8 @@ def _list(config: EnvoyConfig) -> int:
         state.close()
     print(f"{'EXPERIMENT':<38} {'NAME':<20} {'OWNER':<12} {'STATE':<17} DETAIL")
     for e in experiments:
-        detail = f"exit {e.exit_code}" if e.state is CollaboratorState.EXITED else ""
+        ended = e.state in {CollaboratorState.EXITED, CollaboratorState.GAVE_UP}
+        detail = f"exit {e.exit_code}" if ended else ""
         detail = "; ".join(part for part in (detail, e.reason, "done" if e.done else "") if part)
         print(f"{e.experiment_id:<38} {e.name:<20} {e.owner:<12} {e.state.value:<17} {detail}")
     return EXIT_OK

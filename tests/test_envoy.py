@@ -147,7 +147,7 @@ def test_state_lifecycle_is_one_table_and_survives_reopening(tmp_path: Path) -> 
     assert [r.state for r in again.outgoing()] == [S.SITE_APPROVED, S.STARTED]
     again.close()
     assert all(state.final == (not moves) for state, moves in TRANSITIONS.items())
-    assert {S.SITE_REJECTED, S.REFUSED} == {state for state in S if state.final}
+    assert {S.SITE_REJECTED, S.REFUSED, S.GAVE_UP} == {state for state in S if state.final}
 
 
 # -- the site's plan ----------------------------------------------------------------------------
