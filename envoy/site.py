@@ -290,9 +290,17 @@ class Site:
             ended = self.children.poll(experiment_id, folder)
             if ended is not None:
                 self._ended(experiment, ended, restart=True)
+        elif experiment.state is _S.EXITED and experiment.exit_code != 0:
+            # Died, and not started again: the envoy was killed in between, or the start failed.
+            self._after_death(experiment, adopt=True)
 
     def _launch(
-        self, experiment: Experiment, *, restarted: bool = False, restart_round: int | None = None
+        self,
+        experiment: Experiment,
+        *,
+        restarted: bool = False,
+        restart_round: int | None = None,
+        adopt: bool = True,
     ) -> None:
         experiment_id = experiment.experiment_id
         folder = self.folder(experiment_id)
@@ -300,11 +308,15 @@ class Site:
             document = site_document(experiment.plan_yaml, experiment.site, self.config, folder)
         except RefusedPlanError as error:
             logger.warning("experiment %s refused: %s", experiment_id, error)
-            self.state.transition(experiment_id, _S.REFUSED, reason=str(error))
+            if experiment.state is _S.EXITED:  # to start again (its runner no longer agreed to?)
+                cause = _why(f"cannot start it again: {error}", experiment.reason)
+                self._give_up(experiment, experiment.exit_code, cause)
+            else:
+                self.state.transition(experiment_id, _S.REFUSED, reason=str(error))
             return
         plan = write_site_plan(document, folder)
         # Killed after starting it but before recording it, the envoy finds it here.
-        pid = None if restarted else self.children.adopt_any(experiment_id, folder)
+        pid = self.children.adopt_any(experiment_id, folder) if adopt else None
         if pid is None:
             command = (*self.collaborator_command, "start", "-n", experiment.site, "--plan")
             try:
@@ -327,10 +339,21 @@ class Site:
         if experiment.stopped_by_site:
             self._give_up(experiment, code, _why(_STOPPED_BY_SITE, reason))
             return
-        if not restart or code == 0:  # the director's stop, or it did its part
-            self.state.transition(experiment_id, _S.EXITED, exit_code=code, reason=reason)
-            logger.info("experiment %s: collaborator ended (%s)", experiment_id, reason or "code 0")
-            return
+        exited = self.state.transition(experiment_id, _S.EXITED, exit_code=code, reason=reason)
+        logger.info("experiment %s: collaborator ended (%s)", experiment_id, reason or "code 0")
+        if restart and code != 0:  # not the director's stop, and it did not do its part
+            self._after_death(exited, adopt=False)
+
+    def _after_death(self, experiment: Experiment, *, adopt: bool) -> None:
+        """Start a collaborator that died again, or give it up: exit 2, or restarts used up.
+
+        `adopt`: look for one already started first (the envoy killed right after starting it).
+        """
+        experiment_id, code, reason = (
+            experiment.experiment_id,
+            experiment.exit_code,
+            experiment.reason,
+        )
         if code == EXIT_BAD_INPUT:
             self._give_up(experiment, code, _why("a bad plan or settings", reason))
             return
@@ -339,7 +362,6 @@ class Site:
         if in_a_row >= MAX_RESTARTS:
             self._give_up(experiment, code, _why(f"it died {in_a_row + 1} times in a row", reason))
             return
-        self.state.transition(experiment_id, _S.EXITED, exit_code=code, reason=reason)
         logger.warning(
             "experiment %s: %s; starting the collaborator again (%d of %d in a row); it asks "
             "the aggregator what it still owes",
@@ -348,7 +370,7 @@ class Site:
             in_a_row + 1,
             MAX_RESTARTS,
         )
-        self._launch(self.state.experiment(experiment_id), restarted=True, restart_round=done)
+        self._launch(experiment, restarted=True, restart_round=done, adopt=adopt)
 
     def _give_up(self, experiment: Experiment, code: int, reason: str) -> None:
         """The site will not start this collaborator again: GAVE_UP, for the director to know."""

@@ -542,3 +542,32 @@ def test_a_version_1_state_is_migrated(tmp_path: Path) -> None:
     again.close()
     with contextlib.closing(sqlite3.connect(tmp_path / "envoy.sqlite")) as db:
         assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("2",)
+
+
+def test_a_death_noted_but_not_acted_on_is_acted_on_at_the_next_tick(
+    tmp_path: Path, certs: CertsLayout
+) -> None:
+    """Killed between noting a collaborator's death and starting it again, the envoy starts it
+    again at its next tick (one restart in a row); one that exited 2 is given up instead."""
+    site, script = fake_site(tmp_path, certs, "-:1 -:1 -:1")
+    plan = director_plan(tmp_path, certs)
+    for experiment_id, code in (("e1", 1), ("e2", 2)):
+        site.state.add(
+            experiment_id=experiment_id,
+            name="n",
+            owner="dora",
+            site="alice",
+            plan_yaml=plan,
+            state=S.SITE_APPROVED,
+        )
+        site.state.transition(experiment_id, S.STARTED, pid=None)
+        site.state.transition(experiment_id, S.EXITED, exit_code=code, reason="killed")
+        site.folder(experiment_id).mkdir(parents=True)
+    site.tick()
+    started, given_up = site.state.experiment("e1"), site.state.experiment("e2")
+    assert (started.state, started.restarts) == (S.STARTED, 1)
+    assert (given_up.state, given_up.reason) == (S.GAVE_UP, "a bad plan or settings; killed")
+    tick_until(site, "e1 given up", lambda: site.state.experiment("e1").state.final)
+    assert site.state.experiment("e1").reason.startswith("it died 4 times in a row; ")
+    assert script.read_text().split() == []  # the death before, then 3 starts
+    site.state.close()
