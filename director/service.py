@@ -73,6 +73,7 @@ MAX_RESTARTS = 3  # an aggregator killed (or lost) this many times in a row fail
 STARTED = frozenset(
     {CollaboratorState.STARTED, CollaboratorState.RUNNING, CollaboratorState.EXITED}
 )
+OFFLINE = "offline"  # why a site is lost when its envoy has been offline past the grace
 # A site whose collaborator is in one of these has ended for good: lost to the experiment.
 LOST = {
     CollaboratorState.REFUSED: "refused",
@@ -465,11 +466,13 @@ class DirectorService:
         if failure is not None:
             self._fail(experiment, failure)
             return
+        grace = self._liveness(experiment).offline_grace_seconds
         for site, why in lost.items():
             if (experiment_id, site) not in self._going_on_without:
                 self._going_on_without.add((experiment_id, site))
+                said = f"offline for more than {grace:g} s" if why == OFFLINE else why
                 logger.warning(
-                    "experiment %s goes on without site %s: %s", experiment_id, site, why
+                    "experiment %s goes on without site %s: %s", experiment_id, site, said
                 )
         if experiment.state is ExperimentState.WAITING and all(
             site in lost or (site in reports and reports[site].state in STARTED)
@@ -488,7 +491,8 @@ class DirectorService:
     def _lost_sites(
         self, experiment: Experiment, reports: Mapping[str, SiteReport]
     ) -> dict[str, str]:
-        """The experiment's lost sites, each with why: offline past the grace, or ended for good."""
+        """The experiment's lost sites, each with why: offline past the grace (`OFFLINE`), or
+        ended for good (what its envoy said)."""
         liveness = self._liveness(experiment)
         now = self._clock()
         envoys = {envoy.name: envoy for envoy in self.state.envoys()}
@@ -503,7 +507,7 @@ class DirectorService:
                 now - max(envoys[site].last_seen if site in envoys else 0, experiment.started_at)
                 > horizon
             ):
-                lost[site] = f"offline for more than {liveness.offline_grace_seconds:g} s"
+                lost[site] = OFFLINE
         return lost
 
     def _judge(self, experiment: Experiment, lost: Mapping[str, str]) -> str | None:
@@ -516,7 +520,7 @@ class DirectorService:
         left = len(experiment.sites) - len(lost)
         if not mandatory and left >= needed:
             return None
-        offline = sorted(site for site, why in lost.items() if why.startswith("offline"))
+        offline = sorted(site for site, why in lost.items() if why == OFFLINE)
         parts = (
             [
                 f"sites offline for more than {liveness.offline_grace_seconds:g} s: "

@@ -6,8 +6,8 @@ sessions (`director.launcher.ChildProcesses`): `collaborator start -n NAME --pla
 written by `envoy.site_plan`. A collaborator that dies is started again, at most `MAX_RESTARTS`
 times in a row (the count starts again once it finishes a round it had not); the site gives up
 on it for good (GAVE_UP) when it exits 2 (a bad plan or settings: starting again cannot help),
-when its restarts are used up, or when the site's operator stops it. It never touches the network; `envoy.runtime` carries its reports
-to the director and the director's work to it. Every step is written to the state before it is
+when its restarts are used up, or when the site's operator stops it. It never touches the
+network; `envoy.runtime` carries its reports to the director and the director's work to it. Every step is written to the state before it is
 acted on or reported, so an envoy started again after kill -9 goes on where it was (`recover`).
 """
 
