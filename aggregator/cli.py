@@ -10,7 +10,9 @@ Exit codes (`EPILOG`): 0 when the federation finished; 128 + the signal's number
 SIGTERM stopped it before that (the server stops accepting calls and gives those in flight
 `aggregator.grace_seconds`; started again, it resumes), as a shell reports a process a signal
 ended, so a supervisor tells "finished" from "stopped"; 1 when it could not run (port in use,
-output not writable or used by another aggregator, a runner that crashed); 2 for bad input (the
+output not writable or used by another aggregator, a runner that crashed), or when no round
+could close any more because too many collaborators had left (one line names the round and
+each that left, with its reason); 2 for bad input (the
 plan, its TLS files, its runner or initial model, an output folder of another federation, a
 malformed ``FOEDUS_FAILPOINTS``), reported one line per problem, never as a traceback.
 """
@@ -56,7 +58,8 @@ logger = logging.getLogger(__name__)
 EPILOG = f"""\
 exit status of start (status: see 'aggregator status --help'):
   {EXIT_OK}    the federation finished (every round ran)
-  {EXIT_FAILURE}    the aggregator could not run (port in use, output folder unusable, ...)
+  {EXIT_FAILURE}    the aggregator could not run (port in use, output folder unusable, ...),
+       or no round could close any more: too many collaborators had left
   {EXIT_BAD_INPUT}    bad command line, plan, certificates, runner, model or output folder
   {EXIT_SIGINT}  stopped by SIGINT (Ctrl-C) before the federation finished
   {EXIT_SIGTERM}  stopped by SIGTERM before the federation finished
@@ -192,6 +195,8 @@ def _start(plan_path: Path, *, reset: bool) -> int:
         except PkiError as error:  # read by the server when it starts, before anything is served
             raise BadInputError(f"{plan.path}: tls.certs_dir: {error}") from None
     logger.info("aggregator exits after %d closed rounds", outcome.rounds_closed)
+    if outcome.stranded is not None:
+        return _fail(outcome.stranded, EXIT_FAILURE)
     if outcome.finished or not received:
         return EXIT_OK
     return 128 + received[0]

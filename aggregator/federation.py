@@ -21,6 +21,17 @@ One that calls again before the round closes is online again, and the round wait
 one that comes back after the close takes part from the next round (its results for the closed
 round are refused, as any straggler's).
 
+A collaborator that has *left* (it said it gives up: the foedus `Leave` RPC, `leave`) is awaited
+by no round under any policy, whether or not ``offline_after_seconds`` is set: a round closes as
+soon as every collaborator that has not left (and, with ``offline_after_seconds``, is not
+offline) has reported, and at least ``min_reports`` have. Its departure is made durable
+(`ResultStore.record_leave`) before `Leave` is answered; a resend changes nothing. Any later call
+of its but `Leave` and `Heartbeat` rejoins it (`rejoin`, durable too), and it is awaited again from the next
+decision on. Results it had sent in the open round count if it had reported (finished every
+task); a half-finished one's results do not, as any non-reporter's. When no round can close any
+more because too many have left (`stranded`: fewer collaborators that have not left, plus those
+that reported while leaving, than ``min_reports`` or one), the runtime ends the aggregator.
+
 A collaborator has *reported* when it has finished every task of the round; only reporters'
 results count. On close, the reporters' ``train`` results are averaged by data size
 (`aggregator.fedavg`) into the next global model, and each task's metrics into weighted means;
@@ -51,6 +62,7 @@ mapped), so no copy of the model is made in memory.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import threading
 import time
@@ -74,7 +86,7 @@ from aggregator.fedavg import (
     average_sources_into,
     weighted_metrics,
 )
-from aggregator.liveness import Liveness, reporting_threshold
+from aggregator.liveness import Departure, Liveness, clean_reason, reporting_threshold
 from plans.schema import (
     AGGREGATED_MODEL_VALIDATION,
     TRAIN,
@@ -85,6 +97,8 @@ from plans.schema import (
     StragglerSettings,
 )
 from protos.dtypes import is_float, wire_dtype
+
+logger = logging.getLogger(__name__)
 
 Array = npt.NDArray[np.generic]
 METRIC_TAG = "metric"
@@ -253,6 +267,17 @@ class Progress:
     previous: frozenset[Key] = frozenset()  # results accepted in the round before
     closing: tuple[str, ...] | None = None  # reporters of a close decided, not yet committed
     best: Best | None = None
+    departures: tuple[Departure, ...] = ()  # collaborators that have left (and not rejoined)
+
+
+@dataclass(frozen=True)
+class Stranded:
+    """Why the round in progress can never close: too many collaborators have left."""
+
+    round_number: int
+    needed: int  # reports the round needs (min_reports, at least one)
+    reporters: tuple[str, ...]  # those that have reported in it
+    departures: tuple[Departure, ...]  # every collaborator that has left, in the plan's order
 
 
 class ResultStore(Protocol):
@@ -282,6 +307,12 @@ class ResultStore(Protocol):
         Averages `commit.model` where the store keeps it and returns it as kept, for the
         federation to hold (None when there is no new model).
         """
+
+    def record_leave(self, departure: Departure) -> None:
+        """Keep that a collaborator has left, for good, before its `Leave` is answered."""
+
+    def record_rejoin(self, name: str) -> None:
+        """Forget a departure: the collaborator called again."""
 
 
 @dataclass
@@ -318,6 +349,12 @@ class MemoryStore:
         self.closed.append(commit.record)
         return model
 
+    def record_leave(self, departure: Departure) -> None:
+        """Nothing to make durable."""
+
+    def record_rejoin(self, name: str) -> None:
+        """Nothing to make durable."""
+
 
 class Federation:
     """Round bookkeeping behind the aggregator's RPCs; thread-safe with short critical sections.
@@ -345,6 +382,7 @@ class Federation:
         progress: Progress | None = None,
         liveness: Liveness | None = None,
         heartbeat_seconds: float = 10.0,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.collaborators = tuple(collaborators)
         self.tasks = tuple(tasks)
@@ -357,13 +395,18 @@ class Federation:
         self.final_validation = AGGREGATED_MODEL_VALIDATION in self.tasks
         self.total_rounds = rounds + (1 if self.final_validation else 0)
         self._clock = clock
+        self._wall = wall
         offline_after = self.straggler.offline_after_seconds
         self.liveness = liveness or Liveness(
             self.collaborators,
             offline_after or reporting_threshold(heartbeat_seconds),
             clock=clock,
+            wall=wall,
         )
         start = progress or Progress(round_number=0, model=model)
+        for departure in start.departures:
+            if departure.name in self.collaborators:
+                self.liveness.leave(departure)
         # asanyarray: a model mapped from its file stays mapped (`np.memmap`), holding no memory.
         self._model: Mapping[str, Array] = {
             name: np.asanyarray(array) for name, array in start.model.items()
@@ -382,6 +425,8 @@ class Federation:
         self._lock = threading.Lock()
         self._round_changed = threading.Condition(self._lock)
         self._submitted = threading.Event()
+        # Leaving and rejoining, one at a time: the store and `liveness` change in the same order.
+        self._departures_lock = threading.Lock()
 
     @classmethod
     def from_plan(
@@ -485,9 +530,71 @@ class Federation:
             return tuple(sorted(self._told_quit))
 
     def everyone_told_to_quit(self) -> bool:
-        """Whether every collaborator of the plan has been told to quit."""
+        """Whether every collaborator of the plan has been told to quit (or has left)."""
+        staying = self.liveness.staying()
         with self._lock:
-            return self._told_quit.issuperset(self.collaborators)
+            return self._told_quit.issuperset(staying)
+
+    # -- leaving and rejoining --------------------------------------------------------------------
+
+    def leave(self, collaborator: str, reason: str) -> bool:
+        """`collaborator` gives up: durable first, then awaited no more; False for a resend.
+
+        `reason` loses its control characters; longer than `MAX_REASON_CHARACTERS` after that,
+        `InvalidRequestError`. A resend keeps the first reason.
+        """
+        try:
+            reason = clean_reason(reason)
+        except ValueError as error:
+            raise InvalidRequestError(str(error)) from None
+        with self._departures_lock:
+            if self.liveness.has_left(collaborator):
+                return False
+            departure = Departure(collaborator, reason, self._wall())
+            self.store.record_leave(departure)
+            self.liveness.leave(departure)
+        logger.warning(
+            "%s has left: %s; no round waits for it until it calls again",
+            collaborator,
+            departure.said,
+        )
+        self._submitted.set()  # the runtime looks at once whether a round can close now
+        return True
+
+    def rejoin(self, collaborator: str) -> None:
+        """`collaborator` calls again after leaving: durable first, then awaited again."""
+        if not self.liveness.has_left(collaborator):
+            return  # every call passes here: the usual answer costs one look under a lock
+        with self._departures_lock:
+            if not self.liveness.has_left(collaborator):
+                return
+            self.store.record_rejoin(collaborator)
+            departure = self.liveness.rejoin(collaborator)
+        if departure is not None:
+            logger.warning(
+                "%s has rejoined (it had left: %s); rounds wait for it again",
+                collaborator,
+                departure.said,
+            )
+
+    def stranded(self) -> Stranded | None:
+        """Why the round in progress can never close because too many have left; None if it can.
+
+        It can while the collaborators that have not left, plus those that reported before
+        leaving, are at least ``min_reports`` (and one). One that rejoins makes it possible again.
+        """
+        departures = self.liveness.departures()
+        if not departures:
+            return None
+        staying = self.liveness.staying()
+        with self._lock:
+            if self.finished or self._closing or self._decided is not None:
+                return None
+            reporters = self._reporters()
+            needed = max(1, self.straggler.min_reports)
+            if len(staying | set(reporters)) >= needed:
+                return None
+            return Stranded(self._round, needed, reporters, departures)
 
     # -- the global model -------------------------------------------------------------------------
 
@@ -730,11 +837,7 @@ class Federation:
             round_tasks = self.tasks_of_round(round_number)
             decided = self._decided
             if decided is None:
-                reporters = tuple(
-                    name
-                    for name in sorted(self.collaborators)
-                    if all((name, task) in self._results for task in round_tasks)
-                )
+                reporters = self._reporters()
                 if not self._due(reporters):
                     return None
             else:
@@ -798,17 +901,27 @@ class Federation:
             self._round_changed.notify_all()
         return summary
 
+    def _reporters(self) -> tuple[str, ...]:
+        """Who has finished every task of the round in progress, sorted (call under the lock)."""
+        round_tasks = self.tasks_of_round(self._round)
+        return tuple(
+            name
+            for name in sorted(self.collaborators)
+            if all((name, task) in self._results for task in round_tasks)
+        )
+
     def _due(self, reporters: Sequence[str]) -> bool:
         """Whether the straggler policy closes the round now that `reporters` have reported."""
         reported = len(reporters)
         if reported >= len(self.collaborators):
             return True
         policy = self.straggler
-        if (
-            policy.offline_after_seconds is not None
-            and reported >= policy.min_reports
-            and self.liveness.awaited() <= set(reporters)
-        ):
+        # Who is still awaited: not left, and (when the plan judges silences) not offline.
+        if policy.offline_after_seconds is not None:
+            awaited = self.liveness.awaited()
+        else:
+            awaited = self.liveness.staying()
+        if reported >= max(1, policy.min_reports) and awaited <= set(reporters):
             return True
         if policy.policy is StragglerPolicy.CUTOFF:
             if self._started_at is None or reported < policy.min_reports:

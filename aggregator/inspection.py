@@ -14,7 +14,8 @@ read transaction, so it sees one consistent moment and works whether the aggrega
 
 Presence (who is online) is what the running aggregator saved last (`aggregator.liveness`: on
 a transition, at most once a second; otherwise every few seconds); of a stopped one, what it
-saw when it stopped. Times are UTC.
+saw when it stopped. Who has left, and why, is read from the departures the aggregator keeps
+before it answers `Leave`, so it is never late. Times are UTC.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from urllib.parse import quote
 
 from aggregator.errors import StorageError
 from aggregator.federation import RoundRecord
-from aggregator.liveness import Presence, reporting_threshold
+from aggregator.liveness import NO_REASON, Presence, reporting_threshold
 from aggregator.state import DATABASE, SCHEMA_VERSION, STATE_DIR, record_from_json
 from plans import Plan
 from plans.schema import AGGREGATED_MODEL_VALIDATION
@@ -52,6 +53,7 @@ class CollaboratorStatus:
     since: float | None  # Unix seconds
     last_seen: float | None
     results: tuple[str, ...]  # tasks of the round in progress it has sent
+    reason: str | None = None  # why it left (presence "left" only; may be empty)
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ class FederationStatus:
                     "since": _iso(c.since),
                     "last_seen": _iso(c.last_seen),
                     "results": list(c.results),
+                    "reason": c.reason,
                 }
                 for c in self.collaborators
             ],
@@ -166,6 +169,8 @@ class FederationStatus:
                 text += f" since {_when(c.since, now)}"
             if c.last_seen is not None and c.presence != Presence.ONLINE.value:
                 text += f", last seen {_when(c.last_seen, now)}"
+            if c.reason is not None:
+                text += f": {c.reason or NO_REASON}"
             lines.append(text)
         last = self.last_round
         if last is None:
@@ -195,7 +200,7 @@ def read_status(plan: Plan) -> FederationStatus:
         )
     with _probe(folder) as running:
         rows = _read(database, running)
-    federation, results, presence, record = rows
+    federation, results, presence, record, departures = rows
     if federation is None:
         raise NotAStateError(f"{database}: not a foedus aggregator state (no federation row)")
     uuid, round_number, closing = federation
@@ -211,14 +216,16 @@ def read_status(plan: Plan) -> FederationStatus:
     for collaborator, task in results:
         sent.setdefault(collaborator, []).append(task)
     saved = {row[0]: row for row in presence}
+    left = {name: (reason, since) for name, reason, since in departures}
     names = list(plan.collaborators) + sorted(set(saved) - set(plan.collaborators))
     collaborators = tuple(
         CollaboratorStatus(
             name=name,
-            presence=saved[name][1] if name in saved else "unknown",
-            since=saved[name][2] if name in saved else None,
+            presence=_presence_of(name, saved, left),
+            since=left[name][1] if name in left else saved[name][2] if name in saved else None,
             last_seen=saved[name][3] if name in saved else None,
             results=tuple(sorted(sent.get(name, ()))),
+            reason=left[name][0] if name in left else None,
         )
         for name in names
     )
@@ -246,6 +253,7 @@ _Rows = tuple[
     Sequence[tuple[str, str]],
     Sequence[tuple[str, str, float, float | None, float]],
     str | None,
+    Sequence[tuple[str, str, float]],
 ]
 
 
@@ -287,6 +295,13 @@ def _read(database: Path, running: bool) -> _Rows:
         row = connection.execute(
             "SELECT record FROM closed_rounds ORDER BY round DESC LIMIT 1"
         ).fetchone()
+        departures = (
+            connection.execute(
+                "SELECT collaborator, reason, since FROM departures ORDER BY collaborator"
+            ).fetchall()
+            if version >= 4  # versions before 4 kept no departures
+            else []
+        )
         connection.execute("COMMIT")
     except sqlite3.DatabaseError as error:
         if isinstance(error, sqlite3.OperationalError) and "locked" in str(error):
@@ -294,7 +309,7 @@ def _read(database: Path, running: bool) -> _Rows:
         raise NotAStateError(f"{database}: not a foedus aggregator state ({error})") from None
     finally:
         connection.close()
-    return federation, results, presence, None if row is None else row[0]
+    return federation, results, presence, None if row is None else row[0], departures
 
 
 @contextlib.contextmanager
@@ -314,6 +329,21 @@ def _probe(folder: Path) -> Iterator[bool]:
             yield False
     finally:
         os.close(descriptor)  # releases the lock
+
+
+def _presence_of(
+    name: str,
+    saved: dict[str, tuple[str, str, float, float | None, float]],
+    left: dict[str, tuple[str, float]],
+) -> str:
+    """`name`'s presence: left as the departures say, else as last saved."""
+    if name in left:
+        return Presence.LEFT.value
+    if name not in saved:
+        return "unknown"
+    if saved[name][1] == Presence.LEFT.value:
+        return Presence.ONLINE.value  # rejoined (by calling) since the presence was saved
+    return saved[name][1]
 
 
 def _iso(moment: float | None) -> str | None:

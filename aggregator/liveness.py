@@ -13,11 +13,15 @@ The rule, written once here: a collaborator is
 * ``offline`` once it has been silent longer than that, counted from its last call, or from
   this aggregator's start when it has not called since (an aggregator that restarts gives
   everyone `offline_after` seconds to come back before judging them);
-* ``not heard from`` before its first call, while that grace lasts.
+* ``not heard from`` before its first call, while that grace lasts;
+* ``left`` once it has told the aggregator it gives up (the foedus `Leave` RPC, with a reason),
+  whatever its calls say, until it rejoins: a later call of its (`rejoin`, which
+  the servicer calls; `aggregator.federation` makes both durable first).
 
-`awaited` is who a round still waits for (everyone not offline): `aggregator.federation` closes
-a round once all of them have reported, when the plan sets `straggler.offline_after_seconds`.
-Nothing here decides rounds. A collaborator that calls again is online again at once.
+`awaited` is who a round still waits for (everyone not offline and not left);
+`aggregator.federation` closes a round once all of them have reported (offline counts only when
+the plan sets `straggler.offline_after_seconds`; left counts always). Nothing here decides
+rounds. A collaborator that calls again is online again at once.
 
 States are recomputed from the clock whenever they are read, never kept as a flag that could go
 stale. `poll` is for the one thread that saves them (the runtime's loop): it logs transitions
@@ -30,6 +34,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -58,6 +63,42 @@ class Presence(Enum):
     ONLINE = "online"
     OFFLINE = "offline"
     UNSEEN = "not heard from"
+    LEFT = "left"
+
+
+NO_REASON = "no reason given"
+MAX_REASON_CHARACTERS = 1000
+# Unicode control, format (bidirectional overrides, ...) and surrogate characters.
+_CONTROL_CATEGORIES = frozenset({"Cc", "Cf", "Cs"})
+
+
+def clean_reason(text: str) -> str:
+    """A `Leave` reason fit for a log line and a terminal: control characters stripped, then
+    blanks at either end; `ValueError` past MAX_REASON_CHARACTERS."""
+    cleaned = "".join(
+        character
+        for character in text
+        if unicodedata.category(character) not in _CONTROL_CATEGORIES
+    ).strip()
+    if len(cleaned) > MAX_REASON_CHARACTERS:
+        raise ValueError(
+            f"reason is {len(cleaned)} characters long; at most {MAX_REASON_CHARACTERS} are allowed"
+        )
+    return cleaned
+
+
+@dataclass(frozen=True)
+class Departure:
+    """A collaborator that has left: why (as it said; may be empty), and when (Unix seconds)."""
+
+    name: str
+    reason: str
+    since: float
+
+    @property
+    def said(self) -> str:
+        """The reason as a person reads it."""
+        return self.reason or NO_REASON
 
 
 @dataclass(frozen=True)
@@ -70,6 +111,7 @@ class Seen:
     # last call (or the aggregator's start, if none since); not heard from since the start.
     since: float
     last_seen: float | None  # the last call's start or end (None: not heard from in this run)
+    reason: str | None = None  # why it left (presence LEFT only)
 
 
 class Liveness:
@@ -94,6 +136,7 @@ class Liveness:
         self._last: dict[str, float] = {}  # name -> clock() of its last contact
         self._online_since: dict[str, float] = {}
         self._calls: Counter[str] = Counter()  # calls in progress, by name
+        self._left: dict[str, Departure] = {}
         self._logged = {name: Presence.UNSEEN for name in self.collaborators}
         self._saved: dict[str, Presence] | None = None  # what the last snapshot saved said
         self._saved_at = self._started
@@ -121,6 +164,38 @@ class Liveness:
                     del self._calls[name]
                 self._touch(name, self._clock())
 
+    # -- leaving and rejoining (the federation makes them durable first) -------------------------
+
+    def leave(self, departure: Departure) -> bool:
+        """`departure.name` has left; False if it already had (the first reason stays)."""
+        with self._lock:
+            if departure.name in self._left:
+                return False
+            self._left[departure.name] = departure
+            self._logged[departure.name] = Presence.LEFT  # the federation logs it
+            self._contact_since_save = True
+            return True
+
+    def rejoin(self, name: str) -> Departure | None:
+        """`name` is back: awaited again from now on; its departure, or None if it had not left."""
+        with self._lock:
+            departure = self._left.pop(name, None)
+            if departure is not None:
+                self._online_since[name] = self._clock()
+                self._logged[name] = self._presence(name, self._clock())
+                self._contact_since_save = True
+            return departure
+
+    def has_left(self, name: str) -> bool:
+        """Whether `name` has left (and not rejoined)."""
+        with self._lock:
+            return name in self._left
+
+    def departures(self) -> tuple[Departure, ...]:
+        """The collaborators that have left, in the plan's order."""
+        with self._lock:
+            return tuple(self._left[name] for name in self.collaborators if name in self._left)
+
     def _touch(self, name: str, now: float) -> None:
         if self._presence(name, now) is not Presence.ONLINE:
             self._online_since[name] = now
@@ -141,14 +216,19 @@ class Liveness:
             return sum(self._presence(name, now) is Presence.ONLINE for name in self.collaborators)
 
     def awaited(self) -> frozenset[str]:
-        """The collaborators a round still waits for: every one not offline."""
+        """The collaborators a round still waits for: every one not offline and not left."""
         with self._lock:
             now = self._clock()
             return frozenset(
                 name
                 for name in self.collaborators
-                if self._presence(name, now) is not Presence.OFFLINE
+                if self._presence(name, now) not in (Presence.OFFLINE, Presence.LEFT)
             )
+
+    def staying(self) -> frozenset[str]:
+        """The collaborators that have not left (offline ones included: they may come back)."""
+        with self._lock:
+            return frozenset(name for name in self.collaborators if name not in self._left)
 
     def snapshot(self) -> tuple[Seen, ...]:
         """Every collaborator's presence now, in the plan's order."""
@@ -183,6 +263,8 @@ class Liveness:
         if before is seen.presence:
             return
         self._logged[seen.name] = seen.presence
+        if Presence.LEFT in (before, seen.presence):
+            return  # leaving and rejoining are logged where they happen
         if seen.presence is Presence.OFFLINE:
             logger.warning("%s is offline: not heard from in %g s", seen.name, self.offline_after)
         elif seen.presence is Presence.ONLINE and before is Presence.OFFLINE:
@@ -191,6 +273,8 @@ class Liveness:
     # -- inside (under the lock) ----------------------------------------------------------------
 
     def _presence(self, name: str, now: float) -> Presence:
+        if name in self._left:
+            return Presence.LEFT
         if self._calls.get(name):
             return Presence.ONLINE
         last = self._last.get(name)
@@ -210,6 +294,10 @@ class Liveness:
         for name in self.collaborators:
             presence = self._presence(name, now)
             last = self._last.get(name)
+            departure = self._left.get(name)
+            if departure is not None:
+                seen.append(Seen(name, presence, departure.since, wall(last), departure.said))
+                continue
             if presence is Presence.ONLINE:
                 since = self._online_since.get(name, now)
             else:

@@ -1,8 +1,8 @@
 """Prometheus metrics of one aggregator, in a registry of its own, served over HTTP when asked.
 
 `Metrics` is told what happens (a round closed, a result accepted, a call refused, bytes moved)
-and reads the rest when scraped (the round in progress, collaborators online, free storage,
-health), so nothing is kept twice. Counters are per process, as Prometheus expects: they start
+and reads the rest when scraped (the round in progress, collaborators online, those that have
+left and why, free storage, health), so nothing is kept twice. Counters are per process, as Prometheus expects: they start
 at 0 when the aggregator starts; `foedus_round` says where the federation stands.
 
 The hot paths stay cheap: bytes are counted once per transfer (an upload, a model stream, a
@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from plans.schema import Address
 
@@ -39,6 +41,7 @@ class Metrics:
         storage_free_bytes: Callable[[], float],
         serving: Callable[[], bool],
         collaborators_online: Callable[[], int] | None = None,
+        collaborators_left: Callable[[], Mapping[str, str]] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
@@ -60,6 +63,8 @@ class Metrics:
                 "Collaborators heard from recently enough to count as online",
                 registry=registry,
             ).set_function(collaborators_online)
+        if collaborators_left is not None:
+            registry.register(_Departures(collaborators_left))
         self.results_accepted = Counter(
             "foedus_results_accepted",
             "Task results accepted (resends of an accepted result not counted)",
@@ -168,3 +173,27 @@ class MetricsServer(RegistryServer):
     def __init__(self, metrics: Metrics, address: Address) -> None:
         super().__init__(metrics.registry, address)
         self.metrics = metrics
+
+
+class _Departures(Collector):
+    """Who has left, read at each scrape: how many, and each one with its reason."""
+
+    def __init__(self, departures: Callable[[], Mapping[str, str]]) -> None:
+        self._departures = departures
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """The two gauges, from the departures now."""
+        departures = self._departures()
+        yield GaugeMetricFamily(
+            "foedus_collaborators_left",
+            "Collaborators that have left (said they give up) and not called again",
+            value=len(departures),
+        )
+        each = GaugeMetricFamily(
+            "foedus_collaborator_left",
+            "1 for each collaborator that has left, with the reason it gave",
+            labels=("collaborator", "reason"),
+        )
+        for name, reason in departures.items():
+            each.add_metric((name, reason), 1.0)
+        yield each

@@ -10,6 +10,12 @@ final global model's accuracy, then ends once every collaborator has been told t
 (`aggregator.liveness`): transitions go to the log, and, with a durable state, to the state for
 ``aggregator status`` (on a transition, at most once a second; otherwise every few seconds).
 
+When no round can close any more because too many collaborators have left (the foedus `Leave`
+RPC; `Federation.stranded`) and none has rejoined for `STRANDED_GRACE_SECONDS` (an envoy that
+starts its collaborator again gets that long for it to call), the run ends by itself with ONE
+line naming the round and each collaborator that left with its reason (`Outcome.stranded`; the
+command exits 1).
+
 A close that cannot be stored (a full disk) does not end the aggregator: nothing of it was
 committed, the health turns NOT_SERVING (`aggregator.health`), and the close is tried again once
 the health's storage check finds that writing works. Saving the outputs of a committed round
@@ -39,7 +45,7 @@ from typing import TextIO
 
 from aggregator.allocator import release_free_memory
 from aggregator.errors import StorageError
-from aggregator.federation import Array, Best, Federation, RoundRecord, RoundSummary
+from aggregator.federation import Array, Best, Federation, RoundRecord, RoundSummary, Stranded
 from aggregator.health import Health
 from aggregator.metrics import Metrics
 from aggregator.server import DEFAULT_WORKERS, AggregatorGRPCServer
@@ -51,6 +57,9 @@ from plans.schema import AGGREGATED_MODEL_VALIDATION, TRAIN
 logger = logging.getLogger(__name__)
 
 TICK_SECONDS = 0.1
+# How long no round can close because of departures before the run gives up: long enough for
+# an envoy to start a collaborator again (it rejoins with its first call), short for a person.
+STRANDED_GRACE_SECONDS = 10.0
 ACCURACY_NAMES = ("accuracy", "acc")
 
 
@@ -66,6 +75,7 @@ class Outcome:
     final_accuracy: float | None  # the final global model's, when measured
     best: Best | None
     not_told_to_quit: tuple[str, ...]  # collaborators that never came for their quit
+    stranded: str | None = None  # why it gave up: no round could close (too many had left)
 
 
 class Runtime:
@@ -83,8 +93,10 @@ class Runtime:
         metrics: Metrics | None = None,
         health: Health | None = None,
         state: DurableState | None = None,
+        stranded_grace: float = STRANDED_GRACE_SECONDS,
     ) -> None:
         self.plan = plan
+        self.stranded_grace = stranded_grace
         self.metrics = metrics
         self.health = health
         self.state = state
@@ -144,11 +156,16 @@ class Runtime:
                 f"resuming {self._round_label(progress.round_number)} with {kept} "
                 f"result{'' if kept == 1 else 's'} kept"
             )
+        left = progress.departures
+        if left:
+            where += "; not waiting for " + ", ".join(f"{d.name} (left: {d.said})" for d in left)
         return f"saved state in {state.root}: {where}"
 
     def run(self, stop: threading.Event) -> Outcome:
         """Close rounds as they become due until the federation ends, or `stop` is set."""
         finished_at: float | None = None
+        stranded_at: float | None = None
+        gave_up: str | None = None
         waiting: tuple[str, ...] = ()
         while not stop.is_set():
             self.federation.wait_for_submission(self.tick)
@@ -159,6 +176,14 @@ class Runtime:
                 del summary  # or the arrays the model was averaged into live while we wait
                 release_free_memory()
             if not self.federation.finished:
+                stranded = self.federation.stranded()
+                if stranded is None:
+                    stranded_at = None
+                elif stranded_at is None:
+                    stranded_at = self.clock()
+                elif self.clock() - stranded_at >= self.stranded_grace:
+                    gave_up = self.stranded_line(stranded)
+                    break
                 continue
             if finished_at is None:
                 finished_at = self.clock()
@@ -176,7 +201,7 @@ class Runtime:
                 )
                 break
         self.watch_presence(final=True)
-        if not self.federation.finished:
+        if gave_up is None and not self.federation.finished:  # gave_up: the command prints it
             where = f"during {self._round_label(self.federation.round_number)}"
             saved = f"; the last model is in {self.output.last_model}" if self.saved_last else ""
             self.say(f"stopped {where}{saved}")
@@ -186,7 +211,25 @@ class Runtime:
             final_accuracy=self.final_accuracy,
             best=self.best,
             not_told_to_quit=waiting,
+            stranded=gave_up,
         )
+
+    def stranded_line(self, stranded: Stranded) -> str:
+        """Why the run gives up, in one line: the round, and each collaborator that left, why."""
+        left = "; ".join(f"{d.name} left: {d.said}" for d in stranded.departures)
+        label = self._round_label(stranded.round_number)
+        if not stranded.reporters and len(stranded.departures) == len(
+            self.federation.collaborators
+        ):
+            why = "every collaborator has left"
+        else:
+            reported = ", ".join(stranded.reporters) or "nobody"
+            why = (
+                f"it needs {stranded.needed} report{'s' if stranded.needed != 1 else ''} "
+                f"(straggler.min_reports) and too many have left (reported: {reported})"
+            )
+        saved = f"; the last model is in {self.output.last_model}" if self.saved_last else ""
+        return f"{label} can never close: {why}: {left}{saved}"
 
     def _close_round(self) -> RoundSummary | None:
         """The round's close if it is due, unless storage is known to fail (then not tried)."""

@@ -93,6 +93,11 @@ def method_handlers(
             request_deserializer=aggregator_pb2.HeartbeatRequest.FromString,
             response_serializer=aggregator_pb2.HeartbeatResponse.SerializeToString,
         ),
+        "Leave": grpc.unary_unary_rpc_method_handler(
+            servicer.Leave,
+            request_deserializer=aggregator_pb2.LeaveRequest.FromString,
+            response_serializer=aggregator_pb2.LeaveResponse.SerializeToString,
+        ),
     }
 
 
@@ -164,6 +169,7 @@ class AggregatorGRPCServer(Serving):
             storage_free_bytes=lambda: free_bytes(output),
             serving=lambda: self.health.serving,
             collaborators_online=collaborators_online or federation.online_count,
+            collaborators_left=lambda: {d.name: d.said for d in federation.liveness.departures()},
         )
         address = plan.aggregator.metrics_address
         self.metrics_server = None if address is None else MetricsServer(self.metrics, address)

@@ -114,10 +114,25 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
     ) -> aggregator_pb2.HeartbeatResponse:
         """Note that a collaborator busy with a task is alive: foedus's extension.
 
-        The identity check marks it seen (`_authenticated`), as for every RPC; nothing else.
+        The identity check marks it seen (`_authenticated`), as for every RPC; nothing else. It
+        does not rejoin a collaborator that has left: one sent just before its `Leave` may
+        arrive after it (a collaborator started again calls `GetTasks` first anyway).
         """
-        with self._authenticated(context, request.header) as caller:
+        with self._authenticated(context, request.header, rejoins=False) as caller:
             return aggregator_pb2.HeartbeatResponse(header=self._reply_header(caller))
+
+    @refusals_as_status
+    def Leave(  # noqa: N802
+        self, request: aggregator_pb2.LeaveRequest, context: grpc.ServicerContext
+    ) -> aggregator_pb2.LeaveResponse:
+        """Note that a collaborator has given up, so no round waits for it: foedus's extension.
+
+        Answered once its departure is durable; a resend is answered OK and changes nothing.
+        """
+        with self._authenticated(context, request.header, rejoins=False) as caller:
+            if not self.federation.leave(caller, request.reason):
+                logger.info("%s said again that it leaves; answered OK, nothing changed", caller)
+            return aggregator_pb2.LeaveResponse(header=self._reply_header(caller))
 
     @refusals_as_status
     def GetTasks(  # noqa: N802
@@ -211,6 +226,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
                 caller = self.gatekeeper.check_header(peer, _header(head.header))
                 held.enter_context(self._slot(caller if peer is None else None))
                 held.enter_context(self.federation.liveness.calling(caller))
+                self.federation.rejoin(caller)
                 self.federation.check_arriving(caller, head.round_number, head.task_name)
                 callers.append(caller)
 
@@ -278,11 +294,16 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
 
     @contextmanager
     def _authenticated(
-        self, context: grpc.ServicerContext, header: aggregator_pb2.MessageHeader
+        self,
+        context: grpc.ServicerContext,
+        header: aggregator_pb2.MessageHeader,
+        *,
+        rejoins: bool = True,
     ) -> Iterator[str]:
         """The caller a request speaks for, holding one of its call slots while inside.
 
-        Inside, the caller counts as alive (`aggregator.liveness`): a call in progress.
+        Inside, the caller counts as alive (`aggregator.liveness`): a call in progress. A caller
+        that had left has rejoined (every RPC but `Leave` and `Heartbeat`: `rejoins`).
         """
         peer = self.gatekeeper.identify(_peer_common_names(context))
         with self._slot(peer):
@@ -291,6 +312,8 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
                 self._slot(caller if peer is None else None),
                 self.federation.liveness.calling(caller),
             ):
+                if rejoins:
+                    self.federation.rejoin(caller)
                 yield caller
 
     def _slot(self, name: str | None) -> AbstractContextManager[None]:

@@ -29,10 +29,14 @@ one it has just written and returns it). The database holds:
   read as empty;
 * ``presence``: who is online or offline and since when (`aggregator.liveness`), for
   ``aggregator status`` only: written by the runtime on a transition and at a bounded rate
-  (`save_presence`), never per call, and never read back by the aggregator.
+  (`save_presence`), never per call, and never read back by the aggregator;
+* ``departures``: the collaborators that have left (the foedus ``Leave`` RPC), with their reason
+  and when (`aggregator.liveness`): written before ``Leave`` is answered, removed when the
+  collaborator calls again, and read back at recovery, so a restart still does not wait for them.
 
 The schema has a version (``PRAGMA user_version``): version 1 (before ``presence``) is migrated
-to 2 when opened, and version 2 (files named by SHA-256) to 3; a newer version is refused.
+to 2 when opened, version 2 (files named by SHA-256) to 3, and version 3 (before
+``departures``) to 4; a newer version is refused.
 
 Order of writes. An accept (`stage`, then `record`): the federation has checked everything
 (the upload's bytes on their way to its file), then the file is made durable in its place, then
@@ -84,7 +88,7 @@ from aggregator.federation import (
     RoundRecord,
     TaskResult,
 )
-from aggregator.liveness import Seen
+from aggregator.liveness import Departure, Seen
 from aggregator.storage import (
     BEST_MODEL,
     LAST_MODEL,
@@ -107,7 +111,8 @@ MODELS = "models"
 ROUNDS = "rounds"
 UPLOADS = "uploads"  # uploads being received (`aggregator.upload`), not yet accepted
 UPLOAD_SUFFIX = ".upload"  # an accepted result kept as it was sent: a serialized TaskResults
-SCHEMA_VERSION = 3  # 2 added presence; 3 names files by BLAKE3, not SHA-256 (`_migrate_digests`)
+# 2 added presence; 3 names files by BLAKE3, not SHA-256 (`_migrate_digests`); 4 added departures
+SCHEMA_VERSION = 4
 OUTPUTS = (LAST_MODEL, BEST_MODEL, METRICS)
 
 _SCHEMA = """
@@ -148,8 +153,16 @@ CREATE TABLE IF NOT EXISTS presence (
     saved REAL NOT NULL
 );
 """
+# Version 4: who has left, and why (times are Unix seconds).
+_DEPARTURES = """
+CREATE TABLE IF NOT EXISTS departures (
+    collaborator TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    since REAL NOT NULL
+);
+"""
 # What each version's state gets to become the next one's; from DIGESTS_FROM, `_migrate_digests`.
-_MIGRATIONS = {1: _PRESENCE}
+_MIGRATIONS = {1: _PRESENCE, 3: _DEPARTURES}
 DIGESTS_FROM = 2
 
 
@@ -432,6 +445,19 @@ class DurableState(SqliteStore):
                 ],
             )
 
+    def record_leave(self, departure: Departure) -> None:
+        """Commit that a collaborator has left (kept until it calls again)."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO departures (collaborator, reason, since) VALUES (?, ?, ?)",
+                (departure.name, departure.reason, departure.since),
+            )
+
+    def record_rejoin(self, name: str) -> None:
+        """Commit that a collaborator that had left called again."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM departures WHERE collaborator = ?", (name,))
+
     # -- what the runtime needs after a restart --------------------------------------------
 
     def best_model(self) -> Mapping[str, Array] | None:
@@ -491,6 +517,12 @@ class DurableState(SqliteStore):
             for (text,) in self._query_all("SELECT record FROM closed_rounds ORDER BY round")
         )
         self._tidy(round_number, keep={_stored(item).name for item in accepted})
+        departures = tuple(
+            Departure(str(name), str(reason), float(since))
+            for name, reason, since in self._query_all(
+                "SELECT collaborator, reason, since FROM departures ORDER BY collaborator"
+            )
+        )
         return Recovered(
             progress=Progress(
                 round_number=round_number,
@@ -499,6 +531,7 @@ class DurableState(SqliteStore):
                 previous=previous,
                 closing=None if closing is None else tuple(json.loads(closing)),
                 best=self._best,
+                departures=departures,
             ),
             fresh=fresh,
             last_model_rounds=last_rounds,
@@ -706,7 +739,7 @@ def _connect(database: Path) -> sqlite3.Connection:
             )
         if version == 0:
             connection.executescript(
-                f"BEGIN IMMEDIATE; {_SCHEMA} {_PRESENCE} "
+                f"BEGIN IMMEDIATE; {_SCHEMA} {_PRESENCE} {_DEPARTURES} "
                 f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
             )
         while 0 < version < SCHEMA_VERSION:

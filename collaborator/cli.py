@@ -1,4 +1,14 @@
-"""The ``collaborator`` command: check the plan, the certificates and the runner, then do the work."""
+"""The ``collaborator`` command: check the plan, the certificates and the runner, then do the work.
+
+A collaborator that ends on an error once its client is made (the runner raised, a refusal it
+cannot get past, a bad answer, settings the runner refused) tells the aggregator it leaves
+(`AggregatorGRPCClient.leave`), so no round waits for it, then exits as it would anyway. The
+reason it sends is a fixed category and the exception's class name (`leave_reason`), never the
+exception's message, a path or anything the runner printed: a site's data stays at the site.
+Best effort: a failure to send it is logged and changes nothing. Nothing is sent on exit 0, on a
+signal (SIGINT, SIGTERM: a stop, to be started again), nor to a server that is not our
+aggregator.
+"""
 
 from __future__ import annotations
 
@@ -15,11 +25,14 @@ from types import FrameType
 from collaborator.answers import PlannedWork
 from collaborator.client import AggregatorGRPCClient
 from collaborator.errors import (
+    AggregatorIdentityError,
     AggregatorUnavailableError,
     ClientConfigurationError,
     ClientError,
+    RequestRejectedError,
+    ResponseValidationError,
 )
-from collaborator.loop import run_collaborator
+from collaborator.loop import CollaboratorError, run_collaborator
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
 from command.process import LOG_FORMAT, LOG_LEVELS
 from command.usage import Parser, UsageError, fail, parse_arguments
@@ -42,7 +55,9 @@ exit status:
   {EXIT_SIGINT}  interrupted (SIGINT, Ctrl-C)
   {EXIT_SIGTERM}  terminated (SIGTERM)
 A task interrupted by a signal is not sent; started again, the collaborator asks the
-aggregator which tasks of the round it still owes.
+aggregator which tasks of the round it still owes. On exit 1 or 2 after it reached the
+aggregator, it tells the aggregator it leaves (a fixed reason, no data of the site), so no
+round waits for it; started again, it rejoins.
 """
 
 
@@ -152,15 +167,51 @@ def _start(name: str, plan_path: Path, site_settings: Path | None) -> int:
             client.target,
         )
         planned = PlannedWork(rounds=plan.federation.rounds, tasks=plan.tasks)
-        # Returns when the aggregator says quit.
-        run_collaborator(
-            client,
-            runner,
-            plan.runner,
-            planned=planned,
-            heartbeat_seconds=plan.connection.heartbeat_seconds,
-        )
+        try:
+            # Returns when the aggregator says quit.
+            run_collaborator(
+                client,
+                runner,
+                plan.runner,
+                planned=planned,
+                heartbeat_seconds=plan.connection.heartbeat_seconds,
+            )
+        except Exception as error:  # signals are BaseExceptions: no Leave for a stop
+            _leave(client, error)
+            raise
     return EXIT_OK
+
+
+def leave_reason(error: Exception) -> str:
+    """What a collaborator that ends on `error` tells the aggregator: a fixed category and the
+    exception's class name, never its message (it may hold the site's data or paths)."""
+    kind = type(error).__name__
+    if isinstance(error, RunnerError):
+        return "the runner refused its settings"
+    if isinstance(error, RequestRejectedError):
+        return f"the aggregator refused {error.rpc} ({error.code.name})"
+    if isinstance(error, AggregatorUnavailableError):
+        return "the aggregator stayed unreachable"
+    if isinstance(error, ResponseValidationError):
+        return f"a bad answer from the aggregator ({kind})"
+    if isinstance(error, CollaboratorError):
+        return f"the runner's work does not fit the federation ({kind})"
+    if isinstance(error, ClientError):
+        return f"the collaborator cannot go on ({kind})"
+    return f"the task runner failed ({kind})"
+
+
+def _leave(client: AggregatorGRPCClient, error: Exception) -> None:
+    """Tell the aggregator this collaborator gives up, best effort (never to a stranger)."""
+    if isinstance(error, AggregatorIdentityError):
+        return  # not our aggregator: it is told nothing
+    reason = leave_reason(error)
+    try:
+        client.leave(reason)
+    except ClientError as failure:
+        logger.warning("could not tell the aggregator this collaborator leaves: %s", failure)
+    else:
+        logger.info("told the aggregator this collaborator leaves: %s", reason)
 
 
 def _check_tls_files(plan: Plan, name: str) -> None:

@@ -71,6 +71,9 @@ DEFAULT_MAX_TENSOR_BYTES = 1024 * MIB
 MAX_PORT = 65535
 # Only these say nothing about the request: the aggregator was not reached or did not answer in time.
 RETRYABLE: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# A collaborator on its way out tries to say so for this long at most, whatever the plan's
+# retry budget: it must not hang on an aggregator that is gone.
+LEAVE_SECONDS = 5.0
 # 2**64 times any sane initial backoff is far past any cap; the bound keeps the float finite.
 _MAX_BACKOFF_EXPONENT = 64
 
@@ -346,6 +349,21 @@ class AggregatorGRPCClient:
         if channel is not None:
             channel.close()
 
+    def leave(self, reason: str) -> None:
+        """Tell the aggregator this collaborator gives up, so no round waits for it.
+
+        `reason` is for people (a fixed category, never data of the site). Retried on
+        UNAVAILABLE like every call, but within `LEAVE_SECONDS` in all; raises the client's
+        errors as the other calls do. Any later call rejoins the federation.
+        """
+        request = aggregator_pb2.LeaveRequest(header=self._header(), reason=reason)
+        response = self._call(
+            "Leave",
+            lambda stub, timeout: stub.Leave(request, timeout=timeout),
+            within=LEAVE_SECONDS,
+        )
+        self.validate_response(response.header)
+
     def get_tasks(self) -> Tasks:
         """Ask which tasks to run in the round in progress, or how long to wait, or whether to quit."""
         request = aggregator_pb2.GetTasksRequest(header=self._header())
@@ -600,7 +618,7 @@ class AggregatorGRPCClient:
         options.append(("grpc.ssl_target_name_override", self.expected.server_name))
         return grpc.secure_channel(self.target, self._credentials(), options=options)
 
-    def _check_identity(self) -> None:
+    def _check_identity(self, timeout: float | None = None) -> None:
         """Look at the server's certificate on a handshake of our own, once per connection.
 
         Raises `AggregatorIdentityError` for a server that is not our aggregator and
@@ -616,7 +634,7 @@ class AggregatorGRPCClient:
             self.aggregator_port,
             self.expected,
             files,
-            timeout=self.deadline,
+            timeout=self.deadline if timeout is None else timeout,
         )
         self._identity_checked = True
 
@@ -632,17 +650,27 @@ class AggregatorGRPCClient:
         invoke: Callable[[_Stub, float], R],
         *,
         resend: bool = True,
+        within: float | None = None,
     ) -> R:
-        """Run one RPC with the deadline; retry UNAVAILABLE and DEADLINE_EXCEEDED, raise the rest."""
+        """Run one RPC with the deadline; retry UNAVAILABLE and DEADLINE_EXCEEDED, raise the rest.
+
+        `within`: seconds for every attempt and wait together, below the plan's budget.
+        """
         started = time.monotonic()
         attempts = 0
+        max_wait = self.max_wait_time
+        if within is not None:
+            max_wait = within if max_wait is None else min(max_wait, within)
         while True:
             attempts += 1
             atomic = self.enable_atomic_connections
             channel = self._open_channel() if atomic else self._kept_channel()
+            deadline = self.deadline
+            if within is not None:
+                deadline = max(0.1, min(deadline, within - (time.monotonic() - started)))
             try:
-                self._check_identity()  # AggregatorIdentityError: a stranger, never retried
-                return invoke(_Stub(channel), self.deadline)
+                self._check_identity(deadline)  # AggregatorIdentityError: never retried
+                return invoke(_Stub(channel), deadline)
             except ProbeFailedError as error:
                 code, details = grpc.StatusCode.UNAVAILABLE, str(error)
             except grpc.RpcError as error:
@@ -669,8 +697,8 @@ class AggregatorGRPCClient:
             limit = None
             if self.max_retries is not None and attempts > self.max_retries:
                 limit = f"max_retries={self.max_retries}"
-            elif self.max_wait_time is not None and elapsed + delay > self.max_wait_time:
-                limit = f"max_wait_time={self.max_wait_time:g} s"
+            elif max_wait is not None and elapsed + delay > max_wait:
+                limit = f"max_wait_time={max_wait:g} s"
             if limit is not None:
                 raise AggregatorUnavailableError(
                     f"aggregator at {self.target} unavailable: {rpc} failed on {attempts} "

@@ -159,3 +159,17 @@ class HeartbeatResponse(_message.Message):
     HEADER_FIELD_NUMBER: _ClassVar[int]
     header: MessageHeader
     def __init__(self, header: _Optional[_Union[MessageHeader, _Mapping]] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("header", "reason")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    header: MessageHeader
+    reason: str
+    def __init__(self, header: _Optional[_Union[MessageHeader, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class LeaveResponse(_message.Message):
+    __slots__ = ("header",)
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    header: MessageHeader
+    def __init__(self, header: _Optional[_Union[MessageHeader, _Mapping]] = ...) -> None: ...

@@ -70,6 +70,11 @@ class AggregatorStub:
                 request_serializer=protos_dot_aggregator__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=protos_dot_aggregator__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.Leave = channel.unary_unary(
+                '/openfl.aggregator.Aggregator/Leave',
+                request_serializer=protos_dot_aggregator__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=protos_dot_aggregator__pb2.LeaveResponse.FromString,
+                _registered_method=True)
 
 
 class AggregatorServicer:
@@ -123,6 +128,15 @@ class AggregatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Leave(self, request, context):
+        """foedus extension: a collaborator that has given up (its runner failed, a refusal it cannot
+        get past) says so, so no round waits for it any more; any later call of its rejoins it.
+        OpenFL peers neither call nor serve it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +174,11 @@ def add_AggregatorServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=protos_dot_aggregator__pb2.HeartbeatRequest.FromString,
                     response_serializer=protos_dot_aggregator__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'Leave': grpc.unary_unary_rpc_method_handler(
+                    servicer.Leave,
+                    request_deserializer=protos_dot_aggregator__pb2.LeaveRequest.FromString,
+                    response_serializer=protos_dot_aggregator__pb2.LeaveResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -351,6 +370,33 @@ class Aggregator:
             '/openfl.aggregator.Aggregator/Heartbeat',
             protos_dot_aggregator__pb2.HeartbeatRequest.SerializeToString,
             protos_dot_aggregator__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Leave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/openfl.aggregator.Aggregator/Leave',
+            protos_dot_aggregator__pb2.LeaveRequest.SerializeToString,
+            protos_dot_aggregator__pb2.LeaveResponse.FromString,
             options,
             channel_credentials,
             insecure,

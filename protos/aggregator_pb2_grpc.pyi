@@ -50,6 +50,11 @@ class AggregatorStub:
     look like a death (straggler.offline_after_seconds). OpenFL peers neither call nor serve it;
     foedus collaborators stop sending it on UNIMPLEMENTED.
     """
+    Leave: _grpc.UnaryUnaryMultiCallable[_aggregator_pb2.LeaveRequest, _aggregator_pb2.LeaveResponse]
+    """foedus extension: a collaborator that has given up (its runner failed, a refusal it cannot
+    get past) says so, so no round waits for it any more; any later call of its rejoins it.
+    OpenFL peers neither call nor serve it.
+    """
 
 @_typing.type_check_only
 class AggregatorAsyncStub(AggregatorStub):
@@ -68,6 +73,11 @@ class AggregatorAsyncStub(AggregatorStub):
     """foedus extension: a collaborator busy with a task says it is alive, so a long task does not
     look like a death (straggler.offline_after_seconds). OpenFL peers neither call nor serve it;
     foedus collaborators stop sending it on UNIMPLEMENTED.
+    """
+    Leave: _aio.UnaryUnaryMultiCallable[_aggregator_pb2.LeaveRequest, _aggregator_pb2.LeaveResponse]  # type: ignore[assignment]
+    """foedus extension: a collaborator that has given up (its runner failed, a refusal it cannot
+    get past) says so, so no round waits for it any more; any later call of its rejoins it.
+    OpenFL peers neither call nor serve it.
     """
 
 class AggregatorServicer(metaclass=_abc_1.ABCMeta):
@@ -126,6 +136,17 @@ class AggregatorServicer(metaclass=_abc_1.ABCMeta):
         """foedus extension: a collaborator busy with a task says it is alive, so a long task does not
         look like a death (straggler.offline_after_seconds). OpenFL peers neither call nor serve it;
         foedus collaborators stop sending it on UNIMPLEMENTED.
+        """
+
+    @_abc_1.abstractmethod
+    def Leave(
+        self,
+        request: _aggregator_pb2.LeaveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_aggregator_pb2.LeaveResponse, _abc.Awaitable[_aggregator_pb2.LeaveResponse]]:
+        """foedus extension: a collaborator that has given up (its runner failed, a refusal it cannot
+        get past) says so, so no round waits for it any more; any later call of its rejoins it.
+        OpenFL peers neither call nor serve it.
         """
 
 def add_AggregatorServicer_to_server(servicer: AggregatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

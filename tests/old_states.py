@@ -31,6 +31,7 @@ def named_by_sha256(root: Path, *, version: int = 2) -> dict[str, str]:
         connection.execute("UPDATE federation SET model_sha256 = ?", (sha256(model),))
         for (name,) in list(connection.execute("SELECT file FROM results")):
             connection.execute("UPDATE results SET sha256 = ? WHERE file = ?", (sha256(name), name))
+        connection.execute("DROP TABLE departures")  # version 4's
         if version < 2:
             connection.execute("DROP TABLE presence")
         connection.execute(f"PRAGMA user_version = {version}")
@@ -38,3 +39,16 @@ def named_by_sha256(root: Path, *, version: int = 2) -> dict[str, str]:
     finally:
         connection.close()
     return digests
+
+
+def before_departures(root: Path) -> None:
+    """Make the state in `root` (``OUTPUT_DIR/state``) what schema version 3 wrote: no
+    ``departures`` table (who has left)."""
+    connection = sqlite3.connect(root / "state.sqlite", isolation_level=None)
+    try:
+        connection.execute("BEGIN")
+        connection.execute("DROP TABLE departures")
+        connection.execute("PRAGMA user_version = 3")
+        connection.execute("COMMIT")
+    finally:
+        connection.close()

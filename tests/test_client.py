@@ -22,7 +22,7 @@ from aggregator.federation import Array, Federation
 from aggregator.identity import Gatekeeper
 from aggregator.server import AggregatorGRPCServer
 from aggregator.servicer import AggregatorServicer
-from collaborator.client import AggregatorGRPCClient, NamedArray, Tasks
+from collaborator.client import LEAVE_SECONDS, AggregatorGRPCClient, NamedArray, Tasks
 from collaborator.errors import (
     AggregatorUnavailableError,
     ClientConfigurationError,
@@ -643,3 +643,39 @@ def test_ipv6_literal_is_dialled_in_brackets(certs: CertsLayout) -> None:
         assert client.target == f"[::1]:{server.port}"
         with client:
             client.ping()
+
+
+def test_leave_is_answered_once_and_makes_alice_leave(plan: Plan) -> None:
+    """Leave goes with alice's header over her certificate; a second one changes nothing; a
+    heartbeat (perhaps sent before the Leave) does not bring her back, any other call does."""
+    federation = make_federation(plan)
+    with running_aggregator(plan, federation) as server, client_for(plan, server.port) as client:
+        client.leave("the task runner failed (ValueError)")
+        client.leave("another reason")
+        [departure] = federation.liveness.departures()
+        assert (departure.name, departure.reason) == (
+            "alice",
+            "the task runner failed (ValueError)",
+        )
+        assert client.heartbeat()
+        assert federation.liveness.departures() == (departure,)
+        client.ping()
+        assert federation.liveness.departures() == ()
+
+
+def test_leave_gives_up_within_its_own_bound_whatever_the_plan_allows(plan: Plan) -> None:
+    """With nothing listening and an unbounded retry budget, Leave stops within LEAVE_SECONDS."""
+    sleeps = Sleeps(real=True)
+    client = client_for(
+        plan,
+        free_port(),
+        sleep=sleeps,
+        random=lambda: 1.0,
+        max_retries=None,
+        max_wait_time=None,
+        backoff_initial=0.5,
+        backoff_max=1.0,
+    )
+    with pytest.raises(AggregatorUnavailableError, match=r"Leave failed .*max_wait_time=5 s"):
+        client.leave("gone")
+    assert sum(sleeps.delays) <= LEAVE_SECONDS

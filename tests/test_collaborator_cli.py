@@ -7,16 +7,26 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
 
-from collaborator.cli import main
+from collaborator.cli import leave_reason, main
 from collaborator.digits import DigitsRunner
+from collaborator.errors import (
+    AggregatorUnavailableError,
+    ClientConfigurationError,
+    RequestRejectedError,
+    ResponseValidationError,
+)
+from collaborator.loop import CollaboratorError
 from pki.layout import CertsLayout
 from plans import Plan
+from plans.runners import RunnerError
 
 from processes import free_port
 from servers import (
@@ -329,6 +339,7 @@ def test_a_whole_federation_exits_0(
     assert error_lines(capsys) == []
     assert federation.finished
     assert federation.told_to_quit() == ("alice",)
+    assert federation.liveness.departures() == ()  # no Leave on exit 0
 
 
 def test_site_settings_replace_the_plans_for_a_whole_federation(
@@ -388,3 +399,70 @@ def test_sigterm_exits_143_with_one_line(certs: CertsLayout, tmp_path: Path) -> 
     errors = [line for line in rest.splitlines() if line.startswith(PREFIX)]
     assert errors == [f"{PREFIX}terminated (SIGTERM); a task in progress, if any, was not sent"]
     assert "Traceback" not in rest
+
+
+PATIENT = "could not convert string to float: 'n/a' (row 17, column radius_mean) in /site/data.csv"
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (ValueError(PATIENT), "the task runner failed (ValueError)"),
+        (RunnerError(PATIENT), "the runner refused its settings"),
+        (
+            RequestRejectedError("GetTasks", grpc.StatusCode.PERMISSION_DENIED, PATIENT),
+            "the aggregator refused GetTasks (PERMISSION_DENIED)",
+        ),
+        (
+            AggregatorUnavailableError(PATIENT, attempts=1, elapsed=0, code=None, details=PATIENT),
+            "the aggregator stayed unreachable",
+        ),
+        (
+            ResponseValidationError(PATIENT),
+            "a bad answer from the aggregator (ResponseValidationError)",
+        ),
+        (
+            CollaboratorError(PATIENT),
+            "the runner's work does not fit the federation (CollaboratorError)",
+        ),
+        (
+            ClientConfigurationError(PATIENT),
+            "the collaborator cannot go on (ClientConfigurationError)",
+        ),
+    ],
+)
+def test_the_reason_sent_is_a_category_and_a_class_never_the_message(
+    error: Exception, reason: str
+) -> None:
+    """What leaves the site in a Leave: a fixed category and the class name, no data, no path."""
+    assert leave_reason(error) == reason
+
+
+def test_sigterm_sends_no_leave(certs: CertsLayout, tmp_path: Path) -> None:
+    """A collaborator stopped by SIGTERM while it waits for the next round has not left."""
+    server_plan = make_plan(certs, aggregator={"long_poll_seconds": 0.5})
+    federation = make_federation(server_plan, DigitsRunner.initial_model(server_plan.runner))
+    with running_aggregator(server_plan, federation) as server:
+        plan = write_plan(
+            tmp_path,
+            certs,
+            aggregator={"host": "127.0.0.1", "common_name": "localhost", "port": server.port},
+        )
+        process = subprocess.Popen(
+            [sys.executable, "-m", "collaborator", "start", "-n", "alice", "--plan", str(plan)],
+            cwd=REPO,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while len(federation.accepted()) < len(server_plan.tasks):  # alice's round 0
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 143
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+    assert federation.liveness.departures() == ()

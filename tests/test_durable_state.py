@@ -21,7 +21,7 @@ from aggregator.digest import file_digest
 from aggregator.errors import InvalidRequestError, PreconditionError, StorageError
 from aggregator.federation import Array, Federation, ResultTensor, TaskResult
 from aggregator.runtime import Runtime
-from aggregator.state import DurableState, ForeignStateError
+from aggregator.state import SCHEMA_VERSION, DurableState, ForeignStateError
 from aggregator.storage import OutputFolder, model_bytes
 from aggregator.upload import receive_upload
 from plans.schema import BestModelSettings, Limits, StragglerPolicy, StragglerSettings
@@ -610,7 +610,7 @@ def schema_of(folder: Path) -> tuple[int, list[str]]:
 
 
 def test_a_state_named_by_sha256_is_migrated_and_resumes(tmp_path: Path) -> None:
-    """A version-2 state (SHA-256) opens as version 3 with each file's BLAKE3, and resumes as it was."""
+    """A version-2 state (SHA-256) opens as the newest with each file's BLAKE3, and resumes as it was."""
     folder = tmp_path / "out"
     state = open_state(folder)
     fed = federation_of(state)
@@ -629,7 +629,7 @@ def test_a_state_named_by_sha256_is_migrated_and_resumes(tmp_path: Path) -> None
     again = open_state(folder)
     try:
         assert schema_of(folder) == (
-            3,
+            SCHEMA_VERSION,
             ["round", "collaborator", "task", "data_size", "file", "digest"],
         )
         for name, digest in digests.items():
@@ -647,7 +647,7 @@ def test_a_state_named_by_sha256_is_migrated_and_resumes(tmp_path: Path) -> None
             assert np.array_equal(array, model[name]), name
     finally:
         again.close()
-    reopened = open_state(folder)  # version 3 now: opened as it is
+    reopened = open_state(folder)  # the newest version now: opened as it is
     reopened.close()
 
 

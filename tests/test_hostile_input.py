@@ -10,6 +10,7 @@ whose input is acceptable, exactly one copy of what he sent.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import threading
@@ -277,6 +278,37 @@ def heartbeat(who: str = "bob", identity: str = "own", **header: str) -> Attack:
     return attack
 
 
+def leave(
+    who: str = "bob",
+    identity: str = "own",
+    reason: str = "the task runner failed (ValueError)",
+    *,
+    times: int = 1,
+    **header: str,
+) -> Attack:
+    """Leave as `who`, `times` times, with header fields changed; a refused one makes nobody
+    leave, an accepted one its sender, once, with the first reason cleaned of control characters."""
+
+    def attack(env: Env) -> Outcome:
+        caller = env.caller(who, identity)
+        results = []
+        for attempt in range(times):
+            request = aggregator_pb2.LeaveRequest(
+                header=caller.header(**header), reason=reason if attempt == 0 else "again"
+            )
+            results.append(outcome(functools.partial(caller.stub.Leave, request, timeout=10)))
+        assert len({result.code for result in results}) == 1, results
+        departures = env.federation.liveness.departures()
+        if results[0].code is OK:
+            cleaned = "".join(c for c in reason if c.isprintable() or c == " ").strip()
+            assert [(d.name, d.reason) for d in departures] == [(who, cleaned)]
+        else:
+            assert departures == ()
+        return results[0]
+
+    return attack
+
+
 def download(name: str, round_number: int = 0) -> Attack:
     """Ask for a tensor of the global model as bob."""
 
@@ -512,6 +544,46 @@ ROWS = [
         ("header.receiver 'aggregator_other'",),
     ),
     Row("heartbeat-honest", heartbeat(), OK),
+    # Leave passes the same identity check as every RPC; its reason is bounded.
+    Row("leave-with-other-ca", leave("alice", "foreign_alice"), grpc.StatusCode.UNAVAILABLE),
+    Row(
+        "leave-from-stranger",
+        leave("mallory", "stranger"),
+        grpc.StatusCode.PERMISSION_DENIED,
+        ("'mallory'", "not an authorised collaborator"),
+    ),
+    Row(
+        "leave-for-another-federation",
+        leave(federation_uuid="another-federation"),
+        grpc.StatusCode.PERMISSION_DENIED,
+        ("header.federation_uuid 'another-federation'",),
+    ),
+    Row(
+        "leave-with-wrong-sender",
+        leave(sender="alice"),
+        grpc.StatusCode.PERMISSION_DENIED,
+        ("header.sender 'alice'", "common name 'bob'"),
+    ),
+    Row(
+        "leave-to-wrong-receiver",
+        leave(receiver="aggregator_other"),
+        grpc.StatusCode.PERMISSION_DENIED,
+        ("header.receiver 'aggregator_other'",),
+    ),
+    Row(
+        "leave-with-a-reason-over-the-limit",
+        leave(reason="x" * 1001),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("reason is 1001 characters long", "at most 1000"),
+    ),
+    Row(
+        "leave-with-control-characters-stripped-to-the-limit",
+        leave(reason="\x1b[31m" + "\x00" * 5000 + "y" * 995 + "\u202e\n"),
+        OK,
+    ),
+    Row("leave-honest", leave(), OK),
+    Row("leave-without-a-reason", leave(reason=""), OK),
+    Row("leave-resent", leave(times=3), OK),
     # What is asked for.
     Row(
         "unknown-task",

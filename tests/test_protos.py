@@ -188,12 +188,15 @@ FIRST_EXTENSION_NUMBER = 1000
 EXTENSION_RPCS: dict[str, tuple[str, str, bool]] = {
     "GetAggregatedModel": (f"{AGG}GetAggregatedModelRequest", f"{AGG}ModelChunk", True),
     "Heartbeat": (f"{AGG}HeartbeatRequest", f"{AGG}HeartbeatResponse", False),
+    "Leave": (f"{AGG}LeaveRequest", f"{AGG}LeaveResponse", False),
 }
 EXTENSION_MESSAGES = {
     f"{AGG}GetAggregatedModelRequest",
     f"{AGG}ModelChunk",
     f"{AGG}HeartbeatRequest",
     f"{AGG}HeartbeatResponse",
+    f"{AGG}LeaveRequest",
+    f"{AGG}LeaveResponse",
 }
 _TYPE_NAMES = {
     getattr(FieldDescriptor, name): name.removeprefix("TYPE_").lower()
@@ -281,7 +284,7 @@ def test_service_full_name() -> None:
 @pytest.mark.parametrize("method", EXTENSION_RPCS)
 def test_extension_rpc_signature(method: str) -> None:
     """foedus's RPCs: a unary request, answered by a stream of chunks (the model download) or
-    one message (the heartbeat)."""
+    one message (the heartbeat, leaving)."""
     request, response, streamed = EXTENSION_RPCS[method]
     found = aggregator_pb2.DESCRIPTOR.services_by_name["Aggregator"].methods_by_name[method]
     assert method not in RPCS
