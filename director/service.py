@@ -49,7 +49,7 @@ from director.errors import (
 )
 from director.experiment_plan import PLAN_FILE, check_submitted, plan_liveness, write_director_plan
 from director.identity import PEOPLE, Caller, Role, Roster
-from director.launcher import LOG_FILE, Ended, Launcher
+from director.launcher import LOG_FILE, Ended, Launcher, log_tail
 from director.orders import LogOrder, StartOrder, Work
 from director.state import (
     ACTIVE,
@@ -69,6 +69,7 @@ INITIAL_MODEL = "initial_model.pbuf"
 OUTPUT = "output"
 METRICS = "metrics.jsonl"
 MODELS = {"best": "best_model.pbuf", "last": "last_model.pbuf"}
+LOG_TAIL_BYTES = 4096  # of an aggregator's log, read for its last line when it failed
 MAX_RESTARTS = 3  # an aggregator killed (or lost) this many times in a row fails its experiment
 STARTED = frozenset(
     {CollaboratorState.STARTED, CollaboratorState.RUNNING, CollaboratorState.EXITED}
@@ -547,7 +548,7 @@ class DirectorService:
             self.state.transition(experiment_id, ExperimentState.COMPLETED)
             logger.info("experiment %s completed", experiment_id)
         elif ended.code is not None and ended.code > 0:
-            self._fail(experiment, f"{ended.describe()} (its log: experiment logs {experiment_id})")
+            self._fail(experiment, self._aggregator_failure(experiment, ended))
         else:  # stopped, killed or lost: it resumes from its own state
             restarts = self.state.count_restart(
                 experiment_id, self._rounds_completed(experiment_id)
@@ -557,6 +558,24 @@ class DirectorService:
                 return
             logger.warning("experiment %s: %s; starting it again", experiment_id, ended.describe())
             self._start_aggregator(experiment)
+
+    def _aggregator_failure(self, experiment: Experiment, ended: Ended) -> str:
+        """Why an aggregator that failed did: its end, its log's last line (say, every site has
+        left), and the sites the experiment lost, each with why."""
+        experiment_id = experiment.experiment_id
+        try:
+            last = log_tail(self.folder(experiment_id) / LOG_FILE, 1, LOG_TAIL_BYTES)
+        except OSError:
+            last = []
+        reason = ended.describe() + (f"; its log ends: {last[0].strip()}" if last else "")
+        reason += f" (its log: experiment logs {experiment_id})"
+        lost = self._lost_sites(experiment, self.state.reports(experiment_id))
+        grace = self._liveness(experiment).offline_grace_seconds
+        sites = [
+            f"site {site} " + (f"offline for more than {grace:g} s" if why == OFFLINE else why)
+            for site, why in sorted(lost.items())
+        ]
+        return "; ".join([reason, *sites])
 
     def _launch(self, experiment: Experiment) -> None:
         """Take a place for a queued experiment: a port, its plan, its aggregator."""

@@ -12,12 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from collaborator.client import LEAVE_SECONDS
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
 from command.process import LOG_FORMAT, LOG_LEVELS
 from command.usage import Parser, UsageError, fail, parse_arguments
 from envoy.client import DirectorClient
 from envoy.config import ConfigError, EnvoyConfig, load_config
 from envoy.errors import EnvoyError
+from envoy.leave import Leaving
 from envoy.progress import ProgressBook
 from envoy.redis_metrics import RedisReporter
 from envoy.runtime import EnvoyLoop, foedus_version
@@ -163,13 +165,15 @@ def _start(name: str, config: EnvoyConfig) -> int:
                 ", ".join(config.runners),
                 "manual" if config.manual_review else "auto",
             )
-            site = Site(name, config, state)
+            leaving = Leaving()
+            site = Site(name, config, state, leave=leaving)
             loop = EnvoyLoop(
                 site, client, shard=config.shard, connection=config.connection, stop=stop
             )
             with contextlib.ExitStack() as services:
                 _serve(site, loop, config, token, services)
                 loop.run()
+            leaving.wait(LEAVE_SECONDS)  # an aggregator being told the site left is told
     finally:
         state.close()
     return EXIT_OK

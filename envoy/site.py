@@ -6,8 +6,9 @@ sessions (`director.launcher.ChildProcesses`): `collaborator start -n NAME --pla
 written by `envoy.site_plan`. A collaborator that dies is started again, at most `MAX_RESTARTS`
 times in a row (the count starts again once it finishes a round it had not); the site gives up
 on it for good (GAVE_UP) when it exits 2 (a bad plan or settings: starting again cannot help),
-when its restarts are used up, or when the site's operator stops it. It never touches the
-network; `envoy.runtime` carries its reports to the director and the director's work to it. Every step is written to the state before it is
+when its restarts are used up, or when the site's operator stops it, and tells the aggregator
+the site left (`envoy.leave`, in a thread of its own). Otherwise it never touches the network;
+`envoy.runtime` carries its reports to the director and the director's work to it. Every step is written to the state before it is
 acted on or reported, so an envoy started again after kill -9 goes on where it was (`recover`).
 """
 
@@ -27,8 +28,15 @@ from director.launcher import ChildProcesses, Ended
 from director.orders import LogOrder, StartOrder, Work
 from envoy.config import EnvoyConfig
 from envoy.errors import EnvoyError, FinishedError, IllegalTransitionError, StateError
+from envoy.leave import LeaveCall, Leaving
 from envoy.progress import Progress, read_new_lines
-from envoy.site_plan import EXPERIMENT_ID, RefusedPlanError, site_document, write_site_plan
+from envoy.site_plan import (
+    EXPERIMENT_ID,
+    PLAN_FILE,
+    RefusedPlanError,
+    site_document,
+    write_site_plan,
+)
 from envoy.state import DIRECTOR, NO_ROUND, SITE, CollaboratorState, EnvoyState, Experiment
 from plans.loader import PlanError, yaml_document
 
@@ -80,11 +88,13 @@ class Site:
         collaborator_command: Sequence[str] = (sys.executable, "-m", "collaborator"),
         stop_patience_seconds: float = 10.0,
         stop_grace_seconds: float = 10.0,
+        leave: LeaveCall | None = None,
     ) -> None:
         """`name` is this site's (its certificate's CN); `collaborator_command` runs a collaborator.
 
         Told to stop, a collaborator gets `stop_patience_seconds` to end by itself, then SIGTERM
-        and `stop_grace_seconds` more before SIGKILL.
+        and `stop_grace_seconds` more before SIGKILL. `leave` tells an aggregator the site left
+        (by default `envoy.leave.Leaving`: in a thread of its own).
         """
         self.name = name
         self.config = config
@@ -92,6 +102,7 @@ class Site:
         self.collaborator_command = tuple(collaborator_command)
         self.stop_patience_seconds = stop_patience_seconds
         self.stop_grace_seconds = stop_grace_seconds
+        self.leave: LeaveCall = leave if leave is not None else Leaving()
         self._stop_asked: dict[str, float] = {}
         self.children = ChildProcesses(LOG_FILE, "collaborator")
         self._root = config.state_dir / EXPERIMENTS
@@ -276,7 +287,7 @@ class Site:
                     ended = self.children.poll(experiment_id, folder)
                 self._ended(experiment, ended, restart=False)
             elif experiment.stopped_by_site and experiment.state in _STOPPABLE:
-                self._give_up(experiment, experiment.exit_code, _STOPPED_BY_SITE)
+                self._give_up(experiment, experiment.exit_code, _STOPPED_BY_SITE, experiment.reason)
             elif experiment.stopped_by_site and experiment.state is _S.APPROVAL_PENDING:
                 self.state.transition(experiment_id, _S.SITE_REJECTED, reason=_STOPPED_BY_SITE)
             self._stop_asked.pop(experiment_id, None)
@@ -309,8 +320,8 @@ class Site:
         except RefusedPlanError as error:
             logger.warning("experiment %s refused: %s", experiment_id, error)
             if experiment.state is _S.EXITED:  # to start again (its runner no longer agreed to?)
-                cause = _why(f"cannot start it again: {error}", experiment.reason)
-                self._give_up(experiment, experiment.exit_code, cause)
+                detail = f"{error}; {experiment.reason}" if experiment.reason else str(error)
+                self._give_up(experiment, experiment.exit_code, "cannot start it again", detail)
             else:
                 self.state.transition(experiment_id, _S.REFUSED, reason=str(error))
             return
@@ -337,7 +348,7 @@ class Site:
             last = _last_line(self.folder(experiment_id) / LOG_FILE)
             reason = f"{described}; its log ends: {last}" if last else described
         if experiment.stopped_by_site:
-            self._give_up(experiment, code, _why(_STOPPED_BY_SITE, reason))
+            self._give_up(experiment, code, _STOPPED_BY_SITE, reason)
             return
         exited = self.state.transition(experiment_id, _S.EXITED, exit_code=code, reason=reason)
         logger.info("experiment %s: collaborator ended (%s)", experiment_id, reason or "code 0")
@@ -355,12 +366,12 @@ class Site:
             experiment.reason,
         )
         if code == EXIT_BAD_INPUT:
-            self._give_up(experiment, code, _why("a bad plan or settings", reason))
+            self._give_up(experiment, code, "a bad plan or settings", reason)
             return
         done = self._round_done(experiment_id)
         in_a_row = 0 if done > experiment.restart_round else experiment.restarts
         if in_a_row >= MAX_RESTARTS:
-            self._give_up(experiment, code, _why(f"it died {in_a_row + 1} times in a row", reason))
+            self._give_up(experiment, code, f"it died {in_a_row + 1} times in a row", reason)
             return
         logger.warning(
             "experiment %s: %s; starting the collaborator again (%d of %d in a row); it asks "
@@ -372,23 +383,22 @@ class Site:
         )
         self._launch(experiment, restarted=True, restart_round=done, adopt=adopt)
 
-    def _give_up(self, experiment: Experiment, code: int, reason: str) -> None:
-        """The site will not start this collaborator again: GAVE_UP, for the director to know."""
-        self.state.transition(experiment.experiment_id, _S.GAVE_UP, exit_code=code, reason=reason)
-        logger.warning(
-            "experiment %s: gave up on the collaborator: %s", experiment.experiment_id, reason
-        )
+    def _give_up(self, experiment: Experiment, code: int, cause: str, detail: str = "") -> None:
+        """The site will not start this collaborator again: GAVE_UP (its reason: `cause`, then
+        `detail`, how it ended), for the director to know; its aggregator is told (`cause` only)."""
+        experiment_id = experiment.experiment_id
+        reason = f"{cause}; {detail}" if detail else cause
+        self.state.transition(experiment_id, _S.GAVE_UP, exit_code=code, reason=reason)
+        logger.warning("experiment %s: gave up on the collaborator: %s", experiment_id, reason)
+        plan = self.folder(experiment_id) / PLAN_FILE
+        if plan.is_file():  # else it never started: no aggregator knows it from this site
+            self.leave(experiment_id, plan, experiment.site, f"the site gave it up: {cause}")
 
     def _round_done(self, experiment_id: str) -> int:
         """The last round the collaborator finished a task of, by its own log (`NO_ROUND`: none)."""
         progress = Progress()
         read_new_lines(progress, self.folder(experiment_id) / LOG_FILE)
         return NO_ROUND if progress.round is None else progress.round
-
-
-def _why(cause: str, reason: str) -> str:
-    """A given-up collaborator's reason: why the site gave up, then how it ended (if it did)."""
-    return f"{cause}; {reason}" if reason else cause
 
 
 def _report(experiment: Experiment) -> Report:

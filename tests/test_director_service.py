@@ -379,3 +379,29 @@ def test_aggregator_restarts_reset_when_rounds_close_in_between(harness: Harness
         complete_rounds(harness, experiment_id, kill // 2 + 1)
         assert kill_aggregator(harness, experiment_id) is ExperimentState.RUNNING
     assert len(harness.launcher.started) == 7
+
+
+def test_an_aggregator_that_fails_names_its_last_line_and_the_lost_sites(
+    tmp_path: Path,
+) -> None:
+    """min_sites 1: bob and carol given up, alice still going; the aggregator ends with exit 1
+    (every site has left): failed with its last log line and each lost site."""
+    harness = Harness(tmp_path)
+    try:
+        experiment_id = harness.running_experiment(liveness={"min_sites": 1})
+        for name in ("bob", "carol"):
+            report(harness, name, experiment_id, CollaboratorState.GAVE_UP, "a bad plan")
+        harness.service.supervise()
+        line = "aggregator: error: round 1/10 can never close: every collaborator has left"
+        log = harness.service.folder(experiment_id) / "aggregator.log"
+        log.write_text(f"started\n{line}\n", encoding="utf-8")
+        harness.launcher.ends[experiment_id] = Ended(1)
+        harness.service.supervise()
+        failed = harness.state.experiment(experiment_id)
+        assert (failed.state, failed.reason) == (
+            ExperimentState.FAILED,
+            f"the aggregator exited with code 1; its log ends: {line} (its log: experiment logs "
+            f"{experiment_id}); site bob gave up: a bad plan; site carol gave up: a bad plan",
+        )
+    finally:
+        harness.state.close()

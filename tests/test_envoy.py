@@ -20,6 +20,7 @@ from envoy.cli import main
 from envoy.client import DirectorClient
 from envoy.config import ConfigError, load_config
 from envoy.errors import IllegalTransitionError, StateError, UnknownExperimentError
+from envoy.leave import leave
 from envoy.runtime import Backoff, EnvoyLoop
 from envoy.site import Site
 from envoy.site_plan import RefusedPlanError, site_document
@@ -416,15 +417,29 @@ sys.exit(int(code))
 """
 
 
-def fake_site(tmp_path: Path, certs: CertsLayout, steps: str) -> tuple[Site, Path]:
+class Leaves(list[tuple[str, Path, str, str]]):
+    """The Leave calls a site made, recorded instead of sent."""
+
+    def __call__(self, experiment_id: str, plan: Path, site: str, reason: str) -> None:
+        self.append((experiment_id, plan, site, reason))
+
+
+def fake_site(
+    tmp_path: Path, certs: CertsLayout, steps: str, leaves: Leaves | None = None
+) -> tuple[Site, Path]:
     """A site whose collaborators follow `steps`, and the script file they consume."""
     config = load_config(config_file(tmp_path, certs))
     program, script = tmp_path / "fake_collaborator.py", tmp_path / "steps"
     program.write_text(FAKE_COLLABORATOR, encoding="utf-8")
     script.write_text(steps, encoding="utf-8")
     state = EnvoyState.open(config.state_dir, exclusive=True)
+    command = (sys.executable, str(program), str(script))
     site = Site(
-        "alice", config, state, collaborator_command=(sys.executable, str(program), str(script))
+        "alice",
+        config,
+        state,
+        collaborator_command=command,
+        leave=Leaves() if leaves is None else leaves,
     )
     return site, script
 
@@ -451,7 +466,8 @@ def test_restarts_are_counted_in_a_row_across_an_envoy_restart(
     """A collaborator that dies is started again; a round finished since its last restart
     starts the count again; the count survives the envoy's restart; the 4th death in a row
     without progress gives it up, naming why and its last line."""
-    site, script = fake_site(tmp_path, certs, "0:1 -:1 -:1 1:1 -:1 -:1 -:1")
+    leaves = Leaves()
+    site, script = fake_site(tmp_path, certs, "0:1 -:1 -:1 1:1 -:1 -:1 -:1", leaves)
     site.receive(start_order(tmp_path, certs))
     tick_until(site, "the 5th start", lambda: len(script.read_text().split()) <= 2)
     deadline = time.monotonic() + 60
@@ -461,7 +477,7 @@ def test_restarts_are_counted_in_a_row_across_an_envoy_restart(
     state, command = site.state, site.collaborator_command
     state.close()  # the envoy stops here and is started again with the same state
     state = EnvoyState.open(state.folder, exclusive=True)
-    site = Site("alice", site.config, state, collaborator_command=command)
+    site = Site("alice", site.config, state, collaborator_command=command, leave=leaves)
     site.recover()
     tick_until(site, "the collaborator given up", lambda: state.experiment("e1").state.final)
     experiment = state.experiment("e1")
@@ -473,12 +489,16 @@ def test_restarts_are_counted_in_a_row_across_an_envoy_restart(
     )
     states = [r.state for r in state.outgoing()]
     assert states.count(S.STARTED) == 7 and states[-1] is S.GAVE_UP
+    # The aggregator is told the site left, once, with the category and not the log's line.
+    plan = site.folder("e1") / "plan.yaml"
+    assert leaves == [("e1", plan, "alice", "the site gave it up: it died 4 times in a row")]
     state.close()
 
 
 def test_exit_2_is_given_up_at_once(tmp_path: Path, certs: CertsLayout) -> None:
     """Exit 2 (a bad plan or settings): given up without a restart, the reason saying why."""
-    site, script = fake_site(tmp_path, certs, "-:2 -:1")
+    leaves = Leaves()
+    site, script = fake_site(tmp_path, certs, "-:2 -:1", leaves)
     site.receive(start_order(tmp_path, certs))
     tick_until(site, "the collaborator given up", lambda: site.state.experiment("e1").state.final)
     experiment = site.state.experiment("e1")
@@ -487,6 +507,7 @@ def test_exit_2_is_given_up_at_once(tmp_path: Path, certs: CertsLayout) -> None:
         "a bad plan or settings; the collaborator exited with code 2"
     )
     assert script.read_text().split() == ["-:1"]  # started once
+    assert [reason for *_, reason in leaves] == ["the site gave it up: a bad plan or settings"]
     site.state.close()
 
 
@@ -498,7 +519,15 @@ def test_the_operators_stop_gives_up_and_the_directors_stop_ends(
     config = load_config(config_file(tmp_path, certs))
     state = EnvoyState.open(config.state_dir, exclusive=True)
     sleeper = (sys.executable, "-c", "import time; time.sleep(120)")
-    site = Site("alice", config, state, collaborator_command=sleeper, stop_patience_seconds=0.1)
+    leaves = Leaves()
+    site = Site(
+        "alice",
+        config,
+        state,
+        collaborator_command=sleeper,
+        stop_patience_seconds=0.1,
+        leave=leaves,
+    )
     site.receive(
         Work(
             start=(
@@ -516,6 +545,14 @@ def test_the_operators_stop_gives_up_and_the_directors_stop_ends(
     assert first.state is S.GAVE_UP and first.exit_code != 0
     assert first.reason.startswith("stopped by the site's operator; the collaborator "), first
     assert second.state is S.EXITED and second.exit_code != 0
+    assert leaves == [
+        (
+            "e1",
+            site.folder("e1") / "plan.yaml",
+            "alice",
+            "the site gave it up: stopped by the site's operator",
+        )
+    ]
     state.close()
 
 
@@ -571,3 +608,11 @@ def test_a_death_noted_but_not_acted_on_is_acted_on_at_the_next_tick(
     assert site.state.experiment("e1").reason.startswith("it died 4 times in a row; ")
     assert script.read_text().split() == []  # the death before, then 3 starts
     site.state.close()
+
+
+def test_a_leave_that_cannot_be_sent_is_logged_not_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No site plan to call from: False, and a warning naming the experiment and the site."""
+    assert leave("e1", tmp_path / "missing" / "plan.yaml", "alice", "the site gave it up") is False
+    assert "experiment e1: could not tell the aggregator that alice left" in caplog.text
