@@ -7,7 +7,8 @@ it exits 2 on a bad setting of the site's own. With `liveness: {min_sites: 2}` t
 completes without that site, whose status shows how it ended; with the default policy (every
 site needed) it fails naming the site, and the next experiment in the queue starts. All three
 sites ending at once fail their experiment: `experiment wait` exits 1 and `experiment metrics
---follow` returns. Every wait is bounded.
+--follow` returns. Every wait is bounded; where a race could decide a case (the others finishing
+before a site is given up), the raising runner holds their training until the test lets it go.
 """
 
 from __future__ import annotations
@@ -135,6 +136,19 @@ def test_a_site_whose_restarts_are_used_up_is_gone_without(service: Service) -> 
     completed_without(final, "bob", pb.COLLABORATOR_GAVE_UP)
     assert site(final, "bob").exit_code != 0, final
     assert "it died 4 times in a row" in site(final, "bob").reason, final
+
+
+def test_a_site_whose_restarts_are_used_up_fails_the_experiment_by_default(
+    service: Service,
+) -> None:
+    """The same with every site needed (the default policy): once bob's envoy gives up, the
+    experiment fails naming bob and why; the others' training is held until then."""
+    experiment_id = submit(service, raising("bob", hold_until=service.folder / "never"))
+    final = service.follow([experiment_id])[experiment_id]
+    assert final.state == pb.EXPERIMENT_FAILED, final
+    assert final.reason.startswith("site bob gave up: it died 4 times in a row; "), final.reason
+    assert final.reason.endswith("; 2 of 3 left, 3 needed"), final.reason
+    assert site(final, "bob").state == pb.COLLABORATOR_GAVE_UP, final
 
 
 def test_a_site_its_operator_stops_is_gone_without(service: Service) -> None:
