@@ -7,12 +7,20 @@ STAMP := $(VENV)/.installed-stamp
 PROTO_SRC := protos/base.proto protos/aggregator.proto protos/director.proto
 PROTOC = $(PY) -m grpc_tools.protoc -I. --plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc
 PLAN ?= plans/local.yaml
+# Every port a demo uses moves by PORT_BASE - 50000 (plans/demo_ports.py writes the moved copies
+# of its plan and configs under build/ports/ or build/service/config/): two demos, or two clones,
+# side by side on one host.
+PORT_BASE ?= 50000
+DEMO_PLAN = build/ports/$(notdir $(PLAN))
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo demo-service test protos protos-check lint clean
 
 help: ## List the targets with one line each
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
+	@echo "Variables: PORT_BASE=51000 moves every port demo, demo-torch and demo-service use by"
+	@echo "  PORT_BASE - 50000 (default 50000: 50051, 50052, 50350-50359); PLAN=FILE and"
+	@echo "  TORCH_PLAN=FILE run demo and demo-torch with another plan (its ports moved too)."
 
 install: $(STAMP) ## Create .venv and install foedus with its dev extra
 
@@ -23,12 +31,13 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: install ## Run a real federation on localhost: an aggregator and 3 collaborators over mTLS
-	$(VENV)/bin/pki setup --plan $(PLAN)
+	@$(PY) -m plans.demo_ports --base $(PORT_BASE) --out build/ports $(PLAN) >/dev/null
+	$(VENV)/bin/pki setup --plan $(DEMO_PLAN)
 	@set -u; rm -rf build/local/output; mkdir -p build/local; \
-	names=$$($(PY) -c 'import sys; from plans import load_plan; print(*load_plan(sys.argv[1]).collaborators)' $(PLAN)); \
-	$(VENV)/bin/aggregator start --plan $(PLAN) --log-level warning & agg=$$!; \
+	names=$$($(PY) -c 'import sys; from plans import load_plan; print(*load_plan(sys.argv[1]).collaborators)' $(DEMO_PLAN)); \
+	$(VENV)/bin/aggregator start --plan $(DEMO_PLAN) --log-level warning & agg=$$!; \
 	pids=""; for name in $$names; do \
-	  $(VENV)/bin/collaborator start -n $$name --plan $(PLAN) --log-level warning 2>build/local/$$name.log & pids="$$pids $$!"; \
+	  $(VENV)/bin/collaborator start -n $$name --plan $(DEMO_PLAN) --log-level warning 2>build/local/$$name.log & pids="$$pids $$!"; \
 	done; \
 	trap 'kill $$agg $$pids 2>/dev/null' INT TERM EXIT; \
 	status=0; wait $$agg || status=$$?; \
@@ -39,7 +48,7 @@ demo: install ## Run a real federation on localhost: an aggregator and 3 collabo
 	exit $$status
 
 demo-service: install ## foedus as a service: a director, 3 envoys, `experiment submit`, the best model out, a dashboard screenshot
-	bash plans/service/demo.sh
+	PORT_BASE=$(PORT_BASE) bash plans/service/demo.sh
 
 test: install protos-check ## Install if needed, check generated code, run the whole test suite
 	$(PY) -m pytest
@@ -93,9 +102,10 @@ TORCH_VENV := .venv-torch
 TORCH_REQUIREMENTS := tests/torch_runner/requirements-torch.txt
 TORCH_STAMP := $(TORCH_VENV)/.installed-stamp
 TORCH_PLAN ?= plans/torch_digits.yaml
+TORCH_DEMO_PLAN = build/ports/$(notdir $(TORCH_PLAN))
 .PHONY: torch-env test-torch demo-torch
 
-torch-env: $(TORCH_STAMP) ## Create .venv-torch with foedus[torch] and PyTorch (for test-torch, demo-torch)
+torch-env: $(TORCH_STAMP) ## Create .venv-torch with foedus and its torch extra, PyTorch (for test-torch, demo-torch)
 
 $(TORCH_STAMP): pyproject.toml $(TORCH_REQUIREMENTS)
 	@start=$$(date +%s); set -e; \
@@ -110,12 +120,13 @@ test-torch: torch-env ## Check the torch runner (mypy strict) and run its tests,
 	$(TORCH_VENV)/bin/python -m pytest tests/torch_runner
 
 demo-torch: torch-env ## The PyTorch example: a CNN on the digits images, 3 collaborators over mTLS
-	$(TORCH_VENV)/bin/pki setup --plan $(TORCH_PLAN)
+	@$(TORCH_VENV)/bin/python -m plans.demo_ports --base $(PORT_BASE) --out build/ports $(TORCH_PLAN) >/dev/null
+	$(TORCH_VENV)/bin/pki setup --plan $(TORCH_DEMO_PLAN)
 	@set -u; rm -rf build/torch/output; mkdir -p build/torch; \
-	names=$$($(TORCH_VENV)/bin/python -c 'import sys; from plans import load_plan; print(*load_plan(sys.argv[1]).collaborators)' $(TORCH_PLAN)); \
-	$(TORCH_VENV)/bin/aggregator start --plan $(TORCH_PLAN) --log-level warning & agg=$$!; \
+	names=$$($(TORCH_VENV)/bin/python -c 'import sys; from plans import load_plan; print(*load_plan(sys.argv[1]).collaborators)' $(TORCH_DEMO_PLAN)); \
+	$(TORCH_VENV)/bin/aggregator start --plan $(TORCH_DEMO_PLAN) --log-level warning & agg=$$!; \
 	pids=""; for name in $$names; do \
-	  $(TORCH_VENV)/bin/collaborator start -n $$name --plan $(TORCH_PLAN) --log-level warning 2>build/torch/$$name.log & pids="$$pids $$!"; \
+	  $(TORCH_VENV)/bin/collaborator start -n $$name --plan $(TORCH_DEMO_PLAN) --log-level warning 2>build/torch/$$name.log & pids="$$pids $$!"; \
 	done; \
 	trap 'kill $$agg $$pids 2>/dev/null' INT TERM EXIT; \
 	status=0; wait $$agg || status=$$?; \

@@ -15,6 +15,11 @@ could close any more because too many collaborators had left (one line names the
 each that left, with its reason); 2 for bad input (the
 plan, its TLS files, its runner or initial model, an output folder of another federation, a
 malformed ``FOEDUS_FAILPOINTS``), reported one line per problem, never as a traceback.
+
+The runner is imported only when the plan has no ``aggregator.initial_model`` (it makes the model
+of round 0), and its own ``check_settings`` then refuses a bad ``runner.settings`` key before
+anything is opened or served, in the line a collaborator would print. With a model file, nothing
+of the runner's is imported: importing a module runs its code.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from aggregator.runtime import serve
 from aggregator.state import DurableState, ForeignStateError
 from aggregator.storage import OutputFolder, read_model
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
+from command.output import quiet_when_stdout_closes
 from command.process import LOG_LEVELS, logging_to_stderr, stopped_by_signals
 from command.usage import BadInputError, Parser, fail, parse_arguments
 from pki.binding import binding_problem
@@ -47,7 +53,7 @@ from pki.errors import KeyFileError, MissingTLSFileError, PkiError
 from pki.files import read_certificate
 from pki.tls import check_tls_files
 from plans import Plan, PlanError, load_plan
-from plans.runners import RunnerError, load_runner
+from plans.runners import RunnerError, RunnerFactory, check_runner_settings, load_runner
 from protos.dtypes import wire_dtype
 
 HELP_WIDTH = 78
@@ -136,6 +142,7 @@ def _wrapped(text: str) -> str:
     return textwrap.fill(text, width=HELP_WIDTH)
 
 
+@quiet_when_stdout_closes
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the aggregator command line; returns the exit code (see `EPILOG`)."""
     args = parse_arguments(build_parser(), argv)
@@ -171,6 +178,7 @@ def _start(plan_path: Path, *, reset: bool) -> int:
     except failpoints.FailpointError as error:
         raise BadInputError(str(error)) from None
     _check_tls_files(plan)
+    runner = _checked_runner(plan)
     try:
         output = OutputFolder(plan.aggregator.output_dir)
     except StorageError as error:
@@ -179,7 +187,7 @@ def _start(plan_path: Path, *, reset: bool) -> int:
         state = DurableState.open(
             output.root,
             plan.federation.uuid,
-            lambda: _initial_model(plan),  # only for a new state
+            lambda: _initial_model(plan, runner),  # only for a new state
             max_tensor_bytes=plan.limits.max_tensor_bytes,
             reset=reset,
         )
@@ -259,15 +267,31 @@ def _warn_if_collaborators_refuse(plan: Plan, path: Path) -> None:
         )
 
 
-def _initial_model(plan: Plan) -> dict[str, Array]:
+def _checked_runner(plan: Plan) -> RunnerFactory | None:
+    """The runner, its check passed on `runner.settings`; None (nothing imported) with a model file.
+
+    The runner is imported only when the plan has no `aggregator.initial_model`, for the model of
+    round 0: a plan bringing its model makes this host run none of the runner's code.
+    """
+    if plan.aggregator.initial_model is not None:
+        return None
+    try:
+        runner = load_runner(plan.runner)
+        check_runner_settings(runner, plan.runner)
+    except RunnerError as error:
+        raise BadInputError(f"{plan.path}: {error}") from None
+    return runner
+
+
+def _initial_model(plan: Plan, runner: RunnerFactory | None) -> dict[str, Array]:
     """The model of round 0: the plan's `aggregator.initial_model` file, else the runner's."""
     if plan.aggregator.initial_model is not None:
         try:
             return read_model(plan.aggregator.initial_model, plan.limits.max_tensor_bytes)
         except ModelFileError as error:
             raise BadInputError(f"{plan.path}: aggregator.initial_model: {error}") from None
+    assert runner is not None  # `_checked_runner` loads it whenever the plan names no file
     try:
-        runner = load_runner(plan.runner)
         model = runner.initial_model(plan.runner)
     except RunnerError as error:
         raise BadInputError(f"{plan.path}: {error}") from None

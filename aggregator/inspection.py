@@ -139,7 +139,7 @@ class FederationStatus:
             else f"{self.round_label(self.round_number)} in progress"
             + (" (closing)" if self.closing else "")
         )
-        running = "aggregator running" if self.running else "aggregator not running"
+        running = "aggregator running" if self.running else "aggregator stopped"
         lines = [f"federation {self.name} ({self.uuid}): {where}; {running}"]
         lines.append(f"  state: {self.state}")
         if not self.finished:
@@ -164,14 +164,7 @@ class FederationStatus:
         )
         width = max(len(c.name) for c in self.collaborators)
         for c in self.collaborators:
-            text = f"    {c.name:<{width}}  {c.presence}"
-            if c.since is not None:
-                text += f" since {_when(c.since, now)}"
-            if c.last_seen is not None and c.presence != Presence.ONLINE.value:
-                text += f", last seen {_when(c.last_seen, now)}"
-            if c.reason is not None:
-                text += f": {c.reason or NO_REASON}"
-            lines.append(text)
+            lines.append(f"    {c.name:<{width}}  {self._presence_text(c, now)}")
         last = self.last_round
         if last is None:
             lines.append("  no round closed yet")
@@ -186,6 +179,19 @@ class FederationStatus:
                 shown = ", ".join(f"{name} {value:.4f}" for name, value in values.items())
                 lines.append(f"    {task}: {shown}")
         return lines
+
+    def _presence_text(self, c: CollaboratorStatus, now: float) -> str:
+        """ "online since T" while the aggregator runs; once stopped, nobody is online to it:
+        "was online, last seen T"."""
+        online = c.presence == Presence.ONLINE.value
+        text = "was online" if online and not self.running else c.presence
+        if c.since is not None and (self.running or not online):
+            text += f" since {_when(c.since, now)}"
+        if c.last_seen is not None and (not online or not self.running):
+            text += f", last seen {_when(c.last_seen, now)}"
+        if c.reason is not None:
+            text += f": {c.reason or NO_REASON}"
+        return text
 
 
 def read_status(plan: Plan) -> FederationStatus:

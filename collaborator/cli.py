@@ -34,6 +34,7 @@ from collaborator.errors import (
 )
 from collaborator.loop import CollaboratorError, run_collaborator
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
+from command.output import quiet_when_stdout_closes
 from command.process import LOG_FORMAT, LOG_LEVELS
 from command.usage import Parser, UsageError, fail, parse_arguments
 from pki.errors import MissingTLSFileError, PkiError
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@quiet_when_stdout_closes
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the collaborator command line; returns the exit status (see `--help`)."""
     args = parse_arguments(build_parser(), argv)

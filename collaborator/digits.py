@@ -25,6 +25,7 @@ from typing import Final, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from plans.loader import shown
 from plans.runners import Array, Model, RunnerError, TrainOutcome, Validation
 from plans.schema import RunnerSettings
 
@@ -74,7 +75,7 @@ class DigitsSettings:
                 return default
             value = check(raw[key])
             if value is None:
-                problems.append(f"{key_path(key)}: expected {want}, got {raw[key]!r}")
+                problems.append(f"{key_path(key)}: expected {want}, got {shown(raw[key])}")
                 return default
             return value
 
@@ -192,7 +193,7 @@ class DigitsRunner:
             raise RunnerError(
                 f"collaborator {collaborator!r} is not one of {', '.join(collaborators)}"
             )
-        self.settings = DigitsSettings.parse(settings.settings, settings.key_path)
+        self.settings = self.check_settings(settings)
         self.seed = settings.seed
         self.collaborator = collaborator
         self.index = collaborators.index(collaborator)
@@ -208,6 +209,11 @@ class DigitsRunner:
         self._train_x, self._train_y = features[self.shard.train], labels[self.shard.train]
         self._test_x, self._test_y = features[self.shard.test], labels[self.shard.test]
         self._trainings = 0
+
+    @classmethod
+    def check_settings(cls, settings: RunnerSettings) -> DigitsSettings:
+        """`runner.settings` checked (`DigitsSettings.parse`): at submit, at start, at each site."""
+        return DigitsSettings.parse(settings.settings, settings.key_path)
 
     @classmethod
     def initial_model(cls, settings: RunnerSettings) -> dict[str, Array]:

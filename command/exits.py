@@ -13,3 +13,5 @@ EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 EXIT_SIGINT = 128 + signal.SIGINT  # 130, as a shell reports a process ended by Ctrl-C
 EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
+# 141: stdout's reader has gone (`| head -1`), as a shell reports a Unix tool SIGPIPE ended.
+EXIT_SIGPIPE = 128 + signal.SIGPIPE

@@ -6,8 +6,8 @@ aggregators still running and starts again those that died. Its aggregators are 
 the director stops.
 
 Exit codes: 0 when stopped by SIGINT/SIGTERM; 1 when it could not run (port in use, state folder in
-use by another director); 2 for bad input (director.yaml, its TLS files), one line per problem,
-never a traceback.
+use by another director); 2 for bad input (director.yaml, its TLS files, a runner it allows that
+cannot be imported here), one line per problem, never a traceback.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
+from command.output import quiet_when_stdout_closes
 from command.process import LOG_LEVELS, logging_to_stderr, stopped_by_signals
 from command.usage import BadInputError, Parser, fail, parse_arguments
 from director.config import ConfigError, DirectorConfig, load_config
@@ -28,6 +29,7 @@ from director.server import DirectorServer, ServerError
 from director.tokens import TokenStore
 from pki.errors import KeyFileError, MissingTLSFileError, PkiError
 from pki.tls import check_tls_files
+from plans.runners import RunnerError, import_runner
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@quiet_when_stdout_closes
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the director command line; returns the exit code (0 ok, 1 failure, 2 bad input)."""
     args = parse_arguments(build_parser(), argv)
@@ -108,6 +111,7 @@ def _start(config_path: Path) -> int:
     except ConfigError as error:
         raise BadInputError("\n".join(error.problems)) from None
     _check_tls_files(config)
+    _check_runners(config)
     server = DirectorServer(config)
     stop = threading.Event()
     try:
@@ -167,6 +171,18 @@ def _check_tls_files(config: DirectorConfig) -> None:
         raise BadInputError(f"{config.path}: certs_dir: {error}{hint}") from None
     except KeyFileError as error:
         raise BadInputError(str(error)) from None
+
+
+def _check_runners(config: DirectorConfig) -> None:
+    """Every runner director.yaml allows can be imported here (the admin agreed to its code)."""
+    problems = []
+    for name in config.runners:
+        try:
+            import_runner(name)
+        except RunnerError as error:
+            problems.append(f"{config.path}: runners: {error}")
+    if problems:
+        raise BadInputError("\n".join(problems))
 
 
 def _fail(message: str, code: int) -> int:

@@ -11,6 +11,10 @@ the file. An example, every key shown with its default (the four without one are
     state_dir: state             # required: SQLite state, experiments' plans, models and logs
     aggregator: {listen_address: 0.0.0.0, ports: [50100, 50199]}
     envoys: [alice, bob, carol]  # required: site names (certificate CNs) allowed to register
+    runners: [digits]            # runners this host imports (built-in names or package.module:
+                                 #   Class installed here) to check a plan's runner.settings at
+                                 #   submit and make its initial model; [] imports none. A plan
+                                 #   naming another runner must bring its initial model
     users: []                    # certificate CNs of people who submit experiments
     admins: []                   # people who see and act on every experiment, and review
     review: auto                 # or manual: an admin approves each experiment
@@ -31,6 +35,7 @@ from pathlib import Path
 
 from pki.layout import CertsLayout
 from plans.loader import Section, read_config, read_listen_address
+from plans.runners import BUILTIN_RUNNERS
 from plans.schema import Address
 
 MIB = 1024 * 1024
@@ -75,6 +80,7 @@ class DirectorConfig:
     aggregator_listen_address: str  # aggregator.listen_address
     aggregator_ports: range  # aggregator.ports: [first, last], both included
     envoys: tuple[str, ...]  # envoys
+    runners: tuple[str, ...]  # runners: the only runners the director's host imports
     users: tuple[str, ...]  # users
     admins: tuple[str, ...]  # admins
     manual_review: bool  # review: manual
@@ -108,6 +114,7 @@ def parse_config(data: object, config_path: Path) -> DirectorConfig:
     ports = _port_range(aggregator)
     aggregator.finish()
     envoys = root.names("envoys")
+    runners = root.runner_names("runners", tuple(BUILTIN_RUNNERS), empty=True)
     users = root.names("users", ())
     admins = root.names("admins", ())
     manual = root.choice("review", "auto", ("auto", "manual")) == "manual"
@@ -141,6 +148,7 @@ def parse_config(data: object, config_path: Path) -> DirectorConfig:
         aggregator_listen_address=aggregator_listen,
         aggregator_ports=ports,
         envoys=envoys,
+        runners=runners,
         users=users,
         admins=admins,
         manual_review=manual,

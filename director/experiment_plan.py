@@ -21,6 +21,9 @@ When the policy lets the experiment go on without some site (`min_sites` below t
 sites) and the plan sets no `straggler.offline_after_seconds`, the aggregator's plan sets it to
 the time after which the director counts a silent site lost (2 x `health_check_seconds` +
 `offline_grace_seconds`): the aggregator stops waiting for that site when the director does.
+
+The plan's runner is the last check (`check_runner`): imported, and its settings checked, only if
+director.yaml `runners` allows it; otherwise the experiment must bring its initial model.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from director.config import DirectorConfig, Liveness, read_liveness
 from director.errors import InvalidRequestError, LimitExceededError, StorageError
 from durable.files import write_yaml
 from plans.loader import PlanError, Section, load_plan, parse_plan, yaml_document
-from plans.schema import ConnectionSettings, Plan
+from plans.runners import RunnerError, check_runner_settings, load_runner
+from plans.schema import ConnectionSettings, Plan, RunnerSettings
 
 SUBMITTED = Path("submitted plan")  # how errors name the plan a person sent
 PLAN_FILE = "plan.yaml"
@@ -78,8 +82,18 @@ class SubmittedPlan:
     rounds: int  # federation.rounds
 
 
-def check_submitted(text: str, *, registered: Collection[str], max_bytes: int) -> SubmittedPlan:
-    """Check a submitted plan's YAML text; `InvalidRequestError` naming every bad field."""
+def check_submitted(
+    text: str,
+    *,
+    registered: Collection[str],
+    max_bytes: int,
+    runners: Collection[str],
+    initial_model: bool,
+) -> SubmittedPlan:
+    """Check a submitted plan's YAML text; `InvalidRequestError` naming every bad field.
+
+    Its runner last (an import): see `check_runner`.
+    """
     size = len(text.encode("utf-8"))
     if size > max_bytes:
         raise LimitExceededError(
@@ -113,12 +127,36 @@ def check_submitted(text: str, *, registered: Collection[str], max_bytes: int) -
             f"{SUBMITTED}: collaborators: not registered with this director: "
             f"{', '.join(unknown)} (`experiment envoys` lists the registered sites)"
         )
+    check_runner(plan.runner, runners=runners, initial_model=initial_model)
     return SubmittedPlan(
         text=text,
         name=plan.federation.name,
         sites=plan.collaborators,
         rounds=plan.federation.rounds,
     )
+
+
+def check_runner(runner: RunnerSettings, *, runners: Collection[str], initial_model: bool) -> None:
+    """An allowed runner is imported to check `runner.settings`; any other needs a model.
+
+    Importing a module runs its code: the director's host imports only the runners its admin
+    listed in director.yaml `runners`. A plan naming another runner brings its initial model, so
+    that neither the director nor the aggregator it starts imports anything of it (the sites
+    check its settings, and refuse it unless their own `runners` allow it).
+    """
+    if runner.name in runners:
+        try:
+            check_runner_settings(load_runner(runner), runner)
+        except RunnerError as error:
+            raise InvalidRequestError(f"{SUBMITTED}: {error}") from None
+    elif not initial_model:
+        allowed = ", ".join(runners) or "none"
+        raise InvalidRequestError(
+            f"{SUBMITTED}: runner.name: {runner.name!r} is not a runner this director's host runs "
+            f"(director.yaml runners: {allowed}); submit the experiment with its initial model "
+            "('experiment submit --initial-model FILE'), or ask an admin to add the runner to "
+            "director.yaml runners"
+        )
 
 
 def liveness_problems(

@@ -238,7 +238,11 @@ class DirectorService:
         caller.require("SubmitExperiment", *PEOPLE)
         registered = {envoy.name for envoy in self.state.envoys()} & set(self.config.envoys)
         plan = check_submitted(
-            plan_text, registered=registered, max_bytes=self.config.limits.max_plan_bytes
+            plan_text,
+            registered=registered,
+            max_bytes=self.config.limits.max_plan_bytes,
+            runners=self.config.runners,
+            initial_model=model is not None,
         )
         experiment_id = str(uuid.uuid4())
         folder = self.folder(experiment_id)
@@ -596,7 +600,7 @@ class DirectorService:
             self._fail(experiment, "no aggregator port was assigned")
             return
         try:
-            plan_path, _plan = write_director_plan(
+            plan_path, plan = write_director_plan(
                 experiment.plan_yaml,
                 experiment_id=experiment_id,
                 port=experiment.port,
@@ -604,6 +608,15 @@ class DirectorService:
                 folder=folder,
                 initial_model=model if experiment.has_initial_model else None,
             )
+            if not experiment.has_initial_model and plan.runner.name not in self.config.runners:
+                # Accepted when director.yaml allowed it; its aggregator would import it now.
+                self._fail(
+                    experiment,
+                    f"runner.name: {plan.runner.name!r} is no longer in director.yaml runners "
+                    f"({', '.join(self.config.runners) or 'none'}), and the experiment has no "
+                    "initial model; submit it again with --initial-model FILE",
+                )
+                return
             pid = self.launcher.start(experiment_id, plan_path, folder)
         except (StorageError, InvalidRequestError, OSError) as error:
             self._fail(experiment, f"cannot start the aggregator: {error}")

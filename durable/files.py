@@ -1,13 +1,15 @@
 """Files the services write whole: atomically and on disk (the folder too) before they return.
 
-A crash leaves the old file or the new one, never a part: the text goes to a temporary file
-beside it, is fsynced, renamed into place, and the folder is fsynced so the rename survives.
+A crash leaves the old file or the new one, never a part: the bytes go to a temporary file
+beside it, are fsynced, renamed into place, and the folder is fsynced so the rename survives.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import secrets
+import stat
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +18,36 @@ import yaml
 
 def write_yaml(document: Mapping[str, Any], path: Path) -> None:
     """Write `document` to `path` as YAML, atomically and durably; `OSError`, `yaml.YAMLError`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def dump(temporary: Path) -> None:
+        with temporary.open("w", encoding="utf-8") as file:
+            yaml.safe_dump(document, file, sort_keys=False)
+
+    replace_file(path, dump)
+
+
+def replace_file(path: Path, write: Callable[[Path], object]) -> None:
+    """Replace `path` with the file `write` writes at the temporary path it is given, atomically
+    and durably (for writers that take a file name, not an open file); `OSError`, or whatever
+    `write` raises, and then the temporary file is gone."""
     folder = path.parent
-    temporary = folder / f".{path.name}.tmp"
-    folder.mkdir(parents=True, exist_ok=True)
-    with temporary.open("w", encoding="utf-8") as file:
-        yaml.safe_dump(document, file, sort_keys=False)
-        file.flush()
-        os.fsync(file.fileno())
-    temporary.replace(path)
+    temporary = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    # Created as open() creates files (the umask decides its mode), and never over another's.
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = stat.S_IMODE(temporary.stat().st_mode)
+    try:
+        write(temporary)
+        os.chmod(temporary, mode)  # a writer that made the file again made it with its own mode
+        descriptor = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        temporary.replace(path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     descriptor = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(descriptor)

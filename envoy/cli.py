@@ -14,7 +14,9 @@ from types import FrameType
 
 from collaborator.client import LEAVE_SECONDS
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
+from command.output import quiet_when_stdout_closes
 from command.process import LOG_FORMAT, LOG_LEVELS
+from command.table import table_lines
 from command.usage import Parser, UsageError, fail, parse_arguments
 from envoy.client import DirectorClient
 from envoy.config import ConfigError, EnvoyConfig, load_config
@@ -106,6 +108,7 @@ def _config_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, required=True, help="the envoy's envoy.yaml")
 
 
+@quiet_when_stdout_closes
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the envoy command line; returns the exit status (see `--help`)."""
     args = parse_arguments(build_parser(), argv)
@@ -251,12 +254,14 @@ def _list(config: EnvoyConfig) -> int:
         experiments = state.experiments()
     finally:
         state.close()
-    print(f"{'EXPERIMENT':<38} {'NAME':<20} {'OWNER':<12} {'STATE':<17} DETAIL")
+    rows = []
     for e in experiments:
         ended = e.state in {CollaboratorState.EXITED, CollaboratorState.GAVE_UP}
         detail = f"exit {e.exit_code}" if ended else ""
         detail = "; ".join(part for part in (detail, e.reason, "done" if e.done else "") if part)
-        print(f"{e.experiment_id:<38} {e.name:<20} {e.owner:<12} {e.state.value:<17} {detail}")
+        rows.append((e.experiment_id, e.name, e.owner, e.state.value, detail))
+    for line in table_lines(("EXPERIMENT", "NAME", "OWNER", "STATE", "DETAIL"), rows):
+        print(line)
     return EXIT_OK
 
 

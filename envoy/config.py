@@ -19,6 +19,8 @@ the file. An example, every key shown with its default (the four without one are
                              #   its bearer token is STATE_DIR/site_api.token, made if missing
     metrics: {redis_url: ""} # e.g. redis://localhost:6379/0: each collaborator's state and
                              #   metrics in Redis (envoy.redis_metrics); "" sends nothing
+    collaborator_log_level: info   # --log-level of the collaborators it starts: debug, info,
+                             #   warning or error (debug: a failure's traceback in its log)
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from command.process import LOG_LEVELS
 from pki.layout import CertsLayout
-from plans.loader import RUNNER_PATTERN, Section, read_config
+from plans.loader import Section, read_config
 
 REDIS_URL = re.compile(r"^rediss?://[^\s]+$")
 
@@ -94,6 +97,7 @@ class EnvoyConfig:
     connection: Connection
     site_api: SiteApi = SiteApi()
     metrics: Metrics = Metrics()
+    collaborator_log_level: str = "info"  # collaborator_log_level: its collaborators' --log-level
 
     @property
     def director_target(self) -> str:
@@ -118,13 +122,14 @@ def parse_config(data: object, config_path: Path) -> EnvoyConfig:
     director.finish()
     certs_dir = root.text("certs_dir")
     state_dir = root.text("state_dir")
-    runners = _runners(root)
+    runners = root.runner_names("runners", ())
     settings = _runner_settings(root)
     manual = root.choice("review", "auto", ("auto", "manual")) == "manual"
     shard = _shard(root.section("shard"))
     connection = _connection(root.section("connection"))
     site_api = _site_api(root.section("site_api"))
     metrics = _metrics(root.section("metrics"))
+    collaborator_log_level = root.choice("collaborator_log_level", "info", LOG_LEVELS)
     root.finish()
     if problems:
         raise ConfigError([f"{config_path}: {problem}" for problem in problems])
@@ -141,19 +146,7 @@ def parse_config(data: object, config_path: Path) -> EnvoyConfig:
         connection=connection,
         site_api=site_api,
         metrics=metrics,
-    )
-
-
-def _runners(section: Section) -> tuple[str, ...]:
-    def check(value: object) -> tuple[str, ...] | None:
-        if not isinstance(value, list) or not value:
-            return None
-        if not all(isinstance(item, str) and RUNNER_PATTERN.match(item) for item in value):
-            return None
-        return tuple(value)
-
-    return section._checked(
-        "runners", (), check, "a non-empty list of runner names (built-in or package.module:Class)"
+        collaborator_log_level=collaborator_log_level,
     )
 
 

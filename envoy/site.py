@@ -329,7 +329,16 @@ class Site:
         # Killed after starting it but before recording it, the envoy finds it here.
         pid = self.children.adopt_any(experiment_id, folder) if adopt else None
         if pid is None:
-            command = (*self.collaborator_command, "start", "-n", experiment.site, "--plan")
+            # The child inherits the envoy's environment: PYTHONPATH reaches a site's runner.
+            command = (
+                *self.collaborator_command,
+                "start",
+                "-n",
+                experiment.site,
+                "--log-level",
+                self.config.collaborator_log_level,
+                "--plan",
+            )
             try:
                 pid = self.children.start(experiment_id, (*command, str(plan)), folder)
             except OSError as error:  # tried again at the next tick

@@ -21,6 +21,8 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
+from command.output import quiet_when_stdout_closes, stdout_closed
+from command.table import table_lines
 from command.usage import Parser, UsageError, fail
 from experiment.config import ENVIRONMENT, ClientConfig, ClientConfigError, load_client_config
 from pki.errors import PkiError
@@ -99,7 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         "submit", "Submit a plan (and an initial model) as a new experiment.", with_id=False
     )
     submit.add_argument("plan", type=Path, help="the plan (YAML), without the director's fields")
-    submit.add_argument("--initial-model", type=Path, help="a model file (OpenFL ModelProto)")
+    submit.add_argument(
+        "--initial-model",
+        type=Path,
+        help="a model file (OpenFL ModelProto) to start from; needed when the plan's runner is "
+        "not in the director's director.yaml runners (its host then imports nothing of it)",
+    )
     submit.add_argument("--name", default="", help="a name for it (default: federation.name)")
     command("list", "Your experiments (an admin's: all).", with_id=False)
     command("status", "One experiment, with its sites.")
@@ -127,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@quiet_when_stdout_closes
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Run the experiment command line; returns the exit code (0 ok, 1 failure, 2 bad input)."""
     out = out or sys.stdout
@@ -151,6 +159,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         details: str = error.details() or ""
         exit_code = EXIT_BAD_INPUT if code in REFUSALS else EXIT_FAILURE
         return _fail(f"{code.name}: {details}", exit_code)
+    except BrokenPipeError:
+        return stdout_closed()
     except OSError as error:
         return _fail(
             f"{getattr(error, 'filename', '') or ''}: {error.strerror or error}", EXIT_FAILURE
@@ -436,7 +446,7 @@ def _envoys(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out:
                 v.name,
                 "yes" if v.online else "no",
                 _when(v.last_seen),
-                f"{v.shard.train_samples}/{v.shard.valid_samples}",
+                f"{_samples(v.shard.train_samples)}/{_samples(v.shard.valid_samples)}",
                 str(len(v.experiments)),
                 v.shard.description,
             )
@@ -488,16 +498,13 @@ def _print_json(out: TextIO, message: Any, *, compact: bool = False) -> None:
 
 
 def _table(out: TextIO, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [
-        max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=False)
-    ]
-    for row in (headers, *rows):
-        print(
-            "  ".join(
-                str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)
-            ).rstrip(),
-            file=out,
-        )
+    for line in table_lines(headers, [[str(cell) for cell in row] for row in rows]):
+        print(line, file=out)
+
+
+def _samples(count: int) -> str:
+    """A count the site's envoy.yaml `shard` leaves out travels as 0: "-", not "no data"."""
+    return str(count) if count else "-"
 
 
 def _when(seconds: float) -> str:

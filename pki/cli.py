@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
+from command.output import quiet_when_stdout_closes, stdout_closed
 from command.usage import Parser, UsageError, fail
 from pki.binding import canonical_common_name
 from pki.errors import PemFileError, PkiError
@@ -376,6 +377,7 @@ def _fail(message: str, code: int) -> int:
     return fail("pki", message, code)
 
 
+@quiet_when_stdout_closes
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the pki command line; returns the exit code (0 ok, 2 bad input, 1 not confirmed or failed)."""
     parser = build_parser()
@@ -390,5 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), EXIT_FAILURE)
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_FAILURE)
+    except BrokenPipeError:
+        return stdout_closed()
     except Exception as exc:
         return _fail(f"unexpected failure: {type(exc).__name__}: {exc}", EXIT_FAILURE)

@@ -173,6 +173,23 @@ class _Section:
             )
         return result
 
+    def runner_names(
+        self, key: str, default: tuple[str, ...] = _MISSING, *, empty: bool = False
+    ) -> tuple[str, ...]:
+        """A list of runner names a host agrees to import (built-in or package.module:Class)."""
+
+        def check(value: object) -> tuple[str, ...] | None:
+            if not isinstance(value, list) or not (value or empty):
+                return None
+            if not all(isinstance(item, str) and RUNNER_PATTERN.match(item) for item in value):
+                return None
+            return tuple(value)
+
+        kind = "a list" if empty else "a non-empty list"
+        return self._checked(
+            key, default, check, f"{kind} of runner names (built-in or package.module:Class)"
+        )
+
     def finish(self) -> None:
         """Report keys this reader never asked for: they are typos or unsupported settings."""
         for key in self.data:
@@ -583,3 +600,7 @@ _REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozens
 def _shown(value: object) -> str:
     text = _REPR.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+# Public: a runner quoting a bad `runner.settings` value cuts it the same way.
+shown = _shown

@@ -1,9 +1,12 @@
 """Task runners: the plug-in interface a plan names, and how a name becomes a class.
 
 The plan's `runner.name` is either a built-in name (`digits`) or `package.module:Class` of the
-user's own code. Both sides resolve it the same way: the aggregator for the seeded initial model,
-each collaborator to train and validate. The import is explicit (`importlib`), and the class must
-implement `TaskRunner`; nothing is evaluated from the plan.
+user's own code. Every party resolves it the same way: the aggregator for the seeded initial model
+(only when the plan names no `aggregator.initial_model` file), each collaborator to train and
+validate, a director to check a plan's settings at submit (only runners its director.yaml
+`runners` allows). The import is explicit (`importlib`), and the class must implement
+`TaskRunner`; nothing is evaluated from the plan. Importing a module runs its code, so each host
+imports only the runners its operator agreed to (envoy.yaml and director.yaml `runners`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ Model = Mapping[str, Array]
 BUILTIN_RUNNERS: Mapping[str, str] = {
     "digits": "collaborator.digits:DigitsRunner",
 }
+MAX_DETAIL = 300  # characters of a runner's unexpected error quoted in a one-line refusal
 
 
 class RunnerError(Exception):
@@ -49,7 +53,15 @@ class Validation:
 
 @runtime_checkable
 class TaskRunner(Protocol):
-    """The work a collaborator does on its own data; built once per collaborator process."""
+    """The work a collaborator does on its own data; built once per collaborator process.
+
+    Optional, beside these: a classmethod `check_settings(settings: RunnerSettings) -> None`
+    that raises `RunnerError` with the very line the constructor raises for the same bad
+    `runner.settings` key (its constructor calls it, so it is said once). The director runs it at
+    submit and `aggregator start` before anything starts, on the plan's settings alone (a site's
+    own keys are merged later): it refuses what is wrong, never a key a site may still add, and
+    reads no data. A runner without it is checked at the sites only.
+    """
 
     @classmethod
     def initial_model(cls, settings: RunnerSettings) -> dict[str, Array]:
@@ -81,17 +93,25 @@ class RunnerFactory(Protocol):
 
 def load_runner(settings: RunnerSettings) -> RunnerFactory:
     """Import the runner class the plan names, checking it has the `TaskRunner` methods."""
-    target = BUILTIN_RUNNERS.get(settings.name, settings.name)
+    try:
+        return import_runner(settings.name)
+    except RunnerError as error:
+        raise RunnerError(f"runner.name: {error}") from None
+
+
+def import_runner(name: str) -> RunnerFactory:
+    """Import runner `name` (built-in or `package.module:Class`); `RunnerError` saying why not."""
+    target = BUILTIN_RUNNERS.get(name, name)
     module_name, _, class_name = target.partition(":")
     if not class_name:
         raise RunnerError(
-            f"runner.name: {settings.name!r} is neither a built-in runner "
-            f"({', '.join(BUILTIN_RUNNERS)}) nor 'package.module:Class'"
+            f"{name!r} is neither a built-in runner ({', '.join(BUILTIN_RUNNERS)}) "
+            "nor 'package.module:Class'"
         )
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise RunnerError(f"runner.name: cannot import {module_name!r}: {error}") from None
+        raise RunnerError(f"cannot import {module_name!r}: {error}") from None
     runner = getattr(module, class_name, None)
     missing = [
         method
@@ -100,8 +120,30 @@ def load_runner(settings: RunnerSettings) -> RunnerFactory:
     ]
     if not isinstance(runner, type) or missing:
         raise RunnerError(
-            f"runner.name: {target!r} is not a task runner class"
+            f"{target!r} is not a task runner class"
             + (f" (it lacks {', '.join(missing)})" if missing else "")
         )
     factory: RunnerFactory = runner  # type: ignore[assignment]
     return factory
+
+
+def check_runner_settings(runner: RunnerFactory, settings: RunnerSettings) -> None:
+    """The runner's own `check_settings` on `settings`, if it has one (else only sites check).
+
+    A `RunnerError` is the runner's line, passed on as it is; anything else it raises is a fault
+    of the runner's, said in one line naming it.
+    """
+    check = getattr(runner, "check_settings", None)
+    if check is None:
+        return
+    try:
+        check(settings)
+    except RunnerError:
+        raise
+    except Exception as error:
+        detail = str(error)
+        detail = detail if len(detail) <= MAX_DETAIL else detail[: MAX_DETAIL - 3] + "..."
+        raise RunnerError(
+            f"runner.name: {settings.name!r}: its check_settings failed: "
+            f"{type(error).__name__}: {detail}"
+        ) from None

@@ -117,6 +117,8 @@ class ResultsReader:
         self._max_meta_bytes = max_meta_bytes
         self._max_tensors = max_tensors
         self._tensors_field = tensors_field
+        # The message's name in errors: a `ModelProto` file is read with its tensors' field (1).
+        self._message = "TaskResults" if tensors_field == TENSORS_FIELD else "ModelProto"
         self._offset = 0  # bytes fed before the chunk being read
         self._state = _KEY
         self._varint = bytearray()  # a key or varint cut by the end of a chunk
@@ -285,14 +287,14 @@ class ResultsReader:
                     self._head_sent = True
                 if self._tensors >= self._max_tensors:
                     raise ResultsFormatError(
-                        f"TaskResults has more than the limit of {self._max_tensors} tensors: "
+                        f"{self._message} has more than the limit of {self._max_tensors} tensors: "
                         f"tensor {self._tensors} begins at byte {self._field_offset}"
                     )
                 self._state = _TENSOR_LENGTH
                 return
             if self._head_sent:
                 raise ResultsFormatError(
-                    f"TaskResults fields are out of order: field {field} at byte "
+                    f"{self._message} fields are out of order: field {field} at byte "
                     f"{self._field_offset} comes after tensor {self._tensors - 1}; foedus reads "
                     "them in field-number order, the order every protobuf serializer writes"
                 )
@@ -365,7 +367,7 @@ class ResultsReader:
         kept = len(self._kept)
         if kept + size > self._max_meta_bytes:
             if self._tensor_end is None:
-                what = "TaskResults fields before the tensors"
+                what = f"{self._message} fields before the tensors"
             else:
                 what = f"fields of tensor {self._tensors - 1} other than data_bytes"
             raise ResultsFormatError(
@@ -384,7 +386,7 @@ class ResultsReader:
             results.ParseFromString(bytes(self._head))
         except DecodeError as error:
             raise ResultsFormatError(
-                f"the TaskResults fields before the tensors ({len(self._head)} bytes) do not "
+                f"the {self._message} fields before the tensors ({len(self._head)} bytes) do not "
                 f"parse: {error}"
             ) from None
         return Head(results.header, results.round_number, results.task_name, results.data_size)
@@ -407,7 +409,7 @@ class ResultsReader:
 
     def _where(self) -> str:
         """Which message is being read, for an error message."""
-        return "TaskResults" if self._tensor_end is None else f"tensor {self._tensors - 1}"
+        return self._message if self._tensor_end is None else f"tensor {self._tensors - 1}"
 
     def _reading(self) -> str:
         """What the varint being read is, for an error message."""

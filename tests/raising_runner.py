@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 
-from collaborator.digits import DigitsRunner
+from collaborator.digits import DigitsRunner, DigitsSettings
 from plans.runners import Model, RunnerError, TrainOutcome
 from plans.schema import RunnerSettings
 
@@ -24,26 +24,36 @@ HOLD = "hold_until"  # runner.settings.hold_until: a file the other sites' `trai
 HOLD_SECONDS = 300  # the longest a `train` waits for it
 
 
+def _own(settings: RunnerSettings) -> tuple[list[str], Path | None, RunnerSettings]:
+    """This runner's two settings, checked, and the digits runner's settings without them."""
+    sites = settings.settings.get(KEY, [])
+    if not isinstance(sites, list) or not all(isinstance(site, str) for site in sites):
+        raise RunnerError(f"{settings.key_path(KEY)}: expected a list of site names")
+    hold = settings.settings.get(HOLD)
+    if hold is not None and not isinstance(hold, str):
+        raise RunnerError(f"{settings.key_path(HOLD)}: expected a file's path")
+    digits = {k: v for k, v in settings.settings.items() if k not in (KEY, HOLD)}
+    return (
+        sites,
+        None if hold is None else Path(hold),
+        replace(settings, settings=MappingProxyType(digits)),
+    )
+
+
 class RaisingRunner(DigitsRunner):
     """Digits; `train` raises at the sites of `runner.settings.raise_at`."""
 
     def __init__(
         self, settings: RunnerSettings, *, collaborator: str, collaborators: tuple[str, ...]
     ) -> None:
-        sites = settings.settings.get(KEY, [])
-        if not isinstance(sites, list) or not all(isinstance(site, str) for site in sites):
-            raise RunnerError(f"{settings.key_path(KEY)}: expected a list of site names")
-        hold = settings.settings.get(HOLD)
-        if hold is not None and not isinstance(hold, str):
-            raise RunnerError(f"{settings.key_path(HOLD)}: expected a file's path")
-        self.hold = None if hold is None else Path(hold)
-        digits = {k: v for k, v in settings.settings.items() if k not in (KEY, HOLD)}
-        super().__init__(
-            replace(settings, settings=MappingProxyType(digits)),
-            collaborator=collaborator,
-            collaborators=collaborators,
-        )
+        sites, self.hold, digits = _own(settings)
+        super().__init__(digits, collaborator=collaborator, collaborators=collaborators)
         self.raises = collaborator in sites
+
+    @classmethod
+    def check_settings(cls, settings: RunnerSettings) -> DigitsSettings:
+        """This runner's settings checked, then the digits runner's."""
+        return super().check_settings(_own(settings)[2])
 
     def train(self, model: Model) -> TrainOutcome:
         """Digits' training (once the `hold_until` file is there), or an error at a site named

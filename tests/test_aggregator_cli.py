@@ -24,7 +24,7 @@ import yaml
 
 from aggregator.cli import main
 from aggregator.state import DurableState
-from aggregator.storage import read_model
+from aggregator.storage import read_model, write_model
 from pki.layout import CertsLayout
 from plans.runners import TrainOutcome, Validation
 from plans.schema import RunnerSettings
@@ -33,6 +33,8 @@ from protos.codec import decode_tensor, encode_tensor
 from protos.stream import task_results_to_chunks
 
 from servers import AGGREGATOR_ID, COLLABORATORS, FEDERATION_UUID, plan_document
+from settings_runner import IMPORTED, MARKER
+from settings_runner import NAME as SETTINGS_RUNNER
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -152,6 +154,80 @@ def test_runner_that_cannot_load_is_bad_input(
     assert code == 2
     (line,) = err.splitlines()
     assert line.startswith(f"{plan}: runner.name: cannot import 'no_such_module'")
+
+
+DIGITS_KEYS = "split, test_fraction, epochs, batch_size, learning_rate, skew"
+
+
+@pytest.fixture
+def import_marker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The file `settings_runner` marks when imported, and that module not imported yet."""
+    path = tmp_path / "imported"
+    monkeypatch.setenv(MARKER, str(path))
+    monkeypatch.delitem(sys.modules, "settings_runner", raising=False)
+    return path
+
+
+@pytest.mark.usefixtures("watchdog")  # a check that let it through would serve, not return
+@pytest.mark.parametrize(
+    ("runner", "line"),
+    [
+        (
+            {"name": "digits", "settings": {"epochs": 1, "epoch": 2}},
+            f"runner.settings.epoch: unknown key (known: {DIGITS_KEYS})",
+        ),
+        (
+            {"name": SETTINGS_RUNNER, "settings": {"step": -1}},
+            "runner.settings.step: expected a number > 0, got -1",
+        ),
+    ],
+    ids=["digits", "test runner"],
+)
+def test_a_runner_settings_typo_stops_start_with_the_sites_line(
+    tmp_path: Path,
+    certs: CertsLayout,
+    *,
+    capsys: pytest.CaptureFixture[str],
+    import_marker: Path,
+    runner: dict[str, Any],
+    line: str,
+) -> None:
+    """No initial model: the runner is loaded and its check refuses the typo, exit 2, one line
+    naming the plan file and the key (a collaborator's own line), before anything is opened."""
+    plan = write_plan(tmp_path, certs, runner=runner)
+    code, _, err = run(capsys, "start", "--plan", str(plan))
+    assert code == 2
+    assert err.splitlines() == [f"{plan}: {line}"]
+    assert not (tmp_path / "out").exists()  # no state opened, nothing served
+    assert import_marker.exists() == (runner["name"] == SETTINGS_RUNNER)
+
+
+@pytest.mark.usefixtures("watchdog")
+@pytest.mark.parametrize("name", ["no_such_module:Runner", SETTINGS_RUNNER])
+def test_with_an_initial_model_nothing_of_the_runner_is_imported(
+    tmp_path: Path,
+    certs: CertsLayout,
+    *,
+    monkeypatch: pytest.MonkeyPatch,
+    import_marker: Path,
+    name: str,
+) -> None:
+    """A plan bringing its model file starts and runs with a runner this host cannot import, or
+    one that prints on import: never imported (its settings are the sites' to check)."""
+    model = tmp_path / "initial.pbuf"
+    write_model(model, {"w": np.zeros(3, dtype=np.float32)})
+    plan = write_plan(
+        tmp_path,
+        certs,
+        federation={"rounds": 1},
+        runner={"name": name, "settings": {"step": -1}},
+        aggregator={"initial_model": str(model)},
+    )
+    code, console = serve_in_process(plan, certs, monkeypatch)
+    assert code == 0
+    assert "settings_runner" not in sys.modules
+    assert not import_marker.exists() and IMPORTED not in console.text
+    assert read_model(tmp_path / "out" / "last_model.pbuf", 1024)["w"].tolist() == [1.0] * 3
 
 
 def test_port_in_use_is_a_runtime_failure(

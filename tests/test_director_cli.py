@@ -45,6 +45,31 @@ def test_a_bad_config_is_one_line_naming_file_and_key(
     assert err.strip() == f"{config}: reveiw: unknown key"
 
 
+def test_a_runner_director_yaml_allows_but_cannot_import_is_one_line(
+    tmp_path: Path, director_certs: CertsLayout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """director.yaml runners naming a module not installed here: exit 2, file and key, before serving."""
+    config = write_config(tmp_path, director_certs, runners=["digits", "no_such_lab.models:Net"])
+    assert main(["start", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"{config}: runners: cannot import 'no_such_lab.models': No module named 'no_such_lab'"
+    ]
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_malformed_runner_entry_is_one_line(
+    tmp_path: Path, director_certs: CertsLayout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A runners entry that is no module path: exit 2, the file and the key on one line."""
+    config = write_config(tmp_path, director_certs, runners=["digits", "os.system('rm')"])
+    assert main(["start", "--config", str(config)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"{config}: runners: expected a list of runner names (built-in or package.module:Class), "
+        "got ['digits', \"os.system('rm')\"]"
+    ]
+
+
 def test_missing_certificates_are_named_with_the_fix(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -35,6 +35,7 @@ def test_a_minimal_config_gets_every_default(tmp_path: Path) -> None:
     assert (config.health_check_seconds, config.max_running_experiments) == (10.0, 2)
     assert config.liveness.min_sites is None and config.liveness.offline_grace_seconds == 300
     assert config.limits.max_plan_bytes == 1024 * 1024
+    assert config.runners == ("digits",)  # the built-in runners only
 
 
 def test_every_key_is_read(tmp_path: Path) -> None:
@@ -51,8 +52,11 @@ def test_every_key_is_read(tmp_path: Path) -> None:
         "max_running_experiments": 3,
         "limits": {"max_plan_bytes": 4096, "max_model_bytes": 8192, "chunk_bytes": 2048},
         "liveness": {"min_sites": 1, "mandatory_sites": ["bob"], "offline_grace_seconds": 7},
+        "runners": ["digits", "my_lab.models:Net"],
     }
     config = load_config(write(tmp_path, document))
+    assert config.runners == ("digits", "my_lab.models:Net")
+    assert load_config(write(tmp_path, {**MINIMAL, "runners": []})).runners == ()
     assert config.port == 0 and config.aggregator_ports == range(6000, 6010)
     assert config.manual_review and config.admins == ("root",)
     assert config.liveness.mandatory_sites == ("bob",)
@@ -62,6 +66,11 @@ def test_every_key_is_read(tmp_path: Path) -> None:
 BAD: list[tuple[dict[str, Any], str]] = [
     ({"envoys": None}, "envoys: expected a list of names"),
     ({"colour": "red"}, "colour: unknown key"),
+    (
+        {"runners": ["os.system; rm"]},
+        "runners: expected a list of runner names (built-in or package.module:Class)",
+    ),
+    ({"runners": "digits"}, "runners: expected a list of runner names"),
     ({"listen": {"port": 70000}}, "listen.port: expected an integer 0-65535"),
     ({"listen": {"adress": "x"}}, "listen.adress: unknown key"),
     ({"aggregator": {"ports": [6010, 6000]}}, "aggregator.ports: expected [first, last]"),
@@ -137,11 +146,18 @@ def submitted(**changes: Any) -> dict[str, Any]:
 
 
 SITES = ("alice", "bob", "carol")
+# check_submitted's limits and rules, as a director with the default runners has them.
+CHECKS: dict[str, Any] = {
+    "registered": SITES,
+    "max_bytes": 1 << 20,
+    "runners": ("digits",),
+    "initial_model": False,
+}
 
 
 def test_a_good_submission_is_accepted() -> None:
     """The demo plan without the director's fields passes, and its sites and rounds are read."""
-    plan = check_submitted(yaml.safe_dump(submitted()), registered=SITES, max_bytes=1 << 20)
+    plan = check_submitted(yaml.safe_dump(submitted()), **CHECKS)
     assert (plan.name, plan.sites, plan.rounds) == ("local-demo", SITES, 10)
 
 
@@ -155,7 +171,7 @@ def test_a_field_the_director_owns_is_refused(section: str, key: str | None) -> 
         document.setdefault(section, {})[key] = "x"
     name = section + (f".{key}" if key else "")
     with pytest.raises(InvalidRequestError, match=rf"submitted plan: {name}: set by the director"):
-        check_submitted(yaml.safe_dump(document), registered=SITES, max_bytes=1 << 20)
+        check_submitted(yaml.safe_dump(document), **CHECKS)
 
 
 HOSTILE: list[tuple[str, str]] = [
@@ -192,7 +208,7 @@ HOSTILE: list[tuple[str, str]] = [
 def test_a_bad_submission_names_its_problem(text: str, message: str) -> None:
     """Unparseable, unknown sites, out of range, unknown key: InvalidRequestError naming it."""
     with pytest.raises(InvalidRequestError, match=message):
-        check_submitted(text, registered=SITES, max_bytes=1 << 20)
+        check_submitted(text, **CHECKS)
 
 
 def test_a_plans_liveness_is_read_over_the_directors_and_kept_from_the_aggregator(
@@ -202,7 +218,7 @@ def test_a_plans_liveness_is_read_over_the_directors_and_kept_from_the_aggregato
     text = yaml.safe_dump(
         submitted(liveness={"min_sites": 2, "offline_grace_seconds": 5}),
     )
-    check_submitted(text, registered=SITES, max_bytes=1 << 20)
+    check_submitted(text, **CHECKS)
     defaults = Liveness(min_sites=None, mandatory_sites=("carol",), offline_grace_seconds=300)
     assert plan_liveness(text, defaults) == Liveness(2, ("carol",), 5)
     assert plan_liveness(yaml.safe_dump(submitted()), defaults) == defaults
@@ -230,7 +246,7 @@ def text_file(target: Path, plan: Path, **sections: object) -> Path:
 def test_an_oversized_plan_is_refused_before_parsing() -> None:
     """Over max_plan_bytes: LimitExceededError naming the setting."""
     with pytest.raises(LimitExceededError, match=r"limits\.max_plan_bytes"):
-        check_submitted("#" * 5000, registered=SITES, max_bytes=4096)
+        check_submitted("#" * 5000, **{**CHECKS, "max_bytes": 4096})
 
 
 def test_the_director_plan_sets_its_fields_and_loads(tmp_path: Path) -> None:

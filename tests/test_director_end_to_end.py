@@ -191,12 +191,13 @@ def running_service(
     folder: Path,
     certs: CertsLayout,
     *,
-    runners: dict[str, list[str]] | None = None,
+    site_runners: dict[str, list[str]] | None = None,
     envoy_keys: Mapping[str, Mapping[str, Any]] | None = None,
     **changes: object,
 ) -> Iterator[Service]:
     """A director (on a fixed port, so envoys find it again after a restart) and three envoys,
-    all online (`runners`, `envoy_keys`: their envoy.yaml's, by site; `changes`: director.yaml's);
+    all online (`site_runners`, `envoy_keys`: their envoy.yaml's, by site; `changes`:
+    director.yaml's);
     everything they started is stopped at the end."""
     config = write_config(
         folder / "director",
@@ -208,7 +209,7 @@ def running_service(
     )
     director = DirectorProcess(config, folder / "director")
     director.start()
-    envoys = start_envoys(folder / "sites", certs, director.port, runners, envoy_keys)
+    envoys = start_envoys(folder / "sites", certs, director.port, site_runners, envoy_keys)
     service = Service(director, {envoy.name: envoy for envoy in envoys}, certs, folder)
     try:
         deadline = time.monotonic() + RUN_SECONDS

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -9,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 import yaml
 
-from director.launcher import Ended
+from aggregator.storage import model_bytes
+from director.launcher import LOG_FILE, Ended, LocalLauncher
 from pki.layout import CertsLayout
 from protos import director_pb2 as pb
 from protos import director_pb2_grpc
@@ -30,7 +36,11 @@ from directors import (
     stub_at,
     submitted_plan,
 )
+from processes import free_port
+from settings_runner import IMPORTED, MARKER
+from settings_runner import NAME as SETTINGS_RUNNER
 
+TESTS = Path(__file__).resolve().parent
 WAIT_SECONDS = 30
 TIMEOUT = 20  # every call's deadline
 
@@ -202,7 +212,8 @@ def test_a_refusing_site_fails_the_experiment_with_its_reason(
     assert failed.reason == (
         "site bob refused: runner 'digits' is not in this site's runners; 2 of 3 left, 3 needed"
     )
-    assert launcher.stopped == [experiment_id]
+    # The supervisor records the end before it stops the aggregator: wait for the stop too.
+    eventually(lambda: launcher.stopped == [experiment_id], "the aggregator stopped")
 
 
 def test_an_aggregator_failing_fails_the_experiment_and_a_killed_one_starts_again(
@@ -406,6 +417,20 @@ HOSTILE: list[tuple[str, Call, grpc.StatusCode, str]] = [
         "federation.rounds: expected an integer",
     ),
     (
+        "a runner.settings typo",
+        lambda d: submit(d.stub("ada"), submitted_plan(runner={"settings": {"epoch": 2}})),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "submitted plan: runner.settings.epoch: unknown key (known: split, test_fraction, "
+        "epochs, batch_size, learning_rate, skew)",
+    ),
+    (
+        "a runner the director does not run, without an initial model",
+        lambda d: submit(d.stub("ada"), submitted_plan(runner={"name": "this:Zen"})),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "submitted plan: runner.name: 'this:Zen' is not a runner this director's host runs "
+        "(director.yaml runners: digits); submit the experiment with its initial model",
+    ),
+    (
         "an empty submission",
         lambda d: d.stub("ada").SubmitExperiment(iter([]), timeout=TIMEOUT),
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -562,6 +587,73 @@ HOSTILE: list[tuple[str, Call, grpc.StatusCode, str]] = [
         "the envoy of site 'alice' is offline",
     ),
 ]
+
+
+@pytest.mark.parametrize(
+    ("allowed", "with_model"),
+    [(False, True), (True, False)],
+    ids=["not allowed, with its initial model", "allowed, without one"],
+)
+def test_a_runner_is_imported_only_where_director_yaml_allows_it(
+    tmp_path: Path,
+    director_certs: CertsLayout,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    allowed: bool,
+    with_model: bool,
+) -> None:
+    """A runner not in director.yaml runners, submitted with its initial model: accepted, and
+    neither the director nor the aggregator it starts imports it (no mark, nothing it prints in
+    the aggregator's log); allowed and without a model, both import it (the mark works)."""
+    marker = tmp_path / "imported"
+    monkeypatch.setenv(MARKER, str(marker))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    )
+    monkeypatch.delitem(sys.modules, "settings_runner", raising=False)
+    port = free_port()
+    runners = ["digits", SETTINGS_RUNNER] if allowed else ["digits"]
+    model = model_bytes({"w": np.zeros(3, dtype=np.float32)}) if with_model else b""
+    plan = submitted_plan(runner={"name": SETTINGS_RUNNER, "seed": 0, "settings": {"step": 1}})
+    first = pb.SubmitChunk(
+        plan_yaml=yaml.safe_dump(plan),
+        has_initial_model=with_model,
+        initial_model_size=len(model),
+        initial_model_data=model,
+    )
+    with running_director(
+        tmp_path / "director",
+        director_certs,
+        launcher=LocalLauncher(),
+        aggregator={"listen_address": "127.0.0.1", "ports": [port, port]},
+        runners=runners,
+    ) as director:
+        try:
+            for name in ENVOYS:
+                director.stub(name, role="envoy").RegisterEnvoy(
+                    pb.RegisterEnvoyRequest(), timeout=TIMEOUT
+                )
+            answer = director.stub("ada").SubmitExperiment(iter([first]), timeout=TIMEOUT)
+            log = director.server.service.folder(answer.experiment_id) / LOG_FILE
+            eventually(
+                lambda: log.exists() and "serving federation" in log.read_text("utf-8"),
+                "the aggregator serving",
+            )
+            director.stub(ADMIN).CancelExperiment(
+                pb.ExperimentRequest(experiment_id=answer.experiment_id), timeout=TIMEOUT
+            )
+        finally:
+            for experiment in director.server.state.experiments():
+                if experiment.aggregator_pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(experiment.aggregator_pid, signal.SIGKILL)
+    importers = marker.read_text("utf-8").split() if marker.exists() else []
+    if allowed:
+        assert len(importers) == 2 and str(os.getpid()) in importers  # the director, its aggregator
+        assert IMPORTED in log.read_text("utf-8")
+    else:
+        assert importers == [] and "settings_runner" not in sys.modules
+        assert IMPORTED not in log.read_text("utf-8")
 
 
 def _offline_site_experiment(director: Director) -> str:

@@ -171,6 +171,28 @@ def test_restart_starts_again_an_aggregator_that_did_not_survive(tmp_path: Path)
         second.state.close()
 
 
+def test_an_experiment_whose_runner_an_admin_no_longer_allows_fails_at_its_next_start(
+    tmp_path: Path,
+) -> None:
+    """Accepted under the built-in runners, then director.yaml says `runners: []`: at its next
+    start the experiment fails naming runner.name; no aggregator would import it."""
+    first = Harness(tmp_path)
+    experiment_id = first.running_experiment()
+    first.state.close()
+    second = Harness(tmp_path, runners=[])
+    try:
+        second.service.recover()
+        assert second.launcher.started == []
+        failed = second.state.experiment(experiment_id)
+        assert failed.state is ExperimentState.FAILED
+        assert failed.reason == (
+            "runner.name: 'digits' is no longer in director.yaml runners (none), and the "
+            "experiment has no initial model; submit it again with --initial-model FILE"
+        )
+    finally:
+        second.state.close()
+
+
 def test_restart_removes_folders_of_experiments_it_does_not_know(harness: Harness) -> None:
     """A folder left by a submission that was never stored is removed at recovery."""
     stray = harness.config.state_dir / "experiments" / "stray"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sqlite3
@@ -197,6 +198,51 @@ def test_site_plan_that_is_not_yaml_is_refused(tmp_path: Path, certs: CertsLayou
         site_document("[1, 2]", "alice", config, tmp_path)
 
 
+@pytest.mark.parametrize("level", [None, "debug"])
+def test_a_collaborator_gets_the_sites_log_level_and_the_envoys_environment(
+    tmp_path: Path, certs: CertsLayout, monkeypatch: pytest.MonkeyPatch, level: str | None
+) -> None:
+    """`collaborator_log_level` (info by default) is its --log-level; PYTHONPATH reaches it."""
+    keys = {} if level is None else {"collaborator_log_level": level}
+    config = load_config(config_file(tmp_path, certs, **keys))
+    monkeypatch.setenv("PYTHONPATH", "/site/runners")
+    record = tmp_path / "collaborator.json"
+    recorder = (
+        sys.executable,
+        "-c",
+        "import json, os, sys; open(sys.argv[1], 'w').write("
+        "json.dumps([sys.argv[2:], os.environ.get('PYTHONPATH')]))",
+        str(record),
+    )
+    state = EnvoyState.open(config.state_dir, exclusive=True)
+    site = Site("alice", config, state, collaborator_command=recorder)
+    state.add(
+        experiment_id="e1",
+        name="n",
+        owner="dora",
+        site="alice",
+        plan_yaml=director_plan(tmp_path, certs),
+        state=S.SITE_APPROVED,
+    )
+    try:
+        site.tick()
+        deadline = time.monotonic() + 30
+        while site.children.poll("e1", site.folder("e1")) is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        argv, pythonpath = json.loads(record.read_text(encoding="utf-8"))
+        assert argv[:6] == ["start", "-n", "alice", "--log-level", level or "info", "--plan"]
+        assert pythonpath == "/site/runners"
+    finally:
+        state.close()
+
+
+def test_collaborator_log_level_is_one_of_the_levels(tmp_path: Path, certs: CertsLayout) -> None:
+    """Any other value stops the envoy at start with one line naming the key."""
+    with pytest.raises(ConfigError, match="collaborator_log_level: expected one of debug, info"):
+        load_config(config_file(tmp_path, certs, collaborator_log_level="loud"))
+
+
 # -- the site without processes -----------------------------------------------------------------
 
 
@@ -346,6 +392,41 @@ def test_cli_review_acts_on_the_durable_state(
     listing = capsys.readouterr().out
     assert "site_rejected" in listing and "not on weekends" in listing
     state.close()
+
+
+def test_cli_list_aligns_columns_of_any_width(
+    tmp_path: Path, certs: CertsLayout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Names, owners and states longer than any fixed width still start under their headings."""
+    path = config_file(tmp_path, certs)
+    state = EnvoyState.open(load_config(path).state_dir, exclusive=True)
+    rows = [
+        ("e1", "a", "o", S.APPROVAL_PENDING, ""),
+        ("e2-" + "x" * 60, "a name longer than twenty characters", "an-owner-of-many-letters",
+         S.SITE_REJECTED, "not on weekends"),
+    ]  # fmt: skip
+    for experiment_id, name, owner, collaborator_state, reason in rows:
+        state.add(
+            experiment_id=experiment_id,
+            name=name,
+            owner=owner,
+            site="alice",
+            plan_yaml="",
+            state=S.APPROVAL_PENDING,
+        )
+        if collaborator_state is S.SITE_REJECTED:
+            state.transition(experiment_id, collaborator_state, reason=reason)
+    state.close()
+    assert main(["list", "--config", str(path)]) == 0
+    header, *lines = capsys.readouterr().out.splitlines()
+    starts = [header.index(title) for title in ("NAME", "OWNER", "STATE", "DETAIL")]
+    assert len(lines) == 2
+    for line, (_, name, owner, collaborator_state, reason) in zip(lines, rows, strict=True):
+        cells = (name, owner, collaborator_state.value, reason or None)
+        for start, cell in zip(starts, cells, strict=True):
+            if cell is not None:  # an empty last cell: the line ends before it (no blanks)
+                assert line[start:].startswith(cell + "  ") or line[start:] == cell, (line, cell)
+                assert line[start - 2 : start] == "  ", line
 
 
 def test_help_is_true(capsys: pytest.CaptureFixture[str]) -> None:

@@ -231,7 +231,24 @@ def test_envoys_are_a_table(tmp_path: Path, director: Director) -> None:
     lines = out.splitlines()
     assert lines[0].split()[:2] == ["SITE", "ONLINE"]
     assert [line.split()[:2] for line in lines[1:]] == [[name, "yes"] for name in ENVOYS]
-    assert "alice's digits" in lines[1] and "500/0" in lines[1]
+    assert "alice's digits" in lines[1] and "500/-" in lines[1]  # valid_samples not stated
+
+
+class ClosedPipe(io.StringIO):
+    """A stdout whose reader has gone (`experiment envoys | head -1`)."""
+
+    def write(self, text: str) -> int:
+        """Fail as a write to a closed pipe does."""
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_closed_stdout_ends_quietly(
+    tmp_path: Path, director: Director, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A write to a closed pipe is exit 141 with nothing on stderr, not "error: : Broken pipe"."""
+    config = client_config(tmp_path, director, "bea")
+    assert main(["--config", str(config), "envoys"], out=ClosedPipe()) == 141
+    assert capsys.readouterr().err == ""
 
 
 def test_config_from_the_environment_and_config_errors(

@@ -59,7 +59,8 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         with running_service(
             tmp_path_factory.mktemp("lost-sites"),
             certs,
-            runners=RUNNERS,
+            site_runners=RUNNERS,
+            runners=RUNNERS["alice"],  # the director's host makes the initial models
             envoy_keys={"bob": {"site_api": {"enabled": True, "port": free_port()}}},
             max_running_experiments=1,
         ) as running:

@@ -1,11 +1,13 @@
 """The README's minimal runner, exactly as printed, in a federation of real processes.
 
-Each collaborator has its own data file, named in its own site settings file.
+Each collaborator has its own data file, named in its own site settings file; the README's
+scoring block, as printed too, then scores the federation's best model with `foedus.model`.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +19,14 @@ from pki.layout import CertsLayout
 from plans.runners import load_runner
 from plans.schema import RunnerSettings
 
-from processes import COLLABORATORS, REPO, FederationProcesses, final_accuracy, write_plan
+from processes import COLLABORATORS, FederationProcesses, final_accuracy, write_plan
+from readme_blocks import run_block, site_files
 
 MARKER = "<!-- tests/test_readme_runner.py runs the next block as my_runner.py -->"
+SCORING_MARKER = (
+    "<!-- tests/test_readme_runner.py runs the next block in a folder with best_model.pbuf and "
+    "test.npz -->"
+)
 RUNNER = {
     "name": "my_runner:SoftmaxRunner",
     "seed": 0,
@@ -27,33 +34,17 @@ RUNNER = {
 }
 
 
-def readme_runner() -> str:
-    """The Python block right after the marker in README.md."""
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    match = re.search(re.escape(MARKER) + r"\n```python\n(.*?)\n```\n", readme, re.DOTALL)
-    assert match, f"README.md has no python block after {MARKER!r}"
-    return match.group(1) + "\n"
-
-
 @pytest.fixture
 def sites(tmp_path: Path) -> dict[str, Path]:
     """my_runner.py in `tmp_path`, and each collaborator's data and site settings files there."""
-    (tmp_path / "my_runner.py").write_text(readme_runner(), encoding="utf-8")
-    digits = load_digits()
-    x, y = np.asarray(digits.data) / 16.0, np.asarray(digits.target)
-    files = {}
-    for index, name in enumerate(COLLABORATORS):
-        data = tmp_path / f"{name}.npz"
-        np.savez(data, x=x[index :: len(COLLABORATORS)], y=y[index :: len(COLLABORATORS)])
-        files[name] = tmp_path / f"{name}-site.yaml"
-        files[name].write_text(f"data_path: {data}\n", encoding="utf-8")
-    return files
+    return site_files(tmp_path, "my_runner", MARKER)
 
 
 def test_the_readme_runner_trains_on_each_sites_own_data(
     certs: CertsLayout, tmp_path: Path, sites: dict[str, Path]
 ) -> None:
-    """Three sites, each with its own file: the federation ends 0 and learns (accuracy >= 0.9)."""
+    """Three sites, each with its own file: the federation ends 0 and learns (accuracy >= 0.9),
+    and the README's scoring block, run as printed on its best model, scores it as well."""
     plan = write_plan(tmp_path / "run", certs, 5, runner=RUNNER)
     federation = FederationProcesses(plan, tmp_path / "run")
     environment = {"PYTHONPATH": str(tmp_path)}
@@ -66,6 +57,21 @@ def test_the_readme_runner_trains_on_each_sites_own_data(
         federation.stop_all()
     assert set(codes.values()) == {0}, (codes, federation.output())
     assert final_accuracy(federation.output()) >= 0.9, federation.output()
+    scored = score_as_printed(tmp_path / "run" / "output" / "best_model.pbuf", tmp_path / "score")
+    assert scored >= 0.9
+
+
+def score_as_printed(best_model: Path, folder: Path) -> float:
+    """The README's scoring block run as a script in `folder`, beside a copy of `best_model` and
+    a `test.npz` of every digit; the accuracy it prints."""
+    folder.mkdir()
+    shutil.copy(best_model, folder / "best_model.pbuf")
+    digits = load_digits()
+    np.savez(folder / "test.npz", x=np.asarray(digits.data) / 16.0, y=np.asarray(digits.target))
+    printed = run_block(SCORING_MARKER, folder, timeout=60)
+    match = re.fullmatch(r"accuracy (\d\.\d{4}) on 1797 samples\n", printed)
+    assert match, printed
+    return float(match.group(1))
 
 
 def test_the_readme_runner_names_a_bad_site_key(

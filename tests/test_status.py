@@ -3,6 +3,7 @@ presence saved by the aggregator; a folder that is not a foedus state is one lin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sqlite3
@@ -18,7 +19,7 @@ import pytest
 from aggregator.cli import main
 from aggregator.errors import StorageError
 from aggregator.federation import Federation, ResultTensor, TaskResult
-from aggregator.inspection import read_status
+from aggregator.inspection import CollaboratorStatus, FederationStatus, read_status
 from aggregator.liveness import Liveness
 from aggregator.state import DATABASE, SCHEMA_VERSION, STATE_DIR, DurableState
 from pki.layout import CertsLayout
@@ -75,11 +76,13 @@ def test_status_of_a_finished_federation(
     assert (code, err) == (0, "")
     lines = out.splitlines()
     assert lines[0] == (
-        "federation test (test-federation-0001): finished (1 round); aggregator not running"
+        "federation test (test-federation-0001): finished (1 round); aggregator stopped"
     )
     assert "  last closed: final validation, reported alice,bob,carol, " in out
     assert "    aggregated_model_validation: accuracy 0.1000" in lines
-    assert any(line.startswith("    alice  online since ") for line in lines), lines
+    # Online to the aggregator when it stopped, not "online since": nobody is online to it now.
+    assert any(line.startswith("    alice  was online, last seen ") for line in lines), lines
+    assert not any(" online since " in line for line in lines), lines
     assert state_files(plan) == before  # read as immutable: no -wal or -shm made
 
 
@@ -319,3 +322,35 @@ def test_status_help_names_its_options_and_exit_statuses(
     out = capsys.readouterr().out
     for text in ("--plan", "--json", "without any RPC", "exit status", "no state of this plan"):
         assert text in out, text
+
+
+def test_presence_reads_as_of_now_running_or_stopped(tmp_path: Path) -> None:
+    """Running: "online since T"; stopped: "was online, last seen T"; offline ones say both."""
+    collaborators = (
+        CollaboratorStatus("alice", "online", since=1000.0, last_seen=1050.0, results=()),
+        CollaboratorStatus("bob", "offline", since=900.0, last_seen=880.0, results=()),
+    )
+    status = FederationStatus(
+        name="f",
+        uuid="u",
+        state=tmp_path,
+        running=True,
+        round_number=0,
+        rounds=1,
+        total_rounds=1,
+        round_tasks=("train",),
+        closing=False,
+        collaborators=collaborators,
+        offline_after_seconds=60,
+        presence_saved=1050.0,
+        last_round=None,
+    )
+    running = status.lines(now=1060.0)
+    assert running[0].endswith("; aggregator running")
+    assert "    alice  online since 1970-01-01 00:16:40 UTC (60 s ago)" in running
+    stopped = dataclasses.replace(status, running=False).lines(now=1060.0)
+    assert stopped[0].endswith("; aggregator stopped")
+    assert "    alice  was online, last seen 1970-01-01 00:17:30 UTC (10 s ago)" in stopped
+    offline = "    bob    offline since 1970-01-01 00:15:00 UTC (3 min ago), last seen "
+    assert any(line.startswith(offline) for line in running)
+    assert any(line.startswith(offline) for line in stopped)

@@ -1,17 +1,24 @@
 """PyTorch models as foedus task runners: subclass `TorchRunner`, write the training loop.
 
-Imported only by a plan whose runner is a `TorchRunner` (`pip install 'foedus[torch]'`); the
+Imported only by a plan whose runner is a `TorchRunner` (`pip install -e '.[torch]'`); the
 rest of foedus never imports PyTorch.
 """
 
 from torch_runner.runner import LoopOutcome, TorchRunner
-from torch_runner.state import ModelMismatchError, array_to_tensor, module_arrays, tensor_to_array
+from torch_runner.state import (
+    ModelMismatchError,
+    array_to_tensor,
+    load_state_dict,
+    module_arrays,
+    tensor_to_array,
+)
 
 __all__ = [
     "LoopOutcome",
     "ModelMismatchError",
     "TorchRunner",
     "array_to_tensor",
+    "load_state_dict",
     "module_arrays",
     "tensor_to_array",
 ]

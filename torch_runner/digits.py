@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from collaborator.digits import DigitsSettings, load_data, make_shards
+from plans.loader import shown
 from plans.runners import RunnerError
 from plans.schema import RunnerSettings
 from torch_runner.runner import LoopOutcome, TorchRunner
@@ -49,18 +50,23 @@ class DigitsCNNRunner(TorchRunner):
         """A fresh `DigitsCNN` (seeded by `TorchRunner`)."""
         return DigitsCNN()
 
-    def setup(self) -> None:
-        """Check the settings (naming the plan or site file of a bad key), load this shard."""
-        raw = dict(self.settings.settings)
+    @classmethod
+    def check_settings(cls, settings: RunnerSettings) -> tuple[DigitsSettings, torch.device]:
+        """The digits runner's settings and the device, each bad key naming the plan or site file."""
+        raw = dict(settings.settings)
         device = raw.pop("device", "cpu")
-        self.options = DigitsSettings.parse(raw, self.settings.key_path)
+        options = DigitsSettings.parse(raw, settings.key_path)
         try:
-            self.device = torch.device(device)  # type: ignore[call-overload]
+            return options, torch.device(device)  # type: ignore[call-overload]
         except (RuntimeError, TypeError):
             raise RunnerError(
-                f"{self.settings.key_path('device')}: expected a PyTorch device such as cpu or "
-                f"cuda, got {device!r}"
+                f"{settings.key_path('device')}: expected a PyTorch device such as cpu or "
+                f"cuda, got {shown(device)}"
             ) from None
+
+    def setup(self) -> None:
+        """This shard of the digits, with the settings `check_settings` read."""
+        self.options, self.device = self.check_settings(self.settings)
         torch.set_num_threads(1)  # small batches: threads cost more than they give
         features, labels = load_data()
         shard = make_shards(

@@ -1,10 +1,12 @@
 """`TorchRunner`: a task runner around a `torch.nn.Module`; a subclass writes only its loops.
 
 A subclass gives `build_module` (the architecture), `fit` (its training loop over this site's
-data) and `evaluate` (its evaluation loop), and loads its data in `setup`. The base class does
-the rest of the `plans.runners.TaskRunner` contract: the seeded initial model, the global model
-copied into the module (checked first: names, shapes and dtypes), the trained state dict handed
-back as named arrays, bit for bit, and buffers kept at the site when asked (`keep_local`).
+data) and `evaluate` (its evaluation loop), loads its data in `setup`, and checks its settings in
+`check_settings` (so a director and `aggregator start` refuse a typo before anything starts).
+The base class does the rest of the `plans.runners.TaskRunner` contract: the seeded initial
+model, the global model copied into the module (checked first: names, shapes and dtypes), the
+trained state dict handed back as named arrays, bit for bit, and buffers kept at the site when
+asked (`keep_local`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class TorchRunner:
         self.index = collaborators.index(collaborator)
         self.trainings = 0  # `train` calls so far: a seed for this call's shuffling
         self.device = torch.device("cpu")  # `setup` may choose another (a site's own setting)
+        type(self).check_settings(settings)  # the director's and the aggregator's check, too
         self.setup()  # before the module: a bad setting is refused before anything is built
         self.module = type(self).seeded_module(settings).to(self.device)
 
@@ -57,6 +60,16 @@ class TorchRunner:
     def build_module(cls, settings: RunnerSettings) -> torch.nn.Module:
         """The model's architecture, freshly initialised (the base class seeds PyTorch first)."""
         raise NotImplementedError(f"{cls.__name__} must define build_module")
+
+    @classmethod
+    def check_settings(cls, settings: RunnerSettings) -> object:
+        """Refuse bad `runner.settings` with `RunnerError` (`settings.key_path(key)`); reads no data.
+
+        Run on the plan's settings alone by the director at submit and by `aggregator start`,
+        and on the merged settings by `__init__` at each site, before `setup`. The base class
+        takes everything; a subclass that reads settings overrides it.
+        """
+        return None
 
     def setup(self) -> None:
         """Check `self.settings.settings` and load this site's data (`self.index` of the plan's collaborators)."""

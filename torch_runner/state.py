@@ -8,6 +8,7 @@ converted, so every bit (NaN payloads, -0.0, subnormals) comes back as it went.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -56,10 +57,28 @@ def tensor_to_array(name: str, tensor: torch.Tensor) -> Array:
 
 def array_to_tensor(array: Array) -> torch.Tensor:
     """A new CPU tensor holding `array`'s bytes, of the matching torch dtype (bfloat16 included)."""
-    values = np.array(array, order="C", copy=True)  # writable: torch refuses read-only arrays
+    # A writable copy: torch warns of read-only arrays, whose bytes it would share.
+    return _sharing_tensor(np.array(array, order="C", copy=True))
+
+
+def _sharing_tensor(values: Array) -> torch.Tensor:
+    """A CPU tensor over a writable C-ordered array's own bytes, of its dtype (bfloat16 too)."""
     if is_bfloat16(values.dtype):
         return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(values)
+
+
+def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """A foedus model file (`best_model.pbuf`, say) as a state dict for `Module.load_state_dict`.
+
+    The tensors own the arrays `foedus.model.load` reads (no second copy, no read-only warning),
+    with every dtype as it was sent; `foedus.model.ModelFileError` names a file that is not one.
+    """
+    # Imported here: foedus.model reads with the aggregator's reader, and a collaborator that
+    # imports this module to train never needs it (nor imports the aggregator).
+    from foedus.model import load  # noqa: PLC0415
+
+    return {name: _sharing_tensor(array) for name, array in load(path).items()}
 
 
 def numpy_dtype(dtype: torch.dtype) -> np.dtype[np.generic]:

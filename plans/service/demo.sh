@@ -6,13 +6,16 @@
 # While the experiment runs it prints the director's dashboard's URL and saves a screenshot of it
 # taken in headless Chromium (skipped, saying so, where Debian's chromium is missing).
 # Outputs (certificates, state, logs, model) under build/service/; run from the repository root.
+# PORT_BASE=51000 moves every port it uses (50350-50359) by PORT_BASE - 50000: the director,
+# envoy and user configs it runs are copies in build/service/config/ (plans/demo_ports.py).
 set -euo pipefail
 
 here=plans/service
 out=build/service
+config=$out/config
 bin=.venv/bin
 root=$(pwd -P)
-export FOEDUS_EXPERIMENT_CONFIG=$here/ada.yaml
+export FOEDUS_EXPERIMENT_CONFIG=$config/ada.yaml
 
 pids=()
 leftovers() {
@@ -49,19 +52,25 @@ trap stop_all EXIT
 
 [ -z "$(leftovers)" ] || fail "processes of an earlier run still use $out/ (pids: $(leftovers | xargs))"
 rm -rf "$out/director" "$out/envoys" "$out"/*.log "$out/metrics.txt" "$out/best_model.pbuf" \
-    "$out/dashboard-token" "$out/dashboard.png"
+    "$out/dashboard-token" "$out/dashboard.png" "$config"
 mkdir -p "$out/envoys"
+$bin/python -m plans.demo_ports --base "${PORT_BASE:-50000}" --out "$config" \
+    $here/director.yaml $here/alice.yaml $here/bob.yaml $here/carol.yaml $here/ada.yaml >/dev/null
+read -r director_port dashboard_port < <($bin/python -c '
+import sys, yaml
+director = yaml.safe_load(open(sys.argv[1], encoding="utf-8"))
+print(director["listen"]["port"], director["dashboard"]["address"].rpartition(":")[2])' "$config/director.yaml")
 
-$bin/pki setup --director $here/director.yaml
+$bin/pki setup --director $config/director.yaml
 
-$bin/director start --config $here/director.yaml --log-level warning 2>"$out/director.log" &
+$bin/director start --config $config/director.yaml --log-level warning 2>"$out/director.log" &
 pids+=($!)
 for site in alice bob carol; do
-    $bin/envoy start -n $site --config $here/$site.yaml --log-level warning 2>"$out/envoy-$site.log" &
+    $bin/envoy start -n $site --config $config/$site.yaml --log-level warning 2>"$out/envoy-$site.log" &
     pids+=($!)
 done
 
-echo "demo-service: a director on 127.0.0.1:50350 and envoys alice, bob, carol; waiting for them"
+echo "demo-service: a director on 127.0.0.1:$director_port and envoys alice, bob, carol; waiting for them"
 online=0
 deadline=$((SECONDS + 60))
 while [ $SECONDS -lt $deadline ]; do
@@ -72,7 +81,7 @@ while [ $SECONDS -lt $deadline ]; do
 done
 [ "$online" = 3 ] || fail "the three envoys did not come online within 60 s"
 $bin/experiment envoys
-(umask 077 && $bin/director dashboard-token --config $here/director.yaml ada >"$out/dashboard-token")
+(umask 077 && $bin/director dashboard-token --config $config/director.yaml ada >"$out/dashboard-token")
 
 # The digits rounds take hundredths of a second each, so the experiment could end before a browser
 # has drawn its page: from the second closed round until the screenshot is saved, carol's
@@ -118,7 +127,7 @@ screenshot() {
 
 id=$($bin/experiment --json submit $here/digits.yaml --name digits |
     $bin/python -c 'import json, sys; print(json.load(sys.stdin)["experiment_id"])')
-dashboard=https://localhost:50359/
+dashboard=https://localhost:$dashboard_port/
 echo "demo-service: dashboard: $dashboard (token in $out/dashboard-token)"
 screenshot "$id" >"$out/screenshot.log" 2>&1 &
 shooter=$!

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +19,15 @@ from protos.codec import decode_tensor
 from protos.dtypes import bfloat16_dtype
 
 from processes import COLLABORATORS, REPO, FederationProcesses, final_accuracy, write_plan
+from readme_blocks import run_block
 
 HERE = Path(__file__).resolve().parent
 EXAMPLE_PLAN = REPO / "plans" / "torch_digits.yaml"
 ENVIRONMENT = {"PYTHONPATH": str(HERE)}  # net_runner, for the processes
+SCORING_MARKER = (
+    "<!-- tests/torch_runner/test_federation.py runs the next block in a folder with "
+    "best_model.pbuf -->"
+)
 
 
 def run(
@@ -79,7 +86,8 @@ def assert_same_model(got: dict[str, Array], expected: dict[str, Array]) -> None
 
 @pytest.mark.slow
 def test_the_cnn_example_learns_the_digits_over_mtls(certs: CertsLayout, tmp_path: Path) -> None:
-    """plans/torch_digits.yaml's runner, 5 rounds: accuracy >= 0.95 and the model bit for bit."""
+    """plans/torch_digits.yaml's runner, 5 rounds: accuracy >= 0.95 and the model bit for bit;
+    the README's PyTorch scoring block, as printed, loads its best model and scores it."""
     runner = yaml.safe_load(EXAMPLE_PLAN.read_text(encoding="utf-8"))["runner"]
     rounds = yaml.safe_load(EXAMPLE_PLAN.read_text(encoding="utf-8"))["federation"]["rounds"]
     federation = run(tmp_path, certs, rounds, runner)
@@ -87,6 +95,18 @@ def test_the_cnn_example_learns_the_digits_over_mtls(certs: CertsLayout, tmp_pat
     final = read_model(tmp_path / "output" / "last_model.pbuf")
     assert final["bn1.num_batches_tracked"].dtype == np.int64  # a buffer, averaged as an integer
     assert_same_model(final, replay(runner, rounds))
+    assert score_as_printed(tmp_path / "output" / "best_model.pbuf", tmp_path / "score") >= 0.95
+
+
+def score_as_printed(best_model: Path, folder: Path) -> float:
+    """The README's PyTorch scoring block run as a script in `folder`, beside a copy of
+    `best_model`, warnings as errors (a read-only array would warn); the accuracy it prints."""
+    folder.mkdir()
+    shutil.copy(best_model, folder / "best_model.pbuf")
+    printed = run_block(SCORING_MARKER, folder)
+    match = re.fullmatch(r"accuracy (\d\.\d{4}) on 1797 images\n", printed)
+    assert match, printed
+    return float(match.group(1))
 
 
 @pytest.mark.slow

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from plans.runners import RunnerError, load_runner
+from foedus import model
+from plans.runners import RunnerError, check_runner_settings, load_runner
 from plans.schema import RunnerSettings
 from plans.site_settings import merge_site_settings
 from protos import base_pb2
@@ -17,6 +18,7 @@ from protos.dtypes import bfloat16_dtype
 from torch_runner import (
     ModelMismatchError,
     array_to_tensor,
+    load_state_dict,
     tensor_to_array,
 )
 from torch_runner.digits import DigitsCNNRunner
@@ -71,6 +73,29 @@ def test_state_dict_dtypes_round_trip_bit_for_bit_through_the_codec(dtype: torch
     received = decode_tensor(base_pb2.NamedTensor.FromString(sent), max_bytes=MAX_BYTES)
     assert received.dtype == array.dtype and received.tobytes() == array.tobytes()
     assert same_bits(array_to_tensor(received), tensor)  # a read-only array is copied, not refused
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_load_state_dict_reads_a_model_file_bit_for_bit(dtype: torch.dtype, tmp_path: Path) -> None:
+    """A model file of each dtype (and a 0-d counter) comes back as tensors of the same bits that
+    own their memory: writable, no read-only warning (warnings are errors here)."""
+    tensor = every_bit_pattern(dtype)
+    path = tmp_path / "model.pbuf"
+    model.save(path, {"t": tensor_to_array("t", tensor), "steps": np.array(9, dtype=np.int64)})
+    state = load_state_dict(path)
+    assert list(state) == ["steps", "t"]
+    assert same_bits(state["t"], tensor)
+    assert state["steps"].shape == () and state["steps"].dtype == torch.int64
+    state["t"].view(-1)[:1] = state["t"].view(-1)[1:2]  # writable, and the file unchanged
+    assert same_bits(load_state_dict(path)["t"], tensor)
+
+
+def test_load_state_dict_names_a_file_that_is_not_a_model(tmp_path: Path) -> None:
+    """A PyTorch checkpoint (or any file not a model) is foedus.model.ModelFileError naming it."""
+    path = tmp_path / "model.pt"
+    torch.save({"w": torch.ones(2)}, path)
+    with pytest.raises(model.ModelFileError, match=f"^{path}: "):
+        load_state_dict(path)
 
 
 def test_float32_goes_as_openfl_reads_it_and_bfloat16_by_name() -> None:
@@ -195,3 +220,54 @@ def test_the_example_names_a_bad_site_key_with_its_file(tmp_path: Path) -> None:
         with pytest.raises(RunnerError) as refused:
             DigitsCNNRunner(merged, collaborator="alice", collaborators=NAMES)
         assert str(refused.value).startswith(message)
+
+
+def test_the_adapters_check_is_the_line_its_constructor_raises() -> None:
+    """The CNN example's `check_settings` refuses a plan's bad device or unknown key with the very
+    line the constructor raises at a site, before anything is built or loaded."""
+    name = "torch_runner.digits:DigitsCNNRunner"
+    for bad, line in (
+        (
+            {"device": "abacus"},
+            "runner.settings.device: expected a PyTorch device such as cpu or cuda, got 'abacus'",
+        ),
+        (
+            {"epoch": 2},
+            "runner.settings.epoch: unknown key (known: split, test_fraction, epochs, "
+            "batch_size, learning_rate, skew)",
+        ),
+    ):
+        settings = RunnerSettings(name=name, seed=0, settings=bad)
+        with pytest.raises(RunnerError) as checked:
+            check_runner_settings(DigitsCNNRunner, settings)
+        with pytest.raises(RunnerError) as built:
+            DigitsCNNRunner(settings, collaborator="alice", collaborators=NAMES)
+        assert str(checked.value) == str(built.value) == line
+    check_runner_settings(DigitsCNNRunner, RunnerSettings(name=name, seed=0, settings={}))
+
+
+class StrictNetRunner(NetRunner):
+    """`NetRunner` taking no settings at all, and noting whether `setup` ran."""
+
+    set_up = False
+
+    @classmethod
+    def check_settings(cls, settings: RunnerSettings) -> None:
+        """Every key is refused."""
+        for key in settings.settings:
+            raise RunnerError(f"{settings.key_path(key)}: unknown key (this runner takes none)")
+
+    def setup(self) -> None:
+        """Note it ran."""
+        type(self).set_up = True
+        super().setup()
+
+
+def test_a_subclass_check_runs_before_setup_and_the_base_takes_everything() -> None:
+    """`TorchRunner.__init__` runs the subclass's check before `setup`; the base class's own check
+    refuses nothing (a runner that reads no settings)."""
+    settings = RunnerSettings(name="net_runner:StrictNetRunner", seed=0, settings={"lr": 1})
+    with pytest.raises(RunnerError, match=r"^runner\.settings\.lr: unknown key"):
+        StrictNetRunner(settings, collaborator="alice", collaborators=NAMES)
+    assert not StrictNetRunner.set_up
+    check_runner_settings(NetRunner, settings)

@@ -23,6 +23,11 @@ function svg(tag, attrs) {
   return node;
 }
 
+// A count the site's envoy.yaml leaves out travels as 0: "-", not a site with no data.
+function samples(count) {
+  return count ? String(count) : "-";
+}
+
 function age(seconds) {
   if (seconds < 60) return `${Math.round(seconds)} s`;
   if (seconds < 3600) return `${Math.round(seconds / 60)} min`;
@@ -87,7 +92,7 @@ async function drawIndex() {
       el("td", {}, v.name),
       el("td", {}, el("span", { class: v.online ? "dot online" : "dot" }), v.online ? "online" : "offline"),
       el("td", {}, v.shard.description),
-      el("td", {}, `${v.shard.train_samples} / ${v.shard.valid_samples}`),
+      el("td", {}, `${samples(v.shard.train_samples)} / ${samples(v.shard.valid_samples)}`),
       el("td", {}, `${age(v.seconds_since_heartbeat)} ago`),
       el("td", {}, v.experiments.length ? v.experiments.join(", ") : "none")));
   document.querySelector("#envoys tbody").replaceChildren(...sites);

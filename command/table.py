@@ -1,0 +1,14 @@
+"""The tables commands print for people (`experiment list`, `envoy list`): columns that align."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def table_lines(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Each row a line, every column as wide as its widest cell plus two spaces; no trailing blanks."""
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in (headers, *rows)
+    ]
