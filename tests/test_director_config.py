@@ -291,7 +291,7 @@ def test_the_aggregator_stops_waiting_for_a_site_the_director_counts_lost(
     site lost (2 health periods + the grace), unless the plan sets it; else it stays unset."""
     config = load_config(write(tmp_path, MINIMAL))
     text = yaml.safe_dump(submitted(connection={"heartbeat_seconds": 15}, **sections))
-    check_submitted(text, registered=SITES, max_bytes=1 << 20)
+    check_submitted(text, **CHECKS)
     _, plan = write_director_plan(
         text,
         experiment_id="e1",
