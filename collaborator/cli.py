@@ -125,10 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ClientConfigurationError as error:
             return _fail(str(error), EXIT_BAD_INPUT)
         except AggregatorUnavailableError as error:
-            return _fail(str(error), EXIT_FAILURE)
+            return _failed(error, str(error))
         except (ClientError, RunnerError) as error:
             # RequestRejectedError reads "the aggregator refused RPC with STATUS: details".
-            return _fail(str(error), EXIT_FAILURE)
+            return _failed(error, str(error))
         except KeyboardInterrupt:
             return _fail(
                 "interrupted (SIGINT); a task in progress, if any, was not sent", EXIT_SIGINT
@@ -139,10 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         except Exception as error:
             logger.debug("unexpected failure", exc_info=True)
-            return _fail(
+            return _failed(
+                error,
                 f"unexpected failure: {type(error).__name__}: {error} "
                 f"(--log-level debug shows the traceback)",
-                EXIT_FAILURE,
             )
 
 
@@ -273,6 +273,14 @@ def _sigterm_raises() -> Iterator[None]:
     finally:
         if previous is not None:  # None: a handler set outside Python, which cannot be restored
             signal.signal(signal.SIGTERM, previous)
+
+
+def _failed(error: Exception, message: str) -> int:
+    """Exit 1 on `error`: its category alone (`leave_reason`) on a log line of foedus's own, which
+    a site shares with the director by default (envoy.disclosure), then `message`, which may hold
+    the site's data, on the error line, which leaves the site only if it shares every line."""
+    logger.error("failure: %s", leave_reason(error))
+    return _fail(message, EXIT_FAILURE)
 
 
 def _fail(message: str, code: int) -> int:

@@ -69,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check envoy.yaml and this site's certificate, find the collaborators of "
         "an earlier run again, then work for the director until SIGTERM or SIGINT; with "
         "envoy.yaml's site_api on, serve the site's HTTP API (token in STATE_DIR/site_api.token); "
-        "with metrics.redis_url, write each collaborator's state to Redis.",
+        "with metrics.redis_url, write each collaborator's state to Redis. What of the "
+        "collaborators' logs, errors and site paths the director gets is envoy.yaml's "
+        "share_with_director (by default: foedus's own log lines, failures as a category, "
+        "no paths).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -160,13 +163,18 @@ def _start(name: str, config: EnvoyConfig) -> int:
             signal.signal(signum, stop_on)
     try:
         with DirectorClient(name, config) as client:
+            share = config.share_with_director
             logger.info(
-                "envoy %s: director %s, state in %s, runners %s, review %s",
+                "envoy %s: director %s, state in %s, runners %s, review %s; shares with the "
+                "director: logs %s, errors %s, paths %s",
                 name,
                 config.director_target,
                 config.state_dir,
                 ", ".join(config.runners),
                 "manual" if config.manual_review else "auto",
+                share.logs,
+                share.errors,
+                "yes" if share.paths else "no",
             )
             leaving = Leaving()
             site = Site(name, config, state, leave=leaving)

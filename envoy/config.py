@@ -21,6 +21,11 @@ the file. An example, every key shown with its default (the four without one are
                              #   metrics in Redis (envoy.redis_metrics); "" sends nothing
     collaborator_log_level: info   # --log-level of the collaborators it starts: debug, info,
                              #   warning or error (debug: a failure's traceback in its log)
+    share_with_director:     # what of the collaborators' text leaves the site (envoy.disclosure)
+      logs: foedus           #   none | foedus (foedus's own log lines) | all: log lines sent
+      errors: category       #   category | line: a failure's reason names a fixed category, or
+                             #   also quotes the log's last line
+      paths: false           #   true: site paths may leave; false: each becomes <site path>
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from pki.layout import CertsLayout
 from plans.loader import Section, read_config
 
 REDIS_URL = re.compile(r"^rediss?://[^\s]+$")
+SHARED_LOGS = ("none", "foedus", "all")  # share_with_director.logs
+SHARED_ERRORS = ("category", "line")  # share_with_director.errors
 
 
 class ConfigError(ValueError):
@@ -82,6 +89,15 @@ class Metrics:
 
 
 @dataclass(frozen=True)
+class ShareWithDirector:
+    """`share_with_director`: what of its collaborators' text the site lets the director have."""
+
+    logs: str = "foedus"  # share_with_director.logs: one of SHARED_LOGS
+    errors: str = "category"  # share_with_director.errors: one of SHARED_ERRORS
+    paths: bool = False  # share_with_director.paths: site paths may leave as they are
+
+
+@dataclass(frozen=True)
 class EnvoyConfig:
     """A whole envoy.yaml; `path` is the file it came from."""
 
@@ -98,6 +114,7 @@ class EnvoyConfig:
     site_api: SiteApi = SiteApi()
     metrics: Metrics = Metrics()
     collaborator_log_level: str = "info"  # collaborator_log_level: its collaborators' --log-level
+    share_with_director: ShareWithDirector = ShareWithDirector()
 
     @property
     def director_target(self) -> str:
@@ -130,6 +147,7 @@ def parse_config(data: object, config_path: Path) -> EnvoyConfig:
     site_api = _site_api(root.section("site_api"))
     metrics = _metrics(root.section("metrics"))
     collaborator_log_level = root.choice("collaborator_log_level", "info", LOG_LEVELS)
+    share = _share_with_director(root.section("share_with_director"))
     root.finish()
     if problems:
         raise ConfigError([f"{config_path}: {problem}" for problem in problems])
@@ -147,6 +165,7 @@ def parse_config(data: object, config_path: Path) -> EnvoyConfig:
         site_api=site_api,
         metrics=metrics,
         collaborator_log_level=collaborator_log_level,
+        share_with_director=share,
     )
 
 
@@ -241,3 +260,14 @@ def _metrics(section: Section) -> Metrics:
     )
     section.finish()
     return metrics
+
+
+def _share_with_director(section: Section) -> ShareWithDirector:
+    defaults = ShareWithDirector()
+    share = ShareWithDirector(
+        logs=section.choice("logs", defaults.logs, SHARED_LOGS),
+        errors=section.choice("errors", defaults.errors, SHARED_ERRORS),
+        paths=section.flag("paths", defaults.paths),
+    )
+    section.finish()
+    return share

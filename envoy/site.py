@@ -27,6 +27,7 @@ import yaml
 from director.launcher import ChildProcesses, Ended
 from director.orders import LogOrder, StartOrder, Work
 from envoy.config import EnvoyConfig
+from envoy.disclosure import SharedLog, failure_reason, shared_reason
 from envoy.errors import EnvoyError, FinishedError, IllegalTransitionError, StateError
 from envoy.leave import LeaveCall, Leaving
 from envoy.progress import Progress, read_new_lines
@@ -106,6 +107,7 @@ class Site:
         self._stop_asked: dict[str, float] = {}
         self.children = ChildProcesses(LOG_FILE, "collaborator")
         self._root = config.state_dir / EXPERIMENTS
+        self._shared_logs: dict[str, SharedLog] = {}
 
     def folder(self, experiment_id: str) -> Path:
         """Where an experiment's plan, log and exit status are."""
@@ -145,14 +147,14 @@ class Site:
                 logger.error("experiment %s: %s", experiment.experiment_id, error)
 
     def reports(self) -> list[Report]:
-        """Every listed experiment's current state, for a heartbeat."""
+        """Every listed experiment's current state, for a heartbeat (reasons as shared)."""
         listed = self.state.experiments(listed_only=True)
-        return [_report(e) for e in listed if e.origin == DIRECTOR]
+        return [self._shared(_report(e)) for e in listed if e.origin == DIRECTOR]
 
     def unreported(self) -> list[Report]:
-        """Every state change the director has not acknowledged yet, in order."""
+        """Every state change the director has not acknowledged yet, in order (as shared)."""
         return [
-            Report(r.experiment_id, r.state, r.exit_code, r.reason, r.sequence)
+            self._shared(Report(r.experiment_id, r.state, r.exit_code, r.reason, r.sequence))
             for r in self.state.outgoing()
         ]
 
@@ -161,17 +163,19 @@ class Site:
         self.state.acknowledge(report.sequence)
 
     def read_log(self, order: LogOrder) -> LogPiece:
-        """Part of the log of one of this envoy's experiments; not found for any other."""
+        """Part of the log of one of this envoy's director experiments, as the site shares it
+        (offsets are of the shared text); not found for any other."""
         experiment = self.state.find(order.experiment_id)
-        if experiment is None:
+        if experiment is None or experiment.origin != DIRECTOR:
             return LogPiece(found=False)
         path = self.folder(experiment.experiment_id) / LOG_FILE
         most = min(order.max_bytes or MAX_LOG_BYTES, MAX_LOG_BYTES)
+        shared = self._shared_logs.setdefault(
+            experiment.experiment_id, SharedLog(self.config.share_with_director, self.name)
+        )
         try:
-            with path.open("rb") as file:
-                size = file.seek(0, 2)
-                file.seek(min(order.offset, size))
-                return LogPiece(found=True, size=size, data=file.read(most))
+            size, data = shared.read(path, order.offset, most)
+            return LogPiece(found=True, size=size, data=data)
         except FileNotFoundError:
             return LogPiece(found=False)
         except OSError as error:
@@ -354,8 +358,7 @@ class Site:
         reason = ""
         if code != 0:
             described = (ended or Ended(None)).describe("the collaborator")
-            last = _last_line(self.folder(experiment_id) / LOG_FILE)
-            reason = f"{described}; its log ends: {last}" if last else described
+            reason = failure_reason(described, code, self.folder(experiment_id) / LOG_FILE)
         if experiment.stopped_by_site:
             self._give_up(experiment, code, _STOPPED_BY_SITE, reason)
             return
@@ -409,6 +412,11 @@ class Site:
         read_new_lines(progress, self.folder(experiment_id) / LOG_FILE)
         return NO_ROUND if progress.round is None else progress.round
 
+    def _shared(self, report: Report) -> Report:
+        """`report` with its reason as the site lets it leave (envoy.disclosure)."""
+        reason = shared_reason(report.reason, self.config.share_with_director)
+        return Report(report.experiment_id, report.state, report.exit_code, reason, report.sequence)
+
 
 def _report(experiment: Experiment) -> Report:
     return Report(
@@ -417,19 +425,6 @@ def _report(experiment: Experiment) -> Report:
         exit_code=experiment.exit_code,
         reason=experiment.reason,
     )
-
-
-def _last_line(path: Path, tail: int = 4096) -> str:
-    """The last non-empty line of a log, for a failure's reason."""
-    try:
-        with path.open("rb") as file:
-            size = file.seek(0, 2)
-            file.seek(max(0, size - tail))
-            text = file.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1][:300] if lines else ""
 
 
 def review(state: EnvoyState, experiment_id: str, *, approve: bool, reason: str = "") -> Experiment:

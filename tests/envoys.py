@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 import yaml
 
+from envoy.disclosure import SharedLog
 from envoy.state import EnvoyState
 from pki.layout import CertsLayout
 from pki.tls import server_credentials
@@ -377,3 +378,16 @@ def load_yaml(path: Path) -> Mapping[str, Any]:
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     assert isinstance(data, dict)
     return data
+
+
+def read_all(shared: SharedLog, path: Path, offset: int = 0, most: int = 1 << 20) -> bytes:
+    """A log as a site shares it, from `offset`, asked for `most` bytes at a time as the director
+    does; each answer's size is checked against what it holds."""
+    data = b""
+    for _ in range(100_000):
+        size, piece = shared.read(path, offset + len(data), most)
+        assert size >= offset + len(data) + len(piece)
+        if not piece:
+            return data
+        data += piece
+    raise AssertionError("the log never ended")

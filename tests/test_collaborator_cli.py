@@ -279,9 +279,13 @@ def test_unknown_runner(
 
 
 def test_unreachable_aggregator_exits_1(
-    certs: CertsLayout, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    certs: CertsLayout,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """An aggregator nobody listens for, once the retries are spent, is one line and exit 1."""
+    """An aggregator nobody listens for, once the retries are spent, is one line and exit 1; its
+    category alone is logged first (what a site shares with a director by default)."""
     plan = write_plan(
         tmp_path,
         certs,
@@ -292,10 +296,14 @@ def test_unreachable_aggregator_exits_1(
     (line,) = error_lines(capsys)
     assert line.startswith(f"{PREFIX}aggregator at 127.0.0.1:")
     assert "GetTasks failed on 2 attempts" in line and "UNAVAILABLE" in line
+    assert caplog.messages[-1] == "failure: the aggregator stayed unreachable"
 
 
 def test_refusal_exits_1_with_its_status(
-    certs: CertsLayout, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    certs: CertsLayout,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """An aggregator that does not list alice refuses her: one line with the status, exit 1."""
     server_plan = make_plan(certs, collaborators=["bob", "carol"])
@@ -309,6 +317,7 @@ def test_refusal_exits_1_with_its_status(
     (line,) = error_lines(capsys)
     assert line.startswith(f"{PREFIX}the aggregator refused GetTasks with PERMISSION_DENIED: ")
     assert "'alice' is not an authorised collaborator" in line
+    assert caplog.messages[-1] == "failure: the aggregator refused GetTasks (PERMISSION_DENIED)"
 
 
 def one_collaborator_plan(certs: CertsLayout) -> Plan:

@@ -15,20 +15,22 @@ from typing import Any
 
 import pytest
 import yaml
+from test_disclosure import LOG
 
 from director.orders import LogOrder, StartOrder, Work
 from envoy.cli import main
 from envoy.client import DirectorClient
-from envoy.config import ConfigError, load_config
+from envoy.config import ConfigError, ShareWithDirector, load_config
+from envoy.disclosure import SharedLog, failure_reason
 from envoy.errors import IllegalTransitionError, StateError, UnknownExperimentError
 from envoy.leave import leave
 from envoy.runtime import Backoff, EnvoyLoop
-from envoy.site import Site
+from envoy.site import LOG_FILE, Site
 from envoy.site_plan import RefusedPlanError, site_document
-from envoy.state import NO_ROUND, TRANSITIONS, CollaboratorState, EnvoyState
+from envoy.state import NO_ROUND, SITE, TRANSITIONS, CollaboratorState, EnvoyState
 from pki.layout import CertsLayout
 
-from envoys import write_envoy_config
+from envoys import read_all, write_envoy_config
 from processes import free_port, write_plan
 from servers import plan_document
 
@@ -63,6 +65,7 @@ def test_config_reads_every_key(tmp_path: Path, certs: CertsLayout) -> None:
         runner_settings={"epochs": 2},
         review="manual",
         runners=["digits", "my_site.models:Net"],
+        share_with_director={"logs": "none", "errors": "line", "paths": True},
     )
     config = load_config(path)
     assert config.director_host == "localhost"
@@ -74,6 +77,9 @@ def test_config_reads_every_key(tmp_path: Path, certs: CertsLayout) -> None:
     assert config.shard.train_samples == 1200
     assert dict(config.shard.labels) == {"modality": "digits"}
     assert config.connection.backoff_max_seconds == 0.5
+    assert config.share_with_director == ShareWithDirector(logs="none", errors="line", paths=True)
+    defaults = load_config(config_file(tmp_path / "plain", certs)).share_with_director
+    assert defaults == ShareWithDirector(logs="foedus", errors="category", paths=False)
 
 
 def test_config_names_every_problem_with_file_and_key(tmp_path: Path) -> None:
@@ -89,6 +95,7 @@ def test_config_names_every_problem_with_file_and_key(tmp_path: Path) -> None:
                 "shard": {"labels": {"a": 1}, "train_samples": -1},
                 "connection": {"backoff_initial_seconds": 5, "backoff_max_seconds": 1},
                 "runner_setings": {},
+                "share_with_director": {"logs": "some", "errors": 1, "paths": "no", "path": 1},
             }
         ),
         encoding="utf-8",
@@ -108,6 +115,10 @@ def test_config_names_every_problem_with_file_and_key(tmp_path: Path) -> None:
         "shard.train_samples: expected an integer",
         "connection.backoff_max_seconds: must be at least",
         "runner_setings: unknown key",
+        "share_with_director.logs: expected one of none, foedus, all",
+        "share_with_director.errors: expected one of category, line",
+        "share_with_director.paths: expected true or false",
+        "share_with_director.path: unknown key",
     ):
         assert key in text, text
 
@@ -697,3 +708,54 @@ def test_a_leave_that_cannot_be_sent_is_logged_not_raised(
     """No site plan to call from: False, and a warning naming the experiment and the site."""
     assert leave("e1", tmp_path / "missing" / "plan.yaml", "alice", "the site gave it up") is False
     assert "experiment e1: could not tell the aggregator that alice left" in caplog.text
+
+
+def test_the_director_gets_logs_and_reasons_as_the_site_shares_them(
+    tmp_path: Path, certs: CertsLayout
+) -> None:
+    """read_log serves the shared text by its offsets, piece by piece, the same from an envoy
+    started again; reports carry the shared reason while the site's state keeps all of it; the
+    logs of the site's own collaborators are not the director's to read."""
+    config = load_config(config_file(tmp_path, certs))
+    state = EnvoyState.open(config.state_dir, exclusive=True)
+    plan = director_plan(tmp_path, certs)
+    state.add(
+        experiment_id="e1", name="n", owner="dora", site="alice", plan_yaml=plan, state=S.STARTED
+    )
+    state.add(
+        experiment_id="own",
+        name="n",
+        owner="site",
+        site="alice",
+        plan_yaml=plan,
+        state=S.STARTED,
+        origin=SITE,  # started by the site's API
+    )
+    first = Site("alice", config, state)
+    for experiment_id in ("e1", "own"):
+        first.folder(experiment_id).mkdir(parents=True)
+        (first.folder(experiment_id) / LOG_FILE).write_text(LOG * 3, encoding="utf-8")
+    log = first.folder("e1") / LOG_FILE
+    try:
+        shared, offset = b"", 0
+        for site in (first, Site("alice", config, state)):  # the second: after a restart
+            for _ in range(1000):
+                piece = site.read_log(LogOrder("r", "e1", offset, 100))
+                assert piece.found
+                if not piece.data or (site is first and offset > 600):
+                    break
+                shared, offset = shared + piece.data, offset + len(piece.data)
+        assert shared == read_all(SharedLog(ShareWithDirector(), "alice"), log)
+        assert b"ERROR collaborator.cli: failure: the task runner failed (ValueError)" in shared
+        assert b"Jane Doe" not in shared and b"/srv" not in shared
+
+        reason = failure_reason("the collaborator exited with code 1", 1, log)
+        state.transition("e1", S.EXITED, exit_code=1, reason=reason)
+        assert state.experiment("e1").reason == reason and "Jane Doe" in reason
+        category = "the collaborator exited with code 1: the task runner failed (ValueError)"
+        assert {r.reason for r in first.unreported() if r.experiment_id == "e1"} >= {category}
+        assert "Jane Doe" not in repr(first.unreported()) + repr(first.reports())
+        assert [r.reason for r in first.reports() if r.experiment_id == "e1"] == [category]
+        assert first.read_log(LogOrder("r", "own", 0, 100)).found is False
+    finally:
+        state.close()

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from envoy.cli import main as envoy_main
+from envoy.config import ShareWithDirector
+from envoy.disclosure import SharedLog
 from pki.layout import CertsLayout
 from pki.local import setup_local_federation
 from protos import director_pb2 as pb
@@ -25,6 +27,7 @@ from envoys import (
     EnvoyProcess,
     RecordingDirector,
     plan_text,
+    read_all,
     stop_collaborators,
     write_envoy_config,
 )
@@ -173,7 +176,8 @@ def test_manual_review_approve_then_stop_and_reject(
     upload = director.wait_for(
         "the log of e-yes", lambda r: [u for u in r.uploads if u.request_id == "r-yes"]
     )[0]
-    whole = log.read_bytes()
+    # Offsets are of the log as the site shares it (by default: foedus's own lines, paths cut).
+    whole = read_all(SharedLog(ShareWithDirector(), "alice"), log)
     assert upload.found and upload.log_size >= len(upload.data) + 3
     assert upload.data == whole[3 : 3 + len(upload.data)]
     assert b"working for the aggregator" in upload.data

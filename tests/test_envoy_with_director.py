@@ -19,12 +19,14 @@ import pytest
 import yaml
 
 from director.launcher import LocalLauncher
+from envoy.config import ShareWithDirector
+from envoy.disclosure import SharedLog
 from pki.layout import CertsLayout
 from protos import director_pb2 as pb
 from protos import director_pb2_grpc
 
 from directors import ENVOYS, make_director_certs, running_director, submitted_plan
-from envoys import EnvoyProcess, start_envoys, stop_envoys, write_envoy_config
+from envoys import EnvoyProcess, read_all, start_envoys, stop_envoys, write_envoy_config
 from processes import free_port
 
 RUN_SECONDS = 300
@@ -123,12 +125,11 @@ def test_three_envoys_run_an_experiment_to_completion(
             )
             log = b"".join(chunk.data for chunk in chunks)
             assert b"collaborator bob of federation" in log
-            assert (
-                log
-                == (folder / "sites" / "bob" / "state" / "experiments" / experiment_id)
-                .joinpath("collaborator.log")
-                .read_bytes()
+            bob_log = (folder / "sites" / "bob" / "state" / "experiments" / experiment_id).joinpath(
+                "collaborator.log"
             )
+            # As bob shares it by default (envoy.disclosure): foedus's own lines, paths cut.
+            assert log == read_all(SharedLog(ShareWithDirector(), "bob"), bob_log)
             assert all(envoy.alive() for envoy in envoys)
         finally:
             stop_envoys(envoys, folder / "sites")
