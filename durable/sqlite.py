@@ -108,9 +108,10 @@ def connect(
 ) -> sqlite3.Connection:
     """The database with `schema` made, WAL, every commit synced; its `meta` version checked.
 
-    `migrations` holds, by version, the SQL that makes a state of that version the next one's:
-    an older state is migrated, one version at a time, each in one transaction. `schema` runs
-    first, so what it creates with IF NOT EXISTS (a new table) needs no migration of its own.
+    `migrations` holds, by version, the SQL statement that makes a state of that version the
+    next one's: an older state is migrated, one version at a time, each in one transaction that
+    first reads the version again (another process, say `envoy approve`, may have migrated it
+    meanwhile). `schema` runs first, so what it creates with IF NOT EXISTS needs no migration.
     """
     try:
         connection = sqlite3.connect(
@@ -132,19 +133,21 @@ def connect(
             ):
                 raise error(f"{database}: state version {row[0]}, this {service} reads {version}")
             for old in range(found, version):
-                _migrate(connection, steps[old], old + 1)
+                _migrate(connection, steps[old], old)
     except sqlite3.Error as problem:
         raise error(f"{database}: {problem}") from None
     return connection
 
 
-def _migrate(connection: sqlite3.Connection, sql: str, to: int) -> None:
-    """Run one migration and record its version, in one transaction (all of it or none)."""
+def _migrate(connection: sqlite3.Connection, sql: str, old: int) -> None:
+    """Migrate a state of version `old` to the next, in one transaction (all of it or none)."""
+    connection.execute("BEGIN IMMEDIATE")
     try:
-        connection.executescript(
-            f"BEGIN IMMEDIATE; {sql}; UPDATE meta SET value = '{to}' WHERE key = 'schema'; COMMIT;"
-        )
-    except sqlite3.Error:
-        if connection.in_transaction:
-            connection.execute("ROLLBACK")
+        row = connection.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        if row is not None and row[0] == str(old):  # else migrated meanwhile by another process
+            connection.execute(sql)
+            connection.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(old + 1),))
+    except BaseException:
+        connection.execute("ROLLBACK")
         raise
+    connection.execute("COMMIT")
