@@ -46,6 +46,7 @@ _COLLABORATOR_STATES = {
     director_pb2.COLLABORATOR_STARTED: CollaboratorState.STARTED,
     director_pb2.COLLABORATOR_RUNNING: CollaboratorState.RUNNING,
     director_pb2.COLLABORATOR_EXITED: CollaboratorState.EXITED,
+    director_pb2.COLLABORATOR_GAVE_UP: CollaboratorState.GAVE_UP,
 }
 _COLLABORATOR_TO_WIRE = {state: wire for wire, state in _COLLABORATOR_STATES.items()}
 _EXPERIMENT_TO_WIRE = {

@@ -7,6 +7,9 @@ moves are the one table `TRANSITIONS`; any other move raises `IllegalTransitionE
 
 An envoy is online when its last heartbeat is at most twice `health_check_seconds` old, computed
 from the clock every time it is read: no stored flag goes stale.
+
+Schema version 2 added the count of each experiment's aggregator restarts in a row
+(`count_restart`); a version 1 state is migrated when opened.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from durable.sqlite import SqliteStore, connect, lock_state_folder
 
 DATABASE = "director.sqlite"
 LOCK = "director.lock"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class ExperimentState(Enum):
@@ -78,6 +81,7 @@ class CollaboratorState(Enum):
     STARTED = "started"
     RUNNING = "running"
     EXITED = "exited"
+    GAVE_UP = "gave_up"  # the site will not start it again: the site is lost to the experiment
 
 
 @dataclass(frozen=True)
@@ -174,6 +178,16 @@ CREATE TABLE IF NOT EXISTS site_reports (
     PRIMARY KEY (experiment_id, site)
 );
 """
+# Version 2: each experiment's aggregator restarts in a row, and the rounds completed at the last.
+_RESTARTS = """
+CREATE TABLE IF NOT EXISTS aggregator_restarts (
+    experiment_id TEXT PRIMARY KEY,
+    in_a_row INTEGER NOT NULL,
+    rounds INTEGER NOT NULL
+);
+"""
+# What each version's state gets to become the next one's (`durable.sqlite.connect`).
+_MIGRATIONS = {1: _RESTARTS}
 
 
 class DirectorState(SqliteStore):
@@ -210,7 +224,12 @@ class DirectorState(SqliteStore):
         lock = lock_state_folder(folder, LOCK, "director", StorageError)
         try:
             connection = connect(
-                folder / DATABASE, _SCHEMA, SCHEMA_VERSION, "director", StorageError
+                folder / DATABASE,
+                _SCHEMA + _RESTARTS,
+                SCHEMA_VERSION,
+                "director",
+                StorageError,
+                migrations=_MIGRATIONS,
             )
         except StorageError:
             os.close(lock)
@@ -407,7 +426,29 @@ class DirectorState(SqliteStore):
                     "has ended can be removed (cancel it first)"
                 )
             db.execute("DELETE FROM site_reports WHERE experiment_id = ?", (experiment_id,))
+            db.execute("DELETE FROM aggregator_restarts WHERE experiment_id = ?", (experiment_id,))
             db.execute("DELETE FROM experiments WHERE id = ?", (experiment_id,))
+
+    def count_restart(self, experiment_id: str, rounds_completed: int) -> int:
+        """One more restart of the experiment's aggregator; how many in a row that makes.
+
+        The count starts again (at 1) when more rounds are completed than at the last restart:
+        the federation made progress in between.
+        """
+        with self._transaction() as db:
+            self._current_state(db, experiment_id)
+            db.execute(
+                "INSERT INTO aggregator_restarts (experiment_id, in_a_row, rounds) "
+                "VALUES (?, 1, ?) ON CONFLICT (experiment_id) DO UPDATE SET in_a_row = CASE "
+                "WHEN excluded.rounds > rounds THEN 1 ELSE in_a_row + 1 END, "
+                "rounds = MAX(rounds, excluded.rounds)",
+                (experiment_id, rounds_completed),
+            )
+            row = db.execute(
+                "SELECT in_a_row FROM aggregator_restarts WHERE experiment_id = ?",
+                (experiment_id,),
+            ).fetchone()
+        return int(row[0])
 
     # -- envoys -------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from collaborator.client import LEAVE_SECONDS
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
 from command.output import quiet_when_stdout_closes
 from command.process import LOG_LEVELS, stderr_log_handler
@@ -20,6 +21,7 @@ from command.usage import Parser, UsageError, fail, parse_arguments
 from envoy.client import DirectorClient
 from envoy.config import ConfigError, EnvoyConfig, load_config
 from envoy.errors import EnvoyError
+from envoy.leave import Leaving
 from envoy.progress import ProgressBook
 from envoy.redis_metrics import RedisReporter
 from envoy.runtime import EnvoyLoop, foedus_version
@@ -170,13 +172,15 @@ def _start(name: str, config: EnvoyConfig) -> int:
                 share.errors,
                 "yes" if share.paths else "no",
             )
-            site = Site(name, config, state)
+            leaving = Leaving()
+            site = Site(name, config, state, leave=leaving)
             loop = EnvoyLoop(
                 site, client, shard=config.shard, connection=config.connection, stop=stop
             )
             with contextlib.ExitStack() as services:
                 _serve(site, loop, config, token, services)
                 loop.run()
+            leaving.wait(LEAVE_SECONDS)  # an aggregator being told the site left is told
     finally:
         state.close()
     return EXIT_OK
@@ -257,7 +261,8 @@ def _list(config: EnvoyConfig) -> int:
         state.close()
     rows = []
     for e in experiments:
-        detail = f"exit {e.exit_code}" if e.state is CollaboratorState.EXITED else ""
+        ended = e.state in {CollaboratorState.EXITED, CollaboratorState.GAVE_UP}
+        detail = f"exit {e.exit_code}" if ended else ""
         detail = "; ".join(part for part in (detail, e.reason, "done" if e.done else "") if part)
         rows.append((e.experiment_id, e.name, e.owner, e.state.value, detail))
     for line in table_lines(("EXPERIMENT", "NAME", "OWNER", "STATE", "DETAIL"), rows):

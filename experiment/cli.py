@@ -70,7 +70,10 @@ SITE_STATES = {
     pb.COLLABORATOR_STARTED: "started",
     pb.COLLABORATOR_RUNNING: "running",
     pb.COLLABORATOR_EXITED: "exited",
+    pb.COLLABORATOR_GAVE_UP: "gave up",
 }
+
+EXIT_CODED = {pb.COLLABORATOR_EXITED, pb.COLLABORATOR_GAVE_UP}  # states that show the exit code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,8 +279,7 @@ def _status(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out:
             (
                 s.site,
                 "yes" if s.online else "no",
-                SITE_STATES[s.state]
-                + (f" ({s.exit_code})" if s.state == pb.COLLABORATOR_EXITED else ""),
+                SITE_STATES[s.state] + (f" ({s.exit_code})" if s.state in EXIT_CODED else ""),
                 s.reason,
             )
             for s in e.sites

@@ -315,3 +315,34 @@ def test_the_director_plan_sets_its_fields_and_loads(tmp_path: Path) -> None:
     assert plan.tls.certs is not None and plan.tls.certs.root == tmp_path / "certs"
     assert plan.collaborators == SITES and plan.federation.rounds == 10
     assert not list(folder.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("sections", "offline_after"),
+    [
+        ({"liveness": {"min_sites": 2, "offline_grace_seconds": 30}}, 2 * 10 + 30),
+        # No less than twice the collaborators' heartbeat, which the plan requires.
+        ({"liveness": {"min_sites": 2, "offline_grace_seconds": 1}}, 2 * 15),
+        ({"liveness": {"min_sites": 2}, "straggler": {"offline_after_seconds": 40}}, 40),
+        ({"liveness": {"min_sites": 3}}, None),
+        ({}, None),
+    ],
+    ids=["min_sites", "heartbeat_floor", "plan_sets_it", "all_sites", "default"],
+)
+def test_the_aggregator_stops_waiting_for_a_site_the_director_counts_lost(
+    tmp_path: Path, sections: dict[str, Any], offline_after: float | None
+) -> None:
+    """min_sites below the sites: offline_after_seconds is when the director counts a silent
+    site lost (2 health periods + the grace), unless the plan sets it; else it stays unset."""
+    config = load_config(write(tmp_path, MINIMAL))
+    text = yaml.safe_dump(submitted(connection={"heartbeat_seconds": 15}, **sections))
+    check_submitted(text, **CHECKS)
+    _, plan = write_director_plan(
+        text,
+        experiment_id="e1",
+        port=50123,
+        config=config,
+        folder=tmp_path / "e1",
+        initial_model=None,
+    )
+    assert plan.straggler.offline_after_seconds == offline_after

@@ -215,7 +215,9 @@ def test_a_refusing_site_fails_the_experiment_with_its_reason(
     )
     eventually(lambda: state_of(director, experiment_id) == pb.EXPERIMENT_FAILED, "failed")
     failed = ada.GetExperiment(pb.ExperimentRequest(experiment_id=experiment_id), timeout=TIMEOUT)
-    assert failed.reason == "site bob refused: runner 'digits' is not in this site's runners"
+    assert failed.reason == (
+        "site bob refused: runner 'digits' is not in this site's runners; 2 of 3 left, 3 needed"
+    )
     # The supervisor records the end before it stops the aggregator: wait for the stop too.
     eventually(lambda: launcher.stopped == [experiment_id], "the aggregator stopped")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -316,6 +317,55 @@ def test_everything_survives_a_reopen(tmp_path: Path, clock: Clock) -> None:
         assert again.reports(experiment_id)["alice"].state is CollaboratorState.STARTED
     finally:
         again.close()
+
+
+def as_version_1(database: Path) -> None:
+    """Turn a state back into what a director of schema 1 wrote (no restart counts)."""
+    with contextlib.closing(sqlite3.connect(database)) as db, db:
+        db.execute("DROP TABLE aggregator_restarts")
+        db.execute("UPDATE meta SET value = '1' WHERE key = 'schema'")
+
+
+def test_a_version_1_state_is_migrated_and_counts_restarts_in_a_row(
+    tmp_path: Path, clock: Clock
+) -> None:
+    """A state of schema 1 opens (migrated to 2) with its experiments; restarts are counted in
+    a row, kept across a reopen, started again when rounds were completed in between."""
+    folder = tmp_path / "state"
+    state = DirectorState.open(folder, health_check_seconds=10, clock=clock)
+    experiment_id = add(state)
+    move_to(state, experiment_id, S.RUNNING)
+    state.close()
+    as_version_1(folder / "director.sqlite")
+    state = DirectorState.open(folder, health_check_seconds=10, clock=clock)
+    try:
+        assert state.experiment(experiment_id).state is S.RUNNING
+        assert [state.count_restart(experiment_id, 0) for _ in range(2)] == [1, 2]
+    finally:
+        state.close()
+    with contextlib.closing(sqlite3.connect(folder / "director.sqlite")) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("2",)
+    state = DirectorState.open(folder, health_check_seconds=10, clock=clock)
+    try:
+        assert state.count_restart(experiment_id, 0) == 3
+        assert state.count_restart(experiment_id, 2) == 1  # two rounds completed since
+        assert state.count_restart(experiment_id, 1) == 2  # fewer read: no progress
+        with pytest.raises(NotFoundError):
+            state.count_restart("nope", 0)
+        state.transition(experiment_id, S.FAILED, "x")
+        state.remove(experiment_id)
+    finally:
+        state.close()
+
+
+def test_a_state_of_a_newer_director_is_refused(tmp_path: Path, clock: Clock) -> None:
+    """A schema version this director does not know: StorageError naming both versions."""
+    folder = tmp_path / "state"
+    DirectorState.open(folder, health_check_seconds=10, clock=clock).close()
+    with contextlib.closing(sqlite3.connect(folder / "director.sqlite")) as db, db:
+        db.execute("UPDATE meta SET value = '9' WHERE key = 'schema'")
+    with pytest.raises(StorageError, match="state version 9, this director reads 2"):
+        DirectorState.open(folder, health_check_seconds=10, clock=clock)
 
 
 def test_a_second_director_on_the_same_folder_is_refused(state: DirectorState) -> None:

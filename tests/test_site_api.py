@@ -541,7 +541,8 @@ def test_a_posted_collaborator_runs_a_federation_and_outlives_kill_9(
 
 
 def test_stopping_a_running_collaborator(envoy: Envoy, certs: CertsLayout, tmp_path: Path) -> None:
-    """A collaborator waiting for an aggregator that never comes is stopped: exited, then 409."""
+    """A collaborator waiting for an aggregator that never comes is stopped: the site gave it up
+    (with its exit code and why), then 409."""
     plan = write_plan(tmp_path / "federation", certs, ROUNDS, connection=PATIENT)
     with envoy.client() as client:
         wait_until("connect", lambda: client.get("/api/connect").status_code == 200)
@@ -555,7 +556,8 @@ def test_stopping_a_running_collaborator(envoy: Envoy, certs: CertsLayout, tmp_p
         stopped = client.post(f"/api/collaborators/{own}/stop")
         assert stopped.status_code == 202, stopped.text
         ended = wait_until("alice stopped", lambda: (d := detail(client, own))["done"] and d)
-        assert ended["state"] == "exited" and ended["exit_code"] != 0
+        assert ended["state"] == "gave_up" and ended["exit_code"] != 0, ended
+        assert ended["reason"].startswith("stopped by the site's operator; "), ended
         error_of(client.post(f"/api/collaborators/{own}/stop"), 409)
     assert os.path.exists(envoy.state_dir / "experiments" / own / "collaborator.log")
 
