@@ -1,8 +1,18 @@
-"""DirectorServicer: the wire side of the director, thin: identify, convert, delegate, convert back.
+"""DirectorServicer: the wire side of the director, thin: identify, admit, convert, delegate.
 
-Every RPC runs under `_unary` or `_streaming`: the caller is identified from its certificate there
-(the one place, `director.identity.Roster.identify`), and any refusal becomes its status
-(`director.status`). The logic is `director.service.DirectorService`'s.
+Every RPC runs under `_unary`, `_receiving` or `_streaming`: the caller is identified from its
+certificate there (the one place, `director.identity.Roster.identify`), admitted (`Capacity`),
+and any refusal becomes its status (`director.status`). The logic is
+`director.service.DirectorService`'s.
+
+So that no identity can exhaust the director, each call holds a slot of director.yaml's limits
+from right after its caller is identified until it ends, and one past them is refused at once
+(RESOURCE_EXHAUSTED naming the limit): `limits.max_calls_per_identity` per certificate name,
+`limits.max_people_calls` for all users and admins together; an envoy's heartbeats,
+registrations and reports count apart from its log uploads, so that they always have slots of
+their own. A stream sent to the director (a submitted model, an uploaded log) that sends nothing
+for `limits.idle_stream_seconds` ends with DEADLINE_EXCEEDED (`admission.calls.chunks_within`).
+`director.server` sizes its worker threads so that every admitted call has one.
 """
 
 from __future__ import annotations
@@ -11,12 +21,20 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from contextlib import ExitStack, closing, contextmanager
+from typing import Final, TypeVar
 
 import grpc
 
-from director.errors import InvalidRequestError, NotFoundError
-from director.identity import Caller
+from admission.calls import Admission, chunks_within
+from director.config import Limits
+from director.errors import (
+    InvalidRequestError,
+    LimitExceededError,
+    NotFoundError,
+    StreamTimeoutError,
+)
+from director.identity import PEOPLE, Caller, Role
 from director.service import (
     CollaboratorReport,
     DirectorService,
@@ -52,6 +70,43 @@ _EXPERIMENT_TO_WIRE = {
     ExperimentState.CANCELLED: director_pb2.EXPERIMENT_CANCELLED,
 }
 _MODEL_KINDS = {director_pb2.MODEL_KIND_BEST: "best", director_pb2.MODEL_KIND_LAST: "last"}
+# An envoy's calls that keep it registered and alive: slots of their own, apart from its uploads.
+ENVOY_CONTROL_RPCS: Final = frozenset({"RegisterEnvoy", "EnvoyHeartbeat", "ReportCollaborator"})
+
+
+class Capacity:
+    """The calls in progress each caller holds, refused past director.yaml's limits; thread-safe."""
+
+    def __init__(self, limits: Limits) -> None:
+        """Count against `limits.max_calls_per_identity` and `limits.max_people_calls`."""
+        per_identity = limits.max_calls_per_identity
+        key = "limits.max_calls_per_identity"
+        self.calls = Admission(per_identity, key=key, who="certificate", refusal=LimitExceededError)
+        self.envoy_control = Admission(
+            per_identity, key=key, who="envoy", refusal=LimitExceededError
+        )
+        self.people = Admission(
+            limits.max_people_calls,
+            key="limits.max_people_calls",
+            who="role",
+            refusal=LimitExceededError,
+        )
+
+    @contextmanager
+    def admit(self, caller: Caller, rpc: str) -> Iterator[None]:
+        """Hold the caller's slots for `rpc` while inside; `LimitExceededError` if one is full."""
+        with ExitStack() as held:
+            if caller.role is Role.ENVOY and rpc in ENVOY_CONTROL_RPCS:
+                held.enter_context(self.envoy_control.admit(caller.name))
+            else:
+                held.enter_context(self.calls.admit(caller.name))
+            if caller.role in PEOPLE:
+                held.enter_context(self.people.admit("users and admins"))
+            yield
+
+    def in_progress(self) -> int:
+        """Every call holding a slot now."""
+        return self.calls.in_progress() + self.envoy_control.in_progress()
 
 
 def _unary(
@@ -62,9 +117,41 @@ def _unary(
     @functools.wraps(method)
     def guarded(servicer: DirectorServicer, request: R, context: grpc.ServicerContext) -> T:
         try:
-            return method(servicer, servicer.identify(context), request, context)
+            caller = servicer.identify(context)
+            with servicer.capacity.admit(caller, method.__name__):
+                return method(servicer, caller, request, context)
         except Exception as error:
             abort(context, method.__name__, error)
+
+    return guarded
+
+
+def _receiving(
+    method: Callable[[DirectorServicer, Caller, Iterator[R], grpc.ServicerContext], T],
+) -> Callable[[DirectorServicer, Iterator[R], grpc.ServicerContext], T]:
+    """`_unary` for an RPC a client streams to: a stream that stops sending is ended."""
+
+    @functools.wraps(method)
+    def guarded(
+        servicer: DirectorServicer, request: Iterator[R], context: grpc.ServicerContext
+    ) -> T:
+        rpc = method.__name__
+        try:
+            caller = servicer.identify(context)
+            with servicer.capacity.admit(caller, rpc):
+                seconds = servicer.service.config.limits.idle_stream_seconds
+                messages = chunks_within(
+                    request,
+                    seconds,
+                    what=f"{rpc} stream",
+                    key="limits.idle_stream_seconds",
+                    timeout=StreamTimeoutError,
+                    idle=True,
+                )
+                with closing(messages):  # closed: its reader stops if we stop early
+                    return method(servicer, caller, messages, context)
+        except Exception as error:
+            abort(context, rpc, error)
 
     return guarded
 
@@ -79,7 +166,9 @@ def _streaming(
         servicer: DirectorServicer, request: R, context: grpc.ServicerContext
     ) -> Iterator[T]:
         try:
-            yield from method(servicer, servicer.identify(context), request, context)
+            caller = servicer.identify(context)
+            with servicer.capacity.admit(caller, method.__name__):
+                yield from method(servicer, caller, request, context)
         except Exception as error:
             abort(context, method.__name__, error)
 
@@ -93,6 +182,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
         """Serve `service`; followed streams end when `stopping` is set."""
         self.service = service
         self.stopping = stopping
+        self.capacity = Capacity(service.config.limits)
 
     def identify(self, context: grpc.ServicerContext) -> Caller:
         """The caller: its verified certificate's common name, given its role by director.yaml."""
@@ -171,7 +261,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
         self.service.report(caller, _report(request))
         return director_pb2.ReportCollaboratorResponse()
 
-    @_unary
+    @_receiving
     def UploadLog(  # noqa: N802
         self,
         caller: Caller,
@@ -193,7 +283,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
 
     # -- people -------------------------------------------------------------------------------
 
-    @_unary
+    @_receiving
     def SubmitExperiment(  # noqa: N802
         self,
         caller: Caller,
