@@ -154,8 +154,7 @@ def test_people_together_cannot_take_the_envoys_threads(
         ada = director.stub("ada")
         try:
             held = [
-                ada.SubmitExperiment.future(silent(release), timeout=CALL_SECONDS)
-                for _ in range(2)
+                ada.SubmitExperiment.future(silent(release), timeout=CALL_SECONDS) for _ in range(2)
             ]
             eventually(lambda: capacity.people.in_progress() == 2, "ada's streams to be held")
             with pytest.raises(grpc.RpcError) as raised:
@@ -174,3 +173,36 @@ def test_people_together_cannot_take_the_envoys_threads(
             release.set()
         eventually(lambda: all(call.done() for call in held), "ada's streams to end")
 
+
+def test_a_followed_stream_holds_a_slot_until_it_is_cancelled(
+    tmp_path: Path, director_certs: CertsLayout
+) -> None:
+    """Watching as many experiments as the limit allows holds every slot; a cancel frees one."""
+    with running_director(tmp_path, director_certs, limits=LIMITS) as director:
+        register_envoys(director)
+        capacity = director.server.servicer.capacity
+        ada = director.stub("ada")
+        plan = yaml.safe_dump(submitted_plan())
+        experiment = ada.SubmitExperiment(
+            iter([pb.SubmitChunk(plan_yaml=plan)]), timeout=WAIT_SECONDS
+        )
+        request = pb.ExperimentRequest(experiment_id=experiment.experiment_id)
+        watches = [ada.WatchExperiment(request, timeout=CALL_SECONDS) for _ in range(PER_IDENTITY)]
+        try:
+            for watch in watches:  # each one admitted and following: it has sent its first state
+                assert next(watch).experiment_id == experiment.experiment_id
+            with pytest.raises(grpc.RpcError) as raised:
+                ada.ListExperiments(pb.ListExperimentsRequest(), timeout=ANSWER_SECONDS)
+            error: Any = raised.value
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+            assert f"limits.max_calls_per_identity ({PER_IDENTITY})" in error.details()
+            watches[0].cancel()
+            eventually(
+                lambda: capacity.calls.in_progress("ada") == PER_IDENTITY - 1,
+                "the cancelled watch to let go of its slot",
+            )
+            ada.ListExperiments(pb.ListExperimentsRequest(), timeout=ANSWER_SECONDS)
+        finally:
+            for watch in watches:
+                watch.cancel()
+        eventually(lambda: capacity.in_progress() == 0, "every slot to be let go")
