@@ -31,7 +31,7 @@ CLIENT_CHUNK_BYTES = 1024 * 1024  # the largest piece a client may send (protos/
 
 
 def workers_for(config: DirectorConfig) -> int:
-    """Worker threads enough for every call `director.servicer.Capacity` admits, and some over.
+    """Worker threads enough for every call `director.capacity.Capacity` admits, and some over.
 
     A call holds its thread from start to end (a followed stream as long as it follows), so
     the threads are sized to the limits: all people's calls, each envoy's uploads and, apart, its

@@ -1,8 +1,8 @@
 """DirectorServicer: the wire side of the director, thin: identify, admit, convert, delegate.
 
 Every RPC runs under `_unary`, `_receiving` or `_streaming`: the caller is identified from its
-certificate there (the one place, `director.identity.Roster.identify`), admitted (`Capacity`),
-and any refusal becomes its status (`director.status`). The logic is
+certificate there (the one place, `director.identity.Roster.identify`), admitted
+(`director.capacity`), and any refusal becomes its status (`director.status`). The logic is
 `director.service.DirectorService`'s.
 
 So that no identity can exhaust the director, each call holds a slot of director.yaml's limits
@@ -21,20 +21,15 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack, closing, contextmanager
-from typing import Final, TypeVar
+from contextlib import closing
+from typing import TypeVar
 
 import grpc
 
-from admission.calls import Admission, chunks_within
-from director.config import Limits
-from director.errors import (
-    InvalidRequestError,
-    LimitExceededError,
-    NotFoundError,
-    StreamTimeoutError,
-)
-from director.identity import PEOPLE, Caller, Role
+from admission.calls import chunks_within
+from director.capacity import Capacity
+from director.errors import InvalidRequestError, NotFoundError, StreamTimeoutError
+from director.identity import Caller
 from director.service import (
     CollaboratorReport,
     DirectorService,
@@ -70,43 +65,6 @@ _EXPERIMENT_TO_WIRE = {
     ExperimentState.CANCELLED: director_pb2.EXPERIMENT_CANCELLED,
 }
 _MODEL_KINDS = {director_pb2.MODEL_KIND_BEST: "best", director_pb2.MODEL_KIND_LAST: "last"}
-# An envoy's calls that keep it registered and alive: slots of their own, apart from its uploads.
-ENVOY_CONTROL_RPCS: Final = frozenset({"RegisterEnvoy", "EnvoyHeartbeat", "ReportCollaborator"})
-
-
-class Capacity:
-    """The calls in progress each caller holds, refused past director.yaml's limits; thread-safe."""
-
-    def __init__(self, limits: Limits) -> None:
-        """Count against `limits.max_calls_per_identity` and `limits.max_people_calls`."""
-        per_identity = limits.max_calls_per_identity
-        key = "limits.max_calls_per_identity"
-        self.calls = Admission(per_identity, key=key, who="certificate", refusal=LimitExceededError)
-        self.envoy_control = Admission(
-            per_identity, key=key, who="envoy", refusal=LimitExceededError
-        )
-        self.people = Admission(
-            limits.max_people_calls,
-            key="limits.max_people_calls",
-            who="role",
-            refusal=LimitExceededError,
-        )
-
-    @contextmanager
-    def admit(self, caller: Caller, rpc: str) -> Iterator[None]:
-        """Hold the caller's slots for `rpc` while inside; `LimitExceededError` if one is full."""
-        with ExitStack() as held:
-            if caller.role is Role.ENVOY and rpc in ENVOY_CONTROL_RPCS:
-                held.enter_context(self.envoy_control.admit(caller.name))
-            else:
-                held.enter_context(self.calls.admit(caller.name))
-            if caller.role in PEOPLE:
-                held.enter_context(self.people.admit("users and admins"))
-            yield
-
-    def in_progress(self) -> int:
-        """Every call holding a slot now."""
-        return self.calls.in_progress() + self.envoy_control.in_progress()
 
 
 def _unary(

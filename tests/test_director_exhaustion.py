@@ -16,6 +16,10 @@ import grpc
 import pytest
 import yaml
 
+from director.capacity import Capacity
+from director.config import Limits
+from director.errors import LimitExceededError
+from director.identity import Caller, Role
 from pki.layout import CertsLayout
 from protos import director_pb2 as pb
 
@@ -206,3 +210,33 @@ def test_a_followed_stream_holds_a_slot_until_it_is_cancelled(
             for watch in watches:
                 watch.cancel()
         eventually(lambda: capacity.in_progress() == 0, "every slot to be let go")
+
+
+def test_capacity_keeps_envoys_heartbeats_apart_and_bounds_people_together() -> None:
+    """An envoy's uploads do not take its heartbeat's slots; people share one bound; all let go."""
+    capacity = Capacity(Limits(max_calls_per_identity=1, max_people_calls=2))
+    alice, ada, bea, root = (
+        Caller("alice", Role.ENVOY),
+        Caller("ada", Role.USER),
+        Caller("bea", Role.USER),
+        Caller("root", Role.ADMIN),
+    )
+    with capacity.admit(alice, "UploadLog"), capacity.admit(alice, "EnvoyHeartbeat"):
+        with (
+            pytest.raises(LimitExceededError, match=r"certificate 'alice' already has 1 calls"),
+            capacity.admit(alice, "UploadLog"),
+        ):
+            pass
+        with (
+            pytest.raises(LimitExceededError, match=r"limits\.max_calls_per_identity \(1\)"),
+            capacity.admit(alice, "RegisterEnvoy"),
+        ):
+            pass
+        with capacity.admit(ada, "ListExperiments"), capacity.admit(bea, "ListExperiments"):
+            with (
+                pytest.raises(LimitExceededError, match=r"limits\.max_people_calls \(2\)"),
+                capacity.admit(root, "ListExperiments"),
+            ):
+                pass
+            assert capacity.in_progress() == 4
+    assert capacity.in_progress() == 0 and capacity.people.in_progress() == 0
