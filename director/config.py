@@ -24,7 +24,12 @@ the file. An example, every key shown with its default (the four without one are
                                  #   share, ceil(max_running_experiments / people in users and
                                  #   admins), at least 1. Never above max_running_experiments
                                  #   (refused). Queue order: see director.state.queue
-    limits: {max_plan_bytes: 1048576, max_model_bytes: 4294967296, chunk_bytes: 1048576}
+    limits: {max_plan_bytes: 1048576, max_model_bytes: 4294967296, chunk_bytes: 1048576,
+             max_calls_per_identity: 8,     # one certificate name's calls at once (an envoy's
+                                            #   heartbeats and registrations counted apart)
+             max_people_calls: 64,          # all users' and admins' calls at once, together
+             idle_stream_seconds: 30}       # a stream sent to the director that sends nothing
+                                            #   this long is ended (DEADLINE_EXCEEDED)
     liveness: {min_sites: null, mandatory_sites: [], offline_grace_seconds: 300}
     dashboard: {address: null}   # the web dashboard over HTTPS: "host:port" or a port alone
                                  #   (on 127.0.0.1); null: off (see director.dashboard)
@@ -56,11 +61,16 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    """`limits`: the sizes the director accepts from people."""
+    """`limits`: the sizes the director accepts, and how much of it one caller may hold."""
 
     max_plan_bytes: int = MIB  # limits.max_plan_bytes: one submitted plan's YAML text
     max_model_bytes: int = 4096 * MIB  # limits.max_model_bytes: one submitted initial model
     chunk_bytes: int = MIB  # limits.chunk_bytes: the pieces models and logs are streamed in
+    # limits.max_calls_per_identity: one certificate name's calls in progress at once; an envoy's
+    # heartbeats, registrations and reports have as many again of their own
+    max_calls_per_identity: int = 8
+    max_people_calls: int = 64  # limits.max_people_calls: all users' and admins' calls at once
+    idle_stream_seconds: float = 30.0  # limits.idle_stream_seconds: a silent client stream ends
 
 
 @dataclass(frozen=True)
@@ -212,6 +222,15 @@ def _limits(section: Section) -> Limits:
             "max_model_bytes", defaults.max_model_bytes, low=1024, high=2**40
         ),
         chunk_bytes=section.integer("chunk_bytes", defaults.chunk_bytes, low=1024, high=64 * MIB),
+        max_calls_per_identity=section.integer(
+            "max_calls_per_identity", defaults.max_calls_per_identity, low=1, high=1000
+        ),
+        max_people_calls=section.integer(
+            "max_people_calls", defaults.max_people_calls, low=1, high=10_000
+        ),
+        idle_stream_seconds=section.number(
+            "idle_stream_seconds", defaults.idle_stream_seconds, low=0.05, high=86400
+        ),
     )
     section.finish()
     return limits

@@ -1,8 +1,18 @@
-"""DirectorServicer: the wire side of the director, thin: identify, convert, delegate, convert back.
+"""DirectorServicer: the wire side of the director, thin: identify, admit, convert, delegate.
 
-Every RPC runs under `_unary` or `_streaming`: the caller is identified from its certificate there
-(the one place, `director.identity.Roster.identify`), and any refusal becomes its status
-(`director.status`). The logic is `director.service.DirectorService`'s.
+Every RPC runs under `_unary`, `_receiving` or `_streaming`: the caller is identified from its
+certificate there (the one place, `director.identity.Roster.identify`), admitted
+(`director.capacity`), and any refusal becomes its status (`director.status`). The logic is
+`director.service.DirectorService`'s.
+
+So that no identity can exhaust the director, each call holds a slot of director.yaml's limits
+from right after its caller is identified until it ends, and one past them is refused at once
+(RESOURCE_EXHAUSTED naming the limit): `limits.max_calls_per_identity` per certificate name,
+`limits.max_people_calls` for all users and admins together; an envoy's heartbeats,
+registrations and reports count apart from its log uploads, so that they always have slots of
+their own. A stream sent to the director (a submitted model, an uploaded log) that sends nothing
+for `limits.idle_stream_seconds` ends with DEADLINE_EXCEEDED (`admission.calls.chunks_within`).
+`director.server` sizes its worker threads so that every admitted call has one.
 """
 
 from __future__ import annotations
@@ -11,11 +21,14 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
 from typing import TypeVar
 
 import grpc
 
-from director.errors import InvalidRequestError, NotFoundError
+from admission.calls import chunks_within
+from director.capacity import Capacity
+from director.errors import InvalidRequestError, NotFoundError, StreamTimeoutError
 from director.fields import checked_id, checked_length, checked_offset
 from director.identity import Caller
 from director.service import (
@@ -70,9 +83,41 @@ def _unary(
     @functools.wraps(method)
     def guarded(servicer: DirectorServicer, request: R, context: grpc.ServicerContext) -> T:
         try:
-            return method(servicer, servicer.identify(context), request, context)
+            caller = servicer.identify(context)
+            with servicer.capacity.admit(caller, method.__name__):
+                return method(servicer, caller, request, context)
         except Exception as error:
             abort(context, method.__name__, error)
+
+    return guarded
+
+
+def _receiving(
+    method: Callable[[DirectorServicer, Caller, Iterator[R], grpc.ServicerContext], T],
+) -> Callable[[DirectorServicer, Iterator[R], grpc.ServicerContext], T]:
+    """`_unary` for an RPC a client streams to: a stream that stops sending is ended."""
+
+    @functools.wraps(method)
+    def guarded(
+        servicer: DirectorServicer, request: Iterator[R], context: grpc.ServicerContext
+    ) -> T:
+        rpc = method.__name__
+        try:
+            caller = servicer.identify(context)
+            with servicer.capacity.admit(caller, rpc):
+                seconds = servicer.service.config.limits.idle_stream_seconds
+                messages = chunks_within(
+                    request,
+                    seconds,
+                    what=f"{rpc} stream",
+                    key="limits.idle_stream_seconds",
+                    timeout=StreamTimeoutError,
+                    idle=True,
+                )
+                with closing(messages):  # closed: its reader stops if we stop early
+                    return method(servicer, caller, messages, context)
+        except Exception as error:
+            abort(context, rpc, error)
 
     return guarded
 
@@ -87,7 +132,9 @@ def _streaming(
         servicer: DirectorServicer, request: R, context: grpc.ServicerContext
     ) -> Iterator[T]:
         try:
-            yield from method(servicer, servicer.identify(context), request, context)
+            caller = servicer.identify(context)
+            with servicer.capacity.admit(caller, method.__name__):
+                yield from method(servicer, caller, request, context)
         except Exception as error:
             abort(context, method.__name__, error)
 
@@ -101,6 +148,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
         """Serve `service`; followed streams end when `stopping` is set."""
         self.service = service
         self.stopping = stopping
+        self.capacity = Capacity(service.config.limits)
 
     def identify(self, context: grpc.ServicerContext) -> Caller:
         """The caller: its verified certificate's common name, given its role by director.yaml,
@@ -182,7 +230,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
         self.service.report(caller, _report(request))
         return director_pb2.ReportCollaboratorResponse()
 
-    @_unary
+    @_receiving
     def UploadLog(  # noqa: N802
         self,
         caller: Caller,
@@ -205,7 +253,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
 
     # -- people -------------------------------------------------------------------------------
 
-    @_unary
+    @_receiving
     def SubmitExperiment(  # noqa: N802
         self,
         caller: Caller,

@@ -36,6 +36,8 @@ def test_a_minimal_config_gets_every_default(tmp_path: Path) -> None:
     assert config.max_running_per_user == 2  # no people listed: the limit never applies
     assert config.liveness.min_sites is None and config.liveness.offline_grace_seconds == 300
     assert config.limits.max_plan_bytes == 1024 * 1024
+    assert (config.limits.max_calls_per_identity, config.limits.max_people_calls) == (8, 64)
+    assert config.limits.idle_stream_seconds == 30
     assert config.runners == ("digits",)  # the built-in runners only
 
 
@@ -52,7 +54,14 @@ def test_every_key_is_read(tmp_path: Path) -> None:
         "health_check_seconds": 0.5,
         "max_running_experiments": 3,
         "max_running_per_user": 2,
-        "limits": {"max_plan_bytes": 4096, "max_model_bytes": 8192, "chunk_bytes": 2048},
+        "limits": {
+            "max_plan_bytes": 4096,
+            "max_model_bytes": 8192,
+            "chunk_bytes": 2048,
+            "max_calls_per_identity": 3,
+            "max_people_calls": 20,
+            "idle_stream_seconds": 2.5,
+        },
         "liveness": {"min_sites": 1, "mandatory_sites": ["bob"], "offline_grace_seconds": 7},
         "runners": ["digits", "my_lab.models:Net"],
     }
@@ -64,6 +73,8 @@ def test_every_key_is_read(tmp_path: Path) -> None:
     assert config.manual_review and config.admins == ("root",)
     assert config.liveness.mandatory_sites == ("bob",)
     assert (config.limits.max_model_bytes, config.limits.chunk_bytes) == (8192, 2048)
+    assert (config.limits.max_calls_per_identity, config.limits.max_people_calls) == (3, 20)
+    assert config.limits.idle_stream_seconds == 2.5
 
 
 BAD: list[tuple[dict[str, Any], str]] = [
@@ -94,6 +105,12 @@ BAD: list[tuple[dict[str, Any], str]] = [
         "more than all of them (at most 2, or leave it out for the fair share)",
     ),
     ({"limits": {"max_plan_bytes": 10}}, "limits.max_plan_bytes: expected an integer"),
+    (
+        {"limits": {"max_calls_per_identity": 0}},
+        "limits.max_calls_per_identity: expected an integer 1-1000",
+    ),
+    ({"limits": {"max_people_calls": "many"}}, "limits.max_people_calls: expected an integer"),
+    ({"limits": {"idle_stream_seconds": 0}}, "limits.idle_stream_seconds: expected a number"),
     ({"liveness": {"min_sites": 0}}, "liveness.min_sites: expected an integer"),
     ({"liveness": {"mandatory_sites": ["zed"]}}, "liveness.mandatory_sites: zed not in envoys"),
     ({"users": ["alice"]}, "envoys: alice also listed as users or admins"),
