@@ -1,150 +1,43 @@
-"""How much of the server one caller may hold: calls at once, and time for one upload.
+"""How much of the aggregator one collaborator may hold: calls at once, and time for one upload.
 
 Both limits come from the plan (`limits.max_calls_per_collaborator`, `limits.upload_seconds`) and
 exist so that one collaborator, hostile or broken, cannot take the worker threads every other
-collaborator needs. Like the rest of the federation logic this is plain Python: the servicer
-applies it, `aggregator.status` maps its refusals to status codes.
-
-* `Admission` counts each authenticated collaborator's calls in progress; one past the limit is
-  refused at once (RESOURCE_EXHAUSTED) before it reads or computes anything. Counting is by the
-  name the certificate proves (the header's sender on an insecure server), so a caller cannot
-  spread its calls over names it does not own.
-* `chunks_within` reads an upload stream on a helper thread while the worker thread waits with a
-  deadline. An upload that has not ended `upload_seconds` after it started, whether the client
-  stalls inside a chunk or trickles chunks slowly, is refused with DEADLINE_EXCEEDED: it says
-  what happened in the words gRPC itself uses for running out of time, and the foedus client
-  treats it as transient (a resend is safe, as nothing of a cut-off upload is kept). CANCELLED
-  would read as if the client had given up; ABORTED as a conflict it could retry at once.
-  Waiting in the worker thread, not a timer calling `context.cancel()`, is what lets the answer
-  carry a status and message: a cancelled call reaches the client as a bare CANCELLED.
+collaborator needs. The mechanism is the shared `admission.calls` (the director's too); this
+module gives it the plan's keys and the aggregator's errors, which `aggregator.status` maps to
+RESOURCE_EXHAUSTED and DEADLINE_EXCEEDED.
 """
 
 from __future__ import annotations
 
-import logging
-import queue
-import threading
-import time
 from collections.abc import Generator, Iterator
-from contextlib import contextmanager
-from typing import Final, TypeVar
+from typing import TypeVar
 
+from admission import calls
 from aggregator.errors import AggregatorError, LimitExceededError
 
-logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# Chunks read ahead of the worker thread; a few keep the reader busy, not memory.
-READ_AHEAD: Final = 4
-# How often a reader whose consumer stopped listening looks again (see `_read`).
-_POLL_SECONDS: Final = 0.05
 
 
 class UploadTimeoutError(AggregatorError):
     """An upload stream did not end within the plan's `limits.upload_seconds`."""
 
 
-class Admission:
-    """Counts each collaborator's calls in progress and refuses one past `limit`; thread-safe."""
+class Admission(calls.Admission):
+    """Counts each collaborator's calls in progress; one past `limit` is `LimitExceededError`."""
 
     def __init__(self, limit: int) -> None:
-        if limit < 1:
-            raise ValueError(f"limit must be at least 1, got {limit}")
-        self.limit = limit
-        self._calls: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    @contextmanager
-    def admit(self, name: str) -> Iterator[None]:
-        """Hold one of `name`'s call slots while inside; raise `LimitExceededError` if none is free."""
-        with self._lock:
-            held = self._calls.get(name, 0)
-            if held >= self.limit:
-                raise LimitExceededError(
-                    f"collaborator {name!r} already has {held} calls in progress, the most "
-                    f"limits.max_calls_per_collaborator ({self.limit}) allows; try again when one "
-                    "has ended"
-                )
-            self._calls[name] = held + 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                left = self._calls[name] - 1
-                if left:
-                    self._calls[name] = left
-                else:
-                    del self._calls[name]  # the table holds only callers with calls in progress
-
-    def in_progress(self, name: str | None = None) -> int:
-        """How many calls of `name` (of everyone, for None) are in progress now."""
-        with self._lock:
-            return sum(self._calls.values()) if name is None else self._calls.get(name, 0)
-
-
-class _End:
-    """What the reader thread queues last: the stream ended, or raised `error`."""
-
-    def __init__(self, error: BaseException | None = None) -> None:
-        self.error = error
+        super().__init__(
+            limit,
+            key="limits.max_calls_per_collaborator",
+            who="collaborator",
+            refusal=LimitExceededError,
+        )
 
 
 def chunks_within(
     chunks: Iterator[T], seconds: float, *, what: str = "upload"
 ) -> Generator[T, None, None]:
-    """Yield the items of `chunks`, raising `UploadTimeoutError` once `seconds` have passed.
-
-    `chunks` is read on a daemon thread, so a client that stops sending holds that thread in
-    gRPC's own wait, not the worker thread that called us; the reader ends when the call does
-    (gRPC ends a request iterator whose call has been answered or cancelled). An error raised by
-    `chunks` (a client that cancelled) is raised here as it is. A consumer that stops before the
-    end must `close()` the generator (`contextlib.closing`), so the reader stops handing on.
-    """
-    deadline = time.monotonic() + seconds
-    items: queue.Queue[T | _End] = queue.Queue(maxsize=READ_AHEAD)
-    listening = threading.Event()
-    listening.set()
-    reader = threading.Thread(
-        target=_read, args=(chunks, items, listening), name=f"{what}-reader", daemon=True
+    """The items of `chunks`, `UploadTimeoutError` once `seconds` have passed (`calls.chunks_within`)."""
+    return calls.chunks_within(
+        chunks, seconds, what=what, key="limits.upload_seconds", timeout=UploadTimeoutError
     )
-    reader.start()
-    try:
-        while True:
-            try:
-                item = items.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise UploadTimeoutError(
-                    f"the {what} did not end within limits.upload_seconds ({seconds:g} s); "
-                    "nothing of it was kept"
-                ) from None
-            if isinstance(item, _End):
-                if item.error is not None:
-                    raise item.error
-                return
-            yield item
-    finally:
-        listening.clear()  # the reader drops what it reads from now on and ends with the stream
-
-
-def _read(chunks: Iterator[T], items: queue.Queue[T | _End], listening: threading.Event) -> None:
-    """Move `chunks` into `items` until they end, handing on any error instead of raising it."""
-    last: _End
-    try:
-        for chunk in chunks:
-            if not _offer(items, chunk, listening):
-                return
-        last = _End()
-    except BaseException as error:  # handed to the consumer, which decides what it means
-        last = _End(error)
-    _offer(items, last, listening)
-
-
-def _offer(items: queue.Queue[T | _End], item: T | _End, listening: threading.Event) -> bool:
-    """Queue `item` while the consumer listens; False once it has stopped listening."""
-    while listening.is_set():
-        try:
-            items.put(item, timeout=_POLL_SECONDS)
-            return True
-        except queue.Full:
-            continue
-    return False

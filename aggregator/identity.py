@@ -2,7 +2,8 @@
 
 The rules are OpenFL's (see the wire reference), answered with a status instead of an `assert`:
 the certificate's common name must be an authorised collaborator and equal `header.sender`,
-`header.receiver` must be this aggregator and `header.federation_uuid` this federation.
+`header.receiver` must be this aggregator and `header.federation_uuid` this federation. And the
+certificate must be a collaborator's (its role mark, `pki.roles`), not a person's of the same name.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aggregator.errors import AuthenticationError, AuthorizationError
+from pki.requests import Role
+from pki.roles import PeerCertificate, role_refusal
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,9 @@ class Gatekeeper:
     collaborators: frozenset[str]
     tls: bool = True
 
-    def identify(self, peer_common_names: Sequence[str]) -> str | None:
+    def identify(
+        self, peer_common_names: Sequence[str], certificate: PeerCertificate | None
+    ) -> str | None:
         """The authorised collaborator behind a TLS peer, or None when the server runs insecure."""
         if not self.tls:
             return None
@@ -46,6 +51,16 @@ class Gatekeeper:
                 f"certificate common name {name!r} is not an authorised collaborator of "
                 f"federation {self.federation_uuid!r}"
             )
+        refusal = role_refusal(
+            certificate,
+            name=name,
+            expected=Role.COLLABORATOR,
+            listed_as="the plan's collaborators",
+            reissue=f"pki certify --role collaborator --name {name}, or pki setup --plan PLAN for "
+            "a local federation",
+        )
+        if refusal is not None:
+            raise AuthorizationError(refusal)
         return name
 
     def check_header(self, peer: str | None, header: Header) -> str:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, closing, contextmanager, nullcontext
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from aggregator.identity import Gatekeeper, Header
 from aggregator.metrics import Metrics
 from aggregator.status import RefusalObserver, refusals_as_status, stream_refusals_as_status
 from aggregator.upload import receive_upload
+from pki.roles import peer_certificate
 from plans import Limits
 from protos import aggregator_pb2, aggregator_pb2_grpc
 from protos.results_reader import Head
@@ -209,7 +210,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
         # Who is calling is known from the certificate before a byte of the stream is read, so
         # the call counts against its limit from the start; an insecure server only learns the
         # caller from the header, and counts it from then on.
-        peer = self.gatekeeper.identify(_peer_common_names(context))
+        peer = self._identify(context)
         limit = self.limits.max_upload_bytes
         declared = declared_upload_bytes(context.invocation_metadata(), max_bytes=limit)
         upload = chunks_within(request_iterator, self.limits.upload_seconds)
@@ -305,7 +306,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
         Inside, the caller counts as alive (`aggregator.liveness`): a call in progress. A caller
         that had left has rejoined (every RPC but `Leave` and `Heartbeat`: `rejoins`).
         """
-        peer = self.gatekeeper.identify(_peer_common_names(context))
+        peer = self._identify(context)
         with self._slot(peer):
             caller = self.gatekeeper.check_header(peer, _header(header))
             with (
@@ -315,6 +316,11 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
                 if rejoins:
                     self.federation.rejoin(caller)
                 yield caller
+
+    def _identify(self, context: grpc.ServicerContext) -> str | None:
+        """The authorised collaborator behind the TLS peer, by its certificate (`Gatekeeper`)."""
+        auth = context.auth_context()
+        return self.gatekeeper.identify(_peer_common_names(auth), peer_certificate(auth))
 
     def _slot(self, name: str | None) -> AbstractContextManager[None]:
         """One of `name`'s call slots (see `Admission`); nothing to hold for None."""
@@ -347,9 +353,9 @@ def _header(header: aggregator_pb2.MessageHeader) -> Header:
     )
 
 
-def _peer_common_names(context: grpc.ServicerContext) -> list[str]:
+def _peer_common_names(auth: Mapping[str, Iterable[bytes] | bytes]) -> list[str]:
     """The common names of the TLS peer's certificate (empty without client certificate)."""
-    values: Iterable[bytes] | bytes = context.auth_context().get("x509_common_name") or []
+    values: Iterable[bytes] | bytes = auth.get("x509_common_name") or []
     if isinstance(values, bytes):
         values = [values]
     return [value.decode("utf-8", errors="replace") for value in values]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -35,7 +34,7 @@ from collaborator.errors import (
 from collaborator.loop import CollaboratorError, run_collaborator
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
 from command.output import quiet_when_stdout_closes
-from command.process import LOG_FORMAT, LOG_LEVELS
+from command.process import LOG_LEVELS, stderr_log_handler
 from command.usage import Parser, UsageError, fail, parse_arguments
 from pki.errors import MissingTLSFileError, PkiError
 from pki.tls import check_tls_files
@@ -108,11 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_arguments(build_parser(), argv)
     if isinstance(args, int):
         return args
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format=LOG_FORMAT,
-        stream=sys.stderr,
-    )
+    logging.basicConfig(level=args.log_level.upper(), handlers=[stderr_log_handler()])
     with _sigterm_raises():
         try:
             return _start(args.name, args.plan, args.site_settings)

@@ -12,7 +12,8 @@ Two checks, each for what it can do:
   every connection failure), with Python's `ssl` and the same CA bundle, client certificate and
   server name: reads the certificate, so the collaborator can say in one line which name it
   expected and which it was shown, tell an aggregator certificate made before the binding
-  (reissue it with pki) from a stranger, and compare `aggregator.fingerprint`. The fingerprint is
+  (reissue it with pki) from a stranger, refuse one whose role mark (`pki.roles`) is not the
+  aggregator's, and compare `aggregator.fingerprint`. The fingerprint is
   therefore checked on that handshake, not inside the RPCs' session: a server that showed the
   pinned certificate there and another to gRPC would still need a certificate of our CA with the
   expected common name.
@@ -34,6 +35,8 @@ from cryptography import x509
 from collaborator.errors import AggregatorIdentityError
 from pki.binding import binding_name, canonical_common_name, has_binding
 from pki.errors import PkiError
+from pki.requests import Role
+from pki.roles import Unmarked, role_mark
 from pki.tls import common_name
 
 
@@ -105,6 +108,14 @@ def check_aggregator(
             f"binding collaborators check (DNS:{expected.server_name}): it was made before foedus "
             f"checked it, or by another signer; reissue it with 'pki setup --plan PLAN' or "
             f"'pki certify --role aggregator' (nothing but the TLS handshake was sent)"
+        )
+    mark = role_mark(certificate)
+    if mark is not Role.AGGREGATOR and mark is not Unmarked.NONE:  # unmarked: made before marks
+        kind = f"a {mark.value}" if isinstance(mark, Role) else "an unclear (several or unknown)"
+        raise AggregatorIdentityError(
+            f"the server at {target} shows a certificate for {presented!r} marked as {kind} "
+            f"certificate, not an aggregator's; it must be issued with 'pki certify --role "
+            f"aggregator' (nothing but the TLS handshake was sent)"
         )
     if expected.fingerprint is not None:
         actual = hashlib.sha256(der).hexdigest()

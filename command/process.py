@@ -10,15 +10,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
+from command.text import PrintableFormatter
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_LEVELS = ("debug", "info", "warning", "error")  # --log-level's choices
+
+
+def stderr_log_handler() -> logging.Handler:
+    """A handler writing `LOG_FORMAT` lines to stderr, without terminal controls."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(PrintableFormatter(LOG_FORMAT))
+    return handler
 
 
 @contextmanager
 def logging_to_stderr(level: str) -> Iterator[None]:
     """Log to stderr at `level` while inside, without disturbing handlers installed by others."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler = stderr_log_handler()
     root = logging.getLogger()
     previous = root.level
     root.addHandler(handler)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from command.exits import EXIT_BAD_INPUT, EXIT_OK
+from command.text import printable
 
 
 class UsageError(Exception):
@@ -28,7 +29,8 @@ class Parser(argparse.ArgumentParser):
 
 def fail(program: str, message: str, code: int) -> int:
     """Print `message` as one line `PROGRAM: error: ...` on stderr; returns `code`."""
-    one_line = "; ".join(line.strip() for line in message.splitlines() if line.strip())
+    lines = printable(message).splitlines()  # it may quote others' names and reasons
+    one_line = "; ".join(line.strip() for line in lines if line.strip())
     print(f"{program}: error: {one_line}", file=sys.stderr)
     return code
 

@@ -19,8 +19,17 @@ the file. An example, every key shown with its default (the four without one are
     admins: []                   # people who see and act on every experiment, and review
     review: auto                 # or manual: an admin approves each experiment
     health_check_seconds: 10     # envoys heartbeat this often; offline after twice as long
-    max_running_experiments: 2   # the others wait in submission order
-    limits: {max_plan_bytes: 1048576, max_model_bytes: 4294967296, chunk_bytes: 1048576}
+    max_running_experiments: 2   # experiments running at once; the others wait in the queue
+    max_running_per_user: null   # experiments one owner runs at once; null (or absent): a fair
+                                 #   share, ceil(max_running_experiments / people in users and
+                                 #   admins), at least 1. Never above max_running_experiments
+                                 #   (refused). Queue order: see director.state.queue
+    limits: {max_plan_bytes: 1048576, max_model_bytes: 4294967296, chunk_bytes: 1048576,
+             max_calls_per_identity: 8,     # one certificate name's calls at once (an envoy's
+                                            #   heartbeats and registrations counted apart)
+             max_people_calls: 64,          # all users' and admins' calls at once, together
+             idle_stream_seconds: 30}       # a stream sent to the director that sends nothing
+                                            #   this long is ended (DEADLINE_EXCEEDED)
     liveness: {min_sites: null, mandatory_sites: [], offline_grace_seconds: 300}
     dashboard: {address: null}   # the web dashboard over HTTPS: "host:port" or a port alone
                                  #   (on 127.0.0.1); null: off (see director.dashboard)
@@ -30,6 +39,7 @@ the file. An example, every key shown with its default (the four without one are
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,11 +61,16 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    """`limits`: the sizes the director accepts from people."""
+    """`limits`: the sizes the director accepts, and how much of it one caller may hold."""
 
     max_plan_bytes: int = MIB  # limits.max_plan_bytes: one submitted plan's YAML text
     max_model_bytes: int = 4096 * MIB  # limits.max_model_bytes: one submitted initial model
     chunk_bytes: int = MIB  # limits.chunk_bytes: the pieces models and logs are streamed in
+    # limits.max_calls_per_identity: one certificate name's calls in progress at once; an envoy's
+    # heartbeats, registrations and reports have as many again of their own
+    max_calls_per_identity: int = 8
+    max_people_calls: int = 64  # limits.max_people_calls: all users' and admins' calls at once
+    idle_stream_seconds: float = 30.0  # limits.idle_stream_seconds: a silent client stream ends
 
 
 @dataclass(frozen=True)
@@ -86,6 +101,7 @@ class DirectorConfig:
     manual_review: bool  # review: manual
     health_check_seconds: float  # health_check_seconds
     max_running_experiments: int  # max_running_experiments
+    max_running_per_user: int  # max_running_per_user, the fair share when absent (fair_share)
     limits: Limits
     liveness: Liveness
     dashboard_address: Address | None = None  # dashboard.address: None = no dashboard
@@ -120,6 +136,7 @@ def parse_config(data: object, config_path: Path) -> DirectorConfig:
     manual = root.choice("review", "auto", ("auto", "manual")) == "manual"
     health = root.number("health_check_seconds", 10.0, low=0.05, high=86400)
     most = root.integer("max_running_experiments", 2, low=1, high=10_000)
+    per_user = root.optional_integer("max_running_per_user", None, low=1, high=10_000)
     limits = _limits(root.section("limits"))
     liveness = read_liveness(root.section("liveness"))
     dashboard = root.section("dashboard")
@@ -136,6 +153,14 @@ def parse_config(data: object, config_path: Path) -> DirectorConfig:
         admins=admins,
         liveness=liveness,
     )
+    most_is_bad = any(problem.startswith("max_running_experiments:") for problem in problems)
+    if per_user is not None and per_user > most and not most_is_bad:
+        # Refused, not clamped: a limit that can never apply is a mistake the operator should see.
+        problems.append(
+            f"max_running_per_user: {per_user} is above max_running_experiments {most}; "
+            f"one owner can never run more than all of them (at most {most}, or leave it out "
+            "for the fair share)"
+        )
     if problems:
         raise ConfigError([f"{config_path}: {problem}" for problem in problems])
     return DirectorConfig(
@@ -154,11 +179,22 @@ def parse_config(data: object, config_path: Path) -> DirectorConfig:
         manual_review=manual,
         health_check_seconds=health,
         max_running_experiments=most,
+        max_running_per_user=fair_share(most, users, admins) if per_user is None else per_user,
         limits=limits,
         liveness=liveness,
         dashboard_address=dashboard_address,
         metrics_address=metrics_address,
     )
+
+
+def fair_share(max_running: int, users: tuple[str, ...], admins: tuple[str, ...]) -> int:
+    """The default per-owner limit: the running places shared evenly by the people, rounded up.
+
+    At least 1 and at most `max_running` (ceil of a positive share); with no people listed no one
+    can submit, and it is `max_running`.
+    """
+    people = len(set(users) | set(admins))
+    return math.ceil(max_running / max(1, people))
 
 
 def _port_range(section: Section) -> range:
@@ -186,6 +222,15 @@ def _limits(section: Section) -> Limits:
             "max_model_bytes", defaults.max_model_bytes, low=1024, high=2**40
         ),
         chunk_bytes=section.integer("chunk_bytes", defaults.chunk_bytes, low=1024, high=64 * MIB),
+        max_calls_per_identity=section.integer(
+            "max_calls_per_identity", defaults.max_calls_per_identity, low=1, high=1000
+        ),
+        max_people_calls=section.integer(
+            "max_people_calls", defaults.max_people_calls, low=1, high=10_000
+        ),
+        idle_stream_seconds=section.number(
+            "idle_stream_seconds", defaults.idle_stream_seconds, low=0.05, high=86400
+        ),
     )
     section.finish()
     return limits

@@ -35,6 +35,7 @@ from director.errors import (
     StorageError,
     UnavailableError,
 )
+from director.fields import checked_id
 from director.identity import PEOPLE, Caller
 from director.launcher import LOG_FILE, log_tail
 from director.service import DirectorService, ExperimentView
@@ -93,7 +94,10 @@ def create_app(
     service: DirectorService, tokens: TokenStore, *, clock: Callable[[], float] = time.time
 ) -> FastAPI:
     """The dashboard's application over `service`, people identified by `tokens`."""
-    app = FastAPI(title="foedus director dashboard", docs_url=None, redoc_url=None)
+    # The schema is served by `_Routes.schema`, behind the token as every other route.
+    app = FastAPI(
+        title="foedus director dashboard", docs_url=None, redoc_url=None, openapi_url=None
+    )
     app.mount("/static", StaticFiles(directory=WEB / "static"), name="static")
     app.middleware("http")(_security_headers)
     app.add_exception_handler(DirectorError, _refused)
@@ -107,6 +111,7 @@ def create_app(
     app.get("/api/experiments")(routes.experiments)
     app.get("/api/experiments/{experiment_id}")(routes.experiment)
     app.get("/api/envoys")(routes.envoys)
+    app.get("/openapi.json", include_in_schema=False)(routes.schema)
     app.get("/", include_in_schema=False)(routes.index)
     app.get("/experiments/{experiment_id}", include_in_schema=False)(routes.experiment_page)
     return app
@@ -127,7 +132,7 @@ class _Routes:
         name = self.tokens.name_of(token) if len(token) <= MAX_TOKEN_CHARS else None
         if name is None:
             raise AuthenticationError("unknown or revoked dashboard token; ask for a new one")
-        caller = self.service.roster.identify([name])
+        caller = self.service.roster.identify([name], None)  # no certificate: the token's person
         caller.require("the dashboard", *PEOPLE)
         return caller
 
@@ -181,7 +186,7 @@ class _Routes:
     def experiment(self, request: Request, experiment_id: str) -> dict[str, Any]:
         """One experiment: its summary, sites, metric series and the end of its log."""
         caller = self.identify(request)
-        view = self.service.experiment(caller, experiment_id)
+        view = self.service.experiment(caller, checked_id("experiment_id", experiment_id))
         rows = self.service.metric_rows(caller, experiment_id, 0)
         return {
             **_summary(view, self.clock()),
@@ -194,6 +199,11 @@ class _Routes:
         caller = self.identify(request)
         now = self.clock()
         return {"envoys": [_envoy(e, ids, now) for e, ids in self.service.envoys(caller)]}
+
+    def schema(self, request: Request) -> dict[str, Any]:
+        """The API's OpenAPI schema, for a logged-in person."""
+        self.identify(request)
+        return request.app.openapi()  # type: ignore[no-any-return]
 
     def index(self, request: Request) -> Response:
         """The experiments and envoys page, for a logged-in person."""
@@ -221,7 +231,7 @@ async def _refused(request: Request, error: Exception) -> Response:
     if isinstance(error, StorageError):
         logger.error("dashboard %s: %s", request.url.path, error)
         return JSONResponse({"error": "the director cannot read its data now"}, code)
-    if code == 401 and not request.url.path.startswith("/api/"):
+    if code == 401 and not request.url.path.startswith(("/api/", "/openapi.json")):
         return RedirectResponse("/login", 303)
     logger.info("dashboard %s refused (%d): %s", request.url.path, code, error)
     return JSONResponse({"error": str(error)}, code)

@@ -33,7 +33,11 @@ class IllegalTransitionError(PreconditionError):
 
 
 class LimitExceededError(DirectorError):
-    """The request is larger than director.yaml allows (a plan, a model)."""
+    """Over director.yaml's `limits`: a plan or model too large, or too many calls at once."""
+
+
+class StreamTimeoutError(DirectorError):
+    """A stream sent to the director sent nothing for `limits.idle_stream_seconds`."""
 
 
 class UnavailableError(DirectorError):

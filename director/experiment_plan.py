@@ -17,6 +17,11 @@ here (strictly: unknown keys, mandatory sites that are not the plan's collaborat
 aggregator gets, so `plans.schema` and `aggregator start` never see it (`aggregator start` refuses
 a plan holding it, as any unknown section).
 
+When the policy lets the experiment go on without some site (`min_sites` below the number of
+sites) and the plan sets no `straggler.offline_after_seconds`, the aggregator's plan sets it to
+the time after which the director counts a silent site lost (2 x `health_check_seconds` +
+`offline_grace_seconds`): the aggregator stops waiting for that site when the director does.
+
 The plan's runner is the last check (`check_runner`): imported, and its settings checked, only if
 director.yaml `runners` allows it; otherwise the experiment must bring its initial model.
 """
@@ -29,20 +34,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from director.config import DirectorConfig, Liveness, read_liveness
 from director.errors import InvalidRequestError, LimitExceededError, StorageError
 from durable.files import write_yaml
-from plans.loader import PlanError, Section, load_plan, parse_plan, yaml_document
+from plans.loader import PlanError, Section, load_plan, parse_plan, safe_yaml, yaml_document
 from plans.runners import RunnerError, check_runner_settings, load_runner
-from plans.schema import Plan, RunnerSettings
+from plans.schema import ConnectionSettings, Plan, RunnerSettings
 
 SUBMITTED = Path("submitted plan")  # how errors name the plan a person sent
 PLAN_FILE = "plan.yaml"
 LIVENESS = (
     "liveness"  # the submitted plan's section the director reads and the aggregator never gets
 )
+MAX_OFFLINE_AFTER_SECONDS = 86400 * 7  # straggler.offline_after_seconds' highest
 # (section, key) the director sets; key None: the whole section.
 OWNED: tuple[tuple[str, str | None], ...] = (
     ("federation", "uuid"),
@@ -214,10 +218,30 @@ def director_document(
     initial_model: Path | None,
 ) -> dict[str, Any]:
     """The submitted plan with the director's fields set, as a YAML document."""
-    document = yaml.safe_load(text)
+    document = safe_yaml(text)  # accepted at submit: valid, without aliases
     if not isinstance(document, dict):
         raise InvalidRequestError(f"{SUBMITTED}: expected a mapping of plan sections")
+    liveness = plan_liveness(text, config.liveness)
     document = copy.deepcopy(_without_liveness(document))
+    sites = document.get("collaborators")
+    straggler = document.get("straggler")
+    straggler = dict(straggler) if isinstance(straggler, Mapping) else {}
+    if (
+        isinstance(sites, list)
+        and liveness.min_sites is not None
+        and liveness.min_sites < len(sites)
+        and straggler.get("offline_after_seconds") is None
+    ):
+        connection = document.get("connection")
+        heartbeat = (connection if isinstance(connection, Mapping) else {}).get(
+            "heartbeat_seconds", ConnectionSettings.heartbeat_seconds
+        )
+        lost_after = 2 * config.health_check_seconds + liveness.offline_grace_seconds
+        # No less than the plan allows (two of its collaborators' heartbeats), nor more.
+        straggler["offline_after_seconds"] = min(
+            max(lost_after, 2 * float(heartbeat)), MAX_OFFLINE_AFTER_SECONDS
+        )
+        document["straggler"] = straggler
     federation = dict(document.get("federation") or {})
     federation.update(uuid=experiment_id, aggregator_id=f"aggregator_{experiment_id}")
     aggregator = dict(document.get("aggregator") or {})

@@ -1,9 +1,11 @@
-"""Who is calling the director: the one check, from the TLS client certificate's common name.
+"""Who is calling the director: the one check, from the TLS client certificate.
 
 Every RPC's caller is the CN of its verified client certificate, and director.yaml gives each name
 one role: an envoy (`envoys`), a user (`users`) or an admin (`admins`). No message field names the
-caller. `Roster.identify` runs for every call (see `director.servicer`), `Caller.require` says
-which roles a call is for.
+caller. The certificate's role mark (`pki.roles`) must be that role's: a site's (collaborator)
+certificate for an envoy, a user's for a user or admin, so a certificate issued to a person named
+like a site is not that site. `Roster.identify` runs for every call (see `director.servicer`),
+`Caller.require` says which roles a call is for.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from enum import Enum
 
 from director.config import DirectorConfig
 from director.errors import AuthenticationError, AuthorizationError
+from pki.requests import Role as CertificateRole
+from pki.roles import PeerCertificate, role_refusal
 
 
 class Role(Enum):
@@ -25,6 +29,13 @@ class Role(Enum):
 
 
 PEOPLE = (Role.USER, Role.ADMIN)
+# The certificate role (`pki certify --role`) each director role needs; envoys are sites.
+CERTIFICATE_ROLES = {
+    Role.ENVOY: CertificateRole.COLLABORATOR,
+    Role.USER: CertificateRole.USER,
+    Role.ADMIN: CertificateRole.USER,
+}
+_LISTS = {Role.ENVOY: "envoys", Role.USER: "users", Role.ADMIN: "admins"}
 
 
 @dataclass(frozen=True)
@@ -62,14 +73,33 @@ class Roster:
         """The roster of a director.yaml."""
         return cls(frozenset(config.envoys), frozenset(config.users), frozenset(config.admins))
 
-    def identify(self, peer_common_names: Sequence[str]) -> Caller:
-        """The caller behind a verified TLS peer; refused if it has no usable name or no role."""
+    def identify(
+        self, peer_common_names: Sequence[str], certificate: PeerCertificate | None
+    ) -> Caller:
+        """The caller behind a verified TLS peer; refused if it has no usable name, no role, or a
+        certificate marked for another role (`certificate` None: a dashboard token's person)."""
         if len(peer_common_names) != 1 or not peer_common_names[0]:
             raise AuthenticationError(
                 "no usable client certificate: the director requires a certificate with one "
                 "common name, issued by its CA"
             )
         name = peer_common_names[0]
+        caller = self._listed(name)
+        expected = CERTIFICATE_ROLES[caller.role]
+        refusal = role_refusal(
+            certificate,
+            name=name,
+            expected=expected,
+            listed_as=f"director.yaml {_LISTS[caller.role]}",
+            reissue=f"pki certify --role {expected.value} --name {name}, or pki setup --director "
+            "CONFIG for a local federation",
+        )
+        if refusal is not None:
+            raise AuthorizationError(refusal)
+        return caller
+
+    def _listed(self, name: str) -> Caller:
+        """The role director.yaml gives `name` (it refuses a site listed as a person too)."""
         if name in self.admins:
             return Caller(name, Role.ADMIN)
         if name in self.users:

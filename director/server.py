@@ -24,10 +24,25 @@ from protos.channel import server_options
 
 logger = logging.getLogger(__name__)
 
-# Followed streams (watch, metrics, logs) hold a thread each for as long as they follow.
-WORKERS = 64
+# Threads beyond those of every call the limits admit: for calls being refused, which end at once.
+REFUSAL_WORKERS = 16
 MESSAGE_BYTES_SLACK = 64 * 1024  # a chunk's message: the chunk plus its few other fields
 CLIENT_CHUNK_BYTES = 1024 * 1024  # the largest piece a client may send (protos/director.proto)
+
+
+def workers_for(config: DirectorConfig) -> int:
+    """Worker threads enough for every call `director.capacity.Capacity` admits, and some over.
+
+    A call holds its thread from start to end (a followed stream as long as it follows), so
+    the threads are sized to the limits: all people's calls, each envoy's uploads and, apart, its
+    heartbeats, registrations and reports. A call past the limits is refused at once by a thread
+    of the margin, so nothing admitted (an envoy's heartbeat least of all) waits behind people's
+    calls. gRPC's own `maximum_concurrent_rpcs` stays unset: it refuses by arrival, not by
+    identity, so a flood of one caller's calls would refuse everyone's alike.
+    """
+    limits = config.limits
+    envoys = 2 * len(config.envoys) * limits.max_calls_per_identity
+    return limits.max_people_calls + envoys + REFUSAL_WORKERS
 
 
 class ServerError(Exception):
@@ -58,12 +73,13 @@ class DirectorServer(Serving):
             + MESSAGE_BYTES_SLACK
         )
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="director-rpc"),
+            futures.ThreadPoolExecutor(
+                max_workers=workers_for(config), thread_name_prefix="director-rpc"
+            ),
             options=server_options(limit),
         )
-        director_pb2_grpc.add_DirectorServicer_to_server(
-            DirectorServicer(self.service, self.stopping), self._server
-        )
+        self.servicer = DirectorServicer(self.service, self.stopping)
+        director_pb2_grpc.add_DirectorServicer_to_server(self.servicer, self._server)
         self.dashboard: WebServer | None = None
         if config.dashboard_address is not None:
             app = create_app(self.service, TokenStore(config.state_dir))

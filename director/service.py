@@ -2,16 +2,22 @@
 
 `DirectorService` is driven by `director.servicer` (one method per RPC, the caller already
 identified) and by its own `supervise` step, which the server calls on a timer: it starts queued
-experiments up to `max_running_experiments` (each gets a port, a plan written by
+experiments in the queue's order (`DirectorState.queue`), up to `max_running_experiments` and
+at most `max_running_per_user` of one owner (each gets a port, a plan written by
 `director.experiment_plan` and an aggregator from the `Launcher`), moves them along their
 lifecycle as their sites report and their aggregators end, fails them when their sites are gone
-(the liveness rule below), and starts again an aggregator that died without deciding its end.
-Nothing here imports gRPC: tests drive it without a socket.
+(the liveness rule below), and starts again an aggregator that died without deciding its end
+(at most `MAX_RESTARTS` times in a row: the count, kept in the state, starts again once more
+rounds are completed than at the last restart). Nothing here imports gRPC: tests drive it
+without a socket.
 
-Liveness: an experiment fails, naming the sites, when fewer than `min_sites` of its sites (all of
-them by default) or any of `mandatory_sites` have been offline for longer than
-`offline_grace_seconds`; a site is offline once its envoy's last heartbeat is older than two
-health periods, so it is gone `offline_grace_seconds` after that.
+Liveness: a site is lost to an experiment when its envoy has been offline for longer than
+`offline_grace_seconds` (offline once its last heartbeat is older than two health periods), or
+when its envoy reports its collaborator refused, rejected by the site or given up (`LOST`). The
+experiment goes on without its lost sites while at least `min_sites` of its sites (all of them
+by default) are not lost and none of `mandatory_sites` is; otherwise it fails, its reason naming
+each lost site and why. The plan its aggregator gets stops waiting for a silent site by then
+(`director.experiment_plan`).
 
 Each experiment has a folder `<state_dir>/experiments/<id>/`: the plan the director wrote
 (`plan.yaml`), the submitted initial model, the aggregator's log and exit status, and the
@@ -28,7 +34,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +50,7 @@ from director.errors import (
 )
 from director.experiment_plan import PLAN_FILE, check_submitted, plan_liveness, write_director_plan
 from director.identity import PEOPLE, Caller, Role, Roster
-from director.launcher import LOG_FILE, Ended, Launcher
+from director.launcher import LOG_FILE, Ended, Launcher, log_tail
 from director.orders import LogOrder, StartOrder, Work
 from director.state import (
     ACTIVE,
@@ -54,6 +60,7 @@ from director.state import (
     Experiment,
     ExperimentState,
     ShardInfo,
+    SiteReport,
 )
 
 logger = logging.getLogger(__name__)
@@ -63,11 +70,18 @@ INITIAL_MODEL = "initial_model.pbuf"
 OUTPUT = "output"
 METRICS = "metrics.jsonl"
 MODELS = {"best": "best_model.pbuf", "last": "last_model.pbuf"}
-MAX_RESTARTS = 3  # an aggregator killed by a signal (or lost) this many times fails its experiment
+LOG_TAIL_BYTES = 4096  # of an aggregator's log, read for its last line when it failed
+MAX_RESTARTS = 3  # an aggregator killed (or lost) this many times in a row fails its experiment
 STARTED = frozenset(
     {CollaboratorState.STARTED, CollaboratorState.RUNNING, CollaboratorState.EXITED}
 )
-REFUSALS = frozenset({CollaboratorState.REFUSED, CollaboratorState.SITE_REJECTED})
+OFFLINE = "offline"  # why a site is lost when its envoy has been offline past the grace
+# A site whose collaborator is in one of these has ended for good: lost to the experiment.
+LOST = {
+    CollaboratorState.REFUSED: "refused",
+    CollaboratorState.SITE_REJECTED: "rejected by its operator",
+    CollaboratorState.GAVE_UP: "gave up",
+}
 
 
 @dataclass(frozen=True)
@@ -140,7 +154,7 @@ class DirectorService:
         self._clock = clock
         self._root = config.state_dir / EXPERIMENTS
         self._supervising = threading.Lock()
-        self._restarts: dict[str, int] = {}
+        self._going_on_without: set[tuple[str, str]] = set()  # (experiment, site) logged once
         self._logs = _LogExchange()
         self._liveness_policies: dict[str, Liveness] = {}
 
@@ -317,6 +331,8 @@ class DirectorService:
         path = self.folder(experiment_id) / LOG_FILE
         try:
             with path.open("rb") as file:
+                if offset >= file.seek(0, 2):  # nothing there yet; a seek that far may fail
+                    return b""
                 file.seek(offset)
                 return file.read(self.config.limits.chunk_bytes)
         except FileNotFoundError:
@@ -368,9 +384,10 @@ class DirectorService:
         return path
 
     def envoys(self, caller: Caller) -> list[tuple[Envoy, tuple[str, ...]]]:
-        """Every registered envoy with the ids of the active experiments naming it."""
+        """Every registered envoy with the ids of the active experiments naming it that the
+        caller may see (a user: their own; an admin: all)."""
         caller.require("ListEnvoys", *PEOPLE)
-        active = self.state.active()
+        active = [e for e in self.state.active() if caller.is_admin or e.owner == caller.name]
         return [
             (envoy, tuple(e.experiment_id for e in active if envoy.name in e.sites))
             for envoy in self.state.envoys()
@@ -434,7 +451,9 @@ class DirectorService:
         with self._supervising:
             for experiment in self.state.active():
                 self._check_active(experiment)
-            for experiment in self.state.startable(self.config.max_running_experiments):
+            for experiment in self.state.startable(
+                self.config.max_running_experiments, self.config.max_running_per_user
+            ):
                 self._launch(experiment)
 
     def run(self, stop: threading.Event, period: float = 0.25) -> None:
@@ -453,24 +472,25 @@ class DirectorService:
             self._aggregator_ended(experiment, ended)
             return
         reports = self.state.reports(experiment_id)
-        refused = sorted(site for site, r in reports.items() if r.state in REFUSALS)
-        if refused:
-            reasons = "; ".join(
-                f"site {site} {reports[site].state.value.replace('_', ' ')}: "
-                f"{reports[site].reason or 'no reason given'}"
-                for site in refused
-            )
-            self._fail(experiment, reasons)
+        lost = self._lost_sites(experiment, reports)
+        failure = self._judge(experiment, lost)
+        if failure is not None:
+            self._fail(experiment, failure)
             return
-        gone = self._gone_sites(experiment)
-        if gone is not None:
-            self._fail(experiment, gone)
-            return
+        grace = self._liveness(experiment).offline_grace_seconds
+        for site, why in lost.items():
+            if (experiment_id, site) not in self._going_on_without:
+                self._going_on_without.add((experiment_id, site))
+                said = f"offline for more than {grace:g} s" if why == OFFLINE else why
+                logger.warning(
+                    "experiment %s goes on without site %s: %s", experiment_id, site, said
+                )
         if experiment.state is ExperimentState.WAITING and all(
-            site in reports and reports[site].state in STARTED for site in experiment.sites
+            site in lost or (site in reports and reports[site].state in STARTED)
+            for site in experiment.sites
         ):
             self.state.transition(experiment_id, ExperimentState.RUNNING)
-            logger.info("experiment %s running: every site started", experiment_id)
+            logger.info("experiment %s running: every site not lost started", experiment_id)
 
     def _liveness(self, experiment: Experiment) -> Liveness:
         """The experiment's liveness policy: its plan's `liveness` over director.yaml's (cached)."""
@@ -479,30 +499,52 @@ class DirectorService:
             self._liveness_policies[key] = plan_liveness(experiment.plan_yaml, self.config.liveness)
         return self._liveness_policies[key]
 
-    def _gone_sites(self, experiment: Experiment) -> str | None:
-        """The liveness rule's reason to fail the experiment, or None."""
+    def _lost_sites(
+        self, experiment: Experiment, reports: Mapping[str, SiteReport]
+    ) -> dict[str, str]:
+        """The experiment's lost sites, each with why: offline past the grace (`OFFLINE`), or
+        ended for good (what its envoy said)."""
         liveness = self._liveness(experiment)
         now = self._clock()
         envoys = {envoy.name: envoy for envoy in self.state.envoys()}
         horizon = 2 * self.config.health_check_seconds + liveness.offline_grace_seconds
-        # A site never seen counts from the experiment's start: it had the grace to come.
-        gone = sorted(
-            site
-            for site in experiment.sites
-            if now - max(envoys[site].last_seen if site in envoys else 0, experiment.started_at)
-            > horizon
-        )
-        if not gone:
+        lost: dict[str, str] = {}
+        for site in experiment.sites:
+            report = reports.get(site)
+            if report is not None and report.state in LOST:
+                lost[site] = f"{LOST[report.state]}: {report.reason or 'no reason given'}"
+            # A site never seen counts from the experiment's start: it had the grace to come.
+            elif (
+                now - max(envoys[site].last_seen if site in envoys else 0, experiment.started_at)
+                > horizon
+            ):
+                lost[site] = OFFLINE
+        return lost
+
+    def _judge(self, experiment: Experiment, lost: Mapping[str, str]) -> str | None:
+        """The liveness policy on the lost sites: the reason to fail the experiment, or None."""
+        if not lost:
             return None
+        liveness = self._liveness(experiment)
         needed = liveness.min_sites or len(experiment.sites)
-        mandatory = sorted(set(gone) & set(liveness.mandatory_sites))
-        if not mandatory and len(experiment.sites) - len(gone) >= needed:
+        mandatory = sorted(set(lost) & set(liveness.mandatory_sites))
+        left = len(experiment.sites) - len(lost)
+        if not mandatory and left >= needed:
             return None
+        offline = sorted(site for site, why in lost.items() if why == OFFLINE)
+        parts = (
+            [
+                f"sites offline for more than {liveness.offline_grace_seconds:g} s: "
+                f"{', '.join(offline)}"
+            ]
+            if offline
+            else []
+        )
+        parts += [f"site {site} {why}" for site, why in sorted(lost.items()) if site not in offline]
         return (
-            f"sites offline for more than {liveness.offline_grace_seconds:g} s: {', '.join(gone)}"
+            "; ".join(parts)
             + (f" (mandatory: {', '.join(mandatory)})" if mandatory else "")
-            + f"; {len(experiment.sites) - len(gone)} of {len(experiment.sites)} left, "
-            f"{needed} needed"
+            + f"; {left} of {len(experiment.sites)} left, {needed} needed"
         )
 
     def _aggregator_ended(self, experiment: Experiment, ended: Ended) -> None:
@@ -516,15 +558,34 @@ class DirectorService:
             self.state.transition(experiment_id, ExperimentState.COMPLETED)
             logger.info("experiment %s completed", experiment_id)
         elif ended.code is not None and ended.code > 0:
-            self._fail(experiment, f"{ended.describe()} (its log: experiment logs {experiment_id})")
+            self._fail(experiment, self._aggregator_failure(experiment, ended))
         else:  # stopped, killed or lost: it resumes from its own state
-            restarts = self._restarts.get(experiment_id, 0) + 1
-            self._restarts[experiment_id] = restarts
+            restarts = self.state.count_restart(
+                experiment_id, self._rounds_completed(experiment_id)
+            )
             if restarts > MAX_RESTARTS:
                 self._fail(experiment, f"{ended.describe()}, {restarts} times in a row")
                 return
             logger.warning("experiment %s: %s; starting it again", experiment_id, ended.describe())
             self._start_aggregator(experiment)
+
+    def _aggregator_failure(self, experiment: Experiment, ended: Ended) -> str:
+        """Why an aggregator that failed did: its end, its log's last line (say, every site has
+        left), and the sites the experiment lost, each with why."""
+        experiment_id = experiment.experiment_id
+        try:
+            last = log_tail(self.folder(experiment_id) / LOG_FILE, 1, LOG_TAIL_BYTES)
+        except OSError:
+            last = []
+        reason = ended.describe() + (f"; its log ends: {last[0].strip()}" if last else "")
+        reason += f" (its log: experiment logs {experiment_id})"
+        lost = self._lost_sites(experiment, self.state.reports(experiment_id))
+        grace = self._liveness(experiment).offline_grace_seconds
+        sites = [
+            f"site {site} " + (f"offline for more than {grace:g} s" if why == OFFLINE else why)
+            for site, why in sorted(lost.items())
+        ]
+        return "; ".join([reason, *sites])
 
     def _launch(self, experiment: Experiment) -> None:
         """Take a place for a queued experiment: a port, its plan, its aggregator."""

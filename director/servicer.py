@@ -1,8 +1,18 @@
-"""DirectorServicer: the wire side of the director, thin: identify, convert, delegate, convert back.
+"""DirectorServicer: the wire side of the director, thin: identify, admit, convert, delegate.
 
-Every RPC runs under `_unary` or `_streaming`: the caller is identified from its certificate there
-(the one place, `director.identity.Roster.identify`), and any refusal becomes its status
-(`director.status`). The logic is `director.service.DirectorService`'s.
+Every RPC runs under `_unary`, `_receiving` or `_streaming`: the caller is identified from its
+certificate there (the one place, `director.identity.Roster.identify`), admitted
+(`director.capacity`), and any refusal becomes its status (`director.status`). The logic is
+`director.service.DirectorService`'s.
+
+So that no identity can exhaust the director, each call holds a slot of director.yaml's limits
+from right after its caller is identified until it ends, and one past them is refused at once
+(RESOURCE_EXHAUSTED naming the limit): `limits.max_calls_per_identity` per certificate name,
+`limits.max_people_calls` for all users and admins together; an envoy's heartbeats,
+registrations and reports count apart from its log uploads, so that they always have slots of
+their own. A stream sent to the director (a submitted model, an uploaded log) that sends nothing
+for `limits.idle_stream_seconds` ends with DEADLINE_EXCEEDED (`admission.calls.chunks_within`).
+`director.server` sizes its worker threads so that every admitted call has one.
 """
 
 from __future__ import annotations
@@ -11,11 +21,15 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
 from typing import TypeVar
 
 import grpc
 
-from director.errors import InvalidRequestError, NotFoundError
+from admission.calls import chunks_within
+from director.capacity import Capacity
+from director.errors import InvalidRequestError, NotFoundError, StreamTimeoutError
+from director.fields import checked_id, checked_length, checked_offset
 from director.identity import Caller
 from director.service import (
     CollaboratorReport,
@@ -25,11 +39,17 @@ from director.service import (
 )
 from director.state import CollaboratorState, ExperimentState, ShardInfo
 from director.status import abort
+from pki.roles import peer_certificate
+from plans.loader import NAME_PATTERN, shown
 from protos import director_pb2, director_pb2_grpc
 
 R = TypeVar("R")
 T = TypeVar("T")
 POLL_SECONDS = 0.25  # how often a followed stream looks for what is new
+MAX_NAME = 200  # an experiment's name, as the site API bounds its own
+MAX_REASON = 1000  # a review's reason, as the site API bounds its own
+MAX_DESCRIPTION = 4096  # a shard's description, its labels' keys and values, an envoy's version
+MAX_LABELS = 256
 
 _COLLABORATOR_STATES = {
     director_pb2.COLLABORATOR_APPROVAL_PENDING: CollaboratorState.APPROVAL_PENDING,
@@ -39,6 +59,7 @@ _COLLABORATOR_STATES = {
     director_pb2.COLLABORATOR_STARTED: CollaboratorState.STARTED,
     director_pb2.COLLABORATOR_RUNNING: CollaboratorState.RUNNING,
     director_pb2.COLLABORATOR_EXITED: CollaboratorState.EXITED,
+    director_pb2.COLLABORATOR_GAVE_UP: CollaboratorState.GAVE_UP,
 }
 _COLLABORATOR_TO_WIRE = {state: wire for wire, state in _COLLABORATOR_STATES.items()}
 _EXPERIMENT_TO_WIRE = {
@@ -62,9 +83,41 @@ def _unary(
     @functools.wraps(method)
     def guarded(servicer: DirectorServicer, request: R, context: grpc.ServicerContext) -> T:
         try:
-            return method(servicer, servicer.identify(context), request, context)
+            caller = servicer.identify(context)
+            with servicer.capacity.admit(caller, method.__name__):
+                return method(servicer, caller, request, context)
         except Exception as error:
             abort(context, method.__name__, error)
+
+    return guarded
+
+
+def _receiving(
+    method: Callable[[DirectorServicer, Caller, Iterator[R], grpc.ServicerContext], T],
+) -> Callable[[DirectorServicer, Iterator[R], grpc.ServicerContext], T]:
+    """`_unary` for an RPC a client streams to: a stream that stops sending is ended."""
+
+    @functools.wraps(method)
+    def guarded(
+        servicer: DirectorServicer, request: Iterator[R], context: grpc.ServicerContext
+    ) -> T:
+        rpc = method.__name__
+        try:
+            caller = servicer.identify(context)
+            with servicer.capacity.admit(caller, rpc):
+                seconds = servicer.service.config.limits.idle_stream_seconds
+                messages = chunks_within(
+                    request,
+                    seconds,
+                    what=f"{rpc} stream",
+                    key="limits.idle_stream_seconds",
+                    timeout=StreamTimeoutError,
+                    idle=True,
+                )
+                with closing(messages):  # closed: its reader stops if we stop early
+                    return method(servicer, caller, messages, context)
+        except Exception as error:
+            abort(context, rpc, error)
 
     return guarded
 
@@ -79,7 +132,9 @@ def _streaming(
         servicer: DirectorServicer, request: R, context: grpc.ServicerContext
     ) -> Iterator[T]:
         try:
-            yield from method(servicer, servicer.identify(context), request, context)
+            caller = servicer.identify(context)
+            with servicer.capacity.admit(caller, method.__name__):
+                yield from method(servicer, caller, request, context)
         except Exception as error:
             abort(context, method.__name__, error)
 
@@ -93,14 +148,17 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
         """Serve `service`; followed streams end when `stopping` is set."""
         self.service = service
         self.stopping = stopping
+        self.capacity = Capacity(service.config.limits)
 
     def identify(self, context: grpc.ServicerContext) -> Caller:
-        """The caller: its verified certificate's common name, given its role by director.yaml."""
-        values: Iterable[bytes] | bytes = context.auth_context().get("x509_common_name") or []
+        """The caller: its verified certificate's common name, given its role by director.yaml,
+        and the certificate's role mark."""
+        auth = context.auth_context()
+        values: Iterable[bytes] | bytes = auth.get("x509_common_name") or []
         if isinstance(values, bytes):
             values = [values]
         names = [value.decode("utf-8", "replace") for value in values]
-        return self.service.roster.identify(names)
+        return self.service.roster.identify(names, peer_certificate(auth))
 
     # -- envoys -------------------------------------------------------------------------------
 
@@ -112,6 +170,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
         context: grpc.ServicerContext,
     ) -> director_pb2.RegisterEnvoyResponse:
         """An envoy registers its shard."""
+        _shard_checked(request.shard, request.version)
         shard = ShardInfo(
             description=request.shard.description,
             train_samples=request.shard.train_samples,
@@ -171,7 +230,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
         self.service.report(caller, _report(request))
         return director_pb2.ReportCollaboratorResponse()
 
-    @_unary
+    @_receiving
     def UploadLog(  # noqa: N802
         self,
         caller: Caller,
@@ -182,6 +241,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
         first = next(request, None)
         if first is None or not first.request_id:
             raise InvalidRequestError("request_id: required in the first message")
+        checked_id("request_id", first.request_id)
 
         def pieces() -> Iterator[bytes]:
             yield first.data
@@ -193,7 +253,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
 
     # -- people -------------------------------------------------------------------------------
 
-    @_unary
+    @_receiving
     def SubmitExperiment(  # noqa: N802
         self,
         caller: Caller,
@@ -214,6 +274,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
                     )
                 yield message.initial_model_data
 
+        checked_length("name", first.name, MAX_NAME)
         model = ModelUpload(first.initial_model_size, pieces()) if first.has_initial_model else None
         if model is None and (first.initial_model_size or first.initial_model_data):
             raise InvalidRequestError("initial_model_data: sent without has_initial_model")
@@ -271,7 +332,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
     ) -> Iterator[director_pb2.MetricRow]:
         """Metric rows as written; with follow, until the experiment ends."""
         experiment_id = _id(request.experiment_id)
-        index = request.from_row
+        index = checked_offset("from_row", request.from_row)
         while True:
             # The state first: rows written before it ended are all there when it reads final.
             final = self.service.experiment(caller, experiment_id).experiment.state.final
@@ -290,7 +351,9 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
     ) -> Iterator[director_pb2.LogChunk]:
         """The aggregator's log, or a site's through its envoy; with follow, until the end."""
         experiment_id = _id(request.experiment_id)
-        offset = request.offset
+        offset = checked_offset("offset", request.offset)
+        if request.site and not NAME_PATTERN.match(request.site):
+            raise InvalidRequestError(f"site: {shown(request.site)} is not a site's name")
         timeout = max(5.0, 3 * self.service.config.health_check_seconds)
         while True:
             final = self.service.experiment(caller, experiment_id).experiment.state.final
@@ -361,7 +424,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
     ) -> director_pb2.Experiment:
         """An admin lets a submitted experiment run."""
         view = self.service.review(
-            caller, _id(request.experiment_id), approve=True, reason=request.reason
+            caller, _id(request.experiment_id), approve=True, reason=_reason(request.reason)
         )
         return experiment_to_wire(view)
 
@@ -374,7 +437,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
     ) -> director_pb2.Experiment:
         """An admin refuses a submitted experiment."""
         view = self.service.review(
-            caller, _id(request.experiment_id), approve=False, reason=request.reason
+            caller, _id(request.experiment_id), approve=False, reason=_reason(request.reason)
         )
         return experiment_to_wire(view)
 
@@ -460,6 +523,20 @@ def _report(message: director_pb2.CollaboratorReport) -> CollaboratorReport:
 
 
 def _id(experiment_id: str) -> str:
-    if not experiment_id:
-        raise InvalidRequestError("experiment_id: required")
-    return experiment_id
+    """The request's experiment id, checked for form before anything looks it up."""
+    return checked_id("experiment_id", experiment_id)
+
+
+def _reason(text: str) -> str:
+    return checked_length("reason", text, MAX_REASON)
+
+
+def _shard_checked(shard: director_pb2.ShardInfo, version: str) -> None:
+    """A registration's free text, bounded: it is kept and shown to every person."""
+    checked_length("shard.description", shard.description, MAX_DESCRIPTION)
+    checked_length("version", version, MAX_DESCRIPTION)
+    if len(shard.labels) > MAX_LABELS:
+        raise InvalidRequestError(f"shard.labels: {len(shard.labels)} labels; at most {MAX_LABELS}")
+    for key, value in shard.labels.items():
+        checked_length("shard.labels key", key, MAX_DESCRIPTION)
+        checked_length(f"shard.labels.{shown(key)}", value, MAX_DESCRIPTION)

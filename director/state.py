@@ -7,15 +7,20 @@ moves are the one table `TRANSITIONS`; any other move raises `IllegalTransitionE
 
 An envoy is online when its last heartbeat is at most twice `health_check_seconds` old, computed
 from the clock every time it is read: no stored flag goes stale.
+
+Schema version 2 added the count of each experiment's aggregator restarts in a row
+(`count_restart`); a version 1 state is migrated when opened.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import sqlite3
 import time
 import uuid
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -28,7 +33,7 @@ from durable.sqlite import SqliteStore, connect, lock_state_folder
 
 DATABASE = "director.sqlite"
 LOCK = "director.lock"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class ExperimentState(Enum):
@@ -76,6 +81,7 @@ class CollaboratorState(Enum):
     STARTED = "started"
     RUNNING = "running"
     EXITED = "exited"
+    GAVE_UP = "gave_up"  # the site will not start it again: the site is lost to the experiment
 
 
 @dataclass(frozen=True)
@@ -172,6 +178,16 @@ CREATE TABLE IF NOT EXISTS site_reports (
     PRIMARY KEY (experiment_id, site)
 );
 """
+# Version 2: each experiment's aggregator restarts in a row, and the rounds completed at the last.
+_RESTARTS = """
+CREATE TABLE IF NOT EXISTS aggregator_restarts (
+    experiment_id TEXT PRIMARY KEY,
+    in_a_row INTEGER NOT NULL,
+    rounds INTEGER NOT NULL
+);
+"""
+# What each version's state gets to become the next one's (`durable.sqlite.connect`).
+_MIGRATIONS = {1: _RESTARTS}
 
 
 class DirectorState(SqliteStore):
@@ -208,7 +224,12 @@ class DirectorState(SqliteStore):
         lock = lock_state_folder(folder, LOCK, "director", StorageError)
         try:
             connection = connect(
-                folder / DATABASE, _SCHEMA, SCHEMA_VERSION, "director", StorageError
+                folder / DATABASE,
+                _SCHEMA + _RESTARTS,
+                SCHEMA_VERSION,
+                "director",
+                StorageError,
+                migrations=_MIGRATIONS,
             )
         except StorageError:
             os.close(lock)
@@ -340,12 +361,19 @@ class DirectorState(SqliteStore):
                 raise NotFoundError(f"no experiment {experiment_id!r}")
 
     def queue(self) -> list[Experiment]:
-        """The approved experiments waiting for a running place, in submission order."""
+        """The approved experiments waiting for a running place, in the order they get one.
+
+        The queue's order, said here once: the next place goes to the waiting experiment whose
+        owner holds the fewest places, counting the owner's running experiments and those ahead
+        of it in the queue; ties go to the first submitted. So owners take turns by the number
+        they run, and one owner's backlog never stands before another's first experiment.
+        `startable` skips an owner at their limit; positions move as experiments start and end.
+        """
         rows = self._query_all(
             f"SELECT {_EXPERIMENT_COLUMNS} FROM experiments WHERE state = ? ORDER BY sequence",
             (ExperimentState.APPROVED.value,),
         )
-        return [_experiment(row) for row in rows]
+        return _fair_order([_experiment(row) for row in rows], self._places_held())
 
     def active(self) -> list[Experiment]:
         """The experiments holding a running place (waiting or running), in submission order."""
@@ -355,17 +383,38 @@ class DirectorState(SqliteStore):
         )
         return [_experiment(row) for row in rows]
 
-    def startable(self, max_running: int) -> list[Experiment]:
-        """The queued experiments that may take a place now, first submitted first."""
-        places = max(0, max_running - len(self.active()))
-        return self.queue()[:places]
+    def startable(self, max_running: int, per_owner: int) -> list[Experiment]:
+        """The queued experiments that may take a place now, in queue order.
+
+        At most `max_running` hold places in all and `per_owner` of one owner: an owner at their
+        limit is passed over for the next in the queue, and a place no one else can take stays
+        free rather than go past that limit.
+        """
+        held = self._places_held()
+        places = max(0, max_running - sum(held.values()))
+        chosen: list[Experiment] = []
+        for experiment in self.queue():
+            if len(chosen) == places:
+                break
+            if held[experiment.owner] < per_owner:
+                chosen.append(experiment)
+                held[experiment.owner] += 1
+        return chosen
 
     def queue_position(self, experiment_id: str) -> int:
-        """Where an approved experiment stands in the queue, from 1; 0 when it is not queued."""
+        """Where an approved experiment stands in the queue's order, from 1; 0 when not queued."""
         for position, queued in enumerate(self.queue(), start=1):
             if queued.experiment_id == experiment_id:
                 return position
         return 0
+
+    def _places_held(self) -> Counter[str]:
+        """How many running places each owner holds now."""
+        rows = self._query_all(
+            "SELECT owner, COUNT(*) FROM experiments WHERE state IN (?, ?) GROUP BY owner",
+            tuple(state.value for state in (ExperimentState.WAITING, ExperimentState.RUNNING)),
+        )
+        return Counter({owner: count for owner, count in rows})
 
     def remove(self, experiment_id: str) -> None:
         """Forget an experiment that has ended, and its sites' reports."""
@@ -377,7 +426,29 @@ class DirectorState(SqliteStore):
                     "has ended can be removed (cancel it first)"
                 )
             db.execute("DELETE FROM site_reports WHERE experiment_id = ?", (experiment_id,))
+            db.execute("DELETE FROM aggregator_restarts WHERE experiment_id = ?", (experiment_id,))
             db.execute("DELETE FROM experiments WHERE id = ?", (experiment_id,))
+
+    def count_restart(self, experiment_id: str, rounds_completed: int) -> int:
+        """One more restart of the experiment's aggregator; how many in a row that makes.
+
+        The count starts again (at 1) when more rounds are completed than at the last restart:
+        the federation made progress in between.
+        """
+        with self._transaction() as db:
+            self._current_state(db, experiment_id)
+            db.execute(
+                "INSERT INTO aggregator_restarts (experiment_id, in_a_row, rounds) "
+                "VALUES (?, 1, ?) ON CONFLICT (experiment_id) DO UPDATE SET in_a_row = CASE "
+                "WHEN excluded.rounds > rounds THEN 1 ELSE in_a_row + 1 END, "
+                "rounds = MAX(rounds, excluded.rounds)",
+                (experiment_id, rounds_completed),
+            )
+            row = db.execute(
+                "SELECT in_a_row FROM aggregator_restarts WHERE experiment_id = ?",
+                (experiment_id,),
+            ).fetchone()
+        return int(row[0])
 
     # -- envoys -------------------------------------------------------------------------------
 
@@ -475,6 +546,26 @@ class DirectorState(SqliteStore):
         if row is None:
             raise NotFoundError(f"no experiment {experiment_id!r}")
         return ExperimentState(row[0])
+
+
+def _fair_order(waiting: Sequence[Experiment], held: Mapping[str, int]) -> list[Experiment]:
+    """`waiting` (in submission order) in the queue's order, owners holding `held` places."""
+    backlogs: dict[str, deque[Experiment]] = {}
+    for experiment in waiting:
+        backlogs.setdefault(experiment.owner, deque()).append(experiment)
+    # One entry per owner with a backlog: (places they would hold, their first's sequence).
+    turns = [
+        (held.get(owner, 0), backlog[0].sequence, owner) for owner, backlog in backlogs.items()
+    ]
+    heapq.heapify(turns)
+    order: list[Experiment] = []
+    while turns:
+        count, _, owner = heapq.heappop(turns)
+        backlog = backlogs[owner]
+        order.append(backlog.popleft())
+        if backlog:
+            heapq.heappush(turns, (count + 1, backlog[0].sequence, owner))
+    return order
 
 
 def _check_move(experiment_id: str, current: ExperimentState, to: ExperimentState) -> None:

@@ -21,6 +21,7 @@ from director.errors import (
     NotFoundError,
     PreconditionError,
     StorageError,
+    StreamTimeoutError,
     UnavailableError,
 )
 
@@ -34,6 +35,7 @@ STATUS_CODES: Mapping[type[Exception], grpc.StatusCode] = {
     NotFoundError: grpc.StatusCode.NOT_FOUND,
     PreconditionError: grpc.StatusCode.FAILED_PRECONDITION,  # IllegalTransitionError too
     LimitExceededError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    StreamTimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED,  # why not CANCELLED: admission.calls
     UnavailableError: grpc.StatusCode.UNAVAILABLE,
     # Nothing was acknowledged, so the caller may safely retry.
     StorageError: grpc.StatusCode.UNAVAILABLE,

@@ -16,13 +16,21 @@ from typing import Any
 import yaml
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    """Writes a value met twice in full: foedus's YAML readers refuse aliases."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        """Never an anchor and alias, whatever the value."""
+        return True
+
+
 def write_yaml(document: Mapping[str, Any], path: Path) -> None:
     """Write `document` to `path` as YAML, atomically and durably; `OSError`, `yaml.YAMLError`."""
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def dump(temporary: Path) -> None:
         with temporary.open("w", encoding="utf-8") as file:
-            yaml.safe_dump(document, file, sort_keys=False)
+            yaml.dump(document, file, Dumper=_NoAliasDumper, sort_keys=False)
 
     replace_file(path, dump)
 

@@ -4,7 +4,8 @@
 one connection shared by the service's threads behind one lock, each write one `BEGIN IMMEDIATE`
 transaction, every SQLite failure raised as the service's own error naming the database.
 `lock_state_folder` and `connect` open a state folder and its database the way the director and
-the envoy do (a `meta` table holding the schema version); the aggregator has its own versioning
+the envoy do (a `meta` table holding the schema version, and the migrations from older versions);
+the aggregator has its own versioning
 (`PRAGMA user_version`, with migrations) and locks its output folder itself, with `hold_lock`
 as the others hold their lock files.
 """
@@ -16,7 +17,7 @@ import fcntl
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +104,15 @@ def connect(
     error: ErrorType,
     *,
     timeout: float = 5.0,
+    migrations: Mapping[int, str] | None = None,
 ) -> sqlite3.Connection:
-    """The database with `schema` made, WAL, every commit synced; its `meta` version checked."""
+    """The database with `schema` made, WAL, every commit synced; its `meta` version checked.
+
+    `migrations` holds, by version, the SQL statement that makes a state of that version the
+    next one's: an older state is migrated, one version at a time, each in one transaction that
+    first reads the version again (another process, say `envoy approve`, may have migrated it
+    meanwhile). `schema` runs first, so what it creates with IF NOT EXISTS needs no migration.
+    """
     try:
         connection = sqlite3.connect(
             database, isolation_level=None, check_same_thread=False, timeout=timeout
@@ -117,8 +125,29 @@ def connect(
             connection.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (str(version),)
             )
-        elif row[0] != str(version):
-            raise error(f"{database}: state version {row[0]}, this {service} reads {version}")
+        else:
+            found = int(row[0]) if row[0].isdigit() else -1
+            steps = migrations or {}
+            if found != version and not (
+                0 < found < version and all(old in steps for old in range(found, version))
+            ):
+                raise error(f"{database}: state version {row[0]}, this {service} reads {version}")
+            for old in range(found, version):
+                _migrate(connection, steps[old], old)
     except sqlite3.Error as problem:
         raise error(f"{database}: {problem}") from None
     return connection
+
+
+def _migrate(connection: sqlite3.Connection, sql: str, old: int) -> None:
+    """Migrate a state of version `old` to the next, in one transaction (all of it or none)."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        row = connection.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        if row is not None and row[0] == str(old):  # else migrated meanwhile by another process
+            connection.execute(sql)
+            connection.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(old + 1),))
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")

@@ -6,20 +6,22 @@ import argparse
 import contextlib
 import logging
 import signal
-import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from collaborator.client import LEAVE_SECONDS
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
 from command.output import quiet_when_stdout_closes
-from command.process import LOG_FORMAT, LOG_LEVELS
+from command.process import LOG_LEVELS, stderr_log_handler
 from command.table import table_lines
+from command.text import printable
 from command.usage import Parser, UsageError, fail, parse_arguments
 from envoy.client import DirectorClient
 from envoy.config import ConfigError, EnvoyConfig, load_config
 from envoy.errors import EnvoyError
+from envoy.leave import Leaving
 from envoy.progress import ProgressBook
 from envoy.redis_metrics import RedisReporter
 from envoy.runtime import EnvoyLoop, foedus_version
@@ -123,11 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     try:
         if args.command == "start":
-            logging.basicConfig(
-                level=args.log_level.upper(),
-                format=LOG_FORMAT,
-                stream=sys.stderr,
-            )
+            logging.basicConfig(level=args.log_level.upper(), handlers=[stderr_log_handler()])
             return _start(args.name, config)
         if args.command == "list":
             return _list(config)
@@ -174,13 +172,15 @@ def _start(name: str, config: EnvoyConfig) -> int:
                 share.errors,
                 "yes" if share.paths else "no",
             )
-            site = Site(name, config, state)
+            leaving = Leaving()
+            site = Site(name, config, state, leave=leaving)
             loop = EnvoyLoop(
                 site, client, shard=config.shard, connection=config.connection, stop=stop
             )
             with contextlib.ExitStack() as services:
                 _serve(site, loop, config, token, services)
                 loop.run()
+            leaving.wait(LEAVE_SECONDS)  # an aggregator being told the site left is told
     finally:
         state.close()
     return EXIT_OK
@@ -245,8 +245,9 @@ def _review(config: EnvoyConfig, experiment_id: str, approve: bool, reason: str)
         experiment = review(state, experiment_id, approve=approve, reason=reason)
     finally:
         state.close()
-    print(
-        f"experiment {experiment_id} ({experiment.name!r} by {experiment.owner}): "
+    print(  # the name and owner are the director's: printed without terminal controls
+        f"experiment {experiment_id} ({printable(experiment.name)!r} by "
+        f"{printable(experiment.owner)}): "
         f"{'approved; the envoy starts its collaborator' if approve else 'rejected'}"
     )
     return EXIT_OK
@@ -260,7 +261,8 @@ def _list(config: EnvoyConfig) -> int:
         state.close()
     rows = []
     for e in experiments:
-        detail = f"exit {e.exit_code}" if e.state is CollaboratorState.EXITED else ""
+        ended = e.state in {CollaboratorState.EXITED, CollaboratorState.GAVE_UP}
+        detail = f"exit {e.exit_code}" if ended else ""
         detail = "; ".join(part for part in (detail, e.reason, "done" if e.done else "") if part)
         rows.append((e.experiment_id, e.name, e.owner, e.state.value, detail))
     for line in table_lines(("EXPERIMENT", "NAME", "OWNER", "STATE", "DETAIL"), rows):

@@ -30,6 +30,7 @@ LOG_ENDS = "; its log ends: "  # in a failure's reason, before the quoted last l
 # The top-level packages of foedus (pyproject.toml's): a logger under one of them is foedus's own.
 FOEDUS_PACKAGES = frozenset(
     {
+        "admission",
         "aggregator",
         "collaborator",
         "command",

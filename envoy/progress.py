@@ -28,6 +28,7 @@ _TASK = re.compile(r"^round (?P<round>\d+): (?P<task>\w+) on (?P<samples>\d+) sa
 _METRIC = re.compile(r"^(?P<name>[^=\s]+)=(?P<value>\S+)$")
 _FINISHED = "the federation is finished"
 _TIME_FORMAT = "%Y-%m-%d %H:%M:%S,%f"
+_ENDED = frozenset({CollaboratorState.EXITED, CollaboratorState.GAVE_UP})  # with an exit code
 
 
 @dataclass
@@ -58,7 +59,7 @@ class ProgressBook:
         """A copy of `key`'s progress after reading what `log` gained since the last call."""
         with self._lock:
             progress = self._known.setdefault(key, Progress())
-            _read_new_lines(progress, log)
+            read_new_lines(progress, log)
             return Progress(
                 round=progress.round,
                 rounds={
@@ -72,7 +73,8 @@ class ProgressBook:
             )
 
 
-def _read_new_lines(progress: Progress, log: Path) -> None:
+def read_new_lines(progress: Progress, log: Path) -> None:
+    """Take into `progress` the whole lines `log` gained since `progress.offset`."""
     try:
         with log.open("rb") as file:
             size = file.seek(0, 2)
@@ -129,7 +131,7 @@ def _time(text: str) -> float | None:
 def describe(experiment: Experiment, progress: Progress, folder: Path) -> dict[str, Any]:
     """One collaborator as the site API and Redis show it (JSON-ready); `folder` is its own."""
     ended_at = None
-    if experiment.state is CollaboratorState.EXITED:
+    if experiment.state in _ENDED:
         try:
             ended_at = (folder / STATUS_FILE).stat().st_mtime
         except OSError:
@@ -143,7 +145,7 @@ def describe(experiment: Experiment, progress: Progress, folder: Path) -> dict[s
         "reason": experiment.reason,
         "stopping": experiment.stopping,
         "done": experiment.done,
-        "exit_code": experiment.exit_code if experiment.state is CollaboratorState.EXITED else None,
+        "exit_code": experiment.exit_code if experiment.state in _ENDED else None,
         "restarts": experiment.restarts,
         "round": progress.round,
         "last_metrics": progress.last_metrics(),

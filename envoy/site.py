@@ -3,8 +3,12 @@
 `Site` turns the director's work (experiments to start and to stop, logs to send) into actions
 on the envoy's durable state (`envoy.state`) and its collaborators, child processes in their own
 sessions (`director.launcher.ChildProcesses`): `collaborator start -n NAME --plan PLAN`, the plan
-written by `envoy.site_plan`. It never touches the network; `envoy.runtime` carries its reports
-to the director and the director's work to it. Every step is written to the state before it is
+written by `envoy.site_plan`. A collaborator that dies is started again, at most `MAX_RESTARTS`
+times in a row (the count starts again once it finishes a round it had not); the site gives up
+on it for good (GAVE_UP) when it exits 2 (a bad plan or settings: starting again cannot help),
+when its restarts are used up, or when the site's operator stops it, and tells the aggregator
+the site left (`envoy.leave`, in a thread of its own). Otherwise it never touches the network;
+`envoy.runtime` carries its reports to the director and the director's work to it. Every step is written to the state before it is
 acted on or reported, so an envoy started again after kill -9 goes on where it was (`recover`).
 """
 
@@ -25,20 +29,30 @@ from director.orders import LogOrder, StartOrder, Work
 from envoy.config import EnvoyConfig
 from envoy.disclosure import SharedLog, failure_reason, shared_reason
 from envoy.errors import EnvoyError, FinishedError, IllegalTransitionError, StateError
-from envoy.site_plan import EXPERIMENT_ID, RefusedPlanError, site_document, write_site_plan
-from envoy.state import DIRECTOR, SITE, CollaboratorState, EnvoyState, Experiment
+from envoy.leave import LeaveCall, Leaving
+from envoy.progress import Progress, read_new_lines
+from envoy.site_plan import (
+    EXPERIMENT_ID,
+    PLAN_FILE,
+    RefusedPlanError,
+    site_document,
+    write_site_plan,
+)
+from envoy.state import DIRECTOR, NO_ROUND, SITE, CollaboratorState, EnvoyState, Experiment
 from plans.loader import PlanError, yaml_document
 
 logger = logging.getLogger(__name__)
 
 EXPERIMENTS = "experiments"
 LOG_FILE = "collaborator.log"
-MAX_RESTARTS = 3  # a collaborator that died this many times is left ended
+MAX_RESTARTS = 3  # a collaborator that died this many times in a row is given up
 MAX_LOG_BYTES = 4 * 1024 * 1024  # the most of a log sent for one request
 EXIT_BAD_INPUT = 2  # `collaborator start`'s: a bad plan or settings; starting again cannot help
 NO_STATUS = -1  # the exit code reported for a collaborator that vanished without recording one
 _S = CollaboratorState
 _ALIVE = frozenset({_S.STARTED, _S.RUNNING})
+_STOPPABLE = frozenset({_S.SITE_APPROVED, _S.EXITED})  # not running, yet not final
+_STOPPED_BY_SITE = "stopped by the site's operator"
 OWN = "site"  # the owner of a collaborator the site started itself
 OWN_PLAN = Path("the plan given to the site's API")  # how refusals name it
 
@@ -75,11 +89,13 @@ class Site:
         collaborator_command: Sequence[str] = (sys.executable, "-m", "collaborator"),
         stop_patience_seconds: float = 10.0,
         stop_grace_seconds: float = 10.0,
+        leave: LeaveCall | None = None,
     ) -> None:
         """`name` is this site's (its certificate's CN); `collaborator_command` runs a collaborator.
 
         Told to stop, a collaborator gets `stop_patience_seconds` to end by itself, then SIGTERM
-        and `stop_grace_seconds` more before SIGKILL.
+        and `stop_grace_seconds` more before SIGKILL. `leave` tells an aggregator the site left
+        (by default `envoy.leave.Leaving`: in a thread of its own).
         """
         self.name = name
         self.config = config
@@ -87,6 +103,7 @@ class Site:
         self.collaborator_command = tuple(collaborator_command)
         self.stop_patience_seconds = stop_patience_seconds
         self.stop_grace_seconds = stop_grace_seconds
+        self.leave: LeaveCall = leave if leave is not None else Leaving()
         self._stop_asked: dict[str, float] = {}
         self.children = ChildProcesses(LOG_FILE, "collaborator")
         self._root = config.state_dir / EXPERIMENTS
@@ -216,8 +233,10 @@ class Site:
             raise FinishedError(
                 f"collaborator {experiment_id} has already ended ({experiment.state.value})"
             )
-        self.state.set_stopping(experiment_id)
-        logger.info("collaborator %s: stopping, as the site asked", experiment_id)
+        self.state.set_stopping(experiment_id, by_site=True)
+        logger.info(
+            "collaborator %s: stopping, as the site asked; the site gives it up", experiment_id
+        )
         return self.state.experiment(experiment_id)
 
     # -- one experiment ------------------------------------------------------------------------
@@ -271,9 +290,14 @@ class Site:
                     self.children.stop(experiment_id, folder, grace_seconds=self.stop_grace_seconds)
                     ended = self.children.poll(experiment_id, folder)
                 self._ended(experiment, ended, restart=False)
+            elif experiment.stopped_by_site and experiment.state in _STOPPABLE:
+                self._give_up(experiment, experiment.exit_code, _STOPPED_BY_SITE, experiment.reason)
+            elif experiment.stopped_by_site and experiment.state is _S.APPROVAL_PENDING:
+                self.state.transition(experiment_id, _S.SITE_REJECTED, reason=_STOPPED_BY_SITE)
             self._stop_asked.pop(experiment_id, None)
             self.state.set_done(experiment_id)
-            logger.info("experiment %s: stopped, as the director said", experiment_id)
+            who = "the site's operator" if experiment.stopped_by_site else "the director"
+            logger.info("experiment %s: stopped, as %s said", experiment_id, who)
             return
         if experiment.state is _S.SITE_APPROVED:
             self._launch(experiment)
@@ -281,19 +305,33 @@ class Site:
             ended = self.children.poll(experiment_id, folder)
             if ended is not None:
                 self._ended(experiment, ended, restart=True)
+        elif experiment.state is _S.EXITED and experiment.exit_code != 0:
+            # Died, and not started again: the envoy was killed in between, or the start failed.
+            self._after_death(experiment, adopt=True)
 
-    def _launch(self, experiment: Experiment, *, restarted: bool = False) -> None:
+    def _launch(
+        self,
+        experiment: Experiment,
+        *,
+        restarted: bool = False,
+        restart_round: int | None = None,
+        adopt: bool = True,
+    ) -> None:
         experiment_id = experiment.experiment_id
         folder = self.folder(experiment_id)
         try:
             document = site_document(experiment.plan_yaml, experiment.site, self.config, folder)
         except RefusedPlanError as error:
             logger.warning("experiment %s refused: %s", experiment_id, error)
-            self.state.transition(experiment_id, _S.REFUSED, reason=str(error))
+            if experiment.state is _S.EXITED:  # to start again (its runner no longer agreed to?)
+                detail = f"{error}; {experiment.reason}" if experiment.reason else str(error)
+                self._give_up(experiment, experiment.exit_code, "cannot start it again", detail)
+            else:
+                self.state.transition(experiment_id, _S.REFUSED, reason=str(error))
             return
         plan = write_site_plan(document, folder)
         # Killed after starting it but before recording it, the envoy finds it here.
-        pid = None if restarted else self.children.adopt_any(experiment_id, folder)
+        pid = self.children.adopt_any(experiment_id, folder) if adopt else None
         if pid is None:
             # The child inherits the envoy's environment: PYTHONPATH reaches a site's runner.
             command = (
@@ -309,27 +347,70 @@ class Site:
                 pid = self.children.start(experiment_id, (*command, str(plan)), folder)
             except OSError as error:  # tried again at the next tick
                 raise StateError(f"{folder}: cannot start the collaborator: {error}") from None
-        self.state.transition(experiment_id, _S.STARTED, pid=pid, restarted=restarted)
+        self.state.transition(
+            experiment_id, _S.STARTED, pid=pid, restarted=restarted, restart_round=restart_round
+        )
 
     def _ended(self, experiment: Experiment, ended: Ended | None, *, restart: bool) -> None:
+        """Note how a collaborator ended: exited, started again, or given up for good."""
         experiment_id = experiment.experiment_id
         code = NO_STATUS if ended is None or ended.code is None else ended.code
         reason = ""
         if code != 0:
             described = (ended or Ended(None)).describe("the collaborator")
             reason = failure_reason(described, code, self.folder(experiment_id) / LOG_FILE)
-        self.state.transition(experiment_id, _S.EXITED, exit_code=code, reason=reason)
+        if experiment.stopped_by_site:
+            self._give_up(experiment, code, _STOPPED_BY_SITE, reason)
+            return
+        exited = self.state.transition(experiment_id, _S.EXITED, exit_code=code, reason=reason)
         logger.info("experiment %s: collaborator ended (%s)", experiment_id, reason or "code 0")
-        died = code not in (0, EXIT_BAD_INPUT)
-        if restart and died and experiment.restarts < MAX_RESTARTS:
-            logger.warning(
-                "experiment %s: starting the collaborator again (%d of %d); it asks the "
-                "aggregator what it still owes",
-                experiment_id,
-                experiment.restarts + 1,
-                MAX_RESTARTS,
-            )
-            self._launch(self.state.experiment(experiment_id), restarted=True)
+        if restart and code != 0:  # not the director's stop, and it did not do its part
+            self._after_death(exited, adopt=False)
+
+    def _after_death(self, experiment: Experiment, *, adopt: bool) -> None:
+        """Start a collaborator that died again, or give it up: exit 2, or restarts used up.
+
+        `adopt`: look for one already started first (the envoy killed right after starting it).
+        """
+        experiment_id, code, reason = (
+            experiment.experiment_id,
+            experiment.exit_code,
+            experiment.reason,
+        )
+        if code == EXIT_BAD_INPUT:
+            self._give_up(experiment, code, "a bad plan or settings", reason)
+            return
+        done = self._round_done(experiment_id)
+        in_a_row = 0 if done > experiment.restart_round else experiment.restarts
+        if in_a_row >= MAX_RESTARTS:
+            self._give_up(experiment, code, f"it died {in_a_row + 1} times in a row", reason)
+            return
+        logger.warning(
+            "experiment %s: %s; starting the collaborator again (%d of %d in a row); it asks "
+            "the aggregator what it still owes",
+            experiment_id,
+            reason,
+            in_a_row + 1,
+            MAX_RESTARTS,
+        )
+        self._launch(experiment, restarted=True, restart_round=done, adopt=adopt)
+
+    def _give_up(self, experiment: Experiment, code: int, cause: str, detail: str = "") -> None:
+        """The site will not start this collaborator again: GAVE_UP (its reason: `cause`, then
+        `detail`, how it ended), for the director to know; its aggregator is told (`cause` only)."""
+        experiment_id = experiment.experiment_id
+        reason = f"{cause}; {detail}" if detail else cause
+        self.state.transition(experiment_id, _S.GAVE_UP, exit_code=code, reason=reason)
+        logger.warning("experiment %s: gave up on the collaborator: %s", experiment_id, reason)
+        plan = self.folder(experiment_id) / PLAN_FILE
+        if plan.is_file():  # else it never started: no aggregator knows it from this site
+            self.leave(experiment_id, plan, experiment.site, f"the site gave it up: {cause}")
+
+    def _round_done(self, experiment_id: str) -> int:
+        """The last round the collaborator finished a task of, by its own log (`NO_ROUND`: none)."""
+        progress = Progress()
+        read_new_lines(progress, self.folder(experiment_id) / LOG_FILE)
+        return NO_ROUND if progress.round is None else progress.round
 
     def _shared(self, report: Report) -> Report:
         """`report` with its reason as the site lets it leave (envoy.disclosure)."""

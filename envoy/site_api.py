@@ -41,7 +41,8 @@ from envoy.errors import (
 )
 from envoy.progress import ProgressBook, describe
 from envoy.site import LOG_FILE, Site, review
-from envoy.site_plan import RefusedPlanError
+from envoy.site_plan import EXPERIMENT_ID, RefusedPlanError
+from plans.loader import cut, shown, values_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -196,10 +197,14 @@ def create_app(context: SiteApiContext) -> FastAPI:
             raise BadRequestError(
                 "give the plan as exactly one of 'plan' (its text) or 'plan_path'"
             )
-        text = request.plan if request.plan is not None else _read_plan(request.plan_path or "")
-        if len(text.encode("utf-8")) > MAX_PLAN_BYTES:
-            raise BadRequestError(f"the plan is over {MAX_PLAN_BYTES} bytes")
-        experiment = site.start_own(text, request.runner_settings, name=request.name)
+        if request.plan is not None:
+            if len(request.plan.encode("utf-8")) > MAX_PLAN_BYTES:
+                raise BadRequestError(f"the plan is over {MAX_PLAN_BYTES} bytes")
+            experiment = site.start_own(request.plan, request.runner_settings, name=request.name)
+        else:
+            text = _read_plan(request.plan_path or "")
+            with values_hidden():  # its problems name keys, never what the file holds
+                experiment = site.start_own(text, request.runner_settings, name=request.name)
         return {"uuid": experiment.experiment_id}
 
     @app.get("/api/collaborators", summary="Every collaborator this envoy runs or ran.")
@@ -214,7 +219,7 @@ def create_app(context: SiteApiContext) -> FastAPI:
 
     @app.get("/api/collaborators/{uuid}", summary="One collaborator: state, round, metrics.")
     def one(uuid: str) -> dict[str, Any]:
-        return _describe(uuid)
+        return _describe(_id(uuid))
 
     @app.get(
         "/api/collaborators/{uuid}/log",
@@ -222,14 +227,14 @@ def create_app(context: SiteApiContext) -> FastAPI:
         summary="The last lines of a collaborator's log.",
     )
     def log(uuid: str, tail: int = Query(100, ge=1, le=MAX_TAIL_LINES)) -> str:
-        site.state.experiment(uuid)  # 404 for an unknown one
+        site.state.experiment(_id(uuid))  # 404 for an unknown one
         return _tail(site.folder(uuid) / LOG_FILE, tail)
 
     @app.post(
         "/api/collaborators/{uuid}/stop", status_code=202, summary="Stop a running collaborator."
     )
     def stop(uuid: str) -> dict[str, Any]:
-        experiment = site.stop_collaborator(uuid)
+        experiment = site.stop_collaborator(_id(uuid))
         return {"uuid": uuid, "state": experiment.state.value, "stopping": True}
 
     for verb in ("approve", "reject"):
@@ -252,10 +257,17 @@ class ReviewRequest(BaseModel):
 def _review_endpoint(site: Site, *, approve: bool) -> Callable[..., dict[str, str]]:
     def decide(experiment_id: str, request: ReviewRequest | None = None) -> dict[str, str]:
         reason = request.reason if request is not None else ""
-        experiment = review(site.state, experiment_id, approve=approve, reason=reason)
+        experiment = review(site.state, _id(experiment_id), approve=approve, reason=reason)
         return {"experiment": experiment_id, "state": experiment.state.value}
 
     return decide
+
+
+def _id(experiment_id: str) -> str:
+    """An id of the URL: one of the form the envoy keeps, or 404 quoting it cut (never whole)."""
+    if not EXPERIMENT_ID.match(experiment_id):
+        raise UnknownExperimentError(f"no experiment {shown(experiment_id)} at this envoy")
+    return experiment_id
 
 
 def _error(code: int, message: str) -> JSONResponse:
@@ -264,20 +276,53 @@ def _error(code: int, message: str) -> JSONResponse:
 
 
 def _read_plan(path_text: str) -> str:
+    """The plan file a request named: a regular file of at most `MAX_PLAN_BYTES`, else 400.
+
+    Opened without blocking (a FIFO or a device would hold a worker forever) and checked on the
+    open descriptor (what is read is what was checked), before a byte is read. A symlink is
+    followed, as any reader of a path would: the token's holder could name its target anyway.
+    """
     path = Path(path_text)
     if not path.is_absolute():
-        raise BadRequestError(f"plan_path {path_text!r}: give an absolute path on this site")
+        raise BadRequestError(f"plan_path {shown(path_text)}: give an absolute path on this site")
+    shown_path = cut(repr(path_text), 300)
     try:
-        with path.open("rb") as file:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except (OSError, ValueError) as error:  # ValueError: a NUL in the path
+        reason = error.strerror if isinstance(error, OSError) else "not a usable path"
+        raise BadRequestError(f"{shown_path}: cannot read the plan: {reason}") from None
+    try:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            raise BadRequestError(
+                f"{shown_path}: not a regular file ({_file_kind(status.st_mode)}); "
+                "plan_path names a plan file"
+            )
+        if status.st_size > MAX_PLAN_BYTES:
+            raise BadRequestError(f"{shown_path}: the plan is over {MAX_PLAN_BYTES} bytes")
+        with os.fdopen(descriptor, "rb", closefd=False) as file:
             data = file.read(MAX_PLAN_BYTES + 1)
     except OSError as error:
-        raise BadRequestError(f"{path}: cannot read the plan: {error.strerror}") from None
-    if len(data) > MAX_PLAN_BYTES:
-        raise BadRequestError(f"{path}: the plan is over {MAX_PLAN_BYTES} bytes")
+        raise BadRequestError(f"{shown_path}: cannot read the plan: {error.strerror}") from None
+    finally:
+        os.close(descriptor)
+    if len(data) > MAX_PLAN_BYTES:  # it grew since fstat
+        raise BadRequestError(f"{shown_path}: the plan is over {MAX_PLAN_BYTES} bytes")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise BadRequestError(f"{path}: the plan is not UTF-8 text") from None
+        raise BadRequestError(f"{shown_path}: the plan is not UTF-8 text") from None
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ]
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
 def _tail(path: Path, lines: int) -> str:

@@ -1,6 +1,6 @@
 """The director's plan made this site's: checked against what the site agreed to, then written.
 
-The plan is YAML text (never code): the envoy reads it with `yaml.safe_load`, refuses a runner
+The plan is YAML text (never code): the envoy reads it with `safe_yaml`, refuses a runner
 not in its `runners`, points `tls` at its own certificate folder, drops the aggregator's files
 (paths on the director's host), merges its own runner settings over `runner.settings` with
 `plans.site_settings.merge_site_settings`, and checks the result as `collaborator start` will.
@@ -18,7 +18,7 @@ import yaml
 from durable.files import write_yaml
 from envoy.config import EnvoyConfig
 from envoy.errors import StateError
-from plans.loader import PlanError, parse_plan, yaml_document
+from plans.loader import PlanError, parse_plan, shown, yaml_document
 from plans.site_settings import merge_site_settings
 
 PLAN_FILE = "plan.yaml"
@@ -46,7 +46,7 @@ def site_document(plan_yaml: str, site: str, config: EnvoyConfig, folder: Path) 
     name = runner.get("name") if isinstance(runner, Mapping) else None
     if name not in config.runners:
         raise RefusedPlanError(
-            f"runner {name!r} is not one this site agreed to run ({config.path}: runners: "
+            f"runner {shown(name)} is not one this site agreed to run ({config.path}: runners: "
             f"{', '.join(config.runners)})"
         )
     document = dict(document)
@@ -63,7 +63,7 @@ def site_document(plan_yaml: str, site: str, config: EnvoyConfig, folder: Path) 
     if site not in plan.collaborators:
         raise RefusedPlanError(
             f"{RECEIVED}: collaborators: this site {site!r} is not listed "
-            f"(listed: {', '.join(plan.collaborators)})"
+            f"(listed: {shown(', '.join(plan.collaborators))})"
         )
     merged = merge_site_settings(plan.runner, config.runner_settings, source=config.path)
     document["runner"] = {**document["runner"], "settings": dict(merged.settings)}

@@ -10,6 +10,9 @@ director.proto's); the allowed moves are the one table `TRANSITIONS`. Every chan
 in the same transaction, to an outbox of reports, sent in order and deleted once the director
 has them: a change made while the director was away, or by `envoy approve`, is reported when it
 can be, and none is skipped.
+
+Schema version 2 added `restart_round` (the round the collaborator had finished when it was last
+started again, so restarts are counted in a row); a version 1 state is migrated when opened.
 """
 
 from __future__ import annotations
@@ -29,9 +32,13 @@ from envoy.errors import IllegalTransitionError, StateError, UnknownExperimentEr
 
 DATABASE = "envoy.sqlite"
 LOCK = "envoy.lock"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DIRECTOR = "director"  # an experiment the director sent: its changes are reported to it
 SITE = "site"  # a collaborator started at the site (its API): the director never hears of it
+NO_ROUND = -1  # `restart_round` before any round is finished
+# Who said stop (the `stopping` column): the director's stop ends it, the site's gives it up.
+STOPPED_BY_DIRECTOR = 1
+STOPPED_BY_SITE = 2
 
 
 class CollaboratorState(Enum):
@@ -44,6 +51,8 @@ class CollaboratorState(Enum):
     STARTED = "started"  # `collaborator start` launched
     RUNNING = "running"  # found running again after an envoy restart
     EXITED = "exited"  # ended with `exit_code`
+    # The site will not start it again (final): exit 2, restarts used up, or its operator's stop.
+    GAVE_UP = "gave_up"
 
     @property
     def final(self) -> bool:
@@ -55,12 +64,14 @@ _C = CollaboratorState
 TRANSITIONS: Mapping[CollaboratorState, frozenset[CollaboratorState]] = MappingProxyType(
     {
         _C.APPROVAL_PENDING: frozenset({_C.SITE_APPROVED, _C.SITE_REJECTED}),
-        _C.SITE_APPROVED: frozenset({_C.STARTED, _C.REFUSED}),
-        _C.STARTED: frozenset({_C.RUNNING, _C.EXITED}),
-        _C.RUNNING: frozenset({_C.EXITED}),
-        _C.EXITED: frozenset({_C.STARTED}),  # started again: it died while its experiment ran
+        _C.SITE_APPROVED: frozenset({_C.STARTED, _C.REFUSED, _C.GAVE_UP}),
+        _C.STARTED: frozenset({_C.RUNNING, _C.EXITED, _C.GAVE_UP}),
+        _C.RUNNING: frozenset({_C.EXITED, _C.GAVE_UP}),
+        # Started again: it died while its experiment ran; or given up if it cannot be.
+        _C.EXITED: frozenset({_C.STARTED, _C.GAVE_UP}),
         _C.SITE_REJECTED: frozenset(),
         _C.REFUSED: frozenset(),
+        _C.GAVE_UP: frozenset(),
     }
 )
 
@@ -78,11 +89,13 @@ class Experiment:
     exit_code: int
     reason: str
     pid: int | None  # the collaborator's `director.child` parent, while it runs
-    restarts: int  # times started again after dying
-    stopping: bool  # the director said stop
+    restarts: int  # times started again after dying, in a row (reset when it makes progress)
+    stopping: bool  # the director (or the site's operator) said stop
     done: bool  # stopped and no longer listed in heartbeats
     received_at: float
     origin: str = DIRECTOR  # DIRECTOR's experiment, or SITE's: started by the site's API
+    stopped_by_site: bool = False  # the stop was the site operator's: the site gives it up
+    restart_round: int = NO_ROUND  # the round it had finished when last started again
 
     @property
     def finished(self) -> bool:
@@ -103,7 +116,7 @@ class OutgoingReport:
 
 _COLUMNS = (
     "id, name, owner, site, plan_yaml, state, exit_code, reason, pid, restarts, stopping, done, "
-    "received_at, origin"
+    "received_at, origin, restart_round"
 )
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -122,7 +135,8 @@ CREATE TABLE IF NOT EXISTS experiments (
     stopping INTEGER NOT NULL DEFAULT 0,
     done INTEGER NOT NULL DEFAULT 0,
     received_at REAL NOT NULL,
-    origin TEXT NOT NULL DEFAULT 'director'
+    origin TEXT NOT NULL DEFAULT 'director',
+    restart_round INTEGER NOT NULL DEFAULT -1
 );
 CREATE TABLE IF NOT EXISTS outbox (
     sequence INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -132,6 +146,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     reason TEXT NOT NULL
 );
 """
+# What each version's state gets to become the next one's (`durable.sqlite.connect`).
+_MIGRATIONS = {1: "ALTER TABLE experiments ADD COLUMN restart_round INTEGER NOT NULL DEFAULT -1"}
 
 
 class EnvoyState(SqliteStore):
@@ -163,7 +179,13 @@ class EnvoyState(SqliteStore):
             make_state_folder(folder, "envoy", StateError)
         try:
             connection = connect(
-                folder / DATABASE, _SCHEMA, SCHEMA_VERSION, "envoy", StateError, timeout=30
+                folder / DATABASE,
+                _SCHEMA,
+                SCHEMA_VERSION,
+                "envoy",
+                StateError,
+                timeout=30,
+                migrations=_MIGRATIONS,
             )
         except StateError:
             if lock is not None:
@@ -242,8 +264,13 @@ class EnvoyState(SqliteStore):
         exit_code: int = 0,
         pid: int | None = None,
         restarted: bool = False,
+        restart_round: int | None = None,
     ) -> Experiment:
-        """Move to `to` if `TRANSITIONS` allows it (`IllegalTransitionError` if not); reported next."""
+        """Move to `to` if `TRANSITIONS` allows it (`IllegalTransitionError` if not); reported next.
+
+        `restarted`: it was started again, one more restart in a row; with `restart_round`, the
+        round it had finished then: more than at its last restart, and the count starts again.
+        """
         with self._transaction() as db:
             row = db.execute("SELECT state FROM experiments WHERE id = ?", (experiment_id,))
             found = row.fetchone()
@@ -256,16 +283,26 @@ class EnvoyState(SqliteStore):
                     f"become {to.value}"
                 )
             db.execute(
-                "UPDATE experiments SET state = ?, reason = ?, exit_code = ?, pid = ?, "
-                "restarts = restarts + ? WHERE id = ?",
-                (to.value, reason, exit_code, pid, int(restarted), experiment_id),
+                "UPDATE experiments SET state = ?, reason = ?, exit_code = ?, pid = ? WHERE id = ?",
+                (to.value, reason, exit_code, pid, experiment_id),
             )
+            if restarted:
+                done = NO_ROUND if restart_round is None else restart_round
+                db.execute(
+                    "UPDATE experiments SET restarts = CASE WHEN ? > restart_round THEN 1 "
+                    "ELSE restarts + 1 END, restart_round = MAX(restart_round, ?) WHERE id = ?",
+                    (done, done, experiment_id),
+                )
             _outgoing(db, experiment_id, to, exit_code, reason)
         return self.experiment(experiment_id)
 
-    def set_stopping(self, experiment_id: str) -> None:
-        """The director said stop: the collaborator is stopped (if it runs) and then done."""
-        self._execute("UPDATE experiments SET stopping = 1 WHERE id = ?", (experiment_id,))
+    def set_stopping(self, experiment_id: str, *, by_site: bool = False) -> None:
+        """The director (or, `by_site`, the site's operator) said stop: the collaborator is stopped
+        (if it runs) and then done; the first to say it decides how it ends."""
+        self._execute(
+            "UPDATE experiments SET stopping = ? WHERE id = ? AND stopping = 0",
+            (STOPPED_BY_SITE if by_site else STOPPED_BY_DIRECTOR, experiment_id),
+        )
 
     def set_done(self, experiment_id: str) -> None:
         """Stopped: no longer listed in heartbeats (its log is kept)."""
@@ -304,7 +341,7 @@ class EnvoyState(SqliteStore):
 
 def _experiment(row: tuple[Any, ...]) -> Experiment:
     (eid, name, owner, site, plan, state, code, reason, pid, restarts, stopping, done) = row[:12]
-    received, origin = row[12], row[13]
+    received, origin, restart_round = row[12], row[13], row[14]
     return Experiment(
         experiment_id=eid,
         name=name,
@@ -320,6 +357,8 @@ def _experiment(row: tuple[Any, ...]) -> Experiment:
         done=bool(done),
         received_at=received,
         origin=origin,
+        stopped_by_site=stopping == STOPPED_BY_SITE,
+        restart_round=restart_round,
     )
 
 

@@ -23,6 +23,7 @@ from google.protobuf.json_format import MessageToDict
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
 from command.output import quiet_when_stdout_closes, stdout_closed
 from command.table import table_lines
+from command.text import printable_stream
 from command.usage import Parser, UsageError, fail
 from experiment.config import ENVIRONMENT, ClientConfig, ClientConfigError, load_client_config
 from pki.errors import PkiError
@@ -69,7 +70,10 @@ SITE_STATES = {
     pb.COLLABORATOR_STARTED: "started",
     pb.COLLABORATOR_RUNNING: "running",
     pb.COLLABORATOR_EXITED: "exited",
+    pb.COLLABORATOR_GAVE_UP: "gave up",
 }
+
+EXIT_CODED = {pb.COLLABORATOR_EXITED, pb.COLLABORATOR_GAVE_UP}  # states that show the exit code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 @quiet_when_stdout_closes
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Run the experiment command line; returns the exit code (0 ok, 1 failure, 2 bad input)."""
-    out = out or sys.stdout
+    # Names, reasons, descriptions and logs are others' text: printed without terminal controls.
+    out = printable_stream(out or sys.stdout)
     try:
         args = build_parser().parse_args(argv)
         if args.config is None:
@@ -274,8 +279,7 @@ def _status(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out:
             (
                 s.site,
                 "yes" if s.online else "no",
-                SITE_STATES[s.state]
-                + (f" ({s.exit_code})" if s.state == pb.COLLABORATOR_EXITED else ""),
+                SITE_STATES[s.state] + (f" ({s.exit_code})" if s.state in EXIT_CODED else ""),
                 s.reason,
             )
             for s in e.sites

@@ -301,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--role",
         required=True,
         choices=[role.value for role in Role],
-        help="what the certificate is for",
+        help="what the certificate is for; written into it as its role mark, which the director "
+        "and the aggregator compare with the role they give its name",
     )
     certify.add_argument(
         "--name",

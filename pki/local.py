@@ -5,7 +5,8 @@ Reuse policy of ``setup_local_federation`` (so ``make demo`` can run it every ti
 * The CA (root + signing) is made once. Later runs reuse it if all four files exist and are
   consistent and unexpired; a partial or broken CA is an error unless ``force``.
 * A participant whose certificate is current (matches its key, signed by the current signing CA,
-  within its validity, with the expected name, SANs and usage) is kept untouched.
+  within its validity, with the expected name, SANs and usage, role mark included) is kept
+  untouched; one made before the signer marked roles is re-certified.
 * A participant whose key exists but whose certificate is missing or stale is re-certified with
   the SAME key (a new CSR from that key), so no key is ever replaced without ``force``.
 * ``force`` makes everything new: CA, every key, every certificate.
@@ -22,7 +23,6 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from pki.binding import has_binding
 from pki.ca import check_days, create_root_ca, create_signing_ca, utc_now
@@ -45,6 +45,7 @@ from pki.requests import (
     fingerprint,
     validate_name,
 )
+from pki.roles import extended_key_usages
 from pki.signing import certified_alt_names, certify
 
 logger = logging.getLogger(__name__)
@@ -52,11 +53,6 @@ logger = logging.getLogger(__name__)
 CA_NAME = "foedus"
 DEFAULT_CA_DAYS = 3650
 DEFAULT_LEAF_DAYS = 365
-_EKU = {
-    Role.AGGREGATOR: ExtendedKeyUsageOID.SERVER_AUTH,
-    Role.COLLABORATOR: ExtendedKeyUsageOID.CLIENT_AUTH,
-    Role.USER: ExtendedKeyUsageOID.CLIENT_AUTH,
-}
 
 
 @dataclass(frozen=True)
@@ -262,8 +258,9 @@ def _stale_reason(
         if role is Role.AGGREGATOR and not has_binding(cert, name):
             return "certificate lacks the name bound to its common name, which collaborators check"
         return "certificate's alternative names differ from the requested ones"
-    if list(eku) != [_EKU[role]]:
-        return "certificate has the wrong extended key usage"
+    if list(eku) != extended_key_usages(role):
+        # Also a certificate made before the signer marked roles (`pki.roles`): reissued here.
+        return "certificate has the wrong extended key usage or no role mark"
     return None
 
 

@@ -24,14 +24,10 @@ from pki.requests import (
     subject_alt_names,
     validate_name,
 )
+from pki.roles import describe_usage, extended_key_usages, is_role_mark, tls_usage
 
 logger = logging.getLogger(__name__)
 
-_EKU = {
-    Role.AGGREGATOR: ExtendedKeyUsageOID.SERVER_AUTH,
-    Role.COLLABORATOR: ExtendedKeyUsageOID.CLIENT_AUTH,
-    Role.USER: ExtendedKeyUsageOID.CLIENT_AUTH,
-}
 _EKU_NAMES = {
     ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
     ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth",
@@ -137,8 +133,14 @@ def _check_requested_extensions(
                     f"CSR asks for key usages {sorted(extra)} which a {role.value} certificate does not get"
                 )
         elif isinstance(value, x509.ExtendedKeyUsage):
+            marks = [describe_usage(oid) for oid in value if is_role_mark(oid)]
+            if marks:
+                raise SigningError(
+                    f"CSR asks for the role mark {marks}; the signer alone marks a certificate's "
+                    f"role, from the role it certifies ({role.value})"
+                )
             extra_eku = [
-                _EKU_NAMES.get(oid, oid.dotted_string) for oid in value if oid != _EKU[role]
+                _EKU_NAMES.get(oid, oid.dotted_string) for oid in value if oid != tls_usage(role)
             ]
             if extra_eku:
                 raise SigningError(
@@ -230,7 +232,8 @@ def certify(
         .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(key_usage, critical=True)
-        .add_extension(x509.ExtendedKeyUsage([_EKU[role]]), critical=False)
+        # TLS's usage and the role mark (`pki.roles`), which the services compare with the name's role.
+        .add_extension(x509.ExtendedKeyUsage(extended_key_usages(role)), critical=False)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(authority_key_identifier(signing_cert), critical=False)

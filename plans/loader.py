@@ -1,15 +1,19 @@
-"""Load a plan file: `yaml.safe_load`, check every key, report every problem at once.
+"""Load a plan file: safe YAML without aliases, check every key, report every problem at once.
 
 Each problem is one line `FILE: key.path: what is wrong`, so a person can fix them all in one go.
-Unknown keys are errors (a typo must not silently fall back to a default).
+Unknown keys are errors (a typo must not silently fall back to a default). Every YAML file and
+text foedus reads (plans, director.yaml, envoy.yaml, experiment configs, site settings, plans
+sent over the network) goes through `safe_yaml`, which refuses aliases before expanding them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ipaddress
 import re
 import reprlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -169,7 +173,7 @@ class _Section:
         if unique and isinstance(result, tuple) and len(set(result)) != len(result):
             duplicates = sorted({name for name in result if result.count(name) > 1})
             self.problems.append(
-                f"{self._key(key)}: listed more than once: {', '.join(duplicates)}"
+                f"{self._key(key)}: listed more than once: {_shown_text(', '.join(duplicates), 200)}"
             )
         return result
 
@@ -194,7 +198,7 @@ class _Section:
         """Report keys this reader never asked for: they are typos or unsupported settings."""
         for key in self.data:
             if key not in self.seen:
-                self.problems.append(f"{self._key(str(key))}: unknown key")
+                self.problems.append(f"{self._key(_cut(str(key)))}: unknown key")
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -221,7 +225,7 @@ def read_config(
 
 
 def read_yaml(plan_path: Path) -> object:
-    """The YAML document in a file (with `yaml.safe_load`); `PlanError` naming the file if not."""
+    """The YAML document in a file (with `safe_yaml`); `PlanError` naming the file if not."""
     try:
         text = plan_path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -231,20 +235,49 @@ def read_yaml(plan_path: Path) -> object:
     return yaml_document(text, plan_path)
 
 
+ALIASES_REFUSED = "YAML aliases (*name) are not accepted: write the value out"
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` refusing every alias (`*name`, `<<: *name`) before composing it.
+
+    An alias makes a small text a huge value (a "billion laughs"), flat in memory until a
+    message, a dump or a check walks it. Plans and configs have no need of them, so they are
+    refused outright (not counted): nothing is expanded, and the rule is one line to explain.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        """Any node but an alias, composed as `SafeLoader` does."""
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                ALIASES_REFUSED,
+                self.peek_event().start_mark,  # type: ignore[no-untyped-call]
+            )
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str) -> Any:
+    """`yaml.safe_load` refusing aliases: `yaml.YAMLError` (and the errors of `yaml_document`)."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader: no Python objects built
+
+
 def yaml_document(text: str, plan_path: Path) -> object:
     """The YAML document in `text` (from `plan_path`, named in errors); `PlanError` if not YAML."""
     try:
-        data = yaml.safe_load(text)
+        data = safe_yaml(text)
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         line = f"line {where.line + 1}: " if where is not None else ""
+        problem = getattr(error, "problem", None) or error
         raise PlanError(
-            plan_path, [f"{line}not valid YAML: {getattr(error, 'problem', error)}"]
+            plan_path, [f"{line}not valid YAML: {_yaml_problem(str(problem))}"]
         ) from None
     except RecursionError:  # PyYAML composes nested collections recursively
         raise PlanError(plan_path, ["not valid YAML: nested too deeply"]) from None
     except ValueError as error:  # a scalar PyYAML cannot build: 2020-13-45, !!int x, 5000 digits
-        raise PlanError(plan_path, [f"not valid YAML: {error}"]) from None
+        raise PlanError(plan_path, [f"not valid YAML: {_shown_text(str(error), 120)}"]) from None
     return data
 
 
@@ -385,7 +418,7 @@ def _common_name(section: _Section, host: str) -> str:
     try:
         validate_host(name)
     except PkiError as error:
-        section.problems.append(f"{section._key('common_name')}: {error}")
+        section.problems.append(f"{section._key('common_name')}: {_shown_text(str(error), 200)}")
     return name
 
 
@@ -400,7 +433,7 @@ def _fingerprint(section: _Section) -> str | None:
     try:
         return normalise_fingerprint(text)
     except PkiError as error:
-        section.problems.append(f"{section._key('fingerprint')}: {error}")
+        section.problems.append(f"{section._key('fingerprint')}: {_shown_text(str(error), 200)}")
         return None
 
 
@@ -422,7 +455,9 @@ def _optional_file(section: _Section, key: str, base: Path) -> Path | None:
         section.problems.append(f"{section._key(key)}: not a usable path: {error.strerror}")
         return None
     if not found:
-        section.problems.append(f"{section._key(key)}: file not found: {path}")
+        section.problems.append(
+            f"{section._key(key)}: file not found: {_shown_text(str(path), 200)}"
+        )
     return path
 
 
@@ -431,7 +466,9 @@ def _resolved(section: _Section, key: str, text: str, base: Path) -> Path:
     try:
         return (base / text).resolve()
     except (OSError, ValueError) as error:  # a NUL character in it
-        section.problems.append(f"{section._key(key)}: not a usable path: {error}")
+        section.problems.append(
+            f"{section._key(key)}: not a usable path: {_shown_text(str(error))}"
+        )
         return base  # never used: the problem makes the whole plan fail
 
 
@@ -442,7 +479,7 @@ def _tasks(root: _Section) -> tuple[str, ...]:
     unknown = [task for task in tasks if task not in KNOWN_TASKS]
     if unknown:
         root.problems.append(
-            f"tasks: unknown task {', '.join(map(repr, unknown))}; known: {', '.join(KNOWN_TASKS)}"
+            f"tasks: unknown task {_shown(', '.join(unknown))}; known: {', '.join(KNOWN_TASKS)}"
         )
     elif TRAIN not in tasks:
         root.problems.append(f"tasks: must include {TRAIN!r}, or the model never changes")
@@ -491,7 +528,7 @@ def _best_model(section: _Section, tasks: tuple[str, ...]) -> BestModelSettings:
         maximize=section.choice("mode", "max", ("max", "min")) == "max",
     )
     if isinstance(tasks, tuple) and settings.task not in tasks:
-        section.problems.append(f"best_model.task: {settings.task!r} is not in tasks")
+        section.problems.append(f"best_model.task: {_shown(settings.task)} is not in tasks")
     section.finish()
     return settings
 
@@ -597,10 +634,43 @@ _REPR.maxstring = _REPR.maxother = _REPR.maxlong = 60
 _REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 6
 
 
+# Set while a plan is read from a file a request named (the site API's plan_path): its problems
+# then name keys and what is wrong, never a value, so no request reads a file through errors.
+_HIDE_VALUES: contextvars.ContextVar[bool] = contextvars.ContextVar("hide_values", default=False)
+HIDDEN = "(a value of the file, not shown)"
+
+
+@contextlib.contextmanager
+def values_hidden() -> Iterator[None]:
+    """Within it, problems quote no value of the plan (`shown` says `HIDDEN` instead)."""
+    token = _HIDE_VALUES.set(True)
+    try:
+        yield
+    finally:
+        _HIDE_VALUES.reset(token)
+
+
 def _shown(value: object) -> str:
-    text = _REPR.repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return HIDDEN if _HIDE_VALUES.get() else _cut(_REPR.repr(value))
+
+
+def _shown_text(text: str, limit: int = 60) -> str:
+    """A message quoting the plan's values (a path, a library's error), cut, or hidden."""
+    return HIDDEN if _HIDE_VALUES.get() else _cut(text, limit)
+
+
+def _yaml_problem(problem: str) -> str:
+    """PyYAML's problem, cut; hidden, without what it quotes of the text ('...')."""
+    if _HIDE_VALUES.get():
+        return _cut(re.sub(r"'[^']*'|\"[^\"]*\"", "'...'", problem), 120)
+    return _cut(problem, 120)
+
+
+def _cut(text: str, limit: int = 60) -> str:
+    """`text`, cut to `limit` characters: a message quotes a value, never all of a big one."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # Public: a runner quoting a bad `runner.settings` value cuts it the same way.
 shown = _shown
+cut = _cut

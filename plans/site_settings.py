@@ -17,6 +17,7 @@ from types import MappingProxyType
 
 import yaml
 
+from plans.loader import ALIASES_REFUSED, safe_yaml
 from plans.schema import Plan, RunnerSettings
 
 
@@ -33,11 +34,14 @@ def load_site_settings(path: str | Path) -> Mapping[str, object]:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else error
         raise SiteSettingsError(f"{path}: cannot read site settings: {reason}") from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_yaml(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise SiteSettingsError(f"{path}: not valid YAML{where}") from None
+        why = f": {ALIASES_REFUSED}" if getattr(error, "problem", None) == ALIASES_REFUSED else ""
+        raise SiteSettingsError(f"{path}: not valid YAML{where}{why}") from None
+    except (RecursionError, ValueError):  # nested too deeply; a scalar PyYAML cannot build
+        raise SiteSettingsError(f"{path}: not valid YAML") from None
     if data is None:
         return MappingProxyType({})
     if not isinstance(data, Mapping):

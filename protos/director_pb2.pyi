@@ -17,6 +17,7 @@ class CollaboratorState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     COLLABORATOR_STARTED: _ClassVar[CollaboratorState]
     COLLABORATOR_RUNNING: _ClassVar[CollaboratorState]
     COLLABORATOR_EXITED: _ClassVar[CollaboratorState]
+    COLLABORATOR_GAVE_UP: _ClassVar[CollaboratorState]
 
 class ExperimentState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -43,6 +44,7 @@ COLLABORATOR_REFUSED: CollaboratorState
 COLLABORATOR_STARTED: CollaboratorState
 COLLABORATOR_RUNNING: CollaboratorState
 COLLABORATOR_EXITED: CollaboratorState
+COLLABORATOR_GAVE_UP: CollaboratorState
 EXPERIMENT_STATE_UNSPECIFIED: ExperimentState
 EXPERIMENT_SUBMITTED: ExperimentState
 EXPERIMENT_APPROVED: ExperimentState

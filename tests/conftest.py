@@ -12,10 +12,11 @@ from cryptography import x509
 
 from pki.ca import create_root_ca, create_signing_ca, utc_now
 from pki.files import write_certificate, write_private_key
-from pki.keys import PrivateKey
+from pki.keys import PrivateKey, signature_hash
 from pki.layout import CertsLayout
 from pki.local import load_signing_ca, setup_local_federation
 from pki.requests import Role, create_key_and_csr
+from pki.roles import is_role_mark
 from pki.signing import certify
 
 AGGREGATOR_HOST = "localhost"
@@ -57,8 +58,10 @@ def issue_identity(
     valid_from: datetime.datetime | None = None,
     dns_names: Sequence[str] = (),
     ip_addresses: Sequence[str] = (),
+    role_mark: bool = True,
 ) -> Identity:
-    """Make a key and a certificate through the real request -> certify path and write them to folder."""
+    """Make a key and a certificate through the real request -> certify path and write them to
+    folder; `role_mark` False: as the signer made them before it marked roles."""
     key, csr = create_key_and_csr(role, name, dns_names=dns_names, ip_addresses=ip_addresses)
     cert = certify(
         csr,
@@ -69,10 +72,67 @@ def issue_identity(
         days=days,
         valid_from=valid_from,
     )
+    if not role_mark:
+        cert = without_role_mark(cert, signing_key)
     identity = Identity(cert=folder / f"{name}.crt", key=folder / f"{name}.key")
     write_private_key(identity.key, key)
     write_certificate(identity.cert, cert)
     return identity
+
+
+def without_role_mark(cert: x509.Certificate, signing_key: PrivateKey) -> x509.Certificate:
+    """`cert` as the signer issued it before it marked roles: the same but for the mark, signed again."""
+    return with_role_marks(cert, signing_key)
+
+
+def with_role_marks(
+    cert: x509.Certificate, signing_key: PrivateKey, *marks: x509.ObjectIdentifier
+) -> x509.Certificate:
+    """`cert` with `marks` in place of its role mark, signed again (no signer of ours does that)."""
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(cert.subject)
+        .issuer_name(cert.issuer)
+        .public_key(cert.public_key())
+        .serial_number(cert.serial_number)
+        .not_valid_before(cert.not_valid_before_utc)
+        .not_valid_after(cert.not_valid_after_utc)
+    )
+    for extension in cert.extensions:
+        value = extension.value
+        if isinstance(value, x509.ExtendedKeyUsage):
+            value = x509.ExtendedKeyUsage(
+                [*(oid for oid in value if not is_role_mark(oid)), *marks]
+            )
+        builder = builder.add_extension(value, critical=extension.critical)
+    return builder.sign(signing_key, signature_hash(signing_key))
+
+
+@pytest.fixture(scope="session")
+def user_bob(certs: CertsLayout, tmp_path_factory: pytest.TempPathFactory) -> Identity:
+    """A person's certificate from our CA whose name is collaborator 'bob''s."""
+    signing_key, signing_cert = load_signing_ca(certs)
+    return issue_identity(
+        tmp_path_factory.mktemp("user_bob"),
+        Role.USER,
+        "bob",
+        signing_key=signing_key,
+        signing_cert=signing_cert,
+    )
+
+
+@pytest.fixture(scope="session")
+def unmarked_bob(certs: CertsLayout, tmp_path_factory: pytest.TempPathFactory) -> Identity:
+    """Collaborator 'bob''s certificate from our CA as made before the signer marked roles."""
+    signing_key, signing_cert = load_signing_ca(certs)
+    return issue_identity(
+        tmp_path_factory.mktemp("unmarked_bob"),
+        Role.COLLABORATOR,
+        "bob",
+        signing_key=signing_key,
+        signing_cert=signing_cert,
+        role_mark=False,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -30,18 +30,21 @@ STRANGER = "mallory"  # a site certificate from our CA, not in the config's envo
 USERS = ("ada", "bea")
 ADMIN = "root"
 OUTSIDER = "eve"  # a user certificate from our CA, not in the config
+PERSON_NAMED_LIKE_A_SITE = "alice"  # a user certificate (users/alice.crt) with an envoy's name
+SITE_NAMED_LIKE_A_PERSON = "ada"  # a site certificate (collaborators/ada.crt) with a user's name
 
 
 def make_director_certs(root: Path) -> CertsLayout:
-    """Certificates for the host 'localhost', its envoys and a stranger, its people and an outsider."""
+    """Certificates for the host 'localhost', its envoys and a stranger, its people and an outsider,
+    and two of the wrong role: a person's named like a site, a site's named like a person."""
     layout = CertsLayout(root)
     setup_local_federation(
         layout,
         aggregator_host="localhost",
         dns_names=("localhost",),
         ip_addresses=("127.0.0.1",),
-        collaborators=(*ENVOYS, STRANGER),
-        users=(*USERS, ADMIN, OUTSIDER),
+        collaborators=(*ENVOYS, STRANGER, SITE_NAMED_LIKE_A_PERSON),
+        users=(*USERS, ADMIN, OUTSIDER, PERSON_NAMED_LIKE_A_SITE),
     )
     return layout
 
@@ -63,6 +66,9 @@ def write_config(folder: Path, certs: CertsLayout, **changes: Any) -> Path:
         "limits": {"max_plan_bytes": 16384, "max_model_bytes": 65536, "chunk_bytes": 4096},
     }
     document.update(changes)
+    # Tests run several of one user's experiments at once: every place may be one owner's, unless
+    # a test asks for a limit, or for the fair share (None; 1 of 2 places for three people).
+    document.setdefault("max_running_per_user", document["max_running_experiments"])
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "director.yaml"
     path.write_text(yaml.safe_dump(document), encoding="utf-8")
@@ -155,6 +161,19 @@ def running_director(
         yield Director(server, certs, config.path)
     finally:
         server.stop(0)
+
+
+def alias_bomb_plan(document: Mapping[str, Any]) -> str:
+    """`document` as YAML whose `runner.settings.split` unfolds into 10**9 strings by aliases."""
+    others = {key: value for key, value in document.items() if key != "runner"}
+    levels = "".join(f"    l{n}: &l{n} [{', '.join([f'*l{n - 1}'] * 10)}]\n" for n in range(1, 9))
+    return (
+        yaml.safe_dump(others)
+        + "runner:\n  name: digits\n  seed: 0\n  settings:\n"
+        + "    l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+        + levels
+        + "    split: *l8\n"
+    )
 
 
 def submitted_plan(**sections: Mapping[str, Any]) -> dict[str, Any]:

@@ -352,9 +352,14 @@ def kill_collaborator_process(state_dir: Path, experiment_id: str) -> int:
 
 
 def start_envoys(
-    folder: Path, certs: CertsLayout, port: int, runners: dict[str, list[str]] | None = None
+    folder: Path,
+    certs: CertsLayout,
+    port: int,
+    runners: dict[str, list[str]] | None = None,
+    keys: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[EnvoyProcess]:
-    """One envoy process per site, each with its own folder and envoy.yaml."""
+    """One envoy process per site, each with its own folder and envoy.yaml (`keys`: more keys
+    of its envoy.yaml, by site)."""
     envoys = []
     for name in ENVOYS:
         config = write_envoy_config(
@@ -363,6 +368,7 @@ def start_envoys(
             port,
             runners=(runners or {}).get(name, ["digits"]),
             shard={"description": f"{name}'s digits"},
+            **(keys or {}).get(name, {}),
         )
         envoy = EnvoyProcess(name, config, folder / name / "envoy.log")
         envoy.start()

@@ -39,12 +39,13 @@ from pki.keys import generate_private_key, signature_hash
 from pki.layout import CertsLayout
 from pki.local import load_signing_ca, setup_local_federation
 from pki.requests import Role, fingerprint
+from pki.roles import ROLE_OIDS
 from pki.tls import load_ca_bundle, load_identity, server_credentials
 from plans import Plan
 from protos import aggregator_pb2
 from protos.aggregator_pb2_grpc import AggregatorStub
 
-from conftest import Identity, issue_identity
+from conftest import Identity, issue_identity, with_role_marks
 from servers import make_plan, plan_document, running_aggregator
 
 PREFIX = "collaborator: error: "
@@ -170,6 +171,26 @@ def unbound_aggregator(certs: CertsLayout, tmp_path_factory: pytest.TempPathFact
     return identity
 
 
+@pytest.fixture(scope="module")
+def user_marked_aggregator(
+    certs: CertsLayout, tmp_path_factory: pytest.TempPathFactory
+) -> Identity:
+    """The aggregator's certificate for 'localhost', binding and all, but marked as a person's."""
+    signing_key, signing_cert = load_signing_ca(certs)
+    folder = tmp_path_factory.mktemp("user_marked")
+    identity = issue_identity(
+        folder,
+        Role.AGGREGATOR,
+        "localhost",
+        signing_key=signing_key,
+        signing_cert=signing_cert,
+        **HOST_SANS,
+    )
+    cert = with_role_marks(read_certificate(identity.cert), signing_key, ROLE_OIDS[Role.USER])
+    write_certificate(identity.cert, cert)
+    return identity
+
+
 def collaborator_as_server(certs: CertsLayout) -> Identity:
     """Alice's own certificate (clientAuth, our CA) presented by a server."""
     return Identity(cert=certs.collaborator_cert("alice"), key=certs.collaborator_key("alice"))
@@ -182,8 +203,19 @@ def collaborator_as_server(certs: CertsLayout) -> Identity:
         ("foreign_aggregator", "issued by 'CN=foreign signing CA'", "fails verification"),
         ("collaborator", "names 'alice'", "unsuitable certificate purpose"),
         ("unbound_aggregator", "names 'localhost'", "reissue it with 'pki setup --plan PLAN'"),
+        (
+            "user_marked_aggregator",
+            "for 'localhost' marked as a user certificate",
+            "issued with 'pki certify --role aggregator'",
+        ),
     ],
-    ids=["other-name-same-ca", "other-ca", "collaborator-certificate", "made-before-binding"],
+    ids=[
+        "other-name-same-ca",
+        "other-ca",
+        "collaborator-certificate",
+        "made-before-binding",
+        "marked-for-another-role",
+    ],
 )
 def test_collaborator_refuses_a_server_that_is_not_its_aggregator(
     certs: CertsLayout,

@@ -28,6 +28,7 @@ from pki.layout import CertsLayout
 from plans import Plan
 from plans.runners import Model, RunnerError, TrainOutcome
 
+from directors import alias_bomb_plan
 from processes import free_port
 from servers import (
     closing_rounds,
@@ -183,6 +184,44 @@ def test_bad_runner_settings(
     assert error_lines(capsys) == [
         f"{PREFIX}{plan}: runner.settings.epochs: expected an integer >= 1, got 0"
     ]
+
+
+def test_an_alias_bomb_in_runner_settings_is_refused_at_once(
+    certs: CertsLayout, tmp_path: Path
+) -> None:
+    """`collaborator start` on a plan whose runner.settings unfold into 10**9 strings by aliases:
+    one line naming the line of the first alias, exit 2, and the process never grows past 512 MiB."""
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(alias_bomb_plan(plan_document(certs)), encoding="utf-8")
+    first_alias = (
+        plan.read_text(encoding="utf-8")
+        .splitlines()
+        .index(f"    l1: &l1 [{', '.join(['*l0'] * 10)}]")
+    )
+    err_path = tmp_path / "stderr"
+    with err_path.open("w", encoding="utf-8") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "collaborator", "start", "-n", "alice", "--plan", str(plan)],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    deadline = time.monotonic() + 120
+    pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+    while pid == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+    if pid == 0:
+        process.kill()
+        process.wait(timeout=30)
+        pytest.fail("collaborator start did not end within 120 s")
+    process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, for its rusage
+    assert process.returncode == 2, err_path.read_text(encoding="utf-8")
+    assert err_path.read_text(encoding="utf-8").splitlines()[-1] == (
+        f"{PREFIX}{plan}: line {first_alias + 1}: not valid YAML: YAML aliases (*name) are not "
+        "accepted: write the value out"
+    )
+    assert usage.ru_maxrss < 512 * 1024  # KiB: the aliases were never unfolded
 
 
 def write_site(folder: Path, text: str) -> Path:

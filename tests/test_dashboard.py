@@ -164,7 +164,12 @@ def test_a_user_sees_only_their_own_experiments_an_admin_all(director: Director)
     assert status == 403 and "belongs to another user" in body["error"]
     assert get_json(director, f"/api/experiments/{theirs}", root)[0] == 200
     status, body = get_json(director, "/api/experiments/no-such-id", root)
-    assert status == 404 and "no-such-id" in body["error"]
+    assert status == 400 and "experiment_id: 'no-such-id' is not an id" in body["error"]
+    unknown = "00000000-0000-4000-8000-000000000000"
+    status, body = get_json(director, f"/api/experiments/{unknown}", root)
+    assert status == 404 and unknown in body["error"]
+    status, body = get_json(director, f"/api/experiments/{'x' * 20_000}", root)
+    assert status == 400 and len(body["error"]) < 200
 
 
 def test_logging_in_sets_a_secure_cookie_that_opens_the_pages(director: Director) -> None:
@@ -315,6 +320,33 @@ def test_a_chart_of_several_tasks_names_each_sites_task() -> None:
         [[1, 0.25]],
         [[2, 1.0]],
     ]
+
+
+def test_envoys_list_only_the_experiments_the_caller_may_see(director: Director) -> None:
+    """/api/envoys: beside each envoy, ada sees her running experiment's id, root too, bea none."""
+    mine = submit(director, "ada")  # takes the one running place
+
+    def listed(name: str) -> dict[str, list[str]]:
+        status, body = get_json(director, "/api/envoys", token(director, name))
+        assert status == 200
+        return {envoy["name"]: envoy["experiments"] for envoy in body["envoys"]}
+
+    eventually(
+        lambda: listed(ADMIN) == {site: [mine] for site in ENVOYS}, "ada's experiment running"
+    )
+    assert listed("ada") == {site: [mine] for site in ENVOYS}
+    assert listed("bea") == {site: [] for site in ENVOYS}
+
+
+def test_the_schema_needs_a_token_too(director: Director) -> None:
+    """/openapi.json: 401 without a token, as every route; with one, the API's schema."""
+    for headers in ({}, {"Authorization": "Bearer not-a-token"}):
+        status, _, body = request(director, "GET", "/openapi.json", headers=headers)
+        assert status == 401 and "error" in json.loads(body), headers
+    status, body = get_json(director, "/openapi.json", token(director, "ada"))
+    assert status == 200 and "/api/envoys" in body["paths"]
+    for path in ("/docs", "/redoc"):
+        assert request(director, "GET", path)[0] in {303, 404}, path
 
 
 def test_envoys_are_listed_with_their_shards_and_heartbeats(director: Director) -> None:

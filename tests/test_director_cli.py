@@ -45,6 +45,19 @@ def test_a_bad_config_is_one_line_naming_file_and_key(
     assert err.strip() == f"{config}: reveiw: unknown key"
 
 
+def test_a_per_user_limit_above_the_total_is_one_line(
+    tmp_path: Path, director_certs: CertsLayout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """max_running_per_user above max_running_experiments: exit 2, file and key, before serving."""
+    config = write_config(tmp_path, director_certs, max_running_per_user=5)
+    assert main(["start", "--config", str(config)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"{config}: max_running_per_user: 5 is above max_running_experiments 2; one owner can "
+        "never run more than all of them (at most 2, or leave it out for the fair share)"
+    ]
+    assert not (tmp_path / "state").exists()
+
+
 def test_a_runner_director_yaml_allows_but_cannot_import_is_one_line(
     tmp_path: Path, director_certs: CertsLayout, capsys: pytest.CaptureFixture[str]
 ) -> None:

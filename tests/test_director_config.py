@@ -33,8 +33,11 @@ def test_a_minimal_config_gets_every_default(tmp_path: Path) -> None:
     assert config.aggregator_ports == range(50100, 50200)
     assert (config.users, config.admins, config.manual_review) == ((), (), False)
     assert (config.health_check_seconds, config.max_running_experiments) == (10.0, 2)
+    assert config.max_running_per_user == 2  # no people listed: the limit never applies
     assert config.liveness.min_sites is None and config.liveness.offline_grace_seconds == 300
     assert config.limits.max_plan_bytes == 1024 * 1024
+    assert (config.limits.max_calls_per_identity, config.limits.max_people_calls) == (8, 64)
+    assert config.limits.idle_stream_seconds == 30
     assert config.runners == ("digits",)  # the built-in runners only
 
 
@@ -50,17 +53,28 @@ def test_every_key_is_read(tmp_path: Path) -> None:
         "review": "manual",
         "health_check_seconds": 0.5,
         "max_running_experiments": 3,
-        "limits": {"max_plan_bytes": 4096, "max_model_bytes": 8192, "chunk_bytes": 2048},
+        "max_running_per_user": 2,
+        "limits": {
+            "max_plan_bytes": 4096,
+            "max_model_bytes": 8192,
+            "chunk_bytes": 2048,
+            "max_calls_per_identity": 3,
+            "max_people_calls": 20,
+            "idle_stream_seconds": 2.5,
+        },
         "liveness": {"min_sites": 1, "mandatory_sites": ["bob"], "offline_grace_seconds": 7},
         "runners": ["digits", "my_lab.models:Net"],
     }
     config = load_config(write(tmp_path, document))
     assert config.runners == ("digits", "my_lab.models:Net")
+    assert (config.max_running_experiments, config.max_running_per_user) == (3, 2)
     assert load_config(write(tmp_path, {**MINIMAL, "runners": []})).runners == ()
     assert config.port == 0 and config.aggregator_ports == range(6000, 6010)
     assert config.manual_review and config.admins == ("root",)
     assert config.liveness.mandatory_sites == ("bob",)
     assert (config.limits.max_model_bytes, config.limits.chunk_bytes) == (8192, 2048)
+    assert (config.limits.max_calls_per_identity, config.limits.max_people_calls) == (3, 20)
+    assert config.limits.idle_stream_seconds == 2.5
 
 
 BAD: list[tuple[dict[str, Any], str]] = [
@@ -78,7 +92,25 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"review": "sometimes"}, "review: expected one of auto, manual"),
     ({"health_check_seconds": 0}, "health_check_seconds: expected a number"),
     ({"max_running_experiments": 0}, "max_running_experiments: expected an integer 1-10000"),
+    ({"max_running_per_user": 0}, "max_running_per_user: expected an integer 1-10000, got 0"),
+    ({"max_running_per_user": -1}, "max_running_per_user: expected an integer 1-10000, got -1"),
+    (
+        {"max_running_per_user": "two"},
+        "max_running_per_user: expected an integer 1-10000, got 'two'",
+    ),
+    ({"max_running_per_user": True}, "max_running_per_user: expected an integer 1-10000"),
+    (
+        {"max_running_per_user": 3},
+        "max_running_per_user: 3 is above max_running_experiments 2; one owner can never run "
+        "more than all of them (at most 2, or leave it out for the fair share)",
+    ),
     ({"limits": {"max_plan_bytes": 10}}, "limits.max_plan_bytes: expected an integer"),
+    (
+        {"limits": {"max_calls_per_identity": 0}},
+        "limits.max_calls_per_identity: expected an integer 1-1000",
+    ),
+    ({"limits": {"max_people_calls": "many"}}, "limits.max_people_calls: expected an integer"),
+    ({"limits": {"idle_stream_seconds": 0}}, "limits.idle_stream_seconds: expected a number"),
     ({"liveness": {"min_sites": 0}}, "liveness.min_sites: expected an integer"),
     ({"liveness": {"mandatory_sites": ["zed"]}}, "liveness.mandatory_sites: zed not in envoys"),
     ({"users": ["alice"]}, "envoys: alice also listed as users or admins"),
@@ -103,12 +135,42 @@ def test_a_bad_key_is_named_with_the_file(
     )
 
 
+@pytest.mark.parametrize(
+    ("most", "users", "admins", "share"),
+    [
+        (2, ["ada", "bea"], ["root"], 1),  # ceil(2 / 3)
+        (5, ["ada"], ["root"], 3),  # ceil(5 / 2)
+        (4, ["ada", "bea"], ["root", "ada"], 2),  # ada counted once: ceil(4 / 3)
+        (1, [f"u{n}" for n in range(20)], [], 1),  # never below 1
+        (3, ["ada"], [], 3),  # one person: every place, never above max_running_experiments
+    ],
+)
+def test_the_default_per_user_limit_is_a_fair_share(
+    tmp_path: Path, most: int, users: list[str], admins: list[str], share: int
+) -> None:
+    """Absent (or null): ceil(max_running_experiments / people in users and admins)."""
+    document = {**MINIMAL, "max_running_experiments": most, "users": users, "admins": admins}
+    assert load_config(write(tmp_path, document)).max_running_per_user == share
+    document["max_running_per_user"] = None
+    assert load_config(write(tmp_path, document)).max_running_per_user == share
+
+
 @pytest.mark.parametrize("key", ["host", "certs_dir", "state_dir", "envoys"])
 def test_required_keys_are_named_when_missing(tmp_path: Path, key: str) -> None:
     """Leaving out a required key says so, by name."""
     path = write(tmp_path, {k: v for k, v in MINIMAL.items() if k != key})
     with pytest.raises(ConfigError, match=f"{key}: required, but missing"):
         load_config(path)
+
+
+def test_a_per_user_limit_is_not_compared_with_a_bad_total(tmp_path: Path) -> None:
+    """max_running_experiments 0 and max_running_per_user 3: one line, the total's."""
+    path = write(tmp_path, {**MINIMAL, "max_running_experiments": 0, "max_running_per_user": 3})
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert raised.value.problems == [
+        f"{path}: max_running_experiments: expected an integer 1-10000, got 0"
+    ]
 
 
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
@@ -270,3 +332,34 @@ def test_the_director_plan_sets_its_fields_and_loads(tmp_path: Path) -> None:
     assert plan.tls.certs is not None and plan.tls.certs.root == tmp_path / "certs"
     assert plan.collaborators == SITES and plan.federation.rounds == 10
     assert not list(folder.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("sections", "offline_after"),
+    [
+        ({"liveness": {"min_sites": 2, "offline_grace_seconds": 30}}, 2 * 10 + 30),
+        # No less than twice the collaborators' heartbeat, which the plan requires.
+        ({"liveness": {"min_sites": 2, "offline_grace_seconds": 1}}, 2 * 15),
+        ({"liveness": {"min_sites": 2}, "straggler": {"offline_after_seconds": 40}}, 40),
+        ({"liveness": {"min_sites": 3}}, None),
+        ({}, None),
+    ],
+    ids=["min_sites", "heartbeat_floor", "plan_sets_it", "all_sites", "default"],
+)
+def test_the_aggregator_stops_waiting_for_a_site_the_director_counts_lost(
+    tmp_path: Path, sections: dict[str, Any], offline_after: float | None
+) -> None:
+    """min_sites below the sites: offline_after_seconds is when the director counts a silent
+    site lost (2 health periods + the grace), unless the plan sets it; else it stays unset."""
+    config = load_config(write(tmp_path, MINIMAL))
+    text = yaml.safe_dump(submitted(connection={"heartbeat_seconds": 15}, **sections))
+    check_submitted(text, **CHECKS)
+    _, plan = write_director_plan(
+        text,
+        experiment_id="e1",
+        port=50123,
+        config=config,
+        folder=tmp_path / "e1",
+        initial_model=None,
+    )
+    assert plan.straggler.offline_after_seconds == offline_after

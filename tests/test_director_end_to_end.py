@@ -15,10 +15,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -186,9 +187,18 @@ class Service:
 
 
 @contextmanager
-def running_service(folder: Path, certs: CertsLayout, **changes: object) -> Iterator[Service]:
+def running_service(
+    folder: Path,
+    certs: CertsLayout,
+    *,
+    site_runners: dict[str, list[str]] | None = None,
+    envoy_keys: Mapping[str, Mapping[str, Any]] | None = None,
+    **changes: object,
+) -> Iterator[Service]:
     """A director (on a fixed port, so envoys find it again after a restart) and three envoys,
-    all online; everything they started is stopped at the end."""
+    all online (`site_runners`, `envoy_keys`: their envoy.yaml's, by site; `changes`:
+    director.yaml's);
+    everything they started is stopped at the end."""
     config = write_config(
         folder / "director",
         certs,
@@ -199,7 +209,7 @@ def running_service(folder: Path, certs: CertsLayout, **changes: object) -> Iter
     )
     director = DirectorProcess(config, folder / "director")
     director.start()
-    envoys = start_envoys(folder / "sites", certs, director.port)
+    envoys = start_envoys(folder / "sites", certs, director.port, site_runners, envoy_keys)
     service = Service(director, {envoy.name: envoy for envoy in envoys}, certs, folder)
     try:
         deadline = time.monotonic() + RUN_SECONDS

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -20,17 +21,22 @@ import yaml
 from aggregator.storage import model_bytes
 from director.launcher import LOG_FILE, Ended, LocalLauncher
 from pki.layout import CertsLayout
+from pki.local import load_signing_ca
+from pki.requests import Role
 from protos import director_pb2 as pb
 from protos import director_pb2_grpc
 
-from conftest import Identity
+from conftest import Identity, issue_identity
 from directors import (
     ADMIN,
     ENVOYS,
     OUTSIDER,
+    PERSON_NAMED_LIKE_A_SITE,
+    SITE_NAMED_LIKE_A_PERSON,
     STRANGER,
     Director,
     RecordingLauncher,
+    alias_bomb_plan,
     make_director_certs,
     running_director,
     stub_at,
@@ -209,7 +215,9 @@ def test_a_refusing_site_fails_the_experiment_with_its_reason(
     )
     eventually(lambda: state_of(director, experiment_id) == pb.EXPERIMENT_FAILED, "failed")
     failed = ada.GetExperiment(pb.ExperimentRequest(experiment_id=experiment_id), timeout=TIMEOUT)
-    assert failed.reason == "site bob refused: runner 'digits' is not in this site's runners"
+    assert failed.reason == (
+        "site bob refused: runner 'digits' is not in this site's runners; 2 of 3 left, 3 needed"
+    )
     # The supervisor records the end before it stops the aggregator: wait for the stop too.
     eventually(lambda: launcher.stopped == [experiment_id], "the aggregator stopped")
 
@@ -263,6 +271,24 @@ def test_a_user_sees_only_their_experiments_an_admin_all(director: Director) -> 
         return [e.experiment_id for e in answer.experiments]
 
     assert (listed("ada"), listed("bea"), listed(ADMIN)) == ([mine], [theirs], [mine, theirs])
+
+
+def test_envoys_list_only_the_experiments_the_caller_may_see(director: Director) -> None:
+    """ListEnvoys: beside each envoy, ada sees her experiment's id, bea hers, root both."""
+    mine = submit(director.stub("ada"), submitted_plan()).experiment_id
+    theirs = submit(director.stub("bea"), submitted_plan()).experiment_id
+    for experiment_id in (mine, theirs):
+        director.stub(ADMIN).ApproveExperiment(
+            pb.ReviewRequest(experiment_id=experiment_id), timeout=TIMEOUT
+        )
+
+    def listed(name: str) -> dict[str, list[str]]:
+        answer = director.stub(name).ListEnvoys(pb.ListEnvoysRequest(), timeout=TIMEOUT)
+        return {envoy.name: list(envoy.experiments) for envoy in answer.envoys}
+
+    eventually(lambda: listed(ADMIN) == {site: [mine, theirs] for site in ENVOYS}, "both running")
+    assert listed("ada") == {site: [mine] for site in ENVOYS}
+    assert listed("bea") == {site: [theirs] for site in ENVOYS}
 
 
 def test_an_initial_model_is_received_in_chunks(director: Director) -> None:
@@ -361,6 +387,8 @@ def _model_stream(size: int, sent: int) -> Iterator[pb.SubmitChunk]:
         yield pb.SubmitChunk(initial_model_data=b"\0" * 1000)
 
 
+UNKNOWN_ID = "00000000-0000-4000-8000-000000000000"  # a UUID, of no experiment
+
 HOSTILE: list[tuple[str, Call, grpc.StatusCode, str]] = [
     (
         "a site certificate not in envoys",
@@ -389,6 +417,40 @@ HOSTILE: list[tuple[str, Call, grpc.StatusCode, str]] = [
         ),
         grpc.StatusCode.PERMISSION_DENIED,
         "ListExperiments is for users or admins",
+    ),
+    (
+        "a person's certificate named like a site registering",
+        lambda d: _as(PERSON_NAMED_LIKE_A_SITE)(d).RegisterEnvoy(
+            pb.RegisterEnvoyRequest(), timeout=TIMEOUT
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "certificate 'alice' is a user certificate, but director.yaml envoys names 'alice', "
+        "which needs a collaborator certificate: it must be issued for that role (pki certify "
+        "--role collaborator --name alice",
+    ),
+    (
+        "a person's certificate named like a site heartbeating",
+        lambda d: _as(PERSON_NAMED_LIKE_A_SITE)(d).EnvoyHeartbeat(
+            pb.EnvoyHeartbeatRequest(), timeout=TIMEOUT
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "certificate 'alice' is a user certificate, but director.yaml envoys names 'alice'",
+    ),
+    (
+        "a site's certificate named like a person submitting",
+        lambda d: submit(_as(SITE_NAMED_LIKE_A_PERSON, "envoy")(d), submitted_plan()),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "certificate 'ada' is a collaborator certificate, but director.yaml users names 'ada', "
+        "which needs a user certificate: it must be issued for that role (pki certify --role "
+        "user --name ada",
+    ),
+    (
+        "a site's certificate named like a person listing",
+        lambda d: _as(SITE_NAMED_LIKE_A_PERSON, "envoy")(d).ListExperiments(
+            pb.ListExperimentsRequest(), timeout=TIMEOUT
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "certificate 'ada' is a collaborator certificate, but director.yaml users names 'ada'",
     ),
     (
         "a plan that does not parse",
@@ -461,10 +523,98 @@ HOSTILE: list[tuple[str, Call, grpc.StatusCode, str]] = [
     (
         "an unknown experiment id",
         lambda d: d.stub("ada").GetExperiment(
-            pb.ExperimentRequest(experiment_id="nope"), timeout=TIMEOUT
+            pb.ExperimentRequest(experiment_id=UNKNOWN_ID), timeout=TIMEOUT
         ),
         grpc.StatusCode.NOT_FOUND,
-        "no experiment 'nope'",
+        f"no experiment '{UNKNOWN_ID}'",
+    ),
+    (
+        "an experiment id that is no UUID",
+        lambda d: d.stub("ada").GetExperiment(
+            pb.ExperimentRequest(experiment_id="nope"), timeout=TIMEOUT
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "experiment_id: 'nope' is not an id of this director (a UUID",
+    ),
+    (
+        "an experiment id of 200 KB, quoted cut",
+        lambda d: d.stub("ada").CancelExperiment(
+            pb.ExperimentRequest(experiment_id="a" * 200_000), timeout=TIMEOUT
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "experiment_id: '" + "a" * 27 + "..." + "a" * 28 + "' is not an id of this director",
+    ),
+    (
+        "a log offset past any file",
+        lambda d: list(
+            d.stub("ada").GetLogs(
+                pb.LogRequestFromUser(experiment_id=_ada_experiment(d), offset=2**64 - 1),
+                timeout=TIMEOUT,
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "offset: 18446744073709551615 is past the largest offset, 9223372036854775807",
+    ),
+    (
+        "a metric row past any list",
+        lambda d: list(
+            d.stub("ada").GetMetricStream(
+                pb.MetricStreamRequest(experiment_id=_ada_experiment(d), from_row=2**64 - 1),
+                timeout=TIMEOUT,
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "from_row: 18446744073709551615 is past the largest offset",
+    ),
+    (
+        "a log of a site that is no name",
+        lambda d: list(
+            d.stub("ada").GetLogs(
+                pb.LogRequestFromUser(experiment_id=_ada_experiment(d), site="../" * 50000),
+                timeout=TIMEOUT,
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "site: '../../../",
+    ),
+    (
+        "an experiment name of 10 KB",
+        lambda d: submit(d.stub("ada"), submitted_plan(), name="n" * 10_000),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "name: 10000 characters; at most 200",
+    ),
+    (
+        "a review reason of 10 KB",
+        lambda d: d.stub(ADMIN).RejectExperiment(
+            pb.ReviewRequest(experiment_id=_ada_experiment(d), reason="r" * 10_000),
+            timeout=TIMEOUT,
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "reason: 10000 characters; at most 1000",
+    ),
+    (
+        "a shard description of 1 MB",
+        lambda d: _as("alice", "envoy")(d).RegisterEnvoy(
+            pb.RegisterEnvoyRequest(shard=pb.ShardInfo(description="d" * 1_000_000)),
+            timeout=TIMEOUT,
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "shard.description: 1000000 characters; at most 4096",
+    ),
+    (
+        "shard labels by the thousand",
+        lambda d: _as("alice", "envoy")(d).RegisterEnvoy(
+            pb.RegisterEnvoyRequest(shard=pb.ShardInfo(labels={str(i): "" for i in range(1000)})),
+            timeout=TIMEOUT,
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "shard.labels: 1000 labels; at most 256",
+    ),
+    (
+        "an alias bomb in runner.settings",
+        lambda d: submit(d.stub("ada"), alias_bomb_plan(submitted_plan())),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "not valid YAML: YAML aliases (*name) are not accepted: write the value out",
     ),
     (
         "no experiment id",
@@ -568,10 +718,18 @@ HOSTILE: list[tuple[str, Call, grpc.StatusCode, str]] = [
     (
         "a log upload nobody asked for",
         lambda d: _as("alice", "envoy")(d).UploadLog(
-            iter([pb.LogUpload(request_id="forged", found=True, data=b"x")]), timeout=TIMEOUT
+            iter([pb.LogUpload(request_id=UNKNOWN_ID, found=True, data=b"x")]), timeout=TIMEOUT
         ),
         grpc.StatusCode.NOT_FOUND,
-        "no log request 'forged' is waiting for 'alice'",
+        f"no log request '{UNKNOWN_ID}' is waiting for 'alice'",
+    ),
+    (
+        "a log upload naming no request id",
+        lambda d: _as("alice", "envoy")(d).UploadLog(
+            iter([pb.LogUpload(request_id="forged", found=True, data=b"x")]), timeout=TIMEOUT
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "request_id: 'forged' is not an id of this director",
     ),
     (
         "a site's log from an offline envoy",
@@ -695,3 +853,50 @@ def test_no_client_certificate_cannot_connect(director: Director) -> None:
     with pytest.raises(grpc.RpcError) as raised:
         stub.ListExperiments(pb.ListExperimentsRequest(), timeout=5)
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+
+
+def test_certificates_made_before_role_marks_work_with_one_warning_each(
+    director: Director, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unmarked user certificate and an unmarked site certificate still act in the one role
+    director.yaml gives their names, each warned about once, naming the command to reissue it."""
+    signing_key, signing_cert = load_signing_ca(director.certs)
+    identities = {
+        name: issue_identity(
+            tmp_path,
+            role,
+            name,
+            signing_key=signing_key,
+            signing_cert=signing_cert,
+            role_mark=False,
+        )
+        for name, role in (("bea", Role.USER), ("carol", Role.COLLABORATOR))
+    }
+    caplog.set_level(logging.WARNING, logger="pki.roles")
+    bea, carol = (
+        stub_at(
+            director.port, director.certs.ca_bundle, identities[name].cert, identities[name].key
+        )
+        for name in ("bea", "carol")
+    )
+    for _ in range(3):
+        bea.ListExperiments(pb.ListExperimentsRequest(), timeout=TIMEOUT)
+        carol.RegisterEnvoy(pb.RegisterEnvoyRequest(), timeout=TIMEOUT)
+        assert not carol.EnvoyHeartbeat(pb.EnvoyHeartbeatRequest(), timeout=TIMEOUT).register_again
+    assert submit(bea, submitted_plan()).owner == "bea"
+    warnings = sorted(r.getMessage() for r in caplog.records if r.name == "pki.roles")
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("certificate 'bea' has no role mark")
+    assert "as a user certificate because director.yaml users names it so" in warnings[0]
+    assert "reissue it: pki certify --role user --name bea" in warnings[0]
+    assert warnings[1].startswith("certificate 'carol' has no role mark")
+    assert "reissue it: pki certify --role collaborator --name carol" in warnings[1]
+
+
+def test_a_log_offset_past_the_end_reads_nothing(director: Director) -> None:
+    """The largest offset a file can have, past the aggregator's log: an empty answer, no error."""
+    experiment_id = _ada_experiment(director)
+    log = director.server.service.folder(experiment_id) / LOG_FILE
+    log.write_bytes(b"the aggregator's log\n")
+    request = pb.LogRequestFromUser(experiment_id=experiment_id, offset=2**63 - 1)
+    assert list(director.stub("ada").GetLogs(request, timeout=TIMEOUT)) == []

@@ -250,3 +250,244 @@ def test_a_gone_site_fails_only_the_experiments_it_is_in(harness: Harness) -> No
     )
     assert second.state is ExperimentState.RUNNING
     assert harness.launcher.stopped == [ids[0]]
+
+
+# -- sites that end for good ----------------------------------------------------------------------
+
+
+def report(
+    harness: Harness, site: str, experiment_id: str, state: CollaboratorState, why: str
+) -> None:
+    """`site`'s envoy reports its collaborator's `state`, exit code 1, with `why`."""
+    harness.service.report(
+        Caller(site, Role.ENVOY), CollaboratorReport(experiment_id, state, 1, why)
+    )
+
+
+def test_a_site_given_up_goes_on_under_min_sites_and_fails_past_it(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """min_sites 2: bob given up, the experiment goes on (logged once); carol refused after
+    it, it fails naming both with their reasons."""
+    experiment_id = harness.running_experiment(liveness={"min_sites": 2})
+    report(harness, "bob", experiment_id, CollaboratorState.GAVE_UP, "it died 4 times in a row")
+    for _ in range(3):
+        harness.clock.now += 0.5
+        harness.heartbeat_all(*ENVOYS)
+        harness.service.supervise()
+    assert harness.state.experiment(experiment_id).state is ExperimentState.RUNNING
+    going_on = [r for r in caplog.records if "goes on without site bob" in r.getMessage()]
+    assert [r.getMessage() for r in going_on] == [
+        f"experiment {experiment_id} goes on without site bob: gave up: it died 4 times in a row"
+    ]
+    report(harness, "carol", experiment_id, CollaboratorState.SITE_REJECTED, "not today")
+    harness.service.supervise()
+    failed = harness.state.experiment(experiment_id)
+    assert (failed.state, failed.reason) == (
+        ExperimentState.FAILED,
+        "site bob gave up: it died 4 times in a row; site carol rejected by its operator: "
+        "not today; 1 of 3 left, 2 needed",
+    )
+    assert harness.launcher.stopped == [experiment_id]
+
+
+def test_a_site_given_up_fails_the_experiment_under_the_default_policy(
+    harness: Harness,
+) -> None:
+    """Every site needed (the default): bob's collaborator given up fails it at once, naming
+    bob and his last error line."""
+    experiment_id = harness.running_experiment()
+    why = "a bad plan or settings; the collaborator exited with code 2; its log ends: x"
+    report(harness, "bob", experiment_id, CollaboratorState.GAVE_UP, why)
+    harness.service.supervise()
+    failed = harness.state.experiment(experiment_id)
+    assert (failed.state, failed.reason) == (
+        ExperimentState.FAILED,
+        f"site bob gave up: {why}; 2 of 3 left, 3 needed",
+    )
+
+
+def test_a_mandatory_site_lost_fails_and_lost_and_offline_count_together(
+    tmp_path: Path,
+) -> None:
+    """min_sites 1, carol mandatory: bob refused and alice offline leave it running; carol's
+    collaborator given up fails it, naming all three."""
+    harness = Harness(
+        tmp_path,
+        liveness={"min_sites": 1, "mandatory_sites": ["carol"], "offline_grace_seconds": 1},
+    )
+    try:
+        experiment_id = harness.running_experiment()
+        report(harness, "bob", experiment_id, CollaboratorState.REFUSED, "runner not allowed")
+        for _ in range(10):
+            harness.clock.now += 0.5
+            harness.heartbeat_all("bob", "carol")
+            harness.service.supervise()
+        assert harness.state.experiment(experiment_id).state is ExperimentState.RUNNING
+        report(harness, "carol", experiment_id, CollaboratorState.GAVE_UP, "stopped")
+        harness.service.supervise()
+        failed = harness.state.experiment(experiment_id)
+        assert (failed.state, failed.reason) == (
+            ExperimentState.FAILED,
+            "sites offline for more than 1 s: alice; site bob refused: runner not allowed; "
+            "site carol gave up: stopped (mandatory: carol); 0 of 3 left, 1 needed",
+        )
+    finally:
+        harness.state.close()
+
+
+def test_a_site_refused_at_the_start_does_not_hold_the_others_waiting(harness: Harness) -> None:
+    """min_sites 2: bob refuses; once alice and carol have started the experiment is running."""
+    for name in ENVOYS:
+        harness.service.register_envoy(Caller(name, Role.ENVOY), ShardInfo(), "v")
+    plan = yaml.safe_dump(submitted_plan(liveness={"min_sites": 2}))
+    experiment_id = harness.service.submit(ADA, plan, "", None).experiment.experiment_id
+    harness.service.supervise()
+    report(harness, "bob", experiment_id, CollaboratorState.REFUSED, "runner not allowed")
+    report(harness, "alice", experiment_id, CollaboratorState.STARTED, "")
+    harness.service.supervise()
+    assert harness.state.experiment(experiment_id).state is ExperimentState.WAITING
+    report(harness, "carol", experiment_id, CollaboratorState.STARTED, "")
+    harness.service.supervise()
+    assert harness.state.experiment(experiment_id).state is ExperimentState.RUNNING
+
+
+# -- aggregator restarts in a row -----------------------------------------------------------------
+
+
+def complete_rounds(harness: Harness, experiment_id: str, rounds: int) -> None:
+    """The aggregator's metrics.jsonl with `rounds` training rounds."""
+    output = harness.service.folder(experiment_id) / "output"
+    output.mkdir(parents=True, exist_ok=True)
+    rows = [f'{{"round": {number}, "metrics": {{}}}}\n' for number in range(rounds)]
+    (output / "metrics.jsonl").write_text("".join(rows), encoding="utf-8")
+
+
+def kill_aggregator(harness: Harness, experiment_id: str) -> ExperimentState:
+    """The aggregator killed by signal 9 and noticed; the experiment's state after."""
+    harness.launcher.ends[experiment_id] = Ended(-9)
+    harness.service.supervise()
+    return harness.state.experiment(experiment_id).state
+
+
+def test_aggregator_restarts_are_counted_in_a_row_across_a_director_restart(
+    tmp_path: Path,
+) -> None:
+    """Killed 3 times with a director restart in between: running; a 4th time with no round
+    completed since the last restart: failed, '4 times in a row'."""
+    first = Harness(tmp_path)
+    experiment_id = first.running_experiment()
+    complete_rounds(first, experiment_id, 1)
+    assert [kill_aggregator(first, experiment_id) for _ in range(2)] == [
+        ExperimentState.RUNNING
+    ] * 2
+    first.state.close()
+    second = Harness(tmp_path)  # the same state folder: the director started again
+    try:
+        second.launcher.running.add(experiment_id)
+        assert kill_aggregator(second, experiment_id) is ExperimentState.RUNNING
+        assert kill_aggregator(second, experiment_id) is ExperimentState.FAILED
+        assert second.state.experiment(experiment_id).reason == (
+            "the aggregator was ended by signal 9, 4 times in a row"
+        )
+    finally:
+        second.state.close()
+
+
+def test_aggregator_restarts_reset_when_rounds_close_in_between(harness: Harness) -> None:
+    """Killed 6 times, a round completed between each pair: it never fails."""
+    experiment_id = harness.running_experiment()
+    for kill in range(6):
+        complete_rounds(harness, experiment_id, kill // 2 + 1)
+        assert kill_aggregator(harness, experiment_id) is ExperimentState.RUNNING
+    assert len(harness.launcher.started) == 7
+
+
+def test_an_aggregator_that_fails_names_its_last_line_and_the_lost_sites(
+    tmp_path: Path,
+) -> None:
+    """min_sites 1: bob and carol given up, alice still going; the aggregator ends with exit 1
+    (every site has left): failed with its last log line and each lost site."""
+    harness = Harness(tmp_path)
+    try:
+        experiment_id = harness.running_experiment(liveness={"min_sites": 1})
+        for name in ("bob", "carol"):
+            report(harness, name, experiment_id, CollaboratorState.GAVE_UP, "a bad plan")
+        harness.service.supervise()
+        line = "aggregator: error: round 1/10 can never close: every collaborator has left"
+        log = harness.service.folder(experiment_id) / "aggregator.log"
+        log.write_text(f"started\n{line}\n", encoding="utf-8")
+        harness.launcher.ends[experiment_id] = Ended(1)
+        harness.service.supervise()
+        failed = harness.state.experiment(experiment_id)
+        assert (failed.state, failed.reason) == (
+            ExperimentState.FAILED,
+            f"the aggregator exited with code 1; its log ends: {line} (its log: experiment logs "
+            f"{experiment_id}); site bob gave up: a bad plan; site carol gave up: a bad plan",
+        )
+    finally:
+        harness.state.close()
+
+
+def owners_running(harness: Harness) -> dict[str, int]:
+    """How many places each owner holds now."""
+    held: dict[str, int] = {}
+    for experiment in harness.state.active():
+        held[experiment.owner] = held.get(experiment.owner, 0) + 1
+    return held
+
+
+def test_a_users_backlog_does_not_hold_every_place(tmp_path: Path) -> None:
+    """Two places, three people (a fair share of 1): ada's five then bea's one; bea's starts as
+    soon as she submits, ahead of ada's backlog; ada never holds two; her next starts when her
+    running one ends, and a place nobody else can take stays free."""
+    harness = Harness(tmp_path, max_running_per_user=None)
+    try:
+        assert harness.config.max_running_per_user == 1
+        for name in ENVOYS:
+            harness.service.register_envoy(Caller(name, Role.ENVOY), ShardInfo(), "v")
+        plan = yaml.safe_dump(submitted_plan())
+        ada = []
+        for _ in range(5):
+            ada.append(harness.service.submit(ADA, plan, "", None).experiment.experiment_id)
+            harness.service.supervise()
+        assert [started for started, _ in harness.launcher.started] == [ada[0]]
+        bea = harness.service.submit(Caller("bea", Role.USER), plan, "", None)
+        assert bea.queue_position == 1  # ahead of ada's four waiting
+        assert [harness.service.experiment(ADA, i).queue_position for i in ada] == [0, 2, 3, 4, 5]
+        harness.service.supervise()
+        assert [s for s, _ in harness.launcher.started] == [ada[0], bea.experiment.experiment_id]
+        assert [harness.service.experiment(ADA, i).queue_position for i in ada] == [0, 1, 2, 3, 4]
+        harness.service.cancel(Caller("bea", Role.USER), bea.experiment.experiment_id)
+        harness.service.supervise()
+        assert owners_running(harness) == {"ada": 1}  # the freed place stays free
+        for step in range(1, 5):
+            harness.service.cancel(ADA, ada[step - 1])
+            harness.service.supervise()
+            assert owners_running(harness) == {"ada": 1}
+            assert harness.launcher.started[-1][0] == ada[step]
+    finally:
+        harness.state.close()
+
+
+def test_an_explicit_per_user_limit_is_kept(tmp_path: Path) -> None:
+    """Four places, max_running_per_user 2: ada's first two and bea's one start, ada's third
+    waits (first in the queue) while a place stays free."""
+    harness = Harness(tmp_path, max_running_experiments=4, max_running_per_user=2)
+    try:
+        for name in ENVOYS:
+            harness.service.register_envoy(Caller(name, Role.ENVOY), ShardInfo(), "v")
+        plan = yaml.safe_dump(submitted_plan())
+        ada = [harness.service.submit(ADA, plan, "", None) for _ in range(3)]
+        bea = harness.service.submit(Caller("bea", Role.USER), plan, "", None)
+        harness.service.supervise()
+        assert [s for s, _ in harness.launcher.started] == [
+            ada[0].experiment.experiment_id,
+            bea.experiment.experiment_id,
+            ada[1].experiment.experiment_id,
+        ]
+        assert owners_running(harness) == {"ada": 2, "bea": 1}
+        third = harness.service.experiment(ADA, ada[2].experiment.experiment_id)
+        assert (third.experiment.state, third.queue_position) == (ExperimentState.APPROVED, 1)
+    finally:
+        harness.state.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -162,20 +163,72 @@ def test_ports_are_the_lowest_free_ones_and_a_full_range_is_refused(state: Direc
 
 
 def test_the_queue_keeps_submission_order_within_max_running(state: DirectorState) -> None:
-    """Approved experiments start first-submitted first, up to the places left."""
+    """One owner's approved experiments start first-submitted first, up to the places left."""
     ids = [add(state) for _ in range(4)]
     for experiment_id in reversed(ids):  # approval order must not matter
         state.transition(experiment_id, S.APPROVED)
-    assert [e.experiment_id for e in state.startable(2)] == ids[:2]
+    assert [e.experiment_id for e in state.startable(2, 2)] == ids[:2]
     assert state.queue_position(ids[2]) == 3
     state.begin(ids[0], range(9000, 9010))
-    assert [e.experiment_id for e in state.startable(2)] == ids[1:2]
+    assert [e.experiment_id for e in state.startable(2, 2)] == ids[1:2]
     state.begin(ids[1], range(9000, 9010))
-    assert state.startable(2) == []
+    assert state.startable(2, 2) == []
     assert state.queue_position(ids[0]) == 0
     assert state.queue_position(ids[2]) == 1
     state.transition(ids[0], S.FAILED, "aggregator exited with 1")
-    assert [e.experiment_id for e in state.startable(2)] == ids[2:3]
+    assert [e.experiment_id for e in state.startable(2, 2)] == ids[2:3]
+
+
+def approved(state: DirectorState, *owners: str) -> list[str]:
+    """One approved experiment per owner named, submitted in that order; their ids."""
+    ids = [add(state, owner) for owner in owners]
+    for experiment_id in ids:
+        state.transition(experiment_id, S.APPROVED)
+    return ids
+
+
+def test_owners_take_turns_by_the_places_they_would_hold(state: DirectorState) -> None:
+    """ada 3, bea 3, cy 1 in that order: one each first, then again; ada running 2 goes last."""
+    a1, a2, a3, b1, b2, b3, c1 = approved(state, *["ada"] * 3, *["bea"] * 3, "cy")
+    assert [e.experiment_id for e in state.queue()] == [a1, b1, c1, a2, b2, a3, b3]
+    assert [state.queue_position(i) for i in (a1, b1, c1, a2, b2, a3, b3)] == [1, 2, 3, 4, 5, 6, 7]
+    running = approved(state, "ada", "ada")
+    for experiment_id in running:
+        state.begin(experiment_id, range(9000, 9010))
+    # ada holds 2: bea's and cy's first go ahead; at 2 places each, ties by submission.
+    assert [e.experiment_id for e in state.queue()] == [b1, c1, b2, a1, b3, a2, a3]
+    assert state.queue_position(a1) == 4
+
+
+def test_a_backlog_does_not_starve_a_later_owner(state: DirectorState) -> None:
+    """ada's 5 then bea's 1, two places, one each: bea's starts beside ada's first, not after
+    ada's fifth; ada never holds two; a place freed by bea stays free while ada is at her limit."""
+    ada = approved(state, *["ada"] * 5)
+    (bea,) = approved(state, "bea")
+    assert state.queue_position(bea) == 2
+    assert [e.experiment_id for e in state.startable(2, 1)] == [ada[0], bea]
+    state.begin(ada[0], range(9000, 9010))
+    assert state.queue_position(bea) == 1
+    assert [e.experiment_id for e in state.startable(2, 1)] == [bea]
+    state.begin(bea, range(9000, 9010))
+    assert state.startable(2, 1) == []
+    assert [state.queue_position(i) for i in ada] == [0, 1, 2, 3, 4]
+    state.transition(bea, S.CANCELLED)
+    assert state.startable(2, 1) == []  # ada is at her limit: the place stays free
+    state.transition(ada[0], S.FAILED, "aggregator exited with 1")
+    assert [e.experiment_id for e in state.startable(2, 1)] == [ada[1]]
+
+
+def test_an_owner_at_the_limit_is_passed_over_for_the_next(state: DirectorState) -> None:
+    """Four places, two per owner: ada's first two and bea's one start; ada's third waits and the
+    fourth place stays free."""
+    ada = approved(state, *["ada"] * 3)
+    (bea,) = approved(state, "bea")
+    assert [e.experiment_id for e in state.startable(4, 2)] == [ada[0], bea, ada[1]]
+    for experiment_id in (ada[0], ada[1]):
+        state.begin(experiment_id, range(9000, 9010))
+    assert [e.experiment_id for e in state.queue()] == [bea, ada[2]]
+    assert [e.experiment_id for e in state.startable(4, 2)] == [bea]
 
 
 def test_experiments_are_listed_by_owner_in_submission_order(state: DirectorState) -> None:
@@ -264,6 +317,55 @@ def test_everything_survives_a_reopen(tmp_path: Path, clock: Clock) -> None:
         assert again.reports(experiment_id)["alice"].state is CollaboratorState.STARTED
     finally:
         again.close()
+
+
+def as_version_1(database: Path) -> None:
+    """Turn a state back into what a director of schema 1 wrote (no restart counts)."""
+    with contextlib.closing(sqlite3.connect(database)) as db, db:
+        db.execute("DROP TABLE aggregator_restarts")
+        db.execute("UPDATE meta SET value = '1' WHERE key = 'schema'")
+
+
+def test_a_version_1_state_is_migrated_and_counts_restarts_in_a_row(
+    tmp_path: Path, clock: Clock
+) -> None:
+    """A state of schema 1 opens (migrated to 2) with its experiments; restarts are counted in
+    a row, kept across a reopen, started again when rounds were completed in between."""
+    folder = tmp_path / "state"
+    state = DirectorState.open(folder, health_check_seconds=10, clock=clock)
+    experiment_id = add(state)
+    move_to(state, experiment_id, S.RUNNING)
+    state.close()
+    as_version_1(folder / "director.sqlite")
+    state = DirectorState.open(folder, health_check_seconds=10, clock=clock)
+    try:
+        assert state.experiment(experiment_id).state is S.RUNNING
+        assert [state.count_restart(experiment_id, 0) for _ in range(2)] == [1, 2]
+    finally:
+        state.close()
+    with contextlib.closing(sqlite3.connect(folder / "director.sqlite")) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("2",)
+    state = DirectorState.open(folder, health_check_seconds=10, clock=clock)
+    try:
+        assert state.count_restart(experiment_id, 0) == 3
+        assert state.count_restart(experiment_id, 2) == 1  # two rounds completed since
+        assert state.count_restart(experiment_id, 1) == 2  # fewer read: no progress
+        with pytest.raises(NotFoundError):
+            state.count_restart("nope", 0)
+        state.transition(experiment_id, S.FAILED, "x")
+        state.remove(experiment_id)
+    finally:
+        state.close()
+
+
+def test_a_state_of_a_newer_director_is_refused(tmp_path: Path, clock: Clock) -> None:
+    """A schema version this director does not know: StorageError naming both versions."""
+    folder = tmp_path / "state"
+    DirectorState.open(folder, health_check_seconds=10, clock=clock).close()
+    with contextlib.closing(sqlite3.connect(folder / "director.sqlite")) as db, db:
+        db.execute("UPDATE meta SET value = '9' WHERE key = 'schema'")
+    with pytest.raises(StorageError, match="state version 9, this director reads 2"):
+        DirectorState.open(folder, health_check_seconds=10, clock=clock)
 
 
 def test_a_second_director_on_the_same_folder_is_refused(state: DirectorState) -> None:

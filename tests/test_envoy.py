@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -21,12 +23,14 @@ from envoy.client import DirectorClient
 from envoy.config import ConfigError, ShareWithDirector, load_config
 from envoy.disclosure import SharedLog, failure_reason
 from envoy.errors import IllegalTransitionError, StateError, UnknownExperimentError
+from envoy.leave import leave
 from envoy.runtime import Backoff, EnvoyLoop
 from envoy.site import LOG_FILE, Site
 from envoy.site_plan import RefusedPlanError, site_document
-from envoy.state import SITE, TRANSITIONS, CollaboratorState, EnvoyState
+from envoy.state import NO_ROUND, SITE, TRANSITIONS, CollaboratorState, EnvoyState
 from pki.layout import CertsLayout
 
+from directors import alias_bomb_plan
 from envoys import read_all, write_envoy_config
 from processes import free_port, write_plan
 from servers import plan_document
@@ -159,7 +163,7 @@ def test_state_lifecycle_is_one_table_and_survives_reopening(tmp_path: Path) -> 
     assert [r.state for r in again.outgoing()] == [S.SITE_APPROVED, S.STARTED]
     again.close()
     assert all(state.final == (not moves) for state, moves in TRANSITIONS.items())
-    assert {S.SITE_REJECTED, S.REFUSED} == {state for state in S if state.final}
+    assert {S.SITE_REJECTED, S.REFUSED, S.GAVE_UP} == {state for state in S if state.final}
 
 
 # -- the site's plan ----------------------------------------------------------------------------
@@ -204,6 +208,19 @@ def test_site_plan_that_is_not_yaml_is_refused(tmp_path: Path, certs: CertsLayou
         site_document("!!python/object/apply:os.system ['true']", "alice", config, tmp_path)
     with pytest.raises(RefusedPlanError, match="expected a mapping of plan sections"):
         site_document("[1, 2]", "alice", config, tmp_path)
+
+
+def test_site_plan_with_an_alias_bomb_in_runner_settings_is_refused(
+    tmp_path: Path, certs: CertsLayout
+) -> None:
+    """Aliases unfolding into 10**9 strings under runner.settings: refused before expansion."""
+    config = load_config(config_file(tmp_path, certs))
+    bomb = alias_bomb_plan(yaml.safe_load(director_plan(tmp_path, certs)))
+    with pytest.raises(RefusedPlanError) as raised:
+        site_document(bomb, "alice", config, tmp_path)
+    assert str(raised.value).endswith(
+        "not valid YAML: YAML aliases (*name) are not accepted: write the value out"
+    )
 
 
 @pytest.mark.parametrize("level", [None, "debug"])
@@ -402,6 +419,31 @@ def test_cli_review_acts_on_the_durable_state(
     state.close()
 
 
+def test_cli_list_and_review_print_others_text_without_controls(
+    tmp_path: Path, certs: CertsLayout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A name, an owner and a reason holding escape sequences: `envoy list` and `approve` print
+    them without ESC, the C0/C1 controls or bidi overrides."""
+    escapes = "\x1b]0;owned\x07\x1b[2J\r\x9b\u202e"
+    path = config_file(tmp_path, certs, review="manual")
+    state = EnvoyState.open(load_config(path).state_dir, exclusive=True)
+    state.add(
+        experiment_id="e1",
+        name=f"name{escapes}",
+        owner=f"dora{escapes}",
+        site="alice",
+        plan_yaml="",
+        state=S.APPROVAL_PENDING,
+        reason=f"why{escapes}",
+    )
+    assert main(["approve", "e1", "--config", str(path)]) == 0
+    assert main(["list", "--config", str(path)]) == 0
+    state.close()
+    out = capsys.readouterr().out
+    assert "name]0;owned[2J" in out and "dora]0;owned" in out
+    assert not set("\x1b\x07\r\x9b\u202e") & set(out), repr(out)
+
+
 def test_cli_list_aligns_columns_of_any_width(
     tmp_path: Path, certs: CertsLayout, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -484,6 +526,227 @@ def test_a_collaborator_started_but_not_recorded_is_adopted_not_started_twice(
             assert time.monotonic() < deadline
             time.sleep(0.05)
         state.close()
+
+
+# -- collaborators that die: restarted in a row, or given up -----------------------------------
+
+# A stand-in for `collaborator start`: each start takes the next "ROUND:CODE" of a script file,
+# logs that round as finished (as collaborator.loop does; "-": none) and exits with CODE.
+FAKE_COLLABORATOR = """
+import sys, time
+from pathlib import Path
+script = Path(sys.argv[1])
+steps = script.read_text().split()
+step, rest = steps[0], steps[1:]
+script.write_text(" ".join(rest))
+done, code = step.split(":")
+if done != "-":
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S,000")
+    print(f"{stamp} INFO collaborator.loop: round {done}: train on 1 samples: loss=1", flush=True)
+print(f"start {step}: exiting with {code}", flush=True)
+sys.exit(int(code))
+"""
+
+
+class Leaves(list[tuple[str, Path, str, str]]):
+    """The Leave calls a site made, recorded instead of sent."""
+
+    def __call__(self, experiment_id: str, plan: Path, site: str, reason: str) -> None:
+        self.append((experiment_id, plan, site, reason))
+
+
+def fake_site(
+    tmp_path: Path, certs: CertsLayout, steps: str, leaves: Leaves | None = None
+) -> tuple[Site, Path]:
+    """A site whose collaborators follow `steps`, and the script file they consume."""
+    config = load_config(config_file(tmp_path, certs))
+    program, script = tmp_path / "fake_collaborator.py", tmp_path / "steps"
+    program.write_text(FAKE_COLLABORATOR, encoding="utf-8")
+    script.write_text(steps, encoding="utf-8")
+    state = EnvoyState.open(config.state_dir, exclusive=True)
+    command = (sys.executable, str(program), str(script))
+    site = Site(
+        "alice",
+        config,
+        state,
+        collaborator_command=command,
+        leave=Leaves() if leaves is None else leaves,
+    )
+    return site, script
+
+
+def tick_until(site: Site, what: str, check: Any, timeout: float = 60) -> None:
+    """Tick the site until `check()` holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        site.tick()
+        time.sleep(0.05)
+
+
+def start_order(tmp_path: Path, certs: CertsLayout, experiment_id: str = "e1") -> Work:
+    """The director's start of one experiment at alice."""
+    return Work(
+        start=(StartOrder(experiment_id, "n", "dora", director_plan(tmp_path, certs), "alice"),)
+    )
+
+
+def test_restarts_are_counted_in_a_row_across_an_envoy_restart(
+    tmp_path: Path, certs: CertsLayout
+) -> None:
+    """A collaborator that dies is started again; a round finished since its last restart
+    starts the count again; the count survives the envoy's restart; the 4th death in a row
+    without progress gives it up, naming why and its last line."""
+    leaves = Leaves()
+    site, script = fake_site(tmp_path, certs, "0:1 -:1 -:1 1:1 -:1 -:1 -:1", leaves)
+    site.receive(start_order(tmp_path, certs))
+    tick_until(site, "the 5th start", lambda: len(script.read_text().split()) <= 2)
+    deadline = time.monotonic() + 60
+    while site.children.poll("e1", site.folder("e1")) is None:  # it dies while no envoy runs
+        assert time.monotonic() < deadline, "the 5th start never ended"
+        time.sleep(0.05)
+    state, command = site.state, site.collaborator_command
+    state.close()  # the envoy stops here and is started again with the same state
+    state = EnvoyState.open(state.folder, exclusive=True)
+    site = Site("alice", site.config, state, collaborator_command=command, leave=leaves)
+    site.recover()
+    tick_until(site, "the collaborator given up", lambda: state.experiment("e1").state.final)
+    experiment = state.experiment("e1")
+    assert script.read_text().split() == []  # 7 starts: 1 + 3 restarts, then 3 more in a row
+    assert (experiment.state, experiment.exit_code) == (S.GAVE_UP, 1)
+    assert experiment.reason == (
+        "it died 4 times in a row; the collaborator exited with code 1; "
+        "its log ends: start -:1: exiting with 1"
+    )
+    states = [r.state for r in state.outgoing()]
+    assert states.count(S.STARTED) == 7 and states[-1] is S.GAVE_UP
+    # The aggregator is told the site left, once, with the category and not the log's line.
+    plan = site.folder("e1") / "plan.yaml"
+    assert leaves == [("e1", plan, "alice", "the site gave it up: it died 4 times in a row")]
+    state.close()
+
+
+def test_exit_2_is_given_up_at_once(tmp_path: Path, certs: CertsLayout) -> None:
+    """Exit 2 (a bad plan or settings): given up without a restart, the reason saying why."""
+    leaves = Leaves()
+    site, script = fake_site(tmp_path, certs, "-:2 -:1", leaves)
+    site.receive(start_order(tmp_path, certs))
+    tick_until(site, "the collaborator given up", lambda: site.state.experiment("e1").state.final)
+    experiment = site.state.experiment("e1")
+    assert (experiment.state, experiment.exit_code, experiment.restarts) == (S.GAVE_UP, 2, 0)
+    assert experiment.reason.startswith(
+        "a bad plan or settings; the collaborator exited with code 2"
+    )
+    assert script.read_text().split() == ["-:1"]  # started once
+    assert [reason for *_, reason in leaves] == ["the site gave it up: a bad plan or settings"]
+    site.state.close()
+
+
+def test_the_operators_stop_gives_up_and_the_directors_stop_ends(
+    tmp_path: Path, certs: CertsLayout
+) -> None:
+    """Two running collaborators: the site operator's stop gives one up; the director's stop
+    ends the other as exited; the director's later stop of the first changes nothing."""
+    config = load_config(config_file(tmp_path, certs))
+    state = EnvoyState.open(config.state_dir, exclusive=True)
+    sleeper = (sys.executable, "-c", "import time; time.sleep(120)")
+    leaves = Leaves()
+    site = Site(
+        "alice",
+        config,
+        state,
+        collaborator_command=sleeper,
+        stop_patience_seconds=0.1,
+        leave=leaves,
+    )
+    site.receive(
+        Work(
+            start=(
+                *start_order(tmp_path, certs, "e1").start,
+                *start_order(tmp_path, certs, "e2").start,
+            )
+        )
+    )
+    tick_until(site, "both started", lambda: all(e.state is S.STARTED for e in state.experiments()))
+    site.stop_collaborator("e1")
+    site.receive(Work(stop=("e2",)))
+    tick_until(site, "both done", lambda: all(e.done for e in state.experiments()))
+    site.receive(Work(stop=("e1",)))
+    first, second = state.experiment("e1"), state.experiment("e2")
+    assert first.state is S.GAVE_UP and first.exit_code != 0
+    assert first.reason.startswith("stopped by the site's operator; the collaborator "), first
+    assert second.state is S.EXITED and second.exit_code != 0
+    assert leaves == [
+        (
+            "e1",
+            site.folder("e1") / "plan.yaml",
+            "alice",
+            "the site gave it up: stopped by the site's operator",
+        )
+    ]
+    state.close()
+
+
+def test_a_version_1_state_is_migrated(tmp_path: Path) -> None:
+    """An envoy.sqlite of schema 1 (no restart_round) opens, migrated, its experiments intact."""
+    state = EnvoyState.open(tmp_path, exclusive=True)
+    state.add(
+        experiment_id="e1",
+        name="n",
+        owner="dora",
+        site="alice",
+        plan_yaml="p",
+        state=S.SITE_APPROVED,
+    )
+    state.transition("e1", S.STARTED, pid=1234, restarted=True, restart_round=3)
+    state.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / "envoy.sqlite")) as db, db:
+        db.execute("ALTER TABLE experiments DROP COLUMN restart_round")
+        db.execute("UPDATE meta SET value = '1' WHERE key = 'schema'")
+    again = EnvoyState.open(tmp_path, exclusive=True)
+    experiment = again.experiment("e1")
+    assert (experiment.state, experiment.pid, experiment.restarts) == (S.STARTED, 1234, 1)
+    assert experiment.restart_round == NO_ROUND
+    again.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / "envoy.sqlite")) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("2",)
+
+
+def test_a_death_noted_but_not_acted_on_is_acted_on_at_the_next_tick(
+    tmp_path: Path, certs: CertsLayout
+) -> None:
+    """Killed between noting a collaborator's death and starting it again, the envoy starts it
+    again at its next tick (one restart in a row); one that exited 2 is given up instead."""
+    site, script = fake_site(tmp_path, certs, "-:1 -:1 -:1")
+    plan = director_plan(tmp_path, certs)
+    for experiment_id, code in (("e1", 1), ("e2", 2)):
+        site.state.add(
+            experiment_id=experiment_id,
+            name="n",
+            owner="dora",
+            site="alice",
+            plan_yaml=plan,
+            state=S.SITE_APPROVED,
+        )
+        site.state.transition(experiment_id, S.STARTED, pid=None)
+        site.state.transition(experiment_id, S.EXITED, exit_code=code, reason="killed")
+        site.folder(experiment_id).mkdir(parents=True)
+    site.tick()
+    started, given_up = site.state.experiment("e1"), site.state.experiment("e2")
+    assert (started.state, started.restarts) == (S.STARTED, 1)
+    assert (given_up.state, given_up.reason) == (S.GAVE_UP, "a bad plan or settings; killed")
+    tick_until(site, "e1 given up", lambda: site.state.experiment("e1").state.final)
+    assert site.state.experiment("e1").reason.startswith("it died 4 times in a row; ")
+    assert script.read_text().split() == []  # the death before, then 3 starts
+    site.state.close()
+
+
+def test_a_leave_that_cannot_be_sent_is_logged_not_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No site plan to call from: False, and a warning naming the experiment and the site."""
+    assert leave("e1", tmp_path / "missing" / "plan.yaml", "alice", "the site gave it up") is False
+    assert "experiment e1: could not tell the aggregator that alice left" in caplog.text
 
 
 def test_the_director_gets_logs_and_reasons_as_the_site_shares_them(

@@ -8,11 +8,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
+from command.usage import fail
 from director.launcher import Ended
 from experiment.cli import main
 from pki.layout import CertsLayout
@@ -49,6 +52,15 @@ def director(
     tmp_path: Path, director_certs: CertsLayout, launcher: RecordingLauncher
 ) -> Iterator[Director]:
     """A director with automatic review, its envoys registered."""
+    with registered_director(tmp_path, director_certs, launcher) as running:
+        yield running
+
+
+@contextmanager
+def registered_director(
+    tmp_path: Path, director_certs: CertsLayout, launcher: RecordingLauncher, **changes: Any
+) -> Iterator[Director]:
+    """A director with automatic review (director.yaml changed by `changes`), envoys registered."""
     with running_director(
         tmp_path / "director",
         director_certs,
@@ -56,6 +68,7 @@ def director(
         # The envoys register once and never beat: online for 20 minutes, not 2 s, however slow
         # the machine is between their registration and a test's look.
         health_check_seconds=600,
+        **changes,
     ) as running:
         for name in ENVOYS:
             running.stub(name, role="envoy").RegisterEnvoy(
@@ -200,8 +213,13 @@ def test_refusals_exit_2_with_one_line(
 ) -> None:
     """An unknown id, a plan setting the director's field, another's experiment: exit 2, one line."""
     ada, bea = client_config(tmp_path, director, "ada"), client_config(tmp_path, director, "bea")
+    unknown = "00000000-0000-4000-8000-000000000000"
+    assert run(ada, "status", unknown)[0] == 2
+    assert capsys.readouterr().err == f"experiment: error: NOT_FOUND: no experiment '{unknown}'\n"
     assert run(ada, "status", "nope")[0] == 2
-    assert capsys.readouterr().err == "experiment: error: NOT_FOUND: no experiment 'nope'\n"
+    assert capsys.readouterr().err.startswith(
+        "experiment: error: INVALID_ARGUMENT: experiment_id: 'nope' is not an id of this director"
+    )
     assert run(ada, "submit", str(write_plan(tmp_path, aggregator={"port": 1})))[0] == 2
     err = capsys.readouterr().err
     assert err.startswith("experiment: error: INVALID_ARGUMENT: submitted plan: aggregator.port")
@@ -210,6 +228,32 @@ def test_refusals_exit_2_with_one_line(
     assert "belongs to another user" in capsys.readouterr().err
     assert run(ada, "approve", experiment_id)[0] == 2
     assert "ApproveExperiment is for admins" in capsys.readouterr().err
+
+
+def test_one_users_backlog_waits_while_anothers_experiment_starts(
+    tmp_path: Path, director_certs: CertsLayout, launcher: RecordingLauncher
+) -> None:
+    """The fair share (1 of 2 places for three people): ada submits five, bea one after them;
+    bea's starts while ada's four wait, and `list` shows ada's in the queue's order."""
+    with registered_director(tmp_path, director_certs, launcher, max_running_per_user=None) as d:
+        ada, bea = client_config(tmp_path, d, "ada"), client_config(tmp_path, d, "bea")
+        plan = str(write_plan(tmp_path))
+        mine = [run(ada, "submit", plan)[1].split()[0] for _ in range(5)]
+        theirs = run(bea, "submit", plan)[1].split()[0]
+        deadline = time.monotonic() + WAIT_SECONDS
+        while len(launcher.started) < 2:
+            assert time.monotonic() < deadline, f"timed out waiting for two starts: {launcher}"
+            time.sleep(0.05)
+        d.server.service.supervise()  # one more step of its own: nothing else may start
+        assert [started for started, _ in launcher.started] == [mine[0], theirs]
+        code, out = run(ada, "list")
+        assert code == 0, out
+        states = {line.split()[0]: line for line in out.splitlines()[1:]}
+        assert "waiting" in states[mine[0]]
+        for position, experiment_id in enumerate(mine[1:], start=1):
+            assert f"approved ({position} in queue)" in states[experiment_id], out
+        code, out = run(bea, "--json", "status", theirs)
+        assert code == 0 and json.loads(out)["state"] == "EXPERIMENT_WAITING", out
 
 
 def test_admins_review_and_cancel(tmp_path: Path, director: Director) -> None:
@@ -249,6 +293,47 @@ def test_a_closed_stdout_ends_quietly(
     config = client_config(tmp_path, director, "bea")
     assert main(["--config", str(config), "envoys"], out=ClosedPipe()) == 141
     assert capsys.readouterr().err == ""
+
+
+ESCAPES = "\x1b]0;owned\x07\x1b[2J\x1b[31m\r\x9b\u202e"  # title, clear, colour, CR, CSI, RLO
+CONTROLS = set("\x1b\x07\r\x9b\u202e")
+
+
+def test_others_text_reaches_the_terminal_without_controls(
+    tmp_path: Path, director: Director, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Names, descriptions, labels, reasons and logs holding escape sequences: printed without
+    ESC, the C0/C1 controls or bidi overrides, by every command that shows them, stderr too."""
+    director.stub("alice", role="envoy").RegisterEnvoy(
+        pb.RegisterEnvoyRequest(
+            shard=pb.ShardInfo(description=f"digits{ESCAPES}", labels={"k": ESCAPES})
+        ),
+        timeout=20,
+    )
+    ada = client_config(tmp_path, director, "ada")
+    experiment_id = (
+        director.stub("ada")
+        .SubmitExperiment(
+            iter([pb.SubmitChunk(plan_yaml=yaml.safe_dump(submitted_plan()), name=ESCAPES)]),
+            timeout=20,
+        )
+        .experiment_id
+    )
+    log = director.server.service.folder(experiment_id) / "aggregator.log"
+    log.write_text(f"round 1{ESCAPES}\tdone\n", encoding="utf-8")
+    outputs = [
+        run(ada, "list")[1],
+        run(ada, "status", experiment_id)[1],
+        run(ada, "envoys")[1],
+        run(ada, "logs", experiment_id)[1],
+    ]
+    fail("experiment", f"a refusal quoting{ESCAPES}", 2)  # every command's error line
+    outputs.append(capsys.readouterr().err)
+    for output in outputs:
+        assert output and not CONTROLS & set(output), repr(output)
+    assert "]0;owned[2J[31m" in outputs[0] and "digits]0;owned" in outputs[2]
+    assert outputs[3] == "round 1]0;owned[2J[31m\tdone\n"
+    assert outputs[4] == "experiment: error: a refusal quoting]0;owned[2J[31m\n"
 
 
 def test_config_from_the_environment_and_config_errors(

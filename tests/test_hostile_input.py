@@ -322,6 +322,28 @@ def download(name: str, round_number: int = 0) -> Attack:
     return attack
 
 
+def get_tasks(who: str = "bob", identity: str = "own") -> Attack:
+    """Ask for tasks as `who`, presenting `identity`."""
+
+    def attack(env: Env) -> Outcome:
+        caller = env.caller(who, identity)
+        request = aggregator_pb2.GetTasksRequest(header=caller.header())
+        return outcome(lambda: caller.stub.GetTasks(request, timeout=10))
+
+    return attack
+
+
+def download_model(who: str = "bob", identity: str = "own") -> Attack:
+    """Stream the global model (`GetAggregatedModel`) as `who`, presenting `identity`."""
+
+    def attack(env: Env) -> Outcome:
+        caller = env.caller(who, identity)
+        request = aggregator_pb2.GetAggregatedModelRequest(header=caller.header(), round_number=0)
+        return outcome(lambda: list(caller.stub.GetAggregatedModel(request, timeout=10)))
+
+    return attack
+
+
 def revoked(env: Env) -> Outcome:
     """Bob was a collaborator; after a restart with a plan without him, he uploads anyway."""
     with running_aggregator(make_plan(env.certs)) as before:
@@ -489,6 +511,31 @@ ROWS = [
         upload(lambda c: c.results(), who="mallory", identity="stranger"),
         grpc.StatusCode.PERMISSION_DENIED,
         ("'mallory'", "not an authorised collaborator"),
+    ),
+    # A person's certificate named like a collaborator is not that collaborator (its role mark).
+    *(
+        Row(
+            f"user-certificate-named-like-a-collaborator-{rpc}",
+            attack,
+            grpc.StatusCode.PERMISSION_DENIED,
+            (
+                "certificate 'bob' is a user certificate, but the plan's collaborators names "
+                "'bob', which needs a collaborator certificate: it must be issued for that role",
+            ),
+        )
+        for rpc, attack in (
+            ("GetTasks", get_tasks(identity="user_bob")),
+            ("GetAggregatedModel", download_model(identity="user_bob")),
+            ("SendLocalTaskResults", upload(lambda c: c.results(), identity="user_bob")),
+            ("Heartbeat", heartbeat(identity="user_bob")),
+        )
+    ),
+    # A collaborator's certificate made before the signer marked roles still works (warned).
+    Row(
+        "collaborator-certificate-made-before-role-marks",
+        upload(lambda c: c.results(), identity="unmarked_bob"),
+        OK,
+        stores=lambda c: c.results(),
     ),
     Row(
         "revoked-collaborator",

@@ -6,7 +6,9 @@ import base64
 import datetime
 import hashlib
 import ipaddress
+import logging
 import os
+import re
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -41,9 +43,17 @@ from pki.keys import generate_private_key, key_matches_certificate, public_key_d
 from pki.layout import CertsLayout
 from pki.local import SetupResult, load_signing_ca, setup_local_federation
 from pki.requests import Role, create_key_and_csr, fingerprint, normalise_fingerprint, spki_pin
+from pki.roles import (
+    FOEDUS_ARC,
+    ROLE_OIDS,
+    PeerCertificate,
+    Unmarked,
+    role_mark,
+    role_refusal,
+)
 from pki.signing import certify
 
-from conftest import COLLABORATORS, Identity
+from conftest import COLLABORATORS, Identity, without_role_mark
 
 
 def _ext(
@@ -155,11 +165,14 @@ def _check_leaf_common(cert: x509.Certificate, certs: CertsLayout) -> None:
 
 
 def test_aggregator_certificate_extensions(certs: CertsLayout) -> None:
-    """The aggregator certificate is a serverAuth leaf whose SAN holds its host name, IP addresses
-    and the name bound to its common name."""
+    """The aggregator certificate is a serverAuth leaf marked as the aggregator's, whose SAN holds
+    its host name, IP addresses and the name bound to its common name."""
     cert = read_certificate(certs.aggregator_cert)
     _check_leaf_common(cert, certs)
-    assert list(_ext(cert, x509.ExtendedKeyUsage).value) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert list(_ext(cert, x509.ExtendedKeyUsage).value) == [
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        ROLE_OIDS[Role.AGGREGATOR],
+    ]
     san = _ext(cert, x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["localhost", binding_name("localhost")]
     assert san.get_values_for_type(x509.IPAddress) == [
@@ -171,10 +184,14 @@ def test_aggregator_certificate_extensions(certs: CertsLayout) -> None:
 
 @pytest.mark.parametrize("name", COLLABORATORS)
 def test_collaborator_certificate_extensions(certs: CertsLayout, name: str) -> None:
-    """A collaborator certificate is a clientAuth leaf whose SAN is exactly DNS:<its name>."""
+    """A collaborator certificate is a clientAuth leaf marked as a collaborator's, whose SAN is
+    exactly DNS:<its name>."""
     cert = read_certificate(certs.collaborator_cert(name))
     _check_leaf_common(cert, certs)
-    assert list(_ext(cert, x509.ExtendedKeyUsage).value) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert list(_ext(cert, x509.ExtendedKeyUsage).value) == [
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+        ROLE_OIDS[Role.COLLABORATOR],
+    ]
     assert list(_ext(cert, x509.SubjectAlternativeName).value) == [x509.DNSName(name)]
     assert cert.subject == x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
 
@@ -345,6 +362,17 @@ _CA_USAGE = x509.KeyUsage(
             "aggregator",
         ),
         (x509.OCSPNoCheck(), "1.3.6.1.5.5.7.48.1.5"),
+        *(
+            (
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH, ROLE_OIDS[role]]),
+                f"CSR asks for the role mark ['foedus role {role.value}']; the signer alone",
+            )
+            for role in Role  # its own role's mark too: the signer decides, never the request
+        ),
+        (
+            x509.ExtendedKeyUsage([x509.ObjectIdentifier(f"{FOEDUS_ARC}.1.9")]),
+            f"role mark ['{FOEDUS_ARC}.1.9']",
+        ),
     ],
 )
 def test_certify_refuses_collaborator_csr_asking_for_more(
@@ -352,7 +380,7 @@ def test_certify_refuses_collaborator_csr_asking_for_more(
 ) -> None:
     """A collaborator CSR asking to be a CA, a server, another name or anything unknown is refused, not trimmed."""
     csr = _custom_csr("alice", extension)
-    with pytest.raises(SigningError, match=message):
+    with pytest.raises(SigningError, match=re.escape(message) if "[" in message else message):
         _certify(certs, csr, "alice")
 
 
@@ -686,3 +714,94 @@ def test_setup_checks_every_name_before_writing(tmp_path: Path) -> None:
     with pytest.raises(PkiError, match="duplicate"):
         _setup(layout, ("alice", "alice"))
     assert not layout.root.exists()
+
+
+# -- roles ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_each_role_gets_exactly_its_mark(certs: CertsLayout, role: Role) -> None:
+    """The signer marks a certificate with the role it certifies, and with nothing else of ours."""
+    name = "agg.internal" if role is Role.AGGREGATOR else "alice"
+    cert = _certify(certs, create_key_and_csr(role, name)[1], name, role)
+    usages = list(_ext(cert, x509.ExtendedKeyUsage).value)
+    assert [oid for oid in usages if oid.dotted_string.startswith(FOEDUS_ARC)] == [ROLE_OIDS[role]]
+    assert role_mark(cert) is role
+
+
+def test_a_user_named_like_a_site_is_certified_as_a_user(certs: CertsLayout) -> None:
+    """A person's request named like collaborator 'alice' gets a user-marked certificate."""
+    cert = _certify(certs, create_key_and_csr(Role.USER, "alice")[1], "alice", Role.USER)
+    assert role_mark(cert) is Role.USER
+    assert role_mark(read_certificate(certs.collaborator_cert("alice"))) is Role.COLLABORATOR
+
+
+def test_role_marks_of_certificates_made_otherwise(certs: CertsLayout) -> None:
+    """No mark (made before marks) is NONE; two marks, or one we never issue, is UNCLEAR."""
+    signing_key, _ = load_signing_ca(certs)
+    cert = read_certificate(certs.collaborator_cert("alice"))
+    assert role_mark(without_role_mark(cert, signing_key)) is Unmarked.NONE
+
+    def with_usages(*oids: x509.ObjectIdentifier) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(cert.subject)
+            .issuer_name(cert.issuer)
+            .public_key(cert.public_key())
+            .serial_number(1)
+            .not_valid_before(cert.not_valid_before_utc)
+            .not_valid_after(cert.not_valid_after_utc)
+            .add_extension(x509.ExtendedKeyUsage(list(oids)), critical=False)
+        )
+        return builder.sign(signing_key, hashes.SHA384())
+
+    both = with_usages(ROLE_OIDS[Role.COLLABORATOR], ROLE_OIDS[Role.USER])
+    assert role_mark(both) is Unmarked.UNCLEAR
+    assert role_mark(with_usages(x509.ObjectIdentifier(f"{FOEDUS_ARC}.1.9"))) is Unmarked.UNCLEAR
+
+
+def test_role_refusal_names_both_roles_and_warns_once_about_an_unmarked_certificate(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A mark of another role is refused naming both roles; an unmarked certificate passes with
+    one warning naming the command that reissues it, however often it calls."""
+
+    def refusal(peer: PeerCertificate) -> str | None:
+        return role_refusal(
+            peer,
+            name="alice",
+            expected=Role.COLLABORATOR,
+            listed_as="director.yaml envoys",
+            reissue="pki certify --role collaborator --name alice",
+        )
+
+    assert refusal(PeerCertificate(Role.USER, "a" * 64)) == (
+        "certificate 'alice' is a user certificate, but director.yaml envoys names 'alice', which "
+        "needs a collaborator certificate: it must be issued for that role (pki certify --role "
+        "collaborator --name alice)"
+    )
+    unclear = refusal(PeerCertificate(Unmarked.UNCLEAR, "b" * 64))
+    assert unclear is not None and "carries several or unknown role marks" in unclear
+    assert refusal(PeerCertificate(Role.COLLABORATOR, "c" * 64)) is None
+    caplog.set_level(logging.WARNING, logger="pki.roles")
+    old = PeerCertificate(Unmarked.NONE, "d" * 64)
+    for _ in range(3):
+        assert refusal(old) is None
+    warnings = [record.getMessage() for record in caplog.records if record.name == "pki.roles"]
+    assert len(warnings) == 1, warnings
+    assert "'alice' has no role mark" in warnings[0]
+    assert "reissue it: pki certify --role collaborator --name alice" in warnings[0]
+
+
+def test_setup_reissues_a_certificate_made_before_role_marks(tmp_path: Path) -> None:
+    """`pki setup` re-certifies an unmarked certificate with the same key, now marked."""
+    layout = CertsLayout(tmp_path / "certs")
+    _setup(layout)
+    signing_key, _ = load_signing_ca(layout)
+    old = without_role_mark(read_certificate(layout.collaborator_cert("alice")), signing_key)
+    layout.collaborator_cert("alice").write_bytes(old.public_bytes(serialization.Encoding.PEM))
+    result = _setup(layout)
+    assert result.renewed == ("collaborator alice",)
+    renewed = read_certificate(layout.collaborator_cert("alice"))
+    assert role_mark(renewed) is Role.COLLABORATOR
+    assert renewed.public_key() == old.public_key()

@@ -18,7 +18,8 @@ from pki.binding import binding_name
 from pki.cli import main
 from pki.files import read_certificate, read_csr
 from pki.layout import CertsLayout
-from pki.requests import fingerprint
+from pki.requests import Role, fingerprint
+from pki.roles import ROLE_OIDS
 
 REPO = Path(__file__).resolve().parent.parent
 TERMINAL_SECONDS = 60
@@ -339,7 +340,8 @@ def test_setup_from_a_plan_twice(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_request_and_certify_a_user(
     ca_dir: CertsLayout, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A person's certificate: users/NAME.crt, clientAuth only, its SAN exactly DNS:NAME."""
+    """A person's certificate: users/NAME.crt, clientAuth and the user role mark, its SAN exactly
+    DNS:NAME."""
     code, out, err = _run(capsys, "request", "user", "--name", "ada", "--dir", str(ca_dir.root))
     assert (code, err) == (0, "")
     assert _mode(ca_dir.user_key("ada")) == 0o600
@@ -358,7 +360,7 @@ def test_request_and_certify_a_user(
     assert (code, err) == (0, "")
     cert = read_certificate(ca_dir.user_cert("ada"))
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    assert list(eku) == [x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert list(eku) == [x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH, ROLE_OIDS[Role.USER]]
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert list(san) == [x509.DNSName("ada")]
 

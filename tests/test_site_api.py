@@ -8,6 +8,7 @@ killed with SIGKILL mid-federation. Every wait is bounded.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import socket
 import stat
@@ -37,6 +38,7 @@ from envoy.site_api import (
 from envoy.state import SITE, CollaboratorState, EnvoyState
 from pki.layout import CertsLayout
 
+from directors import alias_bomb_plan
 from envoys import (
     WAIT_SECONDS,
     EnvoyProcess,
@@ -220,6 +222,78 @@ def test_bad_input_starts_nothing(api: Api, certs: CertsLayout, tmp_path: Path) 
     assert api.client.get("/api/collaborators").json() == {"collaborators": []}
 
 
+def test_a_plan_path_that_is_no_regular_file_is_refused_unread(api: Api, tmp_path: Path) -> None:
+    """A FIFO, a directory, a device, a file over 1 MiB: 400 at once, nothing read or kept; 41
+    requests naming a FIFO at once are all answered, and then a plan is still accepted."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.yaml"
+    with big.open("wb") as file:
+        file.truncate(1024 * 1024 + 1)  # sparse: over the limit without writing it
+    cases = [
+        (fifo, "not a regular file (a FIFO)"),
+        (tmp_path, "not a regular file (a directory)"),
+        (Path("/dev/zero"), "not a regular file (a character device)"),
+        (big, f"the plan is over {1024 * 1024} bytes"),
+    ]
+    for path, fragment in cases:
+        message = error_of(
+            api.client.post("/api/collaborators", json={"plan_path": str(path)}), 400
+        )
+        assert message == f"'{path}': {fragment}" + (
+            "; plan_path names a plan file" if "regular" in fragment else ""
+        )
+    with concurrent.futures.ThreadPoolExecutor(max_workers=41) as pool:
+        answers = list(
+            pool.map(
+                lambda _: api.client.post(
+                    "/api/collaborators", json={"plan_path": str(fifo)}, timeout=20
+                ),
+                range(41),
+            )
+        )
+    assert [answer.status_code for answer in answers] == [400] * 41
+    assert api.client.get("/api/connect", timeout=20).status_code == 200
+    assert api.state.experiments() == []
+
+
+def test_a_plan_path_error_names_keys_never_the_files_values(
+    api: Api, certs: CertsLayout, tmp_path: Path
+) -> None:
+    """A file that is no plan, named by plan_path: 400 naming keys and problems, quoting nothing
+    of it; the same text sent as `plan` is quoted (cut), as its sender wrote it."""
+    secret = "s3cr3t-Zq8"
+    texts = [
+        plan_yaml(certs, federation={"rounds": secret}),
+        plan_yaml(certs, collaborators=["alice", f"{secret}!"]),
+        plan_yaml(certs, tasks=["train", secret]),
+        plan_yaml(certs) + f"extra: !{secret} x\n",
+    ]
+    for number, text in enumerate(texts):
+        path = tmp_path / f"not_a_plan_{number}.yaml"
+        path.write_text(text, encoding="utf-8")
+        message = error_of(
+            api.client.post("/api/collaborators", json={"plan_path": str(path)}), 400
+        )
+        assert secret not in message, message
+        assert "(a value of the file, not shown)" in message or "'...'" in message, message
+        quoted = error_of(api.client.post("/api/collaborators", json={"plan": text}), 400)
+        assert secret in quoted, quoted
+    assert api.state.experiments() == []
+
+
+def test_an_alias_bomb_in_runner_settings_is_refused(api: Api, certs: CertsLayout) -> None:
+    """A plan whose runner.settings unfold into 10**9 strings by aliases: 400, nothing kept."""
+    message = error_of(
+        api.client.post("/api/collaborators", json={"plan": alias_bomb_plan(plan_document(certs))}),
+        400,
+    )
+    assert message.endswith(
+        "not valid YAML: YAML aliases (*name) are not accepted: write the value out"
+    )
+    assert api.state.experiments() == []
+
+
 def test_a_started_collaborator_is_kept_for_the_site_never_the_director(
     api: Api, certs: CertsLayout, tmp_path: Path
 ) -> None:
@@ -266,6 +340,8 @@ def test_unknown_uuid_is_404(api: Api) -> None:
         ("POST", "/api/experiments/nope/reject"),
     ):
         assert "'nope'" in error_of(api.client.request(method, path), 404)
+        long = path.replace("nope", "n" * 10_000)
+        assert len(error_of(api.client.request(method, long), 404)) < 200, long[:40]
 
 
 def test_round_metrics_and_log_tail_come_from_the_collaborators_log(
@@ -465,7 +541,8 @@ def test_a_posted_collaborator_runs_a_federation_and_outlives_kill_9(
 
 
 def test_stopping_a_running_collaborator(envoy: Envoy, certs: CertsLayout, tmp_path: Path) -> None:
-    """A collaborator waiting for an aggregator that never comes is stopped: exited, then 409."""
+    """A collaborator waiting for an aggregator that never comes is stopped: the site gave it up
+    (with its exit code and why), then 409."""
     plan = write_plan(tmp_path / "federation", certs, ROUNDS, connection=PATIENT)
     with envoy.client() as client:
         wait_until("connect", lambda: client.get("/api/connect").status_code == 200)
@@ -479,7 +556,8 @@ def test_stopping_a_running_collaborator(envoy: Envoy, certs: CertsLayout, tmp_p
         stopped = client.post(f"/api/collaborators/{own}/stop")
         assert stopped.status_code == 202, stopped.text
         ended = wait_until("alice stopped", lambda: (d := detail(client, own))["done"] and d)
-        assert ended["state"] == "exited" and ended["exit_code"] != 0
+        assert ended["state"] == "gave_up" and ended["exit_code"] != 0, ended
+        assert ended["reason"].startswith("stopped by the site's operator; "), ended
         error_of(client.post(f"/api/collaborators/{own}/stop"), 409)
     assert os.path.exists(envoy.state_dir / "experiments" / own / "collaborator.log")
 

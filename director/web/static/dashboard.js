@@ -179,7 +179,7 @@ async function drawExperiment() {
   document.getElementById("sites").replaceChildren(...e.sites.map((s) =>
     el("li", { "data-site": s.site },
       el("span", { class: s.online ? "dot online" : "dot" }), s.site,
-      el("span", { class: "hint" }, ` ${s.online ? "online" : "offline"}${s.state ? ", " + s.state : ""}`))));
+      el("span", { class: "hint" }, ` ${s.online ? "online" : "offline"}${s.state ? ", " + s.state.replaceAll("_", " ") : ""}`))));
   // Every site keeps one colour across the charts.
   const sites = [...new Set(e.charts.flatMap((c) => c.lines.map((line) => line.site)))].filter((site) => site !== null).sort();
   document.getElementById("charts").replaceChildren(...e.charts.map((spec) => chart(spec, sites)));
