@@ -12,7 +12,9 @@ model and the same shards, and a run can be repeated bit for bit:
 * the train split is dealt out round-robin too (`split: iid`), or sorted by label, a seeded
   `1 - skew` of its places shuffled among themselves, and cut into contiguous pieces
   (`split: label_skew`), so each collaborator sees mostly a few labels;
-* minibatches are shuffled from (seed, collaborator index, number of this `train` call).
+* minibatches are shuffled from (seed, collaborator index, round), one permutation per epoch,
+  never from state of the process: a collaborator killed and started again mid-federation
+  trains each round as it would have, and the final model is the same to the byte.
 """
 
 from __future__ import annotations
@@ -208,7 +210,6 @@ class DigitsRunner:
         self.shard = shards[self.index]
         self._train_x, self._train_y = features[self.shard.train], labels[self.shard.train]
         self._test_x, self._test_y = features[self.shard.test], labels[self.shard.test]
-        self._trainings = 0
 
     @classmethod
     def check_settings(cls, settings: RunnerSettings) -> DigitsSettings:
@@ -225,11 +226,11 @@ class DigitsRunner:
             BIAS: np.zeros(SHAPES[BIAS], dtype=np.float32),
         }
 
-    def train(self, model: Model) -> TrainOutcome:
+    def train(self, model: Model, round_number: int) -> TrainOutcome:
         """Run `epochs` of minibatch SGD on the train shard from `model`; loss is the last epoch's."""
         weight, bias = _parameters(model)
-        self._trainings += 1
-        rng = np.random.default_rng((self.seed, _TRAIN_STREAM, self.index, self._trainings))
+        # From the round, not a count of calls: a restarted collaborator shuffles alike.
+        rng = np.random.default_rng((self.seed, _TRAIN_STREAM, self.index, round_number))
         x, y = self._train_x, self._train_y
         rate, size = self.settings.learning_rate, self.settings.batch_size
         loss = math.nan

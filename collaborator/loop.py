@@ -6,6 +6,10 @@ knows them from its runner) and reuses it for every task of that round. Client e
 to the caller, with one exception: a result or tensor refused with FAILED_PRECONDITION means the
 round closed without us (a straggler policy) or the federation finished, so the loop asks for
 tasks again instead of giving up; a second refusal for the same round is raised.
+
+A collaborator started again after sending a round's train result, and asked for that round's
+`locally_tuned_model_validation`, trains the round again first: runners train a round alike in
+any process, so it validates the very model it sent, as it would have without the restart.
 """
 
 from __future__ import annotations
@@ -125,7 +129,7 @@ def run_collaborator(
                 _check_global(model, reference)
                 current = _Round(tasks.round_number, model)
             for task in tasks.tasks:
-                _run_task(client, runner, current, task, beat)
+                _run_task(client, runner, current, task, beat, planned=planned)
                 report.tasks_run += 1
         except RequestRejectedError as error:
             if error.code != grpc.StatusCode.FAILED_PRECONDITION:
@@ -151,7 +155,13 @@ def _fetch_model(
 
 
 def _run_task(
-    client: AggregatorGRPCClient, runner: TaskRunner, current: _Round, task: str, beat: Heartbeat
+    client: AggregatorGRPCClient,
+    runner: TaskRunner,
+    current: _Round,
+    task: str,
+    beat: Heartbeat,
+    *,
+    planned: PlannedWork | None,
 ) -> None:
     """Run one task on the round's model, with heartbeats while it runs, and send its results."""
     round_number = current.number
@@ -162,7 +172,7 @@ def _run_task(
         data_size, metrics = validation.data_size, validation.metrics
     elif task == TRAIN:
         with beat.during():
-            outcome = runner.train(current.global_model)
+            outcome = runner.train(current.global_model, round_number)
         _check_trained(outcome.model, current.global_model)
         current.trained_model = outcome.model
         tensors = [
@@ -171,7 +181,15 @@ def _run_task(
         ]
         data_size, metrics = outcome.data_size, outcome.metrics
     elif task == LOCALLY_TUNED_MODEL_VALIDATION:
-        # Without a train task this round (a restart after sending it), the global model stands in.
+        if current.trained_model is None and planned is not None and TRAIN in planned.tasks:
+            # This round's train result went out before a restart: runners train a round alike
+            # in any process, so training it again gives the very model that was sent.
+            logger.info(
+                "round %d: training again to validate the model sent before a restart", round_number
+            )
+            with beat.during():
+                current.trained_model = runner.train(current.global_model, round_number).model
+        # Without a train task in the plan, the global model stands in.
         model = current.trained_model if current.trained_model is not None else current.global_model
         with beat.during():
             validation = runner.validate(model)

@@ -12,6 +12,7 @@ imports only the runners its operator agreed to (envoy.yaml and director.yaml `r
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -68,8 +69,12 @@ class TaskRunner(Protocol):
         """The model of round 0, the same on every party for the same settings (seeded)."""
         ...
 
-    def train(self, model: Model) -> TrainOutcome:
-        """Train `model` on this collaborator's data and return the result."""
+    def train(self, model: Model, round_number: int) -> TrainOutcome:
+        """Train `model` (the global model of `round_number`) on this collaborator's data.
+
+        Every random choice comes from the plan's seed, this site and `round_number`, never from
+        state of this process: a collaborator restarted mid-federation must train as it would have.
+        """
         ...
 
     def validate(self, model: Model) -> Validation:
@@ -113,18 +118,36 @@ def import_runner(name: str) -> RunnerFactory:
     except ImportError as error:
         raise RunnerError(f"cannot import {module_name!r}: {error}") from None
     runner = getattr(module, class_name, None)
-    missing = [
-        method
-        for method in ("initial_model", "train", "validate")
-        if not callable(getattr(runner, method, None))
-    ]
+    methods = {name: getattr(runner, name, None) for name in ("initial_model", "train", "validate")}
+    missing = [name for name, method in methods.items() if not callable(method)]
     if not isinstance(runner, type) or missing:
         raise RunnerError(
             f"{target!r} is not a task runner class"
             + (f" (it lacks {', '.join(missing)})" if missing else "")
         )
+    if not _takes(methods["train"], None, {}, 0):  # (self, model, round_number)
+        raise RunnerError(
+            f"{target!r}: train must take (model, round_number), the round whose model it "
+            "trains; draw the round's random choices from the seed, the site and round_number, "
+            "never from a count kept in the process"
+        )
     factory: RunnerFactory = runner  # type: ignore[assignment]
     return factory
+
+
+def _takes(function: object, *arguments: object) -> bool:
+    """Whether `function` accepts these positional arguments (True when it cannot be told)."""
+    if not callable(function):
+        return False
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return True
+    try:
+        signature.bind(*arguments)
+    except TypeError:
+        return False
+    return True
 
 
 def check_runner_settings(runner: RunnerFactory, settings: RunnerSettings) -> None:

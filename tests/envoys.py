@@ -335,6 +335,22 @@ def stop_collaborators(state_dir: Path) -> None:
             os.killpg(pid, signal.SIGKILL)
 
 
+def kill_collaborator_process(state_dir: Path, experiment_id: str) -> int:
+    """SIGKILL the collaborator an envoy runs for `experiment_id` (not its `director.child`
+    parent, which records how it ended), as an OOM kill would; its pid."""
+    state = EnvoyState.open(state_dir, exclusive=False)
+    try:
+        parent = state.experiment(experiment_id).pid
+    finally:
+        state.close()
+    assert parent is not None, f"{experiment_id}: no process recorded"
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text(encoding="ascii").split()
+    assert len(children) == 1, f"{experiment_id}: director.child {parent} has {children}"
+    pid = int(children[0])
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
 def start_envoys(
     folder: Path,
     certs: CertsLayout,

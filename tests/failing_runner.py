@@ -31,7 +31,7 @@ class FailingRunner(DigitsRunner):
 
     _trains = 0
 
-    def train(self, model: Model) -> TrainOutcome:
+    def train(self, model: Model, round_number: int) -> TrainOutcome:
         """Raise at FAIL_AT_ENV's training; wait while HOLD_ENV's file exists; else train."""
         index, self._trains = self._trains, self._trains + 1
         fail_at = os.environ.get(FAIL_AT_ENV)
@@ -42,4 +42,4 @@ class FailingRunner(DigitsRunner):
             deadline = time.monotonic() + HOLD_SECONDS
             while Path(hold).exists() and time.monotonic() < deadline:
                 time.sleep(0.1)
-        return super().train(model)
+        return super().train(model, round_number)

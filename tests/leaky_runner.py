@@ -30,7 +30,7 @@ class LeakyRunner:
         """Three zeros: what the model is does not matter here."""
         return {"w": np.zeros(3, dtype=np.float32)}
 
-    def train(self, model: Model) -> TrainOutcome:
+    def train(self, model: Model, round_number: int) -> TrainOutcome:
         """Print the record (as a careless runner would), then fail quoting it."""
         print(f"reading {SITE_FILE}: {RECORD}", flush=True)
         raise ValueError(f"{RECORD} (row 17 of {SITE_FILE})")

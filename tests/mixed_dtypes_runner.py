@@ -39,7 +39,7 @@ class MixedDtypesRunner:
             "bn/num_batches_tracked": np.array(0, dtype=np.int64),
         }
 
-    def train(self, model: Model) -> TrainOutcome:
+    def train(self, model: Model, round_number: int) -> TrainOutcome:
         """Every weight moved by this collaborator's step, in its own dtype; the counter + 1."""
         step = (self.index + 1) * 0.01
         trained = {

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,19 +128,31 @@ class FederationProcesses:
         path = self.folder / f"{name}.out"
         return path.read_text(encoding="utf-8") if path.exists() else ""
 
+    def log(self, name: str) -> str:
+        """What a process wrote to stderr so far (a collaborator's log lines)."""
+        path = self.folder / f"{name}.log"
+        return path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+
     def wait_for_output(self, name: str, pattern: str, timeout: float) -> re.Match[str]:
         """Poll a process's stdout until `pattern` appears; fail after `timeout` seconds."""
+        return self._wait_for(name, self.output, pattern, timeout)
+
+    def wait_for_log(self, name: str, pattern: str, timeout: float) -> re.Match[str]:
+        """Poll a process's stderr until `pattern` appears; fail after `timeout` seconds."""
+        return self._wait_for(name, self.log, pattern, timeout)
+
+    def _wait_for(
+        self, name: str, read: Callable[[str], str], pattern: str, timeout: float
+    ) -> re.Match[str]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            match = re.search(pattern, self.output(name))
+            match = re.search(pattern, read(name))
             if match:
                 return match
             if self.processes[name].poll() is not None:
                 break
             time.sleep(0.05)
-        raise AssertionError(
-            f"{name} did not print {pattern!r} in {timeout} s:\n{self.output(name)}"
-        )
+        raise AssertionError(f"{name} did not write {pattern!r} in {timeout} s:\n{read(name)}")
 
 
 @dataclass(frozen=True)

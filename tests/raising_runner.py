@@ -55,7 +55,7 @@ class RaisingRunner(DigitsRunner):
         """This runner's settings checked, then the digits runner's."""
         return super().check_settings(_own(settings)[2])
 
-    def train(self, model: Model) -> TrainOutcome:
+    def train(self, model: Model, round_number: int) -> TrainOutcome:
         """Digits' training (once the `hold_until` file is there), or an error at a site named
         to raise."""
         if self.raises:
@@ -63,4 +63,4 @@ class RaisingRunner(DigitsRunner):
         deadline = time.monotonic() + HOLD_SECONDS
         while self.hold is not None and not self.hold.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
-        return super().train(model)
+        return super().train(model, round_number)

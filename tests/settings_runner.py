@@ -59,7 +59,7 @@ class SettingsRunner:
         """Three zeros."""
         return {"w": np.zeros(3, dtype=np.float32)}
 
-    def train(self, model: Model) -> TrainOutcome:
+    def train(self, model: Model, round_number: int) -> TrainOutcome:
         """Every weight plus `step`."""
         return TrainOutcome(
             {"w": np.asarray(model["w"]) + np.float32(self.step)}, {"loss": 1.0}, 10

@@ -52,7 +52,7 @@ class TinyRunner:
     def __init__(self, settings: RunnerSettings, *, collaborator: str, collaborators: Any) -> None:
         self.settings = settings
 
-    def train(self, model: Any) -> TrainOutcome:
+    def train(self, model: Any, round_number: int) -> TrainOutcome:
         """Add one to every weight."""
         return TrainOutcome({"w": model["w"] + 1}, {"loss": 1.0}, 10)
 
@@ -292,7 +292,7 @@ def collaborate(name: str, port: int, certs: CertsLayout, errors: list[BaseExcep
                 model = {"w": decode_tensor(tensor, max_bytes=1024)}
                 for task in reply.tasks:
                     if task.name == "train":
-                        outcome = runner.train(model)
+                        outcome = runner.train(model, round_number)
                         arrays = {**outcome.model, **outcome.metrics}
                         size = outcome.data_size
                     else:

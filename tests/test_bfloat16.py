@@ -224,8 +224,8 @@ def test_every_state_dict_dtype_survives_a_federation_of_processes(
         name: MixedDtypesRunner(settings, collaborator=name, collaborators=COLLABORATORS)
         for name in COLLABORATORS
     }
-    for _ in range(rounds):
-        outcomes = {name: runner.train(model) for name, runner in runners.items()}
+    for round_number in range(rounds):
+        outcomes = {name: runner.train(model, round_number) for name, runner in runners.items()}
         model = federated_average(
             {name: Contribution(o.data_size, o.model) for name, o in outcomes.items()}, model
         )

@@ -26,7 +26,7 @@ from collaborator.errors import (
 from collaborator.loop import CollaboratorError
 from pki.layout import CertsLayout
 from plans import Plan
-from plans.runners import RunnerError
+from plans.runners import Model, RunnerError, TrainOutcome
 
 from directors import alias_bomb_plan
 from processes import free_port
@@ -315,6 +315,27 @@ def test_unknown_runner(
     assert main(["start", "-n", "alice", "--plan", str(plan)]) == 2
     (line,) = error_lines(capsys)
     assert line.startswith(f"{PREFIX}{plan}: runner.name: cannot import 'nosuchpackage.module'")
+
+
+class CountingRunner(DigitsRunner):
+    """A runner written before `train` took the round: it would count its calls instead."""
+
+    def train(self, model: Model) -> TrainOutcome:  # type: ignore[override]
+        """The digits runner's training, as if every call were round 0."""
+        return super().train(model, 0)
+
+
+def test_a_runner_whose_train_takes_no_round_is_refused_at_start(
+    certs: CertsLayout, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`train(self, model)` without the round: one line naming runner.name and the fix, exit 2."""
+    plan = write_plan(tmp_path, certs, runner={"name": "test_collaborator_cli:CountingRunner"})
+    assert main(["start", "-n", "alice", "--plan", str(plan)]) == 2
+    assert error_lines(capsys) == [
+        f"{PREFIX}{plan}: runner.name: 'test_collaborator_cli:CountingRunner': train must take "
+        "(model, round_number), the round whose model it trains; draw the round's random "
+        "choices from the seed, the site and round_number, never from a count kept in the process"
+    ]
 
 
 def test_unreachable_aggregator_exits_1(

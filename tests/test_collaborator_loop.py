@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 
 from aggregator.federation import Federation, TaskResult
+from collaborator.answers import PlannedWork
 from collaborator.client import AggregatorGRPCClient, NamedArray, Tasks
 from collaborator.digits import SHAPES, DigitsRunner
 from collaborator.errors import RequestRejectedError
 from collaborator.loop import CollaboratorError, CollaboratorReport, run_collaborator
 from pki.layout import CertsLayout
 from plans import Plan
-from plans.runners import Array
+from plans.runners import Array, Model, TrainOutcome, Validation
 
 from servers import TASKS, closing_rounds, make_federation, make_plan, running_aggregator
 
@@ -92,7 +93,7 @@ def test_alice_sends_her_three_tasks_of_round_zero(certs: CertsLayout) -> None:
     assert_metrics(agg, {"metric", "validate_agg"}, check.validate(initial).metrics)
 
     train = results["train"]
-    outcome = check.train(initial)
+    outcome = check.train(initial, 0)
     assert train.data_size == outcome.data_size == len(check.shard.train)
     trained = tensors_of(train)
     assert set(trained) == {*SHAPES, "loss"}
@@ -113,6 +114,55 @@ def test_alice_sends_her_three_tasks_of_round_zero(certs: CertsLayout) -> None:
     assert check.validate(outcome.model).metrics != check.validate(initial).metrics
 
 
+class ProcessEndedError(Exception):
+    """Stands for the end of a collaborator's process (kill -9) in the middle of a task."""
+
+
+class DiesAtLocalValidation(DigitsRunner):
+    """The digits runner, whose process ends as it starts validating its own trained model."""
+
+    def train(self, model: Model, round_number: int) -> TrainOutcome:
+        """Train as the digits runner does, and remember having trained."""
+        self.trained = True
+        return super().train(model, round_number)
+
+    def validate(self, model: Model) -> Validation:
+        """End at the validation after training (locally_tuned_model_validation)."""
+        if getattr(self, "trained", False):
+            raise ProcessEndedError
+        return super().validate(model)
+
+
+def test_a_site_restarted_after_sending_its_training_validates_that_very_model(
+    certs: CertsLayout,
+) -> None:
+    """Alice ends after sending round 0's train result; started again, she is asked only for
+    locally_tuned_model_validation, trains round 0 again and validates the model she sent."""
+    plan = digits_plan(certs)
+    federation = digits_federation(plan)
+    planned = PlannedWork(rounds=plan.federation.rounds, tasks=plan.tasks)
+    initial = DigitsRunner.initial_model(plan.runner)
+    with running_aggregator(plan, federation) as server, client_for(plan, server.port) as client:
+        first = DiesAtLocalValidation(
+            plan.runner, collaborator="alice", collaborators=plan.collaborators
+        )
+        with pytest.raises(ProcessEndedError):
+            run_collaborator(client, first, plan.runner, sleep=Sleeps(), planned=planned)
+        report = run_collaborator(
+            client, runner_for(plan), plan.runner, sleep=Sleeps(), max_idle_polls=2, planned=planned
+        )
+    assert report.tasks_run == 1
+    results = {result.task_name: result for result in federation.results()}
+    assert sorted(results) == sorted(TASKS)
+    check = runner_for(plan)
+    sent = check.train(initial, 0).model
+    assert all(
+        tensors_of(results["train"])[name][1].tobytes() == sent[name].tobytes() for name in SHAPES
+    )
+    local = results["locally_tuned_model_validation"]
+    assert_metrics(local, {"metric", "validate_local"}, check.validate(sent).metrics)
+
+
 def test_the_loop_ends_when_the_aggregator_says_quit(certs: CertsLayout) -> None:
     """Alice alone works one round and the final validation round, then returns on quit."""
     plan = digits_plan(certs, federation={"rounds": 1}, collaborators=["alice"])
@@ -129,7 +179,7 @@ def test_the_loop_ends_when_the_aggregator_says_quit(certs: CertsLayout) -> None
     assert report == CollaboratorReport(quit=True, tasks_run=4, rounds=[0, 1], missed_rounds=[])
     assert federation.finished and federation.told_to_quit() == ("alice",)
     # FedAvg of one collaborator is her trained model, which a fresh runner of hers repeats.
-    trained = runner_for(plan).train(DigitsRunner.initial_model(plan.runner)).model
+    trained = runner_for(plan).train(DigitsRunner.initial_model(plan.runner), 0).model
     final = federation.model()
     for name, array in trained.items():
         np.testing.assert_allclose(final[name], array, rtol=1e-6, err_msg=name)

@@ -1,5 +1,9 @@
 """Crashes of real processes: the aggregator killed (-9) at each point of a round, collaborators killed mid-task.
 
+A collaborator killed (-9) and started again by hand also leaves the final model byte for byte
+that of a run without faults: runners draw their randomness from the seed, the site and the
+round, never from the process.
+
 The aggregator dies at a failpoint (``FOEDUS_FAILPOINTS``, see `aggregator.failpoints`) or by an
 outside SIGKILL, is started again with the same plan and no failpoint, and the federation must
 finish with a final model byte for byte that of a run without faults. Collaborators retry while
@@ -9,6 +13,7 @@ the aggregator is away (a patient `connection` section). Every wait is bounded.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 from pathlib import Path
@@ -18,6 +23,8 @@ import pytest
 
 from pki.layout import CertsLayout
 
+from dying_runner import NAME as DYING_RUNNER
+from dying_runner import TRAIN, VALIDATION, arm
 from processes import COLLABORATORS, FederationProcesses, run_federation, write_plan
 
 ROUNDS = 3
@@ -25,6 +32,7 @@ ROUNDS = 3
 PATIENT = {"max_retries": 200, "max_wait_seconds": 60}
 KILLED = -signal.SIGKILL
 DEADLINE_SECONDS = 180  # a bound for a loaded machine; a quiet one needs seconds
+TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +42,7 @@ def reference(certs: CertsLayout, tmp_path_factory: pytest.TempPathFactory) -> d
     assert set(run.exit_codes.values()) == {0}, run
     return {
         name: (run.output_dir / name).read_bytes()
-        for name in ("last_model.pbuf", "best_model.pbuf")
+        for name in ("last_model.pbuf", "best_model.pbuf", "metrics.jsonl")
     }
 
 
@@ -60,6 +68,12 @@ def metrics_rounds(folder: Path) -> list[int]:
     """The round of each row of metrics.jsonl, in order."""
     lines = (folder / "output" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     return [json.loads(line)["round"] for line in lines]
+
+
+def learnt(metrics_jsonl: bytes) -> list[tuple[Any, ...]]:
+    """What each round of metrics.jsonl says was learnt: its round, metrics and sites' metrics."""
+    rows = [json.loads(line) for line in metrics_jsonl.decode("utf-8").splitlines()]
+    return [(row["round"], row["metrics"], row["sites"]) for row in rows]
 
 
 def restart_and_finish(federation: FederationProcesses) -> dict[str, int]:
@@ -179,3 +193,50 @@ def test_collaborator_killed_for_good_is_left_behind_by_the_cutoff(
     stdout = federation.output()
     assert "final validation  reported bob,carol (missing alice)" in stdout, stdout
     assert "federation finished: 3 rounds" in stdout, stdout
+
+
+def test_collaborator_killed_thrice_and_restarted_by_hand_leaves_the_same_model(
+    reference: dict[str, bytes], certs: CertsLayout, tmp_path: Path
+) -> None:
+    """Alice killed -9 after sending round 0's results, dying as she validates her round-1 model
+    (its training sent), then dying mid-train in round 2, each time started again by hand: the
+    final and best models are the fault-free run's, byte for byte, and so is every metric.
+
+    Bob and carol start only after the first kill, so round 0 cannot close without alice and
+    she is surely waiting in it; the other deaths are her runner's own SIGKILL (`dying_runner`,
+    otherwise the digits runner)."""
+    plan = write_plan(tmp_path, certs, ROUNDS, connection=PATIENT, runner={"name": DYING_RUNNER})
+    federation = FederationProcesses(plan, tmp_path)
+    environment = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    validating, training = tmp_path / "died-validating-round-1", tmp_path / "died-training-round-2"
+    alice = {**environment, **arm((1, VALIDATION, validating), (2, TRAIN, training))}
+    try:
+        federation.start("aggregator", env=environment)
+        federation.start("alice", env=alice)
+        pattern = r"round 0: locally_tuned_model_validation on"
+        federation.wait_for_log("alice", pattern, DEADLINE_SECONDS)
+        federation.kill("alice")
+        assert federation.wait("alice", 10) == KILLED  # killed while it waited on round 0
+        federation.start("alice", env=alice)
+        for name in ("bob", "carol"):
+            federation.start(name, env=environment)
+        for marker in (validating, training):
+            assert federation.wait("alice", DEADLINE_SECONDS) == KILLED
+            assert marker.exists()  # it died by its own hand, there
+            federation.start("alice", env=alice)
+        codes = federation.wait_all(DEADLINE_SECONDS)
+    finally:
+        federation.stop_all()
+    assert codes == dict.fromkeys(("aggregator", *COLLABORATORS), 0), federation.output()
+    alice_log = federation.log("alice")
+    assert "round 2: train" in alice_log and "round 1: train" in alice_log
+    assert "round 1: training again to validate the model sent before a restart" in alice_log
+    stdout = federation.output()
+    rounds = [line for line in stdout.splitlines() if "reported" in line]
+    assert len(rounds) == ROUNDS + 1, stdout
+    assert all("reported alice,bob,carol " in line for line in rounds), stdout
+    output = tmp_path / "output"
+    assert (output / "last_model.pbuf").read_bytes() == reference["last_model.pbuf"]
+    assert (output / "best_model.pbuf").read_bytes() == reference["best_model.pbuf"]
+    # Every site's metrics of every round too: alice trained and validated as she would have.
+    assert learnt((output / "metrics.jsonl").read_bytes()) == learnt(reference["metrics.jsonl"])

@@ -192,7 +192,7 @@ def test_train_returns_float32_model_and_leaves_its_input_alone() -> None:
     runner = DigitsRunner(runner_settings(), collaborator="carol", collaborators=NAMES)
     initial = DigitsRunner.initial_model(runner_settings())
     given = read_only(initial)  # writing to these would raise
-    outcome = runner.train(given)
+    outcome = runner.train(given, 0)
     assert {name: (a.dtype, a.shape) for name, a in outcome.model.items()} == {
         name: (np.dtype(np.float32), shape) for name, shape in SHAPES.items()
     }
@@ -204,6 +204,21 @@ def test_train_returns_float32_model_and_leaves_its_input_alone() -> None:
     assert trained.metrics["accuracy"] > runner.validate(initial).metrics["accuracy"]
 
 
+def test_a_round_trains_alike_whatever_this_process_ran_before() -> None:
+    """Round 2 from the same model gives the same bits on a fresh runner as after rounds 0 and 1
+    (a restarted collaborator trains as it would have); another round shuffles otherwise."""
+    settings = runner_settings(epochs=2)
+    model = read_only(DigitsRunner.initial_model(settings))
+    worked = DigitsRunner(settings, collaborator="bob", collaborators=NAMES)
+    for round_number in (0, 1):
+        worked.train(model, round_number)
+    after_work = worked.train(model, 2).model
+    fresh = DigitsRunner(settings, collaborator="bob", collaborators=NAMES).train(model, 2).model
+    assert all(after_work[name].tobytes() == fresh[name].tobytes() for name in SHAPES)
+    other = worked.train(model, 3).model
+    assert other[WEIGHT].tobytes() != fresh[WEIGHT].tobytes()
+
+
 def test_a_model_of_another_shape_is_refused() -> None:
     """A model with a missing tensor or a wrong shape is refused with a RunnerError naming it."""
     runner = DigitsRunner(runner_settings(), collaborator="alice", collaborators=NAMES)
@@ -211,7 +226,7 @@ def test_a_model_of_another_shape_is_refused() -> None:
     with pytest.raises(RunnerError, match="expected tensors softmax/bias, softmax/weight"):
         runner.validate({WEIGHT: model[WEIGHT]})
     with pytest.raises(RunnerError, match=r"softmax/bias has shape \(11,\)"):
-        runner.train({**model, BIAS: np.zeros(11, dtype=np.float32)})
+        runner.train({**model, BIAS: np.zeros(11, dtype=np.float32)}, 0)
 
 
 def simulate_fedavg(rounds: int) -> tuple[dict[str, Array], list[float]]:
@@ -220,8 +235,8 @@ def simulate_fedavg(rounds: int) -> tuple[dict[str, Array], list[float]]:
     runners = [DigitsRunner(settings, collaborator=name, collaborators=NAMES) for name in NAMES]
     model = DigitsRunner.initial_model(settings)
     accuracies = []
-    for _ in range(rounds):
-        outcomes = [runner.train(read_only(model)) for runner in runners]
+    for round_number in range(rounds):
+        outcomes = [runner.train(read_only(model), round_number) for runner in runners]
         total = sum(outcome.data_size for outcome in outcomes)
         model = {
             name: (

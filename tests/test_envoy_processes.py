@@ -26,6 +26,7 @@ from envoys import (
     WAIT_SECONDS,
     EnvoyProcess,
     RecordingDirector,
+    kill_collaborator_process,
     plan_text,
     read_all,
     stop_collaborators,
@@ -34,6 +35,7 @@ from envoys import (
 from processes import FederationProcesses, free_port, write_plan
 
 ROUNDS = 3
+ROUND_0_SENT = "round 0: locally_tuned_model_validation on"  # a collaborator's last line of round 0
 PATIENT = {"max_retries": 200, "max_wait_seconds": 90}
 FEDERATION_SECONDS = 240
 
@@ -192,13 +194,48 @@ def test_manual_review_approve_then_stop_and_reject(
 # -- whole federations ---------------------------------------------------------------------------
 
 
+def ordeal(
+    envoy: EnvoyProcess,
+    director: RecordingDirector,
+    state_dir: Path,
+    *,
+    kill_envoy: bool,
+    kill_collaborator: bool,
+) -> None:
+    """Kill the envoy, its collaborator or both (-9) and wait until the collaborator runs again.
+
+    The collaborator is killed once it has sent round 0's results, so that its new process
+    starts at round 1; the envoy alone, once its collaborator works."""
+    if not (kill_envoy or kill_collaborator):
+        return
+    log = state_dir / "experiments" / "exp-1" / "collaborator.log"
+    waited = ROUND_0_SENT if kill_collaborator else "working for the aggregator"
+    deadline = time.monotonic() + WAIT_SECONDS
+    while waited not in log.read_text(encoding="utf-8"):
+        assert time.monotonic() < deadline, log.read_text(encoding="utf-8")
+        time.sleep(0.1)
+    seen = len(director.records.reports)
+    if not kill_envoy:
+        kill_collaborator_process(state_dir, "exp-1")  # its envoy sees it die, starts it again
+        director.wait_for_state("alice", "exp-1", pb.COLLABORATOR_STARTED, after=seen)
+        return
+    envoy.kill()
+    if kill_collaborator:
+        stop_collaborators(state_dir)  # its whole session: as if the machine had failed
+    envoy.start()
+    again = pb.COLLABORATOR_STARTED if kill_collaborator else pb.COLLABORATOR_RUNNING
+    director.wait_for_state("alice", "exp-1", again, after=seen)
+
+
 def run_federation_with_envoy(
     folder: Path, certs: CertsLayout, *, kill_envoy: bool, kill_collaborator: bool = False
 ) -> tuple[dict[str, bytes], RecordingDirector, str]:
-    """alice through her envoy, bob and carol by hand; the envoy optionally killed and restarted.
+    """alice through her envoy, bob and carol by hand; the envoy, its collaborator or both killed.
 
-    bob and carol start only after the envoy's ordeal, so alice's collaborator is mid-federation
-    (waiting on round 1) when it happens.
+    bob and carol start only after the ordeal, so alice's collaborator is mid-federation (waiting
+    on round 0 to close) when it happens. The envoy killed alone is restarted and adopts its
+    collaborator; a collaborator killed is killed after sending round 0's results, so its new
+    process (started by the envoy, restarted or not) trains from round 1 on.
     """
     plan = write_plan(folder / "federation", certs, ROUNDS, connection=PATIENT)
     federation = FederationProcesses(plan, folder / "federation")
@@ -213,19 +250,9 @@ def run_federation_with_envoy(
         envoy.start()
         director.give_start("alice", "exp-1", plan_text(plan), name="digits")
         director.wait_for_state("alice", "exp-1", pb.COLLABORATOR_STARTED)
-        if kill_envoy:
-            log = state_dir / "experiments" / "exp-1" / "collaborator.log"
-            deadline = time.monotonic() + WAIT_SECONDS
-            while "working for the aggregator" not in log.read_text(encoding="utf-8"):
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
-            envoy.kill()
-            if kill_collaborator:
-                stop_collaborators(state_dir)  # its whole session: as if the machine had failed
-            seen = len(director.records.reports)
-            envoy.start()
-            again = pb.COLLABORATOR_STARTED if kill_collaborator else pb.COLLABORATOR_RUNNING
-            director.wait_for_state("alice", "exp-1", again, after=seen)
+        ordeal(
+            envoy, director, state_dir, kill_envoy=kill_envoy, kill_collaborator=kill_collaborator
+        )
         for name in ("bob", "carol"):
             federation.start(name)
         codes = federation.wait_all(FEDERATION_SECONDS)
@@ -240,17 +267,17 @@ def run_federation_with_envoy(
         )
         if kill_collaborator:  # its death was reported, then its new start
             died = [
-                (report.state, report.exit_code, report.reason.split(";")[0])
+                (report.exit_code, report.reason.split(";")[0])
                 for name, report in director.records.reports
                 if report.state == pb.COLLABORATOR_EXITED and report.exit_code != 0
             ]
-            assert died == [
-                (
-                    pb.COLLABORATOR_EXITED,
-                    -1,
-                    "the collaborator stopped without recording an exit status",
-                )
-            ], died
+            # The envoy's kill took the collaborator's whole session, its status keeper too.
+            expected = (
+                (-1, "the collaborator stopped without recording an exit status")
+                if kill_envoy
+                else (-9, "the collaborator was ended by signal 9")
+            )
+            assert died == [expected], died
         director.ask_log("alice", "r-final", "exp-1")
         upload = director.wait_for(
             "the final log", lambda r: [u for u in r.uploads if u.request_id == "r-final"]
@@ -296,20 +323,35 @@ def test_envoy_killed_mid_federation_resumes_to_the_same_model(
 
 
 def test_envoy_and_collaborator_killed_the_collaborator_is_started_again(
-    certs: CertsLayout, tmp_path: Path
+    undisturbed: dict[str, bytes], certs: CertsLayout, tmp_path: Path
 ) -> None:
     """kill -9 of the envoy and its collaborator's session: restarted, the envoy starts it again.
 
-    The new collaborator asks the aggregator what it still owes and the federation completes
-    with alice in every round. Its model is not compared: the digits runner draws its shuffles
-    from the number of `train` calls in its own process, which starts again at 0.
+    The new collaborator asks the aggregator what it still owes, the federation completes with
+    alice in every round, and the models are byte-identical: the digits runner draws its
+    shuffles from the seed, the site and the round, not from its process.
     """
-    _, _, stdout = run_federation_with_envoy(
+    models, _, stdout = run_federation_with_envoy(
         tmp_path, certs, kill_envoy=True, kill_collaborator=True
     )
     rounds = [line for line in stdout.splitlines() if "reported" in line]
     assert len(rounds) == ROUNDS + 1, stdout
     assert all("reported alice,bob,carol " in line for line in rounds), stdout
+    assert models == undisturbed
+
+
+def test_collaborator_killed_its_envoy_starts_it_again_to_the_same_model(
+    undisturbed: dict[str, bytes], certs: CertsLayout, tmp_path: Path
+) -> None:
+    """kill -9 of the collaborator alone after round 0's results: its envoy reports the death
+    (signal 9) and starts it again, and the models are byte-identical to the undisturbed run's."""
+    models, _, stdout = run_federation_with_envoy(
+        tmp_path, certs, kill_envoy=False, kill_collaborator=True
+    )
+    rounds = [line for line in stdout.splitlines() if "reported" in line]
+    assert len(rounds) == ROUNDS + 1, stdout
+    assert all("reported alice,bob,carol " in line for line in rounds), stdout
+    assert models == undisturbed
 
 
 def test_a_director_from_another_ca_is_never_trusted(

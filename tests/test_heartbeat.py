@@ -146,13 +146,13 @@ class SlowRunner(DigitsRunner):
     federation: Federation
     seen: list[Presence]
 
-    def train(self, model: Model) -> TrainOutcome:
+    def train(self, model: Model, round_number: int) -> TrainOutcome:
         """Train as usual, after watching the aggregator's judgement of alice for a while."""
         deadline = time.monotonic() + TRAIN_SECONDS
         while time.monotonic() < deadline:
             self.seen.append(self.federation.liveness.presence("alice"))
             time.sleep(0.05)
-        return super().train(model)
+        return super().train(model, round_number)
 
 
 @pytest.mark.parametrize("heartbeats", [True, False], ids=["with", "without"])

@@ -53,14 +53,14 @@ class PacedRunner(DigitsRunner):
     """The digits runner, whose training takes at least TRAIN_PAUSE_SECONDS, and waits while the
     test holds the federation (the file named by HOLD_ENV exists; heartbeats go on meanwhile)."""
 
-    def train(self, model: Model) -> TrainOutcome:
+    def train(self, model: Model, round_number: int) -> TrainOutcome:
         """Pause (longer while held), then train as the digits runner does."""
         time.sleep(TRAIN_PAUSE_SECONDS)
         hold = Path(os.environ.get(HOLD_ENV, "/nonexistent"))
         deadline = time.monotonic() + HOLD_SECONDS
         while hold.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
-        return super().train(model)
+        return super().train(model, round_number)
 
 
 def test_a_killed_collaborator_costs_seconds_and_takes_part_again_once_restarted(

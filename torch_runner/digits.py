@@ -86,11 +86,10 @@ class DigitsCNNRunner(TorchRunner):
         optimizer = torch.optim.SGD(
             module.parameters(), lr=self.options.learning_rate, momentum=MOMENTUM
         )
-        generator = self.generator()
         module.train()
         loss = math.nan
-        for _ in range(self.options.epochs):
-            order = torch.randperm(len(self.train_y), generator=generator)
+        for epoch in range(self.options.epochs):
+            order = torch.randperm(len(self.train_y), generator=self.generator(epoch))
             total = 0.0
             for batch in order.split(self.options.batch_size):  # type: ignore[no-untyped-call]
                 images = self.train_x[batch].to(self.device)

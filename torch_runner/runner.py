@@ -7,6 +7,11 @@ The base class does the rest of the `plans.runners.TaskRunner` contract: the see
 model, the global model copied into the module (checked first: names, shapes and dtypes), the
 trained state dict handed back as named arrays, bit for bit, and buffers kept at the site when
 asked (`keep_local`).
+
+Randomness in `fit` comes from the plan's seed, the site and the round, never from state of the
+process, so a collaborator killed and started again trains each round as it would have:
+`generator(epoch)` shuffles an epoch, and PyTorch's global generator (dropout, augmentation, a
+`DataLoader`'s own shuffling) is seeded from (seed, site, round) before each `fit`.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Final
 
 import numpy as np
 import torch
@@ -22,6 +27,11 @@ import torch
 from plans.runners import Array, Model, TrainOutcome, Validation
 from plans.schema import RunnerSettings
 from torch_runner.state import load_arrays, module_arrays
+
+# Independent random streams of one site and round, as numpy seeds them: SeedSequence((seed,
+# stream, site index, round, ...)).
+_SHUFFLE_STREAM: Final = 0
+_GLOBAL_STREAM: Final = 1
 
 
 @dataclass(frozen=True)
@@ -48,7 +58,7 @@ class TorchRunner:
         self.collaborator = collaborator
         self.collaborators = collaborators
         self.index = collaborators.index(collaborator)
-        self.trainings = 0  # `train` calls so far: a seed for this call's shuffling
+        self.round_number = 0  # the round `train` works on: with the seed and site, its randomness
         self.device = torch.device("cpu")  # `setup` may choose another (a site's own setting)
         type(self).check_settings(settings)  # the director's and the aggregator's check, too
         self.setup()  # before the module: a bad setting is refused before anything is built
@@ -75,7 +85,7 @@ class TorchRunner:
         """Check `self.settings.settings` and load this site's data (`self.index` of the plan's collaborators)."""
 
     def fit(self, module: torch.nn.Module) -> LoopOutcome:
-        """Train `module` in place on this site's training data."""
+        """Train `module` in place on this site's data for `self.round_number` (shuffle with `generator`)."""
         raise NotImplementedError(f"{type(self).__name__} must define fit")
 
     def evaluate(self, module: torch.nn.Module) -> LoopOutcome:
@@ -101,18 +111,19 @@ class TorchRunner:
         """The seeded module's shared state dict as named arrays (what the aggregator starts from)."""
         return module_arrays(cls.seeded_module(settings), cls.shared)
 
-    def generator(self) -> torch.Generator:
-        """A generator for this `train` call's shuffling, from (seed, site, call): runs repeat."""
-        entropy = (self.settings.seed, self.index, self.trainings)
-        (seed,) = np.random.SeedSequence(entropy).generate_state(1, np.uint64)
+    def generator(self, epoch: int) -> torch.Generator:
+        """A generator for `epoch`'s shuffling in this round, from (seed, site, round, epoch)."""
         generator = torch.Generator()
-        generator.manual_seed(int(seed))
+        generator.manual_seed(self._seed(_SHUFFLE_STREAM, self.round_number, epoch))
         return generator
 
-    def train(self, model: Model) -> TrainOutcome:
-        """Copy `model` into the module, run `fit`, hand back the shared state dict."""
+    def train(self, model: Model, round_number: int) -> TrainOutcome:
+        """Copy `model` into the module, run `fit` for `round_number`, hand back the shared state dict."""
         self.load(model)
-        self.trainings += 1
+        self.round_number = round_number
+        # Dropout, augmentation and DataLoader shuffles draw from the global generator: seeded
+        # from the round, they repeat when a restarted collaborator trains this round again.
+        torch.manual_seed(self._seed(_GLOBAL_STREAM, round_number))
         outcome = self.fit(self.module)
         return TrainOutcome(
             model=module_arrays(self.module, self.shared),
@@ -130,3 +141,9 @@ class TorchRunner:
     def load(self, model: Mapping[str, Array]) -> None:
         """The global model into the module, after checking it fits (`ModelMismatchError`)."""
         load_arrays(self.module, model, self.shared)
+
+    def _seed(self, stream: int, *keys: int) -> int:
+        """A 64-bit seed from (runner.seed, stream, site index, keys): independent per stream."""
+        entropy = (self.settings.seed, stream, self.index, *keys)
+        (seed,) = np.random.SeedSequence(entropy).generate_state(1, np.uint64)
+        return int(seed)

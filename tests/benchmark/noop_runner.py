@@ -125,7 +125,7 @@ class NoopRunner:
         parsed = NoopSettings.parse(settings.settings)
         return dict(_model(settings.seed, parsed.model_mb, parsed.tensors))
 
-    def train(self, model: Model) -> TrainOutcome:
+    def train(self, model: Model, round_number: int) -> TrainOutcome:
         """The model it got (the same arrays when `train_delta` is 0) and a zero loss."""
         delta = self.settings.train_delta
         trained: dict[str, Array] = {

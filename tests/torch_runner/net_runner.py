@@ -12,8 +12,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from plans.runners import Model, TrainOutcome
 from plans.schema import RunnerSettings
 from torch_runner import LoopOutcome, TorchRunner
+from torch_runner.digits import DigitsCNNRunner
+
+from dying_runner import TRAIN, die_if_armed
 
 
 class Net(nn.Module):
@@ -50,7 +54,7 @@ class NetRunner(TorchRunner):
     def fit(self, module: nn.Module) -> LoopOutcome:
         optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
         module.train()
-        for batch in torch.randperm(32, generator=self.generator()).split(8):  # type: ignore[no-untyped-call]
+        for batch in torch.randperm(32, generator=self.generator(0)).split(8):  # type: ignore[no-untyped-call]
             optimizer.zero_grad()
             loss = nn.functional.cross_entropy(module(self.x[batch]), self.y[batch])
             loss.backward()  # type: ignore[no-untyped-call]
@@ -75,3 +79,29 @@ class WiderRunner(NetRunner):
 
 class HalfRunner(NetRunner):
     dtype = torch.float16
+
+
+class DropoutNet(Net):
+    """`Net` with dropout on its logits while training: randomness from PyTorch's global generator."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch, half of them dropped while training."""
+        return nn.functional.dropout(super().forward(x), 0.5, training=self.training)
+
+
+class DropoutRunner(NetRunner):
+    """`NetRunner` on `DropoutNet`."""
+
+    @classmethod
+    def build_module(cls, settings: RunnerSettings) -> nn.Module:
+        return DropoutNet(cls.features, cls.dtype)
+
+
+class DyingCNNRunner(DigitsCNNRunner):
+    """The CNN example; armed (`dying_runner`), it dies once in the middle of a train task."""
+
+    def train(self, model: Model, round_number: int) -> TrainOutcome:
+        """Train as the example does; armed for this round, die before returning."""
+        outcome = super().train(model, round_number)
+        die_if_armed(round_number, TRAIN)
+        return outcome

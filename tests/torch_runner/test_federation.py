@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +20,15 @@ from protos import base_pb2
 from protos.codec import decode_tensor
 from protos.dtypes import bfloat16_dtype
 
+from dying_runner import TRAIN, arm
 from processes import COLLABORATORS, REPO, FederationProcesses, final_accuracy, write_plan
 from readme_blocks import run_block
 
 HERE = Path(__file__).resolve().parent
 EXAMPLE_PLAN = REPO / "plans" / "torch_digits.yaml"
-ENVIRONMENT = {"PYTHONPATH": str(HERE)}  # net_runner, for the processes
+# net_runner and the dying_runner it imports, for the processes
+ENVIRONMENT = {"PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+KILLED = -signal.SIGKILL
 SCORING_MARKER = (
     "<!-- tests/torch_runner/test_federation.py runs the next block in a folder with "
     "best_model.pbuf -->"
@@ -62,8 +67,8 @@ def replay(runner: dict[str, object], rounds: int) -> dict[str, Array]:
         for name in COLLABORATORS
     }
     model = factory.initial_model(settings)
-    for _ in range(rounds):
-        outcomes = {name: runners[name].train(model) for name in COLLABORATORS}
+    for round_number in range(rounds):
+        outcomes = {name: runners[name].train(model, round_number) for name in COLLABORATORS}
         model = federated_average(
             {name: Contribution(o.data_size, o.model) for name, o in outcomes.items()}, model
         )
@@ -107,6 +112,43 @@ def score_as_printed(best_model: Path, folder: Path) -> float:
     match = re.fullmatch(r"accuracy (\d\.\d{4}) on 1797 images\n", printed)
     assert match, printed
     return float(match.group(1))
+
+
+@pytest.mark.slow
+def test_a_collaborator_killed_twice_and_started_again_leaves_the_same_model(
+    certs: CertsLayout, tmp_path: Path
+) -> None:
+    """The CNN example, alice killed -9 after sending round 0's results, then dying mid-train in
+    round 2, each time started again by hand: the final model is the replay's, bit for bit.
+
+    Bob and carol start after the first kill, so round 0 cannot close without alice; the second
+    death is her runner's own SIGKILL (`dying_runner`), after training, before sending."""
+    example = yaml.safe_load(EXAMPLE_PLAN.read_text(encoding="utf-8"))["runner"]
+    runner = {**example, "name": "net_runner:DyingCNNRunner"}
+    rounds = 3
+    federation = FederationProcesses(write_plan(tmp_path, certs, rounds, runner=runner), tmp_path)
+    marker = tmp_path / "alice-died-in-round-2"
+    alice = {**ENVIRONMENT, **arm((2, TRAIN, marker))}
+    try:
+        federation.start("aggregator", env=ENVIRONMENT)
+        federation.start("alice", env=alice)
+        federation.wait_for_log("alice", "round 0: locally_tuned_model_validation on", 180)
+        federation.kill("alice")
+        assert federation.wait("alice", 10) == KILLED  # killed while it waited on round 0
+        federation.start("alice", env=alice)
+        for name in ("bob", "carol"):
+            federation.start(name, env=ENVIRONMENT)
+        assert federation.wait("alice", 180) == KILLED
+        assert marker.exists()  # it died by its own hand, mid-task in round 2
+        federation.start("alice", env=alice)
+        codes = federation.wait_all()
+    finally:
+        federation.stop_all()
+    assert set(codes.values()) == {0}, (codes, federation.output(), federation.log("alice"))
+    rows = [line for line in federation.output().splitlines() if "reported" in line]
+    assert len(rows) == rounds + 1 and all("reported alice,bob,carol " in r for r in rows), rows
+    final = read_model(tmp_path / "output" / "last_model.pbuf")
+    assert_same_model(final, replay(runner, rounds))
 
 
 @pytest.mark.slow

@@ -23,7 +23,14 @@ from torch_runner import (
 )
 from torch_runner.digits import DigitsCNNRunner
 
-from net_runner import HalfRunner, LocalStatisticsRunner, Net, NetRunner, WiderRunner
+from net_runner import (
+    DropoutRunner,
+    HalfRunner,
+    LocalStatisticsRunner,
+    Net,
+    NetRunner,
+    WiderRunner,
+)
 
 MAX_BYTES = 2**24
 NAMES = ("alice", "bob", "carol")
@@ -136,7 +143,7 @@ def test_a_model_with_buffers_travels_whole_and_comes_back_as_sent() -> None:
     assert sorted(model) == sorted(Net().state_dict())
     assert NetRunner.initial_model(SETTINGS)["fc.weight"].tobytes() == model["fc.weight"].tobytes()
     runner = NetRunner(SETTINGS, collaborator="bob", collaborators=NAMES)
-    outcome = runner.train(model)
+    outcome = runner.train(model, 0)
     trained = outcome.model
     assert trained["bn.num_batches_tracked"] == 4  # 4 batches: the buffer moved and is sent
     assert trained["fc.weight"].tobytes() != model["fc.weight"].tobytes()
@@ -152,12 +159,26 @@ def test_buffers_kept_local_are_neither_sent_nor_overwritten() -> None:
     assert not any(name.startswith("bn.running") or "num_batches" in name for name in model)
     assert "bn.weight" in model and "bn.bias" in model  # BatchNorm's affine weights are shared
     runner = LocalStatisticsRunner(SETTINGS, collaborator="alice", collaborators=NAMES)
-    outcome = runner.train(model)
+    outcome = runner.train(model, 0)
     assert sorted(outcome.model) == sorted(model)
     statistics = runner.module.state_dict()["bn.running_mean"].clone()
     runner.validate(model)  # the global model loads; the site's statistics stay
     assert torch.equal(runner.module.state_dict()["bn.running_mean"], statistics)
     assert int(runner.module.state_dict()["bn.num_batches_tracked"]) == 4
+
+
+def test_a_round_trains_alike_whatever_this_process_ran_before() -> None:
+    """Round 2 (shuffles and dropout) gives the same bits on a fresh runner as after rounds 0
+    and 1 and other draws from PyTorch's global generator; another round trains otherwise."""
+    model = DropoutRunner.initial_model(SETTINGS)
+    worked = DropoutRunner(SETTINGS, collaborator="bob", collaborators=NAMES)
+    for round_number in (0, 1):
+        worked.train(model, round_number)
+    torch.rand(7)  # whatever else this process drew meanwhile
+    after_work = worked.train(model, 2).model
+    fresh = DropoutRunner(SETTINGS, collaborator="bob", collaborators=NAMES).train(model, 2).model
+    assert all(after_work[name].tobytes() == fresh[name].tobytes() for name in model), model
+    assert worked.train(model, 3).model["fc.weight"].tobytes() != fresh["fc.weight"].tobytes()
 
 
 def test_a_mismatched_model_is_refused_before_training_naming_every_difference() -> None:
@@ -166,7 +187,7 @@ def test_a_mismatched_model_is_refused_before_training_naming_every_difference()
     before = {name: tensor.clone() for name, tensor in runner.module.state_dict().items()}
     wider = WiderRunner.initial_model(SETTINGS)
     with pytest.raises(ModelMismatchError) as refused:
-        runner.train(wider)
+        runner.train(wider, 0)
     message = str(refused.value)
     assert "\n" not in message
     assert message.startswith("the global model does not fit this site's module (")
@@ -179,7 +200,7 @@ def test_a_mismatched_model_is_refused_before_training_naming_every_difference()
         runner.validate(half)
     renamed = {("head." + name if name.startswith("fc.") else name): a for name, a in half.items()}
     with pytest.raises(ModelMismatchError) as refused:
-        runner.train(renamed)
+        runner.train(renamed, 0)
     assert "'fc.bias' is missing from it" in str(refused.value)
     assert "'head.fc.bias' is not in this module" in str(refused.value)
     local = LocalStatisticsRunner(SETTINGS, collaborator="alice", collaborators=NAMES)
@@ -193,7 +214,6 @@ def test_a_mismatched_model_is_refused_before_training_naming_every_difference()
         runner.validate(strangers)
     assert "(18 differences)" in str(refused.value)  # 8 missing, 10 not in the module
     assert str(refused.value).endswith("; and 12 more")
-    assert runner.trainings == 0
     for name, tensor in runner.module.state_dict().items():
         assert same_bits(tensor, before[name]), name
 

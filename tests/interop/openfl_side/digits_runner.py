@@ -68,7 +68,6 @@ class DigitsTaskRunner(TaskRunner):
         self.seed = seed
         self.learning_rate = learning_rate
         self.batch_size = batch_size
-        self.trainings = 0
         rng = np.random.default_rng((seed, MODEL_STREAM))
         self.model = {
             WEIGHT: rng.normal(0.0, 0.01, SHAPES[WEIGHT]).astype(np.float32),
@@ -95,8 +94,8 @@ class DigitsTaskRunner(TaskRunner):
         """Minibatch SGD from the global model; sends whole trained weights (tag `trained`)."""
         weight, bias = (np.asarray(input_tensor_dict[n], dtype=np.float64) for n in SHAPES)
         shard = self.data_loader
-        self.trainings += 1
-        rng = np.random.default_rng((self.seed, TRAIN_STREAM, shard.index, self.trainings))
+        # Shuffles from the round, as foedus's digits runner: a restarted collaborator trains alike.
+        rng = np.random.default_rng((self.seed, TRAIN_STREAM, shard.index, round_num))
         x, y = shard.train_x, shard.train_y
         loss = math.nan
         for _ in range(epochs):
