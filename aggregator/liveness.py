@@ -166,15 +166,14 @@ class Liveness:
 
     # -- leaving and rejoining (the federation makes them durable first) -------------------------
 
-    def leave(self, departure: Departure) -> bool:
-        """`departure.name` has left; False if it already had (the first reason stays)."""
+    def leave(self, departure: Departure) -> None:
+        """`departure.name` has left; nothing changes if it already had (the first reason stays)."""
         with self._lock:
             if departure.name in self._left:
-                return False
+                return
             self._left[departure.name] = departure
             self._logged[departure.name] = Presence.LEFT  # the federation logs it
             self._contact_since_save = True
-            return True
 
     def rejoin(self, name: str) -> Departure | None:
         """`name` is back: awaited again from now on; its departure, or None if it had not left."""
