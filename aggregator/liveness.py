@@ -108,10 +108,10 @@ class Seen:
     name: str
     presence: Presence
     # When the presence began: online since the first call after a silence; offline since the
-    # last call (or the aggregator's start, if none since); not heard from since the start.
+    # last call (or the aggregator's start, if none since); not heard from since the start;
+    # left since its `Leave` was recorded.
     since: float
     last_seen: float | None  # the last call's start or end (None: not heard from in this run)
-    reason: str | None = None  # why it left (presence LEFT only)
 
 
 class Liveness:
@@ -295,7 +295,7 @@ class Liveness:
             last = self._last.get(name)
             departure = self._left.get(name)
             if departure is not None:
-                seen.append(Seen(name, presence, departure.since, wall(last), departure.said))
+                seen.append(Seen(name, presence, departure.since, wall(last)))  # since: wall time
                 continue
             if presence is Presence.ONLINE:
                 since = self._online_since.get(name, now)
