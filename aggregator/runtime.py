@@ -182,7 +182,7 @@ class Runtime:
                 elif stranded_at is None:
                     stranded_at = self.clock()
                 elif self.clock() - stranded_at >= self.stranded_grace:
-                    gave_up = self.stranded_line(stranded)
+                    gave_up = self._stranded_line(stranded)
                     break
                 continue
             if finished_at is None:
@@ -213,7 +213,7 @@ class Runtime:
             stranded=gave_up,
         )
 
-    def stranded_line(self, stranded: Stranded) -> str:
+    def _stranded_line(self, stranded: Stranded) -> str:
         """Why the run gives up, in one line: the round, and each collaborator that left, why."""
         left = "; ".join(f"{d.name} left: {d.said}" for d in stranded.departures)
         label = self._round_label(stranded.round_number)
