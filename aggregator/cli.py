@@ -12,9 +12,9 @@ SIGTERM stopped it before that (the server stops accepting calls and gives those
 ended, so a supervisor tells "finished" from "stopped"; 1 when it could not run (port in use,
 output not writable or used by another aggregator, a runner that crashed), or when no round
 could close any more because too many collaborators had left (one line names the round and
-each that left, with its reason); 2 for bad input (the
-plan, its TLS files, its runner or initial model, an output folder of another federation, a
-malformed ``FOEDUS_FAILPOINTS``), reported one line per problem, never as a traceback.
+each that left, with its reason); 2 for bad input (the plan, its TLS files, its runner or
+initial model, an output folder of another federation, a malformed ``FOEDUS_FAILPOINTS``),
+reported one line per problem, never as a traceback.
 
 The runner is imported only when the plan has no ``aggregator.initial_model`` (it makes the model
 of round 0), and its own ``check_settings`` then refuses a bad ``runner.settings`` key before

@@ -26,11 +26,12 @@ by no round under any policy, whether or not ``offline_after_seconds`` is set: a
 soon as every collaborator that has not left (and, with ``offline_after_seconds``, is not
 offline) has reported, and at least ``min_reports`` have. Its departure is made durable
 (`ResultStore.record_leave`) before `Leave` is answered; a resend changes nothing. Any later call
-of its but `Leave` and `Heartbeat` rejoins it (`rejoin`, durable too), and it is awaited again from the next
-decision on. Results it had sent in the open round count if it had reported (finished every
-task); a half-finished one's results do not, as any non-reporter's. When no round can close any
-more because too many have left (`stranded`: fewer collaborators that have not left, plus those
-that reported while leaving, than ``min_reports`` or one), the runtime ends the aggregator.
+of its but `Leave` and `Heartbeat` rejoins it (`rejoin`, durable too), and it is awaited again
+from the next decision on. Results it had sent in the open round count if it had reported
+(finished every task); a half-finished one's results do not, as any non-reporter's. When no
+round can close any more because too many have left (`stranded`: fewer collaborators that have
+not left, plus those that reported while leaving, than ``min_reports`` or one), the runtime
+ends the aggregator.
 
 A collaborator has *reported* when it has finished every task of the round; only reporters'
 results count. On close, the reporters' ``train`` results are averaged by data size

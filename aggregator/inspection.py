@@ -181,8 +181,7 @@ class FederationStatus:
         return lines
 
     def _presence_text(self, c: CollaboratorStatus, now: float) -> str:
-        """ "online since T" while the aggregator runs; once stopped, nobody is online to it:
-        "was online, last seen T"."""
+        """`c`'s presence in words; to an aggregator that stopped, nobody is online ("was online")."""
         online = c.presence == Presence.ONLINE.value
         text = "was online" if online and not self.running else c.presence
         if c.since is not None and (self.running or not online):

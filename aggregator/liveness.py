@@ -15,8 +15,9 @@ The rule, written once here: a collaborator is
   everyone `offline_after` seconds to come back before judging them);
 * ``not heard from`` before its first call, while that grace lasts;
 * ``left`` once it has told the aggregator it gives up (the foedus `Leave` RPC, with a reason),
-  whatever its calls say, until it rejoins: a later call of its (`rejoin`, which
-  the servicer calls; `aggregator.federation` makes both durable first).
+  whatever its calls say, until it rejoins (`rejoin`, on any later call of its but a
+  `Heartbeat`, which may have been sent before the `Leave`; `aggregator.federation` makes both
+  durable first).
 
 `awaited` is who a round still waits for (everyone not offline and not left);
 `aggregator.federation` closes a round once all of them have reported (offline counts only when
@@ -108,10 +109,10 @@ class Seen:
     name: str
     presence: Presence
     # When the presence began: online since the first call after a silence; offline since the
-    # last call (or the aggregator's start, if none since); not heard from since the start.
+    # last call (or the aggregator's start, if none since); not heard from since the start;
+    # left since its `Leave` was recorded.
     since: float
     last_seen: float | None  # the last call's start or end (None: not heard from in this run)
-    reason: str | None = None  # why it left (presence LEFT only)
 
 
 class Liveness:
@@ -166,15 +167,14 @@ class Liveness:
 
     # -- leaving and rejoining (the federation makes them durable first) -------------------------
 
-    def leave(self, departure: Departure) -> bool:
-        """`departure.name` has left; False if it already had (the first reason stays)."""
+    def leave(self, departure: Departure) -> None:
+        """`departure.name` has left; nothing changes if it already had (the first reason stays)."""
         with self._lock:
             if departure.name in self._left:
-                return False
+                return
             self._left[departure.name] = departure
             self._logged[departure.name] = Presence.LEFT  # the federation logs it
             self._contact_since_save = True
-            return True
 
     def rejoin(self, name: str) -> Departure | None:
         """`name` is back: awaited again from now on; its departure, or None if it had not left."""
@@ -296,7 +296,7 @@ class Liveness:
             last = self._last.get(name)
             departure = self._left.get(name)
             if departure is not None:
-                seen.append(Seen(name, presence, departure.since, wall(last), departure.said))
+                seen.append(Seen(name, presence, departure.since, wall(last)))  # since: wall time
                 continue
             if presence is Presence.ONLINE:
                 since = self._online_since.get(name, now)

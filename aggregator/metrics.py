@@ -2,8 +2,9 @@
 
 `Metrics` is told what happens (a round closed, a result accepted, a call refused, bytes moved)
 and reads the rest when scraped (the round in progress, collaborators online, those that have
-left and why, free storage, health), so nothing is kept twice. Counters are per process, as Prometheus expects: they start
-at 0 when the aggregator starts; `foedus_round` says where the federation stands.
+left and why, free storage, health), so nothing is kept twice. Counters are per process, as
+Prometheus expects: they start at 0 when the aggregator starts; `foedus_round` says where the
+federation stands.
 
 The hot paths stay cheap: bytes are counted once per transfer (an upload, a model stream, a
 tensor), never per chunk. `MetricsServer` is prometheus-client's HTTP server on the plan's

@@ -182,7 +182,7 @@ class Runtime:
                 elif stranded_at is None:
                     stranded_at = self.clock()
                 elif self.clock() - stranded_at >= self.stranded_grace:
-                    gave_up = self.stranded_line(stranded)
+                    gave_up = self._stranded_line(stranded)
                     break
                 continue
             if finished_at is None:
@@ -203,8 +203,7 @@ class Runtime:
         self.watch_presence(final=True)
         if gave_up is None and not self.federation.finished:  # gave_up: the command prints it
             where = f"during {self._round_label(self.federation.round_number)}"
-            saved = f"; the last model is in {self.output.last_model}" if self.saved_last else ""
-            self.say(f"stopped {where}{saved}")
+            self.say(f"stopped {where}{self._last_model_note()}")
         return Outcome(
             finished=self.federation.finished,
             rounds_closed=self.rounds_closed,
@@ -214,7 +213,7 @@ class Runtime:
             stranded=gave_up,
         )
 
-    def stranded_line(self, stranded: Stranded) -> str:
+    def _stranded_line(self, stranded: Stranded) -> str:
         """Why the run gives up, in one line: the round, and each collaborator that left, why."""
         left = "; ".join(f"{d.name} left: {d.said}" for d in stranded.departures)
         label = self._round_label(stranded.round_number)
@@ -228,8 +227,11 @@ class Runtime:
                 f"it needs {stranded.needed} report{'s' if stranded.needed != 1 else ''} "
                 f"(straggler.min_reports) and too many have left (reported: {reported})"
             )
-        saved = f"; the last model is in {self.output.last_model}" if self.saved_last else ""
-        return f"{label} can never close: {why}: {left}{saved}"
+        return f"{label} can never close: {why}: {left}{self._last_model_note()}"
+
+    def _last_model_note(self) -> str:
+        """Where the last model is, once this run has saved one: the end of a line that ends it."""
+        return f"; the last model is in {self.output.last_model}" if self.saved_last else ""
 
     def _close_round(self) -> RoundSummary | None:
         """The round's close if it is due, unless storage is known to fail (then not tried)."""

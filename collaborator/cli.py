@@ -119,10 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail(str(error), EXIT_BAD_INPUT)
         except ClientConfigurationError as error:
             return _fail(str(error), EXIT_BAD_INPUT)
-        except AggregatorUnavailableError as error:
-            return _failed(error, str(error))
         except (ClientError, RunnerError) as error:
-            # RequestRejectedError reads "the aggregator refused RPC with STATUS: details".
+            # AggregatorUnavailableError among them; RequestRejectedError reads "the aggregator
+            # refused RPC with STATUS: details".
             return _failed(error, str(error))
         except KeyboardInterrupt:
             return _fail(

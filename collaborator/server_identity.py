@@ -13,10 +13,10 @@ Two checks, each for what it can do:
   server name: reads the certificate, so the collaborator can say in one line which name it
   expected and which it was shown, tell an aggregator certificate made before the binding
   (reissue it with pki) from a stranger, refuse one whose role mark (`pki.roles`) is not the
-  aggregator's, and compare `aggregator.fingerprint`. The fingerprint is
-  therefore checked on that handshake, not inside the RPCs' session: a server that showed the
-  pinned certificate there and another to gRPC would still need a certificate of our CA with the
-  expected common name.
+  aggregator's, and compare `aggregator.fingerprint`. The fingerprint is therefore checked on
+  that handshake, not inside the RPCs' session: a server that showed the pinned certificate
+  there and another to gRPC would still need a certificate of our CA with the expected common
+  name.
 
 Nothing of ours but the TLS handshake reaches a server that fails either check.
 """

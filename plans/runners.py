@@ -20,6 +20,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from plans.loader import cut
 from plans.schema import RunnerSettings
 
 Array = npt.NDArray[np.generic]
@@ -56,12 +57,13 @@ class Validation:
 class TaskRunner(Protocol):
     """The work a collaborator does on its own data; built once per collaborator process.
 
-    Optional, beside these: a classmethod `check_settings(settings: RunnerSettings) -> None`
-    that raises `RunnerError` with the very line the constructor raises for the same bad
-    `runner.settings` key (its constructor calls it, so it is said once). The director runs it at
-    submit and `aggregator start` before anything starts, on the plan's settings alone (a site's
-    own keys are merged later): it refuses what is wrong, never a key a site may still add, and
-    reads no data. A runner without it is checked at the sites only.
+    Optional, beside these: a classmethod `check_settings(settings: RunnerSettings)` that raises
+    `RunnerError` with the very line the constructor raises for the same bad `runner.settings`
+    key (its constructor calls it, so it is said once; what it returns is not used here, the
+    built-in runners return the settings they read). The director runs it at submit and
+    `aggregator start` before anything starts, on the plan's settings alone (a site's own keys
+    are merged later): it refuses what is wrong, never a key a site may still add, and reads no
+    data. A runner without it is checked at the sites only.
     """
 
     @classmethod
@@ -164,9 +166,7 @@ def check_runner_settings(runner: RunnerFactory, settings: RunnerSettings) -> No
     except RunnerError:
         raise
     except Exception as error:
-        detail = str(error)
-        detail = detail if len(detail) <= MAX_DETAIL else detail[: MAX_DETAIL - 3] + "..."
         raise RunnerError(
             f"runner.name: {settings.name!r}: its check_settings failed: "
-            f"{type(error).__name__}: {detail}"
+            f"{type(error).__name__}: {cut(str(error), MAX_DETAIL)}"
         ) from None

@@ -27,17 +27,6 @@ def environment(**values: str) -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), **values}
 
 
-def wait_for_text(path: Path, text: str, timeout: float) -> str:
-    """Poll a log file until it holds `text`; its content. Fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        content = path.read_text(encoding="utf-8") if path.exists() else ""
-        if text in content:
-            return content
-        assert time.monotonic() < deadline, f"{path} lacks {text!r} after {timeout} s:\n{content}"
-        time.sleep(0.1)
-
-
 def metrics_rows(folder: Path) -> list[dict[str, object]]:
     """The rows of the federation's metrics.jsonl."""
     lines = (folder / "output" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
@@ -60,7 +49,7 @@ def test_a_collaborator_that_gave_up_is_not_waited_for_also_after_a_kill_9(
             federation.start(name, env=environment(**{HOLD_ENV: str(hold)}))
         federation.start("carol", env=environment(**{FAIL_AT_ENV: "1"}))
         assert federation.wait("carol", 120) == 1
-        wait_for_text(tmp_path / "aggregator.log", f"carol has left: {LEFT}", 30)
+        federation.wait_for_log("aggregator", re.escape(f"carol has left: {LEFT}"), 30)
         federation.kill("aggregator")
         federation.start("aggregator", env=environment())
         federation.wait_for_output(
@@ -126,10 +115,10 @@ def test_a_collaborator_started_again_by_hand_rejoins_and_is_waited_for(
             federation.start(name, env=environment(**{HOLD_ENV: str(held_pair)}))
         federation.start("carol", env=environment(**{FAIL_AT_ENV: "1"}))
         assert federation.wait("carol", 120) == 1
-        wait_for_text(tmp_path / "aggregator.log", f"carol has left: {LEFT}", 30)
+        federation.wait_for_log("aggregator", re.escape(f"carol has left: {LEFT}"), 30)
         hold_from_start = {HOLD_ENV: str(held_carol), HOLD_FROM_ENV: "0"}
         federation.start("carol", env=environment(**hold_from_start))
-        wait_for_text(tmp_path / "aggregator.log", "carol has rejoined", 120)
+        federation.wait_for_log("aggregator", re.escape("carol has rejoined"), 120)
         held_pair.unlink()
         deadline = time.monotonic() + 120
         while (report := status(plan))["reported"] != ["alice", "bob"]:

@@ -82,7 +82,7 @@ class TorchRunner:
         return None
 
     def setup(self) -> None:
-        """Check `self.settings.settings` and load this site's data (`self.index` of the plan's collaborators)."""
+        """Load this site's data (`self.index` of the plan's collaborators), once `check_settings` passed."""
 
     def fit(self, module: torch.nn.Module) -> LoopOutcome:
         """Train `module` in place on this site's data for `self.round_number` (shuffle with `generator`)."""
