@@ -34,7 +34,7 @@ from envoy.site_api import (
     create_app,
     ensure_token,
 )
-from envoy.state import DATABASE, CollaboratorState, EnvoyState
+from envoy.state import DATABASE, EnvoyState
 from pki.errors import MissingTLSFileError, PkiError
 from pki.tls import check_tls_files
 from plans.loader import NAME_PATTERN
@@ -261,8 +261,7 @@ def _list(config: EnvoyConfig) -> int:
         state.close()
     rows = []
     for e in experiments:
-        ended = e.state in {CollaboratorState.EXITED, CollaboratorState.GAVE_UP}
-        detail = f"exit {e.exit_code}" if ended else ""
+        detail = f"exit {e.exit_code}" if e.state.exited else ""
         detail = "; ".join(part for part in (detail, e.reason, "done" if e.done else "") if part)
         rows.append((e.experiment_id, e.name, e.owner, e.state.value, detail))
     for line in table_lines(("EXPERIMENT", "NAME", "OWNER", "STATE", "DETAIL"), rows):

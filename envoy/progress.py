@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from director.launcher import STATUS_FILE
-from envoy.state import CollaboratorState, Experiment
+from envoy.state import Experiment
 
 # "%(asctime)s %(levelname)s %(name)s: %(message)s", collaborator.cli's logging format.
 _LINE = re.compile(
@@ -28,7 +28,6 @@ _TASK = re.compile(r"^round (?P<round>\d+): (?P<task>\w+) on (?P<samples>\d+) sa
 _METRIC = re.compile(r"^(?P<name>[^=\s]+)=(?P<value>\S+)$")
 _FINISHED = "the federation is finished"
 _TIME_FORMAT = "%Y-%m-%d %H:%M:%S,%f"
-_ENDED = frozenset({CollaboratorState.EXITED, CollaboratorState.GAVE_UP})  # with an exit code
 
 
 @dataclass
@@ -131,7 +130,7 @@ def _time(text: str) -> float | None:
 def describe(experiment: Experiment, progress: Progress, folder: Path) -> dict[str, Any]:
     """One collaborator as the site API and Redis show it (JSON-ready); `folder` is its own."""
     ended_at = None
-    if experiment.state in _ENDED:
+    if experiment.state.exited:
         try:
             ended_at = (folder / STATUS_FILE).stat().st_mtime
         except OSError:
@@ -145,7 +144,7 @@ def describe(experiment: Experiment, progress: Progress, folder: Path) -> dict[s
         "reason": experiment.reason,
         "stopping": experiment.stopping,
         "done": experiment.done,
-        "exit_code": experiment.exit_code if experiment.state in _ENDED else None,
+        "exit_code": experiment.exit_code if experiment.state.exited else None,
         "restarts": experiment.restarts,
         "round": progress.round,
         "last_metrics": progress.last_metrics(),

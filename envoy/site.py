@@ -8,8 +8,9 @@ times in a row (the count starts again once it finishes a round it had not); the
 on it for good (GAVE_UP) when it exits 2 (a bad plan or settings: starting again cannot help),
 when its restarts are used up, or when the site's operator stops it, and tells the aggregator
 the site left (`envoy.leave`, in a thread of its own). Otherwise it never touches the network;
-`envoy.runtime` carries its reports to the director and the director's work to it. Every step is written to the state before it is
-acted on or reported, so an envoy started again after kill -9 goes on where it was (`recover`).
+`envoy.runtime` carries its reports to the director and the director's work to it. Every step
+is written to the state before it is acted on or reported, so an envoy started again after
+kill -9 goes on where it was (`recover`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from command.exits import EXIT_BAD_INPUT
 from director.launcher import ChildProcesses, Ended
 from director.orders import LogOrder, StartOrder, Work
 from envoy.config import EnvoyConfig
@@ -47,7 +49,6 @@ EXPERIMENTS = "experiments"
 LOG_FILE = "collaborator.log"
 MAX_RESTARTS = 3  # a collaborator that died this many times in a row is given up
 MAX_LOG_BYTES = 4 * 1024 * 1024  # the most of a log sent for one request
-EXIT_BAD_INPUT = 2  # `collaborator start`'s: a bad plan or settings; starting again cannot help
 NO_STATUS = -1  # the exit code reported for a collaborator that vanished without recording one
 _S = CollaboratorState
 _ALIVE = frozenset({_S.STARTED, _S.RUNNING})
@@ -377,7 +378,7 @@ class Site:
             experiment.exit_code,
             experiment.reason,
         )
-        if code == EXIT_BAD_INPUT:
+        if code == EXIT_BAD_INPUT:  # a bad plan or settings: starting again cannot help
             self._give_up(experiment, code, "a bad plan or settings", reason)
             return
         done = self._round_done(experiment_id)

@@ -59,6 +59,11 @@ class CollaboratorState(Enum):
         """Whether nothing moves it any more."""
         return not TRANSITIONS[self]
 
+    @property
+    def exited(self) -> bool:
+        """Whether its collaborator has ended with an exit code (EXITED, or given up after)."""
+        return self in (CollaboratorState.EXITED, CollaboratorState.GAVE_UP)
+
 
 _C = CollaboratorState
 TRANSITIONS: Mapping[CollaboratorState, frozenset[CollaboratorState]] = MappingProxyType(

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from plans.loader import safe_yaml
+
 DEFAULT_BASE = 50000  # the ports written in the demos' files count from here
 PATH_KEYS = frozenset({"certs_dir", "state_dir", "output_dir", "initial_model"})
 ADDRESS_KEYS = frozenset({"address", "metrics_address", "director"})
@@ -78,7 +80,7 @@ def moved(document: object, base: int, folder: Path) -> object:
 def write_moved(source: Path, base: int, out: Path) -> Path:
     """Write `source` moved to `base` as `out/NAME` (same name); its path."""
     try:
-        document = yaml.safe_load(source.read_text(encoding="utf-8"))
+        document = safe_yaml(source.read_text(encoding="utf-8"))  # aliases refused, as everywhere
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise PortsError(f"{source}: cannot read: {error}") from None
     out.mkdir(parents=True, exist_ok=True)

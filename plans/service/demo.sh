@@ -57,8 +57,8 @@ mkdir -p "$out/envoys"
 $bin/python -m plans.demo_ports --base "${PORT_BASE:-50000}" --out "$config" \
     $here/director.yaml $here/alice.yaml $here/bob.yaml $here/carol.yaml $here/ada.yaml >/dev/null
 read -r director_port dashboard_port < <($bin/python -c '
-import sys, yaml
-director = yaml.safe_load(open(sys.argv[1], encoding="utf-8"))
+import sys; from pathlib import Path; from plans.loader import read_yaml
+director = read_yaml(Path(sys.argv[1]))
 print(director["listen"]["port"], director["dashboard"]["address"].rpartition(":")[2])' "$config/director.yaml")
 
 $bin/pki setup --director $config/director.yaml
