@@ -93,7 +93,6 @@ from aggregator.storage import (
     BEST_MODEL,
     LAST_MODEL,
     METRICS,
-    fsync_folder,
     is_temporary,
     read_model_tensors,
     write_model,
@@ -101,6 +100,7 @@ from aggregator.storage import (
     write_tensors,
 )
 from aggregator.upload import read_tensors_file
+from durable.files import fsync_folder
 from durable.sqlite import SqliteStore, hold_lock
 
 logger = logging.getLogger(__name__)

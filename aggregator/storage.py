@@ -36,6 +36,7 @@ from aggregator.fedavg import SliceSink
 from aggregator.federation import ResultTensor
 from aggregator.mapped import FileRange, copy_range, mapped_range
 from aggregator.upload import file_array, read_tensors_file
+from durable.files import fsync_folder
 from protos import base_pb2
 from protos.codec import (
     TensorFormatError,
@@ -468,15 +469,6 @@ class OutputFolder:
         for path in self.root.iterdir():
             if is_temporary(path, LAST_MODEL) or is_temporary(path, BEST_MODEL):
                 path.unlink(missing_ok=True)
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make a rename or a new file in `folder` durable."""
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _finite(value: object) -> object:

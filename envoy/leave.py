@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -73,6 +74,7 @@ class Leaving:
         self._threads.append(thread)
 
     def wait(self, timeout: float) -> None:
-        """Wait (at most `timeout` seconds each) for the calls under way, as the envoy stops."""
+        """Wait at most `timeout` seconds in all for the calls under way, as the envoy stops."""
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
