@@ -551,8 +551,8 @@ class DirectorService:
         experiment_id = experiment.experiment_id
         self.state.set_aggregator(experiment_id, None)
         # `aggregator start` also exits 0 when stopped by a signal: done only when every round is.
-        finished = self._rounds_completed(experiment_id) >= experiment.rounds
-        if ended.code == 0 and finished:
+        rounds = self._rounds_completed(experiment_id)
+        if ended.code == 0 and rounds >= experiment.rounds:
             if experiment.state is ExperimentState.WAITING:
                 self.state.transition(experiment_id, ExperimentState.RUNNING)
             self.state.transition(experiment_id, ExperimentState.COMPLETED)
@@ -560,9 +560,7 @@ class DirectorService:
         elif ended.code is not None and ended.code > 0:
             self._fail(experiment, self._aggregator_failure(experiment, ended))
         else:  # stopped, killed or lost: it resumes from its own state
-            restarts = self.state.count_restart(
-                experiment_id, self._rounds_completed(experiment_id)
-            )
+            restarts = self.state.count_restart(experiment_id, rounds)
             if restarts > MAX_RESTARTS:
                 self._fail(experiment, f"{ended.describe()}, {restarts} times in a row")
                 return
