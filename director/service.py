@@ -481,9 +481,11 @@ class DirectorService:
         for site, why in lost.items():
             if (experiment_id, site) not in self._going_on_without:
                 self._going_on_without.add((experiment_id, site))
-                said = f"offline for more than {grace:g} s" if why == OFFLINE else why
                 logger.warning(
-                    "experiment %s goes on without site %s: %s", experiment_id, site, said
+                    "experiment %s goes on without site %s: %s",
+                    experiment_id,
+                    site,
+                    _said(why, grace),
                 )
         if experiment.state is ExperimentState.WAITING and all(
             site in lost or (site in reports and reports[site].state in STARTED)
@@ -579,10 +581,7 @@ class DirectorService:
         reason += f" (its log: experiment logs {experiment_id})"
         lost = self._lost_sites(experiment, self.state.reports(experiment_id))
         grace = self._liveness(experiment).offline_grace_seconds
-        sites = [
-            f"site {site} " + (f"offline for more than {grace:g} s" if why == OFFLINE else why)
-            for site, why in sorted(lost.items())
-        ]
+        sites = [f"site {site} {_said(why, grace)}" for site, why in sorted(lost.items())]
         return "; ".join([reason, *sites])
 
     def _launch(self, experiment: Experiment) -> None:
@@ -734,3 +733,8 @@ class DirectorService:
         finally:
             with contextlib.suppress(OSError):
                 partial.unlink()
+
+
+def _said(why: str, grace: float) -> str:
+    """Why a site is lost, in words: `OFFLINE` with the grace it had, else what its envoy said."""
+    return f"offline for more than {grace:g} s" if why == OFFLINE else why
