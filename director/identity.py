@@ -35,7 +35,6 @@ CERTIFICATE_ROLES = {
     Role.USER: CertificateRole.USER,
     Role.ADMIN: CertificateRole.USER,
 }
-_LISTS = {Role.ENVOY: "envoys", Role.USER: "users", Role.ADMIN: "admins"}
 
 
 @dataclass(frozen=True)
@@ -90,7 +89,7 @@ class Roster:
             certificate,
             name=name,
             expected=expected,
-            listed_as=f"director.yaml {_LISTS[caller.role]}",
+            listed_as=f"director.yaml {caller.role.value}s",  # its list: envoys, users, admins
             reissue=f"pki certify --role {expected.value} --name {name}, or pki setup --director "
             "CONFIG for a local federation",
         )
