@@ -49,6 +49,10 @@ class Caller:
         """Whether the caller sees and acts on every experiment."""
         return self.role is Role.ADMIN
 
+    def sees(self, owner: str) -> bool:
+        """Whether the caller may see and act on an experiment of `owner`: a user their own."""
+        return self.is_admin or owner == self.name
+
     def require(self, call: str, *roles: Role) -> None:
         """`AuthorizationError` unless the caller's role is one of `roles`."""
         if self.role not in roles:

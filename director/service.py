@@ -387,7 +387,7 @@ class DirectorService:
         """Every registered envoy with the ids of the active experiments naming it that the
         caller may see (a user: their own; an admin: all)."""
         caller.require("ListEnvoys", *PEOPLE)
-        active = [e for e in self.state.active() if caller.is_admin or e.owner == caller.name]
+        active = [e for e in self.state.active() if caller.sees(e.owner)]
         return [
             (envoy, tuple(e.experiment_id for e in active if envoy.name in e.sites))
             for envoy in self.state.envoys()
@@ -642,7 +642,7 @@ class DirectorService:
         """The experiment, if this person may act on it."""
         caller.require(call, *PEOPLE)
         experiment = self.state.experiment(experiment_id)
-        if not caller.is_admin and experiment.owner != caller.name:
+        if not caller.sees(experiment.owner):
             raise AuthorizationError(
                 f"experiment {experiment_id!r} belongs to another user; {caller.name!r} may act "
                 "only on their own"
