@@ -189,6 +189,11 @@ def plan_liveness(text: str, defaults: Liveness) -> Liveness:
         document = yaml_document(text, SUBMITTED)
     except PlanError:
         return defaults  # accepted plans parse; a damaged state row keeps the director's rule
+    return _document_liveness(document, defaults)
+
+
+def _document_liveness(document: object, defaults: Liveness) -> Liveness:
+    """`plan_liveness` of a plan already parsed: `defaults` where its `liveness` is unusable."""
     if not isinstance(document, Mapping):
         return defaults
     liveness = _read_plan_liveness(document, defaults)
@@ -221,7 +226,7 @@ def director_document(
     document = safe_yaml(text)  # accepted at submit: valid, without aliases
     if not isinstance(document, dict):
         raise InvalidRequestError(f"{SUBMITTED}: expected a mapping of plan sections")
-    liveness = plan_liveness(text, config.liveness)
+    liveness = _document_liveness(document, config.liveness)
     document = copy.deepcopy(_without_liveness(document))
     sites = document.get("collaborators")
     straggler = document.get("straggler")

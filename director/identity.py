@@ -35,7 +35,6 @@ CERTIFICATE_ROLES = {
     Role.USER: CertificateRole.USER,
     Role.ADMIN: CertificateRole.USER,
 }
-_LISTS = {Role.ENVOY: "envoys", Role.USER: "users", Role.ADMIN: "admins"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +48,10 @@ class Caller:
     def is_admin(self) -> bool:
         """Whether the caller sees and acts on every experiment."""
         return self.role is Role.ADMIN
+
+    def sees(self, owner: str) -> bool:
+        """Whether the caller may see and act on an experiment of `owner`: a user their own."""
+        return self.is_admin or owner == self.name
 
     def require(self, call: str, *roles: Role) -> None:
         """`AuthorizationError` unless the caller's role is one of `roles`."""
@@ -90,7 +93,7 @@ class Roster:
             certificate,
             name=name,
             expected=expected,
-            listed_as=f"director.yaml {_LISTS[caller.role]}",
+            listed_as=f"director.yaml {caller.role.value}s",  # its list: envoys, users, admins
             reissue=f"pki certify --role {expected.value} --name {name}, or pki setup --director "
             "CONFIG for a local federation",
         )

@@ -387,7 +387,7 @@ class DirectorService:
         """Every registered envoy with the ids of the active experiments naming it that the
         caller may see (a user: their own; an admin: all)."""
         caller.require("ListEnvoys", *PEOPLE)
-        active = [e for e in self.state.active() if caller.is_admin or e.owner == caller.name]
+        active = [e for e in self.state.active() if caller.sees(e.owner)]
         return [
             (envoy, tuple(e.experiment_id for e in active if envoy.name in e.sites))
             for envoy in self.state.envoys()
@@ -481,9 +481,11 @@ class DirectorService:
         for site, why in lost.items():
             if (experiment_id, site) not in self._going_on_without:
                 self._going_on_without.add((experiment_id, site))
-                said = f"offline for more than {grace:g} s" if why == OFFLINE else why
                 logger.warning(
-                    "experiment %s goes on without site %s: %s", experiment_id, site, said
+                    "experiment %s goes on without site %s: %s",
+                    experiment_id,
+                    site,
+                    _said(why, grace),
                 )
         if experiment.state is ExperimentState.WAITING and all(
             site in lost or (site in reports and reports[site].state in STARTED)
@@ -551,8 +553,8 @@ class DirectorService:
         experiment_id = experiment.experiment_id
         self.state.set_aggregator(experiment_id, None)
         # `aggregator start` also exits 0 when stopped by a signal: done only when every round is.
-        finished = self._rounds_completed(experiment_id) >= experiment.rounds
-        if ended.code == 0 and finished:
+        rounds = self._rounds_completed(experiment_id)
+        if ended.code == 0 and rounds >= experiment.rounds:
             if experiment.state is ExperimentState.WAITING:
                 self.state.transition(experiment_id, ExperimentState.RUNNING)
             self.state.transition(experiment_id, ExperimentState.COMPLETED)
@@ -560,9 +562,7 @@ class DirectorService:
         elif ended.code is not None and ended.code > 0:
             self._fail(experiment, self._aggregator_failure(experiment, ended))
         else:  # stopped, killed or lost: it resumes from its own state
-            restarts = self.state.count_restart(
-                experiment_id, self._rounds_completed(experiment_id)
-            )
+            restarts = self.state.count_restart(experiment_id, rounds)
             if restarts > MAX_RESTARTS:
                 self._fail(experiment, f"{ended.describe()}, {restarts} times in a row")
                 return
@@ -581,10 +581,7 @@ class DirectorService:
         reason += f" (its log: experiment logs {experiment_id})"
         lost = self._lost_sites(experiment, self.state.reports(experiment_id))
         grace = self._liveness(experiment).offline_grace_seconds
-        sites = [
-            f"site {site} " + (f"offline for more than {grace:g} s" if why == OFFLINE else why)
-            for site, why in sorted(lost.items())
-        ]
+        sites = [f"site {site} {_said(why, grace)}" for site, why in sorted(lost.items())]
         return "; ".join([reason, *sites])
 
     def _launch(self, experiment: Experiment) -> None:
@@ -645,7 +642,7 @@ class DirectorService:
         """The experiment, if this person may act on it."""
         caller.require(call, *PEOPLE)
         experiment = self.state.experiment(experiment_id)
-        if not caller.is_admin and experiment.owner != caller.name:
+        if not caller.sees(experiment.owner):
             raise AuthorizationError(
                 f"experiment {experiment_id!r} belongs to another user; {caller.name!r} may act "
                 "only on their own"
@@ -736,3 +733,8 @@ class DirectorService:
         finally:
             with contextlib.suppress(OSError):
                 partial.unlink()
+
+
+def _said(why: str, grace: float) -> str:
+    """Why a site is lost, in words: `OFFLINE` with the grace it had, else what its envoy said."""
+    return f"offline for more than {grace:g} s" if why == OFFLINE else why

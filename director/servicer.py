@@ -21,7 +21,7 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from typing import TypeVar
 
 import grpc
@@ -83,8 +83,7 @@ def _unary(
     @functools.wraps(method)
     def guarded(servicer: DirectorServicer, request: R, context: grpc.ServicerContext) -> T:
         try:
-            caller = servicer.identify(context)
-            with servicer.capacity.admit(caller, method.__name__):
+            with servicer.admitted(context, method.__name__) as caller:
                 return method(servicer, caller, request, context)
         except Exception as error:
             abort(context, method.__name__, error)
@@ -103,8 +102,7 @@ def _receiving(
     ) -> T:
         rpc = method.__name__
         try:
-            caller = servicer.identify(context)
-            with servicer.capacity.admit(caller, rpc):
+            with servicer.admitted(context, rpc) as caller:
                 seconds = servicer.service.config.limits.idle_stream_seconds
                 messages = chunks_within(
                     request,
@@ -132,8 +130,7 @@ def _streaming(
         servicer: DirectorServicer, request: R, context: grpc.ServicerContext
     ) -> Iterator[T]:
         try:
-            caller = servicer.identify(context)
-            with servicer.capacity.admit(caller, method.__name__):
+            with servicer.admitted(context, method.__name__) as caller:
                 yield from method(servicer, caller, request, context)
         except Exception as error:
             abort(context, method.__name__, error)
@@ -159,6 +156,13 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
             values = [values]
         names = [value.decode("utf-8", "replace") for value in values]
         return self.service.roster.identify(names, peer_certificate(auth))
+
+    @contextmanager
+    def admitted(self, context: grpc.ServicerContext, rpc: str) -> Iterator[Caller]:
+        """The identified caller, holding its slots for `rpc` while inside (`director.capacity`)."""
+        caller = self.identify(context)
+        with self.capacity.admit(caller, rpc):
+            yield caller
 
     # -- envoys -------------------------------------------------------------------------------
 

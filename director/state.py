@@ -369,11 +369,15 @@ class DirectorState(SqliteStore):
         they run, and one owner's backlog never stands before another's first experiment.
         `startable` skips an owner at their limit; positions move as experiments start and end.
         """
+        return self._queue(self._places_held())
+
+    def _queue(self, held: Mapping[str, int]) -> list[Experiment]:
+        """`queue` over places `held` already counted (`startable` counts them once for both)."""
         rows = self._query_all(
             f"SELECT {_EXPERIMENT_COLUMNS} FROM experiments WHERE state = ? ORDER BY sequence",
             (ExperimentState.APPROVED.value,),
         )
-        return _fair_order([_experiment(row) for row in rows], self._places_held())
+        return _fair_order([_experiment(row) for row in rows], held)
 
     def active(self) -> list[Experiment]:
         """The experiments holding a running place (waiting or running), in submission order."""
@@ -393,7 +397,7 @@ class DirectorState(SqliteStore):
         held = self._places_held()
         places = max(0, max_running - sum(held.values()))
         chosen: list[Experiment] = []
-        for experiment in self.queue():
+        for experiment in self._queue(held):  # ordered before `held` counts the chosen
             if len(chosen) == places:
                 break
             if held[experiment.owner] < per_owner:

@@ -500,7 +500,7 @@ def _print_json(out: TextIO, message: Any, *, compact: bool = False) -> None:
 
 
 def _table(out: TextIO, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    for line in table_lines(headers, [[str(cell) for cell in row] for row in rows]):
+    for line in table_lines(headers, rows):
         print(line, file=out)
 
 

@@ -7,7 +7,8 @@ drive the lifecycle tell it when an aggregator "ends". Tests with real aggregato
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,14 @@ ADMIN = "root"
 OUTSIDER = "eve"  # a user certificate from our CA, not in the config
 PERSON_NAMED_LIKE_A_SITE = "alice"  # a user certificate (users/alice.crt) with an envoy's name
 SITE_NAMED_LIKE_A_PERSON = "ada"  # a site certificate (collaborators/ada.crt) with a user's name
+
+
+def eventually(check: Callable[[], bool], what: str, seconds: float = 30) -> None:
+    """Wait for `check`, bounded: the director does its work on threads of its own."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
 
 def make_director_certs(root: Path) -> CertsLayout:

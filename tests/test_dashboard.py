@@ -8,9 +8,8 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from directors import (
     OUTSIDER,
     Director,
     RecordingLauncher,
+    eventually,
     make_director_certs,
     running_director,
     submitted_plan,
@@ -116,14 +116,6 @@ def submit(director: Director, name: str, **plan: Any) -> str:
         .SubmitExperiment(iter([pb.SubmitChunk(plan_yaml=text)]), timeout=TIMEOUT)
         .experiment_id
     )
-
-
-def eventually(check: Callable[[], bool], what: str) -> None:
-    """Wait for `check`, bounded."""
-    deadline = time.monotonic() + WAIT_SECONDS
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_nothing_is_shown_without_a_valid_token(director: Director) -> None:

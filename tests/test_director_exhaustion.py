@@ -7,8 +7,7 @@ nothing, while another user and every envoy are answered within a second (each c
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,14 @@ from director.identity import Caller, Role
 from pki.layout import CertsLayout
 from protos import director_pb2 as pb
 
-from directors import ENVOYS, Director, make_director_certs, running_director, submitted_plan
+from directors import (
+    ENVOYS,
+    Director,
+    eventually,
+    make_director_certs,
+    running_director,
+    submitted_plan,
+)
 
 STREAMS = 200  # idle streams from each hostile caller
 PER_IDENTITY = 4  # limits.max_calls_per_identity
@@ -44,14 +50,6 @@ LIMITS = {
 def director_certs(tmp_path_factory: pytest.TempPathFactory) -> CertsLayout:
     """Certificates of a director on localhost, its envoys and its people."""
     return make_director_certs(tmp_path_factory.mktemp("director-certs"))
-
-
-def eventually(check: Callable[[], bool], what: str) -> None:
-    """Wait for `check`, bounded."""
-    deadline = time.monotonic() + WAIT_SECONDS
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def register_envoys(director: Director) -> None:
@@ -118,6 +116,7 @@ def test_idle_streams_of_a_user_and_a_site_exhaust_nothing(
             eventually(
                 lambda: sum(call.done() for call in streams) == 2 * (STREAMS - PER_IDENTITY),
                 "the calls past the limit to be refused",
+                WAIT_SECONDS,
             )
             assert capacity.calls.in_progress("bea") == PER_IDENTITY
             assert capacity.calls.in_progress("alice") == PER_IDENTITY
@@ -132,12 +131,14 @@ def test_idle_streams_of_a_user_and_a_site_exhaust_nothing(
                     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
                     assert f"certificate {name!r} already has {PER_IDENTITY} calls" in details
                     assert f"limits.max_calls_per_identity ({PER_IDENTITY})" in details
-            eventually(lambda: all(call.done() for call in held), "the silent streams to end")
+            eventually(
+                lambda: all(call.done() for call in held), "the silent streams to end", WAIT_SECONDS
+            )
             for call in held:
                 code, details = outcome(call)
                 assert code == grpc.StatusCode.DEADLINE_EXCEEDED, details
                 assert f"sent nothing for limits.idle_stream_seconds ({IDLE_SECONDS} s)" in details
-            eventually(lambda: capacity.in_progress() == 0, "every slot to be let go")
+            eventually(lambda: capacity.in_progress() == 0, "every slot to be let go", WAIT_SECONDS)
         finally:
             release.set()
         # Nothing of the cut-off submissions was kept; bea is served again.
@@ -160,7 +161,9 @@ def test_people_together_cannot_take_the_envoys_threads(
             held = [
                 ada.SubmitExperiment.future(silent(release), timeout=CALL_SECONDS) for _ in range(2)
             ]
-            eventually(lambda: capacity.people.in_progress() == 2, "ada's streams to be held")
+            eventually(
+                lambda: capacity.people.in_progress() == 2, "ada's streams to be held", WAIT_SECONDS
+            )
             with pytest.raises(grpc.RpcError) as raised:
                 director.stub("bea").ListExperiments(
                     pb.ListExperimentsRequest(), timeout=ANSWER_SECONDS
@@ -175,7 +178,7 @@ def test_people_together_cannot_take_the_envoys_threads(
             assert not any(call.done() for call in held)
         finally:
             release.set()
-        eventually(lambda: all(call.done() for call in held), "ada's streams to end")
+        eventually(lambda: all(call.done() for call in held), "ada's streams to end", WAIT_SECONDS)
 
 
 def test_a_followed_stream_holds_a_slot_until_it_is_cancelled(
@@ -204,12 +207,13 @@ def test_a_followed_stream_holds_a_slot_until_it_is_cancelled(
             eventually(
                 lambda: capacity.calls.in_progress("ada") == PER_IDENTITY - 1,
                 "the cancelled watch to let go of its slot",
+                WAIT_SECONDS,
             )
             ada.ListExperiments(pb.ListExperimentsRequest(), timeout=ANSWER_SECONDS)
         finally:
             for watch in watches:
                 watch.cancel()
-        eventually(lambda: capacity.in_progress() == 0, "every slot to be let go")
+        eventually(lambda: capacity.in_progress() == 0, "every slot to be let go", WAIT_SECONDS)
 
 
 def test_capacity_keeps_envoys_heartbeats_apart_and_bounds_people_together() -> None:

@@ -37,6 +37,7 @@ from directors import (
     Director,
     RecordingLauncher,
     alias_bomb_plan,
+    eventually,
     make_director_certs,
     running_director,
     stub_at,
@@ -81,14 +82,6 @@ def submit(stub: director_pb2_grpc.DirectorStub, plan: object, **first: Any) -> 
     """Submit a plan (a document, or text as it is) with optional first-message fields."""
     text = plan if isinstance(plan, str) else yaml.safe_dump(plan)
     return stub.SubmitExperiment(iter([pb.SubmitChunk(plan_yaml=text, **first)]), timeout=TIMEOUT)
-
-
-def eventually(check: Callable[[], bool], what: str) -> None:
-    """Wait for `check`, bounded."""
-    deadline = time.monotonic() + WAIT_SECONDS
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def state_of(director: Director, experiment_id: str) -> int:

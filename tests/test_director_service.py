@@ -308,10 +308,10 @@ def test_a_site_given_up_fails_the_experiment_under_the_default_policy(
 
 
 def test_a_mandatory_site_lost_fails_and_lost_and_offline_count_together(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """min_sites 1, carol mandatory: bob refused and alice offline leave it running; carol's
-    collaborator given up fails it, naming all three."""
+    """min_sites 1, carol mandatory: bob refused and alice offline leave it running (each
+    logged once, with why); carol's collaborator given up fails it, naming all three."""
     harness = Harness(
         tmp_path,
         liveness={"min_sites": 1, "mandatory_sites": ["carol"], "offline_grace_seconds": 1},
@@ -324,6 +324,11 @@ def test_a_mandatory_site_lost_fails_and_lost_and_offline_count_together(
             harness.heartbeat_all("bob", "carol")
             harness.service.supervise()
         assert harness.state.experiment(experiment_id).state is ExperimentState.RUNNING
+        going_on = [r.getMessage() for r in caplog.records if "goes on without" in r.getMessage()]
+        assert sorted(going_on) == [
+            f"experiment {experiment_id} goes on without site alice: offline for more than 1 s",
+            f"experiment {experiment_id} goes on without site bob: refused: runner not allowed",
+        ]
         report(harness, "carol", experiment_id, CollaboratorState.GAVE_UP, "stopped")
         harness.service.supervise()
         failed = harness.state.experiment(experiment_id)
