@@ -415,7 +415,11 @@ class DirectorService:
             experiment=experiment,
             sites=tuple(sites),
             rounds_completed=self._rounds_completed(experiment.experiment_id),
-            queue_position=self.state.queue_position(experiment.experiment_id),
+            queue_position=(
+                self.state.queue_position(experiment.experiment_id)
+                if experiment.state is ExperimentState.APPROVED  # only they are queued
+                else 0
+            ),
             has_best_model=(output / MODELS["best"]).is_file(),
             has_last_model=(output / MODELS["last"]).is_file(),
         )
