@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.datasets import load_digits  # type: ignore[import-untyped, unused-ignore]
 
-from processes import COLLABORATORS, REPO
+from pki.layout import CertsLayout
+
+from processes import COLLABORATORS, REPO, FederationProcesses, final_accuracy, write_plan
 
 
 def readme_block(marker: str) -> str:
@@ -56,3 +58,23 @@ def run_block(marker: str, folder: Path, *, timeout: float = 120) -> str:
     )
     assert (done.returncode, done.stderr) == (0, ""), done.stderr
     return done.stdout
+
+
+def federate_sites(
+    certs: CertsLayout, folder: Path, sites: dict[str, Path], runner: dict[str, object]
+) -> None:
+    """A 5-round federation of real processes with README's `runner` (its module in `folder`),
+    each site with its own settings file (`site_files`): every process ends 0 and the final
+    model learns (accuracy >= 0.9). Its output is under `folder`/run."""
+    plan = write_plan(folder / "run", certs, 5, runner=runner)
+    federation = FederationProcesses(plan, folder / "run")
+    environment = {"PYTHONPATH": str(folder)}
+    try:
+        federation.start("aggregator", env=environment)
+        for name in COLLABORATORS:
+            federation.start(name, "--site-settings", str(sites[name]), env=environment)
+        codes = federation.wait_all()
+    finally:
+        federation.stop_all()
+    assert set(codes.values()) == {0}, (codes, federation.output())
+    assert final_accuracy(federation.output()) >= 0.9, federation.output()

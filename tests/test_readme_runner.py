@@ -19,8 +19,8 @@ from pki.layout import CertsLayout
 from plans.runners import load_runner
 from plans.schema import RunnerSettings
 
-from processes import COLLABORATORS, FederationProcesses, final_accuracy, write_plan
-from readme_blocks import run_block, site_files
+from processes import write_plan
+from readme_blocks import federate_sites, run_block, site_files
 
 MARKER = "<!-- tests/test_readme_runner.py runs the next block as my_runner.py -->"
 SCORING_MARKER = (
@@ -45,18 +45,7 @@ def test_the_readme_runner_trains_on_each_sites_own_data(
 ) -> None:
     """Three sites, each with its own file: the federation ends 0 and learns (accuracy >= 0.9),
     and the README's scoring block, run as printed on its best model, scores it as well."""
-    plan = write_plan(tmp_path / "run", certs, 5, runner=RUNNER)
-    federation = FederationProcesses(plan, tmp_path / "run")
-    environment = {"PYTHONPATH": str(tmp_path)}
-    try:
-        federation.start("aggregator", env=environment)
-        for name in COLLABORATORS:
-            federation.start(name, "--site-settings", str(sites[name]), env=environment)
-        codes = federation.wait_all()
-    finally:
-        federation.stop_all()
-    assert set(codes.values()) == {0}, (codes, federation.output())
-    assert final_accuracy(federation.output()) >= 0.9, federation.output()
+    federate_sites(certs, tmp_path, sites, RUNNER)
     scored = score_as_printed(tmp_path / "run" / "output" / "best_model.pbuf", tmp_path / "score")
     assert scored >= 0.9
 

@@ -16,8 +16,8 @@ from pki.layout import CertsLayout
 from plans.runners import RunnerError
 from plans.schema import RunnerSettings
 
-from processes import COLLABORATORS, FederationProcesses, final_accuracy, write_plan
-from readme_blocks import site_files
+from processes import write_plan
+from readme_blocks import federate_sites, site_files
 
 MARKER = "<!-- tests/torch_runner/test_readme_torch_runner.py runs the next block as my_torch_runner.py -->"
 RUNNER = {
@@ -37,18 +37,7 @@ def test_the_readme_torch_runner_trains_on_each_sites_own_data(
     certs: CertsLayout, tmp_path: Path, sites: dict[str, Path]
 ) -> None:
     """Three sites, each with its own file: the federation ends 0 and learns (accuracy >= 0.9)."""
-    plan = write_plan(tmp_path / "run", certs, 5, runner=RUNNER)
-    federation = FederationProcesses(plan, tmp_path / "run")
-    environment = {"PYTHONPATH": str(tmp_path)}
-    try:
-        federation.start("aggregator", env=environment)
-        for name in COLLABORATORS:
-            federation.start(name, "--site-settings", str(sites[name]), env=environment)
-        codes = federation.wait_all()
-    finally:
-        federation.stop_all()
-    assert set(codes.values()) == {0}, (codes, federation.output())
-    assert final_accuracy(federation.output()) >= 0.9, federation.output()
+    federate_sites(certs, tmp_path, sites, RUNNER)
 
 
 def test_the_readme_torch_runner_names_a_bad_site_key(
