@@ -38,9 +38,9 @@ import numpy as np
 from aggregator import failpoints
 from aggregator.allocator import tune_allocator
 from aggregator.errors import ModelFileError, ServerError, StorageError
-from aggregator.federation import Array
 from aggregator.file_limit import files_needed, raise_open_file_limit
 from aggregator.inspection import NotAStateError, read_status
+from aggregator.records import Array
 from aggregator.runtime import serve
 from aggregator.state import DurableState, ForeignStateError
 from aggregator.storage import OutputFolder, read_model

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Final
 
 from aggregator.errors import StorageError
-from aggregator.federation import Array
 from aggregator.mapped import FileRange, copy_range, mapped_range, write_all
+from aggregator.records import Array
 from protos import aggregator_pb2, base_pb2
 from protos.codec import encode_tensor, encode_tensor_meta_into, tensor_bytes
 from protos.stream import CHUNK_BYTES, field_prefix

@@ -69,25 +69,36 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Protocol
 
 import numpy as np
-import numpy.typing as npt
 
 from aggregator.errors import InvalidRequestError, PreconditionError, StorageError
 from aggregator.failpoints import failpoint
 from aggregator.fedavg import (
-    AVERAGING_THREADS,
     MappedArraySource,
-    SliceSink,
     TensorSource,
-    average_sources,
-    average_sources_into,
     weighted_metrics,
 )
 from aggregator.liveness import Departure, Liveness, clean_reason, reporting_threshold
+from aggregator.records import (
+    DELTA_TAG,
+    MAX_DATA_SIZE,
+    METRIC_TAG,
+    Accepted,
+    Array,
+    Assignment,
+    AveragedModel,
+    Best,
+    Key,
+    Progress,
+    ResultTensor,
+    RoundCommit,
+    RoundSummary,
+    SiteMetrics,
+    Stranded,
+    TaskResult,
+)
+from aggregator.store import MemoryStore, ResultStore
 from plans.schema import (
     AGGREGATED_MODEL_VALIDATION,
     TRAIN,
@@ -100,261 +111,6 @@ from plans.schema import (
 from protos.dtypes import is_float, wire_dtype
 
 logger = logging.getLogger(__name__)
-
-Array = npt.NDArray[np.generic]
-METRIC_TAG = "metric"
-DELTA_TAG = "delta"
-MAX_DATA_SIZE = 2**31 - 1
-Key = tuple[str, str]  # (collaborator, task) of one result in a round
-# collaborator -> task -> metric -> value: each site's own metrics of a round, as it sent them
-SiteMetrics = Mapping[str, Mapping[str, Mapping[str, float]]]
-
-
-@dataclass(frozen=True)
-class Assignment:
-    """What `GetTasks` tells one collaborator: its tasks of a round, or to wait, or to quit."""
-
-    round_number: int
-    tasks: tuple[str, ...]
-    sleep_seconds: int
-    quit: bool
-
-
-@dataclass(frozen=True)
-class ResultTensor:
-    """One tensor of a task's results: a model tensor it trained, or a metric it measured."""
-
-    name: str
-    tags: frozenset[str]
-    array: Array
-    # Whether every value is finite, when whoever read the values found out on the way
-    # (`aggregator.upload` does, as the bytes arrive); None: the federation checks the array.
-    finite: bool | None = None
-
-
-@dataclass(frozen=True)
-class UploadFile:
-    """The file an upload was written to as it arrived: the serialized `TaskResults` as sent.
-
-    A result that comes with one has its tensors mapped from that file, so a store keeps the
-    file itself (`aggregator.state.DurableState` moves it into place) instead of writing the
-    tensors again.
-    """
-
-    path: Path
-    size: int
-    digest: str  # of its bytes as they arrived (`aggregator.digest`)
-
-
-@dataclass(frozen=True)
-class TaskResult:
-    """A collaborator's results for one task of one round."""
-
-    collaborator: str
-    round_number: int
-    task_name: str
-    data_size: int
-    tensors: tuple[ResultTensor, ...]
-    upload: UploadFile | None = None  # where the tensors' bytes are, if they came as a stream
-
-
-@dataclass(frozen=True)
-class Accepted:
-    """The index entry of an accepted result; its tensors stay with the store (`handle`)."""
-
-    collaborator: str
-    round_number: int
-    task_name: str
-    data_size: int
-    handle: object  # the store's own reference: a file for DurableState, the result in memory
-
-    @property
-    def key(self) -> Key:
-        """(collaborator, task): what identifies the result within its round."""
-        return (self.collaborator, self.task_name)
-
-
-@dataclass(frozen=True)
-class Best:
-    """The best value of the plan's best-model metric so far, and the model's training rounds."""
-
-    value: float
-    training_rounds: int
-
-
-@dataclass(frozen=True)
-class RoundRecord:
-    """What a closed round did, as kept for good: the source of its `metrics.jsonl` row."""
-
-    round_number: int
-    final_validation: bool  # the extra round that only validates the final model
-    reporters: tuple[str, ...]  # collaborators whose results counted, sorted
-    missing: tuple[str, ...]  # collaborators that had not finished when the round closed
-    metrics: Mapping[str, Mapping[str, float]]  # task -> metric -> weighted mean
-    seconds: float  # from the first hand-out of the round's tasks to its close
-    trained: bool  # whether any `train` result was averaged into the model
-    # Each reporter's own metrics, as it sent them; empty for rounds closed before they were kept.
-    sites: SiteMetrics = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class RoundSummary:
-    """What one closed round did: who reported, the aggregated metrics, the models before and after."""
-
-    round_number: int
-    final_validation: bool  # the extra round that only validates the final model
-    reporters: tuple[str, ...]  # collaborators whose results counted, sorted
-    missing: tuple[str, ...]  # collaborators that had not finished when the round closed
-    metrics: Mapping[str, Mapping[str, float]]  # task -> metric -> weighted mean
-    round_model: Mapping[str, Array]  # the global model the collaborators worked on this round
-    model: Mapping[str, Array]  # the global model after this round (the same if nobody trained)
-    trained: bool  # whether any `train` result was averaged into `model`
-    seconds: float  # from the first hand-out of the round's tasks to its close
-    finished: bool  # whether this was the federation's last round
-    sites: SiteMetrics = field(default_factory=dict)  # each reporter's own metrics, sorted
-    best: Best | None = None  # the best so far, this round included (None: no best-model metric)
-    best_model: Mapping[str, Array] | None = None  # the new best model, when this round improved
-
-    @property
-    def record(self) -> RoundRecord:
-        """The part of the summary that is kept for good."""
-        return RoundRecord(
-            round_number=self.round_number,
-            final_validation=self.final_validation,
-            reporters=self.reporters,
-            missing=self.missing,
-            metrics=self.metrics,
-            seconds=self.seconds,
-            trained=self.trained,
-            sites=self.sites,
-        )
-
-
-@dataclass(frozen=True)
-class AveragedModel:
-    """The next global model before it is computed: the counted `train` results, averaged a
-    slice at a time into wherever it is kept (`into`), or into arrays (`arrays`)."""
-
-    reference: Mapping[str, Array]  # the round's model: names, shapes and dtypes
-    contributions: Mapping[str, tuple[int, TensorSource]]  # collaborator -> (data size, tensors)
-    workers: int = AVERAGING_THREADS
-
-    def into(self, sink: SliceSink) -> None:
-        """Average, handing each slice to `sink` (`fedavg.average_sources_into`)."""
-        average_sources_into(self.reference, self.contributions, sink, workers=self.workers)
-
-    def arrays(self) -> dict[str, Array]:
-        """Average into arrays in memory (`fedavg.average_sources`)."""
-        return average_sources(self.reference, self.contributions, workers=self.workers)
-
-
-@dataclass(frozen=True)
-class RoundCommit:
-    """What closing a round changes, for the store to make durable in one step."""
-
-    record: RoundRecord
-    model: AveragedModel | None  # the next round's global model; None: unchanged
-    best: Best | None  # the new best, when this round improved it
-    best_is_round_model: bool  # the new best model is the round's (validated) model, not `model`
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Where a federation stands: the round in progress and what it has; what a store recovers."""
-
-    round_number: int
-    model: Mapping[str, Array]  # the global model of `round_number`
-    accepted: tuple[Accepted, ...] = ()  # results accepted in `round_number`
-    previous: frozenset[Key] = frozenset()  # results accepted in the round before
-    closing: tuple[str, ...] | None = None  # reporters of a close decided, not yet committed
-    best: Best | None = None
-    departures: tuple[Departure, ...] = ()  # collaborators that have left (and not rejoined)
-
-
-@dataclass(frozen=True)
-class Stranded:
-    """Why the round in progress can never close: too many collaborators have left."""
-
-    round_number: int
-    needed: int  # reports the round needs (min_reports, at least one)
-    reporters: tuple[str, ...]  # those that have reported in it
-    departures: tuple[Departure, ...]  # every collaborator that has left, in the plan's order
-
-
-class ResultStore(Protocol):
-    """Where accepted results and closed rounds are kept; see the module docstring for the order."""
-
-    # Where uploads are written as they arrive, so that keeping one is a rename (None: anywhere).
-    upload_folder: Path | None
-
-    def stage(self, result: TaskResult) -> Accepted:
-        """Keep `result`'s tensors where they survive; not accepted until `record`."""
-
-    def record(self, accepted: Accepted) -> None:
-        """Accept a staged result for good: the commit point of an accept."""
-
-    def discard(self, accepted: Accepted) -> None:
-        """Forget a staged result that was not recorded."""
-
-    def load(self, accepted: Accepted) -> TaskResult:
-        """The result with its tensors, as it was staged."""
-
-    def decide_close(self, round_number: int, reporters: Sequence[str]) -> None:
-        """Fix who reported in a round that is being closed."""
-
-    def commit_round(self, commit: RoundCommit) -> Mapping[str, Array] | None:
-        """Close the round for good: next round, its model, the record, the best.
-
-        Averages `commit.model` where the store keeps it and returns it as kept, for the
-        federation to hold (None when there is no new model).
-        """
-
-    def record_leave(self, departure: Departure) -> None:
-        """Keep that a collaborator has left, for good, before its `Leave` is answered."""
-
-    def record_rejoin(self, name: str) -> None:
-        """Forget a departure: the collaborator called again."""
-
-
-@dataclass
-class MemoryStore:
-    """Keeps results in memory only: nothing survives the process (tests, embedding)."""
-
-    closed: list[RoundRecord] = field(default_factory=list)
-    upload_folder: Path | None = None
-
-    def stage(self, result: TaskResult) -> Accepted:
-        """The index entry, holding the result itself."""
-        return Accepted(
-            result.collaborator, result.round_number, result.task_name, result.data_size, result
-        )
-
-    def record(self, accepted: Accepted) -> None:
-        """Nothing to make durable."""
-
-    def discard(self, accepted: Accepted) -> None:
-        """Nothing to remove."""
-
-    def load(self, accepted: Accepted) -> TaskResult:
-        """The result that was staged."""
-        if not isinstance(accepted.handle, TaskResult):
-            raise TypeError(f"not a result staged in memory: {accepted!r}")
-        return accepted.handle
-
-    def decide_close(self, round_number: int, reporters: Sequence[str]) -> None:
-        """Nothing to make durable."""
-
-    def commit_round(self, commit: RoundCommit) -> Mapping[str, Array] | None:
-        """Keep the round's record; the new model is averaged into arrays."""
-        model = None if commit.model is None else commit.model.arrays()
-        self.closed.append(commit.record)
-        return model
-
-    def record_leave(self, departure: Departure) -> None:
-        """Nothing to make durable."""
-
-    def record_rejoin(self, name: str) -> None:
-        """Nothing to make durable."""
 
 
 class Federation:

@@ -45,9 +45,10 @@ from typing import TextIO
 
 from aggregator.allocator import release_free_memory
 from aggregator.errors import StorageError
-from aggregator.federation import Array, Best, Federation, RoundRecord, RoundSummary, Stranded
+from aggregator.federation import Federation
 from aggregator.health import Health
 from aggregator.metrics import Metrics
+from aggregator.records import Array, Best, RoundRecord, RoundSummary, Stranded
 from aggregator.server import DEFAULT_WORKERS, AggregatorGRPCServer
 from aggregator.state import DurableState
 from aggregator.storage import OutputFolder

@@ -33,9 +33,10 @@ import grpc
 from aggregator.admission import Admission, chunks_within
 from aggregator.encoded_model import EncodedModel
 from aggregator.errors import InvalidRequestError
-from aggregator.federation import DELTA_TAG, Assignment, Federation, TaskResult
+from aggregator.federation import Federation
 from aggregator.identity import Gatekeeper, Header
 from aggregator.metrics import Metrics
+from aggregator.records import DELTA_TAG, Assignment, TaskResult
 from aggregator.status import RefusalObserver, refusals_as_status, stream_refusals_as_status
 from aggregator.upload import receive_upload
 from pki.roles import peer_certificate

@@ -77,7 +77,8 @@ from types import TracebackType
 from aggregator.digest import file_digest, file_digests
 from aggregator.errors import ModelFileError, StorageError
 from aggregator.failpoints import failpoint
-from aggregator.federation import (
+from aggregator.liveness import Departure, Seen
+from aggregator.records import (
     Accepted,
     Array,
     AveragedModel,
@@ -88,7 +89,6 @@ from aggregator.federation import (
     RoundRecord,
     TaskResult,
 )
-from aggregator.liveness import Departure, Seen
 from aggregator.storage import (
     BEST_MODEL,
     LAST_MODEL,

@@ -33,8 +33,8 @@ from aggregator.digest import file_digest, new_digest
 from aggregator.errors import ModelFileError, StorageError
 from aggregator.failpoints import failpoint
 from aggregator.fedavg import SliceSink
-from aggregator.federation import ResultTensor
 from aggregator.mapped import FileRange, copy_range, mapped_range
+from aggregator.records import ResultTensor
 from aggregator.upload import file_array, read_tensors_file
 from durable.files import fsync_folder
 from protos import base_pb2

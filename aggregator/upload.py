@@ -34,7 +34,7 @@ import numpy as np
 
 from aggregator.digest import new_digest
 from aggregator.errors import InvalidRequestError, StorageError
-from aggregator.federation import Array, ResultTensor, UploadFile
+from aggregator.records import Array, ResultTensor, UploadFile
 from protos import base_pb2
 from protos.codec import TensorFormatError, TensorTooLargeError, all_finite, tensor_layout
 from protos.dtypes import is_float

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.federation import Array, Federation
+from aggregator.federation import Federation
+from aggregator.records import Array
 from aggregator.server import AggregatorGRPCServer
 from pki.layout import CertsLayout
 from plans import Plan, parse_plan

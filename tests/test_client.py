@@ -18,8 +18,9 @@ import grpc
 import numpy as np
 import pytest
 
-from aggregator.federation import Array, Federation
+from aggregator.federation import Federation
 from aggregator.identity import Gatekeeper
+from aggregator.records import Array
 from aggregator.server import AggregatorGRPCServer
 from aggregator.servicer import AggregatorServicer
 from collaborator.client import LEAVE_SECONDS, AggregatorGRPCClient, NamedArray, Tasks

@@ -9,7 +9,8 @@ import grpc
 import numpy as np
 import pytest
 
-from aggregator.federation import Federation, TaskResult
+from aggregator.federation import Federation
+from aggregator.records import TaskResult
 from collaborator.answers import PlannedWork
 from collaborator.client import AggregatorGRPCClient, NamedArray, Tasks
 from collaborator.digits import SHAPES, DigitsRunner

@@ -21,19 +21,10 @@ from director.service import CollaboratorReport, DirectorService
 from director.state import CollaboratorState, DirectorState, ExperimentState, ShardInfo
 from pki.layout import CertsLayout
 
+from clocks import Clock
 from directors import ENVOYS, RecordingLauncher, submitted_plan, write_config
 
 ADA = Caller("ada", Role.USER)
-
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Harness:
@@ -41,7 +32,7 @@ class Harness:
 
     def __init__(self, folder: Path, launcher: Any = None, **config: Any) -> None:
         self.folder = folder
-        self.clock = Clock()
+        self.clock = Clock(1_000_000.0)
         self.launcher = RecordingLauncher() if launcher is None else launcher
         self.config = load_config(write_config(folder, CertsLayout(folder / "certs"), **config))
         self.state = DirectorState.open(

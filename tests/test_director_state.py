@@ -23,24 +23,16 @@ from director.state import (
     ShardInfo,
 )
 
+from clocks import Clock
+
 REPO = Path(__file__).resolve().parent.parent
 S = ExperimentState
-
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
 def clock() -> Clock:
     """A hand-moved clock."""
-    return Clock()
+    return Clock(1_000_000.0)
 
 
 @pytest.fixture

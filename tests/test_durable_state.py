@@ -19,7 +19,8 @@ import pytest
 from aggregator import failpoints
 from aggregator.digest import file_digest
 from aggregator.errors import InvalidRequestError, PreconditionError, StorageError
-from aggregator.federation import Array, Federation, ResultTensor, TaskResult
+from aggregator.federation import Federation
+from aggregator.records import Array, ResultTensor, TaskResult
 from aggregator.runtime import Runtime
 from aggregator.state import SCHEMA_VERSION, DurableState, ForeignStateError
 from aggregator.storage import OutputFolder, model_bytes

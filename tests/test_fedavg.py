@@ -23,7 +23,8 @@ from aggregator.fedavg import (
     federated_average,
     weighted_metrics,
 )
-from aggregator.federation import Array, Federation, ResultTensor, TaskResult
+from aggregator.federation import Federation
+from aggregator.records import Array, ResultTensor, TaskResult
 
 MODEL: dict[str, Array] = {
     "f16": np.array([1.0, -2.5, 3.25], dtype=np.float16),

@@ -10,32 +10,18 @@ import numpy as np
 import pytest
 
 from aggregator.errors import InvalidRequestError, PreconditionError, StorageError
-from aggregator.federation import (
-    Accepted,
-    Array,
-    Best,
-    Federation,
-    MemoryStore,
-    ResultTensor,
-    TaskResult,
-)
+from aggregator.federation import Federation
 from aggregator.identity import Gatekeeper
+from aggregator.records import Accepted, Array, Best, ResultTensor, TaskResult
 from aggregator.servicer import AggregatorServicer
+from aggregator.store import MemoryStore
 from plans.schema import BestModelSettings, Limits, StragglerPolicy, StragglerSettings
 from protos import aggregator_pb2
 
+from clocks import Clock
+
 COLLABORATORS = ("alice", "bob", "carol")
 AMV = "aggregated_model_validation"
-
-
-class Clock:
-    """A clock that moves only when told to."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def model() -> dict[str, Array]:

@@ -15,18 +15,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aggregator.errors import InvalidRequestError, StorageError
-from aggregator.federation import (
-    Array,
-    Federation,
-    MemoryStore,
-    ResultTensor,
-    RoundCommit,
-    TaskResult,
-)
+from aggregator.federation import Federation
 from aggregator.health import Health, free_bytes, probe_storage
+from aggregator.records import Array, ResultTensor, RoundCommit, TaskResult
 from aggregator.runtime import Outcome, Runtime
 from aggregator.server import SERVICE, AggregatorGRPCServer
 from aggregator.storage import OutputFolder
+from aggregator.store import MemoryStore
 from pki.layout import CertsLayout
 from pki.local import load_signing_ca
 from pki.requests import Role

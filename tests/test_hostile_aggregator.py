@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import yaml
 
-from aggregator.federation import Array
 from aggregator.identity import Gatekeeper
+from aggregator.records import Array
 from aggregator.server import add_servicer
 from aggregator.servicer import AggregatorServicer
 from collaborator.answers import MAX_SLEEP_SECONDS, MIN_IDLE_SECONDS, PlannedWork

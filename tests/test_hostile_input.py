@@ -26,7 +26,8 @@ import pytest
 
 from aggregator.admission import Admission, UploadTimeoutError, chunks_within
 from aggregator.errors import LimitExceededError
-from aggregator.federation import Federation, ResultTensor, TaskResult
+from aggregator.federation import Federation
+from aggregator.records import ResultTensor, TaskResult
 from aggregator.server import AggregatorGRPCServer
 from collaborator.client import AggregatorGRPCClient, NamedArray
 from pki.layout import CertsLayout

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from aggregator import encoded_model
-from aggregator.federation import Array
+from aggregator.records import Array
 from aggregator.server import SERVICE, AggregatorGRPCServer, method_handlers
 from collaborator.client import AggregatorGRPCClient, NamedArray
 from collaborator.errors import ResponseValidationError

@@ -30,7 +30,8 @@ from aggregator.errors import (
     ModelFileError,
     PreconditionError,
 )
-from aggregator.federation import Array, Federation
+from aggregator.federation import Federation
+from aggregator.records import Array
 from aggregator.server import AggregatorGRPCServer
 from aggregator.status import STATUS_CODES, status_of
 from pki.layout import CertsLayout

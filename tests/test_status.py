@@ -18,9 +18,10 @@ import pytest
 
 from aggregator.cli import main
 from aggregator.errors import StorageError
-from aggregator.federation import Federation, ResultTensor, TaskResult
+from aggregator.federation import Federation
 from aggregator.inspection import CollaboratorStatus, FederationStatus, read_status
 from aggregator.liveness import Liveness
+from aggregator.records import ResultTensor, TaskResult
 from aggregator.state import DATABASE, SCHEMA_VERSION, STATE_DIR, DurableState
 from pki.layout import CertsLayout
 from plans import load_plan

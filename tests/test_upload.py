@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from aggregator.errors import InvalidRequestError, PreconditionError
-from aggregator.federation import Array
+from aggregator.records import Array
 from aggregator.storage import write_model
 from aggregator.upload import (
     MAX_SMALL_TENSOR_BYTES,
