@@ -72,7 +72,6 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from aggregator.errors import InvalidRequestError, PreconditionError, StorageError
 from aggregator.failpoints import failpoint
 from aggregator.fedavg import (
     MappedArraySource,
@@ -109,6 +108,7 @@ from plans.schema import (
     StragglerSettings,
 )
 from protos.dtypes import is_float, wire_dtype
+from refusals.errors import InvalidRequestError, PreconditionError, StorageError
 
 logger = logging.getLogger(__name__)
 

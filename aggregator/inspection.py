@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from aggregator.errors import StorageError
 from aggregator.liveness import NO_REASON, Presence, reporting_threshold
 from aggregator.records import RoundRecord
 from aggregator.state import DATABASE, SCHEMA_VERSION, STATE_DIR, record_from_json
 from plans import Plan
 from plans.schema import AGGREGATED_MODEL_VALIDATION
+from refusals.errors import StorageError
 
 
 class NotAStateError(Exception):

@@ -44,7 +44,6 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from aggregator.allocator import release_free_memory
-from aggregator.errors import StorageError
 from aggregator.federation import Federation
 from aggregator.health import Health
 from aggregator.metrics import Metrics
@@ -54,6 +53,7 @@ from aggregator.state import DurableState
 from aggregator.storage import OutputFolder
 from plans import Plan
 from plans.schema import AGGREGATED_MODEL_VALIDATION, TRAIN
+from refusals.errors import StorageError
 
 logger = logging.getLogger(__name__)
 

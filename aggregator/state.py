@@ -75,7 +75,6 @@ from pathlib import Path
 from types import TracebackType
 
 from aggregator.digest import file_digest, file_digests
-from aggregator.errors import ModelFileError, StorageError
 from aggregator.failpoints import failpoint
 from aggregator.liveness import Departure, Seen
 from aggregator.records import (
@@ -102,6 +101,7 @@ from aggregator.storage import (
 from aggregator.upload import read_tensors_file
 from durable.files import fsync_folder
 from durable.sqlite import SqliteStore, hold_lock
+from refusals.errors import ModelFileError, StorageError
 
 logger = logging.getLogger(__name__)
 

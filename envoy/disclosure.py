@@ -42,6 +42,8 @@ FOEDUS_PACKAGES = frozenset(
         "pki",
         "plans",
         "protos",
+        "refusals",
+        "serving",
         "torch_runner",
     }
 )

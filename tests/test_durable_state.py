@@ -18,7 +18,6 @@ import pytest
 
 from aggregator import failpoints
 from aggregator.digest import file_digest
-from aggregator.errors import InvalidRequestError, PreconditionError, StorageError
 from aggregator.federation import Federation
 from aggregator.records import Array, ResultTensor, TaskResult
 from aggregator.runtime import Runtime
@@ -28,6 +27,7 @@ from aggregator.upload import receive_upload
 from plans.schema import BestModelSettings, Limits, StragglerPolicy, StragglerSettings
 from protos import aggregator_pb2
 from protos.codec import encode_tensor
+from refusals.errors import InvalidRequestError, PreconditionError, StorageError
 
 from old_states import named_by_sha256
 from servers import make_plan

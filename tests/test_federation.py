@@ -9,7 +9,6 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from aggregator.errors import InvalidRequestError, PreconditionError, StorageError
 from aggregator.federation import Federation
 from aggregator.identity import Gatekeeper
 from aggregator.records import Accepted, Array, Best, ResultTensor, TaskResult
@@ -17,6 +16,7 @@ from aggregator.servicer import AggregatorServicer
 from aggregator.store import MemoryStore
 from plans.schema import BestModelSettings, Limits, StragglerPolicy, StragglerSettings
 from protos import aggregator_pb2
+from refusals.errors import InvalidRequestError, PreconditionError, StorageError
 
 from clocks import Clock
 

@@ -22,18 +22,9 @@ from cryptography import x509
 from aggregator import encoded_model
 from aggregator.admission import UploadTimeoutError
 from aggregator.encoded_model import MODEL_TAGS, EncodedModel
-from aggregator.errors import (
-    AuthenticationError,
-    AuthorizationError,
-    InvalidRequestError,
-    LimitExceededError,
-    ModelFileError,
-    PreconditionError,
-)
 from aggregator.federation import Federation
 from aggregator.records import Array
 from aggregator.server import AggregatorGRPCServer
-from aggregator.status import STATUS_CODES, status_of
 from pki.layout import CertsLayout
 from pki.local import setup_local_federation
 from protos import aggregator_pb2, aggregator_pb2_grpc, base_pb2
@@ -44,6 +35,15 @@ from protos.stream import (
     StreamTooLargeError,
     task_results_to_chunks,
 )
+from refusals.errors import (
+    AuthenticationError,
+    AuthorizationError,
+    InvalidRequestError,
+    LimitExceededError,
+    ModelFileError,
+    PreconditionError,
+)
+from refusals.grpc import STATUS_CODES, status_of
 
 from conftest import Identity
 from servers import (
