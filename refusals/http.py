@@ -17,6 +17,7 @@ from refusals.errors import (
     NotFoundError,
     PreconditionError,
     StorageError,
+    StreamTimeoutError,
     UnavailableError,
 )
 
@@ -28,6 +29,7 @@ HTTP_STATUS: Mapping[type[Exception], int] = {
     InvalidRequestError: 400,
     NotFoundError: 404,
     PreconditionError: 409,
+    StreamTimeoutError: 408,  # gRPC's only today; here so that every refusal has its status
     UnavailableError: 503,
     StorageError: 503,
 }
