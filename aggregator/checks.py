@@ -1,10 +1,10 @@
 """The refusals of an arriving result: its round, its task, its size and its tensors.
 
-Every check runs before anything is stored. A result for a closed round is refused
-(FAILED_PRECONDITION), except a resend of one accepted in the round just closed, which the
-federation answers OK and counts once (its first answer may have been lost while the round
-closed: `RoundState.is_resend`). The messages name the value refused and the plan's setting that
-refused it, for the person who reads them on the collaborator's side.
+A result for a closed round is refused (FAILED_PRECONDITION), except a resend of one accepted in
+the round just closed, which the federation answers OK and counts once (its first answer may
+have been lost while the round closed: `RoundState.is_resend`). The messages name the value
+refused and the plan's setting that refused it, for the person who reads them on the
+collaborator's side.
 """
 
 from __future__ import annotations

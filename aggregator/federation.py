@@ -8,7 +8,7 @@ the parts that each do one job: `aggregator.checks` refuses what arrives,
 leaving, the final validation round), `aggregator.closing` closes it (averaging, the best model).
 
 Every check runs before anything is stored, and a resend of an accepted result is recognised and
-counted once. A collaborator's departure (`leave`) is made durable (`ResultStore.record_leave`)
+counted once (`aggregator.checks` says which results are refused). A collaborator's departure (`leave`) is made durable (`ResultStore.record_leave`)
 before `Leave` is answered; a resend changes nothing. Any later call of its but `Leave` and
 `Heartbeat` rejoins it (`rejoin`, durable too), and it is awaited again from the next decision on.
 
@@ -56,9 +56,8 @@ class Federation:
     """Round bookkeeping behind the aggregator's RPCs; thread-safe with short critical sections.
 
     `clock` times the straggler cut-off and the collaborators' silences (tests inject one that
-    moves when told); long polls wait in real time. Aggregation runs outside the lock, while the
-    closing round refuses results. With `progress`, the federation resumes from there instead of
-    round 0 of `model`. `liveness` judges who is online (by default from `straggler`, or from
+    moves when told); long polls wait in real time. With `progress`, the federation resumes from
+    there instead of round 0 of `model`. `liveness` judges who is online (by default from `straggler`, or from
     a silence of `reporting_threshold` when the plan sets no `offline_after_seconds`).
     """
 
@@ -156,7 +155,7 @@ class Federation:
 
     @property
     def finished(self) -> bool:
-        """Whether every round, the final validation round included, has closed."""
+        """Whether every round has closed (`Schedule.finished`)."""
         return self.schedule.finished(self._state)
 
     @property
@@ -168,14 +167,10 @@ class Federation:
         """How many collaborators are online now (see `aggregator.liveness`)."""
         return self.liveness.online_count()
 
-    def tasks_of_round(self, round_number: int) -> tuple[str, ...]:
-        """The tasks every collaborator runs in `round_number`."""
-        return self.schedule.tasks_of_round(round_number)
-
     # -- handing out work -------------------------------------------------------------------------
 
     def assignment(self, collaborator: str) -> Assignment:
-        """The tasks `collaborator` still owes this round; wait if none; quit when all rounds ran."""
+        """What `collaborator` is to do now: tasks, wait or quit (`Schedule.assignment`)."""
         with self._lock:
             return self.schedule.assignment(self._state, collaborator)
 

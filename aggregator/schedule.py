@@ -1,8 +1,8 @@
 """The federation's schedule: which tasks each round runs, who owes what, when a round closes.
 
 Rounds are counted from 0, as OpenFL counts them. Each training round runs the plan's tasks; it
-closes when the plan's straggler policy says so (`Schedule.due`, which the federation asks after
-every submission and on a short timer):
+closes when the plan's straggler policy says so (`Schedule.due`, asked by the federation's
+`close_round_if_due`, which the runtime calls after every submission and on a short timer):
 
 * ``wait_for_all``: when every collaborator has reported;
 * ``cutoff``: when every collaborator has reported, or once ``cutoff_seconds`` have passed since
