@@ -25,7 +25,7 @@ A collaborator that has *left* (it said it gives up: the foedus `Leave` RPC, `le
 by no round under any policy, whether or not ``offline_after_seconds`` is set: a round closes as
 soon as every collaborator that has not left (and, with ``offline_after_seconds``, is not
 offline) has reported, and at least ``min_reports`` have. Its departure is made durable
-(`ResultStore.record_leave`) before `Leave` is answered; a resend changes nothing. Any later call
+(`FederationStore.record_leave`) before `Leave` is answered; a resend changes nothing. Any later call
 of its but `Leave` and `Heartbeat` rejoins it (`rejoin`, durable too), and it is awaited again
 from the next decision on. Results it had sent in the open round count if it had reported
 (finished every task); a half-finished one's results do not, as any non-reporter's. When no
@@ -46,7 +46,7 @@ Final validation round: after the last training round (``rounds``), if the plan'
 accuracy of the final global model is measured. Then the federation is finished and every
 `assignment` answers quit. Without that task the federation finishes after the last training round.
 
-Where results live: a `ResultStore`. `MemoryStore` (the default) keeps them in memory;
+Where results live: a `FederationStore`. `MemoryStore` (the default) keeps them in memory;
 `aggregator.state.DurableState` writes them to disk so that a restarted aggregator resumes
 (`Progress` is what it recovers). The order of an accept is: every check in memory, then
 `stage` (the tensors are written where they survive), then, under the lock and after checking
@@ -98,7 +98,7 @@ from aggregator.records import (
     Stranded,
     TaskResult,
 )
-from aggregator.store import MemoryStore, ResultStore
+from aggregator.store import FederationStore, MemoryStore
 from plans.schema import (
     AGGREGATED_MODEL_VALIDATION,
     TRAIN,
@@ -135,7 +135,7 @@ class Federation:
         clock: Callable[[], float] = time.monotonic,
         best_model: BestModelSettings | None = None,
         limits: Limits | None = None,
-        store: ResultStore | None = None,
+        store: FederationStore | None = None,
         progress: Progress | None = None,
         liveness: Liveness | None = None,
         heartbeat_seconds: float = 10.0,
@@ -148,7 +148,7 @@ class Federation:
         self.straggler = straggler or StragglerSettings()
         self.best_model = best_model
         self.limits = limits or Limits()
-        self.store: ResultStore = store if store is not None else MemoryStore()
+        self.store: FederationStore = store if store is not None else MemoryStore(model)
         self.final_validation = AGGREGATED_MODEL_VALIDATION in self.tasks
         self.total_rounds = rounds + (1 if self.final_validation else 0)
         self._clock = clock
@@ -192,7 +192,7 @@ class Federation:
         model: Mapping[str, Array],
         *,
         clock: Callable[[], float] = time.monotonic,
-        store: ResultStore | None = None,
+        store: FederationStore | None = None,
         progress: Progress | None = None,
     ) -> Federation:
         """The federation a plan describes, starting from `model` (or resuming at `progress`)."""
@@ -390,7 +390,7 @@ class Federation:
         """Accept a task's results; False when it is a resend of one already accepted.
 
         Refusals and resends are decided before anything is written; an accepted result is in
-        the store for good (`ResultStore.record`) before this returns True.
+        the store for good (`FederationStore.record`) before this returns True.
         """
         with self._lock:  # the cheap refusals first; checked again below
             if self._is_resend(result.collaborator, result.round_number, result.task_name):
