@@ -132,7 +132,8 @@ class MemoryStore:
         upload_folder: Path | None = None,
         federation_uuid: str = "",
     ) -> None:
-        """A new store at round 0 of `model`."""
+        """A new store at round 0 of `model` (without it, round 0's model is not known to it:
+        a best model that is round 0's is then empty)."""
         self.upload_folder = upload_folder
         self.uuid = federation_uuid
         start = Progress(round_number=0, model=dict(model or {}))
