@@ -208,7 +208,7 @@ def crash_at(monkeypatch: pytest.MonkeyPatch, point: str) -> None:
         if name == point:
             raise Crash(name)
 
-    for module in ("aggregator.state", "aggregator.federation", "aggregator.storage"):
+    for module in ("aggregator.state", "aggregator.closing", "aggregator.storage"):
         monkeypatch.setattr(f"{module}.failpoint", fire)
 
 
