@@ -71,6 +71,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from aggregator import state_files
 from aggregator.errors import StorageError
 from aggregator.failpoints import failpoint
 from aggregator.liveness import Departure, Seen
@@ -91,24 +92,7 @@ from aggregator.schema import (
     read_only_standing,
     read_standing,
 )
-from aggregator.state_files import (
-    DATABASE,
-    OUTPUTS,
-    STATE_DIR,
-    UPLOADS,
-    StoredFile,
-    average_into_file,
-    check_digest,
-    files_of,
-    lock_folder,
-    place_result,
-    probe_folder,
-    read_checked,
-    read_result,
-    tidy,
-    wipe,
-    write_model_file,
-)
+from aggregator.state_files import DATABASE, OUTPUTS, STATE_DIR, UPLOADS, StoredFile
 from aggregator.store import Recovered, Standing
 from durable.sqlite import SqliteStore
 
@@ -162,10 +146,10 @@ class DurableState(SqliteStore):
         `StorageError` when the state cannot be read or written, or another aggregator uses it.
         """
         folder = Path(folder)
-        lock = lock_folder(folder)
+        lock = state_files.lock_folder(folder)
         try:
             if reset:
-                removed = wipe(folder)
+                removed = state_files.wipe(folder)
                 if removed:
                     logger.warning("--reset: removed %s from %s", ", ".join(removed), folder)
             state = cls._open_locked(folder, federation_uuid, initial_model, max_tensor_bytes)
@@ -243,7 +227,7 @@ class DurableState(SqliteStore):
         A streamed upload's file is kept as it is (made durable, then renamed into place);
         a result in memory has its tensors written to a `ModelProto` file.
         """
-        stored = place_result(self.root, result)
+        stored = state_files.place_result(self.root, result)
         return Accepted(
             result.collaborator, result.round_number, result.task_name, result.data_size, stored
         )
@@ -277,7 +261,7 @@ class DurableState(SqliteStore):
         state was recovered (this process wrote the others, hashing them as they arrived);
         a `ModelProto` result file is read whole and checked now.
         """
-        tensors = read_result(self.root, _stored(accepted), self.max_tensor_bytes)
+        tensors = state_files.read_result(self.root, _stored(accepted), self.max_tensor_bytes)
         return TaskResult(
             collaborator=accepted.collaborator,
             round_number=accepted.round_number,
@@ -307,7 +291,7 @@ class DurableState(SqliteStore):
         model = current
         kept: dict[str, Array] | None = None
         if commit.model is not None:
-            model, kept = average_into_file(self.root, finished_round + 1, commit.model)
+            model, kept = state_files.average_into_file(self.root, finished_round + 1, commit.model)
         best_file, best = self._best_file, self._best
         if commit.best is not None:
             best_file, best = (current if commit.best_is_round_model else model), commit.best
@@ -376,7 +360,7 @@ class DurableState(SqliteStore):
 
     def disk_files(self) -> list[str]:
         """Every file under ``state/`` but the database's, relative to it, sorted (for tests)."""
-        return files_of(self.root)
+        return state_files.files_of(self.root)
 
     @property
     def location(self) -> Path | None:
@@ -406,7 +390,7 @@ class DurableState(SqliteStore):
         database = folder / STATE_DIR / DATABASE
         if not database.is_file():
             return None
-        with probe_folder(folder) as running:
+        with state_files.probe_folder(folder) as running:
             standing = read_only_standing(database, running)
         if standing is None:
             raise NotAStateError(f"{database}: not a foedus aggregator state (no federation row)")
@@ -416,7 +400,7 @@ class DurableState(SqliteStore):
 
     def _create(self, federation_uuid: str, model: Mapping[str, Array]) -> None:
         """A new state at round 0 with `model`: its file first, then the row."""
-        first = write_model_file(self.root, 0, model)
+        first = state_files.write_model_file(self.root, 0, model)
         with self._transaction() as db:
             db.execute(
                 "INSERT INTO federation (id, uuid, round, model_file, model_digest) "
@@ -489,7 +473,7 @@ class DurableState(SqliteStore):
         for collaborator, task, data_size, name, digest in rows:
             stored = StoredFile(name, digest)
             try:
-                check_digest(self.root / name, digest)
+                state_files.check_digest(self.root / name, digest)
             except StorageError as error:
                 logger.warning(
                     "dropping %s's %s result of round %d, which will be asked for again: %s",
@@ -511,12 +495,12 @@ class DurableState(SqliteStore):
 
     def _read(self, stored: StoredFile) -> tuple[ResultTensor, ...]:
         """The tensors of a `ModelProto` state file, mapped from it, after checking its digest."""
-        return read_checked(self.root, stored, self.max_tensor_bytes)
+        return state_files.read_checked(self.root, stored, self.max_tensor_bytes)
 
     def _tidy(self, round_number: int, keep: set[str] | None) -> None:
         """`state_files.tidy`, keeping the current model and the best one."""
         models = {self._model.name} | ({self._best_file.name} if self._best_file else set())
-        tidy(self.root, round_number, keep, models)
+        state_files.tidy(self.root, round_number, keep, models)
 
 
 def _stored(accepted: Accepted) -> StoredFile:
