@@ -21,7 +21,7 @@ from protos.codec import decode_tensor
 from protos.dtypes import bfloat16_dtype
 
 from dying_runner import TRAIN, arm
-from processes import COLLABORATORS, REPO, FederationProcesses, final_accuracy, write_plan
+from federations import COLLABORATORS, REPO, FederationProcesses, final_accuracy, write_plan
 from readme_blocks import run_block
 
 HERE = Path(__file__).resolve().parent
