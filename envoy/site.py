@@ -61,7 +61,7 @@ OWN_PLAN = Path("the plan given to the site's API")  # how refusals name it
 
 @dataclass(frozen=True)
 class Report(CollaboratorReport):
-    """One collaborator's state for the director; `sequence` is its place in the outbox (0: none)."""
+    """A report for the director, with its place in the envoy's outbox (`sequence`; 0: none)."""
 
     sequence: int = 0
 
