@@ -16,7 +16,7 @@ from lifecycle.states import CollaboratorState
 from pki.layout import CertsLayout
 
 from envoys import write_envoy_config
-from federations import REPO, free_port
+from federation_processes import REPO, free_port
 
 
 def into_a_closed_pipe(*argv: str) -> tuple[int, str]:

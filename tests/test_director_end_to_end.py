@@ -33,7 +33,7 @@ from protos import director_pb2_grpc
 
 from directors import make_director_certs, stub_at, submitted_plan, write_config
 from envoys import EnvoyProcess, start_envoys, stop_collaborators, stop_envoys
-from federations import free_port
+from federation_processes import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_SECONDS = 300

@@ -44,7 +44,7 @@ from directors import (
     stub_at,
     submitted_plan,
 )
-from federations import free_port
+from federation_processes import free_port
 from settings_runner import IMPORTED, MARKER
 from settings_runner import NAME as SETTINGS_RUNNER
 

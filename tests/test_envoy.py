@@ -33,7 +33,7 @@ from pki.layout import CertsLayout
 
 from directors import alias_bomb_plan
 from envoys import read_all, write_envoy_config
-from federations import free_port, write_plan
+from federation_processes import free_port, write_plan
 from servers import plan_document
 
 S = CollaboratorState

@@ -36,7 +36,7 @@ from lifecycle.states import CollaboratorState
 from pki.layout import CertsLayout
 
 from envoys import EnvoyProcess, RecordingDirector, stop_collaborators, write_envoy_config
-from federations import FederationProcesses, free_port, write_plan
+from federation_processes import FederationProcesses, free_port, write_plan
 from servers import plan_document
 
 S = CollaboratorState

@@ -33,7 +33,7 @@ from protos import director_pb2 as pb
 
 from directors import ADMIN, Director, make_director_certs, running_director
 from envoys import EnvoyProcess, stop_envoys, write_envoy_config
-from federations import free_port
+from federation_processes import free_port
 from leaky_runner import NAME, RECORD, SITE_FILE
 from test_director_end_to_end import kill_recorded_aggregators
 

@@ -47,7 +47,7 @@ from envoys import (
     stop_collaborators,
     write_envoy_config,
 )
-from federations import FederationProcesses, free_port, write_plan
+from federation_processes import FederationProcesses, free_port, write_plan
 from servers import plan_document
 
 S = CollaboratorState

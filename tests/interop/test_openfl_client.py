@@ -23,7 +23,7 @@ from aggregator.storage import write_model
 from pki.layout import CertsLayout
 
 from conftest import Identity
-from federations import FederationProcesses, free_port, write_plan
+from federation_processes import FederationProcesses, free_port, write_plan
 from openfl_workspace import OPENFL_SIDE, TASKS, openfl_venv
 
 ROUNDS = 2

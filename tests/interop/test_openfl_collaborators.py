@@ -17,7 +17,7 @@ import pytest
 from aggregator.storage import read_model
 from pki.layout import CertsLayout
 
-from federations import (
+from federation_processes import (
     COLLABORATORS,
     FederationProcesses,
     FederationRun,
