@@ -50,8 +50,7 @@ from director.errors import (
 )
 from director.experiment_plan import PLAN_FILE, check_submitted, plan_liveness, write_director_plan
 from director.identity import PEOPLE, Caller, Role, Roster
-from director.launcher import LOG_FILE, Ended, Launcher, log_tail
-from director.orders import LogOrder, StartOrder, Work
+from director.launcher import LOG_FILE, Launcher
 from director.state import (
     ACTIVE,
     CollaboratorState,
@@ -62,6 +61,8 @@ from director.state import (
     ShardInfo,
     SiteReport,
 )
+from lifecycle.orders import LogOrder, StartOrder, Work
+from processes.children import Ended, log_tail
 
 logger = logging.getLogger(__name__)
 
