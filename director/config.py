@@ -1,6 +1,6 @@
 """director.yaml: who may do what, where the director listens and keeps its state, its limits.
 
-Read as strictly as a plan (with `plans.loader`'s reader): unknown keys are errors, and every
+Read as strictly as a plan (with `plans.reader`): unknown keys are errors, and every
 problem is one line `FILE: key.path: what is wrong`, all reported at once. Paths are relative to
 the file. An example, every key shown with its default (the four without one are required):
 
@@ -44,7 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pki.layout import CertsLayout
-from plans.loader import Section, read_config, read_listen_address
+from plans.loader import read_config
+from plans.reader import Section, read_listen_address
 from plans.runners import BUILTIN_RUNNERS
 from plans.schema import Address
 
@@ -207,7 +208,7 @@ def _port_range(section: Section) -> range:
             return None
         return range(first, last + 1)
 
-    return section._checked(
+    return section.checked(
         "ports", range(50100, 50200), check, "[first, last]: two ports 1-65535, first <= last"
     )
 

@@ -37,7 +37,8 @@ from typing import Any
 from director.config import DirectorConfig, Liveness, read_liveness
 from director.errors import InvalidRequestError, LimitExceededError, StorageError
 from durable.files import write_yaml
-from plans.loader import PlanError, Section, load_plan, parse_plan, safe_yaml, yaml_document
+from plans.loader import PlanError, load_plan, parse_plan, yaml_document
+from plans.reader import Section, safe_yaml
 from plans.runners import RunnerError, check_runner_settings, load_runner
 from plans.schema import ConnectionSettings, Plan, RunnerSettings
 
