@@ -61,7 +61,7 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class Limits:
+class DirectorLimits:
     """`limits`: the sizes the director accepts, and how much of it one caller may hold."""
 
     max_plan_bytes: int = MIB  # limits.max_plan_bytes: one submitted plan's YAML text
@@ -75,7 +75,7 @@ class Limits:
 
 
 @dataclass(frozen=True)
-class Liveness:
+class SiteLossPolicy:
     """`liveness`: when an experiment fails because its sites are away (a plan may set its own)."""
 
     min_sites: int | None = None  # liveness.min_sites: None = every site of the experiment
@@ -103,8 +103,8 @@ class DirectorConfig:
     health_check_seconds: float  # health_check_seconds
     max_running_experiments: int  # max_running_experiments
     max_running_per_user: int  # max_running_per_user, the fair share when absent (fair_share)
-    limits: Limits
-    liveness: Liveness
+    limits: DirectorLimits
+    liveness: SiteLossPolicy
     dashboard_address: Address | None = None  # dashboard.address: None = no dashboard
     metrics_address: Address | None = None  # metrics_address: None = no metrics endpoint
 
@@ -213,9 +213,9 @@ def _port_range(section: Section) -> range:
     )
 
 
-def _limits(section: Section) -> Limits:
-    defaults = Limits()
-    limits = Limits(
+def _limits(section: Section) -> DirectorLimits:
+    defaults = DirectorLimits()
+    limits = DirectorLimits(
         max_plan_bytes=section.integer(
             "max_plan_bytes", defaults.max_plan_bytes, low=1024, high=64 * MIB
         ),
@@ -237,9 +237,9 @@ def _limits(section: Section) -> Limits:
     return limits
 
 
-def read_liveness(section: Section, defaults: Liveness = Liveness()) -> Liveness:
+def read_liveness(section: Section, defaults: SiteLossPolicy = SiteLossPolicy()) -> SiteLossPolicy:
     """A `liveness` section; each key it leaves out keeps its value in `defaults`."""
-    liveness = Liveness(
+    liveness = SiteLossPolicy(
         min_sites=section.optional_integer("min_sites", defaults.min_sites, low=1, high=100_000),
         mandatory_sites=section.names("mandatory_sites", defaults.mandatory_sites),
         offline_grace_seconds=section.number(
@@ -258,7 +258,7 @@ def _cross_check(
     envoys: tuple[str, ...],
     users: tuple[str, ...],
     admins: tuple[str, ...],
-    liveness: Liveness,
+    liveness: SiteLossPolicy,
 ) -> None:
     """What no single key shows: overlapping roles, ports, mandatory sites that cannot register."""
     if not all(isinstance(names, tuple) for names in (envoys, users, admins)):
