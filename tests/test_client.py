@@ -644,6 +644,23 @@ def test_configuration_errors_name_the_argument(certs: CertsLayout, tmp_path: Pa
         client.connect()
 
 
+def test_settings_report_every_problem_at_once(plan: Plan) -> None:
+    """Settings with several bad values are refused once, naming each; an unknown name is a TypeError."""
+    bad = {"aggregator_port": 0, "deadline": 0, "backoff_initial": 2.0, "backoff_max": 1.0}
+    with pytest.raises(ClientConfigurationError) as refused:
+        ClientSettings.from_plan(plan, "alice", **bad)
+    assert str(refused.value) == (
+        "cannot configure the client for 'alice': aggregator_port must be 1-65535, got 0; "
+        "deadline must be > 0 seconds, got 0; "
+        "backoff_max (1.0) must be >= backoff_initial (2.0)"
+    )
+    settings = ClientSettings.from_plan(plan, "alice", aggregator_port=50051)
+    assert settings.problems() == []
+    assert settings.target.endswith(":50051")
+    with pytest.raises(TypeError, match="backoff_start"):
+        ClientSettings.from_plan(plan, "alice", backoff_start=1.0)
+
+
 def test_ipv6_literal_is_dialled_in_brackets(certs: CertsLayout) -> None:
     """An IPv6 aggregator address is bracketed in the target, and a ping over ::1 works."""
     plan = make_plan(certs, aggregator={"listen_address": "::1"})
