@@ -42,6 +42,7 @@ FOEDUS_PACKAGES = frozenset(
         "pki",
         "plans",
         "protos",
+        "retry",
         "torch_runner",
     }
 )
