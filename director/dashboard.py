@@ -26,10 +26,11 @@ from fastapi.staticfiles import StaticFiles
 
 from director.fields import checked_id
 from director.identity import PEOPLE, Caller
-from director.launcher import LOG_FILE, log_tail
+from director.launcher import LOG_FILE
 from director.service import DirectorService, ExperimentView
 from director.state import Envoy
 from director.tokens import TokenStore
+from processes.children import log_tail
 from refusals.errors import (
     AuthenticationError,
     InvalidRequestError,

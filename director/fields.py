@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from plans.loader import shown
+from plans.reader import shown
 from refusals.errors import InvalidRequestError
 
 # Every id the director makes is a UUID (str(uuid.uuid4())): anything else names nothing.

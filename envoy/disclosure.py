@@ -39,10 +39,13 @@ FOEDUS_PACKAGES = frozenset(
         "envoy",
         "experiment",
         "foedus",
+        "lifecycle",
         "pki",
         "plans",
+        "processes",
         "protos",
         "refusals",
+        "retry",
         "serving",
         "torch_runner",
     }
