@@ -1,8 +1,8 @@
 """The aggregator's output folder: models as OpenFL `ModelProto` files, metrics as JSON lines.
 
-Every model file is written atomically (a temporary file in the same folder, written, flushed and
-fsynced, then renamed over the old one, then the folder fsynced), so a crash leaves either the old
-file or the new one, never half of one. A model file is a serialized `ModelProto` of tensors
+Every model file is written atomically, at mode 0600 (`durable.files.replace_file`: a temporary
+file in the same folder, written, fsynced, renamed over the old one, then the folder fsynced), so
+a crash leaves either the old file or the new one, never half of one. A model file is a serialized `ModelProto` of tensors
 encoded with `protos.codec.encode_tensor` in sorted name order: the same model always gives the
 same bytes, nothing is pickled, and OpenFL (which saves its models as `.pbuf` ModelProtos too)
 reads float32 models. `read_model` validates every tensor as the servicer validates uploads.
@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,8 @@ from aggregator.fedavg import SliceSink
 from aggregator.mapped import FileRange, copy_range, mapped_range
 from aggregator.records import ResultTensor
 from aggregator.upload import file_array, read_tensors_file
-from durable.files import fsync_folder
+from durable.files import fsync_folder, replace_file
+from durable.files import is_temporary as is_temporary  # noqa: PLC0414 (aggregator.state: until it imports durable.files)
 from protos import base_pb2
 from protos.codec import (
     TensorFormatError,
@@ -52,7 +52,6 @@ MODEL_TAG = "model"
 LAST_MODEL = "last_model.pbuf"
 BEST_MODEL = "best_model.pbuf"
 METRICS = "metrics.jsonl"
-TEMPORARY_SUFFIX = ".tmp"
 
 logger = logging.getLogger(__name__)
 NamedArray = tuple[str, Array, frozenset[str]]  # a tensor's name, values and tags
@@ -137,7 +136,7 @@ def write_tensors(
             if update is not None:
                 update(frame.tail)
 
-    _write_atomic_with(path, write, before_rename=before_rename)
+    _replace(path, write, before_rename)
     return digest.hexdigest() if hashed else ""
 
 
@@ -200,7 +199,7 @@ def write_model_slices(
         for block in _blocks(descriptor, 0, position):
             digest.update(block)
 
-    _write_atomic_with(path, write, before_rename=before_rename)
+    _replace(path, write, before_rename)
     return ModelFile(
         path,
         digest.hexdigest(),
@@ -298,51 +297,14 @@ def read_model_tensors(path: Path, max_tensor_bytes: int) -> tuple[ResultTensor,
     return tensors
 
 
-def write_atomic(
-    path: Path, data: bytes, *, before_rename: Callable[[], None] | None = None
+def _replace(
+    path: Path, write: Callable[[BinaryIO], object], before_rename: Callable[[], None] | None
 ) -> None:
-    """Replace `path` with `data` so that a crash leaves the old file or the new one, whole.
-
-    `before_rename` runs once the new bytes are durable in the temporary file (a failpoint).
-    """
-    _write_atomic_with(path, lambda file: file.write(data), before_rename=before_rename)
-
-
-def _write_atomic_with(
-    path: Path,
-    write: Callable[[BinaryIO], object],
-    *,
-    before_rename: Callable[[], None] | None = None,
-) -> None:
-    """Replace `path` with what `write` writes to a temporary file; see `write_atomic`."""
-    folder = path.parent
+    """`durable.files.replace_file` at mode 0600, its `OSError` a `StorageError` naming `path`."""
     try:
-        descriptor, temporary = tempfile.mkstemp(
-            dir=folder, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX
-        )
+        replace_file(path, write, mode=0o600, before_rename=before_rename)
     except OSError as error:
         raise StorageError(f"{path}: cannot write: {error.strerror or error}") from None
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        if before_rename is not None:
-            before_rename()
-        os.replace(temporary, path)
-        fsync_folder(folder)
-    except OSError as error:
-        Path(temporary).unlink(missing_ok=True)
-        raise StorageError(f"{path}: cannot write: {error.strerror or error}") from None
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def is_temporary(path: Path, of: str | None = None) -> bool:
-    """Whether `path` is a temporary file `write_atomic` left behind (for the file named `of`)."""
-    prefix = "." if of is None else f".{of}."
-    return path.name.startswith(prefix) and path.name.endswith(TEMPORARY_SUFFIX)
 
 
 def append_json_line(path: Path, row: Mapping[str, object]) -> None:

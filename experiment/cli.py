@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -25,6 +25,7 @@ from command.output import quiet_when_stdout_closes, stdout_closed
 from command.table import table_lines
 from command.text import printable_stream
 from command.usage import Parser, UsageError, fail
+from durable.files import replace_file
 from experiment.config import ENVIRONMENT, ClientConfig, ClientConfigError, load_client_config
 from pki.errors import PkiError
 from pki.tls import channel_credentials
@@ -375,28 +376,32 @@ def _logs(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out: T
     return EXIT_OK
 
 
+class _DownloadCutShortError(Exception):
+    """A download that ended before the size it announced."""
+
+
 def _download(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out: TextIO) -> int:
     kind = pb.MODEL_KIND_BEST if args.model == "best" else pb.MODEL_KIND_LAST
     target: Path = args.output
-    partial = target.with_name(f".{target.name}.part")
-    size = None
     written = 0
-    try:
-        with partial.open("wb") as file:
-            for chunk in stub.DownloadModel(
-                pb.DownloadModelRequest(experiment_id=args.id, kind=kind)
-            ):
-                if size is None:
-                    size = chunk.total_size
-                file.write(chunk.data)
-                written += len(chunk.data)
+
+    def receive(file: BinaryIO) -> None:
+        nonlocal written
+        size = None
+        for chunk in stub.DownloadModel(pb.DownloadModelRequest(experiment_id=args.id, kind=kind)):
+            if size is None:
+                size = chunk.total_size
+            file.write(chunk.data)
+            written += len(chunk.data)
         if size is None or written != size:
-            return _fail(
-                f"the download ended after {written} of {size} bytes; try again", EXIT_FAILURE
+            raise _DownloadCutShortError(
+                f"the download ended after {written} of {size} bytes; try again"
             )
-        partial.replace(target)
-    finally:
-        partial.unlink(missing_ok=True)
+
+    try:
+        replace_file(target, receive)  # the old file stays until the whole model is on disk
+    except _DownloadCutShortError as error:
+        return _fail(str(error), EXIT_FAILURE)
     if args.json:
         print(
             json.dumps(

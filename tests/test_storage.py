@@ -18,11 +18,11 @@ from aggregator.storage import (
     read_model,
     read_model_tensors,
     tensors_bytes,
-    write_atomic,
     write_model,
     write_model_slices,
     write_tensors,
 )
+from durable.files import replace_file
 from protos import base_pb2
 from protos.codec import encode_tensor
 
@@ -143,7 +143,7 @@ def test_a_crash_before_the_rename_leaves_the_old_file_and_a_temporary_one(tmp_p
         raise Crash
 
     with pytest.raises(Crash):
-        write_atomic(output.last_model, b"new bytes", before_rename=crash)
+        replace_file(output.last_model, lambda file: file.write(b"new"), before_rename=crash)
     assert output.last_model.read_bytes() == before
     # A real crash leaves the temporary file behind; `remove_temporaries` clears it.
     (tmp_path / ".last_model.pbuf.x1y2.tmp").write_bytes(b"new")
