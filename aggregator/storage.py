@@ -12,13 +12,11 @@ The user-facing outputs (`last_model.pbuf`, `best_model.pbuf`, `metrics.jsonl`) 
 a round is committed to the state, so a crash can leave them one round behind, a temporary file
 beside them, or a last line of `metrics.jsonl` cut short; `OutputFolder.remove_temporaries` and
 `read_metrics` clean that up, and the runtime writes what is missing again from the state.
+`metrics.jsonl`'s rows are `history.rows`'s: its one writer and reader.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -35,8 +33,10 @@ from aggregator.fedavg import SliceSink
 from aggregator.mapped import FileRange, copy_range, mapped_range
 from aggregator.records import ResultTensor
 from aggregator.upload import file_array, read_tensors_file
-from durable.files import fsync_folder, replace_file
 from durable.files import is_temporary as is_temporary  # noqa: PLC0414 (aggregator.state: until it imports durable.files)
+from durable.files import replace_file
+from history.rows import METRICS as METRICS  # noqa: PLC0414 (aggregator.state: until it imports history.rows)
+from history.rows import MetricsRow, append_row, read_rows
 from protos import base_pb2
 from protos.codec import (
     TensorFormatError,
@@ -51,9 +51,6 @@ Array = npt.NDArray[np.generic]
 MODEL_TAG = "model"
 LAST_MODEL = "last_model.pbuf"
 BEST_MODEL = "best_model.pbuf"
-METRICS = "metrics.jsonl"
-
-logger = logging.getLogger(__name__)
 NamedArray = tuple[str, Array, frozenset[str]]  # a tensor's name, values and tags
 
 
@@ -307,21 +304,6 @@ def _replace(
         raise StorageError(f"{path}: cannot write: {error.strerror or error}") from None
 
 
-def append_json_line(path: Path, row: Mapping[str, object]) -> None:
-    """Append `row` as one JSON line (non-finite numbers as null), flushed and fsynced."""
-    line = json.dumps(_finite(row), sort_keys=True, allow_nan=False)
-    created = not path.exists()
-    try:
-        with path.open("a", encoding="utf-8") as file:
-            file.write(line + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-        if created:
-            fsync_folder(path.parent)
-    except OSError as error:
-        raise StorageError(f"{path}: cannot append: {error.strerror or error}") from None
-
-
 class OutputFolder:
     """The aggregator's output folder: `last_model.pbuf`, `best_model.pbuf`, `metrics.jsonl`."""
 
@@ -390,55 +372,24 @@ class OutputFolder:
         write_model(path, model, round_number=round_number, hashed=False)
         return True
 
-    def append_metrics(self, row: Mapping[str, object]) -> None:
-        """Append one round's row to `metrics.jsonl`."""
-        append_json_line(self.metrics, row)
+    def append_metrics(self, row: MetricsRow) -> None:
+        """Append one round's row to `metrics.jsonl` (`history.rows.append_row`)."""
+        try:
+            append_row(self.metrics, row)
+        except OSError as error:
+            raise StorageError(
+                f"{self.metrics}: cannot append: {error.strerror or error}"
+            ) from None
 
-    def read_metrics(self) -> list[dict[str, object]]:
+    def read_metrics(self) -> list[MetricsRow]:
         """The rows of `metrics.jsonl`; a last line cut short by a crash is removed first."""
         try:
-            data = self.metrics.read_bytes()
-        except FileNotFoundError:
-            return []
+            return read_rows(self.metrics, repair=True)
         except OSError as error:
             raise StorageError(f"{self.metrics}: cannot read: {error.strerror or error}") from None
-        if data and not data.endswith(b"\n"):
-            whole = data.rfind(b"\n") + 1
-            logger.warning("%s: removing a last line cut short by a crash", self.metrics)
-            try:
-                with self.metrics.open("r+b") as file:
-                    file.truncate(whole)
-                    file.flush()
-                    os.fsync(file.fileno())
-            except OSError as error:
-                raise StorageError(
-                    f"{self.metrics}: cannot repair: {error.strerror or error}"
-                ) from None
-            data = data[:whole]
-        rows: list[dict[str, object]] = []
-        for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
-            try:
-                row = json.loads(line)
-            except ValueError:
-                logger.warning("%s: line %d is not JSON; left as it is", self.metrics, number)
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-        return rows
 
     def remove_temporaries(self) -> None:
         """Remove temporary files of the models that a crash left in the folder."""
         for path in self.root.iterdir():
             if is_temporary(path, LAST_MODEL) or is_temporary(path, BEST_MODEL):
                 path.unlink(missing_ok=True)
-
-
-def _finite(value: object) -> object:
-    """`value` with NaN and infinities replaced by None, so the line is strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(key): _finite(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(item) for item in value]
-    return value
