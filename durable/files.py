@@ -3,7 +3,8 @@
 A crash leaves the old file or the new one, never a part: the bytes go to a temporary file
 beside it (`.NAME.RANDOM.tmp`, see `is_temporary`), are fsynced, renamed into place, and the
 folder is fsynced so the rename survives. `replace_file` is the one routine that does it: every
-file foedus replaces whole goes through it.
+file foedus replaces whole goes through it; `place_file`, its last steps, puts a file written
+otherwise (an upload, as it arrived) in place the same way.
 """
 
 from __future__ import annotations
@@ -82,19 +83,37 @@ def replace_file(
             os.close(descriptor)
         with temporary.open("r+b") as file:  # opened by name: `file.name` is the temporary
             write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        if before_rename is not None:
-            before_rename()
-        if replace:
-            temporary.replace(path)
-        else:
-            os.link(temporary, path)
-            temporary.unlink()
+        place_file(temporary, path, before_rename=before_rename, replace=replace)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    fsync_folder(folder)
+
+
+def place_file(
+    source: Path,
+    path: Path,
+    *,
+    before_rename: Callable[[], None] | None = None,
+    replace: bool = True,
+) -> None:
+    """Make the file `source` durable as `path`, on the same file system (an upload written
+    bit by bit, or `replace_file`'s temporary): `source` fsynced, `before_rename` run, renamed
+    over `path` (not `replace`: linked, `FileExistsError` if `path` exists, then `source`
+    removed), and the folder of `path` fsynced; `OSError` (raised before the rename, it leaves
+    `source` where it was, for the caller to remove)."""
+    descriptor = os.open(source, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    if before_rename is not None:
+        before_rename()
+    if replace:
+        source.replace(path)
+    else:
+        os.link(source, path)
+        source.unlink()
+    fsync_folder(path.parent)
 
 
 def is_temporary(path: Path, of: str | None = None) -> bool:
