@@ -20,9 +20,9 @@ from contextlib import ExitStack, contextmanager
 from typing import Final
 
 from admission.calls import Admission
-from director.config import Limits
 from director.errors import LimitExceededError
 from director.identity import PEOPLE, Caller, Role
+from plans.director_config import Limits
 
 # An envoy's calls that keep it registered and alive: slots of their own, apart from its uploads.
 ENVOY_CONTROL_RPCS: Final = frozenset({"RegisterEnvoy", "EnvoyHeartbeat", "ReportCollaborator"})

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from director.config import DirectorConfig, Liveness, read_liveness
 from director.errors import InvalidRequestError, LimitExceededError, StorageError
 from durable.files import write_yaml
+from plans.director_config import DirectorConfig, Liveness, read_liveness
 from plans.loader import PlanError, Section, load_plan, parse_plan, safe_yaml, yaml_document
 from plans.runners import RunnerError, check_runner_settings, load_runner
 from plans.schema import ConnectionSettings, Plan, RunnerSettings

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from director.config import DirectorConfig
 from director.errors import AuthenticationError, AuthorizationError
 from pki.requests import Role as CertificateRole
 from pki.roles import PeerCertificate, role_refusal
+from plans.director_config import DirectorConfig
 
 
 class Role(Enum):

@@ -38,7 +38,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from director.config import DirectorConfig, Liveness
 from director.errors import (
     AuthorizationError,
     InvalidRequestError,
@@ -62,6 +61,7 @@ from director.state import (
     ShardInfo,
     SiteReport,
 )
+from plans.director_config import DirectorConfig, Liveness
 
 logger = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import yaml
 
-from director.config import ConfigError, DirectorConfig, Liveness, load_config
 from director.errors import InvalidRequestError, LimitExceededError
 from director.experiment_plan import OWNED, check_submitted, plan_liveness, write_director_plan
+from plans.director_config import ConfigError, DirectorConfig, Liveness, load_config
 from plans.loader import PlanError, load_plan
 
 REPO = Path(__file__).resolve().parent.parent

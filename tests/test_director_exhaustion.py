@@ -16,10 +16,10 @@ import pytest
 import yaml
 
 from director.capacity import Capacity
-from director.config import Limits
 from director.errors import LimitExceededError
 from director.identity import Caller, Role
 from pki.layout import CertsLayout
+from plans.director_config import Limits
 from protos import director_pb2 as pb
 
 from directors import (
