@@ -33,10 +33,8 @@ from aggregator.fedavg import SliceSink
 from aggregator.mapped import FileRange, copy_range, mapped_range
 from aggregator.records import ResultTensor
 from aggregator.upload import file_array, read_tensors_file
-from durable.files import is_temporary as is_temporary  # noqa: PLC0414 (aggregator.state: until it imports durable.files)
-from durable.files import replace_file
-from history.rows import METRICS as METRICS  # noqa: PLC0414 (aggregator.state: until it imports history.rows)
-from history.rows import MetricsRow, append_row, read_rows
+from durable.files import is_temporary, replace_file
+from history.rows import METRICS, MetricsRow, append_row, read_rows
 from protos import base_pb2
 from protos.codec import (
     TensorFormatError,

@@ -122,6 +122,22 @@ def is_temporary(path: Path, of: str | None = None) -> bool:
     return path.name.startswith(prefix) and path.name.endswith(TEMPORARY_SUFFIX)
 
 
+def make_folders(path: Path) -> None:
+    """Create `path` and its missing parents so that a crash does not lose the new entries
+    (each parent fsynced after its new folder); `OSError` names the folder that failed."""
+    missing: list[Path] = []
+    current = path
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        fsync_folder(folder.parent)
+
+
 def fsync_folder(folder: Path) -> None:
     """Make a rename or a new file in `folder` durable."""
     descriptor = os.open(folder, os.O_RDONLY)
