@@ -37,11 +37,12 @@ from director.errors import (
 )
 from director.fields import checked_id
 from director.identity import PEOPLE, Caller
-from director.launcher import LOG_FILE, log_tail
+from director.launcher import LOG_FILE
 from director.service import DirectorService, ExperimentView
 from director.state import Envoy
 from director.tokens import TokenStore
 from history.rows import MetricsRow, RowError, TaskMetrics
+from processes.children import log_tail
 
 logger = logging.getLogger(__name__)
 

@@ -40,9 +40,12 @@ FOEDUS_PACKAGES = frozenset(
         "experiment",
         "foedus",
         "history",
+        "lifecycle",
         "pki",
         "plans",
+        "processes",
         "protos",
+        "retry",
         "torch_runner",
     }
 )
