@@ -39,9 +39,15 @@ FOEDUS_PACKAGES = frozenset(
         "envoy",
         "experiment",
         "foedus",
+        "history",
+        "lifecycle",
         "pki",
         "plans",
+        "processes",
         "protos",
+        "refusals",
+        "retry",
+        "serving",
         "torch_runner",
     }
 )
