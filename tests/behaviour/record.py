@@ -32,6 +32,7 @@ import yaml
 TESTS = Path(__file__).resolve().parent.parent
 REPO = TESTS.parent
 sys.path.insert(0, str(TESTS))  # the tests' helpers, imported as the tests import them
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC's own notes on this process's stderr
 
 
 from pki.ca import utc_now  # noqa: E402
@@ -49,7 +50,7 @@ from conftest import (  # noqa: E402
 )
 from directors import make_director_certs, write_config  # noqa: E402
 from envoys import write_envoy_config  # noqa: E402
-from processes import FederationProcesses, write_plan  # noqa: E402
+from federation_processes import FederationProcesses, write_plan  # noqa: E402
 
 CALL_SECONDS = 30
 WORKERS = 3  # commands run at once: most of a command's time is Python starting  # one command's bound; none of them waits on anything that long
