@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from durable.files import replace_file
 from envoy.errors import EnvoyError, StateError, UnknownExperimentError
 from envoy.progress import ProgressBook, describe
 from envoy.site import LOG_FILE, Site, review
@@ -59,17 +60,18 @@ class BadRequestError(EnvoyError, InvalidRequestError):
 
 def ensure_token(path: Path) -> str:
     """The token in `path`, made (random, mode 0600) if missing; `TokenError` if unsafe."""
-    try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:  # whole or absent after a crash; never over a token another process made first
+        replace_file(
+            path,
+            lambda file: file.write((secrets.token_urlsafe(32) + "\n").encode("ascii")),
+            mode=0o600,
+            replace=False,
+        )
     except FileExistsError:
         pass
     except OSError as error:
         raise TokenError(f"{path}: cannot create the site API's token: {error.strerror}") from None
     else:
-        with os.fdopen(descriptor, "w", encoding="ascii") as file:
-            file.write(secrets.token_urlsafe(32) + "\n")
-            file.flush()
-            os.fsync(file.fileno())
         logger.info("site API: made a new token in %s", path)
     try:
         mode = path.stat().st_mode
