@@ -38,6 +38,7 @@ from envoy.state import DATABASE, EnvoyState
 from pki.errors import MissingTLSFileError, PkiError
 from pki.tls import check_tls_files
 from plans.reader import NAME_PATTERN
+from protos.channel import host_port
 
 logger = logging.getLogger(__name__)
 
@@ -204,11 +205,9 @@ def _serve(
         server = SiteApiServer(create_app(context), config.site_api.host, config.site_api.port)
         port = server.start()
         services.callback(server.stop)
-        host = f"[{config.site_api.host}]" if ":" in config.site_api.host else config.site_api.host
         logger.info(
-            "site API on http://%s:%d/api (docs at /api/docs); its bearer token is in %s",
-            host,
-            port,
+            "site API on http://%s/api (docs at /api/docs); its bearer token is in %s",
+            host_port(config.site_api.host, port),
             config.state_dir / TOKEN_FILE,
         )
 

@@ -1,4 +1,5 @@
-"""gRPC channel and server options both sides derive from the plan's limits.
+"""gRPC channel and server options both sides derive from the plan's limits, and the address
+both give gRPC (`host_port`).
 
 Message size limits must agree on both ends, or the larger side's messages fail as
 RESOURCE_EXHAUSTED; keepalive lets a collaborator notice a dead aggregator (and the reverse)
@@ -77,3 +78,11 @@ def server_options(
         ("grpc.server_max_unrequested_time_in_server", BACKLOG_SECONDS),
         *window,
     ]
+
+
+def host_port(host: str, port: int) -> str:
+    """`host:port` as gRPC takes it, to dial or to listen on (and a URL's authority): an IPv6
+    literal in brackets, a host already in brackets as it is."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
