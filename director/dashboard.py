@@ -38,8 +38,9 @@ from director.errors import (
 from director.fields import checked_id
 from director.identity import PEOPLE, Caller
 from director.launcher import LOG_FILE, log_tail
-from director.service import DirectorService, ExperimentView
-from director.state import Envoy
+from director.people import ExperimentView
+from director.records import Envoy
+from director.service import DirectorService
 from director.tokens import TokenStore
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from aggregator.metrics import RegistryServer
-from director.state import DirectorState, ExperimentState
+from director.records import ExperimentState
+from director.state import DirectorState
 from plans.schema import Address
 
 logger = logging.getLogger(__name__)

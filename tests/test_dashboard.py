@@ -19,9 +19,9 @@ import yaml
 from director import cli
 from director.config import ConfigError, load_config
 from director.dashboard import metric_series
+from director.folders import METRICS, OUTPUT
 from director.launcher import LOG_FILE
 from director.server import DirectorServer, ServerError
-from director.service import METRICS, OUTPUT
 from director.tokens import TOKENS_FILE, TokenStore
 from pki.layout import CertsLayout
 from plans.schema import Address

@@ -15,10 +15,12 @@ import pytest
 import yaml
 
 from director.config import load_config
+from director.envoys import CollaboratorReport
 from director.identity import Caller, Role
 from director.launcher import Ended, LocalLauncher
-from director.service import CollaboratorReport, DirectorService
-from director.state import CollaboratorState, DirectorState, ExperimentState, ShardInfo
+from director.records import CollaboratorState, ExperimentState, ShardInfo
+from director.service import DirectorService
+from director.state import DirectorState
 from pki.layout import CertsLayout
 
 from clocks import Clock
@@ -42,21 +44,21 @@ class Harness:
 
     def heartbeat_all(self, *names: str) -> None:
         for name in names:
-            self.service.heartbeat(Caller(name, Role.ENVOY), [])
+            self.service.envoy_desk.heartbeat(Caller(name, Role.ENVOY), [])
 
     def running_experiment(self, **sections: Any) -> str:
         """An experiment on all three sites (its plan with `sections`), started and running."""
         for name in ENVOYS:
-            self.service.register_envoy(Caller(name, Role.ENVOY), ShardInfo(), "v")
-        view = self.service.submit(ADA, yaml.safe_dump(submitted_plan(**sections)), "", None)
+            self.service.envoy_desk.register(Caller(name, Role.ENVOY), ShardInfo(), "v")
+        view = self.service.people.submit(ADA, yaml.safe_dump(submitted_plan(**sections)), "", None)
         experiment_id = view.experiment.experiment_id
-        self.service.supervise()
+        self.service.supervisor.supervise()
         for name in ENVOYS:
-            self.service.report(
+            self.service.envoy_desk.report(
                 Caller(name, Role.ENVOY),
                 CollaboratorReport(experiment_id, CollaboratorState.STARTED),
             )
-        self.service.supervise()
+        self.service.supervisor.supervise()
         assert self.state.experiment(experiment_id).state is ExperimentState.RUNNING
         return experiment_id
 
@@ -75,9 +77,9 @@ def test_a_site_back_within_the_grace_period_goes_on(harness: Harness) -> None:
     for _ in range(23):
         harness.clock.now += 0.5
         harness.heartbeat_all("alice", "carol")
-        harness.service.supervise()
+        harness.service.supervisor.supervise()
     harness.heartbeat_all("bob")
-    harness.service.supervise()
+    harness.service.supervisor.supervise()
     assert harness.state.experiment(experiment_id).state is ExperimentState.RUNNING
 
 
@@ -87,7 +89,7 @@ def test_a_site_gone_past_the_grace_period_fails_the_experiment(harness: Harness
     for _ in range(25):
         harness.clock.now += 0.5
         harness.heartbeat_all("alice", "carol")
-        harness.service.supervise()
+        harness.service.supervisor.supervise()
     failed = harness.state.experiment(experiment_id)
     assert failed.state is ExperimentState.FAILED
     assert failed.reason == ("sites offline for more than 10 s: bob; 2 of 3 left, 3 needed")
@@ -105,12 +107,12 @@ def test_min_sites_lets_it_go_on_without_one_but_not_a_mandatory_one(tmp_path: P
         for _ in range(10):
             harness.clock.now += 0.5
             harness.heartbeat_all("alice", "carol")
-            harness.service.supervise()
+            harness.service.supervisor.supervise()
         assert harness.state.experiment(experiment_id).state is ExperimentState.RUNNING
         for _ in range(10):
             harness.clock.now += 0.5
             harness.heartbeat_all("alice")
-            harness.service.supervise()
+            harness.service.supervisor.supervise()
         failed = harness.state.experiment(experiment_id)
         assert failed.state is ExperimentState.FAILED
         assert failed.reason.startswith(
@@ -128,12 +130,12 @@ def test_a_plans_liveness_policy_is_the_experiments_own(harness: Harness) -> Non
     for _ in range(10):
         harness.clock.now += 0.5
         harness.heartbeat_all("alice", "carol")
-        harness.service.supervise()
+        harness.service.supervisor.supervise()
     assert harness.state.experiment(experiment_id).state is ExperimentState.RUNNING
     for _ in range(7):
         harness.clock.now += 0.5
         harness.heartbeat_all("alice")
-        harness.service.supervise()
+        harness.service.supervisor.supervise()
     failed = harness.state.experiment(experiment_id)
     assert failed.state is ExperimentState.FAILED
     assert failed.reason == "sites offline for more than 1 s: bob, carol; 1 of 3 left, 2 needed"
@@ -143,7 +145,7 @@ def test_an_aggregator_stopped_before_its_last_round_is_started_again(harness: H
     """Exit 0 with rounds left (it was stopped by a signal) is not completion: it starts again."""
     experiment_id = harness.running_experiment()
     harness.launcher.ends[experiment_id] = Ended(0)
-    harness.service.supervise()
+    harness.service.supervisor.supervise()
     assert harness.state.experiment(experiment_id).state is ExperimentState.RUNNING
     assert [started for started, _ in harness.launcher.started] == [experiment_id] * 2
 
@@ -220,20 +222,20 @@ def test_restart_stops_an_aggregator_its_cancelled_experiment_outlived(tmp_path:
 def test_a_gone_site_fails_only_the_experiments_it_is_in(harness: Harness) -> None:
     """bob never returns: his experiment fails naming him; carol's, beside it, goes on."""
     for name in ENVOYS:
-        harness.service.register_envoy(Caller(name, Role.ENVOY), ShardInfo(), "v")
+        harness.service.envoy_desk.register(Caller(name, Role.ENVOY), ShardInfo(), "v")
     ids = []
     for sites in (["alice", "bob"], ["carol"]):
         plan = yaml.safe_dump(submitted_plan(collaborators=sites))
-        ids.append(harness.service.submit(ADA, plan, "", None).experiment.experiment_id)
-        harness.service.supervise()
+        ids.append(harness.service.people.submit(ADA, plan, "", None).experiment.experiment_id)
+        harness.service.supervisor.supervise()
         for name in sites:
-            harness.service.report(
+            harness.service.envoy_desk.report(
                 Caller(name, Role.ENVOY), CollaboratorReport(ids[-1], CollaboratorState.STARTED)
             )
     for _ in range(30):
         harness.clock.now += 0.5
         harness.heartbeat_all("alice", "carol")
-        harness.service.supervise()
+        harness.service.supervisor.supervise()
     first, second = (harness.state.experiment(i) for i in ids)
     assert (first.state, first.reason) == (
         ExperimentState.FAILED,
@@ -250,7 +252,7 @@ def report(
     harness: Harness, site: str, experiment_id: str, state: CollaboratorState, why: str
 ) -> None:
     """`site`'s envoy reports its collaborator's `state`, exit code 1, with `why`."""
-    harness.service.report(
+    harness.service.envoy_desk.report(
         Caller(site, Role.ENVOY), CollaboratorReport(experiment_id, state, 1, why)
     )
 
@@ -265,14 +267,14 @@ def test_a_site_given_up_goes_on_under_min_sites_and_fails_past_it(
     for _ in range(3):
         harness.clock.now += 0.5
         harness.heartbeat_all(*ENVOYS)
-        harness.service.supervise()
+        harness.service.supervisor.supervise()
     assert harness.state.experiment(experiment_id).state is ExperimentState.RUNNING
     going_on = [r for r in caplog.records if "goes on without site bob" in r.getMessage()]
     assert [r.getMessage() for r in going_on] == [
         f"experiment {experiment_id} goes on without site bob: gave up: it died 4 times in a row"
     ]
     report(harness, "carol", experiment_id, CollaboratorState.SITE_REJECTED, "not today")
-    harness.service.supervise()
+    harness.service.supervisor.supervise()
     failed = harness.state.experiment(experiment_id)
     assert (failed.state, failed.reason) == (
         ExperimentState.FAILED,
@@ -290,7 +292,7 @@ def test_a_site_given_up_fails_the_experiment_under_the_default_policy(
     experiment_id = harness.running_experiment()
     why = "a bad plan or settings; the collaborator exited with code 2; its log ends: x"
     report(harness, "bob", experiment_id, CollaboratorState.GAVE_UP, why)
-    harness.service.supervise()
+    harness.service.supervisor.supervise()
     failed = harness.state.experiment(experiment_id)
     assert (failed.state, failed.reason) == (
         ExperimentState.FAILED,
@@ -313,7 +315,7 @@ def test_a_mandatory_site_lost_fails_and_lost_and_offline_count_together(
         for _ in range(10):
             harness.clock.now += 0.5
             harness.heartbeat_all("bob", "carol")
-            harness.service.supervise()
+            harness.service.supervisor.supervise()
         assert harness.state.experiment(experiment_id).state is ExperimentState.RUNNING
         going_on = [r.getMessage() for r in caplog.records if "goes on without" in r.getMessage()]
         assert sorted(going_on) == [
@@ -321,7 +323,7 @@ def test_a_mandatory_site_lost_fails_and_lost_and_offline_count_together(
             f"experiment {experiment_id} goes on without site bob: refused: runner not allowed",
         ]
         report(harness, "carol", experiment_id, CollaboratorState.GAVE_UP, "stopped")
-        harness.service.supervise()
+        harness.service.supervisor.supervise()
         failed = harness.state.experiment(experiment_id)
         assert (failed.state, failed.reason) == (
             ExperimentState.FAILED,
@@ -335,16 +337,16 @@ def test_a_mandatory_site_lost_fails_and_lost_and_offline_count_together(
 def test_a_site_refused_at_the_start_does_not_hold_the_others_waiting(harness: Harness) -> None:
     """min_sites 2: bob refuses; once alice and carol have started the experiment is running."""
     for name in ENVOYS:
-        harness.service.register_envoy(Caller(name, Role.ENVOY), ShardInfo(), "v")
+        harness.service.envoy_desk.register(Caller(name, Role.ENVOY), ShardInfo(), "v")
     plan = yaml.safe_dump(submitted_plan(liveness={"min_sites": 2}))
-    experiment_id = harness.service.submit(ADA, plan, "", None).experiment.experiment_id
-    harness.service.supervise()
+    experiment_id = harness.service.people.submit(ADA, plan, "", None).experiment.experiment_id
+    harness.service.supervisor.supervise()
     report(harness, "bob", experiment_id, CollaboratorState.REFUSED, "runner not allowed")
     report(harness, "alice", experiment_id, CollaboratorState.STARTED, "")
-    harness.service.supervise()
+    harness.service.supervisor.supervise()
     assert harness.state.experiment(experiment_id).state is ExperimentState.WAITING
     report(harness, "carol", experiment_id, CollaboratorState.STARTED, "")
-    harness.service.supervise()
+    harness.service.supervisor.supervise()
     assert harness.state.experiment(experiment_id).state is ExperimentState.RUNNING
 
 
@@ -362,7 +364,7 @@ def complete_rounds(harness: Harness, experiment_id: str, rounds: int) -> None:
 def kill_aggregator(harness: Harness, experiment_id: str) -> ExperimentState:
     """The aggregator killed by signal 9 and noticed; the experiment's state after."""
     harness.launcher.ends[experiment_id] = Ended(-9)
-    harness.service.supervise()
+    harness.service.supervisor.supervise()
     return harness.state.experiment(experiment_id).state
 
 
@@ -409,12 +411,12 @@ def test_an_aggregator_that_fails_names_its_last_line_and_the_lost_sites(
         experiment_id = harness.running_experiment(liveness={"min_sites": 1})
         for name in ("bob", "carol"):
             report(harness, name, experiment_id, CollaboratorState.GAVE_UP, "a bad plan")
-        harness.service.supervise()
+        harness.service.supervisor.supervise()
         line = "aggregator: error: round 1/10 can never close: every collaborator has left"
         log = harness.service.folder(experiment_id) / "aggregator.log"
         log.write_text(f"started\n{line}\n", encoding="utf-8")
         harness.launcher.ends[experiment_id] = Ended(1)
-        harness.service.supervise()
+        harness.service.supervisor.supervise()
         failed = harness.state.experiment(experiment_id)
         assert (failed.state, failed.reason) == (
             ExperimentState.FAILED,
@@ -441,25 +443,37 @@ def test_a_users_backlog_does_not_hold_every_place(tmp_path: Path) -> None:
     try:
         assert harness.config.max_running_per_user == 1
         for name in ENVOYS:
-            harness.service.register_envoy(Caller(name, Role.ENVOY), ShardInfo(), "v")
+            harness.service.envoy_desk.register(Caller(name, Role.ENVOY), ShardInfo(), "v")
         plan = yaml.safe_dump(submitted_plan())
         ada = []
         for _ in range(5):
-            ada.append(harness.service.submit(ADA, plan, "", None).experiment.experiment_id)
-            harness.service.supervise()
+            ada.append(harness.service.people.submit(ADA, plan, "", None).experiment.experiment_id)
+            harness.service.supervisor.supervise()
         assert [started for started, _ in harness.launcher.started] == [ada[0]]
-        bea = harness.service.submit(Caller("bea", Role.USER), plan, "", None)
+        bea = harness.service.people.submit(Caller("bea", Role.USER), plan, "", None)
         assert bea.queue_position == 1  # ahead of ada's four waiting
-        assert [harness.service.experiment(ADA, i).queue_position for i in ada] == [0, 2, 3, 4, 5]
-        harness.service.supervise()
+        assert [harness.service.people.experiment(ADA, i).queue_position for i in ada] == [
+            0,
+            2,
+            3,
+            4,
+            5,
+        ]
+        harness.service.supervisor.supervise()
         assert [s for s, _ in harness.launcher.started] == [ada[0], bea.experiment.experiment_id]
-        assert [harness.service.experiment(ADA, i).queue_position for i in ada] == [0, 1, 2, 3, 4]
-        harness.service.cancel(Caller("bea", Role.USER), bea.experiment.experiment_id)
-        harness.service.supervise()
+        assert [harness.service.people.experiment(ADA, i).queue_position for i in ada] == [
+            0,
+            1,
+            2,
+            3,
+            4,
+        ]
+        harness.service.people.cancel(Caller("bea", Role.USER), bea.experiment.experiment_id)
+        harness.service.supervisor.supervise()
         assert owners_running(harness) == {"ada": 1}  # the freed place stays free
         for step in range(1, 5):
-            harness.service.cancel(ADA, ada[step - 1])
-            harness.service.supervise()
+            harness.service.people.cancel(ADA, ada[step - 1])
+            harness.service.supervisor.supervise()
             assert owners_running(harness) == {"ada": 1}
             assert harness.launcher.started[-1][0] == ada[step]
     finally:
@@ -472,18 +486,18 @@ def test_an_explicit_per_user_limit_is_kept(tmp_path: Path) -> None:
     harness = Harness(tmp_path, max_running_experiments=4, max_running_per_user=2)
     try:
         for name in ENVOYS:
-            harness.service.register_envoy(Caller(name, Role.ENVOY), ShardInfo(), "v")
+            harness.service.envoy_desk.register(Caller(name, Role.ENVOY), ShardInfo(), "v")
         plan = yaml.safe_dump(submitted_plan())
-        ada = [harness.service.submit(ADA, plan, "", None) for _ in range(3)]
-        bea = harness.service.submit(Caller("bea", Role.USER), plan, "", None)
-        harness.service.supervise()
+        ada = [harness.service.people.submit(ADA, plan, "", None) for _ in range(3)]
+        bea = harness.service.people.submit(Caller("bea", Role.USER), plan, "", None)
+        harness.service.supervisor.supervise()
         assert [s for s, _ in harness.launcher.started] == [
             ada[0].experiment.experiment_id,
             bea.experiment.experiment_id,
             ada[1].experiment.experiment_id,
         ]
         assert owners_running(harness) == {"ada": 2, "bea": 1}
-        third = harness.service.experiment(ADA, ada[2].experiment.experiment_id)
+        third = harness.service.people.experiment(ADA, ada[2].experiment.experiment_id)
         assert (third.experiment.state, third.queue_position) == (ExperimentState.APPROVED, 1)
     finally:
         harness.state.close()

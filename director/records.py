@@ -1,0 +1,112 @@
+"""The director's records: the experiment's lifecycle table, the sites' collaborator states, and
+the values `director.state` stores and gives back (plain, frozen; nothing here touches a disk).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from types import MappingProxyType
+
+
+class ExperimentState(Enum):
+    """Where an experiment is in its lifecycle (see protos/director.proto, ExperimentState)."""
+
+    SUBMITTED = "submitted"
+    APPROVED = "approved"  # accepted and queued for a running place
+    REJECTED = "rejected"
+    WAITING = "waiting"  # has its place and its aggregator; its sites are starting
+    RUNNING = "running"  # every site started its collaborator
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        """Whether the experiment has ended: nothing moves it any more."""
+        return not TRANSITIONS[self]
+
+
+_S = ExperimentState
+# The lifecycle, whole: from each state, the states it may move to.
+TRANSITIONS: Mapping[ExperimentState, frozenset[ExperimentState]] = MappingProxyType(
+    {
+        _S.SUBMITTED: frozenset({_S.APPROVED, _S.REJECTED, _S.CANCELLED}),
+        _S.APPROVED: frozenset({_S.WAITING, _S.FAILED, _S.CANCELLED}),
+        _S.WAITING: frozenset({_S.RUNNING, _S.FAILED, _S.CANCELLED}),
+        _S.RUNNING: frozenset({_S.COMPLETED, _S.FAILED, _S.CANCELLED}),
+        _S.REJECTED: frozenset(),
+        _S.COMPLETED: frozenset(),
+        _S.FAILED: frozenset(),
+        _S.CANCELLED: frozenset(),
+    }
+)
+ACTIVE = frozenset({_S.WAITING, _S.RUNNING})  # holding one of max_running_experiments places
+
+
+class CollaboratorState(Enum):
+    """One site's collaborator for one experiment, as its envoy reports it."""
+
+    APPROVAL_PENDING = "approval_pending"
+    SITE_APPROVED = "site_approved"
+    SITE_REJECTED = "site_rejected"
+    REFUSED = "refused"
+    STARTED = "started"
+    RUNNING = "running"
+    EXITED = "exited"
+    GAVE_UP = "gave_up"  # the site will not start it again: the site is lost to the experiment
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What a site says it holds; informative only."""
+
+    description: str = ""
+    train_samples: int = 0
+    valid_samples: int = 0
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Envoy:
+    """A registered envoy; `online` was computed from the clock when it was read."""
+
+    name: str
+    shard: ShardInfo
+    version: str
+    registered_at: float
+    last_seen: float
+    online: bool
+
+
+@dataclass(frozen=True)
+class SiteReport:
+    """The last report of one site's collaborator for one experiment."""
+
+    site: str
+    state: CollaboratorState
+    exit_code: int
+    reason: str
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One experiment as stored; `plan_yaml` is the plan as submitted, before the director's fields."""
+
+    experiment_id: str
+    sequence: int  # submission order
+    name: str
+    owner: str
+    state: ExperimentState
+    reason: str
+    plan_yaml: str
+    sites: tuple[str, ...]
+    rounds: int
+    has_initial_model: bool
+    submitted_at: float
+    started_at: float  # 0: not yet (set on entering waiting)
+    ended_at: float  # 0: not yet (set on entering a final state)
+    port: int | None  # the aggregator's port, from entering waiting until the end
+    aggregator_pid: int | None  # the running aggregator's process, as last recorded
