@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-MAX_WAIT_SECONDS = 5.0  # a followed stream looks again at least this often
+MAX_WAIT_SECONDS = 10.0  # a followed stream looks again at least this often, whatever it was told
 
 
 @dataclass(frozen=True)

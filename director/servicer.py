@@ -45,6 +45,7 @@ from pki.roles import peer_certificate
 from plans.loader import NAME_PATTERN, shown
 from protos import director_pb2, director_pb2_grpc
 
+M = TypeVar("M")
 R = TypeVar("R")
 T = TypeVar("T")
 MAX_NAME = 200  # an experiment's name, as the site API bounds its own
@@ -245,9 +246,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
         context: grpc.ServicerContext,
     ) -> director_pb2.UploadLogResponse:
         """An envoy sends a log the director asked for."""
-        first = next(request, None)
-        if first is None or not first.request_id:
-            raise InvalidRequestError("request_id: required in the first message")
+        first = _first(request, "request_id")
         checked_id("request_id", first.request_id)
 
         def pieces() -> Iterator[bytes]:
@@ -268,9 +267,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
         context: grpc.ServicerContext,
     ) -> director_pb2.Experiment:
         """A person submits a plan and maybe an initial model."""
-        first = next(request, None)
-        if first is None or not first.plan_yaml:
-            raise InvalidRequestError("plan_yaml: required in the first message")
+        first = _first(request, "plan_yaml")
 
         def pieces() -> Iterator[bytes]:
             yield first.initial_model_data
@@ -514,6 +511,14 @@ def _report(message: director_pb2.CollaboratorReport) -> CollaboratorReport:
         exit_code=message.exit_code,
         reason=message.reason[:2000],
     )
+
+
+def _first(messages: Iterator[M], field: str) -> M:
+    """A client stream's first message, which must set `field`."""
+    first = next(messages, None)
+    if first is None or not getattr(first, field):
+        raise InvalidRequestError(f"{field}: required in the first message")
+    return first
 
 
 def _id(experiment_id: str) -> str:

@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +15,11 @@ from typing import Any
 import pytest
 import yaml
 
+from director import changes as changes_module
+from director.changes import Changes, Follow
 from director.config import load_config
 from director.envoys import CollaboratorReport
+from director.errors import NotFoundError
 from director.identity import Caller, Role
 from director.launcher import Ended, LocalLauncher
 from director.records import CollaboratorState, ExperimentState, ShardInfo
@@ -501,3 +505,66 @@ def test_an_explicit_per_user_limit_is_kept(tmp_path: Path) -> None:
         assert (third.experiment.state, third.queue_position) == (ExperimentState.APPROVED, 1)
     finally:
         harness.state.close()
+
+
+# -- what followed streams wait on ----------------------------------------------------------------
+
+
+def waited_in_a_thread(changes: Changes, seen: int, follow: Follow, act: Any) -> list[bool]:
+    """`changes.wait(seen, follow)` in a thread while `act()` runs here; what it returned."""
+    returned: list[bool] = []
+    waiter = threading.Thread(target=lambda: returned.append(changes.wait(seen, follow)))
+    waiter.start()
+    act()
+    waiter.join(timeout=20)
+    assert not waiter.is_alive(), "the waiter was not woken"
+    return returned
+
+
+def test_a_follower_wakes_at_the_next_change_and_ends_when_its_follow_is_over(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No recheck to fall back on: a change past the count seen wakes the waiter (True: look
+    again); its call ending wakes it too (False: end the stream)."""
+    monkeypatch.setattr(changes_module, "MAX_WAIT_SECONDS", 3600.0)
+    changes, over = Changes(), threading.Event()
+    follow = Follow(over=over.is_set, time_left=lambda: 3600.0)
+    seen = changes.count
+    changes.signal()  # a change while the follower read: it does not wait at all
+    assert changes.wait(seen, follow) is True
+    assert waited_in_a_thread(changes, changes.count, follow, changes.signal) == [True]
+
+    def end_the_call() -> None:
+        over.set()
+        changes.wake()
+
+    assert waited_in_a_thread(changes, changes.count, follow, end_the_call) == [False]
+
+
+def test_every_write_of_the_state_signals_a_change(harness: Harness) -> None:
+    """A registration, a heartbeat, a submission each signal; a refused write does not."""
+    changes = harness.state.changes
+    seen = changes.count
+    harness.service.envoy_desk.register(Caller("alice", Role.ENVOY), ShardInfo(), "v")
+    assert changes.count == seen + 1
+    harness.heartbeat_all("alice")
+    assert changes.count == seen + 2
+    with pytest.raises(NotFoundError):
+        harness.state.transition("no-such-experiment", ExperimentState.CANCELLED)
+    assert changes.count == seen + 2
+
+
+def test_the_supervisor_signals_what_changes_outside_the_state(harness: Harness) -> None:
+    """Nothing new: no signal; the aggregator's metrics grow, an envoy goes offline: one each."""
+    experiment_id = harness.running_experiment()
+    changes = harness.state.changes
+    harness.service.supervisor.observe()
+    seen = changes.count
+    harness.service.supervisor.observe()
+    assert changes.count == seen
+    complete_rounds(harness, experiment_id, 1)
+    harness.service.supervisor.observe()
+    assert changes.count == seen + 1
+    harness.clock.now += 10  # every envoy silent past two health periods: offline
+    harness.service.supervisor.observe()
+    assert changes.count == seen + 2
