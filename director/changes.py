@@ -1,6 +1,7 @@
 """What followed streams wait on: a count of the director's changes, and how long each may wait.
 
-`DirectorState` signals `Changes` after every write it commits; the supervisor signals it when
+`DirectorState` signals `Changes` after every write it commits but a heartbeat's (it moves only
+an envoy's `last_seen`, which no follower shows); the supervisor signals it when
 what the state does not hold changes (an active experiment's log, metrics or models, written by
 its aggregator; an envoy going offline as the clock runs). A followed stream (watch an
 experiment, follow its metrics or logs) notes `count` before it reads, and after sending what it

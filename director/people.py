@@ -208,8 +208,12 @@ class PeopleDesk:
         self, caller: Caller, experiment_id: str, site: str, offset: int, follow: Follow | None
     ) -> Iterator[tuple[int, bytes]]:
         """The aggregator's log (`site` empty) or a site's from `offset`, in chunks, each with its
-        offset; with `follow`, until the experiment ends. A site's envoy has a few heartbeats to
-        answer each request."""
+        offset; with `follow`, until the experiment ends.
+
+        A site's envoy has a few heartbeats to answer each request; followed, a site's log is
+        asked again at once, its envoy's next heartbeat being the wait (the director holds no
+        change of a site's log to wait for).
+        """
         timeout = max(5.0, 3 * self.config.health_check_seconds)
         while True:
             seen = self.state.changes.count
@@ -223,7 +227,9 @@ class PeopleDesk:
                     break
                 yield offset, data
                 offset += len(data)
-            if follow is None or final or not self.state.changes.wait(seen, follow):
+            if follow is None or final or follow.over():
+                return
+            if not site and not self.state.changes.wait(seen, follow):
                 return
 
     def model(self, caller: Caller, experiment_id: str, kind: str) -> ModelDownload:

@@ -4,8 +4,8 @@ One class, `DirectorState`, holds the experiments and their lifecycle, the envoy
 sites' reports; the service only calls it. Every write is one transaction that is on disk when
 the method returns, so what the director acknowledged survives kill -9. The lifecycle's allowed
 moves are the one table `TRANSITIONS` (`director.records`); any other move raises
-`IllegalTransitionError`. After every write the state signals `changes`, which followed streams
-wait on (`director.changes`).
+`IllegalTransitionError`. After every write but a heartbeat the state signals `changes`, which
+followed streams wait on (`director.changes`).
 
 An envoy is online when its last heartbeat is at most twice `health_check_seconds` old, computed
 from the clock every time it is read: no stored flag goes stale.
@@ -114,11 +114,13 @@ class DirectorState(SqliteStore):
             os.close(self._folder_lock)
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """`SqliteStore`'s write transaction, `changes` signalled once it is committed."""
+    def _transaction(self, *, quiet: bool = False) -> Iterator[sqlite3.Connection]:
+        """`SqliteStore`'s write transaction, `changes` signalled once it is committed (unless
+        `quiet`: a write no follower shows)."""
         with super()._transaction() as db:
             yield db
-        self.changes.signal()
+        if not quiet:
+            self.changes.signal()
 
     # -- experiments --------------------------------------------------------------------------
 
@@ -342,8 +344,12 @@ class DirectorState(SqliteStore):
         return Envoy(name, shard, version, now, now, online=True)
 
     def heartbeat(self, name: str) -> bool:
-        """Note a heartbeat; False when the envoy is not registered (it must register again)."""
-        with self._transaction() as db:
+        """Note a heartbeat; False when the envoy is not registered (it must register again).
+
+        Quiet: it moves only `last_seen`, which no follower shows; an envoy's going offline or
+        coming back is the supervisor's to signal (`director.supervisor.Supervisor.observe`).
+        """
+        with self._transaction(quiet=True) as db:
             cursor = db.execute(
                 "UPDATE envoys SET last_seen = ? WHERE name = ?", (self._clock(), name)
             )

@@ -541,17 +541,21 @@ def test_a_follower_wakes_at_the_next_change_and_ends_when_its_follow_is_over(
     assert waited_in_a_thread(changes, changes.count, follow, end_the_call) == [False]
 
 
-def test_every_write_of_the_state_signals_a_change(harness: Harness) -> None:
-    """A registration, a heartbeat, a submission each signal; a refused write does not."""
+def test_every_write_of_the_state_but_a_heartbeat_signals_a_change(harness: Harness) -> None:
+    """A registration and a submission each signal; a heartbeat (no follower shows its time)
+    and a refused write do not."""
     changes = harness.state.changes
     seen = changes.count
     harness.service.envoy_desk.register(Caller("alice", Role.ENVOY), ShardInfo(), "v")
     assert changes.count == seen + 1
     harness.heartbeat_all("alice")
-    assert changes.count == seen + 2
+    assert changes.count == seen + 1
     with pytest.raises(NotFoundError):
         harness.state.transition("no-such-experiment", ExperimentState.CANCELLED)
-    assert changes.count == seen + 2
+    assert changes.count == seen + 1
+    plan = yaml.safe_dump(submitted_plan(collaborators=["alice"]))
+    harness.service.people.submit(ADA, plan, "", None)  # stored, then approved: two writes
+    assert changes.count == seen + 3
 
 
 def test_the_supervisor_signals_what_changes_outside_the_state(harness: Harness) -> None:
