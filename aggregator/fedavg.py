@@ -8,7 +8,9 @@ too) accumulate in float64 and are cast back to the model's dtype, rounded to ne
 
 `average_sources` reads each contribution a slice at a time (from a file, say) and averages it
 slice by slice, so its memory is the averaged model plus a few slices, whatever the number of
-contributions; `federated_average` is the same over arrays in memory, and gives the same bits.
+contributions. The tests hold the reference it is checked against bit for bit: `RunningAverage`
+(tests/fedavg_reference.py), one whole contribution at a time, with the same element steps
+(`_add_difference`, `_round_half_even`).
 With `workers`, a float tensor's slices are shared out among that many threads (numpy and
 `pread` release the GIL): each element still sees the same operations in the same order.
 """
@@ -19,7 +21,6 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -33,34 +34,9 @@ _INT64_LIMIT = 2**63
 # Elements averaged at a time: 1 MB of float32 read, and float64 temporaries of 2 MB each that
 # stay in cache while every contribution's slice is folded in (faster than larger slices).
 SLICE_ELEMENTS = 2**18
-_SLICE = SLICE_ELEMENTS  # the slice of the in-memory paths below (tests shrink it)
 # Threads a round's close averages with: the close has the machine to itself, and on 2 cores
 # 8 x 100 MB took 0.54 s with one (`make bench BENCH_ARGS=--profile`).
 AVERAGING_THREADS = max(1, min(4, os.cpu_count() or 1))
-
-
-@dataclass(frozen=True)
-class Contribution:
-    """One collaborator's share of an average: its weight (its data size) and its values."""
-
-    weight: int
-    tensors: Mapping[str, Array]
-
-
-def federated_average(
-    contributions: Mapping[str, Contribution], reference: Mapping[str, Array]
-) -> dict[str, Array]:
-    """The weighted mean of every tensor of `reference` over `contributions` (keyed by collaborator)."""
-    if not contributions:
-        raise ValueError("nothing to average: no contributions")
-    if any(part.weight <= 0 for part in contributions.values()):
-        raise ValueError("every contribution needs a positive weight")
-    references = _averageable(reference)
-    sources = {
-        collaborator: (part.weight, ArraySource(_matching(references, part.tensors)))
-        for collaborator, part in sorted(contributions.items())
-    }
-    return average_sources(references, sources, slice_elements=_SLICE)
 
 
 class TensorSource(Protocol):
@@ -163,9 +139,9 @@ def average_sources(
     """The weighted mean of every tensor of `reference` over `contributions`, read a slice at a time.
 
     `contributions` maps each collaborator to its weight (its data size) and its source. The
-    result is bit-identical to `federated_average` of the same tensors: for each slice, the
-    contributions are folded in sorted collaborator order with the same float64 operations, so
-    each element sees the operations `federated_average` gives it, in the same order. (Where two
+    result is bit-identical to the tests' `RunningAverage` of the same tensors: for each slice,
+    the contributions are folded in sorted collaborator order with the same float64 operations,
+    so each element sees the operations `RunningAverage` gives it, in the same order. (Where two
     NaNs meet, numpy's vector loop keeps one and its tail loop the other, so which comes out
     depends on where slices end; a multiple of 64 elements, as the default, keeps those bits too.)
 
@@ -252,99 +228,6 @@ def _shared_out(
         done.result()  # raises what the thread raised
 
 
-class RunningAverage:
-    """`federated_average` one contribution at a time, in memory of the order of one model.
-
-    Add the contributions in sorted collaborator order (as `federated_average` sums them) with
-    `total` the sum of all their weights; each can be dropped once added, and the result is
-    bit-identical to `federated_average` of them all.
-    """
-
-    def __init__(self, reference: Mapping[str, Array], total: int) -> None:
-        """Average the tensors of `reference` over contributions whose weights sum to `total`."""
-        if total <= 0:
-            raise ValueError("every contribution needs a positive weight")
-        self._reference = _averageable(reference)
-        self._total = total
-        self._added = 0  # weight added so far
-        self._last: str | None = None  # the collaborator added last
-        self._first: dict[str, Array] = {}  # the first contribution's tensors (float path)
-        self._sums: dict[str, npt.NDArray[np.float64]] = {}  # float64 running means
-        self._numerators: dict[str, npt.NDArray[np.int64]] = {}  # exact sums of integer tensors
-        self._largest: dict[str, int] = {}  # the largest magnitude of each integer tensor
-
-    def add(self, collaborator: str, weight: int, tensors: Mapping[str, Array]) -> None:
-        """Fold one collaborator's tensors into the average (after the ones before it by name)."""
-        if weight <= 0:
-            raise ValueError("every contribution needs a positive weight")
-        if self._last is not None and collaborator <= self._last:
-            raise ValueError(f"contribution of {collaborator!r} added out of order")
-        if self._added + weight > self._total:
-            raise ValueError("the contributions weigh more than the total given")
-        arrays = _matching(self._reference, tensors)
-        first = self._last is None
-        for name, array in arrays.items():
-            if self._reference[name].dtype.kind in "biu":
-                self._add_integer(name, array, weight, first)
-            self._add_float(name, array, weight, first)
-        self._last = collaborator
-        self._added += weight
-
-    def result(self) -> dict[str, Array]:
-        """The average of everything added; the running sums are released."""
-        if self._last is None:
-            raise ValueError("nothing to average: no contributions")
-        if self._added != self._total:
-            raise ValueError("the contributions weigh less than the total given")
-        averaged: dict[str, Array] = {}
-        for name, like in self._reference.items():
-            mean = self._sums.pop(name)
-            self._first.pop(name, None)
-            if _kind(like.dtype) == "f":
-                averaged[name] = mean.astype(like.dtype)
-                continue
-            numerator = self._numerators.pop(name)
-            if self._largest[name] * self._total >= _INT64_LIMIT:
-                # Too large for exact int64 sums; float64 is exact below 2**53 and close above.
-                averaged[name] = np.rint(mean).astype(like.dtype)
-            else:
-                averaged[name] = _round_half_even(numerator, self._total, like.dtype)
-        return averaged
-
-    def _add_float(self, name: str, array: Array, weight: int, first: bool) -> None:
-        # The mean as the first array plus the weighted differences from it: the same value as
-        # sum(w * x) / total, but copies of one model give that model back bit for bit.
-        if first:
-            self._sums[name] = array.astype(np.float64, order="C")
-            # float16/32/64 convert to float64 exactly, so the first is kept as it came.
-            exact = array.dtype.kind == "f" and array.dtype.itemsize <= 8
-            self._first[name] = array if exact else self._sums[name].copy()
-            return
-        # Element by element the same operations, a slice at a time: the float64 temporary
-        # stays small instead of twice the tensor's size.
-        share = weight / self._total
-        sums = self._sums[name].reshape(-1)  # a view: the sums are C-contiguous
-        values, first_values = array.reshape(-1), self._first[name].reshape(-1)
-        difference = np.empty(min(_SLICE, sums.size), dtype=np.float64)
-        for start in range(0, sums.size, _SLICE):
-            stop = min(start + _SLICE, sums.size)
-            _add_difference(
-                sums[start:stop],
-                values[start:stop],
-                first_values[start:stop],
-                share,
-                difference[: stop - start],
-            )
-
-    def _add_integer(self, name: str, array: Array, weight: int, first: bool) -> None:
-        if first:
-            self._numerators[name] = np.zeros(array.shape, dtype=np.int64)
-            self._largest[name] = 0
-        self._largest[name] = max(self._largest[name], _magnitude(array))
-        if self._largest[name] * self._total < _INT64_LIMIT:
-            self._numerators[name] += np.int64(weight) * array.astype(np.int64)
-
-
 def weighted_metrics(
     contributions: Mapping[str, tuple[int, Mapping[str, float]]],
 ) -> dict[str, float]:
@@ -391,8 +274,8 @@ class _SliceAverage:
     ) -> None:
         """Each slice of integer tensor `name`, averaged and handed to `sink`.
 
-        As in RunningAverage: exact int64 sums unless a value of some contribution is too large
-        for them, which is known only once every slice of every contribution is seen.
+        As in the tests' RunningAverage: exact int64 sums unless a value of some contribution is
+        too large for them, which is known only once every slice of every contribution is seen.
         """
         largest = max(
             (
@@ -415,7 +298,7 @@ class _SliceAverage:
         return self._outputs[dtype]
 
     def float_mean(self, name: str, start: int, stop: int, out: Array) -> None:
-        """`out` = the mean of elements [start, stop) in float64, as `RunningAverage` computes it."""
+        """`out` = the mean of elements [start, stop) in float64, as the tests' `RunningAverage` does."""
         size = stop - start
         first, mean = self._first[:size], self._mean[:size]
         head, *rest = self._parts
@@ -464,8 +347,8 @@ def _add_difference(
 ) -> None:
     """mean += share * (values - first) in float64, element by element: the step of every path.
 
-    `difference` is a float64 buffer as long as the others. Sharing it is what makes
-    `RunningAverage` and `average_sources` do the very same float operations.
+    `difference` is a float64 buffer as long as the others. Sharing it is what makes the tests'
+    `RunningAverage` (the reference) and `average_sources` do the very same float operations.
     """
     np.copyto(difference, values, casting="unsafe")
     np.subtract(difference, first, out=difference)
@@ -485,22 +368,6 @@ def _averageable(reference: Mapping[str, Array]) -> dict[str, Array]:
 def _kind(dtype: np.dtype[np.generic]) -> str:
     """numpy's kind of `dtype`, but "f" for bfloat16 (to numpy an opaque "V"): it averages as a float."""
     return "f" if is_bfloat16(dtype) else dtype.kind
-
-
-def _matching(references: Mapping[str, Array], tensors: Mapping[str, Array]) -> dict[str, Array]:
-    """One contribution's tensors as arrays, each checked for the reference's shape and dtype."""
-    arrays: dict[str, Array] = {}
-    for name, like in references.items():
-        if name not in tensors:
-            raise ValueError(f"tensor {name!r} is missing from some contributions")
-        array = np.asarray(tensors[name])
-        if array.shape != like.shape or array.dtype != like.dtype:
-            raise ValueError(
-                f"tensor {name!r} is {array.dtype}{list(array.shape)}, "
-                f"the reference is {like.dtype}{list(like.shape)}"
-            )
-        arrays[name] = array
-    return arrays
 
 
 def _round_half_even(

@@ -20,7 +20,7 @@ The rule, written once here: a collaborator is
   durable first).
 
 `awaited` is who a round still waits for (everyone not offline and not left);
-`aggregator.federation` closes a round once all of them have reported (offline counts only when
+`aggregator.schedule` closes a round once all of them have reported (offline counts only when
 the plan sets `straggler.offline_after_seconds`; left counts always). Nothing here decides
 rounds. A collaborator that calls again is online again at once.
 

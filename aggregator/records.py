@@ -8,7 +8,7 @@ values (and, for `AveragedModel`, say how the next model is averaged).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -119,37 +119,20 @@ class RoundRecord:
     sites: SiteMetrics = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class RoundSummary:
-    """What one closed round did: who reported, the aggregated metrics, the models before and after."""
+@dataclass(frozen=True, kw_only=True)
+class RoundSummary(RoundRecord):
+    """What one closed round did (its `RoundRecord`), with the models before and after it."""
 
-    round_number: int
-    final_validation: bool  # the extra round that only validates the final model
-    reporters: tuple[str, ...]  # collaborators whose results counted, sorted
-    missing: tuple[str, ...]  # collaborators that had not finished when the round closed
-    metrics: Mapping[str, Mapping[str, float]]  # task -> metric -> weighted mean
     round_model: Mapping[str, Array]  # the global model the collaborators worked on this round
     model: Mapping[str, Array]  # the global model after this round (the same if nobody trained)
-    trained: bool  # whether any `train` result was averaged into `model`
-    seconds: float  # from the first hand-out of the round's tasks to its close
     finished: bool  # whether this was the federation's last round
-    sites: SiteMetrics = field(default_factory=dict)  # each reporter's own metrics, sorted
     best: Best | None = None  # the best so far, this round included (None: no best-model metric)
     best_model: Mapping[str, Array] | None = None  # the new best model, when this round improved
 
     @property
     def record(self) -> RoundRecord:
         """The part of the summary that is kept for good."""
-        return RoundRecord(
-            round_number=self.round_number,
-            final_validation=self.final_validation,
-            reporters=self.reporters,
-            missing=self.missing,
-            metrics=self.metrics,
-            seconds=self.seconds,
-            trained=self.trained,
-            sites=self.sites,
-        )
+        return RoundRecord(**{kept.name: getattr(self, kept.name) for kept in fields(RoundRecord)})
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.fedavg import (
-    ArraySource,
-    Contribution,
-    RunningAverage,
-    TensorSource,
-    average_sources,
-    federated_average,
-)
+from aggregator.fedavg import ArraySource, TensorSource, average_sources
 from aggregator.upload import receive_upload
 from pki.layout import CertsLayout
 from plans.schema import RunnerSettings
@@ -27,6 +20,7 @@ from protos import aggregator_pb2, base_pb2
 from protos.codec import TensorFormatError, decode_tensor, encode_tensor, tensor_field_frame
 from protos.dtypes import BFLOAT16, bfloat16_dtype, is_float, wire_dtype
 
+from fedavg_reference import Contribution, RunningAverage, federated_average
 from mixed_dtypes_runner import NAME as MIXED_RUNNER
 from mixed_dtypes_runner import MixedDtypesRunner
 from processes import COLLABORATORS, FederationProcesses, write_plan

@@ -95,7 +95,7 @@ def result(
 
 def report(fed: Federation, collaborator: str, round_number: int, value: float = 1.0) -> None:
     """Submit every task of `round_number` for `collaborator` (an accuracy of value / 10)."""
-    for task in fed.tasks_of_round(round_number):
+    for task in fed.schedule.tasks_of_round(round_number):
         sent = result(collaborator, round_number, task, value=value, accuracy=value / 10)
         assert fed.submit(sent)
 
@@ -313,7 +313,7 @@ def crash_at(monkeypatch: pytest.MonkeyPatch, point: str) -> None:
         if name == point:
             raise Crash(name)
 
-    for module in ("aggregator.state", "aggregator.federation", "aggregator.storage"):
+    for module in ("aggregator.state", "aggregator.closing", "aggregator.storage"):
         monkeypatch.setattr(f"{module}.failpoint", fire)
 
 

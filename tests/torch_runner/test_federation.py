@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import yaml
 
-from aggregator.fedavg import Contribution, federated_average
 from pki.layout import CertsLayout
 from plans.runners import Array, load_runner
 from plans.schema import RunnerSettings
@@ -21,6 +20,7 @@ from protos.codec import decode_tensor
 from protos.dtypes import bfloat16_dtype
 
 from dying_runner import TRAIN, arm
+from fedavg_reference import Contribution, federated_average
 from processes import COLLABORATORS, REPO, FederationProcesses, final_accuracy, write_plan
 from readme_blocks import run_block
 

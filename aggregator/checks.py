@@ -1,0 +1,128 @@
+"""The refusals of an arriving result: its round, its task, its size and its tensors.
+
+A result for a closed round is refused (FAILED_PRECONDITION), except a resend of one accepted in
+the round just closed, which the federation answers OK and counts once (its first answer may
+have been lost while the round closed: `RoundState.is_resend`). The messages name the value
+refused and the plan's setting that refused it, for the person who reads them on the
+collaborator's side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from aggregator.errors import InvalidRequestError, PreconditionError
+from aggregator.records import DELTA_TAG, MAX_DATA_SIZE, METRIC_TAG, Array, ResultTensor, TaskResult
+from aggregator.schedule import RoundState, Schedule
+from plans.schema import TRAIN, Limits
+from protos.dtypes import is_float, wire_dtype
+
+
+class ResultChecks:
+    """What a result must be to be accepted, under a federation's schedule and the plan's limits."""
+
+    def __init__(self, schedule: Schedule, limits: Limits) -> None:
+        self.schedule = schedule
+        self.limits = limits
+
+    def round(self, state: RoundState, round_number: int) -> None:
+        """Refuse a result or a model read for any round but the open one (call under the lock)."""
+        if round_number < 0:
+            raise InvalidRequestError(f"round_number must be 0 or more, got {round_number}")
+        closed = round_number < state.number or (round_number == state.number and state.refusing)
+        if closed:
+            after = state.number if round_number < state.number else state.number + 1
+            where = (
+                "the federation has finished"
+                if after >= self.schedule.total_rounds
+                else f"the federation is in round {after}"
+            )
+            raise PreconditionError(f"round {round_number} is closed; {where}")
+        if self.schedule.finished(state):
+            raise PreconditionError(
+                f"round {round_number}: the federation has finished all its rounds"
+            )
+        if round_number != state.number:
+            raise PreconditionError(
+                f"round {round_number} is not the round in progress ({state.number})"
+            )
+
+    def task(self, round_number: int, task_name: str) -> None:
+        """Refuse a task that is not the plan's, or not one of `round_number`."""
+        if task_name not in self.schedule.tasks:
+            raise InvalidRequestError(
+                f"task {task_name!r} is not a task of this federation "
+                f"({', '.join(self.schedule.tasks)})"
+            )
+        round_tasks = self.schedule.tasks_of_round(round_number)
+        if task_name not in round_tasks:
+            raise PreconditionError(
+                f"task {task_name!r} is not a task of round {round_number} "
+                f"(the final validation round runs {', '.join(round_tasks)} only)"
+            )
+
+    def result(self, result: TaskResult, model: Mapping[str, Array]) -> None:
+        """Every check of a result that does not depend on the round's progress."""
+        self.task(result.round_number, result.task_name)
+        if not 0 < result.data_size <= MAX_DATA_SIZE:
+            raise InvalidRequestError(
+                f"data_size must be a positive number of samples, got {result.data_size}"
+            )
+        if result.data_size > self.limits.max_data_size:
+            raise InvalidRequestError(
+                f"data_size {result.data_size} is over the plan's limit of "
+                f"{self.limits.max_data_size} samples (limits.max_data_size)"
+            )
+        self._tensors(result.task_name, result.tensors, model)
+        if not self.limits.allow_non_finite:
+            for tensor in result.tensors:
+                finite = tensor.finite
+                if finite is None and is_float(tensor.array.dtype):
+                    finite = bool(np.isfinite(tensor.array).all())
+                if finite is False:
+                    raise InvalidRequestError(
+                        f"tensor {tensor.name!r} holds NaN or infinite values "
+                        "(the plan's limits.allow_non_finite is false)"
+                    )
+
+    def _tensors(
+        self, task: str, tensors: Sequence[ResultTensor], model: Mapping[str, Array]
+    ) -> None:
+        """Metrics are numeric scalars; model tensors match the global model's; train sends all."""
+        names = [tensor.name for tensor in tensors]
+        if len(set(names)) != len(names):
+            raise InvalidRequestError("results name the same tensor more than once")
+        model_tensors: set[str] = set()
+        for tensor in tensors:
+            if METRIC_TAG in tensor.tags:
+                if tensor.array.size != 1 or wire_dtype(tensor.array.dtype) is None:
+                    raise InvalidRequestError(
+                        f"metric {tensor.name!r} must be a numeric scalar, got "
+                        f"{tensor.array.dtype}{list(tensor.array.shape)}"
+                    )
+                continue
+            reference = model.get(tensor.name)
+            if reference is None:
+                raise InvalidRequestError(
+                    f"tensor {tensor.name!r} is neither a metric nor in the global model"
+                )
+            if tensor.array.shape != reference.shape or tensor.array.dtype != reference.dtype:
+                raise InvalidRequestError(
+                    f"tensor {tensor.name!r} is {tensor.array.dtype}{list(tensor.array.shape)}, "
+                    f"the global model's is {reference.dtype}{list(reference.shape)}"
+                )
+            if DELTA_TAG in tensor.tags:
+                raise InvalidRequestError(
+                    f"tensor {tensor.name!r} is a delta update; foedus averages whole weights "
+                    "(turn delta updates off in the collaborator)"
+                )
+            model_tensors.add(tensor.name)
+        if task == TRAIN:
+            missing = sorted(set(model) - model_tensors)
+            if missing:
+                shown = ", ".join(map(repr, missing[:5])) + (" ..." if len(missing) > 5 else "")
+                raise InvalidRequestError(
+                    f"train results lack {len(missing)} tensor(s) of the global model: {shown}"
+                )

@@ -1,0 +1,225 @@
+"""A round's close: who counted, the averaged model and metrics, the best model, made durable.
+
+On close, the reporters' ``train`` results are averaged by data size (`aggregator.fedavg`) into
+the next global model, and each task's metrics into weighted means; each reporter's own metrics
+are kept beside them (`RoundRecord.sites`). The plan's best-model metric is tracked here too
+(`Best`).
+
+A round's close is made durable in two steps: `ResultStore.decide_close` fixes who reported (so
+a round killed while aggregating is recomputed from the very same results), then
+`ResultStore.commit_round` moves to the next round with its model, the round's record and the
+best score. The new model is handed to it still to be averaged (`AveragedModel`): the store
+averages it a slice at a time into wherever it keeps it and hands it back as kept
+(`DurableState`: its file, mapped), so no copy of the model is made in memory. Aggregation runs
+outside the federation's lock, while the closing round refuses results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+
+from aggregator.failpoints import failpoint
+from aggregator.fedavg import MappedArraySource, TensorSource, weighted_metrics
+from aggregator.liveness import Liveness
+from aggregator.records import (
+    METRIC_TAG,
+    Accepted,
+    Array,
+    AveragedModel,
+    Best,
+    RoundCommit,
+    RoundSummary,
+    SiteMetrics,
+)
+from aggregator.schedule import RoundState, Schedule
+from aggregator.store import ResultStore
+from plans.schema import AGGREGATED_MODEL_VALIDATION, TRAIN, BestModelSettings
+
+
+class RoundCloser:
+    """Closes a federation's rounds when its schedule says so, under the federation's lock.
+
+    `round_changed` is the condition over that lock: the waiters on it are woken once the next
+    round is in `state`.
+    """
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        store: ResultStore,
+        clock: Callable[[], float],
+        round_changed: threading.Condition,
+    ) -> None:
+        self.schedule = schedule
+        self.store = store
+        self._clock = clock
+        self._round_changed = round_changed
+
+    def close_if_due(
+        self,
+        state: RoundState,
+        *,
+        liveness: Liveness,
+        best_model: BestModelSettings | None,
+        on_close: Callable[[], object] | None = None,
+    ) -> RoundSummary | None:
+        """Close the round if the straggler policy says so: aggregate, move on, wake the waiters.
+
+        A close decided before a restart (`Progress.closing`) is due at once, with the same
+        reporters. The round is committed to the store before anyone sees the next round.
+        `on_close` is called once the close is decided, before the results are read (the
+        runtime gives the memory the uploads freed back to the system then).
+        """
+        schedule = self.schedule
+        with self._round_changed:
+            if schedule.finished(state) or state.closing:
+                return None
+            round_number = state.number
+            round_tasks = schedule.tasks_of_round(round_number)
+            decided = state.decided
+            if decided is None:
+                reporters = schedule.reporters(state)
+                if not schedule.due(state, reporters, liveness):
+                    return None
+            else:
+                reporters = decided
+            state.closing = True  # results for this round are refused from now on
+            counted = [state.results[key] for key in sorted(state.results) if key[0] in reporters]
+            round_model = state.model
+            started = state.opened_at if state.started_at is None else state.started_at
+        try:
+            if decided is None:
+                self.store.decide_close(round_number, reporters)
+                with self._round_changed:
+                    state.decided = reporters
+            if on_close is not None:
+                on_close()
+            with self._averaging(counted, round_model, round_tasks) as (averaged, metrics, sites):
+                best, best_is_round_model = improved_best(
+                    best_model, state.best, round_number, metrics, rounds=schedule.rounds
+                )
+                now = self._clock()
+                summary = RoundSummary(
+                    round_number=round_number,
+                    final_validation=round_number >= schedule.rounds,
+                    reporters=reporters,
+                    missing=tuple(sorted(set(schedule.collaborators) - set(reporters))),
+                    metrics=metrics,
+                    round_model=round_model,
+                    model=round_model,  # until the new one is kept
+                    trained=averaged is not None,
+                    seconds=max(0.0, now - started),
+                    finished=round_number + 1 >= schedule.total_rounds,
+                    sites=sites,
+                    best=best or state.best,
+                )
+                kept = self.store.commit_round(
+                    RoundCommit(
+                        record=summary.record,
+                        model=averaged,
+                        best=best,
+                        best_is_round_model=best_is_round_model,
+                    )
+                )
+        except BaseException:
+            with self._round_changed:
+                state.closing = False
+            raise
+        model = round_model if kept is None else kept
+        summary = dataclasses.replace(
+            summary,
+            model=model,
+            best_model=None if best is None else round_model if best_is_round_model else model,
+        )
+        with self._round_changed:
+            state.model = model
+            state.previous = frozenset(state.results)
+            state.results = {}
+            state.number += 1
+            state.decided = None
+            state.best = summary.best
+            state.opened_at = now
+            state.started_at = None
+            state.closing = False
+            self._round_changed.notify_all()
+        return summary
+
+    @contextmanager
+    def _averaging(
+        self, counted: Sequence[Accepted], model: Mapping[str, Array], tasks: Sequence[str]
+    ) -> Iterator[tuple[AveragedModel | None, dict[str, dict[str, float]], SiteMetrics]]:
+        """The next global model, still to be averaged (None: no `train` result), the metrics'
+        means and each site's own metrics; the results' files stay open until the block ends.
+
+        The `train` results are averaged a slice at a time from where the store keeps them
+        (their files read in collaborator order) into where the store keeps the new model, so
+        memory stays a few slices whatever the model's size and the number of collaborators.
+        """
+        reported: dict[str, dict[str, tuple[int, dict[str, float]]]] = {}
+        contributions: dict[str, tuple[int, TensorSource]] = {}
+        sources: list[MappedArraySource] = []
+        try:
+            for accepted in counted:
+                result = self.store.load(accepted)
+                metrics = {
+                    t.name: float(np.asarray(t.array, dtype=np.float64).reshape(-1)[0])
+                    for t in result.tensors
+                    if METRIC_TAG in t.tags
+                }
+                reported.setdefault(result.task_name, {})[result.collaborator] = (
+                    result.data_size,
+                    metrics,
+                )
+                if result.task_name == TRAIN:
+                    source = MappedArraySource(
+                        {t.name: t.array for t in result.tensors if METRIC_TAG not in t.tags}
+                    )
+                    sources.append(source)
+                    contributions[result.collaborator] = (result.data_size, source)
+            failpoint("while_aggregating")
+            averaged: dict[str, dict[str, float]] = {}
+            for task in tasks:
+                means = weighted_metrics(reported.get(task, {}))
+                if means:
+                    averaged[task] = means
+            sites: dict[str, dict[str, dict[str, float]]] = {}
+            for task in sorted(reported):  # sorted throughout: a restart writes the same row
+                for collaborator, (_, values) in sorted(reported[task].items()):
+                    if values:
+                        sites.setdefault(collaborator, {})[task] = dict(sorted(values.items()))
+            new_model = AveragedModel(model, contributions) if contributions else None
+            yield new_model, averaged, dict(sorted(sites.items()))
+        finally:
+            for source in sources:
+                source.close()
+
+
+def improved_best(
+    settings: BestModelSettings | None,
+    best: Best | None,
+    round_number: int,
+    metrics: Mapping[str, Mapping[str, float]],
+    *,
+    rounds: int,
+) -> tuple[Best | None, bool]:
+    """The new best, when round `round_number` (of `rounds` training rounds) improved on `best`
+    by the plan's best-model metric, and whether its model is the round's (validated before
+    training) rather than the new one."""
+    if settings is None:
+        return None, False
+    value = metrics.get(settings.task, {}).get(settings.metric)
+    if value is None or not math.isfinite(value):
+        return None, False
+    if best is not None and not (value > best.value if settings.maximize else value < best.value):
+        return None, False
+    # aggregated_model_validation measured the model the round started from; the other
+    # tasks measured local models, of which the round's aggregate is the global counterpart.
+    validated_before = settings.task == AGGREGATED_MODEL_VALIDATION
+    training_rounds = min(round_number + (0 if validated_before else 1), rounds)
+    return Best(value, training_rounds), validated_before
