@@ -22,7 +22,9 @@ from aggregator.federation import Federation
 from aggregator.inspection import CollaboratorStatus, FederationStatus, read_status
 from aggregator.liveness import Liveness
 from aggregator.records import ResultTensor, TaskResult
-from aggregator.state import DATABASE, SCHEMA_VERSION, STATE_DIR, DurableState
+from aggregator.schema import SCHEMA_VERSION
+from aggregator.state import DurableState
+from aggregator.state_files import DATABASE, STATE_DIR
 from pki.layout import CertsLayout
 from plans import load_plan
 
