@@ -37,11 +37,12 @@ from director.errors import (
 )
 from director.fields import checked_id
 from director.identity import PEOPLE, Caller
-from director.launcher import LOG_FILE, log_tail
+from director.launcher import LOG_FILE
 from director.people import ExperimentView
 from director.records import Envoy
 from director.service import DirectorService
 from director.tokens import TokenStore
+from processes.children import log_tail
 
 logger = logging.getLogger(__name__)
 

@@ -9,28 +9,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from director.config import DirectorConfig
 from director.errors import AuthorizationError, NotFoundError
 from director.folders import ExperimentFolders
 from director.identity import Caller, Role
-from director.orders import StartOrder, Work
-from director.records import CollaboratorState, Experiment, ShardInfo
+from director.records import Experiment, ShardInfo
 from director.site_logs import LogRendezvous
 from director.state import DirectorState
+from lifecycle.orders import CollaboratorReport, StartOrder, Work
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class CollaboratorReport:
-    """An envoy's report on its collaborator for one experiment."""
-
-    experiment_id: str
-    state: CollaboratorState
-    exit_code: int = 0
-    reason: str = ""
 
 
 class EnvoyDesk:

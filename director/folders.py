@@ -19,7 +19,8 @@ from pathlib import Path
 
 from director.errors import InvalidRequestError, LimitExceededError, NotFoundError, StorageError
 from director.experiment_plan import PLAN_FILE
-from director.launcher import LOG_FILE, log_tail
+from director.launcher import LOG_FILE
+from processes.children import log_tail
 
 logger = logging.getLogger(__name__)
 

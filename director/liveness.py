@@ -15,7 +15,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from director.config import Liveness
-from director.records import CollaboratorState, Envoy, Experiment, SiteReport
+from director.records import Envoy, Experiment, SiteReport
+from lifecycle.states import CollaboratorState
 
 OFFLINE = "offline"  # why a site is lost when its envoy has been offline past the grace
 # A site whose collaborator is in one of these has ended for good: lost to the experiment.

@@ -20,10 +20,11 @@ from director.errors import AuthorizationError, NotFoundError, PreconditionError
 from director.experiment_plan import check_submitted
 from director.folders import ExperimentFolders, ModelDownload, ModelUpload
 from director.identity import PEOPLE, Caller, Role
-from director.records import CollaboratorState, Envoy, Experiment, ExperimentState
+from director.records import Envoy, Experiment, ExperimentState
 from director.site_logs import LogRendezvous
 from director.state import DirectorState
 from director.supervisor import Supervisor
+from lifecycle.states import CollaboratorState
 
 logger = logging.getLogger(__name__)
 

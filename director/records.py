@@ -1,5 +1,6 @@
-"""The director's records: the experiment's lifecycle table, the sites' collaborator states, and
-the values `director.state` stores and gives back (plain, frozen; nothing here touches a disk).
+"""The director's records: the experiment's lifecycle table and the values `director.state`
+stores and gives back (plain, frozen; nothing here touches a disk). A site's collaborator's
+states are the lifecycle's (`lifecycle.states`), shared with the envoy.
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
+
+from lifecycle.states import CollaboratorState
 
 
 class ExperimentState(Enum):
@@ -43,19 +46,6 @@ TRANSITIONS: Mapping[ExperimentState, frozenset[ExperimentState]] = MappingProxy
     }
 )
 ACTIVE = frozenset({_S.WAITING, _S.RUNNING})  # holding one of max_running_experiments places
-
-
-class CollaboratorState(Enum):
-    """One site's collaborator for one experiment, as its envoy reports it."""
-
-    APPROVAL_PENDING = "approval_pending"
-    SITE_APPROVED = "site_approved"
-    SITE_REJECTED = "site_rejected"
-    REFUSED = "refused"
-    STARTED = "started"
-    RUNNING = "running"
-    EXITED = "exited"
-    GAVE_UP = "gave_up"  # the site will not start it again: the site is lost to the experiment
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ until its call ends (cancelled, or past its deadline) or the server stops.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -32,15 +33,16 @@ import grpc
 from admission.calls import chunks_within
 from director.capacity import Capacity
 from director.changes import Follow
-from director.envoys import CollaboratorReport
 from director.errors import InvalidRequestError, StreamTimeoutError
 from director.fields import checked_id, checked_length, checked_offset
 from director.folders import ModelUpload
 from director.identity import Caller
 from director.people import ExperimentView
-from director.records import CollaboratorState, ExperimentState, ShardInfo
+from director.records import ExperimentState, ShardInfo
 from director.service import DirectorService
 from director.status import abort
+from lifecycle.orders import CollaboratorReport
+from lifecycle.wire import collaborator_state_to_proto, report_from_proto, work_to_proto
 from pki.roles import peer_certificate
 from plans.loader import NAME_PATTERN, shown
 from protos import director_pb2, director_pb2_grpc
@@ -52,18 +54,8 @@ MAX_NAME = 200  # an experiment's name, as the site API bounds its own
 MAX_REASON = 1000  # a review's reason, as the site API bounds its own
 MAX_DESCRIPTION = 4096  # a shard's description, its labels' keys and values, an envoy's version
 MAX_LABELS = 256
+MAX_REPORT_REASON = 2000  # of an envoy's report on its collaborator: more is cut
 
-_COLLABORATOR_STATES = {
-    director_pb2.COLLABORATOR_APPROVAL_PENDING: CollaboratorState.APPROVAL_PENDING,
-    director_pb2.COLLABORATOR_SITE_APPROVED: CollaboratorState.SITE_APPROVED,
-    director_pb2.COLLABORATOR_SITE_REJECTED: CollaboratorState.SITE_REJECTED,
-    director_pb2.COLLABORATOR_REFUSED: CollaboratorState.REFUSED,
-    director_pb2.COLLABORATOR_STARTED: CollaboratorState.STARTED,
-    director_pb2.COLLABORATOR_RUNNING: CollaboratorState.RUNNING,
-    director_pb2.COLLABORATOR_EXITED: CollaboratorState.EXITED,
-    director_pb2.COLLABORATOR_GAVE_UP: CollaboratorState.GAVE_UP,
-}
-_COLLABORATOR_TO_WIRE = {state: wire for wire, state in _COLLABORATOR_STATES.items()}
 _EXPERIMENT_TO_WIRE = {
     ExperimentState.SUBMITTED: director_pb2.EXPERIMENT_SUBMITTED,
     ExperimentState.APPROVED: director_pb2.EXPERIMENT_APPROVED,
@@ -198,34 +190,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
         """An envoy is alive; answer its work."""
         reports = [_report(report) for report in request.collaborators]
         work = self.envoys.heartbeat(caller, reports)
-        period = self.service.config.health_check_seconds
-        if work is None:
-            return director_pb2.EnvoyHeartbeatResponse(
-                register_again=True, health_check_seconds=period
-            )
-        return director_pb2.EnvoyHeartbeatResponse(
-            health_check_seconds=period,
-            start=[
-                director_pb2.ExperimentToStart(
-                    experiment_id=order.experiment_id,
-                    name=order.name,
-                    owner=order.owner,
-                    plan_yaml=order.plan_yaml,
-                    collaborator_name=order.collaborator_name,
-                )
-                for order in work.start
-            ],
-            stop=list(work.stop),
-            log_requests=[
-                director_pb2.LogRequestToEnvoy(
-                    request_id=order.request_id,
-                    experiment_id=order.experiment_id,
-                    offset=order.offset,
-                    max_bytes=order.max_bytes,
-                )
-                for order in work.logs
-            ],
-        )
+        return work_to_proto(work, self.service.config.health_check_seconds)
 
     @_unary
     def ReportCollaborator(  # noqa: N802
@@ -482,11 +447,7 @@ def experiment_to_wire(view: ExperimentView) -> director_pb2.Experiment:
         sites=[
             director_pb2.SiteStatus(
                 site=site.site,
-                state=(
-                    _COLLABORATOR_TO_WIRE[site.state]
-                    if site.state
-                    else director_pb2.COLLABORATOR_STATE_UNSPECIFIED
-                ),
+                state=collaborator_state_to_proto(site.state),
                 exit_code=site.exit_code,
                 reason=site.reason,
                 online=site.online,
@@ -502,14 +463,12 @@ def experiment_to_wire(view: ExperimentView) -> director_pb2.Experiment:
 
 
 def _report(message: director_pb2.CollaboratorReport) -> CollaboratorReport:
-    state = _COLLABORATOR_STATES.get(message.state)
-    if state is None:
+    """An envoy's report as received, its state known, its id checked, its reason bounded."""
+    report = report_from_proto(message)
+    if report is None:
         raise InvalidRequestError(f"state: {message.state} is not a collaborator state")
-    return CollaboratorReport(
-        experiment_id=_id(message.experiment_id),
-        state=state,
-        exit_code=message.exit_code,
-        reason=message.reason[:2000],
+    return dataclasses.replace(
+        report, experiment_id=_id(report.experiment_id), reason=report.reason[:MAX_REPORT_REASON]
     )
 
 

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterable
 
 from director.errors import LimitExceededError, NotFoundError
-from director.orders import LogOrder
+from lifecycle.orders import LogOrder
 
 
 class LogRendezvous:

@@ -31,7 +31,6 @@ from director.changes import Changes
 from director.errors import IllegalTransitionError, NotFoundError, StorageError
 from director.records import (
     TRANSITIONS,
-    CollaboratorState,
     Envoy,
     Experiment,
     ExperimentState,
@@ -49,6 +48,7 @@ from director.schema import (
     shard_to_json,
 )
 from durable.sqlite import SqliteStore, connect, lock_state_folder
+from lifecycle.states import CollaboratorState
 
 DATABASE = "director.sqlite"
 LOCK = "director.lock"

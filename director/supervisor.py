@@ -23,10 +23,12 @@ from director.config import DirectorConfig, Liveness
 from director.errors import InvalidRequestError, StorageError
 from director.experiment_plan import plan_liveness, write_director_plan
 from director.folders import ExperimentFolders
-from director.launcher import Ended, Launcher
+from director.launcher import Launcher
 from director.liveness import judge, lost_sites, said
-from director.records import ACTIVE, CollaboratorState, Experiment, ExperimentState, SiteReport
+from director.records import ACTIVE, Experiment, ExperimentState, SiteReport
 from director.state import DirectorState
+from lifecycle.states import CollaboratorState
+from processes.children import Ended
 
 logger = logging.getLogger(__name__)
 

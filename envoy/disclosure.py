@@ -39,8 +39,10 @@ FOEDUS_PACKAGES = frozenset(
         "envoy",
         "experiment",
         "foedus",
+        "lifecycle",
         "pki",
         "plans",
+        "processes",
         "protos",
         "torch_runner",
     }

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from importlib import metadata
 from random import random as uniform_random
 
-from director.orders import Work
 from envoy.client import DirectorClient
 from envoy.config import Connection, Shard
 from envoy.errors import DirectorRefusedError, DirectorUnavailableError, EnvoyError
 from envoy.site import Site
+from lifecycle.orders import Work
 from pki.errors import PkiError
 
 logger = logging.getLogger(__name__)

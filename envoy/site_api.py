@@ -31,7 +31,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from director.launcher import log_tail
 from envoy.errors import (
     EnvoyError,
     FinishedError,
@@ -43,6 +42,7 @@ from envoy.progress import ProgressBook, describe
 from envoy.site import LOG_FILE, Site, review
 from envoy.site_plan import EXPERIMENT_ID, RefusedPlanError
 from plans.loader import cut, shown, values_hidden
+from processes.children import log_tail
 
 logger = logging.getLogger(__name__)
 

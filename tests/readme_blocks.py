@@ -12,7 +12,13 @@ from sklearn.datasets import load_digits  # type: ignore[import-untyped, unused-
 
 from pki.layout import CertsLayout
 
-from processes import COLLABORATORS, REPO, FederationProcesses, final_accuracy, write_plan
+from federation_processes import (
+    COLLABORATORS,
+    REPO,
+    FederationProcesses,
+    final_accuracy,
+    write_plan,
+)
 
 
 def readme_block(marker: str) -> str:

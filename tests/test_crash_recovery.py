@@ -25,7 +25,7 @@ from pki.layout import CertsLayout
 
 from dying_runner import NAME as DYING_RUNNER
 from dying_runner import TRAIN, VALIDATION, arm
-from processes import COLLABORATORS, FederationProcesses, run_federation, write_plan
+from federation_processes import COLLABORATORS, FederationProcesses, run_federation, write_plan
 
 ROUNDS = 3
 # Collaborators wait for a restarted aggregator: retries every 0.2-1 s for up to a minute.

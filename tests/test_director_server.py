@@ -20,10 +20,11 @@ import yaml
 
 from aggregator.storage import model_bytes
 from director.changes import MAX_WAIT_SECONDS
-from director.launcher import LOG_FILE, Ended, LocalLauncher
+from director.launcher import LOG_FILE, LocalLauncher
 from pki.layout import CertsLayout
 from pki.local import load_signing_ca
 from pki.requests import Role
+from processes.children import Ended
 from protos import director_pb2 as pb
 from protos import director_pb2_grpc
 
@@ -44,7 +45,7 @@ from directors import (
     stub_at,
     submitted_plan,
 )
-from processes import free_port
+from federation_processes import free_port
 from settings_runner import IMPORTED, MARKER
 from settings_runner import NAME as SETTINGS_RUNNER
 

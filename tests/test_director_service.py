@@ -18,14 +18,16 @@ import yaml
 from director import changes as changes_module
 from director.changes import Changes, Follow
 from director.config import load_config
-from director.envoys import CollaboratorReport
 from director.errors import NotFoundError
 from director.identity import Caller, Role
-from director.launcher import Ended, LocalLauncher
-from director.records import CollaboratorState, ExperimentState, ShardInfo
+from director.launcher import LocalLauncher
+from director.records import ExperimentState, ShardInfo
 from director.service import DirectorService
 from director.state import DirectorState
+from lifecycle.orders import CollaboratorReport
+from lifecycle.states import CollaboratorState
 from pki.layout import CertsLayout
+from processes.children import Ended
 
 from clocks import Clock
 from directors import ENVOYS, RecordingLauncher, submitted_plan, write_config

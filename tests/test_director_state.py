@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from director.errors import IllegalTransitionError, NotFoundError, StorageError
-from director.records import TRANSITIONS, CollaboratorState, ExperimentState, ShardInfo
+from director.records import TRANSITIONS, ExperimentState, ShardInfo
 from director.state import DirectorState
+from lifecycle.states import CollaboratorState
 
 from clocks import Clock
 

@@ -17,7 +17,6 @@ import pytest
 import yaml
 from test_disclosure import LOG
 
-from director.orders import LogOrder, StartOrder, Work
 from envoy.cli import main
 from envoy.client import DirectorClient
 from envoy.config import ConfigError, ShareWithDirector, load_config
@@ -27,12 +26,14 @@ from envoy.leave import leave
 from envoy.runtime import Backoff, EnvoyLoop
 from envoy.site import LOG_FILE, Site
 from envoy.site_plan import RefusedPlanError, site_document
-from envoy.state import NO_ROUND, SITE, TRANSITIONS, CollaboratorState, EnvoyState
+from envoy.state import NO_ROUND, SITE, EnvoyState
+from lifecycle.orders import LogOrder, StartOrder, Work
+from lifecycle.states import TRANSITIONS, CollaboratorState
 from pki.layout import CertsLayout
 
 from directors import alias_bomb_plan
 from envoys import read_all, write_envoy_config
-from processes import free_port, write_plan
+from federation_processes import free_port, write_plan
 from servers import plan_document
 
 S = CollaboratorState

@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from command.usage import fail
-from director.launcher import Ended
 from experiment.cli import main
 from pki.layout import CertsLayout
+from processes.children import Ended
 from protos import director_pb2 as pb
 
 from directors import (
