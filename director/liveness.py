@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from director.config import Liveness
+from director.config import SiteLossPolicy
 from director.records import Envoy, Experiment, SiteReport
 from lifecycle.states import CollaboratorState
 
@@ -32,7 +32,7 @@ def lost_sites(
     reports: Mapping[str, SiteReport],
     envoys: Mapping[str, Envoy],
     *,
-    liveness: Liveness,
+    liveness: SiteLossPolicy,
     health_check_seconds: float,
     now: float,
 ) -> dict[str, str]:
@@ -53,7 +53,7 @@ def lost_sites(
     return lost
 
 
-def judge(experiment: Experiment, lost: Mapping[str, str], liveness: Liveness) -> str | None:
+def judge(experiment: Experiment, lost: Mapping[str, str], liveness: SiteLossPolicy) -> str | None:
     """The liveness policy on the lost sites: the reason to fail the experiment, or None."""
     if not lost:
         return None

@@ -44,7 +44,7 @@ from director.status import abort
 from lifecycle.orders import CollaboratorReport
 from lifecycle.wire import collaborator_state_to_proto, report_from_proto, work_to_proto
 from pki.roles import peer_certificate
-from plans.loader import NAME_PATTERN, shown
+from plans.reader import NAME_PATTERN, shown
 from protos import director_pb2, director_pb2_grpc
 
 M = TypeVar("M")

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Mapping
 
-from director.config import DirectorConfig, Liveness
+from director.config import DirectorConfig, SiteLossPolicy
 from director.errors import InvalidRequestError, StorageError
 from director.experiment_plan import plan_liveness, write_director_plan
 from director.folders import ExperimentFolders
@@ -58,7 +58,7 @@ class Supervisor:
         self._clock = clock
         self._supervising = threading.Lock()
         self._going_on_without: set[tuple[str, str]] = set()  # (experiment, site) logged once
-        self._liveness_policies: dict[str, Liveness] = {}
+        self._liveness_policies: dict[str, SiteLossPolicy] = {}
         self._observed: Hashable = None
 
     def recover(self) -> None:
@@ -155,7 +155,7 @@ class Supervisor:
             self.state.transition(experiment_id, ExperimentState.RUNNING)
             logger.info("experiment %s running: every site not lost started", experiment_id)
 
-    def _liveness(self, experiment: Experiment) -> Liveness:
+    def _liveness(self, experiment: Experiment) -> SiteLossPolicy:
         """The experiment's liveness policy: its plan's `liveness` over director.yaml's (cached)."""
         key = experiment.experiment_id
         if key not in self._liveness_policies:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Final, Self, TypeVar
+from typing import Self, TypeVar
 
 import grpc
 
@@ -27,13 +27,13 @@ from pki.tls import channel_credentials
 from protos import director_pb2
 from protos.channel import client_options
 from protos.director_pb2_grpc import DirectorStub
+from retry.backoff import RETRYABLE
 
 logger = logging.getLogger(__name__)
 
 R = TypeVar("R")
 MAX_MESSAGE_BYTES = 128 * 1024 * 1024  # a heartbeat's answer carries whole plans
 LOG_MESSAGE_BYTES = 256 * 1024  # a log is sent in pieces of this size
-RETRYABLE: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
 class DirectorClient:

@@ -44,6 +44,7 @@ FOEDUS_PACKAGES = frozenset(
         "plans",
         "processes",
         "protos",
+        "retry",
         "torch_runner",
     }
 )

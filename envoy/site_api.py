@@ -41,7 +41,7 @@ from envoy.errors import (
 from envoy.progress import ProgressBook, describe
 from envoy.site import LOG_FILE, Site, review
 from envoy.site_plan import EXPERIMENT_ID, RefusedPlanError
-from plans.loader import cut, shown, values_hidden
+from plans.reader import cut, shown, values_hidden
 from processes.children import log_tail
 
 logger = logging.getLogger(__name__)

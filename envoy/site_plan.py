@@ -18,7 +18,8 @@ import yaml
 from durable.files import write_yaml
 from envoy.config import EnvoyConfig
 from envoy.errors import StateError
-from plans.loader import PlanError, parse_plan, shown, yaml_document
+from plans.loader import PlanError, parse_plan, yaml_document
+from plans.reader import shown
 from plans.site_settings import merge_site_settings
 
 PLAN_FILE = "plan.yaml"
