@@ -37,7 +37,6 @@ import numpy as np
 
 from aggregator import failpoints
 from aggregator.allocator import tune_allocator
-from aggregator.errors import ModelFileError, ServerError, StorageError
 from aggregator.file_limit import files_needed, raise_open_file_limit
 from aggregator.inspection import read_status
 from aggregator.records import Array
@@ -56,6 +55,8 @@ from pki.tls import check_tls_files
 from plans import Plan, PlanError, load_plan
 from plans.runners import RunnerError, RunnerFactory, check_runner_settings, load_runner
 from protos.dtypes import wire_dtype
+from refusals.errors import ModelFileError, StorageError
+from serving.server import ServerError
 
 HELP_WIDTH = 78
 

@@ -33,7 +33,6 @@ import numpy as np
 
 from aggregator.checks import ResultChecks
 from aggregator.closing import RoundCloser
-from aggregator.errors import InvalidRequestError, StorageError
 from aggregator.liveness import Departure, Liveness, clean_reason, reporting_threshold
 from aggregator.records import (
     Accepted,
@@ -49,6 +48,7 @@ from aggregator.records import (
 from aggregator.schedule import RoundState, Schedule
 from aggregator.store import FederationStore, MemoryStore
 from plans.schema import BestModelSettings, Limits, Plan, StragglerSettings
+from refusals.errors import InvalidRequestError, StorageError
 
 logger = logging.getLogger(__name__)
 

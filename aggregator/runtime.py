@@ -45,7 +45,6 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from aggregator.allocator import release_free_memory
-from aggregator.errors import StorageError
 from aggregator.federation import Federation
 from aggregator.health import Health
 from aggregator.metrics import Metrics
@@ -55,6 +54,7 @@ from aggregator.storage import OutputFolder
 from aggregator.store import FederationStore
 from plans import Plan
 from plans.schema import AGGREGATED_MODEL_VALIDATION, TRAIN
+from refusals.errors import StorageError
 
 logger = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ from pathlib import Path
 from urllib.parse import quote
 
 from aggregator.digest import file_digests
-from aggregator.errors import StorageError
 from aggregator.liveness import Departure
 from aggregator.record_json import record_from_json
 from aggregator.state_files import make_folder
 from aggregator.store import SavedPresence, Standing
 from durable.files import fsync_folder
+from refusals.errors import StorageError
 
 logger = logging.getLogger(__name__)
 

@@ -72,7 +72,6 @@ from pathlib import Path
 from types import TracebackType
 
 from aggregator import state_files
-from aggregator.errors import StorageError
 from aggregator.failpoints import failpoint
 from aggregator.liveness import Departure, Seen
 from aggregator.record_json import record_from_json, record_to_json
@@ -95,6 +94,7 @@ from aggregator.schema import (
 from aggregator.state_files import DATABASE, OUTPUTS, STATE_DIR, UPLOADS, StoredFile
 from aggregator.store import Recovered, Standing
 from durable.sqlite import SqliteStore
+from refusals.errors import StorageError
 
 logger = logging.getLogger(__name__)
 

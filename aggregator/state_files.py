@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aggregator.digest import file_digest
-from aggregator.errors import ModelFileError, StorageError
 from aggregator.records import Array, AveragedModel, ResultTensor, TaskResult
 from aggregator.storage import (
     BEST_MODEL,
@@ -39,6 +38,7 @@ from aggregator.storage import (
 from aggregator.upload import read_tensors_file
 from durable.files import fsync_folder, make_folders, place_file
 from durable.sqlite import hold_lock
+from refusals.errors import ModelFileError, StorageError
 
 STATE_DIR = "state"
 DATABASE = "state.sqlite"

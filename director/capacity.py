@@ -21,8 +21,8 @@ from typing import Final
 
 from admission.calls import Admission
 from director.config import DirectorLimits
-from director.errors import LimitExceededError
 from director.identity import PEOPLE, Caller, Role
+from refusals.errors import LimitExceededError
 
 # An envoy's calls that keep it registered and alive: slots of their own, apart from its uploads.
 ENVOY_CONTROL_RPCS: Final = frozenset({"RegisterEnvoy", "EnvoyHeartbeat", "ReportCollaborator"})

@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import Any
 
 from director.config import DirectorConfig, SiteLossPolicy, read_liveness
-from director.errors import InvalidRequestError, LimitExceededError, StorageError
 from durable.files import write_yaml
 from plans.loader import PlanError, load_plan, parse_plan, yaml_document
 from plans.reader import Section, safe_yaml
 from plans.runners import RunnerError, check_runner_settings, load_runner
 from plans.schema import ConnectionSettings, Plan, RunnerSettings
+from refusals.errors import InvalidRequestError, LimitExceededError, StorageError
 
 SUBMITTED = Path("submitted plan")  # how errors name the plan a person sent
 PLAN_FILE = "plan.yaml"

@@ -17,10 +17,10 @@ from collections.abc import Collection, Generator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from director.errors import InvalidRequestError, LimitExceededError, NotFoundError, StorageError
 from director.experiment_plan import PLAN_FILE
 from director.launcher import LOG_FILE
 from processes.children import log_tail
+from refusals.errors import InvalidRequestError, LimitExceededError, NotFoundError, StorageError
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""The director's records: the experiment's lifecycle table and the values `director.state`
+"""The director's records: the experiment's lifecycle table (and the refusal of a move it does not
+allow) and the values `director.state`
 stores and gives back (plain, frozen; nothing here touches a disk). A site's collaborator's
 states are the lifecycle's (`lifecycle.states`), shared with the envoy.
 """
@@ -11,6 +12,7 @@ from enum import Enum
 from types import MappingProxyType
 
 from lifecycle.states import CollaboratorState
+from refusals.errors import PreconditionError
 
 
 class ExperimentState(Enum):
@@ -46,6 +48,10 @@ TRANSITIONS: Mapping[ExperimentState, frozenset[ExperimentState]] = MappingProxy
     }
 )
 ACTIVE = frozenset({_S.WAITING, _S.RUNNING})  # holding one of max_running_experiments places
+
+
+class IllegalTransitionError(PreconditionError):
+    """An experiment was asked to move between two states its lifecycle does not connect."""
 
 
 @dataclass(frozen=True)

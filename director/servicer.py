@@ -2,7 +2,7 @@
 
 Every RPC runs under `_unary`, `_receiving` or `_streaming`: the caller is identified from its
 certificate there (the one place, `director.identity.Roster.identify`), admitted
-(`director.capacity`), and any refusal becomes its status (`director.status`). The logic is
+(`director.capacity`), and any refusal becomes its status (`refusals.grpc`, `abort`). The logic is
 the desks' (`director.envoys`, `director.people`, put together by `director.service`).
 
 So that no identity can exhaust the director, each call holds a slot of director.yaml's limits
@@ -23,29 +23,32 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import grpc
 
 from admission.calls import chunks_within
 from director.capacity import Capacity
 from director.changes import Follow
-from director.errors import InvalidRequestError, StreamTimeoutError
 from director.fields import checked_id, checked_length, checked_offset
 from director.folders import ModelUpload
 from director.identity import Caller
 from director.people import ExperimentView
 from director.records import ExperimentState, ShardInfo
 from director.service import DirectorService
-from director.status import abort
 from lifecycle.orders import CollaboratorReport
 from lifecycle.wire import collaborator_state_to_proto, report_from_proto, work_to_proto
-from pki.roles import peer_certificate
 from plans.reader import NAME_PATTERN, shown
 from protos import director_pb2, director_pb2_grpc
+from refusals.errors import InvalidRequestError, StreamTimeoutError
+from refusals.grpc import answer, status_for
+from serving.identity import peer_of
+
+logger = logging.getLogger(__name__)
 
 M = TypeVar("M")
 R = TypeVar("R")
@@ -146,12 +149,8 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
     def identify(self, context: grpc.ServicerContext) -> Caller:
         """The caller: its verified certificate's common name, given its role by director.yaml,
         and the certificate's role mark."""
-        auth = context.auth_context()
-        values: Iterable[bytes] | bytes = auth.get("x509_common_name") or []
-        if isinstance(values, bytes):
-            values = [values]
-        names = [value.decode("utf-8", "replace") for value in values]
-        return self.service.roster.identify(names, peer_certificate(auth))
+        peer = peer_of(context)
+        return self.service.roster.identify(peer.common_names, peer.certificate)
 
     @contextmanager
     def admitted(self, context: grpc.ServicerContext, rpc: str) -> Iterator[Caller]:
@@ -478,6 +477,11 @@ def _first(messages: Iterator[M], field: str) -> M:
     if first is None or not getattr(first, field):
         raise InvalidRequestError(f"{field}: required in the first message")
     return first
+
+
+def abort(context: grpc.ServicerContext, method: str, error: Exception) -> NoReturn:
+    """End the call with the error's status and a message for the caller; log what a person needs."""
+    answer(context, method, error, status_for(context, error), service="director", log=logger)
 
 
 def _id(experiment_id: str) -> str:

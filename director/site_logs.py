@@ -12,8 +12,8 @@ import threading
 import uuid
 from collections.abc import Iterable
 
-from director.errors import LimitExceededError, NotFoundError
 from lifecycle.orders import LogOrder
+from refusals.errors import LimitExceededError, NotFoundError
 
 
 class LogRendezvous:

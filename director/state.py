@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from director.changes import Changes
-from director.errors import IllegalTransitionError, NotFoundError, StorageError
 from director.records import (
     TRANSITIONS,
     Envoy,
     Experiment,
     ExperimentState,
+    IllegalTransitionError,
     ShardInfo,
     SiteReport,
 )
@@ -49,6 +49,7 @@ from director.schema import (
 )
 from durable.sqlite import SqliteStore, connect, lock_state_folder
 from lifecycle.states import CollaboratorState
+from refusals.errors import NotFoundError, StorageError
 
 DATABASE = "director.sqlite"
 LOCK = "director.lock"

@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable, Hashable, Mapping
 
 from director.config import DirectorConfig, SiteLossPolicy
-from director.errors import InvalidRequestError, StorageError
 from director.experiment_plan import plan_liveness, write_director_plan
 from director.folders import ExperimentFolders
 from director.launcher import Launcher
@@ -29,6 +28,7 @@ from director.records import ACTIVE, Experiment, ExperimentState, SiteReport
 from director.state import DirectorState
 from lifecycle.states import CollaboratorState
 from processes.children import Ended
+from refusals.errors import InvalidRequestError, StorageError
 
 logger = logging.getLogger(__name__)
 

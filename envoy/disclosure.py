@@ -44,7 +44,9 @@ FOEDUS_PACKAGES = frozenset(
         "plans",
         "processes",
         "protos",
+        "refusals",
         "retry",
+        "serving",
         "torch_runner",
     }
 )

@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from aggregator.errors import StorageError
 from aggregator.federation import Federation
 from aggregator.records import Accepted, Array, ResultTensor, TaskResult
 from aggregator.state import DurableState
 from aggregator.store import FederationStore, MemoryStore
 from plans.schema import BestModelSettings
+from refusals.errors import StorageError
 
 from clocks import Clock
 

@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from director.config import ConfigError, DirectorConfig, SiteLossPolicy, load_config
-from director.errors import InvalidRequestError, LimitExceededError
 from director.experiment_plan import OWNED, check_submitted, plan_liveness, write_director_plan
 from plans.loader import PlanError, load_plan
+from refusals.errors import InvalidRequestError, LimitExceededError
 
 REPO = Path(__file__).resolve().parent.parent
 MINIMAL = {"host": "localhost", "certs_dir": "certs", "state_dir": "state", "envoys": ["alice"]}

@@ -17,10 +17,10 @@ import yaml
 
 from director.capacity import Capacity
 from director.config import DirectorLimits
-from director.errors import LimitExceededError
 from director.identity import Caller, Role
 from pki.layout import CertsLayout
 from protos import director_pb2 as pb
+from refusals.errors import LimitExceededError
 
 from directors import (
     ENVOYS,

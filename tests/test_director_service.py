@@ -18,7 +18,6 @@ import yaml
 from director import changes as changes_module
 from director.changes import Changes, Follow
 from director.config import load_config
-from director.errors import NotFoundError
 from director.identity import Caller, Role
 from director.launcher import LocalLauncher
 from director.records import ExperimentState, ShardInfo
@@ -28,6 +27,7 @@ from lifecycle.orders import CollaboratorReport
 from lifecycle.states import CollaboratorState
 from pki.layout import CertsLayout
 from processes.children import Ended
+from refusals.errors import NotFoundError
 
 from clocks import Clock
 from directors import ENVOYS, RecordingLauncher, submitted_plan, write_config

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from director.errors import IllegalTransitionError, NotFoundError, StorageError
-from director.records import TRANSITIONS, ExperimentState, ShardInfo
+from director.records import TRANSITIONS, ExperimentState, IllegalTransitionError, ShardInfo
 from director.state import DirectorState
 from lifecycle.states import CollaboratorState
+from refusals.errors import NotFoundError, StorageError
 
 from clocks import Clock
 

@@ -16,7 +16,6 @@ import pytest
 
 from aggregator import failpoints
 from aggregator.digest import file_digest
-from aggregator.errors import PreconditionError, StorageError
 from aggregator.federation import Federation
 from aggregator.records import ResultTensor, TaskResult
 from aggregator.runtime import Runtime
@@ -27,6 +26,7 @@ from aggregator.upload import receive_upload
 from plans.schema import StragglerPolicy, StragglerSettings
 from protos import aggregator_pb2
 from protos.codec import encode_tensor
+from refusals.errors import PreconditionError, StorageError
 
 from federations import (
     AMV,

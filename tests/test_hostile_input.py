@@ -25,7 +25,6 @@ import numpy as np
 import pytest
 
 from aggregator.admission import Admission, UploadTimeoutError, chunks_within
-from aggregator.errors import LimitExceededError
 from aggregator.federation import Federation
 from aggregator.records import ResultTensor, TaskResult
 from aggregator.server import AggregatorGRPCServer
@@ -36,6 +35,7 @@ from plans.schema import TRAIN
 from protos import aggregator_pb2, aggregator_pb2_grpc, base_pb2
 from protos.codec import decode_tensor, encode_tensor
 from protos.stream import chunk_bytes, task_results_to_chunks
+from refusals.errors import LimitExceededError
 
 from conftest import Identity
 from servers import make_plan, running_aggregator, small_model

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from prometheus_client import generate_latest
 
-from aggregator.errors import InvalidRequestError
 from aggregator.federation import Federation
 from aggregator.inspection import read_status
 from aggregator.liveness import Presence
@@ -21,6 +20,7 @@ from aggregator.runtime import Outcome, Runtime
 from aggregator.schema import SCHEMA_VERSION
 from aggregator.storage import OutputFolder
 from plans.schema import StragglerPolicy, StragglerSettings
+from refusals.errors import InvalidRequestError
 
 from clocks import Clock
 from federations import (

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from aggregator.cli import main
-from aggregator.errors import StorageError
 from aggregator.federation import Federation
 from aggregator.inspection import CollaboratorStatus, FederationStatus, read_status
 from aggregator.liveness import Liveness
@@ -27,6 +26,7 @@ from aggregator.state import DurableState
 from aggregator.state_files import DATABASE, STATE_DIR
 from pki.layout import CertsLayout
 from plans import load_plan
+from refusals.errors import StorageError
 
 from old_states import named_by_sha256
 from test_aggregator_cli import serve_in_process, watchdog, write_plan

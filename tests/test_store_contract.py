@@ -10,7 +10,6 @@ import math
 import numpy as np
 import pytest
 
-from aggregator.errors import InvalidRequestError, PreconditionError
 from aggregator.fedavg import ArraySource
 from aggregator.liveness import Departure, Presence, Seen
 from aggregator.records import AveragedModel, ResultTensor, RoundCommit, RoundRecord, TaskResult
@@ -18,6 +17,7 @@ from aggregator.state import DurableState
 from aggregator.state_files import DATABASE
 from aggregator.store import FederationStore, SavedPresence
 from plans.schema import BestModelSettings, Limits, StragglerPolicy, StragglerSettings
+from refusals.errors import InvalidRequestError, PreconditionError
 
 from federations import (
     AMV,
