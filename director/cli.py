@@ -23,11 +23,11 @@ from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
 from command.output import quiet_when_stdout_closes
 from command.process import LOG_LEVELS, logging_to_stderr, stopped_by_signals
 from command.usage import BadInputError, Parser, fail, parse_arguments
-from director.config import ConfigError, DirectorConfig, load_config
 from director.server import DirectorServer
 from director.tokens import TokenStore
 from pki.errors import KeyFileError, MissingTLSFileError, PkiError
 from pki.tls import check_tls_files
+from plans.director_config import ConfigError, DirectorConfig, load_config
 from plans.runners import RunnerError, import_runner
 from refusals.errors import StorageError
 from serving.server import ServerError

@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from director.config import DirectorConfig
 from director.folders import ExperimentFolders
 from director.identity import Caller, Role
 from director.records import Experiment, ShardInfo
 from director.site_logs import LogRendezvous
 from director.state import DirectorState
 from lifecycle.orders import CollaboratorReport, StartOrder, Work
+from plans.director_config import DirectorConfig
 from refusals.errors import AuthorizationError, NotFoundError
 
 logger = logging.getLogger(__name__)

@@ -8,17 +8,18 @@ supervisor call `ExperimentFolders`; none of them opens a file itself.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
 import shutil
 from collections.abc import Collection, Generator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from director.experiment_plan import PLAN_FILE
 from director.launcher import LOG_FILE
+from durable.files import replace_file
+from history.rows import METRICS, MetricsRow, RowError, read_lines
 from processes.children import log_tail
 from refusals.errors import InvalidRequestError, LimitExceededError, NotFoundError, StorageError
 
@@ -27,7 +28,6 @@ logger = logging.getLogger(__name__)
 EXPERIMENTS = "experiments"
 INITIAL_MODEL = "initial_model.pbuf"
 OUTPUT = "output"
-METRICS = "metrics.jsonl"
 MODELS = {"best": "best_model.pbuf", "last": "last_model.pbuf"}
 LOG_TAIL_BYTES = 4096  # of an aggregator's log, read for its last line when it failed
 
@@ -91,29 +91,25 @@ class ExperimentFolders:
                 "(director.yaml limits.max_model_bytes)"
             )
         path = self.initial_model(experiment_id)
-        partial = path.with_name(f".{path.name}.part")
-        received = 0
-        try:
-            with partial.open("wb") as file:
-                for piece in model.pieces:
-                    received += len(piece)
-                    if received > model.size:
-                        raise InvalidRequestError(
-                            f"initial_model_size says {model.size} bytes, but more arrived"
-                        )
-                    file.write(piece)
-                file.flush()
-                os.fsync(file.fileno())
+
+        def receive(file: BinaryIO) -> None:
+            received = 0
+            for piece in model.pieces:
+                received += len(piece)
+                if received > model.size:
+                    raise InvalidRequestError(
+                        f"initial_model_size says {model.size} bytes, but more arrived"
+                    )
+                file.write(piece)
             if received != model.size:
                 raise InvalidRequestError(
                     f"initial_model_size says {model.size} bytes, but {received} arrived"
                 )
-            partial.replace(path)
+
+        try:
+            replace_file(path, receive)  # nothing at `path` unless every byte declared arrived
         except OSError as error:
             raise StorageError(f"{path}: cannot write: {error.strerror}") from None
-        finally:
-            with contextlib.suppress(OSError):
-                partial.unlink()
 
     def plan_text(self, experiment_id: str) -> str:
         """The plan the director wrote for the experiment's aggregator and sites."""
@@ -127,24 +123,18 @@ class ExperimentFolders:
         """The aggregator's metrics.jsonl lines, as written (none: none yet)."""
         path = self.folder(experiment_id) / OUTPUT / METRICS
         try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return []
-        except (OSError, UnicodeDecodeError) as error:
+            return read_lines(path)  # whole lines only: the aggregator may be writing the last
+        except OSError as error:
             raise StorageError(f"{path}: cannot read: {error}") from None
-        # Only whole lines: the aggregator may be writing the last one.
-        return text.split("\n")[:-1]
 
     def rounds_completed(self, experiment_id: str) -> int:
         """Training rounds in metrics.jsonl (the final validation's row is not one)."""
         count = 0
         for line in self.metric_lines(experiment_id):
             try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and not row.get("final_validation"):
-                count += 1
+                count += not MetricsRow.parse(line).final_validation
+            except RowError:
+                continue  # not a row: no round
         return count
 
     def log_chunk(self, experiment_id: str, offset: int, max_bytes: int) -> bytes:

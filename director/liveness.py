@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from director.config import SiteLossPolicy
 from director.records import Envoy, Experiment, SiteReport
 from lifecycle.states import CollaboratorState
+from plans.director_config import SiteLossPolicy
 
 OFFLINE = "offline"  # why a site is lost when its envoy has been offline past the grace
 # A site whose collaborator is in one of these has ended for good: lost to the experiment.

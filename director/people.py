@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from director.changes import Follow
-from director.config import DirectorConfig
 from director.experiment_plan import check_submitted
 from director.folders import ExperimentFolders, ModelDownload, ModelUpload
 from director.identity import PEOPLE, Caller, Role
@@ -24,6 +23,7 @@ from director.site_logs import LogRendezvous
 from director.state import DirectorState
 from director.supervisor import Supervisor
 from lifecycle.states import CollaboratorState
+from plans.director_config import DirectorConfig
 from refusals.errors import AuthorizationError, NotFoundError, PreconditionError, UnavailableError
 
 logger = logging.getLogger(__name__)

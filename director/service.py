@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from director.config import DirectorConfig
 from director.envoys import EnvoyDesk
 from director.folders import ExperimentFolders
 from director.identity import Caller, Roster
@@ -31,6 +30,7 @@ from director.records import Envoy
 from director.site_logs import LogRendezvous
 from director.state import DirectorState
 from director.supervisor import Supervisor
+from plans.director_config import DirectorConfig
 
 
 class DirectorService:

@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Mapping
 
-from director.config import DirectorConfig, SiteLossPolicy
 from director.experiment_plan import plan_liveness, write_director_plan
 from director.folders import ExperimentFolders
 from director.launcher import Launcher
@@ -27,6 +26,7 @@ from director.liveness import judge, lost_sites, said
 from director.records import ACTIVE, Experiment, ExperimentState, SiteReport
 from director.state import DirectorState
 from lifecycle.states import CollaboratorState
+from plans.director_config import DirectorConfig, SiteLossPolicy
 from processes.children import Ended
 from refusals.errors import InvalidRequestError, StorageError
 

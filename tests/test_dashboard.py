@@ -17,13 +17,14 @@ import pytest
 import yaml
 
 from director import cli
-from director.config import ConfigError, load_config
 from director.dashboard import metric_series
-from director.folders import METRICS, OUTPUT
+from director.folders import OUTPUT
 from director.launcher import LOG_FILE
 from director.server import DirectorServer
 from director.tokens import TOKENS_FILE, TokenStore
+from history.rows import METRICS
 from pki.layout import CertsLayout
+from plans.director_config import ConfigError, load_config
 from plans.schema import Address
 from protos import director_pb2 as pb
 from serving.server import ServerError

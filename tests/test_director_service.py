@@ -17,7 +17,6 @@ import yaml
 
 from director import changes as changes_module
 from director.changes import Changes, Follow
-from director.config import load_config
 from director.identity import Caller, Role
 from director.launcher import LocalLauncher
 from director.records import ExperimentState, ShardInfo
@@ -26,6 +25,7 @@ from director.state import DirectorState
 from lifecycle.orders import CollaboratorReport
 from lifecycle.states import CollaboratorState
 from pki.layout import CertsLayout
+from plans.director_config import load_config
 from processes.children import Ended
 from refusals.errors import NotFoundError
 
