@@ -12,11 +12,8 @@ from right after its caller is identified until it ends, and one past them is re
 registrations and reports count apart from its log uploads, so that they always have slots of
 their own. A stream sent to the director (a submitted model, an uploaded log) that sends nothing
 for `limits.idle_stream_seconds` ends with DEADLINE_EXCEEDED (`admission.calls.chunks_within`).
-`director.server` sizes its worker threads so that every admitted call has one.
-
-A followed stream (WatchExperiment, GetMetricStream and GetLogs with follow) is the people's
-desk's generator; between reads it waits for the director's next change (`director.changes`),
-until its call ends (cancelled, or past its deadline) or the server stops.
+`director.server` sizes its worker threads so that every admitted call has one. A followed
+stream waits between reads for the director's next change (`_follow`, `director.changes`).
 """
 
 from __future__ import annotations
@@ -169,13 +166,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
         context: grpc.ServicerContext,
     ) -> director_pb2.RegisterEnvoyResponse:
         """An envoy registers its shard."""
-        _shard_checked(request.shard, request.version)
-        shard = ShardInfo(
-            description=request.shard.description,
-            train_samples=request.shard.train_samples,
-            valid_samples=request.shard.valid_samples,
-            labels=dict(request.shard.labels),
-        )
+        shard = _shard(request.shard, request.version)
         period = self.envoys.register(caller, shard, request.version)
         return director_pb2.RegisterEnvoyResponse(health_check_seconds=period)
 
@@ -416,7 +407,9 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
         return experiment_to_wire(view)
 
     def _follow(self, context: grpc.ServicerContext) -> Follow:
-        """A followed stream's bounds: over when its call ends or the server stops."""
+        """A followed stream's bounds (WatchExperiment, GetMetricStream and GetLogs with follow,
+        the people's desk's generators): over when its call ends (cancelled, or past its
+        deadline) or the server stops."""
         ended = threading.Event()
 
         def end() -> None:
@@ -493,8 +486,8 @@ def _reason(text: str) -> str:
     return checked_length("reason", text, MAX_REASON)
 
 
-def _shard_checked(shard: director_pb2.ShardInfo, version: str) -> None:
-    """A registration's free text, bounded: it is kept and shown to every person."""
+def _shard(shard: director_pb2.ShardInfo, version: str) -> ShardInfo:
+    """A registration's shard, its free text bounded: it is kept and shown to every person."""
     checked_length("shard.description", shard.description, MAX_DESCRIPTION)
     checked_length("version", version, MAX_DESCRIPTION)
     if len(shard.labels) > MAX_LABELS:
@@ -502,3 +495,9 @@ def _shard_checked(shard: director_pb2.ShardInfo, version: str) -> None:
     for key, value in shard.labels.items():
         checked_length("shard.labels key", key, MAX_DESCRIPTION)
         checked_length(f"shard.labels.{shown(key)}", value, MAX_DESCRIPTION)
+    return ShardInfo(
+        description=shard.description,
+        train_samples=shard.train_samples,
+        valid_samples=shard.valid_samples,
+        labels=dict(shard.labels),
+    )
