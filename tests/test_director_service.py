@@ -17,6 +17,7 @@ import yaml
 
 from director import changes as changes_module
 from director.changes import Changes, Follow
+from director.folders import ExperimentFolders, ModelUpload
 from director.identity import Caller, Role
 from director.launcher import LocalLauncher
 from director.records import ExperimentState, ShardInfo
@@ -27,7 +28,7 @@ from lifecycle.states import CollaboratorState
 from pki.layout import CertsLayout
 from plans.director_config import load_config
 from processes.children import Ended
-from refusals.errors import NotFoundError
+from refusals.errors import InvalidRequestError, NotFoundError
 
 from clocks import Clock
 from directors import ENVOYS, RecordingLauncher, submitted_plan, write_config
@@ -574,3 +575,22 @@ def test_the_supervisor_signals_what_changes_outside_the_state(harness: Harness)
     harness.clock.now += 10  # every envoy silent past two health periods: offline
     harness.service.supervisor.observe()
     assert changes.count == seen + 2
+
+
+# -- the experiments' folders --------------------------------------------------------------------
+
+
+def test_a_submitted_model_is_kept_only_when_every_declared_byte_arrived(tmp_path: Path) -> None:
+    """Fewer bytes than declared: refused, nothing left in the folder (no temporary either); all
+    of them: the model; a model asked for once its file is gone: NOT_FOUND's refusal."""
+    folders = ExperimentFolders(tmp_path)
+    folders.make("e")
+    with pytest.raises(InvalidRequestError, match="says 5 bytes, but 3 arrived"):
+        folders.receive_model("e", ModelUpload(5, [b"abc"]), limit=10)
+    assert list(folders.folder("e").iterdir()) == []
+    folders.receive_model("e", ModelUpload(3, [b"ab", b"c"]), limit=10)
+    assert folders.initial_model("e").read_bytes() == b"abc"
+    with pytest.raises(
+        NotFoundError, match=r"the best model is gone \(the experiment was removed\)"
+    ):
+        folders.model("e", "best", 4)
