@@ -12,7 +12,14 @@ from sklearn.datasets import load_digits  # type: ignore[import-untyped, unused-
 
 from pki.layout import CertsLayout
 
-from processes import COLLABORATORS, REPO, FederationProcesses, final_accuracy, write_plan
+from processes import (
+    COLLABORATORS,
+    REPO,
+    FederationProcesses,
+    child_python_path,
+    final_accuracy,
+    write_plan,
+)
 
 
 def readme_block(marker: str) -> str:
@@ -68,7 +75,7 @@ def federate_sites(
     model learns (accuracy >= 0.9). Its output is under `folder`/run."""
     plan = write_plan(folder / "run", certs, 5, runner=runner)
     federation = FederationProcesses(plan, folder / "run")
-    environment = {"PYTHONPATH": str(folder)}
+    environment = {"PYTHONPATH": child_python_path(folder)}
     try:
         federation.start("aggregator", env=environment)
         for name in COLLABORATORS:
