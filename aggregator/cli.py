@@ -47,11 +47,11 @@ from aggregator.storage import OutputFolder, read_model
 from command.arguments import add_log_level, command, command_main, program
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
 from command.process import run_service, stopped_by_signals
-from command.tls import tls_files_problem
 from command.usage import BadInputError, fail
 from pki.binding import binding_problem
 from pki.errors import PkiError
 from pki.files import read_certificate
+from pki.tls import tls_files_problem
 from plans import Plan, PlanError, load_plan
 from plans.runners import RunnerError, RunnerFactory, check_runner_settings, load_runner
 from protos.dtypes import wire_dtype
@@ -220,14 +220,11 @@ def _check_tls_files(plan: Plan) -> None:
     certs = plan.tls.certs
     if certs is None:
         return
-    files = (
-        ("CA bundle", certs.ca_bundle),
-        ("aggregator certificate", certs.aggregator_cert),
-        ("aggregator private key", certs.aggregator_key),
-    )
     problem = tls_files_problem(
-        files,
+        certs.ca_bundle,
+        certs.aggregator_cert,
         certs.aggregator_key,
+        named="aggregator {}",
         where=f"{plan.path}: tls.certs_dir",
         make=f"run 'pki setup --plan {plan.path}'",
     )

@@ -35,9 +35,9 @@ from collaborator.loop import CollaboratorError, run_collaborator
 from command.arguments import add_log_level, command, command_main, program
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
 from command.process import stderr_log_handler
-from command.tls import tls_files_problem
 from command.usage import UsageError, fail, fail_each, unexpected
 from pki.errors import PkiError
+from pki.tls import tls_files_problem
 from plans import Plan, PlanError, load_plan
 from plans.runners import RunnerError, TaskRunner, load_runner
 from plans.site_settings import SiteSettingsError, plan_with_site_settings
@@ -210,16 +210,14 @@ def _check_tls_files(plan: Plan, name: str) -> None:
         )
         return
     try:
-        files = (
-            ("CA bundle", certs.ca_bundle),
-            (f"certificate of {name!r}", certs.collaborator_cert(name)),
-            (f"private key of {name!r}", certs.collaborator_key(name)),
-        )
+        cert, key = certs.collaborator_cert(name), certs.collaborator_key(name)
     except PkiError as error:
         raise UsageError(f"{plan.path}: tls.certs_dir: {error}") from None
     problem = tls_files_problem(
-        files,
-        certs.collaborator_key(name),
+        certs.ca_bundle,
+        cert,
+        key,
+        named=f"{{}} of {name!r}",
         where=f"{plan.path}: tls.certs_dir",
         make=f"run 'pki setup --plan {plan.path}'",
     )

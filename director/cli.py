@@ -20,13 +20,13 @@ from pathlib import Path
 from command.arguments import add_log_level, command, command_main, program
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
 from command.process import run_service, stopped_by_signals
-from command.tls import tls_files_problem
 from command.usage import BadInputError, fail
 from director.config import ConfigError, DirectorConfig, load_config
 from director.errors import StorageError
 from director.server import DirectorServer, ServerError
 from director.tokens import TokenStore
 from pki.errors import PkiError
+from pki.tls import tls_files_problem
 from plans.runners import RunnerError, import_runner
 
 logger = logging.getLogger(__name__)
@@ -144,13 +144,9 @@ def _dashboard_token(config_path: Path, name: str, *, revoke: bool) -> int:
 def _check_tls_files(config: DirectorConfig) -> None:
     """Every TLS file the director serves with is there and readable, its key private."""
     certs = config.certs
-    files = (
-        ("CA bundle", certs.ca_bundle),
-        ("certificate", certs.aggregator_cert),
-        ("private key", certs.aggregator_key),
-    )
     problem = tls_files_problem(
-        files,
+        certs.ca_bundle,
+        certs.aggregator_cert,
         certs.aggregator_key,
         where=f"{config.path}: certs_dir",
         make=f"run 'pki setup --director {config.path}'",
