@@ -42,6 +42,19 @@ def child_python_path(*folders: Path) -> str:
     return os.pathsep.join(part for part in parts if part)
 
 
+def run_module(module: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`python -m MODULE ARGS` from the repository, as a person runs a command; its output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": child_python_path()},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def write_plan(
     folder: Path, certs: CertsLayout, rounds: int, **sections: Mapping[str, Any]
 ) -> Path:

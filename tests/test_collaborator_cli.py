@@ -29,7 +29,7 @@ from plans import Plan
 from plans.runners import Model, RunnerError, TrainOutcome
 
 from directors import alias_bomb_plan
-from processes import free_port
+from processes import free_port, run_module
 from servers import (
     closing_rounds,
     make_federation,
@@ -82,14 +82,7 @@ def test_help_at_each_level_exits_zero(capsys: pytest.CaptureFixture[str]) -> No
 
 def test_python_m_collaborator_help() -> None:
     """`python -m collaborator --help` runs the command line and exits 0."""
-    done = subprocess.run(
-        [sys.executable, "-m", "collaborator", "--help"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_module("collaborator", "--help")
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: collaborator")
 
