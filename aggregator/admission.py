@@ -3,7 +3,7 @@
 Both limits come from the plan (`limits.max_calls_per_collaborator`, `limits.upload_seconds`) and
 exist so that one collaborator, hostile or broken, cannot take the worker threads every other
 collaborator needs. The mechanism is the shared `admission.calls` (the director's too); this
-module gives it the plan's keys and the aggregator's errors, which `aggregator.status` maps to
+module gives it the plan's keys and its refusals, which `refusals.grpc` answers
 RESOURCE_EXHAUSTED and DEADLINE_EXCEEDED.
 """
 
@@ -13,12 +13,12 @@ from collections.abc import Generator, Iterator
 from typing import TypeVar
 
 from admission import calls
-from aggregator.errors import AggregatorError, LimitExceededError
+from refusals.errors import LimitExceededError, StreamTimeoutError
 
 T = TypeVar("T")
 
 
-class UploadTimeoutError(AggregatorError):
+class UploadTimeoutError(StreamTimeoutError):
     """An upload stream did not end within the plan's `limits.upload_seconds`."""
 
 

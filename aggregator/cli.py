@@ -37,11 +37,11 @@ import numpy as np
 
 from aggregator import failpoints
 from aggregator.allocator import tune_allocator
-from aggregator.errors import ModelFileError, ServerError, StorageError
 from aggregator.file_limit import files_needed, raise_open_file_limit
-from aggregator.inspection import NotAStateError, read_status
+from aggregator.inspection import read_status
 from aggregator.records import Array
 from aggregator.runtime import serve
+from aggregator.schema import NotAStateError
 from aggregator.state import DurableState, ForeignStateError
 from aggregator.storage import OutputFolder, read_model
 from command.arguments import add_log_level, command, command_main, program
@@ -55,6 +55,8 @@ from pki.tls import tls_files_problem
 from plans import Plan, PlanError, load_plan
 from plans.runners import RunnerError, RunnerFactory, check_runner_settings, load_runner
 from protos.dtypes import wire_dtype
+from refusals.errors import ModelFileError, StorageError
+from serving.server import ServerError
 
 HELP_WIDTH = 78
 
@@ -183,7 +185,7 @@ def _start(plan_path: Path, *, reset: bool) -> int:
     stop = threading.Event()
     with state, stopped_by_signals(stop, logger) as received:
         try:
-            outcome = serve(plan, None, output, stop, out=sys.stdout, state=state)
+            outcome = serve(plan, state, output, stop, out=sys.stdout)
         except PkiError as error:  # read by the server when it starts, before anything is served
             raise BadInputError(f"{plan.path}: tls.certs_dir: {error}") from None
     logger.info("aggregator exits after %d closed rounds", outcome.rounds_closed)

@@ -5,9 +5,9 @@ the next global model, and each task's metrics into weighted means; each reporte
 are kept beside them (`RoundRecord.sites`). The plan's best-model metric is tracked here too
 (`Best`).
 
-A round's close is made durable in two steps: `ResultStore.decide_close` fixes who reported (so
+A round's close is made durable in two steps: `FederationStore.decide_close` fixes who reported (so
 a round killed while aggregating is recomputed from the very same results), then
-`ResultStore.commit_round` moves to the next round with its model, the round's record and the
+`FederationStore.commit_round` moves to the next round with its model, the round's record and the
 best score. The new model is handed to it still to be averaged (`AveragedModel`): the store
 averages it a slice at a time into wherever it keeps it and hands it back as kept
 (`DurableState`: its file, mapped), so no copy of the model is made in memory. Aggregation runs
@@ -38,7 +38,7 @@ from aggregator.records import (
     SiteMetrics,
 )
 from aggregator.schedule import RoundState, Schedule
-from aggregator.store import ResultStore
+from aggregator.store import FederationStore
 from plans.schema import AGGREGATED_MODEL_VALIDATION, TRAIN, BestModelSettings
 
 
@@ -52,7 +52,7 @@ class RoundCloser:
     def __init__(
         self,
         schedule: Schedule,
-        store: ResultStore,
+        store: FederationStore,
         clock: Callable[[], float],
         round_changed: threading.Condition,
     ) -> None:

@@ -22,12 +22,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
-from aggregator.errors import StorageError
 from aggregator.mapped import FileRange, copy_range, mapped_range, write_all
 from aggregator.records import Array
 from protos import aggregator_pb2, base_pb2
 from protos.codec import encode_tensor, encode_tensor_meta_into, tensor_bytes
 from protos.stream import CHUNK_BYTES, field_prefix
+from refusals.errors import StorageError
 
 MODEL_TAGS: Final = ("aggregated", "model")
 _CHUNK_DATA_FIELD: Final = aggregator_pb2.ModelChunk.DATA_FIELD_NUMBER

@@ -8,11 +8,12 @@ the parts that each do one job: `aggregator.checks` refuses what arrives,
 leaving, the final validation round), `aggregator.closing` closes it (averaging, the best model).
 
 Every check runs before anything is stored, and a resend of an accepted result is recognised and
-counted once (`aggregator.checks` says which results are refused). A collaborator's departure (`leave`) is made durable (`ResultStore.record_leave`)
-before `Leave` is answered; a resend changes nothing. Any later call of its but `Leave` and
-`Heartbeat` rejoins it (`rejoin`, durable too), and it is awaited again from the next decision on.
+counted once (`aggregator.checks` says which results are refused). A collaborator's departure
+(`leave`) is made durable (`FederationStore.record_leave`) before `Leave` is answered; a resend
+changes nothing. Any later call of its but `Leave` and `Heartbeat` rejoins it (`rejoin`, durable
+too), and it is awaited again from the next decision on.
 
-Where results live: a `ResultStore`. `MemoryStore` (the default) keeps them in memory;
+Where results live: a `FederationStore`. `MemoryStore` (the default) keeps them in memory;
 `aggregator.state.DurableState` writes them to disk so that a restarted aggregator resumes
 (`Progress` is what it recovers). The order of an accept is: every check in memory, then
 `stage` (the tensors are written where they survive), then, under the lock and after checking
@@ -32,7 +33,6 @@ import numpy as np
 
 from aggregator.checks import ResultChecks
 from aggregator.closing import RoundCloser
-from aggregator.errors import InvalidRequestError, StorageError
 from aggregator.liveness import Departure, Liveness, clean_reason, reporting_threshold
 from aggregator.records import (
     Accepted,
@@ -46,8 +46,9 @@ from aggregator.records import (
     TaskResult,
 )
 from aggregator.schedule import RoundState, Schedule
-from aggregator.store import MemoryStore, ResultStore
+from aggregator.store import FederationStore, MemoryStore
 from plans.schema import BestModelSettings, Limits, Plan, StragglerSettings
+from refusals.errors import InvalidRequestError, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class Federation:
         clock: Callable[[], float] = time.monotonic,
         best_model: BestModelSettings | None = None,
         limits: Limits | None = None,
-        store: ResultStore | None = None,
+        store: FederationStore | None = None,
         progress: Progress | None = None,
         liveness: Liveness | None = None,
         heartbeat_seconds: float = 10.0,
@@ -92,7 +93,7 @@ class Federation:
         self.rounds = rounds
         self.final_validation = self.schedule.final_validation
         self.best_model = best_model
-        self.store: ResultStore = store if store is not None else MemoryStore()
+        self.store: FederationStore = store if store is not None else MemoryStore(model)
         self._checks = ResultChecks(self.schedule, limits or Limits())
         self._wall = wall
         self.liveness = liveness or Liveness(
@@ -130,7 +131,7 @@ class Federation:
         model: Mapping[str, Array],
         *,
         clock: Callable[[], float] = time.monotonic,
-        store: ResultStore | None = None,
+        store: FederationStore | None = None,
         progress: Progress | None = None,
     ) -> Federation:
         """The federation a plan describes, starting from `model` (or resuming at `progress`)."""
@@ -313,7 +314,7 @@ class Federation:
         """Accept a task's results; False when it is a resend of one already accepted.
 
         Refusals and resends are decided before anything is written; an accepted result is in
-        the store for good (`ResultStore.record`) before this returns True.
+        the store for good (`FederationStore.record`) before this returns True.
         """
         with self._lock:  # the cheap refusals first; checked again below
             if self._state.is_resend(result.collaborator, result.round_number, result.task_name):

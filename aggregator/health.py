@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from aggregator.errors import StorageError
+from refusals.errors import StorageError
 
 logger = logging.getLogger(__name__)
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from aggregator.errors import AuthenticationError, AuthorizationError
 from pki.requests import Role
 from pki.roles import PeerCertificate, role_refusal
+from refusals.errors import AuthorizationError
+from serving.identity import caller_name
 
 
 @dataclass(frozen=True)
@@ -40,12 +41,9 @@ class Gatekeeper:
         """The authorised collaborator behind a TLS peer, or None when the server runs insecure."""
         if not self.tls:
             return None
-        if len(peer_common_names) != 1 or not peer_common_names[0]:
-            raise AuthenticationError(
-                "no usable client certificate: the aggregator requires a certificate with one "
-                "common name, issued by this federation's CA"
-            )
-        name = peer_common_names[0]
+        name = caller_name(
+            peer_common_names, service="the aggregator", issuer="this federation's CA"
+        )
         if name not in self.collaborators:
             raise AuthorizationError(
                 f"certificate common name {name!r} is not an authorised collaborator of "

@@ -1,7 +1,8 @@
 """``aggregator status``: where a federation stands, read from its durable state, no RPC.
 
-It reads ``aggregator.output_dir/state/state.sqlite`` (`aggregator.state`) read-only, in one
-read transaction, so it sees one consistent moment and works whether the aggregator runs or not:
+It reads ``aggregator.output_dir/state/state.sqlite`` through the store, read-only
+(`aggregator.state.DurableState.read_standing`), in one read transaction, so it sees one
+consistent moment and works whether the aggregator runs or not:
 
 * running (it holds the folder's lock): the database is opened read-only; in WAL mode a reader
   never blocks the writer and writes nothing;
@@ -20,28 +21,20 @@ before it answers `Leave`, so it is never late. Times are UTC.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import fcntl
-import os
-import sqlite3
 import time
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
-from aggregator.errors import StorageError
-from aggregator.liveness import NO_REASON, Presence, reporting_threshold
+from aggregator.liveness import NO_REASON, Departure, Presence, reporting_threshold
 from aggregator.records import RoundRecord
-from aggregator.state import DATABASE, SCHEMA_VERSION, STATE_DIR, record_from_json
+from aggregator.schema import NotAStateError
+from aggregator.state import DurableState
+from aggregator.state_files import DATABASE, STATE_DIR
+from aggregator.store import SavedPresence
 from plans import Plan
 from plans.schema import AGGREGATED_MODEL_VALIDATION
-
-
-class NotAStateError(Exception):
-    """The folder holds no foedus state of this plan's federation; the message says what is there."""
 
 
 @dataclass(frozen=True)
@@ -197,158 +190,70 @@ def read_status(plan: Plan) -> FederationStatus:
     """The status of `plan`'s federation from its state; `NotAStateError`, `StorageError`."""
     folder = plan.aggregator.output_dir
     root = folder / STATE_DIR
-    database = root / DATABASE
-    if not database.is_file():
+    standing = DurableState.read_standing(folder)
+    if standing is None:
         raise NotAStateError(
             f"{root}: no aggregator state there (aggregator.output_dir of {plan.path}; "
             f"'aggregator start --plan {plan.path}' makes it)"
         )
-    with _probe(folder) as running:
-        rows = _read(database, running)
-    federation, results, presence, record, departures = rows
-    if federation is None:
-        raise NotAStateError(f"{database}: not a foedus aggregator state (no federation row)")
-    uuid, round_number, closing = federation
-    if uuid != plan.federation.uuid:
+    if standing.uuid != plan.federation.uuid:
         raise NotAStateError(
-            f"{database}: the state of federation {uuid!r}, not of this plan's "
+            f"{root / DATABASE}: the state of federation {standing.uuid!r}, not of this plan's "
             f"{plan.federation.uuid!r}"
         )
     rounds = plan.federation.rounds
+    round_number = standing.round_number
     total = rounds + (1 if AGGREGATED_MODEL_VALIDATION in plan.tasks else 0)
     round_tasks = (AGGREGATED_MODEL_VALIDATION,) if round_number >= rounds else plan.tasks
     sent: dict[str, list[str]] = {}
-    for collaborator, task in results:
+    for collaborator, task in standing.results:
         sent.setdefault(collaborator, []).append(task)
-    saved = {row[0]: row for row in presence}
-    left = {name: (reason, since) for name, reason, since in departures}
+    saved = {row.name: row for row in standing.presence}
+    left = {departure.name: departure for departure in standing.departures}
     names = list(plan.collaborators) + sorted(set(saved) - set(plan.collaborators))
     collaborators = tuple(
         CollaboratorStatus(
             name=name,
             presence=_presence_of(name, saved, left),
-            since=left[name][1] if name in left else saved[name][2] if name in saved else None,
-            last_seen=saved[name][3] if name in saved else None,
+            since=left[name].since
+            if name in left
+            else saved[name].since
+            if name in saved
+            else None,
+            last_seen=saved[name].last_seen if name in saved else None,
             results=tuple(sorted(sent.get(name, ()))),
-            reason=left[name][0] if name in left else None,
+            reason=left[name].reason if name in left else None,
         )
         for name in names
     )
     offline_after = plan.straggler.offline_after_seconds
     return FederationStatus(
         name=plan.federation.name,
-        uuid=uuid,
+        uuid=standing.uuid,
         state=root,
-        running=running,
+        running=standing.running,
         round_number=round_number,
         rounds=rounds,
         total_rounds=total,
         round_tasks=round_tasks,
-        closing=closing is not None,
+        closing=standing.closing,
         collaborators=collaborators,
         offline_after_seconds=offline_after
         or reporting_threshold(plan.connection.heartbeat_seconds),
-        presence_saved=max((row[4] for row in presence), default=None),
-        last_round=None if record is None else record_from_json(record),
+        presence_saved=max((row.saved for row in standing.presence), default=None),
+        last_round=standing.last_round,
     )
 
 
-_Rows = tuple[
-    tuple[str, int, str | None] | None,
-    Sequence[tuple[str, str]],
-    Sequence[tuple[str, str, float, float | None, float]],
-    str | None,
-    Sequence[tuple[str, str, float]],
-]
-
-
-def _read(database: Path, running: bool) -> _Rows:
-    """Every row status needs, in one read transaction."""
-    wal = database.with_name(database.name + "-wal")
-    mode = "mode=ro" if running or wal.exists() else "mode=ro&immutable=1"
-    try:
-        connection = sqlite3.connect(
-            f"file:{quote(str(database))}?{mode}", uri=True, timeout=5, isolation_level=None
-        )
-    except sqlite3.Error as error:
-        raise StorageError(f"{database}: cannot open: {error}") from None
-    try:
-        connection.execute("PRAGMA query_only = ON")
-        version = connection.execute("PRAGMA user_version").fetchone()[0]
-        if not 1 <= version <= SCHEMA_VERSION:
-            raise NotAStateError(
-                f"{database}: not a foedus aggregator state this version reads "
-                f"(schema version {version})"
-            )
-        connection.execute("BEGIN")
-        federation = connection.execute(
-            "SELECT uuid, round, closing FROM federation WHERE id = 1"
-        ).fetchone()
-        results = []
-        if federation is not None:
-            results = connection.execute(
-                "SELECT collaborator, task FROM results WHERE round = ? ORDER BY collaborator, task",
-                (federation[1],),
-            ).fetchall()
-        presence = (
-            connection.execute(
-                "SELECT collaborator, presence, since, last_seen, saved FROM presence"
-            ).fetchall()
-            if version >= 2  # version 1 (an aggregator before presence) saved none
-            else []
-        )
-        row = connection.execute(
-            "SELECT record FROM closed_rounds ORDER BY round DESC LIMIT 1"
-        ).fetchone()
-        departures = (
-            connection.execute(
-                "SELECT collaborator, reason, since FROM departures ORDER BY collaborator"
-            ).fetchall()
-            if version >= 4  # versions before 4 kept no departures
-            else []
-        )
-        connection.execute("COMMIT")
-    except sqlite3.DatabaseError as error:
-        if isinstance(error, sqlite3.OperationalError) and "locked" in str(error):
-            raise StorageError(f"{database}: cannot read now: {error}") from None
-        raise NotAStateError(f"{database}: not a foedus aggregator state ({error})") from None
-    finally:
-        connection.close()
-    return federation, results, presence, None if row is None else row[0], departures
-
-
-@contextlib.contextmanager
-def _probe(folder: Path) -> Iterator[bool]:
-    """Whether an aggregator runs on `folder` (holds its lock); if not, keep it from starting
-    while inside."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError as error:
-        raise StorageError(f"{folder}: cannot open: {error.strerror or error}") from None
-    try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield True
-        else:
-            yield False
-    finally:
-        os.close(descriptor)  # releases the lock
-
-
-def _presence_of(
-    name: str,
-    saved: dict[str, tuple[str, str, float, float | None, float]],
-    left: dict[str, tuple[str, float]],
-) -> str:
+def _presence_of(name: str, saved: dict[str, SavedPresence], left: dict[str, Departure]) -> str:
     """`name`'s presence: left as the departures say, else as last saved."""
     if name in left:
         return Presence.LEFT.value
     if name not in saved:
         return "unknown"
-    if saved[name][1] == Presence.LEFT.value:
+    if saved[name].presence == Presence.LEFT.value:
         return Presence.ONLINE.value  # rejoined (by calling) since the presence was saved
-    return saved[name][1]
+    return saved[name].presence
 
 
 def _iso(moment: float | None) -> str | None:

@@ -7,24 +7,22 @@ Prometheus expects: they start at 0 when the aggregator starts; `foedus_round` s
 federation stands.
 
 The hot paths stay cheap: bytes are counted once per transfer (an upload, a model stream, a
-tensor), never per chunk. `MetricsServer` is prometheus-client's HTTP server on the plan's
-`aggregator.metrics_address`, its own thread, started and stopped with the aggregator; it
-serves only this registry (never the process-wide default one). Its base, `RegistryServer`, is
-also the director's metrics endpoint (`director.metrics`).
+tensor), never per chunk. `MetricsServer` serves this registry on the plan's
+`aggregator.metrics_address` (`serving.metrics.RegistryServer`: prometheus-client's HTTP server
+in its own thread), started and stopped with the aggregator.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterator, Mapping
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from plans.schema import Address
+from serving.metrics import RegistryServer
 
 logger = logging.getLogger(__name__)
 
@@ -122,57 +120,11 @@ class Metrics:
             self.download_bytes.inc(size)
 
 
-class RegistryServer:
-    """prometheus-client's HTTP server for one registry on `address`, in its own thread.
-
-    The aggregator's `MetricsServer` and the director's metrics endpoint are both this: `what`
-    names the metrics in the log line, logged on `log` (the owner's logger).
-    """
-
-    def __init__(
-        self,
-        registry: CollectorRegistry,
-        address: Address,
-        what: str = "metrics",
-        log: logging.Logger = logger,
-    ) -> None:
-        """Serve `registry` on `address` once started."""
-        self.registry = registry
-        self.address = address
-        self.port = 0
-        self._what = what
-        self._log = log
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> int:
-        """Listen and serve; returns the port (the chosen one when the address says 0).
-
-        `OSError` when the address cannot be bound (in use, not this machine's).
-        """
-        self._server, self._thread = start_http_server(
-            self.address.port, addr=self.address.host, registry=self.registry
-        )
-        self.port = int(self._server.server_address[1])
-        self._log.info("%s on http://%s/metrics", self._what, self.address.with_port(self.port))
-        return self.port
-
-    def stop(self) -> None:
-        """Stop serving and close the socket."""
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join()
-        self._server = self._thread = None
-
-
 class MetricsServer(RegistryServer):
     """prometheus-client's HTTP server for `metrics`' registry on `address`, in its own thread."""
 
     def __init__(self, metrics: Metrics, address: Address) -> None:
-        super().__init__(metrics.registry, address)
+        super().__init__(metrics.registry, address, log=logger)
         self.metrics = metrics
 
 

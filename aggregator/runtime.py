@@ -7,8 +7,9 @@ saves `last_model.pbuf`, `best_model.pbuf` when the plan's best-model metric imp
 final global model's accuracy, then ends once every collaborator has been told to quit, or
 `aggregator.quit_grace_seconds` later (a collaborator that died must not keep it alive).
 `serve` puts the gRPC server around that loop. The loop also watches who is online
-(`aggregator.liveness`): transitions go to the log, and, with a durable state, to the state for
+(`aggregator.liveness`): transitions go to the log, and to the federation's store for
 ``aggregator status`` (on a transition, at most once a second; otherwise every few seconds).
+The runtime reaches the state only through the federation's store (`aggregator.store`).
 
 When no round can close any more because too many collaborators have left (the foedus `Leave`
 RPC; `Federation.stranded`) and none has rejoined for `STRANDED_GRACE_SECONDS` (an envoy that
@@ -21,8 +22,8 @@ committed, the health turns NOT_SERVING (`aggregator.health`), and the close is 
 the health's storage check finds that writing works. Saving the outputs of a committed round
 (`last_model.pbuf`, `metrics.jsonl`) that fails still ends it: a restart writes them again.
 
-With a durable state (`aggregator.state`), the federation resumes after a restart where it
-stopped; before serving, `Runtime.restore` makes the outputs match the state again: it removes
+With a durable store (`aggregator.state`), the federation resumes after a restart where it
+stopped; before serving, `Runtime.restore` makes the outputs match the store again: it removes
 temporary files a crash left, writes `last_model.pbuf` and `best_model.pbuf` again if they are
 not the state's, and appends the rows of `metrics.jsonl` that a crash lost (never a second row
 for a round). The ``run`` of a row is the aggregator run that wrote it.
@@ -44,16 +45,16 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from aggregator.allocator import release_free_memory
-from aggregator.errors import StorageError
 from aggregator.federation import Federation
 from aggregator.health import Health
 from aggregator.metrics import Metrics
-from aggregator.records import Array, Best, RoundRecord, RoundSummary, Stranded
+from aggregator.records import Best, RoundRecord, RoundSummary, Stranded
 from aggregator.server import DEFAULT_WORKERS, AggregatorGRPCServer
-from aggregator.state import DurableState
 from aggregator.storage import OutputFolder
+from aggregator.store import FederationStore
 from plans import Plan
 from plans.schema import AGGREGATED_MODEL_VALIDATION, TRAIN
+from refusals.errors import StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -93,15 +94,14 @@ class Runtime:
         tick: float = TICK_SECONDS,
         metrics: Metrics | None = None,
         health: Health | None = None,
-        state: DurableState | None = None,
         stranded_grace: float = STRANDED_GRACE_SECONDS,
     ) -> None:
         self.plan = plan
         self.stranded_grace = stranded_grace
         self.metrics = metrics
         self.health = health
-        self.state = state
         self.federation = federation
+        self.store: FederationStore = federation.store
         self.output = output
         self.out = out
         self.clock = clock
@@ -116,9 +116,9 @@ class Runtime:
         """The best value of the plan's best-model metric so far."""
         return self.federation.best
 
-    def restore(self, state: DurableState) -> None:
-        """After a restart, make the output folder match `state`: models, metrics rows."""
-        recovered = state.recovered
+    def restore(self) -> None:
+        """After a restart, make the output folder match the store: models, metrics rows."""
+        recovered = self.store.recovered
         self.output.remove_temporaries()
         rounds = recovered.last_model_rounds
         if rounds is not None:
@@ -126,7 +126,7 @@ class Runtime:
             if self.output.restore_model(self.output.last_model, recovered.progress.model, rounds):
                 logger.info("wrote %s again from the saved state", self.output.last_model)
         best = recovered.progress.best
-        best_model = state.best_model()
+        best_model = self.store.best_model()
         if (
             best is not None
             and best_model is not None
@@ -143,9 +143,9 @@ class Runtime:
             if record.final_validation:
                 self.final_accuracy = _accuracy(record.metrics.get(AGGREGATED_MODEL_VALIDATION, {}))
 
-    def resume_line(self, state: DurableState) -> str | None:
-        """What a restart resumed, for a person; None when the state was new."""
-        recovered = state.recovered
+    def resume_line(self) -> str | None:
+        """What a restart resumed, for a person; None when the store was new."""
+        recovered = self.store.recovered
         if recovered.fresh:
             return None
         progress = recovered.progress
@@ -160,7 +160,7 @@ class Runtime:
         left = progress.departures
         if left:
             where += "; not waiting for " + ", ".join(f"{d.name} (left: {d.said})" for d in left)
-        return f"saved state in {state.root}: {where}"
+        return f"saved state in {self.store.location}: {where}"
 
     def run(self, stop: threading.Event) -> Outcome:
         """Close rounds as they become due until the federation ends, or `stop` is set."""
@@ -257,10 +257,10 @@ class Runtime:
         snapshot = liveness.poll()
         if final:
             snapshot = liveness.snapshot()
-        if snapshot is None or self.state is None:
+        if snapshot is None:
             return
         try:
-            self.state.save_presence(snapshot)
+            self.store.save_presence(snapshot)
         except StorageError as error:  # only status reads it: the federation goes on
             logger.warning("cannot save who is online: %s", error)
 
@@ -356,28 +356,22 @@ class Runtime:
 
 def serve(
     plan: Plan,
-    model: Mapping[str, Array] | None,
+    store: FederationStore,
     output: OutputFolder,
     stop: threading.Event,
     *,
     out: TextIO | None = None,
     workers: int = DEFAULT_WORKERS,
-    state: DurableState | None = None,
 ) -> Outcome:
     """Serve `plan`'s federation until it ends or `stop` is set, then stop the server.
 
-    With `state`, the federation resumes where the state stands (`model` is not used) and every
-    accepted result and closed round is durable; without it, it starts from `model` and keeps
-    everything in memory.
+    The federation resumes where `store` stands (`aggregator.state.DurableState`: every
+    accepted result and closed round is durable; `aggregator.store.MemoryStore`: everything
+    is kept in memory, from the model it was made with).
     Lines for a person go to `out` (the console), or to the log when it is None.
     """
-    if state is None:
-        if model is None:
-            raise ValueError("serve needs a model or a state to start from")
-        federation = Federation.from_plan(plan, model)
-    else:
-        progress = state.recovered.progress
-        federation = Federation.from_plan(plan, progress.model, store=state, progress=progress)
+    progress = store.recovered.progress
+    federation = Federation.from_plan(plan, progress.model, store=store, progress=progress)
     server = AggregatorGRPCServer(plan, federation, workers=workers)
     runtime = Runtime(
         plan,
@@ -386,10 +380,8 @@ def serve(
         out=out,
         metrics=server.metrics,
         health=server.health,
-        state=state,
     )
-    if state is not None:
-        runtime.restore(state)
+    runtime.restore()
     port = server.start()  # ServerError, PkiError: nothing was served
     try:
         final = " + final validation" if federation.final_validation else ""
@@ -403,7 +395,7 @@ def serve(
         if server.metrics_server is not None:
             address = server.metrics_server.address.with_port(server.metrics_server.port)
             runtime.say(f"metrics on http://{address}/metrics")
-        resumed = None if state is None else runtime.resume_line(state)
+        resumed = runtime.resume_line()
         if resumed is not None:
             runtime.say(resumed)
         return runtime.run(stop)

@@ -2,23 +2,21 @@
 
 Beside the Aggregator service it serves the standard health service on the same port
 (`aggregator.health_service`), and, when the plan gives `aggregator.metrics_address`, Prometheus
-metrics over HTTP there (`aggregator.metrics`); both start and stop with it. `Serving`, a gRPC
-server's lifetime in a `with`, is also the director's server's (`director.server`).
+metrics over HTTP there (`aggregator.metrics`); both start and stop with it. Its lifetime in a
+`with` and its binding are `serving.server.Serving`'s, as the director's server's.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
-from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import grpc
 
-from aggregator.errors import ServerError
 from aggregator.federation import Federation
 from aggregator.health import Health, StorageWatch, free_bytes
 from aggregator.health_service import HealthService
@@ -30,6 +28,7 @@ from plans import Plan
 from protos import aggregator_pb2
 from protos.channel import server_options
 from protos.stream import parse_chunk
+from serving.server import ServerError, Serving, listen_address
 
 logger = logging.getLogger(__name__)
 
@@ -119,34 +118,6 @@ def backlog_calls(plan: Plan) -> int:
     return len(plan.collaborators) * plan.limits.max_calls_per_collaborator + BACKLOG_MARGIN
 
 
-class Serving(ABC):
-    """A gRPC server's lifetime: started on entering a `with`, stopped at once on leaving.
-
-    The aggregator's server and the director's are both this; each says how it starts and stops.
-    """
-
-    _server: grpc.Server
-
-    @abstractmethod
-    def start(self) -> int:
-        """Bind and start serving; returns the port."""
-
-    @abstractmethod
-    def stop(self, grace: float) -> None:
-        """Stop serving; in-flight calls get `grace` seconds."""
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until the server stops or `timeout` passes; True if it stopped."""
-        return self._server.wait_for_termination(timeout)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop(0)
-
-
 class AggregatorGRPCServer(Serving):
     """Serves `federation` on the plan's address, over mutual TLS unless the plan says insecure."""
 
@@ -207,32 +178,24 @@ class AggregatorGRPCServer(Serving):
     @property
     def address(self) -> str:
         """The host:port this server listens on, IPv6 addresses in brackets."""
-        host = self.plan.aggregator.listen_address
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]"
-        return f"{host}:{self.plan.aggregator.port}"
+        return listen_address(self.plan.aggregator.listen_address, self.plan.aggregator.port)
 
     def start(self) -> int:
         """Bind and start serving; returns the port (the chosen one when the plan says 0)."""
         certs = self.plan.tls.certs
-        try:
-            if certs is None:
-                logger.warning(
-                    "INSECURE: serving without TLS, as %s says (tls.insecure: true); anyone who "
-                    "can reach %s can claim to be a collaborator",
-                    self.plan.path,
-                    self.address,
-                )
-                self.port = self._server.add_insecure_port(self.address)
-            else:
-                credentials = server_credentials(
-                    certs.aggregator_cert, certs.aggregator_key, certs.ca_bundle
-                )
-                self.port = self._server.add_secure_port(self.address, credentials)
-        except RuntimeError as error:
-            raise ServerError(f"cannot listen on {self.address}: {error}") from None
-        if self.port == 0:
-            raise ServerError(f"cannot listen on {self.address}: the address is in use or invalid")
+        credentials = None
+        if certs is None:
+            logger.warning(
+                "INSECURE: serving without TLS, as %s says (tls.insecure: true); anyone who "
+                "can reach %s can claim to be a collaborator",
+                self.plan.path,
+                self.address,
+            )
+        else:
+            credentials = server_credentials(
+                certs.aggregator_cert, certs.aggregator_key, certs.ca_bundle
+            )
+        self.port = self._bind(self.address, credentials)
         if self.metrics_server is not None:
             try:
                 self.metrics_server.start()

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, closing, contextmanager, nullcontext
 from pathlib import Path
 
@@ -32,14 +32,12 @@ import grpc
 
 from aggregator.admission import Admission, chunks_within
 from aggregator.encoded_model import EncodedModel
-from aggregator.errors import InvalidRequestError
 from aggregator.federation import Federation
 from aggregator.identity import Gatekeeper, Header
 from aggregator.metrics import Metrics
 from aggregator.records import DELTA_TAG, Assignment, TaskResult
 from aggregator.status import RefusalObserver, refusals_as_status, stream_refusals_as_status
 from aggregator.upload import receive_upload
-from pki.roles import peer_certificate
 from plans import Limits
 from protos import aggregator_pb2, aggregator_pb2_grpc
 from protos.results_reader import Head
@@ -49,6 +47,8 @@ from protos.stream import (
     chunk_payloads,
     declared_upload_bytes,
 )
+from refusals.errors import InvalidRequestError
+from serving.identity import peer_of
 
 logger = logging.getLogger(__name__)
 
@@ -320,8 +320,8 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
 
     def _identify(self, context: grpc.ServicerContext) -> str | None:
         """The authorised collaborator behind the TLS peer, by its certificate (`Gatekeeper`)."""
-        auth = context.auth_context()
-        return self.gatekeeper.identify(_peer_common_names(auth), peer_certificate(auth))
+        peer = peer_of(context)
+        return self.gatekeeper.identify(peer.common_names, peer.certificate)
 
     def _slot(self, name: str | None) -> AbstractContextManager[None]:
         """One of `name`'s call slots (see `Admission`); nothing to hold for None."""
@@ -352,11 +352,3 @@ def _header(header: aggregator_pb2.MessageHeader) -> Header:
     return Header(
         sender=header.sender, receiver=header.receiver, federation_uuid=header.federation_uuid
     )
-
-
-def _peer_common_names(auth: Mapping[str, Iterable[bytes] | bytes]) -> list[str]:
-    """The common names of the TLS peer's certificate (empty without client certificate)."""
-    values: Iterable[bytes] | bytes = auth.get("x509_common_name") or []
-    if isinstance(values, bytes):
-        values = [values]
-    return [value.decode("utf-8", errors="replace") for value in values]

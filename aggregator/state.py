@@ -1,13 +1,13 @@
 """DurableState: the aggregator's memory on disk, so that ``aggregator start`` after a crash resumes.
 
-Everything lives in ``OUTPUT_DIR/state/``, beside the user-facing outputs::
+The durable `aggregator.store.FederationStore`; `MemoryStore` keeps the same contract within
+one process, without surviving it (tests/test_store_contract.py runs it against both).
 
-    state/state.sqlite                        bookkeeping (SQLite, WAL, synchronous=FULL)
-    state/models/round-<n>.pbuf               global models: the current round's, and the best
-    state/rounds/<round>/<collaborator>-<task>.upload  the current round's accepted results
-    state/uploads/                            uploads being received, not yet accepted, and
-                                              the round's model chunks (`aggregator.encoded_model`,
-                                              a file without a name)
+Everything lives in ``OUTPUT_DIR/state/``, beside the user-facing outputs: the database
+(SQLite, WAL, synchronous=FULL), the global models (the current round's, and the best), the
+current round's accepted results, and uploads being received, not yet accepted, beside the
+round's model chunks (`aggregator.encoded_model`, a file without a name); the layout is
+`aggregator.state_files`'s.
 
 An accepted result is kept as it was streamed (`aggregator.upload`): the serialized `TaskResults`
 written as it arrived, fsynced, renamed into place, the folder fsynced, so accepting it writes
@@ -34,9 +34,8 @@ one it has just written and returns it). The database holds:
   and when (`aggregator.liveness`): written before ``Leave`` is answered, removed when the
   collaborator calls again, and read back at recovery, so a restart still does not wait for them.
 
-The schema has a version (``PRAGMA user_version``): version 1 (before ``presence``) is migrated
-to 2 when opened, version 2 (files named by SHA-256) to 3, and version 3 (before
-``departures``) to 4; a newer version is refused.
+The tables, their versions and migrations are `aggregator.schema`'s; the files' layout, their
+placement and tidying `aggregator.state_files`'s; the records' JSON `aggregator.record_json`'s.
 
 Order of writes. An accept (`stage`, then `record`): the federation has checked everything
 (the upload's bytes on their way to its file), then the file is made durable in its place, then
@@ -66,131 +65,46 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from aggregator.digest import file_digest, file_digests
-from aggregator.errors import ModelFileError, StorageError
+from aggregator import state_files
 from aggregator.failpoints import failpoint
 from aggregator.liveness import Departure, Seen
+from aggregator.record_json import record_from_json, record_to_json
 from aggregator.records import (
     Accepted,
     Array,
-    AveragedModel,
     Best,
     Progress,
     ResultTensor,
     RoundCommit,
-    RoundRecord,
     TaskResult,
 )
-from aggregator.storage import (
-    BEST_MODEL,
-    LAST_MODEL,
-    METRICS,
-    is_temporary,
-    read_model_tensors,
-    write_model,
-    write_model_slices,
-    write_tensors,
+from aggregator.schema import (
+    SCHEMA_VERSION,
+    NotAStateError,
+    connect,
+    read_only_standing,
+    read_standing,
 )
-from aggregator.upload import read_tensors_file
-from durable.files import fsync_folder
-from durable.sqlite import SqliteStore, hold_lock
+from aggregator.state_files import DATABASE, OUTPUTS, STATE_DIR, UPLOADS, StoredFile
+from aggregator.store import Recovered, Standing
+from durable.sqlite import SqliteStore
+from refusals.errors import StorageError
 
 logger = logging.getLogger(__name__)
-
-STATE_DIR = "state"
-DATABASE = "state.sqlite"
-MODELS = "models"
-ROUNDS = "rounds"
-UPLOADS = "uploads"  # uploads being received (`aggregator.upload`), not yet accepted
-UPLOAD_SUFFIX = ".upload"  # an accepted result kept as it was sent: a serialized TaskResults
-# 2 added presence; 3 names files by BLAKE3, not SHA-256 (`_migrate_digests`); 4 added departures
-SCHEMA_VERSION = 4
-OUTPUTS = (LAST_MODEL, BEST_MODEL, METRICS)
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS federation (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    uuid TEXT NOT NULL,
-    round INTEGER NOT NULL,
-    model_file TEXT NOT NULL,
-    model_digest TEXT NOT NULL,
-    closing TEXT,
-    last_model_rounds INTEGER,
-    best_value REAL,
-    best_rounds INTEGER,
-    best_file TEXT,
-    best_digest TEXT
-);
-CREATE TABLE IF NOT EXISTS results (
-    round INTEGER NOT NULL,
-    collaborator TEXT NOT NULL,
-    task TEXT NOT NULL,
-    data_size INTEGER NOT NULL,
-    file TEXT NOT NULL,
-    digest TEXT NOT NULL,
-    PRIMARY KEY (round, collaborator, task)
-);
-CREATE TABLE IF NOT EXISTS closed_rounds (
-    round INTEGER PRIMARY KEY,
-    record TEXT NOT NULL
-);
-"""
-# Version 2: who is online, for `aggregator status` (times are Unix seconds).
-_PRESENCE = """
-CREATE TABLE IF NOT EXISTS presence (
-    collaborator TEXT PRIMARY KEY,
-    presence TEXT NOT NULL,
-    since REAL NOT NULL,
-    last_seen REAL,
-    saved REAL NOT NULL
-);
-"""
-# Version 4: who has left, and why (times are Unix seconds).
-_DEPARTURES = """
-CREATE TABLE IF NOT EXISTS departures (
-    collaborator TEXT PRIMARY KEY,
-    reason TEXT NOT NULL,
-    since REAL NOT NULL
-);
-"""
-# What each version's state gets to become the next one's; from DIGESTS_FROM, `_migrate_digests`.
-_MIGRATIONS = {1: _PRESENCE, 3: _DEPARTURES}
-DIGESTS_FROM = 2
 
 
 class ForeignStateError(StorageError):
     """The output folder holds the state or outputs of another federation or run."""
 
 
-@dataclass(frozen=True)
-class StoredFile:
-    """A file of the state (relative to ``state/``) and the digest of its bytes."""
-
-    name: str
-    digest: str
-
-
-@dataclass(frozen=True)
-class Recovered:
-    """What `DurableState.open` found: where the federation stands and what it did so far."""
-
-    progress: Progress
-    fresh: bool  # the state was created now: nothing to resume
-    last_model_rounds: int | None  # training rounds of last_model.pbuf; None: nothing trained
-    records: tuple[RoundRecord, ...]  # every closed round, in order
-    dropped: tuple[str, ...] = ()  # result files that failed their check and were dropped
-
-
 class DurableState(SqliteStore):
-    """The durable `ResultStore` of one federation in one output folder; open with `open`."""
+    """The durable `FederationStore` of one federation in one output folder; open with `open`."""
 
     def __init__(
         self,
@@ -232,10 +146,10 @@ class DurableState(SqliteStore):
         `StorageError` when the state cannot be read or written, or another aggregator uses it.
         """
         folder = Path(folder)
-        lock = _lock_folder(folder)
+        lock = state_files.lock_folder(folder)
         try:
             if reset:
-                removed = wipe(folder)
+                removed = state_files.wipe(folder)
                 if removed:
                     logger.warning("--reset: removed %s from %s", ", ".join(removed), folder)
             state = cls._open_locked(folder, federation_uuid, initial_model, max_tensor_bytes)
@@ -264,7 +178,7 @@ class DurableState(SqliteStore):
                     f"state ({STATE_DIR}/{DATABASE})"
                 )
             model = initial_model()  # before anything is created: a bad runner leaves no trace
-        connection = _connect(database)
+        connection = connect(database)
         state = cls(folder, connection, -1, max_tensor_bytes=max_tensor_bytes)
         try:
             row = state._query_one("SELECT uuid FROM federation WHERE id = 1")
@@ -305,7 +219,7 @@ class DurableState(SqliteStore):
     ) -> None:
         self.close()
 
-    # -- ResultStore ---------------------------------------------------------------------------
+    # -- FederationStore ---------------------------------------------------------------------------
 
     def stage(self, result: TaskResult) -> Accepted:
         """Make the result's file durable in its place; not accepted until `record`.
@@ -313,26 +227,9 @@ class DurableState(SqliteStore):
         A streamed upload's file is kept as it is (made durable, then renamed into place);
         a result in memory has its tensors written to a `ModelProto` file.
         """
-        stem = f"{ROUNDS}/{result.round_number}/{result.collaborator}-{result.task_name}"
-        upload = result.upload
-        name = stem + (".pbuf" if upload is None else UPLOAD_SUFFIX)
-        path = self.root / name
-        _make_folder(path.parent)
-        if upload is None:
-            digest = write_tensors(
-                path,
-                ((tensor.name, tensor.array, tensor.tags) for tensor in result.tensors),
-                round_number=result.round_number,
-            )
-        else:
-            _keep(upload.path, path)
-            digest = upload.digest
+        stored = state_files.place_result(self.root, result)
         return Accepted(
-            result.collaborator,
-            result.round_number,
-            result.task_name,
-            result.data_size,
-            StoredFile(name, digest),
+            result.collaborator, result.round_number, result.task_name, result.data_size, stored
         )
 
     def record(self, accepted: Accepted) -> None:
@@ -364,12 +261,7 @@ class DurableState(SqliteStore):
         state was recovered (this process wrote the others, hashing them as they arrived);
         a `ModelProto` result file is read whole and checked now.
         """
-        stored = _stored(accepted)
-        path = self.root / stored.name
-        if stored.name.endswith(UPLOAD_SUFFIX):
-            _, tensors = read_tensors_file(path, max_tensor_bytes=self.max_tensor_bytes)
-        else:
-            tensors = self._read(stored)
+        tensors = state_files.read_result(self.root, _stored(accepted), self.max_tensor_bytes)
         return TaskResult(
             collaborator=accepted.collaborator,
             round_number=accepted.round_number,
@@ -399,7 +291,7 @@ class DurableState(SqliteStore):
         model = current
         kept: dict[str, Array] | None = None
         if commit.model is not None:
-            model, kept = self._average_into_file(finished_round + 1, commit.model)
+            model, kept = state_files.average_into_file(self.root, finished_round + 1, commit.model)
         best_file, best = self._best_file, self._best
         if commit.best is not None:
             best_file, best = (current if commit.best_is_round_model else model), commit.best
@@ -468,17 +360,47 @@ class DurableState(SqliteStore):
 
     def disk_files(self) -> list[str]:
         """Every file under ``state/`` but the database's, relative to it, sorted (for tests)."""
-        return sorted(
-            str(path.relative_to(self.root))
-            for path in self.root.rglob("*")
-            if path.is_file() and not path.name.startswith(DATABASE)
-        )
+        return state_files.files_of(self.root)
+
+    @property
+    def location(self) -> Path | None:
+        """The state's folder, ``OUTPUT_DIR/state``."""
+        return self.root
+
+    def standing(self) -> Standing:
+        """Where the federation stands, read in one transaction of this store's connection."""
+        with self._lock:
+            try:
+                standing = read_standing(self._db, SCHEMA_VERSION, running=True)
+            except sqlite3.Error as error:
+                raise StorageError(f"{self._database}: {error}") from None
+        if standing is None:
+            raise StorageError(f"{self._database}: the federation row is missing")
+        return standing
+
+    @classmethod
+    def read_standing(cls, folder: Path) -> Standing | None:
+        """Where the federation whose state is in `folder` stands, read-only: ``aggregator status``.
+
+        Works whether an aggregator runs on `folder` or not, writing nothing (see
+        `aggregator.schema.connect_read_only`); while it reads, no aggregator starts on a folder
+        that had none. None when there is no state there; `NotAStateError` for a database that
+        is not one; `StorageError` when it cannot be read now.
+        """
+        database = folder / STATE_DIR / DATABASE
+        if not database.is_file():
+            return None
+        with state_files.probe_folder(folder) as running:
+            standing = read_only_standing(database, running)
+        if standing is None:
+            raise NotAStateError(f"{database}: not a foedus aggregator state (no federation row)")
+        return standing
 
     # -- inside ------------------------------------------------------------------------------
 
     def _create(self, federation_uuid: str, model: Mapping[str, Array]) -> None:
         """A new state at round 0 with `model`: its file first, then the row."""
-        first = self._write_model(0, model)
+        first = state_files.write_model_file(self.root, 0, model)
         with self._transaction() as db:
             db.execute(
                 "INSERT INTO federation (id, uuid, round, model_file, model_digest) "
@@ -551,7 +473,7 @@ class DurableState(SqliteStore):
         for collaborator, task, data_size, name, digest in rows:
             stored = StoredFile(name, digest)
             try:
-                _check_digest(self.root / name, digest)
+                state_files.check_digest(self.root / name, digest)
             except StorageError as error:
                 logger.warning(
                     "dropping %s's %s result of round %d, which will be asked for again: %s",
@@ -571,269 +493,17 @@ class DurableState(SqliteStore):
             accepted.append(Accepted(collaborator, round_number, task, data_size, stored))
         return accepted, dropped
 
-    def _write_model(self, round_number: int, model: Mapping[str, Array]) -> StoredFile:
-        name = f"{MODELS}/round-{round_number}.pbuf"
-        path = self.root / name
-        _make_folder(path.parent)
-        return StoredFile(name, write_model(path, model, round_number=round_number))
-
-    def _average_into_file(
-        self, round_number: int, model: AveragedModel
-    ) -> tuple[StoredFile, dict[str, Array]]:
-        """The new model's file, and its tensors mapped from it (not read back: just written)."""
-        name = f"{MODELS}/round-{round_number}.pbuf"
-        path = self.root / name
-        _make_folder(path.parent)
-        written = write_model_slices(path, model.reference, model.into, round_number=round_number)
-        return StoredFile(name, written.digest), written.mapped()
-
     def _read(self, stored: StoredFile) -> tuple[ResultTensor, ...]:
         """The tensors of a `ModelProto` state file, mapped from it, after checking its digest."""
-        path = self.root / stored.name
-        _check_digest(path, stored.digest)
-        return read_model_tensors(path, self.max_tensor_bytes)
+        return state_files.read_checked(self.root, stored, self.max_tensor_bytes)
 
     def _tidy(self, round_number: int, keep: set[str] | None) -> None:
-        """Delete result files of rounds before `round_number`, unreferenced models, temporaries.
-
-        With `keep` (at recovery) the files of `round_number` not in it go too: they were
-        written by a crash before their row was committed. Without it (after a commit) the
-        round just opened is left alone.
-        """
-        rounds = self.root / ROUNDS
-        if rounds.is_dir():
-            for folder in rounds.iterdir():
-                if not folder.name.isdigit() or int(folder.name) < round_number:
-                    shutil.rmtree(folder, ignore_errors=True)
-                elif keep is not None:
-                    if int(folder.name) > round_number:
-                        shutil.rmtree(folder, ignore_errors=True)
-                        continue
-                    for path in folder.iterdir():
-                        if f"{ROUNDS}/{folder.name}/{path.name}" not in keep:
-                            path.unlink(missing_ok=True)
-        if keep is not None:  # uploads cut by the crash, never accepted: they are asked for again
-            shutil.rmtree(self.root / UPLOADS, ignore_errors=True)
-        models = self.root / MODELS
-        kept = {self._model.name} | ({self._best_file.name} if self._best_file else set())
-        if models.is_dir():
-            for path in models.iterdir():
-                if f"{MODELS}/{path.name}" not in kept:
-                    path.unlink(missing_ok=True)
-
-
-def wipe(folder: Path) -> list[str]:
-    """Remove the state and outputs of the aggregator in `folder`; the names removed."""
-    removed: list[str] = []
-    root = Path(folder) / STATE_DIR
-    try:
-        if root.exists():
-            shutil.rmtree(root)
-            removed.append(f"{STATE_DIR}/")
-        for name in OUTPUTS:
-            path = Path(folder) / name
-            if path.exists():
-                path.unlink()
-                removed.append(name)
-        if Path(folder).is_dir():
-            for path in Path(folder).iterdir():
-                if is_temporary(path, LAST_MODEL) or is_temporary(path, BEST_MODEL):
-                    path.unlink()
-            fsync_folder(Path(folder))
-    except OSError as error:
-        raise StorageError(f"{folder}: cannot reset: {error.strerror or error}") from None
-    return removed
-
-
-def record_to_json(record: RoundRecord) -> str:
-    """A round's record as JSON (NaN metrics kept as NaN)."""
-    return json.dumps(
-        {
-            "round": record.round_number,
-            "final_validation": record.final_validation,
-            "reporters": list(record.reporters),
-            "missing": list(record.missing),
-            "metrics": {task: dict(values) for task, values in record.metrics.items()},
-            "seconds": record.seconds,
-            "trained": record.trained,
-            "sites": {
-                site: {task: dict(values) for task, values in tasks.items()}
-                for site, tasks in record.sites.items()
-            },
-        },
-        sort_keys=True,
-    )
-
-
-def record_from_json(text: object) -> RoundRecord:
-    """The record `record_to_json` wrote (also before it kept ``sites``)."""
-    data = json.loads(str(text))
-    return RoundRecord(
-        round_number=int(data["round"]),
-        final_validation=bool(data["final_validation"]),
-        reporters=tuple(data["reporters"]),
-        missing=tuple(data["missing"]),
-        metrics={
-            task: {name: float(value) for name, value in values.items()}
-            for task, values in data["metrics"].items()
-        },
-        seconds=float(data["seconds"]),
-        trained=bool(data["trained"]),
-        sites={
-            site: {
-                task: {name: float(value) for name, value in values.items()}
-                for task, values in tasks.items()
-            }
-            for site, tasks in data.get("sites", {}).items()
-        },
-    )
-
-
-def _keep(temporary: Path, path: Path) -> None:
-    """Make the file `temporary` durable as `path` (same file system): fsync, rename, fsync folder."""
-    try:
-        with temporary.open("rb") as file:
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-        fsync_folder(path.parent)
-    except OSError as error:
-        raise StorageError(f"{path}: cannot keep the upload: {error.strerror or error}") from None
-
-
-def _check_digest(path: Path, digest: str) -> None:
-    """`ModelFileError` unless the file at `path` has that digest; read a block at a time."""
-    try:
-        actual = file_digest(path)
-    except OSError as error:
-        raise ModelFileError(f"{path}: cannot read: {error.strerror or error}") from None
-    if actual != digest:
-        raise ModelFileError(f"{path}: the file does not match its digest in {DATABASE}")
+        """`state_files.tidy`, keeping the current model and the best one."""
+        models = {self._model.name} | ({self._best_file.name} if self._best_file else set())
+        state_files.tidy(self.root, round_number, keep, models)
 
 
 def _stored(accepted: Accepted) -> StoredFile:
     if not isinstance(accepted.handle, StoredFile):
         raise TypeError(f"not a result staged by DurableState: {accepted!r}")
     return accepted.handle
-
-
-def _connect(database: Path) -> sqlite3.Connection:
-    """The database, created with its schema if new: WAL, every commit synced."""
-    try:
-        _make_folder(database.parent)
-        existed = database.exists()
-        connection = sqlite3.connect(
-            database, timeout=10, isolation_level=None, check_same_thread=False
-        )
-    except (OSError, sqlite3.Error) as error:
-        raise StorageError(f"{database}: cannot open: {error}") from None
-    try:
-        mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise StorageError(f"{database}: cannot use write-ahead logging (got {mode})")
-        connection.execute("PRAGMA synchronous=FULL")
-        version = connection.execute("PRAGMA user_version").fetchone()[0]
-        if not 0 <= version <= SCHEMA_VERSION:
-            raise StorageError(
-                f"{database}: state of schema version {version}; this aggregator reads "
-                f"versions up to {SCHEMA_VERSION}"
-            )
-        if version == 0:
-            connection.executescript(
-                f"BEGIN IMMEDIATE; {_SCHEMA} {_PRESENCE} {_DEPARTURES} "
-                f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-            )
-        while 0 < version < SCHEMA_VERSION:
-            if version == DIGESTS_FROM:
-                _migrate_digests(connection, database.parent)
-            else:
-                connection.executescript(
-                    f"BEGIN IMMEDIATE; {_MIGRATIONS[version]} "
-                    f"PRAGMA user_version = {version + 1}; COMMIT;"
-                )
-            logger.info("%s: state migrated from schema version %d", database, version)
-            version += 1
-        if not existed:
-            fsync_folder(database.parent)
-    except sqlite3.Error as error:
-        connection.close()
-        raise StorageError(f"{database}: {error}") from None
-    except BaseException:
-        connection.close()
-        raise
-    return connection
-
-
-def _migrate_digests(connection: sqlite3.Connection, root: Path) -> None:
-    """Schema version 2 to 3: the files named by SHA-256 named by their digest, in one transaction.
-
-    Each file is read once, checked against its SHA-256 as its digest is computed. One that does
-    not match, or cannot be read, is given an empty digest, which no file has: recovery then
-    refuses it as it did before (a result is dropped and asked for again, a model stops the
-    aggregator). A crash in the middle leaves version 2 as it was, and the next start migrates.
-    """
-
-    def digest_of(name: str | None, sha256: str | None) -> str | None:
-        if name is None or sha256 is None:
-            return sha256
-        try:
-            old, new = file_digests(root / name)
-        except OSError:
-            return ""
-        return new if old == sha256 else ""
-
-    connection.execute("BEGIN IMMEDIATE")
-    try:
-        connection.execute("ALTER TABLE federation RENAME COLUMN model_sha256 TO model_digest")
-        connection.execute("ALTER TABLE federation RENAME COLUMN best_sha256 TO best_digest")
-        connection.execute("ALTER TABLE results RENAME COLUMN sha256 TO digest")
-        for model, model_sha, best, best_sha in list(
-            connection.execute(
-                "SELECT model_file, model_digest, best_file, best_digest FROM federation"
-            )
-        ):
-            connection.execute(
-                "UPDATE federation SET model_digest = ?, best_digest = ? WHERE id = 1",
-                (digest_of(model, model_sha), digest_of(best, best_sha)),
-            )
-        for round_number, collaborator, task, name, sha256 in list(
-            connection.execute("SELECT round, collaborator, task, file, digest FROM results")
-        ):
-            connection.execute(
-                "UPDATE results SET digest = ? WHERE round = ? AND collaborator = ? AND task = ?",
-                (digest_of(name, sha256), round_number, collaborator, task),
-            )
-        connection.execute(f"PRAGMA user_version = {DIGESTS_FROM + 1}")
-    except BaseException:
-        connection.execute("ROLLBACK")
-        raise
-    connection.execute("COMMIT")
-    logger.info("%s: the state's files are now named by BLAKE3 digests", root)
-
-
-def _lock_folder(folder: Path) -> int:
-    """An exclusive lock on `folder` for this process (released when the descriptor closes)."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError as error:
-        raise StorageError(f"{folder}: cannot open: {error.strerror or error}") from None
-    return hold_lock(
-        descriptor, StorageError(f"{folder}: another aggregator is using this output folder")
-    )
-
-
-def _make_folder(path: Path) -> None:
-    """Create `path` (and its parents) so that a crash does not lose the new entries."""
-    missing: list[Path] = []
-    current = path
-    while not current.exists():
-        missing.append(current)
-        current = current.parent
-    for folder in reversed(missing):
-        try:
-            folder.mkdir()
-        except FileExistsError:
-            continue
-        except OSError as error:
-            raise StorageError(f"{folder}: cannot create: {error.strerror or error}") from None
-        fsync_folder(folder.parent)

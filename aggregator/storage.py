@@ -30,7 +30,6 @@ import numpy as np
 import numpy.typing as npt
 
 from aggregator.digest import file_digest, new_digest
-from aggregator.errors import ModelFileError, StorageError
 from aggregator.failpoints import failpoint
 from aggregator.fedavg import SliceSink
 from aggregator.mapped import FileRange, copy_range, mapped_range
@@ -46,6 +45,7 @@ from protos.codec import (
     tensor_field_frame,
 )
 from protos.stream import StreamError
+from refusals.errors import ModelFileError, StorageError
 
 Array = npt.NDArray[np.generic]
 MODEL_TAG = "model"

@@ -33,7 +33,6 @@ from typing import BinaryIO, Final
 import numpy as np
 
 from aggregator.digest import new_digest
-from aggregator.errors import InvalidRequestError, StorageError
 from aggregator.records import Array, ResultTensor, UploadFile
 from protos import base_pb2
 from protos.codec import TensorFormatError, TensorTooLargeError, all_finite, tensor_layout
@@ -49,6 +48,7 @@ from protos.results_reader import (
     TensorStart,
 )
 from protos.stream import StreamError
+from refusals.errors import InvalidRequestError, StorageError
 
 # A tensor not in the global model (a metric) is kept in memory; metrics are scalars.
 MAX_SMALL_TENSOR_BYTES: Final = 64 * 1024

@@ -1,1 +1,1 @@
-"""The collaborator side: `client.AggregatorGRPCClient` calls the aggregator, `errors` says how it failed."""
+"""The collaborator side: `client.AggregatorGRPCClient` calls the aggregator as `settings.ClientSettings` say, `errors` says how it failed."""

@@ -27,7 +27,7 @@ from typing import Final, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from plans.loader import shown
+from plans.reader import shown
 from plans.runners import Array, Model, RunnerError, TrainOutcome, Validation
 from plans.schema import RunnerSettings
 

@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 
 from collaborator.answers import AnswerChecker, PlannedWork
-from collaborator.client import AggregatorGRPCClient, NamedArray
+from collaborator.client import AggregatorGRPCClient, OutgoingTensor
 from collaborator.errors import ClientError, RequestRejectedError
 from collaborator.heartbeat import Heartbeat
 from plans.runners import Array, TaskRunner
@@ -176,7 +176,10 @@ def _run_task(
         _check_trained(outcome.model, current.global_model)
         current.trained_model = outcome.model
         tensors = [
-            *(NamedArray(name, array, tags=TRAINED_TAGS) for name, array in outcome.model.items()),
+            *(
+                OutgoingTensor(name, array, tags=TRAINED_TAGS)
+                for name, array in outcome.model.items()
+            ),
             *_metrics(outcome.metrics, TRAIN_METRIC_TAGS),
         ]
         data_size, metrics = outcome.data_size, outcome.metrics
@@ -210,10 +213,10 @@ def _run_task(
     )
 
 
-def _metrics(metrics: Mapping[str, float], tags: tuple[str, ...]) -> list[NamedArray]:
+def _metrics(metrics: Mapping[str, float], tags: tuple[str, ...]) -> list[OutgoingTensor]:
     """Metrics as scalar float32 tensors (what OpenFL peers expect), flagged for the report."""
     return [
-        NamedArray(name, np.float32(value), tags=tags, report=True)
+        OutgoingTensor(name, np.float32(value), tags=tags, report=True)
         for name, value in metrics.items()
     ]
 

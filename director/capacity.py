@@ -20,9 +20,9 @@ from contextlib import ExitStack, contextmanager
 from typing import Final
 
 from admission.calls import Admission
-from director.config import Limits
-from director.errors import LimitExceededError
+from director.config import DirectorLimits
 from director.identity import PEOPLE, Caller, Role
+from refusals.errors import LimitExceededError
 
 # An envoy's calls that keep it registered and alive: slots of their own, apart from its uploads.
 ENVOY_CONTROL_RPCS: Final = frozenset({"RegisterEnvoy", "EnvoyHeartbeat", "ReportCollaborator"})
@@ -31,7 +31,7 @@ ENVOY_CONTROL_RPCS: Final = frozenset({"RegisterEnvoy", "EnvoyHeartbeat", "Repor
 class Capacity:
     """The calls in progress each caller holds, refused past director.yaml's limits; thread-safe."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: DirectorLimits) -> None:
         """Count against `limits.max_calls_per_identity` and `limits.max_people_calls`."""
         per_identity = limits.max_calls_per_identity
         key = "limits.max_calls_per_identity"

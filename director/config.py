@@ -1,6 +1,6 @@
 """director.yaml: who may do what, where the director listens and keeps its state, its limits.
 
-Read as strictly as a plan (with `plans.loader`'s reader): unknown keys are errors, and every
+Read as strictly as a plan (with `plans.reader`): unknown keys are errors, and every
 problem is one line `FILE: key.path: what is wrong`, all reported at once. Paths are relative to
 the file. An example, every key shown with its default (the four without one are required):
 
@@ -44,7 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pki.layout import CertsLayout
-from plans.loader import Section, read_config, read_listen_address
+from plans.loader import read_config
+from plans.reader import Section, read_listen_address
 from plans.runners import BUILTIN_RUNNERS
 from plans.schema import Address
 
@@ -60,7 +61,7 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class Limits:
+class DirectorLimits:
     """`limits`: the sizes the director accepts, and how much of it one caller may hold."""
 
     max_plan_bytes: int = MIB  # limits.max_plan_bytes: one submitted plan's YAML text
@@ -74,7 +75,7 @@ class Limits:
 
 
 @dataclass(frozen=True)
-class Liveness:
+class SiteLossPolicy:
     """`liveness`: when an experiment fails because its sites are away (a plan may set its own)."""
 
     min_sites: int | None = None  # liveness.min_sites: None = every site of the experiment
@@ -102,8 +103,8 @@ class DirectorConfig:
     health_check_seconds: float  # health_check_seconds
     max_running_experiments: int  # max_running_experiments
     max_running_per_user: int  # max_running_per_user, the fair share when absent (fair_share)
-    limits: Limits
-    liveness: Liveness
+    limits: DirectorLimits
+    liveness: SiteLossPolicy
     dashboard_address: Address | None = None  # dashboard.address: None = no dashboard
     metrics_address: Address | None = None  # metrics_address: None = no metrics endpoint
 
@@ -207,14 +208,14 @@ def _port_range(section: Section) -> range:
             return None
         return range(first, last + 1)
 
-    return section._checked(
+    return section.checked(
         "ports", range(50100, 50200), check, "[first, last]: two ports 1-65535, first <= last"
     )
 
 
-def _limits(section: Section) -> Limits:
-    defaults = Limits()
-    limits = Limits(
+def _limits(section: Section) -> DirectorLimits:
+    defaults = DirectorLimits()
+    limits = DirectorLimits(
         max_plan_bytes=section.integer(
             "max_plan_bytes", defaults.max_plan_bytes, low=1024, high=64 * MIB
         ),
@@ -236,9 +237,9 @@ def _limits(section: Section) -> Limits:
     return limits
 
 
-def read_liveness(section: Section, defaults: Liveness = Liveness()) -> Liveness:
+def read_liveness(section: Section, defaults: SiteLossPolicy = SiteLossPolicy()) -> SiteLossPolicy:
     """A `liveness` section; each key it leaves out keeps its value in `defaults`."""
-    liveness = Liveness(
+    liveness = SiteLossPolicy(
         min_sites=section.optional_integer("min_sites", defaults.min_sites, low=1, high=100_000),
         mandatory_sites=section.names("mandatory_sites", defaults.mandatory_sites),
         offline_grace_seconds=section.number(
@@ -257,7 +258,7 @@ def _cross_check(
     envoys: tuple[str, ...],
     users: tuple[str, ...],
     admins: tuple[str, ...],
-    liveness: Liveness,
+    liveness: SiteLossPolicy,
 ) -> None:
     """What no single key shows: overlapping roles, ports, mandatory sites that cannot register."""
     if not all(isinstance(names, tuple) for names in (envoys, users, admins)):

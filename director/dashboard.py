@@ -8,7 +8,7 @@ own experiments, admins all, envoys nothing. Everything is read through `Directo
 dashboard applies the gRPC side's rules and never a copy of them. The pages carry no data: they
 are served only to a logged-in person, and their script reads the API every few seconds.
 
-Errors are `{"error": "..."}` with the status of the one table `HTTP_STATUS`.
+Errors are `{"error": "..."}` with the status of the one table, `refusals.http`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,23 +24,21 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from director.errors import (
-    AuthenticationError,
-    AuthorizationError,
-    DirectorError,
-    InvalidRequestError,
-    LimitExceededError,
-    NotFoundError,
-    PreconditionError,
-    StorageError,
-    UnavailableError,
-)
 from director.fields import checked_id
 from director.identity import PEOPLE, Caller
-from director.launcher import LOG_FILE, log_tail
+from director.launcher import LOG_FILE
 from director.service import DirectorService, ExperimentView
 from director.state import Envoy
 from director.tokens import TokenStore
+from processes.children import log_tail
+from refusals.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    LimitExceededError,
+    RefusalError,
+    StorageError,
+)
+from refusals.http import http_status
 
 logger = logging.getLogger(__name__)
 
@@ -50,17 +48,6 @@ LOG_TAIL_LINES = 40
 LOG_TAIL_BYTES = 32 * 1024
 MAX_TOKEN_CHARS = 256
 MAX_LOGIN_BYTES = 4096  # a login's body: {"token": "..."}, read no further
-# Most specific first, as director.status's table for gRPC.
-HTTP_STATUS: Mapping[type[Exception], int] = {
-    AuthenticationError: 401,
-    AuthorizationError: 403,
-    InvalidRequestError: 400,
-    NotFoundError: 404,
-    PreconditionError: 409,
-    LimitExceededError: 413,
-    UnavailableError: 503,
-    StorageError: 503,
-}
 GLOBAL_TASK = "aggregated_model_validation"
 # The metrics.jsonl tasks, as a person reads them on a chart.
 TASK_LABELS = {
@@ -82,14 +69,6 @@ SECURITY_HEADERS = {
 }
 
 
-def http_status(error: Exception) -> int:
-    """The HTTP status a refusal is answered with (500 for anything that is not one)."""
-    for kind, code in HTTP_STATUS.items():
-        if isinstance(error, kind):
-            return code
-    return 500
-
-
 def create_app(
     service: DirectorService, tokens: TokenStore, *, clock: Callable[[], float] = time.time
 ) -> FastAPI:
@@ -100,7 +79,7 @@ def create_app(
     )
     app.mount("/static", StaticFiles(directory=WEB / "static"), name="static")
     app.middleware("http")(_security_headers)
-    app.add_exception_handler(DirectorError, _refused)
+    app.add_exception_handler(RefusalError, _refused)
     app.add_exception_handler(StorageError, _refused)
     app.add_exception_handler(Exception, _failed)
     routes = _Routes(service, tokens, clock)

@@ -34,12 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict, Unpack
 
-from director.config import DirectorConfig, Liveness, read_liveness
-from director.errors import InvalidRequestError, LimitExceededError, StorageError
+from director.config import DirectorConfig, SiteLossPolicy, read_liveness
 from durable.files import write_yaml
-from plans.loader import PlanError, Section, load_plan, parse_plan, safe_yaml, yaml_document
+from plans.loader import PlanError, load_plan, parse_plan, yaml_document
+from plans.reader import Section, safe_yaml
 from plans.runners import RunnerError, check_runner_settings, load_runner
 from plans.schema import ConnectionSettings, Plan, RunnerSettings
+from refusals.errors import InvalidRequestError, LimitExceededError, StorageError
 
 SUBMITTED = Path("submitted plan")  # how errors name the plan a person sent
 PLAN_FILE = "plan.yaml"
@@ -115,7 +116,7 @@ def check_submitted(
         plan = parse_plan(_with_placeholders(_without_liveness(document)), SUBMITTED)
     except PlanError as error:
         raise InvalidRequestError("; ".join(error.problems)) from None
-    liveness = _read_plan_liveness(document, Liveness())
+    liveness = _read_plan_liveness(document, SiteLossPolicy())
     problems = liveness_problems(document.get(LIVENESS), liveness, plan.collaborators)
     if problems:
         raise InvalidRequestError("; ".join(f"{SUBMITTED}: {p}" for p in problems))
@@ -158,7 +159,7 @@ def check_runner(runner: RunnerSettings, *, runners: Collection[str], initial_mo
 
 
 def liveness_problems(
-    section: object, liveness: Liveness | list[str], sites: tuple[str, ...]
+    section: object, liveness: SiteLossPolicy | list[str], sites: tuple[str, ...]
 ) -> list[str]:
     """What is wrong with a plan's `liveness` section (`liveness`: it read, or its problems)."""
     if isinstance(liveness, list):
@@ -183,7 +184,7 @@ def liveness_problems(
     return problems
 
 
-def plan_liveness(text: str, defaults: Liveness) -> Liveness:
+def plan_liveness(text: str, defaults: SiteLossPolicy) -> SiteLossPolicy:
     """The liveness policy of an accepted plan's text: its `liveness` keys over `defaults`."""
     try:
         document = yaml_document(text, SUBMITTED)
@@ -192,7 +193,7 @@ def plan_liveness(text: str, defaults: Liveness) -> Liveness:
     return _document_liveness(document, defaults)
 
 
-def _document_liveness(document: object, defaults: Liveness) -> Liveness:
+def _document_liveness(document: object, defaults: SiteLossPolicy) -> SiteLossPolicy:
     """`plan_liveness` of a plan already parsed: `defaults` where its `liveness` is unusable."""
     if not isinstance(document, Mapping):
         return defaults
@@ -200,7 +201,9 @@ def _document_liveness(document: object, defaults: Liveness) -> Liveness:
     return defaults if isinstance(liveness, list) else liveness
 
 
-def _read_plan_liveness(document: Mapping[Any, Any], defaults: Liveness) -> Liveness | list[str]:
+def _read_plan_liveness(
+    document: Mapping[Any, Any], defaults: SiteLossPolicy
+) -> SiteLossPolicy | list[str]:
     """The plan's `liveness` over `defaults`, or the list of its problems."""
     problems: list[str] = []
     liveness = read_liveness(

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 
-from director.errors import InvalidRequestError
-from plans.loader import shown
+from plans.reader import shown
+from refusals.errors import InvalidRequestError
 
 # Every id the director makes is a UUID (str(uuid.uuid4())): anything else names nothing.
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")

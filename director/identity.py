@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from enum import Enum
 
 from director.config import DirectorConfig
-from director.errors import AuthenticationError, AuthorizationError
 from pki.requests import Role as CertificateRole
 from pki.roles import PeerCertificate, role_refusal
+from refusals.errors import AuthorizationError
+from serving.identity import caller_name
 
 
 class Role(Enum):
@@ -81,12 +82,7 @@ class Roster:
     ) -> Caller:
         """The caller behind a verified TLS peer; refused if it has no usable name, no role, or a
         certificate marked for another role (`certificate` None: a dashboard token's person)."""
-        if len(peer_common_names) != 1 or not peer_common_names[0]:
-            raise AuthenticationError(
-                "no usable client certificate: the director requires a certificate with one "
-                "common name, issued by its CA"
-            )
-        name = peer_common_names[0]
+        name = caller_name(peer_common_names, service="the director", issuer="its CA")
         caller = self._listed(name)
         expected = CERTIFICATE_ROLES[caller.role]
         refusal = role_refusal(

@@ -1,8 +1,8 @@
 """The director's Prometheus metrics, read from its state at each scrape, in a registry of its own.
 
 Nothing is counted twice: every value is computed from `DirectorState` when Prometheus scrapes, so
-a restarted director reports the same as before. Served by prometheus-client's HTTP server on
-director.yaml's `metrics_address` (off by default), never the process-wide default registry.
+a restarted director reports the same as before. Served on director.yaml's `metrics_address` (off
+by default) by `serving.metrics.RegistryServer`, never the process-wide default registry.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from aggregator.metrics import RegistryServer
 from director.state import DirectorState, ExperimentState
 from plans.schema import Address
+from serving.metrics import RegistryServer
 
 logger = logging.getLogger(__name__)
 

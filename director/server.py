@@ -8,7 +8,6 @@ from concurrent import futures
 
 import grpc
 
-from aggregator.server import Serving
 from director.config import DirectorConfig
 from director.dashboard import create_app
 from director.launcher import Launcher, LocalLauncher
@@ -21,6 +20,7 @@ from director.web_server import WebServer, WebServerError
 from pki.tls import server_credentials
 from protos import director_pb2_grpc
 from protos.channel import server_options
+from serving.server import ServerError, Serving, listen_address
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +43,6 @@ def workers_for(config: DirectorConfig) -> int:
     limits = config.limits
     envoys = 2 * len(config.envoys) * limits.max_calls_per_identity
     return limits.max_people_calls + envoys + REFUSAL_WORKERS
-
-
-class ServerError(Exception):
-    """The director cannot serve at all (port in use, unusable address); not a refusal."""
 
 
 class DirectorServer(Serving):
@@ -94,10 +90,7 @@ class DirectorServer(Serving):
     @property
     def address(self) -> str:
         """The host:port this server listens on, IPv6 addresses in brackets."""
-        host = self.config.listen_address
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]"
-        return f"{host}:{self.config.port}"
+        return listen_address(self.config.listen_address, self.config.port)
 
     def start(self) -> int:
         """Find running experiments again, bind and serve, start supervising; the port."""
@@ -106,12 +99,7 @@ class DirectorServer(Serving):
         credentials = server_credentials(
             certs.aggregator_cert, certs.aggregator_key, certs.ca_bundle
         )
-        try:
-            self.port = self._server.add_secure_port(self.address, credentials)
-        except RuntimeError as error:
-            raise ServerError(f"cannot listen on {self.address}: {error}") from None
-        if self.port == 0:
-            raise ServerError(f"cannot listen on {self.address}: the address is in use or invalid")
+        self.port = self._bind(self.address, credentials)
         self._server.start()
         self._start_web()
         self._supervisor = threading.Thread(

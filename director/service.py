@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from director.config import DirectorConfig, Liveness
+from director.config import DirectorConfig, SiteLossPolicy
 from director.errors import (
     AuthorizationError,
     InvalidRequestError,
@@ -50,8 +50,7 @@ from director.errors import (
 )
 from director.experiment_plan import PLAN_FILE, check_submitted, plan_liveness, write_director_plan
 from director.identity import PEOPLE, Caller, Role, Roster
-from director.launcher import LOG_FILE, Ended, Launcher, log_tail
-from director.orders import LogOrder, StartOrder, Work
+from director.launcher import LOG_FILE, Launcher
 from director.state import (
     ACTIVE,
     CollaboratorState,
@@ -62,6 +61,8 @@ from director.state import (
     ShardInfo,
     SiteReport,
 )
+from lifecycle.orders import LogOrder, StartOrder, Work
+from processes.children import Ended, log_tail
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ class DirectorService:
         self._supervising = threading.Lock()
         self._going_on_without: set[tuple[str, str]] = set()  # (experiment, site) logged once
         self._logs = _LogExchange()
-        self._liveness_policies: dict[str, Liveness] = {}
+        self._liveness_policies: dict[str, SiteLossPolicy] = {}
 
     def folder(self, experiment_id: str) -> Path:
         """Where an experiment's files are."""
@@ -498,7 +499,7 @@ class DirectorService:
             self.state.transition(experiment_id, ExperimentState.RUNNING)
             logger.info("experiment %s running: every site not lost started", experiment_id)
 
-    def _liveness(self, experiment: Experiment) -> Liveness:
+    def _liveness(self, experiment: Experiment) -> SiteLossPolicy:
         """The experiment's liveness policy: its plan's `liveness` over director.yaml's (cached)."""
         key = experiment.experiment_id
         if key not in self._liveness_policies:

@@ -40,7 +40,7 @@ from director.service import (
 from director.state import CollaboratorState, ExperimentState, ShardInfo
 from director.status import abort
 from pki.roles import peer_certificate
-from plans.loader import NAME_PATTERN, shown
+from plans.reader import NAME_PATTERN, shown
 from protos import director_pb2, director_pb2_grpc
 
 R = TypeVar("R")

@@ -18,7 +18,7 @@ import secrets
 import time
 from pathlib import Path
 
-from director.errors import StorageError
+from refusals.errors import StorageError
 
 TOKENS_FILE = "dashboard_tokens.json"
 TOKEN_BYTES = 32

@@ -47,16 +47,38 @@ def replace_file(path: Path, write: Callable[[Path], object]) -> None:
     try:
         write(temporary)
         os.chmod(temporary, mode)  # a writer that made the file again made it with its own mode
-        descriptor = os.open(temporary, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-        temporary.replace(path)
+        place_file(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    fsync_folder(folder)
+
+
+def place_file(temporary: Path, path: Path) -> None:
+    """Make the written file `temporary` durable as `path` (same file system): fsync it,
+    rename it over `path`, fsync the folder; `OSError`."""
+    descriptor = os.open(temporary, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    os.replace(temporary, path)
+    fsync_folder(path.parent)
+
+
+def make_folders(path: Path) -> None:
+    """Create `path` and its missing parents so that a crash does not lose the new entries
+    (each parent fsynced after its new folder); `OSError` names the folder that failed."""
+    missing: list[Path] = []
+    current = path
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        fsync_folder(folder.parent)
 
 
 def fsync_folder(folder: Path) -> None:

@@ -36,7 +36,7 @@ from envoy.site_api import (
 from envoy.state import DATABASE, EnvoyState
 from pki.errors import MissingTLSFileError, PkiError
 from pki.tls import check_tls_files
-from plans.loader import NAME_PATTERN
+from plans.reader import NAME_PATTERN
 
 logger = logging.getLogger(__name__)
 

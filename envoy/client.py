@@ -4,9 +4,9 @@ The envoy's identity is its site's collaborator certificate (CN = the site's nam
 director's certificate is checked against the CA bundle and the director's host name, as a
 collaborator checks its aggregator's (`pki.tls.channel_credentials`, read again on every new
 channel, so renewed files are used after a reconnect). Protobuf stays here: the envoy's loop
-gets `envoy.site` dataclasses. A call that did not reach the director or got no answer raises
-`DirectorUnavailableError` (the channel is dropped; the caller backs off and tries again); every
-other status is a refusal, `DirectorRefusedError`.
+gets `lifecycle.orders` dataclasses (converted by `lifecycle.wire`). A call that did not reach
+the director or got no answer raises `DirectorUnavailableError` (the channel is dropped; the
+caller backs off and tries again); every other status is a refusal, `DirectorRefusedError`.
 """
 
 from __future__ import annotations
@@ -14,29 +14,26 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Final, Self, TypeVar
+from typing import Self, TypeVar
 
 import grpc
 
-from director.orders import LogOrder, StartOrder, Work
 from envoy.config import EnvoyConfig, Shard
 from envoy.errors import DirectorRefusedError, DirectorUnavailableError
 from envoy.site import LogPiece, Report
-from envoy.state import CollaboratorState
+from lifecycle.orders import Work
+from lifecycle.wire import report_to_proto, work_from_proto
 from pki.tls import channel_credentials
 from protos import director_pb2
 from protos.channel import client_options
 from protos.director_pb2_grpc import DirectorStub
+from retry.backoff import RETRYABLE
 
 logger = logging.getLogger(__name__)
 
 R = TypeVar("R")
 MAX_MESSAGE_BYTES = 128 * 1024 * 1024  # a heartbeat's answer carries whole plans
 LOG_MESSAGE_BYTES = 256 * 1024  # a log is sent in pieces of this size
-RETRYABLE: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-_TO_WIRE: Final = {
-    state: getattr(director_pb2, f"COLLABORATOR_{state.name}") for state in CollaboratorState
-}
 
 
 class DirectorClient:
@@ -90,39 +87,17 @@ class DirectorClient:
 
     def heartbeat(self, reports: list[Report]) -> tuple[Work | None, float]:
         """EnvoyHeartbeat: the work, or None when the director says register again; the period."""
-        request = director_pb2.EnvoyHeartbeatRequest(collaborators=[_report(r) for r in reports])
+        request = director_pb2.EnvoyHeartbeatRequest(
+            collaborators=[report_to_proto(r) for r in reports]
+        )
         response = self._call(
             "EnvoyHeartbeat", lambda stub: stub.EnvoyHeartbeat(request, timeout=self.deadline)
         )
-        if response.register_again:
-            return None, response.health_check_seconds
-        work = Work(
-            start=tuple(
-                StartOrder(
-                    experiment_id=order.experiment_id,
-                    name=order.name,
-                    owner=order.owner,
-                    plan_yaml=order.plan_yaml,
-                    collaborator_name=order.collaborator_name,
-                )
-                for order in response.start
-            ),
-            stop=tuple(response.stop),
-            logs=tuple(
-                LogOrder(
-                    request_id=order.request_id,
-                    experiment_id=order.experiment_id,
-                    offset=order.offset,
-                    max_bytes=order.max_bytes,
-                )
-                for order in response.log_requests
-            ),
-        )
-        return work, response.health_check_seconds
+        return work_from_proto(response), response.health_check_seconds
 
     def report(self, report: Report) -> None:
         """ReportCollaborator (idempotent on the director's side)."""
-        request = _report(report)
+        request = report_to_proto(report)
         self._call(
             "ReportCollaborator",
             lambda stub: stub.ReportCollaborator(request, timeout=self.deadline),
@@ -173,12 +148,3 @@ class DirectorClient:
             self._certs.collaborator_cert(self.name),
             self._certs.collaborator_key(self.name),
         )
-
-
-def _report(report: Report) -> director_pb2.CollaboratorReport:
-    return director_pb2.CollaboratorReport(
-        experiment_id=report.experiment_id,
-        state=_TO_WIRE[report.state],
-        exit_code=report.exit_code,
-        reason=report.reason,
-    )

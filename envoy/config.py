@@ -1,6 +1,6 @@
 """envoy.yaml: which director, which certificates, what this site holds and agrees to run.
 
-Read as strictly as a plan (with `plans.loader`'s reader): unknown keys are errors, and every
+Read as strictly as a plan (with `plans.reader`): unknown keys are errors, and every
 problem is one line `FILE: key.path: what is wrong`, all reported at once. Paths are relative to
 the file. An example, every key shown with its default (the four without one are required):
 
@@ -38,7 +38,8 @@ from types import MappingProxyType
 
 from command.process import LOG_LEVELS
 from pki.layout import CertsLayout
-from plans.loader import Section, read_config
+from plans.loader import read_config
+from plans.reader import Section
 
 REDIS_URL = re.compile(r"^rediss?://[^\s]+$")
 SHARED_LOGS = ("none", "foedus", "all")  # share_with_director.logs
@@ -180,7 +181,7 @@ def _runner_settings(section: Section) -> Mapping[str, object]:
         return MappingProxyType(dict(value))
 
     empty: Mapping[str, object] = MappingProxyType({})
-    return section._checked(
+    return section.checked(
         "runner_settings", empty, check, "a mapping of runner setting names to values"
     )
 
@@ -195,12 +196,12 @@ def _labels(section: Section) -> Mapping[str, str]:
         return MappingProxyType(dict(value))
 
     empty: Mapping[str, str] = MappingProxyType({})
-    return section._checked("labels", empty, check, "a mapping of text to text")
+    return section.checked("labels", empty, check, "a mapping of text to text")
 
 
 def _shard(section: Section) -> Shard:
     shard = Shard(
-        description=section._checked(
+        description=section.checked(
             "description", "", lambda v: v if isinstance(v, str) else None, "text"
         ),
         train_samples=section.integer("train_samples", 0, low=0, high=2**63 - 1),
@@ -227,7 +228,7 @@ def _connection(section: Section) -> Connection:
     )
     if connection.backoff_max_seconds < connection.backoff_initial_seconds:
         section.problems.append(
-            f"{section._key('backoff_max_seconds')}: must be at least backoff_initial_seconds "
+            f"{section.key('backoff_max_seconds')}: must be at least backoff_initial_seconds "
             f"({connection.backoff_initial_seconds:g})"
         )
     section.finish()
@@ -254,7 +255,7 @@ def _metrics(section: Section) -> Metrics:
         return value
 
     metrics = Metrics(
-        redis_url=section._checked(
+        redis_url=section.checked(
             "redis_url", "", check, 'a redis:// or rediss:// URL (or "" for none)'
         )
     )

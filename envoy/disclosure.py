@@ -39,9 +39,14 @@ FOEDUS_PACKAGES = frozenset(
         "envoy",
         "experiment",
         "foedus",
+        "lifecycle",
         "pki",
         "plans",
+        "processes",
         "protos",
+        "refusals",
+        "retry",
+        "serving",
         "torch_runner",
     }
 )

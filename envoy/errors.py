@@ -1,23 +1,29 @@
-"""The few ways the envoy's work fails; plain Python, the CLI maps them to exit codes."""
+"""The few ways the envoy's work fails; plain Python, the CLI maps them to exit codes.
+
+Those the site API may answer are refusals too (`refusals.errors`), so `refusals.http` gives
+their HTTP status.
+"""
+
+from refusals.errors import NotFoundError, PreconditionError, StorageError
 
 
 class EnvoyError(Exception):
     """Base of the envoy's errors; the message names what to fix."""
 
 
-class StateError(EnvoyError):
+class StateError(EnvoyError, StorageError):
     """The envoy cannot read or write its state folder; the message names the file."""
 
 
-class UnknownExperimentError(EnvoyError):
+class UnknownExperimentError(EnvoyError, NotFoundError):
     """No experiment of that id in this envoy's state."""
 
 
-class IllegalTransitionError(EnvoyError):
+class IllegalTransitionError(EnvoyError, PreconditionError):
     """A collaborator was asked to move between two states its lifecycle does not connect."""
 
 
-class FinishedError(EnvoyError):
+class FinishedError(EnvoyError, PreconditionError):
     """A collaborator that has already ended was asked to stop."""
 
 

@@ -17,8 +17,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from director.launcher import STATUS_FILE
-from envoy.state import Experiment
+from envoy.state import SiteExperiment
+from processes.children import STATUS_FILE
 
 # "%(asctime)s %(levelname)s %(name)s: %(message)s", collaborator.cli's logging format.
 _LINE = re.compile(
@@ -127,7 +127,7 @@ def _time(text: str) -> float | None:
         return None
 
 
-def describe(experiment: Experiment, progress: Progress, folder: Path) -> dict[str, Any]:
+def describe(experiment: SiteExperiment, progress: Progress, folder: Path) -> dict[str, Any]:
     """One collaborator as the site API and Redis show it (JSON-ready); `folder` is its own."""
     ended_at = None
     if experiment.state.exited:

@@ -8,7 +8,7 @@ and a director's plan must not send them elsewhere.
 
 A thread of its own (`RedisReporter`) polls the state every `interval` seconds and sends what
 changed, so Redis never slows the envoy's loop. Redis away: logged once per outage, retried
-after a capped backoff (`envoy.runtime.Backoff`); when it is back every key is sent again (the
+after a capped backoff (`retry.backoff.Backoff`); when it is back every key is sent again (the
 latest state of each, not every step in between), as a restarted Redis may have lost them.
 """
 
@@ -21,8 +21,8 @@ import threading
 import redis
 
 from envoy.progress import ProgressBook, describe
-from envoy.runtime import Backoff
 from envoy.site import LOG_FILE, Site
+from retry.backoff import Backoff
 
 logger = logging.getLogger(__name__)
 

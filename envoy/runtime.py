@@ -3,9 +3,9 @@
 One thread. Every `tick_seconds` the site's collaborators are looked after (`Site.tick`), with
 or without a director; the director is called when its heartbeat is due or a state is to be
 reported. A call that fails pauses calls to the director for a capped exponential backoff with
-jitter (`Backoff`), during which the collaborators are still looked after: the envoy never exits
-because the director is away, nor because it refuses (that is logged as an error and retried at
-the cap, so a director.yaml fixed later lets the site in).
+jitter (`retry.backoff.Backoff`), during which the collaborators are still looked after: the
+envoy never exits because the director is away, nor because it refuses (that is logged as an
+error and retried at the cap, so a director.yaml fixed later lets the site in).
 """
 
 from __future__ import annotations
@@ -14,42 +14,21 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from importlib import metadata
 from random import random as uniform_random
 
-from director.orders import Work
 from envoy.client import DirectorClient
 from envoy.config import Connection, Shard
 from envoy.errors import DirectorRefusedError, DirectorUnavailableError, EnvoyError
 from envoy.site import Site
+from lifecycle.orders import Work
 from pki.errors import PkiError
+from retry.backoff import Backoff
 
 logger = logging.getLogger(__name__)
 
 TICK_SECONDS = 0.5
 DEFAULT_HEALTH_SECONDS = 10.0
-_MAX_EXPONENT = 64  # 2**64 times any initial delay is past any cap; keeps the float finite
-
-
-@dataclass
-class Backoff:
-    """Capped exponential delays with jitter: attempt n waits min(cap, initial*2**n) * [1/2, 1)."""
-
-    initial: float
-    cap: float
-    random: Callable[[], float] = uniform_random
-    failures: int = 0
-
-    def next_delay(self) -> float:
-        """The delay before the next attempt after one more failure."""
-        exponent = min(self.failures, _MAX_EXPONENT)
-        self.failures += 1
-        return min(self.cap, self.initial * 2.0**exponent) * (0.5 + self.random() / 2)
-
-    def reset(self) -> None:
-        """A call went through: the next failure starts from `initial` again."""
-        self.failures = 0
 
 
 def foedus_version() -> str:
@@ -112,7 +91,7 @@ class EnvoyLoop:
         except (DirectorUnavailableError, PkiError) as error:
             self._pause(f"{error}", self.backoff.next_delay())
         except DirectorRefusedError as error:
-            self.backoff.failures = _MAX_EXPONENT  # retried at the cap
+            self.backoff.at_cap()  # retried at the cap
             self._pause(f"{error}", self.backoff.next_delay(), refused=True)
         else:
             self.backoff.reset()

@@ -2,7 +2,7 @@
 
 `Site` turns the director's work (experiments to start and to stop, logs to send) into actions
 on the envoy's durable state (`envoy.state`) and its collaborators, child processes in their own
-sessions (`director.launcher.ChildProcesses`): `collaborator start -n NAME --plan PLAN`, the plan
+sessions (`processes.children.ChildProcesses`): `collaborator start -n NAME --plan PLAN`, the plan
 written by `envoy.site_plan`. A collaborator that dies is started again, at most `MAX_RESTARTS`
 times in a row (the count starts again once it finishes a round it had not); the site gives up
 on it for good (GAVE_UP) when it exits 2 (a bad plan or settings: starting again cannot help),
@@ -26,8 +26,6 @@ from pathlib import Path
 import yaml
 
 from command.exits import EXIT_BAD_INPUT
-from director.launcher import ChildProcesses, Ended
-from director.orders import LogOrder, StartOrder, Work
 from envoy.config import EnvoyConfig
 from envoy.disclosure import SharedLog, failure_reason, shared_reason
 from envoy.errors import EnvoyError, FinishedError, IllegalTransitionError, StateError
@@ -41,7 +39,10 @@ from envoy.site_plan import (
     site_document,
     write_site_plan,
 )
-from envoy.state import DIRECTOR, NO_ROUND, SITE, CollaboratorState, EnvoyState, Experiment
+from envoy.state import DIRECTOR, NO_ROUND, SITE, EnvoyState, SiteExperiment
+from lifecycle.orders import CollaboratorReport, LogOrder, StartOrder, Work
+from lifecycle.states import CollaboratorState
+from processes.children import ChildProcesses, Ended
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +60,9 @@ OWN_PLAN = Path("the plan given to the site's API")  # how refusals name it
 
 
 @dataclass(frozen=True)
-class Report:
-    """One collaborator's state for the director; `sequence` is its place in the outbox (0: none)."""
+class Report(CollaboratorReport):
+    """A report for the director, with its place in the envoy's outbox (`sequence`; 0: none)."""
 
-    experiment_id: str
-    state: CollaboratorState
-    exit_code: int = 0
-    reason: str = ""
     sequence: int = 0
 
 
@@ -187,7 +184,7 @@ class Site:
 
     def start_own(
         self, plan_yaml: str, runner_settings: Mapping[str, object], *, name: str = ""
-    ) -> Experiment:
+    ) -> SiteExperiment:
         """Keep a collaborator the site starts itself (no director), checked as a director's.
 
         `runner_settings` replace the plan's `runner.settings` keys; envoy.yaml's
@@ -219,7 +216,7 @@ class Site:
         logger.info("collaborator %s: started by the site's API", own_id)
         return experiment
 
-    def stop_collaborator(self, experiment_id: str) -> Experiment:
+    def stop_collaborator(self, experiment_id: str) -> SiteExperiment:
         """Stop one collaborator (any, the director's too) as the director's stop would.
 
         `UnknownExperimentError` if there is none, `FinishedError` if it has already ended.
@@ -271,7 +268,7 @@ class Site:
             "experiment %s (%r by %s): %s", order.experiment_id, order.name, order.owner, reason
         )
 
-    def _check(self, experiment: Experiment) -> None:
+    def _check(self, experiment: SiteExperiment) -> None:
         experiment_id = experiment.experiment_id
         folder = self.folder(experiment_id)
         if experiment.stopping:
@@ -307,7 +304,7 @@ class Site:
 
     def _launch(
         self,
-        experiment: Experiment,
+        experiment: SiteExperiment,
         *,
         restarted: bool = False,
         restart_round: int | None = None,
@@ -347,7 +344,7 @@ class Site:
             experiment_id, _S.STARTED, pid=pid, restarted=restarted, restart_round=restart_round
         )
 
-    def _ended(self, experiment: Experiment, ended: Ended | None, *, restart: bool) -> None:
+    def _ended(self, experiment: SiteExperiment, ended: Ended | None, *, restart: bool) -> None:
         """Note how a collaborator ended: exited, started again, or given up for good."""
         experiment_id = experiment.experiment_id
         code = NO_STATUS if ended is None or ended.code is None else ended.code
@@ -363,7 +360,7 @@ class Site:
         if restart and code != 0:  # not the director's stop, and it did not do its part
             self._after_death(exited, adopt=False)
 
-    def _after_death(self, experiment: Experiment, *, adopt: bool) -> None:
+    def _after_death(self, experiment: SiteExperiment, *, adopt: bool) -> None:
         """Start a collaborator that died again, or give it up: exit 2, or restarts used up.
 
         `adopt`: look for one already started first (the envoy killed right after starting it).
@@ -391,7 +388,7 @@ class Site:
         )
         self._launch(experiment, restarted=True, restart_round=done, adopt=adopt)
 
-    def _give_up(self, experiment: Experiment, code: int, cause: str, detail: str = "") -> None:
+    def _give_up(self, experiment: SiteExperiment, code: int, cause: str, detail: str = "") -> None:
         """The site will not start this collaborator again: GAVE_UP (its reason: `cause`, then
         `detail`, how it ended), for the director to know; its aggregator is told (`cause` only)."""
         experiment_id = experiment.experiment_id
@@ -414,7 +411,7 @@ class Site:
         return Report(report.experiment_id, report.state, report.exit_code, reason, report.sequence)
 
 
-def _report(experiment: Experiment) -> Report:
+def _report(experiment: SiteExperiment) -> Report:
     return Report(
         experiment_id=experiment.experiment_id,
         state=experiment.state,
@@ -423,7 +420,9 @@ def _report(experiment: Experiment) -> Report:
     )
 
 
-def review(state: EnvoyState, experiment_id: str, *, approve: bool, reason: str = "") -> Experiment:
+def review(
+    state: EnvoyState, experiment_id: str, *, approve: bool, reason: str = ""
+) -> SiteExperiment:
     """The site operator's decision on an experiment waiting for it (review: manual).
 
     `UnknownExperimentError` if there is none, `IllegalTransitionError` if it is not waiting;

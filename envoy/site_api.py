@@ -7,7 +7,7 @@ of STATE_DIR/site_api.token (made 0600 on first start, `ensure_token`), compared
 time: a token rather than mutual TLS because a site's certificate is a client certificate
 (its collaborators'), and curl or a browser on the site's host can send a header where it
 cannot easily present one. The endpoints only translate HTTP to `Site`'s plain-Python calls;
-every failure is `{"error": "..."}` with the status code of `_STATUS` (one table).
+every failure is `{"error": "..."}` with the status code of `refusals.http` (the one table).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import secrets
 import socket
 import stat
 import threading
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,18 +31,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from director.launcher import log_tail
-from envoy.errors import (
-    EnvoyError,
-    FinishedError,
-    IllegalTransitionError,
-    StateError,
-    UnknownExperimentError,
-)
+from envoy.errors import EnvoyError, StateError, UnknownExperimentError
 from envoy.progress import ProgressBook, describe
 from envoy.site import LOG_FILE, Site, review
 from envoy.site_plan import EXPERIMENT_ID, RefusedPlanError
-from plans.loader import cut, shown, values_hidden
+from plans.reader import cut, shown, values_hidden
+from processes.children import log_tail
+from refusals.errors import InvalidRequestError
+from refusals.http import http_status
 
 logger = logging.getLogger(__name__)
 
@@ -57,19 +53,8 @@ class TokenError(EnvoyError):
     """The site API's token file cannot be made, read or trusted; the message names it."""
 
 
-class BadRequestError(EnvoyError):
+class BadRequestError(EnvoyError, InvalidRequestError):
     """A request the API understood but cannot act on (a plan file that cannot be read)."""
-
-
-# One table: our errors to HTTP status codes (anything else is 500).
-_STATUS: Mapping[type[Exception], int] = {
-    BadRequestError: 400,
-    RefusedPlanError: 400,
-    UnknownExperimentError: 404,
-    FinishedError: 409,
-    IllegalTransitionError: 409,
-    StateError: 503,
-}
 
 
 def ensure_token(path: Path) -> str:
@@ -172,7 +157,7 @@ def create_app(context: SiteApiContext) -> FastAPI:
     @app.exception_handler(EnvoyError)
     @app.exception_handler(RefusedPlanError)
     async def refused(_request: Request, error: Exception) -> Response:
-        code = next((c for kind, c in _STATUS.items() if isinstance(error, kind)), 500)
+        code = http_status(error)
         if code >= 500:
             logger.error("site API: %s", error)
         return _error(code, str(error))

@@ -18,8 +18,10 @@ import yaml
 from durable.files import write_yaml
 from envoy.config import EnvoyConfig
 from envoy.errors import StateError
-from plans.loader import PlanError, parse_plan, shown, yaml_document
+from plans.loader import PlanError, parse_plan, yaml_document
+from plans.reader import shown
 from plans.site_settings import merge_site_settings
+from refusals.errors import InvalidRequestError
 
 PLAN_FILE = "plan.yaml"
 RECEIVED = Path("the director's plan")  # how refusals name the plan the director sent
@@ -30,7 +32,7 @@ EXPERIMENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _AGGREGATOR_FILES = ("initial_model", "output_dir")
 
 
-class RefusedPlanError(ValueError):
+class RefusedPlanError(InvalidRequestError, ValueError):
     """This site will not run the plan; the message is the reason reported to the director."""
 
 

@@ -5,11 +5,11 @@ approve ID` writes the same state while the envoy runs, and SQLite's transaction
 writers safe without a protocol of our own. Every write is one transaction on disk
 (`synchronous=FULL`) when the method returns, so kill -9 of the envoy loses nothing.
 
-Each experiment's collaborator moves through the states of `CollaboratorState` (the same as
-director.proto's); the allowed moves are the one table `TRANSITIONS`. Every change also goes,
-in the same transaction, to an outbox of reports, sent in order and deleted once the director
-has them: a change made while the director was away, or by `envoy approve`, is reported when it
-can be, and none is skipped.
+Each experiment's collaborator moves through the states of `lifecycle.states.CollaboratorState`
+(the same as director.proto's); the allowed moves are its one table `TRANSITIONS`. Every change
+also goes, in the same transaction, to an outbox of reports, sent in order and deleted once the
+director has them: a change made while the director was away, or by `envoy approve`, is reported
+when it can be, and none is skipped.
 
 Schema version 2 added `restart_round` (the round the collaborator had finished when it was last
 started again, so restarts are counted in a row); a version 1 state is migrated when opened.
@@ -20,15 +20,14 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 from durable.sqlite import SqliteStore, connect, lock_state_folder, make_state_folder
 from envoy.errors import IllegalTransitionError, StateError, UnknownExperimentError
+from lifecycle.states import TRANSITIONS, CollaboratorState
 
 DATABASE = "envoy.sqlite"
 LOCK = "envoy.lock"
@@ -41,48 +40,8 @@ STOPPED_BY_DIRECTOR = 1
 STOPPED_BY_SITE = 2
 
 
-class CollaboratorState(Enum):
-    """One experiment's collaborator at this site (director.proto's CollaboratorState)."""
-
-    APPROVAL_PENDING = "approval_pending"  # review: manual, waiting for `envoy approve`
-    SITE_APPROVED = "site_approved"  # approved (by the operator, or review: auto); starts next
-    SITE_REJECTED = "site_rejected"  # the operator refused it (final)
-    REFUSED = "refused"  # the envoy refused it: runner not allowed, a plan it cannot use (final)
-    STARTED = "started"  # `collaborator start` launched
-    RUNNING = "running"  # found running again after an envoy restart
-    EXITED = "exited"  # ended with `exit_code`
-    # The site will not start it again (final): exit 2, restarts used up, or its operator's stop.
-    GAVE_UP = "gave_up"
-
-    @property
-    def final(self) -> bool:
-        """Whether nothing moves it any more."""
-        return not TRANSITIONS[self]
-
-    @property
-    def exited(self) -> bool:
-        """Whether its collaborator has ended with an exit code (EXITED, or given up after)."""
-        return self in (CollaboratorState.EXITED, CollaboratorState.GAVE_UP)
-
-
-_C = CollaboratorState
-TRANSITIONS: Mapping[CollaboratorState, frozenset[CollaboratorState]] = MappingProxyType(
-    {
-        _C.APPROVAL_PENDING: frozenset({_C.SITE_APPROVED, _C.SITE_REJECTED}),
-        _C.SITE_APPROVED: frozenset({_C.STARTED, _C.REFUSED, _C.GAVE_UP}),
-        _C.STARTED: frozenset({_C.RUNNING, _C.EXITED, _C.GAVE_UP}),
-        _C.RUNNING: frozenset({_C.EXITED, _C.GAVE_UP}),
-        # Started again: it died while its experiment ran; or given up if it cannot be.
-        _C.EXITED: frozenset({_C.STARTED, _C.GAVE_UP}),
-        _C.SITE_REJECTED: frozenset(),
-        _C.REFUSED: frozenset(),
-        _C.GAVE_UP: frozenset(),
-    }
-)
-
-
 @dataclass(frozen=True)
-class Experiment:
+class SiteExperiment:
     """One experiment this envoy was asked to run a collaborator for."""
 
     experiment_id: str
@@ -93,7 +52,7 @@ class Experiment:
     state: CollaboratorState
     exit_code: int
     reason: str
-    pid: int | None  # the collaborator's `director.child` parent, while it runs
+    pid: int | None  # the collaborator's `processes.child` parent, while it runs
     restarts: int  # times started again after dying, in a row (reset when it makes progress)
     stopping: bool  # the director (or the site's operator) said stop
     done: bool  # stopped and no longer listed in heartbeats
@@ -207,19 +166,19 @@ class EnvoyState(SqliteStore):
 
     # -- reading ------------------------------------------------------------------------------
 
-    def experiment(self, experiment_id: str) -> Experiment:
+    def experiment(self, experiment_id: str) -> SiteExperiment:
         """The experiment with this id; `UnknownExperimentError` if there is none."""
         rows = self._query_all(f"SELECT {_COLUMNS} FROM experiments WHERE id = ?", (experiment_id,))
         if not rows:
             raise UnknownExperimentError(f"no experiment {experiment_id!r} at this envoy")
         return _experiment(rows[0])
 
-    def find(self, experiment_id: str) -> Experiment | None:
+    def find(self, experiment_id: str) -> SiteExperiment | None:
         """The experiment with this id, or None."""
         rows = self._query_all(f"SELECT {_COLUMNS} FROM experiments WHERE id = ?", (experiment_id,))
         return _experiment(rows[0]) if rows else None
 
-    def experiments(self, *, listed_only: bool = False) -> list[Experiment]:
+    def experiments(self, *, listed_only: bool = False) -> list[SiteExperiment]:
         """Every experiment in the order received; `listed_only`: those not done."""
         where = " WHERE done = 0" if listed_only else ""
         rows = self._query_all(f"SELECT {_COLUMNS} FROM experiments{where} ORDER BY sequence")
@@ -238,7 +197,7 @@ class EnvoyState(SqliteStore):
         state: CollaboratorState,
         reason: str = "",
         origin: str = DIRECTOR,
-    ) -> Experiment:
+    ) -> SiteExperiment:
         """Keep a new experiment in its first state; one already known is left as it is."""
         with self._transaction() as db:
             added = db.execute(
@@ -270,7 +229,7 @@ class EnvoyState(SqliteStore):
         pid: int | None = None,
         restarted: bool = False,
         restart_round: int | None = None,
-    ) -> Experiment:
+    ) -> SiteExperiment:
         """Move to `to` if `TRANSITIONS` allows it (`IllegalTransitionError` if not); reported next.
 
         `restarted`: it was started again, one more restart in a row; with `restart_round`, the
@@ -344,10 +303,10 @@ class EnvoyState(SqliteStore):
             db.execute(sql, parameters)
 
 
-def _experiment(row: tuple[Any, ...]) -> Experiment:
+def _experiment(row: tuple[Any, ...]) -> SiteExperiment:
     (eid, name, owner, site, plan, state, code, reason, pid, restarts, stopping, done) = row[:12]
     received, origin, restart_round = row[12], row[13], row[14]
-    return Experiment(
+    return SiteExperiment(
         experiment_id=eid,
         name=name,
         owner=owner,

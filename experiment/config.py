@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pki.layout import CertsLayout
-from plans.loader import NAME_PATTERN, PlanError, Section, read_yaml
+from plans.loader import PlanError, read_yaml
+from plans.reader import NAME_PATTERN, Section
 
 ENVIRONMENT = "FOEDUS_EXPERIMENT_CONFIG"
 ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})$")

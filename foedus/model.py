@@ -25,9 +25,9 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from aggregator.errors import ModelFileError, StorageError
 from aggregator.storage import read_model, write_model
 from plans.schema import Limits
+from refusals.errors import ModelFileError, StorageError
 
 __all__ = ["MAX_TENSOR_BYTES", "Array", "ModelFileError", "StorageError", "load", "save"]
 

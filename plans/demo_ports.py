@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from plans.loader import safe_yaml
+from plans.reader import safe_yaml
 
 DEFAULT_BASE = 50000  # the ports written in the demos' files count from here
 PATH_KEYS = frozenset({"certs_dir", "state_dir", "output_dir", "initial_model"})

@@ -1,32 +1,35 @@
 """Load a plan file: safe YAML without aliases, check every key, report every problem at once.
 
 Each problem is one line `FILE: key.path: what is wrong`, so a person can fix them all in one go.
-Unknown keys are errors (a typo must not silently fall back to a default). Every YAML file and
-text foedus reads (plans, director.yaml, envoy.yaml, experiment configs, site settings, plans
-sent over the network) goes through `safe_yaml`, which refuses aliases before expanding them.
+Unknown keys are errors (a typo must not silently fall back to a default). The text is read and
+each mapping checked by `plans.reader`, the one strict YAML reader; the services' own YAML files
+(director.yaml, envoy.yaml) are read by `read_config`, as strictly as a plan.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import ipaddress
 import re
-import reprlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeVar
-
-import yaml
+from typing import TypeVar
 
 from pki.errors import PkiError
 from pki.layout import CertsLayout
 from pki.requests import normalise_fingerprint, validate_host
+from plans.reader import (
+    RUNNER_PATTERN,
+    Section,
+    YamlTextError,
+    parse_yaml,
+    read_listen_address,
+    shown,
+    shown_text,
+)
 from plans.schema import (
     KNOWN_TASKS,
     TRAIN,
-    Address,
     AggregatorSettings,
     BestModelSettings,
     ConnectionSettings,
@@ -40,11 +43,6 @@ from plans.schema import (
 )
 
 T = TypeVar("T")
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-RUNNER_PATTERN = re.compile(
-    r"^([A-Za-z_][A-Za-z0-9_]*)(\.[A-Za-z_][A-Za-z0-9_]*)*(:[A-Za-z_][A-Za-z0-9_]*)?$"
-)
-_MISSING: Any = object()
 
 
 class PlanError(ValueError):
@@ -54,151 +52,6 @@ class PlanError(ValueError):
         self.path = path
         self.problems = [f"{path}: {problem}" for problem in problems]
         super().__init__("\n".join(self.problems))
-
-
-class _Section:
-    """One mapping of the plan, read key by key; problems go to a shared list."""
-
-    def __init__(self, data: object, path: str, problems: list[str]) -> None:
-        self.path = path
-        self.problems = problems
-        self.seen: set[str] = set()
-        if data is None:
-            data = {}
-        if not isinstance(data, Mapping):
-            self.problems.append(f"{path or 'plan'}: expected a mapping, got {_kind(data)}")
-            data = {}
-        self.data: Mapping[Any, Any] = data
-
-    def _key(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def _get(self, key: str, default: object) -> object:
-        self.seen.add(key)
-        if key in self.data:
-            return self.data[key]
-        if default is _MISSING:
-            self.problems.append(f"{self._key(key)}: required, but missing")
-        return default
-
-    def _checked(self, key: str, default: T, check: Callable[[object], T | None], want: str) -> T:
-        """The checked value at `key`; `default` (already reported if required) when absent or bad."""
-        value = self._get(key, default)
-        if key not in self.data:
-            return default
-        result = check(value)
-        if result is None:
-            self.problems.append(f"{self._key(key)}: expected {want}, got {_shown(value)}")
-            return default
-        return result
-
-    def section(self, key: str) -> _Section:
-        """The nested mapping under `key` (empty when absent)."""
-        return _Section(self._get(key, None), self._key(key), self.problems)
-
-    def text(
-        self, key: str, default: str = _MISSING, *, pattern: re.Pattern[str] | None = None
-    ) -> str:
-        """A non-empty string, matching `pattern` if given."""
-
-        def check(value: object) -> str | None:
-            if not isinstance(value, str) or not value.strip():
-                return None
-            return value if pattern is None or pattern.match(value) else None
-
-        want = f"a name matching {pattern.pattern}" if pattern else "a non-empty string"
-        return self._checked(key, default, check, want)
-
-    def integer(self, key: str, default: int = _MISSING, *, low: int, high: int) -> int:
-        """An integer in [low, high] (YAML booleans are not integers)."""
-
-        def check(value: object) -> int | None:
-            ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-            return value if ok else None  # type: ignore[return-value]
-
-        return self._checked(key, default, check, f"an integer {low}-{high}")
-
-    def optional_integer(self, key: str, default: int | None, *, low: int, high: int) -> int | None:
-        """An integer in [low, high], or null for "no bound"."""
-        if self.data.get(key, 0) is None:
-            self.seen.add(key)
-            return None
-        return self.integer(key, default, low=low, high=high)  # type: ignore[arg-type]
-
-    def number(self, key: str, default: float = _MISSING, *, low: float, high: float) -> float:
-        """A number in [low, high]."""
-
-        def check(value: object) -> float | None:
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
-            return float(value) if ok and low <= value <= high else None  # type: ignore[operator, arg-type]
-
-        return self._checked(key, default, check, f"a number {low:g}-{high:g}")
-
-    def optional_number(
-        self, key: str, default: float | None, *, low: float, high: float
-    ) -> float | None:
-        """A number in [low, high], or null for "no bound"."""
-        if self.data.get(key, 0) is None:
-            self.seen.add(key)
-            return None
-        return self.number(key, default, low=low, high=high)  # type: ignore[arg-type]
-
-    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
-        """One of `choices`."""
-        return self._checked(
-            key, default, lambda v: v if v in choices else None, f"one of {', '.join(choices)}"
-        )
-
-    def flag(self, key: str, default: bool = _MISSING) -> bool:
-        """A boolean."""
-        return self._checked(
-            key, default, lambda v: v if isinstance(v, bool) else None, "true or false"
-        )
-
-    def names(
-        self, key: str, default: tuple[str, ...] = _MISSING, *, unique: bool = True
-    ) -> tuple[str, ...]:
-        """A list of names (letters, digits, '.', '_', '-'), without duplicates if `unique`."""
-
-        def check(value: object) -> tuple[str, ...] | None:
-            if not isinstance(value, list):
-                return None
-            if not all(isinstance(item, str) and NAME_PATTERN.match(item) for item in value):
-                return None
-            return tuple(value)
-
-        result = self._checked(
-            key, default, check, f"a list of names matching {NAME_PATTERN.pattern}"
-        )
-        if unique and isinstance(result, tuple) and len(set(result)) != len(result):
-            duplicates = sorted({name for name in result if result.count(name) > 1})
-            self.problems.append(
-                f"{self._key(key)}: listed more than once: {_shown_text(', '.join(duplicates), 200)}"
-            )
-        return result
-
-    def runner_names(
-        self, key: str, default: tuple[str, ...] = _MISSING, *, empty: bool = False
-    ) -> tuple[str, ...]:
-        """A list of runner names a host agrees to import (built-in or package.module:Class)."""
-
-        def check(value: object) -> tuple[str, ...] | None:
-            if not isinstance(value, list) or not (value or empty):
-                return None
-            if not all(isinstance(item, str) and RUNNER_PATTERN.match(item) for item in value):
-                return None
-            return tuple(value)
-
-        kind = "a list" if empty else "a non-empty list"
-        return self._checked(
-            key, default, check, f"{kind} of runner names (built-in or package.module:Class)"
-        )
-
-    def finish(self) -> None:
-        """Report keys this reader never asked for: they are typos or unsupported settings."""
-        for key in self.data:
-            if key not in self.seen:
-                self.problems.append(f"{self._key(_cut(str(key)))}: unknown key")
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -235,56 +88,19 @@ def read_yaml(plan_path: Path) -> object:
     return yaml_document(text, plan_path)
 
 
-ALIASES_REFUSED = "YAML aliases (*name) are not accepted: write the value out"
-
-
-class _NoAliasLoader(yaml.SafeLoader):
-    """`yaml.SafeLoader` refusing every alias (`*name`, `<<: *name`) before composing it.
-
-    An alias makes a small text a huge value (a "billion laughs"), flat in memory until a
-    message, a dump or a check walks it. Plans and configs have no need of them, so they are
-    refused outright (not counted): nothing is expanded, and the rule is one line to explain.
-    """
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        """Any node but an alias, composed as `SafeLoader` does."""
-        if self.check_event(yaml.AliasEvent):
-            raise yaml.composer.ComposerError(
-                None,
-                None,
-                ALIASES_REFUSED,
-                self.peek_event().start_mark,  # type: ignore[no-untyped-call]
-            )
-        return super().compose_node(parent, index)
-
-
-def safe_yaml(text: str) -> Any:
-    """`yaml.safe_load` refusing aliases: `yaml.YAMLError` (and the errors of `yaml_document`)."""
-    return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader: no Python objects built
-
-
 def yaml_document(text: str, plan_path: Path) -> object:
     """The YAML document in `text` (from `plan_path`, named in errors); `PlanError` if not YAML."""
     try:
-        data = safe_yaml(text)
-    except yaml.YAMLError as error:
-        where = getattr(error, "problem_mark", None)
-        line = f"line {where.line + 1}: " if where is not None else ""
-        problem = getattr(error, "problem", None) or error
-        raise PlanError(
-            plan_path, [f"{line}not valid YAML: {_yaml_problem(str(problem))}"]
-        ) from None
-    except RecursionError:  # PyYAML composes nested collections recursively
-        raise PlanError(plan_path, ["not valid YAML: nested too deeply"]) from None
-    except ValueError as error:  # a scalar PyYAML cannot build: 2020-13-45, !!int x, 5000 digits
-        raise PlanError(plan_path, [f"not valid YAML: {_shown_text(str(error), 120)}"]) from None
-    return data
+        return parse_yaml(text)
+    except YamlTextError as error:
+        line = f"line {error.line}: " if error.line is not None else ""
+        raise PlanError(plan_path, [f"{line}not valid YAML: {error.problem}"]) from None
 
 
 def parse_plan(data: object, plan_path: Path) -> Plan:
     """Check an already-parsed plan document; paths in it are relative to `plan_path`."""
     problems: list[str] = []
-    root = _Section(data, "", problems)
+    root = Section(data, "", problems)
     base = plan_path.resolve().parent
     federation = _federation(root.section("federation"))
     aggregator = _aggregator(root.section("aggregator"), base)
@@ -326,7 +142,7 @@ def parse_plan(data: object, plan_path: Path) -> Plan:
     )
 
 
-def _federation(section: _Section) -> FederationSettings:
+def _federation(section: Section) -> FederationSettings:
     uuid = section.text("uuid", pattern=re.compile(r"^[A-Za-z0-9._-]{1,128}$"))
     settings = FederationSettings(
         name=section.text("name"),
@@ -338,7 +154,7 @@ def _federation(section: _Section) -> FederationSettings:
     return settings
 
 
-def _aggregator(section: _Section, base: Path) -> AggregatorSettings:
+def _aggregator(section: Section, base: Path) -> AggregatorSettings:
     host = section.text("host")
     settings = AggregatorSettings(
         host=host,
@@ -351,7 +167,7 @@ def _aggregator(section: _Section, base: Path) -> AggregatorSettings:
         initial_model=_optional_file(section, "initial_model", base),
         long_poll_seconds=section.number("long_poll_seconds", 5.0, low=0, high=300),
         quit_grace_seconds=section.number("quit_grace_seconds", 30.0, low=0, high=86400),
-        metrics_address=_listen_address(section, "metrics_address"),
+        metrics_address=read_listen_address(section, "metrics_address"),
         common_name=_common_name(section, host),
         fingerprint=_fingerprint(section),
     )
@@ -359,58 +175,7 @@ def _aggregator(section: _Section, base: Path) -> AggregatorSettings:
     return settings
 
 
-# A host name as DNS allows it (letters, digits, '-', dots between labels).
-HOST_PATTERN = re.compile(
-    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
-)
-LOOPBACK = "127.0.0.1"
-
-
-def _listen_address(section: _Section, key: str) -> Address | None:
-    """`host:port`, `[v6]:port`, or a port alone (on loopback); None when absent or null."""
-    if section.data.get(key) is None:
-        section.seen.add(key)
-        return None
-
-    def check(value: object) -> Address | None:
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = str(value)
-        if not isinstance(value, str):
-            return None
-        host, colon, port = value.rpartition(":")
-        if not colon:
-            host, port = LOOPBACK, value
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-            if not _is_ip(host, version=6):
-                return None
-        elif not _is_ip(host, version=4) and not _is_host_name(host):
-            return None
-        if not (port.isascii() and port.isdigit() and 0 <= int(port) <= 65535):
-            return None
-        return Address(host, int(port))
-
-    return section._checked(
-        key,
-        None,
-        check,
-        "host:port, [IPv6]:port, or a port alone (on 127.0.0.1), with a port 0-65535",
-    )
-
-
-def _is_host_name(text: str) -> bool:
-    """A DNS name, not a mistyped address: its last label is not all digits."""
-    return bool(HOST_PATTERN.match(text)) and not text.rsplit(".", 1)[-1].isdigit()
-
-
-def _is_ip(text: str, *, version: int) -> bool:
-    try:
-        return ipaddress.ip_address(text).version == version
-    except ValueError:
-        return False
-
-
-def _common_name(section: _Section, host: str) -> str:
+def _common_name(section: Section, host: str) -> str:
     """The aggregator certificate's common name: a host name or IP address, as pki certifies."""
     name = section.text("common_name", host if isinstance(host, str) else "")
     if "common_name" not in section.data:
@@ -418,11 +183,11 @@ def _common_name(section: _Section, host: str) -> str:
     try:
         validate_host(name)
     except PkiError as error:
-        section.problems.append(f"{section._key('common_name')}: {_shown_text(str(error), 200)}")
+        section.problems.append(f"{section.key('common_name')}: {shown_text(str(error), 200)}")
     return name
 
 
-def _fingerprint(section: _Section) -> str | None:
+def _fingerprint(section: Section) -> str | None:
     """A pinned SHA-256 certificate fingerprint, normalised (64 hex digits; colons allowed)."""
     if section.data.get("fingerprint") is None:
         section.seen.add("fingerprint")
@@ -433,11 +198,11 @@ def _fingerprint(section: _Section) -> str | None:
     try:
         return normalise_fingerprint(text)
     except PkiError as error:
-        section.problems.append(f"{section._key('fingerprint')}: {_shown_text(str(error), 200)}")
+        section.problems.append(f"{section.key('fingerprint')}: {shown_text(str(error), 200)}")
         return None
 
 
-def _optional_file(section: _Section, key: str, base: Path) -> Path | None:
+def _optional_file(section: Section, key: str, base: Path) -> Path | None:
     """An existing file's path relative to the plan, or None when the key is absent or null."""
     if section.data.get(key) is None:
         section.seen.add(key)
@@ -452,52 +217,48 @@ def _optional_file(section: _Section, key: str, base: Path) -> Path | None:
     try:
         found = path.is_file()
     except OSError as error:  # a name too long for the file system
-        section.problems.append(f"{section._key(key)}: not a usable path: {error.strerror}")
+        section.problems.append(f"{section.key(key)}: not a usable path: {error.strerror}")
         return None
     if not found:
-        section.problems.append(
-            f"{section._key(key)}: file not found: {_shown_text(str(path), 200)}"
-        )
+        section.problems.append(f"{section.key(key)}: file not found: {shown_text(str(path), 200)}")
     return path
 
 
-def _resolved(section: _Section, key: str, text: str, base: Path) -> Path:
+def _resolved(section: Section, key: str, text: str, base: Path) -> Path:
     """`text` as a path relative to the plan, resolved; one the system cannot use is a problem."""
     try:
         return (base / text).resolve()
     except (OSError, ValueError) as error:  # a NUL character in it
-        section.problems.append(
-            f"{section._key(key)}: not a usable path: {_shown_text(str(error))}"
-        )
+        section.problems.append(f"{section.key(key)}: not a usable path: {shown_text(str(error))}")
         return base  # never used: the problem makes the whole plan fail
 
 
-def _tasks(root: _Section) -> tuple[str, ...]:
+def _tasks(root: Section) -> tuple[str, ...]:
     tasks = root.names("tasks")
     if not isinstance(tasks, tuple):
         return tasks
     unknown = [task for task in tasks if task not in KNOWN_TASKS]
     if unknown:
         root.problems.append(
-            f"tasks: unknown task {_shown(', '.join(unknown))}; known: {', '.join(KNOWN_TASKS)}"
+            f"tasks: unknown task {shown(', '.join(unknown))}; known: {', '.join(KNOWN_TASKS)}"
         )
     elif TRAIN not in tasks:
         root.problems.append(f"tasks: must include {TRAIN!r}, or the model never changes")
     return tasks
 
 
-def _runner(section: _Section) -> RunnerSettings:
+def _runner(section: Section) -> RunnerSettings:
     name = section.text("name", pattern=RUNNER_PATTERN)
     seed = section.integer("seed", 0, low=0, high=2**32 - 1)
     empty: Mapping[str, object] = {}
-    settings = section._checked(
+    settings = section.checked(
         "settings", empty, lambda v: v if isinstance(v, Mapping) else None, "a mapping"
     )
     section.finish()
     return RunnerSettings(name=name, seed=seed, settings=MappingProxyType(dict(settings)))
 
 
-def _straggler(section: _Section, collaborators: int) -> StragglerSettings:
+def _straggler(section: Section, collaborators: int) -> StragglerSettings:
     defaults = StragglerSettings()
     choices = tuple(policy.value for policy in StragglerPolicy)
     settings = StragglerSettings(
@@ -520,7 +281,7 @@ def _straggler(section: _Section, collaborators: int) -> StragglerSettings:
     return settings
 
 
-def _best_model(section: _Section, tasks: tuple[str, ...]) -> BestModelSettings:
+def _best_model(section: Section, tasks: tuple[str, ...]) -> BestModelSettings:
     defaults = BestModelSettings()
     settings = BestModelSettings(
         task=section.choice("task", defaults.task, KNOWN_TASKS),
@@ -528,12 +289,12 @@ def _best_model(section: _Section, tasks: tuple[str, ...]) -> BestModelSettings:
         maximize=section.choice("mode", "max", ("max", "min")) == "max",
     )
     if isinstance(tasks, tuple) and settings.task not in tasks:
-        section.problems.append(f"best_model.task: {_shown(settings.task)} is not in tasks")
+        section.problems.append(f"best_model.task: {shown(settings.task)} is not in tasks")
     section.finish()
     return settings
 
 
-def _ip_addresses(section: _Section, key: str) -> tuple[str, ...]:
+def _ip_addresses(section: Section, key: str) -> tuple[str, ...]:
     def check(value: object) -> tuple[str, ...] | None:
         if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
             return None
@@ -542,10 +303,10 @@ def _ip_addresses(section: _Section, key: str) -> tuple[str, ...]:
         except ValueError:
             return None
 
-    return section._checked(key, (), check, "a list of IP addresses")
+    return section.checked(key, (), check, "a list of IP addresses")
 
 
-def _tls(section: _Section, base: Path) -> TLSSettings:
+def _tls(section: Section, base: Path) -> TLSSettings:
     insecure = section.flag("insecure", False)
     certs_dir = section.text("certs_dir", "")
     section.finish()
@@ -559,7 +320,7 @@ def _tls(section: _Section, base: Path) -> TLSSettings:
     return TLSSettings(certs=certs, insecure=insecure)
 
 
-def _limits(section: _Section) -> Limits:
+def _limits(section: Section) -> Limits:
     defaults = Limits()
     most = 2**31 - 1  # gRPC's own ceiling for one message
     limits = Limits(
@@ -590,7 +351,7 @@ def _limits(section: _Section) -> Limits:
     return limits
 
 
-def _connection(section: _Section) -> ConnectionSettings:
+def _connection(section: Section) -> ConnectionSettings:
     defaults = ConnectionSettings()
     settings = ConnectionSettings(
         deadline_seconds=section.number(
@@ -616,61 +377,3 @@ def _connection(section: _Section) -> ConnectionSettings:
     )
     section.finish()
     return settings
-
-
-# Public for other YAML files read the same way (director.yaml): one reader, one kind of message.
-Section = _Section
-read_listen_address = _listen_address
-
-
-def _kind(value: object) -> str:
-    return "nothing" if value is None else type(value).__name__
-
-
-# Bounded, so a value built from YAML aliases (a "billion laughs") is not printed whole.
-_REPR = reprlib.Repr()
-_REPR.maxlevel = 3
-_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 60
-_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 6
-
-
-# Set while a plan is read from a file a request named (the site API's plan_path): its problems
-# then name keys and what is wrong, never a value, so no request reads a file through errors.
-_HIDE_VALUES: contextvars.ContextVar[bool] = contextvars.ContextVar("hide_values", default=False)
-HIDDEN = "(a value of the file, not shown)"
-
-
-@contextlib.contextmanager
-def values_hidden() -> Iterator[None]:
-    """Within it, problems quote no value of the plan (`shown` says `HIDDEN` instead)."""
-    token = _HIDE_VALUES.set(True)
-    try:
-        yield
-    finally:
-        _HIDE_VALUES.reset(token)
-
-
-def _shown(value: object) -> str:
-    return HIDDEN if _HIDE_VALUES.get() else _cut(_REPR.repr(value))
-
-
-def _shown_text(text: str, limit: int = 60) -> str:
-    """A message quoting the plan's values (a path, a library's error), cut, or hidden."""
-    return HIDDEN if _HIDE_VALUES.get() else _cut(text, limit)
-
-
-def _yaml_problem(problem: str) -> str:
-    """PyYAML's problem, cut; hidden, without what it quotes of the text ('...')."""
-    if _HIDE_VALUES.get():
-        return _cut(re.sub(r"'[^']*'|\"[^\"]*\"", "'...'", problem), 120)
-    return _cut(problem, 120)
-
-
-def _cut(text: str, limit: int = 60) -> str:
-    """`text`, cut to `limit` characters: a message quotes a value, never all of a big one."""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-# Public: a runner quoting a bad `runner.settings` value cuts it the same way.
-shown = _shown
-cut = _cut

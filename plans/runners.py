@@ -20,7 +20,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-from plans.loader import cut
+from plans.reader import cut
 from plans.schema import RunnerSettings
 
 Array = npt.NDArray[np.generic]

@@ -15,9 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 
-import yaml
-
-from plans.loader import ALIASES_REFUSED, safe_yaml
+from plans.reader import ALIASES_REFUSED, YamlTextError, parse_yaml
 from plans.schema import Plan, RunnerSettings
 
 
@@ -34,14 +32,12 @@ def load_site_settings(path: str | Path) -> Mapping[str, object]:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else error
         raise SiteSettingsError(f"{path}: cannot read site settings: {reason}") from None
     try:
-        data = safe_yaml(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        why = f": {ALIASES_REFUSED}" if getattr(error, "problem", None) == ALIASES_REFUSED else ""
+        data = parse_yaml(text)
+    except YamlTextError as error:
+        # The line, and the alias rule, but never PyYAML's problem: it quotes the site's text.
+        where = f" (line {error.line})" if error.line is not None else ""
+        why = f": {ALIASES_REFUSED}" if error.problem == ALIASES_REFUSED else ""
         raise SiteSettingsError(f"{path}: not valid YAML{where}{why}") from None
-    except (RecursionError, ValueError):  # nested too deeply; a scalar PyYAML cannot build
-        raise SiteSettingsError(f"{path}: not valid YAML") from None
     if data is None:
         return MappingProxyType({})
     if not isinstance(data, Mapping):

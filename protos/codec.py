@@ -29,17 +29,18 @@ import numpy.typing as npt
 from protos import base_pb2
 from protos.dtypes import BFLOAT16, EXACT_DTYPES, FLOAT32, bfloat16_dtype, is_float, wire_dtype
 from protos.stream import field_prefix
+from refusals.errors import InvalidRequestError, LimitExceededError
 
 COMPRESSED_TAG = "compressed"
 LOSSY_TAG = "lossy_compressed"
 MAX_DIMENSIONS = 32
 
 
-class TensorFormatError(ValueError):
+class TensorFormatError(InvalidRequestError, ValueError):
     """A tensor's bytes, shape or dtype cannot be trusted; the message says which and why."""
 
 
-class TensorTooLargeError(TensorFormatError):
+class TensorTooLargeError(TensorFormatError, LimitExceededError):
     """A tensor claims more bytes than the receiver accepts."""
 
 

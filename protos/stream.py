@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from protos import aggregator_pb2, base_pb2
+from refusals.errors import InvalidRequestError, LimitExceededError
 
 CHUNK_BYTES = 2 * 1024 * 1024
 # foedus clients declare their upload's size in this call metadata key (OpenFL's don't).
@@ -29,11 +30,11 @@ _NPBYTES_KEY = _NPBYTES_FIELD << 3 | _LENGTH_DELIMITED
 _MODEL_DATA_KEY = aggregator_pb2.ModelChunk.DATA_FIELD_NUMBER << 3 | _LENGTH_DELIMITED
 
 
-class StreamError(ValueError):
+class StreamError(InvalidRequestError, ValueError):
     """A `DataStream` cannot be joined into the message it should carry."""
 
 
-class StreamTooLargeError(StreamError):
+class StreamTooLargeError(StreamError, LimitExceededError):
     """A stream carries more bytes than the receiver accepts."""
 
 

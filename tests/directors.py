@@ -18,11 +18,11 @@ import grpc
 import yaml
 
 from director.config import load_config
-from director.launcher import Ended
 from director.server import DirectorServer
 from pki.layout import CertsLayout
 from pki.local import setup_local_federation
 from pki.tls import channel_credentials
+from processes.children import Ended
 from protos import director_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent

@@ -52,3 +52,14 @@ def before_departures(root: Path) -> None:
         connection.execute("COMMIT")
     finally:
         connection.close()
+
+
+def schema_of(folder: Path) -> tuple[int, list[str]]:
+    """The schema version of the state in `folder` (``OUTPUT_DIR``) and its `results` columns."""
+    connection = sqlite3.connect(folder / "state" / "state.sqlite")
+    try:
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        columns = [row[1] for row in connection.execute("PRAGMA table_info(results)")]
+    finally:
+        connection.close()
+    return version, columns

@@ -12,7 +12,7 @@ from sklearn.datasets import load_digits  # type: ignore[import-untyped, unused-
 
 from pki.layout import CertsLayout
 
-from processes import (
+from federation_processes import (
     COLLABORATORS,
     REPO,
     FederationProcesses,

@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from plans.loader import shown
+from plans.reader import shown
 from plans.runners import Array, Model, RunnerError, TrainOutcome, Validation
 from plans.schema import RunnerSettings
 

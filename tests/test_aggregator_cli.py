@@ -32,7 +32,7 @@ from protos import aggregator_pb2, aggregator_pb2_grpc
 from protos.codec import decode_tensor, encode_tensor
 from protos.stream import task_results_to_chunks
 
-from processes import child_python_path
+from federation_processes import child_python_path
 from servers import AGGREGATOR_ID, COLLABORATORS, FEDERATION_UUID, plan_document
 from settings_runner import IMPORTED, MARKER
 from settings_runner import NAME as SETTINGS_RUNNER

@@ -21,9 +21,9 @@ from protos.codec import TensorFormatError, decode_tensor, encode_tensor, tensor
 from protos.dtypes import BFLOAT16, bfloat16_dtype, is_float, wire_dtype
 
 from fedavg_reference import Contribution, RunningAverage, federated_average
+from federation_processes import COLLABORATORS, FederationProcesses, child_python_path, write_plan
 from mixed_dtypes_runner import NAME as MIXED_RUNNER
 from mixed_dtypes_runner import MixedDtypesRunner
-from processes import COLLABORATORS, FederationProcesses, child_python_path, write_plan
 
 BF16 = bfloat16_dtype()
 EVERY_BF16 = np.arange(2**16, dtype=np.uint16).view(BF16)  # every bit pattern, NaNs included

@@ -23,13 +23,14 @@ from aggregator.identity import Gatekeeper
 from aggregator.records import Array
 from aggregator.server import AggregatorGRPCServer
 from aggregator.servicer import AggregatorServicer
-from collaborator.client import LEAVE_SECONDS, AggregatorGRPCClient, NamedArray, Tasks
+from collaborator.client import LEAVE_SECONDS, AggregatorGRPCClient, OutgoingTensor, Tasks
 from collaborator.errors import (
     AggregatorUnavailableError,
     ClientConfigurationError,
     RequestRejectedError,
     ResponseValidationError,
 )
+from collaborator.settings import ClientSettings
 from pki.layout import CertsLayout
 from pki.tls import server_credentials
 from plans import Plan
@@ -88,16 +89,21 @@ def free_port() -> int:
     return port
 
 
-def trained(model: dict[str, Array]) -> list[NamedArray]:
+def trained(model: dict[str, Array]) -> list[OutgoingTensor]:
     """Results of a `train` task: every model tensor changed, same dtype, plus a float32 metric."""
     tensors = [
-        NamedArray(name, (array + 1).astype(array.dtype), tags=("trained",))
+        OutgoingTensor(name, (array + 1).astype(array.dtype), tags=("trained",))
         for name, array in model.items()
     ]
-    return [*tensors, NamedArray("train_loss", np.float32(0.875), tags=("metric",), report=True)]
+    return [
+        *tensors,
+        OutgoingTensor("train_loss", np.float32(0.875), tags=("metric",), report=True),
+    ]
 
 
-def assert_stored_as_sent(federation: Federation, sent: list[NamedArray], data_size: int) -> None:
+def assert_stored_as_sent(
+    federation: Federation, sent: list[OutgoingTensor], data_size: int
+) -> None:
     """The federation holds exactly one `train` result of alice, byte for byte what was sent."""
     (stored,) = federation.results()
     assert (stored.collaborator, stored.round_number, stored.task_name) == ("alice", 0, "train")
@@ -139,7 +145,7 @@ def test_global_tensors_round_trip_exactly(certs: CertsLayout) -> None:
         running_aggregator(plan, make_federation(plan, model)) as server,
         client_for(plan, server.port) as client,
     ):
-        assert client.max_message_bytes == limit
+        assert client.settings.max_message_bytes == limit
         for name, expected in model.items():
             arrived = client.get_aggregated_tensor(name, 0)
             assert arrived.dtype == expected.dtype, name
@@ -596,7 +602,7 @@ def test_insecure_plan_pings_without_tls() -> None:
     """With an insecure plan, a tls=False client pings and gets its tasks."""
     plan = make_plan(None)
     with running_aggregator(plan) as server, client_for(plan, server.port) as client:
-        assert not client.tls
+        assert not client.settings.tls
         client.ping()
         assert client.get_tasks().tasks == TASKS
 
@@ -604,7 +610,7 @@ def test_insecure_plan_pings_without_tls() -> None:
 def test_configuration_errors_name_the_argument(certs: CertsLayout, tmp_path: Path) -> None:
     """Bad arguments and unreadable TLS files raise ClientConfigurationError naming what is wrong."""
     with pytest.raises(ClientConfigurationError, match="tls=True needs certificate, private_key"):
-        AggregatorGRPCClient(
+        ClientSettings(
             "localhost",
             50051,
             aggregator_id=AGGREGATOR_ID,
@@ -613,7 +619,7 @@ def test_configuration_errors_name_the_argument(certs: CertsLayout, tmp_path: Pa
             root_certificate=certs.ca_bundle,
         )
     with pytest.raises(ClientConfigurationError, match=r"aggregator_port must be 1-65535, got 0"):
-        AggregatorGRPCClient(
+        ClientSettings(
             "localhost",
             0,
             aggregator_id=AGGREGATOR_ID,
@@ -623,17 +629,36 @@ def test_configuration_errors_name_the_argument(certs: CertsLayout, tmp_path: Pa
         )
     missing = tmp_path / "missing.crt"
     client = AggregatorGRPCClient(
-        "localhost",
-        50051,
-        aggregator_id=AGGREGATOR_ID,
-        federation_uuid=FEDERATION_UUID,
-        collaborator_name="alice",
-        root_certificate=certs.ca_bundle,
-        certificate=missing,
-        private_key=certs.collaborator_key("alice"),
+        ClientSettings(
+            "localhost",
+            50051,
+            aggregator_id=AGGREGATOR_ID,
+            federation_uuid=FEDERATION_UUID,
+            collaborator_name="alice",
+            root_certificate=certs.ca_bundle,
+            certificate=missing,
+            private_key=certs.collaborator_key("alice"),
+        )
     )
     with pytest.raises(ClientConfigurationError, match=r"missing\.crt"):
         client.connect()
+
+
+def test_settings_report_every_problem_at_once(plan: Plan) -> None:
+    """Settings with several bad values are refused once, naming each; an unknown name is a TypeError."""
+    bad = {"aggregator_port": 0, "deadline": 0, "backoff_initial": 2.0, "backoff_max": 1.0}
+    with pytest.raises(ClientConfigurationError) as refused:
+        ClientSettings.from_plan(plan, "alice", **bad)
+    assert str(refused.value) == (
+        "cannot configure the client for 'alice': aggregator_port must be 1-65535, got 0; "
+        "deadline must be > 0 seconds, got 0; "
+        "backoff_max (1.0) must be >= backoff_initial (2.0)"
+    )
+    settings = ClientSettings.from_plan(plan, "alice", aggregator_port=50051)
+    assert settings.problems() == []
+    assert settings.target.endswith(":50051")
+    with pytest.raises(TypeError, match="backoff_start"):
+        ClientSettings.from_plan(plan, "alice", backoff_start=1.0)
 
 
 def test_ipv6_literal_is_dialled_in_brackets(certs: CertsLayout) -> None:

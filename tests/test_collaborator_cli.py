@@ -29,7 +29,7 @@ from plans import Plan
 from plans.runners import Model, RunnerError, TrainOutcome
 
 from directors import alias_bomb_plan
-from processes import free_port, run_module
+from federation_processes import free_port, run_module
 from servers import (
     closing_rounds,
     make_federation,

@@ -12,7 +12,7 @@ import pytest
 from aggregator.federation import Federation
 from aggregator.records import TaskResult
 from collaborator.answers import PlannedWork
-from collaborator.client import AggregatorGRPCClient, NamedArray, Tasks
+from collaborator.client import AggregatorGRPCClient, OutgoingTensor, Tasks
 from collaborator.digits import SHAPES, DigitsRunner
 from collaborator.errors import RequestRejectedError
 from collaborator.loop import CollaboratorError, CollaboratorReport, run_collaborator
@@ -318,7 +318,7 @@ class ScriptedAggregator:
         return {name: self.model[name] for name in names}
 
     def send_local_task_results(
-        self, round_number: int, task_name: str, data_size: int, tensors: Sequence[NamedArray]
+        self, round_number: int, task_name: str, data_size: int, tensors: Sequence[OutgoingTensor]
     ) -> None:
         if round_number in self.closed:
             raise RequestRejectedError(

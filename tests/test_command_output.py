@@ -11,11 +11,12 @@ import pytest
 from command.exits import EXIT_SIGPIPE
 from command.output import quiet_when_stdout_closes
 from envoy.config import load_config
-from envoy.state import CollaboratorState, EnvoyState
+from envoy.state import EnvoyState
+from lifecycle.states import CollaboratorState
 from pki.layout import CertsLayout
 
 from envoys import write_envoy_config
-from processes import REPO, free_port
+from federation_processes import REPO, free_port
 
 
 def into_a_closed_pipe(*argv: str) -> tuple[int, str]:

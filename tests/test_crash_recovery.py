@@ -24,7 +24,7 @@ from pki.layout import CertsLayout
 
 from dying_runner import NAME as DYING_RUNNER
 from dying_runner import TRAIN, VALIDATION, arm
-from processes import (
+from federation_processes import (
     COLLABORATORS,
     FederationProcesses,
     child_python_path,

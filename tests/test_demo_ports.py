@@ -19,7 +19,7 @@ from experiment.config import load_client_config
 from plans import load_plan
 from plans.demo_ports import DEFAULT_BASE, main, write_moved
 
-from processes import REPO
+from federation_processes import REPO
 
 SERVICE = REPO / "plans" / "service"
 DEMO_FILES: list[tuple[Path, Callable[[Path], object]]] = [

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import yaml
 
-from director.config import ConfigError, DirectorConfig, Liveness, load_config
-from director.errors import InvalidRequestError, LimitExceededError
+from director.config import ConfigError, DirectorConfig, SiteLossPolicy, load_config
 from director.experiment_plan import OWNED, check_submitted, plan_liveness, write_director_plan
 from plans.loader import PlanError, load_plan
+from refusals.errors import InvalidRequestError, LimitExceededError
 
 REPO = Path(__file__).resolve().parent.parent
 MINIMAL = {"host": "localhost", "certs_dir": "certs", "state_dir": "state", "envoys": ["alice"]}
@@ -281,8 +281,8 @@ def test_a_plans_liveness_is_read_over_the_directors_and_kept_from_the_aggregato
         submitted(liveness={"min_sites": 2, "offline_grace_seconds": 5}),
     )
     check_submitted(text, **CHECKS)
-    defaults = Liveness(min_sites=None, mandatory_sites=("carol",), offline_grace_seconds=300)
-    assert plan_liveness(text, defaults) == Liveness(2, ("carol",), 5)
+    defaults = SiteLossPolicy(min_sites=None, mandatory_sites=("carol",), offline_grace_seconds=300)
+    assert plan_liveness(text, defaults) == SiteLossPolicy(2, ("carol",), 5)
     assert plan_liveness(yaml.safe_dump(submitted()), defaults) == defaults
     config = load_config(write(tmp_path, MINIMAL))
     path, _ = write_director_plan(

@@ -27,12 +27,13 @@ import yaml
 
 from director.state import DirectorState
 from pki.layout import CertsLayout
+from processes.children import CHILD_MODULE
 from protos import director_pb2 as pb
 from protos import director_pb2_grpc
 
 from directors import make_director_certs, stub_at, submitted_plan, write_config
 from envoys import EnvoyProcess, start_envoys, stop_collaborators, stop_envoys
-from processes import free_port
+from federation_processes import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_SECONDS = 300
@@ -332,7 +333,7 @@ def test_an_envoy_that_never_returns_fails_its_experiment_only(
 
 
 def aggregator_pid(state_dir: Path, experiment_id: str) -> int | None:
-    """The pid of the experiment's `aggregator start` process (under its `director.child`)."""
+    """The pid of the experiment's `aggregator start` process (under its `processes.child`)."""
     plan = str(state_dir / "experiments" / experiment_id / "plan.yaml")
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -341,7 +342,7 @@ def aggregator_pid(state_dir: Path, experiment_id: str) -> int | None:
             command = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"director.child" not in command and plan.encode() in command:
+        if CHILD_MODULE.encode() not in command and plan.encode() in command:
             return int(entry.name)
     return None
 

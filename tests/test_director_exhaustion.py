@@ -16,11 +16,11 @@ import pytest
 import yaml
 
 from director.capacity import Capacity
-from director.config import Limits
-from director.errors import LimitExceededError
+from director.config import DirectorLimits
 from director.identity import Caller, Role
 from pki.layout import CertsLayout
 from protos import director_pb2 as pb
+from refusals.errors import LimitExceededError
 
 from directors import (
     ENVOYS,
@@ -218,7 +218,7 @@ def test_a_followed_stream_holds_a_slot_until_it_is_cancelled(
 
 def test_capacity_keeps_envoys_heartbeats_apart_and_bounds_people_together() -> None:
     """An envoy's uploads do not take its heartbeat's slots; people share one bound; all let go."""
-    capacity = Capacity(Limits(max_calls_per_identity=1, max_people_calls=2))
+    capacity = Capacity(DirectorLimits(max_calls_per_identity=1, max_people_calls=2))
     alice, ada, bea, root = (
         Caller("alice", Role.ENVOY),
         Caller("ada", Role.USER),

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from director.launcher import LOG_FILE, STATUS_FILE, Ended, LocalLauncher, log_tail
+from director.launcher import LOG_FILE, LocalLauncher
+from processes.children import STATUS_FILE, Ended, log_tail
 
 WAIT_SECONDS = 60
 
@@ -87,6 +89,35 @@ def test_a_new_launcher_adopts_a_running_aggregator(tmp_path: Path) -> None:
         assert wait_for_end(first, tmp_path) == Ended(0)  # the real parent reaps it: no zombie
 
 
+def test_a_child_started_under_its_earlier_name_is_adopted(tmp_path: Path) -> None:
+    """A parent started by an earlier foedus (`python -m director.child`), still running after an
+    upgrade, is found again rather than started a second time; another folder's is not."""
+    status = tmp_path / STATUS_FILE
+    earlier = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; time.sleep(600)",
+            "director.child",
+            "--status",
+            str(status),
+        ],
+        start_new_session=True,
+    )
+    try:
+        launcher = LocalLauncher()
+        assert not launcher.adopt("e2", tmp_path / "elsewhere", earlier.pid)
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not launcher.adopt("e1", tmp_path, earlier.pid):  # once its command line is set
+            assert time.monotonic() < deadline, "the earlier parent was never recognised"
+            time.sleep(0.05)
+        assert launcher.poll("e1", tmp_path) is None
+        launcher.stop("e1", tmp_path, grace_seconds=WAIT_SECONDS)
+    finally:
+        earlier.kill()
+        earlier.wait(timeout=WAIT_SECONDS)
+
+
 def test_a_parent_killed_without_a_status_reads_as_lost(tmp_path: Path) -> None:
     """SIGKILL of the whole session leaves no status: poll says it ended with code None."""
     launcher = LocalLauncher(fake_aggregator("import time; time.sleep(600)"))
@@ -142,8 +173,8 @@ def test_a_second_start_forgets_the_last_status(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("argv", [[], ["--status", "x"]])
 def test_the_child_parent_needs_a_status_and_a_command(argv: list[str]) -> None:
-    """director.child without --status or without a command is a usage error (exit 2)."""
-    from director.child import main  # noqa: PLC0415
+    """processes.child without --status or without a command is a usage error (exit 2)."""
+    from processes.child import main  # noqa: PLC0415
 
     with pytest.raises(SystemExit) as caught:
         main(argv)

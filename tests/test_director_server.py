@@ -19,10 +19,11 @@ import pytest
 import yaml
 
 from aggregator.storage import model_bytes
-from director.launcher import LOG_FILE, Ended, LocalLauncher
+from director.launcher import LOG_FILE, LocalLauncher
 from pki.layout import CertsLayout
 from pki.local import load_signing_ca
 from pki.requests import Role
+from processes.children import Ended
 from protos import director_pb2 as pb
 from protos import director_pb2_grpc
 
@@ -43,7 +44,7 @@ from directors import (
     stub_at,
     submitted_plan,
 )
-from processes import child_python_path, free_port
+from federation_processes import child_python_path, free_port
 from settings_runner import IMPORTED, MARKER
 from settings_runner import NAME as SETTINGS_RUNNER
 

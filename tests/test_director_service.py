@@ -16,10 +16,11 @@ import yaml
 
 from director.config import load_config
 from director.identity import Caller, Role
-from director.launcher import Ended, LocalLauncher
+from director.launcher import LocalLauncher
 from director.service import CollaboratorReport, DirectorService
 from director.state import CollaboratorState, DirectorState, ExperimentState, ShardInfo
 from pki.layout import CertsLayout
+from processes.children import Ended
 
 from clocks import Clock
 from directors import ENVOYS, RecordingLauncher, submitted_plan, write_config

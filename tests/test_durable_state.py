@@ -5,63 +5,44 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import math
 import os
 import sqlite3
 import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
 from aggregator import failpoints
 from aggregator.digest import file_digest
-from aggregator.errors import InvalidRequestError, PreconditionError, StorageError
 from aggregator.federation import Federation
-from aggregator.records import Array, ResultTensor, TaskResult
+from aggregator.records import ResultTensor, TaskResult
 from aggregator.runtime import Runtime
-from aggregator.state import SCHEMA_VERSION, DurableState, ForeignStateError
+from aggregator.schema import SCHEMA_VERSION
+from aggregator.state import DurableState, ForeignStateError
 from aggregator.storage import OutputFolder, model_bytes
 from aggregator.upload import receive_upload
-from plans.schema import BestModelSettings, Limits, StragglerPolicy, StragglerSettings
+from plans.schema import StragglerPolicy, StragglerSettings
 from protos import aggregator_pb2
 from protos.codec import encode_tensor
+from refusals.errors import PreconditionError, StorageError
 
-from old_states import named_by_sha256
+from federations import (
+    AMV,
+    COLLABORATORS,
+    TASKS,
+    UUID,
+    federation_of,
+    open_state,
+    report,
+    result,
+    scores,
+)
+from old_states import named_by_sha256, schema_of
 from servers import make_plan
 
-UUID = "durable-0001"
 TWO_OF_THREE = StragglerSettings(StragglerPolicy.PERCENTAGE, percentage=0.6)
-COLLABORATORS = ("alice", "bob", "carol")
-AMV = "aggregated_model_validation"
-TASKS = (AMV, "train")
-
-
-def initial_model() -> dict[str, Array]:
-    """A two-tensor model of two dtypes."""
-    return {"w": np.zeros((2, 2), dtype=np.float32), "b": np.zeros(2, dtype=np.float64)}
-
-
-def open_state(folder: Path, uuid: str = UUID, **options: Any) -> DurableState:
-    """The state in `folder`, created around `initial_model()` if new."""
-    return DurableState.open(folder, uuid, initial_model, max_tensor_bytes=2**20, **options)
-
-
-def federation_of(state: DurableState, **options: Any) -> Federation:
-    """A federation of alice, bob and carol resuming where `state` stands."""
-    settings: dict[str, Any] = {
-        "collaborators": COLLABORATORS,
-        "tasks": TASKS,
-        "rounds": 3,
-        "model": initial_model(),
-        "best_model": BestModelSettings(),
-        "store": state,
-        "progress": state.recovered.progress,
-        **options,
-    }
-    return Federation(**settings)
 
 
 @pytest.fixture
@@ -70,34 +51,6 @@ def state(tmp_path: Path) -> Iterator[DurableState]:
     opened = open_state(tmp_path / "out")
     yield opened
     opened.close()
-
-
-def result(
-    collaborator: str,
-    round_number: int,
-    task: str = "train",
-    *,
-    value: float = 1.0,
-    data_size: int = 10,
-    accuracy: float = 0.5,
-) -> TaskResult:
-    """Train results (every tensor `value`, a loss) or validation results (an accuracy)."""
-    if task == "train":
-        tensors = [
-            ResultTensor(name, frozenset({"trained"}), np.full_like(array, value))
-            for name, array in initial_model().items()
-        ]
-        tensors.append(ResultTensor("loss", frozenset({"metric"}), np.array(1.0, np.float32)))
-    else:
-        tensors = [ResultTensor("accuracy", frozenset({"metric"}), np.array(accuracy, np.float32))]
-    return TaskResult(collaborator, round_number, task, data_size, tuple(tensors))
-
-
-def report(fed: Federation, collaborator: str, round_number: int, value: float = 1.0) -> None:
-    """Submit every task of `round_number` for `collaborator` (an accuracy of value / 10)."""
-    for task in fed.schedule.tasks_of_round(round_number):
-        sent = result(collaborator, round_number, task, value=value, accuracy=value / 10)
-        assert fed.submit(sent)
 
 
 def files(folder: Path) -> dict[str, int]:
@@ -116,7 +69,7 @@ def test_accepted_results_survive_a_restart(tmp_path: Path) -> None:
     fed = federation_of(first)
     sent = result("alice", 0, value=2.5)
     assert fed.submit(sent)
-    assert fed.submit(result("alice", 0, AMV))
+    assert fed.submit(result("alice", 0, AMV, metrics={"accuracy": 0.5}))
     first.close()
 
     again = open_state(tmp_path / "out")
@@ -205,7 +158,7 @@ def test_reset_starts_over(tmp_path: Path) -> None:
     first = open_state(folder)
     fed = federation_of(first)
     for name in COLLABORATORS:
-        report(fed, name, 0)
+        report(fed, name, metrics=scores(1.0))
     assert fed.close_round_if_due() is not None
     first.close()
     for name in ("last_model.pbuf", "best_model.pbuf", "metrics.jsonl", "notes.txt"):
@@ -230,7 +183,7 @@ def test_old_round_files_are_removed_after_each_commit(state: DurableState) -> N
     assert state.disk_files() == ["models/round-0.pbuf"]
     for round_number, value in ((0, 1.0), (1, 2.0), (2, 3.0)):
         for name in COLLABORATORS:
-            report(fed, name, round_number, value=value)
+            report(fed, name, value=value, metrics=scores(value))
         results = [
             name for name in state.disk_files() if name.startswith(f"rounds/{round_number}/")
         ]
@@ -242,64 +195,6 @@ def test_old_round_files_are_removed_after_each_commit(state: DurableState) -> N
         assert f"models/round-{round_number + 1}.pbuf" in models
         assert len(models) <= 2  # the current model and the best one
     assert fed.model()["w"].tolist() == [[3.0, 3.0], [3.0, 3.0]]
-
-
-def test_duplicate_wrong_and_closed_rounds_write_nothing(state: DurableState) -> None:
-    """A duplicate is answered OK and results for a wrong or closed round refused, all before any write."""
-    fed = federation_of(state, straggler=TWO_OF_THREE)
-    folder = state.folder
-    assert fed.submit(result("alice", 0)) is True
-    before = files(folder)
-    assert fed.submit(result("alice", 0, value=5.0)) is False
-    with pytest.raises(PreconditionError, match="not the round in progress"):
-        fed.submit(result("bob", 1))
-    assert files(folder) == before
-    assert fed.submit(result("alice", 0, AMV))  # alice and bob (2 of 3) close round 0
-    report(fed, "bob", 0)
-    assert fed.close_round_if_due() is not None
-    before = files(folder)
-    with pytest.raises(PreconditionError, match="round 0 is closed"):
-        fed.submit(result("carol", 0))
-    assert fed.submit(result("alice", 0)) is False  # a resend into the closed round: OK, once
-    assert files(folder) == before
-
-
-@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
-def test_non_finite_values_are_refused_unless_the_plan_allows_them(
-    state: DurableState, bad: float
-) -> None:
-    """NaN or infinity in any tensor is refused naming it, and nothing is written; allowed by limits.allow_non_finite."""
-    fed = federation_of(state)
-    poisoned = result("alice", 0)
-    tensors = list(poisoned.tensors)
-    tensors[0] = ResultTensor(tensors[0].name, tensors[0].tags, np.full((2, 2), bad, np.float32))
-    poisoned = TaskResult("alice", 0, "train", 10, tuple(tensors))
-    before = files(state.folder)
-    with pytest.raises(InvalidRequestError, match=r"tensor 'w' holds NaN or infinite"):
-        fed.submit(poisoned)
-    metric = TaskResult(
-        "bob", 0, AMV, 10, (ResultTensor("accuracy", frozenset({"metric"}), np.float32(bad)),)
-    )
-    with pytest.raises(InvalidRequestError, match=r"'accuracy'.*allow_non_finite"):
-        fed.submit(metric)
-    assert files(state.folder) == before
-    lenient = Federation(
-        collaborators=COLLABORATORS,
-        tasks=TASKS,
-        rounds=3,
-        model=initial_model(),
-        limits=Limits(allow_non_finite=True),
-    )
-    assert lenient.submit(poisoned) and lenient.submit(metric)
-
-
-def test_data_size_over_the_plan_limit_is_refused(state: DurableState) -> None:
-    """A data_size above limits.max_data_size is refused naming the limit; at the limit it is accepted."""
-    fed = federation_of(state, limits=Limits(max_data_size=1000))
-    with pytest.raises(InvalidRequestError, match=r"data_size 1001 .*limits\.max_data_size"):
-        fed.submit(result("alice", 0, data_size=1001))
-    assert state.disk_files() == ["models/round-0.pbuf"]
-    assert fed.submit(result("alice", 0, data_size=1000))
 
 
 class Crash(BaseException):
@@ -322,7 +217,7 @@ def start_round_zero(folder: Path) -> tuple[DurableState, Federation]:
     state = open_state(folder)
     fed = federation_of(state, straggler=TWO_OF_THREE)
     for name, value in (("alice", 1.0), ("bob", 4.5)):
-        report(fed, name, 0, value=value)
+        report(fed, name, value=value, metrics=scores(value))
     return state, fed
 
 
@@ -400,7 +295,7 @@ def test_restore_rewrites_outputs_a_crash_left_behind(tmp_path: Path) -> None:
     runtime = runtime_for(state, folder)
     for round_number, value in ((0, 1.0), (1, 2.0)):
         for name in COLLABORATORS:
-            report(runtime.federation, name, round_number, value=value)
+            report(runtime.federation, name, value=value, metrics=scores(value))
         summary = runtime.federation.close_round_if_due()
         assert summary is not None
         if round_number == 0:
@@ -416,7 +311,7 @@ def test_restore_rewrites_outputs_a_crash_left_behind(tmp_path: Path) -> None:
     state = open_state(folder)
     try:
         runtime = runtime_for(state, folder)
-        runtime.restore(state)
+        runtime.restore()
         assert metrics_rounds(folder) == [0, 1]
         assert not (folder / ".last_model.pbuf.abc.tmp").exists()
         model = state.recovered.progress.model
@@ -428,7 +323,7 @@ def test_restore_rewrites_outputs_a_crash_left_behind(tmp_path: Path) -> None:
         best_model = state.best_model()
         assert best_model is not None
         assert (folder / "best_model.pbuf").read_bytes() == model_bytes(best_model, round_number=1)
-        runtime.restore(state)  # a second restart adds nothing
+        runtime.restore()  # a second restart adds nothing
         assert metrics_rounds(folder) == [0, 1]
     finally:
         state.close()
@@ -452,9 +347,8 @@ def test_each_sites_metrics_survive_a_restart_and_older_records_still_load(tmp_p
         for name, tasks in sites(round_number).items():
             accuracy = tasks[AMV]["accuracy"]
             for task in TASKS:
-                assert runtime.federation.submit(
-                    result(name, round_number, task, accuracy=accuracy)
-                )
+                metrics = {"accuracy": accuracy} if task == AMV else {"loss": 1.0}
+                assert runtime.federation.submit(result(name, round_number, task, metrics=metrics))
         summary = runtime.federation.close_round_if_due()
         assert summary is not None and summary.record.sites == sites(round_number)
         if round_number == 0:
@@ -464,7 +358,7 @@ def test_each_sites_metrics_survive_a_restart_and_older_records_still_load(tmp_p
     state = open_state(folder)
     try:
         assert [r.sites for r in state.recovered.records] == [sites(0), sites(1)]
-        runtime_for(state, folder).restore(state)
+        runtime_for(state, folder).restore()
     finally:
         state.close()
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
@@ -483,7 +377,7 @@ def test_each_sites_metrics_survive_a_restart_and_older_records_still_load(tmp_p
     state = open_state(folder)
     try:
         assert [r.sites for r in state.recovered.records] == [{}, sites(1)]
-        runtime_for(state, folder).restore(state)
+        runtime_for(state, folder).restore()
     finally:
         state.close()
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
@@ -541,7 +435,7 @@ def test_a_streamed_upload_is_kept_as_it_arrived(tmp_path: Path) -> None:
     """The upload's own file becomes the result's (renamed, not written again) and survives a restart."""
     first = open_state(tmp_path / "out")
     fed = federation_of(first)
-    sent = streamed(fed, first, result("bob", 0, value=1.5))
+    sent = streamed(fed, first, result("bob", 0, value=1.5, metrics={"loss": 1.0}))
     assert sent.upload is not None
     spooled = os.stat(sent.upload.path)
     assert fed.submit(sent)
@@ -599,26 +493,15 @@ def test_the_global_model_is_held_mapped_from_its_file(tmp_path: Path) -> None:
         state.close()
 
 
-def schema_of(folder: Path) -> tuple[int, list[str]]:
-    """The state's schema version and the names of its `results` columns."""
-    connection = sqlite3.connect(folder / "state" / "state.sqlite")
-    try:
-        version = connection.execute("PRAGMA user_version").fetchone()[0]
-        columns = [row[1] for row in connection.execute("PRAGMA table_info(results)")]
-    finally:
-        connection.close()
-    return version, columns
-
-
 def test_a_state_named_by_sha256_is_migrated_and_resumes(tmp_path: Path) -> None:
     """A version-2 state (SHA-256) opens as the newest with each file's BLAKE3, and resumes as it was."""
     folder = tmp_path / "out"
     state = open_state(folder)
     fed = federation_of(state)
     for name in COLLABORATORS:
-        report(fed, name, 0, value=2.0)
+        report(fed, name, value=2.0, metrics=scores(2.0))
     assert fed.close_round_if_due() is not None
-    report(fed, "alice", 1, value=3.0)
+    report(fed, "alice", value=3.0, metrics=scores(3.0))
     model = {name: np.array(array) for name, array in fed.model().items()}
     state.close()
     digests = named_by_sha256(folder / "state")
@@ -671,3 +554,27 @@ def test_a_file_that_failed_its_sha256_still_fails_after_the_migration(tmp_path:
         ]
     finally:
         again.close()
+
+
+def test_status_reads_what_the_open_store_says(tmp_path: Path) -> None:
+    """Read-only from its folder (``aggregator status``), the state stands as the open store
+    says, with the aggregator running; once closed, the same with it stopped."""
+    folder = tmp_path / "out"
+    state = open_state(folder)
+    try:
+        fed = federation_of(state, straggler=TWO_OF_THREE)
+        for name in ("alice", "bob"):
+            report(fed, name, value=2.0, metrics=scores(2.0))
+        assert fed.close_round_if_due() is not None
+        report(fed, "alice", value=3.0, metrics=scores(3.0))
+        assert fed.leave("carol", "the disk is full")
+        state.save_presence(fed.liveness.snapshot(), saved=50.0)
+        standing = state.standing()
+        assert standing.round_number == 1 and standing.last_round is not None
+        assert standing.results == (("alice", AMV), ("alice", "train"))
+        assert [d.name for d in standing.departures] == ["carol"]
+        assert DurableState.read_standing(folder) == standing
+    finally:
+        state.close()
+    assert DurableState.read_standing(folder) == dataclasses.replace(standing, running=False)
+    assert DurableState.read_standing(tmp_path / "elsewhere") is None

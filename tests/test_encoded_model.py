@@ -16,10 +16,10 @@ import pytest
 
 from aggregator import encoded_model, mapped
 from aggregator.encoded_model import SpooledChunks, model_chunks
-from aggregator.errors import StorageError
 from aggregator.mapped import FileRange
 from protos import aggregator_pb2
 from protos.codec import encode_tensor
+from refusals.errors import StorageError
 
 WEIGHT = np.arange(1000, dtype=np.float32).reshape(10, 100)
 

@@ -8,7 +8,7 @@ import pytest
 
 from pki.layout import CertsLayout
 
-from processes import COLLABORATORS, FederationRun, final_accuracy, run_federation
+from federation_processes import COLLABORATORS, FederationRun, final_accuracy, run_federation
 
 
 @pytest.fixture(scope="module")

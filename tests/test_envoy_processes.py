@@ -32,7 +32,7 @@ from envoys import (
     stop_collaborators,
     write_envoy_config,
 )
-from processes import FederationProcesses, free_port, write_plan
+from federation_processes import FederationProcesses, free_port, write_plan
 
 ROUNDS = 3
 ROUND_0_SENT = "round 0: locally_tuned_model_validation on"  # a collaborator's last line of round 0

@@ -27,7 +27,7 @@ from protos import director_pb2_grpc
 
 from directors import ENVOYS, make_director_certs, running_director, submitted_plan
 from envoys import EnvoyProcess, read_all, start_envoys, stop_envoys, write_envoy_config
-from processes import free_port
+from federation_processes import free_port
 
 RUN_SECONDS = 300
 FINAL = {pb.EXPERIMENT_COMPLETED, pb.EXPERIMENT_FAILED, pb.EXPERIMENT_CANCELLED}

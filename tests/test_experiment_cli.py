@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from command.usage import fail
-from director.launcher import Ended
 from experiment.cli import main
 from pki.layout import CertsLayout
+from processes.children import Ended
 from protos import director_pb2 as pb
 
 from directors import (
@@ -28,7 +28,7 @@ from directors import (
     running_director,
     submitted_plan,
 )
-from processes import run_module
+from federation_processes import run_module
 
 REPO = Path(__file__).resolve().parent.parent
 WAIT_SECONDS = 30

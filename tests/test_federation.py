@@ -1,83 +1,31 @@
-"""The round state machine without sockets: straggler policies, late results, final validation, long polls, best model, racing writes."""
+"""The round state machine without sockets: straggler policies, late results, final validation,
+long polls, best model, racing writes; each test against the memory store and the durable one."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
 
 import numpy as np
 import pytest
 
-from aggregator.errors import InvalidRequestError, PreconditionError, StorageError
-from aggregator.federation import Federation
 from aggregator.identity import Gatekeeper
-from aggregator.records import Accepted, Array, Best, ResultTensor, TaskResult
+from aggregator.records import Best, TaskResult
 from aggregator.servicer import AggregatorServicer
-from aggregator.store import MemoryStore
+from aggregator.store import FederationStore
 from plans.schema import BestModelSettings, Limits, StragglerPolicy, StragglerSettings
 from protos import aggregator_pb2
+from refusals.errors import InvalidRequestError, PreconditionError, StorageError
 
 from clocks import Clock
+from federations import AMV, COLLABORATORS, SlowWrites, federation, report, result, store
 
-COLLABORATORS = ("alice", "bob", "carol")
-AMV = "aggregated_model_validation"
-
-
-def model() -> dict[str, Array]:
-    """A two-tensor model."""
-    return {"w": np.zeros((2, 2), dtype=np.float32), "b": np.zeros(2, dtype=np.float64)}
+__all__ = ["store"]  # the fixture, used by name
 
 
-def federation(
-    *,
-    tasks: Sequence[str] = ("train",),
-    rounds: int = 3,
-    straggler: StragglerSettings | None = None,
-    clock: Clock | None = None,
-) -> Federation:
-    """A federation of alice, bob and carol around `model()`."""
-    return Federation(
-        collaborators=COLLABORATORS,
-        tasks=tasks,
-        rounds=rounds,
-        model=model(),
-        straggler=straggler,
-        clock=clock or Clock(),
-    )
-
-
-def result(
-    collaborator: str,
-    round_number: int,
-    task: str = "train",
-    *,
-    value: float = 1.0,
-    data_size: int = 10,
-    metrics: dict[str, float] | None = None,
-) -> TaskResult:
-    """Results of `task`: for train every model tensor filled with `value`; plus metrics."""
-    tensors: list[ResultTensor] = []
-    if task == "train":
-        tensors = [
-            ResultTensor(name, frozenset({"trained"}), np.full_like(array, value))
-            for name, array in model().items()
-        ]
-    for name, number in (metrics or {}).items():
-        tensors.append(ResultTensor(name, frozenset({"metric"}), np.array(number, np.float32)))
-    return TaskResult(collaborator, round_number, task, data_size, tuple(tensors))
-
-
-def report(fed: Federation, collaborator: str, **fields: object) -> None:
-    """Fetch `collaborator`'s assignment and submit results for each of its tasks."""
-    assignment = fed.assignment(collaborator)
-    for task in assignment.tasks:
-        assert fed.submit(result(collaborator, assignment.round_number, task, **fields))  # type: ignore[arg-type]
-
-
-def test_round_advances_when_everyone_reported() -> None:
+def test_round_advances_when_everyone_reported(store: FederationStore) -> None:
     """With wait_for_all the round closes once all three reported, and the model is their mean."""
-    fed = federation()
+    fed = federation(store)
     closes: list[int] = []  # on_close runs once a close is decided, before the averaging
     for name, value in (("alice", 1.0), ("bob", 2.0)):
         report(fed, name, value=value)
@@ -95,10 +43,11 @@ def test_round_advances_when_everyone_reported() -> None:
     assert fed.model()["b"].tolist() == [3.75, 3.75]
 
 
-def test_cutoff_closes_without_a_dead_collaborator() -> None:
+def test_cutoff_closes_without_a_dead_collaborator(store: FederationStore) -> None:
     """Past the cut-off the round closes with those who reported; carol is left out."""
     clock = Clock()
     fed = federation(
+        store,
         straggler=StragglerSettings(StragglerPolicy.CUTOFF, cutoff_seconds=30, min_reports=1),
         clock=clock,
     )
@@ -115,10 +64,11 @@ def test_cutoff_closes_without_a_dead_collaborator() -> None:
     assert fed.model()["b"].tolist() == [3.0, 3.0]
 
 
-def test_cutoff_waits_for_min_reports() -> None:
+def test_cutoff_waits_for_min_reports(store: FederationStore) -> None:
     """Past the cut-off, the round still waits until min_reports collaborators have reported."""
     clock = Clock()
     fed = federation(
+        store,
         straggler=StragglerSettings(StragglerPolicy.CUTOFF, cutoff_seconds=5, min_reports=2),
         clock=clock,
     )
@@ -130,9 +80,9 @@ def test_cutoff_waits_for_min_reports() -> None:
     assert summary is not None and summary.reporters == ("alice", "bob")
 
 
-def test_percentage_closes_at_its_share() -> None:
+def test_percentage_closes_at_its_share(store: FederationStore) -> None:
     """With percentage 0.5 of three, the round closes at the second report (ceil 1.5 = 2)."""
-    fed = federation(straggler=StragglerSettings(StragglerPolicy.PERCENTAGE, percentage=0.5))
+    fed = federation(store, straggler=StragglerSettings(StragglerPolicy.PERCENTAGE, percentage=0.5))
     report(fed, "bob")
     assert fed.close_round_if_due() is None
     report(fed, "carol")
@@ -140,10 +90,11 @@ def test_percentage_closes_at_its_share() -> None:
     assert summary is not None and summary.reporters == ("bob", "carol")
 
 
-def test_each_reporters_own_metrics_are_kept_beside_the_means() -> None:
+def test_each_reporters_own_metrics_are_kept_beside_the_means(store: FederationStore) -> None:
     """A round's record keeps every reporter's metrics per task as sent, beside the weighted
     means; a collaborator that had not finished the round is in neither."""
     fed = federation(
+        store,
         tasks=(AMV, "train"),
         straggler=StragglerSettings(StragglerPolicy.PERCENTAGE, percentage=0.6),
     )
@@ -165,9 +116,9 @@ def test_each_reporters_own_metrics_are_kept_beside_the_means() -> None:
     assert list(summary.record.sites) == ["alice", "bob"]  # sorted, whatever the arrival order
 
 
-def test_late_result_for_a_closed_round_is_refused() -> None:
+def test_late_result_for_a_closed_round_is_refused(store: FederationStore) -> None:
     """A result for a round that closed is refused with FAILED_PRECONDITION naming both rounds."""
-    fed = federation(straggler=StragglerSettings(StragglerPolicy.PERCENTAGE, percentage=0.6))
+    fed = federation(store, straggler=StragglerSettings(StragglerPolicy.PERCENTAGE, percentage=0.6))
     report(fed, "alice")
     report(fed, "bob")
     assert fed.close_round_if_due() is not None
@@ -178,13 +129,18 @@ def test_late_result_for_a_closed_round_is_refused() -> None:
     assert fed.model()["w"].tobytes() == before["w"].tobytes()
 
 
-def test_duplicate_is_counted_once_even_after_the_close() -> None:
+def tensors(result: TaskResult) -> list[tuple[str, bytes]]:
+    """Each tensor's name and bytes, by name: what a store must give back as it was sent."""
+    return sorted((tensor.name, tensor.array.tobytes()) for tensor in result.tensors)
+
+
+def test_duplicate_is_counted_once_even_after_the_close(store: FederationStore) -> None:
     """A resend of an accepted result answers False and counts once, also once its round closed."""
-    fed = federation()
+    fed = federation(store)
     first = result("alice", 0, value=1.0)
     assert fed.submit(first) is True
     assert fed.submit(result("alice", 0, value=99.0)) is False
-    assert [r.tensors for r in fed.results()] == [first.tensors]
+    assert [tensors(r) for r in fed.results()] == [tensors(first)]
     report(fed, "bob", value=1.0)
     report(fed, "carol", value=1.0)
     summary = fed.close_round_if_due()
@@ -194,9 +150,9 @@ def test_duplicate_is_counted_once_even_after_the_close() -> None:
     assert fed.results() == ()
 
 
-def test_train_results_must_carry_every_model_tensor() -> None:
+def test_train_results_must_carry_every_model_tensor(store: FederationStore) -> None:
     """`train` results without a tensor of the model are refused and nothing is stored."""
-    fed = federation()
+    fed = federation(store)
     partial = result("alice", 0)
     partial = TaskResult("alice", 0, "train", 10, partial.tensors[:1])
     with pytest.raises(InvalidRequestError, match="lack 1 tensor"):
@@ -204,9 +160,9 @@ def test_train_results_must_carry_every_model_tensor() -> None:
     assert fed.results() == ()
 
 
-def test_final_validation_round_then_quit() -> None:
+def test_final_validation_round_then_quit(store: FederationStore) -> None:
     """After the last training round one round validates the final model; then everyone is told to quit."""
-    fed = federation(tasks=(AMV, "train"), rounds=1)
+    fed = federation(store, tasks=(AMV, "train"), rounds=1)
     for name in COLLABORATORS:
         report(fed, name, value=2.0, metrics={"accuracy": 0.5, "loss": 1.0})
     training = fed.close_round_if_due()
@@ -234,9 +190,9 @@ def test_final_validation_round_then_quit() -> None:
         fed.submit(result("alice", 2, AMV))
 
 
-def test_long_poll_wakes_when_the_round_closes() -> None:
+def test_long_poll_wakes_when_the_round_closes(store: FederationStore) -> None:
     """A collaborator waiting for work learns of the next round within milliseconds of the close."""
-    fed = federation()
+    fed = federation(store)
     report(fed, "alice")
     answers: list[tuple[int, tuple[str, ...], float]] = []
 
@@ -259,9 +215,9 @@ def test_long_poll_wakes_when_the_round_closes() -> None:
     assert woke - closed < 0.5
 
 
-def test_long_poll_times_out_when_nothing_happens() -> None:
+def test_long_poll_times_out_when_nothing_happens(store: FederationStore) -> None:
     """Without a close the long poll returns after its timeout, telling the collaborator to wait."""
-    fed = federation()
+    fed = federation(store)
     report(fed, "alice")
     started = time.monotonic()
     answer = fed.wait_for_assignment("alice", timeout=0.2)
@@ -296,9 +252,9 @@ def get_tasks(servicer: AggregatorServicer, context: FakeContext) -> tuple[float
     return time.monotonic() - started, reply.sleep_time
 
 
-def test_long_polls_are_capped_and_kept_within_the_deadline() -> None:
+def test_long_polls_are_capped_and_kept_within_the_deadline(store: FederationStore) -> None:
     """Past the cap of waiting GetTasks calls, or near the caller's deadline, the answer comes at once."""
-    fed = federation()
+    fed = federation(store)
     for name in COLLABORATORS:
         report(fed, name)  # everyone is done; nobody closes the round, so GetTasks would wait
     servicer = AggregatorServicer(
@@ -329,9 +285,9 @@ def test_long_polls_are_capped_and_kept_within_the_deadline() -> None:
     assert 0.2 < elapsed < 0.6 and sleep == 1
 
 
-def test_best_model_is_tracked_with_its_training_rounds() -> None:
+def test_best_model_is_tracked_with_its_training_rounds(store: FederationStore) -> None:
     """The federation keeps the best aggregated accuracy; the validated model is the round's, labelled by its training rounds."""
-    fed = federation(tasks=(AMV, "train"), rounds=2)
+    fed = federation(store, tasks=(AMV, "train"), rounds=2)
     fed.best_model = BestModelSettings()
     for round_number, accuracy in ((0, 0.25), (1, 0.125), (2, 0.5)):
         for name in COLLABORATORS:
@@ -345,40 +301,12 @@ def test_best_model_is_tracked_with_its_training_rounds() -> None:
     assert summary.best_model["w"].tolist() == [[2.0, 2.0], [2.0, 2.0]]
 
 
-class SlowStore(MemoryStore):
-    """A memory store whose writes take a while, wait for a gate, or fail, as disks sometimes do."""
-
-    def __init__(self, *, delay: float = 0.0, fail: bool = False) -> None:
-        super().__init__()
-        self.delay = delay
-        self.fail = fail
-        self.gate = threading.Event()
-        self.gate.set()
-        self.staging = threading.Event()
-        self.staged = 0
-        self.discarded: list[Accepted] = []
-
-    def stage(self, result: TaskResult) -> Accepted:
-        """Stage after `delay` seconds and once the gate is open, or fail."""
-        self.staged += 1
-        self.staging.set()
-        time.sleep(self.delay)
-        self.gate.wait(5)
-        if self.fail:
-            raise StorageError("disk full")
-        return super().stage(result)
-
-    def discard(self, accepted: Accepted) -> None:
-        """Note what was discarded."""
-        self.discarded.append(accepted)
-
-
-def test_the_same_result_uploaded_twice_at_once_is_stored_once() -> None:
+def test_the_same_result_uploaded_twice_at_once_is_stored_once(
+    store: FederationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Two uploads of one result racing each other: one is stored, the other waits and is answered as a resend."""
-    store = SlowStore(delay=0.2)
-    fed = Federation(
-        collaborators=COLLABORATORS, tasks=("train",), rounds=1, model=model(), store=store
-    )
+    writes = SlowWrites(store, monkeypatch, delay=0.2)
+    fed = federation(store, rounds=1)
     answers: list[bool] = []
     uploads = [
         threading.Thread(target=lambda: answers.append(fed.submit(result("alice", 0))))
@@ -389,18 +317,15 @@ def test_the_same_result_uploaded_twice_at_once_is_stored_once() -> None:
     for upload in uploads:
         upload.join(5)
     assert sorted(answers) == [False, True]
-    assert store.staged == 1 and len(fed.accepted()) == 1
+    assert writes.staged == 1 and len(fed.accepted()) == 1
 
 
-def test_a_failed_write_accepts_nothing() -> None:
+def test_a_failed_write_accepts_nothing(
+    store: FederationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """When the store cannot write, the result is not accepted and is still owed."""
-    fed = Federation(
-        collaborators=COLLABORATORS,
-        tasks=("train",),
-        rounds=1,
-        model=model(),
-        store=SlowStore(fail=True),
-    )
+    SlowWrites(store, monkeypatch, fail=True)
+    fed = federation(store, rounds=1)
     with pytest.raises(StorageError, match="disk full"):
         fed.submit(result("alice", 0))
     assert fed.accepted() == ()
@@ -408,22 +333,19 @@ def test_a_failed_write_accepts_nothing() -> None:
 
 
 @pytest.mark.parametrize("fail", [False, True], ids=["written", "write-failed"])
-def test_a_result_whose_round_closed_while_it_was_written_is_refused(fail: bool) -> None:
+def test_a_result_whose_round_closed_while_it_was_written_is_refused(
+    store: FederationStore, monkeypatch: pytest.MonkeyPatch, fail: bool
+) -> None:
     """A result still being written when its round closes is refused as closed, and what was written is discarded."""
-    store = SlowStore()
-    fed = Federation(
-        collaborators=COLLABORATORS,
-        tasks=("train",),
-        rounds=2,
-        model=model(),
-        straggler=StragglerSettings(StragglerPolicy.PERCENTAGE, percentage=0.6),
-        store=store,
+    writes = SlowWrites(store, monkeypatch)
+    fed = federation(
+        store, rounds=2, straggler=StragglerSettings(StragglerPolicy.PERCENTAGE, percentage=0.6)
     )
     report(fed, "alice")
     report(fed, "bob")  # two of three: due, but not closed yet
-    store.gate.clear()
-    store.staging.clear()
-    store.fail = fail
+    writes.gate.clear()
+    writes.staging.clear()
+    writes.fail = fail
     refusals: list[BaseException] = []
 
     def late() -> None:
@@ -434,13 +356,13 @@ def test_a_result_whose_round_closed_while_it_was_written_is_refused(fail: bool)
 
     carol = threading.Thread(target=late)
     carol.start()
-    assert store.staging.wait(5)
+    assert writes.staging.wait(5)
     summary = fed.close_round_if_due()
     assert summary is not None and summary.reporters == ("alice", "bob")
-    store.gate.set()
+    writes.gate.set()
     carol.join(5)
     (refusal,) = refusals
     assert isinstance(refusal, PreconditionError)
     assert "round 0 is closed" in str(refusal)
-    assert len(store.discarded) == (0 if fail else 1)
+    assert len(writes.discarded) == (0 if fail else 1)
     assert fed.accepted() == ()

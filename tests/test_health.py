@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from aggregator.errors import InvalidRequestError, StorageError
 from aggregator.federation import Federation
 from aggregator.health import Health, free_bytes, probe_storage
 from aggregator.records import Array, ResultTensor, RoundCommit, TaskResult
@@ -27,6 +26,7 @@ from pki.local import load_signing_ca
 from pki.requests import Role
 from protos import aggregator_pb2
 from protos.stream import task_results_to_chunks
+from refusals.errors import InvalidRequestError, StorageError
 
 from conftest import Identity, issue_identity
 from servers import make_plan, running_aggregator, small_model

@@ -25,17 +25,17 @@ import numpy as np
 import pytest
 
 from aggregator.admission import Admission, UploadTimeoutError, chunks_within
-from aggregator.errors import LimitExceededError
 from aggregator.federation import Federation
 from aggregator.records import ResultTensor, TaskResult
 from aggregator.server import AggregatorGRPCServer
-from collaborator.client import AggregatorGRPCClient, NamedArray
+from collaborator.client import AggregatorGRPCClient, OutgoingTensor
 from pki.layout import CertsLayout
 from plans import Plan
 from plans.schema import TRAIN
 from protos import aggregator_pb2, aggregator_pb2_grpc, base_pb2
 from protos.codec import decode_tensor, encode_tensor
 from protos.stream import chunk_bytes, task_results_to_chunks
+from refusals.errors import LimitExceededError
 
 from conftest import Identity
 from servers import make_plan, running_aggregator, small_model
@@ -85,15 +85,15 @@ def as_stored(message: aggregator_pb2.TaskResults, collaborator: str) -> StoredR
 # -- the honest collaborator ------------------------------------------------------------------
 
 
-def honest_arrays(model: Mapping[str, Any], task: str, round_number: int) -> list[NamedArray]:
+def honest_arrays(model: Mapping[str, Any], task: str, round_number: int) -> list[OutgoingTensor]:
     """What an honest collaborator reports for `task`: model + 1 for train, a metric for the rest."""
     if task == TRAIN:
         trained = [
-            NamedArray(name, np.asarray(array) + 1, tags=("trained",))
+            OutgoingTensor(name, np.asarray(array) + 1, tags=("trained",))
             for name, array in model.items()
         ]
-        return [*trained, NamedArray("loss", np.float32(0.25 + round_number), tags=("metric",))]
-    return [NamedArray("accuracy", np.float32(0.5 + round_number), tags=("metric",))]
+        return [*trained, OutgoingTensor("loss", np.float32(0.25 + round_number), tags=("metric",))]
+    return [OutgoingTensor("accuracy", np.float32(0.5 + round_number), tags=("metric",))]
 
 
 def honest_round(plan: Plan, port: int, name: str = "alice") -> None:

@@ -12,21 +12,29 @@ import numpy as np
 import pytest
 from prometheus_client import generate_latest
 
-from aggregator.errors import InvalidRequestError
 from aggregator.federation import Federation
 from aggregator.inspection import read_status
 from aggregator.liveness import Presence
 from aggregator.metrics import Metrics
 from aggregator.runtime import Outcome, Runtime
-from aggregator.state import SCHEMA_VERSION
+from aggregator.schema import SCHEMA_VERSION
 from aggregator.storage import OutputFolder
 from plans.schema import StragglerPolicy, StragglerSettings
+from refusals.errors import InvalidRequestError
 
-from old_states import before_departures
+from clocks import Clock
+from federations import (
+    AMV,
+    UUID,
+    federation,
+    federation_of,
+    open_state,
+    report,
+    result,
+    scores,
+)
+from old_states import before_departures, schema_of
 from servers import make_plan
-from test_durable_state import UUID, federation_of, open_state, schema_of
-from test_durable_state import report as report_round
-from test_federation import AMV, Clock, federation, report, result
 
 REASON = "the task runner failed (ValueError)"
 POLICIES = {
@@ -189,8 +197,8 @@ def test_leaving_and_rejoining_survive_a_restart(tmp_path: Path) -> None:
     assert (departure.name, departure.reason) == ("carol", REASON)
     fed = federation_of(state)
     assert fed.liveness.presence("carol") is Presence.LEFT
-    report_round(fed, "alice", 0)
-    report_round(fed, "bob", 0)
+    report(fed, "alice", metrics=scores(1.0))
+    report(fed, "bob", metrics=scores(1.0))
     assert fed.close_round_if_due() is not None
     fed.rejoin("carol")
     state.close()
@@ -206,7 +214,7 @@ def test_leaving_and_rejoining_survive_a_restart(tmp_path: Path) -> None:
 def test_a_state_before_departures_is_migrated_and_resumes(tmp_path: Path) -> None:
     """A version-3 state (no departures table) opens as the newest version, and keeps departures."""
     state = open_state(tmp_path)
-    report_round(federation_of(state), "alice", 0)
+    report(federation_of(state), "alice", metrics=scores(1.0))
     state.close()
     before_departures(tmp_path / "state")
     assert schema_of(tmp_path)[0] == 3

@@ -14,7 +14,7 @@ from pathlib import Path
 from pki.layout import CertsLayout
 
 from failing_runner import FAIL_AT_ENV, HOLD_ENV, HOLD_FROM_ENV, NAME, PATIENT_RECORD
-from processes import FederationProcesses, write_plan
+from federation_processes import FederationProcesses, write_plan
 from test_offline import status
 
 TESTS = Path(__file__).resolve().parent

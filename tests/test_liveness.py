@@ -15,7 +15,8 @@ from aggregator.liveness import (
 )
 from plans.schema import StragglerPolicy, StragglerSettings
 
-from test_federation import COLLABORATORS, Clock, federation, report
+from clocks import Clock
+from federations import COLLABORATORS, federation, report
 
 WALL = 1_700_000_000.0  # the wall clock when the test's Clock reads 1000
 

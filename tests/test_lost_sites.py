@@ -29,7 +29,7 @@ from protos import director_pb2 as pb
 
 from directors import make_director_certs
 from envoys import write_envoy_config
-from processes import free_port
+from federation_processes import free_port
 from raising_runner import NAME as RAISING
 from test_director_end_to_end import RUN_SECONDS, Service, running_service
 

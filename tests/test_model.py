@@ -26,7 +26,7 @@ from plans.runners import load_runner
 from plans.schema import RunnerSettings
 from protos.dtypes import bfloat16_dtype
 
-from processes import REPO, FederationRun, final_accuracy, run_federation
+from federation_processes import REPO, FederationRun, final_accuracy, run_federation
 
 
 def mixed() -> dict[str, np.ndarray]:

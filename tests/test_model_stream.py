@@ -18,7 +18,7 @@ import pytest
 from aggregator import encoded_model
 from aggregator.records import Array
 from aggregator.server import SERVICE, AggregatorGRPCServer, method_handlers
-from collaborator.client import AggregatorGRPCClient, NamedArray
+from collaborator.client import AggregatorGRPCClient, OutgoingTensor
 from collaborator.errors import ResponseValidationError
 from pki.layout import CertsLayout
 from pki.tls import server_credentials
@@ -82,7 +82,7 @@ def test_a_fixed_stream_window_carries_the_model_both_ways(certs: CertsLayout) -
     ):
         fetched = client.get_aggregated_model([], 0)
         np.testing.assert_array_equal(fetched["large"], model["large"])
-        sent = [NamedArray(name, array, tags=("trained",)) for name, array in fetched.items()]
+        sent = [OutgoingTensor(name, array, tags=("trained",)) for name, array in fetched.items()]
         client.send_local_task_results(0, "train", 10, sent)
     (stored,) = federation.results()
     stored_bytes = {t.name: t.array.tobytes() for t in stored.tensors}

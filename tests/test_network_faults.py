@@ -29,7 +29,7 @@ from pki.layout import CertsLayout
 from pki.local import setup_local_federation
 
 from fault_proxy import Fault, FaultKind, FaultProxy, Fired
-from processes import COLLABORATORS, FederationProcesses, run_federation, write_plan
+from federation_processes import COLLABORATORS, FederationProcesses, run_federation, write_plan
 
 pytestmark = pytest.mark.slow
 

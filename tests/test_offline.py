@@ -16,7 +16,7 @@ from collaborator.digits import DigitsRunner
 from pki.layout import CertsLayout
 from plans.runners import Model, TrainOutcome
 
-from processes import COLLABORATORS, FederationProcesses, write_plan
+from federation_processes import COLLABORATORS, FederationProcesses, write_plan
 
 TESTS = Path(__file__).resolve().parent
 ROUNDS = 10

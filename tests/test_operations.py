@@ -33,7 +33,7 @@ from pki.requests import Role
 from protos import aggregator_pb2, aggregator_pb2_grpc
 
 from conftest import Identity, issue_identity
-from processes import COLLABORATORS, FederationProcesses, free_port, write_plan
+from federation_processes import COLLABORATORS, FederationProcesses, free_port, write_plan
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import fnmatch
 import re
 import tomllib
 
-from processes import REPO
+from federation_processes import REPO
 
 
 def setuptools_config() -> dict[str, object]:

@@ -21,7 +21,7 @@ from pki.layout import CertsLayout
 from pki.requests import Role, fingerprint
 from pki.roles import ROLE_OIDS
 
-from processes import run_module
+from federation_processes import run_module
 
 REPO = Path(__file__).resolve().parent.parent
 TERMINAL_SECONDS = 60

@@ -19,7 +19,7 @@ from pki.layout import CertsLayout
 from plans.runners import load_runner
 from plans.schema import RunnerSettings
 
-from processes import write_plan
+from federation_processes import write_plan
 from readme_blocks import federate_sites, run_block, site_files
 
 MARKER = "<!-- tests/test_readme_runner.py runs the next block as my_runner.py -->"

@@ -28,14 +28,15 @@ from test_site_api import FEDERATION_SECONDS, PATIENT, ROUNDS, detail, wait_unti
 from envoy.config import load_config
 from envoy.progress import ProgressBook
 from envoy.redis_metrics import RedisReporter
-from envoy.runtime import Backoff
 from envoy.site import Site
 from envoy.site_api import TOKEN_FILE
-from envoy.state import CollaboratorState, EnvoyState
+from envoy.state import EnvoyState
+from lifecycle.states import CollaboratorState
 from pki.layout import CertsLayout
+from retry.backoff import Backoff
 
 from envoys import EnvoyProcess, RecordingDirector, stop_collaborators, write_envoy_config
-from processes import FederationProcesses, free_port, write_plan
+from federation_processes import FederationProcesses, free_port, write_plan
 from servers import plan_document
 
 S = CollaboratorState

@@ -19,10 +19,10 @@ import pytest
 import yaml
 
 from collaborator.digits import DigitsRunner
-from director.errors import InvalidRequestError
 from director.experiment_plan import check_submitted
 from plans.runners import RunnerError, check_runner_settings, load_runner
 from plans.schema import RunnerSettings
+from refusals.errors import InvalidRequestError
 
 from directors import submitted_plan
 from settings_runner import IMPORTED, MARKER, NAME, SettingsRunner

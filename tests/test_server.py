@@ -1,7 +1,7 @@
-"""The aggregator server over real mutual TLS: honest callers, resends, certificate rotation, the status table.
+"""The aggregator server over real mutual TLS: honest callers, resends, certificate rotation.
 
 Each kind of hostile input, with its exact status, is a row of `test_hostile_input.py`, which
-uses the raw `Caller` defined here.
+uses the raw `Caller` defined here; the status of each refusal is `test_refusals.py`'s.
 """
 
 from __future__ import annotations
@@ -20,28 +20,16 @@ import pytest
 from cryptography import x509
 
 from aggregator import encoded_model
-from aggregator.admission import UploadTimeoutError
 from aggregator.encoded_model import MODEL_TAGS, EncodedModel
-from aggregator.errors import (
-    AuthenticationError,
-    AuthorizationError,
-    InvalidRequestError,
-    LimitExceededError,
-    ModelFileError,
-    PreconditionError,
-)
 from aggregator.federation import Federation
 from aggregator.records import Array
 from aggregator.server import AggregatorGRPCServer
-from aggregator.status import STATUS_CODES, status_of
 from pki.layout import CertsLayout
 from pki.local import setup_local_federation
 from protos import aggregator_pb2, aggregator_pb2_grpc, base_pb2
-from protos.codec import TensorFormatError, TensorTooLargeError, decode_tensor, encode_tensor
+from protos.codec import decode_tensor, encode_tensor
 from protos.stream import (
     UPLOAD_BYTES_METADATA,
-    StreamError,
-    StreamTooLargeError,
     task_results_to_chunks,
 )
 
@@ -320,37 +308,6 @@ def test_rotated_server_certificate_is_served_without_restart(
         )
         caller.stub.Ping(aggregator_pb2.PingRequest(header=caller.header()), timeout=10)
         caller.channel.close()
-
-
-@pytest.mark.parametrize(
-    ("error", "code"),
-    [
-        (AuthenticationError("x"), grpc.StatusCode.UNAUTHENTICATED),
-        (AuthorizationError("x"), grpc.StatusCode.PERMISSION_DENIED),
-        (InvalidRequestError("x"), grpc.StatusCode.INVALID_ARGUMENT),
-        (PreconditionError("x"), grpc.StatusCode.FAILED_PRECONDITION),
-        (LimitExceededError("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (UploadTimeoutError("x"), grpc.StatusCode.DEADLINE_EXCEEDED),
-        (TensorTooLargeError("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (TensorFormatError("x"), grpc.StatusCode.INVALID_ARGUMENT),
-        (StreamTooLargeError("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (StreamError("x"), grpc.StatusCode.INVALID_ARGUMENT),
-        (ModelFileError("x"), grpc.StatusCode.UNAVAILABLE),
-        (ValueError("a bug"), grpc.StatusCode.INTERNAL),
-    ],
-    ids=lambda value: type(value).__name__ if isinstance(value, Exception) else value.name,
-)
-def test_each_refusal_has_its_status(error: Exception, code: grpc.StatusCode) -> None:
-    """The status table answers each named refusal with its code, and anything else INTERNAL."""
-    assert status_of(error) is code
-
-
-def test_status_table_lists_subclasses_before_their_bases() -> None:
-    """A subclass listed after its base would never be reached: the base would answer for it."""
-    kinds = list(STATUS_CODES)
-    for index, kind in enumerate(kinds):
-        for later in kinds[index + 1 :]:
-            assert not issubclass(later, kind), f"{later.__name__} is shadowed by {kind.__name__}"
 
 
 @pytest.mark.parametrize(

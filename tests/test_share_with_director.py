@@ -26,14 +26,15 @@ from test_experiment_cli import client_config, run
 
 from director.launcher import LocalLauncher
 from envoy.site import MAX_RESTARTS
-from envoy.state import CollaboratorState, EnvoyState
+from envoy.state import EnvoyState
+from lifecycle.states import CollaboratorState
 from pki.layout import CertsLayout
 from protos import director_pb2 as pb
 
 from directors import ADMIN, Director, make_director_certs, running_director
 from envoys import EnvoyProcess, stop_envoys, write_envoy_config
+from federation_processes import free_port
 from leaky_runner import NAME, RECORD, SITE_FILE
-from processes import free_port
 from test_director_end_to_end import kill_recorded_aggregators
 
 TESTS = Path(__file__).resolve().parent

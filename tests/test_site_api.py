@@ -22,7 +22,6 @@ import httpx
 import pytest
 import yaml
 
-from director.orders import StartOrder, Work
 from envoy.cli import main as envoy_main
 from envoy.config import ConfigError, load_config
 from envoy.progress import ProgressBook
@@ -35,7 +34,9 @@ from envoy.site_api import (
     create_app,
     ensure_token,
 )
-from envoy.state import SITE, CollaboratorState, EnvoyState
+from envoy.state import SITE, EnvoyState
+from lifecycle.orders import StartOrder, Work
+from lifecycle.states import CollaboratorState
 from pki.layout import CertsLayout
 
 from directors import alias_bomb_plan
@@ -46,7 +47,7 @@ from envoys import (
     stop_collaborators,
     write_envoy_config,
 )
-from processes import FederationProcesses, free_port, write_plan
+from federation_processes import FederationProcesses, free_port, write_plan
 from servers import plan_document
 
 S = CollaboratorState

@@ -17,7 +17,7 @@ from pki.layout import CertsLayout
 from plans.runners import Array, Model, RunnerError, TrainOutcome, Validation
 from plans.schema import AGGREGATED_MODEL_VALIDATION, TRAIN, RunnerSettings
 
-from processes import COLLABORATORS, FederationProcesses, write_plan
+from federation_processes import COLLABORATORS, FederationProcesses, write_plan
 
 TESTS = Path(__file__).resolve().parent
 ROUNDS = 3

@@ -17,14 +17,16 @@ import numpy as np
 import pytest
 
 from aggregator.cli import main
-from aggregator.errors import StorageError
 from aggregator.federation import Federation
 from aggregator.inspection import CollaboratorStatus, FederationStatus, read_status
 from aggregator.liveness import Liveness
 from aggregator.records import ResultTensor, TaskResult
-from aggregator.state import DATABASE, SCHEMA_VERSION, STATE_DIR, DurableState
+from aggregator.schema import SCHEMA_VERSION
+from aggregator.state import DurableState
+from aggregator.state_files import DATABASE, STATE_DIR
 from pki.layout import CertsLayout
 from plans import load_plan
+from refusals.errors import StorageError
 
 from old_states import named_by_sha256
 from test_aggregator_cli import serve_in_process, watchdog, write_plan

@@ -11,7 +11,6 @@ import blake3
 import numpy as np
 import pytest
 
-from aggregator.errors import ModelFileError, StorageError
 from aggregator.storage import (
     OutputFolder,
     model_bytes,
@@ -25,6 +24,7 @@ from aggregator.storage import (
 )
 from protos import base_pb2
 from protos.codec import encode_tensor
+from refusals.errors import ModelFileError, StorageError
 
 from servers import small_model
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.errors import InvalidRequestError, PreconditionError
 from aggregator.records import Array
 from aggregator.storage import write_model
 from aggregator.upload import (
@@ -21,6 +20,7 @@ from protos import aggregator_pb2
 from protos.codec import TensorFormatError, TensorTooLargeError, encode_tensor
 from protos.results_reader import Head
 from protos.stream import StreamError
+from refusals.errors import InvalidRequestError, PreconditionError
 
 MODEL = {
     "weight": np.linspace(-1, 1, 3000, dtype=np.float32).reshape(30, 100),

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from collaborator.digits import DigitsSettings, load_data, make_shards
-from plans.loader import shown
+from plans.reader import shown
 from plans.runners import RunnerError
 from plans.schema import RunnerSettings
 from torch_runner.runner import LoopOutcome, TorchRunner

@@ -21,7 +21,7 @@ import numpy as np
 import yaml
 
 from aggregator.storage import write_model
-from collaborator.client import AggregatorGRPCClient, NamedArray
+from collaborator.client import AggregatorGRPCClient, OutgoingTensor
 from pki.layout import CertsLayout
 from plans import Limits, Plan
 from plans.runners import Array
@@ -427,9 +427,9 @@ def make_client(plan: Plan, name: str, port: int) -> AggregatorGRPCClient:
     return AggregatorGRPCClient.from_plan(plan, name, aggregator_port=port)
 
 
-def train_result(model: Mapping[str, Array]) -> list[NamedArray]:
+def train_result(model: Mapping[str, Array]) -> list[OutgoingTensor]:
     """What the collaborator loop sends after `train`: every tensor tagged trained, and a loss."""
     return [
-        *(NamedArray(name, array, tags=("trained",)) for name, array in model.items()),
-        NamedArray("loss", np.float32(0.0), tags=("metric",), report=True),
+        *(OutgoingTensor(name, array, tags=("trained",)) for name, array in model.items()),
+        OutgoingTensor("loss", np.float32(0.0), tags=("metric",), report=True),
     ]

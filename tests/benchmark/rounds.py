@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from collaborator.client import AggregatorGRPCClient, NamedArray, Tasks
+from collaborator.client import AggregatorGRPCClient, OutgoingTensor, Tasks
 from collaborator.loop import run_collaborator
 from plans import Plan, load_plan
 
@@ -71,7 +71,7 @@ class TimedClient(AggregatorGRPCClient):
                 self.marks["download_end"] = time.perf_counter()
 
     def send_local_task_results(
-        self, round_number: int, task_name: str, data_size: int, tensors: Sequence[NamedArray]
+        self, round_number: int, task_name: str, data_size: int, tensors: Sequence[OutgoingTensor]
     ) -> None:
         """As the client's, noting its start and end (in the measured round)."""
         measured = round_number == self.measured_round
@@ -224,21 +224,21 @@ class MeasuredRound:
             self.go.wait()
             runner = noop_runner.NoopRunner(
                 self.plan.runner,
-                collaborator=client.collaborator_name,
+                collaborator=client.settings.collaborator_name,
                 collaborators=self.plan.collaborators,
             )
             report = run_collaborator(client, runner, self.plan.runner)
             if not report.quit:
-                self.errors.append(f"{client.collaborator_name}: stopped without quit")
+                self.errors.append(f"{client.settings.collaborator_name}: stopped without quit")
         except Exception as error:  # counted: the round's errors
-            self.errors.append(f"{client.collaborator_name}: {error!r}")
+            self.errors.append(f"{client.settings.collaborator_name}: {error!r}")
         finally:
             client.disconnect()
 
     def run(self, aggregator: Process) -> RoundOutcome:
         """Connect everyone, start the round, read the figures when it closes, let all quit."""
         threads = [
-            threading.Thread(target=self.collaborator, args=(c,), name=c.collaborator_name)
+            threading.Thread(target=self.collaborator, args=(c,), name=c.settings.collaborator_name)
             for c in self.clients
         ]
         with counting_warnings() as warnings:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from collaborator.client import AggregatorGRPCClient, NamedArray
+from collaborator.client import AggregatorGRPCClient, OutgoingTensor
 from collaborator.loop import run_collaborator
 from plans import load_plan
 
@@ -42,7 +42,7 @@ class MarkingClient(AggregatorGRPCClient):
             marks["download_end"] = time.perf_counter()
 
     def send_local_task_results(
-        self, round_number: int, task_name: str, data_size: int, tensors: Sequence[NamedArray]
+        self, round_number: int, task_name: str, data_size: int, tensors: Sequence[OutgoingTensor]
     ) -> None:
         """As the client's; its start and end noted."""
         marks = self.marks.setdefault(round_number, {})

@@ -22,8 +22,8 @@ from collaborator.digits import DigitsRunner
 from pki.layout import CertsLayout
 from plans import load_plan
 
+from federation_processes import FederationProcesses, FederationRun, free_port, write_plan
 from openfl_workspace import AGGREGATOR_HOST, Workspace, write_workspace
-from processes import FederationProcesses, FederationRun, free_port, write_plan
 
 ROUNDS = 2
 COLLABORATORS = ("alice", "bob")

@@ -23,8 +23,8 @@ from aggregator.storage import write_model
 from pki.layout import CertsLayout
 
 from conftest import Identity
+from federation_processes import FederationProcesses, free_port, write_plan
 from openfl_workspace import OPENFL_SIDE, TASKS, openfl_venv
-from processes import FederationProcesses, free_port, write_plan
 
 ROUNDS = 2
 UUID = "openfl-client-probe"

@@ -17,8 +17,7 @@ import pytest
 from aggregator.storage import read_model
 from pki.layout import CertsLayout
 
-from openfl_workspace import Workspace, write_workspace
-from processes import (
+from federation_processes import (
     COLLABORATORS,
     FederationProcesses,
     FederationRun,
@@ -27,6 +26,7 @@ from processes import (
     run_federation,
     write_plan,
 )
+from openfl_workspace import Workspace, write_workspace
 
 ROUNDS = 3
 OPENFL_COLLABORATORS = ("alice", "bob")  # carol is foedus's

@@ -21,7 +21,13 @@ from protos.dtypes import bfloat16_dtype
 
 from dying_runner import TRAIN, arm
 from fedavg_reference import Contribution, federated_average
-from processes import COLLABORATORS, REPO, FederationProcesses, final_accuracy, write_plan
+from federation_processes import (
+    COLLABORATORS,
+    REPO,
+    FederationProcesses,
+    final_accuracy,
+    write_plan,
+)
 from readme_blocks import run_block
 
 HERE = Path(__file__).resolve().parent

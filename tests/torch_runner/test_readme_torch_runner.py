@@ -16,7 +16,7 @@ from pki.layout import CertsLayout
 from plans.runners import RunnerError
 from plans.schema import RunnerSettings
 
-from processes import write_plan
+from federation_processes import write_plan
 from readme_blocks import federate_sites, site_files
 
 MARKER = "<!-- tests/torch_runner/test_readme_torch_runner.py runs the next block as my_torch_runner.py -->"

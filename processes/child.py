@@ -1,10 +1,11 @@
-"""`python -m director.child --status FILE -- COMMAND...`: run a command, then record how it ended.
+"""`python -m processes.child --status FILE -- COMMAND...`: run a command, then record how it ended.
 
-The director starts each aggregator through this small parent, in a session of its own, so the
-aggregator's exit status is kept in FILE even when the director is not there to read it (killed,
-restarting): a director that starts again finds either the parent still running (and watches it)
-or FILE (and reads how the aggregator ended). SIGTERM and SIGINT sent to this parent are passed on
-to the command, which ends as it does on them; the status is recorded all the same.
+`processes.children.ChildProcesses` starts each command (the director's aggregators, the envoy's
+collaborators) through this small parent, in a session of its own, so the command's exit status
+is kept in FILE even when the service is not there to read it (killed, restarting): a service
+that starts again finds either the parent still running (and watches it) or FILE (and reads how
+the command ended). SIGTERM and SIGINT sent to this parent are passed on to the command, which
+ends as it does on them; the status is recorded all the same.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def write_status(path: Path, code: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command after `--`, record its exit code (-N for a signal N), return it."""
-    parser = argparse.ArgumentParser(prog="python -m director.child", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m processes.child", description=__doc__)
     parser.add_argument("--status", type=Path, required=True, help="where to record the exit code")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command")
     args = parser.parse_args(argv)

@@ -1,12 +1,16 @@
-"""The work a director hands an envoy in a heartbeat's answer: plain data both sides share.
+"""What the director and an envoy say to each other, as plain data both sides share.
 
-The director builds it (`director.service`), the envoy acts on it (`envoy.site`); each side's gRPC
-edge converts it from and to director.proto's messages, so neither side's logic sees the wire.
+The director hands an envoy `Work` in a heartbeat's answer (`director.service` builds it,
+`envoy.site` acts on it); the envoy sends back a `CollaboratorReport` for each change of its
+collaborators' states. Each side's gRPC edge converts them from and to director.proto's messages
+with `lifecycle.wire`, so neither side's logic sees the wire.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from lifecycle.states import CollaboratorState
 
 
 @dataclass(frozen=True)
@@ -37,3 +41,13 @@ class Work:
     start: tuple[StartOrder, ...] = ()
     stop: tuple[str, ...] = ()
     logs: tuple[LogOrder, ...] = ()
+
+
+@dataclass(frozen=True)
+class CollaboratorReport:
+    """An envoy's report on its collaborator for one experiment (director.proto's CollaboratorReport)."""
+
+    experiment_id: str
+    state: CollaboratorState
+    exit_code: int = 0
+    reason: str = ""
