@@ -52,6 +52,7 @@ from aggregator.records import Best, RoundRecord, RoundSummary, Stranded
 from aggregator.server import DEFAULT_WORKERS, AggregatorGRPCServer
 from aggregator.storage import OutputFolder
 from aggregator.store import FederationStore
+from history.rows import MetricsRow
 from plans import Plan
 from plans.schema import AGGREGATED_MODEL_VALIDATION, TRAIN
 from refusals.errors import StorageError
@@ -134,9 +135,7 @@ class Runtime:
         ):
             logger.info("wrote %s again from the saved state", self.output.best_model)
         uuid = self.plan.federation.uuid
-        written = {
-            row.get("round") for row in self.output.read_metrics() if row.get("federation") == uuid
-        }
+        written = {row.round_number for row in self.output.read_metrics() if row.federation == uuid}
         for record in recovered.records:
             if record.round_number not in written:
                 self.output.append_metrics(self.metrics_row(record))
@@ -279,22 +278,19 @@ class Runtime:
         self.output.append_metrics(self.metrics_row(summary.record))
         self.say(self.round_line(summary))
 
-    def metrics_row(self, record: RoundRecord) -> dict[str, object]:
+    def metrics_row(self, record: RoundRecord) -> MetricsRow:
         """The `metrics.jsonl` row of a closed round."""
-        return {
-            "federation": self.plan.federation.uuid,
-            "run": self._run,
-            "round": record.round_number,
-            "final_validation": record.final_validation,
-            "reporters": list(record.reporters),
-            "missing": list(record.missing),
-            "metrics": {task: dict(values) for task, values in record.metrics.items()},
-            "seconds": round(record.seconds, 3),
-            "sites": {
-                site: {task: dict(values) for task, values in tasks.items()}
-                for site, tasks in record.sites.items()
-            },
-        }
+        return MetricsRow(
+            federation=self.plan.federation.uuid,
+            run=self._run,
+            round_number=record.round_number,
+            final_validation=record.final_validation,
+            reporters=tuple(record.reporters),
+            missing=tuple(record.missing),
+            metrics=record.metrics,
+            seconds=round(record.seconds, 3),
+            sites=record.sites,
+        )
 
     def round_line(self, summary: RoundSummary) -> str:
         """One line a person can read: round, who reported, loss and accuracy, duration."""

@@ -28,16 +28,15 @@ from aggregator.records import Array, AveragedModel, ResultTensor, TaskResult
 from aggregator.storage import (
     BEST_MODEL,
     LAST_MODEL,
-    METRICS,
-    is_temporary,
     read_model_tensors,
     write_model,
     write_model_slices,
     write_tensors,
 )
 from aggregator.upload import read_tensors_file
-from durable.files import fsync_folder, make_folders, place_file
+from durable.files import fsync_folder, is_temporary, make_folders, place_file
 from durable.sqlite import hold_lock
+from history.rows import METRICS
 from refusals.errors import ModelFileError, StorageError
 
 STATE_DIR = "state"

@@ -1,8 +1,8 @@
 """The aggregator's output folder: models as OpenFL `ModelProto` files, metrics as JSON lines.
 
-Every model file is written atomically (a temporary file in the same folder, written, flushed and
-fsynced, then renamed over the old one, then the folder fsynced), so a crash leaves either the old
-file or the new one, never half of one. A model file is a serialized `ModelProto` of tensors
+Every model file is written atomically, at mode 0600 (`durable.files.replace_file`: a temporary
+file in the same folder, written, fsynced, renamed over the old one, then the folder fsynced), so
+a crash leaves either the old file or the new one, never half of one. A model file is a serialized `ModelProto` of tensors
 encoded with `protos.codec.encode_tensor` in sorted name order: the same model always gives the
 same bytes, nothing is pickled, and OpenFL (which saves its models as `.pbuf` ModelProtos too)
 reads float32 models. `read_model` validates every tensor as the servicer validates uploads.
@@ -12,15 +12,12 @@ The user-facing outputs (`last_model.pbuf`, `best_model.pbuf`, `metrics.jsonl`) 
 a round is committed to the state, so a crash can leave them one round behind, a temporary file
 beside them, or a last line of `metrics.jsonl` cut short; `OutputFolder.remove_temporaries` and
 `read_metrics` clean that up, and the runtime writes what is missing again from the state.
+`metrics.jsonl`'s rows are `history.rows`'s: its one writer and reader.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +32,8 @@ from aggregator.fedavg import SliceSink
 from aggregator.mapped import FileRange, copy_range, mapped_range
 from aggregator.records import ResultTensor
 from aggregator.upload import file_array, read_tensors_file
-from durable.files import fsync_folder
+from durable.files import is_temporary, replace_file
+from history.rows import METRICS, MetricsRow, append_row, read_rows
 from protos import base_pb2
 from protos.codec import (
     TensorFormatError,
@@ -51,10 +49,6 @@ Array = npt.NDArray[np.generic]
 MODEL_TAG = "model"
 LAST_MODEL = "last_model.pbuf"
 BEST_MODEL = "best_model.pbuf"
-METRICS = "metrics.jsonl"
-TEMPORARY_SUFFIX = ".tmp"
-
-logger = logging.getLogger(__name__)
 NamedArray = tuple[str, Array, frozenset[str]]  # a tensor's name, values and tags
 
 
@@ -137,7 +131,7 @@ def write_tensors(
             if update is not None:
                 update(frame.tail)
 
-    _write_atomic_with(path, write, before_rename=before_rename)
+    _replace(path, write, before_rename)
     return digest.hexdigest() if hashed else ""
 
 
@@ -200,7 +194,7 @@ def write_model_slices(
         for block in _blocks(descriptor, 0, position):
             digest.update(block)
 
-    _write_atomic_with(path, write, before_rename=before_rename)
+    _replace(path, write, before_rename)
     return ModelFile(
         path,
         digest.hexdigest(),
@@ -298,66 +292,14 @@ def read_model_tensors(path: Path, max_tensor_bytes: int) -> tuple[ResultTensor,
     return tensors
 
 
-def write_atomic(
-    path: Path, data: bytes, *, before_rename: Callable[[], None] | None = None
+def _replace(
+    path: Path, write: Callable[[BinaryIO], object], before_rename: Callable[[], None] | None
 ) -> None:
-    """Replace `path` with `data` so that a crash leaves the old file or the new one, whole.
-
-    `before_rename` runs once the new bytes are durable in the temporary file (a failpoint).
-    """
-    _write_atomic_with(path, lambda file: file.write(data), before_rename=before_rename)
-
-
-def _write_atomic_with(
-    path: Path,
-    write: Callable[[BinaryIO], object],
-    *,
-    before_rename: Callable[[], None] | None = None,
-) -> None:
-    """Replace `path` with what `write` writes to a temporary file; see `write_atomic`."""
-    folder = path.parent
+    """`durable.files.replace_file` at mode 0600, its `OSError` a `StorageError` naming `path`."""
     try:
-        descriptor, temporary = tempfile.mkstemp(
-            dir=folder, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX
-        )
+        replace_file(path, write, mode=0o600, before_rename=before_rename)
     except OSError as error:
         raise StorageError(f"{path}: cannot write: {error.strerror or error}") from None
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        if before_rename is not None:
-            before_rename()
-        os.replace(temporary, path)
-        fsync_folder(folder)
-    except OSError as error:
-        Path(temporary).unlink(missing_ok=True)
-        raise StorageError(f"{path}: cannot write: {error.strerror or error}") from None
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def is_temporary(path: Path, of: str | None = None) -> bool:
-    """Whether `path` is a temporary file `write_atomic` left behind (for the file named `of`)."""
-    prefix = "." if of is None else f".{of}."
-    return path.name.startswith(prefix) and path.name.endswith(TEMPORARY_SUFFIX)
-
-
-def append_json_line(path: Path, row: Mapping[str, object]) -> None:
-    """Append `row` as one JSON line (non-finite numbers as null), flushed and fsynced."""
-    line = json.dumps(_finite(row), sort_keys=True, allow_nan=False)
-    created = not path.exists()
-    try:
-        with path.open("a", encoding="utf-8") as file:
-            file.write(line + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-        if created:
-            fsync_folder(path.parent)
-    except OSError as error:
-        raise StorageError(f"{path}: cannot append: {error.strerror or error}") from None
 
 
 class OutputFolder:
@@ -428,55 +370,24 @@ class OutputFolder:
         write_model(path, model, round_number=round_number, hashed=False)
         return True
 
-    def append_metrics(self, row: Mapping[str, object]) -> None:
-        """Append one round's row to `metrics.jsonl`."""
-        append_json_line(self.metrics, row)
+    def append_metrics(self, row: MetricsRow) -> None:
+        """Append one round's row to `metrics.jsonl` (`history.rows.append_row`)."""
+        try:
+            append_row(self.metrics, row)
+        except OSError as error:
+            raise StorageError(
+                f"{self.metrics}: cannot append: {error.strerror or error}"
+            ) from None
 
-    def read_metrics(self) -> list[dict[str, object]]:
+    def read_metrics(self) -> list[MetricsRow]:
         """The rows of `metrics.jsonl`; a last line cut short by a crash is removed first."""
         try:
-            data = self.metrics.read_bytes()
-        except FileNotFoundError:
-            return []
+            return read_rows(self.metrics, repair=True)
         except OSError as error:
             raise StorageError(f"{self.metrics}: cannot read: {error.strerror or error}") from None
-        if data and not data.endswith(b"\n"):
-            whole = data.rfind(b"\n") + 1
-            logger.warning("%s: removing a last line cut short by a crash", self.metrics)
-            try:
-                with self.metrics.open("r+b") as file:
-                    file.truncate(whole)
-                    file.flush()
-                    os.fsync(file.fileno())
-            except OSError as error:
-                raise StorageError(
-                    f"{self.metrics}: cannot repair: {error.strerror or error}"
-                ) from None
-            data = data[:whole]
-        rows: list[dict[str, object]] = []
-        for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
-            try:
-                row = json.loads(line)
-            except ValueError:
-                logger.warning("%s: line %d is not JSON; left as it is", self.metrics, number)
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-        return rows
 
     def remove_temporaries(self) -> None:
         """Remove temporary files of the models that a crash left in the folder."""
         for path in self.root.iterdir():
             if is_temporary(path, LAST_MODEL) or is_temporary(path, BEST_MODEL):
                 path.unlink(missing_ok=True)
-
-
-def _finite(value: object) -> object:
-    """`value` with NaN and infinities replaced by None, so the line is strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(key): _finite(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(item) for item in value]
-    return value

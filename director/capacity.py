@@ -20,8 +20,8 @@ from contextlib import ExitStack, contextmanager
 from typing import Final
 
 from admission.calls import Admission
-from director.config import DirectorLimits
 from director.identity import PEOPLE, Caller, Role
+from plans.director_config import DirectorLimits
 from refusals.errors import LimitExceededError
 
 # An envoy's calls that keep it registered and alive: slots of their own, apart from its uploads.

@@ -21,11 +21,11 @@ from command.arguments import add_log_level, command, command_main, program
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
 from command.process import run_service, stopped_by_signals
 from command.usage import BadInputError, fail
-from director.config import ConfigError, DirectorConfig, load_config
 from director.server import DirectorServer
 from director.tokens import TokenStore
 from pki.errors import PkiError
 from pki.tls import tls_files_problem
+from plans.director_config import ConfigError, DirectorConfig, load_config
 from plans.runners import RunnerError, import_runner
 from refusals.errors import StorageError
 from serving.server import ServerError

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from director.launcher import LOG_FILE
 from director.service import DirectorService, ExperimentView
 from director.state import Envoy
 from director.tokens import TokenStore
+from history.rows import MetricsRow, RowError, TaskMetrics
 from processes.children import log_tail
 from refusals.errors import (
     AuthenticationError,
@@ -238,22 +239,23 @@ def metric_series(rows: list[str]) -> list[dict[str, Any]]:
     charts: dict[str, dict[tuple[str, str | None], list[list[float]]]] = {}
     for line in rows:
         try:
-            row = json.loads(line)
-        except ValueError:
+            row = MetricsRow.parse(line)
+        except RowError:
             continue
-        if not isinstance(row, dict) or not isinstance(row.get("round"), int):
+        if row.round_number is None:
             continue
-        measured: list[tuple[str | None, object]] = [(None, row.get("metrics"))]
-        sites = row.get("sites")
-        if isinstance(sites, dict):
-            measured += sorted(sites.items())
+        measured: list[tuple[str | None, TaskMetrics]] = [(None, row.metrics)]
+        measured += sorted(row.sites.items())
         for site, tasks in measured:
-            for task, metric, value in _values(tasks):
-                # x: rounds of training behind the model measured. The global model is
-                # validated as a round begins; the sites' metrics are that round's own.
-                x = row["round"] + (0 if task == GLOBAL_TASK else 1)
-                points = charts.setdefault(metric, {}).setdefault((task, site), [])
-                points.append([x, value])
+            for task, values in tasks.items():
+                for metric, value in values.items():
+                    if value is None:
+                        continue
+                    # x: rounds of training behind the model measured. The global model is
+                    # validated as a round begins; the sites' metrics are that round's own.
+                    x = row.round_number + (0 if task == GLOBAL_TASK else 1)
+                    points = charts.setdefault(metric, {}).setdefault((task, site), [])
+                    points.append([x, value])
     return [
         {
             "metric": metric,
@@ -270,18 +272,6 @@ def metric_series(rows: list[str]) -> list[dict[str, Any]]:
         }
         for metric, lines in sorted(charts.items())
     ]
-
-
-def _values(tasks: object) -> Iterator[tuple[str, str, float]]:
-    """(task, metric, value) of a row's task -> metric -> number mapping, skipping what is not."""
-    if not isinstance(tasks, dict):
-        return
-    for task, values in tasks.items():
-        if not isinstance(values, dict):
-            continue
-        for metric, value in values.items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                yield str(task), str(metric), float(value)
 
 
 def _line_label(task: str, site: str | None, several_tasks: bool) -> str:

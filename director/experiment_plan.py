@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict, Unpack
 
-from director.config import DirectorConfig, SiteLossPolicy, read_liveness
 from durable.files import write_yaml
+from plans.director_config import DirectorConfig, SiteLossPolicy, read_liveness
 from plans.loader import PlanError, load_plan, parse_plan, yaml_document
 from plans.reader import Section, safe_yaml
 from plans.runners import RunnerError, check_runner_settings, load_runner

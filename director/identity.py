@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from director.config import DirectorConfig
 from pki.requests import Role as CertificateRole
 from pki.roles import PeerCertificate, role_refusal
+from plans.director_config import DirectorConfig
 from refusals.errors import AuthorizationError
 from serving.identity import caller_name
 

@@ -8,7 +8,6 @@ from concurrent import futures
 
 import grpc
 
-from director.config import DirectorConfig
 from director.dashboard import create_app
 from director.launcher import Launcher, LocalLauncher
 from director.metrics import DirectorMetrics
@@ -18,6 +17,7 @@ from director.state import DirectorState
 from director.tokens import TokenStore
 from director.web_server import WebServer, WebServerError
 from pki.tls import server_credentials
+from plans.director_config import DirectorConfig
 from protos import director_pb2_grpc
 from protos.channel import server_options
 from serving.server import ServerError, Serving, listen_address

@@ -38,7 +38,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from director.config import DirectorConfig, SiteLossPolicy
 from director.errors import (
     AuthorizationError,
     InvalidRequestError,
@@ -62,6 +61,7 @@ from director.state import (
     SiteReport,
 )
 from lifecycle.orders import LogOrder, StartOrder, Work
+from plans.director_config import DirectorConfig, SiteLossPolicy
 from processes.children import Ended, log_tail
 
 logger = logging.getLogger(__name__)

@@ -9,15 +9,14 @@ taken out of director.yaml's users and admins loses access even with a valid tok
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
-import os
 import secrets
 import time
 from pathlib import Path
 
+from durable.files import write_text
 from refusals.errors import StorageError
 
 TOKENS_FILE = "dashboard_tokens.json"
@@ -74,17 +73,9 @@ class TokenStore:
         return {str(d): e for d, e in data.items() if isinstance(e, dict)}
 
     def _write(self, entries: dict[str, dict[str, object]]) -> None:
-        """Atomically: a new file (0600) renamed over the old, flushed to disk first."""
-        partial = self.path.with_name(f".{self.path.name}.part")
+        """Atomically and durably, at mode 0600 from its creation (`durable.files`)."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-                json.dump(entries, file, indent=1, sort_keys=True)
-                file.flush()
-                os.fsync(file.fileno())
-            partial.replace(self.path)
+            write_text(self.path, json.dumps(entries, indent=1, sort_keys=True), mode=0o600)
         except OSError as error:
-            with contextlib.suppress(OSError):
-                partial.unlink()
             raise StorageError(f"{self.path}: cannot write: {error.strerror}") from None

@@ -39,6 +39,7 @@ FOEDUS_PACKAGES = frozenset(
         "envoy",
         "experiment",
         "foedus",
+        "history",
         "lifecycle",
         "pki",
         "plans",

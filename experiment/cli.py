@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -26,7 +26,9 @@ from command.output import quiet_when_stdout_closes, stdout_closed
 from command.table import table_lines
 from command.text import printable_stream
 from command.usage import Parser, UsageError, fail
+from durable.files import replace_file
 from experiment.config import ENVIRONMENT, ClientConfig, ClientConfigError, load_client_config
+from history.rows import MetricsRow, RowError, TaskMetrics
 from pki.errors import PkiError
 from pki.tls import channel_credentials
 from protos import director_pb2 as pb
@@ -323,48 +325,47 @@ def _metrics(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out
         if args.json:
             print(row.json, file=out, flush=True)
             continue
-        lines = [_metric_line(row.json, rounds)]
-        if args.sites:
-            lines += _site_lines(row.json)
-        print("\n".join(lines), file=out, flush=True)
+        print("\n".join(_row_lines(row.json, rounds, sites=args.sites)), file=out, flush=True)
     return EXIT_OK
 
 
-def _metric_line(text: str, rounds: int) -> str:
-    """A metrics.jsonl row for a person: round r of `rounds`, sites reported, each task's metrics."""
+def _row_lines(text: str, rounds: int, *, sites: bool) -> list[str]:
+    """A metrics.jsonl row for a person (the row as it came when it is not one), and with
+    `sites` one indented line per site."""
     try:
-        row: Any = json.loads(text)
-        if row.get("final_validation"):
-            label = "final"
-        else:
-            label = f"round {int(row['round']) + 1}" + (f" of {rounds}" if rounds else "")
-        if isinstance(row.get("reporters"), list) and isinstance(row.get("missing"), list):
-            reported = len(row["reporters"])
-            label += f", sites reported {reported}/{reported + len(row['missing'])}"
-        return "  ".join([label, *_task_parts(row.get("metrics", {}))])
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return text
+        row = MetricsRow.parse(text)
+    except RowError:
+        return [text]
+    return [_metric_line(row, rounds) or text, *(_site_lines(row) if sites else [])]
 
 
-def _site_lines(text: str) -> list[str]:
-    """A row's `sites` for a person: one indented line per site with each task's metrics."""
-    try:
-        sites: Any = json.loads(text).get("sites", {})
-        return [
-            f"  {site}  " + "  ".join(_task_parts(tasks)) for site, tasks in sorted(sites.items())
-        ]
-    except (ValueError, TypeError, AttributeError):
-        return []
+def _metric_line(row: MetricsRow, rounds: int) -> str | None:
+    """Round r of `rounds`, sites reported, each task's metrics; None for a row of no round."""
+    if row.final_validation:
+        label = "final"
+    elif row.round_number is None:
+        return None
+    else:
+        label = f"round {row.round_number + 1}" + (f" of {rounds}" if rounds else "")
+    if row.reporters is not None and row.missing is not None:
+        reported = len(row.reporters)
+        label += f", sites reported {reported}/{reported + len(row.missing)}"
+    return "  ".join([label, *_task_parts(row.metrics)])
 
 
-def _task_parts(tasks: Any) -> list[str]:
+def _site_lines(row: MetricsRow) -> list[str]:
+    """A row's `sites`: one indented line per site with each task's metrics."""
+    return [
+        f"  {site}  " + "  ".join(_task_parts(tasks)) for site, tasks in sorted(row.sites.items())
+    ]
+
+
+def _task_parts(tasks: TaskMetrics) -> list[str]:
     """`task: metric value ...` for each task of a task -> metric -> value mapping."""
     parts = []
     for task, values in sorted(tasks.items()):
         shown = " ".join(
-            f"{name} {value:.4f}"
-            for name, value in sorted(values.items())
-            if isinstance(value, int | float)
+            f"{name} {value:.4f}" for name, value in sorted(values.items()) if value is not None
         )
         parts.append(f"{task}: {shown}")
     return parts
@@ -378,28 +379,32 @@ def _logs(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out: T
     return EXIT_OK
 
 
+class _DownloadCutShortError(Exception):
+    """A download that ended before the size it announced."""
+
+
 def _download(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out: TextIO) -> int:
     kind = pb.MODEL_KIND_BEST if args.model == "best" else pb.MODEL_KIND_LAST
     target: Path = args.output
-    partial = target.with_name(f".{target.name}.part")
-    size = None
     written = 0
-    try:
-        with partial.open("wb") as file:
-            for chunk in stub.DownloadModel(
-                pb.DownloadModelRequest(experiment_id=args.id, kind=kind)
-            ):
-                if size is None:
-                    size = chunk.total_size
-                file.write(chunk.data)
-                written += len(chunk.data)
+
+    def receive(file: BinaryIO) -> None:
+        nonlocal written
+        size = None
+        for chunk in stub.DownloadModel(pb.DownloadModelRequest(experiment_id=args.id, kind=kind)):
+            if size is None:
+                size = chunk.total_size
+            file.write(chunk.data)
+            written += len(chunk.data)
         if size is None or written != size:
-            return _fail(
-                f"the download ended after {written} of {size} bytes; try again", EXIT_FAILURE
+            raise _DownloadCutShortError(
+                f"the download ended after {written} of {size} bytes; try again"
             )
-        partial.replace(target)
-    finally:
-        partial.unlink(missing_ok=True)
+
+    try:
+        replace_file(target, receive)  # the old file stays until the whole model is on disk
+    except _DownloadCutShortError as error:
+        return _fail(str(error), EXIT_FAILURE)
     if args.json:
         print(
             json.dumps(

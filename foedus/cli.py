@@ -161,7 +161,8 @@ def _export(path: Path, output: Path, chosen: str | None, *, force: bool, out: T
         from safetensors.numpy import save_file  # noqa: PLC0415
 
         arrays = {name: np.asarray(array, order="C") for name, array in tensors.items()}
-        replace_file(output, lambda temporary: save_file(arrays, temporary))
+        # It saves to a file name: the temporary file's (`replace_file` keeps it open).
+        replace_file(output, lambda file: save_file(arrays, file.name))
     else:
         clashes = sorted(_SAVEZ_PARAMETERS & tensors.keys())
         if clashes:
@@ -175,11 +176,8 @@ def _export(path: Path, output: Path, chosen: str | None, *, force: bool, out: T
             for name, array in tensors.items()
         }
 
-        def savez(temporary: Path) -> None:
-            with temporary.open("wb") as file:  # a file, so savez adds no .npz to the name
-                np.savez(file, allow_pickle=False, **arrays)
-
-        replace_file(output, savez)
+        # To an open file, so savez adds no .npz to the name.
+        replace_file(output, lambda file: np.savez(file, allow_pickle=False, **arrays))
     print(f"{output}: {len(tensors)} tensors as {kind}", file=out)
     if widened:
         print(

@@ -168,8 +168,8 @@ def _cmd_setup(args: argparse.Namespace) -> int:
 def _setup_director(args: argparse.Namespace) -> int:
     """Every certificate a local director needs: its host's, its envoys' (their collaborators
     use the same), and its users' and admins'."""
-    # Imported here, as plans is above: director.config imports pki.layout.
-    from director.config import ConfigError, load_config  # noqa: PLC0415
+    # Imported here, as plans is above: director.yaml's reader imports pki.layout.
+    from plans.director_config import ConfigError, load_config  # noqa: PLC0415
 
     try:
         config = load_config(args.director)

@@ -6,7 +6,6 @@ import os
 import re
 import shlex
 import stat
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from durable.files import replace_file
 from pki.errors import KeyFileError, PemFileError
 from pki.keys import PrivateKey
 
@@ -137,26 +137,24 @@ def _make_parent(path: Path, *, private: bool, error: type[PemFileError]) -> Non
         raise error(f"{path.parent}: cannot create folder: {exc.strerror or exc}") from None
 
 
-def _write_replacing(path: Path, data: bytes, mode: int, error: type[PemFileError]) -> None:
-    """Write via a temporary file and rename, so a reader (or a crash) never sees half a file."""
+def _write_file(
+    path: Path,
+    data: bytes,
+    mode: int,
+    error: type[PemFileError],
+    *,
+    replace: bool = True,
+    what: str = "",
+) -> None:
+    """Write atomically and durably at `mode` from creation (`durable.files.replace_file`), so
+    a reader (or a crash) never sees half a file, nor a key readable by others for an instant."""
     _make_parent(path, private=mode & 0o077 == 0, error=error)
     try:
-        fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        replace_file(path, lambda stream: stream.write(data), mode=mode, replace=replace)
     except OSError as exc:
-        raise error(f"{path}: cannot write: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            os.fchmod(stream.fileno(), mode)
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp_name, path)
-    except OSError as exc:
-        Path(temp_name).unlink(missing_ok=True)
-        raise error(f"{path}: cannot write: {exc.strerror or exc}") from None
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+        if isinstance(exc, FileExistsError) and not replace:
+            raise  # the caller says what to do about the file already there
+        raise error(f"{path}: cannot write{what}: {exc.strerror or exc}") from None
 
 
 def write_private_key(path: Path, key: PrivateKey, *, force: bool = False) -> None:
@@ -165,30 +163,15 @@ def write_private_key(path: Path, key: PrivateKey, *, force: bool = False) -> No
     data = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    if force:
-        _write_replacing(path, data, 0o600, KeyFileError)
-        return
-    _make_parent(path, private=True, error=KeyFileError)
     try:
-        # O_EXCL: creating and refusing-if-present is one atomic step; the key is never world-readable.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # Not forced, refusing a key already there is the step that puts the new one in place.
+        _write_file(
+            path, data, 0o600, KeyFileError, replace=force, what="" if force else " private key"
+        )
     except FileExistsError:
         raise KeyFileError(
             f"{path}: private key already exists; pass --force to replace it"
         ) from None
-    except OSError as exc:
-        raise KeyFileError(f"{path}: cannot write private key: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            os.fchmod(stream.fileno(), 0o600)
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-    except BaseException as exc:
-        path.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise KeyFileError(f"{path}: cannot write private key: {exc.strerror or exc}") from None
-        raise
 
 
 def write_certificate(path: Path, cert: x509.Certificate) -> None:
@@ -201,9 +184,9 @@ def write_pem_bundle(path: Path, certs: Sequence[x509.Certificate]) -> None:
     if not certs:
         raise PemFileError(f"{path}: refusing to write an empty certificate bundle")
     data = b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in certs)
-    _write_replacing(Path(path), data, 0o644, PemFileError)
+    _write_file(Path(path), data, 0o644, PemFileError)
 
 
 def write_csr(path: Path, csr: x509.CertificateSigningRequest) -> None:
     """Write a PEM certificate signing request (mode 0644, replacing any old one atomically)."""
-    _write_replacing(Path(path), csr.public_bytes(serialization.Encoding.PEM), 0o644, PemFileError)
+    _write_file(Path(path), csr.public_bytes(serialization.Encoding.PEM), 0o644, PemFileError)

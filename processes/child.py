@@ -11,7 +11,6 @@ ends as it does on them; the status is recorded all the same.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
 import sys
@@ -19,20 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from durable.files import write_text
+
 
 def write_status(path: Path, code: int) -> None:
     """Write the exit code to `path` durably and atomically (a reader sees all of it or nothing)."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("w", encoding="utf-8") as file:
-        file.write(f"{code}\n")
-        file.flush()
-        os.fsync(file.fileno())
-    temporary.replace(path)
-    descriptor = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    write_text(path, f"{code}\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

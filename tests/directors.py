@@ -17,11 +17,11 @@ from typing import Any
 import grpc
 import yaml
 
-from director.config import load_config
 from director.server import DirectorServer
 from pki.layout import CertsLayout
 from pki.local import setup_local_federation
 from pki.tls import channel_credentials
+from plans.director_config import load_config
 from processes.children import Ended
 from protos import director_pb2_grpc
 

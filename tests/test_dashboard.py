@@ -17,13 +17,13 @@ import pytest
 import yaml
 
 from director import cli
-from director.config import ConfigError, load_config
 from director.dashboard import metric_series
 from director.launcher import LOG_FILE
 from director.server import DirectorServer
 from director.service import METRICS, OUTPUT
 from director.tokens import TOKENS_FILE, TokenStore
 from pki.layout import CertsLayout
+from plans.director_config import ConfigError, load_config
 from plans.schema import Address
 from protos import director_pb2 as pb
 from serving.server import ServerError

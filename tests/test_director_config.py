@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import yaml
 
-from director.config import ConfigError, DirectorConfig, SiteLossPolicy, load_config
 from director.experiment_plan import OWNED, check_submitted, plan_liveness, write_director_plan
+from plans.director_config import ConfigError, DirectorConfig, SiteLossPolicy, load_config
 from plans.loader import PlanError, load_plan
 from refusals.errors import InvalidRequestError, LimitExceededError
 

@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from director.capacity import Capacity
-from director.config import DirectorLimits
 from director.identity import Caller, Role
 from pki.layout import CertsLayout
+from plans.director_config import DirectorLimits
 from protos import director_pb2 as pb
 from refusals.errors import LimitExceededError
 

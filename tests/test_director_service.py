@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 import yaml
 
-from director.config import load_config
 from director.identity import Caller, Role
 from director.launcher import LocalLauncher
 from director.service import CollaboratorReport, DirectorService
 from director.state import CollaboratorState, DirectorState, ExperimentState, ShardInfo
 from pki.layout import CertsLayout
+from plans.director_config import load_config
 from processes.children import Ended
 
 from clocks import Clock

@@ -185,7 +185,7 @@ def test_submit_list_status_and_a_run_to_its_model(
     assert code == 0 and target.read_bytes() == b"model bytes" * 1000
     code, out = run(ada, "download", experiment_id, "--model", "best", "-o", str(target))
     assert code == 2 and target.read_bytes() == b"model bytes" * 1000  # a failed download keeps it
-    assert not list(tmp_path.glob(".*.part"))
+    assert not list(tmp_path.glob(".*"))  # nor a temporary file beside it
     code, out = run(ada, "remove", experiment_id)
     assert (code, out) == (0, f"{experiment_id} removed\n")
 

@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pytest
@@ -342,15 +343,15 @@ def test_an_export_cut_short_leaves_the_old_out_and_no_temporary(tmp_path: Path)
     target = tmp_path / "best.safetensors"
     target.write_bytes(b"the old export")
 
-    def half_then_fail(temporary: Path) -> None:
-        temporary.write_bytes(b"half of the new")
+    def half_then_fail(file: BinaryIO) -> None:
+        file.write(b"half of the new")
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError, match="No space left"):
         replace_file(target, half_then_fail)
     assert target.read_bytes() == b"the old export"
     assert [path.name for path in tmp_path.iterdir()] == ["best.safetensors"]
-    replace_file(target, lambda temporary: temporary.write_bytes(b"new"))
+    replace_file(target, lambda file: file.write(b"new"))
     assert target.read_bytes() == b"new"
     assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
 

@@ -17,11 +17,12 @@ from aggregator.storage import (
     read_model,
     read_model_tensors,
     tensors_bytes,
-    write_atomic,
     write_model,
     write_model_slices,
     write_tensors,
 )
+from durable.files import replace_file
+from history.rows import MetricsRow
 from protos import base_pb2
 from protos.codec import encode_tensor
 from refusals.errors import ModelFileError, StorageError
@@ -120,14 +121,19 @@ def test_missing_model_file_is_named(tmp_path: Path) -> None:
 def test_metrics_are_appended_one_json_line_per_round(tmp_path: Path) -> None:
     """Each round appends one strict-JSON line; a NaN metric is written as null."""
     output = OutputFolder(tmp_path / "out" / "nested")
-    output.append_metrics({"round": 0, "metrics": {"train": {"loss": 0.5}}, "seconds": 1.25})
-    output.append_metrics({"round": 1, "metrics": {"train": {"loss": math.nan}}, "seconds": 0.5})
+    output.append_metrics(MetricsRow(0, {"train": {"loss": 0.5}}, seconds=1.25))
+    output.append_metrics(MetricsRow(1, {"train": {"loss": math.nan}}, seconds=0.5))
     lines = output.metrics.read_text(encoding="utf-8").splitlines()
     rows = [json.loads(line) for line in lines]
     assert [row["round"] for row in rows] == [0, 1]
     assert rows[0]["metrics"] == {"train": {"loss": 0.5}}
     assert rows[1]["metrics"] == {"train": {"loss": None}}
     assert "NaN" not in lines[1]
+    assert list(rows[0]) == sorted(rows[0])
+    assert [row.metrics for row in output.read_metrics()] == [
+        {"train": {"loss": 0.5}},
+        {"train": {"loss": None}},
+    ]
 
 
 def test_a_crash_before_the_rename_leaves_the_old_file_and_a_temporary_one(tmp_path: Path) -> None:
@@ -143,7 +149,7 @@ def test_a_crash_before_the_rename_leaves_the_old_file_and_a_temporary_one(tmp_p
         raise Crash
 
     with pytest.raises(Crash):
-        write_atomic(output.last_model, b"new bytes", before_rename=crash)
+        replace_file(output.last_model, lambda file: file.write(b"new"), before_rename=crash)
     assert output.last_model.read_bytes() == before
     # A real crash leaves the temporary file behind; `remove_temporaries` clears it.
     (tmp_path / ".last_model.pbuf.x1y2.tmp").write_bytes(b"new")
@@ -164,13 +170,15 @@ def test_restore_model_writes_only_what_differs(tmp_path: Path) -> None:
 def test_a_metrics_line_cut_short_is_removed(tmp_path: Path) -> None:
     """`read_metrics` drops a last line a crash cut short, so the next row starts on its own line."""
     output = OutputFolder(tmp_path)
-    output.append_metrics({"round": 0})
+    output.append_metrics(MetricsRow(0))
     with output.metrics.open("a", encoding="utf-8") as file:
         file.write('{"round": 1, "metr')
-    assert output.read_metrics() == [{"round": 0}]
-    output.append_metrics({"round": 1})
-    assert [row["round"] for row in output.read_metrics()] == [0, 1]
-    assert output.metrics.read_text(encoding="utf-8") == '{"round": 0}\n{"round": 1}\n'
+    assert output.read_metrics() == [MetricsRow(0)]
+    output.append_metrics(MetricsRow(1))
+    assert [row.round_number for row in output.read_metrics()] == [0, 1]
+    assert output.metrics.read_text(encoding="utf-8") == "".join(
+        MetricsRow(number).to_json() + "\n" for number in (0, 1)
+    )
 
 
 def test_tagged_tensors_round_trip_with_their_tags(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """director.yaml: who may do what, where the director listens and keeps its state, its limits.
 
 Read as strictly as a plan (with `plans.reader`): unknown keys are errors, and every
-problem is one line `FILE: key.path: what is wrong`, all reported at once. Paths are relative to
+problem is one line `FILE: key.path: what is wrong`, all reported at once. Beside the plan, below
+the director and `pki setup --director`, which both read it. Paths are relative to
 the file. An example, every key shown with its default (the four without one are required):
 
     listen: {address: 0.0.0.0, port: 50050}

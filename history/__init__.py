@@ -1,0 +1,1 @@
+"""The aggregator's history of a federation: `metrics.jsonl`, one row per closed round."""
