@@ -243,7 +243,7 @@ def test_one_users_backlog_waits_while_anothers_experiment_starts(
         while len(launcher.started) < 2:
             assert time.monotonic() < deadline, f"timed out waiting for two starts: {launcher}"
             time.sleep(0.05)
-        d.server.service.supervise()  # one more step of its own: nothing else may start
+        d.server.service.supervisor.supervise()  # one more step of its own: nothing else may start
         assert [started for started, _ in launcher.started] == [mine[0], theirs]
         code, out = run(ada, "list")
         assert code == 0, out
