@@ -20,6 +20,7 @@ from typing import BinaryIO, TextIO
 import grpc
 from google.protobuf.message import Message
 
+from command.arguments import command, program
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
 from command.output import quiet_when_stdout_closes, stdout_closed
 from command.text import printable_stream
@@ -50,10 +51,9 @@ REFUSALS = frozenset(
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, separate from main so its help can be tested and documented."""
-    parser = Parser(
-        prog="experiment",
-        description="Submit experiments (foedus plans) to a director, follow them, and fetch "
-        "their models.",
+    parser, commands = program(
+        "experiment",
+        "Submit experiments (foedus plans) to a director, follow them, and fetch their models.",
     )
     parser.add_argument(
         "--config",
@@ -62,15 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"which director and which certificate (default: ${ENVIRONMENT})",
     )
     parser.add_argument("--json", action="store_true", help="JSON for scripts instead of tables")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, summary: str, *, with_id: bool = True) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=summary, description=summary)
+    def experiment_command(name: str, summary: str, *, with_id: bool = True) -> Parser:
+        sub = command(commands, name, summary)
         if with_id:
             sub.add_argument("id", help="the experiment's id")
         return sub
 
-    submit = command(
+    submit = experiment_command(
         "submit", "Submit a plan (and an initial model) as a new experiment.", with_id=False
     )
     submit.add_argument("plan", type=Path, help="the plan (YAML), without the director's fields")
@@ -81,29 +80,33 @@ def build_parser() -> argparse.ArgumentParser:
         "not in the director's director.yaml runners (its host then imports nothing of it)",
     )
     submit.add_argument("--name", default="", help="a name for it (default: federation.name)")
-    command("list", "Your experiments (an admin's: all).", with_id=False)
-    command("status", "One experiment, with its sites.")
-    command("wait", "Wait for the experiment's end; exit 0 if completed, else 1.")
-    metrics = command("metrics", "The experiment's metric rows, one per round.")
+    experiment_command("list", "Your experiments (an admin's: all).", with_id=False)
+    experiment_command("status", "One experiment, with its sites.")
+    experiment_command("wait", "Wait for the experiment's end; exit 0 if completed, else 1.")
+    metrics = experiment_command("metrics", "The experiment's metric rows, one per round.")
     metrics.add_argument("--follow", action="store_true", help="go on until the experiment ends")
     metrics.add_argument(
         "--sites", action="store_true", help="each site's own metrics under each round's line"
     )
-    logs = command("logs", "The aggregator's log, or a site's collaborator log.")
+    logs = experiment_command("logs", "The aggregator's log, or a site's collaborator log.")
     logs.add_argument("--site", default="", help="a site's log instead of the aggregator's")
     logs.add_argument("--follow", action="store_true", help="go on until the experiment ends")
-    download = command("download", "Save the experiment's best or last model to a file.")
+    download = experiment_command("download", "Save the experiment's best or last model to a file.")
     download.add_argument("--model", choices=("best", "last"), required=True)
     download.add_argument("-o", "--output", type=Path, required=True, help="the file to write")
-    command("cancel", "Stop an experiment that has not ended.")
-    command("remove", "Forget an experiment that has ended, and its files at the director.")
+    experiment_command("cancel", "Stop an experiment that has not ended.")
+    experiment_command(
+        "remove", "Forget an experiment that has ended, and its files at the director."
+    )
     for name, summary in (
         ("approve", "Let a submitted experiment run (admins)."),
         ("reject", "Refuse a submitted experiment (admins)."),
     ):
-        review = command(name, summary)
+        review = experiment_command(name, summary)
         review.add_argument("--reason", default="", help="kept with the decision")
-    command("envoys", "The registered sites: online or not, last seen, shard.", with_id=False)
+    experiment_command(
+        "envoys", "The registered sites: online or not, last seen, shard.", with_id=False
+    )
     return parser
 
 

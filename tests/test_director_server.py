@@ -45,11 +45,10 @@ from directors import (
     stub_at,
     submitted_plan,
 )
-from federation_processes import free_port
+from federation_processes import child_python_path, free_port
 from settings_runner import IMPORTED, MARKER
 from settings_runner import NAME as SETTINGS_RUNNER
 
-TESTS = Path(__file__).resolve().parent
 WAIT_SECONDS = 30
 TIMEOUT = 20  # every call's deadline
 
@@ -803,9 +802,7 @@ def test_a_runner_is_imported_only_where_director_yaml_allows_it(
     the aggregator's log); allowed and without a model, both import it (the mark works)."""
     marker = tmp_path / "imported"
     monkeypatch.setenv(MARKER, str(marker))
-    monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
-    )
+    monkeypatch.setenv("PYTHONPATH", child_python_path())
     monkeypatch.delitem(sys.modules, "settings_runner", raising=False)
     port = free_port()
     runners = ["digits", SETTINGS_RUNNER] if allowed else ["digits"]
