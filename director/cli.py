@@ -27,6 +27,7 @@ from pki.errors import PkiError
 from pki.tls import tls_files_problem
 from plans.director_config import ConfigError, DirectorConfig, load_config
 from plans.runners import RunnerError, import_runner
+from protos.channel import host_port
 from refusals.errors import StorageError
 from serving.server import ServerError
 
@@ -106,7 +107,7 @@ def _start(config_path: Path) -> int:
                 port = server.start()
             except PkiError as error:
                 raise BadInputError(f"{config.path}: certs_dir: {error}") from None
-            print(f"director: serving on {config.listen_address}:{port}", flush=True)
+            print(f"director: serving on {host_port(config.listen_address, port)}", flush=True)
             if server.dashboard is not None:
                 # The certificate's name: the one a browser can check.
                 url = f"https://{config.host}:{server.dashboard.port}/"

@@ -38,6 +38,7 @@ from envoy.site import LOG_FILE, Site, review
 from envoy.site_plan import EXPERIMENT_ID, RefusedPlanError
 from plans.reader import cut, shown, values_hidden
 from processes.children import log_tail
+from protos.channel import host_port
 from refusals.errors import InvalidRequestError
 from refusals.http import http_status
 
@@ -342,7 +343,7 @@ class SiteApiServer:
         except OSError as error:
             listener.close()
             raise StateError(
-                f"site_api: cannot listen on {self.host}:{self.port}: {error.strerror}"
+                f"site_api: cannot listen on {host_port(self.host, self.port)}: {error.strerror}"
             ) from None
         self.port = listener.getsockname()[1]
         self._thread = threading.Thread(
@@ -355,7 +356,9 @@ class SiteApiServer:
             deadline -= 0.05
         if not self._server.started:
             self.stop()
-            raise StateError(f"site_api: uvicorn did not start on {self.host}:{self.port}")
+            raise StateError(
+                f"site_api: uvicorn did not start on {host_port(self.host, self.port)}"
+            )
         return self.port
 
     def stop(self) -> None:
