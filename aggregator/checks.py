@@ -90,13 +90,17 @@ class ResultChecks:
     def _tensors(
         self, task: str, tensors: Sequence[ResultTensor], model: Mapping[str, Array]
     ) -> None:
-        """Metrics are numeric scalars; model tensors match the global model's; train sends all."""
+        """Metrics are numeric scalars; model tensors match the global model's; train sends all
+        of them, a validation at least one metric (what it measured: OpenFL's send one, Flower's
+        a loss at least)."""
         names = [tensor.name for tensor in tensors]
         if len(set(names)) != len(names):
             raise InvalidRequestError("results name the same tensor more than once")
         model_tensors: set[str] = set()
+        metrics = 0
         for tensor in tensors:
             if METRIC_TAG in tensor.tags:
+                metrics += 1
                 if tensor.array.size != 1 or wire_dtype(tensor.array.dtype) is None:
                     raise InvalidRequestError(
                         f"metric {tensor.name!r} must be a numeric scalar, got "
@@ -126,3 +130,8 @@ class ResultChecks:
                 raise InvalidRequestError(
                     f"train results lack {len(missing)} tensor(s) of the global model: {shown}"
                 )
+        elif not metrics:
+            raise InvalidRequestError(
+                f"{task} results hold no metric: a validation reports at least one "
+                "(a tensor tagged 'metric', such as accuracy)"
+            )

@@ -30,7 +30,7 @@ import logging
 import sys
 import textwrap
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -44,14 +44,14 @@ from aggregator.runtime import serve
 from aggregator.schema import NotAStateError
 from aggregator.state import DurableState, ForeignStateError
 from aggregator.storage import OutputFolder, read_model
+from command.arguments import add_log_level, command, command_main, program
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
-from command.output import quiet_when_stdout_closes
-from command.process import LOG_LEVELS, logging_to_stderr, stopped_by_signals
-from command.usage import BadInputError, Parser, fail, parse_arguments
+from command.process import run_service, stopped_by_signals
+from command.usage import BadInputError, fail
 from pki.binding import binding_problem
-from pki.errors import KeyFileError, MissingTLSFileError, PkiError
+from pki.errors import PkiError
 from pki.files import read_certificate
-from pki.tls import check_tls_files
+from pki.tls import tls_files_problem
 from plans import Plan, PlanError, load_plan
 from plans.runners import RunnerError, RunnerFactory, check_runner_settings, load_runner
 from protos.dtypes import wire_dtype
@@ -84,27 +84,25 @@ exit status:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, separate from main so its help can be tested and documented."""
-    parser = Parser(
-        prog="aggregator",
-        description=_wrapped(
+    parser, commands = program(
+        "aggregator",
+        _wrapped(
             "The foedus aggregator: serves a federation's rounds to its collaborators "
             "over mutual TLS and averages their training."
         ),
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     summary = "Serve the federation a plan describes until every round has run."
-    start = commands.add_parser(
+    start = command(
+        commands,
         "start",
-        help=summary,
+        summary,
         description=_wrapped(
             f"{summary} Every accepted result and closed round is saved in "
             "aggregator.output_dir/state/ before it is acknowledged, so starting again with the "
             "same plan after a crash or a stop resumes where it stopped."
         ),
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     start.add_argument("--plan", type=Path, required=True, help="the federation plan (YAML)")
     start.add_argument(
@@ -114,16 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         "last_model.pbuf, best_model.pbuf, metrics.jsonl) and start the federation over from "
         "its first round; without it, a folder of another federation is refused",
     )
-    start.add_argument(
-        "--log-level",
-        choices=LOG_LEVELS,
-        default="info",
-        help="how much to log on stderr (default: info)",
-    )
+    add_log_level(start, "how much to log on stderr (default: info)")
     summary = "Print where the federation stands, from its saved state."
-    status = commands.add_parser(
+    status = command(
+        commands,
         "status",
-        help=summary,
+        summary,
         description=_wrapped(
             f"{summary} Reads aggregator.output_dir/state/ read-only, without any "
             "RPC, while the aggregator runs or after it stopped: the round, who reported, who is "
@@ -131,7 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
             "federation finished."
         ),
         epilog=STATUS_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     status.add_argument("--plan", type=Path, required=True, help="the federation plan (YAML)")
     status.add_argument("--json", action="store_true", help="print one JSON object, for scripts")
@@ -144,29 +137,20 @@ def _wrapped(text: str) -> str:
     return textwrap.fill(text, width=HELP_WIDTH)
 
 
-@quiet_when_stdout_closes
-def main(argv: Sequence[str] | None = None) -> int:
+@command_main(build_parser)
+def main(args: argparse.Namespace) -> int:
     """Run the aggregator command line; returns the exit code (see `EPILOG`)."""
-    args = parse_arguments(build_parser(), argv)
-    if isinstance(args, int):
-        return args
     if args.command == "status":
         return _status(args.plan, as_json=args.json)
     tune_allocator()  # before any thread starts (see aggregator.allocator)
-    with logging_to_stderr(args.log_level):
-        try:
-            return _start(args.plan, reset=args.reset)
-        except BadInputError as error:
-            for line in str(error).splitlines():
-                print(line, file=sys.stderr)
-            return EXIT_BAD_INPUT
-        except (ServerError, StorageError) as error:
-            return _fail(str(error), EXIT_FAILURE)
-        except KeyboardInterrupt:
-            return _fail("interrupted (SIGINT) before the federation finished", EXIT_SIGINT)
-        except Exception as error:
-            logger.debug("unexpected failure", exc_info=True)
-            return _fail(f"unexpected failure: {type(error).__name__}: {error}", EXIT_FAILURE)
+    return run_service(
+        "aggregator",
+        lambda: _start(args.plan, reset=args.reset),
+        log_level=args.log_level,
+        failures=(ServerError, StorageError),
+        interrupted=("interrupted (SIGINT) before the federation finished", EXIT_SIGINT),
+        log=logger,
+    )
 
 
 def _start(plan_path: Path, *, reset: bool) -> int:
@@ -238,18 +222,16 @@ def _check_tls_files(plan: Plan) -> None:
     certs = plan.tls.certs
     if certs is None:
         return
-    files = (
-        ("CA bundle", certs.ca_bundle),
-        ("aggregator certificate", certs.aggregator_cert),
-        ("aggregator private key", certs.aggregator_key),
+    problem = tls_files_problem(
+        certs.ca_bundle,
+        certs.aggregator_cert,
+        certs.aggregator_key,
+        named="aggregator {}",
+        where=f"{plan.path}: tls.certs_dir",
+        make=f"run 'pki setup --plan {plan.path}'",
     )
-    try:
-        check_tls_files(files, certs.aggregator_key)
-    except MissingTLSFileError as error:
-        hint = f" (run 'pki setup --plan {plan.path}')" if error.absent else ""
-        raise BadInputError(f"{plan.path}: tls.certs_dir: {error}{hint}") from None
-    except KeyFileError as error:
-        raise BadInputError(str(error)) from None
+    if problem is not None:
+        raise BadInputError(problem)
     _warn_if_collaborators_refuse(plan, certs.aggregator_cert)
 
 

@@ -55,6 +55,7 @@ from aggregator.store import FederationStore
 from history.rows import MetricsRow
 from plans import Plan
 from plans.schema import AGGREGATED_MODEL_VALIDATION, TRAIN
+from protos.channel import host_port
 from refusals.errors import StorageError
 
 logger = logging.getLogger(__name__)
@@ -381,10 +382,9 @@ def serve(
     port = server.start()  # ServerError, PkiError: nothing was served
     try:
         final = " + final validation" if federation.final_validation else ""
-        host = plan.aggregator.listen_address
-        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        address = host_port(plan.aggregator.listen_address, port)
         runtime.say(
-            f"serving federation {plan.federation.name} on {host}:{port}: "
+            f"serving federation {plan.federation.name} on {address}: "
             f"{len(plan.collaborators)} collaborators, {plan.federation.rounds} rounds{final}; "
             f"output in {output.root}"
         )

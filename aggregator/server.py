@@ -26,9 +26,9 @@ from aggregator.servicer import AggregatorServicer
 from pki.tls import server_credentials
 from plans import Plan
 from protos import aggregator_pb2
-from protos.channel import server_options
+from protos.channel import host_port, server_options
 from protos.stream import parse_chunk
-from serving.server import ServerError, Serving, listen_address
+from serving.server import ServerError, Serving
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ class AggregatorGRPCServer(Serving):
     @property
     def address(self) -> str:
         """The host:port this server listens on, IPv6 addresses in brackets."""
-        return listen_address(self.plan.aggregator.listen_address, self.plan.aggregator.port)
+        return host_port(self.plan.aggregator.listen_address, self.plan.aggregator.port)
 
     def start(self) -> int:
         """Bind and start serving; returns the port (the chosen one when the plan says 0)."""

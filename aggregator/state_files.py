@@ -89,7 +89,7 @@ def read_result(root: Path, stored: StoredFile, max_tensor_bytes: int) -> tuple[
     if stored.name.endswith(UPLOAD_SUFFIX):
         _, tensors = read_tensors_file(root / stored.name, max_tensor_bytes=max_tensor_bytes)
         return tensors
-    return read_checked(root, stored, max_tensor_bytes)
+    return read_checked(root, stored, max_tensor_bytes, empty=True)
 
 
 def write_model_file(root: Path, round_number: int, model: Mapping[str, Array]) -> StoredFile:
@@ -111,11 +111,14 @@ def average_into_file(
     return StoredFile(name, written.digest), written.mapped()
 
 
-def read_checked(root: Path, stored: StoredFile, max_tensor_bytes: int) -> tuple[ResultTensor, ...]:
-    """The tensors of a `ModelProto` state file, mapped from it, after checking its digest."""
+def read_checked(
+    root: Path, stored: StoredFile, max_tensor_bytes: int, *, empty: bool = False
+) -> tuple[ResultTensor, ...]:
+    """The tensors of a `ModelProto` state file, mapped from it, after checking its digest
+    (`empty`: a result's file, which may hold none; a model's never does)."""
     path = root / stored.name
     check_digest(path, stored.digest)
-    return read_model_tensors(path, max_tensor_bytes)
+    return read_model_tensors(path, max_tensor_bytes, empty=empty)
 
 
 def files_of(root: Path) -> list[str]:

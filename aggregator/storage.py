@@ -263,11 +263,15 @@ def read_model(path: Path, max_tensor_bytes: int) -> dict[str, Array]:
     return {tensor.name: tensor.array for tensor in read_model_tensors(path, max_tensor_bytes)}
 
 
-def read_model_tensors(path: Path, max_tensor_bytes: int) -> tuple[ResultTensor, ...]:
+def read_model_tensors(
+    path: Path, max_tensor_bytes: int, *, empty: bool = False
+) -> tuple[ResultTensor, ...]:
     """The checked tensors of a `ModelProto` file, with their tags; `ModelFileError` if bad.
 
     Read a block at a time, its tensors mapped from the file (small ones read): reading a model
     whole would hold its bytes, their parse and the arrays at once, three times the model.
+    A model file holds at least one tensor; a result file (`empty`) may hold none, as a store
+    keeps whatever result it is given (the federation's checks decide what is accepted).
     """
     path = Path(path)
     if not path.is_file():
@@ -280,7 +284,7 @@ def read_model_tensors(path: Path, max_tensor_bytes: int) -> tuple[ResultTensor,
         raise ModelFileError(f"{path}: not a ModelProto file: {error}") from None
     except StorageError as error:  # it could not be read
         raise ModelFileError(str(error)) from None
-    if not tensors:
+    if not tensors and not empty:
         raise ModelFileError(f"{path}: not a model file: it holds no tensors")
     seen: set[str] = set()
     for tensor in tensors:

@@ -16,7 +16,7 @@ import argparse
 import logging
 import signal
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -32,12 +32,12 @@ from collaborator.errors import (
     ResponseValidationError,
 )
 from collaborator.loop import CollaboratorError, run_collaborator
+from command.arguments import add_log_level, command, command_main, program
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
-from command.output import quiet_when_stdout_closes
-from command.process import LOG_LEVELS, stderr_log_handler
-from command.usage import Parser, UsageError, fail, parse_arguments
-from pki.errors import MissingTLSFileError, PkiError
-from pki.tls import check_tls_files
+from command.process import stderr_log_handler
+from command.usage import UsageError, fail, fail_each, unexpected
+from pki.errors import PkiError
+from pki.tls import tls_files_problem
 from plans import Plan, PlanError, load_plan
 from plans.runners import RunnerError, TaskRunner, load_runner
 from plans.site_settings import SiteSettingsError, plan_with_site_settings
@@ -67,22 +67,20 @@ class _TerminatedError(BaseException):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, separate from main so its help can be tested and documented."""
-    parser = Parser(
-        prog="collaborator",
-        description="A foedus collaborator: trains and validates the federation's model on this "
+    parser, commands = program(
+        "collaborator",
+        "A foedus collaborator: trains and validates the federation's model on this "
         "party's data, as the aggregator asks, over mutual TLS.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    start = commands.add_parser(
+    start = command(
+        commands,
         "start",
-        help="Work for the aggregator until the federation is finished.",
+        "Work for the aggregator until the federation is finished.",
         description="Check the plan, this collaborator's certificate and key and the task "
         "runner, then ask the aggregator for tasks, run them and send the results until it says "
         "the federation is finished.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     start.add_argument(
         "-n", "--name", required=True, help="this collaborator's name, as listed in the plan"
@@ -95,26 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="this site's own runner settings (YAML mapping: data path, batch size, device, ...), "
         "each replacing the plan's runner.settings key of the same name",
     )
-    start.add_argument(
-        "--log-level", choices=LOG_LEVELS, default="info", help="what to log (default: info)"
-    )
+    add_log_level(start, "what to log (default: info)")
     return parser
 
 
-@quiet_when_stdout_closes
-def main(argv: Sequence[str] | None = None) -> int:
+@command_main(build_parser)
+def main(args: argparse.Namespace) -> int:
     """Run the collaborator command line; returns the exit status (see `--help`)."""
-    args = parse_arguments(build_parser(), argv)
-    if isinstance(args, int):
-        return args
     logging.basicConfig(level=args.log_level.upper(), handlers=[stderr_log_handler()])
     with _sigterm_raises():
         try:
             return _start(args.name, args.plan, args.site_settings)
         except PlanError as error:
-            for problem in error.problems:
-                _fail(problem, EXIT_BAD_INPUT)
-            return EXIT_BAD_INPUT
+            return fail_each("collaborator", error.problems, EXIT_BAD_INPUT)
         except UsageError as error:
             return _fail(str(error), EXIT_BAD_INPUT)
         except ClientConfigurationError as error:
@@ -135,8 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger.debug("unexpected failure", exc_info=True)
             return _failed(
                 error,
-                f"unexpected failure: {type(error).__name__}: {error} "
-                f"(--log-level debug shows the traceback)",
+                f"{unexpected(error)} (--log-level debug shows the traceback)",
             )
 
 
@@ -220,20 +210,19 @@ def _check_tls_files(plan: Plan, name: str) -> None:
         )
         return
     try:
-        files = (
-            ("CA bundle", certs.ca_bundle),
-            (f"certificate of {name!r}", certs.collaborator_cert(name)),
-            (f"private key of {name!r}", certs.collaborator_key(name)),
-        )
+        cert, key = certs.collaborator_cert(name), certs.collaborator_key(name)
     except PkiError as error:
         raise UsageError(f"{plan.path}: tls.certs_dir: {error}") from None
-    try:
-        check_tls_files(files, certs.collaborator_key(name))
-    except MissingTLSFileError as error:
-        hint = f" (run 'pki setup --plan {plan.path}')" if error.absent else ""
-        raise UsageError(f"{plan.path}: tls.certs_dir: {error}{hint}") from None
-    except PkiError as error:
-        raise UsageError(str(error)) from None
+    problem = tls_files_problem(
+        certs.ca_bundle,
+        cert,
+        key,
+        named=f"{{}} of {name!r}",
+        where=f"{plan.path}: tls.certs_dir",
+        make=f"run 'pki setup --plan {plan.path}'",
+    )
+    if problem is not None:
+        raise UsageError(problem)
 
 
 def _make_runner(plan: Plan, name: str) -> TaskRunner:

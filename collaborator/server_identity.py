@@ -38,6 +38,7 @@ from pki.errors import PkiError
 from pki.requests import Role
 from pki.roles import Unmarked, role_mark
 from pki.tls import common_name
+from protos.channel import host_port
 
 
 class ProbeFailedError(Exception):
@@ -78,7 +79,7 @@ def check_aggregator(
 
     Raises `ProbeFailedError` when no handshake completed, which says nothing about who is there.
     """
-    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    target = host_port(host, port)
     try:
         der = _handshake(host, port, _verifying_context(files), expected.server_name, timeout)
     except ssl.SSLCertVerificationError as error:

@@ -16,6 +16,7 @@ from collaborator.server_identity import ExpectedAggregator
 from pki.errors import PkiError
 from pki.requests import normalise_fingerprint
 from plans import Plan
+from protos.channel import host_port
 
 MIB = 1024 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 128 * MIB
@@ -100,10 +101,7 @@ class ClientSettings:
     @property
     def target(self) -> str:
         """The `host:port` gRPC dials, an IPv6 literal in brackets."""
-        host = self.aggregator_address
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]"
-        return f"{host}:{self.aggregator_port}"
+        return host_port(self.aggregator_address, self.aggregator_port)
 
     @property
     def expected(self) -> ExpectedAggregator:

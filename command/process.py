@@ -6,11 +6,13 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
+from command.exits import EXIT_FAILURE
 from command.text import PrintableFormatter
+from command.usage import BadInputError, bad_input, fail, unexpected
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_LEVELS = ("debug", "info", "warning", "error")  # --log-level's choices
@@ -61,3 +63,34 @@ def stopped_by_signals(stop: threading.Event, log: logging.Logger) -> Iterator[l
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def run_service(
+    program: str,
+    start: Callable[[], int],
+    *,
+    log_level: str,
+    failures: tuple[type[Exception], ...],
+    interrupted: tuple[str, int],
+    log: logging.Logger,
+) -> int:
+    """Run a service's `start`, logging to stderr at `log_level`; returns its exit status.
+
+    What stops it becomes a status: `BadInputError`, each of its lines as it is (2); one of
+    `failures` (port in use, state unusable), one line (1); Ctrl-C before its signal handlers
+    are set, `interrupted`'s line and status; anything else, one line naming the error (1), its
+    traceback logged on `log` at debug level.
+    """
+    with logging_to_stderr(log_level):
+        try:
+            return start()
+        except BadInputError as error:
+            return bad_input(error)
+        except failures as error:
+            return fail(program, str(error), EXIT_FAILURE)
+        except KeyboardInterrupt:
+            message, code = interrupted
+            return fail(program, message, code)
+        except Exception as error:
+            log.debug("unexpected failure", exc_info=True)
+            return fail(program, unexpected(error), EXIT_FAILURE)

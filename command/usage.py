@@ -35,6 +35,25 @@ def fail(program: str, message: str, code: int) -> int:
     return code
 
 
+def fail_each(program: str, problems: Sequence[str], code: int) -> int:
+    """Print each of `problems` (a config's, each naming its field) as its own error line."""
+    for problem in problems:
+        fail(program, problem, code)
+    return code
+
+
+def unexpected(error: BaseException) -> str:
+    """The line for a failure no check foresaw: the error's class and message, no traceback."""
+    return f"unexpected failure: {type(error).__name__}: {error}"
+
+
+def bad_input(error: BadInputError) -> int:
+    """Print each line of `error` as it is on stderr (each names its file and field); returns 2."""
+    for line in str(error).splitlines():
+        print(line, file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
 def parse_arguments(
     parser: argparse.ArgumentParser, argv: Sequence[str] | None
 ) -> argparse.Namespace | int:

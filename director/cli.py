@@ -14,21 +14,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 
+from command.arguments import add_log_level, command, command_main, program
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
-from command.output import quiet_when_stdout_closes
-from command.process import LOG_LEVELS, logging_to_stderr, stopped_by_signals
-from command.usage import BadInputError, Parser, fail, parse_arguments
+from command.process import run_service, stopped_by_signals
+from command.usage import BadInputError, fail
 from director.server import DirectorServer
 from director.tokens import TokenStore
-from pki.errors import KeyFileError, MissingTLSFileError, PkiError
-from pki.tls import check_tls_files
+from pki.errors import PkiError
+from pki.tls import tls_files_problem
 from plans.director_config import ConfigError, DirectorConfig, load_config
 from plans.runners import RunnerError, import_runner
+from protos.channel import host_port
 from refusals.errors import StorageError
 from serving.server import ServerError
 
@@ -37,32 +36,28 @@ logger = logging.getLogger(__name__)
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, separate from main so its help can be tested and documented."""
-    parser = Parser(
-        prog="director",
-        description="The foedus director: a long-lived service that runs people's experiments "
+    parser, commands = program(
+        "director",
+        "The foedus director: a long-lived service that runs people's experiments "
         "(federations) on the sites whose envoys register with it, over mutual TLS.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     summary = "Serve envoys and people until stopped (SIGINT or SIGTERM)."
-    start = commands.add_parser(
+    start = command(
+        commands,
         "start",
-        help=summary,
+        summary,
         description=f"{summary} Its state is kept in director.yaml's state_dir; started again "
         "with the same config it finds its experiments again and resumes them.",
     )
     start.add_argument(
         "--config", type=Path, required=True, help="the director's configuration (director.yaml)"
     )
-    start.add_argument(
-        "--log-level",
-        choices=LOG_LEVELS,
-        default="info",
-        help="how much to log on stderr (default: info)",
-    )
+    add_log_level(start, "how much to log on stderr (default: info)")
     summary = "Issue a person's dashboard token (replacing their old one), or revoke it."
-    token = commands.add_parser(
+    token = command(
+        commands,
         "dashboard-token",
-        help=summary,
+        summary,
         description=f"{summary} The token is printed once and kept only as a SHA-256 digest in "
         "state_dir; the person pastes it on the dashboard's login page. NAME must be one of "
         "director.yaml's users or admins. Works while the director runs.",
@@ -77,12 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@quiet_when_stdout_closes
-def main(argv: Sequence[str] | None = None) -> int:
+@command_main(build_parser)
+def main(args: argparse.Namespace) -> int:
     """Run the director command line; returns the exit code (0 ok, 1 failure, 2 bad input)."""
-    args = parse_arguments(build_parser(), argv)
-    if isinstance(args, int):
-        return args
     if args.command == "dashboard-token":
         try:
             return _dashboard_token(args.config, args.name, revoke=args.revoke)
@@ -90,20 +82,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail(str(error), EXIT_BAD_INPUT)
         except StorageError as error:
             return _fail(str(error), EXIT_FAILURE)
-    with logging_to_stderr(args.log_level):
-        try:
-            return _start(args.config)
-        except BadInputError as error:
-            for line in str(error).splitlines():
-                print(line, file=sys.stderr)
-            return EXIT_BAD_INPUT
-        except (ServerError, StorageError) as error:
-            return _fail(str(error), EXIT_FAILURE)
-        except KeyboardInterrupt:
-            return _fail("interrupted", EXIT_FAILURE)
-        except Exception as error:
-            logger.debug("unexpected failure", exc_info=True)
-            return _fail(f"unexpected failure: {type(error).__name__}: {error}", EXIT_FAILURE)
+    return run_service(
+        "director",
+        lambda: _start(args.config),
+        log_level=args.log_level,
+        failures=(ServerError, StorageError),
+        interrupted=("interrupted", EXIT_FAILURE),
+        log=logger,
+    )
 
 
 def _start(config_path: Path) -> int:
@@ -121,7 +107,7 @@ def _start(config_path: Path) -> int:
                 port = server.start()
             except PkiError as error:
                 raise BadInputError(f"{config.path}: certs_dir: {error}") from None
-            print(f"director: serving on {config.listen_address}:{port}", flush=True)
+            print(f"director: serving on {host_port(config.listen_address, port)}", flush=True)
             if server.dashboard is not None:
                 # The certificate's name: the one a browser can check.
                 url = f"https://{config.host}:{server.dashboard.port}/"
@@ -160,18 +146,15 @@ def _dashboard_token(config_path: Path, name: str, *, revoke: bool) -> int:
 def _check_tls_files(config: DirectorConfig) -> None:
     """Every TLS file the director serves with is there and readable, its key private."""
     certs = config.certs
-    files = (
-        ("CA bundle", certs.ca_bundle),
-        ("certificate", certs.aggregator_cert),
-        ("private key", certs.aggregator_key),
+    problem = tls_files_problem(
+        certs.ca_bundle,
+        certs.aggregator_cert,
+        certs.aggregator_key,
+        where=f"{config.path}: certs_dir",
+        make=f"run 'pki setup --director {config.path}'",
     )
-    try:
-        check_tls_files(files, certs.aggregator_key)
-    except MissingTLSFileError as error:
-        hint = f" (run 'pki setup --director {config.path}')" if error.absent else ""
-        raise BadInputError(f"{config.path}: certs_dir: {error}{hint}") from None
-    except KeyFileError as error:
-        raise BadInputError(str(error)) from None
+    if problem is not None:
+        raise BadInputError(problem)
 
 
 def _check_runners(config: DirectorConfig) -> None:

@@ -27,8 +27,9 @@ from fastapi.staticfiles import StaticFiles
 from director.fields import checked_id
 from director.identity import PEOPLE, Caller
 from director.launcher import LOG_FILE
-from director.service import DirectorService, ExperimentView
-from director.state import Envoy
+from director.people import ExperimentView
+from director.records import Envoy
+from director.service import DirectorService
 from director.tokens import TokenStore
 from history.rows import MetricsRow, RowError, TaskMetrics
 from processes.children import log_tail

@@ -32,7 +32,7 @@ import copy
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from durable.files import write_yaml
 from plans.director_config import DirectorConfig, SiteLossPolicy, read_liveness
@@ -216,16 +216,19 @@ def _without_liveness(document: Mapping[Any, Any]) -> dict[Any, Any]:
     return {key: value for key, value in document.items() if key != LIVENESS}
 
 
-def director_document(
-    text: str,
-    *,
-    experiment_id: str,
-    port: int,
-    config: DirectorConfig,
-    folder: Path,
-    initial_model: Path | None,
-) -> dict[str, Any]:
+class DirectorFields(TypedDict):
+    """What the director sets in an experiment's plan: its id, its aggregator's port and folder."""
+
+    experiment_id: str
+    port: int
+    config: DirectorConfig
+    folder: Path
+    initial_model: Path | None
+
+
+def director_document(text: str, **fields: Unpack[DirectorFields]) -> dict[str, Any]:
     """The submitted plan with the director's fields set, as a YAML document."""
+    config, experiment_id = fields["config"], fields["experiment_id"]
     document = safe_yaml(text)  # accepted at submit: valid, without aliases
     if not isinstance(document, dict):
         raise InvalidRequestError(f"{SUBMITTED}: expected a mapping of plan sections")
@@ -255,37 +258,22 @@ def director_document(
     aggregator = dict(document.get("aggregator") or {})
     aggregator.update(
         host=config.host,
-        port=port,
+        port=fields["port"],
         listen_address=config.aggregator_listen_address,
-        output_dir=str(folder / "output"),
+        output_dir=str(fields["folder"] / "output"),
     )
-    if initial_model is not None:
-        aggregator["initial_model"] = str(initial_model)
+    if fields["initial_model"] is not None:
+        aggregator["initial_model"] = str(fields["initial_model"])
     document.update(
         federation=federation, aggregator=aggregator, tls={"certs_dir": str(config.certs.root)}
     )
     return document
 
 
-def write_director_plan(
-    text: str,
-    *,
-    experiment_id: str,
-    port: int,
-    config: DirectorConfig,
-    folder: Path,
-    initial_model: Path | None,
-) -> tuple[Path, Plan]:
+def write_director_plan(text: str, **fields: Unpack[DirectorFields]) -> tuple[Path, Plan]:
     """Write the experiment's aggregator plan into `folder` (durably) and load it back, checked."""
-    document = director_document(
-        text,
-        experiment_id=experiment_id,
-        port=port,
-        config=config,
-        folder=folder,
-        initial_model=initial_model,
-    )
-    path = folder / PLAN_FILE
+    document = director_document(text, **fields)
+    path = fields["folder"] / PLAN_FILE
     try:
         write_yaml(document, path)
     except OSError as error:

@@ -15,7 +15,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from director.state import DirectorState, ExperimentState
+from director.records import ExperimentState
+from director.state import DirectorState
 from plans.schema import Address
 from serving.metrics import RegistryServer
 

@@ -19,8 +19,8 @@ from director.web_server import WebServer, WebServerError
 from pki.tls import server_credentials
 from plans.director_config import DirectorConfig
 from protos import director_pb2_grpc
-from protos.channel import server_options
-from serving.server import ServerError, Serving, listen_address
+from protos.channel import host_port, server_options
+from serving.server import ServerError, Serving
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class DirectorServer(Serving):
     @property
     def address(self) -> str:
         """The host:port this server listens on, IPv6 addresses in brackets."""
-        return listen_address(self.config.listen_address, self.config.port)
+        return host_port(self.config.listen_address, self.config.port)
 
     def start(self) -> int:
         """Find running experiments again, bind and serve, start supervising; the port."""

@@ -2,8 +2,8 @@
 
 Every RPC runs under `_unary`, `_receiving` or `_streaming`: the caller is identified from its
 certificate there (the one place, `director.identity.Roster.identify`), admitted
-(`director.capacity`), and any refusal becomes its status (`director.status`). The logic is
-`director.service.DirectorService`'s.
+(`director.capacity`), and any refusal becomes its status (`refusals.grpc`, `abort`). The logic is
+the desks' (`director.envoys`, `director.people`, put together by `director.service`).
 
 So that no identity can exhaust the director, each call holds a slot of director.yaml's limits
 from right after its caller is identified until it ends, and one past them is refused at once
@@ -12,56 +12,50 @@ from right after its caller is identified until it ends, and one past them is re
 registrations and reports count apart from its log uploads, so that they always have slots of
 their own. A stream sent to the director (a submitted model, an uploaded log) that sends nothing
 for `limits.idle_stream_seconds` ends with DEADLINE_EXCEEDED (`admission.calls.chunks_within`).
-`director.server` sizes its worker threads so that every admitted call has one.
+`director.server` sizes its worker threads so that every admitted call has one. A followed
+stream waits between reads for the director's next change (`_follow`, `director.changes`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import grpc
 
 from admission.calls import chunks_within
 from director.capacity import Capacity
-from director.errors import InvalidRequestError, NotFoundError, StreamTimeoutError
+from director.changes import Follow
 from director.fields import checked_id, checked_length, checked_offset
+from director.folders import ModelUpload
 from director.identity import Caller
-from director.service import (
-    CollaboratorReport,
-    DirectorService,
-    ExperimentView,
-    ModelUpload,
-)
-from director.state import CollaboratorState, ExperimentState, ShardInfo
-from director.status import abort
-from pki.roles import peer_certificate
+from director.people import ExperimentView
+from director.records import ExperimentState, ShardInfo
+from director.service import DirectorService
+from lifecycle.orders import CollaboratorReport
+from lifecycle.wire import collaborator_state_to_proto, report_from_proto, work_to_proto
 from plans.reader import NAME_PATTERN, shown
 from protos import director_pb2, director_pb2_grpc
+from refusals.errors import InvalidRequestError, StreamTimeoutError
+from refusals.grpc import answer, status_for
+from serving.identity import peer_of
 
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M")
 R = TypeVar("R")
 T = TypeVar("T")
-POLL_SECONDS = 0.25  # how often a followed stream looks for what is new
 MAX_NAME = 200  # an experiment's name, as the site API bounds its own
 MAX_REASON = 1000  # a review's reason, as the site API bounds its own
 MAX_DESCRIPTION = 4096  # a shard's description, its labels' keys and values, an envoy's version
 MAX_LABELS = 256
+MAX_REPORT_REASON = 2000  # of an envoy's report on its collaborator: more is cut
 
-_COLLABORATOR_STATES = {
-    director_pb2.COLLABORATOR_APPROVAL_PENDING: CollaboratorState.APPROVAL_PENDING,
-    director_pb2.COLLABORATOR_SITE_APPROVED: CollaboratorState.SITE_APPROVED,
-    director_pb2.COLLABORATOR_SITE_REJECTED: CollaboratorState.SITE_REJECTED,
-    director_pb2.COLLABORATOR_REFUSED: CollaboratorState.REFUSED,
-    director_pb2.COLLABORATOR_STARTED: CollaboratorState.STARTED,
-    director_pb2.COLLABORATOR_RUNNING: CollaboratorState.RUNNING,
-    director_pb2.COLLABORATOR_EXITED: CollaboratorState.EXITED,
-    director_pb2.COLLABORATOR_GAVE_UP: CollaboratorState.GAVE_UP,
-}
-_COLLABORATOR_TO_WIRE = {state: wire for wire, state in _COLLABORATOR_STATES.items()}
 _EXPERIMENT_TO_WIRE = {
     ExperimentState.SUBMITTED: director_pb2.EXPERIMENT_SUBMITTED,
     ExperimentState.APPROVED: director_pb2.EXPERIMENT_APPROVED,
@@ -144,18 +138,16 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
     def __init__(self, service: DirectorService, stopping: threading.Event) -> None:
         """Serve `service`; followed streams end when `stopping` is set."""
         self.service = service
+        self.envoys = service.envoy_desk
+        self.people = service.people
         self.stopping = stopping
         self.capacity = Capacity(service.config.limits)
 
     def identify(self, context: grpc.ServicerContext) -> Caller:
         """The caller: its verified certificate's common name, given its role by director.yaml,
         and the certificate's role mark."""
-        auth = context.auth_context()
-        values: Iterable[bytes] | bytes = auth.get("x509_common_name") or []
-        if isinstance(values, bytes):
-            values = [values]
-        names = [value.decode("utf-8", "replace") for value in values]
-        return self.service.roster.identify(names, peer_certificate(auth))
+        peer = peer_of(context)
+        return self.service.roster.identify(peer.common_names, peer.certificate)
 
     @contextmanager
     def admitted(self, context: grpc.ServicerContext, rpc: str) -> Iterator[Caller]:
@@ -174,14 +166,8 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
         context: grpc.ServicerContext,
     ) -> director_pb2.RegisterEnvoyResponse:
         """An envoy registers its shard."""
-        _shard_checked(request.shard, request.version)
-        shard = ShardInfo(
-            description=request.shard.description,
-            train_samples=request.shard.train_samples,
-            valid_samples=request.shard.valid_samples,
-            labels=dict(request.shard.labels),
-        )
-        period = self.service.register_envoy(caller, shard, request.version)
+        shard = _shard(request.shard, request.version)
+        period = self.envoys.register(caller, shard, request.version)
         return director_pb2.RegisterEnvoyResponse(health_check_seconds=period)
 
     @_unary
@@ -193,35 +179,8 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
     ) -> director_pb2.EnvoyHeartbeatResponse:
         """An envoy is alive; answer its work."""
         reports = [_report(report) for report in request.collaborators]
-        work = self.service.heartbeat(caller, reports)
-        period = self.service.config.health_check_seconds
-        if work is None:
-            return director_pb2.EnvoyHeartbeatResponse(
-                register_again=True, health_check_seconds=period
-            )
-        return director_pb2.EnvoyHeartbeatResponse(
-            health_check_seconds=period,
-            start=[
-                director_pb2.ExperimentToStart(
-                    experiment_id=order.experiment_id,
-                    name=order.name,
-                    owner=order.owner,
-                    plan_yaml=order.plan_yaml,
-                    collaborator_name=order.collaborator_name,
-                )
-                for order in work.start
-            ],
-            stop=list(work.stop),
-            log_requests=[
-                director_pb2.LogRequestToEnvoy(
-                    request_id=order.request_id,
-                    experiment_id=order.experiment_id,
-                    offset=order.offset,
-                    max_bytes=order.max_bytes,
-                )
-                for order in work.logs
-            ],
-        )
+        work = self.envoys.heartbeat(caller, reports)
+        return work_to_proto(work, self.service.config.health_check_seconds)
 
     @_unary
     def ReportCollaborator(  # noqa: N802
@@ -231,7 +190,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
         context: grpc.ServicerContext,
     ) -> director_pb2.ReportCollaboratorResponse:
         """An envoy reports one collaborator's state."""
-        self.service.report(caller, _report(request))
+        self.envoys.report(caller, _report(request))
         return director_pb2.ReportCollaboratorResponse()
 
     @_receiving
@@ -242,9 +201,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
         context: grpc.ServicerContext,
     ) -> director_pb2.UploadLogResponse:
         """An envoy sends a log the director asked for."""
-        first = next(request, None)
-        if first is None or not first.request_id:
-            raise InvalidRequestError("request_id: required in the first message")
+        first = _first(request, "request_id")
         checked_id("request_id", first.request_id)
 
         def pieces() -> Iterator[bytes]:
@@ -252,7 +209,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
             for message in request:
                 yield message.data
 
-        self.service.upload_log(caller, first.request_id, first.found, pieces())
+        self.envoys.upload_log(caller, first.request_id, first.found, pieces())
         return director_pb2.UploadLogResponse()
 
     # -- people -------------------------------------------------------------------------------
@@ -265,9 +222,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
         context: grpc.ServicerContext,
     ) -> director_pb2.Experiment:
         """A person submits a plan and maybe an initial model."""
-        first = next(request, None)
-        if first is None or not first.plan_yaml:
-            raise InvalidRequestError("plan_yaml: required in the first message")
+        first = _first(request, "plan_yaml")
 
         def pieces() -> Iterator[bytes]:
             yield first.initial_model_data
@@ -282,7 +237,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
         model = ModelUpload(first.initial_model_size, pieces()) if first.has_initial_model else None
         if model is None and (first.initial_model_size or first.initial_model_data):
             raise InvalidRequestError("initial_model_data: sent without has_initial_model")
-        view = self.service.submit(caller, first.plan_yaml, first.name, model)
+        view = self.people.submit(caller, first.plan_yaml, first.name, model)
         return experiment_to_wire(view)
 
     @_unary
@@ -293,7 +248,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
         context: grpc.ServicerContext,
     ) -> director_pb2.ListExperimentsResponse:
         """The caller's experiments."""
-        views = self.service.experiments(caller)
+        views = self.people.experiments(caller)
         return director_pb2.ListExperimentsResponse(
             experiments=[experiment_to_wire(view) for view in views]
         )
@@ -306,7 +261,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
         context: grpc.ServicerContext,
     ) -> director_pb2.Experiment:
         """One experiment."""
-        return experiment_to_wire(self.service.experiment(caller, _id(request.experiment_id)))
+        return experiment_to_wire(self.people.experiment(caller, _id(request.experiment_id)))
 
     @_streaming
     def WatchExperiment(  # noqa: N802
@@ -318,14 +273,11 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
         """The experiment now and at every change, until it ends."""
         experiment_id = _id(request.experiment_id)
         last = None
-        while True:
-            view = self.service.experiment(caller, experiment_id)
+        for view in self.people.watch(caller, experiment_id, self._follow(context)):
             message = experiment_to_wire(view)
-            if message != last:
+            if message != last:  # a change the wire does not carry is not sent
                 yield message
                 last = message
-            if view.experiment.state.final or not self._wait(context):
-                return
 
     @_streaming
     def GetMetricStream(  # noqa: N802
@@ -336,15 +288,11 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
     ) -> Iterator[director_pb2.MetricRow]:
         """Metric rows as written; with follow, until the experiment ends."""
         experiment_id = _id(request.experiment_id)
-        index = checked_offset("from_row", request.from_row)
-        while True:
-            # The state first: rows written before it ended are all there when it reads final.
-            final = self.service.experiment(caller, experiment_id).experiment.state.final
-            for row in self.service.metric_rows(caller, experiment_id, index):
-                yield director_pb2.MetricRow(index=index, json=row)
-                index += 1
-            if not request.follow or final or not self._wait(context):
-                return
+        from_row = checked_offset("from_row", request.from_row)
+        follow = self._follow(context) if request.follow else None
+        rows = self.people.follow_metric_rows(caller, experiment_id, from_row, follow)
+        for index, row in rows:
+            yield director_pb2.MetricRow(index=index, json=row)
 
     @_streaming
     def GetLogs(  # noqa: N802
@@ -358,22 +306,10 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
         offset = checked_offset("offset", request.offset)
         if request.site and not NAME_PATTERN.match(request.site):
             raise InvalidRequestError(f"site: {shown(request.site)} is not a site's name")
-        timeout = max(5.0, 3 * self.service.config.health_check_seconds)
-        while True:
-            final = self.service.experiment(caller, experiment_id).experiment.state.final
-            while True:
-                if request.site:
-                    data = self.service.site_log(
-                        caller, experiment_id, request.site, offset, timeout=timeout
-                    )
-                else:
-                    data = self.service.aggregator_log(caller, experiment_id, offset)
-                if not data:
-                    break
-                yield director_pb2.LogChunk(offset=offset, data=data)
-                offset += len(data)
-            if not request.follow or final or not self._wait(context):
-                return
+        follow = self._follow(context) if request.follow else None
+        chunks = self.people.follow_log(caller, experiment_id, request.site, offset, follow)
+        for at, data in chunks:
+            yield director_pb2.LogChunk(offset=at, data=data)
 
     @_streaming
     def DownloadModel(  # noqa: N802
@@ -386,16 +322,10 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
         kind = _MODEL_KINDS.get(request.kind)
         if kind is None:
             raise InvalidRequestError("kind: MODEL_KIND_BEST or MODEL_KIND_LAST")
-        path = self.service.model_path(caller, _id(request.experiment_id), kind)
-        chunk = self.service.config.limits.chunk_bytes
-        try:
-            file = path.open("rb")
-        except FileNotFoundError:
-            raise NotFoundError(f"the {kind} model is gone (the experiment was removed)") from None
-        with file:
-            size = path.stat().st_size
-            yield director_pb2.ModelFileChunk(total_size=size, data=file.read(chunk))
-            while data := file.read(chunk):
+        model = self.people.model(caller, _id(request.experiment_id), kind)
+        with closing(model.chunks):
+            yield director_pb2.ModelFileChunk(total_size=model.size, data=next(model.chunks, b""))
+            for data in model.chunks:
                 yield director_pb2.ModelFileChunk(data=data)
 
     @_unary
@@ -406,7 +336,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
         context: grpc.ServicerContext,
     ) -> director_pb2.Experiment:
         """Stop an experiment."""
-        return experiment_to_wire(self.service.cancel(caller, _id(request.experiment_id)))
+        return experiment_to_wire(self.people.cancel(caller, _id(request.experiment_id)))
 
     @_unary
     def RemoveExperiment(  # noqa: N802
@@ -416,7 +346,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
         context: grpc.ServicerContext,
     ) -> director_pb2.RemoveExperimentResponse:
         """Forget an ended experiment and its files."""
-        self.service.remove(caller, _id(request.experiment_id))
+        self.people.remove(caller, _id(request.experiment_id))
         return director_pb2.RemoveExperimentResponse()
 
     @_unary
@@ -427,10 +357,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
         context: grpc.ServicerContext,
     ) -> director_pb2.Experiment:
         """An admin lets a submitted experiment run."""
-        view = self.service.review(
-            caller, _id(request.experiment_id), approve=True, reason=_reason(request.reason)
-        )
-        return experiment_to_wire(view)
+        return self._review(caller, request, approve=True)
 
     @_unary
     def RejectExperiment(  # noqa: N802
@@ -440,10 +367,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
         context: grpc.ServicerContext,
     ) -> director_pb2.Experiment:
         """An admin refuses a submitted experiment."""
-        view = self.service.review(
-            caller, _id(request.experiment_id), approve=False, reason=_reason(request.reason)
-        )
-        return experiment_to_wire(view)
+        return self._review(caller, request, approve=False)
 
     @_unary
     def ListEnvoys(  # noqa: N802
@@ -470,14 +394,34 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
                     version=envoy.version,
                     experiments=list(experiments),
                 )
-                for envoy, experiments in self.service.envoys(caller)
+                for envoy, experiments in self.people.envoys(caller)
             ],
         )
 
-    def _wait(self, context: grpc.ServicerContext) -> bool:
-        """Pause a followed stream; False when the call or the server is ending."""
-        time.sleep(POLL_SECONDS)
-        return context.is_active() and not self.stopping.is_set()
+    def _review(
+        self, caller: Caller, request: director_pb2.ReviewRequest, *, approve: bool
+    ) -> director_pb2.Experiment:
+        """An admin's decision, either way."""
+        experiment_id, reason = _id(request.experiment_id), _reason(request.reason)
+        view = self.people.review(caller, experiment_id, approve=approve, reason=reason)
+        return experiment_to_wire(view)
+
+    def _follow(self, context: grpc.ServicerContext) -> Follow:
+        """A followed stream's bounds (WatchExperiment, GetMetricStream and GetLogs with follow,
+        the people's desk's generators): over when its call ends (cancelled, or past its
+        deadline) or the server stops."""
+        ended = threading.Event()
+
+        def end() -> None:
+            ended.set()
+            self.service.state.changes.wake()
+
+        if not context.add_callback(end):
+            ended.set()  # the call has already ended
+        return Follow(
+            over=lambda: ended.is_set() or self.stopping.is_set(),
+            time_left=context.time_remaining,
+        )
 
 
 def experiment_to_wire(view: ExperimentView) -> director_pb2.Experiment:
@@ -495,11 +439,7 @@ def experiment_to_wire(view: ExperimentView) -> director_pb2.Experiment:
         sites=[
             director_pb2.SiteStatus(
                 site=site.site,
-                state=(
-                    _COLLABORATOR_TO_WIRE[site.state]
-                    if site.state
-                    else director_pb2.COLLABORATOR_STATE_UNSPECIFIED
-                ),
+                state=collaborator_state_to_proto(site.state),
                 exit_code=site.exit_code,
                 reason=site.reason,
                 online=site.online,
@@ -515,15 +455,26 @@ def experiment_to_wire(view: ExperimentView) -> director_pb2.Experiment:
 
 
 def _report(message: director_pb2.CollaboratorReport) -> CollaboratorReport:
-    state = _COLLABORATOR_STATES.get(message.state)
-    if state is None:
+    """An envoy's report as received, its state known, its id checked, its reason bounded."""
+    report = report_from_proto(message)
+    if report is None:
         raise InvalidRequestError(f"state: {message.state} is not a collaborator state")
-    return CollaboratorReport(
-        experiment_id=_id(message.experiment_id),
-        state=state,
-        exit_code=message.exit_code,
-        reason=message.reason[:2000],
+    return dataclasses.replace(
+        report, experiment_id=_id(report.experiment_id), reason=report.reason[:MAX_REPORT_REASON]
     )
+
+
+def _first(messages: Iterator[M], field: str) -> M:
+    """A client stream's first message, which must set `field`."""
+    first = next(messages, None)
+    if first is None or not getattr(first, field):
+        raise InvalidRequestError(f"{field}: required in the first message")
+    return first
+
+
+def abort(context: grpc.ServicerContext, method: str, error: Exception) -> NoReturn:
+    """End the call with the error's status and a message for the caller; log what a person needs."""
+    answer(context, method, error, status_for(context, error), service="director", log=logger)
 
 
 def _id(experiment_id: str) -> str:
@@ -535,8 +486,8 @@ def _reason(text: str) -> str:
     return checked_length("reason", text, MAX_REASON)
 
 
-def _shard_checked(shard: director_pb2.ShardInfo, version: str) -> None:
-    """A registration's free text, bounded: it is kept and shown to every person."""
+def _shard(shard: director_pb2.ShardInfo, version: str) -> ShardInfo:
+    """A registration's shard, its free text bounded: it is kept and shown to every person."""
     checked_length("shard.description", shard.description, MAX_DESCRIPTION)
     checked_length("version", version, MAX_DESCRIPTION)
     if len(shard.labels) > MAX_LABELS:
@@ -544,3 +495,9 @@ def _shard_checked(shard: director_pb2.ShardInfo, version: str) -> None:
     for key, value in shard.labels.items():
         checked_length("shard.labels key", key, MAX_DESCRIPTION)
         checked_length(f"shard.labels.{shown(key)}", value, MAX_DESCRIPTION)
+    return ShardInfo(
+        description=shard.description,
+        train_samples=shard.train_samples,
+        valid_samples=shard.valid_samples,
+        labels=dict(shard.labels),
+    )

@@ -3,17 +3,19 @@
 One class, `DirectorState`, holds the experiments and their lifecycle, the envoy registry and the
 sites' reports; the service only calls it. Every write is one transaction that is on disk when
 the method returns, so what the director acknowledged survives kill -9. The lifecycle's allowed
-moves are the one table `TRANSITIONS`; any other move raises `IllegalTransitionError`.
+moves are the one table `TRANSITIONS` (`director.records`); any other move raises
+`IllegalTransitionError`. After every write but a heartbeat the state signals `changes`, which
+followed streams wait on (`director.changes`).
 
 An envoy is online when its last heartbeat is at most twice `health_check_seconds` old, computed
 from the clock every time it is read: no stored flag goes stale.
 
-Schema version 2 added the count of each experiment's aggregator restarts in a row
-(`count_restart`); a version 1 state is migrated when opened.
+The schema, its migrations and the rows' codecs are `director.schema`'s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import os
@@ -21,173 +23,36 @@ import sqlite3
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from enum import Enum
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
-from director.errors import IllegalTransitionError, NotFoundError, StorageError
+from director.changes import Changes
+from director.records import (
+    TRANSITIONS,
+    Envoy,
+    Experiment,
+    ExperimentState,
+    IllegalTransitionError,
+    ShardInfo,
+    SiteReport,
+)
+from director.schema import (
+    EXPERIMENT_COLUMNS,
+    MIGRATIONS,
+    RESTARTS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    experiment_from_row,
+    shard_from_json,
+    shard_to_json,
+)
 from durable.sqlite import SqliteStore, connect, lock_state_folder
+from lifecycle.states import CollaboratorState
+from refusals.errors import NotFoundError, StorageError
 
 DATABASE = "director.sqlite"
 LOCK = "director.lock"
-SCHEMA_VERSION = 2
-
-
-class ExperimentState(Enum):
-    """Where an experiment is in its lifecycle (see protos/director.proto, ExperimentState)."""
-
-    SUBMITTED = "submitted"
-    APPROVED = "approved"  # accepted and queued for a running place
-    REJECTED = "rejected"
-    WAITING = "waiting"  # has its place and its aggregator; its sites are starting
-    RUNNING = "running"  # every site started its collaborator
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def final(self) -> bool:
-        """Whether the experiment has ended: nothing moves it any more."""
-        return not TRANSITIONS[self]
-
-
-_S = ExperimentState
-# The lifecycle, whole: from each state, the states it may move to.
-TRANSITIONS: Mapping[ExperimentState, frozenset[ExperimentState]] = MappingProxyType(
-    {
-        _S.SUBMITTED: frozenset({_S.APPROVED, _S.REJECTED, _S.CANCELLED}),
-        _S.APPROVED: frozenset({_S.WAITING, _S.FAILED, _S.CANCELLED}),
-        _S.WAITING: frozenset({_S.RUNNING, _S.FAILED, _S.CANCELLED}),
-        _S.RUNNING: frozenset({_S.COMPLETED, _S.FAILED, _S.CANCELLED}),
-        _S.REJECTED: frozenset(),
-        _S.COMPLETED: frozenset(),
-        _S.FAILED: frozenset(),
-        _S.CANCELLED: frozenset(),
-    }
-)
-ACTIVE = frozenset({_S.WAITING, _S.RUNNING})  # holding one of max_running_experiments places
-
-
-class CollaboratorState(Enum):
-    """One site's collaborator for one experiment, as its envoy reports it."""
-
-    APPROVAL_PENDING = "approval_pending"
-    SITE_APPROVED = "site_approved"
-    SITE_REJECTED = "site_rejected"
-    REFUSED = "refused"
-    STARTED = "started"
-    RUNNING = "running"
-    EXITED = "exited"
-    GAVE_UP = "gave_up"  # the site will not start it again: the site is lost to the experiment
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    """What a site says it holds; informative only."""
-
-    description: str = ""
-    train_samples: int = 0
-    valid_samples: int = 0
-    labels: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Envoy:
-    """A registered envoy; `online` was computed from the clock when it was read."""
-
-    name: str
-    shard: ShardInfo
-    version: str
-    registered_at: float
-    last_seen: float
-    online: bool
-
-
-@dataclass(frozen=True)
-class SiteReport:
-    """The last report of one site's collaborator for one experiment."""
-
-    site: str
-    state: CollaboratorState
-    exit_code: int
-    reason: str
-    updated_at: float
-
-
-@dataclass(frozen=True)
-class Experiment:
-    """One experiment as stored; `plan_yaml` is the plan as submitted, before the director's fields."""
-
-    experiment_id: str
-    sequence: int  # submission order
-    name: str
-    owner: str
-    state: ExperimentState
-    reason: str
-    plan_yaml: str
-    sites: tuple[str, ...]
-    rounds: int
-    has_initial_model: bool
-    submitted_at: float
-    started_at: float  # 0: not yet (set on entering waiting)
-    ended_at: float  # 0: not yet (set on entering a final state)
-    port: int | None  # the aggregator's port, from entering waiting until the end
-    aggregator_pid: int | None  # the running aggregator's process, as last recorded
-
-
-_EXPERIMENT_COLUMNS = (
-    "id, sequence, name, owner, state, reason, plan_yaml, sites, rounds, has_initial_model, "
-    "submitted_at, started_at, ended_at, port, aggregator_pid"
-)
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS experiments (
-    sequence INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    name TEXT NOT NULL,
-    owner TEXT NOT NULL,
-    state TEXT NOT NULL,
-    reason TEXT NOT NULL DEFAULT '',
-    plan_yaml TEXT NOT NULL,
-    sites TEXT NOT NULL,
-    rounds INTEGER NOT NULL,
-    has_initial_model INTEGER NOT NULL,
-    submitted_at REAL NOT NULL,
-    started_at REAL NOT NULL DEFAULT 0,
-    ended_at REAL NOT NULL DEFAULT 0,
-    port INTEGER,
-    aggregator_pid INTEGER
-);
-CREATE TABLE IF NOT EXISTS envoys (
-    name TEXT PRIMARY KEY,
-    shard TEXT NOT NULL,
-    version TEXT NOT NULL,
-    registered_at REAL NOT NULL,
-    last_seen REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS site_reports (
-    experiment_id TEXT NOT NULL,
-    site TEXT NOT NULL,
-    state TEXT NOT NULL,
-    exit_code INTEGER NOT NULL,
-    reason TEXT NOT NULL,
-    updated_at REAL NOT NULL,
-    PRIMARY KEY (experiment_id, site)
-);
-"""
-# Version 2: each experiment's aggregator restarts in a row, and the rounds completed at the last.
-_RESTARTS = """
-CREATE TABLE IF NOT EXISTS aggregator_restarts (
-    experiment_id TEXT PRIMARY KEY,
-    in_a_row INTEGER NOT NULL,
-    rounds INTEGER NOT NULL
-);
-"""
-# What each version's state gets to become the next one's (`durable.sqlite.connect`).
-_MIGRATIONS = {1: _RESTARTS}
 
 
 class DirectorState(SqliteStore):
@@ -208,6 +73,7 @@ class DirectorState(SqliteStore):
         self._clock = clock
         super().__init__(connection, folder / DATABASE, StorageError)
         self._folder_lock = lock
+        self.changes = Changes()
 
     # -- opening and closing ------------------------------------------------------------------
 
@@ -225,11 +91,11 @@ class DirectorState(SqliteStore):
         try:
             connection = connect(
                 folder / DATABASE,
-                _SCHEMA + _RESTARTS,
+                SCHEMA + RESTARTS,
                 SCHEMA_VERSION,
                 "director",
                 StorageError,
-                migrations=_MIGRATIONS,
+                migrations=MIGRATIONS,
             )
         except StorageError:
             os.close(lock)
@@ -247,6 +113,15 @@ class DirectorState(SqliteStore):
         with self._lock:
             self._db.close()
             os.close(self._folder_lock)
+
+    @contextlib.contextmanager
+    def _transaction(self, *, quiet: bool = False) -> Iterator[sqlite3.Connection]:
+        """`SqliteStore`'s write transaction, `changes` signalled once it is committed (unless
+        `quiet`: a write no follower shows)."""
+        with super()._transaction() as db:
+            yield db
+        if not quiet:
+            self.changes.signal()
 
     # -- experiments --------------------------------------------------------------------------
 
@@ -284,24 +159,24 @@ class DirectorState(SqliteStore):
     def experiment(self, experiment_id: str) -> Experiment:
         """The experiment with this id; `NotFoundError` if there is none."""
         row = self._query_one(
-            f"SELECT {_EXPERIMENT_COLUMNS} FROM experiments WHERE id = ?", (experiment_id,)
+            f"SELECT {EXPERIMENT_COLUMNS} FROM experiments WHERE id = ?", (experiment_id,)
         )
         if row is None:
             raise NotFoundError(f"no experiment {experiment_id!r}")
-        return _experiment(row)
+        return experiment_from_row(row)
 
     def experiments(self, owner: str | None = None) -> list[Experiment]:
         """Every experiment (of `owner`, if given), in submission order."""
         if owner is None:
             rows = self._query_all(
-                f"SELECT {_EXPERIMENT_COLUMNS} FROM experiments ORDER BY sequence"
+                f"SELECT {EXPERIMENT_COLUMNS} FROM experiments ORDER BY sequence"
             )
         else:
             rows = self._query_all(
-                f"SELECT {_EXPERIMENT_COLUMNS} FROM experiments WHERE owner = ? ORDER BY sequence",
+                f"SELECT {EXPERIMENT_COLUMNS} FROM experiments WHERE owner = ? ORDER BY sequence",
                 (owner,),
             )
-        return [_experiment(row) for row in rows]
+        return [experiment_from_row(row) for row in rows]
 
     def transition(self, experiment_id: str, to: ExperimentState, reason: str = "") -> Experiment:
         """Move an experiment to `to`, if `TRANSITIONS` allows it; `IllegalTransitionError` if not.
@@ -374,18 +249,18 @@ class DirectorState(SqliteStore):
     def _queue(self, held: Mapping[str, int]) -> list[Experiment]:
         """`queue` over places `held` already counted (`startable` counts them once for both)."""
         rows = self._query_all(
-            f"SELECT {_EXPERIMENT_COLUMNS} FROM experiments WHERE state = ? ORDER BY sequence",
+            f"SELECT {EXPERIMENT_COLUMNS} FROM experiments WHERE state = ? ORDER BY sequence",
             (ExperimentState.APPROVED.value,),
         )
-        return _fair_order([_experiment(row) for row in rows], held)
+        return _fair_order([experiment_from_row(row) for row in rows], held)
 
     def active(self) -> list[Experiment]:
         """The experiments holding a running place (waiting or running), in submission order."""
         rows = self._query_all(
-            f"SELECT {_EXPERIMENT_COLUMNS} FROM experiments WHERE state IN (?, ?) ORDER BY sequence",
+            f"SELECT {EXPERIMENT_COLUMNS} FROM experiments WHERE state IN (?, ?) ORDER BY sequence",
             tuple(state.value for state in (ExperimentState.WAITING, ExperimentState.RUNNING)),
         )
-        return [_experiment(row) for row in rows]
+        return [experiment_from_row(row) for row in rows]
 
     def startable(self, max_running: int, per_owner: int) -> list[Experiment]:
         """The queued experiments that may take a place now, in queue order.
@@ -465,13 +340,17 @@ class DirectorState(SqliteStore):
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET shard = excluded.shard, "
                 "version = excluded.version, registered_at = excluded.registered_at, "
                 "last_seen = excluded.last_seen",
-                (name, _shard_json(shard), version, now, now),
+                (name, shard_to_json(shard), version, now, now),
             )
         return Envoy(name, shard, version, now, now, online=True)
 
     def heartbeat(self, name: str) -> bool:
-        """Note a heartbeat; False when the envoy is not registered (it must register again)."""
-        with self._transaction() as db:
+        """Note a heartbeat; False when the envoy is not registered (it must register again).
+
+        Quiet: it moves only `last_seen`, which no follower shows; an envoy's going offline or
+        coming back is the supervisor's to signal (`director.supervisor.Supervisor.observe`).
+        """
+        with self._transaction(quiet=True) as db:
             cursor = db.execute(
                 "UPDATE envoys SET last_seen = ? WHERE name = ?", (self._clock(), name)
             )
@@ -537,7 +416,7 @@ class DirectorState(SqliteStore):
         name, shard, version, registered_at, last_seen = row
         return Envoy(
             name=name,
-            shard=_shard_from_json(shard),
+            shard=shard_from_json(shard),
             version=version,
             registered_at=registered_at,
             last_seen=last_seen,
@@ -582,62 +461,3 @@ def _check_move(experiment_id: str, current: ExperimentState, to: ExperimentStat
         raise IllegalTransitionError(
             f"experiment {experiment_id!r} is {current.value} and cannot become {to.value}: {detail}"
         )
-
-
-def _experiment(row: tuple[Any, ...]) -> Experiment:
-    (
-        experiment_id,
-        sequence,
-        name,
-        owner,
-        state,
-        reason,
-        plan_yaml,
-        sites,
-        rounds,
-        has_initial_model,
-        submitted_at,
-        started_at,
-        ended_at,
-        port,
-        aggregator_pid,
-    ) = row
-    return Experiment(
-        experiment_id=experiment_id,
-        sequence=sequence,
-        name=name,
-        owner=owner,
-        state=ExperimentState(state),
-        reason=reason,
-        plan_yaml=plan_yaml,
-        sites=tuple(json.loads(sites)),
-        rounds=rounds,
-        has_initial_model=bool(has_initial_model),
-        submitted_at=submitted_at,
-        started_at=started_at,
-        ended_at=ended_at,
-        port=port,
-        aggregator_pid=aggregator_pid,
-    )
-
-
-def _shard_json(shard: ShardInfo) -> str:
-    return json.dumps(
-        {
-            "description": shard.description,
-            "train_samples": shard.train_samples,
-            "valid_samples": shard.valid_samples,
-            "labels": dict(shard.labels),
-        },
-        sort_keys=True,
-    )
-
-
-def _shard_from_json(text: str) -> ShardInfo:
-    data = json.loads(text)
-    return ShardInfo(
-        description=data["description"],
-        train_samples=data["train_samples"],
-        valid_samples=data["valid_samples"],
-        labels=MappingProxyType(dict(data["labels"])),
-    )

@@ -7,17 +7,16 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
 from collaborator.client import LEAVE_SECONDS
+from command.arguments import add_log_level, command, command_main, program
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
-from command.output import quiet_when_stdout_closes
-from command.process import LOG_LEVELS, stderr_log_handler
+from command.process import stderr_log_handler
 from command.table import table_lines
 from command.text import printable
-from command.usage import Parser, UsageError, fail, parse_arguments
+from command.usage import UsageError, fail, fail_each
 from envoy.client import DirectorClient
 from envoy.config import ConfigError, EnvoyConfig, load_config
 from envoy.errors import EnvoyError
@@ -38,6 +37,7 @@ from envoy.state import DATABASE, EnvoyState
 from pki.errors import MissingTLSFileError, PkiError
 from pki.tls import check_tls_files
 from plans.reader import NAME_PATTERN
+from protos.channel import host_port
 
 logger = logging.getLogger(__name__)
 
@@ -54,18 +54,17 @@ it leaves its collaborators running; started again with the same command, it fin
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, separate from main so its help can be tested and documented."""
-    parser = Parser(
-        prog="envoy",
-        description="A foedus envoy: the long-lived agent of one site. It registers with a "
+    parser, commands = program(
+        "envoy",
+        "A foedus envoy: the long-lived agent of one site. It registers with a "
         "director over mutual TLS, heartbeats, and runs `collaborator start` for each experiment "
         "naming this site, within what the site agreed to in envoy.yaml.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    start = commands.add_parser(
+    start = command(
+        commands,
         "start",
-        help="Run the envoy until stopped.",
+        "Run the envoy until stopped.",
         description="Check envoy.yaml and this site's certificate, find the collaborators of "
         "an earlier run again, then work for the director until SIGTERM or SIGINT; with "
         "envoy.yaml's site_api on, serve the site's HTTP API (token in STATE_DIR/site_api.token); "
@@ -74,7 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
         "share_with_director (by default: foedus's own log lines, failures as a category, "
         "no paths).",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     start.add_argument(
         "-n",
@@ -83,24 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="this site's name: its certificate's common name, its collaborators' name",
     )
     _config_argument(start)
-    start.add_argument(
-        "--log-level", choices=LOG_LEVELS, default="info", help="what to log (default: info)"
-    )
+    add_log_level(start, "what to log (default: info)")
     for verb, what in (("approve", "Let"), ("reject", "Refuse")):
-        review = commands.add_parser(
+        review = command(
+            commands,
             verb,
-            help=f"{what} an experiment waiting for this site's review (review: manual).",
+            f"{what} an experiment waiting for this site's review (review: manual).",
             description=f"{what} an experiment waiting for this site's review; the running "
             "envoy picks the decision up from its state folder and tells the director.",
             epilog=EPILOG,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         review.add_argument("experiment_id", metavar="ID", help="the experiment's id")
         _config_argument(review)
         review.add_argument("--reason", default="", help="kept with the decision, sent on")
-    listing = commands.add_parser(
+    listing = command(
+        commands,
         "list",
-        help="This envoy's experiments and their collaborators' states.",
+        "This envoy's experiments and their collaborators' states.",
         description="This envoy's experiments, in the order received, with their states.",
     )
     _config_argument(listing)
@@ -111,18 +108,13 @@ def _config_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, required=True, help="the envoy's envoy.yaml")
 
 
-@quiet_when_stdout_closes
-def main(argv: Sequence[str] | None = None) -> int:
+@command_main(build_parser)
+def main(args: argparse.Namespace) -> int:
     """Run the envoy command line; returns the exit status (see `--help`)."""
-    args = parse_arguments(build_parser(), argv)
-    if isinstance(args, int):
-        return args
     try:
         config = load_config(args.config)
     except ConfigError as error:
-        for problem in error.problems:
-            _fail(problem, EXIT_BAD_INPUT)
-        return EXIT_BAD_INPUT
+        return fail_each("envoy", error.problems, EXIT_BAD_INPUT)
     try:
         if args.command == "start":
             logging.basicConfig(level=args.log_level.upper(), handlers=[stderr_log_handler()])
@@ -204,11 +196,9 @@ def _serve(
         server = SiteApiServer(create_app(context), config.site_api.host, config.site_api.port)
         port = server.start()
         services.callback(server.stop)
-        host = f"[{config.site_api.host}]" if ":" in config.site_api.host else config.site_api.host
         logger.info(
-            "site API on http://%s:%d/api (docs at /api/docs); its bearer token is in %s",
-            host,
-            port,
+            "site API on http://%s/api (docs at /api/docs); its bearer token is in %s",
+            host_port(config.site_api.host, port),
             config.state_dir / TOKEN_FILE,
         )
 

@@ -40,6 +40,7 @@ from command.process import LOG_LEVELS
 from pki.layout import CertsLayout
 from plans.loader import read_config
 from plans.reader import Section
+from protos.channel import host_port
 
 REDIS_URL = re.compile(r"^rediss?://[^\s]+$")
 SHARED_LOGS = ("none", "foedus", "all")  # share_with_director.logs
@@ -120,8 +121,7 @@ class EnvoyConfig:
     @property
     def director_target(self) -> str:
         """host:port for gRPC."""
-        host = f"[{self.director_host}]" if ":" in self.director_host else self.director_host
-        return f"{host}:{self.director_port}"
+        return host_port(self.director_host, self.director_port)
 
 
 def load_config(path: str | Path) -> EnvoyConfig:

@@ -35,13 +35,13 @@ from envoy.site_plan import (
     EXPERIMENT_ID,
     PLAN_FILE,
     RefusedPlanError,
+    plan_sections,
     site_document,
     write_site_plan,
 )
 from envoy.state import DIRECTOR, NO_ROUND, SITE, EnvoyState, SiteExperiment
 from lifecycle.orders import CollaboratorReport, LogOrder, StartOrder, Work
 from lifecycle.states import CollaboratorState
-from plans.loader import PlanError, yaml_document
 from processes.children import ChildProcesses, Ended
 
 logger = logging.getLogger(__name__)
@@ -191,12 +191,7 @@ class Site:
         `runner_settings` still win over both, as for every plan. `RefusedPlanError` (nothing
         kept, nothing started) if the site would refuse it; the next `tick` launches it.
         """
-        try:
-            document = yaml_document(plan_yaml, OWN_PLAN)
-        except PlanError as error:
-            raise RefusedPlanError("; ".join(error.problems)) from None
-        if not isinstance(document, dict):
-            raise RefusedPlanError(f"{OWN_PLAN}: expected a mapping of plan sections")
+        document = plan_sections(plan_yaml, OWN_PLAN)
         runner = document.get("runner")
         if runner_settings and isinstance(runner, Mapping):
             settings = runner.get("settings")

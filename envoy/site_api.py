@@ -31,12 +31,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from durable.files import replace_file
 from envoy.errors import EnvoyError, StateError, UnknownExperimentError
 from envoy.progress import ProgressBook, describe
 from envoy.site import LOG_FILE, Site, review
 from envoy.site_plan import EXPERIMENT_ID, RefusedPlanError
 from plans.reader import cut, shown, values_hidden
 from processes.children import log_tail
+from protos.channel import host_port
 from refusals.errors import InvalidRequestError
 from refusals.http import http_status
 
@@ -59,17 +61,18 @@ class BadRequestError(EnvoyError, InvalidRequestError):
 
 def ensure_token(path: Path) -> str:
     """The token in `path`, made (random, mode 0600) if missing; `TokenError` if unsafe."""
-    try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:  # whole or absent after a crash; never over a token another process made first
+        replace_file(
+            path,
+            lambda file: file.write((secrets.token_urlsafe(32) + "\n").encode("ascii")),
+            mode=0o600,
+            replace=False,
+        )
     except FileExistsError:
         pass
     except OSError as error:
         raise TokenError(f"{path}: cannot create the site API's token: {error.strerror}") from None
     else:
-        with os.fdopen(descriptor, "w", encoding="ascii") as file:
-            file.write(secrets.token_urlsafe(32) + "\n")
-            file.flush()
-            os.fsync(file.fileno())
         logger.info("site API: made a new token in %s", path)
     try:
         mode = path.stat().st_mode
@@ -340,7 +343,7 @@ class SiteApiServer:
         except OSError as error:
             listener.close()
             raise StateError(
-                f"site_api: cannot listen on {self.host}:{self.port}: {error.strerror}"
+                f"site_api: cannot listen on {host_port(self.host, self.port)}: {error.strerror}"
             ) from None
         self.port = listener.getsockname()[1]
         self._thread = threading.Thread(
@@ -353,7 +356,9 @@ class SiteApiServer:
             deadline -= 0.05
         if not self._server.started:
             self.stop()
-            raise StateError(f"site_api: uvicorn did not start on {self.host}:{self.port}")
+            raise StateError(
+                f"site_api: uvicorn did not start on {host_port(self.host, self.port)}"
+            )
         return self.port
 
     def stop(self) -> None:

@@ -36,14 +36,20 @@ class RefusedPlanError(InvalidRequestError, ValueError):
     """This site will not run the plan; the message is the reason reported to the director."""
 
 
-def site_document(plan_yaml: str, site: str, config: EnvoyConfig, folder: Path) -> dict[str, Any]:
-    """The plan for this site's collaborator, checked; `RefusedPlanError` with the reason if not."""
+def plan_sections(plan_yaml: str, source: Path) -> dict[str, Any]:
+    """The plan's YAML as a mapping of its sections; `RefusedPlanError` naming `source` if not."""
     try:
-        document = yaml_document(plan_yaml, RECEIVED)
+        document = yaml_document(plan_yaml, source)
     except PlanError as error:
         raise RefusedPlanError("; ".join(error.problems)) from None
     if not isinstance(document, dict):
-        raise RefusedPlanError(f"{RECEIVED}: expected a mapping of plan sections")
+        raise RefusedPlanError(f"{source}: expected a mapping of plan sections")
+    return document
+
+
+def site_document(plan_yaml: str, site: str, config: EnvoyConfig, folder: Path) -> dict[str, Any]:
+    """The plan for this site's collaborator, checked; `RefusedPlanError` with the reason if not."""
+    document = plan_sections(plan_yaml, RECEIVED)
     runner = document.get("runner")
     name = runner.get("name") if isinstance(runner, Mapping) else None
     if name not in config.runners:

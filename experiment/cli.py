@@ -4,30 +4,30 @@ Tables for people by default, ``--json`` for scripts (one JSON document, or one 
 streams). Exit codes: 0 ok; 1 the director could not be reached or failed, or (``wait``) the
 experiment failed, was rejected or cancelled; 2 bad input, the director's refusals included (a bad
 plan, an unknown id, another's experiment), one line naming what is wrong, never a traceback.
+Here: the arguments, the calls and the exit codes; the text for a person is `experiment.show`'s.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, TextIO
+from typing import BinaryIO, TextIO
 
 import grpc
-from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 
+from command.arguments import command, program
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
 from command.output import quiet_when_stdout_closes, stdout_closed
-from command.table import table_lines
 from command.text import printable_stream
 from command.usage import Parser, UsageError, fail
 from durable.files import replace_file
+from experiment import show
 from experiment.config import ENVIRONMENT, ClientConfig, ClientConfigError, load_client_config
-from history.rows import MetricsRow, RowError, TaskMetrics
 from pki.errors import PkiError
 from pki.tls import channel_credentials
 from protos import director_pb2 as pb
@@ -47,43 +47,13 @@ REFUSALS = frozenset(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     }
 )
-STATES = {
-    pb.EXPERIMENT_SUBMITTED: "submitted",
-    pb.EXPERIMENT_APPROVED: "approved",
-    pb.EXPERIMENT_REJECTED: "rejected",
-    pb.EXPERIMENT_WAITING: "waiting",
-    pb.EXPERIMENT_RUNNING: "running",
-    pb.EXPERIMENT_COMPLETED: "completed",
-    pb.EXPERIMENT_FAILED: "failed",
-    pb.EXPERIMENT_CANCELLED: "cancelled",
-}
-FINAL = {
-    pb.EXPERIMENT_REJECTED,
-    pb.EXPERIMENT_COMPLETED,
-    pb.EXPERIMENT_FAILED,
-    pb.EXPERIMENT_CANCELLED,
-}
-SITE_STATES = {
-    pb.COLLABORATOR_STATE_UNSPECIFIED: "-",
-    pb.COLLABORATOR_APPROVAL_PENDING: "approval pending",
-    pb.COLLABORATOR_SITE_APPROVED: "approved",
-    pb.COLLABORATOR_SITE_REJECTED: "rejected",
-    pb.COLLABORATOR_REFUSED: "refused",
-    pb.COLLABORATOR_STARTED: "started",
-    pb.COLLABORATOR_RUNNING: "running",
-    pb.COLLABORATOR_EXITED: "exited",
-    pb.COLLABORATOR_GAVE_UP: "gave up",
-}
-
-EXIT_CODED = {pb.COLLABORATOR_EXITED, pb.COLLABORATOR_GAVE_UP}  # states that show the exit code
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, separate from main so its help can be tested and documented."""
-    parser = Parser(
-        prog="experiment",
-        description="Submit experiments (foedus plans) to a director, follow them, and fetch "
-        "their models.",
+    parser, commands = program(
+        "experiment",
+        "Submit experiments (foedus plans) to a director, follow them, and fetch their models.",
     )
     parser.add_argument(
         "--config",
@@ -92,15 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"which director and which certificate (default: ${ENVIRONMENT})",
     )
     parser.add_argument("--json", action="store_true", help="JSON for scripts instead of tables")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, summary: str, *, with_id: bool = True) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=summary, description=summary)
+    def experiment_command(name: str, summary: str, *, with_id: bool = True) -> Parser:
+        sub = command(commands, name, summary)
         if with_id:
             sub.add_argument("id", help="the experiment's id")
         return sub
 
-    submit = command(
+    submit = experiment_command(
         "submit", "Submit a plan (and an initial model) as a new experiment.", with_id=False
     )
     submit.add_argument("plan", type=Path, help="the plan (YAML), without the director's fields")
@@ -111,29 +80,33 @@ def build_parser() -> argparse.ArgumentParser:
         "not in the director's director.yaml runners (its host then imports nothing of it)",
     )
     submit.add_argument("--name", default="", help="a name for it (default: federation.name)")
-    command("list", "Your experiments (an admin's: all).", with_id=False)
-    command("status", "One experiment, with its sites.")
-    command("wait", "Wait for the experiment's end; exit 0 if completed, else 1.")
-    metrics = command("metrics", "The experiment's metric rows, one per round.")
+    experiment_command("list", "Your experiments (an admin's: all).", with_id=False)
+    experiment_command("status", "One experiment, with its sites.")
+    experiment_command("wait", "Wait for the experiment's end; exit 0 if completed, else 1.")
+    metrics = experiment_command("metrics", "The experiment's metric rows, one per round.")
     metrics.add_argument("--follow", action="store_true", help="go on until the experiment ends")
     metrics.add_argument(
         "--sites", action="store_true", help="each site's own metrics under each round's line"
     )
-    logs = command("logs", "The aggregator's log, or a site's collaborator log.")
+    logs = experiment_command("logs", "The aggregator's log, or a site's collaborator log.")
     logs.add_argument("--site", default="", help="a site's log instead of the aggregator's")
     logs.add_argument("--follow", action="store_true", help="go on until the experiment ends")
-    download = command("download", "Save the experiment's best or last model to a file.")
+    download = experiment_command("download", "Save the experiment's best or last model to a file.")
     download.add_argument("--model", choices=("best", "last"), required=True)
     download.add_argument("-o", "--output", type=Path, required=True, help="the file to write")
-    command("cancel", "Stop an experiment that has not ended.")
-    command("remove", "Forget an experiment that has ended, and its files at the director.")
+    experiment_command("cancel", "Stop an experiment that has not ended.")
+    experiment_command(
+        "remove", "Forget an experiment that has ended, and its files at the director."
+    )
     for name, summary in (
         ("approve", "Let a submitted experiment run (admins)."),
         ("reject", "Refuse a submitted experiment (admins)."),
     ):
-        review = command(name, summary)
+        review = experiment_command(name, summary)
         review.add_argument("--reason", default="", help="kept with the decision")
-    command("envoys", "The registered sites: online or not, last seen, shard.", with_id=False)
+    experiment_command(
+        "envoys", "The registered sites: online or not, last seen, shard.", with_id=False
+    )
     return parser
 
 
@@ -220,34 +193,16 @@ def _submit(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out:
     if args.json:
         _print_json(out, experiment)
     else:
-        print(
-            f"{experiment.experiment_id}  {STATES[experiment.state]}  "
-            f"(experiment status {experiment.experiment_id})",
-            file=out,
-        )
+        print(show.submitted_line(experiment), file=out)
     return EXIT_OK
 
 
 def _list(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out: TextIO) -> int:
     answer = stub.ListExperiments(pb.ListExperimentsRequest(), timeout=DEADLINE_SECONDS)
     if args.json:
-        print(json.dumps([_as_dict(e) for e in answer.experiments], indent=2), file=out)
+        print(json.dumps([show.as_dict(e) for e in answer.experiments], indent=2), file=out)
         return EXIT_OK
-    _table(
-        out,
-        ("ID", "NAME", "OWNER", "STATE", "ROUNDS", "SUBMITTED"),
-        [
-            (
-                e.experiment_id,
-                e.name,
-                e.owner,
-                STATES[e.state] + (f" ({e.queue_position} in queue)" if e.queue_position else ""),
-                f"{e.rounds_completed}/{e.rounds}",
-                _when(e.submitted_at),
-            )
-            for e in answer.experiments
-        ],
-    )
+    _print_lines(out, show.experiments_table(answer.experiments))
     return EXIT_OK
 
 
@@ -256,37 +211,7 @@ def _status(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out:
     if args.json:
         _print_json(out, e)
         return EXIT_OK
-    for label, value in (
-        ("id", e.experiment_id),
-        ("name", e.name),
-        ("owner", e.owner),
-        ("state", STATES[e.state] + (f": {e.reason}" if e.reason else "")),
-        ("rounds", f"{e.rounds_completed} of {e.rounds}"),
-        ("submitted", _when(e.submitted_at)),
-        ("started", _when(e.started_at)),
-        ("ended", _when(e.ended_at)),
-        (
-            "models",
-            ", ".join(
-                k for k, has in (("best", e.has_best_model), ("last", e.has_last_model)) if has
-            )
-            or "none yet",
-        ),
-    ):
-        print(f"{label + ':':11}{value}", file=out)
-    _table(
-        out,
-        ("SITE", "ONLINE", "COLLABORATOR", "DETAIL"),
-        [
-            (
-                s.site,
-                "yes" if s.online else "no",
-                SITE_STATES[s.state] + (f" ({s.exit_code})" if s.state in EXIT_CODED else ""),
-                s.reason,
-            )
-            for s in e.sites
-        ],
-    )
+    _print_lines(out, show.status_lines(e))
     return EXIT_OK
 
 
@@ -295,20 +220,8 @@ def _wait(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out: T
     for last in stub.WatchExperiment(pb.ExperimentRequest(experiment_id=args.id)):
         if args.json:
             _print_json(out, last, compact=True)
-        elif out.isatty() or last.state in FINAL:
-            started = sum(
-                1
-                for s in last.sites
-                if s.state
-                in {pb.COLLABORATOR_STARTED, pb.COLLABORATOR_RUNNING, pb.COLLABORATOR_EXITED}
-            )
-            print(
-                f"{STATES[last.state]}: round {last.rounds_completed} of {last.rounds}, "
-                f"sites started {started}/{len(last.sites)}"
-                + (f"; {last.reason}" if last.reason else ""),
-                file=out,
-                flush=True,
-            )
+        elif out.isatty() or last.state in show.FINAL:
+            print(show.progress_line(last), file=out, flush=True)
     return EXIT_OK if last is not None and last.state == pb.EXPERIMENT_COMPLETED else EXIT_FAILURE
 
 
@@ -322,50 +235,8 @@ def _metrics(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out
         if args.json:
             print(row.json, file=out, flush=True)
             continue
-        print("\n".join(_row_lines(row.json, rounds, sites=args.sites)), file=out, flush=True)
+        print("\n".join(show.row_lines(row.json, rounds, sites=args.sites)), file=out, flush=True)
     return EXIT_OK
-
-
-def _row_lines(text: str, rounds: int, *, sites: bool) -> list[str]:
-    """A metrics.jsonl row for a person (the row as it came when it is not one), and with
-    `sites` one indented line per site."""
-    try:
-        row = MetricsRow.parse(text)
-    except RowError:
-        return [text]
-    return [_metric_line(row, rounds) or text, *(_site_lines(row) if sites else [])]
-
-
-def _metric_line(row: MetricsRow, rounds: int) -> str | None:
-    """Round r of `rounds`, sites reported, each task's metrics; None for a row of no round."""
-    if row.final_validation:
-        label = "final"
-    elif row.round_number is None:
-        return None
-    else:
-        label = f"round {row.round_number + 1}" + (f" of {rounds}" if rounds else "")
-    if row.reporters is not None and row.missing is not None:
-        reported = len(row.reporters)
-        label += f", sites reported {reported}/{reported + len(row.missing)}"
-    return "  ".join([label, *_task_parts(row.metrics)])
-
-
-def _site_lines(row: MetricsRow) -> list[str]:
-    """A row's `sites`: one indented line per site with each task's metrics."""
-    return [
-        f"  {site}  " + "  ".join(_task_parts(tasks)) for site, tasks in sorted(row.sites.items())
-    ]
-
-
-def _task_parts(tasks: TaskMetrics) -> list[str]:
-    """`task: metric value ...` for each task of a task -> metric -> value mapping."""
-    parts = []
-    for task, values in sorted(tasks.items()):
-        shown = " ".join(
-            f"{name} {value:.4f}" for name, value in sorted(values.items()) if value is not None
-        )
-        parts.append(f"{task}: {shown}")
-    return parts
 
 
 def _logs(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out: TextIO) -> int:
@@ -445,21 +316,7 @@ def _envoys(stub: director_pb2_grpc.DirectorStub, args: argparse.Namespace, out:
     if args.json:
         _print_json(out, answer)
         return EXIT_OK
-    _table(
-        out,
-        ("SITE", "ONLINE", "LAST SEEN", "SAMPLES", "EXPERIMENTS", "SHARD"),
-        [
-            (
-                v.name,
-                "yes" if v.online else "no",
-                _when(v.last_seen),
-                f"{_samples(v.shard.train_samples)}/{_samples(v.shard.valid_samples)}",
-                str(len(v.experiments)),
-                v.shard.description,
-            )
-            for v in answer.envoys
-        ],
-    )
+    _print_lines(out, show.envoys_table(answer.envoys))
     return EXIT_OK
 
 
@@ -486,39 +343,17 @@ def _print_state(out: TextIO, args: argparse.Namespace, e: pb.Experiment) -> int
     if args.json:
         _print_json(out, e)
     else:
-        print(
-            f"{e.experiment_id}  {STATES[e.state]}" + (f": {e.reason}" if e.reason else ""),
-            file=out,
-        )
+        print(show.state_line(e), file=out)
     return EXIT_OK
 
 
-def _as_dict(message: Any) -> dict[str, Any]:
-    result: dict[str, Any] = MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    return result
+def _print_json(out: TextIO, message: Message, *, compact: bool = False) -> None:
+    print(show.json_text(message, compact=compact), file=out, flush=True)
 
 
-def _print_json(out: TextIO, message: Any, *, compact: bool = False) -> None:
-    print(json.dumps(_as_dict(message), indent=None if compact else 2), file=out, flush=True)
-
-
-def _table(out: TextIO, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    for line in table_lines(headers, rows):
+def _print_lines(out: TextIO, lines: Sequence[str]) -> None:
+    for line in lines:
         print(line, file=out)
-
-
-def _samples(count: int) -> str:
-    """A count the site's envoy.yaml `shard` leaves out travels as 0: "-", not "no data"."""
-    return str(count) if count else "-"
-
-
-def _when(seconds: float) -> str:
-    if not seconds:
-        return "-"
-    moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC)
-    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _fail(message: str, code: int) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 from pki.layout import CertsLayout
 from plans.loader import PlanError, read_yaml
 from plans.reader import NAME_PATTERN, Section
+from protos.channel import host_port
 
 ENVIRONMENT = "FOEDUS_EXPERIMENT_CONFIG"
 ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})$")
@@ -44,7 +45,7 @@ class ClientConfig:
     @property
     def target(self) -> str:
         """host:port for gRPC."""
-        return f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
 
 def load_client_config(path: str | Path) -> ClientConfig:

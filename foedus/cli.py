@@ -20,10 +20,11 @@ from typing import Final, TextIO
 
 import numpy as np
 
+from command.arguments import command, program
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
 from command.output import quiet_when_stdout_closes, stdout_closed
 from command.table import table_lines
-from command.usage import Parser, UsageError, fail, parse_arguments
+from command.usage import UsageError, fail, parse_arguments, unexpected
 from durable.files import replace_file
 from foedus import model
 from protos.dtypes import is_bfloat16
@@ -43,36 +44,28 @@ exit status:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, separate from main so its help can be tested and documented."""
-    parser = Parser(
-        prog=PROGRAM,
-        description=textwrap.fill(
+    parser, commands = program(
+        PROGRAM,
+        textwrap.fill(
             "Look inside a foedus model file (last_model.pbuf, best_model.pbuf: an OpenFL "
             "ModelProto) and export it to safetensors or NumPy .npz."
         ),
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     summary = "Each tensor's name, dtype, shape and bytes, the total, and the file's SHA-256."
-    inspect = commands.add_parser(
-        "inspect",
-        help=summary,
-        description=summary,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    inspect = command(commands, "inspect", summary, epilog=EPILOG)
     inspect.add_argument("file", type=Path, metavar="FILE", help="a foedus model file")
     inspect.add_argument("--json", action="store_true", help="print one JSON object, for scripts")
     summary = "Write the model's tensors to OUT as safetensors or NumPy .npz, atomically."
-    export = commands.add_parser(
+    export = command(
+        commands,
         "export",
-        help=summary,
+        summary,
         description=textwrap.fill(
             f"{summary} safetensors keeps every dtype (bfloat16 as BF16); .npz has no bfloat16, "
             "so bfloat16 tensors are written as float32, which holds each value exactly."
         ),
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     export.add_argument("file", type=Path, metavar="FILE", help="a foedus model file")
     export.add_argument(
@@ -110,7 +103,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except KeyboardInterrupt:
         return fail(PROGRAM, "interrupted", EXIT_FAILURE)
     except Exception as error:
-        return fail(PROGRAM, f"unexpected failure: {type(error).__name__}: {error}", EXIT_FAILURE)
+        return fail(PROGRAM, unexpected(error), EXIT_FAILURE)
 
 
 def _inspect(path: Path, *, as_json: bool, out: TextIO) -> int:

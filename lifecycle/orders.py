@@ -1,6 +1,6 @@
 """What the director and an envoy say to each other, as plain data both sides share.
 
-The director hands an envoy `Work` in a heartbeat's answer (`director.service` builds it,
+The director hands an envoy `Work` in a heartbeat's answer (`director.envoys` builds it,
 `envoy.site` acts on it); the envoy sends back a `CollaboratorReport` for each change of its
 collaborators' states. Each side's gRPC edge converts them from and to director.proto's messages
 with `lifecycle.wire`, so neither side's logic sees the wire.

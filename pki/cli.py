@@ -8,9 +8,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from command.arguments import Commands, command, program
 from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
 from command.output import quiet_when_stdout_closes, stdout_closed
-from command.usage import Parser, UsageError, fail
+from command.usage import Parser, UsageError, fail, unexpected
 from pki.binding import canonical_common_name
 from pki.errors import PemFileError, PkiError
 from pki.files import parse_certificates, parse_csr, read_pem_file
@@ -213,24 +214,23 @@ def _cmd_fingerprint(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, separate from main so its help can be tested and documented."""
-    parser = Parser(
-        prog="pki",
-        description="Certificates for a foedus federation: a CA, participants' keys and requests, "
+    parser, commands = program(
+        "pki",
+        "Certificates for a foedus federation: a CA, participants' keys and requests, "
         "and the signed certificates they use for mutual TLS.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(
-        subparsers: argparse._SubParsersAction[Parser],
+    def handled(
+        subparsers: Commands,
         name: str,
         summary: str,
         handler: Callable[[argparse.Namespace], int],
     ) -> Parser:
-        sub = subparsers.add_parser(name, help=summary, description=summary)
+        sub = command(subparsers, name, summary)
         sub.set_defaults(handler=handler)
         return sub
 
-    ca = command(
+    ca = handled(
         commands, "ca", "Make the federation's root CA, signing CA and CA bundle in DIR.", _cmd_ca
     )
     ca.add_argument("--dir", type=Path, required=True, help="the federation's certificate folder")
@@ -243,14 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace an existing CA (every participant then needs a new certificate)",
     )
 
-    request = commands.add_parser(
+    request = command(
+        commands,
         "request",
-        help="Make a participant's private key and certificate signing request.",
+        "Make a participant's private key and certificate signing request.",
         description="Make a participant's private key (mode 0600) and certificate signing request, "
         "and print the request's fingerprint to tell the signer.",
     )
     roles = request.add_subparsers(dest="role", required=True, metavar="ROLE")
-    aggregator = command(
+    aggregator = handled(
         roles, "aggregator", "Key and request for the aggregator (TLS server).", _cmd_request
     )
     aggregator.add_argument(
@@ -270,13 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDR",
         help="an IP address for the certificate (repeatable)",
     )
-    collaborator = command(
+    collaborator = handled(
         roles, "collaborator", "Key and request for a collaborator (TLS client).", _cmd_request
     )
     collaborator.add_argument(
         "--name", required=True, help="the collaborator's name, as in the plan"
     )
-    user = command(
+    user = handled(
         roles, "user", "Key and request for a person using a director (TLS client).", _cmd_request
     )
     user.add_argument(
@@ -288,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.add_argument("--force", action="store_true", help="replace an existing private key")
 
-    certify = command(
+    certify = handled(
         commands,
         "certify",
         "Sign a participant's request with the signing CA in DIR, after checking it.",
@@ -337,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
         "could put a request in place of theirs gets a certificate in their name",
     )
 
-    setup = command(
+    setup = handled(
         commands,
         "setup",
         "Make a whole local federation's CA and certificates from a plan or a director.yaml "
@@ -362,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="make everything new: CA, keys and certificates"
     )
 
-    show = command(
+    show = handled(
         commands,
         "fingerprint",
         "Print the SHA-256 fingerprint of a request or certificate.",
@@ -396,4 +397,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return stdout_closed()
     except Exception as exc:
-        return _fail(f"unexpected failure: {type(exc).__name__}: {exc}", EXIT_FAILURE)
+        return _fail(unexpected(exc), EXIT_FAILURE)

@@ -73,6 +73,30 @@ def check_tls_files(files: Sequence[tuple[str, Path]], key: Path) -> None:
     check_private_key_mode(key)
 
 
+def tls_files_problem(
+    ca_bundle: Path, cert: Path, key: Path, *, named: str = "{}", where: str, make: str
+) -> str | None:
+    """What is wrong with the CA bundle, the certificate, the key or the key's mode, or None.
+
+    `named` names the certificate and the key in the line ("aggregator {}": "aggregator private
+    key"). A missing or unreadable file is named after `where` (the config file and its field),
+    with `make` (how to make it) when it is absent; an exposed key's line names the key file.
+    """
+    files = (
+        ("CA bundle", ca_bundle),
+        (named.replace("{}", "certificate", 1), cert),
+        (named.replace("{}", "private key", 1), key),
+    )
+    try:
+        check_tls_files(files, key)
+    except MissingTLSFileError as error:
+        hint = f" ({make})" if error.absent else ""
+        return f"{where}: {error}{hint}"
+    except KeyFileError as error:
+        return str(error)
+    return None
+
+
 def load_ca_bundle(ca_bundle: Path) -> bytes:
     """Read and check the PEM bundle of CA certificates that peers are verified against."""
     data = read_pem_file(ca_bundle, "CA bundle")

@@ -12,6 +12,7 @@ from enum import Enum
 from pathlib import Path
 
 from pki.layout import CertsLayout
+from protos.channel import host_port
 
 MIB = 1024 * 1024
 
@@ -41,7 +42,7 @@ class Address:
 
     def with_port(self, port: int) -> str:
         """`host:port` with `port` (the one bound, when the plan said 0), IPv6 in brackets."""
-        return f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
+        return host_port(self.host, port)
 
     def __str__(self) -> str:
         return self.with_port(self.port)

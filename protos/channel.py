@@ -1,4 +1,5 @@
-"""gRPC channel and server options both sides derive from the plan's limits.
+"""gRPC channel and server options both sides derive from the plan's limits, and the address
+both give gRPC (`host_port`).
 
 Message size limits must agree on both ends, or the larger side's messages fail as
 RESOURCE_EXHAUSTED; keepalive lets a collaborator notice a dead aggregator (and the reverse)
@@ -20,16 +21,20 @@ GRPC_BACKLOG_HARD_LIMIT = 3_000
 BACKLOG_SECONDS = 24 * 3600
 
 
-def client_options(max_message_bytes: int) -> list[tuple[str, int | str]]:
-    """Options for a collaborator's channel to the aggregator."""
+def _both_ends(max_message_bytes: int) -> list[tuple[str, int | str]]:
+    """What both ends must agree on: the message size limit, and keepalive pings when idle."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
     ]
+
+
+def client_options(max_message_bytes: int) -> list[tuple[str, int | str]]:
+    """Options for a collaborator's channel to the aggregator."""
+    return [*_both_ends(max_message_bytes), ("grpc.http2.max_pings_without_data", 0)]
 
 
 def server_options(
@@ -60,11 +65,7 @@ def server_options(
             ("grpc.http2.lookahead_bytes", stream_window_bytes),
         ]
     return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-        ("grpc.keepalive_permit_without_calls", 1),
+        *_both_ends(max_message_bytes),
         ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
         ("grpc.http2.max_ping_strikes", 0),
         # gRPC sets SO_REUSEPORT by default: two aggregators would then share a port silently.
@@ -77,3 +78,11 @@ def server_options(
         ("grpc.server_max_unrequested_time_in_server", BACKLOG_SECONDS),
         *window,
     ]
+
+
+def host_port(host: str, port: int) -> str:
+    """`host:port` as gRPC takes it, to dial or to listen on (and a URL's authority): an IPv6
+    literal in brackets, a host already in brackets as it is."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TypedDict, Unpack
 
 import numpy as np
 import numpy.typing as npt
@@ -43,26 +44,21 @@ class TensorTooLargeError(TensorFormatError, LimitExceededError):
     """A tensor claims more bytes than the receiver accepts."""
 
 
+class TensorFields(TypedDict, total=False):
+    """The fields `encode_tensor` passes on to `encode_tensor_meta_into`, which has their defaults."""
+
+    round_number: int
+    tags: Iterable[str]
+    report: bool
+    as_float32: bool
+
+
 def encode_tensor(
-    name: str,
-    array: npt.ArrayLike,
-    *,
-    round_number: int = 0,
-    tags: Iterable[str] = (),
-    report: bool = False,
-    as_float32: bool = False,
+    name: str, array: npt.ArrayLike, **fields: Unpack[TensorFields]
 ) -> base_pb2.NamedTensor:
     """Encode `array` exactly (float32 the OpenFL way); `as_float32` asks for a cast for OpenFL."""
     tensor = base_pb2.NamedTensor()
-    data = encode_tensor_meta_into(
-        tensor,
-        name,
-        array,
-        round_number=round_number,
-        tags=tags,
-        report=report,
-        as_float32=as_float32,
-    )
+    data = encode_tensor_meta_into(tensor, name, array, **fields)
     # protobuf takes only `bytes`, so one copy out of the array is the floor.
     tensor.data_bytes = data.tobytes()
     return tensor

@@ -16,8 +16,9 @@ TaskResults fields other than `tensors` come first, and one of them after a tens
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from protos import aggregator_pb2, base_pb2
 from protos.stream import StreamError
@@ -29,6 +30,7 @@ DATA_FIELD = 7  # NamedTensor.data_bytes
 
 _ONE_BYTE = [bytes((byte,)) for byte in range(0x80)]
 _VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
+_M = TypeVar("_M", bound=Message)  # the message `_parsed` reads
 _UNSUPPORTED_WIRE_TYPES = {3: "start group", 4: "end group", 6: "undefined", 7: "undefined"}
 
 # What the reader is in the middle of.
@@ -381,27 +383,21 @@ class ResultsReader:
         self._kept.extend(raw)
 
     def _parse_head(self) -> Head:
-        results = aggregator_pb2.TaskResults()
-        try:
-            results.ParseFromString(bytes(self._head))
-        except DecodeError as error:
-            raise ResultsFormatError(
-                f"the {self._message} fields before the tensors ({len(self._head)} bytes) do not "
-                f"parse: {error}"
-            ) from None
+        results = _parsed(
+            aggregator_pb2.TaskResults(),
+            self._head,
+            f"the {self._message} fields before the tensors",
+        )
         return Head(results.header, results.round_number, results.task_name, results.data_size)
 
     def _parse_meta(self) -> base_pb2.NamedTensor:
-        tensor = base_pb2.NamedTensor()
-        try:
-            tensor.ParseFromString(bytes(self._meta))
-        except DecodeError as error:
-            raise ResultsFormatError(
-                f"tensor {self._tensors - 1} (from byte {self._tensor_offset}): its fields "
-                f"other than data_bytes ({len(self._meta)} bytes) do not parse as a NamedTensor: "
-                f"{error}"
-            ) from None
-        return tensor
+        return _parsed(
+            base_pb2.NamedTensor(),
+            self._meta,
+            f"tensor {self._tensors - 1} (from byte {self._tensor_offset}): its fields "
+            "other than data_bytes",
+            as_=" as a NamedTensor",
+        )
 
     def _at_field(self) -> str:
         """Where the field being read is, for an error message."""
@@ -457,3 +453,12 @@ def _decode(raw: bytes) -> int:
     for shift, byte in enumerate(raw):
         value |= (byte & 0x7F) << (7 * shift)
     return value
+
+
+def _parsed(message: _M, data: bytearray, what: str, *, as_: str = "") -> _M:
+    """`message` read from `data`; `ResultsFormatError` saying `what` ({len} bytes) does not parse."""
+    try:
+        message.ParseFromString(bytes(data))
+    except DecodeError as error:
+        raise ResultsFormatError(f"{what} ({len(data)} bytes) do not parse{as_}: {error}") from None
+    return message

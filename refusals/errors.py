@@ -2,7 +2,7 @@
 
 Plain Python: the federation's and the director's logic, the codec and the stream reader raise
 them without knowing gRPC or HTTP. A service's own refinements subclass the one they are
-(`director.errors.IllegalTransitionError` is a `PreconditionError`, the codec's
+(`director.records.IllegalTransitionError` is a `PreconditionError`, the codec's
 `TensorTooLargeError` a `LimitExceededError`), so the tables need no entry of their own for them.
 """
 

@@ -12,13 +12,6 @@ class ServerError(Exception):
     """A service cannot serve at all (port in use, unusable address); not a refusal."""
 
 
-def listen_address(host: str, port: int) -> str:
-    """The host:port a server listens on, an IPv6 host in brackets."""
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"{host}:{port}"
-
-
 class Serving(ABC):
     """A gRPC server's lifetime: started on entering a `with`, stopped at once on leaving.
 

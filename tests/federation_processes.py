@@ -22,6 +22,7 @@ import yaml
 from pki.layout import CertsLayout
 
 REPO = Path(__file__).resolve().parent.parent
+TESTS = REPO / "tests"
 COLLABORATORS = ("alice", "bob", "carol")
 RUN_TIMEOUT_SECONDS = 120
 
@@ -32,6 +33,26 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+def child_python_path(*folders: Path) -> str:
+    """The PYTHONPATH of a child process: `folders`, tests/ (its runners), the repository, then
+    this process's own (the empty parts left out: an empty one would put the child's cwd first)."""
+    parts = [*map(str, folders), str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")]
+    return os.pathsep.join(part for part in parts if part)
+
+
+def run_module(module: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`python -m MODULE ARGS` from the repository, as a person runs a command; its output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": child_python_path()},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def write_plan(

@@ -16,6 +16,7 @@ from federation_processes import (
     COLLABORATORS,
     REPO,
     FederationProcesses,
+    child_python_path,
     final_accuracy,
     write_plan,
 )
@@ -74,7 +75,7 @@ def federate_sites(
     model learns (accuracy >= 0.9). Its output is under `folder`/run."""
     plan = write_plan(folder / "run", certs, 5, runner=runner)
     federation = FederationProcesses(plan, folder / "run")
-    environment = {"PYTHONPATH": str(folder)}
+    environment = {"PYTHONPATH": child_python_path(folder)}
     try:
         federation.start("aggregator", env=environment)
         for name in COLLABORATORS:

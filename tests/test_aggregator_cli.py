@@ -32,12 +32,11 @@ from protos import aggregator_pb2, aggregator_pb2_grpc
 from protos.codec import decode_tensor, encode_tensor
 from protos.stream import task_results_to_chunks
 
+from federation_processes import child_python_path
 from servers import AGGREGATOR_ID, COLLABORATORS, FEDERATION_UUID, plan_document
 from settings_runner import IMPORTED, MARKER
 from settings_runner import NAME as SETTINGS_RUNNER
 
-TESTS = Path(__file__).resolve().parent
-REPO = TESTS.parent
 RUNNER = "test_aggregator_cli:TinyRunner"
 
 
@@ -469,7 +468,7 @@ def test_a_signal_stops_a_serving_aggregator_with_128_plus_its_number(
     """`python -m aggregator start` serves, and on a signal stops within a few seconds with
     128 + its number: not 0, which says the federation finished."""
     plan = write_plan(tmp_path, certs)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
+    env = {**os.environ, "PYTHONPATH": child_python_path()}
     with subprocess.Popen(
         [sys.executable, "-m", "aggregator", "start", "--plan", str(plan)],
         cwd=tmp_path,

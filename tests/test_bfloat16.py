@@ -21,12 +21,11 @@ from protos.codec import TensorFormatError, decode_tensor, encode_tensor, tensor
 from protos.dtypes import BFLOAT16, bfloat16_dtype, is_float, wire_dtype
 
 from fedavg_reference import Contribution, RunningAverage, federated_average
-from federation_processes import COLLABORATORS, FederationProcesses, write_plan
+from federation_processes import COLLABORATORS, FederationProcesses, child_python_path, write_plan
 from mixed_dtypes_runner import NAME as MIXED_RUNNER
 from mixed_dtypes_runner import MixedDtypesRunner
 
 BF16 = bfloat16_dtype()
-TESTS = Path(__file__).resolve().parent
 EVERY_BF16 = np.arange(2**16, dtype=np.uint16).view(BF16)  # every bit pattern, NaNs included
 MAX_BYTES = 2**20
 
@@ -202,7 +201,7 @@ def test_every_state_dict_dtype_survives_a_federation_of_processes(
         runner={"name": MIXED_RUNNER, "seed": 3, "settings": {}},
     )
     federation = FederationProcesses(plan, tmp_path)
-    environment = {"PYTHONPATH": str(TESTS)}
+    environment = {"PYTHONPATH": child_python_path()}
     try:
         federation.start("aggregator", env=environment)
         for name in COLLABORATORS:

@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import grpc
 import pytest
 import yaml
 
+from aggregator.federation import Federation
 from collaborator.cli import leave_reason, main
 from collaborator.digits import DigitsRunner
 from collaborator.errors import (
@@ -25,11 +28,10 @@ from collaborator.errors import (
 )
 from collaborator.loop import CollaboratorError
 from pki.layout import CertsLayout
-from plans import Plan
 from plans.runners import Model, RunnerError, TrainOutcome
 
 from directors import alias_bomb_plan
-from federation_processes import free_port
+from federation_processes import free_port, run_module
 from servers import (
     closing_rounds,
     make_federation,
@@ -82,14 +84,7 @@ def test_help_at_each_level_exits_zero(capsys: pytest.CaptureFixture[str]) -> No
 
 def test_python_m_collaborator_help() -> None:
     """`python -m collaborator --help` runs the command line and exits 0."""
-    done = subprocess.run(
-        [sys.executable, "-m", "collaborator", "--help"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_module("collaborator", "--help")
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: collaborator")
 
@@ -392,30 +387,38 @@ def test_refusal_exits_1_with_its_status(
     assert caplog.messages[-1] == "failure: the aggregator refused GetTasks (PERMISSION_DENIED)"
 
 
-def one_collaborator_plan(certs: CertsLayout) -> Plan:
-    """Alice alone, one training round (and the final validation round after it)."""
-    return make_plan(
+@contextmanager
+def alice_alone(
+    certs: CertsLayout, tmp_path: Path, **sections: Any
+) -> Iterator[tuple[Federation, Path]]:
+    """An aggregator of alice alone, one training round (and the final validation round after
+    it), its rounds closing; yields it and alice's plan (`sections` merged into it)."""
+    server_plan = make_plan(
         certs,
         federation={"rounds": 1},
         collaborators=["alice"],
         aggregator={"long_poll_seconds": 0.5},
     )
+    federation = make_federation(server_plan, DigitsRunner.initial_model(server_plan.runner))
+    with running_aggregator(server_plan, federation) as server, closing_rounds(federation):
+        yield (
+            federation,
+            write_plan(
+                tmp_path,
+                certs,
+                federation={"rounds": 1},
+                collaborators=["alice"],
+                aggregator={"host": "127.0.0.1", "common_name": "localhost", "port": server.port},
+                **sections,
+            ),
+        )
 
 
 def test_a_whole_federation_exits_0(
     certs: CertsLayout, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Alice alone runs one round and the final validation, is told to quit, and exits 0 silently."""
-    server_plan = one_collaborator_plan(certs)
-    federation = make_federation(server_plan, DigitsRunner.initial_model(server_plan.runner))
-    with running_aggregator(server_plan, federation) as server, closing_rounds(federation):
-        plan = write_plan(
-            tmp_path,
-            certs,
-            federation={"rounds": 1},
-            collaborators=["alice"],
-            aggregator={"host": "127.0.0.1", "common_name": "localhost", "port": server.port},
-        )
+    with alice_alone(certs, tmp_path) as (federation, plan):
         assert main(["start", "-n", "alice", "--plan", str(plan)]) == 0
     assert error_lines(capsys) == []
     assert federation.finished
@@ -427,17 +430,7 @@ def test_site_settings_replace_the_plans_for_a_whole_federation(
     certs: CertsLayout, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A site file's key replaces the plan's: a plan whose epochs alone would be refused runs."""
-    server_plan = one_collaborator_plan(certs)
-    federation = make_federation(server_plan, DigitsRunner.initial_model(server_plan.runner))
-    with running_aggregator(server_plan, federation) as server, closing_rounds(federation):
-        plan = write_plan(
-            tmp_path,
-            certs,
-            federation={"rounds": 1},
-            collaborators=["alice"],
-            aggregator={"host": "127.0.0.1", "common_name": "localhost", "port": server.port},
-            runner={"settings": {"epochs": 0}},
-        )
+    with alice_alone(certs, tmp_path, runner={"settings": {"epochs": 0}}) as (federation, plan):
         site = write_site(tmp_path, "epochs: 2\nbatch_size: 16\n")
         args = ["start", "-n", "alice", "--plan", str(plan), "--site-settings", str(site)]
         assert main(args) == 0

@@ -13,7 +13,6 @@ the aggregator is away (a patient `connection` section). Every wait is bounded.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 from pathlib import Path
@@ -25,14 +24,19 @@ from pki.layout import CertsLayout
 
 from dying_runner import NAME as DYING_RUNNER
 from dying_runner import TRAIN, VALIDATION, arm
-from federation_processes import COLLABORATORS, FederationProcesses, run_federation, write_plan
+from federation_processes import (
+    COLLABORATORS,
+    FederationProcesses,
+    child_python_path,
+    run_federation,
+    write_plan,
+)
 
 ROUNDS = 3
 # Collaborators wait for a restarted aggregator: retries every 0.2-1 s for up to a minute.
 PATIENT = {"max_retries": 200, "max_wait_seconds": 60}
 KILLED = -signal.SIGKILL
 DEADLINE_SECONDS = 180  # a bound for a loaded machine; a quiet one needs seconds
-TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +211,7 @@ def test_collaborator_killed_thrice_and_restarted_by_hand_leaves_the_same_model(
     otherwise the digits runner)."""
     plan = write_plan(tmp_path, certs, ROUNDS, connection=PATIENT, runner={"name": DYING_RUNNER})
     federation = FederationProcesses(plan, tmp_path)
-    environment = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    environment = {"PYTHONPATH": child_python_path()}
     validating, training = tmp_path / "died-validating-round-1", tmp_path / "died-training-round-2"
     alice = {**environment, **arm((1, VALIDATION, validating), (2, TRAIN, training))}
     try:

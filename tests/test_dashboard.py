@@ -18,10 +18,11 @@ import yaml
 
 from director import cli
 from director.dashboard import metric_series
+from director.folders import OUTPUT
 from director.launcher import LOG_FILE
 from director.server import DirectorServer
-from director.service import METRICS, OUTPUT
 from director.tokens import TOKENS_FILE, TokenStore
+from history.rows import METRICS
 from pki.layout import CertsLayout
 from plans.director_config import ConfigError, load_config
 from plans.schema import Address

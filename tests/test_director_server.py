@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from aggregator.storage import model_bytes
+from director.changes import MAX_WAIT_SECONDS
 from director.launcher import LOG_FILE, LocalLauncher
 from pki.layout import CertsLayout
 from pki.local import load_signing_ca
@@ -44,11 +45,10 @@ from directors import (
     stub_at,
     submitted_plan,
 )
-from federation_processes import free_port
+from federation_processes import child_python_path, free_port
 from settings_runner import IMPORTED, MARKER
 from settings_runner import NAME as SETTINGS_RUNNER
 
-TESTS = Path(__file__).resolve().parent
 WAIT_SECONDS = 30
 TIMEOUT = 20  # every call's deadline
 
@@ -350,6 +350,51 @@ def test_a_sites_log_comes_through_its_envoy(director: Director) -> None:
     reader.join()
     assert errors == []
     assert [(chunk.offset, chunk.data) for chunk in chunks] == [(5, log[5:])]
+
+
+def test_followed_streams_see_each_change_and_end_with_the_experiment(
+    director: Director,
+) -> None:
+    """Metrics, the aggregator's log and the experiment followed: each new row, line and state
+    arrives while they follow, and a cancel ends all three cleanly."""
+    ada, root = director.stub("ada"), director.stub(ADMIN)
+    experiment_id = submit(ada, submitted_plan()).experiment_id
+    root.ApproveExperiment(pb.ReviewRequest(experiment_id=experiment_id), timeout=TIMEOUT)
+    eventually(lambda: state_of(director, experiment_id) == pb.EXPERIMENT_WAITING, "waiting")
+    folder = director.server.service.folder(experiment_id)
+    (folder / "output").mkdir(exist_ok=True)
+    request = pb.ExperimentRequest(experiment_id=experiment_id)
+    metrics = ada.GetMetricStream(
+        pb.MetricStreamRequest(experiment_id=experiment_id, follow=True), timeout=TIMEOUT
+    )
+    logs = ada.GetLogs(
+        pb.LogRequestFromUser(experiment_id=experiment_id, follow=True), timeout=TIMEOUT
+    )
+    watch = ada.WatchExperiment(request, timeout=TIMEOUT)
+    assert next(watch).state == pb.EXPERIMENT_WAITING
+    with (folder / "output" / "metrics.jsonl").open("a", encoding="utf-8") as rows:
+        rows.write('{"round": 0}\n')
+    with (folder / LOG_FILE).open("ab") as log:
+        log.write(b"round 0 done\n")
+    first_row = next(metrics)
+    assert (first_row.index, first_row.json) == (0, '{"round": 0}')
+    first_chunk = next(logs)
+    assert (first_chunk.offset, first_chunk.data) == (0, b"round 0 done\n")
+    assert next(watch).rounds_completed == 1
+    ada.CancelExperiment(request, timeout=TIMEOUT)
+    assert [message.state for message in watch] == [pb.EXPERIMENT_CANCELLED]
+    assert list(metrics) == [] and list(logs) == []
+
+
+def test_a_followed_stream_ends_cleanly_when_the_director_stops(director: Director) -> None:
+    """The server stopping wakes a followed watch at once: it ends with OK, well within its
+    deadline (the longest it could otherwise wait without a change)."""
+    experiment_id = submit(director.stub("ada"), submitted_plan()).experiment_id
+    request = pb.ExperimentRequest(experiment_id=experiment_id)
+    watch = director.stub("ada").WatchExperiment(request, timeout=MAX_WAIT_SECONDS / 2)
+    assert next(watch).state == pb.EXPERIMENT_SUBMITTED
+    director.server.stopping.set()  # as `DirectorServer.stop` does first
+    assert list(watch) == []
 
 
 # --- the hostile table ----------------------------------------------------------------------
@@ -757,9 +802,7 @@ def test_a_runner_is_imported_only_where_director_yaml_allows_it(
     the aggregator's log); allowed and without a model, both import it (the mark works)."""
     marker = tmp_path / "imported"
     monkeypatch.setenv(MARKER, str(marker))
-    monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
-    )
+    monkeypatch.setenv("PYTHONPATH", child_python_path())
     monkeypatch.delitem(sys.modules, "settings_runner", raising=False)
     port = free_port()
     runners = ["digits", SETTINGS_RUNNER] if allowed else ["digits"]

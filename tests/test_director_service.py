@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,13 +15,20 @@ from typing import Any
 import pytest
 import yaml
 
+from director import changes as changes_module
+from director.changes import Changes, Follow
+from director.folders import ExperimentFolders, ModelUpload
 from director.identity import Caller, Role
 from director.launcher import LocalLauncher
-from director.service import CollaboratorReport, DirectorService
-from director.state import CollaboratorState, DirectorState, ExperimentState, ShardInfo
+from director.records import ExperimentState, ShardInfo
+from director.service import DirectorService
+from director.state import DirectorState
+from lifecycle.orders import CollaboratorReport
+from lifecycle.states import CollaboratorState
 from pki.layout import CertsLayout
 from plans.director_config import load_config
 from processes.children import Ended
+from refusals.errors import InvalidRequestError, NotFoundError
 
 from clocks import Clock
 from directors import ENVOYS, RecordingLauncher, submitted_plan, write_config
@@ -43,21 +51,21 @@ class Harness:
 
     def heartbeat_all(self, *names: str) -> None:
         for name in names:
-            self.service.heartbeat(Caller(name, Role.ENVOY), [])
+            self.service.envoy_desk.heartbeat(Caller(name, Role.ENVOY), [])
 
     def running_experiment(self, **sections: Any) -> str:
         """An experiment on all three sites (its plan with `sections`), started and running."""
         for name in ENVOYS:
-            self.service.register_envoy(Caller(name, Role.ENVOY), ShardInfo(), "v")
-        view = self.service.submit(ADA, yaml.safe_dump(submitted_plan(**sections)), "", None)
+            self.service.envoy_desk.register(Caller(name, Role.ENVOY), ShardInfo(), "v")
+        view = self.service.people.submit(ADA, yaml.safe_dump(submitted_plan(**sections)), "", None)
         experiment_id = view.experiment.experiment_id
-        self.service.supervise()
+        self.service.supervisor.supervise()
         for name in ENVOYS:
-            self.service.report(
+            self.service.envoy_desk.report(
                 Caller(name, Role.ENVOY),
                 CollaboratorReport(experiment_id, CollaboratorState.STARTED),
             )
-        self.service.supervise()
+        self.service.supervisor.supervise()
         assert self.state.experiment(experiment_id).state is ExperimentState.RUNNING
         return experiment_id
 
@@ -76,9 +84,9 @@ def test_a_site_back_within_the_grace_period_goes_on(harness: Harness) -> None:
     for _ in range(23):
         harness.clock.now += 0.5
         harness.heartbeat_all("alice", "carol")
-        harness.service.supervise()
+        harness.service.supervisor.supervise()
     harness.heartbeat_all("bob")
-    harness.service.supervise()
+    harness.service.supervisor.supervise()
     assert harness.state.experiment(experiment_id).state is ExperimentState.RUNNING
 
 
@@ -88,7 +96,7 @@ def test_a_site_gone_past_the_grace_period_fails_the_experiment(harness: Harness
     for _ in range(25):
         harness.clock.now += 0.5
         harness.heartbeat_all("alice", "carol")
-        harness.service.supervise()
+        harness.service.supervisor.supervise()
     failed = harness.state.experiment(experiment_id)
     assert failed.state is ExperimentState.FAILED
     assert failed.reason == ("sites offline for more than 10 s: bob; 2 of 3 left, 3 needed")
@@ -106,12 +114,12 @@ def test_min_sites_lets_it_go_on_without_one_but_not_a_mandatory_one(tmp_path: P
         for _ in range(10):
             harness.clock.now += 0.5
             harness.heartbeat_all("alice", "carol")
-            harness.service.supervise()
+            harness.service.supervisor.supervise()
         assert harness.state.experiment(experiment_id).state is ExperimentState.RUNNING
         for _ in range(10):
             harness.clock.now += 0.5
             harness.heartbeat_all("alice")
-            harness.service.supervise()
+            harness.service.supervisor.supervise()
         failed = harness.state.experiment(experiment_id)
         assert failed.state is ExperimentState.FAILED
         assert failed.reason.startswith(
@@ -129,12 +137,12 @@ def test_a_plans_liveness_policy_is_the_experiments_own(harness: Harness) -> Non
     for _ in range(10):
         harness.clock.now += 0.5
         harness.heartbeat_all("alice", "carol")
-        harness.service.supervise()
+        harness.service.supervisor.supervise()
     assert harness.state.experiment(experiment_id).state is ExperimentState.RUNNING
     for _ in range(7):
         harness.clock.now += 0.5
         harness.heartbeat_all("alice")
-        harness.service.supervise()
+        harness.service.supervisor.supervise()
     failed = harness.state.experiment(experiment_id)
     assert failed.state is ExperimentState.FAILED
     assert failed.reason == "sites offline for more than 1 s: bob, carol; 1 of 3 left, 2 needed"
@@ -144,7 +152,7 @@ def test_an_aggregator_stopped_before_its_last_round_is_started_again(harness: H
     """Exit 0 with rounds left (it was stopped by a signal) is not completion: it starts again."""
     experiment_id = harness.running_experiment()
     harness.launcher.ends[experiment_id] = Ended(0)
-    harness.service.supervise()
+    harness.service.supervisor.supervise()
     assert harness.state.experiment(experiment_id).state is ExperimentState.RUNNING
     assert [started for started, _ in harness.launcher.started] == [experiment_id] * 2
 
@@ -221,20 +229,20 @@ def test_restart_stops_an_aggregator_its_cancelled_experiment_outlived(tmp_path:
 def test_a_gone_site_fails_only_the_experiments_it_is_in(harness: Harness) -> None:
     """bob never returns: his experiment fails naming him; carol's, beside it, goes on."""
     for name in ENVOYS:
-        harness.service.register_envoy(Caller(name, Role.ENVOY), ShardInfo(), "v")
+        harness.service.envoy_desk.register(Caller(name, Role.ENVOY), ShardInfo(), "v")
     ids = []
     for sites in (["alice", "bob"], ["carol"]):
         plan = yaml.safe_dump(submitted_plan(collaborators=sites))
-        ids.append(harness.service.submit(ADA, plan, "", None).experiment.experiment_id)
-        harness.service.supervise()
+        ids.append(harness.service.people.submit(ADA, plan, "", None).experiment.experiment_id)
+        harness.service.supervisor.supervise()
         for name in sites:
-            harness.service.report(
+            harness.service.envoy_desk.report(
                 Caller(name, Role.ENVOY), CollaboratorReport(ids[-1], CollaboratorState.STARTED)
             )
     for _ in range(30):
         harness.clock.now += 0.5
         harness.heartbeat_all("alice", "carol")
-        harness.service.supervise()
+        harness.service.supervisor.supervise()
     first, second = (harness.state.experiment(i) for i in ids)
     assert (first.state, first.reason) == (
         ExperimentState.FAILED,
@@ -251,7 +259,7 @@ def report(
     harness: Harness, site: str, experiment_id: str, state: CollaboratorState, why: str
 ) -> None:
     """`site`'s envoy reports its collaborator's `state`, exit code 1, with `why`."""
-    harness.service.report(
+    harness.service.envoy_desk.report(
         Caller(site, Role.ENVOY), CollaboratorReport(experiment_id, state, 1, why)
     )
 
@@ -266,14 +274,14 @@ def test_a_site_given_up_goes_on_under_min_sites_and_fails_past_it(
     for _ in range(3):
         harness.clock.now += 0.5
         harness.heartbeat_all(*ENVOYS)
-        harness.service.supervise()
+        harness.service.supervisor.supervise()
     assert harness.state.experiment(experiment_id).state is ExperimentState.RUNNING
     going_on = [r for r in caplog.records if "goes on without site bob" in r.getMessage()]
     assert [r.getMessage() for r in going_on] == [
         f"experiment {experiment_id} goes on without site bob: gave up: it died 4 times in a row"
     ]
     report(harness, "carol", experiment_id, CollaboratorState.SITE_REJECTED, "not today")
-    harness.service.supervise()
+    harness.service.supervisor.supervise()
     failed = harness.state.experiment(experiment_id)
     assert (failed.state, failed.reason) == (
         ExperimentState.FAILED,
@@ -291,7 +299,7 @@ def test_a_site_given_up_fails_the_experiment_under_the_default_policy(
     experiment_id = harness.running_experiment()
     why = "a bad plan or settings; the collaborator exited with code 2; its log ends: x"
     report(harness, "bob", experiment_id, CollaboratorState.GAVE_UP, why)
-    harness.service.supervise()
+    harness.service.supervisor.supervise()
     failed = harness.state.experiment(experiment_id)
     assert (failed.state, failed.reason) == (
         ExperimentState.FAILED,
@@ -314,7 +322,7 @@ def test_a_mandatory_site_lost_fails_and_lost_and_offline_count_together(
         for _ in range(10):
             harness.clock.now += 0.5
             harness.heartbeat_all("bob", "carol")
-            harness.service.supervise()
+            harness.service.supervisor.supervise()
         assert harness.state.experiment(experiment_id).state is ExperimentState.RUNNING
         going_on = [r.getMessage() for r in caplog.records if "goes on without" in r.getMessage()]
         assert sorted(going_on) == [
@@ -322,7 +330,7 @@ def test_a_mandatory_site_lost_fails_and_lost_and_offline_count_together(
             f"experiment {experiment_id} goes on without site bob: refused: runner not allowed",
         ]
         report(harness, "carol", experiment_id, CollaboratorState.GAVE_UP, "stopped")
-        harness.service.supervise()
+        harness.service.supervisor.supervise()
         failed = harness.state.experiment(experiment_id)
         assert (failed.state, failed.reason) == (
             ExperimentState.FAILED,
@@ -336,16 +344,16 @@ def test_a_mandatory_site_lost_fails_and_lost_and_offline_count_together(
 def test_a_site_refused_at_the_start_does_not_hold_the_others_waiting(harness: Harness) -> None:
     """min_sites 2: bob refuses; once alice and carol have started the experiment is running."""
     for name in ENVOYS:
-        harness.service.register_envoy(Caller(name, Role.ENVOY), ShardInfo(), "v")
+        harness.service.envoy_desk.register(Caller(name, Role.ENVOY), ShardInfo(), "v")
     plan = yaml.safe_dump(submitted_plan(liveness={"min_sites": 2}))
-    experiment_id = harness.service.submit(ADA, plan, "", None).experiment.experiment_id
-    harness.service.supervise()
+    experiment_id = harness.service.people.submit(ADA, plan, "", None).experiment.experiment_id
+    harness.service.supervisor.supervise()
     report(harness, "bob", experiment_id, CollaboratorState.REFUSED, "runner not allowed")
     report(harness, "alice", experiment_id, CollaboratorState.STARTED, "")
-    harness.service.supervise()
+    harness.service.supervisor.supervise()
     assert harness.state.experiment(experiment_id).state is ExperimentState.WAITING
     report(harness, "carol", experiment_id, CollaboratorState.STARTED, "")
-    harness.service.supervise()
+    harness.service.supervisor.supervise()
     assert harness.state.experiment(experiment_id).state is ExperimentState.RUNNING
 
 
@@ -363,7 +371,7 @@ def complete_rounds(harness: Harness, experiment_id: str, rounds: int) -> None:
 def kill_aggregator(harness: Harness, experiment_id: str) -> ExperimentState:
     """The aggregator killed by signal 9 and noticed; the experiment's state after."""
     harness.launcher.ends[experiment_id] = Ended(-9)
-    harness.service.supervise()
+    harness.service.supervisor.supervise()
     return harness.state.experiment(experiment_id).state
 
 
@@ -410,12 +418,12 @@ def test_an_aggregator_that_fails_names_its_last_line_and_the_lost_sites(
         experiment_id = harness.running_experiment(liveness={"min_sites": 1})
         for name in ("bob", "carol"):
             report(harness, name, experiment_id, CollaboratorState.GAVE_UP, "a bad plan")
-        harness.service.supervise()
+        harness.service.supervisor.supervise()
         line = "aggregator: error: round 1/10 can never close: every collaborator has left"
         log = harness.service.folder(experiment_id) / "aggregator.log"
         log.write_text(f"started\n{line}\n", encoding="utf-8")
         harness.launcher.ends[experiment_id] = Ended(1)
-        harness.service.supervise()
+        harness.service.supervisor.supervise()
         failed = harness.state.experiment(experiment_id)
         assert (failed.state, failed.reason) == (
             ExperimentState.FAILED,
@@ -442,25 +450,37 @@ def test_a_users_backlog_does_not_hold_every_place(tmp_path: Path) -> None:
     try:
         assert harness.config.max_running_per_user == 1
         for name in ENVOYS:
-            harness.service.register_envoy(Caller(name, Role.ENVOY), ShardInfo(), "v")
+            harness.service.envoy_desk.register(Caller(name, Role.ENVOY), ShardInfo(), "v")
         plan = yaml.safe_dump(submitted_plan())
         ada = []
         for _ in range(5):
-            ada.append(harness.service.submit(ADA, plan, "", None).experiment.experiment_id)
-            harness.service.supervise()
+            ada.append(harness.service.people.submit(ADA, plan, "", None).experiment.experiment_id)
+            harness.service.supervisor.supervise()
         assert [started for started, _ in harness.launcher.started] == [ada[0]]
-        bea = harness.service.submit(Caller("bea", Role.USER), plan, "", None)
+        bea = harness.service.people.submit(Caller("bea", Role.USER), plan, "", None)
         assert bea.queue_position == 1  # ahead of ada's four waiting
-        assert [harness.service.experiment(ADA, i).queue_position for i in ada] == [0, 2, 3, 4, 5]
-        harness.service.supervise()
+        assert [harness.service.people.experiment(ADA, i).queue_position for i in ada] == [
+            0,
+            2,
+            3,
+            4,
+            5,
+        ]
+        harness.service.supervisor.supervise()
         assert [s for s, _ in harness.launcher.started] == [ada[0], bea.experiment.experiment_id]
-        assert [harness.service.experiment(ADA, i).queue_position for i in ada] == [0, 1, 2, 3, 4]
-        harness.service.cancel(Caller("bea", Role.USER), bea.experiment.experiment_id)
-        harness.service.supervise()
+        assert [harness.service.people.experiment(ADA, i).queue_position for i in ada] == [
+            0,
+            1,
+            2,
+            3,
+            4,
+        ]
+        harness.service.people.cancel(Caller("bea", Role.USER), bea.experiment.experiment_id)
+        harness.service.supervisor.supervise()
         assert owners_running(harness) == {"ada": 1}  # the freed place stays free
         for step in range(1, 5):
-            harness.service.cancel(ADA, ada[step - 1])
-            harness.service.supervise()
+            harness.service.people.cancel(ADA, ada[step - 1])
+            harness.service.supervisor.supervise()
             assert owners_running(harness) == {"ada": 1}
             assert harness.launcher.started[-1][0] == ada[step]
     finally:
@@ -473,18 +493,104 @@ def test_an_explicit_per_user_limit_is_kept(tmp_path: Path) -> None:
     harness = Harness(tmp_path, max_running_experiments=4, max_running_per_user=2)
     try:
         for name in ENVOYS:
-            harness.service.register_envoy(Caller(name, Role.ENVOY), ShardInfo(), "v")
+            harness.service.envoy_desk.register(Caller(name, Role.ENVOY), ShardInfo(), "v")
         plan = yaml.safe_dump(submitted_plan())
-        ada = [harness.service.submit(ADA, plan, "", None) for _ in range(3)]
-        bea = harness.service.submit(Caller("bea", Role.USER), plan, "", None)
-        harness.service.supervise()
+        ada = [harness.service.people.submit(ADA, plan, "", None) for _ in range(3)]
+        bea = harness.service.people.submit(Caller("bea", Role.USER), plan, "", None)
+        harness.service.supervisor.supervise()
         assert [s for s, _ in harness.launcher.started] == [
             ada[0].experiment.experiment_id,
             bea.experiment.experiment_id,
             ada[1].experiment.experiment_id,
         ]
         assert owners_running(harness) == {"ada": 2, "bea": 1}
-        third = harness.service.experiment(ADA, ada[2].experiment.experiment_id)
+        third = harness.service.people.experiment(ADA, ada[2].experiment.experiment_id)
         assert (third.experiment.state, third.queue_position) == (ExperimentState.APPROVED, 1)
     finally:
         harness.state.close()
+
+
+# -- what followed streams wait on ----------------------------------------------------------------
+
+
+def waited_in_a_thread(changes: Changes, seen: int, follow: Follow, act: Any) -> list[bool]:
+    """`changes.wait(seen, follow)` in a thread while `act()` runs here; what it returned."""
+    returned: list[bool] = []
+    waiter = threading.Thread(target=lambda: returned.append(changes.wait(seen, follow)))
+    waiter.start()
+    act()
+    waiter.join(timeout=20)
+    assert not waiter.is_alive(), "the waiter was not woken"
+    return returned
+
+
+def test_a_follower_wakes_at_the_next_change_and_ends_when_its_follow_is_over(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No recheck to fall back on: a change past the count seen wakes the waiter (True: look
+    again); its call ending wakes it too (False: end the stream)."""
+    monkeypatch.setattr(changes_module, "MAX_WAIT_SECONDS", 3600.0)
+    changes, over = Changes(), threading.Event()
+    follow = Follow(over=over.is_set, time_left=lambda: 3600.0)
+    seen = changes.count
+    changes.signal()  # a change while the follower read: it does not wait at all
+    assert changes.wait(seen, follow) is True
+    assert waited_in_a_thread(changes, changes.count, follow, changes.signal) == [True]
+
+    def end_the_call() -> None:
+        over.set()
+        changes.wake()
+
+    assert waited_in_a_thread(changes, changes.count, follow, end_the_call) == [False]
+
+
+def test_every_write_of_the_state_but_a_heartbeat_signals_a_change(harness: Harness) -> None:
+    """A registration and a submission each signal; a heartbeat (no follower shows its time)
+    and a refused write do not."""
+    changes = harness.state.changes
+    seen = changes.count
+    harness.service.envoy_desk.register(Caller("alice", Role.ENVOY), ShardInfo(), "v")
+    assert changes.count == seen + 1
+    harness.heartbeat_all("alice")
+    assert changes.count == seen + 1
+    with pytest.raises(NotFoundError):
+        harness.state.transition("no-such-experiment", ExperimentState.CANCELLED)
+    assert changes.count == seen + 1
+    plan = yaml.safe_dump(submitted_plan(collaborators=["alice"]))
+    harness.service.people.submit(ADA, plan, "", None)  # stored, then approved: two writes
+    assert changes.count == seen + 3
+
+
+def test_the_supervisor_signals_what_changes_outside_the_state(harness: Harness) -> None:
+    """Nothing new: no signal; the aggregator's metrics grow, an envoy goes offline: one each."""
+    experiment_id = harness.running_experiment()
+    changes = harness.state.changes
+    harness.service.supervisor.observe()
+    seen = changes.count
+    harness.service.supervisor.observe()
+    assert changes.count == seen
+    complete_rounds(harness, experiment_id, 1)
+    harness.service.supervisor.observe()
+    assert changes.count == seen + 1
+    harness.clock.now += 10  # every envoy silent past two health periods: offline
+    harness.service.supervisor.observe()
+    assert changes.count == seen + 2
+
+
+# -- the experiments' folders --------------------------------------------------------------------
+
+
+def test_a_submitted_model_is_kept_only_when_every_declared_byte_arrived(tmp_path: Path) -> None:
+    """Fewer bytes than declared: refused, nothing left in the folder (no temporary either); all
+    of them: the model; a model asked for once its file is gone: NOT_FOUND's refusal."""
+    folders = ExperimentFolders(tmp_path)
+    folders.make("e")
+    with pytest.raises(InvalidRequestError, match="says 5 bytes, but 3 arrived"):
+        folders.receive_model("e", ModelUpload(5, [b"abc"]), limit=10)
+    assert list(folders.folder("e").iterdir()) == []
+    folders.receive_model("e", ModelUpload(3, [b"ab", b"c"]), limit=10)
+    assert folders.initial_model("e").read_bytes() == b"abc"
+    with pytest.raises(
+        NotFoundError, match=r"the best model is gone \(the experiment was removed\)"
+    ):
+        folders.model("e", "best", 4)

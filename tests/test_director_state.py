@@ -14,14 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from director.errors import IllegalTransitionError, NotFoundError, StorageError
-from director.state import (
-    TRANSITIONS,
-    CollaboratorState,
-    DirectorState,
-    ExperimentState,
-    ShardInfo,
-)
+from director.records import TRANSITIONS, ExperimentState, IllegalTransitionError, ShardInfo
+from director.state import DirectorState
+from lifecycle.states import CollaboratorState
+from refusals.errors import NotFoundError, StorageError
 
 from clocks import Clock
 
@@ -377,7 +373,8 @@ def test_an_unusable_folder_is_a_storage_error(tmp_path: Path) -> None:
 WRITER = """
 import sys
 from pathlib import Path
-from director.state import DirectorState, ExperimentState, ShardInfo
+from director.records import ExperimentState, ShardInfo
+from director.state import DirectorState
 state = DirectorState.open(Path(sys.argv[1]), health_check_seconds=10)
 n = 0
 while True:

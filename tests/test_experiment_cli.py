@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +28,7 @@ from directors import (
     running_director,
     submitted_plan,
 )
+from federation_processes import run_module
 
 REPO = Path(__file__).resolve().parent.parent
 WAIT_SECONDS = 30
@@ -244,7 +243,7 @@ def test_one_users_backlog_waits_while_anothers_experiment_starts(
         while len(launcher.started) < 2:
             assert time.monotonic() < deadline, f"timed out waiting for two starts: {launcher}"
             time.sleep(0.05)
-        d.server.service.supervise()  # one more step of its own: nothing else may start
+        d.server.service.supervisor.supervise()  # one more step of its own: nothing else may start
         assert [started for started, _ in launcher.started] == [mine[0], theirs]
         code, out = run(ada, "list")
         assert code == 0, out
@@ -373,14 +372,7 @@ def test_an_unreachable_director_exits_1(
 
 def test_python_m_experiment_help() -> None:
     """The module runs as a command; --help exits 0 and lists every subcommand."""
-    result = subprocess.run(
-        [sys.executable, "-m", "experiment", "--help"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-        check=False,
-    )
+    result = run_module("experiment", "--help")
     assert result.returncode == 0
     for command in (
         "submit",

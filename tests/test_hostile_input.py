@@ -31,7 +31,7 @@ from aggregator.server import AggregatorGRPCServer
 from collaborator.client import AggregatorGRPCClient, OutgoingTensor
 from pki.layout import CertsLayout
 from plans import Plan
-from plans.schema import TRAIN
+from plans.schema import AGGREGATED_MODEL_VALIDATION, TRAIN
 from protos import aggregator_pb2, aggregator_pb2_grpc, base_pb2
 from protos.codec import decode_tensor, encode_tensor
 from protos.stream import chunk_bytes, task_results_to_chunks
@@ -758,6 +758,12 @@ ROWS = [
         upload(train(encode_tensor("accuracy", np.zeros(3, np.float32), tags=["metric"]))),
         grpc.StatusCode.INVALID_ARGUMENT,
         ("metric 'accuracy' must be a numeric scalar",),
+    ),
+    Row(
+        "validation-without-a-metric",  # measured nothing: it must not count as a report
+        upload(lambda c: c.results(task_name=AGGREGATED_MODEL_VALIDATION, tensors=[])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("aggregated_model_validation results hold no metric", "tagged 'metric'"),
     ),
     Row(
         "nan-in-update",

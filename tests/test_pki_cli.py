@@ -21,6 +21,8 @@ from pki.layout import CertsLayout
 from pki.requests import Role, fingerprint
 from pki.roles import ROLE_OIDS
 
+from federation_processes import run_module
+
 REPO = Path(__file__).resolve().parent.parent
 TERMINAL_SECONDS = 60
 
@@ -518,16 +520,7 @@ def test_unexpected_failure_exits_1(
 
 def test_python_m_pki_help() -> None:
     """`python -m pki --help` runs as a program and exits 0."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [sys.executable, "-m", "pki", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=env,
-        cwd=REPO,
-        check=False,
-    )
+    done = run_module("pki", "--help", timeout=30)
     assert done.returncode == 0, done.stderr
     assert "usage: pki" in done.stdout
     for command in ("ca", "request", "certify", "setup", "fingerprint"):

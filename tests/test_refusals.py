@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from aggregator.admission import UploadTimeoutError
-from director.errors import IllegalTransitionError
+from director.records import IllegalTransitionError
 from envoy.errors import (
     DirectorUnavailableError,
     FinishedError,

@@ -10,9 +10,10 @@ import pytest
 
 from aggregator.identity import Gatekeeper
 from director.identity import Roster
+from protos.channel import host_port
 from refusals.errors import AuthenticationError
 from serving.identity import caller_name
-from serving.server import ServerError, Serving, listen_address
+from serving.server import ServerError, Serving
 
 AGGREGATOR_REFUSAL = (
     "no usable client certificate: the aggregator requires a certificate with one common name, "
@@ -47,9 +48,10 @@ def test_the_one_common_name_is_the_callers() -> None:
     ("host", "expected"),
     [("127.0.0.1", "127.0.0.1:50051"), ("::1", "[::1]:50051"), ("[::1]", "[::1]:50051")],
 )
-def test_listen_address_puts_an_ipv6_host_in_brackets(host: str, expected: str) -> None:
-    """host:port as gRPC takes it, an IPv6 host bracketed once."""
-    assert listen_address(host, 50051) == expected
+def test_host_port_puts_an_ipv6_host_in_brackets(host: str, expected: str) -> None:
+    """host:port as gRPC takes it (a server's binding, a channel's target), an IPv6 host bracketed
+    once."""
+    assert host_port(host, 50051) == expected
 
 
 class _Bare(Serving):

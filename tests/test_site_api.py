@@ -176,6 +176,16 @@ def test_token_file_is_made_private_and_kept(tmp_path: Path) -> None:
         ensure_token(path)
 
 
+def test_a_token_made_at_once_by_many_is_one_token(tmp_path: Path) -> None:
+    """Envoys starting together make one token, whole, and all read it; nothing is left beside it."""
+    path = tmp_path / TOKEN_FILE
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        tokens = list(pool.map(lambda _: ensure_token(path), range(8)))
+    assert len(set(tokens)) == 1 and len(tokens[0]) >= 32
+    assert path.read_text(encoding="ascii") == tokens[0] + "\n"
+    assert [entry.name for entry in tmp_path.iterdir()] == [TOKEN_FILE]
+
+
 # -- starting a collaborator --------------------------------------------------------------------
 
 

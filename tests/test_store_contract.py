@@ -105,6 +105,42 @@ def test_a_recorded_result_loads_back_as_it_was_sent(store: FederationStore) -> 
     assert store.standing().results == (("alice", "train"),)
 
 
+def test_a_result_without_tensors_loads_back_empty(store: FederationStore) -> None:
+    """A store keeps whatever result it is given, even one of no tensors (which the federation
+    refuses at the door), and loads it back as it was: kept by one store, kept by every one."""
+    accepted = store.stage(TaskResult("alice", 0, AMV, 10, ()))
+    store.record(accepted)
+    loaded = store.load(accepted)
+    assert (loaded.collaborator, loaded.task_name, loaded.data_size, loaded.tensors) == (
+        "alice",
+        AMV,
+        10,
+        (),
+    )
+    assert store.standing().results == (("alice", AMV),)
+
+
+@pytest.mark.parametrize(
+    "tensors",
+    [(), (ResultTensor("w", frozenset({"trained"}), np.zeros((2, 2), np.float32)),)],
+    ids=["no-tensors", "no-metric"],
+)
+def test_a_validation_result_without_a_metric_is_refused(
+    store: FederationStore, tensors: tuple[ResultTensor, ...]
+) -> None:
+    """A validation result must report a metric: without one it is refused naming the task, and
+    nothing is kept; the round then closes as if it had never been sent."""
+    fed = federation_of(store)
+    before = kept(store)
+    with pytest.raises(InvalidRequestError, match=f"{AMV} results hold no metric"):
+        fed.submit(TaskResult("alice", 0, AMV, 10, tensors))
+    assert kept(store) == before
+    for name in COLLABORATORS:
+        report(fed, name, metrics=scores(5.0))
+    summary = fed.close_round_if_due()
+    assert summary is not None and summary.reporters == COLLABORATORS
+
+
 def test_a_close_is_decided_then_committed(store: FederationStore) -> None:
     """`decide_close` makes the round closing; `commit_round` moves to the next with the averaged
     model, handed back as kept, keeps the record and forgets the round's results."""
