@@ -566,6 +566,70 @@ def record_director(recorder: Recorder) -> None:
     )
 
 
+def record_director_calls(recorder: Recorder) -> None:
+    """`experiment` as people use it against a live director (in this process, over mutual TLS):
+    what they see, the director's refusals among it."""
+    from directors import running_director, submitted_plan  # noqa: PLC0415
+
+    folder = recorder.tmp / "live-director"
+    certs = make_director_certs(folder / "certs")
+    plans = folder / "plans"
+    plans.mkdir(parents=True)
+    good = plans / "good.yaml"
+    good.write_text(yaml.safe_dump(submitted_plan()), encoding="utf-8")
+    unknown_key = plans / "unknown-key.yaml"
+    unknown_key.write_text(yaml.safe_dump(submitted_plan(aggregator={"prot": 1})), encoding="utf-8")
+    owned = plans / "owned-field.yaml"
+    owned.write_text(
+        yaml.safe_dump(submitted_plan(aggregator={"output_dir": "/etc"})), encoding="utf-8"
+    )
+    huge = plans / "huge.yaml"
+    huge.write_text(
+        yaml.safe_dump(submitted_plan(federation={"name": "x" * 20000})), encoding="utf-8"
+    )
+    with running_director(folder / "director", certs, review="manual") as director:
+        recorder.normalize.ports.add(director.port)
+        configs = {}
+        for name in ("ada", "root", "eve"):
+            configs[name] = folder / f"{name}.yaml"
+            configs[name].write_text(
+                yaml.safe_dump(
+                    {
+                        "director": f"localhost:{director.port}",
+                        "certs_dir": str(certs.root),
+                        "name": name,
+                    }
+                ),
+                encoding="utf-8",
+            )
+        ada, root, eve = (str(configs[name]) for name in ("ada", "root", "eve"))
+        unknown = "00000000-0000-4000-8000-000000000000"  # an id of the right form
+        calls: list[tuple[str, list[str]]] = [
+            ("list, none yet", ["--config", ada, "list"]),
+            ("envoys, none registered", ["--config", ada, "envoys"]),
+            ("list as an outsider", ["--config", eve, "list"]),
+            ("status of a malformed id", ["--config", ada, "status", "e404"]),
+            ("status of an unknown experiment", ["--config", ada, "status", unknown]),
+            ("metrics of an unknown experiment", ["--config", ada, "metrics", unknown]),
+            ("logs of an unknown experiment", ["--config", ada, "logs", unknown]),
+            (
+                "download of an unknown experiment",
+                ["--config", ada, "download", unknown, "--model", "best", "-o", str(folder / "m")],
+            ),
+            ("cancel an unknown experiment", ["--config", ada, "cancel", unknown]),
+            ("remove an unknown experiment", ["--config", ada, "remove", unknown]),
+            ("approve as a user", ["--config", ada, "approve", unknown]),
+            ("approve an unknown experiment", ["--config", root, "approve", unknown]),
+            ("submit a plan with an unknown key", ["--config", ada, "submit", str(unknown_key)]),
+            ("submit a plan setting the director's field", ["--config", ada, "submit", str(owned)]),
+            ("submit a plan over the size limit", ["--config", ada, "submit", str(huge)]),
+            ("submit as an outsider", ["--config", eve, "submit", str(good)]),
+        ]
+        for what, argv in calls:
+            recorder.run(f"experiment, live director: {what}", ["experiment", *argv])
+        recorder.barrier()  # every call done before the director stops
+
+
 def record_model_files(recorder: Recorder) -> None:
     """`model inspect` and `export` on files that are no model."""
     folder = recorder.tmp / "models"
@@ -766,6 +830,7 @@ def record(out: Path, *, verbose: bool = False) -> int:
         record_pki(recorder, certs)
         record_model_files(recorder)
         record_director(recorder)
+        record_director_calls(recorder)
         record_federation(recorder, plan)
         record_refusals(recorder)
         records = recorder.records()
