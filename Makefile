@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-PROTO_SRC := protos/base.proto protos/aggregator.proto protos/director.proto
+PROTO_SRC := foedus/protos/base.proto foedus/protos/aggregator.proto foedus/protos/director.proto
 PROTOC = $(PY) -m grpc_tools.protoc -I. --plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc
 PLAN ?= plans/local.yaml
 # Every port a demo uses moves by PORT_BASE - 50000 (plans/demo_ports.py writes the moved copies
@@ -31,10 +31,10 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: install ## Run a real federation on localhost: an aggregator and 3 collaborators over mTLS
-	@$(PY) -m plans.demo_ports --base $(PORT_BASE) --out build/ports $(PLAN) >/dev/null
+	@$(PY) -m foedus.plans.demo_ports --base $(PORT_BASE) --out build/ports $(PLAN) >/dev/null
 	$(VENV)/bin/pki setup --plan $(DEMO_PLAN)
 	@set -u; rm -rf build/local/output; mkdir -p build/local; \
-	names=$$($(PY) -c 'import sys; from plans import load_plan; print(*load_plan(sys.argv[1]).collaborators)' $(DEMO_PLAN)); \
+	names=$$($(PY) -c 'import sys; from foedus.plans import load_plan; print(*load_plan(sys.argv[1]).collaborators)' $(DEMO_PLAN)); \
 	$(VENV)/bin/aggregator start --plan $(DEMO_PLAN) --log-level warning & agg=$$!; \
 	pids=""; for name in $$names; do \
 	  $(VENV)/bin/collaborator start -n $$name --plan $(DEMO_PLAN) --log-level warning 2>build/local/$$name.log & pids="$$pids $$!"; \
@@ -59,7 +59,7 @@ protos: install ## Regenerate protos/*_pb2*.py(i) from the .proto files
 protos-check: install ## Fail if the checked-in generated code is stale
 	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && \
 	$(PROTOC) --python_out=$$tmp --pyi_out=$$tmp --grpc_python_out=$$tmp --mypy_grpc_out=$$tmp $(PROTO_SRC) && \
-	for f in $$(cd $$tmp && find protos -type f); do \
+	for f in $$(cd $$tmp && find foedus/protos -type f); do \
 	  cmp -s $$tmp/$$f $$f || { echo "protos-check: $$f is stale; run 'make protos'"; exit 1; }; \
 	done && echo "protos-check: generated code is up to date"
 
@@ -116,14 +116,14 @@ $(TORCH_STAMP): pyproject.toml $(TORCH_REQUIREMENTS)
 	echo "torch-env: PyTorch installed in $(TORCH_VENV) in $$(( $$(date +%s) - start )) s"
 
 test-torch: torch-env ## Check the torch runner (mypy strict) and run its tests, a federation included
-	$(TORCH_VENV)/bin/mypy --strict torch_runner
+	$(TORCH_VENV)/bin/mypy --strict foedus/torch_runner/*.py
 	$(TORCH_VENV)/bin/python -m pytest tests/torch_runner
 
 demo-torch: torch-env ## The PyTorch example: a CNN on the digits images, 3 collaborators over mTLS
-	@$(TORCH_VENV)/bin/python -m plans.demo_ports --base $(PORT_BASE) --out build/ports $(TORCH_PLAN) >/dev/null
+	@$(TORCH_VENV)/bin/python -m foedus.plans.demo_ports --base $(PORT_BASE) --out build/ports $(TORCH_PLAN) >/dev/null
 	$(TORCH_VENV)/bin/pki setup --plan $(TORCH_DEMO_PLAN)
 	@set -u; rm -rf build/torch/output; mkdir -p build/torch; \
-	names=$$($(TORCH_VENV)/bin/python -c 'import sys; from plans import load_plan; print(*load_plan(sys.argv[1]).collaborators)' $(TORCH_DEMO_PLAN)); \
+	names=$$($(TORCH_VENV)/bin/python -c 'import sys; from foedus.plans import load_plan; print(*load_plan(sys.argv[1]).collaborators)' $(TORCH_DEMO_PLAN)); \
 	$(TORCH_VENV)/bin/aggregator start --plan $(TORCH_DEMO_PLAN) --log-level warning & agg=$$!; \
 	pids=""; for name in $$names; do \
 	  $(TORCH_VENV)/bin/collaborator start -n $$name --plan $(TORCH_DEMO_PLAN) --log-level warning 2>build/torch/$$name.log & pids="$$pids $$!"; \

@@ -2,7 +2,7 @@
 
 The aggregator (per collaborator) and the director (per certificate name, and per role) both
 refuse a call past its caller's share before doing any work, and both end a client stream that
-stops sending; the mechanism is one concern, written once in `admission.calls`, while each
-service gives it its own limits, words and errors (`aggregator.admission`; `director.capacity`
-for calls and `director.servicer` for streams).
+stops sending; the mechanism is one concern, written once in `foedus.admission.calls`, while each
+service gives it its own limits, words and errors (`foedus.aggregator.admission`; `foedus.director.capacity`
+for calls and `foedus.director.servicer` for streams).
 """

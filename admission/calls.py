@@ -2,7 +2,7 @@
 
 Both exist so that one caller, hostile or broken, cannot take the worker threads everyone else
 needs. Plain Python: each service's servicer applies them, with its own limit keys in the
-messages and its own refusals, which `refusals.grpc` answers RESOURCE_EXHAUSTED and
+messages and its own refusals, which `foedus.refusals.grpc` answers RESOURCE_EXHAUSTED and
 DEADLINE_EXCEEDED.
 
 * `Admission` counts each caller's calls in progress; one past the limit is refused at once

@@ -1,6 +1,6 @@
-"""Run the aggregator command line as ``python -m aggregator``."""
+"""Run the aggregator command line as ``python -m foedus.aggregator``."""
 
-from aggregator.cli import main
+from foedus.aggregator.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -2,8 +2,8 @@
 
 Both limits come from the plan (`limits.max_calls_per_collaborator`, `limits.upload_seconds`) and
 exist so that one collaborator, hostile or broken, cannot take the worker threads every other
-collaborator needs. The mechanism is the shared `admission.calls` (the director's too); this
-module gives it the plan's keys and its refusals, which `refusals.grpc` answers
+collaborator needs. The mechanism is the shared `foedus.admission.calls` (the director's too); this
+module gives it the plan's keys and its refusals, which `foedus.refusals.grpc` answers
 RESOURCE_EXHAUSTED and DEADLINE_EXCEEDED.
 """
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Generator, Iterator
 from typing import TypeVar
 
-from admission import calls
-from refusals.errors import LimitExceededError, StreamTimeoutError
+from foedus.admission import calls
+from foedus.refusals.errors import LimitExceededError, StreamTimeoutError
 
 T = TypeVar("T")
 

@@ -13,11 +13,18 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from aggregator.records import DELTA_TAG, MAX_DATA_SIZE, METRIC_TAG, Array, ResultTensor, TaskResult
-from aggregator.schedule import RoundState, Schedule
-from plans.schema import TRAIN, Limits
-from protos.dtypes import is_float, wire_dtype
-from refusals.errors import InvalidRequestError, PreconditionError
+from foedus.aggregator.records import (
+    DELTA_TAG,
+    MAX_DATA_SIZE,
+    METRIC_TAG,
+    Array,
+    ResultTensor,
+    TaskResult,
+)
+from foedus.aggregator.schedule import RoundState, Schedule
+from foedus.plans.schema import TRAIN, Limits
+from foedus.protos.dtypes import is_float, wire_dtype
+from foedus.refusals.errors import InvalidRequestError, PreconditionError
 
 
 class ResultChecks:

@@ -1,9 +1,9 @@
 """The ``aggregator`` command: ``aggregator start --plan PLAN`` runs one federation to its end.
 
-The aggregator keeps its state in ``aggregator.output_dir`` (see `aggregator.state`): started
+The aggregator keeps its state in ``aggregator.output_dir`` (see `foedus.aggregator.state`): started
 again with the same plan after a crash or a stop, it resumes where it stopped. That folder
 belongs to one federation uuid; ``--reset`` wipes its state and outputs and starts over.
-``aggregator status --plan PLAN`` reads that state (`aggregator.inspection`), while the
+``aggregator status --plan PLAN`` reads that state (`foedus.aggregator.inspection`), while the
 aggregator runs or after it stopped.
 
 Exit codes (`EPILOG`): 0 when the federation finished; 128 + the signal's number when SIGINT or
@@ -35,28 +35,28 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregator import failpoints
-from aggregator.allocator import tune_allocator
-from aggregator.file_limit import files_needed, raise_open_file_limit
-from aggregator.inspection import read_status
-from aggregator.records import Array
-from aggregator.runtime import serve
-from aggregator.schema import NotAStateError
-from aggregator.state import DurableState, ForeignStateError
-from aggregator.storage import OutputFolder, read_model
-from command.arguments import add_log_level, command, command_main, program
-from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
-from command.process import run_service, stopped_by_signals
-from command.usage import BadInputError, fail
-from pki.binding import binding_problem
-from pki.errors import PkiError
-from pki.files import read_certificate
-from pki.tls import tls_files_problem
-from plans import Plan, PlanError, load_plan
-from plans.runners import RunnerError, RunnerFactory, check_runner_settings, load_runner
-from protos.dtypes import wire_dtype
-from refusals.errors import ModelFileError, StorageError
-from serving.server import ServerError
+from foedus.aggregator import failpoints
+from foedus.aggregator.allocator import tune_allocator
+from foedus.aggregator.file_limit import files_needed, raise_open_file_limit
+from foedus.aggregator.inspection import read_status
+from foedus.aggregator.records import Array
+from foedus.aggregator.runtime import serve
+from foedus.aggregator.schema import NotAStateError
+from foedus.aggregator.state import DurableState, ForeignStateError
+from foedus.aggregator.storage import OutputFolder, read_model
+from foedus.command.arguments import add_log_level, command, command_main, program
+from foedus.command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
+from foedus.command.process import run_service, stopped_by_signals
+from foedus.command.usage import BadInputError, fail
+from foedus.pki.binding import binding_problem
+from foedus.pki.errors import PkiError
+from foedus.pki.files import read_certificate
+from foedus.pki.tls import tls_files_problem
+from foedus.plans import Plan, PlanError, load_plan
+from foedus.plans.runners import RunnerError, RunnerFactory, check_runner_settings, load_runner
+from foedus.protos.dtypes import wire_dtype
+from foedus.refusals.errors import ModelFileError, StorageError
+from foedus.serving.server import ServerError
 
 HELP_WIDTH = 78
 

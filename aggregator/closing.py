@@ -1,6 +1,6 @@
 """A round's close: who counted, the averaged model and metrics, the best model, made durable.
 
-On close, the reporters' ``train`` results are averaged by data size (`aggregator.fedavg`) into
+On close, the reporters' ``train`` results are averaged by data size (`foedus.aggregator.fedavg`) into
 the next global model, and each task's metrics into weighted means; each reporter's own metrics
 are kept beside them (`RoundRecord.sites`). The plan's best-model metric is tracked here too
 (`Best`).
@@ -24,10 +24,10 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from aggregator.failpoints import failpoint
-from aggregator.fedavg import MappedArraySource, TensorSource, weighted_metrics
-from aggregator.liveness import Liveness
-from aggregator.records import (
+from foedus.aggregator.failpoints import failpoint
+from foedus.aggregator.fedavg import MappedArraySource, TensorSource, weighted_metrics
+from foedus.aggregator.liveness import Liveness
+from foedus.aggregator.records import (
     METRIC_TAG,
     Accepted,
     Array,
@@ -37,9 +37,9 @@ from aggregator.records import (
     RoundSummary,
     SiteMetrics,
 )
-from aggregator.schedule import RoundState, Schedule
-from aggregator.store import FederationStore
-from plans.schema import AGGREGATED_MODEL_VALIDATION, TRAIN, BestModelSettings
+from foedus.aggregator.schedule import RoundState, Schedule
+from foedus.aggregator.store import FederationStore
+from foedus.plans.schema import AGGREGATED_MODEL_VALIDATION, TRAIN, BestModelSettings
 
 
 class RoundCloser:

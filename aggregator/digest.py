@@ -8,7 +8,7 @@ MiB in 1 MiB blocks, two runs): SHA-256 1.1-1.3 GB/s, BLAKE2b 0.6-0.7, BLAKE3 on
 3.3-4.1. BLAKE3 is a cryptographic hash as SHA-256 is (no file can be made to match another's
 digest); `blake3` is its authors' own binding of their Rust implementation.
 
-States written before named their files by SHA-256 (schema version 1); `aggregator.schema`
+States written before named their files by SHA-256 (schema version 1); `foedus.aggregator.schema`
 migrates them when it opens one, with `file_digests`.
 """
 

@@ -7,7 +7,7 @@ Two encodings of each tensor, each made by the first request that needs it:
   has no name (`SpooledChunks`) and read back for each request. The aggregator then holds none of
   the model's bytes for its downloads (the page cache does, and can drop them under pressure),
   and a tensor mapped from the state's model file goes into the spool by a copy in the kernel
-  (`aggregator.mapped`), so its pages never count in the aggregator's memory either. Reading a
+  (`foedus.aggregator.mapped`), so its pages never count in the aggregator's memory either. Reading a
   2 MiB chunk back costs one `pread` per request: what gRPC needs is a `bytes` object per message,
   which a chunk held in memory gave without it, at the price of holding the whole model once more.
 """
@@ -22,12 +22,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
-from aggregator.mapped import FileRange, copy_range, mapped_range, write_all
-from aggregator.records import Array
-from protos import aggregator_pb2, base_pb2
-from protos.codec import encode_tensor, encode_tensor_meta_into, tensor_bytes
-from protos.stream import CHUNK_BYTES, field_prefix
-from refusals.errors import StorageError
+from foedus.aggregator.mapped import FileRange, copy_range, mapped_range, write_all
+from foedus.aggregator.records import Array
+from foedus.protos import aggregator_pb2, base_pb2
+from foedus.protos.codec import encode_tensor, encode_tensor_meta_into, tensor_bytes
+from foedus.protos.stream import CHUNK_BYTES, field_prefix
+from foedus.refusals.errors import StorageError
 
 MODEL_TAGS: Final = ("aggregated", "model")
 _CHUNK_DATA_FIELD: Final = aggregator_pb2.ModelChunk.DATA_FIELD_NUMBER

@@ -26,8 +26,8 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from protos.dtypes import is_bfloat16
-from refusals.errors import StorageError
+from foedus.protos.dtypes import is_bfloat16
+from foedus.refusals.errors import StorageError
 
 Array = npt.NDArray[np.generic]
 _INT64_LIMIT = 2**63

@@ -2,24 +2,24 @@
 
 The servicer hands decoded requests to a `Federation` and encodes what it answers; nothing here
 knows about gRPC or protobuf, so tests drive it directly. `Federation` is the facade that holds
-the lock and the records of the round in progress (`aggregator.schedule.RoundState`) and calls
-the parts that each do one job: `aggregator.checks` refuses what arrives,
-`aggregator.schedule` hands out tasks and says when a round closes (the straggler policy,
-leaving, the final validation round), `aggregator.closing` closes it (averaging, the best model).
+the lock and the records of the round in progress (`foedus.aggregator.schedule.RoundState`) and calls
+the parts that each do one job: `foedus.aggregator.checks` refuses what arrives,
+`foedus.aggregator.schedule` hands out tasks and says when a round closes (the straggler policy,
+leaving, the final validation round), `foedus.aggregator.closing` closes it (averaging, the best model).
 
 Every check runs before anything is stored, and a resend of an accepted result is recognised and
-counted once (`aggregator.checks` says which results are refused). A collaborator's departure
+counted once (`foedus.aggregator.checks` says which results are refused). A collaborator's departure
 (`leave`) is made durable (`FederationStore.record_leave`) before `Leave` is answered; a resend
 changes nothing. Any later call of its but `Leave` and `Heartbeat` rejoins it (`rejoin`, durable
 too), and it is awaited again from the next decision on.
 
 Where results live: a `FederationStore`. `MemoryStore` (the default) keeps them in memory;
-`aggregator.state.DurableState` writes them to disk so that a restarted aggregator resumes
+`foedus.aggregator.state.DurableState` writes them to disk so that a restarted aggregator resumes
 (`Progress` is what it recovers). The order of an accept is: every check in memory, then
 `stage` (the tensors are written where they survive), then, under the lock and after checking
 the round again, `record` (the commit point), then OK. The federation keeps only an index of
 accepted results (`Accepted`); tensors are read back from the store, in collaborator order, when
-the round is aggregated (`aggregator.closing` says in which order a close is made durable).
+the round is aggregated (`foedus.aggregator.closing` says in which order a close is made durable).
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from aggregator.checks import ResultChecks
-from aggregator.closing import RoundCloser
-from aggregator.liveness import Departure, Liveness, clean_reason, reporting_threshold
-from aggregator.records import (
+from foedus.aggregator.checks import ResultChecks
+from foedus.aggregator.closing import RoundCloser
+from foedus.aggregator.liveness import Departure, Liveness, clean_reason, reporting_threshold
+from foedus.aggregator.records import (
     Accepted,
     Array,
     Assignment,
@@ -45,10 +45,10 @@ from aggregator.records import (
     Stranded,
     TaskResult,
 )
-from aggregator.schedule import RoundState, Schedule
-from aggregator.store import FederationStore, MemoryStore
-from plans.schema import BestModelSettings, Limits, Plan, StragglerSettings
-from refusals.errors import InvalidRequestError, StorageError
+from foedus.aggregator.schedule import RoundState, Schedule
+from foedus.aggregator.store import FederationStore, MemoryStore
+from foedus.plans.schema import BestModelSettings, Limits, Plan, StragglerSettings
+from foedus.refusals.errors import InvalidRequestError, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class Federation:
         return self._state.best
 
     def online_count(self) -> int:
-        """How many collaborators are online now (see `aggregator.liveness`)."""
+        """How many collaborators are online now (see `foedus.aggregator.liveness`)."""
         return self.liveness.online_count()
 
     # -- handing out work -------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Whether the aggregator can serve: running, not stopping, and able to store what it is sent.
 
-Plain Python: `aggregator.health_service` puts it on the wire as the standard gRPC health
-service, `aggregator.metrics` as a gauge. The aggregator is *serving* from `start` until `stop`
+Plain Python: `foedus.aggregator.health_service` puts it on the wire as the standard gRPC health
+service, `foedus.aggregator.metrics` as a gauge. The aggregator is *serving* from `start` until `stop`
 while its storage works. Storage is judged by what happens, not guessed at:
 
 * any refusal because something could not be stored (`StorageError`: a full disk, a disk gone
@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from refusals.errors import StorageError
+from foedus.refusals.errors import StorageError
 
 logger = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
-"""`grpc.health.v1.Health` on the aggregator's port: `aggregator.health.Health` on the wire.
+"""`grpc.health.v1.Health` on the aggregator's port: `foedus.aggregator.health.Health` on the wire.
 
 The standard service (package `grpcio-health-checking`), so load balancers, Kubernetes' gRPC
 probes and `grpc_health_probe` work unchanged. Two names answer, always alike: the server as a
 whole (`""`) and `openfl.aggregator.Aggregator`.
 
 Who may ask: the health service carries no message header, so the one check of every
-Aggregator RPC (`aggregator.identity`) has nothing to compare; the TLS handshake is its check.
+Aggregator RPC (`foedus.aggregator.identity`) has nothing to compare; the TLS handshake is its check.
 On a TLS server only a client with a certificate of the federation's CA gets that far, whatever
 its common name; what it learns is SERVING or NOT_SERVING. A probe should have a certificate of
 its own whose name is not a collaborator's (README, Health and metrics), so the Aggregator service
@@ -17,7 +17,7 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from aggregator.health import Health
+from foedus.aggregator.health import Health
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -3,7 +3,7 @@
 The rules are OpenFL's (see the wire reference), answered with a status instead of an `assert`:
 the certificate's common name must be an authorised collaborator and equal `header.sender`,
 `header.receiver` must be this aggregator and `header.federation_uuid` this federation. And the
-certificate must be a collaborator's (its role mark, `pki.roles`), not a person's of the same name.
+certificate must be a collaborator's (its role mark, `foedus.pki.roles`), not a person's of the same name.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pki.requests import Role
-from pki.roles import PeerCertificate, role_refusal
-from refusals.errors import AuthorizationError
-from serving.identity import caller_name
+from foedus.pki.requests import Role
+from foedus.pki.roles import PeerCertificate, role_refusal
+from foedus.refusals.errors import AuthorizationError
+from foedus.serving.identity import caller_name
 
 
 @dataclass(frozen=True)

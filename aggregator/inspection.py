@@ -1,7 +1,7 @@
 """``aggregator status``: where a federation stands, read from its durable state, no RPC.
 
 It reads ``aggregator.output_dir/state/state.sqlite`` through the store, read-only
-(`aggregator.state.DurableState.read_standing`), in one read transaction, so it sees one
+(`foedus.aggregator.state.DurableState.read_standing`), in one read transaction, so it sees one
 consistent moment and works whether the aggregator runs or not:
 
 * running (it holds the folder's lock): the database is opened read-only; in WAL mode a reader
@@ -13,7 +13,7 @@ consistent moment and works whether the aggregator runs or not:
   its last commits are read too. An aggregator started in those milliseconds says the folder
   is in use; started again, it runs.
 
-Presence (who is online) is what the running aggregator saved last (`aggregator.liveness`: on
+Presence (who is online) is what the running aggregator saved last (`foedus.aggregator.liveness`: on
 a transition, at most once a second; otherwise every few seconds); of a stopped one, what it
 saw when it stopped. Who has left, and why, is read from the departures the aggregator keeps
 before it answers `Leave`, so it is never late. Times are UTC.
@@ -27,14 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aggregator.liveness import NO_REASON, Departure, Presence, reporting_threshold
-from aggregator.records import RoundRecord
-from aggregator.schema import NotAStateError
-from aggregator.state import DurableState
-from aggregator.state_files import DATABASE, STATE_DIR
-from aggregator.store import SavedPresence
-from plans import Plan
-from plans.schema import AGGREGATED_MODEL_VALIDATION
+from foedus.aggregator.liveness import NO_REASON, Departure, Presence, reporting_threshold
+from foedus.aggregator.records import RoundRecord
+from foedus.aggregator.schema import NotAStateError
+from foedus.aggregator.state import DurableState
+from foedus.aggregator.state_files import DATABASE, STATE_DIR
+from foedus.aggregator.store import SavedPresence
+from foedus.plans import Plan
+from foedus.plans.schema import AGGREGATED_MODEL_VALIDATION
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,11 @@ The rule, written once here: a collaborator is
 * ``not heard from`` before its first call, while that grace lasts;
 * ``left`` once it has told the aggregator it gives up (the foedus `Leave` RPC, with a reason),
   whatever its calls say, until it rejoins (`rejoin`, on any later call of its but a
-  `Heartbeat`, which may have been sent before the `Leave`; `aggregator.federation` makes both
+  `Heartbeat`, which may have been sent before the `Leave`; `foedus.aggregator.federation` makes both
   durable first).
 
 `awaited` is who a round still waits for (everyone not offline and not left);
-`aggregator.schedule` closes a round once all of them have reported (offline counts only when
+`foedus.aggregator.schedule` closes a round once all of them have reported (offline counts only when
 the plan sets `straggler.offline_after_seconds`; left counts always). Nothing here decides
 rounds. A collaborator that calls again is online again at once.
 

@@ -8,7 +8,7 @@ federation stands.
 
 The hot paths stay cheap: bytes are counted once per transfer (an upload, a model stream, a
 tensor), never per chunk. `MetricsServer` serves this registry on the plan's
-`aggregator.metrics_address` (`serving.metrics.RegistryServer`: prometheus-client's HTTP server
+`aggregator.metrics_address` (`foedus.serving.metrics.RegistryServer`: prometheus-client's HTTP server
 in its own thread), started and stopped with the aggregator.
 """
 
@@ -21,8 +21,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from plans.schema import Address
-from serving.metrics import RegistryServer
+from foedus.plans.schema import Address
+from foedus.serving.metrics import RegistryServer
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from aggregator.records import RoundRecord
+from foedus.aggregator.records import RoundRecord
 
 
 def record_to_json(record: RoundRecord) -> str:

@@ -1,7 +1,7 @@
 """The federation's value types: what is handed out, received, accepted, closed and recovered.
 
-Plain frozen dataclasses shared by the federation (`aggregator.federation`), its stores
-(`aggregator.store`, `aggregator.state`) and the servicer; nothing here does anything but carry
+Plain frozen dataclasses shared by the federation (`foedus.aggregator.federation`), its stores
+(`foedus.aggregator.store`, `foedus.aggregator.state`) and the servicer; nothing here does anything but carry
 values (and, for `AveragedModel`, say how the next model is averaged).
 """
 
@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from aggregator.fedavg import (
+from foedus.aggregator.fedavg import (
     AVERAGING_THREADS,
     SliceSink,
     TensorSource,
     average_sources,
     average_sources_into,
 )
-from aggregator.liveness import Departure
+from foedus.aggregator.liveness import Departure
 
 Array = npt.NDArray[np.generic]
 METRIC_TAG = "metric"
@@ -59,7 +59,7 @@ class UploadFile:
     """The file an upload was written to as it arrived: the serialized `TaskResults` as sent.
 
     A result that comes with one has its tensors mapped from that file, so a store keeps the
-    file itself (`aggregator.state.DurableState` moves it into place) instead of writing the
+    file itself (`foedus.aggregator.state.DurableState` moves it into place) instead of writing the
     tensors again.
     """
 

@@ -7,9 +7,9 @@ saves `last_model.pbuf`, `best_model.pbuf` when the plan's best-model metric imp
 final global model's accuracy, then ends once every collaborator has been told to quit, or
 `aggregator.quit_grace_seconds` later (a collaborator that died must not keep it alive).
 `serve` puts the gRPC server around that loop. The loop also watches who is online
-(`aggregator.liveness`): transitions go to the log, and to the federation's store for
+(`foedus.aggregator.liveness`): transitions go to the log, and to the federation's store for
 ``aggregator status`` (on a transition, at most once a second; otherwise every few seconds).
-The runtime reaches the state only through the federation's store (`aggregator.store`).
+The runtime reaches the state only through the federation's store (`foedus.aggregator.store`).
 
 When no round can close any more because too many collaborators have left (the foedus `Leave`
 RPC; `Federation.stranded`) and none has rejoined for `STRANDED_GRACE_SECONDS` (an envoy that
@@ -18,11 +18,11 @@ line naming the round and each collaborator that left with its reason (`Outcome.
 command exits 1).
 
 A close that cannot be stored (a full disk) does not end the aggregator: nothing of it was
-committed, the health turns NOT_SERVING (`aggregator.health`), and the close is tried again once
+committed, the health turns NOT_SERVING (`foedus.aggregator.health`), and the close is tried again once
 the health's storage check finds that writing works. Saving the outputs of a committed round
 (`last_model.pbuf`, `metrics.jsonl`) that fails still ends it: a restart writes them again.
 
-With a durable store (`aggregator.state`), the federation resumes after a restart where it
+With a durable store (`foedus.aggregator.state`), the federation resumes after a restart where it
 stopped; before serving, `Runtime.restore` makes the outputs match the store again: it removes
 temporary files a crash left, writes `last_model.pbuf` and `best_model.pbuf` again if they are
 not the state's, and appends the rows of `metrics.jsonl` that a crash lost (never a second row
@@ -44,19 +44,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TextIO
 
-from aggregator.allocator import release_free_memory
-from aggregator.federation import Federation
-from aggregator.health import Health
-from aggregator.metrics import Metrics
-from aggregator.records import Best, RoundRecord, RoundSummary, Stranded
-from aggregator.server import DEFAULT_WORKERS, AggregatorGRPCServer
-from aggregator.storage import OutputFolder
-from aggregator.store import FederationStore
-from history.rows import MetricsRow
-from plans import Plan
-from plans.schema import AGGREGATED_MODEL_VALIDATION, TRAIN
-from protos.channel import host_port
-from refusals.errors import StorageError
+from foedus.aggregator.allocator import release_free_memory
+from foedus.aggregator.federation import Federation
+from foedus.aggregator.health import Health
+from foedus.aggregator.metrics import Metrics
+from foedus.aggregator.records import Best, RoundRecord, RoundSummary, Stranded
+from foedus.aggregator.server import DEFAULT_WORKERS, AggregatorGRPCServer
+from foedus.aggregator.storage import OutputFolder
+from foedus.aggregator.store import FederationStore
+from foedus.history.rows import MetricsRow
+from foedus.plans import Plan
+from foedus.plans.schema import AGGREGATED_MODEL_VALIDATION, TRAIN
+from foedus.protos.channel import host_port
+from foedus.refusals.errors import StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -362,8 +362,8 @@ def serve(
 ) -> Outcome:
     """Serve `plan`'s federation until it ends or `stop` is set, then stop the server.
 
-    The federation resumes where `store` stands (`aggregator.state.DurableState`: every
-    accepted result and closed round is durable; `aggregator.store.MemoryStore`: everything
+    The federation resumes where `store` stands (`foedus.aggregator.state.DurableState`: every
+    accepted result and closed round is durable; `foedus.aggregator.store.MemoryStore`: everything
     is kept in memory, from the model it was made with).
     Lines for a person go to `out` (the console), or to the log when it is None.
     """

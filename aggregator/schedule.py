@@ -15,7 +15,7 @@ results count.
 
 With ``straggler.offline_after_seconds`` set, under any policy a round also closes as soon as
 every collaborator still online has reported and at least ``min_reports`` have
-(`aggregator.liveness` says who is online), so a dead site costs seconds, not the whole cut-off.
+(`foedus.aggregator.liveness` says who is online), so a dead site costs seconds, not the whole cut-off.
 One that calls again before the round closes is online again, and the round waits for it again;
 one that comes back after the close takes part from the next round (its results for the closed
 round are refused, as any straggler's).
@@ -41,9 +41,9 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from aggregator.liveness import Departure, Liveness
-from aggregator.records import Accepted, Array, Assignment, Best, Key, Stranded
-from plans.schema import AGGREGATED_MODEL_VALIDATION, StragglerPolicy, StragglerSettings
+from foedus.aggregator.liveness import Departure, Liveness
+from foedus.aggregator.records import Accepted, Array, Assignment, Best, Key, Stranded
+from foedus.plans.schema import AGGREGATED_MODEL_VALIDATION, StragglerPolicy, StragglerSettings
 
 
 @dataclass

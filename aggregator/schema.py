@@ -3,7 +3,7 @@
 The schema has a version (``PRAGMA user_version``): version 1 (before ``presence``) is migrated
 to 2 when opened, version 2 (files named by SHA-256) to 3, and version 3 (before
 ``departures``) to 4; a newer version is refused. What each table holds, and in which order
-it is written, is `aggregator.state`'s to say; this module only makes and opens the database:
+it is written, is `foedus.aggregator.state`'s to say; this module only makes and opens the database:
 read-write by the aggregator (`connect`: WAL, every commit synced), read-only by
 ``aggregator status`` (`connect_read_only`, which writes nothing, not even a file).
 """
@@ -15,13 +15,13 @@ import sqlite3
 from pathlib import Path
 from urllib.parse import quote
 
-from aggregator.digest import file_digests
-from aggregator.liveness import Departure
-from aggregator.record_json import record_from_json
-from aggregator.state_files import make_folder
-from aggregator.store import SavedPresence, Standing
-from durable.files import fsync_folder
-from refusals.errors import StorageError
+from foedus.aggregator.digest import file_digests
+from foedus.aggregator.liveness import Departure
+from foedus.aggregator.record_json import record_from_json
+from foedus.aggregator.state_files import make_folder
+from foedus.aggregator.store import SavedPresence, Standing
+from foedus.durable.files import fsync_folder
+from foedus.refusals.errors import StorageError
 
 logger = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """AggregatorGRPCServer: the gRPC server around one federation, its credentials, start and stop.
 
 Beside the Aggregator service it serves the standard health service on the same port
-(`aggregator.health_service`), and, when the plan gives `aggregator.metrics_address`, Prometheus
-metrics over HTTP there (`aggregator.metrics`); both start and stop with it. Its lifetime in a
-`with` and its binding are `serving.server.Serving`'s, as the director's server's.
+(`foedus.aggregator.health_service`), and, when the plan gives `aggregator.metrics_address`, Prometheus
+metrics over HTTP there (`foedus.aggregator.metrics`); both start and stop with it. Its lifetime in a
+`with` and its binding are `foedus.serving.server.Serving`'s, as the director's server's.
 """
 
 from __future__ import annotations
@@ -17,18 +17,18 @@ from typing import Any
 
 import grpc
 
-from aggregator.federation import Federation
-from aggregator.health import Health, StorageWatch, free_bytes
-from aggregator.health_service import HealthService
-from aggregator.identity import Gatekeeper
-from aggregator.metrics import Metrics, MetricsServer
-from aggregator.servicer import AggregatorServicer
-from pki.tls import server_credentials
-from plans import Plan
-from protos import aggregator_pb2
-from protos.channel import host_port, server_options
-from protos.stream import parse_chunk
-from serving.server import ServerError, Serving
+from foedus.aggregator.federation import Federation
+from foedus.aggregator.health import Health, StorageWatch, free_bytes
+from foedus.aggregator.health_service import HealthService
+from foedus.aggregator.identity import Gatekeeper
+from foedus.aggregator.metrics import Metrics, MetricsServer
+from foedus.aggregator.servicer import AggregatorServicer
+from foedus.pki.tls import server_credentials
+from foedus.plans import Plan
+from foedus.protos import aggregator_pb2
+from foedus.protos.channel import host_port, server_options
+from foedus.protos.stream import parse_chunk
+from foedus.serving.server import ServerError, Serving
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +53,8 @@ def method_handlers(
     """The handler of each RPC, as the generated code makes them but for two differences.
 
     `GetAggregatedModel` answers with chunks serialized once per round
-    (`aggregator.servicer.EncodedModel`), so its responses are bytes passed through as they are;
-    `SendLocalTaskResults` reads its chunks in place (`protos.stream.parse_chunk`).
+    (`foedus.aggregator.servicer.EncodedModel`), so its responses are bytes passed through as they are;
+    `SendLocalTaskResults` reads its chunks in place (`foedus.protos.stream.parse_chunk`).
     """
     return {
         "Ping": grpc.unary_unary_rpc_method_handler(
@@ -112,7 +112,7 @@ def backlog_calls(plan: Plan) -> int:
     """The calls gRPC may hold before a worker takes them: all that the collaborators may make.
 
     Each collaborator may have `limits.max_calls_per_collaborator` calls at once (more are
-    refused by `aggregator.admission`, with a status that says so); gRPC must not cancel any
+    refused by `foedus.aggregator.admission`, with a status that says so); gRPC must not cancel any
     of those before that check sees them.
     """
     return len(plan.collaborators) * plan.limits.max_calls_per_collaborator + BACKLOG_MARGIN

@@ -8,12 +8,12 @@ within its call's deadline) until the round closes, so it starts the next round 
 milliseconds instead of after a fixed sleep. Each waiting call holds a server thread, so at most
 `max_long_polls` wait at once; past that the answer comes at once with the usual short sleep.
 
-Every RPC counts against its caller's `limits.max_calls_per_collaborator` (`aggregator.admission`)
+Every RPC counts against its caller's `limits.max_calls_per_collaborator` (`foedus.aggregator.admission`)
 from the moment the certificate names the caller, and an upload must end within
 `limits.upload_seconds`. Nothing of a refused, cut-off or cancelled upload is stored: the
 federation sees a result only once the whole stream has been read and checked.
 
-Uploads go to disk as they arrive (`aggregator.upload`), never whole into memory, so many large
+Uploads go to disk as they arrive (`foedus.aggregator.upload`), never whole into memory, so many large
 uploads at once cost memory of the order of their chunks. They have no limit on the number of
 chunks: OpenFL sends 2 MiB chunks, and many tiny ones cost the sender as much as us; their size
 is bounded by `limits.max_upload_bytes`, their time by `limits.upload_seconds`.
@@ -30,25 +30,25 @@ from pathlib import Path
 
 import grpc
 
-from aggregator.admission import Admission, chunks_within
-from aggregator.encoded_model import EncodedModel
-from aggregator.federation import Federation
-from aggregator.identity import Gatekeeper, Header
-from aggregator.metrics import Metrics
-from aggregator.records import DELTA_TAG, Assignment, TaskResult
-from aggregator.status import RefusalObserver, refusals_as_status, stream_refusals_as_status
-from aggregator.upload import receive_upload
-from plans import Limits
-from protos import aggregator_pb2, aggregator_pb2_grpc
-from protos.results_reader import Head
-from protos.stream import (
+from foedus.aggregator.admission import Admission, chunks_within
+from foedus.aggregator.encoded_model import EncodedModel
+from foedus.aggregator.federation import Federation
+from foedus.aggregator.identity import Gatekeeper, Header
+from foedus.aggregator.metrics import Metrics
+from foedus.aggregator.records import DELTA_TAG, Assignment, TaskResult
+from foedus.aggregator.status import RefusalObserver, refusals_as_status, stream_refusals_as_status
+from foedus.aggregator.upload import receive_upload
+from foedus.plans import Limits
+from foedus.protos import aggregator_pb2, aggregator_pb2_grpc
+from foedus.protos.results_reader import Head
+from foedus.protos.stream import (
     CHUNK_BYTES,
     Chunk,
     chunk_payloads,
     declared_upload_bytes,
 )
-from refusals.errors import InvalidRequestError
-from serving.identity import peer_of
+from foedus.refusals.errors import InvalidRequestError
+from foedus.serving.identity import peer_of
 
 logger = logging.getLogger(__name__)
 
@@ -184,9 +184,9 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
     ) -> Iterator[bytes]:
         """Stream tensors of the global model (all when none are named): foedus's extension.
 
-        Answers with serialized `ModelChunk` messages (see `aggregator.server.method_handlers`):
+        Answers with serialized `ModelChunk` messages (see `foedus.aggregator.server.method_handlers`):
         each tensor's chunks are encoded once per round and the same bytes go to every
-        collaborator (`aggregator.encoded_model`).
+        collaborator (`foedus.aggregator.encoded_model`).
         """
         with self._authenticated(context, request.header) as caller:
             round_number = request.round_number
@@ -304,7 +304,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
     ) -> Iterator[str]:
         """The caller a request speaks for, holding one of its call slots while inside.
 
-        Inside, the caller counts as alive (`aggregator.liveness`): a call in progress. A caller
+        Inside, the caller counts as alive (`foedus.aggregator.liveness`): a call in progress. A caller
         that had left has rejoined (every RPC but `Leave` and `Heartbeat`: `rejoins`).
         """
         peer = self._identify(context)

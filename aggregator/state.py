@@ -1,19 +1,19 @@
 """DurableState: the aggregator's memory on disk, so that ``aggregator start`` after a crash resumes.
 
-The durable `aggregator.store.FederationStore`; `MemoryStore` keeps the same contract within
+The durable `foedus.aggregator.store.FederationStore`; `MemoryStore` keeps the same contract within
 one process, without surviving it (tests/test_store_contract.py runs it against both).
 
 Everything lives in ``OUTPUT_DIR/state/``, beside the user-facing outputs: the database
 (SQLite, WAL, synchronous=FULL), the global models (the current round's, and the best), the
 current round's accepted results, and uploads being received, not yet accepted, beside the
-round's model chunks (`aggregator.encoded_model`, a file without a name); the layout is
-`aggregator.state_files`'s.
+round's model chunks (`foedus.aggregator.encoded_model`, a file without a name); the layout is
+`foedus.aggregator.state_files`'s.
 
-An accepted result is kept as it was streamed (`aggregator.upload`): the serialized `TaskResults`
+An accepted result is kept as it was streamed (`foedus.aggregator.upload`): the serialized `TaskResults`
 written as it arrived, fsynced, renamed into place, the folder fsynced, so accepting it writes
 no byte twice. Results handed over in memory (`.pbuf`) and models are `ModelProto` files
-(`aggregator.storage`) written atomically the same way. A file is never changed once written, and
-the database names it with its digest (`aggregator.digest`; of an upload: hashed as it
+(`foedus.aggregator.storage`) written atomically the same way. A file is never changed once written, and
+the database names it with its digest (`foedus.aggregator.digest`; of an upload: hashed as it
 arrived), checked when the state is recovered and whenever a `ModelProto` file written earlier is read back. Because no
 file changes, the federation holds the global model as its file mapped (`commit_round` maps the
 one it has just written and returns it). The database holds:
@@ -27,15 +27,15 @@ one it has just written and returns it). The database holds:
   ``metrics.jsonl`` are written again if a crash lost them; the record's ``sites`` (each
   reporter's own metrics) is absent from rounds closed by an aggregator before it was kept, and
   read as empty;
-* ``presence``: who is online or offline and since when (`aggregator.liveness`), for
+* ``presence``: who is online or offline and since when (`foedus.aggregator.liveness`), for
   ``aggregator status`` only: written by the runtime on a transition and at a bounded rate
   (`save_presence`), never per call, and never read back by the aggregator;
 * ``departures``: the collaborators that have left (the foedus ``Leave`` RPC), with their reason
-  and when (`aggregator.liveness`): written before ``Leave`` is answered, removed when the
+  and when (`foedus.aggregator.liveness`): written before ``Leave`` is answered, removed when the
   collaborator calls again, and read back at recovery, so a restart still does not wait for them.
 
-The tables, their versions and migrations are `aggregator.schema`'s; the files' layout, their
-placement and tidying `aggregator.state_files`'s; the records' JSON `aggregator.record_json`'s.
+The tables, their versions and migrations are `foedus.aggregator.schema`'s; the files' layout, their
+placement and tidying `foedus.aggregator.state_files`'s; the records' JSON `foedus.aggregator.record_json`'s.
 
 Order of writes. An accept (`stage`, then `record`): the federation has checked everything
 (the upload's bytes on their way to its file), then the file is made durable in its place, then
@@ -73,11 +73,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from aggregator import state_files
-from aggregator.failpoints import failpoint
-from aggregator.liveness import Departure, Seen
-from aggregator.record_json import record_from_json, record_to_json
-from aggregator.records import (
+from foedus.aggregator import state_files
+from foedus.aggregator.failpoints import failpoint
+from foedus.aggregator.liveness import Departure, Seen
+from foedus.aggregator.record_json import record_from_json, record_to_json
+from foedus.aggregator.records import (
     Accepted,
     Array,
     Best,
@@ -86,17 +86,17 @@ from aggregator.records import (
     RoundCommit,
     TaskResult,
 )
-from aggregator.schema import (
+from foedus.aggregator.schema import (
     SCHEMA_VERSION,
     NotAStateError,
     connect,
     read_only_standing,
     read_standing,
 )
-from aggregator.state_files import DATABASE, OUTPUTS, STATE_DIR, UPLOADS, StoredFile
-from aggregator.store import Recovered, Standing
-from durable.sqlite import SqliteStore
-from refusals.errors import StorageError
+from foedus.aggregator.state_files import DATABASE, OUTPUTS, STATE_DIR, UPLOADS, StoredFile
+from foedus.aggregator.store import Recovered, Standing
+from foedus.durable.sqlite import SqliteStore
+from foedus.refusals.errors import StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -385,7 +385,7 @@ class DurableState(SqliteStore):
         """Where the federation whose state is in `folder` stands, read-only: ``aggregator status``.
 
         Works whether an aggregator runs on `folder` or not, writing nothing (see
-        `aggregator.schema.connect_read_only`); while it reads, no aggregator starts on a folder
+        `foedus.aggregator.schema.connect_read_only`); while it reads, no aggregator starts on a folder
         that had none. None when there is no state there; `NotAStateError` for a database that
         is not one; `StorageError` when it cannot be read now.
         """

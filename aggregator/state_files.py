@@ -1,14 +1,14 @@
 """Where the aggregator's durable state keeps its files, and how they are placed, checked and tidied.
 
-The layout under ``OUTPUT_DIR/`` (see `aggregator.state` for what each holds and when)::
+The layout under ``OUTPUT_DIR/`` (see `foedus.aggregator.state` for what each holds and when)::
 
-    state/state.sqlite                                 the database (`aggregator.schema`)
+    state/state.sqlite                                 the database (`foedus.aggregator.schema`)
     state/models/round-<n>.pbuf                        global models
     state/rounds/<round>/<collaborator>-<task>.upload  accepted results
     state/uploads/                                     uploads being received
 
-Every folder is created durably (`durable.files.make_folders`), every file placed durably
-(`durable.files.place_file`), and every failure raised as a `StorageError` naming the path.
+Every folder is created durably (`foedus.durable.files.make_folders`), every file placed durably
+(`foedus.durable.files.place_file`), and every failure raised as a `StorageError` naming the path.
 One aggregator at a time: the output folder is locked (``flock``) while its state is open;
 `aggregator status` takes the lock shared for the moment it reads (`probe_folder`).
 """
@@ -23,9 +23,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from aggregator.digest import file_digest
-from aggregator.records import Array, AveragedModel, ResultTensor, TaskResult
-from aggregator.storage import (
+from foedus.aggregator.digest import file_digest
+from foedus.aggregator.records import Array, AveragedModel, ResultTensor, TaskResult
+from foedus.aggregator.storage import (
     BEST_MODEL,
     LAST_MODEL,
     read_model_tensors,
@@ -33,11 +33,11 @@ from aggregator.storage import (
     write_model_slices,
     write_tensors,
 )
-from aggregator.upload import read_tensors_file
-from durable.files import fsync_folder, is_temporary, make_folders, place_file
-from durable.sqlite import hold_lock
-from history.rows import METRICS
-from refusals.errors import ModelFileError, StorageError
+from foedus.aggregator.upload import read_tensors_file
+from foedus.durable.files import fsync_folder, is_temporary, make_folders, place_file
+from foedus.durable.sqlite import hold_lock
+from foedus.history.rows import METRICS
+from foedus.refusals.errors import ModelFileError, StorageError
 
 STATE_DIR = "state"
 DATABASE = "state.sqlite"

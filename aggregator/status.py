@@ -1,7 +1,7 @@
 """The guard every aggregator RPC runs under, and who is told of each refusal.
 
 Each RPC runs under `refusals_as_status` (or `stream_refusals_as_status`): whatever it raises is
-answered as `refusals.grpc` says (the one table: a refusal with its status and message, a bug
+answered as `foedus.refusals.grpc` says (the one table: a refusal with its status and message, a bug
 with INTERNAL, a call already over with nothing more).
 
 Every refusal is also told to the servicer's `observers`, with the status it is answered with
@@ -18,7 +18,7 @@ from typing import NoReturn, Protocol, TypeVar
 
 import grpc
 
-from refusals.grpc import answer, status_for
+from foedus.refusals.grpc import answer, status_for
 
 logger = logging.getLogger(__name__)
 

@@ -1,18 +1,18 @@
 """The aggregator's output folder: models as OpenFL `ModelProto` files, metrics as JSON lines.
 
-Every model file is written atomically, at mode 0600 (`durable.files.replace_file`: a temporary
+Every model file is written atomically, at mode 0600 (`foedus.durable.files.replace_file`: a temporary
 file in the same folder, written, fsynced, renamed over the old one, then the folder fsynced), so
 a crash leaves either the old file or the new one, never half of one. A model file is a serialized `ModelProto` of tensors
-encoded with `protos.codec.encode_tensor` in sorted name order: the same model always gives the
+encoded with `foedus.protos.codec.encode_tensor` in sorted name order: the same model always gives the
 same bytes, nothing is pickled, and OpenFL (which saves its models as `.pbuf` ModelProtos too)
 reads float32 models. `read_model` validates every tensor as the servicer validates uploads.
-The same format, with each tensor's own tags, holds the task results `aggregator.state` keeps.
+The same format, with each tensor's own tags, holds the task results `foedus.aggregator.state` keeps.
 
 The user-facing outputs (`last_model.pbuf`, `best_model.pbuf`, `metrics.jsonl`) are written after
 a round is committed to the state, so a crash can leave them one round behind, a temporary file
 beside them, or a last line of `metrics.jsonl` cut short; `OutputFolder.remove_temporaries` and
 `read_metrics` clean that up, and the runtime writes what is missing again from the state.
-`metrics.jsonl`'s rows are `history.rows`'s: its one writer and reader.
+`metrics.jsonl`'s rows are `foedus.history.rows`'s: its one writer and reader.
 """
 
 from __future__ import annotations
@@ -26,24 +26,24 @@ from typing import BinaryIO
 import numpy as np
 import numpy.typing as npt
 
-from aggregator.digest import file_digest, new_digest
-from aggregator.failpoints import failpoint
-from aggregator.fedavg import SliceSink
-from aggregator.mapped import FileRange, copy_range, mapped_range
-from aggregator.records import ResultTensor
-from aggregator.upload import file_array, read_tensors_file
-from durable.files import is_temporary, replace_file
-from history.rows import METRICS, MetricsRow, append_row, read_rows
-from protos import base_pb2
-from protos.codec import (
+from foedus.aggregator.digest import file_digest, new_digest
+from foedus.aggregator.failpoints import failpoint
+from foedus.aggregator.fedavg import SliceSink
+from foedus.aggregator.mapped import FileRange, copy_range, mapped_range
+from foedus.aggregator.records import ResultTensor
+from foedus.aggregator.upload import file_array, read_tensors_file
+from foedus.durable.files import is_temporary, replace_file
+from foedus.history.rows import METRICS, MetricsRow, append_row, read_rows
+from foedus.protos import base_pb2
+from foedus.protos.codec import (
     TensorFormatError,
     TensorFrame,
     encode_tensor,
     tensor_bytes,
     tensor_field_frame,
 )
-from protos.stream import StreamError
-from refusals.errors import ModelFileError, StorageError
+from foedus.protos.stream import StreamError
+from foedus.refusals.errors import ModelFileError, StorageError
 
 Array = npt.NDArray[np.generic]
 MODEL_TAG = "model"
@@ -101,12 +101,12 @@ def write_tensors(
     before_rename: Callable[[], None] | None = None,
     hashed: bool = True,
 ) -> str:
-    """Write the bytes `tensors_bytes` gives to `path`, atomically; the digest of those bytes (`aggregator.digest`)
+    """Write the bytes `tensors_bytes` gives to `path`, atomically; the digest of those bytes (`foedus.aggregator.digest`)
     ("" when not `hashed`: the outputs, which the state never names, need none).
 
     Each tensor's values go from its array to the file as they are, never through a serialized
     copy of the whole model: memory stays at the arrays the caller holds. The values of an array
-    mapped from a file are copied from that file in the kernel (`aggregator.mapped`) and hashed
+    mapped from a file are copied from that file in the kernel (`foedus.aggregator.mapped`) and hashed
     from where they were written: read through its mapping they would count in our memory.
     """
     digest = new_digest()
@@ -299,7 +299,7 @@ def read_model_tensors(
 def _replace(
     path: Path, write: Callable[[BinaryIO], object], before_rename: Callable[[], None] | None
 ) -> None:
-    """`durable.files.replace_file` at mode 0600, its `OSError` a `StorageError` naming `path`."""
+    """`foedus.durable.files.replace_file` at mode 0600, its `OSError` a `StorageError` naming `path`."""
     try:
         replace_file(path, write, mode=0o600, before_rename=before_rename)
     except OSError as error:
@@ -359,7 +359,7 @@ class OutputFolder:
     def restore_model(self, path: Path, model: Mapping[str, Array], round_number: int) -> bool:
         """Make `path` hold `model` (after a restart); True if it had to be written again.
 
-        Compared by digest (`aggregator.digest`), the file read and the model serialized a piece at a time: holding
+        Compared by digest (`foedus.aggregator.digest`), the file read and the model serialized a piece at a time: holding
         both whole, as bytes, would take twice the model's size.
         """
         wanted = new_digest()
@@ -375,7 +375,7 @@ class OutputFolder:
         return True
 
     def append_metrics(self, row: MetricsRow) -> None:
-        """Append one round's row to `metrics.jsonl` (`history.rows.append_row`)."""
+        """Append one round's row to `metrics.jsonl` (`foedus.history.rows.append_row`)."""
         try:
             append_row(self.metrics, row)
         except OSError as error:

@@ -7,8 +7,8 @@ reads back after a restart (`recovered`, `best_model`) and writes for ``aggregat
 contract (tests/test_store_contract.py runs it, and the federation's tests, against both):
 
 * `MemoryStore`: in this process only; nothing survives it (tests, embedding);
-* `aggregator.state.DurableState`: on disk, so that a restarted aggregator resumes; see it for
-  the order of writes, and `aggregator.federation` for the order in which a federation calls.
+* `foedus.aggregator.state.DurableState`: on disk, so that a restarted aggregator resumes; see it for
+  the order of writes, and `foedus.aggregator.federation` for the order in which a federation calls.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from aggregator.liveness import Departure, Seen
-from aggregator.records import (
+from foedus.aggregator.liveness import Departure, Seen
+from foedus.aggregator.records import (
     Accepted,
     Array,
     Progress,

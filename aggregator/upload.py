@@ -3,7 +3,7 @@
 An update is as large as the model, and many collaborators upload at once: held in memory, the
 uploads in flight would cost O(collaborators x model). Here each chunk goes to a spool file in
 the state's folder as it arrives (the file is the serialized `TaskResults` as sent, byte for
-byte), while `protos.results_reader.ResultsReader` follows the message's structure:
+byte), while `foedus.protos.results_reader.ResultsReader` follows the message's structure:
 
 * the fields before the tensors (header, round, task, data size) are handed to `on_head` as soon
   as they are read, so a caller that is not who it says, or a result for a closed round, is
@@ -11,7 +11,7 @@ byte), while `protos.results_reader.ResultsReader` follows the message's structu
 * each model tensor's values are checked for NaN and infinities as they pass (in the dtype of
   the global model's tensor of that name; a tensor of another dtype is refused later anyway);
   other tensors (metrics) are small and kept in memory, up to `MAX_SMALL_TENSOR_BYTES`;
-* at the end every tensor's metadata is checked as `protos.codec.decode_tensor` checks it, and
+* at the end every tensor's metadata is checked as `foedus.protos.codec.decode_tensor` checks it, and
   the model tensors become read-only arrays mapped from the file: no copy of the data is made.
 
 `read_tensors_file` reads such a file back (the store keeps it as the result's file) the same
@@ -32,12 +32,12 @@ from typing import BinaryIO, Final
 
 import numpy as np
 
-from aggregator.digest import new_digest
-from aggregator.records import Array, ResultTensor, UploadFile
-from protos import base_pb2
-from protos.codec import TensorFormatError, TensorTooLargeError, all_finite, tensor_layout
-from protos.dtypes import is_float
-from protos.results_reader import (
+from foedus.aggregator.digest import new_digest
+from foedus.aggregator.records import Array, ResultTensor, UploadFile
+from foedus.protos import base_pb2
+from foedus.protos.codec import TensorFormatError, TensorTooLargeError, all_finite, tensor_layout
+from foedus.protos.dtypes import is_float
+from foedus.protos.results_reader import (
     TENSORS_FIELD,
     Event,
     Head,
@@ -47,8 +47,8 @@ from protos.results_reader import (
     TensorEnd,
     TensorStart,
 )
-from protos.stream import StreamError
-from refusals.errors import InvalidRequestError, StorageError
+from foedus.protos.stream import StreamError
+from foedus.refusals.errors import InvalidRequestError, StorageError
 
 # A tensor not in the global model (a metric) is kept in memory; metrics are scalars.
 MAX_SMALL_TENSOR_BYTES: Final = 64 * 1024

@@ -1,6 +1,6 @@
-"""Run the collaborator command line as ``python -m collaborator``."""
+"""Run the collaborator command line as ``python -m foedus.collaborator``."""
 
-from collaborator.cli import main
+from foedus.collaborator.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -8,7 +8,7 @@ collaborator to sleep for decades nor make it poll in a busy loop. Values no hon
 sends (negative numbers, rounds going backwards or past the plan's, tasks the plan does not name,
 quit together with tasks) end the collaborator with one line saying which value was wrong.
 Tensor names, shapes, sizes and finiteness are checked where the model arrives
-(`collaborator.client`, `collaborator.loop`).
+(`foedus.collaborator.client`, `foedus.collaborator.loop`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from collaborator.client import Tasks
-from collaborator.errors import ResponseValidationError
-from plans.schema import AGGREGATED_MODEL_VALIDATION
+from foedus.collaborator.client import Tasks
+from foedus.collaborator.errors import ResponseValidationError
+from foedus.plans.schema import AGGREGATED_MODEL_VALIDATION
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class AnswerChecker:
         if asked > MAX_SLEEP_SECONDS:
             logger.warning(
                 "the aggregator asked to wait %d s; waiting %d s, the most a collaborator waits "
-                "(collaborator.answers.MAX_SLEEP_SECONDS), before asking again",
+                "(foedus.collaborator.answers.MAX_SLEEP_SECONDS), before asking again",
                 asked,
                 MAX_SLEEP_SECONDS,
             )

@@ -21,9 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
-from collaborator.answers import PlannedWork
-from collaborator.client import AggregatorGRPCClient
-from collaborator.errors import (
+from foedus.collaborator.answers import PlannedWork
+from foedus.collaborator.client import AggregatorGRPCClient
+from foedus.collaborator.errors import (
     AggregatorIdentityError,
     AggregatorUnavailableError,
     ClientConfigurationError,
@@ -31,16 +31,16 @@ from collaborator.errors import (
     RequestRejectedError,
     ResponseValidationError,
 )
-from collaborator.loop import CollaboratorError, run_collaborator
-from command.arguments import add_log_level, command, command_main, program
-from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
-from command.process import stderr_log_handler
-from command.usage import UsageError, fail, fail_each, unexpected
-from pki.errors import PkiError
-from pki.tls import tls_files_problem
-from plans import Plan, PlanError, load_plan
-from plans.runners import RunnerError, TaskRunner, load_runner
-from plans.site_settings import SiteSettingsError, plan_with_site_settings
+from foedus.collaborator.loop import CollaboratorError, run_collaborator
+from foedus.command.arguments import add_log_level, command, command_main, program
+from foedus.command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
+from foedus.command.process import stderr_log_handler
+from foedus.command.usage import UsageError, fail, fail_each, unexpected
+from foedus.pki.errors import PkiError
+from foedus.pki.tls import tls_files_problem
+from foedus.plans import Plan, PlanError, load_plan
+from foedus.plans.runners import RunnerError, TaskRunner, load_runner
+from foedus.plans.site_settings import SiteSettingsError, plan_with_site_settings
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ def _sigterm_raises() -> Iterator[None]:
 
 def _failed(error: Exception, message: str) -> int:
     """Exit 1 on `error`: its category alone (`leave_reason`) on a log line of foedus's own, which
-    a site shares with the director by default (envoy.disclosure), then `message`, which may hold
+    a site shares with the director by default (foedus.envoy.disclosure), then `message`, which may hold
     the site's data, on the error line, which leaves the site only if it shares every line."""
     logger.error("failure: %s", leave_reason(error))
     return _fail(message, EXIT_FAILURE)

@@ -1,11 +1,11 @@
 """AggregatorGRPCClient: the collaborator's calls to its aggregator, retried and resent.
 
 The collaborator loop calls plain methods and gets plain Python and numpy back; protobuf and gRPC
-status codes stay in this module, channels in `collaborator.connection`, the settings in
-`collaborator.settings`. Every RPC goes through `_call`, the one place that decides what is
-retried: only `retry.backoff.RETRYABLE` (UNAVAILABLE and DEADLINE_EXCEEDED), which say nothing
+status codes stay in this module, channels in `foedus.collaborator.connection`, the settings in
+`foedus.collaborator.settings`. Every RPC goes through `_call`, the one place that decides what is
+retried: only `foedus.retry.backoff.RETRYABLE` (UNAVAILABLE and DEADLINE_EXCEEDED), which say nothing
 about the request itself, after a reconnect (new channel, TLS files read again) and a capped
-exponential backoff with full jitter (`retry.backoff`). Every other status is a refusal a retry
+exponential backoff with full jitter (`foedus.retry.backoff`). Every other status is a refusal a retry
 cannot change and is raised at once as `RequestRejectedError`. A look at the server's
 certificate that cannot complete counts as UNAVAILABLE; a server that is not our aggregator
 raises `AggregatorIdentityError`, never retried.
@@ -31,28 +31,28 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from collaborator.connection import AggregatorConnection
-from collaborator.errors import (
+from foedus.collaborator.connection import AggregatorConnection
+from foedus.collaborator.errors import (
     AggregatorUnavailableError,
     ClientConfigurationError,
     RequestRejectedError,
     ResponseValidationError,
 )
-from collaborator.server_identity import ProbeFailedError
-from collaborator.settings import ClientSettings
-from collaborator.streaming import Filling, Stub
-from plans import Plan
-from protos import aggregator_pb2
-from protos.aggregator_pb2_grpc import AggregatorStub
-from protos.codec import (
+from foedus.collaborator.server_identity import ProbeFailedError
+from foedus.collaborator.settings import ClientSettings
+from foedus.collaborator.streaming import Filling, Stub
+from foedus.plans import Plan
+from foedus.protos import aggregator_pb2
+from foedus.protos.aggregator_pb2_grpc import AggregatorStub
+from foedus.protos.codec import (
     TensorFormatError,
     all_finite,
     decode_tensor,
     empty_tensor,
     tensor_field_frame,
 )
-from protos.stream import UPLOAD_BYTES_METADATA, framed_chunks
-from retry.backoff import RETRYABLE, Backoff
+from foedus.protos.stream import UPLOAD_BYTES_METADATA, framed_chunks
+from foedus.retry.backoff import RETRYABLE, Backoff
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ class AggregatorGRPCClient(AggregatorConnection):
     ) -> dict[str, npt.NDArray[np.generic]]:
         """The tensors a `GetAggregatedModel` stream carries, each checked before it is filled.
 
-        A data chunk may come as a view of its data (`protos.stream.parse_model_chunk`).
+        A data chunk may come as a view of its data (`foedus.protos.stream.parse_model_chunk`).
         """
         model: dict[str, npt.NDArray[np.generic]] = {}
         wanted = set(names)
@@ -341,7 +341,7 @@ class AggregatorGRPCClient(AggregatorConnection):
     ) -> None:
         """Upload one task's results; after a reconnect the very same bytes are sent again.
 
-        Raises `protos.codec.TensorFormatError` (a ValueError) for an array whose dtype cannot be
+        Raises `foedus.protos.codec.TensorFormatError` (a ValueError) for an array whose dtype cannot be
         sent; nothing is sent then.
         """
         head = aggregator_pb2.TaskResults(

@@ -3,7 +3,7 @@
 A channel is made in one place (`_open_channel`), with the TLS files read again each time, so a
 rotated certificate is used after a reconnect. Kept between calls, or, with atomic connections,
 one per call (the caller closes it). Before a connection's first call the server's certificate
-is looked at (`collaborator.server_identity`): a look that cannot complete raises
+is looked at (`foedus.collaborator.server_identity`): a look that cannot complete raises
 `ProbeFailedError` (the caller counts it as UNAVAILABLE); a server that is not our aggregator
 raises `AggregatorIdentityError`, never retried.
 
@@ -20,12 +20,12 @@ from typing import Self
 
 import grpc
 
-from collaborator.errors import ClientConfigurationError
-from collaborator.server_identity import ClientFiles, check_aggregator
-from collaborator.settings import ClientSettings
-from pki.errors import PkiError
-from pki.tls import channel_credentials
-from protos.channel import client_options
+from foedus.collaborator.errors import ClientConfigurationError
+from foedus.collaborator.server_identity import ClientFiles, check_aggregator
+from foedus.collaborator.settings import ClientSettings
+from foedus.pki.errors import PkiError
+from foedus.pki.tls import channel_credentials
+from foedus.protos.channel import client_options
 
 
 class AggregatorConnection:
@@ -115,7 +115,7 @@ class AggregatorConnection:
         """A new channel to the aggregator; the one place channels are made.
 
         gRPC checks the server's certificate against the name bound to the expected common name
-        (`collaborator.server_identity`), in the handshake of the session that carries the RPCs.
+        (`foedus.collaborator.server_identity`), in the handshake of the session that carries the RPCs.
         """
         options = client_options(self.settings.max_message_bytes)
         if not self.settings.tls:

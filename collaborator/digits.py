@@ -27,9 +27,9 @@ from typing import Final, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from plans.reader import shown
-from plans.runners import Array, Model, RunnerError, TrainOutcome, Validation
-from plans.schema import RunnerSettings
+from foedus.plans.reader import shown
+from foedus.plans.runners import Array, Model, RunnerError, TrainOutcome, Validation
+from foedus.plans.schema import RunnerSettings
 
 WEIGHT: Final = "softmax/weight"
 BIAS: Final = "softmax/bias"

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from collaborator.answers import AnswerChecker, PlannedWork
-from collaborator.client import AggregatorGRPCClient, OutgoingTensor
-from collaborator.errors import ClientError, RequestRejectedError
-from collaborator.heartbeat import Heartbeat
-from plans.runners import Array, TaskRunner
-from plans.schema import (
+from foedus.collaborator.answers import AnswerChecker, PlannedWork
+from foedus.collaborator.client import AggregatorGRPCClient, OutgoingTensor
+from foedus.collaborator.errors import ClientError, RequestRejectedError
+from foedus.collaborator.heartbeat import Heartbeat
+from foedus.plans.runners import Array, TaskRunner
+from foedus.plans.schema import (
     AGGREGATED_MODEL_VALIDATION,
     LOCALLY_TUNED_MODEL_VALIDATION,
     TRAIN,
@@ -80,9 +80,9 @@ def run_collaborator(
 
     `settings` are the plan's runner settings, from which the runner's `initial_model` gives the
     names, shapes and dtypes of the global model's tensors; `planned` (the plan's rounds and
-    tasks) bounds what the aggregator may ask for (`collaborator.answers`). While a task runs, a
+    tasks) bounds what the aggregator may ask for (`foedus.collaborator.answers`). While a task runs, a
     heartbeat goes to the aggregator every `heartbeat_seconds` (None: none;
-    `collaborator.heartbeat`).
+    `foedus.collaborator.heartbeat`).
     """
     if max_idle_polls is not None and max_idle_polls < 1:
         raise ValueError(f"max_idle_polls must be >= 1 or None, got {max_idle_polls}")

@@ -3,7 +3,7 @@
 Two checks, each for what it can do:
 
 * In the TLS session that carries the RPCs: the channel's `grpc.ssl_target_name_override` is the
-  name `pki.binding` derives from the expected common name (`aggregator.common_name`), which our
+  name `foedus.pki.binding` derives from the expected common name (`aggregator.common_name`), which our
   signer writes into the aggregator's certificate and nobody can request. gRPC checks it in the
   handshake, with the CA chain, so a certificate of the federation's CA with another common name
   fails there even when its alternative names cover the host, and no RPC follows. grpcio's
@@ -12,7 +12,7 @@ Two checks, each for what it can do:
   every connection failure), with Python's `ssl` and the same CA bundle, client certificate and
   server name: reads the certificate, so the collaborator can say in one line which name it
   expected and which it was shown, tell an aggregator certificate made before the binding
-  (reissue it with pki) from a stranger, refuse one whose role mark (`pki.roles`) is not the
+  (reissue it with pki) from a stranger, refuse one whose role mark (`foedus.pki.roles`) is not the
   aggregator's, and compare `aggregator.fingerprint`. The fingerprint is therefore checked on
   that handshake, not inside the RPCs' session: a server that showed the pinned certificate
   there and another to gRPC would still need a certificate of our CA with the expected common
@@ -32,13 +32,13 @@ from pathlib import Path
 
 from cryptography import x509
 
-from collaborator.errors import AggregatorIdentityError
-from pki.binding import binding_name, canonical_common_name, has_binding
-from pki.errors import PkiError
-from pki.requests import Role
-from pki.roles import Unmarked, role_mark
-from pki.tls import common_name
-from protos.channel import host_port
+from foedus.collaborator.errors import AggregatorIdentityError
+from foedus.pki.binding import binding_name, canonical_common_name, has_binding
+from foedus.pki.errors import PkiError
+from foedus.pki.requests import Role
+from foedus.pki.roles import Unmarked, role_mark
+from foedus.pki.tls import common_name
+from foedus.protos.channel import host_port
 
 
 class ProbeFailedError(Exception):

@@ -11,12 +11,12 @@ from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any, Self
 
-from collaborator.errors import ClientConfigurationError
-from collaborator.server_identity import ExpectedAggregator
-from pki.errors import PkiError
-from pki.requests import normalise_fingerprint
-from plans import Plan
-from protos.channel import host_port
+from foedus.collaborator.errors import ClientConfigurationError
+from foedus.collaborator.server_identity import ExpectedAggregator
+from foedus.pki.errors import PkiError
+from foedus.pki.requests import normalise_fingerprint
+from foedus.plans import Plan
+from foedus.protos.channel import host_port
 
 MIB = 1024 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 128 * MIB

@@ -1,9 +1,9 @@
 """The client's large payloads without copies: the stub's two framed methods, a tensor filled in place.
 
 `Stub` is the generated stub plus `send_framed_results` (`SendLocalTaskResults` chunks already
-serialized: `protos.stream.framed_chunks` frames the upload once, around slices of the arrays)
+serialized: `foedus.protos.stream.framed_chunks` frames the upload once, around slices of the arrays)
 and `get_model_chunks` (`GetAggregatedModel`'s data chunks read in place by
-`protos.stream.parse_model_chunk`), where protobuf would copy each twice. `Filling` is one
+`foedus.protos.stream.parse_model_chunk`), where protobuf would copy each twice. `Filling` is one
 streamed tensor being filled with its data as the chunks arrive.
 """
 
@@ -13,11 +13,11 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from collaborator.errors import ResponseValidationError
-from protos import aggregator_pb2
-from protos.aggregator_pb2_grpc import AggregatorStub
-from protos.codec import tensor_bytes
-from protos.stream import parse_model_chunk
+from foedus.collaborator.errors import ResponseValidationError
+from foedus.protos import aggregator_pb2
+from foedus.protos.aggregator_pb2_grpc import AggregatorStub
+from foedus.protos.codec import tensor_bytes
+from foedus.protos.stream import parse_model_chunk
 
 _SEND_RESULTS = "/openfl.aggregator.Aggregator/SendLocalTaskResults"
 _GET_MODEL = "/openfl.aggregator.Aggregator/GetAggregatedModel"

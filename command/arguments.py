@@ -11,9 +11,9 @@ import argparse
 from collections.abc import Callable, Sequence
 from typing import Protocol, TypeAlias
 
-from command.output import quiet_when_stdout_closes
-from command.process import LOG_LEVELS
-from command.usage import Parser, parse_arguments
+from foedus.command.output import quiet_when_stdout_closes
+from foedus.command.process import LOG_LEVELS
+from foedus.command.usage import Parser, parse_arguments
 
 Commands: TypeAlias = "argparse._SubParsersAction[Parser]"
 

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import ParamSpec
 
-from command.exits import EXIT_SIGPIPE
+from foedus.command.exits import EXIT_SIGPIPE
 
 P = ParamSpec("P")
 

@@ -10,9 +10,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-from command.exits import EXIT_FAILURE
-from command.text import PrintableFormatter
-from command.usage import BadInputError, bad_input, fail, unexpected
+from foedus.command.exits import EXIT_FAILURE
+from foedus.command.text import PrintableFormatter
+from foedus.command.usage import BadInputError, bad_input, fail, unexpected
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_LEVELS = ("debug", "info", "warning", "error")  # --log-level's choices

@@ -7,8 +7,8 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from command.exits import EXIT_BAD_INPUT, EXIT_OK
-from command.text import printable
+from foedus.command.exits import EXIT_BAD_INPUT, EXIT_OK
+from foedus.command.text import printable
 
 
 class UsageError(Exception):

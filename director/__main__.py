@@ -1,7 +1,7 @@
-"""`python -m director`: the same as the `director` command."""
+"""`python -m foedus.director`: the same as the `director` command."""
 
 import sys
 
-from director.cli import main
+from foedus.director.cli import main
 
 sys.exit(main())

@@ -1,7 +1,7 @@
 """How much of the director each caller may hold at once: calls per identity, and people's together.
 
-Plain Python over `admission.calls.Admission`; `director.servicer` admits every call here right
-after identifying its caller, and `director.server` sizes its worker threads to what these
+Plain Python over `foedus.admission.calls.Admission`; `foedus.director.servicer` admits every call here right
+after identifying its caller, and `foedus.director.server` sizes its worker threads to what these
 limits admit, so that no identity can take the threads others need.
 
 * `limits.max_calls_per_identity`: the calls of one certificate name in progress at once. An
@@ -19,10 +19,10 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Final
 
-from admission.calls import Admission
-from director.identity import PEOPLE, Caller, Role
-from plans.director_config import DirectorLimits
-from refusals.errors import LimitExceededError
+from foedus.admission.calls import Admission
+from foedus.director.identity import PEOPLE, Caller, Role
+from foedus.plans.director_config import DirectorLimits
+from foedus.refusals.errors import LimitExceededError
 
 # An envoy's calls that keep it registered and alive: slots of their own, apart from its uploads.
 ENVOY_CONTROL_RPCS: Final = frozenset({"RegisterEnvoy", "EnvoyHeartbeat", "ReportCollaborator"})

@@ -1,6 +1,6 @@
 """The ``director`` command: ``director start --config director.yaml`` runs the director service.
 
-The director keeps its state in director.yaml's ``state_dir`` (see `director.state`): started again
+The director keeps its state in director.yaml's ``state_dir`` (see `foedus.director.state`): started again
 with the same config after a crash or a stop, it finds its experiments again, adopts the
 aggregators still running and starts again those that died. Its aggregators are not stopped when
 the director stops.
@@ -17,19 +17,19 @@ import logging
 import threading
 from pathlib import Path
 
-from command.arguments import add_log_level, command, command_main, program
-from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
-from command.process import run_service, stopped_by_signals
-from command.usage import BadInputError, fail
-from director.server import DirectorServer
-from director.tokens import TokenStore
-from pki.errors import PkiError
-from pki.tls import tls_files_problem
-from plans.director_config import ConfigError, DirectorConfig, load_config
-from plans.runners import RunnerError, import_runner
-from protos.channel import host_port
-from refusals.errors import StorageError
-from serving.server import ServerError
+from foedus.command.arguments import add_log_level, command, command_main, program
+from foedus.command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
+from foedus.command.process import run_service, stopped_by_signals
+from foedus.command.usage import BadInputError, fail
+from foedus.director.server import DirectorServer
+from foedus.director.tokens import TokenStore
+from foedus.pki.errors import PkiError
+from foedus.pki.tls import tls_files_problem
+from foedus.plans.director_config import ConfigError, DirectorConfig, load_config
+from foedus.plans.runners import RunnerError, import_runner
+from foedus.protos.channel import host_port
+from foedus.refusals.errors import StorageError
+from foedus.serving.server import ServerError
 
 logger = logging.getLogger(__name__)
 

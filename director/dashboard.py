@@ -1,6 +1,6 @@
 """The director's web dashboard: a JSON API and three static pages that poll it, over HTTPS.
 
-Authentication: a person's dashboard token (see `director.tokens`), sent as the `foedus_session`
+Authentication: a person's dashboard token (see `foedus.director.tokens`), sent as the `foedus_session`
 cookie a browser gets from logging in (HttpOnly, Secure, SameSite=Strict), or as
 `Authorization: Bearer <token>` by scripts. The token names a person, and director.yaml's roster
 gives the role, exactly as a certificate's common name does on the gRPC side: users see their
@@ -8,7 +8,7 @@ own experiments, admins all, envoys nothing. Everything is read through `Directo
 dashboard applies the gRPC side's rules and never a copy of them. The pages carry no data: they
 are served only to a logged-in person, and their script reads the API every few seconds.
 
-Errors are `{"error": "..."}` with the status of the one table, `refusals.http`.
+Errors are `{"error": "..."}` with the status of the one table, `foedus.refusals.http`.
 """
 
 from __future__ import annotations
@@ -24,23 +24,23 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from director.fields import checked_id
-from director.identity import PEOPLE, Caller
-from director.launcher import LOG_FILE
-from director.people import ExperimentView
-from director.records import Envoy
-from director.service import DirectorService
-from director.tokens import TokenStore
-from history.rows import MetricsRow, RowError, TaskMetrics
-from processes.children import log_tail
-from refusals.errors import (
+from foedus.director.fields import checked_id
+from foedus.director.identity import PEOPLE, Caller
+from foedus.director.launcher import LOG_FILE
+from foedus.director.people import ExperimentView
+from foedus.director.records import Envoy
+from foedus.director.service import DirectorService
+from foedus.director.tokens import TokenStore
+from foedus.history.rows import MetricsRow, RowError, TaskMetrics
+from foedus.processes.children import log_tail
+from foedus.refusals.errors import (
     AuthenticationError,
     InvalidRequestError,
     LimitExceededError,
     RefusalError,
     StorageError,
 )
-from refusals.http import http_status
+from foedus.refusals.http import http_status
 
 logger = logging.getLogger(__name__)
 

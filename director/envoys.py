@@ -2,7 +2,7 @@
 
 An envoy's heartbeat is its one way to be told anything: its answer (`Work`) carries the
 experiments its collaborator is to start and to stop, and the log requests waiting for it
-(`director.site_logs`). Nothing here imports gRPC: `director.servicer` converts the wire.
+(`foedus.director.site_logs`). Nothing here imports gRPC: `foedus.director.servicer` converts the wire.
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from director.folders import ExperimentFolders
-from director.identity import Caller, Role
-from director.records import Experiment, ShardInfo
-from director.site_logs import LogRendezvous
-from director.state import DirectorState
-from lifecycle.orders import CollaboratorReport, StartOrder, Work
-from plans.director_config import DirectorConfig
-from refusals.errors import AuthorizationError, NotFoundError
+from foedus.director.folders import ExperimentFolders
+from foedus.director.identity import Caller, Role
+from foedus.director.records import Experiment, ShardInfo
+from foedus.director.site_logs import LogRendezvous
+from foedus.director.state import DirectorState
+from foedus.lifecycle.orders import CollaboratorReport, StartOrder, Work
+from foedus.plans.director_config import DirectorConfig
+from foedus.refusals.errors import AuthorizationError, NotFoundError
 
 logger = logging.getLogger(__name__)
 

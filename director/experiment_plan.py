@@ -14,7 +14,7 @@ One section is the director's, not the plan schema's: an optional top-level `liv
 experiment's own liveness policy, each key it leaves out taken from director.yaml's. It is read
 here (strictly: unknown keys, mandatory sites that are not the plan's collaborators, more
 `min_sites` than collaborators are refused, naming the key) and left out of the plan the
-aggregator gets, so `plans.schema` and `aggregator start` never see it (`aggregator start` refuses
+aggregator gets, so `foedus.plans.schema` and `aggregator start` never see it (`aggregator start` refuses
 a plan holding it, as any unknown section).
 
 When the policy lets the experiment go on without some site (`min_sites` below the number of
@@ -34,13 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict, Unpack
 
-from durable.files import write_yaml
-from plans.director_config import DirectorConfig, SiteLossPolicy, read_liveness
-from plans.loader import PlanError, load_plan, parse_plan, yaml_document
-from plans.reader import Section, safe_yaml
-from plans.runners import RunnerError, check_runner_settings, load_runner
-from plans.schema import ConnectionSettings, Plan, RunnerSettings
-from refusals.errors import InvalidRequestError, LimitExceededError, StorageError
+from foedus.durable.files import write_yaml
+from foedus.plans.director_config import DirectorConfig, SiteLossPolicy, read_liveness
+from foedus.plans.loader import PlanError, load_plan, parse_plan, yaml_document
+from foedus.plans.reader import Section, safe_yaml
+from foedus.plans.runners import RunnerError, check_runner_settings, load_runner
+from foedus.plans.schema import ConnectionSettings, Plan, RunnerSettings
+from foedus.refusals.errors import InvalidRequestError, LimitExceededError, StorageError
 
 SUBMITTED = Path("submitted plan")  # how errors name the plan a person sent
 PLAN_FILE = "plan.yaml"

@@ -2,7 +2,7 @@
 
 One place for the gRPC servicer and the dashboard: an id that is no UUID names nothing, an offset
 past what a file can hold is no offset, free text is bounded; each refusal is an
-`InvalidRequestError` naming the field and quoting its value cut (`plans.loader.shown`), so an
+`InvalidRequestError` naming the field and quoting its value cut (`foedus.plans.loader.shown`), so an
 answer never echoes a huge value back.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 
-from plans.reader import shown
-from refusals.errors import InvalidRequestError
+from foedus.plans.reader import shown
+from foedus.refusals.errors import InvalidRequestError
 
 # Every id the director makes is a UUID (str(uuid.uuid4())): anything else names nothing.
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")

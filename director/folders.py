@@ -16,12 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from director.experiment_plan import PLAN_FILE
-from director.launcher import LOG_FILE
-from durable.files import replace_file
-from history.rows import METRICS, MetricsRow, RowError, read_lines
-from processes.children import log_tail
-from refusals.errors import InvalidRequestError, LimitExceededError, NotFoundError, StorageError
+from foedus.director.experiment_plan import PLAN_FILE
+from foedus.director.launcher import LOG_FILE
+from foedus.durable.files import replace_file
+from foedus.history.rows import METRICS, MetricsRow, RowError, read_lines
+from foedus.processes.children import log_tail
+from foedus.refusals.errors import (
+    InvalidRequestError,
+    LimitExceededError,
+    NotFoundError,
+    StorageError,
+)
 
 logger = logging.getLogger(__name__)
 

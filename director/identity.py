@@ -2,9 +2,9 @@
 
 Every RPC's caller is the CN of its verified client certificate, and director.yaml gives each name
 one role: an envoy (`envoys`), a user (`users`) or an admin (`admins`). No message field names the
-caller. The certificate's role mark (`pki.roles`) must be that role's: a site's (collaborator)
+caller. The certificate's role mark (`foedus.pki.roles`) must be that role's: a site's (collaborator)
 certificate for an envoy, a user's for a user or admin, so a certificate issued to a person named
-like a site is not that site. `Roster.identify` runs for every call (see `director.servicer`),
+like a site is not that site. `Roster.identify` runs for every call (see `foedus.director.servicer`),
 `Caller.require` says which roles a call is for.
 """
 
@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from pki.requests import Role as CertificateRole
-from pki.roles import PeerCertificate, role_refusal
-from plans.director_config import DirectorConfig
-from refusals.errors import AuthorizationError
-from serving.identity import caller_name
+from foedus.pki.requests import Role as CertificateRole
+from foedus.pki.roles import PeerCertificate, role_refusal
+from foedus.plans.director_config import DirectorConfig
+from foedus.refusals.errors import AuthorizationError
+from foedus.serving.identity import caller_name
 
 
 class Role(Enum):

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Protocol
 
-from processes.children import ChildProcesses, Ended
+from foedus.processes.children import ChildProcesses, Ended
 
 LOG_FILE = "aggregator.log"
 
@@ -43,18 +43,18 @@ class LocalLauncher:
     """Aggregators as child processes of this host, each in its own session."""
 
     def __init__(self, command: tuple[str, ...] | None = None) -> None:
-        """`command` runs an aggregator (default: this Python's `-m aggregator start`)."""
-        self.command = command or (sys.executable, "-m", "aggregator")
+        """`command` runs an aggregator (default: this Python's `-m foedus.aggregator start`)."""
+        self.command = command or (sys.executable, "-m", "foedus.aggregator")
         self._processes = ChildProcesses(LOG_FILE, "aggregator")
 
     def start(self, experiment_id: str, plan: Path, folder: Path) -> int:
-        """Start `aggregator start --plan PLAN` under `processes.child`; its pid."""
+        """Start `aggregator start --plan PLAN` under `foedus.processes.child`; its pid."""
         return self._processes.start(
             experiment_id, (*self.command, "start", "--plan", str(plan)), folder
         )
 
     def adopt(self, experiment_id: str, folder: Path, pid: int) -> bool:
-        """Whether `pid` is still this experiment's `processes.child` (pids are reused)."""
+        """Whether `pid` is still this experiment's `foedus.processes.child` (pids are reused)."""
         return self._processes.adopt(experiment_id, folder, pid)
 
     def poll(self, experiment_id: str, folder: Path) -> Ended | None:

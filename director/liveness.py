@@ -7,16 +7,16 @@ when its envoy reports its collaborator refused, rejected by the site or given u
 experiment goes on without its lost sites while at least `min_sites` of its sites (all of them
 by default) are not lost and none of `mandatory_sites` is; otherwise it fails, its reason naming
 each lost site and why. The plan its aggregator gets stops waiting for a silent site by then
-(`director.experiment_plan`).
+(`foedus.director.experiment_plan`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from director.records import Envoy, Experiment, SiteReport
-from lifecycle.states import CollaboratorState
-from plans.director_config import SiteLossPolicy
+from foedus.director.records import Envoy, Experiment, SiteReport
+from foedus.lifecycle.states import CollaboratorState
+from foedus.plans.director_config import SiteLossPolicy
 
 OFFLINE = "offline"  # why a site is lost when its envoy has been offline past the grace
 # A site whose collaborator is in one of these has ended for good: lost to the experiment.

@@ -2,7 +2,7 @@
 
 Nothing is counted twice: every value is computed from `DirectorState` when Prometheus scrapes, so
 a restarted director reports the same as before. Served on director.yaml's `metrics_address` (off
-by default) by `serving.metrics.RegistryServer`, never the process-wide default registry.
+by default) by `foedus.serving.metrics.RegistryServer`, never the process-wide default registry.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from director.records import ExperimentState
-from director.state import DirectorState
-from plans.schema import Address
-from serving.metrics import RegistryServer
+from foedus.director.records import ExperimentState
+from foedus.director.state import DirectorState
+from foedus.plans.schema import Address
+from foedus.serving.metrics import RegistryServer
 
 logger = logging.getLogger(__name__)
 

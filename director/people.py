@@ -3,8 +3,8 @@
 Submit, list, describe, watch, review, cancel and remove experiments; read their metrics, logs
 and models; list the envoys. A user acts on their own experiments only, an admin on all
 (`_visible`). A followed read (watch, metrics or logs with follow) is a generator that waits for
-the director's next change between reads (`director.changes`), and ends with its experiment or
-its `Follow`. Nothing here imports gRPC: `director.servicer` and `director.dashboard` convert.
+the director's next change between reads (`foedus.director.changes`), and ends with its experiment or
+its `Follow`. Nothing here imports gRPC: `foedus.director.servicer` and `foedus.director.dashboard` convert.
 """
 
 from __future__ import annotations
@@ -14,17 +14,22 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from director.changes import Follow
-from director.experiment_plan import check_submitted
-from director.folders import ExperimentFolders, ModelDownload, ModelUpload
-from director.identity import PEOPLE, Caller, Role
-from director.records import Envoy, Experiment, ExperimentState
-from director.site_logs import LogRendezvous
-from director.state import DirectorState
-from director.supervisor import Supervisor
-from lifecycle.states import CollaboratorState
-from plans.director_config import DirectorConfig
-from refusals.errors import AuthorizationError, NotFoundError, PreconditionError, UnavailableError
+from foedus.director.changes import Follow
+from foedus.director.experiment_plan import check_submitted
+from foedus.director.folders import ExperimentFolders, ModelDownload, ModelUpload
+from foedus.director.identity import PEOPLE, Caller, Role
+from foedus.director.records import Envoy, Experiment, ExperimentState
+from foedus.director.site_logs import LogRendezvous
+from foedus.director.state import DirectorState
+from foedus.director.supervisor import Supervisor
+from foedus.lifecycle.states import CollaboratorState
+from foedus.plans.director_config import DirectorConfig
+from foedus.refusals.errors import (
+    AuthorizationError,
+    NotFoundError,
+    PreconditionError,
+    UnavailableError,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The director's records: the experiment's lifecycle table (and the refusal of a move it does not
-allow) and the values `director.state`
+allow) and the values `foedus.director.state`
 stores and gives back (plain, frozen; nothing here touches a disk). A site's collaborator's
-states are the lifecycle's (`lifecycle.states`), shared with the envoy.
+states are the lifecycle's (`foedus.lifecycle.states`), shared with the envoy.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
 
-from lifecycle.states import CollaboratorState
-from refusals.errors import PreconditionError
+from foedus.lifecycle.states import CollaboratorState
+from foedus.refusals.errors import PreconditionError
 
 
 class ExperimentState(Enum):

@@ -1,4 +1,4 @@
-"""The director's SQLite schema, its versions and the rows' codecs; `director.state` uses them.
+"""The director's SQLite schema, its versions and the rows' codecs; `foedus.director.state` uses them.
 
 Schema version 2 added the count of each experiment's aggregator restarts in a row
 (`DirectorState.count_restart`); a version 1 state is migrated when opened (`MIGRATIONS`).
@@ -10,7 +10,7 @@ import json
 from types import MappingProxyType
 from typing import Any
 
-from director.records import Experiment, ExperimentState, ShardInfo
+from foedus.director.records import Experiment, ExperimentState, ShardInfo
 
 SCHEMA_VERSION = 2
 

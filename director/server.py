@@ -8,19 +8,19 @@ from concurrent import futures
 
 import grpc
 
-from director.dashboard import create_app
-from director.launcher import Launcher, LocalLauncher
-from director.metrics import DirectorMetrics
-from director.service import DirectorService
-from director.servicer import DirectorServicer
-from director.state import DirectorState
-from director.tokens import TokenStore
-from director.web_server import WebServer, WebServerError
-from pki.tls import server_credentials
-from plans.director_config import DirectorConfig
-from protos import director_pb2_grpc
-from protos.channel import host_port, server_options
-from serving.server import ServerError, Serving
+from foedus.director.dashboard import create_app
+from foedus.director.launcher import Launcher, LocalLauncher
+from foedus.director.metrics import DirectorMetrics
+from foedus.director.service import DirectorService
+from foedus.director.servicer import DirectorServicer
+from foedus.director.state import DirectorState
+from foedus.director.tokens import TokenStore
+from foedus.director.web_server import WebServer, WebServerError
+from foedus.pki.tls import server_credentials
+from foedus.plans.director_config import DirectorConfig
+from foedus.protos import director_pb2_grpc
+from foedus.protos.channel import host_port, server_options
+from foedus.serving.server import ServerError, Serving
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ CLIENT_CHUNK_BYTES = 1024 * 1024  # the largest piece a client may send (protos/
 
 
 def workers_for(config: DirectorConfig) -> int:
-    """Worker threads enough for every call `director.capacity.Capacity` admits, and some over.
+    """Worker threads enough for every call `foedus.director.capacity.Capacity` admits, and some over.
 
     A call holds its thread from start to end (a followed stream as long as it follows), so
     the threads are sized to the limits: all people's calls, each envoy's uploads and, apart, its

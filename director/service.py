@@ -1,16 +1,16 @@
 """The director's logic in plain Python, by desk; `DirectorService` puts the desks together.
 
-- `director.envoys.EnvoyDesk`: the envoys' calls (register, heartbeat, report, upload a log);
-- `director.people.PeopleDesk`: the people's calls (submit, list, describe, watch, review,
+- `foedus.director.envoys.EnvoyDesk`: the envoys' calls (register, heartbeat, report, upload a log);
+- `foedus.director.people.PeopleDesk`: the people's calls (submit, list, describe, watch, review,
   cancel, remove; metrics, logs, models, envoys);
-- `director.folders.ExperimentFolders`: every file of an experiment, read and written there only;
-- `director.supervisor.Supervisor`: the aggregators, the lifecycle, the liveness rule
-  (`director.liveness`), restarts in a row;
-- `director.site_logs.LogRendezvous`: a person's request for a site's log meeting its envoy;
-- `director.changes.Changes` (the state's): what followed streams wait on.
+- `foedus.director.folders.ExperimentFolders`: every file of an experiment, read and written there only;
+- `foedus.director.supervisor.Supervisor`: the aggregators, the lifecycle, the liveness rule
+  (`foedus.director.liveness`), restarts in a row;
+- `foedus.director.site_logs.LogRendezvous`: a person's request for a site's log meeting its envoy;
+- `foedus.director.changes.Changes` (the state's): what followed streams wait on.
 
-`director.servicer` calls the desks (one method per RPC, the caller already identified);
-`director.server` recovers and runs the supervisor; `director.dashboard` reads through the few
+`foedus.director.servicer` calls the desks (one method per RPC, the caller already identified);
+`foedus.director.server` recovers and runs the supervisor; `foedus.director.dashboard` reads through the few
 people's calls below. Nothing here imports gRPC: tests drive it without a socket.
 """
 
@@ -21,16 +21,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from director.envoys import EnvoyDesk
-from director.folders import ExperimentFolders
-from director.identity import Caller, Roster
-from director.launcher import Launcher
-from director.people import ExperimentView, PeopleDesk
-from director.records import Envoy
-from director.site_logs import LogRendezvous
-from director.state import DirectorState
-from director.supervisor import Supervisor
-from plans.director_config import DirectorConfig
+from foedus.director.envoys import EnvoyDesk
+from foedus.director.folders import ExperimentFolders
+from foedus.director.identity import Caller, Roster
+from foedus.director.launcher import Launcher
+from foedus.director.people import ExperimentView, PeopleDesk
+from foedus.director.records import Envoy
+from foedus.director.site_logs import LogRendezvous
+from foedus.director.state import DirectorState
+from foedus.director.supervisor import Supervisor
+from foedus.plans.director_config import DirectorConfig
 
 
 class DirectorService:

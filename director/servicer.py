@@ -1,9 +1,9 @@
 """DirectorServicer: the wire side of the director, thin: identify, admit, convert, delegate.
 
 Every RPC runs under `_unary`, `_receiving` or `_streaming`: the caller is identified from its
-certificate there (the one place, `director.identity.Roster.identify`), admitted
-(`director.capacity`), and any refusal becomes its status (`refusals.grpc`, `abort`). The logic is
-the desks' (`director.envoys`, `director.people`, put together by `director.service`).
+certificate there (the one place, `foedus.director.identity.Roster.identify`), admitted
+(`foedus.director.capacity`), and any refusal becomes its status (`foedus.refusals.grpc`, `abort`). The logic is
+the desks' (`foedus.director.envoys`, `foedus.director.people`, put together by `foedus.director.service`).
 
 So that no identity can exhaust the director, each call holds a slot of director.yaml's limits
 from right after its caller is identified until it ends, and one past them is refused at once
@@ -11,9 +11,9 @@ from right after its caller is identified until it ends, and one past them is re
 `limits.max_people_calls` for all users and admins together; an envoy's heartbeats,
 registrations and reports count apart from its log uploads, so that they always have slots of
 their own. A stream sent to the director (a submitted model, an uploaded log) that sends nothing
-for `limits.idle_stream_seconds` ends with DEADLINE_EXCEEDED (`admission.calls.chunks_within`).
-`director.server` sizes its worker threads so that every admitted call has one. A followed
-stream waits between reads for the director's next change (`_follow`, `director.changes`).
+for `limits.idle_stream_seconds` ends with DEADLINE_EXCEEDED (`foedus.admission.calls.chunks_within`).
+`foedus.director.server` sizes its worker threads so that every admitted call has one. A followed
+stream waits between reads for the director's next change (`_follow`, `foedus.director.changes`).
 """
 
 from __future__ import annotations
@@ -28,22 +28,22 @@ from typing import NoReturn, TypeVar
 
 import grpc
 
-from admission.calls import chunks_within
-from director.capacity import Capacity
-from director.changes import Follow
-from director.fields import checked_id, checked_length, checked_offset
-from director.folders import ModelUpload
-from director.identity import Caller
-from director.people import ExperimentView
-from director.records import ExperimentState, ShardInfo
-from director.service import DirectorService
-from lifecycle.orders import CollaboratorReport
-from lifecycle.wire import collaborator_state_to_proto, report_from_proto, work_to_proto
-from plans.reader import NAME_PATTERN, shown
-from protos import director_pb2, director_pb2_grpc
-from refusals.errors import InvalidRequestError, StreamTimeoutError
-from refusals.grpc import answer, status_for
-from serving.identity import peer_of
+from foedus.admission.calls import chunks_within
+from foedus.director.capacity import Capacity
+from foedus.director.changes import Follow
+from foedus.director.fields import checked_id, checked_length, checked_offset
+from foedus.director.folders import ModelUpload
+from foedus.director.identity import Caller
+from foedus.director.people import ExperimentView
+from foedus.director.records import ExperimentState, ShardInfo
+from foedus.director.service import DirectorService
+from foedus.lifecycle.orders import CollaboratorReport
+from foedus.lifecycle.wire import collaborator_state_to_proto, report_from_proto, work_to_proto
+from foedus.plans.reader import NAME_PATTERN, shown
+from foedus.protos import director_pb2, director_pb2_grpc
+from foedus.refusals.errors import InvalidRequestError, StreamTimeoutError
+from foedus.refusals.grpc import answer, status_for
+from foedus.serving.identity import peer_of
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class DirectorServicer(director_pb2_grpc.DirectorServicer):
 
     @contextmanager
     def admitted(self, context: grpc.ServicerContext, rpc: str) -> Iterator[Caller]:
-        """The identified caller, holding its slots for `rpc` while inside (`director.capacity`)."""
+        """The identified caller, holding its slots for `rpc` while inside (`foedus.director.capacity`)."""
         caller = self.identify(context)
         with self.capacity.admit(caller, rpc):
             yield caller

@@ -12,8 +12,8 @@ import threading
 import uuid
 from collections.abc import Iterable
 
-from lifecycle.orders import LogOrder
-from refusals.errors import LimitExceededError, NotFoundError
+from foedus.lifecycle.orders import LogOrder
+from foedus.refusals.errors import LimitExceededError, NotFoundError
 
 
 class LogRendezvous:

@@ -3,14 +3,14 @@
 One class, `DirectorState`, holds the experiments and their lifecycle, the envoy registry and the
 sites' reports; the service only calls it. Every write is one transaction that is on disk when
 the method returns, so what the director acknowledged survives kill -9. The lifecycle's allowed
-moves are the one table `TRANSITIONS` (`director.records`); any other move raises
+moves are the one table `TRANSITIONS` (`foedus.director.records`); any other move raises
 `IllegalTransitionError`. After every write but a heartbeat the state signals `changes`, which
-followed streams wait on (`director.changes`).
+followed streams wait on (`foedus.director.changes`).
 
 An envoy is online when its last heartbeat is at most twice `health_check_seconds` old, computed
 from the clock every time it is read: no stored flag goes stale.
 
-The schema, its migrations and the rows' codecs are `director.schema`'s.
+The schema, its migrations and the rows' codecs are `foedus.director.schema`'s.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from director.changes import Changes
-from director.records import (
+from foedus.director.changes import Changes
+from foedus.director.records import (
     TRANSITIONS,
     Envoy,
     Experiment,
@@ -37,7 +37,7 @@ from director.records import (
     ShardInfo,
     SiteReport,
 )
-from director.schema import (
+from foedus.director.schema import (
     EXPERIMENT_COLUMNS,
     MIGRATIONS,
     RESTARTS,
@@ -47,9 +47,9 @@ from director.schema import (
     shard_from_json,
     shard_to_json,
 )
-from durable.sqlite import SqliteStore, connect, lock_state_folder
-from lifecycle.states import CollaboratorState
-from refusals.errors import NotFoundError, StorageError
+from foedus.durable.sqlite import SqliteStore, connect, lock_state_folder
+from foedus.lifecycle.states import CollaboratorState
+from foedus.refusals.errors import NotFoundError, StorageError
 
 DATABASE = "director.sqlite"
 LOCK = "director.lock"
@@ -348,7 +348,7 @@ class DirectorState(SqliteStore):
         """Note a heartbeat; False when the envoy is not registered (it must register again).
 
         Quiet: it moves only `last_seen`, which no follower shows; an envoy's going offline or
-        coming back is the supervisor's to signal (`director.supervisor.Supervisor.observe`).
+        coming back is the supervisor's to signal (`foedus.director.supervisor.Supervisor.observe`).
         """
         with self._transaction(quiet=True) as db:
             cursor = db.execute(

@@ -3,13 +3,13 @@
 `Supervisor.supervise` is one step, which the server runs on a timer (`run`): it starts queued
 experiments in the queue's order (`DirectorState.queue`), up to `max_running_experiments` and
 at most `max_running_per_user` of one owner (each gets a port, a plan written by
-`director.experiment_plan` and an aggregator from the `Launcher`), moves them along their
+`foedus.director.experiment_plan` and an aggregator from the `Launcher`), moves them along their
 lifecycle as their sites report and their aggregators end, fails them when their sites are gone
-(`director.liveness`), and starts again an aggregator that died without deciding its end
+(`foedus.director.liveness`), and starts again an aggregator that died without deciding its end
 (at most `MAX_RESTARTS` times in a row: the count, kept in the state's `aggregator_restarts`
 table so that it survives a director restart, starts again once more rounds are completed than
 at the last restart). After each step it signals the state's `changes` when what followed
-streams show changed outside the state (`director.changes`).
+streams show changed outside the state (`foedus.director.changes`).
 """
 
 from __future__ import annotations
@@ -19,16 +19,16 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Mapping
 
-from director.experiment_plan import plan_liveness, write_director_plan
-from director.folders import ExperimentFolders
-from director.launcher import Launcher
-from director.liveness import judge, lost_sites, said
-from director.records import ACTIVE, Experiment, ExperimentState, SiteReport
-from director.state import DirectorState
-from lifecycle.states import CollaboratorState
-from plans.director_config import DirectorConfig, SiteLossPolicy
-from processes.children import Ended
-from refusals.errors import InvalidRequestError, StorageError
+from foedus.director.experiment_plan import plan_liveness, write_director_plan
+from foedus.director.folders import ExperimentFolders
+from foedus.director.launcher import Launcher
+from foedus.director.liveness import judge, lost_sites, said
+from foedus.director.records import ACTIVE, Experiment, ExperimentState, SiteReport
+from foedus.director.state import DirectorState
+from foedus.lifecycle.states import CollaboratorState
+from foedus.plans.director_config import DirectorConfig, SiteLossPolicy
+from foedus.processes.children import Ended
+from foedus.refusals.errors import InvalidRequestError, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class Supervisor:
     def _lost_sites(
         self, experiment: Experiment, reports: Mapping[str, SiteReport]
     ) -> dict[str, str]:
-        """`director.liveness.lost_sites` of the experiment now."""
+        """`foedus.director.liveness.lost_sites` of the experiment now."""
         return lost_sites(
             experiment,
             reports,

@@ -16,8 +16,8 @@ import secrets
 import time
 from pathlib import Path
 
-from durable.files import write_text
-from refusals.errors import StorageError
+from foedus.durable.files import write_text
+from foedus.refusals.errors import StorageError
 
 TOKENS_FILE = "dashboard_tokens.json"
 TOKEN_BYTES = 32
@@ -73,7 +73,7 @@ class TokenStore:
         return {str(d): e for d, e in data.items() if isinstance(e, dict)}
 
     def _write(self, entries: dict[str, dict[str, object]]) -> None:
-        """Atomically and durably, at mode 0600 from its creation (`durable.files`)."""
+        """Atomically and durably, at mode 0600 from its creation (`foedus.durable.files`)."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_text(self.path, json.dumps(entries, indent=1, sort_keys=True), mode=0o600)

@@ -2,7 +2,7 @@
 
 TLS with the director's certificate and key (the ones its gRPC side serves with, CN = host), so a
 browser that trusts the federation's CA sees the same name. No client certificate is asked for:
-people authenticate with a token (see `director.dashboard`).
+people authenticate with a token (see `foedus.director.dashboard`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import time
 import uvicorn
 from fastapi import FastAPI
 
-from pki.layout import CertsLayout
-from plans.schema import Address
+from foedus.pki.layout import CertsLayout
+from foedus.plans.schema import Address
 
 logger = logging.getLogger(__name__)
 

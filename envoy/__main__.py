@@ -1,7 +1,7 @@
-"""`python -m envoy`: the envoy command."""
+"""`python -m foedus.envoy`: the envoy command."""
 
 import sys
 
-from envoy.cli import main
+from foedus.envoy.cli import main
 
 sys.exit(main())

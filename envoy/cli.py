@@ -10,22 +10,22 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from collaborator.client import LEAVE_SECONDS
-from command.arguments import add_log_level, command, command_main, program
-from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
-from command.process import stderr_log_handler
-from command.table import table_lines
-from command.text import printable
-from command.usage import UsageError, fail, fail_each
-from envoy.client import DirectorClient
-from envoy.config import ConfigError, EnvoyConfig, load_config
-from envoy.errors import EnvoyError
-from envoy.leave import Leaving
-from envoy.progress import ProgressBook
-from envoy.redis_metrics import RedisReporter
-from envoy.runtime import EnvoyLoop, foedus_version
-from envoy.site import Site, review
-from envoy.site_api import (
+from foedus.collaborator.client import LEAVE_SECONDS
+from foedus.command.arguments import add_log_level, command, command_main, program
+from foedus.command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
+from foedus.command.process import stderr_log_handler
+from foedus.command.table import table_lines
+from foedus.command.text import printable
+from foedus.command.usage import UsageError, fail, fail_each
+from foedus.envoy.client import DirectorClient
+from foedus.envoy.config import ConfigError, EnvoyConfig, load_config
+from foedus.envoy.errors import EnvoyError
+from foedus.envoy.leave import Leaving
+from foedus.envoy.progress import ProgressBook
+from foedus.envoy.redis_metrics import RedisReporter
+from foedus.envoy.runtime import EnvoyLoop, foedus_version
+from foedus.envoy.site import Site, review
+from foedus.envoy.site_api import (
     TOKEN_FILE,
     SiteApiContext,
     SiteApiServer,
@@ -33,11 +33,11 @@ from envoy.site_api import (
     create_app,
     ensure_token,
 )
-from envoy.state import DATABASE, EnvoyState
-from pki.errors import MissingTLSFileError, PkiError
-from pki.tls import check_tls_files
-from plans.reader import NAME_PATTERN
-from protos.channel import host_port
+from foedus.envoy.state import DATABASE, EnvoyState
+from foedus.pki.errors import MissingTLSFileError, PkiError
+from foedus.pki.tls import check_tls_files
+from foedus.plans.reader import NAME_PATTERN
+from foedus.protos.channel import host_port
 
 logger = logging.getLogger(__name__)
 

@@ -2,9 +2,9 @@
 
 The envoy's identity is its site's collaborator certificate (CN = the site's name); the
 director's certificate is checked against the CA bundle and the director's host name, as a
-collaborator checks its aggregator's (`pki.tls.channel_credentials`, read again on every new
+collaborator checks its aggregator's (`foedus.pki.tls.channel_credentials`, read again on every new
 channel, so renewed files are used after a reconnect). Protobuf stays here: the envoy's loop
-gets `lifecycle.orders` dataclasses (converted by `lifecycle.wire`). A call that did not reach
+gets `foedus.lifecycle.orders` dataclasses (converted by `foedus.lifecycle.wire`). A call that did not reach
 the director or got no answer raises `DirectorUnavailableError` (the channel is dropped; the
 caller backs off and tries again); every other status is a refusal, `DirectorRefusedError`.
 """
@@ -18,16 +18,16 @@ from typing import Self, TypeVar
 
 import grpc
 
-from envoy.config import EnvoyConfig, Shard
-from envoy.errors import DirectorRefusedError, DirectorUnavailableError
-from envoy.site import LogPiece, Report
-from lifecycle.orders import Work
-from lifecycle.wire import report_to_proto, work_from_proto
-from pki.tls import channel_credentials
-from protos import director_pb2
-from protos.channel import client_options
-from protos.director_pb2_grpc import DirectorStub
-from retry.backoff import RETRYABLE
+from foedus.envoy.config import EnvoyConfig, Shard
+from foedus.envoy.errors import DirectorRefusedError, DirectorUnavailableError
+from foedus.envoy.site import LogPiece, Report
+from foedus.lifecycle.orders import Work
+from foedus.lifecycle.wire import report_to_proto, work_from_proto
+from foedus.pki.tls import channel_credentials
+from foedus.protos import director_pb2
+from foedus.protos.channel import client_options
+from foedus.protos.director_pb2_grpc import DirectorStub
+from foedus.retry.backoff import RETRYABLE
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """envoy.yaml: which director, which certificates, what this site holds and agrees to run.
 
-Read as strictly as a plan (with `plans.reader`): unknown keys are errors, and every
+Read as strictly as a plan (with `foedus.plans.reader`): unknown keys are errors, and every
 problem is one line `FILE: key.path: what is wrong`, all reported at once. Paths are relative to
 the file. An example, every key shown with its default (the four without one are required):
 
@@ -11,17 +11,17 @@ the file. An example, every key shown with its default (the four without one are
     runners: [digits]        # required: runners this site agrees to run (built-in names or
                              #   package.module:Class installed here); any other is refused
     runner_settings: {}      # this site's runner settings (where its data lives), merged over
-                             #   each plan's runner.settings (plans.site_settings)
+                             #   each plan's runner.settings (foedus.plans.site_settings)
     review: auto             # or manual: the site operator runs `envoy approve ID` first
     shard: {description: "", train_samples: 0, valid_samples: 0, labels: {}}
     connection: {deadline_seconds: 30, backoff_initial_seconds: 1, backoff_max_seconds: 60}
-    site_api: {enabled: false, host: 127.0.0.1, port: 8780}   # the site's HTTP API (envoy.site_api);
+    site_api: {enabled: false, host: 127.0.0.1, port: 8780}   # the site's HTTP API (foedus.envoy.site_api);
                              #   its bearer token is STATE_DIR/site_api.token, made if missing
     metrics: {redis_url: ""} # e.g. redis://localhost:6379/0: each collaborator's state and
-                             #   metrics in Redis (envoy.redis_metrics); "" sends nothing
+                             #   metrics in Redis (foedus.envoy.redis_metrics); "" sends nothing
     collaborator_log_level: info   # --log-level of the collaborators it starts: debug, info,
                              #   warning or error (debug: a failure's traceback in its log)
-    share_with_director:     # what of the collaborators' text leaves the site (envoy.disclosure)
+    share_with_director:     # what of the collaborators' text leaves the site (foedus.envoy.disclosure)
       logs: foedus           #   none | foedus (foedus's own log lines) | all: log lines sent
       errors: category       #   category | line: a failure's reason names a fixed category, or
                              #   also quotes the log's last line
@@ -36,11 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from command.process import LOG_LEVELS
-from pki.layout import CertsLayout
-from plans.loader import read_config
-from plans.reader import Section
-from protos.channel import host_port
+from foedus.command.process import LOG_LEVELS
+from foedus.pki.layout import CertsLayout
+from foedus.plans.loader import read_config
+from foedus.plans.reader import Section
+from foedus.protos.channel import host_port
 
 REDIS_URL = re.compile(r"^rediss?://[^\s]+$")
 SHARED_LOGS = ("none", "foedus", "all")  # share_with_director.logs

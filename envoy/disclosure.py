@@ -22,35 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from command.exits import EXIT_BAD_INPUT, EXIT_SIGINT, EXIT_SIGTERM
-from envoy.config import ShareWithDirector
+from foedus.command.exits import EXIT_BAD_INPUT, EXIT_SIGINT, EXIT_SIGTERM
+from foedus.envoy.config import ShareWithDirector
 
 SITE_PATH = "<site path>"
 LOG_ENDS = "; its log ends: "  # in a failure's reason, before the quoted last line of the log
 # The top-level packages of foedus (pyproject.toml's): a logger under one of them is foedus's own.
-FOEDUS_PACKAGES = frozenset(
-    {
-        "admission",
-        "aggregator",
-        "collaborator",
-        "command",
-        "director",
-        "durable",
-        "envoy",
-        "experiment",
-        "foedus",
-        "history",
-        "lifecycle",
-        "pki",
-        "plans",
-        "processes",
-        "protos",
-        "refusals",
-        "retry",
-        "serving",
-        "torch_runner",
-    }
-)
+FOEDUS_PACKAGES = frozenset({"foedus"})
 # command.process.LOG_FORMAT, "%(asctime)s %(levelname)s %(name)s: %(message)s": the collaborator's.
 _LOG_LINE = re.compile(
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (?:DEBUG|INFO|WARNING|ERROR|CRITICAL) "
@@ -58,7 +36,9 @@ _LOG_LINE = re.compile(
 )
 # collaborator.cli's line before it exits 1: a fixed category and the exception's class
 # (collaborator.cli.leave_reason), never the exception's text.
-_CATEGORY = re.compile(r"^\S+ \S+ ERROR collaborator\.cli: failure: (?P<category>.{1,200})$")
+_CATEGORY = re.compile(
+    r"^\S+ \S+ ERROR foedus\.collaborator\.cli: failure: (?P<category>.{1,200})$"
+)
 # What `collaborator start`'s exit codes mean (its --help), whatever its last line says.
 _BY_EXIT_CODE = {
     EXIT_BAD_INPUT: "a bad plan, certificates or runner settings",
@@ -93,7 +73,7 @@ def failure_reason(described: str, code: int, log: Path) -> str:
     """Why a collaborator ended with an error, all of it, for the site's state.
 
     "`described`: CATEGORY; its log ends: LAST LINE": the category is one the envoy knows (the
-    exit code's meaning, or collaborator.cli's "failure: CATEGORY" line, such as "the task runner
+    exit code's meaning, or foedus.collaborator.cli's "failure: CATEGORY" line, such as "the task runner
     failed (ValueError)"); `shared_reason` cuts what follows it.
     """
     lines = _tail_lines(log)

@@ -1,10 +1,10 @@
 """The few ways the envoy's work fails; plain Python, the CLI maps them to exit codes.
 
-Those the site API may answer are refusals too (`refusals.errors`), so `refusals.http` gives
+Those the site API may answer are refusals too (`foedus.refusals.errors`), so `foedus.refusals.http` gives
 their HTTP status.
 """
 
-from refusals.errors import NotFoundError, PreconditionError, StorageError
+from foedus.refusals.errors import NotFoundError, PreconditionError, StorageError
 
 
 class EnvoyError(Exception):

@@ -1,12 +1,12 @@
 """Telling an experiment's aggregator that the site has given its collaborator up (`Leave`).
 
-When the envoy gives a collaborator up (`envoy.site`: exit 2, restarts used up, the site
+When the envoy gives a collaborator up (`foedus.envoy.site`: exit 2, restarts used up, the site
 operator's stop), no round should wait for that site any more. The envoy holds the site's
 collaborator certificate and wrote the site's plan, so it calls `Leave` as the site, with a fixed
 category for a reason (never a log line: that stays at the site). Best effort, in a thread of its
 own so the envoy's loop never waits: one call, bounded by the client's `LEAVE_SECONDS`, a failure
 logged. The plan the director writes for the aggregator stops waiting for a silent site anyway
-(`director.experiment_plan`); this makes it immediate.
+(`foedus.director.experiment_plan`); this makes it immediate.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from collaborator.client import AggregatorGRPCClient
-from collaborator.errors import ClientError
-from pki.errors import PkiError
-from plans.loader import PlanError, load_plan
+from foedus.collaborator.client import AggregatorGRPCClient
+from foedus.collaborator.errors import ClientError
+from foedus.pki.errors import PkiError
+from foedus.plans.loader import PlanError, load_plan
 
 logger = logging.getLogger(__name__)
 

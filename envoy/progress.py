@@ -1,6 +1,6 @@
 """A collaborator's progress (rounds, per-round metrics, times) read from its own log.
 
-The collaborator already logs one line per task it finishes (`collaborator.loop`: ``round 2:
+The collaborator already logs one line per task it finishes (`foedus.collaborator.loop`: ``round 2:
 train on 1200 samples: loss=0.1234 accuracy=0.9500``) and one when the federation is finished;
 reading those lines tells the site everything it shows, with no change to the collaborator nor
 to what it says on the wire. The log is read incrementally (from where the last read stopped),
@@ -17,12 +17,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from envoy.state import SiteExperiment
-from processes.children import STATUS_FILE
+from foedus.envoy.state import SiteExperiment
+from foedus.processes.children import STATUS_FILE
 
 # "%(asctime)s %(levelname)s %(name)s: %(message)s", collaborator.cli's logging format.
 _LINE = re.compile(
-    r"^(?P<time>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ collaborator\.loop: (?P<message>.*)$"
+    r"^(?P<time>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ foedus\.collaborator\.loop: (?P<message>.*)$"
 )
 _TASK = re.compile(r"^round (?P<round>\d+): (?P<task>\w+) on (?P<samples>\d+) samples:(?P<m>.*)$")
 _METRIC = re.compile(r"^(?P<name>[^=\s]+)=(?P<value>\S+)$")

@@ -1,14 +1,14 @@
 """Each collaborator's state and metrics in Redis, in FLorist's scheme.
 
 One key per collaborator uuid (the experiment id for a director's) holding its JSON state
-(`envoy.progress.describe`: state, rounds with per-round metrics, start and end times): after
+(`foedus.envoy.progress.describe`: state, rounds with per-round metrics, start and end times): after
 each change, `SET <uuid> <json>` then `PUBLISH <uuid> update`. Only envoy.yaml's
 `metrics.redis_url` is read, never a plan's: where a site's metrics go is the site's decision,
 and a director's plan must not send them elsewhere.
 
 A thread of its own (`RedisReporter`) polls the state every `interval` seconds and sends what
 changed, so Redis never slows the envoy's loop. Redis away: logged once per outage, retried
-after a capped backoff (`retry.backoff.Backoff`); when it is back every key is sent again (the
+after a capped backoff (`foedus.retry.backoff.Backoff`); when it is back every key is sent again (the
 latest state of each, not every step in between), as a restarted Redis may have lost them.
 """
 
@@ -20,9 +20,9 @@ import threading
 
 import redis
 
-from envoy.progress import ProgressBook, describe
-from envoy.site import LOG_FILE, Site
-from retry.backoff import Backoff
+from foedus.envoy.progress import ProgressBook, describe
+from foedus.envoy.site import LOG_FILE, Site
+from foedus.retry.backoff import Backoff
 
 logger = logging.getLogger(__name__)
 

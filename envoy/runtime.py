@@ -3,7 +3,7 @@
 One thread. Every `tick_seconds` the site's collaborators are looked after (`Site.tick`), with
 or without a director; the director is called when its heartbeat is due or a state is to be
 reported. A call that fails pauses calls to the director for a capped exponential backoff with
-jitter (`retry.backoff.Backoff`), during which the collaborators are still looked after: the
+jitter (`foedus.retry.backoff.Backoff`), during which the collaborators are still looked after: the
 envoy never exits because the director is away, nor because it refuses (that is logged as an
 error and retried at the cap, so a director.yaml fixed later lets the site in).
 """
@@ -17,13 +17,13 @@ from collections.abc import Callable
 from importlib import metadata
 from random import random as uniform_random
 
-from envoy.client import DirectorClient
-from envoy.config import Connection, Shard
-from envoy.errors import DirectorRefusedError, DirectorUnavailableError, EnvoyError
-from envoy.site import Site
-from lifecycle.orders import Work
-from pki.errors import PkiError
-from retry.backoff import Backoff
+from foedus.envoy.client import DirectorClient
+from foedus.envoy.config import Connection, Shard
+from foedus.envoy.errors import DirectorRefusedError, DirectorUnavailableError, EnvoyError
+from foedus.envoy.site import Site
+from foedus.lifecycle.orders import Work
+from foedus.pki.errors import PkiError
+from foedus.retry.backoff import Backoff
 
 logger = logging.getLogger(__name__)
 

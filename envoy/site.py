@@ -1,14 +1,14 @@
 """What an envoy does at its site, in plain Python: start, watch, restart and stop collaborators.
 
 `Site` turns the director's work (experiments to start and to stop, logs to send) into actions
-on the envoy's durable state (`envoy.state`) and its collaborators, child processes in their own
-sessions (`processes.children.ChildProcesses`): `collaborator start -n NAME --plan PLAN`, the plan
-written by `envoy.site_plan`. A collaborator that dies is started again, at most `MAX_RESTARTS`
+on the envoy's durable state (`foedus.envoy.state`) and its collaborators, child processes in their own
+sessions (`foedus.processes.children.ChildProcesses`): `collaborator start -n NAME --plan PLAN`, the plan
+written by `foedus.envoy.site_plan`. A collaborator that dies is started again, at most `MAX_RESTARTS`
 times in a row (the count starts again once it finishes a round it had not); the site gives up
 on it for good (GAVE_UP) when it exits 2 (a bad plan or settings: starting again cannot help),
 when its restarts are used up, or when the site's operator stops it, and tells the aggregator
-the site left (`envoy.leave`, in a thread of its own). Otherwise it never touches the network;
-`envoy.runtime` carries its reports to the director and the director's work to it. Every step
+the site left (`foedus.envoy.leave`, in a thread of its own). Otherwise it never touches the network;
+`foedus.envoy.runtime` carries its reports to the director and the director's work to it. Every step
 is written to the state before it is acted on or reported, so an envoy started again after
 kill -9 goes on where it was (`recover`).
 """
@@ -25,13 +25,13 @@ from pathlib import Path
 
 import yaml
 
-from command.exits import EXIT_BAD_INPUT
-from envoy.config import EnvoyConfig
-from envoy.disclosure import SharedLog, failure_reason, shared_reason
-from envoy.errors import EnvoyError, FinishedError, IllegalTransitionError, StateError
-from envoy.leave import LeaveCall, Leaving
-from envoy.progress import Progress, read_new_lines
-from envoy.site_plan import (
+from foedus.command.exits import EXIT_BAD_INPUT
+from foedus.envoy.config import EnvoyConfig
+from foedus.envoy.disclosure import SharedLog, failure_reason, shared_reason
+from foedus.envoy.errors import EnvoyError, FinishedError, IllegalTransitionError, StateError
+from foedus.envoy.leave import LeaveCall, Leaving
+from foedus.envoy.progress import Progress, read_new_lines
+from foedus.envoy.site_plan import (
     EXPERIMENT_ID,
     PLAN_FILE,
     RefusedPlanError,
@@ -39,10 +39,10 @@ from envoy.site_plan import (
     site_document,
     write_site_plan,
 )
-from envoy.state import DIRECTOR, NO_ROUND, SITE, EnvoyState, SiteExperiment
-from lifecycle.orders import CollaboratorReport, LogOrder, StartOrder, Work
-from lifecycle.states import CollaboratorState
-from processes.children import ChildProcesses, Ended
+from foedus.envoy.state import DIRECTOR, NO_ROUND, SITE, EnvoyState, SiteExperiment
+from foedus.lifecycle.orders import CollaboratorReport, LogOrder, StartOrder, Work
+from foedus.lifecycle.states import CollaboratorState
+from foedus.processes.children import ChildProcesses, Ended
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Site:
         config: EnvoyConfig,
         state: EnvoyState,
         *,
-        collaborator_command: Sequence[str] = (sys.executable, "-m", "collaborator"),
+        collaborator_command: Sequence[str] = (sys.executable, "-m", "foedus.collaborator"),
         stop_patience_seconds: float = 10.0,
         stop_grace_seconds: float = 10.0,
         leave: LeaveCall | None = None,
@@ -93,7 +93,7 @@ class Site:
 
         Told to stop, a collaborator gets `stop_patience_seconds` to end by itself, then SIGTERM
         and `stop_grace_seconds` more before SIGKILL. `leave` tells an aggregator the site left
-        (by default `envoy.leave.Leaving`: in a thread of its own).
+        (by default `foedus.envoy.leave.Leaving`: in a thread of its own).
         """
         self.name = name
         self.config = config
@@ -406,7 +406,7 @@ class Site:
         return NO_ROUND if progress.round is None else progress.round
 
     def _shared(self, report: Report) -> Report:
-        """`report` with its reason as the site lets it leave (envoy.disclosure)."""
+        """`report` with its reason as the site lets it leave (foedus.envoy.disclosure)."""
         reason = shared_reason(report.reason, self.config.share_with_director)
         return Report(report.experiment_id, report.state, report.exit_code, reason, report.sequence)
 

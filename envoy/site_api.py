@@ -7,7 +7,7 @@ of STATE_DIR/site_api.token (made 0600 on first start, `ensure_token`), compared
 time: a token rather than mutual TLS because a site's certificate is a client certificate
 (its collaborators'), and curl or a browser on the site's host can send a header where it
 cannot easily present one. The endpoints only translate HTTP to `Site`'s plain-Python calls;
-every failure is `{"error": "..."}` with the status code of `refusals.http` (the one table).
+every failure is `{"error": "..."}` with the status code of `foedus.refusals.http` (the one table).
 """
 
 from __future__ import annotations
@@ -31,16 +31,16 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from durable.files import replace_file
-from envoy.errors import EnvoyError, StateError, UnknownExperimentError
-from envoy.progress import ProgressBook, describe
-from envoy.site import LOG_FILE, Site, review
-from envoy.site_plan import EXPERIMENT_ID, RefusedPlanError
-from plans.reader import cut, shown, values_hidden
-from processes.children import log_tail
-from protos.channel import host_port
-from refusals.errors import InvalidRequestError
-from refusals.http import http_status
+from foedus.durable.files import replace_file
+from foedus.envoy.errors import EnvoyError, StateError, UnknownExperimentError
+from foedus.envoy.progress import ProgressBook, describe
+from foedus.envoy.site import LOG_FILE, Site, review
+from foedus.envoy.site_plan import EXPERIMENT_ID, RefusedPlanError
+from foedus.plans.reader import cut, shown, values_hidden
+from foedus.processes.children import log_tail
+from foedus.protos.channel import host_port
+from foedus.refusals.errors import InvalidRequestError
+from foedus.refusals.http import http_status
 
 logger = logging.getLogger(__name__)
 

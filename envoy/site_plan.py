@@ -3,7 +3,7 @@
 The plan is YAML text (never code): the envoy reads it with `safe_yaml`, refuses a runner
 not in its `runners`, points `tls` at its own certificate folder, drops the aggregator's files
 (paths on the director's host), merges its own runner settings over `runner.settings` with
-`plans.site_settings.merge_site_settings`, and checks the result as `collaborator start` will.
+`foedus.plans.site_settings.merge_site_settings`, and checks the result as `collaborator start` will.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from typing import Any
 
 import yaml
 
-from durable.files import write_yaml
-from envoy.config import EnvoyConfig
-from envoy.errors import StateError
-from plans.loader import PlanError, parse_plan, yaml_document
-from plans.reader import shown
-from plans.site_settings import merge_site_settings
-from refusals.errors import InvalidRequestError
+from foedus.durable.files import write_yaml
+from foedus.envoy.config import EnvoyConfig
+from foedus.envoy.errors import StateError
+from foedus.plans.loader import PlanError, parse_plan, yaml_document
+from foedus.plans.reader import shown
+from foedus.plans.site_settings import merge_site_settings
+from foedus.refusals.errors import InvalidRequestError
 
 PLAN_FILE = "plan.yaml"
 RECEIVED = Path("the director's plan")  # how refusals name the plan the director sent

@@ -5,7 +5,7 @@ approve ID` writes the same state while the envoy runs, and SQLite's transaction
 writers safe without a protocol of our own. Every write is one transaction on disk
 (`synchronous=FULL`) when the method returns, so kill -9 of the envoy loses nothing.
 
-Each experiment's collaborator moves through the states of `lifecycle.states.CollaboratorState`
+Each experiment's collaborator moves through the states of `foedus.lifecycle.states.CollaboratorState`
 (the same as director.proto's); the allowed moves are its one table `TRANSITIONS`. Every change
 also goes, in the same transaction, to an outbox of reports, sent in order and deleted once the
 director has them: a change made while the director was away, or by `envoy approve`, is reported
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from durable.sqlite import SqliteStore, connect, lock_state_folder, make_state_folder
-from envoy.errors import IllegalTransitionError, StateError, UnknownExperimentError
-from lifecycle.states import TRANSITIONS, CollaboratorState
+from foedus.durable.sqlite import SqliteStore, connect, lock_state_folder, make_state_folder
+from foedus.envoy.errors import IllegalTransitionError, StateError, UnknownExperimentError
+from foedus.lifecycle.states import TRANSITIONS, CollaboratorState
 
 DATABASE = "envoy.sqlite"
 LOCK = "envoy.lock"

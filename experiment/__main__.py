@@ -1,7 +1,7 @@
-"""`python -m experiment`: the same as the `experiment` command."""
+"""`python -m foedus.experiment`: the same as the `experiment` command."""
 
 import sys
 
-from experiment.cli import main
+from foedus.experiment.cli import main
 
 sys.exit(main())

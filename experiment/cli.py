@@ -4,7 +4,7 @@ Tables for people by default, ``--json`` for scripts (one JSON document, or one 
 streams). Exit codes: 0 ok; 1 the director could not be reached or failed, or (``wait``) the
 experiment failed, was rejected or cancelled; 2 bad input, the director's refusals included (a bad
 plan, an unknown id, another's experiment), one line naming what is wrong, never a traceback.
-Here: the arguments, the calls and the exit codes; the text for a person is `experiment.show`'s.
+Here: the arguments, the calls and the exit codes; the text for a person is `foedus.experiment.show`'s.
 """
 
 from __future__ import annotations
@@ -20,18 +20,23 @@ from typing import BinaryIO, TextIO
 import grpc
 from google.protobuf.message import Message
 
-from command.arguments import command, program
-from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
-from command.output import quiet_when_stdout_closes, stdout_closed
-from command.text import printable_stream
-from command.usage import Parser, UsageError, fail
-from durable.files import replace_file
-from experiment import show
-from experiment.config import ENVIRONMENT, ClientConfig, ClientConfigError, load_client_config
-from pki.errors import PkiError
-from pki.tls import channel_credentials
-from protos import director_pb2 as pb
-from protos import director_pb2_grpc
+from foedus.command.arguments import command, program
+from foedus.command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
+from foedus.command.output import quiet_when_stdout_closes, stdout_closed
+from foedus.command.text import printable_stream
+from foedus.command.usage import Parser, UsageError, fail
+from foedus.durable.files import replace_file
+from foedus.experiment import show
+from foedus.experiment.config import (
+    ENVIRONMENT,
+    ClientConfig,
+    ClientConfigError,
+    load_client_config,
+)
+from foedus.pki.errors import PkiError
+from foedus.pki.tls import channel_credentials
+from foedus.protos import director_pb2 as pb
+from foedus.protos import director_pb2_grpc
 
 CHUNK_BYTES = 256 * 1024  # a model's pieces, within the director's 1 MiB a message
 DEADLINE_SECONDS = 60.0

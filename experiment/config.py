@@ -15,10 +15,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pki.layout import CertsLayout
-from plans.loader import PlanError, read_yaml
-from plans.reader import NAME_PATTERN, Section
-from protos.channel import host_port
+from foedus.pki.layout import CertsLayout
+from foedus.plans.loader import PlanError, read_yaml
+from foedus.plans.reader import NAME_PATTERN, Section
+from foedus.protos.channel import host_port
 
 ENVIRONMENT = "FOEDUS_EXPERIMENT_CONFIG"
 ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})$")

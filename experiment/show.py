@@ -1,9 +1,9 @@
 """What the ``experiment`` command prints for a person: the director's answers as lines and tables.
 
-Plain functions from the wire's messages (or a metrics.jsonl row) to text; `experiment.cli`
+Plain functions from the wire's messages (or a metrics.jsonl row) to text; `foedus.experiment.cli`
 makes the calls and prints what these give, or the JSON of the same message (`json_text`) for
 ``--json``. Names, reasons and descriptions are others' text: the command's output stream
-strips their terminal controls (`command.text.printable_stream`), not these functions.
+strips their terminal controls (`foedus.command.text.printable_stream`), not these functions.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
-from command.table import table_lines
-from history.rows import MetricsRow, RowError, TaskMetrics
-from protos import director_pb2 as pb
+from foedus.command.table import table_lines
+from foedus.history.rows import MetricsRow, RowError, TaskMetrics
+from foedus.protos import director_pb2 as pb
 
 STATES = {
     pb.EXPERIMENT_SUBMITTED: "submitted",

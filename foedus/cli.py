@@ -20,14 +20,14 @@ from typing import Final, TextIO
 
 import numpy as np
 
-from command.arguments import command, program
-from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
-from command.output import quiet_when_stdout_closes, stdout_closed
-from command.table import table_lines
-from command.usage import UsageError, fail, parse_arguments, unexpected
-from durable.files import replace_file
 from foedus import model
-from protos.dtypes import is_bfloat16
+from foedus.command.arguments import command, program
+from foedus.command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
+from foedus.command.output import quiet_when_stdout_closes, stdout_closed
+from foedus.command.table import table_lines
+from foedus.command.usage import UsageError, fail, parse_arguments, unexpected
+from foedus.durable.files import replace_file
+from foedus.protos.dtypes import is_bfloat16
 
 PROGRAM: Final = "model"
 FORMATS: Final = {".safetensors": "safetensors", ".npz": "npz"}  # OUT's suffix -> --format

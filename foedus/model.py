@@ -1,7 +1,7 @@
 """Model files (`last_model.pbuf`, `best_model.pbuf`, an `aggregator.initial_model`) as numpy arrays.
 
 A foedus model file is an OpenFL `ModelProto`. Reading and writing one belongs to
-`aggregator.storage` (the one reader and the one writer of the format: every tensor checked as
+`foedus.aggregator.storage` (the one reader and the one writer of the format: every tensor checked as
 an upload is, written atomically); this module is its small public face for people who want
 their model out (or a model of their own in), with nothing to know about protobuf:
 
@@ -10,7 +10,7 @@ their model out (or a model of their own in), with nothing to know about protobu
     model.save("initial.pbuf", arrays)        # a file `aggregator.initial_model` accepts
 
 The reader stays in the aggregator rather than moving below it: it reads a file a block at a
-time and maps large tensors from it (`aggregator.upload`, `aggregator.mapped`), machinery the
+time and maps large tensors from it (`foedus.aggregator.upload`, `foedus.aggregator.mapped`), machinery the
 aggregator's state shares, and none of it imports gRPC. bfloat16 tensors come back as
 `ml_dtypes.bfloat16` arrays, every other dtype as numpy's own.
 """
@@ -25,9 +25,9 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from aggregator.storage import read_model, write_model
-from plans.schema import Limits
-from refusals.errors import ModelFileError, StorageError
+from foedus.aggregator.storage import read_model, write_model
+from foedus.plans.schema import Limits
+from foedus.refusals.errors import ModelFileError, StorageError
 
 __all__ = ["MAX_TENSOR_BYTES", "Array", "ModelFileError", "StorageError", "load", "save"]
 

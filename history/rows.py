@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from durable.files import fsync_folder
+from foedus.durable.files import fsync_folder
 
 METRICS = "metrics.jsonl"
 

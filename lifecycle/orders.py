@@ -1,16 +1,16 @@
 """What the director and an envoy say to each other, as plain data both sides share.
 
-The director hands an envoy `Work` in a heartbeat's answer (`director.envoys` builds it,
-`envoy.site` acts on it); the envoy sends back a `CollaboratorReport` for each change of its
+The director hands an envoy `Work` in a heartbeat's answer (`foedus.director.envoys` builds it,
+`foedus.envoy.site` acts on it); the envoy sends back a `CollaboratorReport` for each change of its
 collaborators' states. Each side's gRPC edge converts them from and to director.proto's messages
-with `lifecycle.wire`, so neither side's logic sees the wire.
+with `foedus.lifecycle.wire`, so neither side's logic sees the wire.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lifecycle.states import CollaboratorState
+from foedus.lifecycle.states import CollaboratorState
 
 
 @dataclass(frozen=True)

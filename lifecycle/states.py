@@ -1,9 +1,9 @@
 """One site's collaborator for one experiment: its states and their allowed moves, one table.
 
-The envoy moves its collaborators through these states (`envoy.state`, which refuses any move
+The envoy moves its collaborators through these states (`foedus.envoy.state`, which refuses any move
 `TRANSITIONS` does not allow) and reports each change to the director, which records the last one
 per site and judges the experiment by it. The values are director.proto's CollaboratorState
-(`lifecycle.wire` converts them), and are stored as they are in both services' SQLite states:
+(`foedus.lifecycle.wire` converts them), and are stored as they are in both services' SQLite states:
 renaming one is a schema change.
 """
 

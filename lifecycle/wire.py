@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Final
 
-from lifecycle.orders import CollaboratorReport, LogOrder, StartOrder, Work
-from lifecycle.states import CollaboratorState
-from protos import director_pb2
+from foedus.lifecycle.orders import CollaboratorReport, LogOrder, StartOrder, Work
+from foedus.lifecycle.states import CollaboratorState
+from foedus.protos import director_pb2
 
 _C = CollaboratorState
 _TO_WIRE: Final[Mapping[CollaboratorState, director_pb2.CollaboratorState]] = MappingProxyType(

@@ -1,6 +1,6 @@
-"""Run the pki command line as ``python -m pki``."""
+"""Run the pki command line as ``python -m foedus.pki``."""
 
-from pki.cli import main
+from foedus.pki.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -5,7 +5,7 @@ a verification callback, and gRPC's host-name check (also against `grpc.ssl_targ
 matches the certificate's DNS/IP alternative names, looking at the common name only when there are
 none. A target name equal to the aggregator's host therefore lets through any certificate of the
 same CA whose alternative names cover the host, whatever its common name (another federation's
-aggregator certified by a shared CA). So the signer (`pki.signing.certify`) writes into every
+aggregator certified by a shared CA). So the signer (`foedus.pki.signing.certify`) writes into every
 aggregator certificate one DNS name derived from its common name, in a namespace that only the
 signer writes (`foedus.invalid`: `.invalid` never resolves, and requests naming it are refused),
 and the collaborator dials with `grpc.ssl_target_name_override` set to the name derived from the

@@ -8,8 +8,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from pki.errors import PkiError
-from pki.keys import PrivateKey, generate_private_key, key_matches_certificate, signature_hash
+from foedus.pki.errors import PkiError
+from foedus.pki.keys import (
+    PrivateKey,
+    generate_private_key,
+    key_matches_certificate,
+    signature_hash,
+)
 
 # Certificates start a little in the past so a peer whose clock runs slightly behind accepts them.
 CLOCK_SKEW = datetime.timedelta(minutes=1)

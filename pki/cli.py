@@ -8,15 +8,15 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from command.arguments import Commands, command, program
-from command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
-from command.output import quiet_when_stdout_closes, stdout_closed
-from command.usage import Parser, UsageError, fail, unexpected
-from pki.binding import canonical_common_name
-from pki.errors import PemFileError, PkiError
-from pki.files import parse_certificates, parse_csr, read_pem_file
-from pki.layout import CertsLayout
-from pki.local import (
+from foedus.command.arguments import Commands, command, program
+from foedus.command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
+from foedus.command.output import quiet_when_stdout_closes, stdout_closed
+from foedus.command.usage import Parser, UsageError, fail, unexpected
+from foedus.pki.binding import canonical_common_name
+from foedus.pki.errors import PemFileError, PkiError
+from foedus.pki.files import parse_certificates, parse_csr, read_pem_file
+from foedus.pki.layout import CertsLayout
+from foedus.pki.local import (
     DEFAULT_CA_DAYS,
     DEFAULT_LEAF_DAYS,
     SetupResult,
@@ -25,7 +25,7 @@ from pki.local import (
     setup_local_federation,
     write_ca,
 )
-from pki.requests import Role, fingerprint
+from foedus.pki.requests import Role, fingerprint
 
 SKIP_FINGERPRINT_CHECK = "--skip-fingerprint-check"
 
@@ -135,7 +135,7 @@ def _cmd_setup(args: argparse.Namespace) -> int:
     if args.director is not None:
         return _setup_director(args)
     # Imported here: plans imports pki.layout, so a module-level import would be a cycle.
-    from plans import PlanError, load_plan  # noqa: PLC0415
+    from foedus.plans import PlanError, load_plan  # noqa: PLC0415
 
     try:
         plan = load_plan(args.plan)
@@ -169,7 +169,7 @@ def _setup_director(args: argparse.Namespace) -> int:
     """Every certificate a local director needs: its host's, its envoys' (their collaborators
     use the same), and its users' and admins'."""
     # Imported here, as plans is above: director.yaml's reader imports pki.layout.
-    from plans.director_config import ConfigError, load_config  # noqa: PLC0415
+    from foedus.plans.director_config import ConfigError, load_config  # noqa: PLC0415
 
     try:
         config = load_config(args.director)

@@ -14,9 +14,9 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from durable.files import replace_file
-from pki.errors import KeyFileError, PemFileError
-from pki.keys import PrivateKey
+from foedus.durable.files import replace_file
+from foedus.pki.errors import KeyFileError, PemFileError
+from foedus.pki.keys import PrivateKey
 
 _PEM_LABEL = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
 _KEY_LABELS = {"PRIVATE KEY", "EC PRIVATE KEY", "RSA PRIVATE KEY", "ENCRYPTED PRIVATE KEY"}
@@ -146,7 +146,7 @@ def _write_file(
     replace: bool = True,
     what: str = "",
 ) -> None:
-    """Write atomically and durably at `mode` from creation (`durable.files.replace_file`), so
+    """Write atomically and durably at `mode` from creation (`foedus.durable.files.replace_file`), so
     a reader (or a crash) never sees half a file, nor a key readable by others for an instant."""
     _make_parent(path, private=mode & 0o077 == 0, error=error)
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pki.errors import PkiError
+from foedus.pki.errors import PkiError
 
 
 def _path_component(name: str) -> str:

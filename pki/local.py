@@ -24,10 +24,10 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from pki.binding import has_binding
-from pki.ca import check_days, create_root_ca, create_signing_ca, utc_now
-from pki.errors import KeyFileError, PkiError
-from pki.files import (
+from foedus.pki.binding import has_binding
+from foedus.pki.ca import check_days, create_root_ca, create_signing_ca, utc_now
+from foedus.pki.errors import KeyFileError, PkiError
+from foedus.pki.files import (
     read_certificate,
     read_csr,
     read_private_key,
@@ -36,17 +36,17 @@ from pki.files import (
     write_pem_bundle,
     write_private_key,
 )
-from pki.keys import PrivateKey, key_matches_certificate
-from pki.layout import CertsLayout
-from pki.requests import (
+from foedus.pki.keys import PrivateKey, key_matches_certificate
+from foedus.pki.layout import CertsLayout
+from foedus.pki.requests import (
     Role,
     build_csr,
     create_key_and_csr,
     fingerprint,
     validate_name,
 )
-from pki.roles import extended_key_usages
-from pki.signing import certified_alt_names, certify
+from foedus.pki.roles import extended_key_usages
+from foedus.pki.signing import certified_alt_names, certify
 
 logger = logging.getLogger(__name__)
 

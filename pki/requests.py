@@ -14,9 +14,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from pki.binding import RESERVED_DOMAIN, is_reserved
-from pki.errors import CertificateRequestError, FingerprintError
-from pki.keys import PrivateKey, generate_private_key, signature_hash
+from foedus.pki.binding import RESERVED_DOMAIN, is_reserved
+from foedus.pki.errors import CertificateRequestError, FingerprintError
+from foedus.pki.keys import PrivateKey, generate_private_key, signature_hash
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -45,7 +45,7 @@ def validate_collaborator_name(name: str) -> str:
 
 
 def _refuse_reserved(name: str) -> None:
-    """Names under foedus.invalid are written by the signer alone (see `pki.binding`)."""
+    """Names under foedus.invalid are written by the signer alone (see `foedus.pki.binding`)."""
     if is_reserved(name):
         raise CertificateRequestError(
             f"name {name!r}: {RESERVED_DOMAIN} is reserved for the names the signer derives"

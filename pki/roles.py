@@ -2,7 +2,7 @@
 
 Why a mark: user and collaborator certificates are both TLS clients, so without it they differ by
 name alone, and a certificate issued to a person named like a site would be that site. The signer
-(`pki.signing.certify`) therefore adds to every leaf certificate one extended key usage of our own
+(`foedus.pki.signing.certify`) therefore adds to every leaf certificate one extended key usage of our own
 naming its role, beside the serverAuth/clientAuth that TLS needs (TLS ignores usages it does not
 know). It decides the mark from the role it certifies; a request asking for one is refused.
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
-from pki.requests import Role
+from foedus.pki.requests import Role
 
 logger = logging.getLogger(__name__)
 

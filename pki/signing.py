@@ -12,11 +12,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from pki.binding import binding_name
-from pki.ca import CLOCK_SKEW, authority_key_identifier, check_days, utc_now
-from pki.errors import FingerprintError, PkiError, SigningError
-from pki.keys import PrivateKey, key_matches_certificate, public_key_problem, signature_hash
-from pki.requests import (
+from foedus.pki.binding import binding_name
+from foedus.pki.ca import CLOCK_SKEW, authority_key_identifier, check_days, utc_now
+from foedus.pki.errors import FingerprintError, PkiError, SigningError
+from foedus.pki.keys import PrivateKey, key_matches_certificate, public_key_problem, signature_hash
+from foedus.pki.requests import (
     Role,
     common_name_of,
     fingerprint,
@@ -24,7 +24,7 @@ from pki.requests import (
     subject_alt_names,
     validate_name,
 )
-from pki.roles import describe_usage, extended_key_usages, is_role_mark, tls_usage
+from foedus.pki.roles import describe_usage, extended_key_usages, is_role_mark, tls_usage
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def certified_alt_names(
     role: Role, name: str, dns_names: Sequence[str] = (), ip_addresses: Sequence[str] = ()
 ) -> list[x509.GeneralName]:
     """The alternative names the signer writes: the checked request's, plus (aggregator) the name
-    bound to the common name (`pki.binding`), which no request can ask for."""
+    bound to the common name (`foedus.pki.binding`), which no request can ask for."""
     sans = subject_alt_names(role, name, dns_names, ip_addresses)
     if role is Role.AGGREGATOR:
         sans.append(x509.DNSName(binding_name(name)))

@@ -12,11 +12,16 @@ from typing import cast
 import grpc
 from cryptography import x509
 
-from pki.ca import CLOCK_SKEW, utc_now
-from pki.errors import CertificateValidityError, KeyFileError, MissingTLSFileError, PkiError
-from pki.files import check_private_key_mode, parse_certificates, parse_private_key, read_pem_file
-from pki.keys import key_matches_certificate
-from pki.requests import common_name_of
+from foedus.pki.ca import CLOCK_SKEW, utc_now
+from foedus.pki.errors import CertificateValidityError, KeyFileError, MissingTLSFileError, PkiError
+from foedus.pki.files import (
+    check_private_key_mode,
+    parse_certificates,
+    parse_private_key,
+    read_pem_file,
+)
+from foedus.pki.keys import key_matches_certificate
+from foedus.pki.requests import common_name_of
 
 logger = logging.getLogger(__name__)
 

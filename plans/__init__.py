@@ -1,7 +1,7 @@
 """The federation plan: one YAML file, loaded once into frozen dataclasses, read by both sides."""
 
-from plans.loader import PlanError, load_plan, parse_plan
-from plans.schema import (
+from foedus.plans.loader import PlanError, load_plan, parse_plan
+from foedus.plans.schema import (
     AggregatorSettings,
     ConnectionSettings,
     FederationSettings,

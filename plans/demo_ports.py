@@ -4,7 +4,7 @@ The demos' files use ports from `DEFAULT_BASE` (`make demo` 50051, `make demo-to
 `make demo-service` 50350-50359); `make ... PORT_BASE=51000` runs them from copies written
 here with each port moved by PORT_BASE - 50000 (51051, 51052, 51350-51359):
 
-    python -m plans.demo_ports --base 51000 --out build/ports plans/local.yaml
+    python -m foedus.plans.demo_ports --base 51000 --out build/ports plans/local.yaml
 
 Each copy keeps the file's name and what it says, with its relative paths made absolute (the copy
 lives elsewhere) and every port moved: `port`, `ports` and the port of `address`,
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from plans.reader import safe_yaml
+from foedus.plans.reader import safe_yaml
 
 DEFAULT_BASE = 50000  # the ports written in the demos' files count from here
 PATH_KEYS = frozenset({"certs_dir", "state_dir", "output_dir", "initial_model"})
@@ -95,7 +95,7 @@ def write_moved(source: Path, base: int, out: Path) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Write each file's moved copy into --out and print its path; exit 2 on a bad base or file."""
-    parser = argparse.ArgumentParser(prog="python -m plans.demo_ports", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m foedus.plans.demo_ports", description=__doc__)
     parser.add_argument("--base", type=int, default=DEFAULT_BASE, help="PORT_BASE (default 50000)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the copies")
     parser.add_argument("files", type=Path, nargs="+", help="plans and configs to move")

@@ -1,6 +1,6 @@
 """director.yaml: who may do what, where the director listens and keeps its state, its limits.
 
-Read as strictly as a plan (with `plans.reader`): unknown keys are errors, and every
+Read as strictly as a plan (with `foedus.plans.reader`): unknown keys are errors, and every
 problem is one line `FILE: key.path: what is wrong`, all reported at once. Beside the plan, below
 the director and `pki setup --director`, which both read it. Paths are relative to
 the file. An example, every key shown with its default (the four without one are required):
@@ -33,9 +33,9 @@ the file. An example, every key shown with its default (the four without one are
                                             #   this long is ended (DEADLINE_EXCEEDED)
     liveness: {min_sites: null, mandatory_sites: [], offline_grace_seconds: 300}
     dashboard: {address: null}   # the web dashboard over HTTPS: "host:port" or a port alone
-                                 #   (on 127.0.0.1); null: off (see director.dashboard)
+                                 #   (on 127.0.0.1); null: off (see foedus.director.dashboard)
     metrics_address: null        # Prometheus metrics over HTTP, "host:port" or a port alone
-                                 #   (on 127.0.0.1); null: off (see director.metrics)
+                                 #   (on 127.0.0.1); null: off (see foedus.director.metrics)
 """
 
 from __future__ import annotations
@@ -44,11 +44,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from pki.layout import CertsLayout
-from plans.loader import read_config
-from plans.reader import Section, read_listen_address
-from plans.runners import BUILTIN_RUNNERS
-from plans.schema import Address
+from foedus.pki.layout import CertsLayout
+from foedus.plans.loader import read_config
+from foedus.plans.reader import Section, read_listen_address
+from foedus.plans.runners import BUILTIN_RUNNERS
+from foedus.plans.schema import Address
 
 MIB = 1024 * 1024
 

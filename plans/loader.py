@@ -2,7 +2,7 @@
 
 Each problem is one line `FILE: key.path: what is wrong`, so a person can fix them all in one go.
 Unknown keys are errors (a typo must not silently fall back to a default). The text is read and
-each mapping checked by `plans.reader`, the one strict YAML reader; the services' own YAML files
+each mapping checked by `foedus.plans.reader`, the one strict YAML reader; the services' own YAML files
 (director.yaml, envoy.yaml) are read by `read_config`, as strictly as a plan.
 """
 
@@ -15,10 +15,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TypeVar
 
-from pki.errors import PkiError
-from pki.layout import CertsLayout
-from pki.requests import normalise_fingerprint, validate_host
-from plans.reader import (
+from foedus.pki.errors import PkiError
+from foedus.pki.layout import CertsLayout
+from foedus.pki.requests import normalise_fingerprint, validate_host
+from foedus.plans.reader import (
     RUNNER_PATTERN,
     Section,
     YamlTextError,
@@ -27,7 +27,7 @@ from plans.reader import (
     shown,
     shown_text,
 )
-from plans.schema import (
+from foedus.plans.schema import (
     KNOWN_TASKS,
     TRAIN,
     AggregatorSettings,

@@ -6,7 +6,7 @@ where the text is wrong), which refuses aliases before expanding them. A `Sectio
 mapping: each getter checks its key and default, a problem is one line naming the key's path
 (`aggregator.port: expected an integer 0-65535, got '80a'`), and `finish` reports every key
 nobody asked for, so a typo never falls back to a default. Problems are collected, never raised
-one by one: the caller reports them all at once, naming its file (`plans.loader.PlanError`, the
+one by one: the caller reports them all at once, naming its file (`foedus.plans.loader.PlanError`, the
 services' `ConfigError`s). Values are quoted bounded and cut (`shown`, `cut`), or not at all
 within `values_hidden`.
 """
@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from plans.schema import Address
+from foedus.plans.schema import Address
 
 T = TypeVar("T")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

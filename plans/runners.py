@@ -20,14 +20,14 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-from plans.reader import cut
-from plans.schema import RunnerSettings
+from foedus.plans.reader import cut
+from foedus.plans.schema import RunnerSettings
 
 Array = npt.NDArray[np.generic]
 Model = Mapping[str, Array]
 
 BUILTIN_RUNNERS: Mapping[str, str] = {
-    "digits": "collaborator.digits:DigitsRunner",
+    "digits": "foedus.collaborator.digits:DigitsRunner",
 }
 MAX_DETAIL = 300  # characters of a runner's unexpected error quoted in a one-line refusal
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from pki.layout import CertsLayout
-from protos.channel import host_port
+from foedus.pki.layout import CertsLayout
+from foedus.protos.channel import host_port
 
 MIB = 1024 * 1024
 
@@ -124,7 +124,7 @@ class RunnerSettings:
 
 @dataclass(frozen=True)
 class TLSSettings:
-    """`tls`: the certificate folder (see `pki.layout`), or an explicit insecure switch."""
+    """`tls`: the certificate folder (see `foedus.pki.layout`), or an explicit insecure switch."""
 
     certs: CertsLayout | None  # tls.certs_dir, relative to the plan file; None when insecure
     insecure: bool  # tls.insecure: plaintext, only for experiments on one machine

@@ -15,8 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 
-from plans.reader import ALIASES_REFUSED, YamlTextError, parse_yaml
-from plans.schema import Plan, RunnerSettings
+from foedus.plans.reader import ALIASES_REFUSED, YamlTextError, parse_yaml
+from foedus.plans.schema import Plan, RunnerSettings
 
 
 class SiteSettingsError(ValueError):

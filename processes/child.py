@@ -1,6 +1,6 @@
-"""`python -m processes.child --status FILE -- COMMAND...`: run a command, then record how it ended.
+"""`python -m foedus.processes.child --status FILE -- COMMAND...`: run a command, then record how it ended.
 
-`processes.children.ChildProcesses` starts each command (the director's aggregators, the envoy's
+`foedus.processes.children.ChildProcesses` starts each command (the director's aggregators, the envoy's
 collaborators) through this small parent, in a session of its own, so the command's exit status
 is kept in FILE even when the service is not there to read it (killed, restarting): a service
 that starts again finds either the parent still running (and watches it) or FILE (and reads how
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from durable.files import write_text
+from foedus.durable.files import write_text
 
 
 def write_status(path: Path, code: int) -> None:
@@ -28,7 +28,7 @@ def write_status(path: Path, code: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command after `--`, record its exit code (-N for a signal N), return it."""
-    parser = argparse.ArgumentParser(prog="python -m processes.child", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m foedus.processes.child", description=__doc__)
     parser.add_argument("--status", type=Path, required=True, help="where to record the exit code")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command")
     args = parser.parse_args(argv)

@@ -1,11 +1,11 @@
 """Commands as child processes in their own sessions: their log kept, their exit status durable.
 
-`ChildProcesses` runs any command under `processes.child` (a small parent in a session of its
+`ChildProcesses` runs any command under `foedus.processes.child` (a small parent in a session of its
 own that records the command's exit code in the folder's `exit_status`, even while no one is
 there to read it), finds it again after a restart (`adopt`: pids are reused, so its command line
 is checked), and stops it (SIGTERM passed on, then SIGKILL to the session). The director runs its
-experiments' aggregators with it (`director.launcher`), the envoy its site's collaborators
-(`envoy.site`); `log_tail` reads the end of a child's log for either.
+experiments' aggregators with it (`foedus.director.launcher`), the envoy its site's collaborators
+(`foedus.envoy.site`); `log_tail` reads the end of a child's log for either.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ STATUS_FILE = "exit_status"  # in each child's folder: its exit code, written by
 CHILD_MODULE = f"{__package__}.child"
 # Its name before it moved here: a child started by an earlier foedus, still running after an
 # upgrade, is found again rather than started twice.
-_EARLIER_CHILD_MODULES = ("director.child",)
+_EARLIER_CHILD_MODULES = ("director.child", "processes.child")
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def log_tail(path: Path, max_lines: int, max_bytes: int) -> list[str]:
 
 
 class ChildProcesses:
-    """Commands as child processes of this host, each in its own session, under `processes.child`.
+    """Commands as child processes of this host, each in its own session, under `foedus.processes.child`.
 
     Each child has a key (an experiment id) and a folder: its output is appended to `log_name`
     there and its exit code recorded in `exit_status`, even while this process is not running.
@@ -80,7 +80,7 @@ class ChildProcesses:
         self._adopted: dict[str, int] = {}
 
     def start(self, key: str, command: Sequence[str], folder: Path) -> int:
-        """Start `command` under `processes.child`, in `folder`; its pid."""
+        """Start `command` under `foedus.processes.child`, in `folder`; its pid."""
         status = folder / STATUS_FILE
         status.unlink(missing_ok=True)  # a status from an earlier run would read as this one's
         with (folder / self.log_name).open("ab") as log:
@@ -105,7 +105,7 @@ class ChildProcesses:
         return child.pid
 
     def adopt(self, key: str, folder: Path, pid: int) -> bool:
-        """Whether `pid` is still this folder's `processes.child` (pids are reused)."""
+        """Whether `pid` is still this folder's `foedus.processes.child` (pids are reused)."""
         if not _is_ours(pid, folder / STATUS_FILE):
             return False
         self._adopted[key] = pid
@@ -113,7 +113,7 @@ class ChildProcesses:
         return True
 
     def adopt_any(self, key: str, folder: Path) -> int | None:
-        """Adopt this folder's `processes.child` if one runs, whatever its pid; that pid or None.
+        """Adopt this folder's `foedus.processes.child` if one runs, whatever its pid; that pid or None.
 
         For a crash between starting a child and recording its pid: starting another would run
         the command twice.
@@ -184,7 +184,7 @@ def _end_session(pid: int, key: str, what: str) -> None:
 
 
 def _is_ours(pid: int, status: Path) -> bool:
-    """Whether process `pid` runs and is the `processes.child` recording to `status`."""
+    """Whether process `pid` runs and is the `foedus.processes.child` recording to `status`."""
     try:
         command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:

@@ -3,8 +3,8 @@
 import grpc
 import warnings
 
-from protos import aggregator_pb2 as protos_dot_aggregator__pb2
-from protos import base_pb2 as protos_dot_base__pb2
+from foedus.protos import aggregator_pb2 as foedus_dot_protos_dot_aggregator__pb2
+from foedus.protos import base_pb2 as foedus_dot_protos_dot_base__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -19,7 +19,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/aggregator_pb2_grpc.py depends on'
+        + ' but the generated code in foedus/protos/aggregator_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,43 +37,43 @@ class AggregatorStub:
         """
         self.Ping = channel.unary_unary(
                 '/openfl.aggregator.Aggregator/Ping',
-                request_serializer=protos_dot_aggregator__pb2.PingRequest.SerializeToString,
-                response_deserializer=protos_dot_aggregator__pb2.PingResponse.FromString,
+                request_serializer=foedus_dot_protos_dot_aggregator__pb2.PingRequest.SerializeToString,
+                response_deserializer=foedus_dot_protos_dot_aggregator__pb2.PingResponse.FromString,
                 _registered_method=True)
         self.GetTasks = channel.unary_unary(
                 '/openfl.aggregator.Aggregator/GetTasks',
-                request_serializer=protos_dot_aggregator__pb2.GetTasksRequest.SerializeToString,
-                response_deserializer=protos_dot_aggregator__pb2.GetTasksResponse.FromString,
+                request_serializer=foedus_dot_protos_dot_aggregator__pb2.GetTasksRequest.SerializeToString,
+                response_deserializer=foedus_dot_protos_dot_aggregator__pb2.GetTasksResponse.FromString,
                 _registered_method=True)
         self.GetAggregatedTensor = channel.unary_unary(
                 '/openfl.aggregator.Aggregator/GetAggregatedTensor',
-                request_serializer=protos_dot_aggregator__pb2.GetAggregatedTensorRequest.SerializeToString,
-                response_deserializer=protos_dot_aggregator__pb2.GetAggregatedTensorResponse.FromString,
+                request_serializer=foedus_dot_protos_dot_aggregator__pb2.GetAggregatedTensorRequest.SerializeToString,
+                response_deserializer=foedus_dot_protos_dot_aggregator__pb2.GetAggregatedTensorResponse.FromString,
                 _registered_method=True)
         self.SendLocalTaskResults = channel.stream_unary(
                 '/openfl.aggregator.Aggregator/SendLocalTaskResults',
-                request_serializer=protos_dot_base__pb2.DataStream.SerializeToString,
-                response_deserializer=protos_dot_aggregator__pb2.SendLocalTaskResultsResponse.FromString,
+                request_serializer=foedus_dot_protos_dot_base__pb2.DataStream.SerializeToString,
+                response_deserializer=foedus_dot_protos_dot_aggregator__pb2.SendLocalTaskResultsResponse.FromString,
                 _registered_method=True)
         self.InteropRelay = channel.unary_unary(
                 '/openfl.aggregator.Aggregator/InteropRelay',
-                request_serializer=protos_dot_aggregator__pb2.InteropMessage.SerializeToString,
-                response_deserializer=protos_dot_aggregator__pb2.InteropMessage.FromString,
+                request_serializer=foedus_dot_protos_dot_aggregator__pb2.InteropMessage.SerializeToString,
+                response_deserializer=foedus_dot_protos_dot_aggregator__pb2.InteropMessage.FromString,
                 _registered_method=True)
         self.GetAggregatedModel = channel.unary_stream(
                 '/openfl.aggregator.Aggregator/GetAggregatedModel',
-                request_serializer=protos_dot_aggregator__pb2.GetAggregatedModelRequest.SerializeToString,
-                response_deserializer=protos_dot_aggregator__pb2.ModelChunk.FromString,
+                request_serializer=foedus_dot_protos_dot_aggregator__pb2.GetAggregatedModelRequest.SerializeToString,
+                response_deserializer=foedus_dot_protos_dot_aggregator__pb2.ModelChunk.FromString,
                 _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/openfl.aggregator.Aggregator/Heartbeat',
-                request_serializer=protos_dot_aggregator__pb2.HeartbeatRequest.SerializeToString,
-                response_deserializer=protos_dot_aggregator__pb2.HeartbeatResponse.FromString,
+                request_serializer=foedus_dot_protos_dot_aggregator__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=foedus_dot_protos_dot_aggregator__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
         self.Leave = channel.unary_unary(
                 '/openfl.aggregator.Aggregator/Leave',
-                request_serializer=protos_dot_aggregator__pb2.LeaveRequest.SerializeToString,
-                response_deserializer=protos_dot_aggregator__pb2.LeaveResponse.FromString,
+                request_serializer=foedus_dot_protos_dot_aggregator__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=foedus_dot_protos_dot_aggregator__pb2.LeaveResponse.FromString,
                 _registered_method=True)
 
 
@@ -142,43 +142,43 @@ def add_AggregatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Ping': grpc.unary_unary_rpc_method_handler(
                     servicer.Ping,
-                    request_deserializer=protos_dot_aggregator__pb2.PingRequest.FromString,
-                    response_serializer=protos_dot_aggregator__pb2.PingResponse.SerializeToString,
+                    request_deserializer=foedus_dot_protos_dot_aggregator__pb2.PingRequest.FromString,
+                    response_serializer=foedus_dot_protos_dot_aggregator__pb2.PingResponse.SerializeToString,
             ),
             'GetTasks': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTasks,
-                    request_deserializer=protos_dot_aggregator__pb2.GetTasksRequest.FromString,
-                    response_serializer=protos_dot_aggregator__pb2.GetTasksResponse.SerializeToString,
+                    request_deserializer=foedus_dot_protos_dot_aggregator__pb2.GetTasksRequest.FromString,
+                    response_serializer=foedus_dot_protos_dot_aggregator__pb2.GetTasksResponse.SerializeToString,
             ),
             'GetAggregatedTensor': grpc.unary_unary_rpc_method_handler(
                     servicer.GetAggregatedTensor,
-                    request_deserializer=protos_dot_aggregator__pb2.GetAggregatedTensorRequest.FromString,
-                    response_serializer=protos_dot_aggregator__pb2.GetAggregatedTensorResponse.SerializeToString,
+                    request_deserializer=foedus_dot_protos_dot_aggregator__pb2.GetAggregatedTensorRequest.FromString,
+                    response_serializer=foedus_dot_protos_dot_aggregator__pb2.GetAggregatedTensorResponse.SerializeToString,
             ),
             'SendLocalTaskResults': grpc.stream_unary_rpc_method_handler(
                     servicer.SendLocalTaskResults,
-                    request_deserializer=protos_dot_base__pb2.DataStream.FromString,
-                    response_serializer=protos_dot_aggregator__pb2.SendLocalTaskResultsResponse.SerializeToString,
+                    request_deserializer=foedus_dot_protos_dot_base__pb2.DataStream.FromString,
+                    response_serializer=foedus_dot_protos_dot_aggregator__pb2.SendLocalTaskResultsResponse.SerializeToString,
             ),
             'InteropRelay': grpc.unary_unary_rpc_method_handler(
                     servicer.InteropRelay,
-                    request_deserializer=protos_dot_aggregator__pb2.InteropMessage.FromString,
-                    response_serializer=protos_dot_aggregator__pb2.InteropMessage.SerializeToString,
+                    request_deserializer=foedus_dot_protos_dot_aggregator__pb2.InteropMessage.FromString,
+                    response_serializer=foedus_dot_protos_dot_aggregator__pb2.InteropMessage.SerializeToString,
             ),
             'GetAggregatedModel': grpc.unary_stream_rpc_method_handler(
                     servicer.GetAggregatedModel,
-                    request_deserializer=protos_dot_aggregator__pb2.GetAggregatedModelRequest.FromString,
-                    response_serializer=protos_dot_aggregator__pb2.ModelChunk.SerializeToString,
+                    request_deserializer=foedus_dot_protos_dot_aggregator__pb2.GetAggregatedModelRequest.FromString,
+                    response_serializer=foedus_dot_protos_dot_aggregator__pb2.ModelChunk.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
-                    request_deserializer=protos_dot_aggregator__pb2.HeartbeatRequest.FromString,
-                    response_serializer=protos_dot_aggregator__pb2.HeartbeatResponse.SerializeToString,
+                    request_deserializer=foedus_dot_protos_dot_aggregator__pb2.HeartbeatRequest.FromString,
+                    response_serializer=foedus_dot_protos_dot_aggregator__pb2.HeartbeatResponse.SerializeToString,
             ),
             'Leave': grpc.unary_unary_rpc_method_handler(
                     servicer.Leave,
-                    request_deserializer=protos_dot_aggregator__pb2.LeaveRequest.FromString,
-                    response_serializer=protos_dot_aggregator__pb2.LeaveResponse.SerializeToString,
+                    request_deserializer=foedus_dot_protos_dot_aggregator__pb2.LeaveRequest.FromString,
+                    response_serializer=foedus_dot_protos_dot_aggregator__pb2.LeaveResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -206,8 +206,8 @@ class Aggregator:
             request,
             target,
             '/openfl.aggregator.Aggregator/Ping',
-            protos_dot_aggregator__pb2.PingRequest.SerializeToString,
-            protos_dot_aggregator__pb2.PingResponse.FromString,
+            foedus_dot_protos_dot_aggregator__pb2.PingRequest.SerializeToString,
+            foedus_dot_protos_dot_aggregator__pb2.PingResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -233,8 +233,8 @@ class Aggregator:
             request,
             target,
             '/openfl.aggregator.Aggregator/GetTasks',
-            protos_dot_aggregator__pb2.GetTasksRequest.SerializeToString,
-            protos_dot_aggregator__pb2.GetTasksResponse.FromString,
+            foedus_dot_protos_dot_aggregator__pb2.GetTasksRequest.SerializeToString,
+            foedus_dot_protos_dot_aggregator__pb2.GetTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -260,8 +260,8 @@ class Aggregator:
             request,
             target,
             '/openfl.aggregator.Aggregator/GetAggregatedTensor',
-            protos_dot_aggregator__pb2.GetAggregatedTensorRequest.SerializeToString,
-            protos_dot_aggregator__pb2.GetAggregatedTensorResponse.FromString,
+            foedus_dot_protos_dot_aggregator__pb2.GetAggregatedTensorRequest.SerializeToString,
+            foedus_dot_protos_dot_aggregator__pb2.GetAggregatedTensorResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -287,8 +287,8 @@ class Aggregator:
             request_iterator,
             target,
             '/openfl.aggregator.Aggregator/SendLocalTaskResults',
-            protos_dot_base__pb2.DataStream.SerializeToString,
-            protos_dot_aggregator__pb2.SendLocalTaskResultsResponse.FromString,
+            foedus_dot_protos_dot_base__pb2.DataStream.SerializeToString,
+            foedus_dot_protos_dot_aggregator__pb2.SendLocalTaskResultsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -314,8 +314,8 @@ class Aggregator:
             request,
             target,
             '/openfl.aggregator.Aggregator/InteropRelay',
-            protos_dot_aggregator__pb2.InteropMessage.SerializeToString,
-            protos_dot_aggregator__pb2.InteropMessage.FromString,
+            foedus_dot_protos_dot_aggregator__pb2.InteropMessage.SerializeToString,
+            foedus_dot_protos_dot_aggregator__pb2.InteropMessage.FromString,
             options,
             channel_credentials,
             insecure,
@@ -341,8 +341,8 @@ class Aggregator:
             request,
             target,
             '/openfl.aggregator.Aggregator/GetAggregatedModel',
-            protos_dot_aggregator__pb2.GetAggregatedModelRequest.SerializeToString,
-            protos_dot_aggregator__pb2.ModelChunk.FromString,
+            foedus_dot_protos_dot_aggregator__pb2.GetAggregatedModelRequest.SerializeToString,
+            foedus_dot_protos_dot_aggregator__pb2.ModelChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -368,8 +368,8 @@ class Aggregator:
             request,
             target,
             '/openfl.aggregator.Aggregator/Heartbeat',
-            protos_dot_aggregator__pb2.HeartbeatRequest.SerializeToString,
-            protos_dot_aggregator__pb2.HeartbeatResponse.FromString,
+            foedus_dot_protos_dot_aggregator__pb2.HeartbeatRequest.SerializeToString,
+            foedus_dot_protos_dot_aggregator__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -395,8 +395,8 @@ class Aggregator:
             request,
             target,
             '/openfl.aggregator.Aggregator/Leave',
-            protos_dot_aggregator__pb2.LeaveRequest.SerializeToString,
-            protos_dot_aggregator__pb2.LeaveResponse.FromString,
+            foedus_dot_protos_dot_aggregator__pb2.LeaveRequest.SerializeToString,
+            foedus_dot_protos_dot_aggregator__pb2.LeaveResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,9 +7,9 @@ keep them. foedus extensions are new fields (numbers from 1000) or new RPCs only
 """
 
 from collections import abc as _abc
+from foedus.protos import aggregator_pb2 as _aggregator_pb2
+from foedus.protos import base_pb2 as _base_pb2
 from grpc import aio as _aio
-from protos import aggregator_pb2 as _aggregator_pb2
-from protos import base_pb2 as _base_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

@@ -26,10 +26,17 @@ from typing import TypedDict, Unpack
 import numpy as np
 import numpy.typing as npt
 
-from protos import base_pb2
-from protos.dtypes import BFLOAT16, EXACT_DTYPES, FLOAT32, bfloat16_dtype, is_float, wire_dtype
-from protos.stream import field_prefix
-from refusals.errors import InvalidRequestError, LimitExceededError
+from foedus.protos import base_pb2
+from foedus.protos.dtypes import (
+    BFLOAT16,
+    EXACT_DTYPES,
+    FLOAT32,
+    bfloat16_dtype,
+    is_float,
+    wire_dtype,
+)
+from foedus.protos.stream import field_prefix
+from foedus.refusals.errors import InvalidRequestError, LimitExceededError
 
 COMPRESSED_TAG = "compressed"
 LOSSY_TAG = "lossy_compressed"

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import director_pb2 as protos_dot_director__pb2
+from foedus.protos import director_pb2 as foedus_dot_protos_dot_director__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/director_pb2_grpc.py depends on'
+        + ' but the generated code in foedus/protos/director_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,83 +37,83 @@ class DirectorStub:
         """
         self.RegisterEnvoy = channel.unary_unary(
                 '/foedus.director.Director/RegisterEnvoy',
-                request_serializer=protos_dot_director__pb2.RegisterEnvoyRequest.SerializeToString,
-                response_deserializer=protos_dot_director__pb2.RegisterEnvoyResponse.FromString,
+                request_serializer=foedus_dot_protos_dot_director__pb2.RegisterEnvoyRequest.SerializeToString,
+                response_deserializer=foedus_dot_protos_dot_director__pb2.RegisterEnvoyResponse.FromString,
                 _registered_method=True)
         self.EnvoyHeartbeat = channel.unary_unary(
                 '/foedus.director.Director/EnvoyHeartbeat',
-                request_serializer=protos_dot_director__pb2.EnvoyHeartbeatRequest.SerializeToString,
-                response_deserializer=protos_dot_director__pb2.EnvoyHeartbeatResponse.FromString,
+                request_serializer=foedus_dot_protos_dot_director__pb2.EnvoyHeartbeatRequest.SerializeToString,
+                response_deserializer=foedus_dot_protos_dot_director__pb2.EnvoyHeartbeatResponse.FromString,
                 _registered_method=True)
         self.ReportCollaborator = channel.unary_unary(
                 '/foedus.director.Director/ReportCollaborator',
-                request_serializer=protos_dot_director__pb2.CollaboratorReport.SerializeToString,
-                response_deserializer=protos_dot_director__pb2.ReportCollaboratorResponse.FromString,
+                request_serializer=foedus_dot_protos_dot_director__pb2.CollaboratorReport.SerializeToString,
+                response_deserializer=foedus_dot_protos_dot_director__pb2.ReportCollaboratorResponse.FromString,
                 _registered_method=True)
         self.UploadLog = channel.stream_unary(
                 '/foedus.director.Director/UploadLog',
-                request_serializer=protos_dot_director__pb2.LogUpload.SerializeToString,
-                response_deserializer=protos_dot_director__pb2.UploadLogResponse.FromString,
+                request_serializer=foedus_dot_protos_dot_director__pb2.LogUpload.SerializeToString,
+                response_deserializer=foedus_dot_protos_dot_director__pb2.UploadLogResponse.FromString,
                 _registered_method=True)
         self.SubmitExperiment = channel.stream_unary(
                 '/foedus.director.Director/SubmitExperiment',
-                request_serializer=protos_dot_director__pb2.SubmitChunk.SerializeToString,
-                response_deserializer=protos_dot_director__pb2.Experiment.FromString,
+                request_serializer=foedus_dot_protos_dot_director__pb2.SubmitChunk.SerializeToString,
+                response_deserializer=foedus_dot_protos_dot_director__pb2.Experiment.FromString,
                 _registered_method=True)
         self.ListExperiments = channel.unary_unary(
                 '/foedus.director.Director/ListExperiments',
-                request_serializer=protos_dot_director__pb2.ListExperimentsRequest.SerializeToString,
-                response_deserializer=protos_dot_director__pb2.ListExperimentsResponse.FromString,
+                request_serializer=foedus_dot_protos_dot_director__pb2.ListExperimentsRequest.SerializeToString,
+                response_deserializer=foedus_dot_protos_dot_director__pb2.ListExperimentsResponse.FromString,
                 _registered_method=True)
         self.GetExperiment = channel.unary_unary(
                 '/foedus.director.Director/GetExperiment',
-                request_serializer=protos_dot_director__pb2.ExperimentRequest.SerializeToString,
-                response_deserializer=protos_dot_director__pb2.Experiment.FromString,
+                request_serializer=foedus_dot_protos_dot_director__pb2.ExperimentRequest.SerializeToString,
+                response_deserializer=foedus_dot_protos_dot_director__pb2.Experiment.FromString,
                 _registered_method=True)
         self.WatchExperiment = channel.unary_stream(
                 '/foedus.director.Director/WatchExperiment',
-                request_serializer=protos_dot_director__pb2.ExperimentRequest.SerializeToString,
-                response_deserializer=protos_dot_director__pb2.Experiment.FromString,
+                request_serializer=foedus_dot_protos_dot_director__pb2.ExperimentRequest.SerializeToString,
+                response_deserializer=foedus_dot_protos_dot_director__pb2.Experiment.FromString,
                 _registered_method=True)
         self.GetMetricStream = channel.unary_stream(
                 '/foedus.director.Director/GetMetricStream',
-                request_serializer=protos_dot_director__pb2.MetricStreamRequest.SerializeToString,
-                response_deserializer=protos_dot_director__pb2.MetricRow.FromString,
+                request_serializer=foedus_dot_protos_dot_director__pb2.MetricStreamRequest.SerializeToString,
+                response_deserializer=foedus_dot_protos_dot_director__pb2.MetricRow.FromString,
                 _registered_method=True)
         self.GetLogs = channel.unary_stream(
                 '/foedus.director.Director/GetLogs',
-                request_serializer=protos_dot_director__pb2.LogRequestFromUser.SerializeToString,
-                response_deserializer=protos_dot_director__pb2.LogChunk.FromString,
+                request_serializer=foedus_dot_protos_dot_director__pb2.LogRequestFromUser.SerializeToString,
+                response_deserializer=foedus_dot_protos_dot_director__pb2.LogChunk.FromString,
                 _registered_method=True)
         self.DownloadModel = channel.unary_stream(
                 '/foedus.director.Director/DownloadModel',
-                request_serializer=protos_dot_director__pb2.DownloadModelRequest.SerializeToString,
-                response_deserializer=protos_dot_director__pb2.ModelFileChunk.FromString,
+                request_serializer=foedus_dot_protos_dot_director__pb2.DownloadModelRequest.SerializeToString,
+                response_deserializer=foedus_dot_protos_dot_director__pb2.ModelFileChunk.FromString,
                 _registered_method=True)
         self.CancelExperiment = channel.unary_unary(
                 '/foedus.director.Director/CancelExperiment',
-                request_serializer=protos_dot_director__pb2.ExperimentRequest.SerializeToString,
-                response_deserializer=protos_dot_director__pb2.Experiment.FromString,
+                request_serializer=foedus_dot_protos_dot_director__pb2.ExperimentRequest.SerializeToString,
+                response_deserializer=foedus_dot_protos_dot_director__pb2.Experiment.FromString,
                 _registered_method=True)
         self.RemoveExperiment = channel.unary_unary(
                 '/foedus.director.Director/RemoveExperiment',
-                request_serializer=protos_dot_director__pb2.ExperimentRequest.SerializeToString,
-                response_deserializer=protos_dot_director__pb2.RemoveExperimentResponse.FromString,
+                request_serializer=foedus_dot_protos_dot_director__pb2.ExperimentRequest.SerializeToString,
+                response_deserializer=foedus_dot_protos_dot_director__pb2.RemoveExperimentResponse.FromString,
                 _registered_method=True)
         self.ApproveExperiment = channel.unary_unary(
                 '/foedus.director.Director/ApproveExperiment',
-                request_serializer=protos_dot_director__pb2.ReviewRequest.SerializeToString,
-                response_deserializer=protos_dot_director__pb2.Experiment.FromString,
+                request_serializer=foedus_dot_protos_dot_director__pb2.ReviewRequest.SerializeToString,
+                response_deserializer=foedus_dot_protos_dot_director__pb2.Experiment.FromString,
                 _registered_method=True)
         self.RejectExperiment = channel.unary_unary(
                 '/foedus.director.Director/RejectExperiment',
-                request_serializer=protos_dot_director__pb2.ReviewRequest.SerializeToString,
-                response_deserializer=protos_dot_director__pb2.Experiment.FromString,
+                request_serializer=foedus_dot_protos_dot_director__pb2.ReviewRequest.SerializeToString,
+                response_deserializer=foedus_dot_protos_dot_director__pb2.Experiment.FromString,
                 _registered_method=True)
         self.ListEnvoys = channel.unary_unary(
                 '/foedus.director.Director/ListEnvoys',
-                request_serializer=protos_dot_director__pb2.ListEnvoysRequest.SerializeToString,
-                response_deserializer=protos_dot_director__pb2.ListEnvoysResponse.FromString,
+                request_serializer=foedus_dot_protos_dot_director__pb2.ListEnvoysRequest.SerializeToString,
+                response_deserializer=foedus_dot_protos_dot_director__pb2.ListEnvoysResponse.FromString,
                 _registered_method=True)
 
 
@@ -254,83 +254,83 @@ def add_DirectorServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'RegisterEnvoy': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterEnvoy,
-                    request_deserializer=protos_dot_director__pb2.RegisterEnvoyRequest.FromString,
-                    response_serializer=protos_dot_director__pb2.RegisterEnvoyResponse.SerializeToString,
+                    request_deserializer=foedus_dot_protos_dot_director__pb2.RegisterEnvoyRequest.FromString,
+                    response_serializer=foedus_dot_protos_dot_director__pb2.RegisterEnvoyResponse.SerializeToString,
             ),
             'EnvoyHeartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.EnvoyHeartbeat,
-                    request_deserializer=protos_dot_director__pb2.EnvoyHeartbeatRequest.FromString,
-                    response_serializer=protos_dot_director__pb2.EnvoyHeartbeatResponse.SerializeToString,
+                    request_deserializer=foedus_dot_protos_dot_director__pb2.EnvoyHeartbeatRequest.FromString,
+                    response_serializer=foedus_dot_protos_dot_director__pb2.EnvoyHeartbeatResponse.SerializeToString,
             ),
             'ReportCollaborator': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportCollaborator,
-                    request_deserializer=protos_dot_director__pb2.CollaboratorReport.FromString,
-                    response_serializer=protos_dot_director__pb2.ReportCollaboratorResponse.SerializeToString,
+                    request_deserializer=foedus_dot_protos_dot_director__pb2.CollaboratorReport.FromString,
+                    response_serializer=foedus_dot_protos_dot_director__pb2.ReportCollaboratorResponse.SerializeToString,
             ),
             'UploadLog': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadLog,
-                    request_deserializer=protos_dot_director__pb2.LogUpload.FromString,
-                    response_serializer=protos_dot_director__pb2.UploadLogResponse.SerializeToString,
+                    request_deserializer=foedus_dot_protos_dot_director__pb2.LogUpload.FromString,
+                    response_serializer=foedus_dot_protos_dot_director__pb2.UploadLogResponse.SerializeToString,
             ),
             'SubmitExperiment': grpc.stream_unary_rpc_method_handler(
                     servicer.SubmitExperiment,
-                    request_deserializer=protos_dot_director__pb2.SubmitChunk.FromString,
-                    response_serializer=protos_dot_director__pb2.Experiment.SerializeToString,
+                    request_deserializer=foedus_dot_protos_dot_director__pb2.SubmitChunk.FromString,
+                    response_serializer=foedus_dot_protos_dot_director__pb2.Experiment.SerializeToString,
             ),
             'ListExperiments': grpc.unary_unary_rpc_method_handler(
                     servicer.ListExperiments,
-                    request_deserializer=protos_dot_director__pb2.ListExperimentsRequest.FromString,
-                    response_serializer=protos_dot_director__pb2.ListExperimentsResponse.SerializeToString,
+                    request_deserializer=foedus_dot_protos_dot_director__pb2.ListExperimentsRequest.FromString,
+                    response_serializer=foedus_dot_protos_dot_director__pb2.ListExperimentsResponse.SerializeToString,
             ),
             'GetExperiment': grpc.unary_unary_rpc_method_handler(
                     servicer.GetExperiment,
-                    request_deserializer=protos_dot_director__pb2.ExperimentRequest.FromString,
-                    response_serializer=protos_dot_director__pb2.Experiment.SerializeToString,
+                    request_deserializer=foedus_dot_protos_dot_director__pb2.ExperimentRequest.FromString,
+                    response_serializer=foedus_dot_protos_dot_director__pb2.Experiment.SerializeToString,
             ),
             'WatchExperiment': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchExperiment,
-                    request_deserializer=protos_dot_director__pb2.ExperimentRequest.FromString,
-                    response_serializer=protos_dot_director__pb2.Experiment.SerializeToString,
+                    request_deserializer=foedus_dot_protos_dot_director__pb2.ExperimentRequest.FromString,
+                    response_serializer=foedus_dot_protos_dot_director__pb2.Experiment.SerializeToString,
             ),
             'GetMetricStream': grpc.unary_stream_rpc_method_handler(
                     servicer.GetMetricStream,
-                    request_deserializer=protos_dot_director__pb2.MetricStreamRequest.FromString,
-                    response_serializer=protos_dot_director__pb2.MetricRow.SerializeToString,
+                    request_deserializer=foedus_dot_protos_dot_director__pb2.MetricStreamRequest.FromString,
+                    response_serializer=foedus_dot_protos_dot_director__pb2.MetricRow.SerializeToString,
             ),
             'GetLogs': grpc.unary_stream_rpc_method_handler(
                     servicer.GetLogs,
-                    request_deserializer=protos_dot_director__pb2.LogRequestFromUser.FromString,
-                    response_serializer=protos_dot_director__pb2.LogChunk.SerializeToString,
+                    request_deserializer=foedus_dot_protos_dot_director__pb2.LogRequestFromUser.FromString,
+                    response_serializer=foedus_dot_protos_dot_director__pb2.LogChunk.SerializeToString,
             ),
             'DownloadModel': grpc.unary_stream_rpc_method_handler(
                     servicer.DownloadModel,
-                    request_deserializer=protos_dot_director__pb2.DownloadModelRequest.FromString,
-                    response_serializer=protos_dot_director__pb2.ModelFileChunk.SerializeToString,
+                    request_deserializer=foedus_dot_protos_dot_director__pb2.DownloadModelRequest.FromString,
+                    response_serializer=foedus_dot_protos_dot_director__pb2.ModelFileChunk.SerializeToString,
             ),
             'CancelExperiment': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelExperiment,
-                    request_deserializer=protos_dot_director__pb2.ExperimentRequest.FromString,
-                    response_serializer=protos_dot_director__pb2.Experiment.SerializeToString,
+                    request_deserializer=foedus_dot_protos_dot_director__pb2.ExperimentRequest.FromString,
+                    response_serializer=foedus_dot_protos_dot_director__pb2.Experiment.SerializeToString,
             ),
             'RemoveExperiment': grpc.unary_unary_rpc_method_handler(
                     servicer.RemoveExperiment,
-                    request_deserializer=protos_dot_director__pb2.ExperimentRequest.FromString,
-                    response_serializer=protos_dot_director__pb2.RemoveExperimentResponse.SerializeToString,
+                    request_deserializer=foedus_dot_protos_dot_director__pb2.ExperimentRequest.FromString,
+                    response_serializer=foedus_dot_protos_dot_director__pb2.RemoveExperimentResponse.SerializeToString,
             ),
             'ApproveExperiment': grpc.unary_unary_rpc_method_handler(
                     servicer.ApproveExperiment,
-                    request_deserializer=protos_dot_director__pb2.ReviewRequest.FromString,
-                    response_serializer=protos_dot_director__pb2.Experiment.SerializeToString,
+                    request_deserializer=foedus_dot_protos_dot_director__pb2.ReviewRequest.FromString,
+                    response_serializer=foedus_dot_protos_dot_director__pb2.Experiment.SerializeToString,
             ),
             'RejectExperiment': grpc.unary_unary_rpc_method_handler(
                     servicer.RejectExperiment,
-                    request_deserializer=protos_dot_director__pb2.ReviewRequest.FromString,
-                    response_serializer=protos_dot_director__pb2.Experiment.SerializeToString,
+                    request_deserializer=foedus_dot_protos_dot_director__pb2.ReviewRequest.FromString,
+                    response_serializer=foedus_dot_protos_dot_director__pb2.Experiment.SerializeToString,
             ),
             'ListEnvoys': grpc.unary_unary_rpc_method_handler(
                     servicer.ListEnvoys,
-                    request_deserializer=protos_dot_director__pb2.ListEnvoysRequest.FromString,
-                    response_serializer=protos_dot_director__pb2.ListEnvoysResponse.SerializeToString,
+                    request_deserializer=foedus_dot_protos_dot_director__pb2.ListEnvoysRequest.FromString,
+                    response_serializer=foedus_dot_protos_dot_director__pb2.ListEnvoysResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -359,8 +359,8 @@ class Director:
             request,
             target,
             '/foedus.director.Director/RegisterEnvoy',
-            protos_dot_director__pb2.RegisterEnvoyRequest.SerializeToString,
-            protos_dot_director__pb2.RegisterEnvoyResponse.FromString,
+            foedus_dot_protos_dot_director__pb2.RegisterEnvoyRequest.SerializeToString,
+            foedus_dot_protos_dot_director__pb2.RegisterEnvoyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -386,8 +386,8 @@ class Director:
             request,
             target,
             '/foedus.director.Director/EnvoyHeartbeat',
-            protos_dot_director__pb2.EnvoyHeartbeatRequest.SerializeToString,
-            protos_dot_director__pb2.EnvoyHeartbeatResponse.FromString,
+            foedus_dot_protos_dot_director__pb2.EnvoyHeartbeatRequest.SerializeToString,
+            foedus_dot_protos_dot_director__pb2.EnvoyHeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -413,8 +413,8 @@ class Director:
             request,
             target,
             '/foedus.director.Director/ReportCollaborator',
-            protos_dot_director__pb2.CollaboratorReport.SerializeToString,
-            protos_dot_director__pb2.ReportCollaboratorResponse.FromString,
+            foedus_dot_protos_dot_director__pb2.CollaboratorReport.SerializeToString,
+            foedus_dot_protos_dot_director__pb2.ReportCollaboratorResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -440,8 +440,8 @@ class Director:
             request_iterator,
             target,
             '/foedus.director.Director/UploadLog',
-            protos_dot_director__pb2.LogUpload.SerializeToString,
-            protos_dot_director__pb2.UploadLogResponse.FromString,
+            foedus_dot_protos_dot_director__pb2.LogUpload.SerializeToString,
+            foedus_dot_protos_dot_director__pb2.UploadLogResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -467,8 +467,8 @@ class Director:
             request_iterator,
             target,
             '/foedus.director.Director/SubmitExperiment',
-            protos_dot_director__pb2.SubmitChunk.SerializeToString,
-            protos_dot_director__pb2.Experiment.FromString,
+            foedus_dot_protos_dot_director__pb2.SubmitChunk.SerializeToString,
+            foedus_dot_protos_dot_director__pb2.Experiment.FromString,
             options,
             channel_credentials,
             insecure,
@@ -494,8 +494,8 @@ class Director:
             request,
             target,
             '/foedus.director.Director/ListExperiments',
-            protos_dot_director__pb2.ListExperimentsRequest.SerializeToString,
-            protos_dot_director__pb2.ListExperimentsResponse.FromString,
+            foedus_dot_protos_dot_director__pb2.ListExperimentsRequest.SerializeToString,
+            foedus_dot_protos_dot_director__pb2.ListExperimentsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -521,8 +521,8 @@ class Director:
             request,
             target,
             '/foedus.director.Director/GetExperiment',
-            protos_dot_director__pb2.ExperimentRequest.SerializeToString,
-            protos_dot_director__pb2.Experiment.FromString,
+            foedus_dot_protos_dot_director__pb2.ExperimentRequest.SerializeToString,
+            foedus_dot_protos_dot_director__pb2.Experiment.FromString,
             options,
             channel_credentials,
             insecure,
@@ -548,8 +548,8 @@ class Director:
             request,
             target,
             '/foedus.director.Director/WatchExperiment',
-            protos_dot_director__pb2.ExperimentRequest.SerializeToString,
-            protos_dot_director__pb2.Experiment.FromString,
+            foedus_dot_protos_dot_director__pb2.ExperimentRequest.SerializeToString,
+            foedus_dot_protos_dot_director__pb2.Experiment.FromString,
             options,
             channel_credentials,
             insecure,
@@ -575,8 +575,8 @@ class Director:
             request,
             target,
             '/foedus.director.Director/GetMetricStream',
-            protos_dot_director__pb2.MetricStreamRequest.SerializeToString,
-            protos_dot_director__pb2.MetricRow.FromString,
+            foedus_dot_protos_dot_director__pb2.MetricStreamRequest.SerializeToString,
+            foedus_dot_protos_dot_director__pb2.MetricRow.FromString,
             options,
             channel_credentials,
             insecure,
@@ -602,8 +602,8 @@ class Director:
             request,
             target,
             '/foedus.director.Director/GetLogs',
-            protos_dot_director__pb2.LogRequestFromUser.SerializeToString,
-            protos_dot_director__pb2.LogChunk.FromString,
+            foedus_dot_protos_dot_director__pb2.LogRequestFromUser.SerializeToString,
+            foedus_dot_protos_dot_director__pb2.LogChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -629,8 +629,8 @@ class Director:
             request,
             target,
             '/foedus.director.Director/DownloadModel',
-            protos_dot_director__pb2.DownloadModelRequest.SerializeToString,
-            protos_dot_director__pb2.ModelFileChunk.FromString,
+            foedus_dot_protos_dot_director__pb2.DownloadModelRequest.SerializeToString,
+            foedus_dot_protos_dot_director__pb2.ModelFileChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -656,8 +656,8 @@ class Director:
             request,
             target,
             '/foedus.director.Director/CancelExperiment',
-            protos_dot_director__pb2.ExperimentRequest.SerializeToString,
-            protos_dot_director__pb2.Experiment.FromString,
+            foedus_dot_protos_dot_director__pb2.ExperimentRequest.SerializeToString,
+            foedus_dot_protos_dot_director__pb2.Experiment.FromString,
             options,
             channel_credentials,
             insecure,
@@ -683,8 +683,8 @@ class Director:
             request,
             target,
             '/foedus.director.Director/RemoveExperiment',
-            protos_dot_director__pb2.ExperimentRequest.SerializeToString,
-            protos_dot_director__pb2.RemoveExperimentResponse.FromString,
+            foedus_dot_protos_dot_director__pb2.ExperimentRequest.SerializeToString,
+            foedus_dot_protos_dot_director__pb2.RemoveExperimentResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -710,8 +710,8 @@ class Director:
             request,
             target,
             '/foedus.director.Director/ApproveExperiment',
-            protos_dot_director__pb2.ReviewRequest.SerializeToString,
-            protos_dot_director__pb2.Experiment.FromString,
+            foedus_dot_protos_dot_director__pb2.ReviewRequest.SerializeToString,
+            foedus_dot_protos_dot_director__pb2.Experiment.FromString,
             options,
             channel_credentials,
             insecure,
@@ -737,8 +737,8 @@ class Director:
             request,
             target,
             '/foedus.director.Director/RejectExperiment',
-            protos_dot_director__pb2.ReviewRequest.SerializeToString,
-            protos_dot_director__pb2.Experiment.FromString,
+            foedus_dot_protos_dot_director__pb2.ReviewRequest.SerializeToString,
+            foedus_dot_protos_dot_director__pb2.Experiment.FromString,
             options,
             channel_credentials,
             insecure,
@@ -764,8 +764,8 @@ class Director:
             request,
             target,
             '/foedus.director.Director/ListEnvoys',
-            protos_dot_director__pb2.ListEnvoysRequest.SerializeToString,
-            protos_dot_director__pb2.ListEnvoysResponse.FromString,
+            foedus_dot_protos_dot_director__pb2.ListEnvoysRequest.SerializeToString,
+            foedus_dot_protos_dot_director__pb2.ListEnvoysResponse.FromString,
             options,
             channel_credentials,
             insecure,

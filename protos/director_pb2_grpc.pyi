@@ -41,8 +41,8 @@ Times are seconds since the Unix epoch (UTC) as doubles; 0 means "not yet" / "ne
 """
 
 from collections import abc as _abc
+from foedus.protos import director_pb2 as _director_pb2
 from grpc import aio as _aio
-from protos import director_pb2 as _director_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

@@ -20,8 +20,8 @@ from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from protos import aggregator_pb2, base_pb2
-from protos.stream import StreamError
+from foedus.protos import aggregator_pb2, base_pb2
+from foedus.protos.stream import StreamError
 
 MAX_VARINT_BYTES = 10
 MAX_FIELD_NUMBER = (1 << 29) - 1

@@ -17,8 +17,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from protos import aggregator_pb2, base_pb2
-from refusals.errors import InvalidRequestError, LimitExceededError
+from foedus.protos import aggregator_pb2, base_pb2
+from foedus.refusals.errors import InvalidRequestError, LimitExceededError
 
 CHUNK_BYTES = 2 * 1024 * 1024
 # foedus clients declare their upload's size in this call metadata key (OpenFL's don't).

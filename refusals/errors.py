@@ -1,8 +1,8 @@
-"""The few ways a foedus service refuses a request; `refusals.grpc` and `refusals.http` answer each.
+"""The few ways a foedus service refuses a request; `foedus.refusals.grpc` and `foedus.refusals.http` answer each.
 
 Plain Python: the federation's and the director's logic, the codec and the stream reader raise
 them without knowing gRPC or HTTP. A service's own refinements subclass the one they are
-(`director.records.IllegalTransitionError` is a `PreconditionError`, the codec's
+(`foedus.director.records.IllegalTransitionError` is a `PreconditionError`, the codec's
 `TensorTooLargeError` a `LimitExceededError`), so the tables need no entry of their own for them.
 """
 

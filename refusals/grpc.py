@@ -11,7 +11,7 @@ bug of ours: it is logged without a traceback, and nothing more is answered, sin
 already over (`status_for` says CANCELLED).
 
 The aggregator's and the director's servicers both answer so; each service says its name and
-logger (`answer`), the aggregator also tells its observers (`aggregator.status`).
+logger (`answer`), the aggregator also tells its observers (`foedus.aggregator.status`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import NoReturn
 
 import grpc
 
-from refusals.errors import (
+from foedus.refusals.errors import (
     AuthenticationError,
     AuthorizationError,
     InvalidRequestError,

@@ -1,7 +1,7 @@
 """Who is calling a gRPC service: the verified client certificate's common name and role mark.
 
 Both services name a caller by its certificate and nothing else; each then decides what that
-name may do (`aggregator.identity.Gatekeeper`, `director.identity.Roster`). Reading the name from
+name may do (`foedus.aggregator.identity.Gatekeeper`, `foedus.director.identity.Roster`). Reading the name from
 gRPC's auth context, and refusing a caller without exactly one, is written once here.
 """
 
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from pki.roles import PeerCertificate, peer_certificate
-from refusals.errors import AuthenticationError
+from foedus.pki.roles import PeerCertificate, peer_certificate
+from foedus.refusals.errors import AuthenticationError
 
 
 @dataclass(frozen=True)

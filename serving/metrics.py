@@ -1,7 +1,7 @@
 """Prometheus metrics over HTTP: one registry served by prometheus-client in a thread of its own.
 
-The aggregator's metrics (`aggregator.metrics.MetricsServer`) and the director's
-(`director.metrics.DirectorMetrics`) are both a `RegistryServer`: each serves only its own
+The aggregator's metrics (`foedus.aggregator.metrics.MetricsServer`) and the director's
+(`foedus.director.metrics.DirectorMetrics`) are both a `RegistryServer`: each serves only its own
 registry, never the process-wide default one, started and stopped with its service.
 """
 
@@ -13,7 +13,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from plans.schema import Address
+from foedus.plans.schema import Address
 
 logger = logging.getLogger(__name__)
 

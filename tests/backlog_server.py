@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from aggregator.server import AggregatorGRPCServer
-from plans import load_plan
+from foedus.aggregator.server import AggregatorGRPCServer
+from foedus.plans import load_plan
 
 # isort: split
 from servers import make_federation  # beside this file

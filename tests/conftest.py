@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from pki.ca import create_root_ca, create_signing_ca, utc_now
-from pki.files import write_certificate, write_private_key
-from pki.keys import PrivateKey, signature_hash
-from pki.layout import CertsLayout
-from pki.local import load_signing_ca, setup_local_federation
-from pki.requests import Role, create_key_and_csr
-from pki.roles import is_role_mark
-from pki.signing import certify
+from foedus.pki.ca import create_root_ca, create_signing_ca, utc_now
+from foedus.pki.files import write_certificate, write_private_key
+from foedus.pki.keys import PrivateKey, signature_hash
+from foedus.pki.layout import CertsLayout
+from foedus.pki.local import load_signing_ca, setup_local_federation
+from foedus.pki.requests import Role, create_key_and_csr
+from foedus.pki.roles import is_role_mark
+from foedus.pki.signing import certify
 
 AGGREGATOR_HOST = "localhost"
 AGGREGATOR_DNS = ("localhost",)

@@ -17,13 +17,13 @@ from typing import Any
 import grpc
 import yaml
 
-from director.server import DirectorServer
-from pki.layout import CertsLayout
-from pki.local import setup_local_federation
-from pki.tls import channel_credentials
-from plans.director_config import load_config
-from processes.children import Ended
-from protos import director_pb2_grpc
+from foedus.director.server import DirectorServer
+from foedus.pki.layout import CertsLayout
+from foedus.pki.local import setup_local_federation
+from foedus.pki.tls import channel_credentials
+from foedus.plans.director_config import load_config
+from foedus.processes.children import Ended
+from foedus.protos import director_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
 ENVOYS = ("alice", "bob", "carol")

@@ -16,8 +16,8 @@ import os
 import signal
 from pathlib import Path
 
-from collaborator.digits import DigitsRunner
-from plans.runners import Model, TrainOutcome, Validation
+from foedus.collaborator.digits import DigitsRunner
+from foedus.plans.runners import Model, TrainOutcome, Validation
 
 NAME = "dying_runner:DyingDigitsRunner"
 ENVIRONMENT_VARIABLE = "FOEDUS_TEST_DIE"

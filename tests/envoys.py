@@ -25,11 +25,11 @@ from typing import Any
 import grpc
 import yaml
 
-from envoy.disclosure import SharedLog
-from envoy.state import EnvoyState
-from pki.layout import CertsLayout
-from pki.tls import server_credentials
-from protos import director_pb2, director_pb2_grpc
+from foedus.envoy.disclosure import SharedLog
+from foedus.envoy.state import EnvoyState
+from foedus.pki.layout import CertsLayout
+from foedus.pki.tls import server_credentials
+from foedus.protos import director_pb2, director_pb2_grpc
 
 from directors import ENVOYS
 
@@ -287,7 +287,7 @@ class EnvoyProcess:
                 [
                     sys.executable,
                     "-m",
-                    "envoy",
+                    "foedus.envoy",
                     "start",
                     "-n",
                     self.name,
@@ -336,7 +336,7 @@ def stop_collaborators(state_dir: Path) -> None:
 
 
 def kill_collaborator_process(state_dir: Path, experiment_id: str) -> int:
-    """SIGKILL the collaborator an envoy runs for `experiment_id` (not its `processes.child`
+    """SIGKILL the collaborator an envoy runs for `experiment_id` (not its `foedus.processes.child`
     parent, which records how it ended), as an OOM kill would; its pid."""
     state = EnvoyState.open(state_dir, exclusive=False)
     try:
@@ -345,7 +345,7 @@ def kill_collaborator_process(state_dir: Path, experiment_id: str) -> int:
         state.close()
     assert parent is not None, f"{experiment_id}: no process recorded"
     children = Path(f"/proc/{parent}/task/{parent}/children").read_text(encoding="ascii").split()
-    assert len(children) == 1, f"{experiment_id}: processes.child {parent} has {children}"
+    assert len(children) == 1, f"{experiment_id}: foedus.processes.child {parent} has {children}"
     pid = int(children[0])
     os.kill(pid, signal.SIGKILL)
     return pid

@@ -14,8 +14,8 @@ import os
 import time
 from pathlib import Path
 
-from collaborator.digits import DigitsRunner
-from plans.runners import Model, TrainOutcome
+from foedus.collaborator.digits import DigitsRunner
+from foedus.plans.runners import Model, TrainOutcome
 
 NAME = "failing_runner:FailingRunner"
 FAIL_AT_ENV = "FOEDUS_TEST_FAIL_AT"

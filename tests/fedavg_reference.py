@@ -1,4 +1,4 @@
-"""FedAvg over arrays in memory, for tests: the reference `aggregator.fedavg` is checked against.
+"""FedAvg over arrays in memory, for tests: the reference `foedus.aggregator.fedavg` is checked against.
 
 `RunningAverage` adds one whole contribution at a time, with the element steps the streaming
 average shares (`_add_difference`, `_round_half_even`), so `average_sources` must give its bits;
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from aggregator.fedavg import (
+from foedus.aggregator.fedavg import (
     _INT64_LIMIT,
     SLICE_ELEMENTS,
     ArraySource,
@@ -25,7 +25,7 @@ from aggregator.fedavg import (
     _round_half_even,
     average_sources,
 )
-from aggregator.records import Array
+from foedus.aggregator.records import Array
 
 SLICE = SLICE_ELEMENTS  # the slice of the in-memory paths below (tests shrink it)
 

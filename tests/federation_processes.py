@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from pki.layout import CertsLayout
+from foedus.pki.layout import CertsLayout
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = REPO / "tests"
@@ -102,9 +102,9 @@ class FederationProcesses:
         """
         plan_path = str(self.plan if plan is None else plan)
         if name == "aggregator":
-            command = ["aggregator", "start", "--plan", plan_path, *extra]
+            command = ["foedus.aggregator", "start", "--plan", plan_path, *extra]
         else:
-            command = ["collaborator", "start", "-n", name, "--plan", plan_path, *extra]
+            command = ["foedus.collaborator", "start", "-n", name, "--plan", plan_path, *extra]
         environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         with (
             (self.folder / f"{name}.out").open("ab") as out,

@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from aggregator.federation import Federation
-from aggregator.records import Accepted, Array, ResultTensor, TaskResult
-from aggregator.state import DurableState
-from aggregator.store import FederationStore, MemoryStore
-from plans.schema import BestModelSettings
-from refusals.errors import StorageError
+from foedus.aggregator.federation import Federation
+from foedus.aggregator.records import Accepted, Array, ResultTensor, TaskResult
+from foedus.aggregator.state import DurableState
+from foedus.aggregator.store import FederationStore, MemoryStore
+from foedus.plans.schema import BestModelSettings
+from foedus.refusals.errors import StorageError
 
 from clocks import Clock
 

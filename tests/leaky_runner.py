@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from plans.runners import Array, Model, TrainOutcome, Validation
-from plans.schema import RunnerSettings
+from foedus.plans.runners import Array, Model, TrainOutcome, Validation
+from foedus.plans.schema import RunnerSettings
 
 NAME = "leaky_runner:LeakyRunner"
 RECORD = "patient record: Jane Doe, 1961-02-03, MRN 12345"

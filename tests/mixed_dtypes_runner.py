@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from plans.runners import Array, Model, RunnerError, TrainOutcome, Validation
-from plans.schema import RunnerSettings
-from protos.dtypes import bfloat16_dtype
+from foedus.plans.runners import Array, Model, RunnerError, TrainOutcome, Validation
+from foedus.plans.schema import RunnerSettings
+from foedus.protos.dtypes import bfloat16_dtype
 
 NAME = "mixed_dtypes_runner:MixedDtypesRunner"
 

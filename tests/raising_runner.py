@@ -14,9 +14,9 @@ from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 
-from collaborator.digits import DigitsRunner, DigitsSettings
-from plans.runners import Model, RunnerError, TrainOutcome
-from plans.schema import RunnerSettings
+from foedus.collaborator.digits import DigitsRunner, DigitsSettings
+from foedus.plans.runners import Model, RunnerError, TrainOutcome
+from foedus.plans.schema import RunnerSettings
 
 NAME = "raising_runner:RaisingRunner"
 KEY = "raise_at"  # runner.settings.raise_at: a list of the sites whose `train` raises

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.datasets import load_digits  # type: ignore[import-untyped, unused-ignore]
 
-from pki.layout import CertsLayout
+from foedus.pki.layout import CertsLayout
 
 from federation_processes import (
     COLLABORATORS,

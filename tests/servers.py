@@ -10,11 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.federation import Federation
-from aggregator.records import Array
-from aggregator.server import AggregatorGRPCServer
-from pki.layout import CertsLayout
-from plans import Plan, parse_plan
+from foedus.aggregator.federation import Federation
+from foedus.aggregator.records import Array
+from foedus.aggregator.server import AggregatorGRPCServer
+from foedus.pki.layout import CertsLayout
+from foedus.plans import Plan, parse_plan
 
 FEDERATION_UUID = "test-federation-0001"
 AGGREGATOR_ID = "aggregator_test"

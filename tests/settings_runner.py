@@ -14,9 +14,9 @@ import os
 
 import numpy as np
 
-from plans.reader import shown
-from plans.runners import Array, Model, RunnerError, TrainOutcome, Validation
-from plans.schema import RunnerSettings
+from foedus.plans.reader import shown
+from foedus.plans.runners import Array, Model, RunnerError, TrainOutcome, Validation
+from foedus.plans.schema import RunnerSettings
 
 NAME = "settings_runner:SettingsRunner"
 MARKER = "FOEDUS_TEST_IMPORT_MARKER"

@@ -22,15 +22,15 @@ import numpy as np
 import pytest
 import yaml
 
-from aggregator.cli import main
-from aggregator.state import DurableState
-from aggregator.storage import read_model, write_model
-from pki.layout import CertsLayout
-from plans.runners import TrainOutcome, Validation
-from plans.schema import RunnerSettings
-from protos import aggregator_pb2, aggregator_pb2_grpc
-from protos.codec import decode_tensor, encode_tensor
-from protos.stream import task_results_to_chunks
+from foedus.aggregator.cli import main
+from foedus.aggregator.state import DurableState
+from foedus.aggregator.storage import read_model, write_model
+from foedus.pki.layout import CertsLayout
+from foedus.plans.runners import TrainOutcome, Validation
+from foedus.plans.schema import RunnerSettings
+from foedus.protos import aggregator_pb2, aggregator_pb2_grpc
+from foedus.protos.codec import decode_tensor, encode_tensor
+from foedus.protos.stream import task_results_to_chunks
 
 from federation_processes import child_python_path
 from servers import AGGREGATOR_ID, COLLABORATORS, FEDERATION_UUID, plan_document
@@ -465,12 +465,12 @@ def test_malformed_failpoints_are_bad_input(
 def test_a_signal_stops_a_serving_aggregator_with_128_plus_its_number(
     tmp_path: Path, certs: CertsLayout, number: signal.Signals
 ) -> None:
-    """`python -m aggregator start` serves, and on a signal stops within a few seconds with
+    """`python -m foedus.aggregator start` serves, and on a signal stops within a few seconds with
     128 + its number: not 0, which says the federation finished."""
     plan = write_plan(tmp_path, certs)
     env = {**os.environ, "PYTHONPATH": child_python_path()}
     with subprocess.Popen(
-        [sys.executable, "-m", "aggregator", "start", "--plan", str(plan)],
+        [sys.executable, "-m", "foedus.aggregator", "start", "--plan", str(plan)],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,

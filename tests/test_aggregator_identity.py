@@ -24,26 +24,26 @@ import yaml
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from aggregator.cli import main as aggregator_main
-from collaborator.cli import main
-from collaborator.client import AggregatorGRPCClient
-from collaborator.errors import (
+from foedus.aggregator.cli import main as aggregator_main
+from foedus.collaborator.cli import main
+from foedus.collaborator.client import AggregatorGRPCClient
+from foedus.collaborator.errors import (
     AggregatorIdentityError,
     ClientConfigurationError,
     RequestRejectedError,
 )
-from pki.binding import binding_name, binding_problem
-from pki.ca import authority_key_identifier, create_root_ca, create_signing_ca, utc_now
-from pki.files import read_certificate, write_certificate, write_private_key
-from pki.keys import generate_private_key, signature_hash
-from pki.layout import CertsLayout
-from pki.local import load_signing_ca, setup_local_federation
-from pki.requests import Role, fingerprint
-from pki.roles import ROLE_OIDS
-from pki.tls import load_ca_bundle, load_identity, server_credentials
-from plans import Plan
-from protos import aggregator_pb2
-from protos.aggregator_pb2_grpc import AggregatorStub
+from foedus.pki.binding import binding_name, binding_problem
+from foedus.pki.ca import authority_key_identifier, create_root_ca, create_signing_ca, utc_now
+from foedus.pki.files import read_certificate, write_certificate, write_private_key
+from foedus.pki.keys import generate_private_key, signature_hash
+from foedus.pki.layout import CertsLayout
+from foedus.pki.local import load_signing_ca, setup_local_federation
+from foedus.pki.requests import Role, fingerprint
+from foedus.pki.roles import ROLE_OIDS
+from foedus.pki.tls import load_ca_bundle, load_identity, server_credentials
+from foedus.plans import Plan
+from foedus.protos import aggregator_pb2
+from foedus.protos.aggregator_pb2_grpc import AggregatorStub
 
 from conftest import Identity, issue_identity, with_role_marks
 from servers import make_plan, plan_document, running_aggregator
@@ -393,9 +393,9 @@ def test_aggregator_start_warns_of_a_certificate_collaborators_refuse(
         )
         plan = tmp_path / "plan.yaml"
         plan.write_text(yaml.safe_dump(document), encoding="utf-8")
-        with caplog.at_level(logging.WARNING, logger="aggregator.cli"):
+        with caplog.at_level(logging.WARNING, logger="foedus.aggregator.cli"):
             assert aggregator_main(["start", "--plan", str(plan)]) == 1
-    (warning,) = [r.getMessage() for r in caplog.records if r.name == "aggregator.cli"]
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "foedus.aggregator.cli"]
     assert str(layout.aggregator_cert) in warning
     assert "lacks the name binding" in warning
     assert f"reissue it with 'pki setup --plan {plan}'" in warning

@@ -1,4 +1,4 @@
-"""The allocator setting the aggregator makes at start (`aggregator.allocator`)."""
+"""The allocator setting the aggregator makes at start (`foedus.aggregator.allocator`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import platform
 
 import pytest
 
-from aggregator.allocator import release_free_memory, tune_allocator
+from foedus.aggregator.allocator import release_free_memory, tune_allocator
 
 
 @pytest.mark.skipif(

@@ -18,8 +18,8 @@ import grpc
 import pytest
 import yaml
 
-from pki.layout import CertsLayout
-from protos import aggregator_pb2, aggregator_pb2_grpc
+from foedus.pki.layout import CertsLayout
+from foedus.protos import aggregator_pb2, aggregator_pb2_grpc
 
 from servers import AGGREGATOR_ID, COLLABORATORS, FEDERATION_UUID, plan_document
 

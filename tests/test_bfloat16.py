@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.fedavg import ArraySource, TensorSource, average_sources
-from aggregator.upload import receive_upload
-from pki.layout import CertsLayout
-from plans.schema import RunnerSettings
-from protos import aggregator_pb2, base_pb2
-from protos.codec import TensorFormatError, decode_tensor, encode_tensor, tensor_field_frame
-from protos.dtypes import BFLOAT16, bfloat16_dtype, is_float, wire_dtype
+from foedus.aggregator.fedavg import ArraySource, TensorSource, average_sources
+from foedus.aggregator.upload import receive_upload
+from foedus.pki.layout import CertsLayout
+from foedus.plans.schema import RunnerSettings
+from foedus.protos import aggregator_pb2, base_pb2
+from foedus.protos.codec import TensorFormatError, decode_tensor, encode_tensor, tensor_field_frame
+from foedus.protos.dtypes import BFLOAT16, bfloat16_dtype, is_float, wire_dtype
 
 from fedavg_reference import Contribution, RunningAverage, federated_average
 from federation_processes import COLLABORATORS, FederationProcesses, child_python_path, write_plan

@@ -18,24 +18,24 @@ import grpc
 import numpy as np
 import pytest
 
-from aggregator.federation import Federation
-from aggregator.identity import Gatekeeper
-from aggregator.records import Array
-from aggregator.server import AggregatorGRPCServer
-from aggregator.servicer import AggregatorServicer
-from collaborator.client import LEAVE_SECONDS, AggregatorGRPCClient, OutgoingTensor, Tasks
-from collaborator.errors import (
+from foedus.aggregator.federation import Federation
+from foedus.aggregator.identity import Gatekeeper
+from foedus.aggregator.records import Array
+from foedus.aggregator.server import AggregatorGRPCServer
+from foedus.aggregator.servicer import AggregatorServicer
+from foedus.collaborator.client import LEAVE_SECONDS, AggregatorGRPCClient, OutgoingTensor, Tasks
+from foedus.collaborator.errors import (
     AggregatorUnavailableError,
     ClientConfigurationError,
     RequestRejectedError,
     ResponseValidationError,
 )
-from collaborator.settings import ClientSettings
-from pki.layout import CertsLayout
-from pki.tls import server_credentials
-from plans import Plan
-from protos import aggregator_pb2, aggregator_pb2_grpc, base_pb2
-from protos.channel import server_options
+from foedus.collaborator.settings import ClientSettings
+from foedus.pki.layout import CertsLayout
+from foedus.pki.tls import server_credentials
+from foedus.plans import Plan
+from foedus.protos import aggregator_pb2, aggregator_pb2_grpc, base_pb2
+from foedus.protos.channel import server_options
 
 from conftest import Identity
 from servers import (
@@ -474,7 +474,7 @@ def test_retries_stop_after_max_retries(plan: Plan, caplog: pytest.LogCaptureFix
     )
     started = time.monotonic()
     with (
-        caplog.at_level(logging.WARNING, logger="collaborator.client"),
+        caplog.at_level(logging.WARNING, logger="foedus.collaborator.client"),
         pytest.raises(AggregatorUnavailableError) as raised,
     ):
         client.ping()
@@ -485,7 +485,7 @@ def test_retries_stop_after_max_retries(plan: Plan, caplog: pytest.LogCaptureFix
     assert "max_retries=3" in str(error)
     # Full jitter of min(backoff_max, initial * 2**n); random() is 0.5 here.
     assert sleeps.delays == pytest.approx([0.05, 0.1, 0.15])
-    retries = [r for r in caplog.records if r.name == "collaborator.client"]
+    retries = [r for r in caplog.records if r.name == "foedus.collaborator.client"]
     assert [r.levelno for r in retries] == [logging.WARNING] * 3
     assert not client.connected
 

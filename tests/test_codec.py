@@ -10,8 +10,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from protos import aggregator_pb2, base_pb2
-from protos.codec import (
+from foedus.protos import aggregator_pb2, base_pb2
+from foedus.protos.codec import (
     COMPRESSED_TAG,
     EXACT_DTYPES,
     LOSSY_TAG,
@@ -25,7 +25,7 @@ from protos.codec import (
     tensor_bytes,
     tensor_field_frame,
 )
-from protos.dtypes import bfloat16_dtype
+from foedus.protos.dtypes import bfloat16_dtype
 
 MAX_BYTES = 1 << 20
 

@@ -17,18 +17,18 @@ import grpc
 import pytest
 import yaml
 
-from aggregator.federation import Federation
-from collaborator.cli import leave_reason, main
-from collaborator.digits import DigitsRunner
-from collaborator.errors import (
+from foedus.aggregator.federation import Federation
+from foedus.collaborator.cli import leave_reason, main
+from foedus.collaborator.digits import DigitsRunner
+from foedus.collaborator.errors import (
     AggregatorUnavailableError,
     ClientConfigurationError,
     RequestRejectedError,
     ResponseValidationError,
 )
-from collaborator.loop import CollaboratorError
-from pki.layout import CertsLayout
-from plans.runners import Model, RunnerError, TrainOutcome
+from foedus.collaborator.loop import CollaboratorError
+from foedus.pki.layout import CertsLayout
+from foedus.plans.runners import Model, RunnerError, TrainOutcome
 
 from directors import alias_bomb_plan
 from federation_processes import free_port, run_module
@@ -83,7 +83,7 @@ def test_help_at_each_level_exits_zero(capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_python_m_collaborator_help() -> None:
-    """`python -m collaborator --help` runs the command line and exits 0."""
+    """`python -m foedus.collaborator --help` runs the command line and exits 0."""
     done = run_module("collaborator", "--help")
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: collaborator")
@@ -206,7 +206,7 @@ def test_an_alias_bomb_in_runner_settings_is_refused_at_once(
         command = [
             sys.executable,
             "-m",
-            "collaborator",
+            "foedus.collaborator",
             "start",
             "-n",
             "alice",
@@ -447,7 +447,7 @@ def test_sigterm_exits_143_with_one_line(certs: CertsLayout, tmp_path: Path) -> 
         connection={"max_retries": None, "max_wait_seconds": None, "backoff_max_seconds": 0.2},
     )
     process = subprocess.Popen(
-        [sys.executable, "-m", "collaborator", "start", "-n", "alice", "--plan", str(plan)],
+        [sys.executable, "-m", "foedus.collaborator", "start", "-n", "alice", "--plan", str(plan)],
         cwd=REPO,
         stderr=subprocess.PIPE,
         text=True,
@@ -523,7 +523,16 @@ def test_sigterm_sends_no_leave(certs: CertsLayout, tmp_path: Path) -> None:
             aggregator={"host": "127.0.0.1", "common_name": "localhost", "port": server.port},
         )
         process = subprocess.Popen(
-            [sys.executable, "-m", "collaborator", "start", "-n", "alice", "--plan", str(plan)],
+            [
+                sys.executable,
+                "-m",
+                "foedus.collaborator",
+                "start",
+                "-n",
+                "alice",
+                "--plan",
+                str(plan),
+            ],
             cwd=REPO,
             stderr=subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},

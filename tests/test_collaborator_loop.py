@@ -9,16 +9,16 @@ import grpc
 import numpy as np
 import pytest
 
-from aggregator.federation import Federation
-from aggregator.records import TaskResult
-from collaborator.answers import PlannedWork
-from collaborator.client import AggregatorGRPCClient, OutgoingTensor, Tasks
-from collaborator.digits import SHAPES, DigitsRunner
-from collaborator.errors import RequestRejectedError
-from collaborator.loop import CollaboratorError, CollaboratorReport, run_collaborator
-from pki.layout import CertsLayout
-from plans import Plan
-from plans.runners import Array, Model, TrainOutcome, Validation
+from foedus.aggregator.federation import Federation
+from foedus.aggregator.records import TaskResult
+from foedus.collaborator.answers import PlannedWork
+from foedus.collaborator.client import AggregatorGRPCClient, OutgoingTensor, Tasks
+from foedus.collaborator.digits import SHAPES, DigitsRunner
+from foedus.collaborator.errors import RequestRejectedError
+from foedus.collaborator.loop import CollaboratorError, CollaboratorReport, run_collaborator
+from foedus.pki.layout import CertsLayout
+from foedus.plans import Plan
+from foedus.plans.runners import Array, Model, TrainOutcome, Validation
 
 from servers import TASKS, closing_rounds, make_federation, make_plan, running_aggregator
 

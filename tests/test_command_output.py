@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from command.exits import EXIT_SIGPIPE
-from command.output import quiet_when_stdout_closes
-from envoy.config import load_config
-from envoy.state import EnvoyState
-from lifecycle.states import CollaboratorState
-from pki.layout import CertsLayout
+from foedus.command.exits import EXIT_SIGPIPE
+from foedus.command.output import quiet_when_stdout_closes
+from foedus.envoy.config import load_config
+from foedus.envoy.state import EnvoyState
+from foedus.lifecycle.states import CollaboratorState
+from foedus.pki.layout import CertsLayout
 
 from envoys import write_envoy_config
 from federation_processes import REPO, free_port
@@ -35,7 +35,10 @@ def into_a_closed_pipe(*argv: str) -> tuple[int, str]:
 
 def test_pki_into_a_closed_pipe_is_silent(certs: CertsLayout) -> None:
     """`pki fingerprint FILE | true`: exit 141 and nothing on stderr, not "Broken pipe"."""
-    assert into_a_closed_pipe("pki", "fingerprint", str(certs.ca_bundle)) == (EXIT_SIGPIPE, "")
+    assert into_a_closed_pipe("foedus.pki", "fingerprint", str(certs.ca_bundle)) == (
+        EXIT_SIGPIPE,
+        "",
+    )
 
 
 def test_envoy_list_into_a_closed_pipe_is_silent(tmp_path: Path, certs: CertsLayout) -> None:
@@ -51,7 +54,7 @@ def test_envoy_list_into_a_closed_pipe_is_silent(tmp_path: Path, certs: CertsLay
         state=CollaboratorState.APPROVAL_PENDING,
     )
     state.close()
-    assert into_a_closed_pipe("envoy", "list", "--config", str(path)) == (EXIT_SIGPIPE, "")
+    assert into_a_closed_pipe("foedus.envoy", "list", "--config", str(path)) == (EXIT_SIGPIPE, "")
 
 
 def test_a_main_whose_writes_fail_returns_141(capsys: pytest.CaptureFixture[str]) -> None:

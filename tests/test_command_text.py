@@ -1,4 +1,4 @@
-"""Others' text on a terminal: `command.text.printable`, the log lines and error lines of commands."""
+"""Others' text on a terminal: `foedus.command.text.printable`, the log lines and error lines of commands."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from command.process import logging_to_stderr
-from command.text import printable
+from foedus.command.process import logging_to_stderr
+from foedus.command.text import printable
 
 CONTROLS = "".join(map(chr, [*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0)]))
 BIDI = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
@@ -22,6 +22,6 @@ def test_printable_strips_every_control_but_newline_and_tab() -> None:
 def test_a_logged_name_cannot_drive_the_terminal(capsys: pytest.CaptureFixture[str]) -> None:
     """A log line quoting others' text (an experiment's name) reaches stderr without controls."""
     with logging_to_stderr("info"):
-        logging.getLogger("director.service").info("experiment %s submitted", "x\x1b[2J\ry")
+        logging.getLogger("foedus.director.service").info("experiment %s submitted", "x\x1b[2J\ry")
     err = capsys.readouterr().err
-    assert err.endswith("INFO director.service: experiment x[2Jy submitted\n"), repr(err)
+    assert err.endswith("INFO foedus.director.service: experiment x[2Jy submitted\n"), repr(err)

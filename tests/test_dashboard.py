@@ -16,18 +16,18 @@ from typing import Any
 import pytest
 import yaml
 
-from director import cli
-from director.dashboard import metric_series
-from director.folders import OUTPUT
-from director.launcher import LOG_FILE
-from director.server import DirectorServer
-from director.tokens import TOKENS_FILE, TokenStore
-from history.rows import METRICS
-from pki.layout import CertsLayout
-from plans.director_config import ConfigError, load_config
-from plans.schema import Address
-from protos import director_pb2 as pb
-from serving.server import ServerError
+from foedus.director import cli
+from foedus.director.dashboard import metric_series
+from foedus.director.folders import OUTPUT
+from foedus.director.launcher import LOG_FILE
+from foedus.director.server import DirectorServer
+from foedus.director.tokens import TOKENS_FILE, TokenStore
+from foedus.history.rows import METRICS
+from foedus.pki.layout import CertsLayout
+from foedus.plans.director_config import ConfigError, load_config
+from foedus.plans.schema import Address
+from foedus.protos import director_pb2 as pb
+from foedus.serving.server import ServerError
 
 from directors import (
     ADMIN,
@@ -470,7 +470,7 @@ def test_director_start_prints_where_its_dashboard_and_metrics_are(
     )
     secret = TokenStore(tmp_path / "state").issue(ADMIN)  # before the first start, too
     process = subprocess.Popen(
-        [sys.executable, "-m", "director", "start", "--config", str(config)],
+        [sys.executable, "-m", "foedus.director", "start", "--config", str(config)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -25,12 +25,12 @@ import yaml
 from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
 
-from director.launcher import LocalLauncher
-from director.tokens import TokenStore
-from envoy.state import EnvoyState
-from pki.layout import CertsLayout
-from plans.service import screenshot as screenshot_module
-from plans.service.screenshot import (
+from foedus.director.launcher import LocalLauncher
+from foedus.director.tokens import TokenStore
+from foedus.envoy.state import EnvoyState
+from foedus.pki.layout import CertsLayout
+from foedus.plans.service import screenshot as screenshot_module
+from foedus.plans.service.screenshot import (
     CHROMEDRIVER,
     CHROMIUM,
     WINDOW,
@@ -40,8 +40,8 @@ from plans.service.screenshot import (
     log_in,
     page_text,
 )
-from plans.service.screenshot import main as screenshot_main
-from protos import director_pb2 as pb
+from foedus.plans.service.screenshot import main as screenshot_main
+from foedus.protos import director_pb2 as pb
 
 from directors import ENVOYS, Director, make_director_certs, running_director, submitted_plan
 from envoys import EnvoyProcess, stop_collaborators, write_envoy_config

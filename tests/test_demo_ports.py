@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from envoy.config import load_config as load_envoy_config
-from experiment.config import load_client_config
-from plans import load_plan
-from plans.demo_ports import DEFAULT_BASE, main, write_moved
-from plans.director_config import load_config as load_director_config
+from foedus.envoy.config import load_config as load_envoy_config
+from foedus.experiment.config import load_client_config
+from foedus.plans import load_plan
+from foedus.plans.demo_ports import DEFAULT_BASE, main, write_moved
+from foedus.plans.director_config import load_config as load_director_config
 
 from federation_processes import REPO
 

@@ -11,7 +11,7 @@ from types import MappingProxyType
 import numpy as np
 import pytest
 
-from collaborator.digits import (
+from foedus.collaborator.digits import (
     BIAS,
     SHAPES,
     WEIGHT,
@@ -20,9 +20,9 @@ from collaborator.digits import (
     load_data,
     make_shards,
 )
-from plans import load_plan
-from plans.runners import Array, RunnerError, TaskRunner, load_runner
-from plans.schema import RunnerSettings
+from foedus.plans import load_plan
+from foedus.plans.runners import Array, RunnerError, TaskRunner, load_runner
+from foedus.plans.schema import RunnerSettings
 
 REPO = Path(__file__).resolve().parent.parent
 NAMES = ("alice", "bob", "carol")
@@ -81,8 +81,8 @@ def test_data_is_not_loaded_at_import_nor_for_the_initial_model() -> None:
     """Importing the runner and making the initial model (the aggregator's use) never loads scikit-learn."""
     script = (
         "import sys\n"
-        "from collaborator.digits import DigitsRunner\n"
-        "from plans.schema import RunnerSettings\n"
+        "from foedus.collaborator.digits import DigitsRunner\n"
+        "from foedus.plans.schema import RunnerSettings\n"
         "DigitsRunner.initial_model(RunnerSettings(name='digits', seed=0, settings={}))\n"
         "assert 'sklearn' not in sys.modules, 'scikit-learn was imported'\n"
     )

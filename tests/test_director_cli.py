@@ -12,9 +12,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from director.cli import main
-from pki.layout import CertsLayout
-from protos import director_pb2 as pb
+from foedus.director.cli import main
+from foedus.pki.layout import CertsLayout
+from foedus.protos import director_pb2 as pb
 
 from directors import ENVOYS, make_director_certs, stub_at, write_config
 
@@ -104,7 +104,7 @@ def test_no_config_option_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -
 
 def _start(config: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "director", "start", "--config", str(config)],
+        [sys.executable, "-m", "foedus.director", "start", "--config", str(config)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

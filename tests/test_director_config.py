@@ -8,10 +8,15 @@ from typing import Any
 import pytest
 import yaml
 
-from director.experiment_plan import OWNED, check_submitted, plan_liveness, write_director_plan
-from plans.director_config import ConfigError, DirectorConfig, SiteLossPolicy, load_config
-from plans.loader import PlanError, load_plan
-from refusals.errors import InvalidRequestError, LimitExceededError
+from foedus.director.experiment_plan import (
+    OWNED,
+    check_submitted,
+    plan_liveness,
+    write_director_plan,
+)
+from foedus.plans.director_config import ConfigError, DirectorConfig, SiteLossPolicy, load_config
+from foedus.plans.loader import PlanError, load_plan
+from foedus.refusals.errors import InvalidRequestError, LimitExceededError
 
 REPO = Path(__file__).resolve().parent.parent
 MINIMAL = {"host": "localhost", "certs_dir": "certs", "state_dir": "state", "envoys": ["alice"]}

@@ -25,11 +25,11 @@ import grpc
 import pytest
 import yaml
 
-from director.state import DirectorState
-from pki.layout import CertsLayout
-from processes.children import CHILD_MODULE
-from protos import director_pb2 as pb
-from protos import director_pb2_grpc
+from foedus.director.state import DirectorState
+from foedus.pki.layout import CertsLayout
+from foedus.processes.children import CHILD_MODULE
+from foedus.protos import director_pb2 as pb
+from foedus.protos import director_pb2_grpc
 
 from directors import make_director_certs, stub_at, submitted_plan, write_config
 from envoys import EnvoyProcess, start_envoys, stop_collaborators, stop_envoys
@@ -74,7 +74,7 @@ class DirectorProcess:
         """Start it and read its port from its first line."""
         with (self.folder / "director.log").open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "director", "start", "--config", str(self.config)],
+                [sys.executable, "-m", "foedus.director", "start", "--config", str(self.config)],
                 stdout=subprocess.PIPE,
                 stderr=log,
                 text=True,
@@ -333,7 +333,7 @@ def test_an_envoy_that_never_returns_fails_its_experiment_only(
 
 
 def aggregator_pid(state_dir: Path, experiment_id: str) -> int | None:
-    """The pid of the experiment's `aggregator start` process (under its `processes.child`)."""
+    """The pid of the experiment's `aggregator start` process (under its `foedus.processes.child`)."""
     plan = str(state_dir / "experiments" / experiment_id / "plan.yaml")
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():

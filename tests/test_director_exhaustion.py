@@ -15,12 +15,12 @@ import grpc
 import pytest
 import yaml
 
-from director.capacity import Capacity
-from director.identity import Caller, Role
-from pki.layout import CertsLayout
-from plans.director_config import DirectorLimits
-from protos import director_pb2 as pb
-from refusals.errors import LimitExceededError
+from foedus.director.capacity import Capacity
+from foedus.director.identity import Caller, Role
+from foedus.pki.layout import CertsLayout
+from foedus.plans.director_config import DirectorLimits
+from foedus.protos import director_pb2 as pb
+from foedus.refusals.errors import LimitExceededError
 
 from directors import (
     ENVOYS,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from director.launcher import LOG_FILE, LocalLauncher
-from processes.children import STATUS_FILE, Ended, log_tail
+from foedus.director.launcher import LOG_FILE, LocalLauncher
+from foedus.processes.children import STATUS_FILE, Ended, log_tail
 
 WAIT_SECONDS = 60
 
@@ -90,7 +90,7 @@ def test_a_new_launcher_adopts_a_running_aggregator(tmp_path: Path) -> None:
 
 
 def test_a_child_started_under_its_earlier_name_is_adopted(tmp_path: Path) -> None:
-    """A parent started by an earlier foedus (`python -m director.child`), still running after an
+    """A parent started by an earlier foedus (`python -m foedus.director.child`), still running after an
     upgrade, is found again rather than started a second time; another folder's is not."""
     status = tmp_path / STATUS_FILE
     earlier = subprocess.Popen(
@@ -173,8 +173,8 @@ def test_a_second_start_forgets_the_last_status(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("argv", [[], ["--status", "x"]])
 def test_the_child_parent_needs_a_status_and_a_command(argv: list[str]) -> None:
-    """processes.child without --status or without a command is a usage error (exit 2)."""
-    from processes.child import main  # noqa: PLC0415
+    """foedus.processes.child without --status or without a command is a usage error (exit 2)."""
+    from foedus.processes.child import main  # noqa: PLC0415
 
     with pytest.raises(SystemExit) as caught:
         main(argv)

@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 import yaml
 
-from aggregator.storage import model_bytes
-from director.changes import MAX_WAIT_SECONDS
-from director.launcher import LOG_FILE, LocalLauncher
-from pki.layout import CertsLayout
-from pki.local import load_signing_ca
-from pki.requests import Role
-from processes.children import Ended
-from protos import director_pb2 as pb
-from protos import director_pb2_grpc
+from foedus.aggregator.storage import model_bytes
+from foedus.director.changes import MAX_WAIT_SECONDS
+from foedus.director.launcher import LOG_FILE, LocalLauncher
+from foedus.pki.layout import CertsLayout
+from foedus.pki.local import load_signing_ca
+from foedus.pki.requests import Role
+from foedus.processes.children import Ended
+from foedus.protos import director_pb2 as pb
+from foedus.protos import director_pb2_grpc
 
 from conftest import Identity, issue_identity
 from directors import (
@@ -909,7 +909,7 @@ def test_certificates_made_before_role_marks_work_with_one_warning_each(
         )
         for name, role in (("bea", Role.USER), ("carol", Role.COLLABORATOR))
     }
-    caplog.set_level(logging.WARNING, logger="pki.roles")
+    caplog.set_level(logging.WARNING, logger="foedus.pki.roles")
     bea, carol = (
         stub_at(
             director.port, director.certs.ca_bundle, identities[name].cert, identities[name].key
@@ -921,7 +921,7 @@ def test_certificates_made_before_role_marks_work_with_one_warning_each(
         carol.RegisterEnvoy(pb.RegisterEnvoyRequest(), timeout=TIMEOUT)
         assert not carol.EnvoyHeartbeat(pb.EnvoyHeartbeatRequest(), timeout=TIMEOUT).register_again
     assert submit(bea, submitted_plan()).owner == "bea"
-    warnings = sorted(r.getMessage() for r in caplog.records if r.name == "pki.roles")
+    warnings = sorted(r.getMessage() for r in caplog.records if r.name == "foedus.pki.roles")
     assert len(warnings) == 2, warnings
     assert warnings[0].startswith("certificate 'bea' has no role mark")
     assert "as a user certificate because director.yaml users names it so" in warnings[0]

@@ -15,20 +15,20 @@ from typing import Any
 import pytest
 import yaml
 
-from director import changes as changes_module
-from director.changes import Changes, Follow
-from director.folders import ExperimentFolders, ModelUpload
-from director.identity import Caller, Role
-from director.launcher import LocalLauncher
-from director.records import ExperimentState, ShardInfo
-from director.service import DirectorService
-from director.state import DirectorState
-from lifecycle.orders import CollaboratorReport
-from lifecycle.states import CollaboratorState
-from pki.layout import CertsLayout
-from plans.director_config import load_config
-from processes.children import Ended
-from refusals.errors import InvalidRequestError, NotFoundError
+from foedus.director import changes as changes_module
+from foedus.director.changes import Changes, Follow
+from foedus.director.folders import ExperimentFolders, ModelUpload
+from foedus.director.identity import Caller, Role
+from foedus.director.launcher import LocalLauncher
+from foedus.director.records import ExperimentState, ShardInfo
+from foedus.director.service import DirectorService
+from foedus.director.state import DirectorState
+from foedus.lifecycle.orders import CollaboratorReport
+from foedus.lifecycle.states import CollaboratorState
+from foedus.pki.layout import CertsLayout
+from foedus.plans.director_config import load_config
+from foedus.processes.children import Ended
+from foedus.refusals.errors import InvalidRequestError, NotFoundError
 
 from clocks import Clock
 from directors import ENVOYS, RecordingLauncher, submitted_plan, write_config

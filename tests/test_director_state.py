@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from director.records import TRANSITIONS, ExperimentState, IllegalTransitionError, ShardInfo
-from director.state import DirectorState
-from lifecycle.states import CollaboratorState
-from refusals.errors import NotFoundError, StorageError
+from foedus.director.records import TRANSITIONS, ExperimentState, IllegalTransitionError, ShardInfo
+from foedus.director.state import DirectorState
+from foedus.lifecycle.states import CollaboratorState
+from foedus.refusals.errors import NotFoundError, StorageError
 
 from clocks import Clock
 
@@ -373,8 +373,8 @@ def test_an_unusable_folder_is_a_storage_error(tmp_path: Path) -> None:
 WRITER = """
 import sys
 from pathlib import Path
-from director.records import ExperimentState, ShardInfo
-from director.state import DirectorState
+from foedus.director.records import ExperimentState, ShardInfo
+from foedus.director.state import DirectorState
 state = DirectorState.open(Path(sys.argv[1]), health_check_seconds=10)
 n = 0
 while True:

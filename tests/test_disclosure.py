@@ -1,4 +1,4 @@
-"""What of a collaborator's text leaves its site (envoy.disclosure), in plain Python.
+"""What of a collaborator's text leaves its site (foedus.envoy.disclosure), in plain Python.
 
 Each `share_with_director` setting on a log holding what a site would not send: a runner's
 print, its own logger's line, a multi-line traceback, a library's warning, a foedus line with a
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from envoy import disclosure
-from envoy.config import ShareWithDirector
-from envoy.disclosure import (
+from foedus.envoy import disclosure
+from foedus.envoy.config import ShareWithDirector
+from foedus.envoy.disclosure import (
     SITE_PATH,
     SharedLog,
     failure_reason,
@@ -29,19 +29,19 @@ from envoys import read_all
 RECORD = "patient record: Jane Doe, 1961-02-03, MRN 12345"
 T = "2026-12-06 13:00:0{},123"
 LOG = f"""\
-{T.format(0)} INFO collaborator.cli: collaborator alice of federation f1: working for the aggregator at localhost:50051
-{T.format(1)} INFO plans.runners: reading /srv/hospital data/records.csv
+{T.format(0)} INFO foedus.collaborator.cli: collaborator alice of federation f1: working for the aggregator at localhost:50051
+{T.format(1)} INFO foedus.plans.runners: reading /srv/hospital data/records.csv
 {RECORD}
 {T.format(2)} INFO my_site.models: loaded {RECORD}
 /usr/lib/python3/dist-packages/numpy/core/fromnumeric.py:3504: RuntimeWarning: Mean of empty slice.
-{T.format(3)} INFO collaborator.loop: round 0: train on 1200 samples: loss=0.5000
-{T.format(4)} DEBUG collaborator.cli: unexpected failure
+{T.format(3)} INFO foedus.collaborator.loop: round 0: train on 1200 samples: loss=0.5000
+{T.format(4)} DEBUG foedus.collaborator.cli: unexpected failure
 Traceback (most recent call last):
   File "/srv/site/my_site/models.py", line 12, in train
     raise ValueError(RECORD)
 ValueError: {RECORD}
-{T.format(4)} INFO collaborator.cli: told the aggregator this collaborator leaves: the task runner failed (ValueError)
-{T.format(5)} ERROR collaborator.cli: failure: the task runner failed (ValueError)
+{T.format(4)} INFO foedus.collaborator.cli: told the aggregator this collaborator leaves: the task runner failed (ValueError)
+{T.format(5)} ERROR foedus.collaborator.cli: failure: the task runner failed (ValueError)
 collaborator: error: unexpected failure: ValueError: {RECORD} (--log-level debug shows the traceback)
 """
 FOEDUS_LINES = [
@@ -119,7 +119,9 @@ def test_categories_come_from_the_exit_code(
 ) -> None:
     """What an exit code means is the category; with none known, the exit alone."""
     log = tmp_path / "collaborator.log"
-    log.write_text(f"{T.format(0)} INFO collaborator.cli: working\n{last}\n", encoding="utf-8")
+    log.write_text(
+        f"{T.format(0)} INFO foedus.collaborator.cli: working\n{last}\n", encoding="utf-8"
+    )
     described = f"the collaborator exited with code {code}"
     reason = failure_reason(described, code, log)
     assert reason.endswith(f"; its log ends: {last}")
@@ -131,9 +133,9 @@ def test_an_old_failure_line_is_not_the_category_of_a_later_end(tmp_path: Path) 
     """Started again after an unexpected failure, then stopped: the category is not the old one."""
     log = tmp_path / "collaborator.log"
     log.write_text(
-        f"{T.format(0)} ERROR collaborator.cli: failure: the task runner failed (KeyError)\n"
+        f"{T.format(0)} ERROR foedus.collaborator.cli: failure: the task runner failed (KeyError)\n"
         "collaborator: error: unexpected failure: KeyError: 'x'\n"
-        f"{T.format(1)} INFO collaborator.cli: collaborator alice: working for the aggregator\n"
+        f"{T.format(1)} INFO foedus.collaborator.cli: collaborator alice: working for the aggregator\n"
         "collaborator: error: the aggregator refused\n",
         encoding="utf-8",
     )
@@ -173,7 +175,7 @@ def test_foedus_lines_are_told_by_the_log_format_and_logger() -> None:
         False,  # the collaborator's error line, quoting the message
     ]
     assert not is_foedus_line(f"{T.format(0)} INFO collaboratorx: no")
-    assert not is_foedus_line(f"  {T.format(0)} INFO collaborator.cli: indented")
+    assert not is_foedus_line(f"  {T.format(0)} INFO foedus.collaborator.cli: indented")
 
 
 def test_logs_foedus_the_default_sends_foedus_lines_without_paths(log: Path) -> None:
@@ -184,7 +186,7 @@ def test_logs_foedus_the_default_sends_foedus_lines_without_paths(log: Path) -> 
     expected = "".join(without_paths(line) for line in FOEDUS_LINES)
     assert rest.decode() == expected
     assert b"Jane Doe" not in data and b"12345" not in data and b"/srv" not in data
-    assert b"ERROR collaborator.cli: failure: the task runner failed (ValueError)\n" in data
+    assert b"ERROR foedus.collaborator.cli: failure: the task runner failed (ValueError)\n" in data
     assert f"reading {SITE_PATH}".encode() in data
 
 
@@ -225,11 +227,11 @@ def test_offsets_of_the_shared_text_hold_however_it_is_read(
         assert read_all(reader, path, offset, most=50) == whole[offset:]
         assert read_all(SharedLog(share, "alice"), path, offset) == whole[offset:]
     with path.open("a", encoding="utf-8") as file:  # a line half written: not shared yet
-        file.write(f"{T.format(6)} INFO collaborator.loop: round 1: tra")
+        file.write(f"{T.format(6)} INFO foedus.collaborator.loop: round 1: tra")
     assert read_all(reader, path, len(whole)) == b""
     with path.open("a", encoding="utf-8") as file:
         file.write("in on 1200 samples: loss=0.2500\n")
-    line = f"{T.format(6)} INFO collaborator.loop: round 1: train on 1200 samples: loss=0.2500\n"
+    line = f"{T.format(6)} INFO foedus.collaborator.loop: round 1: train on 1200 samples: loss=0.2500\n"
     assert read_all(reader, path, len(whole)) == line.encode()
     assert read_all(SharedLog(share, "alice"), path) == whole + line.encode()
 

@@ -1,4 +1,4 @@
-"""durable.files.replace_file, the one atomic durable write, and place_file, its last steps."""
+"""foedus.durable.files.replace_file, the one atomic durable write, and place_file, its last steps."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import BinaryIO
 
 import pytest
 
-from durable.files import is_temporary, place_file, replace_file, write_bytes
+from foedus.durable.files import is_temporary, place_file, replace_file, write_bytes
 
 
 @pytest.fixture

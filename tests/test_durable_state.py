@@ -14,19 +14,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator import failpoints
-from aggregator.digest import file_digest
-from aggregator.federation import Federation
-from aggregator.records import ResultTensor, TaskResult
-from aggregator.runtime import Runtime
-from aggregator.schema import SCHEMA_VERSION
-from aggregator.state import DurableState, ForeignStateError
-from aggregator.storage import OutputFolder, model_bytes
-from aggregator.upload import receive_upload
-from plans.schema import StragglerPolicy, StragglerSettings
-from protos import aggregator_pb2
-from protos.codec import encode_tensor
-from refusals.errors import PreconditionError, StorageError
+from foedus.aggregator import failpoints
+from foedus.aggregator.digest import file_digest
+from foedus.aggregator.federation import Federation
+from foedus.aggregator.records import ResultTensor, TaskResult
+from foedus.aggregator.runtime import Runtime
+from foedus.aggregator.schema import SCHEMA_VERSION
+from foedus.aggregator.state import DurableState, ForeignStateError
+from foedus.aggregator.storage import OutputFolder, model_bytes
+from foedus.aggregator.upload import receive_upload
+from foedus.plans.schema import StragglerPolicy, StragglerSettings
+from foedus.protos import aggregator_pb2
+from foedus.protos.codec import encode_tensor
+from foedus.refusals.errors import PreconditionError, StorageError
 
 from federations import (
     AMV,
@@ -208,7 +208,11 @@ def crash_at(monkeypatch: pytest.MonkeyPatch, point: str) -> None:
         if name == point:
             raise Crash(name)
 
-    for module in ("aggregator.state", "aggregator.closing", "aggregator.storage"):
+    for module in (
+        "foedus.aggregator.state",
+        "foedus.aggregator.closing",
+        "foedus.aggregator.storage",
+    ):
         monkeypatch.setattr(f"{module}.failpoint", fire)
 
 

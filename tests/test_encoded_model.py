@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator import encoded_model, mapped
-from aggregator.encoded_model import SpooledChunks, model_chunks
-from aggregator.mapped import FileRange
-from protos import aggregator_pb2
-from protos.codec import encode_tensor
-from refusals.errors import StorageError
+from foedus.aggregator import encoded_model, mapped
+from foedus.aggregator.encoded_model import SpooledChunks, model_chunks
+from foedus.aggregator.mapped import FileRange
+from foedus.protos import aggregator_pb2
+from foedus.protos.codec import encode_tensor
+from foedus.refusals.errors import StorageError
 
 WEIGHT = np.arange(1000, dtype=np.float32).reshape(10, 100)
 

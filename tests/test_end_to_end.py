@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pki.layout import CertsLayout
+from foedus.pki.layout import CertsLayout
 
 from federation_processes import COLLABORATORS, FederationRun, final_accuracy, run_federation
 

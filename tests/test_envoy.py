@@ -17,19 +17,19 @@ import pytest
 import yaml
 from test_disclosure import LOG
 
-from envoy.cli import main
-from envoy.client import DirectorClient
-from envoy.config import ConfigError, ShareWithDirector, load_config
-from envoy.disclosure import SharedLog, failure_reason
-from envoy.errors import IllegalTransitionError, StateError, UnknownExperimentError
-from envoy.leave import leave
-from envoy.runtime import EnvoyLoop
-from envoy.site import LOG_FILE, Site
-from envoy.site_plan import RefusedPlanError, site_document
-from envoy.state import NO_ROUND, SITE, EnvoyState
-from lifecycle.orders import LogOrder, StartOrder, Work
-from lifecycle.states import TRANSITIONS, CollaboratorState
-from pki.layout import CertsLayout
+from foedus.envoy.cli import main
+from foedus.envoy.client import DirectorClient
+from foedus.envoy.config import ConfigError, ShareWithDirector, load_config
+from foedus.envoy.disclosure import SharedLog, failure_reason
+from foedus.envoy.errors import IllegalTransitionError, StateError, UnknownExperimentError
+from foedus.envoy.leave import leave
+from foedus.envoy.runtime import EnvoyLoop
+from foedus.envoy.site import LOG_FILE, Site
+from foedus.envoy.site_plan import RefusedPlanError, site_document
+from foedus.envoy.state import NO_ROUND, SITE, EnvoyState
+from foedus.lifecycle.orders import LogOrder, StartOrder, Work
+from foedus.lifecycle.states import TRANSITIONS, CollaboratorState
+from foedus.pki.layout import CertsLayout
 
 from directors import alias_bomb_plan
 from envoys import read_all, write_envoy_config
@@ -532,7 +532,7 @@ script.write_text(" ".join(rest))
 done, code = step.split(":")
 if done != "-":
     stamp = time.strftime("%Y-%m-%d %H:%M:%S,000")
-    print(f"{stamp} INFO collaborator.loop: round {done}: train on 1 samples: loss=1", flush=True)
+    print(f"{stamp} INFO foedus.collaborator.loop: round {done}: train on 1 samples: loss=1", flush=True)
 print(f"start {step}: exiting with {code}", flush=True)
 sys.exit(int(code))
 """
@@ -775,7 +775,9 @@ def test_the_director_gets_logs_and_reasons_as_the_site_shares_them(
                     break
                 shared, offset = shared + piece.data, offset + len(piece.data)
         assert shared == read_all(SharedLog(ShareWithDirector(), "alice"), log)
-        assert b"ERROR collaborator.cli: failure: the task runner failed (ValueError)" in shared
+        assert (
+            b"ERROR foedus.collaborator.cli: failure: the task runner failed (ValueError)" in shared
+        )
         assert b"Jane Doe" not in shared and b"/srv" not in shared
 
         reason = failure_reason("the collaborator exited with code 1", 1, log)

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from envoy.cli import main as envoy_main
-from envoy.config import ShareWithDirector
-from envoy.disclosure import SharedLog
-from pki.layout import CertsLayout
-from pki.local import setup_local_federation
-from protos import director_pb2 as pb
+from foedus.envoy.cli import main as envoy_main
+from foedus.envoy.config import ShareWithDirector
+from foedus.envoy.disclosure import SharedLog
+from foedus.pki.layout import CertsLayout
+from foedus.pki.local import setup_local_federation
+from foedus.protos import director_pb2 as pb
 
 from envoys import (
     WAIT_SECONDS,

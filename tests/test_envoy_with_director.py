@@ -1,6 +1,6 @@
 """Real envoy processes with the real director: its gRPC server, its aggregators as processes.
 
-Three sites' envoys register with a director (`director.server.DirectorServer`, launching real
+Three sites' envoys register with a director (`foedus.director.server.DirectorServer`, launching real
 `aggregator start` processes), a person submits the digits plan, and the envoys run the
 collaborators to completion; a site's log comes through the director from its envoy; a site
 that did not agree to the plan's runner fails the experiment with its reason. Every wait is
@@ -18,12 +18,12 @@ import grpc
 import pytest
 import yaml
 
-from director.launcher import LocalLauncher
-from envoy.config import ShareWithDirector
-from envoy.disclosure import SharedLog
-from pki.layout import CertsLayout
-from protos import director_pb2 as pb
-from protos import director_pb2_grpc
+from foedus.director.launcher import LocalLauncher
+from foedus.envoy.config import ShareWithDirector
+from foedus.envoy.disclosure import SharedLog
+from foedus.pki.layout import CertsLayout
+from foedus.protos import director_pb2 as pb
+from foedus.protos import director_pb2_grpc
 
 from directors import ENVOYS, make_director_certs, running_director, submitted_plan
 from envoys import EnvoyProcess, read_all, start_envoys, stop_envoys, write_envoy_config

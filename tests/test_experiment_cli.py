@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 import yaml
 
-from command.usage import fail
-from experiment.cli import main
-from pki.layout import CertsLayout
-from processes.children import Ended
-from protos import director_pb2 as pb
+from foedus.command.usage import fail
+from foedus.experiment.cli import main
+from foedus.pki.layout import CertsLayout
+from foedus.processes.children import Ended
+from foedus.protos import director_pb2 as pb
 
 from directors import (
     ADMIN,

@@ -12,15 +12,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from aggregator.fedavg import (
+from foedus.aggregator.fedavg import (
     ArraySource,
     MappedArraySource,
     TensorSource,
     average_sources,
     weighted_metrics,
 )
-from aggregator.federation import Federation
-from aggregator.records import Array, ResultTensor, TaskResult
+from foedus.aggregator.federation import Federation
+from foedus.aggregator.records import Array, ResultTensor, TaskResult
 
 import fedavg_reference
 from fedavg_reference import Contribution, RunningAverage, federated_average

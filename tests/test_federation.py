@@ -9,13 +9,13 @@ import time
 import numpy as np
 import pytest
 
-from aggregator.identity import Gatekeeper
-from aggregator.records import Best, TaskResult
-from aggregator.servicer import AggregatorServicer
-from aggregator.store import FederationStore
-from plans.schema import BestModelSettings, Limits, StragglerPolicy, StragglerSettings
-from protos import aggregator_pb2
-from refusals.errors import InvalidRequestError, PreconditionError, StorageError
+from foedus.aggregator.identity import Gatekeeper
+from foedus.aggregator.records import Best, TaskResult
+from foedus.aggregator.servicer import AggregatorServicer
+from foedus.aggregator.store import FederationStore
+from foedus.plans.schema import BestModelSettings, Limits, StragglerPolicy, StragglerSettings
+from foedus.protos import aggregator_pb2
+from foedus.refusals.errors import InvalidRequestError, PreconditionError, StorageError
 
 from clocks import Clock
 from federations import AMV, COLLABORATORS, SlowWrites, federation, report, result, store

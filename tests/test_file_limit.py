@@ -1,4 +1,4 @@
-"""The open-file limit the aggregator lifts at start (`aggregator.file_limit`)."""
+"""The open-file limit the aggregator lifts at start (`foedus.aggregator.file_limit`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from aggregator.file_limit import files_needed, raise_open_file_limit
+from foedus.aggregator.file_limit import files_needed, raise_open_file_limit
 
 LOW = 256
 
@@ -41,7 +41,7 @@ def test_a_hard_limit_short_of_the_collaborators_is_told(
     if hard == resource.RLIM_INFINITY:
         pytest.skip("no hard limit here")
     collaborators = hard  # two files each: twice the limit
-    with caplog.at_level(logging.WARNING, logger="aggregator.file_limit"):
+    with caplog.at_level(logging.WARNING, logger="foedus.aggregator.file_limit"):
         assert raise_open_file_limit(files_needed(collaborators)) == hard
     assert f"the open-file limit is {hard}, and {collaborators} collaborators" in caplog.text
 
@@ -50,6 +50,6 @@ def test_enough_files_say_nothing(
     limits: tuple[int, int], caplog: pytest.LogCaptureFixture
 ) -> None:
     """Under a limit that suffices, nothing is logged."""
-    with caplog.at_level(logging.DEBUG, logger="aggregator.file_limit"):
+    with caplog.at_level(logging.DEBUG, logger="foedus.aggregator.file_limit"):
         raise_open_file_limit(files_needed(1))
     assert caplog.text == ""

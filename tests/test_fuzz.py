@@ -20,12 +20,12 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from aggregator.upload import receive_upload
-from plans import Plan, PlanError, load_plan, parse_plan
-from protos import aggregator_pb2, base_pb2
-from protos.codec import EXACT_DTYPES, TensorFormatError, decode_tensor, encode_tensor
-from protos.stream import StreamError, StreamTooLargeError, chunk_bytes, chunk_payloads
-from refusals.errors import InvalidRequestError
+from foedus.aggregator.upload import receive_upload
+from foedus.plans import Plan, PlanError, load_plan, parse_plan
+from foedus.protos import aggregator_pb2, base_pb2
+from foedus.protos.codec import EXACT_DTYPES, TensorFormatError, decode_tensor, encode_tensor
+from foedus.protos.stream import StreamError, StreamTooLargeError, chunk_bytes, chunk_payloads
+from foedus.refusals.errors import InvalidRequestError
 
 from servers import plan_document, small_model
 

@@ -14,19 +14,19 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from aggregator.federation import Federation
-from aggregator.health import Health, free_bytes, probe_storage
-from aggregator.records import Array, ResultTensor, RoundCommit, TaskResult
-from aggregator.runtime import Outcome, Runtime
-from aggregator.server import SERVICE, AggregatorGRPCServer
-from aggregator.storage import OutputFolder
-from aggregator.store import MemoryStore
-from pki.layout import CertsLayout
-from pki.local import load_signing_ca
-from pki.requests import Role
-from protos import aggregator_pb2
-from protos.stream import task_results_to_chunks
-from refusals.errors import InvalidRequestError, StorageError
+from foedus.aggregator.federation import Federation
+from foedus.aggregator.health import Health, free_bytes, probe_storage
+from foedus.aggregator.records import Array, ResultTensor, RoundCommit, TaskResult
+from foedus.aggregator.runtime import Outcome, Runtime
+from foedus.aggregator.server import SERVICE, AggregatorGRPCServer
+from foedus.aggregator.storage import OutputFolder
+from foedus.aggregator.store import MemoryStore
+from foedus.pki.layout import CertsLayout
+from foedus.pki.local import load_signing_ca
+from foedus.pki.requests import Role
+from foedus.protos import aggregator_pb2
+from foedus.protos.stream import task_results_to_chunks
+from foedus.refusals.errors import InvalidRequestError, StorageError
 
 from conftest import Identity, issue_identity
 from servers import make_plan, running_aggregator, small_model

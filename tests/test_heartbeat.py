@@ -12,17 +12,17 @@ from contextlib import contextmanager
 import grpc
 import pytest
 
-from aggregator.federation import Federation
-from aggregator.liveness import Liveness, Presence
-from aggregator.server import SERVICE, AggregatorGRPCServer, method_handlers
-from collaborator.client import AggregatorGRPCClient
-from collaborator.digits import DigitsRunner
-from collaborator.heartbeat import Heartbeat
-from collaborator.loop import run_collaborator
-from pki.layout import CertsLayout
-from pki.tls import server_credentials
-from plans import Plan
-from plans.runners import Model, TrainOutcome
+from foedus.aggregator.federation import Federation
+from foedus.aggregator.liveness import Liveness, Presence
+from foedus.aggregator.server import SERVICE, AggregatorGRPCServer, method_handlers
+from foedus.collaborator.client import AggregatorGRPCClient
+from foedus.collaborator.digits import DigitsRunner
+from foedus.collaborator.heartbeat import Heartbeat
+from foedus.collaborator.loop import run_collaborator
+from foedus.pki.layout import CertsLayout
+from foedus.pki.tls import server_credentials
+from foedus.plans import Plan
+from foedus.plans.runners import Model, TrainOutcome
 
 from servers import make_federation, make_plan, running_aggregator
 
@@ -61,7 +61,7 @@ def test_no_interval_means_no_heartbeat() -> None:
 
 def test_an_aggregator_without_heartbeats_is_told_once(caplog: pytest.LogCaptureFixture) -> None:
     """`send` answering False (UNIMPLEMENTED) stops heartbeats for good, said once in the log."""
-    caplog.set_level(logging.INFO, logger="collaborator.heartbeat")
+    caplog.set_level(logging.INFO, logger="foedus.collaborator.heartbeat")
     calls: list[int] = []
     beat = Heartbeat(lambda: bool(calls.append(1)), 0.01)
     for _ in range(3):
@@ -122,7 +122,7 @@ def test_an_aggregator_answering_unimplemented_gets_no_more_heartbeats(
     certs: CertsLayout, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Against an aggregator without Heartbeat, the client says so and the loop stops sending."""
-    caplog.set_level(logging.INFO, logger="collaborator.heartbeat")
+    caplog.set_level(logging.INFO, logger="foedus.collaborator.heartbeat")
     plan = make_plan(certs)
     with aggregator_without_heartbeat(plan) as port, client_for(plan, port) as client:
         client.ping()  # the loop's first call checks who the server is

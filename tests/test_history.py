@@ -1,4 +1,4 @@
-"""history.rows: metrics.jsonl's one writer and one reader, and the rows older aggregators wrote."""
+"""foedus.history.rows: metrics.jsonl's one writer and one reader, and the rows older aggregators wrote."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from history.rows import MetricsRow, RowError, append_row, read_lines, read_rows
+from foedus.history.rows import MetricsRow, RowError, append_row, read_lines, read_rows
 
 
 def full_row() -> MetricsRow:

@@ -19,20 +19,20 @@ import numpy as np
 import pytest
 import yaml
 
-from aggregator.identity import Gatekeeper
-from aggregator.records import Array
-from aggregator.server import add_servicer
-from aggregator.servicer import AggregatorServicer
-from collaborator.answers import MAX_SLEEP_SECONDS, MIN_IDLE_SECONDS, PlannedWork
-from collaborator.cli import main
-from collaborator.client import AggregatorGRPCClient
-from collaborator.digits import DigitsRunner
-from collaborator.loop import run_collaborator
-from pki.layout import CertsLayout
-from pki.tls import server_credentials
-from plans import Plan
-from protos import aggregator_pb2
-from protos.channel import server_options
+from foedus.aggregator.identity import Gatekeeper
+from foedus.aggregator.records import Array
+from foedus.aggregator.server import add_servicer
+from foedus.aggregator.servicer import AggregatorServicer
+from foedus.collaborator.answers import MAX_SLEEP_SECONDS, MIN_IDLE_SECONDS, PlannedWork
+from foedus.collaborator.cli import main
+from foedus.collaborator.client import AggregatorGRPCClient
+from foedus.collaborator.digits import DigitsRunner
+from foedus.collaborator.loop import run_collaborator
+from foedus.pki.layout import CertsLayout
+from foedus.pki.tls import server_credentials
+from foedus.plans import Plan
+from foedus.protos import aggregator_pb2
+from foedus.protos.channel import server_options
 
 from servers import make_federation, make_plan, plan_document
 
@@ -236,7 +236,7 @@ def write_plan(folder: Path, certs: CertsLayout, port: int) -> Path:
 
 
 def run_main_bounded(argv: list[str]) -> int:
-    """`collaborator.cli.main(argv)` in a thread, failing the test if it runs past RUN_SECONDS."""
+    """`foedus.collaborator.cli.main(argv)` in a thread, failing the test if it runs past RUN_SECONDS."""
     codes: list[int] = []
     thread = threading.Thread(target=lambda: codes.append(main(argv)), daemon=True)
     thread.start()
@@ -305,7 +305,7 @@ def test_a_wait_is_bounded_and_a_cut_is_logged(
         AggregatorGRPCClient.from_plan(
             plan, "alice", aggregator_address="127.0.0.1", aggregator_port=port
         ) as client,
-        caplog.at_level(logging.WARNING, logger="collaborator.answers"),
+        caplog.at_level(logging.WARNING, logger="foedus.collaborator.answers"),
     ):
         started = time.monotonic()
         report = run_collaborator(

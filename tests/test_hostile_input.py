@@ -24,18 +24,18 @@ import grpc
 import numpy as np
 import pytest
 
-from aggregator.admission import Admission, UploadTimeoutError, chunks_within
-from aggregator.federation import Federation
-from aggregator.records import ResultTensor, TaskResult
-from aggregator.server import AggregatorGRPCServer
-from collaborator.client import AggregatorGRPCClient, OutgoingTensor
-from pki.layout import CertsLayout
-from plans import Plan
-from plans.schema import AGGREGATED_MODEL_VALIDATION, TRAIN
-from protos import aggregator_pb2, aggregator_pb2_grpc, base_pb2
-from protos.codec import decode_tensor, encode_tensor
-from protos.stream import chunk_bytes, task_results_to_chunks
-from refusals.errors import LimitExceededError
+from foedus.aggregator.admission import Admission, UploadTimeoutError, chunks_within
+from foedus.aggregator.federation import Federation
+from foedus.aggregator.records import ResultTensor, TaskResult
+from foedus.aggregator.server import AggregatorGRPCServer
+from foedus.collaborator.client import AggregatorGRPCClient, OutgoingTensor
+from foedus.pki.layout import CertsLayout
+from foedus.plans import Plan
+from foedus.plans.schema import AGGREGATED_MODEL_VALIDATION, TRAIN
+from foedus.protos import aggregator_pb2, aggregator_pb2_grpc, base_pb2
+from foedus.protos.codec import decode_tensor, encode_tensor
+from foedus.protos.stream import chunk_bytes, task_results_to_chunks
+from foedus.refusals.errors import LimitExceededError
 
 from conftest import Identity
 from servers import make_plan, running_aggregator, small_model

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 from prometheus_client import generate_latest
 
-from aggregator.federation import Federation
-from aggregator.inspection import read_status
-from aggregator.liveness import Presence
-from aggregator.metrics import Metrics
-from aggregator.runtime import Outcome, Runtime
-from aggregator.schema import SCHEMA_VERSION
-from aggregator.storage import OutputFolder
-from plans.schema import StragglerPolicy, StragglerSettings
-from refusals.errors import InvalidRequestError
+from foedus.aggregator.federation import Federation
+from foedus.aggregator.inspection import read_status
+from foedus.aggregator.liveness import Presence
+from foedus.aggregator.metrics import Metrics
+from foedus.aggregator.runtime import Outcome, Runtime
+from foedus.aggregator.schema import SCHEMA_VERSION
+from foedus.aggregator.storage import OutputFolder
+from foedus.plans.schema import StragglerPolicy, StragglerSettings
+from foedus.refusals.errors import InvalidRequestError
 
 from clocks import Clock
 from federations import (
@@ -102,7 +102,7 @@ def test_a_collaborator_that_calls_again_is_awaited_again(
 ) -> None:
     """Leaving and rejoining are each one WARNING line; after rejoining the round waits for it."""
     fed = federation()
-    with caplog.at_level(logging.WARNING, logger="aggregator.federation"):
+    with caplog.at_level(logging.WARNING, logger="foedus.aggregator.federation"):
         assert fed.leave("carol", REASON)
         assert fed.liveness.presence("carol") is Presence.LEFT
         fed.rejoin("carol")

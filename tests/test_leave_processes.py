@@ -11,7 +11,7 @@ import re
 import time
 from pathlib import Path
 
-from pki.layout import CertsLayout
+from foedus.pki.layout import CertsLayout
 
 from failing_runner import FAIL_AT_ENV, HOLD_ENV, HOLD_FROM_ENV, NAME, PATIENT_RECORD
 from federation_processes import FederationProcesses, write_plan

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from lifecycle.orders import CollaboratorReport, LogOrder, StartOrder, Work
-from lifecycle.states import CollaboratorState
-from lifecycle.wire import (
+from foedus.lifecycle.orders import CollaboratorReport, LogOrder, StartOrder, Work
+from foedus.lifecycle.states import CollaboratorState
+from foedus.lifecycle.wire import (
     collaborator_state_from_proto,
     collaborator_state_to_proto,
     report_from_proto,
@@ -14,7 +14,7 @@ from lifecycle.wire import (
     work_from_proto,
     work_to_proto,
 )
-from protos import director_pb2 as pb
+from foedus.protos import director_pb2 as pb
 
 
 def test_every_state_has_its_own_wire_value_and_every_wire_value_its_state() -> None:

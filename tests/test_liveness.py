@@ -6,14 +6,14 @@ import logging
 
 import pytest
 
-from aggregator.liveness import (
+from foedus.aggregator.liveness import (
     SAVE_SECONDS,
     TRANSITION_SAVE_SECONDS,
     Liveness,
     Presence,
     reporting_threshold,
 )
-from plans.schema import StragglerPolicy, StragglerSettings
+from foedus.plans.schema import StragglerPolicy, StragglerSettings
 
 from clocks import Clock
 from federations import COLLABORATORS, federation, report

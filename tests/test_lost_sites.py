@@ -23,9 +23,9 @@ import httpx
 import pytest
 import yaml
 
-from envoy.site_api import TOKEN_FILE
-from pki.layout import CertsLayout
-from protos import director_pb2 as pb
+from foedus.envoy.site_api import TOKEN_FILE
+from foedus.pki.layout import CertsLayout
+from foedus.protos import director_pb2 as pb
 
 from directors import make_director_certs
 from envoys import write_envoy_config
@@ -37,7 +37,9 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 TESTS = REPO / "tests"
 ROUNDS = 3
-DIGITS_BY_PATH = "collaborator.digits:DigitsRunner"  # the digits runner, by a name carol refuses
+DIGITS_BY_PATH = (
+    "foedus.collaborator.digits:DigitsRunner"  # the digits runner, by a name carol refuses
+)
 # The plans' grace: the aggregator stops waiting for a silent site after 2 x 0.5 + 3 = 4 s.
 MIN_2 = {"min_sites": 2, "offline_grace_seconds": 3}
 WORKED = {pb.COLLABORATOR_STARTED, pb.COLLABORATOR_RUNNING, pb.COLLABORATOR_EXITED}
@@ -203,7 +205,7 @@ def experiment_command(service: Service, *argv: str) -> subprocess.Popen[str]:
         encoding="utf-8",
     )
     return subprocess.Popen(
-        [sys.executable, "-m", "experiment", "--config", str(config), *argv],
+        [sys.executable, "-m", "foedus.experiment", "--config", str(config), *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

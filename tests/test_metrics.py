@@ -12,12 +12,12 @@ import pytest
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from aggregator.metrics import Metrics
-from aggregator.server import AggregatorGRPCServer
-from pki.layout import CertsLayout
-from protos import aggregator_pb2
-from refusals.errors import AuthorizationError
-from serving.server import ServerError
+from foedus.aggregator.metrics import Metrics
+from foedus.aggregator.server import AggregatorGRPCServer
+from foedus.pki.layout import CertsLayout
+from foedus.protos import aggregator_pb2
+from foedus.refusals.errors import AuthorizationError
+from foedus.serving.server import ServerError
 
 from conftest import Identity
 from servers import make_federation, make_plan

@@ -17,15 +17,15 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
-from aggregator.storage import read_model
-from command.exits import EXIT_SIGPIPE
-from durable.files import replace_file
 from foedus import model
+from foedus.aggregator.storage import read_model
 from foedus.cli import main
-from pki.layout import CertsLayout
-from plans.runners import load_runner
-from plans.schema import RunnerSettings
-from protos.dtypes import bfloat16_dtype
+from foedus.command.exits import EXIT_SIGPIPE
+from foedus.durable.files import replace_file
+from foedus.pki.layout import CertsLayout
+from foedus.plans.runners import load_runner
+from foedus.plans.schema import RunnerSettings
+from foedus.protos.dtypes import bfloat16_dtype
 
 from federation_processes import REPO, FederationRun, final_accuracy, run_federation
 
@@ -112,7 +112,7 @@ def test_load_without_copy_gives_read_only_arrays_of_the_same_values(tmp_path: P
 
 def test_a_saved_model_is_what_the_aggregator_writes(tmp_path: Path) -> None:
     """`save` writes the bytes of the aggregator's own model files: an initial model it takes."""
-    from aggregator.storage import model_bytes  # noqa: PLC0415
+    from foedus.aggregator.storage import model_bytes  # noqa: PLC0415
 
     model.save(tmp_path / "initial.pbuf", mixed())
     assert (tmp_path / "initial.pbuf").read_bytes() == model_bytes(mixed())
@@ -338,7 +338,7 @@ def test_output_goes_to_the_stream_given(tmp_path: Path) -> None:
 
 
 def test_an_export_cut_short_leaves_the_old_out_and_no_temporary(tmp_path: Path) -> None:
-    """`durable.files.replace_file`, which exports write through: a writer that fails midway
+    """`foedus.durable.files.replace_file`, which exports write through: a writer that fails midway
     leaves OUT as it was and nothing beside it."""
     target = tmp_path / "best.safetensors"
     target.write_bytes(b"the old export")
@@ -365,7 +365,7 @@ def current_umask() -> int:
 
 def test_inspect_piped_into_head_ends_quietly(tmp_path: Path) -> None:
     """`model inspect FILE | head -1` of a model of many tensors: 141 as every foedus command
-    whose reader has gone (command.output), nothing on stderr."""
+    whose reader has gone (foedus.command.output), nothing on stderr."""
     path = tmp_path / "wide.pbuf"
     model.save(path, {f"layer{index:05d}.weight": np.zeros(1, np.float32) for index in range(4000)})
     script = Path(sys.executable).parent / "model"

@@ -15,15 +15,15 @@ import grpc
 import numpy as np
 import pytest
 
-from aggregator import encoded_model
-from aggregator.records import Array
-from aggregator.server import SERVICE, AggregatorGRPCServer, method_handlers
-from collaborator.client import AggregatorGRPCClient, OutgoingTensor
-from collaborator.errors import ResponseValidationError
-from pki.layout import CertsLayout
-from pki.tls import server_credentials
-from protos import aggregator_pb2, base_pb2
-from protos.codec import decode_tensor, encode_tensor
+from foedus.aggregator import encoded_model
+from foedus.aggregator.records import Array
+from foedus.aggregator.server import SERVICE, AggregatorGRPCServer, method_handlers
+from foedus.collaborator.client import AggregatorGRPCClient, OutgoingTensor
+from foedus.collaborator.errors import ResponseValidationError
+from foedus.pki.layout import CertsLayout
+from foedus.pki.tls import server_credentials
+from foedus.protos import aggregator_pb2, base_pb2
+from foedus.protos.codec import decode_tensor, encode_tensor
 
 from conftest import Identity
 from servers import (

@@ -25,8 +25,8 @@ from typing import Any, Final
 import pytest
 import yaml
 
-from pki.layout import CertsLayout
-from pki.local import setup_local_federation
+from foedus.pki.layout import CertsLayout
+from foedus.pki.local import setup_local_federation
 
 from fault_proxy import Fault, FaultKind, FaultProxy, Fired
 from federation_processes import COLLABORATORS, FederationProcesses, run_federation, write_plan

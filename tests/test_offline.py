@@ -12,9 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from collaborator.digits import DigitsRunner
-from pki.layout import CertsLayout
-from plans.runners import Model, TrainOutcome
+from foedus.collaborator.digits import DigitsRunner
+from foedus.pki.layout import CertsLayout
+from foedus.plans.runners import Model, TrainOutcome
 
 from federation_processes import COLLABORATORS, FederationProcesses, write_plan
 
@@ -31,7 +31,7 @@ KILLED = -signal.SIGKILL
 def status(plan: Path) -> dict[str, object]:
     """`aggregator status --plan PLAN --json`, run as a command beside the aggregator."""
     done = subprocess.run(
-        [sys.executable, "-m", "aggregator", "status", "--plan", str(plan), "--json"],
+        [sys.executable, "-m", "foedus.aggregator", "status", "--plan", str(plan), "--json"],
         capture_output=True,
         text=True,
         timeout=60,

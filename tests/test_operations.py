@@ -24,13 +24,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from aggregator.health import PROBE_BYTES
-from aggregator.server import SERVICE
-from aggregator.storage import read_model
-from pki.layout import CertsLayout
-from pki.local import load_signing_ca
-from pki.requests import Role
-from protos import aggregator_pb2, aggregator_pb2_grpc
+from foedus.aggregator.health import PROBE_BYTES
+from foedus.aggregator.server import SERVICE
+from foedus.aggregator.storage import read_model
+from foedus.pki.layout import CertsLayout
+from foedus.pki.local import load_signing_ca
+from foedus.pki.requests import Role
+from foedus.protos import aggregator_pb2, aggregator_pb2_grpc
 
 from conftest import Identity, issue_identity
 from federation_processes import COLLABORATORS, FederationProcesses, free_port, write_plan

@@ -36,7 +36,7 @@ def test_the_dashboards_files_are_package_data() -> None:
     """Every page, style sheet and script of the dashboard matches its package's data globs."""
     package_data = setuptools_config()["package-data"]
     assert isinstance(package_data, dict)
-    web = REPO / "director" / "web"
+    web = REPO / "foedus" / "director" / "web"
     files = [path for path in web.rglob("*") if path.is_file() and "__pycache__" not in path.parts]
     assert len(files) >= 5  # the three pages, dashboard.css and dashboard.js
     for path in files:

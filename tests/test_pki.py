@@ -20,9 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from pki.binding import binding_name
-from pki.ca import create_root_ca, create_signing_ca, utc_now
-from pki.errors import (
+from foedus.pki.binding import binding_name
+from foedus.pki.ca import create_root_ca, create_signing_ca, utc_now
+from foedus.pki.errors import (
     CertificateRequestError,
     FingerprintError,
     KeyFileError,
@@ -30,7 +30,7 @@ from pki.errors import (
     PkiError,
     SigningError,
 )
-from pki.files import (
+from foedus.pki.files import (
     check_private_key_mode,
     read_certificate,
     read_certificates,
@@ -39,11 +39,17 @@ from pki.files import (
     write_csr,
     write_private_key,
 )
-from pki.keys import generate_private_key, key_matches_certificate, public_key_der
-from pki.layout import CertsLayout
-from pki.local import SetupResult, load_signing_ca, setup_local_federation
-from pki.requests import Role, create_key_and_csr, fingerprint, normalise_fingerprint, spki_pin
-from pki.roles import (
+from foedus.pki.keys import generate_private_key, key_matches_certificate, public_key_der
+from foedus.pki.layout import CertsLayout
+from foedus.pki.local import SetupResult, load_signing_ca, setup_local_federation
+from foedus.pki.requests import (
+    Role,
+    create_key_and_csr,
+    fingerprint,
+    normalise_fingerprint,
+    spki_pin,
+)
+from foedus.pki.roles import (
     FOEDUS_ARC,
     ROLE_OIDS,
     PeerCertificate,
@@ -51,7 +57,7 @@ from pki.roles import (
     role_mark,
     role_refusal,
 )
-from pki.signing import certify
+from foedus.pki.signing import certify
 
 from conftest import COLLABORATORS, Identity, without_role_mark
 
@@ -783,11 +789,13 @@ def test_role_refusal_names_both_roles_and_warns_once_about_an_unmarked_certific
     unclear = refusal(PeerCertificate(Unmarked.UNCLEAR, "b" * 64))
     assert unclear is not None and "carries several or unknown role marks" in unclear
     assert refusal(PeerCertificate(Role.COLLABORATOR, "c" * 64)) is None
-    caplog.set_level(logging.WARNING, logger="pki.roles")
+    caplog.set_level(logging.WARNING, logger="foedus.pki.roles")
     old = PeerCertificate(Unmarked.NONE, "d" * 64)
     for _ in range(3):
         assert refusal(old) is None
-    warnings = [record.getMessage() for record in caplog.records if record.name == "pki.roles"]
+    warnings = [
+        record.getMessage() for record in caplog.records if record.name == "foedus.pki.roles"
+    ]
     assert len(warnings) == 1, warnings
     assert "'alice' has no role mark" in warnings[0]
     assert "reissue it: pki certify --role collaborator --name alice" in warnings[0]

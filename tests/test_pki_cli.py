@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from pki.binding import binding_name
-from pki.cli import main
-from pki.files import read_certificate, read_csr
-from pki.layout import CertsLayout
-from pki.requests import Role, fingerprint
-from pki.roles import ROLE_OIDS
+from foedus.pki.binding import binding_name
+from foedus.pki.cli import main
+from foedus.pki.files import read_certificate, read_csr
+from foedus.pki.layout import CertsLayout
+from foedus.pki.requests import Role, fingerprint
+from foedus.pki.roles import ROLE_OIDS
 
 from federation_processes import run_module
 
@@ -209,13 +209,13 @@ def test_skip_fingerprint_check_signs_and_says_so(
 
 
 def _certify_on_a_terminal(argv: list[str], answer: bytes) -> tuple[int, str, str]:
-    """Run `python -m pki` with a pseudo-terminal as stdin and stderr, answering its question.
+    """Run `python -m foedus.pki` with a pseudo-terminal as stdin and stderr, answering its question.
 
     Returns the exit code, stdout, and what the terminal showed (the question and the answer's echo).
     """
     controller, terminal = pty.openpty()
     process = subprocess.Popen(
-        [sys.executable, "-m", "pki", *argv],
+        [sys.executable, "-m", "foedus.pki", *argv],
         cwd=REPO,
         stdin=terminal,
         stdout=subprocess.PIPE,
@@ -512,14 +512,14 @@ def test_unexpected_failure_exits_1(
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr("pki.cli.write_ca", broken)
+    monkeypatch.setattr("foedus.pki.cli.write_ca", broken)
     code, _, err = _run(capsys, "ca", "--dir", str(tmp_path))
     assert code == 1
     _assert_one_error_line(err, "unexpected failure: RuntimeError: disk on fire")
 
 
 def test_python_m_pki_help() -> None:
-    """`python -m pki --help` runs as a program and exits 0."""
+    """`python -m foedus.pki --help` runs as a program and exits 0."""
     done = run_module("pki", "--help", timeout=30)
     assert done.returncode == 0, done.stderr
     assert "usage: pki" in done.stdout

@@ -12,16 +12,16 @@ from pathlib import Path
 import grpc
 import pytest
 
-from pki.errors import (
+from foedus.pki.errors import (
     CertificateValidityError,
     KeyFileError,
     MissingTLSFileError,
     PemFileError,
     PkiError,
 )
-from pki.files import read_certificate
-from pki.layout import CertsLayout
-from pki.tls import (
+from foedus.pki.files import read_certificate
+from foedus.pki.layout import CertsLayout
+from foedus.pki.tls import (
     ServerCertificateFetcher,
     channel_credentials,
     check_tls_files,
@@ -160,7 +160,7 @@ def test_fetcher_returns_a_new_config_only_when_files_change(
     assert fetcher() is None
 
     served.cert.write_text("half-written\n")
-    with caplog.at_level(logging.WARNING, logger="pki.tls"):
+    with caplog.at_level(logging.WARNING, logger="foedus.pki.tls"):
         assert fetcher() is None
         assert fetcher() is None
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]

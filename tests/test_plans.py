@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from plans import Plan, PlanError, load_plan, parse_plan
+from foedus.plans import Plan, PlanError, load_plan, parse_plan
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL_PLAN = REPO / "plans" / "local.yaml"

@@ -13,7 +13,7 @@ import pytest
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-from protos import aggregator_pb2, aggregator_pb2_grpc, base_pb2
+from foedus.protos import aggregator_pb2, aggregator_pb2_grpc, base_pb2
 
 REPO = Path(__file__).resolve().parent.parent
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
@@ -29,7 +29,9 @@ def _proto_sources() -> list[str]:
 
 PROTO_SRC = _proto_sources()
 EXPECTED_GENERATED = sorted(
-    f"protos/{Path(source).stem}{suffix}" for source in PROTO_SRC for suffix in GENERATED_SUFFIXES
+    f"foedus/protos/{Path(source).stem}{suffix}"
+    for source in PROTO_SRC
+    for suffix in GENERATED_SUFFIXES
 )
 
 
@@ -74,7 +76,7 @@ def test_makefile_generates_with_the_same_flags() -> None:
 def test_makefile_lists_every_proto() -> None:
     """Every .proto file in protos/ is one the Makefile generates from."""
     assert sorted(PROTO_SRC) == sorted(
-        str(p.relative_to(REPO)) for p in REPO.glob("protos/*.proto")
+        str(p.relative_to(REPO)) for p in REPO.glob("foedus/protos/*.proto")
     )
 
 
@@ -82,7 +84,9 @@ def test_generated_files_are_the_checked_in_ones(generated: Path) -> None:
     """protoc makes exactly the generated files that are checked in, no more, no fewer."""
     made = sorted(str(p.relative_to(generated)) for p in generated.rglob("*") if p.is_file())
     checked_in = sorted(
-        str(p.relative_to(REPO)) for p in REPO.glob("protos/*") if "_pb2" in p.name and p.is_file()
+        str(p.relative_to(REPO))
+        for p in REPO.glob("foedus/protos/*")
+        if "_pb2" in p.name and p.is_file()
     )
     assert made == EXPECTED_GENERATED
     assert checked_in == EXPECTED_GENERATED

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits  # type: ignore[import-untyped, unused-ignore]
 
-from collaborator.cli import main
-from pki.layout import CertsLayout
-from plans.runners import load_runner
-from plans.schema import RunnerSettings
+from foedus.collaborator.cli import main
+from foedus.pki.layout import CertsLayout
+from foedus.plans.runners import load_runner
+from foedus.plans.schema import RunnerSettings
 
 from federation_processes import write_plan
 from readme_blocks import federate_sites, run_block, site_files

@@ -25,15 +25,15 @@ import redis
 import yaml
 from test_site_api import FEDERATION_SECONDS, PATIENT, ROUNDS, detail, wait_until
 
-from envoy.config import load_config
-from envoy.progress import ProgressBook
-from envoy.redis_metrics import RedisReporter
-from envoy.site import Site
-from envoy.site_api import TOKEN_FILE
-from envoy.state import EnvoyState
-from lifecycle.states import CollaboratorState
-from pki.layout import CertsLayout
-from retry.backoff import Backoff
+from foedus.envoy.config import load_config
+from foedus.envoy.progress import ProgressBook
+from foedus.envoy.redis_metrics import RedisReporter
+from foedus.envoy.site import Site
+from foedus.envoy.site_api import TOKEN_FILE
+from foedus.envoy.state import EnvoyState
+from foedus.lifecycle.states import CollaboratorState
+from foedus.pki.layout import CertsLayout
+from foedus.retry.backoff import Backoff
 
 from envoys import EnvoyProcess, RecordingDirector, stop_collaborators, write_envoy_config
 from federation_processes import FederationProcesses, free_port, write_plan

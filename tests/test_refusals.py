@@ -7,21 +7,21 @@ from collections.abc import Iterator, Mapping
 import grpc
 import pytest
 
-from aggregator.admission import UploadTimeoutError
-from director.records import IllegalTransitionError
-from envoy.errors import (
+from foedus.aggregator.admission import UploadTimeoutError
+from foedus.director.records import IllegalTransitionError
+from foedus.envoy.errors import (
     DirectorUnavailableError,
     FinishedError,
     StateError,
     UnknownExperimentError,
 )
-from envoy.errors import IllegalTransitionError as CollaboratorTransitionError
-from envoy.site_api import BadRequestError, TokenError
-from envoy.site_plan import RefusedPlanError
-from protos.codec import TensorFormatError, TensorTooLargeError
-from protos.stream import StreamError, StreamTooLargeError
-from refusals import errors
-from refusals.errors import (
+from foedus.envoy.errors import IllegalTransitionError as CollaboratorTransitionError
+from foedus.envoy.site_api import BadRequestError, TokenError
+from foedus.envoy.site_plan import RefusedPlanError
+from foedus.protos.codec import TensorFormatError, TensorTooLargeError
+from foedus.protos.stream import StreamError, StreamTooLargeError
+from foedus.refusals import errors
+from foedus.refusals.errors import (
     AuthenticationError,
     AuthorizationError,
     InvalidRequestError,
@@ -34,8 +34,8 @@ from refusals.errors import (
     StreamTimeoutError,
     UnavailableError,
 )
-from refusals.grpc import STATUS_CODES, status_of
-from refusals.http import HTTP_STATUS, http_status
+from foedus.refusals.grpc import STATUS_CODES, status_of
+from foedus.refusals.http import HTTP_STATUS, http_status
 
 Code = grpc.StatusCode
 # Every service's refusals, each with its gRPC status and its HTTP status.
@@ -82,7 +82,7 @@ def test_each_refusal_has_its_grpc_and_http_status(
 
 
 def _kinds() -> Iterator[type[Exception]]:
-    """Every class of `refusals.errors`."""
+    """Every class of `foedus.refusals.errors`."""
     for value in vars(errors).values():
         if isinstance(value, type) and issubclass(value, Exception):
             yield value

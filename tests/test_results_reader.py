@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protos import aggregator_pb2, base_pb2
-from protos.results_reader import (
+from foedus.protos import aggregator_pb2, base_pb2
+from foedus.protos.results_reader import (
     Event,
     Head,
     ResultsFormatError,
@@ -21,7 +21,7 @@ from protos.results_reader import (
     TensorEnd,
     TensorStart,
 )
-from protos.stream import StreamError
+from foedus.protos.stream import StreamError
 
 MIB = 1024 * 1024
 INT32 = st.integers(-(2**31), 2**31 - 1)

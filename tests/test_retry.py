@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from retry.backoff import RETRYABLE, Backoff, backoff_delay
+from foedus.retry.backoff import RETRYABLE, Backoff, backoff_delay
 
 
 def test_backoff_grows_to_its_cap_with_full_jitter() -> None:

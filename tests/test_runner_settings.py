@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 import yaml
 
-from collaborator.digits import DigitsRunner
-from director.experiment_plan import check_submitted
-from plans.runners import RunnerError, check_runner_settings, load_runner
-from plans.schema import RunnerSettings
-from refusals.errors import InvalidRequestError
+from foedus.collaborator.digits import DigitsRunner
+from foedus.director.experiment_plan import check_submitted
+from foedus.plans.runners import RunnerError, check_runner_settings, load_runner
+from foedus.plans.schema import RunnerSettings
+from foedus.refusals.errors import InvalidRequestError
 
 from directors import submitted_plan
 from settings_runner import IMPORTED, MARKER, NAME, SettingsRunner

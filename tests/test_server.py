@@ -19,16 +19,16 @@ import numpy as np
 import pytest
 from cryptography import x509
 
-from aggregator import encoded_model
-from aggregator.encoded_model import MODEL_TAGS, EncodedModel
-from aggregator.federation import Federation
-from aggregator.records import Array
-from aggregator.server import AggregatorGRPCServer
-from pki.layout import CertsLayout
-from pki.local import setup_local_federation
-from protos import aggregator_pb2, aggregator_pb2_grpc, base_pb2
-from protos.codec import decode_tensor, encode_tensor
-from protos.stream import (
+from foedus.aggregator import encoded_model
+from foedus.aggregator.encoded_model import MODEL_TAGS, EncodedModel
+from foedus.aggregator.federation import Federation
+from foedus.aggregator.records import Array
+from foedus.aggregator.server import AggregatorGRPCServer
+from foedus.pki.layout import CertsLayout
+from foedus.pki.local import setup_local_federation
+from foedus.protos import aggregator_pb2, aggregator_pb2_grpc, base_pb2
+from foedus.protos.codec import decode_tensor, encode_tensor
+from foedus.protos.stream import (
     UPLOAD_BYTES_METADATA,
     task_results_to_chunks,
 )

@@ -8,12 +8,12 @@ from concurrent import futures
 import grpc
 import pytest
 
-from aggregator.identity import Gatekeeper
-from director.identity import Roster
-from protos.channel import host_port
-from refusals.errors import AuthenticationError
-from serving.identity import caller_name
-from serving.server import ServerError, Serving
+from foedus.aggregator.identity import Gatekeeper
+from foedus.director.identity import Roster
+from foedus.protos.channel import host_port
+from foedus.refusals.errors import AuthenticationError
+from foedus.serving.identity import caller_name
+from foedus.serving.server import ServerError, Serving
 
 AGGREGATOR_REFUSAL = (
     "no usable client certificate: the aggregator requires a certificate with one common name, "

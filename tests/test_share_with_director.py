@@ -24,12 +24,12 @@ from test_dashboard import get_json, token
 from test_envoy_with_director import submit, wait_until
 from test_experiment_cli import client_config, run
 
-from director.launcher import LocalLauncher
-from envoy.site import MAX_RESTARTS
-from envoy.state import EnvoyState
-from lifecycle.states import CollaboratorState
-from pki.layout import CertsLayout
-from protos import director_pb2 as pb
+from foedus.director.launcher import LocalLauncher
+from foedus.envoy.site import MAX_RESTARTS
+from foedus.envoy.state import EnvoyState
+from foedus.lifecycle.states import CollaboratorState
+from foedus.pki.layout import CertsLayout
+from foedus.protos import director_pb2 as pb
 
 from directors import ADMIN, Director, make_director_certs, running_director
 from envoys import EnvoyProcess, stop_envoys, write_envoy_config
@@ -193,7 +193,7 @@ def test_a_site_sharing_the_defaults_keeps_its_runner_output_and_errors(
         assert code == 0, log
         assert "shares only foedus's own log lines" in log.splitlines()[0], log
         assert (
-            log.count("ERROR collaborator.cli: failure: the task runner failed (ValueError)")
+            log.count("ERROR foedus.collaborator.cli: failure: the task runner failed (ValueError)")
             == 1 + MAX_RESTARTS
         )
         with ThreadPoolExecutor(1) as pool:  # --follow, by offsets of the shared log, to the end

@@ -22,11 +22,11 @@ import httpx
 import pytest
 import yaml
 
-from envoy.cli import main as envoy_main
-from envoy.config import ConfigError, load_config
-from envoy.progress import ProgressBook
-from envoy.site import Site
-from envoy.site_api import (
+from foedus.envoy.cli import main as envoy_main
+from foedus.envoy.config import ConfigError, load_config
+from foedus.envoy.progress import ProgressBook
+from foedus.envoy.site import Site
+from foedus.envoy.site_api import (
     TOKEN_FILE,
     SiteApiContext,
     SiteApiServer,
@@ -34,10 +34,10 @@ from envoy.site_api import (
     create_app,
     ensure_token,
 )
-from envoy.state import SITE, EnvoyState
-from lifecycle.orders import StartOrder, Work
-from lifecycle.states import CollaboratorState
-from pki.layout import CertsLayout
+from foedus.envoy.state import SITE, EnvoyState
+from foedus.lifecycle.orders import StartOrder, Work
+from foedus.lifecycle.states import CollaboratorState
+from foedus.pki.layout import CertsLayout
 
 from directors import alias_bomb_plan
 from envoys import (
@@ -363,10 +363,10 @@ def test_round_metrics_and_log_tail_come_from_the_collaborators_log(
     folder = api.site.folder(own)
     folder.mkdir(parents=True)
     lines = [
-        "2026-12-04 10:00:00,000 INFO collaborator.cli: collaborator alice of federation x",
-        "2026-12-04 10:00:01,000 INFO collaborator.loop: round 0: train on 100 samples: "
+        "2026-12-04 10:00:00,000 INFO foedus.collaborator.cli: collaborator alice of federation x",
+        "2026-12-04 10:00:01,000 INFO foedus.collaborator.loop: round 0: train on 100 samples: "
         "loss=0.5000 accuracy=0.8000",
-        "2026-12-04 10:00:02,000 INFO collaborator.loop: round 1: aggregated_model_validation "
+        "2026-12-04 10:00:02,000 INFO foedus.collaborator.loop: round 1: aggregated_model_validation "
         "on 30 samples: accuracy=0.9000",
     ]
     (folder / "collaborator.log").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pki.layout import CertsLayout
-from plans.runners import Array, Model, RunnerError, TrainOutcome, Validation
-from plans.schema import AGGREGATED_MODEL_VALIDATION, TRAIN, RunnerSettings
+from foedus.pki.layout import CertsLayout
+from foedus.plans.runners import Array, Model, RunnerError, TrainOutcome, Validation
+from foedus.plans.schema import AGGREGATED_MODEL_VALIDATION, TRAIN, RunnerSettings
 
 from federation_processes import COLLABORATORS, FederationProcesses, write_plan
 

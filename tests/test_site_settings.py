@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from plans import load_plan
-from plans.site_settings import (
+from foedus.plans import load_plan
+from foedus.plans.site_settings import (
     SiteSettingsError,
     load_site_settings,
     plan_with_site_settings,

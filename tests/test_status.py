@@ -16,17 +16,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-from aggregator.cli import main
-from aggregator.federation import Federation
-from aggregator.inspection import CollaboratorStatus, FederationStatus, read_status
-from aggregator.liveness import Liveness
-from aggregator.records import ResultTensor, TaskResult
-from aggregator.schema import SCHEMA_VERSION
-from aggregator.state import DurableState
-from aggregator.state_files import DATABASE, STATE_DIR
-from pki.layout import CertsLayout
-from plans import load_plan
-from refusals.errors import StorageError
+from foedus.aggregator.cli import main
+from foedus.aggregator.federation import Federation
+from foedus.aggregator.inspection import CollaboratorStatus, FederationStatus, read_status
+from foedus.aggregator.liveness import Liveness
+from foedus.aggregator.records import ResultTensor, TaskResult
+from foedus.aggregator.schema import SCHEMA_VERSION
+from foedus.aggregator.state import DurableState
+from foedus.aggregator.state_files import DATABASE, STATE_DIR
+from foedus.pki.layout import CertsLayout
+from foedus.plans import load_plan
+from foedus.refusals.errors import StorageError
 
 from old_states import named_by_sha256
 from test_aggregator_cli import serve_in_process, watchdog, write_plan
@@ -163,10 +163,10 @@ def test_status_reads_the_last_commits_of_a_killed_aggregator(
     script = f"""
 import os
 import numpy as np
-from aggregator.federation import Federation
-from aggregator.liveness import Liveness
-from aggregator.state import DurableState
-from plans import load_plan
+from foedus.aggregator.federation import Federation
+from foedus.aggregator.liveness import Liveness
+from foedus.aggregator.state import DurableState
+from foedus.plans import load_plan
 from test_status import tiny_result
 
 plan = load_plan({str(plan_path)!r})

@@ -11,7 +11,7 @@ import blake3
 import numpy as np
 import pytest
 
-from aggregator.storage import (
+from foedus.aggregator.storage import (
     OutputFolder,
     model_bytes,
     read_model,
@@ -21,11 +21,11 @@ from aggregator.storage import (
     write_model_slices,
     write_tensors,
 )
-from durable.files import replace_file
-from history.rows import MetricsRow
-from protos import base_pb2
-from protos.codec import encode_tensor
-from refusals.errors import ModelFileError, StorageError
+from foedus.durable.files import replace_file
+from foedus.history.rows import MetricsRow
+from foedus.protos import base_pb2
+from foedus.protos.codec import encode_tensor
+from foedus.refusals.errors import ModelFileError, StorageError
 
 from servers import small_model
 

@@ -10,14 +10,20 @@ import math
 import numpy as np
 import pytest
 
-from aggregator.fedavg import ArraySource
-from aggregator.liveness import Departure, Presence, Seen
-from aggregator.records import AveragedModel, ResultTensor, RoundCommit, RoundRecord, TaskResult
-from aggregator.state import DurableState
-from aggregator.state_files import DATABASE
-from aggregator.store import FederationStore, SavedPresence
-from plans.schema import BestModelSettings, Limits, StragglerPolicy, StragglerSettings
-from refusals.errors import InvalidRequestError, PreconditionError
+from foedus.aggregator.fedavg import ArraySource
+from foedus.aggregator.liveness import Departure, Presence, Seen
+from foedus.aggregator.records import (
+    AveragedModel,
+    ResultTensor,
+    RoundCommit,
+    RoundRecord,
+    TaskResult,
+)
+from foedus.aggregator.state import DurableState
+from foedus.aggregator.state_files import DATABASE
+from foedus.aggregator.store import FederationStore, SavedPresence
+from foedus.plans.schema import BestModelSettings, Limits, StragglerPolicy, StragglerSettings
+from foedus.refusals.errors import InvalidRequestError, PreconditionError
 
 from federations import (
     AMV,

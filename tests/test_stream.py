@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from google.protobuf.message import DecodeError
 
-from protos import aggregator_pb2, base_pb2
-from protos.codec import encode_tensor
-from protos.stream import (
+from foedus.protos import aggregator_pb2, base_pb2
+from foedus.protos.codec import encode_tensor
+from foedus.protos.stream import (
     CHUNK_BYTES,
     StreamError,
     StreamTooLargeError,

@@ -1,4 +1,4 @@
-"""Receiving an upload to disk as it arrives (`aggregator.upload`), driven without a socket."""
+"""Receiving an upload to disk as it arrives (`foedus.aggregator.upload`), driven without a socket."""
 
 from __future__ import annotations
 
@@ -8,19 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.records import Array
-from aggregator.storage import write_model
-from aggregator.upload import (
+from foedus.aggregator.records import Array
+from foedus.aggregator.storage import write_model
+from foedus.aggregator.upload import (
     MAX_SMALL_TENSOR_BYTES,
     ReceivedUpload,
     read_tensors_file,
     receive_upload,
 )
-from protos import aggregator_pb2
-from protos.codec import TensorFormatError, TensorTooLargeError, encode_tensor
-from protos.results_reader import Head
-from protos.stream import StreamError
-from refusals.errors import InvalidRequestError, PreconditionError
+from foedus.protos import aggregator_pb2
+from foedus.protos.codec import TensorFormatError, TensorTooLargeError, encode_tensor
+from foedus.protos.results_reader import Head
+from foedus.protos.stream import StreamError
+from foedus.refusals.errors import InvalidRequestError, PreconditionError
 
 MODEL = {
     "weight": np.linspace(-1, 1, 3000, dtype=np.float32).reshape(30, 100),

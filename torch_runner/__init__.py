@@ -4,8 +4,8 @@ Imported only by a plan whose runner is a `TorchRunner` (`pip install -e '.[torc
 rest of foedus never imports PyTorch.
 """
 
-from torch_runner.runner import LoopOutcome, TorchRunner
-from torch_runner.state import (
+from foedus.torch_runner.runner import LoopOutcome, TorchRunner
+from foedus.torch_runner.state import (
     ModelMismatchError,
     array_to_tensor,
     load_state_dict,

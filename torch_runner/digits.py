@@ -1,6 +1,6 @@
 """The PyTorch example: a small CNN on scikit-learn's bundled digits images (8x8), `make demo-torch`.
 
-The data and its shards are the built-in digits runner's (`collaborator.digits`: same seed, same
+The data and its shards are the built-in digits runner's (`foedus.collaborator.digits`: same seed, same
 split, same keys in `runner.settings`), so the two demos learn from the same rows. One key more,
 `device`, is a site's own (`collaborator start --site-settings`): `cpu` unless the site says
 `cuda`, say. Only the loops are written here; `TorchRunner` does the rest.
@@ -14,11 +14,11 @@ from typing import Final
 import torch
 from torch import nn
 
-from collaborator.digits import DigitsSettings, load_data, make_shards
-from plans.reader import shown
-from plans.runners import RunnerError
-from plans.schema import RunnerSettings
-from torch_runner.runner import LoopOutcome, TorchRunner
+from foedus.collaborator.digits import DigitsSettings, load_data, make_shards
+from foedus.plans.reader import shown
+from foedus.plans.runners import RunnerError
+from foedus.plans.schema import RunnerSettings
+from foedus.torch_runner.runner import LoopOutcome, TorchRunner
 
 CLASSES: Final = 10
 MOMENTUM: Final = 0.9

@@ -3,7 +3,7 @@
 A subclass gives `build_module` (the architecture), `fit` (its training loop over this site's
 data) and `evaluate` (its evaluation loop), loads its data in `setup`, and checks its settings in
 `check_settings` (so a director and `aggregator start` refuse a typo before anything starts).
-The base class does the rest of the `plans.runners.TaskRunner` contract: the seeded initial
+The base class does the rest of the `foedus.plans.runners.TaskRunner` contract: the seeded initial
 model, the global model copied into the module (checked first: names, shapes and dtypes), the
 trained state dict handed back as named arrays, bit for bit, and buffers kept at the site when
 asked (`keep_local`).
@@ -24,9 +24,9 @@ from typing import ClassVar, Final
 import numpy as np
 import torch
 
-from plans.runners import Array, Model, TrainOutcome, Validation
-from plans.schema import RunnerSettings
-from torch_runner.state import load_arrays, module_arrays
+from foedus.plans.runners import Array, Model, TrainOutcome, Validation
+from foedus.plans.schema import RunnerSettings
+from foedus.torch_runner.state import load_arrays, module_arrays
 
 # Independent random streams of one site and round, as numpy seeds them: SeedSequence((seed,
 # stream, site index, round, ...)).

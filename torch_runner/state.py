@@ -15,8 +15,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from plans.runners import RunnerError
-from protos.dtypes import bfloat16_dtype, is_bfloat16
+from foedus.plans.runners import RunnerError
+from foedus.protos.dtypes import bfloat16_dtype, is_bfloat16
 
 Array = npt.NDArray[np.generic]
 

@@ -54,10 +54,10 @@ trap stop_all EXIT
 rm -rf "$out/director" "$out/envoys" "$out"/*.log "$out/metrics.txt" "$out/best_model.pbuf" \
     "$out/dashboard-token" "$out/dashboard.png" "$config"
 mkdir -p "$out/envoys"
-$bin/python -m plans.demo_ports --base "${PORT_BASE:-50000}" --out "$config" \
+$bin/python -m foedus.plans.demo_ports --base "${PORT_BASE:-50000}" --out "$config" \
     $here/director.yaml $here/alice.yaml $here/bob.yaml $here/carol.yaml $here/ada.yaml >/dev/null
 read -r director_port dashboard_port < <($bin/python -c '
-import sys; from pathlib import Path; from plans.loader import read_yaml
+import sys; from pathlib import Path; from foedus.plans.loader import read_yaml
 director = read_yaml(Path(sys.argv[1]))
 print(director["listen"]["port"], director["dashboard"]["address"].rpartition(":")[2])' "$config/director.yaml")
 
@@ -100,7 +100,7 @@ group_of() {
 }
 screenshot() {
     local id=$1 metrics=$out/director/experiments/$1/output/metrics.jsonl shot status=0 carol="" tries rows
-    $bin/python -m plans.service.screenshot --url "$dashboard" --token-file "$out/dashboard-token" \
+    $bin/python -m foedus.plans.service.screenshot --url "$dashboard" --token-file "$out/dashboard-token" \
         --certificate "$out/certs/aggregator/aggregator.crt" --experiment "$id" --rounds 2 \
         -o "$root/$out/dashboard.png" &
     shot=$!

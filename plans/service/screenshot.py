@@ -5,7 +5,7 @@ by the page's own script. Chromium trusts exactly the director's key (its SPKI p
 certificate; it logs in with a dashboard token as a person does. The dashboard's browser test
 (tests/test_dashboard_browser.py) starts its Chromium and logs in with the same functions.
 
-    python -m plans.service.screenshot --url https://localhost:50359/ --token-file FILE \\
+    python -m foedus.plans.service.screenshot --url https://localhost:50359/ --token-file FILE \\
         --certificate certs/aggregator/aggregator.crt --experiment ID --rounds 2 -o dashboard.png
 
 Exit 0 when the PNG is saved, and also when Debian's `chromium` or `chromium-driver` is missing
@@ -33,9 +33,9 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
 
-from pki.errors import PkiError
-from pki.files import read_certificate
-from pki.requests import spki_pin
+from foedus.pki.errors import PkiError
+from foedus.pki.files import read_certificate
+from foedus.pki.requests import spki_pin
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -169,7 +169,7 @@ def screenshot(
 def build_parser() -> argparse.ArgumentParser:
     """The command line: where the dashboard is, how to log in and trust it, where the PNG goes."""
     parser = argparse.ArgumentParser(
-        prog="python -m plans.service.screenshot",
+        prog="python -m foedus.plans.service.screenshot",
         description="Save a PNG of an experiment's dashboard page in headless Chromium, once it "
         "shows --rounds closed rounds. Skipped, with one line and exit 0, where Debian's chromium "
         "or chromium-driver is missing.",

@@ -35,10 +35,10 @@ sys.path.insert(0, str(TESTS))  # the tests' helpers, imported as the tests impo
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC's own notes on this process's stderr
 
 
-from pki.ca import utc_now  # noqa: E402
-from pki.layout import CertsLayout  # noqa: E402
-from pki.local import load_signing_ca, setup_local_federation  # noqa: E402
-from pki.requests import Role  # noqa: E402
+from foedus.pki.ca import utc_now  # noqa: E402
+from foedus.pki.layout import CertsLayout  # noqa: E402
+from foedus.pki.local import load_signing_ca, setup_local_federation  # noqa: E402
+from foedus.pki.requests import Role  # noqa: E402
 
 from conftest import (  # noqa: E402
     AGGREGATOR_DNS,
@@ -751,7 +751,7 @@ def record_refusals(recorder: Recorder) -> None:
     """A few rows of tests/test_hostile_input.py against a live aggregator: status and message."""
     import test_hostile_input as hostile  # noqa: PLC0415 (only this part needs the servers)
 
-    from aggregator.federation import Federation  # noqa: PLC0415
+    from foedus.aggregator.federation import Federation  # noqa: PLC0415
 
     from servers import make_plan, running_aggregator, small_model  # noqa: PLC0415
 

@@ -82,11 +82,11 @@ import google.protobuf
 import grpc
 import numpy as np
 
-from aggregator.file_limit import files_needed, raise_open_file_limit
-from collaborator.errors import ClientError, RequestRejectedError
-from pki.layout import CertsLayout
-from pki.local import setup_local_federation
-from plans import load_plan
+from foedus.aggregator.file_limit import files_needed, raise_open_file_limit
+from foedus.collaborator.errors import ClientError, RequestRejectedError
+from foedus.pki.layout import CertsLayout
+from foedus.pki.local import setup_local_federation
+from foedus.plans import load_plan
 
 # isort: split
 # The benchmark's own modules, beside this file.

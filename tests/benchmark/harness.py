@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 import yaml
 
-from aggregator.storage import write_model
-from collaborator.client import AggregatorGRPCClient, OutgoingTensor
-from pki.layout import CertsLayout
-from plans import Limits, Plan
-from plans.runners import Array
-from plans.schema import RunnerSettings
+from foedus.aggregator.storage import write_model
+from foedus.collaborator.client import AggregatorGRPCClient, OutgoingTensor
+from foedus.pki.layout import CertsLayout
+from foedus.plans import Limits, Plan
+from foedus.plans.runners import Array
+from foedus.plans.schema import RunnerSettings
 
 # isort: split
 # The benchmark's own modules, beside this file.
@@ -379,7 +379,7 @@ def start_aggregator(
     """
     command = ["start", "--plan", str(plan), "--log-level", "warning"]
     if profile_to is None:
-        command = [sys.executable, "-m", "aggregator", *command]
+        command = [sys.executable, "-m", "foedus.aggregator", *command]
     else:
         command = [sys.executable, str(HERE / "profiled_aggregator.py"), str(profile_to), *command]
     process = Process([*prefix, *command], plan.parent / "aggregator.log", env=BENCH_ENV)

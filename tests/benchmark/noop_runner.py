@@ -21,8 +21,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from plans.runners import Array, Model, RunnerError, TrainOutcome, Validation
-from plans.schema import RunnerSettings
+from foedus.plans.runners import Array, Model, RunnerError, TrainOutcome, Validation
+from foedus.plans.schema import RunnerSettings
 
 MIB = 1024 * 1024
 FLOAT32_BYTES = 4

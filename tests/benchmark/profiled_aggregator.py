@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from aggregator import cli
-from aggregator.runtime import Runtime
-from aggregator.servicer import AggregatorServicer
+from foedus.aggregator import cli
+from foedus.aggregator.runtime import Runtime
+from foedus.aggregator.servicer import AggregatorServicer
 
 PROFILED_RPCS = ("GetAggregatedModel", "SendLocalTaskResults")
 

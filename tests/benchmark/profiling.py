@@ -16,9 +16,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from collaborator.client import AggregatorGRPCClient
-from plans import load_plan
-from plans.runners import Array
+from foedus.collaborator.client import AggregatorGRPCClient
+from foedus.plans import load_plan
+from foedus.plans.runners import Array
 
 # isort: split
 # The benchmark's own modules, beside this file.

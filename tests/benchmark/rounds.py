@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from collaborator.client import AggregatorGRPCClient, OutgoingTensor, Tasks
-from collaborator.loop import run_collaborator
-from plans import Plan, load_plan
+from foedus.collaborator.client import AggregatorGRPCClient, OutgoingTensor, Tasks
+from foedus.collaborator.loop import run_collaborator
+from foedus.plans import Plan, load_plan
 
 # isort: split
 # The benchmark's own modules, beside this file.

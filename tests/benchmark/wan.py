@@ -31,7 +31,7 @@ from itertools import pairwise
 from statistics import mean
 from typing import Any
 
-from plans import load_plan
+from foedus.plans import load_plan
 
 # isort: split
 # The benchmark's own modules, beside this file.

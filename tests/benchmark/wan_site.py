@@ -16,9 +16,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from collaborator.client import AggregatorGRPCClient, OutgoingTensor
-from collaborator.loop import run_collaborator
-from plans import load_plan
+from foedus.collaborator.client import AggregatorGRPCClient, OutgoingTensor
+from foedus.collaborator.loop import run_collaborator
+from foedus.plans import load_plan
 
 # isort: split
 # The benchmark's own modules, beside this file.

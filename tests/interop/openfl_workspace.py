@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pki.layout import CertsLayout
+from foedus.pki.layout import CertsLayout
 
 REPO = Path(__file__).resolve().parents[2]
 OPENFL_SIDE = Path(__file__).resolve().parent / "openfl_side"

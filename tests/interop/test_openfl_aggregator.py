@@ -1,7 +1,7 @@
 """foedus's `collaborator start` against OpenFL 1.9's aggregator (`fx aggregator start`).
 
 The OpenFL workspace is generated with our pki's certificates in its `cert/` layout; its initial
-model `save/init.pbuf` is written by foedus (`aggregator.storage.write_model`: OpenFL's
+model `save/init.pbuf` is written by foedus (`foedus.aggregator.storage.write_model`: OpenFL's
 `ModelProto` format). Our plan carries the ids OpenFL derives from its plan.
 """
 
@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.storage import read_model, write_model
-from collaborator.digits import DigitsRunner
-from pki.layout import CertsLayout
-from plans import load_plan
+from foedus.aggregator.storage import read_model, write_model
+from foedus.collaborator.digits import DigitsRunner
+from foedus.pki.layout import CertsLayout
+from foedus.plans import load_plan
 
 from federation_processes import FederationProcesses, FederationRun, free_port, write_plan
 from openfl_workspace import AGGREGATOR_HOST, Workspace, write_workspace

@@ -19,8 +19,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from aggregator.storage import write_model
-from pki.layout import CertsLayout
+from foedus.aggregator.storage import write_model
+from foedus.pki.layout import CertsLayout
 
 from conftest import Identity
 from federation_processes import FederationProcesses, free_port, write_plan

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.storage import read_model
-from pki.layout import CertsLayout
+from foedus.aggregator.storage import read_model
+from foedus.pki.layout import CertsLayout
 
 from federation_processes import (
     COLLABORATORS,

@@ -12,10 +12,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from plans.runners import Model, TrainOutcome
-from plans.schema import RunnerSettings
-from torch_runner import LoopOutcome, TorchRunner
-from torch_runner.digits import DigitsCNNRunner
+from foedus.plans.runners import Model, TrainOutcome
+from foedus.plans.schema import RunnerSettings
+from foedus.torch_runner import LoopOutcome, TorchRunner
+from foedus.torch_runner.digits import DigitsCNNRunner
 
 from dying_runner import TRAIN, die_if_armed
 

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import yaml
 
-from pki.layout import CertsLayout
-from plans.runners import Array, load_runner
-from plans.schema import RunnerSettings
-from protos import base_pb2
-from protos.codec import decode_tensor
-from protos.dtypes import bfloat16_dtype
+from foedus.pki.layout import CertsLayout
+from foedus.plans.runners import Array, load_runner
+from foedus.plans.schema import RunnerSettings
+from foedus.protos import base_pb2
+from foedus.protos.codec import decode_tensor
+from foedus.protos.dtypes import bfloat16_dtype
 
 from dying_runner import TRAIN, arm
 from fedavg_reference import Contribution, federated_average
@@ -176,7 +176,7 @@ def test_a_collaborator_whose_module_differs_is_refused_before_training(
     difference, before its first task's result is sent.
 
     The collaborator's own check of the aggregator's model against its runner's (for every
-    runner) sees it first; `torch_runner.state`'s line of every difference is tested in
+    runner) sees it first; `foedus.torch_runner.state`'s line of every difference is tested in
     test_state.py, for models that reach a runner another way."""
     plan = write_plan(tmp_path, certs, 1, runner={"name": "net_runner:NetRunner", "settings": {}})
     document = yaml.safe_load(plan.read_text(encoding="utf-8"))

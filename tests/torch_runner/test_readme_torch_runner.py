@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from collaborator.cli import main
-from pki.layout import CertsLayout
-from plans.runners import RunnerError
-from plans.schema import RunnerSettings
+from foedus.collaborator.cli import main
+from foedus.pki.layout import CertsLayout
+from foedus.plans.runners import RunnerError
+from foedus.plans.schema import RunnerSettings
 
 from federation_processes import write_plan
 from readme_blocks import federate_sites, site_files

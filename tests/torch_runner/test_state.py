@@ -9,19 +9,19 @@ import pytest
 import torch
 
 from foedus import model
-from plans.runners import RunnerError, check_runner_settings, load_runner
-from plans.schema import RunnerSettings
-from plans.site_settings import merge_site_settings
-from protos import base_pb2
-from protos.codec import decode_tensor, encode_tensor
-from protos.dtypes import bfloat16_dtype
-from torch_runner import (
+from foedus.plans.runners import RunnerError, check_runner_settings, load_runner
+from foedus.plans.schema import RunnerSettings
+from foedus.plans.site_settings import merge_site_settings
+from foedus.protos import base_pb2
+from foedus.protos.codec import decode_tensor, encode_tensor
+from foedus.protos.dtypes import bfloat16_dtype
+from foedus.torch_runner import (
     ModelMismatchError,
     array_to_tensor,
     load_state_dict,
     tensor_to_array,
 )
-from torch_runner.digits import DigitsCNNRunner
+from foedus.torch_runner.digits import DigitsCNNRunner
 
 from net_runner import (
     DropoutRunner,
@@ -221,12 +221,12 @@ def test_a_mismatched_model_is_refused_before_training_naming_every_difference()
 def test_the_example_names_a_bad_site_key_with_its_file(tmp_path: Path) -> None:
     """The CNN example refuses a site file's bad device or unknown key, naming file and key."""
     settings = load_runner(
-        RunnerSettings(name="torch_runner.digits:DigitsCNNRunner", seed=0, settings={})
+        RunnerSettings(name="foedus.torch_runner.digits:DigitsCNNRunner", seed=0, settings={})
     )
     assert settings is DigitsCNNRunner
     site = tmp_path / "site.yaml"
     base = RunnerSettings(
-        name="torch_runner.digits:DigitsCNNRunner", seed=0, settings={"epochs": 1}
+        name="foedus.torch_runner.digits:DigitsCNNRunner", seed=0, settings={"epochs": 1}
     )
     for bad, message in (
         (
@@ -245,7 +245,7 @@ def test_the_example_names_a_bad_site_key_with_its_file(tmp_path: Path) -> None:
 def test_the_adapters_check_is_the_line_its_constructor_raises() -> None:
     """The CNN example's `check_settings` refuses a plan's bad device or unknown key with the very
     line the constructor raises at a site, before anything is built or loaded."""
-    name = "torch_runner.digits:DigitsCNNRunner"
+    name = "foedus.torch_runner.digits:DigitsCNNRunner"
     for bad, line in (
         (
             {"device": "abacus"},
