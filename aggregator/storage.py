@@ -338,23 +338,11 @@ class OutputFolder:
 
     def save_last(self, model: Mapping[str, Array], round_number: int) -> None:
         """Replace `last_model.pbuf`."""
-        write_model(
-            self.last_model,
-            model,
-            round_number=round_number,
-            before_rename=lambda: failpoint("while_saving"),
-            hashed=False,
-        )
+        _save(self.last_model, model, round_number)
 
     def save_best(self, model: Mapping[str, Array], round_number: int) -> None:
         """Replace `best_model.pbuf`."""
-        write_model(
-            self.best_model,
-            model,
-            round_number=round_number,
-            before_rename=lambda: failpoint("while_saving"),
-            hashed=False,
-        )
+        _save(self.best_model, model, round_number)
 
     def restore_model(self, path: Path, model: Mapping[str, Array], round_number: int) -> bool:
         """Make `path` hold `model` (after a restart); True if it had to be written again.
@@ -395,3 +383,14 @@ class OutputFolder:
         for path in self.root.iterdir():
             if is_temporary(path, LAST_MODEL) or is_temporary(path, BEST_MODEL):
                 path.unlink(missing_ok=True)
+
+
+def _save(path: Path, model: Mapping[str, Array], round_number: int) -> None:
+    """Replace a user-facing model file (the `while_saving` failpoint just before the rename)."""
+    write_model(
+        path,
+        model,
+        round_number=round_number,
+        before_rename=lambda: failpoint("while_saving"),
+        hashed=False,
+    )
