@@ -15,6 +15,7 @@ import importlib
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -115,6 +116,11 @@ def import_runner(name: str) -> RunnerFactory:
             f"{name!r} is neither a built-in runner ({', '.join(BUILTIN_RUNNERS)}) "
             "nor 'package.module:Class'"
         )
+    if module_name.partition(".")[0] in _folders_of_foedus():
+        raise RunnerError(
+            f"{name!r}: foedus's own modules are imported as foedus.{module_name}: "
+            f"write 'foedus.{target}'"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
@@ -135,6 +141,15 @@ def import_runner(name: str) -> RunnerFactory:
         )
     factory: RunnerFactory = runner  # type: ignore[assignment]
     return factory
+
+
+def _folders_of_foedus() -> frozenset[str]:
+    """The names foedus's packages had before foedus installed one package (plans, collaborator,
+    ...): a runner named by one of them would load a second copy of foedus's modules, or none."""
+    root = Path(__file__).resolve().parent.parent
+    return frozenset(path.name for path in root.iterdir() if (path / "__init__.py").is_file()) - {
+        "foedus"
+    }
 
 
 def _takes(function: object, *arguments: object) -> bool:

@@ -324,6 +324,20 @@ def test_unknown_runner(
     assert line.startswith(f"{PREFIX}{plan}: runner.name: cannot import 'nosuchpackage.module'")
 
 
+def test_a_runner_named_by_a_folder_of_foedus_is_told_its_installed_name(
+    certs: CertsLayout, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A plan written before foedus installed one package names collaborator.digits: the line
+    says to write foedus.collaborator.digits (a second copy of foedus's modules is never loaded)."""
+    plan = write_plan(tmp_path, certs, runner={"name": "collaborator.digits:DigitsRunner"})
+    assert main(["start", "-n", "alice", "--plan", str(plan)]) == 2
+    assert error_lines(capsys) == [
+        f"{PREFIX}{plan}: runner.name: 'collaborator.digits:DigitsRunner': foedus's own modules "
+        "are imported as foedus.collaborator.digits: write "
+        "'foedus.collaborator.digits:DigitsRunner'"
+    ]
+
+
 class CountingRunner(DigitsRunner):
     """A runner written before `train` took the round: it would count its calls instead."""
 
