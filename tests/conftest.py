@@ -19,6 +19,8 @@ from foedus.pki.requests import Role, create_key_and_csr
 from foedus.pki.roles import is_role_mark
 from foedus.pki.signing import certify
 
+from directors import make_director_certs
+
 AGGREGATOR_HOST = "localhost"
 AGGREGATOR_DNS = ("localhost",)
 AGGREGATOR_IPS = ("127.0.0.1", "::1")
@@ -202,3 +204,10 @@ def misnamed_aggregator(certs: CertsLayout, tmp_path_factory: pytest.TempPathFac
         signing_key=signing_key,
         signing_cert=signing_cert,
     )
+
+
+@pytest.fixture(scope="module")
+def director_certs(tmp_path_factory: pytest.TempPathFactory) -> CertsLayout:
+    """Certificates of a director on localhost, its envoys and people: one set for each test
+    module (`directors.make_director_certs`)."""
+    return make_director_certs(tmp_path_factory.mktemp("director-certs"))

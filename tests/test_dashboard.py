@@ -36,7 +36,6 @@ from directors import (
     Director,
     RecordingLauncher,
     eventually,
-    make_director_certs,
     running_director,
     submitted_plan,
     write_config,
@@ -44,12 +43,6 @@ from directors import (
 
 TIMEOUT = 20
 WAIT_SECONDS = 30
-
-
-@pytest.fixture(scope="module")
-def director_certs(tmp_path_factory: pytest.TempPathFactory) -> CertsLayout:
-    """Certificates of a director on localhost, its envoys and people."""
-    return make_director_certs(tmp_path_factory.mktemp("dashboard-certs"))
 
 
 @pytest.fixture

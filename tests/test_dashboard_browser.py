@@ -43,7 +43,7 @@ from foedus.plans.service.screenshot import (
 from foedus.plans.service.screenshot import main as screenshot_main
 from foedus.protos import director_pb2 as pb
 
-from directors import ENVOYS, Director, make_director_certs, running_director, submitted_plan
+from directors import ENVOYS, Director, running_director, submitted_plan
 from envoys import EnvoyProcess, stop_collaborators, write_envoy_config
 
 pytestmark = pytest.mark.slow
@@ -90,12 +90,6 @@ def browser(tmp_path: Path, director_certs: CertsLayout) -> Iterator[WebDriver]:
             yield driver
     except BrowserUnavailableError as error:
         browser_unavailable(str(error))
-
-
-@pytest.fixture
-def director_certs(tmp_path_factory: pytest.TempPathFactory) -> CertsLayout:
-    """Certificates of a director on localhost, its envoys and people."""
-    return make_director_certs(tmp_path_factory.mktemp("browser-certs"))
 
 
 @pytest.fixture

@@ -16,16 +16,10 @@ from foedus.director.cli import main
 from foedus.pki.layout import CertsLayout
 from foedus.protos import director_pb2 as pb
 
-from directors import ENVOYS, make_director_certs, stub_at, write_config
+from directors import ENVOYS, stub_at, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 WAIT_SECONDS = 60
-
-
-@pytest.fixture(scope="module")
-def director_certs(tmp_path_factory: pytest.TempPathFactory) -> CertsLayout:
-    """Certificates of a director on localhost, its envoys and people."""
-    return make_director_certs(tmp_path_factory.mktemp("director-certs"))
 
 
 def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:

@@ -31,7 +31,7 @@ from foedus.processes.children import CHILD_MODULE
 from foedus.protos import director_pb2 as pb
 from foedus.protos import director_pb2_grpc
 
-from directors import make_director_certs, stub_at, submitted_plan, write_config
+from directors import stub_at, submitted_plan, write_config
 from envoys import EnvoyProcess, start_envoys, stop_collaborators, stop_envoys
 from federation_processes import free_port
 
@@ -102,12 +102,6 @@ class DirectorProcess:
             self.process.wait(timeout=60)
         if self.process is not None and self.process.stdout is not None:
             self.process.stdout.close()
-
-
-@pytest.fixture(scope="module")
-def director_certs(tmp_path_factory: pytest.TempPathFactory) -> CertsLayout:
-    """Certificates of a director on localhost, its envoys and people."""
-    return make_director_certs(tmp_path_factory.mktemp("director-certs"))
 
 
 def kill_recorded_aggregators(state_dir: Path) -> None:

@@ -26,7 +26,6 @@ from directors import (
     ENVOYS,
     Director,
     eventually,
-    make_director_certs,
     running_director,
     submitted_plan,
 )
@@ -44,12 +43,6 @@ LIMITS = {
     "max_calls_per_identity": PER_IDENTITY,
     "idle_stream_seconds": IDLE_SECONDS,
 }
-
-
-@pytest.fixture(scope="module")
-def director_certs(tmp_path_factory: pytest.TempPathFactory) -> CertsLayout:
-    """Certificates of a director on localhost, its envoys and its people."""
-    return make_director_certs(tmp_path_factory.mktemp("director-certs"))
 
 
 def register_envoys(director: Director) -> None:

@@ -40,7 +40,6 @@ from directors import (
     RecordingLauncher,
     alias_bomb_plan,
     eventually,
-    make_director_certs,
     running_director,
     stub_at,
     submitted_plan,
@@ -51,12 +50,6 @@ from settings_runner import NAME as SETTINGS_RUNNER
 
 WAIT_SECONDS = 30
 TIMEOUT = 20  # every call's deadline
-
-
-@pytest.fixture(scope="module")
-def director_certs(tmp_path_factory: pytest.TempPathFactory) -> CertsLayout:
-    """Certificates of a director on localhost, its envoys, people, a stranger and an outsider."""
-    return make_director_certs(tmp_path_factory.mktemp("director-certs"))
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from foedus.pki.layout import CertsLayout
 from foedus.protos import director_pb2 as pb
 from foedus.protos import director_pb2_grpc
 
-from directors import ENVOYS, make_director_certs, running_director, submitted_plan
+from directors import ENVOYS, running_director, submitted_plan
 from envoys import EnvoyProcess, read_all, start_envoys, stop_envoys, write_envoy_config
 from federation_processes import free_port
 
@@ -33,12 +33,6 @@ RUN_SECONDS = 300
 FINAL = {pb.EXPERIMENT_COMPLETED, pb.EXPERIMENT_FAILED, pb.EXPERIMENT_CANCELLED}
 T = TypeVar("T")
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def director_certs(tmp_path_factory: pytest.TempPathFactory) -> CertsLayout:
-    """Certificates of a director on localhost, its envoys and people."""
-    return make_director_certs(tmp_path_factory.mktemp("director-certs"))
 
 
 def wait_until(what: str, check: Callable[[], T | None], timeout: float = RUN_SECONDS) -> T:

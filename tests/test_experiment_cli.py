@@ -24,7 +24,6 @@ from directors import (
     ENVOYS,
     Director,
     RecordingLauncher,
-    make_director_certs,
     running_director,
     submitted_plan,
 )
@@ -32,12 +31,6 @@ from federation_processes import run_module
 
 REPO = Path(__file__).resolve().parent.parent
 WAIT_SECONDS = 30
-
-
-@pytest.fixture(scope="module")
-def director_certs(tmp_path_factory: pytest.TempPathFactory) -> CertsLayout:
-    """Certificates of a director on localhost, its envoys and people."""
-    return make_director_certs(tmp_path_factory.mktemp("director-certs"))
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from foedus.lifecycle.states import CollaboratorState
 from foedus.pki.layout import CertsLayout
 from foedus.protos import director_pb2 as pb
 
-from directors import ADMIN, Director, make_director_certs, running_director
+from directors import ADMIN, Director, running_director
 from envoys import EnvoyProcess, stop_envoys, write_envoy_config
 from federation_processes import free_port
 from leaky_runner import NAME, RECORD, SITE_FILE
@@ -43,12 +43,6 @@ CATEGORY = "the collaborator exited with code 1: the task runner failed (ValueEr
 GIVEN_UP = "it died 4 times in a row; "  # why the envoy gave the collaborator up, before how
 ALIVE = (pb.COLLABORATOR_STARTED, pb.COLLABORATOR_RUNNING)
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def director_certs(tmp_path_factory: pytest.TempPathFactory) -> CertsLayout:
-    """Certificates of a director on localhost, its envoys and people."""
-    return make_director_certs(tmp_path_factory.mktemp("director-certs"))
 
 
 @pytest.fixture
