@@ -14,6 +14,7 @@ their own. A stream sent to the director (a submitted model, an uploaded log) th
 for `limits.idle_stream_seconds` ends with DEADLINE_EXCEEDED (`foedus.admission.calls.chunks_within`).
 `foedus.director.server` sizes its worker threads so that every admitted call has one. A followed
 stream waits between reads for the director's next change (`_follow`, `foedus.director.changes`).
+About 500 lines: the conversions of all 16 RPCs, a few lines each, kept together as the one wire side.
 """
 
 from __future__ import annotations
