@@ -33,19 +33,7 @@ $(STAMP): pyproject.toml
 demo: install ## Run a real federation on localhost: an aggregator and 3 collaborators over mTLS
 	@$(PY) -m foedus.plans.demo_ports --base $(PORT_BASE) --out build/ports $(PLAN) >/dev/null
 	$(VENV)/bin/pki setup --plan $(DEMO_PLAN)
-	@set -u; rm -rf build/local/output; mkdir -p build/local; \
-	names=$$($(PY) -c 'import sys; from foedus.plans import load_plan; print(*load_plan(sys.argv[1]).collaborators)' $(DEMO_PLAN)); \
-	$(VENV)/bin/aggregator start --plan $(DEMO_PLAN) --log-level warning & agg=$$!; \
-	pids=""; for name in $$names; do \
-	  $(VENV)/bin/collaborator start -n $$name --plan $(DEMO_PLAN) --log-level warning 2>build/local/$$name.log & pids="$$pids $$!"; \
-	done; \
-	trap 'kill $$agg $$pids 2>/dev/null' INT TERM EXIT; \
-	status=0; wait $$agg || status=$$?; \
-	if [ $$status -ne 0 ]; then kill $$pids 2>/dev/null; fi; \
-	for pid in $$pids; do wait $$pid || { code=$$?; [ $$status -ne 0 ] || status=$$code; }; done; \
-	trap - INT TERM EXIT; \
-	if [ $$status -ne 0 ]; then echo "demo: a process failed (exit $$status); logs in build/local/"; fi; \
-	exit $$status
+	@bash plans/demo.sh $(VENV) $(DEMO_PLAN) build/local demo
 
 demo-service: install ## foedus as a service: a director, 3 envoys, `experiment submit`, the best model out, a dashboard screenshot
 	PORT_BASE=$(PORT_BASE) bash plans/service/demo.sh
@@ -122,16 +110,4 @@ test-torch: torch-env ## Check the torch runner (mypy strict) and run its tests,
 demo-torch: torch-env ## The PyTorch example: a CNN on the digits images, 3 collaborators over mTLS
 	@$(TORCH_VENV)/bin/python -m foedus.plans.demo_ports --base $(PORT_BASE) --out build/ports $(TORCH_PLAN) >/dev/null
 	$(TORCH_VENV)/bin/pki setup --plan $(TORCH_DEMO_PLAN)
-	@set -u; rm -rf build/torch/output; mkdir -p build/torch; \
-	names=$$($(TORCH_VENV)/bin/python -c 'import sys; from foedus.plans import load_plan; print(*load_plan(sys.argv[1]).collaborators)' $(TORCH_DEMO_PLAN)); \
-	$(TORCH_VENV)/bin/aggregator start --plan $(TORCH_DEMO_PLAN) --log-level warning & agg=$$!; \
-	pids=""; for name in $$names; do \
-	  $(TORCH_VENV)/bin/collaborator start -n $$name --plan $(TORCH_DEMO_PLAN) --log-level warning 2>build/torch/$$name.log & pids="$$pids $$!"; \
-	done; \
-	trap 'kill $$agg $$pids 2>/dev/null' INT TERM EXIT; \
-	status=0; wait $$agg || status=$$?; \
-	if [ $$status -ne 0 ]; then kill $$pids 2>/dev/null; fi; \
-	for pid in $$pids; do wait $$pid || { code=$$?; [ $$status -ne 0 ] || status=$$code; }; done; \
-	trap - INT TERM EXIT; \
-	if [ $$status -ne 0 ]; then echo "demo-torch: a process failed (exit $$status); logs in build/torch/"; fi; \
-	exit $$status
+	@bash plans/demo.sh $(TORCH_VENV) $(TORCH_DEMO_PLAN) build/torch demo-torch

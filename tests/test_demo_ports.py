@@ -81,7 +81,8 @@ def test_the_demos_run_only_moved_copies() -> None:
     assert [line for line in recipes if FIXED_PORT.search(line) and "echo" not in line] == []
     for demo_plan in ("$(DEMO_PLAN)", "$(TORCH_DEMO_PLAN)"):
         assert demo_plan in makefile
-    assert "$(PLAN)" not in "".join(line for line in recipes if "aggregator start" in line)
+    federations = [line for line in recipes if "plans/demo.sh" in line]
+    assert [line.split()[3] for line in federations] == ["$(DEMO_PLAN)", "$(TORCH_DEMO_PLAN)"]
 
 
 def test_a_base_that_moves_a_port_out_of_range_is_one_line_exit_2(
