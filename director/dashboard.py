@@ -161,25 +161,25 @@ class _Routes:
         """The caller's experiments (an admin's: all), newest first."""
         caller = self.identify(request)
         now = self.clock()
-        views = self.service.experiments(caller)
+        views = self.service.people.experiments(caller)
         return {"experiments": [_summary(view, now) for view in reversed(views)]}
 
     def experiment(self, request: Request, experiment_id: str) -> dict[str, Any]:
         """One experiment: its summary, sites, metric series and the end of its log."""
         caller = self.identify(request)
-        view = self.service.experiment(caller, checked_id("experiment_id", experiment_id))
-        rows = self.service.metric_rows(caller, experiment_id, 0)
+        view = self.service.people.experiment(caller, checked_id("experiment_id", experiment_id))
+        rows = self.service.people.metric_rows(caller, experiment_id, 0)
         return {
             **_summary(view, self.clock()),
             "charts": metric_series(rows),
-            "log_tail": _log_tail(self.service.folder(experiment_id) / LOG_FILE),
+            "log_tail": _log_tail(self.service.folders.folder(experiment_id) / LOG_FILE),
         }
 
     def envoys(self, request: Request) -> dict[str, Any]:
         """Every registered envoy: shard, last heartbeat, online, active experiments."""
         caller = self.identify(request)
         now = self.clock()
-        return {"envoys": [_envoy(e, ids, now) for e, ids in self.service.envoys(caller)]}
+        return {"envoys": [_envoy(e, ids, now) for e, ids in self.service.people.envoys(caller)]}
 
     def schema(self, request: Request) -> dict[str, Any]:
         """The API's OpenAPI schema, for a logged-in person."""

@@ -10,8 +10,8 @@
 - `foedus.director.changes.Changes` (the state's): what followed streams wait on.
 
 `foedus.director.servicer` calls the desks (one method per RPC, the caller already identified);
-`foedus.director.server` recovers and runs the supervisor; `foedus.director.dashboard` reads through the few
-people's calls below. Nothing here imports gRPC: tests drive it without a socket.
+`foedus.director.server` recovers and runs the supervisor; `foedus.director.dashboard` reads through the
+people's desk and the folders. Nothing here imports gRPC: tests drive it without a socket.
 """
 
 from __future__ import annotations
@@ -19,14 +19,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from foedus.director.envoys import EnvoyDesk
 from foedus.director.folders import ExperimentFolders
-from foedus.director.identity import Caller, Roster
+from foedus.director.identity import Roster
 from foedus.director.launcher import Launcher
-from foedus.director.people import ExperimentView, PeopleDesk
-from foedus.director.records import Envoy
+from foedus.director.people import PeopleDesk
 from foedus.director.site_logs import LogRendezvous
 from foedus.director.state import DirectorState
 from foedus.director.supervisor import Supervisor
@@ -61,25 +59,3 @@ class DirectorService:
     def run(self, stop: threading.Event, period: float = 0.25) -> None:
         """The supervisor's steps every `period` seconds until `stop` is set."""
         self.supervisor.run(stop, period)
-
-    # The dashboard's reads: the people's desk's, under the names it calls.
-
-    def folder(self, experiment_id: str) -> Path:
-        """Where an experiment's files are."""
-        return self.folders.folder(experiment_id)
-
-    def experiments(self, caller: Caller) -> list[ExperimentView]:
-        """The caller's experiments (`PeopleDesk.experiments`)."""
-        return self.people.experiments(caller)
-
-    def experiment(self, caller: Caller, experiment_id: str) -> ExperimentView:
-        """One experiment the caller may see (`PeopleDesk.experiment`)."""
-        return self.people.experiment(caller, experiment_id)
-
-    def metric_rows(self, caller: Caller, experiment_id: str, from_row: int) -> list[str]:
-        """The aggregator's metric rows from `from_row` (`PeopleDesk.metric_rows`)."""
-        return self.people.metric_rows(caller, experiment_id, from_row)
-
-    def envoys(self, caller: Caller) -> list[tuple[Envoy, tuple[str, ...]]]:
-        """The registered envoys with the caller's active experiments (`PeopleDesk.envoys`)."""
-        return self.people.envoys(caller)

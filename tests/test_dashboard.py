@@ -206,7 +206,7 @@ def test_an_experiment_shows_progress_charts_sites_and_its_log(director: Directo
         lambda: director.server.state.experiment(experiment_id).state.value == "waiting",
         "the experiment to take its running place",
     )
-    output = director.server.service.folder(experiment_id) / OUTPUT
+    output = director.server.service.folders.folder(experiment_id) / OUTPUT
     output.mkdir(parents=True, exist_ok=True)
     rows = [
         {
@@ -230,7 +230,7 @@ def test_an_experiment_shows_progress_charts_sites_and_its_log(director: Directo
     (output / METRICS).write_text(
         "".join(json.dumps(row) + "\n" for row in rows) + '{"round": 2, "metr', encoding="utf-8"
     )
-    log = director.server.service.folder(experiment_id) / LOG_FILE
+    log = director.server.service.folders.folder(experiment_id) / LOG_FILE
     log.write_text("".join(f"line {n}\n" for n in range(100)), encoding="utf-8")
     status, body = get_json(director, f"/api/experiments/{experiment_id}", token(director, "ada"))
     assert status == 200

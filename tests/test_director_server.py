@@ -131,7 +131,7 @@ def test_an_experiment_runs_its_whole_lifecycle(
     again = alice.EnvoyHeartbeat(pb.EnvoyHeartbeatRequest(collaborators=[listed]), timeout=TIMEOUT)
     assert list(again.start) == [] and list(again.stop) == []
 
-    output = director.server.service.folder(experiment_id) / "output"
+    output = director.server.service.folders.folder(experiment_id) / "output"
     output.mkdir()
     rows = [f'{{"round": {n}, "final_validation": false}}' for n in range(10)]
     (output / "metrics.jsonl").write_text("".join(row + "\n" for row in rows), encoding="utf-8")
@@ -163,7 +163,7 @@ def test_an_experiment_runs_its_whole_lifecycle(
     ended = alice.EnvoyHeartbeat(pb.EnvoyHeartbeatRequest(collaborators=[listed]), timeout=TIMEOUT)
     assert list(ended.stop) == [experiment_id]
     ada.RemoveExperiment(pb.ExperimentRequest(experiment_id=experiment_id), timeout=TIMEOUT)
-    assert not director.server.service.folder(experiment_id).exists()
+    assert not director.server.service.folders.folder(experiment_id).exists()
 
 
 def test_the_queue_runs_at_most_max_running_in_submission_order(
@@ -290,7 +290,7 @@ def test_an_initial_model_is_received_in_chunks(director: Director) -> None:
     )
     rest = [pb.SubmitChunk(initial_model_data=piece) for piece in pieces[1:]]
     answer = director.stub("ada").SubmitExperiment(iter([first, *rest]), timeout=TIMEOUT)
-    folder = director.server.service.folder(answer.experiment_id)
+    folder = director.server.service.folders.folder(answer.experiment_id)
     assert (folder / "initial_model.pbuf").read_bytes() == model
 
 
@@ -354,7 +354,7 @@ def test_followed_streams_see_each_change_and_end_with_the_experiment(
     experiment_id = submit(ada, submitted_plan()).experiment_id
     root.ApproveExperiment(pb.ReviewRequest(experiment_id=experiment_id), timeout=TIMEOUT)
     eventually(lambda: state_of(director, experiment_id) == pb.EXPERIMENT_WAITING, "waiting")
-    folder = director.server.service.folder(experiment_id)
+    folder = director.server.service.folders.folder(experiment_id)
     (folder / "output").mkdir(exist_ok=True)
     request = pb.ExperimentRequest(experiment_id=experiment_id)
     metrics = ada.GetMetricStream(
@@ -820,7 +820,7 @@ def test_a_runner_is_imported_only_where_director_yaml_allows_it(
                     pb.RegisterEnvoyRequest(), timeout=TIMEOUT
                 )
             answer = director.stub("ada").SubmitExperiment(iter([first]), timeout=TIMEOUT)
-            log = director.server.service.folder(answer.experiment_id) / LOG_FILE
+            log = director.server.service.folders.folder(answer.experiment_id) / LOG_FILE
             eventually(
                 lambda: log.exists() and "serving federation" in log.read_text("utf-8"),
                 "the aggregator serving",
@@ -926,7 +926,7 @@ def test_certificates_made_before_role_marks_work_with_one_warning_each(
 def test_a_log_offset_past_the_end_reads_nothing(director: Director) -> None:
     """The largest offset a file can have, past the aggregator's log: an empty answer, no error."""
     experiment_id = _ada_experiment(director)
-    log = director.server.service.folder(experiment_id) / LOG_FILE
+    log = director.server.service.folders.folder(experiment_id) / LOG_FILE
     log.write_bytes(b"the aggregator's log\n")
     request = pb.LogRequestFromUser(experiment_id=experiment_id, offset=2**63 - 1)
     assert list(director.stub("ada").GetLogs(request, timeout=TIMEOUT)) == []

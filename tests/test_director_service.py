@@ -213,17 +213,19 @@ def test_restart_stops_an_aggregator_its_cancelled_experiment_outlived(tmp_path:
     second = Harness(tmp_path, launcher=LocalLauncher())
     try:
         deadline = time.monotonic() + 60
-        while not second.launcher.adopt(experiment_id, second.service.folder(experiment_id), pid):
+        while not second.launcher.adopt(
+            experiment_id, second.service.folders.folder(experiment_id), pid
+        ):
             assert time.monotonic() < deadline, "the aggregator never ran its command"
             time.sleep(0.05)
         second.service.recover()
         assert second.state.experiment(experiment_id).aggregator_pid is None
-        assert sleeper.poll(experiment_id, first.service.folder(experiment_id)) is not None
+        assert sleeper.poll(experiment_id, first.service.folders.folder(experiment_id)) is not None
     finally:
         second.state.close()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
-        sleeper.stop(experiment_id, first.service.folder(experiment_id), grace_seconds=1)
+        sleeper.stop(experiment_id, first.service.folders.folder(experiment_id), grace_seconds=1)
 
 
 def test_a_gone_site_fails_only_the_experiments_it_is_in(harness: Harness) -> None:
@@ -362,7 +364,7 @@ def test_a_site_refused_at_the_start_does_not_hold_the_others_waiting(harness: H
 
 def complete_rounds(harness: Harness, experiment_id: str, rounds: int) -> None:
     """The aggregator's metrics.jsonl with `rounds` training rounds."""
-    output = harness.service.folder(experiment_id) / "output"
+    output = harness.service.folders.folder(experiment_id) / "output"
     output.mkdir(parents=True, exist_ok=True)
     rows = [f'{{"round": {number}, "metrics": {{}}}}\n' for number in range(rounds)]
     (output / "metrics.jsonl").write_text("".join(rows), encoding="utf-8")
@@ -420,7 +422,7 @@ def test_an_aggregator_that_fails_names_its_last_line_and_the_lost_sites(
             report(harness, name, experiment_id, CollaboratorState.GAVE_UP, "a bad plan")
         harness.service.supervisor.supervise()
         line = "aggregator: error: round 1/10 can never close: every collaborator has left"
-        log = harness.service.folder(experiment_id) / "aggregator.log"
+        log = harness.service.folders.folder(experiment_id) / "aggregator.log"
         log.write_text(f"started\n{line}\n", encoding="utf-8")
         harness.launcher.ends[experiment_id] = Ended(1)
         harness.service.supervisor.supervise()

@@ -125,7 +125,7 @@ def test_submit_list_status_and_a_run_to_its_model(
             pb.CollaboratorReport(experiment_id=experiment_id, state=pb.COLLABORATOR_STARTED),
             timeout=20,
         )
-    output = director.server.service.folder(experiment_id) / "output"
+    output = director.server.service.folders.folder(experiment_id) / "output"
     output.mkdir()
     rows = [
         {
@@ -192,7 +192,7 @@ def test_an_initial_model_goes_in_pieces_within_the_limit(
     model.write_bytes(bytes(range(256)) * 250)  # 64000 bytes, the limit being 65536
     code, out = run(ada, "submit", str(write_plan(tmp_path)), "--initial-model", str(model))
     assert code == 0, capsys.readouterr().err
-    folder = director.server.service.folder(out.split()[0])
+    folder = director.server.service.folders.folder(out.split()[0])
     assert (folder / "initial_model.pbuf").read_bytes() == model.read_bytes()
     model.write_bytes(b"\0" * 65537)
     code, out = run(ada, "submit", str(write_plan(tmp_path)), "--initial-model", str(model))
@@ -311,7 +311,7 @@ def test_others_text_reaches_the_terminal_without_controls(
         )
         .experiment_id
     )
-    log = director.server.service.folder(experiment_id) / "aggregator.log"
+    log = director.server.service.folders.folder(experiment_id) / "aggregator.log"
     log.write_text(f"round 1{ESCAPES}\tdone\n", encoding="utf-8")
     outputs = [
         run(ada, "list")[1],
