@@ -1,7 +1,7 @@
 """A round's close: who counted, the averaged model and metrics, the best model, made durable.
 
-On close, the reporters' ``train`` results are averaged by data size (`foedus.aggregator.fedavg`) into
-the next global model, and each task's metrics into weighted means; each reporter's own metrics
+On close, the reporters' ``train`` results are averaged by data size (`foedus.aggregator.fedavg`)
+into the next global model, and each task's metrics into weighted means; each reporter's own metrics
 are kept beside them (`RoundRecord.sites`). The plan's best-model metric is tracked here too
 (`Best`).
 

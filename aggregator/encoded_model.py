@@ -5,10 +5,10 @@ Two encodings of each tensor, each made by the first request that needs it:
 * a `NamedTensor`, for OpenFL's unary `GetAggregatedTensor`, kept in memory;
 * the serialized `ModelChunk`s of foedus's streamed `GetAggregatedModel`, spooled to a file that
   has no name (`SpooledChunks`) and read back for each request. The aggregator then holds none of
-  the model's bytes for its downloads (the page cache does, and can drop them under pressure),
-  and a tensor mapped from the state's model file goes into the spool by a copy in the kernel
-  (`foedus.aggregator.mapped`), so its pages never count in the aggregator's memory either. Reading a
-  2 MiB chunk back costs one `pread` per request: what gRPC needs is a `bytes` object per message,
+  the model's bytes for its downloads (the page cache does, and can drop them under pressure), and a
+  tensor mapped from the state's model file goes into the spool by a copy in the kernel
+  (`foedus.aggregator.mapped`), so its pages never count in the aggregator's memory either. Reading
+  a 2 MiB chunk back costs one `pread` per request: what gRPC needs is a `bytes` object per message,
   which a chunk held in memory gave without it, at the price of holding the whole model once more.
 """
 

@@ -1,11 +1,12 @@
 """The federation's state, in plain Python: rounds, tasks, the global model and accepted results.
 
 The servicer hands decoded requests to a `Federation` and encodes what it answers; nothing here
-knows about gRPC or protobuf, so tests drive it directly. `Federation` is the facade that holds
-the lock and the records of the round in progress (`foedus.aggregator.schedule.RoundState`) and calls
+knows about gRPC or protobuf, so tests drive it directly. `Federation` is the facade that holds the
+lock and the records of the round in progress (`foedus.aggregator.schedule.RoundState`) and calls
 the parts that each do one job: `foedus.aggregator.checks` refuses what arrives,
 `foedus.aggregator.schedule` hands out tasks and says when a round closes (the straggler policy,
-leaving, the final validation round), `foedus.aggregator.closing` closes it (averaging, the best model).
+leaving, the final validation round), `foedus.aggregator.closing` closes it (averaging, the best
+model).
 
 Every check runs before anything is stored, and a resend of an accepted result is recognised and
 counted once (`foedus.aggregator.checks` says which results are refused). A collaborator's departure

@@ -1,8 +1,8 @@
 """Whether the aggregator can serve: running, not stopping, and able to store what it is sent.
 
 Plain Python: `foedus.aggregator.health_service` puts it on the wire as the standard gRPC health
-service, `foedus.aggregator.metrics` as a gauge. The aggregator is *serving* from `start` until `stop`
-while its storage works. Storage is judged by what happens, not guessed at:
+service, `foedus.aggregator.metrics` as a gauge. The aggregator is *serving* from `start` until
+`stop` while its storage works. Storage is judged by what happens, not guessed at:
 
 * any refusal because something could not be stored (`StorageError`: a full disk, a disk gone
   read-only) marks storage failed at once; every RPC's refusal passes through `refused`, so a

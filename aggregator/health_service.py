@@ -4,12 +4,12 @@ The standard service (package `grpcio-health-checking`), so load balancers, Kube
 probes and `grpc_health_probe` work unchanged. Two names answer, always alike: the server as a
 whole (`""`) and `openfl.aggregator.Aggregator`.
 
-Who may ask: the health service carries no message header, so the one check of every
-Aggregator RPC (`foedus.aggregator.identity`) has nothing to compare; the TLS handshake is its check.
-On a TLS server only a client with a certificate of the federation's CA gets that far, whatever
-its common name; what it learns is SERVING or NOT_SERVING. A probe should have a certificate of
-its own whose name is not a collaborator's (README, Health and metrics), so the Aggregator service
-refuses it (`PERMISSION_DENIED`) and a leaked probe key cannot train or upload.
+Who may ask: the health service carries no message header, so the one check of every Aggregator RPC
+(`foedus.aggregator.identity`) has nothing to compare; the TLS handshake is its check. On a TLS
+server only a client with a certificate of the federation's CA gets that far, whatever its common
+name; what it learns is SERVING or NOT_SERVING. A probe should have a certificate of its own whose
+name is not a collaborator's (README, Health and metrics), so the Aggregator service refuses it
+(`PERMISSION_DENIED`) and a leaked probe key cannot train or upload.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Who is calling: one check for every RPC, from the TLS certificate and the message header.
 
-The rules are OpenFL's (see the wire reference), answered with a status instead of an `assert`:
-the certificate's common name must be an authorised collaborator and equal `header.sender`,
+The rules are OpenFL's (see the wire reference), answered with a status instead of an `assert`: the
+certificate's common name must be an authorised collaborator and equal `header.sender`,
 `header.receiver` must be this aggregator and `header.federation_uuid` this federation. And the
-certificate must be a collaborator's (its role mark, `foedus.pki.roles`), not a person's of the same name.
+certificate must be a collaborator's (its role mark, `foedus.pki.roles`), not a person's of the same
+name.
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ The rule, written once here: a collaborator is
   everyone `offline_after` seconds to come back before judging them);
 * ``not heard from`` before its first call, while that grace lasts;
 * ``left`` once it has told the aggregator it gives up (the foedus `Leave` RPC, with a reason),
-  whatever its calls say, until it rejoins (`rejoin`, on any later call of its but a
-  `Heartbeat`, which may have been sent before the `Leave`; `foedus.aggregator.federation` makes both
-  durable first).
+  whatever its calls say, until it rejoins (`rejoin`, on any later call of its but a `Heartbeat`,
+  which may have been sent before the `Leave`; `foedus.aggregator.federation` makes both durable
+  first).
 
 `awaited` is who a round still waits for (everyone not offline and not left);
 `foedus.aggregator.schedule` closes a round once all of them have reported (offline counts only when

@@ -39,8 +39,8 @@ def mapped_range(
     """Where the bytes of `data` lie when `array` is them, mapped from a file: that file open for
     the block; None when they are not, or the file is gone (read them through the mapping then).
 
-    `data` is `array` as it is encoded (`foedus.protos.codec.tensor_field_frame`): the same bytes when
-    it has the same dtype and `array` is C-ordered.
+    `data` is `array` as it is encoded (`foedus.protos.codec.tensor_field_frame`): the same bytes
+    when it has the same dtype and `array` is C-ordered.
     """
     if not (
         isinstance(array, np.memmap)

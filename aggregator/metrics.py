@@ -6,10 +6,10 @@ left and why, free storage, health), so nothing is kept twice. Counters are per 
 Prometheus expects: they start at 0 when the aggregator starts; `foedus_round` says where the
 federation stands.
 
-The hot paths stay cheap: bytes are counted once per transfer (an upload, a model stream, a
-tensor), never per chunk. `MetricsServer` serves this registry on the plan's
-`aggregator.metrics_address` (`foedus.serving.metrics.RegistryServer`: prometheus-client's HTTP server
-in its own thread), started and stopped with the aggregator.
+The hot paths stay cheap: bytes are counted once per transfer (an upload, a model stream, a tensor),
+never per chunk. `MetricsServer` serves this registry on the plan's `aggregator.metrics_address`
+(`foedus.serving.metrics.RegistryServer`: prometheus-client's HTTP server in its own thread),
+started and stopped with the aggregator.
 """
 
 from __future__ import annotations

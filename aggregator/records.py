@@ -1,8 +1,8 @@
 """The federation's value types: what is handed out, received, accepted, closed and recovered.
 
 Plain frozen dataclasses shared by the federation (`foedus.aggregator.federation`), its stores
-(`foedus.aggregator.store`, `foedus.aggregator.state`) and the servicer; nothing here does anything but carry
-values (and, for `AveragedModel`, say how the next model is averaged).
+(`foedus.aggregator.store`, `foedus.aggregator.state`) and the servicer; nothing here does anything
+but carry values (and, for `AveragedModel`, say how the next model is averaged).
 """
 
 from __future__ import annotations

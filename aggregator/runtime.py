@@ -18,8 +18,8 @@ line naming the round and each collaborator that left with its reason (`Outcome.
 command exits 1).
 
 A close that cannot be stored (a full disk) does not end the aggregator: nothing of it was
-committed, the health turns NOT_SERVING (`foedus.aggregator.health`), and the close is tried again once
-the health's storage check finds that writing works. Saving the outputs of a committed round
+committed, the health turns NOT_SERVING (`foedus.aggregator.health`), and the close is tried again
+once the health's storage check finds that writing works. Saving the outputs of a committed round
 (`last_model.pbuf`, `metrics.jsonl`) that fails still ends it: a restart writes them again.
 
 With a durable store (`foedus.aggregator.state`), the federation resumes after a restart where it

@@ -13,12 +13,12 @@ closes when the plan's straggler policy says so (`Schedule.due`, asked by the fe
 A collaborator has *reported* when it has finished every task of the round; only reporters'
 results count.
 
-With ``straggler.offline_after_seconds`` set, under any policy a round also closes as soon as
-every collaborator still online has reported and at least ``min_reports`` have
-(`foedus.aggregator.liveness` says who is online), so a dead site costs seconds, not the whole cut-off.
-One that calls again before the round closes is online again, and the round waits for it again;
-one that comes back after the close takes part from the next round (its results for the closed
-round are refused, as any straggler's).
+With ``straggler.offline_after_seconds`` set, under any policy a round also closes as soon as every
+collaborator still online has reported and at least ``min_reports`` have
+(`foedus.aggregator.liveness` says who is online), so a dead site costs seconds, not the whole
+cut-off. One that calls again before the round closes is online again, and the round waits for it
+again; one that comes back after the close takes part from the next round (its results for the
+closed round are refused, as any straggler's).
 
 A collaborator that has *left* (it said it gives up: the foedus `Leave` RPC) is awaited by no
 round under any policy, whether or not ``offline_after_seconds`` is set: a round closes as soon

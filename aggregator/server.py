@@ -1,9 +1,10 @@
 """AggregatorGRPCServer: the gRPC server around one federation, its credentials, start and stop.
 
 Beside the Aggregator service it serves the standard health service on the same port
-(`foedus.aggregator.health_service`), and, when the plan gives `aggregator.metrics_address`, Prometheus
-metrics over HTTP there (`foedus.aggregator.metrics`); both start and stop with it. Its lifetime in a
-`with` and its binding are `foedus.serving.server.Serving`'s, as the director's server's.
+(`foedus.aggregator.health_service`), and, when the plan gives `aggregator.metrics_address`,
+Prometheus metrics over HTTP there (`foedus.aggregator.metrics`); both start and stop with it. Its
+lifetime in a `with` and its binding are `foedus.serving.server.Serving`'s, as the director's
+server's.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ def method_handlers(
     """The handler of each RPC, as the generated code makes them but for two differences.
 
     `GetAggregatedModel` answers with chunks serialized once per round
-    (`foedus.aggregator.servicer.EncodedModel`), so its responses are bytes passed through as they are;
-    `SendLocalTaskResults` reads its chunks in place (`foedus.protos.stream.parse_chunk`).
+    (`foedus.aggregator.servicer.EncodedModel`), so its responses are bytes passed through as they
+    are; `SendLocalTaskResults` reads its chunks in place (`foedus.protos.stream.parse_chunk`).
     """
     return {
         "Ping": grpc.unary_unary_rpc_method_handler(

@@ -8,15 +8,15 @@ within its call's deadline) until the round closes, so it starts the next round 
 milliseconds instead of after a fixed sleep. Each waiting call holds a server thread, so at most
 `max_long_polls` wait at once; past that the answer comes at once with the usual short sleep.
 
-Every RPC counts against its caller's `limits.max_calls_per_collaborator` (`foedus.aggregator.admission`)
-from the moment the certificate names the caller, and an upload must end within
-`limits.upload_seconds`. Nothing of a refused, cut-off or cancelled upload is stored: the
+Every RPC counts against its caller's `limits.max_calls_per_collaborator`
+(`foedus.aggregator.admission`) from the moment the certificate names the caller, and an upload must
+end within `limits.upload_seconds`. Nothing of a refused, cut-off or cancelled upload is stored: the
 federation sees a result only once the whole stream has been read and checked.
 
-Uploads go to disk as they arrive (`foedus.aggregator.upload`), never whole into memory, so many large
-uploads at once cost memory of the order of their chunks. They have no limit on the number of
-chunks: OpenFL sends 2 MiB chunks, and many tiny ones cost the sender as much as us; their size
-is bounded by `limits.max_upload_bytes`, their time by `limits.upload_seconds`.
+Uploads go to disk as they arrive (`foedus.aggregator.upload`), never whole into memory, so many
+large uploads at once cost memory of the order of their chunks. They have no limit on the number of
+chunks: OpenFL sends 2 MiB chunks, and many tiny ones cost the sender as much as us; their size is
+bounded by `limits.max_upload_bytes`, their time by `limits.upload_seconds`.
 """
 
 from __future__ import annotations
@@ -184,9 +184,9 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
     ) -> Iterator[bytes]:
         """Stream tensors of the global model (all when none are named): foedus's extension.
 
-        Answers with serialized `ModelChunk` messages (see `foedus.aggregator.server.method_handlers`):
-        each tensor's chunks are encoded once per round and the same bytes go to every
-        collaborator (`foedus.aggregator.encoded_model`).
+        Answers with serialized `ModelChunk` messages (see
+        `foedus.aggregator.server.method_handlers`): each tensor's chunks are encoded once per round
+        and the same bytes go to every collaborator (`foedus.aggregator.encoded_model`).
         """
         with self._authenticated(context, request.header) as caller:
             round_number = request.round_number
@@ -304,8 +304,8 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
     ) -> Iterator[str]:
         """The caller a request speaks for, holding one of its call slots while inside.
 
-        Inside, the caller counts as alive (`foedus.aggregator.liveness`): a call in progress. A caller
-        that had left has rejoined (every RPC but `Leave` and `Heartbeat`: `rejoins`).
+        Inside, the caller counts as alive (`foedus.aggregator.liveness`): a call in progress. A
+        caller that had left has rejoined (every RPC but `Leave` and `Heartbeat`: `rejoins`).
         """
         peer = self._identify(context)
         with self._slot(peer):

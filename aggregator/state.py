@@ -9,14 +9,14 @@ current round's accepted results, and uploads being received, not yet accepted, 
 round's model chunks (`foedus.aggregator.encoded_model`, a file without a name); the layout is
 `foedus.aggregator.state_files`'s.
 
-An accepted result is kept as it was streamed (`foedus.aggregator.upload`): the serialized `TaskResults`
-written as it arrived, fsynced, renamed into place, the folder fsynced, so accepting it writes
-no byte twice. Results handed over in memory (`.pbuf`) and models are `ModelProto` files
-(`foedus.aggregator.storage`) written atomically the same way. A file is never changed once written, and
-the database names it with its digest (`foedus.aggregator.digest`; of an upload: hashed as it
-arrived), checked when the state is recovered and whenever a `ModelProto` file written earlier is read back. Because no
-file changes, the federation holds the global model as its file mapped (`commit_round` maps the
-one it has just written and returns it). The database holds:
+An accepted result is kept as it was streamed (`foedus.aggregator.upload`): the serialized
+`TaskResults` written as it arrived, fsynced, renamed into place, the folder fsynced, so accepting
+it writes no byte twice. Results handed over in memory (`.pbuf`) and models are `ModelProto` files
+(`foedus.aggregator.storage`) written atomically the same way. A file is never changed once written,
+and the database names it with its digest (`foedus.aggregator.digest`; of an upload: hashed as it
+arrived), checked when the state is recovered and whenever a `ModelProto` file written earlier is
+read back. Because no file changes, the federation holds the global model as its file mapped
+(`commit_round` maps the one it has just written and returns it). The database holds:
 
 * ``federation`` (one row): the federation's uuid, the round in progress, the file of its global
   model, the reporters of a close decided but not committed (``closing``), the training rounds of
@@ -35,7 +35,8 @@ one it has just written and returns it). The database holds:
   collaborator calls again, and read back at recovery, so a restart still does not wait for them.
 
 The tables, their versions and migrations are `foedus.aggregator.schema`'s; the files' layout, their
-placement and tidying `foedus.aggregator.state_files`'s; the records' JSON `foedus.aggregator.record_json`'s.
+placement and tidying `foedus.aggregator.state_files`'s; the records' JSON
+`foedus.aggregator.record_json`'s.
 
 Order of writes. An accept (`stage`, then `record`): the federation has checked everything
 (the upload's bytes on their way to its file), then the file is made durable in its place, then
@@ -385,9 +386,9 @@ class DurableState(SqliteStore):
         """Where the federation whose state is in `folder` stands, read-only: ``aggregator status``.
 
         Works whether an aggregator runs on `folder` or not, writing nothing (see
-        `foedus.aggregator.schema.connect_read_only`); while it reads, no aggregator starts on a folder
-        that had none. None when there is no state there; `NotAStateError` for a database that
-        is not one; `StorageError` when it cannot be read now.
+        `foedus.aggregator.schema.connect_read_only`); while it reads, no aggregator starts on a
+        folder that had none. None when there is no state there; `NotAStateError` for a database
+        that is not one; `StorageError` when it cannot be read now.
         """
         database = folder / STATE_DIR / DATABASE
         if not database.is_file():

@@ -1,12 +1,13 @@
 """The aggregator's output folder: models as OpenFL `ModelProto` files, metrics as JSON lines.
 
-Every model file is written atomically, at mode 0600 (`foedus.durable.files.replace_file`: a temporary
-file in the same folder, written, fsynced, renamed over the old one, then the folder fsynced), so
-a crash leaves either the old file or the new one, never half of one. A model file is a serialized `ModelProto` of tensors
-encoded with `foedus.protos.codec.encode_tensor` in sorted name order: the same model always gives the
-same bytes, nothing is pickled, and OpenFL (which saves its models as `.pbuf` ModelProtos too)
-reads float32 models. `read_model` validates every tensor as the servicer validates uploads.
-The same format, with each tensor's own tags, holds the task results `foedus.aggregator.state` keeps.
+Every model file is written atomically, at mode 0600 (`foedus.durable.files.replace_file`: a
+temporary file in the same folder, written, fsynced, renamed over the old one, then the folder
+fsynced), so a crash leaves either the old file or the new one, never half of one. A model file is a
+serialized `ModelProto` of tensors encoded with `foedus.protos.codec.encode_tensor` in sorted name
+order: the same model always gives the same bytes, nothing is pickled, and OpenFL (which saves its
+models as `.pbuf` ModelProtos too) reads float32 models. `read_model` validates every tensor as the
+servicer validates uploads. The same format, with each tensor's own tags, holds the task results
+`foedus.aggregator.state` keeps.
 
 The user-facing outputs (`last_model.pbuf`, `best_model.pbuf`, `metrics.jsonl`) are written after
 a round is committed to the state, so a crash can leave them one round behind, a temporary file
@@ -104,10 +105,10 @@ def write_tensors(
     """Write the bytes `tensors_bytes` gives to `path`, atomically; the digest of those bytes (`foedus.aggregator.digest`)
     ("" when not `hashed`: the outputs, which the state never names, need none).
 
-    Each tensor's values go from its array to the file as they are, never through a serialized
-    copy of the whole model: memory stays at the arrays the caller holds. The values of an array
-    mapped from a file are copied from that file in the kernel (`foedus.aggregator.mapped`) and hashed
-    from where they were written: read through its mapping they would count in our memory.
+    Each tensor's values go from its array to the file as they are, never through a serialized copy
+    of the whole model: memory stays at the arrays the caller holds. The values of an array mapped
+    from a file are copied from that file in the kernel (`foedus.aggregator.mapped`) and hashed from
+    where they were written: read through its mapping they would count in our memory.
     """
     digest = new_digest()
     update = digest.update if hashed else None
@@ -347,8 +348,8 @@ class OutputFolder:
     def restore_model(self, path: Path, model: Mapping[str, Array], round_number: int) -> bool:
         """Make `path` hold `model` (after a restart); True if it had to be written again.
 
-        Compared by digest (`foedus.aggregator.digest`), the file read and the model serialized a piece at a time: holding
-        both whole, as bytes, would take twice the model's size.
+        Compared by digest (`foedus.aggregator.digest`), the file read and the model serialized a
+        piece at a time: holding both whole, as bytes, would take twice the model's size.
         """
         wanted = new_digest()
         tagged = ((name, array, frozenset((MODEL_TAG,))) for name, array in model.items())

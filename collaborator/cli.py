@@ -260,7 +260,8 @@ def _sigterm_raises() -> Iterator[None]:
 
 def _failed(error: Exception, message: str) -> int:
     """Exit 1 on `error`: its category alone (`leave_reason`) on a log line of foedus's own, which
-    a site shares with the director by default (foedus.envoy.disclosure), then `message`, which may hold
+    a site shares with the director by default (foedus.envoy.disclosure), then `message`, which may
+    hold
     the site's data, on the error line, which leaves the site only if it shares every line."""
     logger.error("failure: %s", leave_reason(error))
     return _fail(message, EXIT_FAILURE)

@@ -3,12 +3,12 @@
 The collaborator loop calls plain methods and gets plain Python and numpy back; protobuf and gRPC
 status codes stay in this module, channels in `foedus.collaborator.connection`, the settings in
 `foedus.collaborator.settings`. Every RPC goes through `_call`, the one place that decides what is
-retried: only `foedus.retry.backoff.RETRYABLE` (UNAVAILABLE and DEADLINE_EXCEEDED), which say nothing
-about the request itself, after a reconnect (new channel, TLS files read again) and a capped
-exponential backoff with full jitter (`foedus.retry.backoff`). Every other status is a refusal a retry
-cannot change and is raised at once as `RequestRejectedError`. A look at the server's
-certificate that cannot complete counts as UNAVAILABLE; a server that is not our aggregator
-raises `AggregatorIdentityError`, never retried.
+retried: only `foedus.retry.backoff.RETRYABLE` (UNAVAILABLE and DEADLINE_EXCEEDED), which say
+nothing about the request itself, after a reconnect (new channel, TLS files read again) and a capped
+exponential backoff with full jitter (`foedus.retry.backoff`). Every other status is a refusal a
+retry cannot change and is raised at once as `RequestRejectedError`. A look at the server's
+certificate that cannot complete counts as UNAVAILABLE; a server that is not our aggregator raises
+`AggregatorIdentityError`, never retried.
 
 Resending a task's results is safe because the aggregator answers OK to a duplicate (same round,
 task and collaborator) and counts it once.
@@ -341,8 +341,8 @@ class AggregatorGRPCClient(AggregatorConnection):
     ) -> None:
         """Upload one task's results; after a reconnect the very same bytes are sent again.
 
-        Raises `foedus.protos.codec.TensorFormatError` (a ValueError) for an array whose dtype cannot be
-        sent; nothing is sent then.
+        Raises `foedus.protos.codec.TensorFormatError` (a ValueError) for an array whose dtype
+        cannot be sent; nothing is sent then.
         """
         head = aggregator_pb2.TaskResults(
             header=self._header(),

@@ -115,7 +115,8 @@ class AggregatorConnection:
         """A new channel to the aggregator; the one place channels are made.
 
         gRPC checks the server's certificate against the name bound to the expected common name
-        (`foedus.collaborator.server_identity`), in the handshake of the session that carries the RPCs.
+        (`foedus.collaborator.server_identity`), in the handshake of the session that carries the
+        RPCs.
         """
         options = client_options(self.settings.max_message_bytes)
         if not self.settings.tls:

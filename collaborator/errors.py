@@ -1,7 +1,7 @@
 """The few ways a call to the aggregator fails, as the collaborator loop needs to tell them apart.
 
-Retrying is decided in `foedus.collaborator.client` before any of these is raised: by the time the loop
-sees one, retrying the same call would not help (or the retry budget is spent).
+Retrying is decided in `foedus.collaborator.client` before any of these is raised: by the time the
+loop sees one, retrying the same call would not help (or the retry budget is spent).
 """
 
 from __future__ import annotations

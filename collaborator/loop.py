@@ -79,8 +79,8 @@ def run_collaborator(
     """Work for the aggregator until it says quit, or until `max_idle_polls` idle answers in a row.
 
     `settings` are the plan's runner settings, from which the runner's `initial_model` gives the
-    names, shapes and dtypes of the global model's tensors; `planned` (the plan's rounds and
-    tasks) bounds what the aggregator may ask for (`foedus.collaborator.answers`). While a task runs, a
+    names, shapes and dtypes of the global model's tensors; `planned` (the plan's rounds and tasks)
+    bounds what the aggregator may ask for (`foedus.collaborator.answers`). While a task runs, a
     heartbeat goes to the aggregator every `heartbeat_seconds` (None: none;
     `foedus.collaborator.heartbeat`).
     """

@@ -3,11 +3,11 @@
 Two checks, each for what it can do:
 
 * In the TLS session that carries the RPCs: the channel's `grpc.ssl_target_name_override` is the
-  name `foedus.pki.binding` derives from the expected common name (`aggregator.common_name`), which our
-  signer writes into the aggregator's certificate and nobody can request. gRPC checks it in the
+  name `foedus.pki.binding` derives from the expected common name (`aggregator.common_name`), which
+  our signer writes into the aggregator's certificate and nobody can request. gRPC checks it in the
   handshake, with the CA chain, so a certificate of the federation's CA with another common name
-  fails there even when its alternative names cover the host, and no RPC follows. grpcio's
-  Python client cannot show us the certificate of that session, nor take a callback.
+  fails there even when its alternative names cover the host, and no RPC follows. grpcio's Python
+  client cannot show us the certificate of that session, nor take a callback.
 * On a handshake of its own (`check_aggregator`, before the channel's first call and after
   every connection failure), with Python's `ssl` and the same CA bundle, client certificate and
   server name: reads the certificate, so the collaborator can say in one line which name it

@@ -1,8 +1,8 @@
 """The client's large payloads without copies: the stub's two framed methods, a tensor filled in place.
 
 `Stub` is the generated stub plus `send_framed_results` (`SendLocalTaskResults` chunks already
-serialized: `foedus.protos.stream.framed_chunks` frames the upload once, around slices of the arrays)
-and `get_model_chunks` (`GetAggregatedModel`'s data chunks read in place by
+serialized: `foedus.protos.stream.framed_chunks` frames the upload once, around slices of the
+arrays) and `get_model_chunks` (`GetAggregatedModel`'s data chunks read in place by
 `foedus.protos.stream.parse_model_chunk`), where protobuf would copy each twice. `Filling` is one
 streamed tensor being filled with its data as the chunks arrive.
 """

@@ -1,8 +1,8 @@
 """How much of the director each caller may hold at once: calls per identity, and people's together.
 
-Plain Python over `foedus.admission.calls.Admission`; `foedus.director.servicer` admits every call here right
-after identifying its caller, and `foedus.director.server` sizes its worker threads to what these
-limits admit, so that no identity can take the threads others need.
+Plain Python over `foedus.admission.calls.Admission`; `foedus.director.servicer` admits every call
+here right after identifying its caller, and `foedus.director.server` sizes its worker threads to
+what these limits admit, so that no identity can take the threads others need.
 
 * `limits.max_calls_per_identity`: the calls of one certificate name in progress at once. An
   envoy's heartbeats, registrations and reports (`ENVOY_CONTROL_RPCS`) have as many slots again

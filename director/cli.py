@@ -1,9 +1,9 @@
 """The ``director`` command: ``director start --config director.yaml`` runs the director service.
 
-The director keeps its state in director.yaml's ``state_dir`` (see `foedus.director.state`): started again
-with the same config after a crash or a stop, it finds its experiments again, adopts the
-aggregators still running and starts again those that died. Its aggregators are not stopped when
-the director stops.
+The director keeps its state in director.yaml's ``state_dir`` (see `foedus.director.state`): started
+again with the same config after a crash or a stop, it finds its experiments again, adopts the
+aggregators still running and starts again those that died. Its aggregators are not stopped when the
+director stops.
 
 Exit codes: 0 when stopped by SIGINT/SIGTERM; 1 when it could not run (port in use, state folder in
 use by another director); 2 for bad input (director.yaml, its TLS files, a runner it allows that

@@ -1,12 +1,12 @@
 """The director's web dashboard: a JSON API and three static pages that poll it, over HTTPS.
 
-Authentication: a person's dashboard token (see `foedus.director.tokens`), sent as the `foedus_session`
-cookie a browser gets from logging in (HttpOnly, Secure, SameSite=Strict), or as
+Authentication: a person's dashboard token (see `foedus.director.tokens`), sent as the
+`foedus_session` cookie a browser gets from logging in (HttpOnly, Secure, SameSite=Strict), or as
 `Authorization: Bearer <token>` by scripts. The token names a person, and director.yaml's roster
-gives the role, exactly as a certificate's common name does on the gRPC side: users see their
-own experiments, admins all, envoys nothing. Everything is read through `DirectorService`, so the
-dashboard applies the gRPC side's rules and never a copy of them. The pages carry no data: they
-are served only to a logged-in person, and their script reads the API every few seconds.
+gives the role, exactly as a certificate's common name does on the gRPC side: users see their own
+experiments, admins all, envoys nothing. Everything is read through `DirectorService`, so the
+dashboard applies the gRPC side's rules and never a copy of them. The pages carry no data: they are
+served only to a logged-in person, and their script reads the API every few seconds.
 
 Errors are `{"error": "..."}` with the status of the one table, `foedus.refusals.http`.
 """

@@ -1,8 +1,9 @@
 """The envoys' desk: what the director does for each envoy's call (register, heartbeat, report, log).
 
-An envoy's heartbeat is its one way to be told anything: its answer (`Work`) carries the
-experiments its collaborator is to start and to stop, and the log requests waiting for it
-(`foedus.director.site_logs`). Nothing here imports gRPC: `foedus.director.servicer` converts the wire.
+An envoy's heartbeat is its one way to be told anything: its answer (`Work`) carries the experiments
+its collaborator is to start and to stop, and the log requests waiting for it
+(`foedus.director.site_logs`). Nothing here imports gRPC: `foedus.director.servicer` converts the
+wire.
 """
 
 from __future__ import annotations

@@ -9,13 +9,13 @@ files go (`aggregator.output_dir`, `aggregator.initial_model`) and its certifica
 setting any of them is refused, naming each; so is one naming sites not registered. The rest is
 checked by `plans.parse_plan` itself, so the director accepts exactly what an aggregator would.
 
-One section is the director's, not the plan schema's: an optional top-level `liveness`
-(`min_sites`, `mandatory_sites`, `offline_grace_seconds`, as in director.yaml), this
-experiment's own liveness policy, each key it leaves out taken from director.yaml's. It is read
-here (strictly: unknown keys, mandatory sites that are not the plan's collaborators, more
-`min_sites` than collaborators are refused, naming the key) and left out of the plan the
-aggregator gets, so `foedus.plans.schema` and `aggregator start` never see it (`aggregator start` refuses
-a plan holding it, as any unknown section).
+One section is the director's, not the plan schema's: an optional top-level `liveness` (`min_sites`,
+`mandatory_sites`, `offline_grace_seconds`, as in director.yaml), this experiment's own liveness
+policy, each key it leaves out taken from director.yaml's. It is read here (strictly: unknown keys,
+mandatory sites that are not the plan's collaborators, more `min_sites` than collaborators are
+refused, naming the key) and left out of the plan the aggregator gets, so `foedus.plans.schema` and
+`aggregator start` never see it (`aggregator start` refuses a plan holding it, as any unknown
+section).
 
 When the policy lets the experiment go on without some site (`min_sites` below the number of
 sites) and the plan sets no `straggler.offline_after_seconds`, the aggregator's plan sets it to

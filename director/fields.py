@@ -2,8 +2,8 @@
 
 One place for the gRPC servicer and the dashboard: an id that is no UUID names nothing, an offset
 past what a file can hold is no offset, free text is bounded; each refusal is an
-`InvalidRequestError` naming the field and quoting its value cut (`foedus.plans.loader.shown`), so an
-answer never echoes a huge value back.
+`InvalidRequestError` naming the field and quoting its value cut (`foedus.plans.loader.shown`), so
+an answer never echoes a huge value back.
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 Every RPC's caller is the CN of its verified client certificate, and director.yaml gives each name
 one role: an envoy (`envoys`), a user (`users`) or an admin (`admins`). No message field names the
-caller. The certificate's role mark (`foedus.pki.roles`) must be that role's: a site's (collaborator)
-certificate for an envoy, a user's for a user or admin, so a certificate issued to a person named
-like a site is not that site. `Roster.identify` runs for every call (see `foedus.director.servicer`),
-`Caller.require` says which roles a call is for.
+caller. The certificate's role mark (`foedus.pki.roles`) must be that role's: a site's
+(collaborator) certificate for an envoy, a user's for a user or admin, so a certificate issued to a
+person named like a site is not that site. `Roster.identify` runs for every call (see
+`foedus.director.servicer`), `Caller.require` says which roles a call is for.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """The people's desk: what the director does for each user's and admin's call.
 
-Submit, list, describe, watch, review, cancel and remove experiments; read their metrics, logs
-and models; list the envoys. A user acts on their own experiments only, an admin on all
-(`_visible`). A followed read (watch, metrics or logs with follow) is a generator that waits for
-the director's next change between reads (`foedus.director.changes`), and ends with its experiment or
-its `Follow`. Nothing here imports gRPC: `foedus.director.servicer` and `foedus.director.dashboard` convert.
+Submit, list, describe, watch, review, cancel and remove experiments; read their metrics, logs and
+models; list the envoys. A user acts on their own experiments only, an admin on all (`_visible`). A
+followed read (watch, metrics or logs with follow) is a generator that waits for the director's next
+change between reads (`foedus.director.changes`), and ends with its experiment or its `Follow`.
+Nothing here imports gRPC: `foedus.director.servicer` and `foedus.director.dashboard` convert.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@
 - `foedus.director.changes.Changes` (the state's): what followed streams wait on.
 
 `foedus.director.servicer` calls the desks (one method per RPC, the caller already identified);
-`foedus.director.server` recovers and runs the supervisor; `foedus.director.dashboard` reads through the
-people's desk and the folders. Nothing here imports gRPC: tests drive it without a socket.
+`foedus.director.server` recovers and runs the supervisor; `foedus.director.dashboard` reads through
+the people's desk and the folders. Nothing here imports gRPC: tests drive it without a socket.
 """
 
 from __future__ import annotations

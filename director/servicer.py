@@ -2,19 +2,21 @@
 
 Every RPC runs under `_unary`, `_receiving` or `_streaming`: the caller is identified from its
 certificate there (the one place, `foedus.director.identity.Roster.identify`), admitted
-(`foedus.director.capacity`), and any refusal becomes its status (`foedus.refusals.grpc`, `abort`). The logic is
-the desks' (`foedus.director.envoys`, `foedus.director.people`, put together by `foedus.director.service`).
+(`foedus.director.capacity`), and any refusal becomes its status (`foedus.refusals.grpc`, `abort`).
+The logic is the desks' (`foedus.director.envoys`, `foedus.director.people`, put together by
+`foedus.director.service`).
 
-So that no identity can exhaust the director, each call holds a slot of director.yaml's limits
-from right after its caller is identified until it ends, and one past them is refused at once
+So that no identity can exhaust the director, each call holds a slot of director.yaml's limits from
+right after its caller is identified until it ends, and one past them is refused at once
 (RESOURCE_EXHAUSTED naming the limit): `limits.max_calls_per_identity` per certificate name,
-`limits.max_people_calls` for all users and admins together; an envoy's heartbeats,
-registrations and reports count apart from its log uploads, so that they always have slots of
-their own. A stream sent to the director (a submitted model, an uploaded log) that sends nothing
-for `limits.idle_stream_seconds` ends with DEADLINE_EXCEEDED (`foedus.admission.calls.chunks_within`).
+`limits.max_people_calls` for all users and admins together; an envoy's heartbeats, registrations
+and reports count apart from its log uploads, so that they always have slots of their own. A stream
+sent to the director (a submitted model, an uploaded log) that sends nothing for
+`limits.idle_stream_seconds` ends with DEADLINE_EXCEEDED (`foedus.admission.calls.chunks_within`).
 `foedus.director.server` sizes its worker threads so that every admitted call has one. A followed
 stream waits between reads for the director's next change (`_follow`, `foedus.director.changes`).
-About 500 lines: the conversions of all 16 RPCs, a few lines each, kept together as the one wire side.
+About 500 lines: the conversions of all 16 RPCs, a few lines each, kept together as the one wire
+side.
 """
 
 from __future__ import annotations

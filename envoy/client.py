@@ -1,11 +1,11 @@
 """The envoy's side of the wire: director.proto's envoy RPCs over mutual TLS, one attempt each.
 
-The envoy's identity is its site's collaborator certificate (CN = the site's name); the
-director's certificate is checked against the CA bundle and the director's host name, as a
-collaborator checks its aggregator's (`foedus.pki.tls.channel_credentials`, read again on every new
-channel, so renewed files are used after a reconnect). Protobuf stays here: the envoy's loop
-gets `foedus.lifecycle.orders` dataclasses (converted by `foedus.lifecycle.wire`). A call that did not reach
-the director or got no answer raises `DirectorUnavailableError` (the channel is dropped; the
+The envoy's identity is its site's collaborator certificate (CN = the site's name); the director's
+certificate is checked against the CA bundle and the director's host name, as a collaborator checks
+its aggregator's (`foedus.pki.tls.channel_credentials`, read again on every new channel, so renewed
+files are used after a reconnect). Protobuf stays here: the envoy's loop gets
+`foedus.lifecycle.orders` dataclasses (converted by `foedus.lifecycle.wire`). A call that did not
+reach the director or got no answer raises `DirectorUnavailableError` (the channel is dropped; the
 caller backs off and tries again); every other status is a refusal, `DirectorRefusedError`.
 """
 

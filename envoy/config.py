@@ -12,16 +12,17 @@ the file. An example, every key shown with its default (the four without one are
                              #   package.module:Class installed here); any other is refused
     runner_settings: {}      # this site's runner settings (where its data lives), merged over
                              #   each plan's runner.settings (foedus.plans.site_settings)
-    review: auto             # or manual: the site operator runs `envoy approve ID` first
-    shard: {description: "", train_samples: 0, valid_samples: 0, labels: {}}
-    connection: {deadline_seconds: 30, backoff_initial_seconds: 1, backoff_max_seconds: 60}
-    site_api: {enabled: false, host: 127.0.0.1, port: 8780}   # the site's HTTP API (foedus.envoy.site_api);
+    review: auto             # or manual: the site operator runs `envoy approve ID` first shard:
+    {description: "", train_samples: 0, valid_samples: 0, labels: {}} connection: {deadline_seconds:
+    30, backoff_initial_seconds: 1, backoff_max_seconds: 60} site_api: {enabled: false, host:
+    127.0.0.1, port: 8780}   # the site's HTTP API (foedus.envoy.site_api);
                              #   its bearer token is STATE_DIR/site_api.token, made if missing
     metrics: {redis_url: ""} # e.g. redis://localhost:6379/0: each collaborator's state and
                              #   metrics in Redis (foedus.envoy.redis_metrics); "" sends nothing
     collaborator_log_level: info   # --log-level of the collaborators it starts: debug, info,
                              #   warning or error (debug: a failure's traceback in its log)
-    share_with_director:     # what of the collaborators' text leaves the site (foedus.envoy.disclosure)
+    share_with_director:     # what of the collaborators' text leaves the site
+    (foedus.envoy.disclosure)
       logs: foedus           #   none | foedus (foedus's own log lines) | all: log lines sent
       errors: category       #   category | line: a failure's reason names a fixed category, or
                              #   also quotes the log's last line

@@ -72,8 +72,8 @@ def without_paths(text: str) -> str:
 def failure_reason(described: str, code: int, log: Path) -> str:
     """Why a collaborator ended with an error, all of it, for the site's state.
 
-    "`described`: CATEGORY; its log ends: LAST LINE": the category is one the envoy knows (the
-    exit code's meaning, or foedus.collaborator.cli's "failure: CATEGORY" line, such as "the task runner
+    "`described`: CATEGORY; its log ends: LAST LINE": the category is one the envoy knows (the exit
+    code's meaning, or foedus.collaborator.cli's "failure: CATEGORY" line, such as "the task runner
     failed (ValueError)"); `shared_reason` cuts what follows it.
     """
     lines = _tail_lines(log)

@@ -1,7 +1,7 @@
 """The few ways the envoy's work fails; plain Python, the CLI maps them to exit codes.
 
-Those the site API may answer are refusals too (`foedus.refusals.errors`), so `foedus.refusals.http` gives
-their HTTP status.
+Those the site API may answer are refusals too (`foedus.refusals.errors`), so `foedus.refusals.http`
+gives their HTTP status.
 """
 
 from foedus.refusals.errors import NotFoundError, PreconditionError, StorageError

@@ -7,9 +7,9 @@ each change, `SET <uuid> <json>` then `PUBLISH <uuid> update`. Only envoy.yaml's
 and a director's plan must not send them elsewhere.
 
 A thread of its own (`RedisReporter`) polls the state every `interval` seconds and sends what
-changed, so Redis never slows the envoy's loop. Redis away: logged once per outage, retried
-after a capped backoff (`foedus.retry.backoff.Backoff`); when it is back every key is sent again (the
-latest state of each, not every step in between), as a restarted Redis may have lost them.
+changed, so Redis never slows the envoy's loop. Redis away: logged once per outage, retried after a
+capped backoff (`foedus.retry.backoff.Backoff`); when it is back every key is sent again (the latest
+state of each, not every step in between), as a restarted Redis may have lost them.
 """
 
 from __future__ import annotations

@@ -1,16 +1,16 @@
 """What an envoy does at its site, in plain Python: start, watch, restart and stop collaborators.
 
-`Site` turns the director's work (experiments to start and to stop, logs to send) into actions
-on the envoy's durable state (`foedus.envoy.state`) and its collaborators, child processes in their own
-sessions (`foedus.processes.children.ChildProcesses`): `collaborator start -n NAME --plan PLAN`, the plan
-written by `foedus.envoy.site_plan`. A collaborator that dies is started again, at most `MAX_RESTARTS`
-times in a row (the count starts again once it finishes a round it had not); the site gives up
-on it for good (GAVE_UP) when it exits 2 (a bad plan or settings: starting again cannot help),
-when its restarts are used up, or when the site's operator stops it, and tells the aggregator
-the site left (`foedus.envoy.leave`, in a thread of its own). Otherwise it never touches the network;
-`foedus.envoy.runtime` carries its reports to the director and the director's work to it. Every step
-is written to the state before it is acted on or reported, so an envoy started again after
-kill -9 goes on where it was (`recover`).
+`Site` turns the director's work (experiments to start and to stop, logs to send) into actions on
+the envoy's durable state (`foedus.envoy.state`) and its collaborators, child processes in their own
+sessions (`foedus.processes.children.ChildProcesses`): `collaborator start -n NAME --plan PLAN`, the
+plan written by `foedus.envoy.site_plan`. A collaborator that dies is started again, at most
+`MAX_RESTARTS` times in a row (the count starts again once it finishes a round it had not); the site
+gives up on it for good (GAVE_UP) when it exits 2 (a bad plan or settings: starting again cannot
+help), when its restarts are used up, or when the site's operator stops it, and tells the aggregator
+the site left (`foedus.envoy.leave`, in a thread of its own). Otherwise it never touches the
+network; `foedus.envoy.runtime` carries its reports to the director and the director's work to it.
+Every step is written to the state before it is acted on or reported, so an envoy started again
+after kill -9 goes on where it was (`recover`).
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """The director's plan made this site's: checked against what the site agreed to, then written.
 
-The plan is YAML text (never code): the envoy reads it with `safe_yaml`, refuses a runner
-not in its `runners`, points `tls` at its own certificate folder, drops the aggregator's files
-(paths on the director's host), merges its own runner settings over `runner.settings` with
-`foedus.plans.site_settings.merge_site_settings`, and checks the result as `collaborator start` will.
+The plan is YAML text (never code): the envoy reads it with `safe_yaml`, refuses a runner not in its
+`runners`, points `tls` at its own certificate folder, drops the aggregator's files (paths on the
+director's host), merges its own runner settings over `runner.settings` with
+`foedus.plans.site_settings.merge_site_settings`, and checks the result as `collaborator start`
+will.
 """
 
 from __future__ import annotations

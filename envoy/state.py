@@ -5,11 +5,11 @@ approve ID` writes the same state while the envoy runs, and SQLite's transaction
 writers safe without a protocol of our own. Every write is one transaction on disk
 (`synchronous=FULL`) when the method returns, so kill -9 of the envoy loses nothing.
 
-Each experiment's collaborator moves through the states of `foedus.lifecycle.states.CollaboratorState`
-(the same as director.proto's); the allowed moves are its one table `TRANSITIONS`. Every change
-also goes, in the same transaction, to an outbox of reports, sent in order and deleted once the
-director has them: a change made while the director was away, or by `envoy approve`, is reported
-when it can be, and none is skipped.
+Each experiment's collaborator moves through the states of
+`foedus.lifecycle.states.CollaboratorState` (the same as director.proto's); the allowed moves are
+its one table `TRANSITIONS`. Every change also goes, in the same transaction, to an outbox of
+reports, sent in order and deleted once the director has them: a change made while the director was
+away, or by `envoy approve`, is reported when it can be, and none is skipped.
 
 Schema version 2 added `restart_round` (the round the collaborator had finished when it was last
 started again, so restarts are counted in a row); a version 1 state is migrated when opened.

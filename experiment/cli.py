@@ -3,8 +3,8 @@
 Tables for people by default, ``--json`` for scripts (one JSON document, or one per line for
 streams). Exit codes: 0 ok; 1 the director could not be reached or failed, or (``wait``) the
 experiment failed, was rejected or cancelled; 2 bad input, the director's refusals included (a bad
-plan, an unknown id, another's experiment), one line naming what is wrong, never a traceback.
-Here: the arguments, the calls and the exit codes; the text for a person is `foedus.experiment.show`'s.
+plan, an unknown id, another's experiment), one line naming what is wrong, never a traceback. Here:
+the arguments, the calls and the exit codes; the text for a person is `foedus.experiment.show`'s.
 """
 
 from __future__ import annotations

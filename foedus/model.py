@@ -1,17 +1,17 @@
 """Model files (`last_model.pbuf`, `best_model.pbuf`, an `aggregator.initial_model`) as numpy arrays.
 
 A foedus model file is an OpenFL `ModelProto`. Reading and writing one belongs to
-`foedus.aggregator.storage` (the one reader and the one writer of the format: every tensor checked as
-an upload is, written atomically); this module is its small public face for people who want
-their model out (or a model of their own in), with nothing to know about protobuf:
+`foedus.aggregator.storage` (the one reader and the one writer of the format: every tensor checked
+as an upload is, written atomically); this module is its small public face for people who want their
+model out (or a model of their own in), with nothing to know about protobuf:
 
     from foedus import model
     arrays = model.load("best_model.pbuf")    # {name: numpy array}, writable, in the file's order
     model.save("initial.pbuf", arrays)        # a file `aggregator.initial_model` accepts
 
-The reader stays in the aggregator rather than moving below it: it reads a file a block at a
-time and maps large tensors from it (`foedus.aggregator.upload`, `foedus.aggregator.mapped`), machinery the
-aggregator's state shares, and none of it imports gRPC. bfloat16 tensors come back as
+The reader stays in the aggregator rather than moving below it: it reads a file a block at a time
+and maps large tensors from it (`foedus.aggregator.upload`, `foedus.aggregator.mapped`), machinery
+the aggregator's state shares, and none of it imports gRPC. bfloat16 tensors come back as
 `ml_dtypes.bfloat16` arrays, every other dtype as numpy's own.
 """
 

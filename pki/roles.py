@@ -2,9 +2,9 @@
 
 Why a mark: user and collaborator certificates are both TLS clients, so without it they differ by
 name alone, and a certificate issued to a person named like a site would be that site. The signer
-(`foedus.pki.signing.certify`) therefore adds to every leaf certificate one extended key usage of our own
-naming its role, beside the serverAuth/clientAuth that TLS needs (TLS ignores usages it does not
-know). It decides the mark from the role it certifies; a request asking for one is refused.
+(`foedus.pki.signing.certify`) therefore adds to every leaf certificate one extended key usage of
+our own naming its role, beside the serverAuth/clientAuth that TLS needs (TLS ignores usages it does
+not know). It decides the mark from the role it certifies; a request asking for one is refused.
 
 The services read the mark of each caller's certificate (`peer_certificate`, parsed once per
 distinct certificate) and compare it with the role their configuration gives the caller's name

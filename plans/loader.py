@@ -1,8 +1,8 @@
 """Load a plan file: safe YAML without aliases, check every key, report every problem at once.
 
 Each problem is one line `FILE: key.path: what is wrong`, so a person can fix them all in one go.
-Unknown keys are errors (a typo must not silently fall back to a default). The text is read and
-each mapping checked by `foedus.plans.reader`, the one strict YAML reader; the services' own YAML files
+Unknown keys are errors (a typo must not silently fall back to a default). The text is read and each
+mapping checked by `foedus.plans.reader`, the one strict YAML reader; the services' own YAML files
 (director.yaml, envoy.yaml) are read by `read_config`, as strictly as a plan.
 """
 

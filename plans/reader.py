@@ -1,14 +1,13 @@
 """The strict YAML reader: safe text without aliases, then each mapping read key by key.
 
 Every YAML file and text foedus reads (plans, director.yaml, envoy.yaml, experiment configs, site
-settings, plans sent over the network) is parsed by `safe_yaml` (or `parse_yaml`, which says
-where the text is wrong), which refuses aliases before expanding them. A `Section` reads one
-mapping: each getter checks its key and default, a problem is one line naming the key's path
-(`aggregator.port: expected an integer 0-65535, got '80a'`), and `finish` reports every key
-nobody asked for, so a typo never falls back to a default. Problems are collected, never raised
-one by one: the caller reports them all at once, naming its file (`foedus.plans.loader.PlanError`, the
-services' `ConfigError`s). Values are quoted bounded and cut (`shown`, `cut`), or not at all
-within `values_hidden`.
+settings, plans sent over the network) is parsed by `safe_yaml` (or `parse_yaml`, which says where
+the text is wrong), which refuses aliases before expanding them. A `Section` reads one mapping: each
+getter checks its key and default, a problem is one line naming the key's path (`aggregator.port:
+expected an integer 0-65535, got '80a'`), and `finish` reports every key nobody asked for, so a typo
+never falls back to a default. Problems are collected, never raised one by one: the caller reports
+them all at once, naming its file (`foedus.plans.loader.PlanError`, the services' `ConfigError`s).
+Values are quoted bounded and cut (`shown`, `cut`), or not at all within `values_hidden`.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """`python -m foedus.processes.child --status FILE -- COMMAND...`: run a command, then record how it ended.
 
-`foedus.processes.children.ChildProcesses` starts each command (the director's aggregators, the envoy's
-collaborators) through this small parent, in a session of its own, so the command's exit status
-is kept in FILE even when the service is not there to read it (killed, restarting): a service
-that starts again finds either the parent still running (and watches it) or FILE (and reads how
-the command ended). SIGTERM and SIGINT sent to this parent are passed on to the command, which
-ends as it does on them; the status is recorded all the same.
+`foedus.processes.children.ChildProcesses` starts each command (the director's aggregators, the
+envoy's collaborators) through this small parent, in a session of its own, so the command's exit
+status is kept in FILE even when the service is not there to read it (killed, restarting): a service
+that starts again finds either the parent still running (and watches it) or FILE (and reads how the
+command ended). SIGTERM and SIGINT sent to this parent are passed on to the command, which ends as
+it does on them; the status is recorded all the same.
 """
 
 from __future__ import annotations

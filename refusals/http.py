@@ -1,7 +1,7 @@
 """The one table from refusals to HTTP status codes: the director's dashboard and the site API.
 
-Both answer a refusal as `{"error": "..."}` with its status here; anything that is not a refusal
-is a bug, answered 500. The envoy's own errors are refusals too (`foedus.envoy.errors`), so one table
+Both answer a refusal as `{"error": "..."}` with its status here; anything that is not a refusal is
+a bug, answered 500. The envoy's own errors are refusals too (`foedus.envoy.errors`), so one table
 serves both.
 """
 

@@ -1,8 +1,8 @@
 """Who is calling a gRPC service: the verified client certificate's common name and role mark.
 
-Both services name a caller by its certificate and nothing else; each then decides what that
-name may do (`foedus.aggregator.identity.Gatekeeper`, `foedus.director.identity.Roster`). Reading the name from
-gRPC's auth context, and refusing a caller without exactly one, is written once here.
+Both services name a caller by its certificate and nothing else; each then decides what that name
+may do (`foedus.aggregator.identity.Gatekeeper`, `foedus.director.identity.Roster`). Reading the
+name from gRPC's auth context, and refusing a caller without exactly one, is written once here.
 """
 
 from __future__ import annotations

@@ -4,10 +4,10 @@ A collaborator killed (-9) and started again by hand also leaves the final model
 that of a run without faults: runners draw their randomness from the seed, the site and the
 round, never from the process.
 
-The aggregator dies at a failpoint (``FOEDUS_FAILPOINTS``, see `foedus.aggregator.failpoints`) or by an
-outside SIGKILL, is started again with the same plan and no failpoint, and the federation must
-finish with a final model byte for byte that of a run without faults. Collaborators retry while
-the aggregator is away (a patient `connection` section). Every wait is bounded.
+The aggregator dies at a failpoint (``FOEDUS_FAILPOINTS``, see `foedus.aggregator.failpoints`) or by
+an outside SIGKILL, is started again with the same plan and no failpoint, and the federation must
+finish with a final model byte for byte that of a run without faults. Collaborators retry while the
+aggregator is away (a patient `connection` section). Every wait is bounded.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """Real envoy processes with the real director: its gRPC server, its aggregators as processes.
 
-Three sites' envoys register with a director (`foedus.director.server.DirectorServer`, launching real
-`aggregator start` processes), a person submits the digits plan, and the envoys run the
-collaborators to completion; a site's log comes through the director from its envoy; a site
-that did not agree to the plan's runner fails the experiment with its reason. Every wait is
-bounded.
+Three sites' envoys register with a director (`foedus.director.server.DirectorServer`, launching
+real `aggregator start` processes), a person submits the digits plan, and the envoys run the
+collaborators to completion; a site's log comes through the director from its envoy; a site that did
+not agree to the plan's runner fails the experiment with its reason. Every wait is bounded.
 """
 
 from __future__ import annotations

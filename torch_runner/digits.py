@@ -1,8 +1,8 @@
 """The PyTorch example: a small CNN on scikit-learn's bundled digits images (8x8), `make demo-torch`.
 
-The data and its shards are the built-in digits runner's (`foedus.collaborator.digits`: same seed, same
-split, same keys in `runner.settings`), so the two demos learn from the same rows. One key more,
-`device`, is a site's own (`collaborator start --site-settings`): `cpu` unless the site says
+The data and its shards are the built-in digits runner's (`foedus.collaborator.digits`: same seed,
+same split, same keys in `runner.settings`), so the two demos learn from the same rows. One key
+more, `device`, is a site's own (`collaborator start --site-settings`): `cpu` unless the site says
 `cuda`, say. Only the loops are written here; `TorchRunner` does the rest.
 """
 
