@@ -167,6 +167,31 @@ class ConnectionSettings:
     heartbeat_seconds: float = 10.0
 
 
+RING_BITS = (16, 32, 64)  # secure_aggregation.bits: the rings a masked update may live in
+
+
+@dataclass(frozen=True)
+class SecureAggregationSettings:
+    """`secure_aggregation`: the aggregator learns the sum of the sites' updates, never one of them.
+
+    Read `foedus.secure` for the protocol; the loader refuses a section that cannot work.
+    """
+
+    enabled: bool = False  # secure_aggregation.enabled
+    # secure_aggregation.threshold: how many sites' shares rebuild a dropped site's secrets (and
+    # how many must survive a round); None in the file: a majority of the collaborators (or of
+    # each site's neighbours, with `neighbours`).
+    threshold: int = 1
+    clip: float = 1.0  # secure_aggregation.clip: each value of an update's delta is cut to +-clip
+    bits: int = 32  # secure_aggregation.bits: the ring of the masked values (16, 32 or 64)
+    # secure_aggregation.max_weight: the largest sample count an update is weighted by (a site
+    # with more weighs this much); with the collaborators' number it sizes the fixed point.
+    max_weight: int = 65536
+    # secure_aggregation.neighbours: SecAgg+, each site masks with this many peers (a random
+    # regular graph the round's number draws) instead of all of them; None: all of them.
+    neighbours: int | None = None
+
+
 @dataclass(frozen=True)
 class Plan:
     """A whole federation plan; `path` is the file it came from."""
@@ -182,3 +207,4 @@ class Plan:
     best_model: BestModelSettings | None = None  # None: the plan names no metric, no best model
     limits: Limits = field(default_factory=Limits)
     connection: ConnectionSettings = field(default_factory=ConnectionSettings)
+    secure_aggregation: SecureAggregationSettings = field(default_factory=SecureAggregationSettings)

@@ -1,11 +1,34 @@
 from foedus.protos import base_pb2 as _base_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class SecureStage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SECURE_STAGE_UNSPECIFIED: _ClassVar[SecureStage]
+    SECURE_KEYS: _ClassVar[SecureStage]
+    SECURE_SHARES: _ClassVar[SecureStage]
+    SECURE_SURVIVORS: _ClassVar[SecureStage]
+    SECURE_UNMASK: _ClassVar[SecureStage]
+
+class SecretKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SECRET_KIND_UNSPECIFIED: _ClassVar[SecretKind]
+    SELF_MASK_SEED: _ClassVar[SecretKind]
+    MASK_PRIVATE_KEY: _ClassVar[SecretKind]
+SECURE_STAGE_UNSPECIFIED: SecureStage
+SECURE_KEYS: SecureStage
+SECURE_SHARES: SecureStage
+SECURE_SURVIVORS: SecureStage
+SECURE_UNMASK: SecureStage
+SECRET_KIND_UNSPECIFIED: SecretKind
+SELF_MASK_SEED: SecretKind
+MASK_PRIVATE_KEY: SecretKind
 
 class MessageHeader(_message.Message):
     __slots__ = ("sender", "receiver", "federation_uuid", "single_col_cert_common_name")
@@ -173,3 +196,105 @@ class LeaveResponse(_message.Message):
     HEADER_FIELD_NUMBER: _ClassVar[int]
     header: MessageHeader
     def __init__(self, header: _Optional[_Union[MessageHeader, _Mapping]] = ...) -> None: ...
+
+class KeyAdvertisement(_message.Message):
+    __slots__ = ("collaborator", "encryption_key", "mask_key", "seed_commitment", "certificate", "signature")
+    COLLABORATOR_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTION_KEY_FIELD_NUMBER: _ClassVar[int]
+    MASK_KEY_FIELD_NUMBER: _ClassVar[int]
+    SEED_COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    collaborator: str
+    encryption_key: bytes
+    mask_key: bytes
+    seed_commitment: bytes
+    certificate: bytes
+    signature: bytes
+    def __init__(self, collaborator: _Optional[str] = ..., encryption_key: _Optional[bytes] = ..., mask_key: _Optional[bytes] = ..., seed_commitment: _Optional[bytes] = ..., certificate: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class SealedShare(_message.Message):
+    __slots__ = ("sender", "receiver", "ciphertext")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    RECEIVER_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    sender: str
+    receiver: str
+    ciphertext: bytes
+    def __init__(self, sender: _Optional[str] = ..., receiver: _Optional[str] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+
+class SurvivorConfirmation(_message.Message):
+    __slots__ = ("collaborator", "survivors", "signature")
+    COLLABORATOR_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    collaborator: str
+    survivors: _containers.RepeatedScalarFieldContainer[str]
+    signature: bytes
+    def __init__(self, collaborator: _Optional[str] = ..., survivors: _Optional[_Iterable[str]] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class RevealedShare(_message.Message):
+    __slots__ = ("owner", "kind", "share")
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    owner: str
+    kind: SecretKind
+    share: bytes
+    def __init__(self, owner: _Optional[str] = ..., kind: _Optional[_Union[SecretKind, str]] = ..., share: _Optional[bytes] = ...) -> None: ...
+
+class SecureMessage(_message.Message):
+    __slots__ = ("header", "round_number", "stage", "keys", "shares", "confirmation", "revealed")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    ROUND_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    CONFIRMATION_FIELD_NUMBER: _ClassVar[int]
+    REVEALED_FIELD_NUMBER: _ClassVar[int]
+    header: MessageHeader
+    round_number: int
+    stage: SecureStage
+    keys: KeyAdvertisement
+    shares: _containers.RepeatedCompositeFieldContainer[SealedShare]
+    confirmation: SurvivorConfirmation
+    revealed: _containers.RepeatedCompositeFieldContainer[RevealedShare]
+    def __init__(self, header: _Optional[_Union[MessageHeader, _Mapping]] = ..., round_number: _Optional[int] = ..., stage: _Optional[_Union[SecureStage, str]] = ..., keys: _Optional[_Union[KeyAdvertisement, _Mapping]] = ..., shares: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ..., confirmation: _Optional[_Union[SurvivorConfirmation, _Mapping]] = ..., revealed: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ...) -> None: ...
+
+class SecureReceipt(_message.Message):
+    __slots__ = ("header",)
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    header: MessageHeader
+    def __init__(self, header: _Optional[_Union[MessageHeader, _Mapping]] = ...) -> None: ...
+
+class SecureRelayRequest(_message.Message):
+    __slots__ = ("header", "round_number", "stage")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    ROUND_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    header: MessageHeader
+    round_number: int
+    stage: SecureStage
+    def __init__(self, header: _Optional[_Union[MessageHeader, _Mapping]] = ..., round_number: _Optional[int] = ..., stage: _Optional[_Union[SecureStage, str]] = ...) -> None: ...
+
+class SecureRelay(_message.Message):
+    __slots__ = ("header", "round_number", "stage", "ready", "excluded", "members", "keys", "shares", "confirmations")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    ROUND_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDED_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    CONFIRMATIONS_FIELD_NUMBER: _ClassVar[int]
+    header: MessageHeader
+    round_number: int
+    stage: SecureStage
+    ready: bool
+    excluded: bool
+    members: _containers.RepeatedScalarFieldContainer[str]
+    keys: _containers.RepeatedCompositeFieldContainer[KeyAdvertisement]
+    shares: _containers.RepeatedCompositeFieldContainer[SealedShare]
+    confirmations: _containers.RepeatedCompositeFieldContainer[SurvivorConfirmation]
+    def __init__(self, header: _Optional[_Union[MessageHeader, _Mapping]] = ..., round_number: _Optional[int] = ..., stage: _Optional[_Union[SecureStage, str]] = ..., ready: _Optional[bool] = ..., excluded: _Optional[bool] = ..., members: _Optional[_Iterable[str]] = ..., keys: _Optional[_Iterable[_Union[KeyAdvertisement, _Mapping]]] = ..., shares: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ..., confirmations: _Optional[_Iterable[_Union[SurvivorConfirmation, _Mapping]]] = ...) -> None: ...

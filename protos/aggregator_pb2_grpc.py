@@ -75,6 +75,16 @@ class AggregatorStub:
                 request_serializer=foedus_dot_protos_dot_aggregator__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=foedus_dot_protos_dot_aggregator__pb2.LeaveResponse.FromString,
                 _registered_method=True)
+        self.PostSecureMessage = channel.unary_unary(
+                '/openfl.aggregator.Aggregator/PostSecureMessage',
+                request_serializer=foedus_dot_protos_dot_aggregator__pb2.SecureMessage.SerializeToString,
+                response_deserializer=foedus_dot_protos_dot_aggregator__pb2.SecureReceipt.FromString,
+                _registered_method=True)
+        self.GetSecureRelay = channel.unary_unary(
+                '/openfl.aggregator.Aggregator/GetSecureRelay',
+                request_serializer=foedus_dot_protos_dot_aggregator__pb2.SecureRelayRequest.SerializeToString,
+                response_deserializer=foedus_dot_protos_dot_aggregator__pb2.SecureRelay.FromString,
+                _registered_method=True)
 
 
 class AggregatorServicer:
@@ -137,6 +147,22 @@ class AggregatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PostSecureMessage(self, request, context):
+        """foedus extension: secure aggregation (README "Secure aggregation"), a round's stages. A
+        collaborator posts its part of a stage (PostSecureMessage) and asks for what the aggregator
+        relays once the stage has closed (GetSecureRelay, a long poll). OpenFL peers neither call nor
+        serve them, and cannot take part in a secure federation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSecureRelay(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +205,16 @@ def add_AggregatorServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=foedus_dot_protos_dot_aggregator__pb2.LeaveRequest.FromString,
                     response_serializer=foedus_dot_protos_dot_aggregator__pb2.LeaveResponse.SerializeToString,
+            ),
+            'PostSecureMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.PostSecureMessage,
+                    request_deserializer=foedus_dot_protos_dot_aggregator__pb2.SecureMessage.FromString,
+                    response_serializer=foedus_dot_protos_dot_aggregator__pb2.SecureReceipt.SerializeToString,
+            ),
+            'GetSecureRelay': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSecureRelay,
+                    request_deserializer=foedus_dot_protos_dot_aggregator__pb2.SecureRelayRequest.FromString,
+                    response_serializer=foedus_dot_protos_dot_aggregator__pb2.SecureRelay.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -397,6 +433,60 @@ class Aggregator:
             '/openfl.aggregator.Aggregator/Leave',
             foedus_dot_protos_dot_aggregator__pb2.LeaveRequest.SerializeToString,
             foedus_dot_protos_dot_aggregator__pb2.LeaveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PostSecureMessage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/openfl.aggregator.Aggregator/PostSecureMessage',
+            foedus_dot_protos_dot_aggregator__pb2.SecureMessage.SerializeToString,
+            foedus_dot_protos_dot_aggregator__pb2.SecureReceipt.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSecureRelay(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/openfl.aggregator.Aggregator/GetSecureRelay',
+            foedus_dot_protos_dot_aggregator__pb2.SecureRelayRequest.SerializeToString,
+            foedus_dot_protos_dot_aggregator__pb2.SecureRelay.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,13 @@ class AggregatorStub:
     get past) says so, so no round waits for it any more; any later call of its rejoins it.
     OpenFL peers neither call nor serve it.
     """
+    PostSecureMessage: _grpc.UnaryUnaryMultiCallable[_aggregator_pb2.SecureMessage, _aggregator_pb2.SecureReceipt]
+    """foedus extension: secure aggregation (README "Secure aggregation"), a round's stages. A
+    collaborator posts its part of a stage (PostSecureMessage) and asks for what the aggregator
+    relays once the stage has closed (GetSecureRelay, a long poll). OpenFL peers neither call nor
+    serve them, and cannot take part in a secure federation.
+    """
+    GetSecureRelay: _grpc.UnaryUnaryMultiCallable[_aggregator_pb2.SecureRelayRequest, _aggregator_pb2.SecureRelay]
 
 @_typing.type_check_only
 class AggregatorAsyncStub(AggregatorStub):
@@ -79,6 +86,13 @@ class AggregatorAsyncStub(AggregatorStub):
     get past) says so, so no round waits for it any more; any later call of its rejoins it.
     OpenFL peers neither call nor serve it.
     """
+    PostSecureMessage: _aio.UnaryUnaryMultiCallable[_aggregator_pb2.SecureMessage, _aggregator_pb2.SecureReceipt]  # type: ignore[assignment]
+    """foedus extension: secure aggregation (README "Secure aggregation"), a round's stages. A
+    collaborator posts its part of a stage (PostSecureMessage) and asks for what the aggregator
+    relays once the stage has closed (GetSecureRelay, a long poll). OpenFL peers neither call nor
+    serve them, and cannot take part in a secure federation.
+    """
+    GetSecureRelay: _aio.UnaryUnaryMultiCallable[_aggregator_pb2.SecureRelayRequest, _aggregator_pb2.SecureRelay]  # type: ignore[assignment]
 
 class AggregatorServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -148,5 +162,24 @@ class AggregatorServicer(metaclass=_abc_1.ABCMeta):
         get past) says so, so no round waits for it any more; any later call of its rejoins it.
         OpenFL peers neither call nor serve it.
         """
+
+    @_abc_1.abstractmethod
+    def PostSecureMessage(
+        self,
+        request: _aggregator_pb2.SecureMessage,
+        context: _ServicerContext,
+    ) -> _typing.Union[_aggregator_pb2.SecureReceipt, _abc.Awaitable[_aggregator_pb2.SecureReceipt]]:
+        """foedus extension: secure aggregation (README "Secure aggregation"), a round's stages. A
+        collaborator posts its part of a stage (PostSecureMessage) and asks for what the aggregator
+        relays once the stage has closed (GetSecureRelay, a long poll). OpenFL peers neither call nor
+        serve them, and cannot take part in a secure federation.
+        """
+
+    @_abc_1.abstractmethod
+    def GetSecureRelay(
+        self,
+        request: _aggregator_pb2.SecureRelayRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_aggregator_pb2.SecureRelay, _abc.Awaitable[_aggregator_pb2.SecureRelay]]: ...
 
 def add_AggregatorServicer_to_server(servicer: AggregatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

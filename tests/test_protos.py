@@ -193,6 +193,8 @@ EXTENSION_RPCS: dict[str, tuple[str, str, bool]] = {
     "GetAggregatedModel": (f"{AGG}GetAggregatedModelRequest", f"{AGG}ModelChunk", True),
     "Heartbeat": (f"{AGG}HeartbeatRequest", f"{AGG}HeartbeatResponse", False),
     "Leave": (f"{AGG}LeaveRequest", f"{AGG}LeaveResponse", False),
+    "PostSecureMessage": (f"{AGG}SecureMessage", f"{AGG}SecureReceipt", False),
+    "GetSecureRelay": (f"{AGG}SecureRelayRequest", f"{AGG}SecureRelay", False),
 }
 EXTENSION_MESSAGES = {
     f"{AGG}GetAggregatedModelRequest",
@@ -201,6 +203,20 @@ EXTENSION_MESSAGES = {
     f"{AGG}HeartbeatResponse",
     f"{AGG}LeaveRequest",
     f"{AGG}LeaveResponse",
+    # secure aggregation's stages
+    *(
+        f"{AGG}{name}"
+        for name in (
+            "KeyAdvertisement",
+            "SealedShare",
+            "SurvivorConfirmation",
+            "RevealedShare",
+            "SecureMessage",
+            "SecureReceipt",
+            "SecureRelayRequest",
+            "SecureRelay",
+        )
+    ),
 }
 _TYPE_NAMES = {
     getattr(FieldDescriptor, name): name.removeprefix("TYPE_").lower()
