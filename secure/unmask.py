@@ -30,7 +30,7 @@ from foedus.secure.keys import (
     seed_commitment,
     self_mask_key,
 )
-from foedus.secure.masks import VectorLayout, keystream
+from foedus.secure.masks import VectorLayout, add_mask
 from foedus.secure.records import Advertisement, RevealedShare, SecretKind
 from foedus.secure.ring import FixedPoint, RingArray
 
@@ -103,14 +103,9 @@ class Unmasking:
 
     def mask(self, start: int, stop: int) -> RingArray:
         """What to subtract from the survivors' summed vector at global offsets [start, stop)."""
-        dtype = self.fixed_point.dtype
-        total = np.zeros(stop - start, dtype=dtype)
+        total = np.zeros(stop - start, dtype=self.fixed_point.dtype)
         for key, negated in self._terms:
-            stream = keystream(key, start, stop, dtype)
-            if negated:
-                np.subtract(total, stream, out=total)
-            else:
-                np.add(total, stream, out=total)
+            add_mask(total, key, start, subtract=negated)
         return total
 
     def unmask(self, summed: RingArray, start: int) -> RingArray:
