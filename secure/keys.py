@@ -41,6 +41,7 @@ __all__ = [
     "share_agreement",
     "sign",
     "survivors_bytes",
+    "verify_advertisement",
     "verify_advertisements",
     "verify_certificate",
     "verify_signature",
@@ -158,32 +159,45 @@ def verify_certificate(
     return public_key
 
 
+def verify_advertisement(
+    context: RoundContext,
+    advertisement: Advertisement,
+    ca_certificates: Sequence[x509.Certificate],
+) -> PublicKey:
+    """The signer's public key of an advertisement that passes every check (its certificate, its
+    keys' lengths, its signature over this round); else ProtocolViolation."""
+    name = advertisement.collaborator
+    public_key = verify_certificate(context, name, advertisement.certificate, ca_certificates)
+    for field in ("encryption_key", "mask_key", "seed_commitment"):
+        if len(getattr(advertisement, field)) != KEY_BYTES:
+            raise ProtocolViolation(
+                f"site {name!r}: its advertised {field.replace('_', ' ')} is not "
+                f"{KEY_BYTES} bytes long"
+            )
+    if not verify_signature(
+        public_key, advertisement.signature, advertised_bytes(context, advertisement)
+    ):
+        raise ProtocolViolation(
+            f"site {name!r}: its advertised keys are not signed by its certificate for "
+            f"federation {context.federation_uuid} round {context.round_number} (swapped, "
+            "forged or replayed keys)"
+        )
+    return public_key
+
+
 def verify_advertisements(
     context: RoundContext,
     advertisements: Iterable[Advertisement],
     ca_certificates: Sequence[x509.Certificate],
 ) -> dict[str, Advertisement]:
-    """Every advertisement checked (certificate, keys' form, signature), by name; else ProtocolViolation."""
+    """Every advertisement checked (`verify_advertisement`), by name, each name once; else
+    ProtocolViolation."""
     verified: dict[str, Advertisement] = {}
     for advertisement in advertisements:
         name = advertisement.collaborator
         if name in verified:
             raise ProtocolViolation(f"the aggregator relayed two advertisements of site {name!r}")
-        public_key = verify_certificate(context, name, advertisement.certificate, ca_certificates)
-        for field in ("encryption_key", "mask_key", "seed_commitment"):
-            if len(getattr(advertisement, field)) != KEY_BYTES:
-                raise ProtocolViolation(
-                    f"site {name!r}: its advertised {field.replace('_', ' ')} is not "
-                    f"{KEY_BYTES} bytes long"
-                )
-        if not verify_signature(
-            public_key, advertisement.signature, advertised_bytes(context, advertisement)
-        ):
-            raise ProtocolViolation(
-                f"site {name!r}: its advertised keys are not signed by its certificate for "
-                f"federation {context.federation_uuid} round {context.round_number} (swapped, "
-                "forged or replayed keys)"
-            )
+        verify_advertisement(context, advertisement, ca_certificates)
         verified[name] = advertisement
     return verified
 

@@ -47,8 +47,7 @@ from foedus.secure.keys import (
     share_associated_data,
     sign,
     survivors_bytes,
-    verify_advertisements,
-    verify_certificate,
+    verify_advertisement,
     verify_signature,
 )
 from foedus.secure.masks import VectorLayout, add_mask, keystream
@@ -219,7 +218,14 @@ class SiteRound:
     def accept_keys(self, members: Sequence[str], advertisements: Sequence[Advertisement]) -> None:
         """KEYS relay: every member's advertisement verified (certificate, name, signature)."""
         names = self._members("KEYS", members)
-        verified = verify_advertisements(self.context, advertisements, self._cas)
+        verified: dict[str, Advertisement] = {}
+        signers: dict[str, PublicKey] = {}
+        for advertisement in advertisements:
+            name = advertisement.collaborator
+            if name in verified:
+                raise self._violation(f"relays two advertisements of site {name!r}")
+            signers[name] = verify_advertisement(self.context, advertisement, self._cas)
+            verified[name] = advertisement
         if sorted(verified) != list(names):
             raise self._violation(
                 f"relays advertisements of {sorted(verified)} for the KEYS members {list(names)}"
@@ -232,10 +238,7 @@ class SiteRound:
             mine.seed_commitment,
         ):
             raise self._violation("relays keys of this site that are not the ones it advertised")
-        self._signers = {
-            name: verify_certificate(self.context, name, verified[name].certificate, self._cas)
-            for name in names
-        }
+        self._signers = signers
         self._keys = verified
 
     def _require_keys(self) -> dict[str, Advertisement]:

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 from foedus.pki.files import read_private_key
 from foedus.pki.layout import CertsLayout
 from foedus.secure.errors import ProtocolViolation
-from foedus.secure.keys import sign, survivors_bytes
+from foedus.secure.keys import sign, survivors_bytes, verify_advertisements
 from foedus.secure.records import Advertisement, SealedShare, SurvivorConfirmation
 from foedus.secure.site import SiteRound, SiteSecrets
 
@@ -198,7 +198,7 @@ def test_a_keys_relay_that_does_not_add_up_is_refused(round_sites: dict[str, Sit
         alice.accept_keys(["alice", "bob"], posted[:2])
     with pytest.raises(ProtocolViolation, match="closed KEYS without this site"):
         alice.accept_keys(SITES[1:], posted[1:])
-    with pytest.raises(ProtocolViolation, match="two advertisements of site 'bob'"):
+    with pytest.raises(ProtocolViolation, match="relays two advertisements of site 'bob'"):
         alice.accept_keys(SITES, [*posted, posted[1]])
     with pytest.raises(ProtocolViolation, match="relays advertisements of"):
         alice.accept_keys(SITES, posted[:-1])
@@ -318,3 +318,16 @@ def test_unsigned_forged_and_mismatched_confirmations_do_not_count(
     assert alice.secrets.revealed == {}
     revealed = alice.revealed_shares(survivors, [*bad, real["bob"], real["carol"]])
     assert {share.owner for share in revealed} == set(SITES)
+
+
+def test_verify_advertisements_checks_each_and_names_each_once(
+    round_sites: dict[str, SiteRound], cas: list[x509.Certificate]
+) -> None:
+    """The honest relay verifies, by name; a second advertisement of one site is refused."""
+    posted = advertisements(round_sites)
+    round_context = round_sites["alice"].context
+    assert verify_advertisements(round_context, posted, cas) == {
+        ad.collaborator: ad for ad in posted
+    }
+    with pytest.raises(ProtocolViolation, match="two advertisements of site 'alice'"):
+        verify_advertisements(round_context, [*posted, posted[0]], cas)

@@ -385,3 +385,21 @@ def test_the_secrets_file_keeps_what_a_site_revealed(tmp_path: Path) -> None:
     secrets.confirmed = ("alice", "carol")
     assert SiteSecrets.from_bytes(secrets.to_bytes()) == secrets
     assert SiteSecrets.generate() != SiteSecrets.generate()
+
+
+def test_a_tensor_larger_than_every_slice_comes_out_whole(
+    known: dict[str, SiteIdentity], cas: list[x509.Certificate]
+) -> None:
+    """A tensor of 1.3 million elements after an odd-sized one: encoded, masked and unmasked in
+    pieces (chunks, keystream pieces, slices) whose seams fall mid-tensor, and still the mean."""
+    model = {"a": np.zeros(7, dtype=np.float32), "big": np.zeros(1_300_001, dtype=np.float32)}
+    names = SITES[:3]
+    round_context = context(names, threshold=2)
+    deltas = updates(model, names)
+    new, relays = run_round(sites(round_context, known, cas), model, deltas, WEIGHTS)
+    weights = {name: capped(name, round_context) for name in names}
+    expected = fedavg(model, deltas, weights, relays.u3)
+    for tensor, values in expected.items():
+        assert new[tensor].dtype == np.float32
+        step = np.abs(values) * 2.0**-23 + bound(round_context, 3, sum(weights.values()))
+        assert (np.abs(new[tensor].astype(np.float64) - values) <= step).all(), tensor
