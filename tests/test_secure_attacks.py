@@ -17,7 +17,7 @@ from foedus.secure.records import Advertisement, SealedShare, SurvivorConfirmati
 from foedus.secure.site import SiteRound, SiteSecrets
 
 from conftest import Identity
-from secure_sites import (
+from secure_rounds import (
     SITES,
     SiteIdentity,
     ca_certificates,

@@ -19,7 +19,7 @@ from foedus.secure.records import RevealedShare, SecretKind
 from foedus.secure.site import SiteRound, SiteSecrets
 from foedus.secure.unmask import Unmasking
 
-from secure_sites import (
+from secure_rounds import (
     SITES,
     SiteIdentity,
     ca_certificates,
