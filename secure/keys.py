@@ -45,6 +45,7 @@ __all__ = [
     "verify_advertisements",
     "verify_certificate",
     "verify_signature",
+    "x25519_problem",
 ]
 
 KEY_BYTES = 32  # X25519 keys, seeds, derived keys and commitments
@@ -168,11 +169,15 @@ def verify_advertisement(
     keys' lengths, its signature over this round); else ProtocolViolation."""
     name = advertisement.collaborator
     public_key = verify_certificate(context, name, advertisement.certificate, ca_certificates)
-    for field in ("encryption_key", "mask_key", "seed_commitment"):
-        if len(getattr(advertisement, field)) != KEY_BYTES:
+    if len(advertisement.seed_commitment) != KEY_BYTES:
+        raise ProtocolViolation(
+            f"site {name!r}: its advertised seed commitment is not {KEY_BYTES} bytes long"
+        )
+    for field in ("encryption_key", "mask_key"):
+        problem = x25519_problem(getattr(advertisement, field))
+        if problem is not None:
             raise ProtocolViolation(
-                f"site {name!r}: its advertised {field.replace('_', ' ')} is not "
-                f"{KEY_BYTES} bytes long"
+                f"site {name!r}: its advertised {field.replace('_', ' ')} {problem}"
             )
     if not verify_signature(
         public_key, advertisement.signature, advertised_bytes(context, advertisement)
@@ -200,6 +205,20 @@ def verify_advertisements(
         verify_advertisement(context, advertisement, ca_certificates)
         verified[name] = advertisement
     return verified
+
+
+def x25519_problem(public_key: bytes) -> str | None:
+    """Why a raw X25519 public key agrees no secret with anyone (its length, a low-order point),
+    or None; the aggregator may refuse such a key at KEYS, before any site has to."""
+    if len(public_key) != KEY_BYTES:
+        return f"is not {KEY_BYTES} bytes long"
+    try:
+        x25519.X25519PrivateKey.generate().exchange(
+            x25519.X25519PublicKey.from_public_bytes(public_key)
+        )
+    except ValueError:
+        return "is a low-order point: it agrees no secret"
+    return None
 
 
 def agreed_key(private_key: bytes, peer_public_key: bytes, info: bytes) -> bytes:

@@ -12,7 +12,13 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 from foedus.pki.files import read_private_key
 from foedus.pki.layout import CertsLayout
 from foedus.secure.errors import ProtocolViolation
-from foedus.secure.keys import sign, survivors_bytes, verify_advertisements
+from foedus.secure.keys import (
+    advertised_bytes,
+    sign,
+    survivors_bytes,
+    verify_advertisements,
+    x25519_problem,
+)
 from foedus.secure.records import Advertisement, SealedShare, SurvivorConfirmation
 from foedus.secure.site import SiteRound, SiteSecrets
 
@@ -331,3 +337,25 @@ def test_verify_advertisements_checks_each_and_names_each_once(
     }
     with pytest.raises(ProtocolViolation, match="two advertisements of site 'alice'"):
         verify_advertisements(round_context, [*posted, posted[0]], cas)
+
+
+@pytest.mark.parametrize("point", [bytes(32), (1).to_bytes(32, "little"), bytes(31)])
+def test_a_key_that_agrees_no_secret_is_refused_at_keys(
+    round_sites: dict[str, SiteRound], known: dict[str, SiteIdentity], point: bytes
+) -> None:
+    """bob (malicious) signs a low-order or short X25519 key: refused when the keys arrive, naming
+    bob, not later when a share or a mask could not be made."""
+    posted = advertisements(round_sites)
+    bob = next(ad for ad in posted if ad.collaborator == "bob")
+    bad = dataclasses.replace(bob, mask_key=point)
+    round_context = round_sites["alice"].context
+    bad = dataclasses.replace(
+        bad, signature=sign(known["bob"].key, advertised_bytes(round_context, bad))
+    )
+    assert x25519_problem(point) is not None
+    with pytest.raises(
+        ProtocolViolation,
+        match=r"^site 'bob': its advertised mask key (is a low-order point|is not 32 bytes)",
+    ):
+        round_sites["alice"].accept_keys(SITES, replaced(posted, "bob", bad))
+    assert x25519_problem(bob.mask_key) is None
