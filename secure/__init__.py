@@ -25,6 +25,7 @@ certificate checks are in `keys`; the records the stages exchange in `records`.
 
 from foedus.secure.context import WEIGHT_TENSOR, RoundContext
 from foedus.secure.errors import ProtocolViolation, SecretsFileError
+from foedus.secure.masks import VectorLayout
 from foedus.secure.records import (
     Advertisement,
     RevealedShare,
@@ -33,6 +34,8 @@ from foedus.secure.records import (
     SurvivorConfirmation,
 )
 from foedus.secure.ring import FixedPoint, ring_problem
+from foedus.secure.site import SiteRound, SiteSecrets
+from foedus.secure.unmask import Unmasking
 
 __all__ = [
     "WEIGHT_TENSOR",
@@ -44,6 +47,10 @@ __all__ = [
     "SealedShare",
     "SecretKind",
     "SecretsFileError",
+    "SiteRound",
+    "SiteSecrets",
     "SurvivorConfirmation",
+    "Unmasking",
+    "VectorLayout",
     "ring_problem",
 ]

@@ -4,8 +4,8 @@
 weight of at most max_weight, times scale is at most 2^(bits-1) - 1 over the number of sites,
 and so the sum of every site's value reads back signed (two's complement). Rounding could push a
 value at the bound half a unit over it, so each encoded value is also cut to (2^(bits-1) - 1) //
-sites: the sum never wraps. numpy's
-unsigned arithmetic wraps modulo 2^bits by itself, which is the ring's addition.
+sites: the sum never wraps. numpy's unsigned arithmetic wraps modulo 2^bits by itself, which is
+the ring's addition.
 """
 
 from __future__ import annotations
