@@ -183,17 +183,19 @@ def test_a_certificate_of_another_name_is_refused(
 
 
 def test_a_site_not_in_the_plan_is_refused(
-    round_sites: dict[str, SiteRound], stranger: Identity
+    round_sites: dict[str, SiteRound], stranger: Identity, cas: list[x509.Certificate]
 ) -> None:
-    """mallory, certified by our CA but not a collaborator of the plan, among the members or only
-    among the advertisements."""
+    """mallory, certified by our CA but not a collaborator of the plan, among the members, only
+    among the advertisements, or checked alone."""
     posted = [*advertisements(round_sites), forged(stranger, "mallory")]
     with pytest.raises(ProtocolViolation, match=r"names \['mallory'\] in KEYS, not collaborators"):
         round_sites["alice"].accept_keys([*SITES, "mallory"], posted)
+    with pytest.raises(ProtocolViolation, match=r"relays advertisements of \[.*'mallory'\] for"):
+        round_sites["alice"].accept_keys(SITES, posted)
     with pytest.raises(
         ProtocolViolation, match=r"^site 'mallory' is not a collaborator of the plan"
     ):
-        round_sites["alice"].accept_keys(SITES, posted)
+        verify_advertisements(round_sites["alice"].context, posted, cas)
 
 
 def test_a_keys_relay_that_does_not_add_up_is_refused(round_sites: dict[str, SiteRound]) -> None:
@@ -359,3 +361,35 @@ def test_a_key_that_agrees_no_secret_is_refused_at_keys(
     ):
         round_sites["alice"].accept_keys(SITES, replaced(posted, "bob", bad))
     assert x25519_problem(bob.mask_key) is None
+
+
+def test_with_neighbours_a_site_checks_the_keys_it_uses_and_the_confirmations_it_counts(
+    known: dict[str, SiteIdentity], cas: list[x509.Certificate], foreign_alice: Identity
+) -> None:
+    """SecAgg+: a forged advertisement of a neighbour is refused at KEYS; one of a site it never
+    masks with is not looked at until its confirmation would count, and then does not count."""
+    round_context = context(neighbours=2, threshold=2)
+    round_sites = sites(round_context, known, cas)
+    posted = advertisements(round_sites)
+    victim = next(name for name in SITES if name not in round_context.holders("bob"))
+    neighbour = round_context.neighbours("bob")[0]
+    forged_for = {
+        name: dataclasses.replace(
+            next(ad for ad in posted if ad.collaborator == name), signature=b"forged"
+        )
+        for name in (victim, neighbour)
+    }
+    with pytest.raises(ProtocolViolation, match=rf"^site '{neighbour}': its advertised keys"):
+        round_sites["bob"].accept_keys(SITES, replaced(posted, neighbour, forged_for[neighbour]))
+    relay = replaced(posted, victim, forged_for[victim])
+    for site in round_sites.values():
+        site.accept_keys(SITES, relay if site.name == "bob" else posted)
+    sealed = [share for site in round_sites.values() for share in site.sealed_shares()]
+    for name, site in round_sites.items():
+        assert site.accept_shares(SITES, for_receiver(sealed, name, SITES)) == ()
+    confirmations = [round_sites[name].confirmation(SITES) for name in (victim, "bob")]
+    with pytest.raises(ProtocolViolation, match="relays 1 valid confirmations"):
+        round_sites["bob"].revealed_shares(SITES, confirmations)
+    confirmations.append(round_sites[neighbour].confirmation(SITES))
+    revealed = round_sites["bob"].revealed_shares(SITES, confirmations)
+    assert {share.owner for share in revealed} == set(round_context.holders("bob"))
