@@ -5,7 +5,8 @@ A site signs its advertisement and its survivor confirmation with its certificat
 (ECDSA with SHA-256, deterministic as RFC 6979 has it, so a restarted site posts the very same
 bytes again; RSA keys with PSS and SHA-256). Every peer's certificate must chain to the
 federation's CA, be valid now, carry the name it signs for, a name of the plan, and not be marked
-for another role (a person's certificate named like a site signs nothing).
+for another role (a person's certificate named like a site signs nothing; an unmarked one is
+taken with the warning `foedus.pki.roles.role_refusal` gives everywhere).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from cryptography.x509 import verification
 from foedus.pki.ca import utc_now
 from foedus.pki.keys import PrivateKey, PublicKey, public_key_problem
 from foedus.pki.requests import Role
-from foedus.pki.roles import Unmarked, role_mark
+from foedus.pki.roles import PeerCertificate, role_mark, role_refusal
 from foedus.secure.context import RoundContext, framed, text
 from foedus.secure.errors import ProtocolViolation
 from foedus.secure.records import Advertisement, SealedShare, SurvivorConfirmation
@@ -131,13 +132,15 @@ def verify_certificate(
         raise ProtocolViolation(
             f"site {name!r}: its certificate is issued to {common_name!r}, not to {name!r}"
         )
-    mark = role_mark(certificate)
-    if isinstance(mark, Role) and mark is not Role.COLLABORATOR:
-        raise ProtocolViolation(
-            f"site {name!r}: its certificate is a {mark.value} certificate, not a collaborator's"
-        )
-    if mark is Unmarked.UNCLEAR:
-        raise ProtocolViolation(f"site {name!r}: its certificate carries several or unknown roles")
+    refusal = role_refusal(
+        PeerCertificate(role_mark(certificate), hashlib.sha256(certificate_der).hexdigest()),
+        name=name,
+        expected=Role.COLLABORATOR,
+        listed_as="the plan's collaborators",
+        reissue=f"pki certify --role collaborator --name {name}",
+    )
+    if refusal is not None:
+        raise ProtocolViolation(f"site {name!r}: {refusal}")
     try:
         verifier = (
             verification.PolicyBuilder()

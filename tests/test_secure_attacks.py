@@ -4,6 +4,7 @@ naming the site and what failed, and nothing revealed."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 from cryptography import x509
@@ -162,9 +163,21 @@ def test_a_persons_certificate_named_like_a_site_is_refused(
     """A user certificate 'bob' from our CA signs nothing for site bob."""
     relay = replaced(advertisements(round_sites), "bob", forged(user_bob, "bob"))
     with pytest.raises(
-        ProtocolViolation, match=r"^site 'bob': its certificate is a user certificate"
+        ProtocolViolation,
+        match=r"^site 'bob': certificate 'bob' is a user certificate, but the plan's collaborators",
     ):
         round_sites["alice"].accept_keys(SITES, relay)
+
+
+def test_an_unmarked_certificate_is_taken_with_the_houses_warning(
+    round_sites: dict[str, SiteRound], unmarked_bob: Identity, caplog: pytest.LogCaptureFixture
+) -> None:
+    """bob's certificate made before role marks signs for bob, as everywhere, with one warning
+    naming the command that reissues it."""
+    relay = replaced(advertisements(round_sites), "bob", forged(unmarked_bob, "bob"))
+    with caplog.at_level(logging.WARNING, logger="foedus.pki.roles"):
+        round_sites["alice"].accept_keys(SITES, relay)
+    assert "pki certify --role collaborator --name bob" in caplog.text
 
 
 def test_a_certificate_of_another_name_is_refused(
