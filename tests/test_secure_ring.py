@@ -7,6 +7,8 @@ import secrets
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from foedus.plans.schema import SecureAggregationSettings
 from foedus.secure.context import WEIGHT_TENSOR
@@ -16,8 +18,8 @@ from foedus.secure.ring import FixedPoint, ring_problem
 
 def fixed(bits: int, sites: int, max_weight: int, clip: float = 1.0) -> FixedPoint:
     """The fixed point of a federation of `sites` with these settings."""
-    settings = SecureAggregationSettings(enabled=True, bits=bits, clip=clip, max_weight=max_weight)
-    return FixedPoint.for_federation(settings, sites)
+    section = SecureAggregationSettings(enabled=True, bits=bits, clip=clip, max_weight=max_weight)
+    return FixedPoint.for_federation(section, sites)
 
 
 @pytest.mark.parametrize(("bits", "max_weight"), [(16, 10), (32, 1000), (64, 65536)])
@@ -44,6 +46,30 @@ def test_every_site_at_the_clip_and_max_weight_does_not_wrap(bits: int, sign: fl
     decoded = point.decode(total)
     assert (np.sign(decoded) == sign).all()
     assert np.abs(decoded - sign * sites * 0.5 * max_weight).max() <= sites * 1.0 / point.scale
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    bits=st.sampled_from([32, 64]),
+    weights=st.lists(st.integers(1, 1000), min_size=2, max_size=8),
+    values=st.lists(st.floats(-1e6, 1e6), min_size=8, max_size=8),
+    clip=st.floats(1e-3, 1e3),
+)
+def test_any_sites_values_sum_without_wrapping(
+    bits: int, weights: list[int], values: list[float], clip: float
+) -> None:
+    """Whatever the sites send (clipped), the ring's sum is their weighted sum within half a unit
+    per site: no wrap, with any number of sites up to the federation's and any weights."""
+    point = fixed(bits, 8, 1000, clip=clip)
+    total = np.zeros(1, dtype=point.dtype)
+    exact = 0.0
+    for weight, value in zip(weights, values, strict=False):
+        np.add(total, point.encode(np.array([value]), weight), out=total)
+        exact += min(max(value, -clip), clip) * weight
+    assert (
+        abs(point.decode(total)[0] - exact)
+        <= len(weights) * (0.5 + 1e-6) / point.scale + abs(exact) * 1e-12
+    )
 
 
 def test_the_weight_element_is_the_integer_weight() -> None:
