@@ -25,7 +25,7 @@ certificate checks are in `keys`; the records the stages exchange in `records`.
 """
 
 from foedus.secure.context import WEIGHT_TENSOR, RoundContext
-from foedus.secure.errors import ProtocolViolation, SecretsFileError
+from foedus.secure.errors import ProtocolViolation, SecretsFileError, TooFewSites
 from foedus.secure.masks import VectorLayout
 from foedus.secure.records import (
     Advertisement,
@@ -51,6 +51,7 @@ __all__ = [
     "SiteRound",
     "SiteSecrets",
     "SurvivorConfirmation",
+    "TooFewSites",
     "Unmasking",
     "VectorLayout",
     "ring_problem",

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from foedus.pki.keys import PrivateKey, PublicKey
 from foedus.secure import shamir
 from foedus.secure.context import WEIGHT_TENSOR, RoundContext, framed, text
-from foedus.secure.errors import ProtocolViolation, SecretsFileError
+from foedus.secure.errors import ProtocolViolation, SecretsFileError, TooFewSites
 from foedus.secure.keys import (
     KEY_BYTES,
     advertised_bytes,
@@ -188,6 +188,11 @@ class SiteRound:
             f"site {self.name!r}, round {self.context.round_number}: the aggregator {what}"
         )
 
+    def _too_few(self, what: str) -> TooFewSites:
+        return TooFewSites(
+            f"site {self.name!r}, round {self.context.round_number}: the aggregator {what}"
+        )
+
     def advertisement(self) -> Advertisement:
         """KEYS: this site's public keys and seed commitment, signed by its certificate's key."""
         unsigned = Advertisement(
@@ -212,7 +217,7 @@ class SiteRound:
         if self.name not in names:
             raise self._violation(f"closed {stage} without this site but relays it")
         if len(names) < self.context.threshold:
-            raise self._violation(
+            raise self._too_few(
                 f"closed {stage} with {len(names)} sites, below the threshold "
                 f"{self.context.threshold}"
             )
@@ -473,7 +478,7 @@ class SiteRound:
         if strangers:
             raise self._violation(f"names survivors {strangers} that are not SHARES members")
         if len(names) < self.context.threshold:
-            raise self._violation(
+            raise self._too_few(
                 f"names {len(names)} survivors {list(names)}, below the threshold "
                 f"{self.context.threshold}: nothing is revealed"
             )

@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from foedus.secure import shamir
 from foedus.secure.context import WEIGHT_TENSOR, RoundContext
-from foedus.secure.errors import ProtocolViolation
+from foedus.secure.errors import ProtocolViolation, TooFewSites
 from foedus.secure.keys import (
     KEY_BYTES,
     agreed_key,
@@ -71,7 +71,7 @@ class Unmasking:
         u2, u3 = set(sharers), sorted(set(survivors))
         threshold = context.threshold
         if len(u3) < threshold:
-            raise ProtocolViolation(
+            raise TooFewSites(
                 f"the aggregator: round {context.round_number} has {len(u3)} survivors, below "
                 f"the threshold {threshold}"
             )
