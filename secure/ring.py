@@ -1,11 +1,11 @@
 """The fixed-point ring Z_(2^bits) a masked update lives in: encoding, decoding, its size check.
 
-`scale = (2^(bits-1) - 1) / (sites * max_weight * clip)`: a value clipped to +-clip, times a
-weight of at most max_weight, times scale is at most 2^(bits-1) - 1 over the number of sites,
-and so the sum of every site's value reads back signed (two's complement). Rounding could push a
-value at the bound half a unit over it, so each encoded value is also cut to (2^(bits-1) - 1) //
-sites: the sum never wraps. numpy's unsigned arithmetic wraps modulo 2^bits by itself, which is
-the ring's addition.
+`scale = ((2^(bits-1) - 1) // sites) / (max_weight * clip)`: a value clipped to +-clip, times a
+weight of at most max_weight, times scale is at most (2^(bits-1) - 1) // sites, a whole number
+that rounding cannot pass, and so the sum of every site's value never wraps and reads back
+signed (two's complement). (The design's `(2^(bits-1) - 1) / (sites * max_weight * clip)` less
+the fraction that rounding could push over the bound.) numpy's unsigned arithmetic wraps modulo
+2^bits by itself, which is the ring's addition.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class FixedPoint:
         """The fixed point of a federation of `sites` collaborators (the ring's check is the loader's)."""
         if not (math.isfinite(settings.clip) and settings.clip > 0):
             raise ValueError(f"clip must be a finite number above 0, not {settings.clip}")
-        scale = _largest(settings.bits) / (sites * settings.max_weight * settings.clip)
+        scale = (_largest(settings.bits) // sites) / (settings.max_weight * settings.clip)
         return cls(bits=settings.bits, clip=float(settings.clip), scale=scale, sites=sites)
 
     @property
@@ -100,7 +100,8 @@ class FixedPoint:
             raise ValueError("an update holds NaN or infinite values: it cannot be encoded")
         flat = source.reshape(-1)
         factor = weight * self.scale
-        # float64 rounds a 64-bit ring's bound up: take the float below it then.
+        # Only float64's rounding of a 64-bit ring's values could pass the bound: cut them to it
+        # (float64 rounds that bound up: take the float below it then).
         bound = float(self.bound)
         if int(bound) > self.bound:
             bound = float(np.nextafter(bound, 0.0))

@@ -59,10 +59,9 @@ def test_every_site_at_the_clip_and_max_weight_does_not_wrap(bits: int, sign: fl
 def test_any_sites_values_sum_without_wrapping(
     bits: int, weights: list[int], values: list[float], clip: float
 ) -> None:
-    """Whatever the sites send (clipped), the ring's sum is their weighted sum within a unit per
-    site (half a unit's rounding, up to a whole one at the clip's cut to 1/sites of the ring; and
-    float64's own rounding of each weighted value, which a 64-bit ring's units go below): no
-    wrap, with any number of sites up to the federation's and any weights."""
+    """Whatever the sites send (clipped), the ring's sum is their weighted sum within half a unit
+    per site (and float64's own rounding of each weighted value, which a 64-bit ring's units go
+    below): no wrap, with any number of sites up to the federation's and any weights."""
     point = fixed(bits, 8, 1000, clip=clip)
     total = np.zeros(1, dtype=point.dtype)
     exact, magnitude = 0.0, 0.0
@@ -70,7 +69,7 @@ def test_any_sites_values_sum_without_wrapping(
         np.add(total, point.encode(np.array([value]), weight), out=total)
         exact += min(max(value, -clip), clip) * weight
         magnitude += min(abs(value), clip) * weight
-    bound = len(weights) * 1.0 / point.scale + magnitude * 2.0**-51
+    bound = len(weights) * 0.5 / point.scale + magnitude * 2.0**-51
     assert abs(point.decode(total)[0] - exact) <= bound
 
 
