@@ -164,6 +164,12 @@ def _start(plan_path: Path, *, reset: bool) -> int:
     except failpoints.FailpointError as error:
         raise BadInputError(str(error)) from None
     _check_tls_files(plan)
+    if plan.secure_aggregation.enabled and not plan.tls.enabled:
+        raise BadInputError(
+            f"{plan.path}: secure_aggregation.enabled: needs tls.certs_dir: each site signs its "
+            "keys with its certificate and checks the others' against the federation's CA "
+            "(tls.insecure is true)"
+        )
     runner = _checked_runner(plan)
     try:
         output = OutputFolder(plan.aggregator.output_dir)

@@ -120,7 +120,7 @@ def parse_plan(data: object, plan_path: Path) -> Plan:
     )
     limits = _limits(root.section("limits"))
     connection = _connection(root.section("connection"))
-    secure = _secure_aggregation(root.section("secure_aggregation"), known, tls)
+    secure = _secure_aggregation(root.section("secure_aggregation"), known)
     offline_after = straggler.offline_after_seconds
     if offline_after is not None and offline_after < 2 * connection.heartbeat_seconds:
         problems.append(
@@ -384,13 +384,13 @@ def _connection(section: Section) -> ConnectionSettings:
     return settings
 
 
-def _secure_aggregation(
-    section: Section, collaborators: int, tls: TLSSettings
-) -> SecureAggregationSettings:
+def _secure_aggregation(section: Section, collaborators: int) -> SecureAggregationSettings:
     """`secure_aggregation`, each key checked; what needs the collaborators only when it is on.
 
     A plan that leaves it off is not refused for a ring or a threshold it never uses (a
-    federation of 500 sites would not fit the default ring without `neighbours`).
+    federation of 500 sites would not fit the default ring without `neighbours`). That it needs
+    TLS is checked where the plan runs (`aggregator start`): a director checks a submitted plan
+    with placeholder `tls`, and gives the aggregator its own.
     """
     defaults = SecureAggregationSettings()
     problems = len(section.problems)
@@ -408,11 +408,6 @@ def _secure_aggregation(
         )
     if enabled and collaborators:
         _check_secure_federation(section, collaborators, threshold, neighbours)
-    if enabled and tls.insecure:
-        section.problems.append(
-            f"{section.key('enabled')}: needs tls.certs_dir: each site signs its keys with its "
-            "certificate and checks the others' against the federation's CA (tls.insecure is true)"
-        )
     if threshold is None:
         threshold = _majority(collaborators, neighbours)
     settings = SecureAggregationSettings(

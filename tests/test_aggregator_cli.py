@@ -238,6 +238,23 @@ def test_with_an_initial_model_nothing_of_the_runner_is_imported(
     assert read_model(tmp_path / "out" / "last_model.pbuf", 1024)["w"].tolist() == [1.0] * 3
 
 
+def test_secure_aggregation_without_tls_is_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Secure aggregation with `tls.insecure` exits 2 with one line: sites sign with certificates."""
+    plan = write_plan(tmp_path, None, secure_aggregation={"enabled": True})
+    code, _, err = run(capsys, "start", "--plan", str(plan))
+    assert (code, err.splitlines()) == (
+        2,
+        [
+            f"{plan}: secure_aggregation.enabled: needs tls.certs_dir: each site signs its keys "
+            "with its certificate and checks the others' against the federation's CA "
+            "(tls.insecure is true)"
+        ],
+    )
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.usefixtures("watchdog")  # a check that let it through would serve, not return
 @pytest.mark.parametrize("source", ["model file", "runner"])
 def test_secure_aggregation_refuses_a_model_it_cannot_sum(

@@ -672,13 +672,6 @@ def test_threshold_defaults_to_a_majority(
             id="one-collaborator",
         ),
         pytest.param(
-            [SECURE_ON, ("tls", {"insecure": True})],
-            "secure_aggregation.enabled: needs tls.certs_dir: each site signs its keys with its "
-            "certificate and checks the others' against the federation's CA (tls.insecure is "
-            "true)",
-            id="without-tls",
-        ),
-        pytest.param(
             [SECURE_ON, ("secure_aggregation.bits", 16)],
             "secure_aggregation.bits: a 16-bit ring leaves fewer than 8 bits per value for 3 "
             "collaborators weighted up to 65536 samples each (secure_aggregation.max_weight); "
@@ -742,8 +735,8 @@ def test_ring_problem_names_the_smallest_ring_that_would_do() -> None:
 
 
 def test_secure_aggregation_off_is_not_checked_against_the_federation() -> None:
-    """Off, the section's values are checked one by one, but not against the collaborators or
-    TLS: 200 sites do not fit its default ring, a threshold of 9 is more than 3 sites."""
+    """Off, the section's values are checked one by one, but not against the collaborators:
+    200 sites do not fit its default ring, a threshold of 9 is more than 3 sites."""
     many = parse_plan(_with(_document(), _sites(200)), PLAN_PATH)
     assert many.secure_aggregation.enabled is False
     off = _with(
@@ -756,6 +749,13 @@ def test_secure_aggregation_off_is_not_checked_against_the_federation() -> None:
     assert _problems(_with(off, ("secure_aggregation.bits", 12))) == [
         "secure_aggregation.bits: expected one of 16, 32, 64, got 12"
     ]
+
+
+def test_secure_aggregation_without_tls_is_left_to_where_the_plan_runs() -> None:
+    """The loader takes it without TLS: a director checks submitted plans with placeholder TLS,
+    and `aggregator start` refuses it (tests/test_aggregator_cli.py)."""
+    plan = parse_plan(_with(_document(), SECURE_ON, ("tls", {"insecure": True})), PLAN_PATH)
+    assert plan.secure_aggregation.enabled and not plan.tls.enabled
 
 
 def test_secure_plan_is_the_local_federation_with_secure_aggregation() -> None:
