@@ -9,6 +9,7 @@ mapping checked by `foedus.plans.reader`, the one strict YAML reader; the servic
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -29,6 +30,7 @@ from foedus.plans.reader import (
 )
 from foedus.plans.schema import (
     KNOWN_TASKS,
+    RING_BITS,
     TRAIN,
     AggregatorSettings,
     BestModelSettings,
@@ -37,10 +39,12 @@ from foedus.plans.schema import (
     Limits,
     Plan,
     RunnerSettings,
+    SecureAggregationSettings,
     StragglerPolicy,
     StragglerSettings,
     TLSSettings,
 )
+from foedus.secure.ring import ring_problem
 
 T = TypeVar("T")
 
@@ -117,6 +121,7 @@ def parse_plan(data: object, plan_path: Path) -> Plan:
     )
     limits = _limits(root.section("limits"))
     connection = _connection(root.section("connection"))
+    secure = _secure_aggregation(root.section("secure_aggregation"), known)
     offline_after = straggler.offline_after_seconds
     if offline_after is not None and offline_after < 2 * connection.heartbeat_seconds:
         problems.append(
@@ -139,6 +144,7 @@ def parse_plan(data: object, plan_path: Path) -> Plan:
         best_model=best_model,
         limits=limits,
         connection=connection,
+        secure_aggregation=secure,
     )
 
 
@@ -377,3 +383,98 @@ def _connection(section: Section) -> ConnectionSettings:
     )
     section.finish()
     return settings
+
+
+def _secure_aggregation(section: Section, collaborators: int) -> SecureAggregationSettings:
+    """`secure_aggregation`, each key checked; what needs the collaborators only when it is on.
+
+    A plan that leaves it off is not refused for a ring or a threshold it never uses (a
+    federation of 500 sites would not fit the default ring without `neighbours`). That it needs
+    TLS is checked where the plan runs (`aggregator start`): a director checks a submitted plan
+    with placeholder `tls`, and gives the aggregator its own.
+    """
+    defaults = SecureAggregationSettings()
+    problems = len(section.problems)
+    enabled = section.flag("enabled", defaults.enabled)
+    threshold = section.optional_integer("threshold", None, low=1, high=1_000_000)
+    bits = section.checked("bits", defaults.bits, _ring_bits, f"one of {_listed(RING_BITS)}")
+    clip = section.checked("clip", defaults.clip, _positive_finite, "a finite number > 0")
+    max_weight = section.integer("max_weight", defaults.max_weight, low=1, high=2**31 - 1)
+    neighbours = section.optional_integer("neighbours", None, low=2, high=1_000_000)
+    section.finish()
+    if neighbours is not None and neighbours % 2:
+        section.problems.append(
+            f"{section.key('neighbours')}: {neighbours} is odd; each site is joined to half "
+            "of them on each side of the round's circle of sites, so it must be even"
+        )
+    if enabled and collaborators:
+        _check_secure_federation(section, collaborators, threshold, neighbours)
+    if threshold is None:
+        threshold = _majority(collaborators, neighbours)
+    settings = SecureAggregationSettings(
+        enabled=enabled,
+        threshold=threshold,
+        clip=clip,
+        bits=bits,
+        max_weight=max_weight,
+        neighbours=neighbours,
+    )
+    if (
+        enabled and collaborators and len(section.problems) == problems
+    ):  # else: defaults, misleading
+        problem = ring_problem(settings, collaborators)  # the fixed point's own rule
+        if problem is not None:
+            section.problems.append(f"{section.key('bits')}: {problem}")
+    return settings
+
+
+def _check_secure_federation(
+    section: Section, collaborators: int, threshold: int | None, neighbours: int | None
+) -> None:
+    """The threshold and the neighbours against the number of collaborators."""
+    if collaborators < 2:
+        section.problems.append(
+            f"{section.key('enabled')}: needs at least 2 collaborators; the sum of one site's "
+            "update is that update"
+        )
+        return
+    if neighbours is not None and neighbours >= collaborators:
+        section.problems.append(
+            f"{section.key('neighbours')}: {neighbours} is not fewer than the {collaborators} "
+            "collaborators; leave it out to mask with every other site"
+        )
+        return
+    if threshold is None:
+        return
+    if threshold > collaborators:
+        section.problems.append(
+            f"{section.key('threshold')}: {threshold} is more than the {collaborators} "
+            "collaborators, so no round could ever be unmasked"
+        )
+    elif neighbours is not None and threshold > neighbours + 1:
+        section.problems.append(
+            f"{section.key('threshold')}: {threshold} is more than a site's {neighbours} "
+            f"neighbours and itself ({neighbours + 1}), who alone hold its shares"
+        )
+
+
+def _majority(collaborators: int, neighbours: int | None) -> int:
+    """The default threshold: a majority of those who hold a site's shares (it and its peers)."""
+    holders = collaborators if neighbours is None else neighbours + 1
+    return holders // 2 + 1
+
+
+def _ring_bits(value: object) -> int | None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value in RING_BITS
+    return value if ok else None  # type: ignore[return-value]
+
+
+def _positive_finite(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) and number > 0 else None
+
+
+def _listed(values: tuple[int, ...]) -> str:
+    return ", ".join(str(value) for value in values)
