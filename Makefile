@@ -12,9 +12,11 @@ PLAN ?= plans/local.yaml
 # side by side on one host.
 PORT_BASE ?= 50000
 DEMO_PLAN = build/ports/$(notdir $(PLAN))
+SECURE_PLAN ?= plans/secure.yaml
+SECURE_DEMO_PLAN = build/ports/$(notdir $(SECURE_PLAN))
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-service test protos protos-check lint clean
+.PHONY: help install demo demo-secure demo-service test protos protos-check lint clean
 
 help: ## List the targets with one line each
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -34,6 +36,11 @@ demo: install ## Run a real federation on localhost: an aggregator and 3 collabo
 	@$(PY) -m foedus.plans.demo_ports --base $(PORT_BASE) --out build/ports $(PLAN) >/dev/null
 	$(VENV)/bin/pki setup --plan $(DEMO_PLAN)
 	@bash plans/demo.sh $(VENV) $(DEMO_PLAN) build/local demo
+
+demo-secure: install ## The demo with secure aggregation: the aggregator learns the sum of the sites' updates, never one
+	@$(PY) -m foedus.plans.demo_ports --base $(PORT_BASE) --out build/ports $(SECURE_PLAN) >/dev/null
+	$(VENV)/bin/pki setup --plan $(SECURE_DEMO_PLAN)
+	@bash plans/demo.sh $(VENV) $(SECURE_DEMO_PLAN) build/secure demo-secure
 
 demo-service: install ## foedus as a service: a director, 3 envoys, `experiment submit`, the best model out, a dashboard screenshot
 	PORT_BASE=$(PORT_BASE) bash plans/service/demo.sh
