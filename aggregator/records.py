@@ -164,6 +164,26 @@ class RoundCommit:
 
 
 @dataclass(frozen=True)
+class SecurePost:
+    """A site's accepted post to one stage of a round's secure aggregation, as it arrived
+    (`foedus.secure.wire.post_bytes`); `stage` is a `foedus.secure.wire.Stage` value."""
+
+    round_number: int
+    stage: int
+    collaborator: str
+    message: bytes
+
+
+@dataclass(frozen=True)
+class SecureClose:
+    """A stage of a round's secure aggregation closed, with the sites it closed with (sorted)."""
+
+    round_number: int
+    stage: int
+    members: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Progress:
     """Where a federation stands: the round in progress and what it has; what a store recovers."""
 
@@ -174,6 +194,9 @@ class Progress:
     closing: tuple[str, ...] | None = None  # reporters of a close decided, not yet committed
     best: Best | None = None
     departures: tuple[Departure, ...] = ()  # collaborators that have left (and not rejoined)
+    # `round_number`'s secure aggregation so far: posts accepted, stages closed (in order)
+    secure_posts: tuple[SecurePost, ...] = ()
+    secure_closes: tuple[SecureClose, ...] = ()
 
 
 @dataclass(frozen=True)

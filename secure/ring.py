@@ -1,0 +1,123 @@
+"""The fixed-point ring Z_(2^bits) a masked update lives in: encoding, decoding, its size check.
+
+`scale = (2^(bits-1) - 1) / (sites * max_weight * clip)`: a value clipped to +-clip, times a
+weight of at most max_weight, times scale is at most 2^(bits-1) - 1 over the number of sites,
+and so the sum of every site's value reads back signed (two's complement). Rounding could push a
+value at the bound half a unit over it, so each encoded value is also cut to (2^(bits-1) - 1) //
+sites: the sum never wraps. numpy's
+unsigned arithmetic wraps modulo 2^bits by itself, which is the ring's addition.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from foedus.plans.schema import RING_BITS, SecureAggregationSettings
+
+RingArray = npt.NDArray[np.unsignedinteger[Any]]
+FloatArray = npt.NDArray[np.float64]
+MIN_VALUE_BITS = 8  # the loader refuses a ring that leaves fewer bits than this to each value
+_UNSIGNED: dict[int, np.dtype[Any]] = {
+    16: np.dtype("<u2"),
+    32: np.dtype("<u4"),
+    64: np.dtype("<u8"),
+}
+_SIGNED: dict[int, np.dtype[Any]] = {16: np.dtype("<i2"), 32: np.dtype("<i4"), 64: np.dtype("<i8")}
+
+
+def _largest(bits: int) -> int:
+    """2^(bits-1) - 1: the largest value the ring holds read as signed."""
+    return (1 << (bits - 1)) - 1
+
+
+def ring_problem(settings: SecureAggregationSettings, sites: int) -> str | None:
+    """Why `settings` cannot work for `sites` collaborators (one line, the loader's reason), or None.
+
+    The ring must leave at least 8 bits to each value: 2^(bits-1) - 1 >= 256 * sites * max_weight.
+    """
+    if settings.bits not in RING_BITS:
+        return f"bits must be one of {', '.join(map(str, RING_BITS))}, not {settings.bits}"
+    need = (1 << MIN_VALUE_BITS) * sites * settings.max_weight
+    if _largest(settings.bits) >= need:
+        return None
+    enough = [bits for bits in RING_BITS if _largest(bits) >= need]
+    largest_weight = _largest(settings.bits) // ((1 << MIN_VALUE_BITS) * sites)
+    fixes = [f"bits {enough[0]}"] if enough else []
+    if largest_weight >= 1:
+        fixes.append(f"max_weight at most {largest_weight}")
+    fix = " or ".join(fixes) if fixes else "fewer collaborators"
+    return (
+        f"a ring of {settings.bits} bits is too small for {sites} collaborators with max_weight "
+        f"{settings.max_weight}: it leaves fewer than {MIN_VALUE_BITS} bits per value "
+        f"(2^{settings.bits - 1} - 1 < {1 << MIN_VALUE_BITS} x {sites} x {settings.max_weight}); "
+        f"use {fix}"
+    )
+
+
+@dataclass(frozen=True)
+class FixedPoint:
+    """The ring of `bits` bits and the fixed point that maps a weighted, clipped value into it."""
+
+    bits: int
+    clip: float
+    scale: float
+    sites: int = 1  # the collaborators whose values are summed: each value's bound is 1/sites
+
+    @property
+    def bound(self) -> int:
+        """The largest magnitude one site's encoded value may have: (2^(bits-1) - 1) // sites."""
+        return _largest(self.bits) // self.sites
+
+    @classmethod
+    def for_federation(cls, settings: SecureAggregationSettings, sites: int) -> FixedPoint:
+        """The fixed point of a federation of `sites` collaborators (the ring's check is the loader's)."""
+        if not (math.isfinite(settings.clip) and settings.clip > 0):
+            raise ValueError(f"clip must be a finite number above 0, not {settings.clip}")
+        scale = _largest(settings.bits) / (sites * settings.max_weight * settings.clip)
+        return cls(bits=settings.bits, clip=float(settings.clip), scale=scale, sites=sites)
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        """The ring's numpy dtype: unsigned, `bits` wide, little-endian (as the wire carries it)."""
+        return _UNSIGNED[self.bits]
+
+    def encode(self, values: npt.ArrayLike, weight: int) -> RingArray:
+        """`rint(clip(values, +-clip) * weight * scale)` in the ring; raises ValueError on NaN or inf."""
+        scaled = np.array(values, dtype=np.float64, copy=True)
+        if not np.isfinite(scaled).all():
+            raise ValueError("an update holds NaN or infinite values: it cannot be encoded")
+        np.clip(scaled, -self.clip, self.clip, out=scaled)
+        scaled *= weight * self.scale
+        np.rint(scaled, out=scaled)
+        # float64 rounds a 64-bit ring's bound up: take the float below it then.
+        bound = float(self.bound)
+        if int(bound) > self.bound:
+            bound = float(np.nextafter(bound, 0.0))
+        np.clip(scaled, -bound, bound, out=scaled)
+        return scaled.astype(np.int64).astype(self.dtype)
+
+    def encode_weight(self, weight: int) -> RingArray:
+        """The weight element: the integer weight itself in the ring (not scaled), shape (1,)."""
+        return np.array([weight], dtype=np.int64).astype(self.dtype)
+
+    def signed(self, total: RingArray) -> npt.NDArray[np.signedinteger[Any]]:
+        """The ring's elements read as two's complement: the sum's sign back."""
+        signed: npt.NDArray[np.signedinteger[Any]] = np.asarray(total, dtype=self.dtype).view(
+            _SIGNED[self.bits]
+        )
+        return signed
+
+    def decode(self, total: RingArray) -> FloatArray:
+        """A sum of encoded values back as float64: read signed, divided by the scale."""
+        values = self.signed(total).astype(np.float64)
+        values /= self.scale
+        return values
+
+    def decode_weight(self, total: RingArray) -> int:
+        """The summed weight element as an integer."""
+        return int(self.signed(total).reshape(-1)[0])

@@ -1,0 +1,530 @@
+"""A site's side of one secure round: its secrets, and what it posts at each stage.
+
+`SiteSecrets` are what a site must never lose nor show: its two X25519 private keys, its
+self-mask seed, the seed its shares and nonces are drawn from, the survivor list it confirmed
+and what it revealed. The caller keeps them in the round's state file (`to_bytes`: JSON, never
+pickle) written before anything that depends on them is posted: after `generate()`, and after
+`confirmation()` and `revealed_shares()`, which change them.
+
+`SiteRound` checks everything the aggregator relays and refuses (`ProtocolViolation`) what breaks
+the protocol. It is deterministic given the secrets and the relays: the advertisement (RFC 6979
+signatures), the sealed shares and the masked update come out as the same bytes every time. So
+a restarted site needs no more state than its secrets file: it fetches the KEYS and SHARES
+relays again (the aggregator keeps them) and replays them into a fresh `SiteRound`
+(`accept_keys`, `accept_shares`), and whatever it posts again is a resend of the same bytes.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import logging
+import secrets as random_bytes
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from cryptography import x509
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from foedus.pki.keys import PrivateKey, PublicKey
+from foedus.secure import shamir
+from foedus.secure.context import WEIGHT_TENSOR, RoundContext, framed, text
+from foedus.secure.errors import ProtocolViolation, SecretsFileError
+from foedus.secure.keys import (
+    KEY_BYTES,
+    advertised_bytes,
+    agreed_key,
+    derive,
+    mask_agreement,
+    public_key_of,
+    seed_commitment,
+    self_mask_key,
+    share_agreement,
+    share_associated_data,
+    sign,
+    survivors_bytes,
+    verify_advertisements,
+    verify_certificate,
+    verify_signature,
+)
+from foedus.secure.masks import VectorLayout, add_mask, keystream
+from foedus.secure.records import (
+    Advertisement,
+    RevealedShare,
+    SealedShare,
+    SecretKind,
+    SurvivorConfirmation,
+)
+from foedus.secure.ring import RingArray
+
+logger = logging.getLogger(__name__)
+
+SECRETS_FORMAT = "foedus secure round secrets"
+SECRETS_VERSION = 1
+NONCE_BYTES = 12
+_POINT_BYTES = 4
+_SEALED_PLAINTEXT = _POINT_BYTES + 2 * shamir.SHARE_BYTES
+_COEFFICIENT_BYTES = 80  # drawn per field element: 640 bits reduced mod 2^521 - 1, bias < 2^-118
+_KEY_FIELDS = ("encryption_private", "mask_private", "seed", "sharing_seed")
+
+
+@dataclass
+class SiteSecrets:
+    """A site's secrets for one round, and what it has already confirmed and revealed."""
+
+    encryption_private: bytes  # X25519 c: the shares sealed for this site open with it
+    mask_private: bytes  # X25519 s: the pairwise masks are agreed with it
+    seed: bytes  # b: the self-mask's seed
+    sharing_seed: bytes  # draws the Shamir coefficients and the nonces (the same again on restart)
+    revealed: dict[str, SecretKind] = field(default_factory=dict)  # owner -> kind revealed
+    confirmed: tuple[str, ...] | None = None  # the survivor list this site signed, once signed
+
+    @classmethod
+    def generate(cls) -> SiteSecrets:
+        """Fresh secrets for a round, from the operating system's randomness."""
+        draw = random_bytes.token_bytes
+        return cls(draw(KEY_BYTES), draw(KEY_BYTES), draw(KEY_BYTES), draw(KEY_BYTES))
+
+    def to_bytes(self) -> bytes:
+        """The secrets file's content: JSON, keys in hex (never pickle)."""
+        document: dict[str, Any] = {"format": SECRETS_FORMAT, "version": SECRETS_VERSION}
+        document.update({name: getattr(self, name).hex() for name in _KEY_FIELDS})
+        document["revealed"] = {owner: kind.name for owner, kind in sorted(self.revealed.items())}
+        document["confirmed"] = None if self.confirmed is None else list(self.confirmed)
+        return (json.dumps(document, indent=1) + "\n").encode("utf-8")
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SiteSecrets:
+        """Secrets read back from `to_bytes`'s output; SecretsFileError (one line) when corrupt."""
+        try:
+            document = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise SecretsFileError(f"not a secure round's secrets file: {error}") from None
+        if not isinstance(document, dict) or document.get("format") != SECRETS_FORMAT:
+            raise SecretsFileError(
+                f"not a secure round's secrets file (no format {SECRETS_FORMAT!r})"
+            )
+        if document.get("version") != SECRETS_VERSION:
+            raise SecretsFileError(
+                f"secrets file version {document.get('version')!r}; this foedus reads "
+                f"version {SECRETS_VERSION}"
+            )
+        keys: dict[str, bytes] = {}
+        for name in _KEY_FIELDS:
+            try:
+                value = bytes.fromhex(document[name])
+            except (KeyError, TypeError, ValueError, binascii.Error):
+                raise SecretsFileError(f"secrets file: {name} is missing or not hex") from None
+            if len(value) != KEY_BYTES:
+                raise SecretsFileError(f"secrets file: {name} is not {KEY_BYTES} bytes long")
+            keys[name] = value
+        revealed = document.get("revealed")
+        confirmed = document.get("confirmed")
+        if not isinstance(revealed, dict) or not all(
+            isinstance(owner, str) and kind in SecretKind.__members__
+            for owner, kind in revealed.items()
+        ):
+            raise SecretsFileError("secrets file: revealed is not a map of owners to secret kinds")
+        if confirmed is not None and not (
+            isinstance(confirmed, list) and all(isinstance(name, str) for name in confirmed)
+        ):
+            raise SecretsFileError("secrets file: confirmed is not a list of names")
+        return cls(
+            keys["encryption_private"],
+            keys["mask_private"],
+            keys["seed"],
+            keys["sharing_seed"],
+            revealed={owner: SecretKind[kind] for owner, kind in revealed.items()},
+            confirmed=None if confirmed is None else tuple(confirmed),
+        )
+
+
+class SiteRound:
+    """Site `name`'s part of one secure round, stage by stage (see the module's docstring)."""
+
+    def __init__(
+        self,
+        context: RoundContext,
+        name: str,
+        secrets: SiteSecrets,
+        *,
+        signing_key: PrivateKey,
+        certificate_der: bytes,
+        ca_certificates: Sequence[x509.Certificate],
+    ) -> None:
+        """`signing_key` and `certificate_der` are the site's TLS identity; `ca_certificates` the
+        federation's CA bundle, every peer's certificate is checked against."""
+        if name not in context.collaborators:
+            raise ValueError(f"{name!r} is not one of the plan's collaborators")
+        self.context = context
+        self.name = name
+        self.secrets = secrets
+        self._signing_key = signing_key
+        self._certificate = certificate_der
+        self._cas = tuple(ca_certificates)
+        self._keys: dict[str, Advertisement] | None = None  # U1's verified advertisements
+        self._signers: dict[str, PublicKey] = {}  # U1's certificate keys
+        self._sharers: tuple[str, ...] | None = None  # U2
+        self._held: dict[str, tuple[bytes, bytes]] = {}  # owner -> (share of b, share of s)
+
+    @property
+    def keys(self) -> Mapping[str, Advertisement]:
+        """The KEYS stage's members' verified advertisements (after `accept_keys`)."""
+        return dict(self._require_keys())
+
+    @property
+    def sharers(self) -> tuple[str, ...]:
+        """The SHARES stage's members, U2 (after `accept_shares`)."""
+        return self._require_sharers()
+
+    def _violation(self, what: str) -> ProtocolViolation:
+        return ProtocolViolation(
+            f"site {self.name!r}, round {self.context.round_number}: the aggregator {what}"
+        )
+
+    def advertisement(self) -> Advertisement:
+        """KEYS: this site's public keys and seed commitment, signed by its certificate's key."""
+        unsigned = Advertisement(
+            collaborator=self.name,
+            encryption_key=public_key_of(self.secrets.encryption_private),
+            mask_key=public_key_of(self.secrets.mask_private),
+            seed_commitment=seed_commitment(self.context, self.name, self.secrets.seed),
+            certificate=self._certificate,
+            signature=b"",
+        )
+        signature = sign(self._signing_key, advertised_bytes(self.context, unsigned))
+        return Advertisement(**{**unsigned.__dict__, "signature": signature})
+
+    def _members(self, stage: str, members: Sequence[str]) -> tuple[str, ...]:
+        """A stage's member list checked: known names, once each, this site among them, t or more."""
+        names = tuple(sorted(members))
+        strangers = sorted(set(names) - set(self.context.collaborators))
+        if strangers:
+            raise self._violation(f"names {strangers} in {stage}, not collaborators of the plan")
+        if len(set(names)) != len(names):
+            raise self._violation(f"names a site twice among {stage}'s members")
+        if self.name not in names:
+            raise self._violation(f"closed {stage} without this site but relays it")
+        if len(names) < self.context.threshold:
+            raise self._violation(
+                f"closed {stage} with {len(names)} sites, below the threshold "
+                f"{self.context.threshold}"
+            )
+        return names
+
+    def accept_keys(self, members: Sequence[str], advertisements: Sequence[Advertisement]) -> None:
+        """KEYS relay: every member's advertisement verified (certificate, name, signature)."""
+        names = self._members("KEYS", members)
+        verified = verify_advertisements(self.context, advertisements, self._cas)
+        if sorted(verified) != list(names):
+            raise self._violation(
+                f"relays advertisements of {sorted(verified)} for the KEYS members {list(names)}"
+            )
+        mine = self.advertisement()
+        own = verified[self.name]
+        if (own.encryption_key, own.mask_key, own.seed_commitment) != (
+            mine.encryption_key,
+            mine.mask_key,
+            mine.seed_commitment,
+        ):
+            raise self._violation("relays keys of this site that are not the ones it advertised")
+        self._signers = {
+            name: verify_certificate(self.context, name, verified[name].certificate, self._cas)
+            for name in names
+        }
+        self._keys = verified
+
+    def _require_keys(self) -> dict[str, Advertisement]:
+        if self._keys is None:
+            raise RuntimeError("accept_keys first: the KEYS relay is not in yet")
+        return self._keys
+
+    def _require_sharers(self) -> tuple[str, ...]:
+        if self._sharers is None:
+            raise RuntimeError("accept_shares first: the SHARES relay is not in yet")
+        return self._sharers
+
+    def _coefficients(self, kind: SecretKind) -> list[int]:
+        """The Shamir coefficients of one secret, drawn from the sharing seed (the same on restart)."""
+        count = self.context.threshold - 1
+        key = derive(self.secrets.sharing_seed, framed(self.context.label, b"coefficients"))
+        stream = keystream(
+            derive(key, bytes([kind.value])), 0, count * _COEFFICIENT_BYTES, np.uint8
+        ).tobytes()
+        return [
+            int.from_bytes(stream[i : i + _COEFFICIENT_BYTES], "big") % shamir.PRIME
+            for i in range(0, len(stream), _COEFFICIENT_BYTES)
+        ]
+
+    def sealed_shares(self) -> list[SealedShare]:
+        """SHARES: one sealed pair of shares (of b and of s) for each holder among KEYS's members."""
+        keys = self._require_keys()
+        holders = [name for name in self.context.holders(self.name) if name in keys]
+        if len(holders) < self.context.threshold:
+            logger.warning(
+                "round %d: only %d of site %r's holders are in the round (threshold %d): its "
+                "secrets cannot be rebuilt, and the round cannot close trained if it is needed",
+                self.context.round_number,
+                len(holders),
+                self.name,
+                self.context.threshold,
+            )
+        points = [self.context.point(name) for name in holders]
+        seed_shares = shamir.split(
+            self.secrets.seed,
+            self.context.threshold,
+            points,
+            coefficients=self._coefficients(SecretKind.SELF_MASK_SEED),
+        )
+        key_shares = shamir.split(
+            self.secrets.mask_private,
+            self.context.threshold,
+            points,
+            coefficients=self._coefficients(SecretKind.MASK_PRIVATE_KEY),
+        )
+        sealed: list[SealedShare] = []
+        for holder, point in zip(holders, points, strict=True):
+            try:
+                key = agreed_key(
+                    self.secrets.encryption_private,
+                    keys[holder].encryption_key,
+                    share_agreement(self.context, self.name, holder),
+                )
+            except ValueError:
+                raise ProtocolViolation(
+                    f"site {holder!r}: its advertised encryption key agrees no secret with "
+                    f"site {self.name!r} (a low-order point)"
+                ) from None
+            nonce = derive(
+                self.secrets.sharing_seed, framed(self.context.label, b"nonce", text(holder))
+            )[:NONCE_BYTES]
+            plaintext = point.to_bytes(_POINT_BYTES, "big") + seed_shares[point] + key_shares[point]
+            ciphertext = AESGCM(key).encrypt(
+                nonce, plaintext, share_associated_data(self.context, self.name, holder)
+            )
+            sealed.append(SealedShare(self.name, holder, nonce + ciphertext))
+        return sealed
+
+    def accept_shares(
+        self, members: Sequence[str], sealed: Sequence[SealedShare]
+    ) -> tuple[str, ...]:
+        """SHARES relay: open the shares sealed for this site; returns the members sharing with it
+        whose share it does not hold (it did not open, or was not relayed), each logged."""
+        keys = self._require_keys()
+        names = self._members("SHARES", members)
+        outside = sorted(set(names) - set(keys))
+        if outside:
+            raise self._violation(f"names {outside} in SHARES who are not KEYS members")
+        held: dict[str, tuple[bytes, bytes]] = {}
+        seen: set[str] = set()
+        for share in sealed:
+            if share.receiver != self.name:
+                raise self._violation(
+                    f"relays a share from {share.sender!r} sealed for {share.receiver!r}"
+                )
+            if share.sender not in names:
+                raise self._violation(f"relays a share from {share.sender!r}, not a SHARES member")
+            if share.sender in seen:
+                raise self._violation(f"relays two shares from {share.sender!r}")
+            if self.name not in self.context.holders(share.sender):
+                raise self._violation(
+                    f"relays a share from {share.sender!r}, which does not share with this site"
+                )
+            seen.add(share.sender)
+            opened = self._open(share, keys[share.sender])
+            if opened is not None:
+                held[share.sender] = opened
+        missing = tuple(
+            sender
+            for sender in names
+            if sender not in held and self.name in self.context.holders(sender)
+        )
+        for sender in missing:
+            logger.warning(
+                "round %d: site %r holds no share of %r's secrets (%s); the other holders' suffice "
+                "while %d of them take part",
+                self.context.round_number,
+                self.name,
+                sender,
+                "its share does not open" if sender in seen else "none was relayed",
+                self.context.threshold,
+            )
+        self._sharers = names
+        self._held = held
+        return missing
+
+    def _open(self, share: SealedShare, sender: Advertisement) -> tuple[bytes, bytes] | None:
+        """The (b, s) shares in `share`, or None when it does not open or holds the wrong point."""
+        try:
+            key = agreed_key(
+                self.secrets.encryption_private,
+                sender.encryption_key,
+                share_agreement(self.context, share.sender, self.name),
+            )
+            plaintext = AESGCM(key).decrypt(
+                share.ciphertext[:NONCE_BYTES],
+                share.ciphertext[NONCE_BYTES:],
+                share_associated_data(self.context, share.sender, self.name),
+            )
+        except (ValueError, InvalidTag):
+            return None
+        if len(plaintext) != _SEALED_PLAINTEXT:
+            return None
+        if int.from_bytes(plaintext[:_POINT_BYTES], "big") != self.context.point(self.name):
+            return None
+        middle = _POINT_BYTES + shamir.SHARE_BYTES
+        return plaintext[_POINT_BYTES:middle], plaintext[middle:]
+
+    def _mask_keys(self) -> list[tuple[bytes, bool]]:
+        """(key, subtract) of every mask this site adds: its own, then one per sharing neighbour."""
+        keys = self._require_keys()
+        sharers = self._require_sharers()
+        masks = [(self_mask_key(self.context, self.name, self.secrets.seed), False)]
+        for peer in self.context.neighbours(self.name):
+            if peer not in sharers:
+                continue
+            try:
+                key = agreed_key(
+                    self.secrets.mask_private,
+                    keys[peer].mask_key,
+                    mask_agreement(self.context, self.name, peer),
+                )
+            except ValueError:
+                raise ProtocolViolation(
+                    f"site {peer!r}: its advertised mask key agrees no secret with site "
+                    f"{self.name!r} (a low-order point)"
+                ) from None
+            masks.append((key, peer < self.name))  # +PRG(k) when this site's name is the lower
+        return masks
+
+    def masked_update(
+        self, delta: Mapping[str, npt.NDArray[Any]], weight: int
+    ) -> dict[str, RingArray]:
+        """MASKED UPLOAD: the delta (trained - global) weighted, encoded and masked, each tensor in
+        its shape and the ring's dtype, plus WEIGHT_TENSOR (the masked weight, shape (1,)).
+
+        `weight` is the sample count (at least 1); above max_weight it counts as max_weight.
+        Raises ValueError for a delta with NaN or infinite values (nothing can be uploaded).
+        """
+        if weight < 1:
+            raise ValueError(f"an update's weight is at least 1, not {weight}")
+        weight = min(weight, self.context.settings.max_weight)
+        fixed = self.context.fixed_point
+        layout = VectorLayout.of_arrays(delta)
+        masks = self._mask_keys()
+        masked: dict[str, RingArray] = {}
+        for name, (start, _stop) in layout.slices.items():
+            values = np.asarray(delta[name])
+            try:
+                flat = fixed.encode(values.reshape(-1), weight)
+            except ValueError as error:
+                raise ValueError(f"tensor {name!r}: {error}") from None
+            for key, subtract in masks:
+                add_mask(flat, key, start, subtract=subtract)
+            masked[name] = flat.reshape(values.shape)
+        flat = fixed.encode_weight(weight)
+        for key, subtract in masks:
+            add_mask(flat, key, layout.weight, subtract=subtract)
+        masked[WEIGHT_TENSOR] = flat
+        return masked
+
+    def _survivors(self, survivors: Sequence[str]) -> tuple[str, ...]:
+        """U3 checked: members of U2, once each, t or more, this site among them, one list ever."""
+        sharers = self._require_sharers()
+        names = tuple(sorted(survivors))
+        if len(set(names)) != len(names):
+            raise self._violation("names a survivor twice")
+        strangers = sorted(set(names) - set(sharers))
+        if strangers:
+            raise self._violation(f"names survivors {strangers} that are not SHARES members")
+        if len(names) < self.context.threshold:
+            raise self._violation(
+                f"names {len(names)} survivors {list(names)}, below the threshold "
+                f"{self.context.threshold}: nothing is revealed"
+            )
+        if self.name not in names:
+            raise self._violation("asks this site to confirm a survivor list without it")
+        if self.secrets.confirmed is not None and self.secrets.confirmed != names:
+            raise self._violation(
+                f"names survivors {list(names)} after this site confirmed "
+                f"{list(self.secrets.confirmed)}: refused (one survivor list a round)"
+            )
+        return names
+
+    def confirmation(self, survivors: Sequence[str]) -> SurvivorConfirmation:
+        """SURVIVORS: this site's signature of U3 once checked; marks `secrets.confirmed` (write the
+        secrets file before posting it)."""
+        names = self._survivors(survivors)
+        self.secrets.confirmed = names
+        signature = sign(self._signing_key, survivors_bytes(self.context, names))
+        return SurvivorConfirmation(self.name, names, signature)
+
+    def revealed_shares(
+        self, survivors: Sequence[str], confirmations: Sequence[SurvivorConfirmation]
+    ) -> list[RevealedShare]:
+        """UNMASK: the shares the unmasking needs, once t survivors confirmed exactly U3: of each
+        owner it holds, the seed's share when the owner survived, else the mask key's; never both
+        kinds for one owner. Marks `secrets.revealed` (write the secrets file before posting)."""
+        names = self._survivors(survivors)
+        signed = self._confirmed_by(names, confirmations)
+        if len(signed) < self.context.threshold:
+            raise self._violation(
+                f"relays {len(signed)} valid confirmations of survivors {list(names)}, below the "
+                f"threshold {self.context.threshold}: nothing is revealed"
+            )
+        wanted = {
+            owner: SecretKind.SELF_MASK_SEED if owner in names else SecretKind.MASK_PRIVATE_KEY
+            for owner in self._held
+        }
+        for owner, kind in sorted(wanted.items()):
+            before = self.secrets.revealed.get(owner)
+            if before is not None and before is not kind:
+                raise self._violation(
+                    f"asks for the share of {owner!r}'s {_describe(kind)} after this site "
+                    f"revealed its {_describe(before)}'s: refused (never both kinds of a site)"
+                )
+        self.secrets.confirmed = names
+        revealed: list[RevealedShare] = []
+        for owner, kind in sorted(wanted.items()):
+            self.secrets.revealed[owner] = kind
+            seed_share, key_share = self._held[owner]
+            share = seed_share if kind is SecretKind.SELF_MASK_SEED else key_share
+            revealed.append(RevealedShare(owner, kind, share))
+        return revealed
+
+    def _confirmed_by(
+        self, survivors: tuple[str, ...], confirmations: Sequence[SurvivorConfirmation]
+    ) -> set[str]:
+        """The survivors whose confirmation of exactly `survivors` verifies; the others logged."""
+        signed: set[str] = set()
+        for confirmation in confirmations:
+            who = confirmation.collaborator
+            signer = self._signers.get(who)
+            problem = None
+            if who not in survivors or signer is None:
+                problem = "it is not a survivor"
+            elif tuple(sorted(confirmation.survivors)) != survivors:
+                problem = "it confirms another survivor list"
+            elif not verify_signature(
+                signer, confirmation.signature, survivors_bytes(self.context, survivors)
+            ):
+                problem = "its signature does not verify"
+            if problem is None:
+                signed.add(who)
+            else:
+                logger.warning(
+                    "round %d: site %r ignores the confirmation relayed as %r's: %s",
+                    self.context.round_number,
+                    self.name,
+                    who,
+                    problem,
+                )
+        return signed
+
+
+def _describe(kind: SecretKind) -> str:
+    return "self-mask seed" if kind is SecretKind.SELF_MASK_SEED else "mask private key"
