@@ -7,12 +7,27 @@ certificates made by `pki`, and the sites' protocol (`foedus.secure.SiteRound`) 
 from __future__ import annotations
 
 import json
+import re
 import stat
+from collections.abc import Iterator
+from concurrent import futures
+from contextlib import contextmanager
 from pathlib import Path
 
+import grpc
 import pytest
 
+from foedus.collaborator.client import AggregatorGRPCClient
+from foedus.collaborator.errors import ResponseValidationError
 from foedus.collaborator.secure_state import RoundFile, RoundFileError, RoundFiles
+from foedus.pki.layout import CertsLayout
+from foedus.pki.tls import server_credentials
+from foedus.plans import Plan
+from foedus.protos import aggregator_pb2, aggregator_pb2_grpc
+from foedus.secure import SealedShare
+from foedus.secure.wire import Post, Relay, Stage, post_from_proto, relay_to_proto
+
+from servers import make_plan
 
 UUID = "test-federation-0001"
 
@@ -94,3 +109,116 @@ def test_another_sites_or_federations_file_is_refused(tmp_path: Path, uuid: str,
     RoundFiles(tmp_path, uuid, name).write(RoundFile(uuid, name, 1, b"theirs"))
     with pytest.raises(RoundFileError, match="give each collaborator and federation its own"):
         RoundFiles(tmp_path, UUID, "alice").read(1)
+
+
+# -- the client's two calls, against a real server over mutual TLS ---------------------------------
+
+
+class RelayServicer(aggregator_pb2_grpc.AggregatorServicer):
+    """A scripted aggregator: records each post, answers each relay request from `relays` in turn,
+    and loses the first `unavailable` calls of each RPC (UNAVAILABLE, as a network failure)."""
+
+    def __init__(self, relays: list[Relay], *, unavailable: int = 0) -> None:
+        self.posts: list[aggregator_pb2.SecureMessage] = []
+        self.relay_requests: list[aggregator_pb2.SecureRelayRequest] = []
+        self.relays = relays
+        self.unavailable = unavailable
+        self.calls: dict[str, int] = {}
+
+    def _lose(self, rpc: str, context: grpc.ServicerContext) -> None:
+        self.calls[rpc] = self.calls.get(rpc, 0) + 1
+        if self.calls[rpc] <= self.unavailable:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "lost on the way")
+
+    @staticmethod
+    def _header(request_header: aggregator_pb2.MessageHeader) -> aggregator_pb2.MessageHeader:
+        return aggregator_pb2.MessageHeader(
+            sender=request_header.receiver,
+            receiver=request_header.sender,
+            federation_uuid=request_header.federation_uuid,
+        )
+
+    def PostSecureMessage(  # noqa: N802 - the RPC's name
+        self, request: aggregator_pb2.SecureMessage, context: grpc.ServicerContext
+    ) -> aggregator_pb2.SecureReceipt:
+        self.posts.append(request)
+        self._lose("PostSecureMessage", context)
+        return aggregator_pb2.SecureReceipt(header=self._header(request.header))
+
+    def GetSecureRelay(  # noqa: N802 - the RPC's name
+        self, request: aggregator_pb2.SecureRelayRequest, context: grpc.ServicerContext
+    ) -> aggregator_pb2.SecureRelay:
+        self.relay_requests.append(request)
+        self._lose("GetSecureRelay", context)
+        relay = self.relays.pop(0)
+        return relay_to_proto(relay, self._header(request.header))
+
+
+@contextmanager
+def relay_server(plan: Plan, servicer: RelayServicer) -> Iterator[int]:
+    """A real TLS server with the aggregator's certificate around `servicer`; yields its port."""
+    certs = plan.tls.certs
+    assert certs is not None
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    aggregator_pb2_grpc.add_AggregatorServicer_to_server(servicer, server)
+    credentials = server_credentials(certs.aggregator_cert, certs.aggregator_key, certs.ca_bundle)
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(0).wait()
+
+
+def client_for(plan: Plan, port: int, name: str = "alice") -> AggregatorGRPCClient:
+    """A client of `plan` dialling 127.0.0.1:`port`, whose backoff waits for nothing."""
+    return AggregatorGRPCClient.from_plan(
+        plan, name, aggregator_address="127.0.0.1", aggregator_port=port, sleep=lambda _: None
+    )
+
+
+def test_a_post_is_sent_again_after_unavailable(certs: CertsLayout) -> None:
+    """A post lost on the way is retried, the very same message each time, as every unary call."""
+    plan = make_plan(certs)
+    servicer = RelayServicer([], unavailable=2)
+    share = SealedShare(sender="alice", receiver="bob", ciphertext=b"\x01" * 60)
+    post = Post(4, Stage.SHARES, shares=(share,))
+    with relay_server(plan, servicer) as port, client_for(plan, port) as client:
+        client.post_secure_message(post)
+    assert len(servicer.posts) == 3
+    assert len({message.SerializeToString(deterministic=True) for message in servicer.posts}) == 1
+    assert post_from_proto(servicer.posts[0]) == post
+    assert servicer.posts[0].header.sender == "alice"
+
+
+def test_a_relay_is_fetched_again_after_unavailable(certs: CertsLayout) -> None:
+    """A relay request lost on the way is retried; the relay arrives as the aggregator sent it."""
+    plan = make_plan(certs)
+    relay = Relay(2, Stage.KEYS, ready=True, members=("alice", "bob"))
+    servicer = RelayServicer([relay, relay], unavailable=1)
+    with relay_server(plan, servicer) as port, client_for(plan, port) as client:
+        assert client.get_secure_relay(2, Stage.KEYS) == relay
+    assert [request.round_number for request in servicer.relay_requests] == [2, 2]
+
+
+@pytest.mark.parametrize(
+    ("relay", "says"),
+    [
+        (
+            Relay(3, Stage.KEYS, ready=True),
+            "asked the aggregator for round 2's KEYS relay, got round 3's KEYS",
+        ),
+        (Relay(2, Stage.SHARES, ready=True), "got round 2's SHARES"),
+    ],
+)
+def test_a_relay_of_another_round_or_stage_is_refused(
+    certs: CertsLayout, relay: Relay, says: str
+) -> None:
+    """A relay that is not the one asked for is a bad answer, never taken for it."""
+    plan = make_plan(certs)
+    with (
+        relay_server(plan, RelayServicer([relay])) as port,
+        client_for(plan, port) as client,
+        pytest.raises(ResponseValidationError, match=re.escape(says)),
+    ):
+        client.get_secure_relay(2, Stage.KEYS)
