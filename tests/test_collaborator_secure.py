@@ -6,26 +6,43 @@ certificates made by `pki`, and the sites' protocol (`foedus.secure.SiteRound`) 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import re
 import stat
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 
-from foedus.collaborator.client import AggregatorGRPCClient
+from foedus.collaborator.client import AggregatorGRPCClient, OutgoingTensor
 from foedus.collaborator.errors import ResponseValidationError
+from foedus.collaborator.secure import SecureRounds, SiteIdentity
 from foedus.collaborator.secure_state import RoundFile, RoundFileError, RoundFiles
 from foedus.pki.layout import CertsLayout
 from foedus.pki.tls import server_credentials
 from foedus.plans import Plan
+from foedus.plans.runners import Array
+from foedus.plans.schema import SecureAggregationSettings
 from foedus.protos import aggregator_pb2, aggregator_pb2_grpc
-from foedus.secure import SealedShare
-from foedus.secure.wire import Post, Relay, Stage, post_from_proto, relay_to_proto
+from foedus.secure import WEIGHT_TENSOR, RoundContext, SealedShare, SecretKind
+from foedus.secure.unmask import Unmasking
+from foedus.secure.wire import (
+    Post,
+    Relay,
+    Stage,
+    post_bytes,
+    post_from_proto,
+    relay_request_from_proto,
+    relay_to_proto,
+)
 
 from servers import make_plan
 
@@ -155,7 +172,7 @@ class RelayServicer(aggregator_pb2_grpc.AggregatorServicer):
 
 
 @contextmanager
-def relay_server(plan: Plan, servicer: RelayServicer) -> Iterator[int]:
+def relay_server(plan: Plan, servicer: aggregator_pb2_grpc.AggregatorServicer) -> Iterator[int]:
     """A real TLS server with the aggregator's certificate around `servicer`; yields its port."""
     certs = plan.tls.certs
     assert certs is not None
@@ -222,3 +239,279 @@ def test_a_relay_of_another_round_or_stage_is_refused(
         pytest.raises(ResponseValidationError, match=re.escape(says)),
     ):
         client.get_secure_relay(2, Stage.KEYS)
+
+
+# -- one round's stages, driven by each site's SecureRounds over real gRPC ---------------------------
+
+SETTINGS = SecureAggregationSettings(enabled=True, threshold=2, clip=1.0, bits=32, max_weight=1000)
+GLOBAL = {
+    "dense/weight": np.linspace(-0.5, 0.5, 12, dtype=np.float32).reshape(3, 4),
+    "dense/bias": np.zeros(4, dtype=np.float32),
+}
+RUN_SECONDS = 60  # bound on one site's part of a round (the machine is shared and slow)
+
+
+def secure_plan(certs: CertsLayout) -> Plan:
+    """A TLS test plan with secure aggregation on: threshold 2 of alice, bob and carol."""
+    return dataclasses.replace(make_plan(certs), secure_aggregation=SETTINGS)
+
+
+def trained_by(name: str) -> dict[str, Array]:
+    """What site `name` trains from GLOBAL: a delta of its own, within the clip."""
+    offset = {"alice": 0.25, "bob": -0.125, "carol": 0.0625}[name]
+    return {
+        key: (array + offset * (1 + np.arange(array.size).reshape(array.shape) % 3)).astype(
+            array.dtype
+        )
+        for key, array in GLOBAL.items()
+    }
+
+
+SAMPLES = {"alice": 30, "bob": 50, "carol": 20}
+
+
+class StagesServicer(aggregator_pb2_grpc.AggregatorServicer):
+    """The aggregator's part played by the test: each stage closes once every member of the one
+    before has posted (KEYS: every collaborator), SURVIVORS once `uploaders` uploaded; a post
+    that differs from the caller's first is FAILED_PRECONDITION. `tamper` may change a relay."""
+
+    def __init__(
+        self,
+        collaborators: Sequence[str],
+        uploaders: int,
+        tamper: Callable[[str, Relay], Relay] | None = None,
+    ) -> None:
+        self.lock = threading.Lock()
+        self.collaborators = tuple(sorted(collaborators))
+        self.uploaders = uploaders
+        self.tamper = tamper
+        self.posts: dict[Stage, dict[str, Post]] = {stage: {} for stage in Stage}
+        self.raw: dict[Stage, dict[str, bytes]] = {stage: {} for stage in Stage}
+        self.resends = 0
+        self.uploads: dict[str, dict[str, Array]] = {}
+
+    def upload(self, name: str, tensors: Sequence[OutgoingTensor]) -> None:
+        """A masked train result arrived (in the real federation: SendLocalTaskResults)."""
+        with self.lock:
+            self.uploads[name] = {tensor.name: np.asarray(tensor.array) for tensor in tensors}
+
+    def members(self, stage: Stage) -> tuple[str, ...] | None:
+        """Who `stage` closed with, or None while it is open."""
+        if stage is Stage.KEYS:
+            return self._closed(self.collaborators, Stage.KEYS)
+        if stage is Stage.SHARES:
+            keys = self.members(Stage.KEYS)
+            return None if keys is None else self._closed(keys, Stage.SHARES)
+        if stage is Stage.SURVIVORS:
+            sharers = self.members(Stage.SHARES)
+            if sharers is None or len(self.uploads) < self.uploaders:
+                return None
+            return tuple(sorted(name for name in self.uploads if name in sharers))
+        survivors = self.members(Stage.SURVIVORS)  # UNMASK: once they all confirmed
+        return None if survivors is None else self._closed(survivors, Stage.SURVIVORS)
+
+    def _closed(self, awaited: tuple[str, ...], stage: Stage) -> tuple[str, ...] | None:
+        return awaited if set(awaited) <= set(self.posts[stage]) else None
+
+    def relay(self, caller: str, number: int, stage: Stage) -> Relay:
+        """What the aggregator relays to `caller` of `stage` now."""
+        members = self.members(stage)
+        if members is None:
+            return Relay(number, stage, ready=False)
+        if caller not in members:
+            return Relay(number, stage, ready=True, excluded=True, members=members)
+        posts = self.posts
+        keys = [posts[Stage.KEYS][name].keys for name in members] if stage is Stage.KEYS else []
+        shares = [
+            share
+            for name in (members if stage is Stage.SHARES else ())
+            for share in posts[Stage.SHARES][name].shares
+            if share.receiver == caller
+        ]
+        confirmations = (
+            [posts[Stage.SURVIVORS][name].confirmation for name in members]
+            if stage is Stage.UNMASK
+            else []
+        )
+        return Relay(
+            number,
+            stage,
+            ready=True,
+            members=members,
+            keys=tuple(item for item in keys if item is not None),
+            shares=tuple(shares),
+            confirmations=tuple(item for item in confirmations if item is not None),
+        )
+
+    @staticmethod
+    def _header(request_header: aggregator_pb2.MessageHeader) -> aggregator_pb2.MessageHeader:
+        return RelayServicer._header(request_header)
+
+    def PostSecureMessage(  # noqa: N802 - the RPC's name
+        self, request: aggregator_pb2.SecureMessage, context: grpc.ServicerContext
+    ) -> aggregator_pb2.SecureReceipt:
+        caller = request.header.sender
+        post = post_from_proto(request)
+        data = post_bytes(post)
+        with self.lock:
+            first = self.raw[post.stage].setdefault(caller, data)
+            if first != data:
+                context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{caller} posted another {post.stage.name}",
+                )
+            if caller in self.posts[post.stage]:
+                self.resends += 1
+            self.posts[post.stage][caller] = post
+        return aggregator_pb2.SecureReceipt(header=self._header(request.header))
+
+    def GetSecureRelay(  # noqa: N802 - the RPC's name
+        self, request: aggregator_pb2.SecureRelayRequest, context: grpc.ServicerContext
+    ) -> aggregator_pb2.SecureRelay:
+        caller = request.header.sender
+        number, stage = relay_request_from_proto(request)
+        with self.lock:
+            relay = self.relay(caller, number, stage)
+        if self.tamper is not None:
+            relay = self.tamper(caller, relay)
+        return relay_to_proto(relay, self._header(request.header))
+
+    def next_model(self, plan: Plan, round_number: int) -> dict[str, Array]:
+        """The model the real aggregator would make of the survivors' uploads and revealed shares."""
+        context = RoundContext(plan.federation.uuid, round_number, plan.collaborators, SETTINGS)
+        survivors = self.members(Stage.SURVIVORS)
+        sharers = self.members(Stage.SHARES)
+        assert survivors is not None and sharers is not None
+        adverts = {
+            name: post.keys
+            for name, post in self.posts[Stage.KEYS].items()
+            if post.keys is not None
+        }
+        revealed = {name: post.revealed for name, post in self.posts[Stage.UNMASK].items()}
+        unmasking = Unmasking.rebuild(context, adverts, sharers, survivors, revealed)
+        summed: dict[str, Array] = {}
+        for name in survivors:
+            for key, array in self.uploads[name].items():
+                summed[key] = (
+                    array if key not in summed else summed[key] + array
+                )  # wraps mod 2^bits
+        return unmasking.next_model(GLOBAL, summed)
+
+
+@contextmanager
+def stages_server(plan: Plan, servicer: StagesServicer) -> Iterator[int]:
+    """A real TLS server around `servicer` (the aggregator's certificate); yields its port."""
+    with relay_server(plan, servicer) as port:
+        yield port
+
+
+def site_rounds(plan: Plan, port: int, name: str, state: Path) -> SecureRounds:
+    """Site `name`'s SecureRounds: its own client, certificate and round files under `state`."""
+    certs = plan.tls.certs
+    assert certs is not None
+    identity = SiteIdentity.from_files(
+        certs.collaborator_cert(name), certs.collaborator_key(name), certs.ca_bundle
+    )
+    client = client_for(plan, port, name)
+    client.connect()
+    files = RoundFiles(state / name, plan.federation.uuid, name)
+    return SecureRounds(
+        client, plan, name, identity, files, sleep=lambda _: time.sleep(0.02), max_polls=3000
+    )
+
+
+def run_site(
+    rounds: SecureRounds, servicer: StagesServicer, name: str, *, upload: bool = True
+) -> int:
+    """One site's part of round 0: KEYS and SHARES, its masked upload, SURVIVORS and UNMASK."""
+    rounds.before_train(0)
+    if not upload:
+        return 0  # dies before its upload
+    tensors, data_size = rounds.masked_results(0, GLOBAL, trained_by(name), SAMPLES[name])
+    servicer.upload(name, tensors)
+    rounds.after_round(0)
+    return data_size
+
+
+def in_threads(jobs: Mapping[str, Callable[[], object]]) -> dict[str, object]:
+    """Run each job in a thread of its own; their results (or exceptions) by name, each bounded."""
+    with futures.ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        running = {name: pool.submit(job) for name, job in jobs.items()}
+        results: dict[str, object] = {}
+        for name, future in running.items():
+            try:
+                results[name] = future.result(timeout=RUN_SECONDS)
+            except Exception as error:
+                results[name] = error
+        return results
+
+
+def weighted_mean(names: Sequence[str]) -> dict[str, Array]:
+    """Plain FedAvg of the named sites' models, in float64: what the unmasked model approaches."""
+    total = sum(SAMPLES[name] for name in names)
+    return {
+        key: sum(trained_by(name)[key].astype(np.float64) * SAMPLES[name] for name in names) / total
+        for key in GLOBAL
+    }
+
+
+def assert_close_to(model: Mapping[str, Array], expected: Mapping[str, Array]) -> None:
+    """Equal to the plain FedAvg within the quantization (and float32's) bound."""
+    for key, array in expected.items():
+        assert model[key].dtype == GLOBAL[key].dtype
+        np.testing.assert_allclose(model[key], array, atol=1e-5)
+
+
+def test_three_sites_unmask_to_the_weighted_mean(certs: CertsLayout, tmp_path: Path) -> None:
+    """Three sites' masked uploads unmask to their FedAvg; each upload is ring tensors plus its
+    masked weight with data size 1; the round files are erased once a later round is named."""
+    plan = secure_plan(certs)
+    servicer = StagesServicer(plan.collaborators, uploaders=3)
+    with stages_server(plan, servicer) as port:
+        sites = {name: site_rounds(plan, port, name, tmp_path) for name in plan.collaborators}
+        results = in_threads(
+            {
+                name: functools.partial(run_site, rounds, servicer, name)
+                for name, rounds in sites.items()
+            }
+        )
+        assert results == {name: 1 for name in plan.collaborators}
+        for name, upload in servicer.uploads.items():
+            assert sorted(upload) == sorted([*GLOBAL, WEIGHT_TENSOR])
+            assert {array.dtype for array in upload.values()} == {np.dtype(np.uint32)}
+            assert not any(
+                np.array_equal(upload[key].astype(np.float64), trained_by(name)[key])
+                for key in GLOBAL
+            )
+        assert_close_to(servicer.next_model(plan, 0), weighted_mean(plan.collaborators))
+        for rounds in sites.values():
+            assert stat.S_IMODE(rounds.files.path(0).stat().st_mode) == 0o600
+            rounds.round_seen(1)
+            assert rounds.files.rounds() == []
+            rounds.client.disconnect()
+
+
+def test_a_site_dead_before_its_upload_is_unmasked_away(certs: CertsLayout, tmp_path: Path) -> None:
+    """carol shares, then dies before uploading: the survivors reveal her mask key's shares and
+    the model is alice's and bob's FedAvg."""
+    plan = secure_plan(certs)
+    servicer = StagesServicer(plan.collaborators, uploaders=2)
+    with stages_server(plan, servicer) as port:
+        sites = {name: site_rounds(plan, port, name, tmp_path) for name in plan.collaborators}
+        results = in_threads(
+            {
+                name: functools.partial(run_site, rounds, servicer, name, upload=name != "carol")
+                for name, rounds in sites.items()
+            }
+        )
+        assert results == {"alice": 1, "bob": 1, "carol": 0}
+        kinds = {
+            share.kind
+            for post in servicer.posts[Stage.UNMASK].values()
+            for share in post.revealed
+            if share.owner == "carol"
+        }
+        assert kinds == {SecretKind.MASK_PRIVATE_KEY}
+        assert_close_to(servicer.next_model(plan, 0), weighted_mean(("alice", "bob")))
+        for rounds in sites.values():
+            rounds.client.disconnect()
