@@ -24,7 +24,7 @@ import pytest
 
 from foedus.collaborator.client import AggregatorGRPCClient, OutgoingTensor
 from foedus.collaborator.errors import ResponseValidationError
-from foedus.collaborator.secure import SecureRounds, SiteIdentity
+from foedus.collaborator.secure import SecureRoundMissedError, SecureRounds, SiteIdentity
 from foedus.collaborator.secure_state import RoundFile, RoundFileError, RoundFiles
 from foedus.pki.layout import CertsLayout
 from foedus.pki.tls import server_credentials
@@ -32,7 +32,7 @@ from foedus.plans import Plan
 from foedus.plans.runners import Array
 from foedus.plans.schema import SecureAggregationSettings
 from foedus.protos import aggregator_pb2, aggregator_pb2_grpc
-from foedus.secure import WEIGHT_TENSOR, RoundContext, SealedShare, SecretKind
+from foedus.secure import WEIGHT_TENSOR, ProtocolViolation, RoundContext, SealedShare, SecretKind
 from foedus.secure.unmask import Unmasking
 from foedus.secure.wire import (
     Post,
@@ -405,7 +405,9 @@ def stages_server(plan: Plan, servicer: StagesServicer) -> Iterator[int]:
         yield port
 
 
-def site_rounds(plan: Plan, port: int, name: str, state: Path) -> SecureRounds:
+def site_rounds(
+    plan: Plan, port: int, name: str, state: Path, *, max_polls: int = 3000
+) -> SecureRounds:
     """Site `name`'s SecureRounds: its own client, certificate and round files under `state`."""
     certs = plan.tls.certs
     assert certs is not None
@@ -416,7 +418,13 @@ def site_rounds(plan: Plan, port: int, name: str, state: Path) -> SecureRounds:
     client.connect()
     files = RoundFiles(state / name, plan.federation.uuid, name)
     return SecureRounds(
-        client, plan, name, identity, files, sleep=lambda _: time.sleep(0.02), max_polls=3000
+        client,
+        plan,
+        name,
+        identity,
+        files,
+        sleep=lambda _: time.sleep(0.02),
+        max_polls=max_polls,
     )
 
 
@@ -514,4 +522,130 @@ def test_a_site_dead_before_its_upload_is_unmasked_away(certs: CertsLayout, tmp_
         assert kinds == {SecretKind.MASK_PRIVATE_KEY}
         assert_close_to(servicer.next_model(plan, 0), weighted_mean(("alice", "bob")))
         for rounds in sites.values():
+            rounds.client.disconnect()
+
+
+def test_restarted_sites_post_the_same_bytes_and_go_on(certs: CertsLayout, tmp_path: Path) -> None:
+    """alice restarts after SHARES, bob after his upload: each reads its round file, posts the
+    very same bytes again (a different post would be refused) and the round unmasks as usual."""
+    plan = secure_plan(certs)
+    servicer = StagesServicer(plan.collaborators, uploaders=3)
+    made: list[SecureRounds] = []
+
+    def site(name: str) -> SecureRounds:
+        made.append(site_rounds(plan, port, name, tmp_path))
+        return made[-1]
+
+    def alice() -> int:
+        site("alice").before_train(0)
+        return run_site(site("alice"), servicer, "alice")  # started again: KEYS, SHARES again
+
+    def bob() -> int:
+        first = site("bob")
+        first.before_train(0)
+        tensors, data_size = first.masked_results(0, GLOBAL, trained_by("bob"), SAMPLES["bob"])
+        servicer.upload("bob", tensors)
+        site("bob").after_round(0)  # started again, owed no task: SURVIVORS and UNMASK
+        return data_size
+
+    with stages_server(plan, servicer) as port:
+        carol = site("carol")
+        results = in_threads(
+            {"alice": alice, "bob": bob, "carol": lambda: run_site(carol, servicer, "carol")}
+        )
+        assert results == {"alice": 1, "bob": 1, "carol": 1}
+        assert servicer.resends == 4  # alice's KEYS and SHARES, bob's KEYS and SHARES
+        assert set(servicer.posts[Stage.UNMASK]) == {"alice", "bob", "carol"}
+        assert_close_to(servicer.next_model(plan, 0), weighted_mean(plan.collaborators))
+        for rounds in made:
+            rounds.client.disconnect()
+
+
+def swap_bobs_mask_key_for(victim: str) -> Callable[[str, Relay], Relay]:
+    """A malicious aggregator: the KEYS relay to `victim` carries bob's keys with carol's mask key."""
+
+    def tamper(caller: str, relay: Relay) -> Relay:
+        if caller != victim or relay.stage is not Stage.KEYS or not relay.ready:
+            return relay
+        by_name = {advert.collaborator: advert for advert in relay.keys}
+        swapped = dataclasses.replace(by_name["bob"], mask_key=by_name["carol"].mask_key)
+        keys = tuple(swapped if advert.collaborator == "bob" else advert for advert in relay.keys)
+        return dataclasses.replace(relay, keys=keys)
+
+    return tamper
+
+
+def survivors_below_the_threshold(caller: str, relay: Relay) -> Relay:
+    """A malicious aggregator: the SURVIVORS relay names alice alone (the threshold is 2)."""
+    if relay.stage is Stage.SURVIVORS and relay.ready:
+        return dataclasses.replace(relay, members=("alice",))
+    return relay
+
+
+@pytest.mark.parametrize(
+    ("tamper", "says", "stage"),
+    [
+        (swap_bobs_mask_key_for("alice"), "site 'bob'", Stage.KEYS),
+        (
+            survivors_below_the_threshold,
+            "below the threshold 2: nothing is revealed",
+            Stage.SURVIVORS,
+        ),
+    ],
+)
+def test_a_malicious_aggregator_gets_a_violation_and_nothing_revealed(
+    certs: CertsLayout,
+    tmp_path: Path,
+    tamper: Callable[[str, Relay], Relay],
+    says: str,
+    stage: Stage,
+) -> None:
+    """A swapped key or a survivor list below the threshold: alice refuses with one line naming
+    what failed, and posts nothing after it (no share, no confirmation)."""
+    plan = secure_plan(certs)
+    servicer = StagesServicer(plan.collaborators, uploaders=3, tamper=tamper)
+    with stages_server(plan, servicer) as port:
+        # Without alice's SHARES the others wait for nothing: they give up after a few polls.
+        polls = 50 if stage is Stage.KEYS else 3000
+        sites = {
+            name: site_rounds(plan, port, name, tmp_path, max_polls=polls)
+            for name in plan.collaborators
+        }
+        alice = in_threads(
+            {name: functools.partial(run_site, sites[name], servicer, name) for name in sites}
+        )["alice"]
+        assert isinstance(alice, ProtocolViolation)
+        message = str(alice)
+        assert says in message and "\n" not in message
+        after = [later for later in Stage if later > stage]
+        assert not [later for later in after if "alice" in servicer.posts[later]]
+        for rounds in sites.values():
+            rounds.client.disconnect()
+
+
+def test_a_stage_closed_without_the_site_is_a_missed_round(
+    certs: CertsLayout, tmp_path: Path
+) -> None:
+    """KEYS closed with alice and bob only: carol's part in the round ends there, nothing masked."""
+    plan = secure_plan(certs)
+    servicer = StagesServicer(("alice", "bob"), uploaders=2)
+    with stages_server(plan, servicer) as port:
+        carol = site_rounds(plan, port, "carol", tmp_path)
+        others = {name: site_rounds(plan, port, name, tmp_path) for name in ("alice", "bob")}
+        results = in_threads(
+            {
+                **{
+                    name: functools.partial(run_site, rounds, servicer, name)
+                    for name, rounds in others.items()
+                },
+                "carol": lambda: carol.before_train(0),
+            }
+        )
+        assert isinstance(results["carol"], SecureRoundMissedError)
+        assert (
+            str(results["carol"])
+            == "round 0's KEYS stage closed without this collaborator; the round goes on without it"
+        )
+        assert_close_to(servicer.next_model(plan, 0), weighted_mean(("alice", "bob")))
+        for rounds in [carol, *others.values()]:
             rounds.client.disconnect()
