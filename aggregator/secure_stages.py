@@ -306,7 +306,11 @@ class SecureStages:
             )
         allowed = self._previous(stage)
         before = (
-            "survivors" if stage is Stage.SURVIVORS else f"{Stage(stage - 1).name} stage's members"
+            "survivors"
+            if stage is Stage.SURVIVORS
+            else "collaborators"
+            if stage is Stage.KEYS
+            else f"{Stage(stage - 1).name} stage's members"
         )
         if allowed is None:
             raise PreconditionError(
