@@ -29,7 +29,7 @@ from foedus.secure import (
 )
 
 
-class MalformedMessage(ValueError):
+class MalformedMessage(ValueError):  # noqa: N818 (a message, as ProtocolViolation is)
     """A secure message that is not one of the protocol's forms; the message says what is wrong."""
 
 
@@ -135,7 +135,7 @@ def revealed_to_proto(revealed: RevealedShare) -> aggregator_pb2.RevealedShare:
     """The wire form of one revealed share."""
     return aggregator_pb2.RevealedShare(
         owner=revealed.owner,
-        kind=aggregator_pb2.SecretKind.Value(revealed.kind.name),
+        kind=revealed.kind.name,
         share=revealed.share,
     )
 
@@ -161,7 +161,7 @@ def post_to_proto(
     """The `SecureMessage` of a post, with `header` (none: the stored form)."""
     message = aggregator_pb2.SecureMessage(
         round_number=post.round_number,
-        stage=aggregator_pb2.SecureStage.Value(_STAGE_NAMES[post.stage]),
+        stage=_STAGE_NAMES[post.stage],
         shares=[share_to_proto(share) for share in post.shares],
         revealed=[revealed_to_proto(share) for share in post.revealed],
     )
@@ -229,7 +229,7 @@ def relay_to_proto(
     """The `SecureRelay` of a relay, with `header`."""
     message = aggregator_pb2.SecureRelay(
         round_number=relay.round_number,
-        stage=aggregator_pb2.SecureStage.Value(_STAGE_NAMES[relay.stage]),
+        stage=_STAGE_NAMES[relay.stage],
         ready=relay.ready,
         excluded=relay.excluded,
         members=list(relay.members),
@@ -261,7 +261,7 @@ def relay_request_to_proto(
 ) -> aggregator_pb2.SecureRelayRequest:
     """The `SecureRelayRequest` for `stage` of `round_number`."""
     request = aggregator_pb2.SecureRelayRequest(
-        round_number=round_number, stage=aggregator_pb2.SecureStage.Value(_STAGE_NAMES[stage])
+        round_number=round_number, stage=_STAGE_NAMES[stage]
     )
     if header is not None:
         request.header.CopyFrom(header)
