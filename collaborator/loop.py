@@ -15,7 +15,9 @@ In a secure federation (the plan's `secure_aggregation`) the loop keeps this sha
 stages are `foedus.collaborator.secure.SecureRounds`' hooks, one around the train task (KEYS and
 SHARES before it, the masked update as its result) and one once the round's last task is sent
 (SURVIVORS and UNMASK; also when a restarted site is owed no task). A stage that closed without
-this site counts as a round closed without it, like a refused result.
+this site counts as a round closed without it, like a refused result, except that the
+aggregator may go on offering the round's tasks: the site sits them out (none could count
+without its masked update) and asks again until a later round.
 """
 
 from __future__ import annotations
@@ -102,12 +104,14 @@ def run_collaborator(
     report = CollaboratorReport()
     current: _Round | None = None
     idle = 0
+    # Rounds whose secure stage closed without this site: it sits the rest of them out.
+    sat_out: set[int] = set()
     while True:
         tasks = client.get_tasks()
         answers.check(tasks)
+        if secure is not None:
+            secure.seen(tasks.round_number, finished=tasks.quit)
         if tasks.quit:
-            if secure is not None:
-                secure.federation_finished()
             logger.info(
                 "the federation is finished; this collaborator ran %d tasks in %d rounds",
                 report.tasks_run,
@@ -115,9 +119,7 @@ def run_collaborator(
             )
             report.quit = True
             return report
-        if secure is not None:
-            secure.round_seen(tasks.round_number)
-        if not tasks.tasks:
+        if not tasks.tasks or tasks.round_number in sat_out:
             # A restarted site that sent every task may still owe SURVIVORS and UNMASK.
             if (
                 secure is not None
@@ -153,6 +155,8 @@ def run_collaborator(
                 report.tasks_run += 1
         except (RequestRejectedError, SecureRoundMissedError) as error:
             _missed(error, tasks.round_number, report)
+            if isinstance(error, SecureRoundMissedError):
+                sat_out.add(tasks.round_number)  # its tasks may be offered still: none can count
             current = None
             continue
         if secure is not None and not _finish_secure(secure, tasks.round_number, report):

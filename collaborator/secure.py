@@ -128,16 +128,12 @@ class SecureRounds:
 
     # -- the loop's hooks ---------------------------------------------------------------------------
 
-    def round_seen(self, round_number: int) -> None:
-        """The aggregator named round `round_number`: earlier rounds are over, their files erased."""
-        if self._open is not None and self._open.number < round_number:
+    def seen(self, round_number: int, *, finished: bool = False) -> None:
+        """The aggregator named round `round_number` (`finished`: said the federation is): the
+        rounds before it are over, their files erased (every file, once finished)."""
+        if finished or (self._open is not None and self._open.number < round_number):
             self._open = None
-        self.files.erase_before(round_number)
-
-    def federation_finished(self) -> None:
-        """The federation is finished: no round file is needed any more."""
-        self._open = None
-        self.files.erase_before(None)
+        self.files.erase_before(None if finished else round_number)
 
     def before_train(self, round_number: int) -> None:
         """KEYS and SHARES of round `round_number`, before this site trains in it."""
