@@ -54,7 +54,7 @@ from foedus.pki.files import read_certificate
 from foedus.pki.tls import tls_files_problem
 from foedus.plans import Plan, PlanError, load_plan
 from foedus.plans.runners import RunnerError, RunnerFactory, check_runner_settings, load_runner
-from foedus.protos.dtypes import wire_dtype
+from foedus.protos.dtypes import is_float, wire_dtype
 from foedus.refusals.errors import ModelFileError, StorageError
 from foedus.serving.server import ServerError
 
@@ -164,6 +164,12 @@ def _start(plan_path: Path, *, reset: bool) -> int:
     except failpoints.FailpointError as error:
         raise BadInputError(str(error)) from None
     _check_tls_files(plan)
+    if plan.secure_aggregation.enabled and not plan.tls.enabled:
+        raise BadInputError(
+            f"{plan.path}: secure_aggregation.enabled: needs tls.certs_dir: each site signs its "
+            "keys with its certificate and checks the others' against the federation's CA "
+            "(tls.insecure is true)"
+        )
     runner = _checked_runner(plan)
     try:
         output = OutputFolder(plan.aggregator.output_dir)
@@ -182,6 +188,11 @@ def _start(plan_path: Path, *, reset: bool) -> int:
             f"{plan.path}: aggregator.output_dir: {error}; to start over run 'aggregator start "
             f"--plan {plan.path} --reset', or set aggregator.output_dir to a new folder"
         ) from None
+    if not state.recovered.fresh:  # a new state's model was checked before it was saved
+        problem = _secure_model_problem(plan, state.recovered.progress.model, "saved global model")
+        if problem is not None:
+            state.close()
+            raise BadInputError(problem)
     stop = threading.Event()
     with state, stopped_by_signals(stop, logger) as received:
         try:
@@ -269,6 +280,15 @@ def _checked_runner(plan: Plan) -> RunnerFactory | None:
 
 def _initial_model(plan: Plan, runner: RunnerFactory | None) -> dict[str, Array]:
     """The model of round 0: the plan's `aggregator.initial_model` file, else the runner's."""
+    model = _plans_model(plan, runner)
+    problem = _secure_model_problem(plan, model, "initial model")
+    if problem is not None:
+        raise BadInputError(problem)
+    return model
+
+
+def _plans_model(plan: Plan, runner: RunnerFactory | None) -> dict[str, Array]:
+    """The model file's tensors, or the runner's initial model once checked."""
     if plan.aggregator.initial_model is not None:
         try:
             return read_model(plan.aggregator.initial_model, plan.limits.max_tensor_bytes)
@@ -298,6 +318,25 @@ def _model_problem(model: object) -> str | None:
         dtype = np.asarray(array).dtype
         if wire_dtype(dtype) is None:
             return f"tensor {name!r} has dtype {dtype}, which cannot be sent"
+    return None
+
+
+def _secure_model_problem(plan: Plan, model: Mapping[str, Array], what: str) -> str | None:
+    """Why secure aggregation cannot sum `model`'s updates (a tensor that is not a number), or None.
+
+    A masked update is a vector of a ring's integers: each float or integer tensor's delta is
+    encoded there in fixed point; a boolean (or any other kind) has no delta to encode.
+    """
+    if not plan.secure_aggregation.enabled:
+        return None
+    for name in sorted(model):
+        dtype = model[name].dtype
+        if not is_float(dtype) and dtype.kind not in "iu":
+            return (
+                f"{plan.path}: secure_aggregation.enabled: tensor {name!r} of the {what} is "
+                f"{dtype}, neither floating point nor integer, so it cannot be summed masked; "
+                "make it a number, or turn secure aggregation off"
+            )
     return None
 
 

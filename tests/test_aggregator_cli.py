@@ -60,6 +60,15 @@ class TinyRunner:
         return Validation({"accuracy": float(model["w"][0]) / 10}, 10)
 
 
+class FlagRunner(TinyRunner):
+    """TinyRunner whose model also holds a boolean tensor, which secure aggregation cannot sum."""
+
+    @classmethod
+    def initial_model(cls, settings: RunnerSettings) -> dict[str, Any]:
+        """TinyRunner's weights and three flags."""
+        return {**TinyRunner.initial_model(settings), "seen": np.zeros(3, dtype=bool)}
+
+
 def write_plan(tmp_path: Path, certs: CertsLayout | None, **sections: Any) -> Path:
     """A plan file in tmp_path for the tiny runner, output in tmp_path/out, port 0 unless told."""
     document = plan_document(
@@ -227,6 +236,70 @@ def test_with_an_initial_model_nothing_of_the_runner_is_imported(
     assert "settings_runner" not in sys.modules
     assert not import_marker.exists() and IMPORTED not in console.text
     assert read_model(tmp_path / "out" / "last_model.pbuf", 1024)["w"].tolist() == [1.0] * 3
+
+
+def test_secure_aggregation_without_tls_is_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Secure aggregation with `tls.insecure` exits 2 with one line: sites sign with certificates."""
+    plan = write_plan(tmp_path, None, secure_aggregation={"enabled": True})
+    code, _, err = run(capsys, "start", "--plan", str(plan))
+    assert (code, err.splitlines()) == (
+        2,
+        [
+            f"{plan}: secure_aggregation.enabled: needs tls.certs_dir: each site signs its keys "
+            "with its certificate and checks the others' against the federation's CA "
+            "(tls.insecure is true)"
+        ],
+    )
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.usefixtures("watchdog")  # a check that let it through would serve, not return
+@pytest.mark.parametrize("source", ["model file", "runner"])
+def test_secure_aggregation_refuses_a_model_it_cannot_sum(
+    tmp_path: Path, certs: CertsLayout, capsys: pytest.CaptureFixture[str], source: str
+) -> None:
+    """With secure aggregation on, an initial model with a boolean tensor stops start: exit 2, one
+    line naming the tensor and the plan's field, no state saved; off, the same model is taken;
+    on again, the saved model is refused the same way."""
+    initial: dict[str, str] = {}
+    runner = "test_aggregator_cli:FlagRunner"
+    if source == "model file":
+        initial["initial_model"] = str(tmp_path / "initial.pbuf")
+        write_model(
+            tmp_path / "initial.pbuf", FlagRunner.initial_model(RunnerSettings(RUNNER, 0, {}))
+        )
+        runner = RUNNER
+    plan = tmp_path / "plan.yaml"
+    refused = (
+        f"{plan}: secure_aggregation.enabled: tensor 'seen' of the {{}} is bool, neither "
+        "floating point nor integer, so it cannot be summed masked; make it a number, or "
+        "turn secure aggregation off"
+    )
+    with socket.socket() as taken:  # a start that gets past the checks stops, unable to listen
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+
+        def start(enabled: bool) -> tuple[int, list[str]]:
+            write_plan(
+                tmp_path,
+                certs,
+                runner={"name": runner},
+                aggregator={**initial, "port": taken.getsockname()[1]},
+                secure_aggregation={"enabled": enabled},
+            )
+            code, _, err = run(capsys, "start", "--plan", str(plan))
+            return code, err.splitlines()
+
+        assert start(True) == (2, [refused.format("initial model")])
+        assert not (tmp_path / "out" / "state" / "state.sqlite").exists()
+        code, lines = start(False)
+        assert code == 1 and "cannot listen" in lines[-1], lines
+        assert start(True) == (2, [refused.format("saved global model")])
+    state = DurableState.open(tmp_path / "out", FEDERATION_UUID, dict, max_tensor_bytes=64)
+    with state:
+        assert state.recovered.progress.model["seen"].dtype == np.dtype(bool)
 
 
 def test_port_in_use_is_a_runtime_failure(

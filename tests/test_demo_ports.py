@@ -25,6 +25,7 @@ SERVICE = REPO / "plans" / "service"
 DEMO_FILES: list[tuple[Path, Callable[[Path], object]]] = [
     (REPO / "plans" / "local.yaml", load_plan),
     (REPO / "plans" / "torch_digits.yaml", load_plan),
+    (REPO / "plans" / "secure.yaml", load_plan),
     (SERVICE / "director.yaml", load_director_config),
     *[(SERVICE / f"{site}.yaml", load_envoy_config) for site in ("alice", "bob", "carol")],
     (SERVICE / "ada.yaml", load_client_config),

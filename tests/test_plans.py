@@ -493,3 +493,282 @@ def test_local_plan_run_sections() -> None:
         True,
     )
     assert plan.aggregator.output_dir == (LOCAL_PLAN.parent / "../build/local/output").resolve()
+
+
+# --- secure_aggregation ---------------------------------------------------------------------------
+
+SECURE_PLAN = REPO / "plans" / "secure.yaml"
+SECURE_ON = ("secure_aggregation.enabled", True)
+
+
+def _sites(count: int) -> tuple[str, list[str]]:
+    """The `collaborators` key and `count` names for it."""
+    return ("collaborators", [f"site-{index:03d}" for index in range(count)])
+
+
+def test_secure_aggregation_is_off_with_the_schemas_defaults() -> None:
+    """Without the section: off, a majority threshold (2 of 3), clip 1, a 32-bit ring, weights up
+    to 65536, every peer a neighbour."""
+    settings = parse_plan(_document(), PLAN_PATH).secure_aggregation
+    assert (settings.enabled, settings.threshold, settings.clip) == (False, 2, 1.0)
+    assert (settings.bits, settings.max_weight, settings.neighbours) == (32, 65536, None)
+    empty = parse_plan(_with(_document(), ("secure_aggregation", None)), PLAN_PATH)
+    assert empty.secure_aggregation == settings
+
+
+def test_secure_aggregation_values_as_given() -> None:
+    """Every key is read as written; an integer clip is a float."""
+    document = _with(
+        _document(),
+        _sites(9),
+        SECURE_ON,
+        ("secure_aggregation.threshold", 4),
+        ("secure_aggregation.clip", 3),
+        ("secure_aggregation.bits", 64),
+        ("secure_aggregation.max_weight", 1000),
+        ("secure_aggregation.neighbours", 6),
+    )
+    settings = parse_plan(document, PLAN_PATH).secure_aggregation
+    assert (settings.enabled, settings.threshold, settings.bits) == (True, 4, 64)
+    assert (settings.max_weight, settings.neighbours) == (1000, 6)
+    assert settings.clip == 3.0 and isinstance(settings.clip, float)
+
+
+@pytest.mark.parametrize(
+    ("sites", "neighbours", "threshold"),
+    [
+        (2, None, 2),
+        (3, None, 2),
+        (4, None, 3),
+        (5, None, 3),
+        (100, None, 51),
+        (7, 2, 2),
+        (7, 4, 3),
+        (100, 6, 4),
+    ],
+)
+def test_threshold_defaults_to_a_majority(
+    sites: int, neighbours: int | None, threshold: int
+) -> None:
+    """Absent or null, the threshold is a majority of the collaborators, or with `neighbours` of
+    a site's neighbours and itself (who alone hold its shares)."""
+    absent = _with(
+        _document(),
+        _sites(sites),
+        SECURE_ON,
+        ("secure_aggregation.bits", 64),
+        ("secure_aggregation.neighbours", neighbours),
+    )
+    null = _with(absent, ("secure_aggregation.threshold", None))
+    for document in (absent, null):
+        assert parse_plan(document, PLAN_PATH).secure_aggregation.threshold == threshold
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        pytest.param(
+            [("secure_aggregation.enabled", "yes")],
+            "secure_aggregation.enabled: expected true or false, got 'yes'",
+            id="enabled-not-a-boolean",
+        ),
+        pytest.param(
+            [("secure_aggregation.treshold", 2)],
+            "secure_aggregation.treshold: unknown key",
+            id="unknown-key",
+        ),
+        pytest.param(
+            [("secure_aggregation", [1])],
+            "secure_aggregation: expected a mapping, got list",
+            id="not-a-mapping",
+        ),
+        pytest.param(
+            [SECURE_ON, ("secure_aggregation.threshold", 0)],
+            "secure_aggregation.threshold: expected an integer 1-1000000, got 0",
+            id="threshold-zero",
+        ),
+        pytest.param(
+            [SECURE_ON, ("secure_aggregation.threshold", 2.5)],
+            "secure_aggregation.threshold: expected an integer 1-1000000, got 2.5",
+            id="threshold-not-an-integer",
+        ),
+        pytest.param(
+            [SECURE_ON, ("secure_aggregation.threshold", 4)],
+            "secure_aggregation.threshold: 4 is more than the 3 collaborators, so no round "
+            "could ever be unmasked",
+            id="threshold-over-collaborators",
+        ),
+        pytest.param(
+            [
+                SECURE_ON,
+                _sites(9),
+                ("secure_aggregation.neighbours", 4),
+                ("secure_aggregation.threshold", 6),
+            ],
+            "secure_aggregation.threshold: 6 is more than a site's 4 neighbours and itself (5), "
+            "who alone hold its shares",
+            id="threshold-over-neighbours",
+        ),
+        *(
+            pytest.param(
+                [SECURE_ON, ("secure_aggregation.bits", value)],
+                f"secure_aggregation.bits: expected one of 16, 32, 64, got {shown}",
+                id=f"bits-{name}",
+            )
+            for name, value, shown in [
+                ("24", 24, "24"),
+                ("8", 8, "8"),
+                ("text", "32", "'32'"),
+                ("float", 32.0, "32.0"),
+                ("boolean", True, "True"),
+            ]
+        ),
+        *(
+            pytest.param(
+                [SECURE_ON, ("secure_aggregation.clip", value)],
+                f"secure_aggregation.clip: expected a finite number > 0, got {shown}",
+                id=f"clip-{name}",
+            )
+            for name, value, shown in [
+                ("zero", 0, "0"),
+                ("negative", -0.5, "-0.5"),
+                ("infinite", float("inf"), "inf"),
+                ("nan", float("nan"), "nan"),
+                ("text", "1", "'1'"),
+                ("boolean", True, "True"),
+            ]
+        ),
+        pytest.param(
+            [SECURE_ON, ("secure_aggregation.max_weight", 0)],
+            "secure_aggregation.max_weight: expected an integer 1-2147483647, got 0",
+            id="max-weight-zero",
+        ),
+        pytest.param(
+            [SECURE_ON, _sites(9), ("secure_aggregation.neighbours", 1)],
+            "secure_aggregation.neighbours: expected an integer 2-1000000, got 1",
+            id="neighbours-below-two",
+        ),
+        pytest.param(
+            [SECURE_ON, _sites(9), ("secure_aggregation.neighbours", 3)],
+            "secure_aggregation.neighbours: 3 is odd; each site is joined to half of them on "
+            "each side of the round's circle of sites, so it must be even",
+            id="neighbours-odd",
+        ),
+        pytest.param(
+            [SECURE_ON, ("secure_aggregation.neighbours", 4)],
+            "secure_aggregation.neighbours: 4 is not fewer than the 3 collaborators; leave it "
+            "out to mask with every other site",
+            id="neighbours-all-collaborators",
+        ),
+        pytest.param(
+            [SECURE_ON, _sites(4), ("secure_aggregation.neighbours", 4)],
+            "secure_aggregation.neighbours: 4 is not fewer than the 4 collaborators",
+            id="neighbours-as-many-as-collaborators",
+        ),
+        pytest.param(
+            [SECURE_ON, ("collaborators", ["alice"])],
+            "secure_aggregation.enabled: needs at least 2 collaborators; the sum of one site's "
+            "update is that update",
+            id="one-collaborator",
+        ),
+        pytest.param(
+            [SECURE_ON, ("secure_aggregation.bits", 16)],
+            "secure_aggregation.bits: a 16-bit ring leaves fewer than 8 bits per value for 3 "
+            "collaborators weighted up to 65536 samples each (secure_aggregation.max_weight); "
+            "use bits: 32 or max_weight: 42 or less",
+            id="ring-too-small",
+        ),
+    ],
+)
+def test_secure_aggregation_problem_names_its_key(
+    changes: list[tuple[str, Any]], expected: str
+) -> None:
+    """Each refusal of `secure_aggregation` is one line naming its key (with the plan's file),
+    reported together with the plan's other problems."""
+    other_key, other_value, other_expected = OTHER_PROBLEM
+    problems = _problems(_with(_document(), *changes, (other_key, other_value)))
+    assert any(line.startswith(expected) for line in problems), problems
+    assert any(line.startswith(other_expected) for line in problems), problems
+    assert len(problems) == 2, problems
+
+
+@pytest.mark.parametrize(("bits", "max_weight"), [(16, 42), (32, 2796202)])
+def test_ring_holds_eight_bits_per_value_up_to_the_limit(bits: int, max_weight: int) -> None:
+    """`2^(bits-1) - 1 >= 256 * collaborators * max_weight`: the largest max_weight that keeps 8
+    bits per value for 3 sites loads; one more is refused, naming the largest."""
+    fitting = _with(
+        _document(),
+        SECURE_ON,
+        ("secure_aggregation.bits", bits),
+        ("secure_aggregation.max_weight", max_weight),
+    )
+    assert parse_plan(fitting, PLAN_PATH).secure_aggregation.max_weight == max_weight
+    problems = _problems(_with(fitting, ("secure_aggregation.max_weight", max_weight + 1)))
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(
+        f"secure_aggregation.bits: a {bits}-bit ring leaves fewer than 8 bits per value for 3 "
+        f"collaborators weighted up to {max_weight + 1} samples each"
+    ), problems
+    assert problems[0].endswith(f"max_weight: {max_weight} or less"), problems
+
+
+def test_a_64_bit_ring_takes_any_weight_for_a_thousand_sites() -> None:
+    """The largest max_weight a plan may give fits a 64-bit ring for 1000 sites."""
+    document = _with(
+        _document(),
+        SECURE_ON,
+        _sites(1000),
+        ("secure_aggregation.bits", 64),
+        ("secure_aggregation.max_weight", 2**31 - 1),
+    )
+    assert parse_plan(document, PLAN_PATH).secure_aggregation.max_weight == 2**31 - 1
+
+
+def test_ring_problem_names_the_smallest_ring_that_would_do() -> None:
+    """200 sites with the default weights need a 64-bit ring, or weights of 41943 at most."""
+    problems = _problems(_with(_document(), SECURE_ON, _sites(200)))
+    assert problems == [
+        "secure_aggregation.bits: a 32-bit ring leaves fewer than 8 bits per value for 200 "
+        "collaborators weighted up to 65536 samples each (secure_aggregation.max_weight); use "
+        "bits: 64 or max_weight: 41943 or less"
+    ]
+
+
+def test_secure_aggregation_off_is_not_checked_against_the_federation() -> None:
+    """Off, the section's values are checked one by one, but not against the collaborators:
+    200 sites do not fit its default ring, a threshold of 9 is more than 3 sites."""
+    many = parse_plan(_with(_document(), _sites(200)), PLAN_PATH)
+    assert many.secure_aggregation.enabled is False
+    off = _with(
+        _document(),
+        ("secure_aggregation.enabled", False),
+        ("secure_aggregation.threshold", 9),
+        ("tls", {"insecure": True}),
+    )
+    assert parse_plan(off, PLAN_PATH).secure_aggregation.threshold == 9
+    assert _problems(_with(off, ("secure_aggregation.bits", 12))) == [
+        "secure_aggregation.bits: expected one of 16, 32, 64, got 12"
+    ]
+
+
+def test_secure_aggregation_without_tls_is_left_to_where_the_plan_runs() -> None:
+    """The loader takes it without TLS: a director checks submitted plans with placeholder TLS,
+    and `aggregator start` refuses it (tests/test_aggregator_cli.py)."""
+    plan = parse_plan(_with(_document(), SECURE_ON, ("tls", {"insecure": True})), PLAN_PATH)
+    assert plan.secure_aggregation.enabled and not plan.tls.enabled
+
+
+def test_secure_plan_is_the_local_federation_with_secure_aggregation() -> None:
+    """`plans/secure.yaml` loads with secure aggregation on, and is `plans/local.yaml`'s
+    federation otherwise: the same sites, tasks, runner and rounds."""
+    local, secure = load_plan(LOCAL_PLAN), load_plan(SECURE_PLAN)
+    settings = secure.secure_aggregation
+    assert settings.enabled and settings.neighbours is None
+    assert (settings.threshold, settings.bits, settings.clip) == (2, 32, 1.0)
+    assert secure.tls.enabled
+    assert secure.federation.uuid != local.federation.uuid
+    assert secure.aggregator.port != local.aggregator.port
+    assert secure.aggregator.output_dir != local.aggregator.output_dir
+    for same in ("collaborators", "tasks", "runner", "straggler", "best_model", "limits"):
+        assert getattr(secure, same) == getattr(local, same), same
+    assert secure.federation.rounds == local.federation.rounds
