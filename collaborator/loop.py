@@ -16,8 +16,9 @@ stages are `foedus.collaborator.secure.SecureRounds`' hooks, one around the trai
 SHARES before it, the masked update as its result) and one once the round's last task is sent
 (SURVIVORS and UNMASK; also when a restarted site is owed no task). A stage that closed without
 this site counts as a round closed without it, like a refused result, except that the
-aggregator may go on offering the round's tasks: the site sits them out (none could count
-without its masked update) and asks again until a later round.
+aggregator may go on offering the round's tasks: in a secure federation a site refused in a
+round sits the rest of it out (none of its tasks could count without its part in the stages)
+and asks again until a later round.
 """
 
 from __future__ import annotations
@@ -155,8 +156,10 @@ def run_collaborator(
                 report.tasks_run += 1
         except (RequestRejectedError, SecureRoundMissedError) as error:
             _missed(error, tasks.round_number, report)
-            if isinstance(error, SecureRoundMissedError):
-                sat_out.add(tasks.round_number)  # its tasks may be offered still: none can count
+            if secure is not None:
+                # Its tasks may be offered still, but a site without a part in the round's
+                # secure stages (or refused one) cannot count in it: it sits the round out.
+                sat_out.add(tasks.round_number)
             current = None
             continue
         if secure is not None and not _finish_secure(secure, tasks.round_number, report):

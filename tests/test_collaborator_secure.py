@@ -18,13 +18,19 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
+import yaml
 
 from foedus.aggregator.federation import Federation
+from foedus.aggregator.identity import Gatekeeper
+from foedus.aggregator.server import add_servicer
+from foedus.aggregator.servicer import AggregatorServicer
 from foedus.collaborator.answers import PlannedWork
+from foedus.collaborator.cli import main
 from foedus.collaborator.client import AggregatorGRPCClient, OutgoingTensor
 from foedus.collaborator.digits import DigitsRunner
 from foedus.collaborator.errors import ResponseValidationError
@@ -37,6 +43,7 @@ from foedus.plans import Plan
 from foedus.plans.runners import Array
 from foedus.plans.schema import SecureAggregationSettings
 from foedus.protos import aggregator_pb2, aggregator_pb2_grpc
+from foedus.protos.channel import server_options
 from foedus.secure import WEIGHT_TENSOR, ProtocolViolation, RoundContext, SealedShare, SecretKind
 from foedus.secure.unmask import Unmasking
 from foedus.secure.wire import (
@@ -45,11 +52,12 @@ from foedus.secure.wire import (
     Stage,
     post_bytes,
     post_from_proto,
+    relay_from_proto,
     relay_request_from_proto,
     relay_to_proto,
 )
 
-from servers import closing_rounds, make_plan, running_aggregator
+from servers import closing_rounds, make_plan, plan_document, running_aggregator
 
 UUID = "test-federation-0001"
 
@@ -183,6 +191,25 @@ def relay_server(plan: Plan, servicer: aggregator_pb2_grpc.AggregatorServicer) -
     assert certs is not None
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     aggregator_pb2_grpc.add_AggregatorServicer_to_server(servicer, server)
+    credentials = server_credentials(certs.aggregator_cert, certs.aggregator_key, certs.ca_bundle)
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(0).wait()
+
+
+@contextmanager
+def serving(plan: Plan, servicer: AggregatorServicer) -> Iterator[int]:
+    """A real TLS server around the aggregator's own servicer (its method handlers); its port."""
+    certs = plan.tls.certs
+    assert certs is not None
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=16),
+        options=server_options(plan.limits.max_message_bytes),
+    )
+    add_servicer(servicer, server)
     credentials = server_credentials(certs.aggregator_cert, certs.aggregator_key, certs.ca_bundle)
     port = server.add_secure_port("127.0.0.1:0", credentials)
     server.start()
@@ -724,3 +751,142 @@ def test_a_secure_federation_ends_close_to_the_plain_one(
         assert secure[name].dtype == array.dtype
         np.testing.assert_allclose(secure[name], array, rtol=0, atol=1e-6)
     assert [path for path in (tmp_path / "secure").rglob("*") if path.is_file()] == []
+
+
+# -- collaborator start ------------------------------------------------------------------------------
+
+
+class SwapsKeysFor(AggregatorServicer):
+    """The real servicer over a real secure federation, except that the KEYS relay to `victim`
+    carries bob's keys with carol's mask key (a key swapped by a malicious aggregator)."""
+
+    def __init__(self, plan: Plan, federation: Federation, victim: str) -> None:
+        gatekeeper = Gatekeeper(
+            aggregator_id=plan.federation.aggregator_id,
+            federation_uuid=plan.federation.uuid,
+            collaborators=frozenset(plan.collaborators),
+            tls=True,
+        )
+        super().__init__(
+            federation, gatekeeper, plan.limits, long_poll_seconds=0.2, max_long_polls=8
+        )
+        self.tamper = swap_bobs_mask_key_for(victim)
+
+    def GetSecureRelay(  # noqa: N802 - the RPC's name
+        self, request: aggregator_pb2.SecureRelayRequest, context: grpc.ServicerContext
+    ) -> aggregator_pb2.SecureRelay:
+        response = super().GetSecureRelay(request, context)
+        relay = self.tamper(request.header.sender, relay_from_proto(response))
+        return relay_to_proto(relay, response.header)
+
+
+def secure_plan_file(folder: Path, certs: CertsLayout, port: int, **sections: Any) -> Path:
+    """A secure digits plan for the server at 127.0.0.1:`port`, written to folder/plan.yaml."""
+    document = plan_document(
+        certs,
+        aggregator={"host": "127.0.0.1", "common_name": "localhost", "port": port},
+        secure_aggregation={"enabled": True, "threshold": 2, "clip": 1.0, "max_weight": 1000},
+        **sections,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "plan.yaml"
+    path.write_text(yaml.safe_dump(document), encoding="utf-8")
+    return path
+
+
+def run_main_bounded(argv: list[str]) -> int:
+    """`collaborator` main(argv) in a thread, failing the test if it runs past RUN_SECONDS."""
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(main(argv)), daemon=True)
+    thread.start()
+    thread.join(RUN_SECONDS)
+    assert not thread.is_alive(), f"the collaborator still runs after {RUN_SECONDS} s"
+    return codes[0]
+
+
+def test_a_swapped_key_ends_collaborator_start_with_one_line_and_a_leave(
+    certs: CertsLayout, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """alice, relayed a swapped key, exits 1 with one line naming bob and what failed, having
+    told the aggregator she leaves; bob and carol, above the threshold, finish the federation.
+    alice's round file is in the default state folder, private."""
+    plan = dataclasses.replace(make_plan(certs), secure_aggregation=DIGITS_SETTINGS)
+    federation = Federation.from_plan(plan, DigitsRunner.initial_model(plan.runner))
+    servicer = SwapsKeysFor(plan, federation, "alice")
+    with serving(plan, servicer) as port, closing_rounds(federation):
+        path = secure_plan_file(tmp_path / "alice", certs, port)
+        others = in_threads_started(
+            {
+                name: functools.partial(loop_of, plan, port, name, tmp_path)
+                for name in ("bob", "carol")
+            }
+        )
+        code = run_main_bounded(["start", "-n", "alice", "--plan", str(path)])
+        reports = {name: future.result(timeout=RUN_SECONDS) for name, future in others.items()}
+    assert code == 1
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("collaborator: error: ")]
+    assert "site 'bob'" in line and "Traceback" not in err
+    assert federation.liveness.has_left("alice")
+    assert all(report.quit for report in reports.values()), reports
+    assert federation.finished
+    folder = tmp_path / "alice" / "collaborator-state" / "alice"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert [stat.S_IMODE(path.stat().st_mode) for path in folder.iterdir()] == [0o600]
+
+
+def loop_of(plan: Plan, port: int, name: str, state: Path) -> CollaboratorReport:
+    """`name`'s collaborator loop with its secure rounds, bounded, until the federation is done."""
+    client = client_for(plan, port, name)
+    with client:
+        secure = site_rounds(plan, port, name, state, client=client)
+        runner = DigitsRunner(plan.runner, collaborator=name, collaborators=plan.collaborators)
+        planned = PlannedWork(rounds=plan.federation.rounds, tasks=plan.tasks)
+        return run_collaborator(
+            client, runner, plan.runner, planned=planned, secure=secure, max_idle_polls=400
+        )
+
+
+def in_threads_started(
+    jobs: Mapping[str, Callable[[], CollaboratorReport]],
+) -> dict[str, futures.Future[CollaboratorReport]]:
+    """Start each job in a thread of its own (daemon threads: a stuck one cannot hang the run)."""
+    started: dict[str, futures.Future[CollaboratorReport]] = {}
+    for name, job in jobs.items():
+        future: futures.Future[CollaboratorReport] = futures.Future()
+
+        def work(
+            job: Callable[[], CollaboratorReport] = job,
+            future: futures.Future[CollaboratorReport] = future,
+        ) -> None:
+            try:
+                future.set_result(job())
+            except BaseException as error:  # handed to the test
+                future.set_exception(error)
+
+        threading.Thread(target=work, name=name, daemon=True).start()
+        started[name] = future
+    return started
+
+
+def test_secure_aggregation_without_certificates_is_refused_at_start(
+    certs: CertsLayout, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A secure plan with tls.insecure stops collaborator start with one line, exit 2."""
+    path = secure_plan_file(tmp_path, certs, 50999)
+    document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    document["tls"] = {"insecure": True}
+    path.write_text(yaml.safe_dump(document), encoding="utf-8")
+    assert main(["start", "-n", "alice", "--plan", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "secure_aggregation.enabled needs the federation's certificates" in err
+
+
+def test_help_says_what_the_state_folder_holds(capsys: pytest.CaptureFixture[str]) -> None:
+    """collaborator start --help names --state-dir, what it keeps and its default."""
+    assert main(["start", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--state-dir DIR" in text
+    assert "one file per round, mode 0600" in text
+    assert "default: the plan's folder/collaborator-state/NAME" in text
