@@ -152,14 +152,13 @@ class SecureRounds:
         current = self._open
         if current is None or current.number != round_number:
             raise RuntimeError(f"masked_results of round {round_number} before before_train")
-        settings = self.plan.secure_aggregation
         delta = {
             name: np.asarray(trained[name], dtype=np.float64)
             - np.asarray(global_model[name], dtype=np.float64)
             for name in global_model
         }
         try:
-            masked = current.site.masked_update(delta, min(data_size, settings.max_weight))
+            masked = current.site.masked_update(delta, data_size)  # capped at max_weight
         except ValueError as error:  # no samples, NaN or infinities: nothing can be uploaded
             raise SecureUpdateError(
                 f"round {round_number}: the trained update cannot be masked: {error}"
@@ -239,11 +238,11 @@ class SecureRounds:
         return current
 
     def _post(self, current: _Open, stage: Stage, make: Callable[[], Post]) -> Post:
-        """Post this site's part of `stage`: made and written to the round file the first time,
-        read from it after, so a restarted site posts the very same bytes (answered OK)."""
+        """Post this site's part of `stage`, written to the round file first; a restarted site
+        posts the very bytes it wrote (answered OK), once `make` has checked the relays again."""
+        post = make()  # its checks run again after a restart: a changed relay is refused
         kept = current.file.posted.get(stage.name)
         if kept is None:
-            post = make()
             # With the secrets as making it left them (the survivors confirmed, what is revealed).
             secrets = current.site.secrets.to_bytes()
             current.file = current.file.with_secrets(secrets).with_post(
