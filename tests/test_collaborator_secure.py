@@ -30,7 +30,7 @@ from foedus.aggregator.identity import Gatekeeper
 from foedus.aggregator.server import add_servicer
 from foedus.aggregator.servicer import AggregatorServicer
 from foedus.collaborator.answers import PlannedWork
-from foedus.collaborator.cli import main
+from foedus.collaborator.cli import leave_reason, main
 from foedus.collaborator.client import AggregatorGRPCClient, OutgoingTensor
 from foedus.collaborator.digits import DigitsRunner
 from foedus.collaborator.errors import ResponseValidationError
@@ -890,3 +890,9 @@ def test_help_says_what_the_state_folder_holds(capsys: pytest.CaptureFixture[str
     assert "--state-dir DIR" in text
     assert "one file per round, mode 0600" in text
     assert "default: the plan's folder/collaborator-state/NAME" in text
+
+
+def test_a_protocol_violation_leaves_with_a_category_never_its_text() -> None:
+    """The Leave of a site that refused the protocol says so, without the violation's words."""
+    error = ProtocolViolation("site 'bob': its advertised keys are not signed by its certificate")
+    assert leave_reason(error) == "a secure aggregation protocol violation (ProtocolViolation)"
