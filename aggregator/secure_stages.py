@@ -30,10 +30,10 @@ Posts and closes are durable before they are acknowledged or relayed (`record_se
 changes nothing, a different second post is refused. A restarted aggregator reads them back
 (`Progress.secure_posts`, `secure_closes`) and relays the very same messages.
 
-The aggregator checks the form of what sites post (names, lengths, the shares' addressees, the
-survivors named, the kinds of secret asked for) but not their signatures: each site verifies
-every advertisement and confirmation against the federation's CA, which is where forgery
-matters, and a forged post can only stall the round it is posted in, as a silent site does.
+The aggregator checks what sites post (names, lengths, the shares' addressees, the survivors
+named, the kinds of secret revealed), and each signature against the poster's own certificate
+(cheap: a forged, swapped or replayed key is refused at once, INVALID_ARGUMENT); whether that
+certificate chains to the federation's CA is each site's to check, as it does for every peer.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ from foedus.secure import (
     ProtocolViolation,
     RevealedShare,
     RoundContext,
+    SealedShare,
     SecretKind,
 )
 from foedus.secure.keys import advertised_bytes, survivors_bytes, verify_signature
@@ -127,6 +128,9 @@ class SecureStages:
         self._finished = False
         self._stages: dict[Stage, _Stage] = {}
         self._survivors: tuple[str, ...] | None = None  # U3, once the close is decided
+        self._context = RoundContext(federation_uuid, 0, self.collaborators, settings)
+        # SHARES's relays by receiver, made once the stage has closed (each relay is then a look-up)
+        self._inbox: dict[str, tuple[SealedShare, ...]] | None = None
         self.open_round(0)
 
     # -- the round ---------------------------------------------------------------------------------
@@ -147,6 +151,10 @@ class SecureStages:
         with self.changed:
             self.round_number = round_number
             self._finished = finished
+            self._context = RoundContext(
+                self.federation_uuid, round_number, self.collaborators, self.settings
+            )
+            self._inbox = None
             now = self._clock()
             self._stages = {stage: _Stage() for stage in Stage}
             self._stages[Stage.KEYS].opened_at = now
@@ -186,13 +194,8 @@ class SecureStages:
         return not self._finished and self.round_number < self.rounds
 
     def context(self) -> RoundContext:
-        """The round in progress's `RoundContext`."""
-        return RoundContext(
-            federation_uuid=self.federation_uuid,
-            round_number=self.round_number,
-            collaborators=self.collaborators,
-            settings=self.settings,
-        )
+        """The round in progress's `RoundContext` (made once a round: it caches the graph)."""
+        return self._context
 
     def failure(self) -> str | None:
         """Why the round in progress's secure aggregation has failed; None if it has not (yet)."""
@@ -537,13 +540,14 @@ class SecureStages:
                 keys=tuple(key for key in keys if key is not None),
             )
         if stage is Stage.SHARES:
-            posts = self._stages[Stage.SHARES].posts
-            shares = tuple(
-                share
-                for name in members
-                for share in posts[name][1].shares
-                if share.receiver == caller
-            )
+            if self._inbox is None:
+                inbox: dict[str, list[SealedShare]] = {}
+                posts = self._stages[Stage.SHARES].posts
+                for name in members:
+                    for share in posts[name][1].shares:
+                        inbox.setdefault(share.receiver, []).append(share)
+                self._inbox = {receiver: tuple(got) for receiver, got in inbox.items()}
+            shares = self._inbox.get(caller, ())
             return Relay(round_number, stage, ready=True, members=members, shares=shares)
         if stage is Stage.SURVIVORS:
             return Relay(round_number, stage, ready=True, members=members)
