@@ -197,6 +197,17 @@ class SecureStages:
         """The round in progress's `RoundContext` (made once a round: it caches the graph)."""
         return self._context
 
+    def excluded(self) -> frozenset[str]:
+        """The collaborators a closed KEYS or SHARES stage left out: they cannot report this
+        round (their masked update could not be unmasked), so no round waits for them."""
+        with self._lock:
+            members = self._stages[Stage.SHARES].members
+            if members is None:
+                members = self._stages[Stage.KEYS].members
+            if members is None or not self.active:
+                return frozenset()
+            return frozenset(self.collaborators) - set(members)
+
     def failure(self) -> str | None:
         """Why the round in progress's secure aggregation has failed; None if it has not (yet)."""
         with self._lock:

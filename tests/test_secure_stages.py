@@ -184,6 +184,30 @@ def test_a_stage_closes_without_a_silent_site_by_the_straggler_policy(
         post(fed, "carol", late)
 
 
+def test_a_site_left_out_of_a_stage_is_not_awaited_by_the_round(certs: CertsLayout) -> None:
+    """carol, silent, is left out of KEYS; back online she cannot report, so the round closes
+    with alice and bob instead of waiting for her."""
+    clock = Clock()
+    fed = secure_federation(clock=clock, straggler=StragglerSettings(offline_after_seconds=30))
+    sites = Sites.of(fed, certs, COLLABORATORS, uuid=UUID)
+    sites.keys(["alice", "bob"])
+    clock.now += 31
+    for name in ("alice", "bob"):
+        fed.liveness.seen(name)
+    fed.close_round_if_due()
+    sites.shares(["alice", "bob"])
+    fed.liveness.seen("carol")  # back, and online from now on
+    for name in ("alice", "bob"):
+        sites.upload(name, delta_of(name), DELTAS[name][1])
+    assert fed.close_round_if_due() is None  # decided without carol: the survivors confirm
+    assert relay(fed, "carol", 0, Stage.SURVIVORS).excluded
+    sites.confirm(("alice", "bob"))
+    sites.reveal(("alice", "bob"))
+    summary = fed.close_round_if_due()
+    assert summary is not None and summary.reporters == ("alice", "bob") and summary.trained
+    assert_model(fed, ("alice", "bob"))
+
+
 def test_a_stage_below_the_threshold_fails_the_round_untrained(
     store: FederationStore, certs: CertsLayout, caplog: pytest.LogCaptureFixture
 ) -> None:
