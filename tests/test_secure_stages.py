@@ -144,6 +144,40 @@ def test_the_round_closes_without_a_site_that_left(
     assert_model(fed, uploaders)
 
 
+def test_the_state_never_holds_a_sites_update(tmp_path: Path, certs: CertsLayout) -> None:
+    """Recognisable updates (one value repeated): no file of the state holds one site's values,
+    as floats or encoded in the ring, while its masked upload waits nor after the round."""
+    state = open_state(tmp_path)
+    try:
+        fed = secure_federation(state)
+        sites = through_upload(fed, certs, COLLABORATORS)
+        fed.close_round_if_due()
+        sites.confirm(COLLABORATORS)
+        while_unmasking = _state_bytes(tmp_path)
+        sites.reveal(COLLABORATORS)
+        assert fed.close_round_if_due() is not None
+        after = _state_bytes(tmp_path)
+    finally:
+        state.close()
+    # The scan sees tensors: the new global model, the sum the round may learn, is there.
+    mean = np.float32(expected(COLLABORATORS))
+    assert np.full(4, mean, np.float32).tobytes() in after
+    fixed = sites.rounds["alice"].context.fixed_point
+    for name, (value, weight) in DELTAS.items():
+        patterns = [
+            np.full(4, value, np.float32).tobytes(),
+            np.full(4, value, np.float64).tobytes(),
+            np.tile(fixed.encode(np.array([value]), weight), 4).tobytes(),
+        ]
+        for pattern in patterns:
+            assert pattern not in while_unmasking and pattern not in after, name
+
+
+def _state_bytes(folder: Path) -> bytes:
+    """Every file under the state folder (the database and its log too), end to end."""
+    return b"".join(p.read_bytes() for p in sorted((folder / "state").rglob("*")) if p.is_file())
+
+
 # -- the closing rule --------------------------------------------------------------------------
 
 
