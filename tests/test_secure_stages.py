@@ -19,7 +19,9 @@ import pytest
 from foedus.aggregator.checks import PLAINTEXT_REFUSED
 from foedus.aggregator.federation import Federation
 from foedus.aggregator.records import Array
+from foedus.aggregator.runtime import Runtime
 from foedus.aggregator.state import DurableState
+from foedus.aggregator.storage import OutputFolder
 from foedus.aggregator.store import FederationStore, MemoryStore
 from foedus.pki.layout import CertsLayout
 from foedus.plans.schema import AGGREGATED_MODEL_VALIDATION, StragglerPolicy, StragglerSettings
@@ -31,6 +33,7 @@ from clocks import Clock
 from federations import COLLABORATORS, UUID, federation, model, open_state, result, store
 from old_states import before_secure, schema_of
 from secure_sites import SETTINGS, Sites, certificate_der, masked_result, post, relay
+from servers import make_plan
 
 __all__ = ["store"]  # the fixture, used by name
 
@@ -243,10 +246,10 @@ def test_a_site_left_out_of_a_stage_is_not_awaited_by_the_round(certs: CertsLayo
 
 
 def test_a_stage_below_the_threshold_fails_the_round_untrained(
-    store: FederationStore, certs: CertsLayout, caplog: pytest.LogCaptureFixture
+    store: FederationStore, certs: CertsLayout, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     """Everyone but alice left before posting keys: KEYS closes with one site, the round closes
-    untrained with one line saying why, and posts to it are refused."""
+    untrained with one line saying why (and its console line says so)."""
     fed = secure_federation(store)
     sites = Sites.of(fed, certs, COLLABORATORS, uuid=UUID)
     sites.keys(["alice"])
@@ -263,6 +266,9 @@ def test_a_stage_below_the_threshold_fails_the_round_untrained(
     assert fed.round_number == 1
     for key, array in fed.model().items():
         np.testing.assert_array_equal(array, model()[key])
+    plan = dataclasses.replace(make_plan(None), secure_aggregation=SETTINGS)
+    line = Runtime(plan, fed, OutputFolder(tmp_path)).round_line(summary)
+    assert "reported nobody (missing alice,bob,carol)  untrained: secure aggregation failed" in line
 
 
 def test_fewer_survivors_than_the_threshold_close_the_round_untrained(
