@@ -9,7 +9,7 @@ The aggregator relays what the sites post and never can open it. Per training ro
   stage closes with members U2, and each site is relayed the shares addressed to it by members
   of U2;
 * the masked upload is the `train` result (`SendLocalTaskResults`), from a member of U2 only,
-  its tensors in the ring's dtype (`check_upload`);
+  its tensors in the ring's dtype (`check_member`, `foedus.aggregator.checks`);
 * SURVIVORS: when the round is due, the federation fixes its reporters for good
   (`FederationStore.decide_close`), and U3 = the reporters in U2 is relayed; each member of U3
   posts its signature over U3, and the stage closes with the confirmers;
@@ -622,7 +622,7 @@ class SecureStages:
         if failure is None:
             try:
                 unmasking = Unmasking.rebuild(context, advertisements, sharers, survivors, revealed)
-            except ProtocolViolation as error:
+            except (ProtocolViolation, ValueError) as error:  # ValueError: a key agrees nothing
                 failure = f"round {number}'s masks cannot be removed: {error}"
         if unmasking is not None:
             try:
