@@ -285,6 +285,34 @@ def test_fewer_survivors_than_the_threshold_close_the_round_untrained(
     assert fed.round_number == 1 and secure_rows(store) == 0
 
 
+def test_a_secret_that_cannot_be_rebuilt_closes_the_round_untrained(
+    store: FederationStore, certs: CertsLayout, caplog: pytest.LogCaptureFixture
+) -> None:
+    """carol dropped; alice reveals a forged share of carol's mask key: with t = 2 of the two
+    survivors no subset rebuilds it, so the round closes untrained, saying whose secret."""
+    fed = secure_federation(store)
+    sites = through_upload(fed, certs, ("alice", "bob"))
+    fed.leave("carol", "gone")
+    fed.close_round_if_due()
+    sites.confirm(("alice", "bob"))
+    confirmations = relay(fed, "alice", 0, Stage.UNMASK).confirmations
+    shares = sites.rounds["alice"].revealed_shares(("alice", "bob"), confirmations)
+    forged = tuple(
+        dataclasses.replace(share, share=bytes(66)) if share.owner == "carol" else share
+        for share in shares
+    )
+    assert post(fed, "alice", Post(0, Stage.UNMASK, revealed=forged))
+    sites.reveal(("bob",))
+    with caplog.at_level(logging.WARNING, logger="foedus.aggregator.secure_stages"):
+        summary = fed.close_round_if_due()
+    assert summary is not None and not summary.trained
+    assert summary.reporters == ("alice", "bob")
+    assert "round 0 closes untrained: round 0's masks cannot be removed" in caplog.text
+    assert "'carol'" in caplog.text
+    for key, array in fed.model().items():
+        np.testing.assert_array_equal(array, model()[key])
+
+
 # -- resends and refusals -----------------------------------------------------------------------
 
 
