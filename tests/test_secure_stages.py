@@ -18,7 +18,7 @@ import pytest
 
 from foedus.aggregator.checks import PLAINTEXT_REFUSED
 from foedus.aggregator.federation import Federation
-from foedus.aggregator.records import Array
+from foedus.aggregator.records import Array, RoundCommit, RoundRecord, SecureClose, SecurePost
 from foedus.aggregator.runtime import Runtime
 from foedus.aggregator.state import DurableState
 from foedus.aggregator.storage import OutputFolder
@@ -566,6 +566,40 @@ def _repost(sites: Sites, fed: Federation) -> Post:
 
 def _bytes(arrays: Mapping[str, Array]) -> dict[str, bytes]:
     return {name: np.asarray(array).tobytes() for name, array in arrays.items()}
+
+
+def test_posts_and_closes_are_read_back_until_their_round_commits(tmp_path: Path) -> None:
+    """The durable store gives back the round's posts (bytes as kept) and closes when opened
+    again, and none once the round is committed."""
+    posts = (
+        SecurePost(0, int(Stage.KEYS), "bob", b"\x08\x01"),
+        SecurePost(0, int(Stage.KEYS), "alice", b"\x00\xff"),
+        SecurePost(0, int(Stage.SHARES), "alice", b"shares"),
+    )
+    closes = (SecureClose(0, int(Stage.KEYS), ("alice", "bob")),)
+    state = open_state(tmp_path)
+    for item in posts:
+        state.record_secure_post(item)
+    state.record_secure_close(closes[0])
+    state.close()
+    state = open_state(tmp_path)
+    try:
+        progress = state.recovered.progress
+        assert progress.secure_posts == (posts[1], posts[0], posts[2])  # by stage, then name
+        assert progress.secure_closes == closes
+        state.commit_round(RoundCommit(_record(0), None, None, False))
+    finally:
+        state.close()
+    state = open_state(tmp_path)
+    try:
+        progress = state.recovered.progress
+        assert (progress.round_number, progress.secure_posts, progress.secure_closes) == (1, (), ())
+    finally:
+        state.close()
+
+
+def _record(round_number: int) -> RoundRecord:
+    return RoundRecord(round_number, False, (), COLLABORATORS, {}, 0.0, trained=False)
 
 
 def test_a_state_before_secure_aggregation_is_migrated(tmp_path: Path) -> None:
