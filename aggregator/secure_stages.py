@@ -69,7 +69,12 @@ from foedus.secure import (
     SealedShare,
     SecretKind,
 )
-from foedus.secure.keys import advertised_bytes, survivors_bytes, verify_signature
+from foedus.secure.keys import (
+    advertised_bytes,
+    survivors_bytes,
+    verify_signature,
+    x25519_problem,
+)
 from foedus.secure.masks import VectorLayout
 from foedus.secure.ring import RingArray
 from foedus.secure.shamir import SHARE_BYTES
@@ -649,6 +654,10 @@ def _check_advertisement(context: RoundContext, caller: str, keys: Advertisement
     ):
         if len(value) != KEY_BYTES:
             raise InvalidRequestError(f"{what} is {len(value)} bytes long, not {KEY_BYTES}")
+    for what, value in (("encryption_key", keys.encryption_key), ("mask_key", keys.mask_key)):
+        problem = x25519_problem(value)
+        if problem is not None:
+            raise InvalidRequestError(f"{what} {problem}")
     certificate = _certificate(keys.certificate)
     try:
         names = [

@@ -345,12 +345,22 @@ def _keys(sites: Sites, name: str, **changes: Any) -> Post:
         ({"collaborator": "bob"}, "the keys are advertised as 'bob''s; alice advertises its own"),
         ({"mask_key": b"k" * 31}, "mask_key is 31 bytes long, not 32"),
         ({"seed_commitment": b""}, "seed_commitment is 0 bytes long, not 32"),
+        ({"mask_key": bytes(32)}, "mask_key is a low-order point: it agrees no secret"),
         ({"certificate": b"not a certificate"}, "the certificate is not DER X.509"),
         ({"certificate": "bob"}, "the certificate is issued to bob, not to alice"),
         ({"signature": b""}, "the keys' signature is 0 bytes long"),
         ({"encryption_key": b"e" * 32}, "the keys' signature is not its certificate's"),
     ],
-    ids=["name", "key-length", "commitment", "not-der", "bobs-certificate", "unsigned", "swapped"],
+    ids=[
+        "name",
+        "key-length",
+        "commitment",
+        "low-order",
+        "not-der",
+        "bobs-certificate",
+        "unsigned",
+        "swapped",
+    ],
 )
 def test_keys_that_cannot_be_the_callers_are_refused(
     certs: CertsLayout, change: dict[str, Any], message: str
