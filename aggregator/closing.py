@@ -178,10 +178,13 @@ class RoundCloser:
                 return None  # its survivors are confirming, or revealing shares
             return decided
         reporters = self.schedule.reporters(state)
-        failed = secure is not None and secure.failure() is not None
-        if failed or self.schedule.due(state, reporters, liveness):
+        if secure is None:
+            return reporters if self.schedule.due(state, reporters, liveness) else None
+        if secure.failure() is not None:
             return reporters
-        return None
+        excluded = secure.excluded()  # they can no longer report: not awaited
+        due = self.schedule.due(state, reporters, liveness, excluded=excluded)
+        return reporters if due else None
 
     def _decide(
         self, state: RoundState, reporters: tuple[str, ...], secure: SecureStages | None

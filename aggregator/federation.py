@@ -347,13 +347,9 @@ class Federation:
         A resend of an accepted result passes (it is answered OK once it has arrived).
         """
         with self._lock:
-            resend = self._state.is_resend(collaborator, round_number, task_name)
-            if not resend:
+            if not self._state.is_resend(collaborator, round_number, task_name):
                 self._checks.round(self._state, round_number)
         self._checks.task(round_number, task_name)
-        secure = self._ring(round_number, task_name) is not None
-        if not resend and secure and self.secure is not None:
-            self.secure.check_member(collaborator, round_number)
 
     def submit(self, result: TaskResult) -> bool:
         """Accept a task's results; False when it is a resend of one already accepted.
@@ -367,7 +363,8 @@ class Federation:
             self._checks.round(self._state, result.round_number)
         ring = self._ring(result.round_number, result.task_name)
         self._checks.result(result, self._state.model, ring=ring)
-        if ring is not None and self.secure is not None:
+        if ring is not None and self.secure is not None:  # after the tensors: a plaintext
+            # update from a site outside U2 (an OpenFL collaborator) is told it is plaintext
             self.secure.check_member(result.collaborator, result.round_number)
         key = (result.collaborator, result.task_name)
         if not self._reserve(result):

@@ -9,7 +9,7 @@ The aggregator relays what the sites post and never can open it. Per training ro
   stage closes with members U2, and each site is relayed the shares addressed to it by members
   of U2;
 * the masked upload is the `train` result (`SendLocalTaskResults`), from a member of U2 only,
-  its tensors in the ring's dtype (`check_upload`);
+  its tensors in the ring's dtype (`check_member`, `foedus.aggregator.checks`);
 * SURVIVORS: when the round is due, the federation fixes its reporters for good
   (`FederationStore.decide_close`), and U3 = the reporters in U2 is relayed; each member of U3
   posts its signature over U3, and the stage closes with the confirmers;
@@ -30,10 +30,10 @@ Posts and closes are durable before they are acknowledged or relayed (`record_se
 changes nothing, a different second post is refused. A restarted aggregator reads them back
 (`Progress.secure_posts`, `secure_closes`) and relays the very same messages.
 
-The aggregator checks the form of what sites post (names, lengths, the shares' addressees, the
-survivors named, the kinds of secret asked for) but not their signatures: each site verifies
-every advertisement and confirmation against the federation's CA, which is where forgery
-matters, and a forged post can only stall the round it is posted in, as a silent site does.
+The aggregator checks what sites post (names, lengths, the shares' addressees, the survivors
+named, the kinds of secret revealed), and each signature against the poster's own certificate
+(cheap: a forged, swapped or replayed key is refused at once, INVALID_ARGUMENT); whether that
+certificate chains to the federation's CA is each site's to check, as it does for every peer.
 """
 
 from __future__ import annotations
@@ -66,9 +66,15 @@ from foedus.secure import (
     ProtocolViolation,
     RevealedShare,
     RoundContext,
+    SealedShare,
     SecretKind,
 )
-from foedus.secure.keys import advertised_bytes, survivors_bytes, verify_signature
+from foedus.secure.keys import (
+    advertised_bytes,
+    survivors_bytes,
+    verify_signature,
+    x25519_problem,
+)
 from foedus.secure.masks import VectorLayout
 from foedus.secure.ring import RingArray
 from foedus.secure.shamir import SHARE_BYTES
@@ -127,6 +133,9 @@ class SecureStages:
         self._finished = False
         self._stages: dict[Stage, _Stage] = {}
         self._survivors: tuple[str, ...] | None = None  # U3, once the close is decided
+        self._context = RoundContext(federation_uuid, 0, self.collaborators, settings)
+        # SHARES's relays by receiver, made once the stage has closed (each relay is then a look-up)
+        self._inbox: dict[str, tuple[SealedShare, ...]] | None = None
         self.open_round(0)
 
     # -- the round ---------------------------------------------------------------------------------
@@ -147,6 +156,10 @@ class SecureStages:
         with self.changed:
             self.round_number = round_number
             self._finished = finished
+            self._context = RoundContext(
+                self.federation_uuid, round_number, self.collaborators, self.settings
+            )
+            self._inbox = None
             now = self._clock()
             self._stages = {stage: _Stage() for stage in Stage}
             self._stages[Stage.KEYS].opened_at = now
@@ -186,13 +199,19 @@ class SecureStages:
         return not self._finished and self.round_number < self.rounds
 
     def context(self) -> RoundContext:
-        """The round in progress's `RoundContext`."""
-        return RoundContext(
-            federation_uuid=self.federation_uuid,
-            round_number=self.round_number,
-            collaborators=self.collaborators,
-            settings=self.settings,
-        )
+        """The round in progress's `RoundContext` (made once a round: it caches the graph)."""
+        return self._context
+
+    def excluded(self) -> frozenset[str]:
+        """The collaborators a closed KEYS or SHARES stage left out: they cannot report this
+        round (their masked update could not be unmasked), so no round waits for them."""
+        with self._lock:
+            members = self._stages[Stage.SHARES].members
+            if members is None:
+                members = self._stages[Stage.KEYS].members
+            if members is None or not self.active:
+                return frozenset()
+            return frozenset(self.collaborators) - set(members)
 
     def failure(self) -> str | None:
         """Why the round in progress's secure aggregation has failed; None if it has not (yet)."""
@@ -537,13 +556,14 @@ class SecureStages:
                 keys=tuple(key for key in keys if key is not None),
             )
         if stage is Stage.SHARES:
-            posts = self._stages[Stage.SHARES].posts
-            shares = tuple(
-                share
-                for name in members
-                for share in posts[name][1].shares
-                if share.receiver == caller
-            )
+            if self._inbox is None:
+                inbox: dict[str, list[SealedShare]] = {}
+                posts = self._stages[Stage.SHARES].posts
+                for name in members:
+                    for share in posts[name][1].shares:
+                        inbox.setdefault(share.receiver, []).append(share)
+                self._inbox = {receiver: tuple(got) for receiver, got in inbox.items()}
+            shares = self._inbox.get(caller, ())
             return Relay(round_number, stage, ready=True, members=members, shares=shares)
         if stage is Stage.SURVIVORS:
             return Relay(round_number, stage, ready=True, members=members)
@@ -607,7 +627,7 @@ class SecureStages:
         if failure is None:
             try:
                 unmasking = Unmasking.rebuild(context, advertisements, sharers, survivors, revealed)
-            except ProtocolViolation as error:
+            except (ProtocolViolation, ValueError) as error:  # ValueError: a key agrees nothing
                 failure = f"round {number}'s masks cannot be removed: {error}"
         if unmasking is not None:
             try:
@@ -634,6 +654,10 @@ def _check_advertisement(context: RoundContext, caller: str, keys: Advertisement
     ):
         if len(value) != KEY_BYTES:
             raise InvalidRequestError(f"{what} is {len(value)} bytes long, not {KEY_BYTES}")
+    for what, value in (("encryption_key", keys.encryption_key), ("mask_key", keys.mask_key)):
+        problem = x25519_problem(value)
+        if problem is not None:
+            raise InvalidRequestError(f"{what} {problem}")
     certificate = _certificate(keys.certificate)
     try:
         names = [

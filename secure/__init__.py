@@ -6,7 +6,8 @@ One round r, over the plan's collaborators C (sorted) and the threshold t:
 1. KEYS: each site makes two X25519 key pairs (c: shares are sealed to it, s: pairwise masks) and
    a 32-byte self-mask seed b, and posts its public keys and a commitment to b, signed with its
    certificate's private key over the federation's uuid and the round (`keys.advertised_bytes`).
-   Every site checks every advertisement against the federation's CA and the plan's names.
+   Every site checks the advertisements whose keys it uses (with `neighbours`: its neighbours')
+   against the federation's CA and the plan's names.
 2. SHARES: each site splits b and s's private bytes into Shamir shares (t rebuild either) for
    its holders (its neighbours and itself), each sealed with AES-256-GCM for its holder.
 3. MASKED UPLOAD: each site encodes its weighted delta into the ring Z_(2^bits) (`ring`), adds
@@ -24,7 +25,8 @@ certificate checks are in `keys`; the records the stages exchange in `records`.
 """
 
 from foedus.secure.context import WEIGHT_TENSOR, RoundContext
-from foedus.secure.errors import ProtocolViolation, SecretsFileError
+from foedus.secure.errors import ProtocolViolation, SecretsFileError, TooFewSites
+from foedus.secure.masks import VectorLayout
 from foedus.secure.records import (
     Advertisement,
     RevealedShare,
@@ -33,6 +35,8 @@ from foedus.secure.records import (
     SurvivorConfirmation,
 )
 from foedus.secure.ring import FixedPoint, ring_problem
+from foedus.secure.site import SiteRound, SiteSecrets
+from foedus.secure.unmask import Unmasking
 
 __all__ = [
     "WEIGHT_TENSOR",
@@ -44,6 +48,11 @@ __all__ = [
     "SealedShare",
     "SecretKind",
     "SecretsFileError",
+    "SiteRound",
+    "SiteSecrets",
     "SurvivorConfirmation",
+    "TooFewSites",
+    "Unmasking",
+    "VectorLayout",
     "ring_problem",
 ]

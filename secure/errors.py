@@ -9,5 +9,11 @@ class ProtocolViolation(Exception):  # noqa: N818 (the design's name: a violatio
     aggregator) and what failed."""
 
 
+class TooFewSites(ProtocolViolation):
+    """A stage closed, or the survivors were named, with fewer sites than the threshold: the round
+    cannot be unmasked and the site reveals nothing. It need not be malice (the others left): a
+    caller may skip to the next round where it would leave on another violation."""
+
+
 class SecretsFileError(Exception):
     """A site's round secrets file cannot be read back: one line naming what is wrong with it."""

@@ -5,7 +5,8 @@ A site signs its advertisement and its survivor confirmation with its certificat
 (ECDSA with SHA-256, deterministic as RFC 6979 has it, so a restarted site posts the very same
 bytes again; RSA keys with PSS and SHA-256). Every peer's certificate must chain to the
 federation's CA, be valid now, carry the name it signs for, a name of the plan, and not be marked
-for another role (a person's certificate named like a site signs nothing).
+for another role (a person's certificate named like a site signs nothing; an unmarked one is
+taken with the warning `foedus.pki.roles.role_refusal` gives everywhere).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from cryptography.x509 import verification
 from foedus.pki.ca import utc_now
 from foedus.pki.keys import PrivateKey, PublicKey, public_key_problem
 from foedus.pki.requests import Role
-from foedus.pki.roles import Unmarked, role_mark
+from foedus.pki.roles import PeerCertificate, role_mark, role_refusal
 from foedus.secure.context import RoundContext, framed, text
 from foedus.secure.errors import ProtocolViolation
 from foedus.secure.records import Advertisement, SealedShare, SurvivorConfirmation
@@ -41,9 +42,11 @@ __all__ = [
     "share_agreement",
     "sign",
     "survivors_bytes",
+    "verify_advertisement",
     "verify_advertisements",
     "verify_certificate",
     "verify_signature",
+    "x25519_problem",
 ]
 
 KEY_BYTES = 32  # X25519 keys, seeds, derived keys and commitments
@@ -129,13 +132,15 @@ def verify_certificate(
         raise ProtocolViolation(
             f"site {name!r}: its certificate is issued to {common_name!r}, not to {name!r}"
         )
-    mark = role_mark(certificate)
-    if isinstance(mark, Role) and mark is not Role.COLLABORATOR:
-        raise ProtocolViolation(
-            f"site {name!r}: its certificate is a {mark.value} certificate, not a collaborator's"
-        )
-    if mark is Unmarked.UNCLEAR:
-        raise ProtocolViolation(f"site {name!r}: its certificate carries several or unknown roles")
+    refusal = role_refusal(
+        PeerCertificate(role_mark(certificate), hashlib.sha256(certificate_der).hexdigest()),
+        name=name,
+        expected=Role.COLLABORATOR,
+        listed_as="the plan's collaborators",
+        reissue=f"pki certify --role collaborator --name {name}",
+    )
+    if refusal is not None:
+        raise ProtocolViolation(f"site {name!r}: {refusal}")
     try:
         verifier = (
             verification.PolicyBuilder()
@@ -158,34 +163,65 @@ def verify_certificate(
     return public_key
 
 
+def verify_advertisement(
+    context: RoundContext,
+    advertisement: Advertisement,
+    ca_certificates: Sequence[x509.Certificate],
+) -> PublicKey:
+    """The signer's public key of an advertisement that passes every check (its certificate, its
+    keys' lengths, its signature over this round); else ProtocolViolation."""
+    name = advertisement.collaborator
+    public_key = verify_certificate(context, name, advertisement.certificate, ca_certificates)
+    if len(advertisement.seed_commitment) != KEY_BYTES:
+        raise ProtocolViolation(
+            f"site {name!r}: its advertised seed commitment is not {KEY_BYTES} bytes long"
+        )
+    for field in ("encryption_key", "mask_key"):
+        problem = x25519_problem(getattr(advertisement, field))
+        if problem is not None:
+            raise ProtocolViolation(
+                f"site {name!r}: its advertised {field.replace('_', ' ')} {problem}"
+            )
+    if not verify_signature(
+        public_key, advertisement.signature, advertised_bytes(context, advertisement)
+    ):
+        raise ProtocolViolation(
+            f"site {name!r}: its advertised keys are not signed by its certificate for "
+            f"federation {context.federation_uuid} round {context.round_number} (swapped, "
+            "forged or replayed keys)"
+        )
+    return public_key
+
+
 def verify_advertisements(
     context: RoundContext,
     advertisements: Iterable[Advertisement],
     ca_certificates: Sequence[x509.Certificate],
 ) -> dict[str, Advertisement]:
-    """Every advertisement checked (certificate, keys' form, signature), by name; else ProtocolViolation."""
+    """Every advertisement checked (`verify_advertisement`), by name, each name once; else
+    ProtocolViolation."""
     verified: dict[str, Advertisement] = {}
     for advertisement in advertisements:
         name = advertisement.collaborator
         if name in verified:
             raise ProtocolViolation(f"the aggregator relayed two advertisements of site {name!r}")
-        public_key = verify_certificate(context, name, advertisement.certificate, ca_certificates)
-        for field in ("encryption_key", "mask_key", "seed_commitment"):
-            if len(getattr(advertisement, field)) != KEY_BYTES:
-                raise ProtocolViolation(
-                    f"site {name!r}: its advertised {field.replace('_', ' ')} is not "
-                    f"{KEY_BYTES} bytes long"
-                )
-        if not verify_signature(
-            public_key, advertisement.signature, advertised_bytes(context, advertisement)
-        ):
-            raise ProtocolViolation(
-                f"site {name!r}: its advertised keys are not signed by its certificate for "
-                f"federation {context.federation_uuid} round {context.round_number} (swapped, "
-                "forged or replayed keys)"
-            )
+        verify_advertisement(context, advertisement, ca_certificates)
         verified[name] = advertisement
     return verified
+
+
+def x25519_problem(public_key: bytes) -> str | None:
+    """Why a raw X25519 public key agrees no secret with anyone (its length, a low-order point),
+    or None; the aggregator may refuse such a key at KEYS, before any site has to."""
+    if len(public_key) != KEY_BYTES:
+        return f"is not {KEY_BYTES} bytes long"
+    try:
+        x25519.X25519PrivateKey.generate().exchange(
+            x25519.X25519PublicKey.from_public_bytes(public_key)
+        )
+    except ValueError:
+        return "is a low-order point: it agrees no secret"
+    return None
 
 
 def agreed_key(private_key: bytes, peer_public_key: bytes, info: bytes) -> bytes:

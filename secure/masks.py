@@ -12,7 +12,7 @@ the weight element: `VectorLayout` gives each tensor's [start, stop) in it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,43 +28,59 @@ _CHUNK = 4 << 20  # bytes of keystream per call into OpenSSL
 _ZEROS = bytes(_CHUNK)  # encrypted, zeros are the keystream itself
 
 
-def keystream(key: bytes, start: int, stop: int, dtype: npt.DTypeLike) -> RingArray:
-    """Elements [start, stop) of PRG(key) as `dtype` (unsigned); a start mid-block works."""
-    ring = np.dtype(dtype).newbyteorder("<")
+def _check(key: bytes, start: int, stop: int) -> None:
     if len(key) != 32:
         raise ValueError("a mask key is 32 bytes (AES-256)")
     if not 0 <= start <= stop:
         raise ValueError(f"a keystream slice is 0 <= start <= stop, not [{start}, {stop})")
+
+
+def _pieces(key: bytes, start: int, stop: int, ring: np.dtype[Any]) -> Iterator[RingArray]:
+    """Elements [start, stop) of PRG(key) in consecutive pieces of about 4 MB, each a view of one
+    buffer that the next piece overwrites (use a piece before asking for the next)."""
     width = ring.itemsize
-    first_byte, end_byte = start * width, stop * width
-    first_block = first_byte // _BLOCK
-    skip = first_byte - first_block * _BLOCK
-    size = end_byte - first_block * _BLOCK
-    # update_into wants room for a block more than it writes.
-    buffer = np.empty(size + _BLOCK, dtype=np.uint8)
-    out = memoryview(buffer)  # type: ignore[arg-type]
+    first_block, skip = divmod(start * width, _BLOCK)
+    remaining = stop * width - first_block * _BLOCK
     encryptor = Cipher(
         algorithms.AES(key), modes.CTR(first_block.to_bytes(_BLOCK, "big"))
     ).encryptor()
+    # update_into wants room for a block more than it writes.
+    buffer = np.empty(min(remaining, _CHUNK) + _BLOCK, dtype=np.uint8)
+    out = memoryview(buffer)  # type: ignore[arg-type]
     zeros = memoryview(_ZEROS)
+    while remaining > 0:
+        count = min(_CHUNK, remaining)
+        encryptor.update_into(zeros[:count], out)
+        yield buffer[skip:count].view(ring)
+        remaining -= count
+        skip = 0
+
+
+def keystream(key: bytes, start: int, stop: int, dtype: npt.DTypeLike) -> RingArray:
+    """Elements [start, stop) of PRG(key) as `dtype` (unsigned); a start mid-block works."""
+    _check(key, start, stop)
+    ring = np.dtype(dtype).newbyteorder("<")
+    stream = np.empty(stop - start, dtype=ring)
     offset = 0
-    while offset < size:
-        count = min(_CHUNK, size - offset)
-        encryptor.update_into(zeros[:count], out[offset:])
-        offset += count
-    return buffer[skip : skip + (stop - start) * width].view(ring)
+    for piece in _pieces(key, start, stop, ring):
+        stream[offset : offset + piece.size] = piece
+        offset += piece.size
+    return stream
 
 
 def add_mask(target: RingArray, key: bytes, start: int, *, subtract: bool = False) -> None:
-    """Add (or subtract) PRG(key)'s elements [start, start + target.size) to `target`, in place.
+    """Add (or subtract) PRG(key)'s elements [start, start + target.size) to `target`, in place,
+    a few MB of keystream at a time (numpy wraps modulo 2^bits: the ring's addition).
 
-    `target` is flat (a C-contiguous 1-d view): its dtype is the ring's; numpy wraps modulo 2^bits.
+    `target` is flat (1-d) and its dtype is the ring's.
     """
-    stream = keystream(key, start, start + target.size, target.dtype)
-    if subtract:
-        np.subtract(target, stream, out=target)
-    else:
-        np.add(target, stream, out=target)
+    _check(key, start, start + target.size)
+    operation = np.subtract if subtract else np.add
+    offset = 0
+    for piece in _pieces(key, start, start + target.size, target.dtype):
+        window = target[offset : offset + piece.size]
+        operation(window, piece, out=window)
+        offset += piece.size
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from foedus.pki.keys import PrivateKey, PublicKey
 from foedus.secure import shamir
 from foedus.secure.context import WEIGHT_TENSOR, RoundContext, framed, text
-from foedus.secure.errors import ProtocolViolation, SecretsFileError
+from foedus.secure.errors import ProtocolViolation, SecretsFileError, TooFewSites
 from foedus.secure.keys import (
     KEY_BYTES,
     advertised_bytes,
@@ -47,8 +47,7 @@ from foedus.secure.keys import (
     share_associated_data,
     sign,
     survivors_bytes,
-    verify_advertisements,
-    verify_certificate,
+    verify_advertisement,
     verify_signature,
 )
 from foedus.secure.masks import VectorLayout, add_mask, keystream
@@ -166,14 +165,17 @@ class SiteRound:
         self._signing_key = signing_key
         self._certificate = certificate_der
         self._cas = tuple(ca_certificates)
-        self._keys: dict[str, Advertisement] | None = None  # U1's verified advertisements
-        self._signers: dict[str, PublicKey] = {}  # U1's certificate keys
+        self._members_u1: tuple[str, ...] = ()  # U1
+        self._relayed: dict[str, Advertisement] = {}  # U1's advertisements as relayed
+        self._keys: dict[str, Advertisement] | None = None  # the holders', verified
+        self._signers: dict[str, PublicKey] = {}  # certificate keys of verified advertisements
         self._sharers: tuple[str, ...] | None = None  # U2
         self._held: dict[str, tuple[bytes, bytes]] = {}  # owner -> (share of b, share of s)
 
     @property
     def keys(self) -> Mapping[str, Advertisement]:
-        """The KEYS stage's members' verified advertisements (after `accept_keys`)."""
+        """The verified advertisements this site uses: its holders' among KEYS's members (all of
+        them without `neighbours`), its own included (after `accept_keys`)."""
         return dict(self._require_keys())
 
     @property
@@ -183,6 +185,11 @@ class SiteRound:
 
     def _violation(self, what: str) -> ProtocolViolation:
         return ProtocolViolation(
+            f"site {self.name!r}, round {self.context.round_number}: the aggregator {what}"
+        )
+
+    def _too_few(self, what: str) -> TooFewSites:
+        return TooFewSites(
             f"site {self.name!r}, round {self.context.round_number}: the aggregator {what}"
         )
 
@@ -210,33 +217,62 @@ class SiteRound:
         if self.name not in names:
             raise self._violation(f"closed {stage} without this site but relays it")
         if len(names) < self.context.threshold:
-            raise self._violation(
+            raise self._too_few(
                 f"closed {stage} with {len(names)} sites, below the threshold "
                 f"{self.context.threshold}"
             )
         return names
 
     def accept_keys(self, members: Sequence[str], advertisements: Sequence[Advertisement]) -> None:
-        """KEYS relay: every member's advertisement verified (certificate, name, signature)."""
+        """KEYS relay: one advertisement per member, and those this site uses (its neighbours'
+        and its own: everyone's without `neighbours`) verified now (certificate, name, signature).
+
+        With `neighbours` the others' are verified only if their confirmation is needed (at
+        UNMASK): a site of a large federation does not check hundreds of certificates it never
+        uses.
+        """
         names = self._members("KEYS", members)
-        verified = verify_advertisements(self.context, advertisements, self._cas)
-        if sorted(verified) != list(names):
+        relayed: dict[str, Advertisement] = {}
+        for advertisement in advertisements:
+            name = advertisement.collaborator
+            if name in relayed:
+                raise self._violation(f"relays two advertisements of site {name!r}")
+            relayed[name] = advertisement
+        if sorted(relayed) != list(names):
             raise self._violation(
-                f"relays advertisements of {sorted(verified)} for the KEYS members {list(names)}"
+                f"relays advertisements of {sorted(relayed)} for the KEYS members {list(names)}"
             )
+        used = [name for name in self.context.holders(self.name) if name in relayed]
+        signers = {
+            name: verify_advertisement(self.context, relayed[name], self._cas) for name in used
+        }
         mine = self.advertisement()
-        own = verified[self.name]
+        own = relayed[self.name]
         if (own.encryption_key, own.mask_key, own.seed_commitment) != (
             mine.encryption_key,
             mine.mask_key,
             mine.seed_commitment,
         ):
             raise self._violation("relays keys of this site that are not the ones it advertised")
-        self._signers = {
-            name: verify_certificate(self.context, name, verified[name].certificate, self._cas)
-            for name in names
-        }
-        self._keys = verified
+        self._members_u1 = names
+        self._relayed = relayed
+        self._signers = signers
+        self._keys = {name: relayed[name] for name in used}
+
+    def _signer(self, name: str) -> PublicKey | None:
+        """The certificate key of `name`'s advertisement, verified now if not yet; None (logged)
+        when it does not verify or was not relayed."""
+        if name in self._signers:
+            return self._signers[name]
+        if name not in self._relayed:
+            return None
+        try:
+            signer = verify_advertisement(self.context, self._relayed[name], self._cas)
+        except ProtocolViolation as error:
+            logger.warning("round %d: site %r: %s", self.context.round_number, self.name, error)
+            return None
+        self._signers[name] = signer
+        return signer
 
     def _require_keys(self) -> dict[str, Advertisement]:
         if self._keys is None:
@@ -316,7 +352,7 @@ class SiteRound:
         whose share it does not hold (it did not open, or was not relayed), each logged."""
         keys = self._require_keys()
         names = self._members("SHARES", members)
-        outside = sorted(set(names) - set(keys))
+        outside = sorted(set(names) - set(self._members_u1))
         if outside:
             raise self._violation(f"names {outside} in SHARES who are not KEYS members")
         held: dict[str, tuple[bytes, bytes]] = {}
@@ -442,7 +478,7 @@ class SiteRound:
         if strangers:
             raise self._violation(f"names survivors {strangers} that are not SHARES members")
         if len(names) < self.context.threshold:
-            raise self._violation(
+            raise self._too_few(
                 f"names {len(names)} survivors {list(names)}, below the threshold "
                 f"{self.context.threshold}: nothing is revealed"
             )
@@ -499,20 +535,28 @@ class SiteRound:
     def _confirmed_by(
         self, survivors: tuple[str, ...], confirmations: Sequence[SurvivorConfirmation]
     ) -> set[str]:
-        """The survivors whose confirmation of exactly `survivors` verifies; the others logged."""
+        """The survivors whose confirmation of exactly `survivors` verifies (the first t of them
+        are enough); the others logged."""
         signed: set[str] = set()
         for confirmation in confirmations:
+            if len(signed) >= self.context.threshold:
+                break
             who = confirmation.collaborator
-            signer = self._signers.get(who)
             problem = None
-            if who not in survivors or signer is None:
+            if who not in survivors:
                 problem = "it is not a survivor"
+            elif who in signed:
+                continue
             elif tuple(sorted(confirmation.survivors)) != survivors:
                 problem = "it confirms another survivor list"
-            elif not verify_signature(
-                signer, confirmation.signature, survivors_bytes(self.context, survivors)
-            ):
-                problem = "its signature does not verify"
+            else:
+                signer = self._signer(who)
+                if signer is None:
+                    problem = "its advertisement does not verify"
+                elif not verify_signature(
+                    signer, confirmation.signature, survivors_bytes(self.context, survivors)
+                ):
+                    problem = "its signature does not verify"
             if problem is None:
                 signed.add(who)
             else:

@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from foedus.secure import shamir
 from foedus.secure.context import WEIGHT_TENSOR, RoundContext
-from foedus.secure.errors import ProtocolViolation
+from foedus.secure.errors import ProtocolViolation, TooFewSites
 from foedus.secure.keys import (
     KEY_BYTES,
     agreed_key,
@@ -30,12 +30,13 @@ from foedus.secure.keys import (
     seed_commitment,
     self_mask_key,
 )
-from foedus.secure.masks import VectorLayout, keystream
+from foedus.secure.masks import VectorLayout, add_mask
 from foedus.secure.records import Advertisement, RevealedShare, SecretKind
 from foedus.secure.ring import FixedPoint, RingArray
 
 logger = logging.getLogger(__name__)
 
+_SLICE = 1 << 20  # elements of a tensor unmasked and decoded at a time
 MAX_SUBSETS = 64  # t-subsets of the shares tried for one secret before it counts as lost
 
 
@@ -70,7 +71,7 @@ class Unmasking:
         u2, u3 = set(sharers), sorted(set(survivors))
         threshold = context.threshold
         if len(u3) < threshold:
-            raise ProtocolViolation(
+            raise TooFewSites(
                 f"the aggregator: round {context.round_number} has {len(u3)} survivors, below "
                 f"the threshold {threshold}"
             )
@@ -103,14 +104,9 @@ class Unmasking:
 
     def mask(self, start: int, stop: int) -> RingArray:
         """What to subtract from the survivors' summed vector at global offsets [start, stop)."""
-        dtype = self.fixed_point.dtype
-        total = np.zeros(stop - start, dtype=dtype)
+        total = np.zeros(stop - start, dtype=self.fixed_point.dtype)
         for key, negated in self._terms:
-            stream = keystream(key, start, stop, dtype)
-            if negated:
-                np.subtract(total, stream, out=total)
-            else:
-                np.add(total, stream, out=total)
+            add_mask(total, key, start, subtract=negated)
         return total
 
     def unmask(self, summed: RingArray, start: int) -> RingArray:
@@ -146,6 +142,23 @@ class Unmasking:
             np.clip(values, float(info.min), float(info.max), out=values)
         return values.astype(dtype).reshape(global_values.shape)
 
+    def next_tensor(
+        self,
+        global_values: npt.NDArray[Any],
+        summed: RingArray,
+        start: int,
+        total_weight: int,
+    ) -> npt.NDArray[Any]:
+        """One tensor of the next model from its global values and the survivors' summed masked
+        tensor at `start`, a million elements at a time (float64 scratch stays a few MB)."""
+        result = np.empty(global_values.shape, dtype=global_values.dtype)
+        out, old, total = result.reshape(-1), global_values.reshape(-1), summed.reshape(-1)
+        for begin in range(0, out.size, _SLICE):
+            end = min(begin + _SLICE, out.size)
+            unmasked = self.unmask(total[begin:end], start + begin)
+            out[begin:end] = self.updated(old[begin:end], unmasked, total_weight)
+        return result
+
     def next_model(
         self, model: Mapping[str, npt.NDArray[Any]], summed: Mapping[str, RingArray]
     ) -> dict[str, npt.NDArray[Any]]:
@@ -154,7 +167,7 @@ class Unmasking:
         layout = VectorLayout.of_arrays(model)
         weight = self.total_weight(summed[WEIGHT_TENSOR], layout.weight)
         return {
-            name: self.updated(model[name], self.unmask(summed[name], start), weight)
+            name: self.next_tensor(model[name], summed[name], start, weight)
             for name, (start, _stop) in layout.slices.items()
         }
 

@@ -18,8 +18,10 @@ import pytest
 
 from foedus.aggregator.checks import PLAINTEXT_REFUSED
 from foedus.aggregator.federation import Federation
-from foedus.aggregator.records import Array
+from foedus.aggregator.records import Array, RoundCommit, RoundRecord, SecureClose, SecurePost
+from foedus.aggregator.runtime import Runtime
 from foedus.aggregator.state import DurableState
+from foedus.aggregator.storage import OutputFolder
 from foedus.aggregator.store import FederationStore, MemoryStore
 from foedus.pki.layout import CertsLayout
 from foedus.plans.schema import AGGREGATED_MODEL_VALIDATION, StragglerPolicy, StragglerSettings
@@ -31,6 +33,7 @@ from clocks import Clock
 from federations import COLLABORATORS, UUID, federation, model, open_state, result, store
 from old_states import before_secure, schema_of
 from secure_sites import SETTINGS, Sites, certificate_der, masked_result, post, relay
+from servers import make_plan
 
 __all__ = ["store"]  # the fixture, used by name
 
@@ -144,6 +147,40 @@ def test_the_round_closes_without_a_site_that_left(
     assert_model(fed, uploaders)
 
 
+def test_the_state_never_holds_a_sites_update(tmp_path: Path, certs: CertsLayout) -> None:
+    """Recognisable updates (one value repeated): no file of the state holds one site's values,
+    as floats or encoded in the ring, while its masked upload waits nor after the round."""
+    state = open_state(tmp_path)
+    try:
+        fed = secure_federation(state)
+        sites = through_upload(fed, certs, COLLABORATORS)
+        fed.close_round_if_due()
+        sites.confirm(COLLABORATORS)
+        while_unmasking = _state_bytes(tmp_path)
+        sites.reveal(COLLABORATORS)
+        assert fed.close_round_if_due() is not None
+        after = _state_bytes(tmp_path)
+    finally:
+        state.close()
+    # The scan sees tensors: the new global model, the sum the round may learn, is there.
+    mean = np.float32(expected(COLLABORATORS))
+    assert np.full(4, mean, np.float32).tobytes() in after
+    fixed = sites.rounds["alice"].context.fixed_point
+    for name, (value, weight) in DELTAS.items():
+        patterns = [
+            np.full(4, value, np.float32).tobytes(),
+            np.full(4, value, np.float64).tobytes(),
+            np.tile(fixed.encode(np.array([value]), weight), 4).tobytes(),
+        ]
+        for pattern in patterns:
+            assert pattern not in while_unmasking and pattern not in after, name
+
+
+def _state_bytes(folder: Path) -> bytes:
+    """Every file under the state folder (the database and its log too), end to end."""
+    return b"".join(p.read_bytes() for p in sorted((folder / "state").rglob("*")) if p.is_file())
+
+
 # -- the closing rule --------------------------------------------------------------------------
 
 
@@ -184,11 +221,35 @@ def test_a_stage_closes_without_a_silent_site_by_the_straggler_policy(
         post(fed, "carol", late)
 
 
+def test_a_site_left_out_of_a_stage_is_not_awaited_by_the_round(certs: CertsLayout) -> None:
+    """carol, silent, is left out of KEYS; back online she cannot report, so the round closes
+    with alice and bob instead of waiting for her."""
+    clock = Clock()
+    fed = secure_federation(clock=clock, straggler=StragglerSettings(offline_after_seconds=30))
+    sites = Sites.of(fed, certs, COLLABORATORS, uuid=UUID)
+    sites.keys(["alice", "bob"])
+    clock.now += 31
+    for name in ("alice", "bob"):
+        fed.liveness.seen(name)
+    fed.close_round_if_due()
+    sites.shares(["alice", "bob"])
+    fed.liveness.seen("carol")  # back, and online from now on
+    for name in ("alice", "bob"):
+        sites.upload(name, delta_of(name), DELTAS[name][1])
+    assert fed.close_round_if_due() is None  # decided without carol: the survivors confirm
+    assert relay(fed, "carol", 0, Stage.SURVIVORS).excluded
+    sites.confirm(("alice", "bob"))
+    sites.reveal(("alice", "bob"))
+    summary = fed.close_round_if_due()
+    assert summary is not None and summary.reporters == ("alice", "bob") and summary.trained
+    assert_model(fed, ("alice", "bob"))
+
+
 def test_a_stage_below_the_threshold_fails_the_round_untrained(
-    store: FederationStore, certs: CertsLayout, caplog: pytest.LogCaptureFixture
+    store: FederationStore, certs: CertsLayout, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     """Everyone but alice left before posting keys: KEYS closes with one site, the round closes
-    untrained with one line saying why, and posts to it are refused."""
+    untrained with one line saying why (and its console line says so)."""
     fed = secure_federation(store)
     sites = Sites.of(fed, certs, COLLABORATORS, uuid=UUID)
     sites.keys(["alice"])
@@ -205,6 +266,9 @@ def test_a_stage_below_the_threshold_fails_the_round_untrained(
     assert fed.round_number == 1
     for key, array in fed.model().items():
         np.testing.assert_array_equal(array, model()[key])
+    plan = dataclasses.replace(make_plan(None), secure_aggregation=SETTINGS)
+    line = Runtime(plan, fed, OutputFolder(tmp_path)).round_line(summary)
+    assert "reported nobody (missing alice,bob,carol)  untrained: secure aggregation failed" in line
 
 
 def test_fewer_survivors_than_the_threshold_close_the_round_untrained(
@@ -219,6 +283,34 @@ def test_fewer_survivors_than_the_threshold_close_the_round_untrained(
     summary = fed.close_round_if_due()
     assert summary is not None and not summary.trained and summary.reporters == ("alice",)
     assert fed.round_number == 1 and secure_rows(store) == 0
+
+
+def test_a_secret_that_cannot_be_rebuilt_closes_the_round_untrained(
+    store: FederationStore, certs: CertsLayout, caplog: pytest.LogCaptureFixture
+) -> None:
+    """carol dropped; alice reveals a forged share of carol's mask key: with t = 2 of the two
+    survivors no subset rebuilds it, so the round closes untrained, saying whose secret."""
+    fed = secure_federation(store)
+    sites = through_upload(fed, certs, ("alice", "bob"))
+    fed.leave("carol", "gone")
+    fed.close_round_if_due()
+    sites.confirm(("alice", "bob"))
+    confirmations = relay(fed, "alice", 0, Stage.UNMASK).confirmations
+    shares = sites.rounds["alice"].revealed_shares(("alice", "bob"), confirmations)
+    forged = tuple(
+        dataclasses.replace(share, share=bytes(66)) if share.owner == "carol" else share
+        for share in shares
+    )
+    assert post(fed, "alice", Post(0, Stage.UNMASK, revealed=forged))
+    sites.reveal(("bob",))
+    with caplog.at_level(logging.WARNING, logger="foedus.aggregator.secure_stages"):
+        summary = fed.close_round_if_due()
+    assert summary is not None and not summary.trained
+    assert summary.reporters == ("alice", "bob")
+    assert "round 0 closes untrained: round 0's masks cannot be removed" in caplog.text
+    assert "'carol'" in caplog.text
+    for key, array in fed.model().items():
+        np.testing.assert_array_equal(array, model()[key])
 
 
 # -- resends and refusals -----------------------------------------------------------------------
@@ -253,12 +345,22 @@ def _keys(sites: Sites, name: str, **changes: Any) -> Post:
         ({"collaborator": "bob"}, "the keys are advertised as 'bob''s; alice advertises its own"),
         ({"mask_key": b"k" * 31}, "mask_key is 31 bytes long, not 32"),
         ({"seed_commitment": b""}, "seed_commitment is 0 bytes long, not 32"),
+        ({"mask_key": bytes(32)}, "mask_key is a low-order point: it agrees no secret"),
         ({"certificate": b"not a certificate"}, "the certificate is not DER X.509"),
         ({"certificate": "bob"}, "the certificate is issued to bob, not to alice"),
         ({"signature": b""}, "the keys' signature is 0 bytes long"),
         ({"encryption_key": b"e" * 32}, "the keys' signature is not its certificate's"),
     ],
-    ids=["name", "key-length", "commitment", "not-der", "bobs-certificate", "unsigned", "swapped"],
+    ids=[
+        "name",
+        "key-length",
+        "commitment",
+        "low-order",
+        "not-der",
+        "bobs-certificate",
+        "unsigned",
+        "swapped",
+    ],
 )
 def test_keys_that_cannot_be_the_callers_are_refused(
     certs: CertsLayout, change: dict[str, Any], message: str
@@ -474,6 +576,40 @@ def _repost(sites: Sites, fed: Federation) -> Post:
 
 def _bytes(arrays: Mapping[str, Array]) -> dict[str, bytes]:
     return {name: np.asarray(array).tobytes() for name, array in arrays.items()}
+
+
+def test_posts_and_closes_are_read_back_until_their_round_commits(tmp_path: Path) -> None:
+    """The durable store gives back the round's posts (bytes as kept) and closes when opened
+    again, and none once the round is committed."""
+    posts = (
+        SecurePost(0, int(Stage.KEYS), "bob", b"\x08\x01"),
+        SecurePost(0, int(Stage.KEYS), "alice", b"\x00\xff"),
+        SecurePost(0, int(Stage.SHARES), "alice", b"shares"),
+    )
+    closes = (SecureClose(0, int(Stage.KEYS), ("alice", "bob")),)
+    state = open_state(tmp_path)
+    for item in posts:
+        state.record_secure_post(item)
+    state.record_secure_close(closes[0])
+    state.close()
+    state = open_state(tmp_path)
+    try:
+        progress = state.recovered.progress
+        assert progress.secure_posts == (posts[1], posts[0], posts[2])  # by stage, then name
+        assert progress.secure_closes == closes
+        state.commit_round(RoundCommit(_record(0), None, None, False))
+    finally:
+        state.close()
+    state = open_state(tmp_path)
+    try:
+        progress = state.recovered.progress
+        assert (progress.round_number, progress.secure_posts, progress.secure_closes) == (1, (), ())
+    finally:
+        state.close()
+
+
+def _record(round_number: int) -> RoundRecord:
+    return RoundRecord(round_number, False, (), COLLABORATORS, {}, 0.0, trained=False)
 
 
 def test_a_state_before_secure_aggregation_is_migrated(tmp_path: Path) -> None:
