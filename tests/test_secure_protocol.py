@@ -53,7 +53,8 @@ def cas(certs: CertsLayout) -> list[x509.Certificate]:
 
 
 def bound(round_context: RoundContext, survivors: int, total_weight: int) -> float:
-    """The quantization bound of the unmasked mean: half a unit per survivor, over the weight."""
+    """The quantization bound of the unmasked mean: half a unit per survivor (the deltas stay
+    inside the clip), over the weight; and float64's own rounding."""
     return survivors * 0.5 / (round_context.fixed_point.scale * total_weight) + 1e-12
 
 
