@@ -44,6 +44,7 @@ from foedus.plans.schema import (
     StragglerSettings,
     TLSSettings,
 )
+from foedus.secure.ring import ring_problem
 
 T = TypeVar("T")
 
@@ -421,7 +422,7 @@ def _secure_aggregation(section: Section, collaborators: int) -> SecureAggregati
     if (
         enabled and collaborators and len(section.problems) == problems
     ):  # else: defaults, misleading
-        problem = _ring_problem(settings, collaborators)
+        problem = ring_problem(settings, collaborators)  # the fixed point's own rule
         if problem is not None:
             section.problems.append(f"{section.key('bits')}: {problem}")
     return settings
@@ -461,37 +462,6 @@ def _majority(collaborators: int, neighbours: int | None) -> int:
     """The default threshold: a majority of those who hold a site's shares (it and its peers)."""
     holders = collaborators if neighbours is None else neighbours + 1
     return holders // 2 + 1
-
-
-# Until `foedus.secure.ring.ring_problem` lands, the ring's rule is written here (the design's
-# formula); the lead makes the loader call that one so the rule is said once.
-MIN_VALUE_BITS = 8  # bits of precision each value keeps in the worst case
-
-
-def _ring_problem(settings: SecureAggregationSettings, collaborators: int) -> str | None:
-    """Why the ring cannot hold the sum of every site's weighted values, or None.
-
-    The fixed point's scale is `(2^(bits-1) - 1) / (sites * max_weight * clip)`: each value keeps
-    fewer than 8 bits when `2^(bits-1) - 1 < 256 * sites * max_weight` (clip cancels out).
-    """
-
-    per_site = (1 << MIN_VALUE_BITS) * collaborators
-
-    def fits(bits: int, max_weight: int) -> bool:
-        return (1 << (bits - 1)) - 1 >= per_site * max_weight
-
-    if fits(settings.bits, settings.max_weight):
-        return None
-    fixes = [f"bits: {bits}" for bits in RING_BITS if fits(bits, settings.max_weight)][:1]
-    largest = ((1 << (settings.bits - 1)) - 1) // per_site
-    if largest >= 1:
-        fixes.append(f"max_weight: {largest} or less")
-    fix = f"; use {' or '.join(fixes)}" if fixes else "; no ring is large enough"
-    return (
-        f"a {settings.bits}-bit ring leaves fewer than {MIN_VALUE_BITS} bits per value for "
-        f"{collaborators} collaborators weighted up to {settings.max_weight} samples each "
-        f"(secure_aggregation.max_weight){fix}"
-    )
 
 
 def _ring_bits(value: object) -> int | None:
