@@ -5,6 +5,11 @@ the round just closed, which the federation answers OK and counts once (its firs
 have been lost while the round closed: `RoundState.is_resend`). The messages name the value
 refused and the plan's setting that refused it, for the person who reads them on the
 collaborator's side.
+
+In a secure round (`foedus.aggregator.secure_stages`) a `train` result is masked: the model's
+tensors in the ring's unsigned dtype and the model's shapes, plus the masked weight
+(`foedus.secure.WEIGHT_TENSOR`), with a wire `data_size` of 1 (the weight travels masked); a
+plaintext update is refused, with a message that says so (OpenFL collaborators cannot take part).
 """
 
 from __future__ import annotations
@@ -25,6 +30,12 @@ from foedus.aggregator.schedule import RoundState, Schedule
 from foedus.plans.schema import TRAIN, Limits
 from foedus.protos.dtypes import is_float, wire_dtype
 from foedus.refusals.errors import InvalidRequestError, PreconditionError
+from foedus.secure import WEIGHT_TENSOR
+
+PLAINTEXT_REFUSED = (
+    "this federation aggregates securely: a plaintext update is refused; OpenFL collaborators "
+    "cannot take part (README: Secure aggregation)"
+)
 
 
 class ResultChecks:
@@ -70,9 +81,24 @@ class ResultChecks:
                 f"(the final validation round runs {', '.join(round_tasks)} only)"
             )
 
-    def result(self, result: TaskResult, model: Mapping[str, Array]) -> None:
-        """Every check of a result that does not depend on the round's progress."""
+    def result(
+        self,
+        result: TaskResult,
+        model: Mapping[str, Array],
+        *,
+        ring: np.dtype[np.generic] | None = None,
+    ) -> None:
+        """Every check of a result that does not depend on the round's progress; `ring`: the
+        round aggregates securely, its masked values of that dtype."""
         self.task(result.round_number, result.task_name)
+        if ring is not None and result.task_name == TRAIN:
+            self._masked(result.tensors, model, ring)  # the plaintext refusal before all else
+            if result.data_size != 1:
+                raise InvalidRequestError(
+                    f"data_size of a masked train result is 1 (its weight travels masked in "
+                    f"{WEIGHT_TENSOR!r}), got {result.data_size}"
+                )
+            return  # ring values are integers: nothing is NaN
         if not 0 < result.data_size <= MAX_DATA_SIZE:
             raise InvalidRequestError(
                 f"data_size must be a positive number of samples, got {result.data_size}"
@@ -141,4 +167,58 @@ class ResultChecks:
             raise InvalidRequestError(
                 f"{task} results hold no metric: a validation reports at least one "
                 "(a tensor tagged 'metric', such as accuracy)"
+            )
+
+    def _masked(
+        self,
+        tensors: Sequence[ResultTensor],
+        model: Mapping[str, Array],
+        ring: np.dtype[np.generic],
+    ) -> None:
+        """A masked update: every model tensor in `ring`'s dtype and the model's shape, the
+        masked weight, numeric scalar metrics; nothing else."""
+        names = [tensor.name for tensor in tensors]
+        if len(set(names)) != len(names):
+            raise InvalidRequestError("results name the same tensor more than once")
+        seen: set[str] = set()
+        for tensor in tensors:
+            array = tensor.array
+            if METRIC_TAG in tensor.tags:
+                if array.size != 1 or wire_dtype(array.dtype) is None:
+                    raise InvalidRequestError(
+                        f"metric {tensor.name!r} must be a numeric scalar, got "
+                        f"{array.dtype}{list(array.shape)}"
+                    )
+                continue
+            plain: np.dtype[np.generic] | None = None  # the dtype a plaintext update sends
+            if tensor.name == WEIGHT_TENSOR:
+                shape: tuple[int, ...] = (1,)
+            else:
+                reference = model.get(tensor.name)
+                if reference is None:
+                    raise InvalidRequestError(
+                        f"tensor {tensor.name!r} is neither a metric, nor in the global model, "
+                        f"nor the masked weight {WEIGHT_TENSOR!r}"
+                    )
+                shape, plain = reference.shape, reference.dtype
+            if array.dtype != ring:
+                if array.dtype.kind != "u" or array.dtype == plain:
+                    raise InvalidRequestError(
+                        f"tensor {tensor.name!r} is {array.dtype}: {PLAINTEXT_REFUSED}"
+                    )
+                raise InvalidRequestError(
+                    f"tensor {tensor.name!r} is {array.dtype}; this federation's masked values "
+                    f"are {ring} (secure_aggregation.bits)"
+                )
+            if array.shape != shape:
+                raise InvalidRequestError(
+                    f"masked tensor {tensor.name!r} has shape {list(array.shape)}, not "
+                    f"{list(shape)}"
+                )
+            seen.add(tensor.name)
+        missing = sorted({*model, WEIGHT_TENSOR} - seen)
+        if missing:
+            shown = ", ".join(map(repr, missing[:5])) + (" ..." if len(missing) > 5 else "")
+            raise InvalidRequestError(
+                f"a masked train result lacks {len(missing)} tensor(s): {shown}"
             )

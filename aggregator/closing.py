@@ -12,6 +12,12 @@ best score. The new model is handed to it still to be averaged (`AveragedModel`)
 averages it a slice at a time into wherever it keeps it and hands it back as kept
 (`DurableState`: its file, mapped), so no copy of the model is made in memory. Aggregation runs
 outside the federation's lock, while the closing round refuses results.
+
+A secure round (`foedus.aggregator.secure_stages`) closes in the same two steps, with its
+unmasking between them: `decide_close` fixes the reporters (the survivors among them), then the
+round waits, refusing results, for its SURVIVORS and UNMASK stages; once they have closed, the
+new model is the survivors' unmasked sum (`SecureModel`) instead of an average. A round whose
+secure stages failed closes at once, untrained.
 """
 
 from __future__ import annotations
@@ -33,11 +39,13 @@ from foedus.aggregator.records import (
     Array,
     AveragedModel,
     Best,
+    NextModel,
     RoundCommit,
     RoundSummary,
     SiteMetrics,
 )
 from foedus.aggregator.schedule import RoundState, Schedule
+from foedus.aggregator.secure_stages import SecureStages
 from foedus.aggregator.store import FederationStore
 from foedus.plans.schema import AGGREGATED_MODEL_VALIDATION, TRAIN, BestModelSettings
 
@@ -46,7 +54,7 @@ class RoundCloser:
     """Closes a federation's rounds when its schedule says so, under the federation's lock.
 
     `round_changed` is the condition over that lock: the waiters on it are woken once the next
-    round is in `state`.
+    round is in `state`. With `secure`, training rounds close by its stages as well.
     """
 
     def __init__(
@@ -55,11 +63,14 @@ class RoundCloser:
         store: FederationStore,
         clock: Callable[[], float],
         round_changed: threading.Condition,
+        *,
+        secure: SecureStages | None = None,
     ) -> None:
         self.schedule = schedule
         self.store = store
         self._clock = clock
         self._round_changed = round_changed
+        self.secure = secure
 
     def close_if_due(
         self,
@@ -82,25 +93,25 @@ class RoundCloser:
                 return None
             round_number = state.number
             round_tasks = schedule.tasks_of_round(round_number)
+            secure = self.secure if self.secure is not None and self.secure.active else None
             decided = state.decided
-            if decided is None:
-                reporters = schedule.reporters(state)
-                if not schedule.due(state, reporters, liveness):
-                    return None
-            else:
-                reporters = decided
+            reporters = self._reporters(state, liveness, secure)
+            if reporters is None:
+                return None
             state.closing = True  # results for this round are refused from now on
             counted = [state.results[key] for key in sorted(state.results) if key[0] in reporters]
             round_model = state.model
             started = state.opened_at if state.started_at is None else state.started_at
         try:
-            if decided is None:
-                self.store.decide_close(round_number, reporters)
-                with self._round_changed:
-                    state.decided = reporters
+            if decided is None and not self._decide(state, reporters, secure):
+                return None
             if on_close is not None:
                 on_close()
-            with self._averaging(counted, round_model, round_tasks) as (averaged, metrics, sites):
+            with self._averaging(counted, round_model, round_tasks, secure) as (
+                averaged,
+                metrics,
+                sites,
+            ):
                 best, best_is_round_model = improved_best(
                     best_model, state.best, round_number, metrics, rounds=schedule.rounds
                 )
@@ -147,15 +158,59 @@ class RoundCloser:
             state.opened_at = now
             state.started_at = None
             state.closing = False
+            if self.secure is not None:
+                self.secure.open_round(state.number, finished=schedule.finished(state))
             self._round_changed.notify_all()
         return summary
 
+    def _reporters(
+        self, state: RoundState, liveness: Liveness, secure: SecureStages | None
+    ) -> tuple[str, ...] | None:
+        """Who counts in the round's close if it is due now (None: not due); under the lock.
+
+        Decided before (or before a restart): the same reporters, once a secure round's
+        survivors have confirmed and revealed their shares. A secure round whose stages failed
+        is due at once.
+        """
+        decided = state.decided
+        if decided is not None:
+            if secure is not None and not secure.done():
+                return None  # its survivors are confirming, or revealing shares
+            return decided
+        reporters = self.schedule.reporters(state)
+        if secure is None:
+            return reporters if self.schedule.due(state, reporters, liveness) else None
+        if secure.failure() is not None:
+            return reporters
+        excluded = secure.excluded()  # they can no longer report: not awaited
+        due = self.schedule.due(state, reporters, liveness, excluded=excluded)
+        return reporters if due else None
+
+    def _decide(
+        self, state: RoundState, reporters: tuple[str, ...], secure: SecureStages | None
+    ) -> bool:
+        """Fix the reporters for good; False when a secure round waits for its unmasking now."""
+        self.store.decide_close(state.number, reporters)
+        with self._round_changed:
+            state.decided = reporters
+            if secure is not None:
+                secure.decide(reporters)  # SURVIVORS opens: the round waits for it
+                if not secure.done():
+                    state.closing = False
+                    return False
+        return True
+
     @contextmanager
     def _averaging(
-        self, counted: Sequence[Accepted], model: Mapping[str, Array], tasks: Sequence[str]
-    ) -> Iterator[tuple[AveragedModel | None, dict[str, dict[str, float]], SiteMetrics]]:
+        self,
+        counted: Sequence[Accepted],
+        model: Mapping[str, Array],
+        tasks: Sequence[str],
+        secure: SecureStages | None = None,
+    ) -> Iterator[tuple[NextModel | None, dict[str, dict[str, float]], SiteMetrics]]:
         """The next global model, still to be averaged (None: no `train` result), the metrics'
         means and each site's own metrics; the results' files stay open until the block ends.
+        With `secure`, the round's: the survivors' masked uploads unmasked (None: untrained).
 
         The `train` results are averaged a slice at a time from where the store keeps them
         (their files read in collaborator order) into where the store keeps the new model, so
@@ -193,7 +248,12 @@ class RoundCloser:
                 for collaborator, (_, values) in sorted(reported[task].items()):
                     if values:
                         sites.setdefault(collaborator, {})[task] = dict(sorted(values.items()))
-            new_model = AveragedModel(model, contributions) if contributions else None
+            new_model: NextModel | None = None
+            if secure is not None:  # also without uploads: it says why the round is untrained
+                uploads = {name: source for name, (_, source) in contributions.items()}
+                new_model = secure.next_model(model, uploads)
+            elif contributions:
+                new_model = AveragedModel(model, contributions)
             yield new_model, averaged, dict(sorted(sites.items()))
         finally:
             for source in sources:

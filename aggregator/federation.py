@@ -6,7 +6,9 @@ lock and the records of the round in progress (`foedus.aggregator.schedule.Round
 the parts that each do one job: `foedus.aggregator.checks` refuses what arrives,
 `foedus.aggregator.schedule` hands out tasks and says when a round closes (the straggler policy,
 leaving, the final validation round), `foedus.aggregator.closing` closes it (averaging, the best
-model).
+model). With the plan's `secure_aggregation` on, `foedus.aggregator.secure_stages` runs each
+training round's secure stages (`post_secure`, `secure_relay`), the masked uploads are checked
+for it, and the round's close waits for its unmasking.
 
 Every check runs before anything is stored, and a resend of an accepted result is recognised and
 counted once (`foedus.aggregator.checks` says which results are refused). A collaborator's departure
@@ -47,9 +49,18 @@ from foedus.aggregator.records import (
     TaskResult,
 )
 from foedus.aggregator.schedule import RoundState, Schedule
+from foedus.aggregator.secure_stages import SecureStages
 from foedus.aggregator.store import FederationStore, MemoryStore
-from foedus.plans.schema import BestModelSettings, Limits, Plan, StragglerSettings
-from foedus.refusals.errors import InvalidRequestError, StorageError
+from foedus.plans.schema import (
+    TRAIN,
+    BestModelSettings,
+    Limits,
+    Plan,
+    SecureAggregationSettings,
+    StragglerSettings,
+)
+from foedus.refusals.errors import InvalidRequestError, PreconditionError, StorageError
+from foedus.secure.wire import Post, Relay, Stage
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +71,8 @@ class Federation:
     `clock` times the straggler cut-off and the collaborators' silences (tests inject one that
     moves when told); long polls wait in real time. With `progress`, the federation resumes from
     there instead of round 0 of `model`. `liveness` judges who is online (by default from `straggler`, or from
-    a silence of `reporting_threshold` when the plan sets no `offline_after_seconds`).
+    a silence of `reporting_threshold` when the plan sets no `offline_after_seconds`). With
+    `secure` enabled, its training rounds aggregate securely (`federation_uuid` binds them).
     """
 
     def __init__(
@@ -80,6 +92,8 @@ class Federation:
         liveness: Liveness | None = None,
         heartbeat_seconds: float = 10.0,
         wall: Callable[[], float] = time.time,
+        secure: SecureAggregationSettings | None = None,
+        federation_uuid: str = "",
     ) -> None:
         straggler = straggler or StragglerSettings()
         self.schedule = Schedule(
@@ -118,9 +132,30 @@ class Federation:
             opened_at=clock(),
         )
         self._pending: dict[Key, threading.Event] = {}  # results being staged right now
+        self.secure: SecureStages | None = None
+        if secure is not None and secure.enabled:
+            self.secure = SecureStages(
+                federation_uuid=federation_uuid,
+                collaborators=self.collaborators,
+                settings=secure,
+                rounds=rounds,
+                store=self.store,
+                liveness=self.liveness,
+                straggler=straggler,
+                clock=clock,
+            )
+            self.secure.open_round(
+                start.round_number,
+                finished=self.schedule.finished(self._state),
+                posts=start.secure_posts,
+                closes=start.secure_closes,
+                survivors=start.closing,
+            )
         self._lock = threading.Lock()
         self._round_changed = threading.Condition(self._lock)
-        self._closer = RoundCloser(self.schedule, self.store, clock, self._round_changed)
+        self._closer = RoundCloser(
+            self.schedule, self.store, clock, self._round_changed, secure=self.secure
+        )
         self._submitted = threading.Event()
         # Leaving and rejoining, one at a time: the store and `liveness` change in the same order.
         self._departures_lock = threading.Lock()
@@ -148,6 +183,8 @@ class Federation:
             store=store,
             progress=progress,
             heartbeat_seconds=plan.connection.heartbeat_seconds,
+            secure=plan.secure_aggregation,
+            federation_uuid=plan.federation.uuid,
         )
 
     @property
@@ -194,9 +231,12 @@ class Federation:
                 self._round_changed.wait(remaining)
 
     def wake_waiters(self) -> None:
-        """Make every `wait_for_assignment` look again now (to see that it was cancelled)."""
+        """Make every `wait_for_assignment` and `secure_relay` look again now (to see that it
+        was cancelled)."""
         with self._round_changed:
             self._round_changed.notify_all()
+        if self.secure is not None:
+            self.secure.wake()
 
     def told_to_quit(self) -> tuple[str, ...]:
         """The collaborators that have been told to quit, sorted."""
@@ -321,7 +361,11 @@ class Federation:
             if self._state.is_resend(result.collaborator, result.round_number, result.task_name):
                 return False
             self._checks.round(self._state, result.round_number)
-        self._checks.result(result, self._state.model)
+        ring = self._ring(result.round_number, result.task_name)
+        self._checks.result(result, self._state.model, ring=ring)
+        if ring is not None and self.secure is not None:  # after the tensors: a plaintext
+            # update from a site outside U2 (an OpenFL collaborator) is told it is plaintext
+            self.secure.check_member(result.collaborator, result.round_number)
         key = (result.collaborator, result.task_name)
         if not self._reserve(result):
             return False
@@ -346,6 +390,43 @@ class Federation:
                 self._pending.pop(key).set()
         self._submitted.set()
         return True
+
+    def _ring(self, round_number: int, task_name: str) -> np.dtype[np.generic] | None:
+        """The dtype of a masked update, when this result is one (a secure round's `train`)."""
+        if self.secure is None or task_name != TRAIN or round_number >= self.rounds:
+            return None
+        return self.secure.fixed_point.dtype
+
+    # -- secure aggregation -----------------------------------------------------------------------
+
+    def post_secure(self, caller: str, post: Post, data: bytes) -> bool:
+        """Accept `caller`'s post to a secure stage (`SecureStages.post`); False for a resend."""
+        accepted = self._secure_stages().post(caller, post, data)
+        if accepted:
+            self._submitted.set()  # the runtime looks at once whether the round can close now
+        return accepted
+
+    def secure_relay(
+        self,
+        caller: str,
+        round_number: int,
+        stage: Stage,
+        timeout: float,
+        *,
+        cancel: threading.Event | None = None,
+    ) -> Relay:
+        """What a closed secure stage relays to `caller`, waiting up to `timeout` s for it."""
+        return self._secure_stages().wait_for_relay(
+            caller, round_number, stage, timeout, cancel=cancel
+        )
+
+    def _secure_stages(self) -> SecureStages:
+        if self.secure is None:
+            raise PreconditionError(
+                "this federation does not aggregate securely (its plan's "
+                "secure_aggregation.enabled is false): there are no secure stages"
+            )
+        return self.secure
 
     def results(self) -> tuple[TaskResult, ...]:
         """The results accepted this round, in a fixed order (collaborator, then task)."""
@@ -388,7 +469,10 @@ class Federation:
     def close_round_if_due(
         self, *, on_close: Callable[[], object] | None = None
     ) -> RoundSummary | None:
-        """Close the round if the straggler policy says so (`RoundCloser.close_if_due`)."""
+        """Close the round if the straggler policy says so (`RoundCloser.close_if_due`), and
+        first the secure stages that are due."""
+        if self.secure is not None:
+            self.secure.advance()
         return self._closer.close_if_due(
             self._state, liveness=self.liveness, best_model=self.best_model, on_close=on_close
         )

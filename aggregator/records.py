@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -135,6 +136,25 @@ class RoundSummary(RoundRecord):
         return RoundRecord(**{kept.name: getattr(self, kept.name) for kept in fields(RoundRecord)})
 
 
+class NextModel(Protocol):
+    """A round's next global model before it is computed: `AveragedModel` (FedAvg of the sites'
+    models), or `foedus.aggregator.secure_stages.SecureModel` (the unmasked sum of a secure
+    round); the store has it computed a slice at a time into wherever it keeps the model."""
+
+    @property
+    def reference(self) -> Mapping[str, Array]:
+        """The round's model: the names, shapes and dtypes of the next one."""
+        ...
+
+    def into(self, sink: SliceSink) -> None:
+        """Compute the model, handing each slice to `sink`."""
+        ...
+
+    def arrays(self) -> dict[str, Array]:
+        """Compute the model into arrays in memory."""
+        ...
+
+
 @dataclass(frozen=True)
 class AveragedModel:
     """The next global model before it is computed: the counted `train` results, averaged a
@@ -158,9 +178,29 @@ class RoundCommit:
     """What closing a round changes, for the store to make durable in one step."""
 
     record: RoundRecord
-    model: AveragedModel | None  # the next round's global model; None: unchanged
+    model: NextModel | None  # the next round's global model; None: unchanged
     best: Best | None  # the new best, when this round improved it
     best_is_round_model: bool  # the new best model is the round's (validated) model, not `model`
+
+
+@dataclass(frozen=True)
+class SecurePost:
+    """A site's accepted post to one stage of a round's secure aggregation, as it arrived
+    (`foedus.secure.wire.post_bytes`); `stage` is a `foedus.secure.wire.Stage` value."""
+
+    round_number: int
+    stage: int
+    collaborator: str
+    message: bytes
+
+
+@dataclass(frozen=True)
+class SecureClose:
+    """A stage of a round's secure aggregation closed, with the sites it closed with (sorted)."""
+
+    round_number: int
+    stage: int
+    members: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -174,6 +214,9 @@ class Progress:
     closing: tuple[str, ...] | None = None  # reporters of a close decided, not yet committed
     best: Best | None = None
     departures: tuple[Departure, ...] = ()  # collaborators that have left (and not rejoined)
+    # `round_number`'s secure aggregation so far: posts accepted, stages closed (in order)
+    secure_posts: tuple[SecurePost, ...] = ()
+    secure_closes: tuple[SecureClose, ...] = ()
 
 
 @dataclass(frozen=True)

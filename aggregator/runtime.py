@@ -307,6 +307,9 @@ class Runtime:
         accuracy = _accuracy(summary.metrics.get(AGGREGATED_MODEL_VALIDATION, {}))
         if accuracy is not None:
             parts.append(f"accuracy {accuracy:.4f}")
+        secure = self.plan.secure_aggregation.enabled and not summary.final_validation
+        if secure and not summary.trained:  # the log has the line that says why
+            parts.append("untrained: secure aggregation failed, the model stays")
         parts.append(f"{summary.seconds:.2f} s")
         return "  ".join(parts)
 
@@ -382,11 +385,17 @@ def serve(
     port = server.start()  # ServerError, PkiError: nothing was served
     try:
         final = " + final validation" if federation.final_validation else ""
+        secure = plan.secure_aggregation
+        masked = (
+            f", aggregated securely (threshold {secure.threshold}, {secure.bits}-bit ring)"
+            if secure.enabled
+            else ""
+        )
         address = host_port(plan.aggregator.listen_address, port)
         runtime.say(
             f"serving federation {plan.federation.name} on {address}: "
-            f"{len(plan.collaborators)} collaborators, {plan.federation.rounds} rounds{final}; "
-            f"output in {output.root}"
+            f"{len(plan.collaborators)} collaborators, {plan.federation.rounds} rounds{final}"
+            f"{masked}; output in {output.root}"
         )
         if server.metrics_server is not None:
             address = server.metrics_server.address.with_port(server.metrics_server.port)

@@ -140,17 +140,25 @@ class Schedule:
             if all((name, task) in state.results for task in round_tasks)
         )
 
-    def due(self, state: RoundState, reporters: Sequence[str], liveness: Liveness) -> bool:
-        """Whether the straggler policy closes the round now that `reporters` have reported."""
+    def due(
+        self,
+        state: RoundState,
+        reporters: Sequence[str],
+        liveness: Liveness,
+        *,
+        excluded: frozenset[str] = frozenset(),
+    ) -> bool:
+        """Whether the straggler policy closes the round now that `reporters` have reported;
+        `excluded` can no longer report (a secure stage closed without them), so is not awaited."""
         reported = len(reporters)
         if reported >= len(self.collaborators):
             return True
         policy = self.straggler
         # Who is still awaited: not left, and (when the plan judges silences) not offline.
         if policy.offline_after_seconds is not None:
-            awaited = liveness.awaited()
+            awaited = liveness.awaited() - excluded
         else:
-            awaited = liveness.staying()
+            awaited = liveness.staying() - excluded
         if reported >= max(1, policy.min_reports) and awaited <= set(reporters):
             return True
         if policy.policy is StragglerPolicy.CUTOFF:

@@ -1,8 +1,9 @@
 """The aggregator state's database: its tables, its versions and their migrations, how it is opened.
 
 The schema has a version (``PRAGMA user_version``): version 1 (before ``presence``) is migrated
-to 2 when opened, version 2 (files named by SHA-256) to 3, and version 3 (before
-``departures``) to 4; a newer version is refused. What each table holds, and in which order
+to 2 when opened, version 2 (files named by SHA-256) to 3, version 3 (before ``departures``)
+to 4, and version 4 (before secure aggregation's ``secure_posts`` and ``secure_closes``) to 5;
+a newer version is refused. What each table holds, and in which order
 it is written, is `foedus.aggregator.state`'s to say; this module only makes and opens the database:
 read-write by the aggregator (`connect`: WAL, every commit synced), read-only by
 ``aggregator status`` (`connect_read_only`, which writes nothing, not even a file).
@@ -25,8 +26,9 @@ from foedus.refusals.errors import StorageError
 
 logger = logging.getLogger(__name__)
 
-# 2 added presence; 3 names files by BLAKE3, not SHA-256 (`_migrate_digests`); 4 added departures
-SCHEMA_VERSION = 4
+# 2 added presence; 3 names files by BLAKE3, not SHA-256 (`_migrate_digests`); 4 added departures;
+# 5 added secure aggregation's stages
+SCHEMA_VERSION = 5
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS federation (
@@ -74,8 +76,25 @@ CREATE TABLE IF NOT EXISTS departures (
     since REAL NOT NULL
 );
 """
+# Version 5: the round in progress's secure aggregation: each site's accepted post to a stage (as
+# it arrived: `foedus.secure.wire.post_bytes`) and each stage's close with its members (JSON).
+_SECURE = """
+CREATE TABLE IF NOT EXISTS secure_posts (
+    round INTEGER NOT NULL,
+    stage INTEGER NOT NULL,
+    collaborator TEXT NOT NULL,
+    message BLOB NOT NULL,
+    PRIMARY KEY (round, stage, collaborator)
+);
+CREATE TABLE IF NOT EXISTS secure_closes (
+    round INTEGER NOT NULL,
+    stage INTEGER NOT NULL,
+    members TEXT NOT NULL,
+    PRIMARY KEY (round, stage)
+);
+"""
 # What each version's state gets to become the next one's; from DIGESTS_FROM, `_migrate_digests`.
-_MIGRATIONS = {1: _PRESENCE, 3: _DEPARTURES}
+_MIGRATIONS = {1: _PRESENCE, 3: _DEPARTURES, 4: _SECURE}
 DIGESTS_FROM = 2
 PRESENCE_FROM = 2  # versions before kept no presence
 DEPARTURES_FROM = 4  # versions before kept no departures
@@ -108,7 +127,7 @@ def connect(database: Path) -> sqlite3.Connection:
             )
         if version == 0:
             connection.executescript(
-                f"BEGIN IMMEDIATE; {_SCHEMA} {_PRESENCE} {_DEPARTURES} "
+                f"BEGIN IMMEDIATE; {_SCHEMA} {_PRESENCE} {_DEPARTURES} {_SECURE} "
                 f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
             )
         while 0 < version < SCHEMA_VERSION:

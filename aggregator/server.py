@@ -98,6 +98,16 @@ def method_handlers(
             request_deserializer=aggregator_pb2.LeaveRequest.FromString,
             response_serializer=aggregator_pb2.LeaveResponse.SerializeToString,
         ),
+        "PostSecureMessage": grpc.unary_unary_rpc_method_handler(
+            servicer.PostSecureMessage,
+            request_deserializer=aggregator_pb2.SecureMessage.FromString,
+            response_serializer=aggregator_pb2.SecureReceipt.SerializeToString,
+        ),
+        "GetSecureRelay": grpc.unary_unary_rpc_method_handler(
+            servicer.GetSecureRelay,
+            request_deserializer=aggregator_pb2.SecureRelayRequest.FromString,
+            response_serializer=aggregator_pb2.SecureRelay.SerializeToString,
+        ),
     }
 
 

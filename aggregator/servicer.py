@@ -13,6 +13,10 @@ Every RPC counts against its caller's `limits.max_calls_per_collaborator`
 end within `limits.upload_seconds`. Nothing of a refused, cut-off or cancelled upload is stored: the
 federation sees a result only once the whole stream has been read and checked.
 
+`PostSecureMessage` and `GetSecureRelay` carry secure aggregation's stages
+(`foedus.aggregator.secure_stages`), converted by `foedus.secure.wire`; a relay is a long poll
+as `GetTasks` is, sharing its slots.
+
 Uploads go to disk as they arrive (`foedus.aggregator.upload`), never whole into memory, so many
 large uploads at once cost memory of the order of their chunks. They have no limit on the number of
 chunks: OpenFL sends 2 MiB chunks, and many tiny ones cost the sender as much as us; their size is
@@ -24,9 +28,10 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, closing, contextmanager, nullcontext
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
@@ -48,6 +53,7 @@ from foedus.protos.stream import (
     declared_upload_bytes,
 )
 from foedus.refusals.errors import InvalidRequestError
+from foedus.secure import wire
 from foedus.serving.identity import peer_of
 
 logger = logging.getLogger(__name__)
@@ -56,6 +62,7 @@ logger = logging.getLogger(__name__)
 CHUNK_FRAMING_BYTES = 64
 # A long poll ends this long before the caller's deadline, so its answer still arrives in time.
 DEADLINE_MARGIN_SECONDS = 0.5
+T = TypeVar("T")
 
 
 class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
@@ -270,6 +277,43 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
             self.metrics.result_accepted()
         return aggregator_pb2.SendLocalTaskResultsResponse(header=self._reply_header(caller))
 
+    @refusals_as_status
+    def PostSecureMessage(  # noqa: N802
+        self, request: aggregator_pb2.SecureMessage, context: grpc.ServicerContext
+    ) -> aggregator_pb2.SecureReceipt:
+        """Take a site's post to a secure stage: answered once it is durable; a resend OK."""
+        with self._authenticated(context, request.header) as caller:
+            try:
+                post = wire.post_from_proto(request)
+            except wire.MalformedMessage as error:
+                raise InvalidRequestError(str(error)) from None
+            if not self.federation.post_secure(caller, post, wire.post_bytes(post)):
+                logger.info(
+                    "%s resent its %s post of round %d; answered OK, nothing changed",
+                    caller,
+                    post.stage.name,
+                    post.round_number,
+                )
+            return aggregator_pb2.SecureReceipt(header=self._reply_header(caller))
+
+    @refusals_as_status
+    def GetSecureRelay(  # noqa: N802
+        self, request: aggregator_pb2.SecureRelayRequest, context: grpc.ServicerContext
+    ) -> aggregator_pb2.SecureRelay:
+        """Relay what a closed secure stage relays to the caller, waiting for it to close."""
+        with self._authenticated(context, request.header) as caller:
+            try:
+                round_number, stage = wire.relay_request_from_proto(request)
+            except wire.MalformedMessage as error:
+                raise InvalidRequestError(str(error)) from None
+            relay = self._waited(
+                context,
+                lambda wait: self.federation.secure_relay(
+                    caller, round_number, stage, wait, cancel=self._stopping
+                ),
+            )
+            return wire.relay_to_proto(relay, self._reply_header(caller))
+
     def InteropRelay(  # noqa: N802
         self, request: aggregator_pb2.InteropMessage, context: grpc.ServicerContext
     ) -> aggregator_pb2.InteropMessage:
@@ -278,6 +322,18 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
 
     def _assignment(self, caller: str, context: grpc.ServicerContext) -> Assignment:
         """Wait for work if allowed (a free long-poll slot, time before the deadline); else answer now."""
+        return self._waited(
+            context,
+            lambda wait: (
+                self.federation.wait_for_assignment(caller, wait, cancel=self._stopping)
+                if wait > 0
+                else self.federation.assignment(caller)
+            ),
+        )
+
+    def _waited(self, context: grpc.ServicerContext, answer: Callable[[float], T]) -> T:
+        """`answer(seconds)` of a long poll: waiting if allowed (a free long-poll slot, time
+        before the deadline), else `answer(0)`, now."""
         wait = self.long_poll_seconds
         remaining = context.time_remaining()
         if remaining is not None:
@@ -288,9 +344,9 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
             or wait <= 0
             or not self._long_polls.acquire(blocking=False)
         ):
-            return self.federation.assignment(caller)
+            return answer(0)
         try:
-            return self.federation.wait_for_assignment(caller, wait, cancel=self._stopping)
+            return answer(wait)
         finally:
             self._long_polls.release()
 

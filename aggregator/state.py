@@ -32,7 +32,12 @@ read back. Because no file changes, the federation holds the global model as its
   (`save_presence`), never per call, and never read back by the aggregator;
 * ``departures``: the collaborators that have left (the foedus ``Leave`` RPC), with their reason
   and when (`foedus.aggregator.liveness`): written before ``Leave`` is answered, removed when the
-  collaborator calls again, and read back at recovery, so a restart still does not wait for them.
+  collaborator calls again, and read back at recovery, so a restart still does not wait for them;
+* ``secure_posts`` and ``secure_closes``: the round in progress's secure aggregation
+  (`foedus.aggregator.secure_stages`): each post a site made to a stage, as it arrived, committed
+  before it is acknowledged, and each stage's close with its members, committed before it is
+  relayed; read back at recovery, so a restarted aggregator relays the very same messages, and
+  deleted in the transaction that commits the round.
 
 The tables, their versions and migrations are `foedus.aggregator.schema`'s; the files' layout, their
 placement and tidying `foedus.aggregator.state_files`'s; the records' JSON
@@ -85,6 +90,8 @@ from foedus.aggregator.records import (
     Progress,
     ResultTensor,
     RoundCommit,
+    SecureClose,
+    SecurePost,
     TaskResult,
 )
 from foedus.aggregator.schema import (
@@ -321,6 +328,8 @@ class DurableState(SqliteStore):
                 (finished_round, record_to_json(record)),
             )
             db.execute("DELETE FROM results WHERE round < ?", (finished_round,))
+            db.execute("DELETE FROM secure_posts WHERE round <= ?", (finished_round,))
+            db.execute("DELETE FROM secure_closes WHERE round <= ?", (finished_round,))
         self._model, self._best_file, self._best = model, best_file, best
         self._last_model_rounds = last_rounds
         self._tidy(finished_round + 1, keep=None)
@@ -338,6 +347,22 @@ class DurableState(SqliteStore):
                     (seen.name, seen.presence.value, seen.since, seen.last_seen, now)
                     for seen in snapshot
                 ],
+            )
+
+    def record_secure_post(self, post: SecurePost) -> None:
+        """Commit a site's post to a secure stage, as it arrived (kept until its round commits)."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO secure_posts (round, stage, collaborator, message) VALUES (?, ?, ?, ?)",
+                (post.round_number, post.stage, post.collaborator, post.message),
+            )
+
+    def record_secure_close(self, close: SecureClose) -> None:
+        """Commit that a secure stage closed, with its members (kept until its round commits)."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO secure_closes (round, stage, members) VALUES (?, ?, ?)",
+                (close.round_number, close.stage, json.dumps(list(close.members))),
             )
 
     def record_leave(self, departure: Departure) -> None:
@@ -448,6 +473,21 @@ class DurableState(SqliteStore):
                 "SELECT collaborator, reason, since FROM departures ORDER BY collaborator"
             )
         )
+        secure_posts = tuple(
+            SecurePost(round_number, int(stage), str(name), bytes(message))
+            for stage, name, message in self._query_all(
+                "SELECT stage, collaborator, message FROM secure_posts WHERE round = ? "
+                "ORDER BY stage, collaborator",
+                (round_number,),
+            )
+        )
+        secure_closes = tuple(
+            SecureClose(round_number, int(stage), tuple(json.loads(members)))
+            for stage, members in self._query_all(
+                "SELECT stage, members FROM secure_closes WHERE round = ? ORDER BY stage",
+                (round_number,),
+            )
+        )
         return Recovered(
             progress=Progress(
                 round_number=round_number,
@@ -457,6 +497,8 @@ class DurableState(SqliteStore):
                 closing=None if closing is None else tuple(json.loads(closing)),
                 best=self._best,
                 departures=departures,
+                secure_posts=secure_posts,
+                secure_closes=secure_closes,
             ),
             fresh=fresh,
             last_model_rounds=last_rounds,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from foedus.aggregator.digest import file_digest
-from foedus.aggregator.records import Array, AveragedModel, ResultTensor, TaskResult
+from foedus.aggregator.records import Array, NextModel, ResultTensor, TaskResult
 from foedus.aggregator.storage import (
     BEST_MODEL,
     LAST_MODEL,
@@ -101,7 +101,7 @@ def write_model_file(root: Path, round_number: int, model: Mapping[str, Array]) 
 
 
 def average_into_file(
-    root: Path, round_number: int, model: AveragedModel
+    root: Path, round_number: int, model: NextModel
 ) -> tuple[StoredFile, dict[str, Array]]:
     """The new model's file, and its tensors mapped from it (not read back: just written)."""
     name = f"{MODELS}/round-{round_number}.pbuf"

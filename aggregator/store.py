@@ -1,7 +1,8 @@
 """Where a federation keeps what it does: the `FederationStore` interface and `MemoryStore`.
 
 One interface under every access to the aggregator's state: the federation's writes (results
-staged and recorded, a round's close decided and committed, departures), what the runtime
+staged and recorded, a round's close decided and committed, departures, the posts and closes of
+a round's secure aggregation stages), what the runtime
 reads back after a restart (`recovered`, `best_model`) and writes for ``aggregator status``
 (`save_presence`), and what status reads (`standing`). Two implementations keep the same
 contract (tests/test_store_contract.py runs it, and the federation's tests, against both):
@@ -27,6 +28,8 @@ from foedus.aggregator.records import (
     Progress,
     RoundCommit,
     RoundRecord,
+    SecureClose,
+    SecurePost,
     TaskResult,
 )
 
@@ -101,6 +104,13 @@ class FederationStore(Protocol):
         federation to hold (None when there is no new model).
         """
 
+    def record_secure_post(self, post: SecurePost) -> None:
+        """Keep a site's post to a secure stage, for good, before it is acknowledged; the
+        round's posts and closes are forgotten when the round is committed."""
+
+    def record_secure_close(self, close: SecureClose) -> None:
+        """Keep that a secure stage closed, and with whom, for good, before it is relayed."""
+
     def record_leave(self, departure: Departure) -> None:
         """Keep that a collaborator has left, for good, before its `Leave` is answered."""
 
@@ -147,6 +157,8 @@ class MemoryStore:
         self._best_model: Mapping[str, Array] | None = None
         self._departures: dict[str, Departure] = {}
         self._presence: tuple[SavedPresence, ...] = ()
+        self.secure_posts: list[SecurePost] = []  # of the round in progress
+        self.secure_closes: list[SecureClose] = []
 
     @property
     def location(self) -> Path | None:
@@ -189,9 +201,21 @@ class MemoryStore:
                 self._best_model = current if commit.best_is_round_model else self._model
             self._round = commit.record.round_number + 1
             self._results = {}
+            self.secure_posts = [p for p in self.secure_posts if p.round_number >= self._round]
+            self.secure_closes = [c for c in self.secure_closes if c.round_number >= self._round]
             self._closing = False
             self.closed.append(commit.record)
         return model
+
+    def record_secure_post(self, post: SecurePost) -> None:
+        """Keep the post until its round is committed."""
+        with self._lock:
+            self.secure_posts.append(post)
+
+    def record_secure_close(self, close: SecureClose) -> None:
+        """Keep the close until its round is committed."""
+        with self._lock:
+            self.secure_closes.append(close)
 
     def record_leave(self, departure: Departure) -> None:
         """Keep the departure."""

@@ -32,6 +32,8 @@ from foedus.collaborator.errors import (
     ResponseValidationError,
 )
 from foedus.collaborator.loop import CollaboratorError, run_collaborator
+from foedus.collaborator.secure import SecureRounds, SiteIdentity
+from foedus.collaborator.secure_state import RoundFiles
 from foedus.command.arguments import add_log_level, command, command_main, program
 from foedus.command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
 from foedus.command.process import stderr_log_handler
@@ -41,6 +43,7 @@ from foedus.pki.tls import tls_files_problem
 from foedus.plans import Plan, PlanError, load_plan
 from foedus.plans.runners import RunnerError, TaskRunner, load_runner
 from foedus.plans.site_settings import SiteSettingsError, plan_with_site_settings
+from foedus.secure import ProtocolViolation
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +53,7 @@ exit status:
   {EXIT_OK}    the aggregator said the federation is finished
   {EXIT_FAILURE}    the aggregator stayed unreachable, refused a request, is not the one the plan
        names (aggregator.common_name, aggregator.fingerprint), sent a value no honest
-       aggregator sends, or the work failed
+       aggregator sends, broke the secure aggregation protocol, or the work failed
   {EXIT_BAD_INPUT}    bad command line, plan, certificates or runner settings (nothing was sent)
   {EXIT_SIGINT}  interrupted (SIGINT, Ctrl-C)
   {EXIT_SIGTERM}  terminated (SIGTERM)
@@ -93,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="this site's own runner settings (YAML mapping: data path, batch size, device, ...), "
         "each replacing the plan's runner.settings key of the same name",
     )
+    start.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="where this site keeps its secrets of each secure aggregation round (plan: "
+        "secure_aggregation.enabled): one file per round, mode 0600, written before anything "
+        "made from them is sent, read again by a restarted collaborator, erased once the round "
+        "is over (default: the plan's folder/collaborator-state/NAME)",
+    )
     add_log_level(start, "what to log (default: info)")
     return parser
 
@@ -103,14 +115,14 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), handlers=[stderr_log_handler()])
     with _sigterm_raises():
         try:
-            return _start(args.name, args.plan, args.site_settings)
+            return _start(args.name, args.plan, args.site_settings, args.state_dir)
         except PlanError as error:
             return fail_each("collaborator", error.problems, EXIT_BAD_INPUT)
         except UsageError as error:
             return _fail(str(error), EXIT_BAD_INPUT)
         except ClientConfigurationError as error:
             return _fail(str(error), EXIT_BAD_INPUT)
-        except (ClientError, RunnerError) as error:
+        except (ClientError, RunnerError, ProtocolViolation) as error:
             # AggregatorUnavailableError among them; RequestRejectedError reads "the aggregator
             # refused RPC with STATUS: details".
             return _failed(error, str(error))
@@ -130,7 +142,7 @@ def main(args: argparse.Namespace) -> int:
             )
 
 
-def _start(name: str, plan_path: Path, site_settings: Path | None) -> int:
+def _start(name: str, plan_path: Path, site_settings: Path | None, state_dir: Path | None) -> int:
     """Every start-up check, then the loop; checks raise `UsageError` with one line."""
     plan = load_plan(plan_path)  # PlanError: main prints one line per problem
     if site_settings is not None:
@@ -144,8 +156,15 @@ def _start(name: str, plan_path: Path, site_settings: Path | None) -> int:
             f"(listed: {', '.join(plan.collaborators)})"
         )
     _check_tls_files(plan, name)
+    identity = _secure_identity(plan, name)
     runner = _make_runner(plan, name)
     with AggregatorGRPCClient.from_plan(plan, name) as client:
+        secure = None
+        if identity is not None:
+            folder = state_dir or plan.path.parent / "collaborator-state" / name
+            files = RoundFiles(folder, plan.federation.uuid, name)
+            secure = SecureRounds(client, plan, name, identity, files)
+            logger.info("secure aggregation: this site's round secrets are kept in %s", folder)
         logger.info(
             "collaborator %s of federation %s: working for the aggregator at %s",
             name,
@@ -161,6 +180,7 @@ def _start(name: str, plan_path: Path, site_settings: Path | None) -> int:
                 plan.runner,
                 planned=planned,
                 heartbeat_seconds=plan.connection.heartbeat_seconds,
+                secure=secure,
             )
         except Exception as error:  # signals are BaseExceptions: no Leave for a stop
             _leave(client, error)
@@ -172,6 +192,8 @@ def leave_reason(error: Exception) -> str:
     """What a collaborator that ends on `error` tells the aggregator: a fixed category and the
     exception's class name, never its message (it may hold the site's data or paths)."""
     kind = type(error).__name__
+    if isinstance(error, ProtocolViolation):
+        return "a secure aggregation protocol violation (ProtocolViolation)"
     if isinstance(error, RunnerError):
         return "the runner refused its settings"
     if isinstance(error, RequestRejectedError):
@@ -223,6 +245,25 @@ def _check_tls_files(plan: Plan, name: str) -> None:
     )
     if problem is not None:
         raise UsageError(problem)
+
+
+def _secure_identity(plan: Plan, name: str) -> SiteIdentity | None:
+    """What this site signs its secure aggregation keys with (None: the plan does not aggregate
+    securely); `UsageError` when it cannot be read."""
+    if not plan.secure_aggregation.enabled:
+        return None
+    certs = plan.tls.certs
+    if certs is None:
+        raise UsageError(
+            f"{plan.path}: secure_aggregation.enabled needs the federation's certificates (each "
+            f"site signs its keys with its own): tls.insecure cannot be used with it"
+        )
+    try:
+        return SiteIdentity.from_files(
+            certs.collaborator_cert(name), certs.collaborator_key(name), certs.ca_bundle
+        )
+    except PkiError as error:
+        raise UsageError(f"{plan.path}: tls.certs_dir: {error}") from None
 
 
 def _make_runner(plan: Plan, name: str) -> TaskRunner:

@@ -53,6 +53,15 @@ from foedus.protos.codec import (
 )
 from foedus.protos.stream import UPLOAD_BYTES_METADATA, framed_chunks
 from foedus.retry.backoff import RETRYABLE, Backoff
+from foedus.secure.wire import (
+    MalformedMessage,
+    Post,
+    Relay,
+    Stage,
+    post_to_proto,
+    relay_from_proto,
+    relay_request_to_proto,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -373,6 +382,41 @@ class AggregatorGRPCClient(AggregatorConnection):
             resend=self.settings.resend_data_on_reconnection,
         )
         self.validate_response(response.header)
+
+    def post_secure_message(self, post: Post) -> None:
+        """Post this site's part of a secure aggregation stage (`foedus.secure.wire.Post`).
+
+        Retried as every call: the aggregator answers OK to the very same post again and
+        changes nothing, so a resend after a reconnect is safe.
+        """
+        request = post_to_proto(post, self._header())
+        response = self._call(
+            "PostSecureMessage",
+            lambda stub, timeout: stub.PostSecureMessage(request, timeout=timeout),
+        )
+        self.validate_response(response.header)
+
+    def get_secure_relay(self, round_number: int, stage: Stage) -> Relay:
+        """What the aggregator relays of `stage` of `round_number` (`ready` False: still open).
+
+        A long poll: the aggregator holds the call until the stage closes or its
+        `aggregator.long_poll_seconds` pass, within this call's deadline.
+        """
+        request = relay_request_to_proto(round_number, stage, self._header())
+        response = self._call(
+            "GetSecureRelay", lambda stub, timeout: stub.GetSecureRelay(request, timeout=timeout)
+        )
+        self.validate_response(response.header)
+        try:
+            relay = relay_from_proto(response)
+        except MalformedMessage as error:
+            raise ResponseValidationError(f"the aggregator sent a bad relay: {error}") from None
+        if (relay.round_number, relay.stage) != (round_number, stage):
+            raise ResponseValidationError(
+                f"asked the aggregator for round {round_number}'s {stage.name} relay, got round "
+                f"{relay.round_number}'s {relay.stage.name}"
+            )
+        return relay
 
     def validate_response(self, header: aggregator_pb2.MessageHeader) -> None:
         """Check that a response comes from our aggregator, for us, in our federation."""

@@ -10,6 +10,15 @@ tasks again instead of giving up; a second refusal for the same round is raised.
 A collaborator started again after sending a round's train result, and asked for that round's
 `locally_tuned_model_validation`, trains the round again first: runners train a round alike in
 any process, so it validates the very model it sent, as it would have without the restart.
+
+In a secure federation (the plan's `secure_aggregation`) the loop keeps this shape: the round's
+stages are `foedus.collaborator.secure.SecureRounds`' hooks, one around the train task (KEYS and
+SHARES before it, the masked update as its result) and one once the round's last task is sent
+(SURVIVORS and UNMASK; also when a restarted site is owed no task). A stage that closed without
+this site counts as a round closed without it, like a refused result, except that the
+aggregator may go on offering the round's tasks: in a secure federation a site refused in a
+round sits the rest of it out (none of its tasks could count without its part in the stages)
+and asks again until a later round.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from foedus.collaborator.answers import AnswerChecker, PlannedWork
 from foedus.collaborator.client import AggregatorGRPCClient, OutgoingTensor
 from foedus.collaborator.errors import ClientError, RequestRejectedError
 from foedus.collaborator.heartbeat import Heartbeat
+from foedus.collaborator.secure import SecureRoundMissedError, SecureRounds
 from foedus.plans.runners import Array, TaskRunner
 from foedus.plans.schema import (
     AGGREGATED_MODEL_VALIDATION,
@@ -75,6 +85,7 @@ def run_collaborator(
     max_idle_polls: int | None = None,
     planned: PlannedWork | None = None,
     heartbeat_seconds: float | None = None,
+    secure: SecureRounds | None = None,
 ) -> CollaboratorReport:
     """Work for the aggregator until it says quit, or until `max_idle_polls` idle answers in a row.
 
@@ -82,7 +93,8 @@ def run_collaborator(
     names, shapes and dtypes of the global model's tensors; `planned` (the plan's rounds and tasks)
     bounds what the aggregator may ask for (`foedus.collaborator.answers`). While a task runs, a
     heartbeat goes to the aggregator every `heartbeat_seconds` (None: none;
-    `foedus.collaborator.heartbeat`).
+    `foedus.collaborator.heartbeat`). `secure`: this site's part in secure rounds (None: a plain
+    federation).
     """
     if max_idle_polls is not None and max_idle_polls < 1:
         raise ValueError(f"max_idle_polls must be >= 1 or None, got {max_idle_polls}")
@@ -93,9 +105,13 @@ def run_collaborator(
     report = CollaboratorReport()
     current: _Round | None = None
     idle = 0
+    # Rounds whose secure stage closed without this site: it sits the rest of them out.
+    sat_out: set[int] = set()
     while True:
         tasks = client.get_tasks()
         answers.check(tasks)
+        if secure is not None:
+            secure.seen(tasks.round_number, finished=tasks.quit)
         if tasks.quit:
             logger.info(
                 "the federation is finished; this collaborator ran %d tasks in %d rounds",
@@ -104,7 +120,14 @@ def run_collaborator(
             )
             report.quit = True
             return report
-        if not tasks.tasks:
+        if not tasks.tasks or tasks.round_number in sat_out:
+            # A restarted site that sent every task may still owe SURVIVORS and UNMASK.
+            if (
+                secure is not None
+                and tasks.round_number not in report.missed_rounds
+                and not _finish_secure(secure, tasks.round_number, report)
+            ):
+                continue
             idle += 1
             if max_idle_polls is not None and idle >= max_idle_polls:
                 logger.info("stopping after %d answers in a row without a task", idle)
@@ -129,20 +152,50 @@ def run_collaborator(
                 _check_global(model, reference)
                 current = _Round(tasks.round_number, model)
             for task in tasks.tasks:
-                _run_task(client, runner, current, task, beat, planned=planned)
+                _run_task(client, runner, current, task, beat, planned=planned, secure=secure)
                 report.tasks_run += 1
-        except RequestRejectedError as error:
-            if error.code != grpc.StatusCode.FAILED_PRECONDITION:
-                raise
-            # The round closed without us (a straggler policy) or the federation finished:
-            # what the aggregator wants now is the answer to the next GetTasks.
-            report.missed_rounds.append(tasks.round_number)
+        except (RequestRejectedError, SecureRoundMissedError) as error:
+            _missed(error, tasks.round_number, report)
+            if secure is not None:
+                # Its tasks may be offered still, but a site without a part in the round's
+                # secure stages (or refused one) cannot count in it: it sits the round out.
+                sat_out.add(tasks.round_number)
             current = None
-            logger.warning(
-                "round %d closed before this collaborator finished it (%s); asking for tasks again",
-                tasks.round_number,
-                error.details,
-            )
+            continue
+        if secure is not None and not _finish_secure(secure, tasks.round_number, report):
+            current = None
+
+
+def _finish_secure(secure: SecureRounds, round_number: int, report: CollaboratorReport) -> bool:
+    """SURVIVORS and UNMASK of the round; False when the round closed without this site."""
+    try:
+        secure.after_round(round_number)
+    except (RequestRejectedError, SecureRoundMissedError) as error:
+        _missed(error, round_number, report)
+        return False
+    return True
+
+
+def _missed(
+    error: RequestRejectedError | SecureRoundMissedError,
+    round_number: int,
+    report: CollaboratorReport,
+) -> None:
+    """Note a round that closed without this site, or raise `error` if it says something else."""
+    if (
+        isinstance(error, RequestRejectedError)
+        and error.code != grpc.StatusCode.FAILED_PRECONDITION
+    ):
+        raise error
+    # The round closed without us (a straggler policy) or the federation finished: what the
+    # aggregator wants now is the answer to the next GetTasks.
+    report.missed_rounds.append(round_number)
+    details = error.details if isinstance(error, RequestRejectedError) else str(error)
+    logger.warning(
+        "round %d closed before this collaborator finished it (%s); asking for tasks again",
+        round_number,
+        details,
+    )
 
 
 def _fetch_model(
@@ -162,6 +215,7 @@ def _run_task(
     beat: Heartbeat,
     *,
     planned: PlannedWork | None,
+    secure: SecureRounds | None = None,
 ) -> None:
     """Run one task on the round's model, with heartbeats while it runs, and send its results."""
     round_number = current.number
@@ -170,19 +224,26 @@ def _run_task(
             validation = runner.validate(current.global_model)
         tensors = _metrics(validation.metrics, AGGREGATED_VALIDATION_TAGS)
         data_size, metrics = validation.data_size, validation.metrics
+        samples = data_size
     elif task == TRAIN:
+        if secure is not None:
+            secure.before_train(round_number)  # KEYS and SHARES
         with beat.during():
             outcome = runner.train(current.global_model, round_number)
         _check_trained(outcome.model, current.global_model)
         current.trained_model = outcome.model
-        tensors = [
-            *(
+        data_size = outcome.data_size
+        if secure is None:
+            trained = [
                 OutgoingTensor(name, array, tags=TRAINED_TAGS)
                 for name, array in outcome.model.items()
-            ),
-            *_metrics(outcome.metrics, TRAIN_METRIC_TAGS),
-        ]
-        data_size, metrics = outcome.data_size, outcome.metrics
+            ]
+        else:  # the update masked; its weight travels masked too
+            trained, data_size = secure.masked_results(
+                round_number, current.global_model, outcome.model, outcome.data_size
+            )
+        tensors = [*trained, *_metrics(outcome.metrics, TRAIN_METRIC_TAGS)]
+        samples, metrics = outcome.data_size, outcome.metrics
     elif task == LOCALLY_TUNED_MODEL_VALIDATION:
         if current.trained_model is None and planned is not None and TRAIN in planned.tasks:
             # This round's train result went out before a restart: runners train a round alike
@@ -198,6 +259,7 @@ def _run_task(
             validation = runner.validate(model)
         tensors = _metrics(validation.metrics, LOCAL_VALIDATION_TAGS)
         data_size, metrics = validation.data_size, validation.metrics
+        samples = data_size
     else:
         raise CollaboratorError(
             f"the aggregator asked for task {task!r} of round {round_number}; this collaborator "
@@ -208,7 +270,7 @@ def _run_task(
         "round %d: %s on %d samples: %s",
         round_number,
         task,
-        data_size,
+        samples,
         " ".join(f"{name}={value:.4f}" for name, value in metrics.items()),
     )
 

@@ -32,6 +32,7 @@ def named_by_sha256(root: Path, *, version: int = 2) -> dict[str, str]:
         for (name,) in list(connection.execute("SELECT file FROM results")):
             connection.execute("UPDATE results SET sha256 = ? WHERE file = ?", (sha256(name), name))
         connection.execute("DROP TABLE departures")  # version 4's
+        _drop_secure(connection)  # version 5's
         if version < 2:
             connection.execute("DROP TABLE presence")
         connection.execute(f"PRAGMA user_version = {version}")
@@ -48,10 +49,29 @@ def before_departures(root: Path) -> None:
     try:
         connection.execute("BEGIN")
         connection.execute("DROP TABLE departures")
+        _drop_secure(connection)
         connection.execute("PRAGMA user_version = 3")
         connection.execute("COMMIT")
     finally:
         connection.close()
+
+
+def before_secure(root: Path) -> None:
+    """Make the state in `root` (``OUTPUT_DIR/state``) what schema version 4 wrote: no tables of
+    secure aggregation's stages."""
+    connection = sqlite3.connect(root / "state.sqlite", isolation_level=None)
+    try:
+        connection.execute("BEGIN")
+        _drop_secure(connection)
+        connection.execute("PRAGMA user_version = 4")
+        connection.execute("COMMIT")
+    finally:
+        connection.close()
+
+
+def _drop_secure(connection: sqlite3.Connection) -> None:
+    connection.execute("DROP TABLE secure_posts")
+    connection.execute("DROP TABLE secure_closes")
 
 
 def schema_of(folder: Path) -> tuple[int, list[str]]:
