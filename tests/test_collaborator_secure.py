@@ -41,7 +41,7 @@ from foedus.pki.layout import CertsLayout
 from foedus.pki.tls import server_credentials
 from foedus.plans import Plan
 from foedus.plans.runners import Array
-from foedus.plans.schema import SecureAggregationSettings
+from foedus.plans.schema import SecureAggregationSettings, StragglerPolicy, StragglerSettings
 from foedus.protos import aggregator_pb2, aggregator_pb2_grpc
 from foedus.protos.channel import server_options
 from foedus.secure import WEIGHT_TENSOR, ProtocolViolation, RoundContext, SealedShare, SecretKind
@@ -907,3 +907,69 @@ def test_a_protocol_violation_leaves_with_a_category_never_its_text() -> None:
     """The Leave of a site that refused the protocol says so, without the violation's words."""
     error = ProtocolViolation("site 'bob': its advertised keys are not signed by its certificate")
     assert leave_reason(error) == "a secure aggregation protocol violation (ProtocolViolation)"
+
+
+class LateKeys(AggregatorGRPCClient):
+    """carol's client: her first post (round 0's keys) goes only once the KEYS stage has closed
+    without her, as a site too slow for the plan's cut-off."""
+
+    late = True
+
+    def post_secure_message(self, post: Post) -> None:
+        """Wait for KEYS to close (its relay says she is left out), then post."""
+        if self.late:
+            self.late = False
+            for _ in range(int(RUN_SECONDS / 0.05)):
+                if self.get_secure_relay(post.round_number, Stage.KEYS).ready:
+                    break
+                time.sleep(0.05)
+        super().post_secure_message(post)
+
+
+def test_a_site_left_out_of_a_round_sits_it_out_and_takes_the_next(
+    certs: CertsLayout, tmp_path: Path
+) -> None:
+    """carol posts her keys after round 0's KEYS closed by the cut-off: refused, she sits the
+    round out (its tasks are still offered to her) while alice and bob finish it, and she takes
+    part in round 1; everyone is told the federation finished."""
+    plan = dataclasses.replace(
+        make_plan(certs, aggregator={"long_poll_seconds": 0.2}),
+        secure_aggregation=DIGITS_SETTINGS,
+        straggler=StragglerSettings(policy=StragglerPolicy.CUTOFF, cutoff_seconds=1, min_reports=2),
+    )
+    federation = Federation.from_plan(plan, DigitsRunner.initial_model(plan.runner))
+    planned = PlannedWork(rounds=plan.federation.rounds, tasks=plan.tasks)
+
+    def collaborator(name: str, port: int) -> CollaboratorReport:
+        kind = LateKeys if name == "carol" else AggregatorGRPCClient
+        client = kind.from_plan(
+            plan, name, aggregator_address="127.0.0.1", aggregator_port=port, sleep=lambda _: None
+        )
+        with client:
+            secure = site_rounds(plan, port, name, tmp_path, client=client)
+            runner = DigitsRunner(plan.runner, collaborator=name, collaborators=plan.collaborators)
+            return run_collaborator(
+                client,
+                runner,
+                plan.runner,
+                planned=planned,
+                secure=secure,
+                sleep=lambda _: time.sleep(0.05),
+                max_idle_polls=2000,
+            )
+
+    with running_aggregator(plan, federation) as server, closing_rounds(federation):
+        reports = in_threads(
+            {
+                name: functools.partial(collaborator, name, server.port)
+                for name in plan.collaborators
+            }
+        )
+    carol = reports["carol"]
+    assert isinstance(carol, CollaboratorReport), carol
+    assert carol.quit and carol.missed_rounds == [0] and carol.rounds == [0, 1, 2]
+    for name in ("alice", "bob"):
+        report = reports[name]
+        assert isinstance(report, CollaboratorReport), report
+        assert report.quit and report.missed_rounds == [], report
+    assert federation.finished
