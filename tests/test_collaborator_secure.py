@@ -973,3 +973,32 @@ def test_a_site_left_out_of_a_round_sits_it_out_and_takes_the_next(
         assert isinstance(report, CollaboratorReport), report
         assert report.quit and report.missed_rounds == [], report
     assert federation.finished
+
+
+def test_a_state_dir_that_is_a_file_is_refused_at_start(
+    certs: CertsLayout, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--state-dir naming a file stops collaborator start with one line naming it, exit 2, the
+    file untouched."""
+    path = secure_plan_file(tmp_path, certs, 50999)
+    taken = tmp_path / "taken"
+    taken.write_text("someone's file", encoding="utf-8")
+    taken.chmod(0o644)
+    code = main(["start", "-n", "alice", "--plan", str(path), "--state-dir", str(taken)])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"collaborator: error: --state-dir: {taken}: cannot keep secure round files there: "
+        "not a folder"
+    )
+    assert stat.S_IMODE(taken.stat().st_mode) == 0o644
+
+
+def test_the_state_dir_is_made_private_at_start(tmp_path: Path) -> None:
+    """RoundFiles.prepare makes the folder, parents and all, mode 0700 (a wider one narrowed)."""
+    folder = tmp_path / "a" / "b"
+    RoundFiles(folder, UUID, "alice").prepare()
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    folder.chmod(0o755)
+    RoundFiles(folder, UUID, "alice").prepare()
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
