@@ -44,7 +44,6 @@ from foedus.plans.schema import (
     StragglerSettings,
     TLSSettings,
 )
-from foedus.secure.ring import ring_problem
 
 T = TypeVar("T")
 
@@ -422,7 +421,7 @@ def _secure_aggregation(section: Section, collaborators: int) -> SecureAggregati
     if (
         enabled and collaborators and len(section.problems) == problems
     ):  # else: defaults, misleading
-        problem = ring_problem(settings, collaborators)  # the fixed point's own rule
+        problem = settings.ring_problem(collaborators)
         if problem is not None:
             section.problems.append(f"{section.key('bits')}: {problem}")
     return settings

@@ -168,6 +168,12 @@ class ConnectionSettings:
 
 
 RING_BITS = (16, 32, 64)  # secure_aggregation.bits: the rings a masked update may live in
+MIN_VALUE_BITS = 8  # the loader refuses a ring that leaves fewer bits than this to each value
+
+
+def largest_signed(bits: int) -> int:
+    """2^(bits-1) - 1: the largest value a ring of `bits` bits holds read as signed."""
+    return (1 << (bits - 1)) - 1
 
 
 @dataclass(frozen=True)
@@ -190,6 +196,30 @@ class SecureAggregationSettings:
     # secure_aggregation.neighbours: SecAgg+, each site masks with this many peers (a random
     # regular graph the round's number draws) instead of all of them; None: all of them.
     neighbours: int | None = None
+
+    def ring_problem(self, sites: int) -> str | None:
+        """Why the ring cannot hold the sum of `sites` collaborators' values (one line), or None.
+
+        The ring must leave at least 8 bits to each value: 2^(bits-1) - 1 >= 256 * sites *
+        max_weight (`foedus.secure.ring.FixedPoint` divides it among the sites).
+        """
+        if self.bits not in RING_BITS:
+            return f"bits must be one of {', '.join(map(str, RING_BITS))}, not {self.bits}"
+        need = (1 << MIN_VALUE_BITS) * sites * self.max_weight
+        if largest_signed(self.bits) >= need:
+            return None
+        enough = [bits for bits in RING_BITS if largest_signed(bits) >= need]
+        largest_weight = largest_signed(self.bits) // ((1 << MIN_VALUE_BITS) * sites)
+        fixes = [f"bits {enough[0]}"] if enough else []
+        if largest_weight >= 1:
+            fixes.append(f"max_weight at most {largest_weight}")
+        fix = " or ".join(fixes) if fixes else "fewer collaborators"
+        return (
+            f"a ring of {self.bits} bits is too small for {sites} collaborators with max_weight "
+            f"{self.max_weight}: it leaves fewer than {MIN_VALUE_BITS} bits per value "
+            f"(2^{self.bits - 1} - 1 < {1 << MIN_VALUE_BITS} x {sites} x {self.max_weight}); "
+            f"use {fix}"
+        )
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from foedus.secure.records import (
     SecretKind,
     SurvivorConfirmation,
 )
-from foedus.secure.ring import FixedPoint, ring_problem
+from foedus.secure.ring import FixedPoint
 from foedus.secure.site import SiteRound, SiteSecrets
 from foedus.secure.unmask import Unmasking
 
@@ -54,5 +54,4 @@ __all__ = [
     "TooFewSites",
     "Unmasking",
     "VectorLayout",
-    "ring_problem",
 ]

@@ -1,11 +1,11 @@
 """The fixed-point ring Z_(2^bits) a masked update lives in: encoding, decoding, its size check.
 
-`scale = (2^(bits-1) - 1) / (sites * max_weight * clip)`: a value clipped to +-clip, times a
-weight of at most max_weight, times scale is at most 2^(bits-1) - 1 over the number of sites,
-and so the sum of every site's value reads back signed (two's complement). Rounding could push a
-value at the bound half a unit over it, so each encoded value is also cut to (2^(bits-1) - 1) //
-sites: the sum never wraps. numpy's unsigned arithmetic wraps modulo 2^bits by itself, which is
-the ring's addition.
+`scale = ((2^(bits-1) - 1) // sites) / (max_weight * clip)`: a value clipped to +-clip, times a
+weight of at most max_weight, times scale is at most (2^(bits-1) - 1) // sites, a whole number
+that rounding cannot pass, and so the sum of every site's value never wraps and reads back
+signed (two's complement). (The design's `(2^(bits-1) - 1) / (sites * max_weight * clip)` less
+the fraction that rounding could push over the bound.) numpy's unsigned arithmetic wraps modulo
+2^bits by itself, which is the ring's addition.
 """
 
 from __future__ import annotations
@@ -17,47 +17,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from foedus.plans.schema import RING_BITS, SecureAggregationSettings
+from foedus.plans.schema import SecureAggregationSettings, largest_signed
 
 RingArray = npt.NDArray[np.unsignedinteger[Any]]
 FloatArray = npt.NDArray[np.float64]
 _CHUNK = 1 << 18  # elements encoded at a time (2 MB of float64)
-MIN_VALUE_BITS = 8  # the loader refuses a ring that leaves fewer bits than this to each value
 _UNSIGNED: dict[int, np.dtype[Any]] = {
     16: np.dtype("<u2"),
     32: np.dtype("<u4"),
     64: np.dtype("<u8"),
 }
 _SIGNED: dict[int, np.dtype[Any]] = {16: np.dtype("<i2"), 32: np.dtype("<i4"), 64: np.dtype("<i8")}
-
-
-def _largest(bits: int) -> int:
-    """2^(bits-1) - 1: the largest value the ring holds read as signed."""
-    return (1 << (bits - 1)) - 1
-
-
-def ring_problem(settings: SecureAggregationSettings, sites: int) -> str | None:
-    """Why `settings` cannot work for `sites` collaborators (one line, the loader's reason), or None.
-
-    The ring must leave at least 8 bits to each value: 2^(bits-1) - 1 >= 256 * sites * max_weight.
-    """
-    if settings.bits not in RING_BITS:
-        return f"bits must be one of {', '.join(map(str, RING_BITS))}, not {settings.bits}"
-    need = (1 << MIN_VALUE_BITS) * sites * settings.max_weight
-    if _largest(settings.bits) >= need:
-        return None
-    enough = [bits for bits in RING_BITS if _largest(bits) >= need]
-    largest_weight = _largest(settings.bits) // ((1 << MIN_VALUE_BITS) * sites)
-    fixes = [f"bits {enough[0]}"] if enough else []
-    if largest_weight >= 1:
-        fixes.append(f"max_weight at most {largest_weight}")
-    fix = " or ".join(fixes) if fixes else "fewer collaborators"
-    return (
-        f"a ring of {settings.bits} bits is too small for {sites} collaborators with max_weight "
-        f"{settings.max_weight}: it leaves fewer than {MIN_VALUE_BITS} bits per value "
-        f"(2^{settings.bits - 1} - 1 < {1 << MIN_VALUE_BITS} x {sites} x {settings.max_weight}); "
-        f"use {fix}"
-    )
 
 
 @dataclass(frozen=True)
@@ -72,14 +42,15 @@ class FixedPoint:
     @property
     def bound(self) -> int:
         """The largest magnitude one site's encoded value may have: (2^(bits-1) - 1) // sites."""
-        return _largest(self.bits) // self.sites
+        return largest_signed(self.bits) // self.sites
 
     @classmethod
     def for_federation(cls, settings: SecureAggregationSettings, sites: int) -> FixedPoint:
-        """The fixed point of a federation of `sites` collaborators (the ring's check is the loader's)."""
+        """The fixed point of a federation of `sites` collaborators (whose ring the loader checked:
+        `SecureAggregationSettings.ring_problem`)."""
         if not (math.isfinite(settings.clip) and settings.clip > 0):
             raise ValueError(f"clip must be a finite number above 0, not {settings.clip}")
-        scale = _largest(settings.bits) / (sites * settings.max_weight * settings.clip)
+        scale = (largest_signed(settings.bits) // sites) / (settings.max_weight * settings.clip)
         return cls(bits=settings.bits, clip=float(settings.clip), scale=scale, sites=sites)
 
     @property
@@ -100,7 +71,8 @@ class FixedPoint:
             raise ValueError("an update holds NaN or infinite values: it cannot be encoded")
         flat = source.reshape(-1)
         factor = weight * self.scale
-        # float64 rounds a 64-bit ring's bound up: take the float below it then.
+        # Only float64's rounding of a 64-bit ring's values could pass the bound: cut them to it
+        # (float64 rounds that bound up: take the float below it then).
         bound = float(self.bound)
         if int(bound) > self.bound:
             bound = float(np.nextafter(bound, 0.0))

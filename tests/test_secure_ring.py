@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from foedus.plans.schema import SecureAggregationSettings
 from foedus.secure.context import WEIGHT_TENSOR
 from foedus.secure.masks import VectorLayout, add_mask, keystream
-from foedus.secure.ring import FixedPoint, ring_problem
+from foedus.secure.ring import FixedPoint
 
 
 def fixed(bits: int, sites: int, max_weight: int, clip: float = 1.0) -> FixedPoint:
@@ -59,10 +59,9 @@ def test_every_site_at_the_clip_and_max_weight_does_not_wrap(bits: int, sign: fl
 def test_any_sites_values_sum_without_wrapping(
     bits: int, weights: list[int], values: list[float], clip: float
 ) -> None:
-    """Whatever the sites send (clipped), the ring's sum is their weighted sum within a unit per
-    site (half a unit's rounding, up to a whole one at the clip's cut to 1/sites of the ring; and
-    float64's own rounding of each weighted value, which a 64-bit ring's units go below): no
-    wrap, with any number of sites up to the federation's and any weights."""
+    """Whatever the sites send (clipped), the ring's sum is their weighted sum within half a unit
+    per site (and float64's own rounding of each weighted value, which a 64-bit ring's units go
+    below): no wrap, with any number of sites up to the federation's and any weights."""
     point = fixed(bits, 8, 1000, clip=clip)
     total = np.zeros(1, dtype=point.dtype)
     exact, magnitude = 0.0, 0.0
@@ -70,7 +69,7 @@ def test_any_sites_values_sum_without_wrapping(
         np.add(total, point.encode(np.array([value]), weight), out=total)
         exact += min(max(value, -clip), clip) * weight
         magnitude += min(abs(value), clip) * weight
-    bound = len(weights) * 1.0 / point.scale + magnitude * 2.0**-51
+    bound = len(weights) * 0.5 / point.scale + magnitude * 2.0**-51
     assert abs(point.decode(total)[0] - exact) <= bound
 
 
@@ -91,18 +90,17 @@ def test_nan_and_infinity_are_not_encoded() -> None:
 
 def test_ring_problem_names_the_fix() -> None:
     """Fewer than 8 bits per value: the line names bits, the sites, max_weight and what would do."""
-    assert ring_problem(SecureAggregationSettings(bits=32, max_weight=65536), 100) is None
-    line = ring_problem(SecureAggregationSettings(bits=16, max_weight=65536), 3)
+    assert SecureAggregationSettings(bits=32, max_weight=65536).ring_problem(100) is None
+    line = SecureAggregationSettings(bits=16, max_weight=65536).ring_problem(3)
     assert line == (
         "a ring of 16 bits is too small for 3 collaborators with max_weight 65536: it leaves "
         "fewer than 8 bits per value (2^15 - 1 < 256 x 3 x 65536); use bits 32 or max_weight "
         "at most 42"
     )
-    line = ring_problem(SecureAggregationSettings(bits=64, max_weight=2**60), 3)
+    line = SecureAggregationSettings(bits=64, max_weight=2**60).ring_problem(3)
     assert line is not None and line.endswith("use max_weight at most 12009599006321322")
     assert (
-        ring_problem(SecureAggregationSettings(bits=8), 3)
-        == "bits must be one of 16, 32, 64, not 8"
+        SecureAggregationSettings(bits=8).ring_problem(3) == "bits must be one of 16, 32, 64, not 8"
     )
 
 
