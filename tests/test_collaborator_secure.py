@@ -1002,3 +1002,38 @@ def test_the_state_dir_is_made_private_at_start(tmp_path: Path) -> None:
     folder.chmod(0o755)
     RoundFiles(folder, UUID, "alice").prepare()
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+
+def test_a_restarted_site_keeps_to_the_survivor_list_it_signed(
+    certs: CertsLayout, tmp_path: Path
+) -> None:
+    """carol drops before her upload; alice signs the survivors alice and bob and reveals carol's
+    mask key's share. Started again, alice is relayed survivors with carol among them (her
+    seed's share would then unmask carol): her round file says what she signed, so she refuses,
+    with one line, and posts nothing new."""
+    plan = secure_plan(certs)
+    servicer = StagesServicer(plan.collaborators, uploaders=2)
+    with stages_server(plan, servicer) as port:
+        sites = {name: site_rounds(plan, port, name, tmp_path) for name in plan.collaborators}
+        results = in_threads(
+            {
+                name: functools.partial(run_site, rounds, servicer, name, upload=name != "carol")
+                for name, rounds in sites.items()
+            }
+        )
+        assert results == {"alice": 1, "bob": 1, "carol": 0}
+        posted = dict(servicer.raw[Stage.UNMASK])
+
+        def with_carol(caller: str, relay: Relay) -> Relay:
+            if relay.stage is Stage.SURVIVORS and relay.ready:
+                return dataclasses.replace(relay, members=("alice", "bob", "carol"))
+            return relay
+
+        servicer.tamper = with_carol
+        again = site_rounds(plan, port, "alice", tmp_path)
+        with pytest.raises(ProtocolViolation) as raised:
+            again.after_round(0)
+        assert "after this site confirmed ['alice', 'bob']" in str(raised.value)
+        assert servicer.raw[Stage.UNMASK] == posted
+        for rounds in [*sites.values(), again]:
+            rounds.client.disconnect()
