@@ -33,7 +33,7 @@ from foedus.collaborator.errors import (
 )
 from foedus.collaborator.loop import CollaboratorError, run_collaborator
 from foedus.collaborator.secure import SecureRounds, SiteIdentity
-from foedus.collaborator.secure_state import RoundFiles
+from foedus.collaborator.secure_state import RoundFileError, RoundFiles
 from foedus.command.arguments import add_log_level, command, command_main, program
 from foedus.command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
 from foedus.command.process import stderr_log_handler
@@ -157,14 +157,21 @@ def _start(name: str, plan_path: Path, site_settings: Path | None, state_dir: Pa
         )
     _check_tls_files(plan, name)
     identity = _secure_identity(plan, name)
+    folder = state_dir or plan.path.parent / "collaborator-state" / name
+    files = RoundFiles(folder, plan.federation.uuid, name)
+    if identity is not None:
+        try:
+            files.prepare()
+        except RoundFileError as error:
+            raise UsageError(f"--state-dir: {error}") from None
     runner = _make_runner(plan, name)
     with AggregatorGRPCClient.from_plan(plan, name) as client:
         secure = None
         if identity is not None:
-            folder = state_dir or plan.path.parent / "collaborator-state" / name
-            files = RoundFiles(folder, plan.federation.uuid, name)
             secure = SecureRounds(client, plan, name, identity, files)
-            logger.info("secure aggregation: this site's round secrets are kept in %s", folder)
+            logger.info(
+                "secure aggregation: this site's round secrets are kept in %s", files.folder
+            )
         logger.info(
             "collaborator %s of federation %s: working for the aggregator at %s",
             name,

@@ -23,14 +23,17 @@ every call (`connection.*`), and an answer that comes back at once is followed b
 What the aggregator or a peer sends that breaks the protocol raises `foedus.secure.ProtocolViolation`
 (one line naming the site or the aggregator and what failed): the collaborator reveals nothing
 more, leaves and exits 1. A stage that closed without this site (`excluded`) ends its part in the
-round: `SecureRoundMissedError` before its upload, a log line after.
+round: `SecureRoundMissedError` before its upload, a log line after. So does a stage or survivor
+list below the threshold (`foedus.secure.TooFewSites`): nothing is revealed, but it need not be
+malice (the others may have left), so the site waits for the next round instead of leaving.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +48,7 @@ from foedus.pki.files import read_certificate, read_certificates, read_private_k
 from foedus.pki.keys import PrivateKey
 from foedus.plans.runners import Array
 from foedus.plans.schema import Plan
-from foedus.secure import RoundContext, SecretsFileError
+from foedus.secure import RoundContext, SecretsFileError, TooFewSites
 from foedus.secure.site import SiteRound, SiteSecrets
 from foedus.secure.wire import Post, Relay, Stage, post_bytes, post_from_bytes
 
@@ -58,15 +61,18 @@ POLL_PAUSE_SECONDS = 1.0
 
 
 class SecureRoundMissedError(ClientError):
-    """A stage of the round closed without this site before its upload: the round goes on without it."""
+    """This site has no more part in the round: a stage closed without it, or with fewer sites
+    than the threshold (`foedus.secure.TooFewSites`: nothing is revealed, and it need not be
+    malice, the others may have left). The round goes on, or fails, without it; the site waits
+    for the next one."""
 
-    def __init__(self, round_number: int, stage: Stage) -> None:
-        super().__init__(
+    @classmethod
+    def excluded(cls, round_number: int, stage: Stage) -> SecureRoundMissedError:
+        """`stage` of the round closed without this site."""
+        return cls(
             f"round {round_number}'s {stage.name} stage closed without this collaborator; "
             f"the round goes on without it"
         )
-        self.round_number = round_number
-        self.stage = stage
 
 
 class SecureUpdateError(ClientError):
@@ -138,8 +144,9 @@ class SecureRounds:
     def before_train(self, round_number: int) -> None:
         """KEYS and SHARES of round `round_number`, before this site trains in it."""
         current = self._start(round_number)
-        self._keys(current)
-        self._shares(current)
+        with _too_few_is_missed():
+            self._keys(current)
+            self._shares(current)
 
     def masked_results(
         self,
@@ -179,7 +186,8 @@ class SecureRounds:
         if current.done:
             return
         try:
-            self._survivors_and_unmask(current)
+            with _too_few_is_missed():
+                self._survivors_and_unmask(current)
         finally:
             current.done = True
 
@@ -230,8 +238,9 @@ class SecureRounds:
             return None
         current = self._start(round_number)
         try:
-            self._keys(current)
-            self._shares(current)
+            with _too_few_is_missed():
+                self._keys(current)
+                self._shares(current)
         except SecureRoundMissedError as missed:
             logger.info("%s", missed)
             current.done = True
@@ -310,12 +319,25 @@ class SecureRounds:
             started = time.monotonic()
             relay = self.client.get_secure_relay(round_number, stage)
             if relay.excluded:
-                raise SecureRoundMissedError(round_number, stage)
+                raise SecureRoundMissedError.excluded(round_number, stage)
             if relay.ready:
                 return relay
             polls += 1
             if self._max_polls is not None and polls >= self._max_polls:
-                raise SecureRoundMissedError(round_number, stage)
+                raise SecureRoundMissedError(
+                    f"round {round_number}'s {stage.name} stage stayed open through {polls} "
+                    "relays asked for; this collaborator gives the round up"
+                )
             pause = POLL_PAUSE_SECONDS - (time.monotonic() - started)
             if pause > 0:
                 self._sleep(pause)
+
+
+@contextmanager
+def _too_few_is_missed() -> Iterator[None]:
+    """A stage or survivor list below the threshold ends this site's part in the round, as a stage
+    that closed without it does: it reveals nothing, and need not leave (the others may have)."""
+    try:
+        yield
+    except TooFewSites as error:
+        raise SecureRoundMissedError(f"{error}; waiting for the next round") from None

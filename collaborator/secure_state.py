@@ -154,6 +154,21 @@ class RoundFiles:
         """A round file for `round_number` holding `secrets` (not written yet)."""
         return RoundFile(self.federation_uuid, self.collaborator, round_number, secrets)
 
+    def prepare(self) -> None:
+        """Make the folder (mode 0700) and check this process can write in it, before a round."""
+        try:
+            make_folders(self.folder)
+            if not self.folder.is_dir():
+                raise NotADirectoryError("not a folder")
+            os.chmod(self.folder, FOLDER_MODE)
+            if not os.access(self.folder, os.W_OK | os.X_OK):
+                raise PermissionError("not writable by this user")
+        except OSError as error:
+            reason = error.strerror or str(error)
+            raise RoundFileError(
+                f"{self.folder}: cannot keep secure round files there: {reason}"
+            ) from None
+
     def write(self, file: RoundFile) -> None:
         """Replace the round's file with `file`, durably, mode 0600, before anything depends on it."""
         path = self.path(file.round_number)

@@ -41,7 +41,7 @@ from foedus.pki.layout import CertsLayout
 from foedus.pki.tls import server_credentials
 from foedus.plans import Plan
 from foedus.plans.runners import Array
-from foedus.plans.schema import SecureAggregationSettings
+from foedus.plans.schema import SecureAggregationSettings, StragglerPolicy, StragglerSettings
 from foedus.protos import aggregator_pb2, aggregator_pb2_grpc
 from foedus.protos.channel import server_options
 from foedus.secure import WEIGHT_TENSOR, ProtocolViolation, RoundContext, SealedShare, SecretKind
@@ -621,26 +621,37 @@ def survivors_below_the_threshold(caller: str, relay: Relay) -> Relay:
     return relay
 
 
-@pytest.mark.parametrize(
-    ("tamper", "says", "stage"),
-    [
-        (swap_bobs_mask_key_for("alice"), "site 'bob'", Stage.KEYS),
-        (
-            survivors_below_the_threshold,
-            "below the threshold 2: nothing is revealed",
-            Stage.SURVIVORS,
-        ),
-    ],
-)
+@dataclasses.dataclass(frozen=True)
+class Attack:
+    """A malicious aggregator's relay, what alice raises, its words and the stage she stops at."""
+
+    tamper: Callable[[str, Relay], Relay]
+    refusal: type[Exception]
+    says: str
+    stage: Stage
+
+
+ATTACKS = {
+    "swapped key": Attack(
+        swap_bobs_mask_key_for("alice"), ProtocolViolation, "site 'bob'", Stage.KEYS
+    ),
+    "survivors below the threshold": Attack(
+        survivors_below_the_threshold,
+        SecureRoundMissedError,
+        "below the threshold 2: nothing is revealed; waiting for the next round",
+        Stage.SURVIVORS,
+    ),
+}
+
+
+@pytest.mark.parametrize("attack", list(ATTACKS))
 def test_a_malicious_aggregator_gets_a_violation_and_nothing_revealed(
-    certs: CertsLayout,
-    tmp_path: Path,
-    tamper: Callable[[str, Relay], Relay],
-    says: str,
-    stage: Stage,
+    certs: CertsLayout, tmp_path: Path, attack: str
 ) -> None:
-    """A swapped key or a survivor list below the threshold: alice refuses with one line naming
-    what failed, and posts nothing after it (no share, no confirmation)."""
+    """A swapped key (a violation: the site leaves) or a survivor list below the threshold (it
+    waits for the next round: the others may have left): alice refuses with one line naming what
+    failed, and posts nothing after it (no share, no confirmation)."""
+    tamper, refusal, says, stage = dataclasses.astuple(ATTACKS[attack])
     plan = secure_plan(certs)
     servicer = StagesServicer(plan.collaborators, uploaders=3, tamper=tamper)
     with stages_server(plan, servicer) as port:
@@ -653,7 +664,7 @@ def test_a_malicious_aggregator_gets_a_violation_and_nothing_revealed(
         alice = in_threads(
             {name: functools.partial(run_site, sites[name], servicer, name) for name in sites}
         )["alice"]
-        assert isinstance(alice, ProtocolViolation)
+        assert type(alice) is refusal
         message = str(alice)
         assert says in message and "\n" not in message
         after = [later for later in Stage if later > stage]
@@ -896,3 +907,133 @@ def test_a_protocol_violation_leaves_with_a_category_never_its_text() -> None:
     """The Leave of a site that refused the protocol says so, without the violation's words."""
     error = ProtocolViolation("site 'bob': its advertised keys are not signed by its certificate")
     assert leave_reason(error) == "a secure aggregation protocol violation (ProtocolViolation)"
+
+
+class LateKeys(AggregatorGRPCClient):
+    """carol's client: her first post (round 0's keys) goes only once the KEYS stage has closed
+    without her, as a site too slow for the plan's cut-off."""
+
+    late = True
+
+    def post_secure_message(self, post: Post) -> None:
+        """Wait for KEYS to close (its relay says she is left out), then post."""
+        if self.late:
+            self.late = False
+            for _ in range(int(RUN_SECONDS / 0.05)):
+                if self.get_secure_relay(post.round_number, Stage.KEYS).ready:
+                    break
+                time.sleep(0.05)
+        super().post_secure_message(post)
+
+
+def test_a_site_left_out_of_a_round_sits_it_out_and_takes_the_next(
+    certs: CertsLayout, tmp_path: Path
+) -> None:
+    """carol posts her keys after round 0's KEYS closed by the cut-off: refused, she sits the
+    round out (its tasks are still offered to her) while alice and bob finish it, and she takes
+    part in round 1; everyone is told the federation finished."""
+    plan = dataclasses.replace(
+        make_plan(certs, aggregator={"long_poll_seconds": 0.2}),
+        secure_aggregation=DIGITS_SETTINGS,
+        straggler=StragglerSettings(policy=StragglerPolicy.CUTOFF, cutoff_seconds=1, min_reports=2),
+    )
+    federation = Federation.from_plan(plan, DigitsRunner.initial_model(plan.runner))
+    planned = PlannedWork(rounds=plan.federation.rounds, tasks=plan.tasks)
+
+    def collaborator(name: str, port: int) -> CollaboratorReport:
+        kind = LateKeys if name == "carol" else AggregatorGRPCClient
+        client = kind.from_plan(
+            plan, name, aggregator_address="127.0.0.1", aggregator_port=port, sleep=lambda _: None
+        )
+        with client:
+            secure = site_rounds(plan, port, name, tmp_path, client=client)
+            runner = DigitsRunner(plan.runner, collaborator=name, collaborators=plan.collaborators)
+            return run_collaborator(
+                client,
+                runner,
+                plan.runner,
+                planned=planned,
+                secure=secure,
+                sleep=lambda _: time.sleep(0.05),
+                max_idle_polls=2000,
+            )
+
+    with running_aggregator(plan, federation) as server, closing_rounds(federation):
+        reports = in_threads(
+            {
+                name: functools.partial(collaborator, name, server.port)
+                for name in plan.collaborators
+            }
+        )
+    carol = reports["carol"]
+    assert isinstance(carol, CollaboratorReport), carol
+    assert carol.quit and carol.missed_rounds == [0] and carol.rounds == [0, 1, 2]
+    for name in ("alice", "bob"):
+        report = reports[name]
+        assert isinstance(report, CollaboratorReport), report
+        assert report.quit and report.missed_rounds == [], report
+    assert federation.finished
+
+
+def test_a_state_dir_that_is_a_file_is_refused_at_start(
+    certs: CertsLayout, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--state-dir naming a file stops collaborator start with one line naming it, exit 2, the
+    file untouched."""
+    path = secure_plan_file(tmp_path, certs, 50999)
+    taken = tmp_path / "taken"
+    taken.write_text("someone's file", encoding="utf-8")
+    taken.chmod(0o644)
+    code = main(["start", "-n", "alice", "--plan", str(path), "--state-dir", str(taken)])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"collaborator: error: --state-dir: {taken}: cannot keep secure round files there: "
+        "not a folder"
+    )
+    assert stat.S_IMODE(taken.stat().st_mode) == 0o644
+
+
+def test_the_state_dir_is_made_private_at_start(tmp_path: Path) -> None:
+    """RoundFiles.prepare makes the folder, parents and all, mode 0700 (a wider one narrowed)."""
+    folder = tmp_path / "a" / "b"
+    RoundFiles(folder, UUID, "alice").prepare()
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    folder.chmod(0o755)
+    RoundFiles(folder, UUID, "alice").prepare()
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+
+def test_a_restarted_site_keeps_to_the_survivor_list_it_signed(
+    certs: CertsLayout, tmp_path: Path
+) -> None:
+    """carol drops before her upload; alice signs the survivors alice and bob and reveals carol's
+    mask key's share. Started again, alice is relayed survivors with carol among them (her
+    seed's share would then unmask carol): her round file says what she signed, so she refuses,
+    with one line, and posts nothing new."""
+    plan = secure_plan(certs)
+    servicer = StagesServicer(plan.collaborators, uploaders=2)
+    with stages_server(plan, servicer) as port:
+        sites = {name: site_rounds(plan, port, name, tmp_path) for name in plan.collaborators}
+        results = in_threads(
+            {
+                name: functools.partial(run_site, rounds, servicer, name, upload=name != "carol")
+                for name, rounds in sites.items()
+            }
+        )
+        assert results == {"alice": 1, "bob": 1, "carol": 0}
+        posted = dict(servicer.raw[Stage.UNMASK])
+
+        def with_carol(caller: str, relay: Relay) -> Relay:
+            if relay.stage is Stage.SURVIVORS and relay.ready:
+                return dataclasses.replace(relay, members=("alice", "bob", "carol"))
+            return relay
+
+        servicer.tamper = with_carol
+        again = site_rounds(plan, port, "alice", tmp_path)
+        with pytest.raises(ProtocolViolation) as raised:
+            again.after_round(0)
+        assert "after this site confirmed ['alice', 'bob']" in str(raised.value)
+        assert servicer.raw[Stage.UNMASK] == posted
+        for rounds in [*sites.values(), again]:
+            rounds.client.disconnect()
