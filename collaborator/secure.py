@@ -159,13 +159,12 @@ class SecureRounds:
         current = self._open
         if current is None or current.number != round_number:
             raise RuntimeError(f"masked_results of round {round_number} before before_train")
-        delta = {
-            name: np.asarray(trained[name], dtype=np.float64)
-            - np.asarray(global_model[name], dtype=np.float64)
-            for name in global_model
-        }
+        # The delta (trained - global, in float64) is taken a chunk at a time as it is encoded.
+        trained_model = {name: np.asarray(trained[name]) for name in global_model}
         try:
-            masked = current.site.masked_update(delta, data_size)  # capped at max_weight
+            masked = current.site.masked_update(  # the weight capped at max_weight
+                trained_model, data_size, reference=global_model
+            )
         except ValueError as error:  # no samples, NaN or infinities: nothing can be uploaded
             raise SecureUpdateError(
                 f"round {round_number}: the trained update cannot be masked: {error}"

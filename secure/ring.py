@@ -58,17 +58,25 @@ class FixedPoint:
         """The ring's numpy dtype: unsigned, `bits` wide, little-endian (as the wire carries it)."""
         return _UNSIGNED[self.bits]
 
-    def encode(self, values: npt.ArrayLike, weight: int) -> RingArray:
+    def encode(
+        self, values: npt.ArrayLike, weight: int, *, reference: npt.ArrayLike | None = None
+    ) -> RingArray:
         """`rint(clip(values, +-clip) * weight * scale)` in the ring; raises ValueError on NaN or inf.
+
+        With `reference` (the same shape), `values - reference` (computed in float64, exact for
+        float32 tensors) is encoded instead: a site passes its trained and its global tensor, and
+        the delta is never formed whole.
 
         Done in chunks of float64 that stay in the processor's cache (the whole update is never
         copied to float64 at once): a 100 MB float32 tensor costs its ring array and little more.
         """
-        source = np.asarray(values)
-        if source.dtype.kind not in "fiu":  # bfloat16 and the like: numpy's own floats do the math
-            source = source.astype(np.float64)
-        if not np.isfinite(source).all():
-            raise ValueError("an update holds NaN or infinite values: it cannot be encoded")
+        source = _floats(values)
+        if reference is None:
+            base = None
+        else:
+            base = _floats(reference).reshape(-1)
+            if base.size != source.size:
+                raise ValueError(f"the reference has {base.size} values, the update {source.size}")
         flat = source.reshape(-1)
         factor = weight * self.scale
         # Only float64's rounding of a 64-bit ring's values could pass the bound: cut them to it
@@ -82,7 +90,13 @@ class FixedPoint:
         for begin in range(0, flat.size, _CHUNK):
             chunk = flat[begin : begin + _CHUNK]
             work, whole = scratch[: chunk.size], integers[: chunk.size]
-            np.clip(chunk, -self.clip, self.clip, out=work, casting="unsafe")
+            if base is None:
+                np.copyto(work, chunk, casting="unsafe")
+            else:
+                np.subtract(chunk, base[begin : begin + chunk.size], out=work, dtype=np.float64)
+            if not np.isfinite(work).all():
+                raise ValueError("an update holds NaN or infinite values: it cannot be encoded")
+            np.clip(work, -self.clip, self.clip, out=work)
             work *= factor
             np.rint(work, out=work)
             np.clip(work, -bound, bound, out=work)
@@ -110,3 +124,11 @@ class FixedPoint:
     def decode_weight(self, total: RingArray) -> int:
         """The summed weight element as an integer."""
         return int(self.signed(total).reshape(-1)[0])
+
+
+def _floats(values: npt.ArrayLike) -> npt.NDArray[Any]:
+    """`values` as an array numpy computes with (bfloat16 and the like: as float64)."""
+    source = np.asarray(values)
+    if source.dtype.kind not in "fiu":  # numpy's own floats and integers do the math
+        source = source.astype(np.float64)
+    return source

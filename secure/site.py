@@ -438,11 +438,17 @@ class SiteRound:
         return masks
 
     def masked_update(
-        self, delta: Mapping[str, npt.NDArray[Any]], weight: int
+        self,
+        delta: Mapping[str, npt.NDArray[Any]],
+        weight: int,
+        *,
+        reference: Mapping[str, npt.NDArray[Any]] | None = None,
     ) -> dict[str, RingArray]:
         """MASKED UPLOAD: the delta (trained - global) weighted, encoded and masked, each tensor in
         its shape and the ring's dtype, plus WEIGHT_TENSOR (the masked weight, shape (1,)).
 
+        With `reference` (the global model), `delta` is the trained model and the delta is taken
+        a chunk at a time as it is encoded (`FixedPoint.encode`), never whole in float64.
         `weight` is the sample count (at least 1); above max_weight it counts as max_weight.
         Raises ValueError for a delta with NaN or infinite values (nothing can be uploaded).
         """
@@ -455,8 +461,9 @@ class SiteRound:
         masked: dict[str, RingArray] = {}
         for name, (start, _stop) in layout.slices.items():
             values = np.asarray(delta[name])
+            base = None if reference is None else np.asarray(reference[name]).reshape(-1)
             try:
-                flat = fixed.encode(values.reshape(-1), weight)
+                flat = fixed.encode(values.reshape(-1), weight, reference=base)
             except ValueError as error:
                 raise ValueError(f"tensor {name!r}: {error}") from None
             for key, subtract in masks:

@@ -88,6 +88,27 @@ def test_nan_and_infinity_are_not_encoded() -> None:
             point.encode(np.array([0.0, bad]), 1)
 
 
+def test_encoding_against_a_reference_encodes_the_float64_delta() -> None:
+    """`encode(trained, w, reference=global)` gives the very elements of `encode(trained - global)`
+    taken whole in float64, across chunk boundaries; NaN or inf on either side is refused."""
+    point = fixed(32, 8, 1, clip=0.01)
+    rng = np.random.default_rng(7)
+    size = (1 << 18) * 2 + 5  # past two of encode's chunks
+    global_values = rng.random(size, dtype=np.float32)
+    trained = global_values + rng.uniform(-0.02, 0.02, size).astype(np.float32)
+    delta = trained.astype(np.float64) - global_values.astype(np.float64)
+    chunked = point.encode(trained, 1, reference=global_values)
+    assert np.array_equal(chunked, point.encode(delta, 1))
+    assert not np.array_equal(chunked, point.encode(trained, 1))
+    for bad in (np.nan, np.inf):
+        spoiled = global_values.copy()
+        spoiled[-1] = bad
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            point.encode(trained, 1, reference=spoiled)
+    with pytest.raises(ValueError, match="reference has 3 values"):
+        point.encode(trained, 1, reference=np.zeros(3))
+
+
 def test_ring_problem_names_the_fix() -> None:
     """Fewer than 8 bits per value: the line names bits, the sites, max_weight and what would do."""
     assert SecureAggregationSettings(bits=32, max_weight=65536).ring_problem(100) is None
