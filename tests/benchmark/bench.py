@@ -92,6 +92,7 @@ from foedus.plans import load_plan
 # The benchmark's own modules, beside this file.
 import noop_runner
 import raw_grpc
+import secure_cost
 import wan
 from harness import (
     KIB,
@@ -132,6 +133,9 @@ QUICK = {
     "round_collaborators": 3,
     "round_model_mb": 4.0,
     "scale_collaborators": 20,
+    "secure_setup_collaborators": 6,
+    "secure_scale_collaborators": 12,
+    "secure_neighbours": 4,
     "wan_model_mb": 4.0,
     "wan_rounds": 2,
     "round_timeout": 60.0,
@@ -141,7 +145,7 @@ QUICK = {
 
 # The parts of a run, in order; `--only` runs one of those that stand alone (transfer's ratios
 # need raw's figures).
-PARTS = ("raw", "disk", "transfer", "probe", "round", "steady", "scale", "wan")
+PARTS = ("raw", "disk", "transfer", "probe", "round", "steady", "scale", "secure", "wan")
 ALONE = tuple(part for part in PARTS if part != "transfer")
 
 
@@ -159,6 +163,11 @@ REQUIRED_KEYS = (
     "scale_collaborators",
     "scale_round_seconds",
     "scale_errors",
+    "secure_round_over_plain",
+    "secure_rss_over_model",
+    "secure_upload_over_plain",
+    "secure_setup_seconds",
+    "secure_scale_errors",
 )
 
 
@@ -194,6 +203,31 @@ def build_parser() -> argparse.ArgumentParser:
     add("--round-tensors", type=int, default=4, help="tensors of the round's model (4)")
     add("--scale-collaborators", type=int, default=2000, help="collaborators of the scale round")
     add("--scale-model-kb", type=float, default=10.0, help="model size of the scale round (10)")
+    add(
+        "--secure-bits",
+        type=int,
+        choices=(16, 32, 64),
+        default=32,
+        help="the ring of the secure rounds (secure_aggregation.bits, 32)",
+    )
+    add(
+        "--secure-setup-collaborators",
+        type=int,
+        default=100,
+        help="sites of the secure round whose key setup and share exchange are timed (100)",
+    )
+    add(
+        "--secure-scale-collaborators",
+        type=int,
+        default=500,
+        help="sites of the secure round with neighbours (500)",
+    )
+    add(
+        "--secure-neighbours",
+        type=int,
+        default=16,
+        help="secure_aggregation.neighbours of that round (16; even, below the sites)",
+    )
     add(
         "--wan",
         action=argparse.BooleanOptionalAction,
@@ -234,6 +268,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "round_tensors",
             "scale_collaborators",
             "scale_model_kb",
+            "secure_setup_collaborators",
+            "secure_scale_collaborators",
+            "secure_neighbours",
             "wan_model_mb",
             "wan_rounds",
             "wan_rate_mbit",
@@ -761,6 +798,34 @@ TARGETS = (
     Target("wan_ratio", "<= 1.25", lambda r: r["wan_ratio"] <= 1.25),
     Target("wan_steady_ratio", "<= 1.10", lambda r: r["wan_steady_ratio"] <= 1.10),
     Target(
+        "secure_round_over_plain",
+        "<= 1.5 (Flower's SecAgg+: 6.0)",
+        lambda r: r["secure_round_over_plain"] <= 1.5,
+    ),
+    Target("secure_rss_over_model", "<= 2.5", lambda r: r["secure_rss_over_model"] <= 2.5),
+    Target(
+        "secure_upload_over_plain",
+        "<= 1 (+ the masked weight's one value)",
+        lambda r: (
+            r["secure_bits"] <= 32
+            and r["secure_upload_bytes"] <= r["secure_plain_upload_bytes"] + r["secure_bits"] // 8
+        ),
+    ),
+    Target(
+        "secure_setup_seconds",
+        "< 5 (with 100 sites)",
+        lambda r: r["secure_setup_seconds"] < 5 and r["secure_setup_collaborators"] >= 100,
+    ),
+    Target(
+        "secure_scale_errors",
+        "0 (with 500 sites)",
+        lambda r: (
+            r["secure_scale_errors"] == 0
+            and r["secure_scale_collaborators"] >= 500
+            and r["secure_scale_round_seconds"] is not None
+        ),
+    ),
+    Target(
         "scale_errors",
         "0 (with 2000 collaborators)",
         lambda r: (
@@ -821,6 +886,42 @@ TABLE_KEYS = (
     "scale_get_tasks_calls",
     "scale_aggregator_cpu_seconds",
     "scale_aggregator_peak_rss_mb",
+    "secure_plain_round_seconds",
+    "secure_round_seconds",
+    "secure_round_over_plain",
+    "secure_round_setup_seconds",
+    "secure_round_mask_seconds_max",
+    "secure_round_mask_cpu_seconds_max",
+    "secure_round_unmask_seconds_max",
+    "secure_plain_round_close_after_last_upload_seconds",
+    "secure_round_close_after_last_upload_seconds",
+    "secure_plain_round_aggregator_cpu_seconds",
+    "secure_round_aggregator_cpu_seconds",
+    "secure_plain_round_client_cpu_seconds",
+    "secure_round_client_cpu_seconds",
+    "secure_plain_aggregator_peak_rss_mb",
+    "secure_aggregator_peak_rss_mb",
+    "secure_rss_over_model",
+    "secure_plain_upload_bytes",
+    "secure_upload_bytes",
+    "secure_upload_over_plain",
+    "secure_model_max_abs_diff",
+    "secure_round_errors",
+    "secure_setup_collaborators",
+    "secure_setup_seconds",
+    "secure_setup_site_seconds_max",
+    "secure_setup_site_cpu_seconds_max",
+    "secure_setup_round_seconds",
+    "secure_setup_aggregator_cpu_seconds",
+    "secure_setup_client_cpu_seconds",
+    "secure_setup_errors",
+    "secure_scale_collaborators",
+    "secure_scale_neighbours",
+    "secure_scale_setup_seconds",
+    "secure_scale_round_seconds",
+    "secure_scale_aggregator_cpu_seconds",
+    "secure_scale_aggregator_peak_rss_mb",
+    "secure_scale_errors",
     "wan_floor_seconds",
     "wan_round_seconds",
     "wan_ratio",
@@ -884,9 +985,16 @@ def versions() -> dict[str, str]:
 def benchmark(run: Run) -> None:
     """Every phase, in order, into `run.results`."""
     args = run.args
-    count = max(args.repeats + 2, args.round_collaborators, args.scale_collaborators, 2)
+    secure_sites = (
+        args.round_collaborators,
+        args.secure_setup_collaborators,
+        args.secure_scale_collaborators,
+    )
+    count = max(args.repeats + 2, args.scale_collaborators, *secure_sites, 2)
     if args.only == "scale":
         count = max(args.scale_collaborators, 2)
+    elif args.only == "secure":
+        count = max(*secure_sites, 2)
     names = collaborator_names(count)
     # Each collaborator thread holds a connection of its own, as the aggregator holds one each.
     raise_open_file_limit(files_needed(count))
@@ -910,6 +1018,7 @@ def benchmark(run: Run) -> None:
         "round": partial(measure_round_phase, run, names),
         "steady": partial(measure_steady_round_phase, run, names),
         "scale": partial(measure_scale_phase, run, names),
+        "secure": partial(secure_cost.measure_phase, run, names),
         "wan": partial(wan.measure_phase, run, names),
     }
     for part in PARTS:

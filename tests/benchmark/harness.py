@@ -191,8 +191,13 @@ def write_plan(
     tensors: int,
     limits: Mapping[str, int] | None = None,
     rounds: int = 1,
+    runner_settings: Mapping[str, object] | None = None,
+    secure: Mapping[str, object] | None = None,
 ) -> Path:
     """A `train` plan of `rounds` rounds for `phase` with the no-op runner, on a port the OS picks.
+
+    `runner_settings`: more of the no-op runner's settings (`train_delta`, `data_size`);
+    `secure`: the plan's `secure_aggregation` section (none: a plain federation).
 
     The aggregator starts from the no-op runner's model written to a file (as OpenFL's aggregator
     starts from its `init.pbuf`): the runner builds its model once per process and keeps it,
@@ -201,7 +206,7 @@ def write_plan(
     """
     folder = run.work / phase
     folder.mkdir(parents=True, exist_ok=True)
-    settings = {"model_mb": model_mb, "tensors": tensors}
+    settings = {"model_mb": model_mb, "tensors": tensors, **(runner_settings or {})}
     initial_model = folder / "initial_model.pbuf"
     write_model(
         initial_model, noop_runner.NoopRunner.initial_model(RunnerSettings(RUNNER, 0, settings))
@@ -241,6 +246,8 @@ def write_plan(
         "straggler": {"policy": "wait_for_all"},
         "limits": dict(limits or {}),
     }
+    if secure is not None:
+        document["secure_aggregation"] = dict(secure)
     path = folder / "plan.yaml"
     path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
     return path

@@ -1,19 +1,28 @@
-"""Whole rounds, measured: collaborator threads running the real loop around one aggregator."""
+"""Whole rounds, measured: collaborator threads running the real loop around one aggregator.
+
+A plan with `secure_aggregation` on gives each collaborator thread the real secure rounds too
+(`foedus.collaborator.secure.SecureRounds`, its round files under the plan's folder), timed.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from foedus.collaborator.client import AggregatorGRPCClient, OutgoingTensor, Tasks
 from foedus.collaborator.loop import run_collaborator
+from foedus.collaborator.secure import SecureRounds, SiteIdentity
+from foedus.collaborator.secure_state import RoundFiles
 from foedus.plans import Plan, load_plan
+from foedus.plans.runners import Array
 
 # isort: split
 # The benchmark's own modules, beside this file.
@@ -49,6 +58,7 @@ class TimedClient(AggregatorGRPCClient):
         self.measured_round = 0  # marks are noted in this round only
         self.marks: dict[str, float] = {}
         self.get_tasks_calls = 0
+        self.upload_bytes: int | None = None  # the tensors' bytes of the measured round's upload
         self.gate: threading.Event | None = None
         self.gate_timeout = 600.0
 
@@ -77,9 +87,56 @@ class TimedClient(AggregatorGRPCClient):
         measured = round_number == self.measured_round
         if measured:
             self.marks["upload_start"] = time.perf_counter()
+            # The values' bytes; each tensor's frame (name, shape, dtype, tags) adds a few dozen.
+            self.upload_bytes = sum(np.asarray(tensor.array).nbytes for tensor in tensors)
         super().send_local_task_results(round_number, task_name, data_size, tensors)
         if measured:
             self.marks["upload_end"] = time.perf_counter()
+
+
+class TimedSecureRounds(SecureRounds):
+    """The real secure rounds of one site, noting in its client's marks (in the measured round)
+    when its key setup and share exchange (`before_train`), its masking and its SURVIVORS and
+    UNMASK (`after_round`) start and end, and its own thread's CPU in each (`*_cpu`): what the
+    site would spend on a machine of its own, where the benchmark runs every site on 2 cores."""
+
+    def __init__(
+        self, client: TimedClient, plan: Plan, name: str, identity: SiteIdentity, files: RoundFiles
+    ) -> None:
+        super().__init__(client, plan, name, identity, files)
+        self.timed = client
+
+    @contextmanager
+    def _timing(self, round_number: int, label: str) -> Iterator[None]:
+        marks = self.timed.marks if round_number == self.timed.measured_round else {}
+        marks.setdefault(f"{label}_start", time.perf_counter())
+        cpu = time.thread_time()
+        try:
+            yield
+        finally:
+            marks[f"{label}_cpu"] = marks.get(f"{label}_cpu", 0.0) + time.thread_time() - cpu
+            marks[f"{label}_end"] = time.perf_counter()
+
+    def before_train(self, round_number: int) -> None:
+        """KEYS and SHARES, timed."""
+        with self._timing(round_number, "setup"):
+            super().before_train(round_number)
+
+    def masked_results(
+        self,
+        round_number: int,
+        global_model: Mapping[str, Array],
+        trained: Mapping[str, Array],
+        data_size: int,
+    ) -> tuple[list[OutgoingTensor], int]:
+        """The masked update, timed."""
+        with self._timing(round_number, "mask"):
+            return super().masked_results(round_number, global_model, trained, data_size)
+
+    def after_round(self, round_number: int) -> None:
+        """SURVIVORS and UNMASK, timed."""
+        with self._timing(round_number, "unmask"):
+            super().after_round(round_number)
 
 
 class WarningCounter(logging.Handler):
@@ -136,6 +193,9 @@ class RoundOutcome:
     upload_seconds_max: float | None  # the slowest collaborator's upload
     close_after_last_upload_seconds: float | None  # last upload answered to the round line
     aggregator_exit: int | None
+    round_line: str | None = None  # the aggregator's line for the measured round
+    upload_bytes: int | None = None  # the largest upload's tensor bytes in the measured round
+    marks: list[dict[str, float]] = field(default_factory=list)  # each collaborator's marks
 
 
 def measure_round(
@@ -148,6 +208,8 @@ def measure_round(
     hold: bool = True,
     profile_to: Path | None = None,
     rounds: int = 1,
+    runner_settings: Mapping[str, object] | None = None,
+    secure: Mapping[str, object] | None = None,
 ) -> RoundOutcome:
     """The last of `rounds` rounds of `train`, a collaborator thread per name running the real loop.
 
@@ -155,6 +217,7 @@ def measure_round(
     figures are read (see `TimedClient`); without, the loop runs as it would in production.
     With `rounds` > 1 the rounds before the measured one run untimed: the measured one finds
     the processes' memory and connections warm, as every round after a federation's first.
+    `runner_settings` and `secure` go into the plan (`write_plan`).
     """
     size = int(model_mb * MIB)
     largest = max(tensor_byte_sizes(size, tensors))
@@ -166,6 +229,8 @@ def measure_round(
         tensors=tensors,
         limits=limits_for(largest, size),
         rounds=rounds,
+        runner_settings=runner_settings,
+        secure=secure,
     )
     plan = load_plan(plan_path)
     noop_runner.NoopRunner.initial_model(plan.runner)  # built once here, not in every thread
@@ -186,12 +251,15 @@ class MeasuredRound:
         self.ready = threading.Semaphore(0)
         self.errors: list[str] = []
         self.clients: list[TimedClient] = []
+        self.secure: dict[str, SecureRounds] = {}
         for name in plan.collaborators:
             client = TimedClient.from_plan(plan, name, aggregator_port=port)
             client.gate = self.gate if hold else None
             client.gate_timeout = timeout
             client.measured_round = self.rounds - 1
             self.clients.append(client)
+            if plan.secure_aggregation.enabled:
+                self.secure[name] = secure_rounds(plan, client, name)
         self.outcome = RoundOutcome(
             collaborators=len(self.clients),
             connect_seconds=None,
@@ -227,7 +295,10 @@ class MeasuredRound:
                 collaborator=client.settings.collaborator_name,
                 collaborators=self.plan.collaborators,
             )
-            report = run_collaborator(client, runner, self.plan.runner)
+            name = client.settings.collaborator_name
+            report = run_collaborator(
+                client, runner, self.plan.runner, secure=self.secure.get(name)
+            )
             if not report.quit:
                 self.errors.append(f"{client.settings.collaborator_name}: stopped without quit")
         except Exception as error:  # counted: the round's errors
@@ -263,6 +334,9 @@ class MeasuredRound:
         self.outcome.get_tasks_calls = sum(client.get_tasks_calls for client in self.clients)
         self.outcome.download_seconds_max = self.longest("download_start", "download_end")
         self.outcome.upload_seconds_max = self.longest("upload_start", "upload_end")
+        self.outcome.marks = [dict(client.marks) for client in self.clients]
+        sizes = [client.upload_bytes for client in self.clients if client.upload_bytes is not None]
+        self.outcome.upload_bytes = max(sizes, default=None)
         return self.outcome
 
     def observe(self, aggregator: Process) -> None:
@@ -291,6 +365,7 @@ class MeasuredRound:
         outcome.round_seconds = closed_at - first
         outcome.wall_seconds = closed_at - released
         outcome.aggregator_seconds = float(match.group(1))
+        outcome.round_line = match.string
         uploaded = self.marks("upload_end")
         if uploaded:
             last_upload = max(uploaded)
@@ -311,3 +386,17 @@ class MeasuredRound:
             (c.marks[end] - c.marks[start] for c in self.clients if end in c.marks),
             default=None,
         )
+
+
+def secure_rounds(plan: Plan, client: TimedClient, name: str) -> SecureRounds:
+    """Site `name`'s timed secure rounds, as `collaborator start` makes them: its certificate and
+    key, the federation's CA, its round files in the plan's folder's `collaborator-state/NAME`."""
+    certs = plan.tls.certs
+    if certs is None:
+        raise BenchmarkError("a secure plan needs the federation's certificates (tls.certs_dir)")
+    identity = SiteIdentity.from_files(
+        certs.collaborator_cert(name), certs.collaborator_key(name), certs.ca_bundle
+    )
+    files = RoundFiles(plan.path.parent / "collaborator-state" / name, plan.federation.uuid, name)
+    files.prepare()
+    return TimedSecureRounds(client, plan, name, identity, files)
