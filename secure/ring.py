@@ -84,24 +84,30 @@ class FixedPoint:
         bound = float(self.bound)
         if int(bound) > self.bound:
             bound = float(np.nextafter(bound, 0.0))
+        # clip(d, +-clip) * factor is clip(d * factor, +-clip * factor) (rounding is monotonic),
+        # and a limit at most the (whole) bound keeps rint within it: one clip, before rint.
+        limit = min(self.clip * factor, bound)
         encoded = np.empty(flat.size, dtype=self.dtype)
+        # Written through its signed view: the values fit it, and their bits are the ring's.
+        signed = encoded.view(_SIGNED[self.bits])
         scratch = np.empty(min(flat.size, _CHUNK), dtype=np.float64)
-        integers = np.empty(scratch.size, dtype=np.int64)
-        for begin in range(0, flat.size, _CHUNK):
-            chunk = flat[begin : begin + _CHUNK]
-            work, whole = scratch[: chunk.size], integers[: chunk.size]
-            if base is None:
-                np.copyto(work, chunk, casting="unsafe")
-            else:
-                np.subtract(chunk, base[begin : begin + chunk.size], out=work, dtype=np.float64)
-            if not np.isfinite(work).all():
-                raise ValueError("an update holds NaN or infinite values: it cannot be encoded")
-            np.clip(work, -self.clip, self.clip, out=work)
-            work *= factor
-            np.rint(work, out=work)
-            np.clip(work, -bound, bound, out=work)
-            np.copyto(whole, work, casting="unsafe")
-            np.copyto(encoded[begin : begin + chunk.size], whole, casting="unsafe")
+        with np.errstate(over="ignore"):  # a huge finite value times factor: inf, clipped
+            for begin in range(0, flat.size, _CHUNK):
+                chunk = flat[begin : begin + _CHUNK]
+                work = scratch[: chunk.size]
+                if base is None:
+                    checked = chunk
+                    np.multiply(chunk, factor, out=work, dtype=np.float64)
+                else:
+                    checked = work
+                    np.subtract(chunk, base[begin : begin + chunk.size], out=work, dtype=np.float64)
+                if not np.isfinite(checked).all():
+                    raise ValueError("an update holds NaN or infinite values: it cannot be encoded")
+                if base is not None:
+                    work *= factor
+                np.clip(work, -limit, limit, out=work)
+                np.rint(work, out=work)
+                np.copyto(signed[begin : begin + chunk.size], work, casting="unsafe")
         return encoded.reshape(source.shape)
 
     def encode_weight(self, weight: int) -> RingArray:
