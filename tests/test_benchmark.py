@@ -31,6 +31,11 @@ FIGURES = (
     "scale_round_seconds",
     "scale_errors",
     "payload_mb",
+    "secure_round_over_plain",
+    "secure_rss_over_model",
+    "secure_upload_over_plain",
+    "secure_setup_seconds",
+    "secure_scale_errors",
 )
 # The wide-area round's figures: measured when the run may make network namespaces (root).
 WAN_FIGURES = (
@@ -83,6 +88,10 @@ def test_quick_benchmark_writes_every_figure_as_a_number(tmp_path: Path) -> None
         assert not isinstance(value, bool), f"{key}: {value!r}"
         assert math.isfinite(value), f"{key}: {value!r}"
     assert results["scale_collaborators"] == 20  # --quick's size, so the run was the quick one
+    for key in ("secure_round_errors", "secure_setup_errors", "secure_scale_errors"):
+        # Each secure round closed trained, with every site in it.
+        assert results[key] == 0, (key, results.get(key.replace("errors", "first_error")))
+    assert results["secure_model_max_abs_diff"] < 1e-6  # secure and plain FedAvg agree
     assert all(isinstance(verdict["met"], bool) for verdict in results["targets"].values())
     assert f"written: {output}" in stdout
 

@@ -41,7 +41,13 @@ Phases, in order:
    not a target): what the first round pays once, and later rounds do not.
 6. scale: `scale_collaborators` threads and a `scale_model_kb` model, the loop unheld, so the
    polling of those that have uploaded is part of the load.
-7. wide area (`wan.py`; needs root, skipped with a note otherwise): 4 sites, each a collaborator
+7. secure (`secure_cost.py`): the round's sizes as a plain round and then a secure one, in turns
+   `secure_pairs` times, the fastest of each kind kept
+   (`secure_round_over_plain`, the aggregator's peak memory over the model, the masked upload's
+   bytes over the plain one's, the two final models compared); the key setup and share exchange
+   of a secure round of `secure_setup_collaborators` sites (`secure_setup_seconds`); a secure
+   round of `secure_scale_collaborators` sites with `secure_neighbours` (its errors).
+8. wide area (`wan.py`; needs root, skipped with a note otherwise): 4 sites, each a collaborator
    process in a network namespace of its own behind a veth link shaped to `wan_rate_mbit` each
    way, with `wan_rtt_ms` of round trip added by a delay line; `wan_rounds` rounds of a
    `wan_model_mb` model. `wan_round_seconds` (the first, from the start, nothing connected yet)
@@ -133,6 +139,7 @@ QUICK = {
     "round_collaborators": 3,
     "round_model_mb": 4.0,
     "scale_collaborators": 20,
+    "secure_pairs": 1,
     "secure_setup_collaborators": 6,
     "secure_scale_collaborators": 12,
     "secure_neighbours": 4,
@@ -211,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the ring of the secure rounds (secure_aggregation.bits, 32)",
     )
     add(
+        "--secure-pairs",
+        type=int,
+        default=2,
+        help="plain and secure rounds measured in turns; the fastest of each kind is kept (2)",
+    )
+    add(
         "--secure-setup-collaborators",
         type=int,
         default=100,
@@ -268,6 +281,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "round_tensors",
             "scale_collaborators",
             "scale_model_kb",
+            "secure_pairs",
             "secure_setup_collaborators",
             "secure_scale_collaborators",
             "secure_neighbours",
@@ -901,6 +915,8 @@ TABLE_KEYS = (
     "secure_round_client_cpu_seconds",
     "secure_plain_aggregator_peak_rss_mb",
     "secure_aggregator_peak_rss_mb",
+    "secure_round_aggregator_rss_until_last_upload_mb",
+    "secure_round_aggregator_rss_after_last_upload_mb",
     "secure_rss_over_model",
     "secure_plain_upload_bytes",
     "secure_upload_bytes",
@@ -1030,6 +1046,9 @@ def benchmark(run: Run) -> None:
         profile["aggregator_transfer"] = profile_transfer(run, names)
         say("the round again, its aggregator under cProfile")
         profile["aggregator_round"] = profile_round(run, names)
+        if args.only in (None, "secure"):
+            say("the secure round again, its aggregator under cProfile")
+            profile["aggregator_secure_round"] = secure_cost.profile_secure_round(run, names)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,8 +2,8 @@
 
 Usage: ``python profiled_aggregator.py STATS_FILE start --plan PLAN ...``. `Runtime.run` (the
 main thread once serving: closing rounds, aggregating, saving) is profiled whole, start-up left
-out; each `GetAggregatedModel` (each step of its stream) and `SendLocalTaskResults` call is
-profiled in its worker thread.
+out; each `GetAggregatedModel` (each step of its stream), `SendLocalTaskResults` and
+`PostSecureMessage` call is profiled in its worker thread.
 On exit the merged statistics are written to STATS_FILE (`pstats` format). Product code is not
 changed: the methods are wrapped here, before the server registers them.
 """
@@ -24,7 +24,7 @@ from foedus.aggregator import cli
 from foedus.aggregator.runtime import Runtime
 from foedus.aggregator.servicer import AggregatorServicer
 
-PROFILED_RPCS = ("GetAggregatedModel", "SendLocalTaskResults")
+PROFILED_RPCS = ("GetAggregatedModel", "SendLocalTaskResults", "PostSecureMessage")
 
 
 def main(argv: list[str]) -> int:

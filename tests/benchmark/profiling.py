@@ -154,7 +154,7 @@ def _seconds(value: float | None) -> str:
 
 def print_profile(profile: Mapping[str, Any]) -> None:
     """The --profile findings on stdout."""
-    for label in ("aggregator_transfer", "aggregator_round"):
+    for label in ("aggregator_transfer", "aggregator_round", "aggregator_secure_round"):
         server = profile.get(label)
         if not isinstance(server, dict):
             continue

@@ -5,11 +5,11 @@ the real loop and the real secure rounds (`rounds.py`), the no-op runner adding 
 every value, each site weighing 1 (`max_weight` 1: the finest fixed point the ring allows):
 
 1. plain, then secure: `round_collaborators` x `round_model_mb` (the round part's sizes), one
-   round each, in this order, in the same run: `secure_round_over_plain` (first download to the
-   aggregator's round line, the secure stages inside it), the aggregator's peak memory in the
-   secure round over the model (`secure_rss_over_model`), the largest masked upload's bytes
-   over the plain one's (`secure_upload_over_plain`), and the two federations' final models
-   compared (`secure_model_max_abs_diff`: the quantization, measured).
+   round each, in this order, `secure_pairs` times: `secure_round_over_plain` (the fastest of
+   each: first download to the aggregator's round line, the secure stages inside it), the
+   aggregator's largest peak memory in a secure round over the model (`secure_rss_over_model`),
+   the largest masked upload's bytes over the plain one's (`secure_upload_over_plain`), and the
+   first pair's final models compared (`secure_model_max_abs_diff`: the quantization, measured).
 2. setup: a secure round of `secure_setup_collaborators` sites (100) and a `scale_model_kb` model:
    `secure_setup_seconds`, from the first site's KEYS post to the last site's SHARES relay
    accepted (every key signed, relayed and checked, every share sealed, relayed and opened:
@@ -34,6 +34,8 @@ from foedus.aggregator.storage import read_model
 # isort: split
 # The benchmark's own modules, beside this file.
 from harness import KIB, Run, say
+from profiled_aggregator import PROFILED_RPCS
+from profiling import top_functions
 from rounds import RoundOutcome, measure_round
 
 # Each site's update: every value moved by 2**-10 (the no-op runner's `train_delta`).
@@ -113,8 +115,16 @@ def cpu(seconds: tuple[float, float] | None) -> float | None:
     return None if seconds is None else sum(seconds)
 
 
+def fastest(outcomes: Sequence[RoundOutcome]) -> RoundOutcome:
+    """The round of `outcomes` that closed soonest (the first when none closed)."""
+    closed = [outcome for outcome in outcomes if outcome.round_seconds is not None]
+    return min(closed, key=lambda o: o.round_seconds or 0.0) if closed else outcomes[0]
+
+
 def measure_secure_round(run: Run, names: Sequence[str]) -> None:
-    """The plain round, then the secure one of the same sizes; their figures side by side."""
+    """`secure_pairs` times a plain round then a secure one of the same sizes, in turns (so both
+    meet the shared machine alike); the fastest of each kind side by side, as throughputs are
+    the best of their samples; memory the largest peak of the secure rounds."""
     args = run.args
     members = names[: args.round_collaborators]
     common: dict[str, Any] = {
@@ -122,15 +132,27 @@ def measure_secure_round(run: Run, names: Sequence[str]) -> None:
         "tensors": args.round_tensors,
         "runner_settings": RUNNER,
     }
-    plain = measure_round(run, "secure-plain", members, **common)
-    secure = measure_round(
-        run, "secure-round", members, secure=settings(args.secure_bits), **common
-    )
-    plain_errors, secure_errors = round_errors(plain), round_errors(secure)
-    rss = secure.peak_rss_mb
+    plains: list[RoundOutcome] = []
+    secures: list[RoundOutcome] = []
+    for index in range(args.secure_pairs):
+        plains.append(measure_round(run, f"secure-plain-{index}", members, **common))
+        secures.append(
+            measure_round(
+                run, f"secure-round-{index}", members, secure=settings(args.secure_bits), **common
+            )
+        )
+    plain, secure = fastest(plains), fastest(secures)
+    plain_errors = [error for outcome in plains for error in round_errors(outcome)]
+    secure_errors = [error for outcome in secures for error in round_errors(outcome)]
+    peaks = [outcome.peak_rss_mb for outcome in secures if outcome.peak_rss_mb is not None]
+    rss = max(peaks, default=None)
     results = run.results
     results.update(
         secure_bits=args.secure_bits,
+        secure_pairs=args.secure_pairs,
+        secure_plain_round_seconds_samples=[o.round_seconds for o in plains],
+        secure_round_seconds_samples=[o.round_seconds for o in secures],
+        secure_aggregator_peak_rss_mb_samples=[o.peak_rss_mb for o in secures],
         secure_plain_round_seconds=plain.round_seconds,
         secure_round_seconds=secure.round_seconds,
         secure_round_over_plain=(
@@ -141,6 +163,8 @@ def measure_secure_round(run: Run, names: Sequence[str]) -> None:
         secure_plain_aggregator_peak_rss_mb=plain.peak_rss_mb,
         secure_aggregator_peak_rss_mb=rss,
         secure_rss_over_model=None if rss is None else rss / args.round_model_mb,
+        secure_round_aggregator_rss_until_last_upload_mb=secure.rss_until_last_upload_mb,
+        secure_round_aggregator_rss_after_last_upload_mb=secure.rss_after_last_upload_mb,
         secure_plain_upload_bytes=plain.upload_bytes,
         secure_upload_bytes=secure.upload_bytes,
         secure_upload_over_plain=(
@@ -162,7 +186,7 @@ def measure_secure_round(run: Run, names: Sequence[str]) -> None:
         secure_round_client_cpu_seconds=cpu(secure.client_cpu_seconds),
         secure_round_errors=len(plain_errors) + len(secure_errors),
         secure_model_max_abs_diff=max_abs_difference(
-            final_model(run, "secure-plain"), final_model(run, "secure-round")
+            final_model(run, "secure-plain-0"), final_model(run, "secure-round-0")
         ),
     )
     if plain_errors or secure_errors:
@@ -244,3 +268,25 @@ def measure_neighbours(run: Run, names: Sequence[str]) -> None:
         f"secure scale: {outcome.collaborators} sites with {args.secure_neighbours} neighbours "
         f"each: {closed}, {len(errors)} errors"
     )
+
+
+def profile_secure_round(run: Run, names: Sequence[str]) -> dict[str, Any]:
+    """The secure round again, its aggregator under cProfile: its costliest functions by own time."""
+    args = run.args
+    stats_file = run.work / "secure-round-profiled" / "aggregator.prof"
+    outcome = measure_round(
+        run,
+        "secure-round-profiled",
+        names[: args.round_collaborators],
+        model_mb=args.round_model_mb,
+        tensors=args.round_tensors,
+        runner_settings=RUNNER,
+        secure=settings(args.secure_bits),
+        profile_to=stats_file,
+    )
+    return {
+        "seconds_under_profiler": outcome.round_seconds,
+        "what": f"the secure round ({args.round_collaborators} x {args.round_model_mb:g} MB)",
+        "rpcs": list(PROFILED_RPCS),
+        "top_tottime": top_functions(stats_file),
+    }
