@@ -12,7 +12,7 @@ the weight element: `VectorLayout` gives each tensor's [start, stop) in it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,9 @@ from foedus.secure.ring import RingArray
 _BLOCK = 16  # AES's block, the counter's step
 _CHUNK = 4 << 20  # bytes of keystream per call into OpenSSL
 _ZEROS = bytes(_CHUNK)  # encrypted, zeros are the keystream itself
+# Bytes of each key's keystream per step when several masks are added at once (`add_masks`):
+# the target's window and the keystream stay in the processor's cache.
+_FUSED = 1 << 20
 
 
 def _check(key: bytes, start: int, stop: int) -> None:
@@ -81,6 +84,40 @@ def add_mask(target: RingArray, key: bytes, start: int, *, subtract: bool = Fals
         window = target[offset : offset + piece.size]
         operation(window, piece, out=window)
         offset += piece.size
+
+
+def add_masks(target: RingArray, masks: Sequence[tuple[bytes, bool]], start: int) -> None:
+    """`add_mask` of every (key, subtract) of `masks` at once, the same elements in the end: a
+    MB of `target` at a time under every key in turn, so `target` is read and written once while
+    it is in the processor's cache, not once per mask from memory.
+    """
+    stop = start + target.size
+    for key, _ in masks:
+        _check(key, start, stop)
+    width = target.dtype.itemsize
+    first_block, skip = divmod(start * width, _BLOCK)
+    counter = first_block.to_bytes(_BLOCK, "big")
+    streams = [
+        (Cipher(algorithms.AES(key), modes.CTR(counter)).encryptor(), subtract)
+        for key, subtract in masks
+    ]
+    remaining = stop * width - first_block * _BLOCK
+    # update_into wants room for a block more than it writes.
+    buffer = np.empty(min(remaining, _FUSED) + _BLOCK, dtype=np.uint8)
+    out = memoryview(buffer)  # type: ignore[arg-type]
+    zeros = memoryview(_ZEROS)
+    offset = 0
+    while remaining > 0:
+        count = min(_FUSED, remaining)
+        size = (count - skip) // width  # skip and count are whole elements (width divides 16)
+        window = target[offset : offset + size]
+        piece = buffer[skip:count].view(target.dtype)
+        for encryptor, subtract in streams:
+            encryptor.update_into(zeros[:count], out)
+            (np.subtract if subtract else np.add)(window, piece, out=window)
+        offset += size
+        remaining -= count
+        skip = 0
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ from foedus.secure.keys import (
     verify_advertisement,
     verify_signature,
 )
-from foedus.secure.masks import VectorLayout, add_mask, keystream
+from foedus.secure.masks import VectorLayout, add_masks, keystream
 from foedus.secure.records import (
     Advertisement,
     RevealedShare,
@@ -466,12 +466,10 @@ class SiteRound:
                 flat = fixed.encode(values.reshape(-1), weight, reference=base)
             except ValueError as error:
                 raise ValueError(f"tensor {name!r}: {error}") from None
-            for key, subtract in masks:
-                add_mask(flat, key, start, subtract=subtract)
+            add_masks(flat, masks, start)
             masked[name] = flat.reshape(values.shape)
         flat = fixed.encode_weight(weight)
-        for key, subtract in masks:
-            add_mask(flat, key, layout.weight, subtract=subtract)
+        add_masks(flat, masks, layout.weight)
         masked[WEIGHT_TENSOR] = flat
         return masked
 

@@ -30,7 +30,7 @@ from foedus.secure.keys import (
     seed_commitment,
     self_mask_key,
 )
-from foedus.secure.masks import VectorLayout, add_mask
+from foedus.secure.masks import VectorLayout, add_masks
 from foedus.secure.records import Advertisement, RevealedShare, SecretKind
 from foedus.secure.ring import FixedPoint, RingArray
 
@@ -105,8 +105,7 @@ class Unmasking:
     def mask(self, start: int, stop: int) -> RingArray:
         """What to subtract from the survivors' summed vector at global offsets [start, stop)."""
         total = np.zeros(stop - start, dtype=self.fixed_point.dtype)
-        for key, negated in self._terms:
-            add_mask(total, key, start, subtract=negated)
+        add_masks(total, self._terms, start)
         return total
 
     def unmask(self, summed: RingArray, start: int) -> RingArray:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from foedus.plans.schema import SecureAggregationSettings
 from foedus.secure.context import WEIGHT_TENSOR
-from foedus.secure.masks import VectorLayout, add_mask, keystream
+from foedus.secure.masks import VectorLayout, add_mask, add_masks, keystream
 from foedus.secure.ring import FixedPoint
 
 
@@ -153,6 +153,30 @@ def test_a_mask_added_then_subtracted_is_gone() -> None:
     np.testing.assert_array_equal(masked, values)
     with pytest.raises(ValueError, match="32 bytes"):
         keystream(b"short", 0, 1, np.uint32)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.uint64])
+@pytest.mark.parametrize("start", [0, 3, 1000])
+def test_masks_added_at_once_are_the_masks_added_one_by_one(
+    dtype: type[np.unsignedinteger], start: int
+) -> None:
+    """`add_masks` gives the elements `add_mask` gives key by key, from any start (mid-block
+    too) and past several of its steps; its own keystream bytes are AES-CTR's."""
+    rng = np.random.default_rng(5)
+    size = (1 << 20) // np.dtype(dtype).itemsize * 2 + 7  # past two steps of a MB
+    masks = [(secrets.token_bytes(32), bool(index % 2)) for index in range(5)]
+    base = rng.integers(0, np.iinfo(dtype).max, size, dtype=dtype, endpoint=True)
+    one_by_one, at_once = base.copy(), base.copy()
+    for key, subtract in masks:
+        add_mask(one_by_one, key, start, subtract=subtract)
+    add_masks(at_once, masks, start)
+    assert np.array_equal(one_by_one, at_once)
+    alone = np.zeros(size, dtype=dtype)
+    add_masks(alone, masks[:1], start)
+    assert np.array_equal(alone, keystream(masks[0][0], start, start + size, dtype))
+    nothing = base.copy()
+    add_masks(nothing, [], start)
+    assert np.array_equal(nothing, base)
 
 
 def test_the_vector_layout_is_sorted_names_then_the_weight() -> None:
