@@ -41,6 +41,8 @@ from rounds import RoundOutcome, measure_round
 # Each site's update: every value moved by 2**-10 (the no-op runner's `train_delta`).
 TRAIN_DELTA = 2.0**-10
 CLIP = 1.0  # above the delta: nothing is cut
+# The no-op runner's settings of every round here, plain or secure: each site weighs 1.
+RUNNER = {"train_delta": TRAIN_DELTA, "data_size": 1}
 
 
 def settings(bits: int, neighbours: int | None = None) -> dict[str, object]:
@@ -49,9 +51,6 @@ def settings(bits: int, neighbours: int | None = None) -> dict[str, object]:
     if neighbours is not None:
         section["neighbours"] = neighbours
     return section
-
-
-RUNNER = {"train_delta": TRAIN_DELTA, "data_size": 1}
 
 
 def measure_phase(run: Run, names: Sequence[str]) -> None:
