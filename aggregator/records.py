@@ -138,7 +138,7 @@ class RoundSummary(RoundRecord):
 
 class NextModel(Protocol):
     """A round's next global model before it is computed: `AveragedModel` (FedAvg of the sites'
-    models), or `foedus.aggregator.secure_stages.SecureModel` (the unmasked sum of a secure
+    models), or `foedus.aggregator.secure_model.SecureModel` (the unmasked sum of a secure
     round); the store has it computed a slice at a time into wherever it keeps the model."""
 
     @property
