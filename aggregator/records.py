@@ -119,8 +119,8 @@ class RoundRecord:
     trained: bool  # whether any `train` result was averaged into the model
     # Each reporter's own metrics, as it sent them; empty for rounds closed before they were kept.
     sites: SiteMetrics = field(default_factory=dict)
-    secure: bool = False  # a training round of a secure federation: its model unmasked, not averaged
-    stages: tuple[StageRecord, ...] = ()  # a secure round's steps (`foedus.aggregator.secure_record`)
+    secure: bool = False  # a training round of a secure federation: unmasked, not averaged
+    stages: tuple[StageRecord, ...] = ()  # its steps (`foedus.aggregator.secure_record`)
     untrained: str = ""  # why a secure round closed untrained (one line); "" if it did not
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from test_secure_stages import DELTAS, delta_of, secure_federation
+
 from foedus.aggregator.record_json import record_from_json, record_to_json
 from foedus.aggregator.records import RoundRecord
 from foedus.aggregator.runtime import Runtime
@@ -20,7 +22,6 @@ from clocks import Clock
 from federations import COLLABORATORS, UUID, federation, open_state, report, result
 from secure_sites import SETTINGS, Sites
 from servers import make_plan
-from test_secure_stages import DELTAS, delta_of, secure_federation
 
 
 def metrics_row(record: RoundRecord, folder: Path) -> MetricsRow:
