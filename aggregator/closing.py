@@ -116,7 +116,7 @@ class RoundCloser:
                 best, best_is_round_model = improved_best(
                     best_model, state.best, round_number, metrics, rounds=schedule.rounds
                 )
-                stages, untrained = secure.record() if secure is not None else ((), "")
+                stages, untrained = secure.record(started) if secure is not None else ((), "")
                 now = self._clock()
                 summary = RoundSummary(
                     round_number=round_number,

@@ -546,9 +546,10 @@ class SecureStages:
             self._untrained = str(failure)
         return None
 
-    def record(self) -> tuple[tuple[StageRecord, ...], str]:
-        """The round in progress's steps so far (`secure_record.stage_records`), and why it
-        closes untrained ("" unless `next_model` said so)."""
+    def record(self, handed_out: float) -> tuple[tuple[StageRecord, ...], str]:
+        """The round in progress's steps so far (`secure_record.stage_records`; KEYS from the
+        round's first hand-out, `handed_out` on this clock, if later than its opening), and why
+        it closes untrained ("" unless `next_model` said so)."""
         with self._lock:
             steps: list[Step] = []
             for stage in Stage:
@@ -560,5 +561,8 @@ class SecureStages:
                     steps.append(Step("UPLOAD", self._survivors, started, state.opened_at))
                 if state.members is None:
                     break
-                steps.append(Step(stage.name, state.members, state.opened_at, state.closed_at))
+                opened = state.opened_at
+                if stage is Stage.KEYS and opened is not None:
+                    opened = max(opened, handed_out)
+                steps.append(Step(stage.name, state.members, opened, state.closed_at))
             return stage_records(self.collaborators, steps), self._untrained

@@ -51,9 +51,10 @@ class StageRecord:
     """One step of a secure round (`SECURE_STEPS`): how long it took, who dropped out in it."""
 
     stage: str
-    # From the step's start (the step before it ended; KEYS: the round opened) to its end. A step
-    # in progress when the aggregator restarted counts from the restart (as the round's `seconds`
-    # do); None: one that ended before the restart.
+    # From the step's start (the step before it ended; KEYS: the round's tasks were first handed
+    # out, as for the round's `seconds`) to its end. A step in progress when the aggregator
+    # restarted counts from the restart (as the round's `seconds` do); None: one that ended
+    # before the restart.
     seconds: float | None
     dropped: tuple[str, ...] = ()  # members of the step before (KEYS: the collaborators) not in it
 

@@ -35,7 +35,8 @@ def test_a_secure_rounds_record_has_each_steps_time_and_who_dropped_out(
     tmp_path: Path, certs: CertsLayout
 ) -> None:
     """carol shares her keys, then dies before her upload: UPLOAD drops her; each step's time
-    is from the end of the step before; the record reads back from the state and its row."""
+    is from the end of the step before (KEYS: from the round's first hand-out); the record
+    reads back from the state and its row."""
     clock = Clock()
     state = open_state(tmp_path / "state")
     try:
@@ -43,6 +44,8 @@ def test_a_secure_rounds_record_has_each_steps_time_and_who_dropped_out(
             state, clock=clock, tasks=(AGGREGATED_MODEL_VALIDATION, "train"), rounds=1
         )
         sites = Sites.of(fed, certs, COLLABORATORS, uuid=UUID)
+        clock.now += 30  # the collaborators start: KEYS counts from the first hand-out
+        assert fed.assignment("alice").tasks
         clock.now += 2
         sites.keys()
         clock.now += 3
