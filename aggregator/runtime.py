@@ -291,6 +291,9 @@ class Runtime:
             metrics=record.metrics,
             seconds=round(record.seconds, 3),
             sites=record.sites,
+            secure=record.secure,
+            stages=record.stages,
+            untrained=record.untrained,
         )
 
     def round_line(self, summary: RoundSummary) -> str:

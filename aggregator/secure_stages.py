@@ -52,7 +52,9 @@ from foedus.aggregator.records import (
 )
 from foedus.aggregator.secure_model import SecureModel
 from foedus.aggregator.secure_posts import check_form
+from foedus.aggregator.secure_record import Step, stage_records
 from foedus.aggregator.store import FederationStore
+from foedus.history.rows import StageRecord
 from foedus.plans.schema import SecureAggregationSettings, StragglerPolicy, StragglerSettings
 from foedus.refusals.errors import InvalidRequestError, PreconditionError
 from foedus.secure import (
@@ -80,6 +82,7 @@ class _Stage:
     posts: dict[str, tuple[bytes, Post]] = field(default_factory=dict)  # by collaborator
     members: tuple[str, ...] | None = None  # None: still open
     opened_at: float | None = None  # the clock's time it opened (None: not yet)
+    closed_at: float | None = None  # the clock's time it closed (None: open, or before a restart)
 
 
 class SecureStages:
@@ -120,6 +123,7 @@ class SecureStages:
         self._context = RoundContext(federation_uuid, 0, self.collaborators, settings)
         # SHARES's relays by receiver, made once the stage has closed (each relay is then a look-up)
         self._inbox: dict[str, tuple[SealedShare, ...]] | None = None
+        self._untrained = ""  # why the round closes untrained, once `next_model` found out
         self.open_round(0)
 
     # -- the round ---------------------------------------------------------------------------------
@@ -144,6 +148,7 @@ class SecureStages:
                 self.federation_uuid, round_number, self.collaborators, self.settings
             )
             self._inbox = None
+            self._untrained = ""
             now = self._clock()
             self._stages = {stage: _Stage() for stage in Stage}
             self._stages[Stage.KEYS].opened_at = now
@@ -366,9 +371,10 @@ class SecureStages:
             members = tuple(sorted(state.posts))
             self.store.record_secure_close(SecureClose(self.round_number, int(stage), members))
             state.members = members
+            state.closed_at = now = self._clock()
             closed = True
             if stage in (Stage.KEYS, Stage.SURVIVORS):  # SURVIVORS opens when it is decided
-                self._stages[Stage(stage + 1)].opened_at = self._clock()
+                self._stages[Stage(stage + 1)].opened_at = now
             logger.info(
                 "round %d's %s stage closed with %s",
                 self.round_number,
@@ -536,4 +542,27 @@ class SecureStages:
         logger.warning(
             "round %d closes untrained: %s; the global model stays as it was", number, failure
         )
+        with self._lock:
+            self._untrained = str(failure)
         return None
+
+    def record(self, handed_out: float) -> tuple[tuple[StageRecord, ...], str]:
+        """The round in progress's steps so far (`secure_record.stage_records`; KEYS from the
+        round's first hand-out, `handed_out` on this clock, if later than its opening), and why
+        it closes untrained ("" unless `next_model` said so)."""
+        with self._lock:
+            steps: list[Step] = []
+            for stage in Stage:
+                state = self._stages[stage]
+                if stage is Stage.SURVIVORS:  # the masked upload ends when survivors are named
+                    if self._survivors is None:
+                        break
+                    started = self._stages[Stage.SHARES].closed_at
+                    steps.append(Step("UPLOAD", self._survivors, started, state.opened_at))
+                if state.members is None:
+                    break
+                opened = state.opened_at
+                if stage is Stage.KEYS and opened is not None:
+                    opened = max(opened, handed_out)
+                steps.append(Step(stage.name, state.members, opened, state.closed_at))
+            return stage_records(self.collaborators, steps), self._untrained
