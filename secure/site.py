@@ -223,7 +223,7 @@ class SiteRound:
         holders = [name for name in self.context.holders(self.name) if name in keys]
         if len(holders) < self.context.threshold:
             logger.warning(
-                "round %d: only %d of site %r's holders are in the round (threshold %d): its "
+                "round %d: only %d of site %s's holders are in the round (threshold %d): its "
                 "secrets cannot be rebuilt, and the round cannot close trained if it is needed",
                 self.context.round_number,
                 len(holders),
@@ -302,7 +302,7 @@ class SiteRound:
         )
         for sender in missing:
             logger.warning(
-                "round %d: site %r holds no share of %r's secrets (%s); the other holders' suffice "
+                "round %d: site %r holds no share of %s's secrets (%s); the other holders' suffice "
                 "while %d of them take part",
                 self.context.round_number,
                 self.name,
@@ -482,7 +482,7 @@ class SiteRound:
                 signed.add(who)
             else:
                 logger.warning(
-                    "round %d: site %r ignores the confirmation relayed as %r's: %s",
+                    "round %d: site %r ignores the confirmation relayed as %s's: %s",
                     self.context.round_number,
                     self.name,
                     who,

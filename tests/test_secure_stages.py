@@ -6,6 +6,7 @@ and a restart that goes on with the very same messages and model. The sites are 
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import re
 import sqlite3
@@ -21,7 +22,7 @@ from foedus.aggregator.federation import Federation
 from foedus.aggregator.records import Array, RoundCommit, RoundRecord, SecureClose, SecurePost
 from foedus.aggregator.runtime import Runtime
 from foedus.aggregator.state import DurableState
-from foedus.aggregator.storage import OutputFolder
+from foedus.aggregator.storage import OutputFolder, read_model
 from foedus.aggregator.store import FederationStore, MemoryStore
 from foedus.pki.layout import CertsLayout
 from foedus.plans.schema import AGGREGATED_MODEL_VALIDATION, StragglerPolicy, StragglerSettings
@@ -504,8 +505,13 @@ def test_a_stage_below_the_threshold_fails_the_round_untrained(
     for key, array in fed.model().items():
         np.testing.assert_array_equal(array, model()[key])
     plan = dataclasses.replace(make_plan(None), secure_aggregation=SETTINGS)
-    line = Runtime(plan, fed, OutputFolder(tmp_path)).round_line(summary)
+    runtime = Runtime(plan, fed, OutputFolder(tmp_path))
+    line = runtime.round_line(summary)
     assert "reported nobody (missing alice,bob,carol)  untrained: secure aggregation failed" in line
+    # Were it the federation's last round, the model the final line names is written anyway.
+    runtime.out = io.StringIO()
+    runtime.record(dataclasses.replace(summary, finished=True))
+    assert read_model(runtime.output.last_model, 1 << 20).keys() == model().keys()
 
 
 def test_fewer_survivors_than_the_threshold_close_the_round_untrained(
