@@ -17,7 +17,8 @@ A secure round (`foedus.aggregator.secure_stages`) closes in the same two steps,
 unmasking between them: `decide_close` fixes the reporters (the survivors among them), then the
 round waits, refusing results, for its SURVIVORS and UNMASK stages; once they have closed, the
 new model is the survivors' unmasked sum (`SecureModel`) instead of an average. A round whose
-secure stages failed closes at once, untrained.
+secure stages failed closes at once, untrained. Its record keeps each step's time, who dropped
+out in it and, when it closed untrained, why (`SecureStages.record`).
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ class RoundCloser:
                 best, best_is_round_model = improved_best(
                     best_model, state.best, round_number, metrics, rounds=schedule.rounds
                 )
+                stages, untrained = secure.record(started) if secure is not None else ((), "")
                 now = self._clock()
                 summary = RoundSummary(
                     round_number=round_number,
@@ -129,6 +131,9 @@ class RoundCloser:
                     finished=round_number + 1 >= schedule.total_rounds,
                     sites=sites,
                     best=best or state.best,
+                    secure=secure is not None,
+                    stages=stages,
+                    untrained=untrained,
                 )
                 kept = self.store.commit_round(
                     RoundCommit(

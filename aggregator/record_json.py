@@ -1,6 +1,8 @@
 """A closed round's `RoundRecord` as the aggregator's state keeps it: JSON, NaN metrics kept as NaN.
 
-Records written before each reporter's own metrics (``sites``) were kept read back with none.
+Records written before each reporter's own metrics (``sites``) were kept read back with none, and
+those written before secure aggregation's steps were kept (``secure``, ``stages``, ``untrained``)
+as rounds aggregated in the clear that said nothing of why they were untrained.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import json
 
 from foedus.aggregator.records import RoundRecord
+from foedus.history.rows import StageRecord
 
 
 def record_to_json(record: RoundRecord) -> str:
@@ -25,13 +28,16 @@ def record_to_json(record: RoundRecord) -> str:
                 site: {task: dict(values) for task, values in tasks.items()}
                 for site, tasks in record.sites.items()
             },
+            "secure": record.secure,
+            "stages": [stage.to_dict() for stage in record.stages],
+            "untrained": record.untrained,
         },
         sort_keys=True,
     )
 
 
 def record_from_json(text: object) -> RoundRecord:
-    """The record `record_to_json` wrote (also before it kept ``sites``)."""
+    """The record `record_to_json` wrote (also before it kept ``sites`` or the secure steps)."""
     data = json.loads(str(text))
     return RoundRecord(
         round_number=int(data["round"]),
@@ -51,4 +57,14 @@ def record_from_json(text: object) -> RoundRecord:
             }
             for site, tasks in data.get("sites", {}).items()
         },
+        secure=bool(data.get("secure", False)),
+        stages=tuple(
+            StageRecord(
+                stage=str(stage["stage"]),
+                seconds=None if stage["seconds"] is None else float(stage["seconds"]),
+                dropped=tuple(stage["dropped"]),
+            )
+            for stage in data.get("stages", ())
+        ),
+        untrained=str(data.get("untrained", "")),
     )

@@ -23,6 +23,7 @@ from foedus.aggregator.fedavg import (
     average_sources_into,
 )
 from foedus.aggregator.liveness import Departure
+from foedus.history.rows import StageRecord
 
 Array = npt.NDArray[np.generic]
 METRIC_TAG = "metric"
@@ -118,6 +119,9 @@ class RoundRecord:
     trained: bool  # whether any `train` result was averaged into the model
     # Each reporter's own metrics, as it sent them; empty for rounds closed before they were kept.
     sites: SiteMetrics = field(default_factory=dict)
+    secure: bool = False  # a training round of a secure federation: unmasked, not averaged
+    stages: tuple[StageRecord, ...] = ()  # its steps (`foedus.aggregator.secure_record`)
+    untrained: str = ""  # why a secure round closed untrained (one line); "" if it did not
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,7 +142,7 @@ class RoundSummary(RoundRecord):
 
 class NextModel(Protocol):
     """A round's next global model before it is computed: `AveragedModel` (FedAvg of the sites'
-    models), or `foedus.aggregator.secure_stages.SecureModel` (the unmasked sum of a secure
+    models), or `foedus.aggregator.secure_model.SecureModel` (the unmasked sum of a secure
     round); the store has it computed a slice at a time into wherever it keeps the model."""
 
     @property

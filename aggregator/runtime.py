@@ -269,7 +269,9 @@ class Runtime:
         self.rounds_closed += 1
         if self.metrics is not None:
             self.metrics.round_closed(summary.seconds)
-        if summary.trained:
+        # The last round writes the model even when no round trained it (every secure round
+        # failed, or a plan without `train`): the final line names the file.
+        if summary.trained or (summary.finished and not self.output.last_model.exists()):
             self.output.save_last(summary.model, summary.round_number + 1)
             self.saved_last = True
         if summary.best_model is not None and summary.best is not None:
@@ -291,6 +293,9 @@ class Runtime:
             metrics=record.metrics,
             seconds=round(record.seconds, 3),
             sites=record.sites,
+            secure=record.secure,
+            stages=record.stages,
+            untrained=record.untrained,
         )
 
     def round_line(self, summary: RoundSummary) -> str:

@@ -16,7 +16,7 @@ The aggregator relays what the sites post and never can open it. Per training ro
 * UNMASK: the confirmations are relayed; each confirmer posts the shares the unmasking needs;
   once the stage closes, the secrets are rebuilt (`foedus.secure.Unmasking`), and the next
   global model is the round's plus the survivors' unmasked sum over their summed weight,
-  computed a slice at a time (`SecureModel`): no site's update is ever formed, logged or kept.
+  computed a slice at a time (`foedus.aggregator.secure_model`): no site's update is ever formed, logged or kept.
 
 Every stage closes by one rule, the straggler policy's (`_due`): once every member of the
 stage before (the plan's collaborators for KEYS) that is still awaited has posted and at
@@ -30,10 +30,9 @@ Posts and closes are durable before they are acknowledged or relayed (`record_se
 changes nothing, a different second post is refused. A restarted aggregator reads them back
 (`Progress.secure_posts`, `secure_closes`) and relays the very same messages.
 
-The aggregator checks what sites post (names, lengths, the shares' addressees, the survivors
-named, the kinds of secret revealed), and each signature against the poster's own certificate
-(cheap: a forged, swapped or replayed key is refused at once, INVALID_ARGUMENT); whether that
-certificate chains to the federation's CA is each site's to check, as it does for every peer.
+What a post holds is checked by `foedus.aggregator.secure_posts` (names, lengths, the shares'
+addressees, the survivors named, the kinds of secret revealed, each signature against the
+poster's own certificate); when it may come (its round, its stage, its poster), here.
 """
 
 from __future__ import annotations
@@ -41,43 +40,30 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
-
-from foedus.aggregator.fedavg import SLICE_ELEMENTS, SliceSink, TensorSource
+from foedus.aggregator.fedavg import TensorSource
 from foedus.aggregator.liveness import Liveness
 from foedus.aggregator.records import (
     Array,
     SecureClose,
     SecurePost,
 )
+from foedus.aggregator.secure_model import SecureModel
+from foedus.aggregator.secure_posts import check_form
+from foedus.aggregator.secure_record import Step, stage_records
 from foedus.aggregator.store import FederationStore
+from foedus.history.rows import StageRecord
 from foedus.plans.schema import SecureAggregationSettings, StragglerPolicy, StragglerSettings
 from foedus.refusals.errors import InvalidRequestError, PreconditionError
 from foedus.secure import (
-    WEIGHT_TENSOR,
     Advertisement,
     FixedPoint,
     ProtocolViolation,
-    RevealedShare,
     RoundContext,
     SealedShare,
-    SecretKind,
 )
-from foedus.secure.keys import (
-    advertised_bytes,
-    survivors_bytes,
-    verify_signature,
-    x25519_problem,
-)
-from foedus.secure.masks import VectorLayout
-from foedus.secure.ring import RingArray
-from foedus.secure.shamir import SHARE_BYTES
 from foedus.secure.unmask import Unmasking
 from foedus.secure.wire import MalformedMessage, Post, Relay, Stage, post_from_bytes
 
@@ -96,6 +82,7 @@ class _Stage:
     posts: dict[str, tuple[bytes, Post]] = field(default_factory=dict)  # by collaborator
     members: tuple[str, ...] | None = None  # None: still open
     opened_at: float | None = None  # the clock's time it opened (None: not yet)
+    closed_at: float | None = None  # the clock's time it closed (None: open, or before a restart)
 
 
 class SecureStages:
@@ -136,6 +123,7 @@ class SecureStages:
         self._context = RoundContext(federation_uuid, 0, self.collaborators, settings)
         # SHARES's relays by receiver, made once the stage has closed (each relay is then a look-up)
         self._inbox: dict[str, tuple[SealedShare, ...]] | None = None
+        self._untrained = ""  # why the round closes untrained, once `next_model` found out
         self.open_round(0)
 
     # -- the round ---------------------------------------------------------------------------------
@@ -160,6 +148,7 @@ class SecureStages:
                 self.federation_uuid, round_number, self.collaborators, self.settings
             )
             self._inbox = None
+            self._untrained = ""
             now = self._clock()
             self._stages = {stage: _Stage() for stage in Stage}
             self._stages[Stage.KEYS].opened_at = now
@@ -343,103 +332,18 @@ class SecureStages:
             )
 
     def _check_form(self, caller: str, post: Post) -> None:
-        """Refuse a post whose content cannot be the caller's for its stage (INVALID_ARGUMENT)."""
-        if post.stage is Stage.KEYS:
-            assert post.keys is not None  # the wire's form says so
-            _check_advertisement(self.context(), caller, post.keys)
-        elif post.stage is Stage.SHARES:
-            self._check_shares(caller, post)
-        elif post.stage is Stage.SURVIVORS:
-            confirmation = post.confirmation
-            assert confirmation is not None
-            if confirmation.collaborator != caller:
-                raise InvalidRequestError(
-                    f"the confirmation is signed as {confirmation.collaborator!r}; {caller} "
-                    "confirms as itself"
-                )
-            if tuple(confirmation.survivors) != self._survivors:
-                raise InvalidRequestError(
-                    f"the confirmation is over {list(confirmation.survivors)}; round "
-                    f"{self.round_number}'s survivors are {list(self._survivors or ())}"
-                )
-            keys = self._stages[Stage.KEYS].posts[caller][1].keys
-            assert keys is not None  # a survivor advertised its keys
-            _check_signature(
-                keys.certificate,
-                confirmation.signature,
-                survivors_bytes(self.context(), confirmation.survivors),
-                "the confirmation",
-            )
-        else:
-            self._check_revealed(caller, post.revealed)
-
-    def _check_shares(self, caller: str, post: Post) -> None:
-        members = self._stages[Stage.KEYS].members or ()
-        holders = sorted(set(self.context().holders(caller)) & set(members))
-        seen: set[str] = set()
-        for share in post.shares:
-            if share.sender != caller:
-                raise InvalidRequestError(
-                    f"a share says it is from {share.sender!r}; {caller} posts its own shares"
-                )
-            if share.receiver not in members:
-                raise InvalidRequestError(
-                    f"a share is addressed to {share.receiver!r}, not a member of round "
-                    f"{self.round_number}'s KEYS stage ({', '.join(members)})"
-                )
-            if share.receiver not in holders:
-                raise InvalidRequestError(
-                    f"a share is addressed to {share.receiver}, which holds none of {caller}'s "
-                    f"secrets (its holders: {', '.join(holders)})"
-                )
-            if share.receiver in seen:
-                raise InvalidRequestError(f"two shares are addressed to {share.receiver}")
-            seen.add(share.receiver)
-            if not 0 < len(share.ciphertext) <= MAX_SEALED_BYTES:
-                raise InvalidRequestError(
-                    f"the share for {share.receiver} is {len(share.ciphertext)} bytes long; a "
-                    f"sealed share takes 1 to {MAX_SEALED_BYTES}"
-                )
-        missing = [name for name in holders if name not in seen]
-        if missing:
-            raise InvalidRequestError(
-                f"no share for {', '.join(missing)}: {caller} posts one for each holder of its "
-                f"secrets among the KEYS stage's members ({', '.join(holders)})"
-            )
-
-    def _check_revealed(self, caller: str, revealed: Sequence[RevealedShare]) -> None:
-        sharers = set(self._stages[Stage.SHARES].members or ())
-        survivors = set(self._survivors or ())
-        context = self.context()
-        owners: set[str] = set()
-        for share in revealed:
-            owner = share.owner
-            if owner not in sharers:
-                raise InvalidRequestError(
-                    f"a revealed share is of {owner!r}, which is not a member of round "
-                    f"{self.round_number}'s SHARES stage"
-                )
-            if caller not in context.holders(owner):
-                raise InvalidRequestError(
-                    f"{caller} holds no share of {owner}'s secrets, so reveals none"
-                )
-            if owner in owners:
-                raise InvalidRequestError(f"two revealed shares of {owner}'s secrets")
-            owners.add(owner)
-            wanted = (
-                SecretKind.SELF_MASK_SEED if owner in survivors else (SecretKind.MASK_PRIVATE_KEY)
-            )
-            if share.kind is not wanted:
-                why = "a survivor" if owner in survivors else "not a survivor"
-                raise InvalidRequestError(
-                    f"the share of {owner}'s {share.kind.name} is refused: {owner} is {why}, "
-                    f"so only its {wanted.name} is revealed"
-                )
-            if len(share.share) != SHARE_BYTES:
-                raise InvalidRequestError(
-                    f"the revealed share of {owner} is {len(share.share)} bytes long; a share "
-                    f"takes {SHARE_BYTES}"
-                )
+        """Refuse a post whose content cannot be the caller's for its stage (`check_form`)."""
+        keys = self._stages[Stage.KEYS]
+        kept = keys.posts.get(caller)
+        check_form(
+            self.context(),
+            caller,
+            post,
+            key_members=keys.members or (),
+            sharers=self._stages[Stage.SHARES].members or (),
+            survivors=self._survivors,
+            caller_keys=None if kept is None else kept[1].keys,
+        )
 
     # -- closing stages -----------------------------------------------------------------------------
 
@@ -467,9 +371,10 @@ class SecureStages:
             members = tuple(sorted(state.posts))
             self.store.record_secure_close(SecureClose(self.round_number, int(stage), members))
             state.members = members
+            state.closed_at = now = self._clock()
             closed = True
             if stage in (Stage.KEYS, Stage.SURVIVORS):  # SURVIVORS opens when it is decided
-                self._stages[Stage(stage + 1)].opened_at = self._clock()
+                self._stages[Stage(stage + 1)].opened_at = now
             logger.info(
                 "round %d's %s stage closed with %s",
                 self.round_number,
@@ -637,133 +542,27 @@ class SecureStages:
         logger.warning(
             "round %d closes untrained: %s; the global model stays as it was", number, failure
         )
+        with self._lock:
+            self._untrained = str(failure)
         return None
 
-
-def _check_advertisement(context: RoundContext, caller: str, keys: Advertisement) -> None:
-    """Refuse keys that cannot be `caller`'s: another name, wrong lengths, a certificate of
-    another, a signature its key did not make over this round's keys."""
-    if keys.collaborator != caller:
-        raise InvalidRequestError(
-            f"the keys are advertised as {keys.collaborator!r}'s; {caller} advertises its own"
-        )
-    for what, value in (
-        ("encryption_key", keys.encryption_key),
-        ("mask_key", keys.mask_key),
-        ("seed_commitment", keys.seed_commitment),
-    ):
-        if len(value) != KEY_BYTES:
-            raise InvalidRequestError(f"{what} is {len(value)} bytes long, not {KEY_BYTES}")
-    for what, value in (("encryption_key", keys.encryption_key), ("mask_key", keys.mask_key)):
-        problem = x25519_problem(value)
-        if problem is not None:
-            raise InvalidRequestError(f"{what} {problem}")
-    certificate = _certificate(keys.certificate)
-    try:
-        names = [
-            attribute.value
-            for attribute in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        ]
-    except ValueError:
-        names = []
-    if names != [caller]:
-        shown = ", ".join(map(str, names)) or "nobody"
-        raise InvalidRequestError(f"the certificate is issued to {shown}, not to {caller}")
-    _check_signature(keys.certificate, keys.signature, advertised_bytes(context, keys), "the keys")
-
-
-def _certificate(der: bytes) -> x509.Certificate:
-    if not 0 < len(der) <= MAX_CERTIFICATE_BYTES:
-        raise InvalidRequestError(
-            f"the certificate is {len(der)} bytes long; 1 to {MAX_CERTIFICATE_BYTES} are taken"
-        )
-    try:
-        return x509.load_der_x509_certificate(der)
-    except ValueError as error:
-        raise InvalidRequestError(f"the certificate is not DER X.509: {error}") from None
-
-
-def _check_signature(certificate_der: bytes, signature: bytes, data: bytes, what: str) -> None:
-    """Refuse a signature that the certificate's key did not make over `data` (its chain to
-    the federation's CA is the sites' to check)."""
-    if not 0 < len(signature) <= MAX_SIGNATURE_BYTES:
-        raise InvalidRequestError(
-            f"{what}' signature is {len(signature)} bytes long; 1 to {MAX_SIGNATURE_BYTES} "
-            "are taken"
-        )
-    key = _certificate(certificate_der).public_key()
-    if not isinstance(key, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey)):
-        raise InvalidRequestError(
-            f"the certificate's key ({type(key).__name__}) cannot sign: ECDSA or RSA is taken"
-        )
-    if not verify_signature(key, signature, data):
-        raise InvalidRequestError(
-            f"{what}' signature is not its certificate's over this federation's round (forged, "
-            "or of another round or federation)"
-        )
-
-
-class SecureModel:
-    """The next global model of a secure round before it is computed, with the same `into` and
-    `arrays` as `foedus.aggregator.records.AveragedModel`: for each slice, the survivors' masked
-    values summed in the ring, the masks removed, decoded, divided by the summed weight and
-    added to the round's model (`foedus.secure.Unmasking`). Only sums over every survivor are
-    ever formed, a slice at a time."""
-
-    def __init__(
-        self,
-        reference: Mapping[str, Array],
-        uploads: Mapping[str, TensorSource],
-        unmasking: Unmasking,
-        *,
-        slice_elements: int = SLICE_ELEMENTS,
-    ) -> None:
-        """`uploads`: each survivor's masked tensors (the model's names and WEIGHT_TENSOR)."""
-        self.reference = reference
-        self._uploads = [uploads[name] for name in sorted(uploads)]
-        self._unmasking = unmasking
-        self._slice = slice_elements
-        self._layout = VectorLayout.of_arrays({k: np.asarray(v) for k, v in reference.items()})
-        self.weight = unmasking.total_weight(
-            self._summed(WEIGHT_TENSOR, 0, 1), self._layout.weight
-        )  # ProtocolViolation when it is out of range
-
-    def _summed(self, name: str, start: int, stop: int) -> RingArray:
-        """Elements [start, stop) of tensor `name` summed over the survivors, still masked."""
-        total: RingArray = np.zeros(stop - start, dtype=self._unmasking.fixed_point.dtype)
-        for source in self._uploads:
-            values = source.read(name, start, stop)
-            if values.shape != total.shape or values.dtype != total.dtype:
-                raise ValueError(
-                    f"tensor {name!r}: reading [{start}, {stop}) gave "
-                    f"{values.dtype}{list(values.shape)}"
-                )
-            np.add(total, values, out=total)  # unsigned: wraps around, the ring's addition
-        return total
-
-    def _slices(self) -> Iterator[tuple[str, int, int, int]]:
-        """(tensor, start, stop, its offset in the masked vector), a slice at a time."""
-        for name, (offset, end) in self._layout.slices.items():
-            for start in range(0, end - offset, self._slice):
-                yield name, start, min(start + self._slice, end - offset), offset
-
-    def into(self, sink: SliceSink) -> None:
-        """Compute the model a slice at a time, handing each slice to `sink` (the tensor's dtype)."""
-        unmasking = self._unmasking
-        for name, start, stop, offset in self._slices():
-            flat = np.asarray(self.reference[name]).reshape(-1)
-            unmasked = unmasking.unmask(self._summed(name, start, stop), offset + start)
-            sink(name, start, unmasking.updated(flat[start:stop], unmasked, self.weight))
-
-    def arrays(self) -> dict[str, Array]:
-        """Compute the model into arrays in memory."""
-        result = {
-            name: np.empty(np.shape(like), dtype=np.asarray(like).dtype)
-            for name, like in self.reference.items()
-        }
-
-        def keep(name: str, start: int, values: Array) -> None:
-            result[name].reshape(-1)[start : start + values.size] = values
-
-        self.into(keep)
-        return result
+    def record(self, handed_out: float) -> tuple[tuple[StageRecord, ...], str]:
+        """The round in progress's steps so far (`secure_record.stage_records`; KEYS from the
+        round's first hand-out, `handed_out` on this clock, if later than its opening), and why
+        it closes untrained ("" unless `next_model` said so)."""
+        with self._lock:
+            steps: list[Step] = []
+            for stage in Stage:
+                state = self._stages[stage]
+                if stage is Stage.SURVIVORS:  # the masked upload ends when survivors are named
+                    if self._survivors is None:
+                        break
+                    started = self._stages[Stage.SHARES].closed_at
+                    steps.append(Step("UPLOAD", self._survivors, started, state.opened_at))
+                if state.members is None:
+                    break
+                opened = state.opened_at
+                if stage is Stage.KEYS and opened is not None:
+                    opened = max(opened, handed_out)
+                steps.append(Step(stage.name, state.members, opened, state.closed_at))
+            return stage_records(self.collaborators, steps), self._untrained

@@ -49,7 +49,8 @@ from foedus.pki.keys import PrivateKey
 from foedus.plans.runners import Array
 from foedus.plans.schema import Plan
 from foedus.secure import RoundContext, SecretsFileError, TooFewSites
-from foedus.secure.site import SiteRound, SiteSecrets
+from foedus.secure.site import SiteRound
+from foedus.secure.site_secrets import SiteSecrets
 from foedus.secure.wire import Post, Relay, Stage, post_bytes, post_from_bytes
 
 logger = logging.getLogger(__name__)

@@ -172,6 +172,7 @@ class _Routes:
         return {
             **_summary(view, self.clock()),
             "charts": metric_series(rows),
+            "secure_rounds": secure_rounds(rows),
             "log_tail": _log_tail(self.service.folders.folder(experiment_id) / LOG_FILE),
         }
 
@@ -275,6 +276,27 @@ def metric_series(rows: list[str]) -> list[dict[str, Any]]:
     ]
 
 
+def secure_rounds(rows: list[str]) -> list[dict[str, Any]]:
+    """metrics.jsonl's secure rounds, one entry each: its number (from 1, as people count), each
+    step's time and who dropped out in it, and why it closed untrained ("" if it did not)."""
+    rounds = []
+    for line in rows:
+        try:
+            row = MetricsRow.parse(line)
+        except RowError:
+            continue
+        if row.round_number is None or not row.secure:
+            continue
+        rounds.append(
+            {
+                "round": row.round_number + 1,
+                "stages": [stage.to_dict() for stage in row.stages],
+                "untrained": row.untrained,
+            }
+        )
+    return rounds
+
+
 def _line_label(task: str, site: str | None, several_tasks: bool) -> str:
     """A line's name in a chart's legend: the task's mean, or a site (and its task if need be)."""
     if site is None:
@@ -301,6 +323,7 @@ def _summary(view: ExperimentView, now: float) -> dict[str, Any]:
         "age_seconds": max(0.0, now - experiment.submitted_at),
         "started_at": experiment.started_at or None,
         "ended_at": experiment.ended_at or None,
+        "secure": view.secure,
         "sites": [
             {
                 "site": site.site,

@@ -193,6 +193,16 @@ def plan_liveness(text: str, defaults: SiteLossPolicy) -> SiteLossPolicy:
     return _document_liveness(document, defaults)
 
 
+def plan_secure(text: str) -> bool:
+    """Whether an accepted plan's text turns secure aggregation on (`secure_aggregation.enabled`)."""
+    try:
+        document = yaml_document(text, SUBMITTED)
+    except PlanError:
+        return False  # accepted plans parse; a damaged state row says nothing of it
+    section = document.get("secure_aggregation") if isinstance(document, Mapping) else None
+    return isinstance(section, Mapping) and section.get("enabled") is True
+
+
 def _document_liveness(document: object, defaults: SiteLossPolicy) -> SiteLossPolicy:
     """`plan_liveness` of a plan already parsed: `defaults` where its `liveness` is unusable."""
     if not isinstance(document, Mapping):

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from foedus.director.changes import Follow
-from foedus.director.experiment_plan import check_submitted
+from foedus.director.experiment_plan import check_submitted, plan_secure
 from foedus.director.folders import ExperimentFolders, ModelDownload, ModelUpload
 from foedus.director.identity import PEOPLE, Caller, Role
 from foedus.director.records import Envoy, Experiment, ExperimentState
@@ -55,6 +55,7 @@ class ExperimentView:
     queue_position: int
     has_best_model: bool
     has_last_model: bool
+    secure: bool = False  # its plan aggregates securely (secure_aggregation.enabled)
 
 
 class PeopleDesk:
@@ -286,6 +287,7 @@ class PeopleDesk:
             ),
             has_best_model=self.folders.has_model(experiment_id, "best"),
             has_last_model=self.folders.has_model(experiment_id, "last"),
+            secure=plan_secure(experiment.plan_yaml),
         )
 
     def _visible(self, caller: Caller, call: str, experiment_id: str) -> Experiment:

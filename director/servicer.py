@@ -454,6 +454,7 @@ def experiment_to_wire(view: ExperimentView) -> director_pb2.Experiment:
         queue_position=view.queue_position,
         has_best_model=view.has_best_model,
         has_last_model=view.has_last_model,
+        secure_aggregation=view.secure,
     )
 
 

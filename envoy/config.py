@@ -10,19 +10,22 @@ the file. An example, every key shown with its default (the four without one are
     state_dir: state         # required: the envoy's SQLite state, plans and collaborators' logs
     runners: [digits]        # required: runners this site agrees to run (built-in names or
                              #   package.module:Class installed here); any other is refused
+    require_secure_aggregation: false   # true: refuse any plan without secure_aggregation
+                             #   enabled (the site's updates never reach an aggregator in clear)
     runner_settings: {}      # this site's runner settings (where its data lives), merged over
                              #   each plan's runner.settings (foedus.plans.site_settings)
-    review: auto             # or manual: the site operator runs `envoy approve ID` first shard:
-    {description: "", train_samples: 0, valid_samples: 0, labels: {}} connection: {deadline_seconds:
-    30, backoff_initial_seconds: 1, backoff_max_seconds: 60} site_api: {enabled: false, host:
-    127.0.0.1, port: 8780}   # the site's HTTP API (foedus.envoy.site_api);
-                             #   its bearer token is STATE_DIR/site_api.token, made if missing
+    review: auto             # or manual: the site operator runs `envoy approve ID` first
+    shard: {description: "", train_samples: 0, valid_samples: 0, labels: {}}
+    connection: {deadline_seconds: 30, backoff_initial_seconds: 1, backoff_max_seconds: 60}
+    site_api: {enabled: false, host: 127.0.0.1, port: 8780}   # the site's HTTP API
+                             #   (foedus.envoy.site_api); its bearer token is
+                             #   STATE_DIR/site_api.token, made if missing
     metrics: {redis_url: ""} # e.g. redis://localhost:6379/0: each collaborator's state and
                              #   metrics in Redis (foedus.envoy.redis_metrics); "" sends nothing
     collaborator_log_level: info   # --log-level of the collaborators it starts: debug, info,
                              #   warning or error (debug: a failure's traceback in its log)
     share_with_director:     # what of the collaborators' text leaves the site
-    (foedus.envoy.disclosure)
+                             #   (foedus.envoy.disclosure)
       logs: foedus           #   none | foedus (foedus's own log lines) | all: log lines sent
       errors: category       #   category | line: a failure's reason names a fixed category, or
                              #   also quotes the log's last line
@@ -118,6 +121,8 @@ class EnvoyConfig:
     metrics: Metrics = Metrics()
     collaborator_log_level: str = "info"  # collaborator_log_level: its collaborators' --log-level
     share_with_director: ShareWithDirector = ShareWithDirector()
+    # require_secure_aggregation: refuse a plan whose secure_aggregation is not enabled
+    require_secure_aggregation: bool = False
 
     @property
     def director_target(self) -> str:
@@ -142,6 +147,7 @@ def parse_config(data: object, config_path: Path) -> EnvoyConfig:
     certs_dir = root.text("certs_dir")
     state_dir = root.text("state_dir")
     runners = root.runner_names("runners", ())
+    require_secure = root.flag("require_secure_aggregation", False)
     settings = _runner_settings(root)
     manual = root.choice("review", "auto", ("auto", "manual")) == "manual"
     shard = _shard(root.section("shard"))
@@ -168,6 +174,7 @@ def parse_config(data: object, config_path: Path) -> EnvoyConfig:
         metrics=metrics,
         collaborator_log_level=collaborator_log_level,
         share_with_director=share,
+        require_secure_aggregation=require_secure,
     )
 
 

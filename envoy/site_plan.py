@@ -1,7 +1,8 @@
 """The director's plan made this site's: checked against what the site agreed to, then written.
 
 The plan is YAML text (never code): the envoy reads it with `safe_yaml`, refuses a runner not in its
-`runners`, points `tls` at its own certificate folder, drops the aggregator's files (paths on the
+`runners` (and, when the site sets `require_secure_aggregation`, a plan whose secure aggregation is
+not on), points `tls` at its own certificate folder, drops the aggregator's files (paths on the
 director's host), merges its own runner settings over `runner.settings` with
 `foedus.plans.site_settings.merge_site_settings`, and checks the result as `collaborator start`
 will.
@@ -73,6 +74,11 @@ def site_document(plan_yaml: str, site: str, config: EnvoyConfig, folder: Path) 
         raise RefusedPlanError(
             f"{RECEIVED}: collaborators: this site {site!r} is not listed "
             f"(listed: {shown(', '.join(plan.collaborators))})"
+        )
+    if config.require_secure_aggregation and not plan.secure_aggregation.enabled:
+        raise RefusedPlanError(
+            f"{RECEIVED}: secure_aggregation.enabled: not true, and this site requires secure "
+            f"aggregation ({config.path}: require_secure_aggregation: true)"
         )
     merged = merge_site_settings(plan.runner, config.runner_settings, source=config.path)
     document["runner"] = {**document["runner"], "settings": dict(merged.settings)}

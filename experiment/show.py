@@ -17,7 +17,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from foedus.command.table import table_lines
-from foedus.history.rows import MetricsRow, RowError, TaskMetrics
+from foedus.history.rows import MetricsRow, RowError, StageRecord, TaskMetrics
 from foedus.protos import director_pb2 as pb
 
 STATES = {
@@ -95,6 +95,7 @@ def status_lines(e: pb.Experiment) -> list[str]:
         ("started", when(e.started_at)),
         ("ended", when(e.ended_at)),
         ("models", models),
+        ("secure", "yes" if e.secure_aggregation else "no"),
     )
     sites = table_lines(
         ("SITE", "ONLINE", "COLLABORATOR", "DETAIL"),
@@ -145,7 +146,11 @@ def row_lines(text: str, rounds: int, *, sites: bool) -> list[str]:
         row = MetricsRow.parse(text)
     except RowError:
         return [text]
-    return [_metric_line(row, rounds) or text, *(_site_lines(row) if sites else [])]
+    return [
+        _metric_line(row, rounds) or text,
+        *_secure_lines(row),
+        *(_site_lines(row) if sites else []),
+    ]
 
 
 def _metric_line(row: MetricsRow, rounds: int) -> str | None:
@@ -160,6 +165,24 @@ def _metric_line(row: MetricsRow, rounds: int) -> str | None:
         reported = len(row.reporters)
         label += f", sites reported {reported}/{reported + len(row.missing)}"
     return "  ".join([label, *_task_parts(row.metrics)])
+
+
+def _secure_lines(row: MetricsRow) -> list[str]:
+    """A secure round's steps (each one's time, who dropped out in it), and why it closed
+    untrained: indented lines; none for a plain round."""
+    lines = []
+    if row.secure:
+        lines.append("  secure  " + "  ".join(map(stage_text, row.stages)))
+    if row.untrained:
+        lines.append(f"  untrained: {row.untrained}")
+    return lines
+
+
+def stage_text(stage: StageRecord) -> str:
+    """One step of a secure round: `SHARES 0.21 s`, with `(dropped carol)` when some did."""
+    seconds = "-" if stage.seconds is None else f"{stage.seconds:.2f} s"
+    dropped = f" (dropped {', '.join(stage.dropped)})" if stage.dropped else ""
+    return f"{stage.stage} {seconds}{dropped}"
 
 
 def _site_lines(row: MetricsRow) -> list[str]:

@@ -7,8 +7,13 @@ that is not finite is written as null) and ends with a newline, written and fsyn
 crash can cut only the last line short. Readers take whole lines only, so a row still being
 written is not read; the aggregator, the file's only writer, also removes a line a crash cut
 short before it appends again (`repair`), so the next row starts on a line of its own.
-Rows from older aggregators lack some keys (`sites`, `run`, ...): `MetricsRow.parse` gives them
-their empty value, and drops the parts of a row that are not what the writer writes.
+Rows from older aggregators lack some keys (`sites`, `run`, `secure`, ...): `MetricsRow.parse`
+gives them their empty value, and drops the parts of a row that are not what the writer writes.
+
+A round of a secure federation (`foedus.aggregator.secure_stages`) also says that it was
+aggregated securely (`secure`), each step's time and who dropped out in it (`stages`, in order:
+KEYS, SHARES, UPLOAD, SURVIVORS, UNMASK, as far as the round got), and, when it closed
+untrained, why (`untrained`, one line).
 """
 
 from __future__ import annotations
@@ -32,8 +37,42 @@ logger = logging.getLogger(__name__)
 TaskMetrics = Mapping[str, Mapping[str, float | None]]
 
 
+# A secure round's steps, in order: its four stages and, between SHARES and SURVIVORS, the
+# masked upload (it ends when the round's survivors are named).
+SECURE_STEPS = ("KEYS", "SHARES", "UPLOAD", "SURVIVORS", "UNMASK")
+
+
 class RowError(ValueError):
     """A line of `metrics.jsonl` that is not a row: not JSON, or not a JSON object."""
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """One step of a secure round (`SECURE_STEPS`): how long it took, who dropped out in it."""
+
+    stage: str
+    # From the step's start (the step before it ended; KEYS: the round's tasks were first handed
+    # out, as for the round's `seconds`) to its end. A step in progress when the aggregator
+    # restarted counts from the restart (as the round's `seconds` do); None: one that ended
+    # before the restart.
+    seconds: float | None
+    dropped: tuple[str, ...] = ()  # members of the step before (KEYS: the collaborators) not in it
+
+    def to_dict(self) -> dict[str, object]:
+        """The step as its row writes it."""
+        return {"stage": self.stage, "seconds": self.seconds, "dropped": list(self.dropped)}
+
+    @classmethod
+    def parse(cls, value: object) -> StageRecord | None:
+        """The step a row's entry holds; None when it is not one."""
+        if not isinstance(value, dict) or not isinstance(value.get("stage"), str):
+            return None
+        seconds = value.get("seconds")
+        return cls(
+            stage=value["stage"],
+            seconds=float(seconds) if isinstance(seconds, int | float) else None,
+            dropped=_names(value.get("dropped")) or (),
+        )
 
 
 @dataclass(frozen=True)
@@ -49,6 +88,9 @@ class MetricsRow:
     missing: tuple[str, ...] | None = None
     seconds: float | None = None
     sites: Mapping[str, TaskMetrics] = field(default_factory=dict)
+    secure: bool = False  # the round's model was aggregated securely
+    stages: tuple[StageRecord, ...] = ()  # a secure round's steps, as far as it got
+    untrained: str = ""  # why a secure round closed untrained (one line); "" if it did not
 
     def to_json(self) -> str:
         """The row as its line (without the newline): strict JSON, sorted keys, NaN as null."""
@@ -65,6 +107,9 @@ class MetricsRow:
                 site: {task: dict(values) for task, values in tasks.items()}
                 for site, tasks in self.sites.items()
             },
+            "secure": self.secure,
+            "stages": [stage.to_dict() for stage in self.stages],
+            "untrained": self.untrained,
         }
         return json.dumps(_finite(row), sort_keys=True, allow_nan=False)
 
@@ -81,6 +126,9 @@ class MetricsRow:
         round_number = data.get("round")
         sites = data.get("sites")
         seconds = data.get("seconds")
+        stages = data.get("stages")
+        steps = [StageRecord.parse(stage) for stage in stages] if isinstance(stages, list) else []
+        untrained = data.get("untrained")
         return cls(
             round_number=round_number if _is_number(round_number, int) else None,
             metrics=_task_metrics(data.get("metrics")),
@@ -95,6 +143,9 @@ class MetricsRow:
                 if isinstance(sites, dict)
                 else {}
             ),
+            secure=data.get("secure") is True,
+            stages=tuple(step for step in steps if step is not None),
+            untrained=untrained if isinstance(untrained, str) else "",
         )
 
 

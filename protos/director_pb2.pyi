@@ -198,7 +198,7 @@ class SiteStatus(_message.Message):
     def __init__(self, site: _Optional[str] = ..., state: _Optional[_Union[CollaboratorState, str]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., online: _Optional[bool] = ...) -> None: ...
 
 class Experiment(_message.Message):
-    __slots__ = ("experiment_id", "name", "owner", "state", "reason", "submitted_at", "started_at", "ended_at", "sites", "rounds", "rounds_completed", "queue_position", "has_best_model", "has_last_model")
+    __slots__ = ("experiment_id", "name", "owner", "state", "reason", "submitted_at", "started_at", "ended_at", "sites", "rounds", "rounds_completed", "queue_position", "has_best_model", "has_last_model", "secure_aggregation")
     EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +213,7 @@ class Experiment(_message.Message):
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
     HAS_BEST_MODEL_FIELD_NUMBER: _ClassVar[int]
     HAS_LAST_MODEL_FIELD_NUMBER: _ClassVar[int]
+    SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     experiment_id: str
     name: str
     owner: str
@@ -227,7 +228,8 @@ class Experiment(_message.Message):
     queue_position: int
     has_best_model: bool
     has_last_model: bool
-    def __init__(self, experiment_id: _Optional[str] = ..., name: _Optional[str] = ..., owner: _Optional[str] = ..., state: _Optional[_Union[ExperimentState, str]] = ..., reason: _Optional[str] = ..., submitted_at: _Optional[float] = ..., started_at: _Optional[float] = ..., ended_at: _Optional[float] = ..., sites: _Optional[_Iterable[_Union[SiteStatus, _Mapping]]] = ..., rounds: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., queue_position: _Optional[int] = ..., has_best_model: _Optional[bool] = ..., has_last_model: _Optional[bool] = ...) -> None: ...
+    secure_aggregation: bool
+    def __init__(self, experiment_id: _Optional[str] = ..., name: _Optional[str] = ..., owner: _Optional[str] = ..., state: _Optional[_Union[ExperimentState, str]] = ..., reason: _Optional[str] = ..., submitted_at: _Optional[float] = ..., started_at: _Optional[float] = ..., ended_at: _Optional[float] = ..., sites: _Optional[_Iterable[_Union[SiteStatus, _Mapping]]] = ..., rounds: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., queue_position: _Optional[int] = ..., has_best_model: _Optional[bool] = ..., has_last_model: _Optional[bool] = ..., secure_aggregation: _Optional[bool] = ...) -> None: ...
 
 class ExperimentRequest(_message.Message):
     __slots__ = ("experiment_id",)

@@ -35,7 +35,8 @@ from foedus.secure.records import (
     SurvivorConfirmation,
 )
 from foedus.secure.ring import FixedPoint
-from foedus.secure.site import SiteRound, SiteSecrets
+from foedus.secure.site import SiteRound
+from foedus.secure.site_secrets import SiteSecrets
 from foedus.secure.unmask import Unmasking
 
 __all__ = [

@@ -1,10 +1,9 @@
-"""A site's side of one secure round: its secrets, and what it posts at each stage.
+"""A site's side of one secure round: what it posts at each stage, and what it checks.
 
-`SiteSecrets` are what a site must never lose nor show: its two X25519 private keys, its
-self-mask seed, the seed its shares and nonces are drawn from, the survivor list it confirmed
-and what it revealed. The caller keeps them in the round's state file (`to_bytes`: JSON, never
-pickle) written before anything that depends on them is posted: after `generate()`, and after
-`confirmation()` and `revealed_shares()`, which change them.
+A site's secrets (`SiteSecrets`, `foedus.secure.site_secrets`: what it must never lose nor
+show, and their file) are kept by the caller in the round's state file, written before anything
+that depends on them is posted: after `generate()`, and after `confirmation()` and
+`revealed_shares()`, which change them.
 
 `SiteRound` checks everything the aggregator relays and refuses (`ProtocolViolation`) what breaks
 the protocol. It is deterministic given the secrets and the relays: the advertisement (RFC 6979
@@ -16,12 +15,8 @@ relays again (the aggregator keeps them) and replays them into a fresh `SiteRoun
 
 from __future__ import annotations
 
-import binascii
-import json
 import logging
-import secrets as random_bytes
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,9 +28,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from foedus.pki.keys import PrivateKey, PublicKey
 from foedus.secure import shamir
 from foedus.secure.context import WEIGHT_TENSOR, RoundContext, framed, text
-from foedus.secure.errors import ProtocolViolation, SecretsFileError, TooFewSites
+from foedus.secure.errors import ProtocolViolation, TooFewSites
 from foedus.secure.keys import (
-    KEY_BYTES,
     advertised_bytes,
     agreed_key,
     derive,
@@ -59,87 +53,14 @@ from foedus.secure.records import (
     SurvivorConfirmation,
 )
 from foedus.secure.ring import RingArray
+from foedus.secure.site_secrets import SiteSecrets
 
 logger = logging.getLogger(__name__)
 
-SECRETS_FORMAT = "foedus secure round secrets"
-SECRETS_VERSION = 1
 NONCE_BYTES = 12
 _POINT_BYTES = 4
 _SEALED_PLAINTEXT = _POINT_BYTES + 2 * shamir.SHARE_BYTES
 _COEFFICIENT_BYTES = 80  # drawn per field element: 640 bits reduced mod 2^521 - 1, bias < 2^-118
-_KEY_FIELDS = ("encryption_private", "mask_private", "seed", "sharing_seed")
-
-
-@dataclass
-class SiteSecrets:
-    """A site's secrets for one round, and what it has already confirmed and revealed."""
-
-    encryption_private: bytes  # X25519 c: the shares sealed for this site open with it
-    mask_private: bytes  # X25519 s: the pairwise masks are agreed with it
-    seed: bytes  # b: the self-mask's seed
-    sharing_seed: bytes  # draws the Shamir coefficients and the nonces (the same again on restart)
-    revealed: dict[str, SecretKind] = field(default_factory=dict)  # owner -> kind revealed
-    confirmed: tuple[str, ...] | None = None  # the survivor list this site signed, once signed
-
-    @classmethod
-    def generate(cls) -> SiteSecrets:
-        """Fresh secrets for a round, from the operating system's randomness."""
-        draw = random_bytes.token_bytes
-        return cls(draw(KEY_BYTES), draw(KEY_BYTES), draw(KEY_BYTES), draw(KEY_BYTES))
-
-    def to_bytes(self) -> bytes:
-        """The secrets file's content: JSON, keys in hex (never pickle)."""
-        document: dict[str, Any] = {"format": SECRETS_FORMAT, "version": SECRETS_VERSION}
-        document.update({name: getattr(self, name).hex() for name in _KEY_FIELDS})
-        document["revealed"] = {owner: kind.name for owner, kind in sorted(self.revealed.items())}
-        document["confirmed"] = None if self.confirmed is None else list(self.confirmed)
-        return (json.dumps(document, indent=1) + "\n").encode("utf-8")
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> SiteSecrets:
-        """Secrets read back from `to_bytes`'s output; SecretsFileError (one line) when corrupt."""
-        try:
-            document = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise SecretsFileError(f"not a secure round's secrets file: {error}") from None
-        if not isinstance(document, dict) or document.get("format") != SECRETS_FORMAT:
-            raise SecretsFileError(
-                f"not a secure round's secrets file (no format {SECRETS_FORMAT!r})"
-            )
-        if document.get("version") != SECRETS_VERSION:
-            raise SecretsFileError(
-                f"secrets file version {document.get('version')!r}; this foedus reads "
-                f"version {SECRETS_VERSION}"
-            )
-        keys: dict[str, bytes] = {}
-        for name in _KEY_FIELDS:
-            try:
-                value = bytes.fromhex(document[name])
-            except (KeyError, TypeError, ValueError, binascii.Error):
-                raise SecretsFileError(f"secrets file: {name} is missing or not hex") from None
-            if len(value) != KEY_BYTES:
-                raise SecretsFileError(f"secrets file: {name} is not {KEY_BYTES} bytes long")
-            keys[name] = value
-        revealed = document.get("revealed")
-        confirmed = document.get("confirmed")
-        if not isinstance(revealed, dict) or not all(
-            isinstance(owner, str) and kind in SecretKind.__members__
-            for owner, kind in revealed.items()
-        ):
-            raise SecretsFileError("secrets file: revealed is not a map of owners to secret kinds")
-        if confirmed is not None and not (
-            isinstance(confirmed, list) and all(isinstance(name, str) for name in confirmed)
-        ):
-            raise SecretsFileError("secrets file: confirmed is not a list of names")
-        return cls(
-            keys["encryption_private"],
-            keys["mask_private"],
-            keys["seed"],
-            keys["sharing_seed"],
-            revealed={owner: SecretKind[kind] for owner, kind in revealed.items()},
-            confirmed=None if confirmed is None else tuple(confirmed),
-        )
 
 
 class SiteRound:
@@ -302,7 +223,7 @@ class SiteRound:
         holders = [name for name in self.context.holders(self.name) if name in keys]
         if len(holders) < self.context.threshold:
             logger.warning(
-                "round %d: only %d of site %r's holders are in the round (threshold %d): its "
+                "round %d: only %d of site %s's holders are in the round (threshold %d): its "
                 "secrets cannot be rebuilt, and the round cannot close trained if it is needed",
                 self.context.round_number,
                 len(holders),
@@ -381,7 +302,7 @@ class SiteRound:
         )
         for sender in missing:
             logger.warning(
-                "round %d: site %r holds no share of %r's secrets (%s); the other holders' suffice "
+                "round %d: site %r holds no share of %s's secrets (%s); the other holders' suffice "
                 "while %d of them take part",
                 self.context.round_number,
                 self.name,
@@ -566,7 +487,7 @@ class SiteRound:
                 signed.add(who)
             else:
                 logger.warning(
-                    "round %d: site %r ignores the confirmation relayed as %r's: %s",
+                    "round %d: site %r ignores the confirmation relayed as %s's: %s",
                     self.context.round_number,
                     self.name,
                     who,

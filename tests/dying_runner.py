@@ -2,8 +2,10 @@
 
 Crash tests name it as `dying_runner:DyingDigitsRunner` (this folder on PYTHONPATH) and arm it
 in one collaborator's environment with `arm(...)`: `FOEDUS_TEST_DIE=ROUND:WHERE:MARKER,...`,
-WHERE being `train` (after training, before the result leaves) or `validation` (as it starts
-validating the model it trained that round, its training sent). The first time a process gets
+WHERE being `train` (after training, before the result leaves), `validation` (as it starts
+validating the model it trained that round, its training sent) or `unmask` (a secure round's
+survivor, its survivor list confirmed, as it is about to reveal its shares: nothing revealed,
+the death of a site in the middle of the unmasking). The first time a process gets
 there with no file MARKER, it creates it and sends itself SIGKILL, as an OOM kill or a power cut
 would end it; started again with the same environment, it goes past. Unarmed, it is the digits
 runner, bit for bit. `die_if_armed` is the same death for other runners (the PyTorch one in
@@ -14,15 +16,19 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Sequence
 from pathlib import Path
 
 from foedus.collaborator.digits import DigitsRunner
 from foedus.plans.runners import Model, TrainOutcome, Validation
+from foedus.secure import RevealedShare, SurvivorConfirmation
+from foedus.secure.site import SiteRound
 
 NAME = "dying_runner:DyingDigitsRunner"
 ENVIRONMENT_VARIABLE = "FOEDUS_TEST_DIE"
 TRAIN = "train"
 VALIDATION = "validation"
+UNMASK = "unmask"
 
 
 def arm(*deaths: tuple[int, str, Path]) -> dict[str, str]:
@@ -62,3 +68,18 @@ class DyingDigitsRunner(DigitsRunner):
             trained, self._trained = self._trained, None
             die_if_armed(trained, VALIDATION)
         return super().validate(model)
+
+
+def _dying_reveal(
+    site: SiteRound, survivors: Sequence[str], confirmations: Sequence[SurvivorConfirmation]
+) -> list[RevealedShare]:
+    """`SiteRound.revealed_shares`, first dying there when armed for the round's `unmask`."""
+    die_if_armed(site.context.round_number, UNMASK)
+    return _revealed_shares(site, survivors, confirmations)
+
+
+# The unmasking runs in the collaborator's secure rounds, not in the runner: armed for it, this
+# module (imported as the runner) wraps the protocol's step where a survivor reveals its shares.
+_revealed_shares = SiteRound.revealed_shares
+if f":{UNMASK}:" in os.environ.get(ENVIRONMENT_VARIABLE, ""):
+    SiteRound.revealed_shares = _dying_reveal  # type: ignore[method-assign]

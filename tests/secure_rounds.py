@@ -22,7 +22,8 @@ from foedus.plans.schema import SecureAggregationSettings
 from foedus.secure.context import WEIGHT_TENSOR, RoundContext
 from foedus.secure.records import Advertisement, RevealedShare, SealedShare
 from foedus.secure.ring import RingArray
-from foedus.secure.site import SiteRound, SiteSecrets
+from foedus.secure.site import SiteRound
+from foedus.secure.site_secrets import SiteSecrets
 from foedus.secure.unmask import Unmasking
 
 from conftest import COLLABORATORS, Identity, issue_identity

@@ -15,7 +15,8 @@ from foedus.pki.files import read_certificate, read_certificates, read_private_k
 from foedus.pki.layout import CertsLayout
 from foedus.plans.schema import SecureAggregationSettings
 from foedus.secure import RoundContext
-from foedus.secure.site import SiteRound, SiteSecrets
+from foedus.secure.site import SiteRound
+from foedus.secure.site_secrets import SiteSecrets
 from foedus.secure.wire import Post, Relay, Stage, post_bytes
 
 SETTINGS = SecureAggregationSettings(enabled=True, threshold=2, clip=1.0, bits=32, max_weight=100)

@@ -57,6 +57,7 @@ from foedus.secure.wire import (
     relay_to_proto,
 )
 
+from secure_sites import site_round
 from servers import closing_rounds, make_plan, plan_document, running_aggregator
 
 UUID = "test-federation-0001"
@@ -468,15 +469,22 @@ def site_rounds(
 
 
 def run_site(
-    rounds: SecureRounds, servicer: StagesServicer, name: str, *, upload: bool = True
+    rounds: SecureRounds,
+    servicer: StagesServicer,
+    name: str,
+    *,
+    upload: bool = True,
+    round_number: int = 0,
 ) -> int:
-    """One site's part of round 0: KEYS and SHARES, its masked upload, SURVIVORS and UNMASK."""
-    rounds.before_train(0)
+    """One site's part of a round: KEYS and SHARES, its masked upload, SURVIVORS and UNMASK."""
+    rounds.before_train(round_number)
     if not upload:
         return 0  # dies before its upload
-    tensors, data_size = rounds.masked_results(0, GLOBAL, trained_by(name), SAMPLES[name])
+    tensors, data_size = rounds.masked_results(
+        round_number, GLOBAL, trained_by(name), SAMPLES[name]
+    )
     servicer.upload(name, tensors)
-    rounds.after_round(0)
+    rounds.after_round(round_number)
     return data_size
 
 
@@ -671,6 +679,126 @@ def test_a_malicious_aggregator_gets_a_violation_and_nothing_revealed(
         assert not [later for later in after if "alice" in servicer.posts[later]]
         for rounds in sites.values():
             rounds.client.disconnect()
+
+
+def posted_by(servicer: StagesServicer, name: str) -> list[str]:
+    """The stages `name` posted to, and "upload" when its masked update arrived."""
+    stages = [stage.name for stage in Stage if name in servicer.posts[stage]]
+    return [*stages, "upload"] if name in servicer.uploads else stages
+
+
+def assert_one_line(error: object, kind: type[Exception], *says: str) -> None:
+    """`error` is a `kind` whose one-line message says each of `says`."""
+    assert type(error) is kind, error
+    message = str(error)
+    assert "\n" not in message and all(part in message for part in says), message
+
+
+def test_an_earlier_rounds_keys_replayed_are_refused(certs: CertsLayout, tmp_path: Path) -> None:
+    """In round 1 the aggregator relays to alice bob's genuine keys of round 0 (his certificate's
+    signature, his name): alice refuses with one line naming bob and posts no shares; bob and
+    carol, whose SHARES stage never closes without her, give the round up within their bound."""
+    plan = secure_plan(certs)
+    earlier = RoundContext(plan.federation.uuid, 0, plan.collaborators, SETTINGS)
+    replayed = site_round(certs, earlier, "bob").advertisement()
+
+    def replay(caller: str, relay: Relay) -> Relay:
+        if caller != "alice" or relay.stage is not Stage.KEYS or not relay.ready:
+            return relay
+        keys = tuple(replayed if key.collaborator == "bob" else key for key in relay.keys)
+        return dataclasses.replace(relay, keys=keys)
+
+    servicer = StagesServicer(plan.collaborators, uploaders=3, tamper=replay)
+    with stages_server(plan, servicer) as port:
+        sites = {
+            name: site_rounds(plan, port, name, tmp_path, max_polls=50)
+            for name in plan.collaborators
+        }
+        results = in_threads(
+            {
+                name: functools.partial(run_site, rounds, servicer, name, round_number=1)
+                for name, rounds in sites.items()
+            }
+        )
+        for rounds in sites.values():
+            rounds.client.disconnect()
+    assert_one_line(results["alice"], ProtocolViolation, "site 'bob'")
+    assert posted_by(servicer, "alice") == ["KEYS"]
+    for name in ("bob", "carol"):
+        assert_one_line(results[name], SecureRoundMissedError, "SHARES stage stayed open")
+
+
+def test_a_share_sealed_for_another_site_is_refused_and_the_others_go_on(
+    certs: CertsLayout, tmp_path: Path
+) -> None:
+    """The SHARES relay to alice carries carol's share sealed for bob in place of hers: alice
+    refuses with one line, uploads and reveals nothing; bob and carol, at the threshold, finish
+    the round (alice's masks removed with her mask key's shares) at their own FedAvg."""
+    plan = secure_plan(certs)
+
+    def misdeliver(caller: str, relay: Relay) -> Relay:
+        if caller != "alice" or relay.stage is not Stage.SHARES or not relay.ready:
+            return relay
+        (for_bob,) = [
+            s for s in servicer.posts[Stage.SHARES]["carol"].shares if s.receiver == "bob"
+        ]
+        shares = tuple(for_bob if share.sender == "carol" else share for share in relay.shares)
+        return dataclasses.replace(relay, shares=shares)
+
+    servicer = StagesServicer(plan.collaborators, uploaders=2, tamper=misdeliver)
+    with stages_server(plan, servicer) as port:
+        sites = {name: site_rounds(plan, port, name, tmp_path) for name in plan.collaborators}
+        results = in_threads(
+            {name: functools.partial(run_site, sites[name], servicer, name) for name in sites}
+        )
+        for rounds in sites.values():
+            rounds.client.disconnect()
+    assert_one_line(results["alice"], ProtocolViolation, "carol", "bob")
+    assert posted_by(servicer, "alice") == ["KEYS", "SHARES"]
+    assert results["bob"] == results["carol"] == 1
+    revealed = {
+        share.kind
+        for post in servicer.posts[Stage.UNMASK].values()
+        for share in post.revealed
+        if share.owner == "alice"
+    }
+    assert revealed == {SecretKind.MASK_PRIVATE_KEY}
+    assert_close_to(servicer.next_model(plan, 0), weighted_mean(("bob", "carol")))
+
+
+def test_a_dropped_sites_seed_asked_for_is_refused(certs: CertsLayout, tmp_path: Path) -> None:
+    """carol dies before her upload; the aggregator names her a survivor to alice only (her
+    seed's share, with carol's mask key's share from bob, would unmask an upload of hers):
+    alice confirms that list, but bob's signature is over another, so fewer than the threshold
+    confirmed hers. She refuses with one line and reveals nothing; so does bob (alice's
+    signature is not over his list): the aggregator gets no share of anyone's."""
+    plan = secure_plan(certs)
+
+    def carol_survived(caller: str, relay: Relay) -> Relay:
+        if caller == "alice" and relay.stage is Stage.SURVIVORS and relay.ready:
+            return dataclasses.replace(relay, members=("alice", "bob", "carol"))
+        return relay
+
+    servicer = StagesServicer(plan.collaborators, uploaders=2, tamper=carol_survived)
+    with stages_server(plan, servicer) as port:
+        sites = {name: site_rounds(plan, port, name, tmp_path) for name in plan.collaborators}
+        results = in_threads(
+            {
+                name: functools.partial(run_site, rounds, servicer, name, upload=name != "carol")
+                for name, rounds in sites.items()
+            }
+        )
+        for rounds in sites.values():
+            rounds.client.disconnect()
+    assert_one_line(
+        results["alice"],
+        ProtocolViolation,
+        "1 valid confirmations of survivors ['alice', 'bob', 'carol'], below the threshold 2",
+        "nothing is revealed",
+    )
+    assert_one_line(results["bob"], ProtocolViolation, "survivors ['alice', 'bob']")
+    assert servicer.posts[Stage.UNMASK] == {}
+    assert sorted(servicer.posts[Stage.SURVIVORS]) == ["alice", "bob"]
 
 
 def test_a_stage_closed_without_the_site_is_a_missed_round(

@@ -270,6 +270,43 @@ def test_an_experiment_shows_progress_charts_sites_and_its_log(director: Directo
         },
     ]
     assert body["log_tail"] == [f"line {n}" for n in range(60, 100)]
+    assert body["secure"] is False and body["secure_rounds"] == []
+
+
+def test_a_secure_experiment_shows_each_rounds_steps_and_dropouts(director: Director) -> None:
+    """A plan with secure aggregation: listed and shown as secure, with each secure round's
+    steps (time, who dropped out in which) and why a round closed untrained; its page has the
+    table the script fills."""
+    experiment_id = submit(
+        director, "ada", federation={"rounds": 3}, secure_aggregation={"enabled": True}
+    )
+    output = director.server.service.folders.folder(experiment_id) / OUTPUT
+    output.mkdir(parents=True, exist_ok=True)
+    steps = [
+        {"stage": "KEYS", "seconds": 0.4, "dropped": []},
+        {"stage": "SHARES", "seconds": None, "dropped": ["carol"]},
+    ]
+    why = "round 1's SHARES stage closed with 1 site(s) (alice), fewer than the threshold of 2"
+    rows = [
+        {"round": 0, "secure": True, "stages": steps[:1], "untrained": ""},
+        {"round": 1, "secure": True, "stages": steps, "untrained": why},
+        {"round": 2, "secure": True, "stages": "KEYS", "untrained": 7},
+        {"round": 3, "final_validation": True, "secure": False, "stages": [], "untrained": ""},
+    ]
+    (output / METRICS).write_text("".join(json.dumps(row) + "\n" for row in rows), "utf-8")
+    secret = token(director, "ada")
+    status, body = get_json(director, f"/api/experiments/{experiment_id}", secret)
+    assert status == 200 and body["secure"] is True
+    assert body["secure_rounds"] == [
+        {"round": 1, "stages": steps[:1], "untrained": ""},
+        {"round": 2, "stages": steps, "untrained": why},
+        {"round": 3, "stages": [], "untrained": ""},  # its parts that are not steps left out
+    ]
+    status, listed = get_json(director, "/api/experiments", secret)
+    assert [(e["id"], e["secure"]) for e in listed["experiments"]] == [(experiment_id, True)]
+    headers = {"Authorization": f"Bearer {secret}"}
+    status, _, page = request(director, "GET", f"/experiments/{experiment_id}", headers=headers)
+    assert status == 200 and b'<table id="secure-rounds">' in page
 
 
 def test_a_chart_of_several_tasks_names_each_sites_task() -> None:

@@ -80,10 +80,11 @@ def test_the_demos_run_only_moved_copies() -> None:
     makefile = (REPO / "Makefile").read_text(encoding="utf-8")
     recipes = [line for line in makefile.splitlines() if line.startswith("\t")]
     assert [line for line in recipes if FIXED_PORT.search(line) and "echo" not in line] == []
-    for demo_plan in ("$(DEMO_PLAN)", "$(TORCH_DEMO_PLAN)"):
+    demo_plans = ["$(DEMO_PLAN)", "$(SECURE_DEMO_PLAN)", "$(TORCH_DEMO_PLAN)"]
+    for demo_plan in demo_plans:
         assert demo_plan in makefile
     federations = [line for line in recipes if "plans/demo.sh" in line]
-    assert [line.split()[3] for line in federations] == ["$(DEMO_PLAN)", "$(TORCH_DEMO_PLAN)"]
+    assert [line.split()[3] for line in federations] == demo_plans
 
 
 def test_a_base_that_moves_a_port_out_of_range_is_one_line_exit_2(

@@ -68,6 +68,7 @@ def test_config_reads_every_key(tmp_path: Path, certs: CertsLayout) -> None:
         review="manual",
         runners=["digits", "my_site.models:Net"],
         share_with_director={"logs": "none", "errors": "line", "paths": True},
+        require_secure_aggregation=True,
     )
     config = load_config(path)
     assert config.director_host == "localhost"
@@ -80,8 +81,12 @@ def test_config_reads_every_key(tmp_path: Path, certs: CertsLayout) -> None:
     assert dict(config.shard.labels) == {"modality": "digits"}
     assert config.connection.backoff_max_seconds == 0.5
     assert config.share_with_director == ShareWithDirector(logs="none", errors="line", paths=True)
-    defaults = load_config(config_file(tmp_path / "plain", certs)).share_with_director
-    assert defaults == ShareWithDirector(logs="foedus", errors="category", paths=False)
+    assert config.require_secure_aggregation
+    defaults = load_config(config_file(tmp_path / "plain", certs))
+    assert defaults.share_with_director == ShareWithDirector(
+        logs="foedus", errors="category", paths=False
+    )
+    assert not defaults.require_secure_aggregation
 
 
 def test_config_names_every_problem_with_file_and_key(tmp_path: Path) -> None:
@@ -98,6 +103,7 @@ def test_config_names_every_problem_with_file_and_key(tmp_path: Path) -> None:
                 "connection": {"backoff_initial_seconds": 5, "backoff_max_seconds": 1},
                 "runner_setings": {},
                 "share_with_director": {"logs": "some", "errors": 1, "paths": "no", "path": 1},
+                "require_secure_aggregation": "yes",
             }
         ),
         encoding="utf-8",
@@ -121,6 +127,7 @@ def test_config_names_every_problem_with_file_and_key(tmp_path: Path) -> None:
         "share_with_director.errors: expected one of category, line",
         "share_with_director.paths: expected true or false",
         "share_with_director.path: unknown key",
+        "require_secure_aggregation: expected true or false",
     ):
         assert key in text, text
 
@@ -198,6 +205,38 @@ def test_site_plan_refusals_say_why(
     config = load_config(config_file(tmp_path, certs))
     with pytest.raises(RefusedPlanError, match=reason):
         site_document(director_plan(tmp_path, certs, **change), "alice", config, tmp_path)
+
+
+@pytest.mark.parametrize("section", [None, {}, {"enabled": False}])
+def test_site_requiring_secure_aggregation_refuses_a_plan_without_it(
+    tmp_path: Path, certs: CertsLayout, section: dict[str, Any] | None
+) -> None:
+    """require_secure_aggregation: a plan that leaves it off (or says nothing) is refused, the
+    reason naming the plan's field and the site's setting."""
+    path = config_file(tmp_path, certs, require_secure_aggregation=True)
+    config = load_config(path)
+    sections = {} if section is None else {"secure_aggregation": section}
+    text = director_plan(tmp_path, certs, **sections)
+    with pytest.raises(RefusedPlanError) as refused:
+        site_document(text, "alice", config, tmp_path / "e1")
+    assert str(refused.value) == (
+        "the director's plan: secure_aggregation.enabled: not true, and this site requires "
+        f"secure aggregation ({path}: require_secure_aggregation: true)"
+    )
+
+
+def test_site_requiring_secure_aggregation_runs_a_secure_plan(
+    tmp_path: Path, certs: CertsLayout
+) -> None:
+    """The same site takes a plan with secure aggregation on, and a site that does not require
+    it takes either."""
+    secure = director_plan(tmp_path, certs, secure_aggregation={"enabled": True})
+    demanding = load_config(config_file(tmp_path, certs, require_secure_aggregation=True))
+    document = site_document(secure, "alice", demanding, tmp_path / "e1")
+    assert document["secure_aggregation"] == {"enabled": True}
+    relaxed = load_config(config_file(tmp_path / "relaxed", certs))
+    site_document(director_plan(tmp_path, certs), "alice", relaxed, tmp_path / "e2")
+    site_document(secure, "alice", relaxed, tmp_path / "e3")
 
 
 def test_site_plan_that_is_not_yaml_is_refused(tmp_path: Path, certs: CertsLayout) -> None:

@@ -3,7 +3,8 @@
 Three sites' envoys register with a director (`foedus.director.server.DirectorServer`, launching
 real `aggregator start` processes), a person submits the digits plan, and the envoys run the
 collaborators to completion; a site's log comes through the director from its envoy; a site that did
-not agree to the plan's runner fails the experiment with its reason. Every wait is bounded.
+not agree to the plan's runner, or demands secure aggregation of a plan without it, fails the
+experiment with its reason. Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -128,10 +129,31 @@ def test_three_envoys_run_an_experiment_to_completion(
             stop_envoys(envoys, folder / "sites")
 
 
-def test_a_site_that_refuses_the_runner_fails_the_experiment(
-    folder: Path, director_certs: CertsLayout
+@pytest.mark.parametrize(
+    ("runners", "keys", "why"),
+    [
+        (
+            {"bob": ["my_site.models:Net"]},
+            {},
+            "runner 'digits' is not one this site agreed to run",
+        ),
+        (
+            None,
+            {"bob": {"require_secure_aggregation": True}},
+            "secure_aggregation.enabled: not true, and this site requires secure aggregation",
+        ),
+    ],
+    ids=["runner", "secure"],
+)
+def test_a_site_that_refuses_the_plan_fails_the_experiment(
+    folder: Path,
+    director_certs: CertsLayout,
+    runners: dict[str, list[str]] | None,
+    keys: dict[str, dict[str, object]],
+    why: str,
 ) -> None:
-    """bob's envoy agrees to another runner only: the experiment fails, naming bob and why."""
+    """bob's envoy agrees to another runner only, or demands secure aggregation of a plan
+    without it: the experiment fails, naming bob and why."""
     with running_director(
         folder / "director",
         director_certs,
@@ -139,9 +161,7 @@ def test_a_site_that_refuses_the_runner_fails_the_experiment(
         aggregator={"listen_address": "127.0.0.1", "ports": [free_port()] * 2},
         health_check_seconds=0.5,
     ) as director:
-        envoys = start_envoys(
-            folder / "sites", director_certs, director.port, {"bob": ["my_site.models:Net"]}
-        )
+        envoys = start_envoys(folder / "sites", director_certs, director.port, runners, keys)
         try:
             ada = director.stub("ada")
             wait_until(
@@ -159,7 +179,7 @@ def test_a_site_that_refuses_the_runner_fails_the_experiment(
             assert final.state == pb.EXPERIMENT_FAILED, final
             reason = final.reason
             assert "site bob refused" in reason, reason
-            assert "runner 'digits' is not one this site agreed to run" in reason, reason
+            assert why in reason, reason
         finally:
             stop_envoys(envoys, folder / "sites")
 

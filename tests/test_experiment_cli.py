@@ -151,7 +151,7 @@ def test_submit_list_status_and_a_run_to_its_model(
     assert code == 0, out
     assert out.splitlines()[-1] == "completed: round 10 of 10, sites started 3/3"
     code, out = run(ada, "status", experiment_id)
-    assert "completed" in out and "models:    last" in out
+    assert "completed" in out and "models:    last" in out and "secure:    no" in out
     assert [line.split()[:3] for line in out.splitlines()[-3:]] == [
         [name, "yes", "started"] for name in ENVOYS
     ]
@@ -181,6 +181,51 @@ def test_submit_list_status_and_a_run_to_its_model(
     assert not list(tmp_path.glob(".*"))  # nor a temporary file beside it
     code, out = run(ada, "remove", experiment_id)
     assert (code, out) == (0, f"{experiment_id} removed\n")
+
+
+def test_a_secure_experiment_shows_its_steps_and_dropouts(
+    tmp_path: Path, director: Director
+) -> None:
+    """status says the experiment aggregates securely; metrics gives each secure round's steps
+    (time, who dropped out where) and why a round closed untrained."""
+    ada = client_config(tmp_path, director, "ada")
+    plan = write_plan(tmp_path, federation={"rounds": 2}, secure_aggregation={"enabled": True})
+    code, out = run(ada, "submit", str(plan), "--name", "secure digits")
+    assert code == 0, out
+    experiment_id = out.split()[0]
+    code, out = run(ada, "status", experiment_id)
+    assert code == 0 and "secure:    yes" in out.splitlines(), out
+    code, out = run(ada, "--json", "status", experiment_id)
+    assert json.loads(out)["secure_aggregation"] is True
+    steps = [
+        {"stage": "KEYS", "seconds": 0.412, "dropped": []},
+        {"stage": "SHARES", "seconds": None, "dropped": []},
+        {"stage": "UPLOAD", "seconds": 5.1, "dropped": ["carol"]},
+        {"stage": "SURVIVORS", "seconds": 0.05, "dropped": []},
+        {"stage": "UNMASK", "seconds": 0.3, "dropped": []},
+    ]
+    why = "round 1 has 1 survivor(s) (alice), fewer than the threshold of 2"
+    rows = [
+        {"round": 0, "reporters": ["alice", "bob"], "missing": ["carol"], "secure": True,
+         "stages": steps, "untrained": "", "metrics": {"train": {"loss": 0.5}}},
+        {"round": 1, "reporters": ["alice"], "missing": ["bob", "carol"], "secure": True,
+         "stages": [{"stage": "KEYS", "seconds": 0.2, "dropped": ["bob", "carol"]}],
+         "untrained": why, "metrics": {}},
+    ]  # fmt: skip
+    output = director.server.service.folders.folder(experiment_id) / "output"
+    output.mkdir()
+    (output / "metrics.jsonl").write_text(
+        "".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8"
+    )
+    code, out = run(ada, "metrics", experiment_id)
+    assert code == 0 and out.splitlines() == [
+        "round 1 of 2, sites reported 2/3  train: loss 0.5000",
+        "  secure  KEYS 0.41 s  SHARES -  UPLOAD 5.10 s (dropped carol)  SURVIVORS 0.05 s  "
+        "UNMASK 0.30 s",
+        "round 2 of 2, sites reported 1/3",
+        "  secure  KEYS 0.20 s (dropped bob, carol)",
+        f"  untrained: {why}",
+    ], out
 
 
 def test_an_initial_model_goes_in_pieces_within_the_limit(

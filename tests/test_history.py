@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from foedus.history.rows import MetricsRow, RowError, append_row, read_lines, read_rows
+from foedus.history.rows import (
+    MetricsRow,
+    RowError,
+    StageRecord,
+    append_row,
+    read_lines,
+    read_rows,
+)
 
 
 def full_row() -> MetricsRow:
@@ -22,6 +29,9 @@ def full_row() -> MetricsRow:
         missing=("carol",),
         seconds=1.25,
         sites={"alice": {"train": {"loss": 0.25}}},
+        secure=True,
+        stages=(StageRecord("KEYS", 0.5), StageRecord("SHARES", None, ("carol",))),
+        untrained="round 2 has 1 survivor(s) (alice), fewer than the threshold of 2",
     )
 
 
@@ -33,8 +43,11 @@ def test_a_row_is_one_strict_json_line_with_sorted_keys(tmp_path: Path) -> None:
         '{"federation": "f-uuid", "final_validation": false, "metrics": '
         '{"aggregated_model_validation": {"accuracy": null}, "train": {"loss": 0.5}}, '
         '"missing": ["carol"], "reporters": ["alice", "bob"], "round": 2, '
-        '"run": "2026-01-01T00:00:00+00:00", "seconds": 1.25, '
-        '"sites": {"alice": {"train": {"loss": 0.25}}}}\n'
+        '"run": "2026-01-01T00:00:00+00:00", "seconds": 1.25, "secure": true, '
+        '"sites": {"alice": {"train": {"loss": 0.25}}}, '
+        '"stages": [{"dropped": [], "seconds": 0.5, "stage": "KEYS"}, '
+        '{"dropped": ["carol"], "seconds": null, "stage": "SHARES"}], '
+        '"untrained": "round 2 has 1 survivor(s) (alice), fewer than the threshold of 2"}\n'
     )
     (row,) = read_rows(path)
     assert row.metrics["aggregated_model_validation"] == {"accuracy": None}
@@ -44,17 +57,22 @@ def test_a_row_is_one_strict_json_line_with_sorted_keys(tmp_path: Path) -> None:
         ("carol",),
         {"alice": {"train": {"loss": 0.25}}},
     )
+    assert row.secure and row.stages == full_row().stages
+    assert row.untrained == full_row().untrained
 
 
 def test_an_older_row_gets_the_empty_value_of_what_it_lacks() -> None:
-    """A row written before `sites`, `run` and the lists were kept: empty, or None for the lists."""
+    """A row written before `sites`, `run`, the lists and secure aggregation's steps were kept:
+    empty, or None for the lists; a plain round."""
     row = MetricsRow.parse(json.dumps({"round": 0, "metrics": {"train": {"loss": 1}}}))
     assert row == MetricsRow(0, {"train": {"loss": 1.0}})
     assert (row.sites, row.run, row.reporters, row.missing) == ({}, "", None, None)
+    assert (row.secure, row.stages, row.untrained) == (False, (), "")
 
 
 def test_the_parts_of_a_row_that_are_not_what_is_written_are_left_out() -> None:
-    """A task that is not a mapping, a value not a number (a bool neither), a round not whole."""
+    """A task that is not a mapping, a value not a number (a bool neither), a round not whole,
+    a step without its name."""
     row = MetricsRow.parse(
         json.dumps(
             {
@@ -62,6 +80,14 @@ def test_the_parts_of_a_row_that_are_not_what_is_written_are_left_out() -> None:
                 "metrics": {"train": {"loss": "low", "flag": True, "acc": 0.5}, "bad": [1]},
                 "sites": {"alice": 7, "bob": {"train": {"loss": None}}},
                 "reporters": "alice",
+                "secure": "yes",
+                "stages": [
+                    "KEYS",
+                    {"seconds": 1},
+                    {"stage": "SHARES", "seconds": "1", "dropped": "bob"},
+                    {"stage": "UNMASK", "seconds": 2, "dropped": ["carol"]},
+                ],
+                "untrained": 3,
             }
         )
     )
@@ -69,6 +95,8 @@ def test_the_parts_of_a_row_that_are_not_what_is_written_are_left_out() -> None:
     assert row.metrics == {"train": {"acc": 0.5}}
     assert row.sites == {"alice": {}, "bob": {"train": {"loss": None}}}
     assert row.reporters is None
+    assert not row.secure and row.untrained == ""
+    assert row.stages == (StageRecord("SHARES", None), StageRecord("UNMASK", 2.0, ("carol",)))
 
 
 @pytest.mark.parametrize("line", ["not json", "[1, 2]", '"text"', ""])

@@ -1,6 +1,6 @@
-"""A secure federation of real processes whose aggregator is killed -9 in each stage of a round,
-or loses a site for good: the same command goes on from its state to the same model, and the
-round closes with the survivors."""
+"""A secure federation of real processes whose aggregator is killed -9 in each stage of a round:
+the same command goes on from its state to the same model (sites lost for good:
+tests/test_secure_dropout_processes.py)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,10 @@ import pytest
 from foedus.aggregator.storage import read_model
 from foedus.pki.layout import CertsLayout
 
-from dying_runner import NAME as DYING_RUNNER
-from dying_runner import TRAIN, arm
 from federation_processes import (
     COLLABORATORS,
     RUN_TIMEOUT_SECONDS,
     FederationProcesses,
-    child_python_path,
     run_federation,
     write_plan,
 )
@@ -68,37 +65,3 @@ def test_the_aggregator_killed_in_a_stage_goes_on_byte_for_byte(
     assert codes == dict.fromkeys(("aggregator", *COLLABORATORS), 0), federation.log("aggregator")
     assert "saved state in" in federation.output()  # the second start resumed (round 2 or later)
     assert final_model(tmp_path / "output") == undisturbed
-
-
-def test_a_site_lost_after_shares_is_unmasked_away(certs: CertsLayout, tmp_path: Path) -> None:
-    """carol's process dies for good while training round 1 (after SHARES, before her masked
-    upload): round 1 closes with alice and bob, carol's masks removed with her key's shares."""
-    plan = write_plan(
-        tmp_path,
-        certs,
-        ROUNDS,
-        secure_aggregation=SECURE,
-        straggler={"offline_after_seconds": 3},
-        connection={"heartbeat_seconds": 1},
-        runner={"name": DYING_RUNNER},
-    )
-    federation = FederationProcesses(plan, tmp_path)
-    environment = {"PYTHONPATH": child_python_path()}
-    died = tmp_path / "carol-died-training-round-1"
-    try:
-        federation.start("aggregator", env=environment)
-        for name in ("alice", "bob"):
-            federation.start(name, env=environment)
-        federation.start("carol", env={**environment, **arm((1, TRAIN, died))})
-        survivors = ("aggregator", "alice", "bob")
-        codes = {name: federation.wait(name, RUN_TIMEOUT_SECONDS) for name in survivors}
-    finally:
-        federation.stop_all()
-    log = federation.log("aggregator")
-    assert codes == dict.fromkeys(survivors, 0), log
-    assert died.exists() and federation.wait("carol", 1) == KILLED
-    assert "round 1's SHARES stage closed with alice, bob, carol" in log
-    assert "round 1's UNMASK stage closed with alice, bob" in log
-    output = federation.output()
-    assert "round 2/2  reported alice,bob (missing carol)" in output
-    assert "untrained" not in output

@@ -21,7 +21,8 @@ from foedus.secure.keys import (
     x25519_problem,
 )
 from foedus.secure.records import Advertisement, SealedShare, SurvivorConfirmation
-from foedus.secure.site import SiteRound, SiteSecrets
+from foedus.secure.site import SiteRound
+from foedus.secure.site_secrets import SiteSecrets
 
 from conftest import Identity
 from secure_rounds import (

@@ -10,7 +10,7 @@ import pytest
 from foedus.plans.schema import SecureAggregationSettings
 from foedus.secure.context import RoundContext
 from foedus.secure.errors import SecretsFileError
-from foedus.secure.site import SiteSecrets
+from foedus.secure.site_secrets import SiteSecrets
 
 NAMES = tuple(f"site{index:02d}" for index in range(12))
 

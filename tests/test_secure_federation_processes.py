@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from foedus.aggregator.storage import read_model
+from foedus.history.rows import METRICS, SECURE_STEPS, read_rows
 from foedus.pki.layout import CertsLayout
 
 from dying_runner import NAME as DYING_RUNNER
@@ -31,7 +32,8 @@ def test_a_secure_federation_of_processes_ends_close_to_the_plain_one(
     certs: CertsLayout, tmp_path: Path
 ) -> None:
     """Every process exits 0; the secure model is the plain one within 1e-6 (the fixed point's
-    rounding); each collaborator's state folder is private and empty once the federation ends."""
+    rounding); each collaborator's state folder is private and empty once the federation ends;
+    the metrics rows say which rounds were secure, with each step."""
     secure = run_federation(tmp_path / "secure", certs, ROUNDS, secure_aggregation=SECURE)
     assert secure.exit_codes == dict.fromkeys(("aggregator", *COLLABORATORS), 0), secure
     plain = run_federation(tmp_path / "plain", certs, ROUNDS)
@@ -48,6 +50,16 @@ def test_a_secure_federation_of_processes_ends_close_to_the_plain_one(
         folder = tmp_path / "secure" / "collaborator-state" / name
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700
         assert list(folder.iterdir()) == []
+    # Each training round's row says it was secure, with every step and nobody dropped.
+    rows = read_rows(secure.output_dir / METRICS)
+    assert [row.secure for row in rows] == [True] * ROUNDS + [False]  # the final validation
+    for row in rows[:ROUNDS]:
+        assert [(step.stage, step.dropped) for step in row.stages] == [
+            (stage, ()) for stage in SECURE_STEPS
+        ]
+        assert all(step.seconds is not None and step.seconds >= 0 for step in row.stages)
+        assert row.untrained == ""
+    assert not any(row.secure or row.stages for row in read_rows(plain.output_dir / METRICS))
 
 
 def final_model(folder: Path) -> dict[str, bytes]:

@@ -16,7 +16,8 @@ from foedus.pki.layout import CertsLayout
 from foedus.secure.context import WEIGHT_TENSOR, RoundContext
 from foedus.secure.errors import ProtocolViolation
 from foedus.secure.records import RevealedShare, SecretKind
-from foedus.secure.site import SiteRound, SiteSecrets
+from foedus.secure.site import SiteRound
+from foedus.secure.site_secrets import SiteSecrets
 from foedus.secure.unmask import Unmasking
 
 from secure_rounds import (

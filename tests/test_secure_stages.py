@@ -6,6 +6,7 @@ and a restart that goes on with the very same messages and model. The sites are 
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import re
 import sqlite3
@@ -21,7 +22,7 @@ from foedus.aggregator.federation import Federation
 from foedus.aggregator.records import Array, RoundCommit, RoundRecord, SecureClose, SecurePost
 from foedus.aggregator.runtime import Runtime
 from foedus.aggregator.state import DurableState
-from foedus.aggregator.storage import OutputFolder
+from foedus.aggregator.storage import OutputFolder, read_model
 from foedus.aggregator.store import FederationStore, MemoryStore
 from foedus.pki.layout import CertsLayout
 from foedus.plans.schema import AGGREGATED_MODEL_VALIDATION, StragglerPolicy, StragglerSettings
@@ -181,6 +182,243 @@ def _state_bytes(folder: Path) -> bytes:
     return b"".join(p.read_bytes() for p in sorted((folder / "state").rglob("*")) if p.is_file())
 
 
+# -- the state holds nothing that correlates with a site's update ---------------------------------
+
+# Updates made recognisable: random, and summing to nothing (equal weights), so the one model the
+# round may learn (their sum) is zero and any value correlated with one of them is a leak.
+BIG = {"b": np.zeros(256, dtype=np.float64), "w": np.zeros((16, 32), dtype=np.float32)}
+WINDOW = 128  # values compared at each place: a random window's correlation has sd 1/sqrt(128)
+LEAK = 0.5  # about 6 sd: no chance match in the few million windows scanned
+
+
+def recognisable_updates() -> dict[str, dict[str, Array]]:
+    """alice r, bob p - r, carol -p (r, p uniform in +-0.4, within the clip): their sum is 0."""
+    rng = np.random.default_rng(22)
+    r = {key: rng.uniform(-0.4, 0.4, array.shape) for key, array in BIG.items()}
+    p = {key: rng.uniform(-0.4, 0.4, array.shape) for key, array in BIG.items()}
+    return {"alice": r, "bob": {k: p[k] - r[k] for k in BIG}, "carol": {k: -p[k] for k in BIG}}
+
+
+def sliding_correlation(values: np.ndarray, pattern: np.ndarray) -> np.ndarray:
+    """Pearson's correlation of `pattern` with every window of `values` of its length (0 where a
+    window is constant or holds a value that is not finite or 1000 times beyond the pattern's:
+    such values are no copy of it, and would drown the running sums' precision)."""
+    n = pattern.size
+    with np.errstate(invalid="ignore", over="ignore"):  # any bytes, read as floats: NaN and all
+        x = values.astype(np.float64)
+        bad = ~np.isfinite(x) | (np.abs(x) > 1e3 * np.abs(pattern).max())
+    x[bad] = 0.0
+    y = (pattern - pattern.mean()) / pattern.std()
+    sums = np.concatenate(([0.0], np.cumsum(x)))
+    squares = np.concatenate(([0.0], np.cumsum(x * x)))
+    flagged = np.concatenate(([0], np.cumsum(bad)))
+    mean = (sums[n:] - sums[:-n]) / n
+    var = (squares[n:] - squares[:-n]) / n - mean * mean
+    covariance = np.correlate(x, y, mode="valid") / n
+    usable = (var > 1e-12 * np.maximum(1.0, mean * mean)) & (flagged[n:] == flagged[:-n])
+    result = np.zeros(covariance.size)
+    result[usable] = covariance[usable] / np.sqrt(var[usable])
+    return result
+
+
+def strongest_correlation(data: bytes, pattern: np.ndarray, dtype: type[np.generic]) -> float:
+    """The largest |correlation| of `pattern` with `data` read as `dtype` at every byte phase."""
+    size = np.dtype(dtype).itemsize
+    best = 0.0
+    for phase in range(size):
+        usable = (len(data) - phase) // size
+        if usable < pattern.size:
+            continue
+        values = np.frombuffer(data, dtype=dtype, count=usable, offset=phase)
+        best = max(best, float(np.abs(sliding_correlation(values, pattern)).max()))
+    return best
+
+
+def leaks(data: bytes, update: Mapping[str, Array], encoded: Mapping[str, Array]) -> list[str]:
+    """The forms of `update` that `data` holds values correlated with: floats (32 or 64 bits,
+    as the update or as the trained model, the same here: the model is zero) or ring values."""
+    found = []
+    for key, values in update.items():
+        plain = np.asarray(values, dtype=np.float64).reshape(-1)[:WINDOW]
+        ring = np.asarray(encoded[key]).reshape(-1)[:WINDOW].astype(np.float64)
+        for form, pattern, dtype in (
+            ("float32", plain, np.float32),
+            ("float64", plain, np.float64),
+            ("ring", ring, np.int32),
+        ):
+            if strongest_correlation(data, pattern, dtype) > LEAK:
+                found.append(f"{key} as {form}")
+    return found
+
+
+def test_the_state_holds_nothing_correlated_with_a_sites_update(
+    tmp_path: Path, certs: CertsLayout
+) -> None:
+    """Three recognisable updates summing to zero: while the masked uploads wait for their
+    unmasking and once the round is closed, no file under the aggregator's folder holds values
+    correlated with any site's update, as floats or as its ring encoding; the scan does find
+    one planted among the same files' bytes, and the model is their sum (zero)."""
+    updates = recognisable_updates()
+    state = DurableState.open(tmp_path, UUID, lambda: BIG, max_tensor_bytes=2**20)
+    try:
+        fed = Federation(
+            collaborators=COLLABORATORS,
+            tasks=("train",),
+            rounds=2,
+            model=BIG,
+            clock=Clock(),
+            store=state,
+            progress=state.recovered.progress,
+            secure=SETTINGS,
+            federation_uuid=UUID,
+        )
+        sites = Sites.of(fed, certs, COLLABORATORS, uuid=UUID)
+        sites.keys()
+        sites.shares()
+        for name in COLLABORATORS:
+            sites.upload(name, updates[name], 20)
+        fed.close_round_if_due()
+        sites.confirm(COLLABORATORS)
+        while_unmasking = _folder_bytes(tmp_path)
+        sites.reveal(COLLABORATORS)
+        summary = fed.close_round_if_due()
+        assert summary is not None and summary.trained
+        after = _folder_bytes(tmp_path)
+        for array in fed.model().values():
+            np.testing.assert_allclose(array, 0, atol=3 / SCALE)
+    finally:
+        state.close()
+    fixed = sites.rounds["alice"].context.fixed_point
+    for name, update in updates.items():
+        encoded = {k: fixed.signed(fixed.encode(v.reshape(-1), 20)) for k, v in update.items()}
+        assert leaks(while_unmasking, update, encoded) == [], name
+        assert leaks(after, update, encoded) == [], name
+        planted = after + np.asarray(update["w"], np.float32).tobytes() + after[:999]
+        assert "w as float32" in leaks(planted, update, encoded), name
+        planted = while_unmasking[:13] + encoded["b"].astype(np.int32).tobytes()
+        assert "b as ring" in leaks(planted, update, encoded), name
+
+
+def _folder_bytes(folder: Path) -> bytes:
+    """Every file under `folder` (the state, its database and log, the models), end to end."""
+    return b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())
+
+
+# -- a malicious site ----------------------------------------------------------------------------
+
+
+def test_a_share_that_does_not_open_is_relayed_and_the_others_suffice(
+    certs: CertsLayout, caplog: pytest.LogCaptureFixture
+) -> None:
+    """carol seals garbage for alice: the aggregator cannot tell (it cannot open a share), so
+    takes it; alice logs that she holds no share of carol's and goes on; carol's seed is rebuilt
+    from bob's share and her own, and the round closes at the three sites' mean."""
+    fed = secure_federation()
+    sites = Sites.of(fed, certs, COLLABORATORS, uuid=UUID)
+    sites.keys()
+    sites.shares(["alice", "bob"])
+    carol = sites.rounds["carol"]
+    got = relay(fed, "carol", 0, Stage.KEYS)
+    carol.accept_keys(got.members, got.keys)
+    sealed = tuple(
+        dataclasses.replace(share, ciphertext=bytes(len(share.ciphertext)))
+        if share.receiver == "alice"
+        else share
+        for share in carol.sealed_shares()
+    )
+    assert post(fed, "carol", Post(0, Stage.SHARES, shares=sealed))
+    with caplog.at_level(logging.WARNING, logger="foedus.secure.site"):
+        for name in COLLABORATORS:
+            sites.upload(name, delta_of(name), DELTAS[name][1])
+    (line,) = [r.getMessage() for r in caplog.records if "holds no share" in r.getMessage()]
+    assert "site 'alice' holds no share of 'carol'" in line and "its share does not open" in line
+    fed.close_round_if_due()
+    sites.confirm(COLLABORATORS)
+    sites.reveal(COLLABORATORS)
+    summary = fed.close_round_if_due()
+    assert summary is not None and summary.trained
+    assert_model(fed, COLLABORATORS)
+
+
+def test_an_upload_outside_the_ring_or_of_the_wrong_length_is_refused_and_the_round_goes_on(
+    certs: CertsLayout,
+) -> None:
+    """carol uploads 64-bit values into a 32-bit ring, then one value too many: each refused
+    (INVALID_ARGUMENT), nothing kept; she sends nothing valid, so the round closes at the
+    cut-off with alice and bob (her masks removed with her mask key's shares) at their mean."""
+    clock = Clock()
+    straggler = StragglerSettings(StragglerPolicy.CUTOFF, cutoff_seconds=30, min_reports=2)
+    fed = secure_federation(clock=clock, straggler=straggler)
+    for name in COLLABORATORS:
+        fed.assignment(name)  # the round's clock starts with its first assignment
+    sites = through_upload(fed, certs, ("alice", "bob"))
+    carol = sites.rounds["carol"]
+    got = relay(fed, "carol", 0, Stage.SHARES)
+    carol.accept_shares(got.members, got.shares)
+    masked = carol.masked_update(delta_of("carol"), DELTAS["carol"][1])
+    wide = {name: array.astype(np.uint64) + np.uint64(2**32) for name, array in masked.items()}
+    longer = {**masked, "b": np.append(masked["b"], masked["b"][:1])}
+    for bad, says in (
+        (wide, "tensor 'b' is uint64; this federation's masked values are uint32"),
+        (longer, "masked tensor 'b' has shape [3], not [2]"),
+    ):
+        with pytest.raises(InvalidRequestError, match=re.escape(says)):
+            fed.submit(masked_result("carol", 0, bad))
+    assert sorted(result.collaborator for result in fed.accepted()) == ["alice", "bob"]
+    clock.now += 31
+    assert fed.close_round_if_due() is None  # decided without carol: the survivors confirm
+    assert relay(fed, "alice", 0, Stage.SURVIVORS).members == ("alice", "bob")
+    sites.confirm(("alice", "bob"))
+    sites.reveal(("alice", "bob"))
+    summary = fed.close_round_if_due()
+    assert summary is not None and summary.trained and summary.reporters == ("alice", "bob")
+    assert_model(fed, ("alice", "bob"))
+
+
+@pytest.mark.parametrize(
+    ("weight", "outcome"),
+    [(3 * 100 + 1, "outside 3..300"), (-100, "outside 3..300"), (0, None)],
+    ids=["over the limit", "negative", "zero"],
+)
+def test_a_masked_weight_out_of_range_fails_the_round_only_when_the_sum_shows_it(
+    certs: CertsLayout, caplog: pytest.LogCaptureFixture, weight: int, outcome: str | None
+) -> None:
+    """carol masks a weight of her choosing (her values weighted by 60). The aggregator sees
+    only the survivors' summed weight: out of 3..300 (three sites of 1..max_weight 100) the
+    round closes untrained, saying so; a zero weight among honest ones sums into range and
+    cannot be told apart: carol's values then count over alice's and bob's weight alone."""
+    fed = secure_federation()
+    sites = Sites.of(fed, certs, COLLABORATORS, uuid=UUID)
+    sites.keys()
+    sites.shares()
+    for name in ("alice", "bob"):
+        sites.upload(name, delta_of(name), DELTAS[name][1])
+    carol = sites.rounds["carol"]
+    got = relay(fed, "carol", 0, Stage.SHARES)
+    carol.accept_shares(got.members, got.shares)
+    masked = carol.masked_update(delta_of("carol"), 60)
+    shift = np.array([weight - 60], dtype=np.int64).astype(np.uint32)  # mod 2^32
+    masked[WEIGHT_TENSOR] = masked[WEIGHT_TENSOR] + shift  # the ring's addition
+    assert fed.submit(masked_result("carol", 0, masked))
+    fed.close_round_if_due()
+    sites.confirm(COLLABORATORS)
+    sites.reveal(COLLABORATORS)
+    with caplog.at_level(logging.WARNING, logger="foedus.aggregator.secure_stages"):
+        summary = fed.close_round_if_due()
+    assert summary is not None
+    if outcome is not None:
+        assert not summary.trained
+        assert "round 0 closes untrained: round 0's summed weight is not usable" in caplog.text
+        assert outcome in caplog.text
+        for key, array in fed.model().items():
+            np.testing.assert_array_equal(array, model()[key])
+        return
+    assert summary.trained
+    weighted = sum(value * samples for value, samples in DELTAS.values())
+    for array in fed.model().values():
+        np.testing.assert_allclose(array, weighted / (10 + 30), atol=3 / SCALE, rtol=0)
+
+
 # -- the closing rule --------------------------------------------------------------------------
 
 
@@ -267,8 +505,13 @@ def test_a_stage_below_the_threshold_fails_the_round_untrained(
     for key, array in fed.model().items():
         np.testing.assert_array_equal(array, model()[key])
     plan = dataclasses.replace(make_plan(None), secure_aggregation=SETTINGS)
-    line = Runtime(plan, fed, OutputFolder(tmp_path)).round_line(summary)
+    runtime = Runtime(plan, fed, OutputFolder(tmp_path))
+    line = runtime.round_line(summary)
     assert "reported nobody (missing alice,bob,carol)  untrained: secure aggregation failed" in line
+    # Were it the federation's last round, the model the final line names is written anyway.
+    runtime.out = io.StringIO()
+    runtime.record(dataclasses.replace(summary, finished=True))
+    assert read_model(runtime.output.last_model, 1 << 20).keys() == model().keys()
 
 
 def test_fewer_survivors_than_the_threshold_close_the_round_untrained(

@@ -9,6 +9,8 @@ const MEAN_COLOR = "#1d2330";
 const SITE_COLORS = ["#2f6fdf", "#e07b00", "#2e9d4f", "#9b3fb5", "#d23f6a", "#1a9aa8", "#8a6d1f", "#6b7a99"];
 const DASHES = ["none", "6 3", "2 3"];
 const SVG = "http://www.w3.org/2000/svg";
+// A secure round's steps, in order (foedus.history.rows.SECURE_STEPS).
+const SECURE_STEPS = ["KEYS", "SHARES", "UPLOAD", "SURVIVORS", "UNMASK"];
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -79,7 +81,8 @@ async function drawIndex() {
   const [{ experiments }, { envoys }] = await Promise.all([api("/api/experiments"), api("/api/envoys")]);
   const rows = experiments.map((e) =>
     el("tr", { "data-id": e.id },
-      el("td", {}, el("a", { href: `/experiments/${encodeURIComponent(e.id)}` }, e.name || e.id)),
+      el("td", {}, el("a", { href: `/experiments/${encodeURIComponent(e.id)}` }, e.name || e.id),
+        ...(e.secure ? [" ", el("span", { class: "tag" }, "secure")] : [])),
       el("td", {}, e.owner),
       el("td", {}, stateBadge(e.state)),
       el("td", { class: "progress" }, progress(e), " ", bar(e)),
@@ -97,6 +100,26 @@ async function drawIndex() {
       el("td", {}, v.experiments.length ? v.experiments.join(", ") : "none")));
   document.querySelector("#envoys tbody").replaceChildren(...sites);
   document.getElementById("no-envoys").hidden = envoys.length > 0;
+}
+
+// One step of a secure round: its time and who dropped out in it; empty when the round never got there.
+function stepCell(step) {
+  if (!step) return el("td", {});
+  const cell = el("td", { "data-stage": step.stage }, step.seconds === null ? "-" : `${step.seconds.toFixed(2)} s`);
+  if (step.dropped.length) cell.append(el("div", { class: "dropped" }, `dropped ${step.dropped.join(", ")}`));
+  return cell;
+}
+
+function drawSecure(e) {
+  document.getElementById("secure").hidden = !e.secure;
+  document.getElementById("secure-tag").hidden = !e.secure;
+  const rows = e.secure_rounds.map((r) =>
+    el("tr", { "data-round": r.round },
+      el("td", {}, String(r.round)),
+      ...SECURE_STEPS.map((name) => stepCell(r.stages.find((step) => step.stage === name))),
+      el("td", { class: "untrained" }, r.untrained)));
+  document.querySelector("#secure-rounds tbody").replaceChildren(...rows);
+  document.getElementById("no-secure-rounds").hidden = rows.length > 0;
 }
 
 function lineStyle(line, tasks, sites) {
@@ -184,6 +207,7 @@ async function drawExperiment() {
   const sites = [...new Set(e.charts.flatMap((c) => c.lines.map((line) => line.site)))].filter((site) => site !== null).sort();
   document.getElementById("charts").replaceChildren(...e.charts.map((spec) => chart(spec, sites)));
   document.getElementById("no-charts").hidden = e.charts.length > 0;
+  drawSecure(e);
   const log = document.getElementById("log");
   const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
   log.textContent = e.log_tail.join("\n");
