@@ -331,7 +331,7 @@ def test_a_share_that_does_not_open_is_relayed_and_the_others_suffice(
         for name in COLLABORATORS:
             sites.upload(name, delta_of(name), DELTAS[name][1])
     (line,) = [r.getMessage() for r in caplog.records if "holds no share" in r.getMessage()]
-    assert "site 'alice' holds no share of 'carol'" in line and "its share does not open" in line
+    assert "site 'alice' holds no share of carol's" in line and "its share does not open" in line
     fed.close_round_if_due()
     sites.confirm(COLLABORATORS)
     sites.reveal(COLLABORATORS)
