@@ -28,8 +28,8 @@ import yaml
 from foedus.aggregator.federation import Federation
 from foedus.aggregator.identity import Gatekeeper
 from foedus.aggregator.server import add_servicer
-from foedus.aggregator.store import MemoryStore
 from foedus.aggregator.servicer import AggregatorServicer
+from foedus.aggregator.store import MemoryStore
 from foedus.collaborator.answers import PlannedWork
 from foedus.collaborator.cli import leave_reason, main
 from foedus.collaborator.client import AggregatorGRPCClient, OutgoingTensor

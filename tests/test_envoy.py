@@ -336,7 +336,15 @@ def test_a_collaborator_gets_the_sites_log_level_and_the_envoys_environment(
             time.sleep(0.05)
         argv, pythonpath = json.loads(record.read_text(encoding="utf-8"))
         flags = ["--keep-metrics"] if keep else []
-        assert argv[:-1] == ["start", "-n", "alice", "--log-level", level or "info", *flags, "--plan"]
+        assert argv[:-1] == [
+            "start",
+            "-n",
+            "alice",
+            "--log-level",
+            level or "info",
+            *flags,
+            "--plan",
+        ]
         assert pythonpath == "/site/runners"
     finally:
         state.close()
