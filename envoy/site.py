@@ -170,7 +170,12 @@ class Site:
         path = self.folder(experiment.experiment_id) / LOG_FILE
         most = min(order.max_bytes or MAX_LOG_BYTES, MAX_LOG_BYTES)
         shared = self._shared_logs.setdefault(
-            experiment.experiment_id, SharedLog(self.config.share_with_director, self.name)
+            experiment.experiment_id,
+            SharedLog(
+                self.config.share_with_director,
+                self.name,
+                metrics=self.config.share_with_aggregator.metrics,
+            ),
         )
         try:
             size, data = shared.read(path, order.offset, most)

@@ -826,6 +826,29 @@ def test_a_leave_that_cannot_be_sent_is_logged_not_raised(
     assert "experiment e1: could not tell the aggregator that alice left" in caplog.text
 
 
+def test_a_site_keeping_its_metrics_keeps_them_from_the_directors_logs(
+    tmp_path: Path, certs: CertsLayout
+) -> None:
+    """share_with_aggregator.metrics: false: the log the director reads has the collaborator's
+    round lines without their values."""
+    config = load_config(config_file(tmp_path, certs, share_with_aggregator={"metrics": False}))
+    state = EnvoyState.open(config.state_dir, exclusive=True)
+    plan = director_plan(tmp_path, certs, secure_aggregation={"enabled": True})
+    state.add(
+        experiment_id="e1", name="n", owner="dora", site="alice", plan_yaml=plan, state=S.STARTED
+    )
+    site = Site("alice", config, state)
+    site.folder("e1").mkdir(parents=True)
+    (site.folder("e1") / LOG_FILE).write_text(LOG, encoding="utf-8")
+    try:
+        piece = site.read_log(LogOrder("r", "e1", 0, 1 << 20))
+        assert piece.found and piece.size == len(piece.data)
+        assert b"round 0: train: metrics kept at the site" in piece.data
+        assert b"loss=" not in piece.data
+    finally:
+        state.close()
+
+
 def test_the_director_gets_logs_and_reasons_as_the_site_shares_them(
     tmp_path: Path, certs: CertsLayout
 ) -> None:
@@ -862,6 +885,7 @@ def test_the_director_gets_logs_and_reasons_as_the_site_shares_them(
                     break
                 shared, offset = shared + piece.data, offset + len(piece.data)
         assert shared == read_all(SharedLog(ShareWithDirector(), "alice"), log)
+        assert b"loss=0.5000" in shared  # a site that keeps its metrics: test_disclosure.py
         assert (
             b"ERROR foedus.collaborator.cli: failure: the task runner failed (ValueError)" in shared
         )
