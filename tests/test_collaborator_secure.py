@@ -27,6 +27,7 @@ import yaml
 
 from foedus.aggregator.federation import Federation
 from foedus.aggregator.identity import Gatekeeper
+from foedus.aggregator.records import TaskResult
 from foedus.aggregator.server import add_servicer
 from foedus.aggregator.servicer import AggregatorServicer
 from foedus.aggregator.store import MemoryStore
@@ -985,12 +986,23 @@ def test_keep_metrics_sends_none_and_logs_them_at_the_site(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """alice runs `collaborator start --keep-metrics`: her results carry no metric, yet she
-    counts in every round; the rounds' means are bob's and carol's and their rows leave her out;
-    her own log has her metrics as any site's."""
+    """alice runs `collaborator start --keep-metrics`: her results carry no metric and a
+    data_size of 1, yet she counts in every round; the rounds' means are bob's and carol's and
+    their rows leave her out; her own log has her metrics as any site's."""
     plan = dataclasses.replace(make_plan(certs), secure_aggregation=DIGITS_SETTINGS)
     federation = Federation.from_plan(plan, DigitsRunner.initial_model(plan.runner))
+    sent: list[tuple[str, int, int]] = []  # alice's results: task, data_size, metrics
+    submit = federation.submit
+
+    def noting(result: TaskResult) -> bool:
+        if result.collaborator == "alice":
+            metrics = sum("metric" in tensor.tags for tensor in result.tensors)
+            sent.append((result.task_name, result.data_size, metrics))
+        return submit(result)
+
+    monkeypatch.setattr(federation, "submit", noting)
     caplog.set_level(logging.INFO, logger="foedus.collaborator")
     with running_aggregator(plan, federation) as server, closing_rounds(federation):
         path = secure_plan_file(tmp_path / "alice", certs, server.port)
@@ -1013,6 +1025,8 @@ def test_keep_metrics_sends_none_and_logs_them_at_the_site(
         assert record.reporters == ("alice", "bob", "carol") and record.untrained == ""
         assert sorted(record.sites) == ["bob", "carol"], record.sites
         assert record.metrics[AGGREGATED_MODEL_VALIDATION]["accuracy"] > 0
+    assert len(sent) == 3 * plan.federation.rounds + 1, sent  # and the final validation
+    assert {(data_size, metrics) for _, data_size, metrics in sent} == {(1, 0)}, sent
     said = "this site keeps its metrics: its results carry none (--keep-metrics)"
     alices = [  # her main() runs in a thread of its own, bob and carol in theirs
         r.getMessage()
