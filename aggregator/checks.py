@@ -10,6 +10,11 @@ In a secure round (`foedus.aggregator.secure_stages`) a `train` result is masked
 tensors in the ring's unsigned dtype and the model's shapes, plus the masked weight
 (`foedus.secure.WEIGHT_TENSOR`), with a wire `data_size` of 1 (the weight travels masked); a
 plaintext update is refused, with a message that says so (OpenFL collaborators cannot take part).
+
+A validation result reports at least one metric, except in a secure federation: there a site may
+keep its metrics (`collaborator start --keep-metrics`), and its validation counts as done while
+the round's means are over the sites that reported (`foedus.aggregator.closing`). A validation
+result of a secure federation holds metrics alone: a model tensor in it would be plaintext.
 """
 
 from __future__ import annotations
@@ -39,11 +44,13 @@ PLAINTEXT_REFUSED = (
 
 
 class ResultChecks:
-    """What a result must be to be accepted, under a federation's schedule and the plan's limits."""
+    """What a result must be to be accepted, under a federation's schedule and the plan's limits;
+    `secure`: the federation aggregates securely, where a site may keep its metrics."""
 
-    def __init__(self, schedule: Schedule, limits: Limits) -> None:
+    def __init__(self, schedule: Schedule, limits: Limits, *, secure: bool = False) -> None:
         self.schedule = schedule
         self.limits = limits
+        self.secure = secure
 
     def round(self, state: RoundState, round_number: int) -> None:
         """Refuse a result or a model read for any round but the open one (call under the lock)."""
@@ -125,7 +132,7 @@ class ResultChecks:
     ) -> None:
         """Metrics are numeric scalars; model tensors match the global model's; train sends all
         of them, a validation at least one metric (what it measured: OpenFL's send one, Flower's
-        a loss at least)."""
+        a loss at least), unless the federation is secure and the site keeps its metrics."""
         names = [tensor.name for tensor in tensors]
         if len(set(names)) != len(names):
             raise InvalidRequestError("results name the same tensor more than once")
@@ -145,6 +152,10 @@ class ResultChecks:
                 raise InvalidRequestError(
                     f"tensor {tensor.name!r} is neither a metric nor in the global model"
                 )
+            if self.secure and task != TRAIN:  # a validation sends metrics alone
+                raise InvalidRequestError(
+                    f"tensor {tensor.name!r} in {task} results: {PLAINTEXT_REFUSED}"
+                )
             if tensor.array.shape != reference.shape or tensor.array.dtype != reference.dtype:
                 raise InvalidRequestError(
                     f"tensor {tensor.name!r} is {tensor.array.dtype}{list(tensor.array.shape)}, "
@@ -163,10 +174,11 @@ class ResultChecks:
                 raise InvalidRequestError(
                     f"train results lack {len(missing)} tensor(s) of the global model: {shown}"
                 )
-        elif not metrics:
+        elif not metrics and not self.secure:
             raise InvalidRequestError(
                 f"{task} results hold no metric: a validation reports at least one "
-                "(a tensor tagged 'metric', such as accuracy)"
+                "(a tensor tagged 'metric', such as accuracy); a site keeps its metrics only in "
+                "a secure federation (secure_aggregation.enabled)"
             )
 
     def _masked(

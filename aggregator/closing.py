@@ -2,7 +2,9 @@
 
 On close, the reporters' ``train`` results are averaged by data size (`foedus.aggregator.fedavg`)
 into the next global model, and each task's metrics into weighted means; each reporter's own metrics
-are kept beside them (`RoundRecord.sites`). The plan's best-model metric is tracked here too
+are kept beside them (`RoundRecord.sites`). A site that kept its metrics (a secure federation's
+`collaborator start --keep-metrics`) counts as a reporter but is in neither: each mean is over the
+sites that sent that metric, and a task nobody sent a metric of has no means. The plan's best-model metric is tracked here too
 (`Best`).
 
 A round's close is made durable in two steps: `FederationStore.decide_close` fixes who reported (so

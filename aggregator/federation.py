@@ -109,7 +109,9 @@ class Federation:
         self.final_validation = self.schedule.final_validation
         self.best_model = best_model
         self.store: FederationStore = store if store is not None else MemoryStore(model)
-        self._checks = ResultChecks(self.schedule, limits or Limits())
+        self._checks = ResultChecks(
+            self.schedule, limits or Limits(), secure=secure is not None and secure.enabled
+        )
         self._wall = wall
         self.liveness = liveness or Liveness(
             self.collaborators,

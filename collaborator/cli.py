@@ -105,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
         "made from them is sent, read again by a restarted collaborator, erased once the round "
         "is over (default: the plan's folder/collaborator-state/NAME)",
     )
+    start.add_argument(
+        "--keep-metrics",
+        action="store_true",
+        help="keep this site's metrics (train loss, validation accuracy and loss) at the site: "
+        "its results carry none, its validations a sample count of 1; it still logs them. Only "
+        "in a federation that aggregates securely (plan: secure_aggregation.enabled), where the "
+        "aggregator averages the metrics of the sites that send them",
+    )
     add_log_level(start, "what to log (default: info)")
     return parser
 
@@ -115,7 +123,13 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), handlers=[stderr_log_handler()])
     with _sigterm_raises():
         try:
-            return _start(args.name, args.plan, args.site_settings, args.state_dir)
+            return _start(
+                args.name,
+                args.plan,
+                args.site_settings,
+                args.state_dir,
+                keep_metrics=args.keep_metrics,
+            )
         except PlanError as error:
             return fail_each("collaborator", error.problems, EXIT_BAD_INPUT)
         except UsageError as error:
@@ -142,7 +156,14 @@ def main(args: argparse.Namespace) -> int:
             )
 
 
-def _start(name: str, plan_path: Path, site_settings: Path | None, state_dir: Path | None) -> int:
+def _start(
+    name: str,
+    plan_path: Path,
+    site_settings: Path | None,
+    state_dir: Path | None,
+    *,
+    keep_metrics: bool = False,
+) -> int:
     """Every start-up check, then the loop; checks raise `UsageError` with one line."""
     plan = load_plan(plan_path)  # PlanError: main prints one line per problem
     if site_settings is not None:
@@ -154,6 +175,11 @@ def _start(name: str, plan_path: Path, site_settings: Path | None, state_dir: Pa
         raise UsageError(
             f"{plan_path}: collaborators: {name!r} is not listed "
             f"(listed: {', '.join(plan.collaborators)})"
+        )
+    if keep_metrics and not plan.secure_aggregation.enabled:
+        raise UsageError(
+            f"{plan.path}: secure_aggregation.enabled: not true, and --keep-metrics needs it (a "
+            "plain federation's aggregator refuses a validation without metrics)"
         )
     _check_tls_files(plan, name)
     identity = _secure_identity(plan, name)
@@ -178,6 +204,8 @@ def _start(name: str, plan_path: Path, site_settings: Path | None, state_dir: Pa
             plan.federation.uuid,
             client.target,
         )
+        if keep_metrics:
+            logger.info("this site keeps its metrics: its results carry none (--keep-metrics)")
         planned = PlannedWork(rounds=plan.federation.rounds, tasks=plan.tasks)
         try:
             # Returns when the aggregator says quit.
@@ -188,6 +216,7 @@ def _start(name: str, plan_path: Path, site_settings: Path | None, state_dir: Pa
                 planned=planned,
                 heartbeat_seconds=plan.connection.heartbeat_seconds,
                 secure=secure,
+                keep_metrics=keep_metrics,
             )
         except Exception as error:  # signals are BaseExceptions: no Leave for a stop
             _leave(client, error)

@@ -19,6 +19,11 @@ this site counts as a round closed without it, like a refused result, except tha
 aggregator may go on offering the round's tasks: in a secure federation a site refused in a
 round sits the rest of it out (none of its tasks could count without its part in the stages)
 and asks again until a later round.
+
+A site that keeps its metrics (`keep_metrics`, `collaborator start --keep-metrics`, only in a
+secure federation) sends results without them, its validations with a `data_size` of 1 (the
+count weighs metrics alone: the size of its validation set stays at the site too); it logs them
+as any site does.
 """
 
 from __future__ import annotations
@@ -51,6 +56,9 @@ TRAINED_TAGS = ("trained",)
 TRAIN_METRIC_TAGS = ("metric",)
 AGGREGATED_VALIDATION_TAGS = ("metric", "validate_agg")
 LOCAL_VALIDATION_TAGS = ("metric", "validate_local")
+METRIC_TAG = "metric"
+# A validation's data_size from a site that keeps its metrics: the count weighs nothing then.
+KEPT_DATA_SIZE = 1
 
 
 class CollaboratorError(ClientError):
@@ -86,6 +94,7 @@ def run_collaborator(
     planned: PlannedWork | None = None,
     heartbeat_seconds: float | None = None,
     secure: SecureRounds | None = None,
+    keep_metrics: bool = False,
 ) -> CollaboratorReport:
     """Work for the aggregator until it says quit, or until `max_idle_polls` idle answers in a row.
 
@@ -94,7 +103,7 @@ def run_collaborator(
     bounds what the aggregator may ask for (`foedus.collaborator.answers`). While a task runs, a
     heartbeat goes to the aggregator every `heartbeat_seconds` (None: none;
     `foedus.collaborator.heartbeat`). `secure`: this site's part in secure rounds (None: a plain
-    federation).
+    federation); `keep_metrics`: its results carry no metric.
     """
     if max_idle_polls is not None and max_idle_polls < 1:
         raise ValueError(f"max_idle_polls must be >= 1 or None, got {max_idle_polls}")
@@ -152,7 +161,16 @@ def run_collaborator(
                 _check_global(model, reference)
                 current = _Round(tasks.round_number, model)
             for task in tasks.tasks:
-                _run_task(client, runner, current, task, beat, planned=planned, secure=secure)
+                _run_task(
+                    client,
+                    runner,
+                    current,
+                    task,
+                    beat,
+                    planned=planned,
+                    secure=secure,
+                    keep_metrics=keep_metrics,
+                )
                 report.tasks_run += 1
         except (RequestRejectedError, SecureRoundMissedError) as error:
             _missed(error, tasks.round_number, report)
@@ -216,8 +234,10 @@ def _run_task(
     *,
     planned: PlannedWork | None,
     secure: SecureRounds | None = None,
+    keep_metrics: bool = False,
 ) -> None:
-    """Run one task on the round's model, with heartbeats while it runs, and send its results."""
+    """Run one task on the round's model, with heartbeats while it runs, and send its results
+    (without metrics when the site keeps them)."""
     round_number = current.number
     if task == AGGREGATED_MODEL_VALIDATION:
         with beat.during():
@@ -265,6 +285,10 @@ def _run_task(
             f"the aggregator asked for task {task!r} of round {round_number}; this collaborator "
             f"knows {AGGREGATED_MODEL_VALIDATION}, {TRAIN} and {LOCALLY_TUNED_MODEL_VALIDATION}"
         )
+    if keep_metrics:
+        tensors = [tensor for tensor in tensors if METRIC_TAG not in tensor.tags]
+        if task != TRAIN:
+            data_size = KEPT_DATA_SIZE
     client.send_local_task_results(round_number, task, data_size, tensors)
     logger.info(
         "round %d: %s on %d samples: %s",

@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         "with metrics.redis_url, write each collaborator's state to Redis. What of the "
         "collaborators' logs, errors and site paths the director gets is envoy.yaml's "
         "share_with_director (by default: foedus's own log lines, failures as a category, "
-        "no paths).",
+        "no paths); whether the aggregator gets their metrics, share_with_aggregator (by "
+        "default: yes).",
         epilog=EPILOG,
     )
     start.add_argument(
@@ -154,7 +155,7 @@ def _start(name: str, config: EnvoyConfig) -> int:
             share = config.share_with_director
             logger.info(
                 "envoy %s: director %s, state in %s, runners %s, review %s; shares with the "
-                "director: logs %s, errors %s, paths %s",
+                "director: logs %s, errors %s, paths %s; with the aggregator: metrics %s",
                 name,
                 config.director_target,
                 config.state_dir,
@@ -163,6 +164,7 @@ def _start(name: str, config: EnvoyConfig) -> int:
                 share.logs,
                 share.errors,
                 "yes" if share.paths else "no",
+                "yes" if config.share_with_aggregator.metrics else "no",
             )
             leaving = Leaving()
             site = Site(name, config, state, leave=leaving)

@@ -30,6 +30,9 @@ the file. An example, every key shown with its default (the four without one are
       errors: category       #   category | line: a failure's reason names a fixed category, or
                              #   also quotes the log's last line
       paths: false           #   true: site paths may leave; false: each becomes <site path>
+    share_with_aggregator:   # what of its collaborators' results the aggregator gets
+      metrics: true          #   false: they keep their metrics at the site (collaborator start
+                             #   --keep-metrics); a plan without secure_aggregation is refused
 """
 
 from __future__ import annotations
@@ -104,6 +107,13 @@ class ShareWithDirector:
 
 
 @dataclass(frozen=True)
+class ShareWithAggregator:
+    """`share_with_aggregator`: what of its collaborators' results the site lets the aggregator have."""
+
+    metrics: bool = True  # share_with_aggregator.metrics: false starts them with --keep-metrics
+
+
+@dataclass(frozen=True)
 class EnvoyConfig:
     """A whole envoy.yaml; `path` is the file it came from."""
 
@@ -121,6 +131,7 @@ class EnvoyConfig:
     metrics: Metrics = Metrics()
     collaborator_log_level: str = "info"  # collaborator_log_level: its collaborators' --log-level
     share_with_director: ShareWithDirector = ShareWithDirector()
+    share_with_aggregator: ShareWithAggregator = ShareWithAggregator()
     # require_secure_aggregation: refuse a plan whose secure_aggregation is not enabled
     require_secure_aggregation: bool = False
 
@@ -156,6 +167,7 @@ def parse_config(data: object, config_path: Path) -> EnvoyConfig:
     metrics = _metrics(root.section("metrics"))
     collaborator_log_level = root.choice("collaborator_log_level", "info", LOG_LEVELS)
     share = _share_with_director(root.section("share_with_director"))
+    aggregator = _share_with_aggregator(root.section("share_with_aggregator"))
     root.finish()
     if problems:
         raise ConfigError([f"{config_path}: {problem}" for problem in problems])
@@ -174,6 +186,7 @@ def parse_config(data: object, config_path: Path) -> EnvoyConfig:
         metrics=metrics,
         collaborator_log_level=collaborator_log_level,
         share_with_director=share,
+        share_with_aggregator=aggregator,
         require_secure_aggregation=require_secure,
     )
 
@@ -278,5 +291,12 @@ def _share_with_director(section: Section) -> ShareWithDirector:
         errors=section.choice("errors", defaults.errors, SHARED_ERRORS),
         paths=section.flag("paths", defaults.paths),
     )
+    section.finish()
+    return share
+
+
+def _share_with_aggregator(section: Section) -> ShareWithAggregator:
+    defaults = ShareWithAggregator()
+    share = ShareWithAggregator(metrics=section.flag("metrics", defaults.metrics))
     section.finish()
     return share

@@ -5,7 +5,9 @@ a collaborator's report (`shared_reason`) and the pieces of its log the director
 (`SharedLog`). The site's own state, files and API keep everything. By default only foedus's own
 log lines leave (a runner's prints, tracebacks and other libraries' lines stay), a failure's
 reason names a fixed category instead of quoting the log, and every absolute path becomes
-`<site path>`.
+`<site path>`. A site that keeps its metrics (envoy.yaml `share_with_aggregator.metrics: false`)
+keeps them from the director too: its collaborators' round lines leave without their sample
+counts and values.
 
 The director asks for a shared log by offset; offsets are of the shared text, which is a pure
 function of the log's complete lines and the settings, so an envoy started again (or asked by a
@@ -55,6 +57,11 @@ _PATH = re.compile(
     rf"""|(?:(?<![\w.:/~\\-])|(?<=[^:/]:)(?!//)|(?<=file://))"""
     rf"""~?/{_SEGMENT}+(?: {_SEGMENT}*/{_SEGMENT}*)*"""
 )
+# foedus.collaborator.loop's line of each task sent: "round R: TASK on N samples: name=value ...".
+_ROUND_LINE = re.compile(
+    r"^(?P<head>\S+ \S+ INFO foedus\.collaborator\.loop: round \d+: [\w-]+) on \d+ samples: .*$"
+)
+METRICS_KEPT = ": metrics kept at the site (share_with_aggregator.metrics: false)"
 _READ_BYTES = 1 << 20  # how much of a log is read at once
 _MARK_EVERY = 1 << 16  # bytes of shared text between two remembered places of a log
 
@@ -99,15 +106,19 @@ def is_foedus_line(line: str) -> bool:
     return found is not None and found["logger"].split(".", 1)[0] in FOEDUS_PACKAGES
 
 
-def shared_line(line: bytes, share: ShareWithDirector) -> bytes:
-    """What of one complete log line (with its newline) may leave: itself, changed, or nothing."""
+def shared_line(line: bytes, share: ShareWithDirector, *, metrics: bool = True) -> bytes:
+    """What of one complete log line (with its newline) may leave: itself, changed, or nothing;
+    `metrics` false: a round line without its counts and values."""
     if share.logs == "none":
         return b""
-    if share.logs == "all" and share.paths:
+    if share.logs == "all" and share.paths and metrics:
         return line
     text = line.decode("utf-8", errors="replace")
     if share.logs == "foedus" and not is_foedus_line(text):
         return b""
+    if not metrics:
+        text = _ROUND_LINE.sub(lambda found: found["head"] + METRICS_KEPT, text.rstrip("\n"))
+        text += "\n" if line.endswith(b"\n") else ""
     return (text if share.paths else without_paths(text)).encode("utf-8")
 
 
@@ -138,12 +149,14 @@ class SharedLog:
     """One collaborator log as the director may read it, by offsets of the shared text.
 
     Remembers a place every `_MARK_EVERY` shared bytes, so reading a long log piece by piece
-    reads each raw byte about once; forgetting them (a restart) changes no offset.
+    reads each raw byte about once; forgetting them (a restart) changes no offset. `metrics`
+    false: the site keeps its metrics (`shared_line`).
     """
 
-    def __init__(self, share: ShareWithDirector, site: str) -> None:
+    def __init__(self, share: ShareWithDirector, site: str, *, metrics: bool = True) -> None:
         """Nothing read yet."""
         self.share = share
+        self.metrics = metrics
         self.header = header(share, site)
         self._marks = [Mark(0, 0)]
         self._end = Mark(0, len(self.header))  # the last complete line read so far
@@ -155,7 +168,7 @@ class SharedLog:
         """
         with path.open("rb") as file:
             size = file.seek(0, 2)
-            if self.share.logs == "all" and self.share.paths:  # shared as it is
+            if self.share.logs == "all" and self.share.paths and self.metrics:  # as it is
                 file.seek(min(offset, size))
                 return size, file.read(most)
             if size < self._end.raw:  # a new log (not expected): read it afresh
@@ -177,7 +190,7 @@ class SharedLog:
         raw, shared = self._end.raw, self._end.shared
         last = self._marks[-1].shared
         for end, line in _lines(file, raw, size):
-            shared += len(shared_line(line, self.share))
+            shared += len(shared_line(line, self.share, metrics=self.metrics))
             raw = end
             if shared - last >= _MARK_EVERY:
                 self._marks.append(Mark(raw, shared))
@@ -188,7 +201,7 @@ class SharedLog:
         if start == 0:
             yield self.header
         for _, line in _lines(file, start, end):
-            yield shared_line(line, self.share)
+            yield shared_line(line, self.share, metrics=self.metrics)
 
 
 def _lines(file: BinaryIO, start: int, end: int) -> Iterator[tuple[int, bytes]]:

@@ -3,7 +3,8 @@
 `Site` turns the director's work (experiments to start and to stop, logs to send) into actions on
 the envoy's durable state (`foedus.envoy.state`) and its collaborators, child processes in their own
 sessions (`foedus.processes.children.ChildProcesses`): `collaborator start -n NAME --plan PLAN`, the
-plan written by `foedus.envoy.site_plan`. A collaborator that dies is started again, at most
+plan written by `foedus.envoy.site_plan` (with `--keep-metrics` when envoy.yaml's
+`share_with_aggregator.metrics` is false). A collaborator that dies is started again, at most
 `MAX_RESTARTS` times in a row (the count starts again once it finishes a round it had not); the site
 gives up on it for good (GAVE_UP) when it exits 2 (a bad plan or settings: starting again cannot
 help), when its restarts are used up, or when the site's operator stops it, and tells the aggregator
@@ -169,7 +170,12 @@ class Site:
         path = self.folder(experiment.experiment_id) / LOG_FILE
         most = min(order.max_bytes or MAX_LOG_BYTES, MAX_LOG_BYTES)
         shared = self._shared_logs.setdefault(
-            experiment.experiment_id, SharedLog(self.config.share_with_director, self.name)
+            experiment.experiment_id,
+            SharedLog(
+                self.config.share_with_director,
+                self.name,
+                metrics=self.config.share_with_aggregator.metrics,
+            ),
         )
         try:
             size, data = shared.read(path, order.offset, most)
@@ -334,6 +340,7 @@ class Site:
                 experiment.site,
                 "--log-level",
                 self.config.collaborator_log_level,
+                *(() if self.config.share_with_aggregator.metrics else ("--keep-metrics",)),
                 "--plan",
             )
             try:

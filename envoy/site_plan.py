@@ -2,7 +2,8 @@
 
 The plan is YAML text (never code): the envoy reads it with `safe_yaml`, refuses a runner not in its
 `runners` (and, when the site sets `require_secure_aggregation`, a plan whose secure aggregation is
-not on), points `tls` at its own certificate folder, drops the aggregator's files (paths on the
+not on; and when it keeps its metrics, `share_with_aggregator.metrics: false`, a plan without
+secure aggregation, whose aggregator would refuse its validations), points `tls` at its own certificate folder, drops the aggregator's files (paths on the
 director's host), merges its own runner settings over `runner.settings` with
 `foedus.plans.site_settings.merge_site_settings`, and checks the result as `collaborator start`
 will.
@@ -79,6 +80,12 @@ def site_document(plan_yaml: str, site: str, config: EnvoyConfig, folder: Path) 
         raise RefusedPlanError(
             f"{RECEIVED}: secure_aggregation.enabled: not true, and this site requires secure "
             f"aggregation ({config.path}: require_secure_aggregation: true)"
+        )
+    if not config.share_with_aggregator.metrics and not plan.secure_aggregation.enabled:
+        raise RefusedPlanError(
+            f"{RECEIVED}: secure_aggregation.enabled: not true, and this site keeps its metrics, "
+            f"which only a secure federation accepts ({config.path}: share_with_aggregator: "
+            "metrics: false)"
         )
     merged = merge_site_settings(plan.runner, config.runner_settings, source=config.path)
     document["runner"] = {**document["runner"], "settings": dict(merged.settings)}

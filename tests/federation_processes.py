@@ -186,15 +186,21 @@ class FederationRun:
 
 
 def run_federation(
-    folder: Path, certs: CertsLayout, rounds: int, **sections: Mapping[str, Any]
+    folder: Path,
+    certs: CertsLayout,
+    rounds: int,
+    *,
+    collaborator_args: Mapping[str, Sequence[str]] | None = None,
+    **sections: Mapping[str, Any],
 ) -> FederationRun:
-    """Run an aggregator and three collaborators as processes to the end, bounded in time."""
+    """Run an aggregator and three collaborators as processes to the end, bounded in time;
+    `collaborator_args`: more arguments of some collaborators' `start`, by name."""
     plan = write_plan(folder, certs, rounds, **sections)
     federation = FederationProcesses(plan, folder)
     try:
         federation.start("aggregator")
         for name in COLLABORATORS:
-            federation.start(name)
+            federation.start(name, *(collaborator_args or {}).get(name, ()))
         codes = federation.wait_all()
     finally:
         federation.stop_all()

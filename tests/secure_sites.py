@@ -56,11 +56,13 @@ def relay(fed: Federation, name: str, round_number: int, stage: Stage) -> Relay:
 
 
 def masked_result(
-    name: str, round_number: int, masked: Mapping[str, Array], *, loss: float = 0.5
+    name: str, round_number: int, masked: Mapping[str, Array], *, loss: float | None = 0.5
 ) -> TaskResult:
-    """A masked `train` result as a site uploads it: ring tensors, the weight, a metric."""
+    """A masked `train` result as a site uploads it: ring tensors, the weight, a metric (none
+    when `loss` is None: the site keeps its metrics)."""
     tensors = [ResultTensor(t, frozenset({"trained"}), array) for t, array in masked.items()]
-    tensors.append(ResultTensor("loss", frozenset({"metric"}), np.array(loss, np.float32)))
+    if loss is not None:
+        tensors.append(ResultTensor("loss", frozenset({"metric"}), np.array(loss, np.float32)))
     return TaskResult(name, round_number, "train", 1, tuple(tensors))
 
 
@@ -109,13 +111,22 @@ class Sites:
             sealed = tuple(site.sealed_shares())
             assert post(self.fed, name, Post(self.round_number, Stage.SHARES, shares=sealed))
 
-    def upload(self, name: str, delta: Mapping[str, Array], weight: int) -> TaskResult:
-        """`name` takes the SHARES relay and uploads its masked update; the result it sent."""
+    def upload(
+        self,
+        name: str,
+        delta: Mapping[str, Array],
+        weight: int,
+        *,
+        loss: float | None = 0.5,
+    ) -> TaskResult:
+        """`name` takes the SHARES relay and uploads its masked update (with `loss`, unless
+        None); the result it sent."""
         site = self.rounds[name]
         got = relay(self.fed, name, self.round_number, Stage.SHARES)
         assert got.ready and not got.excluded, got
         site.accept_shares(got.members, got.shares)
-        result = masked_result(name, self.round_number, site.masked_update(delta, weight))
+        masked = site.masked_update(delta, weight)
+        result = masked_result(name, self.round_number, masked, loss=loss)
         assert self.fed.submit(result)
         return result
 

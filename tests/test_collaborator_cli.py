@@ -452,6 +452,20 @@ def test_site_settings_replace_the_plans_for_a_whole_federation(
     assert federation.finished
 
 
+def test_keep_metrics_is_refused_in_a_plain_federation(
+    certs: CertsLayout, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--keep-metrics with a plan without secure aggregation: one line naming the plan's field
+    and why, exit 2, before anything is sent (a whole secure run with it:
+    tests/test_collaborator_secure.py)."""
+    plan = write_plan(tmp_path, certs)
+    assert main(["start", "-n", "alice", "--plan", str(plan), "--keep-metrics"]) == 2
+    assert error_lines(capsys) == [
+        f"{PREFIX}{plan}: secure_aggregation.enabled: not true, and --keep-metrics needs it (a "
+        "plain federation's aggregator refuses a validation without metrics)"
+    ]
+
+
 def test_sigterm_exits_143_with_one_line(certs: CertsLayout, tmp_path: Path) -> None:
     """SIGTERM while waiting for the aggregator ends the process with 143 and one line, no traceback."""
     plan = write_plan(

@@ -27,8 +27,10 @@ import yaml
 
 from foedus.aggregator.federation import Federation
 from foedus.aggregator.identity import Gatekeeper
+from foedus.aggregator.records import TaskResult
 from foedus.aggregator.server import add_servicer
 from foedus.aggregator.servicer import AggregatorServicer
+from foedus.aggregator.store import MemoryStore
 from foedus.collaborator.answers import PlannedWork
 from foedus.collaborator.cli import leave_reason, main
 from foedus.collaborator.client import AggregatorGRPCClient, OutgoingTensor
@@ -41,7 +43,12 @@ from foedus.pki.layout import CertsLayout
 from foedus.pki.tls import server_credentials
 from foedus.plans import Plan
 from foedus.plans.runners import Array
-from foedus.plans.schema import SecureAggregationSettings, StragglerPolicy, StragglerSettings
+from foedus.plans.schema import (
+    AGGREGATED_MODEL_VALIDATION,
+    SecureAggregationSettings,
+    StragglerPolicy,
+    StragglerSettings,
+)
 from foedus.protos import aggregator_pb2, aggregator_pb2_grpc
 from foedus.protos.channel import server_options
 from foedus.secure import WEIGHT_TENSOR, ProtocolViolation, RoundContext, SealedShare, SecretKind
@@ -972,6 +979,63 @@ def test_a_swapped_key_ends_collaborator_start_with_one_line_and_a_leave(
     folder = tmp_path / "alice" / "collaborator-state" / "alice"
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     assert [stat.S_IMODE(path.stat().st_mode) for path in folder.iterdir()] == [0o600]
+
+
+def test_keep_metrics_sends_none_and_logs_them_at_the_site(
+    certs: CertsLayout,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """alice runs `collaborator start --keep-metrics`: her results carry no metric and a
+    data_size of 1, yet she counts in every round; the rounds' means are bob's and carol's and
+    their rows leave her out; her own log has her metrics as any site's."""
+    plan = dataclasses.replace(make_plan(certs), secure_aggregation=DIGITS_SETTINGS)
+    federation = Federation.from_plan(plan, DigitsRunner.initial_model(plan.runner))
+    sent: list[tuple[str, int, int]] = []  # alice's results: task, data_size, metrics
+    submit = federation.submit
+
+    def noting(result: TaskResult) -> bool:
+        if result.collaborator == "alice":
+            metrics = sum("metric" in tensor.tags for tensor in result.tensors)
+            sent.append((result.task_name, result.data_size, metrics))
+        return submit(result)
+
+    monkeypatch.setattr(federation, "submit", noting)
+    caplog.set_level(logging.INFO, logger="foedus.collaborator")
+    with running_aggregator(plan, federation) as server, closing_rounds(federation):
+        path = secure_plan_file(tmp_path / "alice", certs, server.port)
+        others = in_threads_started(
+            {
+                name: functools.partial(loop_of, plan, server.port, name, tmp_path)
+                for name in ("bob", "carol")
+            }
+        )
+        code = run_main_bounded(["start", "-n", "alice", "--plan", str(path), "--keep-metrics"])
+        reports = {name: future.result(timeout=RUN_SECONDS) for name, future in others.items()}
+    assert code == 0, capsys.readouterr().err
+    assert all(report.quit and not report.missed_rounds for report in reports.values()), reports
+    assert federation.finished
+    store = federation.store
+    assert isinstance(store, MemoryStore)
+    records = store.closed
+    assert len(records) == plan.federation.rounds + 1  # and the final validation
+    for record in records:
+        assert record.reporters == ("alice", "bob", "carol") and record.untrained == ""
+        assert sorted(record.sites) == ["bob", "carol"], record.sites
+        assert record.metrics[AGGREGATED_MODEL_VALIDATION]["accuracy"] > 0
+    assert len(sent) == 3 * plan.federation.rounds + 1, sent  # and the final validation
+    assert {(data_size, metrics) for _, data_size, metrics in sent} == {(1, 0)}, sent
+    said = "this site keeps its metrics: its results carry none (--keep-metrics)"
+    alices = [  # her main() runs in a thread of its own, bob and carol in theirs
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("foedus.collaborator") and r.threadName not in ("bob", "carol")
+    ]
+    assert said in alices
+    validated = [m for m in alices if re.match(r"round \d: aggregated_model_validation on", m)]
+    assert len(validated) == len(records) and all("accuracy=" in m for m in validated)
 
 
 def loop_of(plan: Plan, port: int, name: str, state: Path) -> CollaboratorReport:

@@ -236,6 +236,25 @@ def test_offsets_of_the_shared_text_hold_however_it_is_read(
     assert read_all(SharedLog(share, "alice"), path) == whole + line.encode()
 
 
+@pytest.mark.parametrize(
+    "share", [DEFAULT, ShareWithDirector(logs="all"), ShareWithDirector(logs="all", paths=True)]
+)
+def test_a_site_keeping_its_metrics_shares_its_round_lines_without_them(
+    log: Path, share: ShareWithDirector
+) -> None:
+    """share_with_aggregator.metrics: false: each round line leaves without its sample count
+    and values, saying why; every other line leaves as it would."""
+    kept = read_all(SharedLog(share, "alice", metrics=False), log)
+    told = read_all(SharedLog(share, "alice"), log)
+    round_line = f"{T.format(3)} INFO foedus.collaborator.loop: round 0: train"
+    assert f"{round_line} on 1200 samples: loss=0.5000\n".encode() in told
+    assert kept == told.replace(
+        b" on 1200 samples: loss=0.5000\n",
+        b": metrics kept at the site (share_with_aggregator.metrics: false)\n",
+    )
+    assert b"loss=" not in kept and b"1200" not in kept
+
+
 def test_foedus_packages_are_pyproject_s() -> None:
     """The loggers counted as foedus's own are those of every package foedus installs."""
     pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text("utf-8"))

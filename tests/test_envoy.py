@@ -19,7 +19,12 @@ from test_disclosure import LOG
 
 from foedus.envoy.cli import main
 from foedus.envoy.client import DirectorClient
-from foedus.envoy.config import ConfigError, ShareWithDirector, load_config
+from foedus.envoy.config import (
+    ConfigError,
+    ShareWithAggregator,
+    ShareWithDirector,
+    load_config,
+)
 from foedus.envoy.disclosure import SharedLog, failure_reason
 from foedus.envoy.errors import IllegalTransitionError, StateError, UnknownExperimentError
 from foedus.envoy.leave import leave
@@ -68,6 +73,7 @@ def test_config_reads_every_key(tmp_path: Path, certs: CertsLayout) -> None:
         review="manual",
         runners=["digits", "my_site.models:Net"],
         share_with_director={"logs": "none", "errors": "line", "paths": True},
+        share_with_aggregator={"metrics": False},
         require_secure_aggregation=True,
     )
     config = load_config(path)
@@ -82,11 +88,13 @@ def test_config_reads_every_key(tmp_path: Path, certs: CertsLayout) -> None:
     assert config.connection.backoff_max_seconds == 0.5
     assert config.share_with_director == ShareWithDirector(logs="none", errors="line", paths=True)
     assert config.require_secure_aggregation
+    assert config.share_with_aggregator == ShareWithAggregator(metrics=False)
     defaults = load_config(config_file(tmp_path / "plain", certs))
     assert defaults.share_with_director == ShareWithDirector(
         logs="foedus", errors="category", paths=False
     )
     assert not defaults.require_secure_aggregation
+    assert defaults.share_with_aggregator == ShareWithAggregator(metrics=True)
 
 
 def test_config_names_every_problem_with_file_and_key(tmp_path: Path) -> None:
@@ -104,6 +112,7 @@ def test_config_names_every_problem_with_file_and_key(tmp_path: Path) -> None:
                 "runner_setings": {},
                 "share_with_director": {"logs": "some", "errors": 1, "paths": "no", "path": 1},
                 "require_secure_aggregation": "yes",
+                "share_with_aggregator": {"metrics": "no", "logs": True},
             }
         ),
         encoding="utf-8",
@@ -128,6 +137,8 @@ def test_config_names_every_problem_with_file_and_key(tmp_path: Path) -> None:
         "share_with_director.paths: expected true or false",
         "share_with_director.path: unknown key",
         "require_secure_aggregation: expected true or false",
+        "share_with_aggregator.metrics: expected true or false",
+        "share_with_aggregator.logs: unknown key",
     ):
         assert key in text, text
 
@@ -239,6 +250,27 @@ def test_site_requiring_secure_aggregation_runs_a_secure_plan(
     site_document(secure, "alice", relaxed, tmp_path / "e3")
 
 
+@pytest.mark.parametrize("section", [None, {"enabled": False}])
+def test_site_keeping_its_metrics_refuses_a_plan_without_secure_aggregation(
+    tmp_path: Path, certs: CertsLayout, section: dict[str, Any] | None
+) -> None:
+    """share_with_aggregator.metrics: false: a plain plan (whose aggregator would refuse every
+    validation without metrics) is refused, naming the plan's field and the site's setting; a
+    secure one is taken."""
+    path = config_file(tmp_path, certs, share_with_aggregator={"metrics": False})
+    config = load_config(path)
+    sections = {} if section is None else {"secure_aggregation": section}
+    with pytest.raises(RefusedPlanError) as refused:
+        site_document(director_plan(tmp_path, certs, **sections), "alice", config, tmp_path / "e1")
+    assert str(refused.value) == (
+        "the director's plan: secure_aggregation.enabled: not true, and this site keeps its "
+        f"metrics, which only a secure federation accepts ({path}: share_with_aggregator: "
+        "metrics: false)"
+    )
+    secure = director_plan(tmp_path, certs, secure_aggregation={"enabled": True})
+    site_document(secure, "alice", config, tmp_path / "e2")
+
+
 def test_site_plan_that_is_not_yaml_is_refused(tmp_path: Path, certs: CertsLayout) -> None:
     """Text that is not YAML is refused, never evaluated."""
     config = load_config(config_file(tmp_path, certs))
@@ -263,12 +295,19 @@ def test_site_plan_with_an_alias_bomb_in_runner_settings_is_refused(
     )
 
 
-@pytest.mark.parametrize("level", [None, "debug"])
+@pytest.mark.parametrize(("level", "keep"), [(None, False), ("debug", True)])
 def test_a_collaborator_gets_the_sites_log_level_and_the_envoys_environment(
-    tmp_path: Path, certs: CertsLayout, monkeypatch: pytest.MonkeyPatch, level: str | None
+    tmp_path: Path,
+    certs: CertsLayout,
+    monkeypatch: pytest.MonkeyPatch,
+    level: str | None,
+    keep: bool,
 ) -> None:
-    """`collaborator_log_level` (info by default) is its --log-level; PYTHONPATH reaches it."""
-    keys = {} if level is None else {"collaborator_log_level": level}
+    """`collaborator_log_level` (info by default) is its --log-level; PYTHONPATH reaches it;
+    `share_with_aggregator.metrics: false` adds --keep-metrics (a secure plan's)."""
+    keys: dict[str, Any] = {} if level is None else {"collaborator_log_level": level}
+    if keep:
+        keys["share_with_aggregator"] = {"metrics": False}
     config = load_config(config_file(tmp_path, certs, **keys))
     monkeypatch.setenv("PYTHONPATH", "/site/runners")
     record = tmp_path / "collaborator.json"
@@ -286,7 +325,7 @@ def test_a_collaborator_gets_the_sites_log_level_and_the_envoys_environment(
         name="n",
         owner="dora",
         site="alice",
-        plan_yaml=director_plan(tmp_path, certs),
+        plan_yaml=director_plan(tmp_path, certs, secure_aggregation={"enabled": keep}),
         state=S.SITE_APPROVED,
     )
     try:
@@ -296,7 +335,16 @@ def test_a_collaborator_gets_the_sites_log_level_and_the_envoys_environment(
             assert time.monotonic() < deadline
             time.sleep(0.05)
         argv, pythonpath = json.loads(record.read_text(encoding="utf-8"))
-        assert argv[:6] == ["start", "-n", "alice", "--log-level", level or "info", "--plan"]
+        flags = ["--keep-metrics"] if keep else []
+        assert argv[:-1] == [
+            "start",
+            "-n",
+            "alice",
+            "--log-level",
+            level or "info",
+            *flags,
+            "--plan",
+        ]
         assert pythonpath == "/site/runners"
     finally:
         state.close()
@@ -778,6 +826,29 @@ def test_a_leave_that_cannot_be_sent_is_logged_not_raised(
     assert "experiment e1: could not tell the aggregator that alice left" in caplog.text
 
 
+def test_a_site_keeping_its_metrics_keeps_them_from_the_directors_logs(
+    tmp_path: Path, certs: CertsLayout
+) -> None:
+    """share_with_aggregator.metrics: false: the log the director reads has the collaborator's
+    round lines without their values."""
+    config = load_config(config_file(tmp_path, certs, share_with_aggregator={"metrics": False}))
+    state = EnvoyState.open(config.state_dir, exclusive=True)
+    plan = director_plan(tmp_path, certs, secure_aggregation={"enabled": True})
+    state.add(
+        experiment_id="e1", name="n", owner="dora", site="alice", plan_yaml=plan, state=S.STARTED
+    )
+    site = Site("alice", config, state)
+    site.folder("e1").mkdir(parents=True)
+    (site.folder("e1") / LOG_FILE).write_text(LOG, encoding="utf-8")
+    try:
+        piece = site.read_log(LogOrder("r", "e1", 0, 1 << 20))
+        assert piece.found and piece.size == len(piece.data)
+        assert b"round 0: train: metrics kept at the site" in piece.data
+        assert b"loss=" not in piece.data
+    finally:
+        state.close()
+
+
 def test_the_director_gets_logs_and_reasons_as_the_site_shares_them(
     tmp_path: Path, certs: CertsLayout
 ) -> None:
@@ -814,6 +885,7 @@ def test_the_director_gets_logs_and_reasons_as_the_site_shares_them(
                     break
                 shared, offset = shared + piece.data, offset + len(piece.data)
         assert shared == read_all(SharedLog(ShareWithDirector(), "alice"), log)
+        assert b"loss=0.5000" in shared  # a site that keeps its metrics: test_disclosure.py
         assert (
             b"ERROR foedus.collaborator.cli: failure: the task runner failed (ValueError)" in shared
         )

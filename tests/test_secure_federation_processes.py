@@ -33,8 +33,16 @@ def test_a_secure_federation_of_processes_ends_close_to_the_plain_one(
 ) -> None:
     """Every process exits 0; the secure model is the plain one within 1e-6 (the fixed point's
     rounding); each collaborator's state folder is private and empty once the federation ends;
-    the metrics rows say which rounds were secure, with each step."""
-    secure = run_federation(tmp_path / "secure", certs, ROUNDS, secure_aggregation=SECURE)
+    the metrics rows say which rounds were secure, with each step. carol keeps her metrics
+    (--keep-metrics): her update counts all the same, the rows' means and sites are alice's and
+    bob's, and her log has her metrics."""
+    secure = run_federation(
+        tmp_path / "secure",
+        certs,
+        ROUNDS,
+        secure_aggregation=SECURE,
+        collaborator_args={"carol": ["--keep-metrics"]},
+    )
     assert secure.exit_codes == dict.fromkeys(("aggregator", *COLLABORATORS), 0), secure
     plain = run_federation(tmp_path / "plain", certs, ROUNDS)
     assert plain.exit_codes == dict.fromkeys(("aggregator", *COLLABORATORS), 0), plain
@@ -59,6 +67,12 @@ def test_a_secure_federation_of_processes_ends_close_to_the_plain_one(
         ]
         assert all(step.seconds is not None and step.seconds >= 0 for step in row.stages)
         assert row.untrained == ""
+    for row in rows:
+        assert row.reporters == COLLABORATORS and sorted(row.sites) == ["alice", "bob"], row
+        assert row.metrics["aggregated_model_validation"]["accuracy"] > 0, row
+    carol = (tmp_path / "secure" / "carol.log").read_text(encoding="utf-8")
+    assert carol.count("aggregated_model_validation on") == ROUNDS + 1, carol
+    assert carol.count("accuracy=") == 2 * ROUNDS + 1, carol  # and the local validations
     assert not any(row.secure or row.stages for row in read_rows(plain.output_dir / METRICS))
 
 

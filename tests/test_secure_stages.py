@@ -19,13 +19,25 @@ import pytest
 
 from foedus.aggregator.checks import PLAINTEXT_REFUSED
 from foedus.aggregator.federation import Federation
-from foedus.aggregator.records import Array, RoundCommit, RoundRecord, SecureClose, SecurePost
+from foedus.aggregator.records import (
+    Array,
+    RoundCommit,
+    RoundRecord,
+    SecureClose,
+    SecurePost,
+    TaskResult,
+)
 from foedus.aggregator.runtime import Runtime
 from foedus.aggregator.state import DurableState
 from foedus.aggregator.storage import OutputFolder, read_model
 from foedus.aggregator.store import FederationStore, MemoryStore
 from foedus.pki.layout import CertsLayout
-from foedus.plans.schema import AGGREGATED_MODEL_VALIDATION, StragglerPolicy, StragglerSettings
+from foedus.plans.schema import (
+    AGGREGATED_MODEL_VALIDATION,
+    BestModelSettings,
+    StragglerPolicy,
+    StragglerSettings,
+)
 from foedus.refusals.errors import InvalidRequestError, PreconditionError
 from foedus.secure import WEIGHT_TENSOR, RevealedShare, SealedShare, SecretKind
 from foedus.secure.wire import Post, Relay, Stage
@@ -331,7 +343,7 @@ def test_a_share_that_does_not_open_is_relayed_and_the_others_suffice(
         for name in COLLABORATORS:
             sites.upload(name, delta_of(name), DELTAS[name][1])
     (line,) = [r.getMessage() for r in caplog.records if "holds no share" in r.getMessage()]
-    assert "site 'alice' holds no share of 'carol'" in line and "its share does not open" in line
+    assert "site 'alice' holds no share of carol's" in line and "its share does not open" in line
     fed.close_round_if_due()
     sites.confirm(COLLABORATORS)
     sites.reveal(COLLABORATORS)
@@ -766,6 +778,85 @@ def test_a_federation_without_secure_aggregation_has_no_stages(certs: CertsLayou
     fed = secure_federation(tasks=(AGGREGATED_MODEL_VALIDATION, "train"), rounds=0)
     with pytest.raises(PreconditionError, match="final validation round: it trains nothing"):
         post(fed, "alice", Post(0, Stage.KEYS, keys=advertisement))
+
+
+# -- a site that keeps its metrics ----------------------------------------------------------------
+
+AMV = AGGREGATED_MODEL_VALIDATION
+
+
+def kept(name: str, round_number: int) -> TaskResult:
+    """A validation from a site that keeps its metrics, as `--keep-metrics` sends it."""
+    return TaskResult(name, round_number, AMV, 1, ())
+
+
+def test_a_site_that_keeps_its_metrics_counts_without_them(
+    store: FederationStore, certs: CertsLayout
+) -> None:
+    """carol keeps her metrics: her validations and masked update carry none and are accepted;
+    her update counts in the model; the means are over alice and bob, weighted, and the row's
+    sites leave her out; the best model follows those means. In the final validation round
+    nobody reports a metric: no means, no new best."""
+    fed = secure_federation(store, tasks=(AMV, "train"), rounds=1, best_model=BestModelSettings())
+    sites = Sites.of(fed, certs, COLLABORATORS, uuid=UUID)
+    sites.keys()
+    sites.shares()
+    for name, accuracy, size in (("alice", 0.5, 10), ("bob", 0.9, 30)):
+        assert fed.submit(result(name, 0, AMV, data_size=size, metrics={"accuracy": accuracy}))
+    assert fed.submit(kept("carol", 0))
+    for name in COLLABORATORS:
+        loss = None if name == "carol" else DELTAS[name][1] / 100
+        sites.upload(name, delta_of(name), DELTAS[name][1], loss=loss)
+    assert fed.close_round_if_due() is None
+    sites.confirm(COLLABORATORS)
+    assert fed.close_round_if_due() is None
+    sites.reveal(COLLABORATORS)
+    summary = fed.close_round_if_due()
+    assert summary is not None and summary.trained and summary.reporters == COLLABORATORS
+    assert_model(fed, COLLABORATORS)  # carol's update counts
+    assert summary.metrics[AMV] == {"accuracy": pytest.approx(0.8)}  # (0.5 * 10 + 0.9 * 30) / 40
+    assert summary.metrics["train"] == {"loss": pytest.approx(0.2)}  # (0.1 + 0.3) / 2: the
+    # masked train results' data_size is 1 each
+    assert sorted(summary.record.sites) == ["alice", "bob"]
+    assert summary.best is not None and summary.best.training_rounds == 0
+    assert summary.best.value == pytest.approx(0.8)
+    for name in COLLABORATORS:
+        assert fed.submit(kept(name, 1))
+    final = fed.close_round_if_due()
+    assert final is not None and final.final_validation and final.reporters == COLLABORATORS
+    assert final.metrics == {} and final.record.sites == {}
+    assert final.best == summary.best and final.best_model is None
+
+
+def test_a_secure_validation_holds_metrics_alone(store: FederationStore) -> None:
+    """A validation result of a secure federation with a model tensor is refused as plaintext,
+    with or without metrics; nothing is kept."""
+    fed = secure_federation(store, tasks=(AMV, "train"))
+    for metrics in (None, {"accuracy": 0.5}):
+        tensors = (
+            *result("alice", 0, "train").tensors[:1],
+            *result("alice", 0, AMV, metrics=metrics).tensors,
+        )
+        with pytest.raises(InvalidRequestError) as refused:
+            fed.submit(TaskResult("alice", 0, AMV, 10, tensors))
+        assert str(refused.value) == f"tensor 'w' in {AMV} results: {PLAINTEXT_REFUSED}"
+    assert fed.accepted() == ()
+
+
+def test_a_plain_federation_refuses_a_validation_without_metrics_naming_the_way_out(
+    store: FederationStore,
+) -> None:
+    """Without secure aggregation a validation must report a metric; the refusal says a site
+    keeps its metrics only in a secure federation."""
+    fed = federation(store, tasks=(AMV, "train"))
+    with pytest.raises(InvalidRequestError) as refused:
+        fed.submit(kept("alice", 0))
+    assert str(refused.value) == (
+        f"{AMV} results hold no metric: a validation reports at least one (a tensor tagged "
+        "'metric', such as accuracy); a site keeps its metrics only in a secure federation "
+        "(secure_aggregation.enabled)"
+    )
+    assert fed.accepted() == ()
 
 
 # -- a restart ------------------------------------------------------------------------------------
