@@ -11,6 +11,8 @@ PLAN ?= plans/local.yaml
 # of its plan and configs under build/ports/ or build/service/config/): two demos, or two clones,
 # side by side on one host.
 PORT_BASE ?= 50000
+# Test files run on this many workers (pytest-xdist, each file whole in one worker).
+TEST_WORKERS ?= 2
 DEMO_PLAN = build/ports/$(notdir $(PLAN))
 SECURE_PLAN ?= plans/secure.yaml
 SECURE_DEMO_PLAN = build/ports/$(notdir $(SECURE_PLAN))
@@ -45,8 +47,8 @@ demo-secure: install ## The demo with secure aggregation: the aggregator learns 
 demo-service: install ## foedus as a service: a director, 3 envoys, `experiment submit`, the best model out, a dashboard screenshot
 	PORT_BASE=$(PORT_BASE) bash plans/service/demo.sh
 
-test: install protos-check ## Install if needed, check generated code, run the whole test suite
-	$(PY) -m pytest
+test: install protos-check ## Install if needed, check generated code, run the whole test suite (TEST_WORKERS=2 at once)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 protos: install ## Regenerate protos/*_pb2*.py(i) from the .proto files
 	$(PROTOC) --python_out=. --pyi_out=. --grpc_python_out=. --mypy_grpc_out=. $(PROTO_SRC)
@@ -64,7 +66,7 @@ lint: install ## Run ruff and mypy (strict) on our code
 	$(VENV)/bin/mypy
 
 .PHONY: bench
-bench: install ## Measure foedus against raw gRPC over mTLS: a table and build/bench.json (BENCH_ARGS="--only scale", --profile)
+bench: install ## Measure foedus against raw gRPC over mTLS: a table and build/bench.json (BENCH_ARGS="--only secure", --profile)
 	$(PY) tests/benchmark/bench.py --output build/bench.json $(BENCH_ARGS)
 
 clean: ## Remove the virtualenvs, build output and caches
