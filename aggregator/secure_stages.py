@@ -33,6 +33,11 @@ changes nothing, a different second post is refused. A restarted aggregator read
 What a post holds is checked by `foedus.aggregator.secure_posts` (names, lengths, the shares'
 addressees, the survivors named, the kinds of secret revealed, each signature against the
 poster's own certificate); when it may come (its round, its stage, its poster), here.
+
+The module stays one (about 570 lines): a round's stages are one state machine under one lock,
+whose posts, closes, relays and the unmasking read the same members and close times; the parts
+that stand alone are apart (the posts' checks, `foedus.aggregator.secure_model`'s sum,
+`foedus.aggregator.secure_record`'s row).
 """
 
 from __future__ import annotations
