@@ -98,6 +98,16 @@ def _not_positive(key: str, want: str) -> list[Any]:
             ]
         ),
         pytest.param(
+            [*DP_ON, ("differential_privacy.max_epsilon", 10**400)],
+            "differential_privacy.max_epsilon: expected a finite number > 0, or null for no cap",
+            id="max-epsilon-past-floats-range",
+        ),
+        pytest.param(
+            [*DP_ON, ("differential_privacy.delta", -(10**400))],
+            "differential_privacy.delta: expected a number between 0 and 1",
+            id="delta-past-floats-range",
+        ),
+        pytest.param(
             [*DP_ON, ("differential_privacy.clip", DELETE)],
             "differential_privacy.clip: required when differential_privacy.enabled is true: "
             "the privacy a federation gives is chosen, never a default",
