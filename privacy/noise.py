@@ -67,31 +67,49 @@ def gaussian(secret: bytes, round_number: int, tensor: str, start: int, stop: in
     out: Float64Array = np.empty(stop - start, dtype=np.float64)
     first, end = start // 2, (stop + 1) // 2  # the pairs [first, end) hold the slice
     encryptor = Cipher(algorithms.AES(key), modes.CTR(first.to_bytes(_BLOCK, "big"))).encryptor()
-    zeros = bytes(min(end - first, _PAIRS) * _BLOCK)
+    pairs = min(end - first, _PAIRS)
+    zeros = memoryview(bytes(pairs * _BLOCK))  # a slice of a memoryview copies nothing
     # update_into wants room for a block more than it writes.
-    keystream = bytearray(len(zeros) + _BLOCK)
+    keystream = np.empty(pairs * _BLOCK + _BLOCK, dtype=np.uint8)
+    words = keystream[: pairs * _BLOCK].view("<u8")
+    normals: Float64Array = np.empty(2 * pairs, dtype=np.float64)
+    buffers = tuple(np.empty(pairs, dtype=np.float64) for _ in range(3))
     for pair in range(first, end, _PAIRS):
         count = min(_PAIRS, end - pair)
-        encryptor.update_into(zeros[: count * _BLOCK], keystream)
-        words = np.frombuffer(keystream, dtype="<u8", count=2 * count)
-        normals = _box_muller(words)
+        encryptor.update_into(zeros[: count * _BLOCK], keystream)  # type: ignore[arg-type]
+        radius, angle, values = (buffer[:count] for buffer in buffers)
+        _box_muller(words[: 2 * count], normals[: 2 * count], radius, angle, values)
         low = max(start, 2 * pair)
         high = min(stop, 2 * (pair + count))
         out[low - start : high - start] = normals[low - 2 * pair : high - 2 * pair]
     return out
 
 
-def _box_muller(words: npt.NDArray[np.uint64]) -> Float64Array:
-    """Standard normals, two from each pair of 64-bit words (the module's docstring)."""
-    pairs = words.reshape(-1, 2)
-    u1 = ((pairs[:, 0] >> np.uint64(11)) + np.uint64(1)).astype(np.float64) * _UNIT
-    u2 = (pairs[:, 1] >> np.uint64(11)).astype(np.float64) * _UNIT
-    radius = np.sqrt(-2.0 * np.log(u1))
-    angle = (2.0 * np.pi) * u2
-    normals: Float64Array = np.empty(words.size, dtype=np.float64)
-    normals[0::2] = radius * np.cos(angle)
-    normals[1::2] = radius * np.sin(angle)
-    return normals
+def _box_muller(
+    words: npt.NDArray[np.uint64],
+    normals: Float64Array,
+    radius: Float64Array,
+    angle: Float64Array,
+    values: Float64Array,
+) -> None:
+    """Standard normals into `normals`, two from each pair of `words` (the module's docstring).
+
+    On buffers the caller reuses (`words` is overwritten; `radius`, `angle` and `values` hold
+    one value per pair), so a slice of a 100 MB tensor makes no temporaries. The logarithm,
+    sine and cosine run on contiguous arrays, as numpy's fastest loops want them.
+    """
+    np.right_shift(words, np.uint64(11), out=words)  # 53-bit integers
+    np.multiply(words[0::2], _UNIT, out=radius)  # k1 / 2^53, exact
+    np.add(radius, _UNIT, out=radius)  # u1 = (k1 + 1) / 2^53, exact: in (0, 1]
+    np.log(radius, out=radius)
+    np.multiply(radius, -2.0, out=radius)
+    np.sqrt(radius, out=radius)
+    np.multiply(words[1::2], _UNIT, out=angle)  # u2 = k2 / 2^53, exact: in [0, 1)
+    np.multiply(angle, 2.0 * np.pi, out=angle)
+    np.cos(angle, out=values)
+    np.multiply(values, radius, out=normals[0::2])
+    np.sin(angle, out=values)
+    np.multiply(values, radius, out=normals[1::2])
 
 
 def not_noisable(model: Mapping[str, npt.NDArray[np.generic]]) -> str | None:

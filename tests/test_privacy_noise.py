@@ -8,11 +8,15 @@ assertion's message, so a failure can be replayed.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
+import struct
 
 import ml_dtypes
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from scipy import stats
 
 from foedus.privacy import SECRET_BYTES, gaussian, new_secret, not_noisable, stream_key
@@ -111,12 +115,36 @@ def test_any_slice_equals_the_whole_streams(start: int, stop: int) -> None:
     assert gaussian(SECRET, 3, "conv.weight", start, stop).tobytes() == whole[start:stop].tobytes()
 
 
+def _as_documented(secret: bytes, round_number: int, tensor: str, count: int) -> list[float]:
+    """The first `count` values as `foedus.privacy.noise`'s docstring writes them, in plain
+    Python: HMAC-SHA256 key, AES-256-CTR keystream of zeros, Box-Muller on 53-bit uniforms."""
+    name = tensor.encode("utf-8")
+    label = b"foedus.privacy.noise/v1" + round_number.to_bytes(8, "big")
+    key = hmac.digest(secret, label + len(name).to_bytes(4, "big") + name, hashlib.sha256)
+    pairs = (count + 1) // 2
+    stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(16 * pairs))
+    values: list[float] = []
+    for first, second in struct.iter_unpack("<QQ", stream):
+        u1 = ((first >> 11) + 1) / 2**53
+        u2 = (second >> 11) / 2**53
+        radius = math.sqrt(-2 * math.log(u1))
+        values += [radius * math.cos(2 * math.pi * u2), radius * math.sin(2 * math.pi * u2)]
+    return values[:count]
+
+
+def test_the_noise_is_the_documented_function() -> None:
+    """The stream is part of a federation's durable state (a newer foedus resuming an older
+    federation must add the same noise): computed again from the docstring in plain Python, to
+    the last bits numpy's and the C library's sine may differ in."""
+    for round_number, tensor in [(0, "w"), (5, "conv.weight"), (2**64 - 1, "é")]:
+        expected = _as_documented(SECRET, round_number, tensor, 1001)
+        actual = gaussian(SECRET, round_number, tensor, 0, 1001)
+        assert actual.tolist() == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
 def test_the_key_of_a_stream_is_pinned() -> None:
     """The key derivation is part of the durable format: a change would change the noise of a
     federation resumed by a newer foedus. HMAC-SHA256 over the label, round and name."""
-    import hashlib  # noqa: PLC0415
-    import hmac  # noqa: PLC0415
-
     label = b"foedus.privacy.noise/v1" + (5).to_bytes(8, "big") + (1).to_bytes(4, "big") + b"w"
     assert stream_key(SECRET, 5, "w") == hmac.digest(SECRET, label, hashlib.sha256)
     assert stream_key(SECRET, 5, "w") != stream_key(SECRET, 5, "w\x00")
