@@ -125,8 +125,8 @@ def parse_plan(data: object, plan_path: Path) -> Plan:
     privacy = _differential_privacy(root.section("differential_privacy"), secure)
     if isinstance(runner.settings, Mapping) and "max_epsilon" in runner.settings:
         problems.append(
-            "runner.settings.max_epsilon: a site's privacy cap belongs to the site's settings "
-            "(its --site-settings file or envoy.yaml), never the plan: each site decides its own"
+            "runner.settings.max_epsilon: a site's privacy cap belongs to the site's settings, "
+            "never the plan: each site decides its own (site caps come with issue #23's next step)"
         )
     offline_after = straggler.offline_after_seconds
     if offline_after is not None and offline_after < 2 * connection.heartbeat_seconds:

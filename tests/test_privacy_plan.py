@@ -127,13 +127,14 @@ def _not_positive(key: str, want: str) -> list[Any]:
         ),
         pytest.param(
             [*DP_ON, ("runner.settings.max_epsilon", 3)],
-            "runner.settings.max_epsilon: a site's privacy cap belongs to the site's settings "
-            "(its --site-settings file or envoy.yaml), never the plan: each site decides its own",
+            "runner.settings.max_epsilon: a site's privacy cap belongs to the site's settings, "
+            "never the plan: each site decides its own (site caps come with issue #23's next "
+            "step)",
             id="site-cap-in-the-plan",
         ),
         pytest.param(
             [("runner.settings.max_epsilon", 3)],
-            "runner.settings.max_epsilon: a site's privacy cap belongs to the site's settings",
+            "runner.settings.max_epsilon: a site's privacy cap belongs to the site's settings,",
             id="site-cap-in-a-plan-without-dp",
         ),
         pytest.param(
