@@ -15,6 +15,7 @@ import math
 from functools import lru_cache
 
 import dp_accounting
+import numpy as np
 from dp_accounting.rdp import RdpAccountant
 
 from foedus.plans.schema import DifferentialPrivacySettings
@@ -35,10 +36,16 @@ def epsilon_after(rounds: int, noise_multiplier: float, delta: float) -> float:
     if rounds == 0:
         return 0.0
     accountant = RdpAccountant()
-    accountant.compose(
-        dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(noise_multiplier), rounds)
-    )
-    return float(accountant.get_epsilon(delta))
+    event = dp_accounting.GaussianDpEvent(noise_multiplier)
+    # Past float64's range either way: noise too small to bound anything (infinite epsilon),
+    # or so large (above 1e154) that epsilon is 0 to the last bit, as the library gives at 1e150.
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        try:
+            accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
+            epsilon = float(accountant.get_epsilon(delta))
+        except OverflowError:  # noise_multiplier ** 2 in the library
+            return 0.0 if noise_multiplier > 1 else math.inf
+    return epsilon if not math.isnan(epsilon) else math.inf
 
 
 def rounds_within(

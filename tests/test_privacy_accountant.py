@@ -87,6 +87,19 @@ def test_epsilon_grows_with_rounds_and_shrinks_with_noise_and_delta() -> None:
     assert epsilon_after(10, 2.0, 1e-3) < epsilon_after(10, 2.0, 1e-5)
 
 
+@pytest.mark.parametrize(
+    ("noise_multiplier", "expected"),
+    [(1e-300, math.inf), (1e-160, math.inf), (1e160, 0.0), (1.7e308, 0.0)],
+)
+def test_noise_past_floats_range_gives_the_limit_not_an_error(
+    noise_multiplier: float, expected: float
+) -> None:
+    """A plan may give any finite noise multiplier > 0: almost none spends an infinite
+    epsilon (no round fits a cap), a huge one nothing; neither warns nor raises."""
+    assert epsilon_after(3, noise_multiplier, 1e-5) == expected
+    assert rounds_within(4.0, noise_multiplier, 1e-5, 10) == (0 if expected else 10)
+
+
 @pytest.mark.parametrize("cap", [1.0, 3.7, 8.0, 20.0])
 def test_rounds_within_is_the_last_round_under_the_cap(cap: float) -> None:
     """r rounds spend at most the cap; one more would pass it."""
