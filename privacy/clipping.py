@@ -125,7 +125,12 @@ def _norm(slices: Callable[[], Iterator[Float64Array]]) -> float:
 
 
 def add_clipped(total: Float64Array, trained: Array, reference: Array, factor: float) -> None:
-    """Add factor x (trained - reference) to `total` in place (slices of one tensor, in float64)."""
+    """Add factor x (trained - reference) to `total` in place (slices of one tensor, in float64).
+
+    A factor of 0 (an update that is not finite) adds nothing: 0 x NaN would be NaN.
+    """
+    if factor == 0:
+        return
     delta = _delta(trained, reference)
     delta *= factor
     total += delta
@@ -138,10 +143,11 @@ def clipped_model(
 
     What a site uploads: reference + factor x (trained - reference), rounded to each tensor's
     dtype (so the norm may pass `clip` by a rounding; the aggregator clips again). Unchanged
-    (the same arrays) when the delta is within `clip`.
+    (the same arrays) when the delta is within `clip`, or not finite: the aggregator refuses
+    NaN and infinity as in any federation (or, allowing them, gives that update no weight).
     """
     factor = source_clip_factor(reference, _Arrays(trained), clip)
-    if factor == 1.0:
+    if factor in (0.0, 1.0):
         return dict(trained)
     clipped: dict[str, Array] = {}
     for name, values in trained.items():

@@ -126,12 +126,17 @@ def test_values_whose_squares_overflow_have_a_finite_norm() -> None:
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_an_update_that_is_not_finite_moves_nothing(bad: float) -> None:
-    """NaN or infinity cannot be bounded: factor 0, so the update adds nothing to the sum."""
-    delta = {"w": np.array([1.0, bad, 2.0], dtype=np.float32)}
-    assert clip_factor(delta, 1.0) == 0.0
-    total = np.zeros(3)
-    add_clipped(total, np.array([1.0, 5.0, 2.0]), np.zeros(3), 0.0)
-    assert not np.any(total)
+    """NaN or infinity cannot be bounded: factor 0, and the update adds nothing to the sum (not
+    0 x NaN); a site uploads it as it is, for the aggregator's check of non-finite values."""
+    reference = {"w": np.zeros(3, dtype=np.float32)}
+    trained = {"w": np.array([1.0, bad, 2.0], dtype=np.float32)}
+    assert clip_factor(trained, 1.0) == 0.0
+    factor = source_clip_factor(reference, ArraySource(trained), 1.0)
+    assert factor == 0.0
+    total = np.array([1.0, 2.0, 3.0])
+    add_clipped(total, trained["w"], reference["w"], factor)
+    assert total.tolist() == [1.0, 2.0, 3.0]
+    assert clipped_model(reference, trained, 1.0)["w"] is trained["w"]
 
 
 def test_add_clipped_adds_factor_times_the_delta_in_float64() -> None:
