@@ -14,6 +14,8 @@ import itertools
 import math
 
 import pytest
+from dp_accounting import GaussianDpEvent
+from dp_accounting.rdp import RdpAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS, compute_epsilon
 
 from foedus.plans.schema import DifferentialPrivacySettings
@@ -50,9 +52,14 @@ def _exact_delta(epsilon: float, sigma: float) -> float:
 
 @pytest.mark.parametrize(("rounds", "noise_multiplier", "delta"), CASES)
 def test_epsilon_is_the_accountants_own(rounds: int, noise_multiplier: float, delta: float) -> None:
-    """epsilon_after equals the library's conversion of the Gaussian's closed-form RDP."""
+    """epsilon_after equals the library's accountant composing the Gaussian event round by
+    round, and its conversion of the Gaussian's closed-form RDP."""
+    accountant = RdpAccountant()
+    accountant.compose(GaussianDpEvent(noise_multiplier), rounds)
+    epsilon = epsilon_after(rounds, noise_multiplier, delta)
+    assert epsilon == pytest.approx(accountant.get_epsilon(delta), rel=1e-12)
     expected = _closed_form_epsilon(rounds, noise_multiplier, delta)
-    assert epsilon_after(rounds, noise_multiplier, delta) == pytest.approx(expected, rel=1e-9)
+    assert epsilon == pytest.approx(expected, rel=1e-9)
 
 
 def test_a_published_figure_one_step_of_4_53_is_epsilon_1_at_delta_1e_6() -> None:
