@@ -35,6 +35,7 @@ from foedus.plans.schema import (
     AggregatorSettings,
     BestModelSettings,
     ConnectionSettings,
+    DifferentialPrivacySettings,
     FederationSettings,
     Limits,
     Plan,
@@ -121,6 +122,12 @@ def parse_plan(data: object, plan_path: Path) -> Plan:
     limits = _limits(root.section("limits"))
     connection = _connection(root.section("connection"))
     secure = _secure_aggregation(root.section("secure_aggregation"), known)
+    privacy = _differential_privacy(root.section("differential_privacy"), secure)
+    if isinstance(runner.settings, Mapping) and "max_epsilon" in runner.settings:
+        problems.append(
+            "runner.settings.max_epsilon: a site's privacy cap belongs to the site's settings "
+            "(its --site-settings file or envoy.yaml), never the plan: each site decides its own"
+        )
     offline_after = straggler.offline_after_seconds
     if offline_after is not None and offline_after < 2 * connection.heartbeat_seconds:
         problems.append(
@@ -144,6 +151,7 @@ def parse_plan(data: object, plan_path: Path) -> Plan:
         limits=limits,
         connection=connection,
         secure_aggregation=secure,
+        differential_privacy=privacy,
     )
 
 
@@ -427,6 +435,70 @@ def _secure_aggregation(section: Section, collaborators: int) -> SecureAggregati
     return settings
 
 
+def _differential_privacy(
+    section: Section, secure: SecureAggregationSettings
+) -> DifferentialPrivacySettings:
+    """`differential_privacy`, each key checked; `clip` and `noise_multiplier` required when on.
+
+    Refused: settings that give no privacy (no noise, a delta of 1 or more), and DP together
+    with secure aggregation, whose sites would have to add the noise in shares (not built yet).
+    Whether the cap allows a first round needs the accountant: `foedus.privacy.budget_problem`,
+    where the plan runs.
+    """
+    defaults = DifferentialPrivacySettings()
+    enabled = section.flag("enabled", defaults.enabled)
+    clip = section.checked(
+        "clip",
+        defaults.clip,
+        _positive_finite,
+        "a finite number > 0 (the L2 norm each site's update delta is clipped to)",
+    )
+    noise_multiplier = section.checked(
+        "noise_multiplier",
+        defaults.noise_multiplier,
+        _positive_finite,
+        "a finite number > 0 (the noise's std is noise_multiplier x clip: without noise, no "
+        "privacy)",
+    )
+    delta = section.checked(
+        "delta",
+        defaults.delta,
+        _probability,
+        "a number between 0 and 1, both excluded (the chance the guarantee fails: keep it well "
+        "below 1 / the number of sites)",
+    )
+    max_epsilon = defaults.max_epsilon
+    if section.data.get("max_epsilon") is None:
+        section.seen.add("max_epsilon")
+    else:
+        max_epsilon = section.checked(
+            "max_epsilon",
+            defaults.max_epsilon,
+            _positive_finite,
+            "a finite number > 0, or null for no cap",
+        )
+    section.finish()
+    if enabled:
+        for key in ("clip", "noise_multiplier"):
+            if key not in section.data:
+                section.problems.append(
+                    f"{section.key(key)}: required when {section.key('enabled')} is true: the "
+                    "privacy a federation gives is chosen, never a default"
+                )
+    if enabled and secure.enabled:
+        section.problems.append(
+            f"{section.key('enabled')}: not yet together with secure_aggregation.enabled: the "
+            "sites' noise shares come with issue #23's next step; turn one of them off"
+        )
+    return DifferentialPrivacySettings(
+        enabled=enabled,
+        clip=clip,
+        noise_multiplier=noise_multiplier,
+        delta=delta,
+        max_epsilon=max_epsilon,
+    )
+
+
 def _check_secure_federation(
     section: Section, collaborators: int, threshold: int | None, neighbours: int | None
 ) -> None:
@@ -473,6 +545,13 @@ def _positive_finite(value: object) -> float | None:
         return None
     number = float(value)
     return number if math.isfinite(number) and number > 0 else None
+
+
+def _probability(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return number if 0 < number < 1 else None
 
 
 def _listed(values: tuple[int, ...]) -> str:

@@ -222,6 +222,35 @@ class SecureAggregationSettings:
         )
 
 
+DEFAULT_DP_DELTA = 1e-5  # differential_privacy.delta when the plan leaves it out
+
+
+@dataclass(frozen=True)
+class DifferentialPrivacySettings:
+    """`differential_privacy`: site-level DP-FedAvg, each site's update clipped and the sum noised.
+
+    Read `foedus.privacy` for the clipping, the noise and the accountant; the loader refuses a
+    section that gives no privacy (a noise multiplier of zero, a delta of 1) or cannot work yet.
+    """
+
+    enabled: bool = False  # differential_privacy.enabled
+    # differential_privacy.clip: the L2 norm each site's update delta (trained - global) is
+    # clipped to, all its tensors together (required when enabled)
+    clip: float = 1.0
+    # differential_privacy.noise_multiplier: the Gaussian noise added to the sum of the clipped
+    # deltas has std noise_multiplier x clip (required when enabled)
+    noise_multiplier: float = 1.0
+    delta: float = DEFAULT_DP_DELTA  # differential_privacy.delta: 0 < delta < 1
+    # differential_privacy.max_epsilon: the federation trains no round past this epsilon (at
+    # `delta`); None: no cap, the epsilon spent is still reported
+    max_epsilon: float | None = None
+
+    @property
+    def noise_std(self) -> float:
+        """The standard deviation of the noise added to each value of the sum of clipped deltas."""
+        return self.noise_multiplier * self.clip
+
+
 @dataclass(frozen=True)
 class Plan:
     """A whole federation plan; `path` is the file it came from."""
@@ -238,3 +267,6 @@ class Plan:
     limits: Limits = field(default_factory=Limits)
     connection: ConnectionSettings = field(default_factory=ConnectionSettings)
     secure_aggregation: SecureAggregationSettings = field(default_factory=SecureAggregationSettings)
+    differential_privacy: DifferentialPrivacySettings = field(
+        default_factory=DifferentialPrivacySettings
+    )

@@ -1,0 +1,45 @@
+"""Differential privacy for the federation: DP-FedAvg's clipping and noise, and its accountant.
+
+Site-level DP-FedAvg (McMahan et al. 2018), on when the plan's `differential_privacy` says so:
+each reporting site's update delta (trained - global) is clipped to L2 norm `clip`, all its
+tensors together (`clipping`: by the site before it uploads, and again by the aggregator, so
+the guarantee does not rest on a site's honesty); the clipped deltas are summed, Gaussian noise
+of std noise_multiplier x clip is added to the sum (`noise`: standard normals from AES-256-CTR
+under a secret the aggregator keeps, the same for any slice and after a resume), and the sum is
+divided by the number of reporters: new = global + (sum + noise) / n. The epsilon the rounds
+spend at the plan's delta, and the most rounds a cap allows, come from Google's RDP accountant
+(`accountant`). Plain Python and numpy, no socket: the aggregator and the collaborator call it.
+"""
+
+from foedus.privacy.accountant import budget_line, budget_problem, epsilon_after, rounds_within
+from foedus.privacy.clipping import (
+    SLICE_ELEMENTS,
+    SliceReader,
+    add_clipped,
+    clip_factor,
+    clipped_model,
+    delta_norm,
+    factor_for,
+    source_clip_factor,
+)
+from foedus.privacy.noise import SECRET_BYTES, gaussian, new_secret, not_noisable, stream_key
+
+__all__ = [
+    "SECRET_BYTES",
+    "SLICE_ELEMENTS",
+    "SliceReader",
+    "add_clipped",
+    "budget_line",
+    "budget_problem",
+    "clip_factor",
+    "clipped_model",
+    "delta_norm",
+    "epsilon_after",
+    "factor_for",
+    "gaussian",
+    "new_secret",
+    "not_noisable",
+    "rounds_within",
+    "source_clip_factor",
+    "stream_key",
+]
