@@ -53,9 +53,9 @@ from foedus.pki.errors import PkiError
 from foedus.pki.files import read_certificate
 from foedus.pki.tls import tls_files_problem
 from foedus.plans import Plan, PlanError, load_plan
+from foedus.plans.runners import RunnerError, RunnerFactory, check_runner_settings, load_runner
 from foedus.privacy.accountant import budget_problem
 from foedus.privacy.noise import not_noisable
-from foedus.plans.runners import RunnerError, RunnerFactory, check_runner_settings, load_runner
 from foedus.protos.dtypes import is_float, wire_dtype
 from foedus.refusals.errors import ModelFileError, StorageError
 from foedus.serving.server import ServerError
@@ -195,9 +195,9 @@ def _start(plan_path: Path, *, reset: bool) -> int:
         ) from None
     if not state.recovered.fresh:  # a new state's model was checked before it was saved
         model = state.recovered.progress.model
-        problem = _secure_model_problem(plan, model, "saved global model") or _private_model_problem(
+        problem = _secure_model_problem(
             plan, model, "saved global model"
-        )
+        ) or _private_model_problem(plan, model, "saved global model")
         if problem is not None:
             state.close()
             raise BadInputError(problem)

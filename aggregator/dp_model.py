@@ -35,7 +35,11 @@ class Privacy:
     ) -> PrivateModel:
         """Round `round_number`'s next global model from the reporters' `uploads`."""
         return PrivateModel(
-            reference, uploads, settings=self.settings, secret=self.secret, round_number=round_number
+            reference,
+            uploads,
+            settings=self.settings,
+            secret=self.secret,
+            round_number=round_number,
         )
 
 
@@ -92,7 +96,7 @@ class PrivateModel:
                 add_clipped(total, _read(source, name, start, stop), base, factor)
             total += std * gaussian(self._secret, self._round, name, start, stop)
             total /= sites
-            total += base  # in float64, then rounded once to the tensor's dtype
+            total += base.astype(np.float64)  # then rounded once to the tensor's dtype
             out = np.empty(stop - start, dtype=like.dtype)
             np.copyto(out, total, casting="unsafe")
             sink(name, start, out)
@@ -119,4 +123,3 @@ def _read(source: TensorSource, name: str, start: int, stop: int) -> Array:
             f"tensor {name!r}: reading [{start}, {stop}) gave shape {list(values.shape)}"
         )
     return values
-

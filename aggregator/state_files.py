@@ -139,7 +139,9 @@ def privacy_secret(root: Path) -> bytes:
             write_bytes(path, new_secret(), mode=0o600)
         secret = path.read_bytes()
     except OSError as error:
-        raise StorageError(f"{path}: cannot keep the noise secret: {error.strerror or error}") from None
+        raise StorageError(
+            f"{path}: cannot keep the noise secret: {error.strerror or error}"
+        ) from None
     if len(secret) != SECRET_BYTES:
         raise StorageError(
             f"{path}: holds {len(secret)} bytes, not the {SECRET_BYTES} of a noise secret "

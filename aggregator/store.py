@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Protocol
 
 from foedus.aggregator.liveness import Departure, Seen
-from foedus.privacy.noise import new_secret
 from foedus.aggregator.records import (
     Accepted,
     Array,
@@ -33,6 +32,7 @@ from foedus.aggregator.records import (
     SecurePost,
     TaskResult,
 )
+from foedus.privacy.noise import new_secret
 
 
 @dataclass(frozen=True)

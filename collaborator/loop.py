@@ -46,13 +46,13 @@ from foedus.collaborator.errors import ClientError, RequestRejectedError
 from foedus.collaborator.heartbeat import Heartbeat
 from foedus.collaborator.secure import SecureRoundMissedError, SecureRounds
 from foedus.plans.runners import Array, TaskRunner
-from foedus.privacy.clipping import clipped_model
 from foedus.plans.schema import (
     AGGREGATED_MODEL_VALIDATION,
     LOCALLY_TUNED_MODEL_VALIDATION,
     TRAIN,
     RunnerSettings,
 )
+from foedus.privacy.clipping import clipped_model
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +267,9 @@ def _run_task(
             sent = outcome.model
             if clip is not None:  # the aggregator clips again: this is the honest site's part
                 sent = clipped_model(current.global_model, outcome.model, clip)
-            trained = [OutgoingTensor(name, array, tags=TRAINED_TAGS) for name, array in sent.items()]
+            trained = [
+                OutgoingTensor(name, array, tags=TRAINED_TAGS) for name, array in sent.items()
+            ]
         else:  # the update masked; its weight travels masked too
             trained, data_size = secure.masked_results(
                 round_number, current.global_model, outcome.model, outcome.data_size

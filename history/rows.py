@@ -98,7 +98,7 @@ class MetricsRow:
 
     def to_json(self) -> str:
         """The row as its line (without the newline): strict JSON, sorted keys, NaN as null."""
-        row = {
+        row: dict[str, object] = {
             "federation": self.federation,
             "run": self.run,
             "round": self.round_number,

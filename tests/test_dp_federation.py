@@ -71,8 +71,10 @@ def expected(
             total[name] += factor * update[name]
     model: dict[str, Array] = {}
     for name, array in reference.items():
-        noise = SETTINGS.noise_multiplier * SETTINGS.clip * gaussian(
-            secret, round_number, name, 0, np.size(array)
+        noise = (
+            SETTINGS.noise_multiplier
+            * SETTINGS.clip
+            * gaussian(secret, round_number, name, 0, np.size(array))
         )
         values = base[name] + (total[name] + noise) / len(uploads)
         model[name] = values.astype(array.dtype).reshape(np.shape(array))
@@ -162,9 +164,7 @@ def play_round(fed: Federation, collaborators: Sequence[str]) -> RoundSummary:
 def dp_plan(rounds: int, **settings: object) -> Plan:
     """A plan of `rounds` rounds with differential privacy (SETTINGS changed by `settings`)."""
     plan = make_plan(None, federation={"uuid": UUID, "rounds": rounds})
-    return dataclasses.replace(
-        plan, differential_privacy=dataclasses.replace(SETTINGS, **settings)
-    )
+    return dataclasses.replace(plan, differential_privacy=dataclasses.replace(SETTINGS, **settings))
 
 
 def test_the_federation_finishes_at_its_budget_and_says_what_it_spent(tmp_path: Path) -> None:

@@ -28,9 +28,7 @@ DEADLINE_SECONDS = 180  # a bound for a loaded machine; a quiet one needs second
 def run(folder: Path, certs: CertsLayout, failpoints: str | None = None) -> FederationProcesses:
     """A federation run to its end (its aggregator killed at `failpoints`, then started again),
     its state holding SECRET from the start."""
-    plan = write_plan(
-        folder, certs, PLAN_ROUNDS, connection=PATIENT, differential_privacy=PRIVACY
-    )
+    plan = write_plan(folder, certs, PLAN_ROUNDS, connection=PATIENT, differential_privacy=PRIVACY)
     state = folder / "output" / "state"
     state.mkdir(parents=True)
     (state / "privacy.secret").write_bytes(SECRET)
