@@ -77,7 +77,8 @@ class Federation:
     moves when told); long polls wait in real time. With `progress`, the federation resumes from
     there instead of round 0 of `model`. `liveness` judges who is online (by default from `straggler`, or from
     a silence of `reporting_threshold` when the plan sets no `offline_after_seconds`). With
-    `secure` enabled, its training rounds aggregate securely (`federation_uuid` binds them).
+    `secure` enabled, its training rounds aggregate securely (`federation_uuid` binds them);
+    with `privacy` enabled, by DP-FedAvg (its noise secret made by the store, once).
     """
 
     def __init__(

@@ -28,6 +28,11 @@ temporary files a crash left, writes `last_model.pbuf` and `best_model.pbuf` aga
 not the state's, and appends the rows of `metrics.jsonl` that a crash lost (never a second row
 for a round). The ``run`` of a row is the aggregator run that wrote it.
 
+With differential privacy (the plan's `differential_privacy`), the first line names its settings
+and the training rounds its budget allows, the last the epsilon spent, and each training round's
+row of `metrics.jsonl` the epsilon spent so far (`dp`), recomputed from the round: it is a pure
+function of the plan.
+
 Console lines number rounds from 1 ("round 3/10" is the third of ten); `metrics.jsonl` and the
 wire count from 0, as OpenFL does. An accuracy measured by `aggregated_model_validation` in a
 round is that of the global model the round started from, that is after one round less of
