@@ -12,7 +12,7 @@ from pathlib import Path
 from foedus.pki.layout import CertsLayout
 from foedus.privacy.accountant import epsilon_after
 
-from federation_processes import COLLABORATORS, FederationProcesses, write_plan
+from federation_processes import COLLABORATORS, FederationProcesses, run_module, write_plan
 
 PLAN_ROUNDS = 5
 ROUNDS = 3  # what the cap below allows
@@ -52,7 +52,8 @@ def test_a_killed_aggregator_resumes_to_the_undisturbed_model_at_its_budget(
     certs: CertsLayout, tmp_path: Path
 ) -> None:
     """Killed -9 while aggregating the second round (of 3 the budget allows) and started again, the
-    aggregator ends with the undisturbed run's model bytes and rows; both say the cap."""
+    aggregator ends with the undisturbed run's model bytes and rows; both say the cap, and so does
+    `aggregator status`."""
     undisturbed = run(tmp_path / "undisturbed", certs)
     killed = run(tmp_path / "killed", certs, "while_aggregating:2")
     output = {name: tmp_path / name / "output" for name in ("undisturbed", "killed")}
@@ -77,3 +78,8 @@ def test_a_killed_aggregator_resumes_to_the_undisturbed_model_at_its_budget(
         assert last.endswith(f"; privacy budget: {spent} after {ROUNDS} rounds"), last
     assert re.search(r"resuming round 2/3", killed.output()), killed.output()
     assert SECRET.hex() not in killed.output() + killed.log("aggregator")
+    status = run_module("foedus.aggregator", "status", "--plan", str(killed.plan))
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert "finished (3 rounds)" in lines[0], lines
+    assert f"  privacy budget: {spent} after {ROUNDS} rounds" in lines, lines
