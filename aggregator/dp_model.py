@@ -12,11 +12,12 @@ function of the federation's secret, the round, the tensor and the slice's bound
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from foedus.aggregator.fedavg import SLICE_ELEMENTS, SliceSink, TensorSource
+from foedus.aggregator.fedavg import AVERAGING_THREADS, SLICE_ELEMENTS, SliceSink, TensorSource
 from foedus.aggregator.records import Array
 from foedus.plans.schema import DifferentialPrivacySettings
 from foedus.privacy.clipping import add_clipped, source_clip_factor
@@ -59,6 +60,7 @@ class PrivateModel:
         secret: bytes,
         round_number: int,
         slice_elements: int = SLICE_ELEMENTS,
+        workers: int = AVERAGING_THREADS,
     ) -> None:
         """`uploads`: each reporter's trained model (the reference's names, shapes, dtypes)."""
         if not uploads:
@@ -72,6 +74,7 @@ class PrivateModel:
         self._secret = secret
         self._round = round_number
         self._slice = slice_elements
+        self._workers = max(1, workers)
         self.factors = tuple(  # computed first: a pass over each upload
             source_clip_factor(self.reference, source, settings.clip, slice_elements=slice_elements)
             for source in self._uploads
@@ -85,21 +88,43 @@ class PrivateModel:
                 yield name, start, min(start + self._slice, size)
 
     def into(self, sink: SliceSink) -> None:
-        """Compute the model a slice at a time, handing each slice to `sink` (the tensor's dtype)."""
-        sites = len(self._uploads)
+        """Compute the model a slice at a time, handing each slice to `sink` (the tensor's dtype).
+
+        With `workers` > 1 the slices are shared out among that many threads (numpy, the reads
+        and AES release the GIL), every n-th to each, and come to `sink` in no particular order;
+        each value sees the same operations whichever thread computes it.
+        """
+        bounds = list(self._slices())
+        if self._workers == 1 or len(bounds) <= 1:
+            for name, start, stop in bounds:
+                sink(name, start, self._computed(name, start, stop))
+            return
+        errors = np.geterr()  # numpy's error handling is per thread: the caller's holds in all
+
+        def every_nth(index: int) -> None:
+            with np.errstate(**errors):
+                for name, start, stop in bounds[index :: self._workers]:
+                    sink(name, start, self._computed(name, start, stop))
+
+        with ThreadPoolExecutor(self._workers, thread_name_prefix="dp-fedavg") as pool:
+            for done in [pool.submit(every_nth, index) for index in range(self._workers)]:
+                done.result()  # raises what the thread raised
+
+    def _computed(self, name: str, start: int, stop: int) -> Array:
+        """Elements [start, stop) of the new tensor `name`: global + (sum of the clipped
+        updates + noise) / sites in float64, rounded once to the tensor's dtype."""
+        like = np.asarray(self.reference[name])
+        base = like.reshape(-1)[start:stop]
+        total = np.zeros(stop - start, dtype=np.float64)
+        for factor, source in zip(self.factors, self._uploads, strict=True):
+            add_clipped(total, _read(source, name, start, stop), base, factor)
         std = self._settings.noise_multiplier * self._settings.clip
-        for name, start, stop in self._slices():
-            like = np.asarray(self.reference[name])
-            base = like.reshape(-1)[start:stop]
-            total = np.zeros(stop - start, dtype=np.float64)
-            for factor, source in zip(self.factors, self._uploads, strict=True):
-                add_clipped(total, _read(source, name, start, stop), base, factor)
-            total += std * gaussian(self._secret, self._round, name, start, stop)
-            total /= sites
-            total += base.astype(np.float64)  # then rounded once to the tensor's dtype
-            out = np.empty(stop - start, dtype=like.dtype)
-            np.copyto(out, total, casting="unsafe")
-            sink(name, start, out)
+        total += std * gaussian(self._secret, self._round, name, start, stop)
+        total /= len(self._uploads)
+        total += base.astype(np.float64)
+        out = np.empty(stop - start, dtype=like.dtype)
+        np.copyto(out, total, casting="unsafe")
+        return out
 
     def arrays(self) -> dict[str, Array]:
         """Compute the model into arrays in memory."""

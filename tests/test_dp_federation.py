@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from foedus.aggregator.dp_model import PrivateModel
+from foedus.aggregator.fedavg import ArraySource
 from foedus.aggregator.federation import Federation
 from foedus.aggregator.records import Array, ResultTensor, RoundSummary, TaskResult
 from foedus.aggregator.runtime import Runtime
@@ -225,3 +227,28 @@ def test_the_secret_is_kept_private_and_survives_a_restart(tmp_path: Path) -> No
         assert again.privacy_secret() == secret
     finally:
         again.close()
+
+
+def test_the_model_is_the_same_whatever_the_slices_and_threads() -> None:
+    """Slices of 3 values over 4 threads, or whole tensors in one: the very same bytes (what a
+    resume that computes the round again relies on)."""
+    reference = {"a": np.linspace(-1, 1, 10, dtype=np.float32), "b": np.zeros((3, 3))}
+    models = {site: trained(value, reference) for site, value in TRAINED.items()}
+    uploads = {site: ArraySource(tensors) for site, tensors in models.items()}
+    secret = bytes(range(32))
+
+    def computed(slice_elements: int, workers: int) -> dict[str, Array]:
+        return PrivateModel(
+            reference,
+            uploads,
+            settings=SETTINGS,
+            secret=secret,
+            round_number=4,
+            slice_elements=slice_elements,
+            workers=workers,
+        ).arrays()
+
+    whole = computed(1000, 1)
+    for name, array in computed(3, 4).items():
+        assert array.tobytes() == whole[name].tobytes(), name
+    assert_model(whole, expected(reference, models, secret, 4))
