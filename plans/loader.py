@@ -541,17 +541,23 @@ def _ring_bits(value: object) -> int | None:
 
 
 def _positive_finite(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    number = float(value)
-    return number if math.isfinite(number) and number > 0 else None
+    number = _float(value)
+    return number if number is not None and math.isfinite(number) and number > 0 else None
 
 
 def _probability(value: object) -> float | None:
+    number = _float(value)
+    return number if number is not None and 0 < number < 1 else None
+
+
+def _float(value: object) -> float | None:
+    """A YAML number as a float; None for anything else, or an integer past float's range."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    number = float(value)
-    return number if 0 < number < 1 else None
+    try:
+        return float(value)
+    except OverflowError:  # an integer of 400 digits
+        return None
 
 
 def _listed(values: tuple[int, ...]) -> str:

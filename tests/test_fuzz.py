@@ -237,6 +237,7 @@ SECTIONS = (
     "best_model",
     "limits",
     "connection",
+    "differential_privacy",
 )
 FIELDS = (
     *("name", "uuid", "aggregator_id", "rounds", "host", "port", "listen_address", "san_dns"),
@@ -247,6 +248,7 @@ FIELDS = (
     *("allow_non_finite", "upload_seconds", "max_calls_per_collaborator", "deadline_seconds"),
     *("max_retries", "max_wait_seconds", "backoff_initial_seconds", "backoff_max_seconds"),
     *("atomic_connections", "resend_on_reconnect"),
+    *("enabled", "clip", "noise_multiplier", "delta", "max_epsilon"),
 )
 SCALARS = st.one_of(
     st.none(),

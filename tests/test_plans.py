@@ -636,6 +636,7 @@ def test_threshold_defaults_to_a_majority(
                 ("negative", -0.5, "-0.5"),
                 ("infinite", float("inf"), "inf"),
                 ("nan", float("nan"), "nan"),
+                ("past-floats-range", 10**400, "1" + "0" * 27 + "..." + "0" * 29),
                 ("text", "1", "'1'"),
                 ("boolean", True, "True"),
             ]

@@ -1,0 +1,158 @@
+"""Clipping an update's delta to L2 norm `clip`: a huge update moves the sum by at most `clip`."""
+
+from __future__ import annotations
+
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from foedus.aggregator.fedavg import ArraySource
+from foedus.privacy import (
+    add_clipped,
+    clip_factor,
+    clipped_model,
+    delta_norm,
+    factor_for,
+    source_clip_factor,
+)
+
+RNG = np.random.default_rng(23)
+
+
+def _model(scale: float = 1.0) -> dict[str, np.ndarray]:
+    """A small model of three float tensors of other shapes and dtypes."""
+    return {
+        "conv.weight": (scale * RNG.standard_normal((4, 3, 5))).astype(np.float32),
+        "conv.bias": (scale * RNG.standard_normal(4)).astype(np.float64),
+        "fc.weight": (scale * RNG.standard_normal((7, 11))).astype(ml_dtypes.bfloat16),
+    }
+
+
+def _norm(delta: dict[str, np.ndarray]) -> float:
+    """The L2 norm of every tensor's values together, the plain way."""
+    flat = np.concatenate([np.asarray(v, dtype=np.float64).reshape(-1) for v in delta.values()])
+    return float(np.linalg.norm(flat))
+
+
+def _minus(
+    trained: dict[str, np.ndarray], reference: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    return {
+        name: trained[name].astype(np.float64) - reference[name].astype(np.float64)
+        for name in trained
+    }
+
+
+@pytest.mark.parametrize("slice_elements", [1, 7, 64, 2**18])
+def test_the_norm_is_the_whole_updates_over_every_tensor(slice_elements: int) -> None:
+    """Computed a slice at a time, the norm is the norm of all the values together."""
+    reference, trained = _model(), _model()
+    expected = _norm(_minus(trained, reference))
+    norm = delta_norm(reference, ArraySource(trained), slice_elements=slice_elements)
+    assert norm == pytest.approx(expected, rel=1e-12)
+    delta = _minus(trained, reference)
+    assert clip_factor(delta, 1.0, slice_elements=slice_elements) == pytest.approx(
+        1.0 / expected, rel=1e-12
+    )
+
+
+def test_a_huge_update_moves_the_sum_by_at_most_clip() -> None:
+    """Three honest sites and one that sends 1e6 times their update: the sum of the clipped
+    deltas differs from the honest sites' sum by at most `clip`, and by exactly `clip` here."""
+    clip = 0.5
+    reference = _model()
+    honest = [
+        {k: v + (0.001 * _model()[k]).astype(v.dtype) for k, v in reference.items()}
+        for _ in range(3)
+    ]
+    huge = {
+        name: (v.astype(np.float64) + 1e6 * RNG.standard_normal(v.shape)).astype(v.dtype)
+        for name, v in reference.items()
+    }
+
+    def clipped_sum(sites: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        total = {name: np.zeros(v.size) for name, v in reference.items()}
+        for site in sites:
+            factor = source_clip_factor(reference, ArraySource(site), clip)
+            for name in reference:
+                add_clipped(
+                    total[name], site[name].reshape(-1), reference[name].reshape(-1), factor
+                )
+        return total
+
+    without = clipped_sum(honest)
+    with_huge = clipped_sum([*honest, huge])
+    moved = _norm({name: with_huge[name] - without[name] for name in without})
+    assert moved == pytest.approx(clip, rel=1e-9)
+    honest_sum = {
+        n: sum(_minus(site, reference)[n].reshape(-1) for site in honest) for n in reference
+    }
+    assert _norm({n: without[n] - honest_sum[n] for n in without}) < 1e-12  # small: unclipped
+
+
+def test_an_update_within_clip_is_left_as_it_is() -> None:
+    """Factor 1, and the site uploads the very arrays it trained."""
+    reference = _model()
+    trained = {name: v + (1e-3 * np.ones_like(v)).astype(v.dtype) for name, v in reference.items()}
+    assert source_clip_factor(reference, ArraySource(trained), 10.0) == 1.0
+    clipped = clipped_model(reference, trained, 10.0)
+    assert all(clipped[name] is trained[name] for name in trained)
+
+
+def test_a_site_clips_its_upload_in_its_own_dtypes() -> None:
+    """clipped_model: the delta scaled to `clip` (up to the dtype's rounding), shapes and dtypes
+    kept; the aggregator's clip of it then changes it by no more than that rounding."""
+    reference = _model()
+    trained = _model(scale=100.0)
+    clipped = clipped_model(reference, trained, 2.0)
+    for name in trained:
+        assert clipped[name].dtype == trained[name].dtype
+        assert clipped[name].shape == trained[name].shape
+    norm = _norm(_minus(clipped, reference))
+    assert norm == pytest.approx(2.0, rel=1e-2)  # bfloat16 keeps 8 bits
+    again = source_clip_factor(reference, ArraySource(clipped), 2.0)
+    assert again == pytest.approx(1.0, rel=1e-2)
+
+
+def test_values_whose_squares_overflow_have_a_finite_norm() -> None:
+    """1e200 squared is past float64: the norm is still sqrt(2) x 1e200, the factor finite."""
+    delta = {"w": np.array([1e200, -1e200]), "b": np.array([3.0])}
+    factor = clip_factor(delta, 1.0, slice_elements=1)
+    assert factor == pytest.approx(1 / (math.sqrt(2) * 1e200), rel=1e-12)
+    assert factor > 0
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_an_update_that_is_not_finite_moves_nothing(bad: float) -> None:
+    """NaN or infinity cannot be bounded: factor 0, so the update adds nothing to the sum."""
+    delta = {"w": np.array([1.0, bad, 2.0], dtype=np.float32)}
+    assert clip_factor(delta, 1.0) == 0.0
+    total = np.zeros(3)
+    add_clipped(total, np.array([1.0, 5.0, 2.0]), np.zeros(3), 0.0)
+    assert not np.any(total)
+
+
+def test_add_clipped_adds_factor_times_the_delta_in_float64() -> None:
+    """total += factor x (trained - reference), in place, the slices' own dtypes read as float64."""
+    total = np.array([1.0, 1.0, 1.0])
+    trained = np.array([3.0, 1.0, -1.0], dtype=np.float32)
+    reference = np.array([1.0, 1.0, 1.0], dtype=ml_dtypes.bfloat16)
+    add_clipped(total, trained, reference, 0.25)
+    assert total.tolist() == [1.5, 1.0, 0.5]
+
+
+@pytest.mark.parametrize(
+    ("norm", "expected"), [(0.0, 1.0), (2.0, 1.0), (4.0, 0.5), (1e300, 2e-300)]
+)
+def test_the_factor_is_min_one_clip_over_norm(norm: float, expected: float) -> None:
+    """Within clip: 1; past it: clip / norm."""
+    assert factor_for(norm, 2.0) == pytest.approx(expected, rel=1e-15)
+
+
+@pytest.mark.parametrize("clip", [0.0, -1.0, math.inf, math.nan])
+def test_a_clip_that_bounds_nothing_is_refused(clip: float) -> None:
+    """Zero, negative, infinite or NaN: a ValueError naming clip."""
+    with pytest.raises(ValueError, match="clip is a finite number > 0"):
+        factor_for(1.0, clip)
