@@ -20,9 +20,10 @@ The aggregator relays what the sites post and never can open it. Per training ro
 
 Every stage closes by one rule, the straggler policy's (`_due`): once every member of the
 stage before (the plan's collaborators for KEYS) that is still awaited has posted and at
-least `threshold` have; under policy ``cutoff`` also once ``cutoff_seconds`` have passed since
-the stage opened and at least `threshold` have. A stage that closes with fewer (every other
-member left), fewer than `threshold` survivors, or secrets that cannot be rebuilt: the round
+least `threshold` have (SURVIVORS: the quorum, `RoundContext.quorum`); under policy ``cutoff``
+also once ``cutoff_seconds`` have passed since the stage opened and at least that many have. A
+stage that closes with fewer (every other member left), fewer survivors than the quorum, or
+secrets that cannot be rebuilt: the round
 closes untrained, with one line saying why (`failure`).
 
 Posts and closes are durable before they are acknowledged or relayed (`record_secure_post`,
@@ -113,6 +114,8 @@ class SecureStages:
         self.collaborators = tuple(sorted(collaborators))
         self.settings = settings
         self.threshold = settings.threshold
+        # Survivors that must confirm one list before any reveals (`RoundContext.quorum`).
+        self.quorum = RoundContext(federation_uuid, 0, self.collaborators, settings).quorum
         self.rounds = rounds  # training rounds: a final validation round has no stages
         self.store = store
         self.liveness = liveness
@@ -225,24 +228,35 @@ class SecureStages:
             return None
         for stage in Stage:
             survivors = self._survivors
-            if (
-                stage is Stage.SURVIVORS
-                and survivors is not None
-                and len(survivors) < self.threshold
-            ):
+            if stage is Stage.SURVIVORS and survivors is not None and len(survivors) < self.quorum:
                 return (
                     f"round {self.round_number} has {len(survivors)} survivor(s) "
-                    f"({', '.join(survivors) or 'nobody'}), fewer than the threshold "
-                    f"of {self.threshold} (secure_aggregation.threshold)"
+                    f"({', '.join(survivors) or 'nobody'}), fewer than "
+                    f"{self._needed_said(stage)}"
                 )
             members = self._stages[stage].members
-            if members is not None and len(members) < self.threshold:
+            needed = self._needed(stage)
+            if members is not None and len(members) < needed:
                 return (
                     f"round {self.round_number}'s {stage.name} stage closed with "
                     f"{len(members)} site(s) ({', '.join(members) or 'nobody'}), fewer than "
-                    f"the threshold of {self.threshold} (secure_aggregation.threshold)"
+                    f"{self._needed_said(stage)}"
                 )
         return None
+
+    def _needed(self, stage: Stage) -> int:
+        """How many posts `stage` must close with: the survivors' confirmations a quorum, every
+        other stage's the threshold."""
+        return self.quorum if stage is Stage.SURVIVORS else self.threshold
+
+    def _needed_said(self, stage: Stage) -> str:
+        """`_needed(stage)` for a person, with its reason."""
+        if stage is Stage.SURVIVORS and self.quorum > self.threshold:
+            return (
+                f"the {self.quorum} survivors' confirmations needed (more than half the "
+                "collaborators, so no two survivor lists can both be confirmed)"
+            )
+        return f"the threshold of {self.threshold} (secure_aggregation.threshold)"
 
     # -- posts --------------------------------------------------------------------------------------
 
@@ -399,8 +413,9 @@ class SecureStages:
         else:
             awaited = self.liveness.staying()
         waiting = (set(previous) & awaited) - posted
+        needed = self._needed(stage)
         if not waiting:
-            if len(posted) >= self.threshold:
+            if len(posted) >= needed:
                 return True
             # Fewer than the threshold, and nobody else will post unless one comes back: only
             # when every other member has left is that final (an offline one may return).
@@ -408,7 +423,7 @@ class SecureStages:
             return not ((set(previous) - posted) & staying)
         if policy.policy is StragglerPolicy.CUTOFF and state.opened_at is not None:
             late = self._clock() - state.opened_at >= policy.cutoff_seconds
-            return late and len(posted) >= self.threshold
+            return late and len(posted) >= needed
         return False
 
     # -- relays -------------------------------------------------------------------------------------

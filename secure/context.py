@@ -64,6 +64,15 @@ class RoundContext:
         """t: how many shares rebuild a secret, and how many sites must survive the round."""
         return self.settings.threshold
 
+    @property
+    def quorum(self) -> int:
+        """How many survivors must confirm the same survivor list before any reveals a share:
+        the threshold, and more than half the collaborators. Honest sites each sign one list a
+        round, so two lists can never both gather a majority: an aggregator cannot name a site
+        a survivor to some (its seed's shares) and dropped to others (its mask key's) and so
+        unmask it, whatever the threshold or the neighbours."""
+        return max(self.threshold, len(self.collaborators) // 2 + 1)
+
     @functools.cached_property
     def fixed_point(self) -> FixedPoint:
         """The round's ring and fixed point (the settings and the number of collaborators fix it)."""

@@ -428,15 +428,17 @@ class SiteRound:
     def revealed_shares(
         self, survivors: Sequence[str], confirmations: Sequence[SurvivorConfirmation]
     ) -> list[RevealedShare]:
-        """UNMASK: the shares the unmasking needs, once t survivors confirmed exactly U3: of each
-        owner it holds, the seed's share when the owner survived, else the mask key's; never both
-        kinds for one owner. Marks `secrets.revealed` (write the secrets file before posting)."""
+        """UNMASK: the shares the unmasking needs, once a quorum of survivors
+        (`RoundContext.quorum`) confirmed exactly U3: of each owner it holds, the seed's share
+        when the owner survived, else the mask key's; never both kinds for one owner. Marks
+        `secrets.revealed` (write the secrets file before posting)."""
         names = self._survivors(survivors)
         signed = self._confirmed_by(names, confirmations)
-        if len(signed) < self.context.threshold:
+        if len(signed) < self.context.quorum:
             raise self._violation(
-                f"relays {len(signed)} valid confirmations of survivors {list(names)}, below the "
-                f"threshold {self.context.threshold}: nothing is revealed"
+                f"relays {len(signed)} valid confirmations of survivors {list(names)}, fewer than "
+                f"the {self.context.quorum} needed (the threshold, and more than half the "
+                "collaborators): nothing is revealed"
             )
         wanted = {
             owner: SecretKind.SELF_MASK_SEED if owner in names else SecretKind.MASK_PRIVATE_KEY
@@ -461,11 +463,11 @@ class SiteRound:
     def _confirmed_by(
         self, survivors: tuple[str, ...], confirmations: Sequence[SurvivorConfirmation]
     ) -> set[str]:
-        """The survivors whose confirmation of exactly `survivors` verifies (the first t of them
-        are enough); the others logged."""
+        """The survivors whose confirmation of exactly `survivors` verifies (the first quorum of
+        them are enough); the others logged."""
         signed: set[str] = set()
         for confirmation in confirmations:
-            if len(signed) >= self.context.threshold:
+            if len(signed) >= self.context.quorum:
                 break
             who = confirmation.collaborator
             problem = None

@@ -800,7 +800,7 @@ def test_a_dropped_sites_seed_asked_for_is_refused(certs: CertsLayout, tmp_path:
     assert_one_line(
         results["alice"],
         ProtocolViolation,
-        "1 valid confirmations of survivors ['alice', 'bob', 'carol'], below the threshold 2",
+        "1 valid confirmations of survivors ['alice', 'bob', 'carol'], fewer than the 2 needed",
         "nothing is revealed",
     )
     assert_one_line(results["bob"], ProtocolViolation, "survivors ['alice', 'bob']")

@@ -336,7 +336,7 @@ def test_unsigned_forged_and_mismatched_confirmations_do_not_count(
     ]
     alice = round_sites["alice"]
     with pytest.raises(
-        ProtocolViolation, match=r"relays 1 valid confirmations .* below the threshold 3"
+        ProtocolViolation, match=r"relays 1 valid confirmations .* fewer than the 3 needed"
     ):
         alice.revealed_shares(survivors, bad)
     assert alice.secrets.revealed == {}
@@ -406,6 +406,32 @@ def test_with_neighbours_a_site_checks_the_keys_it_uses_and_the_confirmations_it
     confirmations = [round_sites[name].confirmation(SITES) for name in (victim, "bob")]
     with pytest.raises(ProtocolViolation, match="relays 1 valid confirmations"):
         round_sites["bob"].revealed_shares(SITES, confirmations)
+    # The quorum is 3 of the 5 (more than half), above the threshold of 2.
+    other = next(name for name in SITES if name not in (victim, "bob", neighbour))
     confirmations.append(round_sites[neighbour].confirmation(SITES))
+    with pytest.raises(ProtocolViolation, match="relays 2 valid confirmations"):
+        round_sites["bob"].revealed_shares(SITES, confirmations)
+    confirmations.append(round_sites[other].confirmation(SITES))
     revealed = round_sites["bob"].revealed_shares(SITES, confirmations)
     assert {share.owner for share in revealed} == set(round_context.holders("bob"))
+
+
+def test_two_survivor_lists_cannot_both_be_confirmed_below_a_majority(
+    known: dict[str, SiteIdentity], cas: list[x509.Certificate]
+) -> None:
+    """Threshold 2 of 5: the aggregator tells alice and bob that erin dropped (to get her mask
+    key's shares) and carol and dave that she survived (her seed's), and relays to each pair
+    the pair's own two confirmations. Two shares would rebuild either secret, but a quorum of 3
+    (more than half the sites) must confirm one list: each pair refuses, erin stays masked."""
+    round_context = context(threshold=2)
+    assert round_context.quorum == 3
+    round_sites = sites(round_context, known, cas)
+    through_shares(round_sites)
+    dropped = ("alice", "bob", "carol", "dave")
+    survived = SITES
+    for pair, survivors in ((("alice", "bob"), dropped), (("carol", "dave"), survived)):
+        confirmations = [round_sites[name].confirmation(survivors) for name in pair]
+        for name in pair:
+            with pytest.raises(ProtocolViolation, match="fewer than the 3 needed"):
+                round_sites[name].revealed_shares(survivors, confirmations)
+            assert round_sites[name].secrets.revealed == {}
