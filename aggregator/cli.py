@@ -54,6 +54,8 @@ from foedus.pki.files import read_certificate
 from foedus.pki.tls import tls_files_problem
 from foedus.plans import Plan, PlanError, load_plan
 from foedus.plans.runners import RunnerError, RunnerFactory, check_runner_settings, load_runner
+from foedus.privacy.accountant import budget_problem
+from foedus.privacy.noise import not_noisable
 from foedus.protos.dtypes import is_float, wire_dtype
 from foedus.refusals.errors import ModelFileError, StorageError
 from foedus.serving.server import ServerError
@@ -163,6 +165,9 @@ def _start(plan_path: Path, *, reset: bool) -> int:
         failpoints.configure()
     except failpoints.FailpointError as error:
         raise BadInputError(str(error)) from None
+    budget = budget_problem(plan.differential_privacy)
+    if budget is not None:
+        raise BadInputError(f"{plan.path}: {budget}")
     _check_tls_files(plan)
     if plan.secure_aggregation.enabled and not plan.tls.enabled:
         raise BadInputError(
@@ -189,7 +194,10 @@ def _start(plan_path: Path, *, reset: bool) -> int:
             f"--plan {plan.path} --reset', or set aggregator.output_dir to a new folder"
         ) from None
     if not state.recovered.fresh:  # a new state's model was checked before it was saved
-        problem = _secure_model_problem(plan, state.recovered.progress.model, "saved global model")
+        model = state.recovered.progress.model
+        problem = _secure_model_problem(
+            plan, model, "saved global model"
+        ) or _private_model_problem(plan, model, "saved global model")
         if problem is not None:
             state.close()
             raise BadInputError(problem)
@@ -281,7 +289,9 @@ def _checked_runner(plan: Plan) -> RunnerFactory | None:
 def _initial_model(plan: Plan, runner: RunnerFactory | None) -> dict[str, Array]:
     """The model of round 0: the plan's `aggregator.initial_model` file, else the runner's."""
     model = _plans_model(plan, runner)
-    problem = _secure_model_problem(plan, model, "initial model")
+    problem = _secure_model_problem(plan, model, "initial model") or _private_model_problem(
+        plan, model, "initial model"
+    )
     if problem is not None:
         raise BadInputError(problem)
     return model
@@ -338,6 +348,20 @@ def _secure_model_problem(plan: Plan, model: Mapping[str, Array], what: str) -> 
                 "make it a number, or turn secure aggregation off"
             )
     return None
+
+
+def _private_model_problem(plan: Plan, model: Mapping[str, Array], what: str) -> str | None:
+    """Why differential privacy cannot noise `model` (a tensor that is not floating point), or None."""
+    if not plan.differential_privacy.enabled:
+        return None
+    problem = not_noisable(model)
+    if problem is None:
+        return None
+    return (
+        f"{plan.path}: differential_privacy.enabled: {problem} in the {what}: Gaussian noise "
+        "needs floating-point tensors (an integer would round it away); make it a float, or "
+        "turn differential privacy off"
+    )
 
 
 def _fail(message: str, code: int) -> int:

@@ -21,6 +21,10 @@ round waits, refusing results, for its SURVIVORS and UNMASK stages; once they ha
 new model is the survivors' unmasked sum (`SecureModel`) instead of an average. A round whose
 secure stages failed closes at once, untrained. Its record keeps each step's time, who dropped
 out in it and, when it closed untrained, why (`SecureStages.record`).
+
+A round of a federation with differential privacy (the plan's `differential_privacy`) closes in
+the same two steps; its new model is the reporters' clipped updates, summed, noised and divided
+by their number (`foedus.aggregator.dp_model`) instead of the weighted average.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from foedus.aggregator.dp_model import Privacy
 from foedus.aggregator.failpoints import failpoint
 from foedus.aggregator.fedavg import MappedArraySource, TensorSource, weighted_metrics
 from foedus.aggregator.liveness import Liveness
@@ -68,8 +73,10 @@ class RoundCloser:
         round_changed: threading.Condition,
         *,
         secure: SecureStages | None = None,
+        privacy: Privacy | None = None,
     ) -> None:
         self.schedule = schedule
+        self.privacy = privacy
         self.store = store
         self._clock = clock
         self._round_changed = round_changed
@@ -110,7 +117,7 @@ class RoundCloser:
                 return None
             if on_close is not None:
                 on_close()
-            with self._averaging(counted, round_model, round_tasks, secure) as (
+            with self._averaging(counted, round_model, round_tasks, round_number, secure) as (
                 averaged,
                 metrics,
                 sites,
@@ -213,11 +220,14 @@ class RoundCloser:
         counted: Sequence[Accepted],
         model: Mapping[str, Array],
         tasks: Sequence[str],
+        round_number: int,
         secure: SecureStages | None = None,
     ) -> Iterator[tuple[NextModel | None, dict[str, dict[str, float]], SiteMetrics]]:
         """The next global model, still to be averaged (None: no `train` result), the metrics'
         means and each site's own metrics; the results' files stay open until the block ends.
         With `secure`, the round's: the survivors' masked uploads unmasked (None: untrained).
+        With differential privacy (`self.privacy`), the clipped updates' noised mean
+        (`foedus.aggregator.dp_model`).
 
         The `train` results are averaged a slice at a time from where the store keeps them
         (their files read in collaborator order) into where the store keeps the new model, so
@@ -259,6 +269,9 @@ class RoundCloser:
             if secure is not None:  # also without uploads: it says why the round is untrained
                 uploads = {name: source for name, (_, source) in contributions.items()}
                 new_model = secure.next_model(model, uploads)
+            elif contributions and self.privacy is not None:
+                uploads = {name: source for name, (_, source) in contributions.items()}
+                new_model = self.privacy.next_model(model, uploads, round_number)
             elif contributions:
                 new_model = AveragedModel(model, contributions)
             yield new_model, averaged, dict(sorted(sites.items()))

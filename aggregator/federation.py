@@ -8,7 +8,9 @@ the parts that each do one job: `foedus.aggregator.checks` refuses what arrives,
 leaving, the final validation round), `foedus.aggregator.closing` closes it (averaging, the best
 model). With the plan's `secure_aggregation` on, `foedus.aggregator.secure_stages` runs each
 training round's secure stages (`post_secure`, `secure_relay`), the masked uploads are checked
-for it, and the round's close waits for its unmasking.
+for it, and the round's close waits for its unmasking. With `differential_privacy` on, each
+round's new model is the sites' clipped updates, noised (`foedus.aggregator.dp_model`), and the
+federation runs the training rounds its budget allows (`foedus.privacy.budget`).
 
 Every check runs before anything is stored, and a resend of an accepted result is recognised and
 counted once (`foedus.aggregator.checks` says which results are refused). A collaborator's departure
@@ -36,6 +38,7 @@ import numpy as np
 
 from foedus.aggregator.checks import ResultChecks
 from foedus.aggregator.closing import RoundCloser
+from foedus.aggregator.dp_model import Privacy
 from foedus.aggregator.liveness import Departure, Liveness, clean_reason, reporting_threshold
 from foedus.aggregator.records import (
     Accepted,
@@ -54,11 +57,13 @@ from foedus.aggregator.store import FederationStore, MemoryStore
 from foedus.plans.schema import (
     TRAIN,
     BestModelSettings,
+    DifferentialPrivacySettings,
     Limits,
     Plan,
     SecureAggregationSettings,
     StragglerSettings,
 )
+from foedus.privacy.budget import training_rounds
 from foedus.refusals.errors import InvalidRequestError, PreconditionError, StorageError
 from foedus.secure.wire import Post, Relay, Stage
 
@@ -72,7 +77,8 @@ class Federation:
     moves when told); long polls wait in real time. With `progress`, the federation resumes from
     there instead of round 0 of `model`. `liveness` judges who is online (by default from `straggler`, or from
     a silence of `reporting_threshold` when the plan sets no `offline_after_seconds`). With
-    `secure` enabled, its training rounds aggregate securely (`federation_uuid` binds them).
+    `secure` enabled, its training rounds aggregate securely (`federation_uuid` binds them);
+    with `privacy` enabled, by DP-FedAvg (its noise secret made by the store, once).
     """
 
     def __init__(
@@ -94,6 +100,7 @@ class Federation:
         wall: Callable[[], float] = time.time,
         secure: SecureAggregationSettings | None = None,
         federation_uuid: str = "",
+        privacy: DifferentialPrivacySettings | None = None,
     ) -> None:
         straggler = straggler or StragglerSettings()
         self.schedule = Schedule(
@@ -155,8 +162,16 @@ class Federation:
             )
         self._lock = threading.Lock()
         self._round_changed = threading.Condition(self._lock)
+        self.privacy: Privacy | None = None
+        if privacy is not None and privacy.enabled:  # the secret before any round's noise
+            self.privacy = Privacy(privacy, self.store.privacy_secret())
         self._closer = RoundCloser(
-            self.schedule, self.store, clock, self._round_changed, secure=self.secure
+            self.schedule,
+            self.store,
+            clock,
+            self._round_changed,
+            secure=self.secure,
+            privacy=self.privacy,
         )
         self._submitted = threading.Event()
         # Leaving and rejoining, one at a time: the store and `liveness` change in the same order.
@@ -172,11 +187,12 @@ class Federation:
         store: FederationStore | None = None,
         progress: Progress | None = None,
     ) -> Federation:
-        """The federation a plan describes, starting from `model` (or resuming at `progress`)."""
+        """The federation a plan describes, starting from `model` (or resuming at `progress`);
+        with differential privacy, as many training rounds as its budget allows."""
         return cls(
             collaborators=plan.collaborators,
             tasks=plan.tasks,
-            rounds=plan.federation.rounds,
+            rounds=training_rounds(plan),
             model=model,
             straggler=plan.straggler,
             clock=clock,
@@ -187,6 +203,7 @@ class Federation:
             heartbeat_seconds=plan.connection.heartbeat_seconds,
             secure=plan.secure_aggregation,
             federation_uuid=plan.federation.uuid,
+            privacy=plan.differential_privacy,
         )
 
     @property

@@ -21,6 +21,7 @@ before it answers `Leave`, so it is never late. Times are UTC.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import time
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from foedus.aggregator.state_files import DATABASE, STATE_DIR
 from foedus.aggregator.store import SavedPresence
 from foedus.plans import Plan
 from foedus.plans.schema import AGGREGATED_MODEL_VALIDATION
+from foedus.privacy.accountant import budget_line, epsilon_after
+from foedus.privacy.budget import training_rounds
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,27 @@ class CollaboratorStatus:
     last_seen: float | None
     results: tuple[str, ...]  # tasks of the round in progress it has sent
     reason: str | None = None  # why it left (presence "left" only; may be empty)
+
+
+@dataclass(frozen=True)
+class PrivacySpent:
+    """What a DP federation has spent: after `rounds` closed training rounds, `epsilon` at
+    `delta` (of `max_epsilon`; None: no cap); recomputed from the plan, as the aggregator does."""
+
+    def to_json(self) -> dict[str, Any]:
+        """For scripts: the numbers."""
+        return {
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+            "max_epsilon": self.max_epsilon,
+            "rounds": self.rounds,
+        }
+
+    epsilon: float
+    delta: float
+    max_epsilon: float | None
+    rounds: int
+    line: str = dataclasses.field(compare=False)  # "privacy budget: epsilon 3.71 of 4 at ..."
 
 
 @dataclass(frozen=True)
@@ -66,6 +90,8 @@ class FederationStatus:
     offline_after_seconds: float
     presence_saved: float | None
     last_round: RoundRecord | None
+    # With differential privacy: epsilon spent so far, its delta, the cap (None: none).
+    privacy: PrivacySpent | None = None
 
     @property
     def finished(self) -> bool:
@@ -121,6 +147,7 @@ class FederationStatus:
                 "metrics": {task: dict(values) for task, values in last.metrics.items()},
                 "seconds": last.seconds,
             },
+            **({} if self.privacy is None else {"dp": self.privacy.to_json()}),
         }
 
     def lines(self, now: float | None = None) -> list[str]:
@@ -158,6 +185,8 @@ class FederationStatus:
         width = max(len(c.name) for c in self.collaborators)
         for c in self.collaborators:
             lines.append(f"    {c.name:<{width}}  {self._presence_text(c, now)}")
+        if self.privacy is not None:
+            lines.append(f"  {self.privacy.line}")
         last = self.last_round
         if last is None:
             lines.append("  no round closed yet")
@@ -201,7 +230,7 @@ def read_status(plan: Plan) -> FederationStatus:
             f"{root / DATABASE}: the state of federation {standing.uuid!r}, not of this plan's "
             f"{plan.federation.uuid!r}"
         )
-    rounds = plan.federation.rounds
+    rounds = training_rounds(plan)  # with differential privacy, those its budget allows
     round_number = standing.round_number
     total = rounds + (1 if AGGREGATED_MODEL_VALIDATION in plan.tasks else 0)
     round_tasks = (AGGREGATED_MODEL_VALIDATION,) if round_number >= rounds else plan.tasks
@@ -242,7 +271,18 @@ def read_status(plan: Plan) -> FederationStatus:
         or reporting_threshold(plan.connection.heartbeat_seconds),
         presence_saved=max((row.saved for row in standing.presence), default=None),
         last_round=standing.last_round,
+        privacy=_privacy_spent(plan, min(round_number, rounds)),
     )
+
+
+def _privacy_spent(plan: Plan, rounds: int) -> PrivacySpent | None:
+    """What `rounds` closed training rounds spent, when the plan has differential privacy."""
+    settings = plan.differential_privacy
+    if not settings.enabled:
+        return None
+    epsilon = epsilon_after(rounds, settings.noise_multiplier, settings.delta)
+    line = budget_line(settings, rounds, epsilon=epsilon)
+    return PrivacySpent(epsilon, settings.delta, settings.max_epsilon, rounds, line)
 
 
 def _presence_of(name: str, saved: dict[str, SavedPresence], left: dict[str, Departure]) -> str:

@@ -28,6 +28,11 @@ temporary files a crash left, writes `last_model.pbuf` and `best_model.pbuf` aga
 not the state's, and appends the rows of `metrics.jsonl` that a crash lost (never a second row
 for a round). The ``run`` of a row is the aggregator run that wrote it.
 
+With differential privacy (the plan's `differential_privacy`), the first line names its settings
+and the training rounds its budget allows, the last the epsilon spent, and each training round's
+row of `metrics.jsonl` the epsilon spent so far (`dp`), recomputed from the round: it is a pure
+function of the plan.
+
 Console lines number rounds from 1 ("round 3/10" is the third of ten); `metrics.jsonl` and the
 wire count from 0, as OpenFL does. An accuracy measured by `aggregated_model_validation` in a
 round is that of the global model the round started from, that is after one round less of
@@ -55,6 +60,8 @@ from foedus.aggregator.store import FederationStore
 from foedus.history.rows import MetricsRow
 from foedus.plans import Plan
 from foedus.plans.schema import AGGREGATED_MODEL_VALIDATION, TRAIN
+from foedus.privacy.accountant import budget_line, epsilon_after
+from foedus.privacy.budget import plan_text
 from foedus.protos.channel import host_port
 from foedus.refusals.errors import StorageError
 
@@ -296,7 +303,16 @@ class Runtime:
             secure=record.secure,
             stages=record.stages,
             untrained=record.untrained,
+            dp=self._privacy_spent(record),
         )
+
+    def _privacy_spent(self, record: RoundRecord) -> dict[str, float] | None:
+        """A DP federation's training round: the epsilon spent so far, with its delta."""
+        settings = self.plan.differential_privacy
+        if not settings.enabled or record.final_validation:
+            return None
+        epsilon = epsilon_after(record.round_number + 1, settings.noise_multiplier, settings.delta)
+        return {"epsilon": epsilon, "delta": settings.delta}
 
     def round_line(self, summary: RoundSummary) -> str:
         """One line a person can read: round, who reported, loss and accuracy, duration."""
@@ -341,9 +357,11 @@ class Runtime:
                 f" (best {label}{self.best.value:.4f} after {self.best.training_rounds} "
                 f"round{'s' if self.best.training_rounds != 1 else ''})"
             )
+        privacy = self.plan.differential_privacy
+        budget = f"; {budget_line(privacy, rounds)}" if privacy.enabled else ""
         return (
             f"federation finished: {rounds} round{'s' if rounds != 1 else ''}, {accuracy}{best}, "
-            f"model saved to {self.output.last_model}"
+            f"model saved to {self.output.last_model}{budget}"
         )
 
     def say(self, line: str) -> None:
@@ -396,11 +414,12 @@ def serve(
             if secure.enabled
             else ""
         )
+        private = f", {plan_text(plan)}" if plan.differential_privacy.enabled else ""
         address = host_port(plan.aggregator.listen_address, port)
         runtime.say(
             f"serving federation {plan.federation.name} on {address}: "
-            f"{len(plan.collaborators)} collaborators, {plan.federation.rounds} rounds{final}"
-            f"{masked}; output in {output.root}"
+            f"{len(plan.collaborators)} collaborators, {federation.rounds} rounds{final}"
+            f"{masked}{private}; output in {output.root}"
         )
         if server.metrics_server is not None:
             address = server.metrics_server.address.with_port(server.metrics_server.port)

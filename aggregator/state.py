@@ -27,6 +27,10 @@ read back. Because no file changes, the federation holds the global model as its
   ``metrics.jsonl`` are written again if a crash lost them; the record's ``sites`` (each
   reporter's own metrics) is absent from rounds closed by an aggregator before it was kept, and
   read as empty;
+* ``privacy.secret`` (a file beside the database, mode 0600, for a plan with
+  ``differential_privacy``): the 32 random bytes the noise of every round is drawn from
+  (`foedus.privacy.noise`), made once before the first noise, never logged, so that a resumed
+  federation adds exactly the noise of an undisturbed run;
 * ``presence``: who is online or offline and since when (`foedus.aggregator.liveness`), for
   ``aggregator status`` only: written by the runtime on a transition and at a bounded rate
   (`save_presence`), never per call, and never read back by the aggregator;
@@ -385,6 +389,12 @@ class DurableState(SqliteStore):
         if self._best_file is None:
             return None
         return {tensor.name: tensor.array for tensor in self._read(self._best_file)}
+
+    def privacy_secret(self) -> bytes:
+        """The secret in ``state/privacy.secret`` (mode 0600), made and kept durably at the
+        first call; `StorageError` when it cannot be read or written, or is not 32 bytes."""
+        with self._lock:
+            return state_files.privacy_secret(self.root)
 
     def disk_files(self) -> list[str]:
         """Every file under ``state/`` but the database's, relative to it, sorted (for tests)."""

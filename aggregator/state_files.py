@@ -6,6 +6,7 @@ The layout under ``OUTPUT_DIR/`` (see `foedus.aggregator.state` for what each ho
     state/models/round-<n>.pbuf                        global models
     state/rounds/<round>/<collaborator>-<task>.upload  accepted results
     state/uploads/                                     uploads being received
+    state/privacy.secret                               the noise secret (differential privacy)
 
 Every folder is created durably (`foedus.durable.files.make_folders`), every file placed durably
 (`foedus.durable.files.place_file`), and every failure raised as a `StorageError` naming the path.
@@ -34,9 +35,16 @@ from foedus.aggregator.storage import (
     write_tensors,
 )
 from foedus.aggregator.upload import read_tensors_file
-from foedus.durable.files import fsync_folder, is_temporary, make_folders, place_file
+from foedus.durable.files import (
+    fsync_folder,
+    is_temporary,
+    make_folders,
+    place_file,
+    write_bytes,
+)
 from foedus.durable.sqlite import hold_lock
 from foedus.history.rows import METRICS
+from foedus.privacy.noise import SECRET_BYTES, new_secret
 from foedus.refusals.errors import ModelFileError, StorageError
 
 STATE_DIR = "state"
@@ -44,6 +52,7 @@ DATABASE = "state.sqlite"
 MODELS = "models"
 ROUNDS = "rounds"
 UPLOADS = "uploads"  # uploads being received (`aggregator.upload`), not yet accepted
+SECRET = "privacy.secret"  # the noise secret of a federation with differential privacy
 UPLOAD_SUFFIX = ".upload"  # an accepted result kept as it was sent: a serialized TaskResults
 OUTPUTS = (LAST_MODEL, BEST_MODEL, METRICS)
 
@@ -119,6 +128,26 @@ def read_checked(
     path = root / stored.name
     check_digest(path, stored.digest)
     return read_model_tensors(path, max_tensor_bytes, empty=empty)
+
+
+def privacy_secret(root: Path) -> bytes:
+    """The noise secret kept in `root` (``state/``), made (mode 0600, durably) when it is not
+    there yet; `StorageError` naming the file when it cannot be, or holds something else."""
+    path = root / SECRET
+    try:
+        if not path.exists():
+            write_bytes(path, new_secret(), mode=0o600)
+        secret = path.read_bytes()
+    except OSError as error:
+        raise StorageError(
+            f"{path}: cannot keep the noise secret: {error.strerror or error}"
+        ) from None
+    if len(secret) != SECRET_BYTES:
+        raise StorageError(
+            f"{path}: holds {len(secret)} bytes, not the {SECRET_BYTES} of a noise secret "
+            "(start with --reset to begin the federation again)"
+        )
+    return secret
 
 
 def files_of(root: Path) -> list[str]:

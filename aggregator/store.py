@@ -32,6 +32,7 @@ from foedus.aggregator.records import (
     SecurePost,
     TaskResult,
 )
+from foedus.privacy.noise import new_secret
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,10 @@ class FederationStore(Protocol):
     def best_model(self) -> Mapping[str, Array] | None:
         """The model of the best score so far (None: no best yet)."""
 
+    def privacy_secret(self) -> bytes:
+        """The federation's 32-byte noise secret (`foedus.privacy.noise`), made at the first
+        call and kept for good: a resumed federation draws the very same noise."""
+
     def save_presence(self, snapshot: Sequence[Seen], *, saved: float | None = None) -> None:
         """Keep who is online and since when, replacing what was kept (for `standing`)."""
 
@@ -159,6 +164,7 @@ class MemoryStore:
         self._presence: tuple[SavedPresence, ...] = ()
         self.secure_posts: list[SecurePost] = []  # of the round in progress
         self.secure_closes: list[SecureClose] = []
+        self._secret: bytes | None = None
 
     @property
     def location(self) -> Path | None:
@@ -231,6 +237,13 @@ class MemoryStore:
         """The best model so far, as committed."""
         with self._lock:
             return self._best_model
+
+    def privacy_secret(self) -> bytes:
+        """A secret made at the first call, kept for the life of the store."""
+        with self._lock:
+            if self._secret is None:
+                self._secret = new_secret()
+            return self._secret
 
     def save_presence(self, snapshot: Sequence[Seen], *, saved: float | None = None) -> None:
         """Keep the snapshot, replacing the one before."""

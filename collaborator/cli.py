@@ -43,6 +43,7 @@ from foedus.pki.tls import tls_files_problem
 from foedus.plans import Plan, PlanError, load_plan
 from foedus.plans.runners import RunnerError, TaskRunner, load_runner
 from foedus.plans.site_settings import SiteSettingsError, plan_with_site_settings
+from foedus.privacy.budget import training_rounds
 from foedus.secure import ProtocolViolation
 
 logger = logging.getLogger(__name__)
@@ -206,7 +207,9 @@ def _start(
         )
         if keep_metrics:
             logger.info("this site keeps its metrics: its results carry none (--keep-metrics)")
-        planned = PlannedWork(rounds=plan.federation.rounds, tasks=plan.tasks)
+        # With differential privacy, the rounds its budget allows (as the aggregator counts).
+        planned = PlannedWork(rounds=training_rounds(plan), tasks=plan.tasks)
+        privacy = plan.differential_privacy
         try:
             # Returns when the aggregator says quit.
             run_collaborator(
@@ -217,6 +220,7 @@ def _start(
                 heartbeat_seconds=plan.connection.heartbeat_seconds,
                 secure=secure,
                 keep_metrics=keep_metrics,
+                clip=privacy.clip if privacy.enabled else None,
             )
         except Exception as error:  # signals are BaseExceptions: no Leave for a stop
             _leave(client, error)

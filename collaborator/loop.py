@@ -20,6 +20,10 @@ aggregator may go on offering the round's tasks: in a secure federation a site r
 round sits the rest of it out (none of its tasks could count without its part in the stages)
 and asks again until a later round.
 
+In a federation with differential privacy (the plan's `differential_privacy`) the site clips
+its update (trained - global) to the plan's `clip` before it sends it
+(`foedus.privacy.clipping.clipped_model`); it validates its model as trained.
+
 A site that keeps its metrics (`keep_metrics`, `collaborator start --keep-metrics`, only in a
 secure federation) sends results without them, its validations with a `data_size` of 1 (the
 count weighs metrics alone: the size of its validation set stays at the site too); it logs them
@@ -48,6 +52,7 @@ from foedus.plans.schema import (
     TRAIN,
     RunnerSettings,
 )
+from foedus.privacy.clipping import clipped_model
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +100,7 @@ def run_collaborator(
     heartbeat_seconds: float | None = None,
     secure: SecureRounds | None = None,
     keep_metrics: bool = False,
+    clip: float | None = None,
 ) -> CollaboratorReport:
     """Work for the aggregator until it says quit, or until `max_idle_polls` idle answers in a row.
 
@@ -103,7 +109,9 @@ def run_collaborator(
     bounds what the aggregator may ask for (`foedus.collaborator.answers`). While a task runs, a
     heartbeat goes to the aggregator every `heartbeat_seconds` (None: none;
     `foedus.collaborator.heartbeat`). `secure`: this site's part in secure rounds (None: a plain
-    federation); `keep_metrics`: its results carry no metric.
+    federation); `keep_metrics`: its results carry no metric; `clip`: the plan's
+    `differential_privacy.clip`, to which each trained model's update is clipped before it is
+    sent (None: sent as trained).
     """
     if max_idle_polls is not None and max_idle_polls < 1:
         raise ValueError(f"max_idle_polls must be >= 1 or None, got {max_idle_polls}")
@@ -170,6 +178,7 @@ def run_collaborator(
                     planned=planned,
                     secure=secure,
                     keep_metrics=keep_metrics,
+                    clip=clip,
                 )
                 report.tasks_run += 1
         except (RequestRejectedError, SecureRoundMissedError) as error:
@@ -235,6 +244,7 @@ def _run_task(
     planned: PlannedWork | None,
     secure: SecureRounds | None = None,
     keep_metrics: bool = False,
+    clip: float | None = None,
 ) -> None:
     """Run one task on the round's model, with heartbeats while it runs, and send its results
     (without metrics when the site keeps them)."""
@@ -254,9 +264,11 @@ def _run_task(
         current.trained_model = outcome.model
         data_size = outcome.data_size
         if secure is None:
+            sent = outcome.model
+            if clip is not None:  # the aggregator clips again: this is the honest site's part
+                sent = clipped_model(current.global_model, outcome.model, clip)
             trained = [
-                OutgoingTensor(name, array, tags=TRAINED_TAGS)
-                for name, array in outcome.model.items()
+                OutgoingTensor(name, array, tags=TRAINED_TAGS) for name, array in sent.items()
             ]
         else:  # the update masked; its weight travels masked too
             trained, data_size = secure.masked_results(

@@ -40,6 +40,7 @@ from foedus.plans.loader import PlanError, load_plan, parse_plan, yaml_document
 from foedus.plans.reader import Section, safe_yaml
 from foedus.plans.runners import RunnerError, check_runner_settings, load_runner
 from foedus.plans.schema import ConnectionSettings, Plan, RunnerSettings
+from foedus.privacy.budget import training_rounds
 from foedus.refusals.errors import InvalidRequestError, LimitExceededError, StorageError
 
 SUBMITTED = Path("submitted plan")  # how errors name the plan a person sent
@@ -131,7 +132,7 @@ def check_submitted(
         text=text,
         name=plan.federation.name,
         sites=plan.collaborators,
-        rounds=plan.federation.rounds,
+        rounds=training_rounds(plan),  # with differential privacy, those its budget allows
     )
 
 

@@ -13,7 +13,9 @@ gives them their empty value, and drops the parts of a row that are not what the
 A round of a secure federation (`foedus.aggregator.secure_stages`) also says that it was
 aggregated securely (`secure`), each step's time and who dropped out in it (`stages`, in order:
 KEYS, SHARES, UPLOAD, SURVIVORS, UNMASK, as far as the round got), and, when it closed
-untrained, why (`untrained`, one line).
+untrained, why (`untrained`, one line). A training round of a federation with differential
+privacy (`foedus.privacy`) says what the federation has spent so far (`dp`: epsilon and delta);
+other rows have no `dp` key.
 """
 
 from __future__ import annotations
@@ -91,10 +93,12 @@ class MetricsRow:
     secure: bool = False  # the round's model was aggregated securely
     stages: tuple[StageRecord, ...] = ()  # a secure round's steps, as far as it got
     untrained: str = ""  # why a secure round closed untrained (one line); "" if it did not
+    # A training round of a DP federation: the privacy it has spent so far ({"epsilon", "delta"}).
+    dp: Mapping[str, float] | None = None
 
     def to_json(self) -> str:
         """The row as its line (without the newline): strict JSON, sorted keys, NaN as null."""
-        row = {
+        row: dict[str, object] = {
             "federation": self.federation,
             "run": self.run,
             "round": self.round_number,
@@ -111,6 +115,8 @@ class MetricsRow:
             "stages": [stage.to_dict() for stage in self.stages],
             "untrained": self.untrained,
         }
+        if self.dp is not None:  # only a DP federation's training rows: plain rows are unchanged
+            row["dp"] = dict(self.dp)
         return json.dumps(_finite(row), sort_keys=True, allow_nan=False)
 
     @classmethod
@@ -129,6 +135,7 @@ class MetricsRow:
         stages = data.get("stages")
         steps = [StageRecord.parse(stage) for stage in stages] if isinstance(stages, list) else []
         untrained = data.get("untrained")
+        dp = data.get("dp")
         return cls(
             round_number=round_number if _is_number(round_number, int) else None,
             metrics=_task_metrics(data.get("metrics")),
@@ -146,6 +153,7 @@ class MetricsRow:
             secure=data.get("secure") is True,
             stages=tuple(step for step in steps if step is not None),
             untrained=untrained if isinstance(untrained, str) else "",
+            dp=_privacy(dp),
         )
 
 
@@ -207,6 +215,16 @@ def _task_metrics(value: object) -> TaskMetrics:
         for task, values in value.items()
         if isinstance(values, dict)
     }
+
+
+def _privacy(value: object) -> dict[str, float] | None:
+    """A row's `dp` ({"epsilon", "delta"}, both numbers); None when absent or not that."""
+    if not isinstance(value, dict):
+        return None
+    spent = {key: value.get(key) for key in ("epsilon", "delta")}
+    if not all(_is_number(number, int | float) for number in spent.values()):
+        return None
+    return {key: float(number) for key, number in spent.items()}  # type: ignore[arg-type]
 
 
 def _names(value: object) -> tuple[str, ...] | None:

@@ -302,6 +302,52 @@ def test_secure_aggregation_refuses_a_model_it_cannot_sum(
         assert state.recovered.progress.model["seen"].dtype == np.dtype(bool)
 
 
+@pytest.mark.usefixtures("watchdog")  # a check that let it through would serve, not return
+def test_differential_privacy_refuses_what_it_cannot_noise_or_afford(
+    tmp_path: Path, certs: CertsLayout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With differential privacy on, a model with a tensor that is not floating point, and a
+    max_epsilon not even one round fits, each stop start: exit 2, one line naming the plan's
+    field, no state saved."""
+    plan = tmp_path / "plan.yaml"
+    with socket.socket() as taken:  # a start that gets past the checks stops, unable to listen
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+
+        def start(runner: str, **privacy: object) -> tuple[int, list[str]]:
+            write_plan(
+                tmp_path,
+                certs,
+                runner={"name": runner},
+                aggregator={"port": taken.getsockname()[1]},
+                differential_privacy={
+                    "enabled": True,
+                    "clip": 1.0,
+                    "noise_multiplier": 1.0,
+                    **privacy,
+                },
+            )
+            code, _, err = run(capsys, "start", "--plan", str(plan))
+            return code, err.splitlines()
+
+        assert start("test_aggregator_cli:FlagRunner") == (
+            2,
+            [
+                f"{plan}: differential_privacy.enabled: tensor 'seen' is bool in the initial "
+                "model: Gaussian noise needs floating-point tensors (an integer would round it "
+                "away); make it a float, or turn differential privacy off"
+            ],
+        )
+        code, lines = start(RUNNER, max_epsilon=1)
+        assert code == 2 and len(lines) == 1, lines
+        assert lines[0].startswith(f"{plan}: differential_privacy.max_epsilon: 1 is less than"), (
+            lines
+        )
+        assert not (tmp_path / "out" / "state" / "state.sqlite").exists()
+        code, lines = start(RUNNER)  # the same plan without a cap gets past every check
+        assert code == 1 and "cannot listen" in lines[-1], lines
+
+
 def test_port_in_use_is_a_runtime_failure(
     tmp_path: Path, certs: CertsLayout, capsys: pytest.CaptureFixture[str]
 ) -> None:

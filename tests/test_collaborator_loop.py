@@ -115,6 +115,39 @@ def test_alice_sends_her_three_tasks_of_round_zero(certs: CertsLayout) -> None:
     assert check.validate(outcome.model).metrics != check.validate(initial).metrics
 
 
+def test_a_dp_site_sends_its_update_clipped_and_validates_it_as_trained(
+    certs: CertsLayout,
+) -> None:
+    """With differential privacy's `clip`, alice's train result is the global model plus her
+    update cut to that L2 norm; her own validation is of the model as she trained it."""
+    plan = digits_plan(certs)
+    federation = digits_federation(plan)
+    initial = DigitsRunner.initial_model(plan.runner)
+    clip = 0.01  # far below a digits round's update (about 0.4)
+    with running_aggregator(plan, federation) as server, client_for(plan, server.port) as client:
+        run_collaborator(
+            client, runner_for(plan), plan.runner, sleep=Sleeps(), max_idle_polls=2, clip=clip
+        )
+    results = {result.task_name: result for result in federation.results()}
+    outcome = runner_for(plan).train(initial, 0)
+    update = {name: outcome.model[name].astype(np.float64) - initial[name] for name in SHAPES}
+    norm = np.sqrt(sum(float(np.sum(values**2)) for values in update.values()))
+    assert norm > 10 * clip
+    sent = tensors_of(results["train"])
+    moved = []
+    for name in SHAPES:
+        array = sent[name][1]
+        assert array.dtype == outcome.model[name].dtype
+        wanted = (initial[name] + clip / norm * update[name]).astype(array.dtype)
+        np.testing.assert_allclose(array, wanted, rtol=1e-6, atol=1e-7)
+        moved.append((array.astype(np.float64) - initial[name]).reshape(-1))
+    assert np.linalg.norm(np.concatenate(moved)) == pytest.approx(clip, rel=1e-4)
+    local = results["locally_tuned_model_validation"]
+    assert_metrics(
+        local, {"metric", "validate_local"}, runner_for(plan).validate(outcome.model).metrics
+    )
+
+
 class ProcessEndedError(Exception):
     """Stands for the end of a collaborator's process (kill -9) in the middle of a task."""
 

@@ -1,0 +1,150 @@
+"""The next global model of a round with differential privacy (DP-FedAvg, McMahan et al. 2018),
+computed a slice at a time from the reporters' uploads: each site's update clipped, the clipped
+updates summed, Gaussian noise added to the sum, the sum divided by the number of sites.
+
+The site clips its update before it sends it (`foedus.collaborator.loop`); the aggregator clips
+it again, so the guarantee does not rest on a site's honesty. Every site weighs the same: a
+weight by data size would scale one site's influence past `clip`. The noise of each slice is a
+function of the federation's secret, the round, the tensor and the slice's bounds
+(`foedus.privacy.noise`), so a round computed again after a restart gets the very same model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from foedus.aggregator.fedavg import AVERAGING_THREADS, SLICE_ELEMENTS, SliceSink, TensorSource
+from foedus.aggregator.records import Array
+from foedus.plans.schema import DifferentialPrivacySettings
+from foedus.privacy.clipping import add_clipped, source_clip_factor
+from foedus.privacy.noise import gaussian, not_noisable
+
+
+@dataclass(frozen=True)
+class Privacy:
+    """A DP federation's settings and noise secret: what its rounds' close needs."""
+
+    settings: DifferentialPrivacySettings
+    secret: bytes = field(repr=False)  # never in a log line, not even a repr
+
+    def next_model(
+        self, reference: Mapping[str, Array], uploads: Mapping[str, TensorSource], round_number: int
+    ) -> PrivateModel:
+        """Round `round_number`'s next global model from the reporters' `uploads`."""
+        return PrivateModel(
+            reference,
+            uploads,
+            settings=self.settings,
+            secret=self.secret,
+            round_number=round_number,
+        )
+
+
+class PrivateModel:
+    """The next global model of a DP round before it is computed, with the same `into` and
+    `arrays` as `foedus.aggregator.records.AveragedModel`: for each slice, new = global +
+    (sum over sites of factor x (upload - global) + noise) / sites, in float64, cast back to
+    the tensor's dtype. Each site's factor (at most 1) brings its whole update's L2 norm to at
+    most `settings.clip`; the noise has std `settings.noise_multiplier x settings.clip`."""
+
+    def __init__(
+        self,
+        reference: Mapping[str, Array],
+        uploads: Mapping[str, TensorSource],
+        *,
+        settings: DifferentialPrivacySettings,
+        secret: bytes,
+        round_number: int,
+        slice_elements: int = SLICE_ELEMENTS,
+        workers: int = AVERAGING_THREADS,
+    ) -> None:
+        """`uploads`: each reporter's trained model (the reference's names, shapes, dtypes)."""
+        if not uploads:
+            raise ValueError("nothing to aggregate: no uploads")
+        refused = not_noisable({name: np.asarray(like) for name, like in reference.items()})
+        if refused is not None:
+            raise ValueError(f"{refused}: differential privacy needs floating-point tensors")
+        self.reference = {name: reference[name] for name in sorted(reference)}
+        self._uploads = [uploads[name] for name in sorted(uploads)]
+        self._settings = settings
+        self._secret = secret
+        self._round = round_number
+        self._slice = slice_elements
+        self._workers = max(1, workers)
+        self.factors = tuple(  # computed first: a pass over each upload
+            source_clip_factor(self.reference, source, settings.clip, slice_elements=slice_elements)
+            for source in self._uploads
+        )
+
+    def _slices(self) -> Iterator[tuple[str, int, int]]:
+        """(tensor, start, stop), a slice at a time, tensors in name order."""
+        for name, like in self.reference.items():
+            size = int(np.size(like))
+            for start in range(0, size, self._slice):
+                yield name, start, min(start + self._slice, size)
+
+    def into(self, sink: SliceSink) -> None:
+        """Compute the model a slice at a time, handing each slice to `sink` (the tensor's dtype).
+
+        With `workers` > 1 the slices are shared out among that many threads (numpy, the reads
+        and AES release the GIL), every n-th to each, and come to `sink` in no particular order;
+        each value sees the same operations whichever thread computes it.
+        """
+        bounds = list(self._slices())
+        if self._workers == 1 or len(bounds) <= 1:
+            for name, start, stop in bounds:
+                sink(name, start, self._computed(name, start, stop))
+            return
+        errors = np.geterr()  # numpy's error handling is per thread: the caller's holds in all
+
+        def every_nth(index: int) -> None:
+            with np.errstate(**errors):
+                for name, start, stop in bounds[index :: self._workers]:
+                    sink(name, start, self._computed(name, start, stop))
+
+        with ThreadPoolExecutor(self._workers, thread_name_prefix="dp-fedavg") as pool:
+            for done in [pool.submit(every_nth, index) for index in range(self._workers)]:
+                done.result()  # raises what the thread raised
+
+    def _computed(self, name: str, start: int, stop: int) -> Array:
+        """Elements [start, stop) of the new tensor `name`: global + (sum of the clipped
+        updates + noise) / sites in float64, rounded once to the tensor's dtype."""
+        like = np.asarray(self.reference[name])
+        base = like.reshape(-1)[start:stop]
+        total = np.zeros(stop - start, dtype=np.float64)
+        for factor, source in zip(self.factors, self._uploads, strict=True):
+            add_clipped(total, _read(source, name, start, stop), base, factor)
+        std = self._settings.noise_multiplier * self._settings.clip
+        total += std * gaussian(self._secret, self._round, name, start, stop)
+        total /= len(self._uploads)
+        total += base.astype(np.float64)
+        out = np.empty(stop - start, dtype=like.dtype)
+        np.copyto(out, total, casting="unsafe")
+        return out
+
+    def arrays(self) -> dict[str, Array]:
+        """Compute the model into arrays in memory."""
+        result = {
+            name: np.empty(np.shape(like), dtype=np.asarray(like).dtype)
+            for name, like in self.reference.items()
+        }
+
+        def keep(name: str, start: int, values: Array) -> None:
+            result[name].reshape(-1)[start : start + values.size] = values
+
+        self.into(keep)
+        return result
+
+
+def _read(source: TensorSource, name: str, start: int, stop: int) -> Array:
+    """Elements [start, stop) of tensor `name` from one upload, checked for length."""
+    values = source.read(name, start, stop)
+    if values.shape != (stop - start,):
+        raise ValueError(
+            f"tensor {name!r}: reading [{start}, {stop}) gave shape {list(values.shape)}"
+        )
+    return values

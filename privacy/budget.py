@@ -1,0 +1,39 @@
+"""What a plan's `differential_privacy` budget means for a federation: the training rounds it
+runs, and what its first line says of them.
+
+Epsilon after r rounds is a pure function of the plan (`foedus.privacy.accountant`), so the
+aggregator, its collaborators, the director and a restart all agree on the rounds without
+keeping anything.
+"""
+
+from __future__ import annotations
+
+from foedus.plans.schema import Plan
+from foedus.privacy.accountant import budget_line, rounds_within
+
+
+def training_rounds(plan: Plan) -> int:
+    """The training rounds the federation runs: the plan's `federation.rounds`, or fewer when
+    `differential_privacy.max_epsilon` allows fewer."""
+    settings = plan.differential_privacy
+    if not settings.enabled:
+        return plan.federation.rounds
+    return rounds_within(
+        settings.max_epsilon, settings.noise_multiplier, settings.delta, plan.federation.rounds
+    )
+
+
+def plan_text(plan: Plan) -> str:
+    """What the first line says of a DP federation: its settings, the rounds its budget allows
+    and what they will spend."""
+    settings = plan.differential_privacy
+    rounds = training_rounds(plan)
+    capped = (
+        f"; its budget allows {rounds} of the plan's {plan.federation.rounds} rounds"
+        if rounds < plan.federation.rounds
+        else ""
+    )
+    return (
+        f"differential privacy (clip {settings.clip:g}, noise multiplier "
+        f"{settings.noise_multiplier:g}{capped}; {budget_line(settings, rounds)})"
+    )
