@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
 from collections.abc import Mapping
 
 import numpy as np
@@ -64,25 +65,44 @@ def gaussian(secret: bytes, round_number: int, tensor: str, start: int, stop: in
     if not 0 <= start <= stop:
         raise ValueError(f"a noise slice is 0 <= start <= stop, not [{start}, {stop})")
     key = stream_key(secret, round_number, tensor)
-    out: Float64Array = np.empty(stop - start, dtype=np.float64)
     first, end = start // 2, (stop + 1) // 2  # the pairs [first, end) hold the slice
+    # The pairs' normals straight into the array returned (a view that leaves out the pair's
+    # other element when start or stop is odd): no copy, and the caller owns it.
+    normals: Float64Array = np.empty(2 * (end - first), dtype=np.float64)
     encryptor = Cipher(algorithms.AES(key), modes.CTR(first.to_bytes(_BLOCK, "big"))).encryptor()
-    pairs = min(end - first, _PAIRS)
-    zeros = memoryview(bytes(pairs * _BLOCK))  # a slice of a memoryview copies nothing
-    # update_into wants room for a block more than it writes.
-    keystream = np.empty(pairs * _BLOCK + _BLOCK, dtype=np.uint8)
-    words = keystream[: pairs * _BLOCK].view("<u8")
-    normals: Float64Array = np.empty(2 * pairs, dtype=np.float64)
-    buffers = tuple(np.empty(pairs, dtype=np.float64) for _ in range(3))
+    scratch = _scratch()
     for pair in range(first, end, _PAIRS):
         count = min(_PAIRS, end - pair)
-        encryptor.update_into(zeros[: count * _BLOCK], keystream)  # type: ignore[arg-type]
-        radius, angle, values = (buffer[:count] for buffer in buffers)
-        _box_muller(words[: 2 * count], normals[: 2 * count], radius, angle, values)
-        low = max(start, 2 * pair)
-        high = min(stop, 2 * (pair + count))
-        out[low - start : high - start] = normals[low - 2 * pair : high - 2 * pair]
-    return out
+        encryptor.update_into(scratch.zeros[: count * _BLOCK], scratch.keystream)  # type: ignore[arg-type]
+        radius, angle, values = (buffer[:count] for buffer in scratch.buffers)
+        low = 2 * (pair - first)
+        _box_muller(
+            scratch.words[: 2 * count], normals[low : low + 2 * count], radius, angle, values
+        )
+    return normals[start - 2 * first : stop - 2 * first]
+
+
+class _Scratch:
+    """One thread's buffers for `gaussian`, kept between calls: a 100 MB tensor's noise is made
+    in hundreds of calls, and fresh buffers of a few MB each would be fresh pages each time."""
+
+    def __init__(self) -> None:
+        self.zeros = memoryview(bytes(_PAIRS * _BLOCK))  # a slice of a memoryview copies nothing
+        # update_into wants room for a block more than it writes.
+        self.keystream = np.empty(_PAIRS * _BLOCK + _BLOCK, dtype=np.uint8)
+        self.words = self.keystream[: _PAIRS * _BLOCK].view("<u8")
+        self.buffers = tuple(np.empty(_PAIRS, dtype=np.float64) for _ in range(3))
+
+
+_local = threading.local()
+
+
+def _scratch() -> _Scratch:
+    """This thread's `_Scratch` (threads never share one: the aggregator computes slices in a pool)."""
+    scratch: _Scratch | None = getattr(_local, "scratch", None)
+    if scratch is None:
+        scratch = _local.scratch = _Scratch()
+    return scratch
 
 
 def _box_muller(
