@@ -75,10 +75,28 @@ class PrivateModel:
         self._round = round_number
         self._slice = slice_elements
         self._workers = max(1, workers)
-        self.factors = tuple(  # computed first: a pass over each upload
-            source_clip_factor(self.reference, source, settings.clip, slice_elements=slice_elements)
-            for source in self._uploads
-        )
+        self.factors = self._factors()  # computed first: a pass over each upload
+
+    def _factors(self) -> tuple[float, ...]:
+        """Each upload's clip factor, in upload order; with `workers` > 1 the uploads are shared
+        out among that many threads (each factor computed whole by one, so the same bits)."""
+
+        def factor(source: TensorSource) -> float:
+            return source_clip_factor(
+                self.reference, source, self._settings.clip, slice_elements=self._slice
+            )
+
+        if self._workers == 1 or len(self._uploads) == 1:
+            return tuple(factor(source) for source in self._uploads)
+        errors = np.geterr()  # numpy's error handling is per thread: the caller's holds in all
+
+        def factor_in_thread(source: TensorSource) -> float:
+            with np.errstate(**errors):
+                return factor(source)
+
+        workers = min(self._workers, len(self._uploads))
+        with ThreadPoolExecutor(workers, thread_name_prefix="dp-clip") as pool:
+            return tuple(pool.map(factor_in_thread, self._uploads))
 
     def _slices(self) -> Iterator[tuple[str, int, int]]:
         """(tensor, start, stop), a slice at a time, tensors in name order."""
@@ -114,14 +132,15 @@ class PrivateModel:
         """Elements [start, stop) of the new tensor `name`: global + (sum of the clipped
         updates + noise) / sites in float64, rounded once to the tensor's dtype."""
         like = np.asarray(self.reference[name])
-        base = like.reshape(-1)[start:stop]
+        base = like.reshape(-1)[start:stop].astype(np.float64)  # once, not once per upload
         total = np.zeros(stop - start, dtype=np.float64)
         for factor, source in zip(self.factors, self._uploads, strict=True):
             add_clipped(total, _read(source, name, start, stop), base, factor)
-        std = self._settings.noise_multiplier * self._settings.clip
-        total += std * gaussian(self._secret, self._round, name, start, stop)
+        noise = gaussian(self._secret, self._round, name, start, stop)
+        noise *= self._settings.noise_multiplier * self._settings.clip  # in place: the same bits
+        total += noise
         total /= len(self._uploads)
-        total += base.astype(np.float64)
+        total += base
         out = np.empty(stop - start, dtype=like.dtype)
         np.copyto(out, total, casting="unsafe")
         return out
