@@ -36,6 +36,7 @@ FIGURES = (
     "secure_upload_over_plain",
     "secure_setup_seconds",
     "secure_scale_errors",
+    "dp_round_over_plain",
 )
 # The wide-area round's figures: measured when the run may make network namespaces (root).
 WAN_FIGURES = (
@@ -92,6 +93,8 @@ def test_quick_benchmark_writes_every_figure_as_a_number(tmp_path: Path) -> None
         # Each secure round closed trained, with every site in it.
         assert results[key] == 0, (key, results.get(key.replace("errors", "first_error")))
     assert results["secure_model_max_abs_diff"] < 1e-6  # secure and plain FedAvg agree
+    # Each DP-FedAvg round and the plain rounds beside it closed trained, with every site in them.
+    assert results["dp_round_errors"] == 0, results.get("dp_round_first_error")
     assert all(isinstance(verdict["met"], bool) for verdict in results["targets"].values())
     assert f"written: {output}" in stdout
 

@@ -47,7 +47,10 @@ Phases, in order:
    bytes over the plain one's, the two final models compared); the key setup and share exchange
    of a secure round of `secure_setup_collaborators` sites (`secure_setup_seconds`); a secure
    round of `secure_scale_collaborators` sites with `secure_neighbours` (its errors).
-8. wide area (`wan.py`; needs root, skipped with a note otherwise): 4 sites, each a collaborator
+8. dp (`dp_cost.py`): the round's sizes as a plain round and then a DP-FedAvg one, in turns
+   `dp_pairs` times, the fastest of each kind kept (`dp_round_over_plain`; the aggregator's close
+   after the last upload of each, where the clipping and the noise are).
+9. wide area (`wan.py`; needs root, skipped with a note otherwise): 4 sites, each a collaborator
    process in a network namespace of its own behind a veth link shaped to `wan_rate_mbit` each
    way, with `wan_rtt_ms` of round trip added by a delay line; `wan_rounds` rounds of a
    `wan_model_mb` model. `wan_round_seconds` (the first, from the start, nothing connected yet)
@@ -96,6 +99,7 @@ from foedus.plans import load_plan
 
 # isort: split
 # The benchmark's own modules, beside this file.
+import dp_cost
 import noop_runner
 import raw_grpc
 import secure_cost
@@ -143,6 +147,7 @@ QUICK = {
     "secure_setup_collaborators": 6,
     "secure_scale_collaborators": 12,
     "secure_neighbours": 4,
+    "dp_pairs": 1,
     "wan_model_mb": 4.0,
     "wan_rounds": 2,
     "round_timeout": 60.0,
@@ -152,7 +157,7 @@ QUICK = {
 
 # The parts of a run, in order; `--only` runs one of those that stand alone (transfer's ratios
 # need raw's figures).
-PARTS = ("raw", "disk", "transfer", "probe", "round", "steady", "scale", "secure", "wan")
+PARTS = ("raw", "disk", "transfer", "probe", "round", "steady", "scale", "secure", "dp", "wan")
 ALONE = tuple(part for part in PARTS if part != "transfer")
 
 
@@ -175,6 +180,7 @@ REQUIRED_KEYS = (
     "secure_upload_over_plain",
     "secure_setup_seconds",
     "secure_scale_errors",
+    "dp_round_over_plain",
 )
 
 
@@ -242,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="secure_aggregation.neighbours of that round (16; even, below the sites)",
     )
     add(
+        "--dp-pairs",
+        type=int,
+        default=2,
+        help="plain and DP-FedAvg rounds measured in turns; the fastest of each kind is kept (2)",
+    )
+    add(
         "--wan",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -285,6 +297,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "secure_setup_collaborators",
             "secure_scale_collaborators",
             "secure_neighbours",
+            "dp_pairs",
             "wan_model_mb",
             "wan_rounds",
             "wan_rate_mbit",
@@ -840,6 +853,11 @@ TARGETS = (
         ),
     ),
     Target(
+        "dp_round_over_plain",
+        "<= 1.05",
+        lambda r: r["dp_round_over_plain"] <= 1.05,
+    ),
+    Target(
         "scale_errors",
         "0 (with 2000 collaborators)",
         lambda r: (
@@ -938,6 +956,15 @@ TABLE_KEYS = (
     "secure_scale_aggregator_cpu_seconds",
     "secure_scale_aggregator_peak_rss_mb",
     "secure_scale_errors",
+    "dp_plain_round_seconds",
+    "dp_round_seconds",
+    "dp_round_over_plain",
+    "dp_plain_round_close_after_last_upload_seconds",
+    "dp_round_close_after_last_upload_seconds",
+    "dp_close_over_plain",
+    "dp_plain_round_aggregator_cpu_seconds",
+    "dp_round_aggregator_cpu_seconds",
+    "dp_round_errors",
     "wan_floor_seconds",
     "wan_round_seconds",
     "wan_ratio",
@@ -1011,6 +1038,8 @@ def benchmark(run: Run) -> None:
         count = max(args.scale_collaborators, 2)
     elif args.only == "secure":
         count = max(*secure_sites, 2)
+    elif args.only == "dp":
+        count = max(args.round_collaborators, 2)
     names = collaborator_names(count)
     # Each collaborator thread holds a connection of its own, as the aggregator holds one each.
     raise_open_file_limit(files_needed(count))
@@ -1035,6 +1064,7 @@ def benchmark(run: Run) -> None:
         "steady": partial(measure_steady_round_phase, run, names),
         "scale": partial(measure_scale_phase, run, names),
         "secure": partial(secure_cost.measure_phase, run, names),
+        "dp": partial(dp_cost.measure_phase, run, names),
         "wan": partial(wan.measure_phase, run, names),
     }
     for part in PARTS:

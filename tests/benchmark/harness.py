@@ -193,11 +193,13 @@ def write_plan(
     rounds: int = 1,
     runner_settings: Mapping[str, object] | None = None,
     secure: Mapping[str, object] | None = None,
+    privacy: Mapping[str, object] | None = None,
 ) -> Path:
     """A `train` plan of `rounds` rounds for `phase` with the no-op runner, on a port the OS picks.
 
     `runner_settings`: more of the no-op runner's settings (`train_delta`, `data_size`);
-    `secure`: the plan's `secure_aggregation` section (none: a plain federation).
+    `secure`: the plan's `secure_aggregation` section, `privacy` its `differential_privacy`
+    section (none: a plain federation).
 
     The aggregator starts from the no-op runner's model written to a file (as OpenFL's aggregator
     starts from its `init.pbuf`): the runner builds its model once per process and keeps it,
@@ -248,6 +250,8 @@ def write_plan(
     }
     if secure is not None:
         document["secure_aggregation"] = dict(secure)
+    if privacy is not None:
+        document["differential_privacy"] = dict(privacy)
     path = folder / "plan.yaml"
     path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
     return path

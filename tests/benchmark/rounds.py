@@ -1,7 +1,8 @@
 """Whole rounds, measured: collaborator threads running the real loop around one aggregator.
 
 A plan with `secure_aggregation` on gives each collaborator thread the real secure rounds too
-(`foedus.collaborator.secure.SecureRounds`, its round files under the plan's folder), timed.
+(`foedus.collaborator.secure.SecureRounds`, its round files under the plan's folder), timed; one
+with `differential_privacy` on has each site clip its update, as `collaborator start` does.
 """
 
 from __future__ import annotations
@@ -210,6 +211,7 @@ def measure_round(
     rounds: int = 1,
     runner_settings: Mapping[str, object] | None = None,
     secure: Mapping[str, object] | None = None,
+    privacy: Mapping[str, object] | None = None,
 ) -> RoundOutcome:
     """The last of `rounds` rounds of `train`, a collaborator thread per name running the real loop.
 
@@ -217,7 +219,7 @@ def measure_round(
     figures are read (see `TimedClient`); without, the loop runs as it would in production.
     With `rounds` > 1 the rounds before the measured one run untimed: the measured one finds
     the processes' memory and connections warm, as every round after a federation's first.
-    `runner_settings` and `secure` go into the plan (`write_plan`).
+    `runner_settings`, `secure` and `privacy` go into the plan (`write_plan`).
     """
     size = int(model_mb * MIB)
     largest = max(tensor_byte_sizes(size, tensors))
@@ -231,6 +233,7 @@ def measure_round(
         rounds=rounds,
         runner_settings=runner_settings,
         secure=secure,
+        privacy=privacy,
     )
     plan = load_plan(plan_path)
     noop_runner.NoopRunner.initial_model(plan.runner)  # built once here, not in every thread
@@ -296,8 +299,13 @@ class MeasuredRound:
                 collaborators=self.plan.collaborators,
             )
             name = client.settings.collaborator_name
+            privacy = self.plan.differential_privacy
             report = run_collaborator(
-                client, runner, self.plan.runner, secure=self.secure.get(name)
+                client,
+                runner,
+                self.plan.runner,
+                secure=self.secure.get(name),
+                clip=privacy.clip if privacy.enabled else None,  # as `collaborator start`
             )
             if not report.quit:
                 self.errors.append(f"{client.settings.collaborator_name}: stopped without quit")
