@@ -271,12 +271,13 @@ def read_status(plan: Plan) -> FederationStatus:
         or reporting_threshold(plan.connection.heartbeat_seconds),
         presence_saved=max((row.saved for row in standing.presence), default=None),
         last_round=standing.last_round,
-        privacy=_privacy_spent(plan, min(round_number, rounds)),
+        privacy=privacy_spent(plan, min(round_number, rounds)),
     )
 
 
-def _privacy_spent(plan: Plan, rounds: int) -> PrivacySpent | None:
-    """What `rounds` closed training rounds spent, when the plan has differential privacy."""
+def privacy_spent(plan: Plan, rounds: int) -> PrivacySpent | None:
+    """What `rounds` closed training rounds spent, when the plan has differential privacy
+    (`aggregator status` and the Prometheus gauges)."""
     settings = plan.differential_privacy
     if not settings.enabled:
         return None
