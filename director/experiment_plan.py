@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypedDict, Unpack
 
@@ -39,7 +40,12 @@ from foedus.plans.director_config import DirectorConfig, SiteLossPolicy, read_li
 from foedus.plans.loader import PlanError, load_plan, parse_plan, yaml_document
 from foedus.plans.reader import Section, safe_yaml
 from foedus.plans.runners import RunnerError, check_runner_settings, load_runner
-from foedus.plans.schema import ConnectionSettings, Plan, RunnerSettings
+from foedus.plans.schema import (
+    ConnectionSettings,
+    DifferentialPrivacySettings,
+    Plan,
+    RunnerSettings,
+)
 from foedus.privacy.budget import training_rounds
 from foedus.refusals.errors import InvalidRequestError, LimitExceededError, StorageError
 
@@ -202,6 +208,20 @@ def plan_secure(text: str) -> bool:
         return False  # accepted plans parse; a damaged state row says nothing of it
     section = document.get("secure_aggregation") if isinstance(document, Mapping) else None
     return isinstance(section, Mapping) and section.get("enabled") is True
+
+
+@lru_cache(maxsize=256)
+def plan_privacy(text: str) -> DifferentialPrivacySettings | None:
+    """An accepted plan's differential privacy, as its aggregator reads it (defaults included);
+    None when off. Read as at submit, once per plan text: every view of an experiment asks."""
+    try:
+        document = yaml_document(text, SUBMITTED)
+        if not isinstance(document, Mapping):
+            return None
+        plan = parse_plan(_with_placeholders(_without_liveness(document)), SUBMITTED)
+    except PlanError:
+        return None  # accepted plans parse; a damaged state row says nothing of it
+    return plan.differential_privacy if plan.differential_privacy.enabled else None
 
 
 def _document_liveness(document: object, defaults: SiteLossPolicy) -> SiteLossPolicy:
