@@ -22,8 +22,8 @@ from foedus.refusals.errors import AuthorizationError
 from foedus.serving.server import ServerError
 
 from conftest import Identity
-from servers import make_federation, make_plan
 from federations import model
+from servers import make_federation, make_plan
 from test_dp_federation import dp_plan, play_round
 from test_server import connect
 
