@@ -35,7 +35,7 @@ from foedus.aggregator.state import DurableState
 from foedus.aggregator.state_files import DATABASE, STATE_DIR
 from foedus.aggregator.store import SavedPresence
 from foedus.plans import Plan
-from foedus.plans.schema import AGGREGATED_MODEL_VALIDATION
+from foedus.plans.schema import AGGREGATED_MODEL_VALIDATION, DifferentialPrivacySettings
 from foedus.privacy.accountant import budget_line, epsilon_after
 from foedus.privacy.budget import training_rounds
 
@@ -271,16 +271,19 @@ def read_status(plan: Plan) -> FederationStatus:
         or reporting_threshold(plan.connection.heartbeat_seconds),
         presence_saved=max((row.saved for row in standing.presence), default=None),
         last_round=standing.last_round,
-        privacy=privacy_spent(plan, min(round_number, rounds)),
+        privacy=_privacy_spent(plan, min(round_number, rounds)),
     )
 
 
-def privacy_spent(plan: Plan, rounds: int) -> PrivacySpent | None:
-    """What `rounds` closed training rounds spent, when the plan has differential privacy
-    (`aggregator status` and the Prometheus gauges)."""
+def _privacy_spent(plan: Plan, rounds: int) -> PrivacySpent | None:
+    """What `rounds` closed training rounds spent, when the plan has differential privacy."""
     settings = plan.differential_privacy
-    if not settings.enabled:
-        return None
+    return budget_spent(settings, rounds) if settings.enabled else None
+
+
+def budget_spent(settings: DifferentialPrivacySettings, rounds: int) -> PrivacySpent:
+    """What `rounds` closed training rounds of DP-FedAvg with `settings` spent (`aggregator
+    status` and the Prometheus gauges alike)."""
     epsilon = epsilon_after(rounds, settings.noise_multiplier, settings.delta)
     line = budget_line(settings, rounds, epsilon=epsilon)
     return PrivacySpent(epsilon, settings.delta, settings.max_epsilon, rounds, line)

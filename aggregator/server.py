@@ -22,7 +22,7 @@ from foedus.aggregator.federation import Federation
 from foedus.aggregator.health import Health, StorageWatch, free_bytes
 from foedus.aggregator.health_service import HealthService
 from foedus.aggregator.identity import Gatekeeper
-from foedus.aggregator.inspection import PrivacySpent, privacy_spent
+from foedus.aggregator.inspection import PrivacySpent, budget_spent
 from foedus.aggregator.metrics import Metrics, MetricsServer
 from foedus.aggregator.servicer import AggregatorServicer
 from foedus.pki.tls import server_credentials
@@ -131,15 +131,12 @@ def backlog_calls(plan: Plan) -> int:
 
 
 def _budget(plan: Plan, federation: Federation) -> Callable[[], PrivacySpent] | None:
-    """What a DP federation has spent, read at each scrape: its training rounds closed so far."""
-
-    def spent() -> PrivacySpent:
-        rounds = min(federation.round_number, federation.rounds)
-        spent = privacy_spent(plan, rounds)
-        assert spent is not None  # the plan's differential privacy is on: checked below
-        return spent
-
-    return spent if plan.differential_privacy.enabled else None
+    """What a DP federation has spent, read at each scrape: its training rounds closed so far
+    (as `aggregator status` counts them); None without differential privacy."""
+    settings = plan.differential_privacy
+    if not settings.enabled:
+        return None
+    return lambda: budget_spent(settings, min(federation.round_number, federation.rounds))
 
 
 class AggregatorGRPCServer(Serving):

@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypedDict, Unpack
 
@@ -210,10 +209,9 @@ def plan_secure(text: str) -> bool:
     return isinstance(section, Mapping) and section.get("enabled") is True
 
 
-@lru_cache(maxsize=256)
 def plan_privacy(text: str) -> DifferentialPrivacySettings | None:
     """An accepted plan's differential privacy, as its aggregator reads it (defaults included);
-    None when off. Read as at submit, once per plan text: every view of an experiment asks."""
+    None when off. The whole plan is checked as at submit: reading its YAML is most of the cost."""
     try:
         document = yaml_document(text, SUBMITTED)
         if not isinstance(document, Mapping):
