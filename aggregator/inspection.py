@@ -35,7 +35,7 @@ from foedus.aggregator.state import DurableState
 from foedus.aggregator.state_files import DATABASE, STATE_DIR
 from foedus.aggregator.store import SavedPresence
 from foedus.plans import Plan
-from foedus.plans.schema import AGGREGATED_MODEL_VALIDATION
+from foedus.plans.schema import AGGREGATED_MODEL_VALIDATION, DifferentialPrivacySettings
 from foedus.privacy.accountant import budget_line, epsilon_after
 from foedus.privacy.budget import training_rounds
 
@@ -278,8 +278,12 @@ def read_status(plan: Plan) -> FederationStatus:
 def _privacy_spent(plan: Plan, rounds: int) -> PrivacySpent | None:
     """What `rounds` closed training rounds spent, when the plan has differential privacy."""
     settings = plan.differential_privacy
-    if not settings.enabled:
-        return None
+    return budget_spent(settings, rounds) if settings.enabled else None
+
+
+def budget_spent(settings: DifferentialPrivacySettings, rounds: int) -> PrivacySpent:
+    """What `rounds` closed training rounds of DP-FedAvg with `settings` spent (`aggregator
+    status` and the Prometheus gauges alike)."""
     epsilon = epsilon_after(rounds, settings.noise_multiplier, settings.delta)
     line = budget_line(settings, rounds, epsilon=epsilon)
     return PrivacySpent(epsilon, settings.delta, settings.max_epsilon, rounds, line)

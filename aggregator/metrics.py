@@ -2,7 +2,7 @@
 
 `Metrics` is told what happens (a round closed, a result accepted, a call refused, bytes moved)
 and reads the rest when scraped (the round in progress, collaborators online, those that have
-left and why, free storage, health), so nothing is kept twice. Counters are per process, as
+left and why, free storage, health, the privacy budget spent), so nothing is kept twice. Counters are per process, as
 Prometheus expects: they start at 0 when the aggregator starts; `foedus_round` says where the
 federation stands.
 
@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from foedus.aggregator.inspection import PrivacySpent
 from foedus.plans.schema import Address
 from foedus.serving.metrics import RegistryServer
 
@@ -41,6 +42,7 @@ class Metrics:
         serving: Callable[[], bool],
         collaborators_online: Callable[[], int] | None = None,
         collaborators_left: Callable[[], Mapping[str, str]] | None = None,
+        privacy_spent: Callable[[], PrivacySpent] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
@@ -64,6 +66,8 @@ class Metrics:
             ).set_function(collaborators_online)
         if collaborators_left is not None:
             registry.register(_Departures(collaborators_left))
+        if privacy_spent is not None:  # a federation with differential privacy only
+            registry.register(_PrivacyBudget(privacy_spent))
         self.results_accepted = Counter(
             "foedus_results_accepted",
             "Task results accepted (resends of an accepted result not counted)",
@@ -150,3 +154,28 @@ class _Departures(Collector):
         for name, reason in departures.items():
             each.add_metric((name, reason), 1.0)
         yield each
+
+
+class _PrivacyBudget(Collector):
+    """A DP federation's budget, read at each scrape: the epsilon spent, its delta, the cap."""
+
+    def __init__(self, spent: Callable[[], PrivacySpent]) -> None:
+        self._spent = spent
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """The gauges, from the training rounds closed now (no cap: no `foedus_dp_max_epsilon`)."""
+        spent = self._spent()
+        yield GaugeMetricFamily(
+            "foedus_dp_epsilon",
+            "Differential privacy: the epsilon the federation has spent so far, at foedus_dp_delta",
+            value=spent.epsilon,
+        )
+        yield GaugeMetricFamily(
+            "foedus_dp_delta", "Differential privacy: the delta of the epsilon", value=spent.delta
+        )
+        if spent.max_epsilon is not None:
+            yield GaugeMetricFamily(
+                "foedus_dp_max_epsilon",
+                "Differential privacy: the plan's cap on epsilon (no training round past it)",
+                value=spent.max_epsilon,
+            )

@@ -22,6 +22,7 @@ from foedus.aggregator.federation import Federation
 from foedus.aggregator.health import Health, StorageWatch, free_bytes
 from foedus.aggregator.health_service import HealthService
 from foedus.aggregator.identity import Gatekeeper
+from foedus.aggregator.inspection import PrivacySpent, budget_spent
 from foedus.aggregator.metrics import Metrics, MetricsServer
 from foedus.aggregator.servicer import AggregatorServicer
 from foedus.pki.tls import server_credentials
@@ -129,6 +130,15 @@ def backlog_calls(plan: Plan) -> int:
     return len(plan.collaborators) * plan.limits.max_calls_per_collaborator + BACKLOG_MARGIN
 
 
+def _budget(plan: Plan, federation: Federation) -> Callable[[], PrivacySpent] | None:
+    """What a DP federation has spent, read at each scrape: its training rounds closed so far
+    (as `aggregator status` counts them); None without differential privacy."""
+    settings = plan.differential_privacy
+    if not settings.enabled:
+        return None
+    return lambda: budget_spent(settings, min(federation.round_number, federation.rounds))
+
+
 class AggregatorGRPCServer(Serving):
     """Serves `federation` on the plan's address, over mutual TLS unless the plan says insecure."""
 
@@ -152,6 +162,7 @@ class AggregatorGRPCServer(Serving):
             serving=lambda: self.health.serving,
             collaborators_online=collaborators_online or federation.online_count,
             collaborators_left=lambda: {d.name: d.said for d in federation.liveness.departures()},
+            privacy_spent=_budget(plan, federation),
         )
         address = plan.aggregator.metrics_address
         self.metrics_server = None if address is None else MetricsServer(self.metrics, address)

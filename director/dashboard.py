@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -27,7 +28,7 @@ from fastapi.staticfiles import StaticFiles
 from foedus.director.fields import checked_id
 from foedus.director.identity import PEOPLE, Caller
 from foedus.director.launcher import LOG_FILE
-from foedus.director.people import ExperimentView
+from foedus.director.people import ExperimentView, PrivacyBudget
 from foedus.director.records import Envoy
 from foedus.director.service import DirectorService
 from foedus.director.tokens import TokenStore
@@ -324,6 +325,7 @@ def _summary(view: ExperimentView, now: float) -> dict[str, Any]:
         "started_at": experiment.started_at or None,
         "ended_at": experiment.ended_at or None,
         "secure": view.secure,
+        "privacy": _privacy(view.privacy),
         "sites": [
             {
                 "site": site.site,
@@ -334,6 +336,20 @@ def _summary(view: ExperimentView, now: float) -> dict[str, Any]:
             }
             for site in view.sites
         ],
+    }
+
+
+def _privacy(budget: PrivacyBudget | None) -> dict[str, Any] | None:
+    """A DP experiment's settings and the epsilon spent (`max_epsilon` None: no cap); None: off."""
+    if budget is None:
+        return None
+    settings = budget.settings
+    return {
+        "clip": settings.clip,
+        "noise_multiplier": settings.noise_multiplier,
+        "delta": settings.delta,
+        "max_epsilon": settings.max_epsilon,
+        "epsilon": budget.epsilon if math.isfinite(budget.epsilon) else None,
     }
 
 

@@ -39,7 +39,12 @@ from foedus.plans.director_config import DirectorConfig, SiteLossPolicy, read_li
 from foedus.plans.loader import PlanError, load_plan, parse_plan, yaml_document
 from foedus.plans.reader import Section, safe_yaml
 from foedus.plans.runners import RunnerError, check_runner_settings, load_runner
-from foedus.plans.schema import ConnectionSettings, Plan, RunnerSettings
+from foedus.plans.schema import (
+    ConnectionSettings,
+    DifferentialPrivacySettings,
+    Plan,
+    RunnerSettings,
+)
 from foedus.privacy.budget import training_rounds
 from foedus.refusals.errors import InvalidRequestError, LimitExceededError, StorageError
 
@@ -202,6 +207,19 @@ def plan_secure(text: str) -> bool:
         return False  # accepted plans parse; a damaged state row says nothing of it
     section = document.get("secure_aggregation") if isinstance(document, Mapping) else None
     return isinstance(section, Mapping) and section.get("enabled") is True
+
+
+def plan_privacy(text: str) -> DifferentialPrivacySettings | None:
+    """An accepted plan's differential privacy, as its aggregator reads it (defaults included);
+    None when off. The whole plan is checked as at submit: reading its YAML is most of the cost."""
+    try:
+        document = yaml_document(text, SUBMITTED)
+        if not isinstance(document, Mapping):
+            return None
+        plan = parse_plan(_with_placeholders(_without_liveness(document)), SUBMITTED)
+    except PlanError:
+        return None  # accepted plans parse; a damaged state row says nothing of it
+    return plan.differential_privacy if plan.differential_privacy.enabled else None
 
 
 def _document_liveness(document: object, defaults: SiteLossPolicy) -> SiteLossPolicy:

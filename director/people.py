@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from foedus.director.changes import Follow
-from foedus.director.experiment_plan import check_submitted, plan_secure
+from foedus.director.experiment_plan import check_submitted, plan_privacy, plan_secure
 from foedus.director.folders import ExperimentFolders, ModelDownload, ModelUpload
 from foedus.director.identity import PEOPLE, Caller, Role
 from foedus.director.records import Envoy, Experiment, ExperimentState
@@ -24,6 +24,8 @@ from foedus.director.state import DirectorState
 from foedus.director.supervisor import Supervisor
 from foedus.lifecycle.states import CollaboratorState
 from foedus.plans.director_config import DirectorConfig
+from foedus.plans.schema import DifferentialPrivacySettings
+from foedus.privacy.accountant import epsilon_after
 from foedus.refusals.errors import (
     AuthorizationError,
     NotFoundError,
@@ -46,6 +48,14 @@ class SiteView:
 
 
 @dataclass(frozen=True)
+class PrivacyBudget:
+    """A DP experiment's settings (its plan's `differential_privacy`) and what it has spent."""
+
+    settings: DifferentialPrivacySettings
+    epsilon: float  # the accountant's, after the training rounds completed, at settings.delta
+
+
+@dataclass(frozen=True)
 class ExperimentView:
     """An experiment with what is known of its progress."""
 
@@ -56,6 +66,7 @@ class ExperimentView:
     has_best_model: bool
     has_last_model: bool
     secure: bool = False  # its plan aggregates securely (secure_aggregation.enabled)
+    privacy: PrivacyBudget | None = None  # its plan's differential privacy; None: off
 
 
 class PeopleDesk:
@@ -276,10 +287,11 @@ class PeopleDesk:
                     online=envoy is not None and envoy.online,
                 )
             )
+        rounds_completed = self.folders.rounds_completed(experiment_id)
         return ExperimentView(
             experiment=experiment,
             sites=tuple(sites),
-            rounds_completed=self.folders.rounds_completed(experiment_id),
+            rounds_completed=rounds_completed,
             queue_position=(
                 self.state.queue_position(experiment_id)
                 if experiment.state is ExperimentState.APPROVED  # only they are queued
@@ -288,6 +300,7 @@ class PeopleDesk:
             has_best_model=self.folders.has_model(experiment_id, "best"),
             has_last_model=self.folders.has_model(experiment_id, "last"),
             secure=plan_secure(experiment.plan_yaml),
+            privacy=_privacy_budget(experiment.plan_yaml, rounds_completed),
         )
 
     def _visible(self, caller: Caller, call: str, experiment_id: str) -> Experiment:
@@ -300,3 +313,13 @@ class PeopleDesk:
                 "only on their own"
             )
         return experiment
+
+
+def _privacy_budget(plan_text: str, rounds_completed: int) -> PrivacyBudget | None:
+    """A DP experiment's settings and the epsilon its completed training rounds spent (a pure
+    function of the plan and the rounds, as the aggregator computes it); None: no DP."""
+    settings = plan_privacy(plan_text)
+    if settings is None:
+        return None
+    epsilon = epsilon_after(rounds_completed, settings.noise_multiplier, settings.delta)
+    return PrivacyBudget(settings, epsilon)

@@ -37,7 +37,7 @@ from foedus.director.changes import Follow
 from foedus.director.fields import checked_id, checked_length, checked_offset
 from foedus.director.folders import ModelUpload
 from foedus.director.identity import Caller
-from foedus.director.people import ExperimentView
+from foedus.director.people import ExperimentView, PrivacyBudget
 from foedus.director.records import ExperimentState, ShardInfo
 from foedus.director.service import DirectorService
 from foedus.lifecycle.orders import CollaboratorReport
@@ -455,6 +455,21 @@ def experiment_to_wire(view: ExperimentView) -> director_pb2.Experiment:
         has_best_model=view.has_best_model,
         has_last_model=view.has_last_model,
         secure_aggregation=view.secure,
+        differential_privacy=_privacy_to_wire(view.privacy),
+    )
+
+
+def _privacy_to_wire(budget: PrivacyBudget | None) -> director_pb2.DifferentialPrivacy | None:
+    """A DP experiment's settings and spent epsilon as the wire's message; None: no DP."""
+    if budget is None:
+        return None
+    settings = budget.settings
+    return director_pb2.DifferentialPrivacy(
+        clip=settings.clip,
+        noise_multiplier=settings.noise_multiplier,
+        delta=settings.delta,
+        max_epsilon=settings.max_epsilon,
+        epsilon=budget.epsilon,
     )
 
 

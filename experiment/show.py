@@ -96,6 +96,7 @@ def status_lines(e: pb.Experiment) -> list[str]:
         ("ended", when(e.ended_at)),
         ("models", models),
         ("secure", "yes" if e.secure_aggregation else "no"),
+        *_privacy_fields(e),
     )
     sites = table_lines(
         ("SITE", "ONLINE", "COLLABORATOR", "DETAIL"),
@@ -110,6 +111,24 @@ def status_lines(e: pb.Experiment) -> list[str]:
         ],
     )
     return [f"{label + ':':11}{value}" for label, value in fields] + sites
+
+
+def _privacy_fields(e: pb.Experiment) -> tuple[tuple[str, str], ...]:
+    """A DP experiment's settings and its budget (the epsilon spent of the cap) as status
+    fields; none without differential privacy."""
+    if not e.HasField("differential_privacy"):
+        return ()
+    dp = e.differential_privacy
+    capped = dp.HasField("max_epsilon")
+    noun = "round" if e.rounds_completed == 1 else "rounds"
+    return (
+        ("privacy", f"DP-FedAvg, clip {dp.clip:g}, noise multiplier {dp.noise_multiplier:g}"),
+        (
+            "budget",
+            f"epsilon {dp.epsilon:.2f}{f' of {dp.max_epsilon:g}' if capped else ''} at delta "
+            f"{dp.delta:g} after {e.rounds_completed} {noun}{'' if capped else ' (no cap)'}",
+        ),
+    )
 
 
 def progress_line(e: pb.Experiment) -> str:
@@ -164,7 +183,8 @@ def _metric_line(row: MetricsRow, rounds: int) -> str | None:
     if row.reporters is not None and row.missing is not None:
         reported = len(row.reporters)
         label += f", sites reported {reported}/{reported + len(row.missing)}"
-    return "  ".join([label, *_task_parts(row.metrics)])
+    spent = [] if row.dp is None else [f"epsilon {row.dp['epsilon']:.2f}"]
+    return "  ".join([label, *spent, *_task_parts(row.metrics)])
 
 
 def _secure_lines(row: MetricsRow) -> list[str]:

@@ -198,7 +198,7 @@ class SiteStatus(_message.Message):
     def __init__(self, site: _Optional[str] = ..., state: _Optional[_Union[CollaboratorState, str]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., online: _Optional[bool] = ...) -> None: ...
 
 class Experiment(_message.Message):
-    __slots__ = ("experiment_id", "name", "owner", "state", "reason", "submitted_at", "started_at", "ended_at", "sites", "rounds", "rounds_completed", "queue_position", "has_best_model", "has_last_model", "secure_aggregation")
+    __slots__ = ("experiment_id", "name", "owner", "state", "reason", "submitted_at", "started_at", "ended_at", "sites", "rounds", "rounds_completed", "queue_position", "has_best_model", "has_last_model", "secure_aggregation", "differential_privacy")
     EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +214,7 @@ class Experiment(_message.Message):
     HAS_BEST_MODEL_FIELD_NUMBER: _ClassVar[int]
     HAS_LAST_MODEL_FIELD_NUMBER: _ClassVar[int]
     SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    DIFFERENTIAL_PRIVACY_FIELD_NUMBER: _ClassVar[int]
     experiment_id: str
     name: str
     owner: str
@@ -229,7 +230,22 @@ class Experiment(_message.Message):
     has_best_model: bool
     has_last_model: bool
     secure_aggregation: bool
-    def __init__(self, experiment_id: _Optional[str] = ..., name: _Optional[str] = ..., owner: _Optional[str] = ..., state: _Optional[_Union[ExperimentState, str]] = ..., reason: _Optional[str] = ..., submitted_at: _Optional[float] = ..., started_at: _Optional[float] = ..., ended_at: _Optional[float] = ..., sites: _Optional[_Iterable[_Union[SiteStatus, _Mapping]]] = ..., rounds: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., queue_position: _Optional[int] = ..., has_best_model: _Optional[bool] = ..., has_last_model: _Optional[bool] = ..., secure_aggregation: _Optional[bool] = ...) -> None: ...
+    differential_privacy: DifferentialPrivacy
+    def __init__(self, experiment_id: _Optional[str] = ..., name: _Optional[str] = ..., owner: _Optional[str] = ..., state: _Optional[_Union[ExperimentState, str]] = ..., reason: _Optional[str] = ..., submitted_at: _Optional[float] = ..., started_at: _Optional[float] = ..., ended_at: _Optional[float] = ..., sites: _Optional[_Iterable[_Union[SiteStatus, _Mapping]]] = ..., rounds: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., queue_position: _Optional[int] = ..., has_best_model: _Optional[bool] = ..., has_last_model: _Optional[bool] = ..., secure_aggregation: _Optional[bool] = ..., differential_privacy: _Optional[_Union[DifferentialPrivacy, _Mapping]] = ...) -> None: ...
+
+class DifferentialPrivacy(_message.Message):
+    __slots__ = ("clip", "noise_multiplier", "delta", "max_epsilon", "epsilon")
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    MAX_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    clip: float
+    noise_multiplier: float
+    delta: float
+    max_epsilon: float
+    epsilon: float
+    def __init__(self, clip: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., delta: _Optional[float] = ..., max_epsilon: _Optional[float] = ..., epsilon: _Optional[float] = ...) -> None: ...
 
 class ExperimentRequest(_message.Message):
     __slots__ = ("experiment_id",)

@@ -26,6 +26,7 @@ from foedus.history.rows import METRICS
 from foedus.pki.layout import CertsLayout
 from foedus.plans.director_config import ConfigError, load_config
 from foedus.plans.schema import Address
+from foedus.privacy.accountant import epsilon_after
 from foedus.protos import director_pb2 as pb
 from foedus.serving.server import ServerError
 
@@ -271,6 +272,7 @@ def test_an_experiment_shows_progress_charts_sites_and_its_log(director: Directo
     ]
     assert body["log_tail"] == [f"line {n}" for n in range(60, 100)]
     assert body["secure"] is False and body["secure_rounds"] == []
+    assert body["privacy"] is None
 
 
 def test_a_secure_experiment_shows_each_rounds_steps_and_dropouts(director: Director) -> None:
@@ -307,6 +309,39 @@ def test_a_secure_experiment_shows_each_rounds_steps_and_dropouts(director: Dire
     headers = {"Authorization": f"Bearer {secret}"}
     status, _, page = request(director, "GET", f"/experiments/{experiment_id}", headers=headers)
     assert status == 200 and b'<table id="secure-rounds">' in page
+
+
+def test_a_dp_experiment_shows_its_budget_and_is_tagged_in_the_list(director: Director) -> None:
+    """A plan with differential privacy and a cap: the API gives its settings, the cap and the
+    epsilon its completed rounds spent (the accountant's); the list marks it; its page has the
+    budget bar the script fills. Without a cap: `max_epsilon` null, the epsilon still given."""
+    privacy = {"enabled": True, "clip": 0.5, "noise_multiplier": 2.0, "max_epsilon": 8}
+    experiment_id = submit(director, "ada", federation={"rounds": 20}, differential_privacy=privacy)
+    output = director.server.service.folders.folder(experiment_id) / OUTPUT
+    output.mkdir(parents=True, exist_ok=True)
+    spent = [epsilon_after(rounds, 2.0, 1e-5) for rounds in (1, 2, 3)]
+    rows = [{"round": r, "dp": {"epsilon": spent[r], "delta": 1e-5}} for r in range(3)]
+    (output / METRICS).write_text("".join(json.dumps(row) + "\n" for row in rows), "utf-8")
+    secret = token(director, "ada")
+    status, body = get_json(director, f"/api/experiments/{experiment_id}", secret)
+    assert status == 200 and (body["rounds"], body["rounds_completed"]) == (9, 3)
+    assert body["privacy"] == {
+        "clip": 0.5,
+        "noise_multiplier": 2.0,
+        "delta": 1e-5,
+        "max_epsilon": 8.0,
+        "epsilon": spent[2],
+    }
+    status, listed = get_json(director, "/api/experiments", secret)
+    assert [e["privacy"]["epsilon"] for e in listed["experiments"]] == [spent[2]]
+    headers = {"Authorization": f"Bearer {secret}"}
+    status, _, page = request(director, "GET", f"/experiments/{experiment_id}", headers=headers)
+    assert status == 200 and b'<section id="privacy" hidden>' in page
+    assert b'<span id="budget" class="budget" hidden>' in page
+    uncapped = {**privacy, "max_epsilon": None}
+    other = submit(director, "ada", federation={"rounds": 2}, differential_privacy=uncapped)
+    status, body = get_json(director, f"/api/experiments/{other}", secret)
+    assert body["privacy"]["max_epsilon"] is None and body["privacy"]["epsilon"] == 0.0
 
 
 def test_a_chart_of_several_tasks_names_each_sites_task() -> None:

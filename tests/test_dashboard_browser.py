@@ -50,6 +50,8 @@ pytestmark = pytest.mark.slow
 
 WAIT_SECONDS = 180
 ROUNDS = 6
+# Its budget allows all ROUNDS (epsilon 5.98 after 6), so the page shows a bar below its cap.
+PRIVACY = {"enabled": True, "clip": 1.0, "noise_multiplier": 2.0, "max_epsilon": 50}
 SCREENSHOT = Path(__file__).resolve().parent.parent / "build" / "test-dashboard.png"
 
 
@@ -177,7 +179,8 @@ def test_the_dashboard_follows_a_running_experiment_live(
 ) -> None:
     """Refused without a login; logged in, the experiment's page shows it running, and its
     progress and chart advance without a reload while a held-up site is let go; the chart has a
-    line per site beside the global model's."""
+    line per site beside the global model's; the run has differential privacy (a cap above its
+    rounds' epsilon): its tag, and its budget bar filled up to the epsilon spent, the cap on it."""
 
     def text(selector: str) -> str:
         return page_text(browser, selector)
@@ -190,6 +193,7 @@ def test_the_dashboard_follows_a_running_experiment_live(
             federation={"rounds": ROUNDS},
             aggregator={"quit_grace_seconds": 10},
             connection={"backoff_initial_seconds": 0.2, "backoff_max_seconds": 1},
+            differential_privacy=PRIVACY,
         )
     )
     assert director.server.dashboard is not None
@@ -246,6 +250,16 @@ def test_the_dashboard_follows_a_running_experiment_live(
             assert lines >= 1, name
             assert name in text(f'.chart[data-metric="accuracy"] .legend [data-site="{name}"]')
         assert "global model" in text('.chart[data-metric="accuracy"] .legend [data-site=""]')
+        assert text("#dp-tag") == "differential privacy"
+        # A plain run's tag stays hidden (a class's display once overrode `hidden`).
+        assert not browser.find_element(By.ID, "secure-tag").is_displayed()
+        budget = text("#budget-text")
+        assert budget.startswith("epsilon ") and " of 50 at delta 1e-05 after " in budget, budget
+        spent, cap = browser.execute_script(
+            "const bar = document.querySelector('#budget');"
+            "return [bar.querySelector('.spent').style.width, bar.querySelector('.cap').style.left];"
+        )
+        assert float(spent.rstrip("%")) > 0 and cap == "90.9%", (spent, cap)
         SCREENSHOT.parent.mkdir(exist_ok=True)
         browser.save_screenshot(str(SCREENSHOT))
         wait_for(

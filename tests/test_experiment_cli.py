@@ -14,8 +14,10 @@ import pytest
 import yaml
 
 from foedus.command.usage import fail
+from foedus.experiment import show
 from foedus.experiment.cli import main
 from foedus.pki.layout import CertsLayout
+from foedus.privacy.accountant import epsilon_after
 from foedus.processes.children import Ended
 from foedus.protos import director_pb2 as pb
 
@@ -195,6 +197,7 @@ def test_a_secure_experiment_shows_its_steps_and_dropouts(
     experiment_id = out.split()[0]
     code, out = run(ada, "status", experiment_id)
     assert code == 0 and "secure:    yes" in out.splitlines(), out
+    assert "privacy:" not in out and "budget:" not in out
     code, out = run(ada, "--json", "status", experiment_id)
     assert json.loads(out)["secure_aggregation"] is True
     steps = [
@@ -226,6 +229,62 @@ def test_a_secure_experiment_shows_its_steps_and_dropouts(
         "  secure  KEYS 0.20 s (dropped bob, carol)",
         f"  untrained: {why}",
     ], out
+
+
+def test_a_dp_experiment_shows_its_settings_and_the_epsilon_spent(
+    tmp_path: Path, director: Director
+) -> None:
+    """status names the DP settings and the epsilon its completed rounds spent of the cap (the
+    rounds are those the cap allows); --json carries them; metrics gives each round's epsilon."""
+    ada = client_config(tmp_path, director, "ada")
+    privacy = {"enabled": True, "clip": 1.0, "noise_multiplier": 2.0, "max_epsilon": 8}
+    plan = write_plan(tmp_path, federation={"rounds": 20}, differential_privacy=privacy)
+    code, out = run(ada, "submit", str(plan))
+    assert code == 0, out
+    experiment_id = out.split()[0]
+    spent = [epsilon_after(rounds, 2.0, 1e-5) for rounds in (1, 2)]
+    rows = [
+        {"round": r, "reporters": ["alice", "bob", "carol"], "missing": [],
+         "metrics": {"train": {"loss": 0.5}}, "dp": {"epsilon": spent[r], "delta": 1e-5}}
+        for r in (0, 1)
+    ]  # fmt: skip
+    output = director.server.service.folders.folder(experiment_id) / "output"
+    output.mkdir()
+    (output / "metrics.jsonl").write_text(
+        "".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8"
+    )
+    code, out = run(ada, "status", experiment_id)
+    lines = out.splitlines()
+    assert code == 0 and "rounds:    2 of 9" in lines, out  # the budget allows 9 of the 20
+    assert "privacy:   DP-FedAvg, clip 1, noise multiplier 2" in lines, out
+    assert f"budget:    epsilon {spent[1]:.2f} of 8 at delta 1e-05 after 2 rounds" in lines, out
+    code, out = run(ada, "--json", "status", experiment_id)
+    assert json.loads(out)["differential_privacy"] == {
+        "clip": 1.0,
+        "noise_multiplier": 2.0,
+        "delta": 1e-5,
+        "max_epsilon": 8.0,
+        "epsilon": spent[1],
+    }
+    code, out = run(ada, "metrics", experiment_id)
+    assert code == 0 and out.splitlines() == [
+        f"round {r + 1} of 9, sites reported 3/3  epsilon {spent[r]:.2f}  train: loss 0.5000"
+        for r in (0, 1)
+    ], out
+
+
+def test_a_dp_experiment_without_a_cap_shows_the_epsilon_alone() -> None:
+    """No cap: the budget line gives the epsilon spent and says there is no cap."""
+    e = pb.Experiment(
+        state=pb.EXPERIMENT_RUNNING,
+        rounds=5,
+        rounds_completed=1,
+        differential_privacy=pb.DifferentialPrivacy(
+            clip=0.5, noise_multiplier=1.1, delta=1e-6, epsilon=6.789
+        ),
+    )
+    lines = show.status_lines(e)
+    assert "budget:    epsilon 6.79 at delta 1e-06 after 1 round (no cap)" in lines, lines
 
 
 def test_an_initial_model_goes_in_pieces_within_the_limit(

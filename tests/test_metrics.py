@@ -12,15 +12,19 @@ import pytest
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from foedus.aggregator.federation import Federation
 from foedus.aggregator.metrics import Metrics
 from foedus.aggregator.server import AggregatorGRPCServer
 from foedus.pki.layout import CertsLayout
+from foedus.privacy.accountant import epsilon_after
 from foedus.protos import aggregator_pb2
 from foedus.refusals.errors import AuthorizationError
 from foedus.serving.server import ServerError
 
 from conftest import Identity
+from federations import model
 from servers import make_federation, make_plan
+from test_dp_federation import dp_plan, play_round
 from test_server import connect
 
 
@@ -74,6 +78,33 @@ def test_online_gauge_only_with_a_source() -> None:
     """Without a source of the online count, the gauge is absent rather than made up."""
     metrics = Metrics(round_number=lambda: 0, storage_free_bytes=lambda: 0.0, serving=lambda: True)
     assert b"foedus_collaborators_online" not in generate_latest(metrics.registry)
+
+
+def test_privacy_budget_gauges_follow_the_rounds_closed() -> None:
+    """A DP federation's gauges: epsilon 0 before any round, then the accountant's value after
+    each closed training round, the same once its budget's last round is done (the final
+    validation spends nothing); its delta and cap. No cap: no cap gauge. Plain: no gauges."""
+    cap = (epsilon_after(2, 1.1, 1e-5) + epsilon_after(3, 1.1, 1e-5)) / 2
+    plan = dp_plan(5, max_epsilon=cap)
+    federation = Federation.from_plan(plan, model())
+    scrape = AggregatorGRPCServer(plan, federation).metrics.registry
+    epsilons = [samples(generate_latest(scrape).decode())[("foedus_dp_epsilon", ())]]
+    while not federation.finished:
+        play_round(federation, plan.collaborators)
+        epsilons.append(samples(generate_latest(scrape).decode())[("foedus_dp_epsilon", ())])
+    spent = [epsilon_after(rounds, 1.1, 1e-5) for rounds in (1, 2)]
+    assert epsilons == [0.0, *spent, spent[-1]]  # 2 rounds within the cap, then final validation
+    got = samples(generate_latest(scrape).decode())
+    assert got[("foedus_dp_delta", ())] == 1e-5
+    assert got[("foedus_dp_max_epsilon", ())] == cap
+    uncapped = dp_plan(2, max_epsilon=None)
+    page = generate_latest(
+        AggregatorGRPCServer(uncapped, Federation.from_plan(uncapped, model())).metrics.registry
+    ).decode()
+    assert "foedus_dp_epsilon 0.0" in page and "foedus_dp_max_epsilon" not in page
+    plain = make_plan(None)
+    page = generate_latest(AggregatorGRPCServer(plain, make_federation(plain)).metrics.registry)
+    assert b"foedus_dp_" not in page
 
 
 def test_metrics_served_with_the_aggregator_and_refusals_counted(

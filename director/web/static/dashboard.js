@@ -82,7 +82,8 @@ async function drawIndex() {
   const rows = experiments.map((e) =>
     el("tr", { "data-id": e.id },
       el("td", {}, el("a", { href: `/experiments/${encodeURIComponent(e.id)}` }, e.name || e.id),
-        ...(e.secure ? [" ", el("span", { class: "tag" }, "secure")] : [])),
+        ...(e.secure ? [" ", el("span", { class: "tag" }, "secure")] : []),
+        ...(e.privacy ? [" ", el("span", { class: "tag", title: "differential privacy" }, "DP")] : [])),
       el("td", {}, e.owner),
       el("td", {}, stateBadge(e.state)),
       el("td", { class: "progress" }, progress(e), " ", bar(e)),
@@ -120,6 +121,39 @@ function drawSecure(e) {
       el("td", { class: "untrained" }, r.untrained)));
   document.querySelector("#secure-rounds tbody").replaceChildren(...rows);
   document.getElementById("no-secure-rounds").hidden = rows.length > 0;
+}
+
+// A number as people read it: 8, 0.5, 1e-05 (as the aggregator's lines print them).
+function short(value) {
+  if (value === 0 || (Math.abs(value) >= 1e-4 && Math.abs(value) < 1e6)) return String(value);
+  return value.toExponential().replace(/e([+-])(\d)$/, (_, sign, digit) => `e${sign}0${digit}`); // 1e-05, as :g
+}
+
+// The federation's privacy budget: the epsilon spent, and with a cap a bar of it, the cap drawn
+// as a line on it (the federation trains no round past it); no cap: the number alone.
+function drawPrivacy(e) {
+  const dp = e.privacy;
+  document.getElementById("privacy").hidden = !dp;
+  document.getElementById("dp-tag").hidden = !dp;
+  if (!dp) return;
+  const spent = dp.epsilon === null ? "infinite" : dp.epsilon.toFixed(2);
+  const rounds = `after ${e.rounds_completed} round${e.rounds_completed === 1 ? "" : "s"}`;
+  const cap = dp.max_epsilon === null ? "" : ` of ${short(dp.max_epsilon)}`;
+  document.getElementById("budget-text").textContent =
+    `epsilon ${spent}${cap} at delta ${short(dp.delta)} ${rounds}${dp.max_epsilon === null ? " (no cap)" : ""}`;
+  const budget = document.getElementById("budget");
+  budget.hidden = dp.max_epsilon === null;
+  if (dp.max_epsilon !== null) {
+    const full = dp.max_epsilon * 1.1; // room after the cap, so its line shows
+    const share = dp.epsilon === null ? 1 : Math.min(1, dp.epsilon / full);
+    budget.querySelector(".spent").style.width = `${(share * 100).toFixed(1)}%`;
+    budget.querySelector(".cap").style.left = `${((dp.max_epsilon / full) * 100).toFixed(1)}%`;
+    budget.title = `epsilon ${spent} spent; the cap is ${short(dp.max_epsilon)}`;
+  }
+  document.getElementById("privacy-settings").textContent =
+    `DP-FedAvg: each site's update clipped to L2 norm ${short(dp.clip)}; Gaussian noise of ` +
+    `standard deviation ${short(dp.noise_multiplier)} x ${short(dp.clip)} (noise multiplier x clip) ` +
+    "added to their sum each round. Epsilon adds up round by round; smaller is more private.";
 }
 
 function lineStyle(line, tasks, sites) {
@@ -207,6 +241,7 @@ async function drawExperiment() {
   const sites = [...new Set(e.charts.flatMap((c) => c.lines.map((line) => line.site)))].filter((site) => site !== null).sort();
   document.getElementById("charts").replaceChildren(...e.charts.map((spec) => chart(spec, sites)));
   document.getElementById("no-charts").hidden = e.charts.length > 0;
+  drawPrivacy(e);
   drawSecure(e);
   const log = document.getElementById("log");
   const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
