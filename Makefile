@@ -66,7 +66,7 @@ lint: install ## Run ruff and mypy (strict) on our code
 	$(VENV)/bin/mypy
 
 .PHONY: bench
-bench: install ## Measure foedus against raw gRPC over mTLS: a table and build/bench.json (BENCH_ARGS="--only secure", --profile)
+bench: install ## Measure foedus against raw gRPC over mTLS: a table and build/bench.json (BENCH_ARGS="--only secure" or "--only dp", --profile)
 	$(PY) tests/benchmark/bench.py --output build/bench.json $(BENCH_ARGS)
 
 clean: ## Remove the virtualenvs, build output and caches
