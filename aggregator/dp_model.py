@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from foedus.aggregator.fedavg import AVERAGING_THREADS, SLICE_ELEMENTS, SliceSink, TensorSource
+from foedus.aggregator.fedavg import (
+    AVERAGING_THREADS,
+    SLICE_ELEMENTS,
+    SliceSink,
+    TensorSource,
+    collect_slices,
+)
 from foedus.aggregator.records import Array
 from foedus.plans.schema import DifferentialPrivacySettings
 from foedus.privacy.clipping import add_clipped, source_clip_factor
@@ -147,16 +153,7 @@ class PrivateModel:
 
     def arrays(self) -> dict[str, Array]:
         """Compute the model into arrays in memory."""
-        result = {
-            name: np.empty(np.shape(like), dtype=np.asarray(like).dtype)
-            for name, like in self.reference.items()
-        }
-
-        def keep(name: str, start: int, values: Array) -> None:
-            result[name].reshape(-1)[start : start + values.size] = values
-
-        self.into(keep)
-        return result
+        return collect_slices(self.reference, self.into)
 
 
 def _read(source: TensorSource, name: str, start: int, stop: int) -> Array:

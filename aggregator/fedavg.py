@@ -169,6 +169,23 @@ def average_sources(
 SliceSink = Callable[[str, int, Array], None]
 
 
+def collect_slices(
+    reference: Mapping[str, Array], into: Callable[[SliceSink], None]
+) -> dict[str, Array]:
+    """What `into` hands its sink, slice by slice, gathered into new arrays shaped and typed as
+    `reference`'s tensors (a next model computed in memory rather than into a file)."""
+    result = {
+        name: np.empty(np.shape(like), dtype=np.asarray(like).dtype)
+        for name, like in reference.items()
+    }
+
+    def keep(name: str, start: int, values: Array) -> None:
+        result[name].reshape(-1)[start : start + values.size] = values
+
+    into(keep)
+    return result
+
+
 def average_sources_into(
     reference: Mapping[str, Array],
     contributions: Mapping[str, tuple[int, TensorSource]],

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from foedus.aggregator.fedavg import SLICE_ELEMENTS, SliceSink, TensorSource
+from foedus.aggregator.fedavg import SLICE_ELEMENTS, SliceSink, TensorSource, collect_slices
 from foedus.aggregator.records import Array
 from foedus.secure import WEIGHT_TENSOR
 from foedus.secure.masks import VectorLayout
@@ -71,13 +71,4 @@ class SecureModel:
 
     def arrays(self) -> dict[str, Array]:
         """Compute the model into arrays in memory."""
-        result = {
-            name: np.empty(np.shape(like), dtype=np.asarray(like).dtype)
-            for name, like in self.reference.items()
-        }
-
-        def keep(name: str, start: int, values: Array) -> None:
-            result[name].reshape(-1)[start : start + values.size] = values
-
-        self.into(keep)
-        return result
+        return collect_slices(self.reference, self.into)
