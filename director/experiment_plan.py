@@ -199,27 +199,27 @@ def plan_liveness(text: str, defaults: SiteLossPolicy) -> SiteLossPolicy:
     return _document_liveness(document, defaults)
 
 
-def plan_secure(text: str) -> bool:
-    """Whether an accepted plan's text turns secure aggregation on (`secure_aggregation.enabled`)."""
-    try:
-        document = yaml_document(text, SUBMITTED)
-    except PlanError:
-        return False  # accepted plans parse; a damaged state row says nothing of it
-    section = document.get("secure_aggregation") if isinstance(document, Mapping) else None
-    return isinstance(section, Mapping) and section.get("enabled") is True
+@dataclass(frozen=True)
+class Protections:
+    """What an accepted plan protects its sites' updates with, as its aggregator reads it."""
+
+    secure: bool  # secure_aggregation.enabled
+    privacy: DifferentialPrivacySettings | None  # None: differential privacy off
 
 
-def plan_privacy(text: str) -> DifferentialPrivacySettings | None:
-    """An accepted plan's differential privacy, as its aggregator reads it (defaults included);
-    None when off. The whole plan is checked as at submit: reading its YAML is most of the cost."""
+def plan_protections(text: str) -> Protections:
+    """An accepted plan's secure aggregation and differential privacy (defaults included), from
+    one reading of its text, checked as at submit: reading its YAML is most of the cost."""
     try:
         document = yaml_document(text, SUBMITTED)
         if not isinstance(document, Mapping):
-            return None
+            return Protections(secure=False, privacy=None)
         plan = parse_plan(_with_placeholders(_without_liveness(document)), SUBMITTED)
     except PlanError:
-        return None  # accepted plans parse; a damaged state row says nothing of it
-    return plan.differential_privacy if plan.differential_privacy.enabled else None
+        # accepted plans parse; a damaged state row says nothing of them
+        return Protections(secure=False, privacy=None)
+    privacy = plan.differential_privacy
+    return Protections(plan.secure_aggregation.enabled, privacy if privacy.enabled else None)
 
 
 def _document_liveness(document: object, defaults: SiteLossPolicy) -> SiteLossPolicy:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from foedus.director.changes import Follow
-from foedus.director.experiment_plan import check_submitted, plan_privacy, plan_secure
+from foedus.director.experiment_plan import check_submitted, plan_protections
 from foedus.director.folders import ExperimentFolders, ModelDownload, ModelUpload
 from foedus.director.identity import PEOPLE, Caller, Role
 from foedus.director.records import Envoy, Experiment, ExperimentState
@@ -288,6 +288,7 @@ class PeopleDesk:
                 )
             )
         rounds_completed = self.folders.rounds_completed(experiment_id)
+        protections = plan_protections(experiment.plan_yaml)
         return ExperimentView(
             experiment=experiment,
             sites=tuple(sites),
@@ -299,8 +300,8 @@ class PeopleDesk:
             ),
             has_best_model=self.folders.has_model(experiment_id, "best"),
             has_last_model=self.folders.has_model(experiment_id, "last"),
-            secure=plan_secure(experiment.plan_yaml),
-            privacy=_privacy_budget(experiment.plan_yaml, rounds_completed),
+            secure=protections.secure,
+            privacy=_privacy_budget(protections.privacy, rounds_completed),
         )
 
     def _visible(self, caller: Caller, call: str, experiment_id: str) -> Experiment:
@@ -315,10 +316,11 @@ class PeopleDesk:
         return experiment
 
 
-def _privacy_budget(plan_text: str, rounds_completed: int) -> PrivacyBudget | None:
+def _privacy_budget(
+    settings: DifferentialPrivacySettings | None, rounds_completed: int
+) -> PrivacyBudget | None:
     """A DP experiment's settings and the epsilon its completed training rounds spent (a pure
     function of the plan and the rounds, as the aggregator computes it); None: no DP."""
-    settings = plan_privacy(plan_text)
     if settings is None:
         return None
     epsilon = epsilon_after(rounds_completed, settings.noise_multiplier, settings.delta)
