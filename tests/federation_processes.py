@@ -55,6 +55,11 @@ def run_module(module: str, *args: str, timeout: float = 60) -> subprocess.Compl
     )
 
 
+# Connection settings for a federation whose aggregator is killed and started again: its
+# collaborators retry through the restart (the harness's backoff is short, 0.2 to 1 s).
+PATIENT = {"max_retries": 200, "max_wait_seconds": 60}
+
+
 def write_plan(
     folder: Path, certs: CertsLayout, rounds: int, **sections: Mapping[str, Any]
 ) -> Path:

@@ -26,6 +26,7 @@ from dying_runner import NAME as DYING_RUNNER
 from dying_runner import TRAIN, VALIDATION, arm
 from federation_processes import (
     COLLABORATORS,
+    PATIENT,
     FederationProcesses,
     child_python_path,
     run_federation,
@@ -33,8 +34,6 @@ from federation_processes import (
 )
 
 ROUNDS = 3
-# Collaborators wait for a restarted aggregator: retries every 0.2-1 s for up to a minute.
-PATIENT = {"max_retries": 200, "max_wait_seconds": 60}
 KILLED = -signal.SIGKILL
 DEADLINE_SECONDS = 180  # a bound for a loaded machine; a quiet one needs seconds
 

@@ -12,7 +12,13 @@ from pathlib import Path
 from foedus.pki.layout import CertsLayout
 from foedus.privacy.accountant import epsilon_after
 
-from federation_processes import COLLABORATORS, FederationProcesses, run_module, write_plan
+from federation_processes import (
+    COLLABORATORS,
+    PATIENT,
+    FederationProcesses,
+    run_module,
+    write_plan,
+)
 
 PLAN_ROUNDS = 5
 ROUNDS = 3  # what the cap below allows
@@ -20,7 +26,6 @@ NOISE = 1.0
 # Between the epsilon of 3 rounds and of 4 at delta 1e-5: the budget allows 3 of the 5 rounds.
 CAP = round((epsilon_after(3, NOISE, 1e-5) + epsilon_after(4, NOISE, 1e-5)) / 2, 3)
 PRIVACY = {"enabled": True, "clip": 1.0, "noise_multiplier": NOISE, "max_epsilon": CAP}
-PATIENT = {"max_retries": 200, "max_wait_seconds": 60}  # collaborators wait for a restart
 SECRET = bytes(range(32))  # both runs draw their noise from the same secret
 DEADLINE_SECONDS = 180  # a bound for a loaded machine; a quiet one needs seconds
 

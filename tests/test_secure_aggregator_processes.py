@@ -14,6 +14,7 @@ from foedus.pki.layout import CertsLayout
 
 from federation_processes import (
     COLLABORATORS,
+    PATIENT,
     RUN_TIMEOUT_SECONDS,
     FederationProcesses,
     run_federation,
@@ -49,7 +50,7 @@ def test_the_aggregator_killed_in_a_stage_goes_on_byte_for_byte(
     """kill -9 of the aggregator as soon as round 1's `stage` has closed (the kill lands there or
     a little later), the same command again: the sites post and fetch again what they must, and
     the final model is byte-identical to an undisturbed run's."""
-    plan = write_plan(tmp_path, certs, ROUNDS, secure_aggregation=SECURE)
+    plan = write_plan(tmp_path, certs, ROUNDS, secure_aggregation=SECURE, connection=PATIENT)
     federation = FederationProcesses(plan, tmp_path)
     try:
         federation.start("aggregator")
