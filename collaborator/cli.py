@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
         "in a federation that aggregates securely (plan: secure_aggregation.enabled), where the "
         "aggregator averages the metrics of the sites that send them",
     )
+    start.add_argument(
+        "--no-leave",
+        action="store_true",
+        help="on a failure, do not tell the aggregator this collaborator leaves (Leave): a site's "
+        "envoy, which starts it again, says when the site gives it up; without this, an "
+        "aggregator whose every collaborator left would end before the restarted one calls",
+    )
     add_log_level(start, "what to log (default: info)")
     return parser
 
@@ -130,6 +137,7 @@ def main(args: argparse.Namespace) -> int:
                 args.site_settings,
                 args.state_dir,
                 keep_metrics=args.keep_metrics,
+                leave=not args.no_leave,
             )
         except PlanError as error:
             return fail_each("collaborator", error.problems, EXIT_BAD_INPUT)
@@ -164,8 +172,12 @@ def _start(
     state_dir: Path | None,
     *,
     keep_metrics: bool = False,
+    leave: bool = True,
 ) -> int:
-    """Every start-up check, then the loop; checks raise `UsageError` with one line."""
+    """Every start-up check, then the loop; checks raise `UsageError` with one line.
+
+    `leave`: tell the aggregator this collaborator leaves when it fails (not under an envoy).
+    """
     plan = load_plan(plan_path)  # PlanError: main prints one line per problem
     if site_settings is not None:
         try:
@@ -223,7 +235,8 @@ def _start(
                 clip=privacy.clip if privacy.enabled else None,
             )
         except Exception as error:  # signals are BaseExceptions: no Leave for a stop
-            _leave(client, error)
+            if leave:
+                _leave(client, error)
             raise
     return EXIT_OK
 

@@ -2,9 +2,11 @@
 
 `Site` turns the director's work (experiments to start and to stop, logs to send) into actions on
 the envoy's durable state (`foedus.envoy.state`) and its collaborators, child processes in their own
-sessions (`foedus.processes.children.ChildProcesses`): `collaborator start -n NAME --plan PLAN`, the
-plan written by `foedus.envoy.site_plan` (with `--keep-metrics` when envoy.yaml's
-`share_with_aggregator.metrics` is false). A collaborator that dies is started again, at most
+sessions (`foedus.processes.children.ChildProcesses`): `collaborator start -n NAME --no-leave
+--plan PLAN`, the plan written by `foedus.envoy.site_plan` (with `--keep-metrics` when envoy.yaml's
+`share_with_aggregator.metrics` is false). `--no-leave`: a collaborator that fails does not tell
+the aggregator it leaves, the envoy does once it gives it up; else a one-site federation's
+aggregator would end before a slow restart (a loaded site, a large model to load) calls again. A collaborator that dies is started again, at most
 `MAX_RESTARTS` times in a row (the count starts again once it finishes a round it had not); the site
 gives up on it for good (GAVE_UP) when it exits 2 (a bad plan or settings: starting again cannot
 help), when its restarts are used up, or when the site's operator stops it, and tells the aggregator
@@ -340,6 +342,7 @@ class Site:
                 experiment.site,
                 "--log-level",
                 self.config.collaborator_log_level,
+                "--no-leave",  # the envoy starts it again; it says when the site leaves
                 *(() if self.config.share_with_aggregator.metrics else ("--keep-metrics",)),
                 "--plan",
             )

@@ -31,6 +31,8 @@ from foedus.pki.layout import CertsLayout
 from foedus.plans.runners import Model, RunnerError, TrainOutcome
 
 from directors import alias_bomb_plan
+from failing_runner import FAIL_AT_ENV
+from failing_runner import NAME as FAILING_RUNNER
 from federation_processes import free_port, run_module
 from servers import (
     closing_rounds,
@@ -438,6 +440,22 @@ def test_a_whole_federation_exits_0(
     assert federation.finished
     assert federation.told_to_quit() == ("alice",)
     assert federation.liveness.departures() == ()  # no Leave on exit 0
+
+
+@pytest.mark.parametrize(("flags", "left"), [([], ("alice",)), (["--no-leave"], ())])
+def test_a_failed_runner_leaves_unless_told_not_to(
+    certs: CertsLayout,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    flags: list[str],
+    left: tuple[str, ...],
+) -> None:
+    """Alice's runner raises at her first training: she tells the aggregator she leaves, exits
+    1; with --no-leave (an envoy's collaborator: the envoy starts it again) she tells it nothing."""
+    monkeypatch.setenv(FAIL_AT_ENV, "0")
+    with alice_alone(certs, tmp_path, runner={"name": FAILING_RUNNER}) as (federation, plan):
+        assert main(["start", "-n", "alice", "--plan", str(plan), *flags]) == 1
+    assert tuple(d.name for d in federation.liveness.departures()) == left
 
 
 def test_site_settings_replace_the_plans_for_a_whole_federation(

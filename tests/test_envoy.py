@@ -342,6 +342,7 @@ def test_a_collaborator_gets_the_sites_log_level_and_the_envoys_environment(
             "alice",
             "--log-level",
             level or "info",
+            "--no-leave",
             *flags,
             "--plan",
         ]
