@@ -13,10 +13,9 @@ model's size.
 
 The close stops the thread, takes what is done, and computes what is not, with the same
 functions and the same slices: the model is the very same, bit for bit, whatever the thread
-got done (nothing of it is kept on disk: a restarted aggregator computes it again). Each
-slice of noise is handed over once and then belongs to the close, which drops it once added,
-so the memory is given back as the close goes (`foedus.aggregator.allocator` returns it to
-the system after the close).
+got done (nothing of it is kept on disk: a restarted aggregator computes it again). The noise
+lies in one block of memory, a mapping of its own that is given back to the system whole
+once the close is done with it.
 """
 
 from __future__ import annotations
@@ -60,13 +59,19 @@ def scaled_noise(
     secret: bytes,
     round_number: int,
     piece: tuple[str, int, int],
+    *,
+    out: Float64Array | None = None,
 ) -> Float64Array:
     """Elements [start, stop) of the noise round `round_number` adds to the sum of clipped
     updates of tensor `tensor`, for `piece` = (tensor, start, stop): standard normals
-    (`foedus.privacy.noise`) times noise_multiplier x clip."""
+    (`foedus.privacy.noise`) times noise_multiplier x clip; into `out` when given."""
     noise = gaussian(secret, round_number, *piece)
-    noise *= settings.noise_multiplier * settings.clip  # in place: the same bits
-    return noise
+    scale = settings.noise_multiplier * settings.clip
+    if out is None:
+        noise *= scale  # in place: the same bits
+        return noise
+    np.multiply(noise, scale, out=out)  # the same product, stored elsewhere
+    return out
 
 
 class RoundAhead:
@@ -92,14 +97,18 @@ class RoundAhead:
         self._settings = settings
         self._secret = secret
         self._reference = {name: reference[name] for name in sorted(reference)}
-        planned: list[tuple[str, int, int]] = []
-        budget = noise_bytes
+        # The noise still to make, in the close's order, each slice with its place in one block
+        # of memory (a mapping of its own, given back whole once the close has dropped it,
+        # rather than hundreds of slices among the uploads' buffers in the allocator's heaps).
+        self._planned: deque[tuple[str, int, int, int]] = deque()
+        held = 0
         for name, start, stop in model_slices(reference, slice_elements):
-            budget -= (stop - start) * 8
-            if budget < 0:
+            if (held + stop - start) * 8 > noise_bytes:
                 break
-            planned.append((name, start, stop))
-        self._planned = deque(planned)  # the noise still to make, in the close's order
+            self._planned.append((name, start, stop, held))
+            held += stop - start
+        self._held = held
+        self._block: Float64Array | None = None  # made by the thread as it starts on the noise
         self._uploads: deque[tuple[str, UploadOpener]] = deque()
         self._factors: dict[str, float] = {}
         self._noise: dict[tuple[str, int, int], Float64Array] = {}
@@ -149,8 +158,8 @@ class RoundAhead:
             return self._factors.get(site)
 
     def noise(self, tensor: str, start: int, stop: int) -> Float64Array | None:
-        """The scaled noise of that slice if it was made (None: the close makes it); handed
-        over once, so that its memory goes when the close drops it."""
+        """The scaled noise of that slice if it was made (None: the close makes it), handed
+        over once: a view of the round's block of noise, which goes with the last of them."""
         with self._lock:
             return self._noise.pop((tensor, start, stop), None)
 
@@ -186,8 +195,16 @@ class RoundAhead:
             if not self._stopped:
                 self._factors[site] = factor
 
-    def _make_noise(self, tensor: str, start: int, stop: int) -> None:
-        noise = scaled_noise(self._settings, self._secret, self.round_number, (tensor, start, stop))
+    def _make_noise(self, tensor: str, start: int, stop: int, offset: int) -> None:
+        if self._block is None:
+            self._block = np.empty(self._held, dtype=np.float64)
+        noise = scaled_noise(
+            self._settings,
+            self._secret,
+            self.round_number,
+            (tensor, start, stop),
+            out=self._block[offset : offset + stop - start],
+        )
         with self._lock:
             if not self._stopped:
                 self._noise[(tensor, start, stop)] = noise
