@@ -6,6 +6,7 @@ YAML file, written beside it, so a person can find what an error message names.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -197,6 +198,12 @@ class SecureAggregationSettings:
     # regular graph the round's number draws) instead of all of them; None: all of them.
     neighbours: int | None = None
 
+    def quorum(self, sites: int) -> int:
+        """How many survivors of `sites` collaborators must sign one survivor list before any
+        site reveals a share: the threshold, and more than half of them (`RoundContext.quorum`).
+        So no sum the aggregator unmasks holds fewer sites than this."""
+        return max(self.threshold, sites // 2 + 1)
+
     def ring_problem(self, sites: int) -> str | None:
         """Why the ring cannot hold the sum of `sites` collaborators' values (one line), or None.
 
@@ -223,6 +230,10 @@ class SecureAggregationSettings:
 
 
 DEFAULT_DP_DELTA = 1e-5  # differential_privacy.delta when the plan leaves it out
+# The largest |z| `foedus.privacy.noise` ever draws: Box-Muller on 53-bit uniforms,
+# sqrt(-2 ln 2^-53) = sqrt(106 ln 2) = 8.57. A site's noise share is bounded by it, so the
+# ring of a secure federation can hold every noised value (`share_bound`).
+LARGEST_NORMAL = math.sqrt(106 * math.log(2))
 
 
 @dataclass(frozen=True)
@@ -249,6 +260,19 @@ class DifferentialPrivacySettings:
     def noise_std(self) -> float:
         """The standard deviation of the noise added to each value of the sum of clipped deltas."""
         return self.noise_multiplier * self.clip
+
+    def share_std(self, quorum: int) -> float:
+        """The std of one site's noise share under secure aggregation: noise_std / sqrt(quorum),
+        so that any sum of `quorum` or more sites' shares has at least `noise_std`."""
+        if quorum < 1:
+            raise ValueError(f"a quorum is 1 or more, not {quorum}")
+        return self.noise_std / math.sqrt(quorum)
+
+    def share_bound(self, quorum: int) -> float:
+        """The largest magnitude one value of a site's clipped delta plus its noise share can
+        have: clip (an L2 norm bounds each value) + LARGEST_NORMAL x share_std, a hair above
+        (float64's rounding of the site's sum): the `secure_aggregation.clip` that cuts nothing."""
+        return (self.clip + LARGEST_NORMAL * self.share_std(quorum)) * (1 + 2**-40)
 
 
 @dataclass(frozen=True)
