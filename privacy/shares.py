@@ -78,7 +78,9 @@ class NoiseShares:
         return self.settings.share_std(self.quorum)
 
     def clip_factor(
-        self, global_model: Mapping[str, npt.NDArray[np.generic]], trained: Mapping[str, npt.NDArray[np.generic]]
+        self,
+        global_model: Mapping[str, npt.NDArray[np.generic]],
+        trained: Mapping[str, npt.NDArray[np.generic]],
     ) -> float:
         """What scales trained - global to L2 norm at most `clip` (0 for values not finite)."""
         return model_clip_factor(global_model, trained, self.settings.clip)

@@ -62,9 +62,7 @@ def test_with_secure_aggregation_each_site_weighs_one_and_the_ring_holds_its_noi
     share = 1.1 * 0.5 / 2**0.5
     assert secure.clip == pytest.approx(0.5 + LARGEST_NORMAL * share, rel=1e-9)
     assert secure.clip > 0.5 + LARGEST_NORMAL * share
-    written = _with(
-        document, ("secure_aggregation.clip", 5), ("secure_aggregation.max_weight", 1)
-    )
+    written = _with(document, ("secure_aggregation.clip", 5), ("secure_aggregation.max_weight", 1))
     assert parse_plan(written, PLAN_PATH).secure_aggregation.clip == 5.0
     alone = _with(_document(), ("secure_aggregation.enabled", True))
     settings = parse_plan(alone, PLAN_PATH).secure_aggregation

@@ -98,7 +98,9 @@ def a_round(
 
 def flat(tensors: Mapping[str, npt.NDArray[Any]]) -> npt.NDArray[np.float64]:
     """Every tensor's values, in name order, as one float64 vector."""
-    return np.concatenate([np.asarray(tensors[name], np.float64).reshape(-1) for name in sorted(tensors)])
+    return np.concatenate(
+        [np.asarray(tensors[name], np.float64).reshape(-1) for name in sorted(tensors)]
+    )
 
 
 def clipped_sum(
