@@ -41,9 +41,6 @@ from foedus.collaborator.secure import SecureRoundMissedError, SecureRounds, Sit
 from foedus.collaborator.secure_state import RoundFile, RoundFileError, RoundFiles
 from foedus.pki.layout import CertsLayout
 from foedus.pki.tls import server_credentials
-from foedus.privacy.budget import training_rounds
-from foedus.privacy.clipping import model_clip_factor
-from foedus.privacy.shares import NoiseShares
 from foedus.plans import Plan
 from foedus.plans.runners import Array
 from foedus.plans.schema import (
@@ -52,6 +49,9 @@ from foedus.plans.schema import (
     StragglerPolicy,
     StragglerSettings,
 )
+from foedus.privacy.budget import training_rounds
+from foedus.privacy.clipping import model_clip_factor
+from foedus.privacy.shares import NoiseShares
 from foedus.protos import aggregator_pb2, aggregator_pb2_grpc
 from foedus.protos.channel import server_options
 from foedus.secure import WEIGHT_TENSOR, ProtocolViolation, RoundContext, SealedShare, SecretKind
