@@ -107,9 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="where this site keeps its secrets of each secure aggregation round (plan: "
         "secure_aggregation.enabled): one file per round, mode 0600, written before anything "
         "made from them is sent, read again by a restarted collaborator, erased once the round "
-        "is over; with differential privacy too, privacy.secret (mode 0600, made once, kept), "
-        "which this site's noise shares are drawn from (default: the plan's "
-        "folder/collaborator-state/NAME)",
+        "is over (default: the plan's folder/collaborator-state/NAME); with differential "
+        "privacy too, privacy.secret, this site's noise secret (mode 0600, made once, kept)",
     )
     start.add_argument(
         "--keep-metrics",
