@@ -13,6 +13,7 @@ import pytest
 from foedus.aggregator.storage import read_model
 from foedus.history.rows import METRICS, SECURE_STEPS, read_rows
 from foedus.pki.layout import CertsLayout
+from foedus.privacy.accountant import epsilon_after
 
 from dying_runner import NAME as DYING_RUNNER
 from dying_runner import TRAIN, VALIDATION, arm
@@ -164,3 +165,8 @@ def test_a_collaborator_killed_at_each_stage_goes_on_byte_for_byte(
         for run in ("undisturbed", "killed"):
             assert not (tmp_path / run / "output" / "state" / "privacy.secret").exists()
             assert site_secrets(tmp_path / run) == secrets
+        rows = read_rows(folder / "output" / METRICS)  # the budget spent, as without secure
+        assert [(row.secure, row.dp) for row in rows] == [
+            *((True, {"epsilon": epsilon_after(r, 1.0, 1e-5), "delta": 1e-5}) for r in (1, 2, 3)),
+            (False, None),
+        ]
