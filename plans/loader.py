@@ -463,7 +463,12 @@ def _noised_ring(
         )
     quorum = settings.quorum(collaborators)
     bound = privacy.share_bound(quorum)
-    if "clip" not in section.data:
+    if not math.isfinite(bound):
+        section.problems.append(
+            f"{section.key('enabled')}: differential_privacy.noise_multiplier x clip is past "
+            "float64's range: no ring holds such noise; lower them"
+        )
+    elif "clip" not in section.data:
         clip = bound
     elif settings.clip < bound:
         section.problems.append(

@@ -154,6 +154,17 @@ def _not_positive(key: str, want: str) -> list[Any]:
             id="secure-ring-cuts-the-noise",
         ),
         pytest.param(
+            [
+                *DP_ON,
+                ("differential_privacy.clip", 1e200),
+                ("differential_privacy.noise_multiplier", 1e200),
+                ("secure_aggregation.enabled", True),
+            ],
+            "secure_aggregation.enabled: differential_privacy.noise_multiplier x clip is past "
+            "float64's range: no ring holds such noise; lower them",
+            id="secure-ring-for-infinite-noise",
+        ),
+        pytest.param(
             [*DP_ON, ("runner.settings.max_epsilon", 3)],
             "runner.settings.max_epsilon: a site's privacy cap belongs to the site's settings, "
             "never the plan: each site decides its own (site caps come with issue #23's next "
