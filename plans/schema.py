@@ -189,10 +189,13 @@ class SecureAggregationSettings:
     # how many must survive a round); None in the file: a majority of the collaborators (or of
     # each site's neighbours, with `neighbours`).
     threshold: int = 1
-    clip: float = 1.0  # secure_aggregation.clip: each value of an update's delta is cut to +-clip
+    # secure_aggregation.clip: each value of an update's delta is cut to +-clip (with
+    # differential privacy, by default the bound of a noised value: `share_bound`)
+    clip: float = 1.0
     bits: int = 32  # secure_aggregation.bits: the ring of the masked values (16, 32 or 64)
     # secure_aggregation.max_weight: the largest sample count an update is weighted by (a site
     # with more weighs this much); with the collaborators' number it sizes the fixed point.
+    # With differential privacy, 1: every site weighs the same (the loader sees to it).
     max_weight: int = 65536
     # secure_aggregation.neighbours: SecAgg+, each site masks with this many peers (a random
     # regular graph the round's number draws) instead of all of them; None: all of them.
@@ -241,7 +244,8 @@ class DifferentialPrivacySettings:
     """`differential_privacy`: site-level DP-FedAvg, each site's update clipped and the sum noised.
 
     Read `foedus.privacy` for the clipping, the noise and the accountant; the loader refuses a
-    section that gives no privacy (a noise multiplier of zero, a delta of 1) or cannot work yet.
+    section that gives no privacy (a noise multiplier of zero, a delta of 1) or cannot work.
+    With secure aggregation the sites add the noise in shares (`share_std`, `share_bound`).
     """
 
     enabled: bool = False  # differential_privacy.enabled
