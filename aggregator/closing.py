@@ -27,6 +27,9 @@ the same two steps; its new model is the reporters' clipped updates, summed, noi
 by their number (`foedus.aggregator.dp_model`) instead of the weighted average. Its uploads'
 clip factors and its noise are made while it is open (`prepare`, `accepted`: a thread of the
 round's own, `foedus.aggregator.dp_ahead`), and the close computes what was not made by then.
+With secure aggregation too, the sites clipped theirs and added their noise shares before
+masking (`foedus.privacy.shares`), each weighing 1: the secure round's unmasked sum over the
+survivors' summed weight is that model already (nothing is made ahead for it).
 """
 
 from __future__ import annotations

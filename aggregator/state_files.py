@@ -40,11 +40,11 @@ from foedus.durable.files import (
     is_temporary,
     make_folders,
     place_file,
-    write_bytes,
 )
 from foedus.durable.sqlite import hold_lock
 from foedus.history.rows import METRICS
-from foedus.privacy.noise import SECRET_BYTES, new_secret
+from foedus.privacy.secret import SECRET_FILE
+from foedus.privacy.secret import privacy_secret as secret_file
 from foedus.refusals.errors import ModelFileError, StorageError
 
 STATE_DIR = "state"
@@ -52,7 +52,7 @@ DATABASE = "state.sqlite"
 MODELS = "models"
 ROUNDS = "rounds"
 UPLOADS = "uploads"  # uploads being received (`aggregator.upload`), not yet accepted
-SECRET = "privacy.secret"  # the noise secret of a federation with differential privacy
+SECRET = SECRET_FILE  # the noise secret of a federation with differential privacy
 UPLOAD_SUFFIX = ".upload"  # an accepted result kept as it was sent: a serialized TaskResults
 OUTPUTS = (LAST_MODEL, BEST_MODEL, METRICS)
 
@@ -132,22 +132,9 @@ def read_checked(
 
 def privacy_secret(root: Path) -> bytes:
     """The noise secret kept in `root` (``state/``), made (mode 0600, durably) when it is not
-    there yet; `StorageError` naming the file when it cannot be, or holds something else."""
-    path = root / SECRET
-    try:
-        if not path.exists():
-            write_bytes(path, new_secret(), mode=0o600)
-        secret = path.read_bytes()
-    except OSError as error:
-        raise StorageError(
-            f"{path}: cannot keep the noise secret: {error.strerror or error}"
-        ) from None
-    if len(secret) != SECRET_BYTES:
-        raise StorageError(
-            f"{path}: holds {len(secret)} bytes, not the {SECRET_BYTES} of a noise secret "
-            "(start with --reset to begin the federation again)"
-        )
-    return secret
+    there yet (`foedus.privacy.secret`); `StorageError` naming the file when it cannot be, or
+    holds something else."""
+    return secret_file(root / SECRET, remedy="start with --reset to begin the federation again")
 
 
 def files_of(root: Path) -> list[str]:

@@ -1,0 +1,46 @@
+"""A party's privacy secret: 32 random bytes in a file of mode 0600, made once and kept for good.
+
+The aggregator keeps one beside its state (DP-FedAvg's noise), a site one in its collaborator
+state folder (DP-SGD's sampling and noise, its noise share under secure aggregation). Whatever
+is drawn from it depends on (secret, round) alone, so a party restarted after kill -9 draws
+exactly what it drew before: the same release, never a second one. The file is written once,
+whole and durably (`foedus.durable.files.replace_file`, mode 0600 from its creation on), and never
+replaced: two processes racing to make it keep the first one's bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from foedus.durable.files import replace_file
+from foedus.privacy.noise import SECRET_BYTES, new_secret
+from foedus.refusals.errors import StorageError
+
+SECRET_FILE = "privacy.secret"
+SECRET_MODE = 0o600
+
+
+def privacy_secret(path: Path, *, remedy: str) -> bytes:
+    """The secret in `path`, made (mode 0600, durably) when it is not there yet.
+
+    `StorageError` naming the file when it cannot be kept or holds something else; `remedy` says
+    what the party's operator does about a file that is not a secret (say, start with --reset).
+    """
+    try:
+        if not path.exists():
+            try:
+                made = new_secret()
+                replace_file(path, lambda file: file.write(made), mode=SECRET_MODE, replace=False)
+            except FileExistsError:
+                pass  # another process made it first: its secret is the one
+        secret = path.read_bytes()
+    except OSError as error:
+        raise StorageError(
+            f"{path}: cannot keep the privacy secret: {error.strerror or error}"
+        ) from None
+    if len(secret) != SECRET_BYTES:
+        raise StorageError(
+            f"{path}: holds {len(secret)} bytes, not the {SECRET_BYTES} of a privacy secret "
+            f"({remedy})"
+        )
+    return secret
