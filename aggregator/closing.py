@@ -159,12 +159,13 @@ class RoundCloser:
             counted = [state.results[key] for key in sorted(state.results) if key[0] in reporters]
             round_model = state.model
             started = state.opened_at if state.started_at is None else state.started_at
-            ahead, self._ahead = self._ahead, None
-            if ahead is not None:
-                ahead.stop()  # the close has the machine from now on; it makes what is left
         try:
             if decided is None and not self._decide(state, reporters, secure):
                 return None
+            with self._round_changed:
+                ahead, self._ahead = self._ahead, None
+            if ahead is not None:
+                ahead.stop()  # the close has the machine from now on; it makes what is left
             if on_close is not None:
                 on_close()
             with self._averaging(

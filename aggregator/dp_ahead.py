@@ -180,11 +180,14 @@ class RoundAhead:
                     elif piece is not None:
                         self._make_noise(*piece)
                 except Exception:  # the close computes it again, and says what is wrong
-                    logger.warning(
-                        "round %d: computing ahead for its close failed; the close computes it",
-                        self.round_number,
-                        exc_info=True,
-                    )
+                    with self._lock:
+                        stopped = self._stopped  # a close under way may have tidied its files
+                    if not stopped:
+                        logger.warning(
+                            "round %d: computing ahead for its close failed; the close computes it",
+                            self.round_number,
+                            exc_info=True,
+                        )
 
     def _make_factor(self, site: str, opener: UploadOpener) -> None:
         with opener() as source:
