@@ -202,3 +202,18 @@ def test_a_restarted_federation_makes_the_factors_of_the_uploads_it_kept(tmp_pat
         assert_model(fed.model(), expected(reference, uploads, secret, 0))
     finally:
         again.close()
+
+
+def test_a_stopped_federation_still_closes_its_round_the_same(store: FederationStore) -> None:
+    """`stop` (the aggregator stopping) ends the round's thread; a close after it computes all
+    it needs itself: the same model."""
+    fed = federation(store, rounds=1, privacy=SETTINGS)
+    fed.stop()
+    assert fed.wait_prepared(WAIT)
+    reference = fed.model()
+    uploads = {site: trained(value, reference) for site, value in TRAINED.items()}
+    for site, tensors in uploads.items():
+        send(fed, site, tensors)
+    assert fed.wait_prepared(WAIT)
+    assert fed.close_round_if_due() is not None
+    assert_model(fed.model(), expected(reference, uploads, store.privacy_secret(), 0))
