@@ -41,14 +41,15 @@ def plan_text(plan: Plan) -> str:
         else ""
     )
     adaptive = settings.adaptive_clipping
-    clip = (
-        f"clip {settings.clip:g}"
-        if adaptive is None
-        else f"clip {settings.clip:g} adapting to the sites' {adaptive.target_quantile:g} "
-        f"quantile, the update's noise multiplier "
-        f"{adaptive.update_noise_multiplier(settings.noise_multiplier):.4g} of the round's"
-    )
+    clip, split = f"clip {settings.clip:g}", ""
+    if adaptive is not None:
+        clip += (
+            f" at first, adapting to the {adaptive.target_quantile:g} quantile of the sites' "
+            "update norms"
+        )
+        update = adaptive.update_noise_multiplier(settings.noise_multiplier)
+        split = f" (the update's {update:.4g}, with the noise on the count of unclipped sites)"
     return (
         f"differential privacy ({clip}, noise multiplier "
-        f"{settings.noise_multiplier:g}{shared}{capped}; {budget_line(settings, rounds)})"
+        f"{settings.noise_multiplier:g}{split}{shared}{capped}; {budget_line(settings, rounds)})"
     )

@@ -22,6 +22,7 @@ from foedus.aggregator.store import FederationStore
 from foedus.history.rows import MetricsRow
 from foedus.plans.schema import AdaptiveClippingSettings, DifferentialPrivacySettings
 from foedus.privacy.adaptive import CLIP_RANGE, count_normal, moved_clip, unclipped_share
+from foedus.privacy.budget import plan_text
 from foedus.privacy.noise import CLIP_COUNT_STREAM, gaussian
 
 from federations import COLLABORATORS, UUID, federation, model, open_state, store
@@ -167,6 +168,18 @@ def test_the_count_noise_has_its_std_and_a_stream_of_its_own() -> None:
     assert abs(shares.mean() - 2 / 3) < 5 * 0.1 / math.sqrt(rounds)
     model_stream = [float(gaussian(SECRET, r, "", 0, 1)[0]) for r in range(10)]
     assert list(normals[:10]) != model_stream
+
+
+def test_the_first_line_says_the_clip_adapts_and_how_the_noise_is_shared() -> None:
+    """`aggregator start`'s first line: the starting clip, the quantile, the round's noise
+    multiplier and the update's share of it."""
+    plan = make_plan(None, federation={"uuid": UUID, "rounds": 4})
+    plan = dataclasses.replace(plan, differential_privacy=settings(0.1))
+    assert plan_text(plan).startswith(
+        "differential privacy (clip 0.1 at first, adapting to the 0.5 quantile of the sites' "
+        "update norms, noise multiplier 0.5 (the update's 0.9045, with the noise on the count "
+        "of unclipped sites); privacy budget: epsilon "
+    )
 
 
 def test_the_clip_stays_within_its_range() -> None:
