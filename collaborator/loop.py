@@ -51,6 +51,7 @@ from foedus.collaborator.errors import ClientError, RequestRejectedError
 from foedus.collaborator.heartbeat import Heartbeat
 from foedus.collaborator.private import PrivateRounds
 from foedus.collaborator.secure import SecureRoundMissedError, SecureRounds
+from foedus.history.rows import metric_text
 from foedus.plans.runners import Array, TaskRunner, TrainOutcome
 from foedus.plans.schema import (
     AGGREGATED_MODEL_VALIDATION,
@@ -311,7 +312,7 @@ def _run_task(
         round_number,
         task,
         samples,
-        " ".join(f"{name}={_shown(value)}" for name, value in metrics.items()),
+        " ".join(f"{name}={metric_text(value)}" for name, value in metrics.items()),
     )
     if task == TRAIN and private is not None:
         logger.info("%s", private.budget_line())
@@ -331,12 +332,6 @@ def _trained_tensors(
         sent = clipped_model(current.global_model, outcome.model, clip)
     trained = [OutgoingTensor(name, array, tags=TRAINED_TAGS) for name, array in sent.items()]
     return trained, outcome.data_size
-
-
-def _shown(value: float) -> str:
-    """A metric as the log shows it: 4 decimals, or 3 significant digits when that would show
-    0.0000 (a delta of 1e-05)."""
-    return f"{value:.3g}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"
 
 
 def _metrics(metrics: Mapping[str, float], tags: tuple[str, ...]) -> list[OutgoingTensor]:

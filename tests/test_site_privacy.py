@@ -21,6 +21,8 @@ from foedus.collaborator.cli import main
 from foedus.collaborator.client import AggregatorGRPCClient
 from foedus.collaborator.loop import run_collaborator
 from foedus.collaborator.private import BUDGET_SPENT_REASON
+from foedus.experiment.show import row_lines
+from foedus.history.rows import MetricsRow, metric_text
 from foedus.pki.layout import CertsLayout
 from foedus.plans.runners import RunnerError
 from foedus.plans.schema import RunnerSettings
@@ -331,3 +333,17 @@ def test_a_site_stops_exactly_at_its_cap_and_keeps_its_budget_across_a_kill(
     assert alice_round_1["epsilon"] == pytest.approx(spent, rel=1e-6)
     assert alice_round_1["delta"] == pytest.approx(1e-5, rel=1e-6)
     assert "epsilon" not in training[1].sites["bob"]["train"]  # bob ran without a ledger
+
+
+def test_experiment_metrics_shows_each_sites_epsilon_and_delta() -> None:
+    """`experiment metrics --sites` shows a site's epsilon and its delta as 1e-05, not 0.0000."""
+    row = MetricsRow(
+        round_number=2,
+        reporters=("alice",),
+        missing=(),
+        metrics={"train": {"loss": 0.5}},
+        sites={"alice": {"train": {"loss": 0.5, "epsilon": 2.9702, "delta": 1e-5}}},
+    )
+    lines = row_lines(row.to_json(), 4, sites=True)
+    assert lines[-1] == "  alice  train: delta 1e-05 epsilon 2.9702 loss 0.5000"
+    assert metric_text(0.0) == "0.0000" and metric_text(-0.00012) == "-0.00012"
