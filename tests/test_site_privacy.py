@@ -347,3 +347,21 @@ def test_experiment_metrics_shows_each_sites_epsilon_and_delta() -> None:
     lines = row_lines(row.to_json(), 4, sites=True)
     assert lines[-1] == "  alice  train: delta 1e-05 epsilon 2.9702 loss 0.5000"
     assert metric_text(0.0) == "0.0000" and metric_text(-0.00012) == "-0.00012"
+
+
+def test_a_ledger_without_its_secret_stops_the_site_at_start(
+    certs: CertsLayout, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Rounds were released with a secret that is gone: a new one would release them again,
+    otherwise; one line naming both files, exit 2, nothing sent (no aggregator is running)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    SiteLedger(state / LEDGER_FILE, UUID, "alice").record(SpentRound(0, 1.0, 0.05, 20))
+    plan = _plan_file(tmp_path, certs, 1, {"noise_multiplier": 1.0, "max_grad_norm": 1.0})
+    assert main(["start", "-n", "alice", "--plan", str(plan), "--state-dir", str(state)]) == 2
+    assert capsys.readouterr().err == (
+        f"collaborator: error: --state-dir: {state / SECRET_FILE}: missing, while "
+        f"{state / LEDGER_FILE} holds rounds released with it: a new secret would release those "
+        "rounds again, differently; put the secret back\n"
+    )
+    assert not (state / SECRET_FILE).exists()
