@@ -24,7 +24,10 @@ out in it and, when it closed untrained, why (`SecureStages.record`).
 
 A round of a federation with differential privacy (the plan's `differential_privacy`) closes in
 the same two steps; its new model is the reporters' clipped updates, summed, noised and divided
-by their number (`foedus.aggregator.dp_model`) instead of the weighted average.
+by their number (`foedus.aggregator.dp_model`) instead of the weighted average. With secure
+aggregation too, the sites clipped theirs and added their noise shares before masking
+(`foedus.privacy.shares`), each weighing 1: the secure round's unmasked sum over the survivors'
+summed weight is that model already.
 """
 
 from __future__ import annotations

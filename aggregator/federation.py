@@ -9,8 +9,10 @@ leaving, the final validation round), `foedus.aggregator.closing` closes it (ave
 model). With the plan's `secure_aggregation` on, `foedus.aggregator.secure_stages` runs each
 training round's secure stages (`post_secure`, `secure_relay`), the masked uploads are checked
 for it, and the round's close waits for its unmasking. With `differential_privacy` on, each
-round's new model is the sites' clipped updates, noised (`foedus.aggregator.dp_model`), and the
-federation runs the training rounds its budget allows (`foedus.privacy.budget`).
+round's new model is the sites' clipped updates, noised (`foedus.aggregator.dp_model`; with
+secure aggregation too, the sites clip and noise theirs, `foedus.privacy.shares`, and the
+unmasked sum is the new model), and the federation runs the training rounds its budget allows
+(`foedus.privacy.budget`).
 
 Every check runs before anything is stored, and a resend of an accepted result is recognised and
 counted once (`foedus.aggregator.checks` says which results are refused). A collaborator's departure
@@ -163,7 +165,9 @@ class Federation:
         self._lock = threading.Lock()
         self._round_changed = threading.Condition(self._lock)
         self.privacy: Privacy | None = None
-        if privacy is not None and privacy.enabled:  # the secret before any round's noise
+        # The secret before any round's noise; under secure aggregation the sites add the noise
+        # (`foedus.privacy.shares`): the aggregator adds none and keeps no secret.
+        if privacy is not None and privacy.enabled and self.secure is None:
             self.privacy = Privacy(privacy, self.store.privacy_secret())
         self._closer = RoundCloser(
             self.schedule,

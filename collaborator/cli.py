@@ -55,7 +55,8 @@ from foedus.plans.site_settings import SiteSettingsError, plan_with_site_setting
 from foedus.privacy.budget import training_rounds
 from foedus.privacy.ledger import LEDGER_FILE, SiteLedger
 from foedus.privacy.noise import new_secret
-from foedus.privacy.secret import SECRET_FILE
+from foedus.privacy.secret import SECRET_FILE, privacy_secret
+from foedus.privacy.shares import NoiseShares
 from foedus.refusals.errors import StorageError
 from foedus.secure import ProtocolViolation
 
@@ -119,9 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="where this site keeps its secrets of each secure aggregation round (plan: "
         "secure_aggregation.enabled): one file per round, mode 0600, written before anything "
         "made from them is sent, read again by a restarted collaborator, erased once the round "
-        "is over; and, when its runner trains with DP-SGD (dp_sgd), its privacy secret and "
-        f"its privacy ledger ({SECRET_FILE}, {LEDGER_FILE}, mode 0600, kept for good) "
-        "(default: the plan's folder/collaborator-state/NAME)",
+        "is over (default: the plan's folder/collaborator-state/NAME); with differential "
+        f"privacy too, {SECRET_FILE}, this site's noise secret (mode 0600, made once, kept), "
+        f"and, when its runner trains with DP-SGD (dp_sgd), {LEDGER_FILE}, its privacy "
+        "ledger (mode 0600, kept for good)",
     )
     start.add_argument(
         "--keep-metrics",
@@ -221,13 +223,25 @@ def _start(
         except RoundFileError as error:
             raise UsageError(f"--state-dir: {error}") from None
     runner = _make_runner(plan, name)
+    # DP-SGD first: it checks its ledger against a secret it did not just make.
     private = _private_rounds(plan, name, runner, files)
+    shares = _noise_shares(plan, files.folder) if identity is not None else None
     with AggregatorGRPCClient.from_plan(plan, name) as client:
         secure = None
         if identity is not None:
-            secure = SecureRounds(client, plan, name, identity, files)
+            secure = SecureRounds(client, plan, name, identity, files, noise_shares=shares)
             logger.info(
                 "secure aggregation: this site's round secrets are kept in %s", files.folder
+            )
+        if shares is not None:
+            logger.info(
+                "differential privacy: this site clips its update to L2 norm %g and adds its "
+                "share of the noise, std %.4g (noise multiplier %g x clip / sqrt(%d), the "
+                "fewest sites the aggregator can unmask), before it masks it",
+                shares.settings.clip,
+                shares.std,
+                shares.settings.noise_multiplier,
+                shares.quorum,
             )
         logger.info(
             "collaborator %s of federation %s: working for the aggregator at %s",
@@ -347,6 +361,21 @@ def _secure_identity(plan: Plan, name: str) -> SiteIdentity | None:
         )
     except PkiError as error:
         raise UsageError(f"{plan.path}: tls.certs_dir: {error}") from None
+
+
+def _noise_shares(plan: Plan, folder: Path) -> NoiseShares | None:
+    """This site's noise shares under secure aggregation with differential privacy, drawn from
+    the secret in its state `folder` (made there once); None without differential privacy."""
+    if not plan.differential_privacy.enabled:
+        return None
+    try:
+        secret = privacy_secret(
+            folder / SECRET_FILE,
+            remedy="move it away, and a new one is made: noise this site has not sent yet",
+        )
+    except StorageError as error:
+        raise UsageError(f"--state-dir: {error}") from None
+    return NoiseShares.of(plan, secret)
 
 
 def _make_runner(plan: Plan, name: str) -> TaskRunner:

@@ -22,7 +22,9 @@ and asks again until a later round.
 
 In a federation with differential privacy (the plan's `differential_privacy`) the site clips
 its update (trained - global) to the plan's `clip` before it sends it
-(`foedus.privacy.clipping.clipped_model`); it validates its model as trained.
+(`foedus.privacy.clipping.clipped_model`); it validates its model as trained. In a secure one
+the masked update is clipped and given the site's noise share by `SecureRounds` instead
+(`foedus.privacy.shares`).
 
 A site that trains with sample-level DP-SGD (its runner's `private_training`) has its round
 counted before it trains it (`foedus.collaborator.private.PrivateRounds.before_train`: in its
@@ -119,8 +121,9 @@ def run_collaborator(
     `foedus.collaborator.heartbeat`). `secure`: this site's part in secure rounds (None: a plain
     federation); `keep_metrics`: its results carry no metric; `clip`: the plan's
     `differential_privacy.clip`, to which each trained model's update is clipped before it is
-    sent (None: sent as trained); `private`: this site's DP-SGD budget (None: it does not train
-    privately), whose `BudgetSpentError` at the cap propagates.
+    sent (None: sent as trained; in a secure federation `secure` clips and noises it);
+    `private`: this site's DP-SGD budget (None: it does not train privately), whose
+    `BudgetSpentError` at the cap propagates.
     """
     if max_idle_polls is not None and max_idle_polls < 1:
         raise ValueError(f"max_idle_polls must be >= 1 or None, got {max_idle_polls}")

@@ -8,7 +8,8 @@ Plain Python over `AggregatorGRPCClient` and `foedus.secure.SiteRound` (the prot
   for this site);
 - `masked_results`: the train result as it is uploaded, by the usual `send_local_task_results`:
   the update's delta, weighted, encoded in the ring and masked, plus its masked weight
-  (`WEIGHT_TENSOR`), with the wire data size 1 (the weight travels masked);
+  (`WEIGHT_TENSOR`), with the wire data size 1 (the weight travels masked); with differential
+  privacy, the delta clipped and this site's noise share added first (`foedus.privacy.shares`);
 - `after_round`, once the round's last task is sent: SURVIVORS (check the aggregator's list of
   survivors, sign it) and UNMASK (check the survivors' signatures, reveal the shares the
   unmasking needs, never both kinds of one site's).
@@ -48,6 +49,7 @@ from foedus.pki.files import read_certificate, read_certificates, read_private_k
 from foedus.pki.keys import PrivateKey
 from foedus.plans.runners import Array
 from foedus.plans.schema import Plan
+from foedus.privacy.shares import NoiseShares
 from foedus.secure import RoundContext, SecretsFileError, TooFewSites
 from foedus.secure.site import SiteRound
 from foedus.secure.site_secrets import SiteSecrets
@@ -121,9 +123,12 @@ class SecureRounds:
         *,
         sleep: Callable[[float], None] = time.sleep,
         max_polls: int | None = None,
+        noise_shares: NoiseShares | None = None,
     ) -> None:
         """`max_polls`: relays not ready in a row before giving up (None: as long as the aggregator
-        answers, like the rounds themselves)."""
+        answers, like the rounds themselves). `noise_shares`: with differential privacy, how this
+        site clips its update and adds its share of the noise before it masks it."""
+        self.noise_shares = noise_shares
         self.client = client
         self.plan = plan
         self.name = name
@@ -162,9 +167,14 @@ class SecureRounds:
             raise RuntimeError(f"masked_results of round {round_number} before before_train")
         # The delta (trained - global, in float64) is taken a chunk at a time as it is encoded.
         trained_model = {name: np.asarray(trained[name]) for name in global_model}
+        factor, noise = 1.0, None
+        shares = self.noise_shares
+        if shares is not None:  # clipped, and its noise share added, before it is masked
+            factor = shares.clip_factor(global_model, trained_model)
+            noise = shares.noise(round_number)
         try:
             masked = current.site.masked_update(  # the weight capped at max_weight
-                trained_model, data_size, reference=global_model
+                trained_model, data_size, reference=global_model, factor=factor, noise=noise
             )
         except ValueError as error:  # no samples, NaN or infinities: nothing can be uploaded
             raise SecureUpdateError(

@@ -8,6 +8,7 @@ mapping checked by `foedus.plans.reader`, the one strict YAML reader; the servic
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 import re
@@ -30,6 +31,7 @@ from foedus.plans.reader import (
 )
 from foedus.plans.schema import (
     KNOWN_TASKS,
+    LARGEST_NORMAL,
     RING_BITS,
     TRAIN,
     AggregatorSettings,
@@ -137,8 +139,8 @@ def parse_plan(data: object, plan_path: Path) -> Plan:
     )
     limits = _limits(root.section("limits"))
     connection = _connection(root.section("connection"))
-    secure = _secure_aggregation(root.section("secure_aggregation"), known)
-    privacy = _differential_privacy(root.section("differential_privacy"), secure)
+    privacy = _differential_privacy(root.section("differential_privacy"))
+    secure = _secure_aggregation(root.section("secure_aggregation"), known, privacy)
     problems.extend(_site_caps(runner.settings))
     offline_after = straggler.offline_after_seconds
     if offline_after is not None and offline_after < 2 * connection.heartbeat_seconds:
@@ -404,13 +406,16 @@ def _connection(section: Section) -> ConnectionSettings:
     return settings
 
 
-def _secure_aggregation(section: Section, collaborators: int) -> SecureAggregationSettings:
+def _secure_aggregation(
+    section: Section, collaborators: int, privacy: DifferentialPrivacySettings
+) -> SecureAggregationSettings:
     """`secure_aggregation`, each key checked; what needs the collaborators only when it is on.
 
     A plan that leaves it off is not refused for a ring or a threshold it never uses (a
     federation of 500 sites would not fit the default ring without `neighbours`). That it needs
     TLS is checked where the plan runs (`aggregator start`): a director checks a submitted plan
-    with placeholder `tls`, and gives the aggregator its own.
+    with placeholder `tls`, and gives the aggregator its own. With `privacy` on too, each site
+    weighs 1 and the ring holds its noised update (`_noised_ring`).
     """
     defaults = SecureAggregationSettings()
     problems = len(section.problems)
@@ -438,6 +443,8 @@ def _secure_aggregation(section: Section, collaborators: int) -> SecureAggregati
         max_weight=max_weight,
         neighbours=neighbours,
     )
+    if enabled and privacy.enabled:
+        settings = _noised_ring(section, settings, privacy, collaborators)
     if (
         enabled and collaborators and len(section.problems) == problems
     ):  # else: defaults, misleading
@@ -447,15 +454,53 @@ def _secure_aggregation(section: Section, collaborators: int) -> SecureAggregati
     return settings
 
 
-def _differential_privacy(
-    section: Section, secure: SecureAggregationSettings
-) -> DifferentialPrivacySettings:
+def _noised_ring(
+    section: Section,
+    settings: SecureAggregationSettings,
+    privacy: DifferentialPrivacySettings,
+    collaborators: int,
+) -> SecureAggregationSettings:
+    """A secure federation's ring under differential privacy, where each site adds its noise
+    share before it masks (`foedus.privacy.shares`): every site weighs 1 (`max_weight` 1, as
+    DP-FedAvg weighs them), and `clip` holds a clipped delta plus a noise share whole
+    (`DifferentialPrivacySettings.share_bound`): left out, it is that bound; below it, refused,
+    since the ring would cut the noise."""
+    max_weight, clip = 1, settings.clip
+    if "max_weight" in section.data and settings.max_weight != 1:
+        section.problems.append(
+            f"{section.key('max_weight')}: {settings.max_weight} with "
+            "differential_privacy.enabled: every site weighs 1 under differential privacy (a "
+            "weight by sample count would let one site move the model by more than "
+            "differential_privacy.clip); leave it out"
+        )
+    quorum = settings.quorum(collaborators)
+    bound = privacy.share_bound(quorum)
+    if not math.isfinite(bound):
+        section.problems.append(
+            f"{section.key('enabled')}: differential_privacy.noise_multiplier x clip is past "
+            "float64's range: no ring holds such noise; lower them"
+        )
+    elif "clip" not in section.data:
+        clip = bound
+    elif settings.clip < bound:
+        section.problems.append(
+            f"{section.key('clip')}: {settings.clip:g} would cut the sites' noise: with "
+            f"differential_privacy.enabled a value of a site's update is at most "
+            f"differential_privacy.clip ({privacy.clip:g}) plus {LARGEST_NORMAL:.2f} x its noise "
+            f"share's std ({privacy.share_std(quorum):.4g}, for the quorum of {quorum} sites): "
+            f"leave it out (it is then that bound) or make it at least "
+            f"{math.ceil(bound * 1000) / 1000:g}"
+        )
+    return dataclasses.replace(settings, clip=clip, max_weight=max_weight)
+
+
+def _differential_privacy(section: Section) -> DifferentialPrivacySettings:
     """`differential_privacy`, each key checked; `clip` and `noise_multiplier` required when on.
 
-    Refused: settings that give no privacy (no noise, a delta of 1 or more), and DP together
-    with secure aggregation, whose sites would have to add the noise in shares (not built yet).
-    Whether the cap allows a first round needs the accountant: `foedus.privacy.budget_problem`,
-    where the plan runs.
+    Refused: settings that give no privacy (no noise, a delta of 1 or more). With secure
+    aggregation on too, the sites add the noise in shares (`_noised_ring` sizes the ring for
+    it). Whether the cap allows a first round needs the accountant:
+    `foedus.privacy.budget_problem`, where the plan runs.
     """
     defaults = DifferentialPrivacySettings()
     enabled = section.flag("enabled", defaults.enabled)
@@ -497,11 +542,6 @@ def _differential_privacy(
                     f"{section.key(key)}: required when {section.key('enabled')} is true: the "
                     "privacy a federation gives is chosen, never a default"
                 )
-    if enabled and secure.enabled:
-        section.problems.append(
-            f"{section.key('enabled')}: not yet together with secure_aggregation.enabled: the "
-            "sites' noise shares come with issue #23's next step; turn one of them off"
-        )
     return DifferentialPrivacySettings(
         enabled=enabled,
         clip=clip,

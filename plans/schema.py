@@ -6,6 +6,7 @@ YAML file, written beside it, so a person can find what an error message names.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -188,14 +189,23 @@ class SecureAggregationSettings:
     # how many must survive a round); None in the file: a majority of the collaborators (or of
     # each site's neighbours, with `neighbours`).
     threshold: int = 1
-    clip: float = 1.0  # secure_aggregation.clip: each value of an update's delta is cut to +-clip
+    # secure_aggregation.clip: each value of an update's delta is cut to +-clip (with
+    # differential privacy, by default the bound of a noised value: `share_bound`)
+    clip: float = 1.0
     bits: int = 32  # secure_aggregation.bits: the ring of the masked values (16, 32 or 64)
     # secure_aggregation.max_weight: the largest sample count an update is weighted by (a site
     # with more weighs this much); with the collaborators' number it sizes the fixed point.
+    # With differential privacy, 1: every site weighs the same (the loader sees to it).
     max_weight: int = 65536
     # secure_aggregation.neighbours: SecAgg+, each site masks with this many peers (a random
     # regular graph the round's number draws) instead of all of them; None: all of them.
     neighbours: int | None = None
+
+    def quorum(self, sites: int) -> int:
+        """How many survivors of `sites` collaborators must sign one survivor list before any
+        site reveals a share: the threshold, and more than half of them (`RoundContext.quorum`).
+        So no sum the aggregator unmasks holds fewer sites than this."""
+        return max(self.threshold, sites // 2 + 1)
 
     def ring_problem(self, sites: int) -> str | None:
         """Why the ring cannot hold the sum of `sites` collaborators' values (one line), or None.
@@ -223,6 +233,10 @@ class SecureAggregationSettings:
 
 
 DEFAULT_DP_DELTA = 1e-5  # differential_privacy.delta when the plan leaves it out
+# The largest |z| `foedus.privacy.noise` ever draws: Box-Muller on 53-bit uniforms,
+# sqrt(-2 ln 2^-53) = sqrt(106 ln 2) = 8.57. A site's noise share is bounded by it, so the
+# ring of a secure federation can hold every noised value (`share_bound`).
+LARGEST_NORMAL = math.sqrt(106 * math.log(2))
 
 
 @dataclass(frozen=True)
@@ -230,7 +244,8 @@ class DifferentialPrivacySettings:
     """`differential_privacy`: site-level DP-FedAvg, each site's update clipped and the sum noised.
 
     Read `foedus.privacy` for the clipping, the noise and the accountant; the loader refuses a
-    section that gives no privacy (a noise multiplier of zero, a delta of 1) or cannot work yet.
+    section that gives no privacy (a noise multiplier of zero, a delta of 1) or cannot work.
+    With secure aggregation the sites add the noise in shares (`share_std`, `share_bound`).
     """
 
     enabled: bool = False  # differential_privacy.enabled
@@ -249,6 +264,19 @@ class DifferentialPrivacySettings:
     def noise_std(self) -> float:
         """The standard deviation of the noise added to each value of the sum of clipped deltas."""
         return self.noise_multiplier * self.clip
+
+    def share_std(self, quorum: int) -> float:
+        """The std of one site's noise share under secure aggregation: noise_std / sqrt(quorum),
+        so that any sum of `quorum` or more sites' shares has at least `noise_std`."""
+        if quorum < 1:
+            raise ValueError(f"a quorum is 1 or more, not {quorum}")
+        return self.noise_std / math.sqrt(quorum)
+
+    def share_bound(self, quorum: int) -> float:
+        """The largest magnitude one value of a site's clipped delta plus its noise share can
+        have: clip (an L2 norm bounds each value) + LARGEST_NORMAL x share_std, a hair above
+        (float64's rounding of the site's sum): the `secure_aggregation.clip` that cuts nothing."""
+        return (self.clip + LARGEST_NORMAL * self.share_std(quorum)) * (1 + 2**-40)
 
 
 @dataclass(frozen=True)

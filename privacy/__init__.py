@@ -6,7 +6,9 @@ tensors together (`clipping`: by the site before it uploads, and again by the ag
 the guarantee does not rest on a site's honesty); the clipped deltas are summed, Gaussian noise
 of std noise_multiplier x clip is added to the sum (`noise`: standard normals from AES-256-CTR
 under a secret the aggregator keeps, the same for any slice and after a resume), and the sum is
-divided by the number of reporters: new = global + (sum + noise) / n. The epsilon the rounds
+divided by the number of reporters: new = global + (sum + noise) / n. Under secure aggregation
+the aggregator sees no update to clip nor a sum to noise before it is unmasked: each site clips
+its own and adds its share of the noise before it masks it (`shares`). The epsilon the rounds
 spend at the plan's delta, and the most rounds a cap allows, come from Google's RDP accountant
 (`accountant`). Plain Python and numpy, no socket: the aggregator and the collaborator call it.
 """
@@ -20,6 +22,7 @@ from foedus.privacy.clipping import (
     clipped_model,
     delta_norm,
     factor_for,
+    model_clip_factor,
     source_clip_factor,
 )
 from foedus.privacy.noise import SECRET_BYTES, gaussian, new_secret, not_noisable, stream_key
@@ -37,6 +40,7 @@ __all__ = [
     "epsilon_after",
     "factor_for",
     "gaussian",
+    "model_clip_factor",
     "new_secret",
     "not_noisable",
     "rounds_within",

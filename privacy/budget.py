@@ -24,8 +24,8 @@ def training_rounds(plan: Plan) -> int:
 
 
 def plan_text(plan: Plan) -> str:
-    """What the first line says of a DP federation: its settings, the rounds its budget allows
-    and what they will spend."""
+    """What the first line says of a DP federation: its settings (under secure aggregation, that
+    the sites add the noise), the rounds its budget allows and what they will spend."""
     settings = plan.differential_privacy
     rounds = training_rounds(plan)
     capped = (
@@ -33,7 +33,13 @@ def plan_text(plan: Plan) -> str:
         if rounds < plan.federation.rounds
         else ""
     )
+    secure = plan.secure_aggregation
+    shared = (
+        f", added by the sites in shares (quorum {secure.quorum(len(plan.collaborators))})"
+        if secure.enabled
+        else ""
+    )
     return (
         f"differential privacy (clip {settings.clip:g}, noise multiplier "
-        f"{settings.noise_multiplier:g}{capped}; {budget_line(settings, rounds)})"
+        f"{settings.noise_multiplier:g}{shared}{capped}; {budget_line(settings, rounds)})"
     )

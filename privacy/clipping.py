@@ -86,6 +86,13 @@ def source_clip_factor(
     return factor_for(delta_norm(reference, trained, slice_elements=slice_elements), clip)
 
 
+def model_clip_factor(
+    reference: Mapping[str, Array], trained: Mapping[str, Array], clip: float
+) -> float:
+    """The factor that clips trained - reference to L2 norm `clip`, both models in memory."""
+    return source_clip_factor(reference, _Arrays(trained), clip)
+
+
 def clip_factor(
     delta: Mapping[str, Array], clip: float, *, slice_elements: int = SLICE_ELEMENTS
 ) -> float:
@@ -150,7 +157,7 @@ def clipped_model(
     (the same arrays) when the delta is within `clip`, or not finite: the aggregator refuses
     NaN and infinity as in any federation (or, allowing them, gives that update no weight).
     """
-    factor = source_clip_factor(reference, _Arrays(trained), clip)
+    factor = model_clip_factor(reference, trained, clip)
     if factor in (0.0, 1.0):
         return dict(trained)
     clipped: dict[str, Array] = {}

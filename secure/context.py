@@ -71,7 +71,7 @@ class RoundContext:
         round, so two lists can never both gather a majority: an aggregator cannot name a site
         a survivor to some (its seed's shares) and dropped to others (its mask key's) and so
         unmask it, whatever the threshold or the neighbours."""
-        return max(self.threshold, len(self.collaborators) // 2 + 1)
+        return self.settings.quorum(len(self.collaborators))
 
     @functools.cached_property
     def fixed_point(self) -> FixedPoint:

@@ -11,6 +11,7 @@ the fraction that rounding could push over the bound.) numpy's unsigned arithmet
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,13 +60,21 @@ class FixedPoint:
         return _UNSIGNED[self.bits]
 
     def encode(
-        self, values: npt.ArrayLike, weight: int, *, reference: npt.ArrayLike | None = None
+        self,
+        values: npt.ArrayLike,
+        weight: int,
+        *,
+        reference: npt.ArrayLike | None = None,
+        factor: float = 1.0,
+        noise: Callable[[int, int], FloatArray] | None = None,
     ) -> RingArray:
         """`rint(clip(values, +-clip) * weight * scale)` in the ring; raises ValueError on NaN or inf.
 
         With `reference` (the same shape), `values - reference` (computed in float64, exact for
         float32 tensors) is encoded instead: a site passes its trained and its global tensor, and
-        the delta is never formed whole.
+        the delta is never formed whole. With `factor` or `noise` (differential privacy,
+        `foedus.privacy.shares`), `delta x factor + noise(start, stop)` is encoded, in float64:
+        `noise` gives elements [start, stop) of what is added, a chunk at a time.
 
         Done in chunks of float64 that stay in the processor's cache (the whole update is never
         copied to float64 at once): a 100 MB float32 tensor costs its ring array and little more.
@@ -78,7 +87,8 @@ class FixedPoint:
             if base.size != source.size:
                 raise ValueError(f"the reference has {base.size} values, the update {source.size}")
         flat = source.reshape(-1)
-        factor = weight * self.scale
+        perturbed = factor != 1.0 or noise is not None
+        weighted = weight * self.scale
         # Only float64's rounding of a 64-bit ring's values could pass the bound: cut them to it
         # (float64 rounds that bound up: take the float below it then).
         bound = float(self.bound)
@@ -86,7 +96,7 @@ class FixedPoint:
             bound = float(np.nextafter(bound, 0.0))
         # clip(d, +-clip) * factor is clip(d * factor, +-clip * factor) (rounding is monotonic),
         # and a limit at most the (whole) bound keeps rint within it: one clip, before rint.
-        limit = min(self.clip * factor, bound)
+        limit = min(self.clip * weighted, bound)
         encoded = np.empty(flat.size, dtype=self.dtype)
         # Written through its signed view: the values fit it, and their bits are the ring's.
         signed = encoded.view(_SIGNED[self.bits])
@@ -95,16 +105,25 @@ class FixedPoint:
             for begin in range(0, flat.size, _CHUNK):
                 chunk = flat[begin : begin + _CHUNK]
                 work = scratch[: chunk.size]
-                if base is None:
+                if base is None and not perturbed:
                     checked = chunk
-                    np.multiply(chunk, factor, out=work, dtype=np.float64)
+                    np.multiply(chunk, weighted, out=work, dtype=np.float64)
                 else:
                     checked = work
-                    np.subtract(chunk, base[begin : begin + chunk.size], out=work, dtype=np.float64)
+                    if base is None:
+                        np.copyto(work, chunk, casting="unsafe")
+                    else:
+                        end = begin + chunk.size
+                        np.subtract(chunk, base[begin:end], out=work, dtype=np.float64)
                 if not np.isfinite(checked).all():
                     raise ValueError("an update holds NaN or infinite values: it cannot be encoded")
-                if base is not None:
-                    work *= factor
+                if perturbed:
+                    if factor != 1.0:
+                        work *= factor
+                    if noise is not None:
+                        work += noise(begin, begin + chunk.size)
+                if base is not None or perturbed:
+                    work *= weighted
                 np.clip(work, -limit, limit, out=work)
                 np.rint(work, out=work)
                 np.copyto(signed[begin : begin + chunk.size], work, casting="unsafe")

@@ -15,8 +15,9 @@ relays again (the aggregator keeps them) and replays them into a fresh `SiteRoun
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -52,7 +53,7 @@ from foedus.secure.records import (
     SecretKind,
     SurvivorConfirmation,
 )
-from foedus.secure.ring import RingArray
+from foedus.secure.ring import FloatArray, RingArray
 from foedus.secure.site_secrets import SiteSecrets
 
 logger = logging.getLogger(__name__)
@@ -364,6 +365,8 @@ class SiteRound:
         weight: int,
         *,
         reference: Mapping[str, npt.NDArray[Any]] | None = None,
+        factor: float = 1.0,
+        noise: Callable[[str, int, int], FloatArray] | None = None,
     ) -> dict[str, RingArray]:
         """MASKED UPLOAD: the delta (trained - global) weighted, encoded and masked, each tensor in
         its shape and the ring's dtype, plus WEIGHT_TENSOR (the masked weight, shape (1,)).
@@ -371,6 +374,8 @@ class SiteRound:
         With `reference` (the global model), `delta` is the trained model and the delta is taken
         a chunk at a time as it is encoded (`FixedPoint.encode`), never whole in float64.
         `weight` is the sample count (at least 1); above max_weight it counts as max_weight.
+        With differential privacy, the delta is scaled by `factor` (its clipping) and
+        `noise(tensor, start, stop)` added (the site's noise share) before it is encoded.
         Raises ValueError for a delta with NaN or infinite values (nothing can be uploaded).
         """
         if weight < 1:
@@ -383,8 +388,11 @@ class SiteRound:
         for name, (start, _stop) in layout.slices.items():
             values = np.asarray(delta[name])
             base = None if reference is None else np.asarray(reference[name]).reshape(-1)
+            noised = None if noise is None else functools.partial(noise, name)
             try:
-                flat = fixed.encode(values.reshape(-1), weight, reference=base)
+                flat = fixed.encode(
+                    values.reshape(-1), weight, reference=base, factor=factor, noise=noised
+                )
             except ValueError as error:
                 raise ValueError(f"tensor {name!r}: {error}") from None
             add_masks(flat, masks, start)

@@ -19,6 +19,8 @@ from foedus.pki.layout import CertsLayout
 from foedus.pki.local import load_signing_ca
 from foedus.pki.requests import Role
 from foedus.plans.schema import SecureAggregationSettings
+from foedus.privacy.clipping import clip_factor
+from foedus.privacy.shares import NoiseShares
 from foedus.secure.context import WEIGHT_TENSOR, RoundContext
 from foedus.secure.records import Advertisement, RevealedShare, SealedShare
 from foedus.secure.ring import RingArray
@@ -148,9 +150,12 @@ def run_round(
     before_shares: Collection[str] = (),
     before_upload: Collection[str] = (),
     before_unmask: Collection[str] = (),
+    shares: Mapping[str, NoiseShares] | None = None,
 ) -> tuple[dict[str, npt.NDArray[Any]], Relays]:
     """One whole round, honest aggregator; sites in each set drop out at that point (after KEYS,
-    after SHARES, after their upload). Returns the next model and the relays."""
+    after SHARES, after their upload). With `shares` (differential privacy), each site clips
+    its delta and adds its noise share as a collaborator does. Returns the next model and the
+    relays."""
     relays = Relays()
     names = sorted(round_sites)
     round_context = round_sites[names[0]].context
@@ -164,9 +169,19 @@ def run_round(
     for name in relays.u2:
         round_sites[name].accept_shares(relays.u2, for_receiver(relays.shares, name, relays.u2))
     relays.u3 = tuple(name for name in relays.u2 if name not in before_upload)
-    uploads = {
-        name: round_sites[name].masked_update(deltas[name], weights[name]) for name in relays.u3
-    }
+
+    def masked(name: str) -> dict[str, RingArray]:
+        if shares is None:
+            return round_sites[name].masked_update(deltas[name], weights[name])
+        share = shares[name]
+        return round_sites[name].masked_update(
+            deltas[name],
+            weights[name],
+            factor=clip_factor(deltas[name], share.settings.clip),
+            noise=share.noise(round_context.round_number),
+        )
+
+    uploads = {name: masked(name) for name in relays.u3}
     relays.summed = summed(uploads)
     confirming = [name for name in relays.u3 if name not in before_unmask]
     confirmations = [round_sites[name].confirmation(relays.u3) for name in confirming]

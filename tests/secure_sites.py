@@ -14,6 +14,8 @@ from foedus.aggregator.records import Array, ResultTensor, TaskResult
 from foedus.pki.files import read_certificate, read_certificates, read_private_key
 from foedus.pki.layout import CertsLayout
 from foedus.plans.schema import SecureAggregationSettings
+from foedus.privacy.clipping import clip_factor
+from foedus.privacy.shares import NoiseShares
 from foedus.secure import RoundContext
 from foedus.secure.site import SiteRound
 from foedus.secure.site_secrets import SiteSecrets
@@ -118,14 +120,24 @@ class Sites:
         weight: int,
         *,
         loss: float | None = 0.5,
+        shares: NoiseShares | None = None,
     ) -> TaskResult:
         """`name` takes the SHARES relay and uploads its masked update (with `loss`, unless
-        None); the result it sent."""
+        None; with `shares`, clipped and noised as under differential privacy); the result it
+        sent."""
         site = self.rounds[name]
         got = relay(self.fed, name, self.round_number, Stage.SHARES)
         assert got.ready and not got.excluded, got
         site.accept_shares(got.members, got.shares)
-        masked = site.masked_update(delta, weight)
+        if shares is None:
+            masked = site.masked_update(delta, weight)
+        else:
+            masked = site.masked_update(
+                delta,
+                weight,
+                factor=clip_factor(delta, shares.settings.clip),
+                noise=shares.noise(self.round_number),
+            )
         result = masked_result(name, self.round_number, masked, loss=loss)
         assert self.fed.submit(result)
         return result

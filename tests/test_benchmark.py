@@ -14,7 +14,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "tests" / "benchmark" / "bench.py"
-TIMEOUT_SECONDS = 60
+# A bound on a hang, not a speed target: the quick run takes about 25 s of CPU, a minute of a
+# loaded 2-core machine (its secure and DP rounds came after the first bound of 60 s).
+TIMEOUT_SECONDS = 180
 # The figures the performance issue asks for, listed here and not imported from the benchmark,
 # so that dropping one there fails here.
 FIGURES = (
@@ -76,7 +78,7 @@ def run_bench(*args: str) -> str:
 
 
 def test_quick_benchmark_writes_every_figure_as_a_number(tmp_path: Path) -> None:
-    """`bench.py --quick --output FILE` exits 0 within 60 s and FILE is strict JSON with every figure a finite number."""
+    """`bench.py --quick --output FILE` exits 0 within TIMEOUT_SECONDS and FILE is strict JSON with every figure a finite number."""
     output = tmp_path / "bench.json"
     stdout = run_bench("--quick", "--output", str(output))
     results = json.loads(output.read_text(encoding="utf-8"), parse_constant=_refuse_constant)

@@ -49,6 +49,9 @@ from foedus.plans.schema import (
     StragglerPolicy,
     StragglerSettings,
 )
+from foedus.privacy.budget import training_rounds
+from foedus.privacy.clipping import model_clip_factor
+from foedus.privacy.shares import NoiseShares
 from foedus.protos import aggregator_pb2, aggregator_pb2_grpc
 from foedus.protos.channel import server_options
 from foedus.secure import WEIGHT_TENSOR, ProtocolViolation, RoundContext, SealedShare, SecretKind
@@ -453,8 +456,10 @@ def site_rounds(
     *,
     max_polls: int = 3000,
     client: AggregatorGRPCClient | None = None,
+    noise_shares: NoiseShares | None = None,
 ) -> SecureRounds:
-    """Site `name`'s SecureRounds: its own client, certificate and round files under `state`."""
+    """Site `name`'s SecureRounds: its own client, certificate and round files under `state`
+    (with differential privacy, its `noise_shares`)."""
     certs = plan.tls.certs
     assert certs is not None
     identity = SiteIdentity.from_files(
@@ -472,6 +477,7 @@ def site_rounds(
         files,
         sleep=lambda _: time.sleep(0.02),
         max_polls=max_polls,
+        noise_shares=noise_shares,
     )
 
 
@@ -851,9 +857,12 @@ def digits_plan(certs: CertsLayout, *, secure: bool) -> Plan:
     return dataclasses.replace(plan, secure_aggregation=settings)
 
 
-def run_in_process(plan: Plan, state: Path) -> dict[str, Array]:
+def run_in_process(
+    plan: Plan, state: Path, site_secrets: Mapping[str, bytes] | None = None
+) -> dict[str, Array]:
     """Run `plan`'s whole federation in this process (a real server, each collaborator's loop in
-    a thread of its own); the final model."""
+    a thread of its own; with differential privacy, each site's noise shares from its secret in
+    `site_secrets`); the final model."""
     federation = Federation.from_plan(plan, DigitsRunner.initial_model(plan.runner))
     planned = PlannedWork(rounds=plan.federation.rounds, tasks=plan.tasks)
 
@@ -862,7 +871,8 @@ def run_in_process(plan: Plan, state: Path) -> dict[str, Array]:
         with client:
             secure = None
             if plan.secure_aggregation.enabled:
-                secure = site_rounds(plan, port, name, state, client=client)
+                shares = None if site_secrets is None else NoiseShares.of(plan, site_secrets[name])
+                secure = site_rounds(plan, port, name, state, client=client, noise_shares=shares)
             runner = DigitsRunner(plan.runner, collaborator=name, collaborators=plan.collaborators)
             return run_collaborator(
                 client, runner, plan.runner, planned=planned, secure=secure, max_idle_polls=400
@@ -897,6 +907,50 @@ def test_a_secure_federation_ends_close_to_the_plain_one(
         assert secure[name].dtype == array.dtype
         np.testing.assert_allclose(secure[name], array, rtol=0, atol=1e-6)
     assert [path for path in (tmp_path / "secure").rglob("*") if path.is_file()] == []
+
+
+def test_a_private_secure_federation_ends_at_its_budget_with_the_sites_noise(
+    certs: CertsLayout, tmp_path: Path
+) -> None:
+    """Secure aggregation with differential privacy through a real aggregator: the budget allows
+    1 of the plan's 2 rounds, and the final model is the initial one plus the mean of the
+    sites' clipped deltas and noise shares (the test knows each site's secret), within the
+    fixed point's rounding; the aggregator adds no noise of its own."""
+    plan = make_plan(
+        certs,
+        aggregator={"long_poll_seconds": 0.2},
+        secure_aggregation={"enabled": True, "threshold": 2},
+        differential_privacy={
+            "enabled": True,
+            "clip": 1.0,
+            "noise_multiplier": 1.0,
+            "max_epsilon": 5,  # one round spends 4.73 at delta 1e-5, two 7.0
+        },
+    )
+    assert training_rounds(plan) == 1 < plan.federation.rounds
+    site_secrets = {name: bytes([index]) * 32 for index, name in enumerate(plan.collaborators)}
+    final = run_in_process(plan, tmp_path, site_secrets)
+    initial = DigitsRunner.initial_model(plan.runner)
+    summed = {key: np.zeros(array.size) for key, array in initial.items()}
+    noiseless = {key: np.zeros(array.size) for key, array in initial.items()}
+    for name in plan.collaborators:
+        runner = DigitsRunner(plan.runner, collaborator=name, collaborators=plan.collaborators)
+        trained = runner.train(initial, 0).model
+        factor = model_clip_factor(initial, trained, 1.0)
+        shares = NoiseShares.of(plan, site_secrets[name])
+        assert shares is not None and shares.quorum == 2
+        noise = shares.noise(0)
+        for key, array in initial.items():
+            delta = trained[key].astype(np.float64) - array.astype(np.float64)
+            noiseless[key] += factor * delta.reshape(-1)
+            summed[key] += factor * delta.reshape(-1) + noise(key, 0, array.size)
+    for key, array in initial.items():
+        expected = array.astype(np.float64) + (summed[key] / 3).reshape(array.shape)
+        assert final[key].dtype == array.dtype
+        np.testing.assert_allclose(final[key], expected, rtol=0, atol=1e-5)
+        # The noise is there: std 1 x 1 / sqrt(2) per site, over 3 sites, 0.41 on the mean.
+        moved = final[key].reshape(-1) - array.reshape(-1) - noiseless[key] / 3
+        assert 0.3 < float(np.std(moved)) < 0.5, key
 
 
 # -- collaborator start ------------------------------------------------------------------------------

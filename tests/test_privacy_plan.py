@@ -1,5 +1,6 @@
 """The plan's `differential_privacy` section: off by default, read as written, and every setting
-that gives no privacy (or cannot work yet) refused at start in one line naming the file and key."""
+that gives no privacy (or cannot work) refused at start in one line naming the file and key;
+with secure aggregation, each site weighs 1 and the ring holds the sites' noise shares."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import yaml
 
 from foedus.plans import PlanError, load_plan, parse_plan
-from foedus.plans.schema import DifferentialPrivacySettings
+from foedus.plans.schema import LARGEST_NORMAL, DifferentialPrivacySettings
 
 from test_plans import DELETE, OTHER_PROBLEM, PLAN_PATH, _document, _problems, _with
 
@@ -48,6 +49,24 @@ def test_differential_privacy_values_as_given() -> None:
     assert settings.noise_std == pytest.approx(2.6)
     uncapped = _with(document, ("differential_privacy.max_epsilon", None))
     assert parse_plan(uncapped, PLAN_PATH).differential_privacy.max_epsilon is None
+
+
+def test_with_secure_aggregation_each_site_weighs_one_and_the_ring_holds_its_noise() -> None:
+    """Both on, ring settings left out: max_weight 1, and a clip of clip plus LARGEST_NORMAL x the
+    share's std (noise_multiplier x clip / sqrt(quorum), the quorum of 3 sites being 2); a
+    larger clip and a max_weight of 1 as written; secure aggregation alone is unchanged."""
+    document = _with(_document(), *DP_ON, ("secure_aggregation.enabled", True))
+    plan = parse_plan(document, PLAN_PATH)
+    secure = plan.secure_aggregation
+    assert secure.quorum(3) == 2 and secure.max_weight == 1
+    share = 1.1 * 0.5 / 2**0.5
+    assert secure.clip == pytest.approx(0.5 + LARGEST_NORMAL * share, rel=1e-9)
+    assert secure.clip > 0.5 + LARGEST_NORMAL * share
+    written = _with(document, ("secure_aggregation.clip", 5), ("secure_aggregation.max_weight", 1))
+    assert parse_plan(written, PLAN_PATH).secure_aggregation.clip == 5.0
+    alone = _with(_document(), ("secure_aggregation.enabled", True))
+    settings = parse_plan(alone, PLAN_PATH).secure_aggregation
+    assert (settings.clip, settings.max_weight) == (1.0, 65536)
 
 
 def _not_positive(key: str, want: str) -> list[Any]:
@@ -120,10 +139,30 @@ def _not_positive(key: str, want: str) -> list[Any]:
             id="noise-multiplier-missing",
         ),
         pytest.param(
-            [*DP_ON, ("secure_aggregation.enabled", True)],
-            "differential_privacy.enabled: not yet together with secure_aggregation.enabled: "
-            "the sites' noise shares come with issue #23's next step; turn one of them off",
-            id="with-secure-aggregation",
+            [*DP_ON, ("secure_aggregation.enabled", True), ("secure_aggregation.max_weight", 64)],
+            "secure_aggregation.max_weight: 64 with differential_privacy.enabled: every site "
+            "weighs 1 under differential privacy (a weight by sample count would let one site "
+            "move the model by more than differential_privacy.clip); leave it out",
+            id="secure-weighted-with-dp",
+        ),
+        pytest.param(
+            [*DP_ON, ("secure_aggregation.enabled", True), ("secure_aggregation.clip", 3.8)],
+            "secure_aggregation.clip: 3.8 would cut the sites' noise: with "
+            "differential_privacy.enabled a value of a site's update is at most "
+            "differential_privacy.clip (0.5) plus 8.57 x its noise share's std (0.3889, for the "
+            "quorum of 2 sites): leave it out (it is then that bound) or make it at least 3.834",
+            id="secure-ring-cuts-the-noise",
+        ),
+        pytest.param(
+            [
+                *DP_ON,
+                ("differential_privacy.clip", 1e200),
+                ("differential_privacy.noise_multiplier", 1e200),
+                ("secure_aggregation.enabled", True),
+            ],
+            "secure_aggregation.enabled: differential_privacy.noise_multiplier x clip is past "
+            "float64's range: no ring holds such noise; lower them",
+            id="secure-ring-for-infinite-noise",
         ),
         pytest.param(
             [*DP_ON, ("runner.settings.max_epsilon", 3)],

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import stat
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 
 from foedus.aggregator.storage import read_model
 from foedus.history.rows import METRICS, SECURE_STEPS, read_rows
 from foedus.pki.layout import CertsLayout
+from foedus.privacy.accountant import epsilon_after
 
 from dying_runner import NAME as DYING_RUNNER
 from dying_runner import TRAIN, VALIDATION, arm
@@ -83,25 +86,51 @@ def final_model(folder: Path) -> dict[str, bytes]:
 
 
 KILLED = -9
+# Differential privacy on top: the ring sized by the loader (max_weight 1, its clip left out).
+PRIVATE: dict[str, Any] = {
+    "secure_aggregation": {"enabled": True, "threshold": 2, "bits": 32},
+    "differential_privacy": {"enabled": True, "clip": 1.0, "noise_multiplier": 1.0},
+}
 
 
+def site_secrets(folder: Path) -> dict[str, bytes]:
+    """Each site's privacy secret, placed in its state folder before it starts (both runs draw
+    the same noise from them), as the sites read them back at the end."""
+    found = {}
+    for index, name in enumerate(COLLABORATORS):
+        path = folder / "collaborator-state" / name / "privacy.secret"
+        if not path.exists():
+            path.parent.mkdir(parents=True)
+            path.write_bytes(bytes([index + 1]) * 32)
+            path.chmod(0o600)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        found[name] = path.read_bytes()
+    return found
+
+
+@pytest.mark.parametrize("private", [False, True], ids=["secure", "secure-with-dp"])
 def test_a_collaborator_killed_at_each_stage_goes_on_byte_for_byte(
-    certs: CertsLayout, tmp_path: Path
+    certs: CertsLayout, tmp_path: Path, private: bool
 ) -> None:
     """bob killed -9 three times and started again by hand each time: in round 0's KEYS (his
     secrets written, his keys posted or about to be), in round 1 after his masked upload (before SURVIVORS), in round 2 after
     SHARES (before his upload). Each time he reads his round file and goes on; the final model
-    is byte-identical to an undisturbed secure run's (the masks cancel exactly).
+    is byte-identical to an undisturbed secure run's (the masks cancel exactly). With
+    differential privacy each site adds its noise share, drawn from its privacy secret and the
+    round: a restarted bob masks the very same update, the aggregator adds no noise nor keeps
+    a secret, and the sites' secrets stay as they were.
 
     alice and carol start only after the first kill, so round 0's KEYS cannot close without bob
     and he is surely waiting in it; the other deaths are his runner's own SIGKILL (`dying_runner`,
     otherwise the digits runner)."""
-    undisturbed = run_federation(tmp_path / "undisturbed", certs, ROUNDS, secure_aggregation=SECURE)
+    sections: dict[str, Any] = PRIVATE if private else {"secure_aggregation": SECURE}
+    if private:
+        secrets = site_secrets(tmp_path / "undisturbed")
+        assert site_secrets(tmp_path / "killed") == secrets
+    undisturbed = run_federation(tmp_path / "undisturbed", certs, ROUNDS, **sections)
     assert set(undisturbed.exit_codes.values()) == {0}, undisturbed
     folder = tmp_path / "killed"
-    plan = write_plan(
-        folder, certs, ROUNDS, secure_aggregation=SECURE, runner={"name": DYING_RUNNER}
-    )
+    plan = write_plan(folder, certs, ROUNDS, runner={"name": DYING_RUNNER}, **sections)
     federation = FederationProcesses(plan, folder)
     environment = {"PYTHONPATH": child_python_path()}
     uploaded, shared = folder / "died-validating-round-1", folder / "died-training-round-2"
@@ -130,3 +159,14 @@ def test_a_collaborator_killed_at_each_stage_goes_on_byte_for_byte(
         assert f"round {number}: secure aggregation secrets read from" in log, log
     assert "round 1: training again to validate the model sent before a restart" in log
     assert final_model(folder) == final_model(tmp_path / "undisturbed")
+    if private:
+        assert "added by the sites in shares (quorum 2)" in federation.output().splitlines()[0]
+        assert log.count("adds its share of the noise, std 0.7071") == 4, log  # each start
+        for run in ("undisturbed", "killed"):
+            assert not (tmp_path / run / "output" / "state" / "privacy.secret").exists()
+            assert site_secrets(tmp_path / run) == secrets
+        rows = read_rows(folder / "output" / METRICS)  # the budget spent, as without secure
+        assert [(row.secure, row.dp) for row in rows] == [
+            *((True, {"epsilon": epsilon_after(r, 1.0, 1e-5), "delta": 1e-5}) for r in (1, 2, 3)),
+            (False, None),
+        ]

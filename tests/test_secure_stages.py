@@ -35,9 +35,11 @@ from foedus.pki.layout import CertsLayout
 from foedus.plans.schema import (
     AGGREGATED_MODEL_VALIDATION,
     BestModelSettings,
+    DifferentialPrivacySettings,
     StragglerPolicy,
     StragglerSettings,
 )
+from foedus.privacy.shares import NoiseShares
 from foedus.refusals.errors import InvalidRequestError, PreconditionError
 from foedus.secure import WEIGHT_TENSOR, RevealedShare, SealedShare, SecretKind
 from foedus.secure.wire import Post, Relay, Stage
@@ -263,14 +265,30 @@ def leaks(data: bytes, update: Mapping[str, Array], encoded: Mapping[str, Array]
     return found
 
 
+# Differential privacy on top: the noise is small beside the updates, so a leak would still
+# correlate (clip 20: each update, of L2 norm about 6.4, is not cut), and each site's noised
+# update is looked for as well as its own.
+PRIVACY = DifferentialPrivacySettings(enabled=True, clip=20.0, noise_multiplier=0.005)
+PRIVATE_RING = dataclasses.replace(SETTINGS, clip=PRIVACY.share_bound(2), max_weight=1)
+
+
+@pytest.mark.parametrize("private", [False, True], ids=["secure", "secure-with-dp"])
 def test_the_state_holds_nothing_correlated_with_a_sites_update(
-    tmp_path: Path, certs: CertsLayout
+    tmp_path: Path, certs: CertsLayout, private: bool
 ) -> None:
     """Three recognisable updates summing to zero: while the masked uploads wait for their
     unmasking and once the round is closed, no file under the aggregator's folder holds values
     correlated with any site's update, as floats or as its ring encoding; the scan does find
-    one planted among the same files' bytes, and the model is their sum (zero)."""
+    one planted among the same files' bytes, and the model is their sum (zero). With
+    differential privacy each site adds its noise share first: nor is its noised update
+    there, the model is the shares' mean, and the aggregator keeps no noise secret."""
     updates = recognisable_updates()
+    settings = PRIVATE_RING if private else SETTINGS
+    shares = {
+        name: NoiseShares(PRIVACY, 2, bytes([index]) * 32)
+        for index, name in enumerate(COLLABORATORS)
+    }
+    weight = 1 if private else 20
     state = DurableState.open(tmp_path, UUID, lambda: BIG, max_tensor_bytes=2**20)
     try:
         fed = Federation(
@@ -281,14 +299,15 @@ def test_the_state_holds_nothing_correlated_with_a_sites_update(
             clock=Clock(),
             store=state,
             progress=state.recovered.progress,
-            secure=SETTINGS,
+            secure=settings,
             federation_uuid=UUID,
+            privacy=PRIVACY if private else None,
         )
-        sites = Sites.of(fed, certs, COLLABORATORS, uuid=UUID)
+        sites = Sites.of(fed, certs, COLLABORATORS, uuid=UUID, settings=settings)
         sites.keys()
         sites.shares()
         for name in COLLABORATORS:
-            sites.upload(name, updates[name], 20)
+            sites.upload(name, updates[name], weight, shares=shares[name] if private else None)
         fed.close_round_if_due()
         sites.confirm(COLLABORATORS)
         while_unmasking = _folder_bytes(tmp_path)
@@ -296,13 +315,26 @@ def test_the_state_holds_nothing_correlated_with_a_sites_update(
         summary = fed.close_round_if_due()
         assert summary is not None and summary.trained
         after = _folder_bytes(tmp_path)
-        for array in fed.model().values():
-            np.testing.assert_allclose(array, 0, atol=3 / SCALE)
+        scale = sites.rounds["alice"].context.fixed_point.scale
+        for key, array in fed.model().items():
+            size = array.size
+            noise = sum(shares[name].noise(0)(key, 0, size) for name in COLLABORATORS)
+            mean = noise.reshape(array.shape) / 3 if private else 0
+            np.testing.assert_allclose(array, mean, atol=3 / scale + 1e-7)
+        assert not (tmp_path / "state" / "privacy.secret").exists()
     finally:
         state.close()
     fixed = sites.rounds["alice"].context.fixed_point
-    for name, update in updates.items():
-        encoded = {k: fixed.signed(fixed.encode(v.reshape(-1), 20)) for k, v in update.items()}
+    forms = dict(updates)
+    if private:  # each update as its site noised it, too
+        for name, update in updates.items():
+            noised = {
+                k: v + shares[name].noise(0)(k, 0, v.size).reshape(v.shape)
+                for k, v in update.items()
+            }
+            forms[f"{name}, noised"] = noised
+    for name, update in forms.items():
+        encoded = {k: fixed.signed(fixed.encode(v.reshape(-1), weight)) for k, v in update.items()}
         assert leaks(while_unmasking, update, encoded) == [], name
         assert leaks(after, update, encoded) == [], name
         planted = after + np.asarray(update["w"], np.float32).tobytes() + after[:999]

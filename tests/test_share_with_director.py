@@ -26,7 +26,7 @@ from test_experiment_cli import client_config, run
 
 from foedus.director.launcher import LocalLauncher
 from foedus.envoy.site import MAX_RESTARTS
-from foedus.envoy.state import EnvoyState
+from foedus.envoy.state import EnvoyState, SiteExperiment
 from foedus.lifecycle.states import CollaboratorState
 from foedus.pki.layout import CertsLayout
 from foedus.protos import director_pb2 as pb
@@ -99,22 +99,19 @@ def run_leaky(director: Director, site: str, state_dir: Path) -> str:
         runner={"name": NAME, "settings": {}},  # type: ignore[arg-type]
     )
 
-    def given_up() -> bool | None:
+    def given_up() -> SiteExperiment | None:
         state = EnvoyState.open(state_dir, exclusive=False)
         try:
             found = state.find(experiment_id)
         finally:
             state.close()
-        if found is None or found.state in (CollaboratorState.STARTED, CollaboratorState.RUNNING):
-            return None
-        return found.restarts == MAX_RESTARTS or None  # ended for good
+        # Not EXITED: its last death is written (restarts used up) just before the GAVE_UP.
+        return found if found is not None and found.state is CollaboratorState.GAVE_UP else None
 
-    wait_until(f"{site}'s envoy to give up its collaborator", given_up)
-    state = EnvoyState.open(state_dir, exclusive=False)
-    try:  # the site's own state (its `envoy list`, its API) keeps the whole reason
-        reason = state.experiment(experiment_id).reason
-    finally:
-        state.close()
+    # The site's own state (its `envoy list`, its API) keeps the whole reason.
+    ended = wait_until(f"{site}'s envoy to give up its collaborator", given_up)
+    assert ended.restarts == MAX_RESTARTS, ended
+    reason = ended.reason
     assert reason.startswith(GIVEN_UP + CATEGORY), reason
     assert RECORD in reason and SITE_FILE in reason, reason
 
