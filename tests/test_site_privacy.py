@@ -17,6 +17,8 @@ import pytest
 import yaml
 from dp_accounting.rdp import RdpAccountant
 
+from foedus.aggregator.runtime import Runtime
+from foedus.aggregator.storage import OutputFolder
 from foedus.collaborator.cli import main
 from foedus.collaborator.client import AggregatorGRPCClient
 from foedus.collaborator.loop import run_collaborator
@@ -333,6 +335,10 @@ def test_a_site_stops_exactly_at_its_cap_and_keeps_its_budget_across_a_kill(
     assert alice_round_1["epsilon"] == pytest.approx(spent, rel=1e-6)
     assert alice_round_1["delta"] == pytest.approx(1e-5, rel=1e-6)
     assert "epsilon" not in training[1].sites["bob"]["train"]  # bob ran without a ledger
+    # ... and the aggregator's round line: alice's in round 1; nobody's once she left.
+    runtime = Runtime(server_plan, federation, OutputFolder(tmp_path / "output"))
+    assert f"  sites' epsilon {spent:.2f}  " in runtime.round_line(training[1])
+    assert "epsilon" not in runtime.round_line(training[2])
 
 
 def test_experiment_metrics_shows_each_sites_epsilon_and_delta() -> None:
