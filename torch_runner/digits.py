@@ -37,19 +37,19 @@ class DigitsCNN(nn.Module):
     def __init__(self, norm: str = "batch") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
-        self.norm1: nn.Module
+        # Registered under one name only (a second attribute would put its tensors twice in the
+        # state dict): bn1 as the model was before `norm`, gn1 for GroupNorm.
+        self.norm1 = "gn1" if norm == "group" else "bn1"
         if norm == "group":
             self.gn1 = nn.GroupNorm(GROUPS, 16)
-            self.norm1 = self.gn1
         else:
-            self.bn1 = nn.BatchNorm2d(16)  # the model as it was before `norm`: the same names
-            self.norm1 = self.bn1
+            self.bn1 = nn.BatchNorm2d(16)
         self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
         self.fc = nn.Linear(32 * 4 * 4, CLASSES)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits of a batch of 1x8x8 images."""
-        hidden = torch.relu(self.norm1(self.conv1(images)))
+        hidden = torch.relu(self.get_submodule(self.norm1)(self.conv1(images)))
         hidden = torch.max_pool2d(torch.relu(self.conv2(hidden)), 2)
         logits: torch.Tensor = self.fc(hidden.flatten(1))
         return logits

@@ -87,6 +87,11 @@ class Sampling:
         """Each record's Poisson probability per step under DP-SGD: batch_size / records."""
         return min(1.0, self.batch_size / self.records)
 
+    @property
+    def expected_batch(self) -> int:
+        """The records a Poisson batch holds on average (what a mean loss is divided by)."""
+        return min(self.batch_size, self.records)
+
 
 @dataclass
 class _Private:
@@ -195,7 +200,7 @@ class TorchRunner:
             optimizer,
             noise_multiplier=self._training.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
-            expected_batch_size=self.sampling().batch_size,
+            expected_batch_size=self.sampling().expected_batch,
             generator=private.noise_generator,
             secure_mode=True,
         )

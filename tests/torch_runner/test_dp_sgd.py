@@ -145,3 +145,14 @@ def test_opacus_accountant_agrees_with_ours() -> None:
         accountant.step(noise_multiplier=1.1, sample_rate=64 / 479)
     ours = dp_sgd_epsilon([SpentRound(r, 1.1, 64 / 479, 8) for r in range(10)], 1e-5)
     assert accountant.get_epsilon(1e-5) == pytest.approx(ours, rel=0.01)
+
+
+def test_the_digits_cnns_norm_puts_each_tensor_once_in_the_model() -> None:
+    """norm: batch is the model as it was (bn1's tensors, its statistics); group has gn1's."""
+    batch = DigitsCNNRunner.initial_model(RunnerSettings("x", 0, {}))
+    group = DigitsCNNRunner.initial_model(RunnerSettings("x", 0, {"norm": "group"}))
+    base = ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "fc.weight", "fc.bias"]
+    statistics = ["running_mean", "running_var", "num_batches_tracked"]
+    bn1 = [f"bn1.{name}" for name in ("weight", "bias", *statistics)]
+    assert sorted(batch) == sorted([*base, *bn1])
+    assert sorted(group) == sorted([*base, "gn1.weight", "gn1.bias"])
