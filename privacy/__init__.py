@@ -11,6 +11,11 @@ the aggregator sees no update to clip nor a sum to noise before it is unmasked: 
 its own and adds its share of the noise before it masks it (`shares`). The epsilon the rounds
 spend at the plan's delta, and the most rounds a cap allows, come from Google's RDP accountant
 (`accountant`). Plain Python and numpy, no socket: the aggregator and the collaborator call it.
+
+Sample-level DP-SGD at a site, on when a site's runner settings say `dp_sgd` (`dp_sgd`): the
+runner clips each record's gradient and adds noise drawn from the site's secret (`secret`) and
+the round; the site's accountant (`accountant.dp_sgd_epsilon`) counts the rounds it released,
+kept durably in its ledger (`ledger`) before each update is sent.
 """
 
 from foedus.privacy.accountant import budget_line, budget_problem, epsilon_after, rounds_within
