@@ -24,10 +24,12 @@ out in it and, when it closed untrained, why (`SecureStages.record`).
 
 A round of a federation with differential privacy (the plan's `differential_privacy`) closes in
 the same two steps; its new model is the reporters' clipped updates, summed, noised and divided
-by their number (`foedus.aggregator.dp_model`) instead of the weighted average. With secure
-aggregation too, the sites clipped theirs and added their noise shares before masking
-(`foedus.privacy.shares`), each weighing 1: the secure round's unmasked sum over the survivors'
-summed weight is that model already.
+by their number (`foedus.aggregator.dp_model`) instead of the weighted average. Its uploads'
+clip factors and its noise are made while it is open (`prepare`, `accepted`: a thread of the
+round's own, `foedus.aggregator.dp_ahead`), and the close computes what was not made by then.
+With secure aggregation too, the sites clipped theirs and added their noise shares before
+masking (`foedus.privacy.shares`), each weighing 1: the secure round's unmasked sum over the
+survivors' summed weight is that model already (nothing is made ahead for it).
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ import dataclasses
 import math
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, closing, contextmanager
 
 import numpy as np
 
+from foedus.aggregator.dp_ahead import RoundAhead
 from foedus.aggregator.dp_model import Privacy
 from foedus.aggregator.failpoints import failpoint
 from foedus.aggregator.fedavg import MappedArraySource, TensorSource, weighted_metrics
@@ -54,6 +57,7 @@ from foedus.aggregator.records import (
     RoundCommit,
     RoundSummary,
     SiteMetrics,
+    TaskResult,
 )
 from foedus.aggregator.schedule import RoundState, Schedule
 from foedus.aggregator.secure_stages import SecureStages
@@ -84,6 +88,46 @@ class RoundCloser:
         self._clock = clock
         self._round_changed = round_changed
         self.secure = secure
+        self._ahead: RoundAhead | None = None  # a DP round's factors and noise, made while open
+
+    def prepare(self, state: RoundState) -> None:
+        """Start what the close of the round in progress needs before any result: a DP round's
+        noise (not a secure federation's: its sites add it). Under the federation's lock."""
+        if self._ahead is not None:
+            self._ahead.stop()
+            self._ahead = None
+        if (
+            self.privacy is None
+            or self.secure is not None
+            or self.schedule.finished(state)
+            or state.number >= self.schedule.rounds  # the final validation round trains nothing
+        ):
+            return
+        self._ahead = self.privacy.ahead(state.number, state.model)
+        for accepted in state.results.values():  # kept across a restart
+            self.accepted(accepted)
+
+    def accepted(self, accepted: Accepted) -> None:
+        """A result of the round in progress was accepted: a DP round's `train` upload has its
+        clip factor made now. Under the federation's lock."""
+        ahead = self._ahead
+        if ahead is None or accepted.task_name != TRAIN:
+            return
+        if accepted.round_number == ahead.round_number:
+            ahead.accepted(accepted.collaborator, lambda: self._opened(accepted))
+
+    def ahead(self) -> RoundAhead | None:
+        """What is being made ahead for the close of the round in progress (None: nothing)."""
+        return self._ahead
+
+    def stop(self) -> None:
+        """Make nothing more ahead (the aggregator is stopping). Under the federation's lock."""
+        if self._ahead is not None:
+            self._ahead.stop()
+
+    def _opened(self, accepted: Accepted) -> AbstractContextManager[TensorSource]:
+        """An accepted upload's tensors, open for reading until the block ends."""
+        return closing(_model_source(self.store.load(accepted)))
 
     def close_if_due(
         self,
@@ -118,13 +162,15 @@ class RoundCloser:
         try:
             if decided is None and not self._decide(state, reporters, secure):
                 return None
+            with self._round_changed:
+                ahead, self._ahead = self._ahead, None
+            if ahead is not None:
+                ahead.stop()  # the close has the machine from now on; it makes what is left
             if on_close is not None:
                 on_close()
-            with self._averaging(counted, round_model, round_tasks, round_number, secure) as (
-                averaged,
-                metrics,
-                sites,
-            ):
+            with self._averaging(
+                counted, round_model, round_tasks, round_number, secure, ahead=ahead
+            ) as (averaged, metrics, sites):
                 best, best_is_round_model = improved_best(
                     best_model, state.best, round_number, metrics, rounds=schedule.rounds
                 )
@@ -157,7 +203,7 @@ class RoundCloser:
                 )
         except BaseException:
             with self._round_changed:
-                state.closing = False
+                state.closing = False  # tried again, it computes all it needs itself
             raise
         model = round_model if kept is None else kept
         summary = dataclasses.replace(
@@ -177,6 +223,7 @@ class RoundCloser:
             state.closing = False
             if self.secure is not None:
                 self.secure.open_round(state.number, finished=schedule.finished(state))
+            self.prepare(state)
             self._round_changed.notify_all()
         return summary
 
@@ -225,12 +272,14 @@ class RoundCloser:
         tasks: Sequence[str],
         round_number: int,
         secure: SecureStages | None = None,
+        *,
+        ahead: RoundAhead | None = None,
     ) -> Iterator[tuple[NextModel | None, dict[str, dict[str, float]], SiteMetrics]]:
         """The next global model, still to be averaged (None: no `train` result), the metrics'
         means and each site's own metrics; the results' files stay open until the block ends.
         With `secure`, the round's: the survivors' masked uploads unmasked (None: untrained).
         With differential privacy (`self.privacy`), the clipped updates' noised mean
-        (`foedus.aggregator.dp_model`).
+        (`foedus.aggregator.dp_model`), with what `ahead` made of it.
 
         The `train` results are averaged a slice at a time from where the store keeps them
         (their files read in collaborator order) into where the store keeps the new model, so
@@ -252,9 +301,7 @@ class RoundCloser:
                     metrics,
                 )
                 if result.task_name == TRAIN:
-                    source = MappedArraySource(
-                        {t.name: t.array for t in result.tensors if METRIC_TAG not in t.tags}
-                    )
+                    source = _model_source(result)
                     sources.append(source)
                     contributions[result.collaborator] = (result.data_size, source)
             failpoint("while_aggregating")
@@ -274,13 +321,18 @@ class RoundCloser:
                 new_model = secure.next_model(model, uploads)
             elif contributions and self.privacy is not None:
                 uploads = {name: source for name, (_, source) in contributions.items()}
-                new_model = self.privacy.next_model(model, uploads, round_number)
+                new_model = self.privacy.next_model(model, uploads, round_number, ahead=ahead)
             elif contributions:
                 new_model = AveragedModel(model, contributions)
             yield new_model, averaged, dict(sorted(sites.items()))
         finally:
             for source in sources:
                 source.close()
+
+
+def _model_source(result: TaskResult) -> MappedArraySource:
+    """A `train` result's model (its tensors but the metrics), read from its files (`close` it)."""
+    return MappedArraySource({t.name: t.array for t in result.tensors if METRIC_TAG not in t.tags})
 
 
 def improved_best(

@@ -7,6 +7,10 @@ it again, so the guarantee does not rest on a site's honesty. Every site weighs 
 weight by data size would scale one site's influence past `clip`. The noise of each slice is a
 function of the federation's secret, the round, the tensor and the slice's bounds
 (`foedus.privacy.noise`), so a round computed again after a restart gets the very same model.
+
+The uploads' clip factors and the noise need nothing the close decides: the federation has them
+made while the round is open (`foedus.aggregator.dp_ahead`, `Privacy.ahead`), and the close
+computes only what was not made by then, the same way, so the model is the same either way.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from foedus.aggregator.dp_ahead import RoundAhead, model_slices, scaled_noise
 from foedus.aggregator.fedavg import (
     AVERAGING_THREADS,
     SLICE_ELEMENTS,
@@ -27,7 +32,7 @@ from foedus.aggregator.fedavg import (
 from foedus.aggregator.records import Array
 from foedus.plans.schema import DifferentialPrivacySettings
 from foedus.privacy.clipping import add_clipped, source_clip_factor
-from foedus.privacy.noise import gaussian, not_noisable
+from foedus.privacy.noise import not_noisable
 
 
 @dataclass(frozen=True)
@@ -38,16 +43,28 @@ class Privacy:
     secret: bytes = field(repr=False)  # never in a log line, not even a repr
 
     def next_model(
-        self, reference: Mapping[str, Array], uploads: Mapping[str, TensorSource], round_number: int
+        self,
+        reference: Mapping[str, Array],
+        uploads: Mapping[str, TensorSource],
+        round_number: int,
+        *,
+        ahead: RoundAhead | None = None,
     ) -> PrivateModel:
-        """Round `round_number`'s next global model from the reporters' `uploads`."""
+        """Round `round_number`'s next global model from the reporters' `uploads`, with what
+        `ahead` made of it while the round was open (stopped by now)."""
         return PrivateModel(
             reference,
             uploads,
             settings=self.settings,
             secret=self.secret,
             round_number=round_number,
+            ahead=ahead,
         )
+
+    def ahead(self, round_number: int, reference: Mapping[str, Array]) -> RoundAhead:
+        """Round `round_number`'s clip factors and noise, made from now on (its global model
+        `reference`), for `next_model`."""
+        return RoundAhead(self.settings, self.secret, round_number, reference).start()
 
 
 class PrivateModel:
@@ -67,8 +84,11 @@ class PrivateModel:
         round_number: int,
         slice_elements: int = SLICE_ELEMENTS,
         workers: int = AVERAGING_THREADS,
+        ahead: RoundAhead | None = None,
     ) -> None:
-        """`uploads`: each reporter's trained model (the reference's names, shapes, dtypes)."""
+        """`uploads`: each reporter's trained model (the reference's names, shapes, dtypes);
+        `ahead`: the round's factors and noise made so far, used where they were made for this
+        round and these slices."""
         if not uploads:
             raise ValueError("nothing to aggregate: no uploads")
         refused = not_noisable({name: np.asarray(like) for name, like in reference.items()})
@@ -81,35 +101,49 @@ class PrivateModel:
         self._round = round_number
         self._slice = slice_elements
         self._workers = max(1, workers)
-        self.factors = self._factors()  # computed first: a pass over each upload
+        usable = (
+            ahead is not None
+            and ahead.round_number == round_number
+            and ahead.slice_elements == slice_elements
+        )
+        self._ahead = ahead if usable else None
+        made = [
+            None if self._ahead is None else self._ahead.factor(name) for name in sorted(uploads)
+        ]
+        self.factors = self._factors(made)  # computed first: a pass over each upload not made
 
-    def _factors(self) -> tuple[float, ...]:
-        """Each upload's clip factor, in upload order; with `workers` > 1 the uploads are shared
-        out among that many threads (each factor computed whole by one, so the same bits)."""
+    def _factors(self, made: list[float | None]) -> tuple[float, ...]:
+        """Each upload's clip factor, in upload order: `made` where it is not None, else
+        computed; with `workers` > 1 the uploads to compute are shared out among that many
+        threads (each factor computed whole by one, so the same bits)."""
 
-        def factor(source: TensorSource) -> float:
+        def factor(index: int) -> float:
+            done = made[index]
+            if done is not None:
+                return done
             return source_clip_factor(
-                self.reference, source, self._settings.clip, slice_elements=self._slice
+                self.reference,
+                self._uploads[index],
+                self._settings.clip,
+                slice_elements=self._slice,
             )
 
-        if self._workers == 1 or len(self._uploads) == 1:
-            return tuple(factor(source) for source in self._uploads)
+        missing = sum(done is None for done in made)
+        if self._workers == 1 or missing <= 1:
+            return tuple(factor(index) for index in range(len(self._uploads)))
         errors = np.geterr()  # numpy's error handling is per thread: the caller's holds in all
 
-        def factor_in_thread(source: TensorSource) -> float:
+        def factor_in_thread(index: int) -> float:
             with np.errstate(**errors):
-                return factor(source)
+                return factor(index)
 
-        workers = min(self._workers, len(self._uploads))
+        workers = min(self._workers, missing)
         with ThreadPoolExecutor(workers, thread_name_prefix="dp-clip") as pool:
-            return tuple(pool.map(factor_in_thread, self._uploads))
+            return tuple(pool.map(factor_in_thread, range(len(self._uploads))))
 
     def _slices(self) -> Iterator[tuple[str, int, int]]:
         """(tensor, start, stop), a slice at a time, tensors in name order."""
-        for name, like in self.reference.items():
-            size = int(np.size(like))
-            for start in range(0, size, self._slice):
-                yield name, start, min(start + self._slice, size)
+        return model_slices(self.reference, self._slice)
 
     def into(self, sink: SliceSink) -> None:
         """Compute the model a slice at a time, handing each slice to `sink` (the tensor's dtype).
@@ -142,8 +176,9 @@ class PrivateModel:
         total = np.zeros(stop - start, dtype=np.float64)
         for factor, source in zip(self.factors, self._uploads, strict=True):
             add_clipped(total, _read(source, name, start, stop), base, factor)
-        noise = gaussian(self._secret, self._round, name, start, stop)
-        noise *= self._settings.noise_multiplier * self._settings.clip  # in place: the same bits
+        noise = None if self._ahead is None else self._ahead.noise(name, start, stop)
+        if noise is None:  # not made while the round was open
+            noise = scaled_noise(self._settings, self._secret, self._round, (name, start, stop))
         total += noise
         total /= len(self._uploads)
         total += base

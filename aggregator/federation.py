@@ -177,6 +177,8 @@ class Federation:
             secure=self.secure,
             privacy=self.privacy,
         )
+        with self._lock:
+            self._closer.prepare(self._state)
         self._submitted = threading.Event()
         # Leaving and rejoining, one at a time: the store and `liveness` change in the same order.
         self._departures_lock = threading.Lock()
@@ -405,6 +407,7 @@ class Federation:
                     self._checks.round(self._state, result.round_number)
                     self.store.record(accepted)
                     self._state.results[key] = accepted
+                    self._closer.accepted(accepted)
             except BaseException:
                 self.store.discard(accepted)
                 raise
@@ -488,6 +491,19 @@ class Federation:
             pending.wait()
 
     # -- closing rounds ---------------------------------------------------------------------------
+
+    def wait_prepared(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for what the round in progress's close can have made while it
+        is open (a DP round's noise and its uploads' clip factors); whether it is made."""
+        with self._lock:
+            ahead = self._closer.ahead()
+        return ahead is None or ahead.join(timeout)
+
+    def stop(self) -> None:
+        """Stop the work done ahead for the round in progress's close (a DP round's noise): the
+        aggregator is stopping. A later close computes what it needs itself."""
+        with self._lock:
+            self._closer.stop()
 
     def close_round_if_due(
         self, *, on_close: Callable[[], object] | None = None

@@ -439,6 +439,7 @@ def serve(
             runtime.say(resumed)
         return runtime.run(stop)
     finally:
+        federation.stop()
         server.stop()
 
 

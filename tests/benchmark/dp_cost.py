@@ -7,7 +7,9 @@ a DP-FedAvg one (`differential_privacy` with `CLIP` and `NOISE_MULTIPLIER`), in 
 `dp_pairs` times, the fastest of each kind side by side: `dp_round_over_plain` (first download
 to the aggregator's round line), and the aggregator's close after the last upload of each (the
 DP close clips every upload again, adds the noise of the whole model and averages; the plain
-one averages), where DP's cost is.
+one averages). The aggregator makes the uploads' clip factors and the noise while the round is
+open (`aggregator/dp_ahead.py`), so the DP round's CPU is in the round, and its noise held in
+the aggregator's peak memory (`dp_aggregator_peak_rss_mb`).
 """
 
 from __future__ import annotations
