@@ -105,7 +105,7 @@ DP_PLAN ?= plans/torch_digits_dp.yaml
 DP_DEMO_PLAN = build/ports/$(notdir $(DP_PLAN))
 .PHONY: torch-env test-torch demo-torch demo-dp
 
-torch-env: $(TORCH_STAMP) ## Create .venv-torch with foedus and its torch extra, PyTorch (for test-torch, demo-torch)
+torch-env: $(TORCH_STAMP) ## Create .venv-torch with foedus and its torch extra, PyTorch and Opacus (for test-torch, demo-torch, demo-dp)
 
 $(TORCH_STAMP): pyproject.toml $(TORCH_REQUIREMENTS)
 	@start=$$(date +%s); set -e; \
