@@ -22,9 +22,10 @@ SECURE_DEMO_PLAN = build/ports/$(notdir $(SECURE_PLAN))
 
 help: ## List the targets with one line each
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
-	@echo "Variables: PORT_BASE=51000 moves every port demo, demo-torch and demo-service use by"
-	@echo "  PORT_BASE - 50000 (default 50000: 50051, 50052, 50350-50359); PLAN=FILE and"
-	@echo "  TORCH_PLAN=FILE run demo and demo-torch with another plan (its ports moved too)."
+	@echo "Variables: PORT_BASE=51000 moves every port demo, demo-torch, demo-dp and demo-service"
+	@echo "  use by PORT_BASE - 50000 (default 50000: 50051, 50052, 50054, 50350-50359); PLAN=FILE,"
+	@echo "  TORCH_PLAN=FILE and DP_PLAN=FILE run demo, demo-torch and demo-dp with another plan"
+	@echo "  (its ports moved too)."
 
 install: $(STAMP) ## Create .venv and install foedus with its dev extra
 
@@ -100,9 +101,11 @@ TORCH_REQUIREMENTS := tests/torch_runner/requirements-torch.txt
 TORCH_STAMP := $(TORCH_VENV)/.installed-stamp
 TORCH_PLAN ?= plans/torch_digits.yaml
 TORCH_DEMO_PLAN = build/ports/$(notdir $(TORCH_PLAN))
-.PHONY: torch-env test-torch demo-torch
+DP_PLAN ?= plans/torch_digits_dp.yaml
+DP_DEMO_PLAN = build/ports/$(notdir $(DP_PLAN))
+.PHONY: torch-env test-torch demo-torch demo-dp
 
-torch-env: $(TORCH_STAMP) ## Create .venv-torch with foedus and its torch extra, PyTorch (for test-torch, demo-torch)
+torch-env: $(TORCH_STAMP) ## Create .venv-torch with foedus and its torch extra, PyTorch and Opacus (for test-torch, demo-torch, demo-dp)
 
 $(TORCH_STAMP): pyproject.toml $(TORCH_REQUIREMENTS)
 	@start=$$(date +%s); set -e; \
@@ -120,3 +123,8 @@ demo-torch: torch-env ## The PyTorch example: a CNN on the digits images, 3 coll
 	@$(TORCH_VENV)/bin/python -m foedus.plans.demo_ports --base $(PORT_BASE) --out build/ports $(TORCH_PLAN) >/dev/null
 	$(TORCH_VENV)/bin/pki setup --plan $(TORCH_DEMO_PLAN)
 	@bash plans/demo.sh $(TORCH_VENV) $(TORCH_DEMO_PLAN) build/torch demo-torch
+
+demo-dp: torch-env ## The PyTorch example with DP-SGD at each site (Opacus, epsilon 8): its accuracy and each site's epsilon
+	@$(TORCH_VENV)/bin/python -m foedus.plans.demo_ports --base $(PORT_BASE) --out build/ports $(DP_PLAN) >/dev/null
+	$(TORCH_VENV)/bin/pki setup --plan $(DP_DEMO_PLAN)
+	@bash plans/demo.sh $(TORCH_VENV) $(DP_DEMO_PLAN) build/dp demo-dp

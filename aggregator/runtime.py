@@ -317,7 +317,8 @@ class Runtime:
         return {"epsilon": epsilon, "delta": settings.delta, **clip}
 
     def round_line(self, summary: RoundSummary) -> str:
-        """One line a person can read: round, who reported, loss and accuracy, duration."""
+        """One line a person can read: round, who reported, loss and accuracy, the epsilon the
+        sites that train with DP-SGD have spent (the lowest and highest), duration."""
         parts = [self._round_label(summary.round_number)]
         reported = ",".join(summary.reporters) or "nobody"
         if summary.missing:
@@ -330,6 +331,15 @@ class Runtime:
         accuracy = _accuracy(summary.metrics.get(AGGREGATED_MODEL_VALIDATION, {}))
         if accuracy is not None:
             parts.append(f"accuracy {accuracy:.4f}")
+        # Sites that train with DP-SGD send the epsilon they have spent with their metrics.
+        spent = sorted(
+            tasks[TRAIN]["epsilon"]
+            for tasks in summary.sites.values()
+            if "epsilon" in tasks.get(TRAIN, {})
+        )
+        if spent:
+            span = f"{spent[0]:.2f}" + (f"-{spent[-1]:.2f}" if spent[-1] > spent[0] else "")
+            parts.append(f"sites' epsilon {span}")
         secure = self.plan.secure_aggregation.enabled and not summary.final_validation
         if secure and not summary.trained:  # the log has the line that says why
             parts.append("untrained: secure aggregation failed, the model stays")

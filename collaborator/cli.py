@@ -7,7 +7,10 @@ reason it sends is a fixed category and the exception's class name (`leave_reaso
 exception's message, a path or anything the runner printed: a site's data stays at the site.
 Best effort: a failure to send it is logged and changes nothing. Nothing is sent on exit 0, on a
 signal (SIGINT, SIGTERM: a stop, to be started again), nor to a server that is not our
-aggregator.
+aggregator; but for one exit 0: a site that trains with DP-SGD and whose next round would pass
+its privacy cap says so in one line, tells the aggregator it leaves (a fixed reason, even under
+--no-leave: an envoy does not start again a collaborator that exited 0, nor leaves for it) and
+exits 0 (`foedus.collaborator.private`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,12 @@ from foedus.collaborator.errors import (
     ResponseValidationError,
 )
 from foedus.collaborator.loop import CollaboratorError, run_collaborator
+from foedus.collaborator.private import (
+    BUDGET_SPENT_REASON,
+    BudgetSpentError,
+    PrivateRounds,
+    site_secret,
+)
 from foedus.collaborator.secure import SecureRounds, SiteIdentity
 from foedus.collaborator.secure_state import RoundFileError, RoundFiles
 from foedus.command.arguments import add_log_level, command, command_main, program
@@ -41,9 +50,11 @@ from foedus.command.usage import UsageError, fail, fail_each, unexpected
 from foedus.pki.errors import PkiError
 from foedus.pki.tls import tls_files_problem
 from foedus.plans import Plan, PlanError, load_plan
-from foedus.plans.runners import RunnerError, TaskRunner, load_runner
+from foedus.plans.runners import PrivateTraining, RunnerError, TaskRunner, load_runner
 from foedus.plans.site_settings import SiteSettingsError, plan_with_site_settings
 from foedus.privacy.budget import training_rounds
+from foedus.privacy.ledger import LEDGER_FILE, SiteLedger
+from foedus.privacy.noise import new_secret
 from foedus.privacy.secret import SECRET_FILE, privacy_secret
 from foedus.privacy.shares import NoiseShares
 from foedus.refusals.errors import StorageError
@@ -54,7 +65,9 @@ logger = logging.getLogger(__name__)
 
 EPILOG = f"""\
 exit status:
-  {EXIT_OK}    the aggregator said the federation is finished
+  {EXIT_OK}    the aggregator said the federation is finished, or this site's privacy budget
+       is spent (DP-SGD: its next round would pass its max_epsilon; it told the aggregator
+       it leaves)
   {EXIT_FAILURE}    the aggregator stayed unreachable, refused a request, is not the one the plan
        names (aggregator.common_name, aggregator.fingerprint), sent a value no honest
        aggregator sends, broke the secure aggregation protocol, or the work failed
@@ -108,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
         "secure_aggregation.enabled): one file per round, mode 0600, written before anything "
         "made from them is sent, read again by a restarted collaborator, erased once the round "
         "is over (default: the plan's folder/collaborator-state/NAME); with differential "
-        "privacy too, privacy.secret, this site's noise secret (mode 0600, made once, kept)",
+        f"privacy too, {SECRET_FILE}, this site's noise secret (mode 0600, made once, kept), "
+        f"and, when its runner trains with DP-SGD (dp_sgd), {LEDGER_FILE}, its privacy "
+        "ledger (mode 0600, kept for good)",
     )
     start.add_argument(
         "--keep-metrics",
@@ -149,7 +164,7 @@ def main(args: argparse.Namespace) -> int:
             return _fail(str(error), EXIT_BAD_INPUT)
         except ClientConfigurationError as error:
             return _fail(str(error), EXIT_BAD_INPUT)
-        except (ClientError, RunnerError, ProtocolViolation) as error:
+        except (ClientError, RunnerError, ProtocolViolation, StorageError) as error:
             # AggregatorUnavailableError among them; RequestRejectedError reads "the aggregator
             # refused RPC with STATUS: details".
             return _failed(error, str(error))
@@ -207,8 +222,10 @@ def _start(
             files.prepare()
         except RoundFileError as error:
             raise UsageError(f"--state-dir: {error}") from None
-    shares = _noise_shares(plan, files.folder) if identity is not None else None
     runner = _make_runner(plan, name)
+    # DP-SGD first: it checks its ledger against a secret it did not just make.
+    private = _private_rounds(plan, name, runner, files)
+    shares = _noise_shares(plan, files.folder) if identity is not None else None
     with AggregatorGRPCClient.from_plan(plan, name) as client:
         secure = None
         if identity is not None:
@@ -234,6 +251,9 @@ def _start(
         )
         if keep_metrics:
             logger.info("this site keeps its metrics: its results carry none (--keep-metrics)")
+        if private is not None:
+            logger.info("%s", private.settings_line())
+            logger.info("%s", private.budget_line())
         # With differential privacy, the rounds its budget allows (as the aggregator counts).
         planned = PlannedWork(rounds=training_rounds(plan), tasks=plan.tasks)
         privacy = plan.differential_privacy
@@ -252,7 +272,12 @@ def _start(
                 clip=privacy.clip
                 if privacy.enabled and privacy.adaptive_clipping is None
                 else None,
+                private=private,
             )
+        except BudgetSpentError as spent:
+            logger.warning("%s", spent)
+            _leave(client, spent)  # even under --no-leave: exit 0, nobody starts it again
+            return EXIT_OK
         except Exception as error:  # signals are BaseExceptions: no Leave for a stop
             if leave:
                 _leave(client, error)
@@ -264,6 +289,10 @@ def leave_reason(error: Exception) -> str:
     """What a collaborator that ends on `error` tells the aggregator: a fixed category and the
     exception's class name, never its message (it may hold the site's data or paths)."""
     kind = type(error).__name__
+    if isinstance(error, BudgetSpentError):
+        return BUDGET_SPENT_REASON
+    if isinstance(error, StorageError):
+        return f"the site cannot keep its state ({kind})"
     if isinstance(error, ProtocolViolation):
         return "a secure aggregation protocol violation (ProtocolViolation)"
     if isinstance(error, RunnerError):
@@ -359,11 +388,64 @@ def _make_runner(plan: Plan, name: str) -> TaskRunner:
         factory = load_runner(plan.runner)
         return factory(plan.runner, collaborator=name, collaborators=plan.collaborators)
     except RunnerError as error:
-        # A key of the site's file is named with that file (RunnerSettings.key_path), not the plan.
-        message, site = str(error), plan.runner.site_file
-        if site is None or not message.startswith(f"{site}: "):
-            message = f"{plan.path}: {message}"
-        raise UsageError(message) from None
+        raise UsageError(_runner_problem(plan, error)) from None
+
+
+def _runner_problem(plan: Plan, error: RunnerError) -> str:
+    """The runner's line, prefixed with the plan's path unless it names the site's file (a key
+    of the site's file is named with that file, `RunnerSettings.key_path`)."""
+    message, site = str(error), plan.runner.site_file
+    if site is None or not message.startswith(f"{site}: "):
+        message = f"{plan.path}: {message}"
+    return message
+
+
+def _private_rounds(
+    plan: Plan, name: str, runner: TaskRunner, files: RoundFiles
+) -> PrivateRounds | None:
+    """This site's DP-SGD budget when its runner trains privately (`private_training`), else
+    None; `UsageError` with one line for what stops it at start.
+
+    The secret and the ledger are kept in the state folder, the secret only once the runner
+    trains privately (a site without DP-SGD gets no file).
+    """
+    method = getattr(runner, "private_training", None)
+    if method is None:
+        return None
+    path = files.folder / SECRET_FILE
+    made, existed = new_secret(), path.exists()
+    try:
+        secret = site_secret(path, made) if existed else made
+        training = method(secret, training_rounds(plan))
+    except StorageError as error:
+        raise UsageError(f"--state-dir: {error}") from None
+    except RunnerError as error:
+        raise UsageError(_runner_problem(plan, error)) from None
+    if training is None:
+        return None
+    problem = (
+        training.problem()
+        if isinstance(training, PrivateTraining)
+        else f"returned {type(training).__name__}, not PrivateTraining or None"
+    )
+    if problem is not None:
+        raise UsageError(
+            f"{plan.path}: runner.name: {plan.runner.name!r}: its private_training: {problem}"
+        )
+    try:
+        files.prepare()
+        ledger = SiteLedger(files.folder / LEDGER_FILE, plan.federation.uuid, name)
+        if not existed and ledger.rounds:
+            raise UsageError(
+                f"--state-dir: {path}: missing, while {ledger.path} holds rounds released with "
+                "it: a new secret would release those rounds again, differently; put the "
+                "secret back"
+            )
+        if site_secret(path, made) != secret:
+            raise UsageError(f"--state-dir: {path}: made by another process while this one started")
+    except (RoundFileError, StorageError) as error:
+        raise UsageError(f"--state-dir: {error}") from None
+    return PrivateRounds(training, ledger)
 
 
 @contextmanager

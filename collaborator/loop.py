@@ -26,6 +26,11 @@ its update (trained - global) to the plan's `clip` before it sends it
 the masked update is clipped and given the site's noise share by `SecureRounds` instead
 (`foedus.privacy.shares`).
 
+A site that trains with sample-level DP-SGD (its runner's `private_training`) has its round
+counted before it trains it (`foedus.collaborator.private.PrivateRounds.before_train`: in its
+ledger, durably, or `BudgetSpentError` at its cap, which ends the loop); its train result
+carries the `epsilon` and `delta` it has spent after the round, beside the runner's metrics.
+
 A site that keeps its metrics (`keep_metrics`, `collaborator start --keep-metrics`, only in a
 secure federation) sends results without them, its validations with a `data_size` of 1 (the
 count weighs metrics alone: the size of its validation set stays at the site too); it logs them
@@ -46,8 +51,10 @@ from foedus.collaborator.answers import AnswerChecker, PlannedWork
 from foedus.collaborator.client import AggregatorGRPCClient, OutgoingTensor
 from foedus.collaborator.errors import ClientError, RequestRejectedError
 from foedus.collaborator.heartbeat import Heartbeat
+from foedus.collaborator.private import PrivateRounds
 from foedus.collaborator.secure import SecureRoundMissedError, SecureRounds
-from foedus.plans.runners import Array, TaskRunner
+from foedus.history.rows import metric_text
+from foedus.plans.runners import Array, TaskRunner, TrainOutcome
 from foedus.plans.schema import (
     AGGREGATED_MODEL_VALIDATION,
     LOCALLY_TUNED_MODEL_VALIDATION,
@@ -103,6 +110,7 @@ def run_collaborator(
     secure: SecureRounds | None = None,
     keep_metrics: bool = False,
     clip: float | None = None,
+    private: PrivateRounds | None = None,
 ) -> CollaboratorReport:
     """Work for the aggregator until it says quit, or until `max_idle_polls` idle answers in a row.
 
@@ -113,7 +121,9 @@ def run_collaborator(
     `foedus.collaborator.heartbeat`). `secure`: this site's part in secure rounds (None: a plain
     federation); `keep_metrics`: its results carry no metric; `clip`: the plan's
     `differential_privacy.clip`, to which each trained model's update is clipped before it is
-    sent (None: sent as trained; in a secure federation `secure` clips and noises it).
+    sent (None: sent as trained; in a secure federation `secure` clips and noises it);
+    `private`: this site's DP-SGD budget (None: it does not train privately), whose
+    `BudgetSpentError` at the cap propagates.
     """
     if max_idle_polls is not None and max_idle_polls < 1:
         raise ValueError(f"max_idle_polls must be >= 1 or None, got {max_idle_polls}")
@@ -181,6 +191,7 @@ def run_collaborator(
                     secure=secure,
                     keep_metrics=keep_metrics,
                     clip=clip,
+                    private=private,
                 )
                 report.tasks_run += 1
         except (RequestRejectedError, SecureRoundMissedError) as error:
@@ -247,6 +258,7 @@ def _run_task(
     secure: SecureRounds | None = None,
     keep_metrics: bool = False,
     clip: float | None = None,
+    private: PrivateRounds | None = None,
 ) -> None:
     """Run one task on the round's model, with heartbeats while it runs, and send its results
     (without metrics when the site keeps them)."""
@@ -258,26 +270,20 @@ def _run_task(
         data_size, metrics = validation.data_size, validation.metrics
         samples = data_size
     elif task == TRAIN:
+        if private is not None:  # the cap, then the ledger, before anything of the round is sent
+            private.before_train(round_number)
         if secure is not None:
             secure.before_train(round_number)  # KEYS and SHARES
         with beat.during():
             outcome = runner.train(current.global_model, round_number)
         _check_trained(outcome.model, current.global_model)
         current.trained_model = outcome.model
-        data_size = outcome.data_size
-        if secure is None:
-            sent = outcome.model
-            if clip is not None:  # the aggregator clips again: this is the honest site's part
-                sent = clipped_model(current.global_model, outcome.model, clip)
-            trained = [
-                OutgoingTensor(name, array, tags=TRAINED_TAGS) for name, array in sent.items()
-            ]
-        else:  # the update masked; its weight travels masked too
-            trained, data_size = secure.masked_results(
-                round_number, current.global_model, outcome.model, outcome.data_size
-            )
-        tensors = [*trained, *_metrics(outcome.metrics, TRAIN_METRIC_TAGS)]
-        samples, metrics = outcome.data_size, outcome.metrics
+        trained, data_size = _trained_tensors(current, outcome, secure, clip)
+        metrics = dict(outcome.metrics)
+        if private is not None:
+            metrics.update(private.metrics())
+        tensors = [*trained, *_metrics(metrics, TRAIN_METRIC_TAGS)]
+        samples = outcome.data_size
     elif task == LOCALLY_TUNED_MODEL_VALIDATION:
         if current.trained_model is None and planned is not None and TRAIN in planned.tasks:
             # This round's train result went out before a restart: runners train a round alike
@@ -309,8 +315,26 @@ def _run_task(
         round_number,
         task,
         samples,
-        " ".join(f"{name}={value:.4f}" for name, value in metrics.items()),
+        " ".join(f"{name}={metric_text(value)}" for name, value in metrics.items()),
     )
+    if task == TRAIN and private is not None:
+        logger.info("%s", private.budget_line())
+
+
+def _trained_tensors(
+    current: _Round, outcome: TrainOutcome, secure: SecureRounds | None, clip: float | None
+) -> tuple[list[OutgoingTensor], int]:
+    """The train result's model tensors and data size: clipped when the plan says `clip`, or
+    masked (its weight too) in a secure round."""
+    if secure is not None:  # the update masked; its weight travels masked too
+        return secure.masked_results(
+            current.number, current.global_model, outcome.model, outcome.data_size
+        )
+    sent = outcome.model
+    if clip is not None:  # the aggregator clips again: this is the honest site's part
+        sent = clipped_model(current.global_model, outcome.model, clip)
+    trained = [OutgoingTensor(name, array, tags=TRAINED_TAGS) for name, array in sent.items()]
+    return trained, outcome.data_size
 
 
 def _metrics(metrics: Mapping[str, float], tags: tuple[str, ...]) -> list[OutgoingTensor]:

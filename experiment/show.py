@@ -17,7 +17,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from foedus.command.table import table_lines
-from foedus.history.rows import MetricsRow, RowError, StageRecord, TaskMetrics
+from foedus.history.rows import MetricsRow, RowError, StageRecord, TaskMetrics, metric_text
 from foedus.protos import director_pb2 as pb
 
 STATES = {
@@ -217,7 +217,9 @@ def _task_parts(tasks: TaskMetrics) -> list[str]:
     parts = []
     for task, values in sorted(tasks.items()):
         shown = " ".join(
-            f"{name} {value:.4f}" for name, value in sorted(values.items()) if value is not None
+            f"{name} {metric_text(value)}"
+            for name, value in sorted(values.items())
+            if value is not None
         )
         parts.append(f"{task}: {shown}")
     return parts

@@ -157,6 +157,12 @@ class MetricsRow:
         )
 
 
+def metric_text(value: float) -> str:
+    """A metric as people read it: 4 decimals, or 3 significant digits where 4 decimals would
+    show a small value as 0.0000 (a site's DP-SGD delta of 1e-05)."""
+    return f"{value:.3g}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"
+
+
 def append_row(path: Path, row: MetricsRow) -> None:
     """Append `row` as one line, flushed and fsynced (the folder too, when this creates the
     file); `OSError`."""

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# `make demo` and `make demo-torch`: one aggregator and the plan's collaborators on this host over
-# mutual TLS, each a process of VENV's foedus; the collaborators' logs in FOLDER. Exits with the
-# first failure's status, and stops the others when the aggregator fails.
+# `make demo`, `make demo-torch` and their twins: one aggregator and the plan's collaborators on
+# this host over mutual TLS, each a process of VENV's foedus; the collaborators' logs in FOLDER.
+# Exits with the first failure's status, and stops the others when the aggregator fails. Sites
+# that trained with DP-SGD (`make demo-dp`): the epsilon each has spent, from metrics.jsonl.
 # Usage: plans/demo.sh VENV PLAN FOLDER NAME (NAME: the make target, for the failure line)
 set -u
 venv=$1 plan=$2 folder=$3 name=$4
@@ -23,4 +24,21 @@ for pid in $pids; do
 done
 trap - INT TERM EXIT
 if [ $status -ne 0 ]; then echo "$name: a process failed (exit $status); logs in $folder/"; fi
+if [ $status -eq 0 ]; then
+  "$venv/bin/python" - "$plan" <<'EOF' || status=$?
+import sys
+from foedus.history.rows import read_rows
+from foedus.plans import load_plan
+
+plan = load_plan(sys.argv[1])
+spent = {}  # each site's epsilon and delta after its last training round (DP-SGD at the site)
+for row in read_rows(plan.aggregator.output_dir / "metrics.jsonl"):
+    for site, tasks in row.sites.items():
+        train = tasks.get("train", {})
+        if "epsilon" in train and "delta" in train:
+            spent[site] = (train["epsilon"], train["delta"])
+for site, (epsilon, delta) in sorted(spent.items()):
+    print(f"{site}: this site's privacy budget (DP-SGD): epsilon {epsilon:.2f} at delta {delta:.0e}")
+EOF
+fi
 exit $status

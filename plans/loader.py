@@ -104,6 +104,22 @@ def yaml_document(text: str, plan_path: Path) -> object:
         raise PlanError(plan_path, [f"{line}not valid YAML: {error.problem}"]) from None
 
 
+def _site_caps(settings: object) -> list[str]:
+    """A site's privacy cap set in the plan (`runner.settings.max_epsilon`, or inside its
+    `dp_sgd`): refused, each site decides its own."""
+    if not isinstance(settings, Mapping):
+        return []
+    found = ["runner.settings.max_epsilon"] if "max_epsilon" in settings else []
+    dp_sgd = settings.get("dp_sgd")
+    if isinstance(dp_sgd, Mapping) and "max_epsilon" in dp_sgd:
+        found.append("runner.settings.dp_sgd.max_epsilon")
+    return [
+        f"{key}: a site's privacy cap belongs to the site's settings (collaborator start "
+        "--site-settings, an envoy's runner_settings), never the plan: each site decides its own"
+        for key in found
+    ]
+
+
 def parse_plan(data: object, plan_path: Path) -> Plan:
     """Check an already-parsed plan document; paths in it are relative to `plan_path`."""
     problems: list[str] = []
@@ -126,11 +142,7 @@ def parse_plan(data: object, plan_path: Path) -> Plan:
     connection = _connection(root.section("connection"))
     privacy = _differential_privacy(root.section("differential_privacy"), known)
     secure = _secure_aggregation(root.section("secure_aggregation"), known, privacy)
-    if isinstance(runner.settings, Mapping) and "max_epsilon" in runner.settings:
-        problems.append(
-            "runner.settings.max_epsilon: a site's privacy cap belongs to the site's settings, "
-            "never the plan: each site decides its own (site caps come with issue #23's next step)"
-        )
+    problems.extend(_site_caps(runner.settings))
     offline_after = straggler.offline_after_seconds
     if offline_after is not None and offline_after < 2 * connection.heartbeat_seconds:
         problems.append(

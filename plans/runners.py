@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,40 @@ class TrainOutcome:
 
 
 @dataclass(frozen=True)
+class PrivateTraining:
+    """How a site's runner trains under sample-level DP-SGD: what its accountant counts per round.
+
+    What the optional runner method `private_training(secret, rounds)` gives back (see
+    `TaskRunner`). Each round is `steps` optimizer steps, each on a batch in which every record
+    of the site is drawn independently with probability `sample_rate` (Poisson sampling), whose
+    per-record gradients are clipped and get Gaussian noise of std `noise_multiplier` x the
+    clipping norm. The collaborator counts epsilon at `delta` over the rounds it released
+    (`foedus.privacy.ledger`), and trains no round that would take it past `max_epsilon`, the
+    site's own cap (None: no cap).
+    """
+
+    noise_multiplier: float
+    sample_rate: float  # Poisson probability of each record per step
+    steps: int  # optimizer steps per round
+    delta: float
+    max_epsilon: float | None = None
+
+    def problem(self) -> str | None:
+        """Why the accountant cannot count these rounds (one line), or None."""
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
+            return f"noise_multiplier is a finite number > 0, not {self.noise_multiplier:g}"
+        if not 0 < self.sample_rate <= 1:
+            return f"sample_rate is above 0 and at most 1, not {self.sample_rate:g}"
+        if self.steps < 1:
+            return f"steps is 1 or more, not {self.steps}"
+        if not 0 < self.delta < 1:
+            return f"delta is between 0 and 1, not {self.delta:g}"
+        if self.max_epsilon is not None and not self.max_epsilon > 0:
+            return f"max_epsilon is a number > 0, not {self.max_epsilon:g}"
+        return None
+
+
+@dataclass(frozen=True)
 class Validation:
     """What `validate` gives back: metrics (such as `accuracy`) and the samples they cover."""
 
@@ -65,6 +100,19 @@ class TaskRunner(Protocol):
     `aggregator start` before anything starts, on the plan's settings alone (a site's own keys
     are merged later): it refuses what is wrong, never a key a site may still add, and reads no
     data. A runner without it is checked at the sites only.
+
+    Optional too: `private_training(self, secret: bytes, rounds: int) -> PrivateTraining | None`,
+    for sample-level DP-SGD at the site. The collaborator calls it once at start, after the
+    constructor, with the site's 32-byte privacy secret (`foedus.privacy.secret`, kept in its
+    state folder) and the rounds the federation plans to train (over which a target epsilon is
+    spread). None, or no such method: the site does not train privately. Otherwise the runner
+    keeps the secret and draws each round's Poisson sampling and noise from (secret, round)
+    alone (`foedus.privacy.dp_sgd.round_seeds`): a restarted collaborator that trains a round
+    again releases exactly the same update, so a round is never spent twice. From the secret,
+    never from `runner.seed`: the plan is public, noise drawn from it could be subtracted by
+    whoever holds the plan, and batches anyone can compute void the privacy that sampling
+    gives. The collaborator records each round in its ledger before the update is sent and
+    stops at the site's cap (`PrivateTraining.max_epsilon`).
     """
 
     @classmethod

@@ -13,6 +13,11 @@ spend at the plan's delta, and the most rounds a cap allows, come from Google's 
 (`accountant`). With adaptive clipping the clip follows a quantile of the sites' update norms,
 moved each round by a noisy count of the unclipped ones (`adaptive`). Plain Python and numpy,
 no socket: the aggregator and the collaborator call it.
+
+Sample-level DP-SGD at a site, on when a site's runner settings say `dp_sgd` (`dp_sgd`): the
+runner clips each record's gradient and adds noise drawn from the site's secret (`secret`) and
+the round; the site's accountant (`accountant.dp_sgd_epsilon`) counts the rounds it released,
+kept durably in its ledger (`ledger`) before each update is sent.
 """
 
 from foedus.privacy.accountant import budget_line, budget_problem, epsilon_after, rounds_within

@@ -10,6 +10,7 @@ replaced: two processes racing to make it keep the first one's bytes.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from foedus.durable.files import replace_file
@@ -20,19 +21,19 @@ SECRET_FILE = "privacy.secret"
 SECRET_MODE = 0o600
 
 
-def privacy_secret(path: Path, *, remedy: str) -> bytes:
-    """The secret in `path`, made (mode 0600, durably) when it is not there yet.
+def privacy_secret(path: Path, *, remedy: str, made: bytes | None = None) -> bytes:
+    """The secret in `path`, made (mode 0600, durably) when it is not there yet: `made`, or
+    fresh bytes from the operating system's generator.
 
     `StorageError` naming the file when it cannot be kept or holds something else; `remedy` says
     what the party's operator does about a file that is not a secret (say, start with --reset).
     """
+    fresh = new_secret() if made is None else made
     try:
-        if not path.exists():
-            try:
-                made = new_secret()
-                replace_file(path, lambda file: file.write(made), mode=SECRET_MODE, replace=False)
-            except FileExistsError:
-                pass  # another process made it first: its secret is the one
+        # Another process that made it first wins: its secret is the one (FileExistsError).
+        with contextlib.suppress(FileExistsError):
+            if not path.exists():
+                replace_file(path, lambda file: file.write(fresh), mode=SECRET_MODE, replace=False)
         secret = path.read_bytes()
     except OSError as error:
         raise StorageError(

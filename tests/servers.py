@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from foedus.aggregator.federation import Federation
-from foedus.aggregator.records import Array
+from foedus.aggregator.records import Array, RoundSummary
 from foedus.aggregator.server import AggregatorGRPCServer
 from foedus.pki.layout import CertsLayout
 from foedus.plans import Plan, parse_plan
@@ -94,14 +94,19 @@ def running_aggregator(
 
 
 @contextmanager
-def closing_rounds(federation: Federation) -> Iterator[None]:
-    """Close the federation's rounds as they become due, as the aggregator's runtime does."""
+def closing_rounds(
+    federation: Federation, closed: list[RoundSummary] | None = None
+) -> Iterator[None]:
+    """Close the federation's rounds as they become due, as the aggregator's runtime does
+    (each round's summary appended to `closed`, if given)."""
     stop = threading.Event()
 
     def close() -> None:
         while not stop.is_set() and not federation.finished:
             federation.wait_for_submission(0.05)
-            federation.close_round_if_due()
+            summary = federation.close_round_if_due()
+            if summary is not None and closed is not None:
+                closed.append(summary)
 
     thread = threading.Thread(target=close, name="close-rounds", daemon=True)
     thread.start()

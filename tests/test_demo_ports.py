@@ -26,6 +26,7 @@ DEMO_FILES: list[tuple[Path, Callable[[Path], object]]] = [
     (REPO / "plans" / "local.yaml", load_plan),
     (REPO / "plans" / "torch_digits.yaml", load_plan),
     (REPO / "plans" / "secure.yaml", load_plan),
+    (REPO / "plans" / "torch_digits_dp.yaml", load_plan),
     (SERVICE / "director.yaml", load_director_config),
     *[(SERVICE / f"{site}.yaml", load_envoy_config) for site in ("alice", "bob", "carol")],
     (SERVICE / "ada.yaml", load_client_config),
@@ -80,7 +81,7 @@ def test_the_demos_run_only_moved_copies() -> None:
     makefile = (REPO / "Makefile").read_text(encoding="utf-8")
     recipes = [line for line in makefile.splitlines() if line.startswith("\t")]
     assert [line for line in recipes if FIXED_PORT.search(line) and "echo" not in line] == []
-    demo_plans = ["$(DEMO_PLAN)", "$(SECURE_DEMO_PLAN)", "$(TORCH_DEMO_PLAN)"]
+    demo_plans = ["$(DEMO_PLAN)", "$(SECURE_DEMO_PLAN)", "$(TORCH_DEMO_PLAN)", "$(DP_DEMO_PLAN)"]
     for demo_plan in demo_plans:
         assert demo_plan in makefile
     federations = [line for line in recipes if "plans/demo.sh" in line]

@@ -198,14 +198,20 @@ def _not_positive(key: str, want: str) -> list[Any]:
         ),
         pytest.param(
             [*DP_ON, ("runner.settings.max_epsilon", 3)],
-            "runner.settings.max_epsilon: a site's privacy cap belongs to the site's settings, "
-            "never the plan: each site decides its own (site caps come with issue #23's next "
-            "step)",
+            "runner.settings.max_epsilon: a site's privacy cap belongs to the site's settings "
+            "(collaborator start --site-settings, an envoy's runner_settings), never the plan: "
+            "each site decides its own",
             id="site-cap-in-the-plan",
         ),
         pytest.param(
+            [("runner.settings.dp_sgd", {"noise_multiplier": 1.0, "max_epsilon": 8})],
+            "runner.settings.dp_sgd.max_epsilon: a site's privacy cap belongs to the site's "
+            "settings (collaborator start --site-settings",
+            id="dp-sgd-site-cap-in-the-plan",
+        ),
+        pytest.param(
             [("runner.settings.max_epsilon", 3)],
-            "runner.settings.max_epsilon: a site's privacy cap belongs to the site's settings,",
+            "runner.settings.max_epsilon: a site's privacy cap belongs to the site's settings ",
             id="site-cap-in-a-plan-without-dp",
         ),
         pytest.param(

@@ -4,7 +4,7 @@ Imported only by a plan whose runner is a `TorchRunner` (`pip install -e '.[torc
 rest of foedus never imports PyTorch.
 """
 
-from foedus.torch_runner.runner import LoopOutcome, TorchRunner
+from foedus.torch_runner.runner import LoopOutcome, PrivateTrainingError, Sampling, TorchRunner
 from foedus.torch_runner.state import (
     ModelMismatchError,
     array_to_tensor,
@@ -16,6 +16,8 @@ from foedus.torch_runner.state import (
 __all__ = [
     "LoopOutcome",
     "ModelMismatchError",
+    "PrivateTrainingError",
+    "Sampling",
     "TorchRunner",
     "array_to_tensor",
     "load_state_dict",

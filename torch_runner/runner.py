@@ -12,26 +12,95 @@ Randomness in `fit` comes from the plan's seed, the site and the round, never fr
 process, so a collaborator killed and started again trains each round as it would have:
 `generator(epoch)` shuffles an epoch, and PyTorch's global generator (dropout, augmentation, a
 `DataLoader`'s own shuffling) is seeded from (seed, site, round) before each `fit`.
+
+Sample-level DP-SGD (the `dp_sgd` runner setting, `foedus.privacy.dp_sgd`) with Opacus, for a
+subclass that says how it samples (`sampling`) and whose `fit` takes its batches from
+`self.batches(epoch)` and wraps its optimizer in `self.optimizer(...)`. Without `dp_sgd` both
+are what the loop would do anyway: shuffled batches, the optimizer itself. With it, `train`
+wraps the module in Opacus's `GradSampleModule` (per-record gradients) for `fit`;
+`self.optimizer` makes a `DPOptimizer` that clips each record's gradient to `max_grad_norm`
+and adds Gaussian noise of std noise_multiplier x max_grad_norm to their sum at each step
+(`secure_mode`: the noise robust to floating-point attacks); `self.batches` draws each step's
+batch by Poisson sampling, each record in it with probability batch_size / records, `steps`
+batches an epoch. Both generators, sampling and noise, are seeded from the site's privacy
+secret and the round (`private_training`, `foedus.privacy.dp_sgd.round_seeds`), never from
+`runner.seed`: the plan is public, and noise or batches anyone can compute protect nothing. A
+round trained again gives the same bytes, so it is never spent twice. After `fit`, the base
+class checks that the DP optimizer made exactly the steps the collaborator counted, on the
+batches `self.batches` drew, else it raises `PrivateTrainingError` and nothing is sent: a
+loop that bypassed the helpers would train without privacy while the ledger says it had.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping
+import math
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Final
 
 import numpy as np
 import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
 
-from foedus.plans.runners import Array, Model, TrainOutcome, Validation
+from foedus.plans.runners import (
+    Array,
+    Model,
+    PrivateTraining,
+    RunnerError,
+    TrainOutcome,
+    Validation,
+)
 from foedus.plans.schema import RunnerSettings
+from foedus.privacy.dp_sgd import DP_SGD, DpSgdSettings, dp_sgd_settings, round_seeds
 from foedus.torch_runner.state import load_arrays, module_arrays
 
 # Independent random streams of one site and round, as numpy seeds them: SeedSequence((seed,
 # stream, site index, round, ...)).
 _SHUFFLE_STREAM: Final = 0
 _GLOBAL_STREAM: Final = 1
+_FIRST_LAYER_HOOK: Final = "Full backward hook is firing when gradients are computed with respect"
+
+
+class PrivateTrainingError(RuntimeError):
+    """`fit` did not train as DP-SGD counted it (steps, batches): nothing of the round is sent."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a subclass's `fit` goes over its data in a round: what DP-SGD's accountant needs."""
+
+    records: int  # this site's training records
+    batch_size: int  # records per batch (the expected batch under DP-SGD's Poisson sampling)
+    epochs: int  # passes over the data per round
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches an epoch: ceil(records / batch_size), with or without DP-SGD."""
+        return math.ceil(self.records / self.batch_size)
+
+    @property
+    def sample_rate(self) -> float:
+        """Each record's Poisson probability per step under DP-SGD: batch_size / records."""
+        return min(1.0, self.batch_size / self.records)
+
+    @property
+    def expected_batch(self) -> int:
+        """The records a Poisson batch holds on average (what a mean loss is divided by)."""
+        return min(self.batch_size, self.records)
+
+
+@dataclass
+class _Private:
+    """The round's DP-SGD state while `fit` runs."""
+
+    sampling_generator: torch.Generator
+    noise_generator: torch.Generator
+    steps: int = 0  # DP optimizer steps made
+    batches: int = 0  # batches drawn by `batches`
 
 
 @dataclass(frozen=True)
@@ -61,8 +130,12 @@ class TorchRunner:
         self.round_number = 0  # the round `train` works on: with the seed and site, its randomness
         self.device = torch.device("cpu")  # `setup` may choose another (a site's own setting)
         type(self).check_settings(settings)  # the director's and the aggregator's check, too
+        self.dp = type(self).private_settings(settings)  # the subclass's check may not call it
         self.setup()  # before the module: a bad setting is refused before anything is built
         self.module = type(self).seeded_module(settings).to(self.device)
+        self._secret: bytes | None = None  # the site's privacy secret, under DP-SGD
+        self._training: PrivateTraining | None = None
+        self._private: _Private | None = None  # while `fit` runs under DP-SGD
 
     # --- what a subclass writes ------------------------------------------------------------
 
@@ -81,6 +154,14 @@ class TorchRunner:
         """
         return None
 
+    def sampling(self) -> Sampling:
+        """How `fit` goes over the data (records, batch size, epochs), once `setup` loaded it:
+        needed only for DP-SGD, whose accountant counts the steps and the sampling rate."""
+        raise RunnerError(
+            f"{DP_SGD}: {type(self).__name__} does not say how it samples its data (define "
+            "sampling), so it cannot train with DP-SGD"
+        )
+
     def setup(self) -> None:
         """Load this site's data (`self.index` of the plan's collaborators), once `check_settings` passed."""
 
@@ -92,7 +173,80 @@ class TorchRunner:
         """Measure `module` on this site's held-out data (no training)."""
         raise NotImplementedError(f"{type(self).__name__} must define evaluate")
 
+    # --- what `fit` uses ---------------------------------------------------------------------
+
+    def batches(self, epoch: int) -> Iterator[torch.Tensor]:
+        """The index batches of `epoch` in this round: a shuffle cut in `batch_size` pieces, or
+        under DP-SGD `steps_per_epoch` Poisson samples (each record in with probability
+        batch_size / records, drawn from the site's secret; a batch may be empty)."""
+        sampling = self.sampling()
+        private = self._private
+        if private is None:
+            order = torch.randperm(sampling.records, generator=self.generator(epoch))
+            yield from order.split(sampling.batch_size)  # type: ignore[no-untyped-call]
+            return
+        for _ in range(sampling.steps_per_epoch):
+            drawn = torch.rand(sampling.records, generator=private.sampling_generator)
+            private.batches += 1
+            yield torch.nonzero(drawn < sampling.sample_rate).flatten()
+
+    def optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """`optimizer` itself, or under DP-SGD Opacus's `DPOptimizer` around it: each record's
+        gradient clipped to max_grad_norm, Gaussian noise from the site's secret on their sum."""
+        private, dp = self._private, self.dp
+        if private is None or dp is None or self._training is None:
+            return optimizer
+        wrapped = DPOptimizer(
+            optimizer,
+            noise_multiplier=self._training.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            expected_batch_size=self.sampling().expected_batch,
+            generator=private.noise_generator,
+            secure_mode=True,
+        )
+
+        def count(_: DPOptimizer) -> None:
+            private.steps += 1
+
+        wrapped.attach_step_hook(count)
+        dp_optimizer: torch.optim.Optimizer = wrapped
+        return dp_optimizer
+
     # --- the TaskRunner contract -------------------------------------------------------------
+
+    @classmethod
+    def private_settings(cls, settings: RunnerSettings) -> DpSgdSettings | None:
+        """The `dp_sgd` setting checked, and the module checked trainable by Opacus per record
+        (no BatchNorm, say); `RunnerError` naming the key. A subclass's `check_settings` calls
+        it, so a director and `aggregator start` refuse it too."""
+        dp = dp_sgd_settings(settings)
+        if dp is None:
+            return None
+        module = cls.seeded_module(settings)
+        module.train()
+        problems = ModuleValidator.validate(module, strict=False)
+        if problems:
+            raise RunnerError(
+                f"{settings.key_path(DP_SGD)}: Opacus cannot train this model per record: "
+                + "; ".join(str(problem) for problem in problems)
+            )
+        return dp
+
+    def private_training(self, secret: bytes, rounds: int) -> PrivateTraining | None:
+        """DP-SGD as `dp_sgd` says (None: not set), the secret kept for each round's draws."""
+        if self.dp is None:
+            return None
+        sampling = self.sampling()
+        if sampling.records < 1 or sampling.batch_size < 1 or sampling.epochs < 1:
+            raise RunnerError(
+                f"{DP_SGD}: {type(self).__name__} samples {sampling}: DP-SGD needs a record, a "
+                "batch and an epoch at least"
+            )
+        self._secret = secret
+        self._training = self.dp.training(
+            sampling.sample_rate, sampling.epochs * sampling.steps_per_epoch, rounds
+        )
+        return self._training
 
     @classmethod
     def seeded_module(cls, settings: RunnerSettings) -> torch.nn.Module:
@@ -124,12 +278,43 @@ class TorchRunner:
         # Dropout, augmentation and DataLoader shuffles draw from the global generator: seeded
         # from the round, they repeat when a restarted collaborator trains this round again.
         torch.manual_seed(self._seed(_GLOBAL_STREAM, round_number))
-        outcome = self.fit(self.module)
+        outcome = self.fit(self.module) if self.dp is None else self._fit_privately(round_number)
         return TrainOutcome(
             model=module_arrays(self.module, self.shared),
             metrics=outcome.metrics,
             data_size=outcome.data_size,
         )
+
+    def _fit_privately(self, round_number: int) -> LoopOutcome:
+        """`fit` on the module wrapped for per-record gradients, with the round's generators
+        from the secret; `PrivateTrainingError` unless it made the steps counted."""
+        if self._secret is None or self._training is None:
+            raise PrivateTrainingError(
+                "dp_sgd is set but private_training was not called: the collaborator calls it "
+                "with the site's secret before the first round"
+            )
+        sampling_seed, noise_seed = round_seeds(self._secret, round_number)
+        private = _Private(torch.Generator(), torch.Generator())
+        private.sampling_generator.manual_seed(sampling_seed)
+        private.noise_generator.manual_seed(noise_seed)
+        wrapped = GradSampleModule(self.module)
+        self._private = private
+        try:
+            with warnings.catch_warnings():
+                # Opacus's per-record hooks on a first layer, whose input needs no gradient.
+                warnings.filterwarnings("ignore", message=_FIRST_LAYER_HOOK, category=UserWarning)
+                outcome = self.fit(wrapped)
+        finally:
+            self._private = None
+            wrapped.cleanup()  # the hooks and per-record gradients off the module
+        planned = self._training.steps
+        if private.steps != planned or private.batches != planned:
+            raise PrivateTrainingError(
+                f"round {round_number}: fit made {private.steps} DP-SGD optimizer steps on "
+                f"{private.batches} batches from self.batches; DP-SGD counted {planned} of each "
+                "(take every batch from self.batches and step self.optimizer(...) once on each)"
+            )
+        return outcome
 
     def validate(self, model: Model) -> Validation:
         """Copy `model` into the module, run `evaluate`."""

@@ -14,7 +14,7 @@ from torch import nn
 
 from foedus.plans.runners import Model, TrainOutcome
 from foedus.plans.schema import RunnerSettings
-from foedus.torch_runner import LoopOutcome, TorchRunner
+from foedus.torch_runner import LoopOutcome, Sampling, TorchRunner
 from foedus.torch_runner.digits import DigitsCNNRunner
 
 from dying_runner import TRAIN, die_if_armed
@@ -105,3 +105,59 @@ class DyingCNNRunner(DigitsCNNRunner):
         outcome = super().train(model, round_number)
         die_if_armed(round_number, TRAIN)
         return outcome
+
+
+class LinearDpRunner(TorchRunner):
+    """A linear map without bias, every record's gradient 100 x a unit vector: DP-SGD clips each
+    to `max_grad_norm`, so one step's update is known but for its noise. `records` records in
+    batches of `batch` (all of them by default: sample rate 1, one step a round); SGD, lr 1."""
+
+    features: ClassVar[int] = 2000
+    records: ClassVar[int] = 8
+    batch: ClassVar[int] = 8
+
+    @classmethod
+    def build_module(cls, settings: RunnerSettings) -> nn.Module:
+        return nn.Linear(cls.features, 1, bias=False)
+
+    def setup(self) -> None:
+        torch.set_num_threads(1)
+        unit = torch.ones(self.features) / self.features**0.5
+        self.x = (100 * unit).repeat(self.records, 1)
+
+    def sampling(self) -> Sampling:
+        return Sampling(self.records, self.batch, epochs=1)
+
+    def fit(self, module: nn.Module) -> LoopOutcome:
+        optimizer = self.optimizer(torch.optim.SGD(module.parameters(), lr=1.0))
+        module.train()
+        self.batch_sizes: list[int] = []  # of the last round, for the tests
+        for batch in self.batches(0):
+            self.batch_sizes.append(len(batch))
+            optimizer.zero_grad()
+            module(self.x[batch]).mean().backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+        return LoopOutcome({}, self.records)
+
+    def evaluate(self, module: nn.Module) -> LoopOutcome:
+        return LoopOutcome({}, self.records)
+
+
+class SmallBatchDpRunner(LinearDpRunner):
+    """Expected batches of one of 4 records: a Poisson batch is often empty."""
+
+    features = 4
+    records = 4
+    batch = 1
+
+
+class BypassingRunner(LinearDpRunner):
+    """Its loop uses its own optimizer, not `self.optimizer`: no clipping, no noise."""
+
+    def fit(self, module: nn.Module) -> LoopOutcome:
+        optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
+        for batch in self.batches(0):
+            optimizer.zero_grad()
+            module(self.x[batch]).mean().backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+        return LoopOutcome({}, self.records)
