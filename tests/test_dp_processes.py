@@ -118,3 +118,8 @@ def test_a_killed_aggregator_resumes_to_the_undisturbed_model_at_its_budget(
     budget = [line for line in lines if line.startswith("  privacy budget: ")]
     assert budget[0].startswith(f"  privacy budget: {spent} after {ROUNDS} rounds"), lines
     assert ("; clip " in budget[0]) == bool(adaptive), budget
+    status = run_module("foedus.aggregator", "status", "--plan", str(killed.plan), "--json")
+    assert status.returncode == 0, status.stderr
+    dp = json.loads(status.stdout)["dp"]
+    assert dp["rounds"] == ROUNDS and ("clip" in dp) == bool(adaptive), dp
+    assert not adaptive or f"; clip {dp['clip']:.4g} (adaptive, from 1)" in budget[0], budget
