@@ -21,6 +21,9 @@ from foedus.pki.signing import certify
 
 from directors import make_director_certs
 
+# secure_rounds' fixtures (`known`, `cas`) for the secure aggregation and noise share tests.
+pytest_plugins = ["secure_rounds"]
+
 AGGREGATOR_HOST = "localhost"
 AGGREGATOR_DNS = ("localhost",)
 AGGREGATOR_IPS = ("127.0.0.1", "::1")

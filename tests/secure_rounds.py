@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -68,6 +69,18 @@ def identities(certs: CertsLayout, folder: Path) -> dict[str, SiteIdentity]:
 def ca_certificates(certs: CertsLayout) -> list[x509.Certificate]:
     """The federation's CA bundle, as every site checks its peers against it."""
     return read_certificates(certs.ca_bundle)
+
+
+@pytest.fixture(scope="session")
+def known(certs: CertsLayout, tmp_path_factory: pytest.TempPathFactory) -> dict[str, SiteIdentity]:
+    """Five sites' keys and certificates, all from the federation's CA (`identities`)."""
+    return identities(certs, tmp_path_factory.mktemp("secure_sites"))
+
+
+@pytest.fixture(scope="session")
+def cas(certs: CertsLayout) -> list[x509.Certificate]:
+    """The federation's CA bundle (`ca_certificates`)."""
+    return ca_certificates(certs)
 
 
 def context(

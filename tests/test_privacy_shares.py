@@ -36,10 +36,8 @@ from foedus.secure.site_secrets import SiteSecrets
 from secure_rounds import (
     SITES,
     SiteIdentity,
-    ca_certificates,
     context,
     for_receiver,
-    identities,
     run_round,
     sites,
     updates,
@@ -53,18 +51,6 @@ WEIGHTS = dict.fromkeys(SITES, 1)  # every site weighs 1 under differential priv
 # 24,576 values, each site's delta of L2 norm about 1.6: clipped to 1 before the noise.
 MODEL = {"w": np.zeros((96, 128), dtype=np.float64), "b": np.zeros(12288, dtype=np.float64)}
 FALSE_ALARM = 1e-6  # each statistical check fails an honest run this rarely
-
-
-@pytest.fixture(scope="module")
-def known(certs: CertsLayout, tmp_path_factory: pytest.TempPathFactory) -> dict[str, SiteIdentity]:
-    """Five sites' keys and certificates, all from the federation's CA."""
-    return identities(certs, tmp_path_factory.mktemp("dp_sites"))
-
-
-@pytest.fixture(scope="module")
-def cas(certs: CertsLayout) -> list[x509.Certificate]:
-    """The federation's CA bundle."""
-    return ca_certificates(certs)
 
 
 def fresh_shares(names: Collection[str] = SITES) -> dict[str, NoiseShares]:

@@ -28,24 +28,10 @@ from conftest import Identity
 from secure_rounds import (
     SITES,
     SiteIdentity,
-    ca_certificates,
     context,
     for_receiver,
-    identities,
     sites,
 )
-
-
-@pytest.fixture(scope="module")
-def known(certs: CertsLayout, tmp_path_factory: pytest.TempPathFactory) -> dict[str, SiteIdentity]:
-    """Five sites' keys and certificates, all from the federation's CA."""
-    return identities(certs, tmp_path_factory.mktemp("secure_attacks"))
-
-
-@pytest.fixture(scope="module")
-def cas(certs: CertsLayout) -> list[x509.Certificate]:
-    """The federation's CA bundle."""
-    return ca_certificates(certs)
 
 
 @pytest.fixture

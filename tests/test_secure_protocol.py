@@ -12,7 +12,6 @@ import numpy.typing as npt
 import pytest
 from cryptography import x509
 
-from foedus.pki.layout import CertsLayout
 from foedus.secure.context import WEIGHT_TENSOR, RoundContext
 from foedus.secure.errors import ProtocolViolation
 from foedus.secure.records import RevealedShare, SecretKind
@@ -23,11 +22,9 @@ from foedus.secure.unmask import Unmasking
 from secure_rounds import (
     SITES,
     SiteIdentity,
-    ca_certificates,
     context,
     fedavg,
     for_receiver,
-    identities,
     run_round,
     sites,
     updates,
@@ -39,18 +36,6 @@ MODEL = {
     "conv.bias": np.zeros(3, dtype=np.float64),
     "fc": np.full((5, 7), 0.25, dtype=np.float64),
 }
-
-
-@pytest.fixture(scope="module")
-def known(certs: CertsLayout, tmp_path_factory: pytest.TempPathFactory) -> dict[str, SiteIdentity]:
-    """Five sites' keys and certificates, all from the federation's CA."""
-    return identities(certs, tmp_path_factory.mktemp("secure_sites"))
-
-
-@pytest.fixture(scope="module")
-def cas(certs: CertsLayout) -> list[x509.Certificate]:
-    """The federation's CA bundle."""
-    return ca_certificates(certs)
 
 
 def bound(round_context: RoundContext, survivors: int, total_weight: int) -> float:
