@@ -33,6 +33,8 @@ from foedus.director.records import Envoy
 from foedus.director.service import DirectorService
 from foedus.director.tokens import TokenStore
 from foedus.history.rows import MetricsRow, RowError, TaskMetrics
+from foedus.plans.schema import TRAIN
+from foedus.privacy.site_budget import SiteBudget
 from foedus.processes.children import log_tail
 from foedus.refusals.errors import (
     AuthenticationError,
@@ -174,6 +176,7 @@ class _Routes:
             **_summary(view, self.clock()),
             "charts": metric_series(rows),
             "secure_rounds": secure_rounds(rows),
+            "site_budgets": site_budgets(rows),
             "log_tail": _log_tail(self.service.folders.folder(experiment_id) / LOG_FILE),
         }
 
@@ -296,6 +299,34 @@ def secure_rounds(rows: list[str]) -> list[dict[str, Any]]:
             }
         )
     return rounds
+
+
+def site_budgets(rows: list[str]) -> list[dict[str, Any]]:
+    """Each site's own privacy budget (DP-SGD at the site) as its latest training round in
+    metrics.jsonl reports it: site, round (from 1, as people count), epsilon, delta and its cap
+    (None: no cap); sites that report none are left out, as are malformed rows and budgets."""
+    latest: dict[str, tuple[int, SiteBudget]] = {}
+    for line in rows:
+        try:
+            row = MetricsRow.parse(line)
+        except RowError:
+            continue
+        if row.round_number is None:
+            continue
+        for site, tasks in row.sites.items():
+            budget = SiteBudget.from_metrics(tasks.get(TRAIN, {}))
+            if budget is not None and row.round_number >= latest.get(site, (-1, budget))[0]:
+                latest[site] = (row.round_number, budget)
+    return [
+        {
+            "site": site,
+            "round": round_number + 1,
+            "epsilon": budget.epsilon,
+            "delta": budget.delta,
+            "max_epsilon": budget.max_epsilon,
+        }
+        for site, (round_number, budget) in sorted(latest.items())
+    ]
 
 
 def _line_label(task: str, site: str | None, several_tasks: bool) -> str:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from foedus.director import cli
-from foedus.director.dashboard import metric_series
+from foedus.director.dashboard import metric_series, site_budgets
 from foedus.director.folders import OUTPUT
 from foedus.director.launcher import LOG_FILE
 from foedus.director.server import DirectorServer
@@ -27,6 +27,7 @@ from foedus.pki.layout import CertsLayout
 from foedus.plans.director_config import ConfigError, load_config
 from foedus.plans.schema import Address
 from foedus.privacy.accountant import epsilon_after
+from foedus.privacy.site_budget import SiteBudget
 from foedus.protos import director_pb2 as pb
 from foedus.serving.server import ServerError
 
@@ -272,7 +273,7 @@ def test_an_experiment_shows_progress_charts_sites_and_its_log(director: Directo
     ]
     assert body["log_tail"] == [f"line {n}" for n in range(60, 100)]
     assert body["secure"] is False and body["secure_rounds"] == []
-    assert body["privacy"] is None
+    assert body["privacy"] is None and body["site_budgets"] == []
 
 
 def test_a_secure_experiment_shows_each_rounds_steps_and_dropouts(director: Director) -> None:
@@ -320,7 +321,11 @@ def test_a_dp_experiment_shows_its_budget_and_is_tagged_in_the_list(director: Di
     output = director.server.service.folders.folder(experiment_id) / OUTPUT
     output.mkdir(parents=True, exist_ok=True)
     spent = [epsilon_after(rounds, 2.0, 1e-5) for rounds in (1, 2, 3)]
-    rows = [{"round": r, "dp": {"epsilon": spent[r], "delta": 1e-5}} for r in range(3)]
+    own = SiteBudget(1.5, 1e-6, 4.0).to_metrics()  # alice's own DP-SGD, beside the federation's
+    rows = [
+        {"round": r, "dp": {"epsilon": spent[r], "delta": 1e-5}, "sites": {"alice": {"train": own}}}
+        for r in range(3)
+    ]
     (output / METRICS).write_text("".join(json.dumps(row) + "\n" for row in rows), "utf-8")
     secret = token(director, "ada")
     status, body = get_json(director, f"/api/experiments/{experiment_id}", secret)
@@ -332,16 +337,44 @@ def test_a_dp_experiment_shows_its_budget_and_is_tagged_in_the_list(director: Di
         "max_epsilon": 8.0,
         "epsilon": spent[2],
     }
+    assert body["site_budgets"] == [
+        {"site": "alice", "round": 3, "epsilon": 1.5, "delta": 1e-6, "max_epsilon": 4.0}
+    ]
     status, listed = get_json(director, "/api/experiments", secret)
     assert [e["privacy"]["epsilon"] for e in listed["experiments"]] == [spent[2]]
     headers = {"Authorization": f"Bearer {secret}"}
     status, _, page = request(director, "GET", f"/experiments/{experiment_id}", headers=headers)
     assert status == 200 and b'<section id="privacy" hidden>' in page
     assert b'<span id="budget" class="budget" hidden>' in page
+    assert b'<table id="site-budgets">' in page
     uncapped = {**privacy, "max_epsilon": None}
     other = submit(director, "ada", federation={"rounds": 2}, differential_privacy=uncapped)
     status, body = get_json(director, f"/api/experiments/{other}", secret)
     assert body["privacy"]["max_epsilon"] is None and body["privacy"]["epsilon"] == 0.0
+
+
+def test_each_sites_own_budget_is_its_latest_training_rounds() -> None:
+    """Each site's budget as its latest training round reported it (round counted from 1), its
+    cap or null; sites without one, malformed budgets and malformed rows are left out; a row
+    without the site (it left) keeps its last budget."""
+
+    def row(number: int, sites: dict[str, Any]) -> str:
+        return json.dumps({"round": number, "sites": sites})
+
+    alice = [SiteBudget(epsilon, 1e-5, 8.0).to_metrics() for epsilon in (2.0, 3.0)]
+    bob = SiteBudget(5.0, 1e-6).to_metrics()
+    rows = [
+        row(0, {"alice": {"train": alice[0]}, "bob": {"train": bob}, "carol": {"train": {}}}),
+        row(1, {"alice": {"train": alice[1]}, "carol": {"train": {"dp_epsilon": 1.0}}}),
+        '{"round": 2, "sites": {"alice": {"train": {"dp_eps',  # a line cut short: skipped
+        row(2, {"alice": {"aggregated_model_validation": {"accuracy": 0.5}}}),
+        json.dumps({"round": 3, "final_validation": True, "sites": {}}),
+    ]
+    assert site_budgets(rows) == [
+        {"site": "alice", "round": 2, "epsilon": 3.0, "delta": 1e-5, "max_epsilon": 8.0},
+        {"site": "bob", "round": 1, "epsilon": 5.0, "delta": 1e-6, "max_epsilon": None},
+    ]
+    assert site_budgets([]) == []
 
 
 def test_a_chart_of_several_tasks_names_each_sites_task() -> None:
