@@ -34,7 +34,7 @@ from foedus.director.service import DirectorService
 from foedus.director.tokens import TokenStore
 from foedus.history.rows import MetricsRow, RowError, TaskMetrics
 from foedus.plans.schema import TRAIN
-from foedus.privacy.site_budget import SiteBudget
+from foedus.privacy.site_budget import DP_DELTA, DP_MAX_EPSILON, SiteBudget
 from foedus.processes.children import log_tail
 from foedus.refusals.errors import (
     AuthenticationError,
@@ -66,6 +66,8 @@ SITE_TASK_LABELS = {
     "train": "training",
     "locally_tuned_model_validation": "tuned model",
 }
+# A site's DP-SGD delta and cap: the same every round, said by its budget's line, not a chart.
+UNCHARTED = frozenset({DP_DELTA, DP_MAX_EPSILON})
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
@@ -241,7 +243,8 @@ def _log_out() -> Response:
 
 def metric_series(rows: list[str]) -> list[dict[str, Any]]:
     """metrics.jsonl rows as charts: one per metric; per task, a line of the weighted mean and a
-    line per site (from the rows' ``sites``); a point per round. Malformed parts are skipped."""
+    line per site (from the rows' ``sites``); a point per round. Malformed parts are skipped, and
+    so are a site's delta and cap (constants, shown with its budget: `site_budgets`)."""
     charts: dict[str, dict[tuple[str, str | None], list[list[float]]]] = {}
     for line in rows:
         try:
@@ -255,7 +258,7 @@ def metric_series(rows: list[str]) -> list[dict[str, Any]]:
         for site, tasks in measured:
             for task, values in tasks.items():
                 for metric, value in values.items():
-                    if value is None:
+                    if value is None or metric in UNCHARTED:
                         continue
                     # x: rounds of training behind the model measured. The global model is
                     # validated as a round begins; the sites' metrics are that round's own.

@@ -14,6 +14,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
+
 DP_EPSILON = "dp_epsilon"  # the epsilon the site has spent so far, at DP_DELTA
 DP_DELTA = "dp_delta"
 DP_MAX_EPSILON = "dp_max_epsilon"  # the site's cap; absent: it has none
@@ -57,8 +59,11 @@ class SiteBudget:
 
 
 def _number(value: object) -> float | None:
-    """`value` as a finite float; None when it is not a finite number (a bool is not one)."""
+    """`value` as a finite float, read as the shortest decimal of the float32 metrics travel as
+    (a delta of 1e-05, not 9.999999747378752e-06); None when it is not a finite number (a bool
+    is not one)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    number = float(value)
+    with np.errstate(over="ignore"):  # beyond float32: inf, refused below
+        number = float(str(np.float32(value)))
     return number if math.isfinite(number) else None

@@ -375,6 +375,15 @@ def test_each_sites_own_budget_is_its_latest_training_rounds() -> None:
         {"site": "bob", "round": 1, "epsilon": 5.0, "delta": 1e-6, "max_epsilon": None},
     ]
     assert site_budgets([]) == []
+    # Charted: the epsilon, a line per site (no mean: the aggregator keeps none); not the
+    # delta nor the cap, constants the budget's line says.
+    charts = {chart["metric"]: chart for chart in metric_series(rows)}
+    assert set(charts) == {"accuracy", "dp_epsilon"}
+    assert [(line["site"], line["points"]) for line in charts["dp_epsilon"]["lines"]] == [
+        ("alice", [[1, 2.0], [2, 3.0]]),
+        ("bob", [[1, 5.0]]),
+        ("carol", [[2, 1.0]]),
+    ]
 
 
 def test_a_chart_of_several_tasks_names_each_sites_task() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from foedus.privacy.site_budget import (
@@ -32,6 +33,9 @@ def test_a_budget_goes_to_metrics_and_back(
     """The metrics carry the cap only when there is one; read back, the same budget; its text."""
     assert budget.to_metrics() == metrics
     assert SiteBudget.from_metrics({**metrics, "loss": 0.25}) == budget
+    # As the aggregator keeps them: float32 on the wire, widened to float64.
+    travelled = {name: float(np.float32(value)) for name, value in metrics.items()}
+    assert SiteBudget.from_metrics(travelled) == budget
     assert budget.text() == text
     assert SITE_BUDGET_METRICS == (DP_EPSILON, DP_DELTA, DP_MAX_EPSILON)
 
@@ -46,6 +50,7 @@ def test_a_budget_goes_to_metrics_and_back(
         {DP_EPSILON: -0.1, DP_DELTA: 1e-5},
         {DP_EPSILON: math.nan, DP_DELTA: 1e-5},
         {DP_EPSILON: math.inf, DP_DELTA: 1e-5},
+        {DP_EPSILON: 1e300, DP_DELTA: 1e-5},  # beyond the float32 metrics travel as
         {DP_EPSILON: None, DP_DELTA: 1e-5},  # a row's value that was not finite
         {DP_EPSILON: "2", DP_DELTA: 1e-5},
         {DP_EPSILON: True, DP_DELTA: 1e-5},
