@@ -33,8 +33,7 @@ from foedus.director.records import Envoy
 from foedus.director.service import DirectorService
 from foedus.director.tokens import TokenStore
 from foedus.history.rows import MetricsRow, RowError, TaskMetrics
-from foedus.plans.schema import TRAIN
-from foedus.privacy.site_budget import DP_DELTA, DP_MAX_EPSILON, SiteBudget
+from foedus.privacy.site_budget import DP_DELTA, DP_MAX_EPSILON, SiteBudget, budgets_by_site
 from foedus.processes.children import log_tail
 from foedus.refusals.errors import (
     AuthenticationError,
@@ -316,9 +315,8 @@ def site_budgets(rows: list[str]) -> list[dict[str, Any]]:
             continue
         if row.round_number is None:
             continue
-        for site, tasks in row.sites.items():
-            budget = SiteBudget.from_metrics(tasks.get(TRAIN, {}))
-            if budget is not None and row.round_number >= latest.get(site, (-1, budget))[0]:
+        for site, budget in budgets_by_site(row.sites).items():
+            if row.round_number >= latest.get(site, (-1, budget))[0]:
                 latest[site] = (row.round_number, budget)
     return [
         {

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from foedus.plans.schema import TRAIN
+
 DP_EPSILON = "dp_epsilon"  # the epsilon the site has spent so far, at DP_DELTA
 DP_DELTA = "dp_delta"
 DP_MAX_EPSILON = "dp_max_epsilon"  # the site's cap; absent: it has none
@@ -67,3 +69,12 @@ def _number(value: object) -> float | None:
     with np.errstate(over="ignore"):  # beyond float32: inf, refused below
         number = float(str(np.float32(value)))
     return number if math.isfinite(number) else None
+
+
+def budgets_by_site(
+    sites: Mapping[str, Mapping[str, Mapping[str, object]]],
+) -> dict[str, SiteBudget]:
+    """The budgets a round's per-site metrics (site -> task -> metric -> value) carry, by site,
+    sorted; sites without one are left out."""
+    budgets = {site: SiteBudget.from_metrics(tasks.get(TRAIN, {})) for site, tasks in sites.items()}
+    return {site: budget for site, budget in sorted(budgets.items()) if budget is not None}
