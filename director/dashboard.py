@@ -33,7 +33,7 @@ from foedus.director.records import Envoy
 from foedus.director.service import DirectorService
 from foedus.director.tokens import TokenStore
 from foedus.history.rows import MetricsRow, RowError, TaskMetrics
-from foedus.privacy.site_budget import DP_DELTA, DP_MAX_EPSILON, SiteBudget, budgets_by_site
+from foedus.privacy.site_budget import DP_DELTA, DP_MAX_EPSILON
 from foedus.processes.children import log_tail
 from foedus.refusals.errors import (
     AuthenticationError,
@@ -177,7 +177,6 @@ class _Routes:
             **_summary(view, self.clock()),
             "charts": metric_series(rows),
             "secure_rounds": secure_rounds(rows),
-            "site_budgets": site_budgets(rows),
             "log_tail": _log_tail(self.service.folders.folder(experiment_id) / LOG_FILE),
         }
 
@@ -303,33 +302,6 @@ def secure_rounds(rows: list[str]) -> list[dict[str, Any]]:
     return rounds
 
 
-def site_budgets(rows: list[str]) -> list[dict[str, Any]]:
-    """Each site's own privacy budget (DP-SGD at the site) as its latest training round in
-    metrics.jsonl reports it: site, round (from 1, as people count), epsilon, delta and its cap
-    (None: no cap); sites that report none are left out, as are malformed rows and budgets."""
-    latest: dict[str, tuple[int, SiteBudget]] = {}
-    for line in rows:
-        try:
-            row = MetricsRow.parse(line)
-        except RowError:
-            continue
-        if row.round_number is None:
-            continue
-        for site, budget in budgets_by_site(row.sites).items():
-            if row.round_number >= latest.get(site, (-1, budget))[0]:
-                latest[site] = (row.round_number, budget)
-    return [
-        {
-            "site": site,
-            "round": round_number + 1,
-            "epsilon": budget.epsilon,
-            "delta": budget.delta,
-            "max_epsilon": budget.max_epsilon,
-        }
-        for site, (round_number, budget) in sorted(latest.items())
-    ]
-
-
 def _line_label(task: str, site: str | None, several_tasks: bool) -> str:
     """A line's name in a chart's legend: the task's mean, or a site (and its task if need be)."""
     if site is None:
@@ -358,6 +330,7 @@ def _summary(view: ExperimentView, now: float) -> dict[str, Any]:
         "ended_at": experiment.ended_at or None,
         "secure": view.secure,
         "privacy": _privacy(view.privacy),
+        "site_budgets": _site_budgets(view),
         "sites": [
             {
                 "site": site.site,
@@ -383,6 +356,23 @@ def _privacy(budget: PrivacyBudget | None) -> dict[str, Any] | None:
         "max_epsilon": settings.max_epsilon,
         "epsilon": budget.epsilon if math.isfinite(budget.epsilon) else None,
     }
+
+
+def _site_budgets(view: ExperimentView) -> list[dict[str, Any]]:
+    """Each site's own privacy budget (DP-SGD at the site) as its latest training round reported
+    it: site, round (from 1), epsilon, delta and its cap (None: no cap); sites without one left
+    out."""
+    return [
+        {
+            "site": site.site,
+            "round": site.budget_round,
+            "epsilon": site.budget.epsilon,
+            "delta": site.budget.delta,
+            "max_epsilon": site.budget.max_epsilon,
+        }
+        for site in view.sites
+        if site.budget is not None
+    ]
 
 
 def _envoy(envoy: Envoy, experiments: tuple[str, ...], now: float) -> dict[str, Any]:

@@ -5,17 +5,20 @@ metrics, the epsilon it has spent after the round (`dp_epsilon`), its delta (`dp
 when it has a cap, the cap (`dp_max_epsilon`). They are the site's own: the aggregator keeps them
 per site (`metrics.jsonl`'s `sites`) and leaves them out of the round's weighted means (a mean
 of budgets says nothing); its round line, the director's dashboard and `plans/demo.sh` read them
-back with `SiteBudget.from_metrics`. Plain Python, no socket.
+back with `SiteBudget.from_metrics`, and `latest_budgets` gives each site's latest from
+`metrics.jsonl` (the director's views: `experiment status`, the dashboard). Plain Python, no
+socket.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
+from foedus.history.rows import MetricsRow
 from foedus.plans.schema import TRAIN
 
 DP_EPSILON = "dp_epsilon"  # the epsilon the site has spent so far, at DP_DELTA
@@ -78,3 +81,16 @@ def budgets_by_site(
     sorted; sites without one are left out."""
     budgets = {site: SiteBudget.from_metrics(tasks.get(TRAIN, {})) for site, tasks in sites.items()}
     return {site: budget for site, budget in sorted(budgets.items()) if budget is not None}
+
+
+def latest_budgets(rows: Iterable[MetricsRow]) -> dict[str, tuple[int, SiteBudget]]:
+    """Each site's budget as its latest round in `rows` (metrics.jsonl's) reported it, with that
+    round counted from 1 as people count; sites that reported none are left out, sorted."""
+    latest: dict[str, tuple[int, SiteBudget]] = {}
+    for row in rows:
+        if row.round_number is None:
+            continue
+        for site, budget in budgets_by_site(row.sites).items():
+            if site not in latest or row.round_number + 1 >= latest[site][0]:
+                latest[site] = (row.round_number + 1, budget)
+    return dict(sorted(latest.items()))

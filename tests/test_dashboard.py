@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from foedus.director import cli
-from foedus.director.dashboard import metric_series, site_budgets
+from foedus.director.dashboard import metric_series
 from foedus.director.folders import OUTPUT
 from foedus.director.launcher import LOG_FILE
 from foedus.director.server import DirectorServer
@@ -342,6 +342,7 @@ def test_a_dp_experiment_shows_its_budget_and_is_tagged_in_the_list(director: Di
     ]
     status, listed = get_json(director, "/api/experiments", secret)
     assert [e["privacy"]["epsilon"] for e in listed["experiments"]] == [spent[2]]
+    assert [e["site_budgets"] for e in listed["experiments"]] == [body["site_budgets"]]
     headers = {"Authorization": f"Bearer {secret}"}
     status, _, page = request(director, "GET", f"/experiments/{experiment_id}", headers=headers)
     assert status == 200 and b'<section id="privacy" hidden>' in page
@@ -353,36 +354,17 @@ def test_a_dp_experiment_shows_its_budget_and_is_tagged_in_the_list(director: Di
     assert body["privacy"]["max_epsilon"] is None and body["privacy"]["epsilon"] == 0.0
 
 
-def test_each_sites_own_budget_is_its_latest_training_rounds() -> None:
-    """Each site's budget as its latest training round reported it (round counted from 1), its
-    cap or null; sites without one, malformed budgets and malformed rows are left out; a row
-    without the site (it left) keeps its last budget."""
-
-    def row(number: int, sites: dict[str, Any]) -> str:
-        return json.dumps({"round": number, "sites": sites})
-
-    alice = [SiteBudget(epsilon, 1e-5, 8.0).to_metrics() for epsilon in (2.0, 3.0)]
-    bob = SiteBudget(5.0, 1e-6).to_metrics()
+def test_a_sites_epsilon_is_charted_not_its_delta_nor_its_cap() -> None:
+    """A site's DP-SGD epsilon is a chart, a line per site (no mean: the aggregator keeps none);
+    its delta and its cap, the same every round, are not charts: its budget's line says them."""
     rows = [
-        row(0, {"alice": {"train": alice[0]}, "bob": {"train": bob}, "carol": {"train": {}}}),
-        row(1, {"alice": {"train": alice[1]}, "carol": {"train": {"dp_epsilon": 1.0}}}),
-        '{"round": 2, "sites": {"alice": {"train": {"dp_eps',  # a line cut short: skipped
-        row(2, {"alice": {"aggregated_model_validation": {"accuracy": 0.5}}}),
-        json.dumps({"round": 3, "final_validation": True, "sites": {}}),
+        json.dumps({"round": r, "sites": {"alice": {"train": SiteBudget(e, 1e-5, 8).to_metrics()}}})
+        for r, e in enumerate((2.0, 3.0))
     ]
-    assert site_budgets(rows) == [
-        {"site": "alice", "round": 2, "epsilon": 3.0, "delta": 1e-5, "max_epsilon": 8.0},
-        {"site": "bob", "round": 1, "epsilon": 5.0, "delta": 1e-6, "max_epsilon": None},
-    ]
-    assert site_budgets([]) == []
-    # Charted: the epsilon, a line per site (no mean: the aggregator keeps none); not the
-    # delta nor the cap, constants the budget's line says.
-    charts = {chart["metric"]: chart for chart in metric_series(rows)}
-    assert set(charts) == {"accuracy", "dp_epsilon"}
-    assert [(line["site"], line["points"]) for line in charts["dp_epsilon"]["lines"]] == [
-        ("alice", [[1, 2.0], [2, 3.0]]),
-        ("bob", [[1, 5.0]]),
-        ("carol", [[2, 1.0]]),
+    (chart,) = metric_series(rows)
+    assert chart["metric"] == "dp_epsilon"
+    assert [(line["site"], line["points"]) for line in chart["lines"]] == [
+        ("alice", [[1, 2.0], [2, 3.0]])
     ]
 
 

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import math
+from typing import Any
 
 import numpy as np
 import pytest
 
+from foedus.history.rows import MetricsRow
 from foedus.privacy.site_budget import (
     DP_DELTA,
     DP_EPSILON,
     DP_MAX_EPSILON,
     SITE_BUDGET_METRICS,
     SiteBudget,
+    latest_budgets,
 )
 
 
@@ -64,3 +68,24 @@ def test_a_budget_goes_to_metrics_and_back(
 def test_no_budget_or_a_malformed_one_reads_as_none(metrics: dict[str, object]) -> None:
     """Metrics without a budget, or with one that is not a budget, give no budget to show."""
     assert SiteBudget.from_metrics(metrics) is None
+
+
+def test_each_sites_latest_budget_over_the_rows() -> None:
+    """Each site's budget as its latest round reported it (counted from 1); sites without one
+    and malformed budgets are left out; a round without the site (it left, or the final
+    validation) keeps its last budget."""
+
+    def row(number: int, sites: dict[str, Any], **keys: Any) -> MetricsRow:
+        return MetricsRow.parse(json.dumps({"round": number, "sites": sites, **keys}))
+
+    alice = [SiteBudget(epsilon, 1e-5, 8.0) for epsilon in (2.0, 3.0)]
+    bob = SiteBudget(5.0, 1e-6)
+    rows = [
+        row(0, {"alice": {"train": alice[0].to_metrics()}, "bob": {"train": bob.to_metrics()}}),
+        row(1, {"alice": {"train": alice[1].to_metrics()}, "carol": {"train": {DP_EPSILON: 1}}}),
+        row(2, {"alice": {"aggregated_model_validation": {"accuracy": 0.5}}}),
+        MetricsRow(round_number=None, sites={"alice": {"train": alice[0].to_metrics()}}),
+        row(3, {}, final_validation=True),
+    ]
+    assert latest_budgets(rows) == {"alice": (2, alice[1]), "bob": (1, bob)}
+    assert latest_budgets([]) == {}

@@ -83,7 +83,7 @@ async function drawIndex() {
     el("tr", { "data-id": e.id },
       el("td", {}, el("a", { href: `/experiments/${encodeURIComponent(e.id)}` }, e.name || e.id),
         ...(e.secure ? [" ", el("span", { class: "tag" }, "secure")] : []),
-        ...(e.privacy ? [" ", el("span", { class: "tag", title: "differential privacy" }, "DP")] : [])),
+        ...(hasBudget(e) ? [" ", el("span", { class: "tag", title: "differential privacy" }, "DP")] : [])),
       el("td", {}, e.owner),
       el("td", {}, stateBadge(e.state)),
       el("td", { class: "progress" }, progress(e), " ", bar(e)),
@@ -142,10 +142,14 @@ function budgetBar() {
   return el("span", { class: "budget" }, el("span", { class: "spent" }), el("span", { class: "cap" }));
 }
 
-// The privacy budgets: the section and the tag shown when the federation (DP-FedAvg) or any
-// site (DP-SGD) has one.
+// Whether the federation (DP-FedAvg) or any site (DP-SGD) has a privacy budget.
+function hasBudget(e) {
+  return Boolean(e.privacy) || e.site_budgets.length > 0;
+}
+
+// The privacy budgets: the section and the tag shown when the federation or any site has one.
 function drawPrivacy(e) {
-  const shown = Boolean(e.privacy) || e.site_budgets.length > 0;
+  const shown = hasBudget(e);
   document.getElementById("privacy").hidden = !shown;
   document.getElementById("dp-tag").hidden = !shown;
   drawFederationBudget(e);
