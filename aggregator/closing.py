@@ -29,7 +29,10 @@ clip factors and its noise are made while it is open (`prepare`, `accepted`: a t
 round's own, `foedus.aggregator.dp_ahead`), and the close computes what was not made by then.
 With secure aggregation too, the sites clipped theirs and added their noise shares before
 masking (`foedus.privacy.shares`), each weighing 1: the secure round's unmasked sum over the
-survivors' summed weight is that model already (nothing is made ahead for it).
+survivors' summed weight is that model already (nothing is made ahead for it). Under adaptive
+clipping (`foedus.privacy.adaptive`) each round clips to its own clip (`RoundState.clip`, known
+when it opens, so made ahead too), and its close computes the next round's, kept in the round's
+record (`RoundRecord.next_clip`) by the same commit as the new model.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from contextlib import AbstractContextManager, closing, contextmanager
 import numpy as np
 
 from foedus.aggregator.dp_ahead import RoundAhead
-from foedus.aggregator.dp_model import Privacy
+from foedus.aggregator.dp_model import Privacy, PrivateModel
 from foedus.aggregator.failpoints import failpoint
 from foedus.aggregator.fedavg import MappedArraySource, TensorSource, weighted_metrics
 from foedus.aggregator.liveness import Liveness
@@ -103,7 +106,7 @@ class RoundCloser:
             or state.number >= self.schedule.rounds  # the final validation round trains nothing
         ):
             return
-        self._ahead = self.privacy.ahead(state.number, state.model)
+        self._ahead = self.privacy.ahead(state.number, state.model, clip=state.clip)
         for accepted in state.results.values():  # kept across a restart
             self.accepted(accepted)
 
@@ -157,7 +160,7 @@ class RoundCloser:
                 return None
             state.closing = True  # results for this round are refused from now on
             counted = [state.results[key] for key in sorted(state.results) if key[0] in reporters]
-            round_model = state.model
+            round_model, clip = state.model, state.clip  # clip: adaptive clipping's
             started = state.opened_at if state.started_at is None else state.started_at
         try:
             if decided is None and not self._decide(state, reporters, secure):
@@ -169,8 +172,9 @@ class RoundCloser:
             if on_close is not None:
                 on_close()
             with self._averaging(
-                counted, round_model, round_tasks, round_number, secure, ahead=ahead
+                counted, round_model, round_tasks, round_number, secure, ahead=ahead, clip=clip
             ) as (averaged, metrics, sites):
+                round_clip, next_clip = self._clips(clip, averaged, round_number)
                 best, best_is_round_model = improved_best(
                     best_model, state.best, round_number, metrics, rounds=schedule.rounds
                 )
@@ -192,6 +196,8 @@ class RoundCloser:
                     secure=secure is not None,
                     stages=stages,
                     untrained=untrained,
+                    clip=round_clip,
+                    next_clip=next_clip,
                 )
                 kept = self.store.commit_round(
                     RoundCommit(
@@ -221,11 +227,26 @@ class RoundCloser:
             state.opened_at = now
             state.started_at = None
             state.closing = False
+            state.clip = next_clip
             if self.secure is not None:
                 self.secure.open_round(state.number, finished=schedule.finished(state))
             self.prepare(state)
             self._round_changed.notify_all()
         return summary
+
+    def _clips(
+        self, clip: float | None, averaged: NextModel | None, round_number: int
+    ) -> tuple[float | None, float | None]:
+        """Under adaptive clipping (`clip`, the round's, is not None), the clip a closing round
+        used (None: the final validation round, which trains nothing) and the next round's:
+        moved by the round's noisy count of unclipped updates, the same if nobody trained."""
+        if clip is None or self.privacy is None:
+            return None, None
+        if round_number >= self.schedule.rounds:
+            return None, clip
+        if isinstance(averaged, PrivateModel):
+            return clip, self.privacy.next_clip(clip, averaged, round_number)
+        return clip, clip
 
     def _reporters(
         self, state: RoundState, liveness: Liveness, secure: SecureStages | None
@@ -274,12 +295,14 @@ class RoundCloser:
         secure: SecureStages | None = None,
         *,
         ahead: RoundAhead | None = None,
+        clip: float | None = None,
     ) -> Iterator[tuple[NextModel | None, dict[str, dict[str, float]], SiteMetrics]]:
         """The next global model, still to be averaged (None: no `train` result), the metrics'
         means and each site's own metrics; the results' files stay open until the block ends.
         With `secure`, the round's: the survivors' masked uploads unmasked (None: untrained).
         With differential privacy (`self.privacy`), the clipped updates' noised mean
-        (`foedus.aggregator.dp_model`), with what `ahead` made of it.
+        (`foedus.aggregator.dp_model`), with what `ahead` made of it; `clip`: the round's
+        under adaptive clipping.
 
         The `train` results are averaged a slice at a time from where the store keeps them
         (their files read in collaborator order) into where the store keeps the new model, so
@@ -321,7 +344,9 @@ class RoundCloser:
                 new_model = secure.next_model(model, uploads)
             elif contributions and self.privacy is not None:
                 uploads = {name: source for name, (_, source) in contributions.items()}
-                new_model = self.privacy.next_model(model, uploads, round_number, ahead=ahead)
+                new_model = self.privacy.next_model(
+                    model, uploads, round_number, clip=clip, ahead=ahead
+                )
             elif contributions:
                 new_model = AveragedModel(model, contributions)
             yield new_model, averaged, dict(sorted(sites.items()))

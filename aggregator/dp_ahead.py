@@ -94,7 +94,7 @@ class RoundAhead:
     ) -> None:
         self.round_number = round_number
         self.slice_elements = slice_elements
-        self._settings = settings
+        self.settings = settings  # the round's: its clip and noise multiplier
         self._secret = secret
         self._reference = {name: reference[name] for name in sorted(reference)}
         # The noise still to make, in the close's order, each slice with its place in one block
@@ -192,7 +192,7 @@ class RoundAhead:
     def _make_factor(self, site: str, opener: UploadOpener) -> None:
         with opener() as source:
             factor = source_clip_factor(
-                self._reference, source, self._settings.clip, slice_elements=self.slice_elements
+                self._reference, source, self.settings.clip, slice_elements=self.slice_elements
             )
         with self._lock:
             if not self._stopped:
@@ -202,7 +202,7 @@ class RoundAhead:
         if self._block is None:
             self._block = np.empty(self._held, dtype=np.float64)
         noise = scaled_noise(
-            self._settings,
+            self.settings,
             self._secret,
             self.round_number,
             (tensor, start, stop),

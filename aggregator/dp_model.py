@@ -8,6 +8,10 @@ weight by data size would scale one site's influence past `clip`. The noise of e
 function of the federation's secret, the round, the tensor and the slice's bounds
 (`foedus.privacy.noise`), so a round computed again after a restart gets the very same model.
 
+Under adaptive clipping (`foedus.privacy.adaptive`) a round clips to its own clip, known when it
+opens, with the update's share of the noise multiplier (`Privacy.round_settings`), and its clip
+factors give the next round's clip (`Privacy.next_clip`).
+
 The uploads' clip factors and the noise need nothing the close decides: the federation has them
 made while the round is open (`foedus.aggregator.dp_ahead`, `Privacy.ahead`), and the close
 computes only what was not made by then, the same way, so the model is the same either way.
@@ -15,6 +19,7 @@ computes only what was not made by then, the same way, so the model is the same 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +36,7 @@ from foedus.aggregator.fedavg import (
 )
 from foedus.aggregator.records import Array
 from foedus.plans.schema import DifferentialPrivacySettings
+from foedus.privacy.adaptive import next_clip
 from foedus.privacy.clipping import add_clipped, source_clip_factor
 from foedus.privacy.noise import not_noisable
 
@@ -42,29 +48,62 @@ class Privacy:
     settings: DifferentialPrivacySettings
     secret: bytes = field(repr=False)  # never in a log line, not even a repr
 
+    def round_settings(self, clip: float | None) -> DifferentialPrivacySettings:
+        """The settings a round clips and noises by: the plan's, or under adaptive clipping
+        the round's `clip` with the update's share of the noise multiplier
+        (`AdaptiveClippingSettings.update_noise_multiplier`)."""
+        adaptive = self.settings.adaptive_clipping
+        if adaptive is None:
+            return self.settings
+        return dataclasses.replace(
+            self.settings,
+            clip=self.settings.clip if clip is None else clip,
+            noise_multiplier=adaptive.update_noise_multiplier(self.settings.noise_multiplier),
+        )
+
     def next_model(
         self,
         reference: Mapping[str, Array],
         uploads: Mapping[str, TensorSource],
         round_number: int,
         *,
+        clip: float | None = None,
         ahead: RoundAhead | None = None,
     ) -> PrivateModel:
         """Round `round_number`'s next global model from the reporters' `uploads`, with what
-        `ahead` made of it while the round was open (stopped by now)."""
+        `ahead` made of it while the round was open (stopped by now); `clip`: the round's
+        under adaptive clipping."""
         return PrivateModel(
             reference,
             uploads,
-            settings=self.settings,
+            settings=self.round_settings(clip),
             secret=self.secret,
             round_number=round_number,
             ahead=ahead,
         )
 
-    def ahead(self, round_number: int, reference: Mapping[str, Array]) -> RoundAhead:
+    def ahead(
+        self, round_number: int, reference: Mapping[str, Array], *, clip: float | None = None
+    ) -> RoundAhead:
         """Round `round_number`'s clip factors and noise, made from now on (its global model
-        `reference`), for `next_model`."""
-        return RoundAhead(self.settings, self.secret, round_number, reference).start()
+        `reference`), for `next_model`; `clip`: the round's under adaptive clipping (known when
+        the round opens, so its work is made ahead too)."""
+        return RoundAhead(self.round_settings(clip), self.secret, round_number, reference).start()
+
+    def next_clip(self, clip: float | None, model: PrivateModel, round_number: int) -> float | None:
+        """Under adaptive clipping, the clip of the round after `round_number`, which clipped
+        `model`'s uploads to `clip` (`foedus.privacy.adaptive`); None when the clip is fixed."""
+        adaptive = self.settings.adaptive_clipping
+        if adaptive is None:
+            return None
+        return next_clip(
+            adaptive,
+            self.secret,
+            round_number,
+            self.settings.clip if clip is None else clip,
+            model.factors,
+            initial=self.settings.clip,
+        )
 
 
 class PrivateModel:
@@ -105,6 +144,7 @@ class PrivateModel:
             ahead is not None
             and ahead.round_number == round_number
             and ahead.slice_elements == slice_elements
+            and ahead.settings == settings  # the same clip, under adaptive clipping
         )
         self._ahead = ahead if usable else None
         made = [

@@ -169,6 +169,8 @@ class Federation:
         # (`foedus.privacy.shares`): the aggregator adds none and keeps no secret.
         if privacy is not None and privacy.enabled and self.secure is None:
             self.privacy = Privacy(privacy, self.store.privacy_secret())
+            if privacy.adaptive_clipping is not None:  # the round's clip: as kept, or the plan's
+                self._state.clip = privacy.clip if start.clip is None else start.clip
         self._closer = RoundCloser(
             self.schedule,
             self.store,

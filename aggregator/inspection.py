@@ -65,6 +65,7 @@ class PrivacySpent:
             "delta": self.delta,
             "max_epsilon": self.max_epsilon,
             "rounds": self.rounds,
+            **({} if self.clip is None else {"clip": self.clip}),
         }
 
     epsilon: float
@@ -72,6 +73,7 @@ class PrivacySpent:
     max_epsilon: float | None
     rounds: int
     line: str = dataclasses.field(compare=False)  # "privacy budget: epsilon 3.71 of 4 at ..."
+    clip: float | None = None  # the round in progress's clip under adaptive clipping
 
 
 @dataclass(frozen=True)
@@ -279,14 +281,23 @@ def read_status(plan: Plan) -> FederationStatus:
         or reporting_threshold(plan.connection.heartbeat_seconds),
         presence_saved=max((row.saved for row in standing.presence), default=None),
         last_round=standing.last_round,
-        privacy=_privacy_spent(plan, min(round_number, rounds)),
+        privacy=_privacy_spent(plan, min(round_number, rounds), standing.last_round),
     )
 
 
-def _privacy_spent(plan: Plan, rounds: int) -> PrivacySpent | None:
-    """What `rounds` closed training rounds spent, when the plan has differential privacy."""
+def _privacy_spent(plan: Plan, rounds: int, last: RoundRecord | None) -> PrivacySpent | None:
+    """What `rounds` closed training rounds spent, when the plan has differential privacy;
+    under adaptive clipping with the clip of the round in progress (the last closed round's
+    next, or the plan's before any)."""
     settings = plan.differential_privacy
-    return budget_spent(settings, rounds) if settings.enabled else None
+    if not settings.enabled:
+        return None
+    spent = budget_spent(settings, rounds)
+    if settings.adaptive_clipping is None:
+        return spent
+    clip = settings.clip if last is None or last.next_clip is None else last.next_clip
+    line = f"{spent.line}; clip {clip:.4g} (adaptive, from {settings.clip:g})"
+    return dataclasses.replace(spent, clip=clip, line=line)
 
 
 def budget_spent(settings: DifferentialPrivacySettings, rounds: int) -> PrivacySpent:

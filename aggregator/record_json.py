@@ -2,7 +2,8 @@
 
 Records written before each reporter's own metrics (``sites``) were kept read back with none, and
 those written before secure aggregation's steps were kept (``secure``, ``stages``, ``untrained``)
-as rounds aggregated in the clear that said nothing of why they were untrained.
+as rounds aggregated in the clear that said nothing of why they were untrained. The clips of
+adaptive clipping (``clip``, ``next_clip``) are written only when there are some.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ def record_to_json(record: RoundRecord) -> str:
             "secure": record.secure,
             "stages": [stage.to_dict() for stage in record.stages],
             "untrained": record.untrained,
+            # only under adaptive clipping: other federations' records stay as they were
+            **({} if record.clip is None else {"clip": record.clip}),
+            **({} if record.next_clip is None else {"next_clip": record.next_clip}),
         },
         sort_keys=True,
     )
@@ -67,4 +71,11 @@ def record_from_json(text: object) -> RoundRecord:
             for stage in data.get("stages", ())
         ),
         untrained=str(data.get("untrained", "")),
+        clip=_number(data.get("clip")),
+        next_clip=_number(data.get("next_clip")),
     )
+
+
+def _number(value: object) -> float | None:
+    """A float kept in a record, or None when it was not kept."""
+    return None if value is None else float(value)  # type: ignore[arg-type]

@@ -122,6 +122,11 @@ class RoundRecord:
     secure: bool = False  # a training round of a secure federation: unmasked, not averaged
     stages: tuple[StageRecord, ...] = ()  # its steps (`foedus.aggregator.secure_record`)
     untrained: str = ""  # why a secure round closed untrained (one line); "" if it did not
+    # Adaptive clipping (`foedus.privacy.adaptive`): the clip this training round used (None:
+    # not a training round, or the plan's clip is fixed), and the clip of the round after it
+    # (the round in progress's, read back at recovery; None: the plan's clip is fixed).
+    clip: float | None = None
+    next_clip: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -221,6 +226,8 @@ class Progress:
     # `round_number`'s secure aggregation so far: posts accepted, stages closed (in order)
     secure_posts: tuple[SecurePost, ...] = ()
     secure_closes: tuple[SecureClose, ...] = ()
+    # the clip of `round_number` under adaptive clipping; None: the plan's (fixed, or initial)
+    clip: float | None = None
 
 
 @dataclass(frozen=True)

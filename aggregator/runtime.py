@@ -308,12 +308,14 @@ class Runtime:
         )
 
     def _privacy_spent(self, record: RoundRecord) -> dict[str, float] | None:
-        """A DP federation's training round: the epsilon spent so far, with its delta."""
+        """A DP federation's training round: the epsilon spent so far, with its delta (and,
+        under adaptive clipping, the clip the round used)."""
         settings = self.plan.differential_privacy
         if not settings.enabled or record.final_validation:
             return None
         epsilon = epsilon_after(record.round_number + 1, settings.noise_multiplier, settings.delta)
-        return {"epsilon": epsilon, "delta": settings.delta}
+        clip = {} if record.clip is None else {"clip": record.clip}  # adaptive clipping's
+        return {"epsilon": epsilon, "delta": settings.delta, **clip}
 
     def round_line(self, summary: RoundSummary) -> str:
         """One line a person can read: round, who reported, loss and accuracy, the epsilon the

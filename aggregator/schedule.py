@@ -63,6 +63,7 @@ class RoundState:
     started_at: float | None = None  # when the round's tasks were first handed out
     closing: bool = False  # its close is under way
     told_quit: set[str] = field(default_factory=set)  # collaborators told to quit
+    clip: float | None = None  # the round's clip under adaptive clipping (None: not adaptive)
 
     @property
     def refusing(self) -> bool:

@@ -26,7 +26,8 @@ read back. Because no file changes, the federation holds the global model as its
 * ``closed_rounds``: one row per closed round, its `RoundRecord` as JSON, from which the rows of
   ``metrics.jsonl`` are written again if a crash lost them; the record's ``sites`` (each
   reporter's own metrics) is absent from rounds closed by an aggregator before it was kept, and
-  read as empty;
+  read as empty; under adaptive clipping a record keeps the clip of the round after it, read
+  back as the clip of the round in progress (`Progress.clip`);
 * ``privacy.secret`` (a file beside the database, mode 0600, for a plan with
   ``differential_privacy``): the 32 random bytes the noise of every round is drawn from
   (`foedus.privacy.noise`), made once before the first noise, never logged, so that a resumed
@@ -509,6 +510,7 @@ class DurableState(SqliteStore):
                 departures=departures,
                 secure_posts=secure_posts,
                 secure_closes=secure_closes,
+                clip=records[-1].next_clip if records else None,
             ),
             fresh=fresh,
             last_model_rounds=last_rounds,

@@ -267,7 +267,11 @@ def _start(
                 heartbeat_seconds=plan.connection.heartbeat_seconds,
                 secure=secure,
                 keep_metrics=keep_metrics,
-                clip=privacy.clip if privacy.enabled else None,
+                # Under adaptive clipping the site does not know the round's clip: it sends its
+                # update as trained, and the aggregator clips it.
+                clip=privacy.clip
+                if privacy.enabled and privacy.adaptive_clipping is None
+                else None,
                 private=private,
             )
         except BudgetSpentError as spent:

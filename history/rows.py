@@ -14,8 +14,8 @@ A round of a secure federation (`foedus.aggregator.secure_stages`) also says tha
 aggregated securely (`secure`), each step's time and who dropped out in it (`stages`, in order:
 KEYS, SHARES, UPLOAD, SURVIVORS, UNMASK, as far as the round got), and, when it closed
 untrained, why (`untrained`, one line). A training round of a federation with differential
-privacy (`foedus.privacy`) says what the federation has spent so far (`dp`: epsilon and delta);
-other rows have no `dp` key.
+privacy (`foedus.privacy`) says what the federation has spent so far (`dp`: epsilon and delta;
+under adaptive clipping also `clip`, the clip the round used); other rows have no `dp` key.
 """
 
 from __future__ import annotations
@@ -224,12 +224,15 @@ def _task_metrics(value: object) -> TaskMetrics:
 
 
 def _privacy(value: object) -> dict[str, float] | None:
-    """A row's `dp` ({"epsilon", "delta"}, both numbers); None when absent or not that."""
+    """A row's `dp` ({"epsilon", "delta"}, both numbers, and under adaptive clipping "clip");
+    None when absent or not that."""
     if not isinstance(value, dict):
         return None
     spent = {key: value.get(key) for key in ("epsilon", "delta")}
     if not all(_is_number(number, int | float) for number in spent.values()):
         return None
+    if _is_number(value.get("clip"), int | float):
+        spent["clip"] = value["clip"]
     return {key: float(number) for key, number in spent.items()}  # type: ignore[arg-type]
 
 

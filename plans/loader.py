@@ -34,6 +34,7 @@ from foedus.plans.schema import (
     LARGEST_NORMAL,
     RING_BITS,
     TRAIN,
+    AdaptiveClippingSettings,
     AggregatorSettings,
     BestModelSettings,
     ConnectionSettings,
@@ -139,7 +140,7 @@ def parse_plan(data: object, plan_path: Path) -> Plan:
     )
     limits = _limits(root.section("limits"))
     connection = _connection(root.section("connection"))
-    privacy = _differential_privacy(root.section("differential_privacy"))
+    privacy = _differential_privacy(root.section("differential_privacy"), known)
     secure = _secure_aggregation(root.section("secure_aggregation"), known, privacy)
     problems.extend(_site_caps(runner.settings))
     offline_after = straggler.offline_after_seconds
@@ -443,6 +444,12 @@ def _secure_aggregation(
         max_weight=max_weight,
         neighbours=neighbours,
     )
+    if enabled and privacy.enabled and privacy.adaptive_clipping is not None:
+        section.problems.append(
+            f"{section.key('enabled')}: differential_privacy.adaptive_clipping is not yet "
+            "possible with secure aggregation: the sites' clipped-or-not bits would need a "
+            "secure sum too; turn one of them off"
+        )
     if enabled and privacy.enabled:
         settings = _noised_ring(section, settings, privacy, collaborators)
     if (
@@ -494,15 +501,17 @@ def _noised_ring(
     return dataclasses.replace(settings, clip=clip, max_weight=max_weight)
 
 
-def _differential_privacy(section: Section) -> DifferentialPrivacySettings:
+def _differential_privacy(section: Section, collaborators: int) -> DifferentialPrivacySettings:
     """`differential_privacy`, each key checked; `clip` and `noise_multiplier` required when on.
 
     Refused: settings that give no privacy (no noise, a delta of 1 or more). With secure
     aggregation on too, the sites add the noise in shares (`_noised_ring` sizes the ring for
     it). Whether the cap allows a first round needs the accountant:
-    `foedus.privacy.budget_problem`, where the plan runs.
+    `foedus.privacy.budget_problem`, where the plan runs. `collaborators` (0: unknown) gives
+    `adaptive_clipping.count_noise` its default.
     """
     defaults = DifferentialPrivacySettings()
+    problems = len(section.problems)
     enabled = section.flag("enabled", defaults.enabled)
     clip = section.checked(
         "clip",
@@ -534,7 +543,25 @@ def _differential_privacy(section: Section) -> DifferentialPrivacySettings:
             _positive_finite,
             "a finite number > 0, or null for no cap",
         )
+    adaptive = None
+    if section.data.get("adaptive_clipping") is None:
+        section.seen.add("adaptive_clipping")
+    else:
+        adaptive = _adaptive_clipping(section.section("adaptive_clipping"), collaborators)
     section.finish()
+    if (
+        enabled
+        and adaptive is not None
+        and len(section.problems) == problems  # else: defaults, misleading
+        and not adaptive.update_noise_multiplier(noise_multiplier) < math.inf
+    ):
+        section.problems.append(
+            f"{section.key('adaptive_clipping')}.count_noise: {adaptive.count_noise:g} leaves "
+            f"the update no noise: the round's noise_multiplier ({noise_multiplier:g}) is "
+            "shared between the update and the count of unclipped sites, whose own noise "
+            "multiplier (2 x count_noise) must be above it; make count_noise more than "
+            f"{noise_multiplier / 2:g}"
+        )
     if enabled:
         for key in ("clip", "noise_multiplier"):
             if key not in section.data:
@@ -548,6 +575,37 @@ def _differential_privacy(section: Section) -> DifferentialPrivacySettings:
         noise_multiplier=noise_multiplier,
         delta=delta,
         max_epsilon=max_epsilon,
+        adaptive_clipping=adaptive,
+    )
+
+
+def _adaptive_clipping(section: Section, collaborators: int) -> AdaptiveClippingSettings:
+    """`differential_privacy.adaptive_clipping`, each key checked; `count_noise` defaults to
+    collaborators / 20 (TFF's clipped_count_stddev)."""
+    defaults = AdaptiveClippingSettings()
+    quantile = section.checked(
+        "target_quantile",
+        defaults.target_quantile,
+        _probability,
+        "a number between 0 and 1, both excluded (the share of the sites' updates the clip "
+        "should leave unclipped)",
+    )
+    learning_rate = section.checked(
+        "learning_rate",
+        defaults.learning_rate,
+        _positive_finite,
+        "a finite number > 0 (how far the clip moves in a round)",
+    )
+    count_noise = section.checked(
+        "count_noise",
+        collaborators / 20 if collaborators else defaults.count_noise,
+        _positive_finite,
+        "a finite number > 0 (the std of the noise on the count of unclipped sites: without "
+        "noise, the count gives the sites' norms away)",
+    )
+    section.finish()
+    return AdaptiveClippingSettings(
+        target_quantile=quantile, learning_rate=learning_rate, count_noise=count_noise
     )
 
 

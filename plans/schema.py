@@ -240,6 +240,35 @@ LARGEST_NORMAL = math.sqrt(106 * math.log(2))
 
 
 @dataclass(frozen=True)
+class AdaptiveClippingSettings:
+    """`differential_privacy.adaptive_clipping`: the clip follows a quantile of the sites'
+    update norms (Andrew et al. 2021), starting at `differential_privacy.clip`.
+
+    Each round the aggregator counts the sites whose update was within the clip, adds Gaussian
+    noise of std `count_noise` to that count, and moves the clip geometrically toward the
+    `target_quantile` (`foedus.privacy.adaptive`). The count's noise takes its share of the
+    round's privacy: the update's noise multiplier rises to `update_noise_multiplier`.
+    """
+
+    # differential_privacy.adaptive_clipping.target_quantile: the share of the sites' updates
+    # the clip should hold unclipped, 0 < q < 1
+    target_quantile: float = 0.5
+    # differential_privacy.adaptive_clipping.learning_rate: how far the clip moves in a round
+    # (it is multiplied by exp(-learning_rate x (unclipped share - target_quantile)))
+    learning_rate: float = 0.2
+    # differential_privacy.adaptive_clipping.count_noise: the std of the Gaussian noise on the
+    # count of unclipped sites (default: collaborators / 20, as TFF's clipped_count_stddev)
+    count_noise: float = 1.0
+
+    def update_noise_multiplier(self, noise_multiplier: float) -> float:
+        """The noise multiplier of the update's noise when the whole round's is
+        `noise_multiplier`: (z^-2 - (2 count_noise)^-2)^(-1/2), the count's noise (sensitivity
+        1/2 on the centred count) taking the rest; infinite when 2 x count_noise <= z."""
+        rest = noise_multiplier**-2 - (2 * self.count_noise) ** -2
+        return rest**-0.5 if rest > 0 else math.inf
+
+
+@dataclass(frozen=True)
 class DifferentialPrivacySettings:
     """`differential_privacy`: site-level DP-FedAvg, each site's update clipped and the sum noised.
 
@@ -259,6 +288,9 @@ class DifferentialPrivacySettings:
     # differential_privacy.max_epsilon: the federation trains no round past this epsilon (at
     # `delta`); None: no cap, the epsilon spent is still reported
     max_epsilon: float | None = None
+    # differential_privacy.adaptive_clipping: the clip adapts to the sites' update norms (None:
+    # `clip` is fixed)
+    adaptive_clipping: AdaptiveClippingSettings | None = None
 
     @property
     def noise_std(self) -> float:

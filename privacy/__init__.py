@@ -10,7 +10,9 @@ divided by the number of reporters: new = global + (sum + noise) / n. Under secu
 the aggregator sees no update to clip nor a sum to noise before it is unmasked: each site clips
 its own and adds its share of the noise before it masks it (`shares`). The epsilon the rounds
 spend at the plan's delta, and the most rounds a cap allows, come from Google's RDP accountant
-(`accountant`). Plain Python and numpy, no socket: the aggregator and the collaborator call it.
+(`accountant`). With adaptive clipping the clip follows a quantile of the sites' update norms,
+moved each round by a noisy count of the unclipped ones (`adaptive`). Plain Python and numpy,
+no socket: the aggregator and the collaborator call it.
 
 Sample-level DP-SGD at a site, on when a site's runner settings say `dp_sgd` (`dp_sgd`): the
 runner clips each record's gradient and adds noise drawn from the site's secret (`secret`) and

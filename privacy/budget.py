@@ -25,7 +25,8 @@ def training_rounds(plan: Plan) -> int:
 
 def plan_text(plan: Plan) -> str:
     """What the first line says of a DP federation: its settings (under secure aggregation, that
-    the sites add the noise), the rounds its budget allows and what they will spend."""
+    the sites add the noise; under adaptive clipping, the quantile the clip follows), the rounds
+    its budget allows and what they will spend."""
     settings = plan.differential_privacy
     rounds = training_rounds(plan)
     capped = (
@@ -39,7 +40,16 @@ def plan_text(plan: Plan) -> str:
         if secure.enabled
         else ""
     )
+    adaptive = settings.adaptive_clipping
+    clip, split = f"clip {settings.clip:g}", ""
+    if adaptive is not None:
+        clip += (
+            f" at first, adapting to the {adaptive.target_quantile:g} quantile of the sites' "
+            "update norms"
+        )
+        update = adaptive.update_noise_multiplier(settings.noise_multiplier)
+        split = f" (the update's {update:.4g}, with the noise on the count of unclipped sites)"
     return (
-        f"differential privacy (clip {settings.clip:g}, noise multiplier "
-        f"{settings.noise_multiplier:g}{shared}{capped}; {budget_line(settings, rounds)})"
+        f"differential privacy ({clip}, noise multiplier "
+        f"{settings.noise_multiplier:g}{split}{shared}{capped}; {budget_line(settings, rounds)})"
     )

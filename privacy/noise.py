@@ -16,6 +16,10 @@ exact for exact uniforms; 53-bit uniforms cut the tails at |z| = sqrt(106 ln 2) 
 a standard normal passes with probability 1e-17. The logarithm, sine and cosine are numpy's:
 the same machine and numpy give the same bits (a resume), another CPU may differ in the last
 bit.
+
+Adaptive clipping's noise on a round's count of unclipped sites is drawn the same way under
+another label, "foedus.privacy.clip-count/v1" (`CLIP_COUNT_STREAM`), so it is independent of
+the model's noise, which it leaves unchanged.
 """
 
 from __future__ import annotations
@@ -33,7 +37,10 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from foedus.protos.dtypes import is_float
 
 SECRET_BYTES = 32  # the noise secret: an AES-256 key's worth of entropy
-_LABEL = b"foedus.privacy.noise/v1"
+# The labels of the noise streams, each its own keys: the noise added to the model's values,
+# and that added to the count of a round's unclipped sites (`foedus.privacy.adaptive`).
+MODEL_STREAM = b"foedus.privacy.noise/v1"
+CLIP_COUNT_STREAM = b"foedus.privacy.clip-count/v1"
 _BLOCK = 16  # one AES block: two 64-bit words, one pair of normals
 _PAIRS = 1 << 16  # pairs made at a time: 1 MB of keystream, temporaries that stay in cache
 _UNIT = 2.0**-53
@@ -46,25 +53,37 @@ def new_secret() -> bytes:
     return secrets.token_bytes(SECRET_BYTES)
 
 
-def stream_key(secret: bytes, round_number: int, tensor: str) -> bytes:
-    """The AES-256 key of round `round_number`'s noise for `tensor` (one stream per pair)."""
+def stream_key(
+    secret: bytes, round_number: int, tensor: str, *, stream: bytes = MODEL_STREAM
+) -> bytes:
+    """The AES-256 key of round `round_number`'s noise for `tensor` (one stream per pair);
+    `stream` labels what the noise is for (another label: a stream of its own)."""
     if len(secret) != SECRET_BYTES:
         raise ValueError(f"a noise secret is {SECRET_BYTES} bytes, not {len(secret)}")
     if not 0 <= round_number < 1 << 64:
         raise ValueError(f"a round number is 0 to 2^64 - 1, not {round_number}")
     name = tensor.encode("utf-8")
-    label = _LABEL + round_number.to_bytes(8, "big") + len(name).to_bytes(4, "big") + name
+    label = stream + round_number.to_bytes(8, "big") + len(name).to_bytes(4, "big") + name
     return hmac.digest(secret, label, hashlib.sha256)
 
 
-def gaussian(secret: bytes, round_number: int, tensor: str, start: int, stop: int) -> Float64Array:
-    """Elements [start, stop) of round `round_number`'s standard normal noise for `tensor`.
+def gaussian(
+    secret: bytes,
+    round_number: int,
+    tensor: str,
+    start: int,
+    stop: int,
+    *,
+    stream: bytes = MODEL_STREAM,
+) -> Float64Array:
+    """Elements [start, stop) of round `round_number`'s standard normal noise for `tensor`
+    (of `stream`: the model's noise unless told).
 
     Deterministic in its arguments; a slice equals the same elements of any larger slice.
     """
     if not 0 <= start <= stop:
         raise ValueError(f"a noise slice is 0 <= start <= stop, not [{start}, {stop})")
-    key = stream_key(secret, round_number, tensor)
+    key = stream_key(secret, round_number, tensor, stream=stream)
     first, end = start // 2, (stop + 1) // 2  # the pairs [first, end) hold the slice
     # The pairs' normals straight into the array returned (a view that leaves out the pair's
     # other element when start or stop is odd): no copy, and the caller owns it.

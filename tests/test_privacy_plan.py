@@ -4,6 +4,7 @@ with secure aggregation, each site weighs 1 and the ring holds the sites' noise 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,11 @@ import pytest
 import yaml
 
 from foedus.plans import PlanError, load_plan, parse_plan
-from foedus.plans.schema import LARGEST_NORMAL, DifferentialPrivacySettings
+from foedus.plans.schema import (
+    LARGEST_NORMAL,
+    AdaptiveClippingSettings,
+    DifferentialPrivacySettings,
+)
 
 from test_plans import DELETE, OTHER_PROBLEM, PLAN_PATH, _document, _problems, _with
 
@@ -20,6 +25,7 @@ DP_ON = [
     ("differential_privacy.clip", 0.5),
     ("differential_privacy.noise_multiplier", 1.1),
 ]
+ADAPTIVE_ON = [*DP_ON, ("differential_privacy.adaptive_clipping.count_noise", 1.0)]
 
 
 def test_differential_privacy_is_off_by_default() -> None:
@@ -67,6 +73,32 @@ def test_with_secure_aggregation_each_site_weighs_one_and_the_ring_holds_its_noi
     alone = _with(_document(), ("secure_aggregation.enabled", True))
     settings = parse_plan(alone, PLAN_PATH).secure_aggregation
     assert (settings.clip, settings.max_weight) == (1.0, 65536)
+
+
+def test_adaptive_clipping_is_off_by_default_and_read_as_written() -> None:
+    """Absent or null: a fixed clip. Given: its keys as written, the defaults for the others
+    (quantile 0.5, learning rate 0.2, count noise collaborators / 20); the update's noise
+    multiplier is what the count's noise leaves of the round's: z^-2 = z_delta^-2 + (2c)^-2."""
+    assert parse_plan(_with(_document(), *DP_ON), PLAN_PATH).differential_privacy == (
+        DifferentialPrivacySettings(enabled=True, clip=0.5, noise_multiplier=1.1)
+    )
+    null = _with(_document(), *DP_ON, ("differential_privacy.adaptive_clipping", None))
+    assert parse_plan(null, PLAN_PATH).differential_privacy.adaptive_clipping is None
+    given = _with(_document(), *ADAPTIVE_ON)
+    adaptive = parse_plan(given, PLAN_PATH).differential_privacy.adaptive_clipping
+    assert adaptive == AdaptiveClippingSettings(target_quantile=0.5, learning_rate=0.2)
+    written = _with(
+        _document(),
+        ("differential_privacy.adaptive_clipping.target_quantile", 0.9),
+        ("differential_privacy.adaptive_clipping.learning_rate", 1),
+    )
+    adaptive = parse_plan(written, PLAN_PATH).differential_privacy.adaptive_clipping
+    assert adaptive == AdaptiveClippingSettings(0.9, 1.0, count_noise=3 / 20)
+    z_delta = AdaptiveClippingSettings(count_noise=1.0).update_noise_multiplier(1.1)
+    assert z_delta == pytest.approx((1.1**-2 - 2.0**-2) ** -0.5, rel=1e-15)
+    assert (z_delta**-2 + 2.0**-2) ** -0.5 == pytest.approx(1.1, rel=1e-12)
+    assert z_delta == pytest.approx(1.3171, abs=1e-4)  # by hand: (0.82645 - 0.25)^-1/2
+    assert AdaptiveClippingSettings(count_noise=0.55).update_noise_multiplier(1.1) == math.inf
 
 
 def _not_positive(key: str, want: str) -> list[Any]:
@@ -201,6 +233,46 @@ def _not_positive(key: str, want: str) -> list[Any]:
             [("differential_privacy", [1])],
             "differential_privacy: expected a mapping, got list",
             id="not-a-mapping",
+        ),
+        *(
+            pytest.param(
+                [*ADAPTIVE_ON, (f"differential_privacy.adaptive_clipping.{key}", value)],
+                f"differential_privacy.adaptive_clipping.{key}: expected {want}",
+                id=f"adaptive-{key}-{shown}",
+            )
+            for key, value, shown, want in [
+                ("target_quantile", 0, "0", "a number between 0 and 1, both excluded"),
+                ("target_quantile", 1.0, "1.0", "a number between 0 and 1, both excluded"),
+                ("learning_rate", 0, "0", "a finite number > 0 (how far the clip moves"),
+                ("learning_rate", -0.2, "-0.2", "a finite number > 0 (how far the clip moves"),
+                ("count_noise", 0, "0", "a finite number > 0 (the std of the noise on the count"),
+                ("count_noise", "2", "'2'", "a finite number > 0 (the std of the noise on"),
+            ]
+        ),
+        pytest.param(
+            [*ADAPTIVE_ON, ("differential_privacy.adaptive_clipping.count_noise", 0.55)],
+            "differential_privacy.adaptive_clipping.count_noise: 0.55 leaves the update no "
+            "noise: the round's noise_multiplier (1.1) is shared between the update and the "
+            "count of unclipped sites, whose own noise multiplier (2 x count_noise) must be "
+            "above it; make count_noise more than 0.55",
+            id="adaptive-count-noise-takes-all",
+        ),
+        pytest.param(
+            [*DP_ON, ("differential_privacy.adaptive_clipping", {})],
+            "differential_privacy.adaptive_clipping.count_noise: 0.15 leaves the update no noise",
+            id="adaptive-default-count-noise-of-3-sites-too-low",
+        ),
+        pytest.param(
+            [*ADAPTIVE_ON, ("differential_privacy.adaptive_clipping.quantile", 0.5)],
+            "differential_privacy.adaptive_clipping.quantile: unknown key",
+            id="adaptive-unknown-key",
+        ),
+        pytest.param(
+            [*ADAPTIVE_ON, ("secure_aggregation.enabled", True)],
+            "secure_aggregation.enabled: differential_privacy.adaptive_clipping is not yet "
+            "possible with secure aggregation: the sites' clipped-or-not bits would need a "
+            "secure sum too; turn one of them off",
+            id="adaptive-with-secure-aggregation",
         ),
     ],
 )
