@@ -26,6 +26,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from foedus.privacy.site_budget import SITE_BUDGET_METRICS
 from foedus.protos.dtypes import is_bfloat16
 from foedus.refusals.errors import StorageError
 
@@ -248,12 +249,15 @@ def _shared_out(
 def weighted_metrics(
     contributions: Mapping[str, tuple[int, Mapping[str, float]]],
 ) -> dict[str, float]:
-    """Per metric, the mean over the collaborators that reported it, weighted by their data size."""
+    """Per metric, the mean over the collaborators that reported it, weighted by their data size;
+    a site's own privacy budget (`foedus.privacy.site_budget`) is left out: its mean says nothing."""
     sums: dict[str, float] = {}
     weights: dict[str, int] = {}
     for collaborator in sorted(contributions):
         weight, metrics = contributions[collaborator]
         for metric in sorted(metrics):
+            if metric in SITE_BUDGET_METRICS:
+                continue
             sums[metric] = sums.get(metric, 0.0) + weight * float(metrics[metric])
             weights[metric] = weights.get(metric, 0) + weight
     return {metric: sums[metric] / weights[metric] for metric in sorted(sums) if weights[metric]}

@@ -38,6 +38,7 @@ from foedus.plans import Plan
 from foedus.plans.schema import AGGREGATED_MODEL_VALIDATION, DifferentialPrivacySettings
 from foedus.privacy.accountant import budget_line, epsilon_after
 from foedus.privacy.budget import training_rounds
+from foedus.privacy.site_budget import budgets_by_site
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,11 @@ class FederationStatus:
                 "missing": list(last.missing),
                 "metrics": {task: dict(values) for task, values in last.metrics.items()},
                 "seconds": last.seconds,
+                # The DP-SGD budgets its sites reported with it (`foedus.privacy.site_budget`).
+                "site_budgets": [
+                    {"site": site, **dataclasses.asdict(budget)}
+                    for site, budget in budgets_by_site(last.sites).items()
+                ],
             },
             **({} if self.privacy is None else {"dp": self.privacy.to_json()}),
         }
@@ -202,6 +208,8 @@ class FederationStatus:
             for task, values in last.metrics.items():
                 shown = ", ".join(f"{name} {value:.4f}" for name, value in values.items())
                 lines.append(f"    {task}: {shown}")
+            for site, budget in budgets_by_site(last.sites).items():
+                lines.append(f"    {site}: {budget.text()}")
         return lines
 
     def _presence_text(self, c: CollaboratorStatus, now: float) -> str:

@@ -62,6 +62,7 @@ from foedus.plans import Plan
 from foedus.plans.schema import AGGREGATED_MODEL_VALIDATION, TRAIN
 from foedus.privacy.accountant import budget_line, epsilon_after
 from foedus.privacy.budget import plan_text
+from foedus.privacy.site_budget import budgets_by_site
 from foedus.protos.channel import host_port
 from foedus.refusals.errors import StorageError
 
@@ -331,12 +332,8 @@ class Runtime:
         accuracy = _accuracy(summary.metrics.get(AGGREGATED_MODEL_VALIDATION, {}))
         if accuracy is not None:
             parts.append(f"accuracy {accuracy:.4f}")
-        # Sites that train with DP-SGD send the epsilon they have spent with their metrics.
-        spent = sorted(
-            tasks[TRAIN]["epsilon"]
-            for tasks in summary.sites.values()
-            if "epsilon" in tasks.get(TRAIN, {})
-        )
+        # Sites that train with DP-SGD send the budget they have spent with their metrics.
+        spent = sorted(budget.epsilon for budget in budgets_by_site(summary.sites).values())
         if spent:
             span = f"{spent[0]:.2f}" + (f"-{spent[-1]:.2f}" if spent[-1] > spent[0] else "")
             parts.append(f"sites' epsilon {span}")

@@ -29,7 +29,8 @@ the masked update is clipped and given the site's noise share by `SecureRounds` 
 A site that trains with sample-level DP-SGD (its runner's `private_training`) has its round
 counted before it trains it (`foedus.collaborator.private.PrivateRounds.before_train`: in its
 ledger, durably, or `BudgetSpentError` at its cap, which ends the loop); its train result
-carries the `epsilon` and `delta` it has spent after the round, beside the runner's metrics.
+carries its budget after the round (`dp_epsilon`, `dp_delta` and its cap `dp_max_epsilon`:
+`foedus.privacy.site_budget`), beside the runner's metrics.
 
 A site that keeps its metrics (`keep_metrics`, `collaborator start --keep-metrics`, only in a
 secure federation) sends results without them, its validations with a `data_size` of 1 (the

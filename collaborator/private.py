@@ -19,13 +19,12 @@ from foedus.plans.runners import PrivateTraining
 from foedus.privacy.accountant import dp_sgd_epsilon
 from foedus.privacy.ledger import SiteLedger, SpentRound
 from foedus.privacy.secret import privacy_secret
+from foedus.privacy.site_budget import SiteBudget
 
 logger = logging.getLogger(__name__)
 
 # What a site whose budget is spent tells the aggregator (Leave): fixed, no data of the site.
 BUDGET_SPENT_REASON = "the site's privacy budget is spent"
-EPSILON = "epsilon"  # the train result's metrics: what the site has spent after the round
-DELTA = "delta"
 
 
 class BudgetSpentError(Exception):
@@ -86,17 +85,20 @@ class PrivateRounds:
                 )
         self.ledger.record(spent)
 
+    def budget(self) -> SiteBudget:
+        """What the site has spent so far, at its delta, of its cap."""
+        training = self.training
+        return SiteBudget(self.epsilon(), training.delta, training.max_epsilon)
+
     def metrics(self) -> dict[str, float]:
-        """The train result's privacy metrics: epsilon and delta spent so far."""
-        return {EPSILON: self.epsilon(), DELTA: self.training.delta}
+        """The train result's privacy metrics (`foedus.privacy.site_budget`): the site's budget."""
+        return self.budget().to_metrics()
 
     def budget_line(self) -> str:
         """ "this site's privacy budget: epsilon 2.10 of 8 at delta 1e-05 after 3 rounds"."""
-        cap = self.training.max_epsilon
         rounds = len(self.ledger.rounds)
         return (
-            f"this site's privacy budget: epsilon {self.epsilon():.2f}"
-            f"{'' if cap is None else f' of {cap:g}'} at delta {self.training.delta:g} "
+            f"this site's privacy budget: {self.budget().text()} "
             f"after {rounds} {'round' if rounds == 1 else 'rounds'}"
         )
 

@@ -33,6 +33,7 @@ from foedus.director.records import Envoy
 from foedus.director.service import DirectorService
 from foedus.director.tokens import TokenStore
 from foedus.history.rows import MetricsRow, RowError, TaskMetrics
+from foedus.privacy.site_budget import DP_DELTA, DP_MAX_EPSILON
 from foedus.processes.children import log_tail
 from foedus.refusals.errors import (
     AuthenticationError,
@@ -64,6 +65,8 @@ SITE_TASK_LABELS = {
     "train": "training",
     "locally_tuned_model_validation": "tuned model",
 }
+# A site's DP-SGD delta and cap: the same every round, said by its budget's line, not a chart.
+UNCHARTED = frozenset({DP_DELTA, DP_MAX_EPSILON})
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
@@ -238,7 +241,8 @@ def _log_out() -> Response:
 
 def metric_series(rows: list[str]) -> list[dict[str, Any]]:
     """metrics.jsonl rows as charts: one per metric; per task, a line of the weighted mean and a
-    line per site (from the rows' ``sites``); a point per round. Malformed parts are skipped."""
+    line per site (from the rows' ``sites``); a point per round. Malformed parts are skipped, and
+    so are a site's delta and cap (constants, shown with its budget: `site_budgets`)."""
     charts: dict[str, dict[tuple[str, str | None], list[list[float]]]] = {}
     for line in rows:
         try:
@@ -252,7 +256,7 @@ def metric_series(rows: list[str]) -> list[dict[str, Any]]:
         for site, tasks in measured:
             for task, values in tasks.items():
                 for metric, value in values.items():
-                    if value is None:
+                    if value is None or metric in UNCHARTED:
                         continue
                     # x: rounds of training behind the model measured. The global model is
                     # validated as a round begins; the sites' metrics are that round's own.
@@ -326,6 +330,7 @@ def _summary(view: ExperimentView, now: float) -> dict[str, Any]:
         "ended_at": experiment.ended_at or None,
         "secure": view.secure,
         "privacy": _privacy(view.privacy),
+        "site_budgets": _site_budgets(view),
         "sites": [
             {
                 "site": site.site,
@@ -351,6 +356,23 @@ def _privacy(budget: PrivacyBudget | None) -> dict[str, Any] | None:
         "max_epsilon": settings.max_epsilon,
         "epsilon": budget.epsilon if math.isfinite(budget.epsilon) else None,
     }
+
+
+def _site_budgets(view: ExperimentView) -> list[dict[str, Any]]:
+    """Each site's own privacy budget (DP-SGD at the site) as its latest training round reported
+    it: site, round (from 1), epsilon, delta and its cap (None: no cap); sites without one left
+    out."""
+    return [
+        {
+            "site": site.site,
+            "round": site.budget_round,
+            "epsilon": site.budget.epsilon,
+            "delta": site.budget.delta,
+            "max_epsilon": site.budget.max_epsilon,
+        }
+        for site in view.sites
+        if site.budget is not None
+    ]
 
 
 def _envoy(envoy: Envoy, experiments: tuple[str, ...], now: float) -> dict[str, Any]:

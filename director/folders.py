@@ -132,15 +132,19 @@ class ExperimentFolders:
         except OSError as error:
             raise StorageError(f"{path}: cannot read: {error}") from None
 
-    def rounds_completed(self, experiment_id: str) -> int:
-        """Training rounds in metrics.jsonl (the final validation's row is not one)."""
-        count = 0
+    def metric_rows(self, experiment_id: str) -> list[MetricsRow]:
+        """The aggregator's metrics.jsonl rows (a line that is not one is left out)."""
+        rows = []
         for line in self.metric_lines(experiment_id):
             try:
-                count += not MetricsRow.parse(line).final_validation
+                rows.append(MetricsRow.parse(line))
             except RowError:
                 continue  # not a row: no round
-        return count
+        return rows
+
+    def rounds_completed(self, experiment_id: str) -> int:
+        """Training rounds in metrics.jsonl (the final validation's row is not one)."""
+        return training_rounds_in(self.metric_rows(experiment_id))
 
     def log_chunk(self, experiment_id: str, offset: int, max_bytes: int) -> bytes:
         """Up to `max_bytes` of the aggregator's log from `offset` (empty: none yet)."""
@@ -206,3 +210,8 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return -1
+
+
+def training_rounds_in(rows: Iterable[MetricsRow]) -> int:
+    """How many of metrics.jsonl's `rows` are training rounds (the final validation's is not)."""
+    return sum(not row.final_validation for row in rows)

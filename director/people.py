@@ -16,7 +16,12 @@ from dataclasses import dataclass
 
 from foedus.director.changes import Follow
 from foedus.director.experiment_plan import check_submitted, plan_protections
-from foedus.director.folders import ExperimentFolders, ModelDownload, ModelUpload
+from foedus.director.folders import (
+    ExperimentFolders,
+    ModelDownload,
+    ModelUpload,
+    training_rounds_in,
+)
 from foedus.director.identity import PEOPLE, Caller, Role
 from foedus.director.records import Envoy, Experiment, ExperimentState
 from foedus.director.site_logs import LogRendezvous
@@ -26,6 +31,7 @@ from foedus.lifecycle.states import CollaboratorState
 from foedus.plans.director_config import DirectorConfig
 from foedus.plans.schema import DifferentialPrivacySettings
 from foedus.privacy.accountant import epsilon_after
+from foedus.privacy.site_budget import SiteBudget, latest_budgets
 from foedus.refusals.errors import (
     AuthorizationError,
     NotFoundError,
@@ -45,6 +51,9 @@ class SiteView:
     exit_code: int
     reason: str
     online: bool
+    # Its own DP-SGD budget as it last reported it, and that round (from 1); None: none.
+    budget: SiteBudget | None = None
+    budget_round: int = 0
 
 
 @dataclass(frozen=True)
@@ -274,10 +283,13 @@ class PeopleDesk:
         experiment_id = experiment.experiment_id
         reports = self.state.reports(experiment_id)
         envoys = {envoy.name: envoy for envoy in self.state.envoys()}
+        rows = self.folders.metric_rows(experiment_id)
+        budgets = latest_budgets(rows)
         sites = []
         for site in experiment.sites:
             report = reports.get(site)
             envoy = envoys.get(site)
+            budget_round, budget = budgets.get(site, (0, None))
             sites.append(
                 SiteView(
                     site=site,
@@ -285,9 +297,11 @@ class PeopleDesk:
                     exit_code=report.exit_code if report else 0,
                     reason=report.reason if report else "",
                     online=envoy is not None and envoy.online,
+                    budget=budget,
+                    budget_round=budget_round,
                 )
             )
-        rounds_completed = self.folders.rounds_completed(experiment_id)
+        rounds_completed = training_rounds_in(rows)
         protections = plan_protections(experiment.plan_yaml)
         return ExperimentView(
             experiment=experiment,

@@ -37,7 +37,7 @@ from foedus.director.changes import Follow
 from foedus.director.fields import checked_id, checked_length, checked_offset
 from foedus.director.folders import ModelUpload
 from foedus.director.identity import Caller
-from foedus.director.people import ExperimentView, PrivacyBudget
+from foedus.director.people import ExperimentView, PrivacyBudget, SiteView
 from foedus.director.records import ExperimentState, ShardInfo
 from foedus.director.service import DirectorService
 from foedus.lifecycle.orders import CollaboratorReport
@@ -446,6 +446,7 @@ def experiment_to_wire(view: ExperimentView) -> director_pb2.Experiment:
                 exit_code=site.exit_code,
                 reason=site.reason,
                 online=site.online,
+                budget=_site_budget_to_wire(site),
             )
             for site in view.sites
         ],
@@ -456,6 +457,18 @@ def experiment_to_wire(view: ExperimentView) -> director_pb2.Experiment:
         has_last_model=view.has_last_model,
         secure_aggregation=view.secure,
         differential_privacy=_privacy_to_wire(view.privacy),
+    )
+
+
+def _site_budget_to_wire(site: SiteView) -> director_pb2.SiteBudget | None:
+    """A site's own DP-SGD budget as the wire's message; None: it reports none."""
+    if site.budget is None:
+        return None
+    return director_pb2.SiteBudget(
+        epsilon=site.budget.epsilon,
+        delta=site.budget.delta,
+        max_epsilon=site.budget.max_epsilon,
+        round=site.budget_round,
     )
 
 

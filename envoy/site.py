@@ -41,6 +41,7 @@ from foedus.envoy.site_plan import (
     plan_sections,
     site_document,
     write_site_plan,
+    write_site_settings,
 )
 from foedus.envoy.state import DIRECTOR, NO_ROUND, SITE, EnvoyState, SiteExperiment
 from foedus.lifecycle.orders import CollaboratorReport, LogOrder, StartOrder, Work
@@ -331,6 +332,7 @@ class Site:
                 self.state.transition(experiment_id, _S.REFUSED, reason=str(error))
             return
         plan = write_site_plan(document, folder)
+        settings = write_site_settings(self.config, folder)
         # Killed after starting it but before recording it, the envoy finds it here.
         pid = self.children.adopt_any(experiment_id, folder) if adopt else None
         if pid is None:
@@ -344,6 +346,7 @@ class Site:
                 self.config.collaborator_log_level,
                 "--no-leave",  # the envoy starts it again; it says when the site leaves
                 *(() if self.config.share_with_aggregator.metrics else ("--keep-metrics",)),
+                *(() if settings is None else ("--site-settings", str(settings))),
                 "--plan",
             )
             try:

@@ -4,9 +4,11 @@ The plan is YAML text (never code): the envoy reads it with `safe_yaml`, refuses
 `runners` (and, when the site sets `require_secure_aggregation`, a plan whose secure aggregation is
 not on; and when it keeps its metrics, `share_with_aggregator.metrics: false`, a plan without
 secure aggregation, whose aggregator would refuse its validations), points `tls` at its own certificate folder, drops the aggregator's files (paths on the
-director's host), merges its own runner settings over `runner.settings` with
-`foedus.plans.site_settings.merge_site_settings`, and checks the result as `collaborator start`
-will.
+director's host), and checks the result as `collaborator start` will. Its own runner settings
+(envoy.yaml `runner_settings`) are written beside the plan (`site-settings.yaml`), and the
+collaborator merges them over `runner.settings` (`collaborator start --site-settings`,
+`foedus.plans.site_settings`): they stay the site's, so they may hold what a plan may not, such
+as the site's privacy cap (`dp_sgd.max_epsilon`).
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from foedus.envoy.config import EnvoyConfig
 from foedus.envoy.errors import StateError
 from foedus.plans.loader import PlanError, parse_plan, yaml_document
 from foedus.plans.reader import shown
-from foedus.plans.site_settings import merge_site_settings
 from foedus.refusals.errors import InvalidRequestError
 
 PLAN_FILE = "plan.yaml"
+SITE_SETTINGS_FILE = "site-settings.yaml"  # envoy.yaml's runner_settings, for --site-settings
 RECEIVED = Path("the director's plan")  # how refusals name the plan the director sent
 # An experiment id becomes a folder name: no separators, no leading dot.
 EXPERIMENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -87,14 +89,24 @@ def site_document(plan_yaml: str, site: str, config: EnvoyConfig, folder: Path) 
             f"which only a secure federation accepts ({config.path}: share_with_aggregator: "
             "metrics: false)"
         )
-    merged = merge_site_settings(plan.runner, config.runner_settings, source=config.path)
-    document["runner"] = {**document["runner"], "settings": dict(merged.settings)}
     return document
 
 
 def write_site_plan(document: Mapping[str, Any], folder: Path) -> Path:
     """Write the site's plan into `folder` durably and atomically; its path."""
-    path = folder / PLAN_FILE
+    return _written(document, folder / PLAN_FILE)
+
+
+def write_site_settings(config: EnvoyConfig, folder: Path) -> Path | None:
+    """Write the site's own runner settings into `folder` for `--site-settings`; their path, or
+    None when the site has none (a file left by an older envoy.yaml is then not used)."""
+    if not config.runner_settings:
+        return None
+    return _written(config.runner_settings, folder / SITE_SETTINGS_FILE)
+
+
+def _written(document: Mapping[str, Any], path: Path) -> Path:
+    """`document` written to `path` as YAML, durably and atomically; `StateError` if it cannot."""
     try:
         write_yaml(dict(document), path)
     except (OSError, yaml.YAMLError) as error:

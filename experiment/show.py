@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 
 from foedus.command.table import table_lines
 from foedus.history.rows import MetricsRow, RowError, StageRecord, TaskMetrics, metric_text
+from foedus.privacy.site_budget import SiteBudget
 from foedus.protos import director_pb2 as pb
 
 STATES = {
@@ -110,7 +111,19 @@ def status_lines(e: pb.Experiment) -> list[str]:
             for s in e.sites
         ],
     )
-    return [f"{label + ':':11}{value}" for label, value in fields] + sites
+    return [f"{label + ':':11}{value}" for label, value in fields] + sites + _budget_lines(e)
+
+
+def _budget_lines(e: pb.Experiment) -> list[str]:
+    """Each site's own DP-SGD budget, a line each ("alice: epsilon 2.10 of 8 at delta 1e-05, as
+    of round 3"); none when no site reports one."""
+    lines = []
+    for s in e.sites:
+        if s.HasField("budget"):
+            cap = s.budget.max_epsilon if s.budget.HasField("max_epsilon") else None
+            budget = SiteBudget(s.budget.epsilon, s.budget.delta, cap)
+            lines.append(f"  {s.site}: {budget.text()}, as of round {s.budget.round}")
+    return ["sites' own privacy budgets (DP-SGD):", *lines] if lines else []
 
 
 def _privacy_fields(e: pb.Experiment) -> tuple[tuple[str, str], ...]:

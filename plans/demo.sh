@@ -29,16 +29,17 @@ if [ $status -eq 0 ]; then
 import sys
 from foedus.history.rows import read_rows
 from foedus.plans import load_plan
+from foedus.privacy.site_budget import SiteBudget
 
 plan = load_plan(sys.argv[1])
-spent = {}  # each site's epsilon and delta after its last training round (DP-SGD at the site)
+spent = {}  # each site's budget after its last training round (DP-SGD at the site)
 for row in read_rows(plan.aggregator.output_dir / "metrics.jsonl"):
     for site, tasks in row.sites.items():
-        train = tasks.get("train", {})
-        if "epsilon" in train and "delta" in train:
-            spent[site] = (train["epsilon"], train["delta"])
-for site, (epsilon, delta) in sorted(spent.items()):
-    print(f"{site}: this site's privacy budget (DP-SGD): epsilon {epsilon:.2f} at delta {delta:.0e}")
+        budget = SiteBudget.from_metrics(tasks.get("train", {}))
+        if budget is not None:
+            spent[site] = budget
+for site, budget in sorted(spent.items()):
+    print(f"{site}: this site's privacy budget (DP-SGD): {budget.text()}")
 EOF
 fi
 exit $status

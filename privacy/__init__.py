@@ -17,7 +17,8 @@ no socket: the aggregator and the collaborator call it.
 Sample-level DP-SGD at a site, on when a site's runner settings say `dp_sgd` (`dp_sgd`): the
 runner clips each record's gradient and adds noise drawn from the site's secret (`secret`) and
 the round; the site's accountant (`accountant.dp_sgd_epsilon`) counts the rounds it released,
-kept durably in its ledger (`ledger`) before each update is sent.
+kept durably in its ledger (`ledger`) before each update is sent. What it has spent travels with
+its train metrics under the names of `site_budget`, which every screen reads back.
 """
 
 from foedus.privacy.accountant import budget_line, budget_problem, epsilon_after, rounds_within

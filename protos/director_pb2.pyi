@@ -184,18 +184,32 @@ class SubmitChunk(_message.Message):
     def __init__(self, plan_yaml: _Optional[str] = ..., name: _Optional[str] = ..., has_initial_model: _Optional[bool] = ..., initial_model_size: _Optional[int] = ..., initial_model_data: _Optional[bytes] = ...) -> None: ...
 
 class SiteStatus(_message.Message):
-    __slots__ = ("site", "state", "exit_code", "reason", "online")
+    __slots__ = ("site", "state", "exit_code", "reason", "online", "budget")
     SITE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     ONLINE_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
     site: str
     state: CollaboratorState
     exit_code: int
     reason: str
     online: bool
-    def __init__(self, site: _Optional[str] = ..., state: _Optional[_Union[CollaboratorState, str]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., online: _Optional[bool] = ...) -> None: ...
+    budget: SiteBudget
+    def __init__(self, site: _Optional[str] = ..., state: _Optional[_Union[CollaboratorState, str]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., online: _Optional[bool] = ..., budget: _Optional[_Union[SiteBudget, _Mapping]] = ...) -> None: ...
+
+class SiteBudget(_message.Message):
+    __slots__ = ("epsilon", "delta", "max_epsilon", "round")
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    MAX_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    epsilon: float
+    delta: float
+    max_epsilon: float
+    round: int
+    def __init__(self, epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., max_epsilon: _Optional[float] = ..., round: _Optional[int] = ...) -> None: ...
 
 class Experiment(_message.Message):
     __slots__ = ("experiment_id", "name", "owner", "state", "reason", "submitted_at", "started_at", "ended_at", "sites", "rounds", "rounds_completed", "queue_position", "has_best_model", "has_last_model", "secure_aggregation", "differential_privacy")

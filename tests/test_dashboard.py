@@ -27,6 +27,7 @@ from foedus.pki.layout import CertsLayout
 from foedus.plans.director_config import ConfigError, load_config
 from foedus.plans.schema import Address
 from foedus.privacy.accountant import epsilon_after
+from foedus.privacy.site_budget import SiteBudget
 from foedus.protos import director_pb2 as pb
 from foedus.serving.server import ServerError
 
@@ -272,7 +273,7 @@ def test_an_experiment_shows_progress_charts_sites_and_its_log(director: Directo
     ]
     assert body["log_tail"] == [f"line {n}" for n in range(60, 100)]
     assert body["secure"] is False and body["secure_rounds"] == []
-    assert body["privacy"] is None
+    assert body["privacy"] is None and body["site_budgets"] == []
 
 
 def test_a_secure_experiment_shows_each_rounds_steps_and_dropouts(director: Director) -> None:
@@ -320,7 +321,11 @@ def test_a_dp_experiment_shows_its_budget_and_is_tagged_in_the_list(director: Di
     output = director.server.service.folders.folder(experiment_id) / OUTPUT
     output.mkdir(parents=True, exist_ok=True)
     spent = [epsilon_after(rounds, 2.0, 1e-5) for rounds in (1, 2, 3)]
-    rows = [{"round": r, "dp": {"epsilon": spent[r], "delta": 1e-5}} for r in range(3)]
+    own = SiteBudget(1.5, 1e-6, 4.0).to_metrics()  # alice's own DP-SGD, beside the federation's
+    rows = [
+        {"round": r, "dp": {"epsilon": spent[r], "delta": 1e-5}, "sites": {"alice": {"train": own}}}
+        for r in range(3)
+    ]
     (output / METRICS).write_text("".join(json.dumps(row) + "\n" for row in rows), "utf-8")
     secret = token(director, "ada")
     status, body = get_json(director, f"/api/experiments/{experiment_id}", secret)
@@ -332,16 +337,35 @@ def test_a_dp_experiment_shows_its_budget_and_is_tagged_in_the_list(director: Di
         "max_epsilon": 8.0,
         "epsilon": spent[2],
     }
+    assert body["site_budgets"] == [
+        {"site": "alice", "round": 3, "epsilon": 1.5, "delta": 1e-6, "max_epsilon": 4.0}
+    ]
     status, listed = get_json(director, "/api/experiments", secret)
     assert [e["privacy"]["epsilon"] for e in listed["experiments"]] == [spent[2]]
+    assert [e["site_budgets"] for e in listed["experiments"]] == [body["site_budgets"]]
     headers = {"Authorization": f"Bearer {secret}"}
     status, _, page = request(director, "GET", f"/experiments/{experiment_id}", headers=headers)
     assert status == 200 and b'<section id="privacy" hidden>' in page
     assert b'<span id="budget" class="budget" hidden>' in page
+    assert b'<table id="site-budgets">' in page
     uncapped = {**privacy, "max_epsilon": None}
     other = submit(director, "ada", federation={"rounds": 2}, differential_privacy=uncapped)
     status, body = get_json(director, f"/api/experiments/{other}", secret)
     assert body["privacy"]["max_epsilon"] is None and body["privacy"]["epsilon"] == 0.0
+
+
+def test_a_sites_epsilon_is_charted_not_its_delta_nor_its_cap() -> None:
+    """A site's DP-SGD epsilon is a chart, a line per site (no mean: the aggregator keeps none);
+    its delta and its cap, the same every round, are not charts: its budget's line says them."""
+    rows = [
+        json.dumps({"round": r, "sites": {"alice": {"train": SiteBudget(e, 1e-5, 8).to_metrics()}}})
+        for r, e in enumerate((2.0, 3.0))
+    ]
+    (chart,) = metric_series(rows)
+    assert chart["metric"] == "dp_epsilon"
+    assert [(line["site"], line["points"]) for line in chart["lines"]] == [
+        ("alice", [[1, 2.0], [2, 3.0]])
+    ]
 
 
 def test_a_chart_of_several_tasks_names_each_sites_task() -> None:

@@ -45,13 +45,19 @@ from foedus.protos import director_pb2 as pb
 
 from directors import ENVOYS, Director, running_director, submitted_plan
 from envoys import EnvoyProcess, stop_collaborators, write_envoy_config
+from private_runner import NAME as PRIVATE_RUNNER
 
 pytestmark = pytest.mark.slow
 
+TESTS = Path(__file__).resolve().parent
 WAIT_SECONDS = 180
 ROUNDS = 6
 # Its budget allows all ROUNDS (epsilon 5.98 after 6), so the page shows a bar below its cap.
 PRIVACY = {"enabled": True, "clip": 1.0, "noise_multiplier": 2.0, "max_epsilon": 50}
+# Each site also trains with DP-SGD (tests/private_runner.py), its own cap in its envoy.yaml:
+# all ROUNDS fit in each (epsilon 4.33 after 6), so every site has a bar below its cap.
+DP_SGD = {"noise_multiplier": 1.0, "max_grad_norm": 1.0}
+SITE_CAPS = {"alice": 10.0, "bob": 12.5, "carol": 15.0}
 SCREENSHOT = Path(__file__).resolve().parent.parent / "build" / "test-dashboard.png"
 
 
@@ -95,8 +101,15 @@ def browser(tmp_path: Path, director_certs: CertsLayout) -> Iterator[WebDriver]:
 
 
 @pytest.fixture
-def director(tmp_path: Path, director_certs: CertsLayout) -> Iterator[Director]:
-    """A director with real aggregators and its dashboard on loopback; aggregators killed after."""
+def director(
+    tmp_path: Path, director_certs: CertsLayout, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Director]:
+    """A director with real aggregators and its dashboard on loopback, that runs the digits and
+    tests/private_runner.py; aggregators killed after."""
+    # The runner's folder on PYTHONPATH, for the aggregators, envoys and collaborators started.
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+    )
     with running_director(
         tmp_path,
         director_certs,
@@ -105,6 +118,7 @@ def director(tmp_path: Path, director_certs: CertsLayout) -> Iterator[Director]:
         aggregator={"listen_address": "127.0.0.1", "ports": free_ports(2)},
         dashboard={"address": "127.0.0.1:0"},
         health_check_seconds=0.5,
+        runners=["digits", PRIVATE_RUNNER],  # the director imports it, for the initial model
     ) as running:
         try:
             yield running
@@ -116,13 +130,17 @@ def director(tmp_path: Path, director_certs: CertsLayout) -> Iterator[Director]:
 
 
 @contextlib.contextmanager
-def envoys_running(folder: Path, certs: CertsLayout, port: int) -> Iterator[list[EnvoyProcess]]:
-    """One `envoy start` process per site while inside; they and their collaborators stopped after."""
+def envoys_running(
+    folder: Path, certs: CertsLayout, port: int, **site_keys: Callable[[str], Any]
+) -> Iterator[list[EnvoyProcess]]:
+    """One `envoy start` process per site while inside; they and their collaborators stopped
+    after. `site_keys`: envoy.yaml keys, each value made from the site's name."""
     envoys = []
     try:
         for name in ENVOYS:
+            keys = {key: value(name) for key, value in site_keys.items()}
             config = write_envoy_config(
-                folder / name, certs, port, shard={"description": f"{name}'s digits"}
+                folder / name, certs, port, shard={"description": f"{name}'s digits"}, **keys
             )
             envoy = EnvoyProcess(name, config, folder / name / "envoy.log")
             envoy.start()
@@ -180,7 +198,8 @@ def test_the_dashboard_follows_a_running_experiment_live(
     """Refused without a login; logged in, the experiment's page shows it running, and its
     progress and chart advance without a reload while a held-up site is let go; the chart has a
     line per site beside the global model's; the run has differential privacy (a cap above its
-    rounds' epsilon): its tag, and its budget bar filled up to the epsilon spent, the cap on it."""
+    rounds' epsilon): its tag, and its budget bar filled up to the epsilon spent, the cap on it;
+    each site trains with DP-SGD under its own cap: a row per site, its bar and its cap."""
 
     def text(selector: str) -> str:
         return page_text(browser, selector)
@@ -194,12 +213,19 @@ def test_the_dashboard_follows_a_running_experiment_live(
             aggregator={"quit_grace_seconds": 10},
             connection={"backoff_initial_seconds": 0.2, "backoff_max_seconds": 1},
             differential_privacy=PRIVACY,
+            runner={"name": PRIVATE_RUNNER, "settings": {"dp_sgd": DP_SGD}},
         )
     )
     assert director.server.dashboard is not None
     base = f"https://localhost:{director.server.dashboard.port}"
     secret = TokenStore(director.server.config.state_dir).issue("ada")
-    with envoys_running(tmp_path / "sites", director.certs, director.port):
+    with envoys_running(
+        tmp_path / "sites",
+        director.certs,
+        director.port,
+        runners=lambda _: [PRIVATE_RUNNER],
+        runner_settings=lambda name: {"dp_sgd": {**DP_SGD, "max_epsilon": SITE_CAPS[name]}},
+    ):
         experiment_id = submit_once_envoys_online(director, plan)
         # Unauthenticated: the experiment's page is not served, the login page is.
         browser.get(f"{base}/experiments/{experiment_id}")
@@ -260,12 +286,44 @@ def test_the_dashboard_follows_a_running_experiment_live(
             "return [bar.querySelector('.spent').style.width, bar.querySelector('.cap').style.left];"
         )
         assert float(spent.rstrip("%")) > 0 and cap == "90.9%", (spent, cap)
+        check_site_budgets(browser)
         SCREENSHOT.parent.mkdir(exist_ok=True)
         browser.save_screenshot(str(SCREENSHOT))
         wait_for(
             lambda: text("#progress") == f"round {ROUNDS} of {ROUNDS}",
             "the last round on the page",
         )
+
+
+def check_site_budgets(browser: WebDriver) -> None:
+    """Each site's own budget on the page: a row with its line, and a bar on one scale (the
+    largest cap x 1.1) filled up to its epsilon, its own cap drawn on it."""
+
+    def sites() -> list[str]:
+        return list(
+            browser.execute_script(
+                "return [...document.querySelectorAll('#site-budgets tbody tr')]"
+                ".map((row) => row.dataset.site);"
+            )
+        )
+
+    wait_for(lambda: sites() == sorted(SITE_CAPS), "a budget row per site")
+    for name, cap in SITE_CAPS.items():
+        line = page_text(browser, f'#site-budgets tr[data-site="{name}"] .budget-text')
+        assert line.startswith("epsilon ") and f" of {cap:g} at delta 1e-05" in line, line
+        spent, drawn = browser.execute_script(
+            "const bar = document.querySelector(arguments[0]);"
+            "return [bar.querySelector('.spent').style.width, bar.querySelector('.cap').style.left];",
+            f'#site-budgets tr[data-site="{name}"] .budget',
+        )
+        position = cap / (max(SITE_CAPS.values()) * 1.1) * 100
+        assert 0 < float(spent.rstrip("%")) < position, (name, spent, position)
+        assert drawn == f"{position:.1f}%", (name, drawn)
+    # Its epsilon charted a line per site; its delta and cap, constants, are not charts.
+    charts = browser.execute_script(
+        "return [...document.querySelectorAll('.chart')].map((chart) => chart.dataset.metric);"
+    )
+    assert "dp_epsilon" in charts and not {"dp_delta", "dp_max_epsilon"} & set(charts), charts
 
 
 def png_size(path: Path) -> tuple[int, int]:

@@ -30,11 +30,12 @@ from foedus.envoy.errors import IllegalTransitionError, StateError, UnknownExper
 from foedus.envoy.leave import leave
 from foedus.envoy.runtime import EnvoyLoop
 from foedus.envoy.site import LOG_FILE, Site
-from foedus.envoy.site_plan import RefusedPlanError, site_document
+from foedus.envoy.site_plan import RefusedPlanError, site_document, write_site_settings
 from foedus.envoy.state import NO_ROUND, SITE, EnvoyState
 from foedus.lifecycle.orders import LogOrder, StartOrder, Work
 from foedus.lifecycle.states import TRANSITIONS, CollaboratorState
 from foedus.pki.layout import CertsLayout
+from foedus.plans.site_settings import load_site_settings
 
 from directors import alias_bomb_plan
 from envoys import read_all, write_envoy_config
@@ -191,14 +192,23 @@ def test_state_lifecycle_is_one_table_and_survives_reopening(tmp_path: Path) -> 
 def test_site_plan_uses_the_site_certificates_and_settings(
     tmp_path: Path, certs: CertsLayout
 ) -> None:
-    """tls points at the site's folder, the director's files are dropped, site settings win."""
-    config = load_config(config_file(tmp_path, certs, runner_settings={"epochs": 3}))
+    """tls points at the site's folder, the director's files are dropped; the site's own
+    settings (a privacy cap too, which a plan may not hold) go in a file of their own, for
+    --site-settings, and a site without any writes none."""
+    own = {"epochs": 3, "dp_sgd": {"noise_multiplier": 1.0, "max_epsilon": 8}}
+    config = load_config(config_file(tmp_path, certs, runner_settings=own))
     text = director_plan(tmp_path, certs, runner={"name": "digits", "settings": {"epochs": 1}})
     document = site_document(text, "alice", config, tmp_path / "e1")
     assert document["tls"] == {"certs_dir": str(certs.root)}
     assert "initial_model" not in document["aggregator"]
     assert "output_dir" not in document["aggregator"]
-    assert document["runner"]["settings"] == {"epochs": 3}
+    assert document["runner"]["settings"] == {"epochs": 1}
+    settings = write_site_settings(config, tmp_path / "e1")
+    assert settings == tmp_path / "e1" / "site-settings.yaml"
+    assert dict(load_site_settings(settings)) == own
+    plain = load_config(config_file(tmp_path / "plain", certs))
+    assert write_site_settings(plain, tmp_path / "e2") is None
+    assert not (tmp_path / "e2").exists()
 
 
 @pytest.mark.parametrize(
@@ -304,10 +314,12 @@ def test_a_collaborator_gets_the_sites_log_level_and_the_envoys_environment(
     keep: bool,
 ) -> None:
     """`collaborator_log_level` (info by default) is its --log-level; PYTHONPATH reaches it;
-    `share_with_aggregator.metrics: false` adds --keep-metrics (a secure plan's)."""
+    `share_with_aggregator.metrics: false` adds --keep-metrics (a secure plan's); the site's
+    `runner_settings`, when it has some, are its --site-settings."""
     keys: dict[str, Any] = {} if level is None else {"collaborator_log_level": level}
     if keep:
         keys["share_with_aggregator"] = {"metrics": False}
+        keys["runner_settings"] = {"epochs": 2}
     config = load_config(config_file(tmp_path, certs, **keys))
     monkeypatch.setenv("PYTHONPATH", "/site/runners")
     record = tmp_path / "collaborator.json"
@@ -335,7 +347,8 @@ def test_a_collaborator_gets_the_sites_log_level_and_the_envoys_environment(
             assert time.monotonic() < deadline
             time.sleep(0.05)
         argv, pythonpath = json.loads(record.read_text(encoding="utf-8"))
-        flags = ["--keep-metrics"] if keep else []
+        settings = str(site.folder("e1") / "site-settings.yaml")
+        flags = ["--keep-metrics", "--site-settings", settings] if keep else []
         assert argv[:-1] == [
             "start",
             "-n",

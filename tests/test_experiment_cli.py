@@ -18,6 +18,7 @@ from foedus.experiment import show
 from foedus.experiment.cli import main
 from foedus.pki.layout import CertsLayout
 from foedus.privacy.accountant import epsilon_after
+from foedus.privacy.site_budget import SiteBudget
 from foedus.processes.children import Ended
 from foedus.protos import director_pb2 as pb
 
@@ -235,7 +236,8 @@ def test_a_dp_experiment_shows_its_settings_and_the_epsilon_spent(
     tmp_path: Path, director: Director
 ) -> None:
     """status names the DP settings and the epsilon its completed rounds spent of the cap (the
-    rounds are those the cap allows); --json carries them; metrics gives each round's epsilon."""
+    rounds are those the cap allows), and the budget alice's DP-SGD last reported; --json
+    carries them; metrics gives each round's epsilon."""
     ada = client_config(tmp_path, director, "ada")
     privacy = {"enabled": True, "clip": 1.0, "noise_multiplier": 2.0, "max_epsilon": 8}
     plan = write_plan(tmp_path, federation={"rounds": 20}, differential_privacy=privacy)
@@ -243,9 +245,11 @@ def test_a_dp_experiment_shows_its_settings_and_the_epsilon_spent(
     assert code == 0, out
     experiment_id = out.split()[0]
     spent = [epsilon_after(rounds, 2.0, 1e-5) for rounds in (1, 2)]
+    alice = [SiteBudget(epsilon, 1e-5, 6.0) for epsilon in (1.5, 2.25)]  # her own DP-SGD
     rows = [
         {"round": r, "reporters": ["alice", "bob", "carol"], "missing": [],
-         "metrics": {"train": {"loss": 0.5}}, "dp": {"epsilon": spent[r], "delta": 1e-5}}
+         "metrics": {"train": {"loss": 0.5}}, "dp": {"epsilon": spent[r], "delta": 1e-5},
+         "sites": {"alice": {"train": alice[r].to_metrics()}}}
         for r in (0, 1)
     ]  # fmt: skip
     output = director.server.service.folders.folder(experiment_id) / "output"
@@ -258,13 +262,24 @@ def test_a_dp_experiment_shows_its_settings_and_the_epsilon_spent(
     assert code == 0 and "rounds:    2 of 9" in lines, out  # the budget allows 9 of the 20
     assert "privacy:   DP-FedAvg, clip 1, noise multiplier 2" in lines, out
     assert f"budget:    epsilon {spent[1]:.2f} of 8 at delta 1e-05 after 2 rounds" in lines, out
+    assert lines[-2:] == [
+        "sites' own privacy budgets (DP-SGD):",
+        "  alice: epsilon 2.25 of 6 at delta 1e-05, as of round 2",
+    ], out
     code, out = run(ada, "--json", "status", experiment_id)
-    assert json.loads(out)["differential_privacy"] == {
+    status = json.loads(out)
+    assert status["differential_privacy"] == {
         "clip": 1.0,
         "noise_multiplier": 2.0,
         "delta": 1e-5,
         "max_epsilon": 8.0,
         "epsilon": spent[1],
+    }
+    budgets = {site["site"]: site.get("budget") for site in status["sites"]}
+    assert budgets == {
+        "alice": {"epsilon": 2.25, "delta": 1e-5, "max_epsilon": 6.0, "round": 2},
+        "bob": None,
+        "carol": None,
     }
     code, out = run(ada, "metrics", experiment_id)
     assert code == 0 and out.splitlines() == [
@@ -285,6 +300,9 @@ def test_a_dp_experiment_without_a_cap_shows_the_epsilon_alone() -> None:
     )
     lines = show.status_lines(e)
     assert "budget:    epsilon 6.79 at delta 1e-06 after 1 round (no cap)" in lines, lines
+    assert not any("DP-SGD" in line for line in lines), lines  # no site reports a budget
+    e.sites.append(pb.SiteStatus(site="bob", budget=pb.SiteBudget(epsilon=3, delta=1e-5, round=1)))
+    assert show.status_lines(e)[-1] == "  bob: epsilon 3.00 at delta 1e-05, as of round 1"
 
 
 def test_an_initial_model_goes_in_pieces_within_the_limit(

@@ -21,6 +21,7 @@ from foedus.aggregator.fedavg import (
 )
 from foedus.aggregator.federation import Federation
 from foedus.aggregator.records import Array, ResultTensor, TaskResult
+from foedus.privacy.site_budget import SITE_BUDGET_METRICS, SiteBudget
 
 import fedavg_reference
 from fedavg_reference import Contribution, RunningAverage, federated_average
@@ -153,6 +154,18 @@ def test_metrics_are_means_weighted_by_data_size() -> None:
         }
     )
     assert metrics == {"accuracy": pytest.approx(0.8), "loss": 2.0}
+
+
+def test_a_sites_own_privacy_budget_is_not_averaged() -> None:
+    """The sites' DP-SGD budgets (`dp_epsilon`, `dp_delta`, `dp_max_epsilon`) have no mean in the
+    round's metrics; the other metrics of the same results still do."""
+    alice = SiteBudget(2.5, 1e-5, 8.0).to_metrics()
+    bob = SiteBudget(3.5, 1e-5).to_metrics()
+    metrics = weighted_metrics(
+        {"alice": (1, {"loss": 2.0, **alice}), "bob": (3, {"loss": 1.0, **bob})}
+    )
+    assert set(alice) == set(SITE_BUDGET_METRICS)
+    assert metrics == {"loss": pytest.approx(1.25)}
 
 
 def batch_mean(parts: list[tuple[int, Array]], dtype: np.dtype[np.generic]) -> Array:

@@ -32,6 +32,7 @@ from foedus.privacy.accountant import dp_sgd_epsilon, noise_for
 from foedus.privacy.dp_sgd import dp_sgd_settings, round_seeds
 from foedus.privacy.ledger import LEDGER_FILE, LedgerError, SiteLedger, SpentRound
 from foedus.privacy.secret import SECRET_FILE, privacy_secret
+from foedus.privacy.site_budget import DP_EPSILON, SiteBudget
 from foedus.refusals.errors import StorageError
 
 from private_runner import DIE_AT_ENV, NAME, SAMPLE_RATE, STEPS, PrivateRunner, ProcessKilled
@@ -330,11 +331,14 @@ def test_a_site_stops_exactly_at_its_cap_and_keeps_its_budget_across_a_kill(
     assert (departure.name, departure.reason) == ("alice", BUDGET_SPENT_REASON)
     training = {summary.round_number: summary for summary in closed if not summary.final_validation}
     assert [training[r].reporters for r in range(4)] == [("alice", "bob")] * 2 + [("bob",)] * 2
-    # The sites' epsilon and delta, as metrics.jsonl's per-site metrics carry them.
-    alice_round_1 = training[1].sites["alice"]["train"]
-    assert alice_round_1["epsilon"] == pytest.approx(spent, rel=1e-6)
-    assert alice_round_1["delta"] == pytest.approx(1e-5, rel=1e-6)
-    assert "epsilon" not in training[1].sites["bob"]["train"]  # bob ran without a ledger
+    # The site's budget, as metrics.jsonl's per-site metrics carry it; the round's mean has none.
+    alice_round_1 = SiteBudget.from_metrics(training[1].sites["alice"]["train"])
+    assert alice_round_1 is not None
+    assert alice_round_1.epsilon == pytest.approx(spent, rel=1e-6)
+    assert alice_round_1.delta == pytest.approx(1e-5, rel=1e-6)
+    assert alice_round_1.max_epsilon == pytest.approx(cap, rel=1e-6)
+    assert DP_EPSILON not in training[1].sites["bob"]["train"]  # bob ran without a ledger
+    assert set(training[1].metrics["train"]) == {"loss"}
     # ... and the aggregator's round line: alice's in round 1; nobody's once she left.
     runtime = Runtime(server_plan, federation, OutputFolder(tmp_path / "output"))
     assert f"  sites' epsilon {spent:.2f}  " in runtime.round_line(training[1])
@@ -348,10 +352,10 @@ def test_experiment_metrics_shows_each_sites_epsilon_and_delta() -> None:
         reporters=("alice",),
         missing=(),
         metrics={"train": {"loss": 0.5}},
-        sites={"alice": {"train": {"loss": 0.5, "epsilon": 2.9702, "delta": 1e-5}}},
+        sites={"alice": {"train": {"loss": 0.5, **SiteBudget(2.9702, 1e-5).to_metrics()}}},
     )
     lines = row_lines(row.to_json(), 4, sites=True)
-    assert lines[-1] == "  alice  train: delta 1e-05 epsilon 2.9702 loss 0.5000"
+    assert lines[-1] == "  alice  train: dp_delta 1e-05 dp_epsilon 2.9702 loss 0.5000"
     assert metric_text(0.0) == "0.0000" and metric_text(-0.00012) == "-0.00012"
 
 

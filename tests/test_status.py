@@ -20,12 +20,13 @@ from foedus.aggregator.cli import main
 from foedus.aggregator.federation import Federation
 from foedus.aggregator.inspection import CollaboratorStatus, FederationStatus, read_status
 from foedus.aggregator.liveness import Liveness
-from foedus.aggregator.records import ResultTensor, TaskResult
+from foedus.aggregator.records import ResultTensor, RoundRecord, TaskResult
 from foedus.aggregator.schema import SCHEMA_VERSION
 from foedus.aggregator.state import DurableState
 from foedus.aggregator.state_files import DATABASE, STATE_DIR
 from foedus.pki.layout import CertsLayout
 from foedus.plans import load_plan
+from foedus.privacy.site_budget import SiteBudget
 from foedus.refusals.errors import StorageError
 
 from old_states import named_by_sha256
@@ -167,6 +168,7 @@ from foedus.aggregator.federation import Federation
 from foedus.aggregator.liveness import Liveness
 from foedus.aggregator.state import DurableState
 from foedus.plans import load_plan
+from foedus.privacy.site_budget import SiteBudget
 from test_status import tiny_result
 
 plan = load_plan({str(plan_path)!r})
@@ -357,3 +359,47 @@ def test_presence_reads_as_of_now_running_or_stopped(tmp_path: Path) -> None:
     offline = "    bob    offline since 1970-01-01 00:15:00 UTC (3 min ago), last seen "
     assert any(line.startswith(offline) for line in running)
     assert any(line.startswith(offline) for line in stopped)
+
+
+def test_the_last_rounds_site_budgets_are_a_line_per_site(tmp_path: Path) -> None:
+    """Sites that train with DP-SGD: a line each under the last round ("alice: epsilon 2.10 of 8
+    at delta 1e-05"), and `--json`'s `site_budgets`; a site without a budget has none."""
+    budgets = {"alice": SiteBudget(2.1, 1e-5, 8.0), "carol": SiteBudget(3.0, 1e-6)}
+    last = RoundRecord(
+        round_number=2,
+        final_validation=False,
+        reporters=("alice", "bob", "carol"),
+        missing=(),
+        metrics={"train": {"loss": 0.5}},
+        seconds=1.0,
+        trained=True,
+        sites={
+            **{name: {"train": {"loss": 0.5, **b.to_metrics()}} for name, b in budgets.items()},
+            "bob": {"train": {"loss": 0.5}},
+        },
+    )
+    status = FederationStatus(
+        name="f",
+        uuid="u",
+        state=tmp_path,
+        running=False,
+        round_number=3,
+        rounds=5,
+        total_rounds=6,
+        round_tasks=("train",),
+        closing=False,
+        collaborators=(CollaboratorStatus("alice", "online", None, None, ()),),
+        offline_after_seconds=60,
+        presence_saved=None,
+        last_round=last,
+    )
+    lines = status.lines(now=0.0)
+    at = lines.index("    train: loss 0.5000")
+    assert lines[at + 1 :] == [
+        "    alice: epsilon 2.10 of 8 at delta 1e-05",
+        "    carol: epsilon 3.00 at delta 1e-06",
+    ]
+    assert status.to_json()["last_round"]["site_budgets"] == [
+        {"site": "alice", "epsilon": 2.1, "delta": 1e-5, "max_epsilon": 8.0},
+        {"site": "carol", "epsilon": 3.0, "delta": 1e-6, "max_epsilon": None},
+    ]

@@ -83,7 +83,7 @@ async function drawIndex() {
     el("tr", { "data-id": e.id },
       el("td", {}, el("a", { href: `/experiments/${encodeURIComponent(e.id)}` }, e.name || e.id),
         ...(e.secure ? [" ", el("span", { class: "tag" }, "secure")] : []),
-        ...(e.privacy ? [" ", el("span", { class: "tag", title: "differential privacy" }, "DP")] : [])),
+        ...(hasBudget(e) ? [" ", el("span", { class: "tag", title: "differential privacy" }, "DP")] : [])),
       el("td", {}, e.owner),
       el("td", {}, stateBadge(e.state)),
       el("td", { class: "progress" }, progress(e), " ", bar(e)),
@@ -129,12 +129,38 @@ function short(value) {
   return value.toExponential().replace(/e([+-])(\d)$/, (_, sign, digit) => `e${sign}0${digit}`); // 1e-05, as :g
 }
 
+// A bar of the epsilon spent on a scale up to `full`, the cap drawn on it as a line.
+function fillBudget(bar, epsilon, cap, full) {
+  const spent = epsilon === null ? "infinite" : epsilon.toFixed(2);
+  const share = epsilon === null ? 1 : Math.min(1, epsilon / full);
+  bar.querySelector(".spent").style.width = `${(share * 100).toFixed(1)}%`;
+  bar.querySelector(".cap").style.left = `${((cap / full) * 100).toFixed(1)}%`;
+  bar.title = `epsilon ${spent} spent; the cap is ${short(cap)}`;
+}
+
+function budgetBar() {
+  return el("span", { class: "budget" }, el("span", { class: "spent" }), el("span", { class: "cap" }));
+}
+
+// Whether the federation (DP-FedAvg) or any site (DP-SGD) has a privacy budget.
+function hasBudget(e) {
+  return Boolean(e.privacy) || e.site_budgets.length > 0;
+}
+
+// The privacy budgets: the section and the tag shown when the federation or any site has one.
+function drawPrivacy(e) {
+  const shown = hasBudget(e);
+  document.getElementById("privacy").hidden = !shown;
+  document.getElementById("dp-tag").hidden = !shown;
+  drawFederationBudget(e);
+  drawSiteBudgets(e.site_budgets);
+}
+
 // The federation's privacy budget: the epsilon spent, and with a cap a bar of it, the cap drawn
 // as a line on it (the federation trains no round past it); no cap: the number alone.
-function drawPrivacy(e) {
+function drawFederationBudget(e) {
   const dp = e.privacy;
-  document.getElementById("privacy").hidden = !dp;
-  document.getElementById("dp-tag").hidden = !dp;
+  document.getElementById("federation-budget").hidden = !dp;
   if (!dp) return;
   const spent = dp.epsilon === null ? "infinite" : dp.epsilon.toFixed(2);
   const rounds = `after ${e.rounds_completed} round${e.rounds_completed === 1 ? "" : "s"}`;
@@ -143,17 +169,32 @@ function drawPrivacy(e) {
     `epsilon ${spent}${cap} at delta ${short(dp.delta)} ${rounds}${dp.max_epsilon === null ? " (no cap)" : ""}`;
   const budget = document.getElementById("budget");
   budget.hidden = dp.max_epsilon === null;
-  if (dp.max_epsilon !== null) {
-    const full = dp.max_epsilon * 1.1; // room after the cap, so its line shows
-    const share = dp.epsilon === null ? 1 : Math.min(1, dp.epsilon / full);
-    budget.querySelector(".spent").style.width = `${(share * 100).toFixed(1)}%`;
-    budget.querySelector(".cap").style.left = `${((dp.max_epsilon / full) * 100).toFixed(1)}%`;
-    budget.title = `epsilon ${spent} spent; the cap is ${short(dp.max_epsilon)}`;
-  }
+  if (dp.max_epsilon !== null) fillBudget(budget, dp.epsilon, dp.max_epsilon, dp.max_epsilon * 1.1); // room after the cap, so its line shows
   document.getElementById("privacy-settings").textContent =
     `DP-FedAvg: each site's update clipped to L2 norm ${short(dp.clip)}; Gaussian noise of ` +
     `standard deviation ${short(dp.noise_multiplier)} x ${short(dp.clip)} (noise multiplier x clip) ` +
     "added to their sum each round. Epsilon adds up round by round; smaller is more private.";
+}
+
+// Each site's own budget (DP-SGD), a row per site: its line, and with a cap a bar as the
+// federation's, every site on one scale (the largest cap, with room after it) so bars compare.
+function drawSiteBudgets(budgets) {
+  document.getElementById("site-budgets-part").hidden = budgets.length === 0;
+  const capped = budgets.filter((b) => b.max_epsilon !== null);
+  const full = Math.max(...capped.map((b) => Math.max(b.max_epsilon, b.epsilon))) * 1.1;
+  const rows = budgets.map((b) => {
+    const cap = b.max_epsilon === null ? " (no cap)" : "";
+    const text = `epsilon ${b.epsilon.toFixed(2)}${b.max_epsilon === null ? "" : ` of ${short(b.max_epsilon)}`} at delta ${short(b.delta)}${cap}`;
+    const cell = el("td", {});
+    if (b.max_epsilon !== null) {
+      const bar = budgetBar();
+      fillBudget(bar, b.epsilon, b.max_epsilon, full);
+      cell.append(bar);
+    }
+    return el("tr", { "data-site": b.site },
+      el("td", {}, b.site), el("td", { class: "budget-text" }, text), cell, el("td", {}, `round ${b.round}`));
+  });
+  document.querySelector("#site-budgets tbody").replaceChildren(...rows);
 }
 
 function lineStyle(line, tasks, sites) {
