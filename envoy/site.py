@@ -38,6 +38,7 @@ from foedus.envoy.site_plan import (
     EXPERIMENT_ID,
     PLAN_FILE,
     RefusedPlanError,
+    keep_own_settings,
     plan_sections,
     site_document,
     write_site_plan,
@@ -196,20 +197,17 @@ class Site:
     ) -> SiteExperiment:
         """Keep a collaborator the site starts itself (no director), checked as a director's.
 
-        `runner_settings` replace the plan's `runner.settings` keys; envoy.yaml's
+        `runner_settings` replace the plan's `runner.settings` keys (kept apart from the plan,
+        as the site's own, so they may hold its privacy cap: `keep_own_settings`); envoy.yaml's
         `runner_settings` still win over both, as for every plan. `RefusedPlanError` (nothing
         kept, nothing started) if the site would refuse it; the next `tick` launches it.
         """
         document = plan_sections(plan_yaml, OWN_PLAN)
-        runner = document.get("runner")
-        if runner_settings and isinstance(runner, Mapping):
-            settings = runner.get("settings")
-            merged = {**(settings if isinstance(settings, Mapping) else {}), **runner_settings}
-            document["runner"] = {**runner, "settings": merged}
         own_id = str(uuid.uuid4())
         checked = site_document(
             yaml.safe_dump(document), self.name, self.config, self.folder(own_id)
         )
+        keep_own_settings(runner_settings, self.folder(own_id))
         federation = checked.get("federation")
         plan_name = federation.get("name") if isinstance(federation, Mapping) else None
         experiment = self.state.add(

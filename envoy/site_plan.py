@@ -8,7 +8,9 @@ director's host), and checks the result as `collaborator start` will. Its own ru
 (envoy.yaml `runner_settings`) are written beside the plan (`site-settings.yaml`), and the
 collaborator merges them over `runner.settings` (`collaborator start --site-settings`,
 `foedus.plans.site_settings`): they stay the site's, so they may hold what a plan may not, such
-as the site's privacy cap (`dp_sgd.max_epsilon`).
+as the site's privacy cap (`dp_sgd.max_epsilon`). A collaborator the site starts itself (its
+API) keeps the request's runner settings the same way (`own-settings.yaml`, `keep_own_settings`),
+envoy.yaml's over them.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from foedus.plans.reader import shown
 from foedus.refusals.errors import InvalidRequestError
 
 PLAN_FILE = "plan.yaml"
-SITE_SETTINGS_FILE = "site-settings.yaml"  # envoy.yaml's runner_settings, for --site-settings
+SITE_SETTINGS_FILE = "site-settings.yaml"  # the site's runner settings, for --site-settings
+OWN_SETTINGS_FILE = "own-settings.yaml"  # the site API's runner_settings of its own collaborator
 RECEIVED = Path("the director's plan")  # how refusals name the plan the director sent
 # An experiment id becomes a folder name: no separators, no leading dot.
 EXPERIMENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -97,12 +100,26 @@ def write_site_plan(document: Mapping[str, Any], folder: Path) -> Path:
     return _written(document, folder / PLAN_FILE)
 
 
+def keep_own_settings(settings: Mapping[str, Any], folder: Path) -> None:
+    """Keep the runner settings the site's API gave its own collaborator in `folder`, durably,
+    before the collaborator is kept (`write_site_settings` reads them at each start)."""
+    if settings:
+        _written(settings, folder / OWN_SETTINGS_FILE)
+
+
 def write_site_settings(config: EnvoyConfig, folder: Path) -> Path | None:
-    """Write the site's own runner settings into `folder` for `--site-settings`; their path, or
-    None when the site has none (a file left by an older envoy.yaml is then not used)."""
-    if not config.runner_settings:
+    """Write the site's own runner settings into `folder` for `--site-settings`: those its API
+    kept (`keep_own_settings`), envoy.yaml's `runner_settings` over them; their path, or None when
+    the site has none (a file left by an older envoy.yaml is then not used)."""
+    own = folder / OWN_SETTINGS_FILE
+    try:
+        kept = yaml.safe_load(own.read_text(encoding="utf-8")) if own.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise StateError(f"{own}: cannot read the settings the site's API kept: {error}") from None
+    settings = {**(kept if isinstance(kept, Mapping) else {}), **config.runner_settings}
+    if not settings:
         return None
-    return _written(config.runner_settings, folder / SITE_SETTINGS_FILE)
+    return _written(settings, folder / SITE_SETTINGS_FILE)
 
 
 def _written(document: Mapping[str, Any], path: Path) -> Path:

@@ -30,7 +30,12 @@ from foedus.envoy.errors import IllegalTransitionError, StateError, UnknownExper
 from foedus.envoy.leave import leave
 from foedus.envoy.runtime import EnvoyLoop
 from foedus.envoy.site import LOG_FILE, Site
-from foedus.envoy.site_plan import RefusedPlanError, site_document, write_site_settings
+from foedus.envoy.site_plan import (
+    RefusedPlanError,
+    keep_own_settings,
+    site_document,
+    write_site_settings,
+)
 from foedus.envoy.state import NO_ROUND, SITE, EnvoyState
 from foedus.lifecycle.orders import LogOrder, StartOrder, Work
 from foedus.lifecycle.states import TRANSITIONS, CollaboratorState
@@ -209,6 +214,11 @@ def test_site_plan_uses_the_site_certificates_and_settings(
     plain = load_config(config_file(tmp_path / "plain", certs))
     assert write_site_settings(plain, tmp_path / "e2") is None
     assert not (tmp_path / "e2").exists()
+    # A collaborator the site's API started: the request's settings, envoy.yaml's over them.
+    keep_own_settings({"epochs": 5, "batch_size": 8}, tmp_path / "e3")
+    settings = write_site_settings(config, tmp_path / "e3")
+    assert settings is not None
+    assert dict(load_site_settings(settings)) == {"batch_size": 8, **own}
 
 
 @pytest.mark.parametrize(

@@ -34,10 +34,12 @@ from foedus.envoy.site_api import (
     create_app,
     ensure_token,
 )
+from foedus.envoy.site_plan import write_site_settings
 from foedus.envoy.state import SITE, EnvoyState
 from foedus.lifecycle.orders import StartOrder, Work
 from foedus.lifecycle.states import CollaboratorState
 from foedus.pki.layout import CertsLayout
+from foedus.plans.site_settings import load_site_settings
 
 from directors import alias_bomb_plan
 from envoys import (
@@ -308,26 +310,30 @@ def test_an_alias_bomb_in_runner_settings_is_refused(api: Api, certs: CertsLayou
 def test_a_started_collaborator_is_kept_for_the_site_never_the_director(
     api: Api, certs: CertsLayout, tmp_path: Path
 ) -> None:
-    """A POSTed plan (text or path) is kept approved, with the request's settings, not reported."""
+    """A POSTed plan (text or path) is kept approved, with the request's settings (kept apart
+    from the plan, as the site's own: a privacy cap too), not reported."""
+    own = {"epochs": 3, "dp_sgd": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "max_epsilon": 8}}
     answer = api.client.post(
         "/api/collaborators",
-        json={"plan": plan_yaml(certs), "runner_settings": {"epochs": 3}, "name": "mine"},
+        json={"plan": plan_yaml(certs), "runner_settings": own, "name": "mine"},
     )
     assert answer.status_code == 201, answer.text
-    own = answer.json()["uuid"]
+    own_id = answer.json()["uuid"]
     path = tmp_path / "plan.yaml"
     path.write_text(plan_yaml(certs), encoding="utf-8")
     by_path = api.client.post("/api/collaborators", json={"plan_path": str(path)})
     assert by_path.status_code == 201, by_path.text
     other = by_path.json()["uuid"]
-    assert own != other
-    experiment = api.state.experiment(own)
+    assert own_id != other
+    experiment = api.state.experiment(own_id)
     assert (experiment.state, experiment.origin, experiment.name) == (S.SITE_APPROVED, SITE, "mine")
-    assert yaml.safe_load(experiment.plan_yaml)["runner"]["settings"] == {"epochs": 3}
+    assert "dp_sgd" not in yaml.safe_load(experiment.plan_yaml)["runner"].get("settings", {})
+    settings = write_site_settings(api.site.config, api.site.folder(own_id))
+    assert settings is not None and dict(load_site_settings(settings)) == own  # --site-settings
     assert api.state.experiment(other).name == "test"  # the plan's federation.name
     assert api.site.unreported() == [] and api.site.reports() == []
-    detail = api.client.get(f"/api/collaborators/{own}").json()
-    assert detail["uuid"] == own
+    detail = api.client.get(f"/api/collaborators/{own_id}").json()
+    assert detail["uuid"] == own_id
     assert (detail["state"], detail["origin"], detail["exit_code"], detail["round"]) == (
         "site_approved",
         "site",
@@ -335,7 +341,7 @@ def test_a_started_collaborator_is_kept_for_the_site_never_the_director(
         None,
     )
     listed = [c["uuid"] for c in api.client.get("/api/collaborators").json()["collaborators"]]
-    assert listed == [own, other]
+    assert listed == [own_id, other]
 
 
 # -- watching, stopping, reviewing --------------------------------------------------------------
