@@ -15,13 +15,11 @@ the aggregator's peak memory (`dp_aggregator_peak_rss_mb`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 # isort: split
 # The benchmark's own modules, beside this file.
 from harness import Run, say
-from rounds import RoundOutcome, measure_round
-from secure_cost import RUNNER, cpu, fastest, round_errors
+from secure_cost import cpu, fastest, round_errors, rounds_in_turns
 
 CLIP = 1.0  # below the update's norm (every value moved by 2**-10): each upload is clipped
 NOISE_MULTIPLIER = 1.0
@@ -41,19 +39,7 @@ def measure_phase(run: Run, names: Sequence[str]) -> None:
     """`dp_pairs` times a plain round then a DP one of the same sizes, in turns (so both meet the
     shared machine alike); the fastest of each kind side by side."""
     args = run.args
-    members = names[: args.round_collaborators]
-    common: dict[str, Any] = {
-        "model_mb": args.round_model_mb,
-        "tensors": args.round_tensors,
-        "runner_settings": RUNNER,
-    }
-    plains: list[RoundOutcome] = []
-    privates: list[RoundOutcome] = []
-    for index in range(args.dp_pairs):
-        plains.append(measure_round(run, f"dp-plain-{index}", members, **common))
-        privates.append(
-            measure_round(run, f"dp-round-{index}", members, privacy=settings(), **common)
-        )
+    plains, privates = rounds_in_turns(run, names, "dp", args.dp_pairs, privacy=settings())
     plain, private = fastest(plains), fastest(privates)
     errors = [error for outcome in plains + privates for error in round_errors(outcome)]
     plain_close = plain.close_after_last_upload_seconds

@@ -114,6 +114,37 @@ def cpu(seconds: tuple[float, float] | None) -> float | None:
     return None if seconds is None else sum(seconds)
 
 
+def rounds_in_turns(
+    run: Run,
+    names: Sequence[str],
+    kind: str,
+    pairs: int,
+    *,
+    secure: Mapping[str, object] | None = None,
+    privacy: Mapping[str, object] | None = None,
+) -> tuple[list[RoundOutcome], list[RoundOutcome]]:
+    """`pairs` plain rounds and as many with `secure` or `privacy` settings, in
+    turns, so both meet the shared machine alike: the round's collaborators, model and
+    tensors from the command line, phases named `KIND-plain-I` and `KIND-round-I`."""
+    args = run.args
+    members = names[: args.round_collaborators]
+    common: dict[str, Any] = {
+        "model_mb": args.round_model_mb,
+        "tensors": args.round_tensors,
+        "runner_settings": RUNNER,
+    }
+    plains: list[RoundOutcome] = []
+    protected: list[RoundOutcome] = []
+    for index in range(pairs):
+        plains.append(measure_round(run, f"{kind}-plain-{index}", members, **common))
+        protected.append(
+            measure_round(
+                run, f"{kind}-round-{index}", members, secure=secure, privacy=privacy, **common
+            )
+        )
+    return plains, protected
+
+
 def fastest(outcomes: Sequence[RoundOutcome]) -> RoundOutcome:
     """The round of `outcomes` that closed soonest (the first when none closed)."""
     closed = [outcome for outcome in outcomes if outcome.round_seconds is not None]
@@ -125,21 +156,9 @@ def measure_secure_round(run: Run, names: Sequence[str]) -> None:
     meet the shared machine alike); the fastest of each kind side by side, as throughputs are
     the best of their samples; memory the largest peak of the secure rounds."""
     args = run.args
-    members = names[: args.round_collaborators]
-    common: dict[str, Any] = {
-        "model_mb": args.round_model_mb,
-        "tensors": args.round_tensors,
-        "runner_settings": RUNNER,
-    }
-    plains: list[RoundOutcome] = []
-    secures: list[RoundOutcome] = []
-    for index in range(args.secure_pairs):
-        plains.append(measure_round(run, f"secure-plain-{index}", members, **common))
-        secures.append(
-            measure_round(
-                run, f"secure-round-{index}", members, secure=settings(args.secure_bits), **common
-            )
-        )
+    plains, secures = rounds_in_turns(
+        run, names, "secure", args.secure_pairs, secure=settings(args.secure_bits)
+    )
     plain, secure = fastest(plains), fastest(secures)
     plain_errors = [error for outcome in plains for error in round_errors(outcome)]
     secure_errors = [error for outcome in secures for error in round_errors(outcome)]
