@@ -32,7 +32,7 @@ from foedus.aggregator.fedavg import SLICE_ELEMENTS, TensorSource
 from foedus.aggregator.records import Array
 from foedus.plans.schema import DifferentialPrivacySettings
 from foedus.privacy.clipping import source_clip_factor
-from foedus.privacy.noise import Float64Array, gaussian
+from foedus.privacy.noise import Float64Array, NoiseSecret, gaussian
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def model_slices(
 
 def scaled_noise(
     settings: DifferentialPrivacySettings,
-    secret: bytes,
+    secret: NoiseSecret,
     round_number: int,
     piece: tuple[str, int, int],
     *,
@@ -85,7 +85,7 @@ class RoundAhead:
     def __init__(
         self,
         settings: DifferentialPrivacySettings,
-        secret: bytes,
+        secret: NoiseSecret,
         round_number: int,
         reference: Mapping[str, Array],
         *,

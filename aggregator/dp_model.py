@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -38,7 +38,7 @@ from foedus.aggregator.records import Array
 from foedus.plans.schema import DifferentialPrivacySettings
 from foedus.privacy.adaptive import next_clip
 from foedus.privacy.clipping import add_clipped, source_clip_factor
-from foedus.privacy.noise import not_noisable
+from foedus.privacy.noise import NoiseSecret, not_noisable
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Privacy:
     """A DP federation's settings and noise secret: what its rounds' close needs."""
 
     settings: DifferentialPrivacySettings
-    secret: bytes = field(repr=False)  # never in a log line, not even a repr
+    secret: NoiseSecret  # its key never in a log line, not even a repr
 
     def round_settings(self, clip: float | None) -> DifferentialPrivacySettings:
         """The settings a round clips and noises by: the plan's, or under adaptive clipping
@@ -119,7 +119,7 @@ class PrivateModel:
         uploads: Mapping[str, TensorSource],
         *,
         settings: DifferentialPrivacySettings,
-        secret: bytes,
+        secret: NoiseSecret,
         round_number: int,
         slice_elements: int = SLICE_ELEMENTS,
         workers: int = AVERAGING_THREADS,

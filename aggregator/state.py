@@ -109,6 +109,7 @@ from foedus.aggregator.schema import (
 from foedus.aggregator.state_files import DATABASE, OUTPUTS, STATE_DIR, UPLOADS, StoredFile
 from foedus.aggregator.store import Recovered, Standing
 from foedus.durable.sqlite import SqliteStore
+from foedus.privacy.noise import NoiseSecret
 from foedus.refusals.errors import StorageError
 
 logger = logging.getLogger(__name__)
@@ -391,9 +392,9 @@ class DurableState(SqliteStore):
             return None
         return {tensor.name: tensor.array for tensor in self._read(self._best_file)}
 
-    def privacy_secret(self) -> bytes:
+    def privacy_secret(self) -> NoiseSecret:
         """The secret in ``state/privacy.secret`` (mode 0600), made and kept durably at the
-        first call; `StorageError` when it cannot be read or written, or is not 32 bytes."""
+        first call; `StorageError` when it cannot be read or written, or is not a secret."""
         with self._lock:
             return state_files.privacy_secret(self.root)
 

@@ -43,6 +43,7 @@ from foedus.durable.files import (
 )
 from foedus.durable.sqlite import hold_lock
 from foedus.history.rows import METRICS
+from foedus.privacy.noise import NoiseSecret
 from foedus.privacy.secret import SECRET_FILE
 from foedus.privacy.secret import privacy_secret as secret_file
 from foedus.refusals.errors import ModelFileError, StorageError
@@ -130,7 +131,7 @@ def read_checked(
     return read_model_tensors(path, max_tensor_bytes, empty=empty)
 
 
-def privacy_secret(root: Path) -> bytes:
+def privacy_secret(root: Path) -> NoiseSecret:
     """The noise secret kept in `root` (``state/``), made (mode 0600, durably) when it is not
     there yet (`foedus.privacy.secret`); `StorageError` naming the file when it cannot be, or
     holds something else."""

@@ -32,7 +32,7 @@ from foedus.aggregator.records import (
     SecurePost,
     TaskResult,
 )
-from foedus.privacy.noise import new_secret
+from foedus.privacy.noise import NoiseSecret, new_secret
 
 
 @dataclass(frozen=True)
@@ -121,9 +121,9 @@ class FederationStore(Protocol):
     def best_model(self) -> Mapping[str, Array] | None:
         """The model of the best score so far (None: no best yet)."""
 
-    def privacy_secret(self) -> bytes:
-        """The federation's 32-byte noise secret (`foedus.privacy.noise`), made at the first
-        call and kept for good: a resumed federation draws the very same noise."""
+    def privacy_secret(self) -> NoiseSecret:
+        """The federation's 32-byte noise secret and its noise version (`foedus.privacy.noise`),
+        made at the first call and kept for good: a resumed federation draws the very same noise."""
 
     def save_presence(self, snapshot: Sequence[Seen], *, saved: float | None = None) -> None:
         """Keep who is online and since when, replacing what was kept (for `standing`)."""
@@ -164,7 +164,7 @@ class MemoryStore:
         self._presence: tuple[SavedPresence, ...] = ()
         self.secure_posts: list[SecurePost] = []  # of the round in progress
         self.secure_closes: list[SecureClose] = []
-        self._secret: bytes | None = None
+        self._secret: NoiseSecret | None = None
 
     @property
     def location(self) -> Path | None:
@@ -238,11 +238,11 @@ class MemoryStore:
         with self._lock:
             return self._best_model
 
-    def privacy_secret(self) -> bytes:
+    def privacy_secret(self) -> NoiseSecret:
         """A secret made at the first call, kept for the life of the store."""
         with self._lock:
             if self._secret is None:
-                self._secret = new_secret()
+                self._secret = NoiseSecret(new_secret())
             return self._secret
 
     def save_presence(self, snapshot: Sequence[Seen], *, saved: float | None = None) -> None:

@@ -415,7 +415,7 @@ def _private_rounds(
     path = files.folder / SECRET_FILE
     made, existed = new_secret(), path.exists()
     try:
-        secret = site_secret(path, made) if existed else made
+        secret = site_secret(path, made).key if existed else made
         training = method(secret, training_rounds(plan))
     except StorageError as error:
         raise UsageError(f"--state-dir: {error}") from None
@@ -441,7 +441,7 @@ def _private_rounds(
                 "it: a new secret would release those rounds again, differently; put the "
                 "secret back"
             )
-        if site_secret(path, made) != secret:
+        if site_secret(path, made).key != secret:
             raise UsageError(f"--state-dir: {path}: made by another process while this one started")
     except (RoundFileError, StorageError) as error:
         raise UsageError(f"--state-dir: {error}") from None

@@ -18,6 +18,7 @@ from pathlib import Path
 from foedus.plans.runners import PrivateTraining
 from foedus.privacy.accountant import dp_sgd_epsilon
 from foedus.privacy.ledger import SiteLedger, SpentRound
+from foedus.privacy.noise import NoiseSecret
 from foedus.privacy.secret import privacy_secret
 from foedus.privacy.site_budget import SiteBudget
 
@@ -35,7 +36,7 @@ class BudgetSpentError(Exception):
         self.round_number = round_number
 
 
-def site_secret(path: Path, made: bytes) -> bytes:
+def site_secret(path: Path, made: bytes) -> NoiseSecret:
     """The site's privacy secret in `path`, made from `made` when not there yet (0600)."""
     return privacy_secret(
         path,

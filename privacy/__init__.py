@@ -33,11 +33,21 @@ from foedus.privacy.clipping import (
     model_clip_factor,
     source_clip_factor,
 )
-from foedus.privacy.noise import SECRET_BYTES, gaussian, new_secret, not_noisable, stream_key
+from foedus.privacy.noise import (
+    NOISE_VERSION,
+    SECRET_BYTES,
+    NoiseSecret,
+    gaussian,
+    new_secret,
+    not_noisable,
+    stream_key,
+)
 
 __all__ = [
+    "NOISE_VERSION",
     "SECRET_BYTES",
     "SLICE_ELEMENTS",
+    "NoiseSecret",
     "SliceReader",
     "add_clipped",
     "budget_line",

@@ -27,7 +27,7 @@ import math
 from collections.abc import Sequence
 
 from foedus.plans.schema import AdaptiveClippingSettings
-from foedus.privacy.noise import CLIP_COUNT_STREAM, gaussian
+from foedus.privacy.noise import CLIP_COUNT_STREAM, NoiseSecret, gaussian
 
 # The clip stays within these factors of the plan's initial clip, so that it and the noise
 # (proportional to it) stay finite and positive whatever the count's noise draws: a clip 2^64
@@ -35,7 +35,7 @@ from foedus.privacy.noise import CLIP_COUNT_STREAM, gaussian
 CLIP_RANGE = 2.0**64
 
 
-def count_normal(secret: bytes, round_number: int) -> float:
+def count_normal(secret: NoiseSecret, round_number: int) -> float:
     """Round `round_number`'s standard normal for the noise on its count of unclipped sites."""
     return float(gaussian(secret, round_number, "", 0, 1, stream=CLIP_COUNT_STREAM)[0])
 
@@ -64,7 +64,7 @@ def moved_clip(
 
 def next_clip(
     settings: AdaptiveClippingSettings,
-    secret: bytes,
+    secret: NoiseSecret,
     round_number: int,
     clip: float,
     factors: Sequence[float],

@@ -18,7 +18,8 @@ share, and the noise left is that of the others.
 
 A site's noise is `foedus.privacy.noise`'s stream under a key of its own: HMAC-SHA256 of its
 32-byte secret (`privacy.secret` in its state folder, `foedus.privacy.secret`) over
-"foedus.privacy.shares/v1" and the federation's uuid. The same round of the same federation
+"foedus.privacy.shares/v1" and the federation's uuid, drawn with the noise version the site's
+secret was made with. The same round of the same federation
 gets the same noise after a restart (the very same masked update, as secure aggregation needs);
 a second federation run from the same folder gets other noise (two federations with the same
 noise would let their sums be subtracted, and the noise with them).
@@ -29,25 +30,25 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 from foedus.plans.schema import DifferentialPrivacySettings, Plan
 from foedus.privacy.clipping import model_clip_factor
-from foedus.privacy.noise import SECRET_BYTES, gaussian
+from foedus.privacy.noise import NoiseSecret, gaussian
 
 Float64Array = npt.NDArray[np.float64]
 Noise = Callable[[str, int, int], Float64Array]  # (tensor, start, stop) -> those noise values
 _LABEL = b"foedus.privacy.shares/v1"
 
 
-def federation_secret(site_secret: bytes, federation_uuid: str) -> bytes:
-    """The key of a site's noise shares in one federation, from the site's secret."""
-    if len(site_secret) != SECRET_BYTES:
-        raise ValueError(f"a privacy secret is {SECRET_BYTES} bytes, not {len(site_secret)}")
-    return hmac.digest(site_secret, _LABEL + federation_uuid.encode("utf-8"), hashlib.sha256)
+def federation_secret(site_secret: NoiseSecret, federation_uuid: str) -> NoiseSecret:
+    """The secret of a site's noise shares in one federation, from the site's secret (its
+    noise version too)."""
+    key = hmac.digest(site_secret.key, _LABEL + federation_uuid.encode("utf-8"), hashlib.sha256)
+    return NoiseSecret(key, site_secret.version)
 
 
 @dataclass(frozen=True)
@@ -57,10 +58,10 @@ class NoiseShares:
 
     settings: DifferentialPrivacySettings
     quorum: int  # t: the fewest sites in a sum the aggregator can unmask
-    secret: bytes = field(repr=False)  # `federation_secret`: never in a log line, nor a repr
+    secret: NoiseSecret  # `federation_secret`: its key never in a log line, nor a repr
 
     @classmethod
-    def of(cls, plan: Plan, site_secret: bytes) -> NoiseShares | None:
+    def of(cls, plan: Plan, site_secret: NoiseSecret) -> NoiseShares | None:
         """The site's noise shares under `plan`; None unless it has both secure aggregation
         and differential privacy on."""
         privacy, secure = plan.differential_privacy, plan.secure_aggregation

@@ -51,6 +51,7 @@ from foedus.plans.schema import (
 )
 from foedus.privacy.budget import training_rounds
 from foedus.privacy.clipping import model_clip_factor
+from foedus.privacy.noise import NoiseSecret
 from foedus.privacy.shares import NoiseShares
 from foedus.protos import aggregator_pb2, aggregator_pb2_grpc
 from foedus.protos.channel import server_options
@@ -858,7 +859,7 @@ def digits_plan(certs: CertsLayout, *, secure: bool) -> Plan:
 
 
 def run_in_process(
-    plan: Plan, state: Path, site_secrets: Mapping[str, bytes] | None = None
+    plan: Plan, state: Path, site_secrets: Mapping[str, NoiseSecret] | None = None
 ) -> dict[str, Array]:
     """Run `plan`'s whole federation in this process (a real server, each collaborator's loop in
     a thread of its own; with differential privacy, each site's noise shares from its secret in
@@ -928,7 +929,9 @@ def test_a_private_secure_federation_ends_at_its_budget_with_the_sites_noise(
         },
     )
     assert training_rounds(plan) == 1 < plan.federation.rounds
-    site_secrets = {name: bytes([index]) * 32 for index, name in enumerate(plan.collaborators)}
+    site_secrets = {
+        name: NoiseSecret(bytes([index]) * 32) for index, name in enumerate(plan.collaborators)
+    }
     final = run_in_process(plan, tmp_path, site_secrets)
     initial = DigitsRunner.initial_model(plan.runner)
     summed = {key: np.zeros(array.size) for key, array in initial.items()}

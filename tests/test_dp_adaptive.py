@@ -23,7 +23,7 @@ from foedus.history.rows import MetricsRow
 from foedus.plans.schema import AdaptiveClippingSettings, DifferentialPrivacySettings
 from foedus.privacy.adaptive import CLIP_RANGE, count_normal, moved_clip, unclipped_share
 from foedus.privacy.budget import plan_text
-from foedus.privacy.noise import CLIP_COUNT_STREAM, gaussian
+from foedus.privacy.noise import CLIP_COUNT_STREAM, NoiseSecret, gaussian
 
 from federations import COLLABORATORS, UUID, federation, model, open_state, store
 from servers import make_plan
@@ -32,7 +32,7 @@ __all__ = ["store"]  # the fixture, imported for its use here
 
 # 2 x count_noise (0.6) above the round's noise multiplier (0.5): the update's is 0.905.
 ADAPTIVE = AdaptiveClippingSettings(target_quantile=0.5, learning_rate=0.2, count_noise=0.3)
-SECRET = bytes(range(32))
+SECRET = NoiseSecret(bytes(range(32)))
 ELEMENTS = 6  # model(): a 2x2 float32 tensor and a float64 vector of 2
 
 
@@ -112,7 +112,7 @@ def with_secret(store: FederationStore) -> FederationStore:
     if location is None:
         store._secret = SECRET  # type: ignore[attr-defined]  # MemoryStore's, made at first call
     else:
-        (location / "privacy.secret").write_bytes(SECRET)
+        (location / "privacy.secret").write_bytes(SECRET.key + bytes([SECRET.version]))
     assert store.privacy_secret() == SECRET
     return store
 

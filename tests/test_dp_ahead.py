@@ -18,14 +18,14 @@ from foedus.aggregator.fedavg import ArraySource
 from foedus.aggregator.records import Array
 from foedus.aggregator.store import FederationStore
 from foedus.privacy.clipping import source_clip_factor
-from foedus.privacy.noise import gaussian
+from foedus.privacy.noise import NoiseSecret, gaussian
 
 from federations import federation, open_state, store
 from test_dp_federation import SETTINGS, TRAINED, assert_model, expected, send, trained
 
 __all__ = ["store"]  # the fixture, imported for its use here
 
-SECRET = bytes(range(32))
+SECRET = NoiseSecret(bytes(range(32)))
 WAIT = 30.0  # seconds a test waits for the thread at most (it takes milliseconds)
 # Tensors of odd sizes cut in slices of 4: 3 + 3 + 1 slices, the last of each shorter.
 REFERENCE = {

@@ -26,7 +26,7 @@ from foedus.history.rows import MetricsRow
 from foedus.plans.schema import DifferentialPrivacySettings, Plan
 from foedus.privacy.accountant import epsilon_after
 from foedus.privacy.budget import training_rounds
-from foedus.privacy.noise import gaussian
+from foedus.privacy.noise import NOISE_V1, NOISE_VERSION, NoiseSecret, gaussian
 
 from federations import COLLABORATORS, UUID, federation, model, open_state, result, store
 from servers import make_plan
@@ -56,7 +56,7 @@ def send(fed: Federation, name: str, tensors: Mapping[str, Array], data_size: in
 def expected(
     reference: Mapping[str, Array],
     uploads: Mapping[str, Mapping[str, Array]],
-    secret: bytes,
+    secret: NoiseSecret,
     round_number: int,
 ) -> dict[str, Array]:
     """DP-FedAvg computed here, independently: whole tensors, numpy's norm, the noise function."""
@@ -98,7 +98,7 @@ def test_each_round_is_the_noised_mean_of_the_clipped_updates(store: FederationS
     round 0's."""
     fed = federation(store, rounds=2, privacy=SETTINGS)
     secret = store.privacy_secret()
-    assert len(secret) == 32 and store.privacy_secret() == secret  # made once
+    assert len(secret.key) == 32 and store.privacy_secret() == secret  # made once
     for round_number in range(2):
         reference = fed.model()
         uploads = {site: trained(value, reference) for site, value in TRAINED.items()}
@@ -212,7 +212,8 @@ def test_a_plain_federations_rows_have_no_dp(tmp_path: Path) -> None:
 
 
 def test_the_secret_is_kept_private_and_survives_a_restart(tmp_path: Path) -> None:
-    """The durable state's secret is made once, mode 0600, and read back after a restart."""
+    """The durable state's secret is made once, mode 0600, with today's noise version after
+    it, and read back after a restart."""
     first = open_state(tmp_path / "out")
     try:
         federation(first, privacy=SETTINGS)
@@ -221,12 +222,34 @@ def test_the_secret_is_kept_private_and_survives_a_restart(tmp_path: Path) -> No
         first.close()
     path = tmp_path / "out" / "state" / "privacy.secret"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert path.read_bytes() == secret
+    assert secret.version == NOISE_VERSION
+    assert path.read_bytes() == secret.key + bytes([NOISE_VERSION])
     again: DurableState = open_state(tmp_path / "out")
     try:
         assert again.privacy_secret() == secret
     finally:
         again.close()
+
+
+def test_a_federation_begun_before_noise_versions_draws_as_it_did(tmp_path: Path) -> None:
+    """A state whose secret file is the 32 bytes alone (made before versions were kept) is
+    resumed with version 1's noise, the noise it added before: its model ends the same."""
+    key = bytes(range(32))
+    state = open_state(tmp_path / "out")
+    try:
+        (tmp_path / "out" / "state" / "privacy.secret").write_bytes(key)
+        fed = federation(state, privacy=SETTINGS)
+        assert state.privacy_secret() == NoiseSecret(key, NOISE_V1)
+        reference = fed.model()
+        uploads = {site: trained(value, reference) for site, value in TRAINED.items()}
+        for site, tensors in uploads.items():
+            send(fed, site, tensors)
+        assert fed.close_round_if_due() is not None
+        assert_model(fed.model(), expected(reference, uploads, NoiseSecret(key, NOISE_V1), 0))
+        again = expected(reference, uploads, NoiseSecret(key, NOISE_VERSION), 0)
+        assert not all(np.array_equal(fed.model()[name], again[name]) for name in again)
+    finally:
+        state.close()
 
 
 def test_the_model_is_the_same_whatever_the_slices_and_threads() -> None:
@@ -235,7 +258,7 @@ def test_the_model_is_the_same_whatever_the_slices_and_threads() -> None:
     reference = {"a": np.linspace(-1, 1, 10, dtype=np.float32), "b": np.zeros((3, 3))}
     models = {site: trained(value, reference) for site, value in TRAINED.items()}
     uploads = {site: ArraySource(tensors) for site, tensors in models.items()}
-    secret = bytes(range(32))
+    secret = NoiseSecret(bytes(range(32)))
 
     def computed(slice_elements: int, workers: int) -> dict[str, Array]:
         return PrivateModel(

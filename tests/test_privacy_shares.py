@@ -27,7 +27,7 @@ from foedus.plans.schema import (
     SecureAggregationSettings,
 )
 from foedus.privacy.clipping import clip_factor
-from foedus.privacy.noise import _box_muller
+from foedus.privacy.noise import NOISE_V1, NoiseSecret, _box_muller, _box_muller_v2
 from foedus.privacy.shares import NoiseShares, federation_secret
 from foedus.secure.errors import ProtocolViolation
 from foedus.secure.site import SiteRound
@@ -55,7 +55,9 @@ FALSE_ALARM = 1e-6  # each statistical check fails an honest run this rarely
 
 def fresh_shares(names: Collection[str] = SITES) -> dict[str, NoiseShares]:
     """Each site's noise shares from a fresh secret, as a new site's state folder makes it."""
-    return {name: NoiseShares(PRIVACY, QUORUM, secrets.token_bytes(32)) for name in names}
+    return {
+        name: NoiseShares(PRIVACY, QUORUM, NoiseSecret(secrets.token_bytes(32))) for name in names
+    }
 
 
 def a_round(
@@ -172,9 +174,9 @@ def test_a_restarted_site_masks_the_very_same_bytes(
     deltas = updates(MODEL, SITES, seed=14, scale=0.01)
     _, relays = run_round(round_sites, MODEL, deltas, WEIGHTS, shares=fresh_shares())
     saved = round_sites["alice"].secrets.to_bytes()
-    site_secret = secrets.token_bytes(32)
+    site_secret = NoiseSecret(secrets.token_bytes(32))
 
-    def started(secret: bytes) -> dict[str, bytes]:
+    def started(secret: NoiseSecret) -> dict[str, bytes]:
         site = SiteRound(
             round_context,
             "alice",
@@ -193,21 +195,22 @@ def test_a_restarted_site_masks_the_very_same_bytes(
         return {name: array.tobytes() for name, array in update.items()}
 
     assert started(site_secret) == started(site_secret)
-    assert started(site_secret)["w"] != started(secrets.token_bytes(32))["w"]
+    assert started(site_secret)["w"] != started(NoiseSecret(secrets.token_bytes(32)))["w"]
 
 
 def test_each_federation_gets_its_own_noise_from_one_site_secret() -> None:
     """One state folder's secret in two federations: independent noise (the same noise in both
-    would let the two sums be subtracted, and the noise with them); the key is pinned."""
-    secret = bytes(range(32))
+    would let the two sums be subtracted, and the noise with them); the key is pinned, and the
+    site secret's noise version goes with it."""
+    secret = NoiseSecret(bytes(range(32)))
     first = NoiseShares(PRIVACY, QUORUM, federation_secret(secret, "federation-1"))
     second = NoiseShares(PRIVACY, QUORUM, federation_secret(secret, "federation-2"))
     a, b = first.noise(0)("w", 0, 20000), second.noise(0)("w", 0, 20000)
     assert abs(float(np.corrcoef(a, b)[0, 1])) < 0.05  # 7 sd of a chance correlation
-    pinned = hmac.digest(secret, b"foedus.privacy.shares/v1f", hashlib.sha256)
-    assert federation_secret(secret, "f") == pinned
-    with pytest.raises(ValueError, match="a privacy secret is 32 bytes, not 3"):
-        federation_secret(b"abc", "f")
+    pinned = hmac.digest(secret.key, b"foedus.privacy.shares/v1f", hashlib.sha256)
+    assert federation_secret(secret, "f") == NoiseSecret(pinned, secret.version)
+    legacy = NoiseSecret(secret.key, NOISE_V1)  # a site secret made before versions were kept
+    assert federation_secret(legacy, "f") == NoiseSecret(pinned, NOISE_V1)
 
 
 def test_a_share_has_the_planned_std_over_the_quorum_and_the_ring_holds_it() -> None:
@@ -217,11 +220,12 @@ def test_a_share_has_the_planned_std_over_the_quorum_and_the_ring_holds_it() -> 
     assert PRIVACY.share_std(3) == pytest.approx(0.8 / math.sqrt(3))
     assert PRIVACY.share_bound(3) == pytest.approx(1 + 8.5717 * 0.8 / math.sqrt(3), rel=1e-4)
     assert PRIVACY.share_bound(3) > 1 + LARGEST_NORMAL * PRIVACY.share_std(3)
-    words = np.zeros(2, dtype=np.uint64)  # the smallest uniform u1, and cos(0) = 1
-    normals, scratch = np.empty(2), [np.empty(1) for _ in range(3)]
-    _box_muller(words, normals, *scratch)
-    assert normals[0] == pytest.approx(LARGEST_NORMAL, rel=1e-15)
-    assert normals[0] * PRIVACY.share_std(3) + PRIVACY.clip < PRIVACY.share_bound(3)
+    for transform, angle_dtype in [(_box_muller, np.float64), (_box_muller_v2, np.float32)]:
+        words = np.zeros(2, dtype=np.uint64)  # the smallest uniform u1, and cos(0) = 1
+        normals, radius = np.empty(2), np.empty(1)
+        transform(words, normals, radius, np.empty(1, angle_dtype), np.empty(1, angle_dtype))
+        assert normals[0] == pytest.approx(LARGEST_NORMAL, rel=1e-15)
+        assert normals[0] * PRIVACY.share_std(3) + PRIVACY.clip < PRIVACY.share_bound(3)
     with pytest.raises(ValueError, match="a quorum is 1 or more"):
         PRIVACY.share_std(0)
 
@@ -239,10 +243,10 @@ def dp_secure_plan(certs: CertsLayout, *, privacy: bool = True, secure: bool = T
 def test_a_site_has_noise_shares_only_with_both_on(certs: CertsLayout) -> None:
     """Secure aggregation and differential privacy: shares over the plan's quorum (3 sites, a
     threshold of 1: 2), keyed by the federation; either off: none."""
-    secret = bytes(32)
+    secret = NoiseSecret(bytes(32))
     shares = NoiseShares.of(dp_secure_plan(certs), secret)
     assert shares is not None and shares.quorum == 2
     assert shares.secret == federation_secret(secret, make_plan(certs).federation.uuid)
-    assert secret.hex() not in repr(shares) and shares.secret.hex() not in repr(shares)
+    assert secret.key.hex() not in repr(shares) and shares.secret.key.hex() not in repr(shares)
     assert NoiseShares.of(dp_secure_plan(certs, privacy=False), secret) is None
     assert NoiseShares.of(dp_secure_plan(certs, secure=False), secret) is None

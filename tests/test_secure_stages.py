@@ -39,6 +39,7 @@ from foedus.plans.schema import (
     StragglerPolicy,
     StragglerSettings,
 )
+from foedus.privacy.noise import NoiseSecret
 from foedus.privacy.shares import NoiseShares
 from foedus.refusals.errors import InvalidRequestError, PreconditionError
 from foedus.secure import WEIGHT_TENSOR, RevealedShare, SealedShare, SecretKind
@@ -285,7 +286,7 @@ def test_the_state_holds_nothing_correlated_with_a_sites_update(
     updates = recognisable_updates()
     settings = PRIVATE_RING if private else SETTINGS
     shares = {
-        name: NoiseShares(PRIVACY, 2, bytes([index]) * 32)
+        name: NoiseShares(PRIVACY, 2, NoiseSecret(bytes([index]) * 32))
         for index, name in enumerate(COLLABORATORS)
     }
     weight = 1 if private else 20

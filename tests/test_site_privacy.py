@@ -34,6 +34,7 @@ from foedus.plans.schema import RunnerSettings
 from foedus.privacy.accountant import dp_sgd_epsilon, noise_for
 from foedus.privacy.dp_sgd import dp_sgd_settings, round_seeds
 from foedus.privacy.ledger import LEDGER_FILE, LedgerError, SiteLedger, SpentRound
+from foedus.privacy.noise import NOISE_V1, NOISE_VERSION, NoiseSecret
 from foedus.privacy.secret import SECRET_FILE, privacy_secret
 from foedus.privacy.site_budget import DP_EPSILON, SiteBudget
 from foedus.refusals.errors import StorageError
@@ -46,14 +47,24 @@ UUID = "3c9d4b7e-51a2-4f0e-9d1c-7a2b6e8f0c13"
 
 
 def test_the_secret_is_made_once_private_and_kept(tmp_path: Path) -> None:
-    """32 bytes, mode 0600, the same at every call; another size is refused, naming the file."""
+    """32 bytes and today's noise version, mode 0600, the same at every call; a file of the 32
+    bytes alone (made before versions were kept) draws with version 1; another size or an
+    unknown version is refused, naming the file."""
     path = tmp_path / SECRET_FILE
     secret = privacy_secret(path, remedy="fix it")
-    assert len(secret) == 32 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert len(secret.key) == 32 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_bytes() == secret.key + bytes([NOISE_VERSION])
+    assert secret.version == NOISE_VERSION
     assert privacy_secret(path, remedy="fix it", made=bytes(32)) == secret  # never replaced
-    path.write_bytes(b"short")
-    with pytest.raises(StorageError, match=rf"^{path}: holds 5 bytes, not the 32 .* \(fix it\)$"):
-        privacy_secret(path, remedy="fix it")
+    path.write_bytes(secret.key)
+    assert privacy_secret(path, remedy="fix it") == NoiseSecret(secret.key, NOISE_V1)
+    for content in [b"short", secret.key + bytes([9])]:
+        path.write_bytes(content)
+        size = len(content)
+        with pytest.raises(
+            StorageError, match=rf"^{path}: holds {size} bytes, not the 32 .* \(fix it\)$"
+        ):
+            privacy_secret(path, remedy="fix it")
 
 
 def test_the_ledger_is_durable_private_and_never_spends_a_release_twice(tmp_path: Path) -> None:
