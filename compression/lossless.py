@@ -11,7 +11,8 @@ zstd levels gain nothing for 3-100 x the time.
 A tensor of n raw bytes is `chunk_sizes(n, itemsize)` chunks of `CHUNK_BYTES` (the last
 shorter), each compressed on its own, so a 100 MB tensor streams in bounded memory and its
 chunks travel end to end: each chunk's 32-byte header says its length. The receiver knows each
-chunk's raw size from its own model (shape and dtype); a decoder checks the header against it,
+chunk's raw size from its own model (shape and dtype) and this rule, which is part of the wire
+format (peers must agree on `CHUNK_BYTES`); a decoder checks the header against it,
 and against what foedus' encoder writes, before Blosc2 reads a byte past the header
 (`check_header`): a chunk that would inflate past its size, a truncated one, or one using
 Blosc2's features foedus never writes (dictionaries, lazy chunks, uninitialised values, other
@@ -73,7 +74,7 @@ def chunk_sizes(total_bytes: int, itemsize: int) -> Iterator[int]:
 
 
 def compress_chunk(raw: bytes | memoryview, itemsize: int) -> bytes:
-    """One chunk of raw bytes (whole items, at most `CHUNK_BYTES`) as a Blosc2 chunk."""
+    """One chunk of raw bytes (whole items, at most `chunk_bytes(itemsize)`) as a Blosc2 chunk."""
     size = memoryview(raw).nbytes
     if not 0 < size <= chunk_bytes(itemsize) or size % itemsize:
         raise ValueError(
