@@ -1,11 +1,12 @@
-"""The plan's privacy protections: `secure_aggregation` and `differential_privacy`, and the
-site caps a plan may not set.
+"""The plan's privacy protections: `secure_aggregation` and `differential_privacy`, the site
+caps a plan may not set, and the compression codes secure aggregation rules out.
 
 The two sections are read together, as they meet: with both on, every site weighs 1 and the
 ring's clip holds a clipped delta plus the site's noise share (`_noised_ring`); adaptive clipping
 is refused beside secure aggregation. `foedus.plans.loader` calls `differential_privacy`, then
-`secure_aggregation` with its result, and `site_caps` on the runner's settings; each problem is
-one line naming its key, as every section's.
+`secure_aggregation` with its result, `site_caps` on the runner's settings, and
+`secure_compression` on the `compression` section; each problem is one line naming its key, as
+every section's.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import dataclasses
 import math
 from collections.abc import Mapping
 
+from foedus.compression.codes import Code
 from foedus.plans.reader import Section
 from foedus.plans.schema import (
     LARGEST_NORMAL,
     RING_BITS,
     AdaptiveClippingSettings,
+    CompressionSettings,
     DifferentialPrivacySettings,
     SecureAggregationSettings,
 )
@@ -37,6 +40,24 @@ def site_caps(settings: object) -> list[str]:
         f"{key}: a site's privacy cap belongs to the site's settings (collaborator start "
         "--site-settings, an envoy's runner_settings), never the plan: each site decides its own"
         for key in found
+    ]
+
+
+def secure_compression(
+    compression: CompressionSettings, secure: SecureAggregationSettings
+) -> list[str]:
+    """An upload code under secure aggregation: refused, every one but `none`. The download is
+    the unmasked model, which any code fit for a download may carry; with differential privacy
+    every code is allowed (the site clips, then encodes; the aggregator clips the decoded
+    update again)."""
+    upload = compression.upload.code
+    if not secure.enabled or upload is Code.NONE:
+        return []
+    return [
+        f"compression.upload: {upload} with secure_aggregation.enabled: masked values are "
+        "uniform in the ring and do not compress, and a lossy code would break the masks; leave "
+        "it none (secure_aggregation.bits is secure aggregation's own quantize-then-mask: 16 "
+        "bits halves the upload)"
     ]
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from foedus.compression.codes import Code
 from foedus.pki.layout import CertsLayout
 from foedus.protos.channel import host_port
 
@@ -312,6 +313,29 @@ class DifferentialPrivacySettings:
 
 
 @dataclass(frozen=True)
+class CodeSettings:
+    """`compression.upload` or `compression.download`: a code's name, or a mapping with `code`
+    and, for `topk` only, its own settings (`foedus.compression.codes`)."""
+
+    code: Code = Code.NONE  # compression.<direction>.code (or the direction's value, a name)
+    # compression.<direction>.fraction: topk's share of an update's values kept, 0 < f <= 0.5
+    # (required with topk); None for the other codes
+    fraction: float | None = None
+    # compression.<direction>.values: how topk's kept values travel, float32 or int8
+    values: str = "float32"
+
+
+@dataclass(frozen=True)
+class CompressionSettings:
+    """`compression`: how the sites' updates (`upload`) and the global model (`download`) are
+    coded on the wire; `none` both ways by default. The loader refuses a code that cannot work
+    with the plan's protections (`foedus.plans.protections.compression_problems`)."""
+
+    upload: CodeSettings = field(default_factory=CodeSettings)  # compression.upload
+    download: CodeSettings = field(default_factory=CodeSettings)  # compression.download
+
+
+@dataclass(frozen=True)
 class Plan:
     """A whole federation plan; `path` is the file it came from."""
 
@@ -330,3 +354,4 @@ class Plan:
     differential_privacy: DifferentialPrivacySettings = field(
         default_factory=DifferentialPrivacySettings
     )
+    compression: CompressionSettings = field(default_factory=CompressionSettings)

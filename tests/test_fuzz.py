@@ -238,6 +238,7 @@ SECTIONS = (
     "limits",
     "connection",
     "differential_privacy",
+    "compression",
 )
 FIELDS = (
     *("name", "uuid", "aggregator_id", "rounds", "host", "port", "listen_address", "san_dns"),
@@ -249,7 +250,9 @@ FIELDS = (
     *("max_retries", "max_wait_seconds", "backoff_initial_seconds", "backoff_max_seconds"),
     *("atomic_connections", "resend_on_reconnect"),
     *("enabled", "clip", "noise_multiplier", "delta", "max_epsilon"),
+    *("upload", "download", "code", "fraction", "values"),
 )
+CODES = ("none", "lossless", "bfloat16", "int8", "topk", "float32")
 SCALARS = st.one_of(
     st.none(),
     st.booleans(),
@@ -257,6 +260,7 @@ SCALARS = st.one_of(
     st.floats(),
     st.text(max_size=20),
     st.sampled_from(["", "\0", "a" * 5000, "train", "wait_for_all", "digits", "127.0.0.1"]),
+    st.sampled_from(CODES),
 )
 KEYS = st.sampled_from((*SECTIONS, *FIELDS)) | st.text(max_size=8) | st.integers() | st.none()
 
