@@ -329,7 +329,7 @@ class CodeSettings:
 class CompressionSettings:
     """`compression`: how the sites' updates (`upload`) and the global model (`download`) are
     coded on the wire; `none` both ways by default. The loader refuses a code that cannot work
-    with the plan's protections (`foedus.plans.protections.compression_problems`)."""
+    with the plan's protections (`foedus.plans.protections.secure_compression`)."""
 
     upload: CodeSettings = field(default_factory=CodeSettings)  # compression.upload
     download: CodeSettings = field(default_factory=CodeSettings)  # compression.download
