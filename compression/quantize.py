@@ -13,12 +13,16 @@ block size may change without breaking old payloads:
 
 Both decoders check the payload's exact length against the element count the caller gives (the
 tensor's shape in its own model) before they allocate, and refuse what an encoder never makes:
-NaN or infinite values or scales, negative scales, -128.
+NaN or infinite values or scales, negative scales, -128. An int8 payload also decodes as its
+chunks pass, into the tensor's own array: `int8_layout` from the header and the payload's size,
+`int8_scales` (1.6 % of it, first), then `int8_dequantize` on each part of the values, wherever
+a chunk cuts them. A bfloat16 payload cut on a value's edge decodes part by part as it is.
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -38,6 +42,7 @@ INT8_MAX_BLOCK = 1 << 24
 INT8_FORMAT = 1
 INT8_LIMIT = 127  # -127..127: symmetric, so -x encodes as -q
 _INT8_HEADER = struct.Struct("<B3sI")  # format, 3 zero bytes, block size
+INT8_HEADER_BYTES = _INT8_HEADER.size
 _CHUNK_VALUES = 1 << 18  # values quantized at a time: float32 temporaries of 1 MB, kept in cache
 _BF16_EXPONENT = 0x7F80  # all ones: infinity or NaN
 _FLOAT32_LIMIT = np.float32(INT8_LIMIT)
@@ -97,7 +102,7 @@ def bfloat16_decode(payload: Payload, count: int, *, name: str = "") -> Float32A
 
 def int8_size(count: int, block: int) -> int:
     """The bytes of an int8 payload of `count` values in blocks of `block`."""
-    return _INT8_HEADER.size + 4 * -(-count // block) + count
+    return Int8Layout(count, block).size
 
 
 def int8_encode(values: Float32Array, *, block: int = INT8_BLOCK, name: str = "") -> bytes:
@@ -157,15 +162,42 @@ def _check_scales(scales: Float32Array, name: str, block: int) -> None:
         )
 
 
-def int8_decode(payload: Payload, count: int, *, name: str = "") -> Float32Array:
-    """The `count` float32 values of an int8 payload, q x scale; `CompressedFormatError` for a
-    payload this version does not read, of another length, or with values no encoder makes."""
+@dataclass(frozen=True)
+class Int8Layout:
+    """Where an int8 payload's parts lie, from its header: what a receiver decoding it as its
+    chunks pass needs (`int8_layout`, then `int8_scales`, then `int8_dequantize` a part at a
+    time, straight into the tensor's array)."""
+
+    count: int
+    block: int
+
+    @property
+    def blocks(self) -> int:
+        """The number of scales: ceil(count / block)."""
+        return -(-self.count // self.block)
+
+    @property
+    def codes_start(self) -> int:
+        """The offset of the int8 values; the scales lie between the header and it."""
+        return INT8_HEADER_BYTES + 4 * self.blocks
+
+    @property
+    def size(self) -> int:
+        """The payload's bytes."""
+        return self.codes_start + self.count
+
+
+def int8_layout(header: Payload, count: int, *, size: int, name: str = "") -> Int8Layout:
+    """The layout of an int8 payload of `size` bytes holding `count` values, from its first
+    `INT8_HEADER_BYTES` bytes (`header`: at least those); `CompressedFormatError` for a header
+    this version does not read, or a `size` other than the one the header and `count` give."""
     count = checked_count(count)
-    view = byte_view(payload)
+    view = byte_view(header)
     what = f"int8 payload of {label(name)}"
-    if view.nbytes < _INT8_HEADER.size:
+    if min(view.nbytes, size) < INT8_HEADER_BYTES:
         raise CompressedFormatError(
-            f"{what}: {view.nbytes} bytes, shorter than its {_INT8_HEADER.size}-byte header"
+            f"{what}: {min(view.nbytes, size)} bytes, shorter than its "
+            f"{INT8_HEADER_BYTES}-byte header"
         )
     version, reserved, block = _INT8_HEADER.unpack_from(view)
     if version != INT8_FORMAT or reserved != bytes(3):
@@ -175,34 +207,86 @@ def int8_decode(payload: Payload, count: int, *, name: str = "") -> Float32Array
         )
     if not 1 <= block <= INT8_MAX_BLOCK:
         raise CompressedFormatError(f"{what}: block size {block}, not 1..{INT8_MAX_BLOCK}")
-    expected = int8_size(count, block)
-    if view.nbytes != expected:
+    layout = Int8Layout(count, block)
+    if size != layout.size:
         raise CompressedFormatError(
-            f"{what}: {view.nbytes} bytes where {count} values in blocks of {block} need {expected}"
+            f"{what}: {size} bytes where {count} values in blocks of {block} need {layout.size}"
         )
-    blocks = -(-count // block)
-    scales = np.frombuffer(view, dtype="<f4", count=blocks, offset=_INT8_HEADER.size)
+    return layout
+
+
+def int8_scales(data: Payload, layout: Int8Layout, *, name: str = "") -> Float32Array:
+    """The scales of an int8 payload: its bytes [INT8_HEADER_BYTES, layout.codes_start), each
+    checked (finite, not negative, 127 times it a float32); `CompressedFormatError` otherwise."""
+    view = byte_view(data)
+    if view.nbytes != 4 * layout.blocks:
+        raise CompressedFormatError(
+            f"int8 payload of {label(name)}: {view.nbytes} bytes of scales where "
+            f"{layout.blocks} blocks need {4 * layout.blocks}"
+        )
+    scales = np.frombuffer(view, dtype="<f4", count=layout.blocks)
     with np.errstate(over="ignore", invalid="ignore"):
         bad = np.flatnonzero(np.signbit(scales) | ~np.isfinite(scales * _FLOAT32_LIMIT))
     if bad.size:
         raise CompressedFormatError(
-            f"{what}: scale of block {int(bad[0])} is {scales[bad[0]]}: a scale is finite, "
-            "not negative, and 127 times it a float32"
+            f"int8 payload of {label(name)}: scale of block {int(bad[0])} is {scales[bad[0]]}: "
+            "a scale is finite, not negative, and 127 times it a float32"
         )
-    codes = np.frombuffer(view, dtype=np.int8, count=count, offset=_INT8_HEADER.size + 4 * blocks)
-    if count and int(codes.min()) < -INT8_LIMIT:
-        position = int(np.argmin(codes))
+    return scales
+
+
+def int8_dequantize(
+    codes: Payload,
+    scales: Float32Array,
+    layout: Int8Layout,
+    start: int,
+    *,
+    out: Float32Array | None = None,
+    name: str = "",
+) -> Float32Array:
+    """Values [start, start + len(codes)) of an int8 payload, q x scale, from those values'
+    bytes (a part of the payload past `layout.codes_start`, wherever a chunk cuts it), into
+    `out` when given (as many float32 as `codes` has bytes); `CompressedFormatError` for -128."""
+    view = byte_view(codes)
+    stop = start + view.nbytes
+    if not 0 <= start <= stop <= layout.count or scales.size != layout.blocks:
+        raise ValueError(
+            f"values [{start}, {stop}) with {scales.size} scales: not a part of an int8 payload "
+            f"of {layout.count} values in {layout.blocks} blocks"
+        )
+    quantized = np.frombuffer(view, dtype=np.int8)
+    if quantized.size and int(quantized.min()) < -INT8_LIMIT:
+        position = start + int(np.argmin(quantized))
         raise CompressedFormatError(
-            f"{what}: value at position {position} is -128: int8 values are -127..127"
+            f"int8 payload of {label(name)}: value at position {position} is -128: int8 values "
+            "are -127..127"
         )
-    decoded: Float32Array = np.empty(count, dtype=np.float32)
-    whole = count - count % block
-    if whole:
+    decoded: Float32Array = np.empty(view.nbytes, np.float32) if out is None else out
+    if decoded.shape != (view.nbytes,) or decoded.dtype != np.float32:
+        raise ValueError(f"out is {decoded.dtype} {decoded.shape}, not float32 ({view.nbytes},)")
+    block = layout.block
+    # A part of a block up to the first boundary, whole blocks, then a part of one again.
+    head = min(stop, -(-start // block) * block)
+    whole = head + (stop - head) // block * block
+    if head > start:
+        np.multiply(quantized[: head - start], scales[start // block], out=decoded[: head - start])
+    if whole > head:
         np.multiply(
-            codes[:whole].reshape(-1, block),
-            scales[: whole // block, None],
-            out=decoded[:whole].reshape(-1, block),
+            quantized[head - start : whole - start].reshape(-1, block),
+            scales[head // block : whole // block, None],
+            out=decoded[head - start : whole - start].reshape(-1, block),
         )
-    if whole < count:
-        np.multiply(codes[whole:], scales[-1], out=decoded[whole:])
+    if stop > whole:
+        np.multiply(
+            quantized[whole - start :], scales[whole // block], out=decoded[whole - start :]
+        )
     return decoded
+
+
+def int8_decode(payload: Payload, count: int, *, name: str = "") -> Float32Array:
+    """The `count` float32 values of an int8 payload, q x scale; `CompressedFormatError` for a
+    payload this version does not read, of another length, or with values no encoder makes."""
+    view = byte_view(payload)
+    layout = int8_layout(view, count, size=view.nbytes, name=name)
+    scales = int8_scales(view[INT8_HEADER_BYTES : layout.codes_start], layout, name=name)
+    return int8_dequantize(view[layout.codes_start :], scales, layout, 0, name=name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import struct
@@ -17,10 +18,14 @@ from hypothesis.extra import numpy as hnp
 from foedus.compression.errors import CompressedFormatError
 from foedus.compression.quantize import (
     INT8_BLOCK,
+    INT8_HEADER_BYTES,
     bfloat16_decode,
     bfloat16_encode,
     int8_decode,
+    int8_dequantize,
     int8_encode,
+    int8_layout,
+    int8_scales,
     int8_size,
 )
 
@@ -259,6 +264,53 @@ def test_int8_decoder_allocates_nothing_for_a_huge_claimed_count() -> None:
         int8_decode(_int8_payload([1], [1, 1], block=1 << 24), 1 << 30)
 
 
+def _decode_in_parts(payload: bytes, count: int, cuts: list[int]) -> npt.NDArray[np.float32]:
+    """An int8 payload decoded as a receiver does while its chunks pass, cut at `cuts`."""
+    layout = int8_layout(payload[:INT8_HEADER_BYTES], count, size=len(payload))
+    scales = int8_scales(payload[INT8_HEADER_BYTES : layout.codes_start], layout)
+    decoded = np.full(count, np.nan, np.float32)
+    bounds = [layout.codes_start, *sorted(cuts), layout.size]
+    for first, last in itertools.pairwise(bounds):
+        start = first - layout.codes_start
+        int8_dequantize(
+            payload[first:last], scales, layout, start, out=decoded[start : start + last - first]
+        )
+    return decoded
+
+
+def test_int8_decodes_a_part_at_a_time() -> None:
+    """Parts cut anywhere, inside a block or on its edge, decode to the whole payload's values."""
+    values = np.linspace(-5, 7, 1000, dtype=np.float32)
+    payload = int8_encode(values, block=64)
+    start = int8_layout(payload, 1000, size=len(payload)).codes_start
+    cuts = [start + 1, start + 63, start + 64, start + 65, start + 500, start + 999]
+    assert _decode_in_parts(payload, 1000, cuts).tobytes() == int8_decode(payload, 1000).tobytes()
+    layout = int8_layout(payload, 1000, size=len(payload))
+    scales = int8_scales(payload[INT8_HEADER_BYTES:start], layout)
+    with pytest.raises(CompressedFormatError, match=r"'w': value at position 702 is -128"):
+        int8_dequantize(b"\x01\x02\x80", scales, layout, 700, name="w")
+
+
+def test_int8_parts_are_checked() -> None:
+    """The layout checks the payload's whole size from its header; scales are checked as they
+    come; a part outside the payload, or an `out` of another size, is the caller's bug."""
+    payload = int8_encode(np.ones(10, np.float32), block=4)
+    with pytest.raises(
+        CompressedFormatError,
+        match=r"^int8 payload of a tensor: 31 bytes where 10 values in blocks of 4 need 30$",
+    ):
+        int8_layout(payload[:8], 10, size=31)
+    layout = int8_layout(payload[:8], 10, size=len(payload))
+    assert (layout.blocks, layout.codes_start, layout.size) == (3, 20, 30)
+    with pytest.raises(CompressedFormatError, match=r"8 bytes of scales where 3 blocks need 12"):
+        int8_scales(payload[8:16], layout)
+    scales = int8_scales(payload[8:20], layout)
+    with pytest.raises(ValueError, match=r"values \[8, 11\) with 3 scales: not a part"):
+        int8_dequantize(bytes(3), scales, layout, 8)
+    with pytest.raises(ValueError, match=r"out is float32 \(3,\), not float32 \(2,\)"):
+        int8_dequantize(bytes(2), scales, layout, 8, out=np.zeros(3, np.float32))
+
+
 # -- fuzzing ---------------------------------------------------------------------------------
 
 
@@ -278,6 +330,17 @@ def test_fuzz_round_trips(values: npt.NDArray[np.float32], block: int) -> None:
     # Among subnormals a scale has few bits (or underflows to 0): a few hundred of the smallest.
     slack = 1e-42
     assert np.all(np.abs(decoded.astype(np.float64) - values) <= step / 2 * (1 + 1e-6) + slack)
+
+
+@FUZZ
+@given(FINITE_F32, st.sampled_from([1, 3, 64]), st.lists(st.integers(0, 700), max_size=6))
+def test_fuzz_int8_parts(values: npt.NDArray[np.float32], block: int, cuts: list[int]) -> None:
+    """Cut anywhere, an int8 payload decodes part by part to the same bits as whole."""
+    payload = int8_encode(values, block=block)
+    layout = int8_layout(payload, values.size, size=len(payload))
+    inside = [layout.codes_start + cut for cut in cuts if cut <= values.size]
+    decoded = _decode_in_parts(payload, values.size, inside)
+    assert decoded.tobytes() == int8_decode(payload, values.size).tobytes()
 
 
 @FUZZ
