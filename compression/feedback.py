@@ -203,10 +203,9 @@ def _tensors(header: Any, round_number: int) -> list[tuple[str, tuple[int, ...]]
     """The (name, shape) pairs of a residuals file's header; ValueError or TypeError otherwise."""
     if not isinstance(header, dict) or set(header) != {"round", "dtype", "tensors"}:
         raise ValueError("not a residuals header")
-    if header["round"] != round_number or header["dtype"] != "<f4":
-        raise ValueError(
-            f"round {header['round']!r} of {header['dtype']!r} in round {round_number}'s file"
-        )
+    number = header["round"]
+    if type(number) is not int or number != round_number or header["dtype"] != "<f4":
+        raise ValueError(f"round {number!r} of {header['dtype']!r} in round {round_number}'s file")
     tensors: list[tuple[str, tuple[int, ...]]] = []
     for entry in header["tensors"]:
         name, shape = entry

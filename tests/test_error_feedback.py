@@ -200,6 +200,10 @@ def _sealed(header: object, data: bytes) -> bytes:
         ),
         (lambda data: _sealed([1, 2], b""), r"its header: not a residuals header"),
         (
+            lambda data: _sealed({"round": 3.0, "dtype": "<f4", "tensors": []}, b""),
+            r"its header: round 3\.0 of '<f4' in round 3's file",
+        ),
+        (
             lambda data: _sealed({"round": 3, "dtype": "<f4", "tensors": [["a", [2]]]}, bytes(4)),
             r"81 bytes before its digest where its header says 85",
         ),
