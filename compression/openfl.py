@@ -255,7 +255,7 @@ def _looked_up(what: str, levels: Float32Array, raw: bytes) -> Float32Array:
     if not valid.all():
         position = int(np.argmin(valid))
         raise CompressedFormatError(
-            f"{what}: code {codes[position]!r} at position {position} is not a level of the "
+            f"{what}: code {float(codes[position])} at position {position} is not a level of the "
             f"table (0..{len(levels) - 1})"
         )
     return levels[codes.astype(np.intp)]
@@ -267,5 +267,5 @@ def _check_finite(what: str, values: Float32Array) -> None:
     if not finite.all():
         position = int(np.argmin(finite))
         raise CompressedFormatError(
-            f"{what}: value {values[position]!r} at position {position} is NaN or infinite"
+            f"{what}: value {float(values[position])} at position {position} is NaN or infinite"
         )
