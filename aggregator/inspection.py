@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,13 @@ from foedus.aggregator.schema import NotAStateError
 from foedus.aggregator.state import DurableState
 from foedus.aggregator.state_files import DATABASE, STATE_DIR
 from foedus.aggregator.store import SavedPresence
+from foedus.history.rows import METRICS, read_rows
 from foedus.plans import Plan
 from foedus.plans.schema import AGGREGATED_MODEL_VALIDATION, DifferentialPrivacySettings
 from foedus.privacy.accountant import budget_line, epsilon_after
 from foedus.privacy.budget import training_rounds
-from foedus.privacy.site_budget import budgets_by_site
+from foedus.privacy.site_budget import SiteBudget, latest_budgets
+from foedus.refusals.errors import StorageError
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,9 @@ class FederationStatus:
     last_round: RoundRecord | None
     # With differential privacy: epsilon spent so far, its delta, the cap (None: none).
     privacy: PrivacySpent | None = None
+    # Each DP-SGD site's budget as its latest round reported it (round counted from 1), from
+    # metrics.jsonl: still there once the final validation round, trained by nobody, has closed.
+    site_budgets: dict[str, tuple[int, SiteBudget]] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -149,12 +154,11 @@ class FederationStatus:
                 "missing": list(last.missing),
                 "metrics": {task: dict(values) for task, values in last.metrics.items()},
                 "seconds": last.seconds,
-                # The DP-SGD budgets its sites reported with it (`foedus.privacy.site_budget`).
-                "site_budgets": [
-                    {"site": site, **dataclasses.asdict(budget)}
-                    for site, budget in budgets_by_site(last.sites).items()
-                ],
             },
+            "site_budgets": [
+                {"site": site, "round": round_number, **dataclasses.asdict(budget)}
+                for site, (round_number, budget) in self.site_budgets.items()
+            ],
             **({} if self.privacy is None else {"dp": self.privacy.to_json()}),
         }
 
@@ -208,8 +212,10 @@ class FederationStatus:
             for task, values in last.metrics.items():
                 shown = ", ".join(f"{name} {value:.4f}" for name, value in values.items())
                 lines.append(f"    {task}: {shown}")
-            for site, budget in budgets_by_site(last.sites).items():
-                lines.append(f"    {site}: {budget.text()}")
+        if self.site_budgets:
+            lines.append("  sites' own privacy budgets (DP-SGD):")
+            for site, (round_number, budget) in self.site_budgets.items():
+                lines.append(f"    {site}: {budget.text()}, as of round {round_number}")
         return lines
 
     def _presence_text(self, c: CollaboratorStatus, now: float) -> str:
@@ -282,7 +288,16 @@ def read_status(plan: Plan) -> FederationStatus:
         presence_saved=max((row.saved for row in standing.presence), default=None),
         last_round=standing.last_round,
         privacy=_privacy_spent(plan, min(round_number, rounds), standing.last_round),
+        site_budgets=_site_budgets(folder / METRICS),
     )
+
+
+def _site_budgets(path: Path) -> dict[str, tuple[int, SiteBudget]]:
+    """Each site's DP-SGD budget as metrics.jsonl at `path` last has it (none: no file)."""
+    try:
+        return latest_budgets(read_rows(path))
+    except OSError as error:
+        raise StorageError(f"{path}: cannot read it: {error.strerror or error}") from None
 
 
 def _privacy_spent(plan: Plan, rounds: int, last: RoundRecord | None) -> PrivacySpent | None:

@@ -167,18 +167,44 @@ def clipped_model(
         flat = array.reshape(-1)
         base = np.asarray(reference[name]).reshape(-1)
         out = np.empty(flat.size, dtype=array.dtype)
-        # base + factor x (trained - base) in float64, a slice at a time in one buffer kept in
-        # cache (a whole 100 MB model in float64 was 200 MB of new pages): the same bits.
         for start in range(0, flat.size, SLICE_ELEMENTS):
             stop = min(start + SLICE_ELEMENTS, flat.size)
-            moved = scratch[: stop - start]
-            np.copyto(moved, flat[start:stop])
-            np.subtract(moved, base[start:stop], out=moved)
-            moved *= factor
-            np.add(moved, base[start:stop], out=moved)
-            np.copyto(out[start:stop], moved, casting="unsafe")  # rounded to the dtype once
+            if array.dtype in _NATIVE:
+                _scale_native(flat[start:stop], base[start:stop], factor, out[start:stop])
+            else:
+                _scale_in_float64(
+                    flat[start:stop], base[start:stop], factor, out[start:stop], scratch
+                )
         clipped[name] = out.reshape(array.shape)
     return clipped
+
+
+# The dtypes a site clips in their own arithmetic: three passes of native SIMD loops, where a
+# float64 detour made a 100 MB float32 model's clip 0.27 s of the site's CPU (0.04 s native).
+_NATIVE = frozenset({np.dtype(np.float32), np.dtype(np.float64)})
+
+
+def _scale_native(trained: Array, base: Array, factor: float, out: Array) -> None:
+    """out = base + factor x (trained - base) in the slices' own dtype: each step rounded to it,
+    so the delta's norm may pass the clip by a few units in the last place (the aggregator,
+    clipping again in float64, takes that off)."""
+    np.subtract(trained, base, out=out)
+    np.multiply(out, out.dtype.type(factor), out=out)
+    np.add(out, base, out=out)
+
+
+def _scale_in_float64(
+    trained: Array, base: Array, factor: float, out: Array, scratch: Float64Array
+) -> None:
+    """out = base + factor x (trained - base) computed in float64 and rounded once to out's
+    dtype (bfloat16, float16: too coarse to round each step), in `scratch`, a buffer kept in
+    cache (a whole 100 MB model in float64 was 200 MB of new pages)."""
+    moved = scratch[: trained.size]
+    np.copyto(moved, trained)
+    np.subtract(moved, base, out=moved)
+    moved *= factor
+    np.add(moved, base, out=moved)
+    np.copyto(out, moved, casting="unsafe")
 
 
 def _delta(trained: Array, reference: Array) -> Float64Array:

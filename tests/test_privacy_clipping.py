@@ -116,6 +116,23 @@ def test_a_site_clips_its_upload_in_its_own_dtypes() -> None:
     assert again == pytest.approx(1.0, rel=1e-2)
 
 
+def test_float32_and_float64_clip_in_their_own_arithmetic_within_a_rounding() -> None:
+    """Those dtypes scale in their own arithmetic (no float64 detour): each value within a few
+    roundings of reference + factor x delta computed in float64, a slice boundary
+    crossed (2**18 values) and the norm past `clip` by a rounding at most."""
+    size = 2**18 + 5
+    reference = {"w": RNG.standard_normal(size).astype(np.float32), "b": RNG.standard_normal(9)}
+    trained = {name: values + 0.25 for name, values in reference.items()}
+    clipped = clipped_model(reference, trained, 3.0)
+    factor = 3.0 / _norm(_minus(trained, reference))
+    for name, values in clipped.items():
+        assert values.dtype == reference[name].dtype
+        moved = factor * (trained[name].astype(np.float64) - reference[name])
+        bound = 4 * np.finfo(values.dtype).eps * (np.abs(reference[name]) + np.abs(moved))
+        assert np.all(np.abs(values - (reference[name] + moved)) <= bound)
+    assert _norm(_minus(clipped, reference)) <= 3.0 * (1 + 1e-5)
+
+
 def test_values_whose_squares_overflow_have_a_finite_norm() -> None:
     """1e200 squared is past float64: the norm is still sqrt(2) x 1e200, the factor finite."""
     delta = {"w": np.array([1e200, -1e200]), "b": np.array([3.0])}

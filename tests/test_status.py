@@ -20,10 +20,11 @@ from foedus.aggregator.cli import main
 from foedus.aggregator.federation import Federation
 from foedus.aggregator.inspection import CollaboratorStatus, FederationStatus, read_status
 from foedus.aggregator.liveness import Liveness
-from foedus.aggregator.records import ResultTensor, RoundRecord, TaskResult
+from foedus.aggregator.records import ResultTensor, TaskResult
 from foedus.aggregator.schema import SCHEMA_VERSION
 from foedus.aggregator.state import DurableState
 from foedus.aggregator.state_files import DATABASE, STATE_DIR
+from foedus.history.rows import METRICS, MetricsRow, append_row
 from foedus.pki.layout import CertsLayout
 from foedus.plans import load_plan
 from foedus.privacy.site_budget import SiteBudget
@@ -361,45 +362,46 @@ def test_presence_reads_as_of_now_running_or_stopped(tmp_path: Path) -> None:
     assert any(line.startswith(offline) for line in stopped)
 
 
-def test_the_last_rounds_site_budgets_are_a_line_per_site(tmp_path: Path) -> None:
-    """Sites that train with DP-SGD: a line each under the last round ("alice: epsilon 2.10 of 8
-    at delta 1e-05"), and `--json`'s `site_budgets`; a site without a budget has none."""
-    budgets = {"alice": SiteBudget(2.1, 1e-5, 8.0), "carol": SiteBudget(3.0, 1e-6)}
-    last = RoundRecord(
-        round_number=2,
-        final_validation=False,
-        reporters=("alice", "bob", "carol"),
-        missing=(),
-        metrics={"train": {"loss": 0.5}},
-        seconds=1.0,
-        trained=True,
-        sites={
-            **{name: {"train": {"loss": 0.5, **b.to_metrics()}} for name, b in budgets.items()},
-            "bob": {"train": {"loss": 0.5}},
-        },
-    )
-    status = FederationStatus(
-        name="f",
-        uuid="u",
-        state=tmp_path,
-        running=False,
-        round_number=3,
-        rounds=5,
-        total_rounds=6,
-        round_tasks=("train",),
-        closing=False,
-        collaborators=(CollaboratorStatus("alice", "online", None, None, ()),),
-        offline_after_seconds=60,
-        presence_saved=None,
-        last_round=last,
-    )
-    lines = status.lines(now=0.0)
-    at = lines.index("    train: loss 0.5000")
-    assert lines[at + 1 :] == [
-        "    alice: epsilon 2.10 of 8 at delta 1e-05",
-        "    carol: epsilon 3.00 at delta 1e-06",
+def test_each_sites_latest_budget_is_read_from_metrics_jsonl_and_outlives_the_last_round(
+    tmp_path: Path, certs: CertsLayout
+) -> None:
+    """Sites that train with DP-SGD: each one's latest budget from metrics.jsonl, a line each
+    ("alice: epsilon 2.10 of 8 at delta 1e-05, as of round 2") and `--json`'s `site_budgets`,
+    still there after the final validation round, which nobody trains; a site without one has
+    none."""
+    plan = load_plan(write_plan(tmp_path, certs))
+    model = {"w": np.zeros(3, np.float32)}
+    DurableState.open(
+        plan.aggregator.output_dir, plan.federation.uuid, lambda: model, max_tensor_bytes=2**20
+    ).close()
+    first = {"alice": SiteBudget(1.5, 1e-5, 8.0), "carol": SiteBudget(3.0, 1e-6)}
+    rows = [
+        MetricsRow(
+            0, sites={n: {"train": {"loss": 0.5, **b.to_metrics()}} for n, b in first.items()}
+        ),
+        MetricsRow(
+            1,
+            sites={
+                "alice": {"train": SiteBudget(2.1, 1e-5, 8.0).to_metrics()},
+                "bob": {"train": {"loss": 0.4}},
+            },
+        ),
+        MetricsRow(
+            2,
+            final_validation=True,
+            sites={"alice": {"aggregated_model_validation": {"accuracy": 0.9}}},
+        ),
     ]
-    assert status.to_json()["last_round"]["site_budgets"] == [
-        {"site": "alice", "epsilon": 2.1, "delta": 1e-5, "max_epsilon": 8.0},
-        {"site": "carol", "epsilon": 3.0, "delta": 1e-6, "max_epsilon": None},
+    for row in rows:
+        append_row(plan.aggregator.output_dir / METRICS, row)
+    status = read_status(plan)
+    lines = status.lines(now=0.0)
+    at = lines.index("  sites' own privacy budgets (DP-SGD):")
+    assert lines[at + 1 :] == [
+        "    alice: epsilon 2.10 of 8 at delta 1e-05, as of round 2",
+        "    carol: epsilon 3.00 at delta 1e-06, as of round 1",
+    ]
+    assert status.to_json()["site_budgets"] == [
+        {"site": "alice", "round": 2, "epsilon": 2.1, "delta": 1e-5, "max_epsilon": 8.0},
+        {"site": "carol", "round": 1, "epsilon": 3.0, "delta": 1e-6, "max_epsilon": None},
     ]
