@@ -120,10 +120,10 @@ def decode_openfl_tensor(
     field is not read: OpenFL decodes by the tags, and its collaborator sets `lossless` false on
     every delta, whatever the pipeline.
     """
-    pipeline = openfl_pipeline(tags, metadata)
-    what = f"OpenFL {pipeline} payload"
     if count < 0:
         raise ValueError(f"count must be at least 0, got {count}")
+    pipeline = openfl_pipeline(tags, metadata)
+    what = f"OpenFL {pipeline} payload"
     expected = count * FLOAT32_BYTES
     if expected > limit:
         raise CompressedTooLargeError(
@@ -131,10 +131,11 @@ def decode_openfl_tensor(
         )
     if pipeline is Pipeline.EDEN:
         raise UnsupportedPipelineError(
-            f"OpenFL's EdenPipeline is refused: its bit width (n_bits) and the size at which it "
-            f"stops compressing a tensor (dim_threshold) are settings of the sender's plan that "
-            f"the message does not carry, so no receiver can decode it from the message alone; "
-            f"{_INSTEAD} (or one of RandomShiftPipeline, KCPipeline, SKCPipeline, STCPipeline)"
+            f"OpenFL's EdenPipeline is refused: its bit width (n_bits) and the size up to which "
+            f"it sends a tensor uncompressed (dim_threshold) are settings of the sender's plan "
+            f"that the message does not carry, so no receiver can decode it from the message "
+            f"alone; {_INSTEAD} (or KCPipeline, SKCPipeline or STCPipeline, whose formats are "
+            f"fixed)"
         )
     _check_shape(what, metadata[0].int_list, count)
     if pipeline is Pipeline.NO_COMPRESSION:
@@ -205,10 +206,11 @@ def _unshifted(what: str, metadata: Sequence[Metadata], data: bytes, count: int)
 def _code_table(what: str, table: Mapping[int, float], count: int) -> Float32Array:
     """A table-coded pipeline's int_to_float as float32: one value per distinct level sent."""
     # A level is a distinct value of the tensor: never more levels than values, at least one.
-    most = min(count, MAX_TABLE)
-    if not (min(count, 1) <= len(table) <= most):
+    least, most = min(count, 1), min(count, MAX_TABLE)
+    if not least <= len(table) <= most:
         raise CompressedFormatError(
-            f"{what}: int_to_float has {len(table)} levels for {count} values (expected 1 to {most})"
+            f"{what}: int_to_float has {len(table)} levels for {count} values (expected "
+            f"{least} to {most})"
         )
     with np.errstate(over="ignore"):  # a float64 past float32's range: refused just below
         levels = _table(what, table, len(table)).astype(np.float32)
