@@ -171,6 +171,13 @@ def tensor_layout(
     name = tensor.name
     if LOSSY_TAG in tensor.tags:
         raise TensorFormatError(f"tensor {name!r}: lossy-compressed tensors are not supported")
+    if len(tensor.transformer_metadata) > 1:  # RandomShiftPipeline's values are value + shift
+        raise TensorFormatError(
+            f"tensor {name!r}: {len(tensor.transformer_metadata)} transformer metadata entries "
+            f"where OpenFL's NoCompressionPipeline writes one; another pipeline's values (such as "
+            f"RandomShiftPipeline's) are not read as they are: set compression_pipeline to "
+            f"NoCompressionPipeline in the collaborator's plan"
+        )
     dtype = _dtype_of(tensor)
     shape = _shape_of(tensor)
     expected = math.prod(shape) * dtype.itemsize

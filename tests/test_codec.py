@@ -61,6 +61,14 @@ def _tensor(
     )
 
 
+def _random_shift() -> base_pb2.NamedTensor:
+    """A tensor as OpenFL's RandomShiftPipeline sends it: value + shift, the shift in the metadata."""
+    tensor = _tensor((2, 2), bytes(16))
+    tensor.transformer_metadata[0].int_to_float.update({0: 1.0, 1: -2.0, 2: 3.5, 3: 19.0})
+    tensor.transformer_metadata.add().int_list.extend([2, 2])
+    return tensor
+
+
 # --- OpenFL's float32 encoding ------------------------------------------------------------------
 
 
@@ -324,6 +332,7 @@ def test_encode_as_float32_refuses_non_numeric(array: npt.NDArray[np.generic]) -
         pytest.param(
             _tensor(tags=(COMPRESSED_TAG, LOSSY_TAG)), "lossy-compressed", id="lossy-and-compressed"
         ),
+        pytest.param(_random_shift(), "2 transformer metadata entries", id="random-shift"),
     ],
 )
 def test_decode_rejects_malformed(tensor: base_pb2.NamedTensor, message: str) -> None:
