@@ -41,7 +41,7 @@ RECOGNISED = {
 
 def codes_payload(codes: Sequence[float]) -> bytes:
     """A table-coded pipeline's data: its codes as float32, gzipped as GZIPTransformer does."""
-    return gzip.compress(np.asarray(codes, dtype="<f4").tobytes())
+    return gzip.compress(np.asarray(codes, dtype="<f4").tobytes(), mtime=0)
 
 
 def kmeans(
@@ -314,9 +314,9 @@ def payloads(draw: st.DrawFn) -> bytes:
     if kind == "raw":
         return raw
     if kind == "gzip":
-        return gzip.compress(raw)
+        return gzip.compress(raw, mtime=0)
     if kind == "cut":
-        return gzip.compress(raw)[: draw(st.integers(0, 40))]
+        return gzip.compress(raw, mtime=0)[: draw(st.integers(0, 40))]
     return draw(st.binary(max_size=64))
 
 
@@ -345,7 +345,7 @@ def near_messages(draw: st.DrawFn) -> Message:
     levels = draw(st.integers(min(count, 1), max(count, 1)))
     table = {code: draw(FLOATS) for code in range(levels)}
     codes = draw(st.lists(st.integers(0, max(levels - 1, 0)), min_size=count, max_size=count))
-    coded = gzip.compress(np.asarray(codes, "<f4").tobytes())
+    coded = gzip.compress(np.asarray(codes, "<f4").tobytes(), mtime=0)
     pipeline = draw(st.sampled_from(["none", "shift", "kmeans", "sparse"]))
     if pipeline == "none":
         tags, metadata, data = LOSSLESS, [Metadata(int_list=shape)], raw
@@ -383,7 +383,7 @@ def near_messages(draw: st.DrawFn) -> Message:
     message=(
         ["lossy_compressed"],
         [Metadata(int_to_float={0: 1e300}, int_list=[1]), Metadata()],
-        gzip.compress(bytes(4)),
+        gzip.compress(bytes(4), mtime=0),
         1,
         4,
     )
