@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class NamedTensor(_message.Message):
-    __slots__ = ("name", "round_number", "lossless", "report", "tags", "transformer_metadata", "data_bytes", "foedus_dtype")
+    __slots__ = ("name", "round_number", "lossless", "report", "tags", "transformer_metadata", "data_bytes", "foedus_dtype", "foedus_code", "foedus_delta")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROUND_NUMBER_FIELD_NUMBER: _ClassVar[int]
     LOSSLESS_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,8 @@ class NamedTensor(_message.Message):
     TRANSFORMER_METADATA_FIELD_NUMBER: _ClassVar[int]
     DATA_BYTES_FIELD_NUMBER: _ClassVar[int]
     FOEDUS_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    FOEDUS_CODE_FIELD_NUMBER: _ClassVar[int]
+    FOEDUS_DELTA_FIELD_NUMBER: _ClassVar[int]
     name: str
     round_number: int
     lossless: bool
@@ -24,7 +26,9 @@ class NamedTensor(_message.Message):
     transformer_metadata: _containers.RepeatedCompositeFieldContainer[MetadataProto]
     data_bytes: bytes
     foedus_dtype: str
-    def __init__(self, name: _Optional[str] = ..., round_number: _Optional[int] = ..., lossless: _Optional[bool] = ..., report: _Optional[bool] = ..., tags: _Optional[_Iterable[str]] = ..., transformer_metadata: _Optional[_Iterable[_Union[MetadataProto, _Mapping]]] = ..., data_bytes: _Optional[bytes] = ..., foedus_dtype: _Optional[str] = ...) -> None: ...
+    foedus_code: str
+    foedus_delta: bool
+    def __init__(self, name: _Optional[str] = ..., round_number: _Optional[int] = ..., lossless: _Optional[bool] = ..., report: _Optional[bool] = ..., tags: _Optional[_Iterable[str]] = ..., transformer_metadata: _Optional[_Iterable[_Union[MetadataProto, _Mapping]]] = ..., data_bytes: _Optional[bytes] = ..., foedus_dtype: _Optional[str] = ..., foedus_code: _Optional[str] = ..., foedus_delta: _Optional[bool] = ...) -> None: ...
 
 class MetadataProto(_message.Message):
     __slots__ = ("int_to_float", "int_list", "bool_list")

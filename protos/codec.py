@@ -14,6 +14,24 @@ Two encodings share the message:
 
 Decoding never unpickles and never allocates from a claimed size: the shape's element count times
 the item size must equal the byte count, and that count must be within the caller's limit.
+
+Between foedus peers a tensor may carry one of the plan's `compression` codes (issue #24): the
+extension field `foedus_code` names it (`foedus.compression.codes.Code`), `foedus_dtype` and the
+shape stay the decoded tensor's, and `data_bytes` hold the code's payload (`coded_layout` reads
+and checks that metadata, `coded_tensor_frame` writes it around a payload). Each code's payload:
+
+* ``lossless``: the tensor's bytes cut by `foedus.compression.lossless.chunk_sizes`, each piece
+  one Blosc2 chunk (`compress_chunk`), end to end; any dtype. The tag ``compressed`` and
+  `lossless` true, as OpenFL's lossless encoding.
+* ``bfloat16``, ``int8``, ``topk``: `foedus.compression.quantize` and `.topk`'s payload of the
+  values flattened in C order; float32 tensors only. The tag ``lossy_compressed`` and
+  `lossless` false, as OpenFL marks its lossy pipelines.
+
+With `foedus_delta` (an upload's) the decoded values are a delta from the global model of
+`round_number` as the site received it, which the receiver adds back: for ``lossless`` the
+XOR of the values' bits (exact: the same bits come back), for the lossy codes trained - base
+computed in float32 (`base + decoded` in float32 gives the values back, up to the code's loss).
+A coded tensor is never read as raw values: `tensor_layout` refuses it.
 """
 
 from __future__ import annotations
@@ -26,6 +44,7 @@ from typing import TypedDict, Unpack
 import numpy as np
 import numpy.typing as npt
 
+from foedus.compression.codes import Code
 from foedus.protos import base_pb2
 from foedus.protos.dtypes import (
     BFLOAT16,
@@ -164,11 +183,111 @@ def tensor_field_frame(
 _DATA_BYTES_FIELD = base_pb2.NamedTensor.DATA_BYTES_FIELD_NUMBER
 
 
+@dataclass(frozen=True)
+class CodedLayout:
+    """What a coded tensor's metadata claims, checked: the decoded tensor's dtype, shape and
+    byte count, the code its payload is in, and whether it decodes to a delta."""
+
+    dtype: np.dtype[np.generic]
+    shape: tuple[int, ...]
+    nbytes: int  # of the decoded tensor: dtype x shape
+    code: Code
+    delta: bool
+
+    @property
+    def count(self) -> int:
+        """The decoded tensor's number of values."""
+        return math.prod(self.shape)
+
+
+def tensor_code(tensor: base_pb2.NamedTensor) -> Code:
+    """The code a tensor's `data_bytes` are in: `Code.NONE` for the raw values (no
+    `foedus_code`), else the named one; an unknown name, or "none" spelt out, is refused."""
+    if not tensor.foedus_code:
+        return Code.NONE
+    try:
+        code = Code(tensor.foedus_code)
+    except ValueError:
+        code = Code.NONE
+    if code is Code.NONE:
+        known = ", ".join(str(code) for code in Code if code is not Code.NONE)
+        raise TensorFormatError(
+            f"tensor {tensor.name!r}: unknown code {tensor.foedus_code!r}; expected one of {known}"
+        )
+    return code
+
+
+def coded_layout(tensor: base_pb2.NamedTensor, *, max_bytes: int) -> CodedLayout:
+    """The checked layout of a coded tensor (`tensor_code` not `none`): its dtype and shape, as
+    any tensor's, the decoded size within `max_bytes`, a lossy code on float32 values only."""
+    code = tensor_code(tensor)
+    name = tensor.name
+    if code is Code.NONE:
+        raise TensorFormatError(f"tensor {name!r}: not coded")
+    if len(tensor.transformer_metadata) > 1:
+        raise TensorFormatError(
+            f"tensor {name!r}: {len(tensor.transformer_metadata)} transformer metadata entries "
+            "where a coded tensor has one, its shape"
+        )
+    dtype, shape = _dtype_of(tensor), _shape_of(tensor)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > max_bytes:
+        raise TensorTooLargeError(
+            f"tensor {name!r}: shape {shape} of {dtype} is {nbytes} bytes decoded, over the "
+            f"limit of {max_bytes} bytes"
+        )
+    if code.lossy and dtype != FLOAT32:
+        raise TensorFormatError(f"tensor {name!r}: {code} codes float32 values, not {dtype}")
+    return CodedLayout(dtype, shape, nbytes, code, tensor.foedus_delta)
+
+
+def coded_tensor_frame(
+    field_number: int,
+    name: str,
+    payload: bytes,
+    *,
+    dtype: np.dtype[np.generic],
+    shape: tuple[int, ...],
+    code: Code,
+    delta: bool,
+    round_number: int = 0,
+    tags: Iterable[str] = (),
+    report: bool = False,
+) -> TensorFrame:
+    """A tensor of `dtype` and `shape` coded `code` (its `payload`, see the module) as field
+    `field_number` of a parent message: `tensor_field_frame`'s bytes, the payload as the data,
+    `foedus_code` and `foedus_delta` after it with `foedus_dtype`."""
+    if code is Code.NONE:
+        raise ValueError("a coded tensor has a code: send the raw values with tensor_field_frame")
+    wire_name = wire_dtype(dtype)
+    if wire_name is None:
+        raise TensorFormatError(f"tensor {name!r}: dtype {dtype} cannot be sent")
+    header = base_pb2.NamedTensor(
+        name=name, round_number=round_number, lossless=not code.lossy, report=report
+    )
+    header.tags.extend(sorted({*tags, LOSSY_TAG if code.lossy else COMPRESSED_TAG}))
+    header.transformer_metadata.add().int_list.extend(shape)
+    trailer = base_pb2.NamedTensor(
+        foedus_dtype=wire_name, foedus_code=str(code), foedus_delta=delta
+    )
+    data = np.frombuffer(payload, dtype=np.uint8)
+    head = header.SerializeToString(deterministic=True)
+    tail = trailer.SerializeToString(deterministic=True)
+    field = field_prefix(_DATA_BYTES_FIELD, data.size) if data.size else b""
+    total = len(head) + len(field) + data.size + len(tail)
+    return TensorFrame(field_prefix(field_number, total) + head + field, data, tail)
+
+
 def tensor_layout(
     tensor: base_pb2.NamedTensor, *, max_bytes: int
 ) -> tuple[np.dtype[np.generic], tuple[int, ...], int]:
     """The checked dtype, shape and byte count a tensor's metadata claims (not its data)."""
     name = tensor.name
+    if tensor.foedus_code:
+        raise TensorFormatError(
+            f"tensor {name!r}: coded {tensor.foedus_code!r} (compression), which is not read here "
+            "as raw values"
+        )
     if LOSSY_TAG in tensor.tags:
         raise TensorFormatError(f"tensor {name!r}: lossy-compressed tensors are not supported")
     if len(tensor.transformer_metadata) > 1:  # RandomShiftPipeline's values are value + shift

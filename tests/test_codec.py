@@ -10,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from foedus.compression.codes import Code
 from foedus.protos import aggregator_pb2, base_pb2
 from foedus.protos.codec import (
     COMPRESSED_TAG,
@@ -19,6 +20,8 @@ from foedus.protos.codec import (
     TensorFormatError,
     TensorTooLargeError,
     all_finite,
+    coded_layout,
+    coded_tensor_frame,
     decode_tensor,
     encode_tensor,
     encode_tensor_meta_into,
@@ -495,6 +498,79 @@ def test_tensor_field_frame_is_the_serialized_field(array: np.ndarray) -> None:
     assert b"".join(parts) == expected
     if array.size:
         assert any(isinstance(part, memoryview) and part.obj is not None for part in parts)
+
+
+@pytest.mark.parametrize(
+    ("code", "dtype", "tag"),
+    [
+        (Code.INT8, "<f4", LOSSY_TAG),
+        (Code.TOPK, "<f4", LOSSY_TAG),
+        (Code.LOSSLESS, "<i8", COMPRESSED_TAG),
+    ],
+)
+def test_a_coded_tensor_is_its_payload_and_the_decoded_layout(
+    code: Code, dtype: str, tag: str
+) -> None:
+    """A coded tensor framed around its payload parses as protobuf would serialize it: the
+    payload as data_bytes, the decoded dtype and shape, its code and delta flag after the data
+    (with foedus_dtype), OpenFL's tag for what it is; `coded_layout` reads it back, and it is
+    never read as raw values."""
+    payload = bytes(range(7))
+    frame = coded_tensor_frame(
+        5,
+        "w",
+        payload,
+        dtype=np.dtype(dtype),
+        shape=(3, 4),
+        code=code,
+        delta=True,
+        round_number=2,
+        tags=["trained"],
+    )
+    sent = aggregator_pb2.TaskResults.FromString(b"".join(frame.parts())).tensors[0]
+    assert sent.data_bytes == payload and sent.lossless == (not code.lossy)
+    assert list(sent.tags) == sorted({"trained", tag}) and sent.round_number == 2
+    assert b"".join(frame.parts()) == aggregator_pb2.TaskResults(tensors=[sent]).SerializeToString(
+        deterministic=True
+    )
+    layout = coded_layout(sent, max_bytes=MAX_BYTES)
+    assert (layout.dtype, layout.shape, layout.code, layout.delta) == (
+        np.dtype(dtype),
+        (3, 4),
+        code,
+        True,
+    )
+    assert layout.nbytes == 12 * np.dtype(dtype).itemsize and layout.count == 12
+    with pytest.raises(TensorFormatError, match=f"coded '{code}' .compression., which is not read"):
+        decode_tensor(sent, max_bytes=MAX_BYTES)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (
+            {"foedus_code": "zstd"},
+            "unknown code 'zstd'; expected one of lossless, bfloat16, int8, topk",
+        ),
+        ({"foedus_code": "none"}, "unknown code 'none'"),
+        ({"foedus_code": "int8", "foedus_dtype": "<f8"}, "int8 codes float32 values, not float64"),
+        (
+            {"foedus_code": "lossless", "shape": (1 << 20,)},
+            "shape (1048576,) of float32 is 4194304 bytes decoded",
+        ),
+        ({"foedus_code": "lossless", "extra": True}, "2 transformer metadata entries"),
+    ],
+)
+def test_a_coded_tensors_metadata_is_checked(fields: dict[str, object], message: str) -> None:
+    """An unknown code (or none spelt out), a lossy code on other values than float32, a decoded
+    size past the limit, a second metadata entry: refused, the tensor named."""
+    tensor = base_pb2.NamedTensor(name="w", foedus_code=str(fields["foedus_code"]))
+    tensor.foedus_dtype = str(fields.get("foedus_dtype", ""))
+    tensor.transformer_metadata.add().int_list.extend(fields.get("shape", (2, 2)))  # type: ignore[arg-type]
+    if fields.get("extra"):
+        tensor.transformer_metadata.add()
+    with pytest.raises(TensorFormatError, match=f"tensor 'w': {re.escape(message)}"):
+        coded_layout(tensor, max_bytes=MAX_BYTES)
 
 
 @pytest.mark.parametrize(
