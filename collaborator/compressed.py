@@ -66,7 +66,7 @@ class ResidualsError(StorageError):
     """This site's residuals (its error feedback) cannot be read or kept; the message names the file."""
 
 
-@dataclass(frozen=True, eq=False)  # bytes compare, but a payload is never compared whole
+@dataclass(frozen=True)
 class CodedPayload:
     """One tensor of an upload in a code: its payload, and the dtype and shape it decodes to."""
 
@@ -233,6 +233,7 @@ class UploadEncoder:
             before = store.load(round_number)
         except ResidualsFileError as error:
             raise ResidualsError(str(error)) from None
+        _check_shapes(store, round_number, before, trained)
         encoded = encode_upload(self.settings, base, trained, before)
         try:
             store.save(round_number, encoded.residuals)
@@ -248,6 +249,23 @@ class UploadEncoder:
             store.folder,
         )
         return encoded.coded
+
+
+def _check_shapes(
+    store: ResidualStore,
+    round_number: int,
+    residuals: Mapping[str, Float32Array],
+    trained: Mapping[str, Array],
+) -> None:
+    """`ResidualsError` for a residual whose tensor has another shape now: another model's."""
+    for name, residual in residuals.items():
+        if name in trained and residual.shape != np.shape(trained[name]):
+            newest = max(number for number in store.rounds() if number < round_number)
+            raise ResidualsError(
+                f"{store.path(newest)}: the residual of tensor {name!r} has shape "
+                f"{residual.shape}, where the model's has {np.shape(trained[name])}: another "
+                "model's residuals; remove the folder's files to start the feedback from zero"
+            )
 
 
 def residual_store(state_folder: Path, settings: CodeSettings) -> ResidualStore | None:

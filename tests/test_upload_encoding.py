@@ -353,3 +353,13 @@ def test_a_corrupt_residuals_file_stops_the_collaborator_at_start(
     assert lines[0].startswith(
         f"collaborator: error: --state-dir: {store.path(3)}: not an intact residuals file"
     )
+
+
+def test_residuals_of_another_model_stop_the_site(tmp_path: Path) -> None:
+    """A residual whose tensor has another shape now is another model's: refused naming the file."""
+    store = ResidualStore(tmp_path)
+    store.save(0, {"w": np.zeros(3, dtype=np.float32)})
+    encoder = UploadEncoder(CodeSettings(Code.INT8), store)
+    model = {"w": np.zeros(4, dtype=np.float32)}
+    with pytest.raises(ResidualsError, match=r"residuals-0\.f32: the residual of tensor 'w' has"):
+        encoder.encode(1, model, model)
