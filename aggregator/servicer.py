@@ -40,10 +40,11 @@ from foedus.aggregator.encoded_model import EncodedModel
 from foedus.aggregator.federation import Federation
 from foedus.aggregator.identity import Gatekeeper, Header
 from foedus.aggregator.metrics import Metrics
-from foedus.aggregator.records import DELTA_TAG, Assignment, TaskResult
+from foedus.aggregator.records import DELTA_TAG, Array, Assignment, TaskResult
 from foedus.aggregator.status import RefusalObserver, refusals_as_status, stream_refusals_as_status
 from foedus.aggregator.upload import receive_upload
 from foedus.plans import Limits
+from foedus.plans.schema import CompressionSettings
 from foedus.protos import aggregator_pb2, aggregator_pb2_grpc
 from foedus.protos.results_reader import Head
 from foedus.protos.stream import (
@@ -79,8 +80,12 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
         upload_folder: Path | None = None,
         metrics: Metrics | None = None,
         observers: Sequence[RefusalObserver] = (),
+        compression: CompressionSettings | None = None,
     ) -> None:
         self.federation = federation
+        # The plan's codes: uploads may come coded in `compression.upload` (deltas, made raw
+        # as they are received: `foedus.aggregator.transcode`).
+        self.compression = compression or CompressionSettings()
         # Counts accepted results and the bytes moved; told of refusals with the `observers`.
         self.metrics = metrics
         self.observers: tuple[RefusalObserver, ...] = (
@@ -246,6 +251,8 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
                 model_dtype=self.federation.model_dtype,
                 max_tensor_bytes=self.limits.max_tensor_bytes,
                 expected_bytes=declared,
+                base=self._round_base,
+                upload_code=self.compression.upload,
             )
             try:
                 head = received.head
@@ -261,6 +268,12 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
             finally:
                 # Moved into the store if accepted; refused, or a resend: not kept.
                 received.file.path.unlink(missing_ok=True)
+
+    def _round_base(self, name: str) -> Array | None:
+        """What a coded upload's tensor `name` is a delta from: the global model's tensor of the
+        round in progress, as the sites received it (None: not in the model). An upload for
+        another round is refused, or a resend answered OK, whatever its values."""
+        return self.federation.model().get(name)
 
     def _submit(
         self, caller: str, result: TaskResult
