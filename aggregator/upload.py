@@ -279,7 +279,7 @@ class _Tensors:
         self._upload_code = upload_code
         self._done: list[_Tensor] = []
         self._current: _Tensor | None = None
-        self.coded = False  # whether a tensor came coded (then the upload is transcoded)
+        self._coded: set[str] = set()  # the names of the tensors that came coded
 
     def on(self, event: TensorStart | TensorData | TensorEnd) -> None:
         if isinstance(event, TensorStart):
@@ -295,6 +295,12 @@ class _Tensors:
             tensor = self._current or _Tensor(event.meta)
             tensor.meta = event.meta  # now with the fields after the data (the dtype, the code)
             if event.meta.foedus_code and self._model_dtype is not None:
+                # Each decodes to a model tensor's size: twice, and a few bytes could fill the disk.
+                if event.meta.name in self._coded:
+                    raise InvalidRequestError(
+                        f"results name the same tensor more than once ({event.meta.name!r}, coded)"
+                    )
+                self._coded.add(event.meta.name)
                 tensor.layout = check_coded(
                     event.meta,
                     self._upload_code,
@@ -302,7 +308,6 @@ class _Tensors:
                     max_tensor_bytes=self._max_tensor_bytes,
                 )
                 tensor.scan = None  # it scanned a payload's bytes, not values
-                self.coded = True
             self._done.append(tensor)
             self._current = None
 
@@ -328,6 +333,11 @@ class _Tensors:
             tensor.scan = _FiniteScan(dtype)
         return tensor
 
+    @property
+    def coded(self) -> bool:
+        """Whether a tensor came coded (then the upload is transcoded)."""
+        return bool(self._coded)
+
     def spooled(self) -> list[Spooled]:
         """Every tensor as it lies in the spool, for `transcode`."""
         return [Spooled(t.meta, t.data_offset, t.data_size, t.layout) for t in self._done]
@@ -342,7 +352,8 @@ class _Tensors:
             )
             if tensor.layout is not None:
                 tensor.finite = where.finite
-        self.coded = False
+                tensor.layout = None
+        self._coded.clear()
 
     def arrays(self, path: Path) -> tuple[ResultTensor, ...]:
         """Every tensor, checked; model tensors mapped read-only from `path`."""

@@ -68,6 +68,7 @@ def big_model() -> dict[str, Array]:
         "bias": np.linspace(-1, 1, 10, dtype=np.float32),
         "counts": np.arange(5, dtype=np.int64),
         "half": np.ones((2, 3), np.float16),
+        "empty": np.zeros((0, 3), np.float32),
     }
 
 
@@ -232,7 +233,14 @@ def test_a_lossless_upload_gives_the_trained_bits_back_in_a_raw_file(
         name: array.tobytes() for name, array in trained.items()
     }
     finite = {tensor.name: tensor.finite for tensor in received.tensors}
-    assert finite == {"conv": True, "bias": True, "counts": None, "half": True, "loss": None}
+    assert finite == {
+        "conv": True,
+        "bias": True,
+        "counts": None,
+        "half": True,
+        "empty": True,
+        "loss": None,
+    }
 
 
 @pytest.mark.parametrize(
@@ -467,6 +475,13 @@ REFUSALS = [
         ),
         INVALID,
         ("tensor 'steps': int8 codes float32 values, not int64",),
+    ),
+    Refusal(
+        "a-coded-tensor-twice",
+        INT8,
+        lambda: [*honest(INT8, MODEL), coded("dense/weight", WEIGHT + 1, WEIGHT, INT8)],
+        INVALID,
+        ("results name the same tensor more than once ('dense/weight', coded)",),
     ),
     Refusal(
         "a-coded-metric",
