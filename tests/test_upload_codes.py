@@ -32,7 +32,7 @@ from foedus.compression.quantize import (
     int8_decode,
     int8_encode,
 )
-from foedus.compression.topk import topk_decode, topk_encode
+from foedus.compression.topk import kept_count, topk_decode, topk_encode, topk_max_size
 from foedus.pki.layout import CertsLayout
 from foedus.plans.schema import CodeSettings, CompressionSettings
 from foedus.protos import aggregator_pb2
@@ -295,6 +295,22 @@ def test_decoding_holds_a_few_megabytes_whatever_the_tensor(tmp_path: Path) -> N
         tracemalloc.stop()
     assert peak < 6 * 2**20, peak
     assert arrays(received)["w"].tobytes() == trained["w"].tobytes()
+
+
+@pytest.mark.parametrize("values", ["float32", "int8"])
+@pytest.mark.parametrize("count", [1, 2, 127, 128, 129, 1000, 20000, 300000])
+@pytest.mark.parametrize("fraction", [0.01, 0.1, 0.5])
+def test_the_bound_on_a_topk_payload_holds_for_every_encoding(
+    values: str, count: int, fraction: float
+) -> None:
+    """No honest topk payload is longer than the bound the aggregator refuses past, whether its
+    largest values are spread (the widest gaps) or bunched."""
+    rng = np.random.default_rng(count)
+    spread = np.zeros(count, np.float32)
+    spread[:: max(1, count // kept_count(count, fraction))] = 1
+    for vector in (rng.standard_normal(count, dtype=np.float32), spread):
+        payload = topk_encode(vector, fraction, values_code=values)
+        assert len(payload) <= topk_max_size(count, kept_count(count, fraction))
 
 
 # -- refusals ---------------------------------------------------------------------------------
