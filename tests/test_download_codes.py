@@ -273,6 +273,22 @@ def test_any_cut_of_an_honest_stream_decodes_the_same(
     assert not tensor.flags.writeable
 
 
+@pytest.mark.parametrize("code", DOWNLOAD_CODES)
+@pytest.mark.parametrize(
+    "array",
+    [np.zeros((0, 5), np.float32), np.array(2.5, np.float32), np.zeros(300, np.float32)],
+    ids=["empty", "scalar", "zeros"],
+)
+def test_empty_scalar_and_zero_tensors_travel_in_each_code(
+    receiver: AggregatorGRPCClient, code: Code, array: Array
+) -> None:
+    """The edges of every code: no values (an int8 payload is then its header alone), a
+    0-d tensor, a block of zeros (int8's scale 0)."""
+    first, *rest = chunks_of(code, array)
+    tensor = assemble(receiver, [first, *rest])
+    assert (tensor.shape, tensor.tobytes()) == (array.shape, round_trip(code, array).tobytes())
+
+
 def _lossless_inflating(payload: bytearray) -> bytearray:
     """The first chunk's header declares one more raw byte than its place holds."""
     struct.pack_into("<i", payload, 4, struct.unpack_from("<i", payload, 4)[0] + 4)
