@@ -10,6 +10,21 @@ Two encodings of each tensor, each made by the first request that needs it:
   (`foedus.aggregator.mapped`), so its pages never count in the aggregator's memory either. Reading
   a 2 MiB chunk back costs one `pread` per request: what gRPC needs is a `bytes` object per message,
   which a chunk held in memory gave without it, at the price of holding the whole model once more.
+
+Under the plan's `compression.download` code the streamed chunks carry each tensor in the code
+it travels in (`foedus.compression.download.carried_code`; `GetAggregatedTensor`, OpenFL's,
+stays raw): the metadata chunk is the coded tensor's (`foedus.protos.codec.coded_layout` reads
+it) with `data_size` the payload's bytes, and the data chunks the payload in pieces, a lossless
+chunk (1 MiB raw) to a message. The payload is made a piece at a time, read from the state's
+model file where the tensor is mapped from one, and spooled as it is made; what must come first
+but is known last (the metadata's `data_size`, int8's scales) is written last and put first in
+the spool's order. So encoding a tensor of any size holds a few MB (and int8's scales, 1/256 of
+the tensor's bytes, until they are spooled).
+
+Under a lossy download code a site trains on the decoded model, so the base its upload delta is
+taken from is `round_trip` of the global model, not the model: `EncodedModel.base` computes it
+once a round per tensor and keeps it, a float32 copy of each float32 tensor the round long (the
+model's float32 bytes once more, in memory); other codes' base is the global tensor itself.
 """
 
 from __future__ import annotations
