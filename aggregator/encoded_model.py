@@ -206,18 +206,18 @@ def coded_model_chunks(
     code cannot carry (a NaN, an infinity, a value past its range) goes raw (`model_chunks`)."""
     data = encode_tensor_meta_into(base_pb2.NamedTensor(), name, array)  # little-endian, C order
     spool = SpooledChunks(folder)
-    try:
-        with _raw_reader(array, data) as read:
-            if code is Code.LOSSLESS:
-                size = _spool_lossless(spool, data, read, chunk_bytes)
-            else:
+    with _raw_reader(array, data) as read:
+        if code is Code.LOSSLESS:
+            size = _spool_lossless(spool, data, read, chunk_bytes)
+        else:
+            try:
                 encoder = LossyEncoder(code, name=name)
                 size = _spool_lossy(spool, encoder, data.size, read, chunk_bytes)
-    except ValueError as error:  # from a lossy code's encoder: raise nothing, send the values
-        logger.warning(
-            "tensor %r of round %d travels raw, not %s: %s", name, round_number, code, error
-        )
-        return model_chunks(name, array, round_number, chunk_bytes, folder=folder)
+            except ValueError as error:  # a value the code cannot carry: send the values
+                logger.warning(
+                    "tensor %r of round %d travels raw, not %s: %s", name, round_number, code, error
+                )
+                return model_chunks(name, array, round_number, chunk_bytes, folder=folder)
     # The metadata `coded_tensor_frame` writes, as the chunk's tensor field (no payload in it).
     frame = coded_tensor_frame(
         _CHUNK_TENSOR_FIELD,
