@@ -83,8 +83,8 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
         compression: CompressionSettings | None = None,
     ) -> None:
         self.federation = federation
-        # The plan's codes: uploads may come coded in `compression.upload` (deltas, made raw
-        # as they are received: `foedus.aggregator.transcode`).
+        # The plan's codes: the streamed model goes in `download`'s (`EncodedModel`); uploads may
+        # come coded in `upload`'s (deltas, made raw as they are received: `aggregator.transcode`).
         self.compression = compression or CompressionSettings()
         # Counts accepted results and the bytes moved; told of refusals with the `observers`.
         self.metrics = metrics
@@ -107,6 +107,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
         self._encoded = EncodedModel(
             chunk_bytes=min(CHUNK_BYTES, limits.max_message_bytes - CHUNK_FRAMING_BYTES),
             folder=self.upload_folder,
+            download=self.compression.download.code,
         )
 
     def stop_long_polls(self) -> None:
@@ -198,7 +199,8 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
 
         Answers with serialized `ModelChunk` messages (see
         `foedus.aggregator.server.method_handlers`): each tensor's chunks are encoded once per round
-        and the same bytes go to every collaborator (`foedus.aggregator.encoded_model`).
+        and the same bytes go to every collaborator (`foedus.aggregator.encoded_model`), in the
+        plan's `compression.download` code (`GetAggregatedTensor`, OpenFL's, stays raw).
         """
         with self._authenticated(context, request.header) as caller:
             round_number = request.round_number
@@ -271,9 +273,12 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
 
     def _round_base(self, name: str) -> Array | None:
         """What a coded upload's tensor `name` is a delta from: the global model's tensor of the
-        round in progress, as the sites received it (None: not in the model). An upload for
-        another round is refused, or a resend answered OK, whatever its values."""
-        return self.federation.model().get(name)
+        round in progress as the sites received it (decoded, under a lossy download code:
+        `EncodedModel.base`); None: not in the model. An upload for another round is refused, or
+        a resend answered OK, whatever its values."""
+        round_number = self.federation.round_number
+        array = self.federation.model().get(name)
+        return None if array is None else self._encoded.base(round_number, name, array)
 
     def _submit(
         self, caller: str, result: TaskResult

@@ -25,6 +25,7 @@ from foedus.aggregator.digest import new_digest
 from foedus.aggregator.records import Array
 from foedus.aggregator.upload import ReceivedUpload, read_tensors_file, receive_upload
 from foedus.compression.codes import Code
+from foedus.compression.download import round_trip
 from foedus.compression.lossless import compress_chunk, compress_chunks
 from foedus.compression.quantize import (
     bfloat16_decode,
@@ -614,3 +615,27 @@ def test_mangled_coded_uploads_give_results_or_our_refusals(
     assert list(folder.iterdir()) == [received.file.path]
     for tensor in received.tensors:
         assert not tensor.tags & {"lossy_compressed"}
+
+
+def test_under_a_lossy_download_deltas_are_added_to_the_decoded_model(certs: CertsLayout) -> None:
+    """With int8 both ways a site trains on the int8-decoded model, so its delta is taken from
+    that model, and the aggregator adds it back to that same decoded model."""
+    plan = dataclasses.replace(
+        make_plan(certs),
+        compression=CompressionSettings(upload=INT8, download=CodeSettings(Code.INT8)),
+    )
+    federation = make_federation(plan)
+    received = {name: round_trip(Code.INT8, array) for name, array in MODEL.items()}
+    assert not np.array_equal(received["dense/weight"], WEIGHT)  # the download lost a little
+    bob = Identity(certs.collaborator_cert("bob"), certs.collaborator_key("bob"))
+    with running_aggregator(plan, federation) as server:
+        caller = connect(server, certs, bob, "bob")
+        try:
+            tensors = honest(INT8, received)
+            caller.send(chunk_bytes(upload(tensors, caller.header()), 4096))
+        finally:
+            caller.channel.close()
+    (result,) = federation.results()
+    got = {tensor.name: tensor.array for tensor in result.tensors}
+    for name, tensor in zip([*MODEL, "loss"], tensors, strict=True):
+        assert got[name].tobytes() == np.asarray(tensor.expected).tobytes(), name
