@@ -38,12 +38,12 @@ from foedus.pki.layout import CertsLayout
 from foedus.plans.schema import CodeSettings, CompressionSettings
 from foedus.protos import aggregator_pb2
 from foedus.protos.codec import (
-    FLOAT32,
     TensorFrame,
     coded_tensor_frame,
     decode_tensor,
     tensor_field_frame,
 )
+from foedus.protos.dtypes import FLOAT32
 from foedus.protos.results_reader import TENSORS_FIELD
 from foedus.protos.stream import StreamError, chunk_bytes
 from foedus.refusals.errors import InvalidRequestError
@@ -527,7 +527,21 @@ def test_a_bad_coded_upload_is_refused_and_nothing_is_kept(
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("settings", [LOSSLESS, INT8, TOPK], ids=["lossless", "int8", "topk"])
+SERVED = {
+    "none": CodeSettings(),
+    "lossless": LOSSLESS,
+    "bfloat16": BFLOAT16,
+    "int8": INT8,
+    "topk": TOPK,
+}
+
+
+def test_every_refusal_is_sent_to_a_real_aggregator() -> None:
+    """Each row's plan code is one a real aggregator below runs with."""
+    assert {refusal.id for refusal in REFUSALS if refusal.settings not in SERVED.values()} == set()
+
+
+@pytest.mark.parametrize("settings", SERVED.values(), ids=SERVED.keys())
 def test_refusals_through_a_real_aggregator_leave_the_federation_going(
     certs: CertsLayout, settings: CodeSettings
 ) -> None:
