@@ -3,11 +3,13 @@ the residuals kept before the upload leaves, and the frame the aggregator reads.
 
 Each upload here is framed by the client's own `task_results_parts` and parsed back as the
 `TaskResults` an aggregator receives, then decoded with `foedus.compression`'s decoders: what a
-receiver that adds the base back gets is checked against what the site trained.
+receiver that adds the base back gets is checked against what the site trained; one test sends
+it to a real aggregator over mutual TLS, which must hold the same.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import yaml
-from test_collaborator_loop import ScriptedAggregator, Sleeps
+from test_collaborator_loop import ScriptedAggregator, Sleeps, client_for, digits_plan
 
 from foedus.collaborator.cli import main
 from foedus.collaborator.client import OutgoingTensor, Tasks, task_results_parts
@@ -29,18 +31,20 @@ from foedus.collaborator.compressed import (
 from foedus.collaborator.digits import SHAPES, DigitsRunner
 from foedus.collaborator.loop import run_collaborator
 from foedus.compression.codes import Code
+from foedus.compression.download import round_trip
 from foedus.compression.feedback import ResidualStore, read_residuals
 from foedus.compression.lossless import TensorDecompressor
-from foedus.compression.quantize import bfloat16_decode, int8_decode
+from foedus.compression.quantize import bfloat16_decode, int8_decode, int8_encode
 from foedus.compression.topk import topk_decode
+from foedus.pki.layout import CertsLayout
 from foedus.plans import Plan
 from foedus.plans.runners import Array
-from foedus.plans.schema import CodeSettings
+from foedus.plans.schema import CodeSettings, CompressionSettings
 from foedus.privacy.clipping import clipped_model
 from foedus.protos import aggregator_pb2, base_pb2
 from foedus.protos.codec import COMPRESSED_TAG, LOSSY_TAG, coded_layout, decode_tensor
 
-from servers import TASKS, make_plan, plan_document
+from servers import TASKS, make_federation, make_plan, plan_document, running_aggregator
 
 MAX_BYTES = 1 << 30
 LOSSY_CODES = [
@@ -363,3 +367,54 @@ def test_residuals_of_another_model_stop_the_site(tmp_path: Path) -> None:
     model = {"w": np.zeros(4, dtype=np.float32)}
     with pytest.raises(ResidualsError, match=r"residuals-0\.f32: the residual of tensor 'w' has"):
         encoder.encode(1, model, model)
+
+
+def test_a_real_aggregator_gets_the_trained_bits_or_base_plus_decoded(
+    certs: CertsLayout, tmp_path: Path
+) -> None:
+    """Alice's coded train result through a real aggregator over mutual TLS: under lossless the
+    aggregator holds the very bits she trained; under int8 both ways her delta from the decoded
+    download, decoded and added back to that same model, with her residuals on her disk."""
+    initial = DigitsRunner.initial_model(make_plan(None).runner)
+    runs = {
+        "lossless": CompressionSettings(upload=CodeSettings(Code.LOSSLESS)),
+        "int8": CompressionSettings(
+            upload=CodeSettings(Code.INT8), download=CodeSettings(Code.INT8)
+        ),
+    }
+    for label, settings in runs.items():
+        plan = dataclasses.replace(digits_plan(certs), compression=settings)
+        federation = make_federation(plan, initial)
+        store = residual_store(tmp_path / label, settings.upload)
+        encoder = UploadEncoder(settings.upload, store)
+        with (
+            running_aggregator(plan, federation) as server,
+            client_for(plan, server.port) as client,
+        ):
+            run_collaborator(
+                client,
+                digits(plan),
+                plan.runner,
+                sleep=Sleeps(),
+                max_idle_polls=2,
+                upload=encoder,
+            )
+        (train,) = [result for result in federation.results() if result.task_name == "train"]
+        got = {tensor.name: np.asarray(tensor.array) for tensor in train.tensors}
+        received = {
+            name: round_trip(settings.download.code, array) for name, array in initial.items()
+        }
+        trained = digits(plan).train(received, 0).model
+        if label == "lossless":
+            for name in SHAPES:
+                assert got[name].tobytes() == trained[name].tobytes(), name
+            continue
+        assert store is not None
+        residuals = read_residuals(store.path(0), 0)
+        for name in SHAPES:
+            delta = np.subtract(trained[name], received[name], dtype=np.float32)
+            decoded = int8_decode(int8_encode(delta.reshape(-1)), delta.size).reshape(delta.shape)
+            wanted = np.add(received[name], decoded, dtype=np.float32)
+            assert got[name].tobytes() == wanted.tobytes(), name
+            assert got[name].tobytes() != trained[name].tobytes(), name  # int8 lost a little
+            np.testing.assert_array_equal(residuals[name], delta - decoded)
