@@ -12,7 +12,7 @@ Two encodings of each tensor, each made by the first request that needs it:
   which a chunk held in memory gave without it, at the price of holding the whole model once more.
 
 Under the plan's `compression.download` code the streamed chunks carry each tensor in the code
-it travels in (`foedus.compression.download.carried_code`; `GetAggregatedTensor`, OpenFL's,
+it travels in (`foedus.compression.codes.carried_code`; `GetAggregatedTensor`, OpenFL's,
 stays raw): the metadata chunk is the coded tensor's (`foedus.protos.codec.coded_layout` reads
 it) with `data_size` the payload's bytes, and the data chunks the payload in pieces, a lossless
 chunk (1 MiB raw) to a message. The payload is made a piece at a time, read from the state's
@@ -43,8 +43,8 @@ import numpy as np
 
 from foedus.aggregator.mapped import FileRange, copy_range, mapped_range, write_all
 from foedus.aggregator.records import Array
-from foedus.compression.codes import Code
-from foedus.compression.download import LossyEncoder, carried_code, round_trip
+from foedus.compression.codes import Code, carried_code
+from foedus.compression.download import LossyEncoder, round_trip
 from foedus.compression.lossless import chunk_sizes, compress_chunk
 from foedus.compression.quantize import INT8_BLOCK
 from foedus.protos import aggregator_pb2, base_pb2
@@ -110,7 +110,7 @@ class EncodedModel:
         entry = self._entry(round_number, name, array)
         with entry.lock:
             if entry.chunks is None:
-                code = carried_code(self.download, array.dtype)
+                code = carried_code(self.download, array.dtype, np.ndim(array))
                 if code is Code.NONE:
                     entry.chunks = model_chunks(
                         name, array, round_number, self.chunk_bytes, folder=self.folder
@@ -125,7 +125,7 @@ class EncodedModel:
         """What a site decodes of `array`, the global tensor `name` of `round_number`, which the
         delta of its upload is taken from: `round_trip` under a lossy download code, computed
         once and kept for the round (shared: callers never change it); `array` itself else."""
-        if not carried_code(self.download, array.dtype).lossy:
+        if not carried_code(self.download, array.dtype, np.ndim(array)).lossy:
             return array
         entry = self._entry(round_number, name, array)
         with entry.lock:

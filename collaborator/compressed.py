@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from foedus.compression.codes import Code
+from foedus.compression.codes import Code, carried_code
 from foedus.compression.feedback import (
     ResidualsFileError,
     ResidualStore,
@@ -111,8 +111,8 @@ def encode_upload(
                 code, xor_payload(values, reference), values.dtype, values.shape
             )
             continue
-        if not _is_float32(values.dtype):
-            coded[name] = None  # a lossy code codes float32 values; the others travel raw
+        if carried_code(code, values.dtype, values.ndim) is Code.NONE:
+            coded[name] = None  # float32 tensors of 2 dimensions or more; the others raw
             continue
         residual = residuals.get(name)
         payload, left = _lossy(settings, name, values, reference, residual)
@@ -148,11 +148,6 @@ def _raw_bytes(array: Array) -> npt.NDArray[np.uint8]:
     dtype = array.dtype if is_bfloat16(array.dtype) else array.dtype.newbyteorder("<")
     data = np.ascontiguousarray(array, dtype=dtype)
     return np.frombuffer(tensor_bytes(data), dtype=np.uint8)
-
-
-def _is_float32(dtype: np.dtype[np.generic]) -> bool:
-    """Whether values are float32 (in either byte order): what the lossy codes code."""
-    return dtype.kind == "f" and dtype.itemsize == 4
 
 
 # A lossy code's encoder and decoder of a 1-D float32 vector (`count` values), by code.

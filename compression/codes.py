@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import enum
 
+import numpy as np
+
 
 class Code(enum.StrEnum):
     """How a tensor's values travel: as they are, compressed losslessly, or coded with a loss."""
@@ -30,6 +32,23 @@ class Code(enum.StrEnum):
 
 
 LOSSY = frozenset({Code.BFLOAT16, Code.INT8, Code.TOPK})
+# A lossy code carries float32 tensors of this many dimensions or more (weights: a layer's
+# matrix, a convolution's kernels, an embedding); vectors and scalars (biases, a normalisation
+# layer's scales and statistics) travel raw. Their bytes are few, and their values are what
+# coding a delta with a loss breaks first: topk 1% of a batch norm's running variance, with
+# error feedback, took it below zero and the digits CNN's training to NaN.
+LOSSY_MIN_DIMENSIONS = 2
+
+
+def carried_code(code: Code, dtype: np.dtype[np.generic], dimensions: int) -> Code:
+    """The code a tensor of `dtype` and `dimensions` travels in when the plan says `code`:
+    `lossless` any tensor, a lossy code float32 tensors of `LOSSY_MIN_DIMENSIONS` or more;
+    `none` (its raw values) otherwise. Both directions ask this, so both sides agree."""
+    float32 = dtype.kind == "f" and dtype.itemsize == 4
+    if code.lossy and not (float32 and dimensions >= LOSSY_MIN_DIMENSIONS):
+        return Code.NONE
+    return code
+
 
 # `topk`'s own settings: the share of an update's values kept, and how the kept values travel.
 TOPK_MAX_FRACTION = 0.5  # past half the values, the indices cost more than they save

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from foedus.compression.codes import Code
+from foedus.compression.codes import Code, carried_code
 from foedus.compression.quantize import (
     INT8_BLOCK,
     INT8_HEADER_BYTES,
@@ -33,14 +33,6 @@ from foedus.compression.vectors import Float32Array
 Array = npt.NDArray[np.generic]
 # Values encoded at a time by `round_trip`: 4 MiB of float32, a whole number of int8 blocks.
 SLICE_VALUES = 1 << 20
-
-
-def carried_code(code: Code, dtype: np.dtype[np.generic]) -> Code:
-    """The code a global tensor of `dtype` travels in when the plan's download is `code`:
-    `lossless` any dtype, the lossy codes float32 only (the others raw, `none`)."""
-    if code.lossy and (dtype.kind != "f" or dtype.itemsize != 4):
-        return Code.NONE
-    return code
 
 
 class LossyEncoder:
@@ -89,7 +81,7 @@ def round_trip(code: Code, array: Array, *, name: str = "") -> Array:
     """What a site decodes of the global tensor `array` sent in the download `code`: decode
     (encode) for a lossy code on float32 values it can carry (a new array, the same shape),
     `array` itself otherwise (`lossless` and `none` give the same bits back)."""
-    carried = carried_code(code, array.dtype)
+    carried = carried_code(code, array.dtype, array.ndim)
     if not carried.lossy:
         return array
     flat = np.ascontiguousarray(array, dtype=np.float32).reshape(-1)

@@ -4,8 +4,7 @@ global model (`download`), `none` both ways by default.
 Each direction is a code's name (`upload: int8`) or a mapping (`upload: {code: topk, fraction:
 0.01, values: int8}`); `fraction` and `values` belong to `topk`, which only uploads may use (a
 download sends the whole model). What a code cannot do beside the plan's protections is refused
-with them (`foedus.plans.protections.secure_compression`). Until the wire carries the codes
-(issue #24, in progress), `not_on_the_wire_yet` refuses every code but `none`.
+with them (`foedus.plans.protections.secure_compression`, `lossy_download`).
 """
 
 from __future__ import annotations
@@ -27,17 +26,6 @@ def compression(section: Section) -> CompressionSettings:
     )
     section.finish()
     return settings
-
-
-def not_on_the_wire_yet(settings: CompressionSettings) -> list[str]:
-    """Every code but `none`, refused until the wire carries them (issue #24's next step
-    deletes this): a plan must not promise fewer bytes that nothing sends."""
-    return [
-        f"compression.{direction}: {chosen.code} is not carried on the wire yet "
-        "(issue #24, in progress)"
-        for direction, chosen in (("upload", settings.upload), ("download", settings.download))
-        if chosen.code is not Code.NONE
-    ]
 
 
 def _direction(parent: Section, key: str) -> CodeSettings:

@@ -18,7 +18,7 @@ from typing import TypeVar
 from foedus.pki.errors import PkiError
 from foedus.pki.layout import CertsLayout
 from foedus.pki.requests import normalise_fingerprint, validate_host
-from foedus.plans.compression import compression, not_on_the_wire_yet
+from foedus.plans.compression import compression
 from foedus.plans.protections import (
     differential_privacy,
     lossy_download,
@@ -128,12 +128,9 @@ def parse_plan(data: object, plan_path: Path) -> Plan:
     privacy = differential_privacy(root.section("differential_privacy"), known)
     secure = secure_aggregation(root.section("secure_aggregation"), known, privacy)
     problems.extend(site_caps(runner.settings))
-    before = len(problems)
     codes = compression(root.section("compression"))
     problems.extend(secure_compression(codes, secure))
     problems.extend(lossy_download(codes, privacy, secure))
-    if len(problems) == before:  # else those problems say what to change
-        problems.extend(not_on_the_wire_yet(codes))
     offline_after = straggler.offline_after_seconds
     if offline_after is not None and offline_after < 2 * connection.heartbeat_seconds:
         problems.append(

@@ -14,7 +14,7 @@ import yaml
 from foedus.aggregator.cli import main
 from foedus.compression.codes import LOSSY, Code
 from foedus.plans import parse_plan
-from foedus.plans.compression import compression, not_on_the_wire_yet
+from foedus.plans.compression import compression
 from foedus.plans.protections import secure_compression
 from foedus.plans.reader import Section
 from foedus.plans.schema import CodeSettings, CompressionSettings, SecureAggregationSettings
@@ -180,27 +180,23 @@ def test_secure_aggregation_lets_a_download_use_any_code_fit_for_one(code: Code)
         ("differential_privacy.noise_multiplier", 1.0),
         ("compression.upload", "int8"),
     )
-    assert _problems(private) == [
-        "compression.upload: int8 is not carried on the wire yet (issue #24, in progress)"
-    ]
+    assert parse_plan(private, PLAN_PATH).compression.upload == CodeSettings(Code.INT8)
 
 
-def test_every_code_but_none_is_refused_until_the_wire_carries_it() -> None:
-    """A plan that chooses a code in either direction is refused, one line a direction, and
-    only once its section is otherwise right (its own problems say what to change first)."""
+def test_a_code_in_each_direction_is_taken_and_topk_is_for_uploads_only() -> None:
+    """A plan that chooses a code in each direction loads; topk for a download is refused."""
     document = _with(
         _document(),
         ("compression.upload", {"code": "topk", "fraction": 0.01, "values": "int8"}),
         ("compression.download", "lossless"),
     )
-    assert _problems(document) == [
-        "compression.upload: topk is not carried on the wire yet (issue #24, in progress)",
-        "compression.download: lossless is not carried on the wire yet (issue #24, in progress)",
-    ]
+    assert parse_plan(document, PLAN_PATH).compression == CompressionSettings(
+        upload=CodeSettings(Code.TOPK, fraction=0.01, values="int8"),
+        download=CodeSettings(Code.LOSSLESS),
+    )
     assert _problems(_with(_document(), ("compression.download", "topk"))) == [
         "compression.download: topk is for uploads only (a download sends the whole model)"
     ]
-    assert not_on_the_wire_yet(CompressionSettings()) == []
 
 
 def test_aggregator_start_stops_on_a_compression_it_cannot_carry(
@@ -211,7 +207,7 @@ def test_aggregator_start_stops_on_a_compression_it_cannot_carry(
     document: dict[str, Any] = plan_document(
         None,
         aggregator={"output_dir": str(tmp_path / "out")},
-        compression={"upload": "int8"},
+        compression={"download": "topk"},
     )
     plan = tmp_path / "plan.yaml"
     plan.write_text(yaml.safe_dump(document), encoding="utf-8")
@@ -219,6 +215,6 @@ def test_aggregator_start_stops_on_a_compression_it_cannot_carry(
     out, err = capsys.readouterr()
     assert (code, out) == (2, "")
     assert err.splitlines() == [
-        f"{plan}: compression.upload: int8 is not carried on the wire yet (issue #24, in progress)"
+        f"{plan}: compression.download: topk is for uploads only (a download sends the whole model)"
     ]
     assert not (tmp_path / "out").exists()

@@ -23,8 +23,8 @@ from foedus.aggregator.encoded_model import EncodedModel, coded_model_chunks, mo
 from foedus.aggregator.records import Array
 from foedus.collaborator.client import AggregatorGRPCClient
 from foedus.collaborator.errors import ResponseValidationError
-from foedus.compression.codes import Code
-from foedus.compression.download import SLICE_VALUES, LossyEncoder, carried_code, round_trip
+from foedus.compression.codes import LOSSY_MIN_DIMENSIONS, Code, carried_code
+from foedus.compression.download import SLICE_VALUES, LossyEncoder, round_trip
 from foedus.compression.lossless import chunk_sizes, decompress_chunk
 from foedus.compression.quantize import (
     INT8_BLOCK,
@@ -123,12 +123,15 @@ def test_round_trip_is_what_decoding_the_whole_payload_gives() -> None:
     assert round_trip(Code.INT8, steps) is steps
     diverged = np.array([1.0, np.nan], dtype=np.float32)
     assert round_trip(Code.INT8, diverged) is diverged
-    assert [carried_code(Code.INT8, np.dtype(t)) for t in ("<f4", "<f8", "<i8")] == [
+    assert [carried_code(Code.INT8, np.dtype(t), 2) for t in ("<f4", "<f8", "<i8")] == [
         Code.INT8,
         Code.NONE,
         Code.NONE,
     ]
-    assert carried_code(Code.LOSSLESS, np.dtype("<i8")) is Code.LOSSLESS
+    assert carried_code(Code.LOSSLESS, np.dtype("<i8"), 1) is Code.LOSSLESS
+    vector = LOSSY_MIN_DIMENSIONS - 1  # a bias, a normalisation layer's statistics: raw
+    assert carried_code(Code.INT8, np.dtype("<f4"), vector) is Code.NONE
+    assert carried_code(Code.LOSSLESS, np.dtype("<f4"), vector) is Code.LOSSLESS
 
 
 @pytest.mark.parametrize("code", DOWNLOAD_CODES)
@@ -212,7 +215,9 @@ def test_the_client_downloads_the_model_in_each_code(certs: CertsLayout, code: C
             encoded = server.servicer._encoded
             assert encoded.base(0, name, served).tobytes() == expected.tobytes()
             meta = aggregator_pb2.ModelChunk.FromString(next(iter(encoded.chunks(0, name, served))))
-            assert (meta.tensor.foedus_code or "none") == carried_code(code, array.dtype)
+            assert (meta.tensor.foedus_code or "none") == carried_code(
+                code, array.dtype, array.ndim
+            )
         raw = client.get_aggregated_tensor("dense/weight", 0)
         assert raw.tobytes() == model["dense/weight"].tobytes()
     if code.lossy:
