@@ -1,7 +1,9 @@
 """One site of the wide-area round: the real collaborator loop in a process of its own.
 
 Usage: ``python wan_site.py --plan PLAN --name NAME --address HOST --port PORT``, run inside the
-site's network namespace. It imports and builds everything, prints ``ready``, waits for a line
+site's network namespace, with the plan's runner (the no-op runner, or the real model's
+`wan_torch.py` under `.venv-torch`'s interpreter). It imports and builds everything (the
+runner's data and module too), prints ``ready``, waits for a line
 on stdin (the start, so no site's start-up is timed), runs the loop until the aggregator says
 quit, and prints ``marks JSON``: for each round, when its download and upload began and ended
 (`time.perf_counter`, the same clock as the benchmark's on Linux).
@@ -19,10 +21,7 @@ from typing import Any
 from foedus.collaborator.client import AggregatorGRPCClient, OutgoingTensor
 from foedus.collaborator.loop import run_collaborator
 from foedus.plans import load_plan
-
-# isort: split
-# The benchmark's own modules, beside this file.
-import noop_runner
+from foedus.plans.runners import load_runner
 
 
 class MarkingClient(AggregatorGRPCClient):
@@ -63,10 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     client = MarkingClient.from_plan(
         plan, args.name, aggregator_address=args.address, aggregator_port=args.port
     )
-    runner = noop_runner.NoopRunner(
-        plan.runner, collaborator=args.name, collaborators=plan.collaborators
-    )
-    noop_runner.NoopRunner.initial_model(plan.runner)  # built before the start, not in the round
+    factory = load_runner(plan.runner)
+    runner = factory(plan.runner, collaborator=args.name, collaborators=plan.collaborators)
+    factory.initial_model(plan.runner)  # the no-op runner's: built before the start, and kept
     print("ready", flush=True)
     sys.stdin.readline()
     try:
