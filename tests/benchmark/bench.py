@@ -1095,6 +1095,8 @@ def benchmark(run: Run) -> None:
         count = max(*secure_sites, 2)
     elif args.only == "dp":
         count = max(args.round_collaborators, 2)
+    elif args.only == "wan":
+        count = wan.SITES
     names = collaborator_names(count)
     # Each collaborator thread holds a connection of its own, as the aggregator holds one each.
     raise_open_file_limit(files_needed(count))

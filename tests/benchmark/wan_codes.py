@@ -38,7 +38,7 @@ from foedus.plans.schema import RunnerSettings
 # isort: split
 # The benchmark's own modules, beside this file.
 import wan
-from harness import HERE, REPO, Run, limits_for, say, write_plan
+from harness import HERE, REPO, BenchmarkError, Run, limits_for, say, write_plan
 from wan_model import FLOAT32_BYTES, MIB, parameter_bytes, width_for
 
 RUNNER: Final = "wan_torch:WideDigitsRunner"  # found through the PYTHONPATH of `torch_env`
@@ -120,6 +120,13 @@ class RealModel:
         return RunnerSettings(RUNNER, 0, settings)
 
 
+def _last_lines(text: str, count: int = 3) -> str:
+    """The first line of an error and its last `count` (a site's stderr tail ends in the cause)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    shown = lines[:1] + lines[max(1, len(lines) - count) :]
+    return " | ".join(shown)
+
+
 def figures(code: str, outcome: wan.WanOutcome, floor: float) -> dict[str, Any]:
     """One code's run as `bench.json`'s `wan_<code>_*` keys; the steady rounds' means."""
     first, *later = outcome.round_seconds
@@ -191,6 +198,9 @@ def measure_phase(run: Run, names: Sequence[str]) -> None:
         except wan.LinksUnavailableError as error:
             run.note(f"wide-area round with {code} skipped: {str(error).splitlines()[0]}")
             return
+        except BenchmarkError as error:  # the next code may run: its note says what failed
+            run.note(f"wide-area round with {code} failed: {_last_lines(str(error))}")
+            continue
         run.results.update(figures(code, outcome, floor))
         say(
             f"wide-area round with {code}: {len(sites)} sites training a "

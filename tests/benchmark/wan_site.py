@@ -20,6 +20,7 @@ from typing import Any
 
 from foedus.collaborator.client import AggregatorGRPCClient, OutgoingTensor
 from foedus.collaborator.loop import run_collaborator
+from foedus.compression.codes import Code
 from foedus.plans import load_plan
 from foedus.plans.runners import load_runner
 
@@ -59,6 +60,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
     plan = load_plan(args.plan)
+    if plan.compression.upload.code is not Code.NONE:
+        # Said at once, not measured wrong: the loop below would send the updates raw.
+        parser.exit(
+            2,
+            f"wan_site.py: {args.plan}: compression.upload: {plan.compression.upload.code}: "
+            "this site cannot code its updates yet; give run_collaborator the collaborator's "
+            "upload encoder here (issue #24)\n",
+        )
     client = MarkingClient.from_plan(
         plan, args.name, aggregator_address=args.address, aggregator_port=args.port
     )
