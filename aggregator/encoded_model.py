@@ -10,27 +10,60 @@ Two encodings of each tensor, each made by the first request that needs it:
   (`foedus.aggregator.mapped`), so its pages never count in the aggregator's memory either. Reading
   a 2 MiB chunk back costs one `pread` per request: what gRPC needs is a `bytes` object per message,
   which a chunk held in memory gave without it, at the price of holding the whole model once more.
+
+Under the plan's `compression.download` code the streamed chunks carry each tensor in the code
+it travels in (`foedus.compression.download.carried_code`; `GetAggregatedTensor`, OpenFL's,
+stays raw): the metadata chunk is the coded tensor's (`foedus.protos.codec.coded_layout` reads
+it) with `data_size` the payload's bytes, and the data chunks the payload in pieces, a lossless
+chunk (1 MiB raw) to a message. The payload is made a piece at a time, read from the state's
+model file where the tensor is mapped from one, and spooled as it is made; what must come first
+but is known last (the metadata's `data_size`, int8's scales) is written last and put first in
+the spool's order. So encoding a tensor of any size holds a few MB (and int8's scales, 1/256 of
+the tensor's bytes, until they are spooled).
+
+Under a lossy download code a site trains on the decoded model, so the base its upload delta is
+taken from is `round_trip` of the global model, not the model: `EncodedModel.base` computes it
+once a round per tensor and keeps it, a float32 copy of each float32 tensor the round long (the
+model's float32 bytes once more, in memory); other codes' base is the global tensor itself.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
+import numpy as np
+
 from foedus.aggregator.mapped import FileRange, copy_range, mapped_range, write_all
 from foedus.aggregator.records import Array
+from foedus.compression.codes import Code
+from foedus.compression.download import LossyEncoder, carried_code, round_trip
+from foedus.compression.lossless import chunk_sizes, compress_chunk
+from foedus.compression.quantize import INT8_BLOCK
 from foedus.protos import aggregator_pb2, base_pb2
-from foedus.protos.codec import encode_tensor, encode_tensor_meta_into, tensor_bytes
+from foedus.protos.codec import (
+    coded_tensor_frame,
+    encode_tensor,
+    encode_tensor_meta_into,
+    tensor_bytes,
+)
 from foedus.protos.stream import CHUNK_BYTES, field_prefix
 from foedus.refusals.errors import StorageError
 
+logger = logging.getLogger(__name__)
+
 MODEL_TAGS: Final = ("aggregated", "model")
 _CHUNK_DATA_FIELD: Final = aggregator_pb2.ModelChunk.DATA_FIELD_NUMBER
+_CHUNK_TENSOR_FIELD: Final = aggregator_pb2.ModelChunk.TENSOR_FIELD_NUMBER
+# The bytes a value takes in the body of a lossy payload.
+_BODY_BYTES: Final = {Code.BFLOAT16: 2, Code.INT8: 1}
 
 
 class EncodedModel:
@@ -43,10 +76,18 @@ class EncodedModel:
     collaborators ask for the same tensors as a round starts); other tensors do not wait.
     """
 
-    def __init__(self, *, chunk_bytes: int = CHUNK_BYTES, folder: Path | None = None) -> None:
-        """Chunks carry at most `chunk_bytes` of data each and are spooled in `folder`."""
+    def __init__(
+        self,
+        *,
+        chunk_bytes: int = CHUNK_BYTES,
+        folder: Path | None = None,
+        download: Code = Code.NONE,
+    ) -> None:
+        """Chunks carry at most `chunk_bytes` of data each, the tensors in the plan's `download`
+        code, and are spooled in `folder`."""
         self.chunk_bytes = chunk_bytes
         self.folder = folder
+        self.download = download
         self._lock = threading.Lock()
         self._round: int | None = None
         self._entries: dict[str, _Encoding] = {}
@@ -69,10 +110,29 @@ class EncodedModel:
         entry = self._entry(round_number, name, array)
         with entry.lock:
             if entry.chunks is None:
-                entry.chunks = model_chunks(
-                    name, array, round_number, self.chunk_bytes, folder=self.folder
-                )
+                code = carried_code(self.download, array.dtype)
+                if code is Code.NONE:
+                    entry.chunks = model_chunks(
+                        name, array, round_number, self.chunk_bytes, folder=self.folder
+                    )
+                else:
+                    entry.chunks = coded_model_chunks(
+                        name, array, round_number, code, self.chunk_bytes, folder=self.folder
+                    )
             return entry.chunks
+
+    def base(self, round_number: int, name: str, array: Array) -> Array:
+        """What a site decodes of `array`, the global tensor `name` of `round_number`, which the
+        delta of its upload is taken from: `round_trip` under a lossy download code, computed
+        once and kept for the round (shared: callers never change it); `array` itself else."""
+        if not carried_code(self.download, array.dtype).lossy:
+            return array
+        entry = self._entry(round_number, name, array)
+        with entry.lock:
+            if entry.base is None:
+                entry.base = round_trip(self.download, array, name=name)
+                entry.base.flags.writeable = False
+            return entry.base
 
     def _entry(self, round_number: int, name: str, array: Array) -> _Encoding:
         with self._lock:
@@ -95,6 +155,7 @@ class _Encoding:
         self.lock = threading.Lock()
         self.tensor: base_pb2.NamedTensor | None = None
         self.chunks: SpooledChunks | None = None
+        self.base: Array | None = None
 
 
 def model_chunks(
@@ -131,6 +192,122 @@ def model_chunks(
     return spool
 
 
+def coded_model_chunks(
+    name: str,
+    array: Array,
+    round_number: int,
+    code: Code,
+    chunk_bytes: int = CHUNK_BYTES,
+    *,
+    folder: Path | None = None,
+) -> SpooledChunks:
+    """One tensor as the serialized `ModelChunk`s of its payload in `code` (see the module):
+    its coded metadata and the payload's size, then the payload in pieces. A tensor the lossy
+    code cannot carry (a NaN, an infinity, a value past its range) goes raw (`model_chunks`)."""
+    data = encode_tensor_meta_into(base_pb2.NamedTensor(), name, array)  # little-endian, C order
+    spool = SpooledChunks(folder)
+    with _raw_reader(array, data) as read:
+        if code is Code.LOSSLESS:
+            size = _spool_lossless(spool, data, read, chunk_bytes)
+        else:
+            try:
+                encoder = LossyEncoder(code, name=name)
+                size = _spool_lossy(spool, encoder, data.size, read, chunk_bytes)
+            except ValueError as error:  # a value the code cannot carry: send the values
+                logger.warning(
+                    "tensor %r of round %d travels raw, not %s: %s", name, round_number, code, error
+                )
+                return model_chunks(name, array, round_number, chunk_bytes, folder=folder)
+    # The metadata `coded_tensor_frame` writes, as the chunk's tensor field (no payload in it).
+    frame = coded_tensor_frame(
+        _CHUNK_TENSOR_FIELD,
+        name,
+        b"",
+        dtype=data.dtype,
+        shape=data.shape,
+        code=code,
+        delta=False,
+        round_number=round_number,
+        tags=MODEL_TAGS,
+    )
+    meta = aggregator_pb2.ModelChunk.FromString(frame.head + frame.tail)
+    meta.data_size = size
+    spool.insert(0, meta.SerializeToString())
+    return spool
+
+
+def _spool_lossless(
+    spool: SpooledChunks,
+    data: Array,
+    read: Callable[[int, int], bytes | memoryview],
+    chunk_bytes: int,
+) -> int:
+    """The tensor's lossless chunks, each in data messages of its own; their bytes."""
+    itemsize, start, size = data.dtype.itemsize, 0, 0
+    for raw in chunk_sizes(data.nbytes, itemsize):
+        frame = compress_chunk(read(start, raw), itemsize)
+        _append_data(spool, frame, chunk_bytes)
+        start += raw
+        size += len(frame)
+    return size
+
+
+def _spool_lossy(
+    spool: SpooledChunks,
+    encoder: LossyEncoder,
+    count: int,
+    read: Callable[[int, int], bytes | memoryview],
+    chunk_bytes: int,
+) -> int:
+    """A float32 tensor's bfloat16 or int8 payload: the body a slice at a time (a data message
+    a slice), then the head (int8's scales) put before it; the payload's bytes."""
+    step = max(1, chunk_bytes // _BODY_BYTES[encoder.code] // INT8_BLOCK) * INT8_BLOCK
+    size = 0
+    for start in range(0, count, step):
+        values = np.frombuffer(read(4 * start, 4 * min(step, count - start)), dtype=np.float32)
+        size += _append_data(spool, encoder.encode(values), chunk_bytes)
+    head = encoder.head()
+    pieces = range(0, len(head), chunk_bytes)
+    for index, start in enumerate(pieces):
+        piece = head[start : start + chunk_bytes]
+        spool.insert(index, field_prefix(_CHUNK_DATA_FIELD, len(piece)), piece)
+    return size + len(head)
+
+
+def _append_data(spool: SpooledChunks, payload: bytes, chunk_bytes: int) -> int:
+    """`payload` as data messages of at most `chunk_bytes` each; its bytes."""
+    view = memoryview(payload)
+    for start in range(0, len(view), chunk_bytes):
+        piece = view[start : start + chunk_bytes]
+        spool.append(field_prefix(_CHUNK_DATA_FIELD, len(piece)), piece)
+    return len(view)
+
+
+@contextmanager
+def _raw_reader(array: Array, data: Array) -> Iterator[Callable[[int, int], bytes | memoryview]]:
+    """`read(start, size)`: bytes of `data` (`array` encoded), read from the file `array` is
+    mapped from where it is one (its pages then never count in the aggregator's memory)."""
+    with mapped_range(array, data) as source:
+        if source is None:
+            memory = tensor_bytes(data) if data.nbytes else memoryview(b"")
+            yield lambda start, size: memory[start : start + size]
+        else:
+            yield lambda start, size: _read_range(
+                FileRange(source.descriptor, source.offset + start, size)
+            )
+
+
+def _read_range(source: FileRange) -> bytes:
+    """The bytes of `source`, all of them."""
+    try:
+        data = os.pread(source.descriptor, source.size, source.offset)
+    except OSError as error:
+        raise StorageError(f"cannot read the model: {error.strerror or error}") from None
+    if len(data) != source.size:
+        raise StorageError("the model's file is shorter than its tensors")
+    return data
+
+
 class SpooledChunks:
     """Serialized messages in a file that has no name, read back anew by each iteration.
 
@@ -162,6 +339,15 @@ class SpooledChunks:
 
     def append(self, *parts: bytes | memoryview | FileRange) -> None:
         """Add one message made of `parts`, in order."""
+        self._messages.append(self._write(parts))
+
+    def insert(self, index: int, *parts: bytes | memoryview | FileRange) -> None:
+        """Add one message made of `parts`, read back at `index` in the messages' order
+        (written at the file's end as every message: what is known last can come first)."""
+        self._messages.insert(index, self._write(parts))
+
+    def _write(self, parts: tuple[bytes | memoryview | FileRange, ...]) -> tuple[int, int]:
+        """Write `parts` at the file's end; where they are, (offset, size)."""
         start = self._size
         try:
             for part in parts:
@@ -172,7 +358,7 @@ class SpooledChunks:
                     self._size += write_all(self._descriptor, part)
         except OSError as error:
             raise StorageError(f"cannot spool the model: {error.strerror or error}") from None
-        self._messages.append((start, self._size - start))
+        return start, self._size - start
 
     def __len__(self) -> int:
         return len(self._messages)

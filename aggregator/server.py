@@ -183,6 +183,7 @@ class AggregatorGRPCServer(Serving):
             upload_folder=uploads,
             metrics=self.metrics,
             observers=(self.health,),
+            compression=plan.compression,
         )
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aggregator-rpc"),

@@ -44,6 +44,7 @@ from foedus.aggregator.records import DELTA_TAG, Assignment, TaskResult
 from foedus.aggregator.status import RefusalObserver, refusals_as_status, stream_refusals_as_status
 from foedus.aggregator.upload import receive_upload
 from foedus.plans import Limits
+from foedus.plans.schema import CompressionSettings
 from foedus.protos import aggregator_pb2, aggregator_pb2_grpc
 from foedus.protos.results_reader import Head
 from foedus.protos.stream import (
@@ -79,8 +80,11 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
         upload_folder: Path | None = None,
         metrics: Metrics | None = None,
         observers: Sequence[RefusalObserver] = (),
+        compression: CompressionSettings | None = None,
     ) -> None:
         self.federation = federation
+        # The plan's codes: the streamed model goes in `download`'s (`EncodedModel`).
+        self.compression = compression or CompressionSettings()
         # Counts accepted results and the bytes moved; told of refusals with the `observers`.
         self.metrics = metrics
         self.observers: tuple[RefusalObserver, ...] = (
@@ -102,6 +106,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
         self._encoded = EncodedModel(
             chunk_bytes=min(CHUNK_BYTES, limits.max_message_bytes - CHUNK_FRAMING_BYTES),
             folder=self.upload_folder,
+            download=self.compression.download.code,
         )
 
     def stop_long_polls(self) -> None:
@@ -193,7 +198,8 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
 
         Answers with serialized `ModelChunk` messages (see
         `foedus.aggregator.server.method_handlers`): each tensor's chunks are encoded once per round
-        and the same bytes go to every collaborator (`foedus.aggregator.encoded_model`).
+        and the same bytes go to every collaborator (`foedus.aggregator.encoded_model`), in the
+        plan's `compression.download` code (`GetAggregatedTensor`, OpenFL's, stays raw).
         """
         with self._authenticated(context, request.header) as caller:
             round_number = request.round_number

@@ -35,6 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from foedus.collaborator.connection import AggregatorConnection
+from foedus.collaborator.decoding import Decoding, filling
 from foedus.collaborator.errors import (
     AggregatorUnavailableError,
     ClientConfigurationError,
@@ -51,7 +52,6 @@ from foedus.protos.codec import (
     TensorFormatError,
     all_finite,
     decode_tensor,
-    empty_tensor,
     tensor_field_frame,
 )
 from foedus.protos.stream import UPLOAD_BYTES_METADATA, framed_chunks
@@ -284,11 +284,12 @@ class AggregatorGRPCClient(AggregatorConnection):
     ) -> dict[str, npt.NDArray[np.generic]]:
         """The tensors a `GetAggregatedModel` stream carries, each checked before it is filled.
 
-        A data chunk may come as a view of its data (`foedus.protos.stream.parse_model_chunk`).
+        A data chunk may come as a view of its data (`foedus.protos.stream.parse_model_chunk`); a
+        tensor in the plan's download code is decoded as it arrives (`foedus.collaborator.decoding`).
         """
         model: dict[str, npt.NDArray[np.generic]] = {}
         wanted = set(names)
-        current: Filling | None = None
+        current: Filling | Decoding | None = None
         index = -1
         for index, chunk in enumerate(chunks):
             if isinstance(chunk, memoryview):
@@ -319,7 +320,7 @@ class AggregatorGRPCClient(AggregatorConnection):
             )
         return model
 
-    def _finite(self, filled: Filling) -> npt.NDArray[np.generic]:
+    def _finite(self, filled: Filling | Decoding) -> npt.NDArray[np.generic]:
         array = filled.done()
         self._check_finite(filled.name, array)
         return array
@@ -330,7 +331,7 @@ class AggregatorGRPCClient(AggregatorConnection):
         wanted: set[str],
         model: Mapping[str, npt.NDArray[np.generic]],
         round_number: int,
-    ) -> Filling:
+    ) -> Filling | Decoding:
         meta = chunk.tensor
         name = meta.name
         if (wanted and name not in wanted) or name in model:
@@ -342,11 +343,7 @@ class AggregatorGRPCClient(AggregatorConnection):
                 f"asked the aggregator for {name!r} of round {round_number}, got round "
                 f"{meta.round_number}"
             )
-        try:
-            array = empty_tensor(meta, chunk.data_size, max_bytes=self.settings.max_tensor_bytes)
-        except TensorFormatError as error:
-            raise ResponseValidationError(f"the aggregator sent a bad tensor: {error}") from None
-        return Filling(name, array)
+        return filling(meta, chunk.data_size, max_bytes=self.settings.max_tensor_bytes)
 
     def send_local_task_results(
         self, round_number: int, task_name: str, data_size: int, tensors: Sequence[OutgoingTensor]

@@ -21,6 +21,7 @@ from foedus.pki.requests import normalise_fingerprint, validate_host
 from foedus.plans.compression import compression, not_on_the_wire_yet
 from foedus.plans.protections import (
     differential_privacy,
+    lossy_download,
     secure_aggregation,
     secure_compression,
     site_caps,
@@ -130,6 +131,7 @@ def parse_plan(data: object, plan_path: Path) -> Plan:
     before = len(problems)
     codes = compression(root.section("compression"))
     problems.extend(secure_compression(codes, secure))
+    problems.extend(lossy_download(codes, privacy, secure))
     if len(problems) == before:  # else those problems say what to change
         problems.extend(not_on_the_wire_yet(codes))
     offline_after = straggler.offline_after_seconds

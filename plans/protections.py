@@ -1,12 +1,13 @@
 """The plan's privacy protections: `secure_aggregation` and `differential_privacy`, the site
-caps a plan may not set, and the compression codes secure aggregation rules out.
+caps a plan may not set, and the compression codes secure aggregation (or, downloads,
+differential privacy) rules out.
 
 The two sections are read together, as they meet: with both on, every site weighs 1 and the
 ring's clip holds a clipped delta plus the site's noise share (`_noised_ring`); adaptive clipping
 is refused beside secure aggregation. `foedus.plans.loader` calls `differential_privacy`, then
 `secure_aggregation` with its result, `site_caps` on the runner's settings, and
-`secure_compression` on the `compression` section; each problem is one line naming its key, as
-every section's.
+`secure_compression` and `lossy_download` on the `compression` section; each problem is one line
+naming its key, as every section's.
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ def secure_compression(
     compression: CompressionSettings, secure: SecureAggregationSettings
 ) -> list[str]:
     """An upload code under secure aggregation: refused, every one but `none`. The download is
-    the unmasked model, which any code fit for a download may carry; with differential privacy
-    every code is allowed (the site clips, then encodes; the aggregator clips the decoded
-    update again)."""
+    the unmasked model, which `lossless` may carry (a lossy code not yet: `lossy_download`);
+    with differential privacy every upload code is allowed (the site clips, then encodes; the
+    aggregator clips the decoded update again)."""
     upload = compression.upload.code
     if not secure.enabled or upload is Code.NONE:
         return []
@@ -58,6 +59,32 @@ def secure_compression(
         "uniform in the ring and do not compress, and a lossy code would break the masks; leave "
         "it none (secure_aggregation.bits is secure aggregation's own quantize-then-mask: 16 "
         "bits halves the upload)"
+    ]
+
+
+def lossy_download(
+    compression: CompressionSettings,
+    privacy: DifferentialPrivacySettings,
+    secure: SecureAggregationSettings,
+) -> list[str]:
+    """A lossy download code beside differential privacy or secure aggregation: refused, not
+    yet (the sites train on the decoded model, while the aggregator clips and unmasks against
+    the global model)."""
+    download = compression.download.code
+    beside = [
+        key
+        for key, enabled in (
+            ("differential_privacy.enabled", privacy.enabled),
+            ("secure_aggregation.enabled", secure.enabled),
+        )
+        if enabled
+    ]
+    if not download.lossy or not beside:
+        return []
+    return [
+        f"compression.download: {download} with {' and '.join(beside)} is not possible yet: "
+        "their clipping and masks are computed against the global model, and the sites would "
+        "train on the decoded one; choose lossless or none"
     ]
 
 

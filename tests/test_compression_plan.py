@@ -165,8 +165,9 @@ def test_secure_aggregation_refuses_every_upload_code(code: Code) -> None:
 
 @pytest.mark.parametrize("code", [code for code in Code if code.for_download])
 def test_secure_aggregation_lets_a_download_use_any_code_fit_for_one(code: Code) -> None:
-    """The download is the unmasked model: secure aggregation leaves its code alone, as it
-    leaves every code alone when it is off; differential privacy allows every code."""
+    """The download is the unmasked model: `secure_compression` leaves its code alone (a lossy
+    one is refused by `lossy_download`, test_download_codes.py), as it leaves every code alone
+    when it is off; differential privacy allows every upload code."""
     secure = SecureAggregationSettings(enabled=True)
     assert secure_compression(CompressionSettings(download=CodeSettings(code)), secure) == []
     for upload in Code:

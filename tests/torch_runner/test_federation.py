@@ -42,10 +42,15 @@ SCORING_MARKER = (
 
 
 def run(
-    folder: Path, certs: CertsLayout, rounds: int, runner: dict[str, object]
+    folder: Path,
+    certs: CertsLayout,
+    rounds: int,
+    runner: dict[str, object],
+    **sections: dict[str, object],
 ) -> FederationProcesses:
-    """An aggregator and three collaborators of `runner` run to the end; exit codes checked."""
-    plan = write_plan(folder, certs, rounds, runner=runner)
+    """An aggregator and three collaborators of `runner` run to the end, the plan's other
+    `sections` merged in (`write_plan`); exit codes checked."""
+    plan = write_plan(folder, certs, rounds, runner=runner, **sections)
     federation = FederationProcesses(plan, folder)
     try:
         federation.start("aggregator", env=ENVIRONMENT)
