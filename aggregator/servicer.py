@@ -40,7 +40,7 @@ from foedus.aggregator.encoded_model import EncodedModel
 from foedus.aggregator.federation import Federation
 from foedus.aggregator.identity import Gatekeeper, Header
 from foedus.aggregator.metrics import Metrics
-from foedus.aggregator.records import DELTA_TAG, Assignment, TaskResult
+from foedus.aggregator.records import DELTA_TAG, Array, Assignment, TaskResult
 from foedus.aggregator.status import RefusalObserver, refusals_as_status, stream_refusals_as_status
 from foedus.aggregator.upload import receive_upload
 from foedus.plans import Limits
@@ -83,7 +83,8 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
         compression: CompressionSettings | None = None,
     ) -> None:
         self.federation = federation
-        # The plan's codes: the streamed model goes in `download`'s (`EncodedModel`).
+        # The plan's codes: the streamed model goes in `download`'s (`EncodedModel`); uploads may
+        # come coded in `upload`'s (deltas, made raw as they are received: `aggregator.transcode`).
         self.compression = compression or CompressionSettings()
         # Counts accepted results and the bytes moved; told of refusals with the `observers`.
         self.metrics = metrics
@@ -252,6 +253,8 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
                 model_dtype=self.federation.model_dtype,
                 max_tensor_bytes=self.limits.max_tensor_bytes,
                 expected_bytes=declared,
+                base=self._round_base,
+                upload_code=self.compression.upload,
             )
             try:
                 head = received.head
@@ -267,6 +270,15 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
             finally:
                 # Moved into the store if accepted; refused, or a resend: not kept.
                 received.file.path.unlink(missing_ok=True)
+
+    def _round_base(self, name: str) -> Array | None:
+        """What a coded upload's tensor `name` is a delta from: the global model's tensor of the
+        round in progress as the sites received it (decoded, under a lossy download code:
+        `EncodedModel.base`); None: not in the model. An upload for another round is refused, or
+        a resend answered OK, whatever its values."""
+        round_number = self.federation.round_number
+        array = self.federation.model().get(name)
+        return None if array is None else self._encoded.base(round_number, name, array)
 
     def _submit(
         self, caller: str, result: TaskResult

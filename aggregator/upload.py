@@ -11,6 +11,10 @@ byte), while `foedus.protos.results_reader.ResultsReader` follows the message's 
 * each model tensor's values are checked for NaN and infinities as they pass (in the dtype of
   the global model's tensor of that name; a tensor of another dtype is refused later anyway);
   other tensors (metrics) are small and kept in memory, up to `MAX_SMALL_TENSOR_BYTES`;
+* a tensor coded in the plan's `compression.upload` code (its code comes after its data) is
+  checked as it ends, and once the whole upload is in, `foedus.aggregator.transcode` writes the
+  raw `TaskResults` it stands for (deltas decoded and added back to the round's global model)
+  into a new file, which replaces the spool: everything after sees a raw upload;
 * at the end every tensor's metadata is checked as `foedus.protos.codec.decode_tensor` checks it, and
   the model tensors become read-only arrays mapped from the file: no copy of the data is made.
 
@@ -34,8 +38,16 @@ import numpy as np
 
 from foedus.aggregator.digest import new_digest
 from foedus.aggregator.records import Array, ResultTensor, UploadFile
+from foedus.aggregator.transcode import Base, Placed, Spooled, check_coded, no_base, transcode
+from foedus.plans.schema import CodeSettings
 from foedus.protos import base_pb2
-from foedus.protos.codec import TensorFormatError, TensorTooLargeError, all_finite, tensor_layout
+from foedus.protos.codec import (
+    CodedLayout,
+    TensorFormatError,
+    TensorTooLargeError,
+    all_finite,
+    tensor_layout,
+)
 from foedus.protos.dtypes import is_float
 from foedus.protos.results_reader import (
     TENSORS_FIELD,
@@ -54,6 +66,7 @@ from foedus.refusals.errors import InvalidRequestError, StorageError
 MAX_SMALL_TENSOR_BYTES: Final = 64 * 1024
 SPOOL_PREFIX: Final = ".upload-"
 SPOOL_SUFFIX: Final = ".tmp"
+RAW: Final = CodeSettings()  # compression.upload none: every tensor raw
 _READ_BYTES: Final = 2 * 1024 * 1024  # how much of a stored upload is read at a time
 # An upload's writeback to disk is started every this many bytes (see `_Spool`).
 WRITEBACK_BYTES: Final = 8 * 1024 * 1024
@@ -79,18 +92,24 @@ def receive_upload(
     model_dtype: Callable[[str], np.dtype[np.generic] | None],
     max_tensor_bytes: int,
     expected_bytes: int | None = None,
+    base: Base = no_base,
+    upload_code: CodeSettings = RAW,
 ) -> ReceivedUpload:
     """Write `chunks` to a new file in `folder` as they arrive, checking them on the way.
 
-    The caller removes `ReceivedUpload.file.path` when done with it (unless a store moved it);
-    on any error the file is removed here. Raises `StreamError` for bytes that are not a
-    `TaskResults`, `TensorFormatError` for a tensor that cannot be trusted, whatever `on_head`
-    raises, and `StorageError` when the file cannot be written.
+    Tensors may come coded in `upload_code` (the plan's `compression.upload`), as deltas from
+    `base` (the round's global model as the sites received it): the file is then the raw
+    upload they stand for. The caller removes `ReceivedUpload.file.path` when done with it
+    (unless a store moved it); on any error the files are removed here. Raises `StreamError`
+    for bytes that are not a `TaskResults`, `TensorFormatError` (or another
+    `InvalidRequestError`) for a tensor that cannot be trusted, whatever `on_head` raises, and
+    `StorageError` when a file cannot be written.
     """
     spool = _Spool(folder)
+    raw: _Spool | None = None
     try:
         with spool:
-            tensors = _Tensors(model_dtype, max_tensor_bytes)
+            tensors = _Tensors(model_dtype, max_tensor_bytes, upload_code)
             reader = ResultsReader()
             head: Head | None = None
             for chunk in chunks:
@@ -114,9 +133,20 @@ def receive_upload(
                     on_head(event)
                     head = event
         assert head is not None  # finish() gives the head if no tensor did
+        if tensors.coded:
+            raw = _Spool(folder)
+            with raw:
+                placed = transcode(
+                    spool.path, head, tensors.spooled(), raw, base=base, upload=upload_code
+                )
+            tensors.place(placed)
+            spool.path.unlink(missing_ok=True)
+            spool = raw
         return ReceivedUpload(head, tensors.arrays(spool.path), spool.file())
     except BaseException:
         spool.path.unlink(missing_ok=True)
+        if raw is not None:
+            raw.path.unlink(missing_ok=True)
         raise
 
 
@@ -199,6 +229,11 @@ class _Spool:
         )
         self._flushing = self._size
 
+    @property
+    def size(self) -> int:
+        """The bytes written so far."""
+        return self._size
+
     def file(self) -> UploadFile:
         return UploadFile(self.path, self._size, self._digest.hexdigest())
 
@@ -221,24 +256,30 @@ class _Tensor:
     data_size: int = 0
     small: bytearray | None = None  # the data of a tensor kept in memory
     scan: _FiniteScan | None = None  # the finiteness check of a model tensor's values
+    layout: CodedLayout | None = None  # a coded tensor's, once it ended
+    finite: bool | None = None  # a decoded tensor's values all finite (None: not known)
 
 
 class _Tensors:
     """The tensors of an upload, followed through the reader's events.
 
     With `model_dtype`, tensors arriving now: model tensors are checked for NaN/Inf on the way,
-    others (metrics) kept in memory. Without, tensors of a file read back: only where each lies.
+    others (metrics) kept in memory, coded ones checked against `upload_code` as they end.
+    Without, tensors of a file read back: only where each lies.
     """
 
     def __init__(
         self,
         model_dtype: Callable[[str], np.dtype[np.generic] | None] | None,
         max_tensor_bytes: int,
+        upload_code: CodeSettings = RAW,
     ) -> None:
         self._model_dtype = model_dtype
         self._max_tensor_bytes = max_tensor_bytes
+        self._upload_code = upload_code
         self._done: list[_Tensor] = []
         self._current: _Tensor | None = None
+        self._coded: set[str] = set()  # the names of the tensors that came coded
 
     def on(self, event: TensorStart | TensorData | TensorEnd) -> None:
         if isinstance(event, TensorStart):
@@ -252,7 +293,21 @@ class _Tensors:
                 current.scan.feed(event.piece)
         else:
             tensor = self._current or _Tensor(event.meta)
-            tensor.meta = event.meta  # now with the fields after the data (the dtype)
+            tensor.meta = event.meta  # now with the fields after the data (the dtype, the code)
+            if event.meta.foedus_code and self._model_dtype is not None:
+                # Each decodes to a model tensor's size: twice, and a few bytes could fill the disk.
+                if event.meta.name in self._coded:
+                    raise InvalidRequestError(
+                        f"results name the same tensor more than once ({event.meta.name!r}, coded)"
+                    )
+                self._coded.add(event.meta.name)
+                tensor.layout = check_coded(
+                    event.meta,
+                    self._upload_code,
+                    in_model=self._model_dtype(event.meta.name) is not None,
+                    max_tensor_bytes=self._max_tensor_bytes,
+                )
+                tensor.scan = None  # it scanned a payload's bytes, not values
             self._done.append(tensor)
             self._current = None
 
@@ -278,6 +333,28 @@ class _Tensors:
             tensor.scan = _FiniteScan(dtype)
         return tensor
 
+    @property
+    def coded(self) -> bool:
+        """Whether a tensor came coded (then the upload is transcoded)."""
+        return bool(self._coded)
+
+    def spooled(self) -> list[Spooled]:
+        """Every tensor as it lies in the spool, for `transcode`."""
+        return [Spooled(t.meta, t.data_offset, t.data_size, t.layout) for t in self._done]
+
+    def place(self, placed: list[Placed]) -> None:
+        """Where `transcode` put each tensor (in order): raw values, in the new file."""
+        for tensor, where in zip(self._done, placed, strict=True):
+            tensor.meta, tensor.data_offset, tensor.data_size = (
+                where.meta,
+                where.data_offset,
+                where.data_size,
+            )
+            if tensor.layout is not None:
+                tensor.finite = where.finite
+                tensor.layout = None
+        self._coded.clear()
+
     def arrays(self, path: Path) -> tuple[ResultTensor, ...]:
         """Every tensor, checked; model tensors mapped read-only from `path`."""
         return tuple(self._array(tensor, path) for tensor in self._done)
@@ -290,7 +367,7 @@ class _Tensors:
                 f"tensor {meta.name!r}: shape {shape} of {dtype} needs {expected} bytes, got "
                 f"{tensor.data_size}"
             )
-        finite = None
+        finite = tensor.finite
         if tensor.scan is not None and tensor.scan.dtype == dtype:
             finite = tensor.scan.finite()
         array: Array

@@ -32,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from foedus.compression.errors import CompressedFormatError
-from foedus.compression.quantize import int8_decode, int8_encode
+from foedus.compression.quantize import int8_decode, int8_encode, int8_size
 from foedus.compression.vectors import (
     Float32Array,
     Payload,
@@ -100,6 +100,14 @@ def largest(vector: Float32Array, k: int) -> Indices:
     chosen[np.flatnonzero(magnitudes == threshold)[:missing]] = True  # lowest positions first
     positions: Indices = np.flatnonzero(chosen).astype(np.int64, copy=False)
     return positions
+
+
+def topk_max_size(count: int, k: int) -> int:
+    """The most bytes a well-formed topk payload of `k` values of `count` takes (each position
+    its widest varint, the values float32 or int8 in blocks of 1): a receiver refuses a longer
+    one before reading it."""
+    values = max(4 * k, int8_size(k, 1))
+    return _HEADER.size + k * varint_bytes(max(count - 1, 0)) + values
 
 
 def varint_bytes(value: int) -> int:
@@ -182,6 +190,15 @@ def topk_decode(payload: Payload, count: int, *, name: str = "") -> Float32Array
     """The `count` float32 values a topk payload stands for: zeros but the k it holds;
     `CompressedFormatError` for a payload this version does not read or that does not fit
     `count` (the module's docstring lists the checks)."""
+    positions, kept = topk_kept(payload, count, name=name)
+    decoded: Float32Array = np.zeros(count, dtype=np.float32)
+    decoded[positions] = kept
+    return decoded
+
+
+def topk_kept(payload: Payload, count: int, *, name: str = "") -> tuple[Indices, Float32Array]:
+    """The sorted positions and values a topk payload keeps of `count`, checked as `topk_decode`
+    checks them, without the `count` zeros: a receiver places them a part at a time."""
     count = checked_count(count)
     view = byte_view(payload)
     what = f"topk payload of {label(name)}"
@@ -226,6 +243,4 @@ def topk_decode(payload: Payload, count: int, *, name: str = "") -> Float32Array
             raise CompressedFormatError(
                 f"{what}: kept value number {bad} is a NaN or an infinity, which no encoder sends"
             )
-    decoded: Float32Array = np.zeros(count, dtype=np.float32)
-    decoded[positions] = kept
-    return decoded
+    return positions, kept

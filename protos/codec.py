@@ -170,17 +170,32 @@ def tensor_field_frame(
     data = encode_tensor_meta_into(
         header, name, array, round_number=round_number, tags=tags, report=report
     )
-    trailer = base_pb2.NamedTensor(foedus_dtype=header.foedus_dtype)
-    header.ClearField("foedus_dtype")
-    head = header.SerializeToString(deterministic=True)
-    tail = trailer.SerializeToString(deterministic=True)
-    size = data.nbytes
-    field = field_prefix(_DATA_BYTES_FIELD, size) if size else b""  # proto3 omits b""
-    total = len(head) + len(field) + size + len(tail)
-    return TensorFrame(field_prefix(field_number, total) + head + field, data, tail)
+    head, tail = frame_around(field_number, header, data.nbytes)
+    return TensorFrame(head, data, tail)
 
 
 _DATA_BYTES_FIELD = base_pb2.NamedTensor.DATA_BYTES_FIELD_NUMBER
+# The fields numbered after `data_bytes`, written after the data (the order of a serializer).
+_TRAILING_FIELDS = ("foedus_dtype", "foedus_code", "foedus_delta")
+
+
+def frame_around(field_number: int, tensor: base_pb2.NamedTensor, size: int) -> tuple[bytes, bytes]:
+    """The bytes before and after the `size` data bytes of `tensor` (its other fields, its
+    `data_bytes` ignored) as field `field_number` of a parent message, serialized
+    deterministically: the fields numbered before `data_bytes`, then the data's key and length,
+    then (the tail) `foedus_dtype`, `foedus_code` and `foedus_delta`."""
+    header = base_pb2.NamedTensor()
+    header.CopyFrom(tensor)
+    trailer = base_pb2.NamedTensor()
+    for name in _TRAILING_FIELDS:
+        setattr(trailer, name, getattr(tensor, name))
+        header.ClearField(name)
+    header.ClearField("data_bytes")
+    head = header.SerializeToString(deterministic=True)
+    tail = trailer.SerializeToString(deterministic=True)
+    field = field_prefix(_DATA_BYTES_FIELD, size) if size else b""  # proto3 omits b""
+    total = len(head) + len(field) + size + len(tail)
+    return field_prefix(field_number, total) + head + field, tail
 
 
 @dataclass(frozen=True)
@@ -263,19 +278,19 @@ def coded_tensor_frame(
     if wire_name is None:
         raise TensorFormatError(f"tensor {name!r}: dtype {dtype} cannot be sent")
     header = base_pb2.NamedTensor(
-        name=name, round_number=round_number, lossless=not code.lossy, report=report
+        name=name,
+        round_number=round_number,
+        lossless=not code.lossy,
+        report=report,
+        foedus_dtype=wire_name,
+        foedus_code=str(code),
+        foedus_delta=delta,
     )
     header.tags.extend(sorted({*tags, LOSSY_TAG if code.lossy else COMPRESSED_TAG}))
     header.transformer_metadata.add().int_list.extend(shape)
-    trailer = base_pb2.NamedTensor(
-        foedus_dtype=wire_name, foedus_code=str(code), foedus_delta=delta
-    )
     data = np.frombuffer(payload, dtype=np.uint8)
-    head = header.SerializeToString(deterministic=True)
-    tail = trailer.SerializeToString(deterministic=True)
-    field = field_prefix(_DATA_BYTES_FIELD, data.size) if data.size else b""
-    total = len(head) + len(field) + data.size + len(tail)
-    return TensorFrame(field_prefix(field_number, total) + head + field, data, tail)
+    head, tail = frame_around(field_number, header, data.size)
+    return TensorFrame(head, data, tail)
 
 
 def tensor_layout(
