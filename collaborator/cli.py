@@ -26,6 +26,12 @@ from types import FrameType
 
 from foedus.collaborator.answers import PlannedWork
 from foedus.collaborator.client import AggregatorGRPCClient
+from foedus.collaborator.compressed import (
+    RESIDUALS_FOLDER,
+    ResidualsError,
+    UploadEncoder,
+    residual_store,
+)
 from foedus.collaborator.errors import (
     AggregatorIdentityError,
     AggregatorUnavailableError,
@@ -47,6 +53,7 @@ from foedus.command.arguments import add_log_level, command, command_main, progr
 from foedus.command.exits import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
 from foedus.command.process import stderr_log_handler
 from foedus.command.usage import UsageError, fail, fail_each, unexpected
+from foedus.compression.codes import Code
 from foedus.pki.errors import PkiError
 from foedus.pki.tls import tls_files_problem
 from foedus.plans import Plan, PlanError, load_plan
@@ -123,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
         "is over (default: the plan's folder/collaborator-state/NAME); with differential "
         f"privacy too, {SECRET_FILE}, this site's noise secret (mode 0600, made once, kept), "
         f"and, when its runner trains with DP-SGD (dp_sgd), {LEDGER_FILE}, its privacy "
-        "ledger (mode 0600, kept for good)",
+        "ledger (mode 0600, kept for good); with a lossy compression.upload code (bfloat16, "
+        f"int8, topk), {RESIDUALS_FOLDER}/, what the code left out of its updates (error "
+        "feedback: a file per round, mode 0600, written before the upload, the newest two kept)",
     )
     start.add_argument(
         "--keep-metrics",
@@ -222,6 +231,7 @@ def _start(
             files.prepare()
         except RoundFileError as error:
             raise UsageError(f"--state-dir: {error}") from None
+    upload = _upload_encoder(plan, folder)
     runner = _make_runner(plan, name)
     # DP-SGD first: it checks its ledger against a secret it did not just make.
     private = _private_rounds(plan, name, runner, files)
@@ -273,6 +283,7 @@ def _start(
                 if privacy.enabled and privacy.adaptive_clipping is None
                 else None,
                 private=private,
+                upload=upload,
             )
         except BudgetSpentError as spent:
             logger.warning("%s", spent)
@@ -365,6 +376,26 @@ def _secure_identity(plan: Plan, name: str) -> SiteIdentity | None:
         )
     except PkiError as error:
         raise UsageError(f"{plan.path}: tls.certs_dir: {error}") from None
+
+
+def _upload_encoder(plan: Plan, folder: Path) -> UploadEncoder | None:
+    """What codes this site's updates in the plan's `compression.upload` code (None: `none`),
+    its residuals kept in `folder`/residuals for a lossy code; `UsageError` naming a residuals
+    file that cannot be trusted, or a folder where they cannot be kept."""
+    settings = plan.compression.upload
+    if settings.code is Code.NONE:
+        return None
+    try:
+        store = residual_store(folder, settings)
+    except ResidualsError as error:
+        raise UsageError(f"--state-dir: {error}") from None
+    if store is not None:
+        logger.info(
+            "compression: this site sends its updates in %s, with error feedback kept in %s",
+            settings.code,
+            store.folder,
+        )
+    return UploadEncoder(settings, store)
 
 
 def _noise_shares(plan: Plan, folder: Path) -> NoiseShares | None:

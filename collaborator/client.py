@@ -34,6 +34,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
+from foedus.collaborator.compressed import CodedPayload
 from foedus.collaborator.connection import AggregatorConnection
 from foedus.collaborator.decoding import Decoding, filling
 from foedus.collaborator.errors import (
@@ -50,7 +51,9 @@ from foedus.protos import aggregator_pb2
 from foedus.protos.aggregator_pb2_grpc import AggregatorStub
 from foedus.protos.codec import (
     TensorFormatError,
+    TensorFrame,
     all_finite,
+    coded_tensor_frame,
     decode_tensor,
     tensor_field_frame,
 )
@@ -96,6 +99,9 @@ class OutgoingTensor:
     array: npt.ArrayLike
     tags: tuple[str, ...] = ()
     report: bool = False  # OpenFL sets it on metrics meant for the aggregator's report
+    # The tensor in the plan's compression.upload code, sent in place of `array` (which is kept
+    # as trained); None: `array` travels raw.
+    coded: CodedPayload | None = None
 
 
 class AggregatorGRPCClient(AggregatorConnection):
@@ -348,7 +354,8 @@ class AggregatorGRPCClient(AggregatorConnection):
     def send_local_task_results(
         self, round_number: int, task_name: str, data_size: int, tensors: Sequence[OutgoingTensor]
     ) -> None:
-        """Upload one task's results; after a reconnect the very same bytes are sent again.
+        """Upload one task's results (a tensor with `coded` in its code); after a reconnect the
+        very same bytes are sent again.
 
         Raises `foedus.protos.codec.TensorFormatError` (a ValueError) for an array whose dtype
         cannot be sent; nothing is sent then.
@@ -359,19 +366,8 @@ class AggregatorGRPCClient(AggregatorConnection):
             task_name=task_name,
             data_size=data_size,
         )
-        # The serialized TaskResults, written around the arrays' own buffers (no serialized
-        # copy of the update): the head's fields, then each tensor as field `tensors`. Every
-        # attempt streams these very bytes.
-        parts: list[bytes | memoryview] = [head.SerializeToString()]
-        for tensor in tensors:
-            parts += tensor_field_frame(
-                _TENSORS_FIELD,
-                tensor.name,
-                tensor.array,
-                round_number=round_number,
-                tags=tensor.tags,
-                report=tensor.report,
-            ).parts()
+        # Every attempt streams these very bytes.
+        parts = task_results_parts(head, tensors)
         # The aggregator refuses a stream that ends short of this (a cut the transport hid).
         declared_size = ((UPLOAD_BYTES_METADATA, str(sum(len(part) for part in parts))),)
         response = self._call(
@@ -521,6 +517,44 @@ class AggregatorGRPCClient(AggregatorConnection):
 
 
 _TENSORS_FIELD = aggregator_pb2.TaskResults.TENSORS_FIELD_NUMBER
+
+
+def task_results_parts(
+    head: aggregator_pb2.TaskResults, tensors: Sequence[OutgoingTensor]
+) -> list[bytes | memoryview]:
+    """A serialized `TaskResults`, written around the arrays' (or coded payloads') own buffers,
+    no serialized copy of the update: `head`'s fields, then each tensor as field `tensors`, in
+    `head`'s round."""
+    parts: list[bytes | memoryview] = [head.SerializeToString()]
+    for tensor in tensors:
+        parts += _tensor_frame(tensor, head.round_number).parts()
+    return parts
+
+
+def _tensor_frame(tensor: OutgoingTensor, round_number: int) -> TensorFrame:
+    """One tensor of a result as a field of the `TaskResults`: raw, or in its code."""
+    coded = tensor.coded
+    if coded is None:
+        return tensor_field_frame(
+            _TENSORS_FIELD,
+            tensor.name,
+            tensor.array,
+            round_number=round_number,
+            tags=tensor.tags,
+            report=tensor.report,
+        )
+    return coded_tensor_frame(
+        _TENSORS_FIELD,
+        tensor.name,
+        coded.payload,
+        dtype=coded.dtype,
+        shape=coded.shape,
+        code=coded.code,
+        delta=coded.delta,
+        round_number=round_number,
+        tags=tensor.tags,
+        report=tensor.report,
+    )
 
 
 def _status_of(error: grpc.RpcError) -> tuple[grpc.StatusCode, str]:

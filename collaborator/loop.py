@@ -26,6 +26,11 @@ its update (trained - global) to the plan's `clip` before it sends it
 the masked update is clipped and given the site's noise share by `SecureRounds` instead
 (`foedus.privacy.shares`).
 
+With the plan's `compression.upload` code, the train result's model tensors travel coded against
+the round's global model as the site received it (`foedus.collaborator.compressed`): clipped
+first under differential privacy, then coded; a lossy code's residuals are saved before the
+result is sent, so a site restarted in the round sends the same bytes again.
+
 A site that trains with sample-level DP-SGD (its runner's `private_training`) has its round
 counted before it trains it (`foedus.collaborator.private.PrivateRounds.before_train`: in its
 ledger, durably, or `BudgetSpentError` at its cap, which ends the loop); its train result
@@ -50,6 +55,7 @@ import numpy as np
 
 from foedus.collaborator.answers import AnswerChecker, PlannedWork
 from foedus.collaborator.client import AggregatorGRPCClient, OutgoingTensor
+from foedus.collaborator.compressed import UploadEncoder
 from foedus.collaborator.errors import ClientError, RequestRejectedError
 from foedus.collaborator.heartbeat import Heartbeat
 from foedus.collaborator.private import PrivateRounds
@@ -112,6 +118,7 @@ def run_collaborator(
     keep_metrics: bool = False,
     clip: float | None = None,
     private: PrivateRounds | None = None,
+    upload: UploadEncoder | None = None,
 ) -> CollaboratorReport:
     """Work for the aggregator until it says quit, or until `max_idle_polls` idle answers in a row.
 
@@ -124,7 +131,8 @@ def run_collaborator(
     `differential_privacy.clip`, to which each trained model's update is clipped before it is
     sent (None: sent as trained; in a secure federation `secure` clips and noises it);
     `private`: this site's DP-SGD budget (None: it does not train privately), whose
-    `BudgetSpentError` at the cap propagates.
+    `BudgetSpentError` at the cap propagates; `upload`: the plan's `compression.upload` code,
+    in which each train result's model tensors are sent (None: raw).
     """
     if max_idle_polls is not None and max_idle_polls < 1:
         raise ValueError(f"max_idle_polls must be >= 1 or None, got {max_idle_polls}")
@@ -193,6 +201,7 @@ def run_collaborator(
                     keep_metrics=keep_metrics,
                     clip=clip,
                     private=private,
+                    upload=upload,
                 )
                 report.tasks_run += 1
         except (RequestRejectedError, SecureRoundMissedError) as error:
@@ -260,6 +269,7 @@ def _run_task(
     keep_metrics: bool = False,
     clip: float | None = None,
     private: PrivateRounds | None = None,
+    upload: UploadEncoder | None = None,
 ) -> None:
     """Run one task on the round's model, with heartbeats while it runs, and send its results
     (without metrics when the site keeps them)."""
@@ -279,7 +289,7 @@ def _run_task(
             outcome = runner.train(current.global_model, round_number)
         _check_trained(outcome.model, current.global_model)
         current.trained_model = outcome.model
-        trained, data_size = _trained_tensors(current, outcome, secure, clip)
+        trained, data_size = _trained_tensors(current, outcome, secure, clip, upload)
         metrics = dict(outcome.metrics)
         if private is not None:
             metrics.update(private.metrics())
@@ -323,10 +333,15 @@ def _run_task(
 
 
 def _trained_tensors(
-    current: _Round, outcome: TrainOutcome, secure: SecureRounds | None, clip: float | None
+    current: _Round,
+    outcome: TrainOutcome,
+    secure: SecureRounds | None,
+    clip: float | None,
+    upload: UploadEncoder | None = None,
 ) -> tuple[list[OutgoingTensor], int]:
-    """The train result's model tensors and data size: clipped when the plan says `clip`, or
-    masked (its weight too) in a secure round."""
+    """The train result's model tensors and data size: clipped when the plan says `clip`, then
+    coded against the round's global model when it says an `upload` code; or masked (its weight
+    too) in a secure round (whose plan allows no upload code)."""
     if secure is not None:  # the update masked; its weight travels masked too
         return secure.masked_results(
             current.number, current.global_model, outcome.model, outcome.data_size
@@ -334,7 +349,11 @@ def _trained_tensors(
     sent = outcome.model
     if clip is not None:  # the aggregator clips again: this is the honest site's part
         sent = clipped_model(current.global_model, outcome.model, clip)
-    trained = [OutgoingTensor(name, array, tags=TRAINED_TAGS) for name, array in sent.items()]
+    coded = upload.encode(current.number, current.global_model, sent) if upload else {}
+    trained = [
+        OutgoingTensor(name, array, tags=TRAINED_TAGS, coded=coded.get(name))
+        for name, array in sent.items()
+    ]
     return trained, outcome.data_size
 
 
