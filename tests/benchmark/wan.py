@@ -275,6 +275,7 @@ def measure_federation(run: Run, names: Sequence[str], federation: Federation) -
                         *("--plan", str(plan_path), "--name", name),
                         *("--address", site.aggregator_address),
                         *("--port", str(ports[site.aggregator_address])),
+                        *("--state-dir", str(folder / f"{name}-state")),
                     ],
                     folder / f"{name}.log",
                     env=federation.env,
