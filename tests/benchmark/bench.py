@@ -55,7 +55,11 @@ Phases, in order:
    way, with `wan_rtt_ms` of round trip added by a delay line; `wan_rounds` rounds of a
    `wan_model_mb` model. `wan_round_seconds` (the first, from the start, nothing connected yet)
    and `wan_steady_round_seconds` (the later ones) against `wan_floor_seconds`, the time the
-   model takes down and up one site's link at that rate.
+   model takes down and up one site's link at that rate. Then (`wan_codes.py`; needs
+   `.venv-torch`, skipped with a note otherwise) the same links with a real model's update: a
+   wide MLP of about `wan_model_mb` trained one local epoch a round at each site on its shard of
+   the digits, one federation per code of `--wan-codes` (its plan's `compression` section):
+   `wan_<code>_ratio`, its steady round over the uncompressed floor `wan_real_floor_seconds`.
 
 `--only PART` runs one part alone (any but transfer, whose ratios need raw's figures) and writes
 `build/bench-PART.json` unless `--output` says otherwise; a whole run writes every key as before.
@@ -104,6 +108,7 @@ import noop_runner
 import raw_grpc
 import secure_cost
 import wan
+import wan_codes
 from harness import (
     KIB,
     MIB,
@@ -150,6 +155,7 @@ QUICK = {
     "dp_pairs": 1,
     "wan_model_mb": 4.0,
     "wan_rounds": 2,
+    "wan_codes": (),  # a real model's runs need .venv-torch and minutes: not in the smoke run
     "round_timeout": 60.0,
     "probe": False,
 }
@@ -263,6 +269,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("--wan-rounds", type=int, default=3, help="rounds of the wide-area federation (3)")
     add("--wan-rate-mbit", type=float, default=200.0, help="each site's link, each way (200)")
     add("--wan-rtt-ms", type=float, default=40.0, help="round trip the delay line adds (40)")
+    add(
+        "--wan-codes",
+        type=_codes,
+        default=wan_codes.DEFAULT_CODES,
+        help="the wide-area rounds of a real model, one federation per code, comma-separated, "
+        f"of {', '.join(wan_codes.CONFIGURATIONS)} ({','.join(wan_codes.DEFAULT_CODES)}; "
+        "'' for none; a code the plan loader refuses is skipped with a note)",
+    )
+    add(
+        "--wan-torch-python",
+        default=str(REPO / ".venv-torch" / "bin" / "python"),
+        help="the interpreter with PyTorch for those rounds (.venv-torch's: make torch-env)",
+    )
     add("--round-timeout", type=float, default=600.0, help="give up on a round after this")
     add(
         "--probe",
@@ -273,6 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--profile", action="store_true", help="cProfile the client and the aggregator")
     add("--keep", action="store_true", help="keep the temporary folder (certificates, logs)")
     return parser
+
+
+def _codes(text: str) -> tuple[str, ...]:
+    """`--wan-codes`, as argparse wants a type: ArgumentTypeError for an unknown code."""
+    try:
+        return wan_codes.codes_option(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -796,6 +823,15 @@ def error_kinds(errors: Sequence[str]) -> dict[str, int]:
     return dict(Counter(re.sub(r"^col\d+: ", "", error) for error in errors).most_common())
 
 
+# -- phase 9: wide area --------------------------------------------------------------------------
+
+
+def measure_wan(run: Run, names: Sequence[str]) -> None:
+    """The wide-area round of random bytes, then a real model's, once per code."""
+    wan.measure_phase(run, names)
+    wan_codes.measure_phase(run, names)
+
+
 # -- the run -------------------------------------------------------------------------------------
 
 
@@ -824,6 +860,9 @@ TARGETS = (
     Target("rss_over_model", "<= 2.5", lambda r: r["rss_over_model"] <= 2.5),
     Target("wan_ratio", "<= 1.25", lambda r: r["wan_ratio"] <= 1.25),
     Target("wan_steady_ratio", "<= 1.10", lambda r: r["wan_steady_ratio"] <= 1.10),
+    Target("wan_lossless_ratio", "<= 0.90", lambda r: r["wan_lossless_ratio"] <= 0.90),
+    Target("wan_int8_ratio", "<= 0.35", lambda r: r["wan_int8_ratio"] <= 0.35),
+    Target("wan_topk_ratio", "<= 0.10", lambda r: r["wan_topk_ratio"] <= 0.10),
     Target(
         "secure_round_over_plain",
         "<= 1.5 (Flower's SecAgg+: 6.0)",
@@ -971,6 +1010,22 @@ TABLE_KEYS = (
     "wan_steady_round_seconds",
     "wan_steady_ratio",
     "wan_wire_over_payload",
+    "wan_real_model_mb",
+    "wan_real_floor_seconds",
+    *(
+        f"wan_{code}_{figure}"
+        for code in wan_codes.CONFIGURATIONS
+        for figure in (
+            "round_seconds",
+            "ratio",
+            "link_ratio",
+            "first_round_seconds",
+            "download_seconds_max",
+            "upload_seconds_max",
+            "site_seconds_max",
+            "wire_over_payload",
+        )
+    ),
     "cert_setup_seconds",
 )
 
@@ -1040,6 +1095,8 @@ def benchmark(run: Run) -> None:
         count = max(*secure_sites, 2)
     elif args.only == "dp":
         count = max(args.round_collaborators, 2)
+    elif args.only == "wan":
+        count = wan.SITES
     names = collaborator_names(count)
     # Each collaborator thread holds a connection of its own, as the aggregator holds one each.
     raise_open_file_limit(files_needed(count))
@@ -1065,7 +1122,7 @@ def benchmark(run: Run) -> None:
         "scale": partial(measure_scale_phase, run, names),
         "secure": partial(secure_cost.measure_phase, run, names),
         "dp": partial(dp_cost.measure_phase, run, names),
-        "wan": partial(wan.measure_phase, run, names),
+        "wan": partial(measure_wan, run, names),
     }
     for part in PARTS:
         if args.only in (None, part) and (part != "probe" or args.probe or args.only == part):
@@ -1099,6 +1156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         wan_rounds=args.wan_rounds,
         wan_rate_mbit=args.wan_rate_mbit,
         wan_rtt_ms=args.wan_rtt_ms,
+        wan_codes=list(args.wan_codes),
         quick=args.quick,
         only=args.only,
         mb_unit="MiB (2**20 bytes)",

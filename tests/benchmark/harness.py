@@ -194,12 +194,16 @@ def write_plan(
     runner_settings: Mapping[str, object] | None = None,
     secure: Mapping[str, object] | None = None,
     privacy: Mapping[str, object] | None = None,
+    compression: Mapping[str, object] | None = None,
+    runner: RunnerSettings | None = None,
 ) -> Path:
     """A `train` plan of `rounds` rounds for `phase` with the no-op runner, on a port the OS picks.
 
     `runner_settings`: more of the no-op runner's settings (`train_delta`, `data_size`);
     `secure`: the plan's `secure_aggregation` section, `privacy` its `differential_privacy`
-    section (none: a plain federation).
+    section (none: a plain federation), `compression` its `compression` section (none: raw).
+    `runner`: another runner than the no-op one (`model_mb`, `tensors` and `runner_settings`
+    unused then), whose initial model the aggregator makes itself (no model file).
 
     The aggregator starts from the no-op runner's model written to a file (as OpenFL's aggregator
     starts from its `init.pbuf`): the runner builds its model once per process and keeps it,
@@ -209,10 +213,12 @@ def write_plan(
     folder = run.work / phase
     folder.mkdir(parents=True, exist_ok=True)
     settings = {"model_mb": model_mb, "tensors": tensors, **(runner_settings or {})}
-    initial_model = folder / "initial_model.pbuf"
-    write_model(
-        initial_model, noop_runner.NoopRunner.initial_model(RunnerSettings(RUNNER, 0, settings))
-    )
+    aggregator: dict[str, object] = {}
+    if runner is None:
+        runner = RunnerSettings(RUNNER, 0, settings)
+        initial_model = folder / "initial_model.pbuf"
+        write_model(initial_model, noop_runner.NoopRunner.initial_model(runner))
+        aggregator["initial_model"] = str(initial_model)
     document = {
         "federation": {
             "name": f"bench-{phase}",
@@ -227,7 +233,7 @@ def write_plan(
             "san_dns": ["localhost"],
             "san_ips": ["127.0.0.1"],
             "output_dir": str(folder / "output"),
-            "initial_model": str(initial_model),
+            **aggregator,
             # The default, 5 s: with 2,000 collaborator threads in one process on 2 cores, a
             # quit answer once took more than 1 s to be read (65 of them cut off as CANCELLED).
             "grace_seconds": 5,
@@ -241,9 +247,9 @@ def write_plan(
         "collaborators": list(collaborators),
         "tasks": ["train"],
         "runner": {
-            "name": RUNNER,
-            "seed": 0,
-            "settings": settings,
+            "name": runner.name,
+            "seed": runner.seed,
+            "settings": dict(runner.settings),
         },
         "straggler": {"policy": "wait_for_all"},
         "limits": dict(limits or {}),
@@ -252,6 +258,8 @@ def write_plan(
         document["secure_aggregation"] = dict(secure)
     if privacy is not None:
         document["differential_privacy"] = dict(privacy)
+    if compression is not None:
+        document["compression"] = dict(compression)
     path = folder / "plan.yaml"
     path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
     return path
@@ -381,19 +389,25 @@ class Process:
 
 
 def start_aggregator(
-    plan: Path, *, profile_to: Path | None = None, prefix: Sequence[str] = ()
+    plan: Path,
+    *,
+    profile_to: Path | None = None,
+    prefix: Sequence[str] = (),
+    python: str = sys.executable,
+    env: Mapping[str, str] = BENCH_ENV,
 ) -> tuple[Process, int]:
     """`aggregator start --plan PLAN` as a process that finds the no-op runner; and its port.
 
     With `profile_to`, it runs under `profiled_aggregator.py`, which writes its statistics there;
-    `prefix` runs it under a command that execs it (`ip netns exec NAME`).
+    `prefix` runs it under a command that execs it (`ip netns exec NAME`); `python` and `env`:
+    another interpreter (`.venv-torch`'s) and its environment.
     """
     command = ["start", "--plan", str(plan), "--log-level", "warning"]
     if profile_to is None:
-        command = [sys.executable, "-m", "foedus.aggregator", *command]
+        command = [python, "-m", "foedus.aggregator", *command]
     else:
-        command = [sys.executable, str(HERE / "profiled_aggregator.py"), str(profile_to), *command]
-    process = Process([*prefix, *command], plan.parent / "aggregator.log", env=BENCH_ENV)
+        command = [python, str(HERE / "profiled_aggregator.py"), str(profile_to), *command]
+    process = Process([*prefix, *command], plan.parent / "aggregator.log", env=env)
     try:
         _, match = process.wait_line(
             r"^serving federation .* on \S+:(\d+): ", START_TIMEOUT_SECONDS

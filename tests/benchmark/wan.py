@@ -24,10 +24,11 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
+from pathlib import Path
 from statistics import mean
 from typing import Any
 
@@ -192,6 +193,8 @@ class WanOutcome:
     floor_seconds: float  # one round's bytes over one site's link, down then up
     download_seconds_max: list[float | None]  # each round's slowest site download
     upload_seconds_max: list[float | None]  # each round's slowest site upload
+    site_seconds_max: list[float | None]  # each round's slowest download end to upload start
+    last_site_seconds: list[float | None]  # the same span of the site whose upload ended last
     before_download_seconds: list[float | None]  # the previous close (or start) to a download
     close_seconds: list[float | None]  # the last upload's answer to the round's line
     wire_over_payload: float  # bytes over the links / the model bytes the rounds moved
@@ -213,10 +216,34 @@ def measure(run: Run, names: Sequence[str]) -> WanOutcome:
     )
     plan = load_plan(plan_path)
     model_bytes = noop_runner.model_bytes(noop_runner.NoopRunner.initial_model(plan.runner))
+    return measure_federation(run, names, Federation(plan_path, model_bytes))
+
+
+@dataclass(frozen=True)
+class Federation:
+    """What a wide-area run federates: its plan, the bytes of its model (uncompressed), and the
+    interpreter and environment its processes (the aggregator, the sites) run with."""
+
+    plan: Path
+    model_bytes: int
+    python: str = sys.executable
+    env: Mapping[str, str] = field(default_factory=lambda: dict(BENCH_ENV))
+
+
+def measure_federation(run: Run, names: Sequence[str], federation: Federation) -> WanOutcome:
+    """The plan's rounds, each of `names` a site behind its own link."""
+    args = run.args
+    plan_path = federation.plan
+    model_bytes = federation.model_bytes
     rate = args.wan_rate_mbit * 1e6 / 8  # bytes per second
     with network(len(names), args.wan_rate_mbit) as shaped, ExitStack() as stack:
         folder = plan_path.parent
-        aggregator, port = start_aggregator(plan_path, prefix=in_namespace(shaped.namespace))
+        aggregator, port = start_aggregator(
+            plan_path,
+            prefix=in_namespace(shaped.namespace),
+            python=federation.python,
+            env=federation.env,
+        )
         stack.enter_context(aggregator)
         line = stack.enter_context(
             Process(
@@ -243,14 +270,15 @@ def measure(run: Run, names: Sequence[str]) -> WanOutcome:
                 Process(
                     [
                         *in_namespace(site.namespace),
-                        sys.executable,
+                        federation.python,
                         str(HERE / "wan_site.py"),
                         *("--plan", str(plan_path), "--name", name),
                         *("--address", site.aggregator_address),
                         *("--port", str(ports[site.aggregator_address])),
+                        *("--state-dir", str(folder / f"{name}-state")),
                     ],
                     folder / f"{name}.log",
-                    env=BENCH_ENV,
+                    env=federation.env,
                     stdin=True,
                 )
             )
@@ -274,6 +302,8 @@ def measure(run: Run, names: Sequence[str]) -> WanOutcome:
         floor_seconds=2 * model_bytes / rate,
         download_seconds_max=_longest(marks, "download", args.wan_rounds),
         upload_seconds_max=_longest(marks, "upload", args.wan_rounds),
+        site_seconds_max=_longest_between(marks, "download_end", "upload_start", args.wan_rounds),
+        last_site_seconds=_last_uploader_between(marks, "download_end", "upload_start"),
         before_download_seconds=[
             None if first is None else first - opened
             for opened, first in zip(closed, _each(marks, "download_start", min), strict=False)
@@ -317,15 +347,37 @@ def _longest(
     marks: Sequence[dict[str, dict[str, float]]], what: str, rounds: int
 ) -> list[float | None]:
     """Each round's longest `what` (download, upload) among the sites; None if none noted."""
+    return _longest_between(marks, f"{what}_start", f"{what}_end", rounds)
+
+
+def _longest_between(
+    marks: Sequence[dict[str, dict[str, float]]], start: str, end: str, rounds: int
+) -> list[float | None]:
+    """Each round's longest span from mark `start` to mark `end` among the sites; None if none
+    noted both."""
     longest: list[float | None] = []
     for number in range(rounds):
         spans = [
-            got[f"{what}_end"] - got[f"{what}_start"]
+            got[end] - got[start]
             for site in marks
-            if f"{what}_end" in (got := site.get(str(number), {}))
+            if start in (got := site.get(str(number), {})) and end in got
         ]
         longest.append(max(spans, default=None))
     return longest
+
+
+def _last_uploader_between(
+    marks: Sequence[dict[str, dict[str, float]]], start: str, end: str
+) -> list[float | None]:
+    """Each round's span from mark `start` to mark `end` of the site whose upload ended last
+    (the one the round waited for); None if that site did not note both."""
+    rounds = max((len(site) for site in marks), default=0)
+    spans: list[float | None] = []
+    for number in range(rounds):
+        noted = [got for site in marks if "upload_end" in (got := site.get(str(number), {}))]
+        last = max(noted, key=lambda got: got["upload_end"], default={})
+        spans.append(last[end] - last[start] if start in last and end in last else None)
+    return spans
 
 
 def _each(

@@ -1,9 +1,12 @@
 """One site of the wide-area round: the real collaborator loop in a process of its own.
 
-Usage: ``python wan_site.py --plan PLAN --name NAME --address HOST --port PORT``, run inside the
-site's network namespace. It imports and builds everything, prints ``ready``, waits for a line
-on stdin (the start, so no site's start-up is timed), runs the loop until the aggregator says
-quit, and prints ``marks JSON``: for each round, when its download and upload began and ended
+Usage: ``python wan_site.py --plan PLAN --name NAME --address HOST --port PORT --state-dir
+DIR``, run inside the site's network namespace, with the plan's runner (the no-op runner, or
+the real model's `wan_torch.py` under `.venv-torch`'s interpreter) and its upload code (as
+`collaborator start` codes it, the residuals of a lossy code in DIR). It imports and builds
+everything (the runner's data and module too), prints ``ready``, waits for a line on stdin (the
+start, so no site's start-up is timed), runs the loop until the aggregator says quit, and
+prints ``marks JSON``: for each round, when its download and upload began and ended
 (`time.perf_counter`, the same clock as the benchmark's on Linux).
 """
 
@@ -14,15 +17,16 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from foedus.collaborator.client import AggregatorGRPCClient, OutgoingTensor
+from foedus.collaborator.compressed import UploadEncoder, residual_store
 from foedus.collaborator.loop import run_collaborator
+from foedus.compression.codes import Code
 from foedus.plans import load_plan
-
-# isort: split
-# The benchmark's own modules, beside this file.
-import noop_runner
+from foedus.plans.runners import load_runner
+from foedus.plans.schema import CodeSettings
 
 
 class MarkingClient(AggregatorGRPCClient):
@@ -51,6 +55,14 @@ class MarkingClient(AggregatorGRPCClient):
         marks["upload_end"] = time.perf_counter()
 
 
+def _upload_encoder(settings: CodeSettings, state: Path) -> UploadEncoder | None:
+    """What codes the site's updates in the plan's `compression.upload` code, as `collaborator
+    start` makes it (None: `none`), its residuals in `state`/residuals for a lossy code."""
+    if settings.code is Code.NONE:
+        return None
+    return UploadEncoder(settings, residual_store(state, settings))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Wait for the start on stdin, run the collaborator to quit, print the marks; 1 if not quit."""
     parser = argparse.ArgumentParser(prog="wan_site.py", description=__doc__)
@@ -58,19 +70,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--name", required=True)
     parser.add_argument("--address", required=True, help="the aggregator's address from here")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        required=True,
+        help="the site's state folder: its residuals under a lossy upload code",
+    )
     args = parser.parse_args(argv)
     plan = load_plan(args.plan)
+    upload = _upload_encoder(plan.compression.upload, args.state_dir)
     client = MarkingClient.from_plan(
         plan, args.name, aggregator_address=args.address, aggregator_port=args.port
     )
-    runner = noop_runner.NoopRunner(
-        plan.runner, collaborator=args.name, collaborators=plan.collaborators
-    )
-    noop_runner.NoopRunner.initial_model(plan.runner)  # built before the start, not in the round
+    factory = load_runner(plan.runner)
+    runner = factory(plan.runner, collaborator=args.name, collaborators=plan.collaborators)
+    factory.initial_model(plan.runner)  # the no-op runner's: built before the start, and kept
     print("ready", flush=True)
     sys.stdin.readline()
     try:
-        report = run_collaborator(client, runner, plan.runner)
+        report = run_collaborator(client, runner, plan.runner, upload=upload)
     finally:
         client.disconnect()
     print(f"marks {json.dumps(client.marks)}", flush=True)
