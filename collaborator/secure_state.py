@@ -30,7 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from foedus.collaborator.errors import ClientError
-from foedus.durable.files import fsync_folder, is_temporary, make_folders, write_bytes
+from foedus.durable.files import (
+    fsync_folder,
+    is_temporary,
+    make_folders,
+    numbered_files,
+    write_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -182,14 +188,11 @@ class RoundFiles:
     def rounds(self) -> list[int]:
         """The rounds that have a file here, in order."""
         try:
-            names = [entry.name for entry in self.folder.iterdir()]
-        except FileNotFoundError:
-            return []
+            return numbered_files(self.folder, _NAME)
         except OSError as error:
             raise RoundFileError(
                 f"{self.folder}: cannot list the secure round files: {error}"
             ) from None
-        return sorted(int(match[1]) for name in names if (match := _NAME.fullmatch(name)))
 
     def erase_before(self, round_number: int | None) -> list[int]:
         """Erase the files of every round before `round_number` (None: of every round): those

@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from foedus.compression.vectors import Float32Array
-from foedus.durable.files import is_temporary, make_folders, replace_file
+from foedus.durable.files import is_temporary, make_folders, numbered_files, replace_file
 
 RESIDUALS_MODE = 0o600  # a site's residuals tell of its update, as the update does
 MAGIC = b"foedus residuals v1\n"
@@ -87,14 +87,11 @@ class ResidualStore:
     def rounds(self) -> list[int]:
         """The rounds whose residuals are on disk, oldest first."""
         try:
-            names = [entry.name for entry in self.folder.iterdir()]
-        except FileNotFoundError:
-            return []
+            return numbered_files(self.folder, _NAME)
         except OSError as error:
             raise ResidualsFileError(
                 f"{self.folder}: cannot list this site's residuals: {error.strerror or error}"
             ) from None
-        return sorted(int(match[1]) for name in names if (match := _NAME.fullmatch(name)))
 
     def load(self, round_number: int) -> dict[str, Float32Array]:
         """The residuals saved for the newest round before `round_number` (nothing when none);

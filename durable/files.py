@@ -10,6 +10,7 @@ otherwise (an upload, as it arrived) in place the same way.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -120,6 +121,17 @@ def is_temporary(path: Path, of: str | None = None) -> bool:
     """Whether `path` is a temporary file `replace_file` left behind (for the file named `of`)."""
     prefix = "." if of is None else f".{of}."
     return path.name.startswith(prefix) and path.name.endswith(TEMPORARY_SUFFIX)
+
+
+def numbered_files(folder: Path, name: re.Pattern[str]) -> list[int]:
+    """The numbers of the files in `folder` whose whole name `name` matches (its first group,
+    a decimal number), smallest first: a folder of one file per round. None yet: no folder, so
+    []; `OSError` when it cannot be listed."""
+    try:
+        entries = [entry.name for entry in folder.iterdir()]
+    except FileNotFoundError:
+        return []
+    return sorted(int(match[1]) for entry in entries if (match := name.fullmatch(entry)))
 
 
 def make_folders(path: Path) -> None:

@@ -271,14 +271,19 @@ def test_message_fields_match_openfl(full_name: str) -> None:
 
 
 def test_only_named_tensor_has_extensions() -> None:
-    """Our one extension field is NamedTensor.foedus_dtype, a string numbered 1000 or more."""
+    """Our extension fields are NamedTensor's, numbered 1000 or more: foedus_dtype, and the
+    compression code and delta flag that travel only between foedus peers (issue #24)."""
     extensions = {
         (full_name, f.name): (f.number, _kind(f))
         for full_name in WIRE
         for f in _message(full_name).fields
         if f.number >= FIRST_EXTENSION_NUMBER
     }
-    assert extensions == {("NamedTensor", "foedus_dtype"): (1000, "string")}
+    assert extensions == {
+        ("NamedTensor", "foedus_dtype"): (1000, "string"),
+        ("NamedTensor", "foedus_code"): (1001, "string"),
+        ("NamedTensor", "foedus_delta"): (1002, "bool"),
+    }
     field = base_pb2.NamedTensor.DESCRIPTOR.fields_by_name["foedus_dtype"]
     assert field.number >= FIRST_EXTENSION_NUMBER
     assert not field.has_presence
