@@ -69,6 +69,7 @@ def test_each_codes_plan_loads_with_its_codes_or_only_the_wire_refuses_it(
         EXPECTED[code]
     )
     assert plan.runner.name == "wan_torch:WideDigitsRunner"
+    assert plan.runner.settings["train_images"] == 64  # 2 steps of 32: the round is the transport
     assert plan.aggregator.initial_model is None  # the aggregator makes it from the runner
 
 

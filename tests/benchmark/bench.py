@@ -57,8 +57,8 @@ Phases, in order:
    and `wan_steady_round_seconds` (the later ones) against `wan_floor_seconds`, the time the
    model takes down and up one site's link at that rate. Then (`wan_codes.py`; needs
    `.venv-torch`, skipped with a note otherwise) the same links with a real model's update: a
-   wide MLP of about `wan_model_mb` trained one local epoch a round at each site on its shard of
-   the digits, one federation per code of `--wan-codes` (its plan's `compression` section):
+   wide MLP of about `wan_model_mb` trained one local epoch a round at each site on
+   `wan_train_images` images of its shard of the digits, one federation per code of `--wan-codes` (its plan's `compression` section):
    `wan_<code>_ratio`, its steady round over the uncompressed floor `wan_real_floor_seconds`.
 
 `--only PART` runs one part alone (any but transfer, whose ratios need raw's figures) and writes
@@ -278,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
         "'' for none; a code the plan loader refuses is skipped with a note)",
     )
     add(
+        "--wan-train-images",
+        type=int,
+        default=wan_codes.TRAIN_IMAGES,
+        help="the real model's images a site trains on each round, the first of its shard "
+        f"({wan_codes.TRAIN_IMAGES}: {wan_codes.TRAIN_IMAGES // wan_codes.BATCH_SIZE} steps; "
+        "0 for the whole shard, ~360 images)",
+    )
+    add(
         "--wan-torch-python",
         default=str(REPO / ".venv-torch" / "bin" / "python"),
         help="the interpreter with PyTorch for those rounds (.venv-torch's: make torch-env)",
@@ -332,6 +340,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         )
         if not getattr(args, name) > 0
     ]
+    if args.wan_train_images < 0:
+        problems.append("--wan-train-images must be 0 (the whole shard) or positive")
     if problems:
         parser.error("; ".join(problems))
     if args.output is None:
@@ -1157,6 +1167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         wan_rate_mbit=args.wan_rate_mbit,
         wan_rtt_ms=args.wan_rtt_ms,
         wan_codes=list(args.wan_codes),
+        wan_train_images=args.wan_train_images,
         quick=args.quick,
         only=args.only,
         mb_unit="MiB (2**20 bytes)",

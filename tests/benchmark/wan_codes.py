@@ -2,8 +2,11 @@
 
 Random bytes do not compress, so these runs federate a real model: a wide MLP on the digits
 images (`wan_model.py`, about `wan_model_mb` MiB of float32), each of the 4 sites training it
-one local epoch a round on its shard by SGD with momentum (`wan_torch.py`, PyTorch, so the
-aggregator and the sites run under `.venv-torch`'s interpreter: `make torch-env`). The links are
+one local epoch a round by SGD with momentum (`wan_torch.py`, PyTorch, so the aggregator and the
+sites run under `.venv-torch`'s interpreter: `make torch-env`) on the first `wan_train_images`
+images of its shard: 64 by default, 2 steps, still a real SGD update, and a round that measures
+the transport rather than 4 sites training at once on this machine's 2 cores (0: the whole
+shard, ~360 images, 12 steps, the runs before 2026-12-07). The links are
 the wide-area round's (`wan.py`). Each code in `--wan-codes` is a federation of its own, its
 plan's `compression` section as `CONFIGURATIONS` says, `wan_rounds` rounds.
 
@@ -43,6 +46,7 @@ from wan_model import FLOAT32_BYTES, MIB, parameter_bytes, width_for
 
 RUNNER: Final = "wan_torch:WideDigitsRunner"  # found through the PYTHONPATH of `torch_env`
 BATCH_SIZE: Final = 32  # the digits example's: a site's ~360 training images, 12 steps an epoch
+TRAIN_IMAGES: Final = 64  # of each site's shard a round: 2 steps, the epoch short beside the link
 LEARNING_RATE: Final = 0.05  # SGD with momentum 0.9, the digits CNN runner's
 TORCH_CHECK_SECONDS: Final = 120.0  # importing PyTorch on a loaded machine
 
@@ -109,13 +113,15 @@ class RealModel:
         width = width_for(model_mb)
         return cls(width, parameter_bytes(width), FLOAT32_BYTES * width * width)
 
-    def runner(self) -> RunnerSettings:
-        """The plan's `runner` section: the digits split IID, one epoch a round."""
+    def runner(self, train_images: int = TRAIN_IMAGES) -> RunnerSettings:
+        """The plan's `runner` section: the digits split IID, one epoch a round on the first
+        `train_images` images of each site's shard (0: all of it)."""
         settings = {
             "width": self.width,
             "epochs": 1,
             "batch_size": BATCH_SIZE,
             "learning_rate": LEARNING_RATE,
+            "train_images": train_images,
         }
         return RunnerSettings(RUNNER, 0, settings)
 
@@ -182,7 +188,7 @@ def measure_phase(run: Run, names: Sequence[str]) -> None:
             limits=limits_for(model.largest_tensor_bytes, model.model_bytes),
             rounds=args.wan_rounds,
             compression=CONFIGURATIONS[code] or None,
-            runner=model.runner(),
+            runner=model.runner(args.wan_train_images),
         )
         try:
             load_plan(plan_path)
@@ -204,7 +210,8 @@ def measure_phase(run: Run, names: Sequence[str]) -> None:
         run.results.update(figures(code, outcome, floor))
         say(
             f"wide-area round with {code}: {len(sites)} sites training a "
-            f"{model.model_bytes / MIB:.1f} MB MLP: rounds "
+            f"{model.model_bytes / MIB:.1f} MB MLP on {args.wan_train_images or 'all'} images "
+            f"each: rounds "
             f"{', '.join(f'{s:.2f}' for s in outcome.round_seconds)} s, uncompressed floor "
             f"{floor:.2f} s, {outcome.wire_over_payload:.3f} of its bytes on the links"
         )

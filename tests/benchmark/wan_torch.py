@@ -1,8 +1,10 @@
 """The wide-area round's real model as a PyTorch runner: a wide MLP on the digits, one epoch a round.
 
 `runner.settings`: the digits runner's (`split`, `test_fraction`, `epochs`, `batch_size`,
-`learning_rate`; `foedus.torch_runner.digits`: the same data, shards and SGD with momentum) and
-`width`, the hidden layers' width (`wan_model.width_for` gives it for a size in MiB). Run by the
+`learning_rate`; `foedus.torch_runner.digits`: the same data, shards and SGD with momentum),
+`width`, the hidden layers' width (`wan_model.width_for` gives it for a size in MiB), and
+`train_images`, the first that many of a site's training images (0, the default: its whole shard),
+so an epoch can be a few steps and the round measure the transport, the update still SGD's. Run by the
 benchmark under `.venv-torch`'s interpreter (`make torch-env`); not checked by `make lint`'s
 mypy, whose `.venv` has no PyTorch: `.venv-torch/bin/mypy --strict` checks it.
 """
@@ -25,6 +27,7 @@ from foedus.torch_runner.digits import DigitsCNNRunner
 from wan_model import layer_sizes
 
 MAX_WIDTH = 65_536
+OWN_KEYS = ("width", "train_images")  # this runner's keys; the rest are the digits CNN runner's
 
 
 class WideDigitsRunner(DigitsCNNRunner):
@@ -40,21 +43,40 @@ class WideDigitsRunner(DigitsCNNRunner):
 
     @classmethod
     def check_settings(cls, settings: RunnerSettings) -> tuple[DigitsSettings, torch.device]:
-        """`width` checked, the rest as the digits CNN runner checks it."""
+        """`width` and `train_images` checked, the rest as the digits CNN runner checks it."""
         width = settings.settings.get("width")
         if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= MAX_WIDTH:
             raise RunnerError(
                 f"{settings.key_path('width')}: expected an integer 1-{MAX_WIDTH}, got "
                 f"{shown(width)}"
             )
-        rest = {key: value for key, value in settings.settings.items() if key != "width"}
+        images = settings.settings.get("train_images", 0)
+        if isinstance(images, bool) or not isinstance(images, int) or images < 0:
+            raise RunnerError(
+                f"{settings.key_path('train_images')}: expected an integer >= 0 (0: the whole "
+                f"shard), got {shown(images)}"
+            )
+        rest = {key: value for key, value in settings.settings.items() if key not in OWN_KEYS}
         return super().check_settings(_with_settings(settings, rest))
+
+    def setup(self) -> None:
+        """The digits CNN runner's shard, its training images cut to `train_images` (0: all)."""
+        super().setup()
+        images = _train_images(self.settings)
+        if images:
+            self.train_x, self.train_y = self.train_x[:images], self.train_y[:images]
 
 
 def _width(settings: RunnerSettings) -> int:
     """The plan's `width` (`check_settings` refuses anything but an integer in range)."""
     width = settings.settings.get("width")
     return width if isinstance(width, int) else 1
+
+
+def _train_images(settings: RunnerSettings) -> int:
+    """The plan's `train_images` (0 unless set: the whole shard)."""
+    images = settings.settings.get("train_images", 0)
+    return images if isinstance(images, int) else 0
 
 
 def _with_settings(settings: RunnerSettings, raw: dict[str, object]) -> RunnerSettings:
