@@ -50,16 +50,20 @@ Phases, in order:
 8. dp (`dp_cost.py`): the round's sizes as a plain round and then a DP-FedAvg one, in turns
    `dp_pairs` times, the fastest of each kind kept (`dp_round_over_plain`; the aggregator's close
    after the last upload of each, where the clipping and the noise are).
-9. wide area (`wan.py`; needs root, skipped with a note otherwise): 4 sites, each a collaborator
-   process in a network namespace of its own behind a veth link shaped to `wan_rate_mbit` each
-   way, with `wan_rtt_ms` of round trip added by a delay line; `wan_rounds` rounds of a
-   `wan_model_mb` model. `wan_round_seconds` (the first, from the start, nothing connected yet)
-   and `wan_steady_round_seconds` (the later ones) against `wan_floor_seconds`, the time the
-   model takes down and up one site's link at that rate. Then (`wan_codes.py`; needs
-   `.venv-torch`, skipped with a note otherwise) the same links with a real model's update: a
-   wide MLP of about `wan_model_mb` trained one local epoch a round at each site on
-   `wan_train_images` images of its shard of the digits, one federation per code of `--wan-codes` (its plan's `compression` section):
-   `wan_<code>_ratio`, its steady round over the uncompressed floor `wan_real_floor_seconds`.
+9. transcode (`transcode_cost.py`, not a target): one upload of the wide-area model's shapes
+   per upload code, received by `receive_upload` without a socket: the aggregator's `transcode`
+   of it into the raw upload (`transcode_<code>_seconds`), the whole receive, the site's encoding.
+10. wide area (`wan.py`; needs root, skipped with a note otherwise): 4 sites, each a collaborator
+    process in a network namespace of its own behind a veth link shaped to `wan_rate_mbit` each
+    way, with `wan_rtt_ms` of round trip added by a delay line; `wan_rounds` rounds of a
+    `wan_model_mb` model. `wan_round_seconds` (the first, from the start, nothing connected yet)
+    and `wan_steady_round_seconds` (the later ones) against `wan_floor_seconds`, the time the model
+    takes down and up one site's link at that rate. Then (`wan_codes.py`; needs `.venv-torch`,
+    skipped with a note otherwise) the same links with a real model's update: a wide MLP of about
+    `wan_model_mb` trained one local epoch a round at each site on `wan_train_images` images of its
+    shard of the digits, one federation per code of `--wan-codes` (its plan's `compression`
+    section): `wan_<code>_ratio`, its steady round over the uncompressed floor
+    `wan_real_floor_seconds`.
 
 `--only PART` runs one part alone (any but transfer, whose ratios need raw's figures) and writes
 `build/bench-PART.json` unless `--output` says otherwise; a whole run writes every key as before.
@@ -107,6 +111,7 @@ import dp_cost
 import noop_runner
 import raw_grpc
 import secure_cost
+import transcode_cost
 import wan
 import wan_codes
 from harness import (
@@ -163,7 +168,19 @@ QUICK = {
 
 # The parts of a run, in order; `--only` runs one of those that stand alone (transfer's ratios
 # need raw's figures).
-PARTS = ("raw", "disk", "transfer", "probe", "round", "steady", "scale", "secure", "dp", "wan")
+PARTS = (
+    "raw",
+    "disk",
+    "transfer",
+    "probe",
+    "round",
+    "steady",
+    "scale",
+    "secure",
+    "dp",
+    "transcode",
+    "wan",
+)
 ALONE = tuple(part for part in PARTS if part != "transfer")
 
 
@@ -1014,6 +1031,11 @@ TABLE_KEYS = (
     "dp_plain_round_aggregator_cpu_seconds",
     "dp_round_aggregator_cpu_seconds",
     "dp_round_errors",
+    *(
+        f"transcode_{code}_{figure}"
+        for code in wan_codes.CONFIGURATIONS
+        for figure in ("seconds", "receive_seconds")
+    ),
     "wan_floor_seconds",
     "wan_round_seconds",
     "wan_ratio",
@@ -1033,6 +1055,8 @@ TABLE_KEYS = (
             "download_seconds_max",
             "upload_seconds_max",
             "site_seconds_max",
+            "close_seconds",
+            "before_download_seconds",
             "wire_over_payload",
         )
     ),
@@ -1107,6 +1131,8 @@ def benchmark(run: Run) -> None:
         count = max(args.round_collaborators, 2)
     elif args.only == "wan":
         count = wan.SITES
+    elif args.only == "transcode":
+        count = 2  # no collaborator connects: certificates are made as for any part
     names = collaborator_names(count)
     # Each collaborator thread holds a connection of its own, as the aggregator holds one each.
     raise_open_file_limit(files_needed(count))
@@ -1132,6 +1158,7 @@ def benchmark(run: Run) -> None:
         "scale": partial(measure_scale_phase, run, names),
         "secure": partial(secure_cost.measure_phase, run, names),
         "dp": partial(dp_cost.measure_phase, run, names),
+        "transcode": partial(transcode_cost.measure_phase, run),
         "wan": partial(measure_wan, run, names),
     }
     for part in PARTS:

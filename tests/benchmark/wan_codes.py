@@ -21,6 +21,9 @@ machine the 4 sites train on the same 2 cores, where a federation's sites each h
 so the local work weighs more here than in a federation; the targets are judged on
 `wan_<code>_ratio` all the same, the round as the issue defines it.
 `wan_<code>_wire_over_payload`: bytes on the links over the uncompressed bytes the rounds moved.
+Where a steady round goes: `wan_<code>_before_download_seconds` (the previous round's line to
+the first download's start), `_download_seconds_max`, `_site_seconds_max`, `_upload_seconds_max`
+(its first byte to the aggregator's answer), `_close_seconds` (the last answer to the round's line).
 
 A code whose plan the plan loader refuses (every code but `none` until the wire carries them,
 issue #24) is skipped with a note: nothing to change here when it carries them.
@@ -156,6 +159,8 @@ def figures(code: str, outcome: wan.WanOutcome, floor: float) -> dict[str, Any]:
         f"wan_{code}_download_seconds_max": steady_mean(outcome.download_seconds_max),
         f"wan_{code}_upload_seconds_max": steady_mean(outcome.upload_seconds_max),
         f"wan_{code}_site_seconds_max": steady_mean(outcome.site_seconds_max),
+        f"wan_{code}_close_seconds": steady_mean(outcome.close_seconds),
+        f"wan_{code}_before_download_seconds": steady_mean(outcome.before_download_seconds),
         f"wan_{code}_wire_over_payload": outcome.wire_over_payload,
     }
 
