@@ -39,6 +39,8 @@ FIGURES = (
     "secure_setup_seconds",
     "secure_scale_errors",
     "dp_round_over_plain",
+    "transcode_int8_seconds",
+    "transcode_lossless_receive_seconds",
 )
 # The wide-area round's figures: measured when the run may make network namespaces (root).
 WAN_FIGURES = (
