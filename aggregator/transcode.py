@@ -29,6 +29,7 @@ pipelines are refused by name (`UnsupportedPipelineError`).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -81,6 +82,8 @@ from foedus.protos.codec import (
 from foedus.protos.dtypes import FLOAT32, is_float
 from foedus.protos.results_reader import TENSORS_FIELD, Head
 from foedus.refusals.errors import InvalidRequestError, StorageError
+
+logger = logging.getLogger(__name__)
 
 # The global model's tensor a coded tensor of this name is a delta from; None: not in the model.
 Base = Callable[[str], Array | None]
@@ -243,12 +246,30 @@ def transcode(
         raise StorageError(f"{source}: cannot read: {error.strerror or error}") from None
     try:
         reader = _Reader(descriptor, source)
-        return [
+        placed = [
             _place(reader, tensor, flat, sink, upload)
             for tensor, flat in zip(tensors, bases, strict=True)
         ]
     finally:
         os.close(descriptor)
+    _log_openfl(head, tensors)
+    return placed
+
+
+def _log_openfl(head: Head, tensors: Sequence[Spooled]) -> None:
+    """Say which OpenFL pipelines an upload came in: an operator sees a peer's lossy updates."""
+    layouts = [t.layout for t in tensors if isinstance(t.layout, OpenflLayout)]
+    if layouts:
+        logger.info(
+            "%s's %s results of round %d: %d tensor(s) in OpenFL's %s decoded, %d of them "
+            "deltas added back to the global model",
+            head.header.sender,
+            head.task_name,
+            head.round_number,
+            len(layouts),
+            ", ".join(sorted({str(layout.pipeline) for layout in layouts})),
+            sum(layout.delta for layout in layouts),
+        )
 
 
 def _base_for(tensor: Spooled, base: Base, raw_base: Base) -> npt.NDArray[np.generic] | None:
