@@ -60,6 +60,10 @@ from foedus.refusals.errors import StorageError
 logger = logging.getLogger(__name__)
 
 MODEL_TAGS: Final = ("aggregated", "model")
+# GetAggregatedTensor's tags, as OpenFL's aggregator answers a request for the model (with
+# `compressed`): its collaborator keeps the tensor under ("model",), where `use_delta_updates`
+# looks for the base of the delta it sends.
+OPENFL_MODEL_TAGS: Final = ("model",)
 _CHUNK_DATA_FIELD: Final = aggregator_pb2.ModelChunk.DATA_FIELD_NUMBER
 _CHUNK_TENSOR_FIELD: Final = aggregator_pb2.ModelChunk.TENSOR_FIELD_NUMBER
 # The bytes a value takes in the body of a lossy payload.
@@ -101,7 +105,7 @@ class EncodedModel:
         with entry.lock:
             if entry.tensor is None:
                 entry.tensor = encode_tensor(
-                    name, array, round_number=round_number, tags=MODEL_TAGS
+                    name, array, round_number=round_number, tags=OPENFL_MODEL_TAGS
                 )
             return entry.tensor
 

@@ -176,8 +176,9 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
             # OpenFL's use_delta_updates asks for a delta and would add a whole model to its own.
             if DELTA_TAG in request.tags:
                 raise InvalidRequestError(
-                    f"tensor {request.tensor_name!r}: foedus sends whole models, not deltas "
-                    "(set use_delta_updates: false in the collaborator)"
+                    f"tensor {request.tensor_name!r}: foedus sends whole models, not deltas (in "
+                    "the collaborator's plan set use_delta_updates: false, or db_store_rounds: 0 "
+                    "so that it asks for the whole model each round)"
                 )
             array = self.federation.global_tensor(request.tensor_name, request.round_number)
             response = aggregator_pb2.GetAggregatedTensorResponse(
@@ -255,6 +256,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
                 expected_bytes=declared,
                 base=self._round_base,
                 upload_code=self.compression.upload,
+                raw_base=self._raw_base,
             )
             try:
                 head = received.head
@@ -279,6 +281,11 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
         round_number = self.federation.round_number
         array = self.federation.model().get(name)
         return None if array is None else self._encoded.base(round_number, name, array)
+
+    def _raw_base(self, name: str) -> Array | None:
+        """What an OpenFL collaborator's delta (`use_delta_updates`) of tensor `name` is from: the
+        global model's tensor of the round in progress, raw, as `GetAggregatedTensor` sends it."""
+        return self.federation.model().get(name)
 
     def _submit(
         self, caller: str, result: TaskResult

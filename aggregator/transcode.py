@@ -18,10 +18,19 @@ received it) added back:
 Memory stays at a few MB an upload whatever the model's size; a topk payload and its positions,
 and an int8 payload's scales (1.6 % of it), are held whole. NaN and infinities are looked for in
 the values written, base added.
+
+An OpenFL 1.9 collaborator's tensors in one of its own compression pipelines (no `foedus_code`:
+recognised by `foedus.compression.openfl.openfl_pipeline` from the tags and the metadata) are
+made raw here too: its payload read whole (OpenFL sends each tensor in one message) and decoded
+by `decode_openfl_tensor`, and a `delta` (OpenFL's `use_delta_updates`) added back to the round's
+global model as OpenFL's collaborators receive it: raw (`GetAggregatedTensor`). Eden and unknown
+pipelines are refused by name (`UnsupportedPipelineError`).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,6 +50,13 @@ from foedus.compression.lossless import (
     chunk_sizes,
     decompress_chunk_into,
 )
+from foedus.compression.openfl import (
+    Metadata,
+    Pipeline,
+    check_decodable,
+    decode_openfl_tensor,
+    openfl_pipeline,
+)
 from foedus.compression.quantize import (
     INT8_HEADER_BYTES,
     bfloat16_decode,
@@ -54,20 +70,26 @@ from foedus.protos import aggregator_pb2, base_pb2
 from foedus.protos.codec import (
     COMPRESSED_TAG,
     LOSSY_TAG,
+    MAX_DIMENSIONS,
     CodedLayout,
+    TensorFormatError,
+    TensorTooLargeError,
     all_finite,
     coded_layout,
     frame_around,
     tensor_code,
 )
-from foedus.protos.dtypes import is_float
+from foedus.protos.dtypes import FLOAT32, is_float
 from foedus.protos.results_reader import TENSORS_FIELD, Head
 from foedus.refusals.errors import InvalidRequestError, StorageError
+
+logger = logging.getLogger(__name__)
 
 # The global model's tensor a coded tensor of this name is a delta from; None: not in the model.
 Base = Callable[[str], Array | None]
 SLICE_BYTES: Final = 1024 * 1024  # decoded values written at a time
 _SLICE_VALUES: Final = SLICE_BYTES // 4  # of float32
+DELTA_TAG: Final = "delta"  # OpenFL's tag of a delta from the round's model (use_delta_updates)
 
 
 class Sink(Protocol):
@@ -84,13 +106,24 @@ class Sink(Protocol):
 
 
 @dataclass(frozen=True)
+class OpenflLayout:
+    """What an OpenFL pipeline's tensor claims, checked: its pipeline, its declared shape, whether
+    it is a delta, and the most bytes its decoded float32 values may take."""
+
+    pipeline: Pipeline
+    shape: tuple[int, ...]
+    delta: bool
+    max_bytes: int
+
+
+@dataclass(frozen=True)
 class Spooled:
     """One tensor as it lies in the spool of the upload as sent: `layout` None for raw values."""
 
     meta: base_pb2.NamedTensor  # every field but data_bytes
     data_offset: int | None
     data_size: int
-    layout: CodedLayout | None
+    layout: CodedLayout | OpenflLayout | None
 
 
 @dataclass(frozen=True)
@@ -132,6 +165,57 @@ def check_coded(
     return coded_layout(meta, max_bytes=max_tensor_bytes)
 
 
+def is_openfl_coded(meta: base_pb2.NamedTensor) -> bool:
+    """Whether a tensor with no `foedus_code` is not plain values: an OpenFL pipeline's output
+    (tag `lossy_compressed`, more than one metadata entry) or a delta (`use_delta_updates`)."""
+    return not meta.foedus_code and (
+        LOSSY_TAG in meta.tags or DELTA_TAG in meta.tags or len(meta.transformer_metadata) > 1
+    )
+
+
+def check_openfl(
+    meta: base_pb2.NamedTensor, *, in_model: bool, max_tensor_bytes: int, max_small_bytes: int
+) -> OpenflLayout:
+    """The layout of an OpenFL pipeline's tensor, checked when it ends: a shipped pipeline whose
+    format is fixed (else `UnsupportedPipelineError`, naming it), float32, a delta of a model
+    tensor only; a tensor not in the model (a metric) decodes to `max_small_bytes` at most."""
+    name = meta.name
+    metadata = openfl_metadata(meta)
+    try:
+        pipeline = openfl_pipeline(list(meta.tags), metadata)
+        check_decodable(pipeline)  # Eden: told now, before the rest of the upload arrives
+    except CompressedFormatError as error:
+        raise type(error)(f"tensor {name!r}: {error}") from None
+    if meta.foedus_dtype:
+        raise TensorFormatError(
+            f"tensor {name!r}: an OpenFL pipeline's tensor is float32, not {meta.foedus_dtype!r}"
+        )
+    delta = DELTA_TAG in meta.tags
+    if delta and not in_model:
+        raise InvalidRequestError(
+            f"tensor {name!r} is a delta (tag {DELTA_TAG!r}) but is not in the global model: "
+            "only the model's tensors are sent as deltas"
+        )
+    shape = tuple(metadata[0].int_list)
+    if len(shape) > MAX_DIMENSIONS or any(dimension < 0 for dimension in shape):
+        raise TensorFormatError(f"tensor {name!r}: shape {shape} is not a tensor's")
+    max_bytes = max_tensor_bytes if in_model else min(max_small_bytes, max_tensor_bytes)
+    if math.prod(shape) * FLOAT32.itemsize > max_bytes:
+        raise TensorTooLargeError(
+            f"tensor {name!r}: shape {shape} of float32 is {math.prod(shape) * FLOAT32.itemsize} "
+            f"bytes decoded, over the limit of {max_bytes} bytes"
+        )
+    return OpenflLayout(pipeline, shape, delta, max_bytes)
+
+
+def openfl_metadata(meta: base_pb2.NamedTensor) -> list[Metadata]:
+    """A tensor's `transformer_metadata`, copied out of its protobuf for `compression.openfl`."""
+    return [
+        Metadata(dict(entry.int_to_float), tuple(entry.int_list), tuple(entry.bool_list))
+        for entry in meta.transformer_metadata
+    ]
+
+
 def transcode(
     source: Path,
     head: Head,
@@ -140,11 +224,14 @@ def transcode(
     *,
     base: Base,
     upload: CodeSettings,
+    raw_base: Base = no_base,
 ) -> list[Placed]:
     """Write the raw `TaskResults` of the upload spooled at `source` to `sink`; where each tensor
-    went. Raises `InvalidRequestError` (`CompressedFormatError`, `CompressedTooLargeError`) for a
-    coded tensor that cannot be decoded or added back, `StorageError` when files fail."""
-    bases = [None if t.layout is None else _base_of(t.meta.name, t.layout, base) for t in tensors]
+    went. `raw_base` is the global model as OpenFL's collaborators receive it (raw), which an
+    OpenFL delta is added back to. Raises `InvalidRequestError` (`CompressedFormatError`,
+    `CompressedTooLargeError`) for a coded tensor that cannot be decoded or added back,
+    `StorageError` when files fail."""
+    bases = [_base_for(t, base, raw_base) for t in tensors]
     sink.write(
         aggregator_pb2.TaskResults(
             header=head.header,
@@ -159,25 +246,60 @@ def transcode(
         raise StorageError(f"{source}: cannot read: {error.strerror or error}") from None
     try:
         reader = _Reader(descriptor, source)
-        return [
+        placed = [
             _place(reader, tensor, flat, sink, upload)
             for tensor, flat in zip(tensors, bases, strict=True)
         ]
     finally:
         os.close(descriptor)
+    _log_openfl(head, tensors)
+    return placed
 
 
-def _base_of(name: str, layout: CodedLayout, base: Base) -> npt.NDArray[np.generic]:
-    """The base of a coded tensor, flat, once it has the tensor's dtype and shape."""
+def _log_openfl(head: Head, tensors: Sequence[Spooled]) -> None:
+    """Say which OpenFL pipelines an upload came in: an operator sees a peer's lossy updates."""
+    layouts = [t.layout for t in tensors if isinstance(t.layout, OpenflLayout)]
+    if layouts:
+        logger.info(
+            "%s's %s results of round %d: %d tensor(s) in OpenFL's %s decoded, %d of them "
+            "deltas added back to the global model",
+            head.header.sender,
+            head.task_name,
+            head.round_number,
+            len(layouts),
+            ", ".join(sorted({str(layout.pipeline) for layout in layouts})),
+            sum(layout.delta for layout in layouts),
+        )
+
+
+def _base_for(tensor: Spooled, base: Base, raw_base: Base) -> npt.NDArray[np.generic] | None:
+    """What a tensor's decoded values are added to, flat: None for raw values and non-deltas."""
+    layout = tensor.layout
+    if isinstance(layout, OpenflLayout):
+        return _base_of(tensor.meta.name, FLOAT32, layout.shape, raw_base) if layout.delta else None
+    if layout is None:
+        return None
+    return _base_of(tensor.meta.name, layout.dtype, layout.shape, base, layout.code)
+
+
+def _base_of(
+    name: str,
+    dtype: np.dtype[np.generic],
+    shape: tuple[int, ...],
+    base: Base,
+    code: Code | None = None,
+) -> npt.NDArray[np.generic]:
+    """The base of a coded tensor (or an OpenFL delta), flat, once it has its dtype and shape."""
     reference = base(name)
     if reference is None:
+        what = f"coded {code}" if code is not None else f"a delta (tag {DELTA_TAG!r})"
         raise InvalidRequestError(
-            f"tensor {name!r} is coded {layout.code} but is not in the global model: only the "
+            f"tensor {name!r} is {what} but is not in the global model: only the "
             "model's tensors travel coded, metrics raw"
         )
-    if reference.dtype != layout.dtype or reference.shape != layout.shape:
+    if reference.dtype != dtype or reference.shape != shape:
         raise InvalidRequestError(
-            f"tensor {name!r} is {layout.dtype}{list(layout.shape)}, the global model's is "
+            f"tensor {name!r} is {dtype}{list(shape)}, the global model's is "
             f"{reference.dtype}{list(reference.shape)}"
         )
     flat: npt.NDArray[np.generic] = np.ascontiguousarray(reference).reshape(-1)
@@ -193,6 +315,8 @@ def _place(
 ) -> Placed:
     """Write one tensor raw: its frame around its values, copied or decoded."""
     layout = tensor.layout
+    if isinstance(layout, OpenflLayout):
+        return _place_openfl(reader, tensor, layout, flat, sink)
     meta = tensor.meta if layout is None else _raw_meta(tensor.meta)
     size = tensor.data_size if layout is None else layout.nbytes
     head, tail = frame_around(TENSORS_FIELD, meta, size)
@@ -209,6 +333,43 @@ def _place(
             finite = None
     sink.write(tail)
     return Placed(meta, offset if size else None, size, finite)
+
+
+def _place_openfl(
+    reader: _Reader,
+    tensor: Spooled,
+    layout: OpenflLayout,
+    flat: npt.NDArray[np.generic] | None,
+    sink: Sink,
+) -> Placed:
+    """Write an OpenFL pipeline's tensor raw: decoded whole, a delta added to its base."""
+    meta, name = tensor.meta, tensor.meta.name
+    count = math.prod(layout.shape)
+    if flat is not None:
+        count = flat.size  # the model's: the declared shape was checked equal to it
+    data = reader.read(tensor.data_offset or 0, tensor.data_size) if tensor.data_size else b""
+    try:
+        values = decode_openfl_tensor(
+            list(meta.tags), openfl_metadata(meta), data, count=count, limit=layout.max_bytes
+        )
+    except CompressedFormatError as error:
+        raise type(error)(f"tensor {name!r}: {error}") from None
+    finite = True
+    if flat is not None:
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is found just below
+            np.add(flat, values, out=values, dtype=np.float32)
+        finite = all_finite(values)
+    raw = base_pb2.NamedTensor(
+        name=name, round_number=meta.round_number, lossless=True, report=meta.report
+    )
+    raw.tags.extend(sorted({*meta.tags, COMPRESSED_TAG} - {LOSSY_TAG, DELTA_TAG}))
+    raw.transformer_metadata.add().int_list.extend(layout.shape)
+    head, tail = frame_around(TENSORS_FIELD, raw, values.nbytes)
+    sink.write(head)
+    offset = sink.size
+    sink.write(values.view(np.uint8).data)
+    sink.write(tail)
+    return Placed(raw, offset if values.nbytes else None, values.nbytes, finite)
 
 
 def _raw_meta(meta: base_pb2.NamedTensor) -> base_pb2.NamedTensor:

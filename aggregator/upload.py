@@ -14,7 +14,8 @@ byte), while `foedus.protos.results_reader.ResultsReader` follows the message's 
 * a tensor coded in the plan's `compression.upload` code (its code comes after its data) is
   checked as it ends, and once the whole upload is in, `foedus.aggregator.transcode` writes the
   raw `TaskResults` it stands for (deltas decoded and added back to the round's global model)
-  into a new file, which replaces the spool: everything after sees a raw upload;
+  into a new file, which replaces the spool: everything after sees a raw upload; so are an
+  OpenFL collaborator's tensors in one of OpenFL's own compression pipelines, and its deltas;
 * at the end every tensor's metadata is checked as `foedus.protos.codec.decode_tensor` checks it, and
   the model tensors become read-only arrays mapped from the file: no copy of the data is made.
 
@@ -38,7 +39,17 @@ import numpy as np
 
 from foedus.aggregator.digest import new_digest
 from foedus.aggregator.records import Array, ResultTensor, UploadFile
-from foedus.aggregator.transcode import Base, Placed, Spooled, check_coded, no_base, transcode
+from foedus.aggregator.transcode import (
+    Base,
+    OpenflLayout,
+    Placed,
+    Spooled,
+    check_coded,
+    check_openfl,
+    is_openfl_coded,
+    no_base,
+    transcode,
+)
 from foedus.plans.schema import CodeSettings
 from foedus.protos import base_pb2
 from foedus.protos.codec import (
@@ -94,12 +105,15 @@ def receive_upload(
     expected_bytes: int | None = None,
     base: Base = no_base,
     upload_code: CodeSettings = RAW,
+    raw_base: Base = no_base,
 ) -> ReceivedUpload:
     """Write `chunks` to a new file in `folder` as they arrive, checking them on the way.
 
     Tensors may come coded in `upload_code` (the plan's `compression.upload`), as deltas from
     `base` (the round's global model as the sites received it): the file is then the raw
-    upload they stand for. The caller removes `ReceivedUpload.file.path` when done with it
+    upload they stand for. An OpenFL collaborator's tensors in one of OpenFL's compression
+    pipelines are made raw the same way, its deltas added back to `raw_base` (the global model as
+    OpenFL's collaborators receive it: raw). The caller removes `ReceivedUpload.file.path` when done with it
     (unless a store moved it); on any error the files are removed here. Raises `StreamError`
     for bytes that are not a `TaskResults`, `TensorFormatError` (or another
     `InvalidRequestError`) for a tensor that cannot be trusted, whatever `on_head` raises, and
@@ -137,7 +151,13 @@ def receive_upload(
             raw = _Spool(folder)
             with raw:
                 placed = transcode(
-                    spool.path, head, tensors.spooled(), raw, base=base, upload=upload_code
+                    spool.path,
+                    head,
+                    tensors.spooled(),
+                    raw,
+                    base=base,
+                    upload=upload_code,
+                    raw_base=raw_base,
                 )
             tensors.place(placed)
             spool.path.unlink(missing_ok=True)
@@ -256,7 +276,7 @@ class _Tensor:
     data_size: int = 0
     small: bytearray | None = None  # the data of a tensor kept in memory
     scan: _FiniteScan | None = None  # the finiteness check of a model tensor's values
-    layout: CodedLayout | None = None  # a coded tensor's, once it ended
+    layout: CodedLayout | OpenflLayout | None = None  # a coded tensor's, once it ended
     finite: bool | None = None  # a decoded tensor's values all finite (None: not known)
 
 
@@ -294,20 +314,32 @@ class _Tensors:
         else:
             tensor = self._current or _Tensor(event.meta)
             tensor.meta = event.meta  # now with the fields after the data (the dtype, the code)
-            if event.meta.foedus_code and self._model_dtype is not None:
+            openfl = is_openfl_coded(event.meta)
+            if (event.meta.foedus_code or openfl) and self._model_dtype is not None:
                 # Each decodes to a model tensor's size: twice, and a few bytes could fill the disk.
                 if event.meta.name in self._coded:
                     raise InvalidRequestError(
                         f"results name the same tensor more than once ({event.meta.name!r}, coded)"
                     )
                 self._coded.add(event.meta.name)
-                tensor.layout = check_coded(
-                    event.meta,
-                    self._upload_code,
-                    in_model=self._model_dtype(event.meta.name) is not None,
-                    max_tensor_bytes=self._max_tensor_bytes,
+                in_model = self._model_dtype(event.meta.name) is not None
+                tensor.layout = (
+                    check_openfl(
+                        event.meta,
+                        in_model=in_model,
+                        max_tensor_bytes=self._max_tensor_bytes,
+                        max_small_bytes=MAX_SMALL_TENSOR_BYTES,
+                    )
+                    if openfl
+                    else check_coded(
+                        event.meta,
+                        self._upload_code,
+                        in_model=in_model,
+                        max_tensor_bytes=self._max_tensor_bytes,
+                    )
                 )
                 tensor.scan = None  # it scanned a payload's bytes, not values
+                tensor.small = None  # a metric's payload: its values are in the raw file
             self._done.append(tensor)
             self._current = None
 

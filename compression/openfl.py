@@ -129,14 +129,7 @@ def decode_openfl_tensor(
         raise CompressedTooLargeError(
             f"{what}: {count} float32 values are {expected} bytes, over the limit of {limit} bytes"
         )
-    if pipeline is Pipeline.EDEN:
-        raise UnsupportedPipelineError(
-            f"OpenFL's EdenPipeline is refused: its bit width (n_bits) and the size up to which "
-            f"it sends a tensor uncompressed (dim_threshold) are settings of the sender's plan "
-            f"that the message does not carry, so no receiver can decode it from the message "
-            f"alone; {_INSTEAD} (or KCPipeline, SKCPipeline or STCPipeline, whose formats are "
-            f"fixed)"
-        )
+    check_decodable(pipeline)
     _check_shape(what, metadata[0].int_list, count)
     if pipeline is Pipeline.NO_COMPRESSION:
         values = _float32_values(what, data, count).copy()
@@ -148,6 +141,18 @@ def decode_openfl_tensor(
         values = _looked_up(what, table, _gunzipped(what, data, expected))
     _check_finite(what, values)
     return values
+
+
+def check_decodable(pipeline: Pipeline) -> None:
+    """Refuse, naming it, a recognised pipeline whose payload the message alone cannot decode."""
+    if pipeline is Pipeline.EDEN:
+        raise UnsupportedPipelineError(
+            f"OpenFL's EdenPipeline is refused: its bit width (n_bits) and the size up to which "
+            f"it sends a tensor uncompressed (dim_threshold) are settings of the sender's plan "
+            f"that the message does not carry, so no receiver can decode it from the message "
+            f"alone; {_INSTEAD} (or KCPipeline, SKCPipeline or STCPipeline, whose formats are "
+            f"fixed)"
+        )
 
 
 def _check_shape(what: str, shape: Sequence[int], count: int) -> None:

@@ -727,8 +727,8 @@ ROWS = [
                 **{"dense/bias": None},
             )
         ),
-        grpc.StatusCode.INVALID_ARGUMENT,
-        ("lossy-compressed tensors are not supported",),
+        grpc.StatusCode.INVALID_ARGUMENT,  # one entry, lossy: EdenPipeline's layout
+        ("'dense/bias'", "OpenFL's EdenPipeline is refused"),
     ),
     Row(
         "same-tensor-twice",
@@ -736,16 +736,16 @@ ROWS = [
         grpc.StatusCode.INVALID_ARGUMENT,
         ("the same tensor more than once",),
     ),
-    Row(
-        "delta-update",
+    Row(  # an OpenFL delta (use_delta_updates) is added back, to a float32 tensor only
+        "delta-of-a-float64-tensor",
         upload(
             train(
-                encode_tensor("dense/bias", np.ones(4, np.float32), tags=["delta"]),
-                **{"dense/bias": None},
+                encode_tensor("embedding", np.ones((2, 3), np.float32), tags=["delta"]),
+                embedding=None,
             )
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
-        ("'dense/bias' is a delta update",),
+        ("'embedding' is float32[2, 3], the global model's is float64[2, 3]",),
     ),
     Row(
         "train-lacks-a-tensor",

@@ -20,7 +20,7 @@ import pytest
 from cryptography import x509
 
 from foedus.aggregator import encoded_model
-from foedus.aggregator.encoded_model import MODEL_TAGS, EncodedModel
+from foedus.aggregator.encoded_model import OPENFL_MODEL_TAGS, EncodedModel
 from foedus.aggregator.federation import Federation
 from foedus.aggregator.records import Array
 from foedus.aggregator.server import AggregatorGRPCServer
@@ -186,7 +186,7 @@ def test_global_tensor_is_encoded_once_for_all_requests(
                 reply = caller.stub.GetAggregatedTensor(request, timeout=10)
                 assert (reply.header.receiver, reply.round_number) == (caller.name, 0)
                 assert reply.tensor == encode_tensor(
-                    name, small_model()[name], round_number=0, tags=MODEL_TAGS
+                    name, small_model()[name], round_number=0, tags=OPENFL_MODEL_TAGS
                 )
         for caller in callers:
             caller.channel.close()

@@ -100,16 +100,26 @@ def write_workspace(
     collaborators: Sequence[str],
     shards: Mapping[str, str] | None = None,
     aggregator_settings: Mapping[str, Any] | None = None,
+    collaborator_settings: Mapping[str, Any] | None = None,
+    compression_pipeline: str = "NoCompressionPipeline",
 ) -> Workspace:
     """An OpenFL workspace whose plan points at `localhost:port`, with our certificates in `cert/`.
 
     `collaborators` is the plan's authorised list (`plan/cols.yaml`); `shards` maps the
-    collaborators this workspace runs to their `data.yaml` entry ("INDEX/COUNT" of the digits).
+    collaborators this workspace runs to their `data.yaml` entry ("INDEX/COUNT" of the digits);
+    `collaborator_settings` update the plan's, `compression_pipeline` names one of
+    `openfl.pipelines`.
     """
     venv = openfl_venv()
     for folder in ("plan", "src", "save", "cert/client", "cert/server"):
         (root / folder).mkdir(parents=True, exist_ok=True)
-    plan = openfl_plan(port=port, rounds=rounds, aggregator_settings=aggregator_settings)
+    plan = openfl_plan(
+        port=port,
+        rounds=rounds,
+        aggregator_settings=aggregator_settings,
+        collaborator_settings=collaborator_settings,
+        compression_pipeline=compression_pipeline,
+    )
     (root / "plan" / "plan.yaml").write_text(yaml.safe_dump(plan, sort_keys=False))
     (root / "plan" / "cols.yaml").write_text(yaml.safe_dump({"collaborators": list(collaborators)}))
     lines = [f"{name},{shard}" for name, shard in (shards or {}).items()]
@@ -121,7 +131,12 @@ def write_workspace(
 
 
 def openfl_plan(
-    *, port: int, rounds: int, aggregator_settings: Mapping[str, Any] | None = None
+    *,
+    port: int,
+    rounds: int,
+    aggregator_settings: Mapping[str, Any] | None = None,
+    collaborator_settings: Mapping[str, Any] | None = None,
+    compression_pipeline: str = "NoCompressionPipeline",
 ) -> dict[str, Any]:
     """OpenFL 1.9's plan sections, defaults written out, for the digits task runner."""
     return {
@@ -140,11 +155,13 @@ def openfl_plan(
         },
         "collaborator": {
             "template": "openfl.component.Collaborator",
-            # foedus averages whole weights: OpenFL's default `use_delta_updates: True` is refused.
+            # foedus sends whole models: OpenFL's default `use_delta_updates: True` needs
+            # `db_store_rounds: 0` with it, so the collaborator asks for the whole model (README).
             "settings": {
                 "opt_treatment": "RESET",
                 "use_delta_updates": False,
                 "db_store_rounds": 1,
+                **(collaborator_settings or {}),
             },
         },
         "data_loader": {
@@ -186,7 +203,7 @@ def openfl_plan(
                 "kwargs": {"apply": "local"},
             },
         },
-        "compression_pipeline": {"template": "openfl.pipelines.NoCompressionPipeline"},
+        "compression_pipeline": {"template": f"openfl.pipelines.{compression_pipeline}"},
     }
 
 

@@ -3,7 +3,8 @@
 The digits CNN of plans/torch_digits.yaml, 10 rounds, three collaborators as real processes over
 mutual TLS, once uncompressed and once per code: `lossless` both ways ends with the very same
 model bytes; `int8` both ways within 0.5 points of the uncompressed run's accuracy; `topk` 1%
-with int8 values up (error feedback at the sites) and int8 down within 1.5 points.
+with int8 values up (error feedback at the sites) and int8 down within 1.5 points; a site killed
+-9 in the middle of a round and started again ends with the undisturbed run's model bytes.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import yaml
 
 from foedus.pki.layout import CertsLayout
 
-from federation_processes import final_accuracy
-from test_federation import EXAMPLE_PLAN, read_model, run
+from dying_runner import TRAIN, arm
+from federation_processes import FederationProcesses, final_accuracy, write_plan
+from test_federation import ENVIRONMENT, EXAMPLE_PLAN, KILLED, read_model, run
 
 ROUNDS = 10
 RUNNER = yaml.safe_load(EXAMPLE_PLAN.read_text(encoding="utf-8"))["runner"]
@@ -74,3 +76,43 @@ def test_a_lossy_code_costs_at_most_its_points(
     _, expected = uncompressed
     print(f"compression {compression}: accuracy {accuracy:.4f} against {expected:.4f}")
     assert accuracy >= expected - points / 100, (accuracy, expected)
+
+
+@pytest.mark.slow
+def test_a_site_killed_mid_round_with_error_feedback_ends_with_the_undisturbed_model(
+    certs: CertsLayout, tmp_path: Path
+) -> None:
+    """topk 1% with error feedback up, int8 down, 3 rounds: alice killed -9 after she trained
+    round 1 (her residuals of round 0 on disk, round 1's not yet), started again by hand,
+    trains round 1 again from the same residuals: the final model is the undisturbed run's,
+    byte for byte."""
+    compression = {
+        "upload": {"code": "topk", "fraction": 0.01, "values": "int8"},
+        "download": "int8",
+    }
+    runner = {**RUNNER, "name": "net_runner:DyingCNNRunner"}
+    rounds = 3
+    run(tmp_path / "undisturbed", certs, rounds, runner, compression=compression)
+    folder = tmp_path / "killed"
+    federation = FederationProcesses(
+        write_plan(folder, certs, rounds, runner=runner, compression=compression), folder
+    )
+    marker = folder / "alice-died-in-round-1"
+    alice = {**ENVIRONMENT, **arm((1, TRAIN, marker))}
+    try:
+        federation.start("aggregator", env=ENVIRONMENT)
+        for name in ("bob", "carol"):
+            federation.start(name, env=ENVIRONMENT)
+        federation.start("alice", env=alice)
+        assert federation.wait("alice", 180) == KILLED
+        assert marker.exists()  # it died by its own hand, after training round 1
+        federation.start("alice", env=alice)
+        codes = federation.wait_all()
+    finally:
+        federation.stop_all()
+    assert set(codes.values()) == {0}, (codes, federation.output(), federation.log("alice"))
+    expected = read_model(tmp_path / "undisturbed" / "output" / "last_model.pbuf")
+    final = read_model(folder / "output" / "last_model.pbuf")
+    assert {name: array.tobytes() for name, array in final.items()} == {
+        name: array.tobytes() for name, array in expected.items()
+    }
