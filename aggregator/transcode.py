@@ -481,12 +481,11 @@ def _bfloat16(
             f"bfloat16 payload of tensor {payload.name!r}: {payload.size} bytes where {count} "
             f"values need {2 * count}"
         )
-    finite = True
-    for start in range(0, count, _SLICE_VALUES):
-        size = min(_SLICE_VALUES, count - start)
-        decoded = bfloat16_decode(payload.read(2 * start, 2 * size), size, name=payload.name)
-        finite = _added(decoded, flat[start : start + size], sink) and finite
-    return finite
+
+    def decoded(start: int, size: int) -> npt.NDArray[np.float32]:
+        return bfloat16_decode(payload.read(2 * start, 2 * size), size, name=payload.name)
+
+    return _added_slices(count, flat, sink, decoded)
 
 
 def _int8(
@@ -504,13 +503,12 @@ def _int8(
         payload.read(INT8_HEADER_BYTES, int8.codes_start - INT8_HEADER_BYTES), int8, name=name
     )
     out = np.empty(min(count, _SLICE_VALUES), np.float32)
-    finite = True
-    for start in range(0, count, _SLICE_VALUES):
-        size = min(_SLICE_VALUES, count - start)
+
+    def decoded(start: int, size: int) -> npt.NDArray[np.float32]:
         codes = payload.read(int8.codes_start + start, size)
-        decoded = int8_dequantize(codes, scales, int8, start, out=out[:size], name=name)
-        finite = _added(decoded, flat[start : start + size], sink) and finite
-    return finite
+        return int8_dequantize(codes, scales, int8, start, out=out[:size], name=name)
+
+    return _added_slices(count, flat, sink, decoded)
 
 
 def _topk(
@@ -532,14 +530,29 @@ def _topk(
         )
     positions, kept = topk_kept(payload.read(0, payload.size), count, name=name)
     out = np.empty(min(count, _SLICE_VALUES), np.float32)
+
+    def decoded(start: int, size: int) -> npt.NDArray[np.float32]:
+        values = out[:size]
+        values.fill(0)
+        low, high = np.searchsorted(positions, (start, start + size))
+        values[positions[low:high] - start] = kept[low:high]
+        return values
+
+    return _added_slices(count, flat, sink, decoded)
+
+
+def _added_slices(
+    count: int,
+    base: npt.NDArray[np.generic],
+    sink: Sink,
+    decoded: Callable[[int, int], npt.NDArray[np.float32]],
+) -> bool:
+    """Write base + `decoded(start, size)` a slice of `_SLICE_VALUES` at a time (the lossy
+    codes' decoders, each its own `decoded`); whether every value is finite."""
     finite = True
     for start in range(0, count, _SLICE_VALUES):
         size = min(_SLICE_VALUES, count - start)
-        decoded = out[:size]
-        decoded.fill(0)
-        low, high = np.searchsorted(positions, (start, start + size))
-        decoded[positions[low:high] - start] = kept[low:high]
-        finite = _added(decoded, flat[start : start + size], sink) and finite
+        finite = _added(decoded(start, size), base[start : start + size], sink) and finite
     return finite
 
 
