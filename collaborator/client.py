@@ -47,17 +47,17 @@ from foedus.collaborator.server_identity import ProbeFailedError
 from foedus.collaborator.settings import ClientSettings
 from foedus.collaborator.streaming import Filling, Stub
 from foedus.plans import Plan
+from foedus.privacy.clipping import Clip, ClippedValues
 from foedus.protos import aggregator_pb2
 from foedus.protos.aggregator_pb2_grpc import AggregatorStub
 from foedus.protos.codec import (
     TensorFormatError,
-    TensorFrame,
     all_finite,
     coded_tensor_frame,
     decode_tensor,
     tensor_field_frame,
 )
-from foedus.protos.stream import UPLOAD_BYTES_METADATA, framed_chunks
+from foedus.protos.stream import UPLOAD_BYTES_METADATA, Part, framed_chunks
 from foedus.retry.backoff import RETRYABLE, Backoff
 from foedus.secure.wire import (
     MalformedMessage,
@@ -102,6 +102,9 @@ class OutgoingTensor:
     # The tensor in the plan's compression.upload code, sent in place of `array` (which is kept
     # as trained); None: `array` travels raw.
     coded: CodedPayload | None = None
+    # Differential privacy: `array` is sent clipped, scaled toward the global model's tensor a
+    # slice at a time as the upload is framed (`array` itself unchanged); None: as it is.
+    clip: Clip | None = None
 
 
 class AggregatorGRPCClient(AggregatorConnection):
@@ -521,40 +524,44 @@ _TENSORS_FIELD = aggregator_pb2.TaskResults.TENSORS_FIELD_NUMBER
 
 def task_results_parts(
     head: aggregator_pb2.TaskResults, tensors: Sequence[OutgoingTensor]
-) -> list[bytes | memoryview]:
+) -> list[Part]:
     """A serialized `TaskResults`, written around the arrays' (or coded payloads') own buffers,
     no serialized copy of the update: `head`'s fields, then each tensor as field `tensors`, in
-    `head`'s round."""
-    parts: list[bytes | memoryview] = [head.SerializeToString()]
+    `head`'s round (a clipped tensor's values made as they are sent)."""
+    parts: list[Part] = [head.SerializeToString()]
     for tensor in tensors:
-        parts += _tensor_frame(tensor, head.round_number).parts()
+        parts += _tensor_parts(tensor, head.round_number)
     return parts
 
 
-def _tensor_frame(tensor: OutgoingTensor, round_number: int) -> TensorFrame:
-    """One tensor of a result as a field of the `TaskResults`: raw, or in its code."""
+def _tensor_parts(tensor: OutgoingTensor, round_number: int) -> Sequence[Part]:
+    """One tensor of a result as a field of the `TaskResults`: raw, clipped, or in its code."""
     coded = tensor.coded
-    if coded is None:
-        return tensor_field_frame(
+    if coded is not None:
+        return coded_tensor_frame(
             _TENSORS_FIELD,
             tensor.name,
-            tensor.array,
+            coded.payload,
+            dtype=coded.dtype,
+            shape=coded.shape,
+            code=coded.code,
+            delta=coded.delta,
             round_number=round_number,
             tags=tensor.tags,
             report=tensor.report,
-        )
-    return coded_tensor_frame(
+        ).parts()
+    frame = tensor_field_frame(
         _TENSORS_FIELD,
         tensor.name,
-        coded.payload,
-        dtype=coded.dtype,
-        shape=coded.shape,
-        code=coded.code,
-        delta=coded.delta,
+        tensor.array,
         round_number=round_number,
         tags=tensor.tags,
         report=tensor.report,
     )
+    clip = tensor.clip
+    if clip is None:
+        return frame.parts()
+    return frame.parts_made(ClippedValues(frame.data, clip.reference, clip.factor))
 
 
 def _status_of(error: grpc.RpcError) -> tuple[grpc.StatusCode, str]:

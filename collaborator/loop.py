@@ -21,8 +21,8 @@ round sits the rest of it out (none of its tasks could count without its part in
 and asks again until a later round.
 
 In a federation with differential privacy (the plan's `differential_privacy`) the site clips
-its update (trained - global) to the plan's `clip` before it sends it
-(`foedus.privacy.clipping.clipped_model`); it validates its model as trained. In a secure one
+its update (trained - global) to the plan's `clip` as it sends it, a slice at a time as the
+upload is framed (`foedus.privacy.clipping.update_clips`); it validates its model as trained. In a secure one
 the masked update is clipped and given the site's noise share by `SecureRounds` instead
 (`foedus.privacy.shares`).
 
@@ -68,7 +68,7 @@ from foedus.plans.schema import (
     TRAIN,
     RunnerSettings,
 )
-from foedus.privacy.clipping import clipped_model
+from foedus.privacy.clipping import clipped_model, update_clips
 
 logger = logging.getLogger(__name__)
 
@@ -339,22 +339,28 @@ def _trained_tensors(
     clip: float | None,
     upload: UploadEncoder | None = None,
 ) -> tuple[list[OutgoingTensor], int]:
-    """The train result's model tensors and data size: clipped when the plan says `clip`, then
-    coded against the round's global model when it says an `upload` code; or masked (its weight
-    too) in a secure round (whose plan allows no upload code)."""
+    """The train result's model tensors and data size: clipped when the plan says `clip` (as
+    they are framed, when raw), coded against the round's global model when it says an `upload`
+    code; or masked (its weight too) in a secure round (whose plan allows no upload code)."""
     if secure is not None:  # the update masked; its weight travels masked too
         return secure.masked_results(
             current.number, current.global_model, outcome.model, outcome.data_size
         )
-    sent = outcome.model
-    if clip is not None:  # the aggregator clips again: this is the honest site's part
-        sent = clipped_model(current.global_model, outcome.model, clip)
-    coded = upload.encode(current.number, current.global_model, sent) if upload else {}
-    trained = [
-        OutgoingTensor(name, array, tags=TRAINED_TAGS, coded=coded.get(name))
-        for name, array in sent.items()
-    ]
-    return trained, outcome.data_size
+    # The aggregator clips again: this is the honest site's part.
+    if upload is not None:  # coded from the clipped model whole
+        sent = outcome.model
+        if clip is not None:
+            sent = clipped_model(current.global_model, outcome.model, clip)
+        coded = upload.encode(current.number, current.global_model, sent)
+        return [
+            OutgoingTensor(name, array, tags=TRAINED_TAGS, coded=coded.get(name))
+            for name, array in sent.items()
+        ], outcome.data_size
+    clips = {} if clip is None else update_clips(current.global_model, outcome.model, clip)
+    return [
+        OutgoingTensor(name, array, tags=TRAINED_TAGS, clip=clips.get(name))
+        for name, array in outcome.model.items()
+    ], outcome.data_size
 
 
 def _metrics(metrics: Mapping[str, float], tags: tuple[str, ...]) -> list[OutgoingTensor]:

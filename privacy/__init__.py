@@ -24,6 +24,8 @@ its train metrics under the names of `site_budget`, which every screen reads bac
 from foedus.privacy.accountant import budget_line, budget_problem, epsilon_after, rounds_within
 from foedus.privacy.clipping import (
     SLICE_ELEMENTS,
+    Clip,
+    ClippedValues,
     SliceReader,
     add_clipped,
     clip_factor,
@@ -32,6 +34,7 @@ from foedus.privacy.clipping import (
     factor_for,
     model_clip_factor,
     source_clip_factor,
+    update_clips,
 )
 from foedus.privacy.noise import (
     NOISE_VERSION,
@@ -47,6 +50,8 @@ __all__ = [
     "NOISE_VERSION",
     "SECRET_BYTES",
     "SLICE_ELEMENTS",
+    "Clip",
+    "ClippedValues",
     "NoiseSecret",
     "SliceReader",
     "add_clipped",
@@ -64,4 +69,5 @@ __all__ = [
     "rounds_within",
     "source_clip_factor",
     "stream_key",
+    "update_clips",
 ]

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TypedDict, Unpack
+from typing import TypedDict, TypeVar, Unpack
 
 import numpy as np
 import numpy.typing as npt
@@ -54,7 +54,7 @@ from foedus.protos.dtypes import (
     is_float,
     wire_dtype,
 )
-from foedus.protos.stream import field_prefix
+from foedus.protos.stream import MadeBytes, field_prefix
 from foedus.refusals.errors import InvalidRequestError, LimitExceededError
 
 COMPRESSED_TAG = "compressed"
@@ -129,6 +129,9 @@ def tensor_bytes(data: npt.NDArray[np.generic]) -> memoryview:
     return data.reshape(-1).view(np.uint8).data
 
 
+_Values = TypeVar("_Values", memoryview, MadeBytes)
+
+
 @dataclass(frozen=True)
 class TensorFrame:
     """A tensor encoded as a field of a parent message, around its values: `head`, then the
@@ -140,9 +143,20 @@ class TensorFrame:
 
     def parts(self) -> list[bytes | memoryview]:
         """The pieces to write, in order, the values a memoryview of `data`."""
-        parts: list[bytes | memoryview] = [self.head]
+        return self._around(tensor_bytes(self.data))
+
+    def parts_made(self, made: MadeBytes) -> list[bytes | MadeBytes]:
+        """The pieces to write, in order, with `made` in place of `data`'s bytes: as many bytes,
+        made as they are sent (`data` clipped: `foedus.privacy.clipping.ClippedValues`)."""
+        if len(made) != self.data.nbytes:
+            raise ValueError(f"{len(made)} bytes made for the {self.data.nbytes} of the tensor")
+        return self._around(made)
+
+    def _around(self, values: _Values) -> list[bytes | _Values]:
+        """`head`, `values` (unless the tensor is empty), `tail` (unless empty)."""
+        parts: list[bytes | _Values] = [self.head]
         if self.data.nbytes:
-            parts.append(tensor_bytes(self.data))
+            parts.append(values)
         if self.tail:
             parts.append(self.tail)
         return parts

@@ -13,7 +13,7 @@ for anything not framed as usual.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -70,9 +70,25 @@ def chunk_bytes(payload: bytes, chunk_size: int = CHUNK_BYTES) -> Iterator[base_
         yield base_pb2.DataStream(size=len(piece), npbytes=piece.tobytes())
 
 
-def framed_chunks(
-    parts: Sequence[bytes | memoryview], chunk_size: int = CHUNK_BYTES
-) -> Iterator[bytes]:
+class MadeBytes(Protocol):
+    """Bytes of a stream made as they are sent, the same bytes every time (a resend sends them
+    again): a clipped update's values (`foedus.privacy.clipping.ClippedValues`), computed a chunk
+    at a time into the chunks rather than into a second copy of the model first."""
+
+    def __len__(self) -> int:
+        """How many bytes there are."""
+        ...
+
+    def bytes_at(self, start: int, stop: int) -> bytes | memoryview:
+        """Bytes [start, stop): valid until the caller has copied them."""
+        ...
+
+
+# One piece of a framed stream: bytes that are there, or bytes made as they are sent.
+Part = bytes | memoryview | MadeBytes
+
+
+def framed_chunks(parts: Sequence[Part], chunk_size: int = CHUNK_BYTES) -> Iterator[bytes]:
     """The serialized `DataStream` chunks of the bytes `parts` make end to end, as `chunk_bytes` cuts them.
 
     Each chunk is framed around slices of the parts (one copy of the payload, not the three of
@@ -83,17 +99,31 @@ def framed_chunks(
     pending: list[bytes | memoryview] = []
     filled = 0
     for part in parts:
-        view = memoryview(part)
-        while view:
-            piece = view[: chunk_size - filled]
-            view = view[len(piece) :]
-            pending.append(piece)
-            filled += len(piece)
+        read = _reader(part)
+        done, size = 0, len(part)
+        while done < size:
+            taken = min(chunk_size - filled, size - done)
+            pending.append(read(done, done + taken))
+            done += taken
+            filled += taken
             if filled == chunk_size:
                 yield _framed(pending, filled)
                 pending, filled = [], 0
     if filled:
         yield _framed(pending, filled)
+
+
+def joined(parts: Iterable[Part]) -> bytes:
+    """The bytes `parts` make end to end, as one object (what the chunks carry, unframed)."""
+    return b"".join(_reader(part)(0, len(part)) for part in parts)
+
+
+def _reader(part: Part) -> Callable[[int, int], bytes | memoryview]:
+    """Bytes [start, stop) of `part`: a view of the bytes that are there, or the bytes made."""
+    if isinstance(part, bytes | memoryview):
+        view = memoryview(part).cast("B")
+        return lambda start, stop: view[start:stop]
+    return part.bytes_at
 
 
 def _framed(pieces: list[bytes | memoryview], size: int) -> bytes:

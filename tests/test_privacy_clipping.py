@@ -9,14 +9,19 @@ import numpy as np
 import pytest
 
 from foedus.aggregator.fedavg import ArraySource
+from foedus.collaborator.client import OutgoingTensor, task_results_parts
 from foedus.privacy import (
+    ClippedValues,
     add_clipped,
     clip_factor,
     clipped_model,
     delta_norm,
     factor_for,
     source_clip_factor,
+    update_clips,
 )
+from foedus.protos import aggregator_pb2
+from foedus.protos.stream import framed_chunks
 
 RNG = np.random.default_rng(23)
 
@@ -114,6 +119,52 @@ def test_a_site_clips_its_upload_in_its_own_dtypes() -> None:
     assert norm == pytest.approx(2.0, rel=1e-2)  # bfloat16 keeps 8 bits
     again = source_clip_factor(reference, ArraySource(clipped), 2.0)
     assert again == pytest.approx(1.0, rel=1e-2)
+
+
+@pytest.mark.parametrize("cut", [1, 3, 7, 4096])
+def test_values_clipped_a_piece_at_a_time_are_the_clipped_models_bytes(cut: int) -> None:
+    """A site that sends its update raw clips it as it frames it (`update_clips`,
+    `ClippedValues`): whatever byte ranges the chunks cut, values split among them, the bytes
+    are `clipped_model`'s, in every dtype."""
+    reference, trained = _model(), _model(scale=100.0)
+    clips = update_clips(reference, trained, 2.0)
+    clipped = clipped_model(reference, trained, 2.0)
+    assert set(clips) == set(trained)
+    for name, array in trained.items():
+        made = ClippedValues(array, clips[name].reference, clips[name].factor)
+        assert len(made) == array.nbytes
+        pieces = [
+            bytes(made.bytes_at(start, min(start + cut, len(made))))
+            for start in range(0, len(made), cut)
+        ]
+        assert b"".join(pieces) == clipped[name].tobytes(), name
+
+
+def test_an_update_within_clip_has_nothing_to_clip_as_it_is_framed() -> None:
+    """Within `clip` the factor is 1: no tensor is scaled (the arrays go as they are)."""
+    reference = _model()
+    trained = {name: values + values.dtype.type(0.01) for name, values in reference.items()}
+    assert update_clips(reference, trained, 10.0) == {}
+
+
+def test_an_upload_clipped_as_it_is_framed_is_the_clipped_models_upload() -> None:
+    """The client's chunks of a train result clipped as it is framed are byte for byte those of
+    the clipped model framed as it is: the aggregator receives the same upload either way."""
+    reference, trained = _model(), _model(scale=100.0)
+    clips = update_clips(reference, trained, 2.0)
+    head = aggregator_pb2.TaskResults(round_number=3, task_name="train", data_size=5)
+    made = task_results_parts(
+        head, [OutgoingTensor(n, a, tags=("trained",), clip=clips[n]) for n, a in trained.items()]
+    )
+    whole = task_results_parts(
+        head,
+        [
+            OutgoingTensor(n, a, tags=("trained",))
+            for n, a in clipped_model(reference, trained, 2.0).items()
+        ],
+    )
+    assert sum(map(len, made)) == sum(map(len, whole))  # the size the client declares
+    assert list(framed_chunks(made, 100)) == list(framed_chunks(whole, 100))
 
 
 def test_float32_and_float64_clip_in_their_own_arithmetic_within_a_rounding() -> None:

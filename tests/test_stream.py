@@ -17,6 +17,7 @@ from foedus.protos.stream import (
     chunk_bytes,
     chunk_payloads,
     framed_chunks,
+    joined,
     parse_chunk,
     parse_model_chunk,
 )
@@ -169,6 +170,36 @@ def test_framed_chunks_are_the_chunks_chunk_bytes_serializes(chunk_size: int) ->
     assert framed == [chunk.SerializeToString() for chunk in chunk_bytes(payload, chunk_size)]
     parsed = map(base_pb2.DataStream.FromString, framed)
     assert b"".join(chunk_payloads(parsed, max_bytes=MIB)) == payload
+
+
+class _Made:
+    """Bytes made as they are asked for (`MadeBytes`), counting what was made."""
+
+    def __init__(self, payload: bytes) -> None:
+        self._payload = payload
+        self.made = 0
+
+    def __len__(self) -> int:
+        return len(self._payload)
+
+    def bytes_at(self, start: int, stop: int) -> bytes:
+        self.made += stop - start
+        return self._payload[start:stop]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 1000, 4096])
+def test_framed_chunks_frame_made_bytes_as_they_frame_bytes(chunk_size: int) -> None:
+    """A part whose bytes are made as they are sent is framed as its bytes would be, each byte
+    made once per framing (a resend frames, and makes, them again)."""
+    payload = bytes(range(256)) * 10
+    made = _Made(payload[5:2000])
+    parts = [payload[:5], made, memoryview(payload)[2000:]]
+    framed = list(framed_chunks(parts, chunk_size))
+    assert framed == [chunk.SerializeToString() for chunk in chunk_bytes(payload, chunk_size)]
+    assert made.made == len(made)
+    assert list(framed_chunks(parts, chunk_size)) == framed
+    assert made.made == 2 * len(made)
+    assert joined(parts) == payload
 
 
 @pytest.mark.parametrize(

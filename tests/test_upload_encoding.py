@@ -43,6 +43,7 @@ from foedus.plans.schema import CodeSettings, CompressionSettings
 from foedus.privacy.clipping import clipped_model
 from foedus.protos import aggregator_pb2, base_pb2
 from foedus.protos.codec import COMPRESSED_TAG, LOSSY_TAG, coded_layout, decode_tensor
+from foedus.protos.stream import joined
 
 from servers import TASKS, make_federation, make_plan, plan_document, running_aggregator
 
@@ -93,7 +94,7 @@ def parsed_upload(
     ]
     head = aggregator_pb2.TaskResults(round_number=4, task_name="train", data_size=10)
     parts = task_results_parts(head, tensors)
-    results = aggregator_pb2.TaskResults.FromString(b"".join(parts))
+    results = aggregator_pb2.TaskResults.FromString(joined(parts))
     assert (results.round_number, results.task_name, results.data_size) == (4, "train", 10)
     assert [tensor.name for tensor in results.tensors] == list(trained)
     return list(results.tensors)

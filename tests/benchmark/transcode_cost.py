@@ -50,7 +50,7 @@ from foedus.plans.compression import compression
 from foedus.plans.reader import Section
 from foedus.plans.schema import CodeSettings, CompressionSettings
 from foedus.protos import aggregator_pb2
-from foedus.protos.stream import CHUNK_BYTES
+from foedus.protos.stream import CHUNK_BYTES, joined
 
 # isort: split
 # The benchmark's own modules, beside this file.
@@ -111,7 +111,7 @@ def framed(
         OutgoingTensor(name, array, ("trained",), coded=coded[name])
         for name, array in trained.items()
     ]
-    return b"".join(bytes(part) for part in task_results_parts(head, tensors)), encode_seconds
+    return joined(task_results_parts(head, tensors)), encode_seconds
 
 
 @contextmanager
