@@ -110,6 +110,7 @@ class EncodedModel:
         # site may hold whole (`lossless` downloads only).
         self._digest: _Digested | None = None
         self._previous: _Digested | None = None
+        self._digesting = threading.Lock()
 
     def model_digest(self, round_number: int, model: Mapping[str, Array]) -> str:
         """A digest of `model`, round `round_number`'s whole global model, computed once a round
@@ -117,20 +118,16 @@ class EncodedModel:
         sent); the model before it is kept, for the sites that hold it (`chunks`'s `held`)."""
         if self.download is not Code.LOSSLESS:
             return ""
-        with self._lock:
-            digested = self._digest
-            if digested is not None and digested.round_number == round_number:
-                return digested.digest
-            if digested is not None and digested.round_number > round_number:
-                return ""  # a late request for an older round: its model is not held on to
-        made = _Digested(round_number, model_digest(model), dict(model))
-        with self._lock:
-            current = self._digest
-            if current is None or current.round_number < round_number:
+        with self._digesting:  # the round's first requests wait for one digest, not make theirs
+            with self._lock:
+                current = self._digest
+            if current is not None and current.round_number >= round_number:
+                # This round's, or a late request for an older round: its model is not kept.
+                return current.digest if current.round_number == round_number else ""
+            made = _Digested(round_number, model_digest(model), dict(model))
+            with self._lock:
                 self._previous, self._digest = current, made
-                return made.digest
-            # Another request digested this round meanwhile, or a newer one's came first.
-            return current.digest if current.round_number == round_number else ""
+            return made.digest
 
     def tensor(self, round_number: int, name: str, array: Array) -> base_pb2.NamedTensor:
         """`array`, the global tensor `name` of `round_number`, encoded (the same message each time).

@@ -346,7 +346,7 @@ class AggregatorGRPCClient(AggregatorConnection):
                 f"the aggregator's model stream lacks {', '.join(map(repr, missing))}"
             )
         if not names:  # the whole model: held for the next download, when the aggregator named it
-            self._held = HeldModel(digest, model) if digest else None
+            self._held = HeldModel(digest, dict(model)) if digest else None
         return model
 
     def _finite(self, filled: Filling | Decoding) -> npt.NDArray[np.generic]:
