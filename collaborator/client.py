@@ -109,10 +109,16 @@ class OutgoingTensor:
 
 @dataclass(frozen=True)
 class HeldModel:
-    """A whole global model this collaborator received, by the digest the aggregator named it."""
+    """Tensors of a global model this collaborator received, and the digest the aggregator
+    named that whole model by: a later download of those tensors may come as the change."""
 
     digest: str
     model: Mapping[str, npt.NDArray[np.generic]]
+    whole: bool  # every tensor of the model (asked for none by name)
+
+    def covers(self, names: Sequence[str]) -> bool:
+        """Whether it holds every tensor `names` asks for (all of the model's when empty)."""
+        return self.whole if not names else all(name in self.model for name in names)
 
 
 class AggregatorGRPCClient(AggregatorConnection):
@@ -131,8 +137,8 @@ class AggregatorGRPCClient(AggregatorConnection):
         self._random = random
         # Whether the aggregator streams models (foedus's GetAggregatedModel); None: not yet known.
         self._streams_models: bool | None = None
-        # The last whole model streamed under the `lossless` download code, by the digest the
-        # aggregator named it with: the next download may come as the XOR with it.
+        # The tensors last streamed under the `lossless` download code, with the digest the
+        # aggregator named their model by: the next download may come as the XOR with them.
         self._held: HeldModel | None = None
 
     @classmethod
@@ -291,7 +297,7 @@ class AggregatorGRPCClient(AggregatorConnection):
             header=self._header(),
             round_number=round_number,
             tensor_names=list(names),
-            foedus_held_model="" if held is None else held.digest,
+            foedus_held_model=held.digest if held is not None and held.covers(names) else "",
         )
         return self._call(
             "GetAggregatedModel",
@@ -345,8 +351,8 @@ class AggregatorGRPCClient(AggregatorConnection):
             raise ResponseValidationError(
                 f"the aggregator's model stream lacks {', '.join(map(repr, missing))}"
             )
-        if not names:  # the whole model: held for the next download, when the aggregator named it
-            self._held = HeldModel(digest, dict(model)) if digest else None
+        # Held for the next download, when the aggregator named the model.
+        self._held = HeldModel(digest, dict(model), whole=not names) if digest else None
         return model
 
     def _finite(self, filled: Filling | Decoding) -> npt.NDArray[np.generic]:

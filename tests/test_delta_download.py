@@ -136,15 +136,26 @@ def test_a_delta_the_site_cannot_apply_is_refused(receiver: AggregatorGRPCClient
     with pytest.raises(ResponseValidationError, match="does not hold"):
         received(receiver, delta, 1)
     reshaped = {**first, "large": first["large"].reshape(1024, 1280)}
-    receiver._held = HeldModel(digest, reshaped)
+    receiver._held = HeldModel(digest, reshaped, whole=True)
     with pytest.raises(ResponseValidationError, match="'large' is a delta for float32"):
         received(receiver, delta, 1)
 
 
+def test_a_site_names_the_model_it_holds_only_for_tensors_it_holds() -> None:
+    """Held tensors asked for by name cover a request for them or fewer, not for another; a
+    whole model covers a request for the whole model, tensors asked for by name do not."""
+    model = large_model()
+    some = HeldModel("d", {"large": model["large"], "steps": model["steps"]}, whole=False)
+    assert some.covers(["large"]) and some.covers(["steps", "large"])
+    assert not some.covers(["large", "embedding"]) and not some.covers([])
+    assert HeldModel("d", model, whole=True).covers([])
+
+
 def test_a_real_site_downloads_the_next_round_as_its_change(certs: CertsLayout) -> None:
-    """Over mutual TLS: alice downloads round 0, trains (one value in a hundred moved), the
-    round closes, and her download of round 1 comes as the change (the aggregator spooled the
-    delta for her) and is round 1's model to the bit."""
+    """Over mutual TLS, asking for the model's tensors by name as the collaborator's loop does:
+    alice downloads round 0, trains (one value in a hundred moved), the round closes, and her
+    download of round 1 comes as the change (the aggregator spooled the delta for her) and is
+    round 1's model to the bit."""
     plan = coded_plan(make_plan(certs), Code.LOSSLESS)
     federation = Federation(collaborators=["alice"], tasks=["train"], rounds=2, model=large_model())
     with (
@@ -154,7 +165,8 @@ def test_a_real_site_downloads_the_next_round_as_its_change(certs: CertsLayout) 
             plan, "alice", aggregator_address="127.0.0.1", aggregator_port=server.port
         ) as client,
     ):
-        first = client.get_aggregated_model([], 0)
+        names = sorted(large_model())
+        first = client.get_aggregated_model(names, 0)
         trained = moved(dict(first))
         sent = [OutgoingTensor(name, array, tags=("trained",)) for name, array in trained.items()]
         client.send_local_task_results(0, "train", 10, sent)
@@ -162,7 +174,7 @@ def test_a_real_site_downloads_the_next_round_as_its_change(certs: CertsLayout) 
         while federation.round_number < 1 and time.monotonic() < deadline:
             time.sleep(0.02)
         assert federation.round_number == 1
-        second = client.get_aggregated_model([], 1)
+        second = client.get_aggregated_model(names, 1)
         model = federation.model()
         assert {n: a.tobytes() for n, a in second.items()} == {
             n: np.asarray(a).tobytes() for n, a in model.items()
