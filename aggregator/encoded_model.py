@@ -21,6 +21,15 @@ but is known last (the metadata's `data_size`, int8's scales) is written last an
 the spool's order. So encoding a tensor of any size holds a few MB (and int8's scales, 1/256 of
 the tensor's bytes, until they are spooled).
 
+Under the `lossless` download code a site that holds the previous round's model whole sends up
+its digest (`GetAggregatedModelRequest.foedus_held_model`, the digest `model_digest` gave and the
+stream's first chunk named): the tensors then travel as the XOR of their bits with the held
+model's (`foedus_delta`), which a federation whose updates move few values (top-k uploads: at
+most the union of the sites' indices changes) makes mostly zeros, and Blosc2 nearly nothing. The
+previous round's model is kept in memory (the arrays the federation handed out, mapped from
+their file even once it is tidied away), never on disk: a restarted aggregator, or a site that
+missed a round, has the whole model sent, as before.
+
 Under a lossy download code a site trains on the decoded model, so the base its upload delta is
 taken from is `round_trip` of the global model, not the model: `EncodedModel.base` computes it
 once a round per tensor and keeps it, a float32 copy of each float32 tensor the round long (the
@@ -34,13 +43,15 @@ import os
 import tempfile
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 import numpy as np
 
+from foedus.aggregator.digest import BLOCK_BYTES, new_digest
 from foedus.aggregator.mapped import FileRange, copy_range, mapped_range, write_all
 from foedus.aggregator.records import Array
 from foedus.compression.codes import Code, carried_code
@@ -95,6 +106,28 @@ class EncodedModel:
         self._lock = threading.Lock()
         self._round: int | None = None
         self._entries: dict[str, _Encoding] = {}
+        # The digest of the newest round's model and of the one before, with its arrays: what a
+        # site may hold whole (`lossless` downloads only).
+        self._digest: _Digested | None = None
+        self._previous: _Digested | None = None
+        self._digesting = threading.Lock()
+
+    def model_digest(self, round_number: int, model: Mapping[str, Array]) -> str:
+        """A digest of `model`, round `round_number`'s whole global model, computed once a round
+        (empty but under the `lossless` download code: no other code's site holds the model as
+        sent); the model before it is kept, for the sites that hold it (`chunks`'s `held`)."""
+        if self.download is not Code.LOSSLESS:
+            return ""
+        with self._digesting:  # the round's first requests wait for one digest, not make theirs
+            with self._lock:
+                current = self._digest
+            if current is not None and current.round_number >= round_number:
+                # This round's, or a late request for an older round: its model is not kept.
+                return current.digest if current.round_number == round_number else ""
+            made = _Digested(round_number, model_digest(model), dict(model))
+            with self._lock:
+                self._previous, self._digest = current, made
+            return made.digest
 
     def tensor(self, round_number: int, name: str, array: Array) -> base_pb2.NamedTensor:
         """`array`, the global tensor `name` of `round_number`, encoded (the same message each time).
@@ -109,9 +142,21 @@ class EncodedModel:
                 )
             return entry.tensor
 
-    def chunks(self, round_number: int, name: str, array: Array) -> SpooledChunks:
-        """`array` as the serialized `ModelChunk`s of `GetAggregatedModel` (the same bytes each time)."""
+    def chunks(
+        self, round_number: int, name: str, array: Array, *, held: str = ""
+    ) -> SpooledChunks:
+        """`array` as the serialized `ModelChunk`s of `GetAggregatedModel` (the same bytes each
+        time); `held`: the digest of the model the site holds whole, against whose tensor `name`
+        it is sent as a lossless XOR when that is the previous round's model."""
         entry = self._entry(round_number, name, array)
+        base = self._held_tensor(round_number, name, array, held)
+        if base is not None:
+            with entry.lock:
+                if entry.delta_chunks is None:
+                    entry.delta_chunks = delta_model_chunks(
+                        name, array, base, round_number, self.chunk_bytes, folder=self.folder
+                    )
+                return entry.delta_chunks
         with entry.lock:
             if entry.chunks is None:
                 code = carried_code(self.download, array.dtype, np.ndim(array))
@@ -138,6 +183,22 @@ class EncodedModel:
                 entry.base.flags.writeable = False
             return entry.base
 
+    def _held_tensor(self, round_number: int, name: str, array: Array, held: str) -> Array | None:
+        """The previous round's tensor `name` when the site holds that model (`held` is its
+        digest) and round `round_number`'s follows it in dtype and shape; None else."""
+        if not held:
+            return None
+        with self._lock:
+            current, previous = self._digest, self._previous
+        if current is None or previous is None or current.round_number != round_number:
+            return None
+        if held != previous.digest or previous.round_number >= round_number:
+            return None
+        base = previous.model.get(name)
+        if base is None or np.dtype(base.dtype) != np.dtype(array.dtype):
+            return None
+        return base if np.shape(base) == np.shape(array) else None
+
     def _entry(self, round_number: int, name: str, array: Array) -> _Encoding:
         with self._lock:
             if self._round is None or round_number > self._round:
@@ -159,7 +220,31 @@ class _Encoding:
         self.lock = threading.Lock()
         self.tensor: base_pb2.NamedTensor | None = None
         self.chunks: SpooledChunks | None = None
+        self.delta_chunks: SpooledChunks | None = None  # XOR with the previous round's tensor
         self.base: Array | None = None
+
+
+@dataclass(frozen=True)
+class _Digested:
+    """A round's whole global model and its digest (`model_digest`)."""
+
+    round_number: int
+    digest: str
+    model: dict[str, Array]
+
+
+def model_digest(model: Mapping[str, Array]) -> str:
+    """BLAKE3 of every tensor's name, dtype, shape and bytes, in name order: what names a whole
+    model a site holds (two models with the same digest are the same bits)."""
+    digest = new_digest()
+    for name in sorted(model):
+        array = model[name]
+        data = encode_tensor_meta_into(base_pb2.NamedTensor(), name, array)
+        digest.update(f"{len(name)}:{name}:{data.dtype.str}:{list(data.shape)}:".encode())
+        with _raw_reader(array, data) as read:
+            for start in range(0, data.nbytes, BLOCK_BYTES):
+                digest.update(read(start, min(BLOCK_BYTES, data.nbytes - start)))
+    return digest.hexdigest()
 
 
 def model_chunks(
@@ -231,6 +316,45 @@ def coded_model_chunks(
         shape=data.shape,
         code=code,
         delta=False,
+        round_number=round_number,
+        tags=MODEL_TAGS,
+    )
+    meta = aggregator_pb2.ModelChunk.FromString(frame.head + frame.tail)
+    meta.data_size = size
+    spool.insert(0, meta.SerializeToString())
+    return spool
+
+
+def delta_model_chunks(
+    name: str,
+    array: Array,
+    base: Array,
+    round_number: int,
+    chunk_bytes: int = CHUNK_BYTES,
+    *,
+    folder: Path | None = None,
+) -> SpooledChunks:
+    """One tensor as the serialized `ModelChunk`s of the `lossless` payload of its bits XOR
+    `base`'s (the same dtype and shape: the tensor the site holds), `foedus_delta` set."""
+    data = encode_tensor_meta_into(base_pb2.NamedTensor(), name, array)  # little-endian, C order
+    held = encode_tensor_meta_into(base_pb2.NamedTensor(), name, base)
+    spool = SpooledChunks(folder)
+    with _raw_reader(array, data) as read, _raw_reader(base, held) as read_held:
+
+        def read_xor(start: int, size: int) -> memoryview:
+            new = np.frombuffer(read(start, size), dtype=np.uint8)
+            old = np.frombuffer(read_held(start, size), dtype=np.uint8)
+            return np.bitwise_xor(new, old).data
+
+        size = _spool_lossless(spool, data, read_xor, chunk_bytes)
+    frame = coded_tensor_frame(
+        _CHUNK_TENSOR_FIELD,
+        name,
+        b"",
+        dtype=data.dtype,
+        shape=data.shape,
+        code=Code.LOSSLESS,
+        delta=True,
         round_number=round_number,
         tags=MODEL_TAGS,
     )

@@ -201,17 +201,25 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
         Answers with serialized `ModelChunk` messages (see
         `foedus.aggregator.server.method_handlers`): each tensor's chunks are encoded once per round
         and the same bytes go to every collaborator (`foedus.aggregator.encoded_model`), in the
-        plan's `compression.download` code (`GetAggregatedTensor`, OpenFL's, stays raw).
+        plan's `compression.download` code (`GetAggregatedTensor`, OpenFL's, stays raw). Under
+        `lossless` the first chunk names the model's digest, and a site that holds the previous
+        round's model whole gets the XOR with it (`EncodedModel.chunks`'s `held`).
         """
         with self._authenticated(context, request.header) as caller:
-            round_number = request.round_number
-            tensors = self.federation.global_tensors(list(request.tensor_names), round_number)
-            header = aggregator_pb2.ModelChunk(header=self._reply_header(caller))
+            round_number, names = request.round_number, list(request.tensor_names)
+            tensors = self.federation.global_tensors(names, round_number)
+            # The whole model of that round (a round that closed meanwhile is refused).
+            model = self.federation.global_tensors([], round_number) if names else tensors
+            header = aggregator_pb2.ModelChunk(
+                header=self._reply_header(caller),
+                foedus_model_digest=self._encoded.model_digest(round_number, dict(model)),
+            )
             yield header.SerializeToString()
+            held = request.foedus_held_model
             sent = 0  # counted once per stream, not per chunk (see aggregator.metrics)
             try:
                 for name, array in tensors:
-                    for chunk in self._encoded.chunks(round_number, name, array):
+                    for chunk in self._encoded.chunks(round_number, name, array, held=held):
                         yield chunk
                         sent += len(chunk)
             finally:

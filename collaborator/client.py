@@ -107,6 +107,20 @@ class OutgoingTensor:
     clip: Clip | None = None
 
 
+@dataclass(frozen=True)
+class HeldModel:
+    """Tensors of a global model this collaborator received, and the digest the aggregator
+    named that whole model by: a later download of those tensors may come as the change."""
+
+    digest: str
+    model: Mapping[str, npt.NDArray[np.generic]]
+    whole: bool  # every tensor of the model (asked for none by name)
+
+    def covers(self, names: Sequence[str]) -> bool:
+        """Whether it holds every tensor `names` asks for (all of the model's when empty)."""
+        return self.whole if not names else all(name in self.model for name in names)
+
+
 class AggregatorGRPCClient(AggregatorConnection):
     """Calls one aggregator for one collaborator, over mutual TLS unless told `tls=False`."""
 
@@ -123,6 +137,9 @@ class AggregatorGRPCClient(AggregatorConnection):
         self._random = random
         # Whether the aggregator streams models (foedus's GetAggregatedModel); None: not yet known.
         self._streams_models: bool | None = None
+        # The tensors last streamed under the `lossless` download code, with the digest the
+        # aggregator named their model by: the next download may come as the XOR with them.
+        self._held: HeldModel | None = None
 
     @classmethod
     def from_plan(
@@ -275,8 +292,12 @@ class AggregatorGRPCClient(AggregatorConnection):
     def _streamed_model(
         self, names: Sequence[str], round_number: int
     ) -> dict[str, npt.NDArray[np.generic]]:
+        held = self._held
         request = aggregator_pb2.GetAggregatedModelRequest(
-            header=self._header(), round_number=round_number, tensor_names=list(names)
+            header=self._header(),
+            round_number=round_number,
+            tensor_names=list(names),
+            foedus_held_model=held.digest if held is not None and held.covers(names) else "",
         )
         return self._call(
             "GetAggregatedModel",
@@ -300,6 +321,8 @@ class AggregatorGRPCClient(AggregatorConnection):
         wanted = set(names)
         current: Filling | Decoding | None = None
         index = -1
+        digest = ""  # the whole model's, as the aggregator names it (`lossless` downloads)
+        held = None if self._held is None else self._held.model
         for index, chunk in enumerate(chunks):
             if isinstance(chunk, memoryview):
                 if current is None:
@@ -308,11 +331,12 @@ class AggregatorGRPCClient(AggregatorConnection):
                 continue
             if index == 0:
                 self.validate_response(chunk.header)
+                digest = chunk.foedus_model_digest
                 continue
             if chunk.HasField("tensor"):
                 if current is not None:
                     model[current.name] = self._finite(current)
-                current = self._start_tensor(chunk, wanted, model, round_number)
+                current = self._start_tensor(chunk, wanted, model, round_number, held)
             data = chunk.data  # read once: every read of a bytes field is a fresh copy
             if data:
                 if current is None:
@@ -327,6 +351,8 @@ class AggregatorGRPCClient(AggregatorConnection):
             raise ResponseValidationError(
                 f"the aggregator's model stream lacks {', '.join(map(repr, missing))}"
             )
+        # Held for the next download, when the aggregator named the model.
+        self._held = HeldModel(digest, dict(model), whole=not names) if digest else None
         return model
 
     def _finite(self, filled: Filling | Decoding) -> npt.NDArray[np.generic]:
@@ -340,6 +366,7 @@ class AggregatorGRPCClient(AggregatorConnection):
         wanted: set[str],
         model: Mapping[str, npt.NDArray[np.generic]],
         round_number: int,
+        held: Mapping[str, npt.NDArray[np.generic]] | None,
     ) -> Filling | Decoding:
         meta = chunk.tensor
         name = meta.name
@@ -352,7 +379,7 @@ class AggregatorGRPCClient(AggregatorConnection):
                 f"asked the aggregator for {name!r} of round {round_number}, got round "
                 f"{meta.round_number}"
             )
-        return filling(meta, chunk.data_size, max_bytes=self.settings.max_tensor_bytes)
+        return filling(meta, chunk.data_size, max_bytes=self.settings.max_tensor_bytes, held=held)
 
     def send_local_task_results(
         self, round_number: int, task_name: str, data_size: int, tensors: Sequence[OutgoingTensor]

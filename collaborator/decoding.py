@@ -4,7 +4,8 @@ foedus's aggregator streams each tensor of the model in `compression.download`'s
 (`foedus.aggregator.encoded_model`; the payloads are said in `foedus.protos.codec`). The client
 allocates the decoded tensor from its metadata (`coded_layout`, within `max_tensor_bytes`),
 never from a size it is told, and decodes each chunk's bytes into it as they come, whatever
-they are cut into: `lossless` chunk by chunk (`TensorDecompressor`, each chunk checked before it
+they are cut into: `lossless` chunk by chunk (as a XOR with the model the collaborator holds
+whole, when the aggregator sends it so: the bits XORed back once the tensor is in) (`TensorDecompressor`, each chunk checked before it
 is inflated into its place), `int8` a part at a time (its header, then every block's scale,
 then the values straight into the array), `bfloat16` on 2-byte edges. A payload longer or
 shorter than its metadata announced, one that does not fit the tensor, or a chunk that would
@@ -13,6 +14,8 @@ than one lossless chunk, or int8's scales.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import numpy as np
 import numpy.typing as npt
@@ -89,9 +92,16 @@ class Decoding:
         """Check that what arrived is the whole tensor (the payload's size alone may not say)."""
 
 
-def filling(meta: base_pb2.NamedTensor, data_size: int, *, max_bytes: int) -> Filling | Decoding:
+def filling(
+    meta: base_pb2.NamedTensor,
+    data_size: int,
+    *,
+    max_bytes: int,
+    held: Mapping[str, npt.NDArray[np.generic]] | None = None,
+) -> Filling | Decoding:
     """What takes a streamed tensor's data: its raw values filled in place, or its payload in a
-    code decoded; its metadata checked first (`ResponseValidationError`)."""
+    code decoded; its metadata checked first (`ResponseValidationError`). `held`: the model the
+    collaborator said it holds whole, from which a `lossless` tensor may come as a XOR."""
     try:
         if tensor_code(meta) is Code.NONE:
             return Filling(meta.name, empty_tensor(meta, data_size, max_bytes=max_bytes))
@@ -99,11 +109,19 @@ def filling(meta: base_pb2.NamedTensor, data_size: int, *, max_bytes: int) -> Fi
     except TensorFormatError as error:
         raise ResponseValidationError(f"{BAD_TENSOR}: {error}") from None
     name = meta.name
+    base = None
     if layout.delta:
-        raise ResponseValidationError(
-            f"{BAD_TENSOR}: tensor {name!r} is a delta ({layout.code}); a download is the whole "
-            "model"
-        )
+        base = None if held is None else held.get(name)
+        if layout.code is not Code.LOSSLESS or base is None:
+            raise ResponseValidationError(
+                f"{BAD_TENSOR}: tensor {name!r} is a delta ({layout.code}) from a model this "
+                "collaborator does not hold"
+            )
+        if base.dtype != layout.dtype or base.shape != layout.shape:
+            raise ResponseValidationError(
+                f"{BAD_TENSOR}: tensor {name!r} is a delta for {layout.dtype}{list(layout.shape)}, "
+                f"and the held model's is {base.dtype}{list(base.shape)}"
+            )
     if layout.code not in _DECODINGS:
         raise ResponseValidationError(
             f"{BAD_TENSOR}: tensor {name!r} is coded {layout.code}, which is for uploads only "
@@ -115,6 +133,8 @@ def filling(meta: base_pb2.NamedTensor, data_size: int, *, max_bytes: int) -> Fi
         raise ResponseValidationError(
             f"{BAD_TENSOR}: tensor {name!r}: shape {layout.shape} is unusable: {error}"
         ) from None
+    if base is not None:
+        return _LosslessDelta(name, array, data_size, layout, base)
     return _DECODINGS[layout.code](name, array, data_size, layout)
 
 
@@ -140,6 +160,28 @@ class _Lossless(Decoding):
 
     def _finish(self) -> None:
         self._decompressor.finish()
+
+
+class _LosslessDelta(_Lossless):
+    """`lossless` with `foedus_delta`: the bits XOR the held model's tensor's, inflated into place
+    as they come, the held bits XORed back once the whole payload is in."""
+
+    def __init__(
+        self,
+        name: str,
+        array: npt.NDArray[np.generic],
+        data_size: int,
+        layout: CodedLayout,
+        base: npt.NDArray[np.generic],
+    ) -> None:
+        super().__init__(name, array, data_size, layout)
+        self._base = base
+
+    def _finish(self) -> None:
+        super()._finish()
+        bits = self.array.reshape(-1).view(np.uint8)  # a view: the array is new, C-ordered
+        held = np.ascontiguousarray(self._base).reshape(-1).view(np.uint8)
+        np.bitwise_xor(bits, held, out=bits)
 
 
 class _Bfloat16(Decoding):

@@ -150,26 +150,30 @@ class InteropMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[MessageHeader, _Mapping]] = ..., message: _Optional[_Union[_base_pb2.DataStream, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class GetAggregatedModelRequest(_message.Message):
-    __slots__ = ("header", "round_number", "tensor_names")
+    __slots__ = ("header", "round_number", "tensor_names", "foedus_held_model")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     ROUND_NUMBER_FIELD_NUMBER: _ClassVar[int]
     TENSOR_NAMES_FIELD_NUMBER: _ClassVar[int]
+    FOEDUS_HELD_MODEL_FIELD_NUMBER: _ClassVar[int]
     header: MessageHeader
     round_number: int
     tensor_names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, header: _Optional[_Union[MessageHeader, _Mapping]] = ..., round_number: _Optional[int] = ..., tensor_names: _Optional[_Iterable[str]] = ...) -> None: ...
+    foedus_held_model: str
+    def __init__(self, header: _Optional[_Union[MessageHeader, _Mapping]] = ..., round_number: _Optional[int] = ..., tensor_names: _Optional[_Iterable[str]] = ..., foedus_held_model: _Optional[str] = ...) -> None: ...
 
 class ModelChunk(_message.Message):
-    __slots__ = ("header", "tensor", "data_size", "data")
+    __slots__ = ("header", "tensor", "data_size", "data", "foedus_model_digest")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     DATA_SIZE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    FOEDUS_MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     header: MessageHeader
     tensor: _base_pb2.NamedTensor
     data_size: int
     data: bytes
-    def __init__(self, header: _Optional[_Union[MessageHeader, _Mapping]] = ..., tensor: _Optional[_Union[_base_pb2.NamedTensor, _Mapping]] = ..., data_size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    foedus_model_digest: str
+    def __init__(self, header: _Optional[_Union[MessageHeader, _Mapping]] = ..., tensor: _Optional[_Union[_base_pb2.NamedTensor, _Mapping]] = ..., data_size: _Optional[int] = ..., data: _Optional[bytes] = ..., foedus_model_digest: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("header",)

@@ -59,7 +59,10 @@ CONFIGURATIONS: Final[Mapping[str, Mapping[str, object]]] = {
     "lossless": {"upload": "lossless", "download": "lossless"},
     "bfloat16": {"upload": "bfloat16", "download": "bfloat16"},
     "int8": {"upload": "int8", "download": "int8"},
-    "topk": {"upload": {"code": "topk", "fraction": 0.01, "values": "int8"}, "download": "int8"},
+    "topk": {
+        "upload": {"code": "topk", "fraction": 0.01, "values": "int8"},
+        "download": "lossless",
+    },
 }
 DEFAULT_CODES: Final = ("none", "lossless", "int8", "topk")
 
