@@ -23,8 +23,8 @@ from foedus.compression.codes import Code, carried_code
 from foedus.compression.quantize import (
     INT8_BLOCK,
     INT8_HEADER_BYTES,
-    bfloat16_decode,
     bfloat16_encode,
+    bfloat16_round,
     int8_decode,
     int8_encode,
 )
@@ -79,20 +79,20 @@ class LossyEncoder:
 
 def round_trip(code: Code, array: Array, *, name: str = "") -> Array:
     """What a site decodes of the global tensor `array` sent in the download `code`: decode
-    (encode) for a lossy code on float32 values it can carry (a new array, the same shape),
-    `array` itself otherwise (`lossless` and `none` give the same bits back)."""
+    (encode) for a lossy code on float32 values it can carry (a new array, the same shape;
+    `bfloat16_round` for bfloat16, the same bits), `array` itself otherwise (`lossless` and
+    `none` give the same bits back)."""
     carried = carried_code(code, array.dtype, array.ndim)
     if not carried.lossy:
         return array
     flat = np.ascontiguousarray(array, dtype=np.float32).reshape(-1)
-    out = np.empty(flat.shape, np.float32)
     try:
+        if carried is Code.BFLOAT16:  # value by value: no payload needed between
+            return bfloat16_round(flat, name=name).reshape(array.shape)
+        out = np.empty(flat.shape, np.float32)
         for start in range(0, flat.size, SLICE_VALUES):
             values = flat[start : start + SLICE_VALUES]
-            if carried is Code.BFLOAT16:
-                decoded = bfloat16_decode(bfloat16_encode(values, name=name), values.size)
-            else:
-                decoded = int8_decode(int8_encode(values, name=name), values.size)
+            decoded = int8_decode(int8_encode(values, name=name), values.size)
             out[start : start + values.size] = decoded
     except ValueError:  # a value the code cannot carry: the tensor travels raw
         return array

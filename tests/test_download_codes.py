@@ -106,6 +106,12 @@ def test_a_payload_encoded_in_slices_is_the_whole_tensor_s(code: Code) -> None:
     assert empty.head() == (b"" if code is Code.BFLOAT16 else int8_encode(values[:0]))
 
 
+def bfloat16_encode_decoded(array: Array) -> bytes:
+    """The bytes of decode(encode(array)) under bfloat16: what a site decodes."""
+    values = array.reshape(-1)
+    return bfloat16_decode(bfloat16_encode(values), values.size).tobytes()
+
+
 def test_round_trip_is_what_decoding_the_whole_payload_gives() -> None:
     """decode(encode(x)) bit for bit, over several of its own slices; the array itself where
     nothing is lost (lossless, none, other dtypes) or where the code cannot carry a value."""
@@ -115,14 +121,19 @@ def test_round_trip_is_what_decoding_the_whole_payload_gives() -> None:
     assert int8.shape == tensor.shape and int8.dtype == np.float32
     assert int8.tobytes() == int8_decode(int8_encode(values), values.size).tobytes()
     bf16 = round_trip(Code.BFLOAT16, tensor)
-    assert bf16.tobytes() == bfloat16_decode(bfloat16_encode(values), values.size).tobytes()
+    assert bf16.shape == tensor.shape and bf16.dtype == np.float32
+    assert bf16.tobytes() == bfloat16_encode_decoded(tensor)
     assert not np.array_equal(int8, tensor) and not np.array_equal(bf16, tensor)
     for code in (Code.NONE, Code.LOSSLESS):
         assert round_trip(code, tensor) is tensor
     steps = np.arange(5, dtype=np.float64)
     assert round_trip(Code.INT8, steps) is steps
-    diverged = np.array([1.0, np.nan], dtype=np.float32)
-    assert round_trip(Code.INT8, diverged) is diverged
+    diverged = np.array([[1.0, np.nan]], dtype=np.float32)  # 2-D: a vector travels raw anyway
+    for code in LOSSY_DOWNLOADS:
+        assert round_trip(code, diverged) is diverged
+    past = np.array([[1.0], [-3.4e38]], dtype=np.float32)  # rounds past bfloat16's largest
+    assert round_trip(Code.BFLOAT16, past) is past
+    assert round_trip(Code.BFLOAT16, past / 2).tobytes() == bfloat16_encode_decoded(past / 2)
     assert [carried_code(Code.INT8, np.dtype(t), 2) for t in ("<f4", "<f8", "<i8")] == [
         Code.INT8,
         Code.NONE,

@@ -21,6 +21,7 @@ from foedus.compression.quantize import (
     INT8_HEADER_BYTES,
     bfloat16_decode,
     bfloat16_encode,
+    bfloat16_round,
     int8_decode,
     int8_dequantize,
     int8_encode,
@@ -94,6 +95,110 @@ def test_bfloat16_round_trip_is_ml_dtypes_cast() -> None:
     assert decoded.tobytes() == expected.tobytes()
     assert bfloat16_decode(bytearray(payload), values.size).tobytes() == expected.tobytes()
     assert bfloat16_decode(b"", 0).shape == (0,)
+
+
+# The smallest float32 magnitude that rounds past bfloat16's largest (0x7F7F): the tie to 0x7F80.
+_BF16_OVERFLOW_BITS = 0x7F7F8000
+# Lower halves at and around every rounding boundary: exact, just below, at and past the tie.
+_LOWER_HALVES = (0x0000, 0x0001, 0x7FFF, 0x8000, 0x8001, 0xFFFF)
+
+
+def _ml_dtypes_bfloat16(values: npt.NDArray[np.float32]) -> bytes:
+    """ml_dtypes' cast to bfloat16, the reference the encoder must equal byte for byte."""
+    return values.astype(ml_dtypes.bfloat16).tobytes()
+
+
+def _carried_by_bfloat16(bits: npt.NDArray[np.uint32]) -> npt.NDArray[np.float32]:
+    """The float32 values of `bits` that bfloat16 carries: finite, rounding below its infinity."""
+    return bits[(bits & 0x7FFFFFFF) < _BF16_OVERFLOW_BITS].view(np.float32)
+
+
+def _assert_bfloat16_is_ml_dtypes(values: npt.NDArray[np.float32]) -> None:
+    """The payload is ml_dtypes' bytes; `bfloat16_round` and the decoder give its float32."""
+    payload = bfloat16_encode(values)
+    assert payload == _ml_dtypes_bfloat16(values)
+    expected = values.astype(ml_dtypes.bfloat16).astype(np.float32).tobytes()
+    assert bfloat16_decode(payload, values.size).tobytes() == expected
+    assert bfloat16_round(values).tobytes() == expected
+
+
+def test_bfloat16_is_ml_dtypes_cast_at_every_rounding_boundary() -> None:
+    """Every sign, exponent and kept mantissa (all 65,536 upper halves, each with lower halves
+    exact, just below, at and just past the tie): ties to even both ways, carries into the
+    exponent, subnormals, -0.0, the largest values that round finite."""
+    uppers = np.arange(1 << 16, dtype=np.uint32) << 16
+    bits = (uppers[:, None] | np.array(_LOWER_HALVES, np.uint32)).reshape(-1)
+    carried = _carried_by_bfloat16(bits)
+    # Below 0x7F7F every lower half, each sign; 0x7F7F itself only below its tie.
+    assert carried.size == 2 * (0x7F7F * len(_LOWER_HALVES) + 3)
+    _assert_bfloat16_is_ml_dtypes(carried)
+
+
+def test_bfloat16_is_ml_dtypes_cast_on_named_edge_cases() -> None:
+    """The cases by name, beside each the bfloat16 it must be."""
+    cases = {
+        0x3F808000: 0x3F80,  # a tie, even side below: down
+        0x3F818000: 0x3F82,  # a tie, odd side below: up
+        0xBF818000: 0xBF82,  # the same, negative: away from zero
+        0x3FFF8000: 0x4000,  # a tie rounding up carries into the exponent: 2.0
+        0x00008000: 0x0000,  # a subnormal tie, even side: +0
+        0x00018000: 0x0002,  # a subnormal tie, odd side: up
+        0x807FFFFF: 0x8080,  # the largest subnormal rounds up to the smallest normal, negative
+        0x00000001: 0x0000,  # the smallest subnormal: +0
+        0x80000001: 0x8000,  # and negative: -0
+        0x80000000: 0x8000,  # -0.0 stays -0.0
+        0x7F7F7FFF: 0x7F7F,  # the largest float32 that rounds to bfloat16's largest
+        0xFF7F7FFF: 0xFF7F,  # and its negative
+        0x7F000000: 0x7F00,  # 2^127, the largest power of two
+    }
+    values = _bits(*cases)
+    assert bfloat16_encode(values) == struct.pack(f"<{len(cases)}H", *cases.values())
+    _assert_bfloat16_is_ml_dtypes(values)
+    powers = np.ldexp(np.float32(1), np.arange(-149, 128)).astype(np.float32)
+    assert np.all(powers > 0) and np.isfinite(powers).all()
+    _assert_bfloat16_is_ml_dtypes(np.concatenate([powers, -powers]))
+
+
+def test_bfloat16_is_ml_dtypes_cast_on_random_bit_patterns() -> None:
+    """A million float32 bit patterns drawn uniformly (non-finite and overflowing ones left out)."""
+    bits = np.random.default_rng(16).integers(0, 1 << 32, 1 << 20, dtype=np.uint32)
+    carried = _carried_by_bfloat16(bits)
+    assert carried.size > 0.99 * bits.size
+    _assert_bfloat16_is_ml_dtypes(carried)
+    _assert_bfloat16_is_ml_dtypes(carried[3:-5])  # starts and ends off any slice boundary
+
+
+@pytest.mark.parametrize("word", [_BF16_OVERFLOW_BITS, 0x7F7FFFFF, 0xFF7F8000, 0xFF7FFFFF])
+def test_bfloat16_refuses_exactly_where_ml_dtypes_gives_infinity(word: int) -> None:
+    """From the tie past bfloat16's largest up to float32's largest, either sign: refused, by
+    the encoder and by `bfloat16_round` alike, naming the tensor, the position and the value."""
+    values = _bits(0x3F800000, 0x7F7F7FFF, word, 0xFF7F7FFF)
+    assert np.isinf(values[2:3].astype(ml_dtypes.bfloat16).astype(np.float32)).all()
+    message = (
+        rf"^tensor 'w': value at position 2 \({re.escape(format(values[2]))}\) rounds past "
+        r"bfloat16's largest value \(about 3\.39e38\)$"
+    )
+    for encode in (bfloat16_encode, bfloat16_round):
+        with pytest.raises(ValueError, match=message):
+            encode(values, name="w")
+
+
+def test_bfloat16_refuses_a_nan_before_a_value_past_its_largest() -> None:
+    """A NaN anywhere is the site's bug, named first even after an overflowing value."""
+    values = _bits(0x7F7FFFFF, 0x3F800000, 0x7FC00000)
+    for encode in (bfloat16_encode, bfloat16_round):
+        with pytest.raises(ValueError, match=r"^a tensor: value at position 2 is nan: "):
+            encode(values)
+
+
+def test_bfloat16_round_is_a_new_array_for_an_empty_or_one_value() -> None:
+    """Empty and one-value vectors, and the shape and type of what `bfloat16_round` gives."""
+    for values in (np.zeros(0, np.float32), np.array([1 + 2**-8 + 2**-9], np.float32)):
+        rounded = bfloat16_round(values)
+        assert rounded.dtype == np.float32 and rounded.shape == values.shape
+        assert rounded is not values
+        _assert_bfloat16_is_ml_dtypes(values)
+    assert bfloat16_encode(np.zeros(0, np.float32)) == b""
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -319,9 +424,9 @@ def test_int8_parts_are_checked() -> None:
 @example(np.array([0.0, -0.0, 1e-45], np.float32), 2)
 def test_fuzz_round_trips(values: npt.NDArray[np.float32], block: int) -> None:
     """Any finite array: bfloat16 is ml_dtypes' cast, int8 is within half a step and repeatable."""
-    assert bfloat16_decode(bfloat16_encode(values), values.size).tobytes() == (
-        values.astype(ml_dtypes.bfloat16).astype(np.float32).tobytes()
-    )
+    expected = values.astype(ml_dtypes.bfloat16).astype(np.float32).tobytes()
+    assert bfloat16_decode(bfloat16_encode(values), values.size).tobytes() == expected
+    assert bfloat16_round(values).tobytes() == expected
     payload = int8_encode(values, block=block)
     assert payload == int8_encode(values.copy(), block=block)
     decoded = int8_decode(payload, values.size)
