@@ -43,16 +43,15 @@ import os
 import tempfile
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 import numpy as np
 
 from foedus.aggregator.digest import BLOCK_BYTES, new_digest
-from foedus.aggregator.mapped import FileRange, copy_range, mapped_range, write_all
+from foedus.aggregator.mapped import FileRange, copy_range, mapped_range, open_files, write_all
 from foedus.aggregator.records import Array
 from foedus.compression.codes import Code, carried_code
 from foedus.compression.download import LossyEncoder, round_trip
@@ -124,7 +123,7 @@ class EncodedModel:
             if current is not None and current.round_number >= round_number:
                 # This round's, or a late request for an older round: its model is not kept.
                 return current.digest if current.round_number == round_number else ""
-            made = _Digested(round_number, model_digest(model), dict(model))
+            made = _Digested(round_number, model_digest(model), dict(model), model.values())
             with self._lock:
                 self._previous, self._digest = current, made
             return made.digest
@@ -149,12 +148,19 @@ class EncodedModel:
         time); `held`: the digest of the model the site holds whole, against whose tensor `name`
         it is sent as a lossless XOR when that is the previous round's model."""
         entry = self._entry(round_number, name, array)
-        base = self._held_tensor(round_number, name, array, held)
-        if base is not None:
+        previous = self._held_tensor(round_number, name, array, held)
+        if previous is not None:
+            base, model = previous
             with entry.lock:
                 if entry.delta_chunks is None:
                     entry.delta_chunks = delta_model_chunks(
-                        name, array, base, round_number, self.chunk_bytes, folder=self.folder
+                        name,
+                        array,
+                        base,
+                        round_number,
+                        self.chunk_bytes,
+                        folder=self.folder,
+                        base_files=model.files,
                     )
                 return entry.delta_chunks
         with entry.lock:
@@ -183,9 +189,11 @@ class EncodedModel:
                 entry.base.flags.writeable = False
             return entry.base
 
-    def _held_tensor(self, round_number: int, name: str, array: Array, held: str) -> Array | None:
-        """The previous round's tensor `name` when the site holds that model (`held` is its
-        digest) and round `round_number`'s follows it in dtype and shape; None else."""
+    def _held_tensor(
+        self, round_number: int, name: str, array: Array, held: str
+    ) -> tuple[Array, _Digested] | None:
+        """The previous round's tensor `name`, and that model, when the site holds it (`held` is
+        its digest) and round `round_number`'s tensor follows it in dtype and shape; None else."""
         if not held:
             return None
         with self._lock:
@@ -197,7 +205,7 @@ class EncodedModel:
         base = previous.model.get(name)
         if base is None or np.dtype(base.dtype) != np.dtype(array.dtype):
             return None
-        return base if np.shape(base) == np.shape(array) else None
+        return (base, previous) if np.shape(base) == np.shape(array) else None
 
     def _entry(self, round_number: int, name: str, array: Array) -> _Encoding:
         with self._lock:
@@ -224,13 +232,24 @@ class _Encoding:
         self.base: Array | None = None
 
 
-@dataclass(frozen=True)
 class _Digested:
-    """A round's whole global model and its digest (`model_digest`)."""
+    """A round's whole global model and its digest (`model_digest`), with its files kept open:
+    read as the previous round's once they are tidied away, its bytes never come through the
+    mappings (whose pages would count in the aggregator's memory)."""
 
-    round_number: int
-    digest: str
-    model: dict[str, Array]
+    def __init__(
+        self, round_number: int, digest: str, model: dict[str, Array], arrays: Iterable[Array]
+    ) -> None:
+        self.round_number = round_number
+        self.digest = digest
+        self.model = model
+        self.files = open_files(arrays)
+        weakref.finalize(self, _close_all, list(self.files.values()))
+
+
+def _close_all(descriptors: list[int]) -> None:
+    for descriptor in descriptors:
+        os.close(descriptor)
 
 
 def model_digest(model: Mapping[str, Array]) -> str:
@@ -333,13 +352,18 @@ def delta_model_chunks(
     chunk_bytes: int = CHUNK_BYTES,
     *,
     folder: Path | None = None,
+    base_files: Mapping[str, int] | None = None,
 ) -> SpooledChunks:
     """One tensor as the serialized `ModelChunk`s of the `lossless` payload of its bits XOR
-    `base`'s (the same dtype and shape: the tensor the site holds), `foedus_delta` set."""
+    `base`'s (the same dtype and shape: the tensor the site holds), `foedus_delta` set;
+    `base_files`: the files `base` may be mapped from, kept open (`open_files`)."""
     data = encode_tensor_meta_into(base_pb2.NamedTensor(), name, array)  # little-endian, C order
     held = encode_tensor_meta_into(base_pb2.NamedTensor(), name, base)
     spool = SpooledChunks(folder)
-    with _raw_reader(array, data) as read, _raw_reader(base, held) as read_held:
+    with (
+        _raw_reader(array, data) as read,
+        _raw_reader(base, held, opened=base_files) as read_held,
+    ):
 
         def read_xor(start: int, size: int) -> memoryview:
             new = np.frombuffer(read(start, size), dtype=np.uint8)
@@ -412,10 +436,13 @@ def _append_data(spool: SpooledChunks, payload: bytes, chunk_bytes: int) -> int:
 
 
 @contextmanager
-def _raw_reader(array: Array, data: Array) -> Iterator[Callable[[int, int], bytes | memoryview]]:
+def _raw_reader(
+    array: Array, data: Array, *, opened: Mapping[str, int] | None = None
+) -> Iterator[Callable[[int, int], bytes | memoryview]]:
     """`read(start, size)`: bytes of `data` (`array` encoded), read from the file `array` is
-    mapped from where it is one (its pages then never count in the aggregator's memory)."""
-    with mapped_range(array, data) as source:
+    mapped from where it is one (its pages then never count in the aggregator's memory), kept
+    open in `opened` or opened now."""
+    with mapped_range(array, data, opened=opened) as source:
         if source is None:
             memory = tensor_bytes(data) if data.nbytes else memoryview(b"")
             yield lambda start, size: memory[start : start + size]

@@ -10,7 +10,7 @@ where the kernel cannot.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Final
@@ -34,10 +34,14 @@ class FileRange:
 
 @contextmanager
 def mapped_range(
-    array: npt.NDArray[np.generic], data: npt.NDArray[np.generic]
+    array: npt.NDArray[np.generic],
+    data: npt.NDArray[np.generic],
+    *,
+    opened: Mapping[str, int] | None = None,
 ) -> Iterator[FileRange | None]:
     """Where the bytes of `data` lie when `array` is them, mapped from a file: that file open for
-    the block; None when they are not, or the file is gone (read them through the mapping then).
+    the block (or kept open in `opened`, by path, from before it was tidied away); None when they
+    are not, or the file is gone (read them through the mapping then).
 
     `data` is `array` as it is encoded (`foedus.protos.codec.tensor_field_frame`): the same bytes
     when it has the same dtype and `array` is C-ordered.
@@ -51,6 +55,10 @@ def mapped_range(
     ):
         yield None
         return
+    kept = None if opened is None else opened.get(os.fspath(array.filename))
+    if kept is not None:
+        yield FileRange(kept, int(array.offset), data.nbytes)
+        return
     try:
         descriptor = os.open(array.filename, os.O_RDONLY)
     except OSError:  # gone (a round's file tidied away, say): the mapping still holds it
@@ -60,6 +68,21 @@ def mapped_range(
         yield FileRange(descriptor, int(array.offset), data.nbytes)
     finally:
         os.close(descriptor)
+
+
+def open_files(arrays: Iterable[npt.NDArray[np.generic]]) -> dict[str, int]:
+    """The files `arrays` are mapped from, each opened once for reading, by path: what can be
+    read after the files are tidied away (the caller closes them); files already gone left out."""
+    opened: dict[str, int] = {}
+    for array in arrays:
+        filename = array.filename if isinstance(array, np.memmap) else None
+        path = None if filename is None else os.fspath(filename)
+        if path is not None and path not in opened:
+            try:
+                opened[path] = os.open(path, os.O_RDONLY)
+            except OSError:  # gone already: read through the mapping
+                continue
+    return opened
 
 
 def write_all(descriptor: int, data: bytes | memoryview) -> int:

@@ -10,7 +10,9 @@ tensor as before; a delta the client cannot apply is refused, naming the tensor.
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,3 +184,26 @@ def test_a_real_site_downloads_the_next_round_as_its_change(certs: CertsLayout) 
         assert np.array_equal(second["large"], trained["large"])
         entries = server.servicer._encoded._entries
         assert entries["large"].delta_chunks is not None
+
+
+def test_the_previous_model_is_read_from_its_file_once_it_is_tidied_away(
+    receiver: AggregatorGRPCClient, tmp_path: Path
+) -> None:
+    """The previous round's model mapped from a file the state has since deleted: its file was
+    kept open when the round was digested, the change is made from it, and the site gets round
+    1's bits."""
+    first, second = large_model(), moved(large_model())
+    path = tmp_path / "round-0.bin"
+    first["large"].tofile(path)
+    mapped = np.memmap(path, dtype=np.float32, mode="r", shape=first["large"].shape)
+    held_first = {**first, "large": mapped}
+    encoded = EncodedModel(download=Code.LOSSLESS)
+    received(receiver, stream(encoded, 0, held_first, ""), 0)
+    path.unlink()  # tidied away once round 1's model is committed
+    assert receiver._held is not None
+    delta = stream(encoded, 1, second, receiver._held.digest)
+    assert all(chunk.tensor.foedus_delta for chunk in delta[1:] if chunk.HasField("tensor"))
+    model = received(receiver, delta, 1)
+    assert model["large"].tobytes() == second["large"].tobytes()
+    previous = encoded._previous  # round 0's, its file still open though it has no name
+    assert previous is not None and os.fstat(previous.files[str(path)]).st_nlink == 0
