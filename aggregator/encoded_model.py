@@ -26,9 +26,10 @@ its digest (`GetAggregatedModelRequest.foedus_held_model`, the digest `model_dig
 stream's first chunk named): the tensors then travel as the XOR of their bits with the held
 model's (`foedus_delta`), which a federation whose updates move few values (top-k uploads: at
 most the union of the sites' indices changes) makes mostly zeros, and Blosc2 nearly nothing. The
-previous round's model is kept in memory (the arrays the federation handed out, mapped from
-their file even once it is tidied away), never on disk: a restarted aggregator, or a site that
-missed a round, has the whole model sent, as before.
+previous round's model is kept as the arrays the federation handed out, their files kept open
+(read by descriptor once the state has tidied them away, never through the mappings), and
+nothing of it is written: a restarted aggregator, or a site that missed a round, has the whole
+model sent, as before.
 
 Under a lossy download code a site trains on the decoded model, so the base its upload delta is
 taken from is `round_trip` of the global model, not the model: `EncodedModel.base` computes it
