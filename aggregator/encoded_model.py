@@ -21,8 +21,8 @@ but is known last (the metadata's `data_size`, int8's scales) is written last an
 the spool's order. So encoding a tensor of any size holds a few MB (and int8's scales, 1/256 of
 the tensor's bytes, until they are spooled).
 
-Under the `lossless` download code a site that holds the previous round's model whole sends up
-its digest (`GetAggregatedModelRequest.foedus_held_model`, the digest `model_digest` gave and the
+Under the `lossless` download code a site that holds the previous round's tensors sends up
+that model's digest (`GetAggregatedModelRequest.foedus_held_model`, the digest `model_digest` gave and the
 stream's first chunk named): the tensors then travel as the XOR of their bits with the held
 model's (`foedus_delta`), which a federation whose updates move few values (top-k uploads: at
 most the union of the sites' indices changes) makes mostly zeros, and Blosc2 nearly nothing. The
@@ -327,7 +327,22 @@ def coded_model_chunks(
                     "tensor %r of round %d travels raw, not %s: %s", name, round_number, code, error
                 )
                 return model_chunks(name, array, round_number, chunk_bytes, folder=folder)
-    # The metadata `coded_tensor_frame` writes, as the chunk's tensor field (no payload in it).
+    _insert_coded_meta(spool, name, data, round_number, code, delta=False, size=size)
+    return spool
+
+
+def _insert_coded_meta(
+    spool: SpooledChunks,
+    name: str,
+    data: Array,
+    round_number: int,
+    code: Code,
+    *,
+    delta: bool,
+    size: int,
+) -> None:
+    """Put first in `spool` the chunk of a coded tensor's metadata (what `coded_tensor_frame`
+    writes, as the chunk's tensor field, no payload in it) and its payload's `size`."""
     frame = coded_tensor_frame(
         _CHUNK_TENSOR_FIELD,
         name,
@@ -335,14 +350,13 @@ def coded_model_chunks(
         dtype=data.dtype,
         shape=data.shape,
         code=code,
-        delta=False,
+        delta=delta,
         round_number=round_number,
         tags=MODEL_TAGS,
     )
     meta = aggregator_pb2.ModelChunk.FromString(frame.head + frame.tail)
     meta.data_size = size
     spool.insert(0, meta.SerializeToString())
-    return spool
 
 
 def delta_model_chunks(
@@ -372,20 +386,7 @@ def delta_model_chunks(
             return np.bitwise_xor(new, old).data
 
         size = _spool_lossless(spool, data, read_xor, chunk_bytes)
-    frame = coded_tensor_frame(
-        _CHUNK_TENSOR_FIELD,
-        name,
-        b"",
-        dtype=data.dtype,
-        shape=data.shape,
-        code=Code.LOSSLESS,
-        delta=True,
-        round_number=round_number,
-        tags=MODEL_TAGS,
-    )
-    meta = aggregator_pb2.ModelChunk.FromString(frame.head + frame.tail)
-    meta.data_size = size
-    spool.insert(0, meta.SerializeToString())
+    _insert_coded_meta(spool, name, data, round_number, Code.LOSSLESS, delta=True, size=size)
     return spool
 
 
