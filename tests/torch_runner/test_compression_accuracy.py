@@ -79,16 +79,18 @@ def test_a_lossy_code_costs_at_most_its_points(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("download", ["int8", "lossless"])
 def test_a_site_killed_mid_round_with_error_feedback_ends_with_the_undisturbed_model(
-    certs: CertsLayout, tmp_path: Path
+    certs: CertsLayout, tmp_path: Path, download: str
 ) -> None:
-    """topk 1% with error feedback up, int8 down, 3 rounds: alice killed -9 after she trained
-    round 1 (her residuals of round 0 on disk, round 1's not yet), started again by hand,
-    trains round 1 again from the same residuals: the final model is the undisturbed run's,
-    byte for byte."""
+    """topk 1% with error feedback up, `download` down, 3 rounds: alice killed -9 after she
+    trained round 1 (her residuals of round 0 on disk, round 1's not yet), started again by
+    hand, trains round 1 again from the same residuals: the final model is the undisturbed
+    run's, byte for byte. Under lossless the others download the rounds after the first as
+    the change from the model they hold, and alice, restarted holding none, whole."""
     compression = {
         "upload": {"code": "topk", "fraction": 0.01, "values": "int8"},
-        "download": "int8",
+        "download": download,
     }
     runner = {**RUNNER, "name": "net_runner:DyingCNNRunner"}
     rounds = 3
