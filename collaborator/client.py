@@ -322,7 +322,8 @@ class AggregatorGRPCClient(AggregatorConnection):
         current: Filling | Decoding | None = None
         index = -1
         digest = ""  # the whole model's, as the aggregator names it (`lossless` downloads)
-        held = None if self._held is None else self._held.model
+        # What the request named (`_streamed_model`): a delta from anything else is refused.
+        held = self._held.model if self._held is not None and self._held.covers(names) else None
         for index, chunk in enumerate(chunks):
             if isinstance(chunk, memoryview):
                 if current is None:

@@ -2,15 +2,15 @@
 
 foedus's aggregator streams each tensor of the model in `compression.download`'s code
 (`foedus.aggregator.encoded_model`; the payloads are said in `foedus.protos.codec`). The client
-allocates the decoded tensor from its metadata (`coded_layout`, within `max_tensor_bytes`),
-never from a size it is told, and decodes each chunk's bytes into it as they come, whatever
-they are cut into: `lossless` chunk by chunk (as a XOR with the model the collaborator holds
-whole, when the aggregator sends it so: the bits XORed back once the tensor is in) (`TensorDecompressor`, each chunk checked before it
-is inflated into its place), `int8` a part at a time (its header, then every block's scale,
-then the values straight into the array), `bfloat16` on 2-byte edges. A payload longer or
-shorter than its metadata announced, one that does not fit the tensor, or a chunk that would
-inflate past its place is `ResponseValidationError` naming the tensor; nothing more is held
-than one lossless chunk, or int8's scales.
+allocates the decoded tensor from its metadata (`coded_layout`, within `max_tensor_bytes`), never
+from a size it is told, and decodes each chunk's bytes into it as they come, whatever they are cut
+into: `lossless` chunk by chunk (`TensorDecompressor`, each chunk checked before it is inflated
+into its place; as the XOR with a tensor the collaborator holds when the aggregator sends the
+change, the held bits XORed back once the tensor is in), `int8` a part at a time (its header, then
+every block's scale, then the values straight into the array), `bfloat16` on 2-byte edges. A
+payload longer or shorter than its metadata announced, one that does not fit the tensor, or a chunk
+that would inflate past its place is `ResponseValidationError` naming the tensor; nothing more is
+held than one lossless chunk, or int8's scales.
 """
 
 from __future__ import annotations
@@ -100,8 +100,9 @@ def filling(
     held: Mapping[str, npt.NDArray[np.generic]] | None = None,
 ) -> Filling | Decoding:
     """What takes a streamed tensor's data: its raw values filled in place, or its payload in a
-    code decoded; its metadata checked first (`ResponseValidationError`). `held`: the model the
-    collaborator said it holds whole, from which a `lossless` tensor may come as a XOR."""
+    code decoded; its metadata checked first (`ResponseValidationError`). `held`: the tensors
+    the collaborator named in its request (`HeldModel`), from which a `lossless` tensor may come
+    as the XOR of its bits with the held one's."""
     try:
         if tensor_code(meta) is Code.NONE:
             return Filling(meta.name, empty_tensor(meta, data_size, max_bytes=max_bytes))

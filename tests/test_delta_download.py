@@ -129,8 +129,8 @@ def test_the_digest_names_the_models_bits() -> None:
 
 
 def test_a_delta_the_site_cannot_apply_is_refused(receiver: AggregatorGRPCClient) -> None:
-    """A delta for a model the site does not hold, or whose tensor has another shape there:
-    `ResponseValidationError` naming the tensor, nothing assembled."""
+    """A delta for a model the site does not hold, whose tensor has another shape there, or
+    that its request did not name: `ResponseValidationError` naming the tensor."""
     encoded = EncodedModel(download=Code.LOSSLESS)
     first, second = large_model(), moved(large_model())
     digest = encoded.model_digest(0, first)
@@ -140,6 +140,10 @@ def test_a_delta_the_site_cannot_apply_is_refused(receiver: AggregatorGRPCClient
     reshaped = {**first, "large": first["large"].reshape(1024, 1280)}
     receiver._held = HeldModel(digest, reshaped, whole=True)
     with pytest.raises(ResponseValidationError, match="'large' is a delta for float32"):
+        received(receiver, delta, 1)
+    # Tensors held by name do not cover a request for the whole model: it named no digest.
+    receiver._held = HeldModel(digest, first, whole=False)
+    with pytest.raises(ResponseValidationError, match="does not hold"):
         received(receiver, delta, 1)
 
 
