@@ -10,12 +10,14 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
+import blake3
 import numpy as np
 import numpy.typing as npt
 import pytest
 
 from foedus.compression.feedback import (
     MAGIC,
+    MAGIC_V1,
     ResidualsFileError,
     ResidualStore,
     compensated,
@@ -177,7 +179,37 @@ def _sealed(header: object, data: bytes) -> bytes:
     """A residuals file with this header and data and a digest that matches them."""
     encoded = json.dumps(header).encode()
     body = MAGIC + struct.pack("<I", len(encoded)) + encoded + data
-    return body + hashlib.blake2b(body, digest_size=32).digest()
+    return body + blake3.blake3(body).digest()
+
+
+def test_a_version_1_file_is_still_read(tmp_path: Path) -> None:
+    """A file an earlier foedus saved (version 1: a BLAKE2b digest) loads as it was, so a site
+    upgraded in the middle of a federation goes on with its residuals; altered, it is refused."""
+    saved = _residuals(3)
+    path = _file(tmp_path)
+    data = path.read_bytes()
+    assert data.startswith(MAGIC)
+    body = MAGIC_V1 + data[len(MAGIC) : -32]
+    path.write_bytes(body + hashlib.blake2b(body, digest_size=32).digest())
+    assert _same(ResidualStore(tmp_path).load(4), saved)
+    path.write_bytes(
+        body + blake3.blake3(body).digest()
+    )  # a version 1 file with version 2's digest
+    with pytest.raises(ResidualsFileError, match="its digest does not match"):
+        ResidualStore(tmp_path).load(4)
+
+
+def test_a_store_loads_what_it_saved_last_from_memory(tmp_path: Path) -> None:
+    """The next round's load takes the residuals a store saved last without reading its file (a
+    file altered since is not read); another store, a restarted site's, reads the file, and
+    refuses it altered."""
+    store = ResidualStore(tmp_path)
+    store.save(3, _residuals(3))
+    path = tmp_path / "residuals-3.f32"
+    path.write_bytes(path.read_bytes()[:-1] + b"\x00")
+    assert _same(store.load(4), _residuals(3))
+    with pytest.raises(ResidualsFileError, match="its digest does not match"):
+        ResidualStore(tmp_path).load(4)
 
 
 @pytest.mark.parametrize(
@@ -189,7 +221,7 @@ def _sealed(header: object, data: bytes) -> bytes:
         (lambda data: data[:40], r"40 bytes, not starting with"),
         (lambda data: b"", r"0 bytes, not starting with"),
         (lambda data: data[:-40] + bytes([data[-40] ^ 1]) + data[-39:], "its digest does not"),
-        (lambda data: b"x" + data[1:], r"not starting with b'foedus residuals v1\\n'"),
+        (lambda data: b"x" + data[1:], r"not starting with b'foedus residuals v2\\n'"),
         (
             lambda data: _sealed({"round": 3, "dtype": "<f8", "tensors": []}, b""),
             r"its header: round 3 of '<f8' in round 3's file",
