@@ -73,3 +73,19 @@ def test_an_unknown_code_is_refused_by_name(benchmark_module: ModuleType) -> Non
         benchmark_module.codes_option("none,zip")
     assert benchmark_module.codes_option(" none , int8 ,") == ("none", "int8")
     assert benchmark_module.codes_option("") == ()
+
+
+def test_only_a_dead_benchmarks_namespaces_are_stale(benchmark_module: ModuleType) -> None:
+    """`ip netns list` as it prints them: a killed benchmark's namespaces (its pid gone) are
+    stale; a running one's, and anyone else's, are not."""
+    wan = importlib.import_module("wan")  # beside wan_codes (`benchmark_module`'s folder)
+    listing = (
+        "foedus-wan-agg-111 (id: 3)\n"
+        "foedus-wan-site1-111 (id: 4)\n"
+        "foedus-wan-site2-222\n"
+        "foedus-wan-agg-222 (id: 5)\n"
+        "other-netns-111\n"
+        "foedus-wan-agg-x\n"
+    )
+    stale = wan.stale_namespaces(listing, lambda pid: pid == 222)
+    assert stale == ["foedus-wan-agg-111", "foedus-wan-site1-111"]

@@ -135,9 +135,58 @@ class Network:
         return int(match.group(1)) if match else 0
 
 
+# A namespace of a wide-area round, tagged with the pid of the benchmark that made it.
+_OURS = re.compile(r"foedus-wan-(?:agg|site[0-9]+)-([0-9]+)")
+
+
+def stale_namespaces(listing: str, alive: Callable[[int], bool]) -> list[str]:
+    """The namespaces in `ip netns list`'s `listing` that a benchmark made and could not remove
+    (killed with -9: no clean-up ran), its pid no longer `alive`."""
+    stale = []
+    for line in listing.splitlines():
+        name = line.split(" ", 1)[0]
+        match = _OURS.fullmatch(name)
+        if match is not None and not alive(int(match.group(1))):
+            stale.append(name)
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_namespaces() -> None:
+    """Remove the namespaces a killed benchmark left (their names would not clash with ours, but
+    their veths, addresses and queues would stay on the host until a reboot)."""
+    listed = subprocess.run(
+        ["ip", "netns", "list"],
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT_SECONDS,
+        check=False,
+    )
+    for namespace in stale_namespaces(listed.stdout, _alive):
+        say(f"removing network namespace {namespace}, left by a benchmark that was killed")
+        subprocess.run(
+            ["ip", "netns", "del", namespace],
+            capture_output=True,
+            timeout=COMMAND_TIMEOUT_SECONDS,
+            check=False,
+        )
+
+
 @contextmanager
 def network(sites: int, rate_mbit: float) -> Iterator[Network]:
-    """The namespaces and links of a wide-area round; all removed afterwards."""
+    """The namespaces and links of a wide-area round; all removed afterwards (and any a killed
+    benchmark left, first)."""
+    _remove_stale_namespaces()
     tag = os.getpid()
     made: list[str] = []
     shaped = Network(
