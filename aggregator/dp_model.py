@@ -214,8 +214,9 @@ class PrivateModel:
         like = np.asarray(self.reference[name])
         base = like.reshape(-1)[start:stop].astype(np.float64)  # once, not once per upload
         total = np.zeros(stop - start, dtype=np.float64)
+        scratch = np.empty(stop - start, dtype=np.float64)  # each upload's difference, in turn
         for factor, source in zip(self.factors, self._uploads, strict=True):
-            add_clipped(total, _read(source, name, start, stop), base, factor)
+            add_clipped(total, _read(source, name, start, stop), base, factor, scratch=scratch)
         noise = None if self._ahead is None else self._ahead.noise(name, start, stop)
         if noise is None:  # not made while the round was open
             noise = scaled_noise(self._settings, self._secret, self._round, (name, start, stop))
