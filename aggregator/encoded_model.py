@@ -22,8 +22,8 @@ the spool's order. So encoding a tensor of any size holds a few MB (and int8's s
 the tensor's bytes, until they are spooled).
 
 Under the `lossless` download code a site that holds the previous round's tensors sends up
-that model's digest (`GetAggregatedModelRequest.foedus_held_model`, the digest `model_digest` gave and the
-stream's first chunk named): the tensors then travel as the XOR of their bits with the held
+that model's digest (`GetAggregatedModelRequest.foedus_held_model`, the digest `model_digest`
+gave and the stream's first chunk named): the tensors then travel as the XOR of their bits with the held
 model's (`foedus_delta`), which a federation whose updates move few values (top-k uploads: at
 most the union of the sites' indices changes) makes mostly zeros, and Blosc2 nearly nothing. The
 previous round's model is kept as the arrays the federation handed out, their files kept open
@@ -112,10 +112,11 @@ class EncodedModel:
         self._previous: _Digested | None = None
         self._digesting = threading.Lock()
 
-    def model_digest(self, round_number: int, model: Mapping[str, Array]) -> str:
-        """A digest of `model`, round `round_number`'s whole global model, computed once a round
-        (empty but under the `lossless` download code: no other code's site holds the model as
-        sent); the model before it is kept, for the sites that hold it (`chunks`'s `held`)."""
+    def model_digest(self, round_number: int, whole: Callable[[], Mapping[str, Array]]) -> str:
+        """A digest of round `round_number`'s whole global model, which `whole` gives, asked for
+        and digested once a round (empty but under the `lossless` download code: no other
+        code's site holds the model as sent); the model before it is kept, for the sites that
+        hold it (`chunks`'s `held`)."""
         if self.download is not Code.LOSSLESS:
             return ""
         with self._digesting:  # the round's first requests wait for one digest, not make theirs
@@ -124,7 +125,8 @@ class EncodedModel:
             if current is not None and current.round_number >= round_number:
                 # This round's, or a late request for an older round: its model is not kept.
                 return current.digest if current.round_number == round_number else ""
-            made = _Digested(round_number, model_digest(model), dict(model), model.values())
+            model = dict(whole())
+            made = _Digested(round_number, model_digest(model), model, model.values())
             with self._lock:
                 self._previous, self._digest = current, made
             return made.digest

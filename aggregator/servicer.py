@@ -208,11 +208,15 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
         with self._authenticated(context, request.header) as caller:
             round_number, names = request.round_number, list(request.tensor_names)
             tensors = self.federation.global_tensors(names, round_number)
-            # The whole model of that round (a round that closed meanwhile is refused).
-            model = self.federation.global_tensors([], round_number) if names else tensors
+
+            def whole() -> dict[str, Array]:
+                """The whole model of that round, for its digest (a round closed meanwhile is
+                refused); asked for by a round's first lossless request only."""
+                return dict(self.federation.global_tensors([], round_number) if names else tensors)
+
             header = aggregator_pb2.ModelChunk(
                 header=self._reply_header(caller),
-                foedus_model_digest=self._encoded.model_digest(round_number, dict(model)),
+                foedus_model_digest=self._encoded.model_digest(round_number, whole),
             )
             yield header.SerializeToString()
             held = request.foedus_held_model
