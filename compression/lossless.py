@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from functools import cache
+from types import ModuleType
 
-import blosc2
 import numpy as np
 import numpy.typing as npt
 
@@ -32,9 +33,9 @@ from foedus.compression.errors import CompressedFormatError, CompressedTooLargeE
 
 CHUNK_BYTES = 1024 * 1024  # the raw bytes of a chunk (the last one of a tensor: what is left)
 HEADER_BYTES = 32  # Blosc2's extended chunk header, which starts every chunk
-# The most a Blosc2 chunk adds to its raw bytes: a chunk that does not compress is stored as
-# it is ("memcpyed") after its header.
-MAX_OVERHEAD = blosc2.MAX_OVERHEAD
+# The most a Blosc2 chunk adds to its raw bytes (c-blosc2's BLOSC2_MAX_OVERHEAD): a chunk that
+# does not compress is stored as it is ("memcpyed") after its header.
+MAX_OVERHEAD = 32
 LEVEL = 1  # zstd's level in Blosc2: higher levels gained nothing on model weights (see above)
 MAX_ITEMSIZE = 255  # Blosc2's typesize is one byte
 
@@ -47,15 +48,26 @@ _DELTA = 0x08  # flags: Blosc1's delta filter (never written by foedus)
 # flags bit 4 (a block is one stream, not one per byte of an item) may be either.
 _ZSTD = 4  # flags >> 5: the compressor's enumeration
 _CODECS = {0: (_ZSTD,), _MEMCPYED: (0, _ZSTD)}  # a chunk stored as it is names no codec
-_SHUFFLE_ONLY = bytes([blosc2.Filter.SHUFFLE.value, 0, 0, 0, 0, 0])  # the filter pipeline
+_SHUFFLE = 1  # c-blosc2's BLOSC_SHUFFLE filter
+_SHUFFLE_ONLY = bytes([_SHUFFLE, 0, 0, 0, 0, 0])  # the filter pipeline
 _SPECIAL_NONE, _SPECIAL_ZEROS = 0, 1  # blosc2_flags bits 4-6: a chunk of zeros has no blocks
 _HEADER = struct.Struct("<BBBBiii6sBB6sBB")
 
-# Blosc2 holds the GIL while it works unless told (process-wide; foedus is its only user): a
-# service's other threads (other streams, heartbeats) then run while a chunk is coded. Two
-# threads coding 1 MiB chunks took 0.09 s for what one took 0.14 s (0.15 s holding the GIL).
-# No Python code runs inside: the header check refuses codecs and filters registered from Python.
-blosc2.set_releasegil(True)
+
+@cache
+def _blosc2() -> ModuleType:
+    """Blosc2, imported at the first chunk coded: it takes 0.15 s (it brings an HTTP client
+    along), which every service of a federation without the lossless code would pay at start."""
+    import blosc2  # noqa: PLC0415
+
+    # Blosc2 holds the GIL while it works unless told (process-wide; foedus is its only user): a
+    # service's other threads (other streams, heartbeats) then run while a chunk is coded. Two
+    # threads coding 1 MiB chunks took 0.09 s for what one took 0.14 s (0.15 s holding the GIL).
+    # No Python code runs inside: the header check refuses codecs and filters registered from
+    # Python.
+    blosc2.set_releasegil(True)
+    module: ModuleType = blosc2  # the library has no type hints
+    return module
 
 
 def chunk_bytes(itemsize: int) -> int:
@@ -81,6 +93,7 @@ def compress_chunk(raw: bytes | memoryview, itemsize: int) -> bytes:
             f"a chunk is 1 to {chunk_bytes(itemsize)} bytes of whole {itemsize}-byte items, "
             f"not {size} bytes"
         )
+    blosc2 = _blosc2()
     frame: bytes = blosc2.compress2(
         raw,
         typesize=itemsize,
@@ -287,7 +300,7 @@ def _checked(frame: bytes | memoryview, expected_bytes: int, itemsize: int, tens
 def _inflate(frame: bytes | memoryview, target: npt.NDArray[np.uint8], tensor: str) -> None:
     """Blosc2's decompression of a checked chunk into `target`; a corrupt body refused."""
     try:
-        blosc2.decompress2(frame, dst=target, nthreads=1)
+        _blosc2().decompress2(frame, dst=target, nthreads=1)
     except (RuntimeError, ValueError) as error:
         raise CompressedFormatError(
             f"{_where(tensor)}: Blosc2 cannot decompress it ({error}): the chunk is corrupt"

@@ -8,6 +8,7 @@ import os
 import struct
 from typing import Any
 
+import blosc2
 import ml_dtypes
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from foedus.compression.errors import CompressedFormatError, CompressedTooLargeE
 from foedus.compression.lossless import (
     CHUNK_BYTES,
     HEADER_BYTES,
+    MAX_OVERHEAD,
     TensorDecompressor,
     check_header,
     chunk_bytes,
@@ -111,6 +113,14 @@ def test_a_model_s_values_take_fewer_bytes() -> None:
     assert len(frame) < 0.9 * values.nbytes
     assert frame == compress_chunk(raw(values.copy()), 4)
     assert len(compress_chunk(bytes(CHUNK_BYTES), 4)) == HEADER_BYTES
+
+
+def test_bytes_that_do_not_compress_take_at_most_blosc2s_overhead_more() -> None:
+    """The bound the decoder holds a chunk to (`MAX_OVERHEAD`, written down in foedus so that
+    Blosc2 is imported only where a chunk is coded) is the library's own, and holds."""
+    noise = np.random.default_rng(5).integers(0, 256, CHUNK_BYTES, np.uint8)
+    assert MAX_OVERHEAD == blosc2.MAX_OVERHEAD
+    assert len(compress_chunk(raw(noise), 1)) <= CHUNK_BYTES + MAX_OVERHEAD
 
 
 def test_a_chunk_is_inflated_straight_into_its_place() -> None:
