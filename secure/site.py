@@ -472,7 +472,9 @@ class SiteRound:
         self, survivors: tuple[str, ...], confirmations: Sequence[SurvivorConfirmation]
     ) -> set[str]:
         """The survivors whose confirmation of exactly `survivors` verifies (the first quorum of
-        them are enough); the others logged."""
+        them are enough); the others logged. A confirmation relayed without its list
+        (`foedus.secure.wire.relay_to_proto`) is verified against `survivors`: its signature
+        holds only if that is the list it signed."""
         signed: set[str] = set()
         for confirmation in confirmations:
             if len(signed) >= self.context.quorum:
@@ -483,8 +485,8 @@ class SiteRound:
                 problem = "it is not a survivor"
             elif who in signed:
                 continue
-            elif tuple(sorted(confirmation.survivors)) != survivors:
-                problem = "it confirms another survivor list"
+            elif confirmation.survivors and tuple(sorted(confirmation.survivors)) != survivors:
+                problem = "it confirms another survivor list"  # one relayed without: its signature
             else:
                 signer = self._signer(who)
                 if signer is None:

@@ -302,14 +302,16 @@ def test_a_second_survivor_list_and_both_kinds_are_refused(
 
 
 def test_unsigned_forged_and_mismatched_confirmations_do_not_count(
-    round_sites: dict[str, SiteRound], certs: CertsLayout
+    round_sites: dict[str, SiteRound], certs: CertsLayout, known: dict[str, SiteIdentity]
 ) -> None:
     """Only valid confirmations of exactly U3 by distinct survivors count: empty, forged (the
-    aggregator's key, another site's), another list's, or one survivor's twice do not; with
-    fewer than t valid, nothing is revealed."""
+    aggregator's key, another site's), another list's (named, or relayed without a list and
+    signed over another), or one survivor's twice do not; with fewer than t valid, nothing is
+    revealed; the real ones relayed without their lists do."""
     through_shares(round_sites)
     survivors = ("alice", "bob", "carol", "dave")
     u3 = survivors_bytes(round_sites["alice"].context, survivors)
+    all_five = survivors_bytes(round_sites["alice"].context, SITES)
     real = {name: round_sites[name].confirmation(survivors) for name in survivors}
     aggregator_key = read_private_key(certs.aggregator_key)
     bad = [
@@ -319,6 +321,8 @@ def test_unsigned_forged_and_mismatched_confirmations_do_not_count(
         SurvivorConfirmation("carol", survivors, sign(aggregator_key, u3)),
         dataclasses.replace(real["dave"], collaborator="erin"),  # erin is no survivor
         SurvivorConfirmation("dave", SITES, real["dave"].signature),  # another list
+        # As a relay carries them, with no list: dave's signature of another list.
+        SurvivorConfirmation("dave", (), sign(known["dave"].key, all_five)),
     ]
     alice = round_sites["alice"]
     with pytest.raises(
@@ -326,7 +330,8 @@ def test_unsigned_forged_and_mismatched_confirmations_do_not_count(
     ):
         alice.revealed_shares(survivors, bad)
     assert alice.secrets.revealed == {}
-    revealed = alice.revealed_shares(survivors, [*bad, real["bob"], real["carol"]])
+    listless = [dataclasses.replace(real[name], survivors=()) for name in ("bob", "carol")]
+    revealed = alice.revealed_shares(survivors, [*bad, *listless])
     assert {share.owner for share in revealed} == set(SITES)
 
 

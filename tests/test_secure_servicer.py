@@ -345,7 +345,10 @@ def test_a_masked_round_runs_end_to_end_over_the_wire(world: World) -> None:
         post = Post(0, Stage.SURVIVORS, confirmation=confirmation)
         assert status(send(world.callers[name], post)) == (OK, "")
     for name in names:
-        got = relay_from_proto(relay(world.callers[name], Stage.UNMASK))
+        unmask = relay(world.callers[name], Stage.UNMASK)
+        # Each confirmation's signature alone: the list is the SURVIVORS relay's, held already.
+        assert [list(item.survivors) for item in unmask.confirmations] == [[]] * len(names)
+        got = relay_from_proto(unmask)
         shares = tuple(rounds[name].revealed_shares(survivors, got.confirmations))
         assert status(send(world.callers[name], Post(0, Stage.UNMASK, revealed=shares))) == (
             OK,
