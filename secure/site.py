@@ -486,7 +486,7 @@ class SiteRound:
             elif who in signed:
                 continue
             elif confirmation.survivors and tuple(sorted(confirmation.survivors)) != survivors:
-                problem = "it confirms another survivor list"  # one relayed without: its signature
+                problem = "it confirms another survivor list"  # a list-less one: its signature
             else:
                 signer = self._signer(who)
                 if signer is None:
