@@ -8,7 +8,6 @@ from concurrent import futures
 
 import grpc
 
-from foedus.director.dashboard import create_app
 from foedus.director.launcher import Launcher, LocalLauncher
 from foedus.director.metrics import DirectorMetrics
 from foedus.director.service import DirectorService
@@ -78,6 +77,9 @@ class DirectorServer(Serving):
         director_pb2_grpc.add_DirectorServicer_to_server(self.servicer, self._server)
         self.dashboard: WebServer | None = None
         if config.dashboard_address is not None:
+            # FastAPI took 0.3 s of every director's start, the dashboard on or not (off by default).
+            from foedus.director.dashboard import create_app  # noqa: PLC0415
+
             app = create_app(self.service, TokenStore(config.state_dir))
             self.dashboard = WebServer(app, config.dashboard_address, config.certs)
         self.metrics: DirectorMetrics | None = None

@@ -11,12 +11,15 @@ import logging
 import socket
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import uvicorn
-from fastapi import FastAPI
 
 from foedus.pki.layout import CertsLayout
 from foedus.plans.schema import Address
+
+if TYPE_CHECKING:  # FastAPI itself is imported with the dashboard's app, only when it is on
+    from fastapi import FastAPI
 
 logger = logging.getLogger(__name__)
 
